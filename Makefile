@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Each creates or reuses a virtual environment in $(VENV); torch is pinned to the CPU wheel
+# available here (an ordinary CUDA wheel elsewhere) and installed before the package, which
+# is built with --no-build-isolation so that no build step pulls a second torch.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-interpret test-cuda bench lint clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/llp-fast-demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-interpret: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton
+
+test-cuda: $(STAMP)
+	$(PY) -m pytest -q -m cuda
+
+bench: $(STAMP)
+	$(PY) -m pytest -q bench --benchmark-enable
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check llp_fast kernels tests bench
+	$(VENV)/bin/ruff format --check llp_fast kernels tests bench
+
+clean:
+	rm -rf build *.egg-info $(VENV)

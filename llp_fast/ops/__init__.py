@@ -1,0 +1,14 @@
+"""The LLP ops: one ``torch.library`` custom op per computation, in the ``llp_fast::``
+namespace, whose default body is the chunked pure-PyTorch reference (SPEC §3).
+
+Faster paths register per device: Triton launchers (``kernels/``) for CUDA from each op's
+module here; C++/CUDA kernels from ``csrc/`` with ``TORCH_LIBRARY_IMPL``. The public
+functions (validation, NumPy/CuPy interop, defaults) sit beside each op.
+"""
+
+from .aggregation_loss import aggregation_loss
+from .bank_update import bank_update_
+from .local_density import local_density
+from .propagate import propagate
+
+__all__ = ["aggregation_loss", "bank_update_", "local_density", "propagate"]

@@ -1,0 +1,106 @@
+"""``llp_fast.aggregation_loss``: the bank softmax loss of SPEC §1.3, differentiable in v.
+
+Forward: two online log-sum-exps over the bank (all rows; rows whose stored label equals the
+target). Backward: scores recomputed tile by tile, ``dv = (sum_j (p_j - q_j) m_j) / tau``.
+Neither direction holds a B x N matrix. The op returns ``(loss, lse_all, lse_pos)`` so that
+the backward needs no second pass for the normalisers; the public function returns loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as check
+from .._interop import accepts_arrays
+from ..reference import aggregation_loss_backward_ref, aggregation_loss_ref
+from ._common import out_float_dtype, with_fallback
+
+
+def _forward_default(v, bank, bank_labels, targets, tau):
+    dt = out_float_dtype(v, bank)
+    return tuple(x.to(dt) for x in aggregation_loss_ref(v, bank, bank_labels, targets, tau))
+
+
+def _backward_default(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos, tau):
+    return aggregation_loss_backward_ref(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos, tau)
+
+
+aggregation_loss_op = torch.library.custom_op(
+    "llp_fast::aggregation_loss", _forward_default, mutates_args=(),
+    schema="(Tensor v, Tensor bank, Tensor bank_labels, Tensor targets, float tau) -> (Tensor, Tensor, Tensor)",
+)
+aggregation_loss_backward_op = torch.library.custom_op(
+    "llp_fast::aggregation_loss_backward", _backward_default, mutates_args=(),
+    schema="(Tensor v, Tensor bank, Tensor bank_labels, Tensor targets, Tensor lse_all, Tensor lse_pos,"
+    " Tensor coef_all, Tensor coef_pos, float tau) -> Tensor",
+)
+
+
+@aggregation_loss_op.register_fake
+def _(v, bank, bank_labels, targets, tau):
+    dt = out_float_dtype(v, bank)
+    return tuple(v.new_empty(v.shape[0], dtype=dt) for _ in range(3))
+
+
+@aggregation_loss_backward_op.register_fake
+def _(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos, tau):
+    return torch.empty_like(v)
+
+
+aggregation_loss_op.register_kernel("cuda")(with_fallback("aggregation_loss_triton", _forward_default))
+aggregation_loss_backward_op.register_kernel("cuda")(
+    with_fallback("aggregation_loss_backward_triton", _backward_default)
+)
+
+
+def _setup_context(ctx, inputs, output):
+    v, bank, bank_labels, targets, tau = inputs
+    _, lse_all, lse_pos = output
+    ctx.save_for_backward(v, bank, bank_labels, targets, lse_all, lse_pos)
+    ctx.tau = tau
+
+
+def _backward(ctx, g_loss, g_all, g_pos):
+    v, bank, bank_labels, targets, lse_all, lse_pos = ctx.saved_tensors
+    zero = torch.zeros_like(lse_all)
+    g_loss = zero if g_loss is None else g_loss
+    g_all = zero if g_all is None else g_all
+    g_pos = zero if g_pos is None else g_pos
+    # loss = lse_all - lse_pos, so the three output gradients fold into two coefficients.
+    grad_v = aggregation_loss_backward_op(
+        v, bank, bank_labels, targets, lse_all, lse_pos, g_loss + g_all, g_pos - g_loss, ctx.tau
+    )
+    return grad_v, None, None, None, None
+
+
+aggregation_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@accepts_arrays("v", "bank", "bank_labels", "targets")
+def aggregation_loss(v, bank, bank_labels, targets, *, tau: float = 0.07, check_finite: bool = True):
+    """``L_A(v) = -logsumexp_{j: l_j = target}(v . m_j / tau) + logsumexp_j(v . m_j / tau)``.
+
+    Args:
+        v: (B, D) batch embeddings; the gradient flows to ``v`` only.
+        bank: (N, D) memory bank (a buffer: it gets no gradient), same dtype and device.
+        bank_labels: (N,) int stored labels (class >= 0, instance id -1-j < 0).
+        targets: (B,) int stored label of each batch example; its own bank row is in both
+            sums, so the positive set is never empty in the trainer's use. A target that no
+            bank row holds gives an infinite loss.
+        tau: temperature > 0.
+        check_finite: reject NaN/Inf in ``v`` and ``bank`` (the bank check is one extra
+            read of the bank; the trainer, which writes the bank itself, turns it off).
+
+    Returns:
+        (B,) float32 loss (float64 for float64 inputs). Extra memory is O(B), never O(B*N).
+    """
+    check.embeddings(v, "v")
+    check.embeddings(bank, "bank", allow_empty=False)
+    check.same_space(bank, "bank", v, "v")
+    tau = check.temperature(tau)
+    check.vector(bank_labels, "bank_labels", bank.shape[0], device=bank.device, kind="int")
+    check.vector(targets, "targets", v.shape[0], device=bank.device, kind="int")
+    if check_finite:
+        check.finite(v, "v")
+        check.finite(bank, "bank")
+    return aggregation_loss_op(v, bank.detach(), bank_labels, targets, tau)[0]

@@ -1,0 +1,66 @@
+"""``llp_fast.local_density``: log local density of the labeled points (SPEC §1.1)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as check
+from .._interop import accepts_arrays
+from ..reference import local_density_ref
+from ._common import out_float_dtype, with_fallback
+
+
+def _local_density_default(
+    labeled: torch.Tensor,
+    bank: torch.Tensor,
+    t: int,
+    tau: float,
+    pool_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    return local_density_ref(labeled, bank, t, tau, pool_mask).to(out_float_dtype(labeled, bank))
+
+
+local_density_op = torch.library.custom_op("llp_fast::local_density", _local_density_default, mutates_args=())
+
+
+@local_density_op.register_fake
+def _(labeled, bank, t, tau, pool_mask):
+    return labeled.new_empty(labeled.shape[0], dtype=out_float_dtype(labeled, bank))
+
+
+local_density_op.register_kernel("cuda")(with_fallback("local_density_triton", _local_density_default))
+
+
+@accepts_arrays("labeled", "bank", "pool_mask")
+def local_density(labeled, bank, *, t: int = 25, tau: float = 0.07, pool_mask=None, check_finite: bool = True):
+    """``log_rho_i = log sum_{j in N_T(i)} exp(m_i . m_j / tau)``: the log-sum-exp of each
+    labeled point's ``t`` largest similarities to the pool (SPEC §1.1).
+
+    Args:
+        labeled: (M, D) labeled embeddings.
+        bank: (N, D) memory bank, same dtype and device.
+        t: density neighbours, 1 <= t <= pool size.
+        tau: temperature > 0.
+        pool_mask: optional (N,) bool selecting the pool rows without copying the bank
+            (the paper's pool is the unlabeled rows); None means every bank row.
+        check_finite: reject NaN/Inf embeddings.
+
+    Returns:
+        log_rho (M,) float32 (float64 for float64 inputs).
+    """
+    check.embeddings(labeled, "labeled", allow_empty=False)
+    check.embeddings(bank, "bank", allow_empty=False)
+    check.same_space(labeled, "labeled", bank, "bank")
+    tau = check.temperature(tau)
+    pool = bank.shape[0]
+    if pool_mask is not None:
+        check.vector(pool_mask, "pool_mask", bank.shape[0], device=bank.device, kind="bool")
+        if not check.tracing():
+            pool = int(pool_mask.sum())
+            if pool == 0:
+                raise ValueError("pool_mask selects no rows: the density pool is empty")
+    t = check.positive_int(t, "t", high=pool, high_what="the density pool size")
+    if check_finite:
+        check.finite(labeled, "labeled")
+        check.finite(bank, "bank")
+    return local_density_op(labeled.detach(), bank.detach(), t, tau, pool_mask)
