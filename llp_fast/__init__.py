@@ -6,7 +6,7 @@ Public ops (SPEC §2): :func:`local_density`, :func:`propagate`, :func:`aggregat
 
 __version__ = "0.1.0"
 
-from .ops import aggregation_loss, bank_update_, local_density, propagate  # noqa: E402
 from .bank import MemoryBank  # noqa: E402
+from .ops import aggregation_loss, bank_update_, local_density, propagate  # noqa: E402
 
 __all__ = ["MemoryBank", "aggregation_loss", "bank_update_", "local_density", "propagate", "__version__"]

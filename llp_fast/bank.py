@@ -39,7 +39,9 @@ class MemoryBank:
 
     def __init__(self, targets, num_classes: int, *, dim: int = 128, dtype=torch.float32, device="cpu", seed: int = 0):
         targets = torch.as_tensor(targets)
-        check.vector(targets, "targets", targets.shape[0] if targets.dim() == 1 else -1, device=targets.device, kind="int")
+        check.vector(
+            targets, "targets", targets.shape[0] if targets.dim() == 1 else -1, device=targets.device, kind="int"
+        )
         num_classes = check.positive_int(num_classes, "num_classes")
         dim = check.positive_int(dim, "dim")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -160,8 +162,16 @@ class MemoryBank:
         bank_update_(self.embeddings, rows, emb, momentum=momentum, check_finite=False)
 
     @torch.no_grad()
-    def step(self, indices, embeddings, *, k: int = 10, tau: float = 0.07, momentum: float = 0.5,
-             density_weighting: bool = True):
+    def step(
+        self,
+        indices,
+        embeddings,
+        *,
+        k: int = 10,
+        tau: float = 0.07,
+        momentum: float = 0.5,
+        density_weighting: bool = True,
+    ):
         """After an optimizer step (SPEC §1.6), in order: propagate the batch's unlabeled
         examples with this step's embeddings and store label and confidence, then blend
         their bank rows. Everything is checked before anything is written."""

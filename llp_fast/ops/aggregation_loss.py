@@ -26,11 +26,15 @@ def _backward_default(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all,
 
 
 aggregation_loss_op = torch.library.custom_op(
-    "llp_fast::aggregation_loss", _forward_default, mutates_args=(),
+    "llp_fast::aggregation_loss",
+    _forward_default,
+    mutates_args=(),
     schema="(Tensor v, Tensor bank, Tensor bank_labels, Tensor targets, float tau) -> (Tensor, Tensor, Tensor)",
 )
 aggregation_loss_backward_op = torch.library.custom_op(
-    "llp_fast::aggregation_loss_backward", _backward_default, mutates_args=(),
+    "llp_fast::aggregation_loss_backward",
+    _backward_default,
+    mutates_args=(),
     schema="(Tensor v, Tensor bank, Tensor bank_labels, Tensor targets, Tensor lse_all, Tensor lse_pos,"
     " Tensor coef_all, Tensor coef_pos, float tau) -> Tensor",
 )

@@ -15,7 +15,9 @@ def _bank_update_default(bank: torch.Tensor, indices: torch.Tensor, values: torc
 
 # The CPU and CUDA kernels come from csrc/ (TORCH_LIBRARY_IMPL); this body serves the rest.
 bank_update_op = torch.library.custom_op(
-    "llp_fast::bank_update_", _bank_update_default, mutates_args=("bank",),
+    "llp_fast::bank_update_",
+    _bank_update_default,
+    mutates_args=("bank",),
     schema="(Tensor(a!) bank, Tensor indices, Tensor values, float momentum) -> ()",
 )
 

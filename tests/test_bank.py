@@ -1,0 +1,147 @@
+"""MemoryBank: layout, the SPEC §1.6 step, the density refresh, checkpoints, failed calls."""
+
+import pytest
+import torch
+from brute import bank_update as brute_update
+from brute import local_density as brute_density
+from brute import propagate as brute_propagate
+
+import llp_fast
+from llp_fast import MemoryBank
+
+TARGETS = torch.tensor([-1, 2, -1, 0, -1, -1, 1, -1, 2, -1, -1, 0])  # 5 labeled of 12
+
+
+def _bank(**kw):
+    return MemoryBank(TARGETS, num_classes=3, dim=8, **kw)
+
+
+def test_layout_labeled_prefix_is_a_view():
+    bank = _bank()
+    assert bank.num_labeled == 5 and len(bank) == 12
+    assert bank.labeled_embeddings.data_ptr() == bank.embeddings.data_ptr()
+    assert bank.labeled_embeddings._base is bank.embeddings
+    # Labeled rows first, in dataset order; labels hold classes and instance ids.
+    assert bank.index_of[:5].tolist() == [1, 3, 6, 8, 11]
+    assert bank.labeled_classes.tolist() == [2, 0, 1, 2, 0]
+    labels, conf = bank.stored(torch.tensor([0, 1, 4]))
+    assert labels.tolist() == [-1, 2, -5] and conf.tolist() == [1.0, 1.0, 1.0]
+    assert bank.is_labeled(torch.arange(12)).tolist() == (TARGETS >= 0).tolist()
+    torch.testing.assert_close(bank.embeddings.norm(dim=1), torch.ones(12))
+
+
+def test_refresh_density_pools():
+    bank = _bank()
+    emb = bank.embeddings
+    unl = TARGETS[bank.index_of] < 0
+    got = bank.refresh_density(t=3, tau=0.1)
+    want = brute_density(emb[:5], emb, 3, 0.1, unl.tolist())
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32))
+    got_all = bank.refresh_density(t=4, tau=0.1, pool="all")
+    torch.testing.assert_close(got_all, torch.tensor(brute_density(emb[:5], emb, 4, 0.1), dtype=torch.float32))
+    with pytest.raises(ValueError, match="pool must be"):
+        bank.refresh_density(pool="labeled")
+
+
+def test_step_propagates_then_updates():
+    bank = _bank()
+    bank.refresh_density(t=3, tau=0.1)
+    before = bank.embeddings.clone()
+    idx = torch.tensor([0, 1, 4, 0])  # unlabeled, labeled, unlabeled, repeat of 0
+    emb = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    bank.step(idx, emb, k=3, tau=0.1, momentum=0.5)
+    # Propagation used this step's embeddings against the bank *before* the update; for the
+    # repeated index 0 the last occurrence is stored.
+    lab, conf = brute_propagate(emb[[3, 2]], before[:5], bank.labeled_classes, bank.log_rho, 3, 0.1, 3)
+    got_labels, got_conf = bank.stored(torch.tensor([0, 4]))
+    assert got_labels.tolist() == lab.tolist()
+    torch.testing.assert_close(got_conf.double(), torch.tensor(conf), rtol=1e-5, atol=1e-6)
+    # The labeled example keeps its class and confidence 1.
+    assert bank.stored(torch.tensor([1]))[0].item() == 2 and bank.stored(torch.tensor([1]))[1].item() == 1.0
+    # Then the rows were blended, repeats in order.
+    rows = bank.rows(idx)
+    want = brute_update(before, rows, emb, 0.5)
+    torch.testing.assert_close(bank.embeddings.double(), torch.tensor(want), rtol=0, atol=1e-6)
+
+
+def test_nodw_step_ignores_density():
+    a, b = _bank(), _bank()
+    a.log_rho = torch.rand(5) * 5
+    emb = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    a.propagate(torch.tensor([0, 2, 4]), emb, k=2, density_weighting=False)
+    b.propagate(torch.tensor([0, 2, 4]), emb, k=2, density_weighting=True)  # b.log_rho is zero
+    assert torch.equal(a.labels, b.labels)
+
+
+def test_loss_uses_stored_labels():
+    bank = _bank()
+    v = torch.nn.functional.normalize(torch.randn(3, 8), dim=1).requires_grad_()
+    idx = torch.tensor([1, 0, 11])
+    loss = bank.loss(v, idx, tau=0.1)
+    labels = bank.stored(idx)[0]
+    torch.testing.assert_close(loss, llp_fast.aggregation_loss(v, bank.embeddings, bank.labels, labels, tau=0.1))
+    loss.sum().backward()
+    assert v.grad is not None
+
+
+def test_failed_step_writes_nothing():
+    bank = _bank()
+    snapshot = {k: v.clone() for k, v in bank.state_dict().items() if isinstance(v, torch.Tensor)}
+    good = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
+    bad = good.clone()
+    bad[1, 3] = float("nan")
+    for args, kwargs, exc in [
+        ((torch.tensor([0, 2]), bad), {}, ValueError),
+        ((torch.tensor([0, 12]), good), {}, ValueError),
+        ((torch.tensor([0, 2]), good[:, :5]), {}, ValueError),
+        ((torch.tensor([0, 2]), good), {"k": 6}, ValueError),
+        ((torch.tensor([0, 2]), good), {"momentum": 2.0}, ValueError),
+        ((torch.tensor([0, 2, 4]), good), {}, ValueError),
+    ]:
+        with pytest.raises(exc):
+            bank.step(*args, **kwargs)
+        for k, v in bank.state_dict().items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, snapshot[k]), k
+
+
+def test_state_dict_round_trip_and_corrupt_state():
+    a = _bank(seed=1)
+    a.refresh_density(t=2)
+    a.step(torch.tensor([0, 2]), torch.randn(2, 8), k=2)
+    b = _bank(seed=2)
+    b.load_state_dict(a.state_dict())
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]) if isinstance(v, torch.Tensor) else v == b.state_dict()[k]
+    assert torch.equal(a.index_of, b.index_of)
+    c = _bank(seed=3)
+    before = c.embeddings.clone()
+    broken = dict(a.state_dict(), embeddings=torch.randn(11, 8))
+    with pytest.raises(ValueError, match="'embeddings' has shape"):
+        c.load_state_dict(broken)
+    with pytest.raises(ValueError, match="missing"):
+        c.load_state_dict({"embeddings": before})
+    nan = a.embeddings.clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        c.load_state_dict(dict(a.state_dict(), embeddings=nan))
+    assert torch.equal(c.embeddings, before)
+
+
+def test_bfloat16_bank():
+    bank = _bank(dtype=torch.bfloat16)
+    bank.refresh_density(t=3)
+    labels, conf = bank.step(torch.tensor([0, 2, 5]), torch.randn(3, 8), k=2)
+    assert labels.shape == (3,) and bank.embeddings.dtype == torch.bfloat16
+    v = torch.randn(2, 8, requires_grad=True)
+    bank.loss(v, torch.tensor([0, 1])).sum().backward()
+    assert v.grad.dtype == torch.float32
+
+
+def test_constructor_rejects_bad_targets():
+    with pytest.raises(ValueError, match="labeled set is empty"):
+        MemoryBank(torch.tensor([-1, -1]), num_classes=2)
+    with pytest.raises(ValueError, match="targets holds 5"):
+        MemoryBank(torch.tensor([0, 5, -1]), num_classes=3)
+    with pytest.raises(TypeError, match="dtype must be"):
+        MemoryBank(torch.tensor([0, 1]), num_classes=2, dtype=torch.int32)

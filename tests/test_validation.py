@@ -1,0 +1,119 @@
+"""SPEC §6: bad input raises ValueError/TypeError naming the argument; nothing is written."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import unit
+
+import llp_fast
+
+Q, L, CLS = unit(4, 6), unit(5, 6), torch.tensor([0, 1, 2, 0, 1])
+
+
+def _nan(x):
+    x = x.clone()
+    x[0, 0] = float("nan")
+    return x
+
+
+PROPAGATE_CASES = [
+    (dict(queries=Q[0]), ValueError, "queries must be 2-D"),
+    (dict(queries=[[1.0]]), TypeError, "queries must be a torch.Tensor"),
+    (dict(queries=unit(4, 7)), ValueError, "queries has D=7"),
+    (dict(queries=Q.double()), TypeError, "queries is torch.float64"),
+    (dict(queries=Q.long()), TypeError, "queries must be float32"),
+    (dict(queries=_nan(Q)), ValueError, "queries contains NaN"),
+    (dict(labeled=_nan(L)), ValueError, "labeled contains NaN"),
+    (dict(labeled=torch.empty(0, 6)), ValueError, "labeled is empty"),
+    (dict(k=6), ValueError, "k=6 exceeds the number of labeled points"),
+    (dict(k=0), ValueError, "k must be >= 1"),
+    (dict(k=2.5), TypeError, "k must be an int"),
+    (dict(tau=0.0), ValueError, "tau must be a finite number > 0"),
+    (dict(tau=-1.0), ValueError, "tau must be"),
+    (dict(labeled_classes=torch.tensor([0, 1, 2, 0, 3])), ValueError, "labeled_classes holds 3"),
+    (dict(labeled_classes=torch.tensor([0, 1, -1, 0, 1])), ValueError, "labeled_classes holds -1"),
+    (dict(labeled_classes=torch.tensor([0, 1, 2])), ValueError, "labeled_classes must have shape (5,)"),
+    (dict(labeled_classes=CLS.float()), TypeError, "labeled_classes must have an integer dtype"),
+    (dict(log_rho=torch.ones(4)), ValueError, "log_rho must have shape (5,)"),
+    (dict(log_rho=torch.tensor([0.0, 1, float("inf"), 0, 0])), ValueError, "log_rho contains NaN or Inf"),
+    (dict(num_classes=0), ValueError, "num_classes must be >= 1"),
+]
+if torch.cuda.is_available():
+    PROPAGATE_CASES.append((dict(queries=Q.cuda()), ValueError, "queries is on cuda"))
+
+
+@pytest.mark.parametrize("change,exc,msg", PROPAGATE_CASES)
+def test_propagate_rejects(change, exc, msg):
+    args = dict(queries=Q, labeled=L, labeled_classes=CLS, log_rho=None, k=3, tau=0.07, num_classes=3)
+    args.update(change)
+    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        llp_fast.propagate(**args)
+
+
+DENSITY_CASES = [
+    (dict(t=9), ValueError, "t=9 exceeds the density pool size"),
+    (dict(pool_mask=torch.tensor([True, False, False, True])), ValueError, "t=3 exceeds the density pool size \\(2\\)"),
+    (dict(pool_mask=torch.zeros(4, dtype=torch.bool)), ValueError, "pool_mask selects no rows"),
+    (dict(pool_mask=torch.ones(4)), TypeError, "pool_mask must have torch.bool"),
+    (dict(pool_mask=torch.ones(3, dtype=torch.bool)), ValueError, "pool_mask must have shape"),
+    (dict(bank=unit(4, 5)), ValueError, "bank has D=5"),
+    (dict(bank=_nan(Q)), ValueError, "bank contains NaN"),
+    (dict(labeled=torch.empty(0, 6)), ValueError, "labeled is empty"),
+    (dict(tau=float("nan")), ValueError, "tau must be"),
+]
+
+
+@pytest.mark.parametrize("change,exc,msg", DENSITY_CASES)
+def test_local_density_rejects(change, exc, msg):
+    args = dict(labeled=L, bank=Q, t=3, tau=0.07, pool_mask=None)
+    args.update(change)
+    with pytest.raises(exc, match=msg):
+        llp_fast.local_density(**args)
+
+
+LOSS_CASES = [
+    (dict(v=Q[:, :5]), ValueError, "v has D=5"),
+    (dict(v=_nan(Q)), ValueError, "v contains NaN"),
+    (dict(bank_labels=CLS[:4]), ValueError, "bank_labels must have shape"),
+    (dict(targets=CLS), ValueError, "targets must have shape \\(4,\\)"),
+    (dict(targets=CLS[:4].float()), TypeError, "targets must have an integer dtype"),
+    (dict(tau=0), ValueError, "tau must be"),
+    (dict(bank=L.bfloat16()), TypeError, "v is torch.float32 but bank is torch.bfloat16"),
+]
+
+
+@pytest.mark.parametrize("change,exc,msg", LOSS_CASES)
+def test_aggregation_loss_rejects(change, exc, msg):
+    args = dict(v=Q, bank=L, bank_labels=CLS, targets=CLS[:4], tau=0.07)
+    args.update(change)
+    with pytest.raises(exc, match=msg):
+        llp_fast.aggregation_loss(**args)
+
+
+UPDATE_CASES = [
+    (dict(indices=torch.tensor([0, 5])), ValueError, "indices holds 5, outside \\[0, 5\\)"),
+    (dict(indices=torch.tensor([-1, 2])), ValueError, "indices holds -1"),
+    (dict(indices=torch.tensor([0.0, 1.0])), TypeError, "indices must have an integer dtype"),
+    (dict(indices=torch.tensor([0, 1, 2])), ValueError, "indices must have shape \\(2,\\)"),
+    (dict(values=torch.tensor([[0.0] * 6, [float("inf")] * 6])), ValueError, "values contains NaN or Inf"),
+    (dict(values=unit(2, 3)), ValueError, "values has D=3"),
+    (dict(momentum=1.5), ValueError, "momentum must lie in \\[0, 1\\]"),
+    (dict(bank=L.T.contiguous().T), ValueError, "bank must be contiguous"),
+]
+
+
+@pytest.mark.parametrize("change,exc,msg", UPDATE_CASES)
+def test_bank_update_rejects_and_writes_nothing(change, exc, msg):
+    args = dict(bank=L.clone(), indices=torch.tensor([0, 3]), values=unit(2, 6), momentum=0.5)
+    args.update(change)
+    before = args["bank"].clone()
+    with pytest.raises(exc, match=msg):
+        llp_fast.bank_update_(**args)
+    assert torch.equal(args["bank"], before)
+
+
+def test_numpy_arguments_are_validated_too():
+    with pytest.raises(ValueError, match="k=9 exceeds"):
+        llp_fast.propagate(Q.numpy(), L.numpy(), CLS.numpy(), k=9, num_classes=3)
+    with pytest.raises(TypeError, match="bank has NumPy dtype <U1"):
+        llp_fast.local_density(Q.numpy(), np.array([["a"]]), t=1)
