@@ -15,6 +15,24 @@ from .ops import aggregation_loss, bank_update_, local_density, propagate
 from .reference import occurrence_rank
 
 _STATE_KEYS = ("embeddings", "labels", "confidence", "log_rho", "row_of", "num_labeled", "num_classes")
+_INIT_BLOCK = 1 << 16
+
+
+def initial_rows(start: int, end: int, dim: int, seed: int) -> torch.Tensor:
+    """Random unit vectors for dataset indices [start, end), float32.
+
+    Drawn in fixed blocks of 65,536 rows, each from its own seeded generator, so that row j
+    is the same vector whichever range it is drawn with: a shard of a sharded bank starts
+    exactly where the same rows of a single bank do, without drawing all N rows.
+    """
+    out = torch.empty(max(0, end - start), dim)
+    for block in range(start // _INIT_BLOCK, (end + _INIT_BLOCK - 1) // _INIT_BLOCK):
+        b0 = block * _INIT_BLOCK
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        rows = torch.randn(_INIT_BLOCK, dim, generator=gen)
+        lo, hi = max(start, b0), min(end, b0 + _INIT_BLOCK)
+        out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
+    return torch.nn.functional.normalize(out, dim=1)
 
 
 class MemoryBank:
@@ -28,6 +46,9 @@ class MemoryBank:
         dtype: storage dtype of the embeddings (float32, or bfloat16 to halve the memory).
         device: where the bank lives.
         seed: seeds the random unit vectors the bank starts from.
+        index_offset: dataset index of this bank's first example (a shard of a larger
+            dataset, see ``llp_fast.distributed``); instance ids stay global, ``-1 - j``.
+        require_labeled: raise when no example is labeled (a shard may legitimately hold none).
 
     Attributes (bank order unless said otherwise):
         embeddings (N, D) unit rows; labels (N,) int64 stored labels (true class for
@@ -37,7 +58,18 @@ class MemoryBank:
         index_of (N,) dataset index of each row.
     """
 
-    def __init__(self, targets, num_classes: int, *, dim: int = 128, dtype=torch.float32, device="cpu", seed: int = 0):
+    def __init__(
+        self,
+        targets,
+        num_classes: int,
+        *,
+        dim: int = 128,
+        dtype=torch.float32,
+        device="cpu",
+        seed: int = 0,
+        index_offset: int = 0,
+        require_labeled: bool = True,
+    ):
         targets = torch.as_tensor(targets)
         check.vector(
             targets, "targets", targets.shape[0] if targets.dim() == 1 else -1, device=targets.device, kind="int"
@@ -48,7 +80,7 @@ class MemoryBank:
             raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         targets = targets.long().cpu()
         labeled = targets >= 0
-        if not bool(labeled.any()):
+        if require_labeled and not bool(labeled.any()):
             raise ValueError("targets holds no labeled example (no entry >= 0): the labeled set is empty")
         check.in_range(targets[labeled], "targets", 0, num_classes, "labeled class ids must lie in [0, num_classes)")
         n = targets.shape[0]
@@ -56,10 +88,10 @@ class MemoryBank:
         index_of = torch.argsort((~labeled).to(torch.int8), stable=True)
         row_of = torch.empty_like(index_of)
         row_of[index_of] = torch.arange(n)
-        gen = torch.Generator().manual_seed(seed)
-        emb = torch.nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1)
-        labels = torch.where(labeled, targets, -1 - torch.arange(n))[index_of]
+        emb = initial_rows(index_offset, index_offset + n, dim, seed)[index_of]
+        labels = torch.where(labeled, targets, -1 - index_offset - torch.arange(n))[index_of]
         self.num_classes = num_classes
+        self.index_offset = int(index_offset)
         self.num_labeled = int(labeled.sum())
         self.embeddings = emb.to(device=device, dtype=dtype)
         self.labels = labels.to(device)

@@ -1,0 +1,342 @@
+"""LLP across processes with ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
+
+Two layouts of the memory bank:
+
+* :class:`ShardedMemoryBank` — rank r owns the contiguous dataset indices
+  ``[r*N/P, (r+1)*N/P)`` (N/P rows, its own labeled and unlabeled ones). Per step the ranks
+  all-gather the batch embeddings, indices and targets; each computes partial results over
+  its shard and the partials are combined exactly:
+
+  - aggregation loss: per-shard log-sum-exps, combined with all-reduces (max, then sum of
+    exponentials); the backward all-gathers the output gradients, each shard adds its rows'
+    share of ``sum_j (p_j - q_j) m_j / tau`` for the whole global batch, and an all-reduce
+    sums the shares — the gradient is exact;
+  - propagation: each shard's top-K candidates (score, global labeled index, class) are
+    all-gathered and the P*K candidates merged, ties broken by the lower global index;
+  - density refresh: the labeled rows are all-gathered, each shard finds its top-T pool
+    scores for every labeled row, and the P*T candidates are merged the same way;
+  - bank update: every rank writes the rows it owns, in the order of the gathered batch.
+
+* :class:`ReplicatedMemoryBank` — every rank holds the full bank and applies the gathered
+  batch to it, so all copies stay identical; simpler, for when N fits on one device.
+
+Every collective runs under the process group's timeout (set it in
+``init_process_group``; :func:`init` uses 10 minutes, ``LLP_FAST_DIST_TIMEOUT`` seconds to
+change it), so a rank that dies makes the others fail instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from . import _validate as check
+from .bank import MemoryBank
+from .ops import bank_update_
+from .reference import occurrence_rank, streaming_topk, vote
+
+__all__ = [
+    "init",
+    "shard_range",
+    "all_gather_cat",
+    "ShardedMemoryBank",
+    "ReplicatedMemoryBank",
+]
+
+
+def init(backend: str | None = None) -> tuple[int, int]:
+    """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, ...) if it is not yet; returns (rank, world_size)."""
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        timeout = datetime.timedelta(seconds=float(os.environ.get("LLP_FAST_DIST_TIMEOUT", "600")))
+        dist.init_process_group(backend, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The dataset indices [start, end) that ``rank`` owns: contiguous, sizes differ by <= 1."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenation over ranks (rank order) of tensors whose first dimension may differ."""
+    world = dist.get_world_size(group)
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def _merge_topk(vals: torch.Tensor, keys: torch.Tensor, k: int):
+    """Top-k of candidate rows ``vals`` (R, C), ties broken by the lower ``keys`` (global
+    index). Returns (values, positions) sorted by descending value."""
+    by_key = torch.argsort(keys, dim=1, stable=True)
+    v = vals.gather(1, by_key)
+    order = torch.argsort(-v, dim=1, stable=True)[:, :k]
+    return v.gather(1, order), by_key.gather(1, order)
+
+
+def _candidates(queries, keys, k, tau, *, bias=None, key_mask=None):
+    """Per-shard top-k (values, local positions), padded to k with -inf (a shard may hold
+    fewer than k candidates, or none)."""
+    n_q = queries.shape[0]
+    kk = min(k, keys.shape[0] if key_mask is None else int(key_mask.sum()))
+    vals = torch.full((n_q, k), -math.inf, device=queries.device)
+    pos = torch.zeros((n_q, k), dtype=torch.int64, device=queries.device)
+    if kk > 0 and n_q > 0:
+        for r0, v, i in streaming_topk(queries, keys, kk, tau, bias=bias, key_mask=key_mask):
+            vals[r0 : r0 + v.shape[0], :kk] = v.float()
+            pos[r0 : r0 + v.shape[0], :kk] = i
+    return vals, pos
+
+
+def _lse_combine(lse: torch.Tensor, group) -> torch.Tensor:
+    """log(sum over ranks of exp(lse)), elementwise, stable."""
+    top = lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(lse - safe)
+    dist.all_reduce(total, group=group)
+    return torch.log(total) + safe
+
+
+class _ShardedAggregationLoss(torch.autograd.Function):
+    """L_A for the local batch against a bank sharded over ranks; exact value and gradient."""
+
+    @staticmethod
+    def forward(ctx, v, shard, shard_labels, targets, tau, group):
+        v_all = all_gather_cat(v.detach(), group)
+        t_all = all_gather_cat(targets, group)
+        _, lse_all, lse_pos = torch.ops.llp_fast.aggregation_loss(v_all, shard, shard_labels, t_all, tau)
+        lse_all = _lse_combine(lse_all.float(), group)
+        lse_pos = _lse_combine(lse_pos.float(), group)
+        rank_start = _offset_of_rank(v.shape[0], group, v.device)
+        ctx.save_for_backward(v_all, shard, shard_labels, t_all, lse_all, lse_pos)
+        ctx.tau, ctx.group, ctx.rows = tau, group, (rank_start, rank_start + v.shape[0])
+        ctx.v_dtype = v.dtype
+        return (lse_all - lse_pos)[rank_start : rank_start + v.shape[0]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        v_all, shard, shard_labels, t_all, lse_all, lse_pos = ctx.saved_tensors
+        g_all = all_gather_cat(grad.contiguous().float(), ctx.group)
+        part = torch.ops.llp_fast.aggregation_loss_backward(
+            v_all, shard, shard_labels, t_all, lse_all, lse_pos, g_all, -g_all, ctx.tau
+        ).float()
+        dist.all_reduce(part, group=ctx.group)
+        lo, hi = ctx.rows
+        return part[lo:hi].to(ctx.v_dtype), None, None, None, None, None
+
+
+def _offset_of_rank(n_local: int, group, device) -> int:
+    """Where this rank's rows start in an all_gather_cat of per-rank batches."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = torch.tensor([n_local], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    return int(sum(int(s) for s in sizes[:rank]))
+
+
+class ShardedMemoryBank:
+    """A memory bank split over the ranks of ``group`` by contiguous dataset indices.
+
+    Args are those of :class:`llp_fast.MemoryBank`; ``targets`` is the full (N,) label
+    vector (-1 for unlabeled), identical on every rank. Every method is collective: all
+    ranks call it, each with its own local batch. Rows start as the same vectors a single
+    ``MemoryBank`` with the same seed starts from.
+
+    Memory per rank: N/P x D x (2 bytes for bf16, 4 for fp32) for the embeddings, plus
+    N/P x 12 bytes of labels and confidences, plus the gathered labeled rows during the
+    density refresh (M x D) and the gathered batch per step.
+    """
+
+    def __init__(self, targets, num_classes, *, dim=128, dtype=torch.float32, device="cpu", seed=0, group=None):
+        targets = torch.as_tensor(targets).long().cpu()
+        if not bool((targets >= 0).any()):
+            raise ValueError("targets holds no labeled example (no entry >= 0): the labeled set is empty")
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.n = targets.shape[0]
+        self.start, self.end = shard_range(self.n, self.rank, self.world)
+        self.local = MemoryBank(
+            targets[self.start : self.end],
+            num_classes,
+            dim=dim,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            index_offset=self.start,
+            require_labeled=False,
+        )
+        self.num_classes = num_classes
+        self.device = self.local.device
+        # Global dataset index of each local labeled row: the tie-break key for merges.
+        self.labeled_global = self.local.index_of[: self.local.num_labeled] + self.start
+        self.num_labeled_total = int((targets >= 0).sum())
+        self.num_unlabeled_total = self.n - self.num_labeled_total
+
+    def __len__(self) -> int:
+        return self.n
+
+    # -- helpers -------------------------------------------------------------------------
+    def _owned(self, indices: torch.Tensor) -> torch.Tensor:
+        return (indices >= self.start) & (indices < self.end)
+
+    def _gather_batch(self, indices, embeddings=None):
+        indices = torch.as_tensor(indices, device=self.device)
+        check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=self.device, kind="int")
+        check.in_range(indices, "indices", 0, self.n, "dataset indices")
+        idx_all = all_gather_cat(indices.long(), self.group)
+        if embeddings is None:
+            return idx_all, None
+        check.embeddings(embeddings, "embeddings")
+        if embeddings.shape != (indices.shape[0], self.local.embeddings.shape[1]):
+            raise ValueError(f"embeddings must have shape ({indices.shape[0]}, {self.local.embeddings.shape[1]})")
+        check.finite(embeddings, "embeddings")
+        return idx_all, all_gather_cat(embeddings.detach().float(), self.group)
+
+    # -- SPEC §1 steps, collective ---------------------------------------------------------
+    def stored(self, indices):
+        """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners."""
+        indices = torch.as_tensor(indices, device=self.device).long()
+        idx_all, _ = self._gather_batch(indices)
+        own = self._owned(idx_all)
+        labels = torch.zeros(idx_all.shape[0], dtype=torch.int64, device=self.device)
+        conf = torch.zeros(idx_all.shape[0], device=self.device)
+        rows = self.local.row_of[idx_all[own] - self.start]
+        labels[own] = self.local.labels[rows]
+        conf[own] = self.local.confidence[rows]
+        dist.all_reduce(labels, group=self.group)
+        dist.all_reduce(conf, group=self.group)
+        lo = _offset_of_rank(indices.shape[0], self.group, self.device)
+        return labels[lo : lo + indices.shape[0]], conf[lo : lo + indices.shape[0]]
+
+    def refresh_density(self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled") -> torch.Tensor:
+        """SPEC §1.1 over the whole sharded pool; returns this shard's labeled ``log_rho``."""
+        if pool not in ("unlabeled", "all"):
+            raise ValueError(f"pool must be 'unlabeled' or 'all', got {pool!r}")
+        pool_size = self.num_unlabeled_total if pool == "unlabeled" else self.n
+        t = check.positive_int(t, "t", high=pool_size, high_what="the density pool size")
+        tau = check.temperature(tau)
+        m_local = self.local.num_labeled
+        labeled_all = all_gather_cat(self.local.labeled_embeddings.float(), self.group)
+        keys = self.local.embeddings[m_local:] if pool == "unlabeled" else self.local.embeddings
+        vals, _ = _candidates(labeled_all.to(keys.dtype), keys, t, tau)
+        parts = [torch.empty_like(vals) for _ in range(self.world)]
+        dist.all_gather(parts, vals.contiguous(), group=self.group)
+        merged = torch.cat(parts, dim=1).topk(t, dim=1).values
+        log_rho = torch.logsumexp(merged, dim=1)
+        lo = _offset_of_rank(m_local, self.group, self.device)
+        self.local.log_rho = log_rho[lo : lo + m_local].contiguous()
+        return self.local.log_rho
+
+    def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
+        """Aggregation loss of this rank's batch against the whole sharded bank; (B,)."""
+        tau = check.temperature(tau)
+        check.embeddings(v, "v")
+        targets, _ = self.stored(indices)
+        return _ShardedAggregationLoss.apply(
+            v.to(self.local.embeddings.dtype), self.local.embeddings, self.local.labels, targets, tau, self.group
+        )
+
+    @torch.no_grad()
+    def step(
+        self,
+        indices,
+        embeddings,
+        *,
+        k: int = 10,
+        tau: float = 0.07,
+        momentum: float = 0.5,
+        density_weighting: bool = True,
+    ):
+        """SPEC §1.6 for the global batch: propagate its unlabeled examples (merging every
+        shard's top-K), store label and confidence at the owners, then blend the owned rows
+        in gathered order. Returns (labels, confidence) of the gathered unlabeled examples."""
+        check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
+        tau = check.temperature(tau)
+        momentum = check.fraction(momentum, "momentum")
+        idx_all, emb_all = self._gather_batch(indices, embeddings)
+        labels, conf, sel = self._propagate(idx_all, emb_all, k, tau, density_weighting)
+        own = self._owned(idx_all)
+        store = sel & own
+        rows = self.local.row_of[idx_all[store] - self.start]
+        self.local.labels[rows] = labels[store[sel]]
+        self.local.confidence[rows] = conf[store[sel]].float()
+        if bool(own.any()):
+            bank_update_(
+                self.local.embeddings,
+                self.local.row_of[idx_all[own] - self.start],
+                emb_all[own],
+                momentum=momentum,
+                check_finite=False,
+            )
+        return labels, conf
+
+    def _propagate(self, idx_all, emb_all, k, tau, density_weighting):
+        """Labels of the gathered batch's unlabeled examples (last occurrence of a repeated
+        index), identical on every rank; ``sel`` marks them in the gathered batch."""
+        own = self._owned(idx_all)
+        is_labeled = torch.zeros(idx_all.shape[0], dtype=torch.int32, device=self.device)
+        is_labeled[own] = (self.local.row_of[idx_all[own] - self.start] < self.local.num_labeled).int()
+        dist.all_reduce(is_labeled, group=self.group)
+        sel = (is_labeled == 0) & (occurrence_rank(idx_all.flip(0)).flip(0) == 0)
+        m_local = self.local.num_labeled
+        bias = self.local.log_rho if density_weighting else None
+        vals, pos = _candidates(
+            emb_all[sel].to(self.local.embeddings.dtype), self.local.labeled_embeddings, k, tau, bias=bias
+        )
+        if m_local:
+            gidx, cls = self.labeled_global[pos], self.local.labeled_classes[pos]
+        else:
+            gidx, cls = torch.zeros_like(pos), torch.zeros_like(pos)
+        gidx = torch.where(torch.isfinite(vals), gidx, torch.full_like(gidx, self.n))  # padding sorts last
+        all_vals, all_g, all_cls = (torch.cat(self._all_gather_same(x), dim=1) for x in (vals, gidx, cls))
+        top_v, where = _merge_topk(all_vals, all_g, k)
+        labels, conf = vote(top_v, all_cls.gather(1, where), self.num_classes)
+        return labels, conf, sel
+
+    def _all_gather_same(self, x):
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return parts
+
+    def state_dict(self) -> dict:
+        return dict(self.local.state_dict(), shard=(self.start, self.end, self.n))
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state.get("shard", ())) != (self.start, self.end, self.n):
+            raise ValueError(
+                f"bank state is for shard {state.get('shard')}, this rank owns {(self.start, self.end, self.n)}"
+            )
+        self.local.load_state_dict({k: v for k, v in state.items() if k != "shard"})
+
+
+class ReplicatedMemoryBank(MemoryBank):
+    """A full :class:`MemoryBank` on every rank, kept identical: :meth:`step` applies the
+    all-gathered batch (in rank order) on every rank. Reads (loss, stored, density) are
+    local. For when N x D fits on one device."""
+
+    def __init__(self, targets, num_classes, *, group=None, **kwargs):
+        super().__init__(targets, num_classes, **kwargs)
+        self.group = group
+
+    @torch.no_grad()
+    def step(self, indices, embeddings, **kwargs):
+        indices = torch.as_tensor(indices, device=self.device)
+        rows, emb = self._check_batch(indices, embeddings)
+        idx_all = all_gather_cat(indices.long(), self.group)
+        emb_all = all_gather_cat(emb.float(), self.group)
+        return super().step(idx_all, emb_all, **kwargs)

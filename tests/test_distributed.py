@@ -1,0 +1,133 @@
+"""Distributed LLP (gloo, 2-3 CPU processes) equals the single-process results."""
+
+import datetime
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import llp_fast
+from llp_fast.distributed import ReplicatedMemoryBank, ShardedMemoryBank, all_gather_cat, shard_range
+
+N, D, S = 61, 8, 4
+
+
+def _targets():
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, S, (N,), generator=g)
+    labeled = torch.rand(N, generator=g) < 0.3
+    labeled[:S] = True  # every class has a labeled example
+    return torch.where(labeled, y, torch.full_like(y, -1))
+
+
+def _batches(world):
+    """A global batch per step, split over ranks; repeats across and within ranks."""
+    g = torch.Generator().manual_seed(9)
+    steps = []
+    for _ in range(3):
+        idx = torch.randint(0, N, (5 * world,), generator=g)
+        idx[-1] = idx[0]
+        emb = torch.nn.functional.normalize(torch.randn(5 * world, D, generator=g), dim=1)
+        steps.append((idx, emb))
+    return steps
+
+
+def _worker(rank, world, init_file, layout):
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    torch.manual_seed(0)
+    targets = _targets()
+    single = llp_fast.MemoryBank(targets, S, dim=D, seed=3)
+    if layout == "sharded":
+        bank = ShardedMemoryBank(targets, S, dim=D, seed=3)
+        lo, hi = shard_range(N, rank, world)
+        assert (lo, hi) == (bank.start, bank.end)
+        own = torch.arange(lo, hi)
+        rows = lambda b, idx: b.local.embeddings[b.local.row_of[idx - lo]]
+    else:
+        bank = ReplicatedMemoryBank(targets, S, dim=D, seed=3)
+        own = torch.arange(N)
+        rows = lambda b, idx: b.embeddings[b.row_of[idx]]
+    # Same starting vectors as the single bank.
+    torch.testing.assert_close(rows(bank, own), single.embeddings[single.row_of[own]], rtol=0, atol=0)
+
+    for pool, t in (("unlabeled", 5), ("all", 7)):
+        want = single.refresh_density(t=t, tau=0.1, pool=pool)
+        got = bank.refresh_density(t=t, tau=0.1, pool=pool)
+        if layout == "sharded":
+            lab_global = bank.labeled_global
+            torch.testing.assert_close(got, want[single.row_of[lab_global]], rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(got, want)
+
+    for idx, emb in _batches(world):
+        mine = slice(rank * 5, rank * 5 + 5)
+        # Loss and gradient for this rank's slice against the current bank.
+        v = emb[mine].clone().requires_grad_()
+        w = torch.arange(1.0, 6.0)
+        loss = bank.loss(v, idx[mine], tau=0.1)
+        (loss * w).sum().backward()
+        v_ref = emb.clone().requires_grad_()
+        loss_ref = single.loss(v_ref, idx, tau=0.1)
+        (loss_ref[mine] * w).sum().backward()
+        torch.testing.assert_close(loss, loss_ref[mine], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v.grad, v_ref.grad[mine], rtol=1e-4, atol=1e-5)
+        # Propagate + update for the global batch.
+        bank.step(idx[mine], emb[mine], k=3, tau=0.1)
+        single.step(idx, emb, k=3, tau=0.1)
+        torch.testing.assert_close(rows(bank, own), single.embeddings[single.row_of[own]], rtol=0, atol=1e-6)
+        if layout == "sharded":
+            got_l, got_c = (
+                bank.local.labels[bank.local.row_of[own - lo]],
+                bank.local.confidence[bank.local.row_of[own - lo]],
+            )
+        else:
+            got_l, got_c = bank.stored(own)
+        want_l, want_c = single.stored(own)
+        assert torch.equal(got_l, want_l)
+        torch.testing.assert_close(got_c, want_c, rtol=1e-5, atol=1e-6)
+        # stored() of this rank's batch, fetched from the owners.
+        torch.testing.assert_close(bank.stored(idx[mine])[0], single.stored(idx[mine])[0])
+    gathered = all_gather_cat(torch.full((rank + 1,), rank))
+    assert gathered.tolist() == sum(([r] * (r + 1) for r in range(world)), [])
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,layout", [(2, "sharded"), (3, "sharded"), (2, "replicated")])
+def test_distributed_equals_single_process(world, layout, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), layout), nprocs=world, join=True)
+
+
+DYING = textwrap.dedent(
+    """
+    import os, torch, torch.distributed as dist
+    from llp_fast.distributed import init
+    rank, world = init("gloo")
+    if rank == 1:
+        os._exit(3)           # dies before the collective
+    dist.all_reduce(torch.ones(1))
+    """
+)
+
+
+def test_a_dying_rank_fails_the_run_instead_of_hanging(tmp_path):
+    script = tmp_path / "dying.py"
+    script.write_text(DYING)
+    env = dict(os.environ, LLP_FAST_DIST_TIMEOUT="30")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 110
