@@ -231,15 +231,21 @@ class ShardedMemoryBank:
         t = check.positive_int(t, "t", high=pool_size, high_what="the density pool size")
         tau = check.temperature(tau)
         m_local = self.local.num_labeled
-        labeled_all = all_gather_cat(self.local.labeled_embeddings.float(), self.group)
         keys = self.local.embeddings[m_local:] if pool == "unlabeled" else self.local.embeddings
-        vals, _ = _candidates(labeled_all.to(keys.dtype), keys, t, tau)
-        parts = [torch.empty_like(vals) for _ in range(self.world)]
-        dist.all_gather(parts, vals.contiguous(), group=self.group)
-        merged = torch.cat(parts, dim=1).topk(t, dim=1).values
-        log_rho = torch.logsumexp(merged, dim=1)
-        lo = _offset_of_rank(m_local, self.group, self.device)
-        self.local.log_rho = log_rho[lo : lo + m_local].contiguous()
+        # Rounds of at most `chunk` labeled rows per rank keep the gathered rows (P*chunk*D)
+        # and candidates (P*P*chunk*T) bounded whatever M is; all ranks run the same rounds.
+        chunk = int(os.environ.get("LLP_FAST_DIST_CHUNK", "16384"))
+        rounds = torch.tensor([(m_local + chunk - 1) // chunk], device=self.device)
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=self.group)
+        log_rho = torch.empty(m_local, device=self.device)
+        for r in range(int(rounds)):
+            mine = self.local.labeled_embeddings[r * chunk : (r + 1) * chunk]
+            gathered = all_gather_cat(mine, self.group)
+            vals, _ = _candidates(gathered, keys, t, tau)
+            merged = torch.cat(self._all_gather_same(vals), dim=1).topk(t, dim=1).values
+            lo = _offset_of_rank(mine.shape[0], self.group, self.device)
+            log_rho[r * chunk : r * chunk + mine.shape[0]] = torch.logsumexp(merged[lo : lo + mine.shape[0]], dim=1)
+        self.local.log_rho = log_rho
         return self.local.log_rho
 
     def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:

@@ -39,6 +39,7 @@ def _batches(world):
 
 
 def _worker(rank, world, init_file, layout):
+    os.environ["LLP_FAST_DIST_CHUNK"] = "3"  # several density-refresh rounds, uneven across ranks
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
