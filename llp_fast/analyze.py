@@ -1,0 +1,310 @@
+"""``llp-fast-analyze RUN_DIR``: pictures of a training run (PNG, matplotlib) and an index.html.
+
+From ``RUN_DIR/metrics.jsonl`` (one JSON object per epoch) and ``RUN_DIR/checkpoint.pt``
+(the last checkpoint, whose ``bank`` entry is a :class:`llp_fast.MemoryBank` state):
+
+* ``curves.png`` — held-out top-1 (and kNN top-1), pseudo-label accuracy and the
+  aggregation metric per epoch;
+* ``density.png`` — the paper's Fig. 3a/b: per class, D_i (mean local density of its
+  labeled points) against Q_i (unlabeled examples pseudo-labeled i), one panel per run
+  (``--compare RUN_DIR2`` puts e.g. a NoDW run beside LLP); ``q_hist.png`` — Fig. 3c, the
+  histogram of Q_i; ``corr.png`` — Fig. 3d, Pearson corr(D_i, Q_i) over training;
+* ``embedding_map.png`` — Fig. 2a: a 2-D map (PCA, or MDS with ``--map mds``) of the bank
+  embeddings of a few classes, labeled points marked; ``aggregation_hist.png`` — Fig. 2c,
+  the histogram of the per-class aggregation (norm of the class-mean embedding).
+
+D_i is recomputed from the bank with :func:`llp_fast.local_density` (the unlabeled pool,
+the run's T and tau), so it is comparable between an LLP and a NoDW run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import local_density
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class AnalyzeError(Exception):
+    """A run directory that cannot be analysed; the message is the one line shown."""
+
+
+# -- reading a run ---------------------------------------------------------------------------
+def read_run(run_dir: str | os.PathLike) -> dict:
+    """{'name', 'metrics': [dict per epoch], 'bank': state dict or None, 'config': dict}."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise AnalyzeError(f"run directory {run} does not exist")
+    metrics_path = run / METRICS
+    if not metrics_path.exists():
+        raise AnalyzeError(f"{metrics_path} not found: is {run} a llp-fast-train run directory?")
+    rows = []
+    for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise AnalyzeError(f"{metrics_path}:{n} is not valid JSON") from None
+    if not rows:
+        raise AnalyzeError(f"{metrics_path} holds no epoch yet")
+    bank, config = None, {}
+    ckpt_path = run / CHECKPOINT
+    if ckpt_path.exists():
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AnalyzeError(f"corrupt checkpoint {ckpt_path} ({type(e).__name__})") from None
+        bank, config = ckpt.get("bank"), ckpt.get("config") or {}
+    return {"name": run.name, "metrics": rows, "bank": bank, "config": config}
+
+
+def class_density_and_counts(bank: dict, *, t: int, tau: float):
+    """(D (S,), Q (S,)): mean density exp(log_rho) of each class's labeled rows, and the
+    number of unlabeled rows whose stored label is that class. Classes without a labeled
+    row get D = nan."""
+    emb, labels = bank["embeddings"].float(), bank["labels"].long()
+    m, s = int(bank["num_labeled"]), int(bank["num_classes"])
+    pool = emb[m:]
+    log_rho = local_density(emb[:m], pool, t=min(t, pool.shape[0]), tau=tau).double()
+    rho = torch.exp(log_rho - log_rho.max())  # Z * rho: a common scale does not change the picture
+    cls = labels[:m]
+    d = torch.full((s,), float("nan"), dtype=torch.float64)
+    for c in range(s):
+        if bool((cls == c).any()):
+            d[c] = rho[cls == c].mean()
+    unl = labels[m:]
+    q = torch.bincount(unl[unl >= 0], minlength=s)[:s]
+    return d.numpy(), q.numpy()
+
+
+def _series(rows, key):
+    xs, ys = [], []
+    for r in rows:
+        if r.get(key) is not None:
+            xs.append(r["epoch"])
+            ys.append(r[key])
+    return xs, ys
+
+
+# -- figures ---------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(runs, path):
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for run in runs:
+        for ax, keys in zip(axes, (("test_top1", "knn_top1"), ("pseudo_acc",), ("aggregation",))):
+            for key in keys:
+                xs, ys = _series(run["metrics"], key)
+                if xs:
+                    ax.plot(
+                        xs, ys, marker="o", ms=3, label=f"{run['name']}: {key}", ls="-" if key != "knn_top1" else "--"
+                    )
+    for ax, title in zip(axes, ("held-out top-1 (classifier) and kNN top-1", "pseudo-label accuracy", "aggregation")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_density(runs, dq, path_scatter, path_hist):
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 4), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        d, q = dq[run["name"]]
+        ok = np.isfinite(d)
+        r = np.corrcoef(d[ok], q[ok])[0, 1] if ok.sum() > 2 and d[ok].std() > 0 and q[ok].std() > 0 else float("nan")
+        ax.scatter(d[ok], q[ok], s=18, alpha=0.8)
+        ax.set_xlabel("D_i: mean density of labeled points of class i")
+        ax.set_ylabel("Q_i: unlabeled examples pseudo-labeled i")
+        ax.set_title(f"{run['name']}  (Pearson r = {r:.2f})", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path_scatter, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    top = max(int(dq[run["name"]][1].max()) for run in runs) + 1
+    bins = np.linspace(0, top, 16)
+    for run in runs:
+        ax.hist(dq[run["name"]][1], bins=bins, alpha=0.55, label=run["name"])
+    ax.set_xlabel("Q_i (pseudo-labeled examples per class)")
+    ax.set_ylabel("classes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path_hist, dpi=110)
+    plt.close(fig)
+
+
+def plot_corr(runs, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for run in runs:
+        xs, ys = _series(run["metrics"], "corr_density_count")
+        ax.plot(xs, ys, marker="o", ms=3, label=run["name"])
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("corr(D_i, Q_i)")
+    ax.set_title("density / pseudo-label count correlation", fontsize=10)
+    if ax.has_data():
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def embedding_map(bank: dict, classes, *, method: str = "pca", per_class: int = 150, seed: int = 0):
+    """2-D coordinates of up to ``per_class`` bank rows of each class in ``classes`` (by
+    stored label), and which of them are labeled. Returns (xy, labels, is_labeled)."""
+    emb, labels = bank["embeddings"].float(), bank["labels"].long()
+    m = int(bank["num_labeled"])
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in classes:
+        rows = torch.nonzero(labels == c).flatten()
+        picked.append(rows[torch.randperm(rows.shape[0], generator=g)[:per_class]])
+    rows = torch.cat(picked)
+    x = emb[rows].double().numpy()
+    if method == "mds":
+        from sklearn.manifold import MDS
+
+        xy = MDS(n_components=2, random_state=seed, n_init=1, init="random").fit_transform(x)
+    else:
+        x = x - x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        xy = x @ vt[:2].T
+    return xy, labels[rows].numpy(), (rows < m).numpy()
+
+
+def plot_embedding_map(bank, path, *, n_classes: int = 4, method: str = "pca"):
+    plt = _plt()
+    labels = bank["labels"].long()
+    present = torch.bincount(labels[labels >= 0])
+    classes = torch.argsort(present, descending=True)[:n_classes].tolist()
+    xy, lab, is_lab = embedding_map(bank, classes, method=method)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    colors = plt.get_cmap("tab10")
+    for n, c in enumerate(classes):
+        sel = (lab == c) & ~is_lab
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=8, alpha=0.5, color=colors(n % 10), label=f"class {c}")
+        sel = (lab == c) & is_lab
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=70, marker="*", color=colors(n % 10), edgecolors="black", linewidths=0.6)
+    ax.set_title(f"bank embeddings ({method.upper()}); stars: labeled points", fontsize=10)
+    ax.legend(fontsize=8, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_aggregation_hist(runs, path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for run in runs:
+        per_class = [r.get("aggregation_per_class") for r in run["metrics"] if r.get("aggregation_per_class")]
+        if per_class:
+            ax.hist(per_class[-1], bins=12, alpha=0.55, label=run["name"])
+    ax.set_xlabel("aggregation: norm of the class-mean embedding")
+    ax.set_ylabel("classes")
+    if ax.has_data():
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_index(out: Path, figures: list[tuple[str, str]], runs) -> Path:
+    items = "\n".join(
+        f'<figure><img src="{html.escape(f)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
+        for f, c in figures
+    )
+    last = "".join(
+        f"<li>{html.escape(r['name'])}: epoch {r['metrics'][-1].get('epoch')}, held-out top-1 "
+        f"{r['metrics'][-1].get('test_top1')}</li>"
+        for r in runs
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>llp_fast run analysis</title>"
+        "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}figure{display:inline-block;"
+        "margin:8px}img{max-width:660px}</style></head><body>"
+        f"<h1>llp_fast run analysis</h1><ul>{last}</ul>{items}</body></html>"
+    )
+    path = out / "index.html"
+    path.write_text(page)
+    return path
+
+
+def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: int = 4) -> list[Path]:
+    """Writes the pictures and index.html; returns the written paths."""
+    runs = [read_run(run_dir)] + ([read_run(compare)] if compare else [])
+    if len(runs) == 2 and runs[0]["name"] == runs[1]["name"]:
+        runs[1]["name"] += " (compare)"
+    out = Path(out) if out else Path(run_dir) / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    plot_curves(runs, out / "curves.png")
+    figures.append(("curves.png", "learning curves"))
+    if any(_series(r["metrics"], "corr_density_count")[0] for r in runs):
+        plot_corr(runs, out / "corr.png")
+        figures.append(("corr.png", "corr(D_i, Q_i) over training (Fig. 3d)"))
+    with_bank = [r for r in runs if r["bank"] is not None]
+    if with_bank:
+        dq = {}
+        for r in with_bank:
+            t = int(r["config"].get("t", 25))
+            tau = float(r["config"].get("tau", 0.07))
+            dq[r["name"]] = class_density_and_counts(r["bank"], t=t, tau=tau)
+        plot_density(with_bank, dq, out / "density.png", out / "q_hist.png")
+        figures += [
+            ("density.png", "D_i against Q_i per class (Fig. 3a/b)"),
+            ("q_hist.png", "histogram of Q_i (Fig. 3c)"),
+        ]
+        plot_embedding_map(with_bank[0]["bank"], out / "embedding_map.png", n_classes=n_classes, method=method)
+        figures.append(("embedding_map.png", f"embedding map of {n_classes} classes (Fig. 2a)"))
+    if any(r.get("aggregation_per_class") for run in runs for r in run["metrics"]):
+        plot_aggregation_hist(runs, out / "aggregation_hist.png")
+        figures.append(("aggregation_hist.png", "per-class aggregation (Fig. 2c)"))
+    index = write_index(out, figures, runs)
+    return [out / f for f, _ in figures] + [index]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="llp-fast-analyze", description="Pictures of a llp-fast-train run.")
+    ap.add_argument("run_dir")
+    ap.add_argument("--compare", help="a second run (e.g. --no-density-weighting) shown beside the first")
+    ap.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
+    ap.add_argument("--map", choices=("pca", "mds"), default="pca", help="2-D embedding map method")
+    ap.add_argument("--classes", type=int, default=4, help="classes in the embedding map")
+    args = ap.parse_args(argv)
+    try:
+        paths = analyze(args.run_dir, compare=args.compare, out=args.out, method=args.map, n_classes=args.classes)
+    except AnalyzeError as e:
+        print(f"llp-fast-analyze: error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""llp-fast-analyze writes valid, non-blank PNGs and an index from a run directory."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llp_fast import MemoryBank
+from llp_fast.analyze import class_density_and_counts, main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _make_run(path, *, density_weighting=True, epochs=3):
+    """A small real run: clustered embeddings pushed through MemoryBank steps."""
+    g = torch.Generator().manual_seed(1)
+    n, s, d = 240, 5, 16
+    y = torch.randint(0, s, (n,), generator=g)
+    centers = torch.nn.functional.normalize(torch.randn(s, d, generator=g), dim=1)
+    x = torch.nn.functional.normalize(centers[y] + 0.4 * torch.randn(n, d, generator=g), dim=1)
+    targets = torch.where(torch.rand(n, generator=g) < 0.15, y, torch.full_like(y, -1))
+    targets[:s] = torch.arange(s)
+    bank = MemoryBank(targets, s, dim=d, seed=0)
+    path.mkdir()
+    with open(path / "metrics.jsonl", "w") as f:
+        for epoch in range(1, epochs + 1):
+            bank.refresh_density(t=5, tau=0.1)
+            for batch in torch.randperm(n, generator=g).split(32):
+                bank.step(batch, x[batch], k=3, tau=0.1, density_weighting=density_weighting)
+            labels, _ = bank.stored(torch.arange(n))
+            unl = targets < 0
+            emb = bank.embeddings[bank.row_of]
+            agg = [float(emb[y == c].mean(0).norm()) for c in range(s)]
+            row = {
+                "epoch": epoch,
+                "test_top1": 0.5 + 0.1 * epoch,
+                "test_top5": 0.9,
+                "knn_top1": 0.45 + 0.1 * epoch,
+                "pseudo_acc": float((labels[unl] == y[unl]).float().mean()),
+                "aggregation": float(np.mean(agg)),
+                "aggregation_per_class": agg,
+                "corr_density_count": 0.3 - 0.1 * epoch,
+            }
+            f.write(json.dumps(row) + "\n")
+    torch.save({"bank": bank.state_dict(), "config": {"t": 5, "tau": 0.1}}, path / "checkpoint.pt")
+    return bank
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG, path
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert img[..., :3].std() > 0.02, f"{path.name} looks blank"
+
+
+def test_analyze_writes_every_picture(tmp_path, capsys):
+    _make_run(tmp_path / "llp")
+    _make_run(tmp_path / "nodw", density_weighting=False)
+    assert main([str(tmp_path / "llp"), "--compare", str(tmp_path / "nodw"), "--out", str(tmp_path / "out")]) == 0
+    names = {"curves.png", "corr.png", "density.png", "q_hist.png", "embedding_map.png", "aggregation_hist.png"}
+    for name in names:
+        _assert_png(tmp_path / "out" / name)
+    index = (tmp_path / "out" / "index.html").read_text()
+    assert all(name in index for name in names)
+    assert str(tmp_path / "out" / "index.html") in capsys.readouterr().out
+
+
+def test_mds_map_and_default_out(tmp_path):
+    _make_run(tmp_path / "run", epochs=1)
+    assert main([str(tmp_path / "run"), "--map", "mds", "--classes", "3"]) == 0
+    _assert_png(tmp_path / "run" / "analysis" / "embedding_map.png")
+
+
+def test_density_and_counts_from_bank(tmp_path):
+    bank = _make_run(tmp_path / "run", epochs=1)
+    d, q = class_density_and_counts(bank.state_dict(), t=5, tau=0.1)
+    m = bank.num_labeled
+    assert q.sum() == int((bank.labels[m:] >= 0).sum())
+    rho = torch.exp(bank.refresh_density(t=5, tau=0.1).double())
+    for c in range(5):
+        want = rho[bank.labeled_classes == c].mean() / rho.max()
+        assert d[c] == pytest.approx(float(want), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "setup,msg",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "metrics.jsonl not found"),
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("{bad")), "is not valid JSON"),
+        (
+            lambda p: (
+                p.mkdir(),
+                (p / "metrics.jsonl").write_text('{"epoch": 1}\n'),
+                (p / "checkpoint.pt").write_bytes(b"garbage"),
+            ),
+            "corrupt checkpoint",
+        ),
+    ],
+)
+def test_bad_run_dir_is_one_line(tmp_path, capsys, setup, msg):
+    setup(tmp_path / "run")
+    assert main([str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
