@@ -1,0 +1,119 @@
+"""Launch plumbing shared by the launchers: device checks, block sizes, split counts.
+
+Launch settings come from a heuristic; ``LLP_FAST_AUTOTUNE=1`` turns on ``triton.autotune``
+over a few configurations instead (see each kernel module).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# Feature widths the kernels hold in one register tile (the whole row of D); above this the
+# launchers return NotImplemented and the op falls back to the reference.
+MAX_D = 256
+# Largest K (or T) of the running top-K buffer.
+MAX_K = 64
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (kernels then run on CPU tensors with NumPy)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("LLP_FAST_AUTOTUNE", "0") == "1" and not interpreting()
+
+
+def launchable(*tensors: torch.Tensor) -> bool:
+    """Triton can run on these tensors: CUDA tensors, or any tensors under the interpreter."""
+    if interpreting():
+        return True
+    return all(t.is_cuda for t in tensors)
+
+
+def supported_embeddings(*tensors: torch.Tensor) -> bool:
+    """float32 / bfloat16 / float16 matrices of one dtype with D <= MAX_D.
+
+    float64 is left to the reference (tensor cores have no float64 path worth a kernel)."""
+    dt = tensors[0].dtype
+    if dt not in (torch.float32, *LOW_PRECISION):
+        return False
+    return all(t.dtype == dt and t.shape[1] <= MAX_D for t in tensors)
+
+
+def rowmajor(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride along D (the kernels take a row stride only)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def block_d(d: int) -> int:
+    # tl.dot needs every block dimension >= 16; padded columns are loaded as zeros.
+    return max(16, triton.next_power_of_2(d))
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are multiplied in full fp32 ("ieee"): tf32 rounds the inputs to 10
+    mantissa bits, enough to reorder near neighbours and break agreement with the reference.
+    The argument is ignored for bf16/fp16, which run on the tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs worth launching to fill the machine: a few waves of the SMs."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 1  # the interpreter runs programs one after another: splitting buys nothing
+
+
+def split_range(n: int, row_blocks: int, block_n: int, device: torch.device, splits: int | None, max_splits=None):
+    """(splits, chunk): the key axis of length ``n`` cut into ``splits`` ranges of ``chunk``
+    keys (a multiple of ``block_n``), so that ``row_blocks * splits`` programs fill the GPU
+    when there are few query rows (the per-step case: a few hundred queries against up to
+    1.3M keys). ``splits`` forces a count (tests use it to exercise the merge)."""
+    if splits is None:
+        splits = max(1, target_programs(device) // max(row_blocks, 1))
+        # Keep each split long enough (>= 4 tiles) that its running top-K pays for itself.
+        splits = min(splits, triton.cdiv(n, 4 * block_n))
+    if max_splits is not None:
+        splits = min(splits, max_splits)
+    splits = max(1, min(splits, triton.cdiv(n, block_n)))
+    chunk = triton.cdiv(triton.cdiv(n, splits), block_n) * block_n
+    return triton.cdiv(n, chunk), chunk
+
+
+def tile_config(dtype: torch.dtype, d: int, k: int = 1, *, block_m=None, block_n=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from a heuristic.
+
+    On the GPU: 64 x 64 score tiles (the top-K merge keeps the whole score tile and a
+    64 x BLOCK_K buffer in registers, which larger tiles would spill); fp32 inputs take
+    smaller key tiles since their D-wide rows are twice the bytes. Under the interpreter the
+    smallest legal tiles, so that tiny test shapes still cross several tiles."""
+    if interpreting():
+        bm, bn, warps, stages = 16, 16, 1, 1
+    else:
+        bm = 64
+        bn = 64 if (dtype in LOW_PRECISION and d <= 128) else 32
+        warps = 4 if k <= 32 else 8
+        stages = 3 if d <= 128 else 2
+    return block_m or bm, block_n or bn, warps, stages
+
+
+def merge_splits(vals: torch.Tensor, idx: torch.Tensor, k: int):
+    """Top-``k`` of each row over the splits' candidates: ``vals``/``idx`` (rows, splits*k)
+    -> (values sorted descending, indices). Small: rows * splits * k entries."""
+    if vals.shape[1] == k:
+        v, j = vals.sort(dim=1, descending=True)
+    else:
+        v, j = vals.topk(k, dim=1)
+    return v, idx.gather(1, j)

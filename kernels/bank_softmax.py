@@ -1,0 +1,253 @@
+"""Fused bank softmax loss (SPEC §1.3, the ``aggregation_loss`` op), forward and backward.
+
+``aggregation_loss_triton`` computes, without the (B, N) logits,
+
+    s = v.float() @ bank.float().T / tau                                  # (B, N), never stored
+    lse_all = torch.logsumexp(s, dim=1)
+    lse_pos = torch.logsumexp(s.masked_fill(bank_labels[None] != targets[:, None], -inf), dim=1)
+    loss = lse_all - lse_pos
+
+and ``aggregation_loss_backward_triton`` the gradient of
+``sum_b coef_all_b * lse_all_b + coef_pos_b * lse_pos_b`` with respect to ``v``:
+
+    p = torch.exp(s - lse_all[:, None]);  q = same * torch.exp(s - lse_pos[:, None])
+    grad_v = (coef_all[:, None] * p + coef_pos[:, None] * q) @ bank.float() / tau
+
+Both stream the bank once per block of batch rows with ``tl.dot`` (the forward keeps two
+online log-sum-exps, the backward recomputes the scores). For the per-step batch (B = 256
+against N up to 1.3M) the bank is split across programs: the forward writes a partial
+log-sum-exp per split (merged with logsumexp), the backward a partial fp32 gradient per
+split (summed); the split count is capped so these buffers stay a few MB.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import (
+    LOW_PRECISION,
+    block_d,
+    input_precision,
+    launchable,
+    rowmajor,
+    split_range,
+    supported_embeddings,
+    tile_config,
+)
+from ._topk import dot, load_cols, load_rows
+
+__all__ = ["aggregation_loss_triton", "aggregation_loss_backward_triton"]
+
+# Cap on the per-split partial gradients of the backward (SPEC §4: extra memory < 16 MB).
+_PARTIAL_BYTES = 8 << 20
+
+
+@triton.jit
+def _online_lse(m, l, s):
+    """One step of a streaming log-sum-exp: running max ``m`` and sum ``l`` of exp(x - m)
+    per row, updated with the tile ``s``. A row still at -inf uses 0 as its shift, so that
+    exp(-inf - -inf) never makes a NaN (rows without a positive yet)."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l = l * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
+    return m_new, l
+
+
+@triton.jit
+def _aggregation_fwd_kernel(
+    v_ptr,
+    bank_ptr,
+    labels_ptr,
+    targets_ptr,
+    lse_all_ptr,
+    lse_pos_ptr,
+    B,
+    N,
+    D,
+    stride_v,
+    stride_bank,
+    inv_tau,
+    chunk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    q = load_rows(v_ptr, rows, row_ok, D, stride_v, BLOCK_D)
+    tgt = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+    n_start = split * chunk
+    n_end = tl.minimum(n_start + chunk, N)
+    m_all = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    m_pos = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_all = tl.zeros((BLOCK_M,), tl.float32)
+    l_pos = tl.zeros((BLOCK_M,), tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < n_end
+        kt = load_cols(bank_ptr, cols, col_ok, D, stride_bank, BLOCK_D)
+        s = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), INPUT_PRECISION) * inv_tau
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        lab = tl.load(labels_ptr + cols.to(tl.int64), mask=col_ok, other=0)
+        same = (lab[None, :] == tgt[:, None]) & col_ok[None, :]
+        m_all, l_all = _online_lse(m_all, l_all, s)
+        m_pos, l_pos = _online_lse(m_pos, l_pos, tl.where(same, s, float("-inf")))
+    out = split.to(tl.int64) * B + rows
+    # log(0) = -inf: an empty range (or no positive in it) contributes nothing to the merge.
+    tl.store(lse_all_ptr + out, m_all + tl.log(l_all), mask=row_ok)
+    tl.store(lse_pos_ptr + out, m_pos + tl.log(l_pos), mask=row_ok)
+
+
+@triton.jit
+def _aggregation_bwd_kernel(
+    v_ptr,
+    bank_ptr,
+    labels_ptr,
+    targets_ptr,
+    lse_all_ptr,
+    lse_pos_ptr,
+    coef_all_ptr,
+    coef_pos_ptr,
+    grad_ptr,
+    B,
+    N,
+    D,
+    stride_v,
+    stride_bank,
+    inv_tau,
+    chunk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    q = load_rows(v_ptr, rows, row_ok, D, stride_v, BLOCK_D)
+    tgt = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+    la = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
+    lp = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
+    ca = tl.load(coef_all_ptr + rows, mask=row_ok, other=0.0)
+    cp = tl.load(coef_pos_ptr + rows, mask=row_ok, other=0.0)
+    n_start = split * chunk
+    n_end = tl.minimum(n_start + chunk, N)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < n_end
+        kt = load_cols(bank_ptr, cols, col_ok, D, stride_bank, BLOCK_D)
+        s = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), INPUT_PRECISION) * inv_tau
+        lab = tl.load(labels_ptr + cols.to(tl.int64), mask=col_ok, other=0)
+        same = (lab[None, :] == tgt[:, None]) & col_ok[None, :]
+        p = tl.exp(s - la[:, None])
+        # where() rather than a product: lse_pos = -inf (no positive) makes exp overflow, but
+        # then no column is a positive and the where never selects it.
+        pq = tl.where(same, tl.exp(s - lp[:, None]), 0.0)
+        w = tl.where(row_ok[:, None] & col_ok[None, :], ca[:, None] * p + cp[:, None] * pq, 0.0)
+        # Second product on the tensor cores in the bank's dtype (as flash-attention does
+        # with P); its rounding is measured against float64 in the tests.
+        acc = dot(w.to(kt.dtype), tl.trans(kt), acc, INPUT_PRECISION)
+    offs_d = tl.arange(0, BLOCK_D)
+    out = (split.to(tl.int64) * B + rows.to(tl.int64))[:, None] * D + offs_d[None, :]
+    tl.store(grad_ptr + out, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+def _prepare(v, bank, block_m, block_n, splits, max_splits=None):
+    q, keys = rowmajor(v), rowmajor(bank)
+    bm, bn, warps, stages = tile_config(q.dtype, q.shape[1], block_m=block_m, block_n=block_n)
+    row_blocks = triton.cdiv(q.shape[0], bm)
+    n_splits, chunk = split_range(keys.shape[0], row_blocks, bn, q.device, splits, max_splits)
+    cfg = dict(
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(q.shape[1]), INPUT_PRECISION=input_precision(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return q, keys, (row_blocks, n_splits), chunk, cfg
+
+
+def _accepts(v, bank):
+    return supported_embeddings(v, bank) and launchable(v, bank)
+
+
+def aggregation_loss_triton(
+    v: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    targets: torch.Tensor,
+    tau: float,
+    *,
+    splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+):
+    """Launcher for ``llp_fast::aggregation_loss``: same arguments as its default body.
+
+    Args:
+        v: (B, D) float32/bfloat16/float16; bank: (N, D) same dtype, D <= 256.
+        bank_labels: (N,) int; targets: (B,) int.
+
+    Returns:
+        (loss, lse_all, lse_pos), each (B,) float32; NotImplemented for float64 or D > 256.
+    """
+    if not _accepts(v, bank):
+        return NotImplemented
+    n_b, dev = v.shape[0], v.device
+    if n_b == 0:
+        return tuple(torch.empty(0, dtype=torch.float32, device=dev) for _ in range(3))
+    q, keys, grid, chunk, cfg = _prepare(v, bank, block_m, block_n, splits)
+    part_all = torch.empty(grid[1], n_b, dtype=torch.float32, device=dev)
+    part_pos = torch.empty_like(part_all)
+    labels = bank_labels.to(torch.int64).contiguous()
+    tgt = targets.to(torch.int64).contiguous()
+    _aggregation_fwd_kernel[grid](
+        q, keys, labels, tgt, part_all, part_pos,
+        n_b, keys.shape[0], q.shape[1], q.stride(0), keys.stride(0), 1.0 / tau, chunk, **cfg,
+    )  # fmt: skip
+    # logsumexp over the splits; a split without positives holds -inf and drops out.
+    lse_all = torch.logsumexp(part_all, dim=0) if grid[1] > 1 else part_all[0]
+    lse_pos = torch.logsumexp(part_pos, dim=0) if grid[1] > 1 else part_pos[0]
+    return lse_all - lse_pos, lse_all, lse_pos
+
+
+def aggregation_loss_backward_triton(
+    v: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    targets: torch.Tensor,
+    lse_all: torch.Tensor,
+    lse_pos: torch.Tensor,
+    coef_all: torch.Tensor,
+    coef_pos: torch.Tensor,
+    tau: float,
+    *,
+    splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+):
+    """Launcher for ``llp_fast::aggregation_loss_backward``: same arguments as its default
+    body. Returns grad_v (B, D) in ``v.dtype``, or NotImplemented for float64 or D > 256."""
+    if not _accepts(v, bank):
+        return NotImplemented
+    n_b, d, dev = v.shape[0], v.shape[1], v.device
+    if n_b == 0:
+        return torch.zeros_like(v)
+    bm = tile_config(v.dtype, d, block_m=block_m)[0]
+    max_splits = max(1, _PARTIAL_BYTES // (4 * d * triton.cdiv(n_b, bm) * bm))
+    q, keys, grid, chunk, cfg = _prepare(v, bank, block_m, block_n, splits, max_splits)
+    part = torch.empty(grid[1], n_b, d, dtype=torch.float32, device=dev)
+    f32 = lambda x: x.to(torch.float32).contiguous()
+    _aggregation_bwd_kernel[grid](
+        q, keys, bank_labels.to(torch.int64).contiguous(), targets.to(torch.int64).contiguous(),
+        f32(lse_all), f32(lse_pos), f32(coef_all), f32(coef_pos), part,
+        n_b, keys.shape[0], d, q.stride(0), keys.stride(0), 1.0 / tau, chunk, **cfg,
+    )  # fmt: skip
+    grad = part[0] if grid[1] == 1 else part.sum(dim=0)
+    return grad.div_(tau).to(v.dtype)
