@@ -132,7 +132,9 @@ def buffer_max(buf_v, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def store_partial(vals_ptr, idx_ptr, buf_v, buf_i, rows, row_ok, split, stride_row, K: tl.constexpr, BLOCK_K: tl.constexpr):
+def store_partial(
+    vals_ptr, idx_ptr, buf_v, buf_i, rows, row_ok, split, stride_row, K: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """Writes a split's K candidates of each row to ``vals[row, split*K : split*K + K]``
     (and their indices), for the merge of the split ranges on the host side."""
     slots = tl.arange(0, BLOCK_K)

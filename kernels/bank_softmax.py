@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from ._launch import (
-    LOW_PRECISION,
     block_d,
     input_precision,
     launchable,
@@ -45,14 +44,14 @@ _PARTIAL_BYTES = 8 << 20
 
 
 @triton.jit
-def _online_lse(m, l, s):
-    """One step of a streaming log-sum-exp: running max ``m`` and sum ``l`` of exp(x - m)
+def _online_lse(m, acc, s):
+    """One step of a streaming log-sum-exp: running max ``m`` and sum ``acc`` of exp(x - m)
     per row, updated with the tile ``s``. A row still at -inf uses 0 as its shift, so that
     exp(-inf - -inf) never makes a NaN (rows without a positive yet)."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l = l * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
-    return m_new, l
+    acc = acc * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
+    return m_new, acc
 
 
 @triton.jit

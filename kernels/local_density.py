@@ -75,7 +75,8 @@ def _local_density_kernel(
         top = buffer_max(buf_v, T, BLOCK_K)
         top = tl.where(top == float("-inf"), 0.0, top)  # padding rows past M: keep them NaN-free
         w = tl.where((slots[None, :] < T) & (buf_i >= 0), tl.exp(buf_v - top[:, None]), 0.0)
-        tl.store(out_ptr + rows, top + tl.log(tl.sum(w, axis=1)), mask=row_ok)
+        total = tl.sum(w, axis=1)  # >= 1 on real rows (the maximum's own term)
+        tl.store(out_ptr + rows, top + tl.log(tl.where(total > 0, total, 1.0)), mask=row_ok)
     else:
         store_partial(vals_ptr, idx_ptr, buf_v, buf_i, rows, row_ok, split, stride_part, T, BLOCK_K)
 
