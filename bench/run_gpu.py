@@ -1,0 +1,122 @@
+"""Everything a GPU session runs for the Triton kernels, in one call (SPEC §4, issue 3):
+
+    python bench/run_gpu.py                  # tests on the GPU, then all benchmarks
+    python bench/run_gpu.py --quick          # per-step shapes only (a minute or two)
+
+1. correctness: the kernel tests (``tests/test_kernels_*.py``, the ``cuda``-marked realistic
+   shapes included) run on the GPU, not the interpreter;
+2. timing: ``bench_propagate``, ``bench_local_density`` and ``bench_aggregation_loss`` (each
+   checks its providers against the reference before timing) on the step, sweep and
+   ImageNet shapes;
+3. a short table of the SPEC §4 ratios (triton vs naive, vs mm_only, vs one read of the
+   bank, extra memory) to ``$OUT/summary.md`` when ``$OUT`` is set (else bench/results),
+   beside the JSON rows.
+
+Meant to fit in one 10-minute call: slow baselines stop after ``--max-seconds`` of runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+import common  # noqa: E402
+
+
+def run_tests(timeout: float) -> int:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("TRITON_INTERPRET", None)  # compiled kernels on the GPU
+    tests = sorted(str(p) for p in (ROOT / "tests").glob("test_kernels_*.py"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    print("$", " ".join(cmd), flush=True)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        print(f"tests timed out after {timeout:.0f} s")
+        return 124
+
+
+def ratios(rows) -> list[str]:
+    """SPEC §4's bars, one line per (op, shape, dtype) that has a triton row."""
+    by = {}
+    for r in rows:
+        by.setdefault((r.op, r.shape, r.dtype), {})[r.provider] = r
+    lines = ["| op | shape | dtype | triton ms | vs naive (bar >= 10x) | vs mm_only (bar >= 1x) | notes |",
+             "|---|---|---|---:|---:|---:|---|"]  # fmt: skip
+    for (op, shape, dtype), p in by.items():
+        if "triton" not in p:
+            continue
+        t = p["triton"].median_ms
+        vs = lambda name: f"{p[name].median_ms / t:.2f}x" if name in p else "-"  # noqa: B023
+        notes = [f"{p['triton'].extra.get('tflops', '')} TFLOP/s"]
+        if "bank_read" in p:
+            notes.append(f"{t / p['bank_read'].median_ms:.2f}x one bank read (bar <= 3x)")
+        if "extra_mb" in p["triton"].extra:
+            notes.append(f"extra {p['triton'].extra['extra_mb']} MB (bar < 16)")
+        lines.append(f"| {op} | {shape} | {dtype} | {t:.3f} | {vs('naive')} | {vs('mm_only')} | {'; '.join(notes)} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="per-step shapes only")
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--ops", default="propagate,local_density,aggregation_loss")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--max-seconds", type=float, default=6.0)
+    p.add_argument("--dtypes", default="bfloat16")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("run_gpu.py needs a CUDA GPU; on CPU run bench/bench_<op>.py directly", file=sys.stderr)
+        return 2
+    out = Path(os.environ.get("OUT") or common.RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    status = 0 if args.skip_tests else run_tests(timeout=240)
+    print(f"tests: exit {status} ({time.time() - t0:.0f} s)", flush=True)
+
+    import bench_aggregation_loss
+    import bench_local_density
+    import bench_propagate
+
+    modules = {"propagate": bench_propagate, "local_density": bench_local_density,
+               "aggregation_loss": bench_aggregation_loss}  # fmt: skip
+    shapes = "step" if args.quick else "step,sweep,imagenet"
+    rows = []
+    for name in args.ops.split(","):
+        t1 = time.time()
+        argv_b = ["--shapes", shapes, "--reps", str(args.reps), "--max-seconds", str(args.max_seconds),
+                  "--dtypes", args.dtypes, "--out", str(out)]  # fmt: skip
+        try:
+            rows += modules[name].main(argv_b)
+        except Exception as exc:  # keep going: one op's failure must not hide the others' numbers
+            print(f"{name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+            status = status or 1
+        print(f"{name}: {time.time() - t1:.0f} s", flush=True)
+
+    head = [
+        f"# Triton kernels on {common.device_name()}",
+        f"torch {torch.__version__}, triton {common.triton_version()}, commit {common.git_commit()}",
+        f"tests exit status: {status}; command: python bench/run_gpu.py {' '.join(argv or sys.argv[1:])}",
+        "",
+    ]
+    text = "\n".join(head + ratios(rows) + ["", common.table(rows)]) + "\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+    print(f"wrote {out / 'summary.md'} ({time.time() - t0:.0f} s in all)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
