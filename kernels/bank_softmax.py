@@ -29,7 +29,10 @@ import triton.language as tl
 from ._launch import (
     block_d,
     input_precision,
+    interpreting,
+    launch,
     launchable,
+    maybe_autotune,
     rowmajor,
     split_range,
     supported_embeddings,
@@ -160,16 +163,21 @@ def _aggregation_bwd_kernel(
     tl.store(grad_ptr + out, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
-def _prepare(v, bank, block_m, block_n, splits, max_splits=None):
+_fwd_tuned = maybe_autotune(_aggregation_fwd_kernel, key=["D"])
+_bwd_tuned = maybe_autotune(_aggregation_bwd_kernel, key=["D"])
+
+
+def _prepare(v, bank, block_m, block_n, splits, max_splits=None, *, backward=False):
     q, keys = rowmajor(v), rowmajor(bank)
     bm, bn, warps, stages = tile_config(q.dtype, q.shape[1], block_m=block_m, block_n=block_n)
+    if backward and not interpreting():
+        # The backward also holds a (BLOCK_M, D) fp32 gradient accumulator: 8 warps keep
+        # it, the query block and the score tile in registers without spilling.
+        warps = 8
     row_blocks = triton.cdiv(q.shape[0], bm)
     n_splits, chunk = split_range(keys.shape[0], row_blocks, bn, q.device, splits, max_splits)
-    cfg = dict(
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(q.shape[1]), INPUT_PRECISION=input_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    return q, keys, (row_blocks, n_splits), chunk, cfg
+    consts = dict(BLOCK_M=bm, BLOCK_D=block_d(q.shape[1]), INPUT_PRECISION=input_precision(q.dtype))
+    return q, keys, (row_blocks, n_splits), chunk, (consts, bn, warps, stages)
 
 
 def _accepts(v, bank):
@@ -206,10 +214,9 @@ def aggregation_loss_triton(
     part_pos = torch.empty_like(part_all)
     labels = bank_labels.to(torch.int64).contiguous()
     tgt = targets.to(torch.int64).contiguous()
-    _aggregation_fwd_kernel[grid](
-        q, keys, labels, tgt, part_all, part_pos,
-        n_b, keys.shape[0], q.shape[1], q.stride(0), keys.stride(0), 1.0 / tau, chunk, **cfg,
-    )  # fmt: skip
+    args = (q, keys, labels, tgt, part_all, part_pos, n_b, keys.shape[0], q.shape[1], q.stride(0), keys.stride(0),
+            1.0 / tau, chunk)  # fmt: skip
+    launch(_fwd_tuned, grid, args, *cfg)
     # logsumexp over the splits; a split without positives holds -inf and drops out.
     lse_all = torch.logsumexp(part_all, dim=0) if grid[1] > 1 else part_all[0]
     lse_pos = torch.logsumexp(part_pos, dim=0) if grid[1] > 1 else part_pos[0]
@@ -240,13 +247,14 @@ def aggregation_loss_backward_triton(
         return torch.zeros_like(v)
     bm = tile_config(v.dtype, d, block_m=block_m)[0]
     max_splits = max(1, _PARTIAL_BYTES // (4 * d * triton.cdiv(n_b, bm) * bm))
-    q, keys, grid, chunk, cfg = _prepare(v, bank, block_m, block_n, splits, max_splits)
+    q, keys, grid, chunk, cfg = _prepare(v, bank, block_m, block_n, splits, max_splits, backward=True)
     part = torch.empty(grid[1], n_b, d, dtype=torch.float32, device=dev)
     f32 = lambda x: x.to(torch.float32).contiguous()
-    _aggregation_bwd_kernel[grid](
+    args = (
         q, keys, bank_labels.to(torch.int64).contiguous(), targets.to(torch.int64).contiguous(),
         f32(lse_all), f32(lse_pos), f32(coef_all), f32(coef_pos), part,
-        n_b, keys.shape[0], d, q.stride(0), keys.stride(0), 1.0 / tau, chunk, **cfg,
+        n_b, keys.shape[0], d, q.stride(0), keys.stride(0), 1.0 / tau, chunk,
     )  # fmt: skip
+    launch(_bwd_tuned, grid, args, *cfg)
     grad = part[0] if grid[1] == 1 else part.sum(dim=0)
     return grad.div_(tau).to(v.dtype)

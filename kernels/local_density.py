@@ -21,7 +21,9 @@ from ._launch import (
     MAX_K,
     block_d,
     input_precision,
+    launch,
     launchable,
+    maybe_autotune,
     merge_splits,
     rowmajor,
     split_range,
@@ -81,6 +83,9 @@ def _local_density_kernel(
         store_partial(vals_ptr, idx_ptr, buf_v, buf_i, rows, row_ok, split, stride_part, T, BLOCK_K)
 
 
+_local_density_kernel_tuned = maybe_autotune(_local_density_kernel, key=["D", "T", "HAS_MASK", "REDUCE"])
+
+
 def local_density_triton(
     labeled: torch.Tensor,
     bank: torch.Tensor,
@@ -122,13 +127,15 @@ def local_density_triton(
     else:
         vals = torch.empty(n_q, n_splits * t, dtype=torch.float32, device=dev)
         idx = torch.empty(n_q, n_splits * t, dtype=torch.int64, device=dev)
-    _local_density_kernel[(row_blocks, n_splits)](
+    args = (
         q, keys, mask if mask is not None else q, out, vals, idx,
         n_q, n_k, d, q.stride(0), keys.stride(0), n_splits * t, 1.0 / tau, chunk,
-        T=t, HAS_MASK=mask is not None, REDUCE=reduce_here,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_K=max(16, triton.next_power_of_2(t)),
-        INPUT_PRECISION=input_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    consts = dict(
+        T=t, HAS_MASK=mask is not None, REDUCE=reduce_here, BLOCK_M=bm, BLOCK_D=block_d(d),
+        BLOCK_K=max(16, triton.next_power_of_2(t)), INPUT_PRECISION=input_precision(q.dtype),
+    )  # fmt: skip
+    launch(_local_density_kernel_tuned, (row_blocks, n_splits), args, consts, bn, warps, stages)
     if reduce_here:
         return out
     top, _ = merge_splits(vals, idx, t)

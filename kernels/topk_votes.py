@@ -26,7 +26,9 @@ from ._launch import (
     MAX_K,
     block_d,
     input_precision,
+    launch,
     launchable,
+    maybe_autotune,
     merge_splits,
     rowmajor,
     split_range,
@@ -111,6 +113,9 @@ def _propagate_kernel(
         store_partial(vals_ptr, idx_ptr, buf_v, buf_i, rows, row_ok, split, stride_part, K, BLOCK_K)
 
 
+_propagate_kernel_tuned = maybe_autotune(_propagate_kernel, key=["D", "K", "VOTE"])
+
+
 def _launch(queries, labeled, classes, log_rho, k, tau, *, vote, splits, block_m, block_n):
     """Runs the kernel; returns (True, (labels, conf)) when the vote ran in the kernel, else
     (False, (vals, idx)): the splits' candidates, each (Q, splits*k)."""
@@ -130,14 +135,16 @@ def _launch(queries, labeled, classes, log_rho, k, tau, *, vote, splits, block_m
         vals = torch.empty(n_q, n_splits * k, dtype=torch.float32, device=dev)
         idx = torch.empty(n_q, n_splits * k, dtype=torch.int64, device=dev)
         labels = conf = vals
-    _propagate_kernel[(row_blocks, n_splits)](
+    args = (
         q, keys, bias if bias is not None else q, classes if classes is not None else idx,
         labels, conf, vals, idx,
         n_q, n_k, d, q.stride(0), keys.stride(0), n_splits * k, 1.0 / tau, chunk,
-        K=k, HAS_BIAS=bias is not None, VOTE=vote_here,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d), BLOCK_K=max(16, triton.next_power_of_2(k)),
-        INPUT_PRECISION=input_precision(q.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    consts = dict(
+        K=k, HAS_BIAS=bias is not None, VOTE=vote_here, BLOCK_M=bm, BLOCK_D=block_d(d),
+        BLOCK_K=max(16, triton.next_power_of_2(k)), INPUT_PRECISION=input_precision(q.dtype),
+    )  # fmt: skip
+    launch(_propagate_kernel_tuned, (row_blocks, n_splits), args, consts, bn, warps, stages)
     return vote_here, (labels, conf) if vote_here else (vals, idx)
 
 
