@@ -34,6 +34,7 @@ import common  # noqa: E402
 def run_tests(timeout: float) -> int:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop("TRITON_INTERPRET", None)  # compiled kernels on the GPU
+    env.pop("LLP_FAST_AUTOTUNE", None)  # correctness of the heuristic settings
     tests = sorted(str(p) for p in (ROOT / "tests").glob("test_kernels_*.py"))
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     print("$", " ".join(cmd), flush=True)
@@ -73,7 +74,11 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=6.0)
     p.add_argument("--dtypes", default="bfloat16")
+    p.add_argument("--autotune", action="store_true", help="time the kernels with LLP_FAST_AUTOTUNE=1")
     args = p.parse_args(argv)
+    if args.autotune:
+        # Read when llp_fast.kernels is first imported, which happens at the first kernel call.
+        os.environ["LLP_FAST_AUTOTUNE"] = "1"
 
     import torch
 

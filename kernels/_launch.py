@@ -120,28 +120,33 @@ def merge_splits(vals: torch.Tensor, idx: torch.Tensor, k: int):
 
 
 def maybe_autotune(kernel, key: list[str]):
-    """``kernel`` wrapped in ``triton.autotune`` over key-tile width, warps and stages when
+    """``kernel`` wrapped in ``triton.autotune`` over tile shape, warps and stages when
     ``LLP_FAST_AUTOTUNE=1`` (decided at import), else ``kernel`` itself.
 
-    BLOCK_M stays with the heuristic: the grid, the split ranges and the partial buffers are
-    sized from it on the host. Split ranges are multiples of the heuristic BLOCK_N; a tuned
-    BLOCK_N that does not divide them is still correct (the last tile of a range is masked).
-    Every kernel overwrites its outputs, so the tuner's repeated launches are harmless."""
+    Host-side sizes do not depend on the tuned values: the grid's row axis follows the tuned
+    BLOCK_M, split ranges are multiples of the heuristic BLOCK_N (a tuned BLOCK_N that does
+    not divide them is still correct: the last tile of a range is masked), partial buffers
+    are sized by rows and splits only. Every kernel overwrites its outputs, so the tuner's
+    repeated launches are harmless."""
     if not autotune_enabled():
         return kernel
     configs = [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
         for bn in (32, 64, 128)
         for w in (4, 8)
-        for s in (2, 3, 4)
+        for s in (2, 3)
     ]
     return triton.autotune(configs=configs, key=key)(kernel)
 
 
-def launch(kernel, grid, args, consts: dict, block_n: int, warps: int, stages: int):
-    """Launches a kernel made by :func:`maybe_autotune`, passing the heuristic settings
-    only when they are not being tuned."""
+def launch(kernel, n_rows: int, n_splits: int, args, consts: dict, tiles: tuple[int, int, int, int]):
+    """Launches a kernel made by :func:`maybe_autotune` on a (row blocks, splits) grid,
+    passing the heuristic ``tiles`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) only when
+    they are not being tuned."""
     if isinstance(kernel, triton.runtime.Autotuner):
-        kernel[grid](*args, **consts)
+        kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), n_splits)](*args, **consts)
     else:
-        kernel[grid](*args, **consts, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        bm, bn, warps, stages = tiles
+        grid = (triton.cdiv(n_rows, bm), n_splits)
+        kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)

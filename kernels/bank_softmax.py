@@ -99,7 +99,10 @@ def _aggregation_fwd_kernel(
         lab = tl.load(labels_ptr + cols.to(tl.int64), mask=col_ok, other=0)
         same = (lab[None, :] == tgt[:, None]) & col_ok[None, :]
         m_all, l_all = _online_lse(m_all, l_all, s)
-        m_pos, l_pos = _online_lse(m_pos, l_pos, tl.where(same, s, float("-inf")))
+        # Positives are rare (one class among ~1000, or a row's own instance id), so most
+        # tiles skip the second exp pass entirely: the exps, not the dot, bound this loop.
+        if tl.max(same.to(tl.int32)) > 0:
+            m_pos, l_pos = _online_lse(m_pos, l_pos, tl.where(same, s, float("-inf")))
     out = split.to(tl.int64) * B + rows
     # log(0) = -inf: an empty range (or no positive in it) contributes nothing to the merge.
     tl.store(lse_all_ptr + out, m_all + tl.log(l_all), mask=row_ok)
@@ -150,11 +153,13 @@ def _aggregation_bwd_kernel(
         s = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), INPUT_PRECISION) * inv_tau
         lab = tl.load(labels_ptr + cols.to(tl.int64), mask=col_ok, other=0)
         same = (lab[None, :] == tgt[:, None]) & col_ok[None, :]
-        p = tl.exp(s - la[:, None])
-        # where() rather than a product: lse_pos = -inf (no positive) makes exp overflow, but
-        # then no column is a positive and the where never selects it.
-        pq = tl.where(same, tl.exp(s - lp[:, None]), 0.0)
-        w = tl.where(row_ok[:, None] & col_ok[None, :], ca[:, None] * p + cp[:, None] * pq, 0.0)
+        w = ca[:, None] * tl.exp(s - la[:, None])
+        # Positives are rare: most tiles skip their exp pass (see the forward).
+        if tl.max(same.to(tl.int32)) > 0:
+            # where() rather than a product: lse_pos = -inf (no positive) makes exp overflow,
+            # but then no column is a positive and the where never selects it.
+            w += tl.where(same, cp[:, None] * tl.exp(s - lp[:, None]), 0.0)
+        w = tl.where(row_ok[:, None] & col_ok[None, :], w, 0.0)
         # Second product on the tensor cores in the bank's dtype (as flash-attention does
         # with P); its rounding is measured against float64 in the tests.
         acc = dot(w.to(kt.dtype), tl.trans(kt), acc, INPUT_PRECISION)
@@ -170,14 +175,18 @@ _bwd_tuned = maybe_autotune(_aggregation_bwd_kernel, key=["D"])
 def _prepare(v, bank, block_m, block_n, splits, max_splits=None, *, backward=False):
     q, keys = rowmajor(v), rowmajor(bank)
     bm, bn, warps, stages = tile_config(q.dtype, q.shape[1], block_m=block_m, block_n=block_n)
-    if backward and not interpreting():
-        # The backward also holds a (BLOCK_M, D) fp32 gradient accumulator: 8 warps keep
-        # it, the query block and the score tile in registers without spilling.
+    if not interpreting():
+        # From ptxas resource usage at D = 128 on sm_90 (tests/_compile_kernels.py): with 4
+        # warps both kernels sit at 224-255 registers and the backward spills; 8 warps, and
+        # 32-wide key tiles for the backward (which also holds a (BLOCK_M, D) fp32
+        # gradient), bring them to 139 / 221 registers without spills.
         warps = 8
+        if backward and block_n is None:
+            bn = 32
     row_blocks = triton.cdiv(q.shape[0], bm)
     n_splits, chunk = split_range(keys.shape[0], row_blocks, bn, q.device, splits, max_splits)
-    consts = dict(BLOCK_M=bm, BLOCK_D=block_d(q.shape[1]), INPUT_PRECISION=input_precision(q.dtype))
-    return q, keys, (row_blocks, n_splits), chunk, (consts, bn, warps, stages)
+    consts = dict(BLOCK_D=block_d(q.shape[1]), INPUT_PRECISION=input_precision(q.dtype))
+    return q, keys, n_splits, chunk, (consts, (bm, bn, warps, stages))
 
 
 def _accepts(v, bank):
@@ -209,17 +218,17 @@ def aggregation_loss_triton(
     n_b, dev = v.shape[0], v.device
     if n_b == 0:
         return tuple(torch.empty(0, dtype=torch.float32, device=dev) for _ in range(3))
-    q, keys, grid, chunk, cfg = _prepare(v, bank, block_m, block_n, splits)
-    part_all = torch.empty(grid[1], n_b, dtype=torch.float32, device=dev)
+    q, keys, n_splits, chunk, cfg = _prepare(v, bank, block_m, block_n, splits)
+    part_all = torch.empty(n_splits, n_b, dtype=torch.float32, device=dev)
     part_pos = torch.empty_like(part_all)
     labels = bank_labels.to(torch.int64).contiguous()
     tgt = targets.to(torch.int64).contiguous()
     args = (q, keys, labels, tgt, part_all, part_pos, n_b, keys.shape[0], q.shape[1], q.stride(0), keys.stride(0),
             1.0 / tau, chunk)  # fmt: skip
-    launch(_fwd_tuned, grid, args, *cfg)
+    launch(_fwd_tuned, n_b, n_splits, args, *cfg)
     # logsumexp over the splits; a split without positives holds -inf and drops out.
-    lse_all = torch.logsumexp(part_all, dim=0) if grid[1] > 1 else part_all[0]
-    lse_pos = torch.logsumexp(part_pos, dim=0) if grid[1] > 1 else part_pos[0]
+    lse_all = torch.logsumexp(part_all, dim=0) if n_splits > 1 else part_all[0]
+    lse_pos = torch.logsumexp(part_pos, dim=0) if n_splits > 1 else part_pos[0]
     return lse_all - lse_pos, lse_all, lse_pos
 
 
@@ -245,16 +254,15 @@ def aggregation_loss_backward_triton(
     n_b, d, dev = v.shape[0], v.shape[1], v.device
     if n_b == 0:
         return torch.zeros_like(v)
-    bm = tile_config(v.dtype, d, block_m=block_m)[0]
-    max_splits = max(1, _PARTIAL_BYTES // (4 * d * triton.cdiv(n_b, bm) * bm))
-    q, keys, grid, chunk, cfg = _prepare(v, bank, block_m, block_n, splits, max_splits, backward=True)
-    part = torch.empty(grid[1], n_b, d, dtype=torch.float32, device=dev)
+    max_splits = max(1, _PARTIAL_BYTES // (4 * d * n_b))
+    q, keys, n_splits, chunk, cfg = _prepare(v, bank, block_m, block_n, splits, max_splits, backward=True)
+    part = torch.empty(n_splits, n_b, d, dtype=torch.float32, device=dev)
     f32 = lambda x: x.to(torch.float32).contiguous()
     args = (
         q, keys, bank_labels.to(torch.int64).contiguous(), targets.to(torch.int64).contiguous(),
         f32(lse_all), f32(lse_pos), f32(coef_all), f32(coef_pos), part,
         n_b, keys.shape[0], d, q.stride(0), keys.stride(0), 1.0 / tau, chunk,
     )  # fmt: skip
-    launch(_bwd_tuned, grid, args, *cfg)
-    grad = part[0] if grid[1] == 1 else part.sum(dim=0)
+    launch(_bwd_tuned, n_b, n_splits, args, *cfg)
+    grad = part[0] if n_splits == 1 else part.sum(dim=0)
     return grad.div_(tau).to(v.dtype)

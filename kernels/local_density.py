@@ -132,10 +132,10 @@ def local_density_triton(
         n_q, n_k, d, q.stride(0), keys.stride(0), n_splits * t, 1.0 / tau, chunk,
     )  # fmt: skip
     consts = dict(
-        T=t, HAS_MASK=mask is not None, REDUCE=reduce_here, BLOCK_M=bm, BLOCK_D=block_d(d),
+        T=t, HAS_MASK=mask is not None, REDUCE=reduce_here, BLOCK_D=block_d(d),
         BLOCK_K=max(16, triton.next_power_of_2(t)), INPUT_PRECISION=input_precision(q.dtype),
     )  # fmt: skip
-    launch(_local_density_kernel_tuned, (row_blocks, n_splits), args, consts, bn, warps, stages)
+    launch(_local_density_kernel_tuned, n_q, n_splits, args, consts, (bm, bn, warps, stages))
     if reduce_here:
         return out
     top, _ = merge_splits(vals, idx, t)

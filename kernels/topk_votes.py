@@ -141,10 +141,10 @@ def _launch(queries, labeled, classes, log_rho, k, tau, *, vote, splits, block_m
         n_q, n_k, d, q.stride(0), keys.stride(0), n_splits * k, 1.0 / tau, chunk,
     )  # fmt: skip
     consts = dict(
-        K=k, HAS_BIAS=bias is not None, VOTE=vote_here, BLOCK_M=bm, BLOCK_D=block_d(d),
+        K=k, HAS_BIAS=bias is not None, VOTE=vote_here, BLOCK_D=block_d(d),
         BLOCK_K=max(16, triton.next_power_of_2(k)), INPUT_PRECISION=input_precision(q.dtype),
     )  # fmt: skip
-    launch(_propagate_kernel_tuned, (row_blocks, n_splits), args, consts, bn, warps, stages)
+    launch(_propagate_kernel_tuned, n_q, n_splits, args, consts, (bm, bn, warps, stages))
     return vote_here, (labels, conf) if vote_here else (vals, idx)
 
 
