@@ -92,19 +92,28 @@ def split_range(n: int, row_blocks: int, block_n: int, device: torch.device, spl
     return triton.cdiv(n, chunk), chunk
 
 
-def tile_config(dtype: torch.dtype, d: int, k: int = 1, *, block_m=None, block_n=None):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) from a heuristic.
+def tile_config(dtype: torch.dtype, d: int, k: int = 1, n_rows: int | None = None, *, block_m=None, block_n=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the top-K kernels, from a heuristic.
 
-    On the GPU: 64 x 64 score tiles (the top-K merge keeps the whole score tile and a
-    64 x BLOCK_K buffer in registers, which larger tiles would spill); fp32 inputs take
-    smaller key tiles since their D-wide rows are twice the bytes. Under the interpreter the
-    smallest legal tiles, so that tiny test shapes still cross several tiles."""
+    GPU, bf16/fp16 at D <= 128: 128 x 64 score tiles on 8 warps. Every row block streams
+    all the keys, so the key traffic from L2 is (Q / BLOCK_M) * M * D * 2 bytes: at the
+    ImageNet shape 660 GB with BLOCK_M = 64 (about the time of the matmul itself at L2
+    bandwidth), half that with 128. ptxas (sm_90, tests/_compile_kernels.py) gives 127
+    registers for K = 10, 167 for T = 25 and 244 for K = 64 at this shape, without spills.
+    Fewer rows than a block: the block shrinks to the next power of two (>= 16, the
+    smallest tl.dot). fp32 (FMA, no tensor cores) and D > 128: 64 x 32 tiles on 4 warps.
+
+    Under the interpreter the smallest legal tiles, so that tiny test shapes still cross
+    several tiles."""
     if interpreting():
         bm, bn, warps, stages = 16, 16, 1, 1
     else:
-        bm = 64
-        bn = 64 if (dtype in LOW_PRECISION and d <= 128) else 32
-        warps = 4 if k <= 32 else 8
+        if dtype in LOW_PRECISION and d <= 128:
+            bm, bn, warps = 128, 64, 8
+        else:
+            bm, bn, warps = 64, 32, 4 if k <= 32 else 8
+        if n_rows is not None:
+            bm = min(bm, max(16, triton.next_power_of_2(n_rows)))
         stages = 3 if d <= 128 else 2
     return block_m or bm, block_n or bn, warps, stages
 

@@ -102,8 +102,7 @@ def stream_topk(
         if HAS_MASK:
             col_ok = col_ok & (tl.load(mask_ptr + cols64, mask=col_ok, other=0) != 0)
         s = tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
-        # Only scores above the row's K-th best can enter; most tiles stop at this test.
-        s = tl.where(s > thr[:, None], s, float("-inf"))
+        # Only a score above its row's K-th best can enter: most tiles stop at this test.
         cmax = tl.max(s, axis=1)
         go = tl.max((cmax > thr).to(tl.int32), axis=0) > 0
         while go:

@@ -174,15 +174,15 @@ _bwd_tuned = maybe_autotune(_aggregation_bwd_kernel, key=["D"])
 
 def _prepare(v, bank, block_m, block_n, splits, max_splits=None, *, backward=False):
     q, keys = rowmajor(v), rowmajor(bank)
-    bm, bn, warps, stages = tile_config(q.dtype, q.shape[1], block_m=block_m, block_n=block_n)
+    bm, bn, warps, stages = tile_config(q.dtype, q.shape[1], 1, q.shape[0], block_m=block_m, block_n=block_n)
     if not interpreting():
-        # From ptxas resource usage at D = 128 on sm_90 (tests/_compile_kernels.py): with 4
-        # warps both kernels sit at 224-255 registers and the backward spills; 8 warps, and
-        # 32-wide key tiles for the backward (which also holds a (BLOCK_M, D) fp32
-        # gradient), bring them to 139 / 221 registers without spills.
+        # From ptxas resource usage at D = 128 on sm_90 (tests/_compile_kernels.py): 64-row
+        # blocks (the bank is split across programs, so few rows per block are fine), 8
+        # warps, 32-wide key tiles for the backward (which also holds a (BLOCK_M, D) fp32
+        # gradient): 139 / 221 registers without spills, where 4 warps spilled.
+        bm = block_m or min(bm, 64)
+        bn = block_n or (32 if backward else bn)  # bn: 64 for bf16/fp16, 32 for fp32 (FMA dots)
         warps = 8
-        if backward and block_n is None:
-            bn = 32
     row_blocks = triton.cdiv(q.shape[0], bm)
     n_splits, chunk = split_range(keys.shape[0], row_blocks, bn, q.device, splits, max_splits)
     consts = dict(BLOCK_D=block_d(q.shape[1]), INPUT_PRECISION=input_precision(q.dtype))

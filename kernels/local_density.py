@@ -115,7 +115,7 @@ def local_density_triton(
     dev = q.device
     if n_q == 0:
         return torch.empty(0, dtype=torch.float32, device=dev)
-    bm, bn, warps, stages = tile_config(q.dtype, d, t, block_m=block_m, block_n=block_n)
+    bm, bn, warps, stages = tile_config(q.dtype, d, t, n_q, block_m=block_m, block_n=block_n)
     row_blocks = triton.cdiv(n_q, bm)
     n_splits, chunk = split_range(n_k, row_blocks, bn, dev, splits)
     reduce_here = n_splits == 1

@@ -121,7 +121,7 @@ def _launch(queries, labeled, classes, log_rho, k, tau, *, vote, splits, block_m
     (False, (vals, idx)): the splits' candidates, each (Q, splits*k)."""
     q, keys = rowmajor(queries), rowmajor(labeled)
     n_q, n_k, d = q.shape[0], keys.shape[0], q.shape[1]
-    bm, bn, warps, stages = tile_config(q.dtype, d, k, block_m=block_m, block_n=block_n)
+    bm, bn, warps, stages = tile_config(q.dtype, d, k, n_q, block_m=block_m, block_n=block_n)
     row_blocks = triton.cdiv(n_q, bm)
     n_splits, chunk = split_range(n_k, row_blocks, bn, q.device, splits)
     vote_here = vote and n_splits == 1

@@ -47,7 +47,7 @@ def variants():
     for dtype in (torch.bfloat16, torch.float32):
         dt = DT[str(dtype)[6:]]
         for k, vote in ((10, True), (64, False)):
-            bm, bn, warps, stages = _launch.tile_config(dtype, 128, k)
+            bm, bn, warps, stages = _launch.tile_config(dtype, 128, k, 1 << 20)
             sig = dict(
                 q_ptr=f"*{dt}", k_ptr=f"*{dt}", bias_ptr="*fp32", cls_ptr="*i64", labels_ptr="*i64",
                 conf_ptr="*fp32", vals_ptr="*fp32", idx_ptr="*i64", Q="i32", M="i32", D="i32", stride_q="i32",
@@ -57,7 +57,7 @@ def variants():
                          BLOCK_K=max(16, triton.next_power_of_2(k)), INPUT_PRECISION=_precision(dt))  # fmt: skip
             yield f"propagate {dt} K={k} vote={vote}", topk_votes._propagate_kernel, sig, const, (warps, stages)
         for t, reduce_ in ((25, True), (64, False)):
-            bm, bn, warps, stages = _launch.tile_config(dtype, 128, t)
+            bm, bn, warps, stages = _launch.tile_config(dtype, 128, t, 1 << 20)
             sig = dict(
                 q_ptr=f"*{dt}", k_ptr=f"*{dt}", mask_ptr="*u8", out_ptr="*fp32", vals_ptr="*fp32", idx_ptr="*i64",
                 M="i32", N="i32", D="i32", stride_q="i32", stride_k="i32", stride_part="i32", inv_tau="fp32",
@@ -67,8 +67,8 @@ def variants():
                          BLOCK_K=max(16, triton.next_power_of_2(t)), INPUT_PRECISION=_precision(dt))  # fmt: skip
             yield f"local_density {dt} T={t} reduce={reduce_}", local_density._local_density_kernel, sig, const, (
                 warps, stages)  # fmt: skip
-        bm, bn, warps, stages = _launch.tile_config(dtype, 128)
-        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, INPUT_PRECISION=_precision(dt))
+        stages = _launch.tile_config(dtype, 128)[3]
+        const = dict(BLOCK_M=64, BLOCK_N=64 if dt == "bf16" else 32, BLOCK_D=128, INPUT_PRECISION=_precision(dt))
         common = dict(v_ptr=f"*{dt}", bank_ptr=f"*{dt}", labels_ptr="*i64", targets_ptr="*i64")
         tail = dict(B="i32", N="i32", D="i32", stride_v="i32", stride_bank="i32", inv_tau="fp32", chunk="i32")
         fwd = {**common, "lse_all_ptr": "*fp32", "lse_pos_ptr": "*fp32", **tail}

@@ -52,6 +52,13 @@ def test_local_density_t64_split_with_sparse_mask():
     torch.testing.assert_close(out, local_density_ref(labeled, bank, t, TAU, mask).float(), rtol=1e-6, atol=1e-5)
 
 
+def test_local_density_gpu_tile_shape():
+    """The GPU heuristic's 128 x 64 tiles with T = 25."""
+    labeled, bank, mask = make_inputs(40, 150, 40, torch.bfloat16, pool_fraction=0.8, seed=6)
+    out = kernels.local_density_triton(labeled, bank, 25, TAU, mask, block_m=128, block_n=64)
+    torch.testing.assert_close(out, local_density_ref(labeled, bank, 25, TAU, mask).float(), rtol=1e-6, atol=1e-5)
+
+
 def test_local_density_mask_is_read_in_place():
     """A mask selecting a single row: log_rho is exactly that row's score."""
     labeled, bank, _ = make_inputs(5, 40, 12, torch.float32, seed=4)

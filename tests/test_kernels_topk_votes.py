@@ -63,6 +63,13 @@ def test_propagate_matches_reference(dtype, q, m, d, k, splits):
     check_against_reference(*inputs, k, 4, splits=splits)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_propagate_gpu_tile_shape(dtype):
+    """The GPU heuristic's 128 x 64 tiles (the other tests use 16 x 16 under the interpreter)."""
+    inputs = make_inputs(37, 150, 40, 5, dtype, seed=21)
+    check_against_reference(*inputs, 10, 5, block_m=128, block_n=64)
+
+
 def test_propagate_without_density_float16():
     inputs = make_inputs(33, 45, 24, 3, torch.float16, seed=7, density=False)
     check_against_reference(*inputs, 6, 3)
