@@ -21,9 +21,15 @@ MAX_K = 64
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+# triton.jit decides between compiling and interpreting when a kernel is decorated, that is
+# when this package is imported; the launchers follow the same decision.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1`` (kernels then run on CPU tensors with NumPy)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels were built under ``TRITON_INTERPRET=1`` (they then run on CPU
+    tensors with NumPy)."""
+    return _INTERPRET
 
 
 def autotune_enabled() -> bool:
@@ -38,13 +44,15 @@ def launchable(*tensors: torch.Tensor) -> bool:
 
 
 def supported_embeddings(*tensors: torch.Tensor) -> bool:
-    """float32 / bfloat16 / float16 matrices of one dtype with D <= MAX_D.
+    """float32 / bfloat16 / float16 matrices of one dtype with D <= MAX_D and at least one
+    key row (the last tensor).
 
-    float64 is left to the reference (tensor cores have no float64 path worth a kernel)."""
+    float64 is left to the reference (tensor cores have no float64 path worth a kernel), and
+    so are empty key sets, which the public functions reject anyway."""
     dt = tensors[0].dtype
-    if dt not in (torch.float32, *LOW_PRECISION):
+    if dt not in (torch.float32, *LOW_PRECISION) or tensors[-1].shape[0] == 0:
         return False
-    return all(t.dtype == dt and t.shape[1] <= MAX_D for t in tensors)
+    return all(t.dtype == dt and t.dim() == 2 and 1 <= t.shape[1] <= MAX_D for t in tensors)
 
 
 def rowmajor(x: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,8 @@ def test_declines_what_it_does_not_cover():
     q, m, c, r = make_inputs(0, 8, 8, 2, torch.float32)
     labels, conf = kernels.propagate_triton(q, m, c, r, 2, TAU, 2)
     assert labels.shape == conf.shape == (0,)
+    q, m, c, r = make_inputs(3, 0, 8, 2, torch.float32)
+    assert kernels.propagate_triton(q, m, c, r, 1, TAU, 2) is NotImplemented
 
 
 # ----------------------------------------------------------------------------- GPU, realistic shapes
