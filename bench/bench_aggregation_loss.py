@@ -9,8 +9,10 @@ logits, two logsumexps, autograd), ``mm_only`` (the two matmuls alone, v @ bank.
 (B, N) @ bank), ``bank_read`` (one plain read of the bank: the bandwidth floor of SPEC §4),
 ``reference`` (the chunked reference forward and backward), ``op`` (the public
 llp_fast.aggregation_loss with autograd), ``triton`` (kernels' forward and backward
-launchers; GPU only). ``Shape.q`` = B, ``Shape.m`` = N. The peak extra CUDA memory of a call
-is recorded as ``extra_mb`` (SPEC §4: under 16 MB for the fused path).
+launchers; GPU only), ``triton_fused`` (the forward that also accumulates the
+softmax-weighted bank means, so the backward is elementwise: one bank pass in all; GPU
+only). ``Shape.q`` = B, ``Shape.m`` = N. The peak extra CUDA memory of a call is recorded as
+``extra_mb`` (SPEC §4: under 16 MB for the fused path).
 """
 
 from __future__ import annotations
@@ -111,6 +113,15 @@ def triton(inputs, shape):
     return loss, k.aggregation_loss_backward_triton(v, bank, bank_labels, targets, la, lp, one, -one, TAU)
 
 
+def triton_fused(inputs, shape):
+    """The fused forward (one bank pass, flash-attention style) and the elementwise backward."""
+    k = common.triton_kernels()
+    v, bank, bank_labels, targets = inputs
+    loss, _, _, mean_all, mean_pos = k.aggregation_loss_fused_triton(v, bank, bank_labels, targets, TAU)
+    one = torch.ones_like(loss)
+    return loss, k.aggregation_loss_grad_from_means(mean_all, mean_pos, one, -one, TAU, v.dtype)
+
+
 PROVIDERS = {
     "naive": naive,
     "mm_only": mm_only,
@@ -118,11 +129,12 @@ PROVIDERS = {
     "reference": reference,
     "op": op,
     "triton": triton,
+    "triton_fused": triton_fused,
 }
 
 
 def available(name: str) -> bool:
-    return common.triton_kernels() is not None if name == "triton" else True
+    return common.triton_kernels() is not None if name.startswith("triton") else True
 
 
 def check(dtype: torch.dtype, providers) -> None:

@@ -50,20 +50,24 @@ def ratios(rows) -> list[str]:
     by = {}
     for r in rows:
         by.setdefault((r.op, r.shape, r.dtype), {})[r.provider] = r
-    lines = ["| op | shape | dtype | triton ms | vs naive (bar >= 10x) | vs mm_only (bar >= 1x) | notes |",
+    lines = ["| op | shape | dtype | kernel, ms | vs naive (bar >= 10x) | vs mm_only (bar >= 1x) | notes |",
              "|---|---|---|---:|---:|---:|---|"]  # fmt: skip
-    for (op, shape, dtype), p in by.items():
-        if "triton" not in p:
-            continue
-        t = p["triton"].median_ms
-        vs = lambda name: f"{p[name].median_ms / t:.2f}x" if name in p else "-"  # noqa: B023
-        notes = [f"{p['triton'].extra.get('tflops', '')} TFLOP/s"]
-        if "bank_read" in p:
-            notes.append(f"{t / p['bank_read'].median_ms:.2f}x one bank read (bar <= 3x)")
-        if "extra_mb" in p["triton"].extra:
-            notes.append(f"extra {p['triton'].extra['extra_mb']} MB (bar < 16)")
-        lines.append(f"| {op} | {shape} | {dtype} | {t:.3f} | {vs('naive')} | {vs('mm_only')} | {'; '.join(notes)} |")
+    for (op, shape, dtype), provs in by.items():
+        for name in ("triton", "triton_fused"):
+            if name in provs:
+                lines.append(_ratio_line(op, shape, dtype, name, provs))
     return lines
+
+
+def _ratio_line(op, shape, dtype, kernel: str, p: dict) -> str:
+    t = p[kernel].median_ms
+    vs = lambda baseline: f"{p[baseline].median_ms / t:.2f}x" if baseline in p else "-"
+    notes = [f"{p[kernel].extra.get('tflops', '')} TFLOP/s"]
+    if "bank_read" in p:
+        notes.append(f"{t / p['bank_read'].median_ms:.2f}x one bank read (bar <= 3x)")
+    if "extra_mb" in p[kernel].extra:
+        notes.append(f"extra {p[kernel].extra['extra_mb']} MB (bar < 16)")
+    return f"| {op} | {shape} | {dtype} | {kernel} {t:.3f} | {vs('naive')} | {vs('mm_only')} | {'; '.join(notes)} |"
 
 
 def main(argv=None) -> int:

@@ -76,6 +76,9 @@ def variants():
         yield f"aggregation fwd {dt}", bank_softmax._aggregation_fwd_kernel, fwd, const, (8, stages)
         bwd = {**common, "lse_all_ptr": "*fp32", "lse_pos_ptr": "*fp32", "coef_all_ptr": "*fp32",
                "coef_pos_ptr": "*fp32", "grad_ptr": "*fp32", **tail}  # fmt: skip
+        fused = {**common, "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32", **tail, "n_splits": "i32"}
+        yield f"aggregation fused {dt}", bank_softmax._aggregation_fused_kernel, fused, {**const, "BLOCK_N": 32}, (
+            8, stages)  # fmt: skip
         bwd_const = {**const, "BLOCK_N": 32}
         yield f"aggregation bwd {dt}", bank_softmax._aggregation_bwd_kernel, bwd, bwd_const, (8, stages)
 

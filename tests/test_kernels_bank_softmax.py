@@ -79,6 +79,30 @@ def test_forward_and_backward_match_reference(dtype, b, n, d, splits):
             assert rel_err(out[0][fin], truth_out[0][fin]) <= 2 * rel_err(ref[0][fin], truth_out[0][fin]) + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,n,d,splits", [(1, 20, 7, None), (37, 61, 33, None), (23, 67, 40, 3)])
+def test_fused_forward_means_give_the_gradient(dtype, b, n, d, splits):
+    """aggregation_loss_fused_triton: the forward outputs, and the gradient from its means."""
+    v64, bank64, bank_labels, targets, ca, cp = make_inputs(b, n, d, seed=b * 10 + n)
+    v, bank = v64.to(dtype), bank64.to(dtype)
+    loss, lse_all, lse_pos, mean_all, mean_pos = kernels.aggregation_loss_fused_triton(
+        v, bank, bank_labels, targets, TAU, splits=splits
+    )
+    ref = aggregation_loss_ref(v, bank, bank_labels, targets, TAU)
+    for o, r in zip((loss, lse_all, lse_pos), ref):
+        assert_same_with_infs(o, r, rtol=1e-5, atol=1e-5)
+    assert mean_all.shape == mean_pos.shape == (b, d)
+    assert bool((mean_pos[0] == 0).all())  # row 0 has no positive
+    grad = kernels.aggregation_loss_grad_from_means(mean_all, mean_pos, ca, cp, TAU, dtype)
+    grad_ref = aggregation_loss_backward_ref(v, bank, bank_labels, targets, ref[1], ref[2], ca.float(), cp.float(), TAU)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
+    else:
+        truth_out = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
+        truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, *truth_out[1:], ca, cp, TAU)
+        assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
+
+
 def test_backward_float16_and_large_coefficients():
     v64, bank64, bank_labels, targets, ca, cp = make_inputs(19, 45, 24, seed=9)
     v, bank = v64.half(), bank64.half()
