@@ -130,7 +130,7 @@ def test_propagate_cuda_realistic(dtype, q, m, splits):
     labels, conf = llp_fast.propagate(queries, labeled, classes, log_rho, k=k, tau=TAU, num_classes=num_classes)
     ref_labels, ref_conf = propagate_ref(queries, labeled, classes, log_rho, k, TAU, num_classes)
     clear = clear_rows(queries, labeled, classes, log_rho, k, TAU, num_classes)
-    assert clear.float().mean() > 0.9
+    assert clear.float().mean() > 0.8
     assert torch.equal(labels[clear], ref_labels[clear])
     assert (conf[clear] - ref_conf[clear]).abs().max().item() < 1e-3
     assert math.isfinite(conf.sum().item())
