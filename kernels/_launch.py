@@ -106,8 +106,8 @@ def tile_config(dtype: torch.dtype, d: int, k: int = 1, n_rows: int | None = Non
     GPU, bf16/fp16 at D <= 128: 128 x 64 score tiles on 8 warps. Every row block streams
     all the keys, so the key traffic from L2 is (Q / BLOCK_M) * M * D * 2 bytes: at the
     ImageNet shape 660 GB with BLOCK_M = 64 (about the time of the matmul itself at L2
-    bandwidth), half that with 128. ptxas (sm_90, tests/_compile_kernels.py) gives 127
-    registers for K = 10, 167 for T = 25 and 244 for K = 64 at this shape, without spills.
+    bandwidth), half that with 128. ptxas (sm_90, tests/_compile_kernels.py) gives 121
+    registers for K = 10, 166 for T = 25 and 229 for K = 64 at this shape, without spills.
     Fewer rows than a block: the block shrinks to the next power of two (>= 16, the
     smallest tl.dot). fp32 (FMA, no tensor cores) and D > 128: 64 x 32 tiles on 4 warps.
 

@@ -13,8 +13,10 @@ K-th best score (the threshold). A tile only costs a comparison against the thre
 some score beats its row's threshold; then the tile is merged by repeatedly moving each
 row's best remaining tile score into that row's minimum slot while it beats the threshold.
 Every round inserts one score per row that still has a better candidate, so a tile costs at
-most K rounds, and after the first few tiles it is usually zero or one: no sort of the tile,
-no ``tl.sort``/``tl.topk`` (absent from older Triton), only max/min/where reductions.
+most K rounds (as many as the most insertions any of its rows needs). A row sees about
+K * ln(M / K) insertions over a stream of M keys, most of them in the first tiles; later
+tiles cost zero, one or two rounds. No sort of the tile, no ``tl.sort``/``tl.topk`` (absent
+from older Triton), only max/min/where reductions.
 """
 
 from __future__ import annotations
@@ -105,21 +107,25 @@ def stream_topk(
         # Only a score above its row's K-th best can enter: most tiles stop at this test.
         cmax = tl.max(s, axis=1)
         go = tl.max((cmax > thr).to(tl.int32), axis=0) > 0
-        while go:
-            # Per row: the best remaining tile score (first column on ties) ...
-            carg = tl.min(tl.where(s == cmax[:, None], offs_n[None, :], BLOCK_N), axis=1)
-            take = cmax > thr
-            # ... replaces the buffer's minimum (first such slot), if it beats it.
-            slot = tl.min(tl.where(buf_v == thr[:, None], slots[None, :], BLOCK_K), axis=1)
-            put = take[:, None] & (slots[None, :] == slot[:, None])
-            buf_v = tl.where(put, cmax[:, None], buf_v)
-            buf_i = tl.where(put, (n0 + carg).to(tl.int64)[:, None], buf_i)
-            # Thresholds only rise, so a row with nothing left above its threshold stays done;
-            # removing its argmax column too is harmless.
-            s = tl.where(offs_n[None, :] == carg[:, None], float("-inf"), s)
-            thr = tl.min(buf_v, axis=1)
-            cmax = tl.max(s, axis=1)
-            go = tl.max((cmax > thr).to(tl.int32), axis=0) > 0
+        # The while sits inside an if: a bare scf.while in the loop body stops Triton's
+        # software pipeliner (no cp.async prefetch of the next key tile); behind an scf.if
+        # the loads are pipelined again (checked in the sm_90 PTX).
+        if go:
+            while go:
+                # Per row: the best remaining tile score (first column on ties) ...
+                carg = tl.min(tl.where(s == cmax[:, None], offs_n[None, :], BLOCK_N), axis=1)
+                take = cmax > thr
+                # ... replaces the buffer's minimum (first such slot), if it beats it.
+                slot = tl.min(tl.where(buf_v == thr[:, None], slots[None, :], BLOCK_K), axis=1)
+                put = take[:, None] & (slots[None, :] == slot[:, None])
+                buf_v = tl.where(put, cmax[:, None], buf_v)
+                buf_i = tl.where(put, (n0 + carg).to(tl.int64)[:, None], buf_i)
+                # Thresholds only rise, so a row with nothing left above its threshold stays
+                # done; removing its argmax column too is harmless.
+                s = tl.where(offs_n[None, :] == carg[:, None], float("-inf"), s)
+                thr = tl.min(buf_v, axis=1)
+                cmax = tl.max(s, axis=1)
+                go = tl.max((cmax > thr).to(tl.int32), axis=0) > 0
     return buf_v, buf_i
 
 

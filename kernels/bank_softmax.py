@@ -262,8 +262,9 @@ def _prepare(v, bank, block_m, block_n, splits, max_splits=None, *, backward=Fal
     if not interpreting():
         # From ptxas resource usage at D = 128 on sm_90 (tests/_compile_kernels.py): 64-row
         # blocks (the bank is split across programs, so few rows per block are fine), 8
-        # warps, 32-wide key tiles for the backward (which also holds a (BLOCK_M, D) fp32
-        # gradient): 139 / 221 registers without spills, where 4 warps spilled.
+        # warps, 32-wide key tiles for the backward and the fused forward (which also hold
+        # (BLOCK_M, D) fp32 accumulators): 127 / 131 / 202 registers without spills, where
+        # 4 warps sat at the 255 cap and spilled.
         bm = block_m or min(bm, 64)
         bn = block_n or (32 if backward else bn)  # bn: 64 for bf16/fp16, 32 for fp32 (FMA dots)
         warps = 8
