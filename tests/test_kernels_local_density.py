@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_setup import DEVICE, HAS_CUDA, kernels, unit_rows
+from _triton_setup import DEVICE, HAS_CUDA, INTERPRET, kernels, unit_rows
 
 from llp_fast.reference import local_density_ref
 
@@ -75,7 +75,7 @@ def test_local_density_declines():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and compiled kernels)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_local_density_cuda_realistic(dtype):
     import llp_fast
