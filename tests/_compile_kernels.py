@@ -114,8 +114,12 @@ def main(argv) -> int:
             }
             sig = {**sig, **{k: "constexpr" for k in const}}
             try:
+                try:
+                    src = ASTSource(kernel, sig, const, attrs=attrs)
+                except TypeError:  # an ASTSource without attrs (other triton versions)
+                    src = ASTSource(kernel, sig, const)
                 ck = triton.compile(
-                    ASTSource(kernel, sig, const, attrs=attrs), target=GPUTarget("cuda", sm, 32),
+                    src, target=GPUTarget("cuda", sm, 32),
                     options=dict(num_warps=warps, num_stages=stages),
                 )  # fmt: skip
                 pipelined = "cp.async" in ck.asm["ptx"]

@@ -29,6 +29,14 @@ from llp_fast.reference import streaming_topk  # noqa: E402
 kernels = _optional.kernels()
 if kernels is None:
     pytest.skip("llp_fast.kernels could not be imported", allow_module_level=True)
+if kernels._launch.interpreting() != INTERPRET:
+    # Something imported the kernels before this module set TRITON_INTERPRET: they were
+    # built compiled and cannot run here (or the reverse).
+    pytest.skip(
+        "llp_fast.kernels was imported before TRITON_INTERPRET was set; run the kernel tests "
+        "on their own: TRITON_INTERPRET=1 pytest -m triton",
+        allow_module_level=True,
+    )
 
 # The interpreter runs on CPU tensors; otherwise the small tests run on the GPU.
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
