@@ -11,6 +11,9 @@ from llp_fast.reference import local_density_ref
 pytestmark = pytest.mark.triton
 
 TAU = 0.07
+# fp32 scores carry ~1e-6 relative rounding from the dot's summation order (x 1/tau); on
+# the GPU the kernel and the cuBLAS reference sum in different orders.
+TOL = dict(rtol=1e-5, atol=3e-5)
 
 
 def make_inputs(m, n, d, dtype, *, pool_fraction=None, seed=0, device=DEVICE):
@@ -41,7 +44,7 @@ def test_local_density_matches_reference(dtype, m, n, d, t, pool, splits):
     ref = local_density_ref(labeled, bank, t, TAU, mask)
     assert out.dtype == torch.float32 and out.shape == (m,)
     # log-sum-exp of the top T is continuous in the scores: ties at the T-th place cannot move it.
-    torch.testing.assert_close(out, ref.float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out, ref.float(), **TOL)
 
 
 def test_local_density_t64_split_with_sparse_mask():
@@ -49,14 +52,14 @@ def test_local_density_t64_split_with_sparse_mask():
     labeled, bank, mask = make_inputs(10, 70, 16, torch.float32, pool_fraction=0.95, seed=2)
     t = min(64, int(mask.sum()))
     out = kernels.local_density_triton(labeled, bank, t, TAU, mask, splits=4)
-    torch.testing.assert_close(out, local_density_ref(labeled, bank, t, TAU, mask).float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out, local_density_ref(labeled, bank, t, TAU, mask).float(), **TOL)
 
 
 def test_local_density_gpu_tile_shape():
     """The GPU heuristic's 128 x 64 tiles with T = 25."""
     labeled, bank, mask = make_inputs(40, 150, 40, torch.bfloat16, pool_fraction=0.8, seed=6)
     out = kernels.local_density_triton(labeled, bank, 25, TAU, mask, block_m=128, block_n=64)
-    torch.testing.assert_close(out, local_density_ref(labeled, bank, 25, TAU, mask).float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out, local_density_ref(labeled, bank, 25, TAU, mask).float(), **TOL)
 
 
 def test_local_density_mask_is_read_in_place():
@@ -65,7 +68,7 @@ def test_local_density_mask_is_read_in_place():
     mask = torch.zeros(40, dtype=torch.bool, device=DEVICE)
     mask[17] = True
     out = kernels.local_density_triton(labeled, bank, 1, TAU, mask)
-    torch.testing.assert_close(out, (labeled @ bank[17]) / TAU, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out, (labeled @ bank[17]) / TAU, **TOL)
 
 
 def test_local_density_declines():

@@ -32,7 +32,7 @@ def check_against_reference(queries, labeled, classes, log_rho, k, num_classes, 
     clear = clear_rows(queries, labeled, classes, log_rho, k, TAU, num_classes)
     assert clear.float().mean() > 0.5, "test inputs are mostly near-ties: pick another seed"
     assert torch.equal(labels[clear], ref_labels[clear])
-    torch.testing.assert_close(conf[clear], ref_conf[clear].float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(conf[clear], ref_conf[clear].float(), rtol=0, atol=5e-5)
     assert bool(((conf > 0) & (conf <= 1 + 1e-6)).all())
 
     # The selected scores (not the indices, which ties may reorder), sorted descending.
