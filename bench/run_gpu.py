@@ -9,10 +9,16 @@
    checks its providers against the reference before timing) on the step, sweep and
    ImageNet shapes;
 3. a short table of the SPEC §4 ratios (triton vs naive, vs mm_only, vs one read of the
-   bank, extra memory) to ``$OUT/summary.md`` when ``$OUT`` is set (else bench/results),
-   beside the JSON rows.
+   bank, extra memory) to ``$OUT/summary-<ops>.md`` when ``$OUT`` is set (else
+   bench/results), beside the JSON rows.
 
-Meant to fit in one 10-minute call: slow baselines stop after ``--max-seconds`` of runs.
+Slow baselines stop after ``--max-seconds`` of runs. Everything together may take longer
+than one 10-minute device call; split it:
+
+    python bench/run_gpu.py --quick                                  # tests + per-step shapes
+    python bench/run_gpu.py --skip-tests --ops propagate
+    python bench/run_gpu.py --skip-tests --ops local_density
+    python bench/run_gpu.py --skip-tests --ops aggregation_loss
 """
 
 from __future__ import annotations
@@ -121,9 +127,12 @@ def main(argv=None) -> int:
         "",
     ]
     text = "\n".join(head + ratios(rows) + ["", common.table(rows)]) + "\n"
-    (out / "summary.md").write_text(text)
+    # One summary per invocation, so that runs split over several calls do not overwrite
+    # each other: summary-<ops>[-quick].md.
+    path = out / f"summary-{'-'.join(args.ops.split(','))}{'-quick' if args.quick else ''}.md"
+    path.write_text(text)
     print(text)
-    print(f"wrote {out / 'summary.md'} ({time.time() - t0:.0f} s in all)")
+    print(f"wrote {path} ({time.time() - t0:.0f} s in all)")
     return status
 
 
