@@ -14,9 +14,11 @@ some score beats its row's threshold; then the tile is merged by repeatedly movi
 row's best remaining tile score into that row's minimum slot while it beats the threshold.
 Every round inserts one score per row that still has a better candidate, so a tile costs at
 most K rounds (as many as the most insertions any of its rows needs). A row sees about
-K * ln(M / K) insertions over a stream of M keys, most of them in the first tiles; later
-tiles cost zero, one or two rounds. No sort of the tile, no ``tl.sort``/``tl.topk`` (absent
-from older Triton), only max/min/where reductions.
+K * ln(M / K) insertions over a stream of M keys, most of them in the first tiles. Simulated
+on random unit vectors at M = 128K with 128 x 64 tiles (bench/merge_rounds.py): 0.8 rounds
+per tile on average for K = 10 with the density bias (26% of tiles none, 68% one), 1.2 for
+T = 25 without it. No sort of the tile, no ``tl.sort``/``tl.topk`` (absent from older
+Triton), only max/min/where reductions.
 """
 
 from __future__ import annotations
