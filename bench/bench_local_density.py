@@ -1,0 +1,150 @@
+"""Benchmark of ``local_density`` (SPEC §1.1, §4): fused Triton top-T log-sum-exp against
+chunked PyTorch baselines.
+
+    python bench/bench_local_density.py                 # GPU: ImageNet shape and sweep; CPU: small
+    pytest bench/bench_local_density.py --benchmark-enable
+
+Providers: ``naive`` (chunked mm + pool mask + topk + logsumexp), ``mm_only`` (chunked
+torch.mm producing the same similarities), ``reference`` (local_density_ref), ``op`` (the
+public llp_fast.local_density), ``triton`` (kernels.local_density_triton; GPU only).
+Shapes follow SPEC §4: the M labeled rows are the queries, the bank (pool = unlabeled rows,
+given by a mask) the keys; ``Shape.q`` = M, ``Shape.m`` = N, ``Shape.k`` = T.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common
+
+import llp_fast
+from llp_fast.reference import local_density_ref
+
+OP = "local_density"
+TAU = 0.07
+Shape = common.Shape
+
+
+def shapes(which: str) -> list[Shape]:
+    gpu = torch.cuda.is_available()
+    small = [Shape("small", 500, 2_500, 128, 25)]
+    cpu_spec = [Shape("cpu-spec", 5_000, 25_000, 128, 25)]
+    # ImageNet, 10% labeled: M = 128,117 labeled rows against the N = 1,281,167 bank.
+    imagenet = [Shape("imagenet", 128_117, 1_281_167, 128, 25)]
+    step = [Shape("small-labeled", 1_024, 1_281_167, 128, 25)]  # few labeled rows: the split path
+    if gpu:
+        sweep = [Shape("sweep-m", m, 262_144, 128, 25) for m in (16_384, 32_768, 65_536)]
+        sweep += [Shape("sweep-n", 32_768, n, 128, 25) for n in (131_072, 262_144, 524_288)]
+    else:
+        sweep = [Shape("sweep-m", m, 2_000, 128, 25) for m in (250, 500, 1_000)]
+        sweep += [Shape("sweep-n", 500, n, 128, 25) for n in (1_000, 2_000, 4_000)]
+    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep}
+    if which == "auto":
+        return step + sweep + imagenet if gpu else small + sweep
+    return [s for name in which.split(",") for s in table[name]]
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, dev=None, seed: int = 0):
+    """(labeled, bank, pool_mask): the first M bank rows are the labeled ones (as in the
+    trainer), the pool is every other row."""
+    dev = dev or common.device()
+    bank = common.unit_rows(shape.m, shape.d, dtype, dev, seed)
+    labeled = bank[: shape.q]
+    pool = torch.ones(shape.m, dtype=torch.bool, device=dev)
+    pool[: shape.q] = False
+    return labeled, bank, pool
+
+
+def naive(inputs, shape):
+    """Chunked PyTorch: the (rows, N) similarity block materialised, masked, topk, logsumexp."""
+    labeled, bank, pool = inputs
+    rc = min(common.row_chunk(bank.shape[0]), labeled.shape[0])
+    out = torch.empty(labeled.shape[0], dtype=torch.float32, device=labeled.device)
+    kt, off_pool = bank.T, ~pool
+    for r0 in range(0, labeled.shape[0], rc):
+        s = (labeled[r0 : r0 + rc] @ kt).float().mul_(1.0 / TAU).masked_fill_(off_pool, -math.inf)
+        out[r0 : r0 + rc] = torch.logsumexp(s.topk(shape.k, dim=1).values, dim=1)
+    return out
+
+
+def mm_only(inputs, shape):
+    return common.mm_only(inputs[0], inputs[1], TAU)
+
+
+def reference(inputs, shape):
+    return local_density_ref(*inputs[:2], shape.k, TAU, inputs[2])
+
+
+def op(inputs, shape):
+    labeled, bank, pool = inputs
+    return llp_fast.local_density(labeled, bank, t=shape.k, tau=TAU, pool_mask=pool, check_finite=False)
+
+
+def triton(inputs, shape):
+    labeled, bank, pool = inputs
+    return common.triton_kernels().local_density_triton(labeled, bank, shape.k, TAU, pool)
+
+
+PROVIDERS = {"naive": naive, "mm_only": mm_only, "reference": reference, "op": op, "triton": triton}
+
+
+def available(name: str) -> bool:
+    return common.triton_kernels() is not None if name == "triton" else True
+
+
+def check(dtype: torch.dtype, providers) -> None:
+    gpu = torch.cuda.is_available()
+    shape = Shape("check", 2048 if gpu else 200, 50_000 if gpu else 900, 128, 25)
+    inputs = make_inputs(shape, dtype, seed=123)
+    ref = reference(inputs, shape).float()
+    for name in providers:
+        if name in ("mm_only", "reference"):
+            continue
+        err = (PROVIDERS[name](inputs, shape) - ref).abs().max().item()
+        if err > 1e-3:
+            raise AssertionError(f"{OP}/{name} {dtype}: max |log_rho error| {err:.2e}")
+        print(f"check {OP}/{name} {str(dtype)[6:]}: max |log_rho error| {err:.1e}")
+
+
+def main(argv=None):
+    return common.run(
+        OP,
+        argv,
+        description=__doc__,
+        shapes=shapes,
+        make_inputs=make_inputs,
+        providers=PROVIDERS,
+        available=available,
+        check=check,
+        flops=lambda s: 2.0 * s.q * s.m * s.d,
+        skip=lambda name, s: name == "reference" and s.q * s.m > 2e10,
+    )
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_local_density(benchmark, provider):
+    dev = common.device()
+    if not available(provider):
+        pytest.skip(f"{provider} is not available on {dev.type}")
+    shape = shapes("small")[0] if dev.type == "cpu" else shapes("step")[0]
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    inputs = make_inputs(shape, dtype)
+    fn = PROVIDERS[provider]
+
+    def run():
+        out = fn(inputs, shape)
+        common.synchronize()
+        return out
+
+    benchmark(run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,197 @@
+"""Benchmark of ``propagate`` (SPEC §1.2, §4): fused Triton top-K votes against chunked
+PyTorch baselines.
+
+    python bench/bench_propagate.py                 # GPU: step, sweep and ImageNet shapes; CPU: small
+    python bench/bench_propagate.py --shapes sweep  # linear scaling in Q and in M
+    pytest bench/bench_propagate.py --benchmark-enable
+
+Providers: ``naive`` (chunked mm + bias + topk + vote), ``mm_only`` (chunked torch.mm
+producing the same scores, no selection: the floor proxy), ``reference``
+(llp_fast.reference.propagate_ref), ``op`` (the public llp_fast.propagate, whatever backend
+it dispatches to), ``triton`` (kernels.propagate_triton; GPU only), ``faiss`` (CPU, flat
+inner-product search on bias-augmented vectors, neighbours only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common
+
+import llp_fast
+from llp_fast.reference import propagate_ref, vote
+
+OP = "propagate"
+TAU = 0.07
+Shape = common.Shape
+
+
+def shapes(which: str) -> list[Shape]:
+    gpu = torch.cuda.is_available()
+    small = [Shape("small", 2000, 500, 128, 10, 10)]
+    cpu_spec = [Shape("cpu-spec", 20_000, 5_000, 128, 10, 100)]  # SPEC §4's CPU shape
+    step = [Shape("step", 256, 128_117), Shape("step-1.3M", 256, 1_281_167)]
+    imagenet = [Shape("imagenet", 1_281_167, 128_117)]
+    if gpu:
+        sweep = [Shape("sweep-q", q, 128_117) for q in (16_384, 32_768, 65_536, 131_072)]
+        sweep += [Shape("sweep-m", 131_072, m) for m in (16_384, 32_768, 65_536, 131_072)]
+    else:
+        sweep = [Shape("sweep-q", q, 1_000, 128, 10, 10) for q in (1_000, 2_000, 4_000)]
+        sweep += [Shape("sweep-m", 2_000, m, 128, 10, 10) for m in (500, 1_000, 2_000)]
+    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep}
+    if which == "auto":
+        return step + sweep + imagenet if gpu else small + sweep
+    return [s for name in which.split(",") for s in table[name]]
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, dev=None, seed: int = 0):
+    dev = dev or common.device()
+    queries = common.unit_rows(shape.q, shape.d, dtype, dev, seed)
+    labeled = common.unit_rows(shape.m, shape.d, dtype, dev, seed + 1)
+    g = torch.Generator(device=dev).manual_seed(seed + 2)
+    classes = torch.randint(0, shape.num_classes, (shape.m,), generator=g, device=dev)
+    log_rho = torch.rand(shape.m, generator=g, device=dev) * 2 + 5
+    return queries, labeled, classes, log_rho
+
+
+# ----------------------------------------------------------------------------- providers
+# Each takes (inputs, shape): inputs = (queries, labeled, classes, log_rho).
+
+
+def naive(inputs, shape):
+    """Chunked PyTorch: the (rows, M) score block materialised, then topk and the vote."""
+    queries, labeled, classes, log_rho = inputs
+    rc = min(common.row_chunk(max(labeled.shape[0], shape.num_classes)), queries.shape[0])
+    labels = torch.empty(queries.shape[0], dtype=torch.int64, device=queries.device)
+    conf = torch.empty(queries.shape[0], dtype=torch.float32, device=queries.device)
+    kt = labeled.T
+    for r0 in range(0, queries.shape[0], rc):
+        s = (queries[r0 : r0 + rc] @ kt).float().mul_(1.0 / TAU).sub_(log_rho)
+        vals, idx = s.topk(shape.k, dim=1)
+        del s
+        lab, c = vote(vals, classes[idx], shape.num_classes)
+        labels[r0 : r0 + rc], conf[r0 : r0 + rc] = lab, c
+    return labels, conf
+
+
+def mm_only(inputs, shape):
+    return common.mm_only(inputs[0], inputs[1], TAU)
+
+
+def reference(inputs, shape):
+    return propagate_ref(*inputs, shape.k, TAU, shape.num_classes)
+
+
+def op(inputs, shape):
+    return llp_fast.propagate(*inputs, k=shape.k, tau=TAU, num_classes=shape.num_classes, check_finite=False)
+
+
+def triton(inputs, shape):
+    return common.triton_kernels().propagate_triton(*inputs, shape.k, TAU, shape.num_classes)
+
+
+_FAISS = {}
+
+
+def faiss_search(inputs, shape):
+    """Neighbours only (no vote), by flat inner-product search on augmented vectors:
+    score = v . m / tau - log_rho = [v / tau, 1] . [m, -log_rho]. The index is built once."""
+    import faiss
+
+    queries, labeled, _, log_rho = inputs
+    key = (id(labeled), shape)
+    if key not in _FAISS:
+        keys = torch.cat([labeled.float(), -log_rho.float()[:, None]], dim=1).numpy()
+        _FAISS.clear()
+        _FAISS[key] = faiss.IndexFlatIP(keys.shape[1])
+        _FAISS[key].add(keys)
+    q = torch.cat([queries.float() / TAU, torch.ones(queries.shape[0], 1)], dim=1).numpy()
+    return _FAISS[key].search(q, shape.k)
+
+
+PROVIDERS = {
+    "naive": naive,
+    "mm_only": mm_only,
+    "reference": reference,
+    "op": op,
+    "triton": triton,
+    "faiss": faiss_search,
+}
+
+
+def available(name: str) -> bool:
+    if name == "triton":
+        return common.triton_kernels() is not None
+    if name == "faiss":
+        return not torch.cuda.is_available() and importlib.util.find_spec("faiss") is not None
+    return True
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def check(dtype: torch.dtype, providers) -> None:
+    """Every labelling provider against the reference on a shape small enough for it."""
+    gpu = torch.cuda.is_available()
+    shape = Shape("check", 2048 if gpu else 300, 20_000 if gpu else 700, 128, 10, 50)
+    inputs = make_inputs(shape, dtype, seed=123)
+    ref_labels, ref_conf = reference(inputs, shape)
+    for name in providers:
+        if name in ("mm_only", "reference", "faiss"):
+            continue
+        labels, conf = PROVIDERS[name](inputs, shape)
+        same = labels == ref_labels
+        agree = same.float().mean().item()
+        err = (conf[same] - ref_conf[same].float()).abs().max().item()
+        # Rows whose K-th/K+1-th scores or two best classes nearly tie may differ by rounding.
+        if agree < 0.99 or err > 1e-3:
+            raise AssertionError(f"{OP}/{name} {dtype}: label agreement {agree:.4f}, confidence error {err:.2e}")
+        print(f"check {OP}/{name} {str(dtype)[6:]}: labels agree {agree:.4f}, max conf error {err:.1e}")
+
+
+def main(argv=None):
+    return common.run(
+        OP,
+        argv,
+        description=__doc__,
+        shapes=shapes,
+        make_inputs=make_inputs,
+        providers=PROVIDERS,
+        available=available,
+        check=check,
+        flops=lambda s: 2.0 * s.q * s.m * s.d,
+        # The chunked reference at the ImageNet shape takes minutes per run.
+        skip=lambda name, s: name == "reference" and s.q * s.m > 2e10,
+    )
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_propagate(benchmark, provider):
+    dev = common.device()
+    if not available(provider):
+        pytest.skip(f"{provider} is not available on {dev.type}")
+    shape = shapes("small")[0] if dev.type == "cpu" else shapes("step")[0]
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    inputs = make_inputs(shape, dtype)
+    fn = PROVIDERS[provider]
+
+    def run():
+        out = fn(inputs, shape)
+        common.synchronize()
+        return out
+
+    benchmark(run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
