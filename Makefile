@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-interpret test-cuda bench lint clean
+.PHONY: install demo test test-interpret test-cuda bench bench-gpu compile-check lint clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,12 @@ test-cuda: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-enable
+
+bench-gpu: $(STAMP)
+	$(PY) bench/run_gpu.py
+
+compile-check: $(STAMP)
+	$(PY) tests/_compile_kernels.py 90 80
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check llp_fast kernels tests bench
