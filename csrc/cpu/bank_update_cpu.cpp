@@ -1,0 +1,101 @@
+// CPU kernel of llp_fast::bank_update_ (SPEC §1.6):
+//   bank[i] <- normalize(mu * bank[i] + (1 - mu) * v)     for (i, v) in zip(indices, values)
+// applied in order of appearance, exactly like the sequential loop that bank_update_ref_ spells out.
+//
+// Work is split over *distinct* rows: the batch is grouped by index (stable, so a group keeps the
+// order of appearance) and each group is one task. Different groups write different rows, so the
+// tasks never race, and within a group the occurrences run in order: the result is deterministic
+// and independent of the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "../llp_fast.h"
+
+namespace llp_fast {
+namespace {
+
+// One occurrence: row <- normalize(mu * row + (1 - mu) * v), through `mixed` (acc_t, D entries).
+// The arithmetic follows the reference op by op so that float32 results are bit-identical (or 1 ulp
+// off where ATen's vectorised norm sums in a different order):
+//   mixed = fma(v, 1 - mu, row * mu)      bank.mul_(mu).add_(v, alpha=1 - mu) is an FMA in ATen
+//   row   = mixed / max(||mixed||, eps)   F.normalize(eps=1e-12): a division, not a reciprocal
+// The squared norm is summed in double: it is then correctly rounded, whatever ATen's order was.
+template <typename scalar_t, typename acc_t>
+inline void blend_row(scalar_t* row, const scalar_t* v, int64_t d, acc_t mu, acc_t one_minus_mu,
+                      acc_t* mixed) {
+  double ss = 0.0;
+  for (int64_t j = 0; j < d; ++j) {
+    const acc_t x = std::fma(static_cast<acc_t>(v[j]), one_minus_mu, static_cast<acc_t>(row[j]) * mu);
+    mixed[j] = x;
+    ss += static_cast<double>(x) * static_cast<double>(x);
+  }
+  const acc_t norm = std::max(static_cast<acc_t>(std::sqrt(ss)), static_cast<acc_t>(1e-12));
+  // The row is written in the bank's dtype after every occurrence, as the reference does: a later
+  // occurrence of the same index blends with the *rounded* row.
+  for (int64_t j = 0; j < d; ++j) row[j] = static_cast<scalar_t>(mixed[j] / norm);
+}
+
+}  // namespace
+
+void bank_update_cpu(const at::Tensor& bank, const at::Tensor& indices, const at::Tensor& values,
+                     double momentum) {
+  TORCH_CHECK(bank.device().is_cpu() && indices.device().is_cpu() && values.device().is_cpu(),
+              "bank_update_cpu: tensors must be on the CPU");
+  TORCH_CHECK(bank.dim() == 2 && bank.is_contiguous(), "bank_update_cpu: bank must be a contiguous (N, D) tensor");
+  TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong, "bank_update_cpu: indices must be (B,) int64");
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == indices.size(0) && values.size(1) == bank.size(1),
+              "bank_update_cpu: values must be (B, D) with B = len(indices) and D = bank.size(1)");
+  TORCH_CHECK(values.scalar_type() == bank.scalar_type(), "bank_update_cpu: values must have the bank's dtype");
+
+  const int64_t n = bank.size(0), d = bank.size(1), b = indices.size(0);
+  if (b == 0 || d == 0) return;
+  const at::Tensor idx_t = indices.contiguous();
+  const at::Tensor val_t = values.contiguous();
+  const int64_t* idx = idx_t.const_data_ptr<int64_t>();
+  for (int64_t e = 0; e < b; ++e) {
+    TORCH_CHECK(idx[e] >= 0 && idx[e] < n, "bank_update_cpu: index ", idx[e], " out of range for a bank of ", n,
+                " rows");
+  }
+
+  // Group the batch by row: a stable sort keeps each row's occurrences in order of appearance.
+  std::vector<int64_t> order(b);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [idx](int64_t x, int64_t y) { return idx[x] < idx[y]; });
+  std::vector<int64_t> group_start;
+  group_start.reserve(b + 1);
+  for (int64_t i = 0; i < b; ++i) {
+    if (i == 0 || idx[order[i]] != idx[order[i - 1]]) group_start.push_back(i);
+  }
+  const int64_t groups = static_cast<int64_t>(group_start.size());
+  group_start.push_back(b);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bank.scalar_type(), "bank_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // float for float/bf16/half, double for double
+    scalar_t* bank_p = bank.data_ptr<scalar_t>();
+    const scalar_t* val_p = val_t.const_data_ptr<scalar_t>();
+    // Same scalars as the reference: mul_(momentum) and add_(alpha=1 - momentum) round the
+    // Python floats to the tensor's compute type.
+    const acc_t mu = static_cast<acc_t>(momentum);
+    const acc_t one_minus_mu = static_cast<acc_t>(1.0 - momentum);
+    // A group costs O(D); a grain of rows keeps tiny batches on one thread (no fork overhead).
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
+    at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+      std::vector<acc_t> mixed(d);
+      for (int64_t g = g0; g < g1; ++g) {
+        for (int64_t i = group_start[g]; i < group_start[g + 1]; ++i) {
+          const int64_t e = order[i];
+          blend_row<scalar_t, acc_t>(bank_p + idx[e] * d, val_p + e * d, d, mu, one_minus_mu, mixed.data());
+        }
+      }
+    });
+  });
+}
+
+}  // namespace llp_fast
