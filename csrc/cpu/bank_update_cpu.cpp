@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../llp_fast.h"
@@ -26,15 +27,17 @@ namespace {
 // off where ATen's vectorised norm sums in a different order):
 //   mixed = fma(v, 1 - mu, row * mu)      bank.mul_(mu).add_(v, alpha=1 - mu) is an FMA in ATen
 //   row   = mixed / max(||mixed||, eps)   F.normalize(eps=1e-12): a division, not a reciprocal
-// The squared norm is summed in double: it is then correctly rounded, whatever ATen's order was.
+// The squared norm is summed in a wider type (double for float, long double for double), so it is
+// (nearly) correctly rounded whatever order ATen's vectorised reduction used.
 template <typename scalar_t, typename acc_t>
 inline void blend_row(scalar_t* row, const scalar_t* v, int64_t d, acc_t mu, acc_t one_minus_mu,
                       acc_t* mixed) {
-  double ss = 0.0;
+  using wide_t = std::conditional_t<std::is_same_v<acc_t, double>, long double, double>;
+  wide_t ss = 0;
   for (int64_t j = 0; j < d; ++j) {
     const acc_t x = std::fma(static_cast<acc_t>(v[j]), one_minus_mu, static_cast<acc_t>(row[j]) * mu);
     mixed[j] = x;
-    ss += static_cast<double>(x) * static_cast<double>(x);
+    ss += static_cast<wide_t>(x) * static_cast<wide_t>(x);
   }
   const acc_t norm = std::max(static_cast<acc_t>(std::sqrt(ss)), static_cast<acc_t>(1e-12));
   // The row is written in the bank's dtype after every occurrence, as the reference does: a later

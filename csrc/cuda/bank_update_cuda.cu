@@ -10,8 +10,9 @@
 // launch.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include "../llp_fast.h"
@@ -93,7 +94,7 @@ void bank_update_cuda(const at::Tensor& bank, const at::Tensor& indices, const a
   const at::Tensor val = values.contiguous();
   // One thread per column up to 256 (D = 128 in LLP: four warps); a whole number of warps.
   const int threads = static_cast<int>(std::min<int64_t>(256, (dim + kWarp - 1) / kWarp * kWarp));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bank.scalar_type(), "bank_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
