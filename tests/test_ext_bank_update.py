@@ -49,6 +49,7 @@ def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:
     ib = b.contiguous().view(_INT_VIEW[b.dtype]).long()
     return int((ia - ib).abs().max())
 
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 OP = torch.ops.llp_fast.bank_update_.default
 
@@ -146,8 +147,10 @@ def test_in_place_and_untouched_rows(dtype):
     assert bank._version > version  # autograd sees the mutation
     touched = torch.zeros(200, dtype=torch.bool)
     touched[indices] = True
-    assert torch.equal(bank[~touched].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       before[~touched].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(
+        bank[~touched].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        before[~touched].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
     assert not torch.equal(bank[touched], before[touched])
     torch.testing.assert_close(bank[touched].float().norm(dim=1), torch.ones(3), rtol=1e-2, atol=1e-2)
 

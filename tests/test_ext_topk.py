@@ -163,7 +163,8 @@ def test_local_density_matches_reference(dtype, atol, masked, tile):
 
 
 @pytest.mark.parametrize(
-    "m_rows,n_rows,d,t", [(1, 40, 17, 25), (9, 25, 17, 25), (1, 1, 3, 1), (30, 1030, 128, 25), (10, 500, 8, 300)],
+    "m_rows,n_rows,d,t",
+    [(1, 40, 17, 25), (9, 25, 17, 25), (1, 1, 3, 1), (30, 1030, 128, 25), (10, 500, 8, 300)],
     ids=["M=1", "T=N", "M=N=T=1", "N-not-tile-multiple", "large-T"],
 )
 def test_local_density_odd_shapes(m_rows, n_rows, d, t, tile):
