@@ -12,8 +12,9 @@ in :mod:`llp_fast.ops` (CPU: ``bank_update_``, ``propagate``, ``local_density``;
    the GPU machine. CUDA sources are included when a GPU is visible and ``CUDA_HOME`` is set;
 3. otherwise it warns once and returns None: the ops' default bodies (the reference) serve.
 
-``LLP_FAST_DISABLE_EXT=1`` skips all of it. This module imports torch lazily so that ``setup.py``
-can read the source list and flags from it without importing the package.
+``LLP_FAST_DISABLE_EXT=1`` skips all of it; ``LLP_FAST_EXT_JIT=1`` ignores a prebuilt ``llp_fast._C``
+(JIT only); ``LLP_FAST_VERBOSE_BUILD=1`` shows the compiler's output. This module imports torch
+lazily so that ``setup.py`` can read the source list and flags from it without importing the package.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def _warn_once(msg: str) -> None:
 
 def _load():
     want_cuda = cuda_wanted()
-    prebuilt = _prebuilt_path()
+    prebuilt = None if os.environ.get("LLP_FAST_EXT_JIT") == "1" else _prebuilt_path()
     usable = None  # a prebuilt object for this torch, even if it lacks wanted CUDA kernels
     if prebuilt is not None:
         info = build_info(prebuilt)
