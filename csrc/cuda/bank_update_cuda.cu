@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
 #include "../llp_fast.h"
 
 namespace llp_fast {
