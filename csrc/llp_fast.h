@@ -30,4 +30,15 @@ std::tuple<at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& queries, cons
 at::Tensor local_density_cpu(const at::Tensor& labeled, const at::Tensor& bank, int64_t t, double tau,
                              const std::optional<at::Tensor>& pool_mask);
 
+// llp_fast::aggregation_loss(...) -> (loss, lse_all, lse_pos), each (B,) (SPEC §1.3).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregation_loss_cpu(const at::Tensor& v, const at::Tensor& bank,
+                                                                    const at::Tensor& bank_labels,
+                                                                    const at::Tensor& targets, double tau);
+
+// llp_fast::aggregation_loss_backward(...) -> grad_v (B, D) in v's dtype.
+at::Tensor aggregation_loss_backward_cpu(const at::Tensor& v, const at::Tensor& bank, const at::Tensor& bank_labels,
+                                         const at::Tensor& targets, const at::Tensor& lse_all,
+                                         const at::Tensor& lse_pos, const at::Tensor& coef_all,
+                                         const at::Tensor& coef_pos, double tau);
+
 }  // namespace llp_fast
