@@ -15,7 +15,8 @@
 //      log-sum-exp), so neither the Q x M score matrix nor a per-row sort of M keys ever exists.
 // Parallelism: at::parallel_for over blocks of query rows; BLAS runs single-threaded inside each
 // task (nested OpenMP), which is what keeps every core busy on its own L2-resident tile.
-// Extra memory: O(threads * ROWS * COLS) for the tiles plus O(Q) for the outputs.
+// Extra memory: O(threads * ROWS * (COLS + 2k + 64)) for the tiles and candidate buffers, plus O(Q)
+// for the outputs; a query or key block is converted per task when its dtype is not the compute one.
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
