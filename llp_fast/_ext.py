@@ -196,7 +196,10 @@ def _load():
                 except (ImportError, OSError):  # e.g. undefined symbol: another torch's ABI
                     usable = None
     errors = []
-    for cuda in (True, False) if want_cuda else (False,):
+    # With a usable CPU-only prebuilt object, only a CUDA build is worth compiling; it is the
+    # fallback if that fails. Otherwise a CUDA build (when wanted), then a CPU build.
+    attempts = (True,) if usable is not None else ((True, False) if want_cuda else (False,))
+    for cuda in attempts:
         try:
             return _jit_build(cuda)
         except Exception as e:  # compiler, ninja or toolkit missing, or a build error

@@ -89,3 +89,45 @@ def test_jit_build_then_cached(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "SERVED-BY llp_fast_C CPU-KERNEL True" in second.stdout
     assert "building" not in second.stderr, second.stderr
+
+
+def test_build_stamp_is_read_without_loading(tmp_path):
+    fake = tmp_path / "_C.so"
+    fake.write_bytes(b"\x7fELF junk \x00llp_fast-build:torch=1.2.3;cuda=1;\x00 more junk")
+    assert _ext.build_info(fake) == ("1.2.3", True)
+    (tmp_path / "plain.so").write_bytes(b"no stamp here")
+    assert _ext.build_info(tmp_path / "plain.so") is None
+
+
+def test_stale_prebuilt_is_not_loaded(tmp_path, monkeypatch):
+    # A prebuilt object for another torch must not be imported (that would register its kernels);
+    # load() goes to the JIT build instead. Both steps are stubbed: nothing is built or loaded here.
+    stale = tmp_path / "_C.so"
+    stale.write_bytes(b"llp_fast-build:torch=0.0.1;cuda=0;")
+    calls = []
+    monkeypatch.setattr(_ext, "_prebuilt_path", lambda: str(stale))
+    monkeypatch.setattr(_ext, "_import_prebuilt", lambda: calls.append("import") or "prebuilt")
+    monkeypatch.setattr(_ext, "_jit_build", lambda cuda: calls.append(f"jit cuda={cuda}") or "jit")
+    monkeypatch.setattr(_ext, "cuda_wanted", lambda: False)
+    assert _ext._load() == "jit" and calls == ["jit cuda=False"]
+
+
+def test_prebuilt_without_cuda_is_kept_as_fallback(tmp_path, monkeypatch):
+    # Built for this torch but without CUDA kernels, on a machine that could use them: try a CUDA
+    # JIT build, and if it fails use the prebuilt object (no CPU build: it would be the same).
+    import torch
+
+    cpu_only = tmp_path / "_C.so"
+    cpu_only.write_bytes(f"llp_fast-build:torch={torch.__version__.split('+')[0]};cuda=0;".encode())
+    calls = []
+
+    def failing_jit(cuda):
+        calls.append(f"jit cuda={cuda}")
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(_ext, "_prebuilt_path", lambda: str(cpu_only))
+    monkeypatch.setattr(_ext, "_import_prebuilt", lambda: calls.append("import") or "prebuilt")
+    monkeypatch.setattr(_ext, "_jit_build", failing_jit)
+    monkeypatch.setattr(_ext, "cuda_wanted", lambda: True)
+    assert _ext._load() == "prebuilt"
+    assert calls == ["jit cuda=True", "import"]
