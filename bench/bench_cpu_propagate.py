@@ -10,7 +10,7 @@ every provider alike; the ratios are measured in one run) after a correctness ch
     faiss      faiss-cpu IndexFlatIP on bias-augmented vectors, plus the same vote / logsumexp:
                query [v, 1] . key [m / tau, -log_rho] = v . m / tau - log_rho = the score
 
-    PYTHONPATH=. python bench/bench_cpu_propagate.py [--q 20000] [--m 5000] [--reps 7]
+    PYTHONPATH=. python bench/bench_cpu_propagate.py [--q 20000] [--m 5000] [--reps 7] [--scaling]
 
 Prints a table of medians and ratios; writes JSON rows to bench/results/cpu_propagate-<host>.json.
 Goal (SPEC §4): extension >= 2x faster than naive and within 1.3x of mm_only, both ops.
@@ -19,6 +19,7 @@ Goal (SPEC §4): extension >= 2x faster than naive and within 1.3x of mm_only, b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -171,6 +172,39 @@ def interleaved(providers: dict, reps: int):
     return med(wall), med(cpu), wall
 
 
+def scaling(q, m, cls, args, meta):
+    """Extension time at Q/4, Q/2, Q (M fixed) and M/4, M/2, M (Q fixed): linear in each (SPEC §4)."""
+    op = torch.ops.llp_fast.propagate.default
+    rho = torch.zeros(m.shape[0])
+    rows = []
+    print(f"scaling of the extension (propagate, median of {args.reps}):")
+    print(f"{'Q':>8}{'M':>8}{'ms':>10}{'ns per Q*M':>12}")
+    for nq, nm in [
+        (args.q // 4, args.m),
+        (args.q // 2, args.m),
+        (args.q, args.m),
+        (args.q, args.m // 4),
+        (args.q, args.m // 2),
+    ]:
+        qq, mm_, cc, rr = q[:nq], m[:nm], cls[:nm], rho[:nm]
+        run = functools.partial(op, qq, mm_, cc, rr, args.k, TAU, args.classes)
+        med, _, _ = interleaved({"extension": run}, args.reps)
+        ms = med["extension"]
+        print(f"{nq:>8}{nm:>8}{ms:>10.1f}{ms * 1e6 / (nq * nm):>12.3f}")
+        rows.append(
+            dict(
+                op="propagate",
+                provider="extension-scaling",
+                shape=f"q={nq},m={nm},d={args.d},k={args.k}",
+                dtype="float32",
+                median_ms=ms,
+                reps=args.reps,
+                **meta,
+            )
+        )
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--q", type=int, default=20000, help="queries (propagate); pool rows (density)")
@@ -182,6 +216,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--no-faiss", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--scaling", action="store_true", help="also time the extension at Q/4..Q and M/4..M")
     args = p.parse_args(argv)
 
     if _ext.load() is None:
@@ -283,6 +318,8 @@ def main(argv=None):
                 + f"  -> SPEC §4 bar {'met' if verdict else 'NOT met'}"
             )
         print()
+    if args.scaling:
+        rows += scaling(q, m, cls, args, meta)
     print(f"load average during the run: {os.getloadavg()[0]:.1f} ({meta['device']})")
 
     args.out.mkdir(parents=True, exist_ok=True)
