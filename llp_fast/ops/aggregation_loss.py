@@ -13,14 +13,16 @@ import torch
 from .. import _validate as check
 from .._interop import accepts_arrays
 from ..reference import aggregation_loss_backward_ref, aggregation_loss_ref
-from ._common import out_float_dtype, with_fallback
+from ._common import compiled_first, out_float_dtype, with_fallback
 
 
+@compiled_first("aggregation_loss")
 def _forward_default(v, bank, bank_labels, targets, tau):
     dt = out_float_dtype(v, bank)
     return tuple(x.to(dt) for x in aggregation_loss_ref(v, bank, bank_labels, targets, tau))
 
 
+@compiled_first("aggregation_loss_backward")
 def _backward_default(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos, tau):
     return aggregation_loss_backward_ref(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos, tau)
 

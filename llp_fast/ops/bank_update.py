@@ -7,8 +7,10 @@ import torch
 from .. import _validate as check
 from .._interop import array_kind, to_torch
 from ..reference import bank_update_ref_
+from ._common import compiled_first
 
 
+@compiled_first("bank_update_")
 def _bank_update_default(bank: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, momentum: float) -> None:
     bank_update_ref_(bank, indices, values, momentum)
 

@@ -7,9 +7,10 @@ import torch
 from .. import _validate as check
 from .._interop import accepts_arrays
 from ..reference import local_density_ref
-from ._common import out_float_dtype, with_fallback
+from ._common import compiled_first, out_float_dtype, with_fallback
 
 
+@compiled_first("local_density")
 def _local_density_default(
     labeled: torch.Tensor,
     bank: torch.Tensor,

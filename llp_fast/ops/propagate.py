@@ -7,9 +7,10 @@ import torch
 from .. import _validate as check
 from .._interop import accepts_arrays
 from ..reference import propagate_ref
-from ._common import out_float_dtype, with_fallback
+from ._common import compiled_first, out_float_dtype, with_fallback
 
 
+@compiled_first("propagate")
 def _propagate_default(
     queries: torch.Tensor,
     labeled: torch.Tensor,

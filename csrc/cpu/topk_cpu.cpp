@@ -1,0 +1,294 @@
+// Fused CPU top-K for llp_fast::propagate (SPEC §1.2) and llp_fast::local_density (SPEC §1.1).
+//
+// Both ops need, per query row i, the k largest of
+//     s_ij = (q_i . m_j) * (1 / tau) - bias_j
+// over the key rows j (propagate: bias = log_rho or 0; local_density: bias = 0, or +inf outside the
+// pool so that those keys score -inf and are never selected). The naive path materialises a score
+// tile, adds the bias in another pass and calls topk (a partial sort of every row); here:
+//   1. a (ROWS x COLS) score tile comes from at::mm (BLAS) into a per-thread buffer that stays in L2;
+//   2. one pass over the tile scales, subtracts the bias, and compares each score with the row's
+//      running k-th best (its threshold). Once a row has seen a few hundred keys the threshold
+//      rejects almost every score, so the pass is a vectorised compare with a rare scalar branch;
+//   3. candidates that beat the threshold go to a small per-row buffer of 2k+64 entries; when it is
+//      full it is cut back to the best k (nth_element) and the threshold rises to the k-th value;
+//   4. at the end the best k are sorted and handed to the op's finisher (the vote or the
+//      log-sum-exp), so neither the Q x M score matrix nor a per-row sort of M keys ever exists.
+// Parallelism: at::parallel_for over blocks of query rows; BLAS runs single-threaded inside each
+// task (nested OpenMP), which is what keeps every core busy on its own L2-resident tile.
+// Extra memory: O(threads * ROWS * (COLS + 2k + 64)) for the tiles and candidate buffers, plus O(Q)
+// for the outputs; a query or key block is converted per task when its dtype is not the compute one.
+#include <ATen/Dispatch.h>
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "../llp_fast.h"
+
+namespace llp_fast {
+namespace {
+
+// Tile shape. ROWS x COLS floats = 512 KB for the tile; with the 256-row query block and the
+// 512-row key block (128 KB + 256 KB at D = 128) it fits one core's L2 on current server CPUs
+// (1-2 MB). 256 x 512 measured best of {64..512} x {512..4096} on the 2-core EPYC dev box, counted
+// in process CPU time (the box is shared): tall blocks amortise each key block over more rows.
+// Fewer rows per block when there are too few queries to give every thread a block.
+// LLP_FAST_CPU_TILE="rows,cols" overrides both (for tuning on other machines, and tests).
+struct Tile {
+  int64_t rows = 256;
+  int64_t cols = 512;
+};
+
+Tile tile_for(int64_t nq) {
+  Tile t;
+  if (const char* s = std::getenv("LLP_FAST_CPU_TILE")) {
+    long r = 0, c = 0;
+    if (std::sscanf(s, "%ld,%ld", &r, &c) == 2 && r > 0 && c > 0) {
+      t.rows = r;
+      t.cols = c;
+      return t;
+    }
+  }
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  t.rows = std::max<int64_t>(16, std::min(t.rows, (nq + threads - 1) / threads));
+  return t;
+}
+
+template <typename acc_t>
+struct Candidate {
+  acc_t value;
+  int64_t index;
+};
+
+// Best first; among equal scores the lower key index first, so that the selection is
+// deterministic. (The reference's topk leaves ties unspecified; tests compare scores and votes.)
+template <typename acc_t>
+inline bool better(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
+  return a.value > b.value || (a.value == b.value && a.index < b.index);
+}
+
+// The running top-k of one query row.
+template <typename acc_t>
+struct RowTopK {
+  Candidate<acc_t>* buf;  // capacity `cap`
+  int64_t count;
+  acc_t threshold;  // a score must be > threshold to matter (the k-th best once known, else -inf)
+
+  // Keep the best k; the threshold becomes the k-th best (scores equal to it lose: they would be
+  // later in index order, and the tie rule above prefers the earlier index).
+  void shrink(int64_t k) {
+    if (count <= k) return;
+    std::nth_element(buf, buf + (k - 1), buf + count, better<acc_t>);
+    count = k;
+    threshold = buf[k - 1].value;
+  }
+};
+
+// Run the fused top-k of queries x keys and call finish(row, sorted candidates, n) for each query
+// row, where n = min(k, number of keys with a finite score). `bias` has one acc_t entry per key.
+template <typename acc_t, typename Finish>
+void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* bias, int64_t k, double tau,
+                const Finish& finish) {
+  const at::ScalarType cdt = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
+  if (nq == 0) return;
+  const Tile tile = tile_for(nq);
+  const int64_t rows = std::min(tile.rows, nq);
+  const int64_t cols = std::min(tile.cols, nk);
+  const int64_t cap = 2 * k + 64;
+  // The reference multiplies by the Python float 1/tau rounded to the compute type; so do we, so
+  // that both see the same scores up to the matmul's summation order.
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
+  // Inputs already in the compute dtype are used in place (views, no copy); others are converted
+  // one block at a time inside the task, so a bf16 bank is never copied whole.
+  const bool q_direct = queries.scalar_type() == cdt;
+  const bool k_direct = keys.scalar_type() == cdt;
+  const int64_t blocks = (nq + rows - 1) / rows;
+
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const auto opts = queries.options().dtype(cdt);
+    at::Tensor scores = at::empty({rows, cols}, opts);
+    std::vector<Candidate<acc_t>> cand(static_cast<size_t>(rows * cap));
+    std::vector<RowTopK<acc_t>> top(rows);
+    at::Tensor q_buf = q_direct ? at::Tensor() : at::empty({rows, dim}, opts);
+    at::Tensor k_buf = k_direct ? at::Tensor() : at::empty({cols, dim}, opts);
+
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * rows;
+      const int64_t nr = std::min(rows, nq - r0);
+      at::Tensor q = queries.narrow(0, r0, nr);
+      if (!q_direct) q = q_buf.narrow(0, 0, nr).copy_(q);
+      for (int64_t r = 0; r < nr; ++r) {
+        top[r] = RowTopK<acc_t>{cand.data() + r * cap, 0, -std::numeric_limits<acc_t>::infinity()};
+      }
+
+      for (int64_t c0 = 0; c0 < nk; c0 += cols) {
+        const int64_t nc = std::min(cols, nk - c0);
+        at::Tensor kc = keys.narrow(0, c0, nc);
+        if (!k_direct) kc = k_buf.narrow(0, 0, nc).copy_(kc);
+        // The tile is (nr, nc) with row stride nc: contiguous, as mm_out wants its output.
+        at::Tensor s = scores.view({-1}).narrow(0, 0, nr * nc).view({nr, nc});
+        at::mm_out(s, q, kc.t());
+        const acc_t* bias_c = bias + c0;
+
+        for (int64_t r = 0; r < nr; ++r) {
+          acc_t* srow = s.data_ptr<acc_t>() + r * nc;
+          RowTopK<acc_t>& t = top[r];
+          // Blocks of 32 columns: a branch-free (vectorisable) pass that scales, biases and asks
+          // "does any score beat the threshold?" without storing anything, then a scalar pass,
+          // recomputing the same scores, only for the rare block that has a candidate.
+          constexpr int64_t kStep = 32;
+          for (int64_t j0 = 0; j0 < nc; j0 += kStep) {
+            const int64_t j1 = std::min(nc, j0 + kStep);
+            const acc_t thr = t.threshold;
+            int hit = 0;
+            for (int64_t j = j0; j < j1; ++j) hit |= (srow[j] * inv_tau - bias_c[j]) > thr;
+            if (!hit) continue;
+            for (int64_t j = j0; j < j1; ++j) {
+              const acc_t x = srow[j] * inv_tau - bias_c[j];
+              if (x > t.threshold) {
+                t.buf[t.count++] = Candidate<acc_t>{x, c0 + j};
+                if (t.count == cap) t.shrink(k);
+              }
+            }
+          }
+        }
+      }
+
+      for (int64_t r = 0; r < nr; ++r) {
+        RowTopK<acc_t>& t = top[r];
+        t.shrink(k);
+        std::sort(t.buf, t.buf + t.count, better<acc_t>);
+        finish(r0 + r, t.buf, t.count);
+      }
+    }
+  });
+}
+
+at::ScalarType compute_type(const at::Tensor& a, const at::Tensor& b) {
+  // As reference.compute_dtype: float64 if an input is float64, else float32.
+  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+void check_pair(const char* op, const at::Tensor& q, const char* qn, const at::Tensor& m, const char* mn) {
+  TORCH_CHECK(q.device().is_cpu() && m.device().is_cpu(), op, ": tensors must be on the CPU");
+  TORCH_CHECK(q.dim() == 2 && m.dim() == 2, op, ": ", qn, " and ", mn, " must be 2-D");
+  TORCH_CHECK(q.size(1) == m.size(1), op, ": ", qn, " and ", mn, " must have the same D");
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && at::isFloatingType(m.scalar_type()), op,
+              ": embeddings must be floating point");
+}
+
+// SPEC §1.2's vote over the k best (sorted descending): w = exp(score - best), summed per class;
+// the label is the class with the largest sum, ties to the lowest class id; the confidence is its
+// share. Classes are collected by a stable sort so each class's weights are added in score order,
+// as the reference's scatter_add does; no num_classes-sized buffer is needed.
+template <typename acc_t>
+void vote(const Candidate<acc_t>* c, int64_t n, const int64_t* classes, std::vector<std::pair<int64_t, acc_t>>& cw,
+          int64_t* label, acc_t* conf) {
+  if (n == 0) {  // no key at all: cannot happen through the public API (k >= 1, M >= 1)
+    *label = 0;
+    *conf = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
+  cw.resize(n);
+  const acc_t top = c[0].value;
+  for (int64_t i = 0; i < n; ++i) cw[i] = {classes[c[i].index], std::exp(c[i].value - top)};
+  std::stable_sort(cw.begin(), cw.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  acc_t total = 0, best = -1;
+  int64_t best_class = 0;
+  for (int64_t i = 0; i < n;) {
+    const int64_t cls = cw[i].first;
+    acc_t w = 0;
+    for (; i < n && cw[i].first == cls; ++i) w += cw[i].second;
+    total += w;
+    if (w > best) {  // strict: an equal later (higher) class does not replace the lower one
+      best = w;
+      best_class = cls;
+    }
+  }
+  *label = best_class;
+  *conf = best / total;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& queries, const at::Tensor& labeled,
+                                                 const at::Tensor& labeled_classes,
+                                                 const std::optional<at::Tensor>& log_rho, int64_t k,
+                                                 double tau, int64_t num_classes) {
+  check_pair("propagate_cpu", queries, "queries", labeled, "labeled");
+  const int64_t nq = queries.size(0), m = labeled.size(0);
+  TORCH_CHECK(labeled_classes.dim() == 1 && labeled_classes.size(0) == m,
+              "propagate_cpu: labeled_classes must be (M,)");
+  TORCH_CHECK(k >= 1 && k <= m, "propagate_cpu: k must lie in [1, M]");
+  TORCH_CHECK(tau > 0, "propagate_cpu: tau must be > 0");
+  TORCH_CHECK(num_classes >= 1, "propagate_cpu: num_classes must be >= 1");
+  const at::ScalarType cdt = compute_type(queries, labeled);
+  const at::Tensor classes = labeled_classes.to(at::kLong).contiguous();
+  at::Tensor bias;
+  if (log_rho.has_value() && log_rho->defined()) {
+    TORCH_CHECK(log_rho->dim() == 1 && log_rho->size(0) == m, "propagate_cpu: log_rho must be (M,)");
+    bias = log_rho->to(cdt).contiguous();
+  } else {
+    bias = at::zeros({m}, queries.options().dtype(cdt));  // NoDW: no density term
+  }
+  at::Tensor labels = at::empty({nq}, queries.options().dtype(at::kLong));
+  at::Tensor conf = at::empty({nq}, queries.options().dtype(cdt));
+
+  AT_DISPATCH_FLOATING_TYPES(cdt, "propagate_cpu", [&] {
+    const int64_t* cls = classes.const_data_ptr<int64_t>();
+    int64_t* lab = labels.data_ptr<int64_t>();
+    scalar_t* cf = conf.data_ptr<scalar_t>();
+    fused_topk<scalar_t>(queries, labeled, bias.const_data_ptr<scalar_t>(), k, tau,
+                         [&](int64_t row, const Candidate<scalar_t>* c, int64_t n) {
+                           // Scratch per thread, reused across rows (a thread runs one task at a time).
+                           thread_local std::vector<std::pair<int64_t, scalar_t>> cw;
+                           vote<scalar_t>(c, n, cls, cw, lab + row, cf + row);
+                         });
+  });
+  return {labels, conf};
+}
+
+at::Tensor local_density_cpu(const at::Tensor& labeled, const at::Tensor& bank, int64_t t, double tau,
+                             const std::optional<at::Tensor>& pool_mask) {
+  check_pair("local_density_cpu", labeled, "labeled", bank, "bank");
+  const int64_t m = labeled.size(0), n = bank.size(0);
+  TORCH_CHECK(t >= 1 && t <= n, "local_density_cpu: t must lie in [1, N]");
+  TORCH_CHECK(tau > 0, "local_density_cpu: tau must be > 0");
+  const at::ScalarType cdt = compute_type(labeled, bank);
+  at::Tensor bias = at::zeros({n}, labeled.options().dtype(cdt));
+  if (pool_mask.has_value() && pool_mask->defined()) {
+    TORCH_CHECK(pool_mask->dim() == 1 && pool_mask->size(0) == n && pool_mask->scalar_type() == at::kBool,
+                "local_density_cpu: pool_mask must be (N,) bool");
+    // Keys outside the pool get bias +inf, i.e. score -inf: never above a threshold, never chosen,
+    // exactly like the reference's masked_fill(-inf). The bank itself is not copied.
+    bias.masked_fill_(pool_mask->logical_not(), std::numeric_limits<double>::infinity());
+  }
+  at::Tensor out = at::empty({m}, labeled.options().dtype(cdt));
+
+  AT_DISPATCH_FLOATING_TYPES(cdt, "local_density_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    fused_topk<scalar_t>(labeled, bank, bias.const_data_ptr<scalar_t>(), t, tau,
+                         [&](int64_t row, const Candidate<scalar_t>* c, int64_t cnt) {
+                           // log-sum-exp of the t best, max first (torch.logsumexp's formula).
+                           if (cnt == 0) {
+                             o[row] = -std::numeric_limits<scalar_t>::infinity();
+                             return;
+                           }
+                           const scalar_t top = c[0].value;
+                           scalar_t sum = 0;
+                           for (int64_t i = 0; i < cnt; ++i) sum += std::exp(c[i].value - top);
+                           o[row] = top + std::log(sum);
+                         });
+  });
+  return out;
+}
+
+}  // namespace llp_fast
