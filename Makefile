@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-interpret test-cuda bench bench-gpu compile-check lint clean
+.PHONY: install demo test test-interpret test-cuda bench bench-cpu bench-gpu compile-check compile-cuda lint clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q ninja  # the C++ extension below builds in parallel with it
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
@@ -33,15 +34,23 @@ test-cuda: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-enable
 
+bench-cpu: $(STAMP)
+	$(PY) bench/bench_cpu_propagate.py --scaling
+	$(PY) bench/bench_cpu_aggregation_loss.py
+	$(PY) bench/bench_bank_update.py
+
 bench-gpu: $(STAMP)
 	$(PY) bench/run_gpu.py
 
 compile-check: $(STAMP)
 	$(PY) tests/_compile_kernels.py 90 80
 
+compile-cuda: $(STAMP)
+	.ci/compile_cuda.sh $(PY)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check llp_fast kernels tests bench
 	$(VENV)/bin/ruff format --check llp_fast kernels tests bench
 
 clean:
-	rm -rf build *.egg-info $(VENV)
+	rm -rf build *.egg-info $(VENV) llp_fast/_C*.so

@@ -8,6 +8,7 @@ from brute import aggregation_loss as brute_loss
 from conftest import unit
 
 import llp_fast
+from llp_fast.reference import aggregation_loss_backward_ref, aggregation_loss_ref
 
 SHAPES = [  # (B, N, D, labels drawn from)
     (1, 1, 1, 1),
@@ -30,23 +31,33 @@ def _inputs(b, n, d, s, dtype):
     return v, bank, bank_labels, targets
 
 
+def _loss_and_grad(impl, v, bank, bank_labels, targets, w, tau):
+    """(loss, d(sum w*loss)/dv) from the public op (autograd) or the reference functions."""
+    if impl == "op":
+        v = v.clone().requires_grad_()
+        loss = llp_fast.aggregation_loss(v, bank, bank_labels, targets, tau=tau)
+        (loss * w).sum().backward()
+        return loss.detach(), v.grad
+    loss, lse_all, lse_pos = aggregation_loss_ref(v, bank, bank_labels, targets, tau)
+    grad = aggregation_loss_backward_ref(v, bank, bank_labels, targets, lse_all, lse_pos, w, -w, tau)
+    return loss.float(), grad
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loss_and_gradient_match_brute_force(shape, dtype, tiles):
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_loss_and_gradient_match_brute_force(shape, dtype, impl, tiles):
     v, bank, bank_labels, targets = _inputs(*shape, dtype)
-    v = v.clone().requires_grad_()
-    loss = llp_fast.aggregation_loss(v, bank, bank_labels, targets, tau=0.07)
-    assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
-    np.testing.assert_allclose(
-        loss.detach().numpy(), brute_loss(v, bank, bank_labels, targets, 0.07), rtol=1e-4, atol=1e-4
-    )
     w = torch.rand(shape[0])
-    (loss * w).sum().backward()
-    assert v.grad.dtype == dtype
+    loss, grad = _loss_and_grad(impl, v, bank, bank_labels, targets, w, 0.07)
+    assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
+    want_loss = brute_loss(v, bank, bank_labels, targets, 0.07)
+    np.testing.assert_allclose(loss.numpy(), want_loss, rtol=1e-4, atol=1e-4)
+    assert grad.dtype == dtype
     want = aggregation_grad(v, bank, bank_labels, targets, 0.07, w)
     # The reference is exact on the rounded inputs; bf16 adds only the rounding of the output.
     rtol, atol = (1e-4, 1e-4) if dtype == torch.float32 else (8e-3, 1e-3 * np.abs(want).max())
-    np.testing.assert_allclose(v.grad.float().numpy(), want, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(grad.float().numpy(), want, rtol=rtol, atol=atol)
 
 
 def test_gradient_of_lse_outputs():

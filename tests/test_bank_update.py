@@ -13,13 +13,17 @@ from llp_fast.reference import bank_update_ref_, occurrence_rank
 @pytest.mark.parametrize("n,d,b", [(1, 1, 1), (10, 17, 4), (100, 128, 64), (5, 3, 12)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("momentum", [0.5, 0.0, 0.9])
-def test_matches_sequential_loop(n, d, b, dtype, momentum):
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_matches_sequential_loop(n, d, b, dtype, momentum, impl):
     bank = unit(n, d, dtype)
     before = bank.clone()
     idx = torch.randint(0, n, (b,))
     values = unit(b, d)
     ptr = bank.data_ptr()
-    out = llp_fast.bank_update_(bank, idx, values, momentum=momentum)
+    if impl == "op":
+        out = llp_fast.bank_update_(bank, idx, values, momentum=momentum)
+    else:
+        out = bank_update_ref_(bank, idx, values.to(dtype), momentum)
     assert out is bank and bank.data_ptr() == ptr
     want = brute_update(before, idx, values.to(dtype), momentum)
     tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]

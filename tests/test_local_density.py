@@ -7,6 +7,7 @@ from brute import local_density as brute_density
 from conftest import unit
 
 import llp_fast
+from llp_fast.reference import local_density_ref
 
 SHAPES = [  # (M, N, D, t)
     (1, 1, 1, 1),
@@ -19,20 +20,28 @@ SHAPES = [  # (M, N, D, t)
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_local_density_matches_brute_force(shape, dtype, tiles):
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_local_density_matches_brute_force(shape, dtype, impl, tiles):
     m, n, d, t = shape
     labeled, bank = unit(m, d, dtype), unit(n, d, dtype)
-    got = llp_fast.local_density(labeled, bank, t=t, tau=0.07)
+    if impl == "op":
+        got = llp_fast.local_density(labeled, bank, t=t, tau=0.07)
+    else:
+        got = local_density_ref(labeled, bank, t, 0.07)
     assert got.dtype == torch.float32 and got.shape == (m,)
     np.testing.assert_allclose(got.numpy(), brute_density(labeled, bank, t, 0.07), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tau", [0.07, 0.5])
-def test_pool_mask_selects_the_pool(tau, tiles):
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_pool_mask_selects_the_pool(tau, impl, tiles):
     labeled, bank = unit(12, 10), unit(50, 10)
     mask = torch.rand(50) < 0.4
     t = min(7, int(mask.sum()))
-    got = llp_fast.local_density(labeled, bank, t=t, tau=tau, pool_mask=mask)
+    if impl == "op":
+        got = llp_fast.local_density(labeled, bank, t=t, tau=tau, pool_mask=mask)
+    else:
+        got = local_density_ref(labeled, bank, t, tau, mask)
     np.testing.assert_allclose(got.numpy(), brute_density(labeled, bank, t, tau, mask.tolist()), rtol=1e-5, atol=1e-5)
     # The mask is the same as passing the pool rows themselves.
     torch.testing.assert_close(got, llp_fast.local_density(labeled, bank[mask], t=t, tau=tau))
