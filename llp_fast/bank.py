@@ -151,6 +151,15 @@ class MemoryBank:
             v.to(self.embeddings.dtype), self.embeddings, self.labels, self.labels[rows], tau=tau, check_finite=False
         )
 
+    def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
+        """Instance discrimination (the warm-up): the aggregation loss with every row its own
+        group, i.e. softmax cross-entropy of ``v`` against its own bank row. (B,) float32."""
+        rows = self.rows(indices)
+        ids = -1 - self.index_of
+        return aggregation_loss(
+            v.to(self.embeddings.dtype), self.embeddings, ids, ids[rows], tau=tau, check_finite=False
+        )
+
     def _check_batch(self, indices, embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows(indices)
         check.embeddings(embeddings, "embeddings")

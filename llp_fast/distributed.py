@@ -167,6 +167,7 @@ class ShardedMemoryBank:
         if not bool((targets >= 0).any()):
             raise ValueError("targets holds no labeled example (no entry >= 0): the labeled set is empty")
         self.group = group
+        self._targets = targets
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.n = targets.shape[0]
         self.start, self.end = shard_range(self.n, self.rank, self.world)
@@ -257,6 +258,65 @@ class ShardedMemoryBank:
             v.to(self.local.embeddings.dtype), self.local.embeddings, self.local.labels, targets, tau, self.group
         )
 
+    def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
+        """Instance discrimination against the whole sharded bank (the warm-up); (B,)."""
+        tau = check.temperature(tau)
+        check.embeddings(v, "v")
+        indices = torch.as_tensor(indices, device=self.device).long()
+        ids = -1 - (self.local.index_of + self.start)
+        return _ShardedAggregationLoss.apply(
+            v.to(self.local.embeddings.dtype), self.local.embeddings, ids, -1 - indices, tau, self.group
+        )
+
+    @torch.no_grad()
+    def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
+        """SPEC §1.6's blend for the global batch; every rank writes the rows it owns."""
+        momentum = check.fraction(momentum, "momentum")
+        idx_all, emb_all = self._gather_batch(indices, embeddings)
+        own = self._owned(idx_all)
+        if bool(own.any()):
+            rows = self.local.row_of[idx_all[own] - self.start]
+            bank_update_(self.local.embeddings, rows, emb_all[own], momentum=momentum, check_finite=False)
+
+    @torch.no_grad()
+    def gather(self) -> MemoryBank:
+        """The whole bank as one single-process :class:`MemoryBank` on every rank (collective;
+        N x D memory): for diagnostics over all rows, and for checkpoints that any world size
+        can resume from."""
+        loc = self.local
+        order = torch.argsort(loc.index_of)  # local rows in dataset order
+        emb = all_gather_cat(loc.embeddings[order].contiguous(), self.group)
+        labels = all_gather_cat(loc.labels[order].contiguous(), self.group)
+        conf = all_gather_cat(loc.confidence[order].contiguous(), self.group)
+        log_rho_by_index = torch.zeros(self.n, device=self.device)
+        log_rho_by_index[loc.index_of[: loc.num_labeled] + self.start] = loc.log_rho.float()
+        dist.all_reduce(log_rho_by_index, group=self.group)
+        full = self._empty_full()
+        full.embeddings.copy_(emb[full.index_of])
+        full.labels.copy_(labels[full.index_of])
+        full.confidence.copy_(conf[full.index_of])
+        full.log_rho = log_rho_by_index[full.index_of[: full.num_labeled]].contiguous()
+        return full
+
+    @torch.no_grad()
+    def load_full(self, full_state: dict) -> None:
+        """Takes this rank's shard from a single-process bank state (see :meth:`gather`),
+        whatever world size wrote it. Checked first; nothing is written on failure."""
+        full = self._empty_full()
+        full.load_state_dict(full_state)
+        loc = self.local
+        rows_full = full.row_of[loc.index_of + self.start]
+        loc.embeddings.copy_(full.embeddings[rows_full])
+        loc.labels.copy_(full.labels[rows_full])
+        loc.confidence.copy_(full.confidence[rows_full])
+        loc.log_rho = full.log_rho[full.row_of[loc.index_of[: loc.num_labeled] + self.start]].contiguous()
+
+    def _empty_full(self) -> MemoryBank:
+        loc = self.local
+        return MemoryBank(
+            self._targets, self.num_classes, dim=loc.embeddings.shape[1], dtype=loc.embeddings.dtype, device=self.device
+        )
+
     @torch.no_grad()
     def step(
         self,
@@ -339,10 +399,22 @@ class ReplicatedMemoryBank(MemoryBank):
         super().__init__(targets, num_classes, **kwargs)
         self.group = group
 
+    def _gathered(self, indices, embeddings):
+        indices = torch.as_tensor(indices, device=self.device)
+        _, emb = self._check_batch(indices, embeddings)
+        return all_gather_cat(indices.long(), self.group), all_gather_cat(emb.float(), self.group)
+
     @torch.no_grad()
     def step(self, indices, embeddings, **kwargs):
-        indices = torch.as_tensor(indices, device=self.device)
-        rows, emb = self._check_batch(indices, embeddings)
-        idx_all = all_gather_cat(indices.long(), self.group)
-        emb_all = all_gather_cat(emb.float(), self.group)
-        return super().step(idx_all, emb_all, **kwargs)
+        return super().step(*self._gathered(indices, embeddings), **kwargs)
+
+    @torch.no_grad()
+    def update(self, indices, embeddings, **kwargs):
+        return super().update(*self._gathered(indices, embeddings), **kwargs)
+
+    def gather(self) -> MemoryBank:
+        """Every rank already holds the whole bank."""
+        return self
+
+    def load_full(self, full_state: dict) -> None:
+        self.load_state_dict(full_state)

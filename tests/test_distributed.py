@@ -96,6 +96,31 @@ def _worker(rank, world, init_file, layout):
         torch.testing.assert_close(got_c, want_c, rtol=1e-5, atol=1e-6)
         # stored() of this rank's batch, fetched from the owners.
         torch.testing.assert_close(bank.stored(idx[mine])[0], single.stored(idx[mine])[0])
+    # Warm-up pieces: instance discrimination (value and gradient) and the plain update.
+    idx, emb = _batches(world)[0]
+    mine = slice(rank * 5, rank * 5 + 5)
+    v = emb[mine].clone().requires_grad_()
+    loss = bank.instance_loss(v, idx[mine], tau=0.2)
+    loss.sum().backward()
+    v_ref = emb.clone().requires_grad_()
+    loss_ref = single.instance_loss(v_ref, idx, tau=0.2)
+    loss_ref[mine].sum().backward()
+    torch.testing.assert_close(loss, loss_ref[mine], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v.grad, v_ref.grad[mine], rtol=1e-4, atol=1e-5)
+    bank.update(idx[mine], emb[mine], momentum=0.3)
+    single.update(idx, emb, momentum=0.3)
+    torch.testing.assert_close(rows(bank, own), single.embeddings[single.row_of[own]], rtol=0, atol=1e-6)
+    # The gathered bank is the single bank; a bank loaded from it holds the same rows.
+    full = bank.gather()
+    for key, value in single.state_dict().items():
+        got = full.state_dict()[key]
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(got, value, rtol=0, atol=1e-6, check_dtype=False)
+        else:
+            assert got == value, key
+    twin = (ShardedMemoryBank if layout == "sharded" else ReplicatedMemoryBank)(targets, S, dim=D, seed=11)
+    twin.load_full(single.state_dict())
+    torch.testing.assert_close(rows(twin, own), rows(bank, own), rtol=0, atol=1e-6)
     gathered = all_gather_cat(torch.full((rank + 1,), rank))
     assert gathered.tolist() == sum(([r] * (r + 1) for r in range(world)), [])
     dist.destroy_process_group()
