@@ -66,6 +66,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="also train the supervised-only baseline on the same split and print both "
                    "(auto: on for digits and mnist5k)")
     g.add_argument("--quiet", action="store_true", help="no progress output")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
 
     g = ap.add_argument_group("model and optimiser")
     g.add_argument("--arch", choices=("resnet18", "resnet50"), default="resnet18")
@@ -122,7 +123,7 @@ def config_from_args(args, run_dir: str):
         density_weighting=not args.no_density_weighting, confidence=not args.no_confidence,
         supervised_only=args.supervised_only, amp=args.amp, compile=args.compile, image_size=args.image_size,
         scale_min=args.scale_min, translate=args.translate, flip=args.flip, workers=args.workers,
-        quiet=args.quiet, stop_after_steps=args.stop_after_steps,
+        quiet=args.quiet, threads=args.threads, stop_after_steps=args.stop_after_steps,
     )
 
 

@@ -91,6 +91,7 @@ class TrainConfig:
     flip: bool | None = None
     workers: int = 2
     eval_batch_size: int = 512
+    threads: int = 0  # CPU threads for torch (0: torch's default)
     quiet: bool = False
     # set by the trainer, not by the user
     stop_after_steps: int | None = None  # testing aid: act as if SIGINT arrived after this many steps
@@ -210,6 +211,8 @@ class Trainer:
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.source = load_data(
             cfg.data, device=self.device, labeled_fraction=cfg.labeled_fraction,
