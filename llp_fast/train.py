@@ -547,6 +547,12 @@ def config_from_checkpoint(run_dir: str) -> tuple[TrainConfig, dict]:
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Trains (or resumes) the run in ``cfg.run_dir``; returns the last epoch's metrics."""
+    return prepare(cfg, resume=resume).fit()
+
+
+def prepare(cfg: TrainConfig, *, resume: bool = False) -> Trainer:
+    """The :class:`Trainer` for ``cfg`` (restored from ``cfg.run_dir`` when ``resume``): data
+    loaded and checked, model built; nothing trained yet."""
     ckpt = None
     if resume:
         saved_stop = cfg.stop_after_steps
@@ -559,4 +565,4 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    return trainer.fit()
+    return trainer
