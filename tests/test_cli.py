@@ -12,8 +12,25 @@ from llp_fast.cli import propagate_main, train_main
 
 torch.set_num_threads(1)
 
-TINY = ["--epochs", "1", "--width", "4", "--image-size", "8", "--unlabeled-fraction", "0.2", "--batch-size", "64",
-        "--k", "5", "--t", "10", "--quiet", "--device", "cpu"]
+TINY = [
+    "--epochs",
+    "1",
+    "--width",
+    "4",
+    "--image-size",
+    "8",
+    "--unlabeled-fraction",
+    "0.2",
+    "--batch-size",
+    "64",
+    "--k",
+    "5",
+    "--t",
+    "10",
+    "--quiet",
+    "--device",
+    "cpu",
+]
 
 
 def one_error_line(capsys, rc, match, prog="llp-fast-train"):
@@ -79,9 +96,35 @@ def _folder(root, per_class=4):
 def test_unreadable_image(tmp_path, capsys, workers):
     root = _folder(tmp_path / "imgs")
     (root / "c1" / "2.png").write_bytes(b"\x89PNG but truncated")
-    rc = train_main(["--data", f"folder:{root}", "--run-dir", str(tmp_path / "r"), "--labeled-fraction", "0.5",
-                     "--workers", str(workers), "--epochs", "1", "--width", "4", "--image-size", "8", "--k", "1",
-                     "--t", "1", "--batch-size", "4", "--quiet", "--device", "cpu", "--baseline", "off"])
+    rc = train_main(
+        [
+            "--data",
+            f"folder:{root}",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--labeled-fraction",
+            "0.5",
+            "--workers",
+            str(workers),
+            "--epochs",
+            "1",
+            "--width",
+            "4",
+            "--image-size",
+            "8",
+            "--k",
+            "1",
+            "--t",
+            "1",
+            "--batch-size",
+            "4",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--baseline",
+            "off",
+        ]
+    )
     one_error_line(capsys, rc, "cannot read image")
 
 
@@ -138,8 +181,19 @@ def test_propagate_cli_matches_the_ops(tmp_path, capsys, extra):
     x, y, labels = _digits_embeddings(tmp_path)
     out = tmp_path / "pseudo.npy"
     conf_out = tmp_path / "conf.npy"
-    rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(out),
-                         "--confidence-out", str(conf_out), "--chunk", "333", *extra])
+    rc = propagate_main(
+        [
+            str(tmp_path / "emb.npy"),
+            str(tmp_path / "lab.npy"),
+            "--out",
+            str(out),
+            "--confidence-out",
+            str(conf_out),
+            "--chunk",
+            "333",
+            *extra,
+        ]
+    )
     assert rc == 0 and "labelled" in capsys.readouterr()[0]
     pseudo, conf = np.load(out), np.load(conf_out)
     emb = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
@@ -152,8 +206,11 @@ def test_propagate_cli_matches_the_ops(tmp_path, capsys, extra):
     assert np.array_equal(pseudo[labels >= 0], labels[labels >= 0])
     agree = (pseudo[labels < 0] == want.numpy()).mean()
     assert agree > 0.99  # chunked top-T merging may break exact ties differently
-    np.testing.assert_allclose(conf[labels < 0][pseudo[labels < 0] == want.numpy()],
-                               wconf.numpy()[pseudo[labels < 0] == want.numpy()], atol=1e-4)
+    np.testing.assert_allclose(
+        conf[labels < 0][pseudo[labels < 0] == want.numpy()],
+        wconf.numpy()[pseudo[labels < 0] == want.numpy()],
+        atol=1e-4,
+    )
     assert (pseudo[labels < 0] == y[labels < 0]).mean() > 0.85
 
 

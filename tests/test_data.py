@@ -55,7 +55,7 @@ def test_augmentation_batched_seeded_and_label_preserving():
     src = _source()
     order = torch.arange(32)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    (a, ia), (b, ib) = next(src.train_batches(order, 32, g1)), next(src.train_batches(order, 32, g2))
+    (a, ia), (b, _) = next(src.train_batches(order, 32, g1)), next(src.train_batches(order, 32, g2))
     torch.testing.assert_close(a, b)
     assert torch.equal(ia, order)
     plain = src.plain(src.x[:32])

@@ -50,8 +50,9 @@ class Split:
     test: np.ndarray
 
 
-def _stratified_pick(y: np.ndarray, ids: np.ndarray, fraction: float, rng: np.random.Generator,
-                     at_least_one: bool) -> np.ndarray:
+def _stratified_pick(
+    y: np.ndarray, ids: np.ndarray, fraction: float, rng: np.random.Generator, at_least_one: bool
+) -> np.ndarray:
     """A seeded, class-balanced subset of ``ids``: ``round(fraction * n_c)`` of each class."""
     picked = []
     for c in np.unique(y[ids]):
@@ -64,9 +65,18 @@ def _stratified_pick(y: np.ndarray, ids: np.ndarray, fraction: float, rng: np.ra
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
 
 
-def make_split(y: np.ndarray, *, num_classes: int, labeled_fraction: float | None,
-               unlabeled_fraction: float = 1.0, test_fraction: float = 0.2, has_test: bool = False,
-               seed: int = 0, class_names=None, labeled_mask: np.ndarray | None = None) -> Split:
+def make_split(
+    y: np.ndarray,
+    *,
+    num_classes: int,
+    labeled_fraction: float | None,
+    unlabeled_fraction: float = 1.0,
+    test_fraction: float = 0.2,
+    has_test: bool = False,
+    seed: int = 0,
+    class_names=None,
+    labeled_mask: np.ndarray | None = None,
+) -> Split:
     """Split examples with labels ``y`` (-1 = unlabeled by the data) as described above.
 
     ``labeled_fraction=None`` keeps the data's own labeled set (every ``y >= 0``).
@@ -106,8 +116,10 @@ def make_split(y: np.ndarray, *, num_classes: int, labeled_fraction: float | Non
     for c in range(num_classes):
         if counts[c] == 0:
             name = class_names[c] if class_names is not None else c
-            raise DataError(f"class {name!r} has no labeled training example (raise --labeled-fraction or "
-                            f"label at least one example of it)")
+            raise DataError(
+                f"class {name!r} has no labeled training example (raise --labeled-fraction or "
+                f"label at least one example of it)"
+            )
     return Split(train=train, targets=targets, truth=y[train].copy(), test=test)
 
 
@@ -117,7 +129,7 @@ def load(spec: str, **kwargs):
     from .folder import load_folder
 
     if spec.startswith("folder:"):
-        return load_folder(spec[len("folder:"):], **kwargs)
+        return load_folder(spec[len("folder:") :], **kwargs)
     return load_arrays(spec, **kwargs)
 
 

@@ -58,8 +58,9 @@ def _npz(path: str):
         if x.ndim == 4 and x.shape[3] not in (1, 3):
             raise DataError(f"{path}: {xk!r} must have 1 or 3 channels last, got shape {x.shape}")
         if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{path}: {yk!r} must be a 1-D integer array with one label per image, "
-                            f"got {y.dtype} {y.shape}")
+            raise DataError(
+                f"{path}: {yk!r} must be a 1-D integer array with one label per image, got {y.dtype} {y.shape}"
+            )
         if (y < -1).any():
             raise DataError(f"{path}: {yk!r} holds values below -1 (-1 marks unlabeled)")
         return x, y.astype(np.int64)
@@ -88,17 +89,37 @@ class ArraySource:
     dataset index, ``num_train``, ``num_test``.
     """
 
-    def __init__(self, name, x, y, x_test, y_test, *, device, labeled_fraction, unlabeled_fraction=1.0,
-                 seed=0, image_size=None, scale_min=None, translate=None, flip=None):
+    def __init__(
+        self,
+        name,
+        x,
+        y,
+        x_test,
+        y_test,
+        *,
+        device,
+        labeled_fraction,
+        unlabeled_fraction=1.0,
+        seed=0,
+        image_size=None,
+        scale_min=None,
+        translate=None,
+        flip=None,
+    ):
         self.name = name
         known = np.concatenate([y[y >= 0], y_test if y_test is not None else np.zeros(0, np.int64)])
         if known.size == 0:
             raise DataError(f"{name}: no labeled example at all")
         self.num_classes = int(known.max()) + 1
         self.class_names = [str(c) for c in range(self.num_classes)]
-        self.split: Split = make_split(y, num_classes=self.num_classes, labeled_fraction=labeled_fraction,
-                                       unlabeled_fraction=unlabeled_fraction, has_test=x_test is not None,
-                                       seed=seed)
+        self.split: Split = make_split(
+            y,
+            num_classes=self.num_classes,
+            labeled_fraction=labeled_fraction,
+            unlabeled_fraction=unlabeled_fraction,
+            has_test=x_test is not None,
+            seed=seed,
+        )
         if x_test is None:
             x_test, y_test = x[self.split.test], y[self.split.test]
         self.device = torch.device(device)
@@ -162,8 +183,16 @@ class ArraySource:
         theta = torch.eye(2, 3, device=x_u8.device).expand(x_u8.shape[0], 2, 3)
         return self._resample(x_u8, theta)
 
-    def train_batches(self, order: torch.Tensor, batch_size: int, gen: torch.Generator, *, start: int = 0,
-                      epoch: int = 0, drop_last: bool = False):
+    def train_batches(
+        self,
+        order: torch.Tensor,
+        batch_size: int,
+        gen: torch.Generator,
+        *,
+        start: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+    ):
         """Augmented ``(images, indices)`` batches over dataset indices ``order`` (CPU int64),
         from batch number ``start`` on. ``gen`` (on the device) drives the augmentation."""
         n = order.shape[0]
@@ -185,8 +214,20 @@ class ArraySource:
             idx = indices[s : s + batch_size].to(self.device)
             yield self.plain(self.x[idx]), idx
 
-def load_arrays(spec: str, *, device="cpu", labeled_fraction=0.1, unlabeled_fraction=1.0, seed=0,
-                image_size=None, scale_min=None, translate=None, flip=None, **_) -> ArraySource:
+
+def load_arrays(
+    spec: str,
+    *,
+    device="cpu",
+    labeled_fraction=0.1,
+    unlabeled_fraction=1.0,
+    seed=0,
+    image_size=None,
+    scale_min=None,
+    translate=None,
+    flip=None,
+    **_,
+) -> ArraySource:
     if spec == "digits":
         arrays, name = _digits(), "digits"
     elif spec == "mnist5k":
@@ -195,6 +236,15 @@ def load_arrays(spec: str, *, device="cpu", labeled_fraction=0.1, unlabeled_frac
         arrays, name = _npz(spec[4:]), "npz"
     else:
         raise DataError(f"unknown --data {spec!r}: expected digits, mnist5k, npz:PATH or folder:PATH")
-    return ArraySource(name, *arrays, device=device, labeled_fraction=labeled_fraction,
-                       unlabeled_fraction=unlabeled_fraction, seed=seed, image_size=image_size,
-                       scale_min=scale_min, translate=translate, flip=flip)
+    return ArraySource(
+        name,
+        *arrays,
+        device=device,
+        labeled_fraction=labeled_fraction,
+        unlabeled_fraction=unlabeled_fraction,
+        seed=seed,
+        image_size=image_size,
+        scale_min=scale_min,
+        translate=translate,
+        flip=flip,
+    )

@@ -30,14 +30,16 @@ class DaliFolder:
         s = self.source
         device_id = (s.device.index or 0) if self.on_gpu else None
 
-        @dali.pipeline_def(batch_size=batch_size, num_threads=4, device_id=device_id, seed=seed,
-                           exec_async=False, exec_pipelined=False)
+        @dali.pipeline_def(
+            batch_size=batch_size, num_threads=4, device_id=device_id, seed=seed, exec_async=False, exec_pipelined=False
+        )
         def pipe():
             jpegs, idx = fn.external_source(source=feed, num_outputs=2, dtype=[types.UINT8, types.INT64])
             dev = "mixed" if self.on_gpu else "cpu"
             if train:
-                images = fn.decoders.image_random_crop(jpegs, device=dev, output_type=types.RGB,
-                                                       random_area=[s.scale_min, 1.0])
+                images = fn.decoders.image_random_crop(
+                    jpegs, device=dev, output_type=types.RGB, random_area=[s.scale_min, 1.0]
+                )
                 images = fn.resize(images, resize_x=s.image_size, resize_y=s.image_size)
                 mirror = fn.random.coin_flip() if s.flip else 0
             else:
@@ -45,8 +47,12 @@ class DaliFolder:
                 images = fn.resize(images, resize_shorter=s.image_size)
                 mirror = 0
             images = fn.crop_mirror_normalize(
-                images, dtype=types.FLOAT, output_layout="CHW", crop=(s.image_size, s.image_size),
-                mean=[v * 255 for v in (0.485, 0.456, 0.406)], std=[v * 255 for v in (0.229, 0.224, 0.225)],
+                images,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                crop=(s.image_size, s.image_size),
+                mean=[v * 255 for v in (0.485, 0.456, 0.406)],
+                std=[v * 255 for v in (0.229, 0.224, 0.225)],
                 mirror=mirror,
             )
             return images, idx

@@ -126,8 +126,20 @@ def _random_resized_crop(im, size, scale_min, flip, rng):
 class FolderSource:
     """An image-folder data set, split; batches as :class:`llp_fast.data.arrays.ArraySource`."""
 
-    def __init__(self, root, *, device, labeled_fraction=0.1, unlabeled_fraction=1.0, seed=0, image_size=None,
-                 scale_min=None, flip=None, workers=2, **_):
+    def __init__(
+        self,
+        root,
+        *,
+        device,
+        labeled_fraction=0.1,
+        unlabeled_fraction=1.0,
+        seed=0,
+        image_size=None,
+        scale_min=None,
+        flip=None,
+        workers=2,
+        **_,
+    ):
         if not os.path.isdir(root):
             raise DataError(f"folder:{root}: no such directory")
         train_root, test_root = root, None
@@ -143,13 +155,26 @@ class FolderSource:
         self.class_names = classes
         self.num_classes = len(classes)
         mask = None
-        label_file = next((p for p in (os.path.join(root, "labeled.txt"), os.path.join(train_root, "labeled.txt"))
-                           if os.path.isfile(p)), None)
+        label_file = next(
+            (
+                p
+                for p in (os.path.join(root, "labeled.txt"), os.path.join(train_root, "labeled.txt"))
+                if os.path.isfile(p)
+            ),
+            None,
+        )
         if label_file is not None:
             mask = _read_labeled(label_file, train_root, files)
-        self.split: Split = make_split(y, num_classes=self.num_classes, labeled_fraction=labeled_fraction,
-                                       unlabeled_fraction=unlabeled_fraction, has_test=test_root is not None,
-                                       seed=seed, class_names=classes, labeled_mask=mask)
+        self.split: Split = make_split(
+            y,
+            num_classes=self.num_classes,
+            labeled_fraction=labeled_fraction,
+            unlabeled_fraction=unlabeled_fraction,
+            has_test=test_root is not None,
+            seed=seed,
+            class_names=classes,
+            labeled_mask=mask,
+        )
         if test_root is not None:
             tclasses, tfiles, ty = _scan(test_root)
             if tclasses != classes:
@@ -187,8 +212,11 @@ class FolderSource:
     def _loader(self, dataset, keys, batch_size):
         batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
         return torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
         )
 
     def train_batches(self, order: torch.Tensor, batch_size: int, gen=None, *, start: int = 0, epoch: int = 0):
