@@ -139,7 +139,9 @@ def train_parser() -> argparse.ArgumentParser:
         help="train on the labeled examples alone (the baseline), same net and schedule",
     )
     g.add_argument("--warmup-epochs", type=int, default=None, help="instance-discrimination warm-up epochs")
-    g.add_argument("--k", type=int, default=10, help="propagation neighbours K")
+    g.add_argument(
+        "--k", type=int, default=0, help="propagation neighbours K (default: min(10, smallest labeled class))"
+    )
     g.add_argument("--t", type=int, default=25, help="density neighbours T")
     g.add_argument("--tau", type=float, default=0.07, help="temperature")
     g.add_argument("--bank-momentum", type=float, default=0.5)

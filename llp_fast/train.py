@@ -75,7 +75,7 @@ class TrainConfig:
     rate_jump: int | None = None  # epoch where lr jumps back to 0.1 x initial
     jump_milestones: list[int] = field(default_factory=list)  # two more x0.1 drops after the jump
     warmup_epochs: int = 0  # instance-discrimination warm-up
-    k: int = 10
+    k: int = 10  # 0: auto, min(10, the smallest labeled class's size)
     t: int = 25
     tau: float = 0.07
     bank_momentum: float = 0.5
@@ -247,9 +247,12 @@ class Trainer:
         self.amp_dtype = _amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.bank = None
+        # K = 0 asks for min(10, smallest labeled class): with a handful of labels per class a
+        # K of 10 always reaches into other classes and the pseudo-labels collapse (docs/results.md).
+        self.k = cfg.k or min(10, int(torch.bincount(src.targets[src.targets >= 0]).min()))
         if not cfg.supervised_only:
-            if cfg.k > len(self.labeled_idx):
-                raise DataError(f"--k {cfg.k} exceeds the {len(self.labeled_idx)} labeled training examples")
+            if self.k > len(self.labeled_idx):
+                raise DataError(f"--k {self.k} exceeds the {len(self.labeled_idx)} labeled training examples")
             n_unl = self.n - len(self.labeled_idx)
             pool = n_unl if cfg.density_pool == "unlabeled" else self.n
             if cfg.t > pool:
@@ -324,7 +327,7 @@ class Trainer:
                 self.bank.step(
                     idx,
                     emb.detach(),
-                    k=cfg.k,
+                    k=self.k,
                     tau=cfg.tau,
                     momentum=cfg.bank_momentum,
                     density_weighting=cfg.density_weighting,
@@ -363,7 +366,7 @@ class Trainer:
             _, lab_emb, idx = self._embed(self.source.index_batches(self.labeled_idx, cfg.eval_batch_size))
             lab_cls = self.targets[idx]
         knn, _ = propagate(
-            emb, lab_emb, lab_cls, None, k=min(cfg.k, lab_emb.shape[0]), tau=cfg.tau, num_classes=s, check_finite=False
+            emb, lab_emb, lab_cls, None, k=min(self.k, lab_emb.shape[0]), tau=cfg.tau, num_classes=s, check_finite=False
         )
         out["knn_top1"] = float((knn == y).float().mean())
         if self.bank is None:
