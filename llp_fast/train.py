@@ -531,6 +531,7 @@ class Trainer:
                 self.step_in_epoch = 0
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
+                _tensorboard(cfg.run_dir, last)
                 self.save()
                 self.progress.line(_epoch_line(last, cfg))
                 if self.stop_signal is not None:
@@ -541,6 +542,19 @@ class Trainer:
         if not last:  # resumed a finished run
             last = read_metrics(metrics_path)[-1] if os.path.exists(metrics_path) else {}
         return last
+
+
+def _tensorboard(run_dir: str, row: dict) -> None:
+    """Mirrors the scalar metrics to TensorBoard when the ``tensorboard`` package is installed
+    (optional; metrics.jsonl is the record). Untested here: tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return
+    with SummaryWriter(os.path.join(run_dir, "tb")) as w:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                w.add_scalar(key, value, row["epoch"])
 
 
 def _pct(v):
