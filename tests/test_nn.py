@@ -1,0 +1,60 @@
+"""The pre-activation ResNets and their heads (SPEC §1.8)."""
+
+import pytest
+import torch
+
+from llp_fast.nn import PreActBlock, PreActBottleneck, build_model, param_groups
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("size", [8, 16, 72])
+def test_heads_shapes_and_unit_embeddings(arch, size):
+    torch.manual_seed(0)
+    net = build_model(arch, num_classes=7, in_channels=3, image_size=size, width=4).to(
+        memory_format=torch.channels_last
+    )
+    x = torch.randn(3, 3, size, size).contiguous(memory_format=torch.channels_last)
+    logits, emb = net(x)
+    assert logits.shape == (3, 7) and emb.shape == (3, 128)
+    assert emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+
+
+def test_small_stem_below_64px_only():
+    small = build_model("resnet18", num_classes=2, in_channels=1, image_size=64, width=4)
+    large = build_model("resnet18", num_classes=2, in_channels=1, image_size=65, width=4)
+    assert isinstance(small.stem, torch.nn.Conv2d) and small.stem.stride == (1, 1)
+    assert small.stem.kernel_size == (3, 3)
+    assert isinstance(large.stem, torch.nn.Sequential)  # 7x7 stride 2 + max-pool
+
+
+def test_block_counts_and_width():
+    r18 = build_model("resnet18", num_classes=2, in_channels=3, image_size=32, width=8)
+    r50 = build_model("resnet50", num_classes=2, in_channels=3, image_size=32, width=8)
+    assert sum(isinstance(m, PreActBlock) for m in r18.modules()) == 8
+    assert sum(isinstance(m, PreActBottleneck) for m in r50.modules()) == 16
+    assert r18.feature_dim == 64 and r50.feature_dim == 256
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match="arch"):
+        build_model("vgg", num_classes=2, in_channels=3, image_size=32)
+
+
+def test_weight_decay_excludes_batchnorm_and_biases():
+    net = build_model("resnet18", num_classes=3, in_channels=1, image_size=8, width=4)
+    decay, no_decay = param_groups(net, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    bn = {id(p) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    biases = {id(net.fc.bias), id(net.embed.bias)}
+    weights = {id(m.weight) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert {id(p) for p in decay["params"]} == weights
+    assert {id(p) for p in no_decay["params"]} == bn | biases
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+
+
+def test_backward_reaches_every_parameter():
+    net = build_model("resnet18", num_classes=3, in_channels=1, image_size=8, width=4)
+    logits, emb = net(torch.randn(4, 1, 8, 8))
+    (logits.sum() + emb.sum()).backward()
+    assert all(p.grad is not None for p in net.parameters())

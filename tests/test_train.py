@@ -1,0 +1,205 @@
+"""The LLP loop: bookkeeping, schedule, metrics, checkpoints and exact resume."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from llp_fast.train import (
+    CHECKPOINT,
+    METRICS,
+    CheckpointError,
+    Interrupted,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    lr_at,
+    read_metrics,
+    train,
+)
+
+torch.set_num_threads(1)  # tiny nets: one thread is fastest, and immune to a busy machine
+TIMING = {"images_per_s", "epoch_seconds"}
+
+
+def tiny(tmp_path, name="run", **kw) -> TrainConfig:
+    """Digits at 8 px, a width-4 ResNet-18 and 30% of the unlabeled pool: ~10 steps an epoch."""
+    base = dict(
+        data="digits",
+        run_dir=str(tmp_path / name),
+        epochs=2,
+        labeled_fraction=0.1,
+        unlabeled_fraction=0.3,
+        width=4,
+        image_size=8,
+        batch_size=64,
+        lr=0.05,
+        milestones=[1],
+        k=5,
+        t=10,
+        quiet=True,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def untimed(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_one_epoch_stores_pseudo_labels(tmp_path):
+    tr = Trainer(tiny(tmp_path, epochs=1))
+    bank = tr.bank
+    m = bank.num_labeled
+    before = bank.embeddings.clone()
+    assert bool((bank.labels[m:] < 0).all())  # instance ids before the first visit
+    tr.fit()
+    assert bool((bank.labels[m:] >= 0).all()) and bool((bank.labels[m:] < 10).all())
+    conf = bank.confidence[m:]
+    assert bool((conf > 0).all()) and bool((conf <= 1 + 1e-6).all())
+    idx = torch.arange(tr.n)
+    labels, conf_all = bank.stored(idx)
+    lab = tr.targets >= 0
+    assert torch.equal(labels[lab], tr.targets[lab]) and bool((conf_all[lab] == 1).all())
+    assert not torch.allclose(bank.embeddings, before)  # every row was blended once
+    torch.testing.assert_close(bank.embeddings.norm(dim=1), torch.ones(tr.n))
+    assert bool((bank.log_rho != 0).all())  # density refreshed at the epoch start
+
+
+def test_metrics_jsonl_fields(tmp_path):
+    cfg = tiny(tmp_path)
+    train(cfg)
+    rows = read_metrics(os.path.join(cfg.run_dir, METRICS))
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        for key in ("test_top1", "test_top5", "knn_top1", "pseudo_acc", "aggregation", "pseudo_conf"):
+            assert 0.0 <= r[key] <= 1.0, key
+        assert r["test_top5"] >= r["test_top1"]
+        assert len(r["pseudo_counts"]) == 10 and len(r["aggregation_per_class"]) == 10
+        assert r["corr_density_count"] is None or -1 <= r["corr_density_count"] <= 1
+    assert rows[0]["lr"] == pytest.approx(0.05) and rows[1]["lr"] == pytest.approx(0.005)
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
+    full = tiny(tmp_path, "full")
+    train(full)
+    cut = tiny(tmp_path, "cut", stop_after_steps=4)  # inside epoch 1 (about 10 steps an epoch)
+    with pytest.raises(Interrupted):
+        train(cut)
+    ck = load_checkpoint(os.path.join(cut.run_dir, CHECKPOINT))
+    assert ck["epoch"] == 0 and ck["step_in_epoch"] == 4
+    train(dataclasses.replace(cut, stop_after_steps=None), resume=True)
+    a = read_metrics(os.path.join(full.run_dir, METRICS))
+    b = read_metrics(os.path.join(cut.run_dir, METRICS))
+    assert untimed(a) == untimed(b)
+    ma = torch.load(os.path.join(full.run_dir, CHECKPOINT), weights_only=True)
+    mb = torch.load(os.path.join(cut.run_dir, CHECKPOINT), weights_only=True)
+    for k, v in ma["model"].items():
+        assert torch.equal(v, mb["model"][k]), k
+    assert torch.equal(ma["bank"]["embeddings"], mb["bank"]["embeddings"])
+    assert torch.equal(ma["bank"]["labels"], mb["bank"]["labels"])
+
+
+def test_resume_at_epoch_boundary_equals_uninterrupted(tmp_path):
+    full = tiny(tmp_path, "full", supervised_only=True)
+    train(full)
+    steps = Trainer(tiny(tmp_path, "probe", supervised_only=True)).steps_per_epoch()
+    cut = tiny(tmp_path, "cut", supervised_only=True, stop_after_steps=steps)
+    with pytest.raises(Interrupted):
+        train(cut)
+    # stopped after the epoch's last step, before its evaluation: resuming evaluates it
+    assert not os.path.exists(os.path.join(cut.run_dir, METRICS))
+    train(dataclasses.replace(cut, stop_after_steps=None), resume=True)
+    a = read_metrics(os.path.join(full.run_dir, METRICS))
+    b = read_metrics(os.path.join(cut.run_dir, METRICS))
+    assert untimed(a) == untimed(b)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, epochs=1)
+    tr = Trainer(cfg)
+    tr.fit()
+    path = os.path.join(cfg.run_dir, CHECKPOINT)
+    good = open(path, "rb").read()
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        tr.save()
+    assert open(path, "rb").read() == good  # the previous complete checkpoint survives
+    assert not any(".tmp" in f for f in os.listdir(cfg.run_dir))  # no temporary file left behind
+    load_checkpoint(path)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    cfg = tiny(tmp_path, epochs=1)
+    train(cfg)
+    path = os.path.join(cfg.run_dir, CHECKPOINT)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        train(cfg, resume=True)
+    open(path, "wb").write(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_from_another_split_is_rejected(tmp_path):
+    cfg = tiny(tmp_path, epochs=1)
+    train(cfg)
+    ck = torch.load(os.path.join(cfg.run_dir, CHECKPOINT), weights_only=True)
+    other = Trainer(tiny(tmp_path, "other", epochs=1, seed=1))
+    with pytest.raises(CheckpointError, match="different data split"):
+        other.restore(ck)
+
+
+def test_supervised_only_same_steps_labeled_only(tmp_path):
+    llp = Trainer(tiny(tmp_path, "a"))
+    sup = Trainer(tiny(tmp_path, "b", supervised_only=True))
+    assert sup.bank is None and llp.steps_per_epoch() == sup.steps_per_epoch()
+    order = sup.epoch_order()
+    assert len(order) == sup.steps_per_epoch() * sup.cfg.batch_size
+    assert bool((sup.targets[order] >= 0).all())
+    rows = sup.fit()
+    assert rows["pseudo_acc"] is None and 0 <= rows["test_top1"] <= 1 and 0 <= rows["knn_top1"] <= 1
+
+
+def test_warmup_keeps_instance_ids(tmp_path):
+    tr = Trainer(tiny(tmp_path, epochs=1, warmup_epochs=1))
+    tr.fit()
+    m = tr.bank.num_labeled
+    assert bool((tr.bank.labels[m:] < 0).all())  # no propagation during the warm-up
+
+
+@pytest.mark.parametrize("flags", [dict(density_weighting=False), dict(confidence=False), dict(density_pool="all")])
+def test_ablation_flags_run(tmp_path, flags):
+    out = train(tiny(tmp_path, epochs=1, **flags))
+    assert 0 <= out["test_top1"] <= 1
+
+
+def test_confidence_weights_the_loss(tmp_path):
+    tr = Trainer(tiny(tmp_path, epochs=1))
+    idx = torch.arange(16)
+    logits, emb = tr.model(tr.source.plain(tr.source.x[idx]))
+    tr.bank.confidence[tr.bank.rows(idx)] = 0.0
+    assert float(tr.loss(logits, emb, idx, warmup=False).detach()) == 0.0
+    tr.cfg.confidence = False
+    assert float(tr.loss(logits, emb, idx, warmup=False).detach()) > 0.0
+
+
+def test_lr_schedule_milestones_and_rate_jump():
+    cfg = TrainConfig(lr=0.1, milestones=[10, 20], rate_jump=30, jump_milestones=[40, 50])
+    assert [lr_at(cfg, e) for e in (0, 9.9, 10, 20, 29)] == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001])
+    assert [lr_at(cfg, e) for e in (30, 40, 50)] == pytest.approx([0.01, 0.001, 0.0001])
+
+
+def test_config_roundtrip_in_checkpoint(tmp_path):
+    cfg = tiny(tmp_path, epochs=1, k=3)
+    train(cfg)
+    saved = json.load(open(os.path.join(cfg.run_dir, "config.json")))
+    assert saved["k"] == 3 and saved["data"] == "digits"
