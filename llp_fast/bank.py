@@ -225,6 +225,14 @@ class MemoryBank:
         return out
 
     # -- checkpointing -------------------------------------------------------------------
+    def gather(self) -> MemoryBank:
+        """The whole bank as one :class:`MemoryBank`: this one (a sharded bank gathers)."""
+        return self
+
+    def load_full(self, state: dict) -> None:
+        """Loads a single-process state (what :meth:`gather` gives); same as load_state_dict."""
+        self.load_state_dict(state)
+
     def state_dict(self) -> dict:
         return {
             "embeddings": self.embeddings,

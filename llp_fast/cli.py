@@ -98,6 +98,19 @@ def train_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quiet", action="store_true", help="no progress output")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine (GPUs, or CPU workers with gloo): relaunches under torch.distributed.run; "
+        "for several nodes call torchrun yourself: torchrun --nnodes ... -m llp_fast.cli ...",
+    )
+    g.add_argument(
+        "--bank",
+        choices=("sharded", "replicated"),
+        default="sharded",
+        help="memory bank layout across processes: each owns N/P rows (sharded) or all rows (replicated)",
+    )
 
     g = ap.add_argument_group("model and optimiser")
     g.add_argument("--arch", choices=("resnet18", "resnet50"), default="resnet18")
@@ -190,6 +203,7 @@ def config_from_args(args, run_dir: str):
         density_weighting=not args.no_density_weighting,
         confidence=not args.no_confidence,
         supervised_only=args.supervised_only,
+        bank_layout=args.bank,
         amp=args.amp,
         compile=args.compile,
         image_size=args.image_size,
@@ -272,15 +286,58 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _relaunch(args, argv: list[str]) -> int:
+    """``--nproc P``: the same command under torch.distributed.run, P local processes, one
+    run directory for all of them."""
+    import subprocess
+
+    argv = _without_nproc(argv)
+    if not args.resume and not args.run_dir:
+        argv += ["--run-dir", os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    cmd += ["-m", "llp_fast.cli", *argv]
+    return subprocess.call(cmd)
+
+
 def train_main(argv=None) -> int:
     """``llp-fast-train``: train LLP (and the supervised-only baseline) and print both."""
-    args = train_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = train_parser().parse_args(raw)
     import dataclasses
     import multiprocessing
 
     import torch
 
+    from . import distributed
     from .train import CheckpointError, Interrupted, config_from_checkpoint, prepare, train
+
+    if args.nproc < 1:
+        return _fail(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and not distributed.launched():
+        return _relaunch(args, raw)
+    rank = 0
+    if distributed.launched():
+        rank, _ = distributed.init()
+        if not args.resume and not args.run_dir:  # one run directory for every rank: rank 0's
+            box = [os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
+            torch.distributed.broadcast_object_list(box, src=0)
+            args.run_dir = box[0]
+        if args.baseline != "off" and rank == 0 and not args.quiet:
+            print("llp-fast-train: no supervised-only baseline under torch.distributed", file=sys.stderr)
+        args.baseline = "off"
+        args.quiet = args.quiet or rank != 0
 
     t0 = time.perf_counter()
     try:
@@ -303,7 +360,8 @@ def train_main(argv=None) -> int:
                 args.baseline == "on" or (args.baseline == "auto" and args.data in ("digits", "mnist5k"))
             )
             baseline_dir = os.path.join(run_dir, "baseline")
-            os.makedirs(run_dir, exist_ok=True)
+            if rank == 0:
+                os.makedirs(run_dir, exist_ok=True)
             if want_baseline:  # marks that this run includes its baseline, for --resume
                 with open(os.path.join(run_dir, "baseline.json"), "w") as f:
                     f.write('{"run_dir": "baseline"}\n')
@@ -354,6 +412,8 @@ def train_main(argv=None) -> int:
         return _fail(_one_line(e))
     except KeyboardInterrupt:
         return _fail("interrupted twice; the last complete checkpoint is kept", 130)
+    if rank != 0:
+        return 0
     dt = time.perf_counter() - t0
     label = "supervised-only" if cfg.supervised_only else "LLP"
     line = f"{cfg.data}: held-out top-1 {label} {_pct(llp.get('test_top1'))}"

@@ -41,11 +41,17 @@ from .reference import occurrence_rank, streaming_topk, vote
 
 __all__ = [
     "init",
+    "launched",
     "shard_range",
     "all_gather_cat",
     "ShardedMemoryBank",
     "ReplicatedMemoryBank",
 ]
+
+
+def launched() -> bool:
+    """True inside a multi-process launch (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init(backend: str | None = None) -> tuple[int, int]:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import MemoryBank, aggregation_loss, propagate
+from . import MemoryBank, distributed, propagate
 from .data import DataError
 from .data import load as load_data
 from .nn import build_model, param_groups
@@ -92,6 +92,7 @@ class TrainConfig:
     workers: int = 2
     eval_batch_size: int = 512
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    bank_layout: str = "sharded"  # under torch.distributed: "sharded" or "replicated" (llp_fast.distributed)
     quiet: bool = False
     # set by the trainer, not by the user
     stop_after_steps: int | None = None  # testing aid: act as if SIGINT arrived after this many steps
@@ -209,9 +210,16 @@ def _fmt_time(s: float) -> str:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        # Under torchrun (WORLD_SIZE > 1): one process per GPU or CPU worker, NCCL or gloo.
+        self.rank, self.world = distributed.init() if distributed.launched() else (0, 1)
+        device = cfg.device
+        if self.world > 1 and device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -242,7 +250,14 @@ class Trainer:
             width=cfg.width,
         ).to(self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        # The bank stays outside the DDP module: it is a buffer LLP updates itself.
+        train_module = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_module = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.forward = torch.compile(train_module) if cfg.compile else train_module
+        # Evaluation runs the plain module on every rank (no DDP collectives in eval).
+        self.eval_forward = torch.compile(self.model) if cfg.compile else self.model
         self.opt = torch.optim.SGD(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
         self.amp_dtype = _amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -257,9 +272,18 @@ class Trainer:
             pool = n_unl if cfg.density_pool == "unlabeled" else self.n
             if cfg.t > pool:
                 raise DataError(f"--t {cfg.t} exceeds the density pool of {pool} examples")
-            self.bank = MemoryBank(src.targets, src.num_classes, dim=128, device=self.device, seed=cfg.seed)
-            # instance ids of every row, for the warm-up's pure instance discrimination
-            self.instance_ids = -1 - torch.arange(self.n, device=self.device)
+            if self.world == 1:
+                self.bank = MemoryBank(src.targets, src.num_classes, dim=128, device=self.device, seed=cfg.seed)
+            elif cfg.bank_layout == "replicated":
+                self.bank = distributed.ReplicatedMemoryBank(
+                    src.targets, src.num_classes, dim=128, device=self.device, seed=cfg.seed
+                )
+            elif cfg.bank_layout == "sharded":
+                self.bank = distributed.ShardedMemoryBank(
+                    src.targets, src.num_classes, dim=128, device=self.device, seed=cfg.seed
+                )
+            else:
+                raise ValueError(f"--bank must be 'sharded' or 'replicated', got {cfg.bank_layout!r}")
         self.gen_order = torch.Generator().manual_seed(cfg.seed + 1)
         self.gen_aug = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
         self.gens = {"order": self.gen_order, "aug": self.gen_aug}
@@ -269,16 +293,30 @@ class Trainer:
         self.order_state = self.gen_order.get_state()  # generator state at the current epoch's start
         self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0}
         self.stop_signal = None
-        self.progress = Progress(enabled=not cfg.quiet)
+        self.progress = Progress(enabled=not cfg.quiet and self.rank == 0)
 
     # -- schedule ------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.n / self.cfg.batch_size)
+        if self.world == 1:
+            return math.ceil(self.n / self.cfg.batch_size)
+        per_rank = math.ceil(self._epoch_length() / self.world)
+        return math.ceil(per_rank / self.rank_batch_size())
+
+    def rank_batch_size(self) -> int:
+        """Per-process batch: the global batch (``--batch-size``) split over the ranks."""
+        return max(1, self.cfg.batch_size // self.world)
+
+    def _epoch_length(self) -> int:
+        if not self.cfg.supervised_only:
+            return self.n
+        return math.ceil(self.n / self.cfg.batch_size) * self.cfg.batch_size
 
     def epoch_order(self) -> torch.Tensor:
         """Dataset indices of this epoch's batches: a uniform permutation of all examples
         (SPEC §1.7); for the baseline, labeled examples only, repeated to the same number
         of steps."""
+        if self.world > 1:
+            return self._rank_order()
         if not self.cfg.supervised_only:
             return torch.randperm(self.n, generator=self.gen_order)
         need = self.steps_per_epoch() * self.cfg.batch_size
@@ -286,17 +324,41 @@ class Trainer:
         perms = [self.labeled_idx[torch.randperm(m, generator=self.gen_order)] for _ in range(math.ceil(need / m))]
         return torch.cat(perms)[:need]
 
+    def _rank_order(self) -> torch.Tensor:
+        """This rank's share of the epoch, from a DistributedSampler over the epoch's examples
+        (all of them; for the baseline, the labeled ones repeated to a full epoch):
+        shuffled with the run's seed and ``set_epoch``, padded to a multiple of the world."""
+        length = self._epoch_length()
+        if self.cfg.supervised_only:
+            m = len(self.labeled_idx)
+            base = self.labeled_idx.repeat(math.ceil(length / m))[:length]
+        else:
+            base = torch.arange(self.n)
+        sampler = torch.utils.data.DistributedSampler(
+            range(length), num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.cfg.seed
+        )
+        sampler.set_epoch(self.epoch)
+        return base[torch.tensor(list(sampler), dtype=torch.long)]
+
+    def _stop_requested(self) -> bool:
+        """A signal seen by any rank stops every rank at the same step (no rank is left
+        waiting in a collective for one that already left)."""
+        flag = self.stop_signal is not None
+        if self.world == 1:
+            return flag
+        t = torch.tensor([self.stop_signal or 0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        if int(t) and self.stop_signal is None:
+            self.stop_signal = int(t)
+        return bool(int(t))
+
     # -- one step ------------------------------------------------------------------------
     def loss(self, logits, emb, idx, warmup: bool):
         cfg = self.cfg
         if cfg.supervised_only:
             return F.cross_entropy(logits.float(), self.targets[idx])
         if warmup:
-            rows = self.bank.rows(idx)
-            la = aggregation_loss(
-                emb, self.bank.embeddings, self.instance_ids, self.instance_ids[rows], tau=cfg.tau, check_finite=False
-            )
-            return la.mean()
+            return self.bank.instance_loss(emb, idx, tau=cfg.tau).mean()
         labels, conf = self.bank.stored(idx)
         la = self.bank.loss(emb, idx, tau=cfg.tau)
         ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none") * (labels >= 0)
@@ -341,7 +403,7 @@ class Trainer:
         logits, embs, keys = [], [], []
         for x, key in batches:
             with self.autocast():
-                lg, e = self.forward(x)
+                lg, e = self.eval_forward(x)
             logits.append(lg.float())
             embs.append(e.float())
             keys.append(key)
@@ -360,8 +422,10 @@ class Trainer:
         # kNN top-1 of the held-out embeddings against the labeled rows of the bank
         # (weighted vote of the K nearest, no density term); the baseline, which has no
         # bank, uses fresh embeddings of its labeled examples.
-        if self.bank is not None:
-            lab_emb, lab_cls = self.bank.labeled_embeddings.float(), self.bank.labeled_classes
+        # A sharded bank is gathered (collective) so that every diagnostic sees all rows.
+        bank = self.bank.gather() if self.bank is not None else None
+        if bank is not None:
+            lab_emb, lab_cls = bank.labeled_embeddings.float(), bank.labeled_classes
         else:
             _, lab_emb, idx = self._embed(self.source.index_batches(self.labeled_idx, cfg.eval_batch_size))
             lab_cls = self.targets[idx]
@@ -381,7 +445,7 @@ class Trainer:
             return out
         # pseudo-labels of the unlabeled training examples (bank rows in dataset order)
         idx = torch.arange(self.n, device=self.device)
-        labels, conf = self.bank.stored(idx)
+        labels, conf = bank.stored(idx)
         unl = self.targets < 0
         has_truth = unl & (self.truth >= 0)
         hit = labels[has_truth] == self.truth[has_truth]
@@ -391,7 +455,7 @@ class Trainer:
         out["pseudo_counts"] = counts.tolist()
         out["pseudo_conf"] = float(conf[unl].float().mean()) if unl.any() else None
         # aggregation (paper Fig. 2b): norm of the class-mean bank embedding, per true class
-        emb_rows = self.bank.embeddings[self.bank.rows(idx)].float()
+        emb_rows = bank.embeddings[bank.rows(idx)].float()
         known = self.truth >= 0
         sums = torch.zeros(s, emb_rows.shape[1], device=self.device).index_add_(0, self.truth[known], emb_rows[known])
         n_c = torch.bincount(self.truth[known], minlength=s).clamp_min(1)
@@ -399,8 +463,8 @@ class Trainer:
         out["aggregation"] = float(agg.mean())
         out["aggregation_per_class"] = [round(v, 4) for v in agg.tolist()]
         # corr(D_i, Q_i) (paper Fig. 3): mean labeled density of class i vs pseudo-labeled count
-        lab_cls = self.bank.labeled_classes
-        d = torch.zeros(s, device=self.device).index_add_(0, lab_cls, self.bank.log_rho.float())
+        lab_cls = bank.labeled_classes
+        d = torch.zeros(s, device=self.device).index_add_(0, lab_cls, bank.log_rho.float())
         d = d / torch.bincount(lab_cls, minlength=s).clamp_min(1)
         dq = np.stack([d.cpu().numpy(), counts.float().cpu().numpy()])
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -421,14 +485,19 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "bank": self.bank.state_dict() if self.bank is not None else None,
+            # single-process format whatever the world size: any world size resumes from it
+            "bank": self.bank.gather().state_dict() if self.bank is not None else None,
             "targets": self.targets.cpu(),
             "rng": _rng_state(self.gens),
         }
 
     def save(self) -> None:
-        os.makedirs(self.cfg.run_dir, exist_ok=True)
-        _atomic_save(self.state(), os.path.join(self.cfg.run_dir, CHECKPOINT))
+        state = self.state()  # collective for a sharded bank: every rank takes part
+        if self.rank == 0:
+            os.makedirs(self.cfg.run_dir, exist_ok=True)
+            _atomic_save(state, os.path.join(self.cfg.run_dir, CHECKPOINT))
+        if self.world > 1:
+            torch.distributed.barrier()
 
     def restore(self, ckpt: dict) -> None:
         path = os.path.join(self.cfg.run_dir, CHECKPOINT)
@@ -439,7 +508,7 @@ class Trainer:
             self.opt.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
             if self.bank is not None:
-                self.bank.load_state_dict(ckpt["bank"])
+                self.bank.load_full(ckpt["bank"])
             _set_rng_state(self.gens, ckpt["rng"])
         except CheckpointError:
             raise
@@ -462,7 +531,8 @@ class Trainer:
         cfg = self.cfg
         os.makedirs(cfg.run_dir, exist_ok=True)
         metrics_path = os.path.join(cfg.run_dir, METRICS)
-        _truncate_metrics(metrics_path, self.epoch)
+        if self.rank == 0:
+            _truncate_metrics(metrics_path, self.epoch)
         handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -487,7 +557,7 @@ class Trainer:
                 st = self.epoch_stats
                 base_seconds = st["seconds"]
                 for x, idx in self.source.train_batches(
-                    order, cfg.batch_size, self.gen_aug, start=self.step_in_epoch, epoch=e
+                    order, self.rank_batch_size(), self.gen_aug, start=self.step_in_epoch, epoch=e
                 ):
                     lr = lr_at(cfg, e + self.step_in_epoch / steps)
                     loss = self.train_step(x, idx, lr, warmup)
@@ -514,7 +584,7 @@ class Trainer:
                     )
                     if cfg.stop_after_steps is not None and self.global_step >= cfg.stop_after_steps:
                         self.stop_signal = signal.SIGINT
-                    if self.stop_signal is not None:
+                    if self._stop_requested():
                         self.save()
                         raise Interrupted(self.stop_signal, cfg.run_dir)
                 last = self.evaluate()
@@ -529,9 +599,10 @@ class Trainer:
                 }
                 self.epoch += 1
                 self.step_in_epoch = 0
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                _tensorboard(cfg.run_dir, last)
+                if self.rank == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    _tensorboard(cfg.run_dir, last)
                 self.save()
                 self.progress.line(_epoch_line(last, cfg))
                 if self.stop_signal is not None:
@@ -617,7 +688,8 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> Trainer:
     trainer = Trainer(cfg)
     if ckpt is not None:
         trainer.restore(ckpt)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if trainer.rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
     return trainer
