@@ -101,3 +101,16 @@ def test_instance_ids_make_instance_discrimination():
     got = llp_fast.aggregation_loss(v, bank, labels, labels[rows], tau=0.1)
     want = torch.nn.functional.cross_entropy(v @ bank.T / 0.1, rows, reduction="none")
     torch.testing.assert_close(got, want)
+
+
+def test_backward_at_a_size_that_runs_tiles_in_parallel_workers():
+    """Regression: the saved log-sum-exps require grad; worker threads of the CPU kernel do
+    not inherit the below-autograd state, so every input must enter the kernel detached."""
+    bank = unit(40_000, 32)
+    labels = torch.randint(0, 50, (40_000,))
+    v = unit(600, 32).requires_grad_()
+    targets = labels[:600]
+    loss = llp_fast.aggregation_loss(v, bank, labels, targets, tau=0.1)
+    loss.sum().backward()
+    want = aggregation_grad(v[:3], bank, labels, targets[:3], 0.1)
+    np.testing.assert_allclose(v.grad[:3].numpy(), want, rtol=1e-4, atol=1e-4)

@@ -54,7 +54,9 @@ std::vector<Part> stream_tiles(const at::Tensor& v, const at::Tensor& bank, doub
                                const TileFn& tile_fn) {
   const at::ScalarType cdt = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t nb = v.size(0), n = bank.size(0), d = v.size(1);
-  const at::Tensor vc = v.to(cdt).contiguous();
+  // detach(): at::parallel_for workers do not inherit the below-autograd dispatch state, and
+  // mm_out refuses inputs that require grad there (the op's autograd is registered in Python).
+  const at::Tensor vc = v.detach().to(cdt).contiguous();
   const bool k_direct = bank.scalar_type() == cdt;
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
   const int64_t chunks = (n + kCols - 1) / kCols;
@@ -71,7 +73,7 @@ std::vector<Part> stream_tiles(const at::Tensor& v, const at::Tensor& bank, doub
     at::Tensor k_buf = k_direct ? at::Tensor() : at::empty({kCols, d}, opts);
     for (int64_t kc = k0; kc < k1; ++kc) {
       const int64_t c0 = kc * kCols, nc = std::min(kCols, n - c0);
-      at::Tensor m = bank.narrow(0, c0, nc);
+      at::Tensor m = bank.detach().narrow(0, c0, nc);
       if (!k_direct) m = k_buf.narrow(0, 0, nc).copy_(m);
       for (int64_t r0 = 0; r0 < nb; r0 += rows) {
         const int64_t nr = std::min(rows, nb - r0);
@@ -196,10 +198,10 @@ at::Tensor aggregation_loss_backward_cpu(const at::Tensor& v, const at::Tensor& 
   const int64_t nb = v.size(0), d = v.size(1);
   const at::Tensor labels = bank_labels.to(at::kLong).contiguous();
   const at::Tensor tgt = targets.to(at::kLong).contiguous();
-  const at::Tensor la = lse_all.to(cdt).contiguous().view({nb, 1});
-  const at::Tensor lp = lse_pos.to(cdt).contiguous();
-  const at::Tensor ca = coef_all.to(cdt).contiguous().view({nb, 1});
-  const at::Tensor cp = coef_pos.to(cdt).contiguous();
+  const at::Tensor la = lse_all.detach().to(cdt).contiguous().view({nb, 1});
+  const at::Tensor lp = lse_pos.detach().to(cdt).contiguous();
+  const at::Tensor ca = coef_all.detach().to(cdt).contiguous().view({nb, 1});
+  const at::Tensor cp = coef_pos.detach().to(cdt).contiguous();
   at::Tensor grad;
 
   AT_DISPATCH_FLOATING_TYPES(cdt, "aggregation_loss_backward_cpu", [&] {

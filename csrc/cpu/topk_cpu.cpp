@@ -123,7 +123,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * rows;
       const int64_t nr = std::min(rows, nq - r0);
-      at::Tensor q = queries.narrow(0, r0, nr);
+      at::Tensor q = queries.detach().narrow(0, r0, nr);  // see aggregation_loss_cpu.cpp on detach()
       if (!q_direct) q = q_buf.narrow(0, 0, nr).copy_(q);
       for (int64_t r = 0; r < nr; ++r) {
         top[r] = RowTopK<acc_t>{cand.data() + r * cap, 0, -std::numeric_limits<acc_t>::infinity()};
@@ -131,7 +131,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
 
       for (int64_t c0 = 0; c0 < nk; c0 += cols) {
         const int64_t nc = std::min(cols, nk - c0);
-        at::Tensor kc = keys.narrow(0, c0, nc);
+        at::Tensor kc = keys.detach().narrow(0, c0, nc);
         if (!k_direct) kc = k_buf.narrow(0, 0, nc).copy_(kc);
         // The tile is (nr, nc) with row stride nc: contiguous, as mm_out wants its output.
         at::Tensor s = scores.view({-1}).narrow(0, 0, nr * nc).view({nr, nc});
@@ -235,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& queries, cons
   at::Tensor bias;
   if (log_rho.has_value() && log_rho->defined()) {
     TORCH_CHECK(log_rho->dim() == 1 && log_rho->size(0) == m, "propagate_cpu: log_rho must be (M,)");
-    bias = log_rho->to(cdt).contiguous();
+    bias = log_rho->detach().to(cdt).contiguous();
   } else {
     bias = at::zeros({m}, queries.options().dtype(cdt));  // NoDW: no density term
   }
