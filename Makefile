@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/llp-fast-demo
+	$(VENV)/bin/llp-fast-train
 
 test: $(STAMP)
 	$(PY) -m pytest -q
