@@ -171,20 +171,15 @@ def main(argv=None):
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_aggregation_loss(benchmark, provider):
-    dev = common.device()
-    if not available(provider):
-        pytest.skip(f"{provider} is not available on {dev.type}")
-    shape = shapes("small")[0] if dev.type == "cpu" else shapes("step")[1]
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    inputs = make_inputs(shape, dtype)
-    fn = PROVIDERS[provider]
-
-    def run():
-        out = fn(inputs, shape)
-        common.synchronize()
-        return out
-
-    benchmark(run)
+    common.benchmark_provider(
+        benchmark,
+        provider,
+        shapes=shapes,
+        make_inputs=make_inputs,
+        providers=PROVIDERS,
+        available=available,
+        gpu_shape=1,
+    )
 
 
 if __name__ == "__main__":

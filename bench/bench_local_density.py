@@ -130,20 +130,9 @@ def main(argv=None):
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_local_density(benchmark, provider):
-    dev = common.device()
-    if not available(provider):
-        pytest.skip(f"{provider} is not available on {dev.type}")
-    shape = shapes("small")[0] if dev.type == "cpu" else shapes("step")[0]
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    inputs = make_inputs(shape, dtype)
-    fn = PROVIDERS[provider]
-
-    def run():
-        out = fn(inputs, shape)
-        common.synchronize()
-        return out
-
-    benchmark(run)
+    common.benchmark_provider(
+        benchmark, provider, shapes=shapes, make_inputs=make_inputs, providers=PROVIDERS, available=available
+    )
 
 
 if __name__ == "__main__":

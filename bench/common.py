@@ -219,6 +219,27 @@ def mm_only(queries: torch.Tensor, keys: torch.Tensor, tau: float, bias: torch.T
     return buf
 
 
+def benchmark_provider(benchmark, provider: str, *, shapes, make_inputs, providers, available, gpu_shape: int = 0):
+    """The pytest-benchmark body of every bench_<op>.py: one provider at the small float32
+    shape on CPU, or at the ``gpu_shape``-th per-step bfloat16 shape on a GPU."""
+    import pytest
+
+    dev = device()
+    if not available(provider):
+        pytest.skip(f"{provider} is not available on {dev.type}")
+    shape = shapes("small")[0] if dev.type == "cpu" else shapes("step")[gpu_shape]
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    inputs = make_inputs(shape, dtype)
+    fn = providers[provider]
+
+    def run():
+        out = fn(inputs, shape)
+        synchronize()
+        return out
+
+    benchmark(run)
+
+
 def parse_args(argv=None, *, description: str = ""):
     import argparse
 
