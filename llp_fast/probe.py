@@ -88,8 +88,22 @@ def _topk(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 
 
 def train_readout(
-    xtr, ytr, xte, yte, num_classes, *, lr=0.01, momentum=0.9, weight_decay=0.0, batch_size=128, epochs=200,
-    patience=5, drops=2, val_fraction=0.1, standardize=True, seed=0,
+    xtr,
+    ytr,
+    xte,
+    yte,
+    num_classes,
+    *,
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=0.0,
+    batch_size=128,
+    epochs=200,
+    patience=5,
+    drops=2,
+    val_fraction=0.1,
+    standardize=True,
+    seed=0,
 ) -> dict:
     """Fits the linear readout (see the module docstring); returns the metrics dict."""
     if xtr.shape[0] < 2:
@@ -198,9 +212,21 @@ def main(argv=None) -> int:
         xtr, ytr, xte, yte, s = probe_features(model, net_source, args.data, seed=args.seed, workers=args.workers)
         t_feat = time.perf_counter() - t0
         res = train_readout(
-            xtr, ytr, xte, yte, s, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-            batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, drops=args.drops,
-            val_fraction=args.val_fraction, standardize=not args.no_standardize, seed=args.seed,
+            xtr,
+            ytr,
+            xte,
+            yte,
+            s,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            patience=args.patience,
+            drops=args.drops,
+            val_fraction=args.val_fraction,
+            standardize=not args.no_standardize,
+            seed=args.seed,
         )
         fmt = native_format(net_source)
         res = {

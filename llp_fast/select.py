@@ -125,8 +125,7 @@ class PerClassTopK:
 
 
 @torch.no_grad()
-def select(model, source, pool, *, top_classes: int = 10, per_class: int = 500, batch_size: int = 256,
-           progress=None):
+def select(model, source, pool, *, top_classes: int = 10, per_class: int = 500, batch_size: int = 256, progress=None):
     """Runs the rule over ``pool`` with ``model`` (preprocessed as ``source``); returns the
     ``(index, class, score)`` arrays of :meth:`PerClassTopK.result`."""
     if top_classes < 1 or per_class < 1 or batch_size < 1:
@@ -262,8 +261,13 @@ def main(argv=None) -> int:
                 sys.stderr.flush()
 
         index, cls, score = select(
-            model, source, pool, top_classes=args.top_classes, per_class=args.per_class,
-            batch_size=args.batch_size, progress=progress,
+            model,
+            source,
+            pool,
+            top_classes=args.top_classes,
+            per_class=args.per_class,
+            batch_size=args.batch_size,
+            progress=progress,
         )
         if tty:
             sys.stderr.write("\n")
