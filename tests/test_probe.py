@@ -8,7 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from llp_fast.probe import _split_val, main, train_readout
-from llp_fast.train import Trainer, TrainConfig
+from llp_fast.train import TrainConfig, Trainer
 
 torch.set_num_threads(1)
 
