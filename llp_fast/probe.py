@@ -37,15 +37,19 @@ PROG = "llp-fast-linear-probe"
 
 
 @torch.no_grad()
-def extract(model, net_source, batches) -> torch.Tensor:
-    """Pooled features (N, F) float32 of uint8 image ``batches`` (any size, 1 or 3 channels)."""
+def extract(model, net_source, batches, *, pixels: bool = False) -> torch.Tensor:
+    """Pooled features (N, F) float32 of uint8 image ``batches`` (any size, 1 or 3 channels);
+    ``pixels``: the network's input itself, flattened (the no-network control)."""
     fmt = native_format(net_source)
     model.eval()
-    out = [model.features(to_input(net_source, adapt(x.cpu(), fmt))).float().cpu() for x in batches]
+    feat = (lambda x: x.flatten(1)) if pixels else model.features
+    out = [feat(to_input(net_source, adapt(x.cpu(), fmt))).float().cpu() for x in batches]
     return torch.cat(out) if out else torch.zeros(0, getattr(model, "feature_dim", 0))
 
 
-def probe_features(model, net_source, spec: str, *, seed: int = 0, batch_size: int = 256, workers: int = 0):
+def probe_features(
+    model, net_source, spec: str, *, seed: int = 0, batch_size: int = 256, workers: int = 0, pixels: bool = False
+):
     """``(train_x, train_y, test_x, test_y, num_classes)`` for the labeled data set ``spec``:
     every labeled training example and the held-out split (the data's own, or 20% stratified)."""
     data = load_data(spec, device="cpu", labeled_fraction=1.0, seed=seed, workers=workers)
@@ -55,12 +59,12 @@ def probe_features(model, net_source, spec: str, *, seed: int = 0, batch_size: i
         fmt = native_format(net_source)
         tr = FilesPool([data.files[i] for i in lab.tolist()], spec, workers=workers)
         te = FilesPool(list(data.test_files), spec, workers=workers)
-        xtr = extract(model, net_source, (x for x, _ in tr.batches(batch_size, fmt)))
-        xte = extract(model, net_source, (x for x, _ in te.batches(batch_size, fmt)))
+        xtr = extract(model, net_source, (x for x, _ in tr.batches(batch_size, fmt)), pixels=pixels)
+        xte = extract(model, net_source, (x for x, _ in te.batches(batch_size, fmt)), pixels=pixels)
     else:
-        xs, xt = data.x.cpu()[lab], data.x_test.cpu()
-        xtr = extract(model, net_source, (xs[s : s + batch_size] for s in range(0, xs.shape[0], batch_size)))
-        xte = extract(model, net_source, (xt[s : s + batch_size] for s in range(0, xt.shape[0], batch_size)))
+        xs, xt, b = data.x.cpu()[lab], data.x_test.cpu(), batch_size
+        xtr = extract(model, net_source, (xs[s : s + b] for s in range(0, xs.shape[0], b)), pixels=pixels)
+        xte = extract(model, net_source, (xt[s : s + b] for s in range(0, xt.shape[0], b)), pixels=pixels)
     return xtr, ytr, xte, yte, data.num_classes
 
 
@@ -114,7 +118,9 @@ def train_readout(
         mu = xtr[fit].mean(0, keepdim=True)
         sd = xtr[fit].std(0, keepdim=True).clamp_min(1e-6)
         xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-    head = torch.nn.Linear(xtr.shape[1], num_classes)
+    with torch.random.fork_rng():  # the readout's initialisation depends on ``seed`` alone
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(xtr.shape[1], num_classes)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=patience)
     best, best_state, best_epoch, n_drops, cur_lr, stale = -float("inf"), None, 0, 0, lr, 0
@@ -184,7 +190,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-fraction", type=float, default=0.1, help="of the probe training part (default 0.1)")
     ap.add_argument("--no-standardize", action="store_true", help="feed the raw features to the readout")
     ap.add_argument("--random-init", action="store_true", help="control: the same network, untrained")
+    ap.add_argument(
+        "--pixels", action="store_true", help="control: the readout on the network's input pixels, no network"
+    )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="readouts on the same features (seeds SEED.. SEED+R-1); mean and std"
+    )
     ap.add_argument("--device", default=None, help="cpu or cuda for the feature extraction")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for folder data")
@@ -199,7 +211,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         if not 0 <= args.val_fraction < 1:
             raise ValueError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
-        for name in ("lr", "batch_size", "epochs"):
+        for name in ("lr", "batch_size", "epochs", "repeats"):
             if getattr(args, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         if args.out:
@@ -209,31 +221,45 @@ def main(argv=None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(args.seed)
         model, cfg, net_source = load_network(args.checkpoint, device, random_init=args.random_init)
-        xtr, ytr, xte, yte, s = probe_features(model, net_source, args.data, seed=args.seed, workers=args.workers)
-        t_feat = time.perf_counter() - t0
-        res = train_readout(
-            xtr,
-            ytr,
-            xte,
-            yte,
-            s,
-            lr=args.lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            patience=args.patience,
-            drops=args.drops,
-            val_fraction=args.val_fraction,
-            standardize=not args.no_standardize,
-            seed=args.seed,
+        xtr, ytr, xte, yte, s = probe_features(
+            model, net_source, args.data, seed=args.seed, workers=args.workers, pixels=args.pixels
         )
+        t_feat = time.perf_counter() - t0
+        runs = [
+            train_readout(
+                xtr,
+                ytr,
+                xte,
+                yte,
+                s,
+                lr=args.lr,
+                momentum=args.momentum,
+                weight_decay=args.weight_decay,
+                batch_size=args.batch_size,
+                epochs=args.epochs,
+                patience=args.patience,
+                drops=args.drops,
+                val_fraction=args.val_fraction,
+                standardize=not args.no_standardize,
+                seed=args.seed + r,
+            )
+            for r in range(args.repeats)
+        ]
+        # repeats share the features and the test split; they redraw the validation split,
+        # the readout's initialisation and the mini-batch order
+        res = dict(runs[0])
+        for key in ("test_top1", "test_top5"):
+            vals = np.array([r[key] for r in runs])
+            res[key] = float(vals.mean())
+            res[key + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        res["repeats"] = [{k: r[k] for k in ("test_top1", "test_top5", "val_top1", "best_epoch")} for r in runs]
         fmt = native_format(net_source)
         res = {
             "checkpoint": os.path.abspath(args.checkpoint),
             "network_trained_on": cfg.data,
             "supervised_only": bool(cfg.supervised_only),
             "random_init": bool(args.random_init),
+            "pixels": bool(args.pixels),
             "probe_data": args.data,
             "input": {"channels": fmt[1], "side": fmt[2], "network_side": int(net_source.image_size)},
             **res,
@@ -251,11 +277,16 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     net = "random-init" if args.random_init else ("supervised-only" if cfg.supervised_only else "LLP")
+    net = f"raw pixels (input format of the {net}" if args.pixels else net
+    pm1 = pm5 = ""
+    if args.repeats > 1:
+        pm1 = f" ± {100 * res['test_top1_std']:.1f}"
+        pm5 = f" ± {100 * res['test_top5_std']:.1f}"
     print(
-        f"{PROG}: {net} network ({cfg.data}) -> {args.data} ({res['num_classes']} classes, "
-        f"{res['input']['channels']}x{res['input']['side']}px): held-out top-1 {100 * res['test_top1']:.1f}% "
-        f"top-5 {100 * res['test_top5']:.1f}% (chance {100 * res['chance_top1']:.1f}%, {res['num_fit']} fit / "
-        f"{res['num_val']} val / {res['num_test']} test, {res['seconds']:.1f} s)"
+        f"{PROG}: {net} network ({cfg.data}){')' if args.pixels else ''} -> {args.data} ({res['num_classes']} classes, "
+        f"{res['input']['channels']}x{res['input']['side']}px): held-out top-1 {100 * res['test_top1']:.1f}%{pm1} "
+        f"top-5 {100 * res['test_top5']:.1f}%{pm5} (chance {100 * res['chance_top1']:.1f}%, {res['num_fit']} fit / "
+        f"{res['num_val']} val / {res['num_test']} test, {args.repeats} readout(s), {res['seconds']:.1f} s)"
     )
     return 0
 

@@ -111,3 +111,12 @@ def test_errors_are_one_line(ckpt, tmp_path, capsys):
     one_error_line(capsys, main([ckpt, "--data", f"npz:{tmp_path}/none.npz"]), "no such file")
     one_error_line(capsys, main([ckpt, "--data", f"folder:{tmp_path}/none"]), "no such directory")
     one_error_line(capsys, main([ckpt, "--data", "digits", "--out", f"{tmp_path}/no/x.json"]), "not exist")
+
+
+def test_pixels_control_and_repeats(ckpt, tmp_path):
+    out = tmp_path / "px.json"
+    assert main([ckpt, "--data", "digits", "--pixels", "--repeats", "2", "--epochs", "5", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["pixels"] is True and res["feature_dim"] == 8 * 8 and len(res["repeats"]) == 2
+    assert res["test_top1"] == pytest.approx(np.mean([r["test_top1"] for r in res["repeats"]]))
+    assert res["test_top1_std"] >= 0.0
