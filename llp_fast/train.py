@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from . import MemoryBank, aggregation_loss, propagate
 from .data import DataError
 from .data import load as load_data
-from .data.extra import drop_extra_rows
+from .data.extra import add_extra_unlabeled, drop_extra_rows
 from .nn import build_model, param_groups
 
 CHECKPOINT = "checkpoint.pt"
@@ -233,8 +233,6 @@ class Trainer:
         src = self.source
         self.n_original = src.num_train  # examples before --extra-unlabeled's (dataset indices [0, n_original))
         if cfg.extra_unlabeled:
-            from .data.extra import add_extra_unlabeled
-
             add_extra_unlabeled(src, cfg.extra_unlabeled)
         self.num_classes = src.num_classes
         self.targets = src.targets.to(self.device)  # (N,) -1 = unlabeled
