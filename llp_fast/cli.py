@@ -71,6 +71,13 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--flip", dest="flip", action="store_true", default=None, help="random horizontal flips")
     g.add_argument("--no-flip", dest="flip", action="store_false")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers for folder data")
+    g.add_argument(
+        "--extra-unlabeled",
+        metavar="SELECTION",
+        default=None,
+        help="llp-fast-select output: its images join the training set as unlabeled examples until --rate-jump; "
+        "the rate-jump (fine-tuning) phase trains on the original data only",
+    )
 
     g = ap.add_argument_group("run")
     g.add_argument("--run-dir", default=None, help="where checkpoints and metrics.jsonl go (default runs/<time>)")
@@ -211,6 +218,7 @@ def config_from_args(args, run_dir: str):
         translate=args.translate,
         flip=args.flip,
         workers=args.workers,
+        extra_unlabeled=os.path.abspath(args.extra_unlabeled) if args.extra_unlabeled else None,
         quiet=args.quiet,
         threads=args.threads,
         stop_after_steps=args.stop_after_steps,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from . import MemoryBank, distributed, propagate
 from .data import DataError
 from .data import load as load_data
+from .data.extra import add_extra_unlabeled, drop_extra_rows
 from .nn import build_model, param_groups
 
 CHECKPOINT = "checkpoint.pt"
@@ -83,6 +84,7 @@ class TrainConfig:
     density_weighting: bool = True
     confidence: bool = True
     supervised_only: bool = False
+    extra_unlabeled: str | None = None  # llp-fast-select output; dropped for the rate-jump phase
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), bf16, fp16, off
     compile: bool = False
     image_size: int | None = None
@@ -237,6 +239,9 @@ class Trainer:
             batch_size=cfg.batch_size,
         )
         src = self.source
+        self.n_original = src.num_train  # examples before --extra-unlabeled's (dataset indices [0, n_original))
+        if cfg.extra_unlabeled:
+            add_extra_unlabeled(src, cfg.extra_unlabeled)
         self.num_classes = src.num_classes
         self.targets = src.targets.to(self.device)  # (N,) -1 = unlabeled
         self.truth = src.truth.to(self.device)
@@ -502,6 +507,8 @@ class Trainer:
     def restore(self, ckpt: dict) -> None:
         path = os.path.join(self.cfg.run_dir, CHECKPOINT)
         try:
+            if ckpt["targets"].shape[0] == self.n_original < self.n:  # saved in the fine-tuning phase
+                drop_extra_rows(self)
             if not torch.equal(ckpt["targets"], self.targets.cpu()):
                 raise CheckpointError(f"checkpoint {path} was saved for a different data split")
             self.model.load_state_dict(ckpt["model"])
@@ -544,6 +551,8 @@ class Trainer:
         try:
             while self.epoch < cfg.epochs:
                 e = self.epoch
+                if cfg.rate_jump is not None and e >= cfg.rate_jump:
+                    drop_extra_rows(self)  # fine-tuning on the original data only (paper App. B)
                 warmup = e < cfg.warmup_epochs
                 if self.step_in_epoch == 0:
                     self.order_state = self.gen_order.get_state()

@@ -1,0 +1,333 @@
+"""Images from outside the training set: pools to score, probe sets, extra unlabeled data.
+
+Three users share this module: ``llp-fast-select`` streams a large unlabeled *pool* through a
+trained network, ``llp-fast-linear-probe`` feeds another labeled data set to a frozen one, and
+``llp-fast-train --extra-unlabeled`` appends selected pool images to the training set
+(paper §4 and Appendix B). All three must show the network its images exactly as training
+did, so everything here converts images to the training source's *native* format -- the
+uint8 tensors its own ``plain`` / ``_normalise`` turn into network input:
+
+- an :class:`~llp_fast.data.arrays.ArraySource` keeps ``(C, src, src)`` uint8 images (C = 1
+  or 3, ``src`` the stored side) and resamples them to the network's input size itself;
+- a :class:`~llp_fast.data.folder.FolderSource` decodes each file to ``(3, S, S)`` with its
+  evaluation crop (resize the short side, centre crop) at the network's input size S.
+
+Pools (:func:`open_pool`) are read a batch at a time, never whole: ``npz:PATH`` streams the
+``x`` member of the archive (compressed or not) row block by row block, a ``.npy`` file is
+memory-mapped, and ``folder:PATH`` decodes the files (every image under PATH, recursively,
+sorted) in a torch DataLoader.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import MARKER, DataError
+from .folder import IMAGE_EXTENSIONS, _Images
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
+
+
+# -- the training source's native format ----------------------------------------------------
+def native_format(source) -> tuple[str, int, int]:
+    """``(kind, channels, side)`` of the uint8 images ``source`` turns into network input:
+    ``("array", C, src_side)`` or ``("folder", 3, input_side)``."""
+    if hasattr(source, "files"):
+        return "folder", 3, int(source.image_size)
+    return "array", int(source.in_channels), int(source.src_size)
+
+
+def to_input(source, x_u8: torch.Tensor) -> torch.Tensor:
+    """Network input for native-format uint8 images ``x_u8`` (B, C, H, W): the same resize and
+    normalisation the training source applies to its own held-out images."""
+    x_u8 = x_u8.to(source.device)
+    if hasattr(source, "files"):
+        return source._normalise(x_u8)
+    return source.plain(x_u8)
+
+
+def _center_square(x: torch.Tensor, keep: float = 1.0) -> torch.Tensor:
+    """The centred square of side ``keep * min(H, W)`` of (B, C, H, W) images."""
+    h, w = x.shape[-2:]
+    s = max(1, round(min(h, w) * keep))
+    top, left = (h - s) // 2, (w - s) // 2
+    return x[..., top : top + s, left : left + s]
+
+
+def adapt(x_u8: torch.Tensor, fmt: tuple[str, int, int]) -> torch.Tensor:
+    """uint8 (B, C, H, W) images of any side and 1 or 3 channels -> native format ``fmt``.
+
+    Channels: grey is repeated to RGB, RGB is reduced to luma. Size: the centred square (for a
+    folder network above 64 px, the 1/1.14 centre crop its evaluation uses) resized with an
+    antialiased bilinear filter, so a large image shrinks without aliasing."""
+    kind, c, side = fmt
+    if x_u8.dim() != 4 or x_u8.shape[1] not in (1, 3):
+        raise DataError(f"images must be (B, 1 or 3, H, W), got {tuple(x_u8.shape)}")
+    if x_u8.shape[1] != c:
+        if c == 3:
+            x_u8 = x_u8.expand(-1, 3, -1, -1)
+        else:
+            luma = torch.tensor(_LUMA).view(1, 3, 1, 1)
+            x_u8 = (x_u8.float() * luma).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    keep = 1 / 1.14 if kind == "folder" and side > 64 else 1.0
+    x_u8 = _center_square(x_u8, keep)
+    if x_u8.shape[-1] == side:
+        return x_u8.contiguous()
+    x = F.interpolate(x_u8.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _to_nchw(x: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2).contiguous()
+
+
+# -- pools ------------------------------------------------------------------------------------
+class NpzPool:
+    """The ``x`` array (uint8 NxHxW or NxHxWxC) of an .npz archive, or a .npy file, read a block
+    of rows at a time. ``y`` (optional, -1 = unknown) is the truth, for diagnostics only."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise DataError(f"no such file: {path}")
+        self.path = os.path.abspath(path)
+        self.spec = f"npz:{self.path}"
+        self.truth = None
+        try:
+            if path.endswith(".npy"):
+                self._mmap = np.load(path, mmap_mode="r", allow_pickle=False)
+                shape, dtype, fortran = self._mmap.shape, self._mmap.dtype, False
+            else:
+                self._mmap = None
+                with zipfile.ZipFile(path) as zf:
+                    names = zf.namelist()
+                    if "x.npy" not in names:
+                        raise DataError(f"{path} has no array 'x' (found {sorted(n[:-4] for n in names)})")
+                    with zf.open("x.npy") as f:
+                        shape, fortran, dtype = _npy_header(f)
+                if "y.npy" in names:
+                    with np.load(path, allow_pickle=False) as f:
+                        self.truth = np.asarray(f["y"])
+        except DataError:
+            raise
+        except Exception as e:  # not a zip, a truncated archive, a pickled array
+            raise DataError(f"cannot read {path} as an .npz archive or .npy array ({type(e).__name__})") from None
+        if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
+            raise DataError(f"{path}: 'x' must be uint8 NxHxW or NxHxWxC (C = 1 or 3), got {dtype} {shape}")
+        if fortran:
+            raise DataError(f"{path}: 'x' is stored in Fortran order; save it C-contiguous")
+        if self.truth is not None and (self.truth.ndim != 1 or self.truth.shape[0] != shape[0]):
+            self.truth = None  # a label array that does not fit is ignored, it is only a diagnostic
+        self.shape = tuple(int(s) for s in shape)
+        self.paths = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def batches(self, batch_size: int, fmt, indices=None):
+        """``(uint8 images in format fmt, pool indices)``: every row in order, or only the sorted
+        ``indices``; at most ``batch_size`` decoded rows in memory."""
+        want = None if indices is None else np.asarray(indices, dtype=np.int64)
+        for start, block in self._blocks(batch_size):
+            ids = np.arange(start, start + block.shape[0])
+            if want is not None:
+                lo, hi = np.searchsorted(want, [start, start + block.shape[0]])
+                if lo == hi:
+                    continue
+                ids = want[lo:hi]
+                block = block[ids - start]
+            yield adapt(_to_nchw(block), fmt), torch.from_numpy(ids)
+
+    def _blocks(self, batch_size: int):
+        n = self.shape[0]
+        if self._mmap is not None:
+            for s in range(0, n, batch_size):
+                yield s, np.array(self._mmap[s : s + batch_size])
+            return
+        row = math.prod(self.shape[1:])
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open("x.npy") as f:
+                _npy_header(f)
+                for s in range(0, n, batch_size):
+                    b = min(batch_size, n - s)
+                    buf = f.read(b * row)
+                    if len(buf) != b * row:
+                        raise DataError(f"{self.path}: 'x' is truncated at row {s}")
+                    yield s, np.frombuffer(buf, dtype=np.uint8).reshape((b,) + self.shape[1:]).copy()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise DataError(f"cannot read {self.path} ({type(e).__name__}: {e})") from None
+
+
+def _npy_header(f):
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """(uint8 image in native format, position) for an array network: grey or RGB, centred
+    square, resized with PIL's antialiasing filter."""
+
+    def __init__(self, files, fmt):
+        self.files, self.fmt = files, fmt
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        _, c, side = self.fmt
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if c == 1 else "RGB")
+        except Exception as e:
+            raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
+        w, h = im.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.resize((side, side), Image.BILINEAR, box=(left, top, left + s, top + s))
+        arr = np.asarray(im, dtype=np.uint8)
+        t = torch.from_numpy(arr.copy())
+        return (t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)), i
+
+
+class FilesPool:
+    """Image files decoded in a DataLoader; ``paths`` in pool-index order."""
+
+    def __init__(self, paths, spec: str, truth=None, workers: int = 2):
+        self.paths = list(paths)
+        self.spec = spec
+        self.truth = truth
+        self.workers = int(workers)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def batches(self, batch_size: int, fmt, indices=None):
+        ids = list(range(len(self.paths))) if indices is None else [int(i) for i in indices]
+        if fmt[0] == "folder":  # exactly the training source's evaluation decode
+            dataset, keys = _Images(self.paths, fmt[2], 1.0, False), [(i, -1) for i in ids]
+        else:
+            dataset, keys = _Decoded(self.paths, fmt), ids
+        batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.workers)
+        for x, i in loader:
+            yield x, i.long()
+
+
+def scan_images(root: str) -> list[str]:
+    """Every image file under ``root`` (recursively, hidden entries skipped), sorted."""
+    out = []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
+    return out
+
+
+def open_pool(spec: str, workers: int = 2):
+    """An unlabeled pool: ``npz:PATH`` (or a .npy) or ``folder:PATH`` (any tree of images)."""
+    if spec.startswith("npz:"):
+        return NpzPool(spec[4:])
+    if spec.startswith("folder:"):
+        root = spec[len("folder:") :]
+        if not os.path.isdir(root):
+            raise DataError(f"folder:{root}: no such directory")
+        paths = scan_images(root)
+        if not paths:
+            raise DataError(f"folder:{root}: no images found")
+        return FilesPool([os.path.abspath(p) for p in paths], f"folder:{os.path.abspath(root)}", workers=workers)
+    raise DataError(f"unknown pool {spec!r}: expected npz:PATH or folder:PATH")
+
+
+# -- llp-fast-train --extra-unlabeled ------------------------------------------------------------
+def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> int:
+    """Appends the images of a selection (``llp-fast-select``'s output) to ``source`` as unlabeled
+    training examples, after the original ones: dataset indices ``[num_train, num_train + E)``.
+    An image selected for several classes is added once. Their truth is the pool's ``y`` where
+    the pool has one (pseudo-label diagnostics), else unknown. Returns E."""
+    from ..select import read_selection
+
+    sel = read_selection(selection_path)
+    fmt = native_format(source)
+    keep = np.unique(sel["index"])
+    if keep.size == 0:
+        return 0
+    pool_spec = sel["meta"]["source"]
+    if fmt[0] == "folder":
+        if sel.get("path") is None:
+            raise DataError(
+                f"--extra-unlabeled {selection_path}: selected from {pool_spec}, but folder training data "
+                "takes extra images from a folder: pool only"
+            )
+        first = {}
+        for i, p in zip(sel["index"].tolist(), sel["path"].tolist()):
+            first.setdefault(i, p)
+        paths = [first[int(i)] for i in keep]
+        missing = next((p for p in paths if not os.path.isfile(p)), None)
+        if missing is not None:
+            raise DataError(f"--extra-unlabeled {selection_path}: selected image {missing} no longer exists")
+        source.files = list(source.files) + paths
+        source._train_set = _Images(source.files, source.image_size, source.scale_min, source.flip)
+        if getattr(source, "dali", None) is not None:
+            from .dali import DaliFolder
+
+            source.dali = DaliFolder(source)
+        truth = np.full(len(paths), -1, dtype=np.int64)
+    else:
+        if sel.get("path") is not None:
+            for p in sel["path"].tolist():
+                if not os.path.isfile(p):
+                    raise DataError(f"--extra-unlabeled {selection_path}: selected image {p} no longer exists")
+            where = dict(zip(sel["index"].tolist(), sel["path"].tolist()))
+            pool = FilesPool([where[int(i)] for i in keep], pool_spec, workers=0)
+            chunks = [x for x, _ in pool.batches(batch_size, fmt)]
+        else:
+            pool = open_pool(pool_spec)
+            if int(keep[-1]) >= len(pool):
+                raise DataError(f"--extra-unlabeled {selection_path}: index {int(keep[-1])} is outside {pool_spec}")
+            chunks = [x for x, _ in pool.batches(batch_size, fmt, indices=keep)]
+        x = torch.cat(chunks).to(source.device)
+        source.x = torch.cat([source.x, x])
+        truth = np.full(len(keep), -1, dtype=np.int64)
+        pool_truth = getattr(pool, "truth", None)
+        if pool_truth is not None:
+            t = np.asarray(pool_truth, dtype=np.int64)[keep]
+            truth = np.where((t >= 0) & (t < source.num_classes), t, -1)
+    e = int(keep.size)
+    source.targets = torch.cat([source.targets, torch.full((e,), -1, dtype=source.targets.dtype)])
+    source.truth = torch.cat([source.truth, torch.from_numpy(truth).to(source.truth.dtype)])
+    source.num_train += e
+    source.num_extra = e
+    return e
+
+
+def drop_extra_rows(trainer) -> None:
+    """Fine-tuning on the original data only (paper Appendix B): forgets the extra examples,
+    the last ``trainer.n - trainer.n_original`` dataset indices. They are unlabeled, so they
+    are the bank's last rows too: every per-example table is cut to its first ``n_original``
+    entries (copies, so the extra rows' memory is freed), and batches are drawn from the original examples alone."""
+    n0 = trainer.n_original
+    if trainer.n == n0:
+        return
+    trainer.n = n0
+    trainer.targets = trainer.targets[:n0]
+    trainer.truth = trainer.truth[:n0]
+    bank = trainer.bank
+    if bank is not None:
+        if not bool((bank.row_of[:n0] < n0).all()):
+            raise RuntimeError("extra examples are not the bank's last rows")
+        bank.embeddings = bank.embeddings[:n0].clone()
+        bank.labels = bank.labels[:n0].clone()
+        bank.confidence = bank.confidence[:n0].clone()
+        bank.row_of = bank.row_of[:n0].clone()
+        bank.index_of = bank.index_of[:n0].clone()
+        trainer.instance_ids = trainer.instance_ids[:n0]

@@ -1,0 +1,295 @@
+"""``llp-fast-linear-probe``: transfer by linear readout (paper §4 Table 4, Appendix C).
+
+The trained network is frozen; its pooled features (``PreActResNet.features``, the input of
+both heads) are extracted once for another labeled data set, whose images are converted to
+the network's own input format (channels, size, normalisation of its training data, see
+:mod:`llp_fast.data.extra`). A linear readout is trained on them with SGD (momentum 0.9) from
+lr 0.01, dropped x0.1 whenever the validation top-1 has not improved for ``--patience`` epochs
+(Appendix C: "dropped by a factor of 10 whenever validation performance saturates", two
+drops). The validation split is carved from the probe set's training part (stratified,
+seeded); the reported numbers are top-1 and top-5 on its held-out test split, with the
+readout of the best validation epoch.
+
+Features are standardised with the training part's mean and standard deviation (an affine
+map, so the readout stays linear in the network's features); this makes one learning rate fit
+networks whose feature scales differ. ``--no-standardize`` turns it off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import DataError
+from .data import load as load_data
+from .data.extra import FilesPool, adapt, native_format, to_input
+from .select import load_network
+from .train import CheckpointError
+
+PROG = "llp-fast-linear-probe"
+
+
+@torch.no_grad()
+def extract(model, net_source, batches, *, pixels: bool = False) -> torch.Tensor:
+    """Pooled features (N, F) float32 of uint8 image ``batches`` (any size, 1 or 3 channels);
+    ``pixels``: the network's input itself, flattened (the no-network control)."""
+    fmt = native_format(net_source)
+    model.eval()
+    feat = (lambda x: x.flatten(1)) if pixels else model.features
+    out = [feat(to_input(net_source, adapt(x.cpu(), fmt))).float().cpu() for x in batches]
+    return torch.cat(out) if out else torch.zeros(0, getattr(model, "feature_dim", 0))
+
+
+def probe_features(
+    model, net_source, spec: str, *, seed: int = 0, batch_size: int = 256, workers: int = 0, pixels: bool = False
+):
+    """``(train_x, train_y, test_x, test_y, num_classes)`` for the labeled data set ``spec``:
+    every labeled training example and the held-out split (the data's own, or 20% stratified)."""
+    data = load_data(spec, device="cpu", labeled_fraction=1.0, seed=seed, workers=workers)
+    lab = torch.nonzero(data.targets >= 0).flatten()
+    ytr, yte = data.targets[lab], data.y_test.cpu()
+    if hasattr(data, "files"):  # folder: decode the files themselves, in the network's format
+        fmt = native_format(net_source)
+        tr = FilesPool([data.files[i] for i in lab.tolist()], spec, workers=workers)
+        te = FilesPool(list(data.test_files), spec, workers=workers)
+        xtr = extract(model, net_source, (x for x, _ in tr.batches(batch_size, fmt)), pixels=pixels)
+        xte = extract(model, net_source, (x for x, _ in te.batches(batch_size, fmt)), pixels=pixels)
+    else:
+        xs, xt, b = data.x.cpu()[lab], data.x_test.cpu(), batch_size
+        xtr = extract(model, net_source, (xs[s : s + b] for s in range(0, xs.shape[0], b)), pixels=pixels)
+        xte = extract(model, net_source, (xt[s : s + b] for s in range(0, xt.shape[0], b)), pixels=pixels)
+    return xtr, ytr, xte, yte, data.num_classes
+
+
+def _split_val(y: torch.Tensor, fraction: float, seed: int):
+    """Stratified (fit, val) positions: ``round(fraction * n_c)`` of each class to val, at
+    least one where the class has two or more examples."""
+    rng = np.random.default_rng(seed)
+    y = y.numpy()
+    val = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        n = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+        if n > 0:
+            val.append(rng.choice(members, n, replace=False))
+    val = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    fit = np.setdiff1d(np.arange(len(y)), val)
+    return torch.from_numpy(fit), torch.from_numpy(val)
+
+
+def _topk(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    if y.numel() == 0:
+        return float("nan"), float("nan")
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return float((top[:, 0] == y).float().mean()), float((top == y[:, None]).any(1).float().mean())
+
+
+def train_readout(
+    xtr,
+    ytr,
+    xte,
+    yte,
+    num_classes,
+    *,
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=0.0,
+    batch_size=128,
+    epochs=200,
+    patience=5,
+    drops=2,
+    val_fraction=0.1,
+    standardize=True,
+    seed=0,
+) -> dict:
+    """Fits the linear readout (see the module docstring); returns the metrics dict."""
+    if xtr.shape[0] < 2:
+        raise DataError("the probe data has fewer than 2 labeled training examples")
+    gen = torch.Generator().manual_seed(seed)
+    fit, val = _split_val(ytr, val_fraction, seed)
+    if standardize:
+        mu = xtr[fit].mean(0, keepdim=True)
+        sd = xtr[fit].std(0, keepdim=True).clamp_min(1e-6)
+        xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    with torch.random.fork_rng():  # the readout's initialisation depends on ``seed`` alone
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(xtr.shape[1], num_classes)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=patience)
+    best, best_state, best_epoch, n_drops, cur_lr, stale = -float("inf"), None, 0, 0, lr, 0
+    xf, yf = xtr[fit], ytr[fit]
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(xf.shape[0], generator=gen)
+        for s in range(0, xf.shape[0], batch_size):
+            i = perm[s : s + batch_size]
+            loss = F.cross_entropy(head(xf[i]), yf[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            v1 = _topk(head(xtr[val]), ytr[val])[0] if val.numel() else -float(loss)
+        if v1 > best:
+            best, best_epoch, stale = v1, epoch, 0
+            best_state = {k: t.clone() for k, t in head.state_dict().items()}
+        else:
+            stale += 1
+        sched.step(v1)
+        new_lr = opt.param_groups[0]["lr"]
+        if new_lr < cur_lr:
+            n_drops, cur_lr = n_drops + 1, new_lr
+        # after the last drop, stop once validation saturates again
+        if n_drops > drops or (n_drops == drops and stale > patience):
+            break
+    head.load_state_dict(best_state)
+    with torch.no_grad():
+        top1, top5 = _topk(head(xte), yte)
+        train1 = _topk(head(xtr[fit]), ytr[fit])[0]
+    counts = torch.bincount(ytr, minlength=num_classes)
+    return {
+        "test_top1": top1,
+        "test_top5": top5,
+        "val_top1": best if val.numel() else None,
+        "fit_top1": train1,
+        "chance_top1": 1.0 / num_classes,
+        "majority_top1": float((yte == int(counts.argmax())).float().mean()) if yte.numel() else None,
+        "best_epoch": best_epoch,
+        "epochs_run": epoch,
+        "lr_drops": n_drops,
+        "num_fit": int(fit.numel()),
+        "num_val": int(val.numel()),
+        "num_test": int(yte.numel()),
+        "num_classes": num_classes,
+        "feature_dim": int(xtr.shape[1]),
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="Freeze a trained network and fit a linear readout on its pooled features of another labeled "
+        "data set (paper §4, Appendix C); report held-out top-1 and top-5.",
+    )
+    ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
+    ap.add_argument("--data", required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH")
+    ap.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
+    ap.add_argument("--lr", type=float, default=0.01, help="initial learning rate (default 0.01, paper)")
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=200, help="most readout epochs (default 200)")
+    ap.add_argument("--patience", type=int, default=5, help="epochs without a better validation top-1 before x0.1")
+    ap.add_argument("--drops", type=int, default=2, help="learning-rate drops before stopping (default 2, paper)")
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="of the probe training part (default 0.1)")
+    ap.add_argument("--no-standardize", action="store_true", help="feed the raw features to the readout")
+    ap.add_argument("--random-init", action="store_true", help="control: the same network, untrained")
+    ap.add_argument(
+        "--pixels", action="store_true", help="control: the readout on the network's input pixels, no network"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="readouts on the same features (seeds SEED.. SEED+R-1); mean and std"
+    )
+    ap.add_argument("--device", default=None, help="cpu or cuda for the feature extraction")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for folder data")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        if not 0 <= args.val_fraction < 1:
+            raise ValueError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
+        for name in ("lr", "batch_size", "epochs", "repeats"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if args.out:
+            out_dir = os.path.dirname(os.path.abspath(args.out))
+            if not os.path.isdir(out_dir):
+                raise ValueError(f"--out {args.out}: directory {out_dir} does not exist")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(args.seed)
+        model, cfg, net_source = load_network(args.checkpoint, device, random_init=args.random_init)
+        xtr, ytr, xte, yte, s = probe_features(
+            model, net_source, args.data, seed=args.seed, workers=args.workers, pixels=args.pixels
+        )
+        t_feat = time.perf_counter() - t0
+        runs = [
+            train_readout(
+                xtr,
+                ytr,
+                xte,
+                yte,
+                s,
+                lr=args.lr,
+                momentum=args.momentum,
+                weight_decay=args.weight_decay,
+                batch_size=args.batch_size,
+                epochs=args.epochs,
+                patience=args.patience,
+                drops=args.drops,
+                val_fraction=args.val_fraction,
+                standardize=not args.no_standardize,
+                seed=args.seed + r,
+            )
+            for r in range(args.repeats)
+        ]
+        # repeats share the features and the test split; they redraw the validation split,
+        # the readout's initialisation and the mini-batch order
+        res = dict(runs[0])
+        for key in ("test_top1", "test_top5"):
+            vals = np.array([r[key] for r in runs])
+            res[key] = float(vals.mean())
+            res[key + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        res["repeats"] = [{k: r[k] for k in ("test_top1", "test_top5", "val_top1", "best_epoch")} for r in runs]
+        fmt = native_format(net_source)
+        res = {
+            "checkpoint": os.path.abspath(args.checkpoint),
+            "network_trained_on": cfg.data,
+            "supervised_only": bool(cfg.supervised_only),
+            "random_init": bool(args.random_init),
+            "pixels": bool(args.pixels),
+            "probe_data": args.data,
+            "input": {"channels": fmt[1], "side": fmt[2], "network_side": int(net_source.image_size)},
+            **res,
+            "feature_seconds": round(t_feat, 2),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        if args.out:
+            tmp = f"{args.out}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=1)
+            os.replace(tmp, args.out)
+    except (DataError, CheckpointError, ValueError, TypeError, OSError, RuntimeError) as e:
+        from .cli import _one_line
+
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    net = "random-init" if args.random_init else ("supervised-only" if cfg.supervised_only else "LLP")
+    net = f"raw pixels (input format of the {net}" if args.pixels else net
+    pm1 = pm5 = ""
+    if args.repeats > 1:
+        pm1 = f" ± {100 * res['test_top1_std']:.1f}"
+        pm5 = f" ± {100 * res['test_top5_std']:.1f}"
+    print(
+        f"{PROG}: {net} network ({cfg.data}){')' if args.pixels else ''} -> {args.data} ({res['num_classes']} classes, "
+        f"{res['input']['channels']}x{res['input']['side']}px): held-out top-1 {100 * res['test_top1']:.1f}%{pm1} "
+        f"top-5 {100 * res['test_top5']:.1f}%{pm5} (chance {100 * res['chance_top1']:.1f}%, {res['num_fit']} fit / "
+        f"{res['num_val']} val / {res['num_test']} test, {args.repeats} readout(s), {res['seconds']:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""llp-fast-linear-probe (paper §4 Table 4, Appendix C)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from llp_fast.probe import _split_val, main, train_readout
+from llp_fast.train import TrainConfig, Trainer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny digits network (8 px, width 4) after one short LLP epoch."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cfg = TrainConfig(
+        data="digits",
+        run_dir=str(tmp / "run"),
+        epochs=1,
+        labeled_fraction=0.1,
+        unlabeled_fraction=0.3,
+        width=4,
+        image_size=8,
+        batch_size=64,
+        lr=0.05,
+        k=5,
+        t=10,
+        quiet=True,
+    )
+    Trainer(cfg).fit()
+    return cfg.run_dir
+
+
+@pytest.fixture(scope="module")
+def rgb_npz(tmp_path_factory):
+    """300 digits as 20x20 RGB images with a 100-image test split: another size and channel
+    count than the network's 8x8 grey input."""
+    d = load_digits()
+    x = torch.from_numpy(np.clip(np.rint(d.images[:400] * 255 / 16), 0, 255)).float()[:, None]
+    x = torch.nn.functional.interpolate(x, size=(20, 20), mode="bilinear").round().clamp(0, 255)
+    x = x.to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    y = d.target[:400].astype(np.int64)
+    path = tmp_path_factory.mktemp("probe") / "rgb.npz"
+    np.savez(path, x=np.ascontiguousarray(x[:300]), y=y[:300], x_test=np.ascontiguousarray(x[300:]), y_test=y[300:])
+    return str(path)
+
+
+def test_probe_runs_and_beats_chance(ckpt, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    assert main([ckpt, "--data", "digits", "--out", str(out), "--epochs", "40"]) == 0
+    line = capsys.readouterr()[0]
+    assert "held-out top-1" in line and "top-5" in line
+    res = json.loads(out.read_text())
+    for key in ("test_top1", "test_top5", "val_top1", "fit_top1"):
+        assert 0.0 <= res[key] <= 1.0
+    assert res["test_top5"] >= res["test_top1"]
+    assert res["test_top1"] > 3 * res["chance_top1"]  # 10 classes: well above 10%
+    assert res["num_test"] == 359 and res["num_fit"] + res["num_val"] == 1797 - 359  # stratified 20% held out
+    assert res["input"] == {"channels": 1, "side": 8, "network_side": 8}
+
+
+def test_probe_converts_size_and_channels(ckpt, rgb_npz, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    assert main([ckpt, "--data", f"npz:{rgb_npz}", "--out", str(out), "--epochs", "30"]) == 0
+    res = json.loads(out.read_text())
+    assert res["num_test"] == 100 and res["feature_dim"] == 4 * 8  # width 4, ResNet-18's last stage
+    assert res["test_top1"] > 0.3
+
+
+def test_random_init_control_and_frozen_weights(ckpt, tmp_path):
+    before = torch.load(f"{ckpt}/checkpoint.pt", weights_only=True)["model"]
+    assert main([ckpt, "--data", "digits", "--random-init", "--epochs", "5", "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["random_init"] is True
+    after = torch.load(f"{ckpt}/checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_readout_on_separable_features_and_lr_drops():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=gen) * 4
+    y = torch.arange(400) % 4
+    x = centres[y] + torch.randn(400, 16, generator=gen)
+    res = train_readout(x[:300], y[:300], x[300:], y[300:], 4, epochs=100, patience=2)
+    assert res["test_top1"] > 0.95 and res["test_top5"] == 1.0
+    assert res["lr_drops"] <= 3 and res["epochs_run"] <= 100
+
+
+def test_split_val_is_stratified():
+    y = torch.tensor([0] * 20 + [1] * 10 + [2] * 1)
+    fit, val = _split_val(y, 0.1, 0)
+    assert sorted(torch.cat([fit, val]).tolist()) == list(range(31))
+    assert torch.bincount(y[val], minlength=3).tolist() == [2, 1, 0]  # a single example stays in fit
+
+
+def one_error_line(capsys, rc, match):
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llp-fast-linear-probe: error: ") and "Traceback" not in err
+    assert match in lines[0], lines[0]
+
+
+def test_errors_are_one_line(ckpt, tmp_path, capsys):
+    one_error_line(capsys, main([str(tmp_path / "none"), "--data", "digits"]), "no checkpoint")
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    one_error_line(capsys, main([str(tmp_path), "--data", "digits"]), "corrupt checkpoint")
+    one_error_line(capsys, main([ckpt, "--data", f"npz:{tmp_path}/none.npz"]), "no such file")
+    one_error_line(capsys, main([ckpt, "--data", f"folder:{tmp_path}/none"]), "no such directory")
+    one_error_line(capsys, main([ckpt, "--data", "digits", "--out", f"{tmp_path}/no/x.json"]), "not exist")
+
+
+def test_pixels_control_and_repeats(ckpt, tmp_path):
+    out = tmp_path / "px.json"
+    assert main([ckpt, "--data", "digits", "--pixels", "--repeats", "2", "--epochs", "5", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["pixels"] is True and res["feature_dim"] == 8 * 8 and len(res["repeats"]) == 2
+    assert res["test_top1"] == pytest.approx(np.mean([r["test_top1"] for r in res["repeats"]]))
+    assert res["test_top1_std"] >= 0.0

@@ -1,0 +1,278 @@
+"""llp-fast-select (paper Appendix B) and llp-fast-train --extra-unlabeled."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from llp_fast.cli import config_from_args, train_parser
+from llp_fast.data.extra import native_format, open_pool, to_input
+from llp_fast.select import PerClassTopK, load_network, main, read_selection, select
+from llp_fast.train import Interrupted, TrainConfig, Trainer, prepare
+
+torch.set_num_threads(1)
+
+
+def tiny(tmp_path, name="run", **kw) -> TrainConfig:
+    base = dict(
+        data="digits",
+        run_dir=str(tmp_path / name),
+        epochs=1,
+        labeled_fraction=0.1,
+        unlabeled_fraction=0.3,
+        width=4,
+        image_size=8,
+        batch_size=64,
+        lr=0.05,
+        milestones=[],
+        k=5,
+        t=10,
+        quiet=True,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A freshly initialised tiny digits network, saved as a run (no training needed: the
+    rule is checked against the same network's probabilities)."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    tr = Trainer(tiny(tmp))
+    tr.save()
+    return tr.cfg.run_dir
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """70 digit images at 12x12 RGB (not the network's 8x8 grey: the pool is converted), with y."""
+    d = load_digits()
+    x = np.clip(np.rint(d.images[:70] * 255 / 16), 0, 255).astype(np.uint8)
+    x = torch.nn.functional.interpolate(torch.from_numpy(x)[:, None].float(), size=(12, 12), mode="bilinear")
+    x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    path = tmp_path_factory.mktemp("pool") / "pool.npz"
+    np.savez_compressed(path, x=np.ascontiguousarray(x), y=d.target[:70].astype(np.int64))
+    return str(path)
+
+
+def brute_force(probs: np.ndarray, p: int, k: int):
+    """Appendix B by enumeration: each image's P best classes (ties: lower class), then per
+    class the K best images (ties: lower index)."""
+    n, s = probs.shape
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :p]
+    rows = []
+    for c in range(s):
+        cand = [i for i in range(n) if c in top[i]]
+        cand.sort(key=lambda i: (-probs[i, c], i))
+        rows += [(i, c, probs[i, c]) for i in cand[:k]]
+    return rows
+
+
+def all_probs(ckpt, pool_path):
+    model, _, source = load_network(ckpt)
+    x, idx = next(open_pool(f"npz:{pool_path}").batches(10_000, native_format(source)))
+    assert idx.tolist() == list(range(len(idx)))
+    with torch.no_grad():
+        return torch.softmax(model(to_input(source, x))[0], 1).numpy(), model, source
+
+
+@pytest.mark.parametrize("p,k", [(3, 4), (1, 2), (10, 70)])
+def test_rule_matches_brute_force_and_streaming(ckpt, pool, p, k):
+    probs, model, source = all_probs(ckpt, pool)
+    want = brute_force(probs, p, k)
+    for bs in (7, 1000):  # streamed in 10 batches, and in one
+        index, cls, score = select(model, source, open_pool(f"npz:{pool}"), top_classes=p, per_class=k, batch_size=bs)
+        assert list(zip(index.tolist(), cls.tolist())) == [(i, c) for i, c, _ in want]
+        np.testing.assert_allclose(score, [s for _, _, s in want], rtol=1e-5, atol=1e-7)
+
+
+def test_per_class_topk_ties_and_short_classes():
+    best = PerClassTopK(num_classes=3, k=2, top_classes=1)
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    best.add(probs[:2], torch.tensor([0, 1]))
+    best.add(probs[2:], torch.tensor([2, 3]))
+    index, cls, score = best.result()
+    # class 0: three images tie at 0.5 -> the two lowest indices; class 1 never in a top-1; class 2: one image
+    assert index.tolist() == [0, 1, 2] and cls.tolist() == [0, 0, 2]
+    np.testing.assert_allclose(score, [0.5, 0.5, 0.6])
+
+
+def test_cli_npz_and_json_agree(ckpt, pool, tmp_path, capsys):
+    a, b = str(tmp_path / "sel.npz"), str(tmp_path / "sel.json")
+    args = [ckpt, "--source", f"npz:{pool}", "--top-classes", "2", "--per-class", "5", "--batch-size", "16"]
+    assert main([*args, "--out", a, "--quiet"]) == 0
+    assert main([*args, "--out", b, "--quiet"]) == 0
+    out = capsys.readouterr()[0]
+    assert "distinct images" in out and "agree with the class" in out
+    sa, sb = read_selection(a), read_selection(b)
+    for key in ("index", "class"):
+        np.testing.assert_array_equal(sa[key], sb[key])
+    np.testing.assert_allclose(sa["score"], sb["score"], rtol=1e-6)
+    assert sa["meta"]["source"] == f"npz:{os.path.abspath(pool)}" and sa["meta"]["pool_size"] == 70
+    assert sa["path"] is None and len(sa["index"]) <= 10 * 5
+    assert sorted(os.listdir(tmp_path)) == ["sel.json", "sel.npz"]  # no temporary left behind
+
+
+def test_output_is_atomic(ckpt, pool, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sel.npz"
+    out.write_bytes(b"previous selection")
+
+    def broken(f, **arrays):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken)
+    rc = main([ckpt, "--source", f"npz:{pool}", "--out", str(out), "--quiet"])
+    assert rc == 2 and "disk full" in capsys.readouterr()[1]
+    assert out.read_bytes() == b"previous selection"
+    assert os.listdir(tmp_path) == ["sel.npz"]
+
+
+def _png_tree(root, n=9):
+    from PIL import Image
+
+    d = load_digits()
+    for i in range(n):
+        sub = root / f"part{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(np.clip(d.images[i] * 16, 0, 255).astype(np.uint8)).resize((20, 16))
+        im.convert("RGB").save(sub / f"img{i}.png")
+    return root
+
+
+def test_folder_pool_records_paths(ckpt, tmp_path, capsys):
+    root = _png_tree(tmp_path / "pool")
+    out = str(tmp_path / "sel.npz")
+    args = [ckpt, "--source", f"folder:{root}", "--out", out, "--per-class", "2", "--workers", "0"]
+    assert main([*args, "--batch-size", "4", "--quiet"]) == 0
+    sel = read_selection(out)
+    assert sel["path"] is not None and all(os.path.isfile(p) for p in sel["path"])
+    files = open_pool(f"folder:{root}").paths
+    assert [files[i] for i in sel["index"]] == sel["path"].tolist()
+    assert main([*args[:-2], "--workers", "0", "--batch-size", "100", "--quiet", "--out", out + ".2.npz"]) == 0
+    np.testing.assert_array_equal(read_selection(out + ".2.npz")["index"], sel["index"])
+
+
+def one_error_line(capsys, rc, match):
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llp-fast-select: error: ") and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+
+
+def test_errors_are_one_line(ckpt, pool, tmp_path, capsys):
+    out = str(tmp_path / "sel.npz")
+    one_error_line(capsys, main([str(tmp_path / "nope"), "--source", f"npz:{pool}", "--out", out]), "no checkpoint")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "checkpoint.pt").write_bytes(b"\x00garbage" * 10)
+    one_error_line(capsys, main([str(bad), "--source", f"npz:{pool}", "--out", out]), "corrupt checkpoint")
+    one_error_line(capsys, main([ckpt, "--source", f"npz:{tmp_path}/none.npz", "--out", out]), "no such file")
+    one_error_line(capsys, main([ckpt, "--source", f"folder:{tmp_path}/none", "--out", out]), "no such directory")
+    np.savez(tmp_path / "noimg.npz", y=np.zeros(3))
+    one_error_line(capsys, main([ckpt, "--source", f"npz:{tmp_path}/noimg.npz", "--out", out]), "no array 'x'")
+    (tmp_path / "trunc.npz").write_bytes(b"PK\x03\x04 not really")
+    one_error_line(capsys, main([ckpt, "--source", f"npz:{tmp_path}/trunc.npz", "--out", out]), "cannot read")
+    one_error_line(capsys, main([ckpt, "--source", f"npz:{pool}", "--out", f"{tmp_path}/no/dir.npz"]), "not exist")
+    one_error_line(capsys, main([ckpt, "--source", f"npz:{pool}", "--out", out, "--per-class", "0"]), "--per-class")
+    assert not os.path.exists(out)
+
+
+# -- llp-fast-train --extra-unlabeled -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def selection(ckpt, pool, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sel") / "sel.npz")
+    assert (
+        main([ckpt, "--source", f"npz:{pool}", "--out", out, "--top-classes", "2", "--per-class", "4", "--quiet"]) == 0
+    )
+    return out
+
+
+def test_extra_unlabeled_grows_the_bank_then_fine_tunes_on_original_only(tmp_path, selection, pool):
+    n0 = Trainer(tiny(tmp_path, "plain")).n
+    cfg = tiny(tmp_path, epochs=3, milestones=[1], rate_jump=2, extra_unlabeled=selection)
+    tr = Trainer(cfg)
+    sel = read_selection(selection)
+    e = len(np.unique(sel["index"]))
+    assert tr.n_original == n0 and tr.n == n0 + e and len(tr.bank) == n0 + e
+    assert bool((tr.targets[n0:] == -1).all())
+    # the extras' truth comes from the pool's y (pseudo-label diagnostics)
+    y = np.load(pool)["y"]
+    np.testing.assert_array_equal(tr.truth[n0:].numpy(), y[np.unique(sel["index"])])
+    seen = {}
+    step = tr.train_step
+
+    def spy(x, idx, lr, warmup):
+        seen.setdefault(tr.epoch, []).append(idx.clone())
+        return step(x, idx, lr, warmup)
+
+    tr.train_step = spy
+    tr.fit()
+    drawn = {ep: torch.cat(v) for ep, v in seen.items()}
+    for ep in (0, 1):  # LLP on original + extra: every example once per epoch
+        assert sorted(drawn[ep].tolist()) == list(range(n0 + e))
+    assert sorted(drawn[2].tolist()) == list(range(n0))  # the rate-jump phase: original only
+    assert tr.n == n0 and len(tr.bank) == n0 and tr.bank.embeddings.shape[0] == n0
+
+
+def test_extra_unlabeled_resume_inside_fine_tuning_is_exact(tmp_path, selection):
+    kw = dict(epochs=3, milestones=[1], rate_jump=2, extra_unlabeled=selection)
+    full = Trainer(tiny(tmp_path, "full", **kw))
+    full.fit()
+    steps0 = full.steps_per_epoch()  # n0 steps in the fine-tuning epoch
+    part = Trainer(tiny(tmp_path, "part", **kw))
+    stop = 2 * part.steps_per_epoch() + max(1, steps0 // 2)
+    part.cfg.stop_after_steps = stop
+    with pytest.raises(Interrupted):
+        part.fit()
+    resumed = prepare(tiny(tmp_path, "part", **kw), resume=True)
+    assert resumed.n == resumed.n_original
+    resumed.fit()
+    assert torch.equal(resumed.bank.embeddings, full.bank.embeddings)
+    for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_extra_unlabeled_from_a_folder_pool_and_cli_flag(ckpt, tmp_path):
+    root = _png_tree(tmp_path / "pool")
+    out = str(tmp_path / "sel.json")
+    assert (
+        main([ckpt, "--source", f"folder:{root}", "--out", out, "--per-class", "3", "--workers", "0", "--quiet"]) == 0
+    )
+    tr = Trainer(tiny(tmp_path, extra_unlabeled=out))
+    assert tr.n == tr.n_original + len(np.unique(read_selection(out)["index"]))
+    assert tr.source.x.shape[1:] == (1, 8, 8)
+    args = train_parser().parse_args(["--extra-unlabeled", "rel/sel.npz", "--rate-jump", "5"])
+    assert config_from_args(args, "r").extra_unlabeled == os.path.abspath("rel/sel.npz")
+
+
+def test_extra_unlabeled_bad_selection_is_one_line(tmp_path, capsys):
+    from llp_fast.cli import train_main
+
+    (tmp_path / "bad.npz").write_bytes(b"nope")
+    rc = train_main(
+        [
+            "--data",
+            "digits",
+            "--epochs",
+            "1",
+            "--width",
+            "4",
+            "--image-size",
+            "8",
+            "--baseline",
+            "off",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--extra-unlabeled",
+            str(tmp_path / "bad.npz"),
+        ]
+    )
+    err = capsys.readouterr()[1]
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "cannot read selection" in err
