@@ -241,6 +241,9 @@ class Trainer:
         src = self.source
         self.n_original = src.num_train  # examples before --extra-unlabeled's (dataset indices [0, n_original))
         if cfg.extra_unlabeled:
+            if self.world > 1:
+                # drop_extra_rows cuts one full bank at the rate jump; a sharded cut is not written yet
+                raise ValueError("--extra-unlabeled runs in a single process for now (drop --nproc)")
             add_extra_unlabeled(src, cfg.extra_unlabeled)
         self.num_classes = src.num_classes
         self.targets = src.targets.to(self.device)  # (N,) -1 = unlabeled

@@ -330,4 +330,3 @@ def drop_extra_rows(trainer) -> None:
         bank.confidence = bank.confidence[:n0].clone()
         bank.row_of = bank.row_of[:n0].clone()
         bank.index_of = bank.index_of[:n0].clone()
-        trainer.instance_ids = trainer.instance_ids[:n0]
