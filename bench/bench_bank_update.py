@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from llp_fast import _ext  # noqa: E402
+
+try:
+    from .common import git_commit
+except ImportError:  # run as a script
+    from common import git_commit  # noqa: E402
 from llp_fast.reference import bank_update_ref_  # noqa: E402
 
 
@@ -47,16 +51,6 @@ def device_name(dev: str) -> str:
     except OSError:
         pass
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-
-
-def git_commit() -> str:
-    def git(*a):
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
-
-    try:
-        return (git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")) or "?"
-    except OSError:
-        return "unknown"
 
 
 def timed(fn, dev: str) -> float:

@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from llp_fast import _ext  # noqa: E402
+
+try:
+    from .common import git_commit
+except ImportError:  # run as a script
+    from common import git_commit  # noqa: E402
 from llp_fast.reference import local_density_ref, propagate_ref, tile_shape, vote  # noqa: E402
 
 TAU = 0.07
@@ -51,16 +55,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    def git(*a):
-        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
-
-    try:
-        return (git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")) or "?"
-    except OSError:
-        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
