@@ -36,3 +36,27 @@ def unit(n: int, d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
 
 def cuda_available() -> bool:
     return torch.cuda.is_available() and os.environ.get("LLP_FAST_NO_CUDA") != "1"
+
+
+def tiny_config(tmp_path, name="run", **kw):
+    """A trainer config that runs in seconds: digits at 8 px, a width-4 ResNet-18 and 30% of the
+    unlabeled pool (~10 steps an epoch); keyword arguments override."""
+    from llp_fast.train import TrainConfig
+
+    base = dict(
+        data="digits",
+        run_dir=str(tmp_path / name),
+        epochs=2,
+        labeled_fraction=0.1,
+        unlabeled_fraction=0.3,
+        width=4,
+        image_size=8,
+        batch_size=64,
+        lr=0.05,
+        milestones=[1],
+        k=5,
+        t=10,
+        quiet=True,
+    )
+    base.update(kw)
+    return TrainConfig(**base)

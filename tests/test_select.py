@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from sklearn.datasets import load_digits
 
 from llp_fast.cli import config_from_args, train_parser
@@ -16,23 +17,8 @@ torch.set_num_threads(1)
 
 
 def tiny(tmp_path, name="run", **kw) -> TrainConfig:
-    base = dict(
-        data="digits",
-        run_dir=str(tmp_path / name),
-        epochs=1,
-        labeled_fraction=0.1,
-        unlabeled_fraction=0.3,
-        width=4,
-        image_size=8,
-        batch_size=64,
-        lr=0.05,
-        milestones=[],
-        k=5,
-        t=10,
-        quiet=True,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    """The shared tiny run (conftest), one epoch and no lr drop unless a test says otherwise."""
+    return tiny_config(tmp_path, name, **{"epochs": 1, "milestones": [], **kw})
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from llp_fast.train import (
     CHECKPOINT,
@@ -24,25 +25,7 @@ torch.set_num_threads(1)  # tiny nets: one thread is fastest, and immune to a bu
 TIMING = {"images_per_s", "epoch_seconds"}
 
 
-def tiny(tmp_path, name="run", **kw) -> TrainConfig:
-    """Digits at 8 px, a width-4 ResNet-18 and 30% of the unlabeled pool: ~10 steps an epoch."""
-    base = dict(
-        data="digits",
-        run_dir=str(tmp_path / name),
-        epochs=2,
-        labeled_fraction=0.1,
-        unlabeled_fraction=0.3,
-        width=4,
-        image_size=8,
-        batch_size=64,
-        lr=0.05,
-        milestones=[1],
-        k=5,
-        t=10,
-        quiet=True,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+tiny = tiny_config  # the shared tiny run (conftest)
 
 
 def untimed(rows):
