@@ -143,12 +143,14 @@ class MemoryBank:
         self.log_rho = local_density(self.labeled_embeddings, keys, t=t, tau=tau, check_finite=False).float()
         return self.log_rho
 
-    def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
+    def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, targets=None) -> torch.Tensor:
         """Aggregation loss (SPEC §1.3) of the batch embeddings ``v`` against the bank, with
-        each example's stored label as the target. (B,) float32."""
-        rows = self.rows(indices)
+        each example's stored label as the target (``targets``: those labels when the caller
+        already fetched them with :meth:`stored`). (B,) float32."""
+        if targets is None:
+            targets = self.labels[self.rows(indices)]
         return aggregation_loss(
-            v.to(self.embeddings.dtype), self.embeddings, self.labels, self.labels[rows], tau=tau, check_finite=False
+            v.to(self.embeddings.dtype), self.embeddings, self.labels, targets, tau=tau, check_finite=False
         )
 
     def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:

@@ -255,11 +255,14 @@ class ShardedMemoryBank:
         self.local.log_rho = log_rho
         return self.local.log_rho
 
-    def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
-        """Aggregation loss of this rank's batch against the whole sharded bank; (B,)."""
+    def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, targets=None) -> torch.Tensor:
+        """Aggregation loss of this rank's batch against the whole sharded bank; (B,).
+        ``targets``: the batch's stored labels if already fetched with :meth:`stored` (which
+        costs a gather and two all-reduces)."""
         tau = check.temperature(tau)
         check.embeddings(v, "v")
-        targets, _ = self.stored(indices)
+        if targets is None:
+            targets, _ = self.stored(indices)
         return _ShardedAggregationLoss.apply(
             v.to(self.local.embeddings.dtype), self.local.embeddings, self.local.labels, targets, tau, self.group
         )

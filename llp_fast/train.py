@@ -368,7 +368,7 @@ class Trainer:
         if warmup:
             return self.bank.instance_loss(emb, idx, tau=cfg.tau).mean()
         labels, conf = self.bank.stored(idx)
-        la = self.bank.loss(emb, idx, tau=cfg.tau)
+        la = self.bank.loss(emb, idx, tau=cfg.tau, targets=labels)
         ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none") * (labels >= 0)
         c = conf if cfg.confidence else torch.ones_like(conf)
         return (c * (ce + la)).mean()
