@@ -123,6 +123,7 @@ def _worker(rank, world, init_file, layout):
     torch.testing.assert_close(rows(twin, own), rows(bank, own), rtol=0, atol=1e-6)
     gathered = all_gather_cat(torch.full((rank + 1,), rank))
     assert gathered.tolist() == sum(([r] * (r + 1) for r in range(world)), [])
+    dist.barrier()  # no rank tears gloo down while a peer still uses its pairs
     dist.destroy_process_group()
 
 
