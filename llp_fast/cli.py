@@ -16,8 +16,8 @@ from .data import MARKER, DataError
 
 # Defaults tuned on this 2-core CPU (docs/results.md): the small digit sets want many short
 # steps at a high rate; other data get the paper's batch 128 and lr 0.03.
-_SMALL = {"epochs": 80, "batch_size": 64, "lr": 0.1}
-_PAPER = {"epochs": 100, "batch_size": 128, "lr": 0.03}
+_SMALL = {"epochs": 80, "batch_size": 64, "lr": 0.1, "propagation_start": 3}
+_PAPER = {"epochs": 100, "batch_size": 128, "lr": 0.03, "propagation_start": 0}
 
 
 def _ints(text: str) -> list[int]:
@@ -160,6 +160,21 @@ def train_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--warmup-epochs", type=int, default=None, help="instance-discrimination warm-up epochs")
     g.add_argument(
+        "--propagation-start",
+        type=int,
+        default=None,
+        metavar="E",
+        help="epochs before the first propagation: until then unlabeled examples keep their instance ids "
+        f"(default {_SMALL['propagation_start']} for digits and mnist5k, else {_PAPER['propagation_start']})",
+    )
+    g.add_argument(
+        "--bank-init",
+        choices=("forward", "random"),
+        default="forward",
+        help="memory bank's starting rows: the untrained network's embeddings, one inference pass "
+        "(default), or random unit vectors (the original code)",
+    )
+    g.add_argument(
         "--k", type=int, default=0, help="propagation neighbours K (default: min(10, smallest labeled class))"
     )
     g.add_argument("--t", type=int, default=25, help="density neighbours T")
@@ -202,6 +217,8 @@ def config_from_args(args, run_dir: str):
         rate_jump=args.rate_jump,
         jump_milestones=args.jump_milestones,
         warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else 0,
+        bank_init=args.bank_init,
+        propagation_start=args.propagation_start if args.propagation_start is not None else d["propagation_start"],
         k=args.k,
         t=args.t,
         tau=args.tau,

@@ -76,6 +76,8 @@ class TrainConfig:
     rate_jump: int | None = None  # epoch where lr jumps back to 0.1 x initial
     jump_milestones: list[int] = field(default_factory=list)  # two more x0.1 drops after the jump
     warmup_epochs: int = 0  # instance-discrimination warm-up
+    bank_init: str = "forward"  # "forward": one pass of the network fills the bank; "random": unit noise
+    propagation_start: int = 0  # epochs before the first propagation (unlabeled rows keep instance ids)
     k: int = 10  # 0: auto, min(10, the smallest labeled class's size)
     t: int = 25
     tau: float = 0.07
@@ -273,6 +275,10 @@ class Trainer:
         # K = 0 asks for min(10, smallest labeled class): with a handful of labels per class a
         # K of 10 always reaches into other classes and the pseudo-labels collapse (docs/results.md).
         self.k = cfg.k or min(10, int(torch.bincount(src.targets[src.targets >= 0]).min()))
+        if not isinstance(cfg.propagation_start, int) or cfg.propagation_start < 0:
+            raise ValueError(f"propagation_start must be an integer >= 0, got {cfg.propagation_start!r}")
+        if cfg.bank_init not in ("forward", "random"):
+            raise ValueError(f"bank_init must be 'forward' or 'random', got {cfg.bank_init!r}")
         if not cfg.supervised_only:
             if self.k > len(self.labeled_idx):
                 raise DataError(f"--k {self.k} exceeds the {len(self.labeled_idx)} labeled training examples")
@@ -391,7 +397,7 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         if self.bank is not None:
-            if warmup:
+            if warmup or self.epoch < cfg.propagation_start:
                 self.bank.update(idx, emb.detach(), momentum=cfg.bank_momentum)
             else:
                 self.bank.step(
@@ -403,6 +409,24 @@ class Trainer:
                     density_weighting=cfg.density_weighting,
                 )
         return float(loss.detach())
+
+    @torch.no_grad()
+    def fill_bank(self) -> None:
+        """Before the first step: every bank row becomes the untrained network's embedding of
+        its (un-augmented) example, in place of random noise. The first propagations then
+        vote with neighbours that mean something, not with random labeled rows that only
+        their own first visit replaces, which on small labeled sets sends the early
+        pseudo-labels and the embedding into a collapse (docs/results.md). Stored labels
+        stay instance ids (SPEC §1); the cost is one inference pass over the training set.
+        Under torch.distributed each rank embeds a strided share, padded to equal length,
+        and the bank's collective ``update`` writes every row."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        share = torch.arange(self.rank, math.ceil(self.n / self.world) * self.world, self.world) % self.n
+        for x, idx in self.source.index_batches(share, cfg.eval_batch_size):
+            _, emb, _ = self._embed([(x, idx)])
+            self.bank.update(idx, emb, momentum=0.0)
+        self.progress.line(f"bank filled by one forward pass over {self.n:,} examples ({_fmt_time(time.perf_counter() - t0)})")
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -552,6 +576,8 @@ class Trainer:
         steps = self.steps_per_epoch()
         last = {}
         try:
+            if self.global_step == 0 and self.bank is not None and cfg.bank_init == "forward":
+                self.fill_bank()
             while self.epoch < cfg.epochs:
                 e = self.epoch
                 if cfg.rate_jump is not None and e >= cfg.rate_jump:

@@ -51,6 +51,35 @@ def test_one_epoch_stores_pseudo_labels(tmp_path):
     assert bool((bank.log_rho != 0).all())  # density refreshed at the epoch start
 
 
+def test_forward_bank_init_holds_the_untrained_networks_embeddings(tmp_path):
+    tr = Trainer(tiny(tmp_path, epochs=1))
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    labels0 = tr.bank.labels.clone()
+    tr.fill_bank()
+    idx = torch.arange(tr.n)
+    tr.model.eval()
+    with torch.no_grad():
+        _, expect = tr.model(tr.source.plain(tr.source.x[idx]))
+    torch.testing.assert_close(tr.bank.embeddings[tr.bank.rows(idx)], expect)
+    assert torch.equal(tr.bank.labels, labels0)  # labels untouched: unlabeled rows stay instance ids
+    for k, v in tr.model.state_dict().items():  # the pass changes nothing in the network
+        assert torch.equal(v, before[k]), k
+
+
+def test_fit_fills_the_bank_once_unless_random_init(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(Trainer, "fill_bank", lambda self: calls.append(self.global_step))
+    train(tiny(tmp_path, name="a", epochs=1))
+    assert calls == [0]
+    cfg = tiny(tmp_path, name="a", epochs=2)
+    train(cfg, resume=True)  # a resumed run keeps its bank
+    assert calls == [0]
+    train(tiny(tmp_path, name="b", epochs=1, bank_init="random"))
+    assert calls == [0]
+    with pytest.raises(ValueError, match="bank_init"):
+        Trainer(tiny(tmp_path, name="c", bank_init="zeros"))
+
+
 def test_metrics_jsonl_fields(tmp_path):
     cfg = tiny(tmp_path)
     train(cfg)
@@ -157,6 +186,20 @@ def test_warmup_keeps_instance_ids(tmp_path):
     tr.fit()
     m = tr.bank.num_labeled
     assert bool((tr.bank.labels[m:] < 0).all())  # no propagation during the warm-up
+
+
+def test_propagation_start_keeps_instance_ids_then_propagates(tmp_path):
+    tr = Trainer(tiny(tmp_path, epochs=1, propagation_start=1))
+    m = tr.bank.num_labeled
+    before = tr.bank.embeddings.clone()
+    tr.fit()
+    assert bool((tr.bank.labels[m:] < 0).all())  # no propagation in epoch 1
+    assert not torch.allclose(tr.bank.embeddings, before)  # but every row was blended
+    tr.cfg.epochs = 2
+    tr.fit()
+    assert bool((tr.bank.labels[m:] >= 0).all())  # epoch 2 propagates
+    with pytest.raises(ValueError, match="propagation_start"):
+        Trainer(tiny(tmp_path, name="bad", propagation_start=-1))
 
 
 @pytest.mark.parametrize("flags", [dict(density_weighting=False), dict(confidence=False), dict(density_pool="all")])
