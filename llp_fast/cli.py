@@ -37,6 +37,16 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of epochs >= 0, got {text!r}")
+    return v
+
+
 def train_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="llp-fast-train",
@@ -158,10 +168,10 @@ def train_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train on the labeled examples alone (the baseline), same net and schedule",
     )
-    g.add_argument("--warmup-epochs", type=int, default=None, help="instance-discrimination warm-up epochs")
+    g.add_argument("--warmup-epochs", type=_count, default=None, help="instance-discrimination warm-up epochs")
     g.add_argument(
         "--propagation-start",
-        type=int,
+        type=_count,
         default=None,
         metavar="E",
         help="epochs before the first propagation: until then unlabeled examples keep their instance ids "
@@ -385,11 +395,6 @@ def train_main(argv=None) -> int:
                 args.baseline == "on" or (args.baseline == "auto" and args.data in ("digits", "mnist5k"))
             )
             baseline_dir = os.path.join(run_dir, "baseline")
-            if rank == 0:
-                os.makedirs(run_dir, exist_ok=True)
-            if want_baseline:  # marks that this run includes its baseline, for --resume
-                with open(os.path.join(run_dir, "baseline.json"), "w") as f:
-                    f.write('{"run_dir": "baseline"}\n')
         what = "supervised-only" if cfg.supervised_only else "LLP"
         if not cfg.quiet:
             print(
@@ -400,7 +405,10 @@ def train_main(argv=None) -> int:
         base_proc = bcfg = None
         if want_baseline:
             bcfg = dataclasses.replace(cfg, run_dir=baseline_dir, supervised_only=True, stop_after_steps=None)
-        trainer = prepare(cfg, resume=bool(args.resume))  # checks the data before anything starts
+        trainer = prepare(cfg, resume=bool(args.resume))  # checks config and data, then makes the run dir
+        if want_baseline and not args.resume and rank == 0:  # marks that this run includes its baseline
+            with open(os.path.join(run_dir, "baseline.json"), "w") as f:
+                f.write('{"run_dir": "baseline"}\n')
         if bcfg is not None and _parallel(cfg, args):
             # Two tiny-net runs on a multi-core CPU: one thread each, side by side, halves the wall time.
             threads = cfg.threads or max(1, (os.cpu_count() or 2) // 2)

@@ -426,7 +426,8 @@ class Trainer:
         for x, idx in self.source.index_batches(share, cfg.eval_batch_size):
             _, emb, _ = self._embed([(x, idx)])
             self.bank.update(idx, emb, momentum=0.0)
-        self.progress.line(f"bank filled by one forward pass over {self.n:,} examples ({_fmt_time(time.perf_counter() - t0)})")
+        took = _fmt_time(time.perf_counter() - t0)
+        self.progress.line(f"bank filled by one forward pass over {self.n:,} examples ({took})")
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()

@@ -160,8 +160,13 @@ def test_corrupt_checkpoint(tmp_path, capsys):
 def test_bad_flag_values(tmp_path, capsys):
     rc = train_main(["--run-dir", str(tmp_path / "r"), *TINY, "--k", "100000"])
     one_error_line(capsys, rc, "--k")
+    assert not (tmp_path / "r").exists()  # a rejected config leaves no run directory behind
     with pytest.raises(SystemExit):  # argparse's own usage error for out-of-range fractions
         train_main(["--labeled-fraction", "1.5"])
+    for flag in ("--propagation-start", "--warmup-epochs"):
+        with pytest.raises(SystemExit):
+            train_main([flag, "-1"])
+        assert flag in capsys.readouterr().err
 
 
 def _digits_embeddings(tmp_path):
