@@ -185,7 +185,10 @@ def train_parser() -> argparse.ArgumentParser:
         "(default), or random unit vectors (the original code)",
     )
     g.add_argument(
-        "--k", type=int, default=0, help="propagation neighbours K (default: min(10, smallest labeled class))"
+        "--k",
+        type=_count,
+        default=10,
+        help="propagation neighbours K (default 10, the paper's; 0: min(10, the smallest labeled class))",
     )
     g.add_argument("--t", type=int, default=25, help="density neighbours T")
     g.add_argument("--tau", type=float, default=0.07, help="temperature")

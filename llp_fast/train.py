@@ -78,7 +78,7 @@ class TrainConfig:
     warmup_epochs: int = 0  # instance-discrimination warm-up
     bank_init: str = "forward"  # "forward": one pass of the network fills the bank; "random": unit noise
     propagation_start: int = 0  # epochs before the first propagation (unlabeled rows keep instance ids)
-    k: int = 10  # 0: auto, min(10, the smallest labeled class's size)
+    k: int = 10  # 0: min(10, the smallest labeled class's size)
     t: int = 25
     tau: float = 0.07
     bank_momentum: float = 0.5
@@ -272,8 +272,9 @@ class Trainer:
         self.amp_dtype = _amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.bank = None
-        # K = 0 asks for min(10, smallest labeled class): with a handful of labels per class a
-        # K of 10 always reaches into other classes and the pseudo-labels collapse (docs/results.md).
+        # K = 0 asks for min(10, smallest labeled class). With the forward bank start K = 10 is the
+        # better choice even at 3 labels per class (docs/results.md): the votes that reach into
+        # other classes lower the confidence of ambiguous examples instead of flipping them.
         self.k = cfg.k or min(10, int(torch.bincount(src.targets[src.targets >= 0]).min()))
         if not isinstance(cfg.propagation_start, int) or cfg.propagation_start < 0:
             raise ValueError(f"propagation_start must be an integer >= 0, got {cfg.propagation_start!r}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llp_fast import local_density, propagate
-from llp_fast.cli import propagate_main, train_main
+from llp_fast.cli import config_from_args, propagate_main, train_main, train_parser
 
 torch.set_num_threads(1)
 
@@ -157,13 +157,19 @@ def test_corrupt_checkpoint(tmp_path, capsys):
     one_error_line(capsys, train_main(["--resume", str(tmp_path / "empty")]), "no checkpoint")
 
 
+def test_k_defaults_to_the_papers_ten(tmp_path):
+    for data in ("digits", "mnist5k", "npz:x.npz"):
+        cfg = config_from_args(train_parser().parse_args(["--data", data]), str(tmp_path / "r"))
+        assert cfg.k == 10, data
+
+
 def test_bad_flag_values(tmp_path, capsys):
     rc = train_main(["--run-dir", str(tmp_path / "r"), *TINY, "--k", "100000"])
     one_error_line(capsys, rc, "--k")
     assert not (tmp_path / "r").exists()  # a rejected config leaves no run directory behind
     with pytest.raises(SystemExit):  # argparse's own usage error for out-of-range fractions
         train_main(["--labeled-fraction", "1.5"])
-    for flag in ("--propagation-start", "--warmup-epochs"):
+    for flag in ("--propagation-start", "--warmup-epochs", "--k"):
         with pytest.raises(SystemExit):
             train_main([flag, "-1"])
         assert flag in capsys.readouterr().err

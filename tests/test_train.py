@@ -66,6 +66,16 @@ def test_forward_bank_init_holds_the_untrained_networks_embeddings(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+def test_k_zero_resolves_to_the_smallest_labeled_class(tmp_path):
+    # 2% of digits: two or three labeled images per class
+    tr = Trainer(tiny(tmp_path, labeled_fraction=0.02, k=0))
+    counts = torch.bincount(tr.targets[tr.targets >= 0], minlength=10)
+    assert tr.k == min(10, int(counts.min())) < 10
+    assert Trainer(tiny(tmp_path, "b", labeled_fraction=0.02, k=10)).k == 10  # K above a class's count is fine
+    with pytest.raises(ValueError, match="--k"):  # but not above the labeled set
+        Trainer(tiny(tmp_path, "c", labeled_fraction=0.02, k=int(counts.sum()) + 1))
+
+
 def test_fit_fills_the_bank_once_unless_random_init(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(Trainer, "fill_bank", lambda self: calls.append(self.global_step))
