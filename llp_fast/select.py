@@ -26,7 +26,6 @@ carries labels (``y``), also the fraction of selected rows whose label is their 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -36,10 +35,8 @@ import numpy as np
 import torch
 
 from .data import DataError
-from .data import load as load_data
 from .data.extra import native_format, open_pool, to_input
-from .nn import build_model
-from .train import CHECKPOINT, CheckpointError, TrainConfig, load_checkpoint
+from .train import CHECKPOINT, CheckpointError, load_checkpoint, model_for, saved_config, source_for
 
 PROG = "llp-fast-select"
 
@@ -53,34 +50,12 @@ def load_network(path: str, device="cpu", *, random_init: bool = False):
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     ckpt = load_checkpoint(path, map_location="cpu")
-    saved = ckpt["config"]
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"corrupt checkpoint {path} (bad config)")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    cfg = saved_config(ckpt, path)
     try:
-        source = load_data(
-            cfg.data,
-            device=device,
-            labeled_fraction=cfg.labeled_fraction,
-            unlabeled_fraction=cfg.unlabeled_fraction,
-            seed=cfg.seed,
-            image_size=cfg.image_size,
-            scale_min=cfg.scale_min,
-            translate=cfg.translate,
-            flip=cfg.flip,
-            workers=0,
-            batch_size=cfg.batch_size,
-        )
+        source = source_for(cfg, device, workers=0)
     except DataError as e:
         raise DataError(f"the checkpoint's training data ({cfg.data}) fixes its preprocessing: {e}") from None
-    model = build_model(
-        cfg.arch,
-        num_classes=source.num_classes,
-        in_channels=source.in_channels,
-        image_size=source.image_size,
-        width=cfg.width,
-    )
+    model = model_for(cfg, source)
     if not random_init:
         try:
             model.load_state_dict(ckpt["model"])

@@ -143,6 +143,44 @@ def lr_at(cfg: TrainConfig, epoch: float) -> float:
     return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
 
 
+def saved_config(ckpt: dict, path: str) -> TrainConfig:
+    """The :class:`TrainConfig` stored in a loaded checkpoint (fields this version does not
+    know are dropped); ``path`` names the file in the error for a malformed one."""
+    saved = ckpt["config"]
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"corrupt checkpoint {path} (bad config)")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def source_for(cfg: TrainConfig, device, *, workers: int | None = None):
+    """The training data of ``cfg`` (split, preprocessing and augmentation as configured)."""
+    return load_data(
+        cfg.data,
+        device=device,
+        labeled_fraction=cfg.labeled_fraction,
+        unlabeled_fraction=cfg.unlabeled_fraction,
+        seed=cfg.seed,
+        image_size=cfg.image_size,
+        scale_min=cfg.scale_min,
+        translate=cfg.translate,
+        flip=cfg.flip,
+        workers=cfg.workers if workers is None else workers,
+        batch_size=cfg.batch_size,
+    )
+
+
+def model_for(cfg: TrainConfig, source) -> torch.nn.Module:
+    """The network of ``cfg`` shaped for ``source`` (classes, channels, image size), on the CPU."""
+    return build_model(
+        cfg.arch,
+        num_classes=source.num_classes,
+        in_channels=source.in_channels,
+        image_size=source.image_size,
+        width=cfg.width,
+    )
+
+
 def _amp_dtype(cfg: TrainConfig, device: torch.device):
     mode = cfg.amp
     if mode == "auto":
@@ -227,19 +265,7 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.source = load_data(
-            cfg.data,
-            device=self.device,
-            labeled_fraction=cfg.labeled_fraction,
-            unlabeled_fraction=cfg.unlabeled_fraction,
-            seed=cfg.seed,
-            image_size=cfg.image_size,
-            scale_min=cfg.scale_min,
-            translate=cfg.translate,
-            flip=cfg.flip,
-            workers=cfg.workers,
-            batch_size=cfg.batch_size,
-        )
+        self.source = source_for(cfg, self.device)
         src = self.source
         self.n_original = src.num_train  # examples before --extra-unlabeled's (dataset indices [0, n_original))
         if cfg.extra_unlabeled:
@@ -252,13 +278,7 @@ class Trainer:
         self.truth = src.truth.to(self.device)
         self.labeled_idx = torch.nonzero(src.targets >= 0).flatten()  # CPU
         self.n = src.num_train
-        self.model = build_model(
-            cfg.arch,
-            num_classes=src.num_classes,
-            in_channels=src.in_channels,
-            image_size=src.image_size,
-            width=cfg.width,
-        ).to(self.device)
+        self.model = model_for(cfg, src).to(self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
         # The bank stays outside the DDP module: it is a buffer LLP updates itself.
         train_module = self.model
@@ -700,12 +720,9 @@ def _truncate_metrics(path: str, epochs_done: int) -> None:
 
 
 def config_from_checkpoint(run_dir: str) -> tuple[TrainConfig, dict]:
-    ckpt = load_checkpoint(os.path.join(run_dir, CHECKPOINT))
-    saved = ckpt["config"]
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"corrupt checkpoint {run_dir}/{CHECKPOINT} (bad config)")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    path = os.path.join(run_dir, CHECKPOINT)
+    ckpt = load_checkpoint(path)
+    cfg = saved_config(ckpt, path)
     cfg.run_dir = run_dir
     cfg.stop_after_steps = None
     return cfg, ckpt

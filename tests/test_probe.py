@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from sklearn.datasets import load_digits
 
 from llp_fast.probe import _split_val, main, train_readout
-from llp_fast.train import TrainConfig, Trainer
+from llp_fast.train import Trainer
 
 torch.set_num_threads(1)
 
@@ -17,20 +18,7 @@ torch.set_num_threads(1)
 def ckpt(tmp_path_factory):
     """A tiny digits network (8 px, width 4) after one short LLP epoch."""
     tmp = tmp_path_factory.mktemp("ckpt")
-    cfg = TrainConfig(
-        data="digits",
-        run_dir=str(tmp / "run"),
-        epochs=1,
-        labeled_fraction=0.1,
-        unlabeled_fraction=0.3,
-        width=4,
-        image_size=8,
-        batch_size=64,
-        lr=0.05,
-        k=5,
-        t=10,
-        quiet=True,
-    )
+    cfg = tiny_config(tmp, epochs=1, milestones=[])
     Trainer(cfg).fit()
     return cfg.run_dir
 
