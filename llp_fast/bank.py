@@ -35,6 +35,19 @@ def initial_rows(start: int, end: int, dim: int, seed: int) -> torch.Tensor:
     return torch.nn.functional.normalize(out, dim=1)
 
 
+def check_new_labels(labels, confidence, n: int, num_classes: int, device, labeled: torch.Tensor) -> None:
+    """The checks of :meth:`MemoryBank.set_labels`: ``n`` class ids and confidences in [0, 1]
+    on ``device``, for examples none of which is labeled (``labeled``: bool per entry)."""
+    check.vector(labels, "labels", n, device=device, kind="int")
+    check.vector(confidence, "confidence", n, device=device, kind="float")
+    check.in_range(labels, "labels", 0, num_classes, "class ids must lie in [0, num_classes)")
+    check.finite(confidence, "confidence")
+    if n and not bool(((confidence >= 0) & (confidence <= 1)).all()):
+        raise ValueError("confidence must lie in [0, 1]")
+    if bool(labeled.any()):
+        raise ValueError("indices holds a labeled example: only unlabeled examples take new labels")
+
+
 class MemoryBank:
     """The state LLP keeps per example (SPEC §1).
 
@@ -197,6 +210,22 @@ class MemoryBank:
         self.labels[rows[sel]] = labels
         self.confidence[rows[sel]] = conf.float()
         return labels, conf
+
+    @torch.no_grad()
+    def set_labels(self, indices, labels, confidence) -> None:
+        """Stores ``labels`` (class ids) and ``confidence`` (in [0, 1]) for the unlabeled
+        dataset ``indices``, in place of what they hold (at the start: their instance ids).
+        A labeled index is an error: labeled examples always keep their class. Everything is
+        checked before anything is written; for a repeated index the last entry is stored."""
+        rows = self._check_label_batch(indices, labels, confidence)
+        last = occurrence_rank(rows.flip(0)).flip(0) == 0
+        self.labels[rows[last]] = labels.long()[last]
+        self.confidence[rows[last]] = confidence.float()[last]
+
+    def _check_label_batch(self, indices, labels, confidence) -> torch.Tensor:
+        rows = self.rows(indices)
+        check_new_labels(labels, confidence, rows.shape[0], self.num_classes, self.device, rows < self.num_labeled)
+        return rows
 
     @torch.no_grad()
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:

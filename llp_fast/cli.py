@@ -16,8 +16,8 @@ from .data import MARKER, DataError
 
 # Defaults tuned on this 2-core CPU (docs/results.md): the small digit sets want many short
 # steps at a high rate; other data get the paper's batch 128 and lr 0.03.
-_SMALL = {"epochs": 80, "batch_size": 64, "lr": 0.1, "propagation_start": 3}
-_PAPER = {"epochs": 100, "batch_size": 128, "lr": 0.03, "propagation_start": 0}
+_SMALL = {"epochs": 80, "batch_size": 64, "lr": 0.1, "propagation_start": 3, "label_init": "inputs"}
+_PAPER = {"epochs": 100, "batch_size": 128, "lr": 0.03, "propagation_start": 0, "label_init": "instance"}
 
 
 def _ints(text: str) -> list[int]:
@@ -174,7 +174,7 @@ def train_parser() -> argparse.ArgumentParser:
         type=_count,
         default=None,
         metavar="E",
-        help="epochs before the first propagation: until then unlabeled examples keep their instance ids "
+        help="epochs before the first propagation: until then unlabeled examples keep their start labels "
         f"(default {_SMALL['propagation_start']} for digits and mnist5k, else {_PAPER['propagation_start']})",
     )
     g.add_argument(
@@ -183,6 +183,14 @@ def train_parser() -> argparse.ArgumentParser:
         default="forward",
         help="memory bank's starting rows: the untrained network's embeddings, one inference pass "
         "(default), or random unit vectors (the original code)",
+    )
+    g.add_argument(
+        "--label-init",
+        choices=("instance", "inputs"),
+        default=None,
+        help="unlabeled examples' labels until the first propagation: their instance ids (SPEC, the "
+        "original code), or LLP's vote on the raw inputs, pixels centred and L2-normalised, array data only "
+        f"(default {_SMALL['label_init']} for digits and mnist5k, else {_PAPER['label_init']})",
     )
     g.add_argument(
         "--k",
@@ -232,6 +240,7 @@ def config_from_args(args, run_dir: str):
         warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else 0,
         bank_init=args.bank_init,
         propagation_start=args.propagation_start if args.propagation_start is not None else d["propagation_start"],
+        label_init=args.label_init or d["label_init"],
         k=args.k,
         t=args.t,
         tau=args.tau,

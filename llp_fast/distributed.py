@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validate as check
-from .bank import MemoryBank
+from .bank import MemoryBank, check_new_labels
 from .ops import bank_update_
 from .reference import occurrence_rank, streaming_topk, vote
 
@@ -278,6 +278,19 @@ class ShardedMemoryBank:
         )
 
     @torch.no_grad()
+    @torch.no_grad()
+    def set_labels(self, indices, labels, confidence) -> None:
+        """:meth:`MemoryBank.set_labels` with the same global vectors on every rank (not
+        collective): the whole batch is checked on every rank, then each rank stores the
+        rows it owns."""
+        indices = torch.as_tensor(indices, device=self.device)
+        check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=self.device, kind="int")
+        check.in_range(indices, "indices", 0, self.n, "dataset indices")
+        labeled = self._targets[indices.long().cpu()] >= 0
+        check_new_labels(labels, confidence, indices.shape[0], self.num_classes, self.device, labeled)
+        own = self._owned(indices)
+        self.local.set_labels(indices[own] - self.start, labels[own], confidence[own])
+
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
         """SPEC §1.6's blend for the global batch; every rank writes the rows it owns."""
         momentum = check.fraction(momentum, "momentum")

@@ -105,6 +105,34 @@ def test_failed_step_writes_nothing():
                 assert torch.equal(v, snapshot[k]), k
 
 
+def test_set_labels_stores_unlabeled_rows_only():
+    bank = _bank()
+    unl = torch.tensor([0, 2, 4, 0])  # a repeated index: the last entry is stored
+    bank.set_labels(unl, torch.tensor([1, 2, 0, 2]), torch.tensor([0.5, 0.25, 1.0, 0.75]))
+    labels, conf = bank.stored(torch.tensor([0, 2, 4, 5, 1]))
+    assert labels.tolist() == [2, 2, 0, -1 - 5, 2]  # 5 untouched keeps its instance id; 1 is labeled
+    assert conf.tolist() == [0.75, 0.25, 1.0, 1.0, 1.0]
+    snapshot = {k: v.clone() for k, v in bank.state_dict().items() if isinstance(v, torch.Tensor)}
+    idx = torch.tensor([5, 7])
+    for labels, conf, match in [
+        (torch.tensor([0, 3]), torch.tensor([0.5, 0.5]), "labels"),  # class 3 of 3
+        (torch.tensor([0, -1]), torch.tensor([0.5, 0.5]), "labels"),
+        (torch.tensor([0, 1]), torch.tensor([0.5, 1.5]), "confidence"),
+        (torch.tensor([0, 1]), torch.tensor([0.5, float("nan")]), "confidence"),
+        (torch.tensor([0]), torch.tensor([0.5, 0.5]), "labels"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]), "labels"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            bank.set_labels(idx, labels, conf)
+    with pytest.raises(ValueError, match="labeled example"):  # index 3 is labeled
+        bank.set_labels(torch.tensor([5, 3]), torch.tensor([0, 1]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="indices"):
+        bank.set_labels(torch.tensor([5, 12]), torch.tensor([0, 1]), torch.tensor([0.5, 0.5]))
+    for k, v in bank.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, snapshot[k]), k
+
+
 def test_state_dict_round_trip_and_corrupt_state():
     a = _bank(seed=1)
     a.refresh_density(t=2)

@@ -110,6 +110,13 @@ def _worker(rank, world, init_file, layout):
     bank.update(idx[mine], emb[mine], momentum=0.3)
     single.update(idx, emb, momentum=0.3)
     torch.testing.assert_close(rows(bank, own), single.embeddings[single.row_of[own]], rtol=0, atol=1e-6)
+    # Labels set from outside (--label-init inputs): the same full vectors on every rank.
+    unl = torch.nonzero(targets < 0).flatten()
+    new_l, new_c = unl % S, torch.linspace(0.1, 1.0, unl.shape[0])
+    bank.set_labels(unl, new_l, new_c)
+    single.set_labels(unl, new_l, new_c)
+    with pytest.raises(ValueError, match="labeled example"):  # checked on every rank, nothing written
+        bank.set_labels(torch.tensor([int(unl[0]), 0]), torch.tensor([1, 1]), torch.tensor([0.5, 0.5]))
     # The gathered bank is the single bank; a bank loaded from it holds the same rows.
     full = bank.gather()
     for key, value in single.state_dict().items():

@@ -4,8 +4,12 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from brute import f64
+from brute import local_density as brute_density
+from brute import propagate as brute_propagate
 from conftest import tiny_config
 
 from llp_fast.train import (
@@ -88,6 +92,45 @@ def test_fit_fills_the_bank_once_unless_random_init(tmp_path, monkeypatch):
     assert calls == [0]
     with pytest.raises(ValueError, match="bank_init"):
         Trainer(tiny(tmp_path, name="c", bank_init="zeros"))
+
+
+def test_label_init_inputs_is_llps_vote_on_the_pixels(tmp_path):
+    tr = Trainer(tiny(tmp_path, labeled_fraction=0.05, label_init="inputs"))
+    m, labels0 = tr.bank.num_labeled, tr.bank.labels.clone()
+    tr.init_labels()
+    # Independent float64 brute force of SPEC §1.1-1.2 on centred, L2-normalised pixels.
+    x = f64(tr.source.x.flatten(1))
+    x -= x.mean(axis=0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    lab = (tr.targets >= 0).numpy()
+    rho = brute_density(x[lab], x, tr.cfg.t, tr.cfg.tau, pool=~lab)
+    want_l, want_c = brute_propagate(x[~lab], x[lab], tr.targets[lab], rho, tr.k, tr.cfg.tau, 10)
+    unl = torch.nonzero(~torch.from_numpy(lab)).flatten()
+    got_l, got_c = tr.bank.stored(unl)
+    agree = got_l.numpy() == want_l
+    assert agree.mean() > 0.99  # float32 against float64: a near-tie may go the other way
+    np.testing.assert_allclose(got_c.numpy()[agree], want_c[agree], rtol=1e-3, atol=1e-4)
+    assert torch.equal(tr.bank.labels[:m], labels0[:m]) and bool((tr.bank.confidence[:m] == 1).all())
+    assert float((got_l == tr.truth[unl]).float().mean()) > 0.5  # pixels carry the classes (10 here)
+
+
+def test_fit_labels_from_inputs_once_and_keeps_them_until_propagation(tmp_path, monkeypatch):
+    ref = Trainer(tiny(tmp_path, "ref", label_init="inputs"))
+    ref.init_labels()
+    tr = Trainer(tiny(tmp_path, "a", epochs=1, label_init="inputs", propagation_start=1))
+    tr.fit()
+    assert torch.equal(tr.bank.labels, ref.bank.labels)  # no propagation in epoch 1
+    assert torch.equal(tr.bank.confidence, ref.bank.confidence)
+    calls = []
+    monkeypatch.setattr(Trainer, "init_labels", lambda self: calls.append(self.global_step))
+    train(tiny(tmp_path, "b", epochs=1, label_init="inputs"))
+    assert calls == [0]
+    train(tiny(tmp_path, "b", epochs=2, label_init="inputs"), resume=True)  # a resumed run keeps its labels
+    assert calls == [0]
+    train(tiny(tmp_path, "c", epochs=1))  # label_init="instance"
+    assert calls == [0]
+    with pytest.raises(ValueError, match="label_init"):
+        Trainer(tiny(tmp_path, name="d", label_init="pixels"))
 
 
 def test_metrics_jsonl_fields(tmp_path):

@@ -214,6 +214,14 @@ class ArraySource:
             idx = indices[s : s + batch_size].to(self.device)
             yield self.plain(self.x[idx]), idx
 
+    def input_features(self) -> torch.Tensor:
+        """The training images as vectors, in dataset order: (N, C*H*W) float32 on the
+        device, each pixel centred on its training-set mean, each row L2-normalised (a
+        constant image gives a zero row). The space ``--label-init inputs`` propagates in."""
+        x = self.x.flatten(1).float()
+        x -= x.mean(dim=0)
+        return F.normalize(x, dim=1)
+
 
 def load_arrays(
     spec: str,
