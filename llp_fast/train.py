@@ -9,7 +9,10 @@ unlabeled mixed, SPEC §1.7):
     SGD step (momentum 0.9, weight decay on weights only)
     bank.step(indices, v.detach())                    # §1.6: propagate, then blend rows
 
-with ``bank.refresh_density`` at the start of every epoch (§1.1). ``supervised_only`` trains
+with ``bank.refresh_density`` at the start of every epoch (§1.1). Before the first step the
+bank can be filled by one pass of the untrained network (``bank_init="forward"``) and the
+unlabeled examples' labels by LLP's vote on their raw inputs (``label_init="inputs"``);
+until ``propagation_start`` the rows are blended but nobody is re-labeled. ``supervised_only`` trains
 the same network with the same schedule (same number of steps) on the labeled examples
 alone with cross-entropy: the baseline.
 
