@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-interpret test-cuda bench bench-cpu bench-gpu compile-check compile-cuda lint clean
+.PHONY: install demo test test-interpret test-cuda bench bench-cpu bench-gpu bench-step compile-check compile-cuda lint clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-cpu: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(PY) bench/run_gpu.py
+
+bench-step: $(STAMP)
+	$(PY) bench/bench_step_overhead.py
 
 compile-check: $(STAMP)
 	$(PY) tests/_compile_kernels.py 90 80
