@@ -278,7 +278,6 @@ class ShardedMemoryBank:
         )
 
     @torch.no_grad()
-    @torch.no_grad()
     def set_labels(self, indices, labels, confidence) -> None:
         """:meth:`MemoryBank.set_labels` with the same global vectors on every rank (not
         collective): the whole batch is checked on every rank, then each rank stores the
@@ -291,6 +290,7 @@ class ShardedMemoryBank:
         own = self._owned(indices)
         self.local.set_labels(indices[own] - self.start, labels[own], confidence[own])
 
+    @torch.no_grad()
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
         """SPEC §1.6's blend for the global batch; every rank writes the rows it owns."""
         momentum = check.fraction(momentum, "momentum")
