@@ -23,9 +23,10 @@ PIL DataLoader); the bank holds the folder's examples padded with random unit ro
 at the size asked for. Both trainers start from the same weights.
 
 Correctness first: after one LLP step, the labels stored for the batch's unlabeled examples
-must equal ``llp_fast.reference.propagate_ref`` on the step's own embeddings (near-ties
-aside), every bank row of the batch must have moved and be unit-norm, and both losses must be
-finite. SPEC §4 bar: llp / supervised <= 1.10 (ResNet-18, 224 px, batch 128, AMP, on a GPU).
+must equal ``llp_fast.reference.propagate_ref`` on the step's own embeddings and the labeled
+rows as they were before it (near-ties aside), with the same confidences; every bank row of
+the batch must have moved and be unit-norm, and both losses must be finite. SPEC §4 bar:
+llp / supervised <= 1.10 (ResNet-18, 224 px, batch 128, AMP, on a GPU).
 A JSON row per provider goes to ``bench/results/step_overhead-<device>.json`` (or ``--out``).
 """
 
@@ -94,6 +95,7 @@ def check_step(trainer: Trainer, x, idx, lr: float) -> dict:
     step = bank.step
 
     def watched(indices, embeddings, **kw):
+        seen["density_weighting"] = kw.get("density_weighting", True)
         seen["emb"] = embeddings.detach().float().clone()
         seen["labeled"] = bank.labeled_embeddings.clone()  # the step's update moves the batch's labeled rows
         seen["log_rho"] = bank.log_rho.clone()
@@ -108,21 +110,22 @@ def check_step(trainer: Trainer, x, idx, lr: float) -> dict:
         bank.step = step
     assert np.isfinite(loss), f"LLP loss {loss}"
     unl = rows >= bank.num_labeled
-    want, _ = propagate_ref(
+    want, want_conf = propagate_ref(
         seen["emb"][unl].to(bank.embeddings.dtype),
         seen["labeled"],
         bank.labeled_classes,
-        seen["log_rho"],
+        seen["log_rho"] if seen["density_weighting"] else None,
         trainer.k,
         trainer.cfg.tau,
         trainer.num_classes,
     )
-    got = bank.labels[rows[unl]]
-    # a repeated index stores its last occurrence: compare one entry per row
-    agree = float((got == want).float().mean()) if int(unl.sum()) else 1.0
+    got, got_conf = bank.labels[rows[unl]], bank.confidence[rows[unl]]
+    same = got == want  # a batch from one epoch's permutation holds no repeated index
+    agree = float(same.float().mean()) if int(unl.sum()) else 1.0
     assert agree >= 0.97, f"stored labels agree with propagate_ref on {agree:.1%} of the batch"
+    torch.testing.assert_close(got_conf[same], want_conf[same].float(), atol=1e-2, rtol=0)
     after = bank.embeddings[rows].float()
-    assert not torch.allclose(after, before), "bank rows did not move"
+    assert bool(((after - before).abs().amax(dim=1) > 0).all()), "a bank row of the batch did not move"
     torch.testing.assert_close(after.norm(dim=1), torch.ones(len(rows), device=after.device), atol=1e-2, rtol=0)
     return {"llp_loss": loss, "label_agreement": agree}
 
@@ -162,7 +165,7 @@ def main(argv=None) -> list:
     p.add_argument("--bank-rows", type=int, default=None, help=f"bank size (default {IMAGENET_ROWS:,} on CUDA)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=None, help="timed steps per provider (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--folder", default=None, help="where to write (or reuse) the synthetic images")
     p.add_argument("--out", default=None)
@@ -174,6 +177,7 @@ def main(argv=None) -> list:
     width = args.width or (64 if cuda else 16)
     per_class = args.per_class or max(4, -(-3 * args.batch_size // args.classes))  # 80% train >= 2 batches
     bank_rows = args.bank_rows or (IMAGENET_ROWS if cuda else 0)
+    reps = args.reps or (20 if cuda else 3)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.folder) if args.folder else Path(tmp) / "images"
@@ -219,11 +223,11 @@ def main(argv=None) -> list:
                 "supervised": lambda: sup.train_step(x, idx, lr, warmup=False),
                 "llp": lambda: llp.train_step(x, idx, lr, warmup=False),
             },
-            args.reps,
+            reps,
             args.warmup,
             cuda,
         )
-        density_ms, _ = common.measure(density, reps=3, warmup=1)
+        density_ms = time_interleaved({"density": density}, 3, 1, cuda)["density"]
 
     steps_per_epoch = -(-len(bank) // args.batch_size)
     per_step = density_ms / steps_per_epoch
@@ -232,14 +236,14 @@ def main(argv=None) -> list:
     shape = common.Shape(f"step{args.image_size}", args.batch_size, len(bank), k=llp.k, num_classes=llp.num_classes)
     amp = str(llp.amp_dtype).removeprefix("torch.") if llp.amp_dtype else "fp32"
     rows = [
-        common.row("train_step", name, shape, torch.float32, ms, args.reps, arch=args.arch, width=width, amp=amp)
+        common.row("train_step", name, shape, torch.float32, ms, reps, arch=args.arch, width=width, amp=amp)
         for name, ms in med.items()
     ]
-    density_row = common.row(
-        "refresh_density", "llp", shape, torch.float32, density_ms, 3, per_step_ms=round(per_step, 4)
+    rows.append(
+        common.row("refresh_density", "llp", shape, torch.float32, density_ms, 3, per_step_ms=round(per_step, 4))
     )
-    rows.append(density_row)
-    path = common.write_results("step_overhead", rows, args.out)
+    rows = [dataclasses.replace(r, device=common.device_name(dev.type)) for r in rows]
+    path = common.write_results("step_overhead", rows, args.out, dev=dev.type)
     print(f"\n# LLP step overhead on {common.device_name(dev.type)}")
     print(f"torch {torch.__version__}, commit {common.git_commit()}; {args.arch} width {width}, "
           f"{args.image_size}px, batch {args.batch_size}, autocast {amp}, bank {len(bank):,} rows "

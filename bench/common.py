@@ -76,8 +76,8 @@ def device_name(dev: str | None = None) -> str:
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def device_slug() -> str:
-    return re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+def device_slug(dev: str | None = None) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device_name(dev).lower()).strip("-")
 
 
 @functools.cache
@@ -168,11 +168,12 @@ def row(op: str, provider: str, shape: Shape, dtype: torch.dtype, ms: float, rep
     )
 
 
-def write_results(name: str, rows: list[Row], out_dir: Path | None = None) -> Path:
-    """Writes ``rows`` to ``<out_dir or bench/results>/<name>-<device>.json``."""
+def write_results(name: str, rows: list[Row], out_dir: Path | None = None, dev: str | None = None) -> Path:
+    """Writes ``rows`` to ``<out_dir or bench/results>/<name>-<device>.json`` (``dev``: "cuda"
+    or "cpu", default the GPU when there is one)."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}-{device_slug()}.json"
+    path = out_dir / f"{name}-{device_slug(dev)}.json"
     path.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
     return path
 

@@ -448,8 +448,9 @@ class Trainer:
         its (un-augmented) example, in place of random noise. The first propagations then
         vote with neighbours that mean something, not with random labeled rows that only
         their own first visit replaces, which on small labeled sets sends the early
-        pseudo-labels and the embedding into a collapse (docs/results.md). Stored labels
-        stay instance ids (SPEC §1); the cost is one inference pass over the training set.
+        pseudo-labels and the embedding into a collapse (docs/results.md). Stored labels are
+        untouched (instance ids, SPEC §1, unless :meth:`init_labels` runs next); the cost is
+        one inference pass over the training set.
         Under torch.distributed each rank embeds a strided share, padded to equal length,
         and the bank's collective ``update`` writes every row."""
         cfg = self.cfg
@@ -470,21 +471,30 @@ class Trainer:
         untrained network's embedding is a worse space to vote in than the pixels (on
         digits at 2% labels, 22-28% of the first votes are right against 77% in pixel space,
         docs/results.md), and what the first votes get wrong the network learns and keeps.
-        From the first propagation on, the network's own votes replace these labels. Every
-        rank computes the same labels from the same data."""
+        From the first propagation on, the network's own votes replace these labels. Under
+        torch.distributed rank 0's labels are broadcast, so replicated banks stay identical.
+        Extra memory: the (N, C*H*W) float32 features and one block of queries."""
         cfg = self.cfg
         t0 = time.perf_counter()
         feats = self.source.input_features()
         lab = self.targets >= 0
+        labeled, classes, s_cls = feats[lab], self.targets[lab], self.num_classes
         log_rho = None
         if cfg.density_weighting:
             pool = ~lab if cfg.density_pool == "unlabeled" else None
-            log_rho = local_density(feats[lab], feats, t=cfg.t, tau=cfg.tau, pool_mask=pool)
-        labels, conf = propagate(
-            feats[~lab], feats[lab], self.targets[lab], log_rho, k=self.k, tau=cfg.tau, num_classes=self.num_classes
-        )
+            log_rho = local_density(labeled, feats, t=cfg.t, tau=cfg.tau, pool_mask=pool)
         unl = torch.nonzero(~lab).flatten()
-        self.bank.set_labels(unl, labels, conf.float())
+        labels = torch.empty(len(unl), dtype=torch.long, device=self.device)
+        conf = torch.empty(len(unl), device=self.device)
+        for s in range(0, len(unl), 1 << 16):
+            block = unl[s : s + (1 << 16)]
+            lb, cb = propagate(feats[block], labeled, classes, log_rho, k=self.k, tau=cfg.tau, num_classes=s_cls)
+            labels[s : s + len(block)], conf[s : s + len(block)] = lb, cb.float()
+        del feats
+        if self.world > 1:
+            torch.distributed.broadcast(labels, src=0)
+            torch.distributed.broadcast(conf, src=0)
+        self.bank.set_labels(unl, labels, conf)
         truth = self.truth[unl]
         known = truth >= 0
         acc = f", {float((labels[known] == truth[known]).float().mean()):.1%} right" if bool(known.any()) else ""

@@ -216,8 +216,8 @@ class ArraySource:
 
     def input_features(self) -> torch.Tensor:
         """The training images as vectors, in dataset order: (N, C*H*W) float32 on the
-        device, each pixel centred on its training-set mean, each row L2-normalised (a
-        constant image gives a zero row). The space ``--label-init inputs`` propagates in."""
+        device, each pixel centred on its training-set mean, each row L2-normalised (an image
+        equal to the mean image gives a zero row). The space ``--label-init inputs`` votes in."""
         x = self.x.flatten(1).float()
         x -= x.mean(dim=0)
         return F.normalize(x, dim=1)
