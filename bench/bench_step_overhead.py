@@ -138,17 +138,7 @@ def time_interleaved(fns: dict, reps: int, warmup: int, cuda: bool) -> dict:
     times = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(common.timed_call(fn, cuda))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

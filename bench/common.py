@@ -108,6 +108,21 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def timed_call(fn: Callable[[], object], cuda: bool) -> float:
+    """Milliseconds of one ``fn()``: CUDA events when ``cuda`` (no host sync inside the timed
+    region), else ``perf_counter``."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def measure(fn: Callable[[], object], *, reps: int = 10, warmup: int = 2, max_seconds: float = 20.0):
     """(median milliseconds, runs): ``fn`` timed ``reps`` times after ``warmup`` calls.
 
@@ -124,17 +139,7 @@ def measure(fn: Callable[[], object], *, reps: int = 10, warmup: int = 2, max_se
     times: list[float] = []
     t_start = time.perf_counter()
     for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(timed_call(fn, cuda))
         if time.perf_counter() - t_start > max_seconds:
             break
     return statistics.median(times), len(times)

@@ -12,7 +12,7 @@ import torch
 
 from . import _validate as check
 from .ops import aggregation_loss, bank_update_, local_density, propagate
-from .reference import occurrence_rank
+from .reference import is_last_occurrence
 
 _STATE_KEYS = ("embeddings", "labels", "confidence", "log_rho", "row_of", "num_labeled", "num_classes")
 _INIT_BLOCK = 1 << 16
@@ -195,7 +195,7 @@ class MemoryBank:
 
     def _propagate_rows(self, rows, emb, *, k, tau, density_weighting):
         unl = rows >= self.num_labeled
-        last = occurrence_rank(rows.flip(0)).flip(0) == 0
+        last = is_last_occurrence(rows)
         sel = unl & last
         labels, conf = propagate(
             emb[sel].to(self.embeddings.dtype),
@@ -218,7 +218,7 @@ class MemoryBank:
         A labeled index is an error: labeled examples always keep their class. Everything is
         checked before anything is written; for a repeated index the last entry is stored."""
         rows = self._check_label_batch(indices, labels, confidence)
-        last = occurrence_rank(rows.flip(0)).flip(0) == 0
+        last = is_last_occurrence(rows)
         self.labels[rows[last]] = labels.long()[last]
         self.confidence[rows[last]] = confidence.float()[last]
 

@@ -43,7 +43,7 @@ def _count(text: str) -> int:
     except ValueError:
         v = -1
     if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of epochs >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return v
 
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from . import _validate as check
 from .bank import MemoryBank, check_new_labels
 from .ops import bank_update_
-from .reference import occurrence_rank, streaming_topk, vote
+from .reference import is_last_occurrence, streaming_topk, vote
 
 __all__ = [
     "init",
@@ -201,10 +201,14 @@ class ShardedMemoryBank:
     def _owned(self, indices: torch.Tensor) -> torch.Tensor:
         return (indices >= self.start) & (indices < self.end)
 
-    def _gather_batch(self, indices, embeddings=None):
+    def _checked_indices(self, indices) -> torch.Tensor:
         indices = torch.as_tensor(indices, device=self.device)
         check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=self.device, kind="int")
         check.in_range(indices, "indices", 0, self.n, "dataset indices")
+        return indices
+
+    def _gather_batch(self, indices, embeddings=None):
+        indices = self._checked_indices(indices)
         idx_all = all_gather_cat(indices.long(), self.group)
         if embeddings is None:
             return idx_all, None
@@ -282,9 +286,7 @@ class ShardedMemoryBank:
         """:meth:`MemoryBank.set_labels` with the same global vectors on every rank (not
         collective): the whole batch is checked on every rank, then each rank stores the
         rows it owns."""
-        indices = torch.as_tensor(indices, device=self.device)
-        check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=self.device, kind="int")
-        check.in_range(indices, "indices", 0, self.n, "dataset indices")
+        indices = self._checked_indices(indices)
         labeled = self._targets[indices.long().cpu()] >= 0
         check_new_labels(labels, confidence, indices.shape[0], self.num_classes, self.device, labeled)
         own = self._owned(indices)
@@ -380,7 +382,7 @@ class ShardedMemoryBank:
         is_labeled = torch.zeros(idx_all.shape[0], dtype=torch.int32, device=self.device)
         is_labeled[own] = (self.local.row_of[idx_all[own] - self.start] < self.local.num_labeled).int()
         dist.all_reduce(is_labeled, group=self.group)
-        sel = (is_labeled == 0) & (occurrence_rank(idx_all.flip(0)).flip(0) == 0)
+        sel = (is_labeled == 0) & is_last_occurrence(idx_all)
         m_local = self.local.num_labeled
         bias = self.local.log_rho if density_weighting else None
         vals, pos = _candidates(

@@ -210,6 +210,11 @@ def occurrence_rank(indices: torch.Tensor) -> torch.Tensor:
     return rank
 
 
+def is_last_occurrence(indices: torch.Tensor) -> torch.Tensor:
+    """True for each entry that no later entry repeats: the one a sequential loop stores last."""
+    return occurrence_rank(indices.flip(0)).flip(0) == 0
+
+
 def bank_update_ref_(bank, indices, values, momentum):
     """SPEC §1.6: ``bank[i] <- normalize(momentum * bank[i] + (1 - momentum) * v)``.
 
