@@ -130,8 +130,11 @@ def _worker(rank, world, init_file, layout):
     torch.testing.assert_close(rows(twin, own), rows(bank, own), rtol=0, atol=1e-6)
     gathered = all_gather_cat(torch.full((rank + 1,), rank))
     assert gathered.tolist() == sum(([r] * (r + 1) for r in range(world)), [])
-    dist.barrier()  # no rank tears gloo down while a peer still uses its pairs
-    dist.destroy_process_group()
+    dist.barrier()  # every rank got here: all checks passed on all of them
+    # Leave without tearing gloo down: torch's gloo teardown sometimes aborts a rank
+    # ("terminate called without an active exception", ~1 run in 8 here) after every check
+    # has passed. The process exits; the OS reclaims the sockets.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("world,layout", [(2, "sharded"), (3, "sharded"), (2, "replicated")])
