@@ -1,4 +1,4 @@
-"""Benchmark of ``aggregation_loss`` forward + backward (SPEC §1.3, §4): the fused Triton
+"""Benchmark of ``aggregation_loss`` forward + backward (docs/method.md §1.3, §4): the fused Triton
 bank softmax against materialised logits.
 
     python bench/bench_aggregation_loss.py          # GPU: B = 256 against up to 1.3M rows; CPU: small
@@ -6,13 +6,13 @@ bank softmax against materialised logits.
 
 Providers (each a forward and a backward with respect to v): ``naive`` (materialised (B, N)
 logits, two logsumexps, autograd), ``mm_only`` (the two matmuls alone, v @ bank.T and
-(B, N) @ bank), ``bank_read`` (one plain read of the bank: the bandwidth floor of SPEC §4),
+(B, N) @ bank), ``bank_read`` (one plain read of the bank: the bandwidth floor of docs/method.md §4),
 ``reference`` (the chunked reference forward and backward), ``op`` (the public
 llp_fast.aggregation_loss with autograd), ``triton`` (kernels' forward and backward
 launchers; GPU only), ``triton_fused`` (the forward that also accumulates the
 softmax-weighted bank means, so the backward is elementwise: one bank pass in all; GPU
 only). ``Shape.q`` = B, ``Shape.m`` = N. The peak extra CUDA memory of a call is recorded as
-``extra_mb`` (SPEC §4: under 16 MB for the fused path).
+``extra_mb`` (docs/method.md §4: under 16 MB for the fused path).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Providers, on the same bank and batch (with repeated indices, so every path does
     PYTHONPATH=. python bench/bench_bank_update.py [--n 100000] [--b 256] [--reps 200]
 
 Correctness is checked before timing; medians of interleaved runs (CUDA events on the GPU).
-SPEC §4 bar on a GPU: one kernel launch, >= 5x faster than the naive chain. JSON rows go to
+docs/method.md §4 bar on a GPU: one kernel launch, >= 5x faster than the naive chain. JSON rows go to
 bench/results/bank_update-<device>.json.
 """
 

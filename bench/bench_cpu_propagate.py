@@ -1,4 +1,4 @@
-"""CPU propagate and local_density: the fused C++ top-K against its baselines (SPEC §4, issue 4).
+"""CPU propagate and local_density: the fused C++ top-K against its baselines (docs/method.md §4).
 
 Providers, all on the same inputs, timed in interleaved rounds (so that a change of machine load hits
 every provider alike; the ratios are measured in one run) after a correctness check:
@@ -13,7 +13,7 @@ every provider alike; the ratios are measured in one run) after a correctness ch
     PYTHONPATH=. python bench/bench_cpu_propagate.py [--q 20000] [--m 5000] [--reps 7] [--scaling]
 
 Prints a table of medians and ratios; writes JSON rows to bench/results/cpu_propagate-<host>.json.
-Goal (SPEC §4): extension >= 2x faster than naive and within 1.3x of mm_only, both ops.
+Goal (docs/method.md §4): extension >= 2x faster than naive and within 1.3x of mm_only, both ops.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def interleaved(providers: dict, reps: int):
 
 
 def scaling(q, m, cls, args, meta):
-    """Extension time at Q/4, Q/2, Q (M fixed) and M/4, M/2, M (Q fixed): linear in each (SPEC §4)."""
+    """Extension time at Q/4, Q/2, Q (M fixed) and M/4, M/2, M (Q fixed): linear in each (docs/method.md §4)."""
     op = torch.ops.llp_fast.propagate.default
     rho = torch.zeros(m.shape[0])
     rows = []
@@ -228,7 +228,7 @@ def main(argv=None):
     m = F.normalize(torch.randn(args.m, args.d), dim=1)
     cls = torch.randint(0, args.classes, (args.m,))
     op_prop, op_dens = torch.ops.llp_fast.propagate.default, torch.ops.llp_fast.local_density.default
-    # Density: the labeled points are the queries, the unlabeled q rows the pool (SPEC §1.1).
+    # Density: the labeled points are the queries, the unlabeled q rows the pool (docs/method.md §1.1).
     print(f"shape: Q={args.q} M={args.m} D={args.d} K={args.k} T={args.t}, float32, {torch.get_num_threads()} threads")
     rho = local_density_ref(m, q, args.t, TAU)
 
@@ -309,7 +309,7 @@ def main(argv=None):
                 f"{op} ({kind} time): extension {t['naive'] / ext:.2f}x faster than naive, "
                 f"{ext / t['mm_only']:.2f}x mm_only"
                 + (f", {t['faiss'] / ext:.2f}x faster than faiss" if "faiss" in t else "")
-                + f"  -> SPEC §4 bar {'met' if verdict else 'NOT met'}"
+                + f"  -> docs/method.md §4 bar {'met' if verdict else 'NOT met'}"
             )
         print()
     if args.scaling:

@@ -1,4 +1,4 @@
-"""Benchmark of ``local_density`` (SPEC §1.1, §4): fused Triton top-T log-sum-exp against
+"""Benchmark of ``local_density`` (docs/method.md §1.1, §4): fused Triton top-T log-sum-exp against
 chunked PyTorch baselines.
 
     python bench/bench_local_density.py                 # GPU: ImageNet shape and sweep; CPU: small
@@ -7,7 +7,7 @@ chunked PyTorch baselines.
 Providers: ``naive`` (chunked mm + pool mask + topk + logsumexp), ``mm_only`` (chunked
 torch.mm producing the same similarities), ``reference`` (local_density_ref), ``op`` (the
 public llp_fast.local_density), ``triton`` (kernels.local_density_triton; GPU only).
-Shapes follow SPEC §4: the M labeled rows are the queries, the bank (pool = unlabeled rows,
+Shapes follow docs/method.md §4: the M labeled rows are the queries, the bank (pool = unlabeled rows,
 given by a mask) the keys; ``Shape.q`` = M, ``Shape.m`` = N, ``Shape.k`` = T.
 """
 

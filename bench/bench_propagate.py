@@ -1,4 +1,4 @@
-"""Benchmark of ``propagate`` (SPEC §1.2, §4): fused Triton top-K votes against chunked
+"""Benchmark of ``propagate`` (docs/method.md §1.2, §4): fused Triton top-K votes against chunked
 PyTorch baselines.
 
     python bench/bench_propagate.py                 # GPU: step, sweep and ImageNet shapes; CPU: small
@@ -36,7 +36,7 @@ Shape = common.Shape
 def shapes(which: str) -> list[Shape]:
     gpu = torch.cuda.is_available()
     small = [Shape("small", 2000, 500, 128, 10, 10)]
-    cpu_spec = [Shape("cpu-spec", 20_000, 5_000, 128, 10, 100)]  # SPEC §4's CPU shape
+    cpu_spec = [Shape("cpu-spec", 20_000, 5_000, 128, 10, 100)]  # docs/method.md §4's CPU shape
     step = [Shape("step", 256, 128_117), Shape("step-1.3M", 256, 1_281_167)]
     imagenet = [Shape("imagenet", 1_281_167, 128_117)]
     if gpu:

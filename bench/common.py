@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: timing, result rows, JSON output, tables (STYLE rule 7).
+"""Shared benchmark plumbing: timing, result rows, JSON output, tables.
 
 Every benchmark checks correctness against ``llp_fast.reference`` before timing, takes the
 median of several runs (CUDA events on the GPU, ``perf_counter`` on CPU), and writes rows

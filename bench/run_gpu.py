@@ -1,4 +1,4 @@
-"""Everything a GPU session runs for the Triton kernels, in one call (SPEC §4, issue 3):
+"""Everything a GPU session runs for the Triton kernels, in one call (docs/method.md §4):
 
     python bench/run_gpu.py                  # tests on the GPU, then all benchmarks
     python bench/run_gpu.py --quick          # per-step shapes only (a minute or two)
@@ -8,7 +8,7 @@
 2. timing: ``bench_propagate``, ``bench_local_density`` and ``bench_aggregation_loss`` (each
    checks its providers against the reference before timing) on the step, sweep and
    ImageNet shapes;
-3. a short table of the SPEC §4 ratios (triton vs naive, vs mm_only, vs one read of the
+3. a short table of the docs/method.md §4 ratios (triton vs naive, vs mm_only, vs one read of the
    bank, extra memory) to ``$OUT/summary-<ops>.md`` when ``$OUT`` is set (else
    bench/results), beside the JSON rows.
 
@@ -20,7 +20,7 @@ than one 10-minute device call; split it:
     python bench/run_gpu.py --skip-tests --ops local_density
     python bench/run_gpu.py --skip-tests --ops aggregation_loss
 
-The training-step overhead (SPEC §4's last bar) is its own call:
+The training-step overhead (docs/method.md §4's last bar) is its own call:
 ``python bench/bench_step_overhead.py`` (ResNet-18, 224 px, batch 128, AMP, an ImageNet-size bank).
 """
 
@@ -55,7 +55,7 @@ def run_tests(timeout: float) -> int:
 
 
 def ratios(rows) -> list[str]:
-    """SPEC §4's bars, one line per (op, shape, dtype) that has a triton row."""
+    """docs/method.md §4's bars, one line per (op, shape, dtype) that has a triton row."""
     by = {}
     for r in rows:
         by.setdefault((r.op, r.shape, r.dtype), {})[r.provider] = r

@@ -1,6 +1,6 @@
 """Device-side pieces shared by the top-K kernels (``topk_votes`` and ``local_density``).
 
-``stream_topk`` is the streaming selection of SPEC §1.1/§1.2: one program holds a block of
+``stream_topk`` is the streaming selection of docs/method.md §1.1/§1.2: one program holds a block of
 query rows and walks a range of key rows tile by tile, computing
 
     scores = queries[rows] @ keys[n0:n1].T / tau - bias[n0:n1]     (masked keys -> -inf)

@@ -1,4 +1,4 @@
-"""Fused bank softmax loss (SPEC §1.3, the ``aggregation_loss`` op), forward and backward.
+"""Fused bank softmax loss (docs/method.md §1.3, the ``aggregation_loss`` op), forward and backward.
 
 ``aggregation_loss_triton`` computes, without the (B, N) logits,
 
@@ -47,7 +47,7 @@ __all__ = [
     "aggregation_loss_grad_from_means",
 ]
 
-# Cap on the per-split partial gradients of the backward (SPEC §4: extra memory < 16 MB).
+# Cap on the per-split partial gradients of the backward (docs/method.md §4: extra memory < 16 MB).
 _PARTIAL_BYTES = 8 << 20
 
 

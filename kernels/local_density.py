@@ -1,4 +1,4 @@
-"""Fused local density (SPEC §1.1, the ``local_density`` op).
+"""Fused local density (docs/method.md §1.1, the ``local_density`` op).
 
 ``local_density_triton`` computes, without the (M, N) similarity matrix,
 

@@ -1,4 +1,4 @@
-"""Fused density-weighted top-K votes (SPEC §1.2, the ``propagate`` op).
+"""Fused density-weighted top-K votes (docs/method.md §1.2, the ``propagate`` op).
 
 ``propagate_triton`` computes, without the (Q, M) score matrix,
 
@@ -42,7 +42,7 @@ __all__ = ["propagate_triton", "propagate_topk_triton"]
 
 @triton.jit
 def _vote(buf_v, buf_i, cls_ptr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """SPEC §1.2's vote on a (BLOCK_M, BLOCK_K) top-K buffer: label and confidence per row.
+    """docs/method.md §1.2's vote on a (BLOCK_M, BLOCK_K) top-K buffer: label and confidence per row.
 
     Per-class sums without a (BLOCK_M, num_classes) buffer: for each slot j, the total
     weight of the slots sharing its class. O(K^2) per row, independent of the number of
@@ -50,7 +50,7 @@ def _vote(buf_v, buf_i, cls_ptr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K
     as ``argmax`` over the class axis does in the reference."""
     slots = tl.arange(0, BLOCK_K)
     real = (slots[None, :] < K) & (buf_i >= 0)
-    # Subtract the row maximum before exp (SPEC §1.2).
+    # Subtract the row maximum before exp (docs/method.md §1.2).
     top = tl.max(tl.where(real, buf_v, float("-inf")), axis=1)
     top = tl.where(top == float("-inf"), 0.0, top)  # padding rows past Q: keep them NaN-free
     w = tl.where(real, tl.exp(buf_v - top[:, None]), 0.0)

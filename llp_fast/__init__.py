@@ -1,6 +1,6 @@
 """llp_fast: fast, exact Local Label Propagation (Zhuang et al.) for PyTorch.
 
-Public ops (SPEC §2): :func:`local_density`, :func:`propagate`, :func:`aggregation_loss`,
+Public ops (docs/method.md §2): :func:`local_density`, :func:`propagate`, :func:`aggregation_loss`,
 :func:`bank_update_`, and the :class:`MemoryBank` that ties them into the training loop.
 """
 

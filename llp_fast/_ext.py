@@ -1,4 +1,4 @@
-"""The compiled extension (``csrc/``): found or built once, on first use (STYLE rule 4).
+"""The compiled extension (``csrc/``): found or built once, on first use.
 
 Loading the shared object registers its kernels with ``TORCH_LIBRARY_IMPL`` for the ops declared
 in :mod:`llp_fast.ops` (CPU: ``bank_update_``, ``propagate``, ``local_density``,

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementations of the LLP computations (SPEC §1).
+"""Pure-PyTorch reference implementations of the LLP computations (docs/method.md §1).
 
 These functions *are* the specification in code; every fast path is tested against them.
 They are chunked: scores are computed one (row-chunk x column-chunk) tile at a time, so the
@@ -99,7 +99,7 @@ def local_density_ref(
     tau: float,
     pool_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC §1.1: ``log_rho_i = logsumexp`` of the ``t`` largest ``m_i . m_j / tau`` over
+    """docs/method.md §1.1: ``log_rho_i = logsumexp`` of the ``t`` largest ``m_i . m_j / tau`` over
     pool rows j (``pool_mask``; every bank row when None). Returns (M,) float32/64."""
     cdt = compute_dtype(labeled, bank)
     out = torch.empty(labeled.shape[0], dtype=cdt, device=labeled.device)
@@ -109,7 +109,7 @@ def local_density_ref(
 
 
 def vote(vals: torch.Tensor, classes: torch.Tensor, num_classes: int):
-    """SPEC §1.2's vote for one chunk: ``vals`` (r, k) scores sorted descending, ``classes``
+    """docs/method.md §1.2's vote for one chunk: ``vals`` (r, k) scores sorted descending, ``classes``
     (r, k) their class ids. Returns (label int64, confidence) with ties to the lowest class."""
     # Subtract the row maximum (the first, as vals is sorted) before exp.
     w = torch.exp(vals - vals[:, :1])
@@ -129,7 +129,7 @@ def propagate_ref(
     tau: float,
     num_classes: int,
 ):
-    """SPEC §1.2: the K labeled points with the largest ``v . m_i / tau - log_rho_i`` vote
+    """docs/method.md §1.2: the K labeled points with the largest ``v . m_i / tau - log_rho_i`` vote
     with weight ``exp(score)``. Returns labels (Q,) int64 and confidence (Q,) float32/64."""
     cdt = compute_dtype(queries, labeled)
     n_q = queries.shape[0]
@@ -159,7 +159,7 @@ def _aggregation_tiles(v, bank, bank_labels, targets, tau):
 
 
 def aggregation_loss_ref(v, bank, bank_labels, targets, tau):
-    """SPEC §1.3: ``loss_b = lse_all_b - lse_pos_b`` with ``lse_all = logsumexp_j(v.m_j/tau)``
+    """docs/method.md §1.3: ``loss_b = lse_all_b - lse_pos_b`` with ``lse_all = logsumexp_j(v.m_j/tau)``
     and ``lse_pos`` the same over rows with ``bank_labels == targets_b``. Two online
     log-sum-exps over bank tiles. Returns (loss, lse_all, lse_pos), each (B,)."""
     cdt = compute_dtype(v, bank)
@@ -216,7 +216,7 @@ def is_last_occurrence(indices: torch.Tensor) -> torch.Tensor:
 
 
 def bank_update_ref_(bank, indices, values, momentum):
-    """SPEC §1.6: ``bank[i] <- normalize(momentum * bank[i] + (1 - momentum) * v)``.
+    """docs/method.md §1.6: ``bank[i] <- normalize(momentum * bank[i] + (1 - momentum) * v)``.
 
     Repeated indices are applied in order of appearance, exactly as the sequential loop
     ``for i, v in zip(indices, values): bank[i] = normalize(mu * bank[i] + (1 - mu) * v)``.

@@ -1,4 +1,4 @@
-"""Independent float64 brute forces of SPEC §1, written with dense matrices and plain loops.
+"""Independent float64 brute forces of docs/method.md §1, written with dense matrices and plain loops.
 
 Nothing here imports llp_fast: these are the yardstick the reference itself is held to.
 """
@@ -45,7 +45,7 @@ def topk_scores(queries, labeled, log_rho, k, tau):
 
 
 def propagate(queries, labeled, classes, log_rho, k, tau, num_classes):
-    """(labels, confidences): the density-weighted vote of SPEC §1.2, ties to the lowest class."""
+    """(labels, confidences): the density-weighted vote of docs/method.md §1.2, ties to the lowest class."""
     classes = [int(c) for c in classes]
     labels, confs = [], []
     for top in topk_scores(queries, labeled, log_rho, k, tau):

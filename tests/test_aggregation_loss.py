@@ -1,4 +1,4 @@
-"""llp_fast.aggregation_loss: value and gradient against dense float64 logits (SPEC §1.3)."""
+"""llp_fast.aggregation_loss: value and gradient against dense float64 logits (docs/method.md §1.3)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""llp_fast.bank_update_: the in-place blend, against the sequential loop (SPEC §1.6)."""
+"""llp_fast.bank_update_: the in-place blend, against the sequential loop (docs/method.md §1.6)."""
 
 import numpy as np
 import pytest

@@ -5,8 +5,8 @@ truly in place, untouched rows untouched.
 Accuracy: the kernels do the reference's arithmetic op for op except the squared norm's summation
 order (ATen's vectorised reduction order depends on the CPU's vector width, so it is not copied).
 One update is therefore within 2 ulps of the reference (most elements bit-identical); a chain of
-updates of one row can amplify that (cancellation in the blend), so chains are checked the STYLE
-way: error against a float64 truth no worse than 2x the reference's own error."""
+updates of one row can amplify that (cancellation in the blend), so chains are checked the way
+low-precision paths are: error against a float64 truth no worse than 2x the reference's own error."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ _EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.bfloat16: 2.0**-
 
 
 def _truth(bank, indices, values, momentum):
-    """The sequential loop of SPEC §1.6 in float64, rounding the row to the bank dtype after each
+    """The sequential loop of docs/method.md §1.6 in float64, rounding the row to the bank dtype after each
     occurrence as the op's contract does (the stored row is what the next occurrence blends)."""
     out = bank.double().clone()
     for i, v in zip(indices.tolist(), values.double()):

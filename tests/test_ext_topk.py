@@ -3,7 +3,7 @@ against the reference (llp_fast.reference).
 
 The kernel's scores come from at::mm on other tiles than the reference's, so a score can differ in
 its last bits; where the k-th and (k+1)-th best scores of a row are that close, either neighbour is a
-correct answer (STYLE rule 5: compare scores and votes, not indices). Such near-tied rows are found
+correct answer (so tests compare scores and votes, not indices). Such near-tied rows are found
 from a float64 score matrix and left out of exact label comparisons (they are rare: the tests assert
 that almost every row is compared). Small tiles (LLP_FAST_CPU_TILE) exercise tile edges at small
 shapes.

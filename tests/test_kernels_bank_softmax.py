@@ -1,5 +1,5 @@
 """kernels/bank_softmax.py against llp_fast.reference.aggregation_loss_ref and
-aggregation_loss_backward_ref (SPEC §1.3)."""
+aggregation_loss_backward_ref (docs/method.md §1.3)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_forward_and_backward_match_reference(dtype, b, n, d, splits):
     if dtype == torch.float32:
         torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
     else:
-        # STYLE rule 5: no worse than ~2x the same-dtype reference against a float64 truth.
+        # Low precision: no worse than ~2x the same-dtype reference against a float64 truth.
         truth_out = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
         truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, *truth_out[1:], ca, cp, TAU)
         assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
@@ -145,7 +145,7 @@ def test_aggregation_loss_cuda_realistic(dtype):
     grad_truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, la, lp, w, -w, TAU)
     ref_loss, ra, rp = aggregation_loss_ref(v.detach(), bank, bank_labels, targets, TAU)
     grad_ref = aggregation_loss_backward_ref(v.detach(), bank, bank_labels, targets, ra, rp, w.float(), -w.float(), TAU)
-    # STYLE rule 5; the slack covers fp32, where both errors are at rounding level.
+    # No worse than 2x the same-dtype reference; the slack covers fp32, where both errors are at rounding level.
     assert rel_err(loss.detach(), truth) <= 2 * rel_err(ref_loss, truth) + 1e-6
     assert rel_err(v.grad, grad_truth) <= 2 * rel_err(grad_ref, grad_truth) + 1e-6
 

@@ -1,4 +1,4 @@
-"""kernels/local_density.py against llp_fast.reference.local_density_ref (SPEC §1.1)."""
+"""kernels/local_density.py against llp_fast.reference.local_density_ref (docs/method.md §1.1)."""
 
 from __future__ import annotations
 

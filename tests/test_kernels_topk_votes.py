@@ -1,4 +1,4 @@
-"""kernels/topk_votes.py against llp_fast.reference.propagate_ref (SPEC §1.2)."""
+"""kernels/topk_votes.py against llp_fast.reference.propagate_ref (docs/method.md §1.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""llp_fast.local_density against the float64 brute force (SPEC §1.1)."""
+"""llp_fast.local_density against the float64 brute force (docs/method.md §1.1)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""llp_fast.propagate and its reference against the float64 brute force (SPEC §1.2)."""
+"""llp_fast.propagate and its reference against the float64 brute force (docs/method.md §1.2)."""
 
 import numpy as np
 import pytest
@@ -117,7 +117,7 @@ def test_nodw_is_plain_weighted_knn():
 
 
 def test_density_weighting_changes_the_neighbours():
-    """A labeled point with a huge density is demoted out of the neighbour set (SPEC §1.2:
+    """A labeled point with a huge density is demoted out of the neighbour set (docs/method.md §1.2:
     neighbours are chosen by the density-weighted score, not raw similarity)."""
     labeled = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
     q = torch.tensor([[1.0, 0.0]])

@@ -1,4 +1,4 @@
-// Fused CPU top-K for llp_fast::propagate (SPEC §1.2) and llp_fast::local_density (SPEC §1.1).
+// Fused CPU top-K for llp_fast::propagate (docs/method.md §1.2) and llp_fast::local_density (docs/method.md §1.1).
 //
 // Both ops need, per query row i, the k largest of
 //     s_ij = (q_i . m_j) * (1 / tau) - bias_j
@@ -185,7 +185,7 @@ void check_pair(const char* op, const at::Tensor& q, const char* qn, const at::T
               ": embeddings must be floating point");
 }
 
-// SPEC §1.2's vote over the k best (sorted descending): w = exp(score - best), summed per class;
+// docs/method.md §1.2's vote over the k best (sorted descending): w = exp(score - best), summed per class;
 // the label is the class with the largest sum, ties to the lowest class id; the confidence is its
 // share. Classes are collected by a stable sort so each class's weights are added in score order,
 // as the reference's scatter_add does; no num_classes-sized buffer is needed.

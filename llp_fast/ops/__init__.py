@@ -1,5 +1,5 @@
 """The LLP ops: one ``torch.library`` custom op per computation, in the ``llp_fast::``
-namespace, whose default body is the chunked pure-PyTorch reference (SPEC §3).
+namespace, whose default body is the chunked pure-PyTorch reference (docs/method.md §3).
 
 Faster paths register per device: Triton launchers (``kernels/``) for CUDA from each op's
 module here; C++/CUDA kernels from ``csrc/`` with ``TORCH_LIBRARY_IMPL``. The public
