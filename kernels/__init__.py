@@ -5,14 +5,14 @@ Each launcher takes the same arguments as its op's default body and returns
 reference. Imported only where triton is importable (see ``llp_fast._optional``).
 """
 
-from .bank_softmax import (
+from .aggregation_loss import (
     aggregation_loss_backward_triton,
     aggregation_loss_fused_triton,
     aggregation_loss_grad_from_means,
     aggregation_loss_triton,
 )
 from .local_density import local_density_triton
-from .topk_votes import propagate_topk_triton, propagate_triton
+from .propagate import propagate_topk_triton, propagate_triton
 
 __all__ = [
     "aggregation_loss_backward_triton",

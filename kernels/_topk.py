@@ -1,4 +1,8 @@
-"""Device-side pieces shared by the top-K kernels (``topk_votes`` and ``local_density``).
+"""Device-side pieces shared by the Triton kernels.
+
+Users: ``propagate.py`` and ``local_density.py`` (``stream_topk``, ``load_rows``,
+``store_partial``, ``buffer_max``) and ``aggregation_loss.py`` (``dot``, ``load_rows``,
+``load_cols``).
 
 ``stream_topk`` is the streaming selection of docs/method.md §1.1/§1.2: one program holds a block of
 query rows and walks a range of key rows tile by tile, computing

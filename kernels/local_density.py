@@ -6,7 +6,7 @@
     s = s.masked_fill(~pool_mask, -inf)                            # pool rows only
     log_rho = torch.logsumexp(s.topk(t, dim=1).values, dim=1)
 
-with the same streaming top-T as ``topk_votes`` (``_topk.stream_topk``): one program per
+with the same streaming top-T as ``propagate`` (``_topk.stream_topk``): one program per
 block of labeled rows walks (a range of) the bank; the pool mask is read per key tile, so
 the pool is never copied out of the bank.
 """

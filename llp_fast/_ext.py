@@ -31,9 +31,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = ("bindings.cpp", "cpu/aggregation_loss_cpu.cpp", "cpu/bank_update_cpu.cpp", "cpu/topk_cpu.cpp")
+CPU_SOURCES = (
+    "bindings.cpp",
+    "cpu/aggregation_loss_cpu.cpp",
+    "cpu/bank_update_cpu.cpp",
+    "cpu/local_density_cpu.cpp",
+    "cpu/propagate_cpu.cpp",
+)
 CUDA_SOURCES = ("cuda/bank_update_cuda.cu",)
-HEADERS = ("llp_fast.h",)
+HEADERS = ("llp_fast.h", "cpu/topk.h")
 
 # (op, device type) pairs that the extension registers; a default body re-dispatches only for these.
 CPU_OPS = ("bank_update_", "propagate", "local_density", "aggregation_loss", "aggregation_loss_backward")

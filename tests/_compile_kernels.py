@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from llp_fast import _optional  # noqa: E402
 
 _optional.kernels()
-from llp_fast.kernels import _launch, bank_softmax, local_density, topk_votes  # noqa: E402
+from llp_fast.kernels import _launch, aggregation_loss, local_density, propagate  # noqa: E402
 
 DT = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 
@@ -55,7 +55,7 @@ def variants():
             )  # fmt: skip
             const = dict(K=k, HAS_BIAS=True, VOTE=vote, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
                          BLOCK_K=max(16, triton.next_power_of_2(k)), INPUT_PRECISION=_precision(dt))  # fmt: skip
-            yield f"propagate {dt} K={k} vote={vote}", topk_votes._propagate_kernel, sig, const, (warps, stages)
+            yield f"propagate {dt} K={k} vote={vote}", propagate._propagate_kernel, sig, const, (warps, stages)
         for t, reduce_ in ((25, True), (64, False)):
             bm, bn, warps, stages = _launch.tile_config(dtype, 128, t, 1 << 20)
             sig = dict(
@@ -72,15 +72,15 @@ def variants():
         common = dict(v_ptr=f"*{dt}", bank_ptr=f"*{dt}", labels_ptr="*i64", targets_ptr="*i64")
         tail = dict(B="i32", N="i32", D="i32", stride_v="i32", stride_bank="i32", inv_tau="fp32", chunk="i32")
         fwd = {**common, "lse_all_ptr": "*fp32", "lse_pos_ptr": "*fp32", **tail}
-        # bank_softmax._prepare: 8 warps on the GPU, 32-wide key tiles for the backward.
-        yield f"aggregation fwd {dt}", bank_softmax._aggregation_fwd_kernel, fwd, const, (8, stages)
+        # aggregation_loss._prepare: 8 warps on the GPU, 32-wide key tiles for the backward.
+        yield f"aggregation fwd {dt}", aggregation_loss._aggregation_fwd_kernel, fwd, const, (8, stages)
         bwd = {**common, "lse_all_ptr": "*fp32", "lse_pos_ptr": "*fp32", "coef_all_ptr": "*fp32",
                "coef_pos_ptr": "*fp32", "grad_ptr": "*fp32", **tail}  # fmt: skip
         fused = {**common, "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32", **tail, "n_splits": "i32"}
-        yield f"aggregation fused {dt}", bank_softmax._aggregation_fused_kernel, fused, {**const, "BLOCK_N": 32}, (
+        yield f"aggregation fused {dt}", aggregation_loss._aggregation_fused_kernel, fused, {**const, "BLOCK_N": 32}, (
             8, stages)  # fmt: skip
         bwd_const = {**const, "BLOCK_N": 32}
-        yield f"aggregation bwd {dt}", bank_softmax._aggregation_bwd_kernel, bwd, bwd_const, (8, stages)
+        yield f"aggregation bwd {dt}", aggregation_loss._aggregation_bwd_kernel, bwd, bwd_const, (8, stages)
 
 
 def tuned_variants():

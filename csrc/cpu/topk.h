@@ -1,4 +1,5 @@
-// Fused CPU top-K for llp_fast::propagate (docs/method.md §1.2) and llp_fast::local_density (docs/method.md §1.1).
+// Fused CPU top-K shared by csrc/cpu/propagate_cpu.cpp (docs/method.md §1.2) and
+// csrc/cpu/local_density_cpu.cpp (docs/method.md §1.1).
 //
 // Both ops need, per query row i, the k largest of
 //     s_ij = (q_i . m_j) * (1 / tau) - bias_j
@@ -17,6 +18,8 @@
 // task (nested OpenMP), which is what keeps every core busy on its own L2-resident tile.
 // Extra memory: O(threads * ROWS * (COLS + 2k + 64)) for the tiles and candidate buffers, plus O(Q)
 // for the outputs; a query or key block is converted per task when its dtype is not the compute one.
+#pragma once
+
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -30,10 +33,9 @@
 #include <utility>
 #include <vector>
 
-#include "../llp_fast.h"
 
 namespace llp_fast {
-namespace {
+namespace topk {
 
 // Tile shape. ROWS x COLS floats = 512 KB for the tile; with the 256-row query block and the
 // 512-row key block (128 KB + 256 KB at D = 128) it fits one core's L2 on current server CPUs
@@ -46,7 +48,7 @@ struct Tile {
   int64_t cols = 512;
 };
 
-Tile tile_for(int64_t nq) {
+inline Tile tile_for(int64_t nq) {
   Tile t;
   if (const char* s = std::getenv("LLP_FAST_CPU_TILE")) {
     long r = 0, c = 0;
@@ -172,12 +174,12 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   });
 }
 
-at::ScalarType compute_type(const at::Tensor& a, const at::Tensor& b) {
+inline at::ScalarType compute_type(const at::Tensor& a, const at::Tensor& b) {
   // As reference.compute_dtype: float64 if an input is float64, else float32.
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
-void check_pair(const char* op, const at::Tensor& q, const char* qn, const at::Tensor& m, const char* mn) {
+inline void check_pair(const char* op, const at::Tensor& q, const char* qn, const at::Tensor& m, const char* mn) {
   TORCH_CHECK(q.device().is_cpu() && m.device().is_cpu(), op, ": tensors must be on the CPU");
   TORCH_CHECK(q.dim() == 2 && m.dim() == 2, op, ": ", qn, " and ", mn, " must be 2-D");
   TORCH_CHECK(q.size(1) == m.size(1), op, ": ", qn, " and ", mn, " must have the same D");
@@ -185,110 +187,5 @@ void check_pair(const char* op, const at::Tensor& q, const char* qn, const at::T
               ": embeddings must be floating point");
 }
 
-// docs/method.md §1.2's vote over the k best (sorted descending): w = exp(score - best), summed per class;
-// the label is the class with the largest sum, ties to the lowest class id; the confidence is its
-// share. Classes are collected by a stable sort so each class's weights are added in score order,
-// as the reference's scatter_add does; no num_classes-sized buffer is needed.
-template <typename acc_t>
-void vote(const Candidate<acc_t>* c, int64_t n, const int64_t* classes, std::vector<std::pair<int64_t, acc_t>>& cw,
-          int64_t* label, acc_t* conf) {
-  if (n == 0) {  // no key at all: cannot happen through the public API (k >= 1, M >= 1)
-    *label = 0;
-    *conf = std::numeric_limits<acc_t>::quiet_NaN();
-    return;
-  }
-  cw.resize(n);
-  const acc_t top = c[0].value;
-  for (int64_t i = 0; i < n; ++i) cw[i] = {classes[c[i].index], std::exp(c[i].value - top)};
-  std::stable_sort(cw.begin(), cw.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  acc_t total = 0, best = -1;
-  int64_t best_class = 0;
-  for (int64_t i = 0; i < n;) {
-    const int64_t cls = cw[i].first;
-    acc_t w = 0;
-    for (; i < n && cw[i].first == cls; ++i) w += cw[i].second;
-    total += w;
-    if (w > best) {  // strict: an equal later (higher) class does not replace the lower one
-      best = w;
-      best_class = cls;
-    }
-  }
-  *label = best_class;
-  *conf = best / total;
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& queries, const at::Tensor& labeled,
-                                                 const at::Tensor& labeled_classes,
-                                                 const std::optional<at::Tensor>& log_rho, int64_t k,
-                                                 double tau, int64_t num_classes) {
-  check_pair("propagate_cpu", queries, "queries", labeled, "labeled");
-  const int64_t nq = queries.size(0), m = labeled.size(0);
-  TORCH_CHECK(labeled_classes.dim() == 1 && labeled_classes.size(0) == m,
-              "propagate_cpu: labeled_classes must be (M,)");
-  TORCH_CHECK(k >= 1 && k <= m, "propagate_cpu: k must lie in [1, M]");
-  TORCH_CHECK(tau > 0, "propagate_cpu: tau must be > 0");
-  TORCH_CHECK(num_classes >= 1, "propagate_cpu: num_classes must be >= 1");
-  const at::ScalarType cdt = compute_type(queries, labeled);
-  const at::Tensor classes = labeled_classes.to(at::kLong).contiguous();
-  at::Tensor bias;
-  if (log_rho.has_value() && log_rho->defined()) {
-    TORCH_CHECK(log_rho->dim() == 1 && log_rho->size(0) == m, "propagate_cpu: log_rho must be (M,)");
-    bias = log_rho->detach().to(cdt).contiguous();
-  } else {
-    bias = at::zeros({m}, queries.options().dtype(cdt));  // NoDW: no density term
-  }
-  at::Tensor labels = at::empty({nq}, queries.options().dtype(at::kLong));
-  at::Tensor conf = at::empty({nq}, queries.options().dtype(cdt));
-
-  AT_DISPATCH_FLOATING_TYPES(cdt, "propagate_cpu", [&] {
-    const int64_t* cls = classes.const_data_ptr<int64_t>();
-    int64_t* lab = labels.data_ptr<int64_t>();
-    scalar_t* cf = conf.data_ptr<scalar_t>();
-    fused_topk<scalar_t>(queries, labeled, bias.const_data_ptr<scalar_t>(), k, tau,
-                         [&](int64_t row, const Candidate<scalar_t>* c, int64_t n) {
-                           // Scratch per thread, reused across rows (a thread runs one task at a time).
-                           thread_local std::vector<std::pair<int64_t, scalar_t>> cw;
-                           vote<scalar_t>(c, n, cls, cw, lab + row, cf + row);
-                         });
-  });
-  return {labels, conf};
-}
-
-at::Tensor local_density_cpu(const at::Tensor& labeled, const at::Tensor& bank, int64_t t, double tau,
-                             const std::optional<at::Tensor>& pool_mask) {
-  check_pair("local_density_cpu", labeled, "labeled", bank, "bank");
-  const int64_t m = labeled.size(0), n = bank.size(0);
-  TORCH_CHECK(t >= 1 && t <= n, "local_density_cpu: t must lie in [1, N]");
-  TORCH_CHECK(tau > 0, "local_density_cpu: tau must be > 0");
-  const at::ScalarType cdt = compute_type(labeled, bank);
-  at::Tensor bias = at::zeros({n}, labeled.options().dtype(cdt));
-  if (pool_mask.has_value() && pool_mask->defined()) {
-    TORCH_CHECK(pool_mask->dim() == 1 && pool_mask->size(0) == n && pool_mask->scalar_type() == at::kBool,
-                "local_density_cpu: pool_mask must be (N,) bool");
-    // Keys outside the pool get bias +inf, i.e. score -inf: never above a threshold, never chosen,
-    // exactly like the reference's masked_fill(-inf). The bank itself is not copied.
-    bias.masked_fill_(pool_mask->logical_not(), std::numeric_limits<double>::infinity());
-  }
-  at::Tensor out = at::empty({m}, labeled.options().dtype(cdt));
-
-  AT_DISPATCH_FLOATING_TYPES(cdt, "local_density_cpu", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    fused_topk<scalar_t>(labeled, bank, bias.const_data_ptr<scalar_t>(), t, tau,
-                         [&](int64_t row, const Candidate<scalar_t>* c, int64_t cnt) {
-                           // log-sum-exp of the t best, max first (torch.logsumexp's formula).
-                           if (cnt == 0) {
-                             o[row] = -std::numeric_limits<scalar_t>::infinity();
-                             return;
-                           }
-                           const scalar_t top = c[0].value;
-                           scalar_t sum = 0;
-                           for (int64_t i = 0; i < cnt; ++i) sum += std::exp(c[i].value - top);
-                           o[row] = top + std::log(sum);
-                         });
-  });
-  return out;
-}
-
+}  // namespace topk
 }  // namespace llp_fast
