@@ -30,6 +30,15 @@ std::tuple<at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& queries, cons
 at::Tensor local_density_cpu(const at::Tensor& labeled, const at::Tensor& bank, int64_t t, double tau,
                              const std::optional<at::Tensor>& pool_mask);
 
+// llp_fast::topk_scores(...) -> (values (Q, k), indices int64 (Q, k)): the k best q . key / tau + bias,
+// merged with an earlier call's (init_values, init_indices); ties to the lower index, -inf / -1 padding.
+std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                                                   double tau, const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& key_mask,
+                                                   const std::optional<at::Tensor>& init_values,
+                                                   const std::optional<at::Tensor>& init_indices,
+                                                   int64_t index_offset);
+
 // llp_fast::aggregation_loss(...) -> (loss, lse_all, lse_pos), each (B,) (docs/method.md §1.3).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregation_loss_cpu(const at::Tensor& v, const at::Tensor& bank,
                                                                     const at::Tensor& bank_labels,

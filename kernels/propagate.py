@@ -8,12 +8,11 @@
     votes = torch.zeros(Q, num_classes).scatter_add_(1, labeled_classes[idx], w)
     labels, conf = votes.argmax(1), votes.max(1).values / votes.sum(1)
 
-Each program streams a block of queries over (a range of) the labeled rows with ``tl.dot``
-and keeps a running top-K in registers (``_topk.stream_topk``). With one key range per
-query block the vote happens in the same program, so nothing but (label, confidence) is
-written. With few queries (the per-step case) the labeled rows are split across programs;
-each writes its K candidates per row and a small merge (``topk`` over splits*K) and the vote
-finish on the host side.
+Each program streams a block of queries over the labeled rows with ``tl.dot`` and keeps a
+running top-K in registers (``_topk.block_topk``); the vote happens in the same program, so
+nothing but (label, confidence) is written. With few queries (the per-step case) the labeled
+rows are split across programs instead: ``topk_scores.topk_candidates`` writes each split's K
+candidates per row, merges them, and the vote finishes on the host side.
 """
 
 from __future__ import annotations
@@ -22,22 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (
-    MAX_K,
-    block_d,
-    input_precision,
-    launch,
-    launchable,
-    maybe_autotune,
-    merge_splits,
-    rowmajor,
-    split_range,
-    supported_embeddings,
-    tile_config,
-)
-from ._topk import load_rows, store_partial, stream_topk
+from ._launch import decline_reason, launch, maybe_autotune
+from ._topk import block_topk
+from .topk_scores import topk_candidates, topk_plan
 
-__all__ = ["propagate_triton", "propagate_topk_triton"]
+__all__ = ["propagate_triton", "propagate_triton_declines"]
 
 
 @triton.jit
@@ -75,81 +63,31 @@ def _propagate_kernel(
     cls_ptr,
     labels_ptr,
     conf_ptr,
-    vals_ptr,
-    idx_ptr,
     Q,
-    M,
+    N,
     D,
     stride_q,
     stride_k,
-    stride_part,
     inv_tau,
     chunk,
     K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    VOTE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Q
-    q = load_rows(q_ptr, rows, row_ok, D, stride_q, BLOCK_D)
-    n_start = split * chunk
-    n_end = tl.minimum(n_start + chunk, M)
-    buf_v, buf_i = stream_topk(
-        q, row_ok, k_ptr, bias_ptr, bias_ptr, n_start, n_end, D, stride_k, inv_tau,
+    rows, row_ok, buf_v, buf_i = block_topk(
+        q_ptr, k_ptr, bias_ptr, bias_ptr, Q, N, D, stride_q, stride_k, inv_tau, chunk,
         K, HAS_BIAS, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, INPUT_PRECISION,
     )  # fmt: skip
-    if VOTE:
-        label, conf = _vote(buf_v, buf_i, cls_ptr, K, BLOCK_M, BLOCK_K)
-        tl.store(labels_ptr + rows, label, mask=row_ok)
-        tl.store(conf_ptr + rows, conf, mask=row_ok)
-    else:
-        store_partial(vals_ptr, idx_ptr, buf_v, buf_i, rows, row_ok, split, stride_part, K, BLOCK_K)
+    label, conf = _vote(buf_v, buf_i, cls_ptr, K, BLOCK_M, BLOCK_K)
+    tl.store(labels_ptr + rows, label, mask=row_ok)
+    tl.store(conf_ptr + rows, conf, mask=row_ok)
 
 
-_propagate_kernel_tuned = maybe_autotune(_propagate_kernel, key=["D", "K", "VOTE"])
-
-
-def _launch(queries, labeled, classes, log_rho, k, tau, *, vote, splits, block_m, block_n):
-    """Runs the kernel; returns (True, (labels, conf)) when the vote ran in the kernel, else
-    (False, (vals, idx)): the splits' candidates, each (Q, splits*k)."""
-    q, keys = rowmajor(queries), rowmajor(labeled)
-    n_q, n_k, d = q.shape[0], keys.shape[0], q.shape[1]
-    bm, bn, warps, stages = tile_config(q.dtype, d, k, n_q, block_m=block_m, block_n=block_n)
-    row_blocks = triton.cdiv(n_q, bm)
-    n_splits, chunk = split_range(n_k, row_blocks, bn, q.device, splits)
-    vote_here = vote and n_splits == 1
-    dev = q.device
-    bias = log_rho.to(torch.float32).contiguous() if log_rho is not None else None
-    if vote_here:
-        labels = torch.empty(n_q, dtype=torch.int64, device=dev)
-        conf = torch.empty(n_q, dtype=torch.float32, device=dev)
-        vals = idx = labels  # unused pointers
-    else:
-        vals = torch.empty(n_q, n_splits * k, dtype=torch.float32, device=dev)
-        idx = torch.empty(n_q, n_splits * k, dtype=torch.int64, device=dev)
-        labels = conf = vals
-    args = (
-        q, keys, bias if bias is not None else q, classes if classes is not None else idx,
-        labels, conf, vals, idx,
-        n_q, n_k, d, q.stride(0), keys.stride(0), n_splits * k, 1.0 / tau, chunk,
-    )  # fmt: skip
-    consts = dict(
-        K=k, HAS_BIAS=bias is not None, VOTE=vote_here, BLOCK_D=block_d(d),
-        BLOCK_K=max(16, triton.next_power_of_2(k)), INPUT_PRECISION=input_precision(q.dtype),
-    )  # fmt: skip
-    launch(_propagate_kernel_tuned, n_q, n_splits, args, consts, (bm, bn, warps, stages))
-    return vote_here, (labels, conf) if vote_here else (vals, idx)
-
-
-def _accepts(queries, labeled, k):
-    return supported_embeddings(queries, labeled) and launchable(queries, labeled) and 1 <= k <= MAX_K
+_propagate_kernel_tuned = maybe_autotune(_propagate_kernel, key=["D", "K"])
 
 
 def _vote_host(vals, idx, classes, num_classes):
@@ -165,6 +103,11 @@ def _vote_host(vals, idx, classes, num_classes):
         lab, c = vote(vals[r0 : r0 + step], classes[idx[r0 : r0 + step]], num_classes)
         labels[r0 : r0 + step], conf[r0 : r0 + step] = lab, c
     return labels, conf
+
+
+def propagate_triton_declines(queries, labeled, labeled_classes, log_rho, k, tau, num_classes):
+    """Why :func:`propagate_triton` would hand this call to the reference, or None."""
+    return decline_reason(queries, labeled, k=k)
 
 
 def propagate_triton(
@@ -189,42 +132,24 @@ def propagate_triton(
             split-and-merge path and multi-tile streams).
 
     Returns:
-        labels (Q,) int64 and confidence (Q,) float32, or NotImplemented for float64, k > 64
-        or D > 256 (the op then runs the reference).
+        labels (Q,) int64 and confidence (Q,) float32, or NotImplemented where
+        :func:`propagate_triton_declines` gives a reason (float64, k > 64, D > 256, ...: the
+        op then runs the reference).
     """
-    if not _accepts(queries, labeled, k):
+    if propagate_triton_declines(queries, labeled, labeled_classes, log_rho, k, tau, num_classes):
         return NotImplemented
-    n_q = queries.shape[0]
+    n_q, dev = queries.shape[0], queries.device
     if n_q == 0:
-        return (torch.empty(0, dtype=torch.int64, device=queries.device),
-                torch.empty(0, dtype=torch.float32, device=queries.device))  # fmt: skip
+        return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.float32, device=dev)
     classes = labeled_classes.to(torch.int64).contiguous()
-    voted, out = _launch(
-        queries, labeled, classes, log_rho, k, tau, vote=True, splits=splits, block_m=block_m, block_n=block_n
-    )
-    if voted:
-        return out
-    vals, idx = merge_splits(*out, k)
-    return _vote_host(vals, idx.clamp_min(0), classes, num_classes)
-
-
-def propagate_topk_triton(
-    queries: torch.Tensor,
-    labeled: torch.Tensor,
-    log_rho: torch.Tensor | None,
-    k: int,
-    tau: float,
-    *,
-    splits: int | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-):
-    """The neighbours behind :func:`propagate_triton`: ``(queries @ labeled.T / tau -
-    log_rho).topk(k, dim=1)`` as (values (Q, k) float32 sorted descending, indices (Q, k)
-    int64), without the (Q, M) matrix. NotImplemented where propagate_triton is."""
-    if not _accepts(queries, labeled, k):
-        return NotImplemented
-    _, (vals, idx) = _launch(
-        queries, labeled, None, log_rho, k, tau, vote=False, splits=splits, block_m=block_m, block_n=block_n
-    )
-    return merge_splits(vals, idx, k)
+    bias = log_rho.to(torch.float32).contiguous() if log_rho is not None else None
+    plan = topk_plan(queries, labeled, k, splits=splits, block_m=block_m, block_n=block_n)
+    if plan.n_splits > 1:
+        vals, idx = topk_candidates(plan, tau, bias=bias)
+        return _vote_host(vals, idx.clamp_min(0), classes, num_classes)
+    labels = torch.empty(n_q, dtype=torch.int64, device=dev)
+    conf = torch.empty(n_q, dtype=torch.float32, device=dev)
+    q = plan.queries
+    args = (q, plan.keys, bias if bias is not None else q, classes, labels, conf, *plan.args(), 1.0 / tau, plan.chunk)
+    launch(_propagate_kernel_tuned, n_q, 1, args, dict(plan.consts(), HAS_BIAS=bias is not None), plan.tiles)
+    return labels, conf

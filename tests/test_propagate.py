@@ -311,7 +311,7 @@ def check_against_reference(queries, labeled, classes, log_rho, k, num_classes, 
     assert bool(((conf > 0) & (conf <= 1 + 1e-6)).all())
 
     # The selected scores (not the indices, which ties may reorder), sorted descending.
-    vals, idx = kernels.propagate_topk_triton(queries, labeled, log_rho, k, TAU, **launch)
+    vals, idx = kernels.topk_candidates(kernels.topk_plan(queries, labeled, k, **launch), TAU, bias=log_rho)
     _, ref_vals, _ = next(streaming_topk(queries, labeled, k, TAU, bias=log_rho, row_chunk=1 << 30))
     torch.testing.assert_close(vals, ref_vals.float(), rtol=0, atol=1e-4)
     # Each index really has the score reported for it.

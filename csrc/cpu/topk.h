@@ -6,7 +6,8 @@
 // over the key rows j (propagate: bias = log_rho or 0; local_density: bias = 0, or +inf outside the
 // pool so that those keys score -inf and are never selected). The naive path materialises a score
 // tile, adds the bias in another pass and calls topk (a partial sort of every row); here:
-//   1. a (ROWS x COLS) score tile comes from at::mm (BLAS) into a per-thread buffer that stays in L2;
+//   1. a (ROWS x COLS) score tile comes from at::mm (BLAS) into a per-thread buffer that stays in L2
+//      (always the full tile: the last blocks are padded, so a score never depends on the chunking);
 //   2. one pass over the tile scales, subtracts the bias, and compares each score with the row's
 //      running k-th best (its threshold). Once a row has seen a few hundred keys the threshold
 //      rejects almost every score, so the pass is a vectorised compare with a rare scalar branch;
@@ -102,14 +103,18 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
   if (nq == 0) return;
   const Tile tile = tile_for(nq);
-  const int64_t rows = std::min(tile.rows, nq);
-  const int64_t cols = std::min(tile.cols, nk);
+  // Every product is a full (rows x cols) tile, the last query and key blocks padded with zero
+  // rows: BLAS then computes each score with the same instructions wherever a key falls, so a
+  // key's score does not depend on how the caller chunked the keys (topk_scores merges chunked
+  // calls exactly; MKL's small-matrix paths round differently from its tiled ones).
+  const int64_t rows = tile.rows;
+  const int64_t cols = tile.cols;
   const int64_t cap = 2 * k + 64;
   // The reference multiplies by the Python float 1/tau rounded to the compute type; so do we, so
   // that both see the same scores up to the matmul's summation order.
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-  // Inputs already in the compute dtype are used in place (views, no copy); others are converted
-  // one block at a time inside the task, so a bf16 bank is never copied whole.
+  // Full blocks already in the compute dtype are used in place (views, no copy); others are
+  // converted (or padded) one block at a time inside the task, so a bf16 bank is never copied whole.
   const bool q_direct = queries.scalar_type() == cdt;
   const bool k_direct = keys.scalar_type() == cdt;
   const int64_t blocks = (nq + rows - 1) / rows;
@@ -119,14 +124,18 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     at::Tensor scores = at::empty({rows, cols}, opts);
     std::vector<Candidate<acc_t>> cand(static_cast<size_t>(rows * cap));
     std::vector<RowTopK<acc_t>> top(rows);
-    at::Tensor q_buf = q_direct ? at::Tensor() : at::empty({rows, dim}, opts);
-    at::Tensor k_buf = k_direct ? at::Tensor() : at::empty({cols, dim}, opts);
+    at::Tensor q_buf = at::zeros({rows, dim}, opts);
+    at::Tensor k_buf = at::zeros({cols, dim}, opts);
 
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * rows;
       const int64_t nr = std::min(rows, nq - r0);
       at::Tensor q = queries.detach().narrow(0, r0, nr);  // see aggregation_loss_cpu.cpp on detach()
-      if (!q_direct) q = q_buf.narrow(0, 0, nr).copy_(q);
+      if (!q_direct || nr < rows) {
+        q_buf.narrow(0, 0, nr).copy_(q);
+        q_buf.narrow(0, nr, rows - nr).zero_();
+        q = q_buf;
+      }
       for (int64_t r = 0; r < nr; ++r) {
         top[r] = RowTopK<acc_t>{cand.data() + r * cap, 0, -std::numeric_limits<acc_t>::infinity()};
       }
@@ -134,14 +143,17 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
       for (int64_t c0 = 0; c0 < nk; c0 += cols) {
         const int64_t nc = std::min(cols, nk - c0);
         at::Tensor kc = keys.detach().narrow(0, c0, nc);
-        if (!k_direct) kc = k_buf.narrow(0, 0, nc).copy_(kc);
-        // The tile is (nr, nc) with row stride nc: contiguous, as mm_out wants its output.
-        at::Tensor s = scores.view({-1}).narrow(0, 0, nr * nc).view({nr, nc});
-        at::mm_out(s, q, kc.t());
+        if (!k_direct || nc < cols) {
+          k_buf.narrow(0, 0, nc).copy_(kc);
+          k_buf.narrow(0, nc, cols - nc).zero_();
+          kc = k_buf;
+        }
+        at::mm_out(scores, q, kc.t());
+        const acc_t* s = scores.const_data_ptr<acc_t>();
         const acc_t* bias_c = bias + c0;
 
         for (int64_t r = 0; r < nr; ++r) {
-          acc_t* srow = s.data_ptr<acc_t>() + r * nc;
+          const acc_t* srow = s + r * cols;
           RowTopK<acc_t>& t = top[r];
           // Blocks of 32 columns: a branch-free (vectorisable) pass that scales, biases and asks
           // "does any score beat the threshold?" without storing anything, then a scalar pass,

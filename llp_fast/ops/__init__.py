@@ -10,5 +10,6 @@ from .aggregation_loss import aggregation_loss
 from .bank_update import bank_update_
 from .local_density import local_density
 from .propagate import propagate
+from .topk_scores import topk_scores
 
-__all__ = ["aggregation_loss", "bank_update_", "local_density", "propagate"]
+__all__ = ["aggregation_loss", "bank_update_", "local_density", "propagate", "topk_scores"]
