@@ -105,7 +105,7 @@ class ShardedMemoryBank:
         check.finite(embeddings, "embeddings")
         return idx_all, all_gather_cat(embeddings.detach().float(), self.group)
 
-    # -- SPEC §1 steps, collective ---------------------------------------------------------
+    # -- docs/method.md §1 steps, collective ---------------------------------------------------------
     def stored(self, indices):
         """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners."""
         indices = torch.as_tensor(indices, device=self.device).long()
@@ -122,7 +122,7 @@ class ShardedMemoryBank:
         return labels[lo : lo + indices.shape[0]], conf[lo : lo + indices.shape[0]]
 
     def refresh_density(self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled") -> torch.Tensor:
-        """SPEC §1.1 over the whole sharded pool; returns this shard's labeled ``log_rho``."""
+        """docs/method.md §1.1 over the whole sharded pool; returns this shard's labeled ``log_rho``."""
         if pool not in ("unlabeled", "all"):
             raise ValueError(f"pool must be 'unlabeled' or 'all', got {pool!r}")
         pool_size = self.num_unlabeled_total if pool == "unlabeled" else self.n
@@ -181,7 +181,7 @@ class ShardedMemoryBank:
 
     @torch.no_grad()
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
-        """SPEC §1.6's blend for the global batch; every rank writes the rows it owns."""
+        """docs/method.md §1.6's blend for the global batch; every rank writes the rows it owns."""
         momentum = check.fraction(momentum, "momentum")
         idx_all, emb_all = self._gather_batch(indices, embeddings)
         own = self._owned(idx_all)
@@ -253,7 +253,7 @@ class ShardedMemoryBank:
         momentum: float = 0.5,
         density_weighting: bool = True,
     ):
-        """SPEC §1.6 for the global batch: propagate its unlabeled examples (merging every
+        """docs/method.md §1.6 for the global batch: propagate its unlabeled examples (merging every
         shard's top-K), store label and confidence at the owners, then blend the owned rows
         in gathered order. Returns (labels, confidence) of the gathered unlabeled examples."""
         check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
