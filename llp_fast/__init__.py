@@ -2,7 +2,9 @@
 
 Public ops (docs/method.md §2): :func:`local_density`, :func:`propagate`, :func:`aggregation_loss`,
 :func:`bank_update_`, :func:`topk_scores` (the selection behind the first two, mergeable across key
-chunks), and the :class:`MemoryBank` that ties them into the training loop.
+chunks), and the :class:`MemoryBank` that ties them into the training loop;
+:class:`LocalLabelPropagation`, a scikit-learn estimator for fixed embeddings (imported on first use,
+so that ``import llp_fast`` does not import scikit-learn).
 """
 
 __version__ = "0.1.0"
@@ -10,7 +12,17 @@ __version__ = "0.1.0"
 from .bank import MemoryBank  # noqa: E402
 from .ops import aggregation_loss, bank_update_, local_density, propagate, topk_scores  # noqa: E402
 
+
+def __getattr__(name: str):
+    if name == "LocalLabelPropagation":
+        from .embeddings.estimator import LocalLabelPropagation
+
+        return LocalLabelPropagation
+    raise AttributeError(f"module 'llp_fast' has no attribute {name!r}")
+
+
 __all__ = [
+    "LocalLabelPropagation",
     "MemoryBank",
     "aggregation_loss",
     "bank_update_",

@@ -1,156 +1,207 @@
-"""``llp-fast-propagate``: LLP labels for precomputed embeddings (docs/method.md §1.1-1.2)."""
+"""``llp-fast-propagate``: LLP labels for precomputed embeddings, streamed from ``.npy`` files
+(docs/method.md §1.1-1.2; more than one round: §7). The work is :mod:`llp_fast.embeddings`'s; this
+module parses and checks the flags, runs it (alone, under torchrun, or ``--nproc P`` local
+processes) and writes the outputs atomically.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
-import time
 
-from ..errors import ConfigError, DataError
+from .. import distributed
+from ..embeddings import outputs
+from ..embeddings.settings import DEFAULT_ROUNDS, POOLS
+from ..errors import ConfigError
 from . import _common
 
 PROG = "llp-fast-propagate"
 
 
+def _device(text: str) -> str:
+    device = _common.DEVICE(text)
+    try:
+        return _common.cuda_checked(device)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"{device}: CUDA is not available on this machine") from None
+
+
+def _out(text: str) -> str:
+    try:
+        return outputs.check_path(text, "file")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("file ")) from None
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=PROG,
-        description="One-shot LLP labelling of precomputed embeddings: density-weighted K-nearest-labeled-"
-        "neighbour votes (docs/method.md §1.1-1.2), streamed in chunks from memory-mapped .npy files.",
+        description="LLP labels for precomputed embeddings: density-weighted votes of the K nearest labeled "
+        "neighbours (docs/method.md §1.1-1.2), repeated over rounds in which the most confident rows join the "
+        "voters (§7), streamed block by block from memory-mapped .npy files.",
     )
-    ap.add_argument("embeddings", help="EMB.npy, (N, D) float")
-    ap.add_argument("labels", help="LABELS.npy, (N,) int, -1 = unlabeled")
-    ap.add_argument("--out", required=True, help="PSEUDO.npy: (N,) int64 labels (labeled rows keep theirs)")
-    ap.add_argument("--confidence-out", default=None, help="optional (N,) float32 confidences")
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--t", type=int, default=25)
-    ap.add_argument("--tau", type=float, default=0.07)
-    ap.add_argument("--density-pool", choices=("unlabeled", "all"), default="unlabeled")
-    ap.add_argument("--no-density-weighting", action="store_true")
+    ap.add_argument("embeddings", help="EMB.npy (N, D) float16/32/64, or a directory of .npy shards (name order)")
+    ap.add_argument("labels", help="LABELS.npy (N,) int, -1 = unlabeled (or a directory of shards)")
+    ap.add_argument("--out", type=_out, required=True, help="PSEUDO.npy: (N,) int64 labels (labeled rows keep theirs)")
+    ap.add_argument("--confidence-out", type=_out, default=None, help="(N,) float32 confidences (1 on labeled rows)")
+    ap.add_argument(
+        "--probs-out",
+        type=_out,
+        default=None,
+        help="PROBS.npz: 'classes' (N, P) int64 and 'probs' (N, P) float32, each row's --top most likely classes",
+    )
+    ap.add_argument("--top", type=_common.POSITIVE_INT, default=3, help="P for --probs-out (default 3)")
+    ap.add_argument("--voters-out", type=_out, default=None, help="(N, K) int64 rows that voted (-1: none)")
+    ap.add_argument("--k", type=_common.POSITIVE_INT, default=10, help="voters per row (at most the voters)")
+    ap.add_argument("--t", type=_common.POSITIVE_INT, default=25, help="density neighbours (at most the pool)")
+    ap.add_argument("--tau", type=_common.POSITIVE_FLOAT, default=0.07)
+    ap.add_argument(
+        "--rounds",
+        type=_common.POSITIVE_INT,
+        default=DEFAULT_ROUNDS,
+        help=f"rounds of the vote (default {DEFAULT_ROUNDS}; 1 = the paper's one-shot vote)",
+    )
+    ap.add_argument(
+        "--max-voters",
+        type=_common.COUNT,
+        default=None,
+        help="cap on pseudo-labeled voters (default: none; bounds the cost of many rounds at large N)",
+    )
+    ap.add_argument(
+        "--density-pool",
+        choices=POOLS,
+        default="auto",
+        help="auto (default): unlabeled rows for one round, all rows for more",
+    )
+    ap.add_argument(
+        "--labeled-weight",
+        type=_common.POSITIVE_FLOAT,
+        default=None,
+        help="weight of the labeled voters (default: 1 for one round, 3 for more)",
+    )
+    ap.add_argument("--no-density-weighting", action="store_true", help="the NoDW ablation: plain weighted kNN")
     ap.add_argument("--no-normalize", action="store_true", help="embeddings are already unit rows")
-    ap.add_argument("--chunk", type=int, default=65536, help="rows per chunk")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--chunk", type=_common.POSITIVE_INT, default=65536, help="rows per block (default 65536)")
+    ap.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N (Triton kernels)")
+    ap.add_argument("--threads", type=_common.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--nproc", type=_common.POSITIVE_INT, default=1, help="run as P local processes (gloo/NCCL)")
+    ap.add_argument("--quiet", action="store_true", help="no progress display")
     return ap
 
 
-def _open_npy(path: str, what: str):
-    import numpy as np
+OUTPUT_FLAGS = ("out", "confidence_out", "probs_out", "voters_out")
 
-    if not os.path.isfile(path):
-        raise DataError(f"{what} {path}: no such file")
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = parser()
+    args = ap.parse_args(argv)
+    outs = {"--" + f.replace("_", "-"): getattr(args, f) for f in OUTPUT_FLAGS}
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"cannot read {what} {path} as a .npy array ({type(e).__name__})") from None
+        outputs.check_distinct(outs, {"EMBEDDINGS": args.embeddings, "LABELS": args.labels})
+    except ConfigError as e:
+        ap.error(str(e))
+    return args
 
 
-def propagate_files(args) -> dict:
-    """Streams EMB.npy in chunks of ``args.chunk`` rows: only the M labeled rows, their
-    running top-T density scores and one chunk live in memory; the output is written to a
-    memory-mapped .npy next to ``--out`` and moved into place when complete."""
-    import numpy as np
+def settings_of(args):
+    from ..embeddings import Settings
+
+    return Settings(
+        k=args.k,
+        t=args.t,
+        tau=args.tau,
+        density=not args.no_density_weighting,
+        density_pool=args.density_pool,
+        labeled_weight=args.labeled_weight,
+        rounds=args.rounds,
+        max_voters=args.max_voters,
+        chunk=args.chunk,
+        device=args.device,
+    )
+
+
+def _run(args) -> int:
+    import time
+
     import torch
 
-    from .._validate import temperature
-    from ..ops import propagate
+    from .._progress import Progress
+    from ..embeddings import Engine, Rows, read_labels
+    from ..embeddings.comm import Local, Ranks
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    comm, rank = Local(), 0
+    settings = settings_of(args)
+    if distributed.launched():
+        rank, _ = distributed.init("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            settings = settings.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        comm = Ranks(torch.device(settings.device))
+    progress = Progress(enabled=not args.quiet and rank == 0, prog=PROG)
     t0 = time.perf_counter()
-    emb = _open_npy(args.embeddings, "embeddings")
-    lab = _open_npy(args.labels, "labels")
-    if emb.ndim != 2 or not np.issubdtype(emb.dtype, np.floating):
-        raise DataError(f"embeddings must be a 2-D float array (N, D), got {emb.dtype} {emb.shape}")
-    n, _ = emb.shape
-    if lab.ndim != 1 or lab.shape[0] != n or not np.issubdtype(lab.dtype, np.integer):
-        raise DataError(f"labels must be a 1-D integer array of {n} entries, got {lab.dtype} {lab.shape}")
-    labels = np.asarray(lab, dtype=np.int64)
-    if (labels < -1).any():
-        raise DataError("labels holds values below -1 (-1 marks unlabeled)")
-    lab_rows = np.flatnonzero(labels >= 0)
-    m = len(lab_rows)
-    if m == 0:
-        raise DataError("labels holds no labeled row (no entry >= 0)")
-    if not 0 < args.k <= m:
-        raise ConfigError(f"--k must lie in [1, {m}] (the number of labeled rows), got {args.k}")
-    if args.chunk < 1:
-        raise ConfigError(f"--chunk must be positive, got {args.chunk}")
-    tau = temperature(args.tau)
-    num_classes = int(labels.max()) + 1
-    dev = torch.device(args.device)
-
-    def rows(a, b):
-        x = torch.from_numpy(np.array(emb[a:b], dtype=np.float32)).to(dev)
-        if not bool(torch.isfinite(x).all()):
-            raise DataError(f"embeddings rows {a}..{b} contain NaN or Inf")
-        return x if args.no_normalize else torch.nn.functional.normalize(x, dim=1)
-
-    labeled = torch.from_numpy(np.array(emb[lab_rows], dtype=np.float32)).to(dev)
-    if not args.no_normalize:
-        labeled = torch.nn.functional.normalize(labeled, dim=1)
-    classes = torch.from_numpy(labels[lab_rows]).to(dev)
-    is_lab = torch.from_numpy(labels >= 0)
-    log_rho = None
-    if not args.no_density_weighting:  # docs/method.md §1.1, streamed: a running top-T per labeled row
-        pool = n - m if args.density_pool == "unlabeled" else n
-        if not 0 < args.t <= pool:
-            raise ConfigError(f"--t must lie in [1, {pool}] (the density pool), got {args.t}")
-        best = None
-        for a in range(0, n, args.chunk):
-            b = min(n, a + args.chunk)
-            keys = rows(a, b)
-            if args.density_pool == "unlabeled":
-                keys = keys[~is_lab[a:b].to(dev)]
-            if keys.shape[0] == 0:
-                continue
-            s = labeled @ keys.T / tau
-            s = torch.cat([best, s], 1) if best is not None else s
-            best = s.topk(min(args.t, s.shape[1]), dim=1).values
-        log_rho = torch.logsumexp(best, dim=1)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {args.out}: directory {out_dir} does not exist")
-    tmp = args.out + ".tmp.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n,))
-    conf_out = None
-    if args.confidence_out:
-        ctmp = args.confidence_out + ".tmp.npy"
-        conf_out = np.lib.format.open_memmap(ctmp, mode="w+", dtype=np.float32, shape=(n,))
-    for a in range(0, n, args.chunk):
-        b = min(n, a + args.chunk)
-        q = rows(a, b)
-        pred, conf = propagate(
-            q, labeled, classes, log_rho, k=args.k, tau=tau, num_classes=num_classes, check_finite=False
+    rows = Rows(args.embeddings, normalize=not args.no_normalize)
+    labels = read_labels(args.labels, rows.n)
+    engine = Engine(rows, labels, settings, comm=comm, progress=progress)
+    result = engine.run(top_classes=args.top if args.probs_out else 0, voter_ids=bool(args.voters_out))
+    if rank == 0:
+        files = {args.out: ("npy", result.labels.astype(labels.dtype))}
+        if args.confidence_out:
+            files[args.confidence_out] = ("npy", result.confidence)
+        if args.probs_out:
+            files[args.probs_out] = ("npz", {"classes": result.top_classes, "probs": result.top_probs})
+        if args.voters_out:
+            files[args.voters_out] = ("npy", result.voters)
+        outputs.write(files)
+        n, m = rows.n, int((labels >= 0).sum())
+        rounds = f", {result.rounds_run} round{'s' if result.rounds_run != 1 else ''}"
+        print(
+            f"{PROG}: labelled {n - m} of {n} rows from {m} labeled{rounds} "
+            f"in {time.perf_counter() - t0:.2f} s -> {args.out}"
         )
-        keep = is_lab[a:b].numpy()
-        pred = pred.cpu().numpy()
-        conf = conf.float().cpu().numpy()
-        pred[keep] = labels[a:b][keep]
-        conf[keep] = 1.0
-        out[a:b] = pred
-        if conf_out is not None:
-            conf_out[a:b] = conf
-    out.flush()
-    del out
-    os.replace(tmp, args.out)
-    if conf_out is not None:
-        conf_out.flush()
-        del conf_out
-        os.replace(ctmp, args.confidence_out)
-    return {"n": n, "labeled": m, "unlabeled": n - m, "seconds": time.perf_counter() - t0}
-
-
-def _main(args) -> int:
-    stats = propagate_files(args)
-    print(
-        f"llp-fast-propagate: labelled {stats['unlabeled']} of {stats['n']} rows from {stats['labeled']} labeled "
-        f"in {stats['seconds']:.2f} s -> {args.out}"
-    )
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _relaunch(args, argv: list[str]) -> int:
+    """``--nproc P``: the same command under torch.distributed.run, P local processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    return subprocess.call([*cmd, "-m", "llp_fast.cli.propagate", *_without_nproc(argv)])
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
     """``llp-fast-propagate EMB.npy LABELS.npy --out PSEUDO.npy``."""
-    return _common.run(PROG, _main, parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse(argv)
+    if args.nproc > 1 and not distributed.launched():
+        return _relaunch(args, argv)
+    try:  # SIGTERM cleans up as Ctrl-C does (main thread only)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:
+        previous = None
+    try:
+        return _common.run(PROG, _run, args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

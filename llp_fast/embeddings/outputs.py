@@ -1,0 +1,49 @@
+"""Atomic ``.npy``/``.npz`` outputs: every file is written to a temporary name beside its target and
+moved into place only when all of them are complete; on any error or interrupt the temporary files
+are removed, so a reader sees the previous files or the new ones, never a torn one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+
+from .._files import atomic_path
+from ..errors import ConfigError
+
+
+def check_path(path: str, what: str) -> str:
+    """``path`` can take a new file: not a directory, in a directory that exists."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path}: is a directory; expected a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{what} {path}: directory {parent} does not exist")
+    return path
+
+
+def check_distinct(outputs: dict[str, str | None], inputs: dict[str, str]) -> None:
+    """No two outputs name the same file, and no output is an input."""
+    seen: dict[str, str] = {os.path.realpath(p): name for name, p in inputs.items()}
+    for name, path in outputs.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            other = seen[real]
+            kind = "the input" if other in inputs else "also"
+            raise ConfigError(f"{name} {path} is {kind} {other}: give each output its own file")
+        seen[real] = name
+
+
+def write(files: dict[str, tuple[str, object]]) -> None:
+    """``files``: target path -> (kind, data): kind 'npy' with an array, or 'npz' with a dict of
+    arrays. All are written to temporary files first, then moved into place."""
+    with contextlib.ExitStack() as stack:
+        for path, (kind, data) in files.items():
+            tmp = stack.enter_context(atomic_path(path, suffix="." + kind))
+            if kind == "npy":
+                np.save(tmp, data, allow_pickle=False)
+            else:
+                np.savez(tmp, **data)

@@ -1,0 +1,95 @@
+"""The knobs of labelling fixed embeddings, their defaults, and the defaults that depend on ``rounds``.
+
+``rounds = 1`` is the paper's one-shot vote exactly (docs/method.md §1.1-1.2): the labeled points'
+density over the unlabeled rows, no extra weight on them. More rounds use the multi-round scheme of
+docs/method.md §7, whose measured best settings differ: the density pool is every row (a
+pseudo-labeled voter is itself one of the unlabeled rows, so with the unlabeled pool the original
+labeled points and the pseudo-labeled voters would be measured against different pools) and the
+original labeled voters count 3 times. ``density_pool="auto"`` and ``labeled_weight=None`` pick these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+DEFAULT_ROUNDS = 10
+MULTI_ROUND_LABELED_WEIGHT = 3.0
+POOLS = ("auto", "unlabeled", "all")
+
+
+def _int(name, v, low=1):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ConfigError(f"{name} must be a whole number >= {low}, got {v!r}")
+    return int(v)
+
+
+def _positive(name, v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+        raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to label: K voters, T density neighbours, temperature, density weighting (False: the
+    NoDW ablation), the density pool, the weight of the original labeled voters, the rounds of the
+    multi-round scheme, an optional cap on pseudo-labeled voters (None: they grow to (R-1)/R of the
+    unlabeled rows), rows per streamed block, and the torch device."""
+
+    k: int = 10
+    t: int = 25
+    tau: float = 0.07
+    density: bool = True
+    density_pool: str = "auto"
+    labeled_weight: float | None = None
+    rounds: int = DEFAULT_ROUNDS
+    max_voters: int | None = None
+    chunk: int = 65536
+    device: str = "cpu"
+
+    def checked(self) -> Settings:
+        """The same settings, each value checked (ConfigError naming the field)."""
+        _int("k", self.k)
+        _int("t", self.t)
+        _positive("tau", self.tau)
+        _int("rounds", self.rounds)
+        _int("chunk", self.chunk)
+        if not isinstance(self.density, bool):
+            raise ConfigError(f"density must be True or False, got {self.density!r}")
+        if self.density_pool not in POOLS:
+            raise ConfigError(f"density_pool must be one of {', '.join(POOLS)}, got {self.density_pool!r}")
+        if self.labeled_weight is not None:
+            _positive("labeled_weight", self.labeled_weight)
+        if self.max_voters is not None:
+            _int("max_voters", self.max_voters, low=0)
+        device = str(self.device)
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {device}: CUDA is not available on this machine")
+        return self
+
+    @property
+    def pool(self) -> str:
+        """The density pool: 'unlabeled' (the paper) for one round, 'all' rows for more."""
+        if self.density_pool != "auto":
+            return self.density_pool
+        return "unlabeled" if self.rounds == 1 else "all"
+
+    @property
+    def weight(self) -> float:
+        """The original labeled voters' weight: 1 for one round (the paper), 3 for more."""
+        if self.labeled_weight is not None:
+            return float(self.labeled_weight)
+        return 1.0 if self.rounds == 1 else MULTI_ROUND_LABELED_WEIGHT
+
+    def replace(self, **changes) -> Settings:
+        return dataclasses.replace(self, **changes)

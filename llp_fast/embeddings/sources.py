@@ -1,0 +1,184 @@
+"""Where the embeddings and labels come from: an array in memory, one ``.npy`` file, or a directory
+of ``.npy`` shards taken in name order.
+
+A file is read block by block through a memory map that is opened for the block and dropped after
+it, so the pages of a file larger than memory never pile up in the process's resident set: what a
+pass holds is one block (plus what the caller keeps). Rows come out as torch tensors in the compute
+dtype (float32; float64 when the stored data are float64), optionally L2-normalised, checked for
+NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+FLOAT_KINDS = (np.float16, np.float32, np.float64)
+
+
+def _header(path: str):
+    """(shape, fortran_order, dtype, data offset) of a .npy file, from its header alone."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            return shape, fortran, dtype, f.tell()
+    except (ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a .npy file ({e})") from None
+
+
+class _File:
+    """One .npy file: its shape and dtype, and rows read through a short-lived memory map."""
+
+    def __init__(self, path: str, what: str):
+        if not os.path.exists(path):
+            raise DataError(f"{what} {path}: no such file")
+        if not os.path.isfile(path):
+            raise DataError(f"{what} {path}: not a file")
+        self.path = path
+        self.shape, fortran, self.dtype, self.offset = _header(path)
+        if self.dtype.hasobject:
+            raise DataError(f"{what} {path}: holds Python objects; expected a numeric array")
+        self.fortran = fortran
+        need = self.offset + int(np.prod(self.shape)) * self.dtype.itemsize
+        if os.path.getsize(path) < need:
+            raise DataError(f"{what} {path}: truncated ({os.path.getsize(path)} bytes, the header says {need})")
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        if b <= a:
+            return np.empty((0, *self.shape[1:]), self.dtype)
+        mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        try:
+            return np.array(mm[a:b])
+        finally:
+            del mm
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        try:
+            return np.array(mm[rows])
+        finally:
+            del mm
+
+
+def _paths(path: str, what: str) -> list[str]:
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith(".npy") and not n.startswith("."))
+        if not names:
+            raise DataError(f"{what} {path}: a directory without .npy shards")
+        return [os.path.join(path, n) for n in names]
+    return [path]
+
+
+class Rows:
+    """Read access to N rows of a (N, D) float matrix held in memory or in .npy files.
+
+    Args:
+        data: a NumPy array or torch tensor (N, D), a .npy path, or a directory of .npy shards
+            (taken in name order, concatenated along the rows).
+        normalize: L2-normalise every row as it is read.
+    """
+
+    def __init__(self, data, *, normalize: bool = True, what: str = "embeddings"):
+        self.normalize = normalize
+        self.what = what
+        self.files: list[_File] = []
+        self.array = None
+        if isinstance(data, (str, os.PathLike)):
+            self.files = [_File(p, what) for p in _paths(os.fspath(data), what)]
+            for f in self.files:
+                if len(f.shape) != 2 or f.dtype.type not in FLOAT_KINDS:
+                    raise DataError(
+                        f"{what} {f.path}: expected a 2-D float16, float32 or float64 array (N, D), "
+                        f"got {f.dtype} {f.shape}"
+                    )
+            dims = {f.shape[1] for f in self.files}
+            if len(dims) != 1:
+                raise DataError(f"{what} {data}: shards have different widths D {sorted(dims)}")
+            self.dim = dims.pop()
+            self.starts = np.cumsum([0] + [f.shape[0] for f in self.files])
+            self.n = int(self.starts[-1])
+            wide = any(f.dtype == np.float64 for f in self.files)
+        else:
+            arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+            if arr.ndim != 2 or arr.dtype.type not in FLOAT_KINDS:
+                raise DataError(
+                    f"{what}: expected a 2-D float16, float32 or float64 array (N, D), got {arr.dtype} {arr.shape}"
+                )
+            self.array = arr
+            self.n, self.dim = arr.shape
+            wide = arr.dtype == np.float64
+        if self.dim == 0:
+            raise DataError(f"{what}: rows have no columns (D = 0)")
+        self.dtype = torch.float64 if wide else torch.float32
+
+    def _raw(self, a: int, b: int) -> np.ndarray:
+        if self.array is not None:
+            return self.array[a:b]
+        parts = []
+        for f, s in zip(self.files, self.starts[:-1]):
+            lo, hi = max(a, s), min(b, s + f.shape[0])
+            if lo < hi:
+                parts.append(f.read(lo - s, hi - s))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty((0, self.dim))
+
+    def _tensor(self, x: np.ndarray, where: str) -> torch.Tensor:
+        x = np.ascontiguousarray(x, dtype=np.float64 if self.dtype == torch.float64 else np.float32)
+        t = torch.from_numpy(x if x.flags.writeable else x.copy())
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int(torch.nonzero(~torch.isfinite(t).all(dim=1))[0, 0])
+            raise DataError(f"{self.what} {where}: row {bad} of the block contains NaN or Inf")
+        if self.normalize:
+            t = torch.nn.functional.normalize(t, dim=1)
+        return t
+
+    def read(self, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) as a (b - a, D) tensor (a fresh copy)."""
+        return self._tensor(self._raw(a, b), f"rows {a}..{b - 1}")
+
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        """The rows at the given (sorted, distinct) indices, as a (len(rows), D) tensor."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.array is not None:
+            raw = self.array[rows]
+        else:
+            parts = []
+            for f, s in zip(self.files, self.starts[:-1]):
+                lo, hi = np.searchsorted(rows, [s, s + f.shape[0]])
+                if lo < hi:
+                    parts.append(f.take(rows[lo:hi] - s))
+            raw = np.concatenate(parts) if parts else np.empty((0, self.dim))
+        return self._tensor(raw, "selected rows")
+
+    def blocks(self, chunk: int, lo: int = 0, hi: int | None = None):
+        """Yields ``(a, b)`` row ranges of at most ``chunk`` rows covering [lo, hi)."""
+        hi = self.n if hi is None else hi
+        for a in range(lo, hi, chunk):
+            yield a, min(hi, a + chunk)
+
+
+def read_labels(data, n: int | None = None) -> np.ndarray:
+    """(N,) int64 labels from an array, a .npy file or a directory of shards; -1 marks unlabeled."""
+    if isinstance(data, (str, os.PathLike)):
+        files = [_File(p, "labels") for p in _paths(os.fspath(data), "labels")]
+        for f in files:
+            if len(f.shape) != 1 or f.dtype.kind not in "iu":
+                raise DataError(f"labels {f.path}: expected a 1-D integer array (N,), got {f.dtype} {f.shape}")
+        arr = np.concatenate([f.read(0, f.shape[0]) for f in files]) if files else np.empty(0, np.int64)
+    else:
+        arr = np.asarray(data)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise DataError(f"labels: expected a 1-D integer array (N,), got {arr.dtype} {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise DataError(f"labels must be a 1-D integer array of {n} entries (one per embedding), got {arr.shape[0]}")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise DataError("labels holds values beyond int64")
+    labels = arr.astype(np.int64)
+    if labels.size and int(labels.min()) < -1:
+        raise DataError("labels holds values below -1 (-1 marks unlabeled)")
+    return labels
