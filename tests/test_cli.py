@@ -1,4 +1,4 @@
-"""``llp-fast-train`` and ``llp-fast-propagate``: runs, summaries and one-line errors."""
+"""``llp-fast-train``: runs, summaries and one-line errors (``llp-fast-propagate``: tests/test_propagate_cli.py)."""
 
 import json
 import os
@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from llp_fast import local_density, propagate
-from llp_fast.cli.propagate import main as propagate_main
 from llp_fast.cli.train import config_from_args
 from llp_fast.cli.train import main as train_main
 from llp_fast.cli.train import parser as train_parser
@@ -194,69 +192,6 @@ def test_bad_flag_values(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train_main([flag, "-1"])
         assert flag in capsys.readouterr().err
-
-
-def _digits_embeddings(tmp_path):
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x - x.mean(0)).astype(np.float32)
-    labels = y.copy()
-    labels[np.random.default_rng(0).random(len(y)) > 0.1] = -1
-    np.save(tmp_path / "emb.npy", x)
-    np.save(tmp_path / "lab.npy", labels)
-    return x, y, labels
-
-
-@pytest.mark.parametrize("extra", [[], ["--no-density-weighting"], ["--density-pool", "all"]])
-def test_propagate_cli_matches_the_ops(tmp_path, capsys, extra):
-    x, y, labels = _digits_embeddings(tmp_path)
-    out = tmp_path / "pseudo.npy"
-    conf_out = tmp_path / "conf.npy"
-    rc = propagate_main(
-        [
-            str(tmp_path / "emb.npy"),
-            str(tmp_path / "lab.npy"),
-            "--out",
-            str(out),
-            "--confidence-out",
-            str(conf_out),
-            "--chunk",
-            "333",
-            *extra,
-        ]
-    )
-    assert rc == 0 and "labelled" in capsys.readouterr()[0]
-    pseudo, conf = np.load(out), np.load(conf_out)
-    emb = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
-    lab = torch.from_numpy(labels >= 0)
-    rho = None
-    if "--no-density-weighting" not in extra:
-        mask = None if "all" in extra else ~lab
-        rho = local_density(emb[lab], emb, t=25, pool_mask=mask)
-    want, wconf = propagate(emb[~lab], emb[lab], torch.from_numpy(labels)[lab], rho, k=10, num_classes=10)
-    assert np.array_equal(pseudo[labels >= 0], labels[labels >= 0])
-    agree = (pseudo[labels < 0] == want.numpy()).mean()
-    assert agree > 0.99  # chunked top-T merging may break exact ties differently
-    np.testing.assert_allclose(
-        conf[labels < 0][pseudo[labels < 0] == want.numpy()],
-        wconf.numpy()[pseudo[labels < 0] == want.numpy()],
-        atol=1e-4,
-    )
-    assert (pseudo[labels < 0] == y[labels < 0]).mean() > 0.85
-
-
-def test_propagate_cli_errors(tmp_path, capsys):
-    _digits_embeddings(tmp_path)
-    rc = propagate_main([str(tmp_path / "missing.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")])
-    one_error_line(capsys, rc, "no such file", "llp-fast-propagate")
-    np.save(tmp_path / "short.npy", np.zeros(5, int))
-    rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "short.npy"), "--out", str(tmp_path / "o.npy")])
-    one_error_line(capsys, rc, "labels must be", "llp-fast-propagate")
-    np.save(tmp_path / "none.npy", np.full(1797, -1))
-    rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "none.npy"), "--out", str(tmp_path / "o.npy")])
-    one_error_line(capsys, rc, "no labeled row", "llp-fast-propagate")
-    assert not (tmp_path / "o.npy").exists()
 
 
 @pytest.mark.parametrize(

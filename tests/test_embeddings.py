@@ -1,0 +1,241 @@
+"""The streaming engine of llp_fast.embeddings against the in-memory ops (local_density + propagate),
+the multi-round reference (tests/rounds_ref.py) and the float64 brute force (tests/brute.py), on fresh
+random inputs of odd shapes, streamed in blocks that do not divide the rows."""
+
+import math
+
+import brute
+import numpy as np
+import pytest
+import torch
+from rounds_ref import rounds_reference
+
+import llp_fast
+from llp_fast.embeddings import Rows, Settings, label_embeddings, select_voters
+from llp_fast.embeddings import finish
+from llp_fast.errors import ConfigError, DataError
+
+
+def _problem(n, d, classes, frac, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    labels = np.where(rng.random(n) < frac, y, -1)
+    labels[rng.choice(n, classes, replace=False)] = np.arange(classes)  # every class labeled
+    return x, labels
+
+
+def _paper(x, labels, *, k=10, t=25, tau=0.07, density=True, pool="unlabeled"):
+    lab = torch.from_numpy(labels >= 0)
+    rho = None
+    if density:
+        rho = llp_fast.local_density(x[lab], x, t=t, tau=tau, pool_mask=~lab if pool == "unlabeled" else None)
+    num_classes = int(labels.max()) + 1
+    lq, cq = llp_fast.propagate(
+        x[~lab], x[lab], torch.from_numpy(labels[labels >= 0]), rho, k=k, tau=tau, num_classes=num_classes
+    )
+    out_l, out_c = labels.copy(), np.ones(len(labels), np.float32)
+    out_l[~lab.numpy()], out_c[~lab.numpy()] = lq.numpy(), cq.float().numpy()
+    return out_l, out_c
+
+
+@pytest.mark.parametrize(
+    "n, d, chunk, density, pool",
+    [
+        (1003, 7, 97, True, "unlabeled"),
+        (517, 33, 1000, True, "all"),
+        (1003, 7, 97, False, "unlabeled"),
+        (2048, 128, 512, True, "unlabeled"),
+    ],
+)
+def test_one_round_is_the_paper_vote_exactly(n, d, chunk, density, pool):
+    x, labels = _problem(n, d, 6, 0.07, seed=n + d)
+    res = label_embeddings(
+        x.numpy(), labels, rounds=1, chunk=chunk, density=density, density_pool=pool, normalize=False
+    )
+    want_l, want_c = _paper(x, labels, density=density, pool=pool)
+    assert np.array_equal(res.labels, want_l)
+    assert np.array_equal(res.confidence, want_c)  # bit for bit: the ops' own finish (finish.py)
+
+
+def test_one_round_defaults_are_the_paper():
+    s = Settings(rounds=1)
+    assert (s.pool, s.weight) == ("unlabeled", 1.0)
+    s = Settings(rounds=4)
+    assert (s.pool, s.weight) == ("all", 3.0)
+    assert Settings().rounds == 10
+
+
+@pytest.mark.parametrize(
+    "rounds, n, d, chunk, frac", [(2, 901, 9, 128, 0.05), (7, 901, 9, 128, 0.05), (3, 1500, 40, 333, 0.02)]
+)
+def test_rounds_equal_the_in_memory_reference(rounds, n, d, chunk, frac):
+    x, labels = _problem(n, d, 5, frac, seed=rounds * n)
+    res = label_embeddings(x.numpy(), labels, rounds=rounds, chunk=chunk, normalize=False)
+    want_l, want_c = rounds_reference(x, labels.copy(), rounds=rounds)
+    assert np.array_equal(res.labels, want_l)
+    assert np.array_equal(res.confidence, want_c)
+    assert res.rounds_run == rounds
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(density=False),
+        dict(labeled_weight=1.0),
+        dict(density_pool="unlabeled"),
+        dict(max_voters=100),
+        dict(k=3, t=4, tau=0.2),
+    ],
+)
+def test_round_options_equal_the_reference(options):
+    x, labels = _problem(700, 12, 4, 0.04, seed=11)
+    res = label_embeddings(x.numpy(), labels, rounds=4, chunk=250, normalize=False, **options)
+    ref = dict(
+        k=options.get("k", 10),
+        t=options.get("t", 25),
+        tau=options.get("tau", 0.07),
+        density=options.get("density", True),
+        pool=options.get("density_pool", "all"),
+        weight=options.get("labeled_weight", 3.0),
+        cap=options.get("max_voters"),
+    )
+    want_l, want_c = rounds_reference(x, labels.copy(), rounds=4, **ref)
+    assert np.array_equal(res.labels, want_l) and np.array_equal(res.confidence, want_c)
+    if "max_voters" in options:
+        assert len(res.voter_rows) - (labels >= 0).sum() <= 100
+
+
+def test_float64_matches_the_brute_force():
+    x, labels = _problem(83, 5, 3, 0.15, seed=3, dtype=torch.float64)
+    res = label_embeddings(x.numpy(), labels, rounds=1, k=4, t=6, chunk=17, normalize=False)
+    lab = labels >= 0
+    rho = brute.local_density(x[lab], x, 6, 0.07, pool=~lab)
+    want_l, want_c = brute.propagate(x[~lab], x[lab], labels[lab], rho, 4, 0.07, 3)
+    assert np.array_equal(res.labels[~lab], want_l)
+    np.testing.assert_allclose(res.confidence[~lab], want_c, rtol=1e-6)
+
+
+def test_float16_file_and_shards_equal_the_array(tmp_path):
+    x, labels = _problem(777, 16, 4, 0.05, seed=8)
+    x16 = x.numpy().astype(np.float16)
+    np.save(tmp_path / "emb.npy", x16)
+    (tmp_path / "shards").mkdir()
+    for i, (a, b) in enumerate([(0, 100), (100, 101), (101, 600), (600, 777)]):
+        np.save(tmp_path / "shards" / f"part-{i:02d}.npy", x16[a:b])
+    from_array = label_embeddings(x16.astype(np.float32), labels, rounds=3, chunk=64)
+    for source in (tmp_path / "emb.npy", tmp_path / "shards"):
+        res = label_embeddings(str(source), labels, rounds=3, chunk=64)
+        assert np.array_equal(res.labels, from_array.labels)
+        assert np.array_equal(res.confidence, from_array.confidence)
+
+
+def test_rows_reads_blocks_across_shards(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    for i, (a, b) in enumerate([(0, 7), (7, 8), (8, 50)]):
+        np.save(tmp_path / f"{i}.npy", x[a:b])
+    rows = Rows(str(tmp_path), normalize=False)
+    assert (rows.n, rows.dim) == (50, 3)
+    assert torch.equal(rows.read(5, 31), torch.from_numpy(x[5:31]))
+    pick = np.array([0, 6, 7, 8, 49])
+    assert torch.equal(rows.take(pick), torch.from_numpy(x[pick]))
+    unit = Rows(x).read(0, 50)
+    torch.testing.assert_close(unit.norm(dim=1), torch.ones(50))
+
+
+def test_extras_are_the_vote():
+    x, labels = _problem(400, 8, 5, 0.05, seed=21)
+    res = label_embeddings(x.numpy(), labels, rounds=2, chunk=150, normalize=False, top_classes=3, voter_ids=True)
+    lab = labels >= 0
+    assert np.array_equal(res.top_classes[:, 0], res.labels)  # no near-ties in this draw
+    np.testing.assert_allclose(res.top_probs[~lab, 0], res.confidence[~lab], rtol=1e-5)
+    assert (np.diff(res.top_probs, axis=1) <= 0).all() and (res.top_probs.sum(1) <= 1 + 1e-6).all()
+    assert (res.voters[lab] == -1).all() and (res.voters[~lab] >= 0).all()
+    # the voters of a row are voters, and their classes carry the vote's winner
+    voter_set = set(res.voter_rows.tolist())
+    assert all(v in voter_set for v in res.voters[~lab].ravel())
+    final = np.flatnonzero(~np.isin(np.arange(400), res.voter_rows))
+    for i in final[:20]:
+        assert res.labels[i] in res.labels[res.voters[i]]
+
+
+def test_labels_keep_their_values_and_classes_may_be_sparse():
+    x, labels = _problem(300, 6, 3, 0.1, seed=2)
+    big = np.where(labels >= 0, labels * 1000 + 7, -1)
+    a = label_embeddings(x.numpy(), labels, rounds=2)
+    b = label_embeddings(x.numpy(), big, rounds=2)
+    assert np.array_equal(np.where(a.labels >= 0, a.labels * 1000 + 7, -1), b.labels)
+    huge = np.where(labels == 2, 2**40, labels)  # no (2**40)-sized buffer anywhere
+    c = label_embeddings(x.numpy(), huge, rounds=2)
+    assert set(np.unique(c.labels)) <= {0, 1, 2**40}
+
+
+def test_few_labels_clip_k_and_t():
+    x, _ = _problem(40, 4, 2, 0.0, seed=5)
+    labels = np.full(40, -1)
+    labels[[3, 9]] = [0, 1]
+    res = label_embeddings(x.numpy(), labels, rounds=1, k=10, t=100)
+    want_l, want_c = _paper(x / x.norm(dim=1, keepdim=True), labels, k=2, t=38)
+    assert np.array_equal(res.labels, want_l)
+    all_labeled = label_embeddings(x.numpy(), np.arange(40) % 3)
+    assert np.array_equal(all_labeled.labels, np.arange(40) % 3) and (all_labeled.confidence == 1).all()
+
+
+def test_select_voters_quotas():
+    label = np.array([0, 0, 1, 1, 1, 0, 1, 0, 1, 1])
+    conf = np.array([1, 0.5, 0.9, 0.9, 0.2, 0.7, 0.9, 0.1, 0.3, 0.8], np.float32)
+    lab = np.zeros(10, bool)
+    lab[[0, 2]] = True
+    is_voter = lab.copy()
+    prior = np.array([0.5, 0.5])
+    # round 1 of 2 over 8 unlabeled rows: 2 per class; class 1 ties at 0.9 go to the lower rows
+    new = select_voters(label, conf, is_voter, lab, 1, 2, 8, prior)
+    assert new.tolist() == [1, 3, 5, 6]  # class 0: 5 (0.7), 1 (0.5); class 1: 3 and 6 (0.9, lower rows)
+    is_voter[new] = True
+    # round 2 of 2 would want 4 per class: class 0 has one candidate left (7), class 1 two more (9, 8)
+    new = select_voters(label, conf, is_voter, lab, 2, 2, 8, prior)
+    assert new.tolist() == [7, 8, 9]
+
+
+def test_finishers_are_the_ops_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    labeled, pool = (torch.nn.functional.normalize(torch.randn(n, 24, generator=g), dim=1) for n in (150, 900))
+    vals = llp_fast.topk_scores(labeled, pool, k=13).values
+    assert torch.equal(finish.log_sum_exp(vals), llp_fast.local_density(labeled, pool, t=13))
+    classes = torch.randint(0, 4, (150,), generator=g)
+    rho = llp_fast.local_density(labeled, pool, t=13)
+    top = llp_fast.topk_scores(pool, labeled, k=7, bias=-rho)
+    lab, conf = finish.vote(top.values, classes[top.indices], 4)
+    want_l, want_c = llp_fast.propagate(pool, labeled, classes, rho, k=7, num_classes=4)
+    assert torch.equal(lab, want_l) and torch.equal(conf, want_c)
+
+
+def test_bad_inputs_name_what_is_wrong(tmp_path):
+    x, labels = _problem(50, 4, 2, 0.2, seed=0)
+    with pytest.raises(DataError, match="no labeled row"):
+        label_embeddings(x.numpy(), np.full(50, -1))
+    with pytest.raises(DataError, match="below -1"):
+        label_embeddings(x.numpy(), np.where(labels < 0, -2, labels))
+    with pytest.raises(DataError, match="50 entries"):
+        label_embeddings(x.numpy(), labels[:10])
+    bad = x.numpy().copy()
+    bad[41, 2] = math.nan
+    with pytest.raises(DataError, match="NaN or Inf"):
+        label_embeddings(bad, labels, chunk=16)
+    for field, value in [("k", 0), ("t", -1), ("tau", 0.0), ("rounds", 0), ("chunk", 0), ("density_pool", "some")]:
+        with pytest.raises(ConfigError, match=field):
+            label_embeddings(x.numpy(), labels, **{field: value})
+    with pytest.raises(DataError, match="2-D float"):
+        label_embeddings(np.zeros((5, 2), np.int64), labels[:5])
+    np.save(tmp_path / "ints.npy", np.zeros((5, 2), np.int32))
+    with pytest.raises(DataError, match="2-D float"):
+        label_embeddings(str(tmp_path / "ints.npy"), labels[:5])
+    with pytest.raises(DataError, match="no such file"):
+        label_embeddings(str(tmp_path / "missing.npy"), labels)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="without .npy shards"):
+        label_embeddings(str(tmp_path / "empty"), labels)
+    (tmp_path / "trunc.npy").write_bytes((tmp_path / "ints.npy").read_bytes()[:-8])
+    with pytest.raises(DataError, match="truncated"):
+        label_embeddings(str(tmp_path / "trunc.npy"), labels[:5])

@@ -1,0 +1,260 @@
+"""``llp-fast-propagate``: results equal the ops, one-line errors, every flag checked where it is parsed,
+and nothing half-written after an error or an interrupt."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from rounds_ref import rounds_reference
+
+from llp_fast import local_density, propagate
+from llp_fast.cli.propagate import main as propagate_main
+
+# native code on odd shapes and a signal sent to a child: a crash fails these tests, not the run
+pytestmark = pytest.mark.isolated
+
+torch.set_num_threads(1)
+
+
+def one_error_line(capsys, rc, match, prog="llp-fast-propagate"):
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def flag_error(capsys, argv, flag, match=""):
+    """argparse's usage error for ``flag``: exit 2, the flag named, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        propagate_main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err or flag in err.splitlines()[-1], err
+    assert match in err and "Traceback" not in err, err
+
+
+def leftovers(path):
+    """Files other than the test's inputs: outputs or temporary files."""
+    return sorted(n for n in os.listdir(path) if n not in ("emb.npy", "lab.npy", "short.npy", "none.npy"))
+
+
+def _digits_embeddings(tmp_path):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x - x.mean(0)).astype(np.float32)
+    labels = y.copy()
+    labels[np.random.default_rng(0).random(len(y)) > 0.1] = -1
+    np.save(tmp_path / "emb.npy", x)
+    np.save(tmp_path / "lab.npy", labels)
+    return x, y, labels
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-density-weighting"], ["--density-pool", "all"]])
+def test_propagate_cli_matches_the_ops(tmp_path, capsys, extra):
+    x, y, labels = _digits_embeddings(tmp_path)
+    out = tmp_path / "pseudo.npy"
+    conf_out = tmp_path / "conf.npy"
+    rc = propagate_main(
+        [
+            str(tmp_path / "emb.npy"),
+            str(tmp_path / "lab.npy"),
+            "--out",
+            str(out),
+            "--confidence-out",
+            str(conf_out),
+            "--chunk",
+            "333",
+            "--rounds",
+            "1",
+            *extra,
+        ]
+    )
+    assert rc == 0 and "labelled" in capsys.readouterr()[0]
+    pseudo, conf = np.load(out), np.load(conf_out)
+    emb = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+    lab = torch.from_numpy(labels >= 0)
+    rho = None
+    if "--no-density-weighting" not in extra:
+        mask = None if "all" in extra else ~lab
+        rho = local_density(emb[lab], emb, t=25, pool_mask=mask)
+    want, wconf = propagate(emb[~lab], emb[lab], torch.from_numpy(labels)[lab], rho, k=10, num_classes=10)
+    assert np.array_equal(pseudo[labels >= 0], labels[labels >= 0])
+    agree = (pseudo[labels < 0] == want.numpy()).mean()
+    assert agree > 0.99  # chunked top-T merging may break exact ties differently
+    np.testing.assert_allclose(
+        conf[labels < 0][pseudo[labels < 0] == want.numpy()],
+        wconf.numpy()[pseudo[labels < 0] == want.numpy()],
+        atol=1e-4,
+    )
+    assert (pseudo[labels < 0] == y[labels < 0]).mean() > 0.85
+    # and in fact bit for bit: the streamed density is finished by the op's own log-sum-exp
+    assert np.array_equal(pseudo[labels < 0], want.numpy()) and np.array_equal(conf[labels < 0], wconf.numpy())
+    assert leftovers(tmp_path) == ["conf.npy", "pseudo.npy"]
+
+
+def test_propagate_cli_errors(tmp_path, capsys):
+    _digits_embeddings(tmp_path)
+    rc = propagate_main([str(tmp_path / "missing.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")])
+    one_error_line(capsys, rc, "no such file", "llp-fast-propagate")
+    np.save(tmp_path / "short.npy", np.zeros(5, int))
+    rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "short.npy"), "--out", str(tmp_path / "o.npy")])
+    one_error_line(capsys, rc, "labels must be", "llp-fast-propagate")
+    np.save(tmp_path / "none.npy", np.full(1797, -1))
+    rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "none.npy"), "--out", str(tmp_path / "o.npy")])
+    one_error_line(capsys, rc, "no labeled row", "llp-fast-propagate")
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_default_rounds_and_every_output(tmp_path, capsys):
+    x, y, labels = _digits_embeddings(tmp_path)
+    files = {f: str(tmp_path / f) for f in ("p.npy", "c.npy", "probs.npz", "v.npy")}
+    rc = propagate_main(
+        [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", files["p.npy"], "--chunk", "500"]
+        + ["--confidence-out", files["c.npy"], "--probs-out", files["probs.npz"], "--top", "2"]
+        + ["--voters-out", files["v.npy"], "--quiet"]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 0 and "10 rounds" in out and err == ""
+    emb = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+    want_l, want_c = rounds_reference(emb, labels.copy(), rounds=10)
+    assert np.array_equal(np.load(files["p.npy"]), want_l) and np.array_equal(np.load(files["c.npy"]), want_c)
+    probs = np.load(files["probs.npz"])
+    assert probs["classes"].shape == probs["probs"].shape == (1797, 2)
+    assert np.array_equal(probs["classes"][:, 0], want_l)
+    voters = np.load(files["v.npy"])
+    assert voters.shape == (1797, 10) and (voters[labels >= 0] == -1).all() and (voters[labels < 0] >= 0).all()
+    unl = labels < 0
+    assert (want_l[unl] == y[unl]).mean() > 0.95  # rounds beat the one-shot vote's ~0.93 here
+
+
+def test_shard_directory_equals_the_file(tmp_path, capsys):
+    x, _, labels = _digits_embeddings(tmp_path)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, (a, b) in enumerate([(0, 500), (500, 501), (501, 1797)]):
+        np.save(shards / f"{i:03d}.npy", x[a:b].astype(np.float16))
+    np.save(tmp_path / "half.npy", x.astype(np.float16))
+    outs = []
+    for src in (shards, tmp_path / "half.npy"):
+        o = str(tmp_path / f"out-{len(outs)}.npy")
+        assert propagate_main([str(src), str(tmp_path / "lab.npy"), "--out", o, "--rounds", "2", "--quiet"]) == 0
+        outs.append(np.load(o))
+    assert np.array_equal(outs[0], outs[1])
+    capsys.readouterr()
+
+
+def test_nan_in_a_late_block_leaves_nothing(tmp_path, capsys):
+    x, _, labels = _digits_embeddings(tmp_path)
+    x[1700, 3] = np.nan
+    np.save(tmp_path / "emb.npy", x)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy"), "--chunk", "200"]
+    rc = propagate_main([*argv, "--confidence-out", str(tmp_path / "c.npy"), "--rounds", "1"])
+    one_error_line(capsys, rc, "NaN or Inf")
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupt_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the first output is on disk under its temporary name: both are removed."""
+    _digits_embeddings(tmp_path)
+    from llp_fast.embeddings import outputs
+
+    real_save, calls = np.save, []
+
+    def save_then_interrupt(path, arr, **kw):
+        real_save(path, arr, **kw)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.np, "save", save_then_interrupt)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy"), "--rounds", "1"]
+    rc = propagate_main([*argv, "--confidence-out", str(tmp_path / "c.npy")])
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
+    assert len(calls) == 2 and leftovers(tmp_path) == []
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads a child's CPU time from /proc")
+def test_sigint_and_sigterm_in_a_child_leave_nothing(tmp_path):
+    """A real signal in the middle of a run: exit 130, no temporary or partial file. The signal is sent
+    once the child has spent 3.5 s of CPU (its imports take about 2), well before its ~10 s of work."""
+    import signal
+    import time
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "emb.npy", rng.standard_normal((100_000, 32)).astype(np.float32))
+    np.save(tmp_path / "lab.npy", np.where(rng.random(100_000) < 0.05, rng.integers(0, 10, 100_000), -1))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        cmd = [sys.executable, "-m", "llp_fast.cli.propagate", str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy")]
+        cmd += ["--out", str(tmp_path / "o.npy"), "--confidence-out", str(tmp_path / "c.npy"), "--threads", "1"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and _cpu_seconds(proc.pid) < 3.5 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err
+        assert leftovers(tmp_path) == []
+
+
+def test_an_output_may_not_be_given_twice_or_be_an_input(tmp_path, capsys):
+    _digits_embeddings(tmp_path)
+    base = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy")]
+    same = str(tmp_path / "x.npy")
+    flag_error(capsys, [*base, "--out", same, "--confidence-out", same], "--confidence-out", "own file")
+    flag_error(capsys, [*base, "--out", str(tmp_path / "emb.npy")], "--out", "the input")
+    flag_error(capsys, [*base, "--out", same, "--voters-out", os.path.join(str(tmp_path), ".", "x.npy")], "--voters-out")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--out", "."),
+        ("--out", "/no/such/dir/o.npy"),
+        ("--confidence-out", "/no/such/dir/c.npy"),
+        ("--device", "foo"),
+        ("--device", "cuda"),
+        ("--k", "0"),
+        ("--t", "-1"),
+        ("--tau", "0"),
+        ("--tau", "nan"),
+        ("--rounds", "0"),
+        ("--max-voters", "-1"),
+        ("--labeled-weight", "0"),
+        ("--chunk", "0"),
+        ("--top", "0"),
+        ("--threads", "0"),
+        ("--nproc", "0"),
+        ("--density-pool", "some"),
+    ],
+)
+def test_every_flag_is_checked_where_it_is_parsed(tmp_path, capsys, flag, value):
+    if flag == "--device" and value == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _digits_embeddings(tmp_path)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy")]
+    argv += [] if flag == "--out" else ["--out", str(tmp_path / "o.npy")]
+    flag_error(capsys, [*argv, flag, value], flag)
+    assert leftovers(tmp_path) == []
+
+
+def test_progress_only_on_a_terminal(tmp_path, capsys):
+    """Not a terminal: summary line on stdout, nothing on stderr (no bar redraws in a log)."""
+    _digits_embeddings(tmp_path)
+    rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")])
+    out, err = capsys.readouterr()
+    assert rc == 0 and err == "" and out.count("\n") == 1
