@@ -11,8 +11,7 @@ import torch
 from rounds_ref import rounds_reference
 
 import llp_fast
-from llp_fast.embeddings import Rows, Settings, label_embeddings, select_voters
-from llp_fast.embeddings import finish
+from llp_fast.embeddings import Rows, Settings, finish, label_embeddings, select_voters
 from llp_fast.errors import ConfigError, DataError
 
 

@@ -216,7 +216,9 @@ def test_an_output_may_not_be_given_twice_or_be_an_input(tmp_path, capsys):
     same = str(tmp_path / "x.npy")
     flag_error(capsys, [*base, "--out", same, "--confidence-out", same], "--confidence-out", "own file")
     flag_error(capsys, [*base, "--out", str(tmp_path / "emb.npy")], "--out", "the input")
-    flag_error(capsys, [*base, "--out", same, "--voters-out", os.path.join(str(tmp_path), ".", "x.npy")], "--voters-out")
+    flag_error(
+        capsys, [*base, "--out", same, "--voters-out", os.path.join(str(tmp_path), ".", "x.npy")], "--voters-out"
+    )
     assert leftovers(tmp_path) == []
 
 

@@ -118,8 +118,8 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self._refuse_sparse(X)
         settings = self._settings()
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], y_numeric=False)
-        check_classification_targets(y)
         unlabeled = _unlabeled(y)
+        check_classification_targets(y[~unlabeled] if unlabeled.any() and not unlabeled.all() else y)
         if unlabeled.all():
             raise ValueError("y has no labeled sample: mark unlabeled samples with -1 and give at least one label")
         self.classes_ = np.unique(y[~unlabeled])

@@ -1,0 +1,131 @@
+"""``llp_fast.LocalLabelPropagation``: scikit-learn's estimator checks, the behaviours its label-propagation
+tests check for LabelSpreading, and agreement with the engine and the paper's one-shot vote."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import llp_fast
+from llp_fast import LocalLabelPropagation
+from llp_fast.embeddings import label_embeddings
+from llp_fast.embeddings.estimator import expected_failed_checks
+
+
+@parametrize_with_checks([LocalLabelPropagation()], expected_failed_checks=expected_failed_checks)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_import_llp_fast_does_not_import_sklearn():
+    import subprocess
+    import sys
+
+    code = "import sys, llp_fast; assert 'sklearn' not in sys.modules; llp_fast.LocalLabelPropagation; print('ok')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
+
+
+# -- scikit-learn's semi_supervised/tests/test_label_propagation.py, for this estimator ----------------
+# One round with the paper's pool (the one unlabeled row) is degenerate on these three points: each
+# labeled point's density is its similarity to that row, so the row's scores all tie (class 0 wins).
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("params", [dict(), dict(rounds=1, density_pool="all")])
+def test_fit_transduction_predict_and_distribution(dtype, params):
+    samples = np.asarray([[1.0, 0.0], [0.0, 2.0], [1.0, 3.0]], dtype=dtype)
+    clf = LocalLabelPropagation(**params).fit(samples, [0, 1, -1])
+    assert clf.transduction_[2] == 1
+    np.testing.assert_array_equal(clf.predict([[0.5, 2.5]]), [1])
+    samples = np.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=dtype)
+    clf = LocalLabelPropagation(**params).fit(samples, [0, 1, -1])
+    np.testing.assert_allclose(clf.label_distributions_[2], [0.5, 0.5], atol=1e-2)
+    # a point halfway between two mirror-image halves of the problem (with one more unlabeled point
+    # than scikit-learn's test, which would join the voters on one side only)
+    samples = np.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 0.2], [0.2, 1.0]], dtype=dtype)
+    clf = LocalLabelPropagation(**params).fit(samples, [0, 1, -1, -1])
+    np.testing.assert_allclose(clf.predict_proba([[1.0, 1.0]]), [[0.5, 0.5]], atol=1e-6)
+
+
+def test_sparse_input_is_refused_with_a_clear_error():
+    from scipy import sparse
+
+    X = sparse.csr_matrix(np.eye(4))
+    with pytest.raises(TypeError, match="sparse"):
+        LocalLabelPropagation().fit(X, [0, 1, -1, -1])
+    clf = LocalLabelPropagation().fit(np.eye(4), [0, 1, -1, -1])
+    for method in (clf.predict, clf.predict_proba):
+        with pytest.raises(TypeError, match="dense"):
+            method(sparse.csc_matrix(np.eye(4)))
+
+
+def test_scores_new_points_like_label_spreading():
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import train_test_split
+
+    X, y = make_classification(
+        n_classes=4, n_samples=500, n_features=20, n_informative=20, n_redundant=0, n_repeated=0, random_state=0
+    )
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=10, random_state=0)
+    model = LocalLabelPropagation().fit(X_train - X_train.mean(0), y_train)  # centred: cosine is meaningful
+    assert model.score(X_test - X_train.mean(0), y_test) >= 0.9
+
+
+# -- what the estimator adds ---------------------------------------------------------------------------
+def _digits(frac=0.1, seed=0):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = x - x.mean(0)
+    rng = np.random.default_rng(seed)
+    return x, y, np.where(rng.random(len(y)) < frac, y, -1)
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_transduction_is_the_engine_and_distributions_sum_to_one(rounds):
+    x, y, partial = _digits()
+    clf = LocalLabelPropagation(rounds=rounds).fit(x.astype(np.float32), partial)
+    res = label_embeddings(x.astype(np.float32), partial, rounds=rounds)
+    assert np.array_equal(clf.transduction_, res.labels)
+    np.testing.assert_allclose(clf.label_distributions_.sum(axis=1), 1.0)
+    assert np.array_equal(clf.classes_[clf.label_distributions_.argmax(axis=1)], clf.transduction_)
+    lab = partial >= 0
+    assert (clf.label_distributions_[lab].max(axis=1) == 1).all()
+    assert clf.score(x[~lab], y[~lab]) > 0.9
+    # rows still voted on in the last round: predict gives their transduced label
+    last = np.setdiff1d(np.arange(len(y)), res.voter_rows)
+    assert np.array_equal(clf.predict(x[last]), clf.transduction_[last])
+    np.testing.assert_allclose(clf.predict_proba(x[last]), clf.label_distributions_[last], atol=1e-6)
+
+
+def test_one_round_is_the_paper_vote():
+    x, _, partial = _digits(0.05, seed=3)
+    xt = torch.nn.functional.normalize(torch.from_numpy(x.astype(np.float32)), dim=1)
+    lab = torch.from_numpy(partial >= 0)
+    rho = llp_fast.local_density(xt[lab], xt, pool_mask=~lab)
+    want, _ = llp_fast.propagate(xt[~lab], xt[lab], torch.from_numpy(partial[partial >= 0]), rho, num_classes=10)
+    clf = LocalLabelPropagation(rounds=1).fit(x.astype(np.float32), partial)
+    assert np.array_equal(clf.transduction_[~lab.numpy()], want.numpy())
+    new, _ = llp_fast.propagate(xt[:50], xt[lab], torch.from_numpy(partial[partial >= 0]), rho, num_classes=10)
+    assert np.array_equal(clf.predict(x[:50].astype(np.float32)), new.numpy())
+
+
+def test_string_classes_and_float64():
+    x, y, partial = _digits()
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"], dtype=object)
+    y_str = np.where(partial >= 0, names[np.maximum(partial, 0)], -1).astype(object)
+    clf = LocalLabelPropagation(rounds=2).fit(x, y_str)
+    assert sorted(clf.classes_) == sorted(names)
+    num = LocalLabelPropagation(rounds=2).fit(x, partial)
+    assert np.array_equal(clf.transduction_, names[num.transduction_])
+    assert clf.predict(x[:3]).dtype == object and clf.predict_proba(x[:3]).dtype == np.float64
+
+
+def test_bad_parameters_and_no_labels():
+    x, _, partial = _digits()
+    for params in (dict(n_neighbors=0), dict(tau=-1.0), dict(rounds=0), dict(density_pool="x"), dict(device="tpu")):
+        with pytest.raises(ValueError):
+            LocalLabelPropagation(**params).fit(x, partial)
+    with pytest.raises(ValueError, match="no labeled"):
+        LocalLabelPropagation().fit(x, np.full(len(x), -1))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            LocalLabelPropagation(device="cuda").fit(x, partial)
