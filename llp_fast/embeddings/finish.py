@@ -26,14 +26,20 @@ _BLOCK = 64
 _FAR = -1e30
 
 
-def _keys(values: torch.Tensor) -> torch.Tensor:
-    """(B*k, B) keys whose scores against the identity queries are ``values`` (B, k) row by row."""
-    b, k = values.shape
-    keys = torch.full((b * k, b), _FAR, dtype=values.dtype, device=values.device)
-    keys[torch.arange(b * k, device=values.device), torch.arange(b, device=values.device).repeat_interleave(k)] = (
-        values.reshape(-1)
-    )
-    return keys
+class _Keys:
+    """Builds the (B*k, B) keys whose scores against the identity queries are a block of values
+    (B, k), row by row, in one buffer reused from block to block."""
+
+    def __init__(self, k: int, dtype: torch.dtype):
+        self.buf = torch.empty(_BLOCK * k, _BLOCK, dtype=dtype)
+        self.k = k
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        b, k = values.shape
+        keys = self.buf[: b * k, :b]
+        keys.fill_(_FAR)
+        keys[torch.arange(b * k), torch.arange(b).repeat_interleave(k)] = values.reshape(-1)
+        return keys
 
 
 def _exact(values: torch.Tensor) -> bool:
@@ -46,10 +52,11 @@ def log_sum_exp(values: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(values, dim=1)
     out = torch.empty(values.shape[0], dtype=values.dtype)
     t = values.shape[1]
+    keys, eye = _Keys(t, values.dtype), torch.eye(_BLOCK, dtype=values.dtype)
     for r0 in range(0, values.shape[0], _BLOCK):
         v = values[r0 : r0 + _BLOCK]
-        eye = torch.eye(v.shape[0], dtype=values.dtype)
-        out[r0 : r0 + v.shape[0]] = local_density(eye, _keys(v), t=t, tau=1.0, check_finite=False)
+        b = v.shape[0]
+        out[r0 : r0 + b] = local_density(eye[:b, :b], keys(v), t=t, tau=1.0, check_finite=False)
     return out
 
 
@@ -62,12 +69,13 @@ def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int):
     n, k = values.shape
     label = torch.empty(n, dtype=torch.int64)
     conf = torch.empty(n, dtype=values.dtype)
+    keys, eye = _Keys(k, values.dtype), torch.eye(_BLOCK, dtype=values.dtype)
     for r0 in range(0, n, _BLOCK):
         v = values[r0 : r0 + _BLOCK]
-        eye = torch.eye(v.shape[0], dtype=values.dtype)
+        b = v.shape[0]
         lab, c = propagate(
-            eye,
-            _keys(v),
+            eye[:b, :b],
+            keys(v),
             classes[r0 : r0 + _BLOCK].reshape(-1),
             None,
             k=k,
@@ -75,7 +83,7 @@ def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int):
             num_classes=num_classes,
             check_finite=False,
         )
-        label[r0 : r0 + v.shape[0]], conf[r0 : r0 + v.shape[0]] = lab, c
+        label[r0 : r0 + b], conf[r0 : r0 + b] = lab, c
     return label, conf
 
 

@@ -130,11 +130,19 @@ class Rows:
     def _tensor(self, x: np.ndarray, where: str) -> torch.Tensor:
         x = np.ascontiguousarray(x, dtype=np.float64 if self.dtype == torch.float64 else np.float32)
         t = torch.from_numpy(x if x.flags.writeable else x.copy())
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            bad = int(torch.nonzero(~torch.isfinite(t).all(dim=1))[0, 0])
-            raise DataError(f"{self.what} {where}: row {bad} of the block contains NaN or Inf")
+        if t.numel() == 0:
+            return t
+        # One reduction serves the NaN/Inf check and the normalisation (F.normalize's arithmetic): a
+        # row with NaN or Inf has a non-finite norm (and sum); only then is the block checked entry by
+        # entry, so that a huge but finite row is not mistaken for a bad one.
+        norm = t.norm(2, dim=1, keepdim=True) if self.normalize else t.sum(dim=1, keepdim=True)
+        if not bool(torch.isfinite(norm).all()):
+            bad = ~torch.isfinite(t).all(dim=1)
+            if bool(bad.any()):
+                row = int(torch.nonzero(bad)[0, 0])
+                raise DataError(f"{self.what} {where}: row {row} of the block contains NaN or Inf")
         if self.normalize:
-            t = torch.nn.functional.normalize(t, dim=1)
+            t = t / norm.clamp_min(1e-12).expand_as(t)
         return t
 
     def read(self, a: int, b: int) -> torch.Tensor:

