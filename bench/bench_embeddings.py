@@ -226,8 +226,20 @@ def run_method(method: str, data: str, out: str, threads: int) -> None:
 def command(method: str, data: str, out: str, threads: int) -> list[str]:
     if method.startswith("cli"):
         rounds = method.removeprefix("cli") or "10"
-        return [sys.executable, "-m", "llp_fast.cli.propagate", os.path.join(data, "emb.npy"),
-                os.path.join(data, "lab.npy"), "--out", out, "--rounds", rounds, "--threads", str(threads), "--quiet"]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "llp_fast.cli.propagate",
+            os.path.join(data, "emb.npy"),
+            os.path.join(data, "lab.npy"),
+            "--out",
+            out,
+            "--rounds",
+            rounds,
+            "--threads",
+            str(threads),
+            "--quiet",
+        ]
     return [sys.executable, os.path.abspath(__file__), "_run", method, data, out, "--threads", str(threads)]
 
 
@@ -240,8 +252,12 @@ def scale(args) -> dict:
         unl = labels < 0
         for method in args.methods.split(","):
             out = os.path.join(data, f"pred-{method}.npy")
-            r = {"n": n, "labeled": args.labeled, "method": method, **child(command(method, data, out, args.threads),
-                                                                             args.limit)}  # fmt: skip
+            r = {
+                "n": n,
+                "labeled": args.labeled,
+                "method": method,
+                **child(command(method, data, out, args.threads), args.limit),
+            }
             if r["status"] == "ok":
                 r["acc"] = float((np.load(out)[unl] == truth[unl]).mean() * 100)
             rows.append(r)
@@ -264,9 +280,17 @@ def bar(args) -> dict:
     med = {m: float(np.median([r["seconds"] for r in v])) for m, v in runs.items()}
     wall = {m: float(np.median([r["wall"] for r in v])) for m, v in runs.items()}
     rss = {m: max(r["peak_rss_mb"] for r in v) for m, v in runs.items()}
-    summary = {"n": args.n, "labeled": args.labeled, "median_s": med, "ratio": med["cli1"] / med["ops"],
-               "median_wall_s": wall, "wall_ratio": wall["cli1"] / wall["ops"],
-               "peak_rss_mb": rss, "labels_identical": same, "runs": runs}  # fmt: skip
+    summary = {
+        "n": args.n,
+        "labeled": args.labeled,
+        "median_s": med,
+        "ratio": med["cli1"] / med["ops"],
+        "median_wall_s": wall,
+        "wall_ratio": wall["cli1"] / wall["ops"],
+        "peak_rss_mb": rss,
+        "labels_identical": same,
+        "runs": runs,
+    }
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
     return summary
 
