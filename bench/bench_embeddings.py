@@ -2,6 +2,7 @@
 kNN vote, for accuracy (the issue's table) and for time and peak memory as N grows.
 
     python bench/bench_embeddings.py table [--seeds 0-4]          # accuracy, digits and MNIST-5k
+    python bench/bench_embeddings.py ablation [--seeds 0-4]       # rounds, weight, NoDW, voter caps
     python bench/bench_embeddings.py scale [--n 5000,50000,200000,1000000] [--labeled 0.01]
     python bench/bench_embeddings.py bar [--n 1000000] [--labeled 0.01]   # the CLI's 1M bars
 
@@ -146,10 +147,29 @@ TABLE_METHODS = {
     "LabelPropagation": lambda x, lab: sklearn_method(x, lab, "LabelPropagation"),
     "FAISS flat + vote": faiss_vote,
 }
+
+
+def _cap(share):
+    return lambda x, lab: llp(x, lab, max_voters=int(share * (lab < 0).sum()))
+
+
+def _rounds(r):
+    return lambda x, lab: llp(x, lab, rounds=r, density_pool="all", labeled_weight=3.0)
+
+
+ABLATION_METHODS = {
+    **{f"R={r}": _rounds(r) for r in (1, 2, 3, 5)},
+    "R=10": lambda x, lab: llp(x, lab),
+    "R=10 weight 1": lambda x, lab: llp(x, lab, labeled_weight=1.0),
+    "R=10 NoDW": lambda x, lab: llp(x, lab, density=False),
+    "R=10 cap 1/2": _cap(0.5),
+    "R=10 cap 1/4": _cap(0.25),
+    "R=10 cap 1/10": _cap(0.1),
+}
 ROWS = [("digits", 0.05), ("digits", 0.10), ("mnist5k", 0.01), ("mnist5k", 0.05), ("mnist5k", 0.10)]
 
 
-def table(args) -> dict:
+def table(args, methods=TABLE_METHODS) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -161,14 +181,14 @@ def table(args) -> dict:
         for seed in range(a, b + 1):
             lab = split(y, frac, seed)
             labels = np.where(lab, y, -1)
-            for method, fn in TABLE_METHODS.items():
+            for method, fn in methods.items():
                 t0 = time.perf_counter()
                 pred = fn(x, labels)
                 row.setdefault(method, []).append(
                     {"acc": float((pred[~lab] == y[~lab]).mean() * 100), "s": time.perf_counter() - t0}
                 )
         print(f"{name} {int(frac * 100)}%: " + ", ".join(f"{m} {_mean(v):.1f}" for m, v in row.items()), flush=True)
-    methods = list(TABLE_METHODS)
+    methods = list(methods)
     print("\n| features, labels | " + " | ".join(methods) + " |\n|---" * 1 + "|---" * len(methods) + "|")
     for row, d in out.items():
         print(f"| {row} | " + " | ".join(f"{_mean(d[m]):.1f}" for m in methods) + " |")
@@ -297,7 +317,7 @@ def bar(args) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("table", "scale", "bar", "_run"))
+    ap.add_argument("mode", choices=("table", "ablation", "scale", "bar", "_run"))
     ap.add_argument("rest", nargs="*")
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--n", default="5000,50000,200000,1000000")
@@ -312,7 +332,8 @@ def main(argv=None) -> None:
     if args.mode == "_run":
         run_method(*args.rest, threads=args.threads)
         return
-    result = {"table": table, "scale": scale, "bar": bar}[args.mode](args)
+    ablation = lambda a: table(a, ABLATION_METHODS)  # noqa: E731
+    result = {"table": table, "ablation": ablation, "scale": scale, "bar": bar}[args.mode](args)
     result["uptime"] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"embeddings_{args.mode}-{args.tag}.json")
