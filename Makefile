@@ -55,6 +55,7 @@ compile-cuda: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check llp_fast kernels tests bench
 	$(VENV)/bin/ruff format --check llp_fast kernels tests bench
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf build *.egg-info $(VENV) llp_fast/_C*.so

@@ -51,7 +51,8 @@ import common  # noqa: E402
 
 from llp_fast import MemoryBank  # noqa: E402
 from llp_fast.reference import propagate_ref  # noqa: E402
-from llp_fast.train import TrainConfig, Trainer  # noqa: E402
+from llp_fast.train.config import TrainConfig  # noqa: E402
+from llp_fast.train.loop import Trainer  # noqa: E402
 
 IMAGENET_ROWS = 1_281_167
 
