@@ -1,4 +1,4 @@
-"""Fused bank softmax loss (docs/method.md §1.3, the ``aggregation_loss`` op), forward and backward.
+"""Fused bank softmax loss (docs/method.md §1.3, the ``aggregation_loss`` ops), forward and backward.
 
 ``aggregation_loss_triton`` computes, without the (B, N) logits,
 
@@ -14,7 +14,10 @@ and ``aggregation_loss_backward_triton`` the gradient of
     grad_v = (coef_all[:, None] * p + coef_pos[:, None] * q) @ bank.float() / tau
 
 Both stream the bank once per block of batch rows with ``tl.dot`` (the forward keeps two
-online log-sum-exps, the backward recomputes the scores). For the per-step batch (B = 256
+online log-sum-exps, the backward recomputes the scores). ``aggregation_loss_fused_triton``
+(``llp_fast::aggregation_loss_fused``, what the public function runs on CUDA when ``v`` needs a
+gradient) streams it once for both: the forward also accumulates the softmax-weighted bank
+means, flash-attention style, and the backward is elementwise. For the per-step batch (B = 256
 against N up to 1.3M) the bank is split across programs: the forward writes a partial
 log-sum-exp per split (merged with logsumexp), the backward a partial fp32 gradient per
 split (summed); the split count is capped so these buffers stay a few MB.
@@ -45,7 +48,7 @@ __all__ = [
     "aggregation_loss_backward_triton",
     "aggregation_loss_backward_triton_declines",
     "aggregation_loss_fused_triton",
-    "aggregation_loss_grad_from_means",
+    "aggregation_loss_fused_triton_declines",
 ]
 
 # Cap on the per-split partial gradients of the backward (docs/method.md §4: extra memory < 16 MB).
@@ -280,6 +283,11 @@ def aggregation_loss_triton_declines(v, bank, bank_labels, targets, tau):
     return decline_reason(v, bank)
 
 
+def aggregation_loss_fused_triton_declines(v, bank, bank_labels, targets, tau):
+    """Why :func:`aggregation_loss_fused_triton` would hand this call to the reference, or None."""
+    return decline_reason(v, bank)
+
+
 def aggregation_loss_backward_triton_declines(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos, tau):
     """Why :func:`aggregation_loss_backward_triton` would hand this call to the reference, or None."""
     return decline_reason(v, bank)
@@ -384,7 +392,8 @@ def aggregation_loss_fused_triton(
     block_m: int | None = None,
     block_n: int | None = None,
 ):
-    """Forward with the backward's bank pass folded in (flash-attention style).
+    """Launcher for ``llp_fast::aggregation_loss_fused``: the forward with the backward's bank
+    pass folded in (flash-attention style).
 
     Computes, without the (B, N) logits, the forward's ``(loss, lse_all, lse_pos)`` and
 
@@ -392,10 +401,9 @@ def aggregation_loss_fused_triton(
         mean_pos = softmax(s.masked_fill(~same, -inf), dim=1) @ bank.float()   (0 if no positive)
 
     so that the gradient of ``sum_b coef_all_b lse_all_b + coef_pos_b lse_pos_b`` is the
-    elementwise :func:`aggregation_loss_grad_from_means`, with no second pass over the bank:
-    one bank read and three products per tile (the third only on tiles with a positive)
-    instead of two reads and four. Not behind an op yet: ``llp_fast::aggregation_loss``
-    would return the two means (B x D each, saved for backward) to use it.
+    elementwise ``reference.aggregation_loss_grad_from_means``, with no second pass over the
+    bank: one bank read and three products per tile (the third only on tiles with a positive)
+    instead of two reads and four.
 
     Returns:
         (loss, lse_all, lse_pos, mean_all, mean_pos) float32, or NotImplemented as
@@ -421,10 +429,3 @@ def aggregation_loss_fused_triton(
     lse_all, mean_all = _merge_moments(m[0], sums[0], o[0])
     lse_pos, mean_pos = _merge_moments(m[1], sums[1], o[1])
     return lse_all - lse_pos, lse_all, lse_pos, mean_all, mean_pos
-
-
-def aggregation_loss_grad_from_means(mean_all, mean_pos, coef_all, coef_pos, tau, dtype=None):
-    """``(coef_all * mean_all + coef_pos * mean_pos) / tau``: the backward of
-    ``aggregation_loss_backward_triton`` given the means of the fused forward (B, D)."""
-    grad = (coef_all.to(torch.float32)[:, None] * mean_all).add_(coef_pos.to(torch.float32)[:, None] * mean_pos)
-    return grad.div_(tau).to(dtype or mean_all.dtype)

@@ -13,13 +13,22 @@ from .. import _ext, _optional
 from . import _common
 
 # Every op, and the Triton launcher of those that have one (on CUDA).
-OPS = ("propagate", "local_density", "topk_scores", "aggregation_loss", "aggregation_loss_backward", "bank_update_")
+OPS = (
+    "propagate",
+    "local_density",
+    "topk_scores",
+    "aggregation_loss",
+    "aggregation_loss_backward",
+    "aggregation_loss_fused",
+    "bank_update_",
+)
 TRITON_LAUNCHERS = {
     "propagate": "propagate_triton",
     "local_density": "local_density_triton",
     "topk_scores": "topk_scores_triton",
     "aggregation_loss": "aggregation_loss_triton",
     "aggregation_loss_backward": "aggregation_loss_backward_triton",
+    "aggregation_loss_fused": "aggregation_loss_fused_triton",
 }
 DEVICES = ("cpu", "cuda")
 
@@ -41,8 +50,8 @@ def backends(*, last: bool = False) -> dict[str, dict[str, tuple[str, str]]]:
     """Which implementation serves each op on each device, and why.
 
     Returns ``{op: {device: (implementation, why)}}`` for the ops ``propagate``,
-    ``local_density``, ``topk_scores``, ``aggregation_loss``, ``aggregation_loss_backward``
-    and ``bank_update_`` on ``"cpu"`` and ``"cuda"``; the implementation is ``"extension"``,
+    ``local_density``, ``topk_scores``, ``aggregation_loss``, ``aggregation_loss_backward``,
+    ``aggregation_loss_fused`` (CUDA, ``v`` needing a gradient) and ``bank_update_`` on ``"cpu"`` and ``"cuda"``; the implementation is ``"extension"``,
     ``"triton"``, ``"reference"`` or ``"none"`` (no CUDA GPU). For example
     ``{"propagate": {"cpu": ("extension", "llp_fast._C loaded"), "cuda": ("triton", ...)}}``,
     or ``("reference", "LLP_FAST_DISABLE_EXT=1")``, ``("reference", "extension not built:
