@@ -51,8 +51,10 @@ def backends(*, last: bool = False) -> dict[str, dict[str, tuple[str, str]]]:
 
     Returns ``{op: {device: (implementation, why)}}`` for the ops ``propagate``,
     ``local_density``, ``topk_scores``, ``aggregation_loss``, ``aggregation_loss_backward``,
-    ``aggregation_loss_fused`` (CUDA, ``v`` needing a gradient) and ``bank_update_`` on ``"cpu"`` and ``"cuda"``; the implementation is ``"extension"``,
-    ``"triton"``, ``"reference"`` or ``"none"`` (no CUDA GPU). For example
+    ``aggregation_loss_fused`` (what ``aggregation_loss`` runs on CUDA in bf16/fp16 when
+    ``v`` needs a gradient) and ``bank_update_`` on ``"cpu"`` and ``"cuda"``; the
+    implementation is ``"extension"``, ``"triton"``, ``"reference"`` or ``"none"`` (no CUDA
+    GPU). For example
     ``{"propagate": {"cpu": ("extension", "llp_fast._C loaded"), "cuda": ("triton", ...)}}``,
     or ``("reference", "LLP_FAST_DISABLE_EXT=1")``, ``("reference", "extension not built:
     <compiler error>")``, ``("reference", "triton not installed")``, ``("reference",

@@ -10,8 +10,8 @@ that backward recomputes the scores tile by tile, ``dv = (sum_j (p_j - q_j) m_j)
 ``llp_fast::aggregation_loss_fused``: the forward also accumulates the softmax-weighted bank
 means ``sum_j p_j m_j`` and ``sum_j q_j m_j`` (B x D each, kept for the backward), so the
 backward is elementwise and the bank is read once per step instead of twice. The public
-function takes it where it pays: on CUDA, when ``v`` needs a gradient (its Triton kernel
-serves it; its reference body takes two passes).
+function takes it where it pays: on CUDA, in bf16/fp16, when ``v`` needs a gradient (its
+Triton kernel serves it; its reference body takes two passes).
 """
 
 from __future__ import annotations
@@ -142,6 +142,10 @@ def _fused_backward(ctx, g_loss, g_all, g_pos, _g_mean_all, _g_mean_pos):
 
 aggregation_loss_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
+# Where the public function takes the fused op on CUDA: bf16/fp16, whose fused kernel fits the
+# registers (sm_90, tests/_compile_kernels.py); the fp32 one spills, so fp32 takes the two passes.
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)
+
 
 @accepts_arrays("v", "bank", "bank_labels", "targets")
 def aggregation_loss(v, bank, bank_labels, targets, *, tau: float = 0.07, check_finite: bool = True):
@@ -160,7 +164,7 @@ def aggregation_loss(v, bank, bank_labels, targets, *, tau: float = 0.07, check_
 
     Returns:
         (B,) float32 loss (float64 for float64 inputs). Extra memory is O(B), never O(B*N);
-        on CUDA, when ``v`` needs a gradient, O(B*D) more: the forward keeps the bank means
+        on CUDA in bf16/fp16, when ``v`` needs a gradient, O(B*D) more: the forward keeps the bank means
         its backward is made of (``llp_fast::aggregation_loss_fused``), so the backward does
         not read the bank again.
     """
@@ -173,6 +177,6 @@ def aggregation_loss(v, bank, bank_labels, targets, *, tau: float = 0.07, check_
     if check_finite:
         check.finite(v, "v")
         check.finite(bank, "bank")
-    if v.is_cuda and v.requires_grad and torch.is_grad_enabled():
+    if v.is_cuda and v.dtype in _FUSED_DTYPES and v.requires_grad and torch.is_grad_enabled():
         return aggregation_loss_fused_op(v, bank.detach(), bank_labels, targets, tau)[0]
     return aggregation_loss_op(v, bank.detach(), bank_labels, targets, tau)[0]
