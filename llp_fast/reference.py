@@ -54,6 +54,19 @@ def tile_shape(n_rows: int, n_cols: int, *, row_width: int = 0) -> tuple[int, in
     return row, col
 
 
+def _key_scores(q, keys, c0: int, c1: int, inv_tau: float, bias, key_mask, *, sign: float):
+    """One score tile: ``q @ keys[c0:c1].T * inv_tau + sign * bias[c0:c1]`` (``q`` already in
+    the compute dtype), -inf where ``key_mask`` is False. ``sign`` -1 subtracts the bias, as
+    propagate's ``log_rho``; +1 adds it, as topk_scores' ``bias``."""
+    s = q @ keys[c0:c1].to(q.dtype).T
+    s.mul_(inv_tau)
+    if bias is not None:
+        s.add_(bias[c0:c1].to(q.dtype), alpha=sign)
+    if key_mask is not None:
+        s.masked_fill_(~key_mask[c0:c1], -math.inf)
+    return s
+
+
 def streaming_topk(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -79,12 +92,7 @@ def streaming_topk(
         q = queries[r0 : r0 + rc].to(cdt)
         best_v = best_i = None
         for c0 in range(0, n_k, cc):
-            s = q @ keys[c0 : c0 + cc].to(cdt).T
-            s.mul_(inv_tau)
-            if bias is not None:
-                s.sub_(bias[c0 : c0 + cc].to(cdt))
-            if key_mask is not None:
-                s.masked_fill_(~key_mask[c0 : c0 + cc], -math.inf)
+            s = _key_scores(q, keys, c0, c0 + cc, inv_tau, bias, key_mask, sign=-1.0)
             v, i = s.topk(min(k, s.shape[1]), dim=1)
             i += c0
             if best_v is not None:
@@ -159,12 +167,7 @@ def topk_scores_ref(
             best_v = torch.full((r1 - r0, k), -math.inf, dtype=cdt, device=queries.device)
             best_i = torch.full((r1 - r0, k), -1, dtype=torch.int64, device=queries.device)
         for c0 in range(0, n_k, cc):
-            s = q @ keys[c0 : c0 + cc].to(cdt).T
-            s.mul_(inv_tau)
-            if bias is not None:
-                s.add_(bias[c0 : c0 + cc].to(cdt))
-            if key_mask is not None:
-                s.masked_fill_(~key_mask[c0 : c0 + cc], -math.inf)
+            s = _key_scores(q, keys, c0, c0 + cc, inv_tau, bias, key_mask, sign=1.0)
             v, i = _tile_topk(s, k, c0 + index_offset)
             best_v, best_i = merge_topk(torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1), k)
         out_v[r0:r1], out_i[r0:r1] = best_v, best_i
