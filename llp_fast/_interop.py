@@ -1,4 +1,4 @@
-"""NumPy and CuPy in, the same kind out (SPEC §2).
+"""NumPy and CuPy in, the same kind out (docs/method.md §2).
 
 NumPy arrays enter through ``torch.from_numpy`` and CuPy arrays through DLPack, both
 zero-copy, so an in-place op on a NumPy or CuPy bank writes the caller's memory. CuPy is
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import numpy as np
 import torch
@@ -24,11 +25,28 @@ def array_kind(x) -> str | None:
     return None
 
 
-def to_torch(x, name: str):
+def to_torch(x, name: str, *, writable: bool = False):
+    """``x`` as a torch tensor sharing its memory. ``writable``: ``x`` is the target of an
+    in-place op, so a read-only NumPy array (``flags.writeable`` False: ``np.load(...,
+    mmap_mode="r")``, ``np.broadcast_to``, ``np.frombuffer(bytes)``) is refused. Writing
+    one through torch would write what NumPy promised not to, or fault on read-only pages."""
     kind = array_kind(x)
     if kind == "numpy":
         if x.dtype.kind not in "fiub":
             raise TypeError(f"{name} has NumPy dtype {x.dtype}; expected a float, integer or bool array")
+        if not x.flags.writeable:
+            if writable:
+                # TypeError: read-only is what kind of object this is, not a bad value; Python
+                # says the same for other read-only buffers (memoryview, bytes).
+                raise TypeError(
+                    f"{name} is a read-only NumPy array (flags.writeable is False, e.g. np.load(..., "
+                    f'mmap_mode="r")) and is written in place: pass a writable array '
+                    f'(mmap_mode="r+", or a copy)'
+                )
+            # Only read: torch's warning that writing it would be undefined does not apply.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                return torch.from_numpy(x)
         return torch.from_numpy(x)
     if kind == "cupy":
         return torch.from_dlpack(x)

@@ -1,4 +1,4 @@
-"""Argument checks shared by the public functions (SPEC §6).
+"""Argument checks shared by the public functions (docs/method.md §6).
 
 Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
 shape, range or value) with a message that names the argument. Checks that read tensor
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -39,6 +40,86 @@ def embeddings(x, name: str, *, allow_empty: bool = True) -> torch.Tensor:
     if not allow_empty and x.shape[0] == 0:
         raise ValueError(f"{name} is empty: at least one row is needed")
     return x
+
+
+def writable(x: torch.Tensor, name: str, *, memory: bool = True) -> None:
+    """``x`` can be written in place by an op, on every backend, without faulting.
+
+    Refuses (``TypeError``: the kind of tensor, not its values, is wrong):
+    - an inference tensor outside ``torch.inference_mode``: torch forbids in-place updates to
+      it there, so the reference body raised while the C++ kernel wrote;
+    - with ``memory``, a CPU tensor over memory the process may not write (``torch.from_numpy``
+      of a read-only memory map): a write is a segmentation fault. Only storages torch did not
+      allocate (not resizable: from NumPy, DLPack or a file) are looked up, in
+      ``/proc/self/maps`` (about 1 ms), and a tensor found writable is remembered while it lives,
+      so a training loop pays once. (A NumPy array's own ``flags.writeable`` already says this:
+      the NumPy path passes ``memory=False``.)
+    A non-contiguous or expanded (stride 0) tensor is refused by the caller's contiguity check.
+    Not seen: ``torch.from_numpy`` of an array made read-only by its flag alone over writable
+    memory (torch warned when it made that tensor; nothing faults).
+    """
+    if tracing():
+        return  # neither question can be asked of a traced tensor
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise TypeError(
+            f"{name} is an inference tensor (created under torch.inference_mode()) and cannot be "
+            "updated in place outside it: clone it outside inference mode, or call inside it"
+        )
+    if not memory or x.device.type != "cpu" or not x.numel() or x.untyped_storage().resizable():
+        return
+    start, end = x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()
+    seen = _writable_seen.get(id(x))
+    if seen is not None and seen[0]() is x and seen[1:] == (start, end):
+        return
+    if _read_only_memory(start, end):
+        raise TypeError(
+            f"{name} lies in read-only memory (e.g. torch.from_numpy of np.load(..., "
+            'mmap_mode="r")) and is written in place: pass a writable tensor (a copy)'
+        )
+    if len(_writable_seen) >= 64:
+        for key in [k for k, v in _writable_seen.items() if v[0]() is None]:
+            _writable_seen.pop(key, None)
+    _writable_seen[id(x)] = (weakref.ref(x), start, end)
+
+
+# id(tensor) -> (weakref, start, end) of tensors over external memory found writable: while the
+# tensor lives, its storage (kept alive by it) stays mapped as it was.
+_writable_seen: dict[int, tuple] = {}
+
+
+def _read_only_memory(start: int, end: int) -> bool:
+    """Whether a mapping without write permission overlaps [start, end) (Linux; False
+    where ``/proc/self/maps`` cannot be read)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            maps = f.read()
+    except OSError:
+        return False
+    for line in maps.splitlines():
+        span, perms = line.split(None, 2)[:2]
+        lo, hi = (int(a, 16) for a in span.split(b"-"))
+        if lo >= end:
+            break  # the lines are sorted by address
+        if start < hi and b"w" not in perms:
+            return True
+    return False
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of ``a`` and ``b`` overlap (same device; a conservative test on
+    the address ranges, strides included)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        lo = hi = t.data_ptr()
+        for size, stride in zip(t.shape, t.stride()):
+            step = (size - 1) * stride * t.element_size()
+            lo, hi = (lo + step, hi) if step < 0 else (lo, hi + step)
+        return lo, hi + t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def finite(x: torch.Tensor, name: str) -> None:

@@ -1,5 +1,10 @@
-"""SPEC §6: bad input raises ValueError/TypeError naming the argument; nothing is written."""
+"""docs/method.md §6: bad input raises ValueError/TypeError naming the argument; nothing is written."""
 
+import subprocess
+import sys
+import warnings
+
+import brute
 import numpy as np
 import pytest
 import torch
@@ -117,3 +122,110 @@ def test_numpy_arguments_are_validated_too():
         llp_fast.propagate(Q.numpy(), L.numpy(), CLS.numpy(), k=9, num_classes=3)
     with pytest.raises(TypeError, match="bank has NumPy dtype <U1"):
         llp_fast.local_density(Q.numpy(), np.array([["a"]]), t=1)
+
+
+# -- bank_update_ on a bank that cannot be written (issue 14) ---------------------------------
+
+_MEMMAP_SCRIPT = """
+import sys, numpy as np, torch, llp_fast
+path, wrap = sys.argv[1], sys.argv[2]
+bank = np.load(path, mmap_mode="r")
+if wrap == "torch":
+    bank = torch.from_numpy(bank)
+try:
+    llp_fast.bank_update_(bank, np.array([0, 2]), np.ones((2, 6), np.float32))
+except TypeError as e:
+    print("TypeError:", e)
+"""
+
+
+@pytest.mark.parametrize("wrap", ["numpy", "torch"])
+def test_bank_update_refuses_a_read_only_memmap(tmp_path, wrap):
+    # In a child process: before the fix the kernel wrote to read-only pages (SIGSEGV).
+    path = tmp_path / "bank.npy"
+    before = L.numpy().copy()
+    np.save(path, before)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMMAP_SCRIPT, str(path), wrap], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("TypeError: bank ") and "read-only" in proc.stdout
+    np.testing.assert_array_equal(np.load(path), before)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda a: (a.setflags(write=False), a)[1], id="writeable-false"),
+        pytest.param(lambda a: np.broadcast_to(a[:1], a.shape), id="broadcast_to"),
+        pytest.param(lambda a: np.frombuffer(a.tobytes(), np.float32).reshape(a.shape), id="frombuffer-bytes"),
+    ],
+)
+def test_bank_update_refuses_a_read_only_array(make):
+    bank = make(L.numpy().copy())
+    before = bank.copy()
+    with pytest.raises(TypeError, match="bank is a read-only NumPy array"):
+        llp_fast.bank_update_(bank, np.array([0, 2]), np.ones((2, 6), np.float32))
+    np.testing.assert_array_equal(bank, before)
+
+
+def test_bank_update_refuses_an_inference_tensor_outside_inference_mode():
+    # Before: the C++ kernel wrote it, the reference body raised torch's RuntimeError.
+    with torch.inference_mode():
+        bank = L.clone()
+    before = bank.clone()
+    with pytest.raises(TypeError, match="bank is an inference tensor"):
+        llp_fast.bank_update_(bank, torch.tensor([0, 2]), unit(2, 6))
+    assert torch.equal(bank, before)
+    with torch.inference_mode():
+        llp_fast.bank_update_(bank, torch.tensor([0, 2]), unit(2, 6))
+    assert not torch.equal(bank, before)
+
+
+@pytest.mark.parametrize(
+    "bank",
+    [
+        pytest.param(L[:1].expand(5, 6), id="rows-expanded"),
+        pytest.param(L[:, :1].expand(5, 6), id="columns-expanded"),
+        pytest.param(L[::2], id="row-slice"),
+    ],
+)
+def test_bank_update_refuses_a_bank_with_overlapping_or_gapped_rows(bank):
+    before = bank.clone()
+    with pytest.raises(ValueError, match="bank must be contiguous"):
+        llp_fast.bank_update_(bank, torch.tensor([0, 1]), unit(2, 6))
+    assert torch.equal(bank, before)
+
+
+@pytest.mark.parametrize("impl", ["torch", "numpy"])
+def test_bank_update_reads_values_that_view_the_bank_as_passed(impl):
+    # values = bank[0:2] while row 1 is written first: the second update must blend the old row 1
+    # (the sequential loop over the values as passed). Before, it read the row just written.
+    bank = unit(5, 6, torch.float64)
+    want = brute.bank_update(bank, [1, 0], bank[0:2].clone(), 0.5)
+    if impl == "numpy":
+        bank = bank.numpy()
+    llp_fast.bank_update_(bank, np.array([1, 0]), bank[0:2], momentum=0.5)
+    np.testing.assert_allclose(np.asarray(bank), want, rtol=0, atol=1e-12)
+
+
+def test_read_only_arrays_are_fine_where_nothing_is_written():
+    q, lab = unit(4, 6).numpy(), L.numpy()
+    q.setflags(write=False)
+    lab.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" warning does not apply here
+        labels, _ = llp_fast.propagate(q, lab, CLS.numpy(), k=2, num_classes=3)
+    assert labels.shape == (4,)
+
+
+def test_bank_update_writes_a_writable_memmap_through_torch(tmp_path):
+    # External memory that may be written (a read-write memory map) passes the read-only check,
+    # on the first call (looked up) and on later ones (remembered).
+    path = tmp_path / "bank.npy"
+    np.save(path, L.numpy())
+    bank = torch.from_numpy(np.load(path, mmap_mode="r+"))
+    want = brute.bank_update(L, [0, 0], L[1:2].repeat(2, 1), 0.5)
+    for _ in range(2):
+        llp_fast.bank_update_(bank, torch.tensor([0]), L[1:2].clone())
+    np.testing.assert_allclose(np.load(path), want, rtol=0, atol=1e-6)
