@@ -229,3 +229,29 @@ def test_bank_update_writes_a_writable_memmap_through_torch(tmp_path):
     for _ in range(2):
         llp_fast.bank_update_(bank, torch.tensor([0]), L[1:2].clone())
     np.testing.assert_allclose(np.load(path), want, rtol=0, atol=1e-6)
+
+
+# -- outputs never require grad (issue 14) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["queries", "labeled", "log_rho"])
+def test_propagate_outputs_do_not_require_grad(which):
+    # Before: a log_rho that required grad gave a confidence that required grad, and backward
+    # raised "no autograd formula was registered".
+    args = dict(queries=Q.clone(), labeled=L.clone(), log_rho=torch.randn(5))
+    args[which].requires_grad_()
+    labels, conf = llp_fast.propagate(labeled_classes=CLS, k=3, num_classes=3, **args)
+    assert not labels.requires_grad and not conf.requires_grad
+    want = llp_fast.propagate(Q, L, CLS, args["log_rho"].detach(), k=3, num_classes=3)
+    assert torch.equal(labels, want[0]) and torch.equal(conf, want[1])
+
+
+@pytest.mark.parametrize("which", ["labeled", "bank"])
+def test_local_density_output_does_not_require_grad(which):
+    args = dict(labeled=L.clone(), bank=Q.clone())
+    args[which].requires_grad_()
+    log_rho = llp_fast.local_density(t=3, **args)
+    assert not log_rho.requires_grad
+    # A density with grad history still propagates (what a caller might feed back).
+    labels, conf = llp_fast.propagate(Q, L, CLS, log_rho * torch.ones(1, requires_grad=True), k=3, num_classes=3)
+    assert not conf.requires_grad

@@ -87,4 +87,6 @@ def propagate(
     if check_finite:
         check.finite(queries, "queries")
         check.finite(labeled, "labeled")
+    if log_rho is not None:
+        log_rho = log_rho.detach()  # no autograd formula: outputs never require grad
     return propagate_op(queries.detach(), labeled.detach(), labeled_classes, log_rho, k, tau, num_classes)
