@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import MemoryBank, distributed, local_density, propagate
+from ._device import memory_format
 from .data import DataError
 from .data import load as load_data
 from .data.extra import add_extra_unlabeled, drop_extra_rows
@@ -283,7 +284,7 @@ class Trainer:
         self.labeled_idx = torch.nonzero(src.targets >= 0).flatten()  # CPU
         self.n = src.num_train
         self.model = model_for(cfg, src).to(self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=memory_format(self.device))
         # The bank stays outside the DDP module: it is a buffer LLP updates itself.
         train_module = self.model
         if self.world > 1:

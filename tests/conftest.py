@@ -1,11 +1,40 @@
 import os
 import random
 
+import _isolate  # noqa: E402  (tests/ is on sys.path, as for brute.py)
 import numpy as np
 import pytest
 import torch
 
 import llp_fast.reference as reference
+
+_CONFIG: list = []  # the child's config, for report serialisation
+
+
+# -- modules marked `isolated` run in a child pytest process (tests/_isolate.py) -----------------
+def pytest_configure(config):
+    if _isolate.in_child():
+        _CONFIG.append(config)
+    else:
+        config._llp_isolator = _isolate.Isolator(config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    isolator = getattr(item.config, "_llp_isolator", None)
+    if isolator is not None and item.get_closest_marker("isolated"):
+        return isolator.run_protocol(item)
+    return None
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _isolate.in_child():
+        _isolate.child_logstart(nodeid)
+
+
+def pytest_runtest_logreport(report):
+    if _isolate.in_child():
+        _isolate.child_logreport(_CONFIG[0], report)
 
 
 @pytest.fixture(autouse=True)

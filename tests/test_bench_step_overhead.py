@@ -6,7 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+# native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
+pytestmark = pytest.mark.isolated
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 

@@ -10,6 +10,9 @@ import torch
 from llp_fast import local_density, propagate
 from llp_fast.cli import config_from_args, propagate_main, train_main, train_parser
 
+# native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
+pytestmark = pytest.mark.isolated
+
 torch.set_num_threads(1)
 
 TINY = [

@@ -47,7 +47,7 @@ def test_digits_source_on_device_and_normalised():
     assert src.x.dtype == torch.uint8 and src.num_train + src.num_test == 1797
     assert not src.flip  # digits are never flipped
     x, y = next(src.test_batches(64))
-    assert x.shape == (64, 1, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
+    assert x.shape == (64, 1, 16, 16) and x.is_contiguous()  # channels_last only on CUDA (llp_fast._device)
     assert abs(float(x.mean())) < 0.5
 
 

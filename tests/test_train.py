@@ -25,6 +25,9 @@ from llp_fast.train import (
     train,
 )
 
+# native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
+pytestmark = pytest.mark.isolated
+
 torch.set_num_threads(1)  # tiny nets: one thread is fastest, and immune to a busy machine
 TIMING = {"images_per_s", "epoch_seconds"}
 

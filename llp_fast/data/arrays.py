@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._device import memory_format
 from . import DataError, Split, make_split
 
 
@@ -154,7 +155,7 @@ class ArraySource:
         grid = F.affine_grid(theta, (b, c, self.image_size, self.image_size), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=memory_format(x.device))
 
     def augment(self, x_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Random resized crop + translation (+ flip) of a uint8 (B, C, H, W) batch, batched."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import _optional
+from .._device import memory_format
 
 
 class DaliFolder:
@@ -84,7 +85,7 @@ class DaliFolder:
             x, i = x[:keep], i[:keep]
             first = _first_occurrence(i)
             owed -= keep
-            x = x[first].to(self.source.device).contiguous(memory_format=torch.channels_last)
+            x = x[first].to(self.source.device).contiguous(memory_format=memory_format(self.source.device))
             yield x, i[first].to(self.source.device)
 
     def train_batches(self, order, batch_size, *, start=0, epoch=0):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import _optional
+from .._device import memory_format
 from . import MARKER, DataError, Split, make_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -207,7 +208,7 @@ class FolderSource:
 
     def _normalise(self, x_u8: torch.Tensor) -> torch.Tensor:
         x = x_u8.to(self.device, non_blocking=True).float()
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return ((x - self.mean) / self.std).contiguous(memory_format=memory_format(self.device))
 
     def _loader(self, dataset, keys, batch_size):
         batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
