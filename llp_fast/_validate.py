@@ -122,9 +122,49 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def finite(x: torch.Tensor, name: str) -> None:
-    if not tracing() and x.numel() and not bool(torch.isfinite(x).all()):
+def finite(x: torch.Tensor, name: str) -> float:
+    """Raises if ``x`` holds NaN or Inf; returns its largest magnitude (0 when empty; 1, as for
+    unit rows, while tracing, where values cannot be read). One pass, no copy of ``x``."""
+    if tracing():
+        return 1.0
+    if not x.numel():
+        return 0.0
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))  # NaN and Inf reach both ends
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or Inf")
+    return max(-lo, hi)
+
+
+def scores_fit(tau: float, a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, size_a, size_b, **bias) -> None:
+    """The scores ``a_i . b_j / tau`` (minus a bias, ``log_rho=magnitude``) stay within the
+    compute dtype's range (float64 for float64 inputs, else float32), with room for the
+    difference of two scores that every op takes: finite inputs give finite results.
+
+    ``size_a``, ``size_b``: the inputs' largest magnitudes (:func:`finite`; 1 for unit rows when
+    they were not read). ``|a_i . b_j| <= D * size_a * size_b`` bounds the scores."""
+    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    limit = torch.finfo(dtype).max / 4
+    for name, size in bias.items():
+        if not size <= limit:
+            raise ValueError(f"{name} holds values up to {size:.3g} in magnitude, beyond the {dtype} scores")
+    bound = a.shape[-1] * size_a * size_b / tau
+    if not bound <= limit:
+        raise ValueError(
+            f"scores {a_name} . {b_name} / tau may reach {bound:.3g} (D={a.shape[-1]}, |{a_name}| <= {size_a:.3g}, "
+            f"|{b_name}| <= {size_b:.3g}, tau={tau:.3g}), beyond {dtype}: scale the embeddings down or raise tau"
+        )
+
+
+def blend_fits(bank: torch.Tensor, size: float, name: str) -> None:
+    """Values of largest magnitude ``size`` can be cast to the bank's dtype and blended and
+    normalized (``|mu m + (1 - mu) v|^2 <= D max(|m|, |v|)^2``, unit bank rows) without overflow."""
+    compute = torch.float64 if bank.dtype == torch.float64 else torch.float32
+    limit = min(torch.finfo(bank.dtype).max, math.sqrt(torch.finfo(compute).max / bank.shape[1]))
+    if not size <= limit:
+        raise ValueError(
+            f"{name} holds entries up to {size:.3g} in magnitude; a {bank.dtype} bank of D={bank.shape[1]} takes "
+            f"at most {limit:.3g} (beyond, the cast or the norm of the blend overflows)"
+        )
 
 
 def same_space(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, *, dtype: bool = True) -> None:

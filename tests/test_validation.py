@@ -255,3 +255,112 @@ def test_local_density_output_does_not_require_grad(which):
     # A density with grad history still propagates (what a caller might feed back).
     labels, conf = llp_fast.propagate(Q, L, CLS, log_rho * torch.ones(1, requires_grad=True), k=3, num_classes=3)
     assert not conf.requires_grad
+
+
+# -- defects the fuzzer (tests/test_fuzz_ops.py) found ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda a: np.ascontiguousarray(a[::-1])[::-1], id="reversed"),
+        pytest.param(lambda a: a.astype(a.dtype.newbyteorder("S")), id="byteswapped"),
+        pytest.param(lambda a: _field(a), id="record-field-stride"),
+    ],
+)
+def test_numpy_views_torch_cannot_take_are_read_through_a_copy(make):
+    # Before: torch.from_numpy's ValueError, naming no argument.
+    q, lab = Q.numpy(), L.numpy()
+    want = llp_fast.propagate(q, lab, CLS.numpy(), k=3, num_classes=3)
+    got = llp_fast.propagate(make(q), make(lab), make(CLS.numpy()), k=3, num_classes=3)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def _field(a: np.ndarray) -> np.ndarray:
+    """``a`` as a field of a record array: strides of 5 bytes per item more than the item."""
+    rec = np.zeros(a.shape, dtype=[("x", a.dtype), ("pad", "i1")])
+    rec["x"] = a
+    return rec["x"]
+
+
+@pytest.mark.parametrize(
+    "make,exc,msg",
+    [
+        (lambda a: np.ascontiguousarray(a[::-1])[::-1], ValueError, "bank must be contiguous"),
+        (lambda a: a.astype(a.dtype.newbyteorder("S")), TypeError, "bank has non-native byte order"),
+    ],
+)
+def test_bank_update_refuses_a_numpy_bank_torch_cannot_view(make, exc, msg):
+    bank = make(L.numpy().copy())
+    before = bank.copy()
+    with pytest.raises(exc, match=msg):
+        llp_fast.bank_update_(bank, np.array([0, 2]), np.ones((2, 6), np.float32))
+    np.testing.assert_array_equal(bank, before)
+
+
+def test_a_numpy_dtype_torch_lacks_is_named():
+    with pytest.raises(TypeError, match="queries has NumPy dtype float128"):
+        llp_fast.propagate(Q.numpy().astype(np.longdouble), L.numpy(), CLS.numpy(), k=3, num_classes=3)
+
+
+def test_a_loss_with_a_gradient_stays_torch_with_numpy_labels():
+    # Before: the NumPy targets made the loss a NumPy array, and the gradient was lost.
+    v = Q.clone().requires_grad_()
+    loss = llp_fast.aggregation_loss(v, L, CLS.numpy(), CLS[:4].numpy())
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    loss.sum().backward()
+    assert v.grad is not None and bool(torch.isfinite(v.grad).all())
+    plain = llp_fast.aggregation_loss(Q, L, CLS.numpy(), CLS[:4].numpy())
+    assert isinstance(plain, np.ndarray)
+
+
+SCORE_CASES = [
+    # (call, message): finite inputs whose scores overflow; each gave NaN results before.
+    (lambda: llp_fast.propagate(Q, L, CLS, k=3, tau=1e-40, num_classes=3), "tau=1e-40"),
+    (
+        lambda: llp_fast.propagate(Q * 1e38, L, CLS, k=3, num_classes=3),
+        r"\|queries\| <= \d\.\d+e\+37, \|labeled\| <= 0\.",
+    ),
+    (
+        lambda: llp_fast.propagate(Q, L, CLS, torch.full((5,), 1e300, dtype=torch.float64), k=3, num_classes=3),
+        "log_rho",
+    ),
+    (lambda: llp_fast.local_density(L, Q, t=2, tau=1e-45), "tau"),
+    (lambda: llp_fast.local_density(L, Q * 3e38, t=2), r"\|bank\| <= 2\.\d+e\+38"),
+    (lambda: llp_fast.aggregation_loss(Q * 1e20, L * 1e20, CLS, CLS[:4]), "v . bank / tau"),
+]
+
+
+@pytest.mark.parametrize("call,msg", SCORE_CASES)
+def test_scores_beyond_the_compute_dtype_are_refused(call, msg):
+    with pytest.raises(ValueError, match=msg):
+        call()
+
+
+def test_the_same_scores_are_fine_in_float64():
+    # At tau = 1e-40 the nearest labeled point outweighs the others: the vote is its class.
+    labels, conf = llp_fast.propagate(Q.double(), L.double(), CLS, k=3, tau=1e-40, num_classes=3)
+    nearest = llp_fast.propagate(Q.double(), L.double(), CLS, k=1, num_classes=3)[0]
+    assert torch.equal(labels, nearest) and torch.equal(conf, torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "bank_dtype,values",
+    [
+        (torch.float32, torch.full((2, 6), 1e300, dtype=torch.float64)),  # inf once cast
+        (torch.float16, torch.full((2, 6), 1e5)),  # inf once cast
+        (torch.float32, torch.full((2, 6), 1e30)),  # the norm of the blend overflows
+        (torch.float64, torch.full((2, 6), 1e300, dtype=torch.float64)),
+    ],
+)
+def test_bank_update_refuses_values_the_bank_cannot_blend(bank_dtype, values):
+    # Before: finite values, NaN rows in the bank.
+    bank = L.to(bank_dtype)
+    before = bank.clone()
+    with pytest.raises(ValueError, match="values holds entries up to"):
+        llp_fast.bank_update_(bank, torch.tensor([0, 2]), values)
+    assert torch.equal(bank, before)
+    ok = values / values.abs().max() * 10  # large but within range: blended and normalized
+    llp_fast.bank_update_(bank, torch.tensor([0, 2]), ok)
+    torch.testing.assert_close(bank[[0, 2]].double().norm(dim=1), torch.ones(2, dtype=torch.float64), atol=2e-3, rtol=0)

@@ -58,7 +58,7 @@ def bank_update_(bank, indices, values, *, momentum: float = 0.5, check_finite: 
     check.in_range(indices, "indices", 0, bank.shape[0], "rows of the bank")
     momentum = check.fraction(momentum, "momentum")
     if check_finite:
-        check.finite(values, "values")
+        check.blend_fits(bank, check.finite(values, "values"), "values")
     if values.shape[0]:
         values = values.detach().to(bank.dtype).contiguous()
         if not check.tracing() and check.shares_memory(values, bank):
