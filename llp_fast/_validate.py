@@ -23,7 +23,13 @@ def tracing() -> bool:
 
 
 def tensor(x, name: str) -> torch.Tensor:
+    """``x`` is a torch tensor. The public ops convert NumPy and CuPy arrays before they get here;
+    an array that arrives here was passed where only torch is taken (``MemoryBank``'s methods)."""
     if not isinstance(x, torch.Tensor):
+        lib = type(x).__module__.split(".")[0]
+        if lib in ("numpy", "cupy"):
+            how = "torch.from_numpy" if lib == "numpy" else "torch.from_dlpack"
+            raise TypeError(f"{name} must be a torch.Tensor here, got a {lib} array (convert it with {how})")
         raise TypeError(f"{name} must be a torch.Tensor, numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
     return x
 
@@ -220,8 +226,8 @@ def temperature(tau, name: str = "tau") -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(tau).__name__}")
     tau = float(tau)
-    if not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"{name} must be a finite number > 0, got {tau}")
+    if not (tau > 0 and math.isfinite(tau) and math.isfinite(1.0 / tau)):  # 1/1e-320 is inf
+        raise ValueError(f"{name} must be a finite number > 0 with a finite inverse, got {tau}")
     return tau
 
 

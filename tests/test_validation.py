@@ -364,3 +364,30 @@ def test_bank_update_refuses_values_the_bank_cannot_blend(bank_dtype, values):
     ok = values / values.abs().max() * 10  # large but within range: blended and normalized
     llp_fast.bank_update_(bank, torch.tensor([0, 2]), ok)
     torch.testing.assert_close(bank[[0, 2]].double().norm(dim=1), torch.ones(2, dtype=torch.float64), atol=2e-3, rtol=0)
+
+
+def test_a_tau_whose_inverse_overflows_is_refused_even_without_scores():
+    # Found by the fuzzer: with no queries no score overflowed, and tau=1e-320 passed.
+    with pytest.raises(ValueError, match="tau must be a finite number > 0 with a finite inverse"):
+        llp_fast.propagate(Q[:0], L, CLS, k=3, tau=1e-320, num_classes=3)
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), 1e30])
+def test_bank_update_refuses_bank_rows_it_cannot_blend(fill):
+    # Found by the fuzzer: NaN/Inf bank rows were blended into NaN, finite 1e30 rows into NaN
+    # (the norm overflowed). Only the rows the call blends are read; the others may hold anything.
+    bank = L.clone()
+    bank[2] = fill
+    before = bank.clone()
+    with pytest.raises(ValueError, match="bank"):
+        llp_fast.bank_update_(bank, torch.tensor([0, 2]), unit(2, 6))
+    torch.testing.assert_close(bank, before, rtol=0, atol=0, equal_nan=True)
+    llp_fast.bank_update_(bank, torch.tensor([0, 1]), unit(2, 6))
+    assert bool(torch.isfinite(bank[[0, 1]]).all())
+
+
+def test_an_array_where_only_torch_is_taken_is_named_as_such():
+    # Before: "labels must be a torch.Tensor, numpy.ndarray or cupy.ndarray, got ndarray".
+    bank = llp_fast.MemoryBank(torch.tensor([0, -1, 1, -1]), 2, dim=3)
+    with pytest.raises(TypeError, match=r"labels must be a torch.Tensor here, got a numpy array \(convert it with"):
+        bank.set_labels(torch.tensor([1]), np.array([0]), torch.tensor([0.5]))

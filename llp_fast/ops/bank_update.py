@@ -38,7 +38,8 @@ def bank_update_(bank, indices, values, *, momentum: float = 0.5, check_finite: 
         indices: (B,) integer rows in [0, N).
         values: (B, D) new embeddings, any float dtype (cast to the bank's dtype).
         momentum: mu in [0, 1] (0.5 in the original code).
-        check_finite: reject NaN/Inf values.
+        check_finite: reject NaN/Inf, or magnitudes whose blend overflows, in ``values`` and
+            in the bank rows they update.
 
     Repeated indices are applied in order of appearance, as the sequential loop over the
     batch would: deterministic, and the same on every backend.
@@ -59,6 +60,8 @@ def bank_update_(bank, indices, values, *, momentum: float = 0.5, check_finite: 
     momentum = check.fraction(momentum, "momentum")
     if check_finite:
         check.blend_fits(bank, check.finite(values, "values"), "values")
+        if not check.tracing():  # the rows blended (B x D; the rest of the bank is not read)
+            check.blend_fits(bank, check.finite(bank[indices.long()], "bank"), "bank")
     if values.shape[0]:
         values = values.detach().to(bank.dtype).contiguous()
         if not check.tracing() and check.shares_memory(values, bank):
