@@ -2,7 +2,9 @@
 
 NumPy arrays enter through ``torch.from_numpy`` and CuPy arrays through DLPack, both
 zero-copy, so an in-place op on a NumPy or CuPy bank writes the caller's memory. CuPy is
-never imported here: an array is recognised by its type's module.
+never imported here (an array is recognised by its type's module), and CUDA is never asked
+about unless a CuPy array comes in: with CuPy installed on a machine without a GPU, NumPy and
+torch inputs run as without it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ def to_torch(x, name: str, *, writable: bool = False):
     if kind == "numpy":
         return _from_numpy(x, name, writable)
     if kind == "cupy":
+        if not torch.cuda.is_available():
+            # torch.from_dlpack would fail with "AssertionError: Torch not compiled with CUDA
+            # enabled" (a CPU build of torch) or a CUDA error: say it once, naming the argument.
+            raise TypeError(
+                f"{name} is a CuPy array, and CuPy arrays need CUDA, which torch {torch.__version__} does not "
+                "have here (torch.cuda.is_available() is False): pass a NumPy array or a torch tensor"
+            )
         return torch.from_dlpack(x)
     return x
 
