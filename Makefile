@@ -35,8 +35,9 @@ bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-enable
 
 bench-cpu: $(STAMP)
-	$(PY) bench/bench_cpu_propagate.py --scaling
-	$(PY) bench/bench_cpu_aggregation_loss.py
+	$(PY) bench/bench_propagate.py --shapes cpu,sweep
+	$(PY) bench/bench_local_density.py --shapes cpu,sweep
+	$(PY) bench/bench_aggregation_loss.py --shapes cpu
 	$(PY) bench/bench_bank_update.py
 
 bench-gpu: $(STAMP)
@@ -54,6 +55,7 @@ compile-cuda: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check llp_fast kernels tests bench
 	$(VENV)/bin/ruff format --check llp_fast kernels tests bench
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf build *.egg-info $(VENV) llp_fast/_C*.so

@@ -1,18 +1,21 @@
-"""Benchmark of ``aggregation_loss`` forward + backward (SPEC §1.3, §4): the fused Triton
-bank softmax against materialised logits.
+"""Benchmark of ``aggregation_loss`` forward + backward (docs/method.md §1.3, §4): the fused
+bank softmax (Triton on a GPU, the C++ extension on CPU) against materialised logits.
 
-    python bench/bench_aggregation_loss.py          # GPU: B = 256 against up to 1.3M rows; CPU: small
+    python bench/bench_aggregation_loss.py          # GPU: B = 256 against up to 1.3M rows; CPU: small, sweep
+    python bench/bench_aggregation_loss.py --shapes cpu   # CPU: B = 256 against 25,000 rows
     pytest bench/bench_aggregation_loss.py --benchmark-enable
 
 Providers (each a forward and a backward with respect to v): ``naive`` (materialised (B, N)
 logits, two logsumexps, autograd), ``mm_only`` (the two matmuls alone, v @ bank.T and
-(B, N) @ bank), ``bank_read`` (one plain read of the bank: the bandwidth floor of SPEC §4),
-``reference`` (the chunked reference forward and backward), ``op`` (the public
-llp_fast.aggregation_loss with autograd), ``triton`` (kernels' forward and backward
+(B, N) @ bank), ``bank_read`` (one plain read of the bank: the bandwidth floor of
+docs/method.md §4), ``reference`` (the chunked reference forward and backward), ``op`` (the
+public llp_fast.aggregation_loss with autograd), ``triton`` (kernels' forward and backward
 launchers; GPU only), ``triton_fused`` (the forward that also accumulates the
 softmax-weighted bank means, so the backward is elementwise: one bank pass in all; GPU
-only). ``Shape.q`` = B, ``Shape.m`` = N. The peak extra CUDA memory of a call is recorded as
-``extra_mb`` (SPEC §4: under 16 MB for the fused path).
+only), ``extension`` (torch.ops.llp_fast.aggregation_loss and its backward op on the
+compiled CPU kernels, csrc/cpu/aggregation_loss_cpu.cpp; CPU only). ``Shape.q`` = B,
+``Shape.m`` = N. The peak extra CUDA memory of a call is recorded as ``extra_mb``
+(docs/method.md §4: under 16 MB for the fused path).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ Shape = common.Shape
 def shapes(which: str) -> list[Shape]:
     gpu = torch.cuda.is_available()
     small = [Shape("small", 128, 20_000, 128)]
+    cpu = [Shape("cpu", 256, 25_000, 128, num_classes=10)]
     step = [Shape("step", 256, 1_281_167), Shape("step-128k", 256, 128_117)]
     if gpu:
         sweep = [Shape("sweep-n", 256, n) for n in (131_072, 262_144, 524_288, 1_048_576)]
@@ -46,7 +50,7 @@ def shapes(which: str) -> list[Shape]:
     else:
         sweep = [Shape("sweep-n", 128, n) for n in (10_000, 20_000, 40_000)]
         sweep += [Shape("sweep-b", b, 20_000) for b in (64, 256)]
-    table = {"small": small, "step": step, "imagenet": step[:1], "sweep": sweep}
+    table = {"small": small, "cpu": cpu, "step": step, "imagenet": step[:1], "sweep": sweep}
     if which == "auto":
         return step + sweep if gpu else small + sweep
     return [s for name in which.split(",") for s in table[name]]
@@ -122,6 +126,14 @@ def triton_fused(inputs, shape):
     return loss, k.aggregation_loss_grad_from_means(mean_all, mean_pos, one, -one, TAU, v.dtype)
 
 
+def extension(inputs, shape):
+    v, bank, bank_labels, targets = inputs
+    loss, la, lp = torch.ops.llp_fast.aggregation_loss.default(v, bank, bank_labels, targets, TAU)
+    one = torch.ones_like(loss)
+    grad = torch.ops.llp_fast.aggregation_loss_backward.default(v, bank, bank_labels, targets, la, lp, one, -one, TAU)
+    return loss, grad
+
+
 PROVIDERS = {
     "naive": naive,
     "mm_only": mm_only,
@@ -130,56 +142,49 @@ PROVIDERS = {
     "op": op,
     "triton": triton,
     "triton_fused": triton_fused,
+    "extension": extension,
 }
 
 
 def available(name: str) -> bool:
-    return common.triton_kernels() is not None if name.startswith("triton") else True
+    if name.startswith("triton"):
+        return common.triton_kernels() is not None
+    if name == "extension":
+        return common.extension_loaded()
+    return True
 
 
-def check(dtype: torch.dtype, providers) -> None:
+def check_shape() -> Shape:
     gpu = torch.cuda.is_available()
-    shape = Shape("check", 256 if gpu else 64, 100_000 if gpu else 3_000)
-    inputs = make_inputs(shape, dtype, seed=123)
-    ref_loss, ref_grad = reference(inputs, shape)
+    return Shape("check", 256 if gpu else 64, 100_000 if gpu else 3_000)
+
+
+def compare(out, ref, dtype) -> str:
+    """Loss (relative to 1 + |loss|) and gradient (relative norm) against the reference."""
+    (loss, grad), (ref_loss, ref_grad) = out, ref
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for name in providers:
-        if name in ("mm_only", "bank_read", "reference"):
-            continue
-        loss, grad = PROVIDERS[name](inputs, shape)
-        loss_err = ((loss - ref_loss).abs() / (1 + ref_loss.abs())).max().item()
-        grad_err = ((grad.float() - ref_grad.float()).norm() / ref_grad.float().norm()).item()
-        if loss_err > tol or grad_err > tol:
-            raise AssertionError(f"{OP}/{name} {dtype}: loss error {loss_err:.2e}, gradient error {grad_err:.2e}")
-        print(f"check {OP}/{name} {str(dtype)[6:]}: loss error {loss_err:.1e}, relative gradient error {grad_err:.1e}")
+    loss_err = ((loss - ref_loss).abs() / (1 + ref_loss.abs())).max().item()
+    grad_err = ((grad.float() - ref_grad.float()).norm() / ref_grad.float().norm()).item()
+    msg = f"loss error {loss_err:.1e}, relative gradient error {grad_err:.1e}"
+    assert loss_err <= tol and grad_err <= tol, msg
+    return msg
+
+
+def flops(s: Shape) -> float:
+    return 4.0 * s.q * s.m * s.d  # forward scores + backward (recomputed scores, grad product)
+
+
+def skip(name: str, s: Shape) -> bool:
+    return False
 
 
 def main(argv=None):
-    return common.run(
-        OP,
-        argv,
-        description=__doc__,
-        shapes=shapes,
-        make_inputs=make_inputs,
-        providers=PROVIDERS,
-        available=available,
-        check=check,
-        flops=lambda s: 4.0 * s.q * s.m * s.d,  # forward scores + backward (recomputed scores, grad product)
-        memory=True,
-    )
+    return common.run(sys.modules[__name__], argv, memory=True)
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_aggregation_loss(benchmark, provider):
-    common.benchmark_provider(
-        benchmark,
-        provider,
-        shapes=shapes,
-        make_inputs=make_inputs,
-        providers=PROVIDERS,
-        available=available,
-        gpu_shape=1,
-    )
+    common.benchmark_provider(benchmark, sys.modules[__name__], provider, gpu_shape=1)
 
 
 if __name__ == "__main__":

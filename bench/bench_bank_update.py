@@ -11,7 +11,7 @@ Providers, on the same bank and batch (with repeated indices, so every path does
     PYTHONPATH=. python bench/bench_bank_update.py [--n 100000] [--b 256] [--reps 200]
 
 Correctness is checked before timing; medians of interleaved runs (CUDA events on the GPU).
-SPEC §4 bar on a GPU: one kernel launch, >= 5x faster than the naive chain. JSON rows go to
+docs/method.md §4 bar on a GPU: one kernel launch, >= 5x faster than the naive chain. JSON rows go to
 bench/results/bank_update-<device>.json.
 """
 
@@ -22,7 +22,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,35 +34,10 @@ if str(ROOT) not in sys.path:
 from llp_fast import _ext  # noqa: E402
 
 try:
-    from .common import git_commit
+    from . import common
 except ImportError:  # run as a script
-    from common import git_commit  # noqa: E402
+    import common  # noqa: E402
 from llp_fast.reference import bank_update_ref_  # noqa: E402
-
-
-def device_name(dev: str) -> str:
-    if dev == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-
-
-def timed(fn, dev: str) -> float:
-    if dev == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def count_launches(fn) -> int:
@@ -105,7 +79,7 @@ def run(dev: str, dtype: torch.dtype, args) -> list[dict]:
             fn()
     for _ in range(args.reps):
         for name, fn in providers.items():
-            times[name].append(timed(fn, dev))
+            times[name].append(common.timed_call(fn, dev == "cuda"))
     med = {k: statistics.median(v) for k, v in times.items()}
     # The 10th percentile too: on a shared CPU the median of a ~100 us op can be dominated by
     # thread-team wake-ups (the naive chain's ATen ops go parallel), the low percentile is not.
@@ -128,10 +102,10 @@ def run(dev: str, dtype: torch.dtype, args) -> list[dict]:
                 p10_speedup_vs_naive=p10["naive"] / p10[name],
                 kernel_launches=launches if name == "extension" else None,
                 reps=args.reps,
-                device=device_name(dev),
+                device=common.device_name(dev),
                 torch=torch.__version__,
                 python=platform.python_version(),
-                commit=git_commit(),
+                commit=common.git_commit(),
             )
         )
     return rows

@@ -1,9 +1,12 @@
-"""Shared benchmark plumbing: timing, result rows, JSON output, tables (STYLE rule 7).
+"""Shared benchmark plumbing: timing, correctness checks, result rows, JSON output, tables.
 
-Every benchmark checks correctness against ``llp_fast.reference`` before timing, takes the
-median of several runs (CUDA events on the GPU, ``perf_counter`` on CPU), and writes rows
-with op, provider, shape, dtype, median, device name, library versions and git commit to
-``bench/results/<name>-<device>.json``.
+Every ``bench_<op>.py`` is a module with the same few names (``OP``, ``PROVIDERS``,
+``shapes``, ``make_inputs``, ``available``, ``check_shape``, ``compare``, ``flops``, ``skip``)
+that :func:`run` drives: correctness of every provider against ``llp_fast.reference`` first,
+then the median of several runs of each (CUDA events on the GPU; on CPU, interleaved rounds
+timed by ``perf_counter`` and process CPU time, so that a change of load on a shared machine
+hits every provider alike), and rows with op, provider, shape, dtype, median, device name,
+library versions and git commit written to ``bench/results/<op>-<device>.json``.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ if str(ROOT) not in sys.path:  # run as `python bench/bench_x.py` from a source 
 
 from llp_fast import _optional  # noqa: E402
 
-# Chunk budget of the naive and mm_only providers: score-tile elements held at once.
-CHUNK_ELEMENTS = int(os.environ.get("LLP_FAST_BENCH_CHUNK", str(1 << 28)))  # 1 GiB of fp32
+# Chunk budget of the naive and mm_only providers on a GPU: score-tile elements held at once
+# (1 GiB of fp32). On CPU they take the reference's tiles, which stay in cache.
+CHUNK_ELEMENTS = int(os.environ.get("LLP_FAST_BENCH_CHUNK", str(1 << 28)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +72,22 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @functools.cache
 def device_name(dev: str | None = None) -> str:
     dev = dev or device().type
     if dev == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"{cpu_name()} x{torch.get_num_threads()} threads"
 
 
 def device_slug(dev: str | None = None) -> str:
@@ -121,6 +135,28 @@ def timed_call(fn: Callable[[], object], cuda: bool) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, reps: int = 10, max_seconds: float = 20.0):
+    """{name: (median wall ms, runs, median process-CPU ms)} of CPU providers timed in rounds,
+    each round running every provider once in turn after one warm-up call each.
+
+    Interleaving makes a change of machine load hit every provider alike, so the ratios of
+    one run hold even on a shared machine; process CPU time (all threads) is less sensitive
+    to other jobs than wall time. Rounds stop once ``max_seconds`` are spent, keeping one."""
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    t_start = time.perf_counter()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            c0 = time.process_time()
+            wall[name].append(timed_call(fn, cuda=False))
+            cpu[name].append((time.process_time() - c0) * 1e3)
+        if time.perf_counter() - t_start > max_seconds:
+            break
+    return {name: (statistics.median(wall[name]), len(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
 def measure(fn: Callable[[], object], *, reps: int = 10, warmup: int = 2, max_seconds: float = 20.0):
@@ -183,18 +219,23 @@ def write_results(name: str, rows: list[Row], out_dir: Path | None = None, dev: 
     return path
 
 
-def table(rows: list[Row], *, baseline: str = "naive") -> str:
-    """Markdown table with each row's speed-up over ``baseline`` on the same shape/dtype."""
-    base = {(r.shape, r.dtype): r.median_ms for r in rows if r.provider == baseline}
+def table(rows: list[Row], *, baseline: str = "naive", floor: str = "mm_only") -> str:
+    """Markdown table with each row's speed-up over ``baseline`` and its time as a multiple of
+    ``floor`` on the same shape/dtype."""
+    times = lambda name: {(r.shape, r.dtype): r.median_ms for r in rows if r.provider == name}
+    base, low = times(baseline), times(floor)
     lines = [
-        "| op | shape | dtype | provider | median ms | vs " + baseline + " | notes |",
-        "|---|---|---|---|---:|---:|---|",
+        f"| op | shape | dtype | provider | median ms | {baseline}/x | x/{floor} | notes |",
+        "|---|---|---|---|---:|---:|---:|---|",
     ]
     for r in rows:
-        b = base.get((r.shape, r.dtype))
+        b, f = base.get((r.shape, r.dtype)), low.get((r.shape, r.dtype))
         ratio = f"{b / r.median_ms:.2f}x" if b and r.median_ms > 0 else ""
+        share = f"{r.median_ms / f:.2f}x" if f else ""
         notes = ", ".join(f"{k}={v}" for k, v in r.extra.items())
-        lines.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms:.3f} | {ratio} | {notes} |")
+        lines.append(
+            f"| {r.op} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms:.3f} | {ratio} | {share} | {notes} |"
+        )
     return "\n".join(lines)
 
 
@@ -209,14 +250,19 @@ def unit_rows(n: int, d: int, dtype: torch.dtype, dev: torch.device, seed: int) 
     return out
 
 
-def row_chunk(n_cols: int) -> int:
+def row_chunk(n_cols: int, n_rows: int | None = None) -> int:
+    """Rows of a (rows, n_cols) score chunk of the naive and mm_only providers."""
+    if not torch.cuda.is_available() and "LLP_FAST_BENCH_CHUNK" not in os.environ:
+        from llp_fast.reference import tile_shape
+
+        return tile_shape(n_rows or 1 << 30, n_cols)[0]
     return max(1, CHUNK_ELEMENTS // max(n_cols, 1))
 
 
 def mm_only(queries: torch.Tensor, keys: torch.Tensor, tau: float, bias: torch.Tensor | None = None):
     """The floor proxy: chunked ``torch.mm`` producing the scores (in the input dtype, as
-    the fastest GEMM does) with the scaling folded into a preallocated output; no selection."""
-    rc = row_chunk(keys.shape[0])
+    the fastest GEMM does) into a preallocated output; no scaling, no selection."""
+    rc = row_chunk(keys.shape[0], queries.shape[0])
     buf = torch.empty(min(rc, queries.shape[0]), keys.shape[0], dtype=queries.dtype, device=queries.device)
     kt = keys.T
     for r0 in range(0, queries.shape[0], rc):
@@ -225,18 +271,51 @@ def mm_only(queries: torch.Tensor, keys: torch.Tensor, tau: float, bias: torch.T
     return buf
 
 
-def benchmark_provider(benchmark, provider: str, *, shapes, make_inputs, providers, available, gpu_shape: int = 0):
-    """The pytest-benchmark body of every bench_<op>.py: one provider at the small float32
-    shape on CPU, or at the ``gpu_shape``-th per-step bfloat16 shape on a GPU."""
+_FAISS: list = [None, None, None, None]  # keys, bias, tau, index: the last index built, kept with its inputs
+
+
+def faiss_index(keys: torch.Tensor, tau: float, bias: torch.Tensor | None):
+    """A flat inner-product index over ``[keys / tau, -bias]`` (``keys`` alone without a bias),
+    built once per key set (outside the timing, like the other providers' inputs)."""
+    import faiss
+
+    if _FAISS[0] is not keys or _FAISS[1] is not bias or _FAISS[2] != tau:
+        kk = keys.float() if bias is None else torch.cat([keys.float() / tau, -bias.float()[:, None]], dim=1)
+        index = faiss.IndexFlatIP(kk.shape[1])
+        index.add(kk.contiguous().numpy())
+        _FAISS[:] = [keys, bias, tau, index]
+    return _FAISS[3]
+
+
+def faiss_search(queries: torch.Tensor, keys: torch.Tensor, k: int, tau: float, bias: torch.Tensor | None = None):
+    """(scores, indices) of the ``k`` best keys per query by faiss-cpu's flat inner-product
+    search: ``q . m / tau - bias`` with a bias (through [q, 1] . [m / tau, -bias]), the raw
+    similarity ``q . m`` without."""
+    q = queries.float() if bias is None else torch.cat([queries.float(), torch.ones(queries.shape[0], 1)], dim=1)
+    scores, idx = faiss_index(keys, tau, bias).search(q.contiguous().numpy(), k)
+    return torch.from_numpy(scores), torch.from_numpy(idx)
+
+
+def extension_loaded() -> bool:
+    """The compiled extension serves this machine's CPU ops (the ``extension`` providers)."""
+    from llp_fast import _ext
+
+    return not torch.cuda.is_available() and _ext.load() is not None
+
+
+def benchmark_provider(benchmark, bench, provider: str, *, gpu_shape: int = 0):
+    """The pytest-benchmark body of every bench_<op>.py (``bench``, the module): one provider
+    at the small float32 shape on CPU, or at the ``gpu_shape``-th per-step bfloat16 shape on a
+    GPU."""
     import pytest
 
     dev = device()
-    if not available(provider):
+    if not bench.available(provider):
         pytest.skip(f"{provider} is not available on {dev.type}")
-    shape = shapes("small")[0] if dev.type == "cpu" else shapes("step")[gpu_shape]
+    shape = bench.shapes("small")[0] if dev.type == "cpu" else bench.shapes("step")[gpu_shape]
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    inputs = make_inputs(shape, dtype)
-    fn = providers[provider]
+    inputs = bench.make_inputs(shape, dtype)
+    fn = bench.PROVIDERS[provider]
 
     def run():
         out = fn(inputs, shape)
@@ -249,8 +328,9 @@ def benchmark_provider(benchmark, provider: str, *, shapes, make_inputs, provide
 def parse_args(argv=None, *, description: str = ""):
     import argparse
 
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--shapes", default="auto", help="auto (GPU: all; CPU: small), small, step, imagenet, sweep")
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="auto", help="auto (GPU: step, sweep, imagenet; CPU: small, sweep), or a "
+                   "comma list of small, cpu, step, imagenet, sweep")  # fmt: skip
     p.add_argument("--dtypes", default="auto", help="comma list: float32,bfloat16 (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--providers", default="all", help="comma list of providers to time")
     p.add_argument("--reps", type=int, default=10)
@@ -265,45 +345,65 @@ def dtypes_from(arg: str) -> list[torch.dtype]:
     return [getattr(torch, name) for name in arg.split(",")]
 
 
-def run(
-    op: str,
-    argv,
-    *,
-    description: str,
-    shapes: Callable[[str], list[Shape]],
-    make_inputs: Callable[[Shape, torch.dtype], tuple],
-    providers: dict[str, Callable],
-    available: Callable[[str], bool],
-    check: Callable[[torch.dtype, list[str]], None],
-    flops: Callable[[Shape], float],
-    skip: Callable[[str, Shape], bool] = lambda name, shape: False,
-    memory: bool = False,
-) -> list[Row]:
-    """The script mode of a ``bench_<op>.py``: correctness first, then every provider timed
-    on every shape, a table printed and the rows written to ``bench/results``.
+# Providers that produce no output to compare (timing floors) and the yardstick itself.
+UNCHECKED = ("mm_only", "bank_read", "reference")
 
-    ``providers[name](inputs, shape)`` runs one call; ``flops(shape)`` gives the useful work
-    (reported as TFLOP/s); ``memory`` also records the peak extra CUDA memory of a call."""
-    args = parse_args(argv, description=description)
-    names = list(providers) if args.providers == "all" else args.providers.split(",")
-    names = [n for n in names if n in providers and available(n)]
+
+def check(bench, dtype: torch.dtype, names) -> None:
+    """Every provider in ``names`` against the reference provider on ``bench.check_shape()``;
+    ``bench.compare(out, ref, dtype)`` raises AssertionError with the numbers when they differ,
+    else returns them as a line. Nothing is timed after a failure."""
+    shape = bench.check_shape()
+    inputs = bench.make_inputs(shape, dtype, seed=123)
+    ref = bench.PROVIDERS["reference"](inputs, shape)
+    for name in names:
+        if name in UNCHECKED:
+            continue
+        try:
+            summary = bench.compare(bench.PROVIDERS[name](inputs, shape), ref, dtype)
+        except AssertionError as e:
+            raise AssertionError(f"{bench.OP}/{name} {str(dtype)[6:]}: {e}; not timing") from None
+        print(f"check {bench.OP}/{name} {str(dtype)[6:]}: {summary}", flush=True)
+
+
+def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
+    """The script mode of a ``bench_<op>.py`` (``bench``, the module): correctness first, then
+    every available provider timed on every shape, a table printed and the rows written to
+    ``bench/results/<op>-<device>.json``.
+
+    ``bench.PROVIDERS[name](inputs, shape)`` runs one call; ``bench.flops(shape)`` gives the
+    useful work (reported as TFLOP/s); ``bench.skip(name, shape)`` leaves a provider out of a
+    shape (a baseline that would take minutes); ``memory`` also records the peak extra CUDA
+    memory of a call. On CPU the providers of a shape are timed in interleaved rounds and each
+    row also holds the median process CPU time."""
+    args = parse_args(argv, description=bench.__doc__)
+    names = list(bench.PROVIDERS) if args.providers == "all" else args.providers.split(",")
+    names = [n for n in names if n in bench.PROVIDERS and bench.available(n)]
+    cuda = torch.cuda.is_available()
     rows = []
     for dtype in dtypes_from(args.dtypes):
-        check(dtype, names)
-        for shape in shapes(args.shapes):
-            inputs = make_inputs(shape, dtype)
+        check(bench, dtype, names)
+        for shape in bench.shapes(args.shapes):
+            inputs = bench.make_inputs(shape, dtype)
             synchronize()
-            for name in names:
-                if skip(name, shape):
-                    continue
-                fn = functools.partial(providers[name], inputs, shape)
-                ms, reps = measure(fn, reps=args.reps, max_seconds=args.max_seconds)
-                extra = {"tflops": float(f"{flops(shape) / (ms * 1e-3) / 1e12:.3g}")}
-                if memory and torch.cuda.is_available():
-                    extra["extra_mb"] = round(peak_extra_mb(fn), 2)
-                rows.append(row(op, name, shape, dtype, ms, reps, **extra))
+            fns = {n: functools.partial(bench.PROVIDERS[n], inputs, shape) for n in names if not bench.skip(n, shape)}
+            if cuda:
+                timings = {
+                    n: (*measure(fn, reps=args.reps, max_seconds=args.max_seconds), None) for n, fn in fns.items()
+                }
+            else:
+                timings = measure_interleaved(fns, reps=args.reps, max_seconds=args.max_seconds)
+            for name, (ms, reps, cpu_ms) in timings.items():
+                extra = {"tflops": float(f"{bench.flops(shape) / (ms * 1e-3) / 1e12:.3g}")}
+                if cpu_ms is not None:
+                    extra["cpu_ms"] = round(cpu_ms, 3)
+                if memory and cuda:
+                    extra["extra_mb"] = round(peak_extra_mb(fns[name]), 2)
+                rows.append(row(bench.OP, name, shape, dtype, ms, reps, **extra))
                 print(f"{shape} {str(dtype)[6:]} {name}: {ms:.3f} ms ({reps} runs)", flush=True)
-            del inputs
+            del inputs, fns
     print(table(rows))
-    print("wrote", write_results(op, rows, args.out))
+    if not cuda and hasattr(os, "getloadavg"):
+        print(f"load average after the run: {os.getloadavg()[0]:.1f} ({device_name()})")
+    print("wrote", write_results(bench.OP, rows, args.out))
     return rows

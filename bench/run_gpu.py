@@ -1,14 +1,14 @@
-"""Everything a GPU session runs for the Triton kernels, in one call (SPEC §4, issue 3):
+"""Everything a GPU session runs for the Triton kernels, in one call (docs/method.md §4):
 
     python bench/run_gpu.py                  # tests on the GPU, then all benchmarks
     python bench/run_gpu.py --quick          # per-step shapes only (a minute or two)
 
-1. correctness: the kernel tests (``tests/test_kernels_*.py``, the ``cuda``-marked realistic
-   shapes included) run on the GPU, not the interpreter;
+1. correctness: the Triton kernel tests (``-m triton`` in ``tests/test_<op>.py``, the
+   ``cuda``-marked realistic shapes included) run on the GPU, not the interpreter;
 2. timing: ``bench_propagate``, ``bench_local_density`` and ``bench_aggregation_loss`` (each
    checks its providers against the reference before timing) on the step, sweep and
    ImageNet shapes;
-3. a short table of the SPEC §4 ratios (triton vs naive, vs mm_only, vs one read of the
+3. a short table of the docs/method.md §4 ratios (triton vs naive, vs mm_only, vs one read of the
    bank, extra memory) to ``$OUT/summary-<ops>.md`` when ``$OUT`` is set (else
    bench/results), beside the JSON rows.
 
@@ -20,7 +20,7 @@ than one 10-minute device call; split it:
     python bench/run_gpu.py --skip-tests --ops local_density
     python bench/run_gpu.py --skip-tests --ops aggregation_loss
 
-The training-step overhead (SPEC §4's last bar) is its own call:
+The training-step overhead (docs/method.md §4's last bar) is its own call:
 ``python bench/bench_step_overhead.py`` (ResNet-18, 224 px, batch 128, AMP, an ImageNet-size bank).
 """
 
@@ -39,13 +39,16 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 import common  # noqa: E402
 
+# The ops with Triton kernels: tests/test_<op>.py and bench/bench_<op>.py for each.
+OPS = ("propagate", "local_density", "aggregation_loss")
+
 
 def run_tests(timeout: float) -> int:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop("TRITON_INTERPRET", None)  # compiled kernels on the GPU
     env.pop("LLP_FAST_AUTOTUNE", None)  # correctness of the heuristic settings
-    tests = sorted(str(p) for p in (ROOT / "tests").glob("test_kernels_*.py"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    tests = [str(ROOT / "tests" / f"test_{op}.py") for op in OPS]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "triton", *tests]
     print("$", " ".join(cmd), flush=True)
     try:
         return subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout).returncode
@@ -55,7 +58,7 @@ def run_tests(timeout: float) -> int:
 
 
 def ratios(rows) -> list[str]:
-    """SPEC §4's bars, one line per (op, shape, dtype) that has a triton row."""
+    """docs/method.md §4's bars, one line per (op, shape, dtype) that has a triton row."""
     by = {}
     for r in rows:
         by.setdefault((r.op, r.shape, r.dtype), {})[r.provider] = r

@@ -12,7 +12,7 @@ namespace llp_fast {
 
 // llp_fast::bank_update_(Tensor(a!) bank, Tensor indices, Tensor values, float momentum) -> ()
 // bank[i] <- normalize(momentum * bank[i] + (1 - momentum) * v), repeated indices applied in
-// order of appearance (SPEC §1.6, reference.bank_update_ref_).
+// order of appearance (docs/method.md §1.6, reference.bank_update_ref_).
 void bank_update_cpu(const at::Tensor& bank, const at::Tensor& indices, const at::Tensor& values,
                      double momentum);
 #ifdef LLP_FAST_WITH_CUDA
@@ -20,17 +20,26 @@ void bank_update_cuda(const at::Tensor& bank, const at::Tensor& indices, const a
                       double momentum);
 #endif
 
-// llp_fast::propagate(...) -> (labels int64 (Q,), confidence (Q,)) (SPEC §1.2).
+// llp_fast::propagate(...) -> (labels int64 (Q,), confidence (Q,)) (docs/method.md §1.2).
 std::tuple<at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& queries, const at::Tensor& labeled,
                                                  const at::Tensor& labeled_classes,
                                                  const std::optional<at::Tensor>& log_rho, int64_t k,
                                                  double tau, int64_t num_classes);
 
-// llp_fast::local_density(...) -> log_rho (M,) (SPEC §1.1).
+// llp_fast::local_density(...) -> log_rho (M,) (docs/method.md §1.1).
 at::Tensor local_density_cpu(const at::Tensor& labeled, const at::Tensor& bank, int64_t t, double tau,
                              const std::optional<at::Tensor>& pool_mask);
 
-// llp_fast::aggregation_loss(...) -> (loss, lse_all, lse_pos), each (B,) (SPEC §1.3).
+// llp_fast::topk_scores(...) -> (values (Q, k), indices int64 (Q, k)): the k best q . key / tau + bias,
+// merged with an earlier call's (init_values, init_indices); ties to the lower index, -inf / -1 padding.
+std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                                                   double tau, const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& key_mask,
+                                                   const std::optional<at::Tensor>& init_values,
+                                                   const std::optional<at::Tensor>& init_indices,
+                                                   int64_t index_offset);
+
+// llp_fast::aggregation_loss(...) -> (loss, lse_all, lse_pos), each (B,) (docs/method.md §1.3).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregation_loss_cpu(const at::Tensor& v, const at::Tensor& bank,
                                                                     const at::Tensor& bank_labels,
                                                                     const at::Tensor& targets, double tau);

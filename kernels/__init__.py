@@ -1,25 +1,36 @@
 """Triton kernels for llp_fast (installed as ``llp_fast.kernels``).
 
-Each launcher takes the same arguments as its op's default body and returns
+Each launcher ``<op>_triton`` takes the same arguments as its op's default body and returns
 ``NotImplemented`` for a configuration it does not cover, so the op falls back to the
-reference. Imported only where triton is importable (see ``llp_fast._optional``).
+reference; ``<op>_triton_declines`` (same arguments) says why, or None when it would run.
+Imported only where triton is importable (see ``llp_fast._optional``).
 """
 
-from .bank_softmax import (
+from .aggregation_loss import (
     aggregation_loss_backward_triton,
+    aggregation_loss_backward_triton_declines,
     aggregation_loss_fused_triton,
     aggregation_loss_grad_from_means,
     aggregation_loss_triton,
+    aggregation_loss_triton_declines,
 )
-from .local_density import local_density_triton
-from .topk_votes import propagate_topk_triton, propagate_triton
+from .local_density import local_density_triton, local_density_triton_declines
+from .propagate import propagate_triton, propagate_triton_declines
+from .topk_scores import topk_candidates, topk_plan, topk_scores_triton, topk_scores_triton_declines
 
 __all__ = [
     "aggregation_loss_backward_triton",
+    "aggregation_loss_backward_triton_declines",
     "aggregation_loss_fused_triton",
     "aggregation_loss_grad_from_means",
     "aggregation_loss_triton",
+    "aggregation_loss_triton_declines",
     "local_density_triton",
-    "propagate_topk_triton",
+    "local_density_triton_declines",
     "propagate_triton",
+    "propagate_triton_declines",
+    "topk_candidates",
+    "topk_plan",
+    "topk_scores_triton",
+    "topk_scores_triton_declines",
 ]

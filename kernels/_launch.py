@@ -43,16 +43,30 @@ def launchable(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
-def supported_embeddings(*tensors: torch.Tensor) -> bool:
-    """float32 / bfloat16 / float16 matrices of one dtype with D <= MAX_D and at least one
-    key row (the last tensor).
+def decline_reason(*tensors: torch.Tensor, k: int | None = None, k_name: str = "k") -> str | None:
+    """Why the kernels do not take these operands (query-like matrices first, the key matrix
+    last), or None when they do: float32 / bfloat16 / float16 matrices of one dtype with
+    1 <= D <= MAX_D, at least one key row, on a CUDA device, and 1 <= ``k`` <= MAX_K.
 
     float64 is left to the reference (tensor cores have no float64 path worth a kernel), and
-    so are empty key sets, which the public functions reject anyway."""
+    so are empty key sets, which the public functions reject or answer without a search."""
     dt = tensors[0].dtype
-    if dt not in (torch.float32, *LOW_PRECISION) or tensors[-1].shape[0] == 0:
-        return False
-    return all(t.dtype == dt and t.dim() == 2 and 1 <= t.shape[1] <= MAX_D for t in tensors)
+    if dt not in (torch.float32, *LOW_PRECISION):
+        return f"dtype {str(dt).removeprefix('torch.')} (the kernels take float32, bfloat16, float16)"
+    if any(t.dtype != dt for t in tensors):
+        return "operands of different dtypes"
+    if any(t.dim() != 2 for t in tensors):
+        return "operands not 2-D"
+    d = tensors[0].shape[1]
+    if not 1 <= d <= MAX_D:
+        return f"D={d} > {MAX_D}" if d > MAX_D else f"D={d}"
+    if tensors[-1].shape[0] == 0:
+        return "no key rows"
+    if not launchable(*tensors):
+        return "operands not on a CUDA device"
+    if k is not None and not 1 <= k <= MAX_K:
+        return f"{k_name}={k} > {MAX_K}" if k > MAX_K else f"{k_name}={k}"
+    return None
 
 
 def rowmajor(x: torch.Tensor) -> torch.Tensor:
@@ -106,10 +120,11 @@ def tile_config(dtype: torch.dtype, d: int, k: int = 1, n_rows: int | None = Non
     GPU, bf16/fp16 at D <= 128: 128 x 64 score tiles on 8 warps. Every row block streams
     all the keys, so the key traffic from L2 is (Q / BLOCK_M) * M * D * 2 bytes: at the
     ImageNet shape 660 GB with BLOCK_M = 64 (about the time of the matmul itself at L2
-    bandwidth), half that with 128. ptxas (sm_90, tests/_compile_kernels.py) gives 121
-    registers for K = 10, 166 for T = 25 and 229 for K = 64 at this shape, without spills.
-    Fewer rows than a block: the block shrinks to the next power of two (>= 16, the
-    smallest tl.dot). fp32 (FMA, no tensor cores) and D > 128: 64 x 32 tiles on 4 warps.
+    bandwidth), half that with 128. At this shape ptxas (sm_90) fits the K = 10 and T = 25
+    kernels in the registers without spills: ``python tests/_compile_kernels.py 90`` prints
+    the registers and spills of every variant. Fewer rows than a block: the block shrinks to
+    the next power of two (>= 16, the smallest tl.dot). fp32 (FMA, no tensor cores) and
+    D > 128: 64 x 32 tiles on 4 warps.
 
     Under the interpreter the smallest legal tiles, so that tiny test shapes still cross
     several tiles."""
@@ -124,16 +139,6 @@ def tile_config(dtype: torch.dtype, d: int, k: int = 1, n_rows: int | None = Non
             bm = min(bm, max(16, triton.next_power_of_2(n_rows)))
         stages = 3 if d <= 128 else 2
     return block_m or bm, block_n or bn, warps, stages
-
-
-def merge_splits(vals: torch.Tensor, idx: torch.Tensor, k: int):
-    """Top-``k`` of each row over the splits' candidates: ``vals``/``idx`` (rows, splits*k)
-    -> (values sorted descending, indices). Small: rows * splits * k entries."""
-    if vals.shape[1] == k:
-        v, j = vals.sort(dim=1, descending=True)
-    else:
-        v, j = vals.topk(k, dim=1)
-    return v, idx.gather(1, j)
 
 
 def maybe_autotune(kernel, key: list[str]):

@@ -1,7 +1,11 @@
-"""Device-side pieces shared by the top-K kernels (``topk_votes`` and ``local_density``).
+"""Device-side pieces shared by the Triton kernels.
 
-``stream_topk`` is the streaming selection of SPEC §1.1/§1.2: one program holds a block of
-query rows and walks a range of key rows tile by tile, computing
+Users: the top-K kernels of ``propagate.py``, ``local_density.py`` and ``topk_scores.py``
+(``block_topk`` and through it ``stream_topk``; ``buffer_max``, ``store_partial``) and the
+aggregation-loss kernels of ``aggregation_loss.py`` (``dot``, ``load_rows``, ``load_cols``).
+
+``stream_topk`` is the streaming selection of docs/method.md §1.1/§1.2: one program holds a
+block of query rows and walks a range of key rows tile by tile, computing
 
     scores = queries[rows] @ keys[n0:n1].T / tau - bias[n0:n1]     (masked keys -> -inf)
 
@@ -14,11 +18,13 @@ some score beats its row's threshold; then the tile is merged by repeatedly movi
 row's best remaining tile score into that row's minimum slot while it beats the threshold.
 Every round inserts one score per row that still has a better candidate, so a tile costs at
 most K rounds (as many as the most insertions any of its rows needs). A row sees about
-K * ln(M / K) insertions over a stream of M keys, most of them in the first tiles. Simulated
-on random unit vectors at M = 128K with 128 x 64 tiles (bench/merge_rounds.py): 0.8 rounds
-per tile on average for K = 10 with the density bias (26% of tiles none, 68% one), 1.2 for
-T = 25 without it. No sort of the tile, no ``tl.sort``/``tl.topk`` (absent from older
-Triton), only max/min/where reductions.
+K * ln(M / K) insertions over a stream of M keys, most of them in the first tiles, so most
+tiles cost none or one round (``python bench/merge_rounds.py`` simulates the rounds per tile
+on random unit vectors; ``--no-density`` for local density's case). No sort of the tile, no
+``tl.sort``/``tl.topk`` (absent from older Triton), only max/min/where reductions. Equal
+scores keep the lower key index, as in the CPU kernels: a tile's equal scores enter in column
+order, a score equal to the threshold does not enter (its key comes later), and the slot
+given up is the highest index among equal minima.
 """
 
 from __future__ import annotations
@@ -117,8 +123,11 @@ def stream_topk(
                 # Per row: the best remaining tile score (first column on ties) ...
                 carg = tl.min(tl.where(s == cmax[:, None], offs_n[None, :], BLOCK_N), axis=1)
                 take = cmax > thr
-                # ... replaces the buffer's minimum (first such slot), if it beats it.
-                slot = tl.min(tl.where(buf_v == thr[:, None], slots[None, :], BLOCK_K), axis=1)
+                # ... replaces the buffer's worst entry, if it beats it: the minimum, and among
+                # equal minima the highest key index (equal scores keep the lower index).
+                at_thr = buf_v == thr[:, None]
+                worst = tl.max(tl.where(at_thr, buf_i, -2), axis=1)
+                slot = tl.min(tl.where(at_thr & (buf_i == worst[:, None]), slots[None, :], BLOCK_K), axis=1)
                 put = take[:, None] & (slots[None, :] == slot[:, None])
                 buf_v = tl.where(put, cmax[:, None], buf_v)
                 buf_i = tl.where(put, (n0 + carg).to(tl.int64)[:, None], buf_i)
@@ -129,6 +138,43 @@ def stream_topk(
                 cmax = tl.max(s, axis=1)
                 go = tl.max((cmax > thr).to(tl.int32), axis=0) > 0
     return buf_v, buf_i
+
+
+@triton.jit
+def block_topk(
+    q_ptr,
+    k_ptr,
+    bias_ptr,
+    mask_ptr,
+    Q,
+    N,
+    D,
+    stride_q,
+    stride_k,
+    inv_tau,
+    chunk,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """The common start of the top-K kernels, on a (row blocks, splits) grid: this program's
+    query rows (``rows``, ``row_ok``) and their top-K buffer over its split's key range
+    ``[split * chunk, (split + 1) * chunk)`` (see :func:`stream_topk`)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Q
+    q = load_rows(q_ptr, rows, row_ok, D, stride_q, BLOCK_D)
+    n_start = tl.program_id(1) * chunk
+    n_end = tl.minimum(n_start + chunk, N)
+    buf_v, buf_i = stream_topk(
+        q, row_ok, k_ptr, bias_ptr, mask_ptr, n_start, n_end, D, stride_k, inv_tau,
+        K, HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, INPUT_PRECISION,
+    )  # fmt: skip
+    return rows, row_ok, buf_v, buf_i
 
 
 @triton.jit

@@ -1,8 +1,8 @@
-"""The compiled extension (``csrc/``): found or built once, on first use (STYLE rule 4).
+"""The compiled extension (``csrc/``): found or built once, on first use.
 
 Loading the shared object registers its kernels with ``TORCH_LIBRARY_IMPL`` for the ops declared
 in :mod:`llp_fast.ops` (CPU: ``bank_update_``, ``propagate``, ``local_density``,
-``aggregation_loss`` and its backward; CUDA: ``bank_update_``); nothing is called through the
+``topk_scores``, ``aggregation_loss`` and its backward; CUDA: ``bank_update_``); nothing is called through the
 Python module itself. :func:`load` tries, in order:
 
 1. ``llp_fast._C`` built by ``setup.py`` (``pip install -e .`` or ``build_ext --inplace``), when it
@@ -31,12 +31,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = ("bindings.cpp", "cpu/aggregation_loss_cpu.cpp", "cpu/bank_update_cpu.cpp", "cpu/topk_cpu.cpp")
+CPU_SOURCES = (
+    "bindings.cpp",
+    "cpu/aggregation_loss_cpu.cpp",
+    "cpu/bank_update_cpu.cpp",
+    "cpu/local_density_cpu.cpp",
+    "cpu/propagate_cpu.cpp",
+    "cpu/topk_scores_cpu.cpp",
+)
 CUDA_SOURCES = ("cuda/bank_update_cuda.cu",)
-HEADERS = ("llp_fast.h",)
+HEADERS = ("llp_fast.h", "cpu/topk.h")
 
 # (op, device type) pairs that the extension registers; a default body re-dispatches only for these.
-CPU_OPS = ("bank_update_", "propagate", "local_density", "aggregation_loss", "aggregation_loss_backward")
+CPU_OPS = ("bank_update_", "propagate", "local_density", "topk_scores", "aggregation_loss", "aggregation_loss_backward")
 CUDA_OPS = ("bank_update_",)
 
 _MARKER = re.compile(rb"llp_fast-build:torch=([^;\x00]*);cuda=([01]);")

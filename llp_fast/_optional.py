@@ -1,4 +1,4 @@
-"""Optional dependencies, tried in one place (STYLE rule 4).
+"""Optional dependencies, tried in one place.
 
 ``import llp_fast`` never fails for want of triton, CuPy, DALI or the compiled extension:
 each is looked up lazily, the first time a code path asks for it, and cached.

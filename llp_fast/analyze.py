@@ -19,23 +19,22 @@ the run's T and tau), so it is comparable between an LLP and a NoDW run.
 
 from __future__ import annotations
 
-import argparse
 import html
-import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import local_density
+from .bank import MemoryBank
+from .errors import DataError
+from .ops import local_density
+from .train import checkpoint
+from .train.checkpoint import CHECKPOINT, METRICS
+from .train.report import read_metrics
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 
-
-class AnalyzeError(Exception):
+class AnalyzeError(DataError):
     """A run directory that cannot be analysed; the message is the one line shown."""
 
 
@@ -48,24 +47,27 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     metrics_path = run / METRICS
     if not metrics_path.exists():
         raise AnalyzeError(f"{metrics_path} not found: is {run} a llp-fast-train run directory?")
-    rows = []
-    for n, line in enumerate(metrics_path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise AnalyzeError(f"{metrics_path}:{n} is not valid JSON") from None
+    rows = read_metrics(str(metrics_path))
     if not rows:
         raise AnalyzeError(f"{metrics_path} holds no epoch yet")
     bank, config = None, {}
     ckpt_path = run / CHECKPOINT
     if ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise AnalyzeError(f"corrupt checkpoint {ckpt_path} ({type(e).__name__})") from None
-        bank, config = ckpt.get("bank"), ckpt.get("config") or {}
+        ckpt = checkpoint.load(str(ckpt_path), need=("config", "bank", "targets"))  # verified
+        config = ckpt["config"]
+        if ckpt["bank"] is not None:
+            bank = _bank_state(ckpt, str(run))
     return {"name": run.name, "metrics": rows, "bank": bank, "config": config}
+
+
+def _bank_state(ckpt: dict, run_dir: str) -> dict:
+    """The checkpoint's bank as one :meth:`MemoryBank.state_dict` (bank order), whatever the
+    world size that wrote it."""
+    targets = ckpt["targets"]
+    pieces = checkpoint.bank_pieces(ckpt["bank"], run_dir)
+    bank = MemoryBank(targets, int(targets.max()) + 1, dim=pieces[0]["embeddings"].shape[1])
+    bank.load_rows(pieces)
+    return bank.state_dict()
 
 
 def class_density_and_counts(bank: dict, *, t: int, tau: float):
@@ -239,8 +241,8 @@ def write_index(out: Path, figures: list[tuple[str, str]], runs) -> Path:
         for f, c in figures
     )
     last = "".join(
-        f"<li>{html.escape(r['name'])}: epoch {r['metrics'][-1].get('epoch')}, held-out top-1 "
-        f"{r['metrics'][-1].get('test_top1')}</li>"
+        f"<li>{html.escape(r['name'])}: epoch {html.escape(str(r['metrics'][-1].get('epoch')))}, held-out top-1 "
+        f"{html.escape(str(r['metrics'][-1].get('test_top1')))}</li>"
         for r in runs
     )
     page = (
@@ -286,25 +288,3 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
         figures.append(("aggregation_hist.png", "per-class aggregation (Fig. 2c)"))
     index = write_index(out, figures, runs)
     return [out / f for f, _ in figures] + [index]
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="llp-fast-analyze", description="Pictures of a llp-fast-train run.")
-    ap.add_argument("run_dir")
-    ap.add_argument("--compare", help="a second run (e.g. --no-density-weighting) shown beside the first")
-    ap.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
-    ap.add_argument("--map", choices=("pca", "mds"), default="pca", help="2-D embedding map method")
-    ap.add_argument("--classes", type=int, default=4, help="classes in the embedding map")
-    args = ap.parse_args(argv)
-    try:
-        paths = analyze(args.run_dir, compare=args.compare, out=args.out, method=args.map, n_classes=args.classes)
-    except AnalyzeError as e:
-        print(f"llp-fast-analyze: error: {e}", file=sys.stderr)
-        return 2
-    for p in paths:
-        print(p)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

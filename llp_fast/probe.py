@@ -17,23 +17,13 @@ networks whose feature scales differ. ``--no-standardize`` turns it off.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DataError
 from .data import load as load_data
 from .data.extra import FilesPool, adapt, native_format, to_input
-from .select import load_network
-from .train import CheckpointError
-
-PROG = "llp-fast-linear-probe"
+from .errors import DataError
 
 
 @torch.no_grad()
@@ -169,127 +159,3 @@ def train_readout(
         "num_classes": num_classes,
         "feature_dim": int(xtr.shape[1]),
     }
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog=PROG,
-        description="Freeze a trained network and fit a linear readout on its pooled features of another labeled "
-        "data set (paper §4, Appendix C); report held-out top-1 and top-5.",
-    )
-    ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
-    ap.add_argument("--data", required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH")
-    ap.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
-    ap.add_argument("--lr", type=float, default=0.01, help="initial learning rate (default 0.01, paper)")
-    ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--epochs", type=int, default=200, help="most readout epochs (default 200)")
-    ap.add_argument("--patience", type=int, default=5, help="epochs without a better validation top-1 before x0.1")
-    ap.add_argument("--drops", type=int, default=2, help="learning-rate drops before stopping (default 2, paper)")
-    ap.add_argument("--val-fraction", type=float, default=0.1, help="of the probe training part (default 0.1)")
-    ap.add_argument("--no-standardize", action="store_true", help="feed the raw features to the readout")
-    ap.add_argument("--random-init", action="store_true", help="control: the same network, untrained")
-    ap.add_argument(
-        "--pixels", action="store_true", help="control: the readout on the network's input pixels, no network"
-    )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--repeats", type=int, default=1, help="readouts on the same features (seeds SEED.. SEED+R-1); mean and std"
-    )
-    ap.add_argument("--device", default=None, help="cpu or cuda for the feature extraction")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for folder data")
-    return ap
-
-
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        if not 0 <= args.val_fraction < 1:
-            raise ValueError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}")
-        for name in ("lr", "batch_size", "epochs", "repeats"):
-            if getattr(args, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-        if args.out:
-            out_dir = os.path.dirname(os.path.abspath(args.out))
-            if not os.path.isdir(out_dir):
-                raise ValueError(f"--out {args.out}: directory {out_dir} does not exist")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch.manual_seed(args.seed)
-        model, cfg, net_source = load_network(args.checkpoint, device, random_init=args.random_init)
-        xtr, ytr, xte, yte, s = probe_features(
-            model, net_source, args.data, seed=args.seed, workers=args.workers, pixels=args.pixels
-        )
-        t_feat = time.perf_counter() - t0
-        runs = [
-            train_readout(
-                xtr,
-                ytr,
-                xte,
-                yte,
-                s,
-                lr=args.lr,
-                momentum=args.momentum,
-                weight_decay=args.weight_decay,
-                batch_size=args.batch_size,
-                epochs=args.epochs,
-                patience=args.patience,
-                drops=args.drops,
-                val_fraction=args.val_fraction,
-                standardize=not args.no_standardize,
-                seed=args.seed + r,
-            )
-            for r in range(args.repeats)
-        ]
-        # repeats share the features and the test split; they redraw the validation split,
-        # the readout's initialisation and the mini-batch order
-        res = dict(runs[0])
-        for key in ("test_top1", "test_top5"):
-            vals = np.array([r[key] for r in runs])
-            res[key] = float(vals.mean())
-            res[key + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-        res["repeats"] = [{k: r[k] for k in ("test_top1", "test_top5", "val_top1", "best_epoch")} for r in runs]
-        fmt = native_format(net_source)
-        res = {
-            "checkpoint": os.path.abspath(args.checkpoint),
-            "network_trained_on": cfg.data,
-            "supervised_only": bool(cfg.supervised_only),
-            "random_init": bool(args.random_init),
-            "pixels": bool(args.pixels),
-            "probe_data": args.data,
-            "input": {"channels": fmt[1], "side": fmt[2], "network_side": int(net_source.image_size)},
-            **res,
-            "feature_seconds": round(t_feat, 2),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        if args.out:
-            tmp = f"{args.out}.tmp.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(res, f, indent=1)
-            os.replace(tmp, args.out)
-    except (DataError, CheckpointError, ValueError, TypeError, OSError, RuntimeError) as e:
-        from .cli import _one_line
-
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    net = "random-init" if args.random_init else ("supervised-only" if cfg.supervised_only else "LLP")
-    net = f"raw pixels (input format of the {net}" if args.pixels else net
-    pm1 = pm5 = ""
-    if args.repeats > 1:
-        pm1 = f" ± {100 * res['test_top1_std']:.1f}"
-        pm5 = f" ± {100 * res['test_top5_std']:.1f}"
-    print(
-        f"{PROG}: {net} network ({cfg.data}){')' if args.pixels else ''} -> {args.data} ({res['num_classes']} classes, "
-        f"{res['input']['channels']}x{res['input']['side']}px): held-out top-1 {100 * res['test_top1']:.1f}%{pm1} "
-        f"top-5 {100 * res['test_top5']:.1f}%{pm5} (chance {100 * res['chance_top1']:.1f}%, {res['num_fit']} fit / "
-        f"{res['num_val']} val / {res['num_test']} test, {args.repeats} readout(s), {res['seconds']:.1f} s)"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementations of the LLP computations (SPEC §1).
+"""Pure-PyTorch reference implementations of the LLP computations (docs/method.md §1).
 
 These functions *are* the specification in code; every fast path is tested against them.
 They are chunked: scores are computed one (row-chunk x column-chunk) tile at a time, so the
@@ -21,6 +21,8 @@ __all__ = [
     "compute_dtype",
     "tile_shape",
     "streaming_topk",
+    "merge_topk",
+    "topk_scores_ref",
     "local_density_ref",
     "propagate_ref",
     "vote",
@@ -92,6 +94,81 @@ def streaming_topk(
         yield r0, best_v, best_i
 
 
+def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int):
+    """The ``k`` best of each row of candidates ``values``/``indices`` (r, c), as the
+    ``topk_scores`` op orders them: by value descending, equal values by the lower index.
+    ``-inf`` values are padding: they come last, with index -1 (rows with fewer than ``k``
+    finite candidates, or ``c < k``). Two stable sorts of (r, c) entries: for the few
+    candidates of a merge, not for a score tile."""
+    r, c = values.shape
+    if c < k:
+        values = torch.cat([values, values.new_full((r, k - c), -math.inf)], dim=1)
+        indices = torch.cat([indices, indices.new_full((r, k - c), -1)], dim=1)
+    order = indices.argsort(dim=1, stable=True)
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    return values, indices.masked_fill_(values == -math.inf, -1)
+
+
+def _tile_topk(s: torch.Tensor, k: int, offset: int):
+    """``merge_topk`` of a score tile (r, c) whose column j is key ``offset + j``, without
+    sorting the tile: ``topk`` finds each row's k-th best value, and a second ``topk`` keeps
+    every finite score at or above it (more than k where ties straddle the k-th place), so
+    that the exact tie rule can choose among them."""
+    kk = min(k, s.shape[1])
+    kth = s.topk(kk, dim=1).values[:, -1:]
+    keep = int(((s >= kth) & (s > -math.inf)).sum(dim=1).max()) if s.numel() else 0
+    vals, idx = s.topk(max(kk, min(keep, s.shape[1])), dim=1)
+    return merge_topk(vals, idx.add_(offset), k)
+
+
+def topk_scores_ref(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    tau: float,
+    bias: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    init_values: torch.Tensor | None = None,
+    init_indices: torch.Tensor | None = None,
+    index_offset: int = 0,
+):
+    """docs/method.md §1.1/§1.2's selection, on its own: for each query the ``k`` largest
+    ``q . key_j / tau + bias_j`` over the keys j with ``key_mask`` set, as (values (Q, k)
+    sorted descending, indices (Q, k) int64 = j + ``index_offset``), equal values ordered by
+    the lower index, rows with fewer than ``k`` candidates padded with -inf and index -1.
+    ``init_values``/``init_indices`` (Q, k), the result of an earlier call over other keys,
+    are merged in, so that chunk by chunk calls give the one call over all keys.
+
+    Tiles as everywhere in this module: extra memory O(tile + Q * k), never Q x N."""
+    cdt = compute_dtype(queries, keys)
+    n_q, n_k = queries.shape[0], keys.shape[0]
+    out_v = torch.empty(n_q, k, dtype=cdt, device=queries.device)
+    out_i = torch.empty(n_q, k, dtype=torch.int64, device=queries.device)
+    rc, cc = tile_shape(n_q, n_k, row_width=k)
+    inv_tau = 1.0 / tau
+    for r0 in range(0, n_q, rc):
+        r1 = min(r0 + rc, n_q)
+        q = queries[r0:r1].to(cdt)
+        if init_values is not None:
+            best_v, best_i = merge_topk(init_values[r0:r1].to(cdt), init_indices[r0:r1].long(), k)
+        else:
+            best_v = torch.full((r1 - r0, k), -math.inf, dtype=cdt, device=queries.device)
+            best_i = torch.full((r1 - r0, k), -1, dtype=torch.int64, device=queries.device)
+        for c0 in range(0, n_k, cc):
+            s = q @ keys[c0 : c0 + cc].to(cdt).T
+            s.mul_(inv_tau)
+            if bias is not None:
+                s.add_(bias[c0 : c0 + cc].to(cdt))
+            if key_mask is not None:
+                s.masked_fill_(~key_mask[c0 : c0 + cc], -math.inf)
+            v, i = _tile_topk(s, k, c0 + index_offset)
+            best_v, best_i = merge_topk(torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1), k)
+        out_v[r0:r1], out_i[r0:r1] = best_v, best_i
+    return out_v, out_i
+
+
 def local_density_ref(
     labeled: torch.Tensor,
     bank: torch.Tensor,
@@ -99,7 +176,7 @@ def local_density_ref(
     tau: float,
     pool_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SPEC §1.1: ``log_rho_i = logsumexp`` of the ``t`` largest ``m_i . m_j / tau`` over
+    """docs/method.md §1.1: ``log_rho_i = logsumexp`` of the ``t`` largest ``m_i . m_j / tau`` over
     pool rows j (``pool_mask``; every bank row when None). Returns (M,) float32/64."""
     cdt = compute_dtype(labeled, bank)
     out = torch.empty(labeled.shape[0], dtype=cdt, device=labeled.device)
@@ -109,7 +186,7 @@ def local_density_ref(
 
 
 def vote(vals: torch.Tensor, classes: torch.Tensor, num_classes: int):
-    """SPEC §1.2's vote for one chunk: ``vals`` (r, k) scores sorted descending, ``classes``
+    """docs/method.md §1.2's vote for one chunk: ``vals`` (r, k) scores sorted descending, ``classes``
     (r, k) their class ids. Returns (label int64, confidence) with ties to the lowest class."""
     # Subtract the row maximum (the first, as vals is sorted) before exp.
     w = torch.exp(vals - vals[:, :1])
@@ -129,7 +206,7 @@ def propagate_ref(
     tau: float,
     num_classes: int,
 ):
-    """SPEC §1.2: the K labeled points with the largest ``v . m_i / tau - log_rho_i`` vote
+    """docs/method.md §1.2: the K labeled points with the largest ``v . m_i / tau - log_rho_i`` vote
     with weight ``exp(score)``. Returns labels (Q,) int64 and confidence (Q,) float32/64."""
     cdt = compute_dtype(queries, labeled)
     n_q = queries.shape[0]
@@ -159,7 +236,7 @@ def _aggregation_tiles(v, bank, bank_labels, targets, tau):
 
 
 def aggregation_loss_ref(v, bank, bank_labels, targets, tau):
-    """SPEC §1.3: ``loss_b = lse_all_b - lse_pos_b`` with ``lse_all = logsumexp_j(v.m_j/tau)``
+    """docs/method.md §1.3: ``loss_b = lse_all_b - lse_pos_b`` with ``lse_all = logsumexp_j(v.m_j/tau)``
     and ``lse_pos`` the same over rows with ``bank_labels == targets_b``. Two online
     log-sum-exps over bank tiles. Returns (loss, lse_all, lse_pos), each (B,)."""
     cdt = compute_dtype(v, bank)
@@ -216,7 +293,7 @@ def is_last_occurrence(indices: torch.Tensor) -> torch.Tensor:
 
 
 def bank_update_ref_(bank, indices, values, momentum):
-    """SPEC §1.6: ``bank[i] <- normalize(momentum * bank[i] + (1 - momentum) * v)``.
+    """docs/method.md §1.6: ``bank[i] <- normalize(momentum * bank[i] + (1 - momentum) * v)``.
 
     Repeated indices are applied in order of appearance, exactly as the sequential loop
     ``for i, v in zip(indices, values): bank[i] = normalize(mu * bank[i] + (1 - mu) * v)``.

@@ -1,8 +1,10 @@
-"""Shared set-up of the Triton kernel tests (imported first by each tests/test_kernels_*.py).
+"""Shared set-up of the Triton kernel tests (the ``TestTriton`` class of each tests/test_<op>.py).
 
 Without CUDA the kernels run under the Triton interpreter on CPU tensors. triton.jit reads
 ``TRITON_INTERPRET`` when a kernel is decorated, so it is set here, before anything imports
-``llp_fast.kernels``; an explicit ``TRITON_INTERPRET=0`` without CUDA skips the modules.
+``llp_fast.kernels``. ``triton_tests`` is the ``pytestmark`` of those classes: the ``triton``
+marker, and a skip that says why when the kernels cannot run here (triton missing, an explicit
+``TRITON_INTERPRET=0`` without CUDA, or kernels already imported in the other mode).
 """
 
 from __future__ import annotations
@@ -18,25 +20,39 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if not (INTERPRET or HAS_CUDA):
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-
-from llp_fast import _optional  # noqa: E402
 from llp_fast.reference import streaming_topk  # noqa: E402
 
-kernels = _optional.kernels()
-if kernels is None:
-    pytest.skip("llp_fast.kernels could not be imported", allow_module_level=True)
-if kernels._launch.interpreting() != INTERPRET:
-    # Something imported the kernels before this module set TRITON_INTERPRET: they were
-    # built compiled and cannot run here (or the reverse).
-    pytest.skip(
-        "llp_fast.kernels was imported before TRITON_INTERPRET was set; run the kernel tests "
-        "on their own: TRITON_INTERPRET=1 pytest -m triton",
-        allow_module_level=True,
-    )
+
+def _load_kernels():
+    """(llp_fast.kernels, "") when the kernels can run here, else (None, why not)."""
+    if importlib.util.find_spec("triton") is None:
+        return None, "triton is not installed"
+    if not (INTERPRET or HAS_CUDA):
+        return None, "Triton kernels need CUDA or TRITON_INTERPRET=1"
+    from llp_fast import _optional
+
+    k = _optional.kernels()
+    if k is None:
+        return None, "llp_fast.kernels could not be imported"
+    if k._launch.interpreting() != INTERPRET:
+        # Something imported the kernels before this module set TRITON_INTERPRET: they were
+        # built compiled and cannot run here (or the reverse).
+        return None, (
+            "llp_fast.kernels was imported before TRITON_INTERPRET was set; run the kernel tests "
+            "on their own: TRITON_INTERPRET=1 pytest -m triton"
+        )
+    return k, ""
+
+
+kernels, SKIP_REASON = _load_kernels()
+triton_tests = [pytest.mark.triton, pytest.mark.skipif(kernels is None, reason=SKIP_REASON or "kernels load")]
+
+
+def cuda_only(test):
+    """Marks a GPU-only test at a realistic shape (compiled kernels, never the interpreter)."""
+    skip = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs a CUDA GPU (and compiled kernels)")
+    return pytest.mark.cuda(skip(test))
+
 
 # The interpreter runs on CPU tensors; otherwise the small tests run on the GPU.
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")

@@ -1,4 +1,4 @@
-"""Independent float64 brute forces of SPEC §1, written with dense matrices and plain loops.
+"""Independent float64 brute forces of docs/method.md §1, written with dense matrices and plain loops.
 
 Nothing here imports llp_fast: these are the yardstick the reference itself is held to.
 """
@@ -44,8 +44,23 @@ def topk_scores(queries, labeled, log_rho, k, tau):
     return rows
 
 
+def topk_biased(queries, keys, k, tau, bias=None, mask=None):
+    """(values (Q, k), indices (Q, k)): per query the k largest q . key_j / tau + bias_j over the
+    keys with mask set, equal scores by the lower index, -inf / -1 padding past the candidates."""
+    queries, keys = f64(queries), f64(keys)
+    bias = np.zeros(len(keys)) if bias is None else f64(bias)
+    keep = range(len(keys)) if mask is None else [j for j in range(len(keys)) if mask[j]]
+    values = np.full((len(queries), k), -np.inf)
+    indices = np.full((len(queries), k), -1, dtype=np.int64)
+    for r, q in enumerate(queries):
+        scored = sorted(((float(q @ keys[j]) / tau + bias[j], j) for j in keep), key=lambda sj: (-sj[0], sj[1]))
+        for c, (score, j) in enumerate(scored[:k]):
+            values[r, c], indices[r, c] = score, j
+    return values, indices
+
+
 def propagate(queries, labeled, classes, log_rho, k, tau, num_classes):
-    """(labels, confidences): the density-weighted vote of SPEC §1.2, ties to the lowest class."""
+    """(labels, confidences): the density-weighted vote of docs/method.md §1.2, ties to the lowest class."""
     classes = [int(c) for c in classes]
     labels, confs = [], []
     for top in topk_scores(queries, labeled, log_rho, k, tau):

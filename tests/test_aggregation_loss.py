@@ -1,14 +1,24 @@
-"""llp_fast.aggregation_loss: value and gradient against dense float64 logits (SPEC §1.3)."""
+"""llp_fast.aggregation_loss (docs/method.md §1.3): value and gradient of the public op and its
+reference against dense float64 logits, the C++ extension's kernels (``TestExtension``) and the
+Triton kernels (``TestTriton``, under TRITON_INTERPRET=1 on CPU) against the reference."""
+
+from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from _ext_setup import require_ext
+from _triton_setup import DEVICE, LOW, cuda_only, kernels, triton_tests, unit_rows
 from brute import aggregation_grad
 from brute import aggregation_loss as brute_loss
 from conftest import unit
 
 import llp_fast
 from llp_fast.reference import aggregation_loss_backward_ref, aggregation_loss_ref
+
+# Native kernels run on odd shapes here: a crash fails this module's tests, not the whole run.
+pytestmark = pytest.mark.isolated
 
 SHAPES = [  # (B, N, D, labels drawn from)
     (1, 1, 1, 1),
@@ -114,3 +124,232 @@ def test_backward_at_a_size_that_runs_tiles_in_parallel_workers():
     loss.sum().backward()
     want = aggregation_grad(v[:3], bank, labels, targets[:3], 0.1)
     np.testing.assert_allclose(v.grad[:3].numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused CPU forward and backward (csrc/cpu/aggregation_loss_cpu.cpp) against the reference,
+# over dtypes and odd shapes, plus opcheck and gradcheck through the autograd registration that
+# stays in Python (llp_fast/ops/aggregation_loss.py).
+
+FWD = torch.ops.llp_fast.aggregation_loss.default
+BWD = torch.ops.llp_fast.aggregation_loss_backward.default
+TAU = 0.07
+
+
+def _ext_inputs(b, n, d, dtype, classes=10):
+    v = F.normalize(torch.randn(b, d, dtype=torch.float64), dim=1).to(dtype)
+    bank = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype)
+    labels = torch.randint(0, classes, (n,))
+    labels[: n // 3] = -1 - torch.arange(n // 3)  # instance ids, as unvisited unlabeled rows hold
+    targets = labels[torch.randint(0, n, (b,))]  # each target is some row's label: positives exist
+    return v, bank, labels, targets
+
+
+EXT_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5, torch.float64: 1e-12}
+
+
+class TestExtension:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+    @pytest.mark.parametrize(
+        "b,n,d", [(37, 1500, 17), (1, 1, 5), (256, 513, 128), (3, 2000, 8)], ids=["odd", "B=N=1", "N=513", "D=8"]
+    )
+    def test_forward_and_backward_match_reference(self, dtype, b, n, d):
+        require_ext("aggregation_loss", "aggregation_loss_backward")
+        v, bank, labels, targets = _ext_inputs(b, n, d, dtype)
+        got = FWD(v, bank, labels, targets, TAU)
+        ref = aggregation_loss_ref(v, bank, labels, targets, TAU)
+        out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for g, r in zip(got, ref):
+            assert g.dtype == out_dtype and g.shape == (b,)
+            torch.testing.assert_close(g, r.to(out_dtype), rtol=EXT_TOL[dtype], atol=EXT_TOL[dtype] * 10)
+        coef_all, coef_pos = torch.randn(b, dtype=out_dtype), torch.randn(b, dtype=out_dtype)
+        grad = BWD(v, bank, labels, targets, got[1], got[2], coef_all, coef_pos, TAU)
+        grad_ref = aggregation_loss_backward_ref(v, bank, labels, targets, ref[1], ref[2], coef_all, coef_pos, TAU)
+        assert grad.dtype == dtype and grad.shape == v.shape
+        scale = grad_ref.double().abs().max().item() + 1e-30
+        low = dtype in (torch.bfloat16, torch.float16)
+        # bf16/fp16 gradients are rounded once at the end, like the reference's: allow a rounding step.
+        atol = scale * (2**-7 if low else EXT_TOL[dtype])
+        torch.testing.assert_close(grad.double(), grad_ref.double(), rtol=0, atol=atol)
+
+    def test_target_without_positive_gives_infinite_loss(self):
+        require_ext("aggregation_loss", "aggregation_loss_backward")
+        v, bank, labels, targets = _ext_inputs(4, 300, 16, torch.float32)
+        targets[1] = 12345  # no bank row holds it
+        loss, lse_all, lse_pos = FWD(v, bank, labels, targets, TAU)
+        ref = aggregation_loss_ref(v, bank, labels, targets, TAU)
+        assert lse_pos[1] == float("-inf") and loss[1] == float("inf")
+        torch.testing.assert_close(loss[[0, 2, 3]], ref[0][[0, 2, 3]])
+        grad = BWD(v, bank, labels, targets, lse_all, lse_pos, torch.ones(4), torch.ones(4), TAU)
+        assert torch.isfinite(grad).all()
+
+    def test_far_positive_is_exact(self):
+        # A positive whose score is far below the row's maximum: its own online max keeps it exact.
+        require_ext("aggregation_loss", "aggregation_loss_backward")
+        v = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+        bank = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+        labels = torch.tensor([0, 1])
+        targets = torch.tensor([1])
+        got = FWD(v, bank, labels, targets, 0.01)  # scores 100 and -100
+        ref = aggregation_loss_ref(v, bank, labels, targets, 0.01)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r)
+
+    def test_public_function_gradcheck(self):
+        require_ext("aggregation_loss", "aggregation_loss_backward")
+        v, bank, labels, targets = _ext_inputs(5, 70, 6, torch.float64)
+        v.requires_grad_(True)
+        torch.autograd.gradcheck(lambda x: llp_fast.aggregation_loss(x, bank, labels, targets, tau=0.5), (v,))
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_opcheck(self, dtype):
+        require_ext("aggregation_loss", "aggregation_loss_backward")
+        v, bank, labels, targets = _ext_inputs(6, 40, 16, dtype)
+        torch.library.opcheck(FWD, (v.requires_grad_(dtype == torch.float32), bank, labels, targets, TAU))
+        out = FWD(v.detach(), bank, labels, targets, TAU)
+        coef = torch.randn(6)
+        torch.library.opcheck(BWD, (v.detach(), bank, labels, targets, out[1], out[2], coef, -coef, TAU))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels/aggregation_loss.py against the reference (under TRITON_INTERPRET=1 on CPU).
+
+
+def make_inputs(b, n, d, *, labels=5, seed=0, device=DEVICE):
+    """float64 inputs (rounded per test): bank labels mixing classes and instance ids, the
+    first row of the batch targeting a label no bank row holds (lse_pos = -inf)."""
+    g = torch.Generator().manual_seed(seed)
+    v = unit_rows(b, d, torch.float64, device, gen=g)
+    bank = unit_rows(n, d, torch.float64, device, gen=g)
+    bank_labels = torch.randint(-labels, labels, (n,), generator=g).to(device)
+    targets = torch.randint(-labels, labels, (b,), generator=g).to(device)
+    targets[0] = 10 * labels
+    coef_all = torch.randn(b, generator=g, dtype=torch.float64).to(device)
+    coef_pos = torch.randn(b, generator=g, dtype=torch.float64).to(device)
+    return v, bank, bank_labels, targets, coef_all, coef_pos
+
+
+def assert_same_with_infs(out, ref, **tol):
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(out[fin], ref[fin], **tol)
+
+
+def rel_err(x, truth):
+    return ((x.double() - truth).norm() / truth.norm()).item()
+
+
+class TestTriton:
+    # The interpreter evaluates log(0) for a row without positives (the loss is then +inf, as in
+    # the reference); NumPy warns about it.
+    pytestmark = [*triton_tests, pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")]
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize(
+        "b,n,d,splits",
+        [(1, 20, 7, None), (37, 61, 33, None), (23, 67, 40, 3), (16, 48, 16, 2), (70, 150, 40, 2)],
+    )
+    def test_forward_and_backward_match_reference(self, dtype, b, n, d, splits):
+        v64, bank64, bank_labels, targets, ca, cp = make_inputs(b, n, d, seed=b * 100 + n)
+        v, bank = v64.to(dtype), bank64.to(dtype)
+        # The last shape runs the GPU heuristic's tiles (64-row blocks, 32/64-wide key tiles).
+        tiles = dict(block_m=64 if b == 70 else None, block_n=64 if b == 70 else None)
+        out = kernels.aggregation_loss_triton(v, bank, bank_labels, targets, TAU, splits=splits, **tiles)
+        ref = aggregation_loss_ref(v, bank, bank_labels, targets, TAU)
+        for o, r in zip(out, ref):
+            assert o.dtype == torch.float32 and o.shape == (b,)
+            assert_same_with_infs(o, r, rtol=1e-5, atol=1e-5)
+        assert out[0][0].item() == float("inf") and out[2][0].item() == float("-inf")
+
+        _, lse_all, lse_pos = ref
+        grad = kernels.aggregation_loss_backward_triton(
+            v, bank, bank_labels, targets, lse_all, lse_pos, ca.float(), cp.float(), TAU, splits=splits,
+            block_m=tiles["block_m"], block_n=32 if b == 70 else None,
+        )  # fmt: skip
+        assert grad.dtype == dtype and grad.shape == v.shape
+        assert bool(torch.isfinite(grad).all())
+        grad_ref = aggregation_loss_backward_ref(
+            v, bank, bank_labels, targets, lse_all, lse_pos, ca.float(), cp.float(), TAU
+        )
+        if dtype == torch.float32:
+            torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
+        else:
+            # Low precision: no worse than ~2x the same-dtype reference against a float64 truth.
+            truth_out = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
+            truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, *truth_out[1:], ca, cp, TAU)
+            assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
+            fin = torch.isfinite(truth_out[0])
+            if fin.any():
+                assert rel_err(out[0][fin], truth_out[0][fin]) <= 2 * rel_err(ref[0][fin], truth_out[0][fin]) + 1e-6
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("b,n,d,splits", [(1, 20, 7, None), (37, 61, 33, None), (23, 67, 40, 3)])
+    def test_fused_forward_means_give_the_gradient(self, dtype, b, n, d, splits):
+        """aggregation_loss_fused_triton: the forward outputs, and the gradient from its means."""
+        v64, bank64, bank_labels, targets, ca, cp = make_inputs(b, n, d, seed=b * 10 + n)
+        v, bank = v64.to(dtype), bank64.to(dtype)
+        loss, lse_all, lse_pos, mean_all, mean_pos = kernels.aggregation_loss_fused_triton(
+            v, bank, bank_labels, targets, TAU, splits=splits
+        )
+        ref = aggregation_loss_ref(v, bank, bank_labels, targets, TAU)
+        for o, r in zip((loss, lse_all, lse_pos), ref):
+            assert_same_with_infs(o, r, rtol=1e-5, atol=1e-5)
+        assert mean_all.shape == mean_pos.shape == (b, d)
+        assert bool((mean_pos[0] == 0).all())  # row 0 has no positive
+        grad = kernels.aggregation_loss_grad_from_means(mean_all, mean_pos, ca, cp, TAU, dtype)
+        grad_ref = aggregation_loss_backward_ref(
+            v, bank, bank_labels, targets, ref[1], ref[2], ca.float(), cp.float(), TAU
+        )
+        if dtype == torch.float32:
+            torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
+        else:
+            truth_out = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
+            truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, *truth_out[1:], ca, cp, TAU)
+            assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
+
+    def test_backward_float16_and_large_coefficients(self):
+        v64, bank64, bank_labels, targets, ca, cp = make_inputs(19, 45, 24, seed=9)
+        v, bank = v64.half(), bank64.half()
+        _, lse_all, lse_pos = kernels.aggregation_loss_triton(v, bank, bank_labels, targets, TAU)
+        ca, cp = ca * 100, cp * 100
+        grad = kernels.aggregation_loss_backward_triton(v, bank, bank_labels, targets, lse_all, lse_pos, ca, cp, TAU)
+        truth_out = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
+        truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, *truth_out[1:], ca, cp, TAU)
+        grad_ref = aggregation_loss_backward_ref(v, bank, bank_labels, targets, lse_all, lse_pos, ca, cp, TAU)
+        assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
+
+    def test_declines_float64_and_wide_rows(self):
+        v, bank, bank_labels, targets, _, _ = make_inputs(4, 10, 8)
+        assert kernels.aggregation_loss_triton(v, bank, bank_labels, targets, TAU) is NotImplemented
+        v, bank, bank_labels, targets, _, _ = make_inputs(4, 10, 300)
+        assert kernels.aggregation_loss_triton(v.float(), bank.float(), bank_labels, targets, TAU) is NotImplemented
+
+    @cuda_only
+    @pytest.mark.parametrize("dtype", [torch.float32, *LOW[:1]])
+    def test_aggregation_loss_cuda_realistic(self, dtype):
+        """B = 256 against a 200k-row bank through the public op and autograd."""
+        import llp_fast
+
+        v64, bank64, bank_labels, targets, _, _ = make_inputs(256, 200_000, 128, labels=100, seed=13, device="cuda")
+        targets[0] = bank_labels[0]  # every row has a positive here
+        v = v64.to(dtype).requires_grad_(True)
+        bank = bank64.to(dtype)
+        loss = llp_fast.aggregation_loss(v, bank, bank_labels, targets, tau=TAU)
+        (loss * torch.linspace(0.5, 1.5, 256, device="cuda")).sum().backward()
+
+        # loss = lse_all - lse_pos, so d(sum w * loss) has coef_all = w and coef_pos = -w.
+        w = torch.linspace(0.5, 1.5, 256, device="cuda", dtype=torch.float64)
+        truth, la, lp = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
+        grad_truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, la, lp, w, -w, TAU)
+        ref_loss, ra, rp = aggregation_loss_ref(v.detach(), bank, bank_labels, targets, TAU)
+        grad_ref = aggregation_loss_backward_ref(
+            v.detach(), bank, bank_labels, targets, ra, rp, w.float(), -w.float(), TAU
+        )
+        # No worse than 2x the same-dtype reference; the slack covers fp32, where both errors are at rounding level.
+        assert rel_err(loss.detach(), truth) <= 2 * rel_err(ref_loss, truth) + 1e-6
+        assert rel_err(v.grad, grad_truth) <= 2 * rel_err(grad_ref, grad_truth) + 1e-6
+
+        # The fused forward's means give the same gradient.
+        fused = kernels.aggregation_loss_fused_triton(v.detach(), bank, bank_labels, targets, TAU)
+        grad_fused = kernels.aggregation_loss_grad_from_means(fused[3], fused[4], w, -w, TAU, dtype)
+        assert rel_err(grad_fused, grad_truth) <= 2 * rel_err(grad_ref, grad_truth) + 1e-6

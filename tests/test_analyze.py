@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from llp_fast import MemoryBank
-from llp_fast.analyze import class_density_and_counts, main
+from llp_fast.analyze import class_density_and_counts
+from llp_fast.cli.analyze import main
+from llp_fast.train import checkpoint
 
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
 pytestmark = pytest.mark.isolated
@@ -46,7 +48,8 @@ def _make_run(path, *, density_weighting=True, epochs=3):
                 "corr_density_count": 0.3 - 0.1 * epoch,
             }
             f.write(json.dumps(row) + "\n")
-    torch.save({"bank": bank.state_dict(), "config": {"t": 5, "tau": 0.1}}, path / "checkpoint.pt")
+    state = {"bank": {"pieces": [bank.rows_state()]}, "targets": targets, "config": {"t": 5, "tau": 0.1}}
+    checkpoint.save(state, str(path / "checkpoint.pt"))
     return bank
 
 

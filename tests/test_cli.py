@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from llp_fast import local_density, propagate
-from llp_fast.cli import config_from_args, propagate_main, train_main, train_parser
+from llp_fast.cli.propagate import main as propagate_main
+from llp_fast.cli.train import config_from_args
+from llp_fast.cli.train import main as train_main
+from llp_fast.cli.train import parser as train_parser
 
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
 pytestmark = pytest.mark.isolated

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from llp_fast.train import checkpoint
+
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
 pytestmark = pytest.mark.isolated
 
@@ -38,8 +40,11 @@ def test_two_process_digits_run_lands_in_the_single_process_band(tmp_path):
     assert [r["epoch"] for r in rows] == list(range(1, 81))  # rank 0 alone writes metrics
     assert rows[-1]["test_top1"] >= 0.95, rows[-1]
     assert rows[-1]["pseudo_acc"] >= 0.9, rows[-1]
-    ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
-    assert ckpt["bank"]["embeddings"].shape[0] == len(ckpt["targets"])  # one full bank: any world size resumes
+    ckpt = checkpoint.load(os.path.join(run, "checkpoint.pt"))
+    assert len(ckpt["bank"]["files"]) == 2  # one file of rows per rank: no rank gathered the whole bank
+    pieces = checkpoint.bank_pieces(ckpt["bank"], run)
+    assert sorted((p["start"], p["end"]) for p in pieces)[0][0] == 0
+    assert sum(p["end"] - p["start"] for p in pieces) == len(ckpt["targets"])  # any world size resumes
 
 
 def test_replicated_bank_run(tmp_path):
@@ -66,4 +71,4 @@ def test_interrupted_two_process_run_resumes_in_one_process(tmp_path):
 def test_nproc_must_be_positive(tmp_path):
     proc = _train("--data", "digits", "--nproc", "0", "--run-dir", str(tmp_path / "r"))
     assert proc.returncode != 0
-    assert "--nproc must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert "argument --nproc: expected a whole number >= 1" in proc.stderr and "Traceback" not in proc.stderr

@@ -131,6 +131,31 @@ def _worker(rank, world, init_file, layout):
     twin = (ShardedMemoryBank if layout == "sharded" else ReplicatedMemoryBank)(targets, S, dim=D, seed=11)
     twin.load_full(single.state_dict())
     torch.testing.assert_close(rows(twin, own), rows(bank, own), rtol=0, atol=1e-6)
+    # Diagnostics and checkpoints without gathering: the merged vote, the all-reduced per-class
+    # sums, and this rank's checkpoint piece equal the single bank's.
+    queries = torch.nn.functional.normalize(torch.randn(7, D, generator=torch.Generator().manual_seed(4)), dim=1)
+    for weighted in (True, False):
+        got_v, want_v = (
+            bank.vote(queries, k=3, tau=0.1, density_weighting=weighted),
+            single.vote(queries, k=3, tau=0.1, density_weighting=weighted),
+        )
+        assert torch.equal(got_v[0], want_v[0])
+        torch.testing.assert_close(got_v[1], want_v[1], rtol=1e-5, atol=1e-6)
+    truth = torch.where(torch.arange(N) % 5 == 0, torch.full((N,), -1), torch.arange(N) % S)
+    got_s, want_s = bank.class_statistics(truth), single.class_statistics(truth)
+    for key, value in want_s.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(got_s[key], value, rtol=1e-5, atol=1e-5, check_dtype=False)
+        else:
+            assert abs(got_s[key] - value) < 1e-6, key
+    piece = bank.rows_state()
+    assert (piece["start"], piece["end"]) == ((lo, hi) if layout == "sharded" else (0, N))
+    pieces = [None] * world
+    dist.all_gather_object(pieces, piece)
+    loaded = llp_fast.MemoryBank(targets, S, dim=D, seed=12)
+    loaded.load_rows(pieces)  # the pieces of every rank make the single bank again
+    for key in ("embeddings", "labels", "confidence", "log_rho"):
+        torch.testing.assert_close(getattr(loaded, key), getattr(single, key), rtol=0, atol=1e-6)
     gathered = all_gather_cat(torch.full((rank + 1,), rank))
     assert gathered.tolist() == sum(([r] * (r + 1) for r in range(world)), [])
     dist.barrier()  # every rank got here: all checks passed on all of them

@@ -1,4 +1,4 @@
-"""The memory bound of SPEC §1.2/§1.3, measured: peak resident memory of a fresh process."""
+"""The memory bound of docs/method.md §1.2/§1.3, measured: peak resident memory of a fresh process."""
 
 import json
 import subprocess

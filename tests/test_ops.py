@@ -5,6 +5,7 @@ import torch
 from conftest import unit
 
 import llp_fast
+from llp_fast.reference import topk_scores_ref
 
 
 def _samples():
@@ -22,6 +23,11 @@ def _samples():
         (q, lab, cls, cls[:7], torch.rand(7) + 5, torch.rand(7) + 3, torch.rand(7), torch.rand(7), 0.07),
     )
     yield "bank_update_", (lab.clone(), torch.tensor([1, 1, 4]), q[:3].clone(), 0.5)
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
+    yield "topk_scores", (q, lab, 3, 0.07, torch.rand(11), None, None, None, 0)
+    init = topk_scores_ref(q, lab[:5], 4, 0.2, None, mask[:5])
+    yield "topk_scores", (q, lab[5:], 4, 0.2, None, mask[5:], *init, 5)
+    yield "topk_scores", (q[:1].bfloat16(), lab.bfloat16(), 15, 0.07, None, mask, None, None, 0)  # k > N
 
 
 @pytest.mark.parametrize("name,args", list(_samples()), ids=lambda x: x if isinstance(x, str) else "")
@@ -45,6 +51,15 @@ def test_compile_fullgraph():
     loss(v1).backward()
     (llp_fast.aggregation_loss(v2, lab, cls, cls[:7]) * 2).sum().backward()
     torch.testing.assert_close(v1.grad, v2.grad)
+
+    mask = torch.rand(11) < 0.7
+    top = torch.compile(lambda a, b, c, m: llp_fast.topk_scores(a, b, k=4, bias=c, key_mask=m), fullgraph=True)
+    torch.testing.assert_close(
+        top(q, lab, log_rho, mask), llp_fast.topk_scores(q, lab, k=4, bias=log_rho, key_mask=mask)
+    )
+    init = llp_fast.topk_scores(q, lab[:6], k=4)
+    more = torch.compile(lambda a, b, i: llp_fast.topk_scores(a, b, k=4, init=i, index_offset=6), fullgraph=True)
+    torch.testing.assert_close(more(q, lab[6:], init), llp_fast.topk_scores(q, lab, k=4))
 
     b1, b2 = lab.clone(), lab.clone()
     idx = torch.tensor([1, 5, 1])

@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_config
 from sklearn.datasets import load_digits
 
-from llp_fast.probe import _split_val, main, train_readout
+from llp_fast.cli.probe import main
+from llp_fast.probe import _split_val, train_readout
 from llp_fast.train import Trainer
 
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)

@@ -12,18 +12,12 @@ from brute import local_density as brute_density
 from brute import propagate as brute_propagate
 from conftest import tiny_config
 
-from llp_fast.train import (
-    CHECKPOINT,
-    METRICS,
-    CheckpointError,
-    Interrupted,
-    TrainConfig,
-    Trainer,
-    load_checkpoint,
-    lr_at,
-    read_metrics,
-    train,
-)
+from llp_fast.errors import CheckpointError, Interrupted
+from llp_fast.train.checkpoint import CHECKPOINT, METRICS
+from llp_fast.train.checkpoint import load as load_checkpoint
+from llp_fast.train.config import TrainConfig, lr_at
+from llp_fast.train.loop import Trainer, train
+from llp_fast.train.report import read_metrics
 
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
 pytestmark = pytest.mark.isolated
@@ -93,7 +87,7 @@ def test_fit_fills_the_bank_once_unless_random_init(tmp_path, monkeypatch):
     assert calls == [0]
     train(tiny(tmp_path, name="b", epochs=1, bank_init="random"))
     assert calls == [0]
-    with pytest.raises(ValueError, match="bank_init"):
+    with pytest.raises(ValueError, match="--bank-init"):
         Trainer(tiny(tmp_path, name="c", bank_init="zeros"))
 
 
@@ -101,7 +95,7 @@ def test_label_init_inputs_is_llps_vote_on_the_pixels(tmp_path):
     tr = Trainer(tiny(tmp_path, labeled_fraction=0.05, label_init="inputs"))
     m, labels0 = tr.bank.num_labeled, tr.bank.labels.clone()
     tr.init_labels()
-    # Independent float64 brute force of SPEC §1.1-1.2 on centred, L2-normalised pixels.
+    # Independent float64 brute force of docs/method.md §1.1-1.2 on centred, L2-normalised pixels.
     x = f64(tr.source.x.flatten(1))
     x -= x.mean(axis=0)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -132,7 +126,7 @@ def test_fit_labels_from_inputs_once_and_keeps_them_until_propagation(tmp_path, 
     assert calls == [0]
     train(tiny(tmp_path, "c", epochs=1))  # label_init="instance"
     assert calls == [0]
-    with pytest.raises(ValueError, match="label_init"):
+    with pytest.raises(ValueError, match="--label-init"):
         Trainer(tiny(tmp_path, name="d", label_init="pixels"))
 
 
@@ -166,8 +160,8 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
     mb = torch.load(os.path.join(cut.run_dir, CHECKPOINT), weights_only=True)
     for k, v in ma["model"].items():
         assert torch.equal(v, mb["model"][k]), k
-    assert torch.equal(ma["bank"]["embeddings"], mb["bank"]["embeddings"])
-    assert torch.equal(ma["bank"]["labels"], mb["bank"]["labels"])
+    assert torch.equal(ma["bank"]["pieces"][0]["embeddings"], mb["bank"]["pieces"][0]["embeddings"])
+    assert torch.equal(ma["bank"]["pieces"][0]["labels"], mb["bank"]["pieces"][0]["labels"])
 
 
 def test_resume_at_epoch_boundary_equals_uninterrupted(tmp_path):
@@ -254,7 +248,7 @@ def test_propagation_start_keeps_instance_ids_then_propagates(tmp_path):
     tr.cfg.epochs = 2
     tr.fit()
     assert bool((tr.bank.labels[m:] >= 0).all())  # epoch 2 propagates
-    with pytest.raises(ValueError, match="propagation_start"):
+    with pytest.raises(ValueError, match="--propagation-start"):
         Trainer(tiny(tmp_path, name="bad", propagation_start=-1))
 
 

@@ -1,4 +1,4 @@
-// Fused CPU forward and backward of llp_fast::aggregation_loss (SPEC §1.3):
+// Fused CPU forward and backward of llp_fast::aggregation_loss (docs/method.md §1.3):
 //   lse_all_b = logsumexp_j (v_b . m_j / tau)
 //   lse_pos_b = logsumexp_{j : l_j = target_b} (v_b . m_j / tau)
 //   loss_b    = lse_all_b - lse_pos_b

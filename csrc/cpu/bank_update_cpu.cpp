@@ -1,4 +1,4 @@
-// CPU kernel of llp_fast::bank_update_ (SPEC §1.6):
+// CPU kernel of llp_fast::bank_update_ (docs/method.md §1.6):
 //   bank[i] <- normalize(mu * bank[i] + (1 - mu) * v)     for (i, v) in zip(indices, values)
 // applied in order of appearance, exactly like the sequential loop that bank_update_ref_ spells out.
 //

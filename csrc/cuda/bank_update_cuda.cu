@@ -1,4 +1,4 @@
-// CUDA kernel of llp_fast::bank_update_ (SPEC §1.6), in ONE launch:
+// CUDA kernel of llp_fast::bank_update_ (docs/method.md §1.6), in ONE launch:
 //   bank[i] <- normalize(mu * bank[i] + (1 - mu) * v)     for (i, v) in zip(indices, values)
 // with repeated indices applied in order of appearance (reference.bank_update_ref_).
 //

@@ -23,15 +23,12 @@ fraction ``q`` of the unlabeled remainder is kept (the paper's q).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
-
-class DataError(ValueError):
-    """A data set that cannot be used: the CLI prints its message as one line."""
-
-
-MARKER = "llp_fast data error: "
+from ..errors import MARKER, DataError
 
 
 @dataclass
@@ -123,7 +120,35 @@ def make_split(
     return Split(train=train, targets=targets, truth=y[train].copy(), test=test)
 
 
-def load(spec: str, **kwargs):
+@runtime_checkable
+class Source(Protocol):
+    """What the trainer needs from training data; :class:`~llp_fast.data.arrays.ArraySource` and
+    :class:`~llp_fast.data.folder.FolderSource` implement it (``isinstance`` checks the names).
+
+    ``targets`` (N,) int64: the class of each labeled training example, -1 for unlabeled;
+    ``truth`` (N,): the true class where known, -1 elsewhere (diagnostics only). Batches are
+    ``(images, keys)``: float images (B, C, S, S) on the training device, normalised, and dataset
+    indices (training) or held-out labels (``test_batches``)."""
+
+    num_train: int
+    num_classes: int
+    in_channels: int
+    image_size: int
+    targets: torch.Tensor
+    truth: torch.Tensor
+
+    def train_batches(self, order: torch.Tensor, batch_size: int, gen, *, start: int = 0, epoch: int = 0):
+        """Augmented batches over dataset indices ``order`` from batch number ``start`` on; the
+        augmentation of a given (epoch, position) is the same on a resume."""
+
+    def test_batches(self, batch_size: int):
+        """The held-out split, un-augmented, with its labels."""
+
+    def index_batches(self, indices: torch.Tensor, batch_size: int):
+        """Un-augmented batches of training dataset ``indices``."""
+
+
+def load(spec: str, **kwargs) -> Source:
     """The training source named by ``spec`` (see the module docstring)."""
     from .arrays import load_arrays
     from .folder import load_folder
@@ -133,4 +158,4 @@ def load(spec: str, **kwargs):
     return load_arrays(spec, **kwargs)
 
 
-__all__ = ["DataError", "MARKER", "Split", "load", "make_split"]
+__all__ = ["DataError", "MARKER", "Source", "Split", "load", "make_split"]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from . import MARKER, DataError
 from .folder import IMAGE_EXTENSIONS, _Images
+from .selection import read_selection
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
 
@@ -254,8 +255,6 @@ def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> i
     training examples, after the original ones: dataset indices ``[num_train, num_train + E)``.
     An image selected for several classes is added once. Their truth is the pool's ``y`` where
     the pool has one (pseudo-label diagnostics), else unknown. Returns E."""
-    from ..select import read_selection
-
     sel = read_selection(selection_path)
     fmt = native_format(source)
     keep = np.unique(sel["index"])
@@ -308,25 +307,3 @@ def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> i
     source.num_train += e
     source.num_extra = e
     return e
-
-
-def drop_extra_rows(trainer) -> None:
-    """Fine-tuning on the original data only (paper Appendix B): forgets the extra examples,
-    the last ``trainer.n - trainer.n_original`` dataset indices. They are unlabeled, so they
-    are the bank's last rows too: every per-example table is cut to its first ``n_original``
-    entries (copies, so the extra rows' memory is freed), and batches are drawn from the original examples alone."""
-    n0 = trainer.n_original
-    if trainer.n == n0:
-        return
-    trainer.n = n0
-    trainer.targets = trainer.targets[:n0]
-    trainer.truth = trainer.truth[:n0]
-    bank = trainer.bank
-    if bank is not None:
-        if not bool((bank.row_of[:n0] < n0).all()):
-            raise RuntimeError("extra examples are not the bank's last rows")
-        bank.embeddings = bank.embeddings[:n0].clone()
-        bank.labels = bank.labels[:n0].clone()
-        bank.confidence = bank.confidence[:n0].clone()
-        bank.row_of = bank.row_of[:n0].clone()
-        bank.index_of = bank.index_of[:n0].clone()

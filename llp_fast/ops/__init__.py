@@ -1,5 +1,5 @@
 """The LLP ops: one ``torch.library`` custom op per computation, in the ``llp_fast::``
-namespace, whose default body is the chunked pure-PyTorch reference (SPEC §3).
+namespace, whose default body is the chunked pure-PyTorch reference (docs/method.md §3).
 
 Faster paths register per device: Triton launchers (``kernels/``) for CUDA from each op's
 module here; C++/CUDA kernels from ``csrc/`` with ``TORCH_LIBRARY_IMPL``. The public
@@ -10,5 +10,6 @@ from .aggregation_loss import aggregation_loss
 from .bank_update import bank_update_
 from .local_density import local_density
 from .propagate import propagate
+from .topk_scores import topk_scores
 
-__all__ = ["aggregation_loss", "bank_update_", "local_density", "propagate"]
+__all__ = ["aggregation_loss", "bank_update_", "local_density", "propagate", "topk_scores"]

@@ -1,4 +1,4 @@
-"""``llp_fast.aggregation_loss``: the bank softmax loss of SPEC §1.3, differentiable in v.
+"""``llp_fast.aggregation_loss``: the bank softmax loss of docs/method.md §1.3, differentiable in v.
 
 Forward: two online log-sum-exps over the bank (all rows; rows whose stored label equals the
 target). Backward: scores recomputed tile by tile, ``dv = (sum_j (p_j - q_j) m_j) / tau``.

@@ -1,4 +1,4 @@
-"""``llp_fast.bank_update_``: the in-place memory-bank blend of SPEC §1.6."""
+"""``llp_fast.bank_update_``: the in-place memory-bank blend of docs/method.md §1.6."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``llp_fast.local_density``: log local density of the labeled points (SPEC §1.1)."""
+"""``llp_fast.local_density``: log local density of the labeled points (docs/method.md §1.1)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ local_density_op.register_kernel("cuda")(with_fallback("local_density_triton", _
 @accepts_arrays("labeled", "bank", "pool_mask")
 def local_density(labeled, bank, *, t: int = 25, tau: float = 0.07, pool_mask=None, check_finite: bool = True):
     """``log_rho_i = log sum_{j in N_T(i)} exp(m_i . m_j / tau)``: the log-sum-exp of each
-    labeled point's ``t`` largest similarities to the pool (SPEC §1.1).
+    labeled point's ``t`` largest similarities to the pool (docs/method.md §1.1).
 
     Args:
         labeled: (M, D) labeled embeddings.

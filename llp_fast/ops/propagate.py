@@ -1,4 +1,4 @@
-"""``llp_fast.propagate``: density-weighted top-K label propagation (SPEC §1.2)."""
+"""``llp_fast.propagate``: density-weighted top-K label propagation (docs/method.md §1.2)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def propagate(
     check_finite: bool = True,
 ):
     """Pseudo-labels for ``queries`` by a density-weighted vote of their K nearest labeled
-    points (SPEC §1.2).
+    points (docs/method.md §1.2).
 
     Args:
         queries: (Q, D) embeddings to label (float32, bfloat16, float16 or float64).

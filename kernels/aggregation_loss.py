@@ -1,4 +1,4 @@
-"""Fused bank softmax loss (SPEC §1.3, the ``aggregation_loss`` op), forward and backward.
+"""Fused bank softmax loss (docs/method.md §1.3, the ``aggregation_loss`` op), forward and backward.
 
 ``aggregation_loss_triton`` computes, without the (B, N) logits,
 
@@ -28,26 +28,27 @@ import triton.language as tl
 
 from ._launch import (
     block_d,
+    decline_reason,
     input_precision,
     interpreting,
     launch,
-    launchable,
     maybe_autotune,
     rowmajor,
     split_range,
-    supported_embeddings,
     tile_config,
 )
 from ._topk import dot, load_cols, load_rows
 
 __all__ = [
     "aggregation_loss_triton",
+    "aggregation_loss_triton_declines",
     "aggregation_loss_backward_triton",
+    "aggregation_loss_backward_triton_declines",
     "aggregation_loss_fused_triton",
     "aggregation_loss_grad_from_means",
 ]
 
-# Cap on the per-split partial gradients of the backward (SPEC §4: extra memory < 16 MB).
+# Cap on the per-split partial gradients of the backward (docs/method.md §4: extra memory < 16 MB).
 _PARTIAL_BYTES = 8 << 20
 
 
@@ -274,8 +275,14 @@ def _prepare(v, bank, block_m, block_n, splits, max_splits=None, *, backward=Fal
     return q, keys, n_splits, chunk, (consts, (bm, bn, warps, stages))
 
 
-def _accepts(v, bank):
-    return supported_embeddings(v, bank) and launchable(v, bank)
+def aggregation_loss_triton_declines(v, bank, bank_labels, targets, tau):
+    """Why the aggregation-loss launchers would hand this call to the reference, or None."""
+    return decline_reason(v, bank)
+
+
+def aggregation_loss_backward_triton_declines(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos, tau):
+    """Why :func:`aggregation_loss_backward_triton` would hand this call to the reference, or None."""
+    return decline_reason(v, bank)
 
 
 def aggregation_loss_triton(
@@ -298,7 +305,7 @@ def aggregation_loss_triton(
     Returns:
         (loss, lse_all, lse_pos), each (B,) float32; NotImplemented for float64 or D > 256.
     """
-    if not _accepts(v, bank):
+    if decline_reason(v, bank):
         return NotImplemented
     n_b, dev = v.shape[0], v.device
     if n_b == 0:
@@ -334,7 +341,7 @@ def aggregation_loss_backward_triton(
 ):
     """Launcher for ``llp_fast::aggregation_loss_backward``: same arguments as its default
     body. Returns grad_v (B, D) in ``v.dtype``, or NotImplemented for float64 or D > 256."""
-    if not _accepts(v, bank):
+    if decline_reason(v, bank):
         return NotImplemented
     n_b, d, dev = v.shape[0], v.shape[1], v.device
     if n_b == 0:
@@ -394,7 +401,7 @@ def aggregation_loss_fused_triton(
         (loss, lse_all, lse_pos, mean_all, mean_pos) float32, or NotImplemented as
         :func:`aggregation_loss_triton`.
     """
-    if not _accepts(v, bank):
+    if decline_reason(v, bank):
         return NotImplemented
     n_b, d, dev = v.shape[0], v.shape[1], v.device
     if n_b == 0:

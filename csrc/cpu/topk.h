@@ -1,11 +1,13 @@
-// Fused CPU top-K for llp_fast::propagate (SPEC §1.2) and llp_fast::local_density (SPEC §1.1).
+// Fused CPU top-K shared by csrc/cpu/propagate_cpu.cpp (docs/method.md §1.2) and
+// csrc/cpu/local_density_cpu.cpp (docs/method.md §1.1).
 //
 // Both ops need, per query row i, the k largest of
 //     s_ij = (q_i . m_j) * (1 / tau) - bias_j
 // over the key rows j (propagate: bias = log_rho or 0; local_density: bias = 0, or +inf outside the
 // pool so that those keys score -inf and are never selected). The naive path materialises a score
 // tile, adds the bias in another pass and calls topk (a partial sort of every row); here:
-//   1. a (ROWS x COLS) score tile comes from at::mm (BLAS) into a per-thread buffer that stays in L2;
+//   1. a (ROWS x COLS) score tile comes from at::mm (BLAS) into a per-thread buffer that stays in L2
+//      (always the full tile: the last blocks are padded, so a score never depends on the chunking);
 //   2. one pass over the tile scales, subtracts the bias, and compares each score with the row's
 //      running k-th best (its threshold). Once a row has seen a few hundred keys the threshold
 //      rejects almost every score, so the pass is a vectorised compare with a rare scalar branch;
@@ -17,6 +19,8 @@
 // task (nested OpenMP), which is what keeps every core busy on its own L2-resident tile.
 // Extra memory: O(threads * ROWS * (COLS + 2k + 64)) for the tiles and candidate buffers, plus O(Q)
 // for the outputs; a query or key block is converted per task when its dtype is not the compute one.
+#pragma once
+
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -30,10 +34,9 @@
 #include <utility>
 #include <vector>
 
-#include "../llp_fast.h"
 
 namespace llp_fast {
-namespace {
+namespace topk {
 
 // Tile shape. ROWS x COLS floats = 512 KB for the tile; with the 256-row query block and the
 // 512-row key block (128 KB + 256 KB at D = 128) it fits one core's L2 on current server CPUs
@@ -46,7 +49,7 @@ struct Tile {
   int64_t cols = 512;
 };
 
-Tile tile_for(int64_t nq) {
+inline Tile tile_for(int64_t nq) {
   Tile t;
   if (const char* s = std::getenv("LLP_FAST_CPU_TILE")) {
     long r = 0, c = 0;
@@ -100,14 +103,18 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
   if (nq == 0) return;
   const Tile tile = tile_for(nq);
-  const int64_t rows = std::min(tile.rows, nq);
-  const int64_t cols = std::min(tile.cols, nk);
+  // Every product is a full (rows x cols) tile, the last query and key blocks padded with zero
+  // rows: BLAS then computes each score with the same instructions wherever a key falls, so a
+  // key's score does not depend on how the caller chunked the keys (topk_scores merges chunked
+  // calls exactly; MKL's small-matrix paths round differently from its tiled ones).
+  const int64_t rows = tile.rows;
+  const int64_t cols = tile.cols;
   const int64_t cap = 2 * k + 64;
   // The reference multiplies by the Python float 1/tau rounded to the compute type; so do we, so
   // that both see the same scores up to the matmul's summation order.
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-  // Inputs already in the compute dtype are used in place (views, no copy); others are converted
-  // one block at a time inside the task, so a bf16 bank is never copied whole.
+  // Full blocks already in the compute dtype are used in place (views, no copy); others are
+  // converted (or padded) one block at a time inside the task, so a bf16 bank is never copied whole.
   const bool q_direct = queries.scalar_type() == cdt;
   const bool k_direct = keys.scalar_type() == cdt;
   const int64_t blocks = (nq + rows - 1) / rows;
@@ -117,14 +124,18 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     at::Tensor scores = at::empty({rows, cols}, opts);
     std::vector<Candidate<acc_t>> cand(static_cast<size_t>(rows * cap));
     std::vector<RowTopK<acc_t>> top(rows);
-    at::Tensor q_buf = q_direct ? at::Tensor() : at::empty({rows, dim}, opts);
-    at::Tensor k_buf = k_direct ? at::Tensor() : at::empty({cols, dim}, opts);
+    at::Tensor q_buf = at::zeros({rows, dim}, opts);
+    at::Tensor k_buf = at::zeros({cols, dim}, opts);
 
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * rows;
       const int64_t nr = std::min(rows, nq - r0);
       at::Tensor q = queries.detach().narrow(0, r0, nr);  // see aggregation_loss_cpu.cpp on detach()
-      if (!q_direct) q = q_buf.narrow(0, 0, nr).copy_(q);
+      if (!q_direct || nr < rows) {
+        q_buf.narrow(0, 0, nr).copy_(q);
+        q_buf.narrow(0, nr, rows - nr).zero_();
+        q = q_buf;
+      }
       for (int64_t r = 0; r < nr; ++r) {
         top[r] = RowTopK<acc_t>{cand.data() + r * cap, 0, -std::numeric_limits<acc_t>::infinity()};
       }
@@ -132,14 +143,17 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
       for (int64_t c0 = 0; c0 < nk; c0 += cols) {
         const int64_t nc = std::min(cols, nk - c0);
         at::Tensor kc = keys.detach().narrow(0, c0, nc);
-        if (!k_direct) kc = k_buf.narrow(0, 0, nc).copy_(kc);
-        // The tile is (nr, nc) with row stride nc: contiguous, as mm_out wants its output.
-        at::Tensor s = scores.view({-1}).narrow(0, 0, nr * nc).view({nr, nc});
-        at::mm_out(s, q, kc.t());
+        if (!k_direct || nc < cols) {
+          k_buf.narrow(0, 0, nc).copy_(kc);
+          k_buf.narrow(0, nc, cols - nc).zero_();
+          kc = k_buf;
+        }
+        at::mm_out(scores, q, kc.t());
+        const acc_t* s = scores.const_data_ptr<acc_t>();
         const acc_t* bias_c = bias + c0;
 
         for (int64_t r = 0; r < nr; ++r) {
-          acc_t* srow = s.data_ptr<acc_t>() + r * nc;
+          const acc_t* srow = s + r * cols;
           RowTopK<acc_t>& t = top[r];
           // Blocks of 32 columns: a branch-free (vectorisable) pass that scales, biases and asks
           // "does any score beat the threshold?" without storing anything, then a scalar pass,
@@ -172,12 +186,12 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   });
 }
 
-at::ScalarType compute_type(const at::Tensor& a, const at::Tensor& b) {
+inline at::ScalarType compute_type(const at::Tensor& a, const at::Tensor& b) {
   // As reference.compute_dtype: float64 if an input is float64, else float32.
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
-void check_pair(const char* op, const at::Tensor& q, const char* qn, const at::Tensor& m, const char* mn) {
+inline void check_pair(const char* op, const at::Tensor& q, const char* qn, const at::Tensor& m, const char* mn) {
   TORCH_CHECK(q.device().is_cpu() && m.device().is_cpu(), op, ": tensors must be on the CPU");
   TORCH_CHECK(q.dim() == 2 && m.dim() == 2, op, ": ", qn, " and ", mn, " must be 2-D");
   TORCH_CHECK(q.size(1) == m.size(1), op, ": ", qn, " and ", mn, " must have the same D");
@@ -185,110 +199,5 @@ void check_pair(const char* op, const at::Tensor& q, const char* qn, const at::T
               ": embeddings must be floating point");
 }
 
-// SPEC §1.2's vote over the k best (sorted descending): w = exp(score - best), summed per class;
-// the label is the class with the largest sum, ties to the lowest class id; the confidence is its
-// share. Classes are collected by a stable sort so each class's weights are added in score order,
-// as the reference's scatter_add does; no num_classes-sized buffer is needed.
-template <typename acc_t>
-void vote(const Candidate<acc_t>* c, int64_t n, const int64_t* classes, std::vector<std::pair<int64_t, acc_t>>& cw,
-          int64_t* label, acc_t* conf) {
-  if (n == 0) {  // no key at all: cannot happen through the public API (k >= 1, M >= 1)
-    *label = 0;
-    *conf = std::numeric_limits<acc_t>::quiet_NaN();
-    return;
-  }
-  cw.resize(n);
-  const acc_t top = c[0].value;
-  for (int64_t i = 0; i < n; ++i) cw[i] = {classes[c[i].index], std::exp(c[i].value - top)};
-  std::stable_sort(cw.begin(), cw.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  acc_t total = 0, best = -1;
-  int64_t best_class = 0;
-  for (int64_t i = 0; i < n;) {
-    const int64_t cls = cw[i].first;
-    acc_t w = 0;
-    for (; i < n && cw[i].first == cls; ++i) w += cw[i].second;
-    total += w;
-    if (w > best) {  // strict: an equal later (higher) class does not replace the lower one
-      best = w;
-      best_class = cls;
-    }
-  }
-  *label = best_class;
-  *conf = best / total;
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& queries, const at::Tensor& labeled,
-                                                 const at::Tensor& labeled_classes,
-                                                 const std::optional<at::Tensor>& log_rho, int64_t k,
-                                                 double tau, int64_t num_classes) {
-  check_pair("propagate_cpu", queries, "queries", labeled, "labeled");
-  const int64_t nq = queries.size(0), m = labeled.size(0);
-  TORCH_CHECK(labeled_classes.dim() == 1 && labeled_classes.size(0) == m,
-              "propagate_cpu: labeled_classes must be (M,)");
-  TORCH_CHECK(k >= 1 && k <= m, "propagate_cpu: k must lie in [1, M]");
-  TORCH_CHECK(tau > 0, "propagate_cpu: tau must be > 0");
-  TORCH_CHECK(num_classes >= 1, "propagate_cpu: num_classes must be >= 1");
-  const at::ScalarType cdt = compute_type(queries, labeled);
-  const at::Tensor classes = labeled_classes.to(at::kLong).contiguous();
-  at::Tensor bias;
-  if (log_rho.has_value() && log_rho->defined()) {
-    TORCH_CHECK(log_rho->dim() == 1 && log_rho->size(0) == m, "propagate_cpu: log_rho must be (M,)");
-    bias = log_rho->detach().to(cdt).contiguous();
-  } else {
-    bias = at::zeros({m}, queries.options().dtype(cdt));  // NoDW: no density term
-  }
-  at::Tensor labels = at::empty({nq}, queries.options().dtype(at::kLong));
-  at::Tensor conf = at::empty({nq}, queries.options().dtype(cdt));
-
-  AT_DISPATCH_FLOATING_TYPES(cdt, "propagate_cpu", [&] {
-    const int64_t* cls = classes.const_data_ptr<int64_t>();
-    int64_t* lab = labels.data_ptr<int64_t>();
-    scalar_t* cf = conf.data_ptr<scalar_t>();
-    fused_topk<scalar_t>(queries, labeled, bias.const_data_ptr<scalar_t>(), k, tau,
-                         [&](int64_t row, const Candidate<scalar_t>* c, int64_t n) {
-                           // Scratch per thread, reused across rows (a thread runs one task at a time).
-                           thread_local std::vector<std::pair<int64_t, scalar_t>> cw;
-                           vote<scalar_t>(c, n, cls, cw, lab + row, cf + row);
-                         });
-  });
-  return {labels, conf};
-}
-
-at::Tensor local_density_cpu(const at::Tensor& labeled, const at::Tensor& bank, int64_t t, double tau,
-                             const std::optional<at::Tensor>& pool_mask) {
-  check_pair("local_density_cpu", labeled, "labeled", bank, "bank");
-  const int64_t m = labeled.size(0), n = bank.size(0);
-  TORCH_CHECK(t >= 1 && t <= n, "local_density_cpu: t must lie in [1, N]");
-  TORCH_CHECK(tau > 0, "local_density_cpu: tau must be > 0");
-  const at::ScalarType cdt = compute_type(labeled, bank);
-  at::Tensor bias = at::zeros({n}, labeled.options().dtype(cdt));
-  if (pool_mask.has_value() && pool_mask->defined()) {
-    TORCH_CHECK(pool_mask->dim() == 1 && pool_mask->size(0) == n && pool_mask->scalar_type() == at::kBool,
-                "local_density_cpu: pool_mask must be (N,) bool");
-    // Keys outside the pool get bias +inf, i.e. score -inf: never above a threshold, never chosen,
-    // exactly like the reference's masked_fill(-inf). The bank itself is not copied.
-    bias.masked_fill_(pool_mask->logical_not(), std::numeric_limits<double>::infinity());
-  }
-  at::Tensor out = at::empty({m}, labeled.options().dtype(cdt));
-
-  AT_DISPATCH_FLOATING_TYPES(cdt, "local_density_cpu", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    fused_topk<scalar_t>(labeled, bank, bias.const_data_ptr<scalar_t>(), t, tau,
-                         [&](int64_t row, const Candidate<scalar_t>* c, int64_t cnt) {
-                           // log-sum-exp of the t best, max first (torch.logsumexp's formula).
-                           if (cnt == 0) {
-                             o[row] = -std::numeric_limits<scalar_t>::infinity();
-                             return;
-                           }
-                           const scalar_t top = c[0].value;
-                           scalar_t sum = 0;
-                           for (int64_t i = 0; i < cnt; ++i) sum += std::exp(c[i].value - top);
-                           o[row] = top + std::log(sum);
-                         });
-  });
-  return out;
-}
-
+}  // namespace topk
 }  // namespace llp_fast

@@ -1,121 +1,17 @@
-"""LLP across processes with ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
-
-Two layouts of the memory bank:
-
-* :class:`ShardedMemoryBank` — rank r owns the contiguous dataset indices
-  ``[r*N/P, (r+1)*N/P)`` (N/P rows, its own labeled and unlabeled ones). Per step the ranks
-  all-gather the batch embeddings, indices and targets; each computes partial results over
-  its shard and the partials are combined exactly:
-
-  - aggregation loss: per-shard log-sum-exps, combined with all-reduces (max, then sum of
-    exponentials); the backward all-gathers the output gradients, each shard adds its rows'
-    share of ``sum_j (p_j - q_j) m_j / tau`` for the whole global batch, and an all-reduce
-    sums the shares — the gradient is exact;
-  - propagation: each shard's top-K candidates (score, global labeled index, class) are
-    all-gathered and the P*K candidates merged, ties broken by the lower global index;
-  - density refresh: the labeled rows are all-gathered, each shard finds its top-T pool
-    scores for every labeled row, and the P*T candidates are merged the same way;
-  - bank update: every rank writes the rows it owns, in the order of the gathered batch.
-
-* :class:`ReplicatedMemoryBank` — every rank holds the full bank and applies the gathered
-  batch to it, so all copies stay identical; simpler, for when N fits on one device.
-
-Every collective runs under the process group's timeout (set it in
-``init_process_group``; :func:`init` uses 10 minutes, ``LLP_FAST_DIST_TIMEOUT`` seconds to
-change it), so a rank that dies makes the others fail instead of hanging.
-"""
+"""A memory bank split over the ranks by contiguous dataset indices (see :mod:`llp_fast.distributed`)."""
 
 from __future__ import annotations
 
-import datetime
-import math
 import os
 
 import torch
 import torch.distributed as dist
 
-from . import _validate as check
-from .bank import MemoryBank, check_new_labels
-from .ops import bank_update_
-from .reference import is_last_occurrence, streaming_topk, vote
-
-__all__ = [
-    "init",
-    "launched",
-    "shard_range",
-    "all_gather_cat",
-    "ShardedMemoryBank",
-    "ReplicatedMemoryBank",
-]
-
-
-def launched() -> bool:
-    """True inside a multi-process launch (torchrun sets WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def init(backend: str | None = None) -> tuple[int, int]:
-    """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, ...) if it is not yet; returns (rank, world_size)."""
-    if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        timeout = datetime.timedelta(seconds=float(os.environ.get("LLP_FAST_DIST_TIMEOUT", "600")))
-        dist.init_process_group(backend, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The dataset indices [start, end) that ``rank`` owns: contiguous, sizes differ by <= 1."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenation over ranks (rank order) of tensors whose first dimension may differ."""
-    world = dist.get_world_size(group)
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(s) for s in sizes]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
-
-def _merge_topk(vals: torch.Tensor, keys: torch.Tensor, k: int):
-    """Top-k of candidate rows ``vals`` (R, C), ties broken by the lower ``keys`` (global
-    index). Returns (values, positions) sorted by descending value."""
-    by_key = torch.argsort(keys, dim=1, stable=True)
-    v = vals.gather(1, by_key)
-    order = torch.argsort(-v, dim=1, stable=True)[:, :k]
-    return v.gather(1, order), by_key.gather(1, order)
-
-
-def _candidates(queries, keys, k, tau, *, bias=None, key_mask=None):
-    """Per-shard top-k (values, local positions), padded to k with -inf (a shard may hold
-    fewer than k candidates, or none)."""
-    n_q = queries.shape[0]
-    kk = min(k, keys.shape[0] if key_mask is None else int(key_mask.sum()))
-    vals = torch.full((n_q, k), -math.inf, device=queries.device)
-    pos = torch.zeros((n_q, k), dtype=torch.int64, device=queries.device)
-    if kk > 0 and n_q > 0:
-        for r0, v, i in streaming_topk(queries, keys, kk, tau, bias=bias, key_mask=key_mask):
-            vals[r0 : r0 + v.shape[0], :kk] = v.float()
-            pos[r0 : r0 + v.shape[0], :kk] = i
-    return vals, pos
-
-
-def _lse_combine(lse: torch.Tensor, group) -> torch.Tensor:
-    """log(sum over ranks of exp(lse)), elementwise, stable."""
-    top = lse.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = torch.exp(lse - safe)
-    dist.all_reduce(total, group=group)
-    return torch.log(total) + safe
+from .. import _validate as check
+from ..bank import MemoryBank, check_new_labels
+from ..ops import bank_update_
+from ..reference import is_last_occurrence, vote
+from .comm import all_gather_cat, all_gather_same, candidates, lse_combine, merge_topk, offset_of_rank, shard_range
 
 
 class _ShardedAggregationLoss(torch.autograd.Function):
@@ -126,9 +22,9 @@ class _ShardedAggregationLoss(torch.autograd.Function):
         v_all = all_gather_cat(v.detach(), group)
         t_all = all_gather_cat(targets, group)
         _, lse_all, lse_pos = torch.ops.llp_fast.aggregation_loss(v_all, shard, shard_labels, t_all, tau)
-        lse_all = _lse_combine(lse_all.float(), group)
-        lse_pos = _lse_combine(lse_pos.float(), group)
-        rank_start = _offset_of_rank(v.shape[0], group, v.device)
+        lse_all = lse_combine(lse_all.float(), group)
+        lse_pos = lse_combine(lse_pos.float(), group)
+        rank_start = offset_of_rank(v.shape[0], group, v.device)
         ctx.save_for_backward(v_all, shard, shard_labels, t_all, lse_all, lse_pos)
         ctx.tau, ctx.group, ctx.rows = tau, group, (rank_start, rank_start + v.shape[0])
         ctx.v_dtype = v.dtype
@@ -144,15 +40,6 @@ class _ShardedAggregationLoss(torch.autograd.Function):
         dist.all_reduce(part, group=ctx.group)
         lo, hi = ctx.rows
         return part[lo:hi].to(ctx.v_dtype), None, None, None, None, None
-
-
-def _offset_of_rank(n_local: int, group, device) -> int:
-    """Where this rank's rows start in an all_gather_cat of per-rank batches."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    n = torch.tensor([n_local], device=device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    return int(sum(int(s) for s in sizes[:rank]))
 
 
 class ShardedMemoryBank:
@@ -218,7 +105,7 @@ class ShardedMemoryBank:
         check.finite(embeddings, "embeddings")
         return idx_all, all_gather_cat(embeddings.detach().float(), self.group)
 
-    # -- SPEC §1 steps, collective ---------------------------------------------------------
+    # -- docs/method.md §1 steps, collective ---------------------------------------------------------
     def stored(self, indices):
         """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners."""
         indices = torch.as_tensor(indices, device=self.device).long()
@@ -231,11 +118,11 @@ class ShardedMemoryBank:
         conf[own] = self.local.confidence[rows]
         dist.all_reduce(labels, group=self.group)
         dist.all_reduce(conf, group=self.group)
-        lo = _offset_of_rank(indices.shape[0], self.group, self.device)
+        lo = offset_of_rank(indices.shape[0], self.group, self.device)
         return labels[lo : lo + indices.shape[0]], conf[lo : lo + indices.shape[0]]
 
     def refresh_density(self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled") -> torch.Tensor:
-        """SPEC §1.1 over the whole sharded pool; returns this shard's labeled ``log_rho``."""
+        """docs/method.md §1.1 over the whole sharded pool; returns this shard's labeled ``log_rho``."""
         if pool not in ("unlabeled", "all"):
             raise ValueError(f"pool must be 'unlabeled' or 'all', got {pool!r}")
         pool_size = self.num_unlabeled_total if pool == "unlabeled" else self.n
@@ -252,9 +139,9 @@ class ShardedMemoryBank:
         for r in range(int(rounds)):
             mine = self.local.labeled_embeddings[r * chunk : (r + 1) * chunk]
             gathered = all_gather_cat(mine, self.group)
-            vals, _ = _candidates(gathered, keys, t, tau)
-            merged = torch.cat(self._all_gather_same(vals), dim=1).topk(t, dim=1).values
-            lo = _offset_of_rank(mine.shape[0], self.group, self.device)
+            vals, _ = candidates(gathered, keys, t, tau)
+            merged = torch.cat(all_gather_same(vals, self.group), dim=1).topk(t, dim=1).values
+            lo = offset_of_rank(mine.shape[0], self.group, self.device)
             log_rho[r * chunk : r * chunk + mine.shape[0]] = torch.logsumexp(merged[lo : lo + mine.shape[0]], dim=1)
         self.local.log_rho = log_rho
         return self.local.log_rho
@@ -294,7 +181,7 @@ class ShardedMemoryBank:
 
     @torch.no_grad()
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
-        """SPEC §1.6's blend for the global batch; every rank writes the rows it owns."""
+        """docs/method.md §1.6's blend for the global batch; every rank writes the rows it owns."""
         momentum = check.fraction(momentum, "momentum")
         idx_all, emb_all = self._gather_batch(indices, embeddings)
         own = self._owned(idx_all)
@@ -321,6 +208,20 @@ class ShardedMemoryBank:
         full.confidence.copy_(conf[full.index_of])
         full.log_rho = log_rho_by_index[full.index_of[: full.num_labeled]].contiguous()
         return full
+
+    @property
+    def index_range(self) -> tuple[int, int]:
+        """The dataset indices [start, end) this rank owns."""
+        return self.start, self.end
+
+    def rows_state(self) -> dict:
+        """This rank's rows (:meth:`MemoryBank.rows_state`, global dataset indices): a checkpoint
+        writes one piece per rank, so no rank ever holds the whole bank."""
+        return self.local.rows_state()
+
+    def load_rows(self, pieces: list[dict]) -> None:
+        """This rank's rows from checkpoint pieces written at any world size (not collective)."""
+        self.local.load_rows(pieces)
 
     @torch.no_grad()
     def load_full(self, full_state: dict) -> None:
@@ -352,7 +253,7 @@ class ShardedMemoryBank:
         momentum: float = 0.5,
         density_weighting: bool = True,
     ):
-        """SPEC §1.6 for the global batch: propagate its unlabeled examples (merging every
+        """docs/method.md §1.6 for the global batch: propagate its unlabeled examples (merging every
         shard's top-K), store label and confidence at the owners, then blend the owned rows
         in gathered order. Returns (labels, confidence) of the gathered unlabeled examples."""
         check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
@@ -383,25 +284,48 @@ class ShardedMemoryBank:
         is_labeled[own] = (self.local.row_of[idx_all[own] - self.start] < self.local.num_labeled).int()
         dist.all_reduce(is_labeled, group=self.group)
         sel = (is_labeled == 0) & is_last_occurrence(idx_all)
-        m_local = self.local.num_labeled
+        labels, conf = self._merged_vote(emb_all[sel], k, tau, density_weighting)
+        return labels, conf, sel
+
+    def _merged_vote(self, queries, k, tau, density_weighting):
+        """docs/method.md §1.2 for ``queries`` (the same on every rank) against the labeled rows of
+        every shard: each shard's top-K candidates (score, global labeled index, class) are
+        all-gathered and the P*K merged, ties broken by the lower global index."""
         bias = self.local.log_rho if density_weighting else None
-        vals, pos = _candidates(
-            emb_all[sel].to(self.local.embeddings.dtype), self.local.labeled_embeddings, k, tau, bias=bias
-        )
-        if m_local:
+        queries = queries.to(self.local.embeddings.dtype)
+        vals, pos = candidates(queries, self.local.labeled_embeddings, k, tau, bias=bias)
+        if self.local.num_labeled:
             gidx, cls = self.labeled_global[pos], self.local.labeled_classes[pos]
         else:
             gidx, cls = torch.zeros_like(pos), torch.zeros_like(pos)
         gidx = torch.where(torch.isfinite(vals), gidx, torch.full_like(gidx, self.n))  # padding sorts last
-        all_vals, all_g, all_cls = (torch.cat(self._all_gather_same(x), dim=1) for x in (vals, gidx, cls))
-        top_v, where = _merge_topk(all_vals, all_g, k)
-        labels, conf = vote(top_v, all_cls.gather(1, where), self.num_classes)
-        return labels, conf, sel
+        all_vals, all_g, all_cls = (torch.cat(all_gather_same(x, self.group), dim=1) for x in (vals, gidx, cls))
+        top_v, where = merge_topk(all_vals, all_g, k)
+        return vote(top_v, all_cls.gather(1, where), self.num_classes)
 
-    def _all_gather_same(self, x):
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return parts
+    @torch.no_grad()
+    def vote(self, queries: torch.Tensor, *, k: int = 10, tau: float = 0.07, density_weighting: bool = True):
+        """:meth:`MemoryBank.vote` over every shard (collective; every rank passes the same
+        ``queries`` and gets the same labels)."""
+        check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
+        return self._merged_vote(queries, k, check.temperature(tau), density_weighting)
+
+    @torch.no_grad()
+    def class_statistics(self, truth: torch.Tensor) -> dict:
+        """:meth:`MemoryBank.class_statistics` of the whole bank: each shard's sums, all-reduced
+        (collective; no rank holds more than its own rows)."""
+        local = self.local.class_statistics(truth[self.start : self.end])
+        out = {}
+        for key, value in local.items():
+            scalar = not isinstance(value, torch.Tensor)
+            t = torch.tensor(value, dtype=torch.float64, device=self.device) if scalar else value
+            dist.all_reduce(t, group=self.group)
+            out[key] = type(value)(t.item()) if scalar else t
+        return out
+
+    def truncate(self, n: int) -> None:
+        if n < self.n:
+            raise NotImplementedError("a sharded bank keeps its rows (--extra-unlabeled runs in one process)")
 
     def state_dict(self) -> dict:
         return dict(self.local.state_dict(), shard=(self.start, self.end, self.n))
@@ -412,33 +336,3 @@ class ShardedMemoryBank:
                 f"bank state is for shard {state.get('shard')}, this rank owns {(self.start, self.end, self.n)}"
             )
         self.local.load_state_dict({k: v for k, v in state.items() if k != "shard"})
-
-
-class ReplicatedMemoryBank(MemoryBank):
-    """A full :class:`MemoryBank` on every rank, kept identical: :meth:`step` applies the
-    all-gathered batch (in rank order) on every rank. Reads (loss, stored, density) are
-    local. For when N x D fits on one device."""
-
-    def __init__(self, targets, num_classes, *, group=None, **kwargs):
-        super().__init__(targets, num_classes, **kwargs)
-        self.group = group
-
-    def _gathered(self, indices, embeddings):
-        indices = torch.as_tensor(indices, device=self.device)
-        _, emb = self._check_batch(indices, embeddings)
-        return all_gather_cat(indices.long(), self.group), all_gather_cat(emb.float(), self.group)
-
-    @torch.no_grad()
-    def step(self, indices, embeddings, **kwargs):
-        return super().step(*self._gathered(indices, embeddings), **kwargs)
-
-    @torch.no_grad()
-    def update(self, indices, embeddings, **kwargs):
-        return super().update(*self._gathered(indices, embeddings), **kwargs)
-
-    def gather(self) -> MemoryBank:
-        """Every rank already holds the whole bank."""
-        return self
-
-    def load_full(self, full_state: dict) -> None:
-        self.load_state_dict(full_state)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as check
-from .ops import aggregation_loss, bank_update_, local_density, propagate
-from .reference import is_last_occurrence
+from .. import _validate as check
+from ..ops import aggregation_loss, bank_update_, local_density, propagate
+from ..reference import is_last_occurrence
+from .state import BankState
 
-_STATE_KEYS = ("embeddings", "labels", "confidence", "log_rho", "row_of", "num_labeled", "num_classes")
 _INIT_BLOCK = 1 << 16
 
 
@@ -48,8 +48,8 @@ def check_new_labels(labels, confidence, n: int, num_classes: int, device, label
         raise ValueError("indices holds a labeled example: only unlabeled examples take new labels")
 
 
-class MemoryBank:
-    """The state LLP keeps per example (SPEC §1).
+class MemoryBank(BankState):
+    """The state LLP keeps per example (docs/method.md §1).
 
     Args:
         targets: (N,) int, per dataset index: the true class (>= 0) of a labeled example,
@@ -122,6 +122,11 @@ class MemoryBank:
         return self.embeddings.device
 
     @property
+    def index_range(self) -> tuple[int, int]:
+        """The dataset indices [start, end) this bank holds."""
+        return self.index_offset, self.index_offset + len(self)
+
+    @property
     def labeled_embeddings(self) -> torch.Tensor:
         return self.embeddings[: self.num_labeled]
 
@@ -140,13 +145,13 @@ class MemoryBank:
         return self.rows(indices) < self.num_labeled
 
     def stored(self, indices):
-        """(labels, confidence) stored for dataset ``indices``: the loss targets (SPEC §1.5)."""
+        """(labels, confidence) stored for dataset ``indices``: the loss targets (docs/method.md §1.5)."""
         rows = self.rows(indices)
         return self.labels[rows], self.confidence[rows]
 
-    # -- SPEC §1 steps -------------------------------------------------------------------
+    # -- docs/method.md §1 steps -------------------------------------------------------------------
     def refresh_density(self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled") -> torch.Tensor:
-        """Once per epoch (SPEC §1.1): ``log_rho`` of the labeled rows against the pool,
+        """Once per epoch (docs/method.md §1.1): ``log_rho`` of the labeled rows against the pool,
         the unlabeled rows (paper) or every row, the point itself included (``"all"``)."""
         if pool not in ("unlabeled", "all"):
             raise ValueError(f"pool must be 'unlabeled' or 'all', got {pool!r}")
@@ -157,7 +162,7 @@ class MemoryBank:
         return self.log_rho
 
     def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, targets=None) -> torch.Tensor:
-        """Aggregation loss (SPEC §1.3) of the batch embeddings ``v`` against the bank, with
+        """Aggregation loss (docs/method.md §1.3) of the batch embeddings ``v`` against the bank, with
         each example's stored label as the target (``targets``: those labels when the caller
         already fetched them with :meth:`stored`). (B,) float32."""
         if targets is None:
@@ -186,7 +191,7 @@ class MemoryBank:
 
     @torch.no_grad()
     def propagate(self, indices, embeddings, *, k: int = 10, tau: float = 0.07, density_weighting: bool = True):
-        """SPEC §1.2 for the unlabeled examples among dataset ``indices``, with their fresh
+        """docs/method.md §1.2 for the unlabeled examples among dataset ``indices``, with their fresh
         ``embeddings``; stores and returns (labels, confidence) of those examples. Labeled
         examples keep their class with confidence 1. For a repeated index the last
         occurrence is stored, as a sequential loop over the batch would."""
@@ -229,7 +234,7 @@ class MemoryBank:
 
     @torch.no_grad()
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
-        """SPEC §1.6's blend of the batch's bank rows (repeats applied in order)."""
+        """docs/method.md §1.6's blend of the batch's bank rows (repeats applied in order)."""
         rows, emb = self._check_batch(indices, embeddings)
         bank_update_(self.embeddings, rows, emb, momentum=momentum, check_finite=False)
 
@@ -244,7 +249,7 @@ class MemoryBank:
         momentum: float = 0.5,
         density_weighting: bool = True,
     ):
-        """After an optimizer step (SPEC §1.6), in order: propagate the batch's unlabeled
+        """After an optimizer step (docs/method.md §1.6), in order: propagate the batch's unlabeled
         examples with this step's embeddings and store label and confidence, then blend
         their bank rows. Everything is checked before anything is written."""
         rows, emb = self._check_batch(indices, embeddings)
@@ -255,56 +260,65 @@ class MemoryBank:
         bank_update_(self.embeddings, rows, emb, momentum=momentum, check_finite=False)
         return out
 
-    # -- checkpointing -------------------------------------------------------------------
-    def gather(self) -> MemoryBank:
-        """The whole bank as one :class:`MemoryBank`: this one (a sharded bank gathers)."""
-        return self
+    # -- reads over the whole bank ------------------------------------------------------
+    @torch.no_grad()
+    def vote(self, queries: torch.Tensor, *, k: int = 10, tau: float = 0.07, density_weighting: bool = True):
+        """docs/method.md §1.2 for ``queries`` (Q, D) against the labeled rows, storing nothing:
+        (labels, confidence). With ``density_weighting=False`` a plain weighted kNN vote."""
+        return propagate(
+            queries.to(self.embeddings.dtype),
+            self.labeled_embeddings,
+            self.labeled_classes,
+            self.log_rho if density_weighting else None,
+            k=k,
+            tau=tau,
+            num_classes=self.num_classes,
+            check_finite=False,
+        )
 
-    def load_full(self, state: dict) -> None:
-        """Loads a single-process state (what :meth:`gather` gives); same as load_state_dict."""
-        self.load_state_dict(state)
+    @torch.no_grad()
+    def class_statistics(self, truth: torch.Tensor) -> dict:
+        """Per-class sums behind the diagnostics of docs/method.md §1.9, for ``truth`` (N,), the
+        true class of each dataset index or -1 where unknown:
 
-    def state_dict(self) -> dict:
+        ``pseudo_hits`` / ``pseudo_known`` (unlabeled rows whose stored label equals their known
+        truth / that have one), ``pseudo_counts`` (S,) unlabeled rows per stored class,
+        ``pseudo_conf_sum`` and ``unlabeled``, ``class_sums`` (S, D) and ``class_sizes`` (S,) of
+        the bank rows per true class, ``density_sums`` (S,) of log_rho and ``labeled_sizes`` (S,)
+        per labeled class. Sums, so that shards of a bank add theirs up."""
+        s, m = self.num_classes, self.num_labeled
+        truth = truth.to(self.device)[self.index_of]  # bank order
+        unl = torch.arange(len(self), device=self.device) >= m
+        has = unl & (truth >= 0)
+        stored = self.labels[unl]
+        known = truth >= 0
         return {
-            "embeddings": self.embeddings,
-            "labels": self.labels,
-            "confidence": self.confidence,
-            "log_rho": self.log_rho,
-            "row_of": self.row_of,
-            "num_labeled": self.num_labeled,
-            "num_classes": self.num_classes,
+            "pseudo_hits": int((self.labels[has] == truth[has]).sum()),
+            "pseudo_known": int(has.sum()),
+            "pseudo_counts": torch.bincount(stored[stored >= 0], minlength=s),
+            "pseudo_conf_sum": float(self.confidence[unl].double().sum()),
+            "unlabeled": int(unl.sum()),
+            "class_sums": torch.zeros(s, self.embeddings.shape[1], device=self.device).index_add_(
+                0, truth[known], self.embeddings[known].float()
+            ),
+            "class_sizes": torch.bincount(truth[known], minlength=s),
+            "density_sums": torch.zeros(s, device=self.device).index_add_(
+                0, self.labeled_classes, self.log_rho.float()
+            ),
+            "labeled_sizes": torch.bincount(self.labeled_classes, minlength=s),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restores a :meth:`state_dict`; checks every entry first, so a corrupt or
-        mismatched state raises ``ValueError`` and leaves this bank unchanged."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        missing = [k for k in _STATE_KEYS if k not in state]
-        if missing:
-            raise ValueError(f"bank state is missing {missing}")
-        n, d = self.embeddings.shape
-        m = int(state["num_labeled"])
-        expect = {
-            "embeddings": (n, d),
-            "labels": (n,),
-            "confidence": (n,),
-            "log_rho": (m,),
-            "row_of": (n,),
-        }
-        for key, shape in expect.items():
-            value = state[key]
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"bank state {key!r} has shape {got}, expected {shape}")
-        if m != self.num_labeled or int(state["num_classes"]) != self.num_classes:
-            raise ValueError("bank state was saved for a different labeled split or class count")
-        if not bool(torch.isfinite(state["embeddings"].float()).all()):
-            raise ValueError("bank state 'embeddings' contains NaN or Inf")
-        row_of = state["row_of"].long().to(self.device)
-        self.embeddings.copy_(state["embeddings"])
-        self.labels.copy_(state["labels"])
-        self.confidence.copy_(state["confidence"])
-        self.log_rho = state["log_rho"].to(device=self.device, dtype=torch.float32).clone()
-        self.row_of.copy_(row_of)
-        self.index_of[row_of] = torch.arange(n, device=self.device)
+    @torch.no_grad()
+    def truncate(self, n: int) -> None:
+        """Forgets dataset indices >= ``n``, which must be unlabeled and so the bank's last rows
+        (the extra examples of ``--extra-unlabeled``, dropped for fine-tuning). Copies, so that
+        the dropped rows' memory is freed."""
+        if n >= len(self):
+            return
+        if not bool((self.row_of[:n] < n).all()):
+            raise ValueError("the examples to drop are not the bank's last rows (a labeled one among them?)")
+        self.embeddings = self.embeddings[:n].clone()
+        self.labels = self.labels[:n].clone()
+        self.confidence = self.confidence[:n].clone()
+        self.row_of = self.row_of[:n].clone()
+        self.index_of = self.index_of[:n].clone()

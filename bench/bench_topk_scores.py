@@ -1,0 +1,192 @@
+"""Benchmark of ``topk_scores`` (the selection behind docs/method.md §1.1/§1.2, on its own):
+the fused top-K (the C++ extension on CPU, Triton on a GPU) against chunked PyTorch, and the
+streaming use, the keys in chunks merged through ``init``.
+
+    python bench/bench_topk_scores.py                  # GPU: step and ImageNet shapes; CPU: small, sweep
+    python bench/bench_topk_scores.py --shapes cpu     # CPU: Q = 20,000 against N = 5,000 keys
+    pytest bench/bench_topk_scores.py --benchmark-enable
+
+Providers: ``naive`` (chunked mm + bias + masked topk), ``mm_only`` (chunked torch.mm
+producing the same scores, no selection), ``reference`` (llp_fast.reference.topk_scores_ref),
+``op`` (the public llp_fast.topk_scores, whatever backend it dispatches to), ``chunked``
+(the op over the keys in 8 chunks, each merging the previous result: what a streaming pass
+over a pool larger than memory does), ``extension`` (torch.ops.llp_fast.topk_scores on the
+compiled CPU kernel, csrc/cpu/topk_scores_cpu.cpp; CPU only), ``triton``
+(kernels.topk_scores_triton; GPU only), ``faiss`` (CPU: faiss-cpu IndexFlatIP over the
+masked keys augmented with the bias). ``Shape.q`` = Q, ``Shape.m`` = N, ``Shape.k`` = k; a
+third of the keys is masked out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+
+import pytest
+import torch
+
+try:
+    from . import common
+except ImportError:  # run as a script
+    import common
+
+import llp_fast
+from llp_fast.reference import topk_scores_ref
+
+OP = "topk_scores"
+TAU = 0.07
+CHUNKS = 8
+Shape = common.Shape
+
+
+def shapes(which: str) -> list[Shape]:
+    gpu = torch.cuda.is_available()
+    small = [Shape("small", 2000, 500, 128, 10)]
+    cpu_spec = [Shape("cpu-spec", 20_000, 5_000, 128, 10)]
+    step = [Shape("step", 256, 128_117), Shape("step-1.3M", 256, 1_281_167, 128, 25)]
+    imagenet = [Shape("imagenet", 128_117, 1_281_167, 128, 25)]  # the density pass
+    if gpu:
+        sweep = [Shape("sweep-q", q, 128_117) for q in (16_384, 65_536)]
+    else:
+        sweep = [Shape("sweep-q", q, 5_000, 128, 10) for q in (5_000, 10_000, 20_000)]
+    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep}
+    if which == "auto":
+        return step + sweep + imagenet if gpu else small + sweep
+    return [s for name in which.split(",") for s in table[name]]
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, dev=None, seed: int = 0):
+    """(queries, keys, bias, key_mask)."""
+    dev = dev or common.device()
+    queries = common.unit_rows(shape.q, shape.d, dtype, dev, seed)
+    keys = common.unit_rows(shape.m, shape.d, dtype, dev, seed + 1)
+    g = torch.Generator(device=dev).manual_seed(seed + 2)
+    bias = -(torch.rand(shape.m, generator=g, device=dev) * 2 + 5)
+    key_mask = torch.rand(shape.m, generator=g, device=dev) < 2 / 3
+    return queries, keys, bias, key_mask
+
+
+# ----------------------------------------------------------------------------- providers
+# Each takes (inputs, shape) and returns (values, indices).
+
+
+def naive(inputs, shape):
+    """Chunked PyTorch: the (rows, N) score block materialised, biased, masked, topk."""
+    queries, keys, bias, mask = inputs
+    rc = min(common.row_chunk(keys.shape[0], queries.shape[0]), queries.shape[0])
+    values = torch.empty(queries.shape[0], shape.k, dtype=torch.float32, device=queries.device)
+    indices = torch.empty(queries.shape[0], shape.k, dtype=torch.int64, device=queries.device)
+    kt, off = keys.T, ~mask
+    for r0 in range(0, queries.shape[0], rc):
+        s = (queries[r0 : r0 + rc] @ kt).float().mul_(1.0 / TAU).add_(bias).masked_fill_(off, -math.inf)
+        values[r0 : r0 + rc], indices[r0 : r0 + rc] = s.topk(shape.k, dim=1)
+    return values, indices
+
+
+def mm_only(inputs, shape):
+    return common.mm_only(inputs[0], inputs[1], TAU)
+
+
+def reference(inputs, shape):
+    return topk_scores_ref(*inputs[:2], shape.k, TAU, *inputs[2:], None, None, 0)
+
+
+def op(inputs, shape):
+    queries, keys, bias, mask = inputs
+    return llp_fast.topk_scores(queries, keys, k=shape.k, tau=TAU, bias=bias, key_mask=mask, check_finite=False)
+
+
+def chunked(inputs, shape):
+    queries, keys, bias, mask = inputs
+    step, top = -(-keys.shape[0] // CHUNKS), None
+    for c0 in range(0, keys.shape[0], step):
+        c1 = c0 + step
+        top = llp_fast.topk_scores(queries, keys[c0:c1], k=shape.k, tau=TAU, bias=bias[c0:c1], key_mask=mask[c0:c1],
+                                   init=top, index_offset=c0, check_finite=False)  # fmt: skip
+    return top
+
+
+def extension(inputs, shape):
+    return torch.ops.llp_fast.topk_scores.default(*inputs[:2], shape.k, TAU, *inputs[2:], None, None, 0)
+
+
+def triton(inputs, shape):
+    return common.triton_kernels().topk_scores_triton(*inputs[:2], shape.k, TAU, *inputs[2:], None, None, 0)
+
+
+_KEPT: list = [None, None, None]  # keys, the kept rows' positions, the kept keys and biases
+
+
+def faiss_topk(inputs, shape):
+    """Flat inner-product search over the masked-in keys with -bias as the subtracted term;
+    the kept keys are copied once per key set (outside the timing, as the index is)."""
+    queries, keys, bias, mask = inputs
+    if _KEPT[0] is not keys:
+        where = mask.nonzero().squeeze(1)
+        _KEPT[:] = [keys, where, (keys[where], -bias[where])]
+    kept_keys, minus_bias = _KEPT[2]
+    values, idx = common.faiss_search(queries, kept_keys, shape.k, TAU, minus_bias)
+    return values, _KEPT[1][idx]
+
+
+PROVIDERS = {
+    "naive": naive,
+    "mm_only": mm_only,
+    "reference": reference,
+    "op": op,
+    "chunked": chunked,
+    "extension": extension,
+    "triton": triton,
+    "faiss": faiss_topk,
+}
+
+
+def available(name: str) -> bool:
+    if name == "triton":
+        return common.triton_kernels() is not None
+    if name == "extension":
+        return common.extension_loaded()
+    if name == "faiss":
+        return not torch.cuda.is_available() and importlib.util.find_spec("faiss") is not None
+    return True
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def check_shape() -> Shape:
+    gpu = torch.cuda.is_available()
+    return Shape("check", 2048 if gpu else 300, 20_000 if gpu else 700, 128, 10)
+
+
+def compare(out, ref, dtype) -> str:
+    """The selected values (not the indices, which near-ties may reorder) to 1e-3."""
+    err = (out[0].float() - ref[0].float()).abs().max().item()
+    msg = f"max |value error| {err:.1e}"
+    assert err <= 1e-3, msg
+    return msg
+
+
+def flops(s: Shape) -> float:
+    return 2.0 * s.q * s.m * s.d
+
+
+def skip(name: str, s: Shape) -> bool:
+    return name == "reference" and s.q * s.m > 2e10
+
+
+def main(argv=None):
+    return common.run(sys.modules[__name__], argv)
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_topk_scores(benchmark, provider):
+    common.benchmark_provider(benchmark, sys.modules[__name__], provider)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

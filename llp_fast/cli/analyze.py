@@ -1,0 +1,36 @@
+"""``llp-fast-analyze RUN_DIR``: pictures of a training run (see :mod:`llp_fast.analyze`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..analyze import analyze
+from . import _common
+
+PROG = "llp-fast-analyze"
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=PROG, description="Pictures of a llp-fast-train run.")
+    ap.add_argument("run_dir")
+    ap.add_argument("--compare", help="a second run (e.g. --no-density-weighting) shown beside the first")
+    ap.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
+    ap.add_argument("--map", choices=("pca", "mds"), default="pca", help="2-D embedding map method")
+    ap.add_argument("--classes", type=_common.POSITIVE_INT, default=4, help="classes in the embedding map")
+    return ap
+
+
+def _main(args) -> int:
+    paths = analyze(args.run_dir, compare=args.compare, out=args.out, method=args.map, n_classes=args.classes)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def main(argv=None) -> int:
+    return _common.run(PROG, _main, parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

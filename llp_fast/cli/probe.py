@@ -1,0 +1,154 @@
+"""``llp-fast-linear-probe``: transfer by linear readout (paper §4 Table 4, Appendix C)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .._files import atomic_open
+from ..data.extra import native_format
+from ..errors import ConfigError
+from ..probe import probe_features, train_readout
+from ..select import load_network
+from ..train.config import default_device
+from . import _common
+
+PROG = "llp-fast-linear-probe"
+
+
+def _val_fraction(v: float) -> float:
+    if not 0 <= v < 1:
+        raise ValueError(f"expected a number in [0, 1), got {v!r}")
+    return v
+
+
+_VAL_FRACTION = _common.checked(float, _val_fraction, "a number")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="Freeze a trained network and fit a linear readout on its pooled features of another labeled "
+        "data set (paper §4, Appendix C); report held-out top-1 and top-5.",
+    )
+    ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
+    ap.add_argument("--data", required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH")
+    ap.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
+    ap.add_argument(
+        "--lr", type=_common.POSITIVE_FLOAT, default=0.01, help="initial learning rate (default 0.01, paper)"
+    )
+    ap.add_argument("--momentum", type=_common.MOMENTUM, default=0.9)
+    ap.add_argument("--weight-decay", type=_common.NONNEG_FLOAT, default=0.0)
+    ap.add_argument("--batch-size", type=_common.POSITIVE_INT, default=128)
+    ap.add_argument("--epochs", type=_common.POSITIVE_INT, default=200, help="most readout epochs (default 200)")
+    ap.add_argument(
+        "--patience", type=_common.POSITIVE_INT, default=5, help="epochs without a better validation top-1 before x0.1"
+    )
+    ap.add_argument(
+        "--drops", type=_common.COUNT, default=2, help="learning-rate drops before stopping (default 2, paper)"
+    )
+    ap.add_argument("--val-fraction", type=_VAL_FRACTION, default=0.1, help="of the probe training part (default 0.1)")
+    ap.add_argument("--no-standardize", action="store_true", help="feed the raw features to the readout")
+    ap.add_argument("--random-init", action="store_true", help="control: the same network, untrained")
+    ap.add_argument(
+        "--pixels", action="store_true", help="control: the readout on the network's input pixels, no network"
+    )
+    ap.add_argument("--seed", type=_common.COUNT, default=0)
+    ap.add_argument(
+        "--repeats",
+        type=_common.POSITIVE_INT,
+        default=1,
+        help="readouts on the same features (seeds SEED.. SEED+R-1); mean and std",
+    )
+    ap.add_argument("--device", type=_common.DEVICE, default=None, help="cpu or cuda for the feature extraction")
+    ap.add_argument("--threads", type=_common.COUNT, default=0)
+    ap.add_argument("--workers", type=_common.COUNT, default=0, help="DataLoader workers for folder data")
+    return ap
+
+
+def _main(args) -> int:
+    t0 = time.perf_counter()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.out:
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise ConfigError(f"--out {args.out}: directory {out_dir} does not exist")
+    device = _common.cuda_checked(args.device or default_device())
+    torch.manual_seed(args.seed)
+    model, cfg, net_source = load_network(args.checkpoint, device, random_init=args.random_init)
+    xtr, ytr, xte, yte, s = probe_features(
+        model, net_source, args.data, seed=args.seed, workers=args.workers, pixels=args.pixels
+    )
+    t_feat = time.perf_counter() - t0
+    runs = [
+        train_readout(
+            xtr,
+            ytr,
+            xte,
+            yte,
+            s,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            patience=args.patience,
+            drops=args.drops,
+            val_fraction=args.val_fraction,
+            standardize=not args.no_standardize,
+            seed=args.seed + r,
+        )
+        for r in range(args.repeats)
+    ]
+    # repeats share the features and the test split; they redraw the validation split,
+    # the readout's initialisation and the mini-batch order
+    res = dict(runs[0])
+    for key in ("test_top1", "test_top5"):
+        vals = np.array([r[key] for r in runs])
+        res[key] = float(vals.mean())
+        res[key + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    res["repeats"] = [{k: r[k] for k in ("test_top1", "test_top5", "val_top1", "best_epoch")} for r in runs]
+    fmt = native_format(net_source)
+    res = {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "network_trained_on": cfg.data,
+        "supervised_only": bool(cfg.supervised_only),
+        "random_init": bool(args.random_init),
+        "pixels": bool(args.pixels),
+        "probe_data": args.data,
+        "input": {"channels": fmt[1], "side": fmt[2], "network_side": int(net_source.image_size)},
+        **res,
+        "feature_seconds": round(t_feat, 2),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if args.out:
+        with atomic_open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    net = "random-init" if args.random_init else ("supervised-only" if cfg.supervised_only else "LLP")
+    net = f"raw pixels (input format of the {net}" if args.pixels else net
+    pm1 = pm5 = ""
+    if args.repeats > 1:
+        pm1 = f" ± {100 * res['test_top1_std']:.1f}"
+        pm5 = f" ± {100 * res['test_top5_std']:.1f}"
+    print(
+        f"{PROG}: {net} network ({cfg.data}){')' if args.pixels else ''} -> {args.data} ({res['num_classes']} classes, "
+        f"{res['input']['channels']}x{res['input']['side']}px): held-out top-1 {100 * res['test_top1']:.1f}%{pm1} "
+        f"top-5 {100 * res['test_top5']:.1f}%{pm5} (chance {100 * res['chance_top1']:.1f}%, {res['num_fit']} fit / "
+        f"{res['num_val']} val / {res['num_test']} test, {args.repeats} readout(s), {res['seconds']:.1f} s)"
+    )
+    return 0
+
+
+def main(argv=None) -> int:
+    return _common.run(PROG, _main, parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

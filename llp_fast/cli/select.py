@@ -1,0 +1,98 @@
+"""``llp-fast-select``: extra unlabeled images for a trained network (paper §4, Appendix B)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .._progress import Progress
+from ..data.extra import open_pool
+from ..data.selection import write_selection
+from ..select import load_network, select
+from ..train.config import default_device
+from . import _common
+
+PROG = "llp-fast-select"
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="Select extra unlabeled images from a large pool with a trained checkpoint (paper §4, "
+        "Appendix B): keep each image's P most confident classes, then each class's K most confident images.",
+    )
+    ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
+    ap.add_argument("--source", required=True, help="the pool: npz:PATH (uint8 'x', optional 'y') or folder:PATH")
+    ap.add_argument("--out", required=True, help="SELECTION.npz or SELECTION.json (written atomically)")
+    ap.add_argument(
+        "--top-classes", type=_common.POSITIVE_INT, default=10, help="P: classes kept per image (default 10)"
+    )
+    ap.add_argument(
+        "--per-class", type=_common.POSITIVE_INT, default=500, help="K: images kept per class (default 500)"
+    )
+    ap.add_argument(
+        "--batch-size", type=_common.POSITIVE_INT, default=256, help="pool images scored at once (default 256)"
+    )
+    ap.add_argument("--workers", type=_common.COUNT, default=2, help="DataLoader workers decoding a folder pool")
+    ap.add_argument("--device", type=_common.DEVICE, default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--threads", type=_common.COUNT, default=0, help="CPU threads for torch (default: torch's choice)")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def _main(args) -> int:
+    t0 = time.perf_counter()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    progress = Progress(enabled=not args.quiet, prog=PROG)
+    pool = open_pool(args.source, workers=args.workers)
+    model, cfg, source = load_network(args.checkpoint, _common.cuda_checked(args.device or default_device()))
+    with progress.bar(len(pool), "scoring the pool", "img") as bar:
+        index, cls, score = select(
+            model,
+            source,
+            pool,
+            top_classes=args.top_classes,
+            per_class=args.per_class,
+            batch_size=args.batch_size,
+            progress=lambda done, total: bar.update(done - bar.n),
+        )
+    meta = {
+        "source": pool.spec,
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "trained_on": cfg.data,
+        "top_classes": args.top_classes,
+        "per_class": args.per_class,
+        "num_classes": source.num_classes,
+        "pool_size": len(pool),
+        "selected_rows": int(index.shape[0]),
+        "selected_images": int(np.unique(index).shape[0]),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if pool.truth is not None and index.size:
+        t = np.asarray(pool.truth, dtype=np.int64)[index]
+        known = t >= 0
+        if known.any():
+            meta["label_agreement"] = float((t[known] == cls[known]).mean())
+    write_selection(args.out, index, cls, score, meta, paths=pool.paths)
+    line = (
+        f"{PROG}: {meta['selected_rows']} rows ({meta['selected_images']} distinct images) of {meta['pool_size']} "
+        f"in {meta['num_classes']} classes (P={args.top_classes}, K={args.per_class})"
+    )
+    if "label_agreement" in meta:
+        line += f", pool labels agree with the class on {100 * meta['label_agreement']:.1f}%"
+    print(line + f", {meta['seconds']:.1f} s -> {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return _common.run(PROG, _main, parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

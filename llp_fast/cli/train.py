@@ -1,0 +1,204 @@
+"""``llp-fast-train``: train LLP and, beside it, the supervised-only baseline; print both.
+
+The parser is built from :class:`llp_fast.train.config.TrainConfig`'s field metadata (flag, help,
+range check, choices), so every setting has exactly one flag, one default and one check. A flag the
+user does not give stays ``None`` here, and :func:`llp_fast.train.config.resolve` fills it from the
+data set's preset and the derived defaults.
+
+Errors the user can fix print one line and exit 2; an interrupted run saves its checkpoint and
+exits 130 (``--resume RUN_DIR`` continues it exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+from ..errors import ConfigError
+from ..train import config as C
+from . import _common, launch
+
+PROG = "llp-fast-train"
+
+_TYPES = {
+    "positive_int": _common.POSITIVE_INT,
+    "count": _common.COUNT,
+    "positive_float": _common.POSITIVE_FLOAT,
+    "nonneg_float": _common.NONNEG_FLOAT,
+    "fraction": _common.FRACTION,
+    "unit_interval": _common.UNIT,
+    "momentum_range": _common.MOMENTUM,
+    "epoch_list": _common.epochs,
+    "device_name": _common.DEVICE,
+    "data_spec": _common.checked(str, C.data_spec, "a data set"),
+}
+_GROUPS = {"data": "data", "run": "run", "model": "model and optimiser", "llp": "LLP"}
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    if f.metadata.get("preset"):
+        small, paper = C.PRESETS["small"][f.name], C.PRESETS["paper"][f.name]
+        return f"{text} (default {small} for {' and '.join(C.SMALL_DATA)}, else {paper})"
+    if f.type in ("bool", "bool | None") or "(default" in text or f.default in (None, dataclasses.MISSING):
+        return text
+    return f"{text} (default {f.default})"
+
+
+def _add_field(group, f: dataclasses.Field) -> None:
+    flag, meta = C.flag_of(f), f.metadata
+    kw = dict(dest=f.name, default=None, help=_help(f))
+    if f.type == "bool | None":  # --flip / --no-flip
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+    elif f.type == "bool":
+        action = "store_false" if flag.startswith("--no-") else "store_true"
+        group.add_argument(flag, action=action, **kw)
+    else:
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        if meta.get("check") is not None:
+            kw["type"] = _TYPES[meta["check"].__name__]
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        group.add_argument(flag, **kw)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train a pre-activation ResNet with Local Label Propagation (Zhuang et al.) and compare it "
+        "with the same network trained on the labeled examples alone.",
+    )
+    groups = {key: ap.add_argument_group(title) for key, title in _GROUPS.items()}
+    for f in C.fields():
+        if f.metadata.get("cli"):
+            _add_field(groups[f.metadata["group"]], f)
+    run = groups["run"]
+    run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR exactly")
+    run.add_argument(
+        "--baseline",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also train the supervised-only baseline on the same split and print both (auto: on for "
+        f"{' and '.join(C.SMALL_DATA)})",
+    )
+    run.add_argument(
+        "--baseline-mode",
+        choices=("auto", "sequential"),
+        default="auto",
+        help="auto: on a CPU with 2+ cores the baseline trains beside LLP, one thread each",
+    )
+    run.add_argument(
+        "--nproc",
+        type=_common.POSITIVE_INT,
+        default=1,
+        help="processes on this machine (GPUs, or CPU workers with gloo): relaunches under torch.distributed.run; "
+        "for several nodes call torchrun yourself: torchrun --nnodes ... -m llp_fast.cli ...",
+    )
+    run.add_argument("--stop-after-steps", type=_common.COUNT, default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def given(args) -> dict:
+    """The config fields the user set on the command line (name -> value)."""
+    names = {f.name for f in C.fields() if f.metadata.get("cli")} | {"stop_after_steps"}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def config_from_args(args, run_dir: str | None = None) -> C.TrainConfig:
+    """The :class:`TrainConfig` of a new run from parsed arguments."""
+    values = given(args)
+    if run_dir is not None:
+        values["run_dir"] = run_dir
+    return C.resolve(values)
+
+
+def resumed_config(args, saved: C.TrainConfig, ckpt: dict) -> tuple[C.TrainConfig, list[str]]:
+    """The saved config with the flags a resume may change (``config.RESUMABLE``) applied;
+    :class:`ConfigError` naming every other flag that was given. Also returns notes to print."""
+    values = given(args)
+    values.pop("stop_after_steps", None)
+    refused = [C.flag_of(f) for f in C.fields() if f.name in values and f.name not in C.RESUMABLE]
+    if refused:
+        allowed = ", ".join("--" + n for n in C.RESUMABLE)
+        raise ConfigError(
+            f"--resume continues the run with its saved settings; {', '.join(refused)} cannot change "
+            f"(only {allowed} can)"
+        )
+    notes = []
+    if "epochs" in values and values["epochs"] != saved.epochs:
+        notes.append(
+            f"--epochs {values['epochs']} replaces the saved {saved.epochs}; the lr milestones stay at "
+            f"{saved.milestones}"
+        )
+    cfg = dataclasses.replace(saved, **values, stop_after_steps=args.stop_after_steps)
+    if cfg.epochs < ckpt["epoch"]:
+        raise ConfigError(f"--epochs {cfg.epochs}: the run has completed {ckpt['epoch']} epochs already")
+    return C.validate(cfg), notes
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def _train(args, raw: list[str]) -> int:
+    from ..train import checkpoint
+    from ..train.loop import prepare
+
+    t0 = time.perf_counter()
+    rank = launch.distributed_setup(args)
+    if args.resume:
+        run_dir = args.resume
+        if not os.path.isdir(run_dir):
+            raise ConfigError(f"--resume {run_dir}: no such run directory")
+        saved, ckpt = checkpoint.open_run(run_dir)
+        cfg, notes = resumed_config(args, saved, ckpt)
+        want_baseline = os.path.exists(os.path.join(run_dir, launch.BASELINE_MARK))
+    else:
+        cfg, ckpt, notes = config_from_args(args, args.run_dir), None, []
+        run_dir = cfg.run_dir
+        if os.path.exists(os.path.join(run_dir, checkpoint.CHECKPOINT)):
+            raise ConfigError(
+                f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"
+            )
+        want_baseline = not cfg.supervised_only and (
+            args.baseline == "on" or (args.baseline == "auto" and cfg.data in C.SMALL_DATA)
+        )
+    if not cfg.quiet:
+        what = "supervised-only" if cfg.supervised_only else "LLP"
+        print(
+            f"{PROG}: {what} on {cfg.data}, {cfg.arch} width {cfg.width}, {cfg.epochs} epochs, device {cfg.device}, "
+            f"run dir {run_dir}",
+            file=sys.stderr,
+        )
+        for note in notes:
+            print(f"{PROG}: {note}", file=sys.stderr)
+    trainer = prepare(cfg, resume=bool(args.resume), ckpt=ckpt)  # checks config and data, makes the run dir
+    baseline = launch.Baseline(cfg, args, want_baseline, resumed=bool(args.resume), rank=rank, prog=PROG)
+    llp, base = baseline.run_beside(trainer.fit)
+    if rank != 0:
+        return 0
+    label = "supervised-only" if cfg.supervised_only else "LLP"
+    line = f"{cfg.data}: held-out top-1 {label} {_pct(llp.get('test_top1'))}"
+    if base is not None:
+        line += f" | supervised-only {_pct(base.get('test_top1'))} (same split, network and schedule)"
+    if not cfg.supervised_only:
+        line += f" | kNN {_pct(llp.get('knn_top1'))} | pseudo-labels {_pct(llp.get('pseudo_acc'))}"
+    print(line + f" | {time.perf_counter() - t0:.0f} s | {run_dir}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """``llp-fast-train``: train LLP (and the supervised-only baseline) and print both."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(raw)
+    if args.nproc > 1 and not launch.launched():
+        return launch.relaunch(args, raw)
+    return _common.run(PROG, _train, args, raw, interrupted="interrupted twice; the last complete checkpoint is kept")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

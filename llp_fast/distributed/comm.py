@@ -1,0 +1,99 @@
+"""Process-group plumbing shared by the distributed banks and tools: start-up, shard ranges, and
+exact merges of per-rank partial results (concatenation, top-k with global tie-breaks,
+log-sum-exp)."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..reference import streaming_topk
+
+
+def launched() -> bool:
+    """True inside a multi-process launch (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(backend: str | None = None) -> tuple[int, int]:
+    """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, ...) if it is not yet; returns (rank, world_size)."""
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        timeout = datetime.timedelta(seconds=float(os.environ.get("LLP_FAST_DIST_TIMEOUT", "600")))
+        dist.init_process_group(backend, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The dataset indices [start, end) that ``rank`` owns: contiguous, sizes differ by <= 1."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenation over ranks (rank order) of tensors whose first dimension may differ."""
+    world = dist.get_world_size(group)
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def merge_topk(vals: torch.Tensor, keys: torch.Tensor, k: int):
+    """Top-k of candidate rows ``vals`` (R, C), ties broken by the lower ``keys`` (global
+    index). Returns (values, positions) sorted by descending value."""
+    by_key = torch.argsort(keys, dim=1, stable=True)
+    v = vals.gather(1, by_key)
+    order = torch.argsort(-v, dim=1, stable=True)[:, :k]
+    return v.gather(1, order), by_key.gather(1, order)
+
+
+def candidates(queries, keys, k, tau, *, bias=None, key_mask=None):
+    """Per-shard top-k (values, local positions), padded to k with -inf (a shard may hold
+    fewer than k candidates, or none)."""
+    n_q = queries.shape[0]
+    kk = min(k, keys.shape[0] if key_mask is None else int(key_mask.sum()))
+    vals = torch.full((n_q, k), -math.inf, device=queries.device)
+    pos = torch.zeros((n_q, k), dtype=torch.int64, device=queries.device)
+    if kk > 0 and n_q > 0:
+        for r0, v, i in streaming_topk(queries, keys, kk, tau, bias=bias, key_mask=key_mask):
+            vals[r0 : r0 + v.shape[0], :kk] = v.float()
+            pos[r0 : r0 + v.shape[0], :kk] = i
+    return vals, pos
+
+
+def lse_combine(lse: torch.Tensor, group) -> torch.Tensor:
+    """log(sum over ranks of exp(lse)), elementwise, stable."""
+    top = lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(lse - safe)
+    dist.all_reduce(total, group=group)
+    return torch.log(total) + safe
+
+
+def offset_of_rank(n_local: int, group, device) -> int:
+    """Where this rank's rows start in an all_gather_cat of per-rank batches."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = torch.tensor([n_local], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    return int(sum(int(s) for s in sizes[:rank]))
+
+
+def all_gather_same(x: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """``x`` from every rank (same shape on every rank), in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts

@@ -1,0 +1,38 @@
+"""A full memory bank on every rank, kept identical (see :mod:`llp_fast.distributed`)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..bank import MemoryBank
+from .comm import all_gather_cat
+
+
+class ReplicatedMemoryBank(MemoryBank):
+    """A full :class:`MemoryBank` on every rank, kept identical: :meth:`step` applies the
+    all-gathered batch (in rank order) on every rank. Reads (loss, stored, density) are
+    local. For when N x D fits on one device."""
+
+    def __init__(self, targets, num_classes, *, group=None, **kwargs):
+        super().__init__(targets, num_classes, **kwargs)
+        self.group = group
+
+    def _gathered(self, indices, embeddings):
+        indices = torch.as_tensor(indices, device=self.device)
+        _, emb = self._check_batch(indices, embeddings)
+        return all_gather_cat(indices.long(), self.group), all_gather_cat(emb.float(), self.group)
+
+    @torch.no_grad()
+    def step(self, indices, embeddings, **kwargs):
+        return super().step(*self._gathered(indices, embeddings), **kwargs)
+
+    @torch.no_grad()
+    def update(self, indices, embeddings, **kwargs):
+        return super().update(*self._gathered(indices, embeddings), **kwargs)
+
+    def gather(self) -> MemoryBank:
+        """Every rank already holds the whole bank."""
+        return self
+
+    def load_full(self, full_state: dict) -> None:
+        self.load_state_dict(full_state)

@@ -1,0 +1,155 @@
+"""``llp_fast.topk_scores``: the k best biased scores of each query, mergeable across key chunks.
+
+The selection behind ``local_density`` and ``propagate`` (docs/method.md §1.1, §1.2), on its
+own, so that a pool larger than memory can stream through it chunk by chunk: each call merges
+its keys' candidates into the running top-k of an earlier call (``init``), which is all the
+state a streaming pass keeps, O(Q * k).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .. import _validate as check
+from .._interop import accepts_arrays, to_torch
+from ..reference import topk_scores_ref
+from ._common import compiled_first, out_float_dtype, with_fallback
+
+
+@compiled_first("topk_scores")
+def _topk_scores_default(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+    tau: float,
+    bias: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    init_values: torch.Tensor | None,
+    init_indices: torch.Tensor | None,
+    index_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    values, indices = topk_scores_ref(queries, keys, k, tau, bias, key_mask, init_values, init_indices, index_offset)
+    return values.to(out_float_dtype(queries, keys)), indices
+
+
+topk_scores_op = torch.library.custom_op("llp_fast::topk_scores", _topk_scores_default, mutates_args=())
+
+
+@topk_scores_op.register_fake
+def _(queries, keys, k, tau, bias, key_mask, init_values, init_indices, index_offset):
+    q = queries.shape[0]
+    return queries.new_empty(q, k, dtype=out_float_dtype(queries, keys)), queries.new_empty(q, k, dtype=torch.int64)
+
+
+topk_scores_op.register_kernel("cuda")(with_fallback("topk_scores_triton", _topk_scores_default))
+
+
+def _check_init(init, n_q: int, k: int, device: torch.device):
+    """``init`` = (values (Q, k) float, indices (Q, k) int) from an earlier call: padding is
+    value -inf with index -1, every other value finite with an index >= 0."""
+    if not isinstance(init, (tuple, list)) or len(init) != 2:
+        raise TypeError(
+            f"init must be a (values, indices) pair from an earlier topk_scores call, got {type(init).__name__}"
+        )
+    values, indices = to_torch(init[0], "init values"), to_torch(init[1], "init indices")
+    kinds = (
+        (values, "init values", check.FLOAT_DTYPES, "a floating"),
+        (indices, "init indices", check.INT_DTYPES, "an integer"),
+    )
+    for x, name, dtypes, what in kinds:
+        check.tensor(x, name)
+        if tuple(x.shape) != (n_q, k):
+            raise ValueError(f"{name} must have shape ({n_q}, {k}) (queries, k), got {tuple(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device}, expected {device} (where queries are)")
+        if x.dtype not in dtypes:
+            raise TypeError(f"{name} has dtype {x.dtype}; expected {what} dtype")
+    if not check.tracing() and values.numel():
+        if bool((values.isnan() | (values == math.inf)).any()):
+            raise ValueError("init values contain NaN or +Inf")
+        if bool((indices < -1).any()) or not torch.equal(indices == -1, values == -math.inf):
+            raise ValueError("init indices must be >= 0, or -1 exactly where the init value is -inf (padding)")
+    return values, indices
+
+
+class TopK(NamedTuple):
+    """What :func:`topk_scores` returns (as ``torch.topk`` does): ``values``, ``indices``."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
+def topk_scores(
+    queries,
+    keys,
+    *,
+    k: int,
+    tau: float = 0.07,
+    bias=None,
+    key_mask=None,
+    init=None,
+    index_offset: int = 0,
+    check_finite: bool = True,
+):
+    """The ``k`` largest ``queries[i] . keys[j] / tau + bias[j]`` over the keys ``j`` where
+    ``key_mask`` is set, for each query, without the (Q, N) score matrix.
+
+    Args:
+        queries: (Q, D) embeddings (float32, bfloat16, float16 or float64).
+        keys: (N, D) same dtype and device; N = 0 is allowed (a last, empty chunk).
+        k: how many to keep per query, >= 1 (more than the keys is fine: see padding).
+        tau: temperature > 0.
+        bias: optional (N,) float added to each key's score (``propagate`` ranks by
+            ``bias = -log_rho``).
+        key_mask: optional (N,) bool; keys where it is False are never selected.
+        init: optional ``(values, indices)``, each (Q, k), from an earlier call over other
+            keys: merged in, so that calls chunk by chunk give the one call over all keys.
+            Its indices must already be in the global numbering (see ``index_offset``).
+        index_offset: added to this call's key indices (the chunk's first row in a global
+            numbering), so that they come out global.
+        check_finite: reject NaN/Inf embeddings (one extra read of the inputs).
+
+    Returns:
+        ``TopK(values, indices)``: values (Q, k) float32 (float64 for float64 inputs), sorted descending, and indices
+        (Q, k) int64; equal values are ordered by the lower index. A row with fewer than
+        ``k`` candidates is padded with value -inf and index -1. NumPy in, NumPy out; CuPy
+        in, CuPy out. On the CPU a key's score does not depend on the chunking, so chunked
+        calls give exactly the one call's values (the extension computes scores in whole
+        tiles of 512 keys, so chunks much smaller than a tile pay for the whole tile);
+        backends sum the dot products in different orders, so across backends compare
+        values, not indices.
+
+    Scores are ``(q . key) * (1 / tau) + bias`` in float32 (float64 for float64 inputs), as in
+    the other ops, so ``local_density(labeled, pool, t=t)`` is
+    ``logsumexp(topk_scores(labeled, pool, k=t).values)`` and ``propagate`` is
+    ``reference.vote`` over ``topk_scores(queries, labeled, k=k, bias=-log_rho)``.
+    """
+    return TopK(*_topk_scores(queries, keys, k, tau, bias, key_mask, init, index_offset, check_finite))
+
+
+@accepts_arrays("queries", "keys", "bias", "key_mask")
+def _topk_scores(queries, keys, k, tau, bias, key_mask, init, index_offset, check_finite):
+    check.embeddings(queries, "queries")
+    check.embeddings(keys, "keys")
+    check.same_space(queries, "queries", keys, "keys")
+    n = keys.shape[0]
+    k = check.positive_int(k, "k")
+    tau = check.temperature(tau)
+    index_offset = check.positive_int(index_offset, "index_offset", low=0)
+    if bias is not None:
+        check.vector(bias, "bias", n, device=keys.device, kind="float")
+        check.finite(bias, "bias")
+    if key_mask is not None:
+        check.vector(key_mask, "key_mask", n, device=keys.device, kind="bool")
+    init_values = init_indices = None
+    if init is not None:
+        init_values, init_indices = _check_init(init, queries.shape[0], k, queries.device)
+    if check_finite:
+        check.finite(queries, "queries")
+        check.finite(keys, "keys")
+    return topk_scores_op(
+        queries.detach(), keys.detach(), k, tau, bias, key_mask, init_values, init_indices, index_offset
+    )

@@ -1,0 +1,217 @@
+"""Checkpoints: atomic, verified, complete enough to resume exactly.
+
+``RUN_DIR/checkpoint.pt`` holds the model, optimizer and grad-scaler state, the memory bank, every
+random generator, the position inside the epoch and the metrics history, so that a resumed run
+replays what the uninterrupted one would have done. Each write goes to a temporary file that is
+fsynced and then renamed over the old one (:mod:`llp_fast._files`): a crash leaves the previous
+complete checkpoint. Each checkpoint stores a SHA-256 digest of its contents (every tensor's
+bytes, every number and string, in a canonical order), recomputed on every load, so a file whose
+bytes changed on disk is refused as corrupt instead of resuming with different results.
+
+Tools that only read checkpoints (``llp-fast-select``, ``-linear-probe``, ``-analyze``) import this
+module and :mod:`llp_fast.train.config`, never the training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import torch
+
+from .._files import atomic_open
+from ..errors import CheckpointError
+from .config import TrainConfig, from_dict
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+VERSION = 2
+
+# Every entry a resume reads, with its type: a checkpoint lacking one is corrupt, not a KeyError.
+_ENTRIES = {
+    "version": int,
+    "sha256": str,
+    "config": dict,
+    "epoch": int,
+    "step_in_epoch": int,
+    "global_step": int,
+    "order_state": torch.Tensor,
+    "epoch_stats": dict,
+    "model": dict,
+    "optimizer": dict,
+    "scaler": dict,
+    "bank": (dict, type(None)),
+    "targets": torch.Tensor,
+    "rng": dict,
+    "history": list,
+}
+
+
+def digest(obj) -> str:
+    """SHA-256 of ``obj`` (nested dicts, lists, tuples, tensors, numbers, strings, bytes, None),
+    walked in a canonical order: equal contents give equal digests wherever they were loaded."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)};".encode())
+        for key in sorted(obj, key=repr):
+            h.update(f"{key!r}:".encode())
+            _feed(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
+        for item in obj:
+            _feed(h, item)
+    elif isinstance(obj, bytes):
+        h.update(f"B{len(obj)};".encode())
+        h.update(obj)
+    elif obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"checkpoint entries must be tensors, containers or scalars, got {type(obj).__name__}")
+
+
+def save(state: dict, path: str) -> None:
+    """Writes ``state`` (every entry of a checkpoint but its digest) to ``path``, atomically,
+    with its digest."""
+    payload = dict(state, version=VERSION)
+    payload.pop("sha256", None)
+    payload["sha256"] = digest(payload)
+    with atomic_open(path) as f:
+        torch.save(payload, f)
+
+
+def load(path: str, map_location="cpu", *, need=None) -> dict:
+    """The checkpoint at ``path``, verified: the digest equal to the contents, and the entries a
+    resume reads (or only those named in ``need``, for a tool that reads a few) present with
+    their types. :class:`CheckpointError` (one line) on anything wrong."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a torn zip, a truncated pickle, bytes that decode to nonsense
+        raise CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"corrupt checkpoint {path} (not a checkpoint)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {ckpt.get('version')!r}, this llp_fast reads {VERSION}"
+        )
+    for key in need if need is not None else _ENTRIES:
+        kind = _ENTRIES[key]
+        if not isinstance(ckpt.get(key), kind) or (kind is int and isinstance(ckpt.get(key), bool)):
+            raise CheckpointError(f"corrupt checkpoint {path} (entry {key!r} missing or malformed)")
+    stored = ckpt.pop("sha256", None)
+    if digest(ckpt) != stored:
+        raise CheckpointError(f"corrupt checkpoint {path} (its contents do not match their digest)")
+    return ckpt
+
+
+def config_of(ckpt: dict, path: str) -> TrainConfig:
+    """The run's :class:`TrainConfig` stored in a loaded checkpoint."""
+    try:
+        return from_dict(ckpt["config"])
+    except TypeError as e:
+        raise CheckpointError(f"corrupt checkpoint {path} (bad config: {e})") from None
+
+
+def open_run(run_dir: str) -> tuple[TrainConfig, dict]:
+    """``(config, checkpoint)`` of the run in ``run_dir``, loaded once, verified; the config's
+    ``run_dir`` is ``run_dir`` (the directory may have moved since it was written)."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    ckpt = load(path)
+    cfg = config_of(ckpt, path)
+    cfg.run_dir = run_dir
+    cfg.stop_after_steps = None
+    return cfg, ckpt
+
+
+def checkpoint_path(path: str) -> str:
+    """``path`` itself, or the checkpoint inside it when it is a run directory."""
+    return os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
+
+
+# -- the bank's rows -----------------------------------------------------------------------------
+# A bank that holds every row (one process, or replicated) is stored inline as one piece. A sharded
+# bank is stored as one file per rank, RUN_DIR/bank-<step>-r<rank>.pt, each with the rows that rank
+# owns and their digest; the checkpoint lists the files and digests, so no rank ever gathers the
+# whole bank, and pieces written at one world size load at any other. Files carry the step in their
+# name, so the previous checkpoint's files survive until the new checkpoint.pt has replaced it.
+
+_BANK_FILE = re.compile(r"^bank-\d+-r\d+\.pt$")
+
+
+def save_bank(bank, run_dir: str, tag: int, rank: int, world: int) -> dict:
+    """The checkpoint's ``bank`` entry (collective for a sharded bank: every rank writes its file)."""
+    piece = bank.rows_state()
+    if piece["start"] == 0 and piece["end"] == len(bank):
+        return {"pieces": [piece]}
+    name = f"bank-{tag}-r{rank}.pt"
+    piece_digest = digest(piece)
+    os.makedirs(run_dir, exist_ok=True)
+    with atomic_open(os.path.join(run_dir, name)) as f:
+        torch.save(dict(piece, sha256=piece_digest), f)
+    mine = {"file": name, "start": piece["start"], "end": piece["end"], "sha256": piece_digest}
+    entries = [None] * world
+    torch.distributed.all_gather_object(entries, mine)
+    return {"files": entries}
+
+
+def bank_pieces(entry: dict, run_dir: str, start: int = 0, end: int | None = None) -> list[dict]:
+    """The pieces of a ``bank`` entry that overlap dataset indices [start, end), loaded and
+    verified against their digests."""
+    if "pieces" in entry:
+        return entry["pieces"]
+    out = []
+    for e in entry.get("files", []):
+        if e["end"] <= start or (end is not None and e["start"] >= end):
+            continue
+        path = os.path.join(run_dir, e["file"])
+        if not os.path.isfile(path):
+            raise CheckpointError(f"corrupt checkpoint in {run_dir}: its bank file {e['file']} is missing")
+        try:
+            piece = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"corrupt checkpoint bank file {path} ({type(err).__name__})") from None
+        stored = piece.pop("sha256", None) if isinstance(piece, dict) else None
+        if stored is None or stored != e["sha256"] or digest(piece) != stored:
+            raise CheckpointError(f"corrupt checkpoint bank file {path} (its contents do not match their digest)")
+        out.append(piece)
+    return out
+
+
+def remove_stale_bank_files(run_dir: str, entry: dict | None) -> None:
+    """Deletes bank files that the current checkpoint does not list (earlier checkpoints')."""
+    keep = {e["file"] for e in (entry or {}).get("files", [])}
+    for name in os.listdir(run_dir):
+        if _BANK_FILE.match(name) and name not in keep:
+            os.remove(os.path.join(run_dir, name))
+
+
+# -- random generators -------------------------------------------------------------------------
+
+
+def rng_state(gens: dict) -> dict:
+    """The state of the named generators ``gens`` and of torch's global CPU and CUDA generators."""
+    state = {name: g.get_state() for name, g in gens.items()}
+    state["torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(gens: dict, state: dict) -> None:
+    for name, g in gens.items():
+        g.set_state(state[name])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,75 @@
+"""End-of-epoch evaluation (docs/method.md §1.9): the reported accuracy and the diagnostics.
+
+- ``test_top1``, ``test_top5``: the classifier on the held-out split (the reported number);
+- ``knn_top1``: the held-out embeddings' weighted vote of their K nearest labeled bank rows (no
+  density term); the baseline, which has no bank, votes with fresh embeddings of its labeled
+  examples;
+- ``pseudo_acc``, ``pseudo_counts``, ``pseudo_conf``: the stored labels of the unlabeled training
+  examples (accuracy where their truth is known, per-class counts Q_i, mean confidence);
+- ``aggregation``, ``aggregation_per_class``: the norm of each true class's mean bank embedding
+  (the paper's Fig. 2b);
+- ``corr_density_count``: Pearson correlation of D_i (mean labeled log-density of class i) with
+  Q_i (the paper's Fig. 3).
+
+The bank computes its share of every sum itself (:meth:`llp_fast.bank.MemoryBank.class_statistics`
+and ``vote``), so a sharded bank answers with all-reduced per-class sums and a merged top-K, never
+by gathering its rows onto one rank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..ops import propagate
+
+
+@torch.no_grad()
+def evaluate(trainer) -> dict:
+    cfg, s, bank = trainer.cfg, trainer.num_classes, trainer.bank
+    logits, emb, y = trainer.embed(trainer.source.test_batches(cfg.eval_batch_size))
+    y = y.to(trainer.device)
+    top5 = logits.topk(min(5, s), dim=1).indices
+    out = {
+        "test_top1": float((top5[:, 0] == y).float().mean()),
+        "test_top5": float((top5 == y[:, None]).any(1).float().mean()),
+    }
+    if bank is not None:
+        knn, _ = bank.vote(emb, k=trainer.k, tau=cfg.tau, density_weighting=False)
+    else:
+        _, lab_emb, idx = trainer.embed(trainer.source.index_batches(trainer.labeled_idx, cfg.eval_batch_size))
+        knn, _ = propagate(
+            emb,
+            lab_emb,
+            trainer.targets[idx],
+            None,
+            k=min(trainer.k, lab_emb.shape[0]),
+            tau=cfg.tau,
+            num_classes=s,
+            check_finite=False,
+        )
+    out["knn_top1"] = float((knn == y).float().mean())
+    if bank is None:
+        out.update(
+            pseudo_acc=None,
+            pseudo_counts=None,
+            pseudo_conf=None,
+            aggregation=None,
+            aggregation_per_class=None,
+            corr_density_count=None,
+        )
+        return out
+    st = bank.class_statistics(trainer.truth)
+    out["pseudo_acc"] = st["pseudo_hits"] / st["pseudo_known"] if st["pseudo_known"] else None
+    counts = st["pseudo_counts"]
+    out["pseudo_counts"] = counts.tolist()
+    out["pseudo_conf"] = st["pseudo_conf_sum"] / st["unlabeled"] if st["unlabeled"] else None
+    agg = (st["class_sums"] / st["class_sizes"].clamp_min(1)[:, None]).norm(dim=1)
+    out["aggregation"] = float(agg.mean())
+    out["aggregation_per_class"] = [round(v, 4) for v in agg.tolist()]
+    d = st["density_sums"] / st["labeled_sizes"].clamp_min(1)
+    dq = np.stack([d.double().cpu().numpy(), counts.double().cpu().numpy()])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.corrcoef(dq)[0, 1] if dq.std(axis=1).min() > 0 else float("nan")
+    out["corr_density_count"] = None if not np.isfinite(r) else float(r)
+    return out

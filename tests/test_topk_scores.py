@@ -1,0 +1,306 @@
+"""llp_fast.topk_scores: the public op and its reference against the float64 brute force,
+chunked calls merged with ``init`` against one call, the identities with local_density and
+propagate, the C++ extension's kernel (``TestExtension``) and the Triton kernel
+(``TestTriton``, under TRITON_INTERPRET=1 on CPU) against the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _ext_setup import cpu_tile, require_ext  # noqa: F401 (cpu_tile is a fixture)
+from _triton_setup import DEVICE, kernels, triton_tests, unit_rows
+from brute import topk_biased
+from conftest import unit
+
+import llp_fast
+from llp_fast.reference import local_density_ref, topk_scores_ref, vote
+
+# Native kernels run on odd shapes here: a crash fails this module's tests, not the whole run.
+pytestmark = pytest.mark.isolated
+
+TAU = 0.07
+OP = torch.ops.llp_fast.topk_scores.default
+
+SHAPES = [  # (Q, N, D, k)
+    (1, 1, 1, 1),
+    (1, 7, 5, 7),  # k = N
+    (5, 3, 8, 6),  # k > N: padding
+    (13, 29, 17, 5),  # D not a multiple of 16
+    (40, 64, 32, 10),
+    (37, 101, 19, 1),
+    (64, 33, 128, 33),
+]
+
+
+def _inputs(q, n, d, dtype, *, bias=True, mask=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    queries, keys = unit(q, d, dtype), unit(n, d, dtype)
+    b = (torch.rand(n, generator=g) * 2 - 1) if bias else None
+    m = (torch.rand(n, generator=g) < 0.6) if mask else None
+    return queries, keys, b, m
+
+
+def _ext_loaded() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("llp_fast::topk_scores", "CPU")
+
+
+def _topk(impl, queries, keys, k, bias, mask, **kw):
+    if impl == "op":
+        return llp_fast.topk_scores(queries, keys, k=k, tau=TAU, bias=bias, key_mask=mask, **kw)
+    init = kw.get("init") or (None, None)
+    return topk_scores_ref(queries, keys, k, TAU, bias, mask, *init, kw.get("index_offset", 0))
+
+
+def _check_against_brute(values, indices, queries, keys, k, bias, mask, *, atol):
+    """Values against the brute force; each index holds the score reported for it (the set
+    may differ from the brute force's only where float32 rounding reorders near-ties)."""
+    want_v, want_i = topk_biased(queries, keys, k, TAU, bias, None if mask is None else mask.tolist())
+    assert values.shape == indices.shape == (queries.shape[0], k) and indices.dtype == torch.int64
+    np.testing.assert_allclose(values.double().numpy(), want_v, rtol=1e-5, atol=atol)
+    pad = want_i < 0
+    np.testing.assert_array_equal(indices.numpy()[pad], -1)
+    real = torch.from_numpy(~pad)
+    q64, k64 = queries.double(), keys.double()
+    idx = indices.clamp_min(0)
+    rescored = (q64[:, None, :] * k64[idx]).sum(-1) / TAU + (bias.double()[idx] if bias is not None else 0)
+    np.testing.assert_allclose(values.double()[real].numpy(), rescored[real].numpy(), rtol=1e-5, atol=atol)
+    distinct = (indices[:, :, None] != indices[:, None, :]) | torch.eye(k, dtype=torch.bool) | ~real[:, :, None]
+    assert bool(distinct.all())  # no key twice
+    assert bool((values[:, :-1] >= values[:, 1:]).all())  # sorted descending
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,mask", [(True, False), (False, True), (True, True)], ids=["bias", "mask", "both"])
+@pytest.mark.parametrize("impl", ["op", "reference"])
+def test_matches_brute_force(shape, dtype, bias, mask, impl, tiles):
+    q, n, d, k = shape
+    queries, keys, b, m = _inputs(q, n, d, dtype, bias=bias, mask=mask, seed=q * 100 + n)
+    values, indices = _topk(impl, queries, keys, k, b, m)
+    assert values.dtype == torch.float32
+    _check_against_brute(values, indices, queries, keys, k, b, m, atol=1e-4)
+
+
+def test_float64_in_float64_out():
+    queries, keys, b, m = _inputs(6, 20, 5, torch.float64, mask=True)
+    values, indices = llp_fast.topk_scores(queries, keys, k=4, bias=b.double(), key_mask=m)
+    assert values.dtype == torch.float64
+    want_v, want_i = topk_biased(queries, keys, 4, TAU, b, m.tolist())
+    np.testing.assert_allclose(values.numpy(), want_v, rtol=1e-12)
+    np.testing.assert_array_equal(indices.numpy(), want_i)
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+@pytest.mark.parametrize("q,n,d,k", [(1, 300, 16, 10), (37, 1030, 128, 25), (200, 257, 17, 64), (9, 40, 8, 50)])
+def test_chunked_calls_with_init_equal_one_call(impl, q, n, d, k):
+    """Calls over chunks of the keys, each merging the previous result (init) and numbering
+    its keys globally (index_offset), give the one call over all keys: on the CPU exactly
+    (values, and so the votes; indices too where the extension serves, whose scores do not
+    depend on the chunking)."""
+    queries, keys, bias, mask = _inputs(q, n, d, torch.float32, mask=True, seed=n)
+    whole_v, whole_i = _topk(impl, queries, keys, k, bias, mask)
+    cuts = sorted(set(torch.randint(1, n, (5,)).tolist())) + [n]
+    init, start = None, 0
+    for stop in [0, *cuts]:  # a leading empty chunk too
+        init = _topk(impl, queries, keys[start:stop], k, bias[start:stop], mask[start:stop], init=init,
+                     index_offset=start)  # fmt: skip
+        start = stop
+    values, indices = init
+    if impl == "op" and _ext_loaded():
+        assert torch.equal(values, whole_v) and torch.equal(indices, whole_i)
+    else:
+        torch.testing.assert_close(values, whole_v, rtol=1e-6, atol=1e-5)
+    classes = torch.randint(0, 4, (n,))
+    real = whole_i >= 0
+    if bool(real.all()):
+        assert torch.equal(vote(values, classes[indices], 4)[0], vote(whole_v, classes[whole_i], 4)[0])
+
+
+def test_ties_go_to_the_lower_index():
+    # Keys 1, 3 and 4 are one vector (equal scores); k = 2 keeps 1 and 3, in that order.
+    keys = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0], [1.0, 0.0], [1.0, 0.0]])
+    q = torch.tensor([[1.0, 0.0]])
+    values, indices = llp_fast.topk_scores(q, keys, k=2)
+    assert indices.tolist() == [[1, 3]] and values[0, 0] == values[0, 1]
+    ref_v, ref_i = topk_scores_ref(q, keys, 2, TAU)
+    assert ref_i.tolist() == [[1, 3]]
+    # Across calls: the earlier call's key 7 and this call's key 1 tie: 1 first.
+    values, indices = llp_fast.topk_scores(
+        q, keys[:2], k=2, init=(torch.tensor([[1 / TAU, -5.0]]), torch.tensor([[7, 8]]))
+    )
+    assert indices.tolist() == [[1, 7]]
+
+
+def test_padding_and_empty_keys():
+    queries, keys, _, _ = _inputs(3, 4, 6, torch.float32)
+    mask = torch.tensor([False, True, False, False])
+    values, indices = llp_fast.topk_scores(queries, keys, k=3, key_mask=mask)
+    assert indices[:, 0].tolist() == [1, 1, 1] and bool((indices[:, 1:] == -1).all())
+    assert bool(torch.isinf(values[:, 1:]).all()) and bool(torch.isfinite(values[:, 0]).all())
+    # No keys at all: padding, or the init unchanged.
+    empty = keys[:0]
+    values, indices = llp_fast.topk_scores(queries, empty, k=2)
+    assert bool((indices == -1).all()) and bool((values == -float("inf")).all())
+    init = llp_fast.topk_scores(queries, keys, k=2)
+    again = llp_fast.topk_scores(queries, empty, k=2, init=init, index_offset=4)
+    assert torch.equal(again[0], init[0]) and torch.equal(again[1], init[1])
+    # No queries.
+    values, indices = llp_fast.topk_scores(queries[:0], keys, k=2)
+    assert values.shape == indices.shape == (0, 2)
+
+
+def test_numpy_in_numpy_out():
+    queries, keys, bias, mask = _inputs(5, 12, 4, torch.float32, mask=True)
+    values, indices = llp_fast.topk_scores(queries.numpy(), keys.numpy(), k=3, bias=bias.numpy(), key_mask=mask.numpy())
+    assert isinstance(values, np.ndarray) and isinstance(indices, np.ndarray)
+    want_v, want_i = llp_fast.topk_scores(queries, keys, k=3, bias=bias, key_mask=mask)
+    np.testing.assert_array_equal(values, want_v.numpy())
+    np.testing.assert_array_equal(indices, want_i.numpy())
+    # init as NumPy arrays too.
+    more = llp_fast.topk_scores(queries.numpy(), keys.numpy(), k=3, init=(values, indices), index_offset=12)
+    assert isinstance(more[0], np.ndarray) and more[0].shape == (5, 3)
+
+
+def test_local_density_is_the_logsumexp_of_topk_scores(tiles):
+    labeled, bank, _, pool = _inputs(30, 200, 16, torch.float32, bias=False, mask=True)
+    top = llp_fast.topk_scores(labeled, bank, k=25, key_mask=pool).values
+    want = llp_fast.local_density(labeled, bank, t=25, pool_mask=pool)
+    torch.testing.assert_close(torch.logsumexp(top, dim=1), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(want, local_density_ref(labeled, bank, 25, TAU, pool).float(), rtol=1e-6, atol=1e-5)
+
+
+def test_propagate_is_the_vote_over_topk_scores(tiles):
+    queries, labeled, _, _ = _inputs(60, 80, 16, torch.float32, bias=False)
+    classes = torch.randint(0, 5, (80,))
+    log_rho = torch.rand(80) * 2 + 5
+    values, indices = llp_fast.topk_scores(queries, labeled, k=10, bias=-log_rho)
+    labels, conf = vote(values, classes[indices], 5)
+    want_labels, want_conf = llp_fast.propagate(queries, labeled, classes, log_rho, k=10, num_classes=5)
+    assert torch.equal(labels, want_labels)
+    torch.testing.assert_close(conf, want_conf, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(k=0), ValueError, "k must be >= 1"),
+        (dict(k=2.5), TypeError, "k must be an int"),
+        (dict(k=2, tau=0.0), ValueError, "tau"),
+        (dict(k=2, bias=torch.zeros(3)), ValueError, "bias must have shape"),
+        (dict(k=2, bias=torch.zeros(9, dtype=torch.long)), TypeError, "bias must have a floating dtype"),
+        (dict(k=2, bias=torch.full((9,), float("nan"))), ValueError, "bias contains NaN"),
+        (dict(k=2, key_mask=torch.ones(9)), TypeError, "key_mask must have torch.bool"),
+        (dict(k=2, index_offset=-1), ValueError, "index_offset must be >= 0"),
+        (dict(k=2, init=torch.zeros(4, 2)), TypeError, "init must be a"),
+        (
+            dict(k=2, init=(torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.long))),
+            ValueError,
+            r"init values must have shape \(4, 2\)",
+        ),
+        (dict(k=2, init=(torch.zeros(4, 2), torch.zeros(4, 2))), TypeError, "init indices has dtype"),
+        (dict(k=2, init=(torch.zeros(4, 2), torch.full((4, 2), -1))), ValueError, "init indices must be >= 0, or -1"),
+        (dict(k=2, init=(torch.full((4, 2), float("nan")), torch.zeros(4, 2, dtype=torch.long))), ValueError, "NaN"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, match):
+    queries, keys, _, _ = _inputs(4, 9, 6, torch.float32, bias=False)
+    with pytest.raises(error, match=match):
+        llp_fast.topk_scores(queries, keys, **kwargs)
+
+
+def test_bad_embeddings_name_the_argument():
+    queries, keys, _, _ = _inputs(4, 9, 6, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="keys has D=5"):
+        llp_fast.topk_scores(queries, keys[:, :5], k=2)
+    with pytest.raises(TypeError, match="keys is torch.float64"):
+        llp_fast.topk_scores(queries, keys.double(), k=2)
+    bad = queries.clone()
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="queries contains NaN or Inf"):
+        llp_fast.topk_scores(bad, keys, k=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled CPU kernel (csrc/cpu/topk_scores_cpu.cpp over csrc/cpu/topk.h) against the reference.
+
+
+class TestExtension:
+    @pytest.mark.usefixtures("cpu_tile")
+    @pytest.mark.parametrize(
+        "dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5), (torch.float64, 1e-12)]
+    )
+    @pytest.mark.parametrize("q,n,d,k", [(1, 50, 17, 10), (33, 33, 17, 33), (40, 1030, 128, 10), (20, 300, 8, 200)])
+    def test_matches_reference(self, dtype, atol, q, n, d, k):
+        require_ext("topk_scores")
+        queries, keys, bias, mask = _inputs(q, n, d, dtype, mask=True, seed=n)
+        init_v, init_i = topk_scores_ref(queries, keys[: n // 3], k, TAU, bias[: n // 3], mask[: n // 3])
+        args = (queries, keys[n // 3 :], k, TAU, bias[n // 3 :], mask[n // 3 :], init_v, init_i, n // 3)
+        values, indices = OP(*args)
+        ref_v, ref_i = topk_scores_ref(*args)
+        assert values.dtype == ref_v.dtype and indices.dtype == torch.int64
+        torch.testing.assert_close(values, ref_v, rtol=0, atol=atol)
+        # Indices agree wherever the reference's scores are not near-tied with a neighbour.
+        gaps = (ref_v[:, 1:] - ref_v[:, :-1]).abs()
+        clear = torch.ones_like(ref_i, dtype=torch.bool)
+        clear[:, 1:] &= gaps > 1e-4
+        clear[:, :-1] &= gaps > 1e-4
+        assert torch.equal(indices[clear], ref_i[clear])
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels/topk_scores.py against the reference (under TRITON_INTERPRET=1 on CPU).
+
+
+class TestTriton:
+    pytestmark = triton_tests
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize(
+        "q,n,d,k,splits",
+        [(1, 20, 7, 20, None), (37, 61, 33, 5, None), (40, 70, 40, 10, 3), (17, 50, 16, 64, 2), (5, 30, 8, 9, None)],
+    )
+    def test_matches_reference(self, dtype, q, n, d, k, splits):
+        g = torch.Generator().manual_seed(q * 100 + n)
+        queries, keys = unit_rows(q, d, dtype, gen=g), unit_rows(n, d, dtype, gen=g)
+        bias = (torch.rand(n, generator=g) * 2 - 1).to(DEVICE)
+        mask = (torch.rand(n, generator=g) < 0.7).to(DEVICE)
+        cut = n // 2
+        init = topk_scores_ref(queries, keys[:cut], k, TAU, bias[:cut], mask[:cut])
+        args = (queries, keys[cut:], k, TAU, bias[cut:], mask[cut:], *init, cut)
+        values, indices = kernels.topk_scores_triton(*args, splits=splits)
+        ref_v, _ = topk_scores_ref(*args)
+        assert values.dtype == torch.float32 and indices.dtype == torch.int64 and values.shape == (q, k)
+        torch.testing.assert_close(values, ref_v.float(), rtol=0, atol=1e-4)
+        real = indices >= 0
+        assert torch.equal(real, ref_v > -float("inf"))
+        idx = indices.clamp_min(0)
+        rescored = (queries.double()[:, None, :] * keys.double()[idx]).sum(-1) / TAU + bias.double()[idx]
+        torch.testing.assert_close(values.double()[real], rescored[real], rtol=0, atol=1e-4)
+
+    @pytest.mark.parametrize("splits", [1, 2])
+    def test_ties_go_to_the_lower_index(self, splits):
+        """Equal scores in different tiles and splits: the kernel's eviction and the merge of
+        the splits keep the lower indices."""
+        d = 16
+        base = unit_rows(1, d)
+        keys = unit_rows(60, d) * 0.1  # far below the query's own direction
+        keys[[5, 17, 33, 44, 58]] = base  # five equal best scores
+        _, indices = kernels.topk_scores_triton(base, keys, 3, TAU, None, None, None, None, 0, splits=splits)
+        assert indices.tolist() == [[5, 17, 33]]
+        # Two equal scores fill a K = 2 buffer; a better key evicts the higher index (17).
+        keys[[33, 44, 58]] = 0.1 * base
+        keys[[5, 17]], keys[40] = 0.9 * base, base
+        _, indices = kernels.topk_scores_triton(base, keys, 2, TAU, None, None, None, None, 0, splits=splits)
+        assert indices.tolist() == [[40, 5]]
+        assert topk_scores_ref(base, keys, 2, TAU)[1].tolist() == [[40, 5]]
+
+    def test_declines_what_it_does_not_cover(self):
+        q, keys = unit_rows(4, 8), unit_rows(80, 8)
+        args = (None, None, None, None, 0)
+        assert kernels.topk_scores_triton(q, keys, 65, TAU, *args) is NotImplemented
+        assert kernels.topk_scores_triton_declines(q, keys, 65, TAU, *args) == "k=65 > 64"
+        assert kernels.topk_scores_triton(q.double(), keys.double(), 3, TAU, *args) is NotImplemented
+        assert "float64" in kernels.topk_scores_triton_declines(q.double(), keys.double(), 3, TAU, *args)
+        assert kernels.topk_scores_triton(q, keys[:0], 3, TAU, *args) is NotImplemented
+        assert kernels.topk_scores_triton_declines(q, keys, 3, TAU, *args) is None
