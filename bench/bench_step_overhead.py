@@ -1,4 +1,4 @@
-"""Training-step overhead of LLP (SPEC §4, issue 5): one LLP step against one supervised step
+"""Training-step overhead of LLP (docs/method.md §4, issue 5): one LLP step against one supervised step
 of the same network on the same batch, from a ``folder:`` of synthetic images.
 
     PYTHONPATH=. python bench/bench_step_overhead.py            # GPU: ResNet-18 width 64, 224 px, batch 128, AMP,
@@ -12,7 +12,7 @@ Providers, timed interleaved on the same batch (medians; CUDA events on the GPU)
                 batch's true classes, backward, SGD step
     llp         ``Trainer.train_step``: forward, confidence-weighted cross-entropy + aggregation
                 loss against every bank row, backward, SGD step, then propagation of the batch's
-                unlabeled examples against the M labeled rows and the bank update (SPEC §1.5-1.6)
+                unlabeled examples against the M labeled rows and the bank update (docs/method.md §1.5-1.6)
 
 plus the once-an-epoch density refresh (``refresh_density``, M labeled rows against the
 unlabeled pool), reported per step: its time divided by the steps of one epoch over the bank.
@@ -25,7 +25,7 @@ at the size asked for. Both trainers start from the same weights.
 Correctness first: after one LLP step, the labels stored for the batch's unlabeled examples
 must equal ``llp_fast.reference.propagate_ref`` on the step's own embeddings and the labeled
 rows as they were before it (near-ties aside), with the same confidences; every bank row of
-the batch must have moved and be unit-norm, and both losses must be finite. SPEC §4 bar:
+the batch must have moved and be unit-norm, and both losses must be finite. docs/method.md §4 bar:
 llp / supervised <= 1.10 (ResNet-18, 224 px, batch 128, AMP, on a GPU).
 A JSON row per provider goes to ``bench/results/step_overhead-<device>.json`` (or ``--out``).
 """
@@ -245,7 +245,7 @@ def main(argv=None) -> list:
     print(f"| llp + density refresh per step ({density_ms:.1f} ms / {steps_per_epoch:,} steps) "
           f"| {med['llp'] + per_step:.2f} | {ratio_all:.3f}x |")  # fmt: skip
     verdict = "meets" if ratio_all <= 1.10 else "misses"
-    print(f"SPEC §4 bar (<= 1.10x): {verdict} at this configuration. Rows: {path}")
+    print(f"docs/method.md §4 bar (<= 1.10x): {verdict} at this configuration. Rows: {path}")
     return rows
 
 

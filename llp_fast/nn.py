@@ -1,4 +1,4 @@
-"""Pre-activation ResNets (v2) with LLP's two heads (SPEC §1.8).
+"""Pre-activation ResNets (v2) with LLP's two heads (docs/method.md §1.8).
 
 He et al., "Identity Mappings in Deep Residual Networks" (2016): BN -> ReLU -> conv inside
 each residual branch, the shortcut untouched, one final BN -> ReLU before pooling. On the
@@ -145,7 +145,7 @@ def build_model(
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """SGD parameter groups: weight decay on conv and linear weights only; batch-norm
-    parameters and biases (every parameter with fewer than 2 dims) get none (SPEC §1.5)."""
+    parameters and biases (every parameter with fewer than 2 dims) get none (docs/method.md §1.5)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:

@@ -1,4 +1,4 @@
-"""MemoryBank: layout, the SPEC §1.6 step, the density refresh, checkpoints, failed calls."""
+"""MemoryBank: layout, the docs/method.md §1.6 step, the density refresh, checkpoints, failed calls."""
 
 import pytest
 import torch

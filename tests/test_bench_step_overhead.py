@@ -1,6 +1,6 @@
 """bench/bench_step_overhead.py runs end to end on CPU at a tiny size: its correctness check
 (stored labels against propagate_ref, bank rows moved, finite losses) passes and it writes
-one row per provider. The SPEC §4 timing bar itself is a GPU benchmark, never a test."""
+one row per provider. The docs/method.md §4 timing bar itself is a GPU benchmark, never a test."""
 
 import json
 import sys

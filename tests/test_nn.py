@@ -1,4 +1,4 @@
-"""The pre-activation ResNets and their heads (SPEC §1.8)."""
+"""The pre-activation ResNets and their heads (docs/method.md §1.8)."""
 
 import pytest
 import torch

@@ -95,7 +95,7 @@ def test_label_init_inputs_is_llps_vote_on_the_pixels(tmp_path):
     tr = Trainer(tiny(tmp_path, labeled_fraction=0.05, label_init="inputs"))
     m, labels0 = tr.bank.num_labeled, tr.bank.labels.clone()
     tr.init_labels()
-    # Independent float64 brute force of SPEC §1.1-1.2 on centred, L2-normalised pixels.
+    # Independent float64 brute force of docs/method.md §1.1-1.2 on centred, L2-normalised pixels.
     x = f64(tr.source.x.flatten(1))
     x -= x.mean(axis=0)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

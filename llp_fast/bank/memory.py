@@ -16,6 +16,7 @@ from ..reference import is_last_occurrence
 from .state import BankState
 
 _INIT_BLOCK = 1 << 16
+DENSITY_BLOCK = 1 << 14  # labeled rows per density call: the unit of the refresh's progress
 
 
 def initial_rows(start: int, end: int, dim: int, seed: int) -> torch.Tensor:
@@ -49,7 +50,7 @@ def check_new_labels(labels, confidence, n: int, num_classes: int, device, label
 
 
 class MemoryBank(BankState):
-    """The state LLP keeps per example (SPEC §1).
+    """The state LLP keeps per example (docs/method.md §1).
 
     Args:
         targets: (N,) int, per dataset index: the true class (>= 0) of a labeled example,
@@ -145,24 +146,35 @@ class MemoryBank(BankState):
         return self.rows(indices) < self.num_labeled
 
     def stored(self, indices):
-        """(labels, confidence) stored for dataset ``indices``: the loss targets (SPEC §1.5)."""
+        """(labels, confidence) stored for dataset ``indices``: the loss targets (docs/method.md §1.5)."""
         rows = self.rows(indices)
         return self.labels[rows], self.confidence[rows]
 
-    # -- SPEC §1 steps -------------------------------------------------------------------
-    def refresh_density(self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled") -> torch.Tensor:
-        """Once per epoch (SPEC §1.1): ``log_rho`` of the labeled rows against the pool,
-        the unlabeled rows (paper) or every row, the point itself included (``"all"``)."""
+    # -- docs/method.md §1 steps -------------------------------------------------------------------
+    def refresh_density(
+        self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled", progress=None
+    ) -> torch.Tensor:
+        """Once per epoch (docs/method.md §1.1): ``log_rho`` of the labeled rows against the pool,
+        the unlabeled rows (paper) or every row, the point itself included (``"all"``).
+        ``progress(done, total)`` is called after each block of labeled rows (rows are independent,
+        so blocks change nothing in the result)."""
         if pool not in ("unlabeled", "all"):
             raise ValueError(f"pool must be 'unlabeled' or 'all', got {pool!r}")
         keys = self.embeddings[self.num_labeled :] if pool == "unlabeled" else self.embeddings
         if keys.shape[0] == 0:
             raise ValueError("pool='unlabeled' but the bank holds no unlabeled example")
-        self.log_rho = local_density(self.labeled_embeddings, keys, t=t, tau=tau, check_finite=False).float()
+        labeled, m = self.labeled_embeddings, self.num_labeled
+        log_rho = torch.empty(m, device=self.device)
+        for s in range(0, m, DENSITY_BLOCK):
+            block = labeled[s : s + DENSITY_BLOCK]
+            log_rho[s : s + block.shape[0]] = local_density(block, keys, t=t, tau=tau, check_finite=False)
+            if progress is not None:
+                progress(s + block.shape[0], m)
+        self.log_rho = log_rho
         return self.log_rho
 
     def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, targets=None) -> torch.Tensor:
-        """Aggregation loss (SPEC §1.3) of the batch embeddings ``v`` against the bank, with
+        """Aggregation loss (docs/method.md §1.3) of the batch embeddings ``v`` against the bank, with
         each example's stored label as the target (``targets``: those labels when the caller
         already fetched them with :meth:`stored`). (B,) float32."""
         if targets is None:
@@ -191,7 +203,7 @@ class MemoryBank(BankState):
 
     @torch.no_grad()
     def propagate(self, indices, embeddings, *, k: int = 10, tau: float = 0.07, density_weighting: bool = True):
-        """SPEC §1.2 for the unlabeled examples among dataset ``indices``, with their fresh
+        """docs/method.md §1.2 for the unlabeled examples among dataset ``indices``, with their fresh
         ``embeddings``; stores and returns (labels, confidence) of those examples. Labeled
         examples keep their class with confidence 1. For a repeated index the last
         occurrence is stored, as a sequential loop over the batch would."""
@@ -234,7 +246,7 @@ class MemoryBank(BankState):
 
     @torch.no_grad()
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
-        """SPEC §1.6's blend of the batch's bank rows (repeats applied in order)."""
+        """docs/method.md §1.6's blend of the batch's bank rows (repeats applied in order)."""
         rows, emb = self._check_batch(indices, embeddings)
         bank_update_(self.embeddings, rows, emb, momentum=momentum, check_finite=False)
 
@@ -249,7 +261,7 @@ class MemoryBank(BankState):
         momentum: float = 0.5,
         density_weighting: bool = True,
     ):
-        """After an optimizer step (SPEC §1.6), in order: propagate the batch's unlabeled
+        """After an optimizer step (docs/method.md §1.6), in order: propagate the batch's unlabeled
         examples with this step's embeddings and store label and confidence, then blend
         their bank rows. Everything is checked before anything is written."""
         rows, emb = self._check_batch(indices, embeddings)

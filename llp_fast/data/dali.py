@@ -6,7 +6,7 @@ DataLoader in :mod:`llp_fast.data.folder` is the tested path. Keep this module s
 The pipeline is fed by an ``external_source`` with *our* epoch order, one batch of
 (encoded bytes, dataset index) at a time, so there is no file reader and hence none of the
 reader's padding: the last batch is simply short. As a second guard against padded
-duplicate samples corrupting the bank (SPEC §1.6: a repeated index must not be counted
+duplicate samples corrupting the bank (docs/method.md §1.6: a repeated index must not be counted
 twice), every batch is cut to the indices still owed this epoch and de-duplicated, keeping
 the first occurrence. Decoding runs on the GPU ("mixed") when training on CUDA, else on CPU.
 """

@@ -105,7 +105,7 @@ class ShardedMemoryBank:
         check.finite(embeddings, "embeddings")
         return idx_all, all_gather_cat(embeddings.detach().float(), self.group)
 
-    # -- SPEC §1 steps, collective ---------------------------------------------------------
+    # -- docs/method.md §1 steps, collective ---------------------------------------------------------
     def stored(self, indices):
         """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners."""
         indices = torch.as_tensor(indices, device=self.device).long()
@@ -121,8 +121,11 @@ class ShardedMemoryBank:
         lo = offset_of_rank(indices.shape[0], self.group, self.device)
         return labels[lo : lo + indices.shape[0]], conf[lo : lo + indices.shape[0]]
 
-    def refresh_density(self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled") -> torch.Tensor:
-        """SPEC §1.1 over the whole sharded pool; returns this shard's labeled ``log_rho``."""
+    def refresh_density(
+        self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled", progress=None
+    ) -> torch.Tensor:
+        """docs/method.md §1.1 over the whole sharded pool; returns this shard's labeled ``log_rho``.
+        ``progress(done, total)``: after each round, in this rank's labeled rows."""
         if pool not in ("unlabeled", "all"):
             raise ValueError(f"pool must be 'unlabeled' or 'all', got {pool!r}")
         pool_size = self.num_unlabeled_total if pool == "unlabeled" else self.n
@@ -143,6 +146,8 @@ class ShardedMemoryBank:
             merged = torch.cat(all_gather_same(vals, self.group), dim=1).topk(t, dim=1).values
             lo = offset_of_rank(mine.shape[0], self.group, self.device)
             log_rho[r * chunk : r * chunk + mine.shape[0]] = torch.logsumexp(merged[lo : lo + mine.shape[0]], dim=1)
+            if progress is not None:
+                progress(min(m_local, (r + 1) * chunk), m_local)
         self.local.log_rho = log_rho
         return self.local.log_rho
 
@@ -181,7 +186,7 @@ class ShardedMemoryBank:
 
     @torch.no_grad()
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
-        """SPEC §1.6's blend for the global batch; every rank writes the rows it owns."""
+        """docs/method.md §1.6's blend for the global batch; every rank writes the rows it owns."""
         momentum = check.fraction(momentum, "momentum")
         idx_all, emb_all = self._gather_batch(indices, embeddings)
         own = self._owned(idx_all)
@@ -253,7 +258,7 @@ class ShardedMemoryBank:
         momentum: float = 0.5,
         density_weighting: bool = True,
     ):
-        """SPEC §1.6 for the global batch: propagate its unlabeled examples (merging every
+        """docs/method.md §1.6 for the global batch: propagate its unlabeled examples (merging every
         shard's top-K), store label and confidence at the owners, then blend the owned rows
         in gathered order. Returns (labels, confidence) of the gathered unlabeled examples."""
         check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")

@@ -173,9 +173,8 @@ def aggregation_loss(v, bank, bank_labels, targets, *, tau: float = 0.07, check_
     tau = check.temperature(tau)
     check.vector(bank_labels, "bank_labels", bank.shape[0], device=bank.device, kind="int")
     check.vector(targets, "targets", v.shape[0], device=bank.device, kind="int")
-    if check_finite:
-        check.finite(v, "v")
-        check.finite(bank, "bank")
+    sizes = (check.finite(v, "v"), check.finite(bank, "bank")) if check_finite else (1.0, 1.0)
+    check.scores_fit(tau, v, "v", bank, "bank", *sizes)
     if v.is_cuda and v.dtype in _FUSED_DTYPES and v.requires_grad and torch.is_grad_enabled():
         return aggregation_loss_fused_op(v, bank.detach(), bank_labels, targets, tau)[0]
     return aggregation_loss_op(v, bank.detach(), bank_labels, targets, tau)[0]
