@@ -108,3 +108,17 @@ def test_training_run_on_a_terminal_draws_bars(tmp_path):
     out = b"".join(chunks).decode(errors="replace")
     assert "epoch 1/1" in out and "\r" in out  # the bar, redrawn in place
     assert "[llp] epoch   1/1" in out  # and the summary line above it
+
+
+def test_a_training_run_says_which_implementation_serves_each_op(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(tmp_path / "r"), *TINY],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("llp-fast-train: LLP on digits")
+    assert lines[1].startswith("llp-fast-train: llp_fast backends: cpu: ") and "propagate" in lines[1]
