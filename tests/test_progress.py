@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_ARGS
 
 from llp_fast._progress import Progress, reporter
 
@@ -15,8 +16,7 @@ from llp_fast._progress import Progress, reporter
 pytestmark = pytest.mark.isolated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--epochs", "1", "--width", "4", "--image-size", "8", "--unlabeled-fraction", "0.2", "--batch-size", "64"]
-TINY += ["--k", "5", "--t", "10", "--device", "cpu", "--threads", "1", "--baseline", "off"]
+TINY = [*TINY_ARGS, "--threads", "1", "--baseline", "off"]
 
 
 def test_file_stream_gets_plain_lines_and_no_bar():
