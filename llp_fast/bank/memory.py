@@ -220,16 +220,7 @@ class MemoryBank(BankState):
         unl = rows >= self.num_labeled
         last = is_last_occurrence(rows)
         sel = unl & last
-        labels, conf = propagate(
-            emb[sel].to(self.embeddings.dtype),
-            self.labeled_embeddings,
-            self.labeled_classes,
-            self.log_rho if density_weighting else None,
-            k=k,
-            tau=tau,
-            num_classes=self.num_classes,
-            check_finite=False,
-        )
+        labels, conf = self.vote(emb[sel], k=k, tau=tau, density_weighting=density_weighting)
         self.labels[rows[sel]] = labels
         self.confidence[rows[sel]] = conf.float()
         return labels, conf
