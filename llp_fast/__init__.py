@@ -2,15 +2,16 @@
 
 Public ops (docs/method.md §2): :func:`local_density`, :func:`propagate`, :func:`aggregation_loss`,
 :func:`bank_update_`, :func:`topk_scores` (the selection behind the first two, mergeable across key
-chunks), and the :class:`MemoryBank` that ties them into the training loop;
-:class:`LocalLabelPropagation`, a scikit-learn estimator for fixed embeddings (imported on first use,
-so that ``import llp_fast`` does not import scikit-learn).
+chunks), and the :class:`MemoryBank` that ties them into the training loop; :func:`backends`
+says which implementation serves each op on each device; :class:`LocalLabelPropagation`, a
+scikit-learn estimator for fixed embeddings (imported on first use, so that ``import llp_fast`` does
+not import scikit-learn).
 """
 
 __version__ = "0.1.0"
 
 from .bank import MemoryBank  # noqa: E402
-from .ops import aggregation_loss, bank_update_, local_density, propagate, topk_scores  # noqa: E402
+from .ops import aggregation_loss, backends, bank_update_, local_density, propagate, topk_scores  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -25,6 +26,7 @@ __all__ = [
     "LocalLabelPropagation",
     "MemoryBank",
     "aggregation_loss",
+    "backends",
     "bank_update_",
     "local_density",
     "propagate",

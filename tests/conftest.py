@@ -5,8 +5,15 @@ import _isolate  # noqa: E402  (tests/ is on sys.path, as for brute.py)
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import llp_fast.reference as reference
+
+# The fuzz tests (tests/test_fuzz_*.py) draw fresh examples on each run here; in CI (CI set) the
+# same examples every run, so that a red CI is a code change, not a lucky draw.
+settings.register_profile("ci", derandomize=True, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 _CONFIG: list = []  # the child's config, for report serialisation
 
@@ -89,3 +96,20 @@ def tiny_config(tmp_path, name="run", **kw):
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+# The command-line twin of tiny_config: llp-fast-train flags for a run that takes seconds.
+TINY_ARGS = ["--epochs", "1", "--width", "4", "--image-size", "8", "--unlabeled-fraction", "0.2"]
+TINY_ARGS += ["--batch-size", "64", "--k", "5", "--t", "10", "--device", "cpu"]
+
+
+def one_error_line(capsys, rc, match, prog="llp-fast-train"):
+    """Asserts the tools' error contract: exit status 2 and exactly one line, ``PROG: error:``,
+    holding ``match``, no traceback. Returns the line."""
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+    return lines[0]
