@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import conftest
 import numpy as np
 import pytest
 import torch
@@ -19,14 +20,8 @@ pytestmark = pytest.mark.isolated
 torch.set_num_threads(1)
 
 
-def one_error_line(capsys, rc, match, prog="llp-fast-propagate"):
-    out, err = capsys.readouterr()
-    assert rc == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err
-    assert match in lines[0], lines[0]
-    return lines[0]
+def one_error_line(capsys, rc, match):
+    return conftest.one_error_line(capsys, rc, match, "llp-fast-propagate")
 
 
 def flag_error(capsys, argv, flag, match=""):
@@ -102,13 +97,13 @@ def test_propagate_cli_matches_the_ops(tmp_path, capsys, extra):
 def test_propagate_cli_errors(tmp_path, capsys):
     _digits_embeddings(tmp_path)
     rc = propagate_main([str(tmp_path / "missing.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")])
-    one_error_line(capsys, rc, "no such file", "llp-fast-propagate")
+    one_error_line(capsys, rc, "no such file")
     np.save(tmp_path / "short.npy", np.zeros(5, int))
     rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "short.npy"), "--out", str(tmp_path / "o.npy")])
-    one_error_line(capsys, rc, "labels must be", "llp-fast-propagate")
+    one_error_line(capsys, rc, "labels must be")
     np.save(tmp_path / "none.npy", np.full(1797, -1))
     rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "none.npy"), "--out", str(tmp_path / "o.npy")])
-    one_error_line(capsys, rc, "no labeled row", "llp-fast-propagate")
+    one_error_line(capsys, rc, "no labeled row")
     assert not (tmp_path / "o.npy").exists()
 
 
