@@ -194,7 +194,9 @@ def test_sigint_and_sigterm_in_a_child_leave_nothing(tmp_path):
     for sig in (signal.SIGINT, signal.SIGTERM):
         cmd = [sys.executable, "-m", "llp_fast.cli.propagate", str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy")]
         cmd += ["--out", str(tmp_path / "o.npy"), "--confidence-out", str(tmp_path / "c.npy"), "--threads", "1"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # a shell's background job inherits SIGINT ignored, and Python then keeps ignoring it: undo that
+        default_int = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_int)
         deadline = time.monotonic() + 120
         while proc.poll() is None and _cpu_seconds(proc.pid) < 3.5 and time.monotonic() < deadline:
             time.sleep(0.2)
