@@ -169,9 +169,14 @@ def _train(args, raw: list[str]) -> int:
         )
     if not cfg.quiet:
         what = "supervised-only" if cfg.supervised_only else "LLP"
+        loader = ""
+        if cfg.data.startswith("folder:"):
+            from ..data.folder import loader_label
+
+            loader = f", loader {loader_label(cfg.loader, cfg.device)}"
         print(
-            f"{PROG}: {what} on {cfg.data}, {cfg.arch} width {cfg.width}, {cfg.epochs} epochs, device {cfg.device}, "
-            f"run dir {run_dir}",
+            f"{PROG}: {what} on {cfg.data}, {cfg.arch} width {cfg.width}, {cfg.epochs} epochs, device {cfg.device}"
+            f"{loader}, run dir {run_dir}",
             file=sys.stderr,
         )
         for note in notes:
