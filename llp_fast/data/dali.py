@@ -90,8 +90,9 @@ class DaliFolder:
         from PIL import Image
 
         try:
-            data = np.fromfile(path, dtype=np.uint8)
-            with Image.open(io.BytesIO(data.tobytes())) as im:  # the header only
+            with open(path, "rb") as f:
+                raw = f.read()
+            with Image.open(io.BytesIO(raw)) as im:  # reads the header only
                 w, h = im.size
         except Exception as e:  # PIL raises many types for truncated or foreign files
             raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
@@ -105,7 +106,8 @@ class DaliFolder:
             x1, y1 = x0 + cw, y0 + ch
             if mirror:
                 x0, x1 = x1, x0
-        return data, np.array([y0, x0], dtype=np.float32), np.array([y1, x1], dtype=np.float32)
+        roi_start, roi_end = np.array([y0, x0], dtype=np.float32), np.array([y1, x1], dtype=np.float32)
+        return np.frombuffer(raw, dtype=np.uint8), roi_start, roi_end
 
     def _run(self, files, keys, batch_size):
         """``(uint8 (B, 3, S, S), dataset index (B,))`` over ``keys`` = [(file index, seed or -1)]."""
@@ -132,6 +134,8 @@ class DaliFolder:
             except StopIteration:
                 break
             except RuntimeError as e:
+                if "fn.decoders.image" not in str(e):
+                    raise  # not the decoder: a bug, keep its traceback
                 raise self._decode_error(files, in_flight, e) from None
             fed = in_flight.popleft()
             i = torch.from_dlpack(idx.as_tensor()).reshape(-1).to(torch.int64).clone()
