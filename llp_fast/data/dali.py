@@ -141,7 +141,7 @@ class DaliFolder:
             i = torch.from_dlpack(idx.as_tensor()).reshape(-1).to(torch.int64).clone()
             if i.tolist() != [k for k, _ in fed]:
                 raise RuntimeError(f"DALI returned samples {i.tolist()[:8]}... for the batch fed as {fed[:8]}...")
-            x = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2)
+            x = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2).contiguous()  # uint8: the cheap copy
             yield x, i
         if in_flight:
             raise RuntimeError(f"DALI ended the pass with {len(in_flight)} batches fed and not returned")

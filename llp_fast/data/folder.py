@@ -211,8 +211,10 @@ class FolderSource:
             self.dali = DaliFolder(self)
 
     def _normalise(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """Float images ``(x - mean) / std`` from uint8 ``(B, 3, S, S)`` (both loaders; in place on
+        the float copy: the same values as out of place, without two more batch-sized buffers)."""
         x = x_u8.to(self.device, non_blocking=True).float()
-        return ((x - self.mean) / self.std).contiguous(memory_format=memory_format(self.device))
+        return x.sub_(self.mean).div_(self.std).contiguous(memory_format=memory_format(self.device))
 
     def _loader(self, dataset, keys, batch_size):
         batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
