@@ -11,7 +11,7 @@ EXTRAS ?= dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test test-interpret test-cuda bench bench-cpu bench-gpu bench-step compile-check compile-cuda lint clean
+.PHONY: install demo test test-interpret test-cuda bench bench-cpu bench-gpu bench-step bench-loader compile-check compile-cuda lint clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-gpu: $(STAMP)
 
 bench-step: $(STAMP)
 	$(PY) bench/bench_step_overhead.py
+
+bench-loader: $(STAMP)
+	$(PY) bench/bench_loader.py
 
 compile-check: $(STAMP)
 	$(PY) tests/_compile_kernels.py 90 80
