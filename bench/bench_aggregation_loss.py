@@ -9,7 +9,7 @@ Providers (each a forward and a backward with respect to v): ``naive`` (material
 logits, two logsumexps, autograd), ``mm_only`` (the two matmuls alone, v @ bank.T and
 (B, N) @ bank), ``bank_read`` (one plain read of the bank: the bandwidth floor of
 docs/method.md §4), ``reference`` (the chunked reference forward and backward), ``op`` (the
-public llp_fast.aggregation_loss with autograd), ``triton`` (kernels' forward and backward
+public llp_fast.aggregation_loss with autograd: the fused op on a GPU), ``triton`` (kernels' forward and backward
 launchers; GPU only), ``triton_fused`` (the forward that also accumulates the
 softmax-weighted bank means, so the backward is elementwise: one bank pass in all; GPU
 only), ``extension`` (torch.ops.llp_fast.aggregation_loss and its backward op on the
@@ -32,7 +32,7 @@ except ImportError:  # run as a script
     import common
 
 import llp_fast
-from llp_fast.reference import aggregation_loss_backward_ref, aggregation_loss_ref
+from llp_fast.reference import aggregation_loss_backward_ref, aggregation_loss_grad_from_means, aggregation_loss_ref
 
 OP = "aggregation_loss"
 TAU = 0.07
@@ -123,7 +123,7 @@ def triton_fused(inputs, shape):
     v, bank, bank_labels, targets = inputs
     loss, _, _, mean_all, mean_pos = k.aggregation_loss_fused_triton(v, bank, bank_labels, targets, TAU)
     one = torch.ones_like(loss)
-    return loss, k.aggregation_loss_grad_from_means(mean_all, mean_pos, one, -one, TAU, v.dtype)
+    return loss, aggregation_loss_grad_from_means(mean_all, mean_pos, one, -one, TAU, v.dtype)
 
 
 def extension(inputs, shape):

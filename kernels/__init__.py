@@ -10,7 +10,7 @@ from .aggregation_loss import (
     aggregation_loss_backward_triton,
     aggregation_loss_backward_triton_declines,
     aggregation_loss_fused_triton,
-    aggregation_loss_grad_from_means,
+    aggregation_loss_fused_triton_declines,
     aggregation_loss_triton,
     aggregation_loss_triton_declines,
 )
@@ -22,7 +22,7 @@ __all__ = [
     "aggregation_loss_backward_triton",
     "aggregation_loss_backward_triton_declines",
     "aggregation_loss_fused_triton",
-    "aggregation_loss_grad_from_means",
+    "aggregation_loss_fused_triton_declines",
     "aggregation_loss_triton",
     "aggregation_loss_triton_declines",
     "local_density_triton",

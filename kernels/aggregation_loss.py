@@ -1,4 +1,4 @@
-"""Fused bank softmax loss (docs/method.md §1.3, the ``aggregation_loss`` op), forward and backward.
+"""Fused bank softmax loss (docs/method.md §1.3, the ``aggregation_loss`` ops), forward and backward.
 
 ``aggregation_loss_triton`` computes, without the (B, N) logits,
 
@@ -14,7 +14,10 @@ and ``aggregation_loss_backward_triton`` the gradient of
     grad_v = (coef_all[:, None] * p + coef_pos[:, None] * q) @ bank.float() / tau
 
 Both stream the bank once per block of batch rows with ``tl.dot`` (the forward keeps two
-online log-sum-exps, the backward recomputes the scores). For the per-step batch (B = 256
+online log-sum-exps, the backward recomputes the scores). ``aggregation_loss_fused_triton``
+(``llp_fast::aggregation_loss_fused``, what the public function runs on CUDA in bf16/fp16 when
+``v`` needs a gradient) streams it once for both: the forward also accumulates the softmax-weighted bank
+means, flash-attention style, and the backward is elementwise. For the per-step batch (B = 256
 against N up to 1.3M) the bank is split across programs: the forward writes a partial
 log-sum-exp per split (merged with logsumexp), the backward a partial fp32 gradient per
 split (summed); the split count is capped so these buffers stay a few MB.
@@ -45,7 +48,7 @@ __all__ = [
     "aggregation_loss_backward_triton",
     "aggregation_loss_backward_triton_declines",
     "aggregation_loss_fused_triton",
-    "aggregation_loss_grad_from_means",
+    "aggregation_loss_fused_triton_declines",
 ]
 
 # Cap on the per-split partial gradients of the backward (docs/method.md §4: extra memory < 16 MB).
@@ -61,6 +64,48 @@ def _online_lse(m, acc, s):
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     acc = acc * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
     return m_new, acc
+
+
+@triton.jit
+def _batch_block(v_ptr, targets_ptr, B, N, D, stride_v, chunk, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The common start of the three kernels, on a (row blocks, splits) grid: this program's
+    batch rows (``rows``, ``row_ok``), their embeddings and targets, and its split's bank
+    range ``[n_start, n_end)``."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    q = load_rows(v_ptr, rows, row_ok, D, stride_v, BLOCK_D)
+    tgt = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+    n_start = tl.program_id(1) * chunk
+    n_end = tl.minimum(n_start + chunk, N)
+    return rows, row_ok, q, tgt, n_start, n_end
+
+
+@triton.jit
+def _bank_tile(
+    q,
+    tgt,
+    bank_ptr,
+    labels_ptr,
+    n0,
+    n_end,
+    D,
+    stride_bank,
+    inv_tau,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One bank tile of the loop of every kernel: bank rows ``[n0, n0 + BLOCK_N)`` (those past
+    ``n_end`` masked: ``col_ok``) loaded transposed (``kt``), the scores ``q @ kt / tau`` and
+    ``same``, where a row's stored label equals the batch row's target."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_end
+    kt = load_cols(bank_ptr, cols, col_ok, D, stride_bank, BLOCK_D)
+    s = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), INPUT_PRECISION) * inv_tau
+    lab = tl.load(labels_ptr + cols.to(tl.int64), mask=col_ok, other=0)
+    same = (lab[None, :] == tgt[:, None]) & col_ok[None, :]
+    return kt, s, col_ok, same
 
 
 @triton.jit
@@ -83,33 +128,22 @@ def _aggregation_fwd_kernel(
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    q = load_rows(v_ptr, rows, row_ok, D, stride_v, BLOCK_D)
-    tgt = tl.load(targets_ptr + rows, mask=row_ok, other=0)
-    n_start = split * chunk
-    n_end = tl.minimum(n_start + chunk, N)
+    rows, row_ok, q, tgt, n_start, n_end = _batch_block(v_ptr, targets_ptr, B, N, D, stride_v, chunk, BLOCK_M, BLOCK_D)
     m_all = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     m_pos = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_all = tl.zeros((BLOCK_M,), tl.float32)
     l_pos = tl.zeros((BLOCK_M,), tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols = n0 + offs_n
-        col_ok = cols < n_end
-        kt = load_cols(bank_ptr, cols, col_ok, D, stride_bank, BLOCK_D)
-        s = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), INPUT_PRECISION) * inv_tau
+        _, s, col_ok, same = _bank_tile(
+            q, tgt, bank_ptr, labels_ptr, n0, n_end, D, stride_bank, inv_tau, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION
+        )
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        lab = tl.load(labels_ptr + cols.to(tl.int64), mask=col_ok, other=0)
-        same = (lab[None, :] == tgt[:, None]) & col_ok[None, :]
         m_all, l_all = _online_lse(m_all, l_all, s)
         # Positives are rare (one class among ~1000, or a row's own instance id), so most
         # tiles skip the second exp pass entirely: the exps, not the dot, bound this loop.
         if tl.max(same.to(tl.int32)) > 0:
             m_pos, l_pos = _online_lse(m_pos, l_pos, tl.where(same, s, float("-inf")))
-    out = split.to(tl.int64) * B + rows
+    out = tl.program_id(1).to(tl.int64) * B + rows
     # log(0) = -inf: an empty range (or no positive in it) contributes nothing to the merge.
     tl.store(lse_all_ptr + out, m_all + tl.log(l_all), mask=row_ok)
     tl.store(lse_pos_ptr + out, m_pos + tl.log(l_pos), mask=row_ok)
@@ -138,27 +172,16 @@ def _aggregation_bwd_kernel(
     BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    q = load_rows(v_ptr, rows, row_ok, D, stride_v, BLOCK_D)
-    tgt = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok, q, tgt, n_start, n_end = _batch_block(v_ptr, targets_ptr, B, N, D, stride_v, chunk, BLOCK_M, BLOCK_D)
     la = tl.load(lse_all_ptr + rows, mask=row_ok, other=0.0)
     lp = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
     ca = tl.load(coef_all_ptr + rows, mask=row_ok, other=0.0)
     cp = tl.load(coef_pos_ptr + rows, mask=row_ok, other=0.0)
-    n_start = split * chunk
-    n_end = tl.minimum(n_start + chunk, N)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols = n0 + offs_n
-        col_ok = cols < n_end
-        kt = load_cols(bank_ptr, cols, col_ok, D, stride_bank, BLOCK_D)
-        s = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), INPUT_PRECISION) * inv_tau
-        lab = tl.load(labels_ptr + cols.to(tl.int64), mask=col_ok, other=0)
-        same = (lab[None, :] == tgt[:, None]) & col_ok[None, :]
+        kt, s, col_ok, same = _bank_tile(
+            q, tgt, bank_ptr, labels_ptr, n0, n_end, D, stride_bank, inv_tau, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION
+        )
         w = ca[:, None] * tl.exp(s - la[:, None])
         # Positives are rare: most tiles skip their exp pass (see the forward).
         if tl.max(same.to(tl.int32)) > 0:
@@ -170,7 +193,7 @@ def _aggregation_bwd_kernel(
         # with P); its rounding is measured against float64 in the tests.
         acc = dot(w.to(kt.dtype), tl.trans(kt), acc, INPUT_PRECISION)
     offs_d = tl.arange(0, BLOCK_D)
-    out = (split.to(tl.int64) * B + rows.to(tl.int64))[:, None] * D + offs_d[None, :]
+    out = (tl.program_id(1).to(tl.int64) * B + rows.to(tl.int64))[:, None] * D + offs_d[None, :]
     tl.store(grad_ptr + out, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
@@ -212,35 +235,24 @@ def _aggregation_fused_kernel(
     """Forward and the whole of the backward's bank pass at once: besides the two online
     log-sum-exps, the softmax-weighted bank means ``sum_j p_j m_j`` and ``sum_j q_j m_j``
     that the gradient is made of, accumulated like flash-attention's output."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    q = load_rows(v_ptr, rows, row_ok, D, stride_v, BLOCK_D)
-    tgt = tl.load(targets_ptr + rows, mask=row_ok, other=0)
-    n_start = split * chunk
-    n_end = tl.minimum(n_start + chunk, N)
+    rows, row_ok, q, tgt, n_start, n_end = _batch_block(v_ptr, targets_ptr, B, N, D, stride_v, chunk, BLOCK_M, BLOCK_D)
     m_all = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     m_pos = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_all = tl.zeros((BLOCK_M,), tl.float32)
     l_pos = tl.zeros((BLOCK_M,), tl.float32)
     o_all = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     o_pos = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(n_start, n_end, BLOCK_N):
-        cols = n0 + offs_n
-        col_ok = cols < n_end
-        kt = load_cols(bank_ptr, cols, col_ok, D, stride_bank, BLOCK_D)
-        s = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), INPUT_PRECISION) * inv_tau
+        kt, s, col_ok, same = _bank_tile(
+            q, tgt, bank_ptr, labels_ptr, n0, n_end, D, stride_bank, inv_tau, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION
+        )
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        lab = tl.load(labels_ptr + cols.to(tl.int64), mask=col_ok, other=0)
-        same = (lab[None, :] == tgt[:, None]) & col_ok[None, :]
         m_all, l_all, o_all = _online_moments(m_all, l_all, o_all, s, kt, INPUT_PRECISION)
         # Positives are rare: most tiles skip this second exp pass and product.
         if tl.max(same.to(tl.int32)) > 0:
             sp = tl.where(same, s, float("-inf"))
             m_pos, l_pos, o_pos = _online_moments(m_pos, l_pos, o_pos, sp, kt, INPUT_PRECISION)
-    vec = split.to(tl.int64) * B + rows
+    vec = tl.program_id(1).to(tl.int64) * B + rows
     tl.store(m_ptr + vec, m_all, mask=row_ok)
     tl.store(l_ptr + vec, l_all, mask=row_ok)
     tl.store(m_ptr + n_splits * B + vec, m_pos, mask=row_ok)
@@ -261,11 +273,11 @@ def _prepare(v, bank, block_m, block_n, splits, max_splits=None, *, backward=Fal
     q, keys = rowmajor(v), rowmajor(bank)
     bm, bn, warps, stages = tile_config(q.dtype, q.shape[1], 1, q.shape[0], block_m=block_m, block_n=block_n)
     if not interpreting():
-        # From ptxas resource usage at D = 128 on sm_90 (tests/_compile_kernels.py): 64-row
-        # blocks (the bank is split across programs, so few rows per block are fine), 8
-        # warps, 32-wide key tiles for the backward and the fused forward (which also hold
-        # (BLOCK_M, D) fp32 accumulators): 127 / 131 / 202 registers without spills, where
-        # 4 warps sat at the 255 cap and spilled.
+        # From ptxas resource usage at D = 128 on sm_90 (``python tests/_compile_kernels.py
+        # 90`` prints it per variant): 64-row blocks (the bank is split across programs, so
+        # few rows per block are fine), 8 warps, 32-wide key tiles for the backward and the
+        # fused forward (which also hold (BLOCK_M, D) fp32 accumulators) fit the bf16 kernels
+        # in the registers without spills, where 4 warps sat at the cap and spilled.
         bm = block_m or min(bm, 64)
         bn = block_n or (32 if backward else bn)  # bn: 64 for bf16/fp16, 32 for fp32 (FMA dots)
         warps = 8
@@ -277,6 +289,11 @@ def _prepare(v, bank, block_m, block_n, splits, max_splits=None, *, backward=Fal
 
 def aggregation_loss_triton_declines(v, bank, bank_labels, targets, tau):
     """Why the aggregation-loss launchers would hand this call to the reference, or None."""
+    return decline_reason(v, bank)
+
+
+def aggregation_loss_fused_triton_declines(v, bank, bank_labels, targets, tau):
+    """Why :func:`aggregation_loss_fused_triton` would hand this call to the reference, or None."""
     return decline_reason(v, bank)
 
 
@@ -384,7 +401,8 @@ def aggregation_loss_fused_triton(
     block_m: int | None = None,
     block_n: int | None = None,
 ):
-    """Forward with the backward's bank pass folded in (flash-attention style).
+    """Launcher for ``llp_fast::aggregation_loss_fused``: the forward with the backward's bank
+    pass folded in (flash-attention style).
 
     Computes, without the (B, N) logits, the forward's ``(loss, lse_all, lse_pos)`` and
 
@@ -392,10 +410,9 @@ def aggregation_loss_fused_triton(
         mean_pos = softmax(s.masked_fill(~same, -inf), dim=1) @ bank.float()   (0 if no positive)
 
     so that the gradient of ``sum_b coef_all_b lse_all_b + coef_pos_b lse_pos_b`` is the
-    elementwise :func:`aggregation_loss_grad_from_means`, with no second pass over the bank:
-    one bank read and three products per tile (the third only on tiles with a positive)
-    instead of two reads and four. Not behind an op yet: ``llp_fast::aggregation_loss``
-    would return the two means (B x D each, saved for backward) to use it.
+    elementwise ``reference.aggregation_loss_grad_from_means``, with no second pass over the
+    bank: one bank read and three products per tile (the third only on tiles with a positive)
+    instead of two reads and four.
 
     Returns:
         (loss, lse_all, lse_pos, mean_all, mean_pos) float32, or NotImplemented as
@@ -421,10 +438,3 @@ def aggregation_loss_fused_triton(
     lse_all, mean_all = _merge_moments(m[0], sums[0], o[0])
     lse_pos, mean_pos = _merge_moments(m[1], sums[1], o[1])
     return lse_all - lse_pos, lse_all, lse_pos, mean_all, mean_pos
-
-
-def aggregation_loss_grad_from_means(mean_all, mean_pos, coef_all, coef_pos, tau, dtype=None):
-    """``(coef_all * mean_all + coef_pos * mean_pos) / tau``: the backward of
-    ``aggregation_loss_backward_triton`` given the means of the fused forward (B, D)."""
-    grad = (coef_all.to(torch.float32)[:, None] * mean_all).add_(coef_pos.to(torch.float32)[:, None] * mean_pos)
-    return grad.div_(tau).to(dtype or mean_all.dtype)

@@ -96,6 +96,7 @@ _lock = threading.Lock()
 _loaded = False
 _module = None
 _warned = False
+_failure = ""  # why the last load found no extension
 
 
 def disabled() -> bool:
@@ -190,6 +191,7 @@ def _warn_once(msg: str) -> None:
 
 
 def _load():
+    global _failure
     want_cuda = cuda_wanted()
     prebuilt = None if os.environ.get("LLP_FAST_EXT_JIT") == "1" else _prebuilt_path()
     usable = None  # a prebuilt object for this torch, even if it lacks wanted CUDA kernels
@@ -216,6 +218,7 @@ def _load():
             return _import_prebuilt()
         except (ImportError, OSError) as e:
             errors.append(f"prebuilt llp_fast._C: {e}")
+    _failure = " | ".join(errors)
     _warn_once(
         "llp_fast: the C++ extension is unavailable, the pure-PyTorch reference serves instead "
         f"(set LLP_FAST_DISABLE_EXT=1 to skip it). {' | '.join(errors)}"
@@ -234,6 +237,24 @@ def load():
             _module = None if disabled() else _load()
             _loaded = True
     return _module
+
+
+def unavailable() -> str | None:
+    """Why the extension serves nothing here (loading it if need be), or None when it is loaded."""
+    if disabled():
+        return "LLP_FAST_DISABLE_EXT=1"
+    if load() is None:
+        return f"extension not built: {_failure or 'unknown error'}"
+    return None
+
+
+def describe() -> str:
+    """Which compiled module is loaded: the prebuilt ``llp_fast._C`` or a JIT build."""
+    module = load()
+    if module is None:
+        return "not loaded"
+    name = module.__name__
+    return f"{name} loaded" if name == "llp_fast._C" else f"{name} (JIT-built) loaded"
 
 
 def has_kernel(op: str, device_type: str) -> bool:

@@ -16,12 +16,16 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parent.parent
 
 
+_errors: dict[str, str] = {}  # why an optional import failed, by name
+
+
 @functools.cache
 def triton():
     """The triton module, or None."""
     try:
         return importlib.import_module("triton")
-    except Exception:  # ImportError, or a broken install raising at import
+    except Exception as e:  # ImportError, or a broken install raising at import
+        _errors["triton"] = f"{type(e).__name__}: {e}"
         return None
 
 
@@ -40,6 +44,7 @@ def kernels():
     except ModuleNotFoundError:
         init = _ROOT / "kernels" / "__init__.py"
         if not init.exists():
+            _errors["kernels"] = f"no llp_fast.kernels and no {init}"
             return None
         spec = importlib.util.spec_from_file_location(
             "llp_fast.kernels", init, submodule_search_locations=[str(init.parent)]
@@ -48,6 +53,22 @@ def kernels():
         sys.modules["llp_fast.kernels"] = module
         spec.loader.exec_module(module)
         return module
+
+
+def kernels_unavailable() -> str | None:
+    """Why the Triton kernels cannot serve (importing them if need be), or None when they can."""
+    if os.environ.get("LLP_FAST_DISABLE_TRITON") == "1":
+        return "LLP_FAST_DISABLE_TRITON=1"
+    if triton() is None:
+        err = _errors.get("triton", "")
+        return (
+            "triton not installed"
+            if "No module named 'triton'" in err or not err
+            else f"triton failed to import: {err}"
+        )
+    if kernels() is None:
+        return f"llp_fast.kernels failed to import: {_errors.get('kernels', 'unknown error')}"
+    return None
 
 
 def kernel(name: str):

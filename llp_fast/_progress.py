@@ -7,6 +7,7 @@ the summary lines are written (no carriage-return redraws in a log); ``enabled=F
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -23,6 +24,11 @@ class Progress:
             return _Silent()
         from tqdm.auto import tqdm
 
+        # A terminal that reports no size (a bare pty) would get no bar at all: assume 100 x 20.
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            width = 0
         return tqdm(
             total=total,
             desc=desc,
@@ -30,7 +36,9 @@ class Progress:
             initial=initial,
             file=self.stream,
             leave=False,
-            dynamic_ncols=True,
+            dynamic_ncols=width > 0,
+            ncols=None if width > 0 else 100,
+            nrows=None if width > 0 else 20,
             unit_scale=unit != "it",
             mininterval=0.2,
         )
@@ -54,6 +62,7 @@ class _Silent:
     """The bar's interface, doing nothing (not a terminal, or quiet)."""
 
     n = 0
+    total = None
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -69,6 +78,17 @@ class _Silent:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def reporter(bar):
+    """A ``progress(done, total)`` callback that moves ``bar`` to ``done`` of ``total``."""
+
+    def report(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    return report
 
 
 def fmt_time(s: float) -> str:

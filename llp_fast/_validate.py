@@ -1,4 +1,4 @@
-"""Argument checks shared by the public functions (SPEC §6).
+"""Argument checks shared by the public functions (docs/method.md §6).
 
 Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
 shape, range or value) with a message that names the argument. Checks that read tensor
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -22,7 +23,13 @@ def tracing() -> bool:
 
 
 def tensor(x, name: str) -> torch.Tensor:
+    """``x`` is a torch tensor. The public ops convert NumPy and CuPy arrays before they get here;
+    an array that arrives here was passed where only torch is taken (``MemoryBank``'s methods)."""
     if not isinstance(x, torch.Tensor):
+        lib = type(x).__module__.split(".")[0]
+        if lib in ("numpy", "cupy"):
+            how = "torch.from_numpy" if lib == "numpy" else "torch.from_dlpack"
+            raise TypeError(f"{name} must be a torch.Tensor here, got a {lib} array (convert it with {how})")
         raise TypeError(f"{name} must be a torch.Tensor, numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
     return x
 
@@ -41,9 +48,129 @@ def embeddings(x, name: str, *, allow_empty: bool = True) -> torch.Tensor:
     return x
 
 
-def finite(x: torch.Tensor, name: str) -> None:
-    if not tracing() and x.numel() and not bool(torch.isfinite(x).all()):
+def writable(x: torch.Tensor, name: str, *, memory: bool = True) -> None:
+    """``x`` can be written in place by an op, on every backend, without faulting.
+
+    Refuses (``TypeError``: the kind of tensor, not its values, is wrong):
+    - an inference tensor outside ``torch.inference_mode``: torch forbids in-place updates to
+      it there, so the reference body raised while the C++ kernel wrote;
+    - with ``memory``, a CPU tensor over memory the process may not write (``torch.from_numpy``
+      of a read-only memory map): a write is a segmentation fault. Only storages torch did not
+      allocate (not resizable: from NumPy, DLPack or a file) are looked up, in
+      ``/proc/self/maps`` (about 1 ms), and a tensor found writable is remembered while it lives,
+      so a training loop pays once. (A NumPy array's own ``flags.writeable`` already says this:
+      the NumPy path passes ``memory=False``.)
+    A non-contiguous or expanded (stride 0) tensor is refused by the caller's contiguity check.
+    Not seen: ``torch.from_numpy`` of an array made read-only by its flag alone over writable
+    memory (torch warned when it made that tensor; nothing faults).
+    """
+    if tracing():
+        return  # neither question can be asked of a traced tensor
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise TypeError(
+            f"{name} is an inference tensor (created under torch.inference_mode()) and cannot be "
+            "updated in place outside it: clone it outside inference mode, or call inside it"
+        )
+    if not memory or x.device.type != "cpu" or not x.numel() or x.untyped_storage().resizable():
+        return
+    start, end = x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()
+    seen = _writable_seen.get(id(x))
+    if seen is not None and seen[0]() is x and seen[1:] == (start, end):
+        return
+    if _read_only_memory(start, end):
+        raise TypeError(
+            f"{name} lies in read-only memory (e.g. torch.from_numpy of np.load(..., "
+            'mmap_mode="r")) and is written in place: pass a writable tensor (a copy)'
+        )
+    if len(_writable_seen) >= 64:
+        for key in [k for k, v in _writable_seen.items() if v[0]() is None]:
+            _writable_seen.pop(key, None)
+    _writable_seen[id(x)] = (weakref.ref(x), start, end)
+
+
+# id(tensor) -> (weakref, start, end) of tensors over external memory found writable: while the
+# tensor lives, its storage (kept alive by it) stays mapped as it was.
+_writable_seen: dict[int, tuple] = {}
+
+
+def _read_only_memory(start: int, end: int) -> bool:
+    """Whether a mapping without write permission overlaps [start, end) (Linux; False
+    where ``/proc/self/maps`` cannot be read)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            maps = f.read()
+    except OSError:
+        return False
+    for line in maps.splitlines():
+        span, perms = line.split(None, 2)[:2]
+        lo, hi = (int(a, 16) for a in span.split(b"-"))
+        if lo >= end:
+            break  # the lines are sorted by address
+        if start < hi and b"w" not in perms:
+            return True
+    return False
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of ``a`` and ``b`` overlap (same device; a conservative test on
+    the address ranges, strides included)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        lo = hi = t.data_ptr()
+        for size, stride in zip(t.shape, t.stride()):
+            step = (size - 1) * stride * t.element_size()
+            lo, hi = (lo + step, hi) if step < 0 else (lo, hi + step)
+        return lo, hi + t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def finite(x: torch.Tensor, name: str) -> float:
+    """Raises if ``x`` holds NaN or Inf; returns its largest magnitude (0 when empty; 1, as for
+    unit rows, while tracing, where values cannot be read). One pass, no copy of ``x``."""
+    if tracing():
+        return 1.0
+    if not x.numel():
+        return 0.0
+    lo, hi = (float(v) for v in torch.aminmax(x.detach()))  # NaN and Inf reach both ends
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or Inf")
+    return max(-lo, hi)
+
+
+def scores_fit(tau: float, a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, size_a, size_b, **bias) -> None:
+    """The scores ``a_i . b_j / tau`` (minus a bias, ``log_rho=magnitude``) stay within the
+    compute dtype's range (float64 for float64 inputs, else float32), with room for the
+    difference of two scores that every op takes: finite inputs give finite results.
+
+    ``size_a``, ``size_b``: the inputs' largest magnitudes (:func:`finite`; 1 for unit rows when
+    they were not read). ``|a_i . b_j| <= D * size_a * size_b`` bounds the scores."""
+    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    limit = torch.finfo(dtype).max / 4
+    for name, size in bias.items():
+        if not size <= limit:
+            raise ValueError(f"{name} holds values up to {size:.3g} in magnitude, beyond the {dtype} scores")
+    bound = a.shape[-1] * size_a * size_b / tau
+    if not bound <= limit:
+        raise ValueError(
+            f"scores {a_name} . {b_name} / tau may reach {bound:.3g} (D={a.shape[-1]}, |{a_name}| <= {size_a:.3g}, "
+            f"|{b_name}| <= {size_b:.3g}, tau={tau:.3g}), beyond {dtype}: scale the embeddings down or raise tau"
+        )
+
+
+def blend_fits(bank: torch.Tensor, size: float, name: str) -> None:
+    """Values of largest magnitude ``size`` can be cast to the bank's dtype and blended and
+    normalized (``|mu m + (1 - mu) v|^2 <= D max(|m|, |v|)^2``, unit bank rows) without overflow."""
+    compute = torch.float64 if bank.dtype == torch.float64 else torch.float32
+    limit = min(torch.finfo(bank.dtype).max, math.sqrt(torch.finfo(compute).max / bank.shape[1]))
+    if not size <= limit:
+        raise ValueError(
+            f"{name} holds entries up to {size:.3g} in magnitude; a {bank.dtype} bank of D={bank.shape[1]} takes "
+            f"at most {limit:.3g} (beyond, the cast or the norm of the blend overflows)"
+        )
 
 
 def same_space(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, *, dtype: bool = True) -> None:
@@ -99,8 +226,8 @@ def temperature(tau, name: str = "tau") -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(tau).__name__}")
     tau = float(tau)
-    if not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"{name} must be a finite number > 0, got {tau}")
+    if not (tau > 0 and math.isfinite(tau) and math.isfinite(1.0 / tau)):  # 1/1e-320 is inf
+        raise ValueError(f"{name} must be a finite number > 0 with a finite inverse, got {tau}")
     return tau
 
 

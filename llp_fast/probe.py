@@ -21,40 +21,59 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._progress import Progress
 from .data import load as load_data
 from .data.extra import FilesPool, adapt, native_format, to_input
 from .errors import DataError
 
 
 @torch.no_grad()
-def extract(model, net_source, batches, *, pixels: bool = False) -> torch.Tensor:
+def extract(model, net_source, batches, *, pixels: bool = False, progress=None) -> torch.Tensor:
     """Pooled features (N, F) float32 of uint8 image ``batches`` (any size, 1 or 3 channels);
-    ``pixels``: the network's input itself, flattened (the no-network control)."""
+    ``pixels``: the network's input itself, flattened (the no-network control). ``progress(n)``
+    is called with each batch's size."""
     fmt = native_format(net_source)
     model.eval()
     feat = (lambda x: x.flatten(1)) if pixels else model.features
-    out = [feat(to_input(net_source, adapt(x.cpu(), fmt))).float().cpu() for x in batches]
+    out = []
+    for x in batches:
+        out.append(feat(to_input(net_source, adapt(x.cpu(), fmt))).float().cpu())
+        if progress is not None:
+            progress(x.shape[0])
     return torch.cat(out) if out else torch.zeros(0, getattr(model, "feature_dim", 0))
 
 
 def probe_features(
-    model, net_source, spec: str, *, seed: int = 0, batch_size: int = 256, workers: int = 0, pixels: bool = False
+    model,
+    net_source,
+    spec: str,
+    *,
+    seed: int = 0,
+    batch_size: int = 256,
+    workers: int = 0,
+    pixels: bool = False,
+    progress=None,
 ):
     """``(train_x, train_y, test_x, test_y, num_classes)`` for the labeled data set ``spec``:
-    every labeled training example and the held-out split (the data's own, or 20% stratified)."""
+    every labeled training example and the held-out split (the data's own, or 20% stratified).
+    ``progress``: a :class:`llp_fast._progress.Progress` for the extraction's bar."""
     data = load_data(spec, device="cpu", labeled_fraction=1.0, seed=seed, workers=workers)
     lab = torch.nonzero(data.targets >= 0).flatten()
     ytr, yte = data.targets[lab], data.y_test.cpu()
+    bar = (progress or Progress(enabled=False)).bar(len(lab) + len(yte), "extracting features", "img")
     if hasattr(data, "files"):  # folder: decode the files themselves, in the network's format
         fmt = native_format(net_source)
         tr = FilesPool([data.files[i] for i in lab.tolist()], spec, workers=workers)
         te = FilesPool(list(data.test_files), spec, workers=workers)
-        xtr = extract(model, net_source, (x for x, _ in tr.batches(batch_size, fmt)), pixels=pixels)
-        xte = extract(model, net_source, (x for x, _ in te.batches(batch_size, fmt)), pixels=pixels)
+        train_batches = (x for x, _ in tr.batches(batch_size, fmt))
+        test_batches = (x for x, _ in te.batches(batch_size, fmt))
     else:
         xs, xt, b = data.x.cpu()[lab], data.x_test.cpu(), batch_size
-        xtr = extract(model, net_source, (xs[s : s + b] for s in range(0, xs.shape[0], b)), pixels=pixels)
-        xte = extract(model, net_source, (xt[s : s + b] for s in range(0, xt.shape[0], b)), pixels=pixels)
+        train_batches = (xs[s : s + b] for s in range(0, xs.shape[0], b))
+        test_batches = (xt[s : s + b] for s in range(0, xt.shape[0], b))
+    with bar:
+        xtr = extract(model, net_source, train_batches, pixels=pixels, progress=bar.update)
+        xte = extract(model, net_source, test_batches, pixels=pixels, progress=bar.update)
     return xtr, ytr, xte, yte, data.num_classes
 
 

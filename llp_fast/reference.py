@@ -28,6 +28,8 @@ __all__ = [
     "vote",
     "aggregation_loss_ref",
     "aggregation_loss_backward_ref",
+    "aggregation_loss_fused_ref",
+    "aggregation_loss_grad_from_means",
     "bank_update_ref_",
     "occurrence_rank",
 ]
@@ -222,7 +224,9 @@ def propagate_ref(
 
 
 def _aggregation_tiles(v, bank, bank_labels, targets, tau):
-    """Yields ``(r0, c0, scores, same_label_mask)`` for every (row, column) tile."""
+    """Yields ``(r0, c0, bank_rows, scores, same_label_mask)`` for every (row, column) tile:
+    the tile's first batch row and bank row, its bank rows (compute dtype), the scaled scores
+    and where the bank label equals the row's target."""
     cdt = compute_dtype(v, bank)
     rc, cc = tile_shape(v.shape[0], bank.shape[0])
     inv_tau = 1.0 / tau
@@ -269,6 +273,35 @@ def aggregation_loss_backward_ref(v, bank, bank_labels, targets, lse_all, lse_po
         w = a[r0:r1] * p + b[r0:r1] * q
         grad[r0:r1] += w @ m
     return grad.div_(tau).to(v.dtype)
+
+
+def aggregation_loss_fused_ref(v, bank, bank_labels, targets, tau):
+    """The forward with what the backward needs: ``(loss, lse_all, lse_pos, mean_all,
+    mean_pos)``, where ``mean_all = softmax_j(v . m_j / tau) @ bank`` and ``mean_pos`` the
+    same over the rows with ``bank_labels == targets_b`` (zero for a row with no such bank row),
+    each (B, D). The gradient is then elementwise (:func:`aggregation_loss_grad_from_means`),
+    with no second pass over the bank. Here the means take a second tiled pass; a fused kernel
+    accumulates them with the log-sum-exps in one."""
+    cdt = compute_dtype(v, bank)
+    loss, lse_all, lse_pos = aggregation_loss_ref(v, bank, bank_labels, targets, tau)
+    mean_all = torch.zeros(v.shape, dtype=cdt, device=v.device)
+    mean_pos = torch.zeros(v.shape, dtype=cdt, device=v.device)
+    la, lp = lse_all[:, None], lse_pos[:, None]
+    for r0, _, m, s, same in _aggregation_tiles(v, bank, bank_labels, targets, tau):
+        r1 = r0 + s.shape[0]
+        mean_all[r0:r1] += torch.exp(s - la[r0:r1]) @ m
+        # where() rather than a product: lse_pos is -inf for a row with no positive.
+        mean_pos[r0:r1] += torch.where(same, torch.exp(s - lp[r0:r1]), torch.zeros((), dtype=cdt, device=s.device)) @ m
+    return loss, lse_all, lse_pos, mean_all, mean_pos
+
+
+def aggregation_loss_grad_from_means(mean_all, mean_pos, coef_all, coef_pos, tau, dtype=None):
+    """``(coef_all * mean_all + coef_pos * mean_pos) / tau``: the gradient of
+    ``sum_b coef_all_b * lse_all_b + coef_pos_b * lse_pos_b`` with respect to ``v`` given the
+    softmax-weighted bank means of :func:`aggregation_loss_fused_ref` (B, D), in ``dtype``
+    (default the means')."""
+    grad = coef_all.to(mean_all.dtype)[:, None] * mean_all + coef_pos.to(mean_all.dtype)[:, None] * mean_pos
+    return grad.div_(tau).to(dtype or mean_all.dtype)
 
 
 def occurrence_rank(indices: torch.Tensor) -> torch.Tensor:

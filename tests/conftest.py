@@ -5,8 +5,15 @@ import _isolate  # noqa: E402  (tests/ is on sys.path, as for brute.py)
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import llp_fast.reference as reference
+
+# The fuzz tests (tests/test_fuzz_*.py) draw fresh examples on each run here; in CI (CI set) the
+# same examples every run, so that a red CI is a code change, not a lucky draw.
+settings.register_profile("ci", derandomize=True, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 _CONFIG: list = []  # the child's config, for report serialisation
 

@@ -10,12 +10,19 @@ import torch
 import torch.nn.functional as F
 from _ext_setup import require_ext
 from _triton_setup import DEVICE, LOW, cuda_only, kernels, triton_tests, unit_rows
-from brute import aggregation_grad
+from brute import aggregation_grad, f64
 from brute import aggregation_loss as brute_loss
 from conftest import unit
 
 import llp_fast
-from llp_fast.reference import aggregation_loss_backward_ref, aggregation_loss_ref
+from llp_fast.ops import _common
+from llp_fast.ops.aggregation_loss import _fused_default
+from llp_fast.reference import (
+    aggregation_loss_backward_ref,
+    aggregation_loss_fused_ref,
+    aggregation_loss_grad_from_means,
+    aggregation_loss_ref,
+)
 
 # Native kernels run on odd shapes here: a crash fails this module's tests, not the whole run.
 pytestmark = pytest.mark.isolated
@@ -124,6 +131,43 @@ def test_backward_at_a_size_that_runs_tiles_in_parallel_workers():
     loss.sum().backward()
     want = aggregation_grad(v[:3], bank, labels, targets[:3], 0.1)
     np.testing.assert_allclose(v.grad[:3].numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_op_matches_brute_force(shape, dtype, tiles):
+    """llp_fast::aggregation_loss_fused (its reference body here): the loss, the bank means it
+    keeps, and the gradient its backward makes of them, against dense float64 softmaxes."""
+    v, bank, bank_labels, targets = _inputs(*shape, dtype)
+    w = torch.rand(shape[0])
+    vv = v.clone().requires_grad_()
+    loss, _, _, mean_all, mean_pos = torch.ops.llp_fast.aggregation_loss_fused(vv, bank, bank_labels, targets, 0.07)
+    assert not mean_all.requires_grad and not mean_pos.requires_grad
+    (loss * w).sum().backward()
+    np.testing.assert_allclose(
+        loss.detach().numpy(), brute_loss(v, bank, bank_labels, targets, 0.07), rtol=1e-4, atol=1e-4
+    )
+    logits = f64(v) @ f64(bank).T / 0.07
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(mean_all.numpy(), (p / p.sum(1, keepdims=True)) @ f64(bank), rtol=1e-4, atol=1e-5)
+    want = aggregation_grad(v, bank, bank_labels, targets, 0.07, w)
+    assert vv.grad.dtype == dtype
+    rtol, atol = (1e-4, 1e-4) if dtype == torch.float32 else (8e-3, 1e-3 * np.abs(want).max())
+    np.testing.assert_allclose(vv.grad.float().numpy(), want, rtol=rtol, atol=atol)
+
+
+def test_fused_op_gradients_of_every_output(tiles):
+    """The fused op's loss and log-sum-exps are differentiable (exact in float64, gradcheck);
+    the means are not (they are what the backward is made of)."""
+    v, bank, bank_labels, targets = _inputs(6, 30, 8, 3, torch.float64)
+    v.requires_grad_()
+    fused = torch.ops.llp_fast.aggregation_loss_fused
+    loss, lse_all, lse_pos, _, _ = fused(v, bank, bank_labels, targets, 0.2)
+    g = torch.autograd.grad((2 * loss + 3 * lse_all - 5 * lse_pos).sum(), v)[0]
+    plain = torch.ops.llp_fast.aggregation_loss(v, bank, bank_labels, targets, 0.2)
+    want = torch.autograd.grad((2 * plain[0] + 3 * plain[1] - 5 * plain[2]).sum(), v)[0]
+    torch.testing.assert_close(g, want)
+    assert torch.autograd.gradcheck(lambda x: fused(x, bank, bank_labels, targets, 0.3)[0], (v,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +340,7 @@ class TestTriton:
             assert_same_with_infs(o, r, rtol=1e-5, atol=1e-5)
         assert mean_all.shape == mean_pos.shape == (b, d)
         assert bool((mean_pos[0] == 0).all())  # row 0 has no positive
-        grad = kernels.aggregation_loss_grad_from_means(mean_all, mean_pos, ca, cp, TAU, dtype)
+        grad = aggregation_loss_grad_from_means(mean_all, mean_pos, ca, cp, TAU, dtype)
         grad_ref = aggregation_loss_backward_ref(
             v, bank, bank_labels, targets, ref[1], ref[2], ca.float(), cp.float(), TAU
         )
@@ -306,6 +350,31 @@ class TestTriton:
             truth_out = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
             truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, *truth_out[1:], ca, cp, TAU)
             assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_the_cuda_op_runs_the_fused_kernel(self, dtype, monkeypatch):
+        """llp_fast::aggregation_loss_fused's CUDA body, run by the interpreter on CPU tensors:
+        the fused kernel serves it, and its outputs (and the gradient made of its means)
+        match the reference body's."""
+        monkeypatch.setattr(_common, "LAST_CALL", {})
+        v64, bank64, bank_labels, targets, ca, cp = make_inputs(29, 83, 24, seed=4)
+        v, bank = v64.to(dtype), bank64.to(dtype)
+        body = _common.with_fallback("aggregation_loss_fused_triton", _fused_default)
+        out = body(v, bank, bank_labels, targets, TAU)
+        assert _common.LAST_CALL[("aggregation_loss_fused", "cuda")] == ("triton", "aggregation_loss_fused_triton")
+        ref = aggregation_loss_fused_ref(v, bank, bank_labels, targets, TAU)
+        for o, r in zip(out[:3], ref[:3]):
+            assert_same_with_infs(o, r.float(), rtol=1e-5, atol=1e-5)
+        for o, r in zip(out[3:], ref[3:]):
+            torch.testing.assert_close(o, r.float(), rtol=1e-4, atol=1e-5 if dtype == torch.float32 else 2e-3)
+        grad = aggregation_loss_grad_from_means(out[3], out[4], ca, cp, TAU, dtype)
+        grad_ref = aggregation_loss_grad_from_means(ref[3], ref[4], ca, cp, TAU, dtype)
+        truth_means = aggregation_loss_fused_ref(v64, bank64, bank_labels, targets, TAU)[3:]
+        truth = aggregation_loss_grad_from_means(*truth_means, ca, cp, TAU)
+        assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
+        # float64 is the reference's, and the record says why.
+        body(v64, bank64, bank_labels, targets, TAU)
+        assert _common.LAST_CALL[("aggregation_loss_fused", "cuda")][1].startswith("triton declined: dtype float64")
 
     def test_backward_float16_and_large_coefficients(self):
         v64, bank64, bank_labels, targets, ca, cp = make_inputs(19, 45, 24, seed=9)
@@ -349,7 +418,10 @@ class TestTriton:
         assert rel_err(loss.detach(), truth) <= 2 * rel_err(ref_loss, truth) + 1e-6
         assert rel_err(v.grad, grad_truth) <= 2 * rel_err(grad_ref, grad_truth) + 1e-6
 
-        # The fused forward's means give the same gradient.
+        # The public op took the fused forward (the backward made of its means, no second
+        # bank pass); the two-pass launchers' means give the same gradient.
+        if dtype != torch.float32:  # fp32 takes the two-pass kernels
+            assert llp_fast.backends(last=True)["aggregation_loss_fused"]["cuda"][0] == "triton"
         fused = kernels.aggregation_loss_fused_triton(v.detach(), bank, bank_labels, targets, TAU)
-        grad_fused = kernels.aggregation_loss_grad_from_means(fused[3], fused[4], w, -w, TAU, dtype)
+        grad_fused = aggregation_loss_grad_from_means(fused[3], fused[4], w, -w, TAU, dtype)
         assert rel_err(grad_fused, grad_truth) <= 2 * rel_err(grad_ref, grad_truth) + 1e-6

@@ -113,3 +113,24 @@ def test_bad_run_dir_is_one_line(tmp_path, capsys, setup, msg):
     assert main([str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1
+
+
+def test_bad_flags_and_unwritable_out_are_one_line(tmp_path, capsys):
+    _make_run(tmp_path / "run", epochs=1)
+    with pytest.raises(SystemExit):  # --classes 0 is refused where it is parsed
+        main([str(tmp_path / "run"), "--classes", "0"])
+    assert "argument --classes" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert main([str(tmp_path / "run"), "--out", str(blocker / "analysis")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llp-fast-analyze: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_metrics_values_are_escaped_in_the_index(tmp_path):
+    from llp_fast.analyze import write_index
+
+    runs = [{"name": "<b>run</b>", "metrics": [{"epoch": "<script>alert(1)</script>", "test_top1": "<i>x</i>"}]}]
+    page = write_index(tmp_path, [("curves.png", 'caption "<q>"')], runs).read_text()
+    assert "<script>" not in page and "<i>" not in page and "<b>run" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page

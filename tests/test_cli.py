@@ -257,3 +257,82 @@ def test_propagate_cli_errors(tmp_path, capsys):
     rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "none.npy"), "--out", str(tmp_path / "o.npy")])
     one_error_line(capsys, rc, "no labeled row", "llp-fast-propagate")
     assert not (tmp_path / "o.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--batch-size", "-5"),
+        ("--batch-size", "0"),
+        ("--image-size", "0"),
+        ("--width", "0"),
+        ("--threads", "-1"),
+        ("--epochs", "0"),
+        ("--scale-min", "5"),
+        ("--weight-decay", "-1"),
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--lr", "0"),
+        ("--tau", "0"),
+        ("--t", "0"),
+        ("--bank-momentum", "1.5"),
+        ("--unlabeled-fraction", "0"),
+        ("--translate", "-2"),
+        ("--workers", "-1"),
+        ("--milestones", "3,-1"),
+        ("--device", "gpu"),
+        ("--data", "cifar"),
+        ("--seed", "-3"),
+    ],
+)
+def test_every_flag_is_checked_where_it_is_parsed(tmp_path, capsys, flag, value):
+    """Each of these trained silently with a fallback, or failed late with another flag's message."""
+    with pytest.raises(SystemExit) as e:
+        train_main(["--run-dir", str(tmp_path / "r"), flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_config_field_has_exactly_one_flag():
+    from llp_fast.train import config
+
+    flags = {a.dest: a.option_strings for a in train_parser()._actions}
+    for f in config.fields():
+        if f.metadata.get("cli"):
+            assert config.flag_of(f) in flags[f.name], f.name
+    cli_only = {"help", "resume", "baseline", "baseline_mode", "nproc", "stop_after_steps"}
+    assert set(flags) - {f.name for f in config.fields()} <= cli_only
+
+
+def test_a_programming_error_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only errors the user can fix become one line; a bug (here a TypeError inside the loop) is
+    raised with its traceback instead of being reported as a bad input."""
+    from llp_fast.train.loop import Trainer
+
+    def bug(self):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(Trainer, "fit", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        train_main(["--run-dir", str(tmp_path / "r"), "--baseline", "off", *TINY])
+
+
+def test_a_stray_huge_label_is_one_line_and_fast(tmp_path, capsys):
+    y = np.arange(40) % 2
+    y[3] = 2**40
+    p = tmp_path / "huge.npz"
+    np.savez(p, x=np.zeros((40, 6, 6), np.uint8), y=y)
+    rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), *TINY])
+    one_error_line(capsys, rc, "class ids must be 0..S-1")
+
+
+def test_an_empty_held_out_split_is_refused_before_training(tmp_path, capsys):
+    y = np.full(40, -1)
+    y[:4] = [0, 1, 0, 1]
+    p = tmp_path / "own.npz"
+    np.savez(p, x=np.zeros((40, 6, 6), np.uint8), y=y)
+    rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), *TINY])
+    one_error_line(capsys, rc, "held-out split is empty")
+    assert not (tmp_path / "r").exists()

@@ -208,3 +208,27 @@ def test_folder_unreadable_image(tmp_path):
     src = load(f"folder:{root}", device="cpu", labeled_fraction=1.0, image_size=8, workers=0, loader="pil")
     with pytest.raises(DataError, match="cannot read image"):
         list(src.train_batches(torch.arange(src.num_train), 4, None))
+
+
+def test_npz_huge_class_id_is_refused_before_anything_is_sized(tmp_path):
+    """One label of 2**40 made the trainer build a list of 2**40 class names (24 GB, OOM)."""
+    y = np.arange(60) % 3
+    y[7] = 2**40
+    p = _write_npz(tmp_path / "huge.npz", y=y)
+    with pytest.raises(DataError, match="class ids must be 0..S-1") as err:
+        load(f"npz:{p}", device="cpu", labeled_fraction=0.5)
+    assert "1099511627776" in str(err.value) and "no 3" in str(err.value)
+    y_gap = np.arange(60) % 3 * 2  # classes 0, 2, 4: ids with gaps
+    p = _write_npz(tmp_path / "gap.npz", y=y_gap, test=False)
+    with pytest.raises(DataError, match="no 1"):
+        load(f"npz:{p}", device="cpu", labeled_fraction=0.5)
+
+
+def test_npz_whose_held_out_split_would_be_empty_is_refused_up_front(tmp_path):
+    """An npz marking its own labeled rows, 2 per class, no x_test: 20% of 2 rounds to none. It
+    trained a whole epoch, then failed in torch.cat with no checkpoint."""
+    y = np.full(60, -1)
+    y[:6] = np.arange(6) % 3
+    p = _write_npz(tmp_path / "d.npz", y=y, test=False)
+    with pytest.raises(DataError, match="held-out split is empty"):
+        load(f"npz:{p}", device="cpu", labeled_fraction=None)

@@ -1,4 +1,7 @@
-"""NumPy in, NumPy out; CuPy in, CuPy out through DLPack (SPEC §2)."""
+"""NumPy in, NumPy out; CuPy in, CuPy out through DLPack (docs/method.md §2)."""
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,10 +35,80 @@ def test_mixed_numpy_and_torch_follow_the_first_array():
 
 
 def _cupy():
+    """CuPy, where it and torch can both reach a GPU; otherwise the test skips, saying why."""
     cupy = pytest.importorskip("cupy")
     if not torch.cuda.is_available():
-        pytest.skip("CuPy needs a CUDA GPU")
+        pytest.skip("CuPy arrays need a CUDA GPU and a CUDA build of torch; torch.cuda.is_available() is False")
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CuPy's CUDA runtime cannot use this driver or GPU
+        pytest.skip(f"CuPy cannot use the GPU here: {type(e).__name__}: {e}")
     return cupy
+
+
+class _CudaArray:
+    """What torch.from_dlpack sees of a CuPy array on GPU 0 (a real one cannot be made without a
+    GPU: CuPy raises CUDARuntimeError on creation). Recognised as CuPy by its type's module."""
+
+    __module__ = "cupy._core.core"
+
+    def __init__(self, a: np.ndarray):
+        self.shape, self.dtype = a.shape, a.dtype
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA, device 0
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("torch must not get this far without CUDA")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error torch without CUDA would give")
+@pytest.mark.parametrize("op", ["propagate", "local_density", "aggregation_loss", "bank_update_"])
+def test_a_cupy_array_without_cuda_is_one_clear_error(op):
+    # Before: torch.from_dlpack's "AssertionError: Torch not compiled with CUDA enabled".
+    x, lab, cls = _CudaArray(np.ones((3, 4), np.float32)), unit(5, 4).numpy(), np.zeros(5, np.int64)
+    calls = {
+        "propagate": lambda: llp_fast.propagate(x, lab, cls, k=2, num_classes=1),
+        "local_density": lambda: llp_fast.local_density(lab, x, t=2),
+        "aggregation_loss": lambda: llp_fast.aggregation_loss(x, lab, cls, cls[:3]),
+        "bank_update_": lambda: llp_fast.bank_update_(x, np.array([0]), lab[:1]),
+    }
+    with pytest.raises(
+        TypeError, match=r"^\w+ is a CuPy array, and CuPy arrays need CUDA, which torch .* not have here"
+    ):
+        calls[op]()
+
+
+_NO_CUDA_SCRIPT = """
+import sys
+import numpy as np, torch
+if sys.argv[1] == "cupy-first":
+    import cupy  # importable without a GPU; only creating an array needs one
+import llp_fast
+q = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
+cls = torch.arange(10) % 3
+for lab, c, qq in ((q[:10], cls, q), (q[:10].numpy(), cls.numpy(), q.numpy())):
+    log_rho = llp_fast.local_density(lab, qq, t=4)
+    llp_fast.propagate(qq, lab, c, log_rho, k=3, num_classes=3)
+    llp_fast.aggregation_loss(qq[:4], qq, np.arange(20) % 3, np.arange(4) % 3)
+    llp_fast.bank_update_(qq, np.array([1, 2]), qq[:2] * 1)
+bank = llp_fast.MemoryBank(torch.tensor([0, -1, 1, -1, 2, -1]), 3, dim=8)
+bank.refresh_density(t=2)
+bank.step(torch.tensor([1, 3]), torch.nn.functional.normalize(torch.randn(2, 8), dim=1), k=2)
+print("cupy imported:", "cupy" in sys.modules, "cuda initialised:", torch.cuda.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("order", ["llp-fast-only", "cupy-first"])
+def test_cpu_paths_never_touch_cuda_or_cupy(order):
+    # With cupy-cuda12x installed (the dev extra) on a machine without a GPU: import llp_fast and
+    # every CPU op, NumPy or torch, run; llp_fast imports no CuPy and initialises no CUDA.
+    if order == "cupy-first":
+        pytest.importorskip("cupy")
+    proc = subprocess.run([sys.executable, "-c", _NO_CUDA_SCRIPT, order], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want_cupy = order == "cupy-first"
+    assert f"cupy imported: {want_cupy} cuda initialised: False" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
 @pytest.mark.cuda

@@ -18,6 +18,8 @@ def _samples():
     yield "local_density", (lab, q, 2, 0.07, torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool))
     yield "aggregation_loss", (q.clone().requires_grad_(), lab, cls, cls[:7], 0.07)
     yield "aggregation_loss", (q.double().requires_grad_(), lab.double(), cls, cls[:7], 0.2)
+    yield "aggregation_loss_fused", (q.clone().requires_grad_(), lab, cls, cls[:7], 0.07)
+    yield "aggregation_loss_fused", (q.double().requires_grad_(), lab.double(), cls, cls[:7], 0.2)
     yield (
         "aggregation_loss_backward",
         (q, lab, cls, cls[:7], torch.rand(7) + 5, torch.rand(7) + 3, torch.rand(7), torch.rand(7), 0.07),

@@ -1,5 +1,10 @@
-"""SPEC §6: bad input raises ValueError/TypeError naming the argument; nothing is written."""
+"""docs/method.md §6: bad input raises ValueError/TypeError naming the argument; nothing is written."""
 
+import subprocess
+import sys
+import warnings
+
+import brute
 import numpy as np
 import pytest
 import torch
@@ -117,3 +122,272 @@ def test_numpy_arguments_are_validated_too():
         llp_fast.propagate(Q.numpy(), L.numpy(), CLS.numpy(), k=9, num_classes=3)
     with pytest.raises(TypeError, match="bank has NumPy dtype <U1"):
         llp_fast.local_density(Q.numpy(), np.array([["a"]]), t=1)
+
+
+# -- bank_update_ on a bank that cannot be written (issue 14) ---------------------------------
+
+_MEMMAP_SCRIPT = """
+import sys, numpy as np, torch, llp_fast
+path, wrap = sys.argv[1], sys.argv[2]
+bank = np.load(path, mmap_mode="r")
+if wrap == "torch":
+    bank = torch.from_numpy(bank)
+try:
+    llp_fast.bank_update_(bank, np.array([0, 2]), np.ones((2, 6), np.float32))
+except TypeError as e:
+    print("TypeError:", e)
+"""
+
+
+@pytest.mark.parametrize("wrap", ["numpy", "torch"])
+def test_bank_update_refuses_a_read_only_memmap(tmp_path, wrap):
+    # In a child process: before the fix the kernel wrote to read-only pages (SIGSEGV).
+    path = tmp_path / "bank.npy"
+    before = L.numpy().copy()
+    np.save(path, before)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMMAP_SCRIPT, str(path), wrap], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("TypeError: bank ") and "read-only" in proc.stdout
+    np.testing.assert_array_equal(np.load(path), before)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda a: (a.setflags(write=False), a)[1], id="writeable-false"),
+        pytest.param(lambda a: np.broadcast_to(a[:1], a.shape), id="broadcast_to"),
+        pytest.param(lambda a: np.frombuffer(a.tobytes(), np.float32).reshape(a.shape), id="frombuffer-bytes"),
+    ],
+)
+def test_bank_update_refuses_a_read_only_array(make):
+    bank = make(L.numpy().copy())
+    before = bank.copy()
+    with pytest.raises(TypeError, match="bank is a read-only NumPy array"):
+        llp_fast.bank_update_(bank, np.array([0, 2]), np.ones((2, 6), np.float32))
+    np.testing.assert_array_equal(bank, before)
+
+
+def test_bank_update_refuses_an_inference_tensor_outside_inference_mode():
+    # Before: the C++ kernel wrote it, the reference body raised torch's RuntimeError.
+    with torch.inference_mode():
+        bank = L.clone()
+    before = bank.clone()
+    with pytest.raises(TypeError, match="bank is an inference tensor"):
+        llp_fast.bank_update_(bank, torch.tensor([0, 2]), unit(2, 6))
+    assert torch.equal(bank, before)
+    with torch.inference_mode():
+        llp_fast.bank_update_(bank, torch.tensor([0, 2]), unit(2, 6))
+    assert not torch.equal(bank, before)
+
+
+@pytest.mark.parametrize(
+    "bank",
+    [
+        pytest.param(L[:1].expand(5, 6), id="rows-expanded"),
+        pytest.param(L[:, :1].expand(5, 6), id="columns-expanded"),
+        pytest.param(L[::2], id="row-slice"),
+    ],
+)
+def test_bank_update_refuses_a_bank_with_overlapping_or_gapped_rows(bank):
+    before = bank.clone()
+    with pytest.raises(ValueError, match="bank must be contiguous"):
+        llp_fast.bank_update_(bank, torch.tensor([0, 1]), unit(2, 6))
+    assert torch.equal(bank, before)
+
+
+@pytest.mark.parametrize("impl", ["torch", "numpy"])
+def test_bank_update_reads_values_that_view_the_bank_as_passed(impl):
+    # values = bank[0:2] while row 1 is written first: the second update must blend the old row 1
+    # (the sequential loop over the values as passed). Before, it read the row just written.
+    bank = unit(5, 6, torch.float64)
+    want = brute.bank_update(bank, [1, 0], bank[0:2].clone(), 0.5)
+    if impl == "numpy":
+        bank = bank.numpy()
+    llp_fast.bank_update_(bank, np.array([1, 0]), bank[0:2], momentum=0.5)
+    np.testing.assert_allclose(np.asarray(bank), want, rtol=0, atol=1e-12)
+
+
+def test_read_only_arrays_are_fine_where_nothing_is_written():
+    q, lab = unit(4, 6).numpy(), L.numpy()
+    q.setflags(write=False)
+    lab.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" warning does not apply here
+        labels, _ = llp_fast.propagate(q, lab, CLS.numpy(), k=2, num_classes=3)
+    assert labels.shape == (4,)
+
+
+def test_bank_update_writes_a_writable_memmap_through_torch(tmp_path):
+    # External memory that may be written (a read-write memory map) passes the read-only check,
+    # on the first call (looked up) and on later ones (remembered).
+    path = tmp_path / "bank.npy"
+    np.save(path, L.numpy())
+    bank = torch.from_numpy(np.load(path, mmap_mode="r+"))
+    want = brute.bank_update(L, [0, 0], L[1:2].repeat(2, 1), 0.5)
+    for _ in range(2):
+        llp_fast.bank_update_(bank, torch.tensor([0]), L[1:2].clone())
+    np.testing.assert_allclose(np.load(path), want, rtol=0, atol=1e-6)
+
+
+# -- outputs never require grad (issue 14) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["queries", "labeled", "log_rho"])
+def test_propagate_outputs_do_not_require_grad(which):
+    # Before: a log_rho that required grad gave a confidence that required grad, and backward
+    # raised "no autograd formula was registered".
+    args = dict(queries=Q.clone(), labeled=L.clone(), log_rho=torch.randn(5))
+    args[which].requires_grad_()
+    labels, conf = llp_fast.propagate(labeled_classes=CLS, k=3, num_classes=3, **args)
+    assert not labels.requires_grad and not conf.requires_grad
+    want = llp_fast.propagate(Q, L, CLS, args["log_rho"].detach(), k=3, num_classes=3)
+    assert torch.equal(labels, want[0]) and torch.equal(conf, want[1])
+
+
+@pytest.mark.parametrize("which", ["labeled", "bank"])
+def test_local_density_output_does_not_require_grad(which):
+    args = dict(labeled=L.clone(), bank=Q.clone())
+    args[which].requires_grad_()
+    log_rho = llp_fast.local_density(t=3, **args)
+    assert not log_rho.requires_grad
+    # A density with grad history still propagates (what a caller might feed back).
+    labels, conf = llp_fast.propagate(Q, L, CLS, log_rho * torch.ones(1, requires_grad=True), k=3, num_classes=3)
+    assert not conf.requires_grad
+
+
+# -- defects the fuzzer (tests/test_fuzz_ops.py) found ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda a: np.ascontiguousarray(a[::-1])[::-1], id="reversed"),
+        pytest.param(lambda a: a.astype(a.dtype.newbyteorder("S")), id="byteswapped"),
+        pytest.param(lambda a: _field(a), id="record-field-stride"),
+    ],
+)
+def test_numpy_views_torch_cannot_take_are_read_through_a_copy(make):
+    # Before: torch.from_numpy's ValueError, naming no argument.
+    q, lab = Q.numpy(), L.numpy()
+    want = llp_fast.propagate(q, lab, CLS.numpy(), k=3, num_classes=3)
+    got = llp_fast.propagate(make(q), make(lab), make(CLS.numpy()), k=3, num_classes=3)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def _field(a: np.ndarray) -> np.ndarray:
+    """``a`` as a field of a record array: strides of 5 bytes per item more than the item."""
+    rec = np.zeros(a.shape, dtype=[("x", a.dtype), ("pad", "i1")])
+    rec["x"] = a
+    return rec["x"]
+
+
+@pytest.mark.parametrize(
+    "make,exc,msg",
+    [
+        (lambda a: np.ascontiguousarray(a[::-1])[::-1], ValueError, "bank must be contiguous"),
+        (lambda a: a.astype(a.dtype.newbyteorder("S")), TypeError, "bank has non-native byte order"),
+    ],
+)
+def test_bank_update_refuses_a_numpy_bank_torch_cannot_view(make, exc, msg):
+    bank = make(L.numpy().copy())
+    before = bank.copy()
+    with pytest.raises(exc, match=msg):
+        llp_fast.bank_update_(bank, np.array([0, 2]), np.ones((2, 6), np.float32))
+    np.testing.assert_array_equal(bank, before)
+
+
+def test_a_numpy_dtype_torch_lacks_is_named():
+    with pytest.raises(TypeError, match="queries has NumPy dtype float128"):
+        llp_fast.propagate(Q.numpy().astype(np.longdouble), L.numpy(), CLS.numpy(), k=3, num_classes=3)
+
+
+def test_a_loss_with_a_gradient_stays_torch_with_numpy_labels():
+    # Before: the NumPy targets made the loss a NumPy array, and the gradient was lost.
+    v = Q.clone().requires_grad_()
+    loss = llp_fast.aggregation_loss(v, L, CLS.numpy(), CLS[:4].numpy())
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    loss.sum().backward()
+    assert v.grad is not None and bool(torch.isfinite(v.grad).all())
+    plain = llp_fast.aggregation_loss(Q, L, CLS.numpy(), CLS[:4].numpy())
+    assert isinstance(plain, np.ndarray)
+
+
+SCORE_CASES = [
+    # (call, message): finite inputs whose scores overflow; each gave NaN results before.
+    (lambda: llp_fast.propagate(Q, L, CLS, k=3, tau=1e-40, num_classes=3), "tau=1e-40"),
+    (
+        lambda: llp_fast.propagate(Q * 1e38, L, CLS, k=3, num_classes=3),
+        r"\|queries\| <= \d\.\d+e\+37, \|labeled\| <= 0\.",
+    ),
+    (
+        lambda: llp_fast.propagate(Q, L, CLS, torch.full((5,), 1e300, dtype=torch.float64), k=3, num_classes=3),
+        "log_rho",
+    ),
+    (lambda: llp_fast.local_density(L, Q, t=2, tau=1e-45), "tau"),
+    (lambda: llp_fast.local_density(L, Q * 3e38, t=2), r"\|bank\| <= 2\.\d+e\+38"),
+    (lambda: llp_fast.aggregation_loss(Q * 1e20, L * 1e20, CLS, CLS[:4]), "v . bank / tau"),
+]
+
+
+@pytest.mark.parametrize("call,msg", SCORE_CASES)
+def test_scores_beyond_the_compute_dtype_are_refused(call, msg):
+    with pytest.raises(ValueError, match=msg):
+        call()
+
+
+def test_the_same_scores_are_fine_in_float64():
+    # At tau = 1e-40 the nearest labeled point outweighs the others: the vote is its class.
+    labels, conf = llp_fast.propagate(Q.double(), L.double(), CLS, k=3, tau=1e-40, num_classes=3)
+    nearest = llp_fast.propagate(Q.double(), L.double(), CLS, k=1, num_classes=3)[0]
+    assert torch.equal(labels, nearest) and torch.equal(conf, torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "bank_dtype,values",
+    [
+        (torch.float32, torch.full((2, 6), 1e300, dtype=torch.float64)),  # inf once cast
+        (torch.float16, torch.full((2, 6), 1e5)),  # inf once cast
+        (torch.float32, torch.full((2, 6), 1e30)),  # the norm of the blend overflows
+        (torch.float64, torch.full((2, 6), 1e300, dtype=torch.float64)),
+    ],
+)
+def test_bank_update_refuses_values_the_bank_cannot_blend(bank_dtype, values):
+    # Before: finite values, NaN rows in the bank.
+    bank = L.to(bank_dtype)
+    before = bank.clone()
+    with pytest.raises(ValueError, match="values holds entries up to"):
+        llp_fast.bank_update_(bank, torch.tensor([0, 2]), values)
+    assert torch.equal(bank, before)
+    ok = values / values.abs().max() * 10  # large but within range: blended and normalized
+    llp_fast.bank_update_(bank, torch.tensor([0, 2]), ok)
+    torch.testing.assert_close(bank[[0, 2]].double().norm(dim=1), torch.ones(2, dtype=torch.float64), atol=2e-3, rtol=0)
+
+
+def test_a_tau_whose_inverse_overflows_is_refused_even_without_scores():
+    # Found by the fuzzer: with no queries no score overflowed, and tau=1e-320 passed.
+    with pytest.raises(ValueError, match="tau must be a finite number > 0 with a finite inverse"):
+        llp_fast.propagate(Q[:0], L, CLS, k=3, tau=1e-320, num_classes=3)
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), 1e30])
+def test_bank_update_refuses_bank_rows_it_cannot_blend(fill):
+    # Found by the fuzzer: NaN/Inf bank rows were blended into NaN, finite 1e30 rows into NaN
+    # (the norm overflowed). Only the rows the call blends are read; the others may hold anything.
+    bank = L.clone()
+    bank[2] = fill
+    before = bank.clone()
+    with pytest.raises(ValueError, match="bank"):
+        llp_fast.bank_update_(bank, torch.tensor([0, 2]), unit(2, 6))
+    torch.testing.assert_close(bank, before, rtol=0, atol=0, equal_nan=True)
+    llp_fast.bank_update_(bank, torch.tensor([0, 1]), unit(2, 6))
+    assert bool(torch.isfinite(bank[[0, 1]]).all())
+
+
+def test_an_array_where_only_torch_is_taken_is_named_as_such():
+    # Before: "labels must be a torch.Tensor, numpy.ndarray or cupy.ndarray, got ndarray".
+    bank = llp_fast.MemoryBank(torch.tensor([0, -1, 1, -1]), 2, dim=3)
+    with pytest.raises(TypeError, match=r"labels must be a torch.Tensor here, got a numpy array \(convert it with"):
+        bank.set_labels(torch.tensor([1]), np.array([0]), torch.tensor([0.5]))

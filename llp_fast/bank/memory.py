@@ -16,6 +16,7 @@ from ..reference import is_last_occurrence
 from .state import BankState
 
 _INIT_BLOCK = 1 << 16
+DENSITY_BLOCK = 1 << 14  # labeled rows per density call: the unit of the refresh's progress
 
 
 def initial_rows(start: int, end: int, dim: int, seed: int) -> torch.Tensor:
@@ -150,15 +151,26 @@ class MemoryBank(BankState):
         return self.labels[rows], self.confidence[rows]
 
     # -- docs/method.md §1 steps -------------------------------------------------------------------
-    def refresh_density(self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled") -> torch.Tensor:
+    def refresh_density(
+        self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled", progress=None
+    ) -> torch.Tensor:
         """Once per epoch (docs/method.md §1.1): ``log_rho`` of the labeled rows against the pool,
-        the unlabeled rows (paper) or every row, the point itself included (``"all"``)."""
+        the unlabeled rows (paper) or every row, the point itself included (``"all"``).
+        ``progress(done, total)`` is called after each block of labeled rows (rows are independent,
+        so blocks change nothing in the result)."""
         if pool not in ("unlabeled", "all"):
             raise ValueError(f"pool must be 'unlabeled' or 'all', got {pool!r}")
         keys = self.embeddings[self.num_labeled :] if pool == "unlabeled" else self.embeddings
         if keys.shape[0] == 0:
             raise ValueError("pool='unlabeled' but the bank holds no unlabeled example")
-        self.log_rho = local_density(self.labeled_embeddings, keys, t=t, tau=tau, check_finite=False).float()
+        labeled, m = self.labeled_embeddings, self.num_labeled
+        log_rho = torch.empty(m, device=self.device)
+        for s in range(0, m, DENSITY_BLOCK):
+            block = labeled[s : s + DENSITY_BLOCK]
+            log_rho[s : s + block.shape[0]] = local_density(block, keys, t=t, tau=tau, check_finite=False)
+            if progress is not None:
+                progress(s + block.shape[0], m)
+        self.log_rho = log_rho
         return self.log_rho
 
     def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, targets=None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .._files import atomic_open
+from .._progress import Progress
 from ..data.extra import native_format
 from ..errors import ConfigError
 from ..probe import probe_features, train_readout
@@ -69,6 +70,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", type=_common.DEVICE, default=None, help="cpu or cuda for the feature extraction")
     ap.add_argument("--threads", type=_common.COUNT, default=0)
     ap.add_argument("--workers", type=_common.COUNT, default=0, help="DataLoader workers for folder data")
+    ap.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
 
 
@@ -84,7 +86,13 @@ def _main(args) -> int:
     torch.manual_seed(args.seed)
     model, cfg, net_source = load_network(args.checkpoint, device, random_init=args.random_init)
     xtr, ytr, xte, yte, s = probe_features(
-        model, net_source, args.data, seed=args.seed, workers=args.workers, pixels=args.pixels
+        model,
+        net_source,
+        args.data,
+        seed=args.seed,
+        workers=args.workers,
+        pixels=args.pixels,
+        progress=Progress(enabled=not args.quiet, prog=PROG),
     )
     t_feat = time.perf_counter() - t0
     runs = [

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from .._progress import Progress
+from .._progress import Progress, reporter
 from ..data.extra import open_pool
 from ..data.selection import write_selection
 from ..select import load_network, select
@@ -60,7 +60,7 @@ def _main(args) -> int:
             top_classes=args.top_classes,
             per_class=args.per_class,
             batch_size=args.batch_size,
-            progress=lambda done, total: bar.update(done - bar.n),
+            progress=reporter(bar),
         )
     meta = {
         "source": pool.spec,

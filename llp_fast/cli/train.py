@@ -134,6 +134,7 @@ def resumed_config(args, saved: C.TrainConfig, ckpt: dict) -> tuple[C.TrainConfi
             f"--epochs {values['epochs']} replaces the saved {saved.epochs}; the lr milestones stay at "
             f"{saved.milestones}"
         )
+    values["quiet"] = bool(args.quiet)  # this invocation's output, not the saved run's
     cfg = dataclasses.replace(saved, **values, stop_after_steps=args.stop_after_steps)
     if cfg.epochs < ckpt["epoch"]:
         raise ConfigError(f"--epochs {cfg.epochs}: the run has completed {ckpt['epoch']} epochs already")

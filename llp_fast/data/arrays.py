@@ -111,7 +111,16 @@ class ArraySource:
         known = np.concatenate([y[y >= 0], y_test if y_test is not None else np.zeros(0, np.int64)])
         if known.size == 0:
             raise DataError(f"{name}: no labeled example at all")
-        self.num_classes = int(known.max()) + 1
+        # Class ids are 0..S-1, each present: checked before anything is sized by S (one stray
+        # label of 2**40 would otherwise size a class list, and a classifier, by it).
+        present = np.unique(known)
+        if present[-1] >= present.size:
+            missing = int(np.setdiff1d(np.arange(present.size + 1), present)[0])
+            raise DataError(
+                f"{name}: class ids must be 0..S-1 with an example of each, but the labels hold "
+                f"{int(present[-1])} and no {missing} ({present.size} distinct classes)"
+            )
+        self.num_classes = int(present.size)
         self.class_names = [str(c) for c in range(self.num_classes)]
         self.split: Split = make_split(
             y,
@@ -122,6 +131,11 @@ class ArraySource:
             seed=seed,
         )
         if x_test is None:
+            if self.split.test.size == 0:
+                raise DataError(
+                    f"{name}: the held-out split is empty (it takes 20% of each class's labeled examples, "
+                    "which rounds to none here): give x_test and y_test, or label more examples"
+                )
             x_test, y_test = x[self.split.test], y[self.split.test]
         self.device = torch.device(device)
         xs = _to_nchw(x[self.split.train])

@@ -121,8 +121,11 @@ class ShardedMemoryBank:
         lo = offset_of_rank(indices.shape[0], self.group, self.device)
         return labels[lo : lo + indices.shape[0]], conf[lo : lo + indices.shape[0]]
 
-    def refresh_density(self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled") -> torch.Tensor:
-        """docs/method.md §1.1 over the whole sharded pool; returns this shard's labeled ``log_rho``."""
+    def refresh_density(
+        self, *, t: int = 25, tau: float = 0.07, pool: str = "unlabeled", progress=None
+    ) -> torch.Tensor:
+        """docs/method.md §1.1 over the whole sharded pool; returns this shard's labeled ``log_rho``.
+        ``progress(done, total)``: after each round, in this rank's labeled rows."""
         if pool not in ("unlabeled", "all"):
             raise ValueError(f"pool must be 'unlabeled' or 'all', got {pool!r}")
         pool_size = self.num_unlabeled_total if pool == "unlabeled" else self.n
@@ -143,6 +146,8 @@ class ShardedMemoryBank:
             merged = torch.cat(all_gather_same(vals, self.group), dim=1).topk(t, dim=1).values
             lo = offset_of_rank(mine.shape[0], self.group, self.device)
             log_rho[r * chunk : r * chunk + mine.shape[0]] = torch.logsumexp(merged[lo : lo + mine.shape[0]], dim=1)
+            if progress is not None:
+                progress(min(m_local, (r + 1) * chunk), m_local)
         self.local.log_rho = log_rho
         return self.local.log_rho
 

@@ -6,10 +6,19 @@ module here; C++/CUDA kernels from ``csrc/`` with ``TORCH_LIBRARY_IMPL``. The pu
 functions (validation, NumPy/CuPy interop, defaults) sit beside each op.
 """
 
+from ._backends import backends, describe_backends
 from .aggregation_loss import aggregation_loss
 from .bank_update import bank_update_
 from .local_density import local_density
 from .propagate import propagate
 from .topk_scores import topk_scores
 
-__all__ = ["aggregation_loss", "bank_update_", "local_density", "propagate", "topk_scores"]
+__all__ = [
+    "aggregation_loss",
+    "backends",
+    "bank_update_",
+    "describe_backends",
+    "local_density",
+    "propagate",
+    "topk_scores",
+]

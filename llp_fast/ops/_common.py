@@ -13,18 +13,36 @@ def out_float_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+# (op, device type) -> (implementation, why): what served the most recent call of each op on
+# each device, read by ``llp_fast.backends(last=True)``. CPU calls served by the extension go
+# straight to its kernel after the first, so the first call's entry stands for them all.
+LAST_CALL: dict[tuple[str, str], tuple[str, str]] = {}
+
+
 def with_fallback(launcher_name: str, reference):
-    """A CUDA body: the Triton launcher ``launcher_name`` when triton is importable and the
-    launcher accepts the arguments, else ``reference``. A launcher returns NotImplemented
-    for configurations it does not cover (say k above its limit)."""
+    """A CUDA body: the Triton launcher ``launcher_name`` when the kernels are importable and
+    ``<launcher_name>_declines`` finds nothing against the arguments, else ``reference``.
+    Which one served, and why the launcher did not (say ``triton declined: k=80 > 64``), is
+    recorded in ``LAST_CALL``."""
     from .. import _optional
+
+    op = launcher_name.removesuffix("_triton")
 
     def body(*args):
         launcher = _optional.kernel(launcher_name)
-        if launcher is not None:
-            out = launcher(*args)
-            if out is not NotImplemented:
-                return out
+        if launcher is None:
+            why = _optional.kernels_unavailable() or f"llp_fast.kernels has no {launcher_name}"
+        else:
+            declines = _optional.kernel(f"{launcher_name}_declines")
+            why = declines(*args) if declines is not None else None
+            if why is None:
+                out = launcher(*args)
+                if out is not NotImplemented:
+                    LAST_CALL[(op, "cuda")] = ("triton", launcher_name)
+                    return out
+                why = "the launcher returned NotImplemented"
+            why = f"triton declined: {why}"
+        LAST_CALL[(op, "cuda")] = ("reference", why)
         return reference(*args)
 
     return body
@@ -45,14 +63,18 @@ def compiled_first(op_name: str):
     def wrap(fn):
         @functools.wraps(fn)
         def body(*args):
+            device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
             if not getattr(_redispatching, "on", False):
-                device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
                 if device is not None and _ext.has_kernel(op_name, device):
+                    LAST_CALL[(op_name, device)] = ("extension", _ext.describe())
                     _redispatching.on = True
                     try:
                         return getattr(torch.ops.llp_fast, op_name).default(*args)
                     finally:
                         _redispatching.on = False
+                if device == "cpu" or (device == "cuda" and op_name in _ext.CUDA_OPS):
+                    why = _ext.unavailable() or f"the extension has no {device.upper()} kernel for {op_name}"
+                    LAST_CALL[(op_name, device)] = ("reference", why)
             return fn(*args)
 
         return body

@@ -1,9 +1,17 @@
 """``llp_fast.aggregation_loss``: the bank softmax loss of docs/method.md §1.3, differentiable in v.
 
-Forward: two online log-sum-exps over the bank (all rows; rows whose stored label equals the
-target). Backward: scores recomputed tile by tile, ``dv = (sum_j (p_j - q_j) m_j) / tau``.
-Neither direction holds a B x N matrix. The op returns ``(loss, lse_all, lse_pos)`` so that
-the backward needs no second pass for the normalisers; the public function returns loss.
+Two ops compute it; neither holds a B x N matrix.
+
+``llp_fast::aggregation_loss``: forward, two online log-sum-exps over the bank (all rows; rows
+whose stored label equals the target), returning ``(loss, lse_all, lse_pos)`` so that the
+backward (``llp_fast::aggregation_loss_backward``) needs no second pass for the normalisers;
+that backward recomputes the scores tile by tile, ``dv = (sum_j (p_j - q_j) m_j) / tau``.
+
+``llp_fast::aggregation_loss_fused``: the forward also accumulates the softmax-weighted bank
+means ``sum_j p_j m_j`` and ``sum_j q_j m_j`` (B x D each, kept for the backward), so the
+backward is elementwise and the bank is read once per step instead of twice. The public
+function takes it where it pays: on CUDA, in bf16/fp16, when ``v`` needs a gradient (its
+Triton kernel serves it; its reference body takes two passes).
 """
 
 from __future__ import annotations
@@ -12,7 +20,12 @@ import torch
 
 from .. import _validate as check
 from .._interop import accepts_arrays
-from ..reference import aggregation_loss_backward_ref, aggregation_loss_ref
+from ..reference import (
+    aggregation_loss_backward_ref,
+    aggregation_loss_fused_ref,
+    aggregation_loss_grad_from_means,
+    aggregation_loss_ref,
+)
 from ._common import compiled_first, out_float_dtype, with_fallback
 
 
@@ -82,6 +95,58 @@ def _backward(ctx, g_loss, g_all, g_pos):
 aggregation_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@compiled_first("aggregation_loss_fused")
+def _fused_default(v, bank, bank_labels, targets, tau):
+    dt = out_float_dtype(v, bank)
+    return tuple(x.to(dt) for x in aggregation_loss_fused_ref(v, bank, bank_labels, targets, tau))
+
+
+aggregation_loss_fused_op = torch.library.custom_op(
+    "llp_fast::aggregation_loss_fused",
+    _fused_default,
+    mutates_args=(),
+    schema="(Tensor v, Tensor bank, Tensor bank_labels, Tensor targets, float tau)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+@aggregation_loss_fused_op.register_fake
+def _(v, bank, bank_labels, targets, tau):
+    dt = out_float_dtype(v, bank)
+    vec = [v.new_empty(v.shape[0], dtype=dt) for _ in range(3)]
+    return (*vec, v.new_empty(v.shape, dtype=dt), v.new_empty(v.shape, dtype=dt))
+
+
+aggregation_loss_fused_op.register_kernel("cuda")(with_fallback("aggregation_loss_fused_triton", _fused_default))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    _, _, _, mean_all, mean_pos = output
+    # The means are what the backward needs, not differentiable outputs of their own.
+    ctx.mark_non_differentiable(mean_all, mean_pos)
+    ctx.save_for_backward(mean_all, mean_pos)
+    ctx.tau = inputs[4]
+    ctx.v_dtype = inputs[0].dtype
+
+
+def _fused_backward(ctx, g_loss, g_all, g_pos, _g_mean_all, _g_mean_pos):
+    mean_all, mean_pos = ctx.saved_tensors
+    zero = mean_all.new_zeros(mean_all.shape[0])
+    g_loss = zero if g_loss is None else g_loss
+    g_all = zero if g_all is None else g_all
+    g_pos = zero if g_pos is None else g_pos
+    # loss = lse_all - lse_pos, and d lse / dv = (softmax-weighted bank mean) / tau.
+    grad_v = aggregation_loss_grad_from_means(mean_all, mean_pos, g_loss + g_all, g_pos - g_loss, ctx.tau, ctx.v_dtype)
+    return grad_v, None, None, None, None
+
+
+aggregation_loss_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+# Where the public function takes the fused op on CUDA: bf16/fp16, whose fused kernel fits the
+# registers (sm_90, tests/_compile_kernels.py); the fp32 one spills, so fp32 takes the two passes.
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)
+
+
 @accepts_arrays("v", "bank", "bank_labels", "targets")
 def aggregation_loss(v, bank, bank_labels, targets, *, tau: float = 0.07, check_finite: bool = True):
     """``L_A(v) = -logsumexp_{j: l_j = target}(v . m_j / tau) + logsumexp_j(v . m_j / tau)``.
@@ -98,7 +163,10 @@ def aggregation_loss(v, bank, bank_labels, targets, *, tau: float = 0.07, check_
             read of the bank; the trainer, which writes the bank itself, turns it off).
 
     Returns:
-        (B,) float32 loss (float64 for float64 inputs). Extra memory is O(B), never O(B*N).
+        (B,) float32 loss (float64 for float64 inputs). Extra memory is O(B), never O(B*N);
+        on CUDA in bf16/fp16, when ``v`` needs a gradient, O(B*D) more: the forward keeps the bank means
+        its backward is made of (``llp_fast::aggregation_loss_fused``), so the backward does
+        not read the bank again.
     """
     check.embeddings(v, "v")
     check.embeddings(bank, "bank", allow_empty=False)
@@ -106,7 +174,8 @@ def aggregation_loss(v, bank, bank_labels, targets, *, tau: float = 0.07, check_
     tau = check.temperature(tau)
     check.vector(bank_labels, "bank_labels", bank.shape[0], device=bank.device, kind="int")
     check.vector(targets, "targets", v.shape[0], device=bank.device, kind="int")
-    if check_finite:
-        check.finite(v, "v")
-        check.finite(bank, "bank")
+    sizes = (check.finite(v, "v"), check.finite(bank, "bank")) if check_finite else (1.0, 1.0)
+    check.scores_fit(tau, v, "v", bank, "bank", *sizes)
+    if v.is_cuda and v.dtype in _FUSED_DTYPES and v.requires_grad and torch.is_grad_enabled():
+        return aggregation_loss_fused_op(v, bank.detach(), bank_labels, targets, tau)[0]
     return aggregation_loss_op(v, bank.detach(), bank_labels, targets, tau)[0]

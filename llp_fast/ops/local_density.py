@@ -61,7 +61,6 @@ def local_density(labeled, bank, *, t: int = 25, tau: float = 0.07, pool_mask=No
             if pool == 0:
                 raise ValueError("pool_mask selects no rows: the density pool is empty")
     t = check.positive_int(t, "t", high=pool, high_what="the density pool size")
-    if check_finite:
-        check.finite(labeled, "labeled")
-        check.finite(bank, "bank")
+    sizes = (check.finite(labeled, "labeled"), check.finite(bank, "bank")) if check_finite else (1.0, 1.0)
+    check.scores_fit(tau, labeled, "labeled", bank, "bank", *sizes)
     return local_density_op(labeled.detach(), bank.detach(), t, tau, pool_mask)

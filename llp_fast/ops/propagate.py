@@ -63,7 +63,8 @@ def propagate(
         k: neighbours, 1 <= k <= M.
         tau: temperature > 0.
         num_classes: number of classes S.
-        check_finite: reject NaN/Inf embeddings (one extra read of the inputs).
+        check_finite: reject NaN/Inf embeddings, and embeddings so large that the scores
+            would overflow (one extra read of the inputs).
 
     Returns:
         labels (Q,) int64 (ties to the lowest class id) and confidence (Q,) float32
@@ -83,8 +84,9 @@ def propagate(
     check.in_range(labeled_classes, "labeled_classes", 0, num_classes, "class ids must lie in [0, num_classes)")
     if log_rho is not None:
         check.vector(log_rho, "log_rho", m, device=labeled.device, kind="float")
-        check.finite(log_rho, "log_rho")
-    if check_finite:
-        check.finite(queries, "queries")
-        check.finite(labeled, "labeled")
+    big_rho = check.finite(log_rho, "log_rho") if log_rho is not None else 0.0
+    sizes = (check.finite(queries, "queries"), check.finite(labeled, "labeled")) if check_finite else (1.0, 1.0)
+    check.scores_fit(tau, queries, "queries", labeled, "labeled", *sizes, log_rho=big_rho)
+    if log_rho is not None:
+        log_rho = log_rho.detach()  # no autograd formula: outputs never require grad
     return propagate_op(queries.detach(), labeled.detach(), labeled_classes, log_rho, k, tau, num_classes)

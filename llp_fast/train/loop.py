@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from .._device import memory_format
-from .._progress import Progress
+from .._progress import Progress, reporter
 from ..data.extra import add_extra_unlabeled
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from ..nn import param_groups
@@ -315,7 +315,8 @@ class Trainer:
             self.order_state = self.gen_order.get_state()
             self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0}
             if self.bank is not None and not warmup:
-                self.bank.refresh_density(t=cfg.t, tau=cfg.tau, pool=cfg.density_pool)
+                with self.progress.bar(None, "density refresh", "row") as bar:
+                    self.bank.refresh_density(t=cfg.t, tau=cfg.tau, pool=cfg.density_pool, progress=reporter(bar))
         else:  # resumed inside an epoch: replay its permutation from the saved state
             self.gen_order.set_state(self.order_state)
         steps = self.steps_per_epoch()

@@ -1,0 +1,194 @@
+"""Checkpoints are verified on every load; a resume reads one once and restores the run's record
+(metrics.jsonl, TensorBoard) from it."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from llp_fast.cli.analyze import main as analyze_main
+from llp_fast.cli.probe import main as probe_main
+from llp_fast.cli.select import main as select_main
+from llp_fast.cli.train import main as train_main
+from llp_fast.errors import CheckpointError, Interrupted
+from llp_fast.train import checkpoint
+from llp_fast.train.checkpoint import CHECKPOINT, METRICS
+from llp_fast.train.loop import Trainer, train
+from llp_fast.train.report import read_metrics
+
+# native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
+pytestmark = pytest.mark.isolated
+
+torch.set_num_threads(1)
+TIMING = {"images_per_s", "epoch_seconds"}
+
+
+def untimed(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def one_error_line(capsys, rc, match, prog):
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("ckpt"), epochs=1)
+    train(cfg)
+    return cfg.run_dir
+
+
+def _flip_middle(path, n=64):
+    """Flips ``n`` bytes in the middle of the file: inside the largest tensors' storage, so that
+    the zip and the pickle still load and only the digest can tell."""
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2
+    for i in range(mid, mid + n):
+        data[i] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_flipped_bytes_are_refused_by_every_tool(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(finished_run, run)
+    path = os.path.join(run, CHECKPOINT)
+    _flip_middle(path)
+    torch.load(path, weights_only=True)  # still loads: without the digest it would resume silently
+    with pytest.raises(CheckpointError, match="do not match their digest"):
+        checkpoint.load(path)
+    one_error_line(capsys, train_main(["--resume", run, "--epochs", "2"]), "corrupt checkpoint", "llp-fast-train")
+    np.savez(tmp_path / "pool.npz", x=np.zeros((4, 8, 8), np.uint8))
+    out = str(tmp_path / "sel.npz")
+    one_error_line(
+        capsys, select_main([run, "--source", f"npz:{tmp_path}/pool.npz", "--out", out]), "corrupt", "llp-fast-select"
+    )
+    one_error_line(capsys, probe_main([run, "--data", "digits"]), "corrupt checkpoint", "llp-fast-linear-probe")
+    one_error_line(capsys, analyze_main([run]), "corrupt checkpoint", "llp-fast-analyze")
+
+
+def test_a_checkpoint_missing_an_entry_is_corrupt_not_a_key_error(finished_run, tmp_path, capsys):
+    state = torch.load(os.path.join(finished_run, CHECKPOINT), weights_only=True)
+    for key in ("global_step", "order_state", "epoch_stats", "history"):
+        run = tmp_path / key
+        run.mkdir()
+        broken = {k: v for k, v in state.items() if k not in (key, "sha256")}
+        checkpoint.save(broken, str(run / CHECKPOINT))  # a valid digest over incomplete contents
+        with pytest.raises(CheckpointError, match=f"entry '{key}' missing"):
+            checkpoint.load(str(run / CHECKPOINT))
+        one_error_line(capsys, train_main(["--resume", str(run)]), f"'{key}'", "llp-fast-train")
+
+
+def test_resume_loads_the_checkpoint_once(finished_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(finished_run, run)
+    calls = []
+    real = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert train_main(["--resume", run, "--quiet"]) == 0
+    assert len(calls) == 1
+
+
+def test_resume_names_the_flags_it_will_not_take(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(finished_run, run)
+    rc = train_main(["--resume", run, "--epochs", "14", "--lr", "5", "--data", "mnist5k"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "--lr" in err and "--data" in err and "cannot change" in err and "--epochs" in err.split("only")[1]
+    with pytest.raises(SystemExit):  # checked where parsed, resume or not
+        train_main(["--resume", run, "--epochs", "0"])
+    assert "--epochs" in capsys.readouterr().err
+
+
+def test_resume_with_more_epochs_trains_them_and_says_so(finished_run, tmp_path, capsys):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(finished_run, run)
+    assert train_main(["--resume", run, "--epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "--epochs 2 replaces the saved 1" in err
+    assert [r["epoch"] for r in read_metrics(os.path.join(run, METRICS))] == [1, 2]
+    one_error_line(capsys, train_main(["--resume", run, "--epochs", "1"]), "completed 2 epochs", "llp-fast-train")
+
+
+def _interrupted_after_one_epoch(tmp_path, name):
+    probe = Trainer(tiny_config(tmp_path, "probe" + name, epochs=2))
+    cut = tiny_config(tmp_path, name, epochs=2, stop_after_steps=probe.steps_per_epoch() + 2)
+    with pytest.raises(Interrupted):
+        train(cut)
+    return cut
+
+
+def test_a_torn_last_metrics_line_or_a_deleted_file_is_restored_on_resume(tmp_path):
+    full = tiny_config(tmp_path, "full", epochs=2)
+    train(full)
+    want = untimed(read_metrics(os.path.join(full.run_dir, METRICS)))
+    for damage in ("torn", "deleted"):
+        cut = _interrupted_after_one_epoch(tmp_path, damage)
+        path = os.path.join(cut.run_dir, METRICS)
+        assert len(read_metrics(path)) == 1
+        if damage == "torn":
+            with open(path, "a") as f:
+                f.write('{"epoch": 2, "test_to')  # a crash in the middle of a write
+        else:
+            os.remove(path)
+        train(dataclasses.replace(cut, stop_after_steps=None), resume=True)
+        assert untimed(read_metrics(path)) == want, damage
+
+
+def test_a_bad_metrics_line_names_the_file_and_line(tmp_path):
+    path = tmp_path / METRICS
+    path.write_text('{"epoch": 1}\n{"epoch": 2, "te\n')
+    with pytest.raises(ValueError, match=f"{METRICS}:2"):
+        read_metrics(str(path))
+
+
+def _event_scalars(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb_dir)
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_the_metrics_scalars_one_writer_per_run(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tb extra (pip install -e .[tb]) is not installed")
+    cut = _interrupted_after_one_epoch(tmp_path, "tb")
+    tb = os.path.join(cut.run_dir, "tb")
+    assert len([f for f in os.listdir(tb) if "tfevents" in f]) == 1  # one writer, not one per epoch
+    train(dataclasses.replace(cut, stop_after_steps=None), resume=True)
+    assert len([f for f in os.listdir(tb) if "tfevents" in f]) == 2  # reopened on resume
+    rows = read_metrics(os.path.join(cut.run_dir, METRICS))
+    got = _event_scalars(tb)
+    want = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                want.setdefault(key, {})[row["epoch"]] = value
+    assert set(got) == set(want)
+    for key, series in want.items():
+        assert set(got[key]) == set(series), key
+        for step, value in series.items():
+            assert got[key][step] == pytest.approx(value, rel=1e-6, abs=1e-6), (key, step)
+
+
+def test_history_travels_in_the_checkpoint(finished_run):
+    ckpt = checkpoint.load(os.path.join(finished_run, CHECKPOINT))
+    rows = read_metrics(os.path.join(finished_run, METRICS))
+    assert json.loads(json.dumps(ckpt["history"])) == rows

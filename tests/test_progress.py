@@ -1,0 +1,110 @@
+"""Progress output: a tqdm bar with rate and ETA on a terminal, plain lines in a file, nothing when
+quiet (llp_fast._progress, used by the trainer and the tools)."""
+
+import io
+import os
+import pty
+import subprocess
+import sys
+
+import pytest
+
+from llp_fast._progress import Progress, reporter
+
+# runs llp-fast-train in child processes (tiny networks, one thread)
+pytestmark = pytest.mark.isolated
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--epochs", "1", "--width", "4", "--image-size", "8", "--unlabeled-fraction", "0.2", "--batch-size", "64"]
+TINY += ["--k", "5", "--t", "10", "--device", "cpu", "--threads", "1", "--baseline", "off"]
+
+
+def test_file_stream_gets_plain_lines_and_no_bar():
+    buf = io.StringIO()
+    p = Progress(stream=buf, prog="tool")
+    with p.bar(10, "work", "img") as bar:
+        report = reporter(bar)
+        for i in range(1, 11):
+            report(i, 10)
+    p.line("done")
+    assert buf.getvalue() == "tool: done\n"
+
+
+def test_quiet_writes_nothing():
+    buf = io.StringIO()
+    p = Progress(enabled=False, stream=buf)
+    with p.bar(3, "work") as bar:
+        bar.update(3)
+    p.line("done")
+    assert buf.getvalue() == ""
+
+
+def test_terminal_gets_a_bar_with_rate_and_eta():
+    master, slave = pty.openpty()
+    try:
+        stream = os.fdopen(slave, "w", buffering=1)
+        p = Progress(stream=stream)
+        assert p.tty
+        with p.bar(5, "work", "img") as bar:
+            for _ in range(5):
+                bar.update(1)
+        p.line("finished")
+        stream.flush()
+        out = os.read(master, 65536).decode(errors="replace")
+    finally:
+        os.close(master)
+        stream.close()
+    assert "work" in out and "\r" in out and "img/s" in out and "<" in out  # tqdm's rate and ETA
+    assert "finished" in out
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
+def test_training_run_in_a_file_has_epoch_lines_and_no_redraws(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(tmp_path / "r"), *TINY],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[llp] epoch   1/1" in proc.stderr and "\r" not in proc.stderr
+    quiet = subprocess.run(
+        [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(tmp_path / "q"), "--quiet", *TINY],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_training_run_on_a_terminal_draws_bars(tmp_path):
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(tmp_path / "r"), *TINY],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=slave,
+            env=_env(),
+        )
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=600) == 0
+    finally:
+        os.close(master)
+    out = b"".join(chunks).decode(errors="replace")
+    assert "epoch 1/1" in out and "\r" in out  # the bar, redrawn in place
+    assert "[llp] epoch   1/1" in out  # and the summary line above it
