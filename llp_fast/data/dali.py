@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import _optional
+from .._device import memory_format
 from . import MARKER, DataError
 from .transforms import crop_box, eval_geometry, open_rgb, sample_seed
 
@@ -54,8 +55,10 @@ class DaliFolder:
         dali = _optional.dali()
         fn, types = dali.fn, dali.types
         s = self.source.image_size
-        # UNTESTED: the GPU path ("mixed" decode, resize on the GPU). No session on this project has
-        # had a GPU yet; the first one should run tests/test_dali.py with --device cuda sources.
+        # UNTESTED HERE: the GPU path ("mixed" decode with nvJPEG, the resize on the GPU, DLPack
+        # hand-over on DALI's stream). No session on this project has had a GPU yet; the first one
+        # runs tests/test_dali.py::test_gpu_decode_against_the_cpu_pipeline (pytest -m cuda) and
+        # measures the nvJPEG-against-libjpeg-turbo difference that test only reports.
         device_id = None
         if self.on_gpu:
             device_id = self.source.device.index
@@ -141,7 +144,9 @@ class DaliFolder:
             i = torch.from_dlpack(idx.as_tensor()).reshape(-1).to(torch.int64).clone()
             if i.tolist() != [k for k, _ in fed]:
                 raise RuntimeError(f"DALI returned samples {i.tolist()[:8]}... for the batch fed as {fed[:8]}...")
-            x = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2).contiguous()  # uint8: the cheap copy
+            # NHWC as NCHW: a copy (of uint8, the cheap one) on CPU; already channels_last on CUDA
+            x = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=memory_format(self.source.device))
             yield x, i
         if in_flight:
             raise RuntimeError(f"DALI ended the pass with {len(in_flight)} batches fed and not returned")
