@@ -5,11 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-# The package's extras to install (pyproject.toml). CI adds dali (.ci/run: make EXTRAS=dev,dali test), a
-# 420 MB wheel that runs its CPU pipeline here; without it tests/test_dali.py skips, saying why.
-EXTRAS ?= dev
-comma := ,
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-interpret test-cuda bench bench-cpu bench-gpu bench-step bench-loader compile-check compile-cuda lint clean
 
@@ -18,7 +14,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q ninja  # the C++ extension below builds in parallel with it
-	$(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
 install: $(STAMP)

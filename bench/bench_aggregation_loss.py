@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import sys
 
-import pytest
 import torch
 
 try:
@@ -146,14 +145,6 @@ PROVIDERS = {
 }
 
 
-def available(name: str) -> bool:
-    if name.startswith("triton"):
-        return common.triton_kernels() is not None
-    if name == "extension":
-        return common.extension_loaded()
-    return True
-
-
 def check_shape() -> Shape:
     gpu = torch.cuda.is_available()
     return Shape("check", 256 if gpu else 64, 100_000 if gpu else 3_000)
@@ -178,14 +169,10 @@ def skip(name: str, s: Shape) -> bool:
     return False
 
 
-def main(argv=None):
-    return common.run(sys.modules[__name__], argv, memory=True)
+available = common.available
 
 
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_aggregation_loss(benchmark, provider):
-    common.benchmark_provider(benchmark, sys.modules[__name__], provider, gpu_shape=1)
-
+main, test_aggregation_loss = common.entry_points(sys.modules[__name__], gpu_shape=1, memory=True)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -18,11 +18,9 @@ propagate (bench_propagate.py).
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 
-import pytest
 import torch
 
 try:
@@ -123,16 +121,6 @@ PROVIDERS = {
 }
 
 
-def available(name: str) -> bool:
-    if name == "triton":
-        return common.triton_kernels() is not None
-    if name == "extension":
-        return common.extension_loaded()
-    if name == "faiss":
-        return not torch.cuda.is_available() and importlib.util.find_spec("faiss") is not None
-    return True
-
-
 def check_shape() -> Shape:
     gpu = torch.cuda.is_available()
     return Shape("check", 2048 if gpu else 200, 50_000 if gpu else 900, 128, 25)
@@ -147,22 +135,12 @@ def compare(out, ref, dtype) -> str:
     return msg
 
 
-def flops(s: Shape) -> float:
-    return 2.0 * s.q * s.m * s.d
+available = common.available
+flops = common.matmul_flops
+skip = common.skip_slow_reference
 
 
-def skip(name: str, s: Shape) -> bool:
-    return name == "reference" and s.q * s.m > 2e10
-
-
-def main(argv=None):
-    return common.run(sys.modules[__name__], argv)
-
-
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_local_density(benchmark, provider):
-    common.benchmark_provider(benchmark, sys.modules[__name__], provider)
-
+main, test_local_density = common.entry_points(sys.modules[__name__])
 
 if __name__ == "__main__":
     main(sys.argv[1:])

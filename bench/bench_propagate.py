@@ -20,10 +20,8 @@ GPU, at least 10x faster than naive and no slower than mm_only.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
-import pytest
 import torch
 
 try:
@@ -124,16 +122,6 @@ PROVIDERS = {
 }
 
 
-def available(name: str) -> bool:
-    if name == "triton":
-        return common.triton_kernels() is not None
-    if name == "extension":
-        return common.extension_loaded()
-    if name == "faiss":
-        return not torch.cuda.is_available() and importlib.util.find_spec("faiss") is not None
-    return True
-
-
 # ----------------------------------------------------------------------------- correctness
 
 
@@ -154,26 +142,12 @@ def compare(out, ref, dtype) -> str:
     return msg
 
 
-def flops(s: Shape) -> float:
-    return 2.0 * s.q * s.m * s.d
+available = common.available
+flops = common.matmul_flops
+skip = common.skip_slow_reference
 
 
-def skip(name: str, s: Shape) -> bool:
-    # The chunked reference at the ImageNet shape takes minutes per run.
-    return name == "reference" and s.q * s.m > 2e10
-
-
-def main(argv=None):
-    return common.run(sys.modules[__name__], argv)
-
-
-# ----------------------------------------------------------------------------- pytest-benchmark
-
-
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_propagate(benchmark, provider):
-    common.benchmark_provider(benchmark, sys.modules[__name__], provider)
-
+main, test_propagate = common.entry_points(sys.modules[__name__])
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -9,8 +9,8 @@ streaming use, the keys in chunks merged through ``init``.
 Providers: ``naive`` (chunked mm + bias + masked topk), ``mm_only`` (chunked torch.mm
 producing the same scores, no selection), ``reference`` (llp_fast.reference.topk_scores_ref),
 ``op`` (the public llp_fast.topk_scores, whatever backend it dispatches to), ``chunked``
-(the op over the keys in 8 chunks, each merging the previous result: what a streaming pass
-over a pool larger than memory does), ``extension`` (torch.ops.llp_fast.topk_scores on the
+(the op over the keys in about 8 chunks of whole 512-key tiles, each merging the previous
+result: what a streaming pass over a pool larger than memory does), ``extension`` (torch.ops.llp_fast.topk_scores on the
 compiled CPU kernel, csrc/cpu/topk_scores_cpu.cpp; CPU only), ``triton``
 (kernels.topk_scores_triton; GPU only), ``faiss`` (CPU: faiss-cpu IndexFlatIP over the
 masked keys augmented with the bias). ``Shape.q`` = Q, ``Shape.m`` = N, ``Shape.k`` = k; a
@@ -19,11 +19,9 @@ third of the keys is masked out.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 
-import pytest
 import torch
 
 try:
@@ -99,7 +97,10 @@ def op(inputs, shape):
 
 def chunked(inputs, shape):
     queries, keys, bias, mask = inputs
-    step, top = -(-keys.shape[0] // CHUNKS), None
+    # About N / CHUNKS keys a chunk, rounded up to whole tiles of the CPU kernel (512 keys):
+    # a chunk that ends inside a tile pays for the whole tile.
+    per_chunk = -(-keys.shape[0] // CHUNKS)
+    step, top = -(-per_chunk // 512) * 512, None
     for c0 in range(0, keys.shape[0], step):
         c1 = c0 + step
         top = llp_fast.topk_scores(queries, keys[c0:c1], k=shape.k, tau=TAU, bias=bias[c0:c1], key_mask=mask[c0:c1],
@@ -142,16 +143,6 @@ PROVIDERS = {
 }
 
 
-def available(name: str) -> bool:
-    if name == "triton":
-        return common.triton_kernels() is not None
-    if name == "extension":
-        return common.extension_loaded()
-    if name == "faiss":
-        return not torch.cuda.is_available() and importlib.util.find_spec("faiss") is not None
-    return True
-
-
 # ----------------------------------------------------------------------------- correctness
 
 
@@ -168,25 +159,12 @@ def compare(out, ref, dtype) -> str:
     return msg
 
 
-def flops(s: Shape) -> float:
-    return 2.0 * s.q * s.m * s.d
+available = common.available
+flops = common.matmul_flops
+skip = common.skip_slow_reference
 
 
-def skip(name: str, s: Shape) -> bool:
-    return name == "reference" and s.q * s.m > 2e10
-
-
-def main(argv=None):
-    return common.run(sys.modules[__name__], argv)
-
-
-# ----------------------------------------------------------------------------- pytest-benchmark
-
-
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_topk_scores(benchmark, provider):
-    common.benchmark_provider(benchmark, sys.modules[__name__], provider)
-
+main, test_topk_scores = common.entry_points(sys.modules[__name__])
 
 if __name__ == "__main__":
     main(sys.argv[1:])

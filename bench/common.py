@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -296,6 +297,29 @@ def faiss_search(queries: torch.Tensor, keys: torch.Tensor, k: int, tau: float, 
     return torch.from_numpy(scores), torch.from_numpy(idx)
 
 
+def available(name: str) -> bool:
+    """Whether a provider can run here: ``triton*`` needs a GPU and the kernels,
+    ``extension`` the compiled CPU kernels (and no GPU: on a GPU the benches time its
+    kernels), ``faiss`` faiss-cpu (CPU runs only); every other provider always runs."""
+    if name.startswith("triton"):
+        return triton_kernels() is not None
+    if name == "extension":
+        return extension_loaded()
+    if name == "faiss":
+        return not torch.cuda.is_available() and importlib.util.find_spec("faiss") is not None
+    return True
+
+
+def matmul_flops(shape: Shape) -> float:
+    """The useful work of a (q x m) score matrix of dot products of length d."""
+    return 2.0 * shape.q * shape.m * shape.d
+
+
+def skip_slow_reference(name: str, shape: Shape) -> bool:
+    """Leaves the chunked reference out of shapes where one run takes minutes (ImageNet)."""
+    return name == "reference" and shape.q * shape.m > 2e10
+
+
 def extension_loaded() -> bool:
     """The compiled extension serves this machine's CPU ops (the ``extension`` providers)."""
     from llp_fast import _ext
@@ -323,6 +347,22 @@ def benchmark_provider(benchmark, bench, provider: str, *, gpu_shape: int = 0):
         return out
 
     benchmark(run)
+
+
+def entry_points(bench, *, gpu_shape: int = 0, memory: bool = False):
+    """``(main, test)`` of a bench_<op>.py (``bench``, the module): ``main(argv)`` runs
+    :func:`run` on it; ``test`` is its pytest-benchmark test, one per provider (see
+    :func:`benchmark_provider`)."""
+    import pytest
+
+    def main(argv=None) -> list[Row]:
+        return run(bench, argv, memory=memory)
+
+    @pytest.mark.parametrize("provider", list(bench.PROVIDERS))
+    def test(benchmark, provider):
+        benchmark_provider(benchmark, bench, provider, gpu_shape=gpu_shape)
+
+    return main, test
 
 
 def parse_args(argv=None, *, description: str = ""):

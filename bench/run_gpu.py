@@ -5,9 +5,9 @@
 
 1. correctness: the Triton kernel tests (``-m triton`` in ``tests/test_<op>.py``, the
    ``cuda``-marked realistic shapes included) run on the GPU, not the interpreter;
-2. timing: ``bench_propagate``, ``bench_local_density`` and ``bench_aggregation_loss`` (each
-   checks its providers against the reference before timing) on the step, sweep and
-   ImageNet shapes;
+2. timing: ``bench_propagate``, ``bench_local_density`` and ``bench_aggregation_loss``
+   (``bench_topk_scores`` with ``--ops topk_scores``; each checks its providers against the
+   reference before timing) on the step, sweep and ImageNet shapes;
 3. a short table of the docs/method.md §4 ratios (triton vs naive, vs mm_only, vs one read of the
    bank, extra memory) to ``$OUT/summary-<ops>.md`` when ``$OUT`` is set (else
    bench/results), beside the JSON rows.
@@ -19,6 +19,7 @@ than one 10-minute device call; split it:
     python bench/run_gpu.py --skip-tests --ops propagate
     python bench/run_gpu.py --skip-tests --ops local_density
     python bench/run_gpu.py --skip-tests --ops aggregation_loss
+    python bench/run_gpu.py --skip-tests --ops topk_scores
 
 The training-step overhead (docs/method.md §4's last bar) is its own call:
 ``python bench/bench_step_overhead.py`` (ResNet-18, 224 px, batch 128, AMP, an ImageNet-size bank).
@@ -27,6 +28,7 @@ The training-step overhead (docs/method.md §4's last bar) is its own call:
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -40,7 +42,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 import common  # noqa: E402
 
 # The ops with Triton kernels: tests/test_<op>.py and bench/bench_<op>.py for each.
-OPS = ("propagate", "local_density", "aggregation_loss")
+OPS = ("propagate", "local_density", "aggregation_loss", "topk_scores")
 
 
 def run_tests(timeout: float) -> int:
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="per-step shapes only")
     p.add_argument("--skip-tests", action="store_true")
-    p.add_argument("--ops", default="propagate,local_density,aggregation_loss")
+    p.add_argument("--ops", default="propagate,local_density,aggregation_loss", help=f"comma list of {', '.join(OPS)}")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=6.0)
     p.add_argument("--dtypes", default="bfloat16")
@@ -107,12 +109,7 @@ def main(argv=None) -> int:
     status = 0 if args.skip_tests else run_tests(timeout=240)
     print(f"tests: exit {status} ({time.time() - t0:.0f} s)", flush=True)
 
-    import bench_aggregation_loss
-    import bench_local_density
-    import bench_propagate
-
-    modules = {"propagate": bench_propagate, "local_density": bench_local_density,
-               "aggregation_loss": bench_aggregation_loss}  # fmt: skip
+    modules = {name: importlib.import_module(f"bench_{name}") for name in OPS}
     shapes = "step" if args.quick else "step,sweep,imagenet"
     rows = []
     for name in args.ops.split(","):

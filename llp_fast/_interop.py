@@ -51,6 +51,21 @@ def to_torch(x, name: str, *, writable: bool = False):
     return x
 
 
+def as_tensor(x, name: str, *, device=None) -> torch.Tensor:
+    """``x`` (a tensor, a NumPy or CuPy array, or a list of numbers) as a tensor on ``device``;
+    ``TypeError`` naming ``name`` for anything else (a string, an object array, ragged lists)."""
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name} must be a tensor, an array or a list of numbers, got {type(x).__name__}")
+    t = to_torch(x, name)
+    if not isinstance(t, torch.Tensor):
+        try:
+            t = torch.as_tensor(t)
+        except (TypeError, ValueError, RuntimeError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TypeError(f"{name} must be a tensor, an array or a list of numbers ({why})") from None
+    return t if device is None else t.to(device)
+
+
 def _from_numpy(x: np.ndarray, name: str, writable: bool) -> torch.Tensor:
     if x.dtype.kind not in "fiub":
         raise TypeError(f"{name} has NumPy dtype {x.dtype}; expected a float, integer or bool array")

@@ -54,6 +54,19 @@ def tile_shape(n_rows: int, n_cols: int, *, row_width: int = 0) -> tuple[int, in
     return row, col
 
 
+def _key_scores(q, keys, c0: int, c1: int, inv_tau: float, bias, key_mask, *, sign: float):
+    """One score tile: ``q @ keys[c0:c1].T * inv_tau + sign * bias[c0:c1]`` (``q`` already in
+    the compute dtype), -inf where ``key_mask`` is False. ``sign`` -1 subtracts the bias, as
+    propagate's ``log_rho``; +1 adds it, as topk_scores' ``bias``."""
+    s = q @ keys[c0:c1].to(q.dtype).T
+    s.mul_(inv_tau)
+    if bias is not None:
+        s.add_(bias[c0:c1].to(q.dtype), alpha=sign)
+    if key_mask is not None:
+        s.masked_fill_(~key_mask[c0:c1], -math.inf)
+    return s
+
+
 def streaming_topk(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -79,12 +92,7 @@ def streaming_topk(
         q = queries[r0 : r0 + rc].to(cdt)
         best_v = best_i = None
         for c0 in range(0, n_k, cc):
-            s = q @ keys[c0 : c0 + cc].to(cdt).T
-            s.mul_(inv_tau)
-            if bias is not None:
-                s.sub_(bias[c0 : c0 + cc].to(cdt))
-            if key_mask is not None:
-                s.masked_fill_(~key_mask[c0 : c0 + cc], -math.inf)
+            s = _key_scores(q, keys, c0, c0 + cc, inv_tau, bias, key_mask, sign=-1.0)
             v, i = s.topk(min(k, s.shape[1]), dim=1)
             i += c0
             if best_v is not None:
@@ -159,12 +167,7 @@ def topk_scores_ref(
             best_v = torch.full((r1 - r0, k), -math.inf, dtype=cdt, device=queries.device)
             best_i = torch.full((r1 - r0, k), -1, dtype=torch.int64, device=queries.device)
         for c0 in range(0, n_k, cc):
-            s = q @ keys[c0 : c0 + cc].to(cdt).T
-            s.mul_(inv_tau)
-            if bias is not None:
-                s.add_(bias[c0 : c0 + cc].to(cdt))
-            if key_mask is not None:
-                s.masked_fill_(~key_mask[c0 : c0 + cc], -math.inf)
+            s = _key_scores(q, keys, c0, c0 + cc, inv_tau, bias, key_mask, sign=1.0)
             v, i = _tile_topk(s, k, c0 + index_offset)
             best_v, best_i = merge_topk(torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1), k)
         out_v[r0:r1], out_i[r0:r1] = best_v, best_i
@@ -192,10 +195,19 @@ def vote(vals: torch.Tensor, classes: torch.Tensor, num_classes: int):
     (r, k) their class ids. Returns (label int64, confidence) with ties to the lowest class."""
     # Subtract the row maximum (the first, as vals is sorted) before exp.
     w = torch.exp(vals - vals[:, :1])
-    votes = torch.zeros(vals.shape[0], num_classes, dtype=vals.dtype, device=vals.device)
-    votes.scatter_add_(1, classes, w)
-    label = votes.argmax(dim=1)  # first maximum: the lowest class id wins ties
-    conf = votes.gather(1, label[:, None]).squeeze(1) / votes.sum(dim=1)
+    # Sum the weights per class among the row's k neighbours, in a (r, k) table rather than an
+    # (r, num_classes) one (memory O(r k) whatever S is): sort each row by class (stable, so a
+    # class's weights are added in their original order), and add each weight into the slot of
+    # its class's first position.
+    cls, order = torch.sort(classes, dim=1, stable=True)
+    first = torch.ones_like(cls, dtype=torch.bool)
+    first[:, 1:] = cls[:, 1:] != cls[:, :-1]
+    pos = torch.arange(cls.shape[1], device=cls.device).expand_as(cls)
+    slot = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    votes = torch.zeros_like(w).scatter_add_(1, slot, w.gather(1, order))
+    best = votes.argmax(dim=1, keepdim=True)  # first maximum: classes ascend, so the lowest id wins ties
+    label = cls.gather(1, best).squeeze(1)
+    conf = votes.gather(1, best).squeeze(1) / votes.sum(dim=1)
     return label, conf
 
 
@@ -214,7 +226,7 @@ def propagate_ref(
     n_q = queries.shape[0]
     labels = torch.empty(n_q, dtype=torch.int64, device=queries.device)
     conf = torch.empty(n_q, dtype=cdt, device=queries.device)
-    rc, _ = tile_shape(n_q, labeled.shape[0], row_width=num_classes)
+    rc, _ = tile_shape(n_q, labeled.shape[0], row_width=k)  # the vote's table is (rows, k)
     classes = labeled_classes.long()
     for r0, vals, idx in streaming_topk(queries, labeled, k, tau, bias=log_rho, row_chunk=rc):
         lab, c = vote(vals, classes[idx], num_classes)

@@ -96,3 +96,20 @@ def tiny_config(tmp_path, name="run", **kw):
     )
     base.update(kw)
     return TrainConfig(**base)
+
+
+# The command-line twin of tiny_config: llp-fast-train flags for a run that takes seconds.
+TINY_ARGS = ["--epochs", "1", "--width", "4", "--image-size", "8", "--unlabeled-fraction", "0.2"]
+TINY_ARGS += ["--batch-size", "64", "--k", "5", "--t", "10", "--device", "cpu"]
+
+
+def one_error_line(capsys, rc, match, prog="llp-fast-train"):
+    """Asserts the tools' error contract: exit status 2 and exactly one line, ``PROG: error:``,
+    holding ``match``, no traceback. Returns the line."""
+    out, err = capsys.readouterr()
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+    return lines[0]

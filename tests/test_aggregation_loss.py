@@ -279,6 +279,13 @@ def assert_same_with_infs(out, ref, **tol):
     torch.testing.assert_close(out[fin], ref[fin], **tol)
 
 
+def float64_truth(v64, bank64, bank_labels, targets, coef_all, coef_pos):
+    """The reference's (loss, lse_all, lse_pos) and gradient on float64 inputs: the truth that
+    low-precision results are measured against."""
+    out = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
+    return out, aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, *out[1:], coef_all, coef_pos, TAU)
+
+
 def rel_err(x, truth):
     return ((x.double() - truth).norm() / truth.norm()).item()
 
@@ -319,8 +326,7 @@ class TestTriton:
             torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
         else:
             # Low precision: no worse than ~2x the same-dtype reference against a float64 truth.
-            truth_out = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
-            truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, *truth_out[1:], ca, cp, TAU)
+            truth_out, truth = float64_truth(v64, bank64, bank_labels, targets, ca, cp)
             assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
             fin = torch.isfinite(truth_out[0])
             if fin.any():
@@ -347,8 +353,7 @@ class TestTriton:
         if dtype == torch.float32:
             torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
         else:
-            truth_out = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
-            truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, *truth_out[1:], ca, cp, TAU)
+            _, truth = float64_truth(v64, bank64, bank_labels, targets, ca, cp)
             assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -382,8 +387,7 @@ class TestTriton:
         _, lse_all, lse_pos = kernels.aggregation_loss_triton(v, bank, bank_labels, targets, TAU)
         ca, cp = ca * 100, cp * 100
         grad = kernels.aggregation_loss_backward_triton(v, bank, bank_labels, targets, lse_all, lse_pos, ca, cp, TAU)
-        truth_out = aggregation_loss_ref(v64, bank64, bank_labels, targets, TAU)
-        truth = aggregation_loss_backward_ref(v64, bank64, bank_labels, targets, *truth_out[1:], ca, cp, TAU)
+        _, truth = float64_truth(v64, bank64, bank_labels, targets, ca, cp)
         grad_ref = aggregation_loss_backward_ref(v, bank, bank_labels, targets, lse_all, lse_pos, ca, cp, TAU)
         assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import one_error_line, tiny_config
 
 from llp_fast.cli.analyze import main as analyze_main
 from llp_fast.cli.probe import main as probe_main
@@ -29,14 +29,6 @@ TIMING = {"images_per_s", "epoch_seconds"}
 
 def untimed(rows):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def one_error_line(capsys, rc, match, prog):
-    out, err = capsys.readouterr()
-    assert rc == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err, err
-    assert match in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

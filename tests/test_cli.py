@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ARGS, one_error_line
 
 from llp_fast import local_density, propagate
 from llp_fast.cli.propagate import main as propagate_main
@@ -18,35 +19,7 @@ pytestmark = pytest.mark.isolated
 
 torch.set_num_threads(1)
 
-TINY = [
-    "--epochs",
-    "1",
-    "--width",
-    "4",
-    "--image-size",
-    "8",
-    "--unlabeled-fraction",
-    "0.2",
-    "--batch-size",
-    "64",
-    "--k",
-    "5",
-    "--t",
-    "10",
-    "--quiet",
-    "--device",
-    "cpu",
-]
-
-
-def one_error_line(capsys, rc, match, prog="llp-fast-train"):
-    out, err = capsys.readouterr()
-    assert rc == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"{prog}: error: ") and "Traceback" not in err
-    assert match in lines[0], lines[0]
-    return lines[0]
+TINY = [*TINY_ARGS, "--quiet"]
 
 
 def test_default_style_run_prints_llp_beside_baseline(tmp_path, capsys):

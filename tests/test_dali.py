@@ -39,7 +39,8 @@ from llp_fast.errors import MARKER, ConfigError, DataError
 pytestmark = pytest.mark.isolated
 
 needs_dali = pytest.mark.skipif(
-    _optional.dali() is None, reason="NVIDIA DALI is not installed (pip install 'llp_fast[dali]'; CI installs it)"
+    _optional.dali() is None,
+    reason="NVIDIA DALI is not installed (pip install 'llp_fast[dali]'; the dev extra, so make test and CI, install it)",
 )
 
 INNER_LEVELS, MEAN_LEVELS = 1, 0.5  # DALI against PIL, grey levels of 255 (module docstring)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import llp_fast
+from llp_fast.bank import Bank
 from llp_fast.distributed import ReplicatedMemoryBank, ShardedMemoryBank, all_gather_cat, shard_range
 
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
@@ -62,6 +63,7 @@ def _worker(rank, world, init_file, layout):
     # Same starting vectors as the single bank.
     torch.testing.assert_close(rows(bank, own), single.embeddings[single.row_of[own]], rtol=0, atol=0)
 
+    assert isinstance(bank, Bank)  # the interface the trainer uses, whatever the layout
     for pool, t in (("unlabeled", 5), ("all", 7)):
         want = single.refresh_density(t=t, tau=0.1, pool=pool)
         got = bank.refresh_density(t=t, tau=0.1, pool=pool)

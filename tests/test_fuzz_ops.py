@@ -247,10 +247,12 @@ def test_bank_update(data):
     bank.bad |= n == 0
     values = matrix(data, "values", bsz, d, values_dtype, broken=bad == "values", must_match_dtype=False)
     idx = torch.randint(0, max(n, 1), (bsz,), generator=generator(data, "indices"))
+    unwritable = not _writable_contiguous(bank.value)  # whatever else the draw did to it
     if bank.logical is not None and bank.logical.dim() == 2 and not bool(torch.isfinite(bank.logical).all()):
         # NaN/Inf in the bank: refused when in a row the call blends (only those are read).
         touched = bsz > 0 and not bool(torch.isfinite(bank.logical[idx]).all())
-        bank.bad = touched or not _writable_contiguous(bank.value) or bank.value.shape[1] != d
+        bank.bad = touched or unwritable or bank.value.shape[1] != d
+    bank.bad |= unwritable
     args = {
         "bank": bank,
         "values": values,

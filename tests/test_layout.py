@@ -29,3 +29,29 @@ def test_no_module_over_the_size_limit():
         if n > MAX_LINES:
             long[str(path.relative_to(ROOT))] = n
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_banks_and_sources_implement_their_protocols(tmp_path):
+    import numpy as np
+    import torch
+
+    from llp_fast.bank import Bank, MemoryBank
+    from llp_fast.data import Source, load
+    from llp_fast.distributed import ReplicatedMemoryBank, ShardedMemoryBank
+
+    targets = torch.tensor([0, 1, -1, -1])
+    assert isinstance(MemoryBank(targets, 2, dim=4), Bank)
+    # the distributed banks need a process group to be built (tests/test_distributed.py builds
+    # them); their classes must carry every method of the protocol
+    for cls in (ShardedMemoryBank, ReplicatedMemoryBank):
+        methods = [n for n, v in vars(Bank).items() if (callable(v) or isinstance(v, property)) and n != "__init__"]
+        missing = [n for n in methods if not n.startswith("_abc") and not hasattr(cls, n)]
+        assert not missing, (cls.__name__, missing)
+    assert isinstance(load("digits", device="cpu"), Source)
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((6, 6, 3), 40 * i + c, np.uint8)).save(tmp_path / f"c{c}" / f"{i}.png")
+    assert isinstance(load(f"folder:{tmp_path}", device="cpu", labeled_fraction=0.5, workers=0), Source)

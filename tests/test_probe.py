@@ -1,11 +1,12 @@
 """llp-fast-linear-probe (paper §4 Table 4, Appendix C)."""
 
+import functools
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import one_error_line, tiny_config
 from sklearn.datasets import load_digits
 
 from llp_fast.cli.probe import main
@@ -88,12 +89,7 @@ def test_split_val_is_stratified():
     assert torch.bincount(y[val], minlength=3).tolist() == [2, 1, 0]  # a single example stays in fit
 
 
-def one_error_line(capsys, rc, match):
-    out, err = capsys.readouterr()
-    assert rc == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("llp-fast-linear-probe: error: ") and "Traceback" not in err
-    assert match in lines[0], lines[0]
+one_error_line = functools.partial(one_error_line, prog="llp-fast-linear-probe")
 
 
 def test_errors_are_one_line(ckpt, tmp_path, capsys):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_ARGS
 
 from llp_fast._progress import Progress, reporter
 
@@ -15,8 +16,7 @@ from llp_fast._progress import Progress, reporter
 pytestmark = pytest.mark.isolated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--epochs", "1", "--width", "4", "--image-size", "8", "--unlabeled-fraction", "0.2", "--batch-size", "64"]
-TINY += ["--k", "5", "--t", "10", "--device", "cpu", "--threads", "1", "--baseline", "off"]
+TINY = [*TINY_ARGS, "--threads", "1", "--baseline", "off"]
 
 
 def test_file_stream_gets_plain_lines_and_no_bar():
@@ -49,13 +49,25 @@ def test_terminal_gets_a_bar_with_rate_and_eta():
             for _ in range(5):
                 bar.update(1)
         p.line("finished")
-        stream.flush()
-        out = os.read(master, 65536).decode(errors="replace")
+        stream.close()  # the child side: once closed, reading the master ends at the last byte
+        out = _read_all(master)
     finally:
         os.close(master)
-        stream.close()
     assert "work" in out and "\r" in out and "img/s" in out and "<" in out  # tqdm's rate and ETA
     assert "finished" in out
+
+
+def _read_all(master: int) -> str:
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)  # a pty hands out at most a few KB per read
+        except OSError:  # EIO: the other side is closed and drained
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _env():
@@ -93,18 +105,23 @@ def test_training_run_on_a_terminal_draws_bars(tmp_path):
             env=_env(),
         )
         os.close(slave)
-        chunks = []
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
+        out = _read_all(master)
         assert proc.wait(timeout=600) == 0
     finally:
         os.close(master)
-    out = b"".join(chunks).decode(errors="replace")
     assert "epoch 1/1" in out and "\r" in out  # the bar, redrawn in place
     assert "[llp] epoch   1/1" in out  # and the summary line above it
+
+
+def test_a_training_run_says_which_implementation_serves_each_op(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(tmp_path / "r"), *TINY],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("llp-fast-train: LLP on digits")
+    assert lines[1].startswith("llp-fast-train: llp_fast backends: cpu: ") and "propagate" in lines[1]

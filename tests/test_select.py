@@ -1,12 +1,13 @@
 """llp-fast-select (paper Appendix B) and llp-fast-train --extra-unlabeled."""
 
 import errno
+import functools
 import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import one_error_line, tiny_config
 from sklearn.datasets import load_digits
 
 from llp_fast.cli.select import main
@@ -149,12 +150,7 @@ def test_folder_pool_records_paths(ckpt, tmp_path, capsys):
     np.testing.assert_array_equal(read_selection(out + ".2.npz")["index"], sel["index"])
 
 
-def one_error_line(capsys, rc, match):
-    out, err = capsys.readouterr()
-    assert rc == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("llp-fast-select: error: ") and "Traceback" not in err, err
-    assert match in lines[0], lines[0]
+one_error_line = functools.partial(one_error_line, prog="llp-fast-select")
 
 
 def test_errors_are_one_line(ckpt, pool, tmp_path, capsys):

@@ -130,6 +130,10 @@ def test_ties_go_to_the_lower_index():
         q, keys[:2], k=2, init=(torch.tensor([[1 / TAU, -5.0]]), torch.tensor([[7, 8]]))
     )
     assert indices.tolist() == [[1, 7]]
+    # A tie at the k-th place of the earlier call: this call's key 0 (index 0) beats its key 9.
+    init = (torch.tensor([[30.0, 1 / TAU]]), torch.tensor([[5, 9]]))
+    for impl in ("op", "reference"):
+        assert _topk(impl, q, keys[1:2], 2, None, None, init=init)[1].tolist() == [[5, 0]]
 
 
 def test_padding_and_empty_keys():

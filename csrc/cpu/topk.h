@@ -82,23 +82,27 @@ template <typename acc_t>
 struct RowTopK {
   Candidate<acc_t>* buf;  // capacity `cap`
   int64_t count;
-  acc_t threshold;  // a score must be > threshold to matter (the k-th best once known, else -inf)
+  acc_t floor;      // scores <= floor never matter (known from elsewhere: -inf, or see fused_topk)
+  acc_t threshold;  // a score must be > threshold to matter (the k-th best once known, else the floor)
 
   // Keep the best k; the threshold becomes the k-th best (scores equal to it lose: they would be
-  // later in index order, and the tie rule above prefers the earlier index).
+  // later in index order, and the tie rule above prefers the earlier index), or stays the floor.
   void shrink(int64_t k) {
     if (count <= k) return;
     std::nth_element(buf, buf + (k - 1), buf + count, better<acc_t>);
     count = k;
-    threshold = buf[k - 1].value;
+    threshold = std::max(floor, buf[k - 1].value);
   }
 };
 
 // Run the fused top-k of queries x keys and call finish(row, sorted candidates, n) for each query
-// row, where n = min(k, number of keys with a finite score). `bias` has one acc_t entry per key.
+// row, where n = min(k, number of keys with a score above the row's floor). `bias` has one acc_t
+// entry per key. `floor` (optional, one per query row) starts each row's threshold: a score at or
+// below it is known not to matter (topk_scores passes just below the k-th best of an earlier call,
+// so that a stream of chunks does not learn the threshold again in every chunk).
 template <typename acc_t, typename Finish>
 void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* bias, int64_t k, double tau,
-                const Finish& finish) {
+                const Finish& finish, const acc_t* floor = nullptr) {
   const at::ScalarType cdt = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
   if (nq == 0) return;
@@ -137,7 +141,8 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
         q = q_buf;
       }
       for (int64_t r = 0; r < nr; ++r) {
-        top[r] = RowTopK<acc_t>{cand.data() + r * cap, 0, -std::numeric_limits<acc_t>::infinity()};
+        const acc_t f = floor != nullptr ? floor[r0 + r] : -std::numeric_limits<acc_t>::infinity();
+        top[r] = RowTopK<acc_t>{cand.data() + r * cap, 0, f, f};
       }
 
       for (int64_t c0 = 0; c0 < nk; c0 += cols) {

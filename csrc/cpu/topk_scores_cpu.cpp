@@ -50,6 +50,16 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, co
     init_v = init_values->detach().to(cdt).contiguous();
     init_i = init_indices->detach().to(at::kLong).contiguous();
   }
+  // Each row's floor: just below the earlier call's k-th best (when it has k), so that only scores
+  // that can still enter the top k (or tie its k-th, which the index may decide) are kept.
+  at::Tensor floor;
+  if (has_init) {
+    const at::Tensor kth = std::get<0>(init_v.min(1));
+    const at::Tensor full = std::get<0>(init_i.min(1)).ge(0);
+    floor = at::where(full, at::nextafter(kth, at::full_like(kth, -std::numeric_limits<double>::infinity())),
+                      at::full_like(kth, -std::numeric_limits<double>::infinity()))
+                .contiguous();
+  }
   at::Tensor values = at::empty({nq, k}, queries.options().dtype(cdt));
   at::Tensor indices = at::empty({nq, k}, queries.options().dtype(at::kLong));
 
@@ -78,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, co
             out_v[row * k + i] = real ? merged[i].value : -std::numeric_limits<scalar_t>::infinity();
             out_i[row * k + i] = real ? merged[i].index : -1;
           }
-        });
+        },
+        has_init ? floor.const_data_ptr<scalar_t>() : nullptr);
   });
   return {values, indices};
 }

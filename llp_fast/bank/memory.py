@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
+from .._interop import as_tensor
 from ..ops import aggregation_loss, bank_update_, local_density, propagate
 from ..reference import is_last_occurrence
 from .state import BankState
@@ -84,7 +85,7 @@ class MemoryBank(BankState):
         index_offset: int = 0,
         require_labeled: bool = True,
     ):
-        targets = torch.as_tensor(targets)
+        targets = as_tensor(targets, "targets")
         check.vector(
             targets, "targets", targets.shape[0] if targets.dim() == 1 else -1, device=targets.device, kind="int"
         )
@@ -137,7 +138,7 @@ class MemoryBank(BankState):
 
     def rows(self, indices) -> torch.Tensor:
         """Bank rows of dataset ``indices`` (validated)."""
-        indices = torch.as_tensor(indices, device=self.device)
+        indices = as_tensor(indices, "indices", device=self.device)
         check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=self.device, kind="int")
         check.in_range(indices, "indices", 0, len(self), "dataset indices")
         return self.row_of[indices.long()]
@@ -192,13 +193,18 @@ class MemoryBank(BankState):
             v.to(self.embeddings.dtype), self.embeddings, ids, ids[rows], tau=tau, check_finite=False
         )
 
-    def _check_batch(self, indices, embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_batch(self, indices, embeddings, tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's bank rows and embeddings, checked: finite, within the bank's dtype (the
+        blend must not overflow it) and, when ``tau`` is given, with scores that fit (a vote)."""
         rows = self.rows(indices)
         check.embeddings(embeddings, "embeddings")
         check.same_space(self.embeddings, "bank", embeddings, "embeddings", dtype=False)
         if embeddings.shape[0] != rows.shape[0]:
             raise ValueError(f"embeddings has {embeddings.shape[0]} rows but indices has {rows.shape[0]}")
-        check.finite(embeddings, "embeddings")
+        size = check.finite(embeddings, "embeddings")
+        check.blend_fits(self.embeddings, size, "embeddings")
+        if tau is not None:
+            check.scores_fit(tau, embeddings, "embeddings", self.embeddings, "bank", size, 1.0)
         return rows, embeddings.detach()
 
     @torch.no_grad()
@@ -214,16 +220,7 @@ class MemoryBank(BankState):
         unl = rows >= self.num_labeled
         last = is_last_occurrence(rows)
         sel = unl & last
-        labels, conf = propagate(
-            emb[sel].to(self.embeddings.dtype),
-            self.labeled_embeddings,
-            self.labeled_classes,
-            self.log_rho if density_weighting else None,
-            k=k,
-            tau=tau,
-            num_classes=self.num_classes,
-            check_finite=False,
-        )
+        labels, conf = self.vote(emb[sel], k=k, tau=tau, density_weighting=density_weighting)
         self.labels[rows[sel]] = labels
         self.confidence[rows[sel]] = conf.float()
         return labels, conf
@@ -264,9 +261,9 @@ class MemoryBank(BankState):
         """After an optimizer step (docs/method.md §1.6), in order: propagate the batch's unlabeled
         examples with this step's embeddings and store label and confidence, then blend
         their bank rows. Everything is checked before anything is written."""
-        rows, emb = self._check_batch(indices, embeddings)
+        tau = check.temperature(tau)
+        rows, emb = self._check_batch(indices, embeddings, tau)
         check.positive_int(k, "k", high=self.num_labeled, high_what="the number of labeled points M")
-        check.temperature(tau)
         check.fraction(momentum, "momentum")
         out = self._propagate_rows(rows, emb, k=k, tau=tau, density_weighting=density_weighting)
         bank_update_(self.embeddings, rows, emb, momentum=momentum, check_finite=False)

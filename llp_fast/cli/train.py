@@ -18,6 +18,7 @@ import sys
 import time
 
 from ..errors import ConfigError
+from ..ops import describe_backends
 from ..train import config as C
 from . import _common, launch
 
@@ -182,6 +183,7 @@ def _train(args, raw: list[str]) -> int:
         )
         for note in notes:
             print(f"{PROG}: {note}", file=sys.stderr)
+        print(f"{PROG}: {describe_backends()}", file=sys.stderr)
     trainer = prepare(cfg, resume=bool(args.resume), ckpt=ckpt)  # checks config and data, makes the run dir
     baseline = launch.Baseline(cfg, args, want_baseline, resumed=bool(args.resume), rank=rank, prog=PROG)
     llp, base = baseline.run_beside(trainer.fit)

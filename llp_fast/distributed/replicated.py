@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._interop import as_tensor
 from ..bank import MemoryBank
 from .comm import all_gather_cat
 
@@ -18,7 +19,7 @@ class ReplicatedMemoryBank(MemoryBank):
         self.group = group
 
     def _gathered(self, indices, embeddings):
-        indices = torch.as_tensor(indices, device=self.device)
+        indices = as_tensor(indices, "indices", device=self.device)
         _, emb = self._check_batch(indices, embeddings)
         return all_gather_cat(indices.long(), self.group), all_gather_cat(emb.float(), self.group)
 

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _validate as check
+from .._interop import as_tensor
 from ..bank import MemoryBank, check_new_labels
 from ..ops import bank_update_
 from ..reference import is_last_occurrence, vote
@@ -56,7 +57,7 @@ class ShardedMemoryBank:
     """
 
     def __init__(self, targets, num_classes, *, dim=128, dtype=torch.float32, device="cpu", seed=0, group=None):
-        targets = torch.as_tensor(targets).long().cpu()
+        targets = as_tensor(targets, "targets").long().cpu()
         if not bool((targets >= 0).any()):
             raise ValueError("targets holds no labeled example (no entry >= 0): the labeled set is empty")
         self.group = group
@@ -89,7 +90,7 @@ class ShardedMemoryBank:
         return (indices >= self.start) & (indices < self.end)
 
     def _checked_indices(self, indices) -> torch.Tensor:
-        indices = torch.as_tensor(indices, device=self.device)
+        indices = as_tensor(indices, "indices", device=self.device)
         check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=self.device, kind="int")
         check.in_range(indices, "indices", 0, self.n, "dataset indices")
         return indices
@@ -108,7 +109,7 @@ class ShardedMemoryBank:
     # -- docs/method.md §1 steps, collective ---------------------------------------------------------
     def stored(self, indices):
         """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners."""
-        indices = torch.as_tensor(indices, device=self.device).long()
+        indices = as_tensor(indices, "indices", device=self.device).long()
         idx_all, _ = self._gather_batch(indices)
         own = self._owned(idx_all)
         labels = torch.zeros(idx_all.shape[0], dtype=torch.int64, device=self.device)
@@ -167,7 +168,7 @@ class ShardedMemoryBank:
         """Instance discrimination against the whole sharded bank (the warm-up); (B,)."""
         tau = check.temperature(tau)
         check.embeddings(v, "v")
-        indices = torch.as_tensor(indices, device=self.device).long()
+        indices = as_tensor(indices, "indices", device=self.device).long()
         ids = -1 - (self.local.index_of + self.start)
         return _ShardedAggregationLoss.apply(
             v.to(self.local.embeddings.dtype), self.local.embeddings, ids, -1 - indices, tau, self.group

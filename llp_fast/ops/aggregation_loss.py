@@ -79,16 +79,18 @@ def _setup_context(ctx, inputs, output):
     ctx.tau = tau
 
 
+def _coefficients(g_loss, g_all, g_pos, like):
+    """The gradients of (loss, lse_all, lse_pos) folded into the coefficients of lse_all and
+    lse_pos (loss = lse_all - lse_pos); a missing gradient counts as zero."""
+    zero = torch.zeros_like(like)
+    g_loss, g_all, g_pos = (zero if g is None else g for g in (g_loss, g_all, g_pos))
+    return g_loss + g_all, g_pos - g_loss
+
+
 def _backward(ctx, g_loss, g_all, g_pos):
     v, bank, bank_labels, targets, lse_all, lse_pos = ctx.saved_tensors
-    zero = torch.zeros_like(lse_all)
-    g_loss = zero if g_loss is None else g_loss
-    g_all = zero if g_all is None else g_all
-    g_pos = zero if g_pos is None else g_pos
-    # loss = lse_all - lse_pos, so the three output gradients fold into two coefficients.
-    grad_v = aggregation_loss_backward_op(
-        v, bank, bank_labels, targets, lse_all, lse_pos, g_loss + g_all, g_pos - g_loss, ctx.tau
-    )
+    coef_all, coef_pos = _coefficients(g_loss, g_all, g_pos, lse_all)
+    grad_v = aggregation_loss_backward_op(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos, ctx.tau)
     return grad_v, None, None, None, None
 
 
@@ -131,12 +133,9 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_backward(ctx, g_loss, g_all, g_pos, _g_mean_all, _g_mean_pos):
     mean_all, mean_pos = ctx.saved_tensors
-    zero = mean_all.new_zeros(mean_all.shape[0])
-    g_loss = zero if g_loss is None else g_loss
-    g_all = zero if g_all is None else g_all
-    g_pos = zero if g_pos is None else g_pos
-    # loss = lse_all - lse_pos, and d lse / dv = (softmax-weighted bank mean) / tau.
-    grad_v = aggregation_loss_grad_from_means(mean_all, mean_pos, g_loss + g_all, g_pos - g_loss, ctx.tau, ctx.v_dtype)
+    coef_all, coef_pos = _coefficients(g_loss, g_all, g_pos, mean_all[:, 0])
+    # d lse / dv = (softmax-weighted bank mean) / tau.
+    grad_v = aggregation_loss_grad_from_means(mean_all, mean_pos, coef_all, coef_pos, ctx.tau, ctx.v_dtype)
     return grad_v, None, None, None, None
 
 

@@ -110,11 +110,13 @@ def topk_scores(
             Its indices must already be in the global numbering (see ``index_offset``).
         index_offset: added to this call's key indices (the chunk's first row in a global
             numbering), so that they come out global.
-        check_finite: reject NaN/Inf embeddings (one extra read of the inputs).
+        check_finite: reject NaN/Inf embeddings, and embeddings so large that the scores
+            would overflow (one extra read of the inputs).
 
     Returns:
-        ``TopK(values, indices)``: values (Q, k) float32 (float64 for float64 inputs), sorted descending, and indices
-        (Q, k) int64; equal values are ordered by the lower index. A row with fewer than
+        ``TopK(values, indices)``: values (Q, k) float32 (float64 for float64 inputs),
+        sorted descending, and indices (Q, k) int64; equal values are ordered by the lower
+        index. A row with fewer than
         ``k`` candidates is padded with value -inf and index -1. NumPy in, NumPy out; CuPy
         in, CuPy out. On the CPU a key's score does not depend on the chunking, so chunked
         calls give exactly the one call's values (the extension computes scores in whole
@@ -141,15 +143,16 @@ def _topk_scores(queries, keys, k, tau, bias, key_mask, init, index_offset, chec
     index_offset = check.positive_int(index_offset, "index_offset", low=0)
     if bias is not None:
         check.vector(bias, "bias", n, device=keys.device, kind="float")
-        check.finite(bias, "bias")
+    big_bias = check.finite(bias, "bias") if bias is not None else 0.0
     if key_mask is not None:
         check.vector(key_mask, "key_mask", n, device=keys.device, kind="bool")
     init_values = init_indices = None
     if init is not None:
         init_values, init_indices = _check_init(init, queries.shape[0], k, queries.device)
-    if check_finite:
-        check.finite(queries, "queries")
-        check.finite(keys, "keys")
+    sizes = (check.finite(queries, "queries"), check.finite(keys, "keys")) if check_finite else (1.0, 1.0)
+    check.scores_fit(tau, queries, "queries", keys, "keys", *sizes, bias=big_bias)
+    # No autograd formula: the outputs never require grad.
+    bias, init_values = (x.detach() if x is not None else None for x in (bias, init_values))
     return topk_scores_op(
         queries.detach(), keys.detach(), k, tau, bias, key_mask, init_values, init_indices, index_offset
     )
