@@ -40,7 +40,7 @@ pytestmark = pytest.mark.isolated
 
 needs_dali = pytest.mark.skipif(
     _optional.dali() is None,
-    reason="NVIDIA DALI is not installed (pip install 'llp_fast[dali]'; the dev extra, so make test and CI, install it)",
+    reason="NVIDIA DALI is not installed (pip install 'llp_fast[dali]'; make test and CI install it)",
 )
 
 INNER_LEVELS, MEAN_LEVELS = 1, 0.5  # DALI against PIL, grey levels of 255 (module docstring)
