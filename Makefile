@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-interpret test-cuda bench bench-cpu bench-gpu bench-step bench-embeddings compile-check compile-cuda lint clean
+.PHONY: install demo test test-interpret test-cuda bench bench-cpu bench-gpu bench-step bench-loader bench-embeddings compile-check compile-cuda lint clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-gpu: $(STAMP)
 
 bench-step: $(STAMP)
 	$(PY) bench/bench_step_overhead.py
+
+bench-loader: $(STAMP)
+	$(PY) bench/bench_loader.py
 
 bench-embeddings: $(STAMP)
 	$(PY) bench/bench_embeddings.py table

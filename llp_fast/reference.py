@@ -195,10 +195,19 @@ def vote(vals: torch.Tensor, classes: torch.Tensor, num_classes: int):
     (r, k) their class ids. Returns (label int64, confidence) with ties to the lowest class."""
     # Subtract the row maximum (the first, as vals is sorted) before exp.
     w = torch.exp(vals - vals[:, :1])
-    votes = torch.zeros(vals.shape[0], num_classes, dtype=vals.dtype, device=vals.device)
-    votes.scatter_add_(1, classes, w)
-    label = votes.argmax(dim=1)  # first maximum: the lowest class id wins ties
-    conf = votes.gather(1, label[:, None]).squeeze(1) / votes.sum(dim=1)
+    # Sum the weights per class among the row's k neighbours, in a (r, k) table rather than an
+    # (r, num_classes) one (memory O(r k) whatever S is): sort each row by class (stable, so a
+    # class's weights are added in their original order), and add each weight into the slot of
+    # its class's first position.
+    cls, order = torch.sort(classes, dim=1, stable=True)
+    first = torch.ones_like(cls, dtype=torch.bool)
+    first[:, 1:] = cls[:, 1:] != cls[:, :-1]
+    pos = torch.arange(cls.shape[1], device=cls.device).expand_as(cls)
+    slot = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    votes = torch.zeros_like(w).scatter_add_(1, slot, w.gather(1, order))
+    best = votes.argmax(dim=1, keepdim=True)  # first maximum: classes ascend, so the lowest id wins ties
+    label = cls.gather(1, best).squeeze(1)
+    conf = votes.gather(1, best).squeeze(1) / votes.sum(dim=1)
     return label, conf
 
 
@@ -217,7 +226,7 @@ def propagate_ref(
     n_q = queries.shape[0]
     labels = torch.empty(n_q, dtype=torch.int64, device=queries.device)
     conf = torch.empty(n_q, dtype=cdt, device=queries.device)
-    rc, _ = tile_shape(n_q, labeled.shape[0], row_width=num_classes)
+    rc, _ = tile_shape(n_q, labeled.shape[0], row_width=k)  # the vote's table is (rows, k)
     classes = labeled_classes.long()
     for r0, vals, idx in streaming_topk(queries, labeled, k, tau, bias=log_rho, row_chunk=rc):
         lab, c = vote(vals, classes[idx], num_classes)

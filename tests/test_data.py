@@ -145,7 +145,8 @@ def test_npz_missing_and_garbage(tmp_path):
 
 
 def make_folder(root, classes=3, per_class=8, size=(12, 14)):
-    """A tiny ImageFolder tree of coloured PNGs."""
+    """A tiny ImageFolder tree of coloured PNGs. The tests below pin the PIL loader; the DALI loader
+    is tested in test_dali.py (isolated: native code)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -161,7 +162,7 @@ def make_folder(root, classes=3, per_class=8, size=(12, 14)):
 def test_folder_loader_with_label_file(tmp_path):
     root = make_folder(tmp_path / "imgs")
     (root / "labeled.txt").write_text("# labeled\nclass0/0.png\nclass1/0.png\n\nclass2/3.png\n")
-    src = load(f"folder:{root}", device="cpu", labeled_fraction=0.5, image_size=8, workers=0)
+    src = load(f"folder:{root}", device="cpu", labeled_fraction=0.5, image_size=8, workers=0, loader="pil")
     assert src.class_names == ["class0", "class1", "class2"]
     assert int((src.targets >= 0).sum()) == 3  # labeled.txt, not the fraction
     assert src.num_test > 0 and src.num_train + src.num_test == 24
@@ -181,7 +182,7 @@ def test_folder_loader_with_label_file(tmp_path):
 def test_folder_train_test_dirs_and_fraction(tmp_path):
     make_folder(tmp_path / "d" / "train", per_class=6)
     make_folder(tmp_path / "d" / "test", per_class=2)
-    src = load(f"folder:{tmp_path / 'd'}", device="cpu", labeled_fraction=0.34, image_size=8, workers=0)
+    src = load(f"folder:{tmp_path / 'd'}", device="cpu", labeled_fraction=0.34, image_size=8, workers=0, loader="pil")
     assert src.num_train == 18 and src.num_test == 6
     assert np.bincount(src.targets[src.targets >= 0].numpy()).tolist() == [2, 2, 2]
 
@@ -195,25 +196,18 @@ def test_folder_errors(tmp_path):
     root = make_folder(tmp_path / "imgs")
     (root / "labeled.txt").write_text("class0/0.png\nclass1/nope.png\n")
     with pytest.raises(DataError, match="bad label file .*line 2"):
-        load(f"folder:{root}", device="cpu", workers=0)
+        load(f"folder:{root}", device="cpu", workers=0, loader="pil")
     (root / "labeled.txt").write_text("class0/0.png\nclass1/0.png\n")  # class2 has none
     with pytest.raises(DataError, match="'class2' has no labeled"):
-        load(f"folder:{root}", device="cpu", workers=0)
+        load(f"folder:{root}", device="cpu", workers=0, loader="pil")
 
 
 def test_folder_unreadable_image(tmp_path):
     root = make_folder(tmp_path / "imgs", per_class=4)
     (root / "class1" / "0.png").write_bytes(b"garbage, not a png")
-    src = load(f"folder:{root}", device="cpu", labeled_fraction=1.0, image_size=8, workers=0)
+    src = load(f"folder:{root}", device="cpu", labeled_fraction=1.0, image_size=8, workers=0, loader="pil")
     with pytest.raises(DataError, match="cannot read image"):
         list(src.train_batches(torch.arange(src.num_train), 4, None))
-
-
-def test_dali_dedup_helper():
-    from llp_fast.data.dali import _first_occurrence
-
-    i = torch.tensor([5, 3, 5, 7, 3, 3])
-    assert _first_occurrence(i).tolist() == [0, 1, 3]
 
 
 def test_npz_huge_class_id_is_refused_before_anything_is_sized(tmp_path):

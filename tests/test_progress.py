@@ -49,13 +49,25 @@ def test_terminal_gets_a_bar_with_rate_and_eta():
             for _ in range(5):
                 bar.update(1)
         p.line("finished")
-        stream.flush()
-        out = os.read(master, 65536).decode(errors="replace")
+        stream.close()  # the child side: once closed, reading the master ends at the last byte
+        out = _read_all(master)
     finally:
         os.close(master)
-        stream.close()
     assert "work" in out and "\r" in out and "img/s" in out and "<" in out  # tqdm's rate and ETA
     assert "finished" in out
+
+
+def _read_all(master: int) -> str:
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)  # a pty hands out at most a few KB per read
+        except OSError:  # EIO: the other side is closed and drained
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _env():
@@ -93,19 +105,10 @@ def test_training_run_on_a_terminal_draws_bars(tmp_path):
             env=_env(),
         )
         os.close(slave)
-        chunks = []
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
+        out = _read_all(master)
         assert proc.wait(timeout=600) == 0
     finally:
         os.close(master)
-    out = b"".join(chunks).decode(errors="replace")
     assert "epoch 1/1" in out and "\r" in out  # the bar, redrawn in place
     assert "[llp] epoch   1/1" in out  # and the summary line above it
 

@@ -402,3 +402,17 @@ class TestTriton:
         assert torch.equal(labels[clear], ref_labels[clear])
         assert (conf[clear] - ref_conf[clear]).abs().max().item() < 1e-3
         assert math.isfinite(conf.sum().item())
+
+
+def test_reference_vote_memory_does_not_grow_with_the_class_count():
+    """The reference (the CPU fallback without the extension) sums votes in an (r, k) table: a
+    class id space of 2**40 once asked it for an (r, 2**40) one (terabytes)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(9, 6, generator=g), dim=1)
+    lab = torch.nn.functional.normalize(torch.randn(12, 6, generator=g), dim=1)
+    small = torch.randint(0, 4, (12,), generator=g)
+    huge = small * (2**38)  # the same partition into classes, ids up to 3 * 2**38
+    got_l, got_c = propagate_ref(q, lab, huge, None, 5, 0.1, 2**40)
+    want_l, want_c = propagate_ref(q, lab, small, None, 5, 0.1, 4)
+    assert torch.equal(got_l, want_l * (2**38))
+    torch.testing.assert_close(got_c, want_c, rtol=0, atol=0)

@@ -117,7 +117,7 @@ def config_from_args(args, run_dir: str | None = None) -> C.TrainConfig:
     return C.resolve(values)
 
 
-def resumed_config(args, saved: C.TrainConfig, ckpt: dict) -> tuple[C.TrainConfig, list[str]]:
+def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.TrainConfig, list[str]]:
     """The saved config with the flags a resume may change (``config.RESUMABLE``) applied;
     :class:`ConfigError` naming every other flag that was given. Also returns notes to print."""
     values = given(args)
@@ -137,8 +137,8 @@ def resumed_config(args, saved: C.TrainConfig, ckpt: dict) -> tuple[C.TrainConfi
         )
     values["quiet"] = bool(args.quiet)  # this invocation's output, not the saved run's
     cfg = dataclasses.replace(saved, **values, stop_after_steps=args.stop_after_steps)
-    if cfg.epochs < ckpt["epoch"]:
-        raise ConfigError(f"--epochs {cfg.epochs}: the run has completed {ckpt['epoch']} epochs already")
+    if cfg.epochs < epochs_done:  # checked before anything is printed (prepare() checks it too)
+        raise ConfigError(f"--epochs {cfg.epochs}: the run has completed {epochs_done} epochs already")
     return C.validate(cfg), notes
 
 
@@ -146,7 +146,7 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
-def _train(args, raw: list[str]) -> int:
+def _train(args) -> int:
     from ..train import checkpoint
     from ..train.loop import prepare
 
@@ -157,7 +157,7 @@ def _train(args, raw: list[str]) -> int:
         if not os.path.isdir(run_dir):
             raise ConfigError(f"--resume {run_dir}: no such run directory")
         saved, ckpt = checkpoint.open_run(run_dir)
-        cfg, notes = resumed_config(args, saved, ckpt)
+        cfg, notes = resumed_config(args, saved, ckpt["epoch"])
         want_baseline = os.path.exists(os.path.join(run_dir, launch.BASELINE_MARK))
     else:
         cfg, ckpt, notes = config_from_args(args, args.run_dir), None, []
@@ -171,9 +171,14 @@ def _train(args, raw: list[str]) -> int:
         )
     if not cfg.quiet:
         what = "supervised-only" if cfg.supervised_only else "LLP"
+        loader = ""
+        if cfg.data.startswith("folder:"):
+            from ..data.folder import loader_label
+
+            loader = f", loader {loader_label(cfg.loader, cfg.device)}"
         print(
-            f"{PROG}: {what} on {cfg.data}, {cfg.arch} width {cfg.width}, {cfg.epochs} epochs, device {cfg.device}, "
-            f"run dir {run_dir}",
+            f"{PROG}: {what} on {cfg.data}, {cfg.arch} width {cfg.width}, {cfg.epochs} epochs, device {cfg.device}"
+            f"{loader}, run dir {run_dir}",
             file=sys.stderr,
         )
         for note in notes:
@@ -200,7 +205,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(raw)
     if args.nproc > 1 and not launch.launched():
         return launch.relaunch(args, raw)
-    return _common.run(PROG, _train, args, raw, interrupted="interrupted twice; the last complete checkpoint is kept")
+    return _common.run(PROG, _train, args, interrupted="interrupted twice; the last complete checkpoint is kept")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ indices* into the training set (what :class:`llp_fast.MemoryBank` takes), and
 - ``folder:PATH``: an ImageFolder tree, one subfolder per class, optional ``labeled.txt``.
 
 Array data sets live on the training device and are augmented there a batch at a time
-(:mod:`llp_fast.data.arrays`); folders are decoded by a PIL DataLoader, or by NVIDIA DALI
-when it is installed (:mod:`llp_fast.data.folder`).
+(:mod:`llp_fast.data.arrays`); folders are decoded by a PIL DataLoader or by NVIDIA DALI
+(``--loader``; :mod:`llp_fast.data.folder`, :mod:`llp_fast.data.dali`).
 
 Splits (:func:`make_split`): the held-out test split is the data's own or 20% of the
 labeled examples (stratified, seeded); of the rest a class-balanced fraction ``p`` keeps its
@@ -28,7 +28,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from ..errors import MARKER, DataError
+from ..errors import MARKER, ConfigError, DataError
 
 
 @dataclass
@@ -148,13 +148,17 @@ class Source(Protocol):
         """Un-augmented batches of training dataset ``indices``."""
 
 
-def load(spec: str, **kwargs) -> Source:
-    """The training source named by ``spec`` (see the module docstring)."""
+def load(spec: str, *, loader: str = "auto", **kwargs) -> Source:
+    """The training source named by ``spec`` (see the module docstring). ``loader`` decodes
+    ``folder:`` images: ``dali``, ``pil`` or ``auto`` (DALI when it imports); array data are
+    not decoded, and ``dali`` for them is a :class:`ConfigError`."""
     from .arrays import load_arrays
     from .folder import load_folder
 
     if spec.startswith("folder:"):
-        return load_folder(spec[len("folder:") :], **kwargs)
+        return load_folder(spec[len("folder:") :], loader=loader, **kwargs)
+    if loader == "dali":
+        raise ConfigError(f"--loader dali decodes folder: images; {spec} is array data, held and augmented in memory")
     return load_arrays(spec, **kwargs)
 
 

@@ -1,60 +1,85 @@
-"""NVIDIA DALI decoding for ``folder:`` data (optional; used when ``nvidia.dali`` imports).
+"""NVIDIA DALI decoding for ``folder:`` data (``--loader dali``; ``--loader auto`` when ``nvidia.dali``
+imports). Tested on CPU (``tests/test_dali.py``); the GPU decode is not (see :meth:`DaliFolder._pipeline`).
 
-UNTESTED HERE: DALI has no wheel for the CPU-only machine this package is built on; the PIL
-DataLoader in :mod:`llp_fast.data.folder` is the tested path. Keep this module small.
+The work is split so that DALI yields the PIL loader's samples (:mod:`llp_fast.data.folder`):
 
-The pipeline is fed by an ``external_source`` with *our* epoch order, one batch of
-(encoded bytes, dataset index) at a time, so there is no file reader and hence none of the
-reader's padding: the last batch is simply short. As a second guard against padded
-duplicate samples corrupting the bank (docs/method.md §1.6: a repeated index must not be counted
-twice), every batch is cut to the indices still owed this epoch and de-duplicated, keeping
-the first occurrence. Decoding runs on the GPU ("mixed") when training on CUDA, else on CPU.
+- The host reads each file and its header (PIL, no decode) and computes the sample's geometry with
+  the PIL path's own functions: for training, :func:`~llp_fast.data.transforms.crop_box` seeded by
+  (seed, epoch, position) -- the same crops and flips as PIL's, and a resumed epoch replays
+  them; for evaluation and index passes, :func:`~llp_fast.data.transforms.eval_geometry` (the short
+  side resized, then a centre crop). DALI runs no random operator, so a batch depends on nothing
+  but its samples.
+- DALI decodes (``fn.decoders.image``, RGB: grey and palette images become 3 channels; EXIF
+  orientation ignored, as PIL's ``open`` does) and resamples the sample's box to S x S
+  (``fn.resize`` with a region of interest, linear and antialiased: PIL's ``BILINEAR``). A mirrored
+  sample's box has its x ends swapped, which ``fn.resize`` reads as a horizontal flip.
+- The uint8 result is normalised by :meth:`FolderSource._normalise`, as the PIL path's.
+
+An ``external_source`` feeds the pipeline *our* sample order, one batch at a time: there is no
+file reader, so none of its padding; the last batch is simply short. Every batch's dataset
+indices travel through the pipeline and are checked against the ones fed, so a sample can
+neither repeat nor go missing. A file DALI cannot decode becomes a :class:`DataError` naming it.
 """
 
 from __future__ import annotations
+
+import collections
+import io
+import re
 
 import numpy as np
 import torch
 
 from .. import _optional
 from .._device import memory_format
+from . import MARKER, DataError
+from .transforms import crop_box, eval_geometry, open_rgb, sample_seed
+
+# What fn.decoders.image reads (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000); of the folder
+# loader's extensions only GIF is missing.
+UNDECODABLE = (".gif",)
 
 
 class DaliFolder:
+    """Batches of a :class:`~llp_fast.data.folder.FolderSource` decoded by DALI: the source's
+    ``train_batches`` / ``test_batches`` / ``index_batches`` with the same samples."""
+
     def __init__(self, source):
         self.source = source
         self.on_gpu = source.device.type == "cuda"
+        for path in [*source.files, *source.test_files]:
+            if path.lower().endswith(UNDECODABLE):
+                raise DataError(f"{path}: DALI does not decode GIF images (use --loader pil)")
 
-    def _pipeline(self, feed, batch_size, train: bool, seed: int):
+    def _pipeline(self, feed, batch_size: int):
         dali = _optional.dali()
         fn, types = dali.fn, dali.types
-        s = self.source
-        device_id = (s.device.index or 0) if self.on_gpu else None
+        s = self.source.image_size
+        # UNTESTED HERE: the GPU path ("mixed" decode with nvJPEG, the resize on the GPU, DLPack
+        # hand-over on DALI's stream). No session on this project has had a GPU yet; the first one
+        # runs tests/test_dali.py::test_gpu_decode_against_the_cpu_pipeline (pytest -m cuda) and
+        # measures the nvJPEG-against-libjpeg-turbo difference that test only reports.
+        device_id = None
+        if self.on_gpu:
+            device_id = self.source.device.index
+            device_id = torch.cuda.current_device() if device_id is None else device_id
 
-        @dali.pipeline_def(
-            batch_size=batch_size, num_threads=4, device_id=device_id, seed=seed, exec_async=False, exec_pipelined=False
-        )
+        @dali.pipeline_def(batch_size=batch_size, num_threads=max(1, self.source.workers), device_id=device_id)
         def pipe():
-            jpegs, idx = fn.external_source(source=feed, num_outputs=2, dtype=[types.UINT8, types.INT64])
-            dev = "mixed" if self.on_gpu else "cpu"
-            if train:
-                images = fn.decoders.image_random_crop(
-                    jpegs, device=dev, output_type=types.RGB, random_area=[s.scale_min, 1.0]
-                )
-                images = fn.resize(images, resize_x=s.image_size, resize_y=s.image_size)
-                mirror = fn.random.coin_flip() if s.flip else 0
-            else:
-                images = fn.decoders.image(jpegs, device=dev, output_type=types.RGB)
-                images = fn.resize(images, resize_shorter=s.image_size)
-                mirror = 0
-            images = fn.crop_mirror_normalize(
+            data, roi_start, roi_end, idx = fn.external_source(
+                source=feed, num_outputs=4, dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT64]
+            )
+            images = fn.decoders.image(
+                data, device="mixed" if self.on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False
+            )
+            images = fn.resize(
                 images,
-                dtype=types.FLOAT,
-                output_layout="CHW",
-                crop=(s.image_size, s.image_size),
-                mean=[v * 255 for v in (0.485, 0.456, 0.406)],
-                std=[v * 255 for v in (0.229, 0.224, 0.225)],
-                mirror=mirror,
+                size=[s, s],
+                roi_start=roi_start,
+                roi_end=roi_end,
+                roi_relative=False,
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
             )
             return images, idx
 
@@ -62,42 +87,116 @@ class DaliFolder:
         p.build()
         return p
 
-    def _feed(self, files, keys, batch_size):
-        batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
-        it = iter(batches)
+    # -- the host side: bytes and geometry of each sample -------------------------------------
+    def _sample(self, path: str, seed: int):
+        """(bytes, roi_start (y, x), roi_end (y, x)) of one sample; ``seed`` < 0: evaluation."""
+        from PIL import Image
+
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            with Image.open(io.BytesIO(raw)) as im:  # reads the header only
+                w, h = im.size
+        except Exception as e:  # PIL raises many types for truncated or foreign files
+            raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
+        src, s = self.source, self.source.image_size
+        if seed < 0:
+            big_w, big_h, left, top = eval_geometry(w, h, s)
+            sx, sy = w / big_w, h / big_h  # the crop of the resized image, in source pixels
+            x0, y0, x1, y1 = left * sx, top * sy, (left + s) * sx, (top + s) * sy
+        else:
+            x0, y0, cw, ch, mirror = crop_box(w, h, src.scale_min, src.flip, np.random.default_rng(seed))
+            x1, y1 = x0 + cw, y0 + ch
+            if mirror:
+                x0, x1 = x1, x0
+        roi_start, roi_end = np.array([y0, x0], dtype=np.float32), np.array([y1, x1], dtype=np.float32)
+        return np.frombuffer(raw, dtype=np.uint8), roi_start, roi_end
+
+    def _run(self, files, keys, batch_size):
+        """``(uint8 (B, 3, S, S), dataset index (B,))`` over ``keys`` = [(file index, seed or -1)]."""
+        if not keys:
+            return
+        batches = iter([keys[s : s + batch_size] for s in range(0, len(keys), batch_size)])
+        in_flight = collections.deque()  # batches fed and not yet returned (DALI prefetches)
 
         def feed():
-            batch = next(it)  # StopIteration ends the epoch
-            data = [np.fromfile(files[i], dtype=np.uint8) for i in batch]
-            return data, [np.array([i], dtype=np.int64) for i in batch]
+            batch = next(batches)  # StopIteration ends the pass
+            samples = [self._sample(files[i], seed) for i, seed in batch]
+            in_flight.append(batch)
+            return (
+                [x[0] for x in samples],
+                [x[1] for x in samples],
+                [x[2] for x in samples],
+                [np.array(i, dtype=np.int64) for i, _ in batch],
+            )
 
-        return feed, len(batches)
+        pipe = self._pipeline(feed, batch_size)
+        while True:
+            try:
+                images, idx = pipe.run()
+            except StopIteration:
+                break
+            except RuntimeError as e:
+                if "fn.decoders.image" not in str(e):
+                    raise  # not the decoder: a bug, keep its traceback
+                raise self._decode_error(files, in_flight, e) from None
+            fed = in_flight.popleft()
+            i = torch.from_dlpack(idx.as_tensor()).reshape(-1).to(torch.int64).clone()
+            if i.tolist() != [k for k, _ in fed]:
+                raise RuntimeError(f"DALI returned samples {i.tolist()[:8]}... for the batch fed as {fed[:8]}...")
+            # NHWC as NCHW: a copy (of uint8, the cheap one) on CPU; already channels_last on CUDA
+            x = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2)
+            x = x.contiguous(memory_format=memory_format(self.source.device))
+            yield x, i
+        if in_flight:
+            raise RuntimeError(f"DALI ended the pass with {len(in_flight)} batches fed and not returned")
 
-    def _run(self, files, keys, batch_size, train, seed):
-        feed, n_batches = self._feed(files, keys, batch_size)
-        pipe = self._pipeline(feed, batch_size, train, seed)
-        owed = len(keys)
-        for _ in range(n_batches):
-            images, idx = pipe.run()
-            x = torch.from_dlpack(images.as_tensor())
-            i = torch.from_dlpack(idx.as_tensor()).reshape(-1).to(torch.int64)
-            keep = min(owed, i.shape[0])
-            x, i = x[:keep], i[:keep]
-            first = _first_occurrence(i)
-            owed -= keep
-            x = x[first].to(self.source.device).contiguous(memory_format=memory_format(self.source.device))
-            yield x, i[first].to(self.source.device)
+    def _decode_error(self, files, in_flight, e: RuntimeError) -> DataError:
+        """The file behind DALI's failure: the first of the batches in flight that PIL cannot decode
+        either; else a line naming the batch."""
+        paths = [files[i] for batch in in_flight for i, _ in batch]
+        for path in paths:
+            try:
+                open_rgb(path).load()
+            except DataError as bad:
+                return bad
+        skip = r"Current pipeline|Error in|Critical error|which was|encountered|\s*File"
+        why = re.findall(rf"^(?!{skip})(\S.*)$", str(e), re.M)
+        where = f"{paths[0]}" + (f" and {len(paths) - 1} more in the same batches" if len(paths) > 1 else "")
+        return DataError(
+            f"DALI cannot decode an image of {where} ({why[-1].strip() if why else 'RuntimeError'}; "
+            "PIL reads them all: try --loader pil)"
+        )
 
-    def train_batches(self, order, batch_size, *, start=0, epoch=0):
-        keys = order.tolist()[start * batch_size :]
-        seed = (self.source.seed * 1_000_003 + epoch) % (2**31)
-        yield from self._run(self.source.files, keys, batch_size, True, seed)
+    # -- the FolderSource interface ----------------------------------------------------------
+    def _batches(self, files, keys, batch_size):
+        for x, i in self._run(files, keys, batch_size):
+            yield self.source._normalise(x), i
+
+    def train_batches(self, order: torch.Tensor, batch_size: int, *, start: int = 0, epoch: int = 0):
+        s = self.source
+        order = order.tolist()
+        keys = [(i, sample_seed(s.seed, epoch, len(order), p)) for p, i in enumerate(order)][start * batch_size :]
+        for x, i in self._batches(s.files, keys, batch_size):
+            yield x, i.to(s.device)
+
+    def test_batches(self, batch_size: int):
+        s = self.source
+        keys = [(i, -1) for i in range(s.num_test)]
+        for x, i in self._batches(s.test_files, keys, batch_size):
+            yield x, s.y_test[i].to(s.device)
+
+    def index_batches(self, indices: torch.Tensor, batch_size: int):
+        s = self.source
+        keys = [(int(i), -1) for i in indices]
+        for x, i in self._batches(s.files, keys, batch_size):
+            yield x, i.to(s.device)
 
 
-def _first_occurrence(i: torch.Tensor) -> torch.Tensor:
-    """Positions of the first occurrence of each value in ``i`` (order kept)."""
-    _, inv = torch.unique(i, return_inverse=True)
-    pos = torch.arange(i.shape[0], device=i.device)
-    first = torch.full((int(inv.max()) + 1 if i.numel() else 0,), i.shape[0], device=i.device, dtype=torch.long)
-    first.scatter_reduce_(0, inv, pos, reduce="amin")
-    return torch.sort(first).values
+def version() -> str:
+    """DALI's version, or ``"absent"``."""
+    dali = _optional.dali()
+    return getattr(dali, "__version__", "unknown") if dali is not None else "absent"
+
+
+__all__ = ["DaliFolder", "UNDECODABLE", "version"]

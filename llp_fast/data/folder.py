@@ -7,15 +7,16 @@ with ``PATH/test/<class>/...`` (or ``val/``) as the held-out split. An optional
 ``--labeled-fraction`` keeps its label. The folder names give the truth of every image, used
 only for the held-out split and the pseudo-label diagnostics.
 
-Decoding and augmentation (random resized crop, horizontal flip) run in a PIL-based torch
-DataLoader, seeded per sample from (seed, epoch, position) so a resumed run sees the same
-crops. When NVIDIA DALI is installed, :mod:`llp_fast.data.dali` decodes instead (see there;
-not exercised on the CPU-only build machine).
+Two loaders (``--loader``), the same samples: a PIL-based torch DataLoader (``pil``), or NVIDIA
+DALI (``dali``, :mod:`llp_fast.data.dali`; ``auto`` picks it when ``nvidia.dali`` imports). Both
+take every sample's geometry from :mod:`llp_fast.data.transforms`: for training a random resized
+crop and horizontal flip seeded per sample from (seed, epoch, position), so a resumed run sees
+the same crops; for evaluation the short side resized, then a centre crop. Both normalise with
+:meth:`FolderSource._normalise`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -23,11 +24,11 @@ import torch
 
 from .. import _optional
 from .._device import memory_format
-from . import MARKER, DataError, Split, make_split
+from ..errors import ConfigError
+from . import DataError, Split, make_split
+from .transforms import MEAN, STD, crop_box, eval_geometry, open_rgb, sample_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics
-STD = (0.229, 0.224, 0.225)
 
 
 def _scan(root: str):
@@ -65,14 +66,30 @@ def _read_labeled(path: str, root: str, files: list[str]) -> np.ndarray:
     return mask
 
 
-def _open_rgb(path: str):
-    from PIL import Image
+LOADERS = ("auto", "dali", "pil")
 
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises many types for truncated or foreign files
-        raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
+
+def resolve_loader(loader: str = "auto") -> str:
+    """``dali`` or ``pil`` for ``--loader``: ``auto`` is DALI when ``nvidia.dali`` imports;
+    :class:`ConfigError` for ``dali`` without it."""
+    if loader not in LOADERS:
+        raise ConfigError(f"--loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    if loader == "pil" or (loader == "auto" and _optional.dali() is None):
+        return "pil"
+    if _optional.dali() is None:
+        raise ConfigError(
+            "--loader dali: NVIDIA DALI is not installed (pip install 'llp_fast[dali]', or use --loader pil)"
+        )
+    return "dali"
+
+
+def loader_label(loader: str, device) -> str:
+    """How ``folder:`` images will be decoded, for the run's first line: ``pil``, ``dali (CPU)`` or
+    ``dali (GPU)``."""
+    name = resolve_loader(loader)
+    if name == "dali":
+        return f"dali ({'GPU' if torch.device(device).type == 'cuda' else 'CPU'})"
+    return name
 
 
 class _Images(torch.utils.data.Dataset):
@@ -86,17 +103,13 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, seed = key
-        im = _open_rgb(self.files[i])
+        im = open_rgb(self.files[i])
         s = self.size
         if seed < 0:  # evaluation: resize the short side, centre crop
             from PIL import Image
 
-            w, h = im.size
-            r = s / min(w, h) if s <= 64 else s * 1.14 / min(w, h)
-            im = im.resize((max(s, round(w * r)), max(s, round(h * r))), Image.BILINEAR)
-            w, h = im.size
-            left, top = (w - s) // 2, (h - s) // 2
-            im = im.crop((left, top, left + s, top + s))
+            big_w, big_h, left, top = eval_geometry(*im.size, s)
+            im = im.resize((big_w, big_h), Image.BILINEAR).crop((left, top, left + s, top + s))
         else:
             im = _random_resized_crop(im, s, self.scale_min, self.flip, np.random.default_rng(seed))
         arr = np.asarray(im, dtype=np.uint8)
@@ -106,20 +119,9 @@ class _Images(torch.utils.data.Dataset):
 def _random_resized_crop(im, size, scale_min, flip, rng):
     from PIL import Image
 
-    w, h = im.size
-    area = w * h
-    for _ in range(10):
-        target = area * rng.uniform(scale_min, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            break
-    else:
-        cw = ch = min(w, h)
-        x0, y0 = (w - cw) // 2, (h - ch) // 2
+    x0, y0, cw, ch, mirror = crop_box(*im.size, scale_min, flip, rng)
     im = im.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
-    if flip and rng.random() < 0.5:
+    if mirror:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     return im
 
@@ -139,8 +141,10 @@ class FolderSource:
         scale_min=None,
         flip=None,
         workers=2,
+        loader="auto",
         **_,
     ):
+        self.loader = resolve_loader(loader)
         if not os.path.isdir(root):
             raise DataError(f"folder:{root}: no such directory")
         train_root, test_root = root, None
@@ -201,14 +205,16 @@ class FolderSource:
         self._train_set = _Images(self.files, self.image_size, self.scale_min, self.flip)
         self._test_set = _Images(self.test_files, self.image_size, self.scale_min, False)
         self.dali = None
-        if _optional.dali() is not None:
+        if self.loader == "dali":
             from .dali import DaliFolder
 
             self.dali = DaliFolder(self)
 
     def _normalise(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """Float images ``(x - mean) / std`` from uint8 ``(B, 3, S, S)`` (both loaders; in place on
+        the float copy: the same values as out of place, without two more batch-sized buffers)."""
         x = x_u8.to(self.device, non_blocking=True).float()
-        return ((x - self.mean) / self.std).contiguous(memory_format=memory_format(self.device))
+        return x.sub_(self.mean).div_(self.std).contiguous(memory_format=memory_format(self.device))
 
     def _loader(self, dataset, keys, batch_size):
         batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
@@ -227,17 +233,22 @@ class FolderSource:
             yield from self.dali.train_batches(order, batch_size, start=start, epoch=epoch)
             return
         order = order.tolist()
-        base = (self.seed * 1_000_003 + epoch) * (len(order) + 1)
-        keys = [(i, base + p) for p, i in enumerate(order)][start * batch_size :]
+        keys = [(i, sample_seed(self.seed, epoch, len(order), p)) for p, i in enumerate(order)][start * batch_size :]
         for x, idx in self._loader(self._train_set, keys, batch_size):
             yield self._normalise(x), idx.to(self.device)
 
     def test_batches(self, batch_size: int):
+        if self.dali is not None:
+            yield from self.dali.test_batches(batch_size)
+            return
         keys = [(i, -1) for i in range(self.num_test)]
         for x, i in self._loader(self._test_set, keys, batch_size):
             yield self._normalise(x), self.y_test[i].to(self.device)
 
     def index_batches(self, indices: torch.Tensor, batch_size: int):
+        if self.dali is not None:
+            yield from self.dali.index_batches(indices, batch_size)
+            return
         keys = [(int(i), -1) for i in indices]
         for x, idx in self._loader(self._train_set, keys, batch_size):
             yield self._normalise(x), idx.to(self.device)

@@ -148,6 +148,13 @@ class TrainConfig:
     )
     flip: bool | None = _opt(None, "random horizontal flips (default: on, off for digits)", group="data")
     workers: int = _opt(2, "DataLoader workers for folder data", group="data", check=count)
+    loader: str = _opt(
+        "auto",
+        "decoder of folder: images: NVIDIA DALI (CPU threads, --workers of them; the GPU when training on CUDA), "
+        "a PIL DataLoader, or auto = DALI when it is installed; both give the same crops",
+        group="data",
+        choices=("auto", "dali", "pil"),
+    )
     extra_unlabeled: str | None = _opt(
         None,
         "llp-fast-select output: its images join the training set as unlabeled examples until --rate-jump; the "
@@ -371,6 +378,7 @@ def source_for(cfg: TrainConfig, device, *, workers: int | None = None):
         translate=cfg.translate,
         flip=cfg.flip,
         workers=cfg.workers if workers is None else workers,
+        loader=cfg.loader,
         batch_size=cfg.batch_size,
     )
 

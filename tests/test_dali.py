@@ -1,0 +1,330 @@
+"""``folder:`` data through NVIDIA DALI's CPU pipeline (llp_fast.data.dali), against the PIL loader.
+
+Both loaders take each sample's geometry from llp_fast.data.folder (the same crop boxes and flips,
+seeded by (seed, epoch, position); the same evaluation resize and centre crop) and normalise with
+the same code, so their images differ only where decoding and resampling do:
+
+- decoding: both use libjpeg-turbo; here the decoded pixels are bitwise the same.
+- resampling: PIL's BILINEAR and DALI's linear antialiased resize evaluate the same triangle
+  filter at the same positions and round differently: at most 1 grey level (of 255) apart
+  wherever the filter lies inside the image. Where it reaches past the image edge (only the
+  first and last output row and column can, when the box touches the edge) PIL drops the
+  missing taps and renormalises, DALI repeats the edge pixel: there the difference grows with
+  the contrast at the image's edge (up to 22 levels measured on these noisy test images).
+
+Hence the tolerance: <= 1 grey level off the border rows and columns, <= 0.5 level on average
+over all pixels (measured 0.12-0.38 over 8-224 px outputs), and on the border DALI equals PIL
+resampling the edge-replicated image within 1 level (the border rule is the whole difference).
+bench/bench_loader.py reports the same comparison at 224 px.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llp_fast import _optional
+from llp_fast.cli.train import main as train_main
+from llp_fast.data import load
+from llp_fast.data.transforms import MEAN, STD
+from llp_fast.errors import MARKER, ConfigError, DataError
+
+# DALI is native code: a crash fails these tests, not the run (tests/_isolate.py)
+pytestmark = pytest.mark.isolated
+
+needs_dali = pytest.mark.skipif(
+    _optional.dali() is None,
+    reason="NVIDIA DALI is not installed (pip install 'llp_fast[dali]'; make test and CI install it)",
+)
+
+INNER_LEVELS, MEAN_LEVELS = 1, 0.5  # DALI against PIL, grey levels of 255 (module docstring)
+SCALE = torch.tensor(STD).view(1, 3, 1, 1) * 255  # one grey level, per channel, in normalised units
+
+
+def _picture(rng, w, h, grey=False):
+    """A JPEG-like scene: gradients, a few discs, noise (smooth and sharp parts alike)."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 128 / (w + h)], -1) + rng.normal(0, 12, (h, w, 3))
+    for _ in range(3):
+        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(2, max(3, min(w, h) // 3))
+        a[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
+    im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    return im.convert("L") if grey else im
+
+
+def make_jpegs(root, classes=3, per_class=7, sizes=((24, 20), (40, 31), (19, 33), (64, 48)), seed=0):
+    """An ImageFolder tree of JPEGs of several sizes and aspect ratios, every fourth one grey."""
+    rng = np.random.default_rng(seed)
+    n = 0
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            w, h = sizes[n % len(sizes)]
+            _picture(rng, w, h, grey=n % 4 == 3).save(root / f"c{c}" / f"{i}.jpg", quality=90)
+            n += 1
+    return root
+
+
+def both(root, **kw):
+    """The same folder through DALI and through PIL."""
+    kw = {"device": "cpu", "labeled_fraction": 0.5, "image_size": 16, "workers": 0, **kw}
+    return load(f"folder:{root}", loader="dali", **kw), load(f"folder:{root}", loader="pil", **kw)
+
+
+def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| of normalised batches in grey levels."""
+    return ((a - b) * SCALE).abs()
+
+
+@needs_dali
+def test_every_example_once_and_the_short_last_batch(tmp_path):
+    dali, pil = both(make_jpegs(tmp_path / "d"))
+    assert dali.loader == "dali" and pil.loader == "pil" and dali.dali is not None
+    n = dali.num_train
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    batches = list(dali.train_batches(order, 5, None, epoch=0))
+    assert [int(i.shape[0]) for _, i in batches] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
+    assert n % 5 != 0  # the data make a short last batch
+    assert torch.equal(torch.cat([i for _, i in batches]), order)  # each once, in order, nothing padded
+    for x, i in batches:
+        assert x.shape == (i.shape[0], 3, 16, 16) and x.dtype == torch.float32 and x.is_contiguous()
+        assert i.dtype == torch.int64
+    # held-out and index passes: every example once, with its label
+    xs, ys = zip(*dali.test_batches(4))
+    assert torch.equal(torch.cat(ys), dali.y_test) and sum(x.shape[0] for x in xs) == dali.num_test
+    some = torch.tensor([3, 3, 0, n - 1])  # a repeat stays a repeat (as in the PIL loader)
+    got = [i for _, i in dali.index_batches(some, 3)]
+    assert torch.equal(torch.cat(got), some)
+
+
+@needs_dali
+def test_mid_epoch_resume_replays_the_epoch(tmp_path):
+    dali, _ = both(make_jpegs(tmp_path / "d"))
+    order = torch.randperm(dali.num_train, generator=torch.Generator().manual_seed(1))
+    whole = list(dali.train_batches(order, 4, None, epoch=2))
+    again = list(dali.train_batches(order, 4, None, epoch=2))
+    later = list(dali.train_batches(order, 4, None, start=2, epoch=2))
+    assert len(later) == len(whole) - 2
+    for (x, i), (y, j) in zip(whole, again):
+        assert torch.equal(x, y) and torch.equal(i, j)  # deterministic
+    for (x, i), (y, j) in zip(whole[2:], later):
+        assert torch.equal(x, y) and torch.equal(i, j)  # bitwise the uninterrupted epoch
+    other = next(dali.train_batches(order, 4, None, epoch=3))[0]
+    assert not torch.equal(whole[0][0], other)  # a new epoch, new crops
+
+
+@needs_dali
+@pytest.mark.parametrize("size", [16, 72])  # 72: above 64 px the evaluation resize is 1.14 x the crop
+def test_evaluation_images_match_pil(tmp_path, size):
+    root = make_jpegs(tmp_path / "d", sizes=((24, 20), (40, 31), (19, 33), (100, 80), (130, 90)))
+    dali, pil = both(root, image_size=size)
+    d = torch.cat([levels(a, b) for (a, _), (b, _) in zip(dali.test_batches(6), pil.test_batches(6))])
+    idx = torch.arange(dali.num_train)
+    e = torch.cat([levels(a, b) for (a, _), (b, _) in zip(dali.index_batches(idx, 8), pil.index_batches(idx, 8))])
+    for diff in (d, e):
+        assert diff.shape[1:] == (3, size, size)
+        check_tolerance(diff)
+
+
+def check_tolerance(diff: torch.Tensor) -> None:
+    inner = diff[:, :, 1:-1, 1:-1]  # off the border rows and columns
+    assert inner.max() <= INNER_LEVELS + 1e-3, inner.max()
+    assert diff.mean() <= MEAN_LEVELS, diff.mean()
+
+
+@needs_dali
+def test_border_pixels_differ_by_the_border_rule_alone(tmp_path):
+    """On the border, DALI matches PIL resampling the image padded by repeating its edge pixels."""
+    from PIL import Image
+
+    from llp_fast.data.transforms import eval_geometry
+
+    root = make_jpegs(tmp_path / "d", sizes=((24, 20), (40, 31), (19, 33), (9, 12)))
+    dali, _ = both(root)
+    s, pad = 16, 8
+    mean, std = torch.tensor(MEAN).view(3, 1, 1) * 255, torch.tensor(STD).view(3, 1, 1) * 255
+    x, _ = next(dali.test_batches(64))
+    for k, path in enumerate(dali.test_files):
+        im = Image.open(path).convert("RGB")
+        w, h = im.size
+        big_w, big_h, left, top = eval_geometry(w, h, s)
+        sx, sy = w / big_w, h / big_h
+        box = (left * sx + pad, top * sy + pad, (left + s) * sx + pad, (top + s) * sy + pad)
+        edged = Image.fromarray(np.pad(np.asarray(im), ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+        ref = torch.from_numpy(np.asarray(edged.resize((s, s), Image.BILINEAR, box=box)).copy()).permute(2, 0, 1)
+        got = x[k] * std + mean
+        assert (got - ref.float()).abs().max() <= 1 + 1e-3, path
+
+
+@needs_dali
+def test_training_crops_and_flips_match_pil(tmp_path):
+    dali, pil = both(make_jpegs(tmp_path / "d"), scale_min=0.2, flip=True)
+    order = torch.randperm(dali.num_train, generator=torch.Generator().manual_seed(0))
+    for (a, i), (b, j) in zip(dali.train_batches(order, 6, None, epoch=1), pil.train_batches(order, 6, None, epoch=1)):
+        assert torch.equal(i, j)
+        check_tolerance(levels(a, b))
+
+
+@needs_dali
+def test_channels_and_normalisation_identical(tmp_path):
+    """Lossless PNGs at the input size (the evaluation resize is then the identity): RGB order,
+    grey and palette images made 3-channel, and the normalisation, bitwise as PIL's."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, mode in enumerate(["RGB", "L", "P"]):
+        (tmp_path / "d" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            a = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            a[0, 0] = (255, 0, 0)  # pure red in the corner
+            Image.fromarray(a).convert(mode).save(tmp_path / "d" / f"c{c}" / f"{i}.png")
+    dali, pil = both(tmp_path / "d")
+    idx = torch.arange(dali.num_train)
+    for (a, _), (b, _) in zip(dali.index_batches(idx, 5), pil.index_batches(idx, 5)):
+        assert torch.equal(a, b)
+    x, y = next(dali.test_batches(64))
+    rgb = x[y == 0][:, :, 0, 0]  # the RGB class's red corner, normalised
+    expect = (torch.tensor([255.0, 0, 0]) - torch.tensor(MEAN) * 255) / (torch.tensor(STD) * 255)
+    torch.testing.assert_close(rgb, expect.expand_as(rgb))
+    grey = x[y == 1]
+    back = grey * SCALE + torch.tensor(MEAN).view(1, 3, 1, 1) * 255  # grey: three equal channels
+    torch.testing.assert_close(back[:, 0], back[:, 1], atol=1e-3, rtol=0)
+    torch.testing.assert_close(back[:, 0], back[:, 2], atol=1e-3, rtol=0)
+
+
+def _truncate(path):
+    """Cuts a JPEG inside its entropy-coded data: its header reads (PIL's ``open`` and the host's
+    geometry pass succeed), the decode fails."""
+    data = path.read_bytes()
+    sos = data.index(b"\xff\xda")  # start of scan
+    path.write_bytes(data[: sos + (len(data) - sos) // 3])
+
+
+@needs_dali
+def test_corrupt_jpeg_is_one_data_error_naming_the_file(tmp_path):
+    root = make_jpegs(tmp_path / "d", sizes=((64, 48),))
+    dali, _ = both(root, labeled_fraction=1.0)
+    for k, spoil in ((5, _truncate), (9, lambda p: p.write_bytes(b"not a jpeg" * 20))):
+        # truncated: caught by DALI's decoder; not a JPEG: caught by the host reading the header
+        path = dali.files[k]
+        good = Path(path).read_bytes()
+        spoil(Path(path))
+        with pytest.raises(DataError, match=f"^{MARKER}cannot read image {re.escape(path)} "):
+            list(dali.index_batches(torch.tensor([0, 1, k, 2]), 2))
+        with pytest.raises(DataError, match=f"cannot read image {re.escape(path)} "):
+            list(dali.train_batches(torch.arange(dali.num_train), 3, None))
+        Path(path).write_bytes(good)
+    assert len(list(dali.index_batches(torch.arange(dali.num_train), 8))) > 0
+
+
+@needs_dali
+def test_a_failure_pil_does_not_share_names_the_batch(tmp_path):
+    """DALI stricter than PIL: no file to blame, so the line names the batches in flight."""
+    dali, _ = both(make_jpegs(tmp_path / "d", per_class=3))
+    err = RuntimeError(
+        "Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\nencountered:\n\n"
+        "nvImageCodec failure: '#3'\nCurrent pipeline object is no longer valid."
+    )
+    e = dali.dali._decode_error(dali.files, collections.deque([[(0, 5), (1, 6)], [(2, 7)]]), err)
+    assert isinstance(e, DataError)
+    assert str(e) == (
+        f"DALI cannot decode an image of {dali.files[0]} and 2 more in the same batches (nvImageCodec failure: "
+        "'#3'; PIL reads them all: try --loader pil)"
+    )
+
+
+@needs_dali
+def test_corrupt_jpeg_through_the_trainer_is_one_line(tmp_path, capsys):
+    root = make_jpegs(tmp_path / "d", sizes=((64, 48),))
+    _truncate(root / "c1" / "2.jpg")
+    rc = train_main(
+        ["--data", f"folder:{root}", "--loader", "dali", "--run-dir", str(tmp_path / "r"), *_TINY, "--quiet"]
+    )
+    _, err = capsys.readouterr()
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("llp-fast-train: error: cannot read image ") and str(root) in lines[0], lines[0]
+
+
+def test_loader_flag_errors(tmp_path, capsys, monkeypatch):
+    """``--loader dali`` without DALI, or on array data: one line, exit 2; ``auto`` falls back to PIL."""
+    from llp_fast.train.config import TrainConfig, validate
+
+    root = make_jpegs(tmp_path / "d", per_class=3)
+    with pytest.raises(ConfigError, match="--loader dali decodes folder: images"):
+        load("digits", loader="dali")
+    with pytest.raises(ConfigError, match="--loader must be one of auto, dali, pil"):
+        validate(TrainConfig(loader="opencv"))
+    monkeypatch.setattr(_optional, "dali", lambda: None)  # as if DALI were not installed
+    assert load(f"folder:{root}", device="cpu", labeled_fraction=0.5, loader="auto", workers=0).loader == "pil"
+    rc = train_main(["--data", f"folder:{root}", "--loader", "dali", "--run-dir", str(tmp_path / "r"), *_TINY])
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0] == (
+        "llp-fast-train: error: --loader dali: NVIDIA DALI is not installed (pip install 'llp_fast[dali]', "
+        "or use --loader pil)"
+    )
+
+
+@needs_dali
+def test_gif_under_dali_names_the_file(tmp_path):
+    from PIL import Image
+
+    root = make_jpegs(tmp_path / "d", per_class=3)
+    Image.new("RGB", (20, 20)).save(root / "c0" / "x.gif")
+    with pytest.raises(DataError, match=r"x\.gif: DALI does not decode GIF images \(use --loader pil\)"):
+        load(f"folder:{root}", device="cpu", labeled_fraction=0.5, loader="dali", workers=0)
+    assert load(f"folder:{root}", device="cpu", labeled_fraction=0.5, loader="pil", workers=0).loader == "pil"
+
+
+_TINY = ["--width", "4", "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--k", "3", "--t", "5"]
+_TINY += ["--labeled-fraction", "0.5", "--device", "cpu", "--threads", "1", "--workers", "1"]
+
+
+@needs_dali
+def test_trainer_end_to_end_through_dali(tmp_path, capsys):
+    root = make_jpegs(tmp_path / "d", per_class=10)
+    rd = tmp_path / "run"
+    assert train_main(["--data", f"folder:{root}", "--loader", "dali", "--run-dir", str(rd), *_TINY]) == 0
+    out, err = capsys.readouterr()
+    first = err.strip().splitlines()[0]
+    assert first.startswith("llp-fast-train: LLP on folder:") and ", loader dali (CPU), run dir " in first, first
+    assert "held-out top-1 LLP" in out
+    rows = [json.loads(line) for line in open(rd / "metrics.jsonl")]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1 and 0 <= rows[0]["test_top1"] <= 1
+
+
+# GPU: run on a machine with one (pytest -m cuda); skipped here, where it cannot run.
+@pytest.mark.cuda
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (DALI's mixed decode)")
+def test_gpu_decode_against_the_cpu_pipeline(tmp_path):
+    """The same samples decoded by nvJPEG and resized on the GPU: every index once, on the GPU,
+    channels_last. nvJPEG and libjpeg-turbo round differently; never measured, so the difference
+    is printed and only a loose sanity bound (2 grey levels on average) asserted."""
+    root = make_jpegs(tmp_path / "d", sizes=((64, 48), (100, 80), (130, 90)))
+    kw = {"labeled_fraction": 0.5, "image_size": 32, "workers": 2}
+    gpu = load(f"folder:{root}", device="cuda", loader="dali", **kw)
+    cpu = load(f"folder:{root}", device="cpu", loader="dali", **kw)
+    order = torch.randperm(gpu.num_train, generator=torch.Generator().manual_seed(0))
+    for name, g, c in [
+        ("train", gpu.train_batches(order, 5, None, epoch=1), cpu.train_batches(order, 5, None, epoch=1)),
+        ("eval", gpu.test_batches(5), cpu.test_batches(5)),
+    ]:
+        diffs = []
+        for (a, i), (b, j) in zip(g, c):
+            assert a.is_cuda and a.is_contiguous(memory_format=torch.channels_last) and torch.equal(i.cpu(), j)
+            diffs.append(levels(a.cpu(), b))
+        d = torch.cat(diffs)
+        print(f"{name}: GPU against CPU decode, grey levels: max {d.max():.1f}, mean {d.mean():.3f}")
+        assert d.mean() <= 2, d.mean()
