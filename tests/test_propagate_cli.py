@@ -257,3 +257,25 @@ def test_progress_only_on_a_terminal(tmp_path, capsys):
     rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")])
     out, err = capsys.readouterr()
     assert rc == 0 and err == "" and out.count("\n") == 1
+
+
+def test_many_rounds_at_scale_say_what_they_cost():
+    """More than one round grows the voters toward N (quadratic work): at 100,000+ rows the CLI
+    says how much more than --rounds 1 it will do, and how to bound it."""
+    import io
+
+    from llp_fast._progress import Progress
+    from llp_fast.cli.propagate import _cost_note
+    from llp_fast.embeddings import Settings
+
+    def note(n, m, **kw):
+        buf = io.StringIO()
+        _cost_note(Progress(stream=buf), n, m, Settings(**kw))
+        return buf.getvalue()
+
+    line = note(1_000_000, 10_000, rounds=10)
+    assert "10 rounds on 1,000,000 rows" in line and "--rounds 1" in line and "--max-voters" in line
+    assert "about 90x" in line  # voters grow to 10,000 + 0.9 * 990,000
+    assert note(1_000_000, 10_000, rounds=1) == ""
+    assert note(50_000, 500, rounds=10) == ""  # small: no note
+    assert note(1_000_000, 10_000, rounds=10, max_voters=50_000) == ""  # bounded: 6x

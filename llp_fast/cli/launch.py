@@ -31,7 +31,7 @@ def _new_run_dir() -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
+def without_nproc(argv: list[str]) -> list[str]:
     out, skip = [], False
     for a in argv:
         if skip:
@@ -43,13 +43,18 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def torchrun(nproc: int, module: str, argv: list[str]) -> int:
+    """``python -m module argv`` (``--nproc`` dropped) under torch.distributed.run, P local processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.call([*cmd, "-m", module, *without_nproc(argv)])
+
+
 def relaunch(args, argv: list[str]) -> int:
-    """``--nproc P``: the same command under torch.distributed.run, P local processes."""
-    argv = _without_nproc(argv)
+    """``llp-fast-train --nproc P``: the same command under torchrun, one run directory for all."""
+    argv = list(argv)
     if not args.resume and not args.run_dir:
         argv += ["--run-dir", _new_run_dir()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
-    return subprocess.call([*cmd, "-m", "llp_fast.cli", *argv])
+    return torchrun(args.nproc, "llp_fast.cli", argv)
 
 
 def distributed_setup(args) -> int:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 
 from .. import distributed
 from ..embeddings import outputs
 from ..embeddings.settings import DEFAULT_ROUNDS, POOLS
 from ..errors import ConfigError
-from . import _common
+from . import _common, launch
 
 PROG = "llp-fast-propagate"
 
@@ -123,6 +122,21 @@ def settings_of(args):
     )
 
 
+def _cost_note(progress, n: int, m: int, settings) -> None:
+    """One line when more than one round will cost far more than the one-shot vote: the voters grow
+    toward N, so the work is quadratic in N (docs/embeddings.md)."""
+    if settings.rounds < 2 or n < 100_000:
+        return
+    grown = (n - m) * (settings.rounds - 1) // settings.rounds
+    voters = m + (grown if settings.max_voters is None else min(grown, settings.max_voters))
+    ratio = voters / max(m, 1)
+    if ratio >= 20:
+        progress.line(
+            f"{settings.rounds} rounds on {n:,} rows: about {ratio:,.0f}x the work of --rounds 1 (the voters grow to "
+            f"{voters:,}); --rounds 1 or --max-voters V bound it"
+        )
+
+
 def _run(args) -> int:
     import time
 
@@ -145,6 +159,7 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     rows = Rows(args.embeddings, normalize=not args.no_normalize)
     labels = read_labels(args.labels, rows.n)
+    _cost_note(progress, rows.n, int((labels >= 0).sum()), settings)
     engine = Engine(rows, labels, settings, comm=comm, progress=progress)
     result = engine.run(top_classes=args.top if args.probs_out else 0, voter_ids=bool(args.voters_out))
     if rank == 0:
@@ -165,24 +180,6 @@ def _run(args) -> int:
     return 0
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
-
-
-def _relaunch(args, argv: list[str]) -> int:
-    """``--nproc P``: the same command under torch.distributed.run, P local processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
-    return subprocess.call([*cmd, "-m", "llp_fast.cli.propagate", *_without_nproc(argv)])
-
-
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -192,7 +189,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     if args.nproc > 1 and not distributed.launched():
-        return _relaunch(args, argv)
+        return launch.torchrun(args.nproc, "llp_fast.cli.propagate", argv)
     try:  # SIGTERM cleans up as Ctrl-C does (main thread only)
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:
