@@ -279,3 +279,12 @@ def test_many_rounds_at_scale_say_what_they_cost():
     assert note(1_000_000, 10_000, rounds=1) == ""
     assert note(50_000, 500, rounds=10) == ""  # small: no note
     assert note(1_000_000, 10_000, rounds=10, max_voters=50_000) == ""  # bounded: 6x
+
+
+def test_nproc_relaunch_drops_only_the_nproc_flag():
+    """``--nproc P`` relaunches the same command under torchrun without ``--nproc`` (either spelling),
+    keeping every other argument in order, so the children do not relaunch again."""
+    from llp_fast.cli._common import without_nproc
+
+    argv = ["a.npy", "--nproc", "2", "--k", "5", "--nproc=3", "--nprocs-note", "x"]
+    assert without_nproc(argv) == ["a.npy", "--k", "5", "--nprocs-note", "x"]

@@ -1,4 +1,5 @@
-"""What every command shares: flag types that check where they parse, and one way to fail.
+"""What every command shares: flag types that check where they parse, one way to fail, and the
+``--nproc P`` relaunch under torchrun.
 
 A flag's value is checked by its argparse ``type`` (the same range checks as the training config,
 :mod:`llp_fast.train.config`), so a bad value is argparse's usage error naming the flag. Errors the
@@ -9,6 +10,7 @@ and exit 2; an interrupt exits 130; anything else is a bug and keeps its traceba
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 from ..errors import ConfigError, Interrupted, is_user_error, one_line
@@ -76,3 +78,21 @@ def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was wri
             raise
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def torchrun(nproc: int, module: str, argv: list[str]) -> int:
+    """``python -m module argv`` (``--nproc`` dropped) under torch.distributed.run, P local processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.call([*cmd, "-m", module, *without_nproc(argv)])

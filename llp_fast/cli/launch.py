@@ -14,12 +14,12 @@ import dataclasses
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import time
 
 from .. import distributed
 from ..errors import Interrupted, UserError, one_line
+from . import _common
 
 BASELINE_DIR = "baseline"
 BASELINE_MARK = "baseline.json"  # marks that a run includes its baseline (resume trains it too)
@@ -31,30 +31,12 @@ def _new_run_dir() -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
-def without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
-
-
-def torchrun(nproc: int, module: str, argv: list[str]) -> int:
-    """``python -m module argv`` (``--nproc`` dropped) under torch.distributed.run, P local processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*cmd, "-m", module, *without_nproc(argv)])
-
-
 def relaunch(args, argv: list[str]) -> int:
     """``llp-fast-train --nproc P``: the same command under torchrun, one run directory for all."""
     argv = list(argv)
     if not args.resume and not args.run_dir:
         argv += ["--run-dir", _new_run_dir()]
-    return torchrun(args.nproc, "llp_fast.cli", argv)
+    return _common.torchrun(args.nproc, "llp_fast.cli", argv)
 
 
 def distributed_setup(args) -> int:

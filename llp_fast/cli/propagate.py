@@ -15,7 +15,7 @@ from .. import distributed
 from ..embeddings import outputs
 from ..embeddings.settings import DEFAULT_ROUNDS, POOLS
 from ..errors import ConfigError
-from . import _common, launch
+from . import _common
 
 PROG = "llp-fast-propagate"
 
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     if args.nproc > 1 and not distributed.launched():
-        return launch.torchrun(args.nproc, "llp_fast.cli.propagate", argv)
+        return _common.torchrun(args.nproc, "llp_fast.cli.propagate", argv)
     try:  # SIGTERM cleans up as Ctrl-C does (main thread only)
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:
