@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     except ValueError:
         previous = None
     try:
-        return _common.run(PROG, _run, args)
+        return distributed.finish(_common.run(PROG, _run, args))
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

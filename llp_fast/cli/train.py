@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from .. import distributed
 from ..errors import ConfigError
 from ..ops import describe_backends
 from ..train import config as C
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(raw)
     if args.nproc > 1 and not launch.launched():
         return launch.relaunch(args, raw)
-    return _common.run(PROG, _train, args, interrupted="interrupted twice; the last complete checkpoint is kept")
+    rc = _common.run(PROG, _train, args, interrupted="interrupted twice; the last complete checkpoint is kept")
+    return distributed.finish(rc)
 
 
 if __name__ == "__main__":

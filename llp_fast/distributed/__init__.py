@@ -28,7 +28,7 @@ change it), so a rank that dies makes the others fail instead of hanging.
 import torch
 
 from ..bank import MemoryBank
-from .comm import all_gather_cat, init, launched, shard_range
+from .comm import all_gather_cat, finish, init, launched, shard_range
 from .replicated import ReplicatedMemoryBank
 from .sharded import ShardedMemoryBank
 
@@ -47,6 +47,7 @@ def make_bank(targets, num_classes: int, *, layout: str = "sharded", **kwargs):
 
 __all__ = [
     "init",
+    "finish",
     "launched",
     "shard_range",
     "all_gather_cat",

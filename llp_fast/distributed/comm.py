@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,24 @@ def init(backend: str | None = None) -> tuple[int, int]:
         timeout = datetime.timedelta(seconds=float(os.environ.get("LLP_FAST_DIST_TIMEOUT", "600")))
         dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def finish(rc: int) -> int:
+    """Leaves the process group at the end of a command and returns ``rc``. After a clean run the
+    ranks meet at a barrier first (none exits while another still talks to it); after a failure they
+    do not wait for each other. A process that torchrun launched then ends here, by ``os._exit``
+    once its output is flushed: gloo's threads can abort the interpreter's own teardown
+    ("terminate called without an active exception", SIGABRT) even after the group is destroyed,
+    which torchrun reports as a failed run. Every file a command writes is closed before this."""
+    if dist.is_initialized():
+        if rc == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    if launched():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
