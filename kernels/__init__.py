@@ -9,11 +9,10 @@ Imported only where triton is importable (see ``llp_fast._optional``).
 from .aggregation_loss import (
     aggregation_loss_backward_triton,
     aggregation_loss_backward_triton_declines,
-    aggregation_loss_fused_triton,
-    aggregation_loss_fused_triton_declines,
     aggregation_loss_triton,
     aggregation_loss_triton_declines,
 )
+from .aggregation_loss_fused import aggregation_loss_fused_triton, aggregation_loss_fused_triton_declines
 from .local_density import local_density_triton, local_density_triton_declines
 from .propagate import propagate_triton, propagate_triton_declines
 from .topk_scores import topk_candidates, topk_plan, topk_scores_triton, topk_scores_triton_declines

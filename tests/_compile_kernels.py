@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from llp_fast import _optional  # noqa: E402
 
 _optional.kernels()
-from llp_fast.kernels import _launch, aggregation_loss, local_density, propagate, topk_scores  # noqa: E402
+from llp_fast.kernels import _launch, aggregation_loss, aggregation_loss_fused, local_density, propagate, topk_scores  # noqa: E402
 
 DT = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 
@@ -71,13 +71,13 @@ def variants():
         common = dict(v_ptr=f"*{dt}", bank_ptr=f"*{dt}", labels_ptr="*i64", targets_ptr="*i64")
         tail = dict(B="i32", N="i32", D="i32", stride_v="i32", stride_bank="i32", inv_tau="fp32", chunk="i32")
         fwd = {**common, "lse_all_ptr": "*fp32", "lse_pos_ptr": "*fp32", **tail}
-        # aggregation_loss._prepare: 8 warps on the GPU, 32-wide key tiles for the backward.
+        # _bank_tiles.prepare: 8 warps on the GPU, 32-wide key tiles for the backward.
         yield f"aggregation fwd {dt}", aggregation_loss._aggregation_fwd_kernel, fwd, const, (8, stages)
         bwd = {**common, "lse_all_ptr": "*fp32", "lse_pos_ptr": "*fp32", "coef_all_ptr": "*fp32",
                "coef_pos_ptr": "*fp32", "grad_ptr": "*fp32", **tail}  # fmt: skip
         fused = {**common, "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32", **tail, "n_splits": "i32"}
-        yield f"aggregation fused {dt}", aggregation_loss._aggregation_fused_kernel, fused, {**const, "BLOCK_N": 32}, (
-            8, stages)  # fmt: skip
+        fused_kernel = aggregation_loss_fused._aggregation_fused_kernel
+        yield f"aggregation fused {dt}", fused_kernel, fused, {**const, "BLOCK_N": 32}, (8, stages)
         bwd_const = {**const, "BLOCK_N": 32}
         yield f"aggregation bwd {dt}", aggregation_loss._aggregation_bwd_kernel, bwd, bwd_const, (8, stages)
 
