@@ -1,4 +1,4 @@
-"""Training-step overhead of LLP (docs/method.md §4, issue 5): one LLP step against one supervised step
+"""Training-step overhead of LLP (docs/method.md §4): one LLP step against one supervised step
 of the same network on the same batch, from a ``folder:`` of synthetic images.
 
     PYTHONPATH=. python bench/bench_step_overhead.py            # GPU: ResNet-18 width 64, 224 px, batch 128, AMP,

@@ -57,7 +57,7 @@ def writable(x: torch.Tensor, name: str, *, memory: bool = True) -> None:
     - with ``memory``, a CPU tensor over memory the process may not write (``torch.from_numpy``
       of a read-only memory map): a write is a segmentation fault. Only storages torch did not
       allocate (not resizable: from NumPy, DLPack or a file) are looked up, in
-      ``/proc/self/maps`` (about 1 ms), and a tensor found writable is remembered while it lives,
+      ``/proc/self/maps`` (one read of a small file), and a tensor found writable is remembered while it lives,
       so a training loop pays once. (A NumPy array's own ``flags.writeable`` already says this:
       the NumPy path passes ``memory=False``.)
     A non-contiguous or expanded (stride 0) tensor is refused by the caller's contiguity check.

@@ -124,7 +124,7 @@ def test_numpy_arguments_are_validated_too():
         llp_fast.local_density(Q.numpy(), np.array([["a"]]), t=1)
 
 
-# -- bank_update_ on a bank that cannot be written (issue 14) ---------------------------------
+# -- bank_update_ on a bank that cannot be written ------------------------------------------
 
 _MEMMAP_SCRIPT = """
 import sys, numpy as np, torch, llp_fast
@@ -231,7 +231,7 @@ def test_bank_update_writes_a_writable_memmap_through_torch(tmp_path):
     np.testing.assert_allclose(np.load(path), want, rtol=0, atol=1e-6)
 
 
-# -- outputs never require grad (issue 14) -----------------------------------------------------
+# -- outputs never require grad --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("which", ["queries", "labeled", "log_rho"])

@@ -103,8 +103,8 @@ void bank_update_cpu(const at::Tensor& bank, const at::Tensor& indices, const at
     // Python floats to the tensor's compute type.
     const acc_t mu = static_cast<acc_t>(momentum);
     const acc_t one_minus_mu = static_cast<acc_t>(1.0 - momentum);
-    // A group costs O(D) and the trainer's batch (256 x 128) is ~10 us of work on one core: less
-    // than waking a thread team, let alone on a loaded machine. Only batches of more than ~256K
+    // A group costs O(D) and the trainer's batch (256 x 128) is less work on one core than waking
+    // a thread team, let alone on a loaded machine. Only batches of more than ~256K
     // elements are split over threads.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(d, 1));
     at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {

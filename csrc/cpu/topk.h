@@ -40,8 +40,8 @@ namespace topk {
 
 // Tile shape. ROWS x COLS floats = 512 KB for the tile; with the 256-row query block and the
 // 512-row key block (128 KB + 256 KB at D = 128) it fits one core's L2 on current server CPUs
-// (1-2 MB). 256 x 512 measured best of {64..512} x {512..4096} on the 2-core EPYC dev box, counted
-// in process CPU time (the box is shared): tall blocks amortise each key block over more rows.
+// (1-2 MB). 256 x 512 came out of a sweep over {64..512} x {512..4096}, counted in process CPU
+// time so that a shared machine does not skew it: tall blocks amortise each key block over more rows.
 // Fewer rows per block when there are too few queries to give every thread a block.
 // LLP_FAST_CPU_TILE="rows,cols" overrides both (for tuning on other machines, and tests).
 struct Tile {
