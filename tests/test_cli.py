@@ -244,3 +244,40 @@ def test_an_empty_held_out_split_is_refused_before_training(tmp_path, capsys):
     rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), *TINY])
     one_error_line(capsys, rc, "held-out split is empty")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "tool,body,argv",
+    [
+        ("propagate", "_run", lambda t: [str(t / "e.npy"), str(t / "l.npy"), "--out", str(t / "o.npy")]),
+        ("select", "_main", lambda t: [str(t / "run"), "--source", f"npz:{t / 'p.npz'}", "--out", str(t / "s.npz")]),
+        ("probe", "_main", lambda t: [str(t / "run"), "--data", "digits"]),
+        ("analyze", "_main", lambda t: [str(t / "run")]),
+    ],
+)
+def test_every_tool_keeps_a_bugs_traceback_and_makes_user_errors_one_line(
+    tool, body, argv, tmp_path, monkeypatch, capsys
+):
+    """The other four commands share llp-fast-train's contract (cli/_common.run): an error the user
+    can fix is one line and exit 2; a TypeError or RuntimeError from a bug propagates with its
+    traceback."""
+    import importlib
+
+    from llp_fast.errors import DataError
+
+    module = importlib.import_module(f"llp_fast.cli.{tool}")
+    for bug in (TypeError("unsupported operand type(s)"), RuntimeError("shape '[2, 3]' is invalid")):
+
+        def broken(args, bug=bug):
+            raise bug
+
+        monkeypatch.setattr(module, body, broken)
+        with pytest.raises(type(bug)) as raised:
+            module.main(argv(tmp_path))
+        assert raised.value is bug
+
+    def bad_input(args):
+        raise DataError(f"{tmp_path / 'e.npy'}: not a .npy file")
+
+    monkeypatch.setattr(module, body, bad_input)
+    one_error_line(capsys, module.main(argv(tmp_path)), "not a .npy file", prog=module.PROG)

@@ -11,6 +11,10 @@ from llp_fast import LocalLabelPropagation
 from llp_fast.embeddings import label_embeddings
 from llp_fast.embeddings.estimator import expected_failed_checks
 
+# scikit-learn's checks feed the ops one-row, constant and odd-shaped data: a native crash fails these
+# tests, not the run
+pytestmark = pytest.mark.isolated
+
 
 @parametrize_with_checks([LocalLabelPropagation()], expected_failed_checks=expected_failed_checks)
 def test_sklearn_estimator_checks(estimator, check):

@@ -7,6 +7,10 @@ from conftest import unit
 import llp_fast
 from llp_fast.reference import topk_scores_ref
 
+# opcheck and torch.compile drive the C++ extension at unusual shapes and strides: a native crash fails
+# these tests, not the run
+pytestmark = pytest.mark.isolated
+
 
 def _samples():
     q, lab = unit(7, 13), unit(11, 13)

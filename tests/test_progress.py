@@ -125,3 +125,73 @@ def test_a_training_run_says_which_implementation_serves_each_op(tmp_path):
     lines = proc.stderr.splitlines()
     assert lines[0].startswith("llp-fast-train: LLP on digits")
     assert lines[1].startswith("llp-fast-train: llp_fast backends: cpu: ") and "propagate" in lines[1]
+
+
+@pytest.fixture(scope="module")
+def tool_inputs(tmp_path_factory):
+    """A tiny trained run, a pool of 300 digit images, and 3,000 random embeddings with 30 labels:
+    enough work for each tool to show its progress."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    tmp = tmp_path_factory.mktemp("tools")
+    run = tmp / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(run), "--quiet", *TINY],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    d = load_digits()
+    x = np.clip(np.rint(d.images[:300] * 255 / 16), 0, 255).astype(np.uint8)
+    np.savez(tmp / "pool.npz", x=x, y=d.target[:300])
+    rng = np.random.default_rng(0)
+    np.save(tmp / "emb.npy", rng.standard_normal((3000, 16)).astype(np.float32))
+    labels = np.full(3000, -1, np.int64)
+    labels[:30] = np.arange(30) % 3
+    np.save(tmp / "lab.npy", labels)
+    return tmp
+
+
+TOOLS = {
+    # the tool's module, its arguments, and what its bar counts
+    "propagate": (
+        "llp_fast.cli.propagate",
+        lambda t, out: [str(t / "emb.npy"), str(t / "lab.npy"), "--out", str(out / "p.npy"), "--chunk", "500"],
+        "rows",
+    ),
+    "select": (
+        "llp_fast.cli.select",
+        lambda t, out: [str(t / "run"), "--source", f"npz:{t / 'pool.npz'}", "--out", str(out / "s.npz")],
+        "img",
+    ),
+    "linear-probe": (
+        "llp_fast.cli.probe",
+        lambda t, out: [str(t / "run"), "--data", "digits", "--epochs", "2", "--out", str(out / "r.json")],
+        "img",
+    ),
+}
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_each_tool_shows_progress_on_a_terminal_lines_in_a_file_and_nothing_when_quiet(tool, tool_inputs, tmp_path):
+    module, args, unit = TOOLS[tool]
+    cmd = [sys.executable, "-m", module, *args(tool_inputs, tmp_path), "--threads", "1"]
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=_env())
+        os.close(slave)
+        tty = _read_all(master)
+        assert proc.wait(timeout=600) == 0, tty[-2000:]
+    finally:
+        os.close(master)
+    assert "\r" in tty and f"{unit}/s" in tty and "<" in tty, tty[-2000:]  # a bar: redrawn, rate, ETA
+
+    in_file = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert in_file.returncode == 0, in_file.stderr[-2000:]
+    assert "\r" not in in_file.stdout + in_file.stderr and f"{unit}/s" not in in_file.stderr  # no bar
+
+    quiet = subprocess.run([*cmd, "--quiet"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-2000:]

@@ -12,6 +12,9 @@ from conftest import unit
 
 import llp_fast
 
+# hands the C++ extension malformed inputs: a native crash fails these tests, not the run
+pytestmark = pytest.mark.isolated
+
 Q, L, CLS = unit(4, 6), unit(5, 6), torch.tensor([0, 1, 2, 0, 1])
 
 
