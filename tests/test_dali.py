@@ -328,3 +328,34 @@ def test_gpu_decode_against_the_cpu_pipeline(tmp_path):
         d = torch.cat(diffs)
         print(f"{name}: GPU against CPU decode, grey levels: max {d.max():.1f}, mean {d.mean():.3f}")
         assert d.mean() <= 2, d.mean()
+
+
+@needs_dali
+def test_trainer_resumes_mid_epoch_through_dali_exactly(tmp_path, capsys):
+    """A run stopped after two steps of its first epoch and resumed through DALI ends with the
+    same weights, bank and metrics as the run that was never stopped: the resumed epoch replays
+    the same order and the same random crops from its third batch on."""
+    from llp_fast.train.checkpoint import CHECKPOINT
+
+    root = make_jpegs(tmp_path / "d", per_class=10)
+    args = ["--data", f"folder:{root}", "--loader", "dali", *_TINY, "--epochs", "2", "--quiet"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train_main([*args, "--run-dir", str(full)]) == 0
+    assert train_main([*args, "--run-dir", str(cut), "--stop-after-steps", "2"]) == 130
+    saved = torch.load(cut / CHECKPOINT, weights_only=True)
+    assert saved["epoch"] == 0 and saved["step_in_epoch"] == 2
+    assert train_main(["--resume", str(cut), "--quiet"]) == 0
+    capsys.readouterr()
+
+    def rows(run):  # without the wall-clock figures
+        timing = {"images_per_s", "epoch_seconds"}
+        return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in open(run / "metrics.jsonl")]
+
+    assert rows(full) == rows(cut) and len(rows(full)) == 2
+    a = torch.load(full / CHECKPOINT, weights_only=True)
+    b = torch.load(cut / CHECKPOINT, weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for piece_a, piece_b in zip(a["bank"]["pieces"], b["bank"]["pieces"]):
+        assert torch.equal(piece_a["embeddings"], piece_b["embeddings"])
+        assert torch.equal(piece_a["labels"], piece_b["labels"])
