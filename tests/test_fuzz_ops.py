@@ -23,6 +23,8 @@ from fuzzing import (
     BAD_TAUS,
     EDGE_TAUS,
     FLOATS,
+    INTS,
+    READ_LAYOUTS_1D,
     TAUS,
     Arg,
     aggregation_loss64,
@@ -45,6 +47,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llp_fast
+from llp_fast.ops.topk_scores import TopK
 
 pytestmark = pytest.mark.isolated
 
@@ -110,29 +113,29 @@ def test_propagate(data):
     )
 
 
-def _log_rho(data, m: int, *, broken: bool) -> Arg:
-    """None, or (M,) densities of a drawn float dtype (sometimes requiring grad); broken: NaN/Inf,
-    wrong length, wrong rank, wrong kind."""
-    values = torch.randn(m, dtype=torch.float64, generator=generator(data, "log_rho")) * 2
+def _log_rho(data, m: int, *, broken: bool, name: str = "log_rho") -> Arg:
+    """None, or (M,) densities (or another float vector, ``name``) of a drawn float dtype
+    (sometimes requiring grad); broken: NaN/Inf, wrong length, wrong rank, wrong kind."""
+    values = torch.randn(m, dtype=torch.float64, generator=generator(data, name)) * 2
     if broken:
-        how = data.draw(st.sampled_from(["long", "rank2", "kind"] + ["nonfinite"] * (m > 0)), label="log_rho broken as")
+        how = data.draw(st.sampled_from(["long", "rank2", "kind"] + ["nonfinite"] * (m > 0)), label=f"{name} broken as")
         if how == "long":
             return Arg(torch.zeros(m + 1), bad=True)
         if how == "rank2":
             return Arg(values[:, None].float(), bad=True)
         if how == "kind":
-            return wrong_kind(data, "log_rho", (m,), want="float")
+            return wrong_kind(data, name, (m,), want="float")
         values[data.draw(st.integers(0, m - 1))] = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
-        arg = placed(data, "log_rho", values.float(), ("contiguous", "sliced", "reversed"))
+        arg = placed(data, name, values.float(), ("contiguous", "sliced", "reversed"))
         arg.bad = True
         return arg
-    how = data.draw(st.sampled_from(["none", "array", "grad"]), label="log_rho as")
+    how = data.draw(st.sampled_from(["none", "array", "grad"]), label=f"{name} as")
     if how == "none":
         return Arg(None, None)
-    t = values.to(data.draw(st.sampled_from(FLOATS), label="log_rho dtype"))
+    t = values.to(data.draw(st.sampled_from(FLOATS), label=f"{name} dtype"))
     if how == "grad":
         return Arg(t.clone().requires_grad_(), t)
-    return placed(data, "log_rho", t, ("contiguous", "sliced", "reversed", "byteswapped"))
+    return placed(data, name, t, ("contiguous", "sliced", "reversed", "byteswapped"))
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -325,6 +328,260 @@ def _snapshot(x):
     return None
 
 
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.data())
+def test_topk_scores(data):
+    names = ("queries", "keys", "k", "tau", "bias", "key_mask", "init", "index_offset")
+    bad = broken(data, names)
+    q_rows, n, d = data.draw(ANY_SIZE, label="Q"), data.draw(ANY_SIZE, label="N"), data.draw(DIMS, label="D")
+    dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
+    args = {
+        "queries": matrix(data, "queries", q_rows, d, dtype, broken=bad == "queries"),
+        "keys": matrix(data, "keys", n, d, dtype, broken=bad == "keys"),  # N = 0 is allowed
+        "k": scalar(data, "k", st.integers(1, n + 2), BAD_COUNTS, broken=bad == "k"),  # k > N pads
+        "tau": scalar(data, "tau", TAUS, BAD_TAUS, broken=bad == "tau", edge=EDGE_TAUS),
+        "bias": _bias(data, n, broken=bad == "bias"),
+        "key_mask": _key_mask(data, n, broken=bad == "key_mask"),
+        "index_offset": scalar(
+            data,
+            "index_offset",
+            st.sampled_from([0, 1, 7, 2**40]),
+            st.sampled_from([-1, -(2**40), 2.0, True, "0", None]),
+            broken=bad == "index_offset",
+        ),
+    }
+    k, offset = args["k"].value, args["index_offset"].value
+    if args["k"].bad:
+        args["init"] = Arg(None)
+    else:
+        low = n + (offset if not args["index_offset"].bad else 0)  # an earlier call's keys: other ids
+        args["init"] = _init(data, q_rows, k, low, broken=bad == "init")
+    queries = args["queries"].value
+    if isinstance(queries, torch.Tensor) and queries.dtype in FLOATS and data.draw(st.booleans(), label="grad"):
+        args["queries"].value = queries.detach().clone().requires_grad_()
+    kwargs = {name: a.value for name, a in args.items()}
+    got = outcome(lambda: llp_fast.topk_scores(**kwargs), args)
+    if got is None:
+        return
+    assert isinstance(got, TopK)
+    values, indices = got
+    kind = np.ndarray if _numpy_in(args, ("queries", "keys", "bias", "key_mask")) else torch.Tensor
+    assert isinstance(values, kind) and isinstance(indices, kind)
+    assert values.shape == indices.shape == (q_rows, k)
+    assert _dtype_of(values) == _float_out(dtype) and _dtype_of(indices) == torch.int64
+    assert not (isinstance(values, torch.Tensor) and values.requires_grad)
+    init = args["init"].logical
+    topk_oracle(
+        args["queries"].logical,
+        args["keys"].logical,
+        args["bias"].logical,
+        args["key_mask"].logical,
+        init,
+        k,
+        args["tau"].value,
+        offset,
+        f64(values),
+        f64(indices).long(),
+        eps=torch.finfo(_float_out(dtype)).eps,
+    )
+
+
+def _bias(data, n: int, *, broken: bool) -> Arg:
+    """``_log_rho``'s draws, as ``bias``; broken also as finite magnitudes at the edge of the
+    float32 scores (a maybe: refused naming bias, or added)."""
+    if broken and n and data.draw(st.booleans(), label="bias huge"):
+        scale = data.draw(st.sampled_from([1e30, 1e37, 1e38]), label="bias scale")
+        t = torch.randn(n, dtype=torch.float64, generator=generator(data, "bias")) * scale
+        arg = placed(data, "bias", t.to(data.draw(st.sampled_from([torch.float32, torch.float64]))), ("contiguous",))
+        arg.maybe = True
+        return arg
+    return _log_rho(data, n, broken=broken, name="bias")
+
+
+def _key_mask(data, n: int, *, broken: bool) -> Arg:
+    """None, or an (N,) bool mask (all False too: then every row is padding) in a drawn layout;
+    broken: wrong length, wrong rank, wrong kind."""
+    if broken:
+        how = data.draw(st.sampled_from(["long", "rank2", "kind"] + ["short"] * (n > 0)), label="key_mask broken as")
+        if how == "long":
+            return Arg(torch.ones(n + 1, dtype=torch.bool), bad=True)
+        if how == "short":
+            return Arg(np.ones(n - 1, dtype=bool), bad=True)
+        if how == "rank2":
+            return Arg(torch.ones(1, n, dtype=torch.bool), bad=True)
+        return wrong_kind(data, "key_mask", (n,), want="bool")
+    if not data.draw(st.booleans(), label="key_mask given"):
+        return Arg(None, None)
+    keep = data.draw(st.sampled_from([0.0, 0.5, 1.0]), label="key_mask density")
+    mask = torch.rand(n, generator=generator(data, "key_mask")) < keep
+    return placed(data, "key_mask", mask, READ_LAYOUTS_1D)
+
+
+def _init(data, q_rows: int, k: int, low: int, *, broken: bool) -> Arg:
+    """None, or ``(values, indices)`` (Q, k) as an earlier call over other keys gives them: per
+    row distinct ids from ``low`` on, values with exact ties among them, and -inf/-1 padding at
+    drawn places, each in a drawn dtype and container, as a tuple or a list. Broken: not a pair,
+    a wrong shape or kind, NaN/+Inf values, an index < -1, padding that does not match."""
+    if not broken and not data.draw(st.booleans(), label="init given"):
+        return Arg(None, None)
+    g = generator(data, "init")
+    ids = torch.zeros(q_rows, k, dtype=torch.int64)
+    for r in range(q_rows):
+        ids[r] = torch.randperm(k + 3, generator=g)[:k] + low
+    scale = data.draw(st.sampled_from([1.0, 10.0, 1000.0]), label="init scale")
+    values = torch.randint(-6, 7, (q_rows, k), generator=g).double() / 2 * scale
+    pad = torch.rand(q_rows, k, generator=g) < data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="init padding")
+    values[pad], ids[pad] = -math.inf, -1
+    v_dtype = data.draw(st.sampled_from(FLOATS), label="init values dtype")
+    # uint8 indices are not drawn: the op refuses them whatever they hold (its -1 wraps to 255).
+    signed = [t for t in INTS if t != torch.uint8 and _int_holds(t, ids)]
+    i_dtype = data.draw(st.sampled_from(signed), label="init indices dtype")
+    values, ids = values.to(v_dtype), ids.to(i_dtype)
+    how = "valid"
+    if broken:
+        forms = ["not_pair", "triple", "values_shape", "indices_shape", "values_kind", "indices_kind", "object"]
+        forms += ["nonfinite", "below", "unpadded", "padded"] * (q_rows * k > 0)
+        how = data.draw(st.sampled_from(forms), label="init broken as")
+    at = (data.draw(st.integers(0, max(q_rows - 1, 0))), data.draw(st.integers(0, k - 1)))
+    if how == "not_pair":
+        return Arg(data.draw(st.sampled_from([values, "init", 3, (values,)]), label="init as"), bad=True)
+    if how == "triple":
+        return Arg((values, ids, ids), bad=True)
+    if how == "values_shape":
+        values = torch.zeros(q_rows, k + 1, dtype=v_dtype)
+    elif how == "indices_shape":
+        ids = data.draw(st.sampled_from([ids[None], ids.reshape(-1), torch.zeros(q_rows + 1, k, dtype=torch.int64)]))
+    elif how == "values_kind":
+        values = data.draw(st.sampled_from([values.long(), values.bool(), values.tolist()]), label="init values as")
+    elif how == "indices_kind":
+        ids = data.draw(st.sampled_from([ids.double(), ids.bool(), ids.tolist()]), label="init indices as")
+    elif how == "object":
+        values = np.zeros((q_rows, k), dtype=object)
+    elif how == "nonfinite":
+        values, ids = values.clone(), ids.clone()
+        values[at] = data.draw(st.sampled_from([math.nan, math.inf]), label="init nonfinite")
+        ids[at] = 0
+    elif how in ("below", "unpadded", "padded"):
+        values, ids = values.to(torch.float32), ids.to(torch.int64)
+        if how == "below":
+            values[at], ids[at] = 1.0, data.draw(st.sampled_from([-2, -(2**40)]), label="init index")
+        elif how == "unpadded":  # -inf with a real index
+            values[at], ids[at] = -math.inf, low
+        else:  # a finite value with the padding index
+            values[at], ids[at] = 1.0, -1
+    value_container = data.draw(st.sampled_from(["torch", "numpy"]), label="init values container")
+    index_container = data.draw(st.sampled_from(["torch", "numpy"]), label="init indices container")
+    pair = [_container(values, value_container), _container(ids, index_container)]
+    pair = tuple(pair) if data.draw(st.booleans(), label="init as tuple") else pair
+    return Arg(pair, (values, ids) if how == "valid" else None, bad=how != "valid")
+
+
+def _container(x, container: str):
+    if isinstance(x, torch.Tensor) and container == "numpy" and x.dtype != torch.bfloat16:
+        return x.numpy()
+    return x
+
+
+def _int_holds(dtype: torch.dtype, values: torch.Tensor) -> bool:
+    info = torch.iinfo(dtype)
+    return not values.numel() or (info.min <= int(values.min()) and int(values.max()) <= info.max)
+
+
+def topk_oracle(queries, keys, bias, mask, init, k, tau, offset, values, indices, *, eps):
+    """Checks (values, indices) of topk_scores against float64 scores, within the rounding of the
+    compute dtype (``eps``): a score of magnitude S is off by about (D + 2) * eps * S, so where
+    candidates are that close either may be kept. Each row holds min(k, candidates) real entries
+    (the keys where ``mask`` is set, ids ``offset + j``, and ``init``'s unpadded entries), then
+    -inf/-1 padding; the values are within the rounding of the float64 top-k, each index is a
+    candidate whose float64 score is within it of its value, no index twice, the values are sorted
+    descending and exactly equal values come by the lower index."""
+    q64, k64 = queries.double(), keys.double()
+    n_q, n = q64.shape[0], k64.shape[0]
+    scores = q64 @ k64.T / tau
+    size = 1.0 + (float(q64.norm(dim=1).max() * k64.norm(dim=1).max()) / tau if n_q and n else 0.0)
+    if bias is not None:
+        scores = scores + bias.double()
+        size += float(bias.double().abs().max()) if n else 0.0
+    keep = torch.ones(n, dtype=torch.bool) if mask is None else mask.bool()
+    ids = torch.arange(n, dtype=torch.int64) + offset
+    if init is not None:
+        init_v, init_i = init[0].double(), init[1].long()
+        finite = init_v[torch.isfinite(init_v)]
+        size += float(finite.abs().max()) if finite.numel() else 0.0
+    err = 4 * (k64.shape[1] + 2) * eps * size
+    for r in range(n_q):
+        cand = {int(i): float(s) for i, s, m in zip(ids, scores[r], keep) if m}
+        if init is not None:
+            cand.update({int(i): float(v) for i, v in zip(init_i[r], init_v[r]) if int(i) >= 0})
+        real = min(k, len(cand))
+        want = sorted(cand.values(), reverse=True)[:real]
+        got_v, got_i = values[r], indices[r]
+        assert bool((got_i[real:] == -1).all()) and bool((got_v[real:] == -math.inf).all()), (r, got_v, got_i)
+        np.testing.assert_allclose(got_v[:real].numpy(), np.array(want), rtol=0, atol=err)
+        chosen = got_i[:real].tolist()
+        assert len(set(chosen)) == real and all(i in cand for i in chosen), (r, chosen, sorted(cand))
+        rescored = np.array([cand[i] for i in chosen])
+        np.testing.assert_allclose(got_v[:real].numpy(), rescored, rtol=0, atol=err)
+        assert bool((got_v[:-1] >= got_v[1:]).all()), (r, got_v)
+        tied = (got_v[:-1] == got_v[1:]) & torch.isfinite(got_v[:-1])
+        assert bool((got_i[:-1] < got_i[1:])[tied].all()), (r, got_v, got_i)
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(st.data())
+def test_topk_scores_chunked_with_init_is_one_call(data):
+    """Chunks of the keys, taken in any order, each call merging into the last one's result
+    (``init``, ``index_offset`` its first row), give exactly the one call (CPU scores do not depend
+    on the chunking), NumPy results fed back as ``init`` included; N = 530 crosses the CPU
+    kernel's tile of 512 keys. Except in float64 across a whole tile, where the BLAS product of
+    a 512-key tile and of a smaller chunk may round a score differently (by an ulp): there the
+    chunked result must be a right top-k (the fuzz oracle) with the one call's values."""
+    q_rows, d = data.draw(ANY_SIZE, label="Q"), data.draw(DIMS, label="D")
+    n = data.draw(ANY_SIZE | st.just(530), label="N")
+    dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
+    k = data.draw(st.integers(1, n + 2), label="k")
+    tau = data.draw(TAUS, label="tau")
+    base = data.draw(st.sampled_from([0, 3, 2**40]), label="index_offset")
+    container = data.draw(st.sampled_from(["torch", "numpy"]), label="container")
+    queries = _container(unit_rows(data, q_rows, d, label="queries").to(dtype), container)
+    keys = unit_rows(data, n, d, label="keys").to(dtype)
+    if n and data.draw(st.booleans(), label="tied keys"):
+        keys[data.draw(st.integers(0, n - 1)) :] = keys[0].clone()  # equal scores: the lower index first
+    bias = _log_rho(data, n, broken=False, name="bias").logical
+    mask = _key_mask(data, n, broken=False).logical
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=3), label="cuts"))
+    chunks = list(zip([0, *cuts], [*cuts, n]))
+    chunks = data.draw(st.permutations(chunks), label="chunk order")
+
+    def call(a, b, init):
+        part = [None if x is None else _container(x[a:b], container) for x in (bias, mask)]
+        return llp_fast.topk_scores(
+            queries,
+            _container(keys[a:b], container),
+            k=k,
+            tau=tau,
+            bias=part[0],
+            key_mask=part[1],
+            init=init,
+            index_offset=base + a,
+        )
+
+    one = call(0, n, None)
+    state = None
+    for a, b in chunks:
+        state = call(a, b, state)
+    if dtype == torch.float64 and n >= 512:
+        eps, want = torch.finfo(torch.float64).eps, f64(one.values)
+        finite = want[torch.isfinite(want)]
+        err = 4 * (d + 2) * eps * (1 + (float(finite.abs().max()) if finite.numel() else 0.0))
+        np.testing.assert_allclose(f64(state.values).numpy(), want.numpy(), rtol=0, atol=err)
+        logical = [x if isinstance(x, torch.Tensor) else torch.from_numpy(x) for x in (queries, keys)]
+        topk_oracle(*logical, bias, mask, None, k, tau, base, f64(state.values), f64(state.indices).long(), eps=eps)
+        return
+    np.testing.assert_array_equal(f64(state.values).numpy(), f64(one.values).numpy())
+    np.testing.assert_array_equal(f64(state.indices).numpy(), f64(one.indices).numpy())
+
+
 def test_the_oracle_catches_a_wrong_vote():
     """The fuzz oracle itself: a hand-made propagate case passes, a wrong label fails."""
     q = torch.tensor([[1.0, 0.0]])
@@ -334,3 +591,16 @@ def test_the_oracle_catches_a_wrong_vote():
     propagate_oracle(q, lab, cls, None, 2, 1.0, labels, conf, eps=torch.finfo(torch.float32).eps)
     with pytest.raises(AssertionError):
         propagate_oracle(q, lab, cls, None, 2, 1.0, 1 - labels, conf, eps=torch.finfo(torch.float32).eps)
+
+
+def test_the_topk_oracle_catches_a_wrong_index():
+    """The fuzz oracle of topk_scores: a hand-made case passes; a key that is not among the k
+    best, a swapped tie and a missing padding fail."""
+    q = torch.tensor([[1.0, 0.0]])
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    values, indices = llp_fast.topk_scores(q, keys, k=4, tau=1.0)
+    eps = torch.finfo(torch.float32).eps
+    topk_oracle(q, keys, None, None, None, 4, 1.0, 0, values.double(), indices, eps=eps)
+    for wrong in ([1, 0, 2, -1], [2, 0, 1, -1], [0, 2, 1, 1]):
+        with pytest.raises(AssertionError):
+            topk_oracle(q, keys, None, None, None, 4, 1.0, 0, values.double(), torch.tensor([wrong]), eps=eps)
