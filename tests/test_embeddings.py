@@ -241,3 +241,69 @@ def test_bad_inputs_name_what_is_wrong(tmp_path):
     (tmp_path / "trunc.npy").write_bytes((tmp_path / "ints.npy").read_bytes()[:-8])
     with pytest.raises(DataError, match="truncated"):
         label_embeddings(str(tmp_path / "trunc.npy"), labels[:5])
+
+
+# -- what fuzzing the readers found (tests/test_fuzz_readers.py draws these too) -------------------
+
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    text = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode("latin1")
+    text += b" " * (-(len(text) + 11) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x93NUMPY\x01\x00\x06\x00\x00\x00\x00'''",  # NumPy's fallback parser: tokenize.TokenError
+        b"\x93NUMPY\x01\x00\x0b\x00" + b"\x00" * 9 + b"{",
+        _npy_header((4, 2**62)) + b"\x00" * 64,  # the size wrapped round in int64 and passed
+        _npy_header((4, -1)) + b"\x00" * 64,
+        _npy_header((-1, 4)) + b"\x00" * 64,  # was read as N = -1
+    ],
+)
+def test_a_garbled_npy_header_is_a_data_error_naming_the_file(tmp_path, content):
+    from llp_fast.embeddings import read_labels
+
+    path = tmp_path / "x.npy"
+    path.write_bytes(content)
+    for read in (Rows, read_labels):
+        with pytest.raises(DataError, match=str(path)):
+            read(str(path))
+
+
+def test_big_endian_float64_is_read_as_float64(tmp_path):
+    x = np.array([[1 + 1e-12, 2.0], [1e200, 3.0]], dtype=">f8")
+    np.save(tmp_path / "be.npy", x)
+    rows = Rows(str(tmp_path / "be.npy"), normalize=False)
+    assert rows.dtype == torch.float64
+    assert rows.read(0, 2).numpy().tolist() == x.astype("<f8").tolist()
+
+
+def test_rows_whose_norm_overflows_are_still_normalised(tmp_path):
+    """Finite rows whose squared norm overflows the compute dtype came out as zeros."""
+    for x in (np.array([[3e38, 1.0], [1e20, 1e20]], np.float32), np.array([[1e300, 1e300]], np.float64)):
+        got = Rows(x).read(0, len(x)).double()
+        want = torch.from_numpy(x.astype(np.float64) / np.abs(x).max(axis=1, keepdims=True))
+        torch.testing.assert_close(got, torch.nn.functional.normalize(want, dim=1), rtol=1e-6, atol=0)
+
+
+def test_label_shards_of_int64_and_uint64_keep_their_values(tmp_path):
+    from llp_fast.embeddings import read_labels
+
+    (tmp_path / "l").mkdir()
+    np.save(tmp_path / "l" / "a.npy", np.array([2**60 + 1, 0], np.int64))
+    np.save(tmp_path / "l" / "b.npy", np.array([1], np.uint64))
+    assert read_labels(str(tmp_path / "l")).tolist() == [2**60 + 1, 0, 1]  # not 2**60 via float64
+    np.save(tmp_path / "l" / "b.npy", np.array([2**63], np.uint64))
+    with pytest.raises(DataError, match=r"b\.npy: holds values beyond int64"):
+        read_labels(str(tmp_path / "l"))
+
+
+def test_a_bad_row_names_its_shard_and_global_row(tmp_path):
+    (tmp_path / "s").mkdir()
+    np.save(tmp_path / "s" / "0.npy", np.ones((3, 2), np.float32))
+    np.save(tmp_path / "s" / "1.npy", np.array([[1, 1], [np.nan, 1]], np.float32))
+    rows = Rows(str(tmp_path / "s"))
+    with pytest.raises(DataError, match=r"1\.npy: row 4 contains NaN or Inf"):
+        rows.read(0, 5)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from fuzzing import examples
-from hypothesis import HealthCheck, assume, event, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -207,14 +207,14 @@ def test_user_errors_are_the_one_line_kind():
 # Cheap examples (a few small files each): more of them; LLP_FAST_FUZZ_EXAMPLES hunts longer.
 NPY_SETTINGS = settings(SETTINGS, max_examples=examples(200))
 FLOAT_KINDS = (np.float16, np.float32, np.float64)
-# What a user may save: the float dtypes Rows takes and the others. Big-endian float64 is not
-# drawn: Rows reads it as float32 (its dtype is not == np.float64), which rounds the values.
+# What a user may save: the float dtypes Rows takes, in either byte order, and the others.
 _emb_dtypes = st.sampled_from(
-    ["<f4", "<f2", "<f8", ">f4", ">f2", "<i8", "<i4", "|u1", "|b1", "<c8", "<c16", "O", "<U2", "<M8[s]"]
+    ["<f4", "<f2", "<f8", ">f4", ">f2", ">f8", "<i8", "<i4", "|u1", "|b1", "<c8", "<c16", "O", "<U2", "<M8[s]"]
 )
-_mostly_floats = st.sampled_from(["<f4", "<f2", "<f8", ">f4"]) | _emb_dtypes
-# Magnitudes whose squared row norm fits the compute dtype (float32; float64 for float64 data).
-_SCALES = {2: [1.0, 1e-3, 0.0, 1e4], 4: [1.0, 1e-3, 0.0, 1e15], 8: [1.0, 1e-3, 0.0, 1e15, 1e150]}
+_mostly_floats = st.sampled_from(["<f4", "<f2", "<f8", ">f4", ">f8"]) | _emb_dtypes
+# Magnitudes, up to rows whose squared norm overflows the compute dtype (float32; float64 for
+# float64 data) although every entry is finite.
+_SCALES = {2: [1.0, 1e-3, 0.0, 1e4], 4: [1.0, 1e-3, 0.0, 1e15, 1e25, 3e37], 8: [1.0, 1e-3, 0.0, 1e15, 1e150, 1e300]}
 
 
 def _emb_array(data, label: str, shape=None, dtype=None) -> np.ndarray:
@@ -267,14 +267,17 @@ def _check_rows(rows: Rows, want: np.ndarray, normalize: bool, chunk: int, pick)
     assert (rows.n, rows.dim) == want.shape
     assert rows.dtype == (torch.float64 if want.dtype == np.float64 else torch.float32)
     x = want.astype(np.float64)
-    if normalize:
-        with np.errstate(invalid="ignore", over="ignore"):
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if normalize:  # the norm of the row scaled by its largest entry: no overflow, even at 1e300
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            big = np.abs(x).max(axis=1, keepdims=True) if x.size else np.ones((len(x), 1))
+            norm = big * np.linalg.norm(x / np.where(big > 0, big, 1), axis=1, keepdims=True)
+            x = x / np.maximum(norm, 1e-12)
     rtol = 1e-12 if want.dtype == np.float64 else 2e-6
     bad_rows = ~np.isfinite(want).all(axis=1)
     for a, b in rows.blocks(chunk):
         if bad_rows[a:b].any():
-            with pytest.raises(DataError, match="embeddings .*NaN or Inf"):
+            first = a + int(np.argmax(bad_rows[a:b]))
+            with pytest.raises(DataError, match=f"^embeddings.*: row {first} contains NaN or Inf$"):
                 rows.read(a, b)
             return
         got = rows.read(a, b)
@@ -353,8 +356,9 @@ _valid_npy = st.builds(
     st.tuples(st.integers(0, 4), st.integers(1, 3)),
     st.sampled_from(["<f4", "<f8", "<f2", "<i8"]),
 )
-# Shapes a header may claim (the size check must catch the file being shorter).
-_claimed_shapes = st.lists(st.sampled_from([0, 1, 2, 3, 2**20, 2**31]), max_size=3).map(tuple)
+# Shapes a header may claim (the size check must catch the file being shorter), negative sides and
+# sizes past 2**64 included.
+_claimed_shapes = st.lists(st.sampled_from([0, 1, 2, 3, 2**20, 2**31, 2**62, -1]), max_size=3).map(tuple)
 _npy_like = st.one_of(
     st.binary(max_size=300),
     st.tuples(_valid_npy, st.integers(0, 300)).map(lambda b: b[0][: b[1]]),  # truncated
@@ -368,24 +372,9 @@ _npy_like = st.one_of(
         _claimed_shapes | st.sampled_from([[3, 2], (2.0, 2), "(2, 2)", None]),
         st.binary(max_size=64),
     ),
+    # Headers that NumPy's Python 2 fallback parser fails on with tokenize.TokenError.
+    st.sampled_from([b"\x93NUMPY\x01\x00\x06\x00\x00\x00\x00'''", b"\x93NUMPY\x01\x00\x0b\x00" + b"\x00" * 9 + b"{"]),
 )
-
-
-def _known_gap(content: bytes) -> bool:
-    """Bytes the readers are known to let through as another exception, left out of the fuzz:
-    a header whose parse raises other than ValueError/EOFError (tokenize.TokenError, from
-    NumPy's Python 2 fallback), or that claims a negative side or 2**63 entries or more (it
-    passes the size check, then np.load fails with a bare ValueError)."""
-    try:
-        f = io.BytesIO(content)
-        major, _ = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape = read(f)[0]
-    except (ValueError, EOFError):
-        return False
-    except Exception:
-        return True
-    return any(s < 0 for s in shape) or math.prod(shape) >= 2**63
 
 
 @NPY_SETTINGS
@@ -394,7 +383,6 @@ def test_npy_readers_on_arbitrary_bytes(content, normalize, as_labels):
     """Bytes that may or may not be a .npy file (junk, a valid file cut short or overwritten, a
     hand-made header over any payload): Rows and read_labels give data or a DataError naming the
     file, at opening or at the block that holds a bad row, never another exception."""
-    assume(not _known_gap(content))
     with _tmpdir() as d:
         path = os.path.join(d, "labels.npy" if as_labels else "emb.npy")
         with open(path, "wb") as f:
@@ -409,8 +397,7 @@ def test_npy_readers_on_arbitrary_bytes(content, normalize, as_labels):
         except DataError as e:
             event("refused")
             assert "\n" not in str(e)
-            if not any(w in str(e) for w in ("no columns", "below -1", "beyond int64")):
-                assert path in str(e), str(e)
+            assert path in str(e), str(e)
             return
         event("embeddings accepted")
         for a, b in rows.blocks(3):
@@ -461,12 +448,9 @@ def test_labels_reader_on_random_arrays(data):
         if data.draw(st.booleans(), label="shards"):
             path = os.path.join(d, "labels")
             os.mkdir(path)
-            # Small values only: shards of int64 and uint64 concatenate as float64 (rounded).
+            # Values at the ends of each dtype too: int64 and uint64 shards must not meet as float64.
             cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=2), label="cuts"))
-            parts = [
-                _label_array(data, f"shard {i}", b - a, small=True)
-                for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, n]))
-            ]
+            parts = [_label_array(data, f"shard {i}", b - a) for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, n]))]
             for i, x in enumerate(parts):
                 _save(os.path.join(path, f"part{i}.npy"), x)
         else:
@@ -483,7 +467,7 @@ def test_labels_reader_on_random_arrays(data):
         except DataError as e:
             assert not ok, f"valid labels refused: {e}"
             assert "\n" not in str(e)
-            assert (path if not shaped else "labels") in str(e), str(e)
+            assert path in str(e), str(e)
             return
         assert ok, "invalid labels accepted"
         assert got.dtype == np.int64 and got.tolist() == values

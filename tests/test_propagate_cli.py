@@ -100,7 +100,7 @@ def test_propagate_cli_errors(tmp_path, capsys):
     one_error_line(capsys, rc, "no such file")
     np.save(tmp_path / "short.npy", np.zeros(5, int))
     rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "short.npy"), "--out", str(tmp_path / "o.npy")])
-    one_error_line(capsys, rc, "labels must be")
+    one_error_line(capsys, rc, "short.npy: expected 1797 entries (one per embedding), got 5")
     np.save(tmp_path / "none.npy", np.full(1797, -1))
     rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "none.npy"), "--out", str(tmp_path / "o.npy")])
     one_error_line(capsys, rc, "no labeled row")

@@ -308,3 +308,24 @@ class TestTriton:
         assert "float64" in kernels.topk_scores_triton_declines(q.double(), keys.double(), 3, TAU, *args)
         assert kernels.topk_scores_triton(q, keys[:0], 3, TAU, *args) is NotImplemented
         assert kernels.topk_scores_triton_declines(q, keys, 3, TAU, *args) is None
+
+
+def test_init_indices_of_an_unsigned_dtype_are_read_as_their_values():
+    """uint8 indices (no -1 padding fits them) are indices, not -1 wrapped to 255: before, every
+    uint8 ``init`` was refused as "below -1"."""
+    q, keys = unit(3, 5), unit(4, 5)
+    init_v = torch.tensor([[50.0, 40.0, -100.0]] * 3)  # above every score but the last: two kept in front
+    init_i = torch.tensor([[7, 9, 200]] * 3, dtype=torch.uint8)
+    got = llp_fast.topk_scores(q, keys, k=3, init=(init_v, init_i), index_offset=10)
+    assert got.indices[:, :2].tolist() == [[7, 9]] * 3 and bool((got.indices[:, 2] >= 10).all())
+
+
+def test_index_offset_must_keep_every_global_index_in_int64():
+    """The last key's global index is index_offset + N - 1: past int64 it used to wrap round to a
+    negative index (and 2**63 itself was torch's RuntimeError)."""
+    q, keys = unit(2, 4), unit(3, 4)
+    got = llp_fast.topk_scores(q, keys, k=3, index_offset=2**63 - 3)
+    assert sorted(got.indices[0].tolist()) == [2**63 - 3, 2**63 - 2, 2**63 - 1]
+    for offset in (2**63 - 2, 2**63, 2**70):
+        with pytest.raises(ValueError, match="index_offset must be at most"):
+            llp_fast.topk_scores(q, keys, k=3, index_offset=offset)

@@ -10,7 +10,9 @@ NaN/Inf.
 
 from __future__ import annotations
 
+import math
 import os
+import tokenize
 
 import numpy as np
 import torch
@@ -28,8 +30,9 @@ def _header(path: str):
             read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(f)
             return shape, fortran, dtype, f.tell()
-    except (ValueError, EOFError) as e:
-        raise DataError(f"{path}: not a .npy file ({e})") from None
+    # NumPy's header parser raises what Python's tokenizer and literal_eval raise on a garbled header.
+    except (ValueError, EOFError, SyntaxError, TypeError, OverflowError, RecursionError, tokenize.TokenError) as e:
+        raise DataError(f"{path}: not a .npy file ({type(e).__name__}: {e})") from None
 
 
 class _File:
@@ -45,7 +48,9 @@ class _File:
         if self.dtype.hasobject:
             raise DataError(f"{what} {path}: holds Python objects; expected a numeric array")
         self.fortran = fortran
-        need = self.offset + int(np.prod(self.shape)) * self.dtype.itemsize
+        if any(not isinstance(side, int) or side < 0 for side in self.shape):
+            raise DataError(f"{what} {path}: not a .npy file (the header's shape is {self.shape})")
+        need = self.offset + math.prod(self.shape) * self.dtype.itemsize  # Python ints: no wrap-around
         if os.path.getsize(path) < need:
             raise DataError(f"{what} {path}: truncated ({os.path.getsize(path)} bytes, the header says {need})")
 
@@ -87,6 +92,7 @@ class Rows:
     def __init__(self, data, *, normalize: bool = True, what: str = "embeddings"):
         self.normalize = normalize
         self.what = what
+        self.source = os.fspath(data) if isinstance(data, (str, os.PathLike)) else None
         self.files: list[_File] = []
         self.array = None
         if isinstance(data, (str, os.PathLike)):
@@ -103,7 +109,7 @@ class Rows:
             self.dim = dims.pop()
             self.starts = np.cumsum([0] + [f.shape[0] for f in self.files])
             self.n = int(self.starts[-1])
-            wide = any(f.dtype == np.float64 for f in self.files)
+            wide = any(f.dtype.type is np.float64 for f in self.files)  # either byte order
         else:
             arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
             if arr.ndim != 2 or arr.dtype.type not in FLOAT_KINDS:
@@ -112,10 +118,20 @@ class Rows:
                 )
             self.array = arr
             self.n, self.dim = arr.shape
-            wide = arr.dtype == np.float64
+            wide = arr.dtype.type is np.float64
         if self.dim == 0:
-            raise DataError(f"{what}: rows have no columns (D = 0)")
+            raise DataError(f"{self._name()}: rows have no columns (D = 0)")
         self.dtype = torch.float64 if wide else torch.float32
+
+    def _name(self) -> str:
+        return self.what if self.source is None else f"{self.what} {self.source}"
+
+    def _file_of(self, row: int) -> str:
+        """The file that holds global row ``row`` (for messages)."""
+        if self.source is None:
+            return self.what
+        i = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return f"{self.what} {self.files[i].path}"
 
     def _raw(self, a: int, b: int) -> np.ndarray:
         if self.array is not None:
@@ -127,7 +143,9 @@ class Rows:
                 parts.append(f.read(lo - s, hi - s))
         return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty((0, self.dim))
 
-    def _tensor(self, x: np.ndarray, where: str) -> torch.Tensor:
+    def _tensor(self, x: np.ndarray, rows) -> torch.Tensor:
+        """``x`` in the compute dtype, checked and normalised; ``rows[i]`` is the global index of
+        ``x[i]`` (for messages)."""
         x = np.ascontiguousarray(x, dtype=np.float64 if self.dtype == torch.float64 else np.float32)
         t = torch.from_numpy(x if x.flags.writeable else x.copy())
         if t.numel() == 0:
@@ -139,15 +157,19 @@ class Rows:
         if not bool(torch.isfinite(norm).all()):
             bad = ~torch.isfinite(t).all(dim=1)
             if bool(bad.any()):
-                row = int(torch.nonzero(bad)[0, 0])
-                raise DataError(f"{self.what} {where}: row {row} of the block contains NaN or Inf")
+                row = int(rows[int(torch.nonzero(bad)[0, 0])])
+                raise DataError(f"{self._file_of(row)}: row {row} contains NaN or Inf")
+            if self.normalize:  # finite rows whose norm overflows: scale them by their largest entry first
+                over = ~torch.isfinite(norm[:, 0])
+                big = t[over].abs().amax(dim=1, keepdim=True)
+                norm[over] = big * (t[over] / big).norm(2, dim=1, keepdim=True)
         if self.normalize:
             t = t / norm.clamp_min(1e-12).expand_as(t)
         return t
 
     def read(self, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) as a (b - a, D) tensor (a fresh copy)."""
-        return self._tensor(self._raw(a, b), f"rows {a}..{b - 1}")
+        return self._tensor(self._raw(a, b), range(a, b))
 
     def take(self, rows: np.ndarray) -> torch.Tensor:
         """The rows at the given (sorted, distinct) indices, as a (len(rows), D) tensor."""
@@ -161,7 +183,7 @@ class Rows:
                 if lo < hi:
                     parts.append(f.take(rows[lo:hi] - s))
             raw = np.concatenate(parts) if parts else np.empty((0, self.dim))
-        return self._tensor(raw, "selected rows")
+        return self._tensor(raw, rows)
 
     def blocks(self, chunk: int, lo: int = 0, hi: int | None = None):
         """Yields ``(a, b)`` row ranges of at most ``chunk`` rows covering [lo, hi)."""
@@ -177,16 +199,24 @@ def read_labels(data, n: int | None = None) -> np.ndarray:
         for f in files:
             if len(f.shape) != 1 or f.dtype.kind not in "iu":
                 raise DataError(f"labels {f.path}: expected a 1-D integer array (N,), got {f.dtype} {f.shape}")
-        arr = np.concatenate([f.read(0, f.shape[0]) for f in files]) if files else np.empty(0, np.int64)
+        # Each shard to int64 on its own: concatenating int64 with uint64 would go through float64.
+        parts = [_int64_labels(f.read(0, f.shape[0]), f"labels {f.path}") for f in files]
+        labels = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        name = f"labels {os.fspath(data)}"
     else:
         arr = np.asarray(data)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise DataError(f"labels: expected a 1-D integer array (N,), got {arr.dtype} {arr.shape}")
-    if n is not None and arr.shape[0] != n:
-        raise DataError(f"labels must be a 1-D integer array of {n} entries (one per embedding), got {arr.shape[0]}")
+        labels, name = _int64_labels(arr, "labels"), "labels"
+    if n is not None and labels.shape[0] != n:
+        raise DataError(f"{name}: expected {n} entries (one per embedding), got {labels.shape[0]}")
+    return labels
+
+
+def _int64_labels(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-        raise DataError("labels holds values beyond int64")
+        raise DataError(f"{name}: holds values beyond int64")
     labels = arr.astype(np.int64)
     if labels.size and int(labels.min()) < -1:
-        raise DataError("labels holds values below -1 (-1 marks unlabeled)")
+        raise DataError(f"{name}: holds values below -1 (-1 marks unlabeled)")
     return labels

@@ -47,6 +47,9 @@ def _(queries, keys, k, tau, bias, key_mask, init_values, init_indices, index_of
 topk_scores_op.register_kernel("cuda")(with_fallback("topk_scores_triton", _topk_scores_default))
 
 
+_INDEX_END = 2**63  # global key indices are int64: at most 2**63 - 1
+
+
 def _check_init(init, n_q: int, k: int, device: torch.device):
     """``init`` = (values (Q, k) float, indices (Q, k) int) from an earlier call: padding is
     value -inf with index -1, every other value finite with an index >= 0."""
@@ -70,7 +73,8 @@ def _check_init(init, n_q: int, k: int, device: torch.device):
     if not check.tracing() and values.numel():
         if bool((values.isnan() | (values == math.inf)).any()):
             raise ValueError("init values contain NaN or +Inf")
-        if bool((indices < -1).any()) or not torch.equal(indices == -1, values == -math.inf):
+        wide = indices.to(torch.int64)  # an unsigned dtype would read -1 as its maximum
+        if bool((wide < -1).any()) or not torch.equal(wide == -1, values == -math.inf):
             raise ValueError("init indices must be >= 0, or -1 exactly where the init value is -inf (padding)")
     return values, indices
 
@@ -118,11 +122,12 @@ def topk_scores(
         sorted descending, and indices (Q, k) int64; equal values are ordered by the lower
         index. A row with fewer than
         ``k`` candidates is padded with value -inf and index -1. NumPy in, NumPy out; CuPy
-        in, CuPy out. On the CPU a key's score does not depend on the chunking, so chunked
-        calls give exactly the one call's values (the extension computes scores in whole
-        tiles of 512 keys, so chunks much smaller than a tile pay for the whole tile);
-        backends sum the dot products in different orders, so across backends compare
-        values, not indices.
+        in, CuPy out. On the CPU in float32 (and float16, bfloat16) a key's score does not
+        depend on the chunking, so chunked calls give exactly the one call's values (the
+        extension computes scores in whole tiles of 512 keys, so chunks much smaller than a
+        tile pay for the whole tile); in float64 the matrix product may sum a narrower tile
+        in another order, so chunked values agree to float64 rounding. Backends sum the dot
+        products in different orders, so across backends compare values, not indices.
 
     Scores are ``(q . key) * (1 / tau) + bias`` in float32 (float64 for float64 inputs), as in
     the other ops, so ``local_density(labeled, pool, t=t)`` is
@@ -141,6 +146,9 @@ def _topk_scores(queries, keys, k, tau, bias, key_mask, init, index_offset, chec
     k = check.positive_int(k, "k")
     tau = check.temperature(tau)
     index_offset = check.positive_int(index_offset, "index_offset", low=0)
+    limit = _INDEX_END - max(n, 1)  # the last key's global index, index_offset + N - 1, is an int64
+    if index_offset > limit:
+        raise ValueError(f"index_offset must be at most 2**63 - max(N, 1) = {limit} (N = {n}), got {index_offset}")
     if bias is not None:
         check.vector(bias, "bias", n, device=keys.device, kind="float")
     big_bias = check.finite(bias, "bias") if bias is not None else 0.0
