@@ -74,23 +74,30 @@ def _env():
     return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
 
 
-def test_training_run_in_a_file_has_epoch_lines_and_no_redraws(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(tmp_path / "r"), *TINY],
+def _train(run_dir, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(run_dir), *extra, *TINY],
         capture_output=True,
         text=True,
         env=_env(),
         timeout=600,
     )
+
+
+@pytest.fixture(scope="module")
+def run_in_a_file(tmp_path_factory):
+    """One tiny training run with its output in a file (a pipe): what it printed, and its run
+    directory (the tools below read its checkpoint)."""
+    run = tmp_path_factory.mktemp("train") / "r"
+    proc = _train(run)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, run
+
+
+def test_training_run_in_a_file_has_epoch_lines_and_no_redraws(run_in_a_file, tmp_path):
+    proc, _ = run_in_a_file
     assert "[llp] epoch   1/1" in proc.stderr and "\r" not in proc.stderr
-    quiet = subprocess.run(
-        [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(tmp_path / "q"), "--quiet", *TINY],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
+    quiet = _train(tmp_path / "q", "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 
@@ -113,37 +120,21 @@ def test_training_run_on_a_terminal_draws_bars(tmp_path):
     assert "[llp] epoch   1/1" in out  # and the summary line above it
 
 
-def test_a_training_run_says_which_implementation_serves_each_op(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(tmp_path / "r"), *TINY],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_a_training_run_says_which_implementation_serves_each_op(run_in_a_file):
+    proc, _ = run_in_a_file
     lines = proc.stderr.splitlines()
     assert lines[0].startswith("llp-fast-train: LLP on digits")
     assert lines[1].startswith("llp-fast-train: llp_fast backends: cpu: ") and "propagate" in lines[1]
 
 
 @pytest.fixture(scope="module")
-def tool_inputs(tmp_path_factory):
-    """A tiny trained run, a pool of 300 digit images, and 3,000 random embeddings with 30 labels:
-    enough work for each tool to show its progress."""
+def tool_inputs(tmp_path_factory, run_in_a_file):
+    """(a folder with a pool of 300 digit images and 3,000 random embeddings with 30 labels, the tiny
+    trained run): enough work for each tool to show its progress."""
     import numpy as np
     from sklearn.datasets import load_digits
 
     tmp = tmp_path_factory.mktemp("tools")
-    run = tmp / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "llp_fast.cli", "--run-dir", str(run), "--quiet", *TINY],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     d = load_digits()
     x = np.clip(np.rint(d.images[:300] * 255 / 16), 0, 255).astype(np.uint8)
     np.savez(tmp / "pool.npz", x=x, y=d.target[:300])
@@ -152,24 +143,24 @@ def tool_inputs(tmp_path_factory):
     labels = np.full(3000, -1, np.int64)
     labels[:30] = np.arange(30) % 3
     np.save(tmp / "lab.npy", labels)
-    return tmp
+    return tmp, run_in_a_file[1]
 
 
 TOOLS = {
     # the tool's module, its arguments, and what its bar counts
     "propagate": (
         "llp_fast.cli.propagate",
-        lambda t, out: [str(t / "emb.npy"), str(t / "lab.npy"), "--out", str(out / "p.npy"), "--chunk", "500"],
+        lambda t, run, out: [str(t / "emb.npy"), str(t / "lab.npy"), "--out", str(out / "p.npy"), "--chunk", "500"],
         "rows",
     ),
     "select": (
         "llp_fast.cli.select",
-        lambda t, out: [str(t / "run"), "--source", f"npz:{t / 'pool.npz'}", "--out", str(out / "s.npz")],
+        lambda t, run, out: [str(run), "--source", f"npz:{t / 'pool.npz'}", "--out", str(out / "s.npz")],
         "img",
     ),
     "linear-probe": (
         "llp_fast.cli.probe",
-        lambda t, out: [str(t / "run"), "--data", "digits", "--epochs", "2", "--out", str(out / "r.json")],
+        lambda t, run, out: [str(run), "--data", "digits", "--epochs", "2", "--out", str(out / "r.json")],
         "img",
     ),
 }
@@ -178,7 +169,7 @@ TOOLS = {
 @pytest.mark.parametrize("tool", sorted(TOOLS))
 def test_each_tool_shows_progress_on_a_terminal_lines_in_a_file_and_nothing_when_quiet(tool, tool_inputs, tmp_path):
     module, args, unit = TOOLS[tool]
-    cmd = [sys.executable, "-m", module, *args(tool_inputs, tmp_path), "--threads", "1"]
+    cmd = [sys.executable, "-m", module, *args(*tool_inputs, tmp_path), "--threads", "1"]
     master, slave = pty.openpty()
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=_env())

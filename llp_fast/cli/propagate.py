@@ -159,7 +159,8 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     rows = Rows(args.embeddings, normalize=not args.no_normalize)
     labels = read_labels(args.labels, rows.n)
-    _cost_note(progress, rows.n, int((labels >= 0).sum()), settings)
+    n, m = rows.n, int((labels >= 0).sum())
+    _cost_note(progress, n, m, settings)
     engine = Engine(rows, labels, settings, comm=comm, progress=progress)
     result = engine.run(top_classes=args.top if args.probs_out else 0, voter_ids=bool(args.voters_out))
     if rank == 0:
@@ -171,7 +172,6 @@ def _run(args) -> int:
         if args.voters_out:
             files[args.voters_out] = ("npy", result.voters)
         outputs.write(files)
-        n, m = rows.n, int((labels >= 0).sum())
         rounds = f", {result.rounds_run} round{'s' if result.rounds_run != 1 else ''}"
         print(
             f"{PROG}: labelled {n - m} of {n} rows from {m} labeled{rounds} "
