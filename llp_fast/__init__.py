@@ -16,9 +16,16 @@ from .ops import aggregation_loss, backends, bank_update_, local_density, propag
 
 def __getattr__(name: str):
     if name == "LocalLabelPropagation":
+        from ._optional import need
+
+        need("sklearn", "sklearn", "llp_fast.LocalLabelPropagation")
         from .embeddings.estimator import LocalLabelPropagation
 
         return LocalLabelPropagation
+    if name == "train":  # the trainer's Python API (llp_fast.train.fit), imported on first use
+        import importlib
+
+        return importlib.import_module(".train", __name__)
     raise AttributeError(f"module 'llp_fast' has no attribute {name!r}")
 
 

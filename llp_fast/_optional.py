@@ -19,6 +19,19 @@ _ROOT = Path(__file__).resolve().parent.parent
 _errors: dict[str, str] = {}  # why an optional import failed, by name
 
 
+def need(module: str, extra: str, what: str):
+    """``module``, imported; :class:`~llp_fast.errors.MissingExtra` (one line at the command line)
+    naming the extra that brings it when it is not installed: "WHAT needs PACKAGE: pip install
+    'llp_fast[EXTRA]'"."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        from .errors import MissingExtra
+
+        package = (getattr(e, "name", None) or module).split(".")[0]
+        raise MissingExtra(f"{what} needs {package}: pip install 'llp_fast[{extra}]'") from None
+
+
 @functools.cache
 def triton():
     """The triton module, or None."""

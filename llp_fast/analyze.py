@@ -26,16 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import _optional
 from .bank import MemoryBank
-from .errors import DataError
+from .errors import AnalyzeError
 from .ops import local_density
 from .train import checkpoint
 from .train.checkpoint import CHECKPOINT, METRICS
 from .train.report import read_metrics
-
-
-class AnalyzeError(DataError):
-    """A run directory that cannot be analysed; the message is the one line shown."""
 
 
 # -- reading a run ---------------------------------------------------------------------------
@@ -100,8 +97,7 @@ def _series(rows, key):
 
 # -- figures ---------------------------------------------------------------------------------
 def _plt():
-    import matplotlib
-
+    matplotlib = _optional.need("matplotlib", "analyze", "llp-fast-analyze's pictures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -189,8 +185,7 @@ def embedding_map(bank: dict, classes, *, method: str = "pca", per_class: int = 
     rows = torch.cat(picked)
     x = emb[rows].double().numpy()
     if method == "mds":
-        from sklearn.manifold import MDS
-
+        MDS = _optional.need("sklearn.manifold", "analyze", "--map mds").MDS
         xy = MDS(n_components=2, random_state=seed, n_init=1, init="random").fit_transform(x)
     else:
         x = x - x.mean(axis=0)

@@ -32,6 +32,19 @@ class TrainingDiverged(UserError, FloatingPointError):
     """The loss became NaN or infinite (lower the learning rate)."""
 
 
+class MissingExtra(UserError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it
+    (``pip install 'llp_fast[EXTRA]'``)."""
+
+
+class BaselineFailed(UserError):
+    """The supervised-only baseline beside a run ended with an error (its one line is the message)."""
+
+
+class AnalyzeError(DataError):
+    """``llp-fast-analyze`` cannot use a run directory (missing, or not a training run's)."""
+
+
 class Interrupted(Exception):
     """Raised after SIGINT/SIGTERM once the checkpoint is safely written; not an error."""
 

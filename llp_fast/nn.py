@@ -12,9 +12,16 @@ no max-pool); larger ones the ImageNet stem (7x7 conv, stride 2, 3x3 max-pool).
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import ConfigError
 
 ARCHS = ("resnet18", "resnet50")
 
@@ -141,6 +148,160 @@ def build_model(
         small_stem=image_size <= 64,
         emb_dim=emb_dim,
     )
+
+
+class WithHeads(nn.Module):
+    """A backbone of the user's (any module mapping images (B, C, H, W) to features (B, F), or to a
+    feature map (B, F, h, w), which is average-pooled) with LLP's two heads on its features: a
+    linear classifier to S classes and a linear projection to D, L2-normalised (docs/method.md §1.8).
+
+    ``forward(x)`` returns ``(logits (B, S), emb (B, D))`` as :class:`PreActResNet` does, so the
+    trainer, checkpoints and tools treat both alike; ``features(x)`` is the backbone's output.
+    ``feature_dim`` (F) is measured with one forward pass of a (2, C, S, S) zero batch in eval mode.
+    """
+
+    def __init__(self, backbone: nn.Module, *, num_classes: int, in_channels: int, image_size: int, emb_dim=128):
+        super().__init__()
+        self.backbone = backbone
+        was_training = backbone.training
+        backbone.eval()
+        with torch.no_grad():
+            probe = self._pooled(backbone(torch.zeros(2, in_channels, image_size, image_size)))
+        backbone.train(was_training)
+        self.feature_dim = int(probe.shape[1])
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+        self.embed = nn.Linear(self.feature_dim, emb_dim)
+
+    @staticmethod
+    def _pooled(h) -> torch.Tensor:
+        if not isinstance(h, torch.Tensor) or h.dim() not in (2, 4):
+            what = f"shape {tuple(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ValueError(f"the network must return features (B, F) or a feature map (B, F, h, w), got {what}")
+        return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1) if h.dim() == 4 else h
+
+    def features(self, x):
+        return self._pooled(self.backbone(x))
+
+    def forward(self, x):
+        h = self.features(x)
+        return self.fc(h), F.normalize(self.embed(h).float(), dim=1)
+
+
+def import_factory(spec: str):
+    """The function named by ``package.module:factory``, imported (the current directory is
+    searched first, as ``python -m`` would); :class:`ConfigError` naming ``--arch`` when it cannot."""
+    module_name, _, attr = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module: a missing file or an error while it runs
+        raise ConfigError(f"--arch {spec}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+    finally:
+        sys.path.remove(os.getcwd())
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"--arch {spec}: {module_name} has no function {attr!r}")
+    return factory
+
+
+def _from_factory(spec: str, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    factory = import_factory(spec)
+    offered = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    try:
+        params = inspect.signature(factory).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in offered.items() if takes_any or k in params}
+    except (TypeError, ValueError):  # a builtin without a signature
+        kwargs = {}
+    try:
+        net = factory(**kwargs)
+    except Exception as e:  # the user's code failed; its message is the line
+        raise ConfigError(f"--arch {spec}: the factory raised {type(e).__name__}: {e}") from None
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"--arch {spec}: the factory returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """``--init-weights PATH``: a state dict saved with ``torch.save`` (or a dict holding one under
+    ``state_dict`` or ``model``) loaded into the network's trunk: the backbone of a
+    :class:`WithHeads`, every layer but the two heads of a ResNet. Every trunk tensor must be
+    there with its shape; :class:`ConfigError` naming the flag otherwise."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--init-weights {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, pickled objects
+        raise ConfigError(f"--init-weights {path}: cannot read a state dict ({type(e).__name__})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"--init-weights {path}: expected a state dict of tensors")
+    trunk = model.backbone if isinstance(model, WithHeads) else model
+    heads = () if isinstance(model, WithHeads) else ("fc.", "embed.")
+    state = {k: v for k, v in state.items() if not k.startswith(heads)}
+    want = {k: v for k, v in trunk.state_dict().items() if not k.startswith(heads)}
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    shape = [k for k in want if k in state and state[k].shape != want[k].shape]
+    if missing or extra or shape:
+        what = (
+            f"missing {missing[0]!r}"
+            if missing
+            else f"unexpected {extra[0]!r}"
+            if extra
+            else f"{shape[0]!r} has shape {tuple(state[shape[0]].shape)}, the network {tuple(want[shape[0]].shape)}"
+        )
+        n = len(missing) + len(extra) + len(shape)
+        raise ConfigError(f"--init-weights {path} does not fit the network: {what} ({n} entries differ)")
+    trunk.load_state_dict(state, strict=False)
+
+
+GIVEN = "given:"  # the arch of a run whose backbone was passed in Python, e.g. "given:MyNet"
+
+
+def build(
+    arch: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    width: int = 64,
+    emb_dim: int = 128,
+    init_weights: str | None = None,
+    backbone: nn.Module | None = None,
+) -> nn.Module:
+    """The network of a run: a pre-activation ResNet (``resnet18``, ``resnet50``); the module a
+    ``package.module:factory`` returns (called with whichever of ``num_classes``, ``in_channels`` and
+    ``image_size`` it takes); or ``backbone``, a module passed in Python (``arch`` is then
+    ``given:<its class>``). The last two get LLP's heads (:class:`WithHeads`). Then ``init_weights``."""
+    if arch in ARCHS:
+        net = build_model(
+            arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width, emb_dim=emb_dim
+        )
+    else:
+        if backbone is None and arch.startswith(GIVEN):
+            raise ConfigError(
+                f"this run's network ({arch[len(GIVEN) :]}) was given in Python: pass it again, "
+                "llp_fast.train.fit(model, ..., resume=True)"
+            )
+        if backbone is None:
+            backbone = _from_factory(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+        try:
+            net = WithHeads(
+                backbone, num_classes=num_classes, in_channels=in_channels, image_size=image_size, emb_dim=emb_dim
+            )
+        except ValueError as e:
+            raise ConfigError(f"--arch {arch}: {e}") from None
+        except RuntimeError as e:  # the backbone cannot take these images (channels, size)
+            why = str(e).splitlines()[0][:200]
+            raise ConfigError(
+                f"--arch {arch}: the network fails on a ({in_channels}, {image_size}, {image_size}) image: {why}"
+            ) from None
+    if init_weights is not None:
+        load_weights(net, init_weights)
+    return net
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

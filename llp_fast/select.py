@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from .data.extra import native_format, to_input
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import ConfigError, DataError
 from .train import checkpoint
-from .train.config import model_for, source_for
+from .train.build import model_for, source_for
 
 
 # -- a trained network and the preprocessing it was trained with ---------------------------------
@@ -50,10 +50,9 @@ def load_network(path: str, device="cpu", *, random_init: bool = False):
     model = model_for(cfg, source)
     if not random_init:
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(checkpoint.evaluated_weights(ckpt))
         except Exception as e:
-            why = str(e).splitlines()[0][:200] if str(e) else ""
-            raise CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__}: {why})") from None
+            raise checkpoint.corrupt(path, e) from None
     model = model.to(device).eval()
     return model, cfg, source
 

@@ -76,7 +76,9 @@ def cuda_available() -> bool:
 
 def tiny_config(tmp_path, name="run", **kw):
     """A trainer config that runs in seconds: digits at 8 px, a width-4 ResNet-18 and 30% of the
-    unlabeled pool (~10 steps an epoch); keyword arguments override."""
+    unlabeled pool (~10 steps an epoch), the paper's method from instance ids (the mechanics most
+    tests check); keyword arguments override (``method="plus"`` and ``label_init=None``,
+    ``propagation_start=None`` for the default method's start)."""
     from llp_fast.train import TrainConfig
 
     base = dict(
@@ -93,6 +95,9 @@ def tiny_config(tmp_path, name="run", **kw):
         k=5,
         t=10,
         quiet=True,
+        method="paper",
+        label_init="instance",
+        propagation_start=0,
     )
     base.update(kw)
     return TrainConfig(**base)

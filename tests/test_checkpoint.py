@@ -16,8 +16,9 @@ from llp_fast.cli.select import main as select_main
 from llp_fast.cli.train import main as train_main
 from llp_fast.errors import CheckpointError, Interrupted
 from llp_fast.train import checkpoint
+from llp_fast.train.api import train
 from llp_fast.train.checkpoint import CHECKPOINT, METRICS
-from llp_fast.train.loop import Trainer, train
+from llp_fast.train.loop import Trainer
 from llp_fast.train.report import read_metrics
 
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)

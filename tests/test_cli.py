@@ -140,15 +140,6 @@ def test_k_defaults_to_the_papers_ten(tmp_path):
         assert cfg.k == 10, data
 
 
-def test_label_init_defaults_to_inputs_on_the_digit_sets(tmp_path):
-    expect = {"digits": "inputs", "mnist5k": "inputs", "npz:x.npz": "instance", "folder:d": "instance"}
-    for data, want in expect.items():
-        cfg = config_from_args(train_parser().parse_args(["--data", data]), str(tmp_path / "r"))
-        assert cfg.label_init == want, data
-    args = train_parser().parse_args(["--label-init", "instance"])
-    assert config_from_args(args, str(tmp_path / "r")).label_init == "instance"
-
-
 def test_label_init_inputs_needs_array_data(tmp_path, capsys):
     root = _folder(tmp_path / "imgs")
     rc = train_main(["--data", f"folder:{root}", "--run-dir", str(tmp_path / "r"), "--label-init", "inputs", *TINY])

@@ -38,14 +38,18 @@ def test_class_without_labeled_example_is_an_error():
 
 
 def _source(**kw):
-    return load("digits", device="cpu", labeled_fraction=0.1, seed=0, **kw)
+    """Digits configured as the trainer configures them (llp_fast.train.defaults); ``kw`` overrides."""
+    src = load("digits", device="cpu", labeled_fraction=0.1, seed=0)
+    src.configure(**{"image_size": 16, "scale_min": 0.85, "translate": 1.0, "flip": False, **kw})
+    return src
 
 
 def test_digits_source_on_device_and_normalised():
     src = _source()
     assert src.num_classes == 10 and src.in_channels == 1 and src.image_size == 16
     assert src.x.dtype == torch.uint8 and src.num_train + src.num_test == 1797
-    assert not src.flip  # digits are never flipped
+    raw = load("digits", device="cpu", labeled_fraction=0.1, seed=0)  # unconfigured: native side, no augmentation
+    assert (raw.image_size, raw.scale_min, raw.translate, raw.flip) == (8, 1.0, 0.0, False)
     x, y = next(src.test_batches(64))
     assert x.shape == (64, 1, 16, 16) and x.is_contiguous()  # channels_last only on CUDA (llp_fast._device)
     assert abs(float(x.mean())) < 0.5
@@ -105,7 +109,7 @@ def test_npz_with_own_unlabeled_marks_and_test_split(tmp_path):
     src = load(f"npz:{p}", device="cpu", labeled_fraction=0.5)
     assert src.num_train == 60 and src.num_test == 9 and src.in_channels == 3
     assert int((src.targets >= 0).sum()) == 6  # the file's own labeled set wins
-    assert src.flip  # generic images are flipped by default
+    assert src.facts().channels == 3 and src.facts().side == 10  # colour images (the defaults flip them)
     x, _ = next(src.test_batches(4))
     assert x.shape == (4, 3, 10, 10)
 

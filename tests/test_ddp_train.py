@@ -30,14 +30,17 @@ def _metrics(run):
 
 @pytest.mark.slow
 def test_two_process_digits_run_lands_in_the_single_process_band(tmp_path):
-    """The default digits run (80 epochs, 10% labels, seed 0) with a sharded bank over two
-    gloo processes. Single process, same command without --nproc: 99.7% held-out top-1
-    (docs/results.md); two processes measured 99.2% here. The band: at least 95%."""
+    """The default digits run (--method plus, 10% labels, seed 0), shortened to 20 epochs, with a
+    sharded bank over two gloo processes: the whole-bank vote runs on the shards. The band: at
+    least 95% (docs/results.md has the single-process runs)."""
     run = str(tmp_path / "run")
-    proc = _train("--data", "digits", "--nproc", "2", "--bank", "sharded", "--run-dir", run, "--quiet")
+    proc = _train(
+        "--data", "digits", "--nproc", "2", "--bank", "sharded", "--run-dir", run, "--quiet", "--epochs", "20"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _metrics(run)
-    assert [r["epoch"] for r in rows] == list(range(1, 81))  # rank 0 alone writes metrics
+    assert [r["epoch"] for r in rows] == list(range(1, 21))  # rank 0 alone writes metrics
+    assert all(r["relabel_changed"] is not None for r in rows[3:])  # the vote ran from propagation on
     assert rows[-1]["test_top1"] >= 0.95, rows[-1]
     assert rows[-1]["pseudo_acc"] >= 0.9, rows[-1]
     ckpt = checkpoint.load(os.path.join(run, "checkpoint.pt"))

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 import llp_fast
 from llp_fast.bank import Bank
 from llp_fast.distributed import ReplicatedMemoryBank, ShardedMemoryBank, all_gather_cat, shard_range
+from llp_fast.train.relabel import relabel
 
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
 pytestmark = pytest.mark.isolated
@@ -122,6 +124,18 @@ def _worker(rank, world, init_file, layout):
     single.set_labels(unl, new_l, new_c)
     with pytest.raises(ValueError, match="labeled example"):  # checked on every rank, nothing written
         bank.set_labels(torch.tensor([int(unl[0]), 0]), torch.tensor([1, 1]), torch.tensor([0.5, 0.5]))
+    # The whole-bank vote of --method plus (docs/method.md §8.1): each rank streams its own rows, the
+    # voters and votes are exchanged, and every unlabeled row gets the single bank's label.
+    vote = SimpleNamespace(t=5, tau=0.1, density_weighting=True, refresh_rounds=3, max_voters=0)
+    changed = relabel(bank, vote, k=3)["relabel_changed"]
+    assert changed == relabel(single, vote, k=3)["relabel_changed"]
+    if layout == "sharded":
+        got_l = bank.local.labels[bank.local.row_of[own - lo]]
+        got_c = bank.local.confidence[bank.local.row_of[own - lo]]
+    else:
+        got_l, got_c = bank.stored(own)
+    assert torch.equal(got_l, single.stored(own)[0])
+    torch.testing.assert_close(got_c, single.stored(own)[1], rtol=1e-5, atol=1e-6)
     # The gathered bank is the single bank; a bank loaded from it holds the same rows.
     full = bank.gather()
     for key, value in single.state_dict().items():

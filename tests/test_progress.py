@@ -123,8 +123,10 @@ def test_training_run_on_a_terminal_draws_bars(tmp_path):
 def test_a_training_run_says_which_implementation_serves_each_op(run_in_a_file):
     proc, _ = run_in_a_file
     lines = proc.stderr.splitlines()
-    assert lines[0].startswith("llp-fast-train: LLP on digits")
-    assert lines[1].startswith("llp-fast-train: llp_fast backends: cpu: ") and "propagate" in lines[1]
+    assert lines[0].startswith("llp-fast-train: LLP+ on digits")
+    assert any(line.startswith("llp-fast-train: defaults from it: ") for line in lines[1:4])  # and why
+    backends = [line for line in lines if line.startswith("llp-fast-train: llp_fast backends: cpu: ")]
+    assert len(backends) == 1 and "propagate" in backends[0]
 
 
 @pytest.fixture(scope="module")

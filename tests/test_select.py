@@ -197,9 +197,9 @@ def test_extra_unlabeled_grows_the_bank_then_fine_tunes_on_original_only(tmp_pat
     seen = {}
     step = tr.train_step
 
-    def spy(x, idx, lr, warmup):
-        seen.setdefault(tr.epoch, []).append(idx.clone())
-        return step(x, idx, lr, warmup)
+    def spy(batch, lr, warmup):
+        seen.setdefault(tr.epoch, []).append(batch[-1].clone())
+        return step(batch, lr, warmup)
 
     tr.train_step = spy
     tr.fit()

@@ -13,10 +13,12 @@ from brute import propagate as brute_propagate
 from conftest import tiny_config
 
 from llp_fast.errors import CheckpointError, Interrupted
+from llp_fast.train import losses, order, warmstart
+from llp_fast.train.api import train
 from llp_fast.train.checkpoint import CHECKPOINT, METRICS
 from llp_fast.train.checkpoint import load as load_checkpoint
 from llp_fast.train.config import TrainConfig, lr_at
-from llp_fast.train.loop import Trainer, train
+from llp_fast.train.loop import Trainer
 from llp_fast.train.report import read_metrics
 
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
@@ -56,7 +58,7 @@ def test_forward_bank_init_holds_the_untrained_networks_embeddings(tmp_path):
     tr = Trainer(tiny(tmp_path, epochs=1))
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
     labels0 = tr.bank.labels.clone()
-    tr.fill_bank()
+    tr.start()  # bank_init="forward", label_init="instance"
     idx = torch.arange(tr.n)
     tr.model.eval()
     with torch.no_grad():
@@ -79,22 +81,22 @@ def test_k_zero_resolves_to_the_smallest_labeled_class(tmp_path):
 
 def test_fit_fills_the_bank_once_unless_random_init(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(Trainer, "fill_bank", lambda self: calls.append(self.global_step))
+    monkeypatch.setattr(warmstart, "fill_bank", lambda bank, *a, **kw: calls.append(bank))
     train(tiny(tmp_path, name="a", epochs=1))
-    assert calls == [0]
+    assert len(calls) == 1
     cfg = tiny(tmp_path, name="a", epochs=2)
     train(cfg, resume=True)  # a resumed run keeps its bank
-    assert calls == [0]
+    assert len(calls) == 1
     train(tiny(tmp_path, name="b", epochs=1, bank_init="random"))
-    assert calls == [0]
+    assert len(calls) == 1
     with pytest.raises(ValueError, match="--bank-init"):
         Trainer(tiny(tmp_path, name="c", bank_init="zeros"))
 
 
 def test_label_init_inputs_is_llps_vote_on_the_pixels(tmp_path):
-    tr = Trainer(tiny(tmp_path, labeled_fraction=0.05, label_init="inputs"))
+    tr = Trainer(tiny(tmp_path, labeled_fraction=0.05, label_init="inputs", bank_init="random"))
     m, labels0 = tr.bank.num_labeled, tr.bank.labels.clone()
-    tr.init_labels()
+    tr.start()
     # Independent float64 brute force of docs/method.md §1.1-1.2 on centred, L2-normalised pixels.
     x = f64(tr.source.x.flatten(1))
     x -= x.mean(axis=0)
@@ -113,19 +115,19 @@ def test_label_init_inputs_is_llps_vote_on_the_pixels(tmp_path):
 
 def test_fit_labels_from_inputs_once_and_keeps_them_until_propagation(tmp_path, monkeypatch):
     ref = Trainer(tiny(tmp_path, "ref", label_init="inputs"))
-    ref.init_labels()
+    ref.start()
     tr = Trainer(tiny(tmp_path, "a", epochs=1, label_init="inputs", propagation_start=1))
     tr.fit()
     assert torch.equal(tr.bank.labels, ref.bank.labels)  # no propagation in epoch 1
     assert torch.equal(tr.bank.confidence, ref.bank.confidence)
     calls = []
-    monkeypatch.setattr(Trainer, "init_labels", lambda self: calls.append(self.global_step))
+    monkeypatch.setattr(warmstart, "init_labels", lambda bank, *a, **kw: calls.append(bank))
     train(tiny(tmp_path, "b", epochs=1, label_init="inputs"))
-    assert calls == [0]
+    assert len(calls) == 1
     train(tiny(tmp_path, "b", epochs=2, label_init="inputs"), resume=True)  # a resumed run keeps its labels
-    assert calls == [0]
+    assert len(calls) == 1
     train(tiny(tmp_path, "c", epochs=1))  # label_init="instance"
-    assert calls == [0]
+    assert len(calls) == 1
     with pytest.raises(ValueError, match="--label-init"):
         Trainer(tiny(tmp_path, name="d", label_init="pixels"))
 
@@ -224,9 +226,9 @@ def test_supervised_only_same_steps_labeled_only(tmp_path):
     llp = Trainer(tiny(tmp_path, "a"))
     sup = Trainer(tiny(tmp_path, "b", supervised_only=True))
     assert sup.bank is None and llp.steps_per_epoch() == sup.steps_per_epoch()
-    order = sup.epoch_order()
-    assert len(order) == sup.steps_per_epoch() * sup.cfg.batch_size
-    assert bool((sup.targets[order] >= 0).all())
+    visits = order.epoch_order(sup.schedule(), sup.gen_order)
+    assert len(visits) == sup.steps_per_epoch() * sup.cfg.batch_size
+    assert bool((sup.targets[visits] >= 0).all())
     rows = sup.fit()
     assert rows["pseudo_acc"] is None and 0 <= rows["test_top1"] <= 1 and 0 <= rows["knn_top1"] <= 1
 
@@ -252,10 +254,35 @@ def test_propagation_start_keeps_instance_ids_then_propagates(tmp_path):
         Trainer(tiny(tmp_path, name="bad", propagation_start=-1))
 
 
-@pytest.mark.parametrize("flags", [dict(density_weighting=False), dict(confidence=False), dict(density_pool="all")])
-def test_ablation_flags_run(tmp_path, flags):
-    out = train(tiny(tmp_path, epochs=1, **flags))
-    assert 0 <= out["test_top1"] <= 1
+def test_no_density_weighting_votes_without_log_rho(tmp_path, monkeypatch):
+    import llp_fast.bank.memory as memory
+
+    seen = []
+    real = memory.MemoryBank._propagate_rows
+
+    def spy(self, rows, emb, **kw):  # the step's propagation (docs/method.md §1.6)
+        seen.append(kw["density_weighting"])
+        return real(self, rows, emb, **kw)
+
+    monkeypatch.setattr(memory.MemoryBank, "_propagate_rows", spy)
+    train(tiny(tmp_path, "dw", epochs=1))
+    assert seen and all(seen)  # every step's vote is density-weighted
+    seen.clear()
+    train(tiny(tmp_path, "nodw", epochs=1, density_weighting=False))
+    assert seen and not any(seen)  # NoDW: a plain weighted kNN vote, no log_rho
+
+
+def test_density_pool_all_takes_every_row(tmp_path):
+    from llp_fast import local_density
+
+    tr = Trainer(tiny(tmp_path, epochs=1, density_pool="all"))
+    tr.fit()
+    bank = tr.bank
+    want = local_density(bank.labeled_embeddings, bank.embeddings, t=tr.cfg.t, tau=tr.cfg.tau)
+    unl = local_density(bank.labeled_embeddings, bank.embeddings[bank.num_labeled :], t=tr.cfg.t, tau=tr.cfg.tau)
+    bank.refresh_density(t=tr.cfg.t, tau=tr.cfg.tau, pool="all")
+    torch.testing.assert_close(bank.log_rho, want)
+    assert not torch.allclose(want, unl)  # the pool changes the densities
 
 
 def test_confidence_weights_the_loss(tmp_path):
@@ -263,9 +290,9 @@ def test_confidence_weights_the_loss(tmp_path):
     idx = torch.arange(16)
     logits, emb = tr.model(tr.source.plain(tr.source.x[idx]))
     tr.bank.confidence[tr.bank.rows(idx)] = 0.0
-    assert float(tr.loss(logits, emb, idx, warmup=False).detach()) == 0.0
-    tr.cfg.confidence = False
-    assert float(tr.loss(logits, emb, idx, warmup=False).detach()) > 0.0
+    kw = dict(tau=tr.cfg.tau)
+    assert float(losses.llp_loss(logits, emb, idx, tr.bank, confidence=True, **kw)[0].detach()) == 0.0
+    assert float(losses.llp_loss(logits, emb, idx, tr.bank, confidence=False, **kw)[0].detach()) > 0.0
 
 
 def test_lr_schedule_milestones_and_rate_jump():

@@ -18,7 +18,7 @@ import sys
 import time
 
 from .. import distributed
-from ..errors import Interrupted, UserError, one_line
+from ..errors import BaselineFailed, Interrupted, UserError, one_line
 from . import _common
 
 BASELINE_DIR = "baseline"
@@ -61,7 +61,7 @@ def distributed_setup(args) -> int:
 
 def _baseline_child(cfg) -> None:
     """The baseline in a spawned process; its outcome goes to files that the parent reads."""
-    from ..train.loop import train
+    from ..train.api import train
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     resume = os.path.exists(os.path.join(cfg.run_dir, "checkpoint.pt"))
@@ -74,10 +74,6 @@ def _baseline_child(cfg) -> None:
         with open(os.path.join(cfg.run_dir, "error.txt"), "w") as f:
             f.write(one_line(e) + "\n")
         sys.exit(2)
-
-
-class BaselineFailed(UserError):
-    """The baseline process ended with an error (its one line is in the message)."""
 
 
 class Baseline:
@@ -116,7 +112,7 @@ class Baseline:
             return llp, self._join()
         if self.bcfg is None:
             return llp, None
-        from ..train.loop import train
+        from ..train.api import train
 
         self._say("supervised-only baseline (same split, network and schedule)")
         return llp, train(self.bcfg, resume=os.path.exists(os.path.join(self.dir, "checkpoint.pt")))

@@ -17,7 +17,7 @@ from ..data.extra import native_format
 from ..errors import ConfigError
 from ..probe import probe_features, train_readout
 from ..select import load_network
-from ..train.config import default_device
+from ..train.defaults import default_device
 from . import _common
 
 PROG = "llp-fast-linear-probe"

@@ -14,7 +14,7 @@ from .._progress import Progress, reporter
 from ..data.extra import open_pool
 from ..data.selection import write_selection
 from ..select import load_network, select
-from ..train.config import default_device
+from ..train.defaults import default_device
 from . import _common
 
 PROG = "llp-fast-select"

@@ -2,8 +2,9 @@
 
 The parser is built from :class:`llp_fast.train.config.TrainConfig`'s field metadata (flag, help,
 range check, choices), so every setting has exactly one flag, one default and one check. A flag the
-user does not give stays ``None`` here, and :func:`llp_fast.train.config.resolve` fills it from the
-data set's preset and the derived defaults.
+user does not give keeps the field's default, so the command line and ``TrainConfig(...)`` in Python
+build the same config; the fields left ``None`` are chosen from the data when the run starts
+(:mod:`llp_fast.train.defaults`), and the run's first lines say what was chosen and why.
 
 Errors the user can fix print one line and exit 2; an interrupted run saves its checkpoint and
 exits 130 (``--resume RUN_DIR`` continues it exactly).
@@ -21,6 +22,7 @@ from .. import distributed
 from ..errors import ConfigError
 from ..ops import describe_backends
 from ..train import config as C
+from ..train.defaults import SMALL_DATA, baseline_by_default, resolve_run
 from . import _common, launch
 
 PROG = "llp-fast-train"
@@ -36,15 +38,13 @@ _TYPES = {
     "epoch_list": _common.epochs,
     "device_name": _common.DEVICE,
     "data_spec": _common.checked(str, C.data_spec, "a data set"),
+    "arch_spec": _common.checked(str, C.arch_spec, "a network"),
 }
 _GROUPS = {"data": "data", "run": "run", "model": "model and optimiser", "llp": "LLP"}
 
 
 def _help(f: dataclasses.Field) -> str:
     text = f.metadata["help"]
-    if f.metadata.get("preset"):
-        small, paper = C.PRESETS["small"][f.name], C.PRESETS["paper"][f.name]
-        return f"{text} (default {small} for {' and '.join(C.SMALL_DATA)}, else {paper})"
     if f.type in ("bool", "bool | None") or "(default" in text or f.default in (None, dataclasses.MISSING):
         return text
     return f"{text} (default {f.default})"
@@ -84,8 +84,8 @@ def parser() -> argparse.ArgumentParser:
         "--baseline",
         choices=("auto", "on", "off"),
         default="auto",
-        help="also train the supervised-only baseline on the same split and print both (auto: on for "
-        f"{' and '.join(C.SMALL_DATA)})",
+        help="also train the supervised-only baseline on the same split and print both (auto: on for data of "
+        f"fewer than {SMALL_DATA:,} training examples)",
     )
     run.add_argument(
         "--baseline-mode",
@@ -111,11 +111,14 @@ def given(args) -> dict:
 
 
 def config_from_args(args, run_dir: str | None = None) -> C.TrainConfig:
-    """The :class:`TrainConfig` of a new run from parsed arguments."""
+    """The :class:`TrainConfig` of a new run from parsed arguments (the fields not given keep their
+    defaults, as ``TrainConfig(...)`` in Python would), with its run directory chosen."""
     values = given(args)
     if run_dir is not None:
         values["run_dir"] = run_dir
-    return C.resolve(values)
+    cfg = C.validate(C.TrainConfig(**values))
+    run = resolve_run(cfg)
+    return dataclasses.replace(cfg, run_dir=run.run_dir, extra_unlabeled=run.extra_unlabeled)
 
 
 def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.TrainConfig, list[str]]:
@@ -149,7 +152,7 @@ def _pct(v) -> str:
 
 def _train(args) -> int:
     from ..train import checkpoint
-    from ..train.loop import prepare
+    from ..train.api import prepare
 
     t0 = time.perf_counter()
     rank = launch.distributed_setup(args)
@@ -159,7 +162,6 @@ def _train(args) -> int:
             raise ConfigError(f"--resume {run_dir}: no such run directory")
         saved, ckpt = checkpoint.open_run(run_dir)
         cfg, notes = resumed_config(args, saved, ckpt["epoch"])
-        want_baseline = os.path.exists(os.path.join(run_dir, launch.BASELINE_MARK))
     else:
         cfg, ckpt, notes = config_from_args(args, args.run_dir), None, []
         run_dir = cfg.run_dir
@@ -167,37 +169,52 @@ def _train(args) -> int:
             raise ConfigError(
                 f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"
             )
+    trainer = prepare(cfg, resume=bool(args.resume), ckpt=ckpt)  # checks config and data, makes the run dir
+    cfg = trainer.cfg
+    if args.resume:
+        want_baseline = os.path.exists(os.path.join(run_dir, launch.BASELINE_MARK))
+    else:
         want_baseline = not cfg.supervised_only and (
-            args.baseline == "on" or (args.baseline == "auto" and cfg.data in C.SMALL_DATA)
+            args.baseline == "on" or (args.baseline == "auto" and baseline_by_default(trainer.facts))
         )
     if not cfg.quiet:
-        what = "supervised-only" if cfg.supervised_only else "LLP"
-        loader = ""
-        if cfg.data.startswith("folder:"):
-            from ..data.folder import loader_label
-
-            loader = f", loader {loader_label(cfg.loader, cfg.device)}"
-        print(
-            f"{PROG}: {what} on {cfg.data}, {cfg.arch} width {cfg.width}, {cfg.epochs} epochs, device {cfg.device}"
-            f"{loader}, run dir {run_dir}",
-            file=sys.stderr,
-        )
-        for note in notes:
-            print(f"{PROG}: {note}", file=sys.stderr)
-        print(f"{PROG}: {describe_backends()}", file=sys.stderr)
-    trainer = prepare(cfg, resume=bool(args.resume), ckpt=ckpt)  # checks config and data, makes the run dir
+        _say_what_runs(cfg, notes + trainer.notes)
     baseline = launch.Baseline(cfg, args, want_baseline, resumed=bool(args.resume), rank=rank, prog=PROG)
     llp, base = baseline.run_beside(trainer.fit)
     if rank != 0:
         return 0
-    label = "supervised-only" if cfg.supervised_only else "LLP"
+    label = "supervised-only" if cfg.supervised_only else "LLP" if cfg.method != "fixmatch" else "FixMatch-style"
     line = f"{cfg.data}: held-out top-1 {label} {_pct(llp.get('test_top1'))}"
     if base is not None:
         line += f" | supervised-only {_pct(base.get('test_top1'))} (same split, network and schedule)"
     if not cfg.supervised_only:
-        line += f" | kNN {_pct(llp.get('knn_top1'))} | pseudo-labels {_pct(llp.get('pseudo_acc'))}"
+        line += f" | kNN {_pct(llp.get('knn_top1'))}"
+        if llp.get("pseudo_acc") is not None:
+            line += f" | pseudo-labels {_pct(llp.get('pseudo_acc'))}"
     print(line + f" | {time.perf_counter() - t0:.0f} s | {run_dir}")
     return 0
+
+
+METHOD_NAMES = {"plus": "LLP+", "paper": "LLP (the paper's method)", "fixmatch": "FixMatch-style (no LLP)"}
+
+
+def _say_what_runs(cfg, notes) -> None:
+    what = "supervised-only" if cfg.supervised_only else METHOD_NAMES[cfg.method]
+    loader = ""
+    if cfg.data.startswith("folder:"):
+        from ..data.folder import loader_label
+        from ..train.build import needs_strong_views
+
+        loader = f", loader {loader_label(cfg.loader, cfg.device, needs_strong_views(cfg))}"
+    arch = f"{cfg.arch} width {cfg.width}" if cfg.arch in C.ARCHS else cfg.arch
+    print(
+        f"{PROG}: {what} on {cfg.data}, {arch}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
+        f"device {cfg.device}{loader}, run dir {cfg.run_dir}",
+        file=sys.stderr,
+    )
+    for note in notes:
+        print(f"{PROG}: {note}", file=sys.stderr)
+    print(f"{PROG}: {describe_backends()}", file=sys.stderr)
 
 
 def main(argv=None) -> int:

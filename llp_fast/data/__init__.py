@@ -120,6 +120,37 @@ def make_split(
     return Split(train=train, targets=targets, truth=y[train].copy(), test=test)
 
 
+@dataclass(frozen=True)
+class DataFacts:
+    """What a training set is, as the defaults of a run see it (:mod:`llp_fast.train.defaults`):
+    ``kind`` ("arrays": held in memory; "folder": image files), training examples, labeled ones,
+    classes, the fewest labeled examples of any class, the images' side in pixels (the typical
+    short side for files) and channels."""
+
+    kind: str
+    num_train: int
+    num_labeled: int
+    num_classes: int
+    min_labeled_per_class: int
+    side: int
+    channels: int
+
+    @classmethod
+    def of(cls, source, *, kind: str, side: int) -> DataFacts:
+        targets = source.targets
+        labeled = targets[targets >= 0]
+        per_class = torch.bincount(labeled, minlength=source.num_classes)
+        return cls(
+            kind=kind,
+            num_train=int(source.num_train),
+            num_labeled=int(labeled.numel()),
+            num_classes=int(source.num_classes),
+            min_labeled_per_class=int(per_class.min()) if per_class.numel() else 0,
+            side=int(side),
+            channels=int(source.in_channels),
+        )
+
+
 @runtime_checkable
 class Source(Protocol):
     """What the trainer needs from training data; :class:`~llp_fast.data.arrays.ArraySource` and
@@ -162,4 +193,4 @@ def load(spec: str, *, loader: str = "auto", **kwargs) -> Source:
     return load_arrays(spec, **kwargs)
 
 
-__all__ = ["DataError", "MARKER", "Source", "Split", "load", "make_split"]
+__all__ = ["DataError", "DataFacts", "MARKER", "Source", "Split", "load", "make_split"]

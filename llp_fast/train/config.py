@@ -1,4 +1,4 @@
-"""A training run's settings: every default, preset and range check, in one place.
+"""A training run's settings: every field, its default, flag, help and range check, in one place.
 
 :class:`TrainConfig` is the whole description of a run (it is saved in every checkpoint). Each
 field carries its command-line flag, help text and range check as metadata; ``llp-fast-train``'s
@@ -6,104 +6,49 @@ parser is built from them (:mod:`llp_fast.cli.train`), so a flag and its field c
 apart, and a bad value is rejected where it is parsed with a message naming the flag. A config
 built in Python goes through the same checks (:func:`validate`).
 
-Defaults that depend on the data set come from a preset (:data:`PRESETS`): the small digit sets
-want many short steps at a high rate (tuned on a 2-core CPU, docs/results.md); other data get
-the paper's batch 128 and lr 0.03. Defaults that depend on other settings (the device, the
-width, the lr milestones, the run directory) are filled by :func:`resolve`.
+A field whose default is ``None`` is chosen when the run starts, from what the data is (its size,
+image side, channels, labels per class), the device and ``--method``: :mod:`llp_fast.train.defaults`
+holds those rules and says which it applied. Never from the data set's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-import os
 import re
-import time
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, DataError
+from .._checks import (
+    bad,
+    count,
+    device_name,
+    epoch_list,
+    fraction,
+    momentum_range,
+    nonneg_float,
+    optional,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
+from ..errors import ConfigError
 
-# -- range checks: each returns the value or raises ValueError("expected ..., got ...") ---------------
-
-
-def _bad(what: str, value) -> ValueError:
-    return ValueError(f"expected {what}, got {value!r}")
-
-
-def positive_int(v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise _bad("a whole number >= 1", v)
-    return int(v)
-
-
-def count(v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-        raise _bad("a whole number >= 0", v)
-    return int(v)
-
-
-def positive_float(v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
-        raise _bad("a finite number > 0", v)
-    return float(v)
-
-
-def nonneg_float(v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
-        raise _bad("a finite number >= 0", v)
-    return float(v)
-
-
-def fraction(v):
-    """In (0, 1]."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 < v <= 1):
-        raise _bad("a number in (0, 1]", v)
-    return float(v)
-
-
-def unit_interval(v):
-    """In [0, 1]."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 <= v <= 1):
-        raise _bad("a number in [0, 1]", v)
-    return float(v)
-
-
-def momentum_range(v):
-    """In [0, 1): SGD momentum 1 never forgets a gradient."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 <= v < 1):
-        raise _bad("a number in [0, 1)", v)
-    return float(v)
-
-
-def epoch_list(v):
-    if not isinstance(v, (list, tuple)):
-        raise _bad("a list of epochs", v)
-    return [count(e) for e in v]
-
-
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-def device_name(v):
-    if not isinstance(v, str) or not _DEVICE.match(v):
-        raise _bad("cpu, cuda or cuda:N", v)
-    return v
+METHODS = ("plus", "paper", "fixmatch")
+CONSISTENCY_TARGETS = ("llp", "weak", "agree")
+DEFAULT_MAX_VOTERS = 16384
+ARCHS = ("resnet18", "resnet50")
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # package.module:factory, given:ClassName
 
 
 def data_spec(v):
     if not isinstance(v, str) or not (v in ("digits", "mnist5k") or v.startswith(("npz:", "folder:"))):
-        raise _bad("digits, mnist5k, npz:PATH or folder:PATH", v)
+        raise bad("digits, mnist5k, npz:PATH or folder:PATH", v)
     return v
 
 
-def _optional(check):
-    def inner(v):
-        return None if v is None else check(v)
-
-    inner.__name__ = check.__name__
-    inner.optional = True
-    return inner
+def arch_spec(v):
+    if not isinstance(v, str) or not (v in ARCHS or _FACTORY.match(v)):
+        raise bad("resnet18, resnet50 or package.module:factory", v)
+    return v
 
 
 # -- fields ---------------------------------------------------------------------------------
@@ -118,7 +63,9 @@ def _opt(default, help: str, *, group: str, check=None, choices=None, flag=None,
 
 @dataclass
 class TrainConfig:
-    """One training run. Field defaults are the paper's; :func:`resolve` applies presets."""
+    """One training run. A field left ``None`` is chosen when the run starts, from the data and the
+    device (:mod:`llp_fast.train.defaults`, which says what it chose and why); the other defaults
+    hold for every run. The CLI and the Python API build the same config for the same settings."""
 
     # data
     data: str = _opt(
@@ -129,29 +76,35 @@ class TrainConfig:
         "class-balanced fraction of training examples that keep their label (default 0.1; ignored when the "
         "data marks its own labeled set)",
         group="data",
-        check=_optional(fraction),
+        check=optional(fraction),
     )
     unlabeled_fraction: float = _opt(
         1.0, "fraction q of the unlabeled examples to train on", group="data", check=fraction
     )
     image_size: int | None = _opt(
-        None,
-        "network input side (default: 16 for 8 px digits, the image side for arrays, 32 for folders)",
-        group="data",
-        check=_optional(positive_int),
+        None, "network input side (default: from the images' side)", group="data", check=optional(positive_int)
     )
     scale_min: float | None = _opt(
-        None, "random-resized-crop minimum area fraction", group="data", check=_optional(fraction)
+        None,
+        "random-resized-crop minimum area fraction (default: 0.85 for grayscale images, 0.35 for colour)",
+        group="data",
+        check=optional(fraction),
     )
     translate: float | None = _opt(
-        None, "translation jitter in source pixels", group="data", check=_optional(nonneg_float)
+        None,
+        "translation jitter in source pixels (default: 1 for images of 8 px or less, 2 for other grayscale, 0)",
+        group="data",
+        check=optional(nonneg_float),
     )
-    flip: bool | None = _opt(None, "random horizontal flips (default: on, off for digits)", group="data")
+    flip: bool | None = _opt(
+        None, "random horizontal flips (default: on for colour images, off for grayscale)", group="data"
+    )
     workers: int = _opt(2, "DataLoader workers for folder data", group="data", check=count)
     loader: str = _opt(
         "auto",
         "decoder of folder: images: NVIDIA DALI (CPU threads, --workers of them; the GPU when training on CUDA), "
-        "a PIL DataLoader, or auto = DALI when it is installed; both give the same crops",
+        "a PIL DataLoader, or auto = DALI when it is installed and no strong view is needed; both give the "
+        "same crops",
         group="data",
         choices=("auto", "dali", "pil"),
     )
@@ -163,10 +116,12 @@ class TrainConfig:
         metavar="SELECTION",
     )
     # run
-    run_dir: str = _opt("runs/llp", "where checkpoints and metrics.jsonl go (default runs/<time>)", group="run")
-    epochs: int = _opt(100, "epochs", group="run", check=positive_int, preset=True)
+    run_dir: str | None = _opt(None, "where checkpoints and metrics.jsonl go (default runs/<time>)", group="run")
+    epochs: int | None = _opt(None, "epochs (default: from the data's size)", group="run", check=optional(positive_int))
     seed: int = _opt(0, "seed of the split, the initialisation and the data order", group="run", check=count)
-    device: str = _opt("cpu", "cpu, cuda, cuda:1 (default: cuda when available)", group="run", check=device_name)
+    device: str | None = _opt(
+        None, "cpu, cuda, cuda:1 (default: cuda when available)", group="run", check=optional(device_name)
+    )
     threads: int = _opt(0, "CPU threads for torch (0: torch's choice)", group="run", check=count)
     quiet: bool = _opt(False, "no progress output", group="run")
     bank_layout: str = _opt(
@@ -177,23 +132,47 @@ class TrainConfig:
         flag="--bank",
     )
     # model and optimiser
-    arch: str = _opt("resnet18", "network", group="model", choices=("resnet18", "resnet50"))
-    width: int = _opt(16, "first-stage channels (paper 64; default 16 on CPU)", group="model", check=positive_int)
-    batch_size: int = _opt(128, "global batch size", group="model", check=positive_int, preset=True)
-    lr: float = _opt(0.03, "initial learning rate", group="model", check=positive_float, preset=True)
+    arch: str = _opt(
+        "resnet18",
+        "network: resnet18, resnet50, or package.module:factory, a function returning an nn.Module that maps "
+        "images (B, C, H, W) to features (B, F); LLP adds the classifier and embedding heads",
+        group="model",
+        check=arch_spec,
+    )
+    init_weights: str | None = _opt(
+        None, "a state dict (torch.save) loaded into the network before training", group="model", metavar="PATH"
+    )
+    width: int | None = _opt(
+        None,
+        "first-stage channels of the ResNets (paper 64; default 16 on CPU, 64 on CUDA)",
+        group="model",
+        check=optional(positive_int),
+    )
+    batch_size: int | None = _opt(
+        None, "global batch size (default: from the data's size)", group="model", check=optional(positive_int)
+    )
+    labeled_batch: int | None = _opt(
+        None,
+        "labeled examples added to every batch from their own stream, beside the batch drawn from all examples "
+        "(default: by --method)",
+        group="model",
+        check=optional(count),
+    )
+    lr: float | None = _opt(
+        None, "initial learning rate (default: from the data's size)", group="model", check=optional(positive_float)
+    )
     momentum: float = _opt(0.9, "SGD momentum", group="model", check=momentum_range)
     weight_decay: float = _opt(
         1e-4, "weight decay on weights (not batch-norm, not biases)", group="model", check=nonneg_float
     )
-    milestones: list[int] = _opt(
+    milestones: list[int] | None = _opt(
         None,
         "epochs where the lr drops x0.1 (default: at 2/3 and 8/9 of the run)",
         group="model",
-        check=epoch_list,
-        factory=list,
+        check=optional(epoch_list),
     )
     rate_jump: int | None = _opt(
-        None, "epoch where the lr jumps back to 0.1 x initial", group="model", check=_optional(count)
+        None, "epoch where the lr jumps back to 0.1 x initial", group="model", check=optional(count)
     )
     jump_milestones: list[int] = _opt(
         None, "two more x0.1 drops after the jump", group="model", check=epoch_list, factory=list
@@ -206,17 +185,24 @@ class TrainConfig:
     )
     compile: bool = _opt(False, "torch.compile the network", group="model")
     eval_batch_size: int = _opt(512, "batch size of evaluation and inference passes", group="model", check=positive_int)
-    # LLP (docs/method.md §1)
+    # the method (docs/method.md §1 and §8)
+    method: str = _opt(
+        "plus",
+        "plus: LLP with whole-bank propagation, a consistency term and a weight average (docs/method.md §8); "
+        "paper: the paper's LLP; fixmatch: the consistency term alone, no LLP (a comparison)",
+        group="llp",
+        choices=METHODS,
+    )
     supervised_only: bool = _opt(
         False, "train on the labeled examples alone (the baseline), same net and schedule", group="llp"
     )
     warmup_epochs: int = _opt(0, "instance-discrimination warm-up epochs", group="llp", check=count)
-    propagation_start: int = _opt(
-        0,
-        "epochs before the first propagation: until then unlabeled examples keep their start labels",
+    propagation_start: int | None = _opt(
+        None,
+        "epochs before the first propagation: until then unlabeled examples keep their start labels "
+        "(default: 3 for small data, else 0)",
         group="llp",
-        check=count,
-        preset=True,
+        check=optional(count),
         metavar="E",
     )
     bank_init: str = _opt(
@@ -226,13 +212,64 @@ class TrainConfig:
         group="llp",
         choices=("forward", "random"),
     )
-    label_init: str = _opt(
-        "instance",
+    label_init: str | None = _opt(
+        None,
         "unlabeled examples' labels until the first propagation: their instance ids (the original code), or "
-        "LLP's vote on the raw inputs, pixels centred and L2-normalised (array data only)",
+        "LLP's vote on the raw inputs, pixels centred and L2-normalised (default for small images in memory)",
         group="llp",
         choices=("instance", "inputs"),
-        preset=True,
+    )
+    start_rounds: int | None = _opt(
+        None,
+        "rounds of the vote on the inputs (docs/method.md §7; 1 = the paper's one-shot vote; default by --method)",
+        group="llp",
+        check=optional(positive_int),
+    )
+    refresh_rounds: int | None = _opt(
+        None,
+        "rounds of the vote over the whole bank at each density refresh, relabeling every unlabeled example "
+        "(docs/method.md §8.1; 0 = none, the paper; default by --method)",
+        group="llp",
+        check=optional(count),
+    )
+    max_voters: int | None = _opt(
+        None,
+        "cap on the pseudo-labeled voters of a whole-bank vote, so that it costs O(N (M + cap)) "
+        f"(default {DEFAULT_MAX_VOTERS:,})",
+        group="llp",
+        check=optional(count),
+    )
+    local_propagation: bool | None = _opt(
+        None,
+        "propagate each batch's unlabeled examples after every step (docs/method.md §1.6; default by --method)",
+        group="llp",
+    )
+    consistency: float | None = _opt(
+        None,
+        "weight of the consistency term: a strong view learns the target where it is confident "
+        "(docs/method.md §8.2; 0 = off; default by --method)",
+        group="llp",
+        check=optional(nonneg_float),
+    )
+    consistency_target: str | None = _opt(
+        None,
+        "the strong view's target: the stored LLP label (llp), the weak view's prediction (weak), or only where "
+        "both agree (agree) (default by --method)",
+        group="llp",
+        choices=CONSISTENCY_TARGETS,
+    )
+    threshold: float | None = _opt(
+        None,
+        "confidence a target needs for the consistency term (default by --method)",
+        group="llp",
+        check=optional(unit_interval),
+    )
+    ema: float | None = _opt(
+        None,
+        "decay of the weight average evaluated in place of the trained weights (docs/method.md §8.3; 0 = off; "
+        "default by --method)",
+        group="llp",
+        check=optional(momentum_range),
     )
     k: int = _opt(10, "propagation neighbours K (0: min(10, the smallest labeled class))", group="llp", check=count)
     t: int = _opt(25, "density neighbours T", group="llp", check=positive_int)
@@ -244,24 +281,12 @@ class TrainConfig:
     density_weighting: bool = _opt(True, "NoDW ablation when off", group="llp", flag="--no-density-weighting")
     confidence: bool = _opt(True, "NoC ablation when off", group="llp", flag="--no-confidence")
     # a testing aid, not a user setting: act as if SIGINT arrived after this many steps
-    stop_after_steps: int | None = _opt(None, "", group="run", check=_optional(count), cli=False)
-
-
-# The two presets: the digit sets (tuned here, docs/results.md) and everything else (the paper).
-PRESETS = {
-    "small": {"epochs": 80, "batch_size": 64, "lr": 0.1, "propagation_start": 3, "label_init": "inputs"},
-    "paper": {"epochs": 100, "batch_size": 128, "lr": 0.03, "propagation_start": 0, "label_init": "instance"},
-}
-SMALL_DATA = ("digits", "mnist5k")
+    stop_after_steps: int | None = _opt(None, "", group="run", check=optional(count), cli=False)
 
 
 # What a resumed run may change: how long it trains and how it runs, nothing that shapes the result
 # so far (docs/method.md §6: a resume replays the uninterrupted run).
 RESUMABLE = ("epochs", "quiet", "threads", "workers")
-
-
-def preset_for(data: str) -> dict:
-    return PRESETS["small" if data in SMALL_DATA else "paper"]
 
 
 def fields():
@@ -275,7 +300,7 @@ def flag_of(f: dataclasses.Field) -> str:
 def check_value(f: dataclasses.Field, value):
     """``value`` for field ``f`` after its range check; ``ConfigError`` naming the flag."""
     choices, check = f.metadata.get("choices"), f.metadata.get("check")
-    if choices is not None and value not in choices:
+    if choices is not None and value not in choices and not (value is None and f.default is None):
         raise ConfigError(f"{flag_of(f)} must be one of {', '.join(choices)}, got {value!r}")
     if check is not None:
         try:
@@ -290,33 +315,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     :class:`ConfigError` naming the flag of the first bad one."""
     for f in fields():
         setattr(cfg, f.name, check_value(f, getattr(cfg, f.name)))
-    if cfg.rate_jump is not None and cfg.rate_jump >= cfg.epochs:
+    if cfg.rate_jump is not None and cfg.epochs is not None and cfg.rate_jump >= cfg.epochs:
         raise ConfigError(f"--rate-jump {cfg.rate_jump} must come before the last epoch ({cfg.epochs})")
     return cfg
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve(given: dict) -> TrainConfig:
-    """The config of a new run from the settings a user gave (``given``: field name -> value,
-    unset ones absent or None): the data set's preset, then the derived defaults (device: CUDA
-    when available; width 64 on CUDA, 16 on CPU; lr milestones at 2/3 and 8/9 of the run; run
-    directory ``runs/<time>``), then :func:`validate`."""
-    given = {k: v for k, v in given.items() if v is not None}
-    data = given.get("data", TrainConfig.data)
-    values = {**preset_for(data), **given}
-    values.setdefault("device", default_device())
-    values.setdefault("width", 16 if values["device"] == "cpu" else 64)
-    epochs = values["epochs"]
-    values.setdefault("milestones", [round(epochs * 2 / 3), round(epochs * 8 / 9)])
-    values.setdefault("run_dir", os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
-    if values.get("extra_unlabeled"):
-        values["extra_unlabeled"] = os.path.abspath(values["extra_unlabeled"])
-    return validate(TrainConfig(**values))
 
 
 def from_dict(saved: dict) -> TrainConfig:
@@ -345,52 +346,3 @@ def amp_dtype(cfg: TrainConfig, device):
     if torch.device(device).type != "cuda":
         raise ConfigError(f"--amp {mode} needs a CUDA device; training on CPU runs in float32")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
-
-def check_against_data(cfg: TrainConfig, source, k: int) -> None:
-    """The LLP settings that depend on the data: K within the labeled set, T within the density
-    pool, and ``--label-init inputs`` only on array data. :class:`DataError` naming the flag."""
-    m = int((source.targets >= 0).sum())
-    if cfg.label_init == "inputs" and not hasattr(source, "input_features"):
-        raise DataError(
-            f"--label-init inputs needs array data (digits, mnist5k, npz:PATH); {cfg.data} has no input "
-            "vectors to propagate in (use --label-init instance)"
-        )
-    if k > m:
-        raise DataError(f"--k {k} exceeds the {m} labeled training examples")
-    pool = source.num_train - m if cfg.density_pool == "unlabeled" else source.num_train
-    if cfg.t > pool:
-        raise DataError(f"--t {cfg.t} exceeds the density pool of {pool} examples")
-
-
-def source_for(cfg: TrainConfig, device, *, workers: int | None = None):
-    """The training data of ``cfg`` (split, preprocessing and augmentation as configured)."""
-    from ..data import load as load_data
-
-    return load_data(
-        cfg.data,
-        device=device,
-        labeled_fraction=cfg.labeled_fraction,
-        unlabeled_fraction=cfg.unlabeled_fraction,
-        seed=cfg.seed,
-        image_size=cfg.image_size,
-        scale_min=cfg.scale_min,
-        translate=cfg.translate,
-        flip=cfg.flip,
-        workers=cfg.workers if workers is None else workers,
-        loader=cfg.loader,
-        batch_size=cfg.batch_size,
-    )
-
-
-def model_for(cfg: TrainConfig, source):
-    """The network of ``cfg`` shaped for ``source`` (classes, channels, image size), on the CPU."""
-    from ..nn import build_model
-
-    return build_model(
-        cfg.arch,
-        num_classes=source.num_classes,
-        in_channels=source.in_channels,
-        image_size=source.image_size,
-        width=cfg.width,
-    )

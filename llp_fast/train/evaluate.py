@@ -1,9 +1,11 @@
 """End-of-epoch evaluation (docs/method.md §1.9): the reported accuracy and the diagnostics.
 
-- ``test_top1``, ``test_top5``: the classifier on the held-out split (the reported number);
+- ``test_top1``, ``test_top5``: the classifier on the held-out split (the reported number), with
+  the weight average's weights when the run keeps one (docs/method.md §8.3; the trained weights'
+  top-1 is then ``test_top1_trained``);
 - ``knn_top1``: the held-out embeddings' weighted vote of their K nearest labeled bank rows (no
-  density term); the baseline, which has no bank, votes with fresh embeddings of its labeled
-  examples;
+  density term); without a bank (the baseline, ``--method fixmatch``) the vote is over fresh
+  embeddings of the labeled examples;
 - ``pseudo_acc``, ``pseudo_counts``, ``pseudo_conf``: the stored labels of the unlabeled training
   examples (accuracy where their truth is known, per-class counts Q_i, mean confidence);
 - ``aggregation``, ``aggregation_per_class``: the norm of each true class's mean bank embedding
@@ -23,43 +25,54 @@ import torch
 
 from ..ops import propagate
 
+_NO_BANK = ("pseudo_acc", "pseudo_counts", "pseudo_conf", "aggregation", "aggregation_per_class", "corr_density_count")
+
+
+def _top(logits, y, s):
+    top5 = logits.topk(min(5, s), dim=1).indices
+    return float((top5[:, 0] == y).float().mean()), float((top5 == y[:, None]).any(1).float().mean())
+
 
 @torch.no_grad()
-def evaluate(trainer) -> dict:
-    cfg, s, bank = trainer.cfg, trainer.num_classes, trainer.bank
-    logits, emb, y = trainer.embed(trainer.source.test_batches(cfg.eval_batch_size))
-    y = y.to(trainer.device)
-    top5 = logits.topk(min(5, s), dim=1).indices
-    out = {
-        "test_top1": float((top5[:, 0] == y).float().mean()),
-        "test_top5": float((top5 == y[:, None]).any(1).float().mean()),
-    }
-    if bank is not None:
-        knn, _ = bank.vote(emb, k=trainer.k, tau=cfg.tau, density_weighting=False)
+def evaluate(
+    embed,
+    source,
+    bank,
+    *,
+    k: int,
+    tau: float,
+    num_classes: int,
+    batch_size: int,
+    labeled_idx,
+    targets,
+    truth,
+    averaged: bool = False,
+) -> dict:
+    """The metrics of docs/method.md §1.9. ``embed(batches, averaged=False)`` returns (logits,
+    embeddings, keys) of ``(images, key)`` batches in eval mode, with the weight average's weights
+    when ``averaged`` (``averaged``: the run keeps one)."""
+    s = num_classes
+    logits, emb, y = embed(source.test_batches(batch_size))
+    y = y.to(logits.device)
+    out = {}
+    if averaged:
+        avg_logits, _, _ = embed(source.test_batches(batch_size), averaged=True)
+        out["test_top1"], out["test_top5"] = _top(avg_logits, y, s)
+        out["test_top1_trained"] = _top(logits, y, s)[0]
     else:
-        _, lab_emb, idx = trainer.embed(trainer.source.index_batches(trainer.labeled_idx, cfg.eval_batch_size))
+        out["test_top1"], out["test_top5"] = _top(logits, y, s)
+    if bank is not None:
+        knn, _ = bank.vote(emb, k=k, tau=tau, density_weighting=False)
+    else:
+        _, lab_emb, idx = embed(source.index_batches(labeled_idx, batch_size))
         knn, _ = propagate(
-            emb,
-            lab_emb,
-            trainer.targets[idx],
-            None,
-            k=min(trainer.k, lab_emb.shape[0]),
-            tau=cfg.tau,
-            num_classes=s,
-            check_finite=False,
+            emb, lab_emb, targets[idx], None, k=min(k, lab_emb.shape[0]), tau=tau, num_classes=s, check_finite=False
         )
     out["knn_top1"] = float((knn == y).float().mean())
     if bank is None:
-        out.update(
-            pseudo_acc=None,
-            pseudo_counts=None,
-            pseudo_conf=None,
-            aggregation=None,
-            aggregation_per_class=None,
-            corr_density_count=None,
-        )
+        out.update(dict.fromkeys(_NO_BANK))
         return out
-    st = bank.class_statistics(trainer.truth)
+    st = bank.class_statistics(truth)
     out["pseudo_acc"] = st["pseudo_hits"] / st["pseudo_known"] if st["pseudo_known"] else None
     counts = st["pseudo_counts"]
     out["pseudo_counts"] = counts.tolist()

@@ -1,57 +1,62 @@
-"""The LLP training loop (docs/method.md §1.5-1.7), read top to bottom.
+"""The training loop (docs/method.md §1.5-1.7 and §8), read top to bottom.
 
-One step, for a mini-batch drawn uniformly from all training examples (labeled and unlabeled
-mixed, §1.7):
+One step, for a mini-batch drawn uniformly from all training examples (labeled and unlabeled mixed,
+§1.7; plus ``labeled_batch`` labeled ones from their own stream, §8.5):
 
-    logits, v = net(augment(x))
-    l, c      = bank.stored(indices)                  # targets from the previous visit
-    loss      = mean_b c_b * (CE(logits_b, l_b) [0 for instance ids] + L_A(v_b))   # §1.5
-    SGD step (momentum 0.9, weight decay on weights only)
-    bank.step(indices, v.detach())                    # §1.6: propagate, then blend rows
+    logits, v   = net(weak view)              [and net(strong view), in the same forward pass]
+    l, c        = bank.stored(indices)        # targets from the previous visit
+    loss        = mean_b c_b (CE(logits_b, l_b) + L_A(v_b))                       # §1.5
+                + consistency * mean_b mask_b CE(strong logits_b, target_b)       # §8.2
+    SGD step (momentum 0.9, weight decay on weights only); the weight average follows (§8.3)
+    bank.step(indices, v.detach())            # §1.6: propagate, then blend rows
 
-with ``bank.refresh_density`` at the start of every epoch (§1.1). Before the first step the bank
-and the unlabeled labels may be warm-started (:mod:`llp_fast.train.warmstart`); until
-``propagation_start`` the rows are blended but nobody is re-labeled. ``supervised_only`` trains
-the same network with the same schedule (same number of steps) on the labeled examples alone with
-cross-entropy: the baseline.
+At the start of every epoch the bank refreshes its densities (§1.1) and, from ``propagation_start``
+on, the whole-bank vote relabels every unlabeled example (§8.1). Before the first step the bank and
+the unlabeled labels may be warm-started (:mod:`.warmstart`). ``supervised_only`` trains the same
+network with the same schedule on the labeled examples alone (the baseline); ``--method fixmatch``
+has no bank: labeled cross-entropy plus the consistency term on the weak view's predictions.
 
-A checkpoint (:mod:`llp_fast.train.checkpoint`) is written after every epoch and, on SIGINT or
-SIGTERM, at the next step boundary; a resumed run replays exactly what the uninterrupted one would
-have done. Evaluation is :mod:`llp_fast.train.evaluate`; what a run reports, :mod:`.report`.
+A checkpoint (:mod:`.checkpoint`) is written after every epoch and, on SIGINT or SIGTERM, at the
+next step boundary; a resumed run replays exactly what the uninterrupted one would have done.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed
-from .._device import memory_format
 from .._progress import Progress, reporter
 from ..data.extra import add_extra_unlabeled
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
-from ..nn import param_groups
-from . import checkpoint, order, report, warmstart
-from .config import RESUMABLE, TrainConfig, amp_dtype, check_against_data, lr_at, model_for, source_for, validate
+from ..nn import GIVEN
+from . import checkpoint, defaults, order, relabel, report, warmstart
+from .build import check_against_data, configure_source, load_source
+from .config import TrainConfig, lr_at, validate
 from .evaluate import evaluate
+from .losses import consistency_loss, llp_loss, strong_targets, supervised_loss
+from .network import Network
 
 EMBED_DIM = 128  # D of docs/method.md §1.8
 
 
 class Trainer:
-    """A run of ``cfg``: data loaded and checked, network, optimizer and bank built; :meth:`fit`
-    trains. Under torchrun (WORLD_SIZE > 1) one process per GPU or CPU worker, NCCL or gloo."""
+    """A run of ``cfg``: data loaded, the settings left to choose chosen (:mod:`.defaults`; the lines
+    saying which are in ``notes``), network, optimizer and bank built; :meth:`fit` trains.
+    ``model``: a backbone of the user's (images -> features) in place of ``cfg.arch``. Under torchrun
+    (WORLD_SIZE > 1) one process per GPU or CPU worker, NCCL or gloo."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg = validate(cfg)
+    def __init__(self, cfg: TrainConfig, *, model: torch.nn.Module | None = None):
+        cfg = validate(dataclasses.replace(cfg))
+        if model is not None:
+            cfg.arch = GIVEN + type(model).__qualname__
         self.rank, self.world = distributed.init() if distributed.launched() else (0, 1)
+        cfg = defaults.resolve_run(cfg)
         device = cfg.device
         if self.world > 1 and device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -63,7 +68,10 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        self.source = src = source_for(cfg, self.device)
+        self.source = src = load_source(cfg, self.device)
+        self.facts = src.facts()
+        self.cfg, self.notes = cfg, notes = defaults.resolve(cfg, self.facts)
+        configure_source(cfg, src)
         self.n_original = src.num_train  # examples before --extra-unlabeled's: dataset indices [0, n_original)
         if cfg.extra_unlabeled:
             if self.world > 1:
@@ -74,22 +82,12 @@ class Trainer:
         self.truth = src.truth.to(self.device)
         self.labeled_idx = torch.nonzero(src.targets >= 0).flatten()  # CPU
         self.n = src.num_train
-        self.model = model_for(cfg, src).to(self.device, memory_format=memory_format(self.device))
-        # The bank stays outside the DDP module: it is a buffer LLP updates itself.
-        train_module = self.model
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            train_module = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.forward = torch.compile(train_module) if cfg.compile else train_module
-        self.eval_forward = torch.compile(self.model) if cfg.compile else self.model  # no DDP collectives
-        self.opt = torch.optim.SGD(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
-        self.amp_dtype = amp_dtype(cfg, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        # K = 0 asks for min(10, smallest labeled class). With the forward bank start K = 10 is the
-        # better choice even at 3 labels per class (docs/results.md).
+        self.net = Network(cfg, src, self.device, world=self.world, backbone=model)
+        self.model, self.average = self.net.model, self.net.average
+        # K = 0 asks for min(10, smallest labeled class).
         self.k = cfg.k or min(10, int(torch.bincount(src.targets[src.targets >= 0]).min()))
         self.bank = None
-        if not cfg.supervised_only:
+        if not cfg.supervised_only and cfg.method != "fixmatch":
             check_against_data(cfg, src, self.k)
             self.bank = distributed.make_bank(
                 src.targets, src.num_classes, layout=cfg.bank_layout, dim=EMBED_DIM, device=self.device, seed=cfg.seed
@@ -101,20 +99,26 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.order_state = self.gen_order.get_state()  # generator state at the current epoch's start
-        self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0}
+        self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0, "masked": 0.0}
         self.history: list[dict] = []  # one metrics row per completed epoch
         self.stop_signal = None
         self.progress = Progress(enabled=not cfg.quiet and self.rank == 0)
+        self.notes = notes
 
-    # -- schedule (llp_fast.train.order) ---------------------------------------------------
+    def schedule(self) -> order.Schedule:
+        cfg = self.cfg
+        return order.Schedule(
+            n=self.n,
+            labeled=self.labeled_idx,
+            batch_size=cfg.batch_size,
+            labeled_batch=cfg.labeled_batch,
+            world=self.world,
+            supervised_only=cfg.supervised_only,
+            seed=cfg.seed,
+        )
+
     def steps_per_epoch(self) -> int:
-        return order.steps_per_epoch(self)
-
-    def rank_batch_size(self) -> int:
-        return order.rank_batch_size(self)
-
-    def epoch_order(self) -> torch.Tensor:
-        return order.epoch_order(self)
+        return self.schedule().steps_per_epoch()
 
     def _stop_requested(self) -> bool:
         """A signal seen by any rank stops every rank at the same step (no rank is left waiting in
@@ -129,71 +133,68 @@ class Trainer:
         return bool(int(t))
 
     # -- one step ------------------------------------------------------------------------
-    def loss(self, logits, emb, idx, warmup: bool):
-        cfg = self.cfg
-        if cfg.supervised_only:
-            return F.cross_entropy(logits.float(), self.targets[idx])
-        if warmup:
-            return self.bank.instance_loss(emb, idx, tau=cfg.tau).mean()
-        labels, conf = self.bank.stored(idx)
-        la = self.bank.loss(emb, idx, tau=cfg.tau, targets=labels)
-        ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none") * (labels >= 0)
-        c = conf if cfg.confidence else torch.ones_like(conf)
-        return (c * (ce + la)).mean()
-
-    def autocast(self):
-        """bf16 (or fp16) autocast on CUDA; a no-op in float32 on CPU (docs/method.md §1.8)."""
-        dtype = self.amp_dtype or torch.float32
-        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
-
-    def train_step(self, x, idx, lr, warmup):
-        cfg = self.cfg
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+    def train_step(self, batch, lr: float, warmup: bool) -> tuple[float, float]:
+        """One optimizer step on ``batch`` = (images, [strong images,] dataset indices); returns the
+        loss and the share of the batch the consistency term used."""
+        cfg, bank = self.cfg, self.bank
+        x, strong, idx = batch if len(batch) == 3 else (batch[0], None, batch[1])
         self.model.train()
-        with self.autocast():
-            logits, emb = self.forward(x)
-        loss = self.loss(logits, emb, idx, warmup)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        if self.bank is not None:
-            if warmup or self.epoch < cfg.propagation_start:
-                self.bank.update(idx, emb.detach(), momentum=cfg.bank_momentum)
+        with self.net.autocast():
+            logits, emb = self.net.forward(x if strong is None else torch.cat([x, strong]))
+        b = x.shape[0]
+        known = self.targets[idx]
+        labels = conf = None
+        if cfg.supervised_only:
+            loss = supervised_loss(logits[:b], known)
+        elif bank is None:  # --method fixmatch
+            loss = supervised_loss(logits[:b], known, only_labeled=True)
+            labels, conf = known, torch.ones_like(known, dtype=torch.float32)
+        else:
+            loss, labels, conf = llp_loss(
+                logits[:b], emb[:b], idx, bank, tau=cfg.tau, confidence=cfg.confidence, warmup=warmup
+            )
+        share = 0.0
+        if strong is not None and labels is not None:
+            target, mask = strong_targets(cfg.consistency_target, logits[:b], labels, conf, known, cfg.threshold)
+            term, share = consistency_loss(logits[b:], target, mask)
+            loss = loss + cfg.consistency * term
+        self.net.step(loss, lr)
+        if bank is not None:
+            v = emb[:b].detach()
+            if warmup or self.epoch < cfg.propagation_start or not cfg.local_propagation:
+                bank.update(idx, v, momentum=cfg.bank_momentum)
             else:
-                self.bank.step(
-                    idx,
-                    emb.detach(),
-                    k=self.k,
-                    tau=cfg.tau,
-                    momentum=cfg.bank_momentum,
-                    density_weighting=cfg.density_weighting,
+                bank.step(
+                    idx, v, k=self.k, tau=cfg.tau, momentum=cfg.bank_momentum, density_weighting=cfg.density_weighting
                 )
-        return float(loss.detach())
+        return float(loss.detach()), share
 
     # -- warm starts and evaluation --------------------------------------------------------
-    def fill_bank(self) -> None:
-        warmstart.fill_bank(self)
-
-    def init_labels(self) -> None:
-        warmstart.init_labels(self)
-
-    @torch.no_grad()
-    def embed(self, batches):
-        """(logits, embeddings, keys) of ``(images, key)`` batches, in eval mode."""
-        self.model.eval()
-        logits, embs, keys = [], [], []
-        for x, key in batches:
-            with self.autocast():
-                lg, e = self.eval_forward(x)
-            logits.append(lg.float())
-            embs.append(e.float())
-            keys.append(key)
-        return torch.cat(logits), torch.cat(embs), torch.cat(keys)
+    def start(self) -> None:
+        """The bank's rows and the unlabeled labels before the first step (:mod:`.warmstart`)."""
+        cfg, common = self.cfg, dict(world=self.world, progress=self.progress)
+        if cfg.bank_init == "forward":
+            embed, b = self.net.embed_images, cfg.eval_batch_size
+            warmstart.fill_bank(self.bank, self.source, embed, n=self.n, batch_size=b, rank=self.rank, **common)
+        if cfg.label_init == "inputs":
+            kw = dict(targets=self.targets, truth=self.truth, k=self.k, num_classes=self.num_classes, **common)
+            warmstart.init_labels(self.bank, self.source, cfg, **kw)
 
     def evaluate(self) -> dict:
-        return evaluate(self)
+        cfg = self.cfg
+        return evaluate(
+            self.net.embed,
+            self.source,
+            self.bank,
+            k=self.k,
+            tau=cfg.tau,
+            num_classes=self.num_classes,
+            batch_size=cfg.eval_batch_size,
+            labeled_idx=self.labeled_idx,
+            targets=self.targets,
+            truth=self.truth,
+            averaged=self.average is not None,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict:
@@ -204,9 +205,7 @@ class Trainer:
             "global_step": self.global_step,
             "order_state": self.order_state,
             "epoch_stats": dict(self.epoch_stats),
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            **self.net.state_dict(),
             "targets": self.targets.cpu(),
             "rng": checkpoint.rng_state(self.gens),
             "history": list(self.history),
@@ -232,9 +231,7 @@ class Trainer:
                 self.drop_extra_rows()
             if not torch.equal(ckpt["targets"], self.targets.cpu()):
                 raise CheckpointError(f"checkpoint {path} was saved for a different data split")
-            self.model.load_state_dict(ckpt["model"])
-            self.opt.load_state_dict(ckpt["optimizer"])
-            self.scaler.load_state_dict(ckpt["scaler"])
+            self.net.load_state_dict(ckpt)
             if self.bank is not None:
                 pieces = checkpoint.bank_pieces(ckpt["bank"], self.cfg.run_dir, *self.bank.index_range)
                 self.bank.load_rows(pieces)
@@ -242,8 +239,7 @@ class Trainer:
         except CheckpointError:
             raise
         except Exception as e:
-            why = str(e).splitlines()[0][:200] if str(e) else ""
-            raise CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__}: {why})") from None
+            raise checkpoint.corrupt(path, e) from None
         self.epoch = ckpt["epoch"]
         self.step_in_epoch = ckpt["step_in_epoch"]
         self.global_step = ckpt["global_step"]
@@ -278,6 +274,8 @@ class Trainer:
             os.makedirs(cfg.run_dir, exist_ok=True)
             report.write_history(cfg.run_dir, self.history)  # the checkpoint's rows are the record
             tb = report.TensorBoard(cfg.run_dir, self.epoch)
+            if tb.missing:
+                self.progress.line(tb.missing)
         handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -286,10 +284,7 @@ class Trainer:
                 pass
         try:
             if self.global_step == 0 and self.bank is not None:
-                if cfg.bank_init == "forward":
-                    self.fill_bank()
-                if cfg.label_init == "inputs":
-                    self.init_labels()
+                self.start()
             while self.epoch < cfg.epochs:
                 row = self._train_epoch()
                 if self.rank == 0:
@@ -306,6 +301,17 @@ class Trainer:
                 tb.close()
         return self.history[-1] if self.history else {}
 
+    def _epoch_start(self, e: int, warmup: bool) -> dict:
+        """Density refresh (§1.1) and, from ``propagation_start`` on, the whole-bank vote (§8.1)."""
+        cfg, bank = self.cfg, self.bank
+        if bank is None or warmup:
+            return {}
+        with self.progress.bar(None, "density refresh", "row") as bar:
+            bank.refresh_density(t=cfg.t, tau=cfg.tau, pool=cfg.density_pool, progress=reporter(bar))
+        if not cfg.refresh_rounds or e < cfg.propagation_start:
+            return {}
+        return relabel.relabel(bank, cfg, k=self.k)
+
     def _train_epoch(self) -> dict:
         cfg, e = self.cfg, self.epoch
         if cfg.rate_jump is not None and e >= cfg.rate_jump:
@@ -313,28 +319,29 @@ class Trainer:
         warmup = e < cfg.warmup_epochs
         if self.step_in_epoch == 0:
             self.order_state = self.gen_order.get_state()
-            self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0}
-            if self.bank is not None and not warmup:
-                with self.progress.bar(None, "density refresh", "row") as bar:
-                    self.bank.refresh_density(t=cfg.t, tau=cfg.tau, pool=cfg.density_pool, progress=reporter(bar))
+            self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0, "masked": 0.0}
+            self.epoch_stats.update(self._epoch_start(e, warmup))
         else:  # resumed inside an epoch: replay its permutation from the saved state
             self.gen_order.set_state(self.order_state)
-        steps = self.steps_per_epoch()
+        plan = self.schedule()
+        steps = plan.steps_per_epoch()
+        epoch_order = order.epoch_order(plan, self.gen_order, rank=self.rank, epoch=e)
         batches = self.source.train_batches(
-            self.epoch_order(), self.rank_batch_size(), self.gen_aug, start=self.step_in_epoch, epoch=e
+            epoch_order, plan.loader_batch_size(), self.gen_aug, start=self.step_in_epoch, epoch=e
         )
         st, t0 = self.epoch_stats, time.perf_counter()
         base_seconds = st["seconds"]
         with self.progress.bar(steps, f"epoch {e + 1}/{cfg.epochs}", "step", initial=self.step_in_epoch) as bar:
-            for x, idx in batches:
-                loss = self.train_step(x, idx, lr_at(cfg, e + self.step_in_epoch / steps), warmup)
+            for batch in batches:
+                loss, share = self.train_step(batch, lr_at(cfg, e + self.step_in_epoch / steps), warmup)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(f"loss became {loss} at epoch {e + 1} step {self.step_in_epoch}; lower --lr")
                 self.step_in_epoch += 1
                 self.global_step += 1
                 st["loss_sum"] += loss
                 st["loss_n"] += 1
-                st["images"] += int(idx.shape[0])
+                st["masked"] += share
+                st["images"] += int(batch[-1].shape[0])
                 st["seconds"] = base_seconds + time.perf_counter() - t0
                 bar.update(1)
                 bar.set_postfix_str(
@@ -346,46 +353,8 @@ class Trainer:
                 if self._stop_requested():
                     self.save()
                     raise Interrupted(self.stop_signal, cfg.run_dir)
-        metrics = self.evaluate()
-        row = {
-            "epoch": e + 1,
-            **{k: metrics[k] for k in report.KEYS_FIRST[1:]},
-            "train_loss": st["loss_sum"] / max(st["loss_n"], 1),
-            "lr": lr_at(cfg, e),
-            "images_per_s": st["images"] / max(st["seconds"], 1e-9),
-            "epoch_seconds": st["seconds"],
-            **{k: v for k, v in metrics.items() if k not in report.KEYS_FIRST},
-        }
+        row = report.epoch_row(e + 1, self.evaluate(), st, lr_at(cfg, e), consistency=bool(cfg.consistency))
         self.epoch += 1
         self.step_in_epoch = 0
         self.history.append(row)
         return row
-
-
-def prepare(cfg: TrainConfig, *, resume: bool = False, ckpt: dict | None = None) -> Trainer:
-    """The :class:`Trainer` for ``cfg``: data loaded and checked, model built; nothing trained yet.
-    Writes ``RUN_DIR/config.json``.
-
-    ``resume``: continue the run in ``cfg.run_dir`` from its checkpoint (``ckpt``, when the caller
-    has loaded it already, with ``cfg`` its config). Without ``ckpt`` the checkpoint is loaded here
-    and its saved config is used, except for the fields of ``config.RESUMABLE`` (epochs, quiet,
-    threads, workers), which are taken from ``cfg``."""
-    if resume and ckpt is None:
-        saved_cfg, ckpt = checkpoint.open_run(cfg.run_dir)
-        keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps")}
-        cfg = dataclasses.replace(saved_cfg, **keep)
-    if ckpt is not None and cfg.epochs < ckpt["epoch"]:
-        raise ConfigError(f"--epochs {cfg.epochs}: the run in {cfg.run_dir} has completed {ckpt['epoch']} epochs")
-    trainer = Trainer(cfg)
-    if ckpt is not None:
-        trainer.restore(ckpt)
-    if trainer.rank == 0:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
-    return trainer
-
-
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Trains (or resumes) the run in ``cfg.run_dir``; returns the last epoch's metrics."""
-    return prepare(cfg, resume=resume).fit()

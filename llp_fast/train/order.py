@@ -1,63 +1,100 @@
 """Which examples an epoch visits, in which order, in batches of which size.
 
 LLP draws mini-batches uniformly from all training examples, labeled and unlabeled mixed
-(docs/method.md §1.7): one permutation of the N examples per epoch. The supervised-only baseline
-visits its labeled examples only, repeated to the same number of steps, so that both runs take the
-same schedule. Under torch.distributed each rank takes its share of the epoch from a
-``DistributedSampler`` (shuffled with the run's seed and the epoch), and the global batch
-(``--batch-size``) is split over the ranks.
+(docs/method.md §1.7): one permutation of the N examples per epoch. With ``labeled_batch`` L > 0
+(docs/method.md §8.5) every batch also takes L labeled examples from a stream of their own (one
+permutation of the labeled examples after another), so the labeled share of a batch does not shrink
+with the label rate. The supervised-only baseline visits its labeled examples only, repeated to the
+same number of steps, so that both runs take the same schedule. Under torch.distributed each rank
+takes its share of the epoch from a ``DistributedSampler`` (shuffled with the run's seed and the
+epoch), and the global batch (``--batch-size``) is split over the ranks.
+
+Every function takes what it uses; ``gen`` is the run's order generator, whose state at the epoch's
+start is saved, so a resumed epoch draws the same order.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 
-def rank_batch_size(trainer) -> int:
-    """Per-process batch: the global batch split over the ranks."""
-    return max(1, trainer.cfg.batch_size // trainer.world)
+@dataclass(frozen=True)
+class Schedule:
+    """The shape of an epoch: ``n`` examples (dataset indices 0..n-1), ``labeled`` their labeled
+    dataset indices (CPU int64), the global ``batch_size`` and ``labeled_batch``, ``world`` ranks,
+    ``supervised_only`` (the baseline: labeled examples only) and the ``seed`` of the samplers."""
+
+    n: int
+    labeled: torch.Tensor
+    batch_size: int
+    labeled_batch: int = 0
+    world: int = 1
+    supervised_only: bool = False
+    seed: int = 0
+
+    @property
+    def rank_batch_size(self) -> int:
+        """Per-process batch drawn from the epoch's order: the global batch split over the ranks."""
+        return max(1, self.batch_size // self.world)
+
+    @property
+    def rank_labeled_batch(self) -> int:
+        return 0 if self.supervised_only or not self.labeled_batch else max(1, self.labeled_batch // self.world)
+
+    def epoch_length(self) -> int:
+        if not self.supervised_only:
+            return self.n
+        return math.ceil(self.n / self.batch_size) * self.batch_size
+
+    def steps_per_epoch(self) -> int:
+        if self.world == 1:
+            return math.ceil(self.n / self.batch_size)
+        per_rank = math.ceil(self.epoch_length() / self.world)
+        return math.ceil(per_rank / self.rank_batch_size)
+
+    def loader_batch_size(self) -> int:
+        """The batch the data source is asked for: the drawn batch plus the labeled stream's share."""
+        return self.rank_batch_size + self.rank_labeled_batch
 
 
-def _epoch_length(trainer) -> int:
-    if not trainer.cfg.supervised_only:
-        return trainer.n
-    return math.ceil(trainer.n / trainer.cfg.batch_size) * trainer.cfg.batch_size
+def _permutations(ids: torch.Tensor, need: int, gen: torch.Generator) -> torch.Tensor:
+    """``need`` entries of ``ids``, one random permutation after another."""
+    m = len(ids)
+    return torch.cat([ids[torch.randperm(m, generator=gen)] for _ in range(math.ceil(need / m))])[:need]
 
 
-def steps_per_epoch(trainer) -> int:
-    if trainer.world == 1:
-        return math.ceil(trainer.n / trainer.cfg.batch_size)
-    per_rank = math.ceil(_epoch_length(trainer) / trainer.world)
-    return math.ceil(per_rank / rank_batch_size(trainer))
+def epoch_order(s: Schedule, gen: torch.Generator, *, rank: int = 0, epoch: int = 0) -> torch.Tensor:
+    """Dataset indices of this rank's batches for the epoch (CPU int64), ``s.loader_batch_size()``
+    per batch (the last may be shorter without a labeled stream)."""
+    if s.world > 1:
+        order = _rank_order(s, rank, epoch)
+    elif not s.supervised_only:
+        order = torch.randperm(s.n, generator=gen)
+    else:
+        order = _permutations(s.labeled, s.steps_per_epoch() * s.batch_size, gen)
+    lb = s.rank_labeled_batch
+    if not lb:
+        return order
+    steps, b = s.steps_per_epoch(), s.rank_batch_size
+    drawn = order.repeat(math.ceil(steps * b / len(order)))[: steps * b].view(steps, b)  # wraps the last batch
+    stream = _permutations(s.labeled, steps * lb * s.world, gen).view(steps, s.world, lb)[:, rank]
+    return torch.cat([drawn, stream], dim=1).flatten()
 
 
-def epoch_order(trainer) -> torch.Tensor:
-    """Dataset indices of this epoch's batches (CPU int64), drawn from ``trainer.gen_order``."""
-    if trainer.world > 1:
-        return _rank_order(trainer)
-    if not trainer.cfg.supervised_only:
-        return torch.randperm(trainer.n, generator=trainer.gen_order)
-    need = steps_per_epoch(trainer) * trainer.cfg.batch_size
-    lab = trainer.labeled_idx
-    m = len(lab)
-    perms = [lab[torch.randperm(m, generator=trainer.gen_order)] for _ in range(math.ceil(need / m))]
-    return torch.cat(perms)[:need]
-
-
-def _rank_order(trainer) -> torch.Tensor:
+def _rank_order(s: Schedule, rank: int, epoch: int) -> torch.Tensor:
     """This rank's share of the epoch: a DistributedSampler over the epoch's examples (all of
     them; for the baseline, the labeled ones repeated to a full epoch), padded to a multiple of
     the world size."""
-    length = _epoch_length(trainer)
-    if trainer.cfg.supervised_only:
-        lab = trainer.labeled_idx
-        base = lab.repeat(math.ceil(length / len(lab)))[:length]
+    length = s.epoch_length()
+    if s.supervised_only:
+        base = s.labeled.repeat(math.ceil(length / len(s.labeled)))[:length]
     else:
-        base = torch.arange(trainer.n)
+        base = torch.arange(s.n)
     sampler = torch.utils.data.DistributedSampler(
-        range(length), num_replicas=trainer.world, rank=trainer.rank, shuffle=True, seed=trainer.cfg.seed
+        range(length), num_replicas=s.world, rank=rank, shuffle=True, seed=s.seed
     )
-    sampler.set_epoch(trainer.epoch)
+    sampler.set_epoch(epoch)
     return base[torch.tensor(list(sampler), dtype=torch.long)]

@@ -21,6 +21,24 @@ from .checkpoint import METRICS
 KEYS_FIRST = ("epoch", "test_top1", "test_top5", "knn_top1", "pseudo_acc")
 
 
+def epoch_row(epoch: int, metrics: dict, stats: dict, lr: float, *, consistency: bool) -> dict:
+    """The metrics row of a completed epoch: the evaluation's ``metrics`` (docs/method.md §1.9) and
+    the epoch's running ``stats`` (loss sum, steps, images, seconds, the consistency term's share,
+    the whole-bank vote's changes)."""
+    n_steps = max(stats["loss_n"], 1)
+    return {
+        "epoch": epoch,
+        **{k: metrics[k] for k in KEYS_FIRST[1:]},
+        "train_loss": stats["loss_sum"] / n_steps,
+        "lr": lr,
+        "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
+        "epoch_seconds": stats["seconds"],
+        "consistency_share": stats["masked"] / n_steps if consistency else None,
+        **{k: stats[k] for k in ("relabel_changed", "relabel_seconds") if k in stats},
+        **{k: v for k, v in metrics.items() if k not in KEYS_FIRST},
+    }
+
+
 def read_metrics(path: str) -> list[dict]:
     """The rows of a metrics file; :class:`DataError` naming the file and line for a bad line."""
     rows = []
@@ -63,14 +81,17 @@ def scalars(row: dict) -> dict[str, float]:
 
 class TensorBoard:
     """One ``SummaryWriter`` in ``RUN_DIR/tb`` for as long as the run trains, when the
-    ``tensorboard`` package is installed; otherwise nothing. ``epochs_done``: the checkpoint's
-    epoch count, past which earlier event files' scalars are purged (a replayed epoch)."""
+    ``tensorboard`` package is installed; otherwise nothing but ``missing``, the line that says so.
+    ``epochs_done``: the checkpoint's epoch count, past which earlier event files' scalars are
+    purged (a replayed epoch)."""
 
     def __init__(self, run_dir: str, epochs_done: int = 0):
         self.writer = None
+        self.missing = None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
+            self.missing = "no TensorBoard scalars (metrics.jsonl has them): pip install 'llp_fast[tb]' for them"
             return
         purge = epochs_done + 1 if epochs_done else None
         self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge)

@@ -1,0 +1,87 @@
+"""Value checks of settings, one meaning per name, shared by the training config
+(:mod:`llp_fast.train.config`), the labeller's settings (:mod:`llp_fast.embeddings.settings`) and the
+command lines' flag types (:mod:`llp_fast.cli._common`). Each returns the value, normalised to its
+type, or raises ``ValueError("expected ..., got ...")``; the caller names the flag or field.
+(The public ops check their tensor arguments in :mod:`llp_fast._validate`.)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+
+
+def bad(what: str, value) -> ValueError:
+    return ValueError(f"expected {what}, got {value!r}")
+
+
+def positive_int(v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise bad("a whole number >= 1", v)
+    return int(v)
+
+
+def count(v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise bad("a whole number >= 0", v)
+    return int(v)
+
+
+def positive_float(v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+        raise bad("a finite number > 0", v)
+    return float(v)
+
+
+def nonneg_float(v):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
+        raise bad("a finite number >= 0", v)
+    return float(v)
+
+
+def fraction(v):
+    """In (0, 1]."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 < v <= 1):
+        raise bad("a number in (0, 1]", v)
+    return float(v)
+
+
+def unit_interval(v):
+    """In [0, 1]."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 <= v <= 1):
+        raise bad("a number in [0, 1]", v)
+    return float(v)
+
+
+def momentum_range(v):
+    """In [0, 1): SGD momentum 1 never forgets a gradient."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 <= v < 1):
+        raise bad("a number in [0, 1)", v)
+    return float(v)
+
+
+def epoch_list(v):
+    if not isinstance(v, (list, tuple)):
+        raise bad("a list of epochs", v)
+    return [count(e) for e in v]
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def device_name(v):
+    if not isinstance(v, str) or not _DEVICE.match(v):
+        raise bad("cpu, cuda or cuda:N", v)
+    return v
+
+
+def optional(check):
+    """``check`` letting ``None`` through: a setting chosen later."""
+
+    def inner(v):
+        return None if v is None else check(v)
+
+    inner.__name__ = check.__name__
+    inner.optional = True
+    return inner

@@ -1,0 +1,168 @@
+"""The settings a run takes from what its data is, from its device and from ``--method``.
+
+A :class:`~llp_fast.train.config.TrainConfig` field left ``None`` is chosen here when the run starts,
+and :func:`resolve` returns, beside the resolved config, the lines a run prints to say what it
+chose and why. The rules read :class:`~llp_fast.data.DataFacts` (how many training examples, the
+images' side and channels, how many labels per class, in memory or in files), never the data set's
+name: the same images give the same run whether they come as ``--data digits`` or as an ``npz:``.
+Why each rule is what it is: docs/method.md §8.4, with the runs behind it in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from .config import DEFAULT_MAX_VOTERS, TrainConfig, validate
+
+# Fewer training examples than this is "small data": many short steps at a high rate, a few epochs
+# on the start labels before propagating, and the supervised-only baseline beside the run.
+SMALL_DATA = 20_000
+# Input side of images this small or smaller is raised to it (the small stem keeps the side, and the
+# last stage of a ResNet-18 would see a 1-pixel map below it).
+MIN_SIDE = 16
+MAX_SIDE = 224  # ImageNet's crop: larger images are resampled to it
+# A vote on raw pixels is a useful start for images up to this side held in memory.
+PIXEL_VOTE_SIDE = 32
+
+# What each --method sets (docs/method.md §8): the parts of LLP+ and their switches.
+METHOD_PARTS = {
+    "plus": dict(
+        start_rounds=10,
+        refresh_rounds=10,
+        local_propagation=True,
+        consistency=1.0,
+        consistency_target="llp",
+        threshold=0.8,
+        ema=0.99,
+        labeled_batch=0,
+    ),
+    "paper": dict(
+        start_rounds=1,
+        refresh_rounds=0,
+        local_propagation=True,
+        consistency=0.0,
+        consistency_target="llp",
+        threshold=0.95,
+        ema=0.0,
+        labeled_batch=0,
+    ),
+    "fixmatch": dict(
+        start_rounds=1,
+        refresh_rounds=0,
+        local_propagation=False,
+        consistency=1.0,
+        consistency_target="weak",
+        threshold=0.95,
+        ema=0.99,
+        labeled_batch=16,
+    ),
+}
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_run(cfg: TrainConfig) -> TrainConfig:
+    """The settings that do not depend on the data: the device (CUDA when there is one), the
+    ResNets' width (16 on CPU, 64 on CUDA), the run directory (``runs/<time>``), and the
+    ``--extra-unlabeled`` path made absolute (a resume may start elsewhere)."""
+    device = cfg.device or default_device()
+    extra = os.path.abspath(cfg.extra_unlabeled) if cfg.extra_unlabeled else cfg.extra_unlabeled
+    return dataclasses.replace(
+        cfg,
+        device=device,
+        width=cfg.width or (16 if device == "cpu" else 64),
+        run_dir=cfg.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")),
+        extra_unlabeled=extra,
+    )
+
+
+def small(facts) -> bool:
+    return facts.num_train < SMALL_DATA
+
+
+def baseline_by_default(facts) -> bool:
+    """``--baseline auto``: the supervised-only baseline beside the run on small data."""
+    return small(facts)
+
+
+def data_defaults(facts, method: str = "plus") -> dict:
+    """Each data-dependent setting with the reason it takes that value: name -> (value, why).
+    ``method``: small data trains 40 epochs with LLP+ (it plateaus by epoch 30 on the digit sets) and
+    80 with the paper's method (the previous default, whose results it reproduces)."""
+    tiny = small(facts)
+    gray = facts.channels == 1
+    size = "fewer" if tiny else "at least"
+    why_size = f"{size} than {SMALL_DATA:,} training examples"
+    side = min(max(facts.side, MIN_SIDE), MAX_SIDE)
+    out = {
+        "epochs": ((80 if method == "paper" else 40) if tiny else 100, why_size),
+        "batch_size": (64 if tiny else 128, why_size),
+        "lr": (0.1 if tiny else 0.03, why_size),
+        "propagation_start": (3 if tiny else 0, why_size),
+        "image_size": (
+            side,
+            f"images of {facts.side} px"
+            + (f" are raised to {MIN_SIDE} px" if facts.side < MIN_SIDE else "")
+            + (f" are resampled to {MAX_SIDE} px" if facts.side > MAX_SIDE else ""),
+        ),
+        "flip": (not gray, "grayscale images: digits and letters change meaning mirrored" if gray else "colour images"),
+        "scale_min": (0.85 if gray else 0.35, "grayscale: crops keep most of the glyph" if gray else "colour images"),
+        "translate": (1.0 if facts.side <= 8 else 2.0 if gray else 0.0, "grayscale: small shifts" if gray else "none"),
+    }
+    pixels = facts.kind == "arrays" and facts.side <= PIXEL_VOTE_SIDE
+    out["label_init"] = (
+        "inputs" if pixels else "instance",
+        f"images of {PIXEL_VOTE_SIDE} px or less in memory: a vote on their pixels"
+        if pixels
+        else "no pixel vote for large images or files",
+    )
+    return out
+
+
+def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
+    """``cfg`` with every field left ``None`` chosen (:func:`resolve_run`, ``--method``'s parts, the
+    data's rules), validated; and the lines that say what was chosen and why (empty when nothing
+    was left to choose, as on a resume)."""
+    cfg = resolve_run(cfg)
+    chosen: dict = {}
+    reasons: dict[str, list[str]] = {}
+    for name, (value, why) in data_defaults(facts, cfg.method).items():
+        if getattr(cfg, name) is None:
+            chosen[name] = value
+            reasons.setdefault(why, []).append(f"{_flag(name)} {_show(value)}")
+    for name, value in METHOD_PARTS[cfg.method].items():
+        if getattr(cfg, name) is None:
+            chosen[name] = value
+    if cfg.max_voters is None:
+        chosen["max_voters"] = DEFAULT_MAX_VOTERS
+    cfg = dataclasses.replace(cfg, **chosen)
+    if cfg.milestones is None:
+        cfg.milestones = [round(cfg.epochs * 2 / 3), round(cfg.epochs * 8 / 9)]
+    lines = []
+    if reasons:
+        lines.append(
+            f"the data: {facts.num_train:,} training images of {facts.side} px, {facts.channels} channel"
+            f"{'s' if facts.channels > 1 else ''}, {facts.num_labeled:,} labeled (at least "
+            f"{facts.min_labeled_per_class} per class), {facts.num_classes} classes"
+        )
+        lines.append("defaults from it: " + "; ".join(f"{', '.join(v)} ({why})" for why, v in reasons.items()))
+    parts = [n for n in METHOD_PARTS[cfg.method] if n in chosen]
+    if parts:
+        lines.append(f"--method {cfg.method}: " + ", ".join(f"{_flag(n)} {_show(chosen[n])}" for n in parts))
+    return validate(cfg), lines
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)

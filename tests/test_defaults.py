@@ -1,0 +1,218 @@
+"""Defaults that follow the data, not its name (llp_fast.train.defaults), one set of defaults for the
+CLI and Python, and the strong views of the consistency term (llp_fast.data.strong)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from llp_fast.cli.train import config_from_args
+from llp_fast.cli.train import parser as train_parser
+from llp_fast.data import DataFacts, strong
+from llp_fast.data import load as load_data
+from llp_fast.train import defaults
+from llp_fast.train.config import METHODS, TrainConfig, validate
+
+
+def facts(**kw):
+    base = dict(
+        kind="arrays", num_train=1400, num_labeled=30, num_classes=10, min_labeled_per_class=3, side=8, channels=1
+    )
+    return DataFacts(**{**base, **kw})
+
+
+def resolved(cfg=None, **kw):
+    return defaults.resolve(cfg or TrainConfig(device="cpu", run_dir="r"), facts(**kw))[0]
+
+
+def test_small_grayscale_arrays_get_the_small_data_rules():
+    cfg = resolved()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.propagation_start) == (40, 64, 0.1, 3)
+    assert (cfg.image_size, cfg.flip, cfg.scale_min, cfg.translate) == (16, False, 0.85, 1.0)
+    assert cfg.label_init == "inputs" and cfg.milestones == [27, 36]
+    cfg = resolved(side=28, num_train=4000)
+    assert (cfg.image_size, cfg.translate) == (28, 2.0)
+
+
+def test_large_colour_data_in_files_gets_the_papers_settings():
+    cfg = resolved(kind="folder", num_train=1_281_167, side=400, channels=3)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.propagation_start) == (100, 128, 0.03, 0)
+    assert (cfg.image_size, cfg.flip, cfg.scale_min, cfg.translate) == (224, True, 0.35, 0.0)
+    assert cfg.label_init == "instance"  # no pixel vote over files
+    assert resolved(kind="arrays", side=96, channels=3).label_init == "instance"  # nor over large images
+
+
+def test_given_settings_win_and_methods_set_their_parts():
+    cfg = resolved(TrainConfig(device="cpu", run_dir="r", epochs=7, flip=True, lr=0.5))
+    assert (cfg.epochs, cfg.flip, cfg.lr, cfg.milestones) == (7, True, 0.5, [5, 6])
+    paper = resolved(TrainConfig(device="cpu", run_dir="r", method="paper"))
+    assert (paper.consistency, paper.refresh_rounds, paper.ema, paper.start_rounds) == (0.0, 0, 0.0, 1)
+    assert paper.epochs == 80  # the previous default's schedule, which it reproduces
+    plus = resolved(TrainConfig(device="cpu", run_dir="r", method="plus", ema=0.0))
+    assert plus.consistency > 0 and plus.refresh_rounds > 1 and plus.ema == 0.0
+    assert set(defaults.METHOD_PARTS) == set(METHODS)
+    optional = {"rate_jump", "init_weights", "extra_unlabeled", "stop_after_steps"}  # None: absent
+    for cfg in (paper, plus):  # nothing left to choose
+        left = {k for k, v in dataclasses.asdict(cfg).items() if v is None}
+        assert left <= optional, left
+
+
+def test_the_run_says_what_it_chose_and_why():
+    _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r"), facts())
+    text = "\n".join(lines)
+    assert "1,400 training images of 8 px" in text and "--image-size 16" in text and "--flip off" in text
+    assert "grayscale" in text and "--method plus" in text
+    _, again = defaults.resolve(resolved(), facts())
+    assert again == []  # a resolved config (a resume) has nothing left to choose
+
+
+def test_cli_python_and_fit_build_the_same_config(monkeypatch):
+    import llp_fast.train.api as api
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(cfg, **kw):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(api, "prepare", capture)
+    cases = [
+        ([], {}),
+        (["--data", "mnist5k", "--labeled-fraction", "0.02", "--epochs", "5"], dict(labeled_fraction=0.02, epochs=5)),
+    ]
+    for argv, kw in cases:
+        cli = config_from_args(train_parser().parse_args([*argv, "--run-dir", "r"]))
+        py = validate(TrainConfig(data=cli.data, run_dir="r", **kw))
+        with pytest.raises(Stop):
+            api.fit(None, cli.data, run_dir="r", **kw)
+        assert cli == py == validate(seen[-1])  # field by field
+        assert defaults.resolve(cli, facts())[0] == defaults.resolve(py, facts())[0]
+    assert TrainConfig().milestones is None  # chosen from the epochs, never "no lr drop"
+
+
+def test_digits_and_the_same_images_as_an_npz_are_the_same_data(tmp_path):
+    src = load_data("digits", labeled_fraction=0.02, seed=1)
+    path = tmp_path / "d.npz"
+    np.savez(
+        path,
+        x=src.x[:, 0].numpy(),
+        y=src.targets.numpy(),
+        x_test=src.x_test[:, 0].numpy(),
+        y_test=src.y_test.numpy(),
+    )
+    other = load_data(f"npz:{path}", labeled_fraction=0.1, seed=5)  # the file's own split wins
+    assert other.facts() == src.facts()
+    assert torch.equal(other.targets, src.targets) and torch.equal(other.x, src.x)
+    cfg = TrainConfig(device="cpu", run_dir="r")
+    assert defaults.resolve(cfg, other.facts())[0] == defaults.resolve(cfg, src.facts())[0]
+
+
+def test_folder_facts_read_the_image_side(tmp_path):
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(6):
+            Image.new("RGB", (48, 40), (30 * i, 10, 200)).save(tmp_path / f"c{c}" / f"{i}.png")
+    f = load_data(f"folder:{tmp_path}", labeled_fraction=0.5, loader="pil").facts()
+    assert (f.kind, f.side, f.channels, f.num_classes) == ("folder", 40, 3, 2)
+
+
+# -- strong views -----------------------------------------------------------------------------------
+
+
+def test_strong_views_replay_from_the_generator_and_differ_from_weak():
+    src = load_data("digits", labeled_fraction=0.1, seed=0)
+    src.configure(image_size=16, scale_min=0.85, translate=1.0, flip=False, strong=True)
+    x = src.x[:64]
+    g = torch.Generator().manual_seed(3)
+    w1, s1 = src.augment_pair(x, g)
+    g.manual_seed(3)
+    w2, s2 = src.augment_pair(x, g)
+    assert torch.equal(w1, w2) and torch.equal(s1, s2)  # a resume replays the same views
+    g.manual_seed(3)
+    assert torch.equal(src.augment(x, g), w1)  # the weak view is the plain augmentation's draw
+    assert w1.shape == s1.shape == (64, 1, 16, 16) and torch.isfinite(s1).all()
+    assert float((w1 - s1).abs().mean()) > 0.1
+    batches = list(src.train_batches(torch.arange(130), 64, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [3, 3, 3] and batches[-1][1].shape[0] == 2
+
+
+def test_each_photometric_op_does_what_it_names():
+    x = torch.linspace(0, 1, 64).view(1, 1, 8, 8).repeat(2, 1, 1, 1)
+
+    def one(name, m=0.5, sign=1.0):
+        ops = torch.full((2, 2), strong.OPS.index("identity"))
+        ops[:, 0] = strong.OPS.index(name)
+        choice = dict(
+            ops=ops,
+            mag=torch.full((2, 2), m),
+            sign=torch.full((2, 2), sign),
+            cut_centre=torch.zeros(2, 2),
+            cut_side=torch.zeros(2),
+        )
+        return strong.photometric(x.clone(), choice)
+
+    assert torch.equal(one("identity"), x)
+    torch.testing.assert_close(one("brightness", 0.5, -1.0), x * (1 - 0.45))
+    sol = one("solarize", 0.25)  # pixels >= 0.75 inverted
+    torch.testing.assert_close(sol, torch.where(x >= 0.75, 1 - x, x))
+    assert one("posterize", 1.0).unique().numel() <= 16  # 4 bits kept
+    eq = one("equalize")
+    assert float(eq.min()) == 0.0 and float(eq.max()) == 1.0
+    ac = one("autocontrast")
+    torch.testing.assert_close(ac, (x - x.min()) / (x.max() - x.min()))
+    cut = strong.photometric(
+        x.clone(),
+        dict(
+            ops=torch.zeros(2, 2, dtype=torch.long),
+            mag=torch.zeros(2, 2),
+            sign=torch.ones(2, 2),
+            cut_centre=torch.full((2, 2), 0.5),
+            cut_side=torch.ones(2),
+        ),
+    )
+    assert int((cut == 0.5).sum()) >= 2 * 16  # a grey square of half the side
+
+
+def test_geometry_of_identity_ops_is_the_identity():
+    choice = strong.draw(5, torch.Generator().manual_seed(0), "cpu")
+    choice["ops"][:] = strong.OPS.index("identity")
+    torch.testing.assert_close(strong.geometry(choice), torch.eye(3).repeat(5, 1, 1))
+    choice["ops"][:, 0] = strong.OPS.index("rotate")
+    choice["ops"][:, 1] = strong.OPS.index("identity")
+    g = strong.geometry(choice)
+    torch.testing.assert_close(torch.linalg.det(g), torch.ones(5))  # a rotation keeps the area
+
+
+def test_pil_strong_view_is_seeded_and_keeps_the_size():
+    from PIL import Image
+
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))
+    a = np.asarray(strong.strong_pil(im.copy(), np.random.default_rng(7)))
+    b = np.asarray(strong.strong_pil(im.copy(), np.random.default_rng(7)))
+    assert a.shape == (24, 24, 3) and np.array_equal(a, b)
+
+
+def test_folder_strong_views_come_from_the_pil_loader_and_dali_refuses(tmp_path):
+    from PIL import Image
+
+    from llp_fast.errors import ConfigError
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(5):
+            Image.new("RGB", (20, 20), (40 * i, 90, 10 * c)).save(tmp_path / f"c{c}" / f"{i}.png")
+    src = load_data(f"folder:{tmp_path}", labeled_fraction=0.5, loader="auto", workers=0)
+    src.configure(image_size=16, strong=True)
+    assert src.loader == "pil"  # auto: DALI makes no strong views
+    weak, strg, idx = next(iter(src.train_batches(torch.arange(src.num_train), 4)))
+    assert weak.shape == strg.shape == (4, 3, 16, 16) and idx.shape == (4,)
+    pytest.importorskip("nvidia.dali")
+    dali = load_data(f"folder:{tmp_path}", labeled_fraction=0.5, loader="dali", workers=0)
+    with pytest.raises(ConfigError, match="--loader dali does not make the strong views"):
+        dali.configure(image_size=16, strong=True)

@@ -1,0 +1,198 @@
+"""The parts of --method plus (docs/method.md §8) and the trainer as a library: the whole-bank vote,
+the consistency term, the weight average, the labeled stream, --method fixmatch, your own network
+(Python and --arch module:factory) and --init-weights; each resumes exactly."""
+
+import dataclasses
+import json
+import os
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_ARGS, one_error_line, tiny_config
+
+from llp_fast.cli.train import main as train_main
+from llp_fast.embeddings import label_embeddings
+from llp_fast.errors import Interrupted
+from llp_fast.train import order
+from llp_fast.train.api import fit, train
+from llp_fast.train.checkpoint import CHECKPOINT, METRICS
+from llp_fast.train.ema import WeightAverage
+from llp_fast.train.loop import Trainer
+from llp_fast.train.relabel import relabel
+from llp_fast.train.report import read_metrics
+
+# tiny networks on one thread, DataLoader and gloo-free but native: isolated (_isolate.py)
+pytestmark = pytest.mark.isolated
+torch.set_num_threads(1)
+TIMING = {"images_per_s", "epoch_seconds", "relabel_seconds"}
+PLUS = dict(method="plus", label_init=None, propagation_start=1, start_rounds=3, refresh_rounds=3, ema=0.9)
+
+
+def untimed(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_plus_resumes_mid_epoch_exactly(tmp_path):
+    full = tiny_config(tmp_path, "full", **PLUS)
+    train(full)
+    cut = tiny_config(tmp_path, "cut", stop_after_steps=13, **PLUS)  # inside epoch 2, after the whole-bank vote
+    with pytest.raises(Interrupted):
+        train(cut)
+    train(dataclasses.replace(cut, stop_after_steps=None), resume=True)
+    a = read_metrics(os.path.join(full.run_dir, METRICS))
+    b = read_metrics(os.path.join(cut.run_dir, METRICS))
+    assert untimed(a) == untimed(b)
+    assert a[1]["relabel_changed"] is not None and 0 < a[0]["consistency_share"] <= 1
+    assert a[1]["test_top1_trained"] is not None  # the average is what test_top1 reports
+    ma = torch.load(os.path.join(full.run_dir, CHECKPOINT), weights_only=True)
+    mb = torch.load(os.path.join(cut.run_dir, CHECKPOINT), weights_only=True)
+    for part in ("model", "ema"):
+        for k, v in ma[part].items():
+            same = torch.equal(v, mb[part][k]) if torch.is_tensor(v) else v == mb[part][k]
+            assert same, (part, k)
+    assert torch.equal(ma["bank"]["pieces"][0]["labels"], mb["bank"]["pieces"][0]["labels"])
+
+
+def test_whole_bank_vote_stores_the_engines_labels(tmp_path):
+    tr = Trainer(tiny_config(tmp_path, **PLUS))
+    bank = tr.bank
+    gen = torch.Generator().manual_seed(0)
+    bank.embeddings.copy_(torch.nn.functional.normalize(torch.randn(bank.embeddings.shape, generator=gen), dim=1))
+    m = bank.num_labeled
+    labels = np.full(len(bank), -1)
+    labels[:m] = bank.labeled_classes.numpy()
+    want = label_embeddings(bank.embeddings, labels, rounds=3, k=tr.k, t=tr.cfg.t, tau=tr.cfg.tau, normalize=False)
+    stats = relabel(bank, tr.cfg, k=tr.k)
+    assert np.array_equal(bank.labels[m:].numpy(), want.labels[m:])
+    np.testing.assert_array_equal(bank.confidence[m:].numpy(), want.confidence[m:])
+    assert stats["relabel_changed"] == 1.0  # instance ids before
+    assert torch.equal(bank.labels[:m], bank.labeled_classes) and bool((bank.confidence[:m] == 1).all())
+
+
+def test_weight_average_follows_the_formula():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    avg = WeightAverage(net, 0.9)
+    avg.steps = 100  # past the warm-up: the decay is 0.9
+    start = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net[1].running_mean.fill_(5.0)
+    avg.update(net)
+    for a, s, p in zip(avg.model.parameters(), start, net.parameters()):
+        torch.testing.assert_close(a, 0.9 * s + 0.1 * p)
+        assert not a.requires_grad
+    assert torch.equal(avg.model[1].running_mean, net[1].running_mean)  # buffers copied
+    first = WeightAverage(net, 0.999)  # step 0: decay 1/10, the average follows the weights
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    before = [a.clone() for a in first.model.parameters()]
+    first.update(net)
+    for a, b, p in zip(first.model.parameters(), before, net.parameters()):
+        torch.testing.assert_close(a, 0.1 * b + 0.9 * p)
+    again = WeightAverage(net, 0.999)
+    again.load_state_dict(first.state_dict())
+    assert again.steps == 1
+
+
+def test_labeled_stream_adds_labeled_examples_to_every_batch():
+    labeled = torch.tensor([3, 7, 11])
+    s = order.Schedule(n=50, labeled=labeled, batch_size=16, labeled_batch=4)
+    visits = order.epoch_order(s, torch.Generator().manual_seed(0))
+    steps = s.steps_per_epoch()
+    assert s.loader_batch_size() == 20 and visits.shape == (steps * 20,)
+    per_batch = visits.view(steps, 20)
+    assert bool(torch.isin(per_batch[:, 16:], labeled).all())  # the stream's share: labeled only
+    assert set(per_batch[:, :16].flatten().tolist()) == set(range(50))  # every example visited
+
+
+def test_fixmatch_method_trains_without_a_bank(tmp_path):
+    tr = Trainer(tiny_config(tmp_path, method="fixmatch", label_init=None, epochs=1, threshold=0.0))
+    assert tr.bank is None and tr.cfg.labeled_batch == 16 and tr.cfg.consistency_target == "weak"
+    row = tr.fit()
+    assert row["consistency_share"] == 1.0 and row["pseudo_acc"] is None  # threshold 0: every example
+
+
+FACTORY = """
+import torch.nn as nn
+
+def small_cnn(in_channels, width=6):
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+def not_a_module():
+    return 3
+
+def broken():
+    raise RuntimeError("no weights here")
+"""
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text(textwrap.dedent(FACTORY))
+    monkeypatch.chdir(tmp_path)  # the current directory is searched first, as python -m does
+    yield "mynets"
+    sys.modules.pop("mynets", None)
+
+
+def test_own_network_through_python_and_the_cli_resumes_exactly(tmp_path, factory_module, capsys):
+    from llp_fast.nn import import_factory
+
+    small_cnn = import_factory("mynets:small_cnn")  # found in the current directory
+    settings = dataclasses.asdict(tiny_config(tmp_path, "py", epochs=1))
+    out = fit(small_cnn(1), settings.pop("data"), **settings)
+    assert out.model.feature_dim == 6 and out.config.arch == "given:Sequential"
+    assert 0 <= out.metrics["test_top1"] <= 1
+    again = fit(small_cnn(1), "digits", resume=True, run_dir=str(tmp_path / "py"), epochs=2, quiet=True)
+    assert again.metrics["epoch"] == 2 and again.config.epochs == 2
+    rc = train_main(["--resume", str(tmp_path / "py")])
+    one_error_line(capsys, rc, "was given in Python")
+
+    flags = [*TINY_ARGS, "--quiet", "--baseline", "off", "--method", "paper", "--arch", "mynets:small_cnn"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert train_main([*flags, "--run-dir", full, "--epochs", "2"]) == 0
+    assert train_main([*flags, "--run-dir", cut, "--epochs", "2", "--stop-after-steps", "5"]) == 130
+    assert train_main(["--resume", cut, "--quiet"]) == 0
+    a, b = (read_metrics(os.path.join(d, METRICS)) for d in (full, cut))
+    assert untimed(a) == untimed(b) and len(a) == 2
+    assert json.load(open(os.path.join(cut, "config.json")))["arch"] == "mynets:small_cnn"
+
+
+@pytest.mark.parametrize(
+    "arch, match",
+    [
+        ("nosuchmodule:f", "cannot import nosuchmodule"),
+        ("mynets:missing", "has no function 'missing'"),
+        ("mynets:not_a_module", "returned a int"),
+        ("mynets:broken", "the factory raised RuntimeError: no weights here"),
+        ("not a spec", "--arch"),
+    ],
+)
+def test_a_bad_factory_is_one_line(tmp_path, factory_module, capsys, arch, match):
+    argv = ["--run-dir", str(tmp_path / "r"), *TINY_ARGS, "--arch", arch]
+    if arch == "not a spec":  # refused where it is parsed, naming the flag (argparse's usage error)
+        with pytest.raises(SystemExit) as e:
+            train_main(argv)
+        assert e.value.code == 2 and "argument --arch" in capsys.readouterr()[1]
+    else:
+        assert one_error_line(capsys, train_main(argv), match).startswith(f"llp-fast-train: error: --arch {arch}: ")
+
+
+def test_init_weights_loads_the_trunk_and_refuses_a_misfit(tmp_path, capsys):
+    donor = Trainer(tiny_config(tmp_path, "donor", seed=3))
+    sd = {k: v for k, v in donor.model.state_dict().items() if not k.startswith("fc.")}
+    torch.save(sd, tmp_path / "w.pt")
+    tr = Trainer(tiny_config(tmp_path, "got", init_weights=str(tmp_path / "w.pt")))
+    for k, v in tr.model.state_dict().items():
+        if not k.startswith(("fc.", "embed.")):
+            assert torch.equal(v, sd[k]), k
+    torch.save({"stem.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    rc = train_main(["--run-dir", str(tmp_path / "r"), *TINY_ARGS, "--init-weights", str(tmp_path / "bad.pt")])
+    one_error_line(capsys, rc, "does not fit the network")
+    rc = train_main(["--run-dir", str(tmp_path / "r2"), *TINY_ARGS, "--init-weights", str(tmp_path / "none.pt")])
+    one_error_line(capsys, rc, "no such file")
