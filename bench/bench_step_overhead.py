@@ -51,6 +51,7 @@ import common  # noqa: E402
 
 from llp_fast import MemoryBank  # noqa: E402
 from llp_fast.reference import propagate_ref  # noqa: E402
+from llp_fast.train import order  # noqa: E402
 from llp_fast.train.config import TrainConfig  # noqa: E402
 from llp_fast.train.loop import Trainer  # noqa: E402
 
@@ -106,7 +107,7 @@ def check_step(trainer: Trainer, x, idx, lr: float) -> dict:
     before = bank.embeddings[rows].float().clone()
     bank.step = watched
     try:
-        loss = trainer.train_step(x, idx, lr, warmup=False)
+        loss, _ = trainer.train_step((x, idx), lr, warmup=False)
     finally:
         bank.step = step
     assert np.isfinite(loss), f"LLP loss {loss}"
@@ -191,6 +192,8 @@ def main(argv=None) -> list:
             bank_init="random",
             workers=0,
             quiet=True,
+            method="paper",  # the step of docs/method.md §1.5-1.6 (the bar's); --method plus adds a strong view
+            label_init="instance",
         )
         llp = Trainer(cfg)
         sup = Trainer(dataclasses.replace(cfg, supervised_only=True))
@@ -198,21 +201,25 @@ def main(argv=None) -> list:
         sup.targets = sup.truth.clone()  # the supervised step sees every example's class
         pad_bank(llp, bank_rows, seed=1)
         bank = llp.bank
-        x, idx = next(iter(llp.source.train_batches(llp.epoch_order(), args.batch_size, llp.gen_aug)))
+        x, idx = next(
+            iter(
+                llp.source.train_batches(order.epoch_order(llp.schedule(), llp.gen_order), args.batch_size, llp.gen_aug)
+            )
+        )
         lr = cfg.lr
 
         density = lambda: bank.refresh_density(t=cfg.t, tau=cfg.tau, pool=cfg.density_pool)
         density()
         checks = check_step(llp, x, idx, lr)
-        sup_loss = sup.train_step(x, idx, lr, warmup=False)
+        sup_loss, _ = sup.train_step((x, idx), lr, warmup=False)
         assert np.isfinite(sup_loss), f"supervised loss {sup_loss}"
         print(f"correctness: labels agree with propagate_ref on {checks['label_agreement']:.1%} of the batch, "
               f"losses LLP {checks['llp_loss']:.3f} / supervised {sup_loss:.3f}", flush=True)  # fmt: skip
 
         med = time_interleaved(
             {
-                "supervised": lambda: sup.train_step(x, idx, lr, warmup=False),
-                "llp": lambda: llp.train_step(x, idx, lr, warmup=False),
+                "supervised": lambda: sup.train_step((x, idx), lr, warmup=False),
+                "llp": lambda: llp.train_step((x, idx), lr, warmup=False),
             },
             reps,
             args.warmup,
@@ -225,7 +232,7 @@ def main(argv=None) -> list:
     ratio = med["llp"] / med["supervised"]
     ratio_all = (med["llp"] + per_step) / med["supervised"]
     shape = common.Shape(f"step{args.image_size}", args.batch_size, len(bank), k=llp.k, num_classes=llp.num_classes)
-    amp = str(llp.amp_dtype).removeprefix("torch.") if llp.amp_dtype else "fp32"
+    amp = str(llp.net.amp_dtype).removeprefix("torch.") if llp.net.amp_dtype else "fp32"
     rows = [
         common.row("train_step", name, shape, torch.float32, ms, reps, arch=args.arch, width=width, amp=amp)
         for name, ms in med.items()

@@ -1,0 +1,205 @@
+"""The trainer's accuracy table (docs/results.md): ``llp-fast-train`` variants over settings and seeds,
+and the fixed-feature baselines on the same splits.
+
+    python bench/bench_trainer.py runs --settings d2,m2 --seeds 0,1,2 --variants plus,paper,supervised
+    python bench/bench_trainer.py pixels --settings d2,d10,m2,m10 --seeds 0,1,2
+    python bench/bench_trainer.py table                       # the collected rows as a Markdown table
+
+``runs`` trains each (setting, variant, seed) with ``python -m llp_fast.cli`` and its default flags plus
+the variant's, ``--threads 1``, two runs at a time (``--parallel``), and appends the last epoch's
+metrics to ``bench/results/trainer-runs.jsonl`` (a run already there is skipped). ``pixels`` scores,
+on the held-out split of the same data split, the multi-round vote of docs/method.md §7 on the
+training images' centred, L2-normalised pixels (``LocalLabelPropagation().fit(...).predict``) and
+scikit-learn's ``LabelSpreading(kernel="knn", n_neighbors=10)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+RUNS = os.path.join(RESULTS, "trainer-runs.jsonl")
+PIXELS = os.path.join(RESULTS, "trainer-pixels.jsonl")
+
+SETTINGS = {
+    "d2": ["--data", "digits", "--labeled-fraction", "0.02"],
+    "d10": ["--data", "digits", "--labeled-fraction", "0.1"],
+    "m2": ["--data", "mnist5k", "--labeled-fraction", "0.02"],
+    "m10": ["--data", "mnist5k", "--labeled-fraction", "0.1"],
+    "d1": ["--data", "digits", "--labeled-fraction", "0.01"],
+    "m1": ["--data", "mnist5k", "--labeled-fraction", "0.01"],
+}
+VARIANTS = {
+    "plus": [],  # the default
+    "paper": ["--method", "paper"],
+    "supervised": ["--supervised-only"],
+    "fixmatch": ["--method", "fixmatch"],
+    "no-consistency": ["--consistency", "0"],
+    "no-refresh": ["--refresh-rounds", "0"],
+    "no-ema": ["--ema", "0"],
+    "one-round-start": ["--start-rounds", "1"],
+    "no-local": ["--no-local-propagation"],
+    "agree": ["--consistency-target", "agree"],
+    "as-npz": [],  # the same split's images written to an npz (_as_npz), trained with no other flag
+}
+
+
+def _as_npz(setting: str, seed: int, work: str) -> list:
+    """``--data npz:FILE`` for the setting's split at ``seed``, written as a user would (images, labels
+    with -1 for the unlabeled, the held-out set): the run must equal the built-in one."""
+    from llp_fast.data import load
+
+    name, frac = SETTINGS[setting][1], float(SETTINGS[setting][3])
+    src = load(name, labeled_fraction=frac, seed=seed)
+    path = os.path.abspath(os.path.join(work, f"{setting}-s{seed}.npz"))
+    os.makedirs(work, exist_ok=True)
+    np.savez(
+        path, x=src.x[:, 0].numpy(), y=src.targets.numpy(), x_test=src.x_test[:, 0].numpy(), y_test=src.y_test.numpy()
+    )
+    return ["--data", f"npz:{path}"]
+
+
+def _done(path: str) -> set:
+    if not os.path.exists(path):
+        return set()
+    return {json.loads(line)["key"] for line in open(path) if line.strip()}
+
+
+def _finish(proc, key, run_dir, t0, extra) -> None:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))] if proc.returncode == 0 else []
+    last = rows[-1] if rows else {}
+    row = {
+        "key": key,
+        "rc": proc.returncode,
+        "top1": last.get("test_top1"),
+        "top1_trained": last.get("test_top1_trained"),
+        "pseudo_acc": last.get("pseudo_acc"),
+        "epochs": len(rows),
+        "epoch_seconds": float(np.mean([r["epoch_seconds"] for r in rows])) if rows else None,
+        "wall_seconds": round(time.time() - t0, 1),
+        "load": os.getloadavg()[0],
+        **extra,
+    }
+    with open(RUNS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def runs(args) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    done, queue = _done(RUNS), []
+    for s in args.settings.split(","):
+        for v in args.variants.split(","):
+            for seed in args.seeds.split(","):
+                key = f"{s}/{v}/s{seed}"
+                if key not in done:
+                    data = _as_npz(s, int(seed), args.work) if v == "as-npz" else SETTINGS[s]
+                    argv = [*data, *VARIANTS[v], "--seed", seed, *args.extra.split()]
+                    queue.append((key, argv, dict(setting=s, variant=v, seed=int(seed), flags=" ".join(argv))))
+    running = []
+    while queue or running:
+        while queue and len(running) < args.parallel:
+            key, argv, extra = queue.pop(0)
+            run_dir = os.path.join(args.work, key.replace("/", "-"))
+            cmd = [sys.executable, "-m", "llp_fast.cli", *argv, "--threads", "1", "--quiet", "--baseline", "off"]
+            cmd += ["--run-dir", run_dir]
+            subprocess.run(["rm", "-rf", run_dir], check=True)
+            log = open(run_dir + ".log", "w")
+            running.append(
+                (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), key, run_dir, time.time(), extra)
+            )
+        for item in list(running):
+            if item[0].poll() is not None:
+                running.remove(item)
+                _finish(*item)
+        time.sleep(2)
+
+
+def pixels(args) -> None:
+    from sklearn.semi_supervised import LabelSpreading
+
+    from llp_fast import LocalLabelPropagation
+    from llp_fast.data import load
+
+    os.makedirs(RESULTS, exist_ok=True)
+    done = _done(PIXELS)
+    for s in args.settings.split(","):
+        name, frac = SETTINGS[s][1], float(SETTINGS[s][3])
+        for seed in map(int, args.seeds.split(",")):
+            key = f"{s}/s{seed}"
+            if key in done:
+                continue
+            src = load(name, labeled_fraction=frac, seed=seed)  # the trainer's own split
+            x = src.x.flatten(1).double().numpy()
+            xt = src.x_test.flatten(1).double().numpy()
+            mean = x.mean(0)
+
+            def unit(a, mean=mean):
+                a = a - mean
+                return (a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+            y, yt = src.targets.numpy(), src.y_test.cpu().numpy()
+            vote = LocalLabelPropagation().fit(unit(x), y)
+            spread = LabelSpreading(kernel="knn", n_neighbors=10).fit(unit(x), y)
+            row = {
+                "key": key,
+                "setting": s,
+                "seed": seed,
+                "vote": float((vote.predict(unit(xt)) == yt).mean()),
+                "label_spreading": float((spread.predict(unit(xt)) == yt).mean()),
+            }
+            with open(PIXELS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+
+def table(args) -> None:
+    rows = [json.loads(line) for line in open(RUNS)] if os.path.exists(RUNS) else []
+    px = {json.loads(line)["key"]: json.loads(line) for line in open(PIXELS)} if os.path.exists(PIXELS) else {}
+    by = {}
+    for r in rows:
+        by.setdefault((r["setting"], r["variant"]), {})[r["seed"]] = r["top1"]
+    print("| setting | variant | seeds | mean | min |\n| --- | --- | --- | --- | --- |")
+    for (s, v), seeds in sorted(by.items()):
+        vals = [100 * seeds[k] for k in sorted(seeds) if seeds[k] is not None]
+        if vals:
+            cells = " / ".join(f"{x:.2f}" for x in vals)
+            print(f"| {s} | {v} | {cells} | {np.mean(vals):.2f} | {min(vals):.2f} |")
+    for kind in ("vote", "label_spreading"):
+        per = {}
+        for r in px.values():
+            per.setdefault(r["setting"], {})[r["seed"]] = r[kind]
+        for s, seeds in sorted(per.items()):
+            vals = [100 * seeds[k] for k in sorted(seeds)]
+            cells = " / ".join(f"{x:.2f}" for x in vals)
+            print(f"| {s} | {kind} (pixels) | {cells} | {np.mean(vals):.2f} | {min(vals):.2f} |")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("runs")
+    r.add_argument("--settings", default="d2,d10,m2")
+    r.add_argument("--variants", default="plus")
+    r.add_argument("--seeds", default="0,1,2")
+    r.add_argument("--parallel", type=int, default=2)
+    r.add_argument("--extra", default="", help="more llp-fast-train flags for every run")
+    r.add_argument("--work", default=os.path.join("runs", "bench-trainer"))
+    p = sub.add_parser("pixels")
+    p.add_argument("--settings", default="d2,d10,m2,m10")
+    p.add_argument("--seeds", default="0,1,2")
+    sub.add_parser("table")
+    args = ap.parse_args(argv)
+    {"runs": runs, "pixels": pixels, "table": table}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
