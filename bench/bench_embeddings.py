@@ -107,7 +107,7 @@ def faiss_vote(x, labels):
     import faiss
     import torch
 
-    from llp_fast.reference import vote
+    from llp_fast._topk import vote
 
     lab = labels >= 0
     index = faiss.IndexFlatIP(x.shape[1])

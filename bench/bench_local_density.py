@@ -1,5 +1,5 @@
-"""Benchmark of ``local_density`` (docs/method.md §1.1, §4): the fused top-T log-sum-exp
-(Triton on a GPU, the C++ extension on CPU) against chunked PyTorch baselines.
+"""Benchmark of ``local_density`` (docs/method.md §1.1, §4): ``topk_scores``' fused top-T selection
+(Triton on a GPU, the C++ extension on CPU) and the log-sum-exp, against chunked PyTorch baselines.
 
     python bench/bench_local_density.py                 # GPU: ImageNet shape and sweep; CPU: small, sweep
     python bench/bench_local_density.py --shapes cpu    # CPU: M = 5,000 against a 20,000-row pool
@@ -7,9 +7,9 @@
 
 Providers: ``naive`` (chunked mm + pool mask + topk + logsumexp), ``mm_only`` (chunked
 torch.mm producing the same similarities), ``reference`` (local_density_ref), ``op`` (the
-public llp_fast.local_density), ``triton`` (kernels.local_density_triton; GPU only),
-``extension`` (torch.ops.llp_fast.local_density on the compiled CPU kernel,
-csrc/cpu/local_density_cpu.cpp; CPU only), ``faiss`` (CPU: faiss-cpu IndexFlatIP over the
+public llp_fast.local_density), ``triton`` (kernels.topk_scores_triton, then the log-sum-exp; GPU
+only), ``extension`` (torch.ops.llp_fast.local_density: the compiled CPU top-K of csrc/cpu/topk.h,
+then the log-sum-exp; CPU only), ``faiss`` (CPU: faiss-cpu IndexFlatIP over the
 pool rows, then the same logsumexp; the index is built outside the timing). Shapes follow
 docs/method.md §4: the M labeled rows are the queries, the bank (pool = unlabeled rows, given
 by a mask) the keys; ``Shape.q`` = M, ``Shape.m`` = N, ``Shape.k`` = T. Bars as for
@@ -29,6 +29,7 @@ except ImportError:  # run as a script
     import common
 
 import llp_fast
+from llp_fast._topk import log_sum_exp
 from llp_fast.reference import local_density_ref
 
 OP = "local_density"
@@ -93,7 +94,8 @@ def op(inputs, shape):
 
 def triton(inputs, shape):
     labeled, bank, pool = inputs
-    return common.triton_kernels().local_density_triton(labeled, bank, shape.k, TAU, pool)
+    values, _ = common.triton_kernels().topk_scores_triton(labeled, bank, shape.k, TAU, None, pool, None, None, 0)
+    return log_sum_exp(values)
 
 
 def extension(inputs, shape):

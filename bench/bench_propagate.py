@@ -1,5 +1,5 @@
-"""Benchmark of ``propagate`` (docs/method.md §1.2, §4): the fused top-K votes (Triton on a
-GPU, the C++ extension on CPU) against chunked PyTorch baselines.
+"""Benchmark of ``propagate`` (docs/method.md §1.2, §4): ``topk_scores``' fused selection (Triton on a
+GPU, the C++ extension on CPU) and the vote, against chunked PyTorch baselines.
 
     python bench/bench_propagate.py                    # GPU: step, sweep and ImageNet shapes; CPU: small, sweep
     python bench/bench_propagate.py --shapes cpu       # CPU: Q = 20,000, M = 5,000 (docs/method.md §4's CPU bar)
@@ -9,9 +9,9 @@ GPU, the C++ extension on CPU) against chunked PyTorch baselines.
 Providers: ``naive`` (chunked mm + bias + topk + vote), ``mm_only`` (chunked torch.mm
 producing the same scores, no selection: the floor proxy), ``reference``
 (llp_fast.reference.propagate_ref), ``op`` (the public llp_fast.propagate, whatever backend
-it dispatches to), ``triton`` (kernels.propagate_triton; GPU only), ``extension``
-(torch.ops.llp_fast.propagate on the compiled CPU kernel, csrc/cpu/propagate_cpu.cpp; CPU
-only), ``faiss`` (CPU: faiss-cpu IndexFlatIP on bias-augmented vectors,
+it dispatches to), ``triton`` (kernels.topk_scores_triton, then the vote; GPU only),
+``extension`` (torch.ops.llp_fast.propagate: the compiled CPU top-K of csrc/cpu/topk.h, then
+the vote; CPU only), ``faiss`` (CPU: faiss-cpu IndexFlatIP on bias-augmented vectors,
 [v, 1] . [m / tau, -log_rho] = the score, then the same vote; the index is built outside the
 timing). On CPU the providers are timed in interleaved rounds, wall and process CPU time.
 Bars (docs/method.md §4): CPU, at least 2x faster than naive and within 1.3x of mm_only;
@@ -30,7 +30,8 @@ except ImportError:  # run as a script
     import common
 
 import llp_fast
-from llp_fast.reference import propagate_ref, vote
+from llp_fast._topk import vote
+from llp_fast.reference import propagate_ref
 
 OP = "propagate"
 TAU = 0.07
@@ -98,7 +99,9 @@ def op(inputs, shape):
 
 
 def triton(inputs, shape):
-    return common.triton_kernels().propagate_triton(*inputs, shape.k, TAU, shape.num_classes)
+    queries, labeled, classes, log_rho = inputs
+    top = common.triton_kernels().topk_scores_triton(queries, labeled, shape.k, TAU, -log_rho, None, None, None, 0)
+    return vote(top[0], classes[top[1]], shape.num_classes)
 
 
 def extension(inputs, shape):

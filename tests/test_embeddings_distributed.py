@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from llp_fast.embeddings import Engine, Rows, Settings
-from llp_fast.embeddings.comm import Ranks
+from llp_fast.embeddings.ranks import Ranks
 
 # gloo in child processes: a crash fails these tests, not the run (_isolate.py)
 pytestmark = pytest.mark.isolated

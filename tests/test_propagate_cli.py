@@ -228,11 +228,14 @@ def test_an_output_may_not_be_given_twice_or_be_an_input(tmp_path, capsys):
         ("--device", "foo"),
         ("--device", "cuda"),
         ("--k", "0"),
+        ("--k", "10,x"),
+        ("--k", "10,10"),
         ("--t", "-1"),
         ("--tau", "0"),
         ("--tau", "nan"),
         ("--rounds", "0"),
         ("--max-voters", "-1"),
+        ("--max-voters", "some"),
         ("--labeled-weight", "0"),
         ("--chunk", "0"),
         ("--top", "0"),
@@ -260,8 +263,9 @@ def test_progress_only_on_a_terminal(tmp_path, capsys):
 
 
 def test_many_rounds_at_scale_say_what_they_cost():
-    """More than one round grows the voters toward N (quadratic work): at 100,000+ rows the CLI
-    says how much more than --rounds 1 it will do, and how to bound it."""
+    """Without a cap (--max-voters none) more than one round grows the voters toward N (quadratic
+    work): at 100,000+ rows the CLI says how much more than --rounds 1 it will do, and how to bound
+    it. The default cap keeps the work within a few times --rounds 1: no note."""
     import io
 
     from llp_fast._progress import Progress
@@ -273,12 +277,30 @@ def test_many_rounds_at_scale_say_what_they_cost():
         _cost_note(Progress(stream=buf), n, m, Settings(**kw))
         return buf.getvalue()
 
-    line = note(1_000_000, 10_000, rounds=10)
+    assert note(1_000_000, 10_000, rounds=10) == ""  # the default cap: 10,000 + 0.9 * 20,000
+    line = note(1_000_000, 10_000, rounds=10, max_voters=None)
     assert "10 rounds on 1,000,000 rows" in line and "--rounds 1" in line and "--max-voters" in line
     assert "about 90x" in line  # voters grow to 10,000 + 0.9 * 990,000
     assert note(1_000_000, 10_000, rounds=1) == ""
-    assert note(50_000, 500, rounds=10) == ""  # small: no note
+    assert note(50_000, 500, rounds=10, max_voters=None) == ""  # small: no note
     assert note(1_000_000, 10_000, rounds=10, max_voters=50_000) == ""  # bounded: 6x
+
+
+def test_several_k_write_one_output_per_k(tmp_path, capsys):
+    """``--k 10,20,100``: one output per K (PSEUDO.k10.npy, ...), each what ``--k K`` alone writes;
+    with --rounds 1 from one selection of the largest K."""
+    _digits_embeddings(tmp_path)
+    emb, lab = str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy")
+    base = [emb, lab, "--rounds", "1", "--quiet"]
+    out = tmp_path / "p.npy"
+    rc = propagate_main([*base, "--k", "10,20,100", "--out", str(out), "--confidence-out", str(tmp_path / "c.npy")])
+    said = capsys.readouterr()[0]
+    assert rc == 0 and "K = 10, 20, 100" in said and "p.k20.npy" in said
+    for k in (10, 20, 100):
+        assert propagate_main([*base, "--k", str(k), "--out", str(tmp_path / "one.npy")]) == 0
+        assert np.array_equal(np.load(tmp_path / f"p.k{k}.npy"), np.load(tmp_path / "one.npy"))
+        assert os.path.exists(tmp_path / f"c.k{k}.npy")
+    assert not out.exists()
 
 
 def test_nproc_relaunch_drops_only_the_nproc_flag():

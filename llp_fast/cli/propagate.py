@@ -13,7 +13,7 @@ import sys
 
 from .. import distributed
 from ..embeddings import outputs
-from ..embeddings.settings import DEFAULT_ROUNDS, POOLS
+from ..embeddings.settings import AUTO_VOTERS, AUTO_VOTERS_PER_LABELED, DEFAULT_ROUNDS, POOLS
 from ..errors import ConfigError
 from . import _common
 
@@ -35,6 +35,28 @@ def _out(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e).removeprefix("file ")) from None
 
 
+def _ks(text: str):
+    """``--k``: one number of voters, or several separated by commas (one output per K)."""
+    parts = [p.strip() for p in text.split(",")]
+    ks = tuple(_common.POSITIVE_INT(p) for p in parts)
+    if len(set(ks)) != len(ks):
+        raise argparse.ArgumentTypeError(f"{text}: each K once")
+    return ks[0] if len(ks) == 1 else ks
+
+
+def _voters(text: str):
+    """``--max-voters``: auto (the default: linear in N), none (no cap: O(N^2)) or a count."""
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    return _common.COUNT(text)
+
+
+def output_name(path: str, k: int) -> str:
+    """The output of K among several: ``PSEUDO.npy`` -> ``PSEUDO.k10.npy``."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.k{k}{ext}"
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=PROG,
@@ -54,7 +76,13 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--top", type=_common.POSITIVE_INT, default=3, help="P for --probs-out (default 3)")
     ap.add_argument("--voters-out", type=_out, default=None, help="(N, K) int64 rows that voted (-1: none)")
-    ap.add_argument("--k", type=_common.POSITIVE_INT, default=10, help="voters per row (at most the voters)")
+    ap.add_argument(
+        "--k",
+        type=_ks,
+        default=10,
+        help="voters per row (at most the voters); several, --k 10,20,100, write one output per K "
+        "(OUT.k10.npy, ...), from one selection of the largest K with --rounds 1",
+    )
     ap.add_argument("--t", type=_common.POSITIVE_INT, default=25, help="density neighbours (at most the pool)")
     ap.add_argument("--tau", type=_common.POSITIVE_FLOAT, default=0.07)
     ap.add_argument(
@@ -65,9 +93,10 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--max-voters",
-        type=_common.COUNT,
-        default=None,
-        help="cap on pseudo-labeled voters (default: none; bounds the cost of many rounds at large N)",
+        type=_voters,
+        default="auto",
+        help=f"cap on pseudo-labeled voters: auto (default: max({AUTO_VOTERS:,}, {AUTO_VOTERS_PER_LABELED} x the "
+        "labeled rows), so the cost stays linear in N), none (O(N^2) at large N) or a count",
     )
     ap.add_argument(
         "--density-pool",
@@ -97,7 +126,12 @@ OUTPUT_FLAGS = ("out", "confidence_out", "probs_out", "voters_out")
 def parse(argv=None) -> argparse.Namespace:
     ap = parser()
     args = ap.parse_args(argv)
-    outs = {"--" + f.replace("_", "-"): getattr(args, f) for f in OUTPUT_FLAGS}
+    outs = {}
+    for f in OUTPUT_FLAGS:
+        path = getattr(args, f)
+        for k in args.k if isinstance(args.k, tuple) else (None,):
+            flag = "--" + f.replace("_", "-") + ("" if k is None else f" (K = {k})")
+            outs[flag] = path if path is None or k is None else output_name(path, k)
     try:
         outputs.check_distinct(outs, {"EMBEDDINGS": args.embeddings, "LABELS": args.labels})
     except ConfigError as e:
@@ -123,17 +157,16 @@ def settings_of(args):
 
 
 def _cost_note(progress, n: int, m: int, settings) -> None:
-    """One line when more than one round will cost far more than the one-shot vote: the voters grow
-    toward N, so the work is quadratic in N (docs/embeddings.md)."""
+    """One line when more than one round will cost far more than the one-shot vote: without a cap
+    (--max-voters none) the voters grow toward N and the work is quadratic in N (docs/embeddings.md)."""
     if settings.rounds < 2 or n < 100_000:
         return
-    grown = (n - m) * (settings.rounds - 1) // settings.rounds
-    voters = m + (grown if settings.max_voters is None else min(grown, settings.max_voters))
+    voters = m + settings.voter_cap(m, n - m) * (settings.rounds - 1) // settings.rounds
     ratio = voters / max(m, 1)
     if ratio >= 20:
         progress.line(
             f"{settings.rounds} rounds on {n:,} rows: about {ratio:,.0f}x the work of --rounds 1 (the voters grow to "
-            f"{voters:,}); --rounds 1 or --max-voters V bound it"
+            f"{voters:,}); --rounds 1 or --max-voters auto bound it"
         )
 
 
@@ -144,7 +177,7 @@ def _run(args) -> int:
 
     from .._progress import Progress
     from ..embeddings import Engine, Rows, read_labels
-    from ..embeddings.comm import Local, Ranks
+    from ..embeddings.ranks import Local, Ranks
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,20 +195,31 @@ def _run(args) -> int:
     n, m = rows.n, int((labels >= 0).sum())
     _cost_note(progress, n, m, settings)
     engine = Engine(rows, labels, settings, comm=comm, progress=progress)
-    result = engine.run(top_classes=args.top if args.probs_out else 0, voter_ids=bool(args.voters_out))
+    results = engine.run(top_classes=args.top if args.probs_out else 0, voter_ids=bool(args.voters_out))
+    several = isinstance(results, dict)
     if rank == 0:
-        files = {args.out: ("npy", result.labels.astype(labels.dtype))}
-        if args.confidence_out:
-            files[args.confidence_out] = ("npy", result.confidence)
-        if args.probs_out:
-            files[args.probs_out] = ("npz", {"classes": result.top_classes, "probs": result.top_probs})
-        if args.voters_out:
-            files[args.voters_out] = ("npy", result.voters)
+        files, written = {}, []
+        for k, result in results.items() if several else ((None, results),):
+
+            def name(path, k=k):
+                return path if k is None else output_name(path, k)
+
+            files[name(args.out)] = ("npy", result.labels.astype(labels.dtype))
+            written.append(name(args.out))
+            if args.confidence_out:
+                files[name(args.confidence_out)] = ("npy", result.confidence)
+            if args.probs_out:
+                files[name(args.probs_out)] = ("npz", {"classes": result.top_classes, "probs": result.top_probs})
+            if args.voters_out:
+                files[name(args.voters_out)] = ("npy", result.voters)
         outputs.write(files)
+        result = next(iter(results.values())) if several else results
         rounds = f", {result.rounds_run} round{'s' if result.rounds_run != 1 else ''}"
+        if several:
+            rounds += ", K = " + ", ".join(str(k) for k in results)
         print(
             f"{PROG}: labelled {n - m} of {n} rows from {m} labeled{rounds} "
-            f"in {time.perf_counter() - t0:.2f} s -> {args.out}"
+            f"in {time.perf_counter() - t0:.2f} s -> {', '.join(written)}"
         )
     return 0
 

@@ -3,8 +3,7 @@ scheme (§7) over fixed embeddings of any size, streamed from memory-mapped ``.n
 
 - :mod:`.sources` — rows from an array, a ``.npy`` file or a directory of shards;
 - :mod:`.engine` — the streaming passes (density, vote) and the rounds: :func:`label_embeddings`;
-- :mod:`.finish` — the ops' own log-sum-exp and vote applied to a streamed top-k;
-- :mod:`.comm` — the same run split over ``torch.distributed`` ranks, merged exactly;
+- :mod:`.ranks` — the same run split over ``torch.distributed`` ranks, merged exactly;
 - :mod:`.outputs` — atomic ``.npy`` outputs;
 - :mod:`.estimator` — :class:`LocalLabelPropagation`, a scikit-learn estimator (imports scikit-learn).
 """

@@ -18,8 +18,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ..ops import topk_scores
-from . import finish
+from .._topk import vote
+from ..ops import neighbours
 from .engine import Engine
 from .settings import DEFAULT_ROUNDS, Settings
 from .sources import Rows
@@ -55,7 +55,8 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             most confident rows join the voters (default 10: the most accurate setting measured).
         density_pool: 'auto' (unlabeled rows for one round, all rows for more), 'unlabeled' or 'all'.
         labeled_weight: weight of the labeled voters (None: 1 for one round, 3 for more).
-        max_voters: cap on pseudo-labeled voters (None: no cap).
+        max_voters: cap on pseudo-labeled voters ("auto": keeps the cost linear in N, see
+            llp_fast.embeddings.settings; None: no cap).
         normalize: L2-normalise the rows of X (the method compares unit vectors).
         device: 'cpu', 'cuda' or 'cuda:N'.
         chunk_size: rows per block of the streamed passes.
@@ -74,7 +75,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         rounds=DEFAULT_ROUNDS,
         density_pool="auto",
         labeled_weight=None,
-        max_voters=None,
+        max_voters="auto",
         normalize=True,
         device="cpu",
         chunk_size=65536,
@@ -148,20 +149,18 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         queries = Rows(X, normalize=self.normalize, what="X")
         dtype = torch.float64 if torch.float64 in (voters.dtype, queries.dtype) else torch.float32
         voters = voters.to(dtype)
-        bias = None if self.voter_bias_ is None else -torch.from_numpy(self.voter_bias_).to(device, dtype)
+        b = None if self.voter_bias_ is None else torch.from_numpy(self.voter_bias_).to(device, dtype)
         classes = torch.from_numpy(self.voter_classes_).to(device)
         k = min(settings.k, voters.shape[0])
-        for a, b in queries.blocks(settings.chunk):
-            top = topk_scores(
-                queries.read(a, b).to(device, dtype), voters, k=k, tau=settings.tau, bias=bias, check_finite=False
-            )
+        for lo, hi in queries.blocks(settings.chunk):
+            top = neighbours(queries.read(lo, hi).to(device, dtype), voters, b, k=k, tau=settings.tau)
             yield top.values, classes[top.indices]
 
     def predict(self, X):
         """The vote of the final voters for each row of X (ties to the first class of ``classes_``)."""
         check_is_fitted(self)
         self._refuse_sparse(X)
-        labels = [finish.vote(v, c, len(self.classes_))[0].cpu().numpy() for v, c in self._votes(X)]
+        labels = [vote(v, c, len(self.classes_))[0].cpu().numpy() for v, c in self._votes(X)]
         return self.classes_[np.concatenate(labels)] if labels else self.classes_[:0]
 
     def predict_proba(self, X):
