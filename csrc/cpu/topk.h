@@ -72,7 +72,7 @@ inline Tile tile_for(int64_t nq) {
   return t;
 }
 
-constexpr int64_t kBlock = 64;  // columns per "any candidate here?" test
+constexpr int64_t kBlock = 32;  // columns per "any candidate here?" test
 constexpr int64_t kMaxKeys = int64_t(1) << 32;  // a float candidate's index has 32 bits
 
 // One candidate. Word<float> packs it into 64 bits (see the top of the file); Word<double> is a pair.
@@ -86,7 +86,8 @@ struct Word<float> {
     x += 0.0f;  // -0 -> +0: equal scores must give equal bits
     uint32_t u;
     std::memcpy(&u, &x, 4);
-    const uint32_t up = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending with x
+    // Ascending with x: a negative float's bits all flipped, a positive one's sign bit set.
+    const uint32_t up = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
     return (static_cast<uint64_t>(~up) << 32) | static_cast<uint32_t>(index);
   }
   static float value(type w) {
@@ -97,7 +98,9 @@ struct Word<float> {
     return x;
   }
   static int64_t index(type w) { return static_cast<int64_t>(w & 0xffffffffu); }
-  static bool better(type a, type b) { return a < b; }
+  struct Better {  // a functor, not a function pointer: std::sort and nth_element inline it
+    bool operator()(type a, type b) const { return a < b; }
+  };
 };
 
 template <>
@@ -109,7 +112,9 @@ struct Word<double> {
   static type make(double x, int64_t index) { return {x + 0.0, index}; }
   static double value(const type& w) { return w.v; }
   static int64_t index(const type& w) { return w.i; }
-  static bool better(const type& a, const type& b) { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+  struct Better {
+    bool operator()(const type& a, const type& b) const { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+  };
 };
 
 // Step 2 for one row: scans x_j = s[j] * inv_tau + bias[j] for j in [j, n), appending every
@@ -137,6 +142,89 @@ inline int64_t scan_row(const double* s, const double* bias, int64_t j, int64_t 
   return scan_row_f64(s, bias, j, n, inv_tau, thr, base, out, count, cap);
 }
 
+// Radix selection and sort of float candidates (64-bit words, smaller = better): linear passes over
+// 8-bit digits of (word - smallest word), no data-dependent branches, where nth_element and sort spend
+// their time in mispredicted compares once k is in the hundreds. `tmp` is scratch of n words.
+inline int bit_length(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 0; }
+
+// Moves the k smallest of buf[0, n) to buf[0, k), in no particular order (1 <= k < n).
+inline void radix_select(uint64_t* buf, int64_t n, int64_t k, uint64_t* tmp) {
+  while (k < n) {
+    uint64_t lo = buf[0], hi = buf[0];
+    for (int64_t i = 1; i < n; ++i) {
+      lo = std::min(lo, buf[i]);
+      hi = std::max(hi, buf[i]);
+    }
+    const int shift = std::max(0, bit_length(hi - lo) - 8);
+    int64_t count[257] = {0};
+    for (int64_t i = 0; i < n; ++i) ++count[((buf[i] - lo) >> shift) + 1];
+    int64_t d = 0;  // the digit of the k-th smallest: count[d] < k <= count[d + 1] (cumulative)
+    for (int64_t b = 1; b <= 256; ++b) {
+      count[b] += count[b - 1];
+      if (count[b] < k) d = b;
+    }
+    const int64_t below = count[d], at = count[d + 1] - below;
+    // buf <- [digit < d | digit == d], the rest dropped; then select within the digit-d words.
+    int64_t w = 0, e = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t x = buf[i];
+      const int64_t dig = static_cast<int64_t>((x - lo) >> shift);
+      buf[w] = x;
+      w += dig < d;
+      tmp[e] = x;
+      e += dig == d;
+    }
+    std::memcpy(buf + below, tmp, static_cast<size_t>(at) * sizeof(uint64_t));
+    if (shift == 0 || at == k - below) return;  // the digit-d words are all equal, or all needed
+    buf += below;
+    k -= below;
+    n = at;
+  }
+}
+
+// Sorts buf[0, n) ascending: least significant digit first, 8 bits a pass, over the bits in which the
+// words differ.
+inline void radix_sort(uint64_t* buf, int64_t n, uint64_t* tmp) {
+  if (n < 64) {
+    std::sort(buf, buf + n);
+    return;
+  }
+  uint64_t lo = buf[0], hi = buf[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, buf[i]);
+    hi = std::max(hi, buf[i]);
+  }
+  const int bits = bit_length(hi - lo);
+  uint64_t *src = buf, *dst = tmp;
+  for (int shift = 0; shift < bits; shift += 8) {
+    int64_t count[257] = {0};
+    for (int64_t i = 0; i < n; ++i) ++count[(((src[i] - lo) >> shift) & 0xff) + 1];
+    for (int b = 1; b <= 256; ++b) count[b] += count[b - 1];
+    for (int64_t i = 0; i < n; ++i) dst[count[((src[i] - lo) >> shift) & 0xff]++] = src[i];
+    std::swap(src, dst);
+  }
+  if (src != buf) std::memcpy(buf, src, static_cast<size_t>(n) * sizeof(uint64_t));
+}
+
+template <typename word_t>
+inline void select_best(word_t* buf, int64_t n, int64_t k, word_t* tmp, typename Word<double>::Better better) {
+  (void)tmp;
+  std::nth_element(buf, buf + (k - 1), buf + n, better);
+}
+inline void select_best(uint64_t* buf, int64_t n, int64_t k, uint64_t* tmp, Word<float>::Better better) {
+  if (n < 256) {
+    std::nth_element(buf, buf + (k - 1), buf + n, better);
+  } else {
+    radix_select(buf, n, k, tmp);
+  }
+}
+template <typename word_t>
+inline void sort_best(word_t* buf, int64_t n, word_t* tmp, typename Word<double>::Better better) {
+  (void)tmp;
+  std::sort(buf, buf + n, better);
+}
+inline void sort_best(uint64_t* buf, int64_t n, uint64_t* tmp, Word<float>::Better) { radix_sort(buf, n, tmp); }
+
 // The running top-k of one query row.
 template <typename acc_t>
 struct RowTopK {
@@ -148,11 +236,13 @@ struct RowTopK {
 
   // Keep the best k; the threshold becomes the k-th best (scores equal to it lose: they come later
   // in index order, and the tie rule prefers the earlier index), or stays the floor.
-  void shrink(int64_t k) {
+  void shrink(int64_t k, typename W::type* tmp) {
     if (count <= k) return;
-    std::nth_element(buf, buf + (k - 1), buf + count, W::better);
+    select_best(buf, count, k, tmp, typename W::Better());
     count = k;
-    threshold = std::max(floor, W::value(buf[k - 1]));
+    typename W::type worst = buf[0];
+    for (int64_t i = 1; i < k; ++i) worst = typename W::Better()(worst, buf[i]) ? buf[i] : worst;
+    threshold = std::max(floor, W::value(worst));
   }
 };
 
@@ -192,6 +282,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     const auto opts = queries.options().dtype(cdt);
     at::Tensor scores = at::empty({rows, cols}, opts);
     std::vector<typename W::type> cand(static_cast<size_t>(rows * cap));
+    std::vector<typename W::type> scratch(static_cast<size_t>(cap));
     std::vector<RowTopK<acc_t>> top(rows);
     at::Tensor q_buf = at::zeros({rows, dim}, opts);
     at::Tensor k_buf = at::zeros({cols, dim}, opts);
@@ -224,15 +315,15 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
           RowTopK<acc_t>& t = top[r];
           for (int64_t j = 0; j < nc;) {
             j = scan_row(s + r * cols, bias + c0, j, nc, inv_tau, t.threshold, c0, t.buf, &t.count, cap);
-            if (j < nc) t.shrink(k);
+            if (j < nc) t.shrink(k, scratch.data());
           }
         }
       }
 
       for (int64_t r = 0; r < nr; ++r) {
         RowTopK<acc_t>& t = top[r];
-        t.shrink(k);
-        std::sort(t.buf, t.buf + t.count, W::better);
+        t.shrink(k, scratch.data());
+        sort_best(t.buf, t.count, scratch.data(), typename W::Better());
         finish(r0 + r, t.buf, t.count);
       }
     }

@@ -17,8 +17,9 @@ namespace topk {
 
 // Step 2 of csrc/cpu/topk.h, compiled once per instruction set (target_clones): see scan_row there.
 template <typename acc_t, typename word_t>
-__attribute__((always_inline)) inline int64_t scan(const acc_t* s, const acc_t* bias, int64_t j, int64_t n, acc_t inv_tau, acc_t thr, int64_t base,
-                    word_t* out, int64_t* count, int64_t cap) {
+__attribute__((always_inline)) inline int64_t scan(const acc_t* s, const acc_t* bias, int64_t j, int64_t n, acc_t inv_tau,
+                                                   acc_t thr, int64_t base, word_t* out, int64_t* count, int64_t cap) {
+  constexpr int64_t kGroup = 8;  // a block that has a candidate is read again 8 columns at a time
   int64_t c = *count;
   for (; j < n; j += kBlock) {
     if (cap - c < kBlock) break;
@@ -32,10 +33,17 @@ __attribute__((always_inline)) inline int64_t scan(const acc_t* s, const acc_t* 
       for (int64_t i = 0; i < m; ++i) hit |= (sj[i] * inv_tau + bj[i]) > thr;
     }
     if (!hit) continue;
-    for (int64_t i = 0; i < m; ++i) {  // append without a branch: the slot is kept only if x > thr
-      const acc_t x = sj[i] * inv_tau + bj[i];
-      out[c] = Word<acc_t>::make(x, base + j + i);
-      c += x > thr;
+    // Most blocks that pass hold one or two candidates: find their groups of 8, then the columns.
+    for (int64_t g = 0; g < m; g += kGroup) {
+      const int64_t e = std::min(m, g + kGroup);
+      int any = 0;
+      for (int64_t i = g; i < e; ++i) any |= (sj[i] * inv_tau + bj[i]) > thr;
+      if (!any) continue;
+      for (int64_t i = g; i < e; ++i) {  // without a branch: early in a row most of a group passes
+        const acc_t x = sj[i] * inv_tau + bj[i];
+        out[c] = Word<acc_t>::make(x, base + j + i);
+        c += x > thr;
+      }
     }
   }
   *count = c;
