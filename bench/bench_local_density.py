@@ -6,7 +6,8 @@
     pytest bench/bench_local_density.py --benchmark-enable
 
 Providers: ``naive`` (chunked mm + pool mask + topk + logsumexp), ``mm_only`` (chunked
-torch.mm producing the same similarities), ``reference`` (local_density_ref), ``op`` (the
+torch.mm producing the same similarities), ``gemm_tile`` (CPU: one 256 x 512 x D tile's torch.mm
+repeated for the same work), ``reference`` (local_density_ref), ``op`` (the
 public llp_fast.local_density), ``triton`` (kernels.topk_scores_triton, then the log-sum-exp; GPU
 only), ``extension`` (torch.ops.llp_fast.local_density: the compiled CPU top-K of csrc/cpu/topk.h,
 then the log-sum-exp; CPU only), ``faiss`` (CPU: faiss-cpu IndexFlatIP over the
@@ -50,7 +51,11 @@ def shapes(which: str) -> list[Shape]:
     else:
         sweep = [Shape("sweep-m", m, 25_000, 128, 25) for m in (1_250, 2_500, 5_000)]
         sweep += [Shape("sweep-n", 5_000, n, 128, 25) for n in (10_000, 15_000, 25_000)]
-    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep}
+    if gpu:  # T from 25 to 1000 (two-level above 64)
+        ksweep = [Shape(f"t{t}", 32_768, 262_144, 128, t) for t in (25, 64, 100, 200, 1000)]
+    else:  # 5,000 labeled rows against a 20,000-row pool: the propagate sweep's 10^8 scores
+        ksweep = [Shape(f"t{t}", 5_000, 25_000, 128, t) for t in (25, 100, 200, 1000)]
+    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep, "ksweep": ksweep}
     if which == "auto":
         return step + sweep + imagenet if gpu else small + sweep
     return [s for name in which.split(",") for s in table[name]]
@@ -81,6 +86,11 @@ def naive(inputs, shape):
 
 def mm_only(inputs, shape):
     return common.mm_only(inputs[0], inputs[1], TAU)
+
+
+def gemm_tile(inputs, shape):
+    labeled, bank, pool = inputs
+    return common.gemm_tile(labeled, bank)
 
 
 def reference(inputs, shape):
@@ -115,6 +125,7 @@ _POOL: list = [None, None]
 PROVIDERS = {
     "naive": naive,
     "mm_only": mm_only,
+    "gemm_tile": gemm_tile,
     "reference": reference,
     "op": op,
     "triton": triton,

@@ -7,7 +7,8 @@ GPU, the C++ extension on CPU) and the vote, against chunked PyTorch baselines.
     pytest bench/bench_propagate.py --benchmark-enable
 
 Providers: ``naive`` (chunked mm + bias + topk + vote), ``mm_only`` (chunked torch.mm
-producing the same scores, no selection: the floor proxy), ``reference``
+producing the same scores, no selection: the floor proxy), ``gemm_tile`` (CPU: one 256 x 512 x D
+tile's torch.mm repeated for the same work: the fused kernel's GEMM-rate floor), ``reference``
 (llp_fast.reference.propagate_ref), ``op`` (the public llp_fast.propagate, whatever backend
 it dispatches to), ``triton`` (kernels.topk_scores_triton, then the vote; GPU only),
 ``extension`` (torch.ops.llp_fast.propagate: the compiled CPU top-K of csrc/cpu/topk.h, then
@@ -50,7 +51,11 @@ def shapes(which: str) -> list[Shape]:
     else:
         sweep = [Shape("sweep-q", q, 5_000, 128, 10, 10) for q in (5_000, 10_000, 20_000)]
         sweep += [Shape("sweep-m", 20_000, m, 128, 10, 10) for m in (1_250, 2_500, 5_000)]
-    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep}
+    if gpu:  # K from the paper's 10 to 1000 (two-level above 64)
+        ksweep = [Shape(f"k{k}", 65_536, 128_117, 128, k, 1000) for k in (10, 25, 64, 100, 200, 1000)]
+    else:
+        ksweep = [Shape(f"k{k}", 20_000, 5_000, 128, k, 10) for k in (10, 25, 100, 200, 1000)]
+    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep, "ksweep": ksweep}
     if which == "auto":
         return step + sweep + imagenet if gpu else small + sweep
     return [s for name in which.split(",") for s in table[name]]
@@ -90,6 +95,10 @@ def mm_only(inputs, shape):
     return common.mm_only(inputs[0], inputs[1], TAU)
 
 
+def gemm_tile(inputs, shape):
+    return common.gemm_tile(inputs[0], inputs[1])
+
+
 def reference(inputs, shape):
     return propagate_ref(*inputs, shape.k, TAU, shape.num_classes)
 
@@ -117,6 +126,7 @@ def faiss_propagate(inputs, shape):
 PROVIDERS = {
     "naive": naive,
     "mm_only": mm_only,
+    "gemm_tile": gemm_tile,
     "reference": reference,
     "op": op,
     "triton": triton,
