@@ -52,9 +52,9 @@ def _stable_rows(queries, labeled, classes, log_rho, k, tau, s, rel=1e-4):
     return np.array(ok, dtype=bool)
 
 
-@pytest.mark.parametrize("name", sample_ids("propagate"))
+@pytest.mark.parametrize("name", sample_ids("propagate", device="cpu"))
 def test_reference_matches_brute_force(name):
-    queries, labeled, classes, log_rho, k, tau, s = sample("propagate", name).args
+    queries, labeled, classes, log_rho, k, tau, s = sample("propagate", name, device="cpu").args
     labels, conf = propagate_ref(queries, labeled, classes, log_rho, k, tau, s)
     assert labels.dtype == torch.int64 and labels.shape == conf.shape == (queries.shape[0],)
     if queries.shape[0] == 0:
@@ -79,13 +79,16 @@ def test_op_matches_reference(name):
     assert labels.dtype == torch.int64 and conf.dtype == out_dtype(smp) and labels.shape == (queries.shape[0],)
     ref_labels, ref_conf = propagate_ref(*smp.args)
     if queries.shape[0]:
-        stable = torch.from_numpy(_stable_rows(queries.cpu(), labeled.cpu(), classes.cpu(), log_rho, k, tau, s))
+        stable = _stable_rows(queries.cpu(), labeled.cpu(), classes.cpu(), log_rho, k, tau, s)
+        stable = torch.from_numpy(stable).to(labels.device)
         assert torch.equal(labels[stable], ref_labels[stable])
         atol = 1e-12 if queries.dtype == torch.float64 else 5e-5
         torch.testing.assert_close(conf[stable], ref_conf.to(conf.dtype)[stable], rtol=0, atol=atol)
     top = llp_fast.topk_scores(queries, labeled, k=k, tau=tau, bias=None if log_rho is None else -log_rho)
     want = vote(top.values, classes[top.indices], s)
-    assert torch.equal(labels, want[0]) and torch.equal(conf, want[1].to(conf.dtype))
+    assert torch.equal(labels, want[0])
+    if smp.device.type == "cpu":  # (CUDA's scatter_add_ sums in no fixed order)
+        assert torch.equal(conf, want[1].to(conf.dtype))
 
 
 @pytest.mark.parametrize("ks", [(10, 20, 100, 200), (3, 1, 7), (5,)])
