@@ -255,7 +255,8 @@ class TestTriton:
         labels, conf = llp_fast.propagate(queries, labeled, classes, log_rho, k=k, tau=TAU, num_classes=num_classes)
         ref_labels, ref_conf = propagate_ref(queries, labeled, classes, log_rho, k, TAU, num_classes)
         clear = clear_rows(queries, labeled, classes, log_rho, k, TAU, num_classes)
-        assert clear.float().mean() > 0.8
+        # K = 200 neighbours from 100 classes: many rows' two best classes are near-ties
+        assert clear.float().mean() > (0.8 if k <= 10 else 0.4)
         assert torch.equal(labels[clear], ref_labels[clear])
         assert (conf[clear] - ref_conf[clear]).abs().max().item() < 1e-3
         assert math.isfinite(conf.sum().item())
