@@ -8,9 +8,9 @@ docs/method.md §1.1, §1.2). ``topk_scores_triton`` computes, without the (Q, N
 
 merged with an earlier call's top-k (``init``), indices offset by ``index_offset``.
 
-Programs run on a (query blocks, splits) grid. Split p of S walks the key tiles p, p + S, p + 2S, ...
-(``_stream_topk``): it keeps each row's best K' = min(K, 64) scores and their indices in a register
-buffer and never writes a score. Each split writes its K' candidates per row, and
+Programs run on a (query blocks, splits) grid. A split walks its keys (``_stream_topk``): one
+contiguous range for K <= 64, the tiles p, p + S, p + 2S, ... for a two-level K (below). It keeps each
+row's best K' = min(K, 64) scores and their indices in a register buffer and never writes a score. Each split writes its K' candidates per row, and
 ``llp_fast._topk.merge_topk`` merges the S lists on the host side.
 
 Selection in a split. Each row keeps an *unsorted* buffer of K' slots whose minimum is the row's
@@ -50,24 +50,29 @@ CANDIDATE_BYTES = 256 << 20  # per launch, the (rows, splits * K') candidate lis
 
 @triton.jit
 def _stream_topk(
-    q, row_ok, k_ptr, bias_ptr, mask_ptr, split, n_splits, N, D, stride_k, inv_tau,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    q, row_ok, k_ptr, bias_ptr, mask_ptr, split, n_splits, chunk, N, D, stride_k, inv_tau,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STRIDED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Top-K of ``q @ keys.T * inv_tau + bias`` per row over this split's key tiles (``split``,
-    ``split + n_splits``, ...), keys whose ``mask`` is set. Returns (values (BLOCK_M, BLOCK_K)
-    float32, indices int64), unsorted. Slots >= K (padding up to a power of two) hold +inf so that
-    the row minimum ignores them; slots that no key filled hold -inf and index -1."""
+    """Top-K of ``q @ keys.T * inv_tau + bias`` per row over this split's keys (``STRIDED``: the
+    tiles ``split``, ``split + n_splits``, ...; else the ``chunk`` keys from ``split * chunk``, a
+    loop the software pipeliner prefetches best), keys whose ``mask`` is set. Returns (values
+    (BLOCK_M, BLOCK_K) float32, indices int64), unsorted. Slots >= K (padding up to a power of two)
+    hold +inf so that the row minimum ignores them; slots that no key filled hold -inf and index -1."""
     offs_n = tl.arange(0, BLOCK_N)
     slots = tl.arange(0, BLOCK_K)
     buf_v = tl.full((BLOCK_M, BLOCK_K), float("-inf"), tl.float32)
     buf_v = tl.where(slots[None, :] < K, buf_v, float("inf"))
     buf_i = tl.full((BLOCK_M, BLOCK_K), -1, tl.int64)
     thr = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for tile in range(split, tl.cdiv(N, BLOCK_N), n_splits):
-        n0 = tile * BLOCK_N
+    if STRIDED:
+        first, last, step = split * BLOCK_N, N, n_splits * BLOCK_N
+    else:
+        first, last, step = split * chunk, tl.minimum(split * chunk + chunk, N), BLOCK_N
+    for n0 in range(first, last, step):
         cols = n0 + offs_n
-        col_ok = cols < N
+        col_ok = cols < last
         kt = load_cols(k_ptr, cols, col_ok, D, stride_k, BLOCK_D)
         s = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), INPUT_PRECISION) * inv_tau
         cols64 = cols.to(tl.int64)
@@ -106,8 +111,8 @@ def _stream_topk(
 
 @triton.jit
 def _topk_scores_kernel(
-    q_ptr, k_ptr, bias_ptr, mask_ptr, vals_ptr, idx_ptr, Q, N, D, stride_q, stride_k, stride_part, inv_tau,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+    q_ptr, k_ptr, bias_ptr, mask_ptr, vals_ptr, idx_ptr, Q, N, D, stride_q, stride_k, stride_part, inv_tau, chunk,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STRIDED: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program (row block, split): this split's K candidates of each row, written to
@@ -117,8 +122,8 @@ def _topk_scores_kernel(
     q = load_rows(q_ptr, rows, row_ok, D, stride_q, BLOCK_D)
     split, n_splits = tl.program_id(1), tl.num_programs(1)
     buf_v, buf_i = _stream_topk(
-        q, row_ok, k_ptr, bias_ptr, mask_ptr, split, n_splits, N, D, stride_k, inv_tau,
-        K, HAS_BIAS, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, INPUT_PRECISION,
+        q, row_ok, k_ptr, bias_ptr, mask_ptr, split, n_splits, chunk, N, D, stride_k, inv_tau,
+        K, HAS_BIAS, HAS_MASK, STRIDED, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, INPUT_PRECISION,
     )  # fmt: skip
     slots = tl.arange(0, BLOCK_K)
     off = rows.to(tl.int64)[:, None] * stride_part + split * K + slots[None, :]
@@ -127,7 +132,7 @@ def _topk_scores_kernel(
     tl.store(idx_ptr + off, buf_i, mask=ok)
 
 
-_topk_scores_kernel_tuned = maybe_autotune(_topk_scores_kernel, key=["D", "K", "HAS_BIAS", "HAS_MASK"])
+_topk_scores_kernel_tuned = maybe_autotune(_topk_scores_kernel, key=["D", "K", "HAS_BIAS", "HAS_MASK", "STRIDED"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,11 +174,15 @@ def _launch_rows(plan: TopKPlan, q: torch.Tensor, tau: float, bias, mask, n_spli
     """Every split's candidates for the rows ``q`` (a row range of the plan's queries):
     (values, indices), each (rows, n_splits * K')."""
     keys, slots, dev = plan.keys, plan.slots, q.device
+    block_n = plan.tiles[1]
+    # One level: each split a contiguous range of whole tiles. Two levels: the tiles dealt round-robin.
+    chunk = triton.cdiv(triton.cdiv(keys.shape[0], n_splits), block_n) * block_n
+    n_splits = n_splits if plan.two_level else triton.cdiv(keys.shape[0], chunk)
     vals = torch.empty(q.shape[0], n_splits * slots, dtype=torch.float32, device=dev)
     idx = torch.empty(q.shape[0], n_splits * slots, dtype=torch.int64, device=dev)
     args = (
         q, keys, bias if bias is not None else q, mask if mask is not None else q, vals, idx,
-        q.shape[0], keys.shape[0], q.shape[1], q.stride(0), keys.stride(0), n_splits * slots, 1.0 / tau,
+        q.shape[0], keys.shape[0], q.shape[1], q.stride(0), keys.stride(0), n_splits * slots, 1.0 / tau, chunk,
     )  # fmt: skip
     consts = dict(
         K=slots,
@@ -182,6 +191,7 @@ def _launch_rows(plan: TopKPlan, q: torch.Tensor, tau: float, bias, mask, n_spli
         INPUT_PRECISION=input_precision(q.dtype),
         HAS_BIAS=bias is not None,
         HAS_MASK=mask is not None,
+        STRIDED=plan.two_level,
     )
     launch(_topk_scores_kernel_tuned, q.shape[0], n_splits, args, consts, plan.tiles)
     return vals, idx

@@ -52,9 +52,10 @@ def variants():
         for k in (10, 25, 64):
             bm, bn, warps, stages = _launch.tile_config(dtype, 128, k, 1 << 20)
             const = dict(K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, BLOCK_K=max(16, triton.next_power_of_2(k)),
-                         INPUT_PRECISION=_precision(dt), HAS_BIAS=True, HAS_MASK=k == 25)  # fmt: skip
+                         INPUT_PRECISION=_precision(dt), HAS_BIAS=True, HAS_MASK=k == 25,
+                         STRIDED=k == 64)  # fmt: skip
             sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", bias_ptr="*fp32", mask_ptr="*u8", vals_ptr="*fp32",
-                       idx_ptr="*i64", **sizes, stride_part="i32", inv_tau="fp32")  # fmt: skip
+                       idx_ptr="*i64", **sizes, stride_part="i32", inv_tau="fp32", chunk="i32")  # fmt: skip
             yield f"topk_scores {dt} K={k}", topk_scores._topk_scores_kernel, sig, const, (warps, stages)
         stages = _launch.tile_config(dtype, 128)[3]
         const = dict(BLOCK_M=64, BLOCK_N=64 if dt == "bf16" else 32, BLOCK_D=128, INPUT_PRECISION=_precision(dt))
