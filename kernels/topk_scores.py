@@ -10,7 +10,8 @@ merged with an earlier call's top-k (``init``), indices offset by ``index_offset
 
 Programs run on a (query blocks, splits) grid. A split walks its keys (``_stream_topk``): one
 contiguous range for K <= 64, the tiles p, p + S, p + 2S, ... for a two-level K (below). It keeps each
-row's best K' = min(K, 64) scores and their indices in a register buffer and never writes a score. Each split writes its K' candidates per row, and
+row's best K' = min(K, 64) scores and their indices in a register buffer and never writes a score.
+Each split writes its K' candidates per row, and
 ``llp_fast._topk.merge_topk`` merges the S lists on the host side.
 
 Selection in a split. Each row keeps an *unsorted* buffer of K' slots whose minimum is the row's
