@@ -67,11 +67,17 @@ def _stream_topk(
     buf_v = tl.where(slots[None, :] < K, buf_v, float("inf"))
     buf_i = tl.full((BLOCK_M, BLOCK_K), -1, tl.int64)
     thr = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    # A loop of unit step over this split's tiles (a runtime step in range() stops Triton's software
+    # pipeliner: the loads of the next tile are no longer prefetched).
     if STRIDED:
-        first, last, step = split * BLOCK_N, N, n_splits * BLOCK_N
+        base, stride, last = split * BLOCK_N, n_splits * BLOCK_N, N
+        count = tl.cdiv(tl.cdiv(N, BLOCK_N) - split, n_splits)
     else:
-        first, last, step = split * chunk, tl.minimum(split * chunk + chunk, N), BLOCK_N
-    for n0 in range(first, last, step):
+        base, stride = split * chunk, BLOCK_N
+        last = tl.minimum(base + chunk, N)
+        count = tl.cdiv(last - base, BLOCK_N)
+    for t in range(0, count):
+        n0 = base + t * stride
         cols = n0 + offs_n
         col_ok = cols < last
         kt = load_cols(k_ptr, cols, col_ok, D, stride_k, BLOCK_D)
