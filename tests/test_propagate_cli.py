@@ -242,6 +242,13 @@ def test_an_output_may_not_be_given_twice_or_be_an_input(tmp_path, capsys):
         ("--threads", "0"),
         ("--nproc", "0"),
         ("--density-pool", "some"),
+        ("--k", "auto,10"),
+        ("--tau", "often"),
+        ("--min-confidence", "1.5"),
+        ("--drop-suspects", "0"),
+        ("--drop-suspects", "1"),
+        ("--save-model", "/no/such/dir/m"),
+        ("--suspects-out", "/no/such/dir/s.npy"),
     ],
 )
 def test_every_flag_is_checked_where_it_is_parsed(tmp_path, capsys, flag, value):
@@ -310,3 +317,52 @@ def test_nproc_relaunch_drops_only_the_nproc_flag():
 
     argv = ["a.npy", "--nproc", "2", "--k", "5", "--nproc=3", "--nprocs-note", "x"]
     assert without_nproc(argv) == ["a.npy", "--k", "5", "--nprocs-note", "x"]
+
+
+# -- suspects, K and tau from the data, abstention (docs/embeddings.md) --------------------------------
+def test_defaults_come_from_settings():
+    from llp_fast.cli.propagate import parse, settings_of
+    from llp_fast.embeddings import Settings
+
+    assert settings_of(parse(["e.npy", "l.npy", "--out", "o.npy"])) == Settings(device="cpu")
+    given = parse(["e.npy", "l.npy", "--out", "o.npy", "--k", "7", "--no-density-weighting", "--max-voters", "none"])
+    assert settings_of(given) == Settings(k=7, density=False, max_voters=None, device="cpu")
+
+
+def test_suspects_auto_and_abstention(tmp_path, capsys):
+    from llp_fast import LocalLabelPropagation
+    from llp_fast.embeddings import Engine, Rows, Settings, tune
+
+    x, y, labels = _digits_embeddings(tmp_path)
+    f = {n: str(tmp_path / n) for n in ("p.npy", "c.npy", "s.npy", "q.npy")}
+    base = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--rounds", "2", "--quiet"]
+    rc = propagate_main([*base, "--out", f["p.npy"], "--confidence-out", f["c.npy"]] + ["--min-confidence", "0.8"])
+    assert rc == 0
+    clf = LocalLabelPropagation(rounds=2, min_confidence=0.8).fit(x, labels)
+    p, conf = np.load(f["p.npy"]), np.load(f["c.npy"])
+    assert np.array_equal(p, clf.transduction_) and np.array_equal(p == -1, (labels < 0) & (conf < 0.8))
+    assert (p == -1).any() and np.array_equal(p[labels >= 0], labels[labels >= 0])
+    rc = propagate_main([*base, "--out", f["p.npy"], "--suspects-out", f["s.npy"], "--quality-out", f["q.npy"]])
+    assert rc == 0
+    s = np.load(f["s.npy"])
+    assert s.dtype == np.int64 and np.array_equal(s, clf.label_suspects_)
+    np.testing.assert_array_equal(np.load(f["q.npy"]), clf.label_quality_)
+    capsys.readouterr()
+    # --k auto --tau auto: the choice is printed and used
+    assert propagate_main([*base, "--out", f["p.npy"], "--k", "auto", "--tau", "auto"]) == 0
+    said = capsys.readouterr()[0]
+    choice = tune.choose(Rows(x), labels, Settings(rounds=2), auto_k=True, auto_tau=True)
+    assert f"K = {choice.k}, tau = {choice.tau:g}" in said and "leave-one-out accuracy" in said
+    want = Engine(Rows(x), labels, Settings(rounds=2, k=choice.k, tau=choice.tau)).run()
+    assert np.array_equal(np.load(f["p.npy"]), want.labels)
+    # --drop-suspects F: the worst F of the labeled rows are labeled again by the vote
+    assert propagate_main([*base, "--out", f["p.npy"], "--drop-suspects", "0.1"]) == 0
+    assert "18 suspect labels dropped" in capsys.readouterr()[0]
+    dropped = np.sort(clf.label_suspects_[:18])
+    again = labels.copy()
+    again[dropped] = -1
+    want = Engine(Rows(x), again, Settings(rounds=2)).run()
+    assert np.array_equal(np.load(f["p.npy"]), want.labels)
+    with pytest.raises(SystemExit):
+        propagate_main([*base, "--out", f["p.npy"], "--k", "10,20", "--drop-suspects", "0.1"])
+    assert "needs one K" in capsys.readouterr().err
