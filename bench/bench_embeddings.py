@@ -5,6 +5,7 @@ kNN vote, for accuracy (the issue's table) and for time and peak memory as N gro
     python bench/bench_embeddings.py ablation [--seeds 0-4]       # rounds, weight, NoDW, voter caps
     python bench/bench_embeddings.py scale [--n 5000,50000,200000,1000000] [--labeled 0.01]
     python bench/bench_embeddings.py bar [--n 1000000] [--labeled 0.01]   # the CLI's 1M bars
+    python bench/bench_embeddings.py default [--n 1000000] [--labeled 0.01]   # the default against --rounds 1
 
 ``table``: transductive accuracy on the unlabeled rows, mean of class-balanced splits (features:
 centred, L2-normalised pixels; K = 10, T = 25, tau = 0.07; scikit-learn ``kernel="knn",
@@ -12,7 +13,9 @@ n_neighbors=10``). ``scale``: synthetic clusters (100 classes, D = 128) written 
 method runs in a child process whose peak resident memory (ru_maxrss) and wall time are recorded,
 scikit-learn and the multi-round default skipped past a 10-minute limit. ``bar``: ``llp-fast-propagate
 --rounds 1`` on the file against ``local_density`` + ``propagate`` on the same rows in memory: time
-ratio, peak memory of each process, labels identical. Results go to bench/results/.
+ratio, peak memory of each process, labels identical. ``default``: ``llp-fast-propagate`` with its
+defaults (10 rounds, the voter cap that keeps them linear in N) against ``--rounds 1`` on the same file:
+time ratio, peak memory, unlabeled rows labeled right by each. Results go to bench/results/.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def faiss_vote(x, labels):
     import faiss
     import torch
 
-    from llp_fast.reference import vote
+    from llp_fast._topk import vote
 
     lab = labels >= 0
     index = faiss.IndexFlatIP(x.shape[1])
@@ -315,9 +318,42 @@ def bar(args) -> dict:
     return summary
 
 
+def default_bar(args) -> dict:
+    """The default against ``--rounds 1`` on one synthetic file (issue 22: at 1,000,000 x 128 and 1%
+    labels, at most 4x the time, at most 1.0 GB peak, at least as many unlabeled rows right).
+    Interleaved repeats; the ratio of medians of the work's seconds (after the imports)."""
+    data = os.path.join(args.workdir, f"n{args.n}-l{args.labeled}")
+    synthetic(data, int(args.n), args.labeled)
+    truth, labels = np.load(os.path.join(data, "truth.npy")), np.load(os.path.join(data, "lab.npy"))
+    unl = labels < 0
+    runs = {"cli1": [], "cli": []}
+    for _ in range(args.repeats):
+        for method in runs:
+            out = os.path.join(data, f"default-{method}.npy")
+            r = child(command(method, data, out, args.threads), args.limit)
+            if r["status"] == "ok":
+                r["right"] = int((np.load(out)[unl] == truth[unl]).sum())
+            runs[method].append(r)
+            print(method, json.dumps(r), flush=True)
+    med = {m: float(np.median([r["seconds"] for r in v])) for m, v in runs.items()}
+    summary = {
+        "n": args.n,
+        "labeled": args.labeled,
+        "threads": args.threads,
+        "median_s": med,
+        "ratio": med["cli"] / med["cli1"],
+        "peak_rss_mb": {m: max(r["peak_rss_mb"] for r in v) for m, v in runs.items()},
+        "unlabeled_right": {m: v[-1]["right"] for m, v in runs.items()},
+        "unlabeled": int(unl.sum()),
+        "runs": runs,
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
+    return summary
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("table", "ablation", "scale", "bar", "_run"))
+    ap.add_argument("mode", choices=("table", "ablation", "scale", "bar", "default", "_run"))
     ap.add_argument("rest", nargs="*")
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--n", default="5000,50000,200000,1000000")
@@ -333,7 +369,8 @@ def main(argv=None) -> None:
         run_method(*args.rest, threads=args.threads)
         return
     ablation = lambda a: table(a, ABLATION_METHODS)  # noqa: E731
-    result = {"table": table, "ablation": ablation, "scale": scale, "bar": bar}[args.mode](args)
+    modes = {"table": table, "ablation": ablation, "scale": scale, "bar": bar, "default": default_bar}
+    result = modes[args.mode](args)
     result["uptime"] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"embeddings_{args.mode}-{args.tag}.json")

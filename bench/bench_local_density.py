@@ -1,15 +1,16 @@
-"""Benchmark of ``local_density`` (docs/method.md §1.1, §4): the fused top-T log-sum-exp
-(Triton on a GPU, the C++ extension on CPU) against chunked PyTorch baselines.
+"""Benchmark of ``local_density`` (docs/method.md §1.1, §4): ``topk_scores``' fused top-T selection
+(Triton on a GPU, the C++ extension on CPU) and the log-sum-exp, against chunked PyTorch baselines.
 
     python bench/bench_local_density.py                 # GPU: ImageNet shape and sweep; CPU: small, sweep
     python bench/bench_local_density.py --shapes cpu    # CPU: M = 5,000 against a 20,000-row pool
     pytest bench/bench_local_density.py --benchmark-enable
 
 Providers: ``naive`` (chunked mm + pool mask + topk + logsumexp), ``mm_only`` (chunked
-torch.mm producing the same similarities), ``reference`` (local_density_ref), ``op`` (the
-public llp_fast.local_density), ``triton`` (kernels.local_density_triton; GPU only),
-``extension`` (torch.ops.llp_fast.local_density on the compiled CPU kernel,
-csrc/cpu/local_density_cpu.cpp; CPU only), ``faiss`` (CPU: faiss-cpu IndexFlatIP over the
+torch.mm producing the same similarities), ``gemm_tile`` (CPU: one 256 x 512 x D tile's torch.mm
+repeated for the same work), ``reference`` (local_density_ref), ``op`` (the
+public llp_fast.local_density), ``triton`` (kernels.topk_scores_triton, then the log-sum-exp; GPU
+only), ``extension`` (torch.ops.llp_fast.local_density: the compiled CPU top-K of csrc/cpu/topk.h,
+then the log-sum-exp; CPU only), ``faiss`` (CPU: faiss-cpu IndexFlatIP over the
 pool rows, then the same logsumexp; the index is built outside the timing). Shapes follow
 docs/method.md §4: the M labeled rows are the queries, the bank (pool = unlabeled rows, given
 by a mask) the keys; ``Shape.q`` = M, ``Shape.m`` = N, ``Shape.k`` = T. Bars as for
@@ -29,6 +30,7 @@ except ImportError:  # run as a script
     import common
 
 import llp_fast
+from llp_fast._topk import log_sum_exp
 from llp_fast.reference import local_density_ref
 
 OP = "local_density"
@@ -49,7 +51,11 @@ def shapes(which: str) -> list[Shape]:
     else:
         sweep = [Shape("sweep-m", m, 25_000, 128, 25) for m in (1_250, 2_500, 5_000)]
         sweep += [Shape("sweep-n", 5_000, n, 128, 25) for n in (10_000, 15_000, 25_000)]
-    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep}
+    if gpu:  # T from 25 to 1000 (two-level above 64)
+        ksweep = [Shape(f"t{t}", 32_768, 262_144, 128, t) for t in (25, 64, 100, 200, 1000)]
+    else:  # 5,000 labeled rows against a 20,000-row pool: the propagate sweep's 10^8 scores
+        ksweep = [Shape(f"t{t}", 5_000, 25_000, 128, t) for t in (25, 100, 200, 1000)]
+    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep, "ksweep": ksweep}
     if which == "auto":
         return step + sweep + imagenet if gpu else small + sweep
     return [s for name in which.split(",") for s in table[name]]
@@ -82,6 +88,11 @@ def mm_only(inputs, shape):
     return common.mm_only(inputs[0], inputs[1], TAU)
 
 
+def gemm_tile(inputs, shape):
+    labeled, bank, pool = inputs
+    return common.gemm_tile(labeled, bank)
+
+
 def reference(inputs, shape):
     return local_density_ref(*inputs[:2], shape.k, TAU, inputs[2])
 
@@ -93,7 +104,8 @@ def op(inputs, shape):
 
 def triton(inputs, shape):
     labeled, bank, pool = inputs
-    return common.triton_kernels().local_density_triton(labeled, bank, shape.k, TAU, pool)
+    values, _ = common.triton_kernels().topk_scores_triton(labeled, bank, shape.k, TAU, None, pool, None, None, 0)
+    return log_sum_exp(values)
 
 
 def extension(inputs, shape):
@@ -113,6 +125,7 @@ _POOL: list = [None, None]
 PROVIDERS = {
     "naive": naive,
     "mm_only": mm_only,
+    "gemm_tile": gemm_tile,
     "reference": reference,
     "op": op,
     "triton": triton,

@@ -1,5 +1,5 @@
-"""Benchmark of ``propagate`` (docs/method.md §1.2, §4): the fused top-K votes (Triton on a
-GPU, the C++ extension on CPU) against chunked PyTorch baselines.
+"""Benchmark of ``propagate`` (docs/method.md §1.2, §4): ``topk_scores``' fused selection (Triton on a
+GPU, the C++ extension on CPU) and the vote, against chunked PyTorch baselines.
 
     python bench/bench_propagate.py                    # GPU: step, sweep and ImageNet shapes; CPU: small, sweep
     python bench/bench_propagate.py --shapes cpu       # CPU: Q = 20,000, M = 5,000 (docs/method.md §4's CPU bar)
@@ -7,11 +7,12 @@ GPU, the C++ extension on CPU) against chunked PyTorch baselines.
     pytest bench/bench_propagate.py --benchmark-enable
 
 Providers: ``naive`` (chunked mm + bias + topk + vote), ``mm_only`` (chunked torch.mm
-producing the same scores, no selection: the floor proxy), ``reference``
+producing the same scores, no selection: the floor proxy), ``gemm_tile`` (CPU: one 256 x 512 x D
+tile's torch.mm repeated for the same work: the fused kernel's GEMM-rate floor), ``reference``
 (llp_fast.reference.propagate_ref), ``op`` (the public llp_fast.propagate, whatever backend
-it dispatches to), ``triton`` (kernels.propagate_triton; GPU only), ``extension``
-(torch.ops.llp_fast.propagate on the compiled CPU kernel, csrc/cpu/propagate_cpu.cpp; CPU
-only), ``faiss`` (CPU: faiss-cpu IndexFlatIP on bias-augmented vectors,
+it dispatches to), ``triton`` (kernels.topk_scores_triton, then the vote; GPU only),
+``extension`` (torch.ops.llp_fast.propagate: the compiled CPU top-K of csrc/cpu/topk.h, then
+the vote; CPU only), ``faiss`` (CPU: faiss-cpu IndexFlatIP on bias-augmented vectors,
 [v, 1] . [m / tau, -log_rho] = the score, then the same vote; the index is built outside the
 timing). On CPU the providers are timed in interleaved rounds, wall and process CPU time.
 Bars (docs/method.md §4): CPU, at least 2x faster than naive and within 1.3x of mm_only;
@@ -30,7 +31,8 @@ except ImportError:  # run as a script
     import common
 
 import llp_fast
-from llp_fast.reference import propagate_ref, vote
+from llp_fast._topk import vote
+from llp_fast.reference import propagate_ref
 
 OP = "propagate"
 TAU = 0.07
@@ -49,7 +51,11 @@ def shapes(which: str) -> list[Shape]:
     else:
         sweep = [Shape("sweep-q", q, 5_000, 128, 10, 10) for q in (5_000, 10_000, 20_000)]
         sweep += [Shape("sweep-m", 20_000, m, 128, 10, 10) for m in (1_250, 2_500, 5_000)]
-    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep}
+    if gpu:  # K from the paper's 10 to 1000 (two-level above 64)
+        ksweep = [Shape(f"k{k}", 65_536, 128_117, 128, k, 1000) for k in (10, 25, 64, 100, 200, 1000)]
+    else:
+        ksweep = [Shape(f"k{k}", 20_000, 5_000, 128, k, 10) for k in (10, 25, 100, 200, 1000)]
+    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep, "ksweep": ksweep}
     if which == "auto":
         return step + sweep + imagenet if gpu else small + sweep
     return [s for name in which.split(",") for s in table[name]]
@@ -89,6 +95,10 @@ def mm_only(inputs, shape):
     return common.mm_only(inputs[0], inputs[1], TAU)
 
 
+def gemm_tile(inputs, shape):
+    return common.gemm_tile(inputs[0], inputs[1])
+
+
 def reference(inputs, shape):
     return propagate_ref(*inputs, shape.k, TAU, shape.num_classes)
 
@@ -98,7 +108,9 @@ def op(inputs, shape):
 
 
 def triton(inputs, shape):
-    return common.triton_kernels().propagate_triton(*inputs, shape.k, TAU, shape.num_classes)
+    queries, labeled, classes, log_rho = inputs
+    top = common.triton_kernels().topk_scores_triton(queries, labeled, shape.k, TAU, -log_rho, None, None, None, 0)
+    return vote(top[0], classes[top[1]], shape.num_classes)
 
 
 def extension(inputs, shape):
@@ -114,6 +126,7 @@ def faiss_propagate(inputs, shape):
 PROVIDERS = {
     "naive": naive,
     "mm_only": mm_only,
+    "gemm_tile": gemm_tile,
     "reference": reference,
     "op": op,
     "triton": triton,

@@ -6,7 +6,8 @@ streaming use, the keys in chunks merged through ``init``.
     python bench/bench_topk_scores.py --shapes cpu     # CPU: Q = 20,000 against N = 5,000 keys
     pytest bench/bench_topk_scores.py --benchmark-enable
 
-Providers: ``naive`` (chunked mm + bias + masked topk), ``mm_only`` (chunked torch.mm
+Providers: ``naive`` (chunked mm + bias + masked topk), ``gemm_tile`` (CPU: one 256 x 512 x D tile's
+torch.mm repeated for the same work), ``mm_only`` (chunked torch.mm
 producing the same scores, no selection), ``reference`` (llp_fast.reference.topk_scores_ref),
 ``op`` (the public llp_fast.topk_scores, whatever backend it dispatches to), ``chunked``
 (the op over the keys in about 8 chunks of whole 512-key tiles, each merging the previous
@@ -48,7 +49,11 @@ def shapes(which: str) -> list[Shape]:
         sweep = [Shape("sweep-q", q, 128_117) for q in (16_384, 65_536)]
     else:
         sweep = [Shape("sweep-q", q, 5_000, 128, 10) for q in (5_000, 10_000, 20_000)]
-    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep}
+    if gpu:
+        ksweep = [Shape(f"k{k}", 65_536, 128_117, 128, k) for k in (10, 64, 100, 200, 1000)]
+    else:
+        ksweep = [Shape(f"k{k}", 20_000, 5_000, 128, k) for k in (10, 100, 200, 1000)]
+    table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep, "ksweep": ksweep}
     if which == "auto":
         return step + sweep + imagenet if gpu else small + sweep
     return [s for name in which.split(",") for s in table[name]]
@@ -84,6 +89,10 @@ def naive(inputs, shape):
 
 def mm_only(inputs, shape):
     return common.mm_only(inputs[0], inputs[1], TAU)
+
+
+def gemm_tile(inputs, shape):
+    return common.gemm_tile(inputs[0], inputs[1])
 
 
 def reference(inputs, shape):
@@ -134,6 +143,7 @@ def faiss_topk(inputs, shape):
 PROVIDERS = {
     "naive": naive,
     "mm_only": mm_only,
+    "gemm_tile": gemm_tile,
     "reference": reference,
     "op": op,
     "chunked": chunked,

@@ -1,4 +1,4 @@
-"""How many merge rounds the streaming top-K pays per key tile (kernels/_topk.py), by
+"""How many merge rounds the streaming top-K pays per key tile (kernels/topk_scores.py), by
 simulation in NumPy on random unit vectors, no GPU needed:
 
     python bench/merge_rounds.py [--m 128117] [--k 10] [--block-m 128] [--block-n 64]

@@ -30,8 +30,6 @@ extern "C" __attribute__((used, visibility("default"))) const char llp_fast_buil
 
 TORCH_LIBRARY_IMPL(llp_fast, CPU, m) {
   m.impl("bank_update_", &llp_fast::bank_update_cpu);
-  m.impl("propagate", &llp_fast::propagate_cpu);
-  m.impl("local_density", &llp_fast::local_density_cpu);
   m.impl("topk_scores", &llp_fast::topk_scores_cpu);
   m.impl("aggregation_loss", &llp_fast::aggregation_loss_cpu);
   m.impl("aggregation_loss_backward", &llp_fast::aggregation_loss_backward_cpu);

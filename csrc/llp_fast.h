@@ -20,16 +20,6 @@ void bank_update_cuda(const at::Tensor& bank, const at::Tensor& indices, const a
                       double momentum);
 #endif
 
-// llp_fast::propagate(...) -> (labels int64 (Q,), confidence (Q,)) (docs/method.md §1.2).
-std::tuple<at::Tensor, at::Tensor> propagate_cpu(const at::Tensor& queries, const at::Tensor& labeled,
-                                                 const at::Tensor& labeled_classes,
-                                                 const std::optional<at::Tensor>& log_rho, int64_t k,
-                                                 double tau, int64_t num_classes);
-
-// llp_fast::local_density(...) -> log_rho (M,) (docs/method.md §1.1).
-at::Tensor local_density_cpu(const at::Tensor& labeled, const at::Tensor& bank, int64_t t, double tau,
-                             const std::optional<at::Tensor>& pool_mask);
-
 // llp_fast::topk_scores(...) -> (values (Q, k), indices int64 (Q, k)): the k best q . key / tau + bias,
 // merged with an earlier call's (init_values, init_indices); ties to the lower index, -inf / -1 padding.
 std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, const at::Tensor& keys, int64_t k,

@@ -15,8 +15,6 @@ import triton
 # Feature widths the kernels hold in one register tile (the whole row of D); above this the
 # launchers return NotImplemented and the op falls back to the reference.
 MAX_D = 256
-# Largest K (or T) of the running top-K buffer.
-MAX_K = 64
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -43,10 +41,10 @@ def launchable(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
-def decline_reason(*tensors: torch.Tensor, k: int | None = None, k_name: str = "k") -> str | None:
+def decline_reason(*tensors: torch.Tensor, k: int | None = None, max_k: int = 1024) -> str | None:
     """Why the kernels do not take these operands (query-like matrices first, the key matrix
     last), or None when they do: float32 / bfloat16 / float16 matrices of one dtype with
-    1 <= D <= MAX_D, at least one key row, on a CUDA device, and 1 <= ``k`` <= MAX_K.
+    1 <= D <= MAX_D, at least one key row, on a CUDA device, and 1 <= ``k`` <= ``max_k``.
 
     float64 is left to the reference (tensor cores have no float64 path worth a kernel), and
     so are empty key sets, which the public functions reject or answer without a search."""
@@ -64,8 +62,8 @@ def decline_reason(*tensors: torch.Tensor, k: int | None = None, k_name: str = "
         return "no key rows"
     if not launchable(*tensors):
         return "operands not on a CUDA device"
-    if k is not None and not 1 <= k <= MAX_K:
-        return f"{k_name}={k} > {MAX_K}" if k > MAX_K else f"{k_name}={k}"
+    if k is not None and not 1 <= k <= max_k:
+        return f"k={k} > {max_k}" if k > max_k else f"k={k}"
     return None
 
 

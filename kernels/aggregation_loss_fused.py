@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._bank_tiles import PARTIAL_BYTES, bank_tile, batch_block, prepare
+from ._aggregation_tiles import PARTIAL_BYTES, bank_tile, batch_block, prepare
+from ._blocks import dot
 from ._launch import decline_reason, launch, maybe_autotune
-from ._topk import dot
 
 __all__ = ["aggregation_loss_fused_triton", "aggregation_loss_fused_triton_declines"]
 

@@ -1,9 +1,8 @@
 """The compiled extension (``csrc/``): found or built once, on first use.
 
 Loading the shared object registers its kernels with ``TORCH_LIBRARY_IMPL`` for the ops declared
-in :mod:`llp_fast.ops` (CPU: ``bank_update_``, ``propagate``, ``local_density``,
-``topk_scores``, ``aggregation_loss`` and its backward; CUDA: ``bank_update_``); nothing is called through the
-Python module itself. :func:`load` tries, in order:
+in :mod:`llp_fast.ops` (which ops, on which device: the ``extension`` column of the op table,
+``llp_fast._op_table``); nothing is called through the Python module itself. :func:`load` tries, in order:
 
 1. ``llp_fast._C`` built by ``setup.py`` (``pip install -e .`` or ``build_ext --inplace``), when it
    was built against this torch (checked from the file, before loading: loading registers kernels,
@@ -35,16 +34,10 @@ CPU_SOURCES = (
     "bindings.cpp",
     "cpu/aggregation_loss_cpu.cpp",
     "cpu/bank_update_cpu.cpp",
-    "cpu/local_density_cpu.cpp",
-    "cpu/propagate_cpu.cpp",
     "cpu/topk_scores_cpu.cpp",
 )
 CUDA_SOURCES = ("cuda/bank_update_cuda.cu",)
 HEADERS = ("llp_fast.h", "cpu/topk.h")
-
-# (op, device type) pairs that the extension registers; a default body re-dispatches only for these.
-CPU_OPS = ("bank_update_", "propagate", "local_density", "topk_scores", "aggregation_loss", "aggregation_loss_backward")
-CUDA_OPS = ("bank_update_",)
 
 _MARKER = re.compile(rb"llp_fast-build:torch=([^;\x00]*);cuda=([01]);")
 
@@ -62,7 +55,11 @@ def sources(cuda: bool, root: Path = CSRC) -> list[str]:
 def cxx_flags(cuda: bool) -> list[str]:
     # -fopenmp: at::parallel_for is an inline template around `#pragma omp parallel`; without it the
     # kernels compile to a serial loop. The OpenMP runtime resolves to the libgomp torch loaded.
-    flags = ["-O3"]
+    # -ffp-contract=off: a multiply and an add round separately, as the reference's mul_ and add_ (the
+    # AVX2 and AVX-512 clones of csrc/cpu/topk.h's scan would otherwise fuse them). No -march: the
+    # object runs on any x86-64; the kernels that gain from a wider instruction set are compiled once
+    # per set and chosen at load time (target_clones).
+    flags = ["-O3", "-ffp-contract=off"]
     if sys.platform.startswith("linux"):
         flags.append("-fopenmp")
     if cuda:
@@ -259,14 +256,10 @@ def describe() -> str:
 
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the extension (loaded now if need be) registers a kernel for ``llp_fast::op`` on
-    ``device_type`` ("cpu" or "cuda")."""
-    if device_type == "cpu":
-        if op not in CPU_OPS:
-            return False
-    elif device_type == "cuda":
-        if op not in CUDA_OPS:
-            return False
-    else:
+    ``device_type`` ("cpu" or "cuda"): the op table's ``extension`` column, once the extension loads."""
+    from ._op_table import extension_ops  # here: setup.py loads this file on its own, outside the package
+
+    if device_type not in ("cpu", "cuda") or op not in extension_ops(device_type):
         return False
     module = load()
     if module is None:

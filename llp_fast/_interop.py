@@ -109,7 +109,9 @@ def from_torch(t: torch.Tensor, kind: str | None):
     return t
 
 
-def _back(t: torch.Tensor, kind: str):
+def _back(t, kind: str):
+    if isinstance(t, (tuple, list)):  # a pair, or a list of pairs (propagate with several k)
+        return type(t)(_back(r, kind) for r in t)
     return t if t.requires_grad else from_torch(t, kind)
 
 
@@ -134,11 +136,7 @@ def accepts_arrays(*names: str):
                         out_kind = kind
                     bound.arguments[name] = to_torch(value, name)
             result = fn(*bound.args, **bound.kwargs)
-            if out_kind is None:
-                return result
-            if isinstance(result, tuple):
-                return tuple(_back(r, out_kind) for r in result)
-            return _back(result, out_kind)
+            return result if out_kind is None else _back(result, out_kind)
 
         return inner
 

@@ -17,15 +17,14 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._topk import log_sum_exp, merge_topk, vote
+
 __all__ = [
     "compute_dtype",
     "tile_shape",
-    "streaming_topk",
-    "merge_topk",
     "topk_scores_ref",
     "local_density_ref",
     "propagate_ref",
-    "vote",
     "aggregation_loss_ref",
     "aggregation_loss_backward_ref",
     "aggregation_loss_fused_ref",
@@ -54,71 +53,16 @@ def tile_shape(n_rows: int, n_cols: int, *, row_width: int = 0) -> tuple[int, in
     return row, col
 
 
-def _key_scores(q, keys, c0: int, c1: int, inv_tau: float, bias, key_mask, *, sign: float):
-    """One score tile: ``q @ keys[c0:c1].T * inv_tau + sign * bias[c0:c1]`` (``q`` already in
-    the compute dtype), -inf where ``key_mask`` is False. ``sign`` -1 subtracts the bias, as
-    propagate's ``log_rho``; +1 adds it, as topk_scores' ``bias``."""
+def _key_scores(q, keys, c0: int, c1: int, inv_tau: float, bias, key_mask):
+    """One score tile: ``q @ keys[c0:c1].T * inv_tau + bias[c0:c1]`` (``q`` already in the
+    compute dtype), -inf where ``key_mask`` is False."""
     s = q @ keys[c0:c1].to(q.dtype).T
     s.mul_(inv_tau)
     if bias is not None:
-        s.add_(bias[c0:c1].to(q.dtype), alpha=sign)
+        s.add_(bias[c0:c1].to(q.dtype))
     if key_mask is not None:
         s.masked_fill_(~key_mask[c0:c1], -math.inf)
     return s
-
-
-def streaming_topk(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    k: int,
-    tau: float,
-    *,
-    bias: torch.Tensor | None = None,
-    key_mask: torch.Tensor | None = None,
-    row_chunk: int | None = None,
-):
-    """Top-``k`` of ``queries @ keys.T / tau - bias`` per row, over keys where ``key_mask``.
-
-    Yields ``(row_start, values (r, k) sorted descending, indices (r, k) int64)`` per row
-    chunk. Column chunks are merged with a running top-k, so memory is O(tile + r*k).
-    """
-    cdt = compute_dtype(queries, keys)
-    n_q, n_k = queries.shape[0], keys.shape[0]
-    rc, cc = tile_shape(n_q, n_k)
-    if row_chunk is not None:
-        rc = max(1, min(rc, row_chunk))
-    inv_tau = 1.0 / tau
-    for r0 in range(0, n_q, rc):
-        q = queries[r0 : r0 + rc].to(cdt)
-        best_v = best_i = None
-        for c0 in range(0, n_k, cc):
-            s = _key_scores(q, keys, c0, c0 + cc, inv_tau, bias, key_mask, sign=-1.0)
-            v, i = s.topk(min(k, s.shape[1]), dim=1)
-            i += c0
-            if best_v is not None:
-                v = torch.cat([best_v, v], dim=1)
-                i = torch.cat([best_i, i], dim=1)
-                v, j = v.topk(min(k, v.shape[1]), dim=1)
-                i = i.gather(1, j)
-            best_v, best_i = v, i
-        yield r0, best_v, best_i
-
-
-def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int):
-    """The ``k`` best of each row of candidates ``values``/``indices`` (r, c), as the
-    ``topk_scores`` op orders them: by value descending, equal values by the lower index.
-    ``-inf`` values are padding: they come last, with index -1 (rows with fewer than ``k``
-    finite candidates, or ``c < k``). Two stable sorts of (r, c) entries: for the few
-    candidates of a merge, not for a score tile."""
-    r, c = values.shape
-    if c < k:
-        values = torch.cat([values, values.new_full((r, k - c), -math.inf)], dim=1)
-        indices = torch.cat([indices, indices.new_full((r, k - c), -1)], dim=1)
-    order = indices.argsort(dim=1, stable=True)
-    values, indices = values.gather(1, order), indices.gather(1, order)
-    order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
-    values, indices = values.gather(1, order), indices.gather(1, order)
-    return values, indices.masked_fill_(values == -math.inf, -1)
 
 
 def _tile_topk(s: torch.Tensor, k: int, offset: int):
@@ -144,12 +88,12 @@ def topk_scores_ref(
     init_indices: torch.Tensor | None = None,
     index_offset: int = 0,
 ):
-    """docs/method.md §1.1/§1.2's selection, on its own: for each query the ``k`` largest
-    ``q . key_j / tau + bias_j`` over the keys j with ``key_mask`` set, as (values (Q, k)
-    sorted descending, indices (Q, k) int64 = j + ``index_offset``), equal values ordered by
-    the lower index, rows with fewer than ``k`` candidates padded with -inf and index -1.
-    ``init_values``/``init_indices`` (Q, k), the result of an earlier call over other keys,
-    are merged in, so that chunk by chunk calls give the one call over all keys.
+    """docs/method.md §1.1/§1.2's selection, the one the package has: for each query the ``k``
+    largest ``q . key_j / tau + bias_j`` over the keys j with ``key_mask`` set, as (values (Q, k)
+    sorted descending, indices (Q, k) int64 = j + ``index_offset``), equal values ordered by the
+    lower index, rows with fewer than ``k`` candidates padded with -inf and index -1.
+    ``init_values``/``init_indices`` (Q, k), the result of an earlier call over other keys, are
+    merged in, so that chunk by chunk calls give the one call over all keys.
 
     Tiles as everywhere in this module: extra memory O(tile + Q * k), never Q x N."""
     cdt = compute_dtype(queries, keys)
@@ -167,7 +111,7 @@ def topk_scores_ref(
             best_v = torch.full((r1 - r0, k), -math.inf, dtype=cdt, device=queries.device)
             best_i = torch.full((r1 - r0, k), -1, dtype=torch.int64, device=queries.device)
         for c0 in range(0, n_k, cc):
-            s = _key_scores(q, keys, c0, c0 + cc, inv_tau, bias, key_mask, sign=1.0)
+            s = _key_scores(q, keys, c0, c0 + cc, inv_tau, bias, key_mask)
             v, i = _tile_topk(s, k, c0 + index_offset)
             best_v, best_i = merge_topk(torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1), k)
         out_v[r0:r1], out_i[r0:r1] = best_v, best_i
@@ -182,33 +126,10 @@ def local_density_ref(
     pool_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """docs/method.md §1.1: ``log_rho_i = logsumexp`` of the ``t`` largest ``m_i . m_j / tau`` over
-    pool rows j (``pool_mask``; every bank row when None). Returns (M,) float32/64."""
-    cdt = compute_dtype(labeled, bank)
-    out = torch.empty(labeled.shape[0], dtype=cdt, device=labeled.device)
-    for r0, vals, _ in streaming_topk(labeled, bank, t, tau, key_mask=pool_mask):
-        out[r0 : r0 + vals.shape[0]] = torch.logsumexp(vals, dim=1)
-    return out
-
-
-def vote(vals: torch.Tensor, classes: torch.Tensor, num_classes: int):
-    """docs/method.md §1.2's vote for one chunk: ``vals`` (r, k) scores sorted descending, ``classes``
-    (r, k) their class ids. Returns (label int64, confidence) with ties to the lowest class."""
-    # Subtract the row maximum (the first, as vals is sorted) before exp.
-    w = torch.exp(vals - vals[:, :1])
-    # Sum the weights per class among the row's k neighbours, in a (r, k) table rather than an
-    # (r, num_classes) one (memory O(r k) whatever S is): sort each row by class (stable, so a
-    # class's weights are added in their original order), and add each weight into the slot of
-    # its class's first position.
-    cls, order = torch.sort(classes, dim=1, stable=True)
-    first = torch.ones_like(cls, dtype=torch.bool)
-    first[:, 1:] = cls[:, 1:] != cls[:, :-1]
-    pos = torch.arange(cls.shape[1], device=cls.device).expand_as(cls)
-    slot = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=1).values
-    votes = torch.zeros_like(w).scatter_add_(1, slot, w.gather(1, order))
-    best = votes.argmax(dim=1, keepdim=True)  # first maximum: classes ascend, so the lowest id wins ties
-    label = cls.gather(1, best).squeeze(1)
-    conf = votes.gather(1, best).squeeze(1) / votes.sum(dim=1)
-    return label, conf
+    pool rows j (``pool_mask``; every bank row when None): :func:`topk_scores_ref`, finished by
+    ``log_sum_exp``. Returns (M,) float32/64."""
+    values, _ = topk_scores_ref(labeled, bank, t, tau, None, pool_mask)
+    return log_sum_exp(values)
 
 
 def propagate_ref(
@@ -221,18 +142,10 @@ def propagate_ref(
     num_classes: int,
 ):
     """docs/method.md §1.2: the K labeled points with the largest ``v . m_i / tau - log_rho_i`` vote
-    with weight ``exp(score)``. Returns labels (Q,) int64 and confidence (Q,) float32/64."""
-    cdt = compute_dtype(queries, labeled)
-    n_q = queries.shape[0]
-    labels = torch.empty(n_q, dtype=torch.int64, device=queries.device)
-    conf = torch.empty(n_q, dtype=cdt, device=queries.device)
-    rc, _ = tile_shape(n_q, labeled.shape[0], row_width=k)  # the vote's table is (rows, k)
-    classes = labeled_classes.long()
-    for r0, vals, idx in streaming_topk(queries, labeled, k, tau, bias=log_rho, row_chunk=rc):
-        lab, c = vote(vals, classes[idx], num_classes)
-        labels[r0 : r0 + lab.shape[0]] = lab
-        conf[r0 : r0 + c.shape[0]] = c
-    return labels, conf
+    with weight ``exp(score)``: :func:`topk_scores_ref` with ``bias = -log_rho``, finished by
+    ``vote``. Returns labels (Q,) int64 and confidence (Q,) float32/64."""
+    values, indices = topk_scores_ref(queries, labeled, k, tau, None if log_rho is None else -log_rho)
+    return vote(values, labeled_classes.long()[indices.clamp_min(0)], num_classes)
 
 
 def _aggregation_tiles(v, bank, bank_labels, targets, tau):

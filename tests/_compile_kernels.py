@@ -30,7 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from llp_fast import _optional  # noqa: E402
 
 _optional.kernels()
-from llp_fast.kernels import _launch, aggregation_loss, aggregation_loss_fused, local_density, propagate, topk_scores  # noqa: E402
+from llp_fast.kernels import _launch, aggregation_loss, aggregation_loss_fused, topk_scores  # noqa: E402
 
 DT = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 
@@ -47,31 +47,22 @@ def variants():
     for dtype in (torch.bfloat16, torch.float32):
         dt = DT[str(dtype)[6:]]
         sizes = dict(Q="i32", N="i32", D="i32", stride_q="i32", stride_k="i32")
-        for k in (10, 25, 64):  # propagate's K (10, 64), local_density's T (25, 64), topk_scores' (10, 64)
+        # topk_scores' kernel: propagate's K (10), local_density's T (25), the largest one-level
+        # buffer (64; also every split of a two-level K above 64)
+        for k in (10, 25, 64):
             bm, bn, warps, stages = _launch.tile_config(dtype, 128, k, 1 << 20)
             const = dict(K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, BLOCK_K=max(16, triton.next_power_of_2(k)),
-                         INPUT_PRECISION=_precision(dt))  # fmt: skip
-            if k != 25:
-                sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", bias_ptr="*fp32", cls_ptr="*i64", labels_ptr="*i64",
-                           conf_ptr="*fp32", **sizes, inv_tau="fp32", chunk="i32")  # fmt: skip
-                const_p = {**const, "HAS_BIAS": True}
-                yield f"propagate {dt} K={k}", propagate._propagate_kernel, sig, const_p, (warps, stages)
-                # The split path of propagate and local_density, and the topk_scores op.
-                sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", bias_ptr="*fp32", mask_ptr="*u8", vals_ptr="*fp32",
-                           idx_ptr="*i64", **sizes, stride_part="i32", inv_tau="fp32", chunk="i32")  # fmt: skip
-                const_t = {**const, "HAS_BIAS": True, "HAS_MASK": True}
-                yield f"topk_scores {dt} K={k}", topk_scores._topk_scores_kernel, sig, const_t, (warps, stages)
-            if k != 10:
-                sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", mask_ptr="*u8", out_ptr="*fp32", **sizes, inv_tau="fp32",
-                           chunk="i32")  # fmt: skip
-                const_d = {**const, "HAS_MASK": True}
-                yield f"local_density {dt} T={k}", local_density._local_density_kernel, sig, const_d, (warps, stages)
+                         INPUT_PRECISION=_precision(dt), HAS_BIAS=True, HAS_MASK=k == 25,
+                         STRIDED=k == 64)  # fmt: skip
+            sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", bias_ptr="*fp32", mask_ptr="*u8", vals_ptr="*fp32",
+                       idx_ptr="*i64", **sizes, stride_part="i32", inv_tau="fp32", chunk="i32")  # fmt: skip
+            yield f"topk_scores {dt} K={k}", topk_scores._topk_scores_kernel, sig, const, (warps, stages)
         stages = _launch.tile_config(dtype, 128)[3]
         const = dict(BLOCK_M=64, BLOCK_N=64 if dt == "bf16" else 32, BLOCK_D=128, INPUT_PRECISION=_precision(dt))
         common = dict(v_ptr=f"*{dt}", bank_ptr=f"*{dt}", labels_ptr="*i64", targets_ptr="*i64")
         tail = dict(B="i32", N="i32", D="i32", stride_v="i32", stride_bank="i32", inv_tau="fp32", chunk="i32")
         fwd = {**common, "lse_all_ptr": "*fp32", "lse_pos_ptr": "*fp32", **tail}
-        # _bank_tiles.prepare: 8 warps on the GPU, 32-wide key tiles for the backward.
+        # _aggregation_tiles.prepare: 8 warps on the GPU, 32-wide key tiles for the backward.
         yield f"aggregation fwd {dt}", aggregation_loss._aggregation_fwd_kernel, fwd, const, (8, stages)
         bwd = {**common, "lse_all_ptr": "*fp32", "lse_pos_ptr": "*fp32", "coef_all_ptr": "*fp32",
                "coef_pos_ptr": "*fp32", "grad_ptr": "*fp32", **tail}  # fmt: skip
@@ -85,7 +76,7 @@ def variants():
 def tuned_variants():
     """The largest tiles of the LLP_FAST_AUTOTUNE=1 search space (128 x 128, 8 warps)."""
     for name, kernel, sig, const, _ in variants():
-        if "bf16" in name and ("K=10" in name or "T=25" in name or "aggregation" in name):
+        if "bf16" in name and ("K=10" in name or "K=25" in name or "aggregation" in name):
             yield f"{name} [tuned 128x128]", kernel, sig, {**const, "BLOCK_M": 128, "BLOCK_N": 128}, (8, 3)
 
 

@@ -20,7 +20,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-from llp_fast.reference import streaming_topk  # noqa: E402
+from llp_fast.reference import topk_scores_ref  # noqa: E402
 
 
 def _load_kernels():
@@ -70,10 +70,10 @@ def clear_rows(queries, labeled, classes, log_rho, k, tau, num_classes, eps=1e-3
     at least ``eps`` between the k-th and (k+1)-th scores, and between the two best class
     probabilities. On other rows a correct kernel may legitimately differ by rounding."""
     q, m = queries.double(), labeled.double()
-    bias = log_rho.double() if log_rho is not None else None
+    bias = -log_rho.double() if log_rho is not None else None
     n_k = m.shape[0]
     out = []
-    for _, vals, idx in streaming_topk(q, m, min(k + 1, n_k), tau, bias=bias):
+    for vals, idx in [topk_scores_ref(q, m, min(k + 1, n_k), tau, bias)]:
         gap = vals[:, k - 1] - vals[:, k] > eps if k < n_k else torch.ones_like(vals[:, 0], dtype=torch.bool)
         v, i = vals[:, :k], idx[:, :k]
         w = torch.exp(v - v[:, :1])

@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from _ext_setup import require_ext
 from _triton_setup import DEVICE, LOW, cuda_only, kernels, triton_tests, unit_rows
 from brute import aggregation_grad, f64
 from brute import aggregation_loss as brute_loss
 from conftest import unit
+from samples import sample, sample_ids
 
 import llp_fast
 from llp_fast.ops import _common
@@ -172,43 +172,33 @@ def test_fused_op_gradients_of_every_output(tiles):
 
 # ---------------------------------------------------------------------------------------------
 # The fused CPU forward and backward (csrc/cpu/aggregation_loss_cpu.cpp) against the reference,
-# over dtypes and odd shapes, plus opcheck and gradcheck through the autograd registration that
-# stays in Python (llp_fast/ops/aggregation_loss.py).
+# over the samples of tests/samples.py (their opcheck: tests/test_ops.py), plus gradcheck through
+# the autograd registration that stays in Python (llp_fast/ops/aggregation_loss.py).
 
 FWD = torch.ops.llp_fast.aggregation_loss.default
 BWD = torch.ops.llp_fast.aggregation_loss_backward.default
 TAU = 0.07
 
 
-def _ext_inputs(b, n, d, dtype, classes=10):
-    v = F.normalize(torch.randn(b, d, dtype=torch.float64), dim=1).to(dtype)
-    bank = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(dtype)
-    labels = torch.randint(0, classes, (n,))
-    labels[: n // 3] = -1 - torch.arange(n // 3)  # instance ids, as unvisited unlabeled rows hold
-    targets = labels[torch.randint(0, n, (b,))]  # each target is some row's label: positives exist
-    return v, bank, labels, targets
-
-
 EXT_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5, torch.float64: 1e-12}
 
 
 class TestExtension:
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-    @pytest.mark.parametrize(
-        "b,n,d", [(37, 1500, 17), (1, 1, 5), (256, 513, 128), (3, 2000, 8)], ids=["odd", "B=N=1", "N=513", "D=8"]
-    )
-    def test_forward_and_backward_match_reference(self, dtype, b, n, d):
+    @pytest.mark.parametrize("name", sample_ids("aggregation_loss", device="cpu"))
+    def test_forward_and_backward_match_reference(self, name):
+        """The op's CPU kernels on every sample of tests/samples.py against the reference."""
         require_ext("aggregation_loss", "aggregation_loss_backward")
-        v, bank, labels, targets = _ext_inputs(b, n, d, dtype)
-        got = FWD(v, bank, labels, targets, TAU)
-        ref = aggregation_loss_ref(v, bank, labels, targets, TAU)
+        v, bank, labels, targets, tau = sample("aggregation_loss", name, device="cpu").args
+        dtype, b = v.dtype, v.shape[0]
+        got = FWD(v, bank, labels, targets, tau)
+        ref = aggregation_loss_ref(v, bank, labels, targets, tau)
         out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         for g, r in zip(got, ref):
             assert g.dtype == out_dtype and g.shape == (b,)
             torch.testing.assert_close(g, r.to(out_dtype), rtol=EXT_TOL[dtype], atol=EXT_TOL[dtype] * 10)
         coef_all, coef_pos = torch.randn(b, dtype=out_dtype), torch.randn(b, dtype=out_dtype)
-        grad = BWD(v, bank, labels, targets, got[1], got[2], coef_all, coef_pos, TAU)
-        grad_ref = aggregation_loss_backward_ref(v, bank, labels, targets, ref[1], ref[2], coef_all, coef_pos, TAU)
+        grad = BWD(v, bank, labels, targets, got[1], got[2], coef_all, coef_pos, tau)
+        grad_ref = aggregation_loss_backward_ref(v, bank, labels, targets, ref[1], ref[2], coef_all, coef_pos, tau)
         assert grad.dtype == dtype and grad.shape == v.shape
         scale = grad_ref.double().abs().max().item() + 1e-30
         low = dtype in (torch.bfloat16, torch.float16)
@@ -218,7 +208,8 @@ class TestExtension:
 
     def test_target_without_positive_gives_infinite_loss(self):
         require_ext("aggregation_loss", "aggregation_loss_backward")
-        v, bank, labels, targets = _ext_inputs(4, 300, 16, torch.float32)
+        v, bank, labels, targets, _ = sample("aggregation_loss", "cpu-float32-B37-N300-D33", device="cpu").args
+        v, targets = v[:4], targets[:4].clone()
         targets[1] = 12345  # no bank row holds it
         loss, lse_all, lse_pos = FWD(v, bank, labels, targets, TAU)
         ref = aggregation_loss_ref(v, bank, labels, targets, TAU)
@@ -241,18 +232,9 @@ class TestExtension:
 
     def test_public_function_gradcheck(self):
         require_ext("aggregation_loss", "aggregation_loss_backward")
-        v, bank, labels, targets = _ext_inputs(5, 70, 6, torch.float64)
+        v, bank, labels, targets, _ = sample("aggregation_loss", "cpu-float64-B7-N50-D17", device="cpu").args
         v.requires_grad_(True)
         torch.autograd.gradcheck(lambda x: llp_fast.aggregation_loss(x, bank, labels, targets, tau=0.5), (v,))
-
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    def test_opcheck(self, dtype):
-        require_ext("aggregation_loss", "aggregation_loss_backward")
-        v, bank, labels, targets = _ext_inputs(6, 40, 16, dtype)
-        torch.library.opcheck(FWD, (v.requires_grad_(dtype == torch.float32), bank, labels, targets, TAU))
-        out = FWD(v.detach(), bank, labels, targets, TAU)
-        coef = torch.randn(6)
-        torch.library.opcheck(BWD, (v.detach(), bank, labels, targets, out[1], out[2], coef, -coef, TAU))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from _triton_setup import kernels, triton_tests, unit_rows
 
 import llp_fast
 from llp_fast import _ext, _optional
+from llp_fast._op_table import OPS, extension_ops, triton_launchers
 from llp_fast.ops import _common, describe_backends
-from llp_fast.ops._backends import OPS, TRITON_LAUNCHERS
-from llp_fast.reference import propagate_ref
+from llp_fast.reference import topk_scores_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,13 +42,32 @@ def test_cpu_with_the_extension_loaded():
         pytest.skip("the C++ extension is not loaded here")
     table = llp_fast.backends()
     for op in OPS:
-        if op in _ext.CPU_OPS:
-            impl, why = table[op]["cpu"]
+        impl, why = table[op]["cpu"]
+        if op in extension_ops("cpu"):
             assert impl == "extension" and (why == "llp_fast._C loaded" or why.endswith("(JIT-built) loaded"))
+        elif OPS[op].via:  # selected by topk_scores' kernel, finished in PyTorch
+            assert impl == "extension" and why.startswith(f"topk_scores + {OPS[op].finish}: ")
         else:  # the fused loss serves CUDA only; on CPU the two-pass ops do
             assert table[op]["cpu"] == ("reference", f"the extension has no CPU kernel for {op}")
     line = describe_backends()
     assert line.startswith("llp_fast backends: cpu: extension (") and "\n" not in line
+
+
+def test_the_table_is_what_the_extension_and_the_kernels_register():
+    """One table (llp_fast/_op_table.py) of the ops and their implementations: csrc/bindings.cpp
+    registers exactly its extension column, llp_fast.kernels exports exactly its Triton launchers,
+    and every op of the table is declared."""
+    import re
+
+    bindings = (ROOT / "csrc" / "bindings.cpp").read_text()
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+        block = re.search(rf"TORCH_LIBRARY_IMPL\(llp_fast, {key}, m\) \{{(.*?)\}}", bindings, re.S).group(1)
+        assert sorted(re.findall(r'm\.impl\("(\w+)"', block)) == sorted(extension_ops(device)), device
+    init = (ROOT / "kernels" / "__init__.py").read_text()
+    exported = set(re.findall(r'"(\w+_triton)"', init))
+    assert exported == set(triton_launchers().values())
+    for op in OPS:
+        assert hasattr(torch.ops.llp_fast, op)
 
 
 def test_cuda_without_a_gpu(monkeypatch):
@@ -65,12 +84,13 @@ def test_cuda_without_triton(monkeypatch):
     monkeypatch.setattr(_optional, "triton", lambda: None)
     monkeypatch.delitem(_optional._errors, "triton", raising=False)
     table = llp_fast.backends()
-    for op in TRITON_LAUNCHERS:
+    for op in triton_launchers():
         assert table[op]["cuda"] == ("reference", "triton not installed")
+    assert table["propagate"]["cuda"] == ("reference", "topk_scores + vote: triton not installed")
     impl, why = table["bank_update_"]["cuda"]
     assert impl in ("extension", "reference") and why
     monkeypatch.setenv("LLP_FAST_DISABLE_TRITON", "1")
-    assert llp_fast.backends()["propagate"]["cuda"] == ("reference", "LLP_FAST_DISABLE_TRITON=1")
+    assert llp_fast.backends()["topk_scores"]["cuda"] == ("reference", "LLP_FAST_DISABLE_TRITON=1")
 
 
 def test_without_the_extension_in_a_fresh_process():
@@ -86,7 +106,7 @@ def test_without_the_extension_in_a_fresh_process():
     env = dict(os.environ, LLP_FAST_DISABLE_EXT="1", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "STATIC ('reference', 'LLP_FAST_DISABLE_EXT=1')" in out.stdout
+    assert "STATIC ('reference', 'topk_scores + vote: LLP_FAST_DISABLE_EXT=1')" in out.stdout
     assert "LAST ('reference', 'LLP_FAST_DISABLE_EXT=1')" in out.stdout
     assert "LINE llp_fast backends: cpu: reference (LLP_FAST_DISABLE_EXT=1) for all ops" in out.stdout, out.stdout
 
@@ -107,18 +127,22 @@ def test_the_record_says_why_a_launcher_declined(monkeypatch, fresh_record):
         calls.append("triton")
         return "from triton"
 
-    fake = {"propagate_triton": launcher, "propagate_triton_declines": lambda *a: "k=80 > 64" if a[4] > 64 else None}
+    fake = {
+        "topk_scores_triton": launcher,
+        "topk_scores_triton_declines": lambda *a: "k=2000 > 1024" if a[2] > 1024 else None,
+    }
     monkeypatch.setattr(_optional, "kernel", lambda name: fake.get(name))
-    body = _common.with_fallback("propagate_triton", lambda *args: "from reference")
-    assert body(None, None, None, None, 80, 0.07, 3) == "from reference" and calls == []
-    assert llp_fast.backends(last=True)["propagate"]["cuda"] == ("reference", "triton declined: k=80 > 64")
-    assert body(None, None, None, None, 10, 0.07, 3) == "from triton"
-    assert llp_fast.backends(last=True)["propagate"]["cuda"] == ("triton", "propagate_triton")
+    body = _common.with_fallback("topk_scores_triton", lambda *args: "from reference")
+    args = (None, None, None, None, 0)
+    assert body(None, None, 2000, 0.07, *args) == "from reference" and calls == []
+    assert llp_fast.backends(last=True)["topk_scores"]["cuda"] == ("reference", "triton declined: k=2000 > 1024")
+    assert body(None, None, 10, 0.07, *args) == "from triton"
+    assert llp_fast.backends(last=True)["topk_scores"]["cuda"] == ("triton", "topk_scores_triton")
     # No kernels at all: the reason is the import's.
     monkeypatch.setattr(_optional, "kernel", lambda name: None)
     monkeypatch.setenv("LLP_FAST_DISABLE_TRITON", "1")
-    assert body(None, None, None, None, 10, 0.07, 3) == "from reference"
-    assert fresh_record[("propagate", "cuda")] == ("reference", "LLP_FAST_DISABLE_TRITON=1")
+    assert body(None, None, 10, 0.07, *args) == "from reference"
+    assert fresh_record[("topk_scores", "cuda")] == ("reference", "LLP_FAST_DISABLE_TRITON=1")
 
 
 def test_a_cpu_call_is_recorded(fresh_record):
@@ -135,15 +159,13 @@ class TestTritonDeclines:
 
     def test_reasons(self):
         q, m = unit_rows(4, 8), unit_rows(80, 8)
-        classes, rho = torch.zeros(80, dtype=torch.long), torch.rand(80)
-        assert kernels.propagate_triton_declines(q, m, classes, rho, 10, 0.07, 3) is None
-        assert kernels.propagate_triton_declines(q, m, classes, rho, 80, 0.07, 3) == "k=80 > 64"
-        assert kernels.local_density_triton_declines(q, m, 65, 0.07, None) == "t=65 > 64"
-        assert kernels.propagate_triton_declines(q.double(), m.double(), classes, rho, 10, 0.07, 3).startswith(
-            "dtype float64"
-        )
+        classes = torch.zeros(80, dtype=torch.long)
+        args = (0.07, None, None, None, None, 0)
+        assert kernels.topk_scores_triton_declines(q, m, 1024, *args) is None
+        assert kernels.topk_scores_triton_declines(q, m, 1025, *args) == "k=1025 > 1024"
+        assert kernels.topk_scores_triton_declines(q.double(), m.double(), 10, *args).startswith("dtype float64")
         wide_q, wide_m = unit_rows(4, 300), unit_rows(9, 300)
-        assert kernels.topk_scores_triton_declines(wide_q, wide_m, 3, 0.07, None, None, None, None, 0) == "D=300 > 256"
+        assert kernels.topk_scores_triton_declines(wide_q, wide_m, 3, *args) == "D=300 > 256"
         assert kernels.aggregation_loss_triton_declines(q, m.bfloat16(), classes, classes[:4], 0.07) == (
             "operands of different dtypes"
         )
@@ -151,10 +173,11 @@ class TestTritonDeclines:
     def test_the_cuda_body_records_a_decline(self, fresh_record):
         """with_fallback with the real launcher, run by the interpreter on CPU tensors."""
         q, m = unit_rows(6, 8), unit_rows(70, 8)
-        classes, rho = torch.randint(0, 3, (70,)), torch.rand(70)
-        body = _common.with_fallback("propagate_triton", lambda *a: propagate_ref(*a))
-        labels, _ = body(q, m, classes, rho, 66, 0.07, 3)
-        assert torch.equal(labels, propagate_ref(q, m, classes, rho, 66, 0.07, 3)[0])
-        assert fresh_record[("propagate", "cuda")] == ("reference", "triton declined: k=66 > 64")
-        body(q, m, classes, rho, 5, 0.07, 3)
-        assert fresh_record[("propagate", "cuda")] == ("triton", "propagate_triton")
+        body = _common.with_fallback("topk_scores_triton", lambda *a: topk_scores_ref(*a))
+        args = (0.07, None, None, None, None, 0)
+        values, _ = body(q.double(), m.double(), 5, *args)
+        assert torch.equal(values, topk_scores_ref(q.double(), m.double(), 5, *args)[0])
+        assert fresh_record[("topk_scores", "cuda")][0] == "reference"
+        assert fresh_record[("topk_scores", "cuda")][1].startswith("triton declined: dtype float64")
+        body(q, m, 5, *args)
+        assert fresh_record[("topk_scores", "cuda")] == ("triton", "topk_scores_triton")

@@ -257,13 +257,6 @@ class TestExtension:
         bank_update_ref_(ref, idx, vals, 0.5)
         _assert_as_accurate(bank, ref, before, idx, vals, 0.5)
 
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    def test_opcheck(self, dtype):
-        require_ext("bank_update_")
-        bank = _bank(20, 16, dtype)
-        args = (bank, torch.tensor([3, 1, 3]), torch.randn(3, 16, dtype=dtype), 0.5)
-        torch.library.opcheck(OP, args)
-
     # CUDA: run on the GPU machine (pytest -m cuda); skipped here.
     @pytest.mark.cuda
     @needs_gpu
@@ -313,11 +306,3 @@ class TestExtension:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         names = {e.name for e in kernels}
         assert len(kernels) == 1 and any("bank_update_kernel" in n for n in names), names
-
-    @pytest.mark.cuda
-    @needs_gpu
-    def test_cuda_opcheck(self):
-        require_ext("bank_update_", device="cuda")
-        bank = _bank(20, 16, torch.float32, "cuda")
-        args = (bank, torch.tensor([3, 1, 3], device="cuda"), torch.randn(3, 16, device="cuda"), 0.5)
-        torch.library.opcheck(OP, args)

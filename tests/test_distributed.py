@@ -70,7 +70,7 @@ def _worker(rank, world, init_file, layout):
         want = single.refresh_density(t=t, tau=0.1, pool=pool)
         got = bank.refresh_density(t=t, tau=0.1, pool=pool)
         if layout == "sharded":
-            lab_global = bank.labeled_global
+            lab_global = bank.local.index_of[: bank.local.num_labeled] + bank.start
             torch.testing.assert_close(got, want[single.row_of[lab_global]], rtol=1e-5, atol=1e-5)
         else:
             torch.testing.assert_close(got, want)

@@ -11,7 +11,9 @@ import torch
 from rounds_ref import rounds_reference
 
 import llp_fast
-from llp_fast.embeddings import Rows, Settings, finish, label_embeddings, select_voters
+from llp_fast._topk import log_sum_exp, vote
+from llp_fast.embeddings import Rows, Settings, label_embeddings, select_voters
+from llp_fast.embeddings.settings import AUTO_VOTERS
 from llp_fast.errors import ConfigError, DataError
 
 # drives the C++ extension at odd shapes and block sizes: a native crash fails these tests, not the run
@@ -58,7 +60,7 @@ def test_one_round_is_the_paper_vote_exactly(n, d, chunk, density, pool):
     )
     want_l, want_c = _paper(x, labels, density=density, pool=pool)
     assert np.array_equal(res.labels, want_l)
-    assert np.array_equal(res.confidence, want_c)  # bit for bit: the ops' own finish (finish.py)
+    assert np.array_equal(res.confidence, want_c)  # bit for bit: the ops' own finishers (llp_fast/_topk.py)
 
 
 def test_one_round_defaults_are_the_paper():
@@ -204,13 +206,48 @@ def test_finishers_are_the_ops_bit_for_bit():
     g = torch.Generator().manual_seed(1)
     labeled, pool = (torch.nn.functional.normalize(torch.randn(n, 24, generator=g), dim=1) for n in (150, 900))
     vals = llp_fast.topk_scores(labeled, pool, k=13).values
-    assert torch.equal(finish.log_sum_exp(vals), llp_fast.local_density(labeled, pool, t=13))
+    assert torch.equal(log_sum_exp(vals), llp_fast.local_density(labeled, pool, t=13))
     classes = torch.randint(0, 4, (150,), generator=g)
     rho = llp_fast.local_density(labeled, pool, t=13)
     top = llp_fast.topk_scores(pool, labeled, k=7, bias=-rho)
-    lab, conf = finish.vote(top.values, classes[top.indices], 4)
+    lab, conf = vote(top.values, classes[top.indices], 4)
     want_l, want_c = llp_fast.propagate(pool, labeled, classes, rho, k=7, num_classes=4)
     assert torch.equal(lab, want_l) and torch.equal(conf, want_c)
+
+
+def test_several_k_in_one_pass_equal_each_k():
+    """``k=(3, 10, 40)``: one round selects once (the largest K) and votes per K; more rounds run one
+    labelling per K (the voters that join depend on K); each result equals the run with that K."""
+    x, labels = _problem(900, 9, 5, 0.05, seed=4)
+    for rounds in (1, 3):
+        many = label_embeddings(x.numpy(), labels, rounds=rounds, k=(3, 10, 40), chunk=256, normalize=False)
+        assert list(many) == [3, 10, 40]
+        for k, res in many.items():
+            one = label_embeddings(x.numpy(), labels, rounds=rounds, k=k, chunk=256, normalize=False)
+            assert res.k == k and np.array_equal(res.labels, one.labels)
+            assert np.array_equal(res.confidence, one.confidence)
+
+
+def test_an_in_memory_tensor_is_read_where_it_is():
+    """The trainer's case: the bank as a torch tensor (here on the CPU), labels as a tensor, a voter
+    cap; the same labels as the same rows given as a NumPy array."""
+    x, labels = _problem(700, 12, 4, 0.04, seed=12)
+    got = label_embeddings(x, torch.from_numpy(labels), rounds=3, max_voters=50, normalize=False)
+    want = label_embeddings(x.numpy(), labels, rounds=3, max_voters=50, normalize=False)
+    assert np.array_equal(got.labels, want.labels) and np.array_equal(got.confidence, want.confidence)
+    assert len(got.voter_rows) - (labels >= 0).sum() <= 50
+
+
+def test_the_default_cap_keeps_the_cost_linear_in_n():
+    """max_voters="auto" caps the pseudo-labeled voters at max(20,000, 2M): no cap at all below
+    about 22,000 rows (the accuracy table's data sets), a bound independent of N above."""
+    s = Settings()
+    assert s.max_voters == "auto"
+    assert s.voter_cap(90, 1700) == 1700  # digits-sized: every unlabeled row may join
+    assert s.voter_cap(10_000, 990_000) == max(AUTO_VOTERS, 20_000)
+    assert s.voter_cap(10_000, 10**9) == s.voter_cap(10_000, 990_000)  # bounded whatever N is
+    assert s.voter_cap(100_000, 900_000) == 200_000
+    assert Settings(max_voters=None).voter_cap(10, 10**6) == 10**6
 
 
 def test_bad_inputs_name_what_is_wrong(tmp_path):

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llp_fast.embeddings import Engine, Rows, Settings
-from llp_fast.embeddings.comm import Ranks
+from llp_fast.embeddings import Engine, Rows, Settings, tune
+from llp_fast.embeddings.ranks import Ranks
+from llp_fast.embeddings.suspects import suspects_of
 
 # gloo in child processes: a crash fails these tests, not the run (_isolate.py)
 pytestmark = pytest.mark.isolated
@@ -37,10 +38,21 @@ def _worker(rank, world, init_file, out_dir):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     x, labels = _problem()
+    comm = Ranks(torch.device("cpu"))
     for i, settings in enumerate(CASES):
-        res = Engine(Rows(x), labels, settings, comm=Ranks(torch.device("cpu"))).run(top_classes=2, voter_ids=True)
+        res = Engine(Rows(x), labels, settings, comm=comm).run(top_classes=2, voter_ids=True)
+        found = suspects_of(Rows(x), labels, res, settings, comm=comm)  # suspect labels: each rank its rows
+        choice = tune.choose(Rows(x), labels, settings, auto_k=True, auto_tau=True, comm=comm)
         if rank == 0:
-            np.savez(os.path.join(out_dir, f"{i}.npz"), labels=res.labels, conf=res.confidence, voters=res.voters)
+            np.savez(
+                os.path.join(out_dir, f"{i}.npz"),
+                labels=res.labels,
+                conf=res.confidence,
+                voters=res.voters,
+                suspects=found.rows,
+                gap=found.gap,
+                choice=np.array([choice.k, choice.tau]),
+            )
     dist.barrier()
     os._exit(0)
 
@@ -55,6 +67,10 @@ def test_ranks_equal_one_process(tmp_path, world):
         assert np.array_equal(got["labels"], want.labels), settings
         assert np.array_equal(got["conf"], want.confidence), settings
         assert np.array_equal(got["voters"], want.voters), settings
+        found = suspects_of(Rows(x), labels, want, settings)
+        assert np.array_equal(got["suspects"], found.rows) and np.array_equal(got["gap"], found.gap), settings
+        choice = tune.choose(Rows(x), labels, settings, auto_k=True, auto_tau=True)
+        assert tuple(got["choice"]) == (choice.k, choice.tau), settings
 
 
 def test_cli_nproc_equals_one_process(tmp_path):

@@ -16,7 +16,10 @@ from llp_fast.embeddings.estimator import expected_failed_checks
 pytestmark = pytest.mark.isolated
 
 
-@parametrize_with_checks([LocalLabelPropagation()], expected_failed_checks=expected_failed_checks)
+@parametrize_with_checks(
+    [LocalLabelPropagation(), LocalLabelPropagation(n_neighbors="auto", tau="auto")],
+    expected_failed_checks=expected_failed_checks,
+)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -133,3 +136,55 @@ def test_bad_parameters_and_no_labels():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             LocalLabelPropagation(device="cuda").fit(x, partial)
+
+
+# -- issue "what no kNN labeller offers": pickling, cloning, abstention -------------------------------
+@pytest.mark.parametrize("params", [dict(), dict(n_neighbors="auto", tau="auto", min_confidence=0.8, rounds=2)])
+def test_pickles_and_clones_cleanly(params):
+    import pickle
+
+    from sklearn.base import clone
+
+    x, _, partial = _digits()
+    clf = LocalLabelPropagation(**params)
+    assert clone(clf).get_params() == clf.get_params()
+    clf.fit(x, partial)
+    again = pickle.loads(pickle.dumps(clf))
+    for name in ("transduction_", "label_suspects_", "label_quality_", "voters_", "label_distributions_"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(clf, name))
+    np.testing.assert_array_equal(again.predict(x[:100]), clf.predict(x[:100]))
+    fresh = clone(clf)
+    assert fresh.get_params() == clf.get_params() and not hasattr(fresh, "transduction_")
+    np.testing.assert_array_equal(fresh.fit(x, partial).transduction_, clf.transduction_)
+
+
+def test_min_confidence_abstains_on_unlabeled_rows_only():
+    x, _, partial = _digits(0.05, seed=1)
+    full = LocalLabelPropagation(rounds=1).fit(x, partial)
+    clf = LocalLabelPropagation(rounds=1, min_confidence=0.7).fit(x, partial)
+    conf = full.label_distributions_.max(axis=1)
+    lab = partial >= 0
+    assert np.array_equal(clf.classes_, full.classes_)
+    assert np.array_equal(clf.transduction_ == -1, ~lab & (conf < 0.7)) and (clf.transduction_ == -1).any()
+    assert np.array_equal(clf.transduction_[lab], partial[lab])
+    keep = clf.transduction_ != -1
+    assert np.array_equal(clf.transduction_[keep], full.transduction_[keep])
+    new = x[:200] + 3.0
+    p, proba = clf.predict(new), full.predict_proba(new)
+    assert np.array_equal(p == -1, proba.max(axis=1) < 0.7)
+    assert np.array_equal(p[p >= 0], full.predict(new)[p >= 0])
+    assert clf.score(new[p >= 0], full.predict(new)[p >= 0]) == 1.0
+    for bad in (-0.1, 1.5, "high"):
+        with pytest.raises(ValueError, match="min_confidence"):
+            LocalLabelPropagation(min_confidence=bad).fit(x, partial)
+
+
+def test_abstention_with_string_and_unsigned_classes():
+    from llp_fast.embeddings.estimator import with_abstention
+
+    codes = np.array([0, -1, 1])
+    assert with_abstention(np.array(["a", "b"]), codes).tolist() == ["a", -1, "b"]
+    out = with_abstention(np.array([3, 7], np.uint8), codes)
+    assert out.dtype == np.int64 and out.tolist() == [3, -1, 7]
+    assert with_abstention(np.array([0.5, 2.0]), codes).tolist() == [0.5, -1.0, 2.0]
+    assert with_abstention(np.array(["a", "b"]), np.array([1, 0])).dtype.kind == "U"  # no abstention: as before

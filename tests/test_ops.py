@@ -1,44 +1,30 @@
-"""Every op passes torch.library.opcheck and compiles with torch.compile(fullgraph=True)."""
+"""Every op passes torch.library.opcheck on every sample of tests/samples.py, and compiles with
+torch.compile(fullgraph=True)."""
 
 import pytest
 import torch
 from conftest import unit
+from samples import sample, sample_ids
 
 import llp_fast
-from llp_fast.reference import topk_scores_ref
+from llp_fast._op_table import OPS
 
 # opcheck and torch.compile drive the C++ extension at unusual shapes and strides: a native crash fails
 # these tests, not the run
 pytestmark = pytest.mark.isolated
 
 
-def _samples():
-    q, lab = unit(7, 13), unit(11, 13)
-    cls = torch.randint(0, 3, (11,))
-    yield "propagate", (q, lab, cls, torch.rand(11), 3, 0.07, 3)
-    yield "propagate", (q, lab, cls, None, 11, 0.5, 3)
-    yield "propagate", (q[:1].bfloat16(), lab.bfloat16(), cls, torch.rand(11), 2, 0.07, 4)
-    yield "local_density", (lab, q, 3, 0.07, None)
-    yield "local_density", (lab, q, 2, 0.07, torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool))
-    yield "aggregation_loss", (q.clone().requires_grad_(), lab, cls, cls[:7], 0.07)
-    yield "aggregation_loss", (q.double().requires_grad_(), lab.double(), cls, cls[:7], 0.2)
-    yield "aggregation_loss_fused", (q.clone().requires_grad_(), lab, cls, cls[:7], 0.07)
-    yield "aggregation_loss_fused", (q.double().requires_grad_(), lab.double(), cls, cls[:7], 0.2)
-    yield (
-        "aggregation_loss_backward",
-        (q, lab, cls, cls[:7], torch.rand(7) + 5, torch.rand(7) + 3, torch.rand(7), torch.rand(7), 0.07),
-    )
-    yield "bank_update_", (lab.clone(), torch.tensor([1, 1, 4]), q[:3].clone(), 0.5)
-    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
-    yield "topk_scores", (q, lab, 3, 0.07, torch.rand(11), None, None, None, 0)
-    init = topk_scores_ref(q, lab[:5], 4, 0.2, None, mask[:5])
-    yield "topk_scores", (q, lab[5:], 4, 0.2, None, mask[5:], *init, 5)
-    yield "topk_scores", (q[:1].bfloat16(), lab.bfloat16(), 15, 0.07, None, mask, None, None, 0)  # k > N
+# Every odd shape and every dtype of every op (tests/samples.py), each shape once: opcheck runs each
+# op several times (schema, fake, autograd registration, aot dispatch).
+CASES = [(op, name) for op in OPS for name in sample_ids(op, diagonal=True)]
 
 
-@pytest.mark.parametrize("name,args", list(_samples()), ids=lambda x: x if isinstance(x, str) else "")
-def test_opcheck(name, args):
-    torch.library.opcheck(getattr(torch.ops.llp_fast, name).default, args)
+@pytest.mark.parametrize("op,name", CASES, ids=[f"{op}-{name}" for op, name in CASES])
+def test_opcheck(op, name):
+    args = sample(op, name, diagonal=True).args
+    if op in ("aggregation_loss", "aggregation_loss_fused") and args[0].dtype in (torch.float32, torch.float64):
+        args = (args[0].clone().requires_grad_(), *args[1:])  # and the autograd registration
+    torch.library.opcheck(getattr(torch.ops.llp_fast, op).default, args)
 
 
 def test_compile_fullgraph():

@@ -228,17 +228,27 @@ def test_an_output_may_not_be_given_twice_or_be_an_input(tmp_path, capsys):
         ("--device", "foo"),
         ("--device", "cuda"),
         ("--k", "0"),
+        ("--k", "10,x"),
+        ("--k", "10,10"),
         ("--t", "-1"),
         ("--tau", "0"),
         ("--tau", "nan"),
         ("--rounds", "0"),
         ("--max-voters", "-1"),
+        ("--max-voters", "some"),
         ("--labeled-weight", "0"),
         ("--chunk", "0"),
         ("--top", "0"),
         ("--threads", "0"),
         ("--nproc", "0"),
         ("--density-pool", "some"),
+        ("--k", "auto,10"),
+        ("--tau", "often"),
+        ("--min-confidence", "1.5"),
+        ("--drop-suspects", "0"),
+        ("--drop-suspects", "1"),
+        ("--save-model", "/no/such/dir/m"),
+        ("--suspects-out", "/no/such/dir/s.npy"),
     ],
 )
 def test_every_flag_is_checked_where_it_is_parsed(tmp_path, capsys, flag, value):
@@ -260,8 +270,9 @@ def test_progress_only_on_a_terminal(tmp_path, capsys):
 
 
 def test_many_rounds_at_scale_say_what_they_cost():
-    """More than one round grows the voters toward N (quadratic work): at 100,000+ rows the CLI
-    says how much more than --rounds 1 it will do, and how to bound it."""
+    """Without a cap (--max-voters none) more than one round grows the voters toward N (quadratic
+    work): at 100,000+ rows the CLI says how much more than --rounds 1 it will do, and how to bound
+    it. The default cap keeps the work within a few times --rounds 1: no note."""
     import io
 
     from llp_fast._progress import Progress
@@ -273,12 +284,30 @@ def test_many_rounds_at_scale_say_what_they_cost():
         _cost_note(Progress(stream=buf), n, m, Settings(**kw))
         return buf.getvalue()
 
-    line = note(1_000_000, 10_000, rounds=10)
+    assert note(1_000_000, 10_000, rounds=10) == ""  # the default cap: 10,000 + 0.9 * 20,000
+    line = note(1_000_000, 10_000, rounds=10, max_voters=None)
     assert "10 rounds on 1,000,000 rows" in line and "--rounds 1" in line and "--max-voters" in line
     assert "about 90x" in line  # voters grow to 10,000 + 0.9 * 990,000
     assert note(1_000_000, 10_000, rounds=1) == ""
-    assert note(50_000, 500, rounds=10) == ""  # small: no note
+    assert note(50_000, 500, rounds=10, max_voters=None) == ""  # small: no note
     assert note(1_000_000, 10_000, rounds=10, max_voters=50_000) == ""  # bounded: 6x
+
+
+def test_several_k_write_one_output_per_k(tmp_path, capsys):
+    """``--k 10,20,100``: one output per K (PSEUDO.k10.npy, ...), each what ``--k K`` alone writes;
+    with --rounds 1 from one selection of the largest K."""
+    _digits_embeddings(tmp_path)
+    emb, lab = str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy")
+    base = [emb, lab, "--rounds", "1", "--quiet"]
+    out = tmp_path / "p.npy"
+    rc = propagate_main([*base, "--k", "10,20,100", "--out", str(out), "--confidence-out", str(tmp_path / "c.npy")])
+    said = capsys.readouterr()[0]
+    assert rc == 0 and "K = 10, 20, 100" in said and "p.k20.npy" in said
+    for k in (10, 20, 100):
+        assert propagate_main([*base, "--k", str(k), "--out", str(tmp_path / "one.npy")]) == 0
+        assert np.array_equal(np.load(tmp_path / f"p.k{k}.npy"), np.load(tmp_path / "one.npy"))
+        assert os.path.exists(tmp_path / f"c.k{k}.npy")
+    assert not out.exists()
 
 
 def test_nproc_relaunch_drops_only_the_nproc_flag():
@@ -288,3 +317,52 @@ def test_nproc_relaunch_drops_only_the_nproc_flag():
 
     argv = ["a.npy", "--nproc", "2", "--k", "5", "--nproc=3", "--nprocs-note", "x"]
     assert without_nproc(argv) == ["a.npy", "--k", "5", "--nprocs-note", "x"]
+
+
+# -- suspects, K and tau from the data, abstention (docs/embeddings.md) --------------------------------
+def test_defaults_come_from_settings():
+    from llp_fast.cli.propagate import parse, settings_of
+    from llp_fast.embeddings import Settings
+
+    assert settings_of(parse(["e.npy", "l.npy", "--out", "o.npy"])) == Settings(device="cpu")
+    given = parse(["e.npy", "l.npy", "--out", "o.npy", "--k", "7", "--no-density-weighting", "--max-voters", "none"])
+    assert settings_of(given) == Settings(k=7, density=False, max_voters=None, device="cpu")
+
+
+def test_suspects_auto_and_abstention(tmp_path, capsys):
+    from llp_fast import LocalLabelPropagation
+    from llp_fast.embeddings import Engine, Rows, Settings, tune
+
+    x, y, labels = _digits_embeddings(tmp_path)
+    f = {n: str(tmp_path / n) for n in ("p.npy", "c.npy", "s.npy", "q.npy")}
+    base = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--rounds", "2", "--quiet"]
+    rc = propagate_main([*base, "--out", f["p.npy"], "--confidence-out", f["c.npy"]] + ["--min-confidence", "0.8"])
+    assert rc == 0
+    clf = LocalLabelPropagation(rounds=2, min_confidence=0.8).fit(x, labels)
+    p, conf = np.load(f["p.npy"]), np.load(f["c.npy"])
+    assert np.array_equal(p, clf.transduction_) and np.array_equal(p == -1, (labels < 0) & (conf < 0.8))
+    assert (p == -1).any() and np.array_equal(p[labels >= 0], labels[labels >= 0])
+    rc = propagate_main([*base, "--out", f["p.npy"], "--suspects-out", f["s.npy"], "--quality-out", f["q.npy"]])
+    assert rc == 0
+    s = np.load(f["s.npy"])
+    assert s.dtype == np.int64 and np.array_equal(s, clf.label_suspects_)
+    np.testing.assert_array_equal(np.load(f["q.npy"]), clf.label_quality_)
+    capsys.readouterr()
+    # --k auto --tau auto: the choice is printed and used
+    assert propagate_main([*base, "--out", f["p.npy"], "--k", "auto", "--tau", "auto"]) == 0
+    said = capsys.readouterr()[0]
+    choice = tune.choose(Rows(x), labels, Settings(rounds=2), auto_k=True, auto_tau=True)
+    assert f"K = {choice.k}, tau = {choice.tau:g}" in said and "leave-one-out accuracy" in said
+    want = Engine(Rows(x), labels, Settings(rounds=2, k=choice.k, tau=choice.tau)).run()
+    assert np.array_equal(np.load(f["p.npy"]), want.labels)
+    # --drop-suspects F: the worst F of the labeled rows are labeled again by the vote
+    assert propagate_main([*base, "--out", f["p.npy"], "--drop-suspects", "0.1"]) == 0
+    assert "18 suspect labels dropped" in capsys.readouterr()[0]
+    dropped = np.sort(clf.label_suspects_[:18])
+    again = labels.copy()
+    again[dropped] = -1
+    want = Engine(Rows(x), again, Settings(rounds=2)).run()
+    assert np.array_equal(np.load(f["p.npy"]), want.labels)
+    with pytest.raises(SystemExit):
+        propagate_main([*base, "--out", f["p.npy"], "--k", "10,20", "--drop-suspects", "0.1"])
+    assert "needs one K" in capsys.readouterr().err

@@ -8,13 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _ext_setup import cpu_tile, require_ext  # noqa: F401 (cpu_tile is a fixture)
+from _ext_setup import cpu_tile  # noqa: F401 (a fixture)
 from _triton_setup import DEVICE, kernels, triton_tests, unit_rows
 from brute import topk_biased
 from conftest import unit
+from samples import sample, sample_ids
 
 import llp_fast
-from llp_fast.reference import local_density_ref, topk_scores_ref, vote
+from llp_fast._topk import log_sum_exp, vote
+from llp_fast.reference import local_density_ref, topk_scores_ref
 
 # Native kernels run on odd shapes here: a crash fails this module's tests, not the whole run.
 pytestmark = pytest.mark.isolated
@@ -22,23 +24,12 @@ pytestmark = pytest.mark.isolated
 TAU = 0.07
 OP = torch.ops.llp_fast.topk_scores.default
 
-SHAPES = [  # (Q, N, D, k)
-    (1, 1, 1, 1),
-    (1, 7, 5, 7),  # k = N
-    (5, 3, 8, 6),  # k > N: padding
-    (13, 29, 17, 5),  # D not a multiple of 16
-    (40, 64, 32, 10),
-    (37, 101, 19, 1),
-    (64, 33, 128, 33),
-]
 
-
-def _inputs(q, n, d, dtype, *, bias=True, mask=False, seed=0):
+def _inputs(q, n, d, *, seed=0):
+    """Queries, keys, a bias and a mask for the tests of chunking and identities (the odd shapes and
+    dtypes are tests/samples.py's)."""
     g = torch.Generator().manual_seed(seed)
-    queries, keys = unit(q, d, dtype), unit(n, d, dtype)
-    b = (torch.rand(n, generator=g) * 2 - 1) if bias else None
-    m = (torch.rand(n, generator=g) < 0.6) if mask else None
-    return queries, keys, b, m
+    return unit(q, d), unit(n, d), torch.rand(n, generator=g) * 2 - 1, torch.rand(n, generator=g) < 0.6
 
 
 def _ext_loaded() -> bool:
@@ -70,20 +61,50 @@ def _check_against_brute(values, indices, queries, keys, k, bias, mask, *, atol)
     assert bool((values[:, :-1] >= values[:, 1:]).all())  # sorted descending
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias,mask", [(True, False), (False, True), (True, True)], ids=["bias", "mask", "both"])
-@pytest.mark.parametrize("impl", ["op", "reference"])
-def test_matches_brute_force(shape, dtype, bias, mask, impl, tiles):
-    q, n, d, k = shape
-    queries, keys, b, m = _inputs(q, n, d, dtype, bias=bias, mask=mask, seed=q * 100 + n)
-    values, indices = _topk(impl, queries, keys, k, b, m)
-    assert values.dtype == torch.float32
-    _check_against_brute(values, indices, queries, keys, k, b, m, atol=1e-4)
+@pytest.mark.parametrize("name", sample_ids("topk_scores", device="cpu"))
+def test_reference_matches_brute_force(name):
+    """The reference, on every sample (tests/samples.py), against the float64 brute force over the
+    keys and the earlier call's candidates."""
+    queries, keys, k, tau, bias, mask, init_v, init_i, offset = sample("topk_scores", name, device="cpu").args
+    values, indices = topk_scores_ref(queries, keys, k, tau, bias, mask, init_v, init_i, offset)
+    assert values.dtype == (torch.float64 if queries.dtype == torch.float64 else torch.float32)
+    want_v, _ = topk_biased(queries, keys, k, tau, bias, None if mask is None else mask.tolist())
+    if init_v is not None:  # the earlier call's candidates join the brute force's
+        both = np.concatenate([init_v.double().numpy(), want_v], axis=1)
+        want_v = -np.sort(-both, axis=1)[:, :k]
+    atol = 1e-9 if queries.dtype == torch.float64 else 1e-4
+    np.testing.assert_allclose(values.double().numpy(), want_v, rtol=1e-5, atol=atol)
+    assert torch.equal(indices < 0, values == -float("inf"))
+
+
+@pytest.mark.usefixtures("cpu_tile")
+@pytest.mark.parametrize("name", sample_ids("topk_scores"))
+def test_op_matches_reference(name):
+    """The op as dispatched (the extension's kernel on the CPU when it is built, Triton on CUDA) on
+    every sample: the reference's values, the same indices wherever no near-tie can reorder them,
+    each index holding the score reported for it, no key twice."""
+    s = sample("topk_scores", name)
+    queries, keys, k, tau, bias, mask = s.args[:6]
+    values, indices = OP(*s.args)
+    ref_v, ref_i = topk_scores_ref(*s.args)
+    assert values.dtype == ref_v.dtype and indices.dtype == torch.int64 and values.shape == (queries.shape[0], k)
+    atol = 1e-12 if queries.dtype == torch.float64 else 1e-4 if s.device.type == "cuda" else 1e-5
+    torch.testing.assert_close(values, ref_v, rtol=0, atol=atol)
+    assert torch.equal(indices < 0, ref_i < 0)
+    gaps = (ref_v[:, 1:] - ref_v[:, :-1]).abs()
+    clear = torch.ones_like(ref_i, dtype=torch.bool)
+    clear[:, 1:] &= gaps > 1e-4
+    clear[:, :-1] &= gaps > 1e-4
+    assert torch.equal(indices[clear], ref_i[clear])
+    real = indices >= 0
+    eye = torch.eye(k, dtype=torch.bool, device=indices.device)
+    distinct = (indices[:, :, None] != indices[:, None, :]) | eye | ~real[:, :, None]
+    assert bool(distinct.all())
 
 
 def test_float64_in_float64_out():
-    queries, keys, b, m = _inputs(6, 20, 5, torch.float64, mask=True)
+    queries, keys, b, m = _inputs(6, 20, 5)
+    queries, keys = queries.double(), keys.double()
     values, indices = llp_fast.topk_scores(queries, keys, k=4, bias=b.double(), key_mask=m)
     assert values.dtype == torch.float64
     want_v, want_i = topk_biased(queries, keys, 4, TAU, b, m.tolist())
@@ -92,13 +113,15 @@ def test_float64_in_float64_out():
 
 
 @pytest.mark.parametrize("impl", ["op", "reference"])
-@pytest.mark.parametrize("q,n,d,k", [(1, 300, 16, 10), (37, 1030, 128, 25), (200, 257, 17, 64), (9, 40, 8, 50)])
+@pytest.mark.parametrize(
+    "q,n,d,k", [(1, 300, 16, 10), (37, 1030, 128, 25), (200, 257, 17, 64), (9, 40, 8, 50), (5, 1100, 8, 1000)]
+)
 def test_chunked_calls_with_init_equal_one_call(impl, q, n, d, k):
     """Calls over chunks of the keys, each merging the previous result (init) and numbering
     its keys globally (index_offset), give the one call over all keys: on the CPU exactly
     (values, and so the votes; indices too where the extension serves, whose scores do not
     depend on the chunking)."""
-    queries, keys, bias, mask = _inputs(q, n, d, torch.float32, mask=True, seed=n)
+    queries, keys, bias, mask = _inputs(q, n, d, seed=n)
     whole_v, whole_i = _topk(impl, queries, keys, k, bias, mask)
     cuts = sorted(set(torch.randint(1, n, (5,)).tolist())) + [n]
     init, start = None, 0
@@ -137,7 +160,7 @@ def test_ties_go_to_the_lower_index():
 
 
 def test_padding_and_empty_keys():
-    queries, keys, _, _ = _inputs(3, 4, 6, torch.float32)
+    queries, keys, _, _ = _inputs(3, 4, 6)
     mask = torch.tensor([False, True, False, False])
     values, indices = llp_fast.topk_scores(queries, keys, k=3, key_mask=mask)
     assert indices[:, 0].tolist() == [1, 1, 1] and bool((indices[:, 1:] == -1).all())
@@ -155,7 +178,7 @@ def test_padding_and_empty_keys():
 
 
 def test_numpy_in_numpy_out():
-    queries, keys, bias, mask = _inputs(5, 12, 4, torch.float32, mask=True)
+    queries, keys, bias, mask = _inputs(5, 12, 4)
     values, indices = llp_fast.topk_scores(queries.numpy(), keys.numpy(), k=3, bias=bias.numpy(), key_mask=mask.numpy())
     assert isinstance(values, np.ndarray) and isinstance(indices, np.ndarray)
     want_v, want_i = llp_fast.topk_scores(queries, keys, k=3, bias=bias, key_mask=mask)
@@ -167,22 +190,21 @@ def test_numpy_in_numpy_out():
 
 
 def test_local_density_is_the_logsumexp_of_topk_scores(tiles):
-    labeled, bank, _, pool = _inputs(30, 200, 16, torch.float32, bias=False, mask=True)
+    labeled, bank, _, pool = _inputs(30, 200, 16)
     top = llp_fast.topk_scores(labeled, bank, k=25, key_mask=pool).values
     want = llp_fast.local_density(labeled, bank, t=25, pool_mask=pool)
-    torch.testing.assert_close(torch.logsumexp(top, dim=1), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(log_sum_exp(top), want)  # the op is this selection and this finisher
     torch.testing.assert_close(want, local_density_ref(labeled, bank, 25, TAU, pool).float(), rtol=1e-6, atol=1e-5)
 
 
 def test_propagate_is_the_vote_over_topk_scores(tiles):
-    queries, labeled, _, _ = _inputs(60, 80, 16, torch.float32, bias=False)
+    queries, labeled, _, _ = _inputs(60, 80, 16)
     classes = torch.randint(0, 5, (80,))
     log_rho = torch.rand(80) * 2 + 5
     values, indices = llp_fast.topk_scores(queries, labeled, k=10, bias=-log_rho)
     labels, conf = vote(values, classes[indices], 5)
     want_labels, want_conf = llp_fast.propagate(queries, labeled, classes, log_rho, k=10, num_classes=5)
-    assert torch.equal(labels, want_labels)
-    torch.testing.assert_close(conf, want_conf, rtol=1e-6, atol=1e-6)
+    assert torch.equal(labels, want_labels) and torch.equal(conf, want_conf)
 
 
 @pytest.mark.parametrize(
@@ -208,13 +230,13 @@ def test_propagate_is_the_vote_over_topk_scores(tiles):
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, error, match):
-    queries, keys, _, _ = _inputs(4, 9, 6, torch.float32, bias=False)
+    queries, keys, _, _ = _inputs(4, 9, 6)
     with pytest.raises(error, match=match):
         llp_fast.topk_scores(queries, keys, **kwargs)
 
 
 def test_bad_embeddings_name_the_argument():
-    queries, keys, _, _ = _inputs(4, 9, 6, torch.float32, bias=False)
+    queries, keys, _, _ = _inputs(4, 9, 6)
     with pytest.raises(ValueError, match="keys has D=5"):
         llp_fast.topk_scores(queries, keys[:, :5], k=2)
     with pytest.raises(TypeError, match="keys is torch.float64"):
@@ -226,43 +248,25 @@ def test_bad_embeddings_name_the_argument():
 
 
 # ---------------------------------------------------------------------------------------------
-# The compiled CPU kernel (csrc/cpu/topk_scores_cpu.cpp over csrc/cpu/topk.h) against the reference.
-
-
-class TestExtension:
-    @pytest.mark.usefixtures("cpu_tile")
-    @pytest.mark.parametrize(
-        "dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5), (torch.float64, 1e-12)]
-    )
-    @pytest.mark.parametrize("q,n,d,k", [(1, 50, 17, 10), (33, 33, 17, 33), (40, 1030, 128, 10), (20, 300, 8, 200)])
-    def test_matches_reference(self, dtype, atol, q, n, d, k):
-        require_ext("topk_scores")
-        queries, keys, bias, mask = _inputs(q, n, d, dtype, mask=True, seed=n)
-        init_v, init_i = topk_scores_ref(queries, keys[: n // 3], k, TAU, bias[: n // 3], mask[: n // 3])
-        args = (queries, keys[n // 3 :], k, TAU, bias[n // 3 :], mask[n // 3 :], init_v, init_i, n // 3)
-        values, indices = OP(*args)
-        ref_v, ref_i = topk_scores_ref(*args)
-        assert values.dtype == ref_v.dtype and indices.dtype == torch.int64
-        torch.testing.assert_close(values, ref_v, rtol=0, atol=atol)
-        # Indices agree wherever the reference's scores are not near-tied with a neighbour.
-        gaps = (ref_v[:, 1:] - ref_v[:, :-1]).abs()
-        clear = torch.ones_like(ref_i, dtype=torch.bool)
-        clear[:, 1:] &= gaps > 1e-4
-        clear[:, :-1] &= gaps > 1e-4
-        assert torch.equal(indices[clear], ref_i[clear])
-
-
-# ---------------------------------------------------------------------------------------------
 # kernels/topk_scores.py against the reference (under TRITON_INTERPRET=1 on CPU).
 
 
 class TestTriton:
     pytestmark = triton_tests
 
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize(
-        "q,n,d,k,splits",
-        [(1, 20, 7, 20, None), (37, 61, 33, 5, None), (40, 70, 40, 10, 3), (17, 50, 16, 64, 2), (5, 30, 8, 9, None)],
+        "q,n,d,k,splits,dtype",
+        [
+            (1, 20, 7, 20, None, torch.float32),
+            (37, 61, 33, 5, None, torch.bfloat16),
+            (40, 70, 40, 10, 3, torch.float32),
+            (17, 50, 16, 64, 2, torch.bfloat16),
+            (5, 30, 8, 9, None, torch.float16),
+            # K above the 64-slot buffer: the two-level selection (S >= 2K / 64 splits)
+            (6, 330, 8, 100, None, torch.float32),
+            (3, 420, 8, 200, None, torch.bfloat16),
+            (1, 1030, 8, 1000, None, torch.float32),
+        ],
     )
     def test_matches_reference(self, dtype, q, n, d, k, splits):
         g = torch.Generator().manual_seed(q * 100 + n)
@@ -299,11 +303,24 @@ class TestTriton:
         assert indices.tolist() == [[40, 5]]
         assert topk_scores_ref(base, keys, 2, TAU)[1].tolist() == [[40, 5]]
 
+    def test_large_k_clustered_keys_fall_back_exactly(self):
+        """More than 64 of a row's top K in one split (its near neighbours stored together, and
+        forced into few splits): the row is detected and selected again, exactly."""
+        q = unit_rows(2, 8)
+        keys = unit_rows(200, 8)
+        keys[32:160] = torch.nn.functional.normalize(q[0] + 0.05 * unit_rows(128, 8), dim=1)
+        args = (q, keys, 100, TAU, None, None, None, None, 0)
+        for splits in (2,):
+            values, indices = kernels.topk_scores_triton(*args, splits=splits)
+            ref_v, ref_i = topk_scores_ref(*args)
+            torch.testing.assert_close(values, ref_v, rtol=0, atol=1e-4)
+            assert torch.equal(indices[0].sort().values, ref_i[0].sort().values)
+
     def test_declines_what_it_does_not_cover(self):
         q, keys = unit_rows(4, 8), unit_rows(80, 8)
         args = (None, None, None, None, 0)
-        assert kernels.topk_scores_triton(q, keys, 65, TAU, *args) is NotImplemented
-        assert kernels.topk_scores_triton_declines(q, keys, 65, TAU, *args) == "k=65 > 64"
+        assert kernels.topk_scores_triton(q, keys, 1025, TAU, *args) is NotImplemented
+        assert kernels.topk_scores_triton_declines(q, keys, 1025, TAU, *args) == "k=1025 > 1024"
         assert kernels.topk_scores_triton(q.double(), keys.double(), 3, TAU, *args) is NotImplemented
         assert "float64" in kernels.topk_scores_triton_declines(q.double(), keys.double(), 3, TAU, *args)
         assert kernels.topk_scores_triton(q, keys[:0], 3, TAU, *args) is NotImplemented

@@ -1,20 +1,27 @@
-// Fused CPU top-K shared by csrc/cpu/propagate_cpu.cpp (docs/method.md §1.2) and
-// csrc/cpu/local_density_cpu.cpp (docs/method.md §1.1).
+// The fused CPU top-K: the selection step of llp_fast::topk_scores (csrc/cpu/topk_scores_cpu.cpp), which
+// is the only selection in the package (local_density and propagate finish its output in Python,
+// docs/method.md §1.1, §1.2).
 //
-// Both ops need, per query row i, the k largest of
-//     s_ij = (q_i . m_j) * (1 / tau) - bias_j
-// over the key rows j (propagate: bias = log_rho or 0; local_density: bias = 0, or +inf outside the
-// pool so that those keys score -inf and are never selected). The naive path materialises a score
-// tile, adds the bias in another pass and calls topk (a partial sort of every row); here:
-//   1. a (ROWS x COLS) score tile comes from at::mm (BLAS) into a per-thread buffer that stays in L2
-//      (always the full tile: the last blocks are padded, so a score never depends on the chunking);
-//   2. one pass over the tile scales, subtracts the bias, and compares each score with the row's
-//      running k-th best (its threshold). Once a row has seen a few hundred keys the threshold
-//      rejects almost every score, so the pass is a vectorised compare with a rare scalar branch;
-//   3. candidates that beat the threshold go to a small per-row buffer of 2k+64 entries; when it is
-//      full it is cut back to the best k (nth_element) and the threshold rises to the k-th value;
-//   4. at the end the best k are sorted and handed to the op's finisher (the vote or the
-//      log-sum-exp), so neither the Q x M score matrix nor a per-row sort of M keys ever exists.
+// Per query row i it finds the k largest
+//     s_ij = (q_i . key_j) * (1 / tau) + bias_j
+// over the key rows j (bias -inf: a masked key, never chosen) without the Q x N score matrix and
+// without sorting a row of N scores:
+//   1. a (ROWS x COLS) score tile comes from one BLAS call into a per-thread buffer that stays in
+//      L2 (always the full tile: the last blocks are padded, so a score never depends on how the
+//      caller chunked the keys);
+//   2. one pass over each row of the tile scales, adds the bias and asks, 64 columns at a time,
+//      whether any score beats the row's running k-th best (its threshold); only a block that has
+//      one is read again, to append its candidates to the row's buffer without a branch. Once a
+//      row has seen a few hundred keys the threshold rejects almost every block. This pass is
+//      compiled for AVX-512, AVX2 and baseline x86-64 and chosen at load time (GCC's
+//      target_clones: an ifunc resolver reads the CPU's features; never -march=native);
+//   3. a row's buffer holds 2k + 64 candidates; when it is full it is cut back to the best k
+//      (nth_element) and the threshold rises to the k-th value;
+//   4. at the end the best k are sorted and handed to the caller's finish.
+// A float candidate is one 64-bit word: the score's bits mapped so that a larger score is a smaller
+// word, above the key's index within the call. Sorting words ascending orders candidates by score
+// descending, equal scores by the lower index (the op's tie rule), with the integer compares of
+// nth_element and sort, which is what keeps k = 1000 cheap. float64 keeps a (value, index) pair.
 // Parallelism: at::parallel_for over blocks of query rows; BLAS runs single-threaded inside each
 // task (nested OpenMP), which is what keeps every core busy on its own L2-resident tile.
 // Extra memory: O(threads * ROWS * (COLS + 2k + 64)) for the tiles and candidate buffers, plus O(Q)
@@ -28,12 +35,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
-#include <utility>
+#include <type_traits>
 #include <vector>
-
 
 namespace llp_fast {
 namespace topk {
@@ -64,47 +72,194 @@ inline Tile tile_for(int64_t nq) {
   return t;
 }
 
+constexpr int64_t kBlock = 32;  // columns per "any candidate here?" test
+constexpr int64_t kMaxKeys = int64_t(1) << 32;  // a float candidate's index has 32 bits
+
+// One candidate. Word<float> packs it into 64 bits (see the top of the file); Word<double> is a pair.
 template <typename acc_t>
-struct Candidate {
-  acc_t value;
-  int64_t index;
+struct Word;
+
+template <>
+struct Word<float> {
+  using type = uint64_t;
+  static type make(float x, int64_t index) {
+    x += 0.0f;  // -0 -> +0: equal scores must give equal bits
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    // Ascending with x: a negative float's bits all flipped, a positive one's sign bit set.
+    const uint32_t up = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+    return (static_cast<uint64_t>(~up) << 32) | static_cast<uint32_t>(index);
+  }
+  static float value(type w) {
+    const uint32_t up = ~static_cast<uint32_t>(w >> 32);
+    const uint32_t u = (up & 0x80000000u) ? (up & 0x7fffffffu) : ~up;
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+  }
+  static int64_t index(type w) { return static_cast<int64_t>(w & 0xffffffffu); }
+  struct Better {  // a functor, not a function pointer: std::sort and nth_element inline it
+    bool operator()(type a, type b) const { return a < b; }
+  };
 };
 
-// Best first; among equal scores the lower key index first, so that the selection is
-// deterministic. (The reference's topk leaves ties unspecified; tests compare scores and votes.)
-template <typename acc_t>
-inline bool better(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
-  return a.value > b.value || (a.value == b.value && a.index < b.index);
+template <>
+struct Word<double> {
+  struct type {
+    double v;
+    int64_t i;
+  };
+  static type make(double x, int64_t index) { return {x + 0.0, index}; }
+  static double value(const type& w) { return w.v; }
+  static int64_t index(const type& w) { return w.i; }
+  struct Better {
+    bool operator()(const type& a, const type& b) const { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+  };
+};
+
+// Step 2 for one row: scans x_j = s[j] * inv_tau + bias[j] for j in [j, n), appending every
+// x_j > thr to out[*count ...] (as Word<float> with index base + j), and returns where it stopped:
+// n, or earlier once fewer than kBlock free slots remain (the caller then shrinks the buffer).
+// The multiply and the add round separately (-ffp-contract=off), as the reference's mul_ and add_.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define LLP_FAST_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LLP_FAST_ISA_CLONES
+#endif
+
+LLP_FAST_ISA_CLONES int64_t scan_row_f32(const float* s, const float* bias, int64_t j, int64_t n, float inv_tau,
+                                         float thr, int64_t base, uint64_t* out, int64_t* count, int64_t cap);
+LLP_FAST_ISA_CLONES int64_t scan_row_f64(const double* s, const double* bias, int64_t j, int64_t n, double inv_tau,
+                                         double thr, int64_t base, Word<double>::type* out, int64_t* count,
+                                         int64_t cap);
+
+inline int64_t scan_row(const float* s, const float* bias, int64_t j, int64_t n, float inv_tau, float thr,
+                        int64_t base, uint64_t* out, int64_t* count, int64_t cap) {
+  return scan_row_f32(s, bias, j, n, inv_tau, thr, base, out, count, cap);
 }
+inline int64_t scan_row(const double* s, const double* bias, int64_t j, int64_t n, double inv_tau, double thr,
+                        int64_t base, Word<double>::type* out, int64_t* count, int64_t cap) {
+  return scan_row_f64(s, bias, j, n, inv_tau, thr, base, out, count, cap);
+}
+
+// Radix selection and sort of float candidates (64-bit words, smaller = better): linear passes over
+// 8-bit digits of (word - smallest word), no data-dependent branches, where nth_element and sort spend
+// their time in mispredicted compares once k is in the hundreds. `tmp` is scratch of n words.
+inline int bit_length(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 0; }
+
+// Moves the k smallest of buf[0, n) to buf[0, k), in no particular order (1 <= k < n).
+inline void radix_select(uint64_t* buf, int64_t n, int64_t k, uint64_t* tmp) {
+  while (k < n) {
+    uint64_t lo = buf[0], hi = buf[0];
+    for (int64_t i = 1; i < n; ++i) {
+      lo = std::min(lo, buf[i]);
+      hi = std::max(hi, buf[i]);
+    }
+    const int shift = std::max(0, bit_length(hi - lo) - 8);
+    int64_t count[257] = {0};
+    for (int64_t i = 0; i < n; ++i) ++count[((buf[i] - lo) >> shift) + 1];
+    int64_t d = 0;  // the digit of the k-th smallest: count[d] < k <= count[d + 1] (cumulative)
+    for (int64_t b = 1; b <= 256; ++b) {
+      count[b] += count[b - 1];
+      if (count[b] < k) d = b;
+    }
+    const int64_t below = count[d], at = count[d + 1] - below;
+    // buf <- [digit < d | digit == d], the rest dropped; then select within the digit-d words.
+    int64_t w = 0, e = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t x = buf[i];
+      const int64_t dig = static_cast<int64_t>((x - lo) >> shift);
+      buf[w] = x;
+      w += dig < d;
+      tmp[e] = x;
+      e += dig == d;
+    }
+    std::memcpy(buf + below, tmp, static_cast<size_t>(at) * sizeof(uint64_t));
+    if (shift == 0 || at == k - below) return;  // the digit-d words are all equal, or all needed
+    buf += below;
+    k -= below;
+    n = at;
+  }
+}
+
+// Sorts buf[0, n) ascending: least significant digit first, 8 bits a pass, over the bits in which the
+// words differ.
+inline void radix_sort(uint64_t* buf, int64_t n, uint64_t* tmp) {
+  if (n < 64) {
+    std::sort(buf, buf + n);
+    return;
+  }
+  uint64_t lo = buf[0], hi = buf[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, buf[i]);
+    hi = std::max(hi, buf[i]);
+  }
+  const int bits = bit_length(hi - lo);
+  uint64_t *src = buf, *dst = tmp;
+  for (int shift = 0; shift < bits; shift += 8) {
+    int64_t count[257] = {0};
+    for (int64_t i = 0; i < n; ++i) ++count[(((src[i] - lo) >> shift) & 0xff) + 1];
+    for (int b = 1; b <= 256; ++b) count[b] += count[b - 1];
+    for (int64_t i = 0; i < n; ++i) dst[count[((src[i] - lo) >> shift) & 0xff]++] = src[i];
+    std::swap(src, dst);
+  }
+  if (src != buf) std::memcpy(buf, src, static_cast<size_t>(n) * sizeof(uint64_t));
+}
+
+template <typename word_t>
+inline void select_best(word_t* buf, int64_t n, int64_t k, word_t* tmp, typename Word<double>::Better better) {
+  (void)tmp;
+  std::nth_element(buf, buf + (k - 1), buf + n, better);
+}
+inline void select_best(uint64_t* buf, int64_t n, int64_t k, uint64_t* tmp, Word<float>::Better better) {
+  if (n < 256) {
+    std::nth_element(buf, buf + (k - 1), buf + n, better);
+  } else {
+    radix_select(buf, n, k, tmp);
+  }
+}
+template <typename word_t>
+inline void sort_best(word_t* buf, int64_t n, word_t* tmp, typename Word<double>::Better better) {
+  (void)tmp;
+  std::sort(buf, buf + n, better);
+}
+inline void sort_best(uint64_t* buf, int64_t n, uint64_t* tmp, Word<float>::Better) { radix_sort(buf, n, tmp); }
 
 // The running top-k of one query row.
 template <typename acc_t>
 struct RowTopK {
-  Candidate<acc_t>* buf;  // capacity `cap`
+  using W = Word<acc_t>;
+  typename W::type* buf;  // capacity 2k + kBlock
   int64_t count;
   acc_t floor;      // scores <= floor never matter (known from elsewhere: -inf, or see fused_topk)
   acc_t threshold;  // a score must be > threshold to matter (the k-th best once known, else the floor)
 
-  // Keep the best k; the threshold becomes the k-th best (scores equal to it lose: they would be
-  // later in index order, and the tie rule above prefers the earlier index), or stays the floor.
-  void shrink(int64_t k) {
+  // Keep the best k; the threshold becomes the k-th best (scores equal to it lose: they come later
+  // in index order, and the tie rule prefers the earlier index), or stays the floor.
+  void shrink(int64_t k, typename W::type* tmp) {
     if (count <= k) return;
-    std::nth_element(buf, buf + (k - 1), buf + count, better<acc_t>);
+    select_best(buf, count, k, tmp, typename W::Better());
     count = k;
-    threshold = std::max(floor, buf[k - 1].value);
+    typename W::type worst = buf[0];
+    for (int64_t i = 1; i < k; ++i) worst = typename W::Better()(worst, buf[i]) ? buf[i] : worst;
+    threshold = std::max(floor, W::value(worst));
   }
 };
 
-// Run the fused top-k of queries x keys and call finish(row, sorted candidates, n) for each query
-// row, where n = min(k, number of keys with a score above the row's floor). `bias` has one acc_t
-// entry per key. `floor` (optional, one per query row) starts each row's threshold: a score at or
-// below it is known not to matter (topk_scores passes just below the k-th best of an earlier call,
-// so that a stream of chunks does not learn the threshold again in every chunk).
+// Runs the fused top-k of queries x keys and calls finish(row, sorted words, n) for each query row,
+// where n = min(k, number of keys scoring above the row's floor) and a word's index is the key's
+// row in `keys`. `bias` has one acc_t per key (added). `floor` (optional, one per query row) starts
+// each row's threshold: a score at or below it is known not to matter (topk_scores passes just
+// below the k-th best of an earlier call, so that a stream of chunks does not learn the threshold
+// again in every chunk).
 template <typename acc_t, typename Finish>
 void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* bias, int64_t k, double tau,
                 const Finish& finish, const acc_t* floor = nullptr) {
+  using W = Word<acc_t>;
   const at::ScalarType cdt = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
+  constexpr bool packed = std::is_same<acc_t, float>::value;
+  TORCH_CHECK(!packed || nk < kMaxKeys, "topk_scores_cpu: at most 2**32 - 1 keys a call");
   if (nq == 0) return;
   const Tile tile = tile_for(nq);
   // Every product is a full (rows x cols) tile, the last query and key blocks padded with zero
@@ -113,7 +268,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // calls exactly; MKL's small-matrix paths round differently from its tiled ones).
   const int64_t rows = tile.rows;
   const int64_t cols = tile.cols;
-  const int64_t cap = 2 * k + 64;
+  const int64_t cap = 2 * k + kBlock;
   // The reference multiplies by the Python float 1/tau rounded to the compute type; so do we, so
   // that both see the same scores up to the matmul's summation order.
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
@@ -126,7 +281,8 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const auto opts = queries.options().dtype(cdt);
     at::Tensor scores = at::empty({rows, cols}, opts);
-    std::vector<Candidate<acc_t>> cand(static_cast<size_t>(rows * cap));
+    std::vector<typename W::type> cand(static_cast<size_t>(rows * cap));
+    std::vector<typename W::type> scratch(static_cast<size_t>(cap));
     std::vector<RowTopK<acc_t>> top(rows);
     at::Tensor q_buf = at::zeros({rows, dim}, opts);
     at::Tensor k_buf = at::zeros({cols, dim}, opts);
@@ -155,36 +311,19 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
         }
         at::mm_out(scores, q, kc.t());
         const acc_t* s = scores.const_data_ptr<acc_t>();
-        const acc_t* bias_c = bias + c0;
-
         for (int64_t r = 0; r < nr; ++r) {
-          const acc_t* srow = s + r * cols;
           RowTopK<acc_t>& t = top[r];
-          // Blocks of 32 columns: a branch-free (vectorisable) pass that scales, biases and asks
-          // "does any score beat the threshold?" without storing anything, then a scalar pass,
-          // recomputing the same scores, only for the rare block that has a candidate.
-          constexpr int64_t kStep = 32;
-          for (int64_t j0 = 0; j0 < nc; j0 += kStep) {
-            const int64_t j1 = std::min(nc, j0 + kStep);
-            const acc_t thr = t.threshold;
-            int hit = 0;
-            for (int64_t j = j0; j < j1; ++j) hit |= (srow[j] * inv_tau - bias_c[j]) > thr;
-            if (!hit) continue;
-            for (int64_t j = j0; j < j1; ++j) {
-              const acc_t x = srow[j] * inv_tau - bias_c[j];
-              if (x > t.threshold) {
-                t.buf[t.count++] = Candidate<acc_t>{x, c0 + j};
-                if (t.count == cap) t.shrink(k);
-              }
-            }
+          for (int64_t j = 0; j < nc;) {
+            j = scan_row(s + r * cols, bias + c0, j, nc, inv_tau, t.threshold, c0, t.buf, &t.count, cap);
+            if (j < nc) t.shrink(k, scratch.data());
           }
         }
       }
 
       for (int64_t r = 0; r < nr; ++r) {
         RowTopK<acc_t>& t = top[r];
-        t.shrink(k);
-        std::sort(t.buf, t.buf + t.count, better<acc_t>);
+        t.shrink(k, scratch.data());
+        sort_best(t.buf, t.count, scratch.data(), typename W::Better());
         finish(r0 + r, t.buf, t.count);
       }
     }

@@ -13,8 +13,72 @@
 #include "topk.h"
 
 namespace llp_fast {
+namespace topk {
 
-using topk::Candidate;
+// Step 2 of csrc/cpu/topk.h, compiled once per instruction set (target_clones): see scan_row there.
+template <typename acc_t, typename word_t>
+__attribute__((always_inline)) inline int64_t scan(const acc_t* s, const acc_t* bias, int64_t j, int64_t n, acc_t inv_tau,
+                                                   acc_t thr, int64_t base, word_t* out, int64_t* count, int64_t cap) {
+  constexpr int64_t kGroup = 8;  // a block that has a candidate is read again 8 columns at a time
+  int64_t c = *count;
+  for (; j < n; j += kBlock) {
+    if (cap - c < kBlock) break;
+    const acc_t* sj = s + j;
+    const acc_t* bj = bias + j;
+    const int64_t m = std::min(kBlock, n - j);
+    int hit = 0;
+    if (m == kBlock) {  // a fixed trip count: one vectorised compare-and-or loop
+      for (int64_t i = 0; i < kBlock; ++i) hit |= (sj[i] * inv_tau + bj[i]) > thr;
+    } else {
+      for (int64_t i = 0; i < m; ++i) hit |= (sj[i] * inv_tau + bj[i]) > thr;
+    }
+    if (!hit) continue;
+    // Most blocks that pass hold one or two candidates: find their groups of 8, then the columns.
+    for (int64_t g = 0; g < m; g += kGroup) {
+      const int64_t e = std::min(m, g + kGroup);
+      int any = 0;
+      for (int64_t i = g; i < e; ++i) any |= (sj[i] * inv_tau + bj[i]) > thr;
+      if (!any) continue;
+      for (int64_t i = g; i < e; ++i) {  // without a branch: early in a row most of a group passes
+        const acc_t x = sj[i] * inv_tau + bj[i];
+        out[c] = Word<acc_t>::make(x, base + j + i);
+        c += x > thr;
+      }
+    }
+  }
+  *count = c;
+  return std::min(j, n);
+}
+
+LLP_FAST_ISA_CLONES int64_t scan_row_f32(const float* s, const float* bias, int64_t j, int64_t n, float inv_tau,
+                                         float thr, int64_t base, uint64_t* out, int64_t* count, int64_t cap) {
+  return scan<float>(s, bias, j, n, inv_tau, thr, base, out, count, cap);
+}
+
+LLP_FAST_ISA_CLONES int64_t scan_row_f64(const double* s, const double* bias, int64_t j, int64_t n, double inv_tau,
+                                         double thr, int64_t base, Word<double>::type* out, int64_t* count,
+                                         int64_t cap) {
+  return scan<double>(s, bias, j, n, inv_tau, thr, base, out, count, cap);
+}
+
+}  // namespace topk
+
+namespace {
+
+// A finished candidate: its score and its global index.
+template <typename acc_t>
+struct Entry {
+  acc_t value;
+  int64_t index;
+};
+
+// The op's order: score descending, equal scores by the lower index.
+template <typename acc_t>
+inline bool before(const Entry<acc_t>& a, const Entry<acc_t>& b) {
+  return a.value > b.value || (a.value == b.value && a.index < b.index);
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
                                                    double tau, const std::optional<at::Tensor>& bias,
@@ -28,16 +92,16 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, co
   TORCH_CHECK(tau > 0, "topk_scores_cpu: tau must be > 0");
   TORCH_CHECK(index_offset >= 0, "topk_scores_cpu: index_offset must be >= 0");
   const at::ScalarType cdt = topk::compute_type(queries, keys);
-  // fused_topk subtracts its bias: pass -bias, and +inf (score -inf, never chosen) off the mask.
-  at::Tensor minus_bias = at::zeros({n}, queries.options().dtype(cdt));
+  // The bias is added to each score; keys off the mask get -inf (never above a threshold, never chosen).
+  at::Tensor key_bias = at::zeros({n}, queries.options().dtype(cdt));
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "topk_scores_cpu: bias must be (N,)");
-    minus_bias.sub_(bias->detach().to(cdt));
+    key_bias.copy_(bias->detach());
   }
   if (key_mask.has_value() && key_mask->defined()) {
     TORCH_CHECK(key_mask->dim() == 1 && key_mask->size(0) == n && key_mask->scalar_type() == at::kBool,
                 "topk_scores_cpu: key_mask must be (N,) bool");
-    minus_bias.masked_fill_(key_mask->logical_not(), std::numeric_limits<double>::infinity());
+    key_bias.masked_fill_(key_mask->logical_not(), -std::numeric_limits<double>::infinity());
   }
   const bool has_init = init_values.has_value() && init_values->defined();
   at::Tensor init_v, init_i;
@@ -64,29 +128,44 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, co
   at::Tensor indices = at::empty({nq, k}, queries.options().dtype(at::kLong));
 
   AT_DISPATCH_FLOATING_TYPES(cdt, "topk_scores_cpu", [&] {
+    using W = topk::Word<scalar_t>;
     scalar_t* out_v = values.data_ptr<scalar_t>();
     int64_t* out_i = indices.data_ptr<int64_t>();
     const scalar_t* in_v = has_init ? init_v.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* in_i = has_init ? init_i.const_data_ptr<int64_t>() : nullptr;
     topk::fused_topk<scalar_t>(
-        queries, keys, minus_bias.const_data_ptr<scalar_t>(), k, tau,
-        [&](int64_t row, const Candidate<scalar_t>* c, int64_t cnt) {
-          // This call's candidates (global indices) and the earlier call's, best k of the two.
-          thread_local std::vector<Candidate<scalar_t>> merged;
-          merged.clear();
-          for (int64_t i = 0; i < cnt; ++i) merged.push_back({c[i].value, c[i].index + index_offset});
+        queries, keys, key_bias.const_data_ptr<scalar_t>(), k, tau,
+        [&](int64_t row, const typename W::type* c, int64_t cnt) {
+          scalar_t* ov = out_v + row * k;
+          int64_t* oi = out_i + row * k;
+          // The earlier call's candidates, in the op's order (an earlier call's output already is;
+          // anything else is sorted first), then merged with this call's: the best k of the two.
+          thread_local std::vector<Entry<scalar_t>> prev;
+          prev.clear();
           if (has_init) {
             for (int64_t i = 0; i < k; ++i) {
               const int64_t j = in_i[row * k + i];
-              if (j >= 0) merged.push_back({in_v[row * k + i], j});  // -1: padding
+              if (j >= 0) prev.push_back({in_v[row * k + i], j});  // -1: padding
             }
+            if (!std::is_sorted(prev.begin(), prev.end(), before<scalar_t>))
+              std::sort(prev.begin(), prev.end(), before<scalar_t>);
           }
-          const int64_t keep = std::min<int64_t>(k, static_cast<int64_t>(merged.size()));
-          std::partial_sort(merged.begin(), merged.begin() + keep, merged.end(), topk::better<scalar_t>);
-          for (int64_t i = 0; i < k; ++i) {
-            const bool real = i < keep;
-            out_v[row * k + i] = real ? merged[i].value : -std::numeric_limits<scalar_t>::infinity();
-            out_i[row * k + i] = real ? merged[i].index : -1;
+          int64_t a = 0, b = 0, n = 0;
+          const int64_t np = static_cast<int64_t>(prev.size());
+          for (; n < k && (a < cnt || b < np); ++n) {
+            Entry<scalar_t> e;
+            if (a < cnt) e = {W::value(c[a]), W::index(c[a]) + index_offset};
+            if (a < cnt && (b >= np || before<scalar_t>(e, prev[b]))) {
+              ++a;
+            } else {
+              e = prev[b++];
+            }
+            ov[n] = e.value;
+            oi[n] = e.index;
+          }
+          for (; n < k; ++n) {
+            ov[n] = -std::numeric_limits<scalar_t>::infinity();
+            oi[n] = -1;
           }
         },
         has_init ? floor.const_data_ptr<scalar_t>() : nullptr);

@@ -2,6 +2,11 @@
 (docs/method.md §1.1-1.2; more than one round: §7). The work is :mod:`llp_fast.embeddings`'s; this
 module parses and checks the flags, runs it (alone, under torchrun, or ``--nproc P`` local
 processes) and writes the outputs atomically.
+
+Two forms: ``EMB LABELS --out P`` labels the unlabeled rows (and can rank suspect labels, choose K
+and tau, abstain, save the voters as a model); ``--model DIR NEW --out P`` labels new rows with a
+saved model. The labelling knobs and their defaults are :class:`~llp_fast.embeddings.Settings`'
+(a flag not given takes the dataclass's default).
 """
 
 from __future__ import annotations
@@ -13,11 +18,16 @@ import sys
 
 from .. import distributed
 from ..embeddings import outputs
-from ..embeddings.settings import DEFAULT_ROUNDS, POOLS
+from ..embeddings.settings import AUTO_VOTERS, AUTO_VOTERS_PER_LABELED, POOLS, Settings
 from ..errors import ConfigError
 from . import _common
 
 PROG = "llp-fast-propagate"
+DEFAULT = Settings()
+# flags that set a Settings field (dest = the field); absent from the namespace unless given
+SETTINGS_FLAGS = ("k", "t", "tau", "density", "density_pool", "labeled_weight", "rounds", "max_voters", "chunk")
+# what only a labelling run takes (never --model)
+RUN_ONLY = ("labels", "probs_out", "voters_out", "suspects_out", "quality_out", "drop_suspects", "save_model")
 
 
 def _device(text: str) -> str:
@@ -35,15 +45,63 @@ def _out(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e).removeprefix("file ")) from None
 
 
+def _model_dir(text: str) -> str:
+    """``--save-model``: a directory that exists or can be made (its parent exists)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text}: directory {parent} does not exist")
+    return text
+
+
+def _ks(text: str):
+    """``--k``: auto (chosen by leave-one-out accuracy), one number of voters, or several separated
+    by commas (one output per K)."""
+    if text == "auto":
+        return "auto"
+    parts = [p.strip() for p in text.split(",")]
+    ks = tuple(_common.POSITIVE_INT(p) for p in parts)
+    if len(set(ks)) != len(ks):
+        raise argparse.ArgumentTypeError(f"{text}: each K once")
+    return ks[0] if len(ks) == 1 else ks
+
+
+def _tau(text: str):
+    return "auto" if text == "auto" else _common.POSITIVE_FLOAT(text)
+
+
+def _drop(text: str) -> float:
+    value = _common.FRACTION(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) of the labeled rows, got {text!r}")
+    return value
+
+
+def _voters(text: str):
+    """``--max-voters``: auto (the default: linear in N), none (no cap: O(N^2)) or a count."""
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    return _common.COUNT(text)
+
+
+def output_name(path: str, k: int) -> str:
+    """The output of K among several: ``PSEUDO.npy`` -> ``PSEUDO.k10.npy``."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.k{k}{ext}"
+
+
 def parser() -> argparse.ArgumentParser:
+    d, hide = DEFAULT, argparse.SUPPRESS
     ap = argparse.ArgumentParser(
         prog=PROG,
         description="LLP labels for precomputed embeddings: density-weighted votes of the K nearest labeled "
         "neighbours (docs/method.md §1.1-1.2), repeated over rounds in which the most confident rows join the "
-        "voters (§7), streamed block by block from memory-mapped .npy files.",
+        "voters (§7), streamed block by block from memory-mapped .npy files. With --model DIR: labels for new "
+        "rows by a saved model (llp-fast-propagate --model DIR NEW.npy --out P.npy).",
     )
     ap.add_argument("embeddings", help="EMB.npy (N, D) float16/32/64, or a directory of .npy shards (name order)")
-    ap.add_argument("labels", help="LABELS.npy (N,) int, -1 = unlabeled (or a directory of shards)")
+    ap.add_argument("labels", nargs="?", default=None, help="LABELS.npy (N,) int, -1 = unlabeled (or shards)")
     ap.add_argument("--out", type=_out, required=True, help="PSEUDO.npy: (N,) int64 labels (labeled rows keep theirs)")
     ap.add_argument("--confidence-out", type=_out, default=None, help="(N,) float32 confidences (1 on labeled rows)")
     ap.add_argument(
@@ -54,36 +112,71 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--top", type=_common.POSITIVE_INT, default=3, help="P for --probs-out (default 3)")
     ap.add_argument("--voters-out", type=_out, default=None, help="(N, K) int64 rows that voted (-1: none)")
-    ap.add_argument("--k", type=_common.POSITIVE_INT, default=10, help="voters per row (at most the voters)")
-    ap.add_argument("--t", type=_common.POSITIVE_INT, default=25, help="density neighbours (at most the pool)")
-    ap.add_argument("--tau", type=_common.POSITIVE_FLOAT, default=0.07)
+    ap.add_argument(
+        "--suspects-out",
+        type=_out,
+        default=None,
+        help="S.npy: (M,) int64 the labeled rows, most suspect label first (docs/embeddings.md, 'Suspect labels')",
+    )
+    ap.add_argument("--quality-out", type=_out, default=None, help="(N,) float64 label quality (NaN: unlabeled)")
+    ap.add_argument(
+        "--drop-suspects",
+        type=_drop,
+        default=None,
+        metavar="F",
+        help="label again without the most suspect fraction F of the labeled rows (they are labeled by the vote)",
+    )
+    ap.add_argument(
+        "--min-confidence",
+        type=_common.UNIT,
+        default=None,
+        metavar="C",
+        help="write -1 for rows whose confidence is below C (labeled rows keep theirs)",
+    )
+    ap.add_argument("--save-model", type=_model_dir, default=None, metavar="DIR", help="write DIR/model.npz")
+    ap.add_argument("--model", default=None, metavar="DIR", help="label EMBEDDINGS (new rows) by a saved model")
+    ap.add_argument(
+        "--k",
+        type=_ks,
+        default=hide,
+        help=f"voters per row (default {d.k}; at most the voters); auto: chosen from 5, 10, 20, 50 by leave-one-out "
+        "accuracy of the labeled rows; several, --k 10,20,100: one output per K (OUT.k10.npy, ...), from one "
+        "selection of the largest K with --rounds 1",
+    )
+    ap.add_argument("--t", type=_common.POSITIVE_INT, default=hide, help=f"density neighbours (default {d.t})")
+    ap.add_argument("--tau", type=_tau, default=hide, help=f"temperature (default {d.tau}); auto: as --k auto")
     ap.add_argument(
         "--rounds",
         type=_common.POSITIVE_INT,
-        default=DEFAULT_ROUNDS,
-        help=f"rounds of the vote (default {DEFAULT_ROUNDS}; 1 = the paper's one-shot vote)",
+        default=hide,
+        help=f"rounds of the vote (default {d.rounds}; 1 = the paper's one-shot vote)",
     )
     ap.add_argument(
         "--max-voters",
-        type=_common.COUNT,
-        default=None,
-        help="cap on pseudo-labeled voters (default: none; bounds the cost of many rounds at large N)",
+        type=_voters,
+        default=hide,
+        help=f"cap on pseudo-labeled voters: auto (default: max({AUTO_VOTERS:,}, {AUTO_VOTERS_PER_LABELED} x the "
+        "labeled rows), so the cost stays linear in N), none (O(N^2) at large N) or a count",
     )
     ap.add_argument(
-        "--density-pool",
-        choices=POOLS,
-        default="auto",
-        help="auto (default): unlabeled rows for one round, all rows for more",
+        "--density-pool", choices=POOLS, default=hide, help="auto (default): unlabeled rows for one round, all for more"
     )
     ap.add_argument(
         "--labeled-weight",
         type=_common.POSITIVE_FLOAT,
-        default=None,
+        default=hide,
         help="weight of the labeled voters (default: 1 for one round, 3 for more)",
     )
-    ap.add_argument("--no-density-weighting", action="store_true", help="the NoDW ablation: plain weighted kNN")
-    ap.add_argument("--no-normalize", action="store_true", help="embeddings are already unit rows")
-    ap.add_argument("--chunk", type=_common.POSITIVE_INT, default=65536, help="rows per block (default 65536)")
+    ap.add_argument(
+        "--no-density-weighting",
+        dest="density",
+        action="store_const",
+        const=False,
+        default=hide,
+        help="the NoDW ablation: plain weighted kNN",
+    )
+    ap.add_argument("--no-normalize", dest="normalize", action="store_false", help="embeddings are already unit rows")
+    ap.add_argument("--chunk", type=_common.POSITIVE_INT, default=hide, help=f"rows per block (default {d.chunk})")
     ap.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N (Triton kernels)")
     ap.add_argument("--threads", type=_common.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--nproc", type=_common.POSITIVE_INT, default=1, help="run as P local processes (gloo/NCCL)")
@@ -91,63 +184,84 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-OUTPUT_FLAGS = ("out", "confidence_out", "probs_out", "voters_out")
+OUTPUT_FLAGS = ("out", "confidence_out", "probs_out", "voters_out", "suspects_out", "quality_out")
+
+
+def _flag(name: str) -> str:
+    """The flag of a namespace entry."""
+    special = {"density": "--no-density-weighting", "normalize": "--no-normalize"}
+    return special.get(name, "--" + name.replace("_", "-"))
+
+
+def _check_model_form(ap, args) -> None:
+    """``--model DIR NEW --out P``: one input, and none of a labelling run's knobs."""
+    if args.labels is not None:
+        ap.error(f"--model labels {args.embeddings} by the saved model: give no LABELS ({args.labels})")
+    given = [f for f in SETTINGS_FLAGS if f != "chunk" and hasattr(args, f)]
+    given += [f for f in RUN_ONLY[1:] if getattr(args, f)]
+    given += ["normalize"] * (not args.normalize) + ["nproc"] * (args.nproc > 1)
+    if given:
+        ap.error(f"argument {_flag(given[0])}: not with --model (the model's settings are used)")
 
 
 def parse(argv=None) -> argparse.Namespace:
     ap = parser()
-    args = ap.parse_args(argv)
-    outs = {"--" + f.replace("_", "-"): getattr(args, f) for f in OUTPUT_FLAGS}
+    args = ap.parse_intermixed_args(argv)  # LABELS may follow the flags
+    if args.model is not None:
+        _check_model_form(ap, args)
+    elif args.labels is None:
+        ap.error("the following arguments are required: labels (or --model DIR to label new rows)")
+    ks = getattr(args, "k", DEFAULT.k)
+    if isinstance(ks, tuple) and (args.drop_suspects or args.save_model):
+        ap.error(f"argument {'--drop-suspects' if args.drop_suspects else '--save-model'}: needs one K, not --k {ks}")
+    outs = {}
+    for f in OUTPUT_FLAGS:
+        path = getattr(args, f)
+        for k in ks if isinstance(ks, tuple) else (None,):
+            flag = _flag(f) + ("" if k is None else f" (K = {k})")
+            outs[flag] = path if path is None or k is None else output_name(path, k)
+    inputs = {"EMBEDDINGS": args.embeddings, **({"LABELS": args.labels} if args.labels else {})}
     try:
-        outputs.check_distinct(outs, {"EMBEDDINGS": args.embeddings, "LABELS": args.labels})
+        outputs.check_distinct(outs, inputs)
     except ConfigError as e:
         ap.error(str(e))
     return args
 
 
-def settings_of(args):
-    from ..embeddings import Settings
-
-    return Settings(
-        k=args.k,
-        t=args.t,
-        tau=args.tau,
-        density=not args.no_density_weighting,
-        density_pool=args.density_pool,
-        labeled_weight=args.labeled_weight,
-        rounds=args.rounds,
-        max_voters=args.max_voters,
-        chunk=args.chunk,
-        device=args.device,
-    )
+def settings_of(args) -> Settings:
+    """The flags given, over :class:`Settings`' defaults ("auto" K or tau stands at the default)."""
+    given = {f: getattr(args, f) for f in SETTINGS_FLAGS if hasattr(args, f)}
+    for f in ("k", "tau"):
+        if given.get(f) == "auto":
+            del given[f]
+    return Settings(**given, device=args.device)
 
 
 def _cost_note(progress, n: int, m: int, settings) -> None:
-    """One line when more than one round will cost far more than the one-shot vote: the voters grow
-    toward N, so the work is quadratic in N (docs/embeddings.md)."""
+    """One line when more than one round will cost far more than the one-shot vote: without a cap
+    (--max-voters none) the voters grow toward N and the work is quadratic in N (docs/embeddings.md)."""
     if settings.rounds < 2 or n < 100_000:
         return
-    grown = (n - m) * (settings.rounds - 1) // settings.rounds
-    voters = m + (grown if settings.max_voters is None else min(grown, settings.max_voters))
+    voters = m + settings.voter_cap(m, n - m) * (settings.rounds - 1) // settings.rounds
     ratio = voters / max(m, 1)
     if ratio >= 20:
         progress.line(
             f"{settings.rounds} rounds on {n:,} rows: about {ratio:,.0f}x the work of --rounds 1 (the voters grow to "
-            f"{voters:,}); --rounds 1 or --max-voters V bound it"
+            f"{voters:,}); --rounds 1 or --max-voters auto bound it"
         )
 
 
-def _run(args) -> int:
+def _label(args) -> int:
+    """The labelling run: EMB LABELS -> labels (and the optional outputs)."""
     import time
 
+    import numpy as np
     import torch
 
     from .._progress import Progress
-    from ..embeddings import Engine, Rows, read_labels
-    from ..embeddings.comm import Local, Ranks
+    from ..embeddings import Engine, Rows, model, read_labels, suspects, tune
+    from ..embeddings.ranks import Local, Ranks
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     comm, rank = Local(), 0
     settings = settings_of(args)
     if distributed.launched():
@@ -157,27 +271,106 @@ def _run(args) -> int:
         comm = Ranks(torch.device(settings.device))
     progress = Progress(enabled=not args.quiet and rank == 0, prog=PROG)
     t0 = time.perf_counter()
-    rows = Rows(args.embeddings, normalize=not args.no_normalize)
+    rows = Rows(args.embeddings, normalize=args.normalize)
     labels = read_labels(args.labels, rows.n)
     n, m = rows.n, int((labels >= 0).sum())
+    auto_k, auto_tau = getattr(args, "k", None) == "auto", getattr(args, "tau", None) == "auto"
+    if auto_k or auto_tau:
+        choice = tune.choose(rows, labels, settings.checked(), auto_k=auto_k, auto_tau=auto_tau, comm=comm)
+        settings = settings.replace(k=choice.k, tau=choice.tau)
+        if rank == 0:
+            print(f"{PROG}: {choice.line(auto_k, auto_tau)}", flush=True)
     _cost_note(progress, n, m, settings)
-    engine = Engine(rows, labels, settings, comm=comm, progress=progress)
-    result = engine.run(top_classes=args.top if args.probs_out else 0, voter_ids=bool(args.voters_out))
+    extras = {"top_classes": args.top if args.probs_out else 0, "voter_ids": bool(args.voters_out)}
+    results = Engine(rows, labels, settings, comm=comm, progress=progress).run(**extras)
+    results = results if isinstance(results, dict) else {None: results}
+    ranked, used, note = {}, labels, ""
+    if args.suspects_out or args.quality_out or args.drop_suspects:
+        for k, result in results.items():
+            ranked[k] = suspects.suspects_of(rows, labels, result, settings, comm=comm, progress=progress)
+    if args.drop_suspects:
+        used, dropped = suspects.drop_worst(labels, ranked[None], args.drop_suspects)
+        results = {None: Engine(rows, used, settings, comm=comm, progress=progress).run(**extras)}
+        note = f" ({len(dropped)} suspect labels dropped and labeled again)"
     if rank == 0:
-        files = {args.out: ("npy", result.labels.astype(labels.dtype))}
-        if args.confidence_out:
-            files[args.confidence_out] = ("npy", result.confidence)
-        if args.probs_out:
-            files[args.probs_out] = ("npz", {"classes": result.top_classes, "probs": result.top_probs})
-        if args.voters_out:
-            files[args.voters_out] = ("npy", result.voters)
+        files, written = {}, []
+        for k, result in results.items():
+
+            def name(path, k=k):
+                return path if k is None else output_name(path, k)
+
+            out = result.labels.astype(labels.dtype)
+            if args.min_confidence is not None:
+                out[(result.confidence < args.min_confidence) & (used < 0)] = -1
+            files[name(args.out)] = ("npy", out)
+            written.append(name(args.out))
+            if args.confidence_out:
+                files[name(args.confidence_out)] = ("npy", result.confidence)
+            if args.probs_out:
+                files[name(args.probs_out)] = ("npz", {"classes": result.top_classes, "probs": result.top_probs})
+            if args.voters_out:
+                files[name(args.voters_out)] = ("npy", result.voters)
+            if args.suspects_out:
+                files[name(args.suspects_out)] = ("npy", ranked[k].rows.astype(np.int64))
+            if args.quality_out:
+                files[name(args.quality_out)] = ("npy", ranked[k].per_row(n))
         outputs.write(files)
+        result = next(iter(results.values()))
+        if args.save_model:
+            path = model.save(
+                args.save_model,
+                rows,
+                result,
+                k=result.k,
+                tau=settings.tau,
+                normalize=args.normalize,
+                min_confidence=args.min_confidence,
+            )
+            written.append(path)
         rounds = f", {result.rounds_run} round{'s' if result.rounds_run != 1 else ''}"
+        if None not in results:
+            rounds += ", K = " + ", ".join(str(k) for k in results)
         print(
-            f"{PROG}: labelled {n - m} of {n} rows from {m} labeled{rounds} "
-            f"in {time.perf_counter() - t0:.2f} s -> {args.out}"
+            f"{PROG}: labelled {n - m} of {n} rows from {m} labeled{rounds}{note} "
+            f"in {time.perf_counter() - t0:.2f} s -> {', '.join(written)}"
         )
     return 0
+
+
+def _apply(args) -> int:
+    """``--model DIR NEW --out P``: new rows labeled by a saved model, block by block."""
+    import time
+
+    from .._progress import Progress
+    from ..embeddings import model
+
+    t0 = time.perf_counter()
+    threshold = "model" if args.min_confidence is None else args.min_confidence
+    labels, conf, saved = model.label_file(
+        args.model,
+        args.embeddings,
+        chunk=getattr(args, "chunk", DEFAULT.chunk),
+        device=args.device,
+        progress=Progress(enabled=not args.quiet, prog=PROG),
+        min_confidence=threshold,
+    )
+    files = {args.out: ("npy", labels)}
+    if args.confidence_out:
+        files[args.confidence_out] = ("npy", conf)
+    outputs.write(files)
+    print(
+        f"{PROG}: labelled {len(labels)} rows by the {saved.voters.shape[0]} voters of {args.model} "
+        f"in {time.perf_counter() - t0:.2f} s -> {args.out}"
+    )
+    return 0
+
+
+def _run(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return _apply(args) if args.model is not None else _label(args)
 
 
 def _terminate(signum, frame):
@@ -185,7 +378,7 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
-    """``llp-fast-propagate EMB.npy LABELS.npy --out PSEUDO.npy``."""
+    """``llp-fast-propagate EMB.npy LABELS.npy --out PSEUDO.npy`` or ``--model DIR NEW.npy --out P.npy``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     if args.nproc > 1 and not distributed.launched():

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _optional
+from .._npy import read_header
 from . import MARKER, DataError
 from .folder import IMAGE_EXTENSIONS, _Images
 from .selection import read_selection
@@ -112,7 +113,7 @@ class NpzPool:
                     if "x.npy" not in names:
                         raise DataError(f"{path} has no array 'x' (found {sorted(n[:-4] for n in names)})")
                     with zf.open("x.npy") as f:
-                        shape, fortran, dtype = _npy_header(f)
+                        shape, fortran, dtype = read_header(f, f"{path}: 'x'")
                 if "y.npy" in names:
                     with np.load(path, allow_pickle=False) as f:
                         self.truth = np.asarray(f["y"])
@@ -155,7 +156,7 @@ class NpzPool:
         row = math.prod(self.shape[1:])
         try:
             with zipfile.ZipFile(self.path) as zf, zf.open("x.npy") as f:
-                _npy_header(f)
+                read_header(f, f"{self.path}: 'x'")
                 for s in range(0, n, batch_size):
                     b = min(batch_size, n - s)
                     buf = f.read(b * row)
@@ -164,13 +165,6 @@ class NpzPool:
                     yield s, np.frombuffer(buf, dtype=np.uint8).reshape((b,) + self.shape[1:]).copy()
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise DataError(f"cannot read {self.path} ({type(e).__name__}: {e})") from None
-
-
-def _npy_header(f):
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    return np.lib.format.read_array_header_2_0(f)
 
 
 class _Decoded(torch.utils.data.Dataset):

@@ -28,7 +28,7 @@ change it), so a rank that dies makes the others fail instead of hanging.
 import torch
 
 from ..bank import MemoryBank
-from .comm import all_gather_cat, finish, init, launched, shard_range
+from .collectives import all_gather_cat, finish, init, launched, shard_range
 from .replicated import ReplicatedMemoryBank
 from .sharded import ShardedMemoryBank
 

@@ -6,7 +6,7 @@ import torch
 
 from .._interop import as_tensor
 from ..bank import MemoryBank
-from .comm import all_gather_cat
+from .collectives import all_gather_cat
 
 
 class ReplicatedMemoryBank(MemoryBank):

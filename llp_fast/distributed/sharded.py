@@ -9,10 +9,11 @@ import torch.distributed as dist
 
 from .. import _validate as check
 from .._interop import as_tensor
+from .._topk import log_sum_exp, vote
 from ..bank import MemoryBank, check_new_labels
-from ..ops import bank_update_
-from ..reference import is_last_occurrence, vote
-from .comm import all_gather_cat, all_gather_same, candidates, lse_combine, merge_topk, offset_of_rank, shard_range
+from ..ops import bank_update_, neighbours, topk_scores
+from ..reference import is_last_occurrence
+from .collectives import all_gather_cat, lse_combine, merged_topk, offset_of_rank, shard_range
 
 
 class _ShardedAggregationLoss(torch.autograd.Function):
@@ -77,8 +78,11 @@ class ShardedMemoryBank:
         )
         self.num_classes = num_classes
         self.device = self.local.device
-        # Global dataset index of each local labeled row: the tie-break key for merges.
-        self.labeled_global = self.local.index_of[: self.local.num_labeled] + self.start
+        # The labeled rows of every shard in dataset order are the single bank's labeled rows: this
+        # shard's are positions [labeled_before, labeled_before + M_local) of that order, the
+        # numbering (and tie-break) of a merged vote; their classes are known on every rank.
+        self.labeled_before = int((targets[: self.start] >= 0).sum())
+        self.labeled_classes_all = targets[targets >= 0].to(self.device)
         self.num_labeled_total = int((targets >= 0).sum())
         self.num_unlabeled_total = self.n - self.num_labeled_total
 
@@ -143,10 +147,12 @@ class ShardedMemoryBank:
         for r in range(int(rounds)):
             mine = self.local.labeled_embeddings[r * chunk : (r + 1) * chunk]
             gathered = all_gather_cat(mine, self.group)
-            vals, _ = candidates(gathered, keys, t, tau)
-            merged = torch.cat(all_gather_same(vals, self.group), dim=1).topk(t, dim=1).values
+            # This shard's top-T of every gathered labeled row (keys numbered by bank row + start:
+            # distinct across ranks), merged over the ranks into the top-T over the whole pool.
+            top = topk_scores(gathered, keys, k=t, tau=tau, index_offset=self.start, check_finite=False)
+            values, _ = merged_topk(top.values.float(), top.indices, t, self.group)
             lo = offset_of_rank(mine.shape[0], self.group, self.device)
-            log_rho[r * chunk : r * chunk + mine.shape[0]] = torch.logsumexp(merged[lo : lo + mine.shape[0]], dim=1)
+            log_rho[r * chunk : r * chunk + mine.shape[0]] = log_sum_exp(values[lo : lo + mine.shape[0]])
             if progress is not None:
                 progress(min(m_local, (r + 1) * chunk), m_local)
         self.local.log_rho = log_rho
@@ -295,19 +301,15 @@ class ShardedMemoryBank:
 
     def _merged_vote(self, queries, k, tau, density_weighting):
         """docs/method.md §1.2 for ``queries`` (the same on every rank) against the labeled rows of
-        every shard: each shard's top-K candidates (score, global labeled index, class) are
-        all-gathered and the P*K merged, ties broken by the lower global index."""
-        bias = self.local.log_rho if density_weighting else None
+        every shard: each shard's top-K (numbered by labeled position in dataset order), merged over
+        the ranks (ties to the lower position, as in one bank), then the vote."""
+        log_rho = self.local.log_rho if density_weighting else None
         queries = queries.to(self.local.embeddings.dtype)
-        vals, pos = candidates(queries, self.local.labeled_embeddings, k, tau, bias=bias)
-        if self.local.num_labeled:
-            gidx, cls = self.labeled_global[pos], self.local.labeled_classes[pos]
-        else:
-            gidx, cls = torch.zeros_like(pos), torch.zeros_like(pos)
-        gidx = torch.where(torch.isfinite(vals), gidx, torch.full_like(gidx, self.n))  # padding sorts last
-        all_vals, all_g, all_cls = (torch.cat(all_gather_same(x, self.group), dim=1) for x in (vals, gidx, cls))
-        top_v, where = merge_topk(all_vals, all_g, k)
-        return vote(top_v, all_cls.gather(1, where), self.num_classes)
+        top = neighbours(
+            queries, self.local.labeled_embeddings, log_rho, k=k, tau=tau, index_offset=self.labeled_before
+        )
+        values, indices = merged_topk(top.values.float(), top.indices, k, self.group)
+        return vote(values, self.labeled_classes_all[indices.clamp_min(0)], self.num_classes)
 
     @torch.no_grad()
     def vote(self, queries: torch.Tensor, *, k: int = 10, tau: float = 0.07, density_weighting: bool = True):

@@ -3,9 +3,11 @@ scheme (§7) over fixed embeddings of any size, streamed from memory-mapped ``.n
 
 - :mod:`.sources` — rows from an array, a ``.npy`` file or a directory of shards;
 - :mod:`.engine` — the streaming passes (density, vote) and the rounds: :func:`label_embeddings`;
-- :mod:`.finish` — the ops' own log-sum-exp and vote applied to a streamed top-k;
-- :mod:`.comm` — the same run split over ``torch.distributed`` ranks, merged exactly;
+- :mod:`.ranks` — the same run split over ``torch.distributed`` ranks, merged exactly;
 - :mod:`.outputs` — atomic ``.npy`` outputs;
+- :mod:`.suspects` — suspect labels: the labeled rows whose label the final voters contradict;
+- :mod:`.tune` — K and tau chosen by leave-one-out accuracy of the labeled rows;
+- :mod:`.model` — a saved labeller (the last round's voters) that labels new rows;
 - :mod:`.estimator` — :class:`LocalLabelPropagation`, a scikit-learn estimator (imports scikit-learn).
 """
 

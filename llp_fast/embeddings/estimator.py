@@ -4,8 +4,11 @@
 
 ``fit`` runs the streaming engine (:mod:`.engine`) on X in memory. New points are labeled by the
 voters of the last round (for one round: the labeled rows, the paper's vote), with the same K,
-temperature and density weights; a training row that was still voted on in the last round gets the
-same label from ``predict`` as in ``transduction_``.
+temperature and density weights (:class:`.model.Model`, which ``llp-fast-propagate --model`` also
+votes with); a training row that was still voted on in the last round gets the same label from
+``predict`` as in ``transduction_``. What the estimator adds to scikit-learn's API: suspect labels
+(``label_suspects_``, :mod:`.suspects`), ``n_neighbors="auto"`` / ``tau="auto"`` (:mod:`.tune`) and
+abstention (``min_confidence``).
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ..ops import topk_scores
-from . import finish
+from . import tune
 from .engine import Engine
+from .model import Model
 from .settings import DEFAULT_ROUNDS, Settings
 from .sources import Rows
+from .suspects import suspects_of
+
+_DEFAULT = Settings()
 
 
 def _unlabeled(y: np.ndarray) -> np.ndarray:
@@ -32,6 +38,27 @@ def _unlabeled(y: np.ndarray) -> np.ndarray:
     if y.dtype.kind == "O":
         return np.array([isinstance(v, numbers.Number) and not isinstance(v, bool) and v == -1 for v in y], bool)
     return np.zeros(y.shape[0], bool)
+
+
+def with_abstention(classes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """``classes[codes]``, with -1 where ``codes`` is -1 (an abstention). Numbers keep their dtype
+    (unsigned classes become int64); other label types (strings) become an object array."""
+    if (codes >= 0).all():
+        return classes[codes]
+    kind = classes.dtype.kind
+    dtype = np.int64 if kind == "u" else classes.dtype if kind in "if" else object
+    out = classes.astype(dtype)[np.maximum(codes, 0)]
+    out[codes < 0] = -1
+    return out
+
+
+def _auto_or(value, name: str):
+    """None for "auto" (chosen at fit), else the value (checked by Settings)."""
+    if isinstance(value, str) and value == "auto":
+        return None
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be 'auto' or a number, got {value!r}")
+    return value
 
 
 def expected_failed_checks(estimator=None) -> dict[str, str]:
@@ -47,37 +74,49 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
     """Local Label Propagation on fixed features (docs/method.md §1.1-1.2; rounds > 1: §7).
 
     Parameters:
-        n_neighbors: K, the voters of each row (at most the number of voters).
+        n_neighbors: K, the voters of each row (at most the number of voters); "auto": chosen from
+            (5, 10, 20, 50) by leave-one-out accuracy of the labeled rows (docs/embeddings.md).
         n_density_neighbors: T, the neighbours in a voter's local density (at most the pool).
-        tau: the temperature of the scores ``x . m / tau``.
+        tau: the temperature of the scores ``x . m / tau``; "auto" as for ``n_neighbors``, from
+            (0.03, 0.05, 0.07, 0.1, 0.2).
         density_weighting: weigh the vote by the voters' local density (False: the NoDW ablation).
         rounds: rounds of the vote; 1 is the paper's one-shot vote from the labeled rows, more let the
             most confident rows join the voters (default 10: the most accurate setting measured).
         density_pool: 'auto' (unlabeled rows for one round, all rows for more), 'unlabeled' or 'all'.
         labeled_weight: weight of the labeled voters (None: 1 for one round, 3 for more).
-        max_voters: cap on pseudo-labeled voters (None: no cap).
+        max_voters: cap on pseudo-labeled voters ("auto": keeps the cost linear in N, see
+            llp_fast.embeddings.settings; None: no cap).
+        min_confidence: abstain below this confidence: ``transduction_`` and ``predict`` give -1 for
+            an unlabeled row whose vote's winning share is below it (labeled rows keep theirs;
+            ``classes_`` and the distributions are unchanged). None: never.
         normalize: L2-normalise the rows of X (the method compares unit vectors).
         device: 'cpu', 'cuda' or 'cuda:N'.
         chunk_size: rows per block of the streamed passes.
 
-    Attributes (after ``fit``): ``classes_``, ``transduction_`` (a label for every training row),
-    ``label_distributions_`` (n_samples, n_classes), each row the vote's class shares (one-hot on
-    labeled rows), ``n_features_in_``, ``rounds_run_``.
+    Attributes (after ``fit``): ``classes_``, ``transduction_`` (a label for every training row, -1
+    where it abstains), ``label_distributions_`` (n_samples, n_classes), each row the vote's class
+    shares (one-hot on labeled rows), ``label_suspects_`` (the labeled rows' indices into X, most
+    suspect label first, every labeled row ranked), ``label_quality_`` (n_samples,): per labeled
+    row exp(label gap) in (0, 1], 1 when its nearest voters carry its label (NaN on unlabeled rows;
+    docs/embeddings.md, "Suspect labels"), ``n_neighbors_`` and ``tau_`` (the K and temperature
+    used), ``loo_accuracy_`` (``{(K, tau): accuracy}`` of the candidates when one was "auto"),
+    ``n_features_in_``, ``rounds_run_``.
     """
 
     def __init__(
         self,
-        n_neighbors=10,
-        n_density_neighbors=25,
-        tau=0.07,
-        density_weighting=True,
+        n_neighbors=_DEFAULT.k,
+        n_density_neighbors=_DEFAULT.t,
+        tau=_DEFAULT.tau,
+        density_weighting=_DEFAULT.density,
         rounds=DEFAULT_ROUNDS,
-        density_pool="auto",
-        labeled_weight=None,
-        max_voters=None,
+        density_pool=_DEFAULT.density_pool,
+        labeled_weight=_DEFAULT.labeled_weight,
+        max_voters=_DEFAULT.max_voters,
+        min_confidence=None,
         normalize=True,
         device="cpu",
-        chunk_size=65536,
+        chunk_size=_DEFAULT.chunk,
     ):
         self.n_neighbors = n_neighbors
         self.n_density_neighbors = n_density_neighbors
@@ -87,15 +126,19 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self.density_pool = density_pool
         self.labeled_weight = labeled_weight
         self.max_voters = max_voters
+        self.min_confidence = min_confidence
         self.normalize = normalize
         self.device = device
         self.chunk_size = chunk_size
 
-    def _settings(self) -> Settings:
+    def _settings(self, k=None, tau=None) -> Settings:
+        """The engine's settings; an "auto" K or tau stands at the default until it is chosen."""
+        k = _auto_or(self.n_neighbors, "n_neighbors") if k is None else k
+        tau = _auto_or(self.tau, "tau") if tau is None else tau
         return Settings(
-            k=self.n_neighbors,
+            k=_DEFAULT.k if k is None else k,
             t=self.n_density_neighbors,
-            tau=self.tau,
+            tau=_DEFAULT.tau if tau is None else tau,
             density=self.density_weighting,
             density_pool=self.density_pool,
             labeled_weight=self.labeled_weight,
@@ -104,6 +147,14 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             chunk=self.chunk_size,
             device=self.device,
         ).checked()
+
+    def _min_confidence(self):
+        c = self.min_confidence
+        if c is None:
+            return None
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 <= c <= 1:
+            raise ValueError(f"min_confidence must be None or a number in [0, 1], got {c!r}")
+        return float(c)
 
     @staticmethod
     def _refuse_sparse(X) -> None:
@@ -117,6 +168,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         """Labels every row of X from the labeled ones (``y != -1``)."""
         self._refuse_sparse(X)
         settings = self._settings()
+        threshold = self._min_confidence()
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], y_numeric=False)
         unlabeled = _unlabeled(y)
         check_classification_targets(y[~unlabeled] if unlabeled.any() and not unlabeled.all() else y)
@@ -126,53 +178,69 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         codes = np.full(y.shape[0], -1, np.int64)
         codes[~unlabeled] = np.searchsorted(self.classes_, y[~unlabeled])
         rows = Rows(X, normalize=self.normalize, what="X")
+        auto_k, auto_tau = self.n_neighbors == "auto", self.tau == "auto"
+        self.loo_accuracy_ = {}
+        if auto_k or auto_tau:
+            choice = tune.choose(rows, codes, settings, auto_k=auto_k, auto_tau=auto_tau)
+            settings = self._settings(k=choice.k, tau=choice.tau)
+            self.loo_accuracy_ = choice.accuracy
+        self.n_neighbors_, self.tau_ = int(settings.ks[0]), float(settings.tau)
         result = Engine(rows, codes, settings).run(top_classes=len(self.classes_))
-        self.transduction_ = self.classes_[result.labels]
+        label = result.labels.copy()
+        if threshold is not None:
+            label[(result.confidence < threshold) & unlabeled] = -1
+        self.transduction_ = with_abstention(self.classes_, label)
         dist = np.zeros((X.shape[0], len(self.classes_)), np.float64)
         have = result.top_classes >= 0
         r, c = np.nonzero(have)
         dist[r, result.top_classes[r, c]] = result.top_probs[r, c]
         self.label_distributions_ = dist / dist.sum(axis=1, keepdims=True)
         self.rounds_run_ = result.rounds_run
-        self.voters_ = rows.take(result.voter_rows).numpy()
+        self.voters_ = rows.take(result.voter_rows).cpu().numpy()
         self.voter_classes_ = result.voter_classes
         self.voter_bias_ = result.voter_bias
+        suspects = suspects_of(rows, codes, result, settings)
+        self.label_suspects_ = suspects.rows
+        self.label_quality_ = suspects.per_row(X.shape[0])
         return self
 
-    def _votes(self, X):
-        """(top-K values, their classes) of each row of X against the final voters, block by block."""
+    def model(self) -> Model:
+        """The fitted voters and vote settings as a :class:`~llp_fast.embeddings.model.Model` (what
+        ``llp-fast-propagate --save-model`` writes); its ``classes`` index ``classes_``."""
+        check_is_fitted(self)
+        return Model(
+            voters=torch.from_numpy(self.voters_),
+            voter_classes=self.voter_classes_,
+            bias=self.voter_bias_,
+            classes=np.arange(len(self.classes_)),
+            k=self.n_neighbors_,
+            tau=self.tau_,
+            normalize=self.normalize,
+            min_confidence=self._min_confidence(),
+        )
+
+    def _queries(self, X) -> Rows:
+        self._refuse_sparse(X)
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        settings = self._settings()
-        device = torch.device(settings.device)
-        voters = torch.from_numpy(self.voters_).to(device)
-        queries = Rows(X, normalize=self.normalize, what="X")
-        dtype = torch.float64 if torch.float64 in (voters.dtype, queries.dtype) else torch.float32
-        voters = voters.to(dtype)
-        bias = None if self.voter_bias_ is None else -torch.from_numpy(self.voter_bias_).to(device, dtype)
-        classes = torch.from_numpy(self.voter_classes_).to(device)
-        k = min(settings.k, voters.shape[0])
-        for a, b in queries.blocks(settings.chunk):
-            top = topk_scores(
-                queries.read(a, b).to(device, dtype), voters, k=k, tau=settings.tau, bias=bias, check_finite=False
-            )
-            yield top.values, classes[top.indices]
+        return Rows(X, normalize=self.normalize, what="X")
 
     def predict(self, X):
-        """The vote of the final voters for each row of X (ties to the first class of ``classes_``)."""
+        """The vote of the final voters for each row of X (ties to the first class of ``classes_``;
+        -1 below ``min_confidence``)."""
         check_is_fitted(self)
-        self._refuse_sparse(X)
-        labels = [finish.vote(v, c, len(self.classes_))[0].cpu().numpy() for v, c in self._votes(X)]
-        return self.classes_[np.concatenate(labels)] if labels else self.classes_[:0]
+        queries = self._queries(X)
+        codes, _ = self.model().label(queries, chunk=self.chunk_size, device=self.device)
+        return with_abstention(self.classes_, codes)
 
     def predict_proba(self, X):
         """Each row's class shares in the vote of the final voters, (n_samples, n_classes)."""
         check_is_fitted(self)
-        self._refuse_sparse(X)
+        queries = self._queries(X)
         n_classes = len(self.classes_)
-        parts = []
-        for v, c in self._votes(X):
+        out = np.zeros((queries.n, n_classes))
+        for a, b, v, c in self.model().votes(queries, chunk=self.chunk_size, device=self.device):
             w = torch.exp(v.double() - v[:, :1].double())
             votes = torch.zeros(v.shape[0], n_classes, dtype=torch.float64, device=v.device)
             votes.scatter_add_(1, c.long(), w)
-            parts.append((votes / votes.sum(dim=1, keepdim=True)).cpu().numpy())
-        return np.concatenate(parts) if parts else np.zeros((0, n_classes))
+            out[a:b] = (votes / votes.sum(dim=1, keepdim=True)).cpu().numpy()
+        return out

@@ -1,4 +1,5 @@
-"""The knobs of labelling fixed embeddings, their defaults, and the defaults that depend on ``rounds``.
+"""The knobs of labelling fixed embeddings, their defaults, and the defaults that depend on ``rounds``
+or on the data's size.
 
 ``rounds = 1`` is the paper's one-shot vote exactly (docs/method.md §1.1-1.2): the labeled points'
 density over the unlabeled rows, no extra weight on them. More rounds use the multi-round scheme of
@@ -6,6 +7,12 @@ docs/method.md §7, whose measured best settings differ: the density pool is eve
 pseudo-labeled voter is itself one of the unlabeled rows, so with the unlabeled pool the original
 labeled points and the pseudo-labeled voters would be measured against different pools) and the
 original labeled voters count 3 times. ``density_pool="auto"`` and ``labeled_weight=None`` pick these.
+
+The pseudo-labeled voters are capped (``max_voters="auto"``) so that the default's cost stays linear
+in N: at most ``max(AUTO_VOTERS, AUTO_VOTERS_PER_LABELED * M)`` of them (M the labeled rows), which
+is every voter the schedule would add up to about N = 22,000 rows (the accuracy table of
+docs/embeddings.md is unchanged) and bounds the work at ``O(N (M + max(20,000, 2M)))``: about 3
+times ``rounds=1`` once M >= 10,000 (docs/embeddings.md, "Cost of the default").
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 DEFAULT_ROUNDS = 10
+AUTO_VOTERS = 20_000  # the default cap on pseudo-labeled voters ...
+AUTO_VOTERS_PER_LABELED = 2  # ... or twice the labeled rows, whichever is larger
 MULTI_ROUND_LABELED_WEIGHT = 3.0
 POOLS = ("auto", "unlabeled", "all")
 
@@ -36,25 +45,33 @@ def _positive(name, v):
 
 @dataclass(frozen=True)
 class Settings:
-    """How to label: K voters, T density neighbours, temperature, density weighting (False: the
-    NoDW ablation), the density pool, the weight of the original labeled voters, the rounds of the
-    multi-round scheme, an optional cap on pseudo-labeled voters (None: they grow to (R-1)/R of the
-    unlabeled rows), rows per streamed block, and the torch device."""
+    """How to label: K voters (or several, ``k=(10, 20, 100)``: one result per K), T density
+    neighbours, temperature, density weighting (False: the NoDW ablation), the density pool, the
+    weight of the original labeled voters, the rounds of the multi-round scheme, the cap on
+    pseudo-labeled voters ("auto": see the module; None: none, they grow to (R-1)/R of the unlabeled
+    rows, O(N^2) work; an int: that many), rows per streamed block, and the torch device (None: where
+    the embeddings are; cpu for files and arrays)."""
 
-    k: int = 10
+    k: int | tuple[int, ...] = 10
     t: int = 25
     tau: float = 0.07
     density: bool = True
     density_pool: str = "auto"
     labeled_weight: float | None = None
     rounds: int = DEFAULT_ROUNDS
-    max_voters: int | None = None
+    max_voters: int | str | None = "auto"
     chunk: int = 65536
-    device: str = "cpu"
+    device: str | None = None
 
     def checked(self) -> Settings:
         """The same settings, each value checked (ConfigError naming the field)."""
-        _int("k", self.k)
+        if isinstance(self.k, (tuple, list)):
+            if not self.k:
+                raise ConfigError("k must hold at least one number of neighbours")
+            for k in self.k:
+                _int("k", k)
+        else:
+            _int("k", self.k)
         _int("t", self.t)
         _positive("tau", self.tau)
         _int("rounds", self.rounds)
@@ -65,8 +82,10 @@ class Settings:
             raise ConfigError(f"density_pool must be one of {', '.join(POOLS)}, got {self.density_pool!r}")
         if self.labeled_weight is not None:
             _positive("labeled_weight", self.labeled_weight)
-        if self.max_voters is not None:
+        if self.max_voters is not None and self.max_voters != "auto":
             _int("max_voters", self.max_voters, low=0)
+        if self.device is None:
+            return self
         device = str(self.device)
         if device != "cpu" and not device.startswith("cuda"):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
@@ -76,6 +95,20 @@ class Settings:
             if not torch.cuda.is_available():
                 raise ConfigError(f"device {device}: CUDA is not available on this machine")
         return self
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """The K (or the several K) as a tuple."""
+        return tuple(int(k) for k in self.k) if isinstance(self.k, (tuple, list)) else (int(self.k),)
+
+    def voter_cap(self, m: int, n_unlabeled: int) -> int:
+        """How many pseudo-labeled voters the rounds grow to, for ``m`` labeled and ``n_unlabeled``
+        unlabeled rows."""
+        if self.max_voters is None:
+            return n_unlabeled
+        if self.max_voters == "auto":
+            return min(n_unlabeled, max(AUTO_VOTERS, AUTO_VOTERS_PER_LABELED * m))
+        return min(n_unlabeled, int(self.max_voters))
 
     @property
     def pool(self) -> str:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import math
 import os
-import tokenize
 
 import numpy as np
 import torch
 
+from .._npy import read_header
 from ..errors import DataError
 
 FLOAT_KINDS = (np.float16, np.float32, np.float64)
@@ -24,15 +24,9 @@ FLOAT_KINDS = (np.float16, np.float32, np.float64)
 
 def _header(path: str):
     """(shape, fortran_order, dtype, data offset) of a .npy file, from its header alone."""
-    try:
-        with open(path, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-            return shape, fortran, dtype, f.tell()
-    # NumPy's header parser raises what Python's tokenizer and literal_eval raise on a garbled header.
-    except (ValueError, EOFError, SyntaxError, TypeError, OverflowError, RecursionError, tokenize.TokenError) as e:
-        raise DataError(f"{path}: not a .npy file ({type(e).__name__}: {e})") from None
+    with open(path, "rb") as f:
+        shape, fortran, dtype = read_header(f, path)
+        return shape, fortran, dtype, f.tell()
 
 
 class _File:
@@ -85,7 +79,8 @@ class Rows:
 
     Args:
         data: a NumPy array or torch tensor (N, D), a .npy path, or a directory of .npy shards
-            (taken in name order, concatenated along the rows).
+            (taken in name order, concatenated along the rows). A tensor is read where it is (a
+            CUDA tensor's blocks stay on its GPU): no copy of the whole matrix is made.
         normalize: L2-normalise every row as it is read.
     """
 
@@ -95,6 +90,8 @@ class Rows:
         self.source = os.fspath(data) if isinstance(data, (str, os.PathLike)) else None
         self.files: list[_File] = []
         self.array = None
+        self.tensor = None
+        self.device = torch.device("cpu")
         if isinstance(data, (str, os.PathLike)):
             self.files = [_File(p, what) for p in _paths(os.fspath(data), what)]
             for f in self.files:
@@ -110,8 +107,17 @@ class Rows:
             self.starts = np.cumsum([0] + [f.shape[0] for f in self.files])
             self.n = int(self.starts[-1])
             wide = any(f.dtype.type is np.float64 for f in self.files)  # either byte order
+        elif isinstance(data, torch.Tensor):
+            if data.dim() != 2 or not data.is_floating_point():
+                raise DataError(
+                    f"{what}: expected a 2-D floating-point tensor (N, D), got {data.dtype} {tuple(data.shape)}"
+                )
+            self.tensor = data.detach()
+            self.device = data.device
+            self.n, self.dim = data.shape
+            wide = data.dtype == torch.float64
         else:
-            arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+            arr = np.asarray(data)
             if arr.ndim != 2 or arr.dtype.type not in FLOAT_KINDS:
                 raise DataError(
                     f"{what}: expected a 2-D float16, float32 or float64 array (N, D), got {arr.dtype} {arr.shape}"
@@ -133,7 +139,9 @@ class Rows:
         i = int(np.searchsorted(self.starts, row, side="right")) - 1
         return f"{self.what} {self.files[i].path}"
 
-    def _raw(self, a: int, b: int) -> np.ndarray:
+    def _raw(self, a: int, b: int):
+        if self.tensor is not None:
+            return self.tensor[a:b]
         if self.array is not None:
             return self.array[a:b]
         parts = []
@@ -146,8 +154,11 @@ class Rows:
     def _tensor(self, x: np.ndarray, rows) -> torch.Tensor:
         """``x`` in the compute dtype, checked and normalised; ``rows[i]`` is the global index of
         ``x[i]`` (for messages)."""
-        x = np.ascontiguousarray(x, dtype=np.float64 if self.dtype == torch.float64 else np.float32)
-        t = torch.from_numpy(x if x.flags.writeable else x.copy())
+        if isinstance(x, torch.Tensor):
+            t = x.to(self.dtype, copy=True)
+        else:
+            x = np.ascontiguousarray(x, dtype=np.float64 if self.dtype == torch.float64 else np.float32)
+            t = torch.from_numpy(x if x.flags.writeable else x.copy())
         if t.numel() == 0:
             return t
         # One reduction serves the NaN/Inf check and the normalisation (F.normalize's arithmetic): a
@@ -174,7 +185,9 @@ class Rows:
     def take(self, rows: np.ndarray) -> torch.Tensor:
         """The rows at the given (sorted, distinct) indices, as a (len(rows), D) tensor."""
         rows = np.asarray(rows, dtype=np.int64)
-        if self.array is not None:
+        if self.tensor is not None:
+            raw = self.tensor[torch.from_numpy(rows).to(self.device)]
+        elif self.array is not None:
             raw = self.array[rows]
         else:
             parts = []
@@ -204,7 +217,7 @@ def read_labels(data, n: int | None = None) -> np.ndarray:
         labels = np.concatenate(parts) if parts else np.empty(0, np.int64)
         name = f"labels {os.fspath(data)}"
     else:
-        arr = np.asarray(data)
+        arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise DataError(f"labels: expected a 1-D integer array (N,), got {arr.dtype} {arr.shape}")
         labels, name = _int64_labels(arr, "labels"), "labels"

@@ -10,7 +10,7 @@ from ._backends import backends, describe_backends
 from .aggregation_loss import aggregation_loss
 from .bank_update import bank_update_
 from .local_density import local_density
-from .propagate import propagate
+from .propagate import neighbours, propagate
 from .topk_scores import topk_scores
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "bank_update_",
     "describe_backends",
     "local_density",
+    "neighbours",
     "propagate",
     "topk_scores",
 ]

@@ -7,6 +7,8 @@ import threading
 
 import torch
 
+from .._op_table import OPS
+
 
 def out_float_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """Float outputs are float32, or float64 when an input is float64."""
@@ -72,7 +74,7 @@ def compiled_first(op_name: str):
                         return getattr(torch.ops.llp_fast, op_name).default(*args)
                     finally:
                         _redispatching.on = False
-                if device == "cpu" or (device == "cuda" and op_name in _ext.CUDA_OPS):
+                if device == "cpu" or (device == "cuda" and "cuda" in OPS[op_name].extension):
                     why = _ext.unavailable() or f"the extension has no {device.upper()} kernel for {op_name}"
                     LAST_CALL[(op_name, device)] = ("reference", why)
             return fn(*args)
@@ -80,3 +82,19 @@ def compiled_first(op_name: str):
         return body
 
     return wrap
+
+
+def register_cuda(op, name: str, default) -> None:
+    """Registers the CUDA body of custom op ``op`` (``llp_fast::name``) from the op table: its
+    Triton launcher, falling back to ``default`` (:func:`with_fallback`), when it has one."""
+    launcher = OPS[name].triton
+    if launcher is not None:
+        op.register_kernel("cuda")(with_fallback(launcher, default))
+
+
+def via_topk_scores(name: str, device: torch.device) -> None:
+    """Records, for an op computed through ``topk_scores`` (the op table's ``via``), that its most
+    recent call on ``device`` was served by what served the selection."""
+    served = LAST_CALL.get(("topk_scores", device.type))
+    if served is not None:
+        LAST_CALL[(name, device.type)] = served

@@ -26,7 +26,7 @@ from ..reference import (
     aggregation_loss_grad_from_means,
     aggregation_loss_ref,
 )
-from ._common import compiled_first, out_float_dtype, with_fallback
+from ._common import compiled_first, out_float_dtype, register_cuda
 
 
 @compiled_first("aggregation_loss")
@@ -66,10 +66,8 @@ def _(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos, tau):
     return torch.empty_like(v)
 
 
-aggregation_loss_op.register_kernel("cuda")(with_fallback("aggregation_loss_triton", _forward_default))
-aggregation_loss_backward_op.register_kernel("cuda")(
-    with_fallback("aggregation_loss_backward_triton", _backward_default)
-)
+register_cuda(aggregation_loss_op, "aggregation_loss", _forward_default)
+register_cuda(aggregation_loss_backward_op, "aggregation_loss_backward", _backward_default)
 
 
 def _setup_context(ctx, inputs, output):
@@ -119,7 +117,7 @@ def _(v, bank, bank_labels, targets, tau):
     return (*vec, v.new_empty(v.shape, dtype=dt), v.new_empty(v.shape, dtype=dt))
 
 
-aggregation_loss_fused_op.register_kernel("cuda")(with_fallback("aggregation_loss_fused_triton", _fused_default))
+register_cuda(aggregation_loss_fused_op, "aggregation_loss_fused", _fused_default)
 
 
 def _fused_setup_context(ctx, inputs, output):

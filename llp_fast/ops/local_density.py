@@ -1,4 +1,5 @@
-"""``llp_fast.local_density``: log local density of the labeled points (docs/method.md §1.1)."""
+"""``llp_fast.local_density``: log local density of the labeled points (docs/method.md §1.1): the top-T
+selection of ``topk_scores``, finished by the log-sum-exp of ``llp_fast._topk``."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ import torch
 
 from .. import _validate as check
 from .._interop import accepts_arrays
-from ..reference import local_density_ref
-from ._common import compiled_first, out_float_dtype, with_fallback
+from .._topk import log_sum_exp
+from ._common import out_float_dtype, via_topk_scores
 
 
-@compiled_first("local_density")
 def _local_density_default(
     labeled: torch.Tensor,
     bank: torch.Tensor,
@@ -18,18 +18,18 @@ def _local_density_default(
     tau: float,
     pool_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    return local_density_ref(labeled, bank, t, tau, pool_mask).to(out_float_dtype(labeled, bank))
+    values, _ = torch.ops.llp_fast.topk_scores(labeled, bank, t, tau, None, pool_mask, None, None, 0)
+    via_topk_scores("local_density", labeled.device)
+    return log_sum_exp(values).to(out_float_dtype(labeled, bank))
 
 
+# One body for every device: the selection dispatches to topk_scores' kernel for the device.
 local_density_op = torch.library.custom_op("llp_fast::local_density", _local_density_default, mutates_args=())
 
 
 @local_density_op.register_fake
 def _(labeled, bank, t, tau, pool_mask):
     return labeled.new_empty(labeled.shape[0], dtype=out_float_dtype(labeled, bank))
-
-
-local_density_op.register_kernel("cuda")(with_fallback("local_density_triton", _local_density_default))
 
 
 @accepts_arrays("labeled", "bank", "pool_mask")
@@ -47,7 +47,8 @@ def local_density(labeled, bank, *, t: int = 25, tau: float = 0.07, pool_mask=No
         check_finite: reject NaN/Inf embeddings.
 
     Returns:
-        log_rho (M,) float32 (float64 for float64 inputs).
+        log_rho (M,) float32 (float64 for float64 inputs): ``log_sum_exp`` of
+        ``topk_scores(labeled, bank, k=t, key_mask=pool_mask).values``.
     """
     check.embeddings(labeled, "labeled", allow_empty=False)
     check.embeddings(bank, "bank", allow_empty=False)

@@ -1,16 +1,35 @@
-"""``llp_fast.propagate``: density-weighted top-K label propagation (docs/method.md §1.2)."""
+"""``llp_fast.propagate``: density-weighted top-K label propagation (docs/method.md §1.2): the top-K
+selection of ``topk_scores`` with ``bias = -log_rho``, finished by the vote of ``llp_fast._topk``.
+Several K in one call select once, for the largest."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from .. import _validate as check
 from .._interop import accepts_arrays
-from ..reference import propagate_ref
-from ._common import compiled_first, out_float_dtype, with_fallback
+from .._topk import vote
+from ._common import out_float_dtype, via_topk_scores
+from .topk_scores import topk_scores
 
 
-@compiled_first("propagate")
+def density_bias(log_rho: torch.Tensor | None) -> torch.Tensor | None:
+    """``topk_scores``' bias (added to a score) for docs/method.md §1.2's density ``log_rho``
+    (subtracted): ``-log_rho``. The one place where the sign turns."""
+    return None if log_rho is None else -log_rho
+
+
+def _select(queries, labeled, log_rho, k: int, tau: float):
+    """The top-``k`` labeled points of each query by ``v . m_i / tau - log_rho_i``."""
+    values, indices = torch.ops.llp_fast.topk_scores(
+        queries, labeled, k, tau, density_bias(log_rho), None, None, None, 0
+    )
+    via_topk_scores("propagate", queries.device)
+    return values, indices
+
+
 def _propagate_default(
     queries: torch.Tensor,
     labeled: torch.Tensor,
@@ -20,10 +39,12 @@ def _propagate_default(
     tau: float,
     num_classes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    labels, conf = propagate_ref(queries, labeled, labeled_classes, log_rho, k, tau, num_classes)
+    values, indices = _select(queries, labeled, log_rho, k, tau)
+    labels, conf = vote(values, labeled_classes.long()[indices], num_classes)
     return labels, conf.to(out_float_dtype(queries, labeled))
 
 
+# One body for every device: the selection dispatches to topk_scores' kernel for the device.
 propagate_op = torch.library.custom_op("llp_fast::propagate", _propagate_default, mutates_args=())
 
 
@@ -36,7 +57,33 @@ def _(queries, labeled, labeled_classes, log_rho, k, tau, num_classes):
     )
 
 
-propagate_op.register_kernel("cuda")(with_fallback("propagate_triton", _propagate_default))
+def _several(queries, labeled, labeled_classes, log_rho, ks: tuple[int, ...], tau: float, num_classes: int):
+    """One selection of the largest K; each K votes with the first K of it (the selection is sorted,
+    so its first K are the top K, ties included, as a call with that K selects them)."""
+    values, indices = _select(queries, labeled, log_rho, max(ks), tau)
+    classes = labeled_classes.long()[indices]
+    dtype = out_float_dtype(queries, labeled)
+    out = []
+    for k in ks:
+        labels, conf = vote(values[:, :k], classes[:, :k], num_classes)
+        out.append((labels, conf.to(dtype)))
+    return out
+
+
+def neighbours(queries, labeled, log_rho=None, *, k: int, tau: float = 0.07, init=None, index_offset: int = 0):
+    """docs/method.md §1.2's N_K(v) on its own: the ``k`` labeled points with the largest
+    ``v . m_i / tau - log_rho_i`` for each query, as ``topk_scores``' ``TopK(values, indices)``
+    (values sorted descending, equal values by the lower index, -inf / -1 padding past M), merged
+    with an earlier call's ``init`` over other labeled points numbered from ``index_offset``. For
+    callers that stream or shard the labeled points and finish with ``llp_fast._topk.vote``, as
+    ``propagate`` does: the distributed banks and the embeddings engine. Torch tensors; inputs are
+    not checked for NaN/Inf (the callers' rows are)."""
+    bias = density_bias(log_rho)
+    top = topk_scores(
+        queries, labeled, k=k, tau=tau, bias=bias, init=init, index_offset=index_offset, check_finite=False
+    )
+    via_topk_scores("propagate", queries.device)
+    return top
 
 
 @accepts_arrays("queries", "labeled", "labeled_classes", "log_rho")
@@ -46,7 +93,7 @@ def propagate(
     labeled_classes,
     log_rho=None,
     *,
-    k: int = 10,
+    k: int | Sequence[int] = 10,
     tau: float = 0.07,
     num_classes: int,
     check_finite: bool = True,
@@ -60,7 +107,8 @@ def propagate(
         labeled_classes: (M,) integer class ids in [0, num_classes).
         log_rho: (M,) log local densities from :func:`local_density`, or None for no
             density weighting (the paper's NoDW ablation: plain weighted kNN).
-        k: neighbours, 1 <= k <= M.
+        k: neighbours, 1 <= k <= M; or several, ``k=(10, 20, 100, 200)``: one selection of the
+            largest, and one vote per K (a weighted-kNN sweep in one pass).
         tau: temperature > 0.
         num_classes: number of classes S.
         check_finite: reject NaN/Inf embeddings, and embeddings so large that the scores
@@ -68,17 +116,26 @@ def propagate(
 
     Returns:
         labels (Q,) int64 (ties to the lowest class id) and confidence (Q,) float32
-        (float64 for float64 inputs). NumPy in, NumPy out; CuPy in, CuPy out.
+        (float64 for float64 inputs). NumPy in, NumPy out; CuPy in, CuPy out. With several
+        ``k``: a list of such (labels, confidence) pairs, one per K in the order given, each
+        equal to the call with that K alone.
 
-    Neighbours are ranked by ``v . m_i / tau - log_rho_i``, not raw similarity. Memory is
-    O(Q * K) beyond a bounded score tile: the Q x M score matrix is never stored.
+    Neighbours are ranked by ``v . m_i / tau - log_rho_i`` (``topk_scores`` with
+    ``bias=-log_rho``), not raw similarity. Memory is O(Q * K) beyond a bounded score tile:
+    the Q x M score matrix is never stored.
     """
     check.embeddings(queries, "queries")
     check.embeddings(labeled, "labeled", allow_empty=False)
     check.same_space(labeled, "labeled", queries, "queries")
     m = labeled.shape[0]
     num_classes = check.positive_int(num_classes, "num_classes")
-    k = check.positive_int(k, "k", high=m, high_what="the number of labeled points M")
+    several = isinstance(k, Sequence) and not isinstance(k, str)
+    if several:
+        if len(k) == 0:
+            raise ValueError("k must hold at least one number of neighbours")
+        ks = tuple(check.positive_int(x, "k", high=m, high_what="the number of labeled points M") for x in k)
+    else:
+        k = check.positive_int(k, "k", high=m, high_what="the number of labeled points M")
     tau = check.temperature(tau)
     check.vector(labeled_classes, "labeled_classes", m, device=labeled.device, kind="int")
     check.in_range(labeled_classes, "labeled_classes", 0, num_classes, "class ids must lie in [0, num_classes)")
@@ -89,4 +146,6 @@ def propagate(
     check.scores_fit(tau, queries, "queries", labeled, "labeled", *sizes, log_rho=big_rho)
     if log_rho is not None:
         log_rho = log_rho.detach()  # no autograd formula: outputs never require grad
+    if several:
+        return _several(queries.detach(), labeled.detach(), labeled_classes, log_rho, ks, tau, num_classes)
     return propagate_op(queries.detach(), labeled.detach(), labeled_classes, log_rho, k, tau, num_classes)

@@ -16,7 +16,7 @@ import torch
 from .. import _validate as check
 from .._interop import accepts_arrays, to_torch
 from ..reference import topk_scores_ref
-from ._common import compiled_first, out_float_dtype, with_fallback
+from ._common import compiled_first, out_float_dtype, register_cuda
 
 
 @compiled_first("topk_scores")
@@ -44,7 +44,7 @@ def _(queries, keys, k, tau, bias, key_mask, init_values, init_indices, index_of
     return queries.new_empty(q, k, dtype=out_float_dtype(queries, keys)), queries.new_empty(q, k, dtype=torch.int64)
 
 
-topk_scores_op.register_kernel("cuda")(with_fallback("topk_scores_triton", _topk_scores_default))
+register_cuda(topk_scores_op, "topk_scores", _topk_scores_default)
 
 
 _INDEX_END = 2**63  # global key indices are int64: at most 2**63 - 1

@@ -91,7 +91,7 @@ def relabel(bank, cfg, *, k: int, progress=None) -> dict:
 
 
 def _relabel_sharded(bank, cfg, *, k, progress, t0) -> dict:
-    from ..embeddings.comm import Ranks
+    from ..embeddings.ranks import Ranks
 
     loc = bank.local
     labels = bank._targets.numpy().copy()  # global, dataset order: -1 unlabeled

@@ -1,12 +1,11 @@
 """How the engine's ranks share work: each owns a contiguous range of rows (as pool and as queries),
-and three exact collectives combine their parts (:mod:`llp_fast.distributed.comm`)."""
+and two exact collectives combine their parts (:mod:`llp_fast.distributed.collectives`): the
+top-k merge of a selection over sharded keys, and the gather of per-row results."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-from ..reference import merge_topk
 
 
 class Local:
@@ -43,17 +42,14 @@ class Ranks(Local):
     def merge_topk(self, values: torch.Tensor, indices: torch.Tensor, k: int):
         """The top-k over every rank's keys: each rank's top-k (global indices) gathered and merged,
         equal values by the lower index, as one process streaming all keys selects them."""
-        from ..distributed.comm import all_gather_same
+        from ..distributed.collectives import merged_topk
 
-        dev = values.device
-        vals = all_gather_same(values.to(self.device), None)
-        idx = all_gather_same(indices.to(self.device).long(), None)
-        v, i = merge_topk(torch.cat(vals, dim=1), torch.cat(idx, dim=1), k)
-        return v.to(dev), i.to(dev)
+        v, i = merged_topk(values.to(self.device), indices.to(self.device), k)
+        return v.to(values.device), i.to(values.device)
 
     def gather(self, x: np.ndarray) -> np.ndarray:
         """Every rank's rows, concatenated in rank order (= row order)."""
-        from ..distributed.comm import all_gather_cat
+        from ..distributed.collectives import all_gather_cat
 
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         return all_gather_cat(t).cpu().numpy()

@@ -1,18 +1,18 @@
 """Process-group plumbing shared by the distributed banks and tools: start-up, shard ranges, and
-exact merges of per-rank partial results (concatenation, top-k with global tie-breaks,
-log-sum-exp)."""
+exact combinations of per-rank partial results: concatenation, log-sum-exp, and the top-k of a
+selection whose keys are sharded (each rank's ``topk_scores`` over its own keys, merged with
+``llp_fast._topk.merge_topk``)."""
 
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-from ..reference import streaming_topk
+from .._topk import merge_topk
 
 
 def launched() -> bool:
@@ -69,27 +69,14 @@ def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
-def merge_topk(vals: torch.Tensor, keys: torch.Tensor, k: int):
-    """Top-k of candidate rows ``vals`` (R, C), ties broken by the lower ``keys`` (global
-    index). Returns (values, positions) sorted by descending value."""
-    by_key = torch.argsort(keys, dim=1, stable=True)
-    v = vals.gather(1, by_key)
-    order = torch.argsort(-v, dim=1, stable=True)[:, :k]
-    return v.gather(1, order), by_key.gather(1, order)
-
-
-def candidates(queries, keys, k, tau, *, bias=None, key_mask=None):
-    """Per-shard top-k (values, local positions), padded to k with -inf (a shard may hold
-    fewer than k candidates, or none)."""
-    n_q = queries.shape[0]
-    kk = min(k, keys.shape[0] if key_mask is None else int(key_mask.sum()))
-    vals = torch.full((n_q, k), -math.inf, device=queries.device)
-    pos = torch.zeros((n_q, k), dtype=torch.int64, device=queries.device)
-    if kk > 0 and n_q > 0:
-        for r0, v, i in streaming_topk(queries, keys, kk, tau, bias=bias, key_mask=key_mask):
-            vals[r0 : r0 + v.shape[0], :kk] = v.float()
-            pos[r0 : r0 + v.shape[0], :kk] = i
-    return vals, pos
+def merged_topk(values: torch.Tensor, indices: torch.Tensor, k: int, group=None):
+    """The top-k over every rank's keys, from each rank's top-k (``values``, ``indices`` (Q, k), the
+    same queries on every rank, indices global and distinct across ranks): all-gathered and merged
+    with the one merge, equal values by the lower index, as one process holding every key selects
+    them."""
+    vals = torch.cat(all_gather_same(values.contiguous(), group), dim=1)
+    idx = torch.cat(all_gather_same(indices.long().contiguous(), group), dim=1)
+    return merge_topk(vals, idx, k)
 
 
 def lse_combine(lse: torch.Tensor, group) -> torch.Tensor:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._blocks import dot, load_cols, load_rows
 from ._launch import block_d, input_precision, interpreting, rowmajor, split_range, tile_config
-from ._topk import dot, load_cols, load_rows
 
 # Cap on the per-split partial gradients of the backward (docs/method.md §4: extra memory < 16 MB).
 PARTIAL_BYTES = 8 << 20

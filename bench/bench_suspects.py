@@ -1,0 +1,226 @@
+"""What the labeller adds to a kNN vote (docs/embeddings.md): suspect labels, K and tau from the data,
+and a saved model labelling new rows.
+
+    python bench/bench_suspects.py suspects [--seeds 0-4] [--split balanced|random]
+    python bench/bench_suspects.py auto [--seeds 0-4] [--noise 0.2]  # the README's accuracy rows
+    python bench/bench_suspects.py model [--n 1000000] [--train 200000]
+
+``suspects``: 10% of the labeled rows flipped to another class at random; precision among the first
+n suspects (n = the number flipped) of the plain leave-one-out vote (each labeled row voted on by
+its 10 nearest other labeled rows, weight exp(s / tau), ranked by its own label's share) and of
+the label gap (llp_fast.embeddings.suspects, after the default run and after ``--rounds 1``).
+``auto``: transductive accuracy of the default run with K in {5, 10, 20, 50} and with
+``n_neighbors="auto"`` (and ``tau="auto"``), optionally with a fraction ``--noise`` of the labels
+flipped (where the default is no longer the best). ``model``: ``llp-fast-propagate --save-model`` on
+``--train`` synthetic rows (1% labeled), then ``--model`` on ``--n`` new rows in a child process
+(wall time, peak resident memory) and ``LocalLabelPropagation.predict`` on the same fit: labels
+compared. Results go to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_embeddings import RESULTS, ROWS, child, load, split, synthetic  # noqa: E402
+
+SUSPECT_ROWS = [("digits", 0.10), ("mnist5k", 0.10), ("mnist5k", 0.30)]
+
+
+def flip(y: np.ndarray, labeled: np.ndarray, seed: int, rate: float = 0.1):
+    """(labels with -1 unlabeled, a fraction ``rate`` of the labeled rows flipped to another class
+    chosen at random; the flipped rows)."""
+    rng = np.random.default_rng(10_000 + seed)
+    idx = np.flatnonzero(labeled)
+    flipped = rng.choice(idx, int(round(rate * len(idx))), replace=False)
+    noisy = np.where(labeled, y, -1)
+    noisy[flipped] = (y[flipped] + rng.integers(1, y.max() + 1, len(flipped))) % (y.max() + 1)
+    return noisy, flipped
+
+
+def random_split(y: np.ndarray, frac: float, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random(len(y)) < frac
+
+
+def plain_vote_ranking(x: np.ndarray, noisy: np.ndarray, k: int = 10, tau: float = 0.07) -> np.ndarray:
+    """The labeled rows, lowest share of the leave-one-out vote for their own label first."""
+    lab = np.flatnonzero(noisy >= 0)
+    xl = x[lab].astype(np.float64)
+    s = xl @ xl.T / tau
+    np.fill_diagonal(s, -np.inf)
+    top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    w = np.exp(np.take_along_axis(s, top, 1) - s.max(axis=1, keepdims=True))
+    share = (w * (noisy[lab][top] == noisy[lab][:, None])).sum(1) / w.sum(1)
+    return lab[np.argsort(share, kind="stable")]
+
+
+def precision(ranking: np.ndarray, flipped: np.ndarray) -> float:
+    return float(np.isin(ranking[: len(flipped)], flipped).mean())
+
+
+def _seeds(text: str) -> range:
+    a, b = (int(v) for v in text.split("-"))
+    return range(a, b + 1)
+
+
+def suspects(args) -> dict:
+    import torch
+
+    from llp_fast.embeddings import Rows, Settings, label_embeddings
+    from llp_fast.embeddings.suspects import suspects_of
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, frac in SUSPECT_ROWS:
+        x, y = load(name)
+        row = out.setdefault(f"{name} {int(frac * 100)}%", {})
+        for seed in _seeds(args.seeds):
+            labeled = split(y, frac, seed) if args.split == "balanced" else random_split(y, frac, seed)
+            noisy, flipped = flip(y, labeled, seed)
+            row.setdefault("plain leave-one-out vote", []).append(precision(plain_vote_ranking(x, noisy), flipped))
+            for title, rounds in (("label gap (default)", None), ("label gap, --rounds 1", 1)):
+                s = Settings() if rounds is None else Settings(rounds=rounds)
+                t0 = time.perf_counter()
+                result = label_embeddings(x, noisy, s, normalize=False)
+                t1 = time.perf_counter()
+                found = suspects_of(Rows(x, normalize=False), noisy, result, s)
+                row.setdefault(title, []).append(precision(found.rows, flipped))
+                row.setdefault(f"{title} s", []).append([t1 - t0, time.perf_counter() - t1])
+        print(
+            f"{name} {int(frac * 100)}%: "
+            + ", ".join(f"{m} {np.mean(v):.3f}" for m, v in row.items() if not m.endswith(" s")),
+            flush=True,
+        )
+    methods = [m for m in next(iter(out.values())) if not m.endswith(" s")]
+    print("\n| features, labels | " + " | ".join(methods) + " |\n|---" + "|---" * len(methods) + "|")
+    for name, row in out.items():
+        print(f"| {name} | " + " | ".join(f"{np.mean(row[m]):.3f}" for m in methods) + " |")
+    return {"seeds": args.seeds, "split": args.split, "rows": out}
+
+
+def auto(args) -> dict:
+    import torch
+
+    from llp_fast.embeddings import Rows, Settings, label_embeddings, tune
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, frac in ROWS:
+        x, y = load(name)
+        row = out.setdefault(f"{name} {int(frac * 100)}%", {})
+        for seed in _seeds(args.seeds):
+            lab = split(y, frac, seed)
+            labels = flip(y, lab, seed, args.noise)[0] if args.noise else np.where(lab, y, -1)
+            runs = {f"K={k}": Settings(k=k) for k in (5, 10, 20, 50)}
+            for title, (ak, at) in (("auto K", (True, False)), ("auto K, tau", (True, True))):
+                t0 = time.perf_counter()
+                c = tune.choose(Rows(x, normalize=False), labels, Settings(), auto_k=ak, auto_tau=at)
+                row.setdefault(f"{title} choice", []).append([c.k, c.tau, time.perf_counter() - t0])
+                runs[title] = Settings(k=c.k, tau=c.tau)
+            for title, s in runs.items():
+                pred = label_embeddings(x, labels, s, normalize=False).labels
+                row.setdefault(title, []).append(float((pred[~lab] == y[~lab]).mean() * 100))
+        print(
+            f"{name} {int(frac * 100)}%: "
+            + ", ".join(f"{m} {np.mean(v):.2f}" for m, v in row.items() if "choice" not in m),
+            flush=True,
+        )
+    methods = [m for m in next(iter(out.values())) if "choice" not in m]
+    print(
+        "\n| features, labels | "
+        + " | ".join(methods)
+        + " | choices (K, tau) |\n|---"
+        + "|---" * (len(methods) + 1)
+        + "|"
+    )
+    for name, row in out.items():
+        picks = ", ".join(f"{k}/{t:g}" for k, t, _ in row["auto K, tau choice"])
+        print(f"| {name} | " + " | ".join(f"{np.mean(row[m]):.2f}" for m in methods) + f" | {picks} |")
+    return {"seeds": args.seeds, "noise": args.noise, "rows": out}
+
+
+def _apply_command(model_dir: str, new: str, out: str, threads: int) -> list[str]:
+    return [
+        sys.executable, "-m", "llp_fast.cli.propagate", "--model", model_dir, new, "--out", out,
+        "--threads", str(threads), "--quiet",
+    ]  # fmt: skip
+
+
+def model(args) -> dict:
+    """--save-model on ``--train`` synthetic rows, then --model on ``--n`` new ones (a child
+    process: wall time and peak RSS), compared with LocalLabelPropagation.predict."""
+    import subprocess
+
+    import torch
+
+    from llp_fast import LocalLabelPropagation
+
+    torch.set_num_threads(args.threads)
+    train = os.path.join(args.workdir, f"n{args.train}-l0.01")
+    synthetic(train, args.train, 0.01)
+    new_dir = os.path.join(args.workdir, f"new{args.n}")
+    synthetic(new_dir, args.n, 0.01, seed=0)  # the same clusters (seed 0), fresh rows past the first
+    model_dir = os.path.join(args.workdir, f"model-{args.train}")
+    emb, lab = os.path.join(train, "emb.npy"), os.path.join(train, "lab.npy")
+    t0 = time.perf_counter()
+    fit_cmd = [sys.executable, "-m", "llp_fast.cli.propagate", emb, lab, "--out", os.path.join(train, "p.npy")]
+    subprocess.run([*fit_cmd, "--save-model", model_dir, "--threads", str(args.threads), "--quiet"], check=True)
+    fit_s = time.perf_counter() - t0
+    out = os.path.join(new_dir, "pred-model.npy")
+    run = child(_apply_command(model_dir, os.path.join(new_dir, "emb.npy"), out, args.threads), args.limit)
+    print("--model", json.dumps(run), flush=True)
+    x, labels = np.load(emb), np.load(lab)
+    clf = LocalLabelPropagation().fit(x, labels)
+    new = np.load(os.path.join(new_dir, "emb.npy"), mmap_mode="r")
+    t0 = time.perf_counter()
+    want = np.concatenate([clf.predict(np.asarray(new[a : a + 200_000])) for a in range(0, len(new), 200_000)])
+    predict_s = time.perf_counter() - t0
+    got = np.load(out)
+    truth = np.load(os.path.join(new_dir, "truth.npy"))
+    summary = {
+        "n": args.n,
+        "train": args.train,
+        "voters": int(clf.voters_.shape[0]),
+        "fit_and_save_s": fit_s,
+        "model_run": run,
+        "predict_s": predict_s,
+        "labels_equal_predict": bool(np.array_equal(got, want)),
+        "accuracy": float((got == truth).mean() * 100),
+    }
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=("suspects", "auto", "model"))
+    ap.add_argument("--seeds", default="0-4")
+    ap.add_argument("--split", choices=("balanced", "random"), default="balanced")
+    ap.add_argument("--noise", type=float, default=0.0, help="auto: flip this fraction of the labels first")
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--train", type=int, default=200_000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=float, default=1800.0)
+    ap.add_argument("--workdir", default="/tmp/llp_fast_bench_embeddings")
+    ap.add_argument("--tag", default=platform.node() or "host")
+    args = ap.parse_args(argv)
+    result = {"suspects": suspects, "auto": auto, "model": model}[args.mode](args)
+    result["loadavg"] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
+    os.makedirs(RESULTS, exist_ok=True)
+    what = args.split if args.mode == "suspects" else f"noise{args.noise}" if args.noise else ""
+    path = os.path.join(RESULTS, f"suspects_{args.mode}-{what}{args.seeds}-{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("->", path)
+
+
+if __name__ == "__main__":
+    main()

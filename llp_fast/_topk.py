@@ -1,0 +1,118 @@
+"""What every top-K / top-T selection in the package shares after ``topk_scores`` has selected:
+the one merge of candidate lists and the two finishers (docs/method.md §1.1, §1.2).
+
+``topk_scores`` is the only selection step (its kernels: ``csrc/cpu/topk.h``, ``kernels/topk_scores.py``;
+its reference: ``reference.topk_scores_ref``). What the ops and their callers do with its output is
+written once, here, in plain PyTorch:
+
+- :func:`merge_topk`, the best k of several candidate lists (per-rank or per-split lists, an earlier
+  call's ``init``), in ``topk_scores``' order: value descending, equal values by the lower index,
+  ``-inf`` / ``-1`` padding last;
+- :func:`log_sum_exp`, ``local_density``'s finish: ``log_rho_i = logsumexp`` of the top-T values;
+- :func:`vote`, ``propagate``'s finish: the density-weighted vote of the top-K;
+- :func:`class_shares`, the vote's class shares, for callers that want more than the winner.
+
+The ops (``llp_fast.ops``), the reference, the embeddings engine and the distributed banks all call
+these, so a streamed or sharded selection finished here gives exactly what the op gives on the same
+values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["merge_topk", "log_sum_exp", "vote", "class_shares"]
+
+# Per-row tables of the vote stay within this many entries per call (rows are voted in chunks).
+_TABLE = 1 << 22
+
+
+def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int):
+    """The ``k`` best of each row of candidates ``values`` / ``indices`` (r, c), ordered as
+    ``topk_scores`` orders them: by value descending, equal values by the lower index. ``-inf``
+    values are padding: they come last, with index -1 (rows with fewer than ``k`` finite
+    candidates, or ``c < k``). Returns (values (r, k), indices (r, k) int64).
+
+    Two stable sorts of the (r, c) candidates: for the few candidates of a merge, never for a
+    score tile."""
+    r, c = values.shape
+    indices = indices.long()
+    if c < k:
+        values = torch.cat([values, values.new_full((r, k - c), -math.inf)], dim=1)
+        indices = torch.cat([indices, indices.new_full((r, k - c), -1)], dim=1)
+    order = indices.argsort(dim=1, stable=True)
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    values, indices = values.gather(1, order), indices.gather(1, order)
+    return values, indices.masked_fill_(values == -math.inf, -1)
+
+
+def log_sum_exp(values: torch.Tensor) -> torch.Tensor:
+    """docs/method.md §1.1's finish: ``log_rho_i = log sum_j exp(values_ij)`` over each row's top-T
+    values (M, T) (``-inf`` padding adds nothing). (M,), in the values' dtype."""
+    return torch.logsumexp(values, dim=1)
+
+
+def _dense(k: int, num_classes: int) -> bool:
+    """Whether the vote sums the weights in a (rows, num_classes) table (few classes: O(k + S) a
+    row) or in a (rows, k) table after sorting each row by class (many classes: O(k log k), whatever
+    S is). Decided by (k, S) alone, so that every caller of the same vote rounds alike."""
+    return num_classes <= 4 * k + 64
+
+
+def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int):
+    """docs/method.md §1.2's finish: ``values`` (r, k) the top-K scores of each row sorted descending
+    (``-inf`` padding last), ``classes`` (r, k) their class ids (any id in [0, num_classes) at
+    padding). Each neighbour votes with ``exp(score - best)`` (the row maximum subtracted); the
+    label is the class with the largest sum, ties to the lowest class id; the confidence is that
+    sum's share of the total. Returns (label (r,) int64, confidence (r,) in the values' dtype).
+
+    Every class's weights are added in score order, whichever table holds them."""
+    r, k = values.shape
+    label = torch.empty(r, dtype=torch.int64, device=values.device)
+    conf = torch.empty(r, dtype=values.dtype, device=values.device)
+    dense = _dense(k, num_classes)
+    step = max(1, _TABLE // max(num_classes if dense else k, k, 1))
+    for r0 in range(0, r, step):
+        v, c = values[r0 : r0 + step], classes[r0 : r0 + step].long()
+        w = torch.exp(v - v[:, :1])
+        if dense:
+            votes = torch.zeros(v.shape[0], num_classes, dtype=w.dtype, device=w.device).scatter_add_(1, c, w)
+            best = votes.argmax(dim=1, keepdim=True)  # the first maximum: the lowest class id
+            label[r0 : r0 + step] = best.squeeze(1)
+        else:
+            # Sort each row by class (stable: a class's weights keep their score order) and add each
+            # weight into the slot of its class's first position.
+            cls, order = torch.sort(c, dim=1, stable=True)
+            first = torch.ones_like(cls, dtype=torch.bool)
+            first[:, 1:] = cls[:, 1:] != cls[:, :-1]
+            pos = torch.arange(k, device=cls.device).expand_as(cls)
+            slot = torch.where(first, pos, torch.zeros_like(pos)).cummax(dim=1).values
+            votes = torch.zeros_like(w).scatter_add_(1, slot, w.gather(1, order))
+            best = votes.argmax(dim=1, keepdim=True)  # classes ascend: the lowest id wins ties
+            label[r0 : r0 + step] = cls.gather(1, best).squeeze(1)
+        conf[r0 : r0 + step] = votes.gather(1, best).squeeze(1) / votes.sum(dim=1)
+    return label, conf
+
+
+def class_shares(values: torch.Tensor, classes: torch.Tensor, num_classes: int, top: int):
+    """The vote's class shares ``p_c = w_c / sum w`` (in float64), each row's ``top`` largest:
+    (classes (r, top) int64, shares (r, top) float32), by share descending, ties to the lower
+    class; classes beyond the voters' get share 0 and class -1. Same inputs as :func:`vote`."""
+    top = min(top, num_classes)
+    out_c = torch.empty(values.shape[0], top, dtype=torch.int64, device=values.device)
+    out_p = torch.empty(values.shape[0], top, dtype=torch.float32, device=values.device)
+    step = max(1, _TABLE // max(num_classes, 1))
+    for r0 in range(0, values.shape[0], step):
+        v = values[r0 : r0 + step].double()
+        w = torch.exp(v - v[:, :1])
+        votes = torch.zeros(v.shape[0], num_classes, dtype=torch.float64, device=v.device)
+        votes.scatter_add_(1, classes[r0 : r0 + step].long(), w)
+        votes /= votes.sum(dim=1, keepdim=True)
+        order = torch.sort(-votes, dim=1, stable=True).indices[:, :top]  # stable: lower class first
+        shares = votes.gather(1, order)
+        out_c[r0 : r0 + step] = torch.where(shares > 0, order, torch.full_like(order, -1))
+        out_p[r0 : r0 + step] = shares.float()
+    return out_c, out_p

@@ -1,0 +1,188 @@
+"""Suspect labels: the labeled rows whose given label the data contradict (docs/embeddings.md,
+"Suspect labels").
+
+After a run, every labeled row i is scored against the final voters (the labeled rows and, after
+more than one round, the pseudo-labeled rows that joined them), itself left out, with the vote's
+own scores ``z_ij = x_i . m_j / tau - b_j`` (docs/method.md §1.2, §7.1: ``b_j = log_rho_j - log
+w_j``). Two selections per row: its n best voters of any class, and its n best voters of the class
+it is labeled with (n = K, or fewer when that class has fewer other voters). The row's *label gap*
+is the mean z of the second set minus the mean z of the first:
+
+    gap_i = mean_{n best voters of class y_i} z_ij  -  mean_{n best voters} z_ij   (<= 0)
+
+0 when the row's nearest voters carry its label; more negative the further away (in the vote's own
+units) the label's nearest support lies. ``quality = exp(gap)`` in (0, 1]; a class with no other
+voter gives gap -inf (quality 0). The ranking is by gap, ties to the lower row.
+
+Why this and not the share of a leave-one-out vote: a share is 0 for every row none of whose K
+nearest voters carries its label, so a mislabeled row and a correct but atypical one tie. The gap
+keeps measuring how far away the label's support is, and a flipped label (a random other class) is
+usually much further from its row than the label of a row that merely resembles another class.
+The pseudo-labeled voters add the unlabeled rows' structure: a row's nearest voters are its nearest
+rows, not only its nearest labeled ones. Measured on digits and MNIST-5k with 10% of the labels
+flipped, the gap finds flipped labels with higher precision than the plain vote (docs/embeddings.md).
+
+Cost: one pass over the rows with the labeled rows as queries, against the voters among each
+block (``topk_scores`` with ``key_mask``), once for all classes and once per class with that
+class's labeled rows: about 2 M N D multiply-adds. Memory: the labeled rows, O(M K) state, one
+block, and three (N,) arrays (which rows vote, their classes and ``b_j``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..ops import topk_scores
+from .ranks import Local
+from .sources import Rows
+
+
+@dataclass
+class Suspects:
+    """``rows`` (M,) int64: the labeled rows, most suspect first (every labeled row ranked);
+    ``labeled`` (M,) the labeled rows in row order, with their ``gap`` (M,) float64 (<= 0, -inf:
+    no other voter of that class) and ``quality`` (M,) float64 = exp(gap), in (0, 1]."""
+
+    rows: np.ndarray
+    labeled: np.ndarray
+    gap: np.ndarray
+    quality: np.ndarray
+
+    def per_row(self, n: int) -> np.ndarray:
+        """``quality`` as an (n,) array over all rows: NaN on the unlabeled ones."""
+        out = np.full(n, np.nan)
+        out[self.labeled] = self.quality
+        return out
+
+
+def _empty(q: int, k: int, dtype, device):
+    return (
+        torch.full((q, k), -math.inf, dtype=dtype, device=device),
+        torch.full((q, k), -1, dtype=torch.int64, device=device),
+    )
+
+
+def _mean_best(values: torch.Tensor, indices: torch.Tensor, own: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean of the first ``n`` values (sorted descending) whose index is a voter
+    other than the row itself (``own``); float64, -inf where ``n`` is 0."""
+    keep = (indices >= 0) & (indices != own[:, None])
+    keep &= keep.cumsum(dim=1) <= n[:, None]
+    total = torch.where(keep, values.double(), torch.zeros((), dtype=torch.float64, device=values.device)).sum(dim=1)
+    return torch.where(n > 0, total / n.clamp_min(1).double(), torch.full_like(total, -math.inf))
+
+
+def label_gaps(
+    rows: Rows,
+    labels: np.ndarray,
+    voter_rows: np.ndarray,
+    voter_classes: np.ndarray,
+    voter_bias: np.ndarray | None,
+    classes: np.ndarray,
+    *,
+    k: int,
+    tau: float,
+    chunk: int = 65536,
+    device=None,
+    comm=None,
+    progress=None,
+) -> Suspects:
+    """The label gap of every labeled row (``labels`` (N,) values, -1 unlabeled) against the final
+    voters of a run (``Result.voter_rows``, ``voter_classes`` as indices into ``classes``,
+    ``voter_bias``), with the run's K and temperature. Streams the rows as the engine does; under
+    ``comm`` each rank scores its own rows' voters and the selections are merged exactly."""
+    comm = comm or Local()
+    device = torch.device(device or rows.device)
+    n = rows.n
+    labeled = np.flatnonzero(labels >= 0)
+    y = np.searchsorted(classes, labels[labeled])
+    is_voter = np.zeros(n, bool)
+    is_voter[voter_rows] = True
+    v_class = np.full(n, -1, np.int64)
+    v_class[voter_rows] = voter_classes
+    v_bias = np.zeros(n, np.float64)
+    if voter_bias is not None:
+        v_bias[voter_rows] = voter_bias
+    count = np.bincount(voter_classes, minlength=len(classes))  # voters per class, the row itself among them
+    k_all = min(k, len(voter_rows) - 1) + 1  # room for the row itself
+    x = rows.take(labeled).to(device)
+    groups = [np.flatnonzero(y == c) for c in range(len(classes))]
+    state_all, state = None, [None] * len(classes)
+    lo, hi = comm.span(n)
+    bar = progress.bar(hi - lo, "suspect labels", unit="rows") if progress is not None else None
+    for a, b in rows.blocks(chunk, lo, hi):
+        voters = is_voter[a:b]
+        if voters.any():
+            keys = rows.read(a, b).to(device)
+            bias = torch.from_numpy(-v_bias[a:b]).to(device, keys.dtype)
+            mask = torch.from_numpy(voters).to(device)
+            state_all = topk_scores(
+                x, keys, k=k_all, tau=tau, bias=bias, key_mask=mask, init=state_all, index_offset=a, check_finite=False
+            )
+            block_class = v_class[a:b]
+            for c, group in enumerate(groups):
+                mask_c = voters & (block_class == c)
+                if len(group) and mask_c.any():
+                    state[c] = topk_scores(
+                        x[torch.from_numpy(group).to(device)],
+                        keys,
+                        k=k_all,
+                        tau=tau,
+                        bias=bias,
+                        key_mask=torch.from_numpy(mask_c).to(device),
+                        init=state[c],
+                        index_offset=a,
+                        check_finite=False,
+                    )
+        if bar is not None:
+            bar.update(b - a)
+    if bar is not None:
+        bar.close()
+    dtype = x.dtype
+    values, indices = comm.merge_topk(*(state_all or _empty(len(labeled), k_all, dtype, device)), k_all)
+    own = torch.from_numpy(labeled).to(device)
+    gap = torch.empty(len(labeled), dtype=torch.float64, device=device)
+    for c, group in enumerate(groups):
+        if not len(group):
+            continue
+        g = torch.from_numpy(group).to(device)
+        vc, ic = comm.merge_topk(*(state[c] or _empty(len(group), k_all, dtype, device)), k_all)
+        # n: the class's other voters, at most K (the row is a voter of its own class)
+        n_c = torch.full((len(group),), min(k, int(count[c]) - 1), dtype=torch.int64, device=device)
+        best_c = _mean_best(vc, ic, own[g], n_c)
+        best = _mean_best(values[g], indices[g], own[g], n_c)
+        gap[g] = torch.where(n_c > 0, (best_c - best).clamp_max(0.0), best_c)
+    gap = gap.cpu().numpy()
+    order = np.lexsort((labeled, gap))
+    return Suspects(rows=labeled[order], labeled=labeled, gap=gap, quality=np.exp(gap))
+
+
+def suspects_of(rows: Rows, labels: np.ndarray, result, settings, *, comm=None, progress=None) -> Suspects:
+    """:func:`label_gaps` for an engine ``Result`` and the ``Settings`` it ran with."""
+    return label_gaps(
+        rows,
+        labels,
+        result.voter_rows,
+        result.voter_classes,
+        result.voter_bias,
+        result.classes,
+        k=result.k,
+        tau=settings.tau,
+        chunk=settings.chunk,
+        device=settings.device,
+        comm=comm,
+        progress=progress,
+    )
+
+
+def drop_worst(labels: np.ndarray, suspects: Suspects, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``labels`` with the most suspect ``round(fraction * M)`` labeled rows made unlabeled (-1), and
+    those rows."""
+    n_drop = int(round(fraction * len(suspects.rows)))
+    dropped = np.sort(suspects.rows[:n_drop])
+    out = labels.copy()
+    out[dropped] = -1
+    return out, dropped

@@ -1,0 +1,125 @@
+"""A saved model (``llp-fast-propagate --save-model DIR`` / ``--model DIR NEW``): what ``np.load``
+reads without pickle, labels for new rows equal to ``LocalLabelPropagation.predict`` for the same
+fit (streamed in blocks), abstention, one-line errors, and an atomic write."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from llp_fast import LocalLabelPropagation
+from llp_fast.cli.propagate import main
+from llp_fast.embeddings import model
+
+# compiled selections on odd block sizes: a native crash fails these tests, not the run
+pytestmark = pytest.mark.isolated
+
+torch.set_num_threads(1)
+
+
+def _data(tmp_path, dtype=np.float32):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x - x.mean(0)).astype(dtype)
+    labels = np.where(np.random.default_rng(0).random(len(y)) < 0.1, y, -1)
+    new = (x[:400] + np.random.default_rng(1).normal(0, 2, (400, x.shape[1]))).astype(dtype)
+    for name, arr in (("emb", x), ("lab", labels), ("new", new)):
+        np.save(tmp_path / f"{name}.npy", arr)
+    return x, labels, new
+
+
+def _one_line(capsys, rc, match):
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("llp-fast-propagate: error: ") and match in err, err
+
+
+@pytest.mark.parametrize("rounds, dtype", [(1, np.float32), (3, np.float32), (2, np.float64)])
+def test_the_model_labels_new_rows_as_predict_does(tmp_path, capsys, rounds, dtype):
+    x, labels, new = _data(tmp_path, dtype)
+    clf = LocalLabelPropagation(rounds=rounds).fit(x, labels)
+    d = str(tmp_path / "model")
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "p.npy")]
+    assert main([*argv, "--rounds", str(rounds), "--save-model", d, "--quiet"]) == 0
+    assert os.listdir(d) == ["model.npz"] and "model.npz" in capsys.readouterr().out
+    with np.load(os.path.join(d, "model.npz"), allow_pickle=False) as z:
+        assert sorted(z.files) == ["classes", "settings", "voter_bias", "voter_classes", "voters"]
+        np.testing.assert_array_equal(z["voters"], clf.voters_)
+        np.testing.assert_array_equal(z["voter_classes"], clf.voter_classes_)
+        np.testing.assert_array_equal(z["voter_bias"], clf.voter_bias_)
+        np.testing.assert_array_equal(z["classes"], clf.classes_)
+        settings = json.loads(str(z["settings"]))
+    assert settings == {"format": 1, "k": 10, "tau": 0.07, "normalize": True, "min_confidence": None}
+    out, conf = str(tmp_path / "pn.npy"), str(tmp_path / "cn.npy")
+    rc = main(["--model", d, str(tmp_path / "new.npy"), "--out", out, "--confidence-out", conf, "--chunk", "37"])
+    assert rc == 0 and "labelled 400 rows" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(out), clf.predict(new))
+    np.testing.assert_allclose(np.load(conf), clf.predict_proba(new).max(axis=1), rtol=1e-5)
+    # abstention: the model's own threshold, or the flag's
+    strict = LocalLabelPropagation(rounds=rounds, min_confidence=0.9).fit(x, labels)
+    assert main([*argv, "--rounds", str(rounds), "--save-model", d, "--min-confidence", "0.9", "--quiet"]) == 0
+    assert main(["--model", d, str(tmp_path / "new.npy"), "--out", out]) == 0
+    got = np.load(out)
+    np.testing.assert_array_equal(got, strict.predict(new))
+    assert (got == -1).any() and (got[np.load(conf) >= 0.9] >= 0).all()
+    assert main(["--model", d, str(tmp_path / "new.npy"), "--out", out, "--min-confidence", "0"]) == 0
+    np.testing.assert_array_equal(np.load(out), clf.predict(new))
+
+
+def test_model_label_streams_blocks_alike():
+    rng = np.random.default_rng(3)
+    voters = torch.nn.functional.normalize(torch.randn(50, 6), dim=1)
+    m = model.Model(voters, rng.integers(0, 4, 50), rng.normal(0, 1, 50).astype(np.float32), np.arange(4), 7, 0.1)
+    from llp_fast.embeddings import Rows
+
+    rows = Rows(rng.standard_normal((101, 6)).astype(np.float32))
+    whole = m.label(rows, chunk=1000)
+    for chunk in (1, 10, 64):
+        parts = m.label(rows, chunk=chunk)
+        assert np.array_equal(parts[0], whole[0]) and np.array_equal(parts[1], whole[1])
+
+
+def test_bad_models_and_flags_are_one_line(tmp_path, capsys):
+    _data(tmp_path)
+    new, out = str(tmp_path / "new.npy"), str(tmp_path / "o.npy")
+    _one_line(capsys, main(["--model", str(tmp_path / "none"), new, "--out", out]), "no model.npz there")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.npz").write_bytes(b"not a zip file")
+    _one_line(capsys, main(["--model", str(tmp_path / "bad"), new, "--out", out]), "unreadable")
+    np.savez(tmp_path / "bad" / "model.npz", voters=np.zeros((2, 3)))
+    _one_line(capsys, main(["--model", str(tmp_path / "bad"), new, "--out", out]), "not a saved model")
+    d = str(tmp_path / "m")
+    assert main([str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", out, "--save-model", d]) == 0
+    np.save(tmp_path / "wide.npy", np.zeros((3, 65), np.float32) + 1)
+    capsys.readouterr()
+    _one_line(capsys, main(["--model", d, str(tmp_path / "wide.npy"), "--out", out]), "D = 65")
+    for extra, flag in (
+        ([str(tmp_path / "lab.npy")], "LABELS"),
+        (["--rounds", "2"], "--rounds"),
+        (["--k", "5"], "--k"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", d, new, "--out", out, *extra])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([new, "--out", out])  # no labels and no model
+    assert "required: labels" in capsys.readouterr().err
+
+
+def test_saving_is_atomic(tmp_path, monkeypatch, capsys):
+    _data(tmp_path)
+    d = tmp_path / "m"
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "p.npy"), "--quiet"]
+    assert main([*argv, "--rounds", "1", "--save-model", str(d)]) == 0
+    before = (d / "model.npz").read_bytes()
+
+    def broken(zf, name, blocks, shape, dtype):
+        next(iter(blocks))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "_write_array", broken)
+    assert main([*argv, "--rounds", "2", "--save-model", str(d)]) == 130
+    assert os.listdir(d) == ["model.npz"] and (d / "model.npz").read_bytes() == before
