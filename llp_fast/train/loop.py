@@ -23,7 +23,6 @@ have done. Evaluation is :mod:`llp_fast.train.evaluate`; what a run reports, :mo
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -381,8 +380,8 @@ def prepare(cfg: TrainConfig, *, resume: bool = False, ckpt: dict | None = None)
         trainer.restore(ckpt)
     if trainer.rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        checkpoint.sweep(cfg.run_dir, ckpt)  # what killed writers left (checkpoint.py)
+        report.write_config(cfg.run_dir, dataclasses.asdict(cfg))
     return trainer
 
 
