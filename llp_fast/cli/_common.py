@@ -121,9 +121,10 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def torchrun(nproc: int, module: str, argv: list[str], *, prog: str, **kwargs) -> int:
-    """``python -m module argv`` (``--nproc`` dropped) as P local processes, watched
-    (:func:`llp_fast.cli.workers.run`: ``max_restarts``, ``kept``, ``resuming``)."""
+def torchrun(nproc: int, module: str, argv: list[str], *, prog: str | None = None, **kwargs) -> int:
+    """``python -m module argv`` (``--nproc`` dropped) as P local processes with torchrun's
+    environment, watched (:func:`llp_fast.cli.workers.run`: ``max_restarts``, ``kept``,
+    ``resuming``); ``prog`` names the command in its lines."""
     from . import workers
 
-    return workers.run(nproc, module, without_nproc(argv), prog=prog, **kwargs)
+    return workers.run(nproc, module, without_nproc(argv), prog=prog or module, **kwargs)

@@ -97,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
         "--nproc",
         type=_common.POSITIVE_INT,
         default=1,
-        help="processes on this machine (GPUs, or CPU workers with gloo): relaunches under torch.distributed.run; "
+        help="processes on this machine (GPUs, or CPU workers with gloo): relaunches itself as P local processes; "
         "for several nodes call torchrun yourself: torchrun --nnodes ... -m llp_fast.cli ...",
     )
     run.add_argument(
