@@ -1,31 +1,260 @@
-"""Atomic file output: a reader sees the previous complete file or the new one, never a torn one."""
+"""File output that fails in one line and leaves nothing torn behind.
+
+* :func:`atomic_open` writes a new file to a temporary name beside its target,
+  ``.NAME.tmp.PID[SUFFIX]``, fsyncs it, renames it over the target and then fsyncs the directory,
+  so that after a crash or a power loss a reader finds the previous complete file or the new one,
+  never a torn one, and the rename itself is durable (the order SQLite and etcd use). On any error
+  or interrupt the temporary file is removed.
+* :func:`append` adds bytes to the end of a file (``metrics.jsonl``, TensorBoard's event file);
+  on failure the file is cut back to its previous length, so no torn line or record stays.
+* Every ``OSError`` raised while writing (a full disk or quota, a read-only file system, no
+  permission, an I/O error) becomes one :class:`WriteError` that names the target and the
+  system's text, also when the library doing the writing wraps it in its own words (torch.save
+  says ``unexpected pos 704 vs 598``, NumPy ``400000 requested and 131056 written``): the
+  writers are handed a file object of ours that remembers the first error it saw. Any other
+  exception is a programming error and passes through unchanged.
+* :func:`sweep` removes the temporary files of writers that no longer run (a process killed
+  while writing leaves its temporary file behind), never one whose writer is alive: each writer
+  holds an exclusive ``flock`` on its temporary file for as long as it writes, and its process
+  id is in the name.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+
+from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: liveness is then the process id alone
+    fcntl = None
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp\.(?P<pid>\d+)(?P<suffix>\.[A-Za-z0-9]+)?$")
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written (``errno``, ``strerror`` and ``filename`` as the ``OSError``
+    that caused it, ``filename`` the target rather than its temporary file); the message is the
+    one line a tool prints."""
+
+    def __init__(self, path: str, err: OSError, note: str = "", *, what: str = ""):
+        text = (err.strerror or os.strerror(err.errno)) if err.errno else str(err)
+        super().__init__(err.errno, text, path)
+        self.what, self.note = what, note
+        self.message = f"cannot write {what + ' ' if what else ''}{path}: {text}{'; ' + note if note else ''}"
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # a spawned process can send it back
+        return (_rebuild, (self.filename, self.errno, self.strerror, self.note, self.what))
+
+    def noted(self, note: str) -> WriteError:
+        """The same failure with ``note`` (what is kept, what to type next) after its text."""
+        return WriteError(self.filename, self, note, what=self.what)
+
+
+def _rebuild(path, code, text, note, what):
+    return WriteError(path, OSError(code, text), note, what=what)
+
+
+class _Watched:
+    """A file object that remembers the first ``OSError`` of its writes (the caller may wrap it
+    in another exception) and delegates everything else to the real file."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: OSError | None = None
+
+    def _watch(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            if self.error is None:
+                self.error = e
+            raise
+
+    def write(self, data):
+        return self._watch(self._f.write, data)
+
+    def writelines(self, lines):
+        return self._watch(self._f.writelines, lines)
+
+    def flush(self):
+        return self._watch(self._f.flush)
+
+    def fsync(self):
+        self.flush()
+        return self._watch(os.fsync, self._f.fileno())
+
+    def close(self):
+        return self._watch(self._f.close)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _cause(e: BaseException, f: _Watched | None) -> OSError | None:
+    """The ``OSError`` behind a failed write: ``e`` itself, or the one the file object saw."""
+    if isinstance(e, WriteError):
+        return None
+    if isinstance(e, OSError) and e.errno is not None:
+        return e
+    return f.error if f is not None else None
+
+
+def _lock(f) -> None:
+    if fcntl is not None:
+        with contextlib.suppress(OSError):  # a file system without locks: the process id remains
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def fsync_dir(directory: str) -> None:
+    """Makes a rename in ``directory`` durable. File systems that cannot fsync a directory are
+    skipped; an I/O error is not."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno == errno.EIO:
+            raise
+    finally:
+        os.close(fd)
+
+
+def temp_path(path: str, suffix: str = "") -> str:
+    """The temporary file of this process for ``path``."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.tmp.{os.getpid()}{suffix}")
 
 
 @contextlib.contextmanager
-def atomic_path(path: str, *, suffix: str = ""):
-    """Yields a temporary path beside ``path``; when the block ends without an exception the file
-    there is fsynced and moved onto ``path`` (``os.replace``), otherwise removed. ``suffix`` keeps
-    an extension that a writer insists on (NumPy's ``.npy``)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}{suffix}")
+def atomic_open(path: str, mode: str = "wb", *, suffix: str = "", what: str = "", encoding=None):
+    """A file object for writing ``path`` (mode ``"wb"`` or ``"w"``) through a temporary file:
+    when the block ends without an exception the file is fsynced, renamed over ``path`` and the
+    directory fsynced; otherwise the temporary file is removed. Failures are :class:`WriteError`
+    (``what`` names the kind of file in its message). ``suffix``: an extension the temporary
+    name keeps."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open writes new files, mode 'wb' or 'w', got {mode!r}")
+    sweep(os.path.dirname(os.path.abspath(path)), only=os.path.basename(path))
+    tmp = temp_path(path, suffix)
+    f = None
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        f = _Watched(open(tmp, mode, encoding=encoding if "b" not in mode else None))
+        _lock(f)
+        yield f
+        f.fsync()
+        f.close()  # some file systems (NFS) report a failed write only here
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except BaseException as e:
+        cause = _cause(e, f)
+        if cause is not None:
+            raise WriteError(path, cause, what=what) from e
+        raise
     finally:
-        if os.path.exists(tmp):
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f._f.close()
+        with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb", **kwargs):
-    """``open`` for writing through :func:`atomic_path`."""
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
-        yield f
-        f.flush()
+def atomic_path(path: str, *, suffix: str = "", what: str = ""):
+    """A temporary path for a writer that insists on opening the file itself (prefer
+    :func:`atomic_open`, whose failures name their cause whatever the writer makes of them)."""
+    with atomic_open(path, "wb", suffix=suffix, what=what) as f:
+        yield f.name  # the writer opens the same file again; the lock stays with ours
+
+
+def append(path: str, data: bytes, *, what: str = "") -> None:
+    """Appends ``data`` to ``path`` (created if missing) and flushes it; on failure the file is
+    cut back to its previous length and :class:`WriteError` raised."""
+    f = None
+    size = 0
+    try:
+        f = _Watched(open(path, "ab"))
+        size = f.tell()
+        try:
+            f.write(data)
+            f.flush()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                f._f.truncate(size)  # a shorter file needs no space
+            raise
+    except BaseException as e:
+        cause = _cause(e, f)
+        if cause is not None:
+            raise WriteError(path, cause, what=what) from e
+        raise
+    finally:
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f._f.close()
+
+
+def write_text(path: str, text: str, *, what: str = "") -> None:
+    """``path`` holds ``text`` (UTF-8), written atomically."""
+    with atomic_open(path, "wb", what=what) as f:
+        f.write(text.encode("utf-8"))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
+def _unlocked_remove(path: str) -> bool:
+    """Removes ``path`` unless a live writer holds its lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except OSError:
+                pass  # no locks on this file system: the process id decided
+        os.remove(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def sweep(directory: str, *, only: str | None = None) -> list[str]:
+    """Removes the temporary files in ``directory`` (of ``only``, a file name, when given) whose
+    writer no longer runs; returns their paths. Never raises: a file it cannot remove stays."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _TEMP.match(name)
+        if m is None or (only is not None and m["name"] != only) or _alive(int(m["pid"])):
+            continue
+        path = os.path.join(directory, name)
+        if _unlocked_remove(path):
+            removed.append(path)
+    return removed

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import _optional
+from ._files import atomic_open, write_text
 from .bank import MemoryBank
 from .errors import AnalyzeError
 from .ops import local_density
@@ -96,6 +97,12 @@ def _series(rows, key):
 
 
 # -- figures ---------------------------------------------------------------------------------
+def _save(fig, path) -> None:
+    """The figure as a PNG at ``path``, written atomically (a full disk is one line naming it)."""
+    with atomic_open(str(path)) as f:
+        fig.savefig(f, format="png", dpi=110)
+
+
 def _plt():
     matplotlib = _optional.need("matplotlib", "analyze", "llp-fast-analyze's pictures")
     matplotlib.use("Agg")
@@ -122,7 +129,7 @@ def plot_curves(runs, path):
         if ax.has_data():
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -139,7 +146,7 @@ def plot_density(runs, dq, path_scatter, path_hist):
         ax.set_title(f"{run['name']}  (Pearson r = {r:.2f})", fontsize=10)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path_scatter, dpi=110)
+    _save(fig, path_scatter)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     top = max(int(dq[run["name"]][1].max()) for run in runs) + 1
@@ -150,7 +157,7 @@ def plot_density(runs, dq, path_scatter, path_hist):
     ax.set_ylabel("classes")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path_hist, dpi=110)
+    _save(fig, path_hist)
     plt.close(fig)
 
 
@@ -168,7 +175,7 @@ def plot_corr(runs, path):
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -210,7 +217,7 @@ def plot_embedding_map(bank, path, *, n_classes: int = 4, method: str = "pca"):
     ax.set_title(f"bank embeddings ({method.upper()}); stars: labeled points", fontsize=10)
     ax.legend(fontsize=8, markerscale=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -226,7 +233,7 @@ def plot_aggregation_hist(runs, path):
     if ax.has_data():
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -247,7 +254,7 @@ def write_index(out: Path, figures: list[tuple[str, str]], runs) -> Path:
         f"<h1>llp_fast run analysis</h1><ul>{last}</ul>{items}</body></html>"
     )
     path = out / "index.html"
-    path.write_text(page)
+    write_text(str(path), page)
     return path
 
 

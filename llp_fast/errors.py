@@ -65,13 +65,16 @@ def one_line(e: BaseException) -> str:
     for line in text.splitlines():
         if MARKER in line:
             return line.split(MARKER, 1)[1].strip()
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+    if isinstance(e, OSError) and not isinstance(e, UserError) and e.filename is not None and e.strerror:
         return f"{e.filename}: {e.strerror}"
     return text.splitlines()[0] if text else type(e).__name__
 
 
-# OSErrors a user fixes on the machine, not in the code: a missing, unwritable or full place.
+# OSErrors a user fixes on the machine, not in the code: a missing, unwritable or full place, or
+# failing hardware.
 _USER_ERRNOS = {
+    errno.EIO,
+    errno.EFBIG,
     errno.ENOENT,
     errno.EACCES,
     errno.EPERM,

@@ -201,7 +201,16 @@ def test_every_config_field_has_exactly_one_flag():
     for f in config.fields():
         if f.metadata.get("cli"):
             assert config.flag_of(f) in flags[f.name], f.name
-    cli_only = {"help", "resume", "baseline", "baseline_mode", "nproc", "stop_after_steps"}
+    cli_only = {
+        "help",
+        "resume",
+        "baseline",
+        "baseline_mode",
+        "nproc",
+        "max_restarts",
+        "dist_timeout",
+        "stop_after_steps",
+    }
     assert set(flags) - {f.name for f in config.fields()} <= cli_only
 
 

@@ -1,6 +1,7 @@
 """The command-line tools, one module per command:
 
-- :mod:`.train` — ``llp-fast-train`` (with :mod:`.launch`: the baseline beside LLP, torchrun);
+- :mod:`.train` — ``llp-fast-train`` (with :mod:`.launch`: the baseline beside LLP, and
+  :mod:`.workers`: ``--nproc P`` as P watched local processes);
 - :mod:`.propagate` — ``llp-fast-propagate``, labels for precomputed embeddings;
 - :mod:`.select` — ``llp-fast-select``, extra unlabeled images for a trained network;
 - :mod:`.probe` — ``llp-fast-linear-probe``, transfer by linear readout;

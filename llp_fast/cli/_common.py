@@ -1,18 +1,23 @@
 """What every command shares: flag types that check where they parse, one way to fail, and the
-``--nproc P`` relaunch under torchrun.
+``--nproc P`` relaunch as P local processes (:mod:`.workers`).
 
 A flag's value is checked by its argparse ``type`` (the same range checks as the training config,
 :mod:`llp_fast.train.config`), so a bad value is argparse's usage error naming the flag. Errors the
-user can fix later on (:func:`llp_fast.errors.is_user_error`) print ``PROG: error: <one line>``
-and exit 2; an interrupt exits 130; anything else is a bug and keeps its traceback.
+user can fix later on (:func:`llp_fast.errors.is_user_error`: a bad flag, file or data set, and
+every failed write, a full disk included, :mod:`llp_fast._files`) print ``PROG: error: <one
+line>`` and exit 2; an interrupt exits 130; a rank that stops because another rank is gone exits
+:data:`~llp_fast.distributed.comm.PEER_LOST` without a word under ``--nproc`` (the launcher names
+the lost rank); anything else is a bug and keeps its traceback. Under torch.distributed rank 0
+alone reports an interrupt.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
+import os
 import sys
 
+from ..distributed.comm import PEER_LOST, lost_line, peer_lost
 from ..errors import ConfigError, Interrupted, is_user_error, one_line
 from ..train import config as C
 
@@ -65,19 +70,43 @@ def cuda_checked(device: str) -> str:
 def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was written") -> int:
     """``body(*args)`` with the tools' error contract; returns the exit status. ``interrupted``:
     the line for Ctrl-C (a run that checkpointed raises :class:`Interrupted` instead)."""
+    lead = os.environ.get("RANK", "0") == "0"
     try:
         return body(*args)
     except Interrupted as e:
-        print(f"{prog}: {e}; continue with: {prog} --resume {e.run_dir}", file=sys.stderr)
+        from ..train.checkpoint import resume_command
+
+        if lead:
+            print(f"{prog}: {e}; continue with: {resume_command(e.run_dir)}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print(f"{prog}: {interrupted}", file=sys.stderr)
+        if lead:
+            print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     except Exception as e:
+        if peer_lost(e):
+            line = lost_line(prog, e)
+            if line:
+                print(line, file=sys.stderr)
+            return PEER_LOST
         if not is_user_error(e):
             raise
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+DIST_TIMEOUT_HELP = (
+    "seconds a rank waits for the others in a collective before it gives up on them: a rank that "
+    "stops answering ends the command after this long (default: $LLP_FAST_DIST_TIMEOUT, else 600)"
+)
+
+
+def set_dist_timeout(seconds: float | None) -> None:
+    """``--dist-timeout``: the collective timeout of this command and the processes it starts."""
+    if seconds is not None:
+        from ..distributed.comm import TIMEOUT_ENV
+
+        os.environ[TIMEOUT_ENV] = repr(float(seconds))
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -92,7 +121,10 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def torchrun(nproc: int, module: str, argv: list[str]) -> int:
-    """``python -m module argv`` (``--nproc`` dropped) under torch.distributed.run, P local processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.call([*cmd, "-m", module, *without_nproc(argv)])
+def torchrun(nproc: int, module: str, argv: list[str], *, prog: str | None = None, **kwargs) -> int:
+    """``python -m module argv`` (``--nproc`` dropped) as P local processes with torchrun's
+    environment, watched (:func:`llp_fast.cli.workers.run`: ``max_restarts``, ``kept``,
+    ``resuming``); ``prog`` names the command in its lines."""
+    from . import workers
+
+    return workers.run(nproc, module, without_nproc(argv), prog=prog or module, **kwargs)

@@ -2,10 +2,13 @@
 
 - The supervised-only baseline (same split, network and schedule) trains in ``RUN_DIR/baseline``.
   On a CPU with 2+ cores it runs in a spawned process beside LLP, one thread each, which halves the
-  wall time of two tiny-network runs; its outcome comes back through files (its ``metrics.jsonl``,
-  or ``error.txt`` with the one-line reason). Elsewhere it trains after LLP.
-- ``--nproc P`` relaunches the same command under ``torch.distributed.run`` with P local processes
-  and one run directory for all of them; under torchrun there is no baseline.
+  wall time of two tiny-network runs; its outcome comes back through its ``metrics.jsonl``, or its
+  one-line error through a pipe. Elsewhere it trains after LLP.
+- ``--nproc P`` relaunches the same command as P local processes (:mod:`.workers`, torchrun's
+  environment) with one run directory for all of them; under torch.distributed there is no
+  baseline. A lost rank is one line naming the last checkpoint and the command that resumes;
+  with ``--max-restarts N`` the processes start again by themselves (up to N times), and a
+  restarted process continues the run from its last checkpoint as ``--resume`` would.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ import signal
 import sys
 import time
 
-from .. import distributed
-from ..errors import BaselineFailed, Interrupted, UserError, one_line
+from .. import _files, distributed
+from ..errors import BaselineFailed, Interrupted, is_user_error, one_line
+from ..train import checkpoint
+from ..train import config as C
+from ..train.checkpoint import BASELINE_DIR, BASELINE_MARK
 from . import _common
-
-BASELINE_DIR = "baseline"
-BASELINE_MARK = "baseline.json"  # marks that a run includes its baseline (resume trains it too)
 
 launched = distributed.launched
 
@@ -31,12 +34,43 @@ def _new_run_dir() -> str:
     return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
-def relaunch(args, argv: list[str]) -> int:
-    """``llp-fast-train --nproc P``: the same command under torchrun, one run directory for all."""
+def relaunch(args, argv: list[str], prog: str) -> int:
+    """``llp-fast-train --nproc P``: the same command as P processes, one run directory for all."""
     argv = list(argv)
-    if not args.resume and not args.run_dir:
-        argv += ["--run-dir", _new_run_dir()]
-    return _common.torchrun(args.nproc, "llp_fast.cli", argv)
+    run_dir = args.resume or args.run_dir
+    if not run_dir:
+        run_dir = _new_run_dir()
+        argv += ["--run-dir", run_dir]
+
+    def resuming() -> str:
+        info = checkpoint.peek(run_dir)
+        if info is None:
+            return "starting over (no checkpoint yet)"
+        return f"resuming from the checkpoint of {checkpoint.describe(info)}"
+
+    return _common.torchrun(
+        args.nproc,
+        "llp_fast.cli",
+        argv,
+        prog=prog,
+        max_restarts=args.max_restarts,
+        kept=lambda: checkpoint.last_checkpoint(run_dir, args.nproc),
+        resuming=resuming,
+    )
+
+
+def _continue_after_restart(args) -> None:
+    """In a restarted process group (``--max-restarts``, TORCHELASTIC_RESTART_COUNT > 0): the
+    same command continues the run from its checkpoint, as ``--resume RUN_DIR`` (its other flags
+    are those the checkpoint saved). Lost before the first checkpoint: it starts over."""
+    if args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or not args.run_dir:
+        return
+    if not os.path.exists(os.path.join(args.run_dir, checkpoint.CHECKPOINT)):
+        return
+    args.resume = args.run_dir
+    for f in C.fields():
+        if f.metadata.get("cli") and f.name not in C.RESUMABLE:
+            setattr(args, f.name, None)
 
 
 def distributed_setup(args) -> int:
@@ -46,6 +80,7 @@ def distributed_setup(args) -> int:
         return 0
     import torch
 
+    _continue_after_restart(args)
     rank, _ = distributed.init()
     if not args.resume and not args.run_dir:
         box = [_new_run_dir()]
@@ -59,8 +94,9 @@ def distributed_setup(args) -> int:
     return rank
 
 
-def _baseline_child(cfg) -> None:
-    """The baseline in a spawned process; its outcome goes to files that the parent reads."""
+def _baseline_child(cfg, report) -> None:
+    """The baseline in a spawned process; a one-line error goes back through ``report`` (a pipe:
+    a file could not be written on the full disk that may have caused the error)."""
     from ..train.api import train
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -69,10 +105,10 @@ def _baseline_child(cfg) -> None:
         train(cfg, resume=resume)
     except Interrupted:
         sys.exit(130)
-    except UserError as e:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "error.txt"), "w") as f:
-            f.write(one_line(e) + "\n")
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        report.send(one_line(e))
         sys.exit(2)
 
 
@@ -80,14 +116,13 @@ class Baseline:
     """The supervised-only baseline of an LLP run, if the run has one."""
 
     def __init__(self, cfg, args, wanted: bool, *, resumed: bool, rank: int, prog: str):
-        self.cfg, self.prog, self.proc = cfg, prog, None
+        self.cfg, self.prog, self.proc, self.report = cfg, prog, None, None
         self.dir = os.path.join(cfg.run_dir, BASELINE_DIR)
         self.bcfg = None
         if wanted:
             self.bcfg = dataclasses.replace(cfg, run_dir=self.dir, supervised_only=True, stop_after_steps=None)
             if not resumed and rank == 0:
-                with open(os.path.join(cfg.run_dir, BASELINE_MARK), "w") as f:
-                    f.write(f'{{"run_dir": "{BASELINE_DIR}"}}\n')
+                _files.write_text(os.path.join(cfg.run_dir, BASELINE_MARK), f'{{"run_dir": "{BASELINE_DIR}"}}\n')
         self.parallel = wanted and args.baseline_mode != "sequential" and cfg.device == "cpu"
         self.parallel = self.parallel and (os.cpu_count() or 1) >= 2
 
@@ -100,11 +135,19 @@ class Baseline:
             threads = self.cfg.threads or max(1, (os.cpu_count() or 2) // 2)
             torch.set_num_threads(threads)
             bcfg = dataclasses.replace(self.bcfg, threads=threads, quiet=True)
-            self.proc = multiprocessing.get_context("spawn").Process(target=_baseline_child, args=(bcfg,))
+            ctx = multiprocessing.get_context("spawn")
+            self.report, child_end = ctx.Pipe(duplex=False)
+            self.proc = ctx.Process(target=_baseline_child, args=(bcfg, child_end))
             self.proc.start()
+            child_end.close()
             self._say(f"supervised-only baseline (same split, network and schedule) runs beside it, in {self.dir}")
         try:
             llp = fit()
+        except _files.WriteError as e:  # metrics, TensorBoard: say what is kept and how to go on
+            self._stop()
+            if e.note:
+                raise
+            raise e.noted(checkpoint.last_checkpoint(self.cfg.run_dir)) from e.__cause__
         except BaseException:
             self._stop()
             raise
@@ -139,7 +182,6 @@ class Baseline:
         if self.proc.exitcode in (130, -15):
             raise Interrupted(15, self.cfg.run_dir)
         if self.proc.exitcode != 0:
-            err = os.path.join(self.dir, "error.txt")
-            why = open(err).read().strip() if os.path.exists(err) else f"exit code {self.proc.exitcode}"
+            why = self.report.recv() if self.report.poll() else f"exit code {self.proc.exitcode}"
             raise BaselineFailed(f"the supervised-only baseline failed: {why}")
         return read_metrics(os.path.join(self.dir, "metrics.jsonl"))[-1]

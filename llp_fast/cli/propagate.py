@@ -180,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N (Triton kernels)")
     ap.add_argument("--threads", type=_common.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--nproc", type=_common.POSITIVE_INT, default=1, help="run as P local processes (gloo/NCCL)")
+    ap.add_argument("--dist-timeout", type=_common.POSITIVE_FLOAT, metavar="SECONDS", help=_common.DIST_TIMEOUT_HELP)
     ap.add_argument("--quiet", action="store_true", help="no progress display")
     return ap
 
@@ -377,12 +378,19 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def _relaunch(args, argv) -> int:
+    """``--nproc P``: the same command as P local processes; a lost rank is one line (nothing is
+    written: rank 0 writes the outputs at the end, atomically)."""
+    return _common.torchrun(args.nproc, "llp_fast.cli.propagate", argv, prog=PROG, kept=lambda: "nothing was written")
+
+
 def main(argv=None) -> int:
     """``llp-fast-propagate EMB.npy LABELS.npy --out PSEUDO.npy`` or ``--model DIR NEW.npy --out P.npy``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
+    _common.set_dist_timeout(args.dist_timeout)
     if args.nproc > 1 and not distributed.launched():
-        return _common.torchrun(args.nproc, "llp_fast.cli.propagate", argv)
+        return _common.run(PROG, _relaunch, args, argv)
     try:  # SIGTERM cleans up as Ctrl-C does (main thread only)
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:

@@ -97,8 +97,19 @@ def parser() -> argparse.ArgumentParser:
         "--nproc",
         type=_common.POSITIVE_INT,
         default=1,
-        help="processes on this machine (GPUs, or CPU workers with gloo): relaunches under torch.distributed.run; "
+        help="processes on this machine (GPUs, or CPU workers with gloo): relaunches itself as P local processes; "
         "for several nodes call torchrun yourself: torchrun --nnodes ... -m llp_fast.cli ...",
+    )
+    run.add_argument(
+        "--max-restarts",
+        type=_common.COUNT,
+        default=0,
+        metavar="N",
+        help="with --nproc: after a lost rank, start the processes again up to N times, resuming from the last "
+        "checkpoint (torchrun's --max-restarts; default 0)",
+    )
+    run.add_argument(
+        "--dist-timeout", type=_common.POSITIVE_FLOAT, default=None, metavar="SECONDS", help=_common.DIST_TIMEOUT_HELP
     )
     run.add_argument("--stop-after-steps", type=_common.COUNT, default=None, help=argparse.SUPPRESS)
     return ap
@@ -220,9 +231,13 @@ def _say_what_runs(cfg, notes) -> None:
 def main(argv=None) -> int:
     """``llp-fast-train``: train LLP (and the supervised-only baseline) and print both."""
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(raw)
+    ap = parser()
+    args = ap.parse_args(raw)
+    _common.set_dist_timeout(args.dist_timeout)
+    if args.max_restarts and args.nproc == 1 and not launch.launched():
+        ap.error("--max-restarts restarts the processes of --nproc P (P > 1)")
     if args.nproc > 1 and not launch.launched():
-        return launch.relaunch(args, raw)
+        return _common.run(PROG, launch.relaunch, args, raw, PROG)
     rc = _common.run(PROG, _train, args, interrupted="interrupted twice; the last complete checkpoint is kept")
     return distributed.finish(rc)
 

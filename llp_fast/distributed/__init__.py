@@ -21,14 +21,17 @@ Two layouts of the memory bank:
   batch to it, so all copies stay identical; simpler, for when N fits on one device.
 
 Every collective runs under the process group's timeout (set it in
-``init_process_group``; :func:`init` uses 10 minutes, ``LLP_FAST_DIST_TIMEOUT`` seconds to
-change it), so a rank that dies makes the others fail instead of hanging.
+``init_process_group``; :func:`init` uses 10 minutes, ``LLP_FAST_DIST_TIMEOUT`` seconds or the
+tools' ``--dist-timeout`` to change it), so a rank that dies or stops answering makes the others
+fail instead of hanging. :func:`peer_lost` tells that failure (another rank is gone) from a bug of
+this rank's; the tools then exit quietly with :data:`PEER_LOST` and the launcher of ``--nproc P``
+names the lost rank (``llp_fast/cli/workers.py``).
 """
 
 import torch
 
 from ..bank import MemoryBank
-from .collectives import all_gather_cat, finish, init, launched, shard_range
+from .collectives import PEER_LOST, all_gather_cat, finish, init, launched, peer_lost, shard_range, timeout_seconds
 from .replicated import ReplicatedMemoryBank
 from .sharded import ShardedMemoryBank
 
@@ -49,6 +52,9 @@ __all__ = [
     "init",
     "finish",
     "launched",
+    "peer_lost",
+    "PEER_LOST",
+    "timeout_seconds",
     "shard_range",
     "all_gather_cat",
     "ShardedMemoryBank",

@@ -6,6 +6,7 @@ selection whose keys are sharded (each rank's ``topk_scores`` over its own keys,
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import sys
 
@@ -20,14 +21,80 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+TIMEOUT_ENV = "LLP_FAST_DIST_TIMEOUT"
+DEFAULT_TIMEOUT = 600.0
+# The exit status of a rank that stops because another rank is gone (its connection closed, or no
+# answer within the timeout): EX_TEMPFAIL. The launcher of ``--nproc P`` reads it as "a survivor"
+# and names the rank that was lost instead (llp_fast/cli/workers.py).
+PEER_LOST = 75
+QUIET_ENV = "LLP_FAST_WORKER"  # set by that launcher: a survivor exits without a word
+
+
+def timeout_seconds() -> float:
+    """The collective timeout: ``LLP_FAST_DIST_TIMEOUT`` seconds (``--dist-timeout`` sets it),
+    600 when unset."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    if not text.strip():
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: expected a number of seconds > 0")
+    return value
+
+
 def init(backend: str | None = None) -> tuple[int, int]:
     """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, ...) if it is not yet; returns (rank, world_size)."""
+    MASTER_ADDR, ...) if it is not yet; returns (rank, world_size). Every collective, and the
+    rendezvous itself, gives up after :func:`timeout_seconds`."""
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        timeout = datetime.timedelta(seconds=float(os.environ.get("LLP_FAST_DIST_TIMEOUT", "600")))
+        timeout = datetime.timedelta(seconds=timeout_seconds())
         dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+# What gloo and NCCL say when the other side is gone or silent.
+_LOST = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "connection refused",
+    "timed out",
+    "timeout",
+    "remote process exited",
+    "network error",
+)
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether ``e`` means that another rank is gone (it died, or it stopped answering within the
+    timeout) rather than a fault of this rank: a network or store error of ``torch.distributed``,
+    or gloo's or NCCL's words for a closed connection or a timeout, raised while this process is
+    one rank of several. A collective misused (shapes, dtypes) is none of these: a bug, with its
+    traceback."""
+    if not launched() or not isinstance(e, RuntimeError):
+        return False
+    if isinstance(e, (getattr(dist, "DistNetworkError", ()), getattr(dist, "DistStoreError", ()))):
+        return True
+    text = str(e).lower()
+    ours = isinstance(e, getattr(dist, "DistError", ())) or "gloo" in text or "nccl" in text
+    return ours and any(word in text for word in _LOST)
+
+
+def lost_line(prog: str, e: BaseException) -> str | None:
+    """The line a surviving rank prints for :func:`peer_lost` ``e``: none under the launcher of
+    ``--nproc`` (which names the lost rank itself), one line under a torchrun of the user's."""
+    if os.environ.get(QUIET_ENV) == "1":
+        return None
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = text.split("] ", 1)[-1].split(". This is typically", 1)[0]  # gloo's source location and advice
+    rank = os.environ.get("RANK", "?")
+    return f"{prog}: error: rank {rank} lost contact with the other ranks ({text})"
 
 
 def finish(rc: int) -> int:
@@ -36,11 +103,18 @@ def finish(rc: int) -> int:
     do not wait for each other. A process that torchrun launched then ends here, by ``os._exit``
     once its output is flushed: gloo's threads can abort the interpreter's own teardown
     ("terminate called without an active exception", SIGABRT) even after the group is destroyed,
-    which torchrun reports as a failed run. Every file a command writes is closed before this."""
+    which torchrun reports as a failed run. Every file a command writes is closed before this.
+    A peer lost at the final barrier is :data:`PEER_LOST`, quietly."""
     if dist.is_initialized():
         if rc == 0:
-            dist.barrier()
-        dist.destroy_process_group()
+            try:
+                dist.barrier()
+            except RuntimeError as e:
+                if not peer_lost(e):
+                    raise
+                rc = PEER_LOST
+        if rc != PEER_LOST:  # a group whose peer is gone is not torn down: the process ends now
+            dist.destroy_process_group()
     if launched():
         sys.stdout.flush()
         sys.stderr.flush()

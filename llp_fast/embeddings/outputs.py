@@ -1,6 +1,8 @@
 """Atomic ``.npy``/``.npz`` outputs: every file is written to a temporary name beside its target and
 moved into place only when all of them are complete; on any error or interrupt the temporary files
-are removed, so a reader sees the previous files or the new ones, never a torn one."""
+are removed, so a reader sees the previous files or the new ones, never a torn one. A failed write
+(a full disk, ...) is one :class:`~llp_fast._files.WriteError` naming the file: NumPy writes
+through the writer's file object, which keeps the system's error (:mod:`llp_fast._files`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import os
 
 import numpy as np
 
-from .._files import atomic_path
+from .._files import atomic_open
 from ..errors import ConfigError
 
 
@@ -42,8 +44,8 @@ def write(files: dict[str, tuple[str, object]]) -> None:
     arrays. All are written to temporary files first, then moved into place."""
     with contextlib.ExitStack() as stack:
         for path, (kind, data) in files.items():
-            tmp = stack.enter_context(atomic_path(path, suffix="." + kind))
+            f = stack.enter_context(atomic_open(path, suffix="." + kind))
             if kind == "npy":
-                np.save(tmp, data, allow_pickle=False)
+                np.save(f, data, allow_pickle=False)
             else:
-                np.savez(tmp, **data)
+                np.savez(f, **data)

@@ -17,14 +17,13 @@ backbone class), torch.distributed under torchrun, the bank and metrics.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError
-from . import checkpoint
+from . import checkpoint, report
 from .config import RESUMABLE, TrainConfig
 from .loop import Trainer
 
@@ -78,8 +77,8 @@ def prepare(
         trainer.restore(ckpt)
     if trainer.rank == 0:
         os.makedirs(trainer.cfg.run_dir, exist_ok=True)
-        with open(os.path.join(trainer.cfg.run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(trainer.cfg), f, indent=1)
+        checkpoint.sweep(trainer.cfg.run_dir, ckpt)  # what killed writers left (checkpoint.py)
+        report.write_config(trainer.cfg.run_dir, dataclasses.asdict(trainer.cfg))
     return trainer
 
 

@@ -8,25 +8,38 @@ complete checkpoint. Each checkpoint stores a SHA-256 digest of its contents (ev
 bytes, every number and string, in a canonical order), recomputed on every load, so a file whose
 bytes changed on disk is refused as corrupt instead of resuming with different results.
 
+A write that fails (a full disk, a quota, a read-only or failing disk) is one
+:class:`~llp_fast._files.WriteError` that says so, that the previous checkpoint is intact (and
+its epoch), and the command that resumes from it. When a run starts or resumes, :func:`sweep`
+removes what dead writers left in its directory: temporary files of a process killed while it
+wrote, and bank files that no checkpoint lists.
+
 Tools that only read checkpoints (``llp-fast-select``, ``-linear-probe``, ``-analyze``) import this
 module and :mod:`llp_fast.train.config`, never the training loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import shlex
 
 import torch
 
-from .._files import atomic_open
+from .. import _files
+from .._files import WriteError, atomic_open
 from ..errors import CheckpointError
 from .config import TrainConfig, from_dict
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 VERSION = 2
+# An LLP run's supervised-only baseline trains in RUN_DIR/baseline; RUN_DIR/baseline.json marks
+# it (a resume of the run resumes the baseline too).
+BASELINE_DIR = "baseline"
+BASELINE_MARK = "baseline.json"
 
 # Every entry a resume reads, with its type: a checkpoint lacking one is corrupt, not a KeyError.
 _ENTRIES = {
@@ -87,8 +100,64 @@ def save(state: dict, path: str) -> None:
     payload = dict(state, version=VERSION)
     payload.pop("sha256", None)
     payload["sha256"] = digest(payload)
-    with atomic_open(path) as f:
-        torch.save(payload, f)
+    with _saving(os.path.dirname(os.path.abspath(path)), path):
+        with atomic_open(path, what="checkpoint") as f:
+            torch.save(payload, f)
+
+
+# -- what a failed write says, and how a run continues -------------------------------------------
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def resume_command(run_dir: str, nproc: int | None = None) -> str:
+    """The command that continues the run in ``run_dir`` (the LLP run when ``run_dir`` is its
+    baseline's directory), with ``--nproc`` when it ran as several processes."""
+    run_dir = os.path.normpath(run_dir)
+    parent = os.path.dirname(run_dir)
+    if os.path.basename(run_dir) == BASELINE_DIR and os.path.exists(os.path.join(parent, BASELINE_MARK)):
+        run_dir = parent
+    nproc = world_size() if nproc is None else nproc
+    return f"llp-fast-train --resume {shlex.quote(run_dir)}" + (f" --nproc {nproc}" if nproc > 1 else "")
+
+
+def peek(path: str) -> dict | None:
+    """``{"epoch", "step_in_epoch"}`` of the checkpoint at ``path`` (a run directory or a
+    file), its tensors left on disk (memory-mapped, never read); None when there is none or it
+    cannot be read."""
+    try:
+        ckpt = torch.load(checkpoint_path(path), map_location="cpu", weights_only=True, mmap=True)
+        return {"epoch": int(ckpt["epoch"]), "step_in_epoch": int(ckpt["step_in_epoch"])}
+    except Exception:
+        return None
+
+
+def describe(info: dict) -> str:
+    """ "epoch 3", or "epoch 3 and 14 steps of epoch 4" for a checkpoint written on a signal."""
+    text = f"epoch {info['epoch']}"
+    steps = info["step_in_epoch"]
+    return text + (f" and {steps} step{'s' if steps != 1 else ''} of epoch {info['epoch'] + 1}" if steps else "")
+
+
+def last_checkpoint(run_dir: str, nproc: int | None = None, *, previous: bool = False) -> str:
+    """What a user reads when a run stops on a fault: which checkpoint is kept and the command
+    that continues from it (``previous``: the one before a checkpoint that failed to write)."""
+    info = peek(run_dir)
+    if info is None:
+        return f"{run_dir} holds no checkpoint yet: the same command starts the run again"
+    which = "the previous checkpoint" if previous else "the last complete checkpoint"
+    return f"{which} ({describe(info)}) is intact; continue with: {resume_command(run_dir, nproc)}"
+
+
+@contextlib.contextmanager
+def _saving(run_dir: str, path: str):
+    """A failed write of a checkpoint's files says which checkpoint is kept and how to resume."""
+    try:
+        yield
+    except WriteError as e:
+        raise e.noted(last_checkpoint(run_dir, previous=True)) from e.__cause__
 
 
 def load(path: str, map_location="cpu", *, need=None) -> dict:
@@ -173,7 +242,8 @@ def save_bank(bank, run_dir: str, tag: int, rank: int, world: int) -> dict:
     name = f"bank-{tag}-r{rank}.pt"
     piece_digest = digest(piece)
     os.makedirs(run_dir, exist_ok=True)
-    with atomic_open(os.path.join(run_dir, name)) as f:
+    path = os.path.join(run_dir, name)
+    with _saving(run_dir, path), atomic_open(path, what="checkpoint") as f:
         torch.save(dict(piece, sha256=piece_digest), f)
     mine = {"file": name, "start": piece["start"], "end": piece["end"], "sha256": piece_digest}
     entries = [None] * world
@@ -204,12 +274,28 @@ def bank_pieces(entry: dict, run_dir: str, start: int = 0, end: int | None = Non
     return out
 
 
-def remove_stale_bank_files(run_dir: str, entry: dict | None) -> None:
-    """Deletes bank files that the current checkpoint does not list (earlier checkpoints')."""
+def remove_stale_bank_files(run_dir: str, entry: dict | None) -> list[str]:
+    """Deletes bank files that the current checkpoint does not list (earlier checkpoints', or
+    those of a checkpoint that was never completed); returns their paths."""
     keep = {e["file"] for e in (entry or {}).get("files", [])}
+    removed = []
     for name in os.listdir(run_dir):
         if _BANK_FILE.match(name) and name not in keep:
-            os.remove(os.path.join(run_dir, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run_dir, name))
+                removed.append(os.path.join(run_dir, name))
+    return removed
+
+
+def sweep(run_dir: str, ckpt: dict | None) -> list[str]:
+    """Before a run starts (``ckpt`` None) or resumes from ``ckpt`` in ``run_dir``: removes the
+    temporary files of writers that no longer run (a process killed while it wrote a checkpoint
+    leaves one, the size of the model and the bank) and the bank files ``ckpt`` does not list.
+    Call it before any process of the run writes. Returns the removed paths."""
+    if not os.path.isdir(run_dir):
+        return []
+    removed = _files.sweep(run_dir)
+    return removed + remove_stale_bank_files(run_dir, None if ckpt is None else ckpt.get("bank"))
 
 
 # -- random generators -------------------------------------------------------------------------

@@ -4,17 +4,27 @@
 same rows (its ``history``), and a resumed run rewrites the file from them: a line torn by a
 crash, or a deleted file, is restored from the checkpoint instead of blocking the resume or
 losing the history. TensorBoard (optional: the ``tensorboard`` package, the ``tb`` extra) gets
-the same scalars in ``RUN_DIR/tb``, through one writer for the run's life; a resumed run opens a
+the same scalars in ``RUN_DIR/tb``, in one event file for the run's life; a resumed run opens a
 new one that purges events past the checkpoint, so a replayed epoch is not shown twice.
+
+Both are written here, synchronously, through :mod:`llp_fast._files`: a full disk while
+appending a row or an event is one :class:`~llp_fast._files.WriteError` naming the file, and
+the file is cut back to its last complete line or record. (TensorBoard's own ``SummaryWriter``
+writes from a background thread, whose failure would print that thread's traceback and surface
+only at the next call.)
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import socket
+import struct
+import time
 
-from .._files import atomic_open
+from .. import _files
 from ..errors import DataError
 from .checkpoint import METRICS
 
@@ -59,15 +69,19 @@ def write_history(run_dir: str, history: list[dict]) -> None:
     path = os.path.join(run_dir, METRICS)
     if not history and not os.path.exists(path):
         return
-    with atomic_open(path, "w") as f:
+    with _files.atomic_open(path, "w") as f:
         for row in history:
             f.write(json.dumps(row) + "\n")
 
 
 def append_row(run_dir: str, row: dict) -> None:
-    with open(os.path.join(run_dir, METRICS), "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
+    """Adds one line to ``RUN_DIR/metrics.jsonl``, whole or not at all."""
+    _files.append(os.path.join(run_dir, METRICS), (json.dumps(row) + "\n").encode())
+
+
+def write_config(run_dir: str, config: dict) -> None:
+    """``RUN_DIR/config.json``, written atomically."""
+    _files.write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1))
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -79,34 +93,58 @@ def scalars(row: dict) -> dict[str, float]:
     }
 
 
+_EVENT_FILES = itertools.count()
+
+
 class TensorBoard:
-    """One ``SummaryWriter`` in ``RUN_DIR/tb`` for as long as the run trains, when the
-    ``tensorboard`` package is installed; otherwise nothing but ``missing``, the line that says so.
-    ``epochs_done``: the checkpoint's epoch count, past which earlier event files' scalars are
-    purged (a replayed epoch)."""
+    """The run's scalars in ``RUN_DIR/tb/events.out.tfevents.*`` (TensorBoard's record format:
+    length, masked CRC-32C of the length, an ``Event`` protocol buffer, its masked CRC-32C), when
+    the ``tensorboard`` package is installed; otherwise nothing. ``epochs_done``: the checkpoint's
+    epoch count; events of later epochs in earlier files are purged (a replayed epoch), the way
+    ``SummaryWriter(purge_step=...)`` does it."""
 
     def __init__(self, run_dir: str, epochs_done: int = 0):
-        self.writer = None
+        self.path = None
         self.missing = None
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog, SourceMetadata
+            from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+            from torch.utils.tensorboard.summary import scalar
         except ImportError:
             self.missing = "no TensorBoard scalars (metrics.jsonl has them): pip install 'llp_fast[tb]' for them"
             return
-        purge = epochs_done + 1 if epochs_done else None
-        self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge)
+        self._event, self._scalar, self._crc = Event, scalar, masked_crc32c
+        directory = os.path.join(run_dir, "tb")
+        os.makedirs(directory, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILES)}"
+        self.path = os.path.join(directory, name)
+        source = SourceMetadata(writer="llp_fast")
+        first = [Event(wall_time=time.time(), file_version="brain.Event:2", source_metadata=source)]
+        if epochs_done:
+            purge = epochs_done + 1
+            first.append(Event(step=purge, file_version="brain.Event:2"))
+            first.append(Event(step=purge, session_log=SessionLog(status=SessionLog.START)))
+        self._write(first)
+
+    def _write(self, events) -> None:
+        records = []
+        for event in events:
+            data = event.SerializeToString()
+            header = struct.pack("<Q", len(data))
+            records.append(header + struct.pack("<I", self._crc(header)) + data + struct.pack("<I", self._crc(data)))
+        _files.append(self.path, b"".join(records), what="TensorBoard file")
 
     def add(self, row: dict) -> None:
-        if self.writer is None:
+        if self.path is None:
             return
+        now = time.time()
+        events = []
         for key, value in scalars(row).items():
-            self.writer.add_scalar(key, value, row["epoch"])
-        self.writer.flush()
+            events.append(self._event(wall_time=now, step=int(row["epoch"]), summary=self._scalar(key, value)))
+        self._write(events)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self.path = None
 
 
 def _pct(v) -> str:

@@ -1,0 +1,160 @@
+"""``--nproc P``: one command as P local processes, watched, and a lost one told in one line.
+
+This is ``torchrun --standalone --nproc-per-node P`` for the commands of this package, with their
+error contract. The processes get torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, a
+rendezvous store that this process hosts, TORCHELASTIC_RESTART_COUNT, OMP_NUM_THREADS=1 unless
+set), so the code under them is the code under torchrun, which remains the way to run on several
+nodes. What differs is what happens when a rank is lost:
+
+* A rank that dies (a signal, or an exit status that is none of the package's) or stops answering
+  ends the command within the collective timeout (``--dist-timeout``). The others notice (a closed
+  connection, or no answer within the timeout), exit quietly with
+  :data:`llp_fast.distributed.comm.PEER_LOST`, and after :data:`GRACE` seconds any that has not is
+  killed. This process then prints one line: which rank, how it ended (the signal's name, the exit
+  status, or "no answer in N s" for a rank that was still running when the others had given up on
+  it), and what the command keeps (for training, the last checkpoint and the command that
+  resumes). No torchrun report, no survivor's traceback.
+* A rank that ends with an error it has explained itself (exit status 2, its one line printed) or
+  on an interrupt (130) is not lost: the command ends with its status and no further word.
+* ``max_restarts`` (``--max-restarts N``, torchrun's name and meaning): after a lost rank, the P
+  processes start again, up to N times, with TORCHELASTIC_RESTART_COUNT counting; the command they
+  run decides what a restart means (training resumes from its last checkpoint). A progress line
+  says which rank was lost and where the work continues.
+
+The processes run in their own session, so a Ctrl-C at the terminal reaches this process alone,
+which hands it (and SIGTERM) on to each of them once: a training run checkpoints at its next step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from .. import distributed
+from ..distributed.comm import PEER_LOST, QUIET_ENV
+
+GRACE = 5.0  # seconds the other ranks get to notice a lost rank and end by themselves
+EXPLAINED = (2, 130)  # a rank that printed its own error line, or was interrupted
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}" + (", its traceback above" if code == 1 else "")
+
+
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP, a debugger): it will not end by itself."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _spawn(nproc: int, module: str, argv: list[str], attempt: int, max_restarts: int, port: int) -> list:
+    env = dict(os.environ, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", GROUP_WORLD_SIZE="1")
+    env.update(ROLE_NAME="default", ROLE_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT=str(attempt))
+    env.update(TORCHELASTIC_MAX_RESTARTS=str(max_restarts), TORCHELASTIC_RUN_ID=f"llp-fast-{os.getpid()}")
+    env[QUIET_ENV] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: P processes share the cores
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's socket warnings when a peer is gone: the line says it
+    procs = []
+    for rank in range(nproc):
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
+        cmd = [sys.executable, "-m", module, *argv]
+        procs.append(subprocess.Popen(cmd, env=dict(env), start_new_session=True))
+    return procs
+
+
+def _watch(procs: list, timeout: float) -> tuple[dict[int, int], list[int]]:
+    """Waits until every rank has ended, or the others have had their chance to after one failed;
+    kills what is left. Returns ({rank: exit status} of the ranks that ended, ranks killed here)."""
+    ended: dict[int, int] = {}
+    since = None
+    while len(ended) < len(procs):
+        for rank, p in enumerate(procs):
+            if rank not in ended and p.poll() is not None:
+                ended[rank] = p.returncode
+        failed = [c for c in ended.values() if c != 0]
+        if failed and len(ended) < len(procs):
+            since = since or time.monotonic()
+            left = [p for r, p in enumerate(procs) if r not in ended]
+            # An orderly stop (an interrupt, an explained error) may still be writing a checkpoint:
+            # the others end within the collective timeout. A stopped process never ends.
+            wait = timeout + GRACE if all(c in EXPLAINED for c in failed) else GRACE
+            if all(_stopped(p.pid) for p in left) or time.monotonic() - since > wait:
+                break
+        time.sleep(0.05)
+    killed = [r for r in range(len(procs)) if r not in ended]
+    for r in killed:
+        procs[r].kill()  # SIGKILL ends a stopped process too
+        procs[r].wait()
+    return ended, killed
+
+
+def _verdict(ended: dict[int, int], killed: list[int], timeout: float) -> tuple[int, str | None]:
+    """(exit status of the command, the line about the lost rank(s), None when none was lost)."""
+    lost = {r: c for r, c in ended.items() if c not in (0, PEER_LOST, *EXPLAINED)}
+    if lost:
+        return 1, ", ".join(f"rank {r} was lost ({_how(c)})" for r, c in sorted(lost.items()))
+    silent = f"no answer in {timeout:g} s"
+    if killed:
+        return 1, ", ".join(f"rank {r} was lost ({silent})" for r in killed)
+    codes = set(ended.values())
+    for code in EXPLAINED:
+        if code in codes:
+            return code, None
+    if codes == {0}:
+        return 0, None
+    return 1, f"the ranks lost contact with each other ({silent})"
+
+
+def run(nproc: int, module: str, argv: list[str], *, prog: str, max_restarts: int = 0, kept=None, resuming=None):
+    """``python -m module *argv`` as ``nproc`` local ranks; returns the command's exit status.
+    ``kept()``: what the command keeps after a lost rank (for the final line); ``resuming()``:
+    where a restart continues (for the progress line)."""
+    import torch.distributed as dist
+
+    timeout = distributed.timeout_seconds()
+    procs: list = []
+    interrupted = []
+
+    def forward(signum, frame):
+        interrupted.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for attempt in range(max_restarts + 1):
+            store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+            procs[:] = _spawn(nproc, module, argv, attempt, max_restarts, store.port)
+            ended, killed = _watch(procs, timeout)
+            del store
+            rc, lost = _verdict(ended, killed, timeout)
+            if lost is None:
+                return rc
+            if attempt < max_restarts and not interrupted:
+                where = resuming() if resuming else "starting again"
+                print(f"{prog}: {lost}; restart {attempt + 1} of {max_restarts}: {where}", file=sys.stderr, flush=True)
+                continue
+            note = kept() if kept else ""
+            print(f"{prog}: error: {lost}{'; ' + note if note else ''}", file=sys.stderr, flush=True)
+            return rc
+        return 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

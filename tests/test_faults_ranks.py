@@ -1,0 +1,190 @@
+"""A lost rank under ``--nproc`` (llp_fast/cli/workers.py): one line naming the rank and how it
+ended, quiet survivors, and ``--max-restarts`` that resumes by itself to the uninterrupted result.
+
+The runs are llp-fast-train on a small npz written here, two gloo processes, one thread each. The
+launcher's verdicts and the survivors' reading of gloo's errors are also checked directly."""
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_faults import temporaries, tiny_npz, train_args, untimed
+
+from llp_fast.cli import workers
+from llp_fast.distributed import comm
+from llp_fast.train import checkpoint
+from llp_fast.train.report import read_metrics
+
+# gloo processes killed and stopped on purpose: a crash fails these tests, not the run (_isolate.py)
+pytestmark = pytest.mark.isolated
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ranks(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the launcher's worker processes (their RANK variable)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) != launcher:
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                for var in f.read().split(b"\0"):
+                    if var.startswith(b"RANK="):
+                        found[int(var[5:])] = int(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _train(argv, fault=None, timeout=300):
+    """``llp-fast-train argv`` in a child; ``fault = (signal, rank, ready)`` sends the signal to
+    that rank once ``ready()`` holds. Returns (CompletedProcess-like, seconds from the signal to
+    the end, the signalled pid)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llp_fast.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    sent, pid, deadline = None, None, time.monotonic() + timeout
+    while fault is not None and sent is None and proc.poll() is None and time.monotonic() < deadline:
+        sig, rank, ready = fault
+        if ready():
+            pid = _ranks(proc.pid).get(rank)
+            if pid is not None:
+                os.kill(pid, sig)
+                sent = time.monotonic()
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    ended = time.monotonic()
+    assert fault is None or sent is not None, f"the run ended before the fault: {err.decode()[-2000:]}"
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+    return result, (ended - sent if sent else None), pid
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz")
+
+
+def _checkpointed(run):
+    return lambda: os.path.exists(os.path.join(run, "checkpoint.pt"))
+
+
+@pytest.mark.slow
+def test_max_restarts_survives_a_killed_rank_with_the_uninterrupted_accuracy(data, tmp_path):
+    """Rank 1 SIGKILLed after the first checkpoint: the launcher says so in one progress line,
+    starts both processes again, and they resume from the checkpoint by themselves; the run ends
+    with exactly the metrics of the same run uninterrupted (same P, resume is exact)."""
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    ref, _, _ = _train([*train_args(data, whole), "--nproc", "2"])
+    assert ref.returncode == 0 and ref.stderr == "", ref.stderr[-3000:]
+    res, _, _ = _train(
+        [*train_args(data, cut), "--nproc", "2", "--max-restarts", "1"],
+        fault=(signal.SIGKILL, 1, _checkpointed(cut)),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        r"llp-fast-train: rank 1 was lost \(killed by SIGKILL\); restart 1 of 1: resuming from the checkpoint "
+        r"of epoch 1( and \d+ steps? of epoch 2)?",
+        lines[0],
+    ), res.stderr  # no survivor's traceback, no torchrun report
+    assert untimed(read_metrics(os.path.join(cut, "metrics.jsonl"))) == untimed(
+        read_metrics(os.path.join(whole, "metrics.jsonl"))
+    )
+    assert res.stdout.split(" | ")[:3] == ref.stdout.split(" | ")[:3]  # the same held-out top-1 line
+    assert not temporaries(cut)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_run_in_one_line_within_the_timeout(data, tmp_path):
+    """Rank 1 SIGSTOPped after the first checkpoint, ``--dist-timeout 2``: rank 0 gives up on it
+    after 2 s and exits quietly; the command names rank 1, the last checkpoint and the command
+    that resumes, and leaves no process behind."""
+    run = str(tmp_path / "run")
+    res, seconds, pid = _train(
+        [*train_args(data, run), "--nproc", "2", "--dist-timeout", "2"],
+        fault=(signal.SIGSTOP, 1, _checkpointed(run)),
+    )
+    kept = checkpoint.describe(checkpoint.peek(run))
+    assert res.returncode == 1
+    assert res.stderr == (
+        f"llp-fast-train: error: rank 1 was lost (no answer in 2 s); the last complete checkpoint ({kept}) is "
+        f"intact; continue with: llp-fast-train --resume {run} --nproc 2\n"
+    )
+    assert seconds < 2 + workers.GRACE + 10, seconds  # the timeout, then no wait for a stopped process
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the stopped rank was ended, not left behind
+    assert not temporaries(run)
+
+
+# -- the launcher's verdicts and the survivors' reading of errors, directly ------------------------
+@pytest.mark.parametrize(
+    "ended,killed,want",
+    [
+        ({0: 0, 1: 0}, [], (0, None)),
+        ({0: comm.PEER_LOST, 1: -9}, [], (1, "rank 1 was lost (killed by SIGKILL)")),
+        ({1: -6}, [0], (1, "rank 1 was lost (killed by SIGABRT)")),  # the dead rank, not the one we ended
+        ({0: comm.PEER_LOST}, [1], (1, "rank 1 was lost (no answer in 20 s)")),
+        ({0: 1, 1: comm.PEER_LOST}, [], (1, "rank 0 was lost (exited with status 1, its traceback above)")),
+        ({0: 2, 1: comm.PEER_LOST}, [], (2, None)),  # rank 0 printed its own error line
+        ({0: 130, 1: 130}, [], (130, None)),  # an interrupt: rank 0 said where the checkpoint is
+        ({0: comm.PEER_LOST, 1: comm.PEER_LOST}, [], (1, "the ranks lost contact with each other (no answer in 20 s)")),
+    ],
+)
+def test_the_launcher_names_the_lost_rank_and_how_it_ended(ended, killed, want):
+    assert workers._verdict(ended, killed, 20.0) == want
+
+
+def test_a_survivor_reads_gloos_errors_as_a_lost_peer_and_a_bug_as_a_bug(monkeypatch):
+    closed = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:49827. "
+        "This is typically caused by a remote worker crashing. GLHF!"
+    )
+    silent = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv"
+    )
+    bug = RuntimeError("Tensors must be contiguous")  # a misused collective: keeps its traceback
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not comm.peer_lost(closed)  # alone, nothing is a lost peer
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert comm.peer_lost(closed) and comm.peer_lost(silent) and not comm.peer_lost(bug)
+    assert not comm.peer_lost(OSError(errno.ECONNRESET, "reset"))
+    monkeypatch.setenv(comm.QUIET_ENV, "1")
+    assert comm.lost_line("llp-fast-train", closed) is None  # under --nproc: the launcher speaks
+    monkeypatch.delenv(comm.QUIET_ENV)
+    assert comm.lost_line("llp-fast-train", closed) == (
+        "llp-fast-train: error: rank 0 lost contact with the other ranks (Connection closed by peer [127.0.0.1]:49827)"
+    )
+
+
+def test_dist_timeout_is_a_flag_of_both_tools_and_the_variable_its_default(monkeypatch, capsys):
+    from llp_fast.cli import _common
+    from llp_fast.cli.propagate import parser as propagate_parser
+    from llp_fast.cli.train import main as train_main
+    from llp_fast.cli.train import parser as train_parser
+
+    for ap in (train_parser(), propagate_parser()):
+        dest = {a.dest: a for a in ap._actions}["dist_timeout"]
+        assert dest.option_strings == ["--dist-timeout"] and dest.default is None
+    monkeypatch.delenv(comm.TIMEOUT_ENV, raising=False)
+    assert comm.timeout_seconds() == 600
+    monkeypatch.setenv(comm.TIMEOUT_ENV, "20")
+    assert comm.timeout_seconds() == 20
+    _common.set_dist_timeout(7.5)
+    assert comm.timeout_seconds() == 7.5
+    monkeypatch.setenv(comm.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="LLP_FAST_DIST_TIMEOUT='soon'"):
+        comm.timeout_seconds()
+    for bad in (["--dist-timeout", "0"], ["--max-restarts", "1"]):  # --max-restarts needs --nproc P
+        with pytest.raises(SystemExit) as e:
+            train_main(bad)
+        assert e.value.code == 2
+        assert bad[0] in capsys.readouterr().err
