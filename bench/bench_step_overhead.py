@@ -194,6 +194,7 @@ def main(argv=None) -> list:
             quiet=True,
             method="paper",  # the step of docs/method.md §1.5-1.6 (the bar's); --method plus adds a strong view
             label_init="instance",
+            propagation_start=0,  # the step propagates (the data's default waits a few epochs)
         )
         llp = Trainer(cfg)
         sup = Trainer(dataclasses.replace(cfg, supervised_only=True))
@@ -206,7 +207,7 @@ def main(argv=None) -> list:
                 llp.source.train_batches(order.epoch_order(llp.schedule(), llp.gen_order), args.batch_size, llp.gen_aug)
             )
         )
-        lr = cfg.lr
+        lr = llp.cfg.lr  # the run's resolved settings (None fields are chosen at its start)
 
         density = lambda: bank.refresh_density(t=cfg.t, tau=cfg.tau, pool=cfg.density_pool)
         density()

@@ -67,13 +67,21 @@ def _as_npz(setting: str, seed: int, work: str) -> list:
     return ["--data", f"npz:{path}"]
 
 
+def _plan(args) -> list[tuple[str, str]]:
+    """(setting, variant) pairs in the order they run: ``--plan "d2:plus,paper;m2:plus"`` or every
+    pair of ``--settings`` x ``--variants``."""
+    if args.plan:
+        return [(s, v) for part in args.plan.split(";") for s, vs in [part.split(":")] for v in vs.split(",")]
+    return [(s, v) for s in args.settings.split(",") for v in args.variants.split(",")]
+
+
 def _done(path: str) -> set:
     if not os.path.exists(path):
         return set()
     return {json.loads(line)["key"] for line in open(path) if line.strip()}
 
 
-def _finish(proc, key, run_dir, t0, extra) -> None:
+def _finish(proc, key, run_dir, t0, extra, results) -> None:
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))] if proc.returncode == 0 else []
     last = rows[-1] if rows else {}
     row = {
@@ -88,22 +96,25 @@ def _finish(proc, key, run_dir, t0, extra) -> None:
         "load": os.getloadavg()[0],
         **extra,
     }
-    with open(RUNS, "a") as f:
+    if proc.returncode != 0:
+        row["error"] = open(run_dir + ".log", errors="replace").read()[-600:]
+    with open(results, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
 
 
 def runs(args) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    done, queue = _done(RUNS), []
-    for s in args.settings.split(","):
-        for v in args.variants.split(","):
-            for seed in args.seeds.split(","):
-                key = f"{s}/{v}/s{seed}"
-                if key not in done:
-                    data = _as_npz(s, int(seed), args.work) if v == "as-npz" else SETTINGS[s]
-                    argv = [*data, *VARIANTS[v], "--seed", seed, *args.extra.split()]
-                    queue.append((key, argv, dict(setting=s, variant=v, seed=int(seed), flags=" ".join(argv))))
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    done, queue = _done(args.results), []
+    for s, v in _plan(args):
+        for seed in args.seeds.split(","):
+            key = f"{s}/{v}/s{seed}" + (f"/{args.tag}" if args.tag else "")
+            if key not in done:
+                data = _as_npz(s, int(seed), args.work) if v == "as-npz" else SETTINGS[s]
+                argv = [*data, *VARIANTS[v], "--seed", seed, *args.extra.split()]
+                extra = dict(setting=s, variant=v, seed=int(seed), tag=args.tag, flags=" ".join(argv))
+                queue.append((key, argv, extra))
     running = []
     while queue or running:
         while queue and len(running) < args.parallel:
@@ -114,7 +125,14 @@ def runs(args) -> None:
             subprocess.run(["rm", "-rf", run_dir], check=True)
             log = open(run_dir + ".log", "w")
             running.append(
-                (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), key, run_dir, time.time(), extra)
+                (
+                    subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
+                    key,
+                    run_dir,
+                    time.time(),
+                    extra,
+                    args.results,
+                )
             )
         for item in list(running):
             if item[0].poll() is not None:
@@ -192,6 +210,9 @@ def main(argv=None) -> None:
     r.add_argument("--seeds", default="0,1,2")
     r.add_argument("--parallel", type=int, default=2)
     r.add_argument("--extra", default="", help="more llp-fast-train flags for every run")
+    r.add_argument("--plan", default="", help='(setting, variant) pairs in order: "d2:plus,paper;m2:plus"')
+    r.add_argument("--tag", default="", help="names the hardware or flags of these runs (part of each key)")
+    r.add_argument("--results", default=RUNS, help="the JSON-lines file the rows go to")
     r.add_argument("--work", default=os.path.join("runs", "bench-trainer"))
     p = sub.add_parser("pixels")
     p.add_argument("--settings", default="d2,d10,m2,m10")

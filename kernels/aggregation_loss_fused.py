@@ -85,7 +85,10 @@ def _aggregation_fused_kernel(
     mat = vec.to(tl.int64)[:, None] * D + offs_d[None, :]
     ok = row_ok[:, None] & (offs_d[None, :] < D)
     tl.store(o_ptr + mat, o_all, mask=ok)
-    tl.store(o_ptr + n_splits.to(tl.int64) * B * D + mat, o_pos, mask=ok)
+    # n_splits * B * D in int64 through ``vec``: Triton passes an int argument equal to 1 as a plain
+    # constant, which has no ``.to`` (the H200 compile of a one-row, one-split call failed on it)
+    pos_base = (vec * 0 + n_splits) * B * D
+    tl.store(o_ptr + pos_base[:, None] + mat, o_pos, mask=ok)
 
 
 _fused_tuned = maybe_autotune(_aggregation_fused_kernel, key=["D"])

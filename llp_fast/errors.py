@@ -54,6 +54,12 @@ class Interrupted(Exception):
         self.run_dir = run_dir
 
 
+class Terminated(BaseException):
+    """Raised by a tool's SIGTERM handler and handled as Ctrl-C is (exit 130, nothing half-written).
+    Not a KeyboardInterrupt: one raised from the handler now and then ended the process by SIGINT
+    (exit -2) instead of the 130 the tool returned."""
+
+
 # A DataLoader worker re-raises its exception in the main process with the worker's traceback in
 # the message; the user-facing text is marked so that one_line can find it there.
 MARKER = "llp_fast data error: "

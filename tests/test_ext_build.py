@@ -16,8 +16,8 @@ from llp_fast import _ext
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Runs propagate and bank_update_ on CPU and compares them with the reference; prints which path
-# served (the loaded module's name, or "reference").
+# Runs propagate (its selection is the topk_scores kernel) and bank_update_ on CPU and compares them
+# with the reference; prints which path served (the loaded module's name, or "reference").
 SCRIPT = r"""
 import warnings
 warnings.simplefilter("always")
@@ -37,7 +37,7 @@ llp_fast.bank_update_(bank, idx, vals)
 bank_update_ref_(expect, idx, vals, 0.5)
 assert torch.allclose(bank, expect, atol=1e-6)
 module = _ext.load()
-kernel = torch._C._dispatch_has_kernel_for_dispatch_key("llp_fast::propagate", "CPU")
+kernel = torch._C._dispatch_has_kernel_for_dispatch_key("llp_fast::topk_scores", "CPU")
 print("SERVED-BY", module.__name__ if module is not None else "reference", "CPU-KERNEL", kernel)
 """
 

@@ -16,7 +16,7 @@ import pytest
 from test_faults import temporaries, tiny_npz, train_args, untimed
 
 from llp_fast.cli import workers
-from llp_fast.distributed import comm
+from llp_fast.distributed import collectives as comm
 from llp_fast.train import checkpoint
 from llp_fast.train.report import read_metrics
 
@@ -167,7 +167,7 @@ def test_a_survivor_reads_gloos_errors_as_a_lost_peer_and_a_bug_as_a_bug(monkeyp
 
 def test_dist_timeout_is_a_flag_of_both_tools_and_the_variable_its_default(monkeypatch, capsys):
     from llp_fast.cli import _common
-    from llp_fast.cli.propagate import parser as propagate_parser
+    from llp_fast.cli.propagate_args import parser as propagate_parser
     from llp_fast.cli.train import main as train_main
     from llp_fast.cli.train import parser as train_parser
 

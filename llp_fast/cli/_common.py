@@ -6,7 +6,7 @@ A flag's value is checked by its argparse ``type`` (the same range checks as the
 user can fix later on (:func:`llp_fast.errors.is_user_error`: a bad flag, file or data set, and
 every failed write, a full disk included, :mod:`llp_fast._files`) print ``PROG: error: <one
 line>`` and exit 2; an interrupt exits 130; a rank that stops because another rank is gone exits
-:data:`~llp_fast.distributed.comm.PEER_LOST` without a word under ``--nproc`` (the launcher names
+:data:`~llp_fast.distributed.collectives.PEER_LOST` without a word under ``--nproc`` (the launcher names
 the lost rank); anything else is a bug and keeps its traceback. Under torch.distributed rank 0
 alone reports an interrupt.
 """
@@ -17,8 +17,8 @@ import argparse
 import os
 import sys
 
-from ..distributed.comm import PEER_LOST, lost_line, peer_lost
-from ..errors import ConfigError, Interrupted, is_user_error, one_line
+from ..distributed.collectives import PEER_LOST, lost_line, peer_lost
+from ..errors import ConfigError, Interrupted, Terminated, is_user_error, one_line
 from ..train import config as C
 
 
@@ -79,7 +79,7 @@ def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was wri
         if lead:
             print(f"{prog}: {e}; continue with: {resume_command(e.run_dir)}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         if lead:
             print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
@@ -104,7 +104,7 @@ DIST_TIMEOUT_HELP = (
 def set_dist_timeout(seconds: float | None) -> None:
     """``--dist-timeout``: the collective timeout of this command and the processes it starts."""
     if seconds is not None:
-        from ..distributed.comm import TIMEOUT_ENV
+        from ..distributed.collectives import TIMEOUT_ENV
 
         os.environ[TIMEOUT_ENV] = repr(float(seconds))
 

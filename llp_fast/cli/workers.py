@@ -9,7 +9,7 @@ nodes. What differs is what happens when a rank is lost:
 * A rank that dies (a signal, or an exit status that is none of the package's) or stops answering
   ends the command within the collective timeout (``--dist-timeout``). The others notice (a closed
   connection, or no answer within the timeout), exit quietly with
-  :data:`llp_fast.distributed.comm.PEER_LOST`, and after :data:`GRACE` seconds any that has not is
+  :data:`llp_fast.distributed.collectives.PEER_LOST`, and after :data:`GRACE` seconds any that has not is
   killed. This process then prints one line: which rank, how it ended (the signal's name, the exit
   status, or "no answer in N s" for a rank that was still running when the others had given up on
   it), and what the command keeps (for training, the last checkpoint and the command that
@@ -34,7 +34,7 @@ import sys
 import time
 
 from .. import distributed
-from ..distributed.comm import PEER_LOST, QUIET_ENV
+from ..distributed.collectives import PEER_LOST, QUIET_ENV
 
 GRACE = 5.0  # seconds the other ranks get to notice a lost rank and end by themselves
 EXPLAINED = (2, 130)  # a rank that printed its own error line, or was interrupted

@@ -64,6 +64,8 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
         if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda": the current device, named by its index
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)

@@ -1,0 +1,227 @@
+"""The flags of ``llp-fast-propagate`` (:mod:`llp_fast.cli.propagate`): their types, checked
+where they parse, the two forms' rules, and the :class:`~llp_fast.embeddings.Settings` they give."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..embeddings import outputs
+from ..embeddings.settings import AUTO_VOTERS, AUTO_VOTERS_PER_LABELED, POOLS, Settings
+from ..errors import ConfigError
+from . import _common
+
+PROG = "llp-fast-propagate"
+DEFAULT = Settings()
+# flags that set a Settings field (dest = the field); absent from the namespace unless given
+SETTINGS_FLAGS = ("k", "t", "tau", "density", "density_pool", "labeled_weight", "rounds", "max_voters", "chunk")
+# what only a labelling run takes (never --model)
+RUN_ONLY = ("labels", "probs_out", "voters_out", "suspects_out", "quality_out", "drop_suspects", "save_model")
+
+
+def _device(text: str) -> str:
+    device = _common.DEVICE(text)
+    try:
+        return _common.cuda_checked(device)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"{device}: CUDA is not available on this machine") from None
+
+
+def _out(text: str) -> str:
+    try:
+        return outputs.check_path(text, "file")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("file ")) from None
+
+
+def _model_dir(text: str) -> str:
+    """``--save-model``: a directory that exists or can be made (its parent exists)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text}: directory {parent} does not exist")
+    return text
+
+
+def _ks(text: str):
+    """``--k``: auto (chosen by leave-one-out accuracy), one number of voters, or several separated
+    by commas (one output per K)."""
+    if text == "auto":
+        return "auto"
+    parts = [p.strip() for p in text.split(",")]
+    ks = tuple(_common.POSITIVE_INT(p) for p in parts)
+    if len(set(ks)) != len(ks):
+        raise argparse.ArgumentTypeError(f"{text}: each K once")
+    return ks[0] if len(ks) == 1 else ks
+
+
+def _tau(text: str):
+    return "auto" if text == "auto" else _common.POSITIVE_FLOAT(text)
+
+
+def _drop(text: str) -> float:
+    value = _common.FRACTION(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) of the labeled rows, got {text!r}")
+    return value
+
+
+def _voters(text: str):
+    """``--max-voters``: auto (the default: linear in N), none (no cap: O(N^2)) or a count."""
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    return _common.COUNT(text)
+
+
+def output_name(path: str, k: int) -> str:
+    """The output of K among several: ``PSEUDO.npy`` -> ``PSEUDO.k10.npy``."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.k{k}{ext}"
+
+
+def parser() -> argparse.ArgumentParser:
+    d, hide = DEFAULT, argparse.SUPPRESS
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="LLP labels for precomputed embeddings: density-weighted votes of the K nearest labeled "
+        "neighbours (docs/method.md §1.1-1.2), repeated over rounds in which the most confident rows join the "
+        "voters (§7), streamed block by block from memory-mapped .npy files. With --model DIR: labels for new "
+        "rows by a saved model (llp-fast-propagate --model DIR NEW.npy --out P.npy).",
+    )
+    ap.add_argument("embeddings", help="EMB.npy (N, D) float16/32/64, or a directory of .npy shards (name order)")
+    ap.add_argument("labels", nargs="?", default=None, help="LABELS.npy (N,) int, -1 = unlabeled (or shards)")
+    ap.add_argument("--out", type=_out, required=True, help="PSEUDO.npy: (N,) int64 labels (labeled rows keep theirs)")
+    ap.add_argument("--confidence-out", type=_out, default=None, help="(N,) float32 confidences (1 on labeled rows)")
+    ap.add_argument(
+        "--probs-out",
+        type=_out,
+        default=None,
+        help="PROBS.npz: 'classes' (N, P) int64 and 'probs' (N, P) float32, each row's --top most likely classes",
+    )
+    ap.add_argument("--top", type=_common.POSITIVE_INT, default=3, help="P for --probs-out (default 3)")
+    ap.add_argument("--voters-out", type=_out, default=None, help="(N, K) int64 rows that voted (-1: none)")
+    ap.add_argument(
+        "--suspects-out",
+        type=_out,
+        default=None,
+        help="S.npy: (M,) int64 the labeled rows, most suspect label first (docs/embeddings.md, 'Suspect labels')",
+    )
+    ap.add_argument("--quality-out", type=_out, default=None, help="(N,) float64 label quality (NaN: unlabeled)")
+    ap.add_argument(
+        "--drop-suspects",
+        type=_drop,
+        default=None,
+        metavar="F",
+        help="label again without the most suspect fraction F of the labeled rows (they are labeled by the vote)",
+    )
+    ap.add_argument(
+        "--min-confidence",
+        type=_common.UNIT,
+        default=None,
+        metavar="C",
+        help="write -1 for rows whose confidence is below C (labeled rows keep theirs)",
+    )
+    ap.add_argument("--save-model", type=_model_dir, default=None, metavar="DIR", help="write DIR/model.npz")
+    ap.add_argument("--model", default=None, metavar="DIR", help="label EMBEDDINGS (new rows) by a saved model")
+    ap.add_argument(
+        "--k",
+        type=_ks,
+        default=hide,
+        help=f"voters per row (default {d.k}; at most the voters); auto: chosen from 5, 10, 20, 50 by leave-one-out "
+        "accuracy of the labeled rows; several, --k 10,20,100: one output per K (OUT.k10.npy, ...), from one "
+        "selection of the largest K with --rounds 1",
+    )
+    ap.add_argument("--t", type=_common.POSITIVE_INT, default=hide, help=f"density neighbours (default {d.t})")
+    ap.add_argument("--tau", type=_tau, default=hide, help=f"temperature (default {d.tau}); auto: as --k auto")
+    ap.add_argument(
+        "--rounds",
+        type=_common.POSITIVE_INT,
+        default=hide,
+        help=f"rounds of the vote (default {d.rounds}; 1 = the paper's one-shot vote)",
+    )
+    ap.add_argument(
+        "--max-voters",
+        type=_voters,
+        default=hide,
+        help=f"cap on pseudo-labeled voters: auto (default: max({AUTO_VOTERS:,}, {AUTO_VOTERS_PER_LABELED} x the "
+        "labeled rows), so the cost stays linear in N), none (O(N^2) at large N) or a count",
+    )
+    ap.add_argument(
+        "--density-pool", choices=POOLS, default=hide, help="auto (default): unlabeled rows for one round, all for more"
+    )
+    ap.add_argument(
+        "--labeled-weight",
+        type=_common.POSITIVE_FLOAT,
+        default=hide,
+        help="weight of the labeled voters (default: 1 for one round, 3 for more)",
+    )
+    ap.add_argument(
+        "--no-density-weighting",
+        dest="density",
+        action="store_const",
+        const=False,
+        default=hide,
+        help="the NoDW ablation: plain weighted kNN",
+    )
+    ap.add_argument("--no-normalize", dest="normalize", action="store_false", help="embeddings are already unit rows")
+    ap.add_argument("--chunk", type=_common.POSITIVE_INT, default=hide, help=f"rows per block (default {d.chunk})")
+    ap.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N (Triton kernels)")
+    ap.add_argument("--threads", type=_common.POSITIVE_INT, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--nproc", type=_common.POSITIVE_INT, default=1, help="run as P local processes (gloo/NCCL)")
+    ap.add_argument("--dist-timeout", type=_common.POSITIVE_FLOAT, metavar="SECONDS", help=_common.DIST_TIMEOUT_HELP)
+    ap.add_argument("--quiet", action="store_true", help="no progress display")
+    return ap
+
+
+OUTPUT_FLAGS = ("out", "confidence_out", "probs_out", "voters_out", "suspects_out", "quality_out")
+
+
+def _flag(name: str) -> str:
+    """The flag of a namespace entry."""
+    special = {"density": "--no-density-weighting", "normalize": "--no-normalize"}
+    return special.get(name, "--" + name.replace("_", "-"))
+
+
+def _check_model_form(ap, args) -> None:
+    """``--model DIR NEW --out P``: one input, and none of a labelling run's knobs."""
+    if args.labels is not None:
+        ap.error(f"--model labels {args.embeddings} by the saved model: give no LABELS ({args.labels})")
+    given = [f for f in SETTINGS_FLAGS if f != "chunk" and hasattr(args, f)]
+    given += [f for f in RUN_ONLY[1:] if getattr(args, f)]
+    given += ["normalize"] * (not args.normalize) + ["nproc"] * (args.nproc > 1)
+    if given:
+        ap.error(f"argument {_flag(given[0])}: not with --model (the model's settings are used)")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = parser()
+    args = ap.parse_intermixed_args(argv)  # LABELS may follow the flags
+    if args.model is not None:
+        _check_model_form(ap, args)
+    elif args.labels is None:
+        ap.error("the following arguments are required: labels (or --model DIR to label new rows)")
+    ks = getattr(args, "k", DEFAULT.k)
+    if isinstance(ks, tuple) and (args.drop_suspects or args.save_model):
+        ap.error(f"argument {'--drop-suspects' if args.drop_suspects else '--save-model'}: needs one K, not --k {ks}")
+    outs = {}
+    for f in OUTPUT_FLAGS:
+        path = getattr(args, f)
+        for k in ks if isinstance(ks, tuple) else (None,):
+            flag = _flag(f) + ("" if k is None else f" (K = {k})")
+            outs[flag] = path if path is None or k is None else output_name(path, k)
+    inputs = {"EMBEDDINGS": args.embeddings, **({"LABELS": args.labels} if args.labels else {})}
+    try:
+        outputs.check_distinct(outs, inputs)
+    except ConfigError as e:
+        ap.error(str(e))
+    return args
+
+
+def settings_of(args) -> Settings:
+    """The flags given, over :class:`Settings`' defaults ("auto" K or tau stands at the default)."""
+    given = {f: getattr(args, f) for f in SETTINGS_FLAGS if hasattr(args, f)}
+    for f in ("k", "tau"):
+        if given.get(f) == "auto":
+            del given[f]
+    return Settings(**given, device=args.device)
