@@ -215,8 +215,12 @@ def main(argv=None) -> None:
     result = {"suspects": suspects, "auto": auto, "model": model}[args.mode](args)
     result["loadavg"] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
     os.makedirs(RESULTS, exist_ok=True)
-    what = args.split if args.mode == "suspects" else f"noise{args.noise}" if args.noise else ""
-    path = os.path.join(RESULTS, f"suspects_{args.mode}-{what}{args.seeds}-{args.tag}.json")
+    if args.mode == "model":  # no seeds: named by its sizes
+        name = f"suspects_model-n{args.n}-train{args.train}-{args.tag}.json"
+    else:
+        what = args.split if args.mode == "suspects" else f"noise{args.noise}" if args.noise else ""
+        name = f"suspects_{args.mode}-{what}{args.seeds}-{args.tag}.json"
+    path = os.path.join(RESULTS, name)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print("->", path)
