@@ -180,17 +180,20 @@ def pixels(args) -> None:
 
 
 def table(args) -> None:
-    rows = [json.loads(line) for line in open(RUNS)] if os.path.exists(RUNS) else []
+    rows = []
+    for path in [RUNS, *args.more]:
+        if os.path.exists(path):
+            rows += [json.loads(line) for line in open(path) if line.strip()]
     px = {json.loads(line)["key"]: json.loads(line) for line in open(PIXELS)} if os.path.exists(PIXELS) else {}
     by = {}
     for r in rows:
-        by.setdefault((r["setting"], r["variant"]), {})[r["seed"]] = r["top1"]
-    print("| setting | variant | seeds | mean | min |\n| --- | --- | --- | --- | --- |")
-    for (s, v), seeds in sorted(by.items()):
+        by.setdefault((r.get("tag") or "cpu", r["setting"], r["variant"]), {})[r["seed"]] = r["top1"]
+    print("| where | setting | variant | seeds 0 / 1 / 2 | mean | min |\n| --- | --- | --- | --- | --- | --- |")
+    for (tag, s, v), seeds in sorted(by.items()):
         vals = [100 * seeds[k] for k in sorted(seeds) if seeds[k] is not None]
         if vals:
             cells = " / ".join(f"{x:.2f}" for x in vals)
-            print(f"| {s} | {v} | {cells} | {np.mean(vals):.2f} | {min(vals):.2f} |")
+            print(f"| {tag} | {s} | {v} | {cells} | {np.mean(vals):.2f} | {min(vals):.2f} |")
     for kind in ("vote", "label_spreading"):
         per = {}
         for r in px.values():
@@ -198,7 +201,7 @@ def table(args) -> None:
         for s, seeds in sorted(per.items()):
             vals = [100 * seeds[k] for k in sorted(seeds)]
             cells = " / ".join(f"{x:.2f}" for x in vals)
-            print(f"| {s} | {kind} (pixels) | {cells} | {np.mean(vals):.2f} | {min(vals):.2f} |")
+            print(f"| cpu | {s} | {kind} (pixels) | {cells} | {np.mean(vals):.2f} | {min(vals):.2f} |")
 
 
 def main(argv=None) -> None:
@@ -217,7 +220,8 @@ def main(argv=None) -> None:
     p = sub.add_parser("pixels")
     p.add_argument("--settings", default="d2,d10,m2,m10")
     p.add_argument("--seeds", default="0,1,2")
-    sub.add_parser("table")
+    t = sub.add_parser("table")
+    t.add_argument("more", nargs="*", help="more JSON-lines files of runs (e.g. a GPU session's)")
     args = ap.parse_args(argv)
     {"runs": runs, "pixels": pixels, "table": table}[args.cmd](args)
 
