@@ -218,7 +218,7 @@ def main(argv=None) -> None:
     if args.mode == "model":  # no seeds: named by its sizes
         name = f"suspects_model-n{args.n}-train{args.train}-{args.tag}.json"
     else:
-        what = args.split if args.mode == "suspects" else f"noise{args.noise}" if args.noise else ""
+        what = f"{args.split}" if args.mode == "suspects" else f"noise{args.noise:g}-" if args.noise else ""
         name = f"suspects_{args.mode}-{what}{args.seeds}-{args.tag}.json"
     path = os.path.join(RESULTS, name)
     with open(path, "w") as f:
