@@ -281,3 +281,26 @@ def test_every_tool_keeps_a_bugs_traceback_and_makes_user_errors_one_line(
 
     monkeypatch.setattr(module, body, bad_input)
     one_error_line(capsys, module.main(argv(tmp_path)), "not a .npy file", prog=module.PROG)
+
+
+def test_a_finished_baseline_hands_its_threads_back(capsys):
+    """LLP trains on with every core once the baseline beside it has ended, unless --threads was given."""
+    import types
+
+    import torch
+
+    from llp_fast.cli.launch import Baseline
+
+    before = torch.get_num_threads()
+    try:
+        for threads, alive, want in [(0, True, 1), (0, False, os.cpu_count() or 1), (1, False, 1)]:
+            torch.set_num_threads(1)
+            cfg = types.SimpleNamespace(threads=threads, quiet=False, run_dir="r")
+            args = types.SimpleNamespace(baseline_mode="parallel")
+            b = Baseline(cfg, args, False, resumed=False, rank=0, prog="llp-fast-train")
+            b.proc = types.SimpleNamespace(is_alive=lambda alive=alive: alive)
+            b._reclaim()
+            assert torch.get_num_threads() == want, (threads, alive)
+            assert ("the baseline has finished" in capsys.readouterr().err) == (threads == 0 and not alive)
+    finally:
+        torch.set_num_threads(before)

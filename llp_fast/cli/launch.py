@@ -117,6 +117,7 @@ class Baseline:
 
     def __init__(self, cfg, args, wanted: bool, *, resumed: bool, rank: int, prog: str):
         self.cfg, self.prog, self.proc, self.report = cfg, prog, None, None
+        self.reclaimed = False
         self.dir = os.path.join(cfg.run_dir, BASELINE_DIR)
         self.bcfg = None
         if wanted:
@@ -142,7 +143,7 @@ class Baseline:
             child_end.close()
             self._say(f"supervised-only baseline (same split, network and schedule) runs beside it, in {self.dir}")
         try:
-            llp = fit()
+            llp = fit(after_epoch=self._reclaim) if self.proc is not None else fit()
         except _files.WriteError as e:  # metrics, TensorBoard: say what is kept and how to go on
             self._stop()
             if e.note:
@@ -159,6 +160,17 @@ class Baseline:
 
         self._say("supervised-only baseline (same split, network and schedule)")
         return llp, train(self.bcfg, resume=os.path.exists(os.path.join(self.dir, "checkpoint.pt")))
+
+    def _reclaim(self) -> None:
+        """Once the baseline beside has finished (it trains the cheaper step), LLP takes its threads
+        too, unless ``--threads`` was given."""
+        if self.cfg.threads or self.reclaimed or self.proc.is_alive():
+            return
+        import torch
+
+        self.reclaimed = True
+        torch.set_num_threads(os.cpu_count() or 1)
+        self._say(f"the baseline has finished: LLP goes on with {torch.get_num_threads()} threads")
 
     def _say(self, text: str) -> None:
         if not self.cfg.quiet:

@@ -1,7 +1,7 @@
 """The training loop (docs/method.md §1.5-1.7 and §8), read top to bottom.
 
 One step, for a mini-batch drawn uniformly from all training examples (labeled and unlabeled mixed,
-§1.7; plus ``labeled_batch`` labeled ones from their own stream, §8.5):
+§1.7; plus ``labeled_batch`` labeled ones from their own stream, §8.6):
 
     logits, v   = net(weak view)              [and net(strong view), in the same forward pass]
     l, c        = bank.stored(indices)        # targets from the previous visit
@@ -268,8 +268,9 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_signal = signum
 
-    def fit(self) -> dict:
-        """Trains to ``cfg.epochs``; returns the last epoch's metrics row."""
+    def fit(self, after_epoch=None) -> dict:
+        """Trains to ``cfg.epochs``; returns the last epoch's metrics row. ``after_epoch``: called with
+        no argument after each epoch is saved (the CLI hands a finished baseline's core back)."""
         cfg = self.cfg
         tb = None
         if self.rank == 0:
@@ -294,6 +295,8 @@ class Trainer:
                     tb.add(row)
                 self.save()
                 self.progress.line(report.epoch_line(row, cfg.epochs, cfg.supervised_only))
+                if after_epoch is not None:
+                    after_epoch()
                 if self.stop_signal is not None:
                     raise Interrupted(self.stop_signal, cfg.run_dir)
         finally:

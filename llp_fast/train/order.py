@@ -2,7 +2,7 @@
 
 LLP draws mini-batches uniformly from all training examples, labeled and unlabeled mixed
 (docs/method.md §1.7): one permutation of the N examples per epoch. With ``labeled_batch`` L > 0
-(docs/method.md §8.5) every batch also takes L labeled examples from a stream of their own (one
+(docs/method.md §8.6) every batch also takes L labeled examples from a stream of their own (one
 permutation of the labeled examples after another), so the labeled share of a batch does not shrink
 with the label rate. The supervised-only baseline visits its labeled examples only, repeated to the
 same number of steps, so that both runs take the same schedule. Under torch.distributed each rank
