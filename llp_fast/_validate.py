@@ -231,7 +231,8 @@ def temperature(tau, name: str = "tau") -> float:
     return tau
 
 
-def fraction(x, name: str) -> float:
+def unit_interval(x, name: str) -> float:
+    """In [0, 1] (the meaning of :func:`llp_fast._checks.unit_interval`)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(x).__name__}")
     x = float(x)

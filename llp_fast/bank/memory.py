@@ -264,7 +264,7 @@ class MemoryBank(BankState):
         tau = check.temperature(tau)
         rows, emb = self._check_batch(indices, embeddings, tau)
         check.positive_int(k, "k", high=self.num_labeled, high_what="the number of labeled points M")
-        check.fraction(momentum, "momentum")
+        check.unit_interval(momentum, "momentum")
         out = self._propagate_rows(rows, emb, k=k, tau=tau, density_weighting=density_weighting)
         bank_update_(self.embeddings, rows, emb, momentum=momentum, check_finite=False)
         return out

@@ -194,7 +194,7 @@ class ShardedMemoryBank:
     @torch.no_grad()
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
         """docs/method.md §1.6's blend for the global batch; every rank writes the rows it owns."""
-        momentum = check.fraction(momentum, "momentum")
+        momentum = check.unit_interval(momentum, "momentum")
         idx_all, emb_all = self._gather_batch(indices, embeddings)
         own = self._owned(idx_all)
         if bool(own.any()):
@@ -270,7 +270,7 @@ class ShardedMemoryBank:
         in gathered order. Returns (labels, confidence) of the gathered unlabeled examples."""
         check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
         tau = check.temperature(tau)
-        momentum = check.fraction(momentum, "momentum")
+        momentum = check.unit_interval(momentum, "momentum")
         idx_all, emb_all = self._gather_batch(indices, embeddings)
         labels, conf, sel = self._propagate(idx_all, emb_all, k, tau, density_weighting)
         own = self._owned(idx_all)

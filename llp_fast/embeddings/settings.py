@@ -18,10 +18,9 @@ times ``rounds=1`` once M >= 10,000 (docs/embeddings.md, "Cost of the default").
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass
 
+from .. import _checks
 from ..errors import ConfigError
 
 DEFAULT_ROUNDS = 10
@@ -31,16 +30,20 @@ MULTI_ROUND_LABELED_WEIGHT = 3.0
 POOLS = ("auto", "unlabeled", "all")
 
 
+def _checked(name: str, check, v):
+    """``check(v)`` (:mod:`llp_fast._checks`: one meaning per name), its error naming the setting."""
+    try:
+        return check(v)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
 def _int(name, v, low=1):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-        raise ConfigError(f"{name} must be a whole number >= {low}, got {v!r}")
-    return int(v)
+    return _checked(name, _checks.count if low == 0 else _checks.positive_int, v)
 
 
 def _positive(name, v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
-        raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
-    return float(v)
+    return _checked(name, _checks.positive_float, v)
 
 
 @dataclass(frozen=True)

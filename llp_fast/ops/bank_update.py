@@ -57,7 +57,7 @@ def bank_update_(bank, indices, values, *, momentum: float = 0.5, check_finite: 
     check.same_space(bank, "bank", values, "values", dtype=False)
     check.vector(indices, "indices", values.shape[0], device=bank.device, kind="int")
     check.in_range(indices, "indices", 0, bank.shape[0], "rows of the bank")
-    momentum = check.fraction(momentum, "momentum")
+    momentum = check.unit_interval(momentum, "momentum")
     if check_finite:
         check.blend_fits(bank, check.finite(values, "values"), "values")
         if not check.tracing():  # the rows blended (B x D; the rest of the bank is not read)
