@@ -55,9 +55,9 @@ class Interrupted(Exception):
 
 
 class Terminated(BaseException):
-    """Raised by a tool's SIGTERM handler and handled as Ctrl-C is (exit 130, nothing half-written).
-    Not a KeyboardInterrupt: one raised from the handler now and then ended the process by SIGINT
-    (exit -2) instead of the 130 the tool returned."""
+    """Raised by a tool's SIGINT and SIGTERM handler; the tool ends with 130, nothing half-written.
+    Not a KeyboardInterrupt: one of those now and then ended the process by SIGINT (exit -2) after
+    the tool had returned 130."""
 
 
 # A DataLoader worker re-raises its exception in the main process with the worker's traceback in

@@ -175,15 +175,20 @@ def main(argv=None) -> int:
     _common.set_dist_timeout(args.dist_timeout)
     if args.nproc > 1 and not distributed.launched():
         return _common.run(PROG, _relaunch, args, argv)
-    try:  # SIGTERM cleans up as Ctrl-C does (main thread only)
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:
-        previous = None
+    # SIGINT and SIGTERM raise Terminated (main thread only): a KeyboardInterrupt that lands inside
+    # code run by a C extension can leave CPython's "unhandled Ctrl-C" mark set, and the process then
+    # ends by SIGINT (-2) after printing its line, instead of returning 130
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, _terminate)
+        except ValueError:
+            pass
     try:
         return distributed.finish(_common.run(PROG, _run, args))
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
