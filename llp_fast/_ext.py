@@ -34,6 +34,7 @@ CPU_SOURCES = (
     "bindings.cpp",
     "cpu/aggregation_loss_cpu.cpp",
     "cpu/bank_update_cpu.cpp",
+    "cpu/scan_f32.cpp",
     "cpu/topk_scores_cpu.cpp",
 )
 CUDA_SOURCES = ("cuda/bank_update_cuda.cu",)
@@ -56,9 +57,9 @@ def cxx_flags(cuda: bool) -> list[str]:
     # -fopenmp: at::parallel_for is an inline template around `#pragma omp parallel`; without it the
     # kernels compile to a serial loop. The OpenMP runtime resolves to the libgomp torch loaded.
     # -ffp-contract=off: a multiply and an add round separately, as the reference's mul_ and add_ (the
-    # AVX2 and AVX-512 clones of csrc/cpu/topk.h's scan would otherwise fuse them). No -march: the
-    # object runs on any x86-64; the kernels that gain from a wider instruction set are compiled once
-    # per set and chosen at load time (target_clones).
+    # AVX2 and AVX-512 variants of csrc/cpu/scan_f32.cpp would otherwise fuse them). No -march: the
+    # object runs on any x86-64; the scan that gains from a wider instruction set is compiled once per
+    # set (target attributes) and chosen at run time by the CPU's features.
     flags = ["-O3", "-ffp-contract=off"]
     if sys.platform.startswith("linux"):
         flags.append("-fopenmp")

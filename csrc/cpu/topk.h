@@ -6,29 +6,29 @@
 //     s_ij = (q_i . key_j) * (1 / tau) + bias_j
 // over the key rows j (bias -inf: a masked key, never chosen) without the Q x N score matrix and
 // without sorting a row of N scores:
-//   1. a (ROWS x COLS) score tile comes from one BLAS call into a per-thread buffer that stays in
-//      L2 (always the full tile: the last blocks are padded, so a score never depends on how the
+//   1. a (ROWS x COLS) score tile comes from one BLAS call (sgemm_/dgemm_ of the BLAS torch links,
+//      called directly: no dispatcher, no tensor per tile) into a per-thread buffer that stays in
+//      cache (always the full tile: the last blocks are padded, so a score never depends on how the
 //      caller chunked the keys);
 //   2. one pass over each row of the tile scales, adds the bias and asks, 64 columns at a time,
-//      whether any score beats the row's running k-th best (its threshold); only a block that has
-//      one is read again, to append its candidates to the row's buffer without a branch. Once a
-//      row has seen a few hundred keys the threshold rejects almost every block. This pass is
-//      compiled for AVX-512, AVX2 and baseline x86-64 and chosen at load time (GCC's
-//      target_clones: an ifunc resolver reads the CPU's features; never -march=native);
-//   3. a row's buffer holds 2k + 64 candidates; when it is full it is cut back to the best k
-//      (nth_element) and the threshold rises to the k-th value;
-//   4. at the end the best k are sorted and handed to the caller's finish.
-// A float candidate is one 64-bit word: the score's bits mapped so that a larger score is a smaller
-// word, above the key's index within the call. Sorting words ascending orders candidates by score
-// descending, equal scores by the lower index (the op's tie rule), with the integer compares of
-// nth_element and sort, which is what keeps k = 1000 cheap. float64 keeps a (value, index) pair.
+//      whether any score beats the row's threshold; only a block that has one appends its
+//      candidates to the row's buffer (float32: a vector left-pack of the passing lanes, no per-column
+//      branch). Once a row has seen a few hundred keys the threshold rejects almost every block.
+//      This pass is compiled for AVX-512, AVX2 and baseline x86-64 and chosen once by the CPU's
+//      features (csrc/cpu/scan_f32.cpp; never -march=native);
+//   3. a row's buffer holds 2k + 72 candidates; when it is full it is cut back to the best k and the
+//      threshold rises to the k-th value (float32: a radix select on the scores' ordered bits, then a
+//      stable compaction, so the buffer stays in key order);
+//   4. at the end the best k are sorted (float32: a stable radix sort on the score bits, so equal
+//      scores keep key order) and handed to the caller's finish.
+// The order is the op's: score descending, equal scores by the lower key index. float64 keeps
+// (value, index) pairs and std::nth_element / std::sort with that order.
 // Parallelism: at::parallel_for over blocks of query rows; BLAS runs single-threaded inside each
-// task (nested OpenMP), which is what keeps every core busy on its own L2-resident tile.
-// Extra memory: O(threads * ROWS * (COLS + 2k + 64)) for the tiles and candidate buffers, plus O(Q)
+// task (nested OpenMP), which is what keeps every core busy on its own cache-resident tile.
+// Extra memory: O(threads * ROWS * (COLS + 2k + 72)) for the tiles and candidate buffers, plus O(Q)
 // for the outputs; a query or key block is converted per task when its dtype is not the compute one.
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -43,13 +43,18 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace llp_fast {
 namespace topk {
 
-// Tile shape. ROWS x COLS floats = 512 KB for the tile; with the 256-row query block and the
-// 512-row key block (128 KB + 256 KB at D = 128) it fits one core's L2 on current server CPUs
-// (1-2 MB). 256 x 512 came out of a sweep over {64..512} x {512..4096}, counted in process CPU
-// time so that a shared machine does not skew it: tall blocks amortise each key block over more rows.
+// Tile shape. ROWS x COLS floats = 512 KB for the tile, with a 256-row query block and a 512-row key
+// block (128 KB + 256 KB at D = 128). 256 x 512 came out of a sweep over {64..512} x {512..4096},
+// counted in process CPU time so that a shared machine does not skew it: tall blocks amortise each
+// key block over more rows (on a 512 KB-L2 AMD EPYC 256 x 512 is still the fastest tile of the
+// sweep's neighbours, bench/results/topk_cpu-amd-epyc.md).
 // Fewer rows per block when there are too few queries to give every thread a block.
 // LLP_FAST_CPU_TILE="rows,cols" overrides both (for tuning on other machines, and tests).
 struct Tile {
@@ -72,194 +77,396 @@ inline Tile tile_for(int64_t nq) {
   return t;
 }
 
-constexpr int64_t kBlock = 32;  // columns per "any candidate here?" test
-constexpr int64_t kMaxKeys = int64_t(1) << 32;  // a float candidate's index has 32 bits
+constexpr int64_t kBlock = 64;  // columns per "any candidate here?" test
+constexpr int64_t kRoom = kBlock + 8;  // free slots a scan needs before a block (a left-pack writes 8 lanes)
+constexpr int64_t kMaxKeys = int64_t(1) << 32;  // a float32 candidate's index has 32 bits
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// One candidate. Word<float> packs it into 64 bits (see the top of the file); Word<double> is a pair.
-template <typename acc_t>
-struct Word;
+// ---------------------------------------------------------------------------------------------
+// Step 1: the score tile. S (rows x cols, row-major) = A (rows x dim, row stride lda) . B^T (B: cols x
+// dim, row stride ldb), from the BLAS that torch itself calls (found in torch's library at first use;
+// at::mm_out when there is none).
+bool blas_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t rows, int64_t cols,
+               int64_t dim);
+bool blas_gemm(const double* a, int64_t lda, const double* b, int64_t ldb, double* c, int64_t rows, int64_t cols,
+               int64_t dim);
 
-template <>
-struct Word<float> {
-  using type = uint64_t;
-  static type make(float x, int64_t index) {
-    x += 0.0f;  // -0 -> +0: equal scores must give equal bits
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    // Ascending with x: a negative float's bits all flipped, a positive one's sign bit set.
-    const uint32_t up = u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
-    return (static_cast<uint64_t>(~up) << 32) | static_cast<uint32_t>(index);
-  }
-  static float value(type w) {
-    const uint32_t up = ~static_cast<uint32_t>(w >> 32);
-    const uint32_t u = (up & 0x80000000u) ? (up & 0x7fffffffu) : ~up;
-    float x;
-    std::memcpy(&x, &u, 4);
-    return x;
-  }
-  static int64_t index(type w) { return static_cast<int64_t>(w & 0xffffffffu); }
-  struct Better {  // a functor, not a function pointer: std::sort and nth_element inline it
-    bool operator()(type a, type b) const { return a < b; }
-  };
-};
+// ---------------------------------------------------------------------------------------------
+// Step 2 for one row, float32 (csrc/cpu/scan_f32.cpp): appends every j in [j, n) with
+// x_j = s[j] * inv_tau + bias[j] > thr to (vals, idx)[*count ...] (idx = base + j), in order of j, and
+// returns where it stopped: n, or a block boundary once fewer than kRoom slots remain before cap (the
+// caller then shrinks the buffer). The multiply and the add round separately (-ffp-contract=off), as the
+// reference's mul_ and add_.
+using ScanF32 = int64_t (*)(const float* s, const float* bias, int64_t j, int64_t n, float inv_tau, float thr,
+                            uint32_t base, float* vals, uint32_t* idx, int64_t* count, int64_t cap);
+ScanF32 scan_f32();  // the variant for this CPU (AVX-512, AVX2, or baseline), chosen once
+const char* scan_f32_isa();
 
-template <>
-struct Word<double> {
-  struct type {
-    double v;
-    int64_t i;
-  };
-  static type make(double x, int64_t index) { return {x + 0.0, index}; }
-  static double value(const type& w) { return w.v; }
-  static int64_t index(const type& w) { return w.i; }
-  struct Better {
-    bool operator()(const type& a, const type& b) const { return a.v > b.v || (a.v == b.v && a.i < b.i); }
-  };
-};
-
-// Step 2 for one row: scans x_j = s[j] * inv_tau + bias[j] for j in [j, n), appending every
-// x_j > thr to out[*count ...] (as Word<float> with index base + j), and returns where it stopped:
-// n, or earlier once fewer than kBlock free slots remain (the caller then shrinks the buffer).
-// The multiply and the add round separately (-ffp-contract=off), as the reference's mul_ and add_.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-#define LLP_FAST_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LLP_FAST_ISA_CLONES
-#endif
-
-LLP_FAST_ISA_CLONES int64_t scan_row_f32(const float* s, const float* bias, int64_t j, int64_t n, float inv_tau,
-                                         float thr, int64_t base, uint64_t* out, int64_t* count, int64_t cap);
-LLP_FAST_ISA_CLONES int64_t scan_row_f64(const double* s, const double* bias, int64_t j, int64_t n, double inv_tau,
-                                         double thr, int64_t base, Word<double>::type* out, int64_t* count,
-                                         int64_t cap);
-
-inline int64_t scan_row(const float* s, const float* bias, int64_t j, int64_t n, float inv_tau, float thr,
-                        int64_t base, uint64_t* out, int64_t* count, int64_t cap) {
-  return scan_row_f32(s, bias, j, n, inv_tau, thr, base, out, count, cap);
+// Ordered bits of a float: ascending with the value (-0 and +0 equal).
+inline uint32_t key_of(float x) {
+  x += 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u ^ (static_cast<uint32_t>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
 }
-inline int64_t scan_row(const double* s, const double* bias, int64_t j, int64_t n, double inv_tau, double thr,
-                        int64_t base, Word<double>::type* out, int64_t* count, int64_t cap) {
-  return scan_row_f64(s, bias, j, n, inv_tau, thr, base, out, count, cap);
+inline float value_of(uint32_t key) {
+  const uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
 }
-
-// Radix selection and sort of float candidates (64-bit words, smaller = better): linear passes over
-// 8-bit digits of (word - smallest word), no data-dependent branches, where nth_element and sort spend
-// their time in mispredicted compares once k is in the hundreds. `tmp` is scratch of n words.
 inline int bit_length(uint64_t x) { return x ? 64 - __builtin_clzll(x) : 0; }
 
-// Moves the k smallest of buf[0, n) to buf[0, k), in no particular order (1 <= k < n).
-inline void radix_select(uint64_t* buf, int64_t n, int64_t k, uint64_t* tmp) {
-  while (k < n) {
-    uint64_t lo = buf[0], hi = buf[0];
+// The k-th largest of u[0, n) (1 <= k <= n) and how many are larger: a radix select over the bits in
+// which the keys differ, with about 2n buckets a level (8 to 11 bits: a few levels, each a histogram
+// pass and a pass that keeps the k-th key's bucket). `tmp` is scratch of n keys.
+inline uint32_t kth_largest(const uint32_t* u, int64_t n, int64_t k, uint32_t* tmp, int64_t* larger) {
+  int64_t above = 0;  // keys known to be larger than the k-th (in buckets above its bucket)
+  const uint32_t* src = u;
+  while (true) {
+    uint32_t lo = src[0], hi = src[0];
     for (int64_t i = 1; i < n; ++i) {
-      lo = std::min(lo, buf[i]);
-      hi = std::max(hi, buf[i]);
+      lo = std::min(lo, src[i]);
+      hi = std::max(hi, src[i]);
     }
-    const int shift = std::max(0, bit_length(hi - lo) - 8);
-    int64_t count[257] = {0};
-    for (int64_t i = 0; i < n; ++i) ++count[((buf[i] - lo) >> shift) + 1];
-    int64_t d = 0;  // the digit of the k-th smallest: count[d] < k <= count[d + 1] (cumulative)
-    for (int64_t b = 1; b <= 256; ++b) {
-      count[b] += count[b - 1];
-      if (count[b] < k) d = b;
+    if (lo == hi) {
+      *larger = above;
+      return lo;
     }
-    const int64_t below = count[d], at = count[d + 1] - below;
-    // buf <- [digit < d | digit == d], the rest dropped; then select within the digit-d words.
-    int64_t w = 0, e = 0;
+    const int digit = std::min(11, std::max(8, bit_length(static_cast<uint64_t>(n)) + 1));
+    const int shift = std::max(0, bit_length(hi - lo) - digit);
+    int32_t hist[2048];
+    const int64_t top = (hi - lo) >> shift;  // the largest key's bucket
+    std::memset(hist, 0, static_cast<size_t>(top + 1) * sizeof(int32_t));
+    for (int64_t i = 0; i < n; ++i) ++hist[(src[i] - lo) >> shift];
+    int64_t b = top, acc = 0;  // from the largest bucket down to the k-th key's
+    while (acc + hist[b] < k) acc += hist[b--];
+    above += acc;
+    k -= acc;
+    if (shift == 0) {  // the bucket holds one value
+      *larger = above;
+      return lo + static_cast<uint32_t>(b);
+    }
+    int64_t m = 0;
     for (int64_t i = 0; i < n; ++i) {
-      const uint64_t x = buf[i];
-      const int64_t dig = static_cast<int64_t>((x - lo) >> shift);
-      buf[w] = x;
-      w += dig < d;
-      tmp[e] = x;
-      e += dig == d;
+      const uint32_t x = src[i];
+      tmp[m] = x;
+      m += static_cast<int64_t>((x - lo) >> shift) == b;
     }
-    std::memcpy(buf + below, tmp, static_cast<size_t>(at) * sizeof(uint64_t));
-    if (shift == 0 || at == k - below) return;  // the digit-d words are all equal, or all needed
-    buf += below;
-    k -= below;
-    n = at;
+    src = tmp;
+    n = m;
   }
 }
 
-// Sorts buf[0, n) ascending: least significant digit first, 8 bits a pass, over the bits in which the
-// words differ.
-inline void radix_sort(uint64_t* buf, int64_t n, uint64_t* tmp) {
-  if (n < 64) {
-    std::sort(buf, buf + n);
-    return;
+// The smallest and largest of v[0, n) (n >= 1, no NaN).
+inline void min_max(const float* v, int64_t n, float* lo, float* hi) {
+  int64_t t = 0;
+#if defined(__SSE2__)
+  if (n >= 8) {
+    __m128 l0 = _mm_loadu_ps(v), l1 = _mm_loadu_ps(v + 4), h0 = l0, h1 = l1;
+    for (t = 8; t + 8 <= n; t += 8) {
+      const __m128 a = _mm_loadu_ps(v + t), b = _mm_loadu_ps(v + t + 4);
+      l0 = _mm_min_ps(l0, a);
+      l1 = _mm_min_ps(l1, b);
+      h0 = _mm_max_ps(h0, a);
+      h1 = _mm_max_ps(h1, b);
+    }
+    alignas(16) float l[4], h[4];
+    _mm_store_ps(l, _mm_min_ps(l0, l1));
+    _mm_store_ps(h, _mm_max_ps(h0, h1));
+    *lo = std::min(std::min(l[0], l[1]), std::min(l[2], l[3]));
+    *hi = std::max(std::max(h[0], h[1]), std::max(h[2], h[3]));
+  } else
+#endif
+  {
+    *lo = *hi = v[0];
+    t = 1;
   }
-  uint64_t lo = buf[0], hi = buf[0];
-  for (int64_t i = 1; i < n; ++i) {
-    lo = std::min(lo, buf[i]);
-    hi = std::max(hi, buf[i]);
+  for (; t < n; ++t) {
+    *lo = std::min(*lo, v[t]);
+    *hi = std::max(*hi, v[t]);
   }
-  const int bits = bit_length(hi - lo);
-  uint64_t *src = buf, *dst = tmp;
-  for (int shift = 0; shift < bits; shift += 8) {
-    int64_t count[257] = {0};
-    for (int64_t i = 0; i < n; ++i) ++count[(((src[i] - lo) >> shift) & 0xff) + 1];
-    for (int b = 1; b <= 256; ++b) count[b] += count[b - 1];
-    for (int64_t i = 0; i < n; ++i) dst[count[((src[i] - lo) >> shift) & 0xff]++] = src[i];
-    std::swap(src, dst);
-  }
-  if (src != buf) std::memcpy(buf, src, static_cast<size_t>(n) * sizeof(uint64_t));
 }
 
-template <typename word_t>
-inline void select_best(word_t* buf, int64_t n, int64_t k, word_t* tmp, typename Word<double>::Better better) {
-  (void)tmp;
-  std::nth_element(buf, buf + (k - 1), buf + n, better);
-}
-inline void select_best(uint64_t* buf, int64_t n, int64_t k, uint64_t* tmp, Word<float>::Better better) {
-  if (n < 256) {
-    std::nth_element(buf, buf + (k - 1), buf + n, better);
-  } else {
-    radix_select(buf, n, k, tmp);
+// Buckets of float scores for selection and sorting: bucket(x) = (xmax - x) * scale, which never
+// increases with x (a larger score never lands in a later bucket), so every score of an earlier bucket
+// beats every score of a later one. Scores are spread over the buckets by value, not by their bits.
+struct Buckets {
+  float xmax = 0, scale = 0;
+  int64_t nb = 0;
+  // false when the scores are all equal or their spread does not give a finite scale.
+  bool fit(const float* v, int64_t n, int64_t want) {
+    float hi, lo;
+    min_max(v, n, &lo, &hi);
+    nb = 16;
+    while (nb < want && nb < 4096) nb *= 2;
+    xmax = hi;
+    scale = static_cast<float>(nb - 1) / (hi - lo);
+    return hi > lo && std::isfinite(scale) && scale > 0;
   }
-}
-template <typename word_t>
-inline void sort_best(word_t* buf, int64_t n, word_t* tmp, typename Word<double>::Better better) {
-  (void)tmp;
-  std::sort(buf, buf + n, better);
-}
-inline void sort_best(uint64_t* buf, int64_t n, uint64_t* tmp, Word<float>::Better) { radix_sort(buf, n, tmp); }
-
-// The running top-k of one query row.
-template <typename acc_t>
-struct RowTopK {
-  using W = Word<acc_t>;
-  typename W::type* buf;  // capacity 2k + kBlock
-  int64_t count;
-  acc_t floor;      // scores <= floor never matter (known from elsewhere: -inf, or see fused_topk)
-  acc_t threshold;  // a score must be > threshold to matter (the k-th best once known, else the floor)
-
-  // Keep the best k; the threshold becomes the k-th best (scores equal to it lose: they come later
-  // in index order, and the tie rule prefers the earlier index), or stays the floor.
-  void shrink(int64_t k, typename W::type* tmp) {
-    if (count <= k) return;
-    select_best(buf, count, k, tmp, typename W::Better());
-    count = k;
-    typename W::type worst = buf[0];
-    for (int64_t i = 1; i < k; ++i) worst = typename W::Better()(worst, buf[i]) ? buf[i] : worst;
-    threshold = std::max(floor, W::value(worst));
+  int32_t operator()(float x) const {
+    return static_cast<int32_t>(std::min(static_cast<float>(nb - 1), (xmax - x) * scale));
   }
 };
 
-// Runs the fused top-k of queries x keys and calls finish(row, sorted words, n) for each query row,
-// where n = min(k, number of keys scoring above the row's floor) and a word's index is the key's
-// row in `keys`. `bias` has one acc_t per key (added). `floor` (optional, one per query row) starts
-// each row's threshold: a score at or below it is known not to matter (topk_scores passes just
-// below the k-th best of an earlier call, so that a stream of chunks does not learn the threshold
-// again in every chunk).
+// The running top-k of the rows of one query block, float32: per row a buffer of (value, key index)
+// in key order, its count, and its threshold (a score must be > threshold to matter: a value that at
+// least k buffered candidates reach, else the row's floor).
+struct RowsF32 {
+  int64_t k, cap;
+  std::vector<float> vals;
+  std::vector<uint32_t> idx;
+  std::vector<int64_t> count;
+  std::vector<float> floor, thr;
+  std::vector<uint32_t> keys, tmp;
+  std::vector<int32_t> bid, hist;
+  std::vector<float> out_v;
+  std::vector<int64_t> out_i;
+  std::vector<uint64_t> words, words_tmp;
+  ScanF32 scan = scan_f32();
+
+  std::vector<char> soft;  // the row's threshold is an estimate (see estimate), checked at the end
+
+  RowsF32(int64_t rows, int64_t k_, int64_t cols)
+      : k(k_),
+        cap(k_ + std::max<int64_t>(k_, 2 * kBlock) + kRoom),
+        vals(static_cast<size_t>(rows * cap)),
+        idx(static_cast<size_t>(rows * cap)),
+        count(rows),
+        floor(rows),
+        thr(rows),
+        keys(std::max(cap, cols)),
+        tmp(std::max(cap, cols)),
+        bid(cap),
+        hist(4096),
+        out_v(cap),
+        out_i(cap),
+        words(cap),
+        words_tmp(cap),
+        soft(rows) {}
+
+  void start(int64_t r, float f) {
+    count[r] = 0;
+    floor[r] = thr[r] = f;
+    soft[r] = 0;
+  }
+
+  // Large k: a threshold for row r estimated from its scores s[0, n) against a sample of the keys (the
+  // first key tile) out of `total`: the m-th best sample score, m well above the share k * n / total
+  // that the row's best k would have in a random sample (4 standard deviations and 4 more), so that
+  // the row keeps only about m * total / n candidates instead of learning its threshold from the first
+  // 2k keys. An estimate, not a bound: finish() is exact only if at least k scores beat it, which
+  // failed() checks; a row that fails is run again without one (fused_topk).
+  void estimate(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau, int64_t total) {
+    const double e = static_cast<double>(k) * static_cast<double>(n) / static_cast<double>(total);
+    const int64_t m = static_cast<int64_t>(std::ceil(e + 4.0 * std::sqrt(e) + 4.0));
+    uint32_t* u = keys.data();
+    int64_t c = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const float x = s[j] * inv_tau + bias[j];
+      u[c] = key_of(x);
+      c += x > thr[r];
+    }
+    if (m > c) return;  // too few sample scores above the floor to say anything
+    int64_t larger = 0;
+    const float t = value_of(kth_largest(u, c, m, tmp.data(), &larger));
+    if (t > thr[r]) {
+      thr[r] = t;
+      soft[r] = 1;
+    }
+  }
+
+  bool failed(int64_t r) const { return soft[r] && count[r] < k; }
+
+  // Keeps exactly the best k of row r (stable: the buffer stays in key order); the threshold becomes
+  // the k-th best (scores equal to it lose: they come later in key order), or stays the floor.
+  void exact_shrink(int64_t r) {
+    const int64_t n = count[r];
+    if (n <= k) return;
+    float* v = vals.data() + r * cap;
+    uint32_t* ix = idx.data() + r * cap;
+    uint32_t* u = keys.data();
+    for (int64_t t = 0; t < n; ++t) u[t] = key_of(v[t]);
+    int64_t larger = 0;
+    const uint32_t kth = kth_largest(u, n, k, tmp.data(), &larger);
+    int64_t need = k - larger;  // of the scores equal to the k-th, the first `need` in key order stay
+    int64_t w = 0;
+    for (int64_t t = 0; t < n; ++t) {  // without a branch: about half the buffer stays
+      const int64_t eq = u[t] == kth;
+      const int64_t keep = static_cast<int64_t>(u[t] > kth) | (eq & static_cast<int64_t>(need > 0));
+      need -= eq & keep;
+      v[w] = v[t];
+      ix[w] = ix[t];
+      w += keep;
+    }
+    count[r] = k;
+    thr[r] = std::max(floor[r], value_of(kth));
+  }
+
+  // Cuts row r's buffer to the candidates of the buckets down to the k-th best's (at least k, in key
+  // order); the threshold becomes their smallest score (at least k candidates reach it, and a later
+  // key that only ties it loses to them). Falls back to the exact cut when the scores cluster so that
+  // too few would go.
+  void shrink(int64_t r) {
+    const int64_t n = count[r];
+    if (n <= k) return;
+    float* v = vals.data() + r * cap;
+    uint32_t* ix = idx.data() + r * cap;
+    Buckets bk;
+    if (!bk.fit(v, n, n)) return exact_shrink(r);
+    int32_t* h = hist.data();
+    std::fill(h, h + bk.nb, 0);
+    int32_t* b = bid.data();
+    for (int64_t t = 0; t < n; ++t) {
+      b[t] = bk(v[t]);
+      ++h[b[t]];
+    }
+    int64_t last = 0, kept = h[0];
+    while (kept < k) kept += h[++last];
+    if (kept > k + (cap - k) / 2) return exact_shrink(r);
+    int64_t w = 0;
+    float low[4] = {kInf, kInf, kInf, kInf};  // four running minima: no chain of dependent min's
+    for (int64_t t = 0; t < n; ++t) {  // without a branch: about half the buffer stays
+      const int64_t keep = b[t] <= last;
+      const float x = v[t];
+      low[t & 3] = std::min(low[t & 3], keep ? x : kInf);
+      v[w] = x;
+      ix[w] = ix[t];
+      w += keep;
+    }
+    count[r] = w;
+    thr[r] = std::max(thr[r], std::min(std::min(low[0], low[1]), std::min(low[2], low[3])));
+  }
+
+  void scan_row(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau, uint32_t base) {
+    float* v = vals.data() + r * cap;
+    uint32_t* ix = idx.data() + r * cap;
+    for (int64_t j = 0; j < n;) {
+      j = scan(s, bias, j, n, inv_tau, thr[r], base, v, ix, &count[r], cap);
+      if (j < n) shrink(r);
+    }
+  }
+
+  // The best min(k, count) of row r sorted (score descending, equal scores in key order) into
+  // out_v / out_i; returns how many. Words (hi - key) << 32 | position sorted least significant digit
+  // first, 8 bits a pass over the score bits only (stable: equal scores keep key order).
+  int64_t finish(int64_t r) {
+    shrink(r);
+    const int64_t n = count[r];
+    const float* v = vals.data() + r * cap;
+    const uint32_t* ix = idx.data() + r * cap;
+    float* ov = out_v.data();
+    int64_t* oi = out_i.data();
+    if (n == 0) return 0;
+    uint32_t hi = 0, lo = 0xffffffffu;
+    uint32_t* u = keys.data();
+    for (int64_t t = 0; t < n; ++t) {
+      u[t] = key_of(v[t]);
+      hi = std::max(hi, u[t]);
+      lo = std::min(lo, u[t]);
+    }
+    uint64_t* w = words.data();
+    for (int64_t t = 0; t < n; ++t) w[t] = (static_cast<uint64_t>(hi - u[t]) << 32) | static_cast<uint64_t>(t);
+    const int bits = bit_length(hi - lo);
+    if (n < 64) {
+      std::sort(w, w + n);
+    } else if (bits > 0) {
+      uint64_t *src = w, *dst = words_tmp.data();
+      for (int shift = 32; shift < 32 + bits; shift += 8) {
+        int32_t c[257] = {0};
+        for (int64_t t = 0; t < n; ++t) ++c[((src[t] >> shift) & 0xff) + 1];
+        for (int b = 1; b <= 256; ++b) c[b] += c[b - 1];
+        for (int64_t t = 0; t < n; ++t) dst[c[(src[t] >> shift) & 0xff]++] = src[t];
+        std::swap(src, dst);
+      }
+      w = src;
+    }
+    const int64_t m = std::min(n, k);
+    for (int64_t t = 0; t < m; ++t) {
+      const uint32_t p = static_cast<uint32_t>(w[t]);
+      ov[t] = v[p];
+      oi[t] = ix[p];
+    }
+    return m;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// float64: (value, index) pairs, the generic scan, std::nth_element / std::sort.
+struct PairF64 {
+  double v;
+  int64_t i;
+};
+struct BetterF64 {
+  bool operator()(const PairF64& a, const PairF64& b) const { return a.v > b.v || (a.v == b.v && a.i < b.i); }
+};
+
+struct RowsF64 {
+  int64_t k, cap;
+  std::vector<PairF64> buf;
+  std::vector<int64_t> count;
+  std::vector<double> floor, thr;
+  std::vector<double> out_v;
+  std::vector<int64_t> out_i;
+
+  RowsF64(int64_t rows, int64_t k_, int64_t /*cols*/)
+      : k(k_), cap(2 * k_ + kRoom), buf(static_cast<size_t>(rows * cap)), count(rows), floor(rows), thr(rows),
+        out_v(k_), out_i(k_) {}
+
+  void start(int64_t r, double f) {
+    count[r] = 0;
+    floor[r] = thr[r] = f;
+  }
+
+  void estimate(int64_t, const double*, const double*, int64_t, double, int64_t) {}  // float32 only
+  bool failed(int64_t) const { return false; }
+
+  void shrink(int64_t r) {
+    if (count[r] <= k) return;
+    PairF64* b = buf.data() + r * cap;
+    std::nth_element(b, b + (k - 1), b + count[r], BetterF64());
+    count[r] = k;
+    double worst = b[0].v;
+    for (int64_t t = 1; t < k; ++t) worst = std::min(worst, b[t].v);
+    thr[r] = std::max(floor[r], worst);
+  }
+
+  void scan_row(int64_t r, const double* s, const double* bias, int64_t n, double inv_tau, uint32_t base) {
+    PairF64* b = buf.data() + r * cap;
+    for (int64_t j = 0; j < n; ++j) {
+      if (cap - count[r] < 1) shrink(r);
+      const double x = s[j] * inv_tau + bias[j];
+      if (x > thr[r]) b[count[r]++] = {x + 0.0, static_cast<int64_t>(base) + j};
+    }
+  }
+
+  int64_t finish(int64_t r) {
+    shrink(r);
+    PairF64* b = buf.data() + r * cap;
+    std::sort(b, b + count[r], BetterF64());
+    for (int64_t t = 0; t < count[r]; ++t) {
+      out_v[t] = b[t].v;
+      out_i[t] = b[t].i;
+    }
+    return count[r];
+  }
+};
+
+template <typename acc_t>
+using Rows = std::conditional_t<std::is_same<acc_t, float>::value, RowsF32, RowsF64>;
+
+// Runs the fused top-k of queries x keys and calls finish(row, values, indices, n) for each query row
+// with its best n = min(k, number of keys scoring above the row's floor) sorted, a key's index being its
+// row in `keys`. `bias` has one acc_t per key (added). `floor` (optional, one per query row) starts each
+// row's threshold: a score at or below it is known not to matter (topk_scores passes just below the
+// k-th best of an earlier call, so that a stream of chunks does not learn the threshold again in every
+// chunk).
 template <typename acc_t, typename Finish>
 void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* bias, int64_t k, double tau,
                 const Finish& finish, const acc_t* floor = nullptr) {
-  using W = Word<acc_t>;
   const at::ScalarType cdt = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
-  constexpr bool packed = std::is_same<acc_t, float>::value;
-  TORCH_CHECK(!packed || nk < kMaxKeys, "topk_scores_cpu: at most 2**32 - 1 keys a call");
+  TORCH_CHECK(nk < kMaxKeys, "topk_scores_cpu: at most 2**32 - 1 keys a call");
   if (nq == 0) return;
   const Tile tile = tile_for(nq);
   // Every product is a full (rows x cols) tile, the last query and key blocks padded with zero
@@ -268,63 +475,88 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // calls exactly; MKL's small-matrix paths round differently from its tiled ones).
   const int64_t rows = tile.rows;
   const int64_t cols = tile.cols;
-  const int64_t cap = 2 * k + kBlock;
   // The reference multiplies by the Python float 1/tau rounded to the compute type; so do we, so
   // that both see the same scores up to the matmul's summation order.
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-  // Full blocks already in the compute dtype are used in place (views, no copy); others are
+  // Blocks already in the compute dtype with unit column stride are read in place; others are
   // converted (or padded) one block at a time inside the task, so a bf16 bank is never copied whole.
-  const bool q_direct = queries.scalar_type() == cdt;
-  const bool k_direct = keys.scalar_type() == cdt;
+  auto in_place = [&](const at::Tensor& t) {
+    return t.scalar_type() == cdt && (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= dim;
+  };
+  const bool q_direct = in_place(queries), k_direct = in_place(keys);
   const int64_t blocks = (nq + rows - 1) / rows;
+  // Large k against many keys: each row's threshold is first estimated from the first key tile
+  // (RowsF32::estimate); LLP_FAST_CPU_NO_ESTIMATE=1 turns it off (tests, comparisons).
+  static const bool no_estimate = std::getenv("LLP_FAST_CPU_NO_ESTIMATE") != nullptr;
+  const bool sampled = std::is_same<acc_t, float>::value && !no_estimate && k >= 32 && nk >= 4 * cols;
+  const at::Tensor q_det = queries.detach(), k_det = keys.detach();  // see aggregation_loss_cpu.cpp
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const auto opts = queries.options().dtype(cdt);
     at::Tensor scores = at::empty({rows, cols}, opts);
-    std::vector<typename W::type> cand(static_cast<size_t>(rows * cap));
-    std::vector<typename W::type> scratch(static_cast<size_t>(cap));
-    std::vector<RowTopK<acc_t>> top(rows);
     at::Tensor q_buf = at::zeros({rows, dim}, opts);
     at::Tensor k_buf = at::zeros({cols, dim}, opts);
+    acc_t* s = scores.data_ptr<acc_t>();
+    Rows<acc_t> top(rows, k, cols);
+    std::vector<int64_t> redo;
 
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * rows;
       const int64_t nr = std::min(rows, nq - r0);
-      at::Tensor q = queries.detach().narrow(0, r0, nr);  // see aggregation_loss_cpu.cpp on detach()
-      if (!q_direct || nr < rows) {
-        q_buf.narrow(0, 0, nr).copy_(q);
+      const acc_t* qa;
+      int64_t lda;
+      if (q_direct && nr == rows) {
+        qa = q_det.const_data_ptr<acc_t>() + r0 * q_det.stride(0);
+        lda = q_det.stride(0);
+      } else {
+        q_buf.narrow(0, 0, nr).copy_(q_det.narrow(0, r0, nr));
         q_buf.narrow(0, nr, rows - nr).zero_();
-        q = q_buf;
+        qa = q_buf.const_data_ptr<acc_t>();
+        lda = dim;
       }
-      for (int64_t r = 0; r < nr; ++r) {
-        const acc_t f = floor != nullptr ? floor[r0 + r] : -std::numeric_limits<acc_t>::infinity();
-        top[r] = RowTopK<acc_t>{cand.data() + r * cap, 0, f, f};
-      }
-
-      for (int64_t c0 = 0; c0 < nk; c0 += cols) {
-        const int64_t nc = std::min(cols, nk - c0);
-        at::Tensor kc = keys.detach().narrow(0, c0, nc);
-        if (!k_direct || nc < cols) {
-          k_buf.narrow(0, 0, nc).copy_(kc);
-          k_buf.narrow(0, nc, cols - nc).zero_();
-          kc = k_buf;
+      // One pass over the keys for the rows [0, nr) (all) or the rows in `redo`.
+      auto pass = [&](bool all) {
+        const int64_t n_rows = all ? nr : static_cast<int64_t>(redo.size());
+        for (int64_t i = 0; i < n_rows; ++i) {
+          const int64_t r = all ? i : redo[i];
+          top.start(r, floor != nullptr ? floor[r0 + r] : -std::numeric_limits<acc_t>::infinity());
         }
-        at::mm_out(scores, q, kc.t());
-        const acc_t* s = scores.const_data_ptr<acc_t>();
-        for (int64_t r = 0; r < nr; ++r) {
-          RowTopK<acc_t>& t = top[r];
-          for (int64_t j = 0; j < nc;) {
-            j = scan_row(s + r * cols, bias + c0, j, nc, inv_tau, t.threshold, c0, t.buf, &t.count, cap);
-            if (j < nc) t.shrink(k, scratch.data());
+        for (int64_t c0 = 0; c0 < nk; c0 += cols) {
+          const int64_t nc = std::min(cols, nk - c0);
+          const acc_t* ka;
+          int64_t ldb;
+          if (k_direct && nc == cols) {
+            ka = k_det.const_data_ptr<acc_t>() + c0 * k_det.stride(0);
+            ldb = k_det.stride(0);
+          } else {
+            k_buf.narrow(0, 0, nc).copy_(k_det.narrow(0, c0, nc));
+            k_buf.narrow(0, nc, cols - nc).zero_();
+            ka = k_buf.const_data_ptr<acc_t>();
+            ldb = dim;
+          }
+          if (dim == 0) {
+            std::fill(s, s + rows * cols, acc_t(0));
+          } else if (!blas_gemm(qa, lda, ka, ldb, s, rows, cols, dim)) {
+            at::Tensor a = at::from_blob(const_cast<acc_t*>(qa), {rows, dim}, {lda, 1}, opts);
+            at::Tensor b = at::from_blob(const_cast<acc_t*>(ka), {cols, dim}, {ldb, 1}, opts);
+            at::mm_out(scores, a, b.t());
+          }
+          for (int64_t i = 0; i < n_rows; ++i) {
+            const int64_t r = all ? i : redo[i];
+            if (c0 == 0 && all && sampled) top.estimate(r, s + r * cols, bias, nc, inv_tau, nk);
+            top.scan_row(r, s + r * cols, bias + c0, nc, inv_tau, static_cast<uint32_t>(c0));
           }
         }
-      }
+      };
+      pass(true);
+      redo.clear();
+      for (int64_t r = 0; r < nr; ++r)
+        if (top.failed(r)) redo.push_back(r);
+      if (!redo.empty()) pass(false);  // rows whose estimated threshold kept fewer than k: exactly, again
 
       for (int64_t r = 0; r < nr; ++r) {
-        RowTopK<acc_t>& t = top[r];
-        t.shrink(k, scratch.data());
-        sort_best(t.buf, t.count, scratch.data(), typename W::Better());
-        finish(r0 + r, t.buf, t.count);
+        const int64_t n = top.finish(r);
+        finish(r0 + r, top.out_v.data(), top.out_i.data(), n);
       }
     }
   });

@@ -2,6 +2,7 @@
 // with key_mask set, from the fused top-K of csrc/cpu/topk.h, merged with the running top-k of an
 // earlier call (init) and written sorted by value descending, ties to the lower index; rows with
 // fewer than k candidates are padded with -inf and index -1.
+#include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <c10/util/Exception.h>
 
@@ -13,56 +14,6 @@
 #include "topk.h"
 
 namespace llp_fast {
-namespace topk {
-
-// Step 2 of csrc/cpu/topk.h, compiled once per instruction set (target_clones): see scan_row there.
-template <typename acc_t, typename word_t>
-__attribute__((always_inline)) inline int64_t scan(const acc_t* s, const acc_t* bias, int64_t j, int64_t n, acc_t inv_tau,
-                                                   acc_t thr, int64_t base, word_t* out, int64_t* count, int64_t cap) {
-  constexpr int64_t kGroup = 8;  // a block that has a candidate is read again 8 columns at a time
-  int64_t c = *count;
-  for (; j < n; j += kBlock) {
-    if (cap - c < kBlock) break;
-    const acc_t* sj = s + j;
-    const acc_t* bj = bias + j;
-    const int64_t m = std::min(kBlock, n - j);
-    int hit = 0;
-    if (m == kBlock) {  // a fixed trip count: one vectorised compare-and-or loop
-      for (int64_t i = 0; i < kBlock; ++i) hit |= (sj[i] * inv_tau + bj[i]) > thr;
-    } else {
-      for (int64_t i = 0; i < m; ++i) hit |= (sj[i] * inv_tau + bj[i]) > thr;
-    }
-    if (!hit) continue;
-    // Most blocks that pass hold one or two candidates: find their groups of 8, then the columns.
-    for (int64_t g = 0; g < m; g += kGroup) {
-      const int64_t e = std::min(m, g + kGroup);
-      int any = 0;
-      for (int64_t i = g; i < e; ++i) any |= (sj[i] * inv_tau + bj[i]) > thr;
-      if (!any) continue;
-      for (int64_t i = g; i < e; ++i) {  // without a branch: early in a row most of a group passes
-        const acc_t x = sj[i] * inv_tau + bj[i];
-        out[c] = Word<acc_t>::make(x, base + j + i);
-        c += x > thr;
-      }
-    }
-  }
-  *count = c;
-  return std::min(j, n);
-}
-
-LLP_FAST_ISA_CLONES int64_t scan_row_f32(const float* s, const float* bias, int64_t j, int64_t n, float inv_tau,
-                                         float thr, int64_t base, uint64_t* out, int64_t* count, int64_t cap) {
-  return scan<float>(s, bias, j, n, inv_tau, thr, base, out, count, cap);
-}
-
-LLP_FAST_ISA_CLONES int64_t scan_row_f64(const double* s, const double* bias, int64_t j, int64_t n, double inv_tau,
-                                         double thr, int64_t base, Word<double>::type* out, int64_t* count,
-                                         int64_t cap) {
-  return scan<double>(s, bias, j, n, inv_tau, thr, base, out, count, cap);
-}
-
-}  // namespace topk
-
 namespace {
 
 // A finished candidate: its score and its global index.
@@ -128,33 +79,42 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, co
   at::Tensor indices = at::empty({nq, k}, queries.options().dtype(at::kLong));
 
   AT_DISPATCH_FLOATING_TYPES(cdt, "topk_scores_cpu", [&] {
-    using W = topk::Word<scalar_t>;
     scalar_t* out_v = values.data_ptr<scalar_t>();
     int64_t* out_i = indices.data_ptr<int64_t>();
     const scalar_t* in_v = has_init ? init_v.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* in_i = has_init ? init_i.const_data_ptr<int64_t>() : nullptr;
     topk::fused_topk<scalar_t>(
         queries, keys, key_bias.const_data_ptr<scalar_t>(), k, tau,
-        [&](int64_t row, const typename W::type* c, int64_t cnt) {
+        [&](int64_t row, const scalar_t* cv, const int64_t* ci, int64_t cnt) {
           scalar_t* ov = out_v + row * k;
           int64_t* oi = out_i + row * k;
+          int64_t n = 0;
+          if (!has_init) {  // this call's candidates are the answer
+            for (; n < cnt; ++n) {
+              ov[n] = cv[n];
+              oi[n] = ci[n] + index_offset;
+            }
+            for (; n < k; ++n) {
+              ov[n] = -std::numeric_limits<scalar_t>::infinity();
+              oi[n] = -1;
+            }
+            return;
+          }
           // The earlier call's candidates, in the op's order (an earlier call's output already is;
           // anything else is sorted first), then merged with this call's: the best k of the two.
           thread_local std::vector<Entry<scalar_t>> prev;
           prev.clear();
-          if (has_init) {
-            for (int64_t i = 0; i < k; ++i) {
-              const int64_t j = in_i[row * k + i];
-              if (j >= 0) prev.push_back({in_v[row * k + i], j});  // -1: padding
-            }
-            if (!std::is_sorted(prev.begin(), prev.end(), before<scalar_t>))
-              std::sort(prev.begin(), prev.end(), before<scalar_t>);
+          for (int64_t i = 0; i < k; ++i) {
+            const int64_t j = in_i[row * k + i];
+            if (j >= 0) prev.push_back({in_v[row * k + i], j});  // -1: padding
           }
-          int64_t a = 0, b = 0, n = 0;
+          if (!std::is_sorted(prev.begin(), prev.end(), before<scalar_t>))
+            std::sort(prev.begin(), prev.end(), before<scalar_t>);
+          int64_t a = 0, b = 0;
           const int64_t np = static_cast<int64_t>(prev.size());
           for (; n < k && (a < cnt || b < np); ++n) {
             Entry<scalar_t> e;
-            if (a < cnt) e = {W::value(c[a]), W::index(c[a]) + index_offset};
+            if (a < cnt) e = {cv[a], ci[a] + index_offset};
             if (a < cnt && (b >= np || before<scalar_t>(e, prev[b]))) {
               ++a;
             } else {

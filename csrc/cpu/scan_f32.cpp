@@ -1,0 +1,232 @@
+// Steps 1 and 2 of csrc/cpu/topk.h: the score tile's BLAS call, and the float32 scan of a tile row
+// compiled once per instruction set (AVX-512, AVX2, baseline x86-64) and chosen once, by the CPU's
+// features, at the first call. The build has no -march: only the functions below that carry a target
+// attribute use wider instructions, and only when the CPU has them.
+#include <ATen/Functions.h>
+#include <c10/util/Exception.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "topk.h"
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define LLP_FAST_X86 1
+#include <immintrin.h>
+#endif
+
+namespace llp_fast {
+namespace topk {
+
+// ---------------------------------------------------------------------------------------------
+// Step 1. sgemm_/dgemm_ (Fortran BLAS: MKL in torch's x86 wheels, OpenBLAS elsewhere), looked up in
+// the library that holds at::mm_out, so that the tile comes from the same BLAS as torch.mm, without
+// the dispatcher and a tensor per tile. Not found (a torch without a Fortran-style BLAS): false, and
+// the caller uses at::mm_out.
+namespace {
+
+using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                         const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                         const int*, const double*, const int*, const double*, double*, const int*);
+
+struct Blas {
+  sgemm_t sgemm = nullptr;
+  dgemm_t dgemm = nullptr;
+  Blas() {
+    if (std::getenv("LLP_FAST_CPU_NO_BLAS") != nullptr) return;  // tests: the at::mm_out path
+    Dl_info info;
+    using mm_t = at::Tensor& (*)(at::Tensor&, const at::Tensor&, const at::Tensor&);
+    const mm_t mm = &at::mm_out;
+    if (dladdr(reinterpret_cast<void*>(mm), &info) == 0 || info.dli_fname == nullptr) return;
+    void* lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+    if (lib == nullptr) return;
+    sgemm = reinterpret_cast<sgemm_t>(dlsym(lib, "sgemm_"));
+    dgemm = reinterpret_cast<dgemm_t>(dlsym(lib, "dgemm_"));
+    // the handle stays open: torch's library is never unloaded while we run
+  }
+};
+
+const Blas& blas() {
+  static const Blas b;
+  return b;
+}
+
+bool fits_int(int64_t x) { return x >= 0 && x <= std::numeric_limits<int>::max(); }
+
+// Column-major BLAS sees row-major S (rows x cols) as S^T (cols x rows) = B (cols x dim) . A^T.
+template <typename T, typename F>
+bool gemm(F f, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t rows, int64_t cols, int64_t dim) {
+  if (f == nullptr || !fits_int(lda) || !fits_int(ldb) || !fits_int(rows * cols)) return false;
+  const int m = static_cast<int>(cols), n = static_cast<int>(rows), k = static_cast<int>(dim);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(cols);
+  const T one = 1, zero = 0;
+  f("T", "N", &m, &n, &k, &one, b, &la, a, &lb, &zero, c, &lc);
+  return true;
+}
+
+}  // namespace
+
+bool blas_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t rows, int64_t cols,
+               int64_t dim) {
+  return gemm(blas().sgemm, a, lda, b, ldb, c, rows, cols, dim);
+}
+
+bool blas_gemm(const double* a, int64_t lda, const double* b, int64_t ldb, double* c, int64_t rows, int64_t cols,
+               int64_t dim) {
+  return gemm(blas().dgemm, a, lda, b, ldb, c, rows, cols, dim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step 2. Every variant appends the same candidates in the same order (ScanF32 in topk.h).
+namespace {
+
+// The columns [j, e) one at a time, without a branch per column (early in a row most of them pass).
+inline int64_t scan_scalar(const float* s, const float* bias, int64_t j, int64_t e, float inv_tau, float thr,
+                           uint32_t base, float* vals, uint32_t* idx, int64_t c) {
+  for (; j < e; ++j) {
+    const float x = s[j] * inv_tau + bias[j];
+    vals[c] = x;
+    idx[c] = base + static_cast<uint32_t>(j);
+    c += x > thr;
+  }
+  return c;
+}
+
+// Baseline x86-64 (or any CPU): a fixed-trip "any candidate?" loop the compiler vectorises, then the
+// scalar append for a block that has one.
+int64_t scan_generic(const float* s, const float* bias, int64_t j, int64_t n, float inv_tau, float thr,
+                     uint32_t base, float* vals, uint32_t* idx, int64_t* count, int64_t cap) {
+  int64_t c = *count;
+  for (; j < n; j += kBlock) {
+    if (cap - c < kRoom) break;
+    const int64_t e = std::min(n, j + kBlock);
+    if (e - j == kBlock) {
+      int hit = 0;
+      for (int64_t i = 0; i < kBlock; ++i) hit |= (s[j + i] * inv_tau + bias[j + i]) > thr;
+      if (!hit) continue;
+    }
+    c = scan_scalar(s, bias, j, e, inv_tau, thr, base, vals, idx, c);
+  }
+  *count = c;
+  return std::min(j, n);
+}
+
+#ifdef LLP_FAST_X86
+
+// Left-pack table: for each 8-bit mask, the lanes whose bit is set, first (then the rest).
+struct PackTable {
+  alignas(32) int32_t lanes[256][8];
+  PackTable() {
+    for (int m = 0; m < 256; ++m) {
+      int w = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m >> l & 1) lanes[m][w++] = l;
+      for (int l = 0; l < 8; ++l)
+        if (!(m >> l & 1)) lanes[m][w++] = l;
+    }
+  }
+};
+const PackTable kPack;
+
+__attribute__((target("avx2,popcnt"))) int64_t scan_avx2(const float* s, const float* bias, int64_t j, int64_t n,
+                                                         float inv_tau, float thr, uint32_t base, float* vals,
+                                                         uint32_t* idx, int64_t* count, int64_t cap) {
+  const __m256 vt = _mm256_set1_ps(inv_tau), vthr = _mm256_set1_ps(thr);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t c = *count;
+  for (; j < n; j += kBlock) {
+    if (cap - c < kRoom) break;
+    if (n - j < kBlock) {
+      c = scan_scalar(s, bias, j, n, inv_tau, thr, base, vals, idx, c);
+      continue;
+    }
+    __m256 x[8];
+    for (int v = 0; v < 8; ++v)
+      x[v] = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j + 8 * v), vt), _mm256_loadu_ps(bias + j + 8 * v));
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])),
+                                   _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7])));
+    if (_mm256_movemask_ps(_mm256_cmp_ps(m, vthr, _CMP_GT_OQ)) == 0) continue;
+    for (int v = 0; v < 8; ++v) {
+      const int bits = _mm256_movemask_ps(_mm256_cmp_ps(x[v], vthr, _CMP_GT_OQ));
+      if (bits == 0) continue;
+      const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.lanes[bits]));
+      const __m256i id = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base + j + 8 * v)), iota);
+      _mm256_storeu_ps(vals + c, _mm256_permutevar8x32_ps(x[v], lanes));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + c), _mm256_permutevar8x32_epi32(id, lanes));
+      c += __builtin_popcount(static_cast<unsigned>(bits));
+    }
+  }
+  *count = c;
+  return std::min(j, n);
+}
+
+__attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const float* s, const float* bias, int64_t j,
+                                                              int64_t n, float inv_tau, float thr, uint32_t base,
+                                                              float* vals, uint32_t* idx, int64_t* count,
+                                                              int64_t cap) {
+  const __m512 vt = _mm512_set1_ps(inv_tau), vthr = _mm512_set1_ps(thr);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t c = *count;
+  for (; j < n; j += kBlock) {
+    if (cap - c < kRoom) break;
+    if (n - j < kBlock) {
+      c = scan_scalar(s, bias, j, n, inv_tau, thr, base, vals, idx, c);
+      continue;
+    }
+    __m512 x[4];
+    for (int v = 0; v < 4; ++v)
+      x[v] = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j + 16 * v), vt), _mm512_loadu_ps(bias + j + 16 * v));
+    const __m512 m = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
+    if (_mm512_cmp_ps_mask(m, vthr, _CMP_GT_OQ) == 0) continue;
+    for (int v = 0; v < 4; ++v) {
+      const __mmask16 bits = _mm512_cmp_ps_mask(x[v], vthr, _CMP_GT_OQ);
+      if (bits == 0) continue;
+      const __m512i id = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base + j + 16 * v)), iota);
+      _mm512_mask_compressstoreu_ps(vals + c, bits, x[v]);
+      _mm512_mask_compressstoreu_epi32(idx + c, bits, id);
+      c += __builtin_popcount(static_cast<unsigned>(bits));
+    }
+  }
+  *count = c;
+  return std::min(j, n);
+}
+
+#endif  // LLP_FAST_X86
+
+struct Choice {
+  ScanF32 fn = scan_generic;
+  const char* isa = "baseline";
+  Choice() {
+    const char* want = std::getenv("LLP_FAST_CPU_ISA");  // tests: force a variant this CPU has
+    const auto allowed = [&](const char* name) { return want == nullptr || std::strcmp(want, name) == 0; };
+#ifdef LLP_FAST_X86
+    __builtin_cpu_init();
+    if (allowed("avx512") && __builtin_cpu_supports("avx512f")) {
+      fn = scan_avx512;
+      isa = "avx512";
+    } else if (allowed("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) {
+      fn = scan_avx2;
+      isa = "avx2";
+    }
+#else
+    (void)allowed;
+#endif
+  }
+};
+
+const Choice& choice() {
+  static const Choice c;
+  return c;
+}
+
+}  // namespace
+
+ScanF32 scan_f32() { return choice().fn; }
+const char* scan_f32_isa() { return choice().isa; }
+
+}  // namespace topk
+}  // namespace llp_fast
