@@ -1,0 +1,139 @@
+"""The CPU top-K kernel's own paths (csrc/cpu/topk.h, csrc/cpu/scan_f32.cpp) against the reference:
+large K (the bucket shrink, the radix sort, the threshold estimated from the first key tile and the
+rows run again when it was too high), equal scores at every cut, and each scan variant the CPU has
+(AVX-512, AVX2, baseline) and the at::mm_out tile, each chosen once per process (LLP_FAST_CPU_ISA,
+LLP_FAST_CPU_NO_BLAS), so those run in child processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _ext_setup import require_ext
+
+from llp_fast.reference import topk_scores_ref
+
+# Native kernels on odd shapes: a crash fails this module's tests, not the whole run.
+pytestmark = pytest.mark.isolated
+
+TAU = 0.07
+OP = torch.ops.llp_fast.topk_scores.default
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _unit(n, d, g, dtype=torch.float32):
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
+
+
+def _same(args, *, exact_indices=True):
+    """The kernel's values and indices against the reference's: values to float32 rounding of the
+    matmul's order, indices equal wherever neighbouring values are not within that rounding."""
+    values, indices = OP(*args)
+    ref_v, ref_i = topk_scores_ref(*args)
+    torch.testing.assert_close(values, ref_v, rtol=0, atol=1e-5)
+    assert torch.equal(indices < 0, ref_i < 0)
+    gaps = (ref_v[:, 1:] - ref_v[:, :-1]).abs()
+    clear = torch.ones_like(ref_i, dtype=torch.bool)
+    clear[:, 1:] &= gaps > 1e-4
+    clear[:, :-1] &= gaps > 1e-4
+    if exact_indices:
+        assert torch.equal(indices[clear], ref_i[clear])
+    return values, indices
+
+
+@pytest.fixture(autouse=True)
+def _ext():
+    require_ext("topk_scores")
+
+
+@pytest.mark.parametrize("tile", [None, "16,64"])
+@pytest.mark.parametrize("k", [33, 100, 200, 1000, 1024])
+def test_large_k_matches_reference(k, tile, monkeypatch):
+    """K from 33 to 1024 with a bias and a mask, over several key tiles (the threshold estimate runs
+    once the keys span 4 tiles): the reference's values and indices."""
+    if tile:
+        monkeypatch.setenv("LLP_FAST_CPU_TILE", tile)
+    g = torch.Generator().manual_seed(k)
+    q, n, d = 19, max(2 * k + 301, 700), 12
+    bias = torch.rand(n, generator=g) * 2 - 1
+    mask = torch.rand(n, generator=g) < 0.8
+    _same((_unit(q, d, g), _unit(n, d, g), k, TAU, bias, mask, None, None, 0))
+
+
+def test_estimate_too_high_runs_the_rows_again(monkeypatch):
+    """The first key tile holds every query's best keys, so the threshold estimated from it is above
+    the k-th best of the whole: those rows find fewer than k candidates and run again, exactly."""
+    monkeypatch.setenv("LLP_FAST_CPU_TILE", "8,64")
+    g = torch.Generator().manual_seed(3)
+    d, k = 16, 40
+    u = _unit(1, d, g)
+    q = torch.nn.functional.normalize(u + 0.05 * torch.randn(20, d, generator=g), dim=1)
+    near = torch.nn.functional.normalize(u + 0.1 * torch.randn(64, d, generator=g), dim=1)
+    keys = torch.cat([near, _unit(600, d, g)])
+    _same((q, keys, k, TAU, None, None, None, None, 0))
+
+
+def test_chunks_with_init_equal_one_call_at_large_k():
+    """The keys in chunks, each call merging the previous one's top-k (init) and starting from its
+    k-th best (the floor), against one call over all keys, at K = 300."""
+    g = torch.Generator().manual_seed(5)
+    q, keys, k = _unit(30, 24, g), _unit(3000, 24, g), 300
+    bias = torch.rand(3000, generator=g)
+    whole = OP(q, keys, k, TAU, bias, None, None, None, 0)
+    top = (None, None)
+    for c0 in range(0, 3000, 1024):
+        top = OP(q, keys[c0 : c0 + 1024], k, TAU, bias[c0 : c0 + 1024], None, *top, c0)
+    torch.testing.assert_close(top[0], whole[0], rtol=0, atol=0)
+    assert torch.equal(top[1], whole[1])
+
+
+@pytest.mark.parametrize("k", [5, 64, 700])
+def test_equal_scores_keep_the_lower_indices(k, monkeypatch):
+    """Keys repeated many times, so that a shrink's cut and the k-th place fall inside runs of equal
+    scores: the kernel keeps the lower indices, as the reference does."""
+    monkeypatch.setenv("LLP_FAST_CPU_TILE", "8,64")
+    g = torch.Generator().manual_seed(k)
+    distinct = _unit(7, 8, g)
+    keys = distinct[torch.randint(0, 7, (1500,), generator=g)]
+    q = _unit(9, 8, g)
+    values, indices = OP(q, keys, k, TAU, None, None, None, None, 0)
+    ref_v, ref_i = topk_scores_ref(q, keys, k, TAU)
+    torch.testing.assert_close(values, ref_v, rtol=0, atol=1e-5)
+    assert torch.equal(indices, ref_i)
+
+
+CHILD = """
+import torch
+from llp_fast import _ext
+from llp_fast.reference import topk_scores_ref
+assert _ext.load() is not None
+g = torch.Generator().manual_seed(11)
+unit = lambda n, d: torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+for q, n, d, k in [(7, 1, 3, 1), (33, 700, 17, 10), (20, 2500, 9, 300), (5, 130, 128, 129)]:
+    queries, keys = unit(q, d), unit(n, d)
+    bias, mask = torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.7
+    args = (queries, keys, k, 0.07, bias, mask, None, None, 0)
+    v, i = torch.ops.llp_fast.topk_scores.default(*args)
+    rv, ri = topk_scores_ref(*args)
+    torch.testing.assert_close(v, rv, rtol=0, atol=1e-5)
+    assert torch.equal(i < 0, ri < 0)
+print("ok")
+"""
+
+
+def _isas() -> list[str]:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return ["baseline"] + [isa for isa, flag in (("avx2", " avx2"), ("avx512", " avx512f")) if flag in flags]
+
+
+@pytest.mark.parametrize("env", [*({"LLP_FAST_CPU_ISA": isa} for isa in _isas()), {"LLP_FAST_CPU_NO_BLAS": "1"}])
+def test_every_scan_variant_and_the_mm_out_tile(env):
+    """Each scan variant this CPU can run, and the tile from at::mm_out instead of the BLAS symbol,
+    in a child process (the choice is made once per process)."""
+    child_env = {**os.environ, **env, "LLP_FAST_CPU_TILE": "8,64", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=child_env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
