@@ -349,9 +349,9 @@ struct RowsF32 {
 
   // The best min(k, count) of row r sorted (score descending, equal scores in key order) into
   // out_v / out_i; returns how many. Words (hi - key) << 32 | position sorted least significant digit
-  // first, 8 bits a pass over the score bits only (stable: equal scores keep key order).
+  // first, 8 bits a pass over the score bits only (stable: equal scores keep key order); the whole
+  // buffer (at most 2k + kBlock), which costs less than cutting it to k first.
   int64_t finish(int64_t r) {
-    shrink(r);
     const int64_t n = count[r];
     const float* v = vals.data() + r * cap;
     const uint32_t* ix = idx.data() + r * cap;
@@ -371,12 +371,22 @@ struct RowsF32 {
     if (n < 64) {
       std::sort(w, w + n);
     } else if (bits > 0) {
+      const int passes = (bits + 7) / 8;  // at most 4: the histograms of all digits in one read
+      int32_t c[4][256] = {};
+      for (int64_t t = 0; t < n; ++t) {
+        const uint32_t d = static_cast<uint32_t>(w[t] >> 32);
+        for (int p = 0; p < passes; ++p) ++c[p][(d >> (8 * p)) & 0xff];
+      }
       uint64_t *src = w, *dst = words_tmp.data();
-      for (int shift = 32; shift < 32 + bits; shift += 8) {
-        int32_t c[257] = {0};
-        for (int64_t t = 0; t < n; ++t) ++c[((src[t] >> shift) & 0xff) + 1];
-        for (int b = 1; b <= 256; ++b) c[b] += c[b - 1];
-        for (int64_t t = 0; t < n; ++t) dst[c[(src[t] >> shift) & 0xff]++] = src[t];
+      for (int p = 0; p < passes; ++p) {
+        int32_t sum = 0;
+        for (int b = 0; b < 256; ++b) {
+          const int32_t x = c[p][b];
+          c[p][b] = sum;
+          sum += x;
+        }
+        const int shift = 32 + 8 * p;
+        for (int64_t t = 0; t < n; ++t) dst[c[p][(src[t] >> shift) & 0xff]++] = src[t];
         std::swap(src, dst);
       }
       w = src;
