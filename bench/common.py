@@ -221,23 +221,48 @@ def write_results(name: str, rows: list[Row], out_dir: Path | None = None, dev: 
 
 
 def table(rows: list[Row], *, baseline: str = "naive", floor: str = "mm_only") -> str:
-    """Markdown table with each row's speed-up over ``baseline`` and its time as a multiple of
-    ``floor`` on the same shape/dtype."""
-    times = lambda name: {(r.shape, r.dtype): r.median_ms for r in rows if r.provider == name}
-    base, low = times(baseline), times(floor)
+    """Markdown table with each row's speed-up over ``baseline``, its time as a multiple of
+    ``floor`` on the same shape/dtype and, on CPU, its GEMM rate: the ``gemm_tile`` provider's time
+    over its own (docs/method.md §4's 90% bar), in wall and in process CPU time."""
+    times = lambda name, key="median_ms": {
+        (r.shape, r.dtype): (r.median_ms if key == "median_ms" else r.extra.get(key))
+        for r in rows
+        if r.provider == name
+    }
+    base, low, tile, tile_cpu = times(baseline), times(floor), times("gemm_tile"), times("gemm_tile", "cpu_ms")
     lines = [
-        f"| op | shape | dtype | provider | median ms | {baseline}/x | x/{floor} | notes |",
-        "|---|---|---|---|---:|---:|---:|---|",
+        f"| op | shape | dtype | provider | median ms | {baseline}/x | x/{floor} | GEMM rate (cpu) | notes |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        b, f = base.get((r.shape, r.dtype)), low.get((r.shape, r.dtype))
+        b, f, t = base.get((r.shape, r.dtype)), low.get((r.shape, r.dtype)), tile.get((r.shape, r.dtype))
+        tc, cpu = tile_cpu.get((r.shape, r.dtype)), r.extra.get("cpu_ms")
         ratio = f"{b / r.median_ms:.2f}x" if b and r.median_ms > 0 else ""
         share = f"{r.median_ms / f:.2f}x" if f else ""
+        rate = f"{t / r.median_ms:.0%}" if t and r.median_ms > 0 else ""
+        rate += f" ({tc / cpu:.0%})" if tc and cpu else ""
         notes = ", ".join(f"{k}={v}" for k, v in r.extra.items())
         lines.append(
-            f"| {r.op} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms:.3f} | {ratio} | {share} | {notes} |"
+            f"| {r.op} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms:.3f} | {ratio} | {share} | {rate} |"
+            f" {notes} |"
         )
     return "\n".join(lines)
+
+
+def sweep_ratios(rows: list[Row], provider: str = "extension") -> str:
+    """For a K/T sweep (shape labels k10, k25, ... or t25, t100, ...): ``provider``'s time at each K
+    over its time at the sweep's first K, wall and process CPU time (docs/method.md §4's 1.5x / 3x
+    bars), as one line; empty when the rows hold no sweep."""
+    mine = [r for r in rows if r.provider == provider and re.match(r"[kt]\d+:", r.shape)]
+    if len(mine) < 2:
+        return ""
+    first = mine[0]
+    parts = []
+    for r in [r for r in mine[1:] if r.dtype == first.dtype]:
+        cpu = r.extra.get("cpu_ms"), first.extra.get("cpu_ms")
+        c = f", cpu {cpu[0] / cpu[1]:.2f}x" if all(cpu) else ""
+        parts.append(f"{r.shape.split(':')[0]} {r.median_ms / first.median_ms:.2f}x{c}")
+    return f"{provider} over {first.shape.split(':')[0]} ({first.dtype}): " + "; ".join(parts)
 
 
 def unit_rows(n: int, d: int, dtype: torch.dtype, dev: torch.device, seed: int) -> torch.Tensor:
@@ -466,6 +491,10 @@ def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
                 print(f"{shape} {str(dtype)[6:]} {name}: {ms:.3f} ms ({reps} runs)", flush=True)
             del inputs, fns
     print(table(rows))
+    for name in ("extension", "triton", "op"):
+        line = sweep_ratios(rows, name)
+        if line:
+            print(line)
     if not cuda and hasattr(os, "getloadavg"):
         print(f"load average after the run: {os.getloadavg()[0]:.1f} ({device_name()})")
     print("wrote", write_results(bench.OP, rows, args.out))

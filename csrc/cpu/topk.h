@@ -253,13 +253,14 @@ struct RowsF32 {
 
   // Large k: a threshold for row r estimated from its scores s[0, n) against a sample of the keys (the
   // first key tile) out of `total`: the m-th best sample score, m well above the share k * n / total
-  // that the row's best k would have in a random sample (4 standard deviations and 4 more), so that
+  // that the row's best k would have in a random sample (4 standard deviations and 4 more; at least k,
+  // where the k-th best of a subset is a bound that cannot fail), so that
   // the row keeps only about m * total / n candidates instead of learning its threshold from the first
   // 2k keys. An estimate, not a bound: finish() is exact only if at least k scores beat it, which
   // failed() checks; a row that fails is run again without one (fused_topk).
   void estimate(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau, int64_t total) {
     const double e = static_cast<double>(k) * static_cast<double>(n) / static_cast<double>(total);
-    const int64_t m = static_cast<int64_t>(std::ceil(e + 4.0 * std::sqrt(e) + 4.0));
+    const int64_t m = std::max(k, static_cast<int64_t>(std::ceil(e + 4.0 * std::sqrt(e) + 4.0)));
     uint32_t* u = keys.data();
     int64_t c = 0;
     for (int64_t j = 0; j < n; ++j) {
