@@ -16,16 +16,19 @@
 //      branch). Once a row has seen a few hundred keys the threshold rejects almost every block.
 //      This pass is compiled for AVX-512, AVX2 and baseline x86-64 and chosen once by the CPU's
 //      features (csrc/cpu/scan_f32.cpp; never -march=native);
-//   3. a row's buffer holds 2k + 72 candidates; when it is full it is cut back to the best k and the
-//      threshold rises to the k-th value (float32: a radix select on the scores' ordered bits, then a
-//      stable compaction, so the buffer stays in key order);
-//   4. at the end the best k are sorted (float32: a stable radix sort on the score bits, so equal
-//      scores keep key order) and handed to the caller's finish.
+//   3. a row's buffer holds 3k + 72 candidates (k + 200 at least), in key order; when it is full
+//      it is cut (float32: to the buckets down to the k-th best, scores spread over the buckets by
+//      value; an exact radix select when they cluster) and the threshold rises to the smallest score
+//      kept. For k >= 32 against at least 4 key tiles the threshold starts from an estimate, the m-th
+//      best score of the first key tile (RowsF32::estimate), checked at the end: a row that kept
+//      fewer than k candidates above it runs again without one;
+//   4. at the end the buffer is sorted (float32: a stable radix sort on the scores' bits, so equal
+//      scores keep key order) and its best k are handed to the caller's finish.
 // The order is the op's: score descending, equal scores by the lower key index. float64 keeps
 // (value, index) pairs and std::nth_element / std::sort with that order.
 // Parallelism: at::parallel_for over blocks of query rows; BLAS runs single-threaded inside each
 // task (nested OpenMP), which is what keeps every core busy on its own cache-resident tile.
-// Extra memory: O(threads * ROWS * (COLS + 2k + 72)) for the tiles and candidate buffers, plus O(Q)
+// Extra memory: O(threads * ROWS * (COLS + 3k + 72)) for the tiles and candidate buffers, plus O(Q)
 // for the outputs; a query or key block is converted per task when its dtype is not the compute one.
 #pragma once
 
@@ -53,8 +56,8 @@ namespace topk {
 // Tile shape. ROWS x COLS floats = 512 KB for the tile, with a 256-row query block and a 512-row key
 // block (128 KB + 256 KB at D = 128). 256 x 512 came out of a sweep over {64..512} x {512..4096},
 // counted in process CPU time so that a shared machine does not skew it: tall blocks amortise each
-// key block over more rows (on a 512 KB-L2 AMD EPYC 256 x 512 is still the fastest tile of the
-// sweep's neighbours, bench/results/topk_cpu-amd-epyc.md).
+// key block over more rows (on a 512 KB-L2 AMD EPYC, tiles of 128..512 x 256..512 ran within a few
+// percent of it).
 // Fewer rows per block when there are too few queries to give every thread a block.
 // LLP_FAST_CPU_TILE="rows,cols" overrides both (for tuning on other machines, and tests).
 struct Tile {
@@ -229,7 +232,7 @@ struct RowsF32 {
 
   RowsF32(int64_t rows, int64_t k_, int64_t cols)
       : k(k_),
-        cap(k_ + std::max<int64_t>(k_, 2 * kBlock) + kRoom),
+        cap(k_ + std::max<int64_t>(2 * k_, 2 * kBlock) + kRoom),
         vals(static_cast<size_t>(rows * cap)),
         idx(static_cast<size_t>(rows * cap)),
         count(rows),
@@ -253,14 +256,13 @@ struct RowsF32 {
 
   // Large k: a threshold for row r estimated from its scores s[0, n) against a sample of the keys (the
   // first key tile) out of `total`: the m-th best sample score, m well above the share k * n / total
-  // that the row's best k would have in a random sample (4 standard deviations and 4 more; at least k,
-  // where the k-th best of a subset is a bound that cannot fail), so that
+  // that the row's best k would have in a random sample (4 standard deviations and 4 more), so that
   // the row keeps only about m * total / n candidates instead of learning its threshold from the first
   // 2k keys. An estimate, not a bound: finish() is exact only if at least k scores beat it, which
   // failed() checks; a row that fails is run again without one (fused_topk).
   void estimate(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau, int64_t total) {
     const double e = static_cast<double>(k) * static_cast<double>(n) / static_cast<double>(total);
-    const int64_t m = std::max(k, static_cast<int64_t>(std::ceil(e + 4.0 * std::sqrt(e) + 4.0)));
+    const int64_t m = static_cast<int64_t>(std::ceil(e + 4.0 * std::sqrt(e) + 4.0));
     uint32_t* u = keys.data();
     int64_t c = 0;
     for (int64_t j = 0; j < n; ++j) {
