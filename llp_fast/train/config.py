@@ -131,6 +131,13 @@ class TrainConfig:
         choices=("sharded", "replicated"),
         flag="--bank",
     )
+    bank_dtype: str = _opt(
+        "float32",
+        "storage and compute dtype of the memory bank: bfloat16 halves its memory and, on a GPU, runs the "
+        "aggregation loss and the propagation on the tensor cores (docs/method.md §4)",
+        group="run",
+        choices=("float32", "bfloat16"),
+    )
     # model and optimiser
     arch: str = _opt(
         "resnet18",
