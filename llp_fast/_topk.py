@@ -62,12 +62,17 @@ def _dense(k: int, num_classes: int) -> bool:
     return num_classes <= 4 * k + 64
 
 
-def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int):
+def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int, *, table: torch.Tensor | None = None):
     """docs/method.md §1.2's finish: ``values`` (r, k) the top-K scores of each row sorted descending
     (``-inf`` padding last), ``classes`` (r, k) their class ids (any id in [0, num_classes) at
     padding). Each neighbour votes with ``exp(score - best)`` (the row maximum subtracted); the
     label is the class with the largest sum, ties to the lowest class id; the confidence is that
     sum's share of the total. Returns (label (r,) int64, confidence (r,) in the values' dtype).
+
+    ``table`` (M,): when given, ``classes`` holds positions into it (the selection's indices; any
+    position at padding, -1 included) and each block of rows reads its classes from it as it is
+    voted, so no (r, k) table of classes is ever built (at large K, writing one costs more than the
+    vote).
 
     Every class's weights are added in score order, whichever table holds them."""
     r, k = values.shape
@@ -76,7 +81,8 @@ def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int):
     dense = _dense(k, num_classes)
     step = max(1, _TABLE // max(num_classes if dense else k, k, 1))
     for r0 in range(0, r, step):
-        v, c = values[r0 : r0 + step], classes[r0 : r0 + step].long()
+        v, c = values[r0 : r0 + step], classes[r0 : r0 + step]
+        c = c.long() if table is None else table.index_select(0, c.reshape(-1).clamp_min(0)).view(c.shape).long()
         w = torch.exp(v - v[:, :1])
         if dense:
             votes = torch.zeros(v.shape[0], num_classes, dtype=w.dtype, device=w.device).scatter_add_(1, c, w)

@@ -275,3 +275,18 @@ def test_reference_vote_memory_does_not_grow_with_the_class_count():
     assert torch.equal(got_l, want_l * (2**38))
     # (few classes sum in a class table, this many in a sorted (rows, k) one: rounding may differ)
     torch.testing.assert_close(got_c, want_c, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("num_classes,k", [(3, 7), (50, 4), (1000, 12)])  # the class table and the sorted one
+def test_vote_reads_classes_from_a_table_as_it_votes(num_classes, k):
+    """``vote(values, positions, C, table=t)`` is ``vote(values, t[positions], C)`` bit for bit,
+    padding (-inf scores at position -1) included."""
+    g = torch.Generator().manual_seed(num_classes)
+    r, m = 301, 40
+    values = torch.randn(r, k, generator=g).sort(dim=1, descending=True).values
+    positions = torch.randint(0, m, (r, k), generator=g)
+    values[::5, -2:], positions[::5, -2:] = float("-inf"), -1  # rows with fewer than K keys
+    table = torch.randint(0, num_classes, (m,), generator=g)
+    got = vote(values, positions, num_classes, table=table)
+    want = vote(values, table[positions.clamp_min(0)], num_classes)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -309,7 +309,7 @@ class ShardedMemoryBank:
             queries, self.local.labeled_embeddings, log_rho, k=k, tau=tau, index_offset=self.labeled_before
         )
         values, indices = merged_topk(top.values.float(), top.indices, k, self.group)
-        return vote(values, self.labeled_classes_all[indices.clamp_min(0)], self.num_classes)
+        return vote(values, indices, self.num_classes, table=self.labeled_classes_all)
 
     @torch.no_grad()
     def vote(self, queries: torch.Tensor, *, k: int = 10, tau: float = 0.07, density_weighting: bool = True):

@@ -40,7 +40,7 @@ def _propagate_default(
     num_classes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     values, indices = _select(queries, labeled, log_rho, k, tau)
-    labels, conf = vote(values, labeled_classes.long()[indices], num_classes)
+    labels, conf = vote(values, indices, num_classes, table=labeled_classes)
     return labels, conf.to(out_float_dtype(queries, labeled))
 
 
@@ -61,11 +61,10 @@ def _several(queries, labeled, labeled_classes, log_rho, ks: tuple[int, ...], ta
     """One selection of the largest K; each K votes with the first K of it (the selection is sorted,
     so its first K are the top K, ties included, as a call with that K selects them)."""
     values, indices = _select(queries, labeled, log_rho, max(ks), tau)
-    classes = labeled_classes.long()[indices]
     dtype = out_float_dtype(queries, labeled)
     out = []
     for k in ks:
-        labels, conf = vote(values[:, :k], classes[:, :k], num_classes)
+        labels, conf = vote(values[:, :k], indices[:, :k], num_classes, table=labeled_classes)
         out.append((labels, conf.to(dtype)))
     return out
 
