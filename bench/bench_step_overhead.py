@@ -88,7 +88,9 @@ def pad_bank(trainer: Trainer, rows: int, seed: int) -> None:
     classes = torch.randint(0, trainer.num_classes, (extra,), generator=g)
     labeled = torch.rand(extra, generator=g) < 0.1
     targets = torch.cat([trainer.targets.cpu(), torch.where(labeled, classes, torch.full_like(classes, -1))])
-    trainer.bank = MemoryBank(targets, trainer.num_classes, dim=128, device=trainer.device, seed=seed)
+    trainer.bank = MemoryBank(
+        targets, trainer.num_classes, dim=128, dtype=trainer.bank.embeddings.dtype, device=trainer.device, seed=seed
+    )
 
 
 def check_step(trainer: Trainer, x, idx, lr: float) -> dict:
@@ -144,6 +146,26 @@ def time_interleaved(fns: dict, reps: int, warmup: int, cuda: bool) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def profile_steps(name: str, fn, steps: int, cuda: bool, out) -> None:
+    """Where a step's time goes: ``steps`` steps under torch.profiler, the ops sorted by their
+    device (or CPU) time, printed and written as a Chrome trace beside the results."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    common.synchronize()
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            fn()
+        common.synchronize()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    print(f"\n# {steps} {name} steps under torch.profiler, by {key}")
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    trace = os.path.join(out or common.RESULTS, f"step_profile-{name}.json")
+    prof.export_chrome_trace(trace)
+    print("trace:", trace)
+
+
 def main(argv=None) -> list:
     cuda_here = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,10 +179,18 @@ def main(argv=None) -> list:
     p.add_argument("--bank-rows", type=int, default=None, help=f"bank size (default {IMAGENET_ROWS:,} on CUDA)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--bank-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--reps", type=int, default=None, help="timed steps per provider (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--folder", default=None, help="where to write (or reuse) the synthetic images")
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after timing, profile STEPS LLP steps (torch.profiler) and print the ops by device time",
+    )
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -189,6 +219,7 @@ def main(argv=None) -> list:
             image_size=args.image_size,
             amp=args.amp,
             compile=args.compile,
+            bank_dtype=args.bank_dtype,
             bank_init="random",
             workers=0,
             quiet=True,
@@ -227,6 +258,10 @@ def main(argv=None) -> list:
             cuda,
         )
         density_ms = time_interleaved({"density": density}, 3, 1, cuda)["density"]
+        if args.profile:
+            for name, trainer in (("supervised", sup), ("llp", llp)):
+                step = lambda t=trainer: t.train_step((x, idx), lr, warmup=False)  # noqa: E731
+                profile_steps(name, step, args.profile, cuda, args.out)
 
     steps_per_epoch = -(-len(bank) // args.batch_size)
     per_step = density_ms / steps_per_epoch
@@ -235,7 +270,7 @@ def main(argv=None) -> list:
     shape = common.Shape(f"step{args.image_size}", args.batch_size, len(bank), k=llp.k, num_classes=llp.num_classes)
     amp = str(llp.net.amp_dtype).removeprefix("torch.") if llp.net.amp_dtype else "fp32"
     rows = [
-        common.row("train_step", name, shape, torch.float32, ms, reps, arch=args.arch, width=width, amp=amp)
+        common.row("train_step", name, shape, bank.embeddings.dtype, ms, reps, arch=args.arch, width=width, amp=amp)
         for name, ms in med.items()
     ]
     rows.append(
@@ -245,7 +280,7 @@ def main(argv=None) -> list:
     path = common.write_results("step_overhead", rows, args.out, dev=dev.type)
     print(f"\n# LLP step overhead on {common.device_name(dev.type)}")
     print(f"torch {torch.__version__}, commit {common.git_commit()}; {args.arch} width {width}, "
-          f"{args.image_size}px, batch {args.batch_size}, autocast {amp}, bank {len(bank):,} rows "
+          f"{args.image_size}px, batch {args.batch_size}, autocast {amp}, bank {len(bank):,} rows of {args.bank_dtype} "
           f"({bank.num_labeled:,} labeled), K {llp.k}")  # fmt: skip
     print("| step | median ms | vs supervised |\n|---|---:|---:|")
     print(f"| supervised | {med['supervised']:.2f} | 1.00x |")

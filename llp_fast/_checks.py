@@ -54,8 +54,8 @@ def unit_interval(v):
     return float(v)
 
 
-def momentum_range(v):
-    """In [0, 1): SGD momentum 1 never forgets a gradient."""
+def below_one(v):
+    """In [0, 1): an SGD momentum (1 never forgets a gradient), a share held out (1 leaves none)."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 <= v < 1):
         raise bad("a number in [0, 1)", v)
     return float(v)

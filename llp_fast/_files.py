@@ -136,6 +136,26 @@ def temp_path(path: str, suffix: str = "") -> str:
 
 
 @contextlib.contextmanager
+def _writing(path: str, opened: str, mode: str, *, what: str, encoding=None):
+    """``opened`` open for writing as a watched file, closed at the end; an I/O failure inside the
+    block (or the open itself) becomes one :class:`WriteError` naming ``path``, the file the user
+    asked for (``opened`` may be its temporary)."""
+    f = None
+    try:
+        f = _Watched(open(opened, mode, encoding=encoding if "b" not in mode else None))
+        yield f
+    except BaseException as e:
+        cause = _cause(e, f)
+        if cause is not None:
+            raise WriteError(path, cause, what=what) from e
+        raise
+    finally:
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f._f.close()
+
+
+@contextlib.contextmanager
 def atomic_open(path: str, mode: str = "wb", *, suffix: str = "", what: str = "", encoding=None):
     """A file object for writing ``path`` (mode ``"wb"`` or ``"w"``) through a temporary file:
     when the block ends without an exception the file is fsynced, renamed over ``path`` and the
@@ -146,24 +166,15 @@ def atomic_open(path: str, mode: str = "wb", *, suffix: str = "", what: str = ""
         raise ValueError(f"atomic_open writes new files, mode 'wb' or 'w', got {mode!r}")
     sweep(os.path.dirname(os.path.abspath(path)), only=os.path.basename(path))
     tmp = temp_path(path, suffix)
-    f = None
     try:
-        f = _Watched(open(tmp, mode, encoding=encoding if "b" not in mode else None))
-        _lock(f)
-        yield f
-        f.fsync()
-        f.close()  # some file systems (NFS) report a failed write only here
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except BaseException as e:
-        cause = _cause(e, f)
-        if cause is not None:
-            raise WriteError(path, cause, what=what) from e
-        raise
+        with _writing(path, tmp, mode, what=what, encoding=encoding) as f:
+            _lock(f)
+            yield f
+            f.fsync()
+            f.close()  # some file systems (NFS) report a failed write only here
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
     finally:
-        if f is not None:
-            with contextlib.suppress(OSError):
-                f._f.close()
         with contextlib.suppress(OSError):
             os.remove(tmp)
 
@@ -179,10 +190,7 @@ def atomic_path(path: str, *, suffix: str = "", what: str = ""):
 def append(path: str, data: bytes, *, what: str = "") -> None:
     """Appends ``data`` to ``path`` (created if missing) and flushes it; on failure the file is
     cut back to its previous length and :class:`WriteError` raised."""
-    f = None
-    size = 0
-    try:
-        f = _Watched(open(path, "ab"))
+    with _writing(path, path, "ab", what=what) as f:
         size = f.tell()
         try:
             f.write(data)
@@ -191,15 +199,6 @@ def append(path: str, data: bytes, *, what: str = "") -> None:
             with contextlib.suppress(OSError):
                 f._f.truncate(size)  # a shorter file needs no space
             raise
-    except BaseException as e:
-        cause = _cause(e, f)
-        if cause is not None:
-            raise WriteError(path, cause, what=what) from e
-        raise
-    finally:
-        if f is not None:
-            with contextlib.suppress(OSError):
-                f._f.close()
 
 
 def write_text(path: str, text: str, *, what: str = "") -> None:

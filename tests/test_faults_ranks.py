@@ -142,6 +142,17 @@ def test_the_launcher_names_the_lost_rank_and_how_it_ended(ended, killed, want):
     assert workers._verdict(ended, killed, 20.0) == want
 
 
+def _raised_from(filename: str, text: str) -> RuntimeError:
+    """A RuntimeError whose traceback passes through a frame of ``filename``, as one raised by
+    torch.distributed's own code would."""
+    code = compile(f"raise RuntimeError({text!r})", os.path.join("site-packages", filename), "exec")
+    try:
+        exec(code, {})
+    except RuntimeError as e:
+        return e
+    raise AssertionError("not raised")
+
+
 def test_a_survivor_reads_gloos_errors_as_a_lost_peer_and_a_bug_as_a_bug(monkeypatch):
     closed = RuntimeError(
         "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:49827. "
@@ -156,6 +167,11 @@ def test_a_survivor_reads_gloos_errors_as_a_lost_peer_and_a_bug_as_a_bug(monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert comm.peer_lost(closed) and comm.peer_lost(silent) and not comm.peer_lost(bug)
+    # gloo's words for a peer that stopped answering, raised from DDP's buffer broadcast: no "gloo" in the text
+    assert comm.peer_lost(RuntimeError("Application timeout caused pair closure"))
+    assert comm.peer_lost(_raised_from("torch/distributed/distributed_c10d.py", "Socket Timeout"))
+    assert not comm.peer_lost(RuntimeError("Socket Timeout"))  # the same words from elsewhere: not ours
+    assert not comm.peer_lost(_raised_from("torch/distributed/distributed_c10d.py", "Tensors must be contiguous"))
     assert not comm.peer_lost(OSError(errno.ECONNRESET, "reset"))
     monkeypatch.setenv(comm.QUIET_ENV, "1")
     assert comm.lost_line("llp-fast-train", closed) is None  # under --nproc: the launcher speaks

@@ -146,10 +146,11 @@ def test_metrics_jsonl_fields(tmp_path):
     assert rows[0]["lr"] == pytest.approx(0.05) and rows[1]["lr"] == pytest.approx(0.005)
 
 
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
-    full = tiny(tmp_path, "full")
+@pytest.mark.parametrize("bank_dtype", ["float32", "bfloat16"])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, bank_dtype):
+    full = tiny(tmp_path, "full", bank_dtype=bank_dtype)
     train(full)
-    cut = tiny(tmp_path, "cut", stop_after_steps=4)  # inside epoch 1 (about 10 steps an epoch)
+    cut = tiny(tmp_path, "cut", bank_dtype=bank_dtype, stop_after_steps=4)  # inside epoch 1 (about 10 steps an epoch)
     with pytest.raises(Interrupted):
         train(cut)
     ck = load_checkpoint(os.path.join(cut.run_dir, CHECKPOINT))
@@ -164,6 +165,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
         assert torch.equal(v, mb["model"][k]), k
     assert torch.equal(ma["bank"]["pieces"][0]["embeddings"], mb["bank"]["pieces"][0]["embeddings"])
     assert torch.equal(ma["bank"]["pieces"][0]["labels"], mb["bank"]["pieces"][0]["labels"])
+    assert ma["bank"]["pieces"][0]["embeddings"].dtype == getattr(torch, bank_dtype)  # stored as it is kept
 
 
 def test_resume_at_epoch_boundary_equals_uninterrupted(tmp_path):

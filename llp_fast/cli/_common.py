@@ -53,7 +53,7 @@ POSITIVE_FLOAT = checked(float, C.positive_float, "a number")
 NONNEG_FLOAT = checked(float, C.nonneg_float, "a number")
 FRACTION = checked(float, C.fraction, "a number")
 UNIT = checked(float, C.unit_interval, "a number")
-MOMENTUM = checked(float, C.momentum_range, "a number")
+MOMENTUM = checked(float, C.below_one, "a number")
 DEVICE = checked(str, C.device_name, "a device")
 
 

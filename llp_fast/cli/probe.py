@@ -11,6 +11,7 @@ import time
 import numpy as np
 import torch
 
+from .. import _checks as C
 from .._files import atomic_open
 from .._progress import Progress
 from ..data.extra import native_format
@@ -23,13 +24,7 @@ from . import _common
 PROG = "llp-fast-linear-probe"
 
 
-def _val_fraction(v: float) -> float:
-    if not 0 <= v < 1:
-        raise ValueError(f"expected a number in [0, 1), got {v!r}")
-    return v
-
-
-_VAL_FRACTION = _common.checked(float, _val_fraction, "a number")
+_VAL_FRACTION = _common.checked(float, C.below_one, "a number")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ _TYPES = {
     "nonneg_float": _common.NONNEG_FLOAT,
     "fraction": _common.FRACTION,
     "unit_interval": _common.UNIT,
-    "momentum_range": _common.MOMENTUM,
+    "below_one": _common.MOMENTUM,
     "epoch_list": _common.epochs,
     "device_name": _common.DEVICE,
     "data_spec": _common.checked(str, C.data_spec, "a data set"),

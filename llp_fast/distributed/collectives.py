@@ -68,7 +68,20 @@ _LOST = (
     "timeout",
     "remote process exited",
     "network error",
+    "pair closure",  # gloo: "Application timeout caused pair closure"
 )
+# Where torch.distributed's collectives raise from (DDP's buffer broadcast included): an error from
+# there speaks for the process group even when its text does not name gloo or NCCL.
+_DIST_FILES = (os.path.join("torch", "distributed", ""), os.path.join("torch", "nn", "parallel", "distributed.py"))
+
+
+def _raised_in_distributed(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None:
+        if any(part in tb.tb_frame.f_code.co_filename for part in _DIST_FILES):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def peer_lost(e: BaseException) -> bool:
@@ -82,7 +95,8 @@ def peer_lost(e: BaseException) -> bool:
     if isinstance(e, (getattr(dist, "DistNetworkError", ()), getattr(dist, "DistStoreError", ()))):
         return True
     text = str(e).lower()
-    ours = isinstance(e, getattr(dist, "DistError", ())) or "gloo" in text or "nccl" in text
+    ours = isinstance(e, getattr(dist, "DistError", ())) or "gloo" in text or "nccl" in text or "pair closure" in text
+    ours = ours or _raised_in_distributed(e)
     return ours and any(word in text for word in _LOST)
 
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 from .._checks import (
     bad,
+    below_one,
     count,
     device_name,
     epoch_list,
     fraction,
-    momentum_range,
     nonneg_float,
     optional,
     positive_float,
@@ -131,6 +131,13 @@ class TrainConfig:
         choices=("sharded", "replicated"),
         flag="--bank",
     )
+    bank_dtype: str = _opt(
+        "float32",
+        "storage and compute dtype of the memory bank: bfloat16 halves its memory and, on a GPU, runs the "
+        "aggregation loss and the propagation on the tensor cores (docs/method.md §4)",
+        group="run",
+        choices=("float32", "bfloat16"),
+    )
     # model and optimiser
     arch: str = _opt(
         "resnet18",
@@ -161,7 +168,7 @@ class TrainConfig:
     lr: float | None = _opt(
         None, "initial learning rate (default: from the data's size)", group="model", check=optional(positive_float)
     )
-    momentum: float = _opt(0.9, "SGD momentum", group="model", check=momentum_range)
+    momentum: float = _opt(0.9, "SGD momentum", group="model", check=below_one)
     weight_decay: float = _opt(
         1e-4, "weight decay on weights (not batch-norm, not biases)", group="model", check=nonneg_float
     )
@@ -269,7 +276,7 @@ class TrainConfig:
         "decay of the weight average evaluated in place of the trained weights (docs/method.md §8.3; 0 = off; "
         "default by --method)",
         group="llp",
-        check=optional(momentum_range),
+        check=optional(below_one),
     )
     k: int = _opt(10, "propagation neighbours K (0: min(10, the smallest labeled class))", group="llp", check=count)
     t: int = _opt(25, "density neighbours T", group="llp", check=positive_int)

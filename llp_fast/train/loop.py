@@ -92,7 +92,13 @@ class Trainer:
         if not cfg.supervised_only and cfg.method != "fixmatch":
             check_against_data(cfg, src, self.k)
             self.bank = distributed.make_bank(
-                src.targets, src.num_classes, layout=cfg.bank_layout, dim=EMBED_DIM, device=self.device, seed=cfg.seed
+                src.targets,
+                src.num_classes,
+                layout=cfg.bank_layout,
+                dim=EMBED_DIM,
+                dtype=getattr(torch, cfg.bank_dtype),
+                device=self.device,
+                seed=cfg.seed,
             )
         self.gen_order = torch.Generator().manual_seed(cfg.seed + 1)
         self.gen_aug = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
