@@ -85,10 +85,9 @@ def _correct(values, indices, own, y, y_rows, ks, num_classes) -> dict:
     keep = (indices >= 0) & (indices != own[:, None])
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # the row itself moves last
     values, indices = values.gather(1, order), indices.gather(1, order)
-    classes = y[indices.clamp_min(0)]
     out = {}
     for k in ks:
-        label, _ = vote(values[:, :k], classes[:, :k], num_classes)
+        label, _ = vote(values[:, :k], indices[:, :k], num_classes, table=y)
         out[k] = (label == y_rows).cpu().numpy()
     return out
 
