@@ -25,8 +25,16 @@ import torch
 
 __all__ = ["merge_topk", "log_sum_exp", "vote", "class_shares"]
 
-# Per-row tables of the vote stay within this many entries per call (rows are voted in chunks).
-_TABLE = 1 << 22
+# Per-row tables of the vote stay within this many entries per chunk of rows. On a CPU the chunk's
+# tables (weights, classes, votes: a few MB) then stay in cache and the allocator reuses them, where
+# tables of 4M entries are fresh pages every chunk (at K = 200 on one core the vote ran 4x slower,
+# `bench/bench_propagate.py --shapes ksweep`); a GPU wants few, large launches.
+_TABLE = {"cpu": 1 << 18}
+_TABLE_OTHER = 1 << 22
+
+
+def _rows_per_chunk(values: torch.Tensor, width: int) -> int:
+    return max(1, _TABLE.get(values.device.type, _TABLE_OTHER) // max(width, 1))
 
 
 def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int):
@@ -79,7 +87,7 @@ def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int, *, table
     label = torch.empty(r, dtype=torch.int64, device=values.device)
     conf = torch.empty(r, dtype=values.dtype, device=values.device)
     dense = _dense(k, num_classes)
-    step = max(1, _TABLE // max(num_classes if dense else k, k, 1))
+    step = _rows_per_chunk(values, max(num_classes if dense else k, k))
     for r0 in range(0, r, step):
         v, c = values[r0 : r0 + step], classes[r0 : r0 + step]
         c = c.long() if table is None else table.index_select(0, c.reshape(-1).clamp_min(0)).view(c.shape).long()
@@ -110,7 +118,7 @@ def class_shares(values: torch.Tensor, classes: torch.Tensor, num_classes: int, 
     top = min(top, num_classes)
     out_c = torch.empty(values.shape[0], top, dtype=torch.int64, device=values.device)
     out_p = torch.empty(values.shape[0], top, dtype=torch.float32, device=values.device)
-    step = max(1, _TABLE // max(num_classes, 1))
+    step = _rows_per_chunk(values, num_classes)
     for r0 in range(0, values.shape[0], step):
         v = values[r0 : r0 + step].double()
         w = torch.exp(v - v[:, :1])

@@ -290,3 +290,20 @@ def test_vote_reads_classes_from_a_table_as_it_votes(num_classes, k):
     got = vote(values, positions, num_classes, table=table)
     want = vote(values, table[positions.clamp_min(0)], num_classes)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("num_classes,k", [(3, 7), (1000, 12)])  # the class table and the sorted one
+def test_vote_in_chunks_of_rows_is_the_vote_at_once(num_classes, k, monkeypatch):
+    """The vote and the class shares taken a few rows at a time (the CPU's chunk of rows shrunk to
+    a handful) give exactly what one chunk of every row gives."""
+    from llp_fast import _topk
+
+    g = torch.Generator().manual_seed(k)
+    r = 97
+    values = torch.randn(r, k, generator=g).sort(dim=1, descending=True).values
+    classes = torch.randint(0, num_classes, (r, k), generator=g)
+    whole = vote(values, classes, num_classes), _topk.class_shares(values, classes, num_classes, 3)
+    monkeypatch.setattr(_topk, "_TABLE", {"cpu": 5 * max(num_classes, k)})
+    chunked = vote(values, classes, num_classes), _topk.class_shares(values, classes, num_classes, 3)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -106,6 +106,31 @@ def test_equal_scores_keep_the_lower_indices(k, monkeypatch):
     assert torch.equal(indices, ref_i)
 
 
+@pytest.mark.parametrize("k", [70, 150])
+def test_final_sort_orders_equal_scores_within_a_bucket(k, monkeypatch):
+    """Each key repeated two or three times, shuffled: the final sort's value buckets hold runs of
+    equal scores, which keep the lower indices first (the bucket path's insertion sort)."""
+    monkeypatch.setenv("LLP_FAST_CPU_TILE", "8,64")
+    g = torch.Generator().manual_seed(k)
+    distinct = _unit(400, 10, g)
+    keys = distinct[torch.randint(0, 400, (1000,), generator=g)]
+    q = _unit(11, 10, g)
+    values, indices = OP(q, keys, k, TAU, None, None, None, None, 0)
+    ref_v, ref_i = topk_scores_ref(q, keys, k, TAU)
+    torch.testing.assert_close(values, ref_v, rtol=0, atol=1e-5)
+    assert torch.equal(indices, ref_i)
+
+
+def test_final_sort_with_clustered_scores():
+    """One key far above the rest (a large bias), the others within a narrow band: the value buckets
+    put most candidates in one bucket and the final sort falls back to the radix sort."""
+    g = torch.Generator().manual_seed(2)
+    q, keys, k = _unit(13, 16, g), _unit(900, 16, g), 120
+    bias = torch.zeros(900)
+    bias[17] = 1e4
+    _same((q, keys, k, TAU, bias, None, None, None, 0))
+
+
 CHILD = """
 import torch
 from llp_fast import _ext

@@ -350,6 +350,55 @@ struct RowsF32 {
     }
   }
 
+  // finish() for a large buffer whose scores spread: one counting pass over about n value buckets
+  // (Buckets: a larger score never lands in a later bucket), the candidates of the buckets down to the
+  // k-th best's placed bucket by bucket in key order, then an insertion sort that only has to order
+  // each bucket's few candidates (no candidate crosses a bucket boundary). Returns how many it wrote,
+  // or -1 (nothing written) when the scores do not spread: all equal, or a bucket too full for an
+  // insertion sort, which the radix sort then handles.
+  int64_t finish_by_buckets(int64_t r) {
+    const int64_t n = count[r];
+    const float* v = vals.data() + r * cap;
+    const uint32_t* ix = idx.data() + r * cap;
+    Buckets bk;
+    if (!bk.fit(v, n, n)) return -1;
+    int32_t* h = hist.data();
+    std::fill(h, h + bk.nb, 0);
+    int32_t* b = bid.data();
+    for (int64_t t = 0; t < n; ++t) {
+      b[t] = bk(v[t]);
+      ++h[b[t]];
+    }
+    int64_t last = 0, kept = 0, fullest = 0;
+    for (; last < bk.nb; ++last) {  // exclusive prefix sums up to the k-th best's bucket
+      const int32_t c = h[last];
+      fullest = std::max<int64_t>(fullest, c);
+      h[last] = static_cast<int32_t>(kept);
+      kept += c;
+      if (kept >= k) break;
+    }
+    if (fullest > 32) return -1;
+    uint32_t* p = tmp.data();
+    for (int64_t t = 0; t < n; ++t)
+      if (b[t] <= last) p[h[b[t]]++] = static_cast<uint32_t>(t);
+    for (int64_t t = 1; t < kept; ++t) {  // score descending, then position (= key order) ascending
+      const uint32_t x = p[t];
+      const float xv = v[x];
+      int64_t u = t;
+      while (u > 0 && (v[p[u - 1]] < xv || (v[p[u - 1]] == xv && p[u - 1] > x))) {
+        p[u] = p[u - 1];
+        --u;
+      }
+      p[u] = x;
+    }
+    const int64_t m = std::min(kept, k);
+    for (int64_t t = 0; t < m; ++t) {
+      out_v.data()[t] = v[p[t]];
+      out_i.data()[t] = ix[p[t]];
+    }
+    return m;
+  }
+
   // The best min(k, count) of row r sorted (score descending, equal scores in key order) into
   // out_v / out_i; returns how many. Words (hi - key) << 32 | position sorted least significant digit
   // first, 8 bits a pass over the score bits only (stable: equal scores keep key order); the whole
@@ -361,6 +410,10 @@ struct RowsF32 {
     float* ov = out_v.data();
     int64_t* oi = out_i.data();
     if (n == 0) return 0;
+    if (n >= 64) {
+      const int64_t m = finish_by_buckets(r);
+      if (m >= 0) return m;
+    }
     uint32_t hi = 0, lo = 0xffffffffu;
     uint32_t* u = keys.data();
     for (int64_t t = 0; t < n; ++t) {
