@@ -22,8 +22,10 @@
 //      kept. For k >= 32 against at least 4 key tiles the threshold starts from an estimate, the m-th
 //      best score of the first key tile (RowsF32::estimate), checked at the end: a row that kept
 //      fewer than k candidates above it runs again without one;
-//   4. at the end the buffer is sorted (float32: a stable radix sort on the scores' bits, so equal
-//      scores keep key order) and its best k are handed to the caller's finish.
+//   4. at the end the buffer's best k are sorted (float32: a large buffer over about as many value
+//      buckets, each bucket's few candidates ordered by insertion; a small one, or one whose scores
+//      cluster, by a stable radix sort on the scores' bits; equal scores keep key order either way)
+//      and handed to the caller's finish.
 // The order is the op's: score descending, equal scores by the lower key index. float64 keeps
 // (value, index) pairs and std::nth_element / std::sort with that order.
 // Parallelism: at::parallel_for over blocks of query rows; BLAS runs single-threaded inside each
@@ -44,6 +46,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -550,6 +553,16 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     return t.scalar_type() == cdt && (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= dim;
   };
   const bool q_direct = in_place(queries), k_direct = in_place(keys);
+  // A block of `full` rows of `src` from row `start` (n of them there) as BLAS reads it: (pointer, row
+  // stride). In place when `direct` and the block is whole; else copied into `buf` (full x dim, the
+  // compute dtype) with zero rows after the last.
+  auto stage = [dim](const at::Tensor& src, bool direct, at::Tensor& buf, int64_t start, int64_t n,
+                     int64_t full) -> std::pair<const acc_t*, int64_t> {
+    if (direct && n == full) return {src.const_data_ptr<acc_t>() + start * src.stride(0), src.stride(0)};
+    buf.narrow(0, 0, n).copy_(src.narrow(0, start, n));
+    buf.narrow(0, n, full - n).zero_();
+    return {buf.const_data_ptr<acc_t>(), dim};
+  };
   const int64_t blocks = (nq + rows - 1) / rows;
   // Large k against many keys: each row's threshold is first estimated from the first key tile
   // (RowsF32::estimate); LLP_FAST_CPU_NO_ESTIMATE=1 turns it off (tests, comparisons).
@@ -569,17 +582,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * rows;
       const int64_t nr = std::min(rows, nq - r0);
-      const acc_t* qa;
-      int64_t lda;
-      if (q_direct && nr == rows) {
-        qa = q_det.const_data_ptr<acc_t>() + r0 * q_det.stride(0);
-        lda = q_det.stride(0);
-      } else {
-        q_buf.narrow(0, 0, nr).copy_(q_det.narrow(0, r0, nr));
-        q_buf.narrow(0, nr, rows - nr).zero_();
-        qa = q_buf.const_data_ptr<acc_t>();
-        lda = dim;
-      }
+      const auto [qa, lda] = stage(q_det, q_direct, q_buf, r0, nr, rows);
       // One pass over the keys for the rows [0, nr) (all) or the rows in `redo`.
       auto pass = [&](bool all) {
         const int64_t n_rows = all ? nr : static_cast<int64_t>(redo.size());
@@ -589,17 +592,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
         }
         for (int64_t c0 = 0; c0 < nk; c0 += cols) {
           const int64_t nc = std::min(cols, nk - c0);
-          const acc_t* ka;
-          int64_t ldb;
-          if (k_direct && nc == cols) {
-            ka = k_det.const_data_ptr<acc_t>() + c0 * k_det.stride(0);
-            ldb = k_det.stride(0);
-          } else {
-            k_buf.narrow(0, 0, nc).copy_(k_det.narrow(0, c0, nc));
-            k_buf.narrow(0, nc, cols - nc).zero_();
-            ka = k_buf.const_data_ptr<acc_t>();
-            ldb = dim;
-          }
+          const auto [ka, ldb] = stage(k_det, k_direct, k_buf, c0, nc, cols);
           if (dim == 0) {
             std::fill(s, s + rows * cols, acc_t(0));
           } else if (!blas_gemm(qa, lda, ka, ldb, s, rows, cols, dim)) {
