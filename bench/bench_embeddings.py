@@ -87,6 +87,18 @@ def synthetic(path: str, n: int, labeled: float, *, d: int = 128, classes: int =
 
 
 # -- methods (each returns a label for every row) -----------------------------------------------------
+def write_result(result: dict, name: str, *, load_key: str = "loadavg") -> str:
+    """Writes ``result`` with the load average after the run (under ``load_key``) to
+    ``bench/results/<name>`` and prints the path: the ending of every labeller benchmark."""
+    result[load_key] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("->", path)
+    return path
+
+
 def llp(x, labels, **options):
     from llp_fast.embeddings import label_embeddings
 
@@ -371,12 +383,7 @@ def main(argv=None) -> None:
     ablation = lambda a: table(a, ABLATION_METHODS)  # noqa: E731
     modes = {"table": table, "ablation": ablation, "scale": scale, "bar": bar, "default": default_bar}
     result = modes[args.mode](args)
-    result["uptime"] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"embeddings_{args.mode}-{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("->", path)
+    write_result(result, f"embeddings_{args.mode}-{args.tag}.json", load_key="uptime")
 
 
 if __name__ == "__main__":

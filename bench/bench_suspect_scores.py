@@ -30,8 +30,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_embeddings import RESULTS, load, split  # noqa: E402
-from bench_suspects import SUSPECT_ROWS, _seeds, flip, plain_vote_ranking, precision, random_split  # noqa: E402
+from bench_embeddings import load, write_result  # noqa: E402
+from bench_suspects import SUSPECT_ROWS, flipped_splits, plain_vote_ranking, precision  # noqa: E402
 
 
 def class_support(x, noisy, result, k: int, tau: float, labeled_only: bool = False):
@@ -115,9 +115,7 @@ def main(argv=None) -> None:
     for name, frac in SUSPECT_ROWS:
         x, y = load(name)
         row = rows.setdefault(f"{name} {int(frac * 100)}%", {})
-        for seed in _seeds(args.seeds):
-            labeled = split(y, frac, seed) if args.split == "balanced" else random_split(y, frac, seed)
-            noisy, flipped = flip(y, labeled, seed)
+        for noisy, flipped in flipped_splits(y, frac, args.seeds, args.split):
             for title, ranking in scores(x, noisy, args.folds).items():
                 row.setdefault(title, []).append(precision(ranking, flipped))
         print(f"{name} {int(frac * 100)}%: " + ", ".join(f"{m} {np.mean(v):.3f}" for m, v in row.items()), flush=True)
@@ -126,16 +124,9 @@ def main(argv=None) -> None:
     print("|---" * (len(methods) + 1) + "|")
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{np.mean(row[m]):.3f}" for m in methods) + " |")
-    load_avg = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
-    result = {"seeds": args.seeds, "split": args.split, "folds": args.folds, "rows": rows, "loadavg": load_avg,
+    result = {"seeds": args.seeds, "split": args.split, "folds": args.folds, "rows": rows,
               "seconds": time.perf_counter() - t0}  # fmt: skip
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"suspects_scores-{args.split}{args.seeds}-{args.tag}.json")
-    with open(path, "w") as f:
-        import json
-
-        json.dump(result, f, indent=1)
-    print("->", path)
+    write_result(result, f"suspects_scores-{args.split}{args.seeds}-{args.tag}.json")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_embeddings import RESULTS, ROWS, child, load, split, synthetic  # noqa: E402
+from bench_embeddings import ROWS, child, load, split, synthetic, write_result  # noqa: E402
 
 SUSPECT_ROWS = [("digits", 0.10), ("mnist5k", 0.10), ("mnist5k", 0.30)]
 
@@ -62,6 +62,15 @@ def plain_vote_ranking(x: np.ndarray, noisy: np.ndarray, k: int = 10, tau: float
     return lab[np.argsort(share, kind="stable")]
 
 
+def flipped_splits(y: np.ndarray, frac: float, seeds: str, how: str):
+    """For each seed of ``seeds`` ("A-B"): (labels with -1 unlabeled and 10% of the labeled rows
+    flipped, the flipped rows), the labeled rows drawn per class (``how="balanced"``) or each row
+    with probability ``frac`` (``"random"``)."""
+    for seed in _seeds(seeds):
+        labeled = split(y, frac, seed) if how == "balanced" else random_split(y, frac, seed)
+        yield flip(y, labeled, seed)
+
+
 def precision(ranking: np.ndarray, flipped: np.ndarray) -> float:
     return float(np.isin(ranking[: len(flipped)], flipped).mean())
 
@@ -82,9 +91,7 @@ def suspects(args) -> dict:
     for name, frac in SUSPECT_ROWS:
         x, y = load(name)
         row = out.setdefault(f"{name} {int(frac * 100)}%", {})
-        for seed in _seeds(args.seeds):
-            labeled = split(y, frac, seed) if args.split == "balanced" else random_split(y, frac, seed)
-            noisy, flipped = flip(y, labeled, seed)
+        for noisy, flipped in flipped_splits(y, frac, args.seeds, args.split):
             row.setdefault("plain leave-one-out vote", []).append(precision(plain_vote_ranking(x, noisy), flipped))
             for title, rounds in (("label gap (default)", None), ("label gap, --rounds 1", 1)):
                 s = Settings() if rounds is None else Settings(rounds=rounds)
@@ -213,17 +220,12 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default=platform.node() or "host")
     args = ap.parse_args(argv)
     result = {"suspects": suspects, "auto": auto, "model": model}[args.mode](args)
-    result["loadavg"] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
-    os.makedirs(RESULTS, exist_ok=True)
     if args.mode == "model":  # no seeds: named by its sizes
         name = f"suspects_model-n{args.n}-train{args.train}-{args.tag}.json"
     else:
         what = f"{args.split}" if args.mode == "suspects" else f"noise{args.noise:g}-" if args.noise else ""
         name = f"suspects_{args.mode}-{what}{args.seeds}-{args.tag}.json"
-    path = os.path.join(RESULTS, name)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("->", path)
+    write_result(result, name)
 
 
 if __name__ == "__main__":
