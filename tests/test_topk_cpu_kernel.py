@@ -1,8 +1,9 @@
 """The CPU top-K kernel's own paths (csrc/cpu/topk.h, csrc/cpu/scan_f32.cpp) against the reference:
 large K (the bucket shrink, the radix sort, the threshold estimated from the first key tile and the
 rows run again when it was too high), equal scores at every cut, and each scan variant the CPU has
-(AVX-512, AVX2, baseline) and the at::mm_out tile, each chosen once per process (LLP_FAST_CPU_ISA,
-LLP_FAST_CPU_NO_BLAS), so those run in child processes."""
+(AVX-512, AVX2, baseline), the at::mm_out tile and the thresholds learned without a first-tile
+bound or estimate, each chosen once per process (LLP_FAST_CPU_ISA, LLP_FAST_CPU_NO_BLAS,
+LLP_FAST_CPU_NO_BOUND, LLP_FAST_CPU_NO_ESTIMATE), so those run in child processes."""
 
 from __future__ import annotations
 
@@ -77,11 +78,13 @@ def test_estimate_too_high_runs_the_rows_again(monkeypatch):
     _same((q, keys, k, TAU, None, None, None, None, 0))
 
 
-def test_chunks_with_init_equal_one_call_at_large_k():
+@pytest.mark.parametrize("k", [7, 300])
+def test_chunks_with_init_equal_one_call(k):
     """The keys in chunks, each call merging the previous one's top-k (init) and starting from its
-    k-th best (the floor), against one call over all keys, at K = 300."""
+    k-th best (the floor), against one call over all keys: at K = 300 (the estimated threshold) and
+    K = 7 (the first tile's lower bound, RowsF32::bound, which then only rises if above the floor)."""
     g = torch.Generator().manual_seed(5)
-    q, keys, k = _unit(30, 24, g), _unit(3000, 24, g), 300
+    q, keys = _unit(30, 24, g), _unit(3000, 24, g)
     bias = torch.rand(3000, generator=g)
     whole = OP(q, keys, k, TAU, bias, None, None, None, 0)
     top = (None, None)
@@ -91,10 +94,11 @@ def test_chunks_with_init_equal_one_call_at_large_k():
     assert torch.equal(top[1], whole[1])
 
 
-@pytest.mark.parametrize("k", [5, 64, 700])
+@pytest.mark.parametrize("k", [1, 5, 16, 64, 700])
 def test_equal_scores_keep_the_lower_indices(k, monkeypatch):
-    """Keys repeated many times, so that a shrink's cut and the k-th place fall inside runs of equal
-    scores: the kernel keeps the lower indices, as the reference does."""
+    """Keys repeated many times, so that a shrink's cut, the first tile's lower bound (K <= 16) and
+    the k-th place fall inside runs of equal scores: the kernel keeps the lower indices, as the
+    reference does."""
     monkeypatch.setenv("LLP_FAST_CPU_TILE", "8,64")
     g = torch.Generator().manual_seed(k)
     distinct = _unit(7, 8, g)
@@ -155,7 +159,14 @@ def _isas() -> list[str]:
     return ["baseline"] + [isa for isa, flag in (("avx2", " avx2"), ("avx512", " avx512f")) if flag in flags]
 
 
-@pytest.mark.parametrize("env", [*({"LLP_FAST_CPU_ISA": isa} for isa in _isas()), {"LLP_FAST_CPU_NO_BLAS": "1"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        *({"LLP_FAST_CPU_ISA": isa} for isa in _isas()),
+        {"LLP_FAST_CPU_NO_BLAS": "1"},
+        {"LLP_FAST_CPU_NO_BOUND": "1", "LLP_FAST_CPU_NO_ESTIMATE": "1"},
+    ],
+)
 def test_every_scan_variant_and_the_mm_out_tile(env):
     """Each scan variant this CPU can run, and the tile from at::mm_out instead of the BLAS symbol,
     in a child process (the choice is made once per process)."""

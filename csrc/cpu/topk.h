@@ -44,6 +44,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -284,6 +285,26 @@ struct RowsF32 {
 
   bool failed(int64_t r) const { return soft[r] && count[r] < k; }
 
+  // Small k (at most kGroups / 4) against several key tiles: a lower bound on row r's k-th best score,
+  // from the first tile's s[0, n). The scores fall into kGroups groups (key j in group j mod kGroups);
+  // the k-th largest of the groups' maxima is reached by k different keys, so the row's k-th best is at
+  // least that, a score below it never matters, and the threshold starts just below it (a score equal
+  // to it still enters: key order decides among equals). Exact, unlike estimate(): no row runs again;
+  // and cheap, one vectorised max pass (an exact k-th best of the tile costs more than it saves).
+  // Without it a row appends its first 2k + 200 keys and cuts them before its threshold leaves the floor.
+  static constexpr int64_t kGroups = 64;
+  void bound(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau) {
+    float g[kGroups];
+    std::fill(g, g + kGroups, -kInf);
+    int64_t j = 0;
+    for (; j + kGroups <= n; j += kGroups)
+      for (int64_t l = 0; l < kGroups; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
+    for (int64_t l = 0; j + l < n; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
+    std::nth_element(g, g + (k - 1), g + kGroups, std::greater<float>());
+    const float below = std::nextafter(g[k - 1], -kInf);
+    if (below > thr[r]) thr[r] = below;
+  }
+
   // Keeps exactly the best k of row r (stable: the buffer stays in key order); the threshold becomes
   // the k-th best (scores equal to it lose: they come later in key order), or stays the floor.
   void exact_shrink(int64_t r) {
@@ -488,6 +509,7 @@ struct RowsF64 {
   }
 
   void estimate(int64_t, const double*, const double*, int64_t, double, int64_t) {}  // float32 only
+  void bound(int64_t, const double*, const double*, int64_t, double) {}
   bool failed(int64_t) const { return false; }
 
   void shrink(int64_t r) {
@@ -568,6 +590,10 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // (RowsF32::estimate); LLP_FAST_CPU_NO_ESTIMATE=1 turns it off (tests, comparisons).
   static const bool no_estimate = std::getenv("LLP_FAST_CPU_NO_ESTIMATE") != nullptr;
   const bool sampled = std::is_same<acc_t, float>::value && !no_estimate && k >= 32 && nk >= 4 * cols;
+  // Small k against more than one key tile: each row's threshold starts at a lower bound taken from its
+  // first tile (RowsF32::bound).
+  static const bool no_bound = std::getenv("LLP_FAST_CPU_NO_BOUND") != nullptr;
+  const bool bounded = std::is_same<acc_t, float>::value && !no_bound && !sampled && nk > cols && 4 * k <= RowsF32::kGroups;
   const at::Tensor q_det = queries.detach(), k_det = keys.detach();  // see aggregation_loss_cpu.cpp
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -603,7 +629,11 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
           for (int64_t i = 0; i < n_rows; ++i) {
             const int64_t r = all ? i : redo[i];
             if (c0 == 0 && all && sampled) top.estimate(r, s + r * cols, bias, nc, inv_tau, nk);
+            if (c0 == 0 && all && bounded) top.bound(r, s + r * cols, bias, nc, inv_tau);
             top.scan_row(r, s + r * cols, bias + c0, nc, inv_tau, static_cast<uint32_t>(c0));
+            // A bounded row cuts its few candidates after each tile, so that its threshold keeps rising
+            // (its buffer would take many tiles to fill and cut itself).
+            if (bounded && top.count[r] >= 2 * k) top.shrink(r);
           }
         }
       };
