@@ -1,7 +1,7 @@
 """What the labeller adds to a kNN vote (docs/embeddings.md): suspect labels, K and tau from the data,
 and a saved model labelling new rows.
 
-    python bench/bench_suspects.py suspects [--seeds 0-4] [--split balanced|random]
+    python bench/bench_suspects.py suspects [--seeds 0-4] [--split balanced|random] [--tau 0.07]
     python bench/bench_suspects.py auto [--seeds 0-4] [--noise 0.2]  # the README's accuracy rows
     python bench/bench_suspects.py model [--n 1000000] [--train 200000]
 
@@ -94,7 +94,7 @@ def suspects(args) -> dict:
         for noisy, flipped in flipped_splits(y, frac, args.seeds, args.split):
             row.setdefault("plain leave-one-out vote", []).append(precision(plain_vote_ranking(x, noisy), flipped))
             for title, rounds in (("label gap (default)", None), ("label gap, --rounds 1", 1)):
-                s = Settings() if rounds is None else Settings(rounds=rounds)
+                s = Settings(tau=args.tau) if rounds is None else Settings(tau=args.tau, rounds=rounds)
                 t0 = time.perf_counter()
                 result = label_embeddings(x, noisy, s, normalize=False)
                 t1 = time.perf_counter()
@@ -110,7 +110,7 @@ def suspects(args) -> dict:
     print("\n| features, labels | " + " | ".join(methods) + " |\n|---" + "|---" * len(methods) + "|")
     for name, row in out.items():
         print(f"| {name} | " + " | ".join(f"{np.mean(row[m]):.3f}" for m in methods) + " |")
-    return {"seeds": args.seeds, "split": args.split, "rows": out}
+    return {"seeds": args.seeds, "split": args.split, "tau": args.tau, "rows": out}
 
 
 def auto(args) -> dict:
@@ -212,6 +212,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--split", choices=("balanced", "random"), default="balanced")
     ap.add_argument("--noise", type=float, default=0.0, help="auto: flip this fraction of the labels first")
+    ap.add_argument("--tau", type=float, default=0.07, help="suspects: the runs' temperature")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--train", type=int, default=200_000)
     ap.add_argument("--threads", type=int, default=2)
@@ -223,7 +224,9 @@ def main(argv=None) -> None:
     if args.mode == "model":  # no seeds: named by its sizes
         name = f"suspects_model-n{args.n}-train{args.train}-{args.tag}.json"
     else:
-        what = f"{args.split}" if args.mode == "suspects" else f"noise{args.noise:g}-" if args.noise else ""
+        what = f"noise{args.noise:g}-" if args.noise else ""
+        if args.mode == "suspects":
+            what = args.split + (f"-tau{args.tau:g}-" if args.tau != 0.07 else "")
         name = f"suspects_{args.mode}-{what}{args.seeds}-{args.tag}.json"
     write_result(result, name)
 
