@@ -90,7 +90,7 @@ def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int, *, table
     step = _rows_per_chunk(values, max(num_classes if dense else k, k))
     for r0 in range(0, r, step):
         v, c = values[r0 : r0 + step], classes[r0 : r0 + step]
-        c = c.long() if table is None else table.index_select(0, c.reshape(-1).clamp_min(0)).view(c.shape).long()
+        c = _classes_of(c, table)
         w = torch.exp(v - v[:, :1])
         if dense:
             votes = torch.zeros(v.shape[0], num_classes, dtype=w.dtype, device=w.device).scatter_add_(1, c, w)
@@ -111,10 +111,19 @@ def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int, *, table
     return label, conf
 
 
-def class_shares(values: torch.Tensor, classes: torch.Tensor, num_classes: int, top: int):
+def _classes_of(classes: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+    """A chunk's class ids: ``classes`` itself, or read from ``table`` at those positions (padding's
+    -1 reads position 0: its weight is 0)."""
+    if table is None:
+        return classes.long()
+    return table.index_select(0, classes.reshape(-1).clamp_min(0)).view(classes.shape).long()
+
+
+def class_shares(values: torch.Tensor, classes: torch.Tensor, num_classes: int, top: int, *, table=None):
     """The vote's class shares ``p_c = w_c / sum w`` (in float64), each row's ``top`` largest:
     (classes (r, top) int64, shares (r, top) float32), by share descending, ties to the lower
-    class; classes beyond the voters' get share 0 and class -1. Same inputs as :func:`vote`."""
+    class; classes beyond the voters' get share 0 and class -1. Same inputs as :func:`vote`,
+    ``table`` included."""
     top = min(top, num_classes)
     out_c = torch.empty(values.shape[0], top, dtype=torch.int64, device=values.device)
     out_p = torch.empty(values.shape[0], top, dtype=torch.float32, device=values.device)
@@ -123,7 +132,7 @@ def class_shares(values: torch.Tensor, classes: torch.Tensor, num_classes: int, 
         v = values[r0 : r0 + step].double()
         w = torch.exp(v - v[:, :1])
         votes = torch.zeros(v.shape[0], num_classes, dtype=torch.float64, device=v.device)
-        votes.scatter_add_(1, classes[r0 : r0 + step].long(), w)
+        votes.scatter_add_(1, _classes_of(classes[r0 : r0 + step], table), w)
         votes /= votes.sum(dim=1, keepdim=True)
         order = torch.sort(-votes, dim=1, stable=True).indices[:, :top]  # stable: lower class first
         shares = votes.gather(1, order)

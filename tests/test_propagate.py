@@ -280,7 +280,7 @@ def test_reference_vote_memory_does_not_grow_with_the_class_count():
 @pytest.mark.parametrize("num_classes,k", [(3, 7), (50, 4), (1000, 12)])  # the class table and the sorted one
 def test_vote_reads_classes_from_a_table_as_it_votes(num_classes, k):
     """``vote(values, positions, C, table=t)`` is ``vote(values, t[positions], C)`` bit for bit,
-    padding (-inf scores at position -1) included."""
+    padding (-inf scores at position -1) included; the same for ``class_shares``."""
     g = torch.Generator().manual_seed(num_classes)
     r, m = 301, 40
     values = torch.randn(r, k, generator=g).sort(dim=1, descending=True).values
@@ -289,6 +289,11 @@ def test_vote_reads_classes_from_a_table_as_it_votes(num_classes, k):
     table = torch.randint(0, num_classes, (m,), generator=g)
     got = vote(values, positions, num_classes, table=table)
     want = vote(values, table[positions.clamp_min(0)], num_classes)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    from llp_fast._topk import class_shares
+
+    got = class_shares(values, positions, num_classes, 3, table=table)
+    want = class_shares(values, table[positions.clamp_min(0)], num_classes, 3)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

@@ -295,12 +295,12 @@ class Engine:
         for j, k in enumerate(run.ks):
             k = min(k, n_voters)
             vals, ids = top.values[:, :k], top.indices[:, :k]
-            cls = classes[ids]
-            lq, cq = vote(vals, cls, self.num_classes)
+            lq, cq = vote(vals, ids, self.num_classes, table=classes)
             run.label[j, sel], run.conf[j, sel] = lq.cpu().numpy(), cq.float().cpu().numpy()
             own = sel - self.lo
             if ("top_classes", run.ks[j]) in run.extras:
-                tc, tp = class_shares(vals, cls, self.num_classes, run.extras[("top_classes", run.ks[j])].shape[1])
+                width = run.extras[("top_classes", run.ks[j])].shape[1]
+                tc, tp = class_shares(vals, ids, self.num_classes, width, table=classes)
                 run.extras[("top_classes", run.ks[j])][own, : tc.shape[1]] = tc.cpu().numpy()
                 run.extras[("top_probs", run.ks[j])][own, : tp.shape[1]] = tp.cpu().numpy()
             if ("voters", run.ks[j]) in run.extras:
