@@ -1,9 +1,10 @@
 """The CPU top-K kernel's own paths (csrc/cpu/topk.h, csrc/cpu/scan_f32.cpp) against the reference:
 large K (the bucket shrink, the radix sort, the threshold estimated from the first key tile and the
 rows run again when it was too high), equal scores at every cut, and each scan variant the CPU has
-(AVX-512, AVX2, baseline), the at::mm_out tile and the thresholds learned without a first-tile
-bound or estimate, each chosen once per process (LLP_FAST_CPU_ISA, LLP_FAST_CPU_NO_BLAS,
-LLP_FAST_CPU_NO_BOUND, LLP_FAST_CPU_NO_ESTIMATE), so those run in child processes."""
+(AVX-512, AVX2, baseline), the at::mm_out tile, the bf16 GEMM and the thresholds learned without a
+first-tile bound or estimate, each chosen once per process (LLP_FAST_CPU_ISA, LLP_FAST_CPU_NO_BLAS,
+LLP_FAST_CPU_BF16_GEMM, LLP_FAST_CPU_NO_BOUND, LLP_FAST_CPU_NO_ESTIMATE), so those run in child
+processes."""
 
 from __future__ import annotations
 
@@ -142,14 +143,20 @@ from llp_fast.reference import topk_scores_ref
 assert _ext.load() is not None
 g = torch.Generator().manual_seed(11)
 unit = lambda n, d: torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+op = torch.ops.llp_fast.topk_scores.default
 for q, n, d, k in [(7, 1, 3, 1), (33, 700, 17, 10), (20, 2500, 9, 300), (5, 130, 128, 129)]:
-    queries, keys = unit(q, d), unit(n, d)
-    bias, mask = torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.7
-    args = (queries, keys, k, 0.07, bias, mask, None, None, 0)
-    v, i = torch.ops.llp_fast.topk_scores.default(*args)
-    rv, ri = topk_scores_ref(*args)
-    torch.testing.assert_close(v, rv, rtol=0, atol=1e-5)
-    assert torch.equal(i < 0, ri < 0)
+    for dtype in (torch.float32, torch.bfloat16):  # bf16: converted blocks, or the bf16 GEMM
+        queries, keys = unit(q, d).to(dtype), unit(n, d).to(dtype)
+        bias, mask = torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.7
+        args = (queries, keys, k, 0.07, bias, mask, None, None, 0)
+        v, i = op(*args)
+        rv, ri = topk_scores_ref(*args)
+        torch.testing.assert_close(v, rv, rtol=0, atol=1e-5)
+        assert torch.equal(i < 0, ri < 0)
+        top = (None, None)  # the keys in two chunks merge to the one call, exactly
+        for c0, c1 in ((0, n // 2), (n // 2, n)):
+            top = op(queries, keys[c0:c1], k, 0.07, bias[c0:c1], mask[c0:c1], *top, c0)
+        assert torch.equal(top[0], v) and torch.equal(top[1], i)
 print("ok")
 """
 
@@ -165,11 +172,15 @@ def _isas() -> list[str]:
         *({"LLP_FAST_CPU_ISA": isa} for isa in _isas()),
         {"LLP_FAST_CPU_NO_BLAS": "1"},
         {"LLP_FAST_CPU_NO_BOUND": "1", "LLP_FAST_CPU_NO_ESTIMATE": "1"},
+        {"LLP_FAST_CPU_BF16_GEMM": "1"},
+        {"LLP_FAST_CPU_BF16_GEMM": "1", "LLP_FAST_CPU_NO_BLAS": "1"},
     ],
 )
 def test_every_scan_variant_and_the_mm_out_tile(env):
-    """Each scan variant this CPU can run, and the tile from at::mm_out instead of the BLAS symbol,
-    in a child process (the choice is made once per process)."""
+    """Each scan variant this CPU can run, the tile from at::mm_out instead of the BLAS symbol, and
+    bf16 blocks multiplied by the bf16 GEMM (on any CPU here; by default only where AMX-BF16 or
+    AVX512-BF16 make it fast), in a child process (each choice is made once per process): fp32 and
+    bf16 inputs against the reference, and keys in two chunks equal to one call."""
     child_env = {**os.environ, **env, "LLP_FAST_CPU_TILE": "8,64", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=child_env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

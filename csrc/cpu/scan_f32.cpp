@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -32,10 +33,16 @@ using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const
                          const int*, const float*, const int*, const float*, float*, const int*);
 using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
                          const int*, const double*, const int*, const double*, double*, const int*);
+// MKL's bf16 x bf16 -> fp32 GEMM (Fortran interface, LP64): products of bf16 values are exact in fp32
+// and it sums in fp32, so its scores are the fp32 product of the same values up to summation order.
+using gemm_bf16_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                             const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*,
+                             const int*);
 
 struct Blas {
   sgemm_t sgemm = nullptr;
   dgemm_t dgemm = nullptr;
+  gemm_bf16_t gemm_bf16 = nullptr;
   Blas() {
     if (std::getenv("LLP_FAST_CPU_NO_BLAS") != nullptr) return;  // tests: the at::mm_out path
     Dl_info info;
@@ -46,6 +53,7 @@ struct Blas {
     if (lib == nullptr) return;
     sgemm = reinterpret_cast<sgemm_t>(dlsym(lib, "sgemm_"));
     dgemm = reinterpret_cast<dgemm_t>(dlsym(lib, "dgemm_"));
+    gemm_bf16 = reinterpret_cast<gemm_bf16_t>(dlsym(lib, "gemm_bf16bf16f32_"));
     // the handle stays open: torch's library is never unloaded while we run
   }
 };
@@ -58,14 +66,35 @@ const Blas& blas() {
 bool fits_int(int64_t x) { return x >= 0 && x <= std::numeric_limits<int>::max(); }
 
 // Column-major BLAS sees row-major S (rows x cols) as S^T (cols x rows) = B (cols x dim) . A^T.
-template <typename T, typename F>
-bool gemm(F f, const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t rows, int64_t cols, int64_t dim) {
+template <typename T, typename C, typename F>
+bool gemm(F f, const T* a, int64_t lda, const T* b, int64_t ldb, C* c, int64_t rows, int64_t cols, int64_t dim) {
   if (f == nullptr || !fits_int(lda) || !fits_int(ldb) || !fits_int(rows * cols)) return false;
   const int m = static_cast<int>(cols), n = static_cast<int>(rows), k = static_cast<int>(dim);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(cols);
-  const T one = 1, zero = 0;
+  const C one = 1, zero = 0;
   f("T", "N", &m, &n, &k, &one, b, &la, a, &lb, &zero, c, &lc);
   return true;
+}
+
+// Whether bf16 blocks go to the bf16 GEMM: on CPUs with bf16 matrix or dot-product instructions
+// (AMX-BF16, AVX512-BF16), where MKL's bf16 GEMM outruns converting to fp32; elsewhere it is
+// emulated and slower. LLP_FAST_CPU_BF16_GEMM=1 / =0 forces it (tests run it on any CPU).
+bool bf16_gemm_wanted() {
+  if (const char* s = std::getenv("LLP_FAST_CPU_BF16_GEMM")) return std::strcmp(s, "0") != 0;
+#ifdef LLP_FAST_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512bf16")) return true;
+  // AMX: the kernel's own flag, as /proc/cpuinfo reports it (GCC 12 has no name for it).
+  if (FILE* f = std::fopen("/proc/cpuinfo", "r")) {
+    char line[8192];
+    bool amx = false;
+    while (!amx && std::fgets(line, sizeof line, f) != nullptr)
+      amx = std::strncmp(line, "flags", 5) == 0 && std::strstr(line, " amx_bf16") != nullptr;
+    std::fclose(f);
+    return amx;
+  }
+#endif
+  return false;
 }
 
 }  // namespace
@@ -78,6 +107,16 @@ bool blas_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
 bool blas_gemm(const double* a, int64_t lda, const double* b, int64_t ldb, double* c, int64_t rows, int64_t cols,
                int64_t dim) {
   return gemm(blas().dgemm, a, lda, b, ldb, c, rows, cols, dim);
+}
+
+bool blas_gemm_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t rows,
+                    int64_t cols, int64_t dim) {
+  return gemm(blas().gemm_bf16, a, lda, b, ldb, c, rows, cols, dim);
+}
+
+bool bf16_gemm() {
+  static const bool on = blas().gemm_bf16 != nullptr && bf16_gemm_wanted();
+  return on;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 // over the key rows j (bias -inf: a masked key, never chosen) without the Q x N score matrix and
 // without sorting a row of N scores:
 //   1. a (ROWS x COLS) score tile comes from one BLAS call (sgemm_/dgemm_ of the BLAS torch links,
-//      called directly: no dispatcher, no tensor per tile) into a per-thread buffer that stays in
+//      called directly: no dispatcher, no tensor per tile; bf16 queries and keys on a CPU with AMX-BF16
+//      or AVX512-BF16: MKL's gemm_bf16bf16f32_, fp32 scores) into a per-thread buffer that stays in
 //      cache (always the full tile: the last blocks are padded, so a score never depends on how the
 //      caller chunked the keys);
 //   2. one pass over each row of the tile scales, adds the bias and asks, 64 columns at a time,
@@ -97,6 +98,12 @@ bool blas_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
                int64_t dim);
 bool blas_gemm(const double* a, int64_t lda, const double* b, int64_t ldb, double* c, int64_t rows, int64_t cols,
                int64_t dim);
+// bf16 A and B (their bits), fp32 S: MKL's bf16 GEMM, the same products summed in fp32.
+bool blas_gemm_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t rows,
+                    int64_t cols, int64_t dim);
+// Whether bf16 blocks are multiplied as bf16 (a CPU with AMX-BF16 or AVX512-BF16 and a BLAS that has
+// the bf16 GEMM; LLP_FAST_CPU_BF16_GEMM=1/0 forces it) rather than converted to fp32 first.
+bool bf16_gemm();
 
 // ---------------------------------------------------------------------------------------------
 // Step 2 for one row, float32 (csrc/cpu/scan_f32.cpp): appends every j in [j, n) with
@@ -569,21 +576,39 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // The reference multiplies by the Python float 1/tau rounded to the compute type; so do we, so
   // that both see the same scores up to the matmul's summation order.
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-  // Blocks already in the compute dtype with unit column stride are read in place; others are
-  // converted (or padded) one block at a time inside the task, so a bf16 bank is never copied whole.
+  // bf16 queries and keys where bf16 GEMMs run fast (bf16_gemm()): the blocks stay bf16 and the tile
+  // comes from the bf16 GEMM (a bf16 bank at the matrix units' speed); otherwise every block is in the
+  // compute dtype.
+  bool bf16 = false;
+  if constexpr (std::is_same<acc_t, float>::value)
+    bf16 = queries.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 && bf16_gemm();
+  const at::ScalarType bdt = bf16 ? at::kBFloat16 : cdt;  // the blocks' dtype, as BLAS reads them
+  // Blocks already in that dtype with unit column stride are read in place; others are converted (or
+  // padded) one block at a time inside the task, so a bf16 bank is never copied whole.
   auto in_place = [&](const at::Tensor& t) {
-    return t.scalar_type() == cdt && (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= dim;
+    return t.scalar_type() == bdt && (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= dim;
   };
   const bool q_direct = in_place(queries), k_direct = in_place(keys);
   // A block of `full` rows of `src` from row `start` (n of them there) as BLAS reads it: (pointer, row
   // stride). In place when `direct` and the block is whole; else copied into `buf` (full x dim, the
-  // compute dtype) with zero rows after the last.
+  // blocks' dtype) with zero rows after the last.
   auto stage = [dim](const at::Tensor& src, bool direct, at::Tensor& buf, int64_t start, int64_t n,
-                     int64_t full) -> std::pair<const acc_t*, int64_t> {
-    if (direct && n == full) return {src.const_data_ptr<acc_t>() + start * src.stride(0), src.stride(0)};
+                     int64_t full) -> std::pair<const void*, int64_t> {
+    if (direct && n == full)
+      return {static_cast<const char*>(src.const_data_ptr()) + start * src.stride(0) * src.element_size(),
+              src.stride(0)};
     buf.narrow(0, 0, n).copy_(src.narrow(0, start, n));
     buf.narrow(0, n, full - n).zero_();
-    return {buf.const_data_ptr<acc_t>(), dim};
+    return {buf.const_data_ptr(), dim};
+  };
+  // The (rows x cols) score tile of a staged query block and key block.
+  auto tile_gemm = [&](const void* a, int64_t lda, const void* b, int64_t ldb, acc_t* out) {
+    if constexpr (std::is_same<acc_t, float>::value) {
+      if (bf16)
+        return blas_gemm_bf16(static_cast<const uint16_t*>(a), lda, static_cast<const uint16_t*>(b), ldb, out, rows,
+                              cols, dim);
+    }
+    return blas_gemm(static_cast<const acc_t*>(a), lda, static_cast<const acc_t*>(b), ldb, out, rows, cols, dim);
   };
   const int64_t blocks = (nq + rows - 1) / rows;
   // Large k against many keys: each row's threshold is first estimated from the first key tile
@@ -599,8 +624,8 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const auto opts = queries.options().dtype(cdt);
     at::Tensor scores = at::empty({rows, cols}, opts);
-    at::Tensor q_buf = at::zeros({rows, dim}, opts);
-    at::Tensor k_buf = at::zeros({cols, dim}, opts);
+    at::Tensor q_buf = at::zeros({rows, dim}, opts.dtype(bdt));
+    at::Tensor k_buf = at::zeros({cols, dim}, opts.dtype(bdt));
     acc_t* s = scores.data_ptr<acc_t>();
     Rows<acc_t> top(rows, k, cols);
     std::vector<int64_t> redo;
@@ -621,10 +646,10 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
           const auto [ka, ldb] = stage(k_det, k_direct, k_buf, c0, nc, cols);
           if (dim == 0) {
             std::fill(s, s + rows * cols, acc_t(0));
-          } else if (!blas_gemm(qa, lda, ka, ldb, s, rows, cols, dim)) {
-            at::Tensor a = at::from_blob(const_cast<acc_t*>(qa), {rows, dim}, {lda, 1}, opts);
-            at::Tensor b = at::from_blob(const_cast<acc_t*>(ka), {cols, dim}, {ldb, 1}, opts);
-            at::mm_out(scores, a, b.t());
+          } else if (!tile_gemm(qa, lda, ka, ldb, s)) {
+            at::Tensor a = at::from_blob(const_cast<void*>(qa), {rows, dim}, {lda, 1}, opts.dtype(bdt));
+            at::Tensor b = at::from_blob(const_cast<void*>(ka), {cols, dim}, {ldb, 1}, opts.dtype(bdt));
+            at::mm_out(scores, a.to(cdt), b.to(cdt).t());
           }
           for (int64_t i = 0; i < n_rows; ++i) {
             const int64_t r = all ? i : redo[i];
