@@ -131,13 +131,14 @@ def false_alarms(args) -> dict:
 
     torch.set_num_threads(1)
     x, y = load("digits")
-    flagged, labeled = collections.Counter(), collections.Counter()
+    flagged, labeled, missed = collections.Counter(), collections.Counter(), collections.Counter()
     n_alarms = n_flagged = 0
     for noisy, flipped in flipped_splits(y, 0.1, args.seeds, args.split):
         s = Settings(tau=args.tau)
         found = suspects_of(Rows(x, normalize=False), noisy, label_embeddings(x, noisy, s, normalize=False), s)
         alarms = np.setdiff1d(found.rows[: len(flipped)], flipped)
         flagged.update(alarms.tolist())
+        missed.update(np.setdiff1d(flipped, found.rows[: len(flipped)]).tolist())
         labeled.update(np.flatnonzero(noisy >= 0).tolist())
         n_alarms += len(alarms)
         n_flagged += len(flipped)
@@ -153,8 +154,11 @@ def false_alarms(args) -> dict:
     twice = sum(r["false alarm"] for r in rows)
     doubtful = sum(r["false alarm"] for r in rows if r["svm p(label)"] < 0.5)
     print(f"{twice} of the false alarms on rows flagged more than once; {doubtful} on rows whose label the SVM doubts")
+    most = max(missed.values(), default=0)
+    print(f"missed flips: {sum(missed.values())} on {len(missed)} rows, at most {most} times the same row")
     return {"seeds": args.seeds, "split": args.split, "tau": args.tau, "false_alarms": n_alarms,
-            "suspects": n_flagged, "rows": rows, "svm_accuracy": float((proba.argmax(1) == y).mean())}  # fmt: skip
+            "suspects": n_flagged, "rows": rows, "svm_accuracy": float((proba.argmax(1) == y).mean()),
+            "missed": sum(missed.values()), "missed_rows": len(missed)}  # fmt: skip
 
 
 def auto(args) -> dict:
