@@ -95,31 +95,17 @@ def test_chunks_with_init_equal_one_call(k):
     assert torch.equal(top[1], whole[1])
 
 
-@pytest.mark.parametrize("k", [1, 5, 16, 64, 700])
-def test_equal_scores_keep_the_lower_indices(k, monkeypatch):
-    """Keys repeated many times, so that a shrink's cut, the first tile's lower bound (K <= 16) and
-    the k-th place fall inside runs of equal scores: the kernel keeps the lower indices, as the
-    reference does."""
+@pytest.mark.parametrize("distinct,k", [(7, 1), (7, 5), (7, 16), (7, 64), (7, 700), (400, 70), (400, 150)])
+def test_equal_scores_keep_the_lower_indices(distinct, k, monkeypatch):
+    """Keys drawn from a few distinct rows (7: long runs of equal scores at a shrink's cut, at the
+    first tile's lower bound for K <= 16 and at the k-th place; 400: two or three keys per score, so
+    that the final sort's value buckets hold equal scores): the kernel keeps the lower indices, as
+    the reference does."""
     monkeypatch.setenv("LLP_FAST_CPU_TILE", "8,64")
     g = torch.Generator().manual_seed(k)
-    distinct = _unit(7, 8, g)
-    keys = distinct[torch.randint(0, 7, (1500,), generator=g)]
-    q = _unit(9, 8, g)
-    values, indices = OP(q, keys, k, TAU, None, None, None, None, 0)
-    ref_v, ref_i = topk_scores_ref(q, keys, k, TAU)
-    torch.testing.assert_close(values, ref_v, rtol=0, atol=1e-5)
-    assert torch.equal(indices, ref_i)
-
-
-@pytest.mark.parametrize("k", [70, 150])
-def test_final_sort_orders_equal_scores_within_a_bucket(k, monkeypatch):
-    """Each key repeated two or three times, shuffled: the final sort's value buckets hold runs of
-    equal scores, which keep the lower indices first (the bucket path's insertion sort)."""
-    monkeypatch.setenv("LLP_FAST_CPU_TILE", "8,64")
-    g = torch.Generator().manual_seed(k)
-    distinct = _unit(400, 10, g)
-    keys = distinct[torch.randint(0, 400, (1000,), generator=g)]
-    q = _unit(11, 10, g)
+    rows = _unit(distinct, 10, g)
+    keys = rows[torch.randint(0, distinct, (1500,), generator=g)]
+    q = _unit(9, 10, g)
     values, indices = OP(q, keys, k, TAU, None, None, None, None, 0)
     ref_v, ref_i = topk_scores_ref(q, keys, k, TAU)
     torch.testing.assert_close(values, ref_v, rtol=0, atol=1e-5)

@@ -339,6 +339,22 @@ struct RowsF32 {
     thr[r] = std::max(floor[r], value_of(kth));
   }
 
+  // Row r's candidates spread over value buckets (Buckets::fit over them): each one's bucket in bid,
+  // each bucket's count in hist. False, with nothing done, when the scores do not spread.
+  bool bucket(int64_t r, Buckets& bk) {
+    const int64_t n = count[r];
+    const float* v = vals.data() + r * cap;
+    if (!bk.fit(v, n, n)) return false;
+    int32_t* h = hist.data();
+    std::fill(h, h + bk.nb, 0);
+    int32_t* b = bid.data();
+    for (int64_t t = 0; t < n; ++t) {
+      b[t] = bk(v[t]);
+      ++h[b[t]];
+    }
+    return true;
+  }
+
   // Cuts row r's buffer to the candidates of the buckets down to the k-th best's (at least k, in key
   // order); the threshold becomes their smallest score (at least k candidates reach it, and a later
   // key that only ties it loses to them). Falls back to the exact cut when the scores cluster so that
@@ -349,14 +365,9 @@ struct RowsF32 {
     float* v = vals.data() + r * cap;
     uint32_t* ix = idx.data() + r * cap;
     Buckets bk;
-    if (!bk.fit(v, n, n)) return exact_shrink(r);
-    int32_t* h = hist.data();
-    std::fill(h, h + bk.nb, 0);
-    int32_t* b = bid.data();
-    for (int64_t t = 0; t < n; ++t) {
-      b[t] = bk(v[t]);
-      ++h[b[t]];
-    }
+    if (!bucket(r, bk)) return exact_shrink(r);
+    const int32_t* h = hist.data();
+    const int32_t* b = bid.data();
     int64_t last = 0, kept = h[0];
     while (kept < k) kept += h[++last];
     if (kept > k + (cap - k) / 2) return exact_shrink(r);
@@ -394,14 +405,9 @@ struct RowsF32 {
     const float* v = vals.data() + r * cap;
     const uint32_t* ix = idx.data() + r * cap;
     Buckets bk;
-    if (!bk.fit(v, n, n)) return -1;
+    if (!bucket(r, bk)) return -1;
     int32_t* h = hist.data();
-    std::fill(h, h + bk.nb, 0);
-    int32_t* b = bid.data();
-    for (int64_t t = 0; t < n; ++t) {
-      b[t] = bk(v[t]);
-      ++h[b[t]];
-    }
+    const int32_t* b = bid.data();
     int64_t last = 0, kept = 0, fullest = 0;
     for (; last < bk.nb; ++last) {  // exclusive prefix sums up to the k-th best's bucket
       const int32_t c = h[last];
