@@ -66,6 +66,19 @@ def test_large_k_matches_reference(k, tile, monkeypatch):
     _same((_unit(q, d, g), _unit(n, d, g), k, TAU, bias, mask, None, None, 0))
 
 
+@pytest.mark.parametrize("tile", ["2,1", "4,5", "3,31", "8,64"])
+@pytest.mark.parametrize("k", [1, 7, 16])
+def test_small_k_bound_on_narrow_tiles(k, tile, monkeypatch):
+    """K <= 16 (each row's threshold starts at the first tile's group-maxima bound) on tiles narrower
+    than the 32 groups, some groups empty or masked: the reference's values and indices."""
+    monkeypatch.setenv("LLP_FAST_CPU_TILE", tile)
+    g = torch.Generator().manual_seed(k)
+    n = 300
+    bias = torch.rand(n, generator=g) * 2 - 1
+    mask = torch.rand(n, generator=g) < 0.6
+    _same((_unit(13, 6, g), _unit(n, 6, g), k, TAU, bias, mask, None, None, 0))
+
+
 def test_estimate_too_high_runs_the_rows_again(monkeypatch):
     """The first key tile holds every query's best keys, so the threshold estimated from it is above
     the k-th best of the whole: those rows find fewer than k candidates and run again, exactly."""
@@ -120,6 +133,29 @@ def test_final_sort_with_clustered_scores():
     bias = torch.zeros(900)
     bias[17] = 1e4
     _same((q, keys, k, TAU, bias, None, None, None, 0))
+
+
+FLUSHED = """
+import torch
+from llp_fast.reference import topk_scores_ref
+torch.set_flush_denormal(True)
+g = torch.Generator().manual_seed(4)
+queries, keys = torch.zeros(3, 8), torch.randn(5000, 8, generator=g)  # every score exactly 0
+for k in (1, 5, 16):
+    v, i = torch.ops.llp_fast.topk_scores.default(queries, keys, k, 0.07, None, None, None, None, 0)
+    rv, ri = topk_scores_ref(queries, keys, k, 0.07)
+    assert torch.equal(v, rv) and torch.equal(i, ri), (k, v, i)
+print("ok")
+"""
+
+
+def test_scores_of_zero_with_denormals_flushed():
+    """Every score exactly 0, denormals flushed to zero (torch.set_flush_denormal, in a child
+    process): the first tile's lower bound sits below 0 by a normal number, not a denormal that
+    would read as 0, so the zeros are still chosen, in key order."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", FLUSHED], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 CHILD = """

@@ -310,7 +310,10 @@ struct RowsF32 {
       for (int64_t l = 0; l < kGroups; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
     for (int64_t l = 0; j + l < n; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
     std::nth_element(g, g + (k - 1), g + kGroups, std::greater<float>());
-    const float below = std::nextafter(g[k - 1], -kInf);
+    float below = std::nextafter(g[k - 1], -kInf);
+    // A denormal threshold reads as 0 where denormals are flushed (torch.set_flush_denormal): a score
+    // of exactly 0 would then not beat it. Any lower threshold is as exact, so take -FLT_MIN there.
+    if (std::fabs(below) < std::numeric_limits<float>::min()) below = -std::numeric_limits<float>::min();
     if (below > thr[r]) thr[r] = below;
   }
 
