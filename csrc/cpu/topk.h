@@ -237,6 +237,7 @@ struct RowsF32 {
   std::vector<float> out_v;
   std::vector<int64_t> out_i;
   std::vector<uint64_t> words, words_tmp;
+  std::vector<float> sample;  // estimate()'s scores of the first key tile
   ScanF32 scan = scan_f32();
 
   std::vector<char> soft;  // the row's threshold is an estimate (see estimate), checked at the end
@@ -257,6 +258,7 @@ struct RowsF32 {
         out_i(cap),
         words(cap),
         words_tmp(cap),
+        sample(cols),
         soft(rows) {}
 
   void start(int64_t r, float f) {
@@ -266,24 +268,34 @@ struct RowsF32 {
   }
 
   // Large k: a threshold for row r estimated from its scores s[0, n) against a sample of the keys (the
-  // first key tile) out of `total`: the m-th best sample score, m well above the share k * n / total
-  // that the row's best k would have in a random sample (4 standard deviations and 4 more), so that
-  // the row keeps only about m * total / n candidates instead of learning its threshold from the first
-  // 2k keys. An estimate, not a bound: finish() is exact only if at least k scores beat it, which
-  // failed() checks; a row that fails is run again without one (fused_topk).
+  // first key tile) out of `total`: about the m-th best sample score, m well above the share k * n /
+  // total that the row's best k would have in a random sample (4 standard deviations and 4 more), so
+  // that the row keeps only about m * total / n candidates instead of learning its threshold from the
+  // first 2k keys. The sample's scores go over about 4m value buckets and the threshold is the lower
+  // edge of the bucket where the count from the top reaches m (a bucket's width below the m-th best:
+  // one counting pass, where an exact m-th best cost a radix select per row). An estimate, not a
+  // bound: finish() is exact only if at least k scores beat it, which failed() checks; a row that
+  // fails is run again without one (fused_topk).
   void estimate(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau, int64_t total) {
     const double e = static_cast<double>(k) * static_cast<double>(n) / static_cast<double>(total);
     const int64_t m = static_cast<int64_t>(std::ceil(e + 4.0 * std::sqrt(e) + 4.0));
-    uint32_t* u = keys.data();
+    float* x = sample.data();
     int64_t c = 0;
     for (int64_t j = 0; j < n; ++j) {
-      const float x = s[j] * inv_tau + bias[j];
-      u[c] = key_of(x);
-      c += x > thr[r];
+      x[c] = s[j] * inv_tau + bias[j];
+      c += x[c] > thr[r];
     }
     if (m > c) return;  // too few sample scores above the floor to say anything
-    int64_t larger = 0;
-    const float t = value_of(kth_largest(u, c, m, tmp.data(), &larger));
+    Buckets bk;
+    if (!bk.fit(x, c, 4 * m)) return;  // all equal
+    int32_t* h = hist.data();
+    std::fill(h, h + bk.nb, 0);
+    for (int64_t j = 0; j < c; ++j) ++h[bk(x[j])];
+    int64_t b = 0, above = h[0];
+    while (above < m) above += h[++b];
+    // Every score in the buckets [0, b] is above xmax - (b + 1) / scale (up to rounding: a threshold
+    // a little off only changes how many candidates the row keeps, never the answer).
+    const float t = bk.xmax - static_cast<float>(b + 1) / bk.scale;
     if (t > thr[r]) {
       thr[r] = t;
       soft[r] = 1;
