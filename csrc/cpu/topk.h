@@ -20,9 +20,11 @@
 //   3. a row's buffer holds 3k + 72 candidates (k + 200 at least), in key order; when it is full
 //      it is cut (float32: to the buckets down to the k-th best, scores spread over the buckets by
 //      value; an exact radix select when they cluster) and the threshold rises to the smallest score
-//      kept. For k >= 32 against at least 4 key tiles the threshold starts from an estimate, the m-th
-//      best score of the first key tile (RowsF32::estimate), checked at the end: a row that kept
-//      fewer than k candidates above it runs again without one;
+//      kept. For k <= 16 against more than one key tile the threshold starts at an exact lower bound
+//      from the first key tile (RowsF32::bound) and the buffer is cut after every tile; for k >= 32
+//      against at least 4 key tiles it starts from an estimate, about the m-th best score of the
+//      first key tile (RowsF32::estimate), checked at the end: a row that kept fewer than k
+//      candidates above it runs again without one;
 //   4. at the end the buffer's best k are sorted (float32: a large buffer over about as many value
 //      buckets, each bucket's few candidates ordered by insertion; a small one, or one whose scores
 //      cluster, by a stable radix sort on the scores' bits; equal scores keep key order either way)
@@ -250,8 +252,8 @@ struct RowsF32 {
         count(rows),
         floor(rows),
         thr(rows),
-        keys(std::max(cap, cols)),
-        tmp(std::max(cap, cols)),
+        keys(cap),
+        tmp(cap),
         bid(cap),
         hist(4096),
         out_v(cap),
