@@ -1,10 +1,10 @@
 """The CPU top-K kernel's own paths (csrc/cpu/topk.h, csrc/cpu/scan_f32.cpp) against the reference:
 large K (the bucket shrink, the radix sort, the threshold estimated from the first key tile and the
 rows run again when it was too high), equal scores at every cut, and each scan variant the CPU has
-(AVX-512, AVX2, baseline), the at::mm_out tile, the bf16 GEMM and the thresholds learned without a
-first-tile bound or estimate, each chosen once per process (LLP_FAST_CPU_ISA, LLP_FAST_CPU_NO_BLAS,
-LLP_FAST_CPU_BF16_GEMM, LLP_FAST_CPU_NO_BOUND, LLP_FAST_CPU_NO_ESTIMATE), so those run in child
-processes."""
+(AVX-512, AVX2, baseline), the fused tile (csrc/cpu/tile_f32.cpp), the at::mm_out tile, the bf16 GEMM
+and the thresholds learned without a first-tile bound or estimate, each chosen once per process
+(LLP_FAST_CPU_ISA, LLP_FAST_CPU_FUSED, LLP_FAST_CPU_NO_BLAS, LLP_FAST_CPU_BF16_GEMM,
+LLP_FAST_CPU_NO_BOUND, LLP_FAST_CPU_NO_ESTIMATE), so those run in child processes."""
 
 from __future__ import annotations
 
@@ -183,8 +183,12 @@ print("ok")
 """
 
 
+def _flags() -> str:
+    return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+
+
 def _isas() -> list[str]:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = _flags()
     return ["baseline"] + [isa for isa, flag in (("avx2", " avx2"), ("avx512", " avx512f")) if flag in flags]
 
 
@@ -192,17 +196,25 @@ def _isas() -> list[str]:
     "env",
     [
         *({"LLP_FAST_CPU_ISA": isa} for isa in _isas()),
-        {"LLP_FAST_CPU_NO_BLAS": "1"},
+        {"LLP_FAST_CPU_FUSED": "0", "LLP_FAST_CPU_NO_BLAS": "1"},
+        {"LLP_FAST_CPU_FUSED": "0"},
+        *(
+            {"LLP_FAST_CPU_FUSED": "1", "LLP_FAST_CPU_TILE": tile}
+            for tile in ("8,64", "7,50", "1,17", "256,512")
+            if " avx2" in _flags() and " fma" in _flags()
+        ),
         {"LLP_FAST_CPU_NO_BOUND": "1", "LLP_FAST_CPU_NO_ESTIMATE": "1"},
         {"LLP_FAST_CPU_BF16_GEMM": "1"},
-        {"LLP_FAST_CPU_BF16_GEMM": "1", "LLP_FAST_CPU_NO_BLAS": "1"},
+        {"LLP_FAST_CPU_BF16_GEMM": "1", "LLP_FAST_CPU_NO_BLAS": "1", "LLP_FAST_CPU_FUSED": "0"},
     ],
 )
 def test_every_scan_variant_and_the_mm_out_tile(env):
-    """Each scan variant this CPU can run, the tile from at::mm_out instead of the BLAS symbol, and
-    bf16 blocks multiplied by the bf16 GEMM (on any CPU here; by default only where AMX-BF16 or
+    """Each scan variant this CPU can run, the tile from at::mm_out instead of the BLAS symbol, the
+    fused tile (csrc/cpu/tile_f32.cpp: on any CPU with AVX2 and FMA here; by default only where AVX2
+    is the widest vector unit) on tiles whose rows and keys do not fill its 6 x 16 panels, and bf16
+    blocks multiplied by the bf16 GEMM (on any CPU here; by default only where AMX-BF16 or
     AVX512-BF16 make it fast), in a child process (each choice is made once per process): fp32 and
     bf16 inputs against the reference, and keys in two chunks equal to one call."""
-    child_env = {**os.environ, **env, "LLP_FAST_CPU_TILE": "8,64", "OMP_NUM_THREADS": "1"}
+    child_env = {**os.environ, "LLP_FAST_CPU_TILE": "8,64", "OMP_NUM_THREADS": "1", **env}
     proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=child_env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -137,16 +137,16 @@ inline int64_t scan_scalar(const float* s, const float* bias, int64_t j, int64_t
 
 // Baseline x86-64 (or any CPU): a fixed-trip "any candidate?" loop the compiler vectorises, then the
 // scalar append for a block that has one.
-int64_t scan_generic(const float* s, const float* bias, int64_t j, int64_t n, float inv_tau, float thr,
-                     uint32_t base, float* vals, uint32_t* idx, int64_t* count, int64_t cap) {
+int64_t scan_generic(const float* s, const float* bias, const float* bmax, int64_t j, int64_t n, float inv_tau,
+                     float thr, uint32_t base, float* vals, uint32_t* idx, int64_t* count, int64_t cap) {
   int64_t c = *count;
   for (; j < n; j += kBlock) {
     if (cap - c < kRoom) break;
     const int64_t e = std::min(n, j + kBlock);
     if (e - j == kBlock) {
-      int hit = 0;
-      for (int64_t i = 0; i < kBlock; ++i) hit |= (s[j + i] * inv_tau + bias[j + i]) > thr;
-      if (!hit) continue;
+      float top = s[j];
+      for (int64_t i = 1; i < kBlock; ++i) top = std::max(top, s[j + i]);
+      if (!(top * inv_tau + bmax[j / kBlock] > thr)) continue;
     }
     c = scan_scalar(s, bias, j, e, inv_tau, thr, base, vals, idx, c);
   }
@@ -154,7 +154,32 @@ int64_t scan_generic(const float* s, const float* bias, int64_t j, int64_t n, fl
   return std::min(j, n);
 }
 
+// RowsF32::bound's group maxima: g[l] = max over j = l mod 32 of s[j] * inv_tau + bias[j] (g starts
+// at -inf; a NaN score never enters, as with std::max(g, x)).
+void groups_generic(const float* s, const float* bias, int64_t n, float inv_tau, float* g) {
+  int64_t j = 0;
+  for (; j + kGroups <= n; j += kGroups)
+    for (int64_t l = 0; l < kGroups; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
+  for (int64_t l = 0; j + l < n; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
+}
+
 #ifdef LLP_FAST_X86
+
+__attribute__((target("avx2"))) void groups_avx2(const float* s, const float* bias, int64_t n, float inv_tau,
+                                                 float* g) {
+  static_assert(kGroups == 32, "four vectors of 8 lanes");
+  const __m256 vt = _mm256_set1_ps(inv_tau);
+  __m256 m[4];
+  for (int v = 0; v < 4; ++v) m[v] = _mm256_loadu_ps(g + 8 * v);
+  int64_t j = 0;
+  for (; j + kGroups <= n; j += kGroups)
+    for (int v = 0; v < 4; ++v) {
+      const __m256 x = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j + 8 * v), vt), _mm256_loadu_ps(bias + j + 8 * v));
+      m[v] = _mm256_max_ps(x, m[v]);  // m[v] where x is NaN (MAXPS returns its second operand then)
+    }
+  for (int v = 0; v < 4; ++v) _mm256_storeu_ps(g + 8 * v, m[v]);
+  for (int64_t l = 0; j + l < n; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
+}
 
 // Left-pack table: for each 8-bit mask, the lanes whose bit is set, first (then the rest).
 struct PackTable {
@@ -171,9 +196,10 @@ struct PackTable {
 };
 const PackTable kPack;
 
-__attribute__((target("avx2,popcnt"))) int64_t scan_avx2(const float* s, const float* bias, int64_t j, int64_t n,
-                                                         float inv_tau, float thr, uint32_t base, float* vals,
-                                                         uint32_t* idx, int64_t* count, int64_t cap) {
+__attribute__((target("avx2,popcnt"))) int64_t scan_avx2(const float* s, const float* bias, const float* bmax,
+                                                         int64_t j, int64_t n, float inv_tau, float thr,
+                                                         uint32_t base, float* vals, uint32_t* idx, int64_t* count,
+                                                         int64_t cap) {
   const __m256 vt = _mm256_set1_ps(inv_tau), vthr = _mm256_set1_ps(thr);
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t c = *count;
@@ -184,11 +210,12 @@ __attribute__((target("avx2,popcnt"))) int64_t scan_avx2(const float* s, const f
       continue;
     }
     __m256 x[8];
-    for (int v = 0; v < 8; ++v)
-      x[v] = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j + 8 * v), vt), _mm256_loadu_ps(bias + j + 8 * v));
+    for (int v = 0; v < 8; ++v) x[v] = _mm256_loadu_ps(s + j + 8 * v);
     const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])),
                                    _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7])));
-    if (_mm256_movemask_ps(_mm256_cmp_ps(m, vthr, _CMP_GT_OQ)) == 0) continue;
+    const __m256 top = _mm256_add_ps(_mm256_mul_ps(m, vt), _mm256_broadcast_ss(bmax + j / kBlock));
+    if (_mm256_movemask_ps(_mm256_cmp_ps(top, vthr, _CMP_GT_OQ)) == 0) continue;
+    for (int v = 0; v < 8; ++v) x[v] = _mm256_add_ps(_mm256_mul_ps(x[v], vt), _mm256_loadu_ps(bias + j + 8 * v));
     for (int v = 0; v < 8; ++v) {
       const int bits = _mm256_movemask_ps(_mm256_cmp_ps(x[v], vthr, _CMP_GT_OQ));
       if (bits == 0) continue;
@@ -203,10 +230,10 @@ __attribute__((target("avx2,popcnt"))) int64_t scan_avx2(const float* s, const f
   return std::min(j, n);
 }
 
-__attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const float* s, const float* bias, int64_t j,
-                                                              int64_t n, float inv_tau, float thr, uint32_t base,
-                                                              float* vals, uint32_t* idx, int64_t* count,
-                                                              int64_t cap) {
+__attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const float* s, const float* bias,
+                                                              const float* bmax, int64_t j, int64_t n, float inv_tau,
+                                                              float thr, uint32_t base, float* vals, uint32_t* idx,
+                                                              int64_t* count, int64_t cap) {
   const __m512 vt = _mm512_set1_ps(inv_tau), vthr = _mm512_set1_ps(thr);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t c = *count;
@@ -217,10 +244,11 @@ __attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const float* s, co
       continue;
     }
     __m512 x[4];
-    for (int v = 0; v < 4; ++v)
-      x[v] = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j + 16 * v), vt), _mm512_loadu_ps(bias + j + 16 * v));
+    for (int v = 0; v < 4; ++v) x[v] = _mm512_loadu_ps(s + j + 16 * v);
     const __m512 m = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
-    if (_mm512_cmp_ps_mask(m, vthr, _CMP_GT_OQ) == 0) continue;
+    const __m512 top = _mm512_add_ps(_mm512_mul_ps(m, vt), _mm512_set1_ps(bmax[j / kBlock]));
+    if (_mm512_cmp_ps_mask(top, vthr, _CMP_GT_OQ) == 0) continue;
+    for (int v = 0; v < 4; ++v) x[v] = _mm512_add_ps(_mm512_mul_ps(x[v], vt), _mm512_loadu_ps(bias + j + 16 * v));
     for (int v = 0; v < 4; ++v) {
       const __mmask16 bits = _mm512_cmp_ps_mask(x[v], vthr, _CMP_GT_OQ);
       if (bits == 0) continue;
@@ -238,6 +266,7 @@ __attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const float* s, co
 
 struct Choice {
   ScanF32 fn = scan_generic;
+  GroupsF32 groups = groups_generic;
   const char* isa = "baseline";
   Choice() {
     const char* want = std::getenv("LLP_FAST_CPU_ISA");  // tests: force a variant this CPU has
@@ -246,9 +275,11 @@ struct Choice {
     __builtin_cpu_init();
     if (allowed("avx512") && __builtin_cpu_supports("avx512f")) {
       fn = scan_avx512;
+      groups = groups_avx2;
       isa = "avx512";
     } else if (allowed("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) {
       fn = scan_avx2;
+      groups = groups_avx2;
       isa = "avx2";
     }
 #else
@@ -265,6 +296,7 @@ const Choice& choice() {
 }  // namespace
 
 ScanF32 scan_f32() { return choice().fn; }
+GroupsF32 groups_f32() { return choice().groups; }
 const char* scan_f32_isa() { return choice().isa; }
 
 }  // namespace topk

@@ -11,12 +11,18 @@
 //      or AVX512-BF16: MKL's gemm_bf16bf16f32_, fp32 scores) into a per-thread buffer that stays in
 //      cache (always the full tile: the last blocks are padded, so a score never depends on how the
 //      caller chunked the keys);
-//   2. one pass over each row of the tile scales, adds the bias and asks, 64 columns at a time,
-//      whether any score beats the row's threshold; only a block that has one appends its
-//      candidates to the row's buffer (float32: a vector left-pack of the passing lanes, no per-column
-//      branch). Once a row has seen a few hundred keys the threshold rejects almost every block.
-//      This pass is compiled for AVX-512, AVX2 and baseline x86-64 and chosen once by the CPU's
-//      features (csrc/cpu/scan_f32.cpp; never -march=native);
+//   2. one pass over each row of the tile asks, 64 columns at a time, whether any score can beat the
+//      row's threshold (from the block's largest product, scaled, plus its largest bias); only a block
+//      that has one scales, adds the bias and appends its candidates to the row's buffer (float32: a
+//      vector left-pack of the passing lanes, no per-column branch). Once a row has seen a few
+//      hundred keys the threshold rejects almost every block. This pass is compiled for AVX-512, AVX2
+//      and baseline x86-64 and chosen once by the CPU's features (csrc/cpu/scan_f32.cpp; never
+//      -march=native).
+//   1+2. float32 on CPUs whose widest vector unit is AVX2 (with FMA): steps 1 and 2 fused
+//      (csrc/cpu/tile_f32.cpp): 6 query rows x 16 keys of scores at a time in registers, from
+//      packed blocks, compared with their rows' thresholds before they leave the registers; a
+//      score tile is written whole only for the first key tile (which the threshold's start reads)
+//      and in the rare pass run again for rows whose estimate failed (step 3);
 //   3. a row's buffer holds 3k + 72 candidates (k + 200 at least), in key order; when it is full
 //      it is cut (float32: to the buckets down to the k-th best, scores spread over the buckets by
 //      value; an exact radix select when they cluster) and the threshold rises to the smallest score
@@ -113,10 +119,49 @@ bool bf16_gemm();
 // returns where it stopped: n, or a block boundary once fewer than kRoom slots remain before cap (the
 // caller then shrinks the buffer). The multiply and the add round separately (-ffp-contract=off), as the
 // reference's mul_ and add_.
-using ScanF32 = int64_t (*)(const float* s, const float* bias, int64_t j, int64_t n, float inv_tau, float thr,
-                            uint32_t base, float* vals, uint32_t* idx, int64_t* count, int64_t cap);
+using ScanF32 = int64_t (*)(const float* s, const float* bias, const float* bmax, int64_t j, int64_t n,
+                            float inv_tau, float thr, uint32_t base, float* vals, uint32_t* idx, int64_t* count,
+                            int64_t cap);
 ScanF32 scan_f32();  // the variant for this CPU (AVX-512, AVX2, or baseline), chosen once
 const char* scan_f32_isa();
+// RowsF32::bound's pass: g[l] = max(g[l], s[j] * inv_tau + bias[j]) over the j in [0, n) with
+// j mod kGroups = l, rounded as the scan rounds (AVX2 where the scan runs AVX2 or AVX-512).
+constexpr int64_t kGroups = 32;
+using GroupsF32 = void (*)(const float* s, const float* bias, int64_t n, float inv_tau, float* g);
+GroupsF32 groups_f32();
+
+// Steps 1 and 2 fused, float32, on CPUs with AVX2 and FMA (csrc/cpu/tile_f32.cpp): the tile's scores
+// are computed 6 query rows x 16 keys at a time in registers from packed blocks and, in tile_select,
+// compared with the rows' thresholds there, only candidates written out. fused_tile() says whether the
+// kernel uses it (the default where AVX2 is the widest vector unit; LLP_FAST_CPU_FUSED=1/0 forces).
+constexpr int64_t kPanelRows = 6;
+constexpr int64_t kPanelKeys = 16;
+inline int64_t panel_rows(int64_t n) { return (n + kPanelRows - 1) / kPanelRows * kPanelRows; }
+inline int64_t panel_keys(int64_t n) { return (n + kPanelKeys - 1) / kPanelKeys * kPanelKeys; }
+bool fused_tile();
+// n rows of a (row stride lda) into panels of 6 rows, [panel][d][6], zero rows after the last (out:
+// panel_rows(n) x dim floats); n keys of b into panels of 16 keys, [panel][d][16], likewise.
+void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* out);
+void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out);
+// The raw products of the nr packed queries and nc packed keys into s (row stride lds), as the BLAS
+// tile would hold them (each the same FMA sequence over d wherever the key falls).
+void tile_store(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds);
+// The rows' candidate buffers as tile_select appends to them (RowsF32's, row r at r * cap); make_room
+// cuts row r's buffer (raising thr[r]) when fewer than kRoom slots are left.
+struct TileRows {
+  float* vals;
+  uint32_t* idx;
+  int64_t* count;
+  const float* thr;
+  int64_t cap;
+  void* owner;
+  void (*make_room)(void* owner, int64_t r);
+};
+// Appends, for each of the nr rows r and nc keys j, x = (q_r . key_j) * inv_tau + bias[j] when
+// x > thr[r], as the scan does (index base + j, key order); `bias` has panel_keys(nc) entries, -inf
+// after the nc-th.
+void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, const float* bias,
+                 float inv_tau, uint32_t base, const TileRows& rows);
 
 // Ordered bits of a float: ascending with the value (-0 and +0 equal).
 inline uint32_t key_of(float x) {
@@ -241,6 +286,7 @@ struct RowsF32 {
   std::vector<uint64_t> words, words_tmp;
   std::vector<float> sample;  // estimate()'s scores of the first key tile
   ScanF32 scan = scan_f32();
+  GroupsF32 groups = groups_f32();
 
   std::vector<char> soft;  // the row's threshold is an estimate (see estimate), checked at the end
 
@@ -253,7 +299,7 @@ struct RowsF32 {
         floor(rows),
         thr(rows),
         keys(cap),
-        tmp(cap),
+        tmp(cap + 1),
         bid(cap),
         hist(4096),
         out_v(cap),
@@ -315,14 +361,10 @@ struct RowsF32 {
   // before its threshold leaves the floor. Measured (K = 10 to 31, one thread, AMD EPYC): 32 groups
   // beat 16, 64 and 128 (more groups: a tighter bound that costs more than it saves; an exact k-th
   // best of the tile, more still), and K above 16 gained nothing.
-  static constexpr int64_t kGroups = 32;
   void bound(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau) {
     float g[kGroups];
     std::fill(g, g + kGroups, -kInf);
-    int64_t j = 0;
-    for (; j + kGroups <= n; j += kGroups)
-      for (int64_t l = 0; l < kGroups; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
-    for (int64_t l = 0; j + l < n; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
+    groups(s, bias, n, inv_tau, g);
     std::nth_element(g, g + (k - 1), g + kGroups, std::greater<float>());
     float below = std::nextafter(g[k - 1], -kInf);
     // A denormal threshold reads as 0 where denormals are flushed (torch.set_flush_denormal): a score
@@ -402,11 +444,18 @@ struct RowsF32 {
     thr[r] = std::max(thr[r], std::min(std::min(low[0], low[1]), std::min(low[2], low[3])));
   }
 
-  void scan_row(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau, uint32_t base) {
+  // The buffers as tile_select sees them.
+  TileRows tile_rows() {
+    return {vals.data(), idx.data(), count.data(), thr.data(), cap, this,
+            [](void* self, int64_t r) { static_cast<RowsF32*>(self)->shrink(r); }};
+  }
+
+  void scan_row(int64_t r, const float* s, const float* bias, const float* bmax, int64_t n, float inv_tau,
+                uint32_t base) {
     float* v = vals.data() + r * cap;
     uint32_t* ix = idx.data() + r * cap;
     for (int64_t j = 0; j < n;) {
-      j = scan(s, bias, j, n, inv_tau, thr[r], base, v, ix, &count[r], cap);
+      j = scan(s, bias, bmax, j, n, inv_tau, thr[r], base, v, ix, &count[r], cap);
       if (j < n) shrink(r);
     }
   }
@@ -435,8 +484,12 @@ struct RowsF32 {
     }
     if (fullest > 32) return -1;
     uint32_t* p = tmp.data();
-    for (int64_t t = 0; t < n; ++t)
-      if (b[t] <= last) p[h[b[t]]++] = static_cast<uint32_t>(t);
+    for (int64_t t = 0; t < n; ++t) {  // without a branch: about half the candidates are placed
+      const int32_t bt = b[t];
+      const bool in = bt <= last;
+      p[in ? h[bt] : kept] = static_cast<uint32_t>(t);  // p[kept]: a spare slot (tmp has cap + 1)
+      h[bt] += in;
+    }
     for (int64_t t = 1; t < kept; ++t) {  // score descending, then position (= key order) ascending
       const uint32_t x = p[t];
       const float xv = v[x];
@@ -554,7 +607,8 @@ struct RowsF64 {
     thr[r] = std::max(floor[r], worst);
   }
 
-  void scan_row(int64_t r, const double* s, const double* bias, int64_t n, double inv_tau, uint32_t base) {
+  void scan_row(int64_t r, const double* s, const double* bias, const double* /*bmax*/, int64_t n, double inv_tau,
+                uint32_t base) {
     PairF64* b = buf.data() + r * cap;
     for (int64_t j = 0; j < n; ++j) {
       if (cap - count[r] < 1) shrink(r);
@@ -643,8 +697,28 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // Small k against more than one key tile: each row's threshold starts at a lower bound taken from its
   // first tile (RowsF32::bound).
   static const bool no_bound = std::getenv("LLP_FAST_CPU_NO_BOUND") != nullptr;
-  const bool bounded = std::is_same<acc_t, float>::value && !no_bound && !sampled && nk > cols && 2 * k <= RowsF32::kGroups;
+  const bool bounded = std::is_same<acc_t, float>::value && !no_bound && !sampled && nk > cols && 2 * k <= kGroups;
+  // float32 tiles from the fused kernel where the CPU runs it (fused_tile()): the first key tile of a
+  // pass (whose scores the bound and the estimate read) and the passes run again are stored as the
+  // BLAS tile would be; every later tile is compared in registers (tile_select).
+  const bool fused = std::is_same<acc_t, float>::value && !bf16 && dim > 0 && fused_tile();
   const at::Tensor q_det = queries.detach(), k_det = keys.detach();  // see aggregation_loss_cpu.cpp
+  // The fused kernel's key tiles packed once for all query blocks when they take at most 32 MB (else
+  // each task packs a tile when it needs it, once per query block).
+  const int64_t per_tile = fused ? panel_keys(cols) * dim : 0;
+  const int64_t key_tiles = (nk + cols - 1) / cols;
+  std::vector<float> keys_packed;
+  if (fused && key_tiles * per_tile <= (int64_t(32) << 20) / int64_t(sizeof(float)) && nq > rows) {
+    keys_packed.resize(static_cast<size_t>(key_tiles * per_tile));
+    at::parallel_for(0, key_tiles, 1, [&](int64_t t0, int64_t t1) {
+      at::Tensor buf = at::zeros({cols, dim}, queries.options().dtype(bdt));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = t * cols, nc = std::min(cols, nk - c0);
+        const auto [ka, ldb] = stage(k_det, k_direct, buf, c0, nc, cols);
+        pack_keys(static_cast<const float*>(ka), ldb, nc, dim, keys_packed.data() + t * per_tile);
+      }
+    });
+  }
 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const auto opts = queries.options().dtype(cdt);
@@ -653,12 +727,18 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     at::Tensor k_buf = at::zeros({cols, dim}, opts.dtype(bdt));
     acc_t* s = scores.data_ptr<acc_t>();
     Rows<acc_t> top(rows, k, cols);
+    std::vector<acc_t> bmax(static_cast<size_t>((cols + kBlock - 1) / kBlock));
     std::vector<int64_t> redo;
+    // The fused kernel's packed query block and key tile, and the tile's biases padded with -inf.
+    std::vector<float> q_pack(fused ? static_cast<size_t>(panel_rows(rows) * dim) : 0);
+    std::vector<float> k_pack(fused ? static_cast<size_t>(panel_keys(cols) * dim) : 0);
+    std::vector<float> k_bias(fused ? static_cast<size_t>(panel_keys(cols)) : 0);
 
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * rows;
       const int64_t nr = std::min(rows, nq - r0);
       const auto [qa, lda] = stage(q_det, q_direct, q_buf, r0, nr, rows);
+      if (fused) pack_queries(static_cast<const float*>(qa), lda, nr, dim, q_pack.data());
       // One pass over the keys for the rows [0, nr) (all) or the rows in `redo`.
       auto pass = [&](bool all) {
         const int64_t n_rows = all ? nr : static_cast<int64_t>(redo.size());
@@ -668,19 +748,48 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
         }
         for (int64_t c0 = 0; c0 < nk; c0 += cols) {
           const int64_t nc = std::min(cols, nk - c0);
-          const auto [ka, ldb] = stage(k_det, k_direct, k_buf, c0, nc, cols);
-          if (dim == 0) {
-            std::fill(s, s + rows * cols, acc_t(0));
-          } else if (!tile_gemm(qa, lda, ka, ldb, s)) {
-            at::Tensor a = at::from_blob(const_cast<void*>(qa), {rows, dim}, {lda, 1}, opts.dtype(bdt));
-            at::Tensor b = at::from_blob(const_cast<void*>(ka), {cols, dim}, {ldb, 1}, opts.dtype(bdt));
-            at::mm_out(scores, a.to(cdt), b.to(cdt).t());
+          bool stored = false;
+          if constexpr (std::is_same<acc_t, float>::value) {
+            if (fused) {
+              const float* kp = keys_packed.empty() ? nullptr : keys_packed.data() + (c0 / cols) * per_tile;
+              if (kp == nullptr) {
+                const auto [ka, ldb] = stage(k_det, k_direct, k_buf, c0, nc, cols);
+                pack_keys(static_cast<const float*>(ka), ldb, nc, dim, k_pack.data());
+                kp = k_pack.data();
+              }
+              if (all && c0 > 0) {
+                float* kb = k_bias.data();
+                for (int64_t j = 0; j < panel_keys(nc); ++j) kb[j] = j < nc ? bias[c0 + j] : -kInf;
+                tile_select(q_pack.data(), nr, kp, nc, dim, kb, inv_tau, static_cast<uint32_t>(c0), top.tile_rows());
+                // As below: a bounded row cuts its few candidates after each tile.
+                if (bounded)
+                  for (int64_t r = 0; r < nr; ++r)
+                    if (top.count[r] >= 2 * k) top.shrink(r);
+                continue;
+              }
+              tile_store(q_pack.data(), nr, kp, nc, dim, s, cols);
+              stored = true;
+            }
           }
+          if (!stored) {
+            const auto [ka, ldb] = stage(k_det, k_direct, k_buf, c0, nc, cols);
+            if (dim == 0) {
+              std::fill(s, s + rows * cols, acc_t(0));
+            } else if (!tile_gemm(qa, lda, ka, ldb, s)) {
+              at::Tensor a = at::from_blob(const_cast<void*>(qa), {rows, dim}, {lda, 1}, opts.dtype(bdt));
+              at::Tensor b = at::from_blob(const_cast<void*>(ka), {cols, dim}, {ldb, 1}, opts.dtype(bdt));
+              at::mm_out(scores, a.to(cdt), b.to(cdt).t());
+            }
+          }
+          // Each 64-key block's largest bias: the scan rejects a block from its largest product alone
+          // (rounding is monotone, inv_tau > 0: no score of the block exceeds max(s) * inv_tau + max(bias)).
+          for (int64_t b = 0, j = 0; j < nc; ++b, j += kBlock)
+            bmax[b] = *std::max_element(bias + c0 + j, bias + c0 + std::min(nc, j + kBlock));
           for (int64_t i = 0; i < n_rows; ++i) {
             const int64_t r = all ? i : redo[i];
             if (c0 == 0 && all && sampled) top.estimate(r, s + r * cols, bias, nc, inv_tau, nk);
             if (c0 == 0 && all && bounded) top.bound(r, s + r * cols, bias, nc, inv_tau);
-            top.scan_row(r, s + r * cols, bias + c0, nc, inv_tau, static_cast<uint32_t>(c0));
+            top.scan_row(r, s + r * cols, bias + c0, bmax.data(), nc, inv_tau, static_cast<uint32_t>(c0));
             // A bounded row cuts its few candidates after each tile, so that its threshold keeps rising
             // (its buffer would take many tiles to fill and cut itself).
             if (bounded && top.count[r] >= 2 * k) top.shrink(r);
