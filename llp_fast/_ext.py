@@ -39,7 +39,7 @@ CPU_SOURCES = (
     "cpu/topk_scores_cpu.cpp",
 )
 CUDA_SOURCES = ("cuda/bank_update_cuda.cu",)
-HEADERS = ("llp_fast.h", "cpu/topk.h")
+HEADERS = ("llp_fast.h", "cpu/topk.h", "cpu/left_pack.h")
 
 _MARKER = re.compile(rb"llp_fast-build:torch=([^;\x00]*);cuda=([01]);")
 

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "left_pack.h"
 #include "topk.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -181,27 +182,12 @@ __attribute__((target("avx2"))) void groups_avx2(const float* s, const float* bi
   for (int64_t l = 0; j + l < n; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
 }
 
-// Left-pack table: for each 8-bit mask, the lanes whose bit is set, first (then the rest).
-struct PackTable {
-  alignas(32) int32_t lanes[256][8];
-  PackTable() {
-    for (int m = 0; m < 256; ++m) {
-      int w = 0;
-      for (int l = 0; l < 8; ++l)
-        if (m >> l & 1) lanes[m][w++] = l;
-      for (int l = 0; l < 8; ++l)
-        if (!(m >> l & 1)) lanes[m][w++] = l;
-    }
-  }
-};
-const PackTable kPack;
 
 __attribute__((target("avx2,popcnt"))) int64_t scan_avx2(const float* s, const float* bias, const float* bmax,
                                                          int64_t j, int64_t n, float inv_tau, float thr,
                                                          uint32_t base, float* vals, uint32_t* idx, int64_t* count,
                                                          int64_t cap) {
   const __m256 vt = _mm256_set1_ps(inv_tau), vthr = _mm256_set1_ps(thr);
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t c = *count;
   for (; j < n; j += kBlock) {
     if (cap - c < kRoom) break;
@@ -216,15 +202,9 @@ __attribute__((target("avx2,popcnt"))) int64_t scan_avx2(const float* s, const f
     const __m256 top = _mm256_add_ps(_mm256_mul_ps(m, vt), _mm256_broadcast_ss(bmax + j / kBlock));
     if (_mm256_movemask_ps(_mm256_cmp_ps(top, vthr, _CMP_GT_OQ)) == 0) continue;
     for (int v = 0; v < 8; ++v) x[v] = _mm256_add_ps(_mm256_mul_ps(x[v], vt), _mm256_loadu_ps(bias + j + 8 * v));
-    for (int v = 0; v < 8; ++v) {
-      const int bits = _mm256_movemask_ps(_mm256_cmp_ps(x[v], vthr, _CMP_GT_OQ));
-      if (bits == 0) continue;
-      const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.lanes[bits]));
-      const __m256i id = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base + j + 8 * v)), iota);
-      _mm256_storeu_ps(vals + c, _mm256_permutevar8x32_ps(x[v], lanes));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + c), _mm256_permutevar8x32_epi32(id, lanes));
-      c += __builtin_popcount(static_cast<unsigned>(bits));
-    }
+    for (int v = 0; v < 8; ++v)
+      c = append8(x[v], _mm256_movemask_ps(_mm256_cmp_ps(x[v], vthr, _CMP_GT_OQ)),
+                  base + static_cast<uint32_t>(j + 8 * v), vals, idx, c);
   }
   *count = c;
   return std::min(j, n);

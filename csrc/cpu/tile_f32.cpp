@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "left_pack.h"
 #include "topk.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -56,85 +57,46 @@ bool fused_tile() {
   return on;
 }
 
-void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* out) {
-  const int64_t panels = (n + kPanelRows - 1) / kPanelRows;
-  for (int64_t p = 0; p < panels; ++p) {
-    float* o = out + p * kPanelRows * dim;
-    for (int64_t l = 0; l < kPanelRows; ++l) {
-      const int64_t r = p * kPanelRows + l;
-      if (r < n) {
-        const float* src = a + r * lda;
-        for (int64_t d = 0; d < dim; ++d) o[d * kPanelRows + l] = src[d];
-      } else {
-        for (int64_t d = 0; d < dim; ++d) o[d * kPanelRows + l] = 0.0f;
-      }
+namespace {
+
+// n rows of src (row stride ld) into panels of `width` rows, [panel][d][width], zero rows after the last.
+void pack(const float* src, int64_t ld, int64_t n, int64_t dim, int64_t width, float* out) {
+  for (int64_t p = 0; p * width < n; ++p) {
+    float* o = out + p * width * dim;
+    for (int64_t l = 0; l < width; ++l) {
+      const int64_t r = p * width + l;
+      for (int64_t d = 0; d < dim; ++d) o[d * width + l] = r < n ? src[r * ld + d] : 0.0f;
     }
   }
 }
 
-void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out) {
-  const int64_t panels = (n + kPanelKeys - 1) / kPanelKeys;
-  for (int64_t p = 0; p < panels; ++p) {
-    float* o = out + p * kPanelKeys * dim;
-    for (int64_t l = 0; l < kPanelKeys; ++l) {
-      const int64_t j = p * kPanelKeys + l;
-      if (j < n) {
-        const float* src = b + j * ldb;
-        for (int64_t d = 0; d < dim; ++d) o[d * kPanelKeys + l] = src[d];
-      } else {
-        for (int64_t d = 0; d < dim; ++d) o[d * kPanelKeys + l] = 0.0f;
-      }
-    }
-  }
+}  // namespace
+
+void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* out) {
+  pack(a, lda, n, dim, kPanelRows, out);
 }
+
+void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out) { pack(b, ldb, n, dim, kPanelKeys, out); }
 
 #ifdef LLP_FAST_X86
 namespace {
 
-// Left-pack table: for each 8-bit mask, the lanes whose bit is set, first (then the rest).
-struct PackLanes {
-  alignas(32) int32_t lanes[256][8];
-  PackLanes() {
-    for (int m = 0; m < 256; ++m) {
-      int w = 0;
-      for (int l = 0; l < 8; ++l)
-        if (m >> l & 1) lanes[m][w++] = l;
-      for (int l = 0; l < 8; ++l)
-        if (!(m >> l & 1)) lanes[m][w++] = l;
-    }
-  }
-};
-const PackLanes kLanes;
 
 // The 6 x 16 dot products of a query panel and a key panel, into c[2 * row + half].
 __attribute__((target("avx2,fma"), always_inline)) inline void micro(const float* a, const float* b, int64_t dim,
                                                                       __m256* c) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  __m256 acc[2 * kPanelRows];  // unrolled: the 12 accumulators, the two key vectors and a query lane fill
+  for (auto& v : acc) v = _mm256_setzero_ps();  // 15 of AVX2's 16 registers
   for (int64_t d = 0; d < dim; ++d) {
     const __m256 b0 = _mm256_loadu_ps(b + kPanelKeys * d), b1 = _mm256_loadu_ps(b + kPanelKeys * d + 8);
-    const float* ad = a + kPanelRows * d;
-    __m256 x = _mm256_broadcast_ss(ad);
-    c00 = _mm256_fmadd_ps(x, b0, c00);
-    c01 = _mm256_fmadd_ps(x, b1, c01);
-    x = _mm256_broadcast_ss(ad + 1);
-    c10 = _mm256_fmadd_ps(x, b0, c10);
-    c11 = _mm256_fmadd_ps(x, b1, c11);
-    x = _mm256_broadcast_ss(ad + 2);
-    c20 = _mm256_fmadd_ps(x, b0, c20);
-    c21 = _mm256_fmadd_ps(x, b1, c21);
-    x = _mm256_broadcast_ss(ad + 3);
-    c30 = _mm256_fmadd_ps(x, b0, c30);
-    c31 = _mm256_fmadd_ps(x, b1, c31);
-    x = _mm256_broadcast_ss(ad + 4);
-    c40 = _mm256_fmadd_ps(x, b0, c40);
-    c41 = _mm256_fmadd_ps(x, b1, c41);
-    x = _mm256_broadcast_ss(ad + 5);
-    c50 = _mm256_fmadd_ps(x, b0, c50);
-    c51 = _mm256_fmadd_ps(x, b1, c51);
+#pragma GCC unroll 6
+    for (int i = 0; i < kPanelRows; ++i) {
+      const __m256 x = _mm256_broadcast_ss(a + kPanelRows * d + i);
+      acc[2 * i] = _mm256_fmadd_ps(x, b0, acc[2 * i]);
+      acc[2 * i + 1] = _mm256_fmadd_ps(x, b1, acc[2 * i + 1]);
+    }
   }
-  c[0] = c00, c[1] = c01, c[2] = c10, c[3] = c11, c[4] = c20, c[5] = c21;
-  c[6] = c30, c[7] = c31, c[8] = c40, c[9] = c41, c[10] = c50, c[11] = c51;
+  for (int i = 0; i < 2 * kPanelRows; ++i) c[i] = acc[i];
 }
 
 __attribute__((target("avx2,fma"))) void store_avx2(const float* ap, int64_t nr, const float* bp, int64_t nc,
@@ -162,19 +124,6 @@ __attribute__((target("avx2,fma"))) void store_avx2(const float* ap, int64_t nr,
       }
     }
   }
-}
-
-// Appends the lanes of x set in `bits` (8 of them) at vals/idx + *count, in lane order.
-__attribute__((target("avx2,popcnt"), always_inline)) inline void append8(__m256 x, int bits, uint32_t first,
-                                                                           float* vals, uint32_t* idx,
-                                                                           int64_t* count) {
-  if (bits == 0) return;
-  const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLanes.lanes[bits]));
-  const __m256i id = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)),
-                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  _mm256_storeu_ps(vals + *count, _mm256_permutevar8x32_ps(x, lanes));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + *count), _mm256_permutevar8x32_epi32(id, lanes));
-  *count += __builtin_popcount(static_cast<unsigned>(bits));
 }
 
 __attribute__((target("avx2,fma,popcnt"))) void select_avx2(const float* ap, int64_t nr, const float* bp,
@@ -208,8 +157,9 @@ __attribute__((target("avx2,fma,popcnt"))) void select_avx2(const float* ap, int
         }
         float* v = rows.vals + r * rows.cap;
         uint32_t* ix = rows.idx + r * rows.cap;
-        append8(x0, m0, base + static_cast<uint32_t>(j0), v, ix, &rows.count[r]);
-        append8(x1, m1, base + static_cast<uint32_t>(j0 + 8), v, ix, &rows.count[r]);
+        int64_t n = rows.count[r];
+        n = append8(x0, m0, base + static_cast<uint32_t>(j0), v, ix, n);
+        rows.count[r] = append8(x1, m1, base + static_cast<uint32_t>(j0 + 8), v, ix, n);
       }
     }
   }
