@@ -179,6 +179,22 @@ for q, n, d, k in [(7, 1, 3, 1), (33, 700, 17, 10), (20, 2500, 9, 300), (5, 130,
         for c0, c1 in ((0, n // 2), (n // 2, n)):
             top = op(queries, keys[c0:c1], k, 0.07, bias[c0:c1], mask[c0:c1], *top, c0)
         assert torch.equal(top[0], v) and torch.equal(top[1], i)
+# A masked key whose scores are NaN, in the same 64-key block as a query's best key and in the same
+# vector lane (the scans pass a block over from its largest score: a NaN must not hide the others), in
+# one call and in two chunks (the second starts from the first's k-th best: a high threshold at once).
+keys = unit(1200, 8)
+keys[[64, 72, 712]] = float("nan")
+mask = torch.ones(1200, dtype=torch.bool)
+mask[[64, 72, 712]] = False
+queries = keys[[65, 704, 3]].clone()
+for k in (1, 4):
+    rv, ri = topk_scores_ref(queries, keys, k, 0.07, None, mask)
+    v, i = op(queries, keys, k, 0.07, None, mask, None, None, 0)
+    assert torch.equal(i[:, 0], ri[:, 0]), (k, i, ri)
+    torch.testing.assert_close(v, rv, rtol=0, atol=1e-5)
+    top = op(queries, keys[:600], k, 0.07, None, mask[:600], None, None, 0)
+    top = op(queries, keys[600:], k, 0.07, None, mask[600:], *top, 600)
+    assert torch.equal(top[1][:, 0], ri[:, 0]), (k, top, ri)
 print("ok")
 """
 
@@ -214,7 +230,8 @@ def test_every_scan_variant_and_the_mm_out_tile(env):
     is the widest vector unit) on tiles whose rows and keys do not fill its 6 x 16 panels, and bf16
     blocks multiplied by the bf16 GEMM (on any CPU here; by default only where AMX-BF16 or
     AVX512-BF16 make it fast), in a child process (each choice is made once per process): fp32 and
-    bf16 inputs against the reference, and keys in two chunks equal to one call."""
+    bf16 inputs against the reference, and keys in two chunks equal to one call; a masked key with NaN
+    scores next to a query's best key does not hide it."""
     child_env = {**os.environ, "LLP_FAST_CPU_TILE": "8,64", "OMP_NUM_THREADS": "1", **env}
     proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=child_env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -145,8 +145,8 @@ int64_t scan_generic(const float* s, const float* bias, const float* bmax, int64
     if (cap - c < kRoom) break;
     const int64_t e = std::min(n, j + kBlock);
     if (e - j == kBlock) {
-      float top = s[j];
-      for (int64_t i = 1; i < kBlock; ++i) top = std::max(top, s[j + i]);
+      float top = -kInf;  // the running value second: a NaN score never enters (nor hides another)
+      for (int64_t i = 0; i < kBlock; ++i) top = std::max(top, s[j + i]);
       if (!(top * inv_tau + bmax[j / kBlock] > thr)) continue;
     }
     c = scan_scalar(s, bias, j, e, inv_tau, thr, base, vals, idx, c);
@@ -197,8 +197,14 @@ __attribute__((target("avx2,popcnt"))) int64_t scan_avx2(const float* s, const f
     }
     __m256 x[8];
     for (int v = 0; v < 8; ++v) x[v] = _mm256_loadu_ps(s + j + 8 * v);
-    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3])),
-                                   _mm256_max_ps(_mm256_max_ps(x[4], x[5]), _mm256_max_ps(x[6], x[7])));
+    // Two chains from -inf, the new value first: MAXPS returns its second operand when either is NaN,
+    // so a NaN score never enters a chain (nor hides a candidate in its lane).
+    __m256 m0 = _mm256_set1_ps(-kInf), m1 = m0;
+    for (int v = 0; v < 8; v += 2) {
+      m0 = _mm256_max_ps(x[v], m0);
+      m1 = _mm256_max_ps(x[v + 1], m1);
+    }
+    const __m256 m = _mm256_max_ps(m0, m1);
     const __m256 top = _mm256_add_ps(_mm256_mul_ps(m, vt), _mm256_broadcast_ss(bmax + j / kBlock));
     if (_mm256_movemask_ps(_mm256_cmp_ps(top, vthr, _CMP_GT_OQ)) == 0) continue;
     for (int v = 0; v < 8; ++v) x[v] = _mm256_add_ps(_mm256_mul_ps(x[v], vt), _mm256_loadu_ps(bias + j + 8 * v));
@@ -225,7 +231,13 @@ __attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const float* s, co
     }
     __m512 x[4];
     for (int v = 0; v < 4; ++v) x[v] = _mm512_loadu_ps(s + j + 16 * v);
-    const __m512 m = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
+    // As in scan_avx2: chains from -inf, the new value first, so a NaN score never enters.
+    __m512 m0 = _mm512_set1_ps(-kInf), m1 = m0;
+    m0 = _mm512_max_ps(x[0], m0);
+    m1 = _mm512_max_ps(x[1], m1);
+    m0 = _mm512_max_ps(x[2], m0);
+    m1 = _mm512_max_ps(x[3], m1);
+    const __m512 m = _mm512_max_ps(m0, m1);
     const __m512 top = _mm512_add_ps(_mm512_mul_ps(m, vt), _mm512_set1_ps(bmax[j / kBlock]));
     if (_mm512_cmp_ps_mask(top, vthr, _CMP_GT_OQ) == 0) continue;
     for (int v = 0; v < 4; ++v) x[v] = _mm512_add_ps(_mm512_mul_ps(x[v], vt), _mm512_loadu_ps(bias + j + 16 * v));
@@ -253,7 +265,7 @@ struct Choice {
     const auto allowed = [&](const char* name) { return want == nullptr || std::strcmp(want, name) == 0; };
 #ifdef LLP_FAST_X86
     __builtin_cpu_init();
-    if (allowed("avx512") && __builtin_cpu_supports("avx512f")) {
+    if (allowed("avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2")) {
       fn = scan_avx512;
       groups = groups_avx2;
       isa = "avx512";

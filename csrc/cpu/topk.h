@@ -118,7 +118,9 @@ bool bf16_gemm();
 // x_j = s[j] * inv_tau + bias[j] > thr to (vals, idx)[*count ...] (idx = base + j), in order of j, and
 // returns where it stopped: n, or a block boundary once fewer than kRoom slots remain before cap (the
 // caller then shrinks the buffer). The multiply and the add round separately (-ffp-contract=off), as the
-// reference's mul_ and add_.
+// reference's mul_ and add_. Blocks are 64 columns from s[0] (j starts at a block boundary); bmax[b] is
+// the largest bias of block b, and a whole block whose largest s, scaled, plus bmax[b] does not beat
+// thr is passed over (rounding is monotone and inv_tau > 0: none of its scores can beat it).
 using ScanF32 = int64_t (*)(const float* s, const float* bias, const float* bmax, int64_t j, int64_t n,
                             float inv_tau, float thr, uint32_t base, float* vals, uint32_t* idx, int64_t* count,
                             int64_t cap);
@@ -143,8 +145,9 @@ bool fused_tile();
 // panel_rows(n) x dim floats); n keys of b into panels of 16 keys, [panel][d][16], likewise.
 void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* out);
 void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out);
-// The raw products of the nr packed queries and nc packed keys into s (row stride lds), as the BLAS
-// tile would hold them (each the same FMA sequence over d wherever the key falls).
+// The raw products of the nr packed queries and nc packed keys into s[0, nr) x [0, nc) (row stride lds),
+// in the place of the BLAS tile (each the same FMA sequence over d wherever the key falls: the same
+// values tile_select compares).
 void tile_store(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds);
 // The rows' candidate buffers as tile_select appends to them (RowsF32's, row r at r * cap); make_room
 // cuts row r's buffer (raising thr[r]) when fewer than kRoom slots are left.
@@ -699,8 +702,9 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   static const bool no_bound = std::getenv("LLP_FAST_CPU_NO_BOUND") != nullptr;
   const bool bounded = std::is_same<acc_t, float>::value && !no_bound && !sampled && nk > cols && 2 * k <= kGroups;
   // float32 tiles from the fused kernel where the CPU runs it (fused_tile()): the first key tile of a
-  // pass (whose scores the bound and the estimate read) and the passes run again are stored as the
-  // BLAS tile would be; every later tile is compared in registers (tile_select).
+  // pass when the bound or the estimate reads its scores, and every tile of a pass run again, are
+  // stored (tile_store: the raw products, rows x nc) and scanned; every other tile is compared in
+  // registers (tile_select).
   const bool fused = std::is_same<acc_t, float>::value && !bf16 && dim > 0 && fused_tile();
   const at::Tensor q_det = queries.detach(), k_det = keys.detach();  // see aggregation_loss_cpu.cpp
   // The fused kernel's key tiles packed once for all query blocks when they take at most 32 MB (else
@@ -731,7 +735,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     std::vector<int64_t> redo;
     // The fused kernel's packed query block and key tile, and the tile's biases padded with -inf.
     std::vector<float> q_pack(fused ? static_cast<size_t>(panel_rows(rows) * dim) : 0);
-    std::vector<float> k_pack(fused ? static_cast<size_t>(panel_keys(cols) * dim) : 0);
+    std::vector<float> k_pack(fused && keys_packed.empty() ? static_cast<size_t>(panel_keys(cols) * dim) : 0);
     std::vector<float> k_bias(fused ? static_cast<size_t>(panel_keys(cols)) : 0);
 
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -757,7 +761,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
                 pack_keys(static_cast<const float*>(ka), ldb, nc, dim, k_pack.data());
                 kp = k_pack.data();
               }
-              if (all && c0 > 0) {
+              if (all && (c0 > 0 || (!sampled && !bounded))) {
                 float* kb = k_bias.data();
                 for (int64_t j = 0; j < panel_keys(nc); ++j) kb[j] = j < nc ? bias[c0 + j] : -kInf;
                 tile_select(q_pack.data(), nr, kp, nc, dim, kb, inv_tau, static_cast<uint32_t>(c0), top.tile_rows());
@@ -783,8 +787,13 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
           }
           // Each 64-key block's largest bias: the scan rejects a block from its largest product alone
           // (rounding is monotone, inv_tau > 0: no score of the block exceeds max(s) * inv_tau + max(bias)).
-          for (int64_t b = 0, j = 0; j < nc; ++b, j += kBlock)
-            bmax[b] = *std::max_element(bias + c0 + j, bias + c0 + std::min(nc, j + kBlock));
+          // A NaN bias never enters (the running value first in std::max).
+          if constexpr (std::is_same<acc_t, float>::value)
+            for (int64_t b = 0, j = 0; j < nc; ++b, j += kBlock) {
+              acc_t top = -kInf;
+              for (int64_t i = j; i < std::min(nc, j + kBlock); ++i) top = std::max(top, bias[c0 + i]);
+              bmax[b] = top;
+            }
           for (int64_t i = 0; i < n_rows; ++i) {
             const int64_t r = all ? i : redo[i];
             if (c0 == 0 && all && sampled) top.estimate(r, s + r * cols, bias, nc, inv_tau, nk);
