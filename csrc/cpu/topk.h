@@ -20,9 +20,10 @@
 //      -march=native).
 //   1+2. float32 on CPUs whose widest vector unit is AVX2 (with FMA): steps 1 and 2 fused
 //      (csrc/cpu/tile_f32.cpp): 6 query rows x 16 keys of scores at a time in registers, from
-//      packed blocks, compared with their rows' thresholds before they leave the registers; a
-//      score tile is written whole only for the first key tile (which the threshold's start reads)
-//      and in the rare pass run again for rows whose estimate failed (step 3);
+//      packed blocks (the keys once per call when they take at most 32 MB), compared with their
+//      rows' thresholds before they leave the registers; a score tile is written whole (and
+//      scanned as in step 2) only for a first key tile that the threshold's start reads (step 3)
+//      and in the rare pass run again for rows whose estimate failed;
 //   3. a row's buffer holds 3k + 72 candidates (k + 200 at least), in key order; when it is full
 //      it is cut (float32: to the buckets down to the k-th best, scores spread over the buckets by
 //      value; an exact radix select when they cluster) and the threshold rises to the smallest score
@@ -40,7 +41,8 @@
 // Parallelism: at::parallel_for over blocks of query rows; BLAS runs single-threaded inside each
 // task (nested OpenMP), which is what keeps every core busy on its own cache-resident tile.
 // Extra memory: O(threads * ROWS * (COLS + 3k + 72)) for the tiles and candidate buffers, plus O(Q)
-// for the outputs; a query or key block is converted per task when its dtype is not the compute one.
+// for the outputs, plus at most 32 MB of packed keys (fused tile); a query or key block is converted
+// per task when its dtype is not the compute one.
 #pragma once
 
 #include <ATen/Functions.h>
