@@ -467,8 +467,8 @@ struct RowsF32 {
 
   // finish() for a large buffer whose scores spread: one counting pass over about n value buckets
   // (Buckets: a larger score never lands in a later bucket), the candidates of the buckets down to the
-  // k-th best's placed bucket by bucket in key order, then an insertion sort that only has to order
-  // each bucket's few candidates (no candidate crosses a bucket boundary). Returns how many it wrote,
+  // k-th best's placed bucket by bucket, then an insertion sort that only has to order each bucket's
+  // few candidates (no candidate crosses a bucket boundary). Returns how many it wrote,
   // or -1 (nothing written) when the scores do not spread: all equal, or a bucket too full for an
   // insertion sort, which the radix sort then handles.
   int64_t finish_by_buckets(int64_t r) {
@@ -488,27 +488,34 @@ struct RowsF32 {
       if (kept >= k) break;
     }
     if (fullest > 32) return -1;
-    uint32_t* p = tmp.data();
-    for (int64_t t = 0; t < n; ++t) {  // without a branch: about half the candidates are placed
-      const int32_t bt = b[t];
-      const bool in = bt <= last;
-      p[in ? h[bt] : kept] = static_cast<uint32_t>(t);  // p[kept]: a spare slot (tmp has cap + 1)
-      h[bt] += in;
+    // The candidates of those buckets listed (without a branch: about half of them), then placed
+    // bucket by bucket as words ~key_of(score) << 32 | position, which one integer compare orders:
+    // score descending, then position (= key order) ascending.
+    uint32_t* list = tmp.data();  // list[c] is written for every t: tmp has cap + 1 slots
+    int64_t c = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      list[c] = static_cast<uint32_t>(t);
+      c += b[t] <= last;
     }
-    for (int64_t t = 1; t < kept; ++t) {  // score descending, then position (= key order) ascending
-      const uint32_t x = p[t];
-      const float xv = v[x];
+    uint64_t* w = words.data();
+    for (int64_t q = 0; q < c; ++q) {
+      const uint32_t t = list[q];
+      w[h[b[t]]++] = static_cast<uint64_t>(~key_of(v[t])) << 32 | t;
+    }
+    for (int64_t t = 1; t < kept; ++t) {  // each bucket's few words in order
+      const uint64_t x = w[t];
       int64_t u = t;
-      while (u > 0 && (v[p[u - 1]] < xv || (v[p[u - 1]] == xv && p[u - 1] > x))) {
-        p[u] = p[u - 1];
+      while (u > 0 && w[u - 1] > x) {
+        w[u] = w[u - 1];
         --u;
       }
-      p[u] = x;
+      w[u] = x;
     }
     const int64_t m = std::min(kept, k);
     for (int64_t t = 0; t < m; ++t) {
-      out_v.data()[t] = v[p[t]];
-      out_i.data()[t] = ix[p[t]];
+      const uint32_t at = static_cast<uint32_t>(w[t]);
+      out_v.data()[t] = v[at];
+      out_i.data()[t] = ix[at];
     }
     return m;
   }
