@@ -304,7 +304,7 @@ struct RowsF32 {
         floor(rows),
         thr(rows),
         keys(cap),
-        tmp(cap + 1),
+        tmp(cap),
         bid(cap),
         hist(4096),
         out_v(cap),
@@ -491,7 +491,7 @@ struct RowsF32 {
     // The candidates of those buckets listed (without a branch: about half of them), then placed
     // bucket by bucket as words ~key_of(score) << 32 | position, which one integer compare orders:
     // score descending, then position (= key order) ascending.
-    uint32_t* list = tmp.data();  // list[c] is written for every t: tmp has cap + 1 slots
+    uint32_t* list = tmp.data();  // list[c] is written for every t, c <= t < n <= cap
     int64_t c = 0;
     for (int64_t t = 0; t < n; ++t) {
       list[c] = static_cast<uint32_t>(t);
