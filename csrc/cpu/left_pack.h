@@ -4,7 +4,10 @@
 // uses AVX2; callers run it only on CPUs that have it.
 #pragma once
 
+// LLP_FAST_X86: a GCC/Clang x86-64 build, where the per-ISA functions (target attributes) of both files
+// compile.
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define LLP_FAST_X86 1
 #include <immintrin.h>
 
 #include <cstdint>

@@ -12,13 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "left_pack.h"
+#include "left_pack.h"  // LLP_FAST_X86, the AVX2 append
 #include "topk.h"
-
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define LLP_FAST_X86 1
-#include <immintrin.h>
-#endif
 
 namespace llp_fast {
 namespace topk {
@@ -181,7 +176,6 @@ __attribute__((target("avx2"))) void groups_avx2(const float* s, const float* bi
   for (int v = 0; v < 4; ++v) _mm256_storeu_ps(g + 8 * v, m[v]);
   for (int64_t l = 0; j + l < n; ++l) g[l] = std::max(g[l], s[j + l] * inv_tau + bias[j + l]);
 }
-
 
 __attribute__((target("avx2,popcnt"))) int64_t scan_avx2(const float* s, const float* bias, const float* bmax,
                                                          int64_t j, int64_t n, float inv_tau, float thr,

@@ -24,13 +24,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "left_pack.h"
+#include "left_pack.h"  // LLP_FAST_X86, the AVX2 append
 #include "topk.h"
-
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define LLP_FAST_X86 1
-#include <immintrin.h>
-#endif
 
 namespace llp_fast {
 namespace topk {
@@ -76,11 +71,12 @@ void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* ou
   pack(a, lda, n, dim, kPanelRows, out);
 }
 
-void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out) { pack(b, ldb, n, dim, kPanelKeys, out); }
+void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out) {
+  pack(b, ldb, n, dim, kPanelKeys, out);
+}
 
 #ifdef LLP_FAST_X86
 namespace {
-
 
 // The 6 x 16 dot products of a query panel and a key panel, into c[2 * row + half].
 __attribute__((target("avx2,fma"), always_inline)) inline void micro(const float* a, const float* b, int64_t dim,
@@ -99,67 +95,65 @@ __attribute__((target("avx2,fma"), always_inline)) inline void micro(const float
   for (int i = 0; i < 2 * kPanelRows; ++i) c[i] = acc[i];
 }
 
-__attribute__((target("avx2,fma"))) void store_avx2(const float* ap, int64_t nr, const float* bp, int64_t nc,
-                                                    int64_t dim, float* s, int64_t lds) {
-  const int64_t row_panels = (nr + kPanelRows - 1) / kPanelRows;
-  const int64_t key_panels = (nc + kPanelKeys - 1) / kPanelKeys;
-  __m256 c[12];
-  alignas(32) float part[kPanelKeys];
-  for (int64_t kp = 0; kp < key_panels; ++kp) {
-    const float* b = bp + kp * kPanelKeys * dim;
-    const int64_t j0 = kp * kPanelKeys, w = std::min(kPanelKeys, nc - j0);
-    for (int64_t rp = 0; rp < row_panels; ++rp) {
-      micro(ap + rp * kPanelRows * dim, b, dim, c);
-      const int64_t r0 = rp * kPanelRows, h = std::min(kPanelRows, nr - r0);
-      for (int64_t i = 0; i < h; ++i) {
-        float* o = s + (r0 + i) * lds + j0;
-        if (w == kPanelKeys) {
-          _mm256_storeu_ps(o, c[2 * i]);
-          _mm256_storeu_ps(o + 8, c[2 * i + 1]);
-        } else {
-          _mm256_store_ps(part, c[2 * i]);
-          _mm256_store_ps(part + 8, c[2 * i + 1]);
-          std::memcpy(o, part, static_cast<size_t>(w) * sizeof(float));
-        }
-      }
-    }
-  }
-}
-
-__attribute__((target("avx2,fma,popcnt"))) void select_avx2(const float* ap, int64_t nr, const float* bp,
-                                                            int64_t nc, int64_t dim, const float* bias,
-                                                            float inv_tau, uint32_t base, const TileRows& rows) {
-  const int64_t row_panels = (nr + kPanelRows - 1) / kPanelRows;
-  const int64_t key_panels = (nc + kPanelKeys - 1) / kPanelKeys;
+// Every (6-row panel, 16-key panel) block of the tile: with kStore, its raw products written to
+// s[0, nr) x [0, nc) (row stride lds); otherwise scaled, biased and compared with the rows' thresholds,
+// only candidates appended to `rows` (tile_select).
+template <bool kStore>
+__attribute__((target("avx2,fma,popcnt"))) void blocks_avx2(const float* ap, int64_t nr, const float* bp,
+                                                            int64_t nc, int64_t dim, float* s, int64_t lds,
+                                                            const float* bias, float inv_tau, uint32_t base,
+                                                            const TileRows* rows) {
   const __m256 vt = _mm256_set1_ps(inv_tau);
-  __m256 c[12];
-  for (int64_t kp = 0; kp < key_panels; ++kp) {
-    const float* b = bp + kp * kPanelKeys * dim;
-    const int64_t j0 = kp * kPanelKeys;
-    const __m256 bias0 = _mm256_loadu_ps(bias + j0), bias1 = _mm256_loadu_ps(bias + j0 + 8);
-    for (int64_t rp = 0; rp < row_panels; ++rp) {
-      micro(ap + rp * kPanelRows * dim, b, dim, c);
-      const int64_t r0 = rp * kPanelRows, h = std::min(kPanelRows, nr - r0);
+  __m256 c[2 * kPanelRows];
+  alignas(32) float part[kPanelKeys];
+  for (int64_t j0 = 0; j0 < nc; j0 += kPanelKeys) {
+    const float* b = bp + j0 * dim;
+    const int64_t w = std::min(kPanelKeys, nc - j0);  // keys of this panel (the last may have fewer)
+    __m256 bias0, bias1;
+    if constexpr (!kStore) {
+      if (w < kPanelKeys) {  // the missing keys' bias -inf: never a candidate
+        std::fill(part, part + kPanelKeys, -kInf);
+        std::copy(bias + j0, bias + nc, part);
+      }
+      const float* pb = w < kPanelKeys ? part : bias + j0;
+      bias0 = _mm256_loadu_ps(pb);
+      bias1 = _mm256_loadu_ps(pb + 8);
+    }
+    for (int64_t r0 = 0; r0 < nr; r0 += kPanelRows) {
+      micro(ap + r0 * dim, b, dim, c);
+      const int64_t h = std::min(kPanelRows, nr - r0);
       for (int64_t i = 0; i < h; ++i) {
-        const int64_t r = r0 + i;
-        // The scan's scores: the product scaled, then the bias added, each rounded (no FMA here).
-        const __m256 x0 = _mm256_add_ps(_mm256_mul_ps(c[2 * i], vt), bias0);
-        const __m256 x1 = _mm256_add_ps(_mm256_mul_ps(c[2 * i + 1], vt), bias1);
-        __m256 t = _mm256_set1_ps(rows.thr[r]);
-        int m0 = _mm256_movemask_ps(_mm256_cmp_ps(x0, t, _CMP_GT_OQ));
-        int m1 = _mm256_movemask_ps(_mm256_cmp_ps(x1, t, _CMP_GT_OQ));
-        if ((m0 | m1) == 0) continue;
-        if (rows.cap - rows.count[r] < kRoom) {  // cut the row's buffer; its threshold rises
-          rows.make_room(rows.owner, r);
-          t = _mm256_set1_ps(rows.thr[r]);
-          m0 = _mm256_movemask_ps(_mm256_cmp_ps(x0, t, _CMP_GT_OQ));
-          m1 = _mm256_movemask_ps(_mm256_cmp_ps(x1, t, _CMP_GT_OQ));
+        if constexpr (kStore) {
+          float* o = s + (r0 + i) * lds + j0;
+          if (w == kPanelKeys) {
+            _mm256_storeu_ps(o, c[2 * i]);
+            _mm256_storeu_ps(o + 8, c[2 * i + 1]);
+          } else {
+            _mm256_store_ps(part, c[2 * i]);
+            _mm256_store_ps(part + 8, c[2 * i + 1]);
+            std::memcpy(o, part, static_cast<size_t>(w) * sizeof(float));
+          }
+        } else {
+          const int64_t r = r0 + i;
+          // The scan's scores: the product scaled, then the bias added, each rounded (no FMA here).
+          const __m256 x0 = _mm256_add_ps(_mm256_mul_ps(c[2 * i], vt), bias0);
+          const __m256 x1 = _mm256_add_ps(_mm256_mul_ps(c[2 * i + 1], vt), bias1);
+          __m256 t = _mm256_set1_ps(rows->thr[r]);
+          int m0 = _mm256_movemask_ps(_mm256_cmp_ps(x0, t, _CMP_GT_OQ));
+          int m1 = _mm256_movemask_ps(_mm256_cmp_ps(x1, t, _CMP_GT_OQ));
+          if ((m0 | m1) == 0) continue;
+          if (rows->cap - rows->count[r] < kRoom) {  // cut the row's buffer; its threshold rises
+            rows->make_room(rows->owner, r);
+            t = _mm256_set1_ps(rows->thr[r]);
+            m0 = _mm256_movemask_ps(_mm256_cmp_ps(x0, t, _CMP_GT_OQ));
+            m1 = _mm256_movemask_ps(_mm256_cmp_ps(x1, t, _CMP_GT_OQ));
+          }
+          float* v = rows->vals + r * rows->cap;
+          uint32_t* ix = rows->idx + r * rows->cap;
+          int64_t n = rows->count[r];
+          n = append8(x0, m0, base + static_cast<uint32_t>(j0), v, ix, n);
+          rows->count[r] = append8(x1, m1, base + static_cast<uint32_t>(j0 + 8), v, ix, n);
         }
-        float* v = rows.vals + r * rows.cap;
-        uint32_t* ix = rows.idx + r * rows.cap;
-        int64_t n = rows.count[r];
-        n = append8(x0, m0, base + static_cast<uint32_t>(j0), v, ix, n);
-        rows.count[r] = append8(x1, m1, base + static_cast<uint32_t>(j0 + 8), v, ix, n);
       }
     }
   }
@@ -171,7 +165,7 @@ __attribute__((target("avx2,fma,popcnt"))) void select_avx2(const float* ap, int
 void tile_store(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds) {
 #ifdef LLP_FAST_X86
   TORCH_CHECK(fused_tile(), "tile_store: this CPU has no AVX2 and FMA");
-  store_avx2(ap, nr, bp, nc, dim, s, lds);
+  blocks_avx2<true>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
 #else
   (void)ap, (void)nr, (void)bp, (void)nc, (void)dim, (void)s, (void)lds;
   TORCH_CHECK(false, "tile_store: not an x86-64 build");
@@ -182,7 +176,7 @@ void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64
                  float inv_tau, uint32_t base, const TileRows& rows) {
 #ifdef LLP_FAST_X86
   TORCH_CHECK(fused_tile(), "tile_select: this CPU has no AVX2 and FMA");
-  select_avx2(ap, nr, bp, nc, dim, bias, inv_tau, base, rows);
+  blocks_avx2<false>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
 #else
   (void)ap, (void)nr, (void)bp, (void)nc, (void)dim, (void)bias, (void)inv_tau, (void)base, (void)rows;
   TORCH_CHECK(false, "tile_select: not an x86-64 build");

@@ -163,8 +163,7 @@ struct TileRows {
   void (*make_room)(void* owner, int64_t r);
 };
 // Appends, for each of the nr rows r and nc keys j, x = (q_r . key_j) * inv_tau + bias[j] when
-// x > thr[r], as the scan does (index base + j, key order); `bias` has panel_keys(nc) entries, -inf
-// after the nc-th.
+// x > thr[r], as the scan does (index base + j, key order); `bias` has nc entries.
 void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, const float* bias,
                  float inv_tau, uint32_t base, const TileRows& rows);
 
@@ -742,10 +741,9 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     Rows<acc_t> top(rows, k, cols);
     std::vector<acc_t> bmax(static_cast<size_t>((cols + kBlock - 1) / kBlock));
     std::vector<int64_t> redo;
-    // The fused kernel's packed query block and key tile, and the tile's biases padded with -inf.
+    // The fused kernel's packed query block and key tile.
     std::vector<float> q_pack(fused ? static_cast<size_t>(panel_rows(rows) * dim) : 0);
     std::vector<float> k_pack(fused && keys_packed.empty() ? static_cast<size_t>(panel_keys(cols) * dim) : 0);
-    std::vector<float> k_bias(fused ? static_cast<size_t>(panel_keys(cols)) : 0);
 
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * rows;
@@ -761,7 +759,9 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
         }
         for (int64_t c0 = 0; c0 < nk; c0 += cols) {
           const int64_t nc = std::min(cols, nk - c0);
-          bool stored = false;
+          // The tile: compared in registers (fused, and no bound or estimate reads its scores), or a
+          // score tile, from the fused kernel or the BLAS, scanned row by row.
+          bool in_registers = false;
           if constexpr (std::is_same<acc_t, float>::value) {
             if (fused) {
               const float* kp = keys_packed.empty() ? nullptr : keys_packed.data() + (c0 / cols) * per_tile;
@@ -770,21 +770,15 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
                 pack_keys(static_cast<const float*>(ka), ldb, nc, dim, k_pack.data());
                 kp = k_pack.data();
               }
-              if (all && (c0 > 0 || (!sampled && !bounded))) {
-                float* kb = k_bias.data();
-                for (int64_t j = 0; j < panel_keys(nc); ++j) kb[j] = j < nc ? bias[c0 + j] : -kInf;
-                tile_select(q_pack.data(), nr, kp, nc, dim, kb, inv_tau, static_cast<uint32_t>(c0), top.tile_rows());
-                // As below: a bounded row cuts its few candidates after each tile.
-                if (bounded)
-                  for (int64_t r = 0; r < nr; ++r)
-                    if (top.count[r] >= 2 * k) top.shrink(r);
-                continue;
-              }
-              tile_store(q_pack.data(), nr, kp, nc, dim, s, cols);
-              stored = true;
+              in_registers = all && (c0 > 0 || (!sampled && !bounded));
+              if (in_registers)
+                tile_select(q_pack.data(), nr, kp, nc, dim, bias + c0, inv_tau, static_cast<uint32_t>(c0),
+                            top.tile_rows());
+              else
+                tile_store(q_pack.data(), nr, kp, nc, dim, s, cols);
             }
           }
-          if (!stored) {
+          if (!fused) {
             const auto [ka, ldb] = stage(k_det, k_direct, k_buf, c0, nc, cols);
             if (dim == 0) {
               std::fill(s, s + rows * cols, acc_t(0));
@@ -794,24 +788,30 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
               at::mm_out(scores, a.to(cdt), b.to(cdt).t());
             }
           }
-          // Each 64-key block's largest bias: the scan rejects a block from its largest product alone
-          // (rounding is monotone, inv_tau > 0: no score of the block exceeds max(s) * inv_tau + max(bias)).
-          // A NaN bias never enters (the running value first in std::max).
-          if constexpr (std::is_same<acc_t, float>::value)
-            for (int64_t b = 0, j = 0; j < nc; ++b, j += kBlock) {
-              acc_t top = -kInf;
-              for (int64_t i = j; i < std::min(nc, j + kBlock); ++i) top = std::max(top, bias[c0 + i]);
-              bmax[b] = top;
+          if (!in_registers) {
+            // Each 64-key block's largest bias: the scan rejects a block from its largest product alone
+            // (rounding is monotone, inv_tau > 0: no score of the block exceeds max(s) * inv_tau +
+            // max(bias)). A NaN bias never enters (the running value first in std::max).
+            if constexpr (std::is_same<acc_t, float>::value)
+              for (int64_t b = 0, j = 0; j < nc; ++b, j += kBlock) {
+                acc_t hi = -kInf;
+                for (int64_t i = j; i < std::min(nc, j + kBlock); ++i) hi = std::max(hi, bias[c0 + i]);
+                bmax[b] = hi;
+              }
+            for (int64_t i = 0; i < n_rows; ++i) {
+              const int64_t r = all ? i : redo[i];
+              if (c0 == 0 && all && sampled) top.estimate(r, s + r * cols, bias, nc, inv_tau, nk);
+              if (c0 == 0 && all && bounded) top.bound(r, s + r * cols, bias, nc, inv_tau);
+              top.scan_row(r, s + r * cols, bias + c0, bmax.data(), nc, inv_tau, static_cast<uint32_t>(c0));
             }
-          for (int64_t i = 0; i < n_rows; ++i) {
-            const int64_t r = all ? i : redo[i];
-            if (c0 == 0 && all && sampled) top.estimate(r, s + r * cols, bias, nc, inv_tau, nk);
-            if (c0 == 0 && all && bounded) top.bound(r, s + r * cols, bias, nc, inv_tau);
-            top.scan_row(r, s + r * cols, bias + c0, bmax.data(), nc, inv_tau, static_cast<uint32_t>(c0));
-            // A bounded row cuts its few candidates after each tile, so that its threshold keeps rising
-            // (its buffer would take many tiles to fill and cut itself).
-            if (bounded && top.count[r] >= 2 * k) top.shrink(r);
           }
+          // A bounded row cuts its few candidates after each tile, so that its threshold keeps rising
+          // (its buffer would take many tiles to fill and cut itself).
+          if (bounded)
+            for (int64_t i = 0; i < n_rows; ++i) {
+              const int64_t r = all ? i : redo[i];
+              if (top.count[r] >= 2 * k) top.shrink(r);
+            }
         }
       };
       pass(true);
