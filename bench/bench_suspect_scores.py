@@ -2,7 +2,8 @@
 flipped labels and splits as ``bench_suspects.py suspects``, precision among the first n suspects of
 
 - ``plain``: the plain leave-one-out vote (bench_suspects.plain_vote_ranking);
-- ``gap``: the label gap, the default (llp_fast.embeddings.suspects);
+- ``gap``: the label gap alone (llp_fast.embeddings.suspects);
+- ``score (default)``: the label gap plus the spreading margin (llp_fast.embeddings.suspects);
 - ``gap K 5+10+20``: the gap summed over K = 5, 10 and 20 (one selection of K = 20 serves all three);
 - ``margin``: own class against the best *other* class (the mean z of the K best voters of each);
 - ``gap, labeled voters``: the gap over the labeled voters only (the final biases);
@@ -77,7 +78,8 @@ def scores(x, noisy, folds: int) -> dict[str, np.ndarray]:
     s = Settings()
     run = label_embeddings(x, noisy, s, normalize=False)
     found = suspects_of(Rows(x, normalize=False), noisy, run, s)
-    out = {"plain": plain_vote_ranking(x, noisy), "gap": found.rows}
+    out = {"plain": plain_vote_ranking(x, noisy), "gap": ranked(found.labeled, found.gap)}
+    out["score (default)"] = found.rows
     total = sum(gap(x, noisy, run, k, s.tau)[1] for k in (5, 10, 20))
     out["gap K 5+10+20"] = ranked(np.flatnonzero(noisy >= 0), total)
     out["margin"] = ranked(*margin(x, noisy, run, 10, s.tau))

@@ -9,7 +9,8 @@ and a saved model labelling new rows.
 ``suspects``: 10% of the labeled rows flipped to another class at random; precision among the first
 n suspects (n = the number flipped) of the plain leave-one-out vote (each labeled row voted on by
 its 10 nearest other labeled rows, weight exp(s / tau), ranked by its own label's share) and of
-the label gap (llp_fast.embeddings.suspects, after the default run and after ``--rounds 1``).
+the suspect score (llp_fast.embeddings.suspects: label gap + spreading margin, after the default run
+and after ``--rounds 1``), with each of its two parts alone after the default run.
 ``auto``: transductive accuracy of the default run with K in {5, 10, 20, 50} and with
 ``n_neighbors="auto"`` (and ``tau="auto"``), optionally with a fraction ``--noise`` of the labels
 flipped (where the default is no longer the best). ``model``: ``llp-fast-propagate --save-model`` on
@@ -94,7 +95,7 @@ def suspects(args) -> dict:
         row = out.setdefault(f"{name} {int(frac * 100)}%", {})
         for noisy, flipped in flipped_splits(y, frac, args.seeds, args.split):
             row.setdefault("plain leave-one-out vote", []).append(precision(plain_vote_ranking(x, noisy), flipped))
-            for title, rounds in (("label gap (default)", None), ("label gap, --rounds 1", 1)):
+            for title, rounds in (("suspect score (default)", None), ("suspect score, --rounds 1", 1)):
                 s = Settings(tau=args.tau) if rounds is None else Settings(tau=args.tau, rounds=rounds)
                 t0 = time.perf_counter()
                 result = label_embeddings(x, noisy, s, normalize=False)
@@ -102,6 +103,10 @@ def suspects(args) -> dict:
                 found = suspects_of(Rows(x, normalize=False), noisy, result, s)
                 row.setdefault(title, []).append(precision(found.rows, flipped))
                 row.setdefault(f"{title} s", []).append([t1 - t0, time.perf_counter() - t1])
+                if rounds is None:  # the score's two parts alone
+                    for part, value in (("label gap alone", found.gap), ("spreading margin alone", found.spread)):
+                        ranking = found.labeled[np.lexsort((found.labeled, value))]
+                        row.setdefault(part, []).append(precision(ranking, flipped))
         print(
             f"{name} {int(frac * 100)}%: "
             + ", ".join(f"{m} {np.mean(v):.3f}" for m, v in row.items() if not m.endswith(" s")),

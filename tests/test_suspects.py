@@ -1,5 +1,5 @@
-"""Suspect labels (``llp_fast.embeddings.suspects``): the label gap against a float64 brute force,
-streamed in blocks, at odd shapes; the ranking finds flipped labels better than the plain
+"""Suspect labels (``llp_fast.embeddings.suspects``): the label gap and the spreading margin against
+float64 brute forces, streamed in blocks, at odd shapes; the ranking finds flipped labels better than the plain
 leave-one-out vote; what the estimator and ``--drop-suspects`` do with it."""
 
 import math
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llp_fast.embeddings import Rows, Settings, label_embeddings
-from llp_fast.embeddings.suspects import drop_worst, label_gaps, suspects_of
+from llp_fast.embeddings import suspects as suspects_mod
+from llp_fast.embeddings.suspects import drop_worst, label_gaps, spread_margins, suspects_of
 
 # streamed top-K selections in compiled code at odd shapes: a native crash fails these tests, not the run
 pytestmark = pytest.mark.isolated
@@ -34,6 +35,79 @@ def brute_gaps(x, labels, voter_rows, voter_classes, voter_bias, classes, k, tau
         every = sorted((s for s, _ in z), reverse=True)
         out[i] = min(0.0, np.mean(own[:n]) - np.mean(every[:n]))
     return out
+
+
+def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8):
+    """docs/embeddings.md's spreading margin with dense float64 matrices: the k-NN graph by a full
+    sort of each row's similarities, W = max(W, W^T), S = D^-1/2 W D^-1/2, G = (I - alpha S)^-1 by
+    an explicit inverse, each labeled row's class masses over the other labeled rows."""
+    x = x.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    xn = x[nodes]
+    v = len(nodes)
+    k = min(k, v - 1)
+    w = np.zeros((v, v))
+    if k > 0:
+        s = xn @ xn.T / tau
+        for i in range(v):
+            others = [j for j in np.argsort(-s[i], kind="stable") if j != i][:k]
+            w[i, others] = np.exp(s[i, others] - 1.0 / tau)
+    w = np.maximum(w, w.T)
+    d = w.sum(1)
+    d[d == 0] = 1.0
+    g = np.linalg.inv(np.eye(v) - alpha * w / np.sqrt(np.outer(d, d)))
+    out = np.zeros(len(labeled_at))
+    if num_classes < 2:
+        return out
+    for a, i in enumerate(labeled_at):
+        mass = np.zeros(num_classes)
+        for b, j in enumerate(labeled_at):
+            if b != a:
+                mass[y[b]] += g[j, i]
+        own = mass[y[a]]
+        mass[y[a]] = -np.inf
+        out[a] = np.log(max(own, 1e-300)) - np.log(max(mass.max(), 1e-300))
+    return out
+
+
+@pytest.mark.parametrize(
+    "v, d, m, num_classes, chunk, entries",
+    [
+        (60, 8, 20, 3, 64, 1 << 22),  # one block of queries, one block of columns
+        (61, 5, 17, 4, 7, 61 * 3),  # odd query blocks, columns solved 3 at a time
+        (12, 3, 12, 2, 5, 12),  # every node labeled, one column at a time
+        (2, 4, 2, 2, 1, 1 << 22),  # two nodes: one edge
+        (6, 3, 4, 3, 4, 1 << 22),  # fewer nodes than k + 1: every other node a neighbour
+        (30, 4, 9, 1, 8, 1 << 22),  # one class: margin 0
+    ],
+)
+def test_spread_margins_equal_the_brute_force(v, d, m, num_classes, chunk, entries, monkeypatch):
+    rng = np.random.default_rng(v * 7 + m)
+    x = rng.standard_normal((v, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    at = np.sort(rng.choice(v, m, replace=False))
+    y = rng.integers(0, num_classes, m)
+    monkeypatch.setattr(suspects_mod, "SOLVE_ENTRIES", entries)
+    got = spread_margins(torch.from_numpy(x), at, y, num_classes, chunk=chunk)
+    want = brute_spread(x, at, np.arange(v), y, num_classes)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_spread_margins_with_duplicate_rows_and_far_classes():
+    """Duplicate rows (a row's twin may outrank it in its own list) and two clusters: the margin is
+    positive for rows labeled as their cluster and lowest for the twin of a cluster-0 row labeled
+    with cluster 1's class."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((2, 6))
+    x = np.concatenate([base[0] + 0.05 * rng.standard_normal((10, 6)), base[1] + 0.05 * rng.standard_normal((10, 6))])
+    x = np.concatenate([x, x[:3]])  # three duplicates of cluster 0's first rows
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    at = np.array([0, 1, 2, 10, 11, 12, 20])
+    y = np.array([0, 0, 0, 1, 1, 1, 1])  # row 20, a duplicate of row 0, labeled with the other class
+    got = spread_margins(torch.from_numpy(x), at, y, 2, chunk=4)
+    want = brute_spread(x, at, np.arange(len(x)), y, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert np.isfinite(got).all() and got[-1] == got.min() and (got[:-1] > 0).all()
 
 
 def _problem(rng, n, d, m, classes, pseudo):
@@ -72,10 +146,17 @@ def test_label_gaps_equal_the_brute_force(n, d, m, classes, pseudo, k, chunk, wi
     assert np.array_equal(got.labeled, labeled)
     ref = np.array([want[i] for i in labeled])
     np.testing.assert_allclose(got.gap, ref, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(got.quality, np.exp(ref), rtol=1e-4, atol=1e-6)
-    # the ranking: every labeled row once, by gap ascending, ties to the lower row
+    # the spreading margin over the voters' graph (the labeled rows among its nodes)
+    nodes = np.union1d(v_rows, labeled)
+    y = np.searchsorted(cls, labels[labeled])
+    spread = brute_spread(x, np.searchsorted(nodes, labeled), nodes, y, len(cls))
+    np.testing.assert_allclose(got.spread, spread, rtol=1e-5, atol=1e-4)
+    score = ref + np.minimum(spread, 0.0)
+    np.testing.assert_allclose(got.score, score, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got.quality, np.exp(score), rtol=1e-4, atol=1e-6)
+    # the ranking: every labeled row once, by score ascending, ties to the lower row
     assert sorted(got.rows) == list(labeled)
-    g = dict(zip(got.labeled, got.gap))
+    g = dict(zip(got.labeled, got.score))
     keys = [(g[r], r) for r in got.rows]
     assert keys == sorted(keys)
     per_row = got.per_row(n)
@@ -136,7 +217,7 @@ def test_estimator_attributes_and_drop_worst():
     lab = np.flatnonzero(noisy >= 0)
     assert sorted(clf.label_suspects_) == list(lab) and clf.label_suspects_.dtype == np.int64
     q = clf.label_quality_
-    assert np.isnan(q[noisy < 0]).all() and ((q[lab] > 0) & (q[lab] <= 1)).all()
+    assert np.isnan(q[noisy < 0]).all() and ((q[lab] >= 0) & (q[lab] <= 1)).all()
     assert (np.diff(q[clf.label_suspects_]) >= 0).all()  # most suspect (lowest quality) first
     res = label_embeddings(x, noisy, rounds=3)
     found = suspects_of(Rows(x), noisy, res, Settings(rounds=3))
