@@ -5,6 +5,7 @@ and a saved model labelling new rows.
     python bench/bench_suspects.py false-alarms [--seeds 0-39]  # digits: which rows, and does an SVM agree
     python bench/bench_suspects.py auto [--seeds 0-4] [--noise 0.2]  # the README's accuracy rows
     python bench/bench_suspects.py model [--n 1000000] [--train 200000]
+    python bench/bench_suspects.py cost [--n 200000] [--labeled 0.01] [--threads 2]
 
 ``suspects``: 10% of the labeled rows flipped to another class at random; precision among the first
 n suspects (n = the number flipped) of the plain leave-one-out vote (each labeled row voted on by
@@ -16,7 +17,10 @@ and after ``--rounds 1``), with each of its two parts alone after the default ru
 flipped (where the default is no longer the best). ``model``: ``llp-fast-propagate --save-model`` on
 ``--train`` synthetic rows (1% labeled), then ``--model`` on ``--n`` new rows in a child process
 (wall time, peak resident memory) and ``LocalLabelPropagation.predict`` on the same fit: labels
-compared. Results go to bench/results/.
+compared. ``cost``: on ``--n`` synthetic rows (``--labeled`` of them labeled, 10% of those flipped),
+the default run, the suspect score after it, and the spreading margin alone (its graph and solve,
+again on the same voters), wall seconds; precision among the first n suspects for the record.
+Results go to bench/results/.
 """
 
 from __future__ import annotations
@@ -259,9 +263,41 @@ def model(args) -> dict:
     return summary
 
 
+def cost(args) -> dict:
+    import torch
+
+    from llp_fast.embeddings import Rows, Settings, label_embeddings
+    from llp_fast.embeddings.suspects import spread_margins, suspects_of
+
+    torch.set_num_threads(args.threads)
+    path = os.path.join(args.workdir, f"n{args.n}-l{args.labeled:g}")
+    synthetic(path, args.n, args.labeled)
+    x = np.load(os.path.join(path, "emb.npy"))
+    truth = np.load(os.path.join(path, "truth.npy"))
+    labeled = np.load(os.path.join(path, "lab.npy")) >= 0
+    noisy, flipped = flip(truth, labeled, 0)
+    s = Settings()
+    t0 = time.perf_counter()
+    result = label_embeddings(x, noisy, s)
+    t1 = time.perf_counter()
+    rows = Rows(x)
+    found = suspects_of(rows, noisy, result, s)
+    t2 = time.perf_counter()
+    nodes = np.union1d(result.voter_rows, found.labeled)
+    y = np.searchsorted(result.classes, noisy[found.labeled])
+    spread_margins(rows.take(nodes), np.searchsorted(nodes, found.labeled), y, len(result.classes))
+    t3 = time.perf_counter()
+    out = {
+        "n": args.n, "labeled": int(labeled.sum()), "voters": int(len(result.voter_rows)), "threads": args.threads,
+        "run_s": t1 - t0, "suspects_s": t2 - t1, "spread_s": t3 - t2, "precision": precision(found.rows, flipped),
+    }  # fmt: skip
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("suspects", "false-alarms", "auto", "model"))
+    ap.add_argument("mode", choices=("suspects", "false-alarms", "auto", "model", "cost"))
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--split", choices=("balanced", "random"), default="balanced")
     ap.add_argument("--noise", type=float, default=0.0, help="auto: flip this fraction of the labels first")
@@ -269,13 +305,17 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--train", type=int, default=200_000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--labeled", type=float, default=0.01, help="cost: the fraction of labeled rows")
     ap.add_argument("--limit", type=float, default=1800.0)
     ap.add_argument("--workdir", default="/tmp/llp_fast_bench_embeddings")
     ap.add_argument("--tag", default=platform.node() or "host")
     args = ap.parse_args(argv)
-    result = {"suspects": suspects, "false-alarms": false_alarms, "auto": auto, "model": model}[args.mode](args)
+    modes = {"suspects": suspects, "false-alarms": false_alarms, "auto": auto, "model": model, "cost": cost}
+    result = modes[args.mode](args)
     if args.mode == "model":  # no seeds: named by its sizes
         name = f"suspects_model-n{args.n}-train{args.train}-{args.tag}.json"
+    elif args.mode == "cost":
+        name = f"suspects_cost-n{args.n}-l{args.labeled:g}-t{args.threads}-{args.tag}.json"
     else:
         what = f"noise{args.noise:g}-" if args.noise else ""
         if args.mode == "suspects":
