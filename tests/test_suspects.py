@@ -40,7 +40,7 @@ def brute_gaps(x, labels, voter_rows, voter_classes, voter_bias, classes, k, tau
 def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8, masses=False):
     """docs/embeddings.md's spreading margin with dense float64 matrices: the k-NN graph by a full
     sort of each row's similarities, W = max(W, W^T), S = D^-1/2 W D^-1/2, G = (I - alpha S)^-1 by
-    an explicit inverse, each labeled row's class masses over the other labeled rows. With
+    an explicit inverse, each labeled row's mean mass per class over the other labeled rows. With
     ``masses``: also the smaller of the two masses the margin compares (own class, best other)."""
     x = x.astype(np.float64)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -61,10 +61,12 @@ def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8,
     if num_classes < 2:
         return (out, least) if masses else out
     for a, i in enumerate(labeled_at):
-        mass = np.zeros(num_classes)
+        mass, seeds = np.zeros(num_classes), np.zeros(num_classes)
         for b, j in enumerate(labeled_at):
             if b != a:
                 mass[y[b]] += g[j, i]
+                seeds[y[b]] += 1
+        mass /= np.maximum(seeds, 1)  # a mean per class
         own = mass[y[a]]
         mass[y[a]] = -np.inf
         out[a] = np.log(max(own, 1e-300)) - np.log(max(mass.max(), 1e-300))

@@ -23,10 +23,11 @@ spread in the rounds to the row's unlabeled neighbours is voted for by them. The
 spreads the *given* labels only, over a graph of the final voters (each voter's 10 nearest voters,
 edge weight ``exp(x_i . x_j / 0.1)``, symmetric, normalised ``S = D^-1/2 W D^-1/2``), as label
 spreading does: ``F = (I - alpha S)^-1 Y`` with alpha = 0.8, every labeled row's seed counted at
-every other labeled row, its own left out exactly (``F_i[c] = sum over labeled j != i of class c
-of G_ij``, ``G = (I - alpha S)^-1``, column i solved by conjugate gradients). The margin is
-``log F_i[y_i] - log max_{c != y_i} F_i[c]``: how much more of the spread labels reaching row i
-carry its label than any other class.
+every other labeled row, its own left out exactly (``F_i[c] = mean over labeled j != i of class c
+of G_ij``, ``G = (I - alpha S)^-1``, column i solved by conjugate gradients; a mean per class, not
+label spreading's sum, so that a class with more labeled rows does not win by number). The margin
+is ``log F_i[y_i] - log max_{c != y_i} F_i[c]``: how much more of the spread labels reaching row i
+carry its label, seed for seed, than any other class.
 
 **The score** is ``gap + min(margin, 0)``: a row is suspect when its voters are far from its label
 *and* the labels spread from the other labeled rows disagree with it; a row the spreading supports
@@ -294,8 +295,9 @@ def spread_margins(
     """The spreading margin of each labeled row (docs/embeddings.md, "Suspect labels"): labels spread
     over :func:`voter_graph` of the rows ``x`` (V, D) from the labeled ones (``labeled_at`` (M,) their
     positions in ``x``, ``y`` (M,) their class indices) as in label spreading, ``F = (I - alpha S)^-1 Y``,
-    and each labeled row i's own seed left out: ``F_i[c] = sum over labeled j != i of class c of
-    G_ij`` with ``G = (I - alpha S)^-1`` (symmetric; column i solved by conjugate gradients, batched
+    and each labeled row i's own seed left out: ``F_i[c] = mean over labeled j != i of class c of
+    G_ij`` with ``G = (I - alpha S)^-1`` (a mean, not a sum: class mass normalisation, so that a
+    class with more labeled rows does not outvote by number) (symmetric; column i solved by conjugate gradients, batched
     in columns, in ``SOLVE_DTYPE``: float32 to a residual of 1e-5, which ranks the digits and
     MNIST-5k suspects with the same precision as float64 to 1e-8 at under half the time; float64 for the
     tests against the brute force). The margin is ``log F_i[y_i] - log max_{c != y_i} F_i[c]``
@@ -309,6 +311,7 @@ def spread_margins(
     v, device = x.shape[0], x.device
     at = torch.from_numpy(np.asarray(labeled_at, np.int64)).to(device)
     yt = torch.from_numpy(np.asarray(y, np.int64)).to(device)
+    count = torch.bincount(yt, minlength=num_classes).double()
     width = max(1, min(m, SOLVE_ENTRIES // max(v, 1)))  # columns per solve
     out = np.empty(m)
     tiny = 1e-300
@@ -321,6 +324,9 @@ def spread_margins(
         g = _spread_solve(graph, rhs, alpha, tol)[at].double()  # (M, b): G_ji for the labeled j
         g[a + cols, cols] = 0.0  # the row's own seed left out
         mass = torch.zeros((num_classes, b - a), dtype=torch.float64, device=device).index_add_(0, yt, g)
+        others = count[:, None].repeat(1, b - a)
+        others[yt[a:b], cols] -= 1  # the row itself is not among its class's seeds
+        mass /= others.clamp_min(1)  # per seed: classes with more labeled rows do not win by number
         own = mass[yt[a:b], cols].clone()
         mass[yt[a:b], cols] = -math.inf
         other = mass.max(0).values
