@@ -267,7 +267,7 @@ def cost(args) -> dict:
     import torch
 
     from llp_fast.embeddings import Rows, Settings, label_embeddings
-    from llp_fast.embeddings.suspects import spread_margins, suspects_of
+    from llp_fast.embeddings.suspects import suspects_of, voter_margins
 
     torch.set_num_threads(args.threads)
     path = os.path.join(args.workdir, f"n{args.n}-l{args.labeled:g}")
@@ -283,9 +283,8 @@ def cost(args) -> dict:
     rows = Rows(x)
     found = suspects_of(rows, noisy, result, s)
     t2 = time.perf_counter()
-    nodes = np.union1d(result.voter_rows, found.labeled)
     y = np.searchsorted(result.classes, noisy[found.labeled])
-    spread_margins(rows.take(nodes), np.searchsorted(nodes, found.labeled), y, len(result.classes))
+    voter_margins(rows, found.labeled, y, result.voter_rows, result.voter_classes, len(result.classes))
     t3 = time.perf_counter()
     out = {
         "n": args.n, "labeled": int(labeled.sum()), "voters": int(len(result.voter_rows)), "threads": args.threads,

@@ -37,11 +37,12 @@ def brute_gaps(x, labels, voter_rows, voter_classes, voter_bias, classes, k, tau
     return out
 
 
-def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8, masses=False):
-    """docs/embeddings.md's spreading margin with dense float64 matrices: the k-NN graph by a full
-    sort of each row's similarities, W = max(W, W^T), S = D^-1/2 W D^-1/2, G = (I - alpha S)^-1 by
-    an explicit inverse, each labeled row's mean mass per class over the other labeled rows. With
-    ``masses``: also the smaller of the two masses the margin compares (own class, best other)."""
+def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8, floor=1e-8, masses=False):
+    """docs/embeddings.md's spreading margin with dense float64 matrices: the k-NN graph by cosine
+    similarity and a full sort of each row's, W = max(W, W^T), S = D^-1/2 W D^-1/2, G = (I - alpha
+    S)^-1 by an explicit inverse, each labeled row's mean mass per class over the other labeled
+    rows, both masses floored at ``floor`` times the largest, 0 for a class with no other seed.
+    With ``masses``: also the smaller of the two masses the margin compares (own, best other)."""
     x = x.astype(np.float64)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     xn = x[nodes]
@@ -67,10 +68,12 @@ def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8,
                 mass[y[b]] += g[j, i]
                 seeds[y[b]] += 1
         mass /= np.maximum(seeds, 1)  # a mean per class
+        low = max(floor * mass.max(), 1e-300)
         own = mass[y[a]]
         mass[y[a]] = -np.inf
-        out[a] = np.log(max(own, 1e-300)) - np.log(max(mass.max(), 1e-300))
         least[a] = min(own, mass.max())
+        if seeds[y[a]] > 0:
+            out[a] = np.log(max(own, low)) - np.log(max(mass.max(), low))
     return (out, least) if masses else out
 
 
@@ -122,6 +125,55 @@ def test_spread_margins_with_duplicate_rows_and_far_classes(monkeypatch):
     got = spread_margins(torch.from_numpy(x), at, y, 2, chunk=4)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert np.isfinite(got).all() and got[-1] == got.min() and (got[:-1] > 0).all()
+
+
+def test_spread_margins_single_seed_ties_and_far_rows(monkeypatch):
+    """Fifteen identical rows (more ties than k + 1: the row itself may fall out of its own list), a
+    class with a single labeled row (no evidence: margin 0), and a long chain whose far end is
+    labeled with the near end's class (its own class's mass is below what the solve resolves: the
+    margin is floored, within log(1 / tolerance), and the most negative)."""
+    rng = np.random.default_rng(11)
+    chain = np.stack([np.cos(np.linspace(0, 1.5, 60)), np.sin(np.linspace(0, 1.5, 60)), np.zeros(60)], 1)
+    twins = np.tile([[0.0, 0.0, 1.0]], (15, 1))
+    x = np.concatenate([chain, twins, [[0.1, 0.0, 1.0]]]).astype(np.float32)
+    x += 1e-4 * rng.standard_normal(x.shape).astype(np.float32) * (np.arange(len(x)) < 60)[:, None]
+    at = np.array([0, 1, 2, 57, 58, 59, 60, 61, 62, 75])
+    y = np.array([0, 0, 0, 1, 1, 0, 2, 2, 2, 3])  # row 59 (the far end) labeled 0; row 75 alone in class 3
+    for dtype, floor in ((torch.float32, 1e-5), (torch.float64, 1e-8)):
+        monkeypatch.setattr(suspects_mod, "SOLVE_DTYPE", dtype)
+        got = spread_margins(torch.from_numpy(x), at, y, 4, chunk=16)
+        want, least = brute_spread(x, at, np.arange(len(x)), y, 4, floor=floor, masses=True)
+        assert got[-1] == 0.0 and want[-1] == 0.0  # a class with one labeled row
+        assert got[5] == got.min() and -math.log(1 / floor) - 1e-6 <= got[5] < -5  # the far end
+        sure = least > 1e-3
+        assert sure.sum() >= 5
+        np.testing.assert_allclose(got[sure], want[sure], rtol=1e-3, atol=1e-3)
+
+
+def test_suspects_from_shards_and_unit_free(tmp_path):
+    """The score is the same whether the rows come from an array or from a directory of .npy shards
+    (the graph's nodes are read in row order, then ordered by class), and the margin does not depend
+    on the rows' lengths (the graph is by cosine similarity): rows scaled by 0.1 to 50, unnormalised,
+    give the unit rows' margins, and every quality lies in [0, 1]."""
+    x, y, noisy, flipped = _flipped_digits(seed=3)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    settings = Settings()
+    res = label_embeddings(x, noisy, settings, normalize=False)
+    want = suspects_of(Rows(x, normalize=False), noisy, res, settings)
+    for i, (a, b) in enumerate([(0, 500), (500, 1100), (1100, len(x))]):
+        np.save(tmp_path / f"part{i}.npy", x[a:b])
+    got = suspects_of(Rows(str(tmp_path), normalize=False), noisy, res, settings)
+    assert np.array_equal(got.rows, want.rows) and np.array_equal(got.spread, want.spread)
+    scaled = x * np.random.default_rng(0).uniform(0.1, 50, (len(x), 1)).astype(np.float32)
+    lab = np.flatnonzero(noisy >= 0)
+    y_lab = np.searchsorted(res.classes, noisy[lab])
+    from llp_fast.embeddings.suspects import voter_margins
+
+    unit = voter_margins(Rows(x, normalize=False), lab, y_lab, res.voter_rows, res.voter_classes, len(res.classes))
+    free = voter_margins(Rows(scaled, normalize=False), lab, y_lab, res.voter_rows, res.voter_classes, len(res.classes))
+    np.testing.assert_allclose(free, unit, rtol=1e-3, atol=1e-3)
+    found = suspects_of(Rows(scaled, normalize=False), noisy, res, settings)
+    assert np.isfinite(found.spread).all() and ((found.quality >= 0) & (found.quality <= 1)).all()
 
 
 def _problem(rng, n, d, m, classes, pseudo):

@@ -119,10 +119,12 @@ def label_gaps(
     comm=None,
     progress=None,
 ) -> Suspects:
-    """The label gap of every labeled row (``labels`` (N,) values, -1 unlabeled) against the final
-    voters of a run (``Result.voter_rows``, ``voter_classes`` as indices into ``classes``,
-    ``voter_bias``), with the run's K and temperature. Streams the rows as the engine does; under
-    ``comm`` each rank scores its own rows' voters and the selections are merged exactly."""
+    """The suspect score of every labeled row (``labels`` (N,) values, -1 unlabeled): its label gap
+    against the final voters of a run (``Result.voter_rows``, ``voter_classes`` as indices into
+    ``classes``, ``voter_bias``), with the run's K and temperature, plus its spreading margin over
+    the voters' graph (:func:`voter_margins`). The gap streams the rows as the engine does; under
+    ``comm`` each rank scores its own rows' voters and the selections are merged exactly; the margin
+    is computed whole on every rank (the same on each)."""
     comm = comm or Local()
     device = torch.device(device or rows.device)
     n = rows.n
@@ -185,30 +187,57 @@ def label_gaps(
         best = _mean_best(values[g], indices[g], own[g], n_c)
         gap[g] = torch.where(n_c > 0, (best_c - best).clamp_max(0.0), best_c)
     gap = gap.cpu().numpy()
-    # the graph's nodes: the voters (the labeled rows among them), by class so that most of a
-    # node's neighbours lie near it in memory (the solve's products gather rows of a (V, b) block)
-    nodes = np.union1d(voter_rows, labeled)
-    node_class = v_class[nodes]
-    node_class[np.searchsorted(nodes, labeled)] = y
-    nodes = nodes[np.lexsort((nodes, node_class))]
-    at = np.empty(n, np.int64)
-    at[nodes] = np.arange(len(nodes))
-    spread = spread_margins(rows.take(nodes).to(device), at[labeled], y, len(classes), chunk=chunk, progress=progress)
+    spread = voter_margins(
+        rows, labeled, y, voter_rows, voter_classes, len(classes), chunk=chunk, device=device, progress=progress
+    )
     score = gap + np.minimum(spread, 0.0)
     order = np.lexsort((labeled, score))
     return Suspects(rows=labeled[order], labeled=labeled, gap=gap, spread=spread, score=score, quality=np.exp(score))
 
 
+def voter_margins(
+    rows: Rows,
+    labeled: np.ndarray,
+    y: np.ndarray,
+    voter_rows: np.ndarray,
+    voter_classes: np.ndarray,
+    num_classes: int,
+    *,
+    chunk: int = 65536,
+    device=None,
+    progress=None,
+) -> np.ndarray:
+    """:func:`spread_margins` of the labeled rows ``labeled`` (sorted, class indices ``y``) over the
+    graph of a run's final voters (``voter_rows``, ``voter_classes``; the labeled rows among them).
+    The nodes are ordered by class, so that most of a node's neighbours lie near it in memory (the
+    solve's products gather rows of a (V, b) block); they are read in row order (``Rows.take``
+    wants sorted rows, e.g. across the files of a directory) and permuted on the device."""
+    device = torch.device(device or rows.device)
+    nodes = np.union1d(voter_rows, labeled)  # sorted; the labeled rows are voters, the union guards
+    node_class = np.full(len(nodes), -1, np.int64)
+    node_class[np.searchsorted(nodes, voter_rows)] = voter_classes
+    node_class[np.searchsorted(nodes, labeled)] = y
+    order = np.lexsort((nodes, node_class))
+    x = rows.take(nodes).to(device)[torch.from_numpy(order).to(device)]
+    place = np.empty(len(nodes), np.int64)
+    place[order] = np.arange(len(nodes))  # a node's place in the graph
+    return spread_margins(x, place[np.searchsorted(nodes, labeled)], y, num_classes, chunk=chunk, progress=progress)
+
+
 def voter_graph(x: torch.Tensor, k: int = SPREAD_K, tau: float = SPREAD_TAU, *, chunk: int = 65536, progress=None):
     """The symmetric normalised k-nearest-neighbour graph of the rows ``x`` (V, D) (docs/embeddings.md,
-    "Suspect labels"): each row's k best other rows by ``x_i . x_j / tau`` (``topk_scores``, streamed
-    ``chunk`` queries at a time), edge weight ``exp(x_i . x_j / tau)``, an edge kept when either end
-    chose it (the larger weight), then ``S = D^-1/2 W D^-1/2`` with D the weights' row sums. Returns
+    "Suspect labels"): each row's k best other rows by cosine similarity ``s_ij`` (``topk_scores`` on
+    the rows scaled to unit length, streamed ``chunk`` queries at a time), edge weight
+    ``exp(s_ij / tau)`` (at least exp(-2 / tau): never 0 for tau >= 0.01), an edge kept when either
+    end chose it (the larger weight), then ``S = D^-1/2 W D^-1/2`` with D the weights' row sums. Returns
     S as a float64 sparse CSR tensor on ``x``'s device. Cost: V^2 D multiply-adds, O(V k) memory."""
     v = x.shape[0]
     k = min(k, v - 1)
     if k <= 0:
         return _sparse(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), v, x.device)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     vals, cols = [], []
     bar = progress.bar(v, "suspect labels: graph", unit="rows") if progress is not None else None
     for a in range(0, v, chunk):
@@ -227,7 +256,7 @@ def voter_graph(x: torch.Tensor, k: int = SPREAD_K, tau: float = SPREAD_TAU, *, 
     val = np.concatenate(vals).ravel()
     col = np.concatenate(cols).ravel()
     row = np.repeat(np.arange(v, dtype=np.int64), k)
-    w = np.exp(val - val.max())  # a common factor: cancels in the normalisation
+    w = np.exp(val - 1.0 / tau)  # exp(s / tau) up to a common factor, which the normalisation cancels
     # both directions, one edge per pair with the larger weight
     r, c, w = np.concatenate([row, col]), np.concatenate([col, row]), np.concatenate([w, w])
     key = r * v + c
@@ -236,9 +265,8 @@ def voter_graph(x: torch.Tensor, k: int = SPREAD_K, tau: float = SPREAD_TAU, *, 
     first[1:] = key[order][1:] != key[order][:-1]
     keep = order[first]
     r, c, w = r[keep], c[keep], w[keep]  # sorted by (row, column)
-    d = np.bincount(r, weights=w, minlength=v)
-    d = np.where(d > 0, d, 1.0)  # a row whose weights all underflowed keeps no edge's mass
-    return _sparse(r, c, w / np.sqrt(d[r] * d[c]), v, x.device)
+    root = np.sqrt(np.bincount(r, weights=w, minlength=v))  # > 0: every row has k >= 1 edges
+    return _sparse(r, c, w / root[r] / root[c], v, x.device)
 
 
 def _sparse(r: np.ndarray, c: np.ndarray, w: np.ndarray, v: int, device) -> torch.Tensor:
@@ -294,15 +322,21 @@ def spread_margins(
 ) -> np.ndarray:
     """The spreading margin of each labeled row (docs/embeddings.md, "Suspect labels"): labels spread
     over :func:`voter_graph` of the rows ``x`` (V, D) from the labeled ones (``labeled_at`` (M,) their
-    positions in ``x``, ``y`` (M,) their class indices) as in label spreading, ``F = (I - alpha S)^-1 Y``,
-    and each labeled row i's own seed left out: ``F_i[c] = mean over labeled j != i of class c of
-    G_ij`` with ``G = (I - alpha S)^-1`` (a mean, not a sum: class mass normalisation, so that a
-    class with more labeled rows does not outvote by number) (symmetric; column i solved by conjugate gradients, batched
-    in columns, in ``SOLVE_DTYPE``: float32 to a residual of 1e-5, which ranks the digits and
-    MNIST-5k suspects with the same precision as float64 to 1e-8 at under half the time; float64 for the
-    tests against the brute force). The margin is ``log F_i[y_i] - log max_{c != y_i} F_i[c]``
-    (float64; masses below 1e-300 count as 1e-300; 0 with a single class). Cost: the graph (V^2 D)
-    and about 15 sparse products of the graph (about 1.5 V k nonzeros) with a (V, M) block."""
+    positions in ``x``, ``y`` (M,) their class indices) as in label spreading, ``(I - alpha S)^-1 Y``,
+    each labeled row i's own seed left out: ``F_i[c]`` is the mean of ``G_ji`` over the labeled rows
+    j != i of class c, ``G = (I - alpha S)^-1`` (symmetric; a mean per class rather than label
+    spreading's sum, so that a class with more labeled rows does not win by number). Column i of G
+    is solved by conjugate gradients, batched over columns, in ``SOLVE_DTYPE``: float32 to a residual
+    of 1e-5 (on digits and MNIST-5k the same precision as float64 to 1e-8, at under half the time);
+    the tests use float64.
+
+    The margin is ``log F_i[y_i] - log max_{c != y_i} F_i[c]`` (float64), with both masses floored
+    at the solve's tolerance times the column's largest class mass: below that the solve does not
+    resolve a mass (CG's answer after n steps is 0 beyond n hops), so the margin stays within
+    +-log(1 / tolerance) (11.5 in float32). It is 0 where it has no evidence: a single class, or a
+    row whose class has no other labeled row. The class sums run on the CPU in float64 (the same on
+    every rank). Cost: the graph (V^2 D) and about 15 sparse products of the graph (about 1.5 V k
+    nonzeros) with a (V, M) block in all."""
     m = len(labeled_at)
     if m == 0 or num_classes < 2:
         return np.zeros(m)
@@ -310,27 +344,28 @@ def spread_margins(
     tol = 1e-8 if SOLVE_DTYPE == torch.float64 else 1e-5
     v, device = x.shape[0], x.device
     at = torch.from_numpy(np.asarray(labeled_at, np.int64)).to(device)
-    yt = torch.from_numpy(np.asarray(y, np.int64)).to(device)
+    yt = torch.from_numpy(np.asarray(y, np.int64))
     count = torch.bincount(yt, minlength=num_classes).double()
     width = max(1, min(m, SOLVE_ENTRIES // max(v, 1)))  # columns per solve
     out = np.empty(m)
-    tiny = 1e-300
     bar = progress.bar(m, "suspect labels: spread", unit="rows") if progress is not None else None
     for a in range(0, m, width):
         b = min(a + width, m)
-        cols = torch.arange(b - a, device=device)
+        cols = torch.arange(b - a)
         rhs = torch.zeros((v, b - a), dtype=SOLVE_DTYPE, device=device)
-        rhs[at[a:b], cols] = 1.0
-        g = _spread_solve(graph, rhs, alpha, tol)[at].double()  # (M, b): G_ji for the labeled j
+        rhs[at[a:b], cols.to(device)] = 1.0
+        g = _spread_solve(graph, rhs, alpha, tol)[at].cpu().double()  # (M, b): G_ji for the labeled j
         g[a + cols, cols] = 0.0  # the row's own seed left out
-        mass = torch.zeros((num_classes, b - a), dtype=torch.float64, device=device).index_add_(0, yt, g)
-        others = count[:, None].repeat(1, b - a)
-        others[yt[a:b], cols] -= 1  # the row itself is not among its class's seeds
-        mass /= others.clamp_min(1)  # per seed: classes with more labeled rows do not win by number
-        own = mass[yt[a:b], cols].clone()
+        mass = torch.zeros((num_classes, b - a), dtype=torch.float64).index_add_(0, yt, g)
+        seeds = count[:, None].repeat(1, b - a)
+        seeds[yt[a:b], cols] -= 1  # the row itself is not among its class's seeds
+        mass /= seeds.clamp_min(1)
+        floor = (tol * mass.max(0).values).clamp_min(1e-300)
+        own = torch.maximum(mass[yt[a:b], cols], floor)
         mass[yt[a:b], cols] = -math.inf
-        other = mass.max(0).values
-        out[a:b] = (own.clamp_min(tiny).log() - other.clamp_min(tiny).log()).cpu().numpy()
+        other = torch.maximum(mass.max(0).values, floor)
+        margin = own.log() - other.log()
+        out[a:b] = torch.where(seeds[yt[a:b], cols] > 0, margin, torch.zeros_like(margin)).numpy()
         if bar is not None:
             bar.update(b - a)
     if bar is not None:
