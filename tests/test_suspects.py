@@ -108,7 +108,7 @@ def test_spread_margins_equal_the_brute_force(v, d, m, num_classes, chunk, entri
 
 
 def test_spread_margins_with_duplicate_rows_and_far_classes(monkeypatch):
-    """Duplicate rows (a row's twin may outrank it in its own list) and two clusters: the margin is
+    """Duplicate rows (pairs of equal rows: ties in each other's lists) and two clusters: the margin is
     positive for rows labeled as their cluster and lowest for the twin of a cluster-0 row labeled
     with cluster 1's class."""
     rng = np.random.default_rng(5)

@@ -20,18 +20,20 @@ its row than the label of a row that merely resembles another class.
 
 **The spreading margin.** The gap reads the final voters' pseudo-labels, and a flipped label that
 spread in the rounds to the row's unlabeled neighbours is voted for by them. The margin instead
-spreads the *given* labels only, over a graph of the final voters (each voter's 10 nearest voters,
-edge weight ``exp(x_i . x_j / 0.1)``, symmetric, normalised ``S = D^-1/2 W D^-1/2``), as label
-spreading does: ``F = (I - alpha S)^-1 Y`` with alpha = 0.8, every labeled row's seed counted at
-every other labeled row, its own left out exactly (``F_i[c] = mean over labeled j != i of class c
-of G_ij``, ``G = (I - alpha S)^-1``, column i solved by conjugate gradients; a mean per class, not
-label spreading's sum, so that a class with more labeled rows does not win by number). The margin
-is ``log F_i[y_i] - log max_{c != y_i} F_i[c]``: how much more of the spread labels reaching row i
-carry its label, seed for seed, than any other class.
+spreads the *given* labels only, over a graph of the final voters (each voter's 10 nearest voters
+by cosine similarity, edge weight ``exp(s_ij / 0.1)``, symmetric, normalised
+``S = D^-1/2 W D^-1/2``), as label spreading does: ``(I - alpha S)^-1 Y`` with alpha = 0.8, row i's
+own seed left out (``F_i[c]`` = the mean of ``G_ij``, ``G = (I - alpha S)^-1``, over the labeled
+rows j != i of class c; column i solved by conjugate gradients; a mean per class, not label
+spreading's sum, so that a class with more labeled rows does not win by number). The margin is
+``log F_i[y_i] - log max_{c != y_i} F_i[c]``: how much more of the spread labels reaching row i
+carry its label, seed for seed, than any other class; masses below what the solve resolves are
+floored (the margin stays within +-log(1 / tolerance)), and a row whose class has no other labeled
+row gets 0 (no evidence).
 
-**The score** is ``gap + min(margin, 0)``: a row is suspect when its voters are far from its label
-*and* the labels spread from the other labeled rows disagree with it; a row the spreading supports
-(margin > 0) keeps its gap. Measured on digits and MNIST-5k with 10% of the labels flipped (40
+**The score** is ``gap + min(margin, 0)``: a row is the more suspect the further its voters are from
+its label and the more the labels spread from the other labeled rows favour another class; a row
+the spreading supports (margin > 0) keeps its gap. Measured on digits and MNIST-5k with 10% of the labels flipped (40
 balanced splits of digits), the sum finds more flipped labels on digits than either part, and on
 MNIST-5k slightly fewer than the gap alone (docs/embeddings.md has the tables and the other scores
 tried).
