@@ -340,7 +340,7 @@ def spread_margins(
     every rank). Cost: the graph (V^2 D) and about 15 sparse products of the graph (about 1.5 V k
     nonzeros) with a (V, M) block in all."""
     m = len(labeled_at)
-    if m == 0 or num_classes < 2:
+    if m < 2 or num_classes < 2:  # no other seed, or no other class: no evidence
         return np.zeros(m)
     graph = voter_graph(x, k, tau, chunk=chunk, progress=progress).to(SOLVE_DTYPE)
     tol = 1e-8 if SOLVE_DTYPE == torch.float64 else 1e-5
