@@ -267,7 +267,8 @@ def cost(args) -> dict:
     import torch
 
     from llp_fast.embeddings import Rows, Settings, label_embeddings
-    from llp_fast.embeddings.suspects import suspects_of, voter_margins
+    from llp_fast.embeddings.spread import voter_margins
+    from llp_fast.embeddings.suspects import suspects_of
 
     torch.set_num_threads(args.threads)
     path = os.path.join(args.workdir, f"n{args.n}-l{args.labeled:g}")

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from llp_fast.embeddings import Rows, Settings, label_embeddings
-from llp_fast.embeddings import suspects as suspects_mod
-from llp_fast.embeddings.suspects import drop_worst, label_gaps, spread_margins, suspects_of
+from llp_fast.embeddings import spread as spread_mod
+from llp_fast.embeddings.spread import spread_margins, voter_margins
+from llp_fast.embeddings.suspects import drop_worst, label_gaps, suspects_of
 
 # streamed top-K selections in compiled code at odd shapes: a native crash fails these tests, not the run
 pytestmark = pytest.mark.isolated
@@ -94,7 +95,7 @@ def test_spread_margins_equal_the_brute_force(v, d, m, num_classes, chunk, entri
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     at = np.sort(rng.choice(v, m, replace=False))
     y = rng.integers(0, num_classes, m)
-    monkeypatch.setattr(suspects_mod, "SOLVE_ENTRIES", entries)
+    monkeypatch.setattr(spread_mod, "SOLVE_ENTRIES", entries)
     want, least = brute_spread(x, at, np.arange(v), y, num_classes, masses=True)
     # the default solve in float32 (to a residual of 1e-5): margins whose masses are not tiny
     got = spread_margins(torch.from_numpy(x), at, y, num_classes, chunk=chunk)
@@ -102,7 +103,7 @@ def test_spread_margins_equal_the_brute_force(v, d, m, num_classes, chunk, entri
     assert sure.mean() >= 0.5 or num_classes < 2 or v == 2  # two nodes: one of the masses is 0
     np.testing.assert_allclose(got[sure], want[sure], rtol=1e-3, atol=1e-3)
     # in float64 (to 1e-8): every margin
-    monkeypatch.setattr(suspects_mod, "SOLVE_DTYPE", torch.float64)
+    monkeypatch.setattr(spread_mod, "SOLVE_DTYPE", torch.float64)
     got = spread_margins(torch.from_numpy(x), at, y, num_classes, chunk=chunk)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
@@ -121,7 +122,7 @@ def test_spread_margins_with_duplicate_rows_and_far_classes(monkeypatch):
     got = spread_margins(torch.from_numpy(x), at, y, 2, chunk=4)
     want, least = brute_spread(x, at, np.arange(len(x)), y, 2, masses=True)
     assert (np.argsort(got, kind="stable") == np.argsort(want, kind="stable")).all()
-    monkeypatch.setattr(suspects_mod, "SOLVE_DTYPE", torch.float64)
+    monkeypatch.setattr(spread_mod, "SOLVE_DTYPE", torch.float64)
     got = spread_margins(torch.from_numpy(x), at, y, 2, chunk=4)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert np.isfinite(got).all() and got[-1] == got.min() and (got[:-1] > 0).all()
@@ -140,7 +141,7 @@ def test_spread_margins_single_seed_ties_and_far_rows(monkeypatch):
     at = np.array([0, 1, 2, 57, 58, 59, 60, 61, 62, 75])
     y = np.array([0, 0, 0, 1, 1, 0, 2, 2, 2, 3])  # row 59 (the far end) labeled 0; row 75 alone in class 3
     for dtype, floor in ((torch.float32, 1e-5), (torch.float64, 1e-8)):
-        monkeypatch.setattr(suspects_mod, "SOLVE_DTYPE", dtype)
+        monkeypatch.setattr(spread_mod, "SOLVE_DTYPE", dtype)
         got = spread_margins(torch.from_numpy(x), at, y, 4, chunk=16)
         want, least = brute_spread(x, at, np.arange(len(x)), y, 4, floor=floor, masses=True)
         assert got[-1] == 0.0 and want[-1] == 0.0  # a class with one labeled row
@@ -167,7 +168,6 @@ def test_suspects_from_shards_and_unit_free(tmp_path):
     scaled = x * np.random.default_rng(0).uniform(0.1, 50, (len(x), 1)).astype(np.float32)
     lab = np.flatnonzero(noisy >= 0)
     y_lab = np.searchsorted(res.classes, noisy[lab])
-    from llp_fast.embeddings.suspects import voter_margins
 
     unit = voter_margins(Rows(x, normalize=False), lab, y_lab, res.voter_rows, res.voter_classes, len(res.classes))
     free = voter_margins(Rows(scaled, normalize=False), lab, y_lab, res.voter_rows, res.voter_classes, len(res.classes))
@@ -206,7 +206,7 @@ def test_label_gaps_equal_the_brute_force(n, d, m, classes, pseudo, k, chunk, wi
     rng = np.random.default_rng(n * 31 + k)
     x, labels, v_rows, v_cls, bias, cls = _problem(rng, n, d, m, classes, pseudo)
     bias = bias if with_bias else None
-    monkeypatch.setattr(suspects_mod, "SOLVE_DTYPE", torch.float64)  # the margins to 1e-8 (float32: its own test)
+    monkeypatch.setattr(spread_mod, "SOLVE_DTYPE", torch.float64)  # the margins to 1e-8 (float32: its own test)
     got = label_gaps(Rows(x), labels, v_rows, v_cls, bias, cls, k=k, tau=0.1, chunk=chunk)
     want = brute_gaps(x, labels, v_rows, v_cls, bias, cls, k, 0.1)
     labeled = np.flatnonzero(labels >= 0)

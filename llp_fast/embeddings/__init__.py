@@ -6,7 +6,7 @@ scheme (§7) over fixed embeddings of any size, streamed from memory-mapped ``.n
 - :mod:`.ranks` — the same run split over ``torch.distributed`` ranks, merged exactly;
 - :mod:`.outputs` — atomic ``.npy`` outputs;
 - :mod:`.suspects` — suspect labels: the labeled rows whose label the final voters and the labels
-  spread from the other labeled rows contradict;
+  spread from the other labeled rows contradict (:mod:`.spread`: the labels spread over the voters' graph);
 - :mod:`.tune` — K and tau chosen by leave-one-out accuracy of the labeled rows;
 - :mod:`.model` — a saved labeller (the last round's voters) that labels new rows;
 - :mod:`.estimator` — :class:`LocalLabelPropagation`, a scikit-learn estimator (imports scikit-learn).
