@@ -32,7 +32,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_embeddings import load, write_result  # noqa: E402
-from bench_suspects import SUSPECT_ROWS, flipped_splits, plain_vote_ranking, precision  # noqa: E402
+from bench_suspects import SUSPECT_ROWS, flipped_splits, plain_vote_ranking, precision, ranked  # noqa: E402
 
 
 def class_support(x, noisy, result, k: int, tau: float, labeled_only: bool = False):
@@ -65,10 +65,6 @@ def margin(x, noisy, result, k: int, tau: float) -> tuple[np.ndarray, np.ndarray
     own = support[np.arange(len(lab)), y].copy()
     support[np.arange(len(lab)), y] = -np.inf
     return lab, own - support.max(1)
-
-
-def ranked(lab: np.ndarray, score: np.ndarray) -> np.ndarray:
-    return lab[np.lexsort((lab, score))]
 
 
 def scores(x, noisy, folds: int) -> dict[str, np.ndarray]:

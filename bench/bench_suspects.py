@@ -77,6 +77,11 @@ def flipped_splits(y: np.ndarray, frac: float, seeds: str, how: str):
         yield flip(y, labeled, seed)
 
 
+def ranked(lab: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """The rows ``lab`` by ``score`` ascending (most suspect first), ties to the lower row."""
+    return lab[np.lexsort((lab, score))]
+
+
 def precision(ranking: np.ndarray, flipped: np.ndarray) -> float:
     return float(np.isin(ranking[: len(flipped)], flipped).mean())
 
@@ -109,8 +114,7 @@ def suspects(args) -> dict:
                 row.setdefault(f"{title} s", []).append([t1 - t0, time.perf_counter() - t1])
                 if rounds is None:  # the score's two parts alone
                     for part, value in (("label gap alone", found.gap), ("spreading margin alone", found.spread)):
-                        ranking = found.labeled[np.lexsort((found.labeled, value))]
-                        row.setdefault(part, []).append(precision(ranking, flipped))
+                        row.setdefault(part, []).append(precision(ranked(found.labeled, value), flipped))
         print(
             f"{name} {int(frac * 100)}%: "
             + ", ".join(f"{m} {np.mean(v):.3f}" for m, v in row.items() if not m.endswith(" s")),

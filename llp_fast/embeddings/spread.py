@@ -68,7 +68,7 @@ def voter_graph(x: torch.Tensor, k: int = SPREAD_K, tau: float = SPREAD_TAU, *, 
         return _sparse(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), v, x.device)
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    x = torch.nn.functional.normalize(x, dim=1)
     vals, cols = [], []
     bar = progress.bar(v, "suspect labels: graph", unit="rows") if progress is not None else None
     for a in range(0, v, chunk):

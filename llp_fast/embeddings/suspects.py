@@ -33,10 +33,10 @@ row gets 0 (no evidence).
 
 **The score** is ``gap + min(margin, 0)``: a row is the more suspect the further its voters are from
 its label and the more the labels spread from the other labeled rows favour another class; a row
-the spreading supports (margin > 0) keeps its gap. Measured on digits and MNIST-5k with 10% of the labels flipped (40
-balanced splits of digits), the sum finds more flipped labels on digits than either part, and on
-MNIST-5k slightly fewer than the gap alone (docs/embeddings.md has the tables and the other scores
-tried).
+the spreading supports (margin > 0) keeps its gap. Measured on digits and MNIST-5k with 10% of the
+labels flipped (40 balanced splits of digits), the sum finds more flipped labels on digits than
+either part, and on MNIST-5k slightly fewer than the gap alone (docs/embeddings.md has the tables
+and the other scores tried).
 
 Cost: the gap is one pass over the rows with the labeled rows as queries, against the voters among
 each block (``topk_scores`` with ``key_mask``), once for all classes and once per class with that
