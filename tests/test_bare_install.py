@@ -3,8 +3,10 @@ command's default run, and ``llp_fast.LocalLabelPropagation``, either works or e
 names the extra to install; never a ModuleNotFoundError traceback."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,28 +17,37 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _step(argv, env):
+    """Run one setup step; a failure shows the step's own output (pip's reason: a full disk, an index
+    it cannot reach), not only its exit status."""
+    p = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        tail = (p.stdout + p.stderr).strip().splitlines()[-30:]
+        free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+        pytest.fail(f"{' '.join(map(str, argv))} exited {p.returncode} ({free:.1f} GiB free):\n" + "\n".join(tail))
+    return p
+
+
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory):
     """(python, bin dir, env) of a fresh venv holding torch, the wheel and its required dependencies."""
     tmp = tmp_path_factory.mktemp("bare")
     env = dict(os.environ, LLP_FAST_SKIP_EXT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     wheels = tmp / "wheels"
-    run = dict(check=True, capture_output=True, text=True, env=env)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", wheels, ROOT], **run
-    )
+    _step([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", wheels, ROOT], env)
     venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", venv], **run)
+    _step([sys.executable, "-m", "venv", venv], env)
     py = str(venv / "bin" / "python")
     torch_version = torch.__version__.split("+")[0]
-    subprocess.run([py, "-m", "pip", "install", "-q", f"torch=={torch_version}"], **run)
-    subprocess.run([py, "-m", "pip", "install", "-q", *map(str, wheels.glob("llp_fast-*.whl"))], **run)
-    listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], **run).stdout.lower()
+    _step([py, "-m", "pip", "install", "-q", f"torch=={torch_version}"], env)
+    _step([py, "-m", "pip", "install", "-q", *wheels.glob("llp_fast-*.whl")], env)
+    listed = _step([py, "-m", "pip", "list", "--format=freeze"], env).stdout.lower()
     for extra in ("scikit-learn", "mlxtend", "pillow", "matplotlib", "tensorboard", "nvidia-dali", "cupy"):
         assert extra not in listed, f"{extra} is installed in the bare environment"
     # no JIT build of the extension either (no compiler toolchain in a bare install is assumed)
     env = dict(os.environ, LLP_FAST_DISABLE_EXT="1", PYTHONPATH="", OMP_NUM_THREADS="1")
-    return py, venv / "bin", env, tmp
+    yield py, venv / "bin", env, tmp
+    shutil.rmtree(venv, ignore_errors=True)  # about 1.5 GB; pytest keeps its last three temp dirs
 
 
 def _run(bare, *argv, cwd=None):
