@@ -3,7 +3,7 @@ flipped labels and splits as ``bench_suspects.py suspects``, precision among the
 
 - ``plain``: the plain leave-one-out vote (bench_suspects.plain_vote_ranking);
 - ``gap``: the label gap alone (llp_fast.embeddings.suspects);
-- ``score (default)``: the label gap plus the spreading margin (llp_fast.embeddings.suspects);
+- ``score (default)``: the label gap plus the spreading margin, scaled (llp_fast.embeddings.suspects);
 - ``gap K 5+10+20``: the gap summed over K = 5, 10 and 20 (one selection of K = 20 serves all three);
 - ``margin``: own class against the best *other* class (the mean z of the K best voters of each);
 - ``gap, labeled voters``: the gap over the labeled voters only (the final biases);

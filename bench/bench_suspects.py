@@ -10,8 +10,9 @@ and a saved model labelling new rows.
 ``suspects``: 10% of the labeled rows flipped to another class at random; precision among the first
 n suspects (n = the number flipped) of the plain leave-one-out vote (each labeled row voted on by
 its 10 nearest other labeled rows, weight exp(s / tau), ranked by its own label's share) and of
-the suspect score (llp_fast.embeddings.suspects: label gap + spreading margin, after the default run
-and after ``--rounds 1``), with each of its two parts alone after the default run.
+the suspect score (llp_fast.embeddings.suspects: label gap + spreading margin, scaled by the row's
+nearest-voter distance, after the default run and after ``--rounds 1``), with its sum unscaled and
+each of its two parts alone after the default run.
 ``auto``: transductive accuracy of the default run with K in {5, 10, 20, 50} and with
 ``n_neighbors="auto"`` (and ``tau="auto"``), optionally with a fraction ``--noise`` of the labels
 flipped (where the default is no longer the best). ``model``: ``llp-fast-propagate --save-model`` on
@@ -112,8 +113,13 @@ def suspects(args) -> dict:
                 found = suspects_of(Rows(x, normalize=False), noisy, result, s)
                 row.setdefault(title, []).append(precision(found.rows, flipped))
                 row.setdefault(f"{title} s", []).append([t1 - t0, time.perf_counter() - t1])
-                if rounds is None:  # the score's two parts alone
-                    for part, value in (("label gap alone", found.gap), ("spreading margin alone", found.spread)):
+                if rounds is None:  # the score's sum unscaled, and its two parts alone
+                    parts = (
+                        ("gap + margin, unscaled", found.gap + np.minimum(found.spread, 0.0)),
+                        ("label gap alone", found.gap),
+                        ("spreading margin alone", found.spread),
+                    )
+                    for part, value in parts:
                         row.setdefault(part, []).append(precision(ranked(found.labeled, value), flipped))
         print(
             f"{name} {int(frac * 100)}%: "

@@ -11,7 +11,7 @@ import torch
 from llp_fast.embeddings import Rows, Settings, label_embeddings
 from llp_fast.embeddings import spread as spread_mod
 from llp_fast.embeddings.spread import spread_margins, voter_margins
-from llp_fast.embeddings.suspects import drop_worst, label_gaps, suspects_of
+from llp_fast.embeddings.suspects import drop_worst, label_gaps, neighbourhood_scale, suspects_of
 
 # streamed top-K selections in compiled code at odd shapes: a native crash fails these tests, not the run
 pytestmark = pytest.mark.isolated
@@ -78,6 +78,23 @@ def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8,
     return (out, least) if masses else out
 
 
+def brute_nearest(x, at, nodes):
+    """Each row ``at`` (positions in ``nodes``): its largest cosine similarity to another node."""
+    x = x.astype(np.float64)
+    xn = x[nodes] / np.linalg.norm(x[nodes], axis=1, keepdims=True)
+    s = xn[at] @ xn.T
+    s[np.arange(len(at)), at] = -np.inf
+    return s.max(1)
+
+
+def brute_scale(nearest):
+    """docs/embeddings.md's scale: the median nearest-voter distance over the row's, that floored at
+    a tenth of the median."""
+    r = [math.sqrt(max(2 - 2 * s, 0.0)) for s in nearest]
+    med = sorted(r)[len(r) // 2] if len(r) % 2 else (sorted(r)[len(r) // 2 - 1] + sorted(r)[len(r) // 2]) / 2
+    return np.array([med / max(ri, med / 10) for ri in r]) if med > 0 else np.ones(len(r))
+
+
 @pytest.mark.parametrize(
     "v, d, m, num_classes, chunk, entries",
     [
@@ -98,13 +115,17 @@ def test_spread_margins_equal_the_brute_force(v, d, m, num_classes, chunk, entri
     monkeypatch.setattr(spread_mod, "SOLVE_ENTRIES", entries)
     want, least = brute_spread(x, at, np.arange(v), y, num_classes, masses=True)
     # the default solve in float32 (to a residual of 1e-5): margins whose masses are not tiny
-    got = spread_margins(torch.from_numpy(x), at, y, num_classes, chunk=chunk)
+    got, nearest = spread_margins(torch.from_numpy(x), at, y, num_classes, chunk=chunk)
     sure = least > 1e-2
     assert sure.mean() >= 0.5 or num_classes < 2 or v == 2  # two nodes: one of the masses is 0
     np.testing.assert_allclose(got[sure], want[sure], rtol=1e-3, atol=1e-3)
+    if num_classes < 2:  # no graph built: nothing to scale by
+        assert np.isnan(nearest).all()
+    else:
+        np.testing.assert_allclose(nearest, brute_nearest(x, at, np.arange(v)), rtol=1e-5, atol=1e-5)
     # in float64 (to 1e-8): every margin
     monkeypatch.setattr(spread_mod, "SOLVE_DTYPE", torch.float64)
-    got = spread_margins(torch.from_numpy(x), at, y, num_classes, chunk=chunk)
+    got = spread_margins(torch.from_numpy(x), at, y, num_classes, chunk=chunk).margin
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
@@ -119,11 +140,18 @@ def test_spread_margins_with_duplicate_rows_and_far_classes(monkeypatch):
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     at = np.array([0, 1, 2, 10, 11, 12, 20])
     y = np.array([0, 0, 0, 1, 1, 1, 1])  # row 20, a duplicate of row 0, labeled with the other class
-    got = spread_margins(torch.from_numpy(x), at, y, 2, chunk=4)
+    got, nearest = spread_margins(torch.from_numpy(x), at, y, 2, chunk=4)
     want, least = brute_spread(x, at, np.arange(len(x)), y, 2, masses=True)
     assert (np.argsort(got, kind="stable") == np.argsort(want, kind="stable")).all()
+    # rows 0-2 and 20 have exact twins (distance 0): four of the seven, so the median distance is 0
+    # and nothing is scaled; without the twin of row 0, three of six: the twins get the floor's 10
+    assert np.allclose(nearest[[0, 1, 2, 6]], 1.0, atol=1e-6) and (nearest[3:6] < 1 - 1e-4).all()
+    np.testing.assert_array_equal(neighbourhood_scale(nearest), np.ones(7))
+    scale = neighbourhood_scale(nearest[1:])
+    np.testing.assert_allclose(scale, brute_scale(nearest[1:]), rtol=1e-6)
+    assert np.allclose(scale[[0, 1, 5]], 10.0) and (scale[2:5] < 10).all()
     monkeypatch.setattr(spread_mod, "SOLVE_DTYPE", torch.float64)
-    got = spread_margins(torch.from_numpy(x), at, y, 2, chunk=4)
+    got = spread_margins(torch.from_numpy(x), at, y, 2, chunk=4).margin
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert np.isfinite(got).all() and got[-1] == got.min() and (got[:-1] > 0).all()
 
@@ -142,7 +170,7 @@ def test_spread_margins_single_seed_ties_and_far_rows(monkeypatch):
     y = np.array([0, 0, 0, 1, 1, 0, 2, 2, 2, 3])  # row 59 (the far end) labeled 0; row 75 alone in class 3
     for dtype, floor in ((torch.float32, 1e-5), (torch.float64, 1e-8)):
         monkeypatch.setattr(spread_mod, "SOLVE_DTYPE", dtype)
-        got = spread_margins(torch.from_numpy(x), at, y, 4, chunk=16)
+        got = spread_margins(torch.from_numpy(x), at, y, 4, chunk=16).margin
         want, least = brute_spread(x, at, np.arange(len(x)), y, 4, floor=floor, masses=True)
         assert got[-1] == 0.0 and want[-1] == 0.0  # a class with one labeled row
         assert got[5] == got.min() and -math.log(1 / floor) - 1e-6 <= got[5] < -5  # the far end
@@ -171,7 +199,8 @@ def test_suspects_from_shards_and_unit_free(tmp_path):
 
     unit = voter_margins(Rows(x, normalize=False), lab, y_lab, res.voter_rows, res.voter_classes, len(res.classes))
     free = voter_margins(Rows(scaled, normalize=False), lab, y_lab, res.voter_rows, res.voter_classes, len(res.classes))
-    np.testing.assert_allclose(free, unit, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(free.margin, unit.margin, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(free.nearest, unit.nearest, rtol=1e-5, atol=1e-5)
     found = suspects_of(Rows(scaled, normalize=False), noisy, res, settings)
     assert np.isfinite(found.spread).all() and ((found.quality >= 0) & (found.quality <= 1)).all()
 
@@ -218,8 +247,10 @@ def test_label_gaps_equal_the_brute_force(n, d, m, classes, pseudo, k, chunk, wi
     y = np.searchsorted(cls, labels[labeled])
     spread = brute_spread(x, np.searchsorted(nodes, labeled), nodes, y, len(cls))
     np.testing.assert_allclose(got.spread, spread, rtol=1e-5, atol=1e-4)
-    score = ref + np.minimum(spread, 0.0)
-    np.testing.assert_allclose(got.score, score, rtol=1e-5, atol=1e-4)
+    scale = brute_scale(brute_nearest(x, np.searchsorted(nodes, labeled), nodes))
+    np.testing.assert_allclose(got.scale, scale, rtol=1e-4)
+    score = (ref + np.minimum(spread, 0.0)) * scale
+    np.testing.assert_allclose(got.score, score, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(got.quality, np.exp(score), rtol=1e-4, atol=1e-6)
     # the ranking: every labeled row once, by score ascending, ties to the lower row
     assert sorted(got.rows) == list(labeled)
@@ -296,3 +327,14 @@ def test_estimator_attributes_and_drop_worst():
     fixed = label_embeddings(x, cleaned, rounds=3).labels
     back = np.intersect1d(dropped, flipped)
     assert (fixed[back] == y[back]).mean() >= 0.8
+
+
+def test_neighbourhood_scale_edge_cases():
+    """The median's row gets 1, a row twice as far 1/2, a duplicate (distance 0) the floor's 10; NaN
+    (no graph) 1; most rows duplicates (median distance 0): no scaling at all."""
+    s = 1 - np.array([0.5, 2.0, 1.0, 0.0, 1.0]) ** 2 / 2  # distances 0.5, 2, 1, 0, 1 (median 1)
+    np.testing.assert_allclose(neighbourhood_scale(s), [2.0, 0.5, 1.0, 10.0, 1.0])
+    np.testing.assert_allclose(neighbourhood_scale(np.array([np.nan, s[0], s[1], s[2]])), [1.0, 2.0, 0.5, 1.0])
+    np.testing.assert_array_equal(neighbourhood_scale(np.array([1.0, 1.0, 0.3])), np.ones(3))
+    np.testing.assert_array_equal(neighbourhood_scale(np.full(2, np.nan)), np.ones(2))
+    assert neighbourhood_scale(np.zeros(0)).shape == (0,)

@@ -97,8 +97,9 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
     where it abstains), ``label_distributions_`` (n_samples, n_classes), each row the vote's class
     shares (one-hot on labeled rows), ``label_suspects_`` (the labeled rows' indices into X, most
     suspect label first, every labeled row ranked), ``label_quality_`` (n_samples,): per labeled
-    row exp(suspect score) in [0, 1] (label gap + spreading margin), 1 when its nearest voters carry
-    its label and the labels spread from the other labeled rows favour it (NaN on unlabeled rows;
+    row exp(suspect score) in [0, 1] (label gap + spreading margin, in units of the row's distance
+    to its nearest voter), 1 when its nearest voters carry its label and the labels spread from the
+    other labeled rows favour it (NaN on unlabeled rows;
     docs/embeddings.md, "Suspect labels"), ``n_neighbors_`` and ``tau_`` (the K and temperature
     used), ``loo_accuracy_`` (``{(K, tau): accuracy}`` of the candidates when one was "auto"),
     ``n_features_in_``, ``rounds_run_``.

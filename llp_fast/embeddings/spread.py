@@ -3,7 +3,8 @@ adds it to the label gap): the given labels spread over a k-nearest-neighbour gr
 voters as in label spreading, each labeled row's own seed left out exactly.
 
 - :func:`voter_margins` — the margins of a run's labeled rows over its voters' graph;
-- :func:`voter_graph` — the symmetric normalised cosine k-NN graph (``topk_scores``, sparse CSR);
+- :func:`voter_graph` — the symmetric normalised cosine k-NN graph (``topk_scores``, sparse CSR),
+  and each row's similarity to its nearest other row (the score's scale, :mod:`.suspects`);
 - :func:`spread_margins` — ``(I - alpha S)^-1`` column by column (conjugate gradients), the other
   labeled rows' mass per class, the margin.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +28,15 @@ SOLVE_ENTRIES = 1 << 22  # entries of one (V, b) block of the solve (five such a
 SOLVE_DTYPE = torch.float32
 
 
+class Spread(NamedTuple):
+    """Per labeled row: ``margin`` (M,) float64, the spreading margin; ``nearest`` (M,) float64,
+    the cosine similarity of the row to its nearest other node of the graph (NaN where the graph was
+    not built: fewer than two labeled rows, or one class)."""
+
+    margin: np.ndarray
+    nearest: np.ndarray
+
+
 def voter_margins(
     rows: Rows,
     labeled: np.ndarray,
@@ -37,7 +48,7 @@ def voter_margins(
     chunk: int = 65536,
     device=None,
     progress=None,
-) -> np.ndarray:
+) -> Spread:
     """:func:`spread_margins` of the labeled rows ``labeled`` (sorted, class indices ``y``) over the
     graph of a run's final voters (``voter_rows``, ``voter_classes``; the labeled rows among them).
     The nodes are ordered by class, so that most of a node's neighbours lie near it in memory (the
@@ -61,11 +72,12 @@ def voter_graph(x: torch.Tensor, k: int = SPREAD_K, tau: float = SPREAD_TAU, *, 
     the rows scaled to unit length, streamed ``chunk`` queries at a time), edge weight
     ``exp(s_ij / tau)`` (at least exp(-2 / tau): never 0 for tau >= 0.01), an edge kept when either
     end chose it (the larger weight), then ``S = D^-1/2 W D^-1/2`` with D the weights' row sums. Returns
-    S as a float64 sparse CSR tensor on ``x``'s device. Cost: V^2 D multiply-adds, O(V k) memory."""
+    (S as a float64 sparse CSR tensor on ``x``'s device, (V,) float64 each row's largest ``s_ij``:
+    its nearest other row, NaN for a single row). Cost: V^2 D multiply-adds, O(V k) memory."""
     v = x.shape[0]
     k = min(k, v - 1)
     if k <= 0:
-        return _sparse(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), v, x.device)
+        return _sparse(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), v, x.device), np.full(v, np.nan)
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     x = torch.nn.functional.normalize(x, dim=1)
@@ -84,6 +96,7 @@ def voter_graph(x: torch.Tensor, k: int = SPREAD_K, tau: float = SPREAD_TAU, *, 
             bar.update(b - a)
     if bar is not None:
         bar.close()
+    nearest = np.concatenate([t[:, 0] for t in vals]) * tau  # the lists are sorted: first is nearest
     val = np.concatenate(vals).ravel()
     col = np.concatenate(cols).ravel()
     row = np.repeat(np.arange(v, dtype=np.int64), k)
@@ -97,7 +110,7 @@ def voter_graph(x: torch.Tensor, k: int = SPREAD_K, tau: float = SPREAD_TAU, *, 
     keep = order[first]
     r, c, w = r[keep], c[keep], w[keep]  # sorted by (row, column)
     root = np.sqrt(np.bincount(r, weights=w, minlength=v))  # > 0: every row has k >= 1 edges
-    return _sparse(r, c, w / root[r] / root[c], v, x.device)
+    return _sparse(r, c, w / root[r] / root[c], v, x.device), nearest
 
 
 def _sparse(r: np.ndarray, c: np.ndarray, w: np.ndarray, v: int, device) -> torch.Tensor:
@@ -150,7 +163,7 @@ def spread_margins(
     alpha: float = SPREAD_ALPHA,
     chunk: int = 65536,
     progress=None,
-) -> np.ndarray:
+) -> Spread:
     """The spreading margin of each labeled row (docs/embeddings.md, "Suspect labels"): labels spread
     over :func:`voter_graph` of the rows ``x`` (V, D) from the labeled ones (``labeled_at`` (M,) their
     positions in ``x``, ``y`` (M,) their class indices) as in label spreading, ``(I - alpha S)^-1 Y``,
@@ -161,7 +174,8 @@ def spread_margins(
     of 1e-5 (on digits and MNIST-5k the same precision as float64 to 1e-8, at under half the time);
     the tests use float64.
 
-    The margin is ``log F_i[y_i] - log max_{c != y_i} F_i[c]`` (float64), with both masses floored
+    Returns :class:`Spread`: the margins and each labeled row's nearest similarity. The margin is
+    ``log F_i[y_i] - log max_{c != y_i} F_i[c]`` (float64), with both masses floored
     at the solve's tolerance times the column's largest class mass: below that the solve does not
     resolve a mass (CG's answer after n steps is 0 beyond n hops), so the margin stays within
     +-log(1 / tolerance) (11.5 in float32). It is 0 where it has no evidence: a single class, or a
@@ -170,8 +184,9 @@ def spread_margins(
     nonzeros) with a (V, M) block in all."""
     m = len(labeled_at)
     if m < 2 or num_classes < 2:  # no other seed, or no other class: no evidence
-        return np.zeros(m)
-    graph = voter_graph(x, k, tau, chunk=chunk, progress=progress).to(SOLVE_DTYPE)
+        return Spread(np.zeros(m), np.full(m, np.nan))
+    graph, nearest = voter_graph(x, k, tau, chunk=chunk, progress=progress)
+    graph = graph.to(SOLVE_DTYPE)
     tol = 1e-8 if SOLVE_DTYPE == torch.float64 else 1e-5
     v, device = x.shape[0], x.device
     at = torch.from_numpy(np.asarray(labeled_at, np.int64)).to(device)
@@ -201,4 +216,4 @@ def spread_margins(
             bar.update(b - a)
     if bar is not None:
         bar.close()
-    return out
+    return Spread(out, nearest[np.asarray(labeled_at, np.int64)])
