@@ -43,6 +43,8 @@ def _worker(rank, world, init_file, out_dir):
         res = Engine(Rows(x), labels, settings, comm=comm).run(top_classes=2, voter_ids=True)
         found = suspects_of(Rows(x), labels, res, settings, comm=comm)  # suspect labels: each rank its rows
         choice = tune.choose(Rows(x), labels, settings, auto_k=True, auto_tau=True, comm=comm)
+        # every rank's ranking (--drop-suspects reruns each rank with its own): the same on all
+        np.savez(os.path.join(out_dir, f"{i}-rank{rank}.npz"), suspects=found.rows, score=found.score)
         if rank == 0:
             np.savez(
                 os.path.join(out_dir, f"{i}.npz"),
@@ -69,6 +71,10 @@ def test_ranks_equal_one_process(tmp_path, world):
         assert np.array_equal(got["voters"], want.voters), settings
         found = suspects_of(Rows(x), labels, want, settings)
         assert np.array_equal(got["suspects"], found.rows) and np.array_equal(got["gap"], found.gap), settings
+        for rank in range(world):
+            each = np.load(tmp_path / f"{i}-rank{rank}.npz")
+            assert np.array_equal(each["suspects"], found.rows), (settings, rank)
+            assert np.array_equal(each["score"], found.score), (settings, rank)
         choice = tune.choose(Rows(x), labels, settings, auto_k=True, auto_tau=True)
         assert tuple(got["choice"]) == (choice.k, choice.tau), settings
 

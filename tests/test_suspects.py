@@ -90,7 +90,7 @@ def brute_nearest(x, at, nodes):
 def brute_scale(nearest):
     """docs/embeddings.md's scale: the median nearest-voter distance over the row's, that floored at
     a tenth of the median."""
-    r = [math.sqrt(max(2 - 2 * s, 0.0)) for s in nearest]
+    r = [0.0 if 1 - s < 1e-5 else math.sqrt(2 - 2 * s) for s in nearest]  # duplicates: 0, not rounding
     med = sorted(r)[len(r) // 2] if len(r) % 2 else (sorted(r)[len(r) // 2 - 1] + sorted(r)[len(r) // 2]) / 2
     return np.array([med / max(ri, med / 10) for ri in r]) if med > 0 else np.ones(len(r))
 
@@ -143,8 +143,10 @@ def test_spread_margins_with_duplicate_rows_and_far_classes(monkeypatch):
     got, nearest = spread_margins(torch.from_numpy(x), at, y, 2, chunk=4)
     want, least = brute_spread(x, at, np.arange(len(x)), y, 2, masses=True)
     assert (np.argsort(got, kind="stable") == np.argsort(want, kind="stable")).all()
-    # rows 0-2 and 20 have exact twins (distance 0): four of the seven, so the median distance is 0
-    # and nothing is scaled; without the twin of row 0, three of six: the twins get the floor's 10
+    # rows 0-2 and 20 have exact twins (distance 0, whatever their similarity rounds to): four of the
+    # seven, so the median distance is 0 and nothing is scaled; without the twin of row 0, three of
+    # six: the twins get the floor's 10
+    np.testing.assert_allclose(nearest, brute_nearest(x, at, np.arange(len(x))), atol=1e-6)
     assert np.allclose(nearest[[0, 1, 2, 6]], 1.0, atol=1e-6) and (nearest[3:6] < 1 - 1e-4).all()
     np.testing.assert_array_equal(neighbourhood_scale(nearest), np.ones(7))
     scale = neighbourhood_scale(nearest[1:])
@@ -193,6 +195,7 @@ def test_suspects_from_shards_and_unit_free(tmp_path):
         np.save(tmp_path / f"part{i}.npy", x[a:b])
     got = suspects_of(Rows(str(tmp_path), normalize=False), noisy, res, settings)
     assert np.array_equal(got.rows, want.rows) and np.array_equal(got.spread, want.spread)
+    assert np.array_equal(got.scale, want.scale) and np.array_equal(got.score, want.score)
     scaled = x * np.random.default_rng(0).uniform(0.1, 50, (len(x), 1)).astype(np.float32)
     lab = np.flatnonzero(noisy >= 0)
     y_lab = np.searchsorted(res.classes, noisy[lab])
@@ -337,4 +340,10 @@ def test_neighbourhood_scale_edge_cases():
     np.testing.assert_allclose(neighbourhood_scale(np.array([np.nan, s[0], s[1], s[2]])), [1.0, 2.0, 0.5, 1.0])
     np.testing.assert_array_equal(neighbourhood_scale(np.array([1.0, 1.0, 0.3])), np.ones(3))
     np.testing.assert_array_equal(neighbourhood_scale(np.full(2, np.nan)), np.ones(2))
+    # a duplicate's similarity rounds a few units below 1: still distance 0 (the floor), and when most
+    # rows are duplicates still no scaling, whichever way each rounded
+    got = neighbourhood_scale(np.append(s, 1 - 3e-7))  # distances 0.5, 2, 1, 0, 1, 0: median 0.75
+    np.testing.assert_allclose(got, [1.5, 0.375, 0.75, 10.0, 0.75, 10.0])
+    dup = 1 - np.array([0.0, 1e-7, 5e-7, 2e-6, 0.02, 0.3])
+    np.testing.assert_array_equal(neighbourhood_scale(dup), np.ones(6))
     assert neighbourhood_scale(np.zeros(0)).shape == (0,)

@@ -31,7 +31,7 @@ SOLVE_DTYPE = torch.float32
 class Spread(NamedTuple):
     """Per labeled row: ``margin`` (M,) float64, the spreading margin; ``nearest`` (M,) float64,
     the cosine similarity of the row to its nearest other node of the graph (NaN where the graph was
-    not built: fewer than two labeled rows, or one class)."""
+    not built: fewer than two labeled rows, or fewer than two classes)."""
 
     margin: np.ndarray
     nearest: np.ndarray
