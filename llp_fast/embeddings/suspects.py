@@ -46,13 +46,14 @@ and on MNIST-5k, about as many on digits' balanced splits (within one row over 4
 more than either part alone on digits and, over 20 or 40 splits, on MNIST-5k 10%
 (docs/embeddings.md has the tables and the other scores tried).
 
-Cost: the gap is one pass over the rows with the labeled rows as queries, against the voters among
-each block (``topk_scores`` with ``key_mask``), once for all classes and once per class with that
-class's labeled rows: about 2 M N D multiply-adds. The margin: the voters' graph (V^2 D
+Cost: the gap is one pass over the V voters alone (read by row index, in row order, ``chunk`` at a
+time) with the labeled rows as queries (``topk_scores``), once for all classes and once per class
+with that class's labeled rows and voters (``key_mask``): about 2 M V D multiply-adds, whatever N
+is. The margin: the voters' graph (V^2 D
 multiply-adds, ``topk_scores`` V queries against V keys) and about 15 conjugate-gradient steps, each
 a sparse product of the graph (about 1.5 V k nonzeros) with a (V, b) block of columns, over M
-columns in all. Memory: the labeled rows and the V voters (D floats each), O(M K) state, one block,
-three (N,) arrays, the graph and five (V, b) float32 blocks (:mod:`.spread`'s ``SOLVE_ENTRIES``
+columns in all. Memory: the labeled rows and the V voters (D floats each), O(M K) state, one block
+of voters, the graph and five (V, b) float32 blocks (:mod:`.spread`'s ``SOLVE_ENTRIES``
 entries each).
 """
 
@@ -147,58 +148,55 @@ def label_gaps(
     against the final voters of a run (``Result.voter_rows``, ``voter_classes`` as indices into
     ``classes``, ``voter_bias``), with the run's K and temperature, plus its spreading margin over
     the voters' graph (:func:`voter_margins`), the sum scaled by :func:`neighbourhood_scale`. The gap
-    streams the rows as the engine does; under ``comm`` each rank scores its own rows' voters and the
-    selections are merged exactly; the margin and the scale are computed whole on every rank (the same
-    on each)."""
+    streams the voters (in row order) ``chunk`` at a time; under ``comm`` each rank scores its share
+    of them and the selections are merged exactly; the margin and the scale are computed whole on
+    every rank (the same on each)."""
     comm = comm or Local()
     device = torch.device(device or rows.device)
-    n = rows.n
     labeled = np.flatnonzero(labels >= 0)
     y = np.searchsorted(classes, labels[labeled])
-    is_voter = np.zeros(n, bool)
-    is_voter[voter_rows] = True
-    v_class = np.full(n, -1, np.int64)
-    v_class[voter_rows] = voter_classes
-    v_bias = np.zeros(n, np.float64)
-    if voter_bias is not None:
-        v_bias[voter_rows] = voter_bias
+    # the voters in row order (Rows.take wants sorted rows); selections index this list
+    in_order = np.argsort(voter_rows, kind="stable")
+    v_rows = np.asarray(voter_rows, np.int64)[in_order]
+    v_class = np.asarray(voter_classes, np.int64)[in_order]
+    v_bias = np.zeros(len(v_rows)) if voter_bias is None else np.asarray(voter_bias, np.float64)[in_order]
     count = np.bincount(voter_classes, minlength=len(classes))  # voters per class, the row itself among them
     k_all = min(k, len(voter_rows) - 1) + 1  # room for the row itself
     x = rows.take(labeled).to(device)
     groups = [np.flatnonzero(y == c) for c in range(len(classes))]
     state_all, state = None, [None] * len(classes)
-    lo, hi = comm.span(n)
-    bar = progress.bar(hi - lo, "suspect labels", unit="rows") if progress is not None else None
-    for a, b in rows.blocks(chunk, lo, hi):
-        voters = is_voter[a:b]
-        if voters.any():
-            keys = rows.read(a, b).to(device)
-            bias = torch.from_numpy(-v_bias[a:b]).to(device, keys.dtype)
-            mask = torch.from_numpy(voters).to(device)
-            state_all = topk_scores(
-                x, keys, k=k_all, tau=tau, bias=bias, key_mask=mask, init=state_all, index_offset=a, check_finite=False
-            )
-            block_class = v_class[a:b]
-            for c, group in enumerate(groups):
-                mask_c = voters & (block_class == c)
-                if len(group) and mask_c.any():
-                    state[c] = topk_scores(
-                        x[torch.from_numpy(group).to(device)],
-                        keys,
-                        k=k_all,
-                        tau=tau,
-                        bias=bias,
-                        key_mask=torch.from_numpy(mask_c).to(device),
-                        init=state[c],
-                        index_offset=a,
-                        check_finite=False,
-                    )
+    lo, hi = comm.span(len(v_rows))
+    bar = progress.bar(hi - lo, "suspect labels", unit="voters") if progress is not None else None
+    for a in range(lo, hi, chunk):
+        b = min(hi, a + chunk)
+        keys = rows.take(v_rows[a:b]).to(device)
+        bias = torch.from_numpy(-v_bias[a:b]).to(device, keys.dtype)
+        state_all = topk_scores(
+            x, keys, k=k_all, tau=tau, bias=bias, init=state_all, index_offset=a, check_finite=False
+        )
+        block_class = v_class[a:b]
+        for c, group in enumerate(groups):
+            mask_c = block_class == c
+            if len(group) and mask_c.any():
+                state[c] = topk_scores(
+                    x[torch.from_numpy(group).to(device)],
+                    keys,
+                    k=k_all,
+                    tau=tau,
+                    bias=bias,
+                    key_mask=torch.from_numpy(mask_c).to(device),
+                    init=state[c],
+                    index_offset=a,
+                    check_finite=False,
+                )
         if bar is not None:
             bar.update(b - a)
     if bar is not None:
         bar.close()
+    to_row = torch.from_numpy(np.append(v_rows, -1)).to(device)  # a selection's place -> its row (-1: none)
     dtype = x.dtype
     values, indices = comm.merge_topk(*(state_all or _empty(len(labeled), k_all, dtype, device)), k_all)
+    indices = to_row[indices]  # -1 stays -1 (the appended entry)
     own = torch.from_numpy(labeled).to(device)
     gap = torch.empty(len(labeled), dtype=torch.float64, device=device)
     for c, group in enumerate(groups):
@@ -206,6 +204,7 @@ def label_gaps(
             continue
         g = torch.from_numpy(group).to(device)
         vc, ic = comm.merge_topk(*(state[c] or _empty(len(group), k_all, dtype, device)), k_all)
+        ic = to_row[ic]
         # n: the class's other voters, at most K (the row is a voter of its own class)
         n_c = torch.full((len(group),), min(k, int(count[c]) - 1), dtype=torch.int64, device=device)
         best_c = _mean_best(vc, ic, own[g], n_c)
