@@ -37,24 +37,22 @@ voters are from its label and the more the labels spread from the other labeled 
 class (a row the spreading supports, margin > 0, keeps its gap), in units of the row's own
 neighbourhood: ``r_i`` is the distance from the unit row to its nearest other voter (the graph's
 first neighbour; 0 for a duplicate), floored at a tenth of ``r_med``, their median over the labeled
-rows (no scaling where that median is 0). A flipped label
-usually sits on a row typical of its true class, in a dense region where its neighbours all
-disagree with it; a row that merely resembles another class is atypical and lies far from its
-nearest rows, so the same disagreement weighs less. Measured on digits and MNIST-5k with 10% of the
-labels flipped, the scaled sum finds more flipped labels than the plain sum on digits' random splits
-and on MNIST-5k, about as many on digits' balanced splits (within one row over 40 splits), and
-more than either part alone on digits and, over 20 or 40 splits, on MNIST-5k 10%
-(docs/embeddings.md has the tables and the other scores tried).
+rows (no scaling where that median is 0). A flipped label usually sits on a row typical of its true
+class, in a dense region where its neighbours all disagree with it; a row that merely resembles
+another class is atypical and lies far from its nearest rows, so the same disagreement weighs less.
+Measured on digits and MNIST-5k with 10% of the labels flipped, the scaled sum finds more flipped
+labels than the plain sum on digits' random splits and on MNIST-5k, about as many on digits'
+balanced splits (within one row over 40 splits), and more than either part alone on digits and, over
+20 or 40 splits, on MNIST-5k 10% (docs/embeddings.md has the tables and the other scores tried).
 
 Cost: the gap is one pass over the V voters alone (read by row index, in row order, ``chunk`` at a
 time) with the labeled rows as queries (``topk_scores``), once for all classes and once per class
 with that class's labeled rows and voters (``key_mask``): about 2 M V D multiply-adds, whatever N
-is. The margin: the voters' graph (V^2 D
-multiply-adds, ``topk_scores`` V queries against V keys) and about 15 conjugate-gradient steps, each
-a sparse product of the graph (about 1.5 V k nonzeros) with a (V, b) block of columns, over M
-columns in all. Memory: the labeled rows and the V voters (D floats each), O(M K) state, one block
-of voters, the graph and five (V, b) float32 blocks (:mod:`.spread`'s ``SOLVE_ENTRIES``
-entries each).
+is. The margin: the voters' graph (V^2 D multiply-adds, ``topk_scores`` V queries against V keys)
+and about 15 conjugate-gradient steps, each a sparse product of the graph (about 1.5 V k nonzeros)
+with a (V, b) block of columns, over M columns in all. Memory: the labeled rows and the V voters (D
+floats each), O(M K) state, one block of voters, the graph and five (V, b) float32 blocks
+(:mod:`.spread`'s ``SOLVE_ENTRIES`` entries each).
 """
 
 from __future__ import annotations
