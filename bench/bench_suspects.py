@@ -277,7 +277,7 @@ def cost(args) -> dict:
     import torch
 
     from llp_fast.embeddings import Rows, Settings, label_embeddings
-    from llp_fast.embeddings.spread import voter_margins
+    from llp_fast.embeddings.spread import graph_nodes, voter_margins
     from llp_fast.embeddings.suspects import suspects_of
 
     torch.set_num_threads(args.threads)
@@ -295,7 +295,10 @@ def cost(args) -> dict:
     found = suspects_of(rows, noisy, result, s)
     t2 = time.perf_counter()
     y = np.searchsorted(result.classes, noisy[found.labeled])
-    voter_margins(rows, found.labeled, y, result.voter_rows, result.voter_classes, len(result.classes))
+    nodes = graph_nodes(result.voter_rows, found.labeled)
+    voter_margins(
+        rows.take(nodes), nodes, found.labeled, y, result.voter_rows, result.voter_classes, len(result.classes)
+    )
     t3 = time.perf_counter()
     out = {
         "n": args.n, "labeled": int(labeled.sum()), "voters": int(len(result.voter_rows)), "threads": args.threads,

@@ -41,7 +41,7 @@ def _worker(rank, world, init_file, out_dir):
     comm = Ranks(torch.device("cpu"))
     for i, settings in enumerate(CASES):
         res = Engine(Rows(x), labels, settings, comm=comm).run(top_classes=2, voter_ids=True)
-        found = suspects_of(Rows(x), labels, res, settings, comm=comm)  # suspect labels: each rank its rows
+        found = suspects_of(Rows(x), labels, res, settings, comm=comm)  # suspect labels: each rank its voters
         choice = tune.choose(Rows(x), labels, settings, auto_k=True, auto_tau=True, comm=comm)
         # every rank's ranking (--drop-suspects reruns each rank with its own): the same on all
         np.savez(os.path.join(out_dir, f"{i}-rank{rank}.npz"), suspects=found.rows, score=found.score)

@@ -10,7 +10,7 @@ import torch
 
 from llp_fast.embeddings import Rows, Settings, label_embeddings
 from llp_fast.embeddings import spread as spread_mod
-from llp_fast.embeddings.spread import spread_margins, voter_margins
+from llp_fast.embeddings.spread import graph_nodes, spread_margins, voter_margins
 from llp_fast.embeddings.suspects import drop_worst, label_gaps, neighbourhood_scale, suspects_of
 
 # streamed top-K selections in compiled code at odd shapes: a native crash fails these tests, not the run
@@ -200,8 +200,13 @@ def test_suspects_from_shards_and_unit_free(tmp_path):
     lab = np.flatnonzero(noisy >= 0)
     y_lab = np.searchsorted(res.classes, noisy[lab])
 
-    unit = voter_margins(Rows(x, normalize=False), lab, y_lab, res.voter_rows, res.voter_classes, len(res.classes))
-    free = voter_margins(Rows(scaled, normalize=False), lab, y_lab, res.voter_rows, res.voter_classes, len(res.classes))
+    nodes, classes = graph_nodes(res.voter_rows, lab), len(res.classes)
+    unit, free = (
+        voter_margins(
+            Rows(r, normalize=False).take(nodes), nodes, lab, y_lab, res.voter_rows, res.voter_classes, classes
+        )
+        for r in (x, scaled)
+    )
     np.testing.assert_allclose(free.margin, unit.margin, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(free.nearest, unit.nearest, rtol=1e-5, atol=1e-5)
     found = suspects_of(Rows(scaled, normalize=False), noisy, res, settings)

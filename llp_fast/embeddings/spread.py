@@ -2,7 +2,8 @@
 adds it to the label gap): the given labels spread over a k-nearest-neighbour graph of a run's final
 voters as in label spreading, each labeled row's own seed left out exactly.
 
-- :func:`voter_margins` — the margins of a run's labeled rows over its voters' graph;
+- :func:`voter_margins` — the margins of a run's labeled rows over its voters' graph
+  (:func:`graph_nodes`: which rows it reads);
 - :func:`voter_graph` — the symmetric normalised cosine k-NN graph (``topk_scores``, sparse CSR),
   and each row's similarity to its nearest other row (the score's scale, :mod:`.suspects`);
 - :func:`spread_margins` — ``(I - alpha S)^-1`` column by column (conjugate gradients), the other
@@ -19,7 +20,6 @@ import numpy as np
 import torch
 
 from ..ops import topk_scores
-from .sources import Rows
 
 SPREAD_K = 10  # the spreading graph's neighbours per row
 SPREAD_TAU = 0.1  # its temperature: edge weight exp(x_i . x_j / 0.1)
@@ -38,7 +38,8 @@ class Spread(NamedTuple):
 
 
 def voter_margins(
-    rows: Rows,
+    x_nodes: torch.Tensor,
+    nodes: np.ndarray,
     labeled: np.ndarray,
     y: np.ndarray,
     voter_rows: np.ndarray,
@@ -46,24 +47,28 @@ def voter_margins(
     num_classes: int,
     *,
     chunk: int = 65536,
-    device=None,
     progress=None,
 ) -> Spread:
     """:func:`spread_margins` of the labeled rows ``labeled`` (sorted, class indices ``y``) over the
     graph of a run's final voters (``voter_rows``, ``voter_classes``; the labeled rows among them).
-    The nodes are ordered by class, so that most of a node's neighbours lie near it in memory (the
-    solve's products gather rows of a (V, b) block); they are read in row order (``Rows.take``
-    wants sorted rows, e.g. across the files of a directory) and permuted on the device."""
-    device = torch.device(device or rows.device)
-    nodes = np.union1d(voter_rows, labeled)  # sorted; the labeled rows are voters, the union guards
+    ``nodes`` is the sorted union of the voters and the labeled rows (:func:`graph_nodes`) and
+    ``x_nodes`` their rows, read once by the caller (the label gap reads the same ones). The nodes
+    are ordered by class, so that most of a node's neighbours lie near it in memory (the solve's
+    products gather rows of a (V, b) block)."""
     node_class = np.full(len(nodes), -1, np.int64)
     node_class[np.searchsorted(nodes, voter_rows)] = voter_classes
     node_class[np.searchsorted(nodes, labeled)] = y
     order = np.lexsort((nodes, node_class))
-    x = rows.take(nodes).to(device)[torch.from_numpy(order).to(device)]
+    x = x_nodes[torch.from_numpy(order).to(x_nodes.device)]
     place = np.empty(len(nodes), np.int64)
     place[order] = np.arange(len(nodes))  # a node's place in the graph
     return spread_margins(x, place[np.searchsorted(nodes, labeled)], y, num_classes, chunk=chunk, progress=progress)
+
+
+def graph_nodes(voter_rows: np.ndarray, labeled: np.ndarray) -> np.ndarray:
+    """The rows of the voters' graph, sorted (``Rows.take`` wants sorted rows, e.g. across the files
+    of a directory): the voters, and the labeled rows (voters too; the union guards)."""
+    return np.union1d(voter_rows, labeled)
 
 
 def voter_graph(x: torch.Tensor, k: int = SPREAD_K, tau: float = SPREAD_TAU, *, chunk: int = 65536, progress=None):

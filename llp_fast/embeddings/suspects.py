@@ -45,14 +45,15 @@ labels than the plain sum on digits' random splits and on MNIST-5k, about as man
 balanced splits (within one row over 40 splits), and more than either part alone on digits and, over
 20 or 40 splits, on MNIST-5k 10% (docs/embeddings.md has the tables and the other scores tried).
 
-Cost: the gap is one pass over the V voters alone (read by row index, in row order, ``chunk`` at a
-time) with the labeled rows as queries (``topk_scores``), once for all classes and once per class
-with that class's labeled rows and voters (``key_mask``): about 2 M V D multiply-adds, whatever N
-is. The margin: the voters' graph (V^2 D multiply-adds, ``topk_scores`` V queries against V keys)
-and about 15 conjugate-gradient steps, each a sparse product of the graph (about 1.5 V k nonzeros)
-with a (V, b) block of columns, over M columns in all. Memory: the labeled rows and the V voters (D
-floats each), O(M K) state, one block of voters, the graph and five (V, b) float32 blocks
-(:mod:`.spread`'s ``SOLVE_ENTRIES`` entries each).
+Cost: the gap is one pass over the V voters alone (read by row index once, with the labeled rows,
+for the gap and the margin both; ``chunk`` at a time) with the labeled rows as queries
+(``topk_scores``), once for all classes and once per class with that class's labeled rows and voters
+(``key_mask``): about 2 M V D multiply-adds, whatever N is. The margin: the voters' graph (V^2 D
+multiply-adds, ``topk_scores`` V queries against V keys) and about 15 conjugate-gradient steps, each
+a sparse product of the graph (about 1.5 V k nonzeros) with a (V, b) block of columns, over M
+columns in all. Memory: the labeled rows and the V voters (D floats each), O(M K) state, one block
+of voters, the graph and five (V, b) float32 blocks (:mod:`.spread`'s ``SOLVE_ENTRIES`` entries
+each).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ import torch
 from ..ops import topk_scores
 from .ranks import Local
 from .sources import Rows
-from .spread import voter_margins
+from .spread import graph_nodes, voter_margins
 
 DUPLICATE = 1e-5  # 1 - cosine below this: the same row (float32 rounding of a duplicate's is ~1e-6)
 
@@ -160,14 +161,19 @@ def label_gaps(
     v_bias = np.zeros(len(v_rows)) if voter_bias is None else np.asarray(voter_bias, np.float64)[in_order]
     count = np.bincount(voter_classes, minlength=len(classes))  # voters per class, the row itself among them
     k_all = min(k, len(voter_rows) - 1) + 1  # room for the row itself
-    x = rows.take(labeled).to(device)
+    # the graph's nodes (the voters and the labeled rows) read once: the gap's queries and keys, and
+    # the margin's graph
+    nodes = graph_nodes(voter_rows, labeled)
+    x_nodes = rows.take(nodes).to(device)
+    x = x_nodes[torch.from_numpy(np.searchsorted(nodes, labeled)).to(device)]
+    v_at = torch.from_numpy(np.searchsorted(nodes, v_rows)).to(device)  # the voters among the nodes
     groups = [np.flatnonzero(y == c) for c in range(len(classes))]
     state_all, state = None, [None] * len(classes)
     lo, hi = comm.span(len(v_rows))
     bar = progress.bar(hi - lo, "suspect labels", unit="voters") if progress is not None else None
     for a in range(lo, hi, chunk):
         b = min(hi, a + chunk)
-        keys = rows.take(v_rows[a:b]).to(device)
+        keys = x_nodes[v_at[a:b]]
         bias = torch.from_numpy(-v_bias[a:b]).to(device, keys.dtype)
         state_all = topk_scores(
             x, keys, k=k_all, tau=tau, bias=bias, init=state_all, index_offset=a, check_finite=False
@@ -210,7 +216,7 @@ def label_gaps(
         gap[g] = torch.where(n_c > 0, (best_c - best).clamp_max(0.0), best_c)
     gap = gap.cpu().numpy()
     spread, nearest = voter_margins(
-        rows, labeled, y, voter_rows, voter_classes, len(classes), chunk=chunk, device=device, progress=progress
+        x_nodes, nodes, labeled, y, voter_rows, voter_classes, len(classes), chunk=chunk, progress=progress
     )
     scale = neighbourhood_scale(nearest)
     score = (gap + np.minimum(spread, 0.0)) * scale
