@@ -65,9 +65,11 @@ def tiles(request, monkeypatch):
     return request.param
 
 
-def unit(n: int, d: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """n random unit vectors in R^d."""
-    return torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1).to(device=device, dtype=dtype)
+def unit(n: int, d: int, dtype=torch.float32, device="cpu", *, gen=None) -> torch.Tensor:
+    """n random unit vectors in R^d (drawn from ``gen`` when given: data built at import time, before
+    the per-test seed)."""
+    x = torch.randn(n, d, dtype=torch.float64, generator=gen)
+    return torch.nn.functional.normalize(x, dim=1).to(device=device, dtype=dtype)
 
 
 def cuda_available() -> bool:
