@@ -208,6 +208,14 @@ def _isas() -> list[str]:
     return ["baseline"] + [isa for isa, flag in (("avx2", " avx2"), ("avx512", " avx512f")) if flag in flags]
 
 
+def _fused_widths() -> list[str]:
+    """The fused tile's widths this CPU runs (LLP_FAST_CPU_FUSED=avx2 / =avx512)."""
+    flags = _flags()
+    if " avx2" not in flags or " fma" not in flags:
+        return []
+    return ["avx2"] + (["avx512"] if " avx512f" in flags else [])
+
+
 @pytest.mark.parametrize(
     "env",
     [
@@ -215,9 +223,9 @@ def _isas() -> list[str]:
         {"LLP_FAST_CPU_FUSED": "0", "LLP_FAST_CPU_NO_BLAS": "1"},
         {"LLP_FAST_CPU_FUSED": "0"},
         *(
-            {"LLP_FAST_CPU_FUSED": "1", "LLP_FAST_CPU_TILE": tile}
-            for tile in ("8,64", "7,50", "1,17", "256,512")
-            if " avx2" in _flags() and " fma" in _flags()
+            {"LLP_FAST_CPU_FUSED": width, "LLP_FAST_CPU_TILE": tile}
+            for width in _fused_widths()
+            for tile in ("8,64", "7,50", "1,17", "13,33", "256,512")
         ),
         {"LLP_FAST_CPU_NO_BOUND": "1", "LLP_FAST_CPU_NO_ESTIMATE": "1"},
         {"LLP_FAST_CPU_BF16_GEMM": "1"},
@@ -226,8 +234,8 @@ def _isas() -> list[str]:
 )
 def test_every_scan_variant_and_the_mm_out_tile(env):
     """Each scan variant this CPU can run, the tile from at::mm_out instead of the BLAS symbol, the
-    fused tile (csrc/cpu/tile_f32.cpp: on any CPU with AVX2 and FMA here; by default only where AVX2
-    is the widest vector unit) on tiles whose rows and keys do not fill its 6 x 16 panels, and bf16
+    fused tile (csrc/cpu/tile_f32.cpp) at each width the CPU has (AVX2: 6 x 16 blocks; AVX-512:
+    12 x 32) on tiles whose rows and keys do not fill its panels, and bf16
     blocks multiplied by the bf16 GEMM (on any CPU here; by default only where AMX-BF16 or
     AVX512-BF16 make it fast), in a child process (each choice is made once per process): fp32 and
     bf16 inputs against the reference, and keys in two chunks equal to one call; a masked key with NaN
@@ -235,3 +243,44 @@ def test_every_scan_variant_and_the_mm_out_tile(env):
     child_env = {**os.environ, "LLP_FAST_CPU_TILE": "8,64", "OMP_NUM_THREADS": "1", **env}
     proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=child_env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+WIDTHS = """
+import sys
+import torch
+from llp_fast import _ext
+assert _ext.load() is not None
+g = torch.Generator().manual_seed(int(sys.argv[2]))
+unit = lambda n, d: torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+op = torch.ops.llp_fast.topk_scores.default
+out = []
+for q, n, d, k in [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]:
+    args = (unit(q, d), unit(n, d), k, 0.07, torch.rand(n, generator=g) * 2 - 1, torch.rand(n, generator=g) < 0.8)
+    out.append(op(*args, None, None, 0))
+torch.save(out, sys.argv[1])
+print("ok")
+"""
+
+
+@pytest.mark.skipif(len(_fused_widths()) < 2, reason="needs a CPU with both AVX2 and AVX-512")
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fused_widths_give_the_same_bits(seed, tmp_path):
+    """The fused tile's AVX2 and AVX-512 loops compute every score as the same FMA sequence over d:
+    on fresh random inputs with odd shapes (tiles of 7 x 50 and 256 x 512: partial panels, the first
+    tile stored and scanned, the rest compared in registers), both give the same values and indices,
+    bit for bit, and equal to the BLAS tile's within rounding."""
+    outs = {}
+    for width in ("avx2", "avx512", "0"):
+        for tile in ("7,50", "256,512"):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "LLP_FAST_CPU_FUSED": width, "LLP_FAST_CPU_TILE": tile}
+            path = tmp_path / f"{width}-{tile}.pt"
+            proc = subprocess.run(
+                [sys.executable, "-c", WIDTHS, str(path), str(seed)], cwd=ROOT, env=env, capture_output=True, text=True
+            )
+            assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+            outs[width, tile] = torch.load(path)
+    for tile in ("7,50", "256,512"):
+        for (v2, i2), (v5, i5), (vb, ib) in zip(outs["avx2", tile], outs["avx512", tile], outs["0", tile]):
+            assert torch.equal(v2, v5) and torch.equal(i2, i5)
+            torch.testing.assert_close(v5, vb, rtol=0, atol=1e-5)
+            assert torch.equal(i5 < 0, ib < 0)

@@ -1,22 +1,26 @@
 // Step 1 and step 2 of csrc/cpu/topk.h fused, float32, on x86-64 CPUs with AVX2 and FMA: the score
-// tile computed 6 query rows x 16 keys at a time in registers, and each such block compared with its
-// rows' thresholds before it leaves them. A block none of whose scores beats its row's threshold (once
-// a row has seen a few hundred keys, almost all of them) is never written to memory: no score tile is
-// stored and read back, which is what the BLAS tile plus a scan over it cost beyond the GEMM itself.
+// tile computed in registers, 6 query rows x 16 keys at a time (AVX2) or 12 rows x 32 keys (AVX-512:
+// two query panels by two key panels, 24 of its 32 registers accumulating), and each such block compared
+// with its rows' thresholds before it leaves them. A block none of whose scores beats its row's
+// threshold (once a row has seen a few hundred keys, almost all of them) is never written to memory:
+// no score tile is stored and read back, which is what the BLAS tile plus a scan over it cost beyond
+// the GEMM itself.
 //
 // Layout (the classic packed GEMM): a query block is packed into panels of 6 rows, [panel][d][6], a key
 // tile into panels of 16 keys, [panel][d][16] (zero rows and keys pad the last panels); the loop runs
-// over key panels, and for each over the query panels, so that the key panel (16 x D floats) stays in
-// L1 while the query block streams from L2. Every score is one sequence of FMAs over d = 0..D-1 from
-// zero, whatever the tile, the block or the position of the key: a key's score does not depend on how
-// the caller chunked the keys (topk_scores merges chunked calls exactly), as with the BLAS tile. The
-// scale and the bias are then applied as the scan applies them (a multiply and an add, each rounded).
+// over key panels (AVX-512: pairs), and for each over the query panels (AVX-512: pairs), so that the
+// key panels (16 or 32 x D floats) stay in L1 while the query block streams from L2. Every score is one
+// sequence of FMAs over d = 0..D-1 from zero, whatever the tile, the block, the position of the key or
+// the vector width: a key's score does not depend on how the caller chunked the keys (topk_scores
+// merges chunked calls exactly), and both widths give the same bits. The scale and the bias are then
+// applied as the scan applies them (a multiply and an add, each rounded).
 //
-// Only functions with a target attribute use AVX2/FMA, and fused_tile() says whether the CPU has them.
-// It is the default where AVX2 is the widest vector unit (there it outruns the BLAS tile plus the scan);
-// on CPUs with AVX-512 the BLAS tile (whose GEMM runs on 512-bit units) stays the default.
-// LLP_FAST_CPU_FUSED=1 / =0 forces it on (where the CPU has AVX2 and FMA) or off; LLP_FAST_CPU_ISA (tests
-// of one scan variant) turns it off unless LLP_FAST_CPU_FUSED=1.
+// Only functions with a target attribute use AVX2/FMA or AVX-512, and fused_tile() says whether the
+// kernel runs the fused tile at all. The default: AVX-512 where the CPU has it (its GEMM loop then
+// runs on the 512-bit units, as the BLAS does), AVX2 where that is the widest unit. LLP_FAST_CPU_FUSED=0
+// turns it off (the BLAS tile and the scan), =avx2 / =avx512 force one width (where the CPU has it),
+// any other value the widest; LLP_FAST_CPU_ISA (tests of one scan variant) turns it off unless
+// LLP_FAST_CPU_FUSED is set.
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -32,25 +36,34 @@ namespace topk {
 
 namespace {
 
-bool fused_wanted() {
+// 0 (off), 256 (AVX2) or 512 (AVX-512): the fused tile's vector width on this CPU.
+int fused_width() {
 #ifdef LLP_FAST_X86
   __builtin_cpu_init();
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("popcnt"))
-    return false;
-  if (const char* s = std::getenv("LLP_FAST_CPU_FUSED")) return std::strcmp(s, "0") != 0;
-  if (std::getenv("LLP_FAST_CPU_ISA") != nullptr) return false;  // tests of one scan variant: the scan runs
-  return !__builtin_cpu_supports("avx512f");
+    return 0;
+  const int widest = __builtin_cpu_supports("avx512f") ? 512 : 256;
+  if (const char* s = std::getenv("LLP_FAST_CPU_FUSED")) {
+    if (std::strcmp(s, "0") == 0) return 0;
+    if (std::strcmp(s, "avx2") == 0) return 256;
+    if (std::strcmp(s, "avx512") == 0) return widest == 512 ? 512 : 0;
+    return widest;
+  }
+  if (std::getenv("LLP_FAST_CPU_ISA") != nullptr) return 0;  // tests of one scan variant: the scan runs
+  return widest;
 #else
-  return false;
+  return 0;
 #endif
+}
+
+int width() {
+  static const int w = fused_width();
+  return w;
 }
 
 }  // namespace
 
-bool fused_tile() {
-  static const bool on = fused_wanted();
-  return on;
-}
+bool fused_tile() { return width() != 0; }
 
 namespace {
 
@@ -159,13 +172,141 @@ __attribute__((target("avx2,fma,popcnt"))) void blocks_avx2(const float* ap, int
   }
 }
 
+
+// The (6 * QP) x (16 * KP) dot products of QP adjacent query panels (6 * dim floats apart) and KP
+// adjacent key panels (16 * dim floats apart), into acc[KP * row + panel]; each lane the same FMA
+// sequence as micro()'s. The caller's epilogue is unrolled over the rows too, so that acc stays in
+// registers (no copy through the stack).
+template <int QP, int KP>
+__attribute__((target("avx512f"), always_inline)) inline void micro512(const float* a, const float* b, int64_t dim,
+                                                                        __m512 (&acc)[kPanelRows * QP * KP]) {
+#pragma GCC unroll 24
+  for (int i = 0; i < kPanelRows * QP * KP; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; ++d) {  // QP = KP = 2: 24 accumulators, 2 key vectors, a query lane
+    __m512 bv[KP];
+#pragma GCC unroll 4
+    for (int p = 0; p < KP; ++p) bv[p] = _mm512_loadu_ps(b + p * kPanelKeys * dim + kPanelKeys * d);
+#pragma GCC unroll 12
+    for (int i = 0; i < kPanelRows * QP; ++i) {
+      const __m512 x = _mm512_set1_ps(a[(i / kPanelRows) * kPanelRows * dim + kPanelRows * d + i % kPanelRows]);
+#pragma GCC unroll 4
+      for (int p = 0; p < KP; ++p) acc[KP * i + p] = _mm512_fmadd_ps(x, bv[p], acc[KP * i + p]);
+    }
+  }
+}
+
+// One group of KP key panels (keys j0 .. j0 + w) against the query rows [r0, r0 + h), h <= 6 * QP:
+// blocks_avx2's work for them.
+template <int QP, int KP, bool kStore>
+__attribute__((target("avx512f,avx2,popcnt"), always_inline)) inline void block512(
+    const float* ap, int64_t r0, int64_t h, const float* b, int64_t j0, int64_t w, int64_t dim, float* s,
+    int64_t lds, const __m512 (&bv)[KP], __m512 vt, uint32_t base, const TileRows* rows) {
+  constexpr int64_t kKeys = kPanelKeys * KP;
+  __m512 c[kPanelRows * QP * KP];
+  micro512<QP, KP>(ap + r0 * dim, b, dim, c);
+#pragma GCC unroll 12
+  for (int i = 0; i < kPanelRows * QP; ++i) {
+    if (i >= h) break;
+    if constexpr (kStore) {
+      float* o = s + (r0 + i) * lds + j0;
+      if (w == kKeys) {
+#pragma GCC unroll 4
+        for (int p = 0; p < KP; ++p) _mm512_storeu_ps(o + kPanelKeys * p, c[KP * i + p]);
+      } else {
+        alignas(64) float part[kKeys];
+#pragma GCC unroll 4
+        for (int p = 0; p < KP; ++p) _mm512_store_ps(part + kPanelKeys * p, c[KP * i + p]);
+        std::memcpy(o, part, static_cast<size_t>(w) * sizeof(float));
+      }
+    } else {
+      const int64_t r = r0 + i;
+      __m512 x[KP];
+      __mmask16 m[KP];
+      __m512 t = _mm512_set1_ps(rows->thr[r]);
+      unsigned any = 0;
+#pragma GCC unroll 4
+      for (int p = 0; p < KP; ++p) {  // the scan's scores: scaled, then biased, each rounded (no FMA)
+        x[p] = _mm512_add_ps(_mm512_mul_ps(c[KP * i + p], vt), bv[p]);
+        m[p] = _mm512_cmp_ps_mask(x[p], t, _CMP_GT_OQ);
+        any |= m[p];
+      }
+      if (any == 0) continue;
+      if (rows->cap - rows->count[r] < kRoom) {  // cut the row's buffer; its threshold rises
+        rows->make_room(rows->owner, r);
+        t = _mm512_set1_ps(rows->thr[r]);
+#pragma GCC unroll 4
+        for (int p = 0; p < KP; ++p) m[p] = _mm512_cmp_ps_mask(x[p], t, _CMP_GT_OQ);
+      }
+      float* v = rows->vals + r * rows->cap;
+      uint32_t* ix = rows->idx + r * rows->cap;
+      int64_t n = rows->count[r];
+      // Each panel's passing lanes packed to the front and written whole (16 slots: kRoom covers the
+      // 16 * KP appended plus the last write's overhang), in key order.
+      const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma GCC unroll 4
+      for (int p = 0; p < KP; ++p) {
+        if (m[p] == 0) continue;
+        const __m512i id = _mm512_add_epi32(
+            _mm512_set1_epi32(static_cast<int>(base + static_cast<uint32_t>(j0 + kPanelKeys * p))), lane);
+        _mm512_storeu_ps(v + n, _mm512_maskz_compress_ps(m[p], x[p]));
+        _mm512_storeu_si512(ix + n, _mm512_maskz_compress_epi32(m[p], id));
+        n += __builtin_popcount(static_cast<unsigned>(m[p]));
+      }
+      rows->count[r] = n;
+    }
+  }
+}
+
+// Keys j0 .. j0 + w (KP panels) against every query row: two query panels at a time, one for the last.
+template <int KP, bool kStore>
+__attribute__((target("avx512f,avx2,popcnt"))) void group512(const float* ap, int64_t nr, const float* b,
+                                                            int64_t j0, int64_t w, int64_t dim, float* s,
+                                                            int64_t lds, const float* bias, float inv_tau,
+                                                            uint32_t base, const TileRows* rows) {
+  constexpr int64_t kKeys = kPanelKeys * KP;
+  __m512 bv[KP] = {};
+  if constexpr (!kStore) {
+    alignas(64) float part[kKeys];
+    const float* pb = bias + j0;
+    if (w < kKeys) {  // the missing keys' bias -inf: never a candidate
+      std::fill(part, part + kKeys, -kInf);
+      std::copy(bias + j0, bias + j0 + w, part);
+      pb = part;
+    }
+    for (int p = 0; p < KP; ++p) bv[p] = _mm512_loadu_ps(pb + kPanelKeys * p);
+  }
+  const __m512 vt = _mm512_set1_ps(inv_tau);
+  int64_t r0 = 0;
+  for (; r0 + kPanelRows < nr; r0 += 2 * kPanelRows)
+    block512<2, KP, kStore>(ap, r0, std::min(2 * kPanelRows, nr - r0), b, j0, w, dim, s, lds, bv, vt, base, rows);
+  if (r0 < nr) block512<1, KP, kStore>(ap, r0, nr - r0, b, j0, w, dim, s, lds, bv, vt, base, rows);
+}
+
+template <bool kStore>
+void blocks_avx512(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds,
+                   const float* bias, float inv_tau, uint32_t base, const TileRows* rows) {
+  constexpr int64_t kGroup = 2 * kPanelKeys;
+  static_assert(kGroup <= kRoom, "a group's appends (the last written 16 lanes whole) overrun kRoom");
+  for (int64_t j0 = 0; j0 < nc; j0 += kGroup) {
+    const int64_t w = std::min(kGroup, nc - j0);
+    const float* b = bp + j0 * dim;
+    if (w > kPanelKeys)
+      group512<2, kStore>(ap, nr, b, j0, w, dim, s, lds, bias, inv_tau, base, rows);
+    else
+      group512<1, kStore>(ap, nr, b, j0, w, dim, s, lds, bias, inv_tau, base, rows);
+  }
+}
+
 }  // namespace
 #endif  // LLP_FAST_X86
 
 void tile_store(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds) {
 #ifdef LLP_FAST_X86
   TORCH_CHECK(fused_tile(), "tile_store: this CPU has no AVX2 and FMA");
-  blocks_avx2<true>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
+  if (width() == 512)
+    blocks_avx512<true>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
+  else
+    blocks_avx2<true>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
 #else
   (void)ap, (void)nr, (void)bp, (void)nc, (void)dim, (void)s, (void)lds;
   TORCH_CHECK(false, "tile_store: not an x86-64 build");
@@ -176,7 +317,10 @@ void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64
                  float inv_tau, uint32_t base, const TileRows& rows) {
 #ifdef LLP_FAST_X86
   TORCH_CHECK(fused_tile(), "tile_select: this CPU has no AVX2 and FMA");
-  blocks_avx2<false>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+  if (width() == 512)
+    blocks_avx512<false>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+  else
+    blocks_avx2<false>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
 #else
   (void)ap, (void)nr, (void)bp, (void)nc, (void)dim, (void)bias, (void)inv_tau, (void)base, (void)rows;
   TORCH_CHECK(false, "tile_select: not an x86-64 build");

@@ -18,8 +18,8 @@
 //      hundred keys the threshold rejects almost every block. This pass is compiled for AVX-512, AVX2
 //      and baseline x86-64 and chosen once by the CPU's features (csrc/cpu/scan_f32.cpp; never
 //      -march=native).
-//   1+2. float32 on CPUs whose widest vector unit is AVX2 (with FMA): steps 1 and 2 fused
-//      (csrc/cpu/tile_f32.cpp): 6 query rows x 16 keys of scores at a time in registers, from
+//   1+2. float32 on CPUs with AVX2 and FMA: steps 1 and 2 fused (csrc/cpu/tile_f32.cpp): 6 query
+//      rows x 16 keys (AVX2) or 12 x 32 (AVX-512) of scores at a time in registers, from
 //      packed blocks (the keys once per call when they take at most 32 MB), compared with their
 //      rows' thresholds before they leave the registers; a score tile is written whole (and
 //      scanned as in step 2) only for a first key tile that the threshold's start reads (step 3)
@@ -135,9 +135,10 @@ using GroupsF32 = void (*)(const float* s, const float* bias, int64_t n, float i
 GroupsF32 groups_f32();
 
 // Steps 1 and 2 fused, float32, on CPUs with AVX2 and FMA (csrc/cpu/tile_f32.cpp): the tile's scores
-// are computed 6 query rows x 16 keys at a time in registers from packed blocks and, in tile_select,
-// compared with the rows' thresholds there, only candidates written out. fused_tile() says whether the
-// kernel uses it (the default where AVX2 is the widest vector unit; LLP_FAST_CPU_FUSED=1/0 forces).
+// are computed 6 query rows x 16 keys (AVX2) or 12 rows x 32 keys (AVX-512) at a time in registers
+// from packed blocks and, in tile_select, compared with the rows' thresholds there, only candidates
+// written out. fused_tile() says whether the kernel uses it (the default on such CPUs;
+// LLP_FAST_CPU_FUSED=0 turns it off, =avx2 / =avx512 force a width).
 constexpr int64_t kPanelRows = 6;
 constexpr int64_t kPanelKeys = 16;
 inline int64_t panel_rows(int64_t n) { return (n + kPanelRows - 1) / kPanelRows * kPanelRows; }
