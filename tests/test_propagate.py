@@ -312,3 +312,24 @@ def test_vote_in_chunks_of_rows_is_the_vote_at_once(num_classes, k, monkeypatch)
     chunked = vote(values, classes, num_classes), _topk.class_shares(values, classes, num_classes, 3)
     for a, b in zip(whole, chunked):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("ks", [7, (3, 40, 9)])
+def test_blocks_of_query_rows_equal_one_selection(ks, monkeypatch):
+    """On a CPU a large Q x K selection runs in blocks of query rows (each block's outputs memory the
+    allocator reuses): shrunk to a few thousand entries, so that 5,000 queries run in 2,048-row
+    blocks and a short last one, the labels and confidences equal those of one selection, for one K
+    and for several."""
+    import importlib
+
+    module = importlib.import_module("llp_fast.ops.propagate")
+
+    queries, labeled, classes, log_rho = _inputs(5000, 300, 12, 5)
+    whole = llp_fast.propagate(queries, labeled, classes, log_rho, k=ks, num_classes=5)
+    monkeypatch.setattr(module, "_CPU_ENTRIES", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert [(b.start, b.stop) for b in module._row_blocks(queries, 40)] == [(0, 2048), (2048, 4096), (4096, 6144)]
+    blocks = llp_fast.propagate(queries, labeled, classes, log_rho, k=ks, num_classes=5)
+    pairs = [(whole, blocks)] if isinstance(ks, int) else list(zip(whole, blocks))
+    for (a_labels, a_conf), (b_labels, b_conf) in pairs:
+        assert torch.equal(a_labels, b_labels) and torch.equal(a_conf, b_conf)

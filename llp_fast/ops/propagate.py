@@ -30,6 +30,24 @@ def _select(queries, labeled, log_rho, k: int, tau: float):
     return values, indices
 
 
+# On a CPU, a selection of more than this many (query, neighbour) entries runs in blocks of query
+# rows, each block selected and voted before the next: a block's (rows, K) values and indices (at
+# most 12 MB + 24 MB, under glibc's 32 MB limit for reusing freed memory) then come back from the
+# allocator, where one (Q, K) pair is fresh pages every call (Q = 20,000, K = 1000, one thread:
+# about a tenth of the call, `bench/bench_propagate.py --shapes ksweep`). A block keeps at least
+# 1024 rows a thread, so every thread still gets several 256-row tiles. A GPU's caching allocator
+# reuses memory anyway: one selection there.
+_CPU_ENTRIES = 3 << 20
+
+
+def _row_blocks(queries: torch.Tensor, k: int) -> list[slice]:
+    q = queries.shape[0]
+    if queries.device.type != "cpu" or q * k <= _CPU_ENTRIES:
+        return [slice(0, q)]
+    rows = max(-(-_CPU_ENTRIES // k), 1024 * torch.get_num_threads())
+    return [slice(r, r + rows) for r in range(0, q, rows)]
+
+
 def _propagate_default(
     queries: torch.Tensor,
     labeled: torch.Tensor,
@@ -39,9 +57,8 @@ def _propagate_default(
     tau: float,
     num_classes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    values, indices = _select(queries, labeled, log_rho, k, tau)
-    labels, conf = vote(values, indices, num_classes, table=labeled_classes)
-    return labels, conf.to(out_float_dtype(queries, labeled))
+    (labels, conf), *_ = _several(queries, labeled, labeled_classes, log_rho, (k,), tau, num_classes)
+    return labels, conf
 
 
 # One body for every device: the selection dispatches to topk_scores' kernel for the device.
@@ -60,13 +77,16 @@ def _(queries, labeled, labeled_classes, log_rho, k, tau, num_classes):
 def _several(queries, labeled, labeled_classes, log_rho, ks: tuple[int, ...], tau: float, num_classes: int):
     """One selection of the largest K; each K votes with the first K of it (the selection is sorted,
     so its first K are the top K, ties included, as a call with that K selects them)."""
-    values, indices = _select(queries, labeled, log_rho, max(ks), tau)
     dtype = out_float_dtype(queries, labeled)
-    out = []
-    for k in ks:
-        labels, conf = vote(values[:, :k], indices[:, :k], num_classes, table=labeled_classes)
-        out.append((labels, conf.to(dtype)))
-    return out
+    blocks = _row_blocks(queries, max(ks))
+    out = [[] for _ in ks]
+    for rows in blocks:
+        values, indices = _select(queries[rows], labeled, log_rho, max(ks), tau)
+        for j, k in enumerate(ks):
+            out[j].append(vote(values[:, :k], indices[:, :k], num_classes, table=labeled_classes))
+    if len(blocks) == 1:
+        return [(labels, conf.to(dtype)) for ((labels, conf),) in out]
+    return [(torch.cat([b[0] for b in per_k]), torch.cat([b[1] for b in per_k]).to(dtype)) for per_k in out]
 
 
 def neighbours(queries, labeled, log_rho=None, *, k: int, tau: float = 0.07, init=None, index_offset: int = 0):
