@@ -302,12 +302,17 @@ _TILE: dict = {}
 
 def gemm_tile(queries: torch.Tensor, keys: torch.Tensor, tau: float = 1.0):
     """The GEMM-rate floor of the fused CPU kernel: one 256 x 512 x D score tile's ``torch.mm``
-    (the tile the kernel multiplies, csrc/cpu/topk.h), repeated for as many multiply-adds as the
-    whole (Q, M) problem holds. Its time is the problem's time at that tile's GEMM rate."""
-    d = queries.shape[1]
-    if d not in _TILE:
-        _TILE[d] = (torch.randn(256, d), torch.randn(512, d), torch.empty(256, 512))
-    a, b, c = _TILE[d]
+    (the tile the kernel multiplies, csrc/cpu/topk.h) in the queries' dtype (bf16 runs MKL's bf16
+    GEMM, on AMX where the CPU has it), repeated for as many multiply-adds as the whole (Q, M)
+    problem holds. Its time is the problem's time at that tile's GEMM rate."""
+    d, dtype = queries.shape[1], queries.dtype
+    if (d, dtype) not in _TILE:
+        _TILE[d, dtype] = (
+            torch.randn(256, d).to(dtype),
+            torch.randn(512, d).to(dtype),
+            torch.empty(256, 512, dtype=dtype),
+        )
+    a, b, c = _TILE[d, dtype]
     for _ in range(max(1, round(queries.shape[0] * keys.shape[0] / (256 * 512)))):
         torch.mm(a, b.T, out=c)
     return c
