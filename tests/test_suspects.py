@@ -51,7 +51,9 @@ def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8,
     k = min(k, v - 1)
     w = np.zeros((v, v))
     if k > 0:
-        s = xn @ xn.T / tau
+        # einsum: the same summation order for every pair, so equal rows tie exactly (a BLAS matmul may
+        # sum the last columns in another order: 2e-15 apart on an AVX-512 MKL, and ties broken wrongly)
+        s = np.einsum("id,jd->ij", xn, xn) / tau
         for i in range(v):
             others = [j for j in np.argsort(-s[i], kind="stable") if j != i][:k]
             w[i, others] = np.exp(s[i, others] - 1.0 / tau)
