@@ -257,6 +257,13 @@ out = []
 for q, n, d, k in [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]:
     args = (unit(q, d), unit(n, d), k, 0.07, torch.rand(n, generator=g) * 2 - 1, torch.rand(n, generator=g) < 0.8)
     out.append(op(*args, None, None, 0))
+# Scores that rise with the key index: every block of every row appends and the buffers are cut again
+# and again, at small and large K.
+e = unit(1, 16)
+ramp = torch.linspace(0, 1, 3000)[:, None]
+keys = torch.nn.functional.normalize(ramp * e + (1 - ramp) * unit(3000, 16) * 0.3, dim=1)
+for k in (10, 150, 1000):
+    out.append(op(unit(23, 16) * 0.2 + e, keys, k, 0.07, None, None, None, None, 0))
 torch.save(out, sys.argv[1])
 print("ok")
 """
@@ -268,7 +275,8 @@ def test_fused_widths_give_the_same_bits(seed, tmp_path):
     """The fused tile's AVX2 and AVX-512 loops compute every score as the same FMA sequence over d:
     on fresh random inputs with odd shapes (tiles of 7 x 50 and 256 x 512: partial panels, the first
     tile stored and scanned, the rest compared in registers), both give the same values and indices,
-    bit for bit, and equal to the BLAS tile's within rounding."""
+    bit for bit, and equal to the BLAS tile's within rounding; also with scores that rise with the
+    key index (every block appends, the buffers cut again and again)."""
     outs = {}
     for width in ("avx2", "avx512", "0"):
         for tile in ("7,50", "256,512"):
@@ -284,3 +292,18 @@ def test_fused_widths_give_the_same_bits(seed, tmp_path):
             assert torch.equal(v2, v5) and torch.equal(i2, i5)
             torch.testing.assert_close(v5, vb, rtol=0, atol=1e-5)
             assert torch.equal(i5 < 0, ib < 0)
+
+
+@pytest.mark.parametrize("value", ["yes", "avx1024"])
+def test_fused_setting_names_a_width(value):
+    """LLP_FAST_CPU_FUSED set to something that names no width is an error naming the variable, not
+    a silent choice."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLP_FAST_CPU_FUSED": value}
+    code = (
+        "import torch; from llp_fast import _ext; _ext.load(); x = torch.randn(300, 8); "
+        "torch.ops.llp_fast.topk_scores.default(x, x, 3, 0.07, None, None, None, None, 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "LLP_FAST_CPU_FUSED must be 0, 1, avx2 or avx512" in proc.stderr, proc.stderr[
+        -2000:
+    ]

@@ -18,8 +18,8 @@
 // Only functions with a target attribute use AVX2/FMA or AVX-512, and fused_tile() says whether the
 // kernel runs the fused tile at all. The default: AVX-512 where the CPU has it (its GEMM loop then
 // runs on the 512-bit units, as the BLAS does), AVX2 where that is the widest unit. LLP_FAST_CPU_FUSED=0
-// turns it off (the BLAS tile and the scan), =avx2 / =avx512 force one width (where the CPU has it),
-// any other value the widest; LLP_FAST_CPU_ISA (tests of one scan variant) turns it off unless
+// turns it off (the BLAS tile and the scan), =avx2 / =avx512 force one width (an error where the CPU
+// lacks it), =1 the widest; LLP_FAST_CPU_ISA (tests of one scan variant) turns it off unless
 // LLP_FAST_CPU_FUSED is set.
 #include <c10/util/Exception.h>
 
@@ -36,22 +36,34 @@ namespace topk {
 
 namespace {
 
-// 0 (off), 256 (AVX2) or 512 (AVX-512): the fused tile's vector width on this CPU.
+// 0 (off), 256 (AVX2) or 512 (AVX-512): the fused tile's vector width on this CPU. A width asked for
+// by name that the CPU lacks, or a value that names none, is an error (a benchmark or test that asks
+// for avx512 must not silently measure the BLAS tile).
 int fused_width() {
 #ifdef LLP_FAST_X86
   __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("popcnt"))
-    return 0;
-  const int widest = __builtin_cpu_supports("avx512f") ? 512 : 256;
+  const bool avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+  const int widest = !avx2 ? 0 : __builtin_cpu_supports("avx512f") ? 512 : 256;
   if (const char* s = std::getenv("LLP_FAST_CPU_FUSED")) {
     if (std::strcmp(s, "0") == 0) return 0;
-    if (std::strcmp(s, "avx2") == 0) return 256;
-    if (std::strcmp(s, "avx512") == 0) return widest == 512 ? 512 : 0;
-    return widest;
+    if (std::strcmp(s, "1") == 0) return widest;
+    if (std::strcmp(s, "avx2") == 0) {
+      TORCH_CHECK(avx2, "LLP_FAST_CPU_FUSED=avx2: this CPU has no AVX2 and FMA");
+      return 256;
+    }
+    if (std::strcmp(s, "avx512") == 0) {
+      TORCH_CHECK(widest == 512, "LLP_FAST_CPU_FUSED=avx512: this CPU has no AVX-512");
+      return 512;
+    }
+    TORCH_CHECK(false, "LLP_FAST_CPU_FUSED must be 0, 1, avx2 or avx512, got '", s, "'");
   }
   if (std::getenv("LLP_FAST_CPU_ISA") != nullptr) return 0;  // tests of one scan variant: the scan runs
   return widest;
 #else
+  if (const char* s = std::getenv("LLP_FAST_CPU_FUSED"))
+    TORCH_CHECK(std::strcmp(s, "0") == 0 || std::strcmp(s, "1") == 0,
+                "LLP_FAST_CPU_FUSED=", s, ": not an x86-64 build (0 or 1 only)");
   return 0;
 #endif
 }

@@ -36,7 +36,8 @@ def _select(queries, labeled, log_rho, k: int, tau: float):
 # allocator, where one (Q, K) pair is fresh pages every call (Q = 20,000, K = 1000, one thread:
 # about a tenth of the call, `bench/bench_propagate.py --shapes ksweep`). A block keeps at least
 # 1024 rows a thread, so every thread still gets several 256-row tiles. A GPU's caching allocator
-# reuses memory anyway: one selection there.
+# reuses memory anyway: one selection there. (From about 8 threads at K = 1000 the 1024-row floor
+# takes a block past 32 MB: fresh pages again, as one selection would have.)
 _CPU_ENTRIES = 3 << 20
 
 
@@ -84,6 +85,7 @@ def _several(queries, labeled, labeled_classes, log_rho, ks: tuple[int, ...], ta
         values, indices = _select(queries[rows], labeled, log_rho, max(ks), tau)
         for j, k in enumerate(ks):
             out[j].append(vote(values[:, :k], indices[:, :k], num_classes, table=labeled_classes))
+        del values, indices  # freed before the next block's selection allocates its own
     if len(blocks) == 1:
         return [(labels, conf.to(dtype)) for ((labels, conf),) in out]
     return [(torch.cat([b[0] for b in per_k]), torch.cat([b[1] for b in per_k]).to(dtype)) for per_k in out]
