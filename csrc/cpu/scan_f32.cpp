@@ -248,11 +248,85 @@ __attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const float* s, co
   return std::min(j, n);
 }
 
+// The k-th largest of a small buffer (n <= 64, k <= n, no NaN) without a branch on the data: the
+// values in four registers, each lane counts the values above its own (one compare and one masked add
+// per value); the k-th largest is the smallest value with fewer than k above it. *larger: how many are
+// above that one.
+__attribute__((target("avx512f,popcnt"))) float kth_avx512(const float* v, int64_t n, int64_t k, int64_t* larger) {
+  const __m512 ninf = _mm512_set1_ps(-kInf);
+  const __m512i one = _mm512_set1_epi32(1);
+  const int nq = static_cast<int>((n + 15) / 16);
+  __m512 x[4];
+  __m512i above[4];
+  __mmask16 live[4];
+  for (int q = 0; q < 4; ++q) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * q));
+    live[q] = static_cast<__mmask16>((1u << left) - 1u);
+    x[q] = _mm512_mask_loadu_ps(ninf, live[q], v + 16 * q);
+    above[q] = _mm512_setzero_si512();
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const __m512 b = _mm512_set1_ps(v[j]);
+    for (int q = 0; q < nq; ++q)  // lanes whose value v[j] exceeds
+      above[q] = _mm512_mask_add_epi32(above[q], _mm512_cmp_ps_mask(b, x[q], _CMP_GT_OQ), above[q], one);
+  }
+  const __m512i vk = _mm512_set1_epi32(static_cast<int>(k));
+  __m512 best = _mm512_set1_ps(kInf);
+  for (int q = 0; q < nq; ++q) {
+    const __mmask16 top = _mm512_mask_cmplt_epi32_mask(live[q], above[q], vk);
+    best = _mm512_mask_min_ps(best, top, best, x[q]);
+  }
+  const float kth = _mm512_reduce_min_ps(best);
+  int64_t more = 0;
+  const __m512 vkth = _mm512_set1_ps(kth);
+  for (int q = 0; q < nq; ++q)
+    more += __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(x[q], vkth, _CMP_GT_OQ)));
+  *larger = kth == kInf ? -1 : more;  // none with fewer than k above (cannot happen without NaN)
+  return kth;
+}
+
+// A bounded row's cut (csrc/cpu/topk.h, RowsF32::cut) for n <= 64 candidates: the k-th best by
+// kth_avx512, then those above it and the first (k - larger) equal to it, in key order, compressed to
+// the front of the buffer. Returns the k-th best's value in *kth and true, or false (nothing done).
+__attribute__((target("avx512f,popcnt"))) bool cut_avx512(float* v, uint32_t* ix, int64_t n, int64_t k, float* kth) {
+  int64_t larger = -1;
+  const float t = kth_avx512(v, n, k, &larger);
+  if (larger < 0) return false;
+  const __m512 vt = _mm512_set1_ps(t);
+  __m512 x[4];
+  __m512i id[4];
+  uint64_t keep = 0, eq = 0;
+  const int nq = static_cast<int>((n + 15) / 16);
+  for (int q = 0; q < nq; ++q) {
+    const int64_t left = std::min<int64_t>(16, n - 16 * q);
+    const __mmask16 live = static_cast<__mmask16>((1u << left) - 1u);
+    x[q] = _mm512_maskz_loadu_ps(live, v + 16 * q);
+    id[q] = _mm512_maskz_loadu_epi32(live, ix + 16 * q);
+    keep |= static_cast<uint64_t>(_mm512_mask_cmp_ps_mask(live, x[q], vt, _CMP_GT_OQ)) << (16 * q);
+    eq |= static_cast<uint64_t>(_mm512_mask_cmp_ps_mask(live, x[q], vt, _CMP_EQ_OQ)) << (16 * q);
+  }
+  for (int64_t need = k - larger; need > 0 && eq != 0; --need) {  // the first equal ones, in key order
+    keep |= eq & (~eq + 1);
+    eq &= eq - 1;
+  }
+  int64_t w = 0;
+  for (int q = 0; q < nq; ++q) {  // in place: the write position never passes the vector read
+    const __mmask16 m = static_cast<__mmask16>(keep >> (16 * q));
+    _mm512_mask_compressstoreu_ps(v + w, m, x[q]);
+    _mm512_mask_compressstoreu_epi32(ix + w, m, id[q]);
+    w += __builtin_popcount(static_cast<unsigned>(m));
+  }
+  *kth = t;
+  return true;
+}
+
 #endif  // LLP_FAST_X86
 
 struct Choice {
   ScanF32 fn = scan_generic;
   GroupsF32 groups = groups_generic;
+  KthF32 kth = nullptr;
+  CutF32 cut = nullptr;
   const char* isa = "baseline";
   Choice() {
     const char* want = std::getenv("LLP_FAST_CPU_ISA");  // tests: force a variant this CPU has
@@ -263,6 +337,8 @@ struct Choice {
       fn = scan_avx512;
       groups = groups_avx2;
       isa = "avx512";
+      kth = kth_avx512;
+      cut = cut_avx512;
     } else if (allowed("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) {
       fn = scan_avx2;
       groups = groups_avx2;
@@ -283,6 +359,8 @@ const Choice& choice() {
 
 ScanF32 scan_f32() { return choice().fn; }
 GroupsF32 groups_f32() { return choice().groups; }
+KthF32 kth_f32() { return choice().kth; }
+CutF32 cut_f32() { return choice().cut; }
 const char* scan_f32_isa() { return choice().isa; }
 
 }  // namespace topk

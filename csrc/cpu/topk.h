@@ -133,6 +133,15 @@ const char* scan_f32_isa();
 constexpr int64_t kGroups = 32;
 using GroupsF32 = void (*)(const float* s, const float* bias, int64_t n, float inv_tau, float* g);
 GroupsF32 groups_f32();
+// The k-th largest of n <= kSmallCut values (k <= n, no NaN) and how many are larger (-1: not found),
+// where the scan runs AVX-512 (csrc/cpu/scan_f32.cpp); nullptr elsewhere.
+constexpr int64_t kSmallCut = 64;
+using KthF32 = float (*)(const float* v, int64_t n, int64_t k, int64_t* larger);
+KthF32 kth_f32();
+// RowsF32::cut for n <= kSmallCut candidates in (v, ix): keeps the k best (ties: the first in key order)
+// at the front, in key order, and sets *kth to the k-th best's value; false where it did nothing.
+using CutF32 = bool (*)(float* v, uint32_t* ix, int64_t n, int64_t k, float* kth);
+CutF32 cut_f32();
 
 // Steps 1 and 2 fused, float32, on CPUs with AVX2 and FMA (csrc/cpu/tile_f32.cpp): the tile's scores
 // are computed 6 query rows x 16 keys (AVX2) or 12 rows x 32 keys (AVX-512) at a time in registers
@@ -292,6 +301,8 @@ struct RowsF32 {
   std::vector<float> sample;  // estimate()'s scores of the first key tile
   ScanF32 scan = scan_f32();
   GroupsF32 groups = groups_f32();
+  KthF32 kth_small = kth_f32();
+  CutF32 cut_small = cut_f32();
 
   std::vector<char> soft;  // the row's threshold is an estimate (see estimate), checked at the end
 
@@ -367,9 +378,15 @@ struct RowsF32 {
   // beat 16, 64 and 128 (more groups: a tighter bound that costs more than it saves; an exact k-th
   // best of the tile, more still), and K above 16 gained nothing.
   // The k-th largest of the kGroups maxima: the g[i] with fewer than k maxima above it and at least k
-  // at or above it, by counting (branch-free compares the compiler vectorises; std::nth_element on
-  // 32 floats cost about 400 ns a row); std::nth_element where a NaN leaves no such g[i].
+  // at or above it, by counting (kth_small where the CPU has AVX-512, else branch-free compares the
+  // compiler vectorises; std::nth_element on 32 floats cost about 400 ns a row); std::nth_element
+  // where a NaN leaves no such g[i].
   float kth_group(float* g) const {
+    int64_t larger = -1;
+    if (kth_small != nullptr) {
+      const float x = kth_small(g, kGroups, k, &larger);
+      if (larger >= 0) return x;
+    }
     for (int64_t i = 0; i < kGroups; ++i) {
       int32_t above = 0, reach = 0;
       for (int64_t j = 0; j < kGroups; ++j) {
@@ -416,6 +433,19 @@ struct RowsF32 {
     }
     count[r] = k;
     thr[r] = std::max(floor[r], value_of(kth));
+  }
+
+  // The cut of a bounded row after each tile (K <= 16: a few dozen candidates): exact_shrink's cut in
+  // registers where the CPU has AVX-512 (cut_small: the k-th best by counting, the kept candidates
+  // compressed to the front), else shrink.
+  void cut(int64_t r) {
+    const int64_t n = count[r];
+    if (n <= k) return;
+    float kth = 0.0f;
+    if (cut_small == nullptr || n > kSmallCut || !cut_small(vals.data() + r * cap, idx.data() + r * cap, n, k, &kth))
+      return shrink(r);
+    count[r] = k;
+    thr[r] = std::max(floor[r], kth);
   }
 
   // Row r's candidates spread over value buckets (Buckets::fit over them): each one's bucket in bid,
@@ -623,6 +653,7 @@ struct RowsF64 {
   void estimate(int64_t, const double*, const double*, int64_t, double, int64_t) {}  // float32 only
   void bound(int64_t, const double*, const double*, int64_t, double) {}
   bool failed(int64_t) const { return false; }
+  void cut(int64_t r) { shrink(r); }
 
   void shrink(int64_t r) {
     if (count[r] <= k) return;
@@ -826,7 +857,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
           if (bounded)
             for (int64_t i = 0; i < n_rows; ++i) {
               const int64_t r = all ? i : redo[i];
-              if (top.count[r] >= 2 * k) top.shrink(r);
+              if (top.count[r] >= 2 * k) top.cut(r);
             }
         }
       };
