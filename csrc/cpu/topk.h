@@ -28,7 +28,8 @@
 //      it is cut (float32: to the buckets down to the k-th best, scores spread over the buckets by
 //      value; an exact radix select when they cluster) and the threshold rises to the smallest score
 //      kept. For k <= 16 against more than one key tile the threshold starts at an exact lower bound
-//      from the first key tile (RowsF32::bound) and the buffer is cut after every tile; for k >= 32
+//      from the first key tile (RowsF32::bound) and the buffer is cut after every tile (RowsF32::cut;
+//      both in registers where the scan runs AVX-512, csrc/cpu/scan_f32.cpp); for k >= 32
 //      against at least 4 key tiles it starts from an estimate, about the m-th best score of the
 //      first key tile (RowsF32::estimate), checked at the end: a row that kept fewer than k
 //      candidates above it runs again without one;
