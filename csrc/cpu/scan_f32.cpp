@@ -248,6 +248,13 @@ __attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const float* s, co
   return std::min(j, n);
 }
 
+// The lanes of register q (values 16q .. 16q + 15) that hold one of n values: kth_avx512's and
+// cut_avx512's masked loads.
+inline __mmask16 live_lanes(int64_t n, int q) {
+  const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * q));
+  return static_cast<__mmask16>((1u << left) - 1u);
+}
+
 // The k-th largest of a small buffer (n <= 64, k <= n, no NaN) without a branch on the data: the
 // values in four registers, each lane counts the values above its own (one compare and one masked add
 // per value); the k-th largest is the smallest value with fewer than k above it. *larger: how many are
@@ -260,8 +267,7 @@ __attribute__((target("avx512f,popcnt"))) float kth_avx512(const float* v, int64
   __m512i above[4];
   __mmask16 live[4];
   for (int q = 0; q < 4; ++q) {
-    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * q));
-    live[q] = static_cast<__mmask16>((1u << left) - 1u);
+    live[q] = live_lanes(n, q);
     x[q] = _mm512_mask_loadu_ps(ninf, live[q], v + 16 * q);
     above[q] = _mm512_setzero_si512();
   }
@@ -298,8 +304,7 @@ __attribute__((target("avx512f,popcnt"))) bool cut_avx512(float* v, uint32_t* ix
   uint64_t keep = 0, eq = 0;
   const int nq = static_cast<int>((n + 15) / 16);
   for (int q = 0; q < nq; ++q) {
-    const int64_t left = std::min<int64_t>(16, n - 16 * q);
-    const __mmask16 live = static_cast<__mmask16>((1u << left) - 1u);
+    const __mmask16 live = live_lanes(n, q);
     x[q] = _mm512_maskz_loadu_ps(live, v + 16 * q);
     id[q] = _mm512_maskz_loadu_epi32(live, ix + 16 * q);
     keep |= static_cast<uint64_t>(_mm512_mask_cmp_ps_mask(live, x[q], vt, _CMP_GT_OQ)) << (16 * q);

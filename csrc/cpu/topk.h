@@ -369,15 +369,6 @@ struct RowsF32 {
 
   bool failed(int64_t r) const { return soft[r] && count[r] < k; }
 
-  // Small k (at most kGroups / 2) against several key tiles: a lower bound on row r's k-th best score,
-  // from the first tile's s[0, n). The scores fall into kGroups groups (key j in group j mod kGroups);
-  // the k-th largest of the groups' maxima is reached by k different keys, so the row's k-th best is at
-  // least that, a score below it never matters, and the threshold starts just below it (a score equal
-  // to it still enters: key order decides among equals). Exact, unlike estimate(): no row runs again;
-  // and cheap, one vectorised max pass. Without it a row appends its first 2k + 200 keys and cuts them
-  // before its threshold leaves the floor. Measured (K = 10 to 31, one thread, AMD EPYC): 32 groups
-  // beat 16, 64 and 128 (more groups: a tighter bound that costs more than it saves; an exact k-th
-  // best of the tile, more still), and K above 16 gained nothing.
   // The k-th largest of the kGroups maxima: the g[i] with fewer than k maxima above it and at least k
   // at or above it, by counting (kth_small where the CPU has AVX-512, else branch-free compares the
   // compiler vectorises; std::nth_element on 32 floats cost about 400 ns a row); std::nth_element
@@ -400,6 +391,15 @@ struct RowsF32 {
     return g[k - 1];
   }
 
+  // Small k (at most kGroups / 2) against several key tiles: a lower bound on row r's k-th best score,
+  // from the first tile's s[0, n). The scores fall into kGroups groups (key j in group j mod kGroups);
+  // the k-th largest of the groups' maxima is reached by k different keys, so the row's k-th best is at
+  // least that, a score below it never matters, and the threshold starts just below it (a score equal
+  // to it still enters: key order decides among equals). Exact, unlike estimate(): no row runs again;
+  // and cheap, one vectorised max pass. Without it a row appends its first 2k + 200 keys and cuts them
+  // before its threshold leaves the floor. Measured (K = 10 to 31, one thread, AMD EPYC): 32 groups
+  // beat 16, 64 and 128 (more groups: a tighter bound that costs more than it saves; an exact k-th
+  // best of the tile, more still), and K above 16 gained nothing.
   void bound(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau) {
     float g[kGroups];
     std::fill(g, g + kGroups, -kInf);
