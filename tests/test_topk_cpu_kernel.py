@@ -92,6 +92,23 @@ def test_estimate_too_high_runs_the_rows_again(monkeypatch):
     _same((q, keys, k, TAU, None, None, None, None, 0))
 
 
+@pytest.mark.parametrize("tile", [None, "8,64"])
+@pytest.mark.parametrize("k", [17, 25, 40, 48])
+def test_small_k_cut_at_three_k(k, tile, monkeypatch):
+    """K from 17 to 48 over many key tiles: where the CPU cuts in registers (AVX-512) a row is cut
+    each time it holds 3K candidates (up to 128 of them, counted in registers) and sorted the same
+    way at the end; elsewhere by the bucket shrink. With a bias and a mask, and with neither (one
+    bias for every key): the reference's values and indices."""
+    if tile:
+        monkeypatch.setenv("LLP_FAST_CPU_TILE", tile)
+    g = torch.Generator().manual_seed(k)
+    q, keys = _unit(27, 20, g), _unit(4000, 20, g)
+    bias = torch.rand(4000, generator=g) * 2 - 1
+    mask = torch.rand(4000, generator=g) < 0.7
+    _same((q, keys, k, TAU, bias, mask, None, None, 0))
+    _same((q, keys, k, TAU, None, None, None, None, 0))
+
+
 @pytest.mark.parametrize("k", [7, 300])
 def test_chunks_with_init_equal_one_call(k):
     """The keys in chunks, each call merging the previous one's top-k (init) and starting from its
@@ -108,7 +125,9 @@ def test_chunks_with_init_equal_one_call(k):
     assert torch.equal(top[1], whole[1])
 
 
-@pytest.mark.parametrize("distinct,k", [(7, 1), (7, 5), (7, 16), (7, 64), (7, 700), (400, 70), (400, 150)])
+@pytest.mark.parametrize(
+    "distinct,k", [(7, 1), (7, 5), (7, 16), (7, 25), (7, 48), (7, 64), (7, 700), (400, 40), (400, 70), (400, 150)]
+)
 def test_equal_scores_keep_the_lower_indices(distinct, k, monkeypatch):
     """Keys drawn from a few distinct rows (7: long runs of equal scores at a shrink's cut, at the
     first tile's lower bound for K <= 16 and at the k-th place; 400: two or three keys per score, so
@@ -257,6 +276,18 @@ out = []
 for q, n, d, k in [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]:
     args = (unit(q, d), unit(n, d), k, 0.07, torch.rand(n, generator=g) * 2 - 1, torch.rand(n, generator=g) < 0.8)
     out.append(op(*args, None, None, 0))
+# Small K with one bias for every key that can score (AVX-512 then skips a row's block of keys on its
+# raw products, from a threshold worked back through the scale and the bias), at several tau; the
+# first 600 keys masked (whole tiles of them); and K = 17..48 (cut at 3K in registers).
+queries, keys = unit(41, 24), unit(2600, 24)
+mask = torch.arange(2600) >= 600
+for tau in (0.07, 0.3, 1 / 3, 1.0):
+    for k in (1, 10, 16):
+        out.append(op(queries, keys, k, tau, None, None, None, None, 0))
+        out.append(op(queries, keys, k, tau, torch.full((2600,), 2.5), mask, None, None, 0))
+for k in (17, 25, 40, 48):
+    out.append(op(queries, keys, k, 0.07, torch.rand(2600, generator=g), None, None, None, 0))
+    out.append(op(queries, unit(9, 24)[torch.randint(0, 9, (2600,), generator=g)], k, 0.07, None, None, None, None, 0))
 # Scores that rise with the key index: every block of every row appends and the buffers are cut again
 # and again, at small and large K.
 e = unit(1, 16)

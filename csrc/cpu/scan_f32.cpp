@@ -248,81 +248,157 @@ __attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const float* s, co
   return std::min(j, n);
 }
 
-// The lanes of register q (values 16q .. 16q + 15) that hold one of n values: kth_avx512's and
-// cut_avx512's masked loads.
+// The lanes of register q (values 16q .. 16q + 15) that hold one of n values: the masked loads of
+// the small-buffer functions below.
 inline __mmask16 live_lanes(int64_t n, int q) {
   const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * q));
   return static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// The k-th largest of a small buffer (n <= 64, k <= n, no NaN) without a branch on the data: the
-// values in four registers, each lane counts the values above its own (one compare and one masked add
+constexpr int kSmallRegs = static_cast<int>(kSmallCut / 16);
+
+// The small-buffer functions hold n <= kSmallCut values in NQ = ceil(n / 16) registers; each is
+// compiled for every NQ (the registers stay registers) and called through small_regs().
+template <template <int> class F, typename... A>
+auto small_regs(int64_t n, A... a) {
+  switch ((n + 15) / 16) {
+    case 1: return F<1>::run(n, a...);
+    case 2: return F<2>::run(n, a...);
+    case 3: return F<3>::run(n, a...);
+    case 4: return F<4>::run(n, a...);
+    case 5: return F<5>::run(n, a...);
+    case 6: return F<6>::run(n, a...);
+    case 7: return F<7>::run(n, a...);
+    default: return F<8>::run(n, a...);
+  }
+}
+static_assert(kSmallRegs == 8, "small_regs covers 8 registers");
+
+// The k-th largest of a small buffer (n <= kSmallCut, k <= n, no NaN) without a branch on the data:
+// the values in registers, each lane counts the values above its own (one compare and one masked add
 // per value); the k-th largest is the smallest value with fewer than k above it. *larger: how many are
-// above that one.
-__attribute__((target("avx512f,popcnt"))) float kth_avx512(const float* v, int64_t n, int64_t k, int64_t* larger) {
-  const __m512 ninf = _mm512_set1_ps(-kInf);
-  const __m512i one = _mm512_set1_epi32(1);
-  const int nq = static_cast<int>((n + 15) / 16);
-  __m512 x[4];
-  __m512i above[4];
-  __mmask16 live[4];
-  for (int q = 0; q < 4; ++q) {
-    live[q] = live_lanes(n, q);
-    x[q] = _mm512_mask_loadu_ps(ninf, live[q], v + 16 * q);
-    above[q] = _mm512_setzero_si512();
+// above that one (-1: none found, which needs a NaN).
+template <int NQ>
+struct Kth {
+  __attribute__((target("avx512f,popcnt"))) static float run(int64_t n, const float* v, int64_t k, int64_t* larger) {
+    const __m512 ninf = _mm512_set1_ps(-kInf);
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512 x[NQ];
+    __m512i above[NQ];
+    __mmask16 live[NQ];
+    for (int q = 0; q < NQ; ++q) {
+      live[q] = live_lanes(n, q);
+      x[q] = _mm512_mask_loadu_ps(ninf, live[q], v + 16 * q);
+      above[q] = _mm512_setzero_si512();
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 b = _mm512_set1_ps(v[j]);
+      for (int q = 0; q < NQ; ++q)  // lanes whose value v[j] exceeds
+        above[q] = _mm512_mask_add_epi32(above[q], _mm512_cmp_ps_mask(b, x[q], _CMP_GT_OQ), above[q], one);
+    }
+    const __m512i vk = _mm512_set1_epi32(static_cast<int>(k));
+    __m512 best = _mm512_set1_ps(kInf);
+    for (int q = 0; q < NQ; ++q) {
+      const __mmask16 top = _mm512_mask_cmplt_epi32_mask(live[q], above[q], vk);
+      best = _mm512_mask_min_ps(best, top, best, x[q]);
+    }
+    const float kth = _mm512_reduce_min_ps(best);
+    int64_t more = 0;
+    const __m512 vkth = _mm512_set1_ps(kth);
+    for (int q = 0; q < NQ; ++q)
+      more += __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(x[q], vkth, _CMP_GT_OQ)));
+    *larger = kth == kInf ? -1 : more;
+    return kth;
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const __m512 b = _mm512_set1_ps(v[j]);
-    for (int q = 0; q < nq; ++q)  // lanes whose value v[j] exceeds
-      above[q] = _mm512_mask_add_epi32(above[q], _mm512_cmp_ps_mask(b, x[q], _CMP_GT_OQ), above[q], one);
-  }
-  const __m512i vk = _mm512_set1_epi32(static_cast<int>(k));
-  __m512 best = _mm512_set1_ps(kInf);
-  for (int q = 0; q < nq; ++q) {
-    const __mmask16 top = _mm512_mask_cmplt_epi32_mask(live[q], above[q], vk);
-    best = _mm512_mask_min_ps(best, top, best, x[q]);
-  }
-  const float kth = _mm512_reduce_min_ps(best);
-  int64_t more = 0;
-  const __m512 vkth = _mm512_set1_ps(kth);
-  for (int q = 0; q < nq; ++q)
-    more += __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(x[q], vkth, _CMP_GT_OQ)));
-  *larger = kth == kInf ? -1 : more;  // none with fewer than k above (cannot happen without NaN)
-  return kth;
+};
+
+float kth_avx512(const float* v, int64_t n, int64_t k, int64_t* larger) {
+  return small_regs<Kth>(n, v, k, larger);
 }
 
-// A bounded row's cut (csrc/cpu/topk.h, RowsF32::cut) for n <= 64 candidates: the k-th best by
-// kth_avx512, then those above it and the first (k - larger) equal to it, in key order, compressed to
-// the front of the buffer. Returns the k-th best's value in *kth and true, or false (nothing done).
-__attribute__((target("avx512f,popcnt"))) bool cut_avx512(float* v, uint32_t* ix, int64_t n, int64_t k, float* kth) {
-  int64_t larger = -1;
-  const float t = kth_avx512(v, n, k, &larger);
-  if (larger < 0) return false;
-  const __m512 vt = _mm512_set1_ps(t);
-  __m512 x[4];
-  __m512i id[4];
-  uint64_t keep = 0, eq = 0;
-  const int nq = static_cast<int>((n + 15) / 16);
-  for (int q = 0; q < nq; ++q) {
-    const __mmask16 live = live_lanes(n, q);
-    x[q] = _mm512_maskz_loadu_ps(live, v + 16 * q);
-    id[q] = _mm512_maskz_loadu_epi32(live, ix + 16 * q);
-    keep |= static_cast<uint64_t>(_mm512_mask_cmp_ps_mask(live, x[q], vt, _CMP_GT_OQ)) << (16 * q);
-    eq |= static_cast<uint64_t>(_mm512_mask_cmp_ps_mask(live, x[q], vt, _CMP_EQ_OQ)) << (16 * q);
+// RowsF32::cut in registers for n <= kSmallCut candidates: the k-th best's value t by Kth, then those
+// above it and the first (k - larger) equal to it, in key order, compressed to the front of the buffer.
+// Returns t in *kth and true, or false (nothing done).
+template <int NQ>
+struct Cut {
+  __attribute__((target("avx512f,popcnt"))) static bool run(int64_t n, float* v, uint32_t* ix, int64_t k,
+                                                            float* kth) {
+    int64_t larger = -1;
+    const float t = Kth<NQ>::run(n, v, k, &larger);
+    if (larger < 0) return false;
+    const __m512 vt = _mm512_set1_ps(t);
+    __m512 x[NQ];
+    __m512i id[NQ];
+    __mmask16 keep[NQ], eq[NQ];
+    for (int q = 0; q < NQ; ++q) {
+      const __mmask16 live = live_lanes(n, q);
+      x[q] = _mm512_maskz_loadu_ps(live, v + 16 * q);
+      id[q] = _mm512_maskz_loadu_epi32(live, ix + 16 * q);
+      keep[q] = _mm512_mask_cmp_ps_mask(live, x[q], vt, _CMP_GT_OQ);
+      eq[q] = _mm512_mask_cmp_ps_mask(live, x[q], vt, _CMP_EQ_OQ);
+    }
+    int64_t need = k - larger;  // the first equal ones, in key order
+    for (int q = 0; q < NQ && need > 0; ++q) {
+      unsigned e = eq[q];
+      while (need > 0 && e != 0) {
+        keep[q] = static_cast<__mmask16>(keep[q] | (e & (~e + 1u)));
+        e &= e - 1;
+        --need;
+      }
+    }
+    int64_t w = 0;
+    for (int q = 0; q < NQ; ++q) {  // in place: the write position never passes the vector read
+      _mm512_mask_compressstoreu_ps(v + w, keep[q], x[q]);
+      _mm512_mask_compressstoreu_epi32(ix + w, keep[q], id[q]);
+      w += __builtin_popcount(static_cast<unsigned>(keep[q]));
+    }
+    *kth = t;
+    return true;
   }
-  for (int64_t need = k - larger; need > 0 && eq != 0; --need) {  // the first equal ones, in key order
-    keep |= eq & (~eq + 1);
-    eq &= eq - 1;
+};
+
+bool cut_avx512(float* v, uint32_t* ix, int64_t n, int64_t k, float* kth) {
+  return small_regs<Cut>(n, v, ix, k, kth);
+}
+
+// RowsF32::finish for n <= kSmallCut candidates in (v, ix), in key order: each one's place in the
+// op's order is the number of candidates that beat it (a larger score, or an equal one earlier in key
+// order), counted in registers as Kth counts (no comparison sort, no branch on the data); each is
+// written to its place in (out_v, out_i). The places are 0..n-1, each once.
+template <int NQ>
+struct Rank {
+  __attribute__((target("avx512f,popcnt"))) static int run(int64_t n, const float* v, const uint32_t* ix,
+                                                           float* out_v, int64_t* out_i) {
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 x[NQ];
+    __m512i place[NQ], pos[NQ];
+    for (int q = 0; q < NQ; ++q) {
+      x[q] = _mm512_maskz_loadu_ps(live_lanes(n, q), v + 16 * q);
+      place[q] = _mm512_setzero_si512();
+      pos[q] = _mm512_add_epi32(_mm512_set1_epi32(16 * q), iota);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 b = _mm512_set1_ps(v[j]);
+      const __m512i at = _mm512_set1_epi32(static_cast<int>(j));
+      for (int q = 0; q < NQ; ++q) {  // lanes that candidate j beats
+        const __mmask16 beats = _mm512_cmp_ps_mask(b, x[q], _CMP_GT_OQ) |
+                                _mm512_mask_cmp_ps_mask(_mm512_cmpgt_epi32_mask(pos[q], at), b, x[q], _CMP_EQ_OQ);
+        place[q] = _mm512_mask_add_epi32(place[q], beats, place[q], one);
+      }
+    }
+    alignas(64) int32_t at[16 * NQ];
+    for (int q = 0; q < NQ; ++q) _mm512_store_si512(at + 16 * q, place[q]);
+    for (int64_t t = 0; t < n; ++t) {
+      out_v[at[t]] = v[t];
+      out_i[at[t]] = ix[t];
+    }
+    return 0;
   }
-  int64_t w = 0;
-  for (int q = 0; q < nq; ++q) {  // in place: the write position never passes the vector read
-    const __mmask16 m = static_cast<__mmask16>(keep >> (16 * q));
-    _mm512_mask_compressstoreu_ps(v + w, m, x[q]);
-    _mm512_mask_compressstoreu_epi32(ix + w, m, id[q]);
-    w += __builtin_popcount(static_cast<unsigned>(m));
-  }
-  *kth = t;
-  return true;
+};
+
+void rank_avx512(const float* v, const uint32_t* ix, int64_t n, float* out_v, int64_t* out_i) {
+  small_regs<Rank>(n, v, ix, out_v, out_i);
 }
 
 #endif  // LLP_FAST_X86
@@ -332,6 +408,7 @@ struct Choice {
   GroupsF32 groups = groups_generic;
   KthF32 kth = nullptr;
   CutF32 cut = nullptr;
+  RankF32 rank = nullptr;
   const char* isa = "baseline";
   Choice() {
     const char* want = std::getenv("LLP_FAST_CPU_ISA");  // tests: force a variant this CPU has
@@ -344,6 +421,7 @@ struct Choice {
       isa = "avx512";
       kth = kth_avx512;
       cut = cut_avx512;
+      rank = rank_avx512;
     } else if (allowed("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) {
       fn = scan_avx2;
       groups = groups_avx2;
@@ -366,6 +444,7 @@ ScanF32 scan_f32() { return choice().fn; }
 GroupsF32 groups_f32() { return choice().groups; }
 KthF32 kth_f32() { return choice().kth; }
 CutF32 cut_f32() { return choice().cut; }
+RankF32 rank_f32() { return choice().rank; }
 const char* scan_f32_isa() { return choice().isa; }
 
 }  // namespace topk

@@ -24,6 +24,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -79,13 +80,41 @@ bool fused_tile() { return width() != 0; }
 
 namespace {
 
-// n rows of src (row stride ld) into panels of `width` rows, [panel][d][width], zero rows after the last.
-void pack(const float* src, int64_t ld, int64_t n, int64_t dim, int64_t width, float* out) {
-  for (int64_t p = 0; p * width < n; ++p) {
+// How tile_select's AVX-512 loop passes over a row's block of 32 scores that holds no candidate. At
+// small k (a row's threshold is tight after the first key tile: about 1 block in 5 of a row has a
+// candidate at K = 10, fewer as the keys go on) a branch skips the block, on the raw products where
+// every key that can score has one bias (kRawFilter: one compare a key panel), else on the scores
+// (kScoreFilter). At larger k the rows with a candidate are close to random and that branch
+// mispredicted: every row appends its (possibly empty) compressed panels (kNoFilter).
+constexpr int kNoFilter = 0, kRawFilter = 1, kScoreFilter = 2;
+constexpr int64_t kFilterK = 16;
+
+// kRawFilter's threshold on the raw products for a row whose threshold is thr, against keys whose
+// largest bias is bmax: a float t such that no product c <= t scores above thr, (c * inv_tau) + b
+// rounded as the kernel rounds, for any b <= bmax (rounding is monotone and inv_tau > 0, so checking
+// c = t suffices). -inf where nothing can be said (every product is then scored).
+float raw_threshold(float thr, float bmax, float inv_tau) {
+  if (std::isnan(thr) || std::isnan(bmax) || thr == -kInf || bmax == kInf) return -kInf;
+  if (bmax == -kInf) return kInf;  // every score is -inf, and thr > -inf
+  float t = static_cast<float>((static_cast<double>(thr) - static_cast<double>(bmax)) / static_cast<double>(inv_tau));
+  for (int i = 0; i < 8 && !std::isnan(t); ++i) {
+    const float x = t * inv_tau;  // -ffp-contract=off: two roundings, as the kernel's
+    if (!(x + bmax > thr)) return t;
+    t = std::nextafter(t, -kInf);
+  }
+  return -kInf;
+}
+
+// n rows of src (row stride ld) into `panels` panels of `width` rows, [panel][d][width], zero rows after
+// the last.
+void pack(const float* src, int64_t ld, int64_t n, int64_t dim, int64_t width, int64_t panels, float* out) {
+  for (int64_t p = 0; p < panels; ++p) {
     float* o = out + p * width * dim;
-    for (int64_t l = 0; l < width; ++l) {
-      const int64_t r = p * width + l;
-      for (int64_t d = 0; d < dim; ++d) o[d * width + l] = r < n ? src[r * ld + d] : 0.0f;
+    const int64_t live = std::max<int64_t>(0, std::min(width, n - p * width));
+    if (live < width) std::fill(o, o + width * dim, 0.0f);
+    for (int64_t l = 0; l < live; ++l) {  // a row at a time: each read sequential, the writes in L1
+      const float* row = src + (p * width + l) * ld;
+      for (int64_t d = 0; d < dim; ++d) o[d * width + l] = row[d];
     }
   }
 }
@@ -93,11 +122,11 @@ void pack(const float* src, int64_t ld, int64_t n, int64_t dim, int64_t width, f
 }  // namespace
 
 void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* out) {
-  pack(a, lda, n, dim, kPanelRows, out);
+  pack(a, lda, n, dim, kPanelRows, panel_rows(n) / kPanelRows, out);
 }
 
 void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out) {
-  pack(b, ldb, n, dim, kPanelKeys, out);
+  pack(b, ldb, n, dim, kPanelKeys, panel_keys(n) / kPanelKeys, out);
 }
 
 #ifdef LLP_FAST_X86
@@ -167,7 +196,7 @@ __attribute__((target("avx2,fma,popcnt"))) void blocks_avx2(const float* ap, int
           int m0 = _mm256_movemask_ps(_mm256_cmp_ps(x0, t, _CMP_GT_OQ));
           int m1 = _mm256_movemask_ps(_mm256_cmp_ps(x1, t, _CMP_GT_OQ));
           if ((m0 | m1) == 0) continue;
-          if (rows->cap - rows->count[r] < kRoom) {  // cut the row's buffer; its threshold rises
+          if (rows->count[r] > rows->limit) {  // cut the row's buffer; its threshold rises
             rows->make_room(rows->owner, r);
             t = _mm256_set1_ps(rows->thr[r]);
             m0 = _mm256_movemask_ps(_mm256_cmp_ps(x0, t, _CMP_GT_OQ));
@@ -209,7 +238,7 @@ __attribute__((target("avx512f"), always_inline)) inline void micro512(const flo
 
 // One group of KP key panels (keys j0 .. j0 + w) against the query rows [r0, r0 + h), h <= 6 * QP:
 // blocks_avx2's work for them.
-template <int QP, int KP, bool kStore>
+template <int QP, int KP, bool kStore, int kFilter>
 __attribute__((target("avx512f,avx2,popcnt"), always_inline)) inline void block512(
     const float* ap, int64_t r0, int64_t h, const float* b, int64_t j0, int64_t w, int64_t dim, float* s,
     int64_t lds, const __m512 (&bv)[KP], __m512 vt, uint32_t base, const TileRows* rows) {
@@ -232,6 +261,13 @@ __attribute__((target("avx512f,avx2,popcnt"), always_inline)) inline void block5
       }
     } else {
       const int64_t r = r0 + i;
+      if constexpr (kFilter == kRawFilter) {
+        const __m512 tp = _mm512_set1_ps(rows->pre[r]);
+        __mmask16 any = 0;
+#pragma GCC unroll 4
+        for (int p = 0; p < KP; ++p) any |= _mm512_cmp_ps_mask(c[KP * i + p], tp, _CMP_GT_OQ);
+        if (any == 0) continue;
+      }
       __m512 x[KP];
       __mmask16 m[KP];
       __m512 t = _mm512_set1_ps(rows->thr[r]);
@@ -240,11 +276,17 @@ __attribute__((target("avx512f,avx2,popcnt"), always_inline)) inline void block5
         x[p] = _mm512_add_ps(_mm512_mul_ps(c[KP * i + p], vt), bv[p]);
         m[p] = _mm512_cmp_ps_mask(x[p], t, _CMP_GT_OQ);
       }
+      if constexpr (kFilter == kScoreFilter) {
+        __mmask16 any = 0;
+#pragma GCC unroll 4
+        for (int p = 0; p < KP; ++p) any |= m[p];
+        if (any == 0) continue;
+      }
       // No test for "any candidate here" before appending: which rows have one is close to random
       // (a few dozen blocks of a row's first few hundred keys at K = 10, over half of them at
       // K >= 100), so that branch mispredicted; the compress and the two stores of an empty panel
       // cost less (topk_scores at K = 25..1000 faster by 2-8%, K = 10 unchanged, one thread).
-      if (rows->cap - rows->count[r] < kRoom) {  // cut the row's buffer; its threshold rises
+      if (rows->count[r] > rows->limit) {  // cut the row's buffer; its threshold rises
         rows->make_room(rows->owner, r);
         t = _mm512_set1_ps(rows->thr[r]);
 #pragma GCC unroll 4
@@ -269,8 +311,8 @@ __attribute__((target("avx512f,avx2,popcnt"), always_inline)) inline void block5
   }
 }
 
-// Keys j0 .. j0 + w (KP panels) against every query row: two query panels at a time, one for the last.
-template <int KP, bool kStore>
+// Keys j0 .. j0 + w (KP panels) against every query row, two query panels at a time.
+template <int KP, bool kStore, int kFilter>
 __attribute__((target("avx512f,avx2,popcnt"))) void group512(const float* ap, int64_t nr, const float* b,
                                                             int64_t j0, int64_t w, int64_t dim, float* s,
                                                             int64_t lds, const float* bias, float inv_tau,
@@ -288,13 +330,11 @@ __attribute__((target("avx512f,avx2,popcnt"))) void group512(const float* ap, in
     for (int p = 0; p < KP; ++p) bv[p] = _mm512_loadu_ps(pb + kPanelKeys * p);
   }
   const __m512 vt = _mm512_set1_ps(inv_tau);
-  int64_t r0 = 0;
-  for (; r0 + kPanelRows < nr; r0 += 2 * kPanelRows)
-    block512<2, KP, kStore>(ap, r0, std::min(2 * kPanelRows, nr - r0), b, j0, w, dim, s, lds, bv, vt, base, rows);
-  if (r0 < nr) block512<1, KP, kStore>(ap, r0, nr - r0, b, j0, w, dim, s, lds, bv, vt, base, rows);
+  for (int64_t r0 = 0; r0 < nr; r0 += 2 * kPanelRows)  // pairs of panels (panel_rows: zero rows pad the last)
+    block512<2, KP, kStore, kFilter>(ap, r0, std::min(2 * kPanelRows, nr - r0), b, j0, w, dim, s, lds, bv, vt, base, rows);
 }
 
-template <bool kStore>
+template <bool kStore, int kFilter>
 void blocks_avx512(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds,
                    const float* bias, float inv_tau, uint32_t base, const TileRows* rows) {
   constexpr int64_t kGroup = 2 * kPanelKeys;
@@ -303,9 +343,9 @@ void blocks_avx512(const float* ap, int64_t nr, const float* bp, int64_t nc, int
     const int64_t w = std::min(kGroup, nc - j0);
     const float* b = bp + j0 * dim;
     if (w > kPanelKeys)
-      group512<2, kStore>(ap, nr, b, j0, w, dim, s, lds, bias, inv_tau, base, rows);
+      group512<2, kStore, kFilter>(ap, nr, b, j0, w, dim, s, lds, bias, inv_tau, base, rows);
     else
-      group512<1, kStore>(ap, nr, b, j0, w, dim, s, lds, bias, inv_tau, base, rows);
+      group512<1, kStore, kFilter>(ap, nr, b, j0, w, dim, s, lds, bias, inv_tau, base, rows);
   }
 }
 
@@ -316,7 +356,7 @@ void tile_store(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_
 #ifdef LLP_FAST_X86
   TORCH_CHECK(fused_tile(), "tile_store: this CPU has no AVX2 and FMA");
   if (width() == 512)
-    blocks_avx512<true>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
+    blocks_avx512<true, kNoFilter>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
   else
     blocks_avx2<true>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
 #else
@@ -329,8 +369,24 @@ void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64
                  float inv_tau, uint32_t base, const TileRows& rows) {
 #ifdef LLP_FAST_X86
   TORCH_CHECK(fused_tile(), "tile_select: this CPU has no AVX2 and FMA");
-  if (width() == 512)
-    blocks_avx512<false>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+  if (width() == 512) {
+    if (rows.k > kFilterK) {
+      blocks_avx512<false, kNoFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+    } else {
+      float bmax = -kInf, bmin = kInf;  // over the keys that can score (a masked key's bias is -inf)
+      for (int64_t j = 0; j < nc; ++j)
+        if (bias[j] > -kInf) {
+          bmax = std::max(bmax, bias[j]);
+          bmin = std::min(bmin, bias[j]);
+        }
+      if (bmax == -kInf || bmin == bmax) {  // one bias for every key that can score: the raw test is tight
+        for (int64_t r = 0; r < nr; ++r) rows.pre[r] = raw_threshold(rows.thr[r], bmax, inv_tau);
+        blocks_avx512<false, kRawFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+      } else {
+        blocks_avx512<false, kScoreFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+      }
+    }
+  }
   else
     blocks_avx2<false>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
 #else

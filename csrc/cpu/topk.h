@@ -21,22 +21,27 @@
 //   1+2. float32 on CPUs with AVX2 and FMA: steps 1 and 2 fused (csrc/cpu/tile_f32.cpp): 6 query
 //      rows x 16 keys (AVX2) or 12 x 32 (AVX-512) of scores at a time in registers, from
 //      packed blocks (the keys once per call when they take at most 32 MB), compared with their
-//      rows' thresholds before they leave the registers; a score tile is written whole (and
-//      scanned as in step 2) only for a first key tile that the threshold's start reads (step 3)
-//      and in the rare pass run again for rows whose estimate failed;
+//      rows' thresholds before they leave the registers (AVX-512, k <= 16: a row's block without a
+//      candidate skipped by a branch, on the raw products when the keys share one bias); a score
+//      tile is written whole (and scanned as in step 2) only for a first key tile that the
+//      threshold's start reads (step 3) and in the rare pass run again for rows whose estimate
+//      failed;
 //   3. a row's buffer holds 3k + 72 candidates (k + 200 at least), in key order; when it is full
 //      it is cut (float32: to the buckets down to the k-th best, scores spread over the buckets by
 //      value; an exact radix select when they cluster) and the threshold rises to the smallest score
-//      kept. For k <= 16 against more than one key tile the threshold starts at an exact lower bound
-//      from the first key tile (RowsF32::bound) and the buffer is cut after every tile (RowsF32::cut;
-//      both in registers where the scan runs AVX-512, csrc/cpu/scan_f32.cpp); for k >= 32
+//      kept. Where the scan runs AVX-512 and k <= 48 a row is cut as soon as it holds 3k (RowsF32::
+//      limit), exactly and in registers (at most 128 candidates: each counts the ones above it,
+//      csrc/cpu/scan_f32.cpp), so that its threshold rises sooner. For k <= 16 against more than
+//      one key tile the threshold starts at an exact lower bound from the first key tile
+//      (RowsF32::bound) and the buffer is cut after every tile (RowsF32::cut); for k >= 32
 //      against at least 4 key tiles it starts from an estimate, about the m-th best score of the
 //      first key tile (RowsF32::estimate), checked at the end: a row that kept fewer than k
 //      candidates above it runs again without one;
 //   4. at the end the buffer's best k are sorted (float32: a large buffer over about as many value
 //      buckets, each bucket's few candidates ordered by insertion; a small one, or one whose scores
-//      cluster, by a stable radix sort on the scores' bits; equal scores keep key order either way)
-//      and handed to the caller's finish.
+//      cluster, by a stable radix sort on the scores' bits, or where the scan runs AVX-512 and it
+//      holds at most 128, each candidate placed by the count of those that beat it; equal scores
+//      keep key order every way) and handed to the caller's finish.
 // The order is the op's: score descending, equal scores by the lower key index. float64 keeps
 // (value, index) pairs and std::nth_element / std::sort with that order.
 // Parallelism: at::parallel_for over blocks of query rows; BLAS runs single-threaded inside each
@@ -69,15 +74,17 @@
 namespace llp_fast {
 namespace topk {
 
-// Tile shape. ROWS x COLS floats = 512 KB for the tile, with a 256-row query block and a 512-row key
-// block (128 KB + 256 KB at D = 128). 256 x 512 came out of a sweep over {64..512} x {512..4096},
+// Tile shape. ROWS x COLS floats = 504 KB for the tile, with a 252-row query block and a 512-row key
+// block (126 KB + 256 KB at D = 128). 256 x 512 came out of a sweep over {64..512} x {512..4096},
 // counted in process CPU time so that a shared machine does not skew it: tall blocks amortise each
 // key block over more rows (on a 512 KB-L2 AMD EPYC, tiles of 128..512 x 256..512 ran within a few
-// percent of it).
-// Fewer rows per block when there are too few queries to give every thread a block.
+// percent of it). 252 = 21 pairs of 6-row panels: the fused tile's AVX-512 loop takes 12 rows at a
+// time, and 256 rows left a pair with 4 of its 12 rows live (Intel Xeon, one thread, interleaved:
+// topk_scores K = 10 and local_density T = 25 2-4% faster).
+// Fewer rows per block (a multiple of 12) when there are too few queries to give every thread a block.
 // LLP_FAST_CPU_TILE="rows,cols" overrides both (for tuning on other machines, and tests).
 struct Tile {
-  int64_t rows = 256;
+  int64_t rows = 252;
   int64_t cols = 512;
 };
 
@@ -92,7 +99,8 @@ inline Tile tile_for(int64_t nq) {
     }
   }
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  t.rows = std::max<int64_t>(16, std::min(t.rows, (nq + threads - 1) / threads));
+  const int64_t share = (nq + threads - 1) / threads;
+  t.rows = std::min(t.rows, std::max<int64_t>(12, (share + 11) / 12 * 12));
   return t;
 }
 
@@ -136,13 +144,19 @@ using GroupsF32 = void (*)(const float* s, const float* bias, int64_t n, float i
 GroupsF32 groups_f32();
 // The k-th largest of n <= kSmallCut values (k <= n, no NaN) and how many are larger (-1: not found),
 // where the scan runs AVX-512 (csrc/cpu/scan_f32.cpp); nullptr elsewhere.
-constexpr int64_t kSmallCut = 64;
+constexpr int64_t kSmallCut = 128;
+constexpr int64_t kSmallLimitK = 48;  // RowsF32::limit: k up to this cut at 3k candidates
 using KthF32 = float (*)(const float* v, int64_t n, int64_t k, int64_t* larger);
 KthF32 kth_f32();
 // RowsF32::cut for n <= kSmallCut candidates in (v, ix): keeps the k best (ties: the first in key order)
 // at the front, in key order, and sets *kth to the k-th best's value; false where it did nothing.
 using CutF32 = bool (*)(float* v, uint32_t* ix, int64_t n, int64_t k, float* kth);
 CutF32 cut_f32();
+// RowsF32::finish for n <= kSmallCut candidates (v, ix) in key order: all n written to (out_v, out_i)
+// in the op's order (score descending, equal scores in key order), where the scan runs AVX-512;
+// nullptr elsewhere.
+using RankF32 = void (*)(const float* v, const uint32_t* ix, int64_t n, float* out_v, int64_t* out_i);
+RankF32 rank_f32();
 
 // Steps 1 and 2 fused, float32, on CPUs with AVX2 and FMA (csrc/cpu/tile_f32.cpp): the tile's scores
 // are computed 6 query rows x 16 keys (AVX2) or 12 rows x 32 keys (AVX-512) at a time in registers
@@ -151,7 +165,9 @@ CutF32 cut_f32();
 // LLP_FAST_CPU_FUSED=0 turns it off, =avx2 / =avx512 force a width).
 constexpr int64_t kPanelRows = 6;
 constexpr int64_t kPanelKeys = 16;
-inline int64_t panel_rows(int64_t n) { return (n + kPanelRows - 1) / kPanelRows * kPanelRows; }
+// Query rows are packed in pairs of panels (12 rows): the AVX-512 loop takes two panels at a time, and a
+// lone last panel compiled to a loop whose accumulators spilled to the stack.
+inline int64_t panel_rows(int64_t n) { return (n + 2 * kPanelRows - 1) / (2 * kPanelRows) * (2 * kPanelRows); }
 inline int64_t panel_keys(int64_t n) { return (n + kPanelKeys - 1) / kPanelKeys * kPanelKeys; }
 bool fused_tile();
 // n rows of a (row stride lda) into panels of 6 rows, [panel][d][6], zero rows after the last (out:
@@ -172,6 +188,9 @@ struct TileRows {
   int64_t cap;
   void* owner;
   void (*make_room)(void* owner, int64_t r);
+  float* pre;  // scratch, one per row: tile_select's threshold on the raw products (see raw_threshold)
+  int64_t k;
+  int64_t limit;  // make_room(r) before appending to a row holding more than this many
 };
 // Appends, for each of the nr rows r and nc keys j, x = (q_r . key_j) * inv_tau + bias[j] when
 // x > thr[r], as the scan does (index base + j, key order); `bias` has nc entries.
@@ -300,12 +319,15 @@ struct RowsF32 {
   std::vector<int64_t> out_i;
   std::vector<uint64_t> words, words_tmp;
   std::vector<float> sample;  // estimate()'s scores of the first key tile
+  std::vector<float> pre;  // tile_select's per-row scratch
   ScanF32 scan = scan_f32();
   GroupsF32 groups = groups_f32();
   KthF32 kth_small = kth_f32();
   CutF32 cut_small = cut_f32();
+  RankF32 rank_small = rank_f32();
 
   std::vector<char> soft;  // the row's threshold is an estimate (see estimate), checked at the end
+  int64_t limit = cap - kRoom;
 
   RowsF32(int64_t rows, int64_t k_, int64_t cols)
       : k(k_),
@@ -324,7 +346,14 @@ struct RowsF32 {
         words(cap),
         words_tmp(cap),
         sample(cols),
-        soft(rows) {}
+        pre(rows),
+        soft(rows) {
+    // Small k where the CPU cuts in registers (cut_small, at most kSmallCut candidates): the rows
+    // are cut once they hold 3k (kRoom would let a row collect 2k + 128 first), so that the
+    // threshold rises sooner and each cut stays a cut in registers: the row holds at most 3k - 1
+    // when it appends its next 32 keys (one block of tile_select).
+    if (cut_small != nullptr && k <= kSmallLimitK) limit = std::min<int64_t>(kSmallCut - 32, 3 * k - 1);
+  }
 
   void start(int64_t r, float f) {
     count[r] = 0;
@@ -498,7 +527,7 @@ struct RowsF32 {
   // The buffers as tile_select sees them.
   TileRows tile_rows() {
     return {vals.data(), idx.data(), count.data(), thr.data(), cap, this,
-            [](void* self, int64_t r) { static_cast<RowsF32*>(self)->shrink(r); }};
+            [](void* self, int64_t r) { static_cast<RowsF32*>(self)->cut(r); }, pre.data(), k, limit};
   }
 
   void scan_row(int64_t r, const float* s, const float* bias, const float* bmax, int64_t n, float inv_tau,
@@ -577,6 +606,10 @@ struct RowsF32 {
     float* ov = out_v.data();
     int64_t* oi = out_i.data();
     if (n == 0) return 0;
+    if (rank_small != nullptr && n <= kSmallCut) {
+      rank_small(v, ix, n, ov, oi);
+      return std::min(n, k);
+    }
     if (n >= 64) {
       const int64_t m = finish_by_buckets(r);
       if (m >= 0) return m;

@@ -35,7 +35,7 @@ def _select(queries, labeled, log_rho, k: int, tau: float):
 # most 12 MB + 24 MB, under glibc's 32 MB limit for reusing freed memory) then come back from the
 # allocator, where one (Q, K) pair is fresh pages every call (Q = 20,000, K = 1000, one thread:
 # about a tenth of the call, `bench/bench_propagate.py --shapes ksweep`). A block keeps at least
-# 1024 rows a thread, so every thread still gets several 256-row tiles. A GPU's caching allocator
+# 1024 rows a thread, so every thread still gets several 252-row tiles. A GPU's caching allocator
 # reuses memory anyway: one selection there. (From about 8 threads at K = 1000 the 1024-row floor
 # takes a block past 32 MB: fresh pages again, as one selection would have.)
 _CPU_ENTRIES = 3 << 20
