@@ -278,15 +278,15 @@ for q, n, d, k in [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 
     out.append(op(*args, None, None, 0))
 # Small K with one bias for every key that can score (AVX-512 then skips a row's block of keys on its
 # raw products, from a threshold worked back through the scale and the bias), at several tau; the
-# first 600 keys masked (whole tiles of them); and K = 17..48 (cut at 3K in registers).
+# first 600 keys masked (whole tiles of them); and K = 17..48 (cut at 3K in registers), with duplicate keys.
 queries, keys = unit(41, 24), unit(2600, 24)
 mask = torch.arange(2600) >= 600
 for tau in (0.07, 0.3, 1 / 3, 1.0):
     for k in (1, 10, 16):
         out.append(op(queries, keys, k, tau, None, None, None, None, 0))
         out.append(op(queries, keys, k, tau, torch.full((2600,), 2.5), mask, None, None, 0))
-for k in (17, 25, 40, 48):
-    out.append(op(queries, keys, k, 0.07, torch.rand(2600, generator=g), None, None, None, 0))
+for k in (17, 25, 40, 48, 100):  # K = 100: a whole masked tile is skipped by its raw products at any K
+    out.append(op(queries, keys, k, 0.07, torch.rand(2600, generator=g), mask, None, None, 0))
     out.append(op(queries, unit(9, 24)[torch.randint(0, 9, (2600,), generator=g)], k, 0.07, None, None, None, None, 0))
 # Scores that rise with the key index: every block of every row appends and the buffers are cut again
 # and again, at small and large K.

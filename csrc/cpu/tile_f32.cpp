@@ -81,13 +81,15 @@ bool fused_tile() { return width() != 0; }
 namespace {
 
 // How tile_select's AVX-512 loop passes over a row's block of 32 scores that holds no candidate. At
-// small k (a row's threshold is tight after the first key tile: about 1 block in 5 of a row has a
-// candidate at K = 10, fewer as the keys go on) a branch skips the block, on the raw products where
-// every key that can score has one bias (kRawFilter: one compare a key panel), else on the scores
+// small k (most of a row's blocks hold none once its threshold is known: at K = 10 about 1 in 5 over
+// the whole pass, fewer as the keys go on) a branch skips the block, on the raw products where every
+// key that can score has one bias (kRawFilter: one compare a key panel), else on the scores
 // (kScoreFilter). At larger k the rows with a candidate are close to random and that branch
-// mispredicted: every row appends its (possibly empty) compressed panels (kNoFilter).
+// mispredicted: every row appends its (possibly empty) compressed panels (kNoFilter). Measured on an
+// Intel Xeon (one thread, interleaved runs): the branch gained at K = 10 and T = 25 (local_density's
+// default), lost at K = 64 and 200.
 constexpr int kNoFilter = 0, kRawFilter = 1, kScoreFilter = 2;
-constexpr int64_t kFilterK = 16;
+constexpr int64_t kFilterK = 32;
 
 // kRawFilter's threshold on the raw products for a row whose threshold is thr, against keys whose
 // largest bias is bmax: a float t such that no product c <= t scores above thr, (c * inv_tau) + b
@@ -370,21 +372,20 @@ void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64
 #ifdef LLP_FAST_X86
   TORCH_CHECK(fused_tile(), "tile_select: this CPU has no AVX2 and FMA");
   if (width() == 512) {
-    if (rows.k > kFilterK) {
-      blocks_avx512<false, kNoFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
-    } else {
-      float bmax = -kInf, bmin = kInf;  // over the keys that can score (a masked key's bias is -inf)
-      for (int64_t j = 0; j < nc; ++j)
-        if (bias[j] > -kInf) {
-          bmax = std::max(bmax, bias[j]);
-          bmin = std::min(bmin, bias[j]);
-        }
-      if (bmax == -kInf || bmin == bmax) {  // one bias for every key that can score: the raw test is tight
-        for (int64_t r = 0; r < nr; ++r) rows.pre[r] = raw_threshold(rows.thr[r], bmax, inv_tau);
-        blocks_avx512<false, kRawFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
-      } else {
-        blocks_avx512<false, kScoreFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+    float bmax = -kInf, bmin = kInf;  // over the keys that can score (a masked key's bias is -inf)
+    for (int64_t j = 0; j < nc; ++j)
+      if (bias[j] > -kInf) {
+        bmax = std::max(bmax, bias[j]);
+        bmin = std::min(bmin, bias[j]);
       }
+    if (bmax == -kInf || (rows.k <= kFilterK && bmin == bmax)) {
+      // Every key masked (no row passes: at any k), or one bias for every key that can score.
+      for (int64_t r = 0; r < nr; ++r) rows.pre[r] = raw_threshold(rows.thr[r], bmax, inv_tau);
+      blocks_avx512<false, kRawFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+    } else if (rows.k <= kFilterK) {
+      blocks_avx512<false, kScoreFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+    } else {
+      blocks_avx512<false, kNoFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
     }
   }
   else

@@ -21,7 +21,7 @@
 //   1+2. float32 on CPUs with AVX2 and FMA: steps 1 and 2 fused (csrc/cpu/tile_f32.cpp): 6 query
 //      rows x 16 keys (AVX2) or 12 x 32 (AVX-512) of scores at a time in registers, from
 //      packed blocks (the keys once per call when they take at most 32 MB), compared with their
-//      rows' thresholds before they leave the registers (AVX-512, k <= 16: a row's block without a
+//      rows' thresholds before they leave the registers (AVX-512, k <= 32: a row's block without a
 //      candidate skipped by a branch, on the raw products when the keys share one bias); a score
 //      tile is written whole (and scanned as in step 2) only for a first key tile that the
 //      threshold's start reads (step 3) and in the rare pass run again for rows whose estimate
