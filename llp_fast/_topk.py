@@ -90,8 +90,11 @@ def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int, *, table
     step = _rows_per_chunk(values, max(num_classes if dense else k, k))
     for r0 in range(0, r, step):
         v, c = values[r0 : r0 + step], classes[r0 : r0 + step]
-        c = _classes_of(c, table)
-        w = torch.exp(v - v[:, :1])
+        # Padding (-inf, position -1) sorts last: a CPU chunk whose last column has no -inf has none
+        # (on a GPU the clamp is cheap and the test would wait for the device).
+        padded = v.device.type != "cpu" or bool(torch.isinf(v[:, -1]).any())
+        c = _classes_of(c, table, padded=padded)
+        w = (v - v[:, :1]).exp_()
         if dense:
             votes = torch.zeros(v.shape[0], num_classes, dtype=w.dtype, device=w.device).scatter_add_(1, c, w)
             # The first maximum: the lowest class id (max, not argmax: the same index, and on a CPU
@@ -113,12 +116,17 @@ def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int, *, table
     return label, conf
 
 
-def _classes_of(classes: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+def _classes_of(classes: torch.Tensor, table: torch.Tensor | None, padded: bool = True) -> torch.Tensor:
     """A chunk's class ids: ``classes`` itself, or read from ``table`` at those positions (padding's
-    -1 reads position 0: its weight is 0)."""
+    -1 reads position 0: its weight is 0). ``padded=False``: the caller knows no position is -1 (no
+    -inf value in the chunk: padding is -inf with position -1), so none is clamped (on a CPU the
+    clamp of a (rows, K) int64 block cost more than reading the table)."""
     if table is None:
         return classes.long()
-    return table.index_select(0, classes.reshape(-1).clamp_min(0)).view(classes.shape).long()
+    positions = classes.reshape(-1)
+    if padded:
+        positions = positions.clamp_min(0)
+    return table.index_select(0, positions).view(classes.shape).long()
 
 
 def class_shares(values: torch.Tensor, classes: torch.Tensor, num_classes: int, top: int, *, table=None):

@@ -297,6 +297,27 @@ def test_vote_reads_classes_from_a_table_as_it_votes(num_classes, k):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("num_classes,k", [(3, 7), (50, 4), (1000, 12)])
+def test_vote_chunks_with_and_without_padding(num_classes, k, monkeypatch):
+    """Chunks of a few rows (the CPU's chunk size patched small), padding in only some of them: a
+    chunk without -inf skips the clamp of its positions, one with it clamps; both equal the vote
+    over classes looked up beforehand, bit for bit."""
+    from llp_fast import _topk
+
+    width = max(num_classes if _topk._dense(k, num_classes) else k, k)  # a chunk's table width
+    monkeypatch.setitem(_topk._TABLE, "cpu", 8 * width)  # 8 rows a chunk
+    g = torch.Generator().manual_seed(k)
+    r, m = 97, 30
+    values = torch.randn(r, k, generator=g).sort(dim=1, descending=True).values
+    positions = torch.randint(0, m, (r, k), generator=g)
+    values[40:44, -1:], positions[40:44, -1:] = float("-inf"), -1  # padding in one chunk only
+    values[96, 1:], positions[96, 1:] = float("-inf"), -1
+    table = torch.randint(0, num_classes, (m,), generator=g)
+    got = vote(values, positions, num_classes, table=table)
+    want = vote(values, table[positions.clamp_min(0)], num_classes)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("num_classes,k", [(3, 7), (1000, 12)])  # the class table and the sorted one
 def test_vote_in_chunks_of_rows_is_the_vote_at_once(num_classes, k, monkeypatch):
     """The vote and the class shares taken a few rows at a time (the CPU's chunk of rows shrunk to
