@@ -373,11 +373,10 @@ void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64
   TORCH_CHECK(fused_tile(), "tile_select: this CPU has no AVX2 and FMA");
   if (width() == 512) {
     float bmax = -kInf, bmin = kInf;  // over the keys that can score (a masked key's bias is -inf)
-    for (int64_t j = 0; j < nc; ++j)
-      if (bias[j] > -kInf) {
-        bmax = std::max(bmax, bias[j]);
-        bmin = std::min(bmin, bias[j]);
-      }
+    for (int64_t j = 0; j < nc; ++j) {  // no branch on the mask (random masks mispredicted it)
+      bmax = std::max(bmax, bias[j]);
+      bmin = std::min(bmin, bias[j] > -kInf ? bias[j] : kInf);
+    }
     if (bmax == -kInf || (rows.k <= kFilterK && bmin == bmax)) {
       // Every key masked (no row passes: at any k), or one bias for every key that can score.
       for (int64_t r = 0; r < nr; ++r) rows.pre[r] = raw_threshold(rows.thr[r], bmax, inv_tau);
