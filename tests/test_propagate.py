@@ -318,6 +318,16 @@ def test_vote_chunks_with_and_without_padding(num_classes, k, monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_vote_of_no_neighbours_reads_no_table():
+    """K = 0 with a table (no column to look for padding in): label 0 and a NaN confidence (no
+    vote at all), as without a table, and no error."""
+    values, positions = torch.empty(3, 0), torch.empty(3, 0, dtype=torch.long)
+    got = vote(values, positions, 4, table=torch.tensor([2, 1, 3]))
+    want = vote(values, positions, 4)
+    assert torch.equal(got[0], torch.zeros(3, dtype=torch.long)) and torch.equal(got[0], want[0])
+    assert bool(torch.isnan(got[1]).all()) and bool(torch.isnan(want[1]).all())
+
+
 @pytest.mark.parametrize("num_classes,k", [(3, 7), (1000, 12)])  # the class table and the sorted one
 def test_vote_in_chunks_of_rows_is_the_vote_at_once(num_classes, k, monkeypatch):
     """The vote and the class shares taken a few rows at a time (the CPU's chunk of rows shrunk to

@@ -164,14 +164,23 @@ for k in (1, 5, 16):
     v, i = torch.ops.llp_fast.topk_scores.default(queries, keys, k, 0.07, None, None, None, None, 0)
     rv, ri = topk_scores_ref(queries, keys, k, 0.07)
     assert torch.equal(v, rv) and torch.equal(i, ri), (k, v, i)
+    # An earlier call's top-k (init) all 0, with higher indices: the floor just below its k-th best
+    # is a denormal; the keys' zeros still enter and win the ties by index.
+    for dtype in (torch.float32, torch.float64):
+        q, kk = queries.to(dtype), keys.to(dtype)
+        init_v, init_i = torch.zeros(3, k, dtype=dtype), torch.arange(6000, 6000 + k).repeat(3, 1)
+        v, i = torch.ops.llp_fast.topk_scores.default(q, kk, k, 0.07, None, None, init_v, init_i, 0)
+        rv, ri = topk_scores_ref(q, kk, k, 0.07, None, None, init_v, init_i, 0)
+        assert torch.equal(v, rv) and torch.equal(i, ri), (k, dtype, v, i, ri)
 print("ok")
 """
 
 
 def test_scores_of_zero_with_denormals_flushed():
     """Every score exactly 0, denormals flushed to zero (torch.set_flush_denormal, in a child
-    process): the first tile's lower bound sits below 0 by a normal number, not a denormal that
-    would read as 0, so the zeros are still chosen, in key order."""
+    process): the first tile's lower bound, and the floor below an earlier call's k-th best of 0
+    (init), sit below 0 by a normal number, not a denormal that would read as 0, so the zeros are
+    still chosen, in key order."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", FLUSHED], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -72,8 +72,12 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, co
     const at::Tensor kth = std::get<0>(init_v.min(1));
     const at::Tensor full = std::get<0>(init_i.min(1)).ge(0);
     floor = at::where(full, at::nextafter(kth, at::full_like(kth, -std::numeric_limits<double>::infinity())),
-                      at::full_like(kth, -std::numeric_limits<double>::infinity()))
-                .contiguous();
+                      at::full_like(kth, -std::numeric_limits<double>::infinity()));
+    // A k-th best of 0 (or a denormal) puts the floor at a denormal, which reads as 0 where denormals
+    // are flushed (torch.set_flush_denormal): a score of exactly 0 would not beat it. Any lower floor is
+    // as exact, so take minus the smallest normal number there (as RowsF32::bound does).
+    const double tiny = cdt == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+    floor = at::where(floor.abs().lt(tiny), at::full_like(floor, -tiny), floor).contiguous();
   }
   at::Tensor values = at::empty({nq, k}, queries.options().dtype(cdt));
   at::Tensor indices = at::empty({nq, k}, queries.options().dtype(at::kLong));
