@@ -98,11 +98,12 @@ def test_small_k_cut_at_three_k(k, tile, monkeypatch):
     """K from 17 to 48 over many key tiles: where the CPU cuts in registers (AVX-512) a row is cut
     each time it holds 3K candidates (up to 128 of them, counted in registers) and sorted the same
     way at the end; elsewhere by the bucket shrink. With a bias and a mask, and with neither (one
-    bias for every key): the reference's values and indices."""
+    bias for every key): the reference's values and indices. With the default tile, 530 queries:
+    query blocks taller than 252 rows where the CPU's L2 allows them at small K."""
     if tile:
         monkeypatch.setenv("LLP_FAST_CPU_TILE", tile)
     g = torch.Generator().manual_seed(k)
-    q, keys = _unit(27, 20, g), _unit(4000, 20, g)
+    q, keys = _unit(27 if tile else 530, 20, g), _unit(4000, 20, g)
     bias = torch.rand(4000, generator=g) * 2 - 1
     mask = torch.rand(4000, generator=g) < 0.7
     _same((q, keys, k, TAU, bias, mask, None, None, 0))

@@ -67,6 +67,10 @@
 #include <utility>
 #include <vector>
 
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the L2 size
+#endif
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -83,12 +87,29 @@ namespace topk {
 // topk_scores K = 10 and local_density T = 25 2-4% faster).
 // Fewer rows per block (a multiple of 12) when there are too few queries to give every thread a block.
 // LLP_FAST_CPU_TILE="rows,cols" overrides both (for tuning on other machines, and tests).
+// Fused tiles at small k (k <= kTallK) on a CPU with at least 1 MB of L2: 504 rows. Each query block
+// reads every packed key once (2.5 MB at M = 5,000, D = 128: more than such an L2, so from L3); twice
+// the rows halve that traffic, and the block (252 KB), a key tile (256 KB) and the rows' few
+// candidates still fit (Intel Xeon, 2 MB L2, one thread, interleaved: local_density T = 25 and
+// propagate K = 10 about 2% faster, topk_scores K = 10 about 1%; at K = 1000 the larger candidate
+// buffers made it 10-15% slower, hence small k only).
+constexpr int64_t kTallK = 48;
 struct Tile {
   int64_t rows = 252;
   int64_t cols = 512;
 };
 
-inline Tile tile_for(int64_t nq) {
+// The CPU's L2 size in bytes (0 where the system does not say).
+inline int64_t l2_bytes() {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  static const int64_t b = std::max<long>(0, sysconf(_SC_LEVEL2_CACHE_SIZE));
+  return b;
+#else
+  return 0;
+#endif
+}
+
+inline Tile tile_for(int64_t nq, int64_t k, bool fused) {
   Tile t;
   if (const char* s = std::getenv("LLP_FAST_CPU_TILE")) {
     long r = 0, c = 0;
@@ -98,6 +119,7 @@ inline Tile tile_for(int64_t nq) {
       return t;
     }
   }
+  if (fused && k <= kTallK && l2_bytes() >= (int64_t(1) << 20)) t.rows *= 2;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t share = (nq + threads - 1) / threads;
   t.rows = std::min(t.rows, std::max<int64_t>(12, (share + 11) / 12 * 12));
@@ -737,7 +759,18 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
   TORCH_CHECK(nk < kMaxKeys, "topk_scores_cpu: at most 2**32 - 1 keys a call");
   if (nq == 0) return;
-  const Tile tile = tile_for(nq);
+  // bf16 queries and keys where bf16 GEMMs run fast (bf16_gemm()): the blocks stay bf16 and the tile
+  // comes from the bf16 GEMM (a bf16 bank at the matrix units' speed); otherwise every block is in the
+  // compute dtype.
+  bool bf16 = false;
+  if constexpr (std::is_same<acc_t, float>::value)
+    bf16 = queries.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 && bf16_gemm();
+  // float32 tiles from the fused kernel where the CPU runs it (fused_tile()): the first key tile of a
+  // pass when the bound or the estimate reads its scores, and every tile of a pass run again, are
+  // stored (tile_store: the raw products, rows x nc) and scanned; every other tile is compared in
+  // registers (tile_select).
+  const bool fused = std::is_same<acc_t, float>::value && !bf16 && dim > 0 && fused_tile();
+  const Tile tile = tile_for(nq, k, fused);
   // Every product is a full (rows x cols) tile, the last query and key blocks padded with zero
   // rows: BLAS then computes each score with the same instructions wherever a key falls, so a
   // key's score does not depend on how the caller chunked the keys (topk_scores merges chunked
@@ -747,12 +780,6 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // The reference multiplies by the Python float 1/tau rounded to the compute type; so do we, so
   // that both see the same scores up to the matmul's summation order.
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-  // bf16 queries and keys where bf16 GEMMs run fast (bf16_gemm()): the blocks stay bf16 and the tile
-  // comes from the bf16 GEMM (a bf16 bank at the matrix units' speed); otherwise every block is in the
-  // compute dtype.
-  bool bf16 = false;
-  if constexpr (std::is_same<acc_t, float>::value)
-    bf16 = queries.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 && bf16_gemm();
   const at::ScalarType bdt = bf16 ? at::kBFloat16 : cdt;  // the blocks' dtype, as BLAS reads them
   // Blocks already in that dtype with unit column stride are read in place; others are converted (or
   // padded) one block at a time inside the task, so a bf16 bank is never copied whole.
@@ -790,11 +817,6 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // first tile (RowsF32::bound).
   static const bool no_bound = std::getenv("LLP_FAST_CPU_NO_BOUND") != nullptr;
   const bool bounded = std::is_same<acc_t, float>::value && !no_bound && !sampled && nk > cols && 2 * k <= kGroups;
-  // float32 tiles from the fused kernel where the CPU runs it (fused_tile()): the first key tile of a
-  // pass when the bound or the estimate reads its scores, and every tile of a pass run again, are
-  // stored (tile_store: the raw products, rows x nc) and scanned; every other tile is compared in
-  // registers (tile_select).
-  const bool fused = std::is_same<acc_t, float>::value && !bf16 && dim > 0 && fused_tile();
   const at::Tensor q_det = queries.detach(), k_det = keys.detach();  // see aggregation_loss_cpu.cpp
   // The fused kernel's key tiles packed once for all query blocks when they take at most 32 MB (else
   // each task packs a tile when it needs it, once per query block).
