@@ -367,8 +367,8 @@ bool cut_avx512(float* v, uint32_t* ix, int64_t n, int64_t k, float* kth) {
 // written to its place in (out_v, out_i). The places are 0..n-1, each once.
 template <int NQ>
 struct Rank {
-  __attribute__((target("avx512f,popcnt"))) static int run(int64_t n, const float* v, const uint32_t* ix,
-                                                           float* out_v, int64_t* out_i) {
+  __attribute__((target("avx512f,popcnt"))) static void run(int64_t n, const float* v, const uint32_t* ix,
+                                                            float* out_v, int64_t* out_i) {
     const __m512i one = _mm512_set1_epi32(1);
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 x[NQ];
@@ -393,7 +393,6 @@ struct Rank {
       out_v[at[t]] = v[t];
       out_i[at[t]] = ix[t];
     }
-    return 0;
   }
 };
 

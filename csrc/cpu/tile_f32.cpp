@@ -284,10 +284,10 @@ __attribute__((target("avx512f,avx2,popcnt"), always_inline)) inline void block5
         for (int p = 0; p < KP; ++p) any |= m[p];
         if (any == 0) continue;
       }
-      // No test for "any candidate here" before appending: which rows have one is close to random
-      // (a few dozen blocks of a row's first few hundred keys at K = 10, over half of them at
-      // K >= 100), so that branch mispredicted; the compress and the two stores of an empty panel
-      // cost less (topk_scores at K = 25..1000 faster by 2-8%, K = 10 unchanged, one thread).
+      // kNoFilter (larger k) appends without a test for "any candidate here": which rows have one is
+      // close to random (over half of a row's blocks at K >= 100), so that branch mispredicted; the
+      // compress and the two stores of an empty panel cost less (topk_scores at K = 25..1000 faster
+      // by 2-8%, one thread).
       if (rows->count[r] > rows->limit) {  // cut the row's buffer; its threshold rises
         rows->make_room(rows->owner, r);
         t = _mm512_set1_ps(rows->thr[r]);

@@ -87,13 +87,15 @@ namespace topk {
 // topk_scores K = 10 and local_density T = 25 2-4% faster).
 // Fewer rows per block (a multiple of 12) when there are too few queries to give every thread a block.
 // LLP_FAST_CPU_TILE="rows,cols" overrides both (for tuning on other machines, and tests).
-// Fused tiles at small k (k <= kTallK) on a CPU with at least 1 MB of L2: 504 rows. Each query block
+// Fused tiles at small k (k <= kSmallK) on a CPU with at least 1 MB of L2: 504 rows. Each query block
 // reads every packed key once (2.5 MB at M = 5,000, D = 128: more than such an L2, so from L3); twice
 // the rows halve that traffic, and the block (252 KB), a key tile (256 KB) and the rows' few
 // candidates still fit (Intel Xeon, 2 MB L2, one thread, interleaved: local_density T = 25 and
 // propagate K = 10 about 2% faster, topk_scores K = 10 about 1%; at K = 1000 the larger candidate
 // buffers made it 10-15% slower, hence small k only).
-constexpr int64_t kTallK = 48;
+// Small k: a row's candidates stay few (where the CPU cuts in registers its buffer is cut at 3k,
+// RowsF32::limit), and on the fused tile its query block may be tall.
+constexpr int64_t kSmallK = 48;
 struct Tile {
   int64_t rows = 252;
   int64_t cols = 512;
@@ -119,7 +121,7 @@ inline Tile tile_for(int64_t nq, int64_t k, bool fused) {
       return t;
     }
   }
-  if (fused && k <= kTallK && l2_bytes() >= (int64_t(1) << 20)) t.rows *= 2;
+  if (fused && k <= kSmallK && l2_bytes() >= (int64_t(1) << 20)) t.rows *= 2;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t share = (nq + threads - 1) / threads;
   t.rows = std::min(t.rows, std::max<int64_t>(12, (share + 11) / 12 * 12));
@@ -167,7 +169,6 @@ GroupsF32 groups_f32();
 // The k-th largest of n <= kSmallCut values (k <= n, no NaN) and how many are larger (-1: not found),
 // where the scan runs AVX-512 (csrc/cpu/scan_f32.cpp); nullptr elsewhere.
 constexpr int64_t kSmallCut = 128;
-constexpr int64_t kSmallLimitK = 48;  // RowsF32::limit: k up to this cut at 3k candidates
 using KthF32 = float (*)(const float* v, int64_t n, int64_t k, int64_t* larger);
 KthF32 kth_f32();
 // RowsF32::cut for n <= kSmallCut candidates in (v, ix): keeps the k best (ties: the first in key order)
@@ -374,7 +375,7 @@ struct RowsF32 {
     // are cut once they hold 3k (kRoom would let a row collect 2k + 128 first), so that the
     // threshold rises sooner and each cut stays a cut in registers: the row holds at most 3k - 1
     // when it appends its next 32 keys (one block of tile_select).
-    if (cut_small != nullptr && k <= kSmallLimitK) limit = std::min<int64_t>(kSmallCut - 32, 3 * k - 1);
+    if (cut_small != nullptr && k <= kSmallK) limit = std::min<int64_t>(kSmallCut - 32, 3 * k - 1);
   }
 
   void start(int64_t r, float f) {
@@ -487,9 +488,10 @@ struct RowsF32 {
     thr[r] = std::max(floor[r], value_of(kth));
   }
 
-  // The cut of a bounded row after each tile (K <= 16: a few dozen candidates): exact_shrink's cut in
-  // registers where the CPU has AVX-512 (cut_small: the k-th best by counting, the kept candidates
-  // compressed to the front), else shrink.
+  // A cut of row r's buffer to its best k: a bounded row's after each tile, and tile_select's when a
+  // row holds more than `limit`. Exactly and in registers where the CPU has AVX-512 and the row holds
+  // at most kSmallCut (cut_small: the k-th best by counting, the kept candidates compressed to the
+  // front), else shrink.
   void cut(int64_t r) {
     const int64_t n = count[r];
     if (n <= k) return;
