@@ -110,6 +110,47 @@ def test_small_k_cut_at_three_k(k, tile, monkeypatch):
     _same((q, keys, k, TAU, None, None, None, None, 0))
 
 
+@pytest.mark.parametrize("layout", ["float32", "strided", "bfloat16"])
+@pytest.mark.parametrize("q", [9, 600])
+@pytest.mark.parametrize("k", [5, 40, 200])
+def test_masked_keys_are_skipped(k, q, layout):
+    """Masked keys (the mask, or a bias of -inf) take no part: the keys that can score are packed one
+    after another and their positions mapped back. The first 1,500 of 5,000 keys masked (whole key
+    tiles, as a bank whose labeled rows come first is in local_density: the threshold's bound or
+    estimate then reads the first tile of keys that can score) and a quarter of the rest at random;
+    keys read in place, from a strided view and from bf16 (gathered and converted a tile at a time);
+    a query block at a time (q = 9) or the keys packed once for many (q = 600); then every key but
+    three masked, every key masked, and the keys in chunks merged with init equal to one call."""
+    g = torch.Generator().manual_seed(k + q)
+    n, d = 5000, 20
+    keys = _unit(n, d, g)
+    if layout == "strided":
+        wide = torch.zeros(n, 2 * d)
+        wide[:, ::2] = keys
+        keys = wide[:, ::2]
+    elif layout == "bfloat16":
+        keys = keys.to(torch.bfloat16)
+    queries = _unit(q, d, g)
+    mask = torch.rand(n, generator=g) < 0.75
+    mask[:1500] = False
+    bias = torch.rand(n, generator=g) * 2 - 1
+    bias[torch.rand(n, generator=g) < 0.05] = -float("inf")  # a bias of -inf masks a key too
+    v, i = _same((queries, keys, k, TAU, bias, mask, None, None, 0))
+    live = mask & (bias > -float("inf"))
+    assert bool(live[i.clamp_min(0)][i >= 0].all())
+    top = (None, None)
+    for c0 in range(0, n, 1700):
+        c1 = min(c0 + 1700, n)
+        top = OP(queries, keys[c0:c1], k, TAU, bias[c0:c1], mask[c0:c1], *top, c0)
+    assert torch.equal(top[0], v) and torch.equal(top[1], i)
+    few = torch.zeros(n, dtype=torch.bool)
+    few[[3, 2600, 4999]] = True
+    v, i = _same((queries, keys, k, TAU, bias.clamp_min(-1), few, None, None, 0))
+    assert sorted(i[0, :3].tolist()) == [3, 2600, 4999] and bool((i[:, 3:] == -1).all())
+    v, i = OP(queries, keys, k, TAU, None, torch.zeros(n, dtype=torch.bool), None, None, 0)
+    assert bool((i == -1).all()) and bool(torch.isinf(v).all())
+
+
 @pytest.mark.parametrize("k", [7, 300])
 def test_chunks_with_init_equal_one_call(k):
     """The keys in chunks, each call merging the previous one's top-k (init) and starting from its

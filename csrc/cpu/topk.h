@@ -42,6 +42,9 @@
 //      cluster, by a stable radix sort on the scores' bits, or where the scan runs AVX-512 and it
 //      holds at most 128, each candidate placed by the count of those that beat it; equal scores
 //      keep key order every way) and handed to the caller's finish.
+// On the fused path masked keys (bias -inf) are left out before step 1: the keys that can score are
+// packed one after another and a candidate's position maps back to its row at the end, so a mask costs
+// nothing and the first key tile always holds keys that can score.
 // The order is the op's: score descending, equal scores by the lower key index. float64 keeps
 // (value, index) pairs and std::nth_element / std::sort with that order.
 // Parallelism: at::parallel_for over blocks of query rows; BLAS runs single-threaded inside each
@@ -196,7 +199,8 @@ bool fused_tile();
 // n rows of a (row stride lda) into panels of 6 rows, [panel][d][6], zero rows after the last (out:
 // panel_rows(n) x dim floats); n keys of b into panels of 16 keys, [panel][d][16], likewise.
 void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* out);
-void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out);
+// (rows: the keys are b's rows rows[0, n), in that order; b's first n rows where it is null.)
+void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out, const uint32_t* rows = nullptr);
 // The raw products of the nr packed queries and nc packed keys into s[0, nr) x [0, nc) (row stride lds),
 // in the place of the BLAS tile (each the same FMA sequence over d wherever the key falls: the same
 // values tile_select compares).
@@ -327,6 +331,24 @@ struct Buckets {
   }
 };
 
+// RowsF32::estimate's sample rank: about the m-th best of a row's n sample scores (out of `total` keys)
+// is its threshold, m well above the share k * n / total that the row's best k would have in a random
+// sample (4 standard deviations and 4 more).
+inline int64_t estimate_rank(int64_t k, int64_t n, int64_t total) {
+  const double e = static_cast<double>(k) * static_cast<double>(n) / static_cast<double>(total);
+  return static_cast<int64_t>(std::ceil(e + 4.0 * std::sqrt(e) + 4.0));
+}
+
+// How many candidates a row whose threshold starts at that estimate keeps, with room to spare: about
+// m * total / n on average, half as many again for the spread of the sample's m-th best (its count is
+// about Poisson(m)), so that a row rarely fills its buffer and cuts it (when k * n / total is small, m
+// is several times the share and a buffer of 3k would be cut at least once: the cut, a pass over the
+// whole buffer, then cost more than its candidates).
+inline int64_t estimate_room(int64_t k, int64_t n, int64_t total) {
+  const int64_t m = estimate_rank(k, n, total);
+  return static_cast<int64_t>(1.5 * static_cast<double>(m) * static_cast<double>(total) / static_cast<double>(n));
+}
+
 // The running top-k of the rows of one query block, float32: per row a buffer of (value, key index)
 // in key order, its count, and its threshold (a score must be > threshold to matter: a value that at
 // least k buffered candidates reach, else the row's floor).
@@ -352,9 +374,11 @@ struct RowsF32 {
   std::vector<char> soft;  // the row's threshold is an estimate (see estimate), checked at the end
   int64_t limit = cap - kRoom;
 
-  RowsF32(int64_t rows, int64_t k_, int64_t cols)
+  // expect: how many candidates a row is expected to keep beyond the first k (estimate_room, where the
+  // threshold starts at an estimate; else 0): the buffer holds at least that many before it is cut.
+  RowsF32(int64_t rows, int64_t k_, int64_t cols, int64_t expect = 0)
       : k(k_),
-        cap(k_ + std::max<int64_t>(2 * k_, 2 * kBlock) + kRoom),
+        cap(k_ + std::max<int64_t>(std::max<int64_t>(2 * k_, 2 * kBlock), expect) + kRoom),
         vals(static_cast<size_t>(rows * cap)),
         idx(static_cast<size_t>(rows * cap)),
         count(rows),
@@ -394,8 +418,7 @@ struct RowsF32 {
   // bound: finish() is exact only if at least k scores beat it, which failed() checks; a row that
   // fails is run again without one (fused_topk).
   void estimate(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau, int64_t total) {
-    const double e = static_cast<double>(k) * static_cast<double>(n) / static_cast<double>(total);
-    const int64_t m = static_cast<int64_t>(std::ceil(e + 4.0 * std::sqrt(e) + 4.0));
+    const int64_t m = estimate_rank(k, n, total);
     float* x = sample.data();
     int64_t c = 0;
     for (int64_t j = 0; j < n; ++j) {
@@ -699,7 +722,7 @@ struct RowsF64 {
   std::vector<double> out_v;
   std::vector<int64_t> out_i;
 
-  RowsF64(int64_t rows, int64_t k_, int64_t /*cols*/)
+  RowsF64(int64_t rows, int64_t k_, int64_t /*cols*/, int64_t /*expect*/ = 0)
       : k(k_), cap(2 * k_ + kRoom), buf(static_cast<size_t>(rows * cap)), count(rows), floor(rows), thr(rows),
         out_v(k_), out_i(k_) {}
 
@@ -773,6 +796,33 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // registers (tile_select).
   const bool fused = std::is_same<acc_t, float>::value && !bf16 && dim > 0 && fused_tile();
   const Tile tile = tile_for(nq, k, fused);
+  // Masked keys (bias -inf: never above a threshold, never chosen) cost nothing on the fused path: the
+  // keys that can score are packed one after another in key order (live[j]: the row in `keys` of the
+  // j-th of them, with its bias in live_bias[j]), the selection runs over them alone, and a candidate's
+  // position is mapped back through `live` before the caller's finish. Key order is kept, so equal
+  // scores still go to the lower key index; the fused kernel computes a key's product the same
+  // wherever its tile starts; and the first key tile, which the threshold's bound or estimate reads,
+  // holds keys that can score (a bank whose labeled rows come first masks whole tiles of it in
+  // local_density). A NaN bias is not a mask: such keys stay.
+  std::vector<uint32_t> live;
+  std::vector<acc_t> live_bias;
+  int64_t n_run = nk;  // the keys the selection runs over
+  const acc_t* bias_run = bias;
+  if (fused) {
+    int64_t n_live = 0;
+    for (int64_t j = 0; j < nk; ++j) n_live += !(bias[j] == -std::numeric_limits<acc_t>::infinity());
+    if (n_live < nk) {
+      live.resize(static_cast<size_t>(n_live));
+      live_bias.resize(static_cast<size_t>(n_live));
+      for (int64_t j = 0, w = 0; j < nk; ++j) {
+        if (bias[j] == -std::numeric_limits<acc_t>::infinity()) continue;
+        live[w] = static_cast<uint32_t>(j);
+        live_bias[w++] = bias[j];
+      }
+      n_run = n_live;
+      bias_run = live_bias.data();
+    }
+  }
   // Every product is a full (rows x cols) tile, the last query and key blocks padded with zero
   // rows: BLAS then computes each score with the same instructions wherever a key falls, so a
   // key's score does not depend on how the caller chunked the keys (topk_scores merges chunked
@@ -814,25 +864,40 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // Large k against many keys: each row's threshold is first estimated from the first key tile
   // (RowsF32::estimate); LLP_FAST_CPU_NO_ESTIMATE=1 turns it off (tests, comparisons).
   static const bool no_estimate = std::getenv("LLP_FAST_CPU_NO_ESTIMATE") != nullptr;
-  const bool sampled = std::is_same<acc_t, float>::value && !no_estimate && k >= 32 && nk >= 4 * cols;
+  const bool sampled = std::is_same<acc_t, float>::value && !no_estimate && k >= 32 && n_run >= 4 * cols;
   // Small k against more than one key tile: each row's threshold starts at a lower bound taken from its
   // first tile (RowsF32::bound).
   static const bool no_bound = std::getenv("LLP_FAST_CPU_NO_BOUND") != nullptr;
-  const bool bounded = std::is_same<acc_t, float>::value && !no_bound && !sampled && nk > cols && 2 * k <= kGroups;
+  const bool bounded = std::is_same<acc_t, float>::value && !no_bound && !sampled && n_run > cols && 2 * k <= kGroups;
   const at::Tensor q_det = queries.detach(), k_det = keys.detach();  // see aggregation_loss_cpu.cpp
   // The fused kernel's key tiles packed once for all query blocks when they take at most 32 MB (else
   // each task packs a tile when it needs it, once per query block).
   const int64_t per_tile = fused ? panel_keys(cols) * dim : 0;
-  const int64_t key_tiles = (nk + cols - 1) / cols;
+  const int64_t key_tiles = (n_run + cols - 1) / cols;
+  // Key tile [c0, c0 + nc) of the keys the selection runs over, packed into out (buf: its staging).
+  auto pack_key_tile = [&](at::Tensor& buf, int64_t c0, int64_t nc, float* out) {
+    if (live.empty()) {
+      const auto [ka, ldb] = stage(k_det, k_direct, buf, c0, nc, cols);
+      pack_keys(static_cast<const float*>(ka), ldb, nc, dim, out);
+    } else if (k_direct) {
+      pack_keys(static_cast<const float*>(k_det.const_data_ptr()), k_det.stride(0), nc, dim, out, live.data() + c0);
+    } else {  // keys in another dtype or layout: the tile's rows gathered and converted first
+      at::Tensor at_rows = at::empty({nc}, at::kLong);
+      int64_t* rows_of = at_rows.data_ptr<int64_t>();
+      for (int64_t j = 0; j < nc; ++j) rows_of[j] = live[c0 + j];
+      buf.narrow(0, 0, nc).copy_(k_det.index_select(0, at_rows));
+      buf.narrow(0, nc, cols - nc).zero_();
+      pack_keys(static_cast<const float*>(buf.const_data_ptr()), dim, nc, dim, out);
+    }
+  };
   std::vector<float> keys_packed;
   if (fused && key_tiles * per_tile <= (int64_t(32) << 20) / int64_t(sizeof(float)) && nq > rows) {
     keys_packed.resize(static_cast<size_t>(key_tiles * per_tile));
     at::parallel_for(0, key_tiles, 1, [&](int64_t t0, int64_t t1) {
       at::Tensor buf = at::zeros({cols, dim}, queries.options().dtype(bdt));
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t c0 = t * cols, nc = std::min(cols, nk - c0);
-        const auto [ka, ldb] = stage(k_det, k_direct, buf, c0, nc, cols);
-        pack_keys(static_cast<const float*>(ka), ldb, nc, dim, keys_packed.data() + t * per_tile);
+        const int64_t c0 = t * cols, nc = std::min(cols, n_run - c0);
+        pack_key_tile(buf, c0, nc, keys_packed.data() + t * per_tile);
       }
     });
   }
@@ -843,7 +908,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     at::Tensor q_buf = at::zeros({rows, dim}, opts.dtype(bdt));
     at::Tensor k_buf = at::zeros({cols, dim}, opts.dtype(bdt));
     acc_t* s = scores.data_ptr<acc_t>();
-    Rows<acc_t> top(rows, k, cols);
+    Rows<acc_t> top(rows, k, cols, sampled ? estimate_room(k, std::min(cols, n_run), n_run) - k : 0);
     std::vector<acc_t> bmax(static_cast<size_t>((cols + kBlock - 1) / kBlock));
     std::vector<int64_t> redo;
     // The fused kernel's packed query block and key tile.
@@ -862,8 +927,8 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
           const int64_t r = all ? i : redo[i];
           top.start(r, floor != nullptr ? floor[r0 + r] : -std::numeric_limits<acc_t>::infinity());
         }
-        for (int64_t c0 = 0; c0 < nk; c0 += cols) {
-          const int64_t nc = std::min(cols, nk - c0);
+        for (int64_t c0 = 0; c0 < n_run; c0 += cols) {
+          const int64_t nc = std::min(cols, n_run - c0);
           // The tile: compared in registers (fused, and no bound or estimate reads its scores), or a
           // score tile, from the fused kernel or the BLAS, scanned row by row.
           bool in_registers = false;
@@ -871,13 +936,12 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
             if (fused) {
               const float* kp = keys_packed.empty() ? nullptr : keys_packed.data() + (c0 / cols) * per_tile;
               if (kp == nullptr) {
-                const auto [ka, ldb] = stage(k_det, k_direct, k_buf, c0, nc, cols);
-                pack_keys(static_cast<const float*>(ka), ldb, nc, dim, k_pack.data());
+                pack_key_tile(k_buf, c0, nc, k_pack.data());
                 kp = k_pack.data();
               }
               in_registers = all && (c0 > 0 || (!sampled && !bounded));
               if (in_registers)
-                tile_select(q_pack.data(), nr, kp, nc, dim, bias + c0, inv_tau, static_cast<uint32_t>(c0),
+                tile_select(q_pack.data(), nr, kp, nc, dim, bias_run + c0, inv_tau, static_cast<uint32_t>(c0),
                             top.tile_rows());
               else
                 tile_store(q_pack.data(), nr, kp, nc, dim, s, cols);
@@ -900,14 +964,14 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
             if constexpr (std::is_same<acc_t, float>::value)
               for (int64_t b = 0, j = 0; j < nc; ++b, j += kBlock) {
                 acc_t hi = -kInf;
-                for (int64_t i = j; i < std::min(nc, j + kBlock); ++i) hi = std::max(hi, bias[c0 + i]);
+                for (int64_t i = j; i < std::min(nc, j + kBlock); ++i) hi = std::max(hi, bias_run[c0 + i]);
                 bmax[b] = hi;
               }
             for (int64_t i = 0; i < n_rows; ++i) {
               const int64_t r = all ? i : redo[i];
-              if (c0 == 0 && all && sampled) top.estimate(r, s + r * cols, bias, nc, inv_tau, nk);
-              if (c0 == 0 && all && bounded) top.bound(r, s + r * cols, bias, nc, inv_tau);
-              top.scan_row(r, s + r * cols, bias + c0, bmax.data(), nc, inv_tau, static_cast<uint32_t>(c0));
+              if (c0 == 0 && all && sampled) top.estimate(r, s + r * cols, bias_run, nc, inv_tau, n_run);
+              if (c0 == 0 && all && bounded) top.bound(r, s + r * cols, bias_run, nc, inv_tau);
+              top.scan_row(r, s + r * cols, bias_run + c0, bmax.data(), nc, inv_tau, static_cast<uint32_t>(c0));
             }
           }
           // A bounded row cuts its few candidates after each tile, so that its threshold keeps rising
@@ -927,6 +991,8 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
 
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t n = top.finish(r);
+        if (!live.empty())  // positions among the keys that can score -> rows of `keys`
+          for (int64_t t = 0; t < n; ++t) top.out_i[t] = live[top.out_i[t]];
         finish(r0 + r, top.out_v.data(), top.out_i.data(), n);
       }
     }
