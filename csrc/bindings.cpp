@@ -33,6 +33,7 @@ TORCH_LIBRARY_IMPL(llp_fast, CPU, m) {
   m.impl("topk_scores", &llp_fast::topk_scores_cpu);
   m.impl("aggregation_loss", &llp_fast::aggregation_loss_cpu);
   m.impl("aggregation_loss_backward", &llp_fast::aggregation_loss_backward_cpu);
+  m.impl("vote", &llp_fast::vote_cpu);
 }
 
 #ifdef LLP_FAST_WITH_CUDA

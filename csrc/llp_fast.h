@@ -40,4 +40,9 @@ at::Tensor aggregation_loss_backward_cpu(const at::Tensor& v, const at::Tensor& 
                                          const at::Tensor& lse_pos, const at::Tensor& coef_all,
                                          const at::Tensor& coef_pos, double tau);
 
+// llp_fast::vote(values, classes, table, num_classes) -> (label int64 (r,), confidence (r,)): propagate's
+// density-weighted vote of the top-K (docs/method.md §1.2) where it sums in a (rows, classes) table.
+std::tuple<at::Tensor, at::Tensor> vote_cpu(const at::Tensor& values, const at::Tensor& classes,
+                                            const std::optional<at::Tensor>& table, int64_t num_classes);
+
 }  // namespace llp_fast

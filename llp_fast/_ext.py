@@ -37,6 +37,7 @@ CPU_SOURCES = (
     "cpu/scan_f32.cpp",
     "cpu/tile_f32.cpp",
     "cpu/topk_scores_cpu.cpp",
+    "cpu/vote_cpu.cpp",
 )
 CUDA_SOURCES = ("cuda/bank_update_cuda.cu",)
 HEADERS = ("llp_fast.h", "cpu/topk.h", "cpu/left_pack.h")

@@ -6,6 +6,8 @@ Every op's default body is its pure-PyTorch reference (``llp_fast.reference``). 
 a C++/CUDA kernel from the compiled extension on some devices (``extension``), a Triton launcher for
 CUDA (``triton``, in ``llp_fast.kernels``), or is computed through another op (``via``): the top-K
 selection of ``topk_scores``, then a finisher of ``llp_fast._topk`` (docs/method.md §1.1, §1.2).
+One finisher is itself an op: ``vote``, whose default body is ``_topk.vote_torch`` and which the
+extension serves on CPU (where it sums in a (rows, classes) table).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ OPS: dict[str, Op] = {
     "aggregation_loss_backward": Op(extension=("cpu",), triton="aggregation_loss_backward_triton"),
     "aggregation_loss_fused": Op(triton="aggregation_loss_fused_triton"),
     "bank_update_": Op(extension=("cpu", "cuda")),
+    "vote": Op(extension=("cpu",)),
 }
 
 

@@ -71,7 +71,18 @@ def _dense(k: int, num_classes: int) -> bool:
 
 
 def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int, *, table: torch.Tensor | None = None):
-    """docs/method.md §1.2's finish: ``values`` (r, k) the top-K scores of each row sorted descending
+    """docs/method.md §1.2's finish, :func:`vote_torch`'s result: on a CPU with few classes (the
+    (rows, classes) table of :func:`_dense`) through the op ``llp_fast::vote``, whose kernel in the
+    compiled extension (``csrc/cpu/vote_cpu.cpp``) gives the same bits without building a (rows, k)
+    table of classes (its default body, without the extension, is :func:`vote_torch`); elsewhere
+    :func:`vote_torch` itself."""
+    if values.device.type == "cpu" and _dense(values.shape[1], num_classes):
+        return torch.ops.llp_fast.vote(values, classes, table, num_classes)
+    return vote_torch(values, classes, num_classes, table=table)
+
+
+def vote_torch(values: torch.Tensor, classes: torch.Tensor, num_classes: int, *, table: torch.Tensor | None = None):
+    """docs/method.md §1.2's finish in PyTorch: ``values`` (r, k) the top-K scores of each row sorted descending
     (``-inf`` padding last), ``classes`` (r, k) their class ids (any id in [0, num_classes) at
     padding). Each neighbour votes with ``exp(score - best)`` (the row maximum subtracted); the
     label is the class with the largest sum, ties to the lowest class id; the confidence is that

@@ -299,9 +299,9 @@ def test_vote_reads_classes_from_a_table_as_it_votes(num_classes, k):
 
 @pytest.mark.parametrize("num_classes,k", [(3, 7), (50, 4), (1000, 12)])
 def test_vote_chunks_with_and_without_padding(num_classes, k, monkeypatch):
-    """Chunks of a few rows (the CPU's chunk size patched small), padding in only some of them: a
-    chunk without -inf skips the clamp of its positions, one with it clamps; both equal the vote
-    over classes looked up beforehand, bit for bit."""
+    """The PyTorch body's chunks of a few rows (the CPU's chunk size patched small), padding in only
+    some of them: a chunk without -inf skips the clamp of its positions, one with it clamps; both
+    equal the vote over classes looked up beforehand, bit for bit."""
     from llp_fast import _topk
 
     width = max(num_classes if _topk._dense(k, num_classes) else k, k)  # a chunk's table width
@@ -313,8 +313,8 @@ def test_vote_chunks_with_and_without_padding(num_classes, k, monkeypatch):
     values[40:44, -1:], positions[40:44, -1:] = float("-inf"), -1  # padding in one chunk only
     values[96, 1:], positions[96, 1:] = float("-inf"), -1
     table = torch.randint(0, num_classes, (m,), generator=g)
-    got = vote(values, positions, num_classes, table=table)
-    want = vote(values, table[positions.clamp_min(0)], num_classes)
+    got = _topk.vote_torch(values, positions, num_classes, table=table)
+    want = _topk.vote_torch(values, table[positions.clamp_min(0)], num_classes)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -328,6 +328,46 @@ def test_vote_of_no_neighbours_reads_no_table():
     assert bool(torch.isnan(got[1]).all()) and bool(torch.isnan(want[1]).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("table_dtype", [None, torch.int64, torch.int32, torch.int16, torch.float32])
+@pytest.mark.parametrize("num_classes,k", [(10, 40), (3, 1), (200, 35), (7, 0)])
+def test_vote_kernel_equals_the_pytorch_body(num_classes, k, table_dtype, dtype):
+    """On CPU with few classes ``vote`` runs the op ``llp_fast::vote`` (the extension's kernel where
+    it is built): bit for bit ``vote_torch``, over several of the kernel's chunks of rows, with
+    padding, a row without any neighbour, the selection's columns sliced (strided), class ids given
+    directly or read from a table of any integer dtype (or floats, read as int64)."""
+    from llp_fast import _topk
+
+    assert _topk._dense(k, num_classes)
+    g = torch.Generator().manual_seed(k + num_classes)
+    r, m = 7001 if k == 40 else 301, 60
+    values = torch.randn(r, k + 5, generator=g, dtype=dtype).sort(dim=1, descending=True).values[:, :k]
+    values[::7, max(k - 3, 0) :] = float("-inf")
+    if k:
+        values[5] = float("-inf")
+    if table_dtype is None:
+        table, classes = None, torch.randint(0, num_classes, (r, k + 5), generator=g)[:, :k]
+    else:
+        table = torch.randint(0, num_classes, (m,), generator=g).to(table_dtype)
+        classes = torch.randint(0, m, (r, k + 5), generator=g)[:, :k].masked_fill(values == float("-inf"), -1)
+    _topk.vote_torch(values, classes, num_classes, table=table)  # ATen's first exp in a process may
+    vote(values, classes, num_classes, table=table)  # split its threads otherwise: both warmed up
+    got = vote(values, classes, num_classes, table=table)
+    want = _topk.vote_torch(values, classes, num_classes, table=table)
+    assert torch.equal(got[0], want[0]) and got[1].dtype == want[1].dtype == dtype
+    assert torch.equal(got[1].nan_to_num(-1.0), want[1].nan_to_num(-1.0))
+
+
+def test_vote_kernel_rejects_positions_past_the_table_and_bad_class_ids():
+    values = torch.tensor([[0.5, 0.25]])
+    with pytest.raises((RuntimeError, IndexError), match="past the class table|out of range|index"):
+        vote(values, torch.tensor([[0, 9]]), 3, table=torch.tensor([0, 1, 2]))
+    with pytest.raises((RuntimeError, IndexError), match="not in \\[0, 3\\)|out of bounds|index"):
+        vote(values, torch.tensor([[0, 1]]), 3, table=torch.tensor([0, 5]))
+    with pytest.raises((RuntimeError, IndexError), match="not in \\[0, 3\\)|out of bounds|index"):
+        vote(values, torch.tensor([[0, -2]]), 3)
+
+
 @pytest.mark.parametrize("num_classes,k", [(3, 7), (1000, 12)])  # the class table and the sorted one
 def test_vote_in_chunks_of_rows_is_the_vote_at_once(num_classes, k, monkeypatch):
     """The vote and the class shares taken a few rows at a time (the CPU's chunk of rows shrunk to
@@ -338,9 +378,9 @@ def test_vote_in_chunks_of_rows_is_the_vote_at_once(num_classes, k, monkeypatch)
     r = 97
     values = torch.randn(r, k, generator=g).sort(dim=1, descending=True).values
     classes = torch.randint(0, num_classes, (r, k), generator=g)
-    whole = vote(values, classes, num_classes), _topk.class_shares(values, classes, num_classes, 3)
+    whole = _topk.vote_torch(values, classes, num_classes), _topk.class_shares(values, classes, num_classes, 3)
     monkeypatch.setattr(_topk, "_TABLE", {"cpu": 5 * max(num_classes, k)})
-    chunked = vote(values, classes, num_classes), _topk.class_shares(values, classes, num_classes, 3)
+    chunked = _topk.vote_torch(values, classes, num_classes), _topk.class_shares(values, classes, num_classes, 3)
     for a, b in zip(whole, chunked):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 

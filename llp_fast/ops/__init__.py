@@ -12,6 +12,7 @@ from .bank_update import bank_update_
 from .local_density import local_density
 from .propagate import neighbours, propagate
 from .topk_scores import topk_scores
+from .vote import vote_op as _vote_op  # noqa: F401  (declares llp_fast::vote)
 
 __all__ = [
     "aggregation_loss",

@@ -40,7 +40,8 @@ def backends(*, last: bool = False) -> dict[str, dict[str, tuple[str, str]]]:
     Returns ``{op: {device: (implementation, why)}}`` for the ops ``topk_scores``,
     ``local_density``, ``propagate``, ``aggregation_loss``, ``aggregation_loss_backward``,
     ``aggregation_loss_fused`` (what ``aggregation_loss`` runs on CUDA in bf16/fp16 when ``v``
-    needs a gradient) and ``bank_update_`` on ``"cpu"`` and ``"cuda"``; the implementation is
+    needs a gradient), ``bank_update_`` and ``vote`` (``propagate``'s finish on CPU with few
+    classes, ``llp_fast._topk.vote``) on ``"cpu"`` and ``"cuda"``; the implementation is
     ``"extension"``, ``"triton"``, ``"reference"`` or ``"none"`` (no CUDA GPU). For example
     ``{"topk_scores": {"cpu": ("extension", "llp_fast._C loaded"), "cuda": ("triton", ...)}}``,
     or ``("reference", "LLP_FAST_DISABLE_EXT=1")``, ``("reference", "extension not built:
