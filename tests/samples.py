@@ -146,6 +146,31 @@ def _bank_update_(dtype, device):
         yield (bank, torch.randint(0, n, (b,)).to(device), _unit(b, d, dtype, device), 0.5), f"N{n}-D{d}-B{b}"
 
 
+def _vote(dtype, device):
+    # (rows, K, classes, table size or None, padded): one neighbour, padding, class ids given
+    # directly, a table, many rows (several of the CPU kernel's chunks), strided columns
+    for r, k, c, m, padded in [
+        (1, 1, 1, None, False),
+        (13, 7, 3, 40, True),
+        (9, 5, 40, None, True),
+        (0, 4, 2, 10, False),
+        (2100, 130, 10, 700, True),
+    ]:
+        values = torch.randn(r, k + 2, dtype=torch.float64).sort(dim=1, descending=True).values[:, :k]
+        if m is None:
+            classes = torch.randint(0, c, (r, k + 2))[:, :k]
+        else:
+            classes = torch.randint(0, m, (r, k + 2))[:, :k]
+        if padded:
+            values[::3, -2:] = float("-inf")  # (a row without any neighbour, a NaN confidence that
+            # opcheck's comparison does not take as equal: tests/test_propagate.py's vote tests)
+            if m is not None:
+                classes = classes.masked_fill(values == float("-inf"), -1)
+        table = None if m is None else torch.randint(0, c, (m,)).to(device)
+        args = (values.to(device, dtype), classes.to(device), table, c)
+        yield args, f"r{r}-k{k}-C{c}" + (f"-table{m}" if m else "") + "-pad" * padded
+
+
 _MAKERS = {
     "topk_scores": _topk_scores,
     "propagate": _propagate,
@@ -154,6 +179,7 @@ _MAKERS = {
     "aggregation_loss_fused": _aggregation_loss,
     "aggregation_loss_backward": _aggregation_loss_backward,
     "bank_update_": _bank_update_,
+    "vote": _vote,
 }
 
 

@@ -358,6 +358,21 @@ def test_vote_kernel_equals_the_pytorch_body(num_classes, k, table_dtype, dtype)
     assert torch.equal(got[1].nan_to_num(-1.0), want[1].nan_to_num(-1.0))
 
 
+@pytest.mark.parametrize("name", sample_ids("vote"))
+def test_vote_op_equals_the_pytorch_body_on_every_sample(name):
+    """The op ``llp_fast::vote`` (the extension's kernel on CPU where it is built) on every sample of
+    tests/samples.py, every dtype: bit for bit ``vote_torch``."""
+    from llp_fast import _topk
+
+    values, classes, table, c = sample("vote", name).args
+    _topk.vote_torch(values, classes, c, table=table)  # both warmed up (ATen's first exp, above)
+    torch.ops.llp_fast.vote.default(values, classes, table, c)
+    got = torch.ops.llp_fast.vote.default(values, classes, table, c)
+    want = _topk.vote_torch(values, classes, c, table=table)
+    assert torch.equal(got[0], want[0]) and got[1].dtype == want[1].dtype
+    assert torch.equal(got[1].nan_to_num(-1.0), want[1].nan_to_num(-1.0))
+
+
 def test_vote_kernel_rejects_positions_past_the_table_and_bad_class_ids():
     values = torch.tensor([[0.5, 0.25]])
     with pytest.raises((RuntimeError, IndexError), match="past the class table|out of range|index"):

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "../llp_fast.h"
@@ -79,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> vote_cpu(const at::Tensor& values, const at::
     tab = (t == at::kInt || t == at::kLong ? *table : table->to(at::kLong)).contiguous();
   }
   const int64_t step = std::max<int64_t>(1, kEntries / std::max<int64_t>(std::max(num_classes, k), 1));
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "vote_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "vote_cpu", [&] {
     using value_t = scalar_t;
     for (int64_t r0 = 0; r0 < r; r0 += step) {
       const int64_t n = std::min(step, r - r0);
@@ -91,7 +92,12 @@ std::tuple<at::Tensor, at::Tensor> vote_cpu(const at::Tensor& values, const at::
       const int64_t* pp = p.const_data_ptr<int64_t>();
       const value_t* wp = w.const_data_ptr<value_t>();
       value_t* out = votes.data_ptr<value_t>();
-      if (!has_table)
+      if (!std::is_same<value_t, float>::value && !std::is_same<value_t, double>::value) {
+        // bf16 / fp16 weights: scatter_add_'s own rounding of each sum (as the PyTorch body)
+        at::Tensor c = p.clamp_min(has_table ? 0 : std::numeric_limits<int64_t>::min());
+        if (has_table) c = tab.index_select(0, c.reshape(-1)).view(c.sizes()).to(at::kLong);
+        votes.scatter_add_(1, c, w);
+      } else if (!has_table)
         add_votes<value_t, void>(wp, n, k, pp, p.stride(0), p.stride(1), nullptr, 0, num_classes, out);
       else if (tab.scalar_type() == at::kInt)
         add_votes(wp, n, k, pp, p.stride(0), p.stride(1), tab.const_data_ptr<int32_t>(), tab.size(0), num_classes, out);
