@@ -110,7 +110,7 @@ def test_small_k_cut_at_three_k(k, tile, monkeypatch):
     _same((q, keys, k, TAU, None, None, None, None, 0))
 
 
-@pytest.mark.parametrize("layout", ["float32", "strided", "bfloat16"])
+@pytest.mark.parametrize("layout", ["float32", "strided", "bfloat16", "float64", "both bfloat16"])
 @pytest.mark.parametrize("q", [9, 600])
 @pytest.mark.parametrize("k", [5, 40, 200])
 def test_masked_keys_are_skipped(k, q, layout):
@@ -118,7 +118,8 @@ def test_masked_keys_are_skipped(k, q, layout):
     after another and their positions mapped back. The first 1,500 of 5,000 keys masked (whole key
     tiles, as a bank whose labeled rows come first is in local_density: the threshold's bound or
     estimate then reads the first tile of keys that can score) and a quarter of the rest at random;
-    keys read in place, from a strided view and from bf16 (gathered and converted a tile at a time);
+    keys read in place, from a strided view and from bf16 (gathered and converted a tile at a time),
+    and on the BLAS path (float64; bf16 queries and keys where the CPU has a bf16 GEMM) from one copy;
     a query block at a time (q = 9) or the keys packed once for many (q = 600); then every key but
     three masked, every key masked, and the keys in chunks merged with init equal to one call."""
     g = torch.Generator().manual_seed(k + q)
@@ -131,6 +132,10 @@ def test_masked_keys_are_skipped(k, q, layout):
     elif layout == "bfloat16":
         keys = keys.to(torch.bfloat16)
     queries = _unit(q, d, g)
+    if layout == "float64":  # the BLAS path (float64 is never fused), reading a copy of the live keys
+        keys, queries = keys.double(), queries.double()
+    elif layout == "both bfloat16":  # the bf16 GEMM's path where the CPU has one, else the fused one
+        keys, queries = keys.to(torch.bfloat16), queries.to(torch.bfloat16)
     mask = torch.rand(n, generator=g) < 0.75
     mask[:1500] = False
     bias = torch.rand(n, generator=g) * 2 - 1

@@ -796,19 +796,22 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // registers (tile_select).
   const bool fused = std::is_same<acc_t, float>::value && !bf16 && dim > 0 && fused_tile();
   const Tile tile = tile_for(nq, k, fused);
-  // Masked keys (bias -inf: never above a threshold, never chosen) cost nothing on the fused path: the
-  // keys that can score are packed one after another in key order (live[j]: the row in `keys` of the
-  // j-th of them, with its bias in live_bias[j]), the selection runs over them alone, and a candidate's
-  // position is mapped back through `live` before the caller's finish. Key order is kept, so equal
-  // scores still go to the lower key index; the fused kernel computes a key's product the same
-  // wherever its tile starts; and the first key tile, which the threshold's bound or estimate reads,
-  // holds keys that can score (a bank whose labeled rows come first masks whole tiles of it in
-  // local_density). A NaN bias is not a mask: such keys stay.
+  // Masked keys (bias -inf: never above a threshold, never chosen) cost nothing: the keys that can
+  // score are taken one after another in key order (live[j]: the row in `keys` of the j-th of them,
+  // with its bias in live_bias[j]), the selection runs over them alone, and a candidate's position is
+  // mapped back through `live` before the caller's finish. The fused path packs them (gathered); the
+  // BLAS path reads a copy of them (k_live) made once when it takes at most 32 MB, and otherwise runs
+  // over every key as before. Key order is kept, so equal scores still go to the lower key index; a
+  // key's product is the same wherever its tile starts (the fused kernel's loop; the BLAS's full
+  // tiles); and the first key tile, which the threshold's bound or estimate reads, holds keys that
+  // can score (a bank whose labeled rows come first masks whole tiles of it in local_density). A NaN
+  // bias is not a mask: such keys stay.
   std::vector<uint32_t> live;
   std::vector<acc_t> live_bias;
   int64_t n_run = nk;  // the keys the selection runs over
   const acc_t* bias_run = bias;
-  if (fused) {
+  at::Tensor k_live;  // the BLAS path's copy of the keys that can score
+  {
     int64_t n_live = 0;
     for (int64_t j = 0; j < nk; ++j) n_live += !(bias[j] == -std::numeric_limits<acc_t>::infinity());
     if (n_live < nk) {
@@ -823,6 +826,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
       bias_run = live_bias.data();
     }
   }
+  const at::ScalarType bdt = bf16 ? at::kBFloat16 : cdt;  // the blocks' dtype, as BLAS reads them
   // Every product is a full (rows x cols) tile, the last query and key blocks padded with zero
   // rows: BLAS then computes each score with the same instructions wherever a key falls, so a
   // key's score does not depend on how the caller chunked the keys (topk_scores merges chunked
@@ -832,13 +836,28 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // The reference multiplies by the Python float 1/tau rounded to the compute type; so do we, so
   // that both see the same scores up to the matmul's summation order.
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-  const at::ScalarType bdt = bf16 ? at::kBFloat16 : cdt;  // the blocks' dtype, as BLAS reads them
   // Blocks already in that dtype with unit column stride are read in place; others are converted (or
-  // padded) one block at a time inside the task, so a bf16 bank is never copied whole.
+  // padded) one block at a time inside the task, so a bf16 bank is never copied whole (only the keys
+  // that can score, below, where some are masked and the copy takes at most 32 MB).
   auto in_place = [&](const at::Tensor& t) {
     return t.scalar_type() == bdt && (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= dim;
   };
-  const bool q_direct = in_place(queries), k_direct = in_place(keys);
+  const bool q_direct = in_place(queries);
+  const at::Tensor q_det = queries.detach(), k_det = keys.detach();  // see aggregation_loss_cpu.cpp
+  if (!fused && !live.empty()) {
+    if (n_run * dim * static_cast<int64_t>(c10::elementSize(bdt)) <= (int64_t(32) << 20)) {
+      at::Tensor rows_of = at::empty({n_run}, at::kLong);
+      int64_t* r = rows_of.data_ptr<int64_t>();
+      for (int64_t j = 0; j < n_run; ++j) r[j] = live[j];
+      k_live = k_det.index_select(0, rows_of).to(bdt);
+    } else {  // too large to copy: every key, masked ones included
+      live.clear();
+      n_run = nk;
+      bias_run = bias;
+    }
+  }
+  const at::Tensor& k_src = k_live.defined() ? k_live : k_det;  // the BLAS path's keys
+  const bool k_direct = in_place(k_src);
   // A block of `full` rows of `src` from row `start` (n of them there) as BLAS reads it: (pointer, row
   // stride). In place when `direct` and the block is whole; else copied into `buf` (full x dim, the
   // blocks' dtype) with zero rows after the last.
@@ -869,7 +888,6 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // first tile (RowsF32::bound).
   static const bool no_bound = std::getenv("LLP_FAST_CPU_NO_BOUND") != nullptr;
   const bool bounded = std::is_same<acc_t, float>::value && !no_bound && !sampled && n_run > cols && 2 * k <= kGroups;
-  const at::Tensor q_det = queries.detach(), k_det = keys.detach();  // see aggregation_loss_cpu.cpp
   // The fused kernel's key tiles packed once for all query blocks when they take at most 32 MB (else
   // each task packs a tile when it needs it, once per query block).
   const int64_t per_tile = fused ? panel_keys(cols) * dim : 0;
@@ -948,7 +966,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
             }
           }
           if (!fused) {
-            const auto [ka, ldb] = stage(k_det, k_direct, k_buf, c0, nc, cols);
+            const auto [ka, ldb] = stage(k_src, k_direct, k_buf, c0, nc, cols);
             if (dim == 0) {
               std::fill(s, s + rows * cols, acc_t(0));
             } else if (!tile_gemm(qa, lda, ka, ldb, s)) {
