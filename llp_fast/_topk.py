@@ -75,8 +75,9 @@ def vote(values: torch.Tensor, classes: torch.Tensor, num_classes: int, *, table
     (rows, classes) table of :func:`_dense`) through the op ``llp_fast::vote``, whose kernel in the
     compiled extension (``csrc/cpu/vote_cpu.cpp``) gives the same bits without building a (rows, k)
     table of classes (its default body, without the extension, is :func:`vote_torch`); elsewhere
-    :func:`vote_torch` itself."""
-    if values.device.type == "cpu" and _dense(values.shape[1], num_classes):
+    :func:`vote_torch` itself (also where ``values`` needs a gradient: the op has no backward)."""
+    wants_grad = values.requires_grad and torch.is_grad_enabled()
+    if values.device.type == "cpu" and not wants_grad and _dense(values.shape[1], num_classes):
         return torch.ops.llp_fast.vote(values, classes, table, num_classes)
     return vote_torch(values, classes, num_classes, table=table)
 

@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._topk import log_sum_exp, merge_topk, vote
+from ._topk import log_sum_exp, merge_topk, vote_torch
 
 __all__ = [
     "compute_dtype",
@@ -143,9 +143,10 @@ def propagate_ref(
 ):
     """docs/method.md §1.2: the K labeled points with the largest ``v . m_i / tau - log_rho_i`` vote
     with weight ``exp(score)``: :func:`topk_scores_ref` with ``bias = -log_rho``, finished by
-    ``vote``. Returns labels (Q,) int64 and confidence (Q,) float32/64."""
+    ``vote`` in PyTorch (``vote_torch``: the reference does not run the extension's vote kernel, which
+    the op may). Returns labels (Q,) int64 and confidence (Q,) float32/64."""
     values, indices = topk_scores_ref(queries, labeled, k, tau, None if log_rho is None else -log_rho)
-    return vote(values, labeled_classes.long()[indices.clamp_min(0)], num_classes)
+    return vote_torch(values, labeled_classes.long()[indices.clamp_min(0)], num_classes)
 
 
 def _aggregation_tiles(v, bank, bank_labels, targets, tau):

@@ -155,6 +155,7 @@ def _vote(dtype, device):
         (9, 5, 40, None, True),
         (0, 4, 2, 10, False),
         (2100, 130, 10, 700, True),
+        (40, 5, 200, 100, True),  # more classes than 4K + 64: the op's sorted path (vote_torch's own)
     ]:
         values = torch.randn(r, k + 2, dtype=torch.float64).sort(dim=1, descending=True).values[:, :k]
         if m is None:

@@ -373,10 +373,24 @@ def test_vote_op_equals_the_pytorch_body_on_every_sample(name):
     assert torch.equal(got[1].nan_to_num(-1.0), want[1].nan_to_num(-1.0))
 
 
+def test_vote_keeps_its_gradient():
+    """Values that need a gradient are voted on by the PyTorch body (the op has no backward): the
+    confidence is differentiable, as before the op existed."""
+    values = torch.randn(5, 4, dtype=torch.float64).sort(dim=1, descending=True).values.requires_grad_()
+    classes = torch.randint(0, 3, (5, 4))
+    _, conf = vote(values, classes, 3)
+    conf.sum().backward()
+    assert values.grad is not None and bool(torch.isfinite(values.grad).all())
+    with torch.no_grad():
+        assert torch.equal(vote(values, classes, 3)[1], conf.detach())
+
+
 def test_vote_kernel_rejects_positions_past_the_table_and_bad_class_ids():
     values = torch.tensor([[0.5, 0.25]])
-    with pytest.raises((RuntimeError, IndexError), match="past the class table|out of range|index"):
+    with pytest.raises(IndexError, match="outside the class table|out of range"):
         vote(values, torch.tensor([[0, 9]]), 3, table=torch.tensor([0, 1, 2]))
+    with pytest.raises(IndexError, match="outside the class table|out of range"):  # -1 is padding only
+        vote(values, torch.tensor([[0, -1]]), 3, table=torch.tensor([0, 1, 2]))  # beside an -inf score
     with pytest.raises((RuntimeError, IndexError), match="not in \\[0, 3\\)|out of bounds|index"):
         vote(values, torch.tensor([[0, 1]]), 3, table=torch.tensor([0, 5]))
     with pytest.raises((RuntimeError, IndexError), match="not in \\[0, 3\\)|out of bounds|index"):

@@ -339,14 +339,18 @@ inline int64_t estimate_rank(int64_t k, int64_t n, int64_t total) {
   return static_cast<int64_t>(std::ceil(e + 4.0 * std::sqrt(e) + 4.0));
 }
 
-// How many candidates a row whose threshold starts at that estimate keeps, with room to spare: about
-// m * total / n on average, half as many again for the spread of the sample's m-th best (its count is
-// about Poisson(m)), so that a row rarely fills its buffer and cuts it (when k * n / total is small, m
-// is several times the share and a buffer of 3k would be cut at least once: the cut, a pass over the
-// whole buffer, then cost more than its candidates).
+// How many candidates beyond its best k a row whose threshold starts at that estimate keeps, with room
+// to spare: about m * total / n on average, half as many again for the spread of the sample's m-th
+// best (its count is about Poisson(m)), so that a row rarely fills its buffer and cuts it (when
+// k * n / total is small, m is several times the share and a buffer of 3k would be cut at least once:
+// the cut, a pass over the whole buffer, then cost more than its candidates). At most 6k: against
+// many keys (k * n / total far below 1, m at its floor of 5) the estimate says little, the expected
+// count grows with the keys, and the cuts are what raise the threshold (and the buffers' memory,
+// rows x cap a thread, stays O(k)).
 inline int64_t estimate_room(int64_t k, int64_t n, int64_t total) {
   const int64_t m = estimate_rank(k, n, total);
-  return static_cast<int64_t>(1.5 * static_cast<double>(m) * static_cast<double>(total) / static_cast<double>(n));
+  const double room = 1.5 * static_cast<double>(m) * static_cast<double>(total) / static_cast<double>(n);
+  return std::min<int64_t>(6 * k, std::max<int64_t>(0, static_cast<int64_t>(room) - k));
 }
 
 // The running top-k of the rows of one query block, float32: per row a buffer of (value, key index)
@@ -926,7 +930,7 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     at::Tensor q_buf = at::zeros({rows, dim}, opts.dtype(bdt));
     at::Tensor k_buf = at::zeros({cols, dim}, opts.dtype(bdt));
     acc_t* s = scores.data_ptr<acc_t>();
-    Rows<acc_t> top(rows, k, cols, sampled ? estimate_room(k, std::min(cols, n_run), n_run) - k : 0);
+    Rows<acc_t> top(rows, k, cols, sampled ? estimate_room(k, std::min(cols, n_run), n_run) : 0);
     std::vector<acc_t> bmax(static_cast<size_t>((cols + kBlock - 1) / kBlock));
     std::vector<int64_t> redo;
     // The fused kernel's packed query block and key tile.

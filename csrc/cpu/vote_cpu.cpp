@@ -1,12 +1,13 @@
 // llp_fast::vote on CPU: propagate's finish (docs/method.md §1.2; llp_fast/_topk.py `vote`, whose
-// PyTorch body is the op's default and the reference for this kernel) where the vote sums the weights
-// in a (rows, num_classes) table (few classes: num_classes <= 4k + 64, `_topk._dense`).
+// PyTorch body `vote_torch` is the op's default and the reference for this kernel).
 //
-// The PyTorch body reads each neighbour's class from the table into a (rows, k) int64 tensor and adds
-// the weights with scatter_add_; here one loop reads each class and adds each weight straight into the
-// row's votes, in score order as scatter_add_ does. The weights (exp(score - best)), the winner (max:
-// the lowest class id among equal votes) and the total (sum) are the same ATen calls as the PyTorch
-// body's on the same tensors, so both give the same bits.
+// Where the vote sums the weights in a (rows, num_classes) table (few classes: num_classes <= 4k + 64,
+// `_topk._dense`, the calls `_topk.vote` sends here) the PyTorch body reads each neighbour's class from
+// the table into a (rows, k) int64 tensor and adds the weights with scatter_add_; here one loop reads
+// each class and adds each weight straight into the row's votes, in score order as scatter_add_ does.
+// The weights (exp(score - best)), the winner (max: the lowest class id among equal votes) and the
+// total (sum) are the same ATen calls as the PyTorch body's on the same tensors, so both give the same
+// bits. Everything else (bf16 / fp16 weights, many classes) runs the PyTorch body's own ATen calls.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -26,8 +27,10 @@ namespace {
 // the PyTorch body's chunks of 2**18 entries (llp_fast/_topk.py _TABLE).
 constexpr int64_t kEntries = int64_t(1) << 18;
 
+// A position outside the table: IndexError, as index_select raises in the PyTorch body.
 [[noreturn]] __attribute__((noinline, cold)) void bad_position(int64_t c, int64_t table_size) {
-  TORCH_CHECK(false, "vote: a neighbour's position ", c, " is past the class table (", table_size, " entries)");
+  TORCH_CHECK_INDEX(false, "vote: a neighbour's position ", c, " is outside the class table (", table_size,
+                    " entries)");
 }
 
 [[noreturn]] __attribute__((noinline, cold)) void bad_class(int64_t c, int64_t num_classes) {
@@ -35,10 +38,12 @@ constexpr int64_t kEntries = int64_t(1) << 18;
 }
 
 // Row by row, each weight added to its class's vote in score order. class_t: the table's entries
-// (void: no table, pos holds the class ids).
+// (void: no table, pos holds the class ids). padded: the chunk holds padding (-inf scores at position
+// -1), whose positions read the table's first entry with weight 0 (the PyTorch body clamps them only
+// in such a chunk; elsewhere a negative position is an error there and here).
 template <typename scalar_t, typename class_t>
 void add_votes(const scalar_t* w, int64_t rows, int64_t k, const int64_t* pos, int64_t pos_row, int64_t pos_col,
-               const class_t* table, int64_t table_size, int64_t num_classes, scalar_t* votes) {
+               const class_t* table, int64_t table_size, bool padded, int64_t num_classes, scalar_t* votes) {
   for (int64_t i = 0; i < rows; ++i) {
     scalar_t* row_votes = votes + i * num_classes;
     const scalar_t* row_w = w + i * k;
@@ -48,8 +53,8 @@ void add_votes(const scalar_t* w, int64_t rows, int64_t k, const int64_t* pos, i
       if constexpr (!std::is_void<class_t>::value) {
         // Padding's position -1 reads position 0: its weight is 0 (or NaN in a row with no
         // neighbour at all, which the PyTorch body adds to that class too).
-        c = std::max<int64_t>(c, 0);
-        if (c >= table_size) bad_position(c, table_size);
+        if (padded) c = std::max<int64_t>(c, 0);
+        if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(table_size)) bad_position(c, table_size);
         c = static_cast<int64_t>(table[c]);
       }
       if (static_cast<uint64_t>(c) >= static_cast<uint64_t>(num_classes)) bad_class(c, num_classes);
@@ -79,33 +84,61 @@ std::tuple<at::Tensor, at::Tensor> vote_cpu(const at::Tensor& values, const at::
     const at::ScalarType t = table->scalar_type();
     tab = (t == at::kInt || t == at::kLong ? *table : table->to(at::kLong)).contiguous();
   }
-  const int64_t step = std::max<int64_t>(1, kEntries / std::max<int64_t>(std::max(num_classes, k), 1));
+  const bool dense = num_classes <= 4 * k + 64;  // _topk._dense
+  const int64_t step = std::max<int64_t>(1, kEntries / std::max<int64_t>(std::max(dense ? num_classes : k, k), 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "vote_cpu", [&] {
     using value_t = scalar_t;
+    constexpr bool kLoop = std::is_same<value_t, float>::value || std::is_same<value_t, double>::value;
     for (int64_t r0 = 0; r0 < r; r0 += step) {
       const int64_t n = std::min(step, r - r0);
       const at::Tensor v = values.narrow(0, r0, n);
       // k = 0: no neighbour, every vote 0 (0 / 0: NaN confidence, class 0), as the PyTorch body.
       const at::Tensor w = k > 0 ? at::sub(v, v.narrow(1, 0, 1)).exp_().contiguous() : at::empty({n, 0}, v.options());
-      at::Tensor votes = at::zeros({n, num_classes}, v.options());
       const at::Tensor p = pos.narrow(0, r0, n);
-      const int64_t* pp = p.const_data_ptr<int64_t>();
-      const value_t* wp = w.const_data_ptr<value_t>();
-      value_t* out = votes.data_ptr<value_t>();
-      if (!std::is_same<value_t, float>::value && !std::is_same<value_t, double>::value) {
-        // bf16 / fp16 weights: scatter_add_'s own rounding of each sum (as the PyTorch body)
-        at::Tensor c = p.clamp_min(has_table ? 0 : std::numeric_limits<int64_t>::min());
-        if (has_table) c = tab.index_select(0, c.reshape(-1)).view(c.sizes()).to(at::kLong);
-        votes.scatter_add_(1, c, w);
-      } else if (!has_table)
-        add_votes<value_t, void>(wp, n, k, pp, p.stride(0), p.stride(1), nullptr, 0, num_classes, out);
-      else if (tab.scalar_type() == at::kInt)
-        add_votes(wp, n, k, pp, p.stride(0), p.stride(1), tab.const_data_ptr<int32_t>(), tab.size(0), num_classes, out);
-      else
-        add_votes(wp, n, k, pp, p.stride(0), p.stride(1), tab.const_data_ptr<int64_t>(), tab.size(0), num_classes, out);
-      auto [top, best] = votes.max(1, true);
-      label.narrow(0, r0, n).copy_(best.squeeze(1));
-      conf.narrow(0, r0, n).copy_(top.squeeze(1) / votes.sum(1));
+      // Padding (-inf, position -1) sorts last: a chunk whose last column has no -inf has none.
+      const bool padded = k > 0 && v.select(1, k - 1).isinf().any().item<bool>();
+      if (kLoop && dense) {
+        at::Tensor votes = at::zeros({n, num_classes}, v.options());
+        const int64_t* pp = p.const_data_ptr<int64_t>();
+        const value_t* wp = w.const_data_ptr<value_t>();
+        value_t* out = votes.data_ptr<value_t>();
+        if (!has_table)
+          add_votes<value_t, void>(wp, n, k, pp, p.stride(0), p.stride(1), nullptr, 0, padded, num_classes, out);
+        else if (tab.scalar_type() == at::kInt)
+          add_votes(wp, n, k, pp, p.stride(0), p.stride(1), tab.const_data_ptr<int32_t>(), tab.size(0), padded,
+                    num_classes, out);
+        else
+          add_votes(wp, n, k, pp, p.stride(0), p.stride(1), tab.const_data_ptr<int64_t>(), tab.size(0), padded,
+                    num_classes, out);
+        auto [top, best] = votes.max(1, true);
+        label.narrow(0, r0, n).copy_(best.squeeze(1));
+        conf.narrow(0, r0, n).copy_(top.squeeze(1) / votes.sum(1));
+        continue;
+      }
+      // The PyTorch body's own calls (bf16 / fp16 weights: scatter_add_'s rounding of each sum; many
+      // classes: each row sorted by class, each weight added into its class's first slot).
+      at::Tensor c = p;
+      if (has_table) {
+        const at::Tensor at_pos = padded ? p.clamp_min(0) : p;
+        c = tab.index_select(0, at_pos.reshape(-1)).view(p.sizes()).to(at::kLong);
+      }
+      if (dense) {
+        at::Tensor votes = at::zeros({n, num_classes}, w.options()).scatter_add_(1, c, w);
+        auto [top, best] = votes.max(1, true);
+        label.narrow(0, r0, n).copy_(best.squeeze(1));
+        conf.narrow(0, r0, n).copy_(top.squeeze(1) / votes.sum(1));
+      } else {
+        TORCH_CHECK(k > 0, "vote: no neighbour to vote (k = 0) with ", num_classes, " classes");
+        auto [cls, order] = at::sort(c, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+        at::Tensor first = at::ones_like(cls, cls.options().dtype(at::kBool));
+        first.narrow(1, 1, k - 1).copy_(cls.narrow(1, 1, k - 1).ne(cls.narrow(1, 0, k - 1)));
+        const at::Tensor at_k = at::arange(k, cls.options()).expand_as(cls);
+        const at::Tensor slot = std::get<0>(at::where(first, at_k, at::zeros_like(at_k)).cummax(1));
+        at::Tensor votes = at::zeros_like(w).scatter_add_(1, slot, w.gather(1, order));
+        auto [top, best] = votes.max(1, true);
+        label.narrow(0, r0, n).copy_(cls.gather(1, best).squeeze(1));
+        conf.narrow(0, r0, n).copy_(top.squeeze(1) / votes.sum(1));
+      }
     }
   });
   return {label, conf};
