@@ -158,13 +158,35 @@ def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def merged_topk(values: torch.Tensor, indices: torch.Tensor, k: int, group=None):
-    """The top-k over every rank's keys, from each rank's top-k (``values``, ``indices`` (Q, k), the
-    same queries on every rank, indices global and distinct across ranks): all-gathered and merged
-    with the one merge, equal values by the lower index, as one process holding every key selects
-    them."""
-    vals = torch.cat(all_gather_same(values.contiguous(), group), dim=1)
-    idx = torch.cat(all_gather_same(indices.long().contiguous(), group), dim=1)
+    """The top-k over every rank's keys, from each rank's top-k (``values`` float32, ``indices`` (Q,
+    k), the same queries on every rank, indices global and distinct across ranks): all-gathered (one
+    collective: the values' bits and the indices in one int64 tensor) and merged, equal values by the
+    lower index, as one process holding every key selects them.
+
+    Where every rank's keys are numbered above every lower rank's (the banks' contiguous shards) and
+    each list is in ``topk_scores``' order, the lists side by side in rank order already hold equal
+    values by ascending index, and one stable sort by value gives the one merge's result
+    (:func:`llp_fast._topk.merge_topk`, two sorts, for anything else)."""
+    world = dist.get_world_size(group)
+    q = values.shape[0]
+    both = torch.cat([values.float().contiguous().view(torch.int32).long(), indices.long()], dim=1)
+    parts = all_gather_same(both, group)
+    vals = torch.cat([p[:, :k].int().view(torch.float32) for p in parts], dim=1)
+    idx = torch.cat([p[:, k:] for p in parts], dim=1)
+    if world > 1 and q > 0 and _ranks_in_index_order(idx, k, world):
+        order = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
+        top_v = vals.gather(1, order)
+        return top_v, idx.gather(1, order).masked_fill_(top_v == -math.inf, -1)
     return merge_topk(vals, idx, k)
+
+
+def _ranks_in_index_order(idx: torch.Tensor, k: int, world: int) -> bool:
+    """Whether each rank's k columns of ``idx`` (padding -1 aside) lie above every lower rank's."""
+    valid = idx >= 0
+    high = torch.where(valid, idx, torch.full_like(idx, -1)).view(-1, world, k).amax(dim=(0, 2))
+    low = torch.where(valid, idx, torch.full_like(idx, torch.iinfo(torch.int64).max)).view(-1, world, k)
+    low = low.amin(dim=(0, 2))
+    return bool((high.cummax(0).values[:-1] < low[1:]).all())
 
 
 def lse_combine(lse: torch.Tensor, group) -> torch.Tensor:

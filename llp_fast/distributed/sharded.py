@@ -78,6 +78,7 @@ class ShardedMemoryBank:
         )
         self.num_classes = num_classes
         self.device = self.local.device
+        self._labeled_mask = (targets >= 0).to(self.device)  # (N,) bool: every rank holds the targets
         # The labeled rows of every shard in dataset order are the single bank's labeled rows: this
         # shard's are positions [labeled_before, labeled_before + M_local) of that order, the
         # numbering (and tie-break) of a merged vote; their classes are known on every rank.
@@ -101,14 +102,17 @@ class ShardedMemoryBank:
 
     def _gather_batch(self, indices, embeddings=None):
         indices = self._checked_indices(indices)
-        idx_all = all_gather_cat(indices.long(), self.group)
         if embeddings is None:
-            return idx_all, None
+            return all_gather_cat(indices.long(), self.group), None
         check.embeddings(embeddings, "embeddings")
         if embeddings.shape != (indices.shape[0], self.local.embeddings.shape[1]):
             raise ValueError(f"embeddings must have shape ({indices.shape[0]}, {self.local.embeddings.shape[1]})")
         check.finite(embeddings, "embeddings")
-        return idx_all, all_gather_cat(embeddings.detach().float(), self.group)
+        # One gather for both: each row's index rides along as the bits of two float32 columns.
+        d = embeddings.shape[1]
+        bits = indices.long().contiguous().view(torch.float32).view(-1, 2)
+        both = all_gather_cat(torch.cat([embeddings.detach().float(), bits], dim=1), self.group)
+        return both[:, d:].contiguous().view(torch.int64).view(-1), both[:, :d].contiguous()
 
     # -- docs/method.md §1 steps, collective ---------------------------------------------------------
     def stored(self, indices):
@@ -291,11 +295,9 @@ class ShardedMemoryBank:
     def _propagate(self, idx_all, emb_all, k, tau, density_weighting):
         """Labels of the gathered batch's unlabeled examples (last occurrence of a repeated
         index), identical on every rank; ``sel`` marks them in the gathered batch."""
-        own = self._owned(idx_all)
-        is_labeled = torch.zeros(idx_all.shape[0], dtype=torch.int32, device=self.device)
-        is_labeled[own] = (self.local.row_of[idx_all[own] - self.start] < self.local.num_labeled).int()
-        dist.all_reduce(is_labeled, group=self.group)
-        sel = (is_labeled == 0) & is_last_occurrence(idx_all)
+        # Labeled or not is the full target vector's, which every rank holds (no collective).
+        is_labeled = self._labeled_mask[idx_all]
+        sel = ~is_labeled & is_last_occurrence(idx_all)
         labels, conf = self._merged_vote(emb_all[sel], k, tau, density_weighting)
         return labels, conf, sel
 
