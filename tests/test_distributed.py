@@ -212,3 +212,37 @@ def test_a_dying_rank_fails_the_run_instead_of_hanging(tmp_path):
     )
     assert proc.returncode != 0
     assert time.monotonic() - t0 < 110
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_merge_of_rank_lists_is_the_one_merge(in_order):
+    """merged_topk's merge of the ranks' top-k lists: one stable sort where each rank's keys are
+    numbered above every lower rank's (the banks' shards), the two-sort merge otherwise; both exactly
+    merge_topk over the lists side by side: equal values (many: integer scores) by the lower index,
+    padding last, ranks with no key at all, fewer candidates than k."""
+    from llp_fast._topk import merge_topk
+    from llp_fast.distributed.collectives import _ranks_in_index_order, merge_rank_lists
+
+    g = torch.Generator().manual_seed(int(in_order))
+    for trial in range(200):
+        world = int(torch.randint(2, 5, (1,), generator=g))
+        k = int(torch.randint(1, 12, (1,), generator=g))
+        q = int(torch.randint(1, 30, (1,), generator=g))
+        starts = torch.randperm(world, generator=g) * 1000 if not in_order else torch.arange(world) * 1000
+        vals, idx = [], []
+        for r in range(world):
+            n = (
+                int(torch.randint(0, 25, (1,), generator=g))
+                if trial % 3
+                else int(torch.randint(0, 3, (1,), generator=g))
+            )
+            scores = torch.randint(0, 4, (q, n), generator=g).float() if trial % 2 else torch.randn(q, n, generator=g)
+            v, i = merge_topk(scores, (int(starts[r]) + torch.arange(n)).expand(q, n), k)  # a rank's list
+            vals.append(v)
+            idx.append(i)
+        got = merge_rank_lists(vals, idx, k)
+        want = merge_topk(torch.cat(vals, dim=1), torch.cat(idx, dim=1), k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert _ranks_in_index_order(torch.tensor([[0, 1, 5, -1]]), 2, 2)
+    assert not _ranks_in_index_order(torch.tensor([[5, 6, 0, 1]]), 2, 2)
+    assert not _ranks_in_index_order(torch.tensor([[3, -1, -1, -1, 1, 2]]), 2, 3)  # an empty rank between

@@ -167,21 +167,32 @@ def merged_topk(values: torch.Tensor, indices: torch.Tensor, k: int, group=None)
     each list is in ``topk_scores``' order, the lists side by side in rank order already hold equal
     values by ascending index, and one stable sort by value gives the one merge's result
     (:func:`llp_fast._topk.merge_topk`, two sorts, for anything else)."""
-    world = dist.get_world_size(group)
-    q = values.shape[0]
+    width = values.shape[1]
     both = torch.cat([values.float().contiguous().view(torch.int32).long(), indices.long()], dim=1)
     parts = all_gather_same(both, group)
-    vals = torch.cat([p[:, :k].int().view(torch.float32) for p in parts], dim=1)
-    idx = torch.cat([p[:, k:] for p in parts], dim=1)
-    if world > 1 and q > 0 and _ranks_in_index_order(idx, k, world):
+    return merge_rank_lists([p[:, :width].int().view(torch.float32) for p in parts], [p[:, width:] for p in parts], k)
+
+
+def merge_rank_lists(values: list[torch.Tensor], indices: list[torch.Tensor], k: int):
+    """:func:`merged_topk`'s merge of the ranks' lists (each (Q, w), in rank order): one stable sort
+    where every rank's keys lie above every lower rank's, else :func:`llp_fast._topk.merge_topk`."""
+    vals, idx = torch.cat(values, dim=1), torch.cat(indices, dim=1)
+    world, width = len(values), values[0].shape[1]
+    if world > 1 and vals.shape[0] > 0 and width > 0 and _ranks_in_index_order(idx, width, world):
         order = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
         top_v = vals.gather(1, order)
-        return top_v, idx.gather(1, order).masked_fill_(top_v == -math.inf, -1)
+        top_i = idx.gather(1, order).masked_fill_(top_v == -math.inf, -1)
+        if top_v.shape[1] < k:  # fewer candidates than k: padding, as the merge pads
+            pad = k - top_v.shape[1]
+            top_v = torch.cat([top_v, top_v.new_full((top_v.shape[0], pad), -math.inf)], dim=1)
+            top_i = torch.cat([top_i, top_i.new_full((top_i.shape[0], pad), -1)], dim=1)
+        return top_v, top_i
     return merge_topk(vals, idx, k)
 
 
 def _ranks_in_index_order(idx: torch.Tensor, k: int, world: int) -> bool:
-    """Whether each rank's k columns of ``idx`` (padding -1 aside) lie above every lower rank's."""
+    """Whether each rank's k columns of ``idx`` (padding -1 aside) lie above every lower rank's
+    (ranks without any key aside)."""
     valid = idx >= 0
     high = torch.where(valid, idx, torch.full_like(idx, -1)).view(-1, world, k).amax(dim=(0, 2))
     low = torch.where(valid, idx, torch.full_like(idx, torch.iinfo(torch.int64).max)).view(-1, world, k)
