@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -110,9 +111,24 @@ std::tuple<at::Tensor, at::Tensor> vote_cpu(const at::Tensor& values, const at::
         else
           add_votes(wp, n, k, pp, p.stride(0), p.stride(1), tab.const_data_ptr<int64_t>(), tab.size(0), padded,
                     num_classes, out);
-        auto [top, best] = votes.max(1, true);
-        label.narrow(0, r0, n).copy_(best.squeeze(1));
-        conf.narrow(0, r0, n).copy_(top.squeeze(1) / votes.sum(1));
+        // The winner as max(dim=1) gives it (exact: no rounding): the first largest vote, or the
+        // first NaN (a row without any neighbour); the total from ATen's sum, as the PyTorch body.
+        at::Tensor top = at::empty({n}, v.options());
+        value_t* tp = top.data_ptr<value_t>();
+        int64_t* lp = label.data_ptr<int64_t>() + r0;
+        for (int64_t i = 0; i < n; ++i) {
+          const value_t* row = out + i * num_classes;
+          value_t best = row[0];
+          int64_t at = 0;
+          for (int64_t c = 1; c < num_classes && !std::isnan(static_cast<double>(best)); ++c)
+            if (std::isnan(static_cast<double>(row[c])) || row[c] > best) {
+              best = row[c];
+              at = c;
+            }
+          tp[i] = best;
+          lp[i] = at;
+        }
+        conf.narrow(0, r0, n).copy_(top / votes.sum(1));
         continue;
       }
       // The PyTorch body's own calls (bf16 / fp16 weights: scatter_add_'s rounding of each sum; many
