@@ -5,9 +5,9 @@
 // `_topk._dense`, the calls `_topk.vote` sends here) the PyTorch body reads each neighbour's class from
 // the table into a (rows, k) int64 tensor and adds the weights with scatter_add_; here one loop reads
 // each class and adds each weight straight into the row's votes, in score order as scatter_add_ does.
-// The weights (exp(score - best)), the winner (max: the lowest class id among equal votes) and the
-// total (sum) are the same ATen calls as the PyTorch body's on the same tensors, so both give the same
-// bits. Everything else (bf16 / fp16 weights, many classes) runs the PyTorch body's own ATen calls.
+// The weights (exp(score - best)) and the total (sum) are the same ATen calls as the PyTorch body's on
+// the same tensors, and the winner is the one its max picks (exact: the first largest vote, the
+// lowest class id among equals), so both give the same bits. Everything else (bf16 / fp16 weights, many classes) runs the PyTorch body's own ATen calls.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
