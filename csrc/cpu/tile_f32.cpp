@@ -110,14 +110,14 @@ float raw_threshold(float thr, float bmax, float inv_tau) {
 // n rows of src (row stride ld; the rows src_rows[0, n) of it where src_rows is given) into `panels`
 // panels of `width` rows, [panel][d][width], zero rows after the last.
 void pack(const float* src, int64_t ld, int64_t n, int64_t dim, int64_t width, int64_t panels, float* out,
-          const uint32_t* src_rows = nullptr) {
+          const int64_t* src_rows = nullptr) {
   for (int64_t p = 0; p < panels; ++p) {
     float* o = out + p * width * dim;
     const int64_t live = std::max<int64_t>(0, std::min(width, n - p * width));
     if (live < width) std::fill(o, o + width * dim, 0.0f);
     for (int64_t l = 0; l < live; ++l) {  // a row at a time: each read sequential, the writes in L1
       const int64_t at = p * width + l;
-      const float* row = src + (src_rows != nullptr ? static_cast<int64_t>(src_rows[at]) : at) * ld;
+      const float* row = src + (src_rows != nullptr ? src_rows[at] : at) * ld;
       for (int64_t d = 0; d < dim; ++d) o[d * width + l] = row[d];
     }
   }
@@ -129,7 +129,7 @@ void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* ou
   pack(a, lda, n, dim, kPanelRows, panel_rows(n) / kPanelRows, out);
 }
 
-void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out, const uint32_t* rows) {
+void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out, const int64_t* rows) {
   pack(b, ldb, n, dim, kPanelKeys, panel_keys(n) / kPanelKeys, out, rows);
 }
 

@@ -200,7 +200,7 @@ bool fused_tile();
 // panel_rows(n) x dim floats); n keys of b into panels of 16 keys, [panel][d][16], likewise.
 void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* out);
 // (rows: the keys are b's rows rows[0, n), in that order; b's first n rows where it is null.)
-void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out, const uint32_t* rows = nullptr);
+void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out, const int64_t* rows = nullptr);
 // The raw products of the nr packed queries and nc packed keys into s[0, nr) x [0, nc) (row stride lds),
 // in the place of the BLAS tile (each the same FMA sequence over d wherever the key falls: the same
 // values tile_select compares).
@@ -801,16 +801,16 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   const bool fused = std::is_same<acc_t, float>::value && !bf16 && dim > 0 && fused_tile();
   const Tile tile = tile_for(nq, k, fused);
   // Masked keys (bias -inf: never above a threshold, never chosen) cost nothing: the keys that can
-  // score are taken one after another in key order (live[j]: the row in `keys` of the j-th of them,
-  // with its bias in live_bias[j]), the selection runs over them alone, and a candidate's position is
-  // mapped back through `live` before the caller's finish. The fused path packs them (gathered); the
+  // score are taken one after another in key order (live[j], int64: the row in `keys` of the j-th of
+  // them, with its bias in live_bias[j]), the selection runs over them alone, and a candidate's position
+  // is mapped back through `live` before the caller's finish. The fused path packs them (gathered); the
   // BLAS path reads a copy of them (k_live) made once when it takes at most 32 MB, and otherwise runs
   // over every key as before. Key order is kept, so equal scores still go to the lower key index; a
   // key's product is the same wherever its tile starts (the fused kernel's loop; the BLAS's full
   // tiles); and the first key tile, which the threshold's bound or estimate reads, holds keys that
   // can score (a bank whose labeled rows come first masks whole tiles of it in local_density). A NaN
   // bias is not a mask: such keys stay.
-  std::vector<uint32_t> live;
+  at::Tensor live;  // undefined: every key runs
   std::vector<acc_t> live_bias;
   int64_t n_run = nk;  // the keys the selection runs over
   const acc_t* bias_run = bias;
@@ -819,17 +819,19 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     int64_t n_live = 0;
     for (int64_t j = 0; j < nk; ++j) n_live += !(bias[j] == -std::numeric_limits<acc_t>::infinity());
     if (n_live < nk) {
-      live.resize(static_cast<size_t>(n_live));
+      live = at::empty({n_live}, at::kLong);
+      int64_t* rows_of = live.data_ptr<int64_t>();
       live_bias.resize(static_cast<size_t>(n_live));
       for (int64_t j = 0, w = 0; j < nk; ++j) {
         if (bias[j] == -std::numeric_limits<acc_t>::infinity()) continue;
-        live[w] = static_cast<uint32_t>(j);
+        rows_of[w] = j;
         live_bias[w++] = bias[j];
       }
       n_run = n_live;
       bias_run = live_bias.data();
     }
   }
+  const int64_t* live_rows = live.defined() ? live.const_data_ptr<int64_t>() : nullptr;
   const at::ScalarType bdt = bf16 ? at::kBFloat16 : cdt;  // the blocks' dtype, as BLAS reads them
   // Every product is a full (rows x cols) tile, the last query and key blocks padded with zero
   // rows: BLAS then computes each score with the same instructions wherever a key falls, so a
@@ -848,14 +850,11 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   };
   const bool q_direct = in_place(queries);
   const at::Tensor q_det = queries.detach(), k_det = keys.detach();  // see aggregation_loss_cpu.cpp
-  if (!fused && !live.empty()) {
+  if (!fused && live_rows != nullptr) {
     if (n_run * dim * static_cast<int64_t>(c10::elementSize(bdt)) <= (int64_t(32) << 20)) {
-      at::Tensor rows_of = at::empty({n_run}, at::kLong);
-      int64_t* r = rows_of.data_ptr<int64_t>();
-      for (int64_t j = 0; j < n_run; ++j) r[j] = live[j];
-      k_live = k_det.index_select(0, rows_of).to(bdt);
+      k_live = k_det.index_select(0, live).to(bdt);
     } else {  // too large to copy: every key, masked ones included
-      live.clear();
+      live_rows = nullptr;
       n_run = nk;
       bias_run = bias;
     }
@@ -898,16 +897,13 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   const int64_t key_tiles = (n_run + cols - 1) / cols;
   // Key tile [c0, c0 + nc) of the keys the selection runs over, packed into out (buf: its staging).
   auto pack_key_tile = [&](at::Tensor& buf, int64_t c0, int64_t nc, float* out) {
-    if (live.empty()) {
+    if (live_rows == nullptr) {
       const auto [ka, ldb] = stage(k_det, k_direct, buf, c0, nc, cols);
       pack_keys(static_cast<const float*>(ka), ldb, nc, dim, out);
     } else if (k_direct) {
-      pack_keys(static_cast<const float*>(k_det.const_data_ptr()), k_det.stride(0), nc, dim, out, live.data() + c0);
+      pack_keys(static_cast<const float*>(k_det.const_data_ptr()), k_det.stride(0), nc, dim, out, live_rows + c0);
     } else {  // keys in another dtype or layout: the tile's rows gathered and converted first
-      at::Tensor at_rows = at::empty({nc}, at::kLong);
-      int64_t* rows_of = at_rows.data_ptr<int64_t>();
-      for (int64_t j = 0; j < nc; ++j) rows_of[j] = live[c0 + j];
-      buf.narrow(0, 0, nc).copy_(k_det.index_select(0, at_rows));
+      buf.narrow(0, 0, nc).copy_(k_det.index_select(0, live.narrow(0, c0, nc)));
       buf.narrow(0, nc, cols - nc).zero_();
       pack_keys(static_cast<const float*>(buf.const_data_ptr()), dim, nc, dim, out);
     }
@@ -1013,8 +1009,8 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
 
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t n = top.finish(r);
-        if (!live.empty())  // positions among the keys that can score -> rows of `keys`
-          for (int64_t t = 0; t < n; ++t) top.out_i[t] = live[top.out_i[t]];
+        if (live_rows != nullptr)  // positions among the keys that can score -> rows of `keys`
+          for (int64_t t = 0; t < n; ++t) top.out_i[t] = live_rows[top.out_i[t]];
         finish(r0 + r, top.out_v.data(), top.out_i.data(), n);
       }
     }

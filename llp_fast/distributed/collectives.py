@@ -178,24 +178,20 @@ def merge_rank_lists(values: list[torch.Tensor], indices: list[torch.Tensor], k:
     where every rank's keys lie above every lower rank's, else :func:`llp_fast._topk.merge_topk`."""
     vals, idx = torch.cat(values, dim=1), torch.cat(indices, dim=1)
     world, width = len(values), values[0].shape[1]
-    if world > 1 and vals.shape[0] > 0 and width > 0 and _ranks_in_index_order(idx, width, world):
+    # (fewer candidates than k, or nothing to sort: the merge, which pads)
+    if world > 1 and vals.shape[0] > 0 and world * width >= k and _ranks_in_index_order(idx, width, world):
         order = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
         top_v = vals.gather(1, order)
-        top_i = idx.gather(1, order).masked_fill_(top_v == -math.inf, -1)
-        if top_v.shape[1] < k:  # fewer candidates than k: padding, as the merge pads
-            pad = k - top_v.shape[1]
-            top_v = torch.cat([top_v, top_v.new_full((top_v.shape[0], pad), -math.inf)], dim=1)
-            top_i = torch.cat([top_i, top_i.new_full((top_i.shape[0], pad), -1)], dim=1)
-        return top_v, top_i
+        return top_v, idx.gather(1, order).masked_fill_(top_v == -math.inf, -1)
     return merge_topk(vals, idx, k)
 
 
-def _ranks_in_index_order(idx: torch.Tensor, k: int, world: int) -> bool:
-    """Whether each rank's k columns of ``idx`` (padding -1 aside) lie above every lower rank's
-    (ranks without any key aside)."""
+def _ranks_in_index_order(idx: torch.Tensor, width: int, world: int) -> bool:
+    """Whether each rank's ``width`` columns of ``idx`` (padding -1 aside) lie above every lower
+    rank's (ranks without any key aside)."""
     valid = idx >= 0
-    high = torch.where(valid, idx, torch.full_like(idx, -1)).view(-1, world, k).amax(dim=(0, 2))
-    low = torch.where(valid, idx, torch.full_like(idx, torch.iinfo(torch.int64).max)).view(-1, world, k)
+    high = torch.where(valid, idx, torch.full_like(idx, -1)).view(-1, world, width).amax(dim=(0, 2))
+    low = torch.where(valid, idx, torch.full_like(idx, torch.iinfo(torch.int64).max)).view(-1, world, width)
     low = low.amin(dim=(0, 2))
     return bool((high.cummax(0).values[:-1] < low[1:]).all())
 

@@ -190,7 +190,7 @@ class ShardedMemoryBank:
         collective): the whole batch is checked on every rank, then each rank stores the
         rows it owns."""
         indices = self._checked_indices(indices)
-        labeled = self._targets[indices.long().cpu()] >= 0
+        labeled = self._labeled_mask[indices.long()]
         check_new_labels(labels, confidence, indices.shape[0], self.num_classes, self.device, labeled)
         own = self._owned(indices)
         self.local.set_labels(indices[own] - self.start, labels[own], confidence[own])
