@@ -394,3 +394,103 @@ def test_fused_setting_names_a_width(value):
     assert proc.returncode != 0 and "LLP_FAST_CPU_FUSED must be 0, 1, avx2 or avx512" in proc.stderr, proc.stderr[
         -2000:
     ]
+
+
+APPROX = """
+import os
+import sys
+import torch
+from llp_fast import _ext
+assert _ext.load() is not None
+op = torch.ops.llp_fast.topk_scores.default
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+ri = lambda a, b: int(torch.randint(a, b + 1, (1,), generator=g))
+def both(*args, fn=op):
+    os.environ["LLP_FAST_CPU_APPROX"] = "0"
+    exact = fn(*args)
+    os.environ["LLP_FAST_CPU_APPROX"] = "2"
+    return exact, fn(*args)
+pairs = []
+for case in range(int(sys.argv[2])):
+    q_n, m_n, d, k = ri(1, 200), ri(17, 700), ri(1, 70), ri(1, 12)
+    kind = case % 9
+    q, m = torch.randn(q_n, d, generator=g), torch.randn(m_n, d, generator=g)
+    if kind == 1:
+        q, m = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(m, dim=1)
+    if kind == 2:  # duplicate keys: equal scores
+        m[m_n // 2 :] = m[: m_n - m_n // 2].clone()
+    if kind == 3:  # integer coordinates: many equal scores
+        q, m = q.round(), m.round()
+    if kind == 4:  # large queries, small keys of different norms
+        q, m = q * 1e3, m * 1e-3 * torch.rand(m_n, 1, generator=g)
+    if kind == 5:  # products below float32's normal range
+        q, m = q * 1e-20, m * 1e-20
+    if kind == 6:  # key norms twelve orders of magnitude apart
+        m = m * torch.logspace(-6, 6, m_n)[torch.randperm(m_n, generator=g)][:, None]
+    if kind == 7:  # query rows that are not finite
+        q[0, 0], q[-1, -1] = float("nan"), float("inf")
+    if kind == 8 and d > 1:  # every coordinate of a query equal
+        q = q[:, :1].expand(q_n, d).contiguous()
+    bias = torch.randn(m_n, generator=g) * (0.0, 1.0, 10.0)[case % 3]
+    mask = None
+    if case % 4 == 0:
+        mask = torch.rand(m_n, generator=g) > 0.3
+        if case % 8 == 0:
+            m[~mask] = float("nan")  # masked keys are never read
+    tau = (0.07, 0.005, 1.0, 5.0)[ri(0, 3)]
+    pairs.append(both(q, m, k, tau, bias, mask, None, None, 0))
+# Strided queries, and flushed denormals.
+q, m = torch.randn(90, 64, generator=g)[:, ::2], torch.randn(400, 32, generator=g)
+pairs.append(both(q, m, 10, 0.07, None, None, None, None, 0))
+torch.set_flush_denormal(True)
+pairs.append(both(q * 1e-20, m * 1e-19, 5, 0.07, None, None, None, None, 0))
+torch.set_flush_denormal(False)
+# propagate's own op (its selection is topk_scores').
+unit = lambda n, d: torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+args = (unit(300, 40), unit(500, 40), torch.randint(0, 7, (500,), generator=g), torch.rand(500, generator=g))
+pairs.append(both(args[0], args[1], 10, 0.07, -args[3], None, None, None, 0))  # its selection
+torch.ops.llp_fast.propagate.default(*args, 10, 0.07, 7)  # ATen's exp may round a first call differently
+pairs.append(both(*args, 10, 0.07, 7, fn=torch.ops.llp_fast.propagate.default))
+for exact, approx in pairs:
+    for a, b in zip(exact, approx):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (a, b)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(" avx512f" not in _flags() or " fma" not in _flags(), reason="needs a CPU with AVX-512")
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_bf16_pass_gives_the_exact_paths_bits(seed):
+    """float32 inputs at k <= 12 where a bf16 GEMM runs (here forced with LLP_FAST_CPU_BF16_GEMM=1;
+    LLP_FAST_CPU_APPROX=2 takes calls of any size) are selected from bf16 scores and refined exactly
+    (csrc/cpu/topk.h approx_topk): on fresh random inputs of odd shapes, with equal scores, extreme
+    and far-apart norms, products below the normal range, rows that are not finite, masked keys
+    that are NaN, strided queries, flushed denormals and through propagate's op, the values and
+    indices equal the exact path's bit for bit; both ways of finishing a row (refined, and run
+    again exactly where its scores crowd within the bound) are taken."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "LLP_FAST_CPU_BF16_GEMM": "1",
+        "LLP_FAST_CPU_FUSED": "avx512",
+        "LLP_FAST_CPU_APPROX_REPORT": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", APPROX, str(seed), "120"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+    reports = [line.split() for line in proc.stderr.splitlines() if line.startswith("llp_fast approx_topk:")]
+    rows = sum(int(r[2]) for r in reports)
+    exact = sum(int(r[4]) for r in reports)
+    assert len(reports) >= 100 and 0 < exact < rows, (len(reports), rows, exact)
+
+
+def test_approx_setting_is_checked():
+    """LLP_FAST_CPU_APPROX set to something other than 0, 1 or 2 is an error naming the variable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLP_FAST_CPU_APPROX": "yes"}
+    code = (
+        "import torch; from llp_fast import _ext; _ext.load(); x = torch.randn(300, 8); "
+        "torch.ops.llp_fast.topk_scores.default(x, x, 3, 0.07, None, None, None, None, 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "LLP_FAST_CPU_APPROX must be 0, 1 or 2" in proc.stderr, proc.stderr[-2000:]

@@ -397,5 +397,121 @@ void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64
 #endif
 }
 
+bool rescore_available() { return width() == 512; }
+
+#ifdef LLP_FAST_X86
+namespace {
+
+// The 16 x 16 floats r[i][j] -> r[j][i], in registers.
+__attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0x88);
+      t[8 * h + 4 + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0xDD);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+}
+
+__attribute__((target("avx512f"))) void rescore512(const float* q, const float* b, int64_t ldb, const int64_t* rows,
+                                                   int64_t n, int64_t dim, const float* bias, float inv_tau,
+                                                   float* out) {
+  // Lane l is key l (zero lanes after the last): 16 dims of the n keys at a time, transposed in
+  // registers, then one FMA per d, in order of d: each lane the fused tile's sequence for its key.
+  const float* src[kPanelKeys];
+  for (int64_t l = 0; l < kPanelKeys; ++l) src[l] = l < n ? b + rows[l] * ldb : nullptr;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+    const int64_t w = std::min<int64_t>(16, dim - d0);
+    const __mmask16 m = static_cast<__mmask16>(w == 16 ? 0xFFFF : (1u << w) - 1);
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (int l = 0; l < 16; ++l)
+      r[l] = src[l] != nullptr ? _mm512_maskz_loadu_ps(m, src[l] + d0) : _mm512_setzero_ps();
+    transpose16(r);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      if (i >= w) break;
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(q[d0 + i]), r[i], acc);
+    }
+  }
+  alignas(64) float bl[kPanelKeys] = {};
+  for (int64_t l = 0; l < n; ++l) bl[l] = bias[rows[l]];
+  const __m512 x = _mm512_add_ps(_mm512_mul_ps(acc, _mm512_set1_ps(inv_tau)), _mm512_load_ps(bl));
+  alignas(64) float o[kPanelKeys];
+  _mm512_store_ps(o, x);
+  std::copy(o, o + n, out);
+}
+
+// One row of bf16_split.
+__attribute__((target("avx512f"))) bool split_row512(const float* x, int64_t dim, uint16_t* out, float* sq) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+  const __m512i exp_mask = _mm512_set1_epi32(0x7F800000), half = _mm512_set1_epi32(0x7FFF),
+                one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __mmask16 bad = 0;
+  for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+    const int64_t w = std::min<int64_t>(16, dim - d0);
+    const __mmask16 m = static_cast<__mmask16>(w == 16 ? 0xFFFF : (1u << w) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + d0);
+    const __m512i bits = _mm512_castps_si512(v);
+    bad |= _mm512_mask_cmpeq_epi32_mask(m, _mm512_and_si512(bits, exp_mask), exp_mask);
+    // round to nearest even at bit 16 (finite values; c10::BFloat16's rounding)
+    const __m512i rb = _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one));
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(bits, rb), top);
+    const __m512 v16 = _mm512_castsi512_ps(r);
+    const __m512 dv = _mm512_sub_ps(v, v16);
+    s0 = _mm512_fmadd_ps(v, v, s0);
+    s1 = _mm512_fmadd_ps(dv, dv, s1);
+    s2 = _mm512_fmadd_ps(v16, v16, s2);
+    alignas(32) uint16_t h[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    std::memcpy(out + d0, h, static_cast<size_t>(w) * sizeof(uint16_t));
+  }
+  sq[0] = _mm512_reduce_add_ps(s0);
+  sq[1] = _mm512_reduce_add_ps(s1);
+  sq[2] = _mm512_reduce_add_ps(s2);
+  return bad == 0;
+}
+
+}  // namespace
+#endif
+
+void rescore(const float* q, const float* b, int64_t ldb, const int64_t* rows, int64_t n, int64_t dim,
+             const float* bias, float inv_tau, float* out) {
+  TORCH_CHECK(n >= 0 && n <= kPanelKeys, "rescore: at most ", kPanelKeys, " keys");
+#ifdef LLP_FAST_X86
+  TORCH_CHECK(rescore_available(), "rescore: the fused tile does not run AVX-512 here");
+  rescore512(q, b, ldb, rows, n, dim, bias, inv_tau, out);
+#else
+  (void)q, (void)b, (void)ldb, (void)rows, (void)dim, (void)bias, (void)inv_tau, (void)out;
+  TORCH_CHECK(false, "rescore: not an x86-64 build");
+#endif
+}
+
+bool bf16_split(const float* x, int64_t ld, int64_t n, int64_t dim, uint16_t* out, float* sq) {
+#ifdef LLP_FAST_X86
+  TORCH_CHECK(rescore_available(), "bf16_split: the fused tile does not run AVX-512 here");
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= split_row512(x + i * ld, dim, out + i * dim, sq + 3 * i);
+  return finite;
+#else
+  (void)x, (void)ld, (void)n, (void)dim, (void)out, (void)sq;
+  TORCH_CHECK(false, "bf16_split: not an x86-64 build");
+#endif
+}
+
 }  // namespace topk
 }  // namespace llp_fast

@@ -45,6 +45,9 @@
 // On the fused path masked keys (bias -inf) are left out before step 1: the keys that can score are
 // packed one after another and a candidate's position maps back to its row at the end, so a mask costs
 // nothing and the first key tile always holds keys that can score.
+// float32 at k <= 12 on a CPU with a fast bf16 GEMM and the AVX-512 fused tile: approx_topk (below)
+// selects from bf16 scores with a rigorous error bound and refines exactly, the same bits at about the
+// bf16 GEMM's cost; rows the bound cannot settle run the steps above.
 // The order is the op's: score descending, equal scores by the lower key index. float64 keeps
 // (value, index) pairs and std::nth_element / std::sort with that order.
 // Parallelism: at::parallel_for over blocks of query rows; BLAS runs single-threaded inside each
@@ -59,6 +62,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -223,6 +227,18 @@ struct TileRows {
 // x > thr[r], as the scan does (index base + j, key order); `bias` has nc entries.
 void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, const float* bias,
                  float inv_tau, uint32_t base, const TileRows& rows);
+// The score tile_select gives query q (dim floats) against each of the n <= kPanelKeys keys
+// b + rows[l] * ldb: the same FMA sequence over d from zero, scaled, then biased by bias[rows[l]], each
+// rounded, into out[l] (bit for bit tile_select's value). rescore_available(): where the fused tile runs
+// AVX-512 (approx_topk's refinement; elsewhere it is not used).
+bool rescore_available();
+void rescore(const float* q, const float* b, int64_t ldb, const int64_t* rows, int64_t n, int64_t dim,
+             const float* bias, float inv_tau, float* out);
+// Rows [0, n) of x (row stride ld, dim floats) rounded to bf16 (to nearest even, as c10::BFloat16) into
+// out (row stride dim), and per row, summed in float32, |x|^2, |x - bf16(x)|^2 and |bf16(x)|^2 into
+// sq[3 i .. 3 i + 2]; false where some value is not finite (the rest then means nothing). Where
+// rescore_available().
+bool bf16_split(const float* x, int64_t ld, int64_t n, int64_t dim, uint16_t* out, float* sq);
 
 // Ordered bits of a float: ascending with the value (-0 and +0 equal).
 inline uint32_t key_of(float x) {
@@ -775,14 +791,9 @@ struct RowsF64 {
 template <typename acc_t>
 using Rows = std::conditional_t<std::is_same<acc_t, float>::value, RowsF32, RowsF64>;
 
-// Runs the fused top-k of queries x keys and calls finish(row, values, indices, n) for each query row
-// with its best n = min(k, number of keys scoring above the row's floor) sorted, a key's index being its
-// row in `keys`. `bias` has one acc_t per key (added). `floor` (optional, one per query row) starts each
-// row's threshold: a score at or below it is known not to matter (topk_scores passes just below the
-// k-th best of an earlier call, so that a stream of chunks does not learn the threshold again in every
-// chunk).
+// fused_topk's own passes (below; approx_topk's too).
 template <typename acc_t, typename Finish>
-void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* bias, int64_t k, double tau,
+void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* bias, int64_t k, double tau,
                 const Finish& finish, const acc_t* floor = nullptr) {
   const at::ScalarType cdt = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
@@ -1015,6 +1026,209 @@ void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
       }
     }
   });
+}
+
+// float32 queries and keys, small k, on a CPU whose bf16 GEMM runs on matrix units (bf16_gemm(): AMX-BF16
+// or AVX512-BF16) and whose fused tile runs AVX-512: the same answer, bit for bit, from a bf16 pass and an
+// exact refinement, at about the bf16 GEMM's cost instead of the float32 one (docs/method.md §3).
+//   1. Every score is first computed from the queries and keys rounded to bf16 (the bf16 path of
+//      fused_topk), and each row keeps its best kApproxK of those approximate scores s~.
+//   2. A rigorous bound e_r on |s - s~| for row r (score units): the inputs' rounding
+//      |q . k - q~ . k~| <= |q - q~| |k| + |q~| |k - k~| (Cauchy-Schwarz, with the largest |k| and
+//      |k - k~| over the keys that can score), both GEMMs' float32 sums (at most 2.2 D u |q| |k| each
+//      way, u = 2^-24), the scale's and the bias's roundings in both scores, and a margin for the norms'
+//      own float32 rounding.
+//   3. Every key whose exact score ties or beats the row's exact k-th best has s~ >= s~_k - 2 e_r (the k
+//      keys of the approximate top k have s >= s~_k - e_r). So when the row's kApproxK-th kept s~ is
+//      below s~_k - 2 e_r, every key that can be in the exact top k was kept: their exact scores
+//      (rescore: the fused tile's own FMA sequence, so the same bits) are ranked in the op's order and
+//      the best k are the answer. A row where that does not hold (its scores crowd within 2 e_r) gets a
+//      second bf16 pass keeping kApproxK2 (about a tenth of the rows on unit rows in 128-d at tau =
+//      0.07; run again exactly, that tenth cost a fifth of the whole), and a row that one does not
+//      settle either (keys that repeat), or whose query is not finite, runs the exact path.
+// Not taken (false): k > kApproxMaxK, a bias of NaN or +inf, a query or key that is not finite, keys whose
+// bf16 copy would take over 64 MB, fewer than kApproxK + 1 keys that can score or under 2^22 products,
+// non-unit column strides, or LLP_FAST_CPU_APPROX=0 (=2: calls of any size, for tests;
+// LLP_FAST_CPU_APPROX_REPORT prints each call's rows and how many ran the exact path).
+constexpr int64_t kApproxK = 16;    // the bf16 pass's k: the largest with the bound (2k <= kGroups)
+constexpr int64_t kApproxK2 = 32;   // the second pass's, for the rows the first did not settle
+constexpr int64_t kApproxMaxK = 12;  // the largest k it serves
+
+template <typename Finish>
+bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float* bias, int64_t k, double tau,
+                 const Finish& finish) {
+  const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
+  bool any_size = false;  // LLP_FAST_CPU_APPROX=2 (tests): calls of any size
+  if (const char* s = std::getenv("LLP_FAST_CPU_APPROX")) {
+    TORCH_CHECK(std::strcmp(s, "0") == 0 || std::strcmp(s, "1") == 0 || std::strcmp(s, "2") == 0,
+                "LLP_FAST_CPU_APPROX must be 0, 1 or 2, got '", s, "'");
+    if (s[0] == '0') return false;
+    any_size = s[0] == '2';
+  }
+  if (k > kApproxMaxK || dim == 0 || dim > 65536 || queries.scalar_type() != at::kFloat ||
+      keys.scalar_type() != at::kFloat)
+    return false;
+  if ((dim > 1 && (queries.stride(1) != 1 || keys.stride(1) != 1)) || nk * dim * 2 > (int64_t(64) << 20))
+    return false;
+  if (!rescore_available() || !bf16_gemm()) return false;
+  int64_t n_live = 0;
+  double babs = 0.0;  // the largest |bias| of a key that can score
+  for (int64_t j = 0; j < nk; ++j) {
+    if (bias[j] == -kInf) continue;
+    if (!std::isfinite(bias[j])) return false;  // NaN or +inf: the exact path's rules
+    ++n_live;
+    babs = std::max(babs, std::fabs(static_cast<double>(bias[j])));
+  }
+  if (n_live <= kApproxK ||
+      (!any_size && static_cast<double>(nq) * static_cast<double>(n_live) < double(int64_t(1) << 22)))
+    return false;
+  const at::Tensor q = queries.detach(), kd = keys.detach();
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp_keys = kd.const_data_ptr<float>();
+  const int64_t ldq = q.stride(0), ldk = kd.stride(0);
+
+  // The keys' bf16 copy, and over the keys that can score the largest |k| and |k - bf16(k)| (float32
+  // sums; see grow). A key that can score and is not finite: the exact path.
+  at::Tensor k16 = at::empty({nk, dim}, q.options().dtype(at::kBFloat16));
+  uint16_t* k16p = reinterpret_cast<uint16_t*>(k16.data_ptr<at::BFloat16>());
+  double kmax = 0.0, dkmax = 0.0;
+  {
+    float sq[3];
+    for (int64_t j = 0; j < nk; ++j) {
+      const bool ok = bf16_split(kp_keys + j * ldk, ldk, 1, dim, k16p + j * dim, sq);
+      if (bias[j] == -kInf) continue;
+      if (!ok) return false;
+      kmax = std::max(kmax, std::sqrt(static_cast<double>(sq[0])));
+      dkmax = std::max(dkmax, std::sqrt(static_cast<double>(sq[1])));
+    }
+  }
+  const double u = std::ldexp(1.0, -24);
+  const double grow = 1.0 + 4.0 * static_cast<double>(dim) * u;  // a float32 sum of squares' rounding, and more
+  kmax *= grow;
+  dkmax *= grow;
+  const float inv_tau = static_cast<float>(1.0 / tau);
+  const double vt = static_cast<double>(inv_tau);
+  const double gamma = 1.01 * static_cast<double>(dim) * u;  // a float32 sum of dim products, any order
+
+  // Query blocks, so that the bf16 copy and the candidates take O(block), not O(Q).
+  constexpr int64_t kApproxRows = 16384;
+  std::vector<int64_t> redo;  // rows for the exact path: not finite, or scores crowded within the bound
+  at::Tensor q16 = at::empty({std::min(nq, kApproxRows), dim}, q.options().dtype(at::kBFloat16));
+  std::vector<float> qsq, cv;
+  std::vector<int64_t> ci, cn, open, next;
+  std::vector<char> failed;
+  // One pass of bf16 scores for the block's rows `rows` (their bf16 copies in qs), each keeping its best
+  // kp; the rows the bound settles are finished, the others left in `next`.
+  auto stage = [&](int64_t b0, const at::Tensor& qs, const std::vector<int64_t>& rows, int64_t kp,
+                   std::vector<int64_t>& left) {
+    const int64_t n_rows = static_cast<int64_t>(rows.size());
+    cv.assign(static_cast<size_t>(n_rows * kp), 0.0f);
+    ci.assign(static_cast<size_t>(n_rows * kp), 0);
+    cn.assign(static_cast<size_t>(n_rows), 0);
+    exact_topk<float>(qs, k16, bias, kp, tau, [&](int64_t i, const float* v, const int64_t* ix, int64_t n) {
+      std::copy(v, v + n, cv.data() + i * kp);
+      std::copy(ix, ix + n, ci.data() + i * kp);
+      cn[i] = n;
+    });
+    at::parallel_for(0, n_rows, 64, [&](int64_t i0, int64_t i1) {
+      float x[kApproxK2];
+      int64_t order[kApproxK2];
+      float out_v[kApproxK2];
+      int64_t out_i[kApproxK2];
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = rows[i];
+        const int64_t n = cn[i];
+        const float* v = cv.data() + i * kp;
+        const int64_t* ix = ci.data() + i * kp;
+        if (n == kp) {
+          const double qn = std::sqrt(static_cast<double>(qsq[3 * r])) * grow;      // |q|
+          const double dq = std::sqrt(static_cast<double>(qsq[3 * r + 1])) * grow;  // |q - q~|
+          const double qt = std::sqrt(static_cast<double>(qsq[3 * r + 2])) * grow;  // |q~|
+          // |c - c~| for any key that can score (c: the fused tile's float32 product; c~: the bf16
+          // GEMM's), then the scale's and the bias's roundings in both scores.
+          const double dc = gamma * (qn * kmax + qt * (kmax + dkmax)) + dq * kmax + qt * dkmax +
+                            static_cast<double>(dim) * std::ldexp(1.0, -125);
+          const double c_max = 1.01 * (qn * kmax + qt * (kmax + dkmax));
+          const double e = 1.01 * (vt * dc + 2.01 * u * vt * c_max + 2.0 * u * babs);
+          if (!(c_max * vt < 1e30) || !(static_cast<double>(v[kp - 1]) < static_cast<double>(v[k - 1]) - 2.0 * e)) {
+            failed[r] = 1;
+            continue;
+          }
+        }
+        const float* qr = qp + (b0 + r) * ldq;
+        for (int64_t l0 = 0; l0 < n; l0 += kPanelKeys)
+          rescore(qr, kp_keys, ldk, ix + l0, std::min(kPanelKeys, n - l0), dim, bias, inv_tau, x + l0);
+        for (int64_t l = 0; l < n; ++l) order[l] = l;
+        std::sort(order, order + n, [&](int64_t a, int64_t c) {
+          return x[a] > x[c] || (x[a] == x[c] && ix[a] < ix[c]);
+        });
+        const int64_t m = std::min(k, n);
+        for (int64_t l = 0; l < m; ++l) {
+          out_v[l] = x[order[l]];
+          out_i[l] = ix[order[l]];
+        }
+        finish(b0 + r, out_v, out_i, m);
+      }
+    });
+    left.clear();
+    for (int64_t i = 0; i < n_rows; ++i)
+      if (failed[rows[i]]) left.push_back(rows[i]);
+  };
+  for (int64_t b0 = 0; b0 < nq; b0 += kApproxRows) {
+    const int64_t nb = std::min(kApproxRows, nq - b0);
+    uint16_t* q16p = reinterpret_cast<uint16_t*>(q16.data_ptr<at::BFloat16>());
+    qsq.assign(static_cast<size_t>(3 * nb), 0.0f);
+    failed.assign(static_cast<size_t>(nb), 0);
+    at::parallel_for(0, nb, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        failed[r] = !bf16_split(qp + (b0 + r) * ldq, ldq, 1, dim, q16p + r * dim, qsq.data() + 3 * r);
+    });
+    open.clear();
+    for (int64_t r = 0; r < nb; ++r) {
+      if (failed[r])
+        redo.push_back(b0 + r);  // not finite: the exact path
+      else
+        open.push_back(r);
+    }
+    if (open.empty()) continue;
+    const at::Tensor block = q16.narrow(0, 0, nb);
+    const at::Tensor open_rows = at::from_blob(open.data(), {static_cast<int64_t>(open.size())}, at::kLong);
+    // 1. The best kApproxK by bf16 scores; 2. the rows it did not settle, again keeping kApproxK2.
+    stage(b0, static_cast<int64_t>(open.size()) == nb ? block : block.index_select(0, open_rows), open, kApproxK,
+          next);
+    if (next.empty()) continue;
+    std::swap(open, next);
+    for (int64_t r : open) failed[r] = 0;
+    const at::Tensor again = at::from_blob(open.data(), {static_cast<int64_t>(open.size())}, at::kLong);
+    stage(b0, block.index_select(0, again), open, kApproxK2, next);
+    for (int64_t r : next) redo.push_back(b0 + r);
+  }
+  std::sort(redo.begin(), redo.end());
+  for (size_t a = 0; a < redo.size(); a += static_cast<size_t>(kApproxRows)) {
+    const int64_t n = std::min<int64_t>(kApproxRows, static_cast<int64_t>(redo.size() - a));
+    const at::Tensor rows = at::from_blob(redo.data() + a, {n}, at::kLong);
+    exact_topk<float>(q.index_select(0, rows), kd, bias, k, tau,
+                      [&](int64_t r, const float* v, const int64_t* i, int64_t c) { finish(redo[a + r], v, i, c); });
+  }
+  if (std::getenv("LLP_FAST_CPU_APPROX_REPORT") != nullptr)  // tests: which path each row took
+    std::fprintf(stderr, "llp_fast approx_topk: %lld rows, %lld exact\n", static_cast<long long>(nq),
+                 static_cast<long long>(redo.size()));
+  return true;
+}
+
+// Runs the fused top-k of queries x keys and calls finish(row, values, indices, n) for each query row
+// with its best n = min(k, number of keys scoring above the row's floor) sorted, a key's index being its
+// row in `keys`. `bias` has one acc_t per key (added). `floor` (optional, one per query row) starts each
+// row's threshold: a score at or below it is known not to matter (topk_scores passes just below the
+// k-th best of an earlier call, so that a stream of chunks does not learn the threshold again in every
+// chunk). approx_topk where it applies, else exact_topk.
+template <typename acc_t, typename Finish>
+void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* bias, int64_t k, double tau,
+                const Finish& finish, const acc_t* floor = nullptr) {
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (floor == nullptr && queries.size(0) > 0 && approx_topk(queries, keys, bias, k, tau, finish)) return;
+  }
+  exact_topk<acc_t>(queries, keys, bias, k, tau, finish, floor);
 }
 
 inline at::ScalarType compute_type(const at::Tensor& a, const at::Tensor& b) {
