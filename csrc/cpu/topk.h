@@ -45,7 +45,7 @@
 // On the fused path masked keys (bias -inf) are left out before step 1: the keys that can score are
 // packed one after another and a candidate's position maps back to its row at the end, so a mask costs
 // nothing and the first key tile always holds keys that can score.
-// float32 at k <= 12 on a CPU with a fast bf16 GEMM and the AVX-512 fused tile: approx_topk (below)
+// float32 at k <= 32 on a CPU with a fast bf16 GEMM and the AVX-512 fused tile: approx_topk (below)
 // selects from bf16 scores with a rigorous error bound and refines exactly, the same bits at about the
 // bf16 GEMM's cost; rows the bound cannot settle run the steps above.
 // The order is the op's: score descending, equal scores by the lower key index. float64 keeps
@@ -1032,27 +1032,32 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
 // or AVX512-BF16) and whose fused tile runs AVX-512: the same answer, bit for bit, from a bf16 pass and an
 // exact refinement, at about the bf16 GEMM's cost instead of the float32 one (docs/method.md §3).
 //   1. Every score is first computed from the queries and keys rounded to bf16 (the bf16 path of
-//      fused_topk), and each row keeps its best kApproxK of those approximate scores s~.
+//      fused_topk), and each row keeps its best k' = approx_k(k) of those approximate scores s~.
 //   2. A rigorous bound e_r on |s - s~| for row r (score units): the inputs' rounding
 //      |q . k - q~ . k~| <= |q - q~| |k| + |q~| |k - k~| (Cauchy-Schwarz, with the largest |k| and
-//      |k - k~| over the keys that can score), both GEMMs' float32 sums (at most 2.2 D u |q| |k| each
-//      way, u = 2^-24), the scale's and the bias's roundings in both scores, and a margin for the norms'
+//      |k - k~| over the keys that can score), both GEMMs' float32 sums (at most 1.01 D u times the sum of the
+//      products' magnitudes each, u = 2^-24), the scale's and the bias's roundings in both scores, and a margin for the norms'
 //      own float32 rounding.
 //   3. Every key whose exact score ties or beats the row's exact k-th best has s~ >= s~_k - 2 e_r (the k
-//      keys of the approximate top k have s >= s~_k - e_r). So when the row's kApproxK-th kept s~ is
+//      keys of the approximate top k have s >= s~_k - e_r). So when the row's k'-th kept s~ is
 //      below s~_k - 2 e_r, every key that can be in the exact top k was kept: their exact scores
 //      (rescore: the fused tile's own FMA sequence, so the same bits) are ranked in the op's order and
 //      the best k are the answer. A row where that does not hold (its scores crowd within 2 e_r) gets a
-//      second bf16 pass keeping kApproxK2 (about a tenth of the rows on unit rows in 128-d at tau =
-//      0.07; run again exactly, that tenth cost a fifth of the whole), and a row that one does not
+//      second bf16 pass keeping 2k' (at k = 10 about a tenth of the rows on unit rows in 128-d at
+//      tau = 0.07; run again exactly, that tenth cost a fifth of the whole), and a row that one does not
 //      settle either (keys that repeat), or whose query is not finite, runs the exact path.
 // Not taken (false): k > kApproxMaxK, a bias of NaN or +inf, a query or key that is not finite, keys whose
-// bf16 copy would take over 64 MB, fewer than kApproxK + 1 keys that can score or under 2^22 products,
+// bf16 copy would take over 64 MB, fewer than approx_k(k) + 1 keys that can score, under 512 query rows or 2^22 products,
 // non-unit column strides, or LLP_FAST_CPU_APPROX=0 (=2: calls of any size, for tests;
 // LLP_FAST_CPU_APPROX_REPORT prints each call's rows and how many ran the exact path).
-constexpr int64_t kApproxK = 16;    // the bf16 pass's k: the largest with the bound (2k <= kGroups)
-constexpr int64_t kApproxK2 = 32;   // the second pass's, for the rows the first did not settle
-constexpr int64_t kApproxMaxK = 12;  // the largest k it serves
+// The bf16 passes' k for the op's k: the first keeps 16 (the largest k with the first-tile bound, 2k <=
+// kGroups) for k <= 12, else 48; the second, for the rows the first did not settle, twice that. At
+// larger k the refinement (k exact scores a row at least, each key's row read and transposed) costs
+// about what the bf16 pass saves (measured at k = 100 and 200: bf16 passes of 133 and 150 ms against
+// exact paths of 194 and 222 ms, before 3.2M and 5.1M keys rescored).
+constexpr int64_t kApproxMaxK = 32;  // the largest k it serves
+inline int64_t approx_k(int64_t k) { return k <= 12 ? 16 : 48; }
+constexpr int64_t kApproxMaxKept = 96;  // 2 * approx_k(kApproxMaxK)
 
 template <typename Finish>
 bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float* bias, int64_t k, double tau,
@@ -1079,8 +1084,10 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
     ++n_live;
     babs = std::max(babs, std::fabs(static_cast<double>(bias[j])));
   }
-  if (n_live <= kApproxK ||
-      (!any_size && static_cast<double>(nq) * static_cast<double>(n_live) < double(int64_t(1) << 22)))
+  // Each call rounds every key to bf16 (about what 256 query rows save on them: 100,000 keys, one thread,
+  // K = 10, 64 rows 19 -> 22 ms, 256 rows 45 -> 46 ms, 1,024 rows 174 -> 104 ms), so it takes 512 rows.
+  if (n_live <= approx_k(k) ||
+      (!any_size && (nq < 512 || static_cast<double>(nq) * static_cast<double>(n_live) < double(int64_t(1) << 22))))
     return false;
   const at::Tensor q = queries.detach(), kd = keys.detach();
   const float* qp = q.const_data_ptr<float>();
@@ -1131,10 +1138,10 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
       cn[i] = n;
     });
     at::parallel_for(0, n_rows, 64, [&](int64_t i0, int64_t i1) {
-      float x[kApproxK2];
-      int64_t order[kApproxK2];
-      float out_v[kApproxK2];
-      int64_t out_i[kApproxK2];
+      float x[kApproxMaxKept];
+      int64_t order[kApproxMaxKept];
+      float out_v[kApproxMaxKept];
+      int64_t out_i[kApproxMaxKept];
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = rows[i];
         const int64_t n = cn[i];
@@ -1193,14 +1200,14 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
     if (open.empty()) continue;
     const at::Tensor block = q16.narrow(0, 0, nb);
     const at::Tensor open_rows = at::from_blob(open.data(), {static_cast<int64_t>(open.size())}, at::kLong);
-    // 1. The best kApproxK by bf16 scores; 2. the rows it did not settle, again keeping kApproxK2.
-    stage(b0, static_cast<int64_t>(open.size()) == nb ? block : block.index_select(0, open_rows), open, kApproxK,
-          next);
+    // 1. The best approx_k(k) by bf16 scores; 2. the rows it did not settle, again keeping twice that.
+    stage(b0, static_cast<int64_t>(open.size()) == nb ? block : block.index_select(0, open_rows), open,
+          approx_k(k), next);
     if (next.empty()) continue;
     std::swap(open, next);
     for (int64_t r : open) failed[r] = 0;
     const at::Tensor again = at::from_blob(open.data(), {static_cast<int64_t>(open.size())}, at::kLong);
-    stage(b0, block.index_select(0, again), open, kApproxK2, next);
+    stage(b0, block.index_select(0, again), open, 2 * approx_k(k), next);
     for (int64_t r : next) redo.push_back(b0 + r);
   }
   std::sort(redo.begin(), redo.end());
