@@ -439,6 +439,25 @@ for case in range(int(sys.argv[2])):
             m[~mask] = float("nan")  # masked keys are never read
     tau = (0.07, 0.005, 1.0, 5.0)[ri(0, 3)]
     pairs.append(both(q, m, k, tau, bias, mask, None, None, 0))
+# Edge cases a review found (each once wrong): a finite key or query that rounds to bf16 infinity,
+# squares below float32's range, a denormal query (the bf16 GEMM reads it as zero), a scale that
+# underflows.
+big = torch.finfo(torch.float32).max
+m = torch.ones(17, 1)
+m[0] = big
+pairs.append(both(torch.zeros(1, 1), m, 1, 1.0, torch.cat([torch.zeros(1), -torch.ones(16)]), None, None, None, 0))
+m = torch.zeros(30, 2)
+m[:10, 1], m[10:, 0] = torch.arange(10.0), -1.0
+pairs.append(both(torch.tensor([[big, 1.0]]), m, 3, 1.0, None, None, None, None, 0))
+m = torch.zeros(21, 2)
+m[0], m[20] = torch.tensor([2.0**50, 0.0]), torch.tensor([-(2.0**62), 2.0**62])
+pairs.append(both(torch.tensor([[2.0**-80, 2.0**-80 * (1 + 2.0**-9)]]), m, 1, 1.0, None, None, None, None, 0))
+m, b = torch.zeros(20, 32), torch.zeros(20)
+m[16], b[0], b[16], b[17:] = 2.0**61, 2.0**-66, -(2.0**-70), -(2.0**-62)
+pairs.append(both(torch.full((1, 32), 2.0**-130), m, 1, 1.0, b, None, None, None, 0))
+m = torch.zeros(32, 1)
+m[:15], m[15], m[20] = 2.0**-58, 1.25 * 2.0**-58, 1.5 * 2.0**-58
+pairs.append(both(torch.tensor([[(1 + 2.0**-10) * 2.0**10]]), m, 1, 2.0**100, None, None, None, None, 0))
 # Strided queries, and flushed denormals.
 q, m = torch.randn(90, 64, generator=g)[:, ::2], torch.randn(400, 32, generator=g)
 pairs.append(both(q, m, 10, 0.07, None, None, None, None, 0))
@@ -465,9 +484,11 @@ def test_the_bf16_pass_gives_the_exact_paths_bits(seed):
     LLP_FAST_CPU_APPROX=2 takes calls of any size) are selected from bf16 scores and refined exactly
     (csrc/cpu/topk.h approx_topk): on fresh random inputs of odd shapes, with equal scores, extreme
     and far-apart norms, products below the normal range, rows that are not finite, masked keys
-    that are NaN, strided queries, flushed denormals and through propagate's op, the values and
-    indices equal the exact path's bit for bit; both ways of finishing a row (refined, and run
-    again exactly where its scores crowd within the bound) are taken."""
+    that are NaN, values that round to bf16 infinity or to bf16 denormals, norms whose squares
+    leave float32's range, a scale that underflows, strided queries, flushed denormals and through
+    propagate's op, the values and indices equal the exact path's bit for bit; both ways of
+    finishing a row (refined, and run again exactly where its scores crowd within the bound) are
+    taken."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "2",

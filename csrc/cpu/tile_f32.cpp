@@ -457,10 +457,12 @@ __attribute__((target("avx512f"))) void rescore512(const float* q, const float* 
 }
 
 // One row of bf16_split.
-__attribute__((target("avx512f"))) bool split_row512(const float* x, int64_t dim, uint16_t* out, float* sq) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+__attribute__((target("avx512f"))) bool split_row512(const float* x, int64_t dim, uint16_t* out, double* sq) {
+  // float64 sums: squares of float32 values neither overflow nor underflow there.
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd();
   const __m512i exp_mask = _mm512_set1_epi32(0x7F800000), half = _mm512_set1_epi32(0x7FFF),
-                one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+                one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)),
+                zero = _mm512_setzero_si512();
   __mmask16 bad = 0;
   for (int64_t d0 = 0; d0 < dim; d0 += 16) {
     const int64_t w = std::min<int64_t>(16, dim - d0);
@@ -470,19 +472,30 @@ __attribute__((target("avx512f"))) bool split_row512(const float* x, int64_t dim
     bad |= _mm512_mask_cmpeq_epi32_mask(m, _mm512_and_si512(bits, exp_mask), exp_mask);
     // round to nearest even at bit 16 (finite values; c10::BFloat16's rounding)
     const __m512i rb = _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one));
-    const __m512i r = _mm512_and_si512(_mm512_add_epi32(bits, rb), top);
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(bits, rb), top);
+    // A value that rounds to bf16 infinity: the exact path. A bf16 denormal: zero, as the bf16 GEMM
+    // reads it, so that |x - bf16(x)| counts what the GEMM loses.
+    const __m512i r_exp = _mm512_and_si512(r, exp_mask);
+    bad |= _mm512_mask_cmpeq_epi32_mask(m, r_exp, exp_mask);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmpeq_epi32_mask(r_exp, zero), zero);
     const __m512 v16 = _mm512_castsi512_ps(r);
-    const __m512 dv = _mm512_sub_ps(v, v16);
-    s0 = _mm512_fmadd_ps(v, v, s0);
-    s1 = _mm512_fmadd_ps(dv, dv, s1);
-    s2 = _mm512_fmadd_ps(v16, v16, s2);
-    alignas(32) uint16_t h[16];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(h), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-    std::memcpy(out + d0, h, static_cast<size_t>(w) * sizeof(uint16_t));
+    const __m512 dv = _mm512_sub_ps(v, v16);  // exact: v and v16 share the leading bits, or v16 is 0
+    for (int h = 0; h < 2; ++h) {
+      const __m256 vh = h == 0 ? _mm512_castps512_ps256(v) : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+      const __m256 dh = h == 0 ? _mm512_castps512_ps256(dv) : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dv), 1));
+      const __m256 th = h == 0 ? _mm512_castps512_ps256(v16) : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v16), 1));
+      const __m512d a = _mm512_cvtps_pd(vh), b = _mm512_cvtps_pd(dh), c = _mm512_cvtps_pd(th);
+      s0 = _mm512_fmadd_pd(a, a, s0);
+      s1 = _mm512_fmadd_pd(b, b, s1);
+      s2 = _mm512_fmadd_pd(c, c, s2);
+    }
+    alignas(32) uint16_t hb[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(hb), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    std::memcpy(out + d0, hb, static_cast<size_t>(w) * sizeof(uint16_t));
   }
-  sq[0] = _mm512_reduce_add_ps(s0);
-  sq[1] = _mm512_reduce_add_ps(s1);
-  sq[2] = _mm512_reduce_add_ps(s2);
+  sq[0] = _mm512_reduce_add_pd(s0);
+  sq[1] = _mm512_reduce_add_pd(s1);
+  sq[2] = _mm512_reduce_add_pd(s2);
   return bad == 0;
 }
 
@@ -501,7 +514,7 @@ void rescore(const float* q, const float* b, int64_t ldb, const int64_t* rows, i
 #endif
 }
 
-bool bf16_split(const float* x, int64_t ld, int64_t n, int64_t dim, uint16_t* out, float* sq) {
+bool bf16_split(const float* x, int64_t ld, int64_t n, int64_t dim, uint16_t* out, double* sq) {
 #ifdef LLP_FAST_X86
   TORCH_CHECK(rescore_available(), "bf16_split: the fused tile does not run AVX-512 here");
   bool finite = true;

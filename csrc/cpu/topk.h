@@ -234,11 +234,11 @@ void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64
 bool rescore_available();
 void rescore(const float* q, const float* b, int64_t ldb, const int64_t* rows, int64_t n, int64_t dim,
              const float* bias, float inv_tau, float* out);
-// Rows [0, n) of x (row stride ld, dim floats) rounded to bf16 (to nearest even, as c10::BFloat16) into
-// out (row stride dim), and per row, summed in float32, |x|^2, |x - bf16(x)|^2 and |bf16(x)|^2 into
-// sq[3 i .. 3 i + 2]; false where some value is not finite (the rest then means nothing). Where
-// rescore_available().
-bool bf16_split(const float* x, int64_t ld, int64_t n, int64_t dim, uint16_t* out, float* sq);
+// Rows [0, n) of x (row stride ld, dim floats) rounded to bf16 (to nearest even, as c10::BFloat16; a bf16
+// denormal to zero, as the bf16 GEMM reads it) into out (row stride dim), and per row, summed in float64,
+// |x|^2, |x - bf16(x)|^2 and |bf16(x)|^2 into sq[3 i .. 3 i + 2]; false where some value is not finite or
+// rounds to bf16 infinity (the rest then means nothing). Where rescore_available().
+bool bf16_split(const float* x, int64_t ld, int64_t n, int64_t dim, uint16_t* out, double* sq);
 
 // Ordered bits of a float: ascending with the value (-0 and +0 equal).
 inline uint32_t key_of(float x) {
@@ -1100,13 +1100,13 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
   uint16_t* k16p = reinterpret_cast<uint16_t*>(k16.data_ptr<at::BFloat16>());
   double kmax = 0.0, dkmax = 0.0;
   {
-    float sq[3];
+    double sq[3];
     for (int64_t j = 0; j < nk; ++j) {
       const bool ok = bf16_split(kp_keys + j * ldk, ldk, 1, dim, k16p + j * dim, sq);
       if (bias[j] == -kInf) continue;
       if (!ok) return false;
-      kmax = std::max(kmax, std::sqrt(static_cast<double>(sq[0])));
-      dkmax = std::max(dkmax, std::sqrt(static_cast<double>(sq[1])));
+      kmax = std::max(kmax, std::sqrt(sq[0]));
+      dkmax = std::max(dkmax, std::sqrt(sq[1]));
     }
   }
   const double u = std::ldexp(1.0, -24);
@@ -1121,7 +1121,8 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
   constexpr int64_t kApproxRows = 16384;
   std::vector<int64_t> redo;  // rows for the exact path: not finite, or scores crowded within the bound
   at::Tensor q16 = at::empty({std::min(nq, kApproxRows), dim}, q.options().dtype(at::kBFloat16));
-  std::vector<float> qsq, cv;
+  std::vector<double> qsq;
+  std::vector<float> cv;
   std::vector<int64_t> ci, cn, open, next;
   std::vector<char> failed;
   // One pass of bf16 scores for the block's rows `rows` (their bf16 copies in qs), each keeping its best
@@ -1147,20 +1148,27 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
         const int64_t n = cn[i];
         const float* v = cv.data() + i * kp;
         const int64_t* ix = ci.data() + i * kp;
-        if (n == kp) {
-          const double qn = std::sqrt(static_cast<double>(qsq[3 * r])) * grow;      // |q|
-          const double dq = std::sqrt(static_cast<double>(qsq[3 * r + 1])) * grow;  // |q - q~|
-          const double qt = std::sqrt(static_cast<double>(qsq[3 * r + 2])) * grow;  // |q~|
-          // |c - c~| for any key that can score (c: the fused tile's float32 product; c~: the bf16
-          // GEMM's), then the scale's and the bias's roundings in both scores.
-          const double dc = gamma * (qn * kmax + qt * (kmax + dkmax)) + dq * kmax + qt * dkmax +
-                            static_cast<double>(dim) * std::ldexp(1.0, -125);
-          const double c_max = 1.01 * (qn * kmax + qt * (kmax + dkmax));
-          const double e = 1.01 * (vt * dc + 2.01 * u * vt * c_max + 2.0 * u * babs);
-          if (!(c_max * vt < 1e30) || !(static_cast<double>(v[kp - 1]) < static_cast<double>(v[k - 1]) - 2.0 * e)) {
-            failed[r] = 1;
-            continue;
-          }
+        const double qn = std::sqrt(qsq[3 * r]) * grow;      // |q|
+        const double dq = std::sqrt(qsq[3 * r + 1]) * grow;  // |q - q~|
+        const double qt = std::sqrt(qsq[3 * r + 2]) * grow;  // |q~|
+        // |c - c~| for any key that can score (c: the fused tile's float32 product; c~: the bf16 GEMM's):
+        // the inputs' rounding; both float32 sums; denormal products and sums flushed (the bf16 GEMM
+        // always, the float32 chain under torch.set_flush_denormal) and denormal float32 inputs read as
+        // zero there. Then the scale's and the bias's roundings in both scores, and their underflow.
+        const double tiny = std::ldexp(1.0, -126);
+        const double dc = gamma * (qn * kmax + qt * (kmax + dkmax)) + dq * kmax + qt * dkmax +
+                          4.0 * static_cast<double>(dim) * tiny +
+                          1.01 * tiny * std::sqrt(static_cast<double>(dim)) * (qn + kmax);
+        const double c_max = 1.01 * (qn * kmax + qt * (kmax + dkmax));
+        const double e = 1.01 * (vt * dc + 2.01 * u * vt * c_max + 2.0 * u * babs + 8.0 * tiny);
+        // No score may overflow, and a row has kept either k' keys, the k'-th below its k-th by 2e, or
+        // every key that can score (a key whose bf16 score is NaN or -inf is never kept).
+        const bool settled = c_max * vt < 1e30 &&
+                             (n == kp ? static_cast<double>(v[kp - 1]) < static_cast<double>(v[k - 1]) - 2.0 * e
+                                      : n == n_live);
+        if (!settled) {
+          failed[r] = 1;
+          continue;
         }
         const float* qr = qp + (b0 + r) * ldq;
         for (int64_t l0 = 0; l0 < n; l0 += kPanelKeys)
@@ -1184,7 +1192,7 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
   for (int64_t b0 = 0; b0 < nq; b0 += kApproxRows) {
     const int64_t nb = std::min(kApproxRows, nq - b0);
     uint16_t* q16p = reinterpret_cast<uint16_t*>(q16.data_ptr<at::BFloat16>());
-    qsq.assign(static_cast<size_t>(3 * nb), 0.0f);
+    qsq.assign(static_cast<size_t>(3 * nb), 0.0);
     failed.assign(static_cast<size_t>(nb), 0);
     at::parallel_for(0, nb, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
