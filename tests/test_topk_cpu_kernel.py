@@ -458,6 +458,18 @@ pairs.append(both(torch.full((1, 32), 2.0**-130), m, 1, 1.0, b, None, None, None
 m = torch.zeros(32, 1)
 m[:15], m[15], m[20] = 2.0**-58, 1.25 * 2.0**-58, 1.5 * 2.0**-58
 pairs.append(both(torch.tensor([[(1 + 2.0**-10) * 2.0**10]]), m, 1, 2.0**100, None, None, None, None, 0))
+# Keys in chunks merged with init= (the earlier chunks' running top k): equal to one call, both ways.
+q, m = torch.randn(120, 24, generator=g), torch.randn(900, 24, generator=g)
+bias = torch.randn(900, generator=g)
+for path in ("0", "2"):
+    os.environ["LLP_FAST_CPU_APPROX"] = path
+    whole = op(q, m, 10, 0.07, bias, None, None, None, 0)
+    state = None
+    for a in range(0, 900, 300):
+        init = (None, None) if state is None else state
+        state = op(q, m[a : a + 300], 10, 0.07, bias[a : a + 300], None, *init, a)
+    assert torch.equal(whole[0], state[0]) and torch.equal(whole[1], state[1]), path
+    pairs.append((whole, state))
 # Strided queries, and flushed denormals.
 q, m = torch.randn(90, 64, generator=g)[:, ::2], torch.randn(400, 32, generator=g)
 pairs.append(both(q, m, 10, 0.07, None, None, None, None, 0))

@@ -1236,12 +1236,14 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
 // row in `keys`. `bias` has one acc_t per key (added). `floor` (optional, one per query row) starts each
 // row's threshold: a score at or below it is known not to matter (topk_scores passes just below the
 // k-th best of an earlier call, so that a stream of chunks does not learn the threshold again in every
-// chunk). approx_topk where it applies, else exact_topk.
+// chunk). approx_topk where it applies, else exact_topk. (approx_topk leaves the floor out: it hands
+// every row its exact best min(k, keys that can score), a superset of what the floor keeps, which
+// topk_scores' merge with the earlier call reduces to the same best k.)
 template <typename acc_t, typename Finish>
 void fused_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* bias, int64_t k, double tau,
                 const Finish& finish, const acc_t* floor = nullptr) {
   if constexpr (std::is_same<acc_t, float>::value) {
-    if (floor == nullptr && queries.size(0) > 0 && approx_topk(queries, keys, bias, k, tau, finish)) return;
+    if (queries.size(0) > 0 && approx_topk(queries, keys, bias, k, tau, finish)) return;
   }
   exact_topk<acc_t>(queries, keys, bias, k, tau, finish, floor);
 }
