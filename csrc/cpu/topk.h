@@ -1076,6 +1076,10 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
   if ((dim > 1 && (queries.stride(1) != 1 || keys.stride(1) != 1)) || nk * dim * 2 > (int64_t(64) << 20))
     return false;
   if (!rescore_available() || !bf16_gemm()) return false;
+  // Each call rounds every key to bf16 (about what 256 query rows save on them: 100,000 keys, one thread,
+  // K = 10, 64 rows 19 -> 22 ms, 256 rows 45 -> 46 ms, 1,024 rows 174 -> 104 ms), so it takes 512 rows
+  // (checked before the pass over the biases: small calls, a training step's, leave at once).
+  if (!any_size && nq < 512) return false;
   int64_t n_live = 0;
   double babs = 0.0;  // the largest |bias| of a key that can score
   for (int64_t j = 0; j < nk; ++j) {
@@ -1084,18 +1088,16 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
     ++n_live;
     babs = std::max(babs, std::fabs(static_cast<double>(bias[j])));
   }
-  // Each call rounds every key to bf16 (about what 256 query rows save on them: 100,000 keys, one thread,
-  // K = 10, 64 rows 19 -> 22 ms, 256 rows 45 -> 46 ms, 1,024 rows 174 -> 104 ms), so it takes 512 rows.
   if (n_live <= approx_k(k) ||
-      (!any_size && (nq < 512 || static_cast<double>(nq) * static_cast<double>(n_live) < double(int64_t(1) << 22))))
+      (!any_size && static_cast<double>(nq) * static_cast<double>(n_live) < double(int64_t(1) << 22)))
     return false;
   const at::Tensor q = queries.detach(), kd = keys.detach();
   const float* qp = q.const_data_ptr<float>();
   const float* kp_keys = kd.const_data_ptr<float>();
   const int64_t ldq = q.stride(0), ldk = kd.stride(0);
 
-  // The keys' bf16 copy, and over the keys that can score the largest |k| and |k - bf16(k)| (float32
-  // sums; see grow). A key that can score and is not finite: the exact path.
+  // The keys' bf16 copy, and over the keys that can score the largest |k| and |k - bf16(k)| (float64
+  // sums, inflated by grow all the same). A key that can score and is not finite: the exact path.
   at::Tensor k16 = at::empty({nk, dim}, q.options().dtype(at::kBFloat16));
   uint16_t* k16p = reinterpret_cast<uint16_t*>(k16.data_ptr<at::BFloat16>());
   double kmax = 0.0, dkmax = 0.0;
@@ -1110,7 +1112,7 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
     }
   }
   const double u = std::ldexp(1.0, -24);
-  const double grow = 1.0 + 4.0 * static_cast<double>(dim) * u;  // a float32 sum of squares' rounding, and more
+  const double grow = 1.0 + 4.0 * static_cast<double>(dim) * u;  // more than the float64 sums' rounding
   kmax *= grow;
   dkmax *= grow;
   const float inv_tau = static_cast<float>(1.0 / tau);
