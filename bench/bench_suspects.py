@@ -6,6 +6,7 @@ and a saved model labelling new rows.
     python bench/bench_suspects.py auto [--seeds 0-4] [--noise 0.2]  # the README's accuracy rows
     python bench/bench_suspects.py model [--n 1000000] [--train 200000]
     python bench/bench_suspects.py cost [--n 200000] [--labeled 0.01] [--threads 2]
+    python bench/bench_suspects.py ceiling [--seeds 0-39] [--split random]  # what better pseudo-labels would find
 
 ``suspects``: 10% of the labeled rows flipped to another class at random; precision among the first
 n suspects (n = the number flipped) of the plain leave-one-out vote (each labeled row voted on by
@@ -21,6 +22,13 @@ flipped (where the default is no longer the best). ``model``: ``llp-fast-propaga
 compared. ``cost``: on ``--n`` synthetic rows (``--labeled`` of them labeled, 10% of those flipped),
 the default run, the suspect score after it, and the spreading margin alone (its graph and solve,
 again on the same voters), wall seconds; precision among the first n suspects for the record.
+``ceiling``: how far the suspect score is from what the same data could give. Per split, after the
+default run: the score's precision; where its misses and false alarms rank (places after / before
+the n-th); the run's accuracy on the unlabeled rows (with the flipped labels in); and the precision
+of ranking each labeled row by the share of its K nearest other rows (weight exp(s / tau)) that carry
+its label, read from the run's labels and from the *true* labels of the unlabeled rows (the labeled
+rows' given labels, flips included): the second is what a labeller that got every unlabeled row
+right would find with a plain vote.
 Results go to bench/results/.
 """
 
@@ -308,9 +316,50 @@ def cost(args) -> dict:
     return out
 
 
+def ceiling(args) -> dict:
+    import torch
+
+    from llp_fast.embeddings import Rows, Settings, label_embeddings
+    from llp_fast.embeddings.suspects import suspects_of
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, frac in SUSPECT_ROWS:
+        x, y = load(name)
+        sim = x.astype(np.float64) @ x.astype(np.float64).T
+        np.fill_diagonal(sim, -np.inf)
+        row = out.setdefault(f"{name} {int(frac * 100)}%", {"miss places": [], "alarm places": []})
+        for noisy, flipped in flipped_splits(y, frac, args.seeds, args.split):
+            s = Settings(tau=args.tau)
+            result = label_embeddings(x, noisy, s, normalize=False)
+            found = suspects_of(Rows(x, normalize=False), noisy, result, s)
+            n, lab = len(flipped), found.labeled
+            place = {int(r): i for i, r in enumerate(found.rows)}
+            row["miss places"] += [place[int(r)] - n for r in flipped if place[int(r)] >= n]
+            row["alarm places"] += [n - i for i, r in enumerate(found.rows[:n]) if not np.isin(r, flipped)]
+            row.setdefault("suspect score", []).append(precision(found.rows, flipped))
+            unl = noisy < 0
+            row.setdefault("run accuracy, unlabeled rows", []).append(float((result.labels[unl] == y[unl]).mean()))
+            true_or_given = np.where(unl, y, noisy)
+            for k in (10, 20):
+                near = np.argsort(-sim[lab], axis=1, kind="stable")[:, :k]
+                w = np.exp((np.take_along_axis(sim[lab], near, 1) - 1.0) / args.tau)
+                for title, labels in (("the run's labels", result.labels), ("true labels", true_or_given)):
+                    share = (w * (labels[near] == noisy[lab][:, None])).sum(1) / w.sum(1)
+                    row.setdefault(f"share of {k} nearest, {title}", []).append(precision(ranked(lab, share), flipped))
+        means = {m: round(float(np.mean(v)), 4) for m, v in row.items() if "places" not in m}
+        near_n = sum(p <= 2 for p in row["miss places"])
+        print(
+            f"{name} {int(frac * 100)}%: {means}; misses {len(row['miss places'])} ({near_n} within 2 places "
+            f"after the n-th), false alarms {len(row['alarm places'])}",
+            flush=True,
+        )
+    return {"seeds": args.seeds, "split": args.split, "tau": args.tau, "rows": out}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("suspects", "false-alarms", "auto", "model", "cost"))
+    ap.add_argument("mode", choices=("suspects", "false-alarms", "auto", "model", "cost", "ceiling"))
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--split", choices=("balanced", "random"), default="balanced")
     ap.add_argument("--noise", type=float, default=0.0, help="auto: flip this fraction of the labels first")
@@ -323,7 +372,10 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default="/tmp/llp_fast_bench_embeddings")
     ap.add_argument("--tag", default=platform.node() or "host")
     args = ap.parse_args(argv)
-    modes = {"suspects": suspects, "false-alarms": false_alarms, "auto": auto, "model": model, "cost": cost}
+    modes = {
+        "suspects": suspects, "false-alarms": false_alarms, "auto": auto, "model": model, "cost": cost,
+        "ceiling": ceiling,
+    }  # fmt: skip
     result = modes[args.mode](args)
     if args.mode == "model":  # no seeds: named by its sizes
         name = f"suspects_model-n{args.n}-train{args.train}-{args.tag}.json"
@@ -331,7 +383,7 @@ def main(argv=None) -> None:
         name = f"suspects_cost-n{args.n}-l{args.labeled:g}-t{args.threads}-{args.tag}.json"
     else:
         what = f"noise{args.noise:g}-" if args.noise else ""
-        if args.mode == "suspects":
+        if args.mode in ("suspects", "ceiling"):
             what = args.split + (f"-tau{args.tau:g}-" if args.tau != 0.07 else "")
         name = f"suspects_{args.mode}-{what}{args.seeds}-{args.tag}.json"
     write_result(result, name)
