@@ -1,4 +1,4 @@
-"""The strong view of the consistency term (docs/method.md §8.3): RandAugment-style operations plus
+"""The strong view of the consistency term (docs/method.md §8.2): RandAugment-style operations plus
 cutout, the same list for array batches (batched on the training device) and for ``folder:`` images
 (per sample, PIL, on the host).
 
