@@ -133,6 +133,22 @@ def test_bad_parameters_and_no_labels():
             LocalLabelPropagation(**params).fit(x, partial)
     with pytest.raises(ValueError, match="no labeled"):
         LocalLabelPropagation().fit(x, np.full(len(x), -1))
+    # messages name the estimator's parameters, not the engine's settings
+    for params, name in (
+        (dict(n_neighbors=0), "n_neighbors"),
+        (dict(n_density_neighbors=0), "n_density_neighbors"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(density_weighting=3), "density_weighting"),
+        (dict(n_neighbors=(10, 20)), "n_neighbors"),
+        (dict(n_neighbors=[10]), "n_neighbors"),
+    ):
+        with pytest.raises(ValueError, match=f"^{name}"):
+            LocalLabelPropagation(**params).fit(x, partial)
+    # a NumPy integer K (a grid search over np.arange) is a K
+    a = LocalLabelPropagation(n_neighbors=np.int64(7), rounds=2).fit(x, partial)
+    b = LocalLabelPropagation(n_neighbors=7, rounds=2).fit(x, partial)
+    assert a.n_neighbors_ == 7 and np.array_equal(a.transduction_, b.transduction_)
+    assert label_embeddings(x, partial, k=np.int64(7), rounds=1).labels.shape == (len(x),)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             LocalLabelPropagation(device="cuda").fit(x, partial)

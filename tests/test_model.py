@@ -114,7 +114,7 @@ def test_saving_is_atomic(tmp_path, monkeypatch, capsys):
     d = tmp_path / "m"
     argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "p.npy"), "--quiet"]
     assert main([*argv, "--rounds", "1", "--save-model", str(d)]) == 0
-    before = (d / "model.npz").read_bytes()
+    before, labels_before = (d / "model.npz").read_bytes(), (tmp_path / "p.npy").read_bytes()
 
     def broken(zf, name, blocks, shape, dtype):
         next(iter(blocks))
@@ -123,3 +123,77 @@ def test_saving_is_atomic(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(model, "_write_array", broken)
     assert main([*argv, "--rounds", "2", "--save-model", str(d)]) == 130
     assert os.listdir(d) == ["model.npz"] and (d / "model.npz").read_bytes() == before
+    # the model and the other outputs move into place together: a failed model keeps the old labels
+    assert (tmp_path / "p.npy").read_bytes() == labels_before
+    assert sorted(os.listdir(tmp_path)) == ["emb.npy", "lab.npy", "m", "new.npy", "p.npy"]
+
+
+def test_a_model_saved_under_an_npz_name_loads_by_it(tmp_path, capsys):
+    _data(tmp_path)
+    d, out = str(tmp_path / "out.npz"), str(tmp_path / "p.npy")
+    assert main([str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", out, "--save-model", d]) == 0
+    assert os.listdir(d) == ["model.npz"]
+    assert main(["--model", d, str(tmp_path / "new.npy"), "--out", str(tmp_path / "q.npy")]) == 0
+    with pytest.raises(SystemExit):  # an output over the model it reads
+        main(["--model", d, str(tmp_path / "new.npy"), "--out", os.path.join(d, "model.npz")])
+    assert "is the input --model" in capsys.readouterr().err
+
+
+def _mutated(z: dict, **change) -> dict:
+    out = dict(z)
+    settings = json.loads(str(z["settings"]))
+    for key, value in change.items():
+        if key.startswith("s_"):
+            settings[key[2:]] = value
+        else:
+            out[key] = value
+    if not any(k == "settings" for k in change):
+        out["settings"] = np.array(json.dumps(settings))
+    return out
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(s_k=0), "k must be"),
+        (dict(s_k="ten"), "k must be"),
+        (dict(s_k=2.7), "k must be"),
+        (dict(s_tau=0), "tau must be"),
+        (dict(s_tau=float("nan")), "tau must be"),
+        (dict(s_normalize=None), "normalize"),
+        (dict(s_min_confidence=2), "min_confidence"),
+        (dict(s_min_confidence="high"), "min_confidence"),
+        (dict(settings=np.array("[1, 2]")), "JSON object"),
+        (dict(settings=np.array("null")), "JSON object"),
+        (dict(settings=np.array(3)), "one JSON string"),
+        (dict(voter_bias="nan"), "not finite"),
+        (dict(voters="nan"), "not finite"),
+        (dict(voters="int"), "float32 or float64"),
+        (dict(voter_classes="str"), "must be integers"),
+        (dict(classes="str"), "must be integers"),
+        (dict(classes="neg"), ">= 0"),
+        (dict(classes="dup"), "repeat"),
+        (dict(classes="u64"), "fit int64"),
+        (dict(voter_bias="2d"), "inconsistent"),
+    ],
+)
+def test_each_malformed_model_field_is_one_line(tmp_path, capsys, change, match):
+    _data(tmp_path)
+    d = tmp_path / "m"
+    out = str(tmp_path / "o.npy")
+    assert main([str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", out, "--save-model", str(d)]) == 0
+    with np.load(d / "model.npz") as f:
+        z = {k: f[k] for k in f.files}
+    forms = {
+        "nan": lambda a: np.where(np.arange(a.size).reshape(a.shape) == 1, np.nan, a).astype(a.dtype),
+        "int": lambda a: a.astype(np.int32),
+        "str": lambda a: a.astype(str),
+        "neg": lambda a: a - 1,
+        "dup": lambda a: np.zeros_like(a),
+        "u64": lambda a: a.astype(np.uint64) + np.uint64(2**63),
+        "2d": lambda a: a[:, None],
+    }
+    change = {k: forms[v](z[k]) if isinstance(v, str) and v in forms else v for k, v in change.items()}
+    np.savez(d / "model.npz", **_mutated(z, **change))
+    capsys.readouterr()
+    _one_line(capsys, main(["--model", str(d), str(tmp_path / "new.npy"), "--out", out]), match)

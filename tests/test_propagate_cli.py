@@ -222,7 +222,12 @@ def test_an_output_may_not_be_given_twice_or_be_an_input(tmp_path, capsys):
     flag_error(
         capsys, [*base, "--out", same, "--voters-out", os.path.join(str(tmp_path), ".", "x.npy")], "--voters-out"
     )
-    assert leftovers(tmp_path) == []
+    # the model's directory and file are outputs too
+    (tmp_path / "mm").mkdir()
+    model_file = str(tmp_path / "mm" / "model.npz")
+    flag_error(capsys, [*base, "--out", model_file, "--save-model", str(tmp_path / "mm")], "--save-model", "own file")
+    flag_error(capsys, [*base, "--out", same, "--save-model", same], "--save-model", "own file")
+    assert leftovers(tmp_path) == ["mm"] and os.listdir(tmp_path / "mm") == []
 
 
 @pytest.mark.parametrize(
@@ -253,6 +258,7 @@ def test_an_output_may_not_be_given_twice_or_be_an_input(tmp_path, capsys):
         ("--min-confidence", "1.5"),
         ("--drop-suspects", "0"),
         ("--drop-suspects", "1"),
+        ("--drop-suspects", "nan"),
         ("--save-model", "/no/such/dir/m"),
         ("--suspects-out", "/no/such/dir/s.npy"),
     ],
@@ -372,3 +378,27 @@ def test_suspects_auto_and_abstention(tmp_path, capsys):
     with pytest.raises(SystemExit):
         propagate_main([*base, "--out", f["p.npy"], "--k", "10,20", "--drop-suspects", "0.1"])
     assert "needs one K" in capsys.readouterr().err
+
+
+def test_tau_auto_takes_one_k_and_keeps_the_k_given(tmp_path, capsys):
+    """--tau auto chooses tau for one K: with several it is refused (it used to run the first K only,
+    under the plain --out name); with one it keeps that K even where the labeled rows are fewer."""
+    _digits_embeddings(tmp_path)
+    base = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--rounds", "1", "--quiet"]
+    flag_error(capsys, [*base, "--out", str(tmp_path / "o.npy"), "--k", "5,10", "--tau", "auto"], "--tau", "one K")
+    assert leftovers(tmp_path) == []
+    few = np.full(np.load(tmp_path / "lab.npy").shape, -1)
+    few[:12] = np.arange(12) % 3  # 12 labeled rows: fewer than K + 1
+    np.save(tmp_path / "few.npy", few)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "few.npy"), "--rounds", "1", "--k", "20"]
+    assert propagate_main([*argv, "--out", str(tmp_path / "a.npy")]) == 0
+    assert propagate_main([*argv, "--out", str(tmp_path / "b.npy"), "--tau", "auto"]) == 0
+    assert "K = 20" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_drop_suspects_that_would_drop_every_label_is_one_line(tmp_path, capsys):
+    _digits_embeddings(tmp_path)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")]
+    one_error_line(capsys, propagate_main([*argv, "--drop-suspects", "0.999"]), "--drop-suspects 0.999")
+    assert leftovers(tmp_path) == []

@@ -52,9 +52,9 @@ def test_leave_one_out_accuracies_equal_the_brute_force(n, d, m, rounds, chunk):
     labels[lab] = y[lab] * 2 + 1  # sparse class values
     settings = Settings(rounds=rounds, chunk=chunk, t=5)
     choice = tune.choose(Rows(x), labels, settings, auto_k=True, auto_tau=True)
-    assert choice.rows == m and len(choice.accuracy) == len({min(k, m - 1) for k in tune.K_GRID}) * len(tune.TAU_GRID)
-    for (k, tau), acc in choice.accuracy.items():
-        want = brute_loo(x, labels, k, tau, 5, settings.pool).mean()
+    assert choice.rows == m and len(choice.accuracy) == len(tune.K_GRID) * len(tune.TAU_GRID)
+    for (k, tau), acc in choice.accuracy.items():  # a K above M - 1 is scored as M - 1
+        want = brute_loo(x, labels, min(k, m - 1), tau, 5, settings.pool).mean()
         assert acc == pytest.approx(want, abs=1e-12), (k, tau)
     assert (choice.k, choice.tau) in choice.accuracy
 
@@ -101,3 +101,20 @@ def test_estimator_auto_stores_the_choice_and_runs_with_it():
     assert auto.n_neighbors == "auto" and auto.tau == "auto"  # parameters stay as given
     with pytest.raises(ValueError, match="n_neighbors must be 'auto' or a number"):
         LocalLabelPropagation(n_neighbors="many").fit(x, partial)
+
+
+def test_a_k_not_chosen_is_kept_and_a_chosen_k_is_the_candidates():
+    """Few labeled rows (M - 1 below K): leave-one-out scores K as M - 1, but the run keeps the K
+    given (tau chosen) or the candidate's own K (K chosen), never M - 1."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    labels = np.full(300, -1)
+    labels[:10] = np.arange(10) % 3
+    rows = Rows(x)
+    only_tau = tune.choose(rows, labels, Settings(k=20, rounds=1), auto_k=False, auto_tau=True)
+    assert only_tau.k == 20 and {k for k, _ in only_tau.accuracy} == {20}
+    both = tune.choose(rows, labels, Settings(rounds=1), auto_k=True, auto_tau=False)
+    assert both.k in tune.K_GRID and {k for k, _ in both.accuracy} == set(tune.K_GRID)
+    # K = 10 and 20 and 50 are all scored as M - 1 = 9 here: the same votes, and the default stays
+    assert both.accuracy[(10, 0.07)] == both.accuracy[(20, 0.07)] == both.accuracy[(50, 0.07)]
+    assert both.k == 10

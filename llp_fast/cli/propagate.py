@@ -17,7 +17,7 @@ import sys
 
 from .. import distributed
 from ..embeddings import outputs
-from ..errors import Terminated
+from ..errors import ConfigError, Terminated
 from . import _common
 from .propagate_args import DEFAULT, PROG, output_name, parse, settings_of
 
@@ -59,10 +59,15 @@ def _label(args) -> int:
     rows = Rows(args.embeddings, normalize=args.normalize)
     labels = read_labels(args.labels, rows.n)
     n, m = rows.n, int((labels >= 0).sum())
+    if args.drop_suspects and round(args.drop_suspects * m) >= m:
+        raise ConfigError(
+            f"--drop-suspects {args.drop_suspects:g}: would drop all {m} labeled rows of {args.labels}; give a "
+            "smaller fraction"
+        )
     auto_k, auto_tau = getattr(args, "k", None) == "auto", getattr(args, "tau", None) == "auto"
     if auto_k or auto_tau:
         choice = tune.choose(rows, labels, settings.checked(), auto_k=auto_k, auto_tau=auto_tau, comm=comm)
-        settings = settings.replace(k=choice.k, tau=choice.tau)
+        settings = settings.replace(k=choice.k if auto_k else settings.k, tau=choice.tau if auto_tau else settings.tau)
         if rank == 0:
             print(f"{PROG}: {choice.line(auto_k, auto_tau)}", flush=True)
     _cost_note(progress, n, m, settings)
@@ -99,19 +104,23 @@ def _label(args) -> int:
                 files[name(args.suspects_out)] = ("npy", ranked[k].rows.astype(np.int64))
             if args.quality_out:
                 files[name(args.quality_out)] = ("npy", ranked[k].per_row(n))
-        outputs.write(files)
         result = next(iter(results.values()))
-        if args.save_model:
-            path = model.save(
-                args.save_model,
-                rows,
-                result,
-                k=result.k,
-                tau=settings.tau,
-                normalize=args.normalize,
-                min_confidence=args.min_confidence,
+
+        def save_model(stack):  # with the outputs: all of them move into place, or none
+            written.append(
+                model.save(
+                    args.save_model,
+                    rows,
+                    result,
+                    k=result.k,
+                    tau=settings.tau,
+                    normalize=args.normalize,
+                    min_confidence=args.min_confidence,
+                    stack=stack,
+                )
             )
-            written.append(path)
+
+        outputs.write(files, also=save_model if args.save_model else None)
         rounds = f", {result.rounds_run} round{'s' if result.rounds_run != 1 else ''}"
         if None not in results:
             rounds += ", K = " + ", ".join(str(k) for k in results)

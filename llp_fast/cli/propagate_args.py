@@ -4,9 +4,11 @@ where they parse, the two forms' rules, and the :class:`~llp_fast.embeddings.Set
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from ..embeddings import outputs
+from ..embeddings.model import FILE, model_file
 from ..embeddings.settings import AUTO_VOTERS, AUTO_VOTERS_PER_LABELED, POOLS, Settings
 from ..errors import ConfigError
 from . import _common
@@ -61,8 +63,12 @@ def _tau(text: str):
 
 
 def _drop(text: str) -> float:
-    value = _common.FRACTION(text)
-    if value >= 1:
+    """``--drop-suspects``: a fraction in (0, 1) of the labeled rows."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) of the labeled rows, got {text!r}")
     return value
 
@@ -204,13 +210,20 @@ def parse(argv=None) -> argparse.Namespace:
     ks = getattr(args, "k", DEFAULT.k)
     if isinstance(ks, tuple) and (args.drop_suspects or args.save_model):
         ap.error(f"argument {'--drop-suspects' if args.drop_suspects else '--save-model'}: needs one K, not --k {ks}")
+    if isinstance(ks, tuple) and getattr(args, "tau", None) == "auto":
+        ap.error(f"argument --tau: auto chooses tau for one K, not for --k {','.join(map(str, ks))}")
     outs = {}
     for f in OUTPUT_FLAGS:
         path = getattr(args, f)
         for k in ks if isinstance(ks, tuple) else (None,):
             flag = _flag(f) + ("" if k is None else f" (K = {k})")
             outs[flag] = path if path is None or k is None else output_name(path, k)
+    if args.save_model:  # the model's directory and file are outputs too
+        outs["--save-model"] = args.save_model
+        outs["--save-model's file"] = os.path.join(args.save_model, FILE)
     inputs = {"EMBEDDINGS": args.embeddings, **({"LABELS": args.labels} if args.labels else {})}
+    if args.model is not None:
+        inputs["--model"] = model_file(args.model)
     try:
         outputs.check_distinct(outs, inputs)
     except ConfigError as e:

@@ -198,7 +198,7 @@ class Engine:
                 break
             new = self.next_voters(run, r)
         results = self.results(run, top_classes, voter_ids)
-        return results[0] if isinstance(self.s.k, int) else dict(zip(ks, results))
+        return dict(zip(ks, results)) if isinstance(self.s.k, (tuple, list)) else results[0]
 
     def _with(self, k: int) -> Engine:
         other = Engine.__new__(Engine)

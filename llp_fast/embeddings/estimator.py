@@ -21,6 +21,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ..errors import ConfigError
 from . import tune
 from .engine import Engine
 from .model import Model
@@ -56,9 +57,18 @@ def _auto_or(value, name: str):
     """None for "auto" (chosen at fit), else the value (checked by Settings)."""
     if isinstance(value, str) and value == "auto":
         return None
-    if isinstance(value, str):
+    if isinstance(value, (str, tuple, list)):
         raise ValueError(f"{name} must be 'auto' or a number, got {value!r}")
     return value
+
+
+# Settings' field -> the estimator's parameter, for the messages of Settings.checked()
+_PARAMS = {
+    "k": "n_neighbors",
+    "t": "n_density_neighbors",
+    "density": "density_weighting",
+    "chunk": "chunk_size",
+}
 
 
 def expected_failed_checks(estimator=None) -> dict[str, str]:
@@ -137,7 +147,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         """The engine's settings; an "auto" K or tau stands at the default until it is chosen."""
         k = _auto_or(self.n_neighbors, "n_neighbors") if k is None else k
         tau = _auto_or(self.tau, "tau") if tau is None else tau
-        return Settings(
+        settings = Settings(
             k=_DEFAULT.k if k is None else k,
             t=self.n_density_neighbors,
             tau=_DEFAULT.tau if tau is None else tau,
@@ -148,7 +158,15 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             max_voters=self.max_voters,
             chunk=self.chunk_size,
             device=self.device,
-        ).checked()
+        )
+        try:
+            return settings.checked()
+        except ConfigError as e:  # "k: expected ..." -> "n_neighbors: expected ..."
+            msg = str(e)
+            field = msg.split(":")[0].split(" ")[0]
+            if field in _PARAMS:
+                raise ValueError(_PARAMS[field] + msg[len(field) :]) from None
+            raise
 
     def _min_confidence(self):
         c = self.min_confidence

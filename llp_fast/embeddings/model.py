@@ -19,7 +19,9 @@ voters, one block of new rows, and the (N,) outputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -108,10 +110,14 @@ def _write_array(zf: zipfile.ZipFile, name: str, blocks, shape: tuple, dtype) ->
             f.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
 
 
-def save(directory: str, rows: Rows, result, *, k: int, tau: float, normalize: bool, min_confidence=None) -> str:
+def save(
+    directory: str, rows: Rows, result, *, k: int, tau: float, normalize: bool, min_confidence=None, stack=None
+) -> str:
     """Writes ``directory/model.npz`` from an engine ``Result`` (its voters read back from ``rows``,
     block by block) and the vote's settings. Creates ``directory`` if its parent exists. Returns
-    the file's path."""
+    the file's path. With ``stack`` (a :class:`contextlib.ExitStack`: :func:`.outputs.write`'s
+    ``also``) the file moves into place only as that stack closes without an error, with the
+    other outputs."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, FILE)
     v_rows = np.asarray(result.voter_rows, dtype=np.int64)
@@ -129,7 +135,13 @@ def save(directory: str, rows: Rows, result, *, k: int, tau: float, normalize: b
     dtype = np.float64 if rows.dtype == torch.float64 else np.float32
     bias = np.zeros(len(v_rows), dtype) if result.voter_bias is None else np.asarray(result.voter_bias, dtype)
     meta = Model(torch.empty(0), result.voter_classes, None, result.classes, k, tau, normalize, min_confidence)
-    with atomic_path(path, suffix=".npz") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    own = contextlib.ExitStack() if stack is None else contextlib.nullcontext(stack)
+    with (
+        own as st,
+        zipfile.ZipFile(
+            st.enter_context(atomic_path(path, suffix=".npz")), "w", zipfile.ZIP_STORED, allowZip64=True
+        ) as zf,
+    ):
         _write_array(zf, "voters", blocks(), (len(v_rows), rows.dim), dtype)
         for name, arr in (
             ("voter_classes", np.asarray(result.voter_classes, np.int64)),
@@ -142,9 +154,42 @@ def save(directory: str, rows: Rows, result, *, k: int, tau: float, normalize: b
     return path
 
 
+def model_file(path: str) -> str:
+    """The model file ``--save-model path`` writes and ``--model path`` reads: ``path/model.npz``,
+    or ``path`` itself where it names a ``.npz`` file rather than a directory."""
+    if path.endswith(".npz") and not os.path.isdir(path):
+        return path
+    return os.path.join(path, FILE)
+
+
+def _settings_of(path: str, text: str) -> dict:
+    """The settings JSON of a model, each value checked: :class:`DataError` naming the one that is not."""
+    try:
+        settings = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"model {path}: unreadable settings ({e})") from None
+    if not isinstance(settings, dict):
+        raise DataError(f"model {path}: settings must be a JSON object, got {type(settings).__name__}")
+    if settings.get("format") != FORMAT:
+        raise DataError(f"model {path}: format {settings.get('format')!r}, this version reads {FORMAT}")
+    k, tau, normalize = settings.get("k"), settings.get("tau"), settings.get("normalize")
+    c = settings.get("min_confidence")
+    real = (int, float)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DataError(f"model {path}: settings' k must be a whole number >= 1, got {k!r}")
+    if isinstance(tau, bool) or not isinstance(tau, real) or not (math.isfinite(tau) and tau > 0):
+        raise DataError(f"model {path}: settings' tau must be a finite number > 0, got {tau!r}")
+    if not isinstance(normalize, bool):
+        raise DataError(f"model {path}: settings' normalize must be true or false, got {normalize!r}")
+    if c is not None and (isinstance(c, bool) or not isinstance(c, real) or not 0 <= c <= 1):
+        raise DataError(f"model {path}: settings' min_confidence must be null or in [0, 1], got {c!r}")
+    return settings
+
+
 def load(directory: str, *, device=None) -> Model:
-    """The model in ``directory`` (or a ``model.npz`` path); :class:`DataError` naming what is wrong."""
-    path = directory if directory.endswith(".npz") else os.path.join(directory, FILE)
+    """The model in ``directory`` (or a ``.npz`` file: :func:`model_file`); :class:`DataError`
+    naming what is wrong."""
+    path = model_file(directory)
     if not os.path.isfile(path):
         raise DataError(f"model {directory}: no {FILE} there (write one with --save-model)")
     try:
@@ -153,28 +198,50 @@ def load(directory: str, *, device=None) -> Model:
             if missing:
                 raise DataError(f"model {path}: not a saved model (no {', '.join(missing)})")
             arrays = {a: z[a] for a in _ARRAYS}
-        settings = json.loads(str(arrays["settings"]))
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError, AttributeError, TypeError) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(f"model {path}: unreadable ({type(e).__name__}: {e})") from None
-    if settings.get("format") != FORMAT:
-        raise DataError(f"model {path}: format {settings.get('format')!r}, this version reads {FORMAT}")
+    if arrays["settings"].dtype.kind not in "US" or arrays["settings"].ndim != 0:
+        raise DataError(f"model {path}: settings must be one JSON string")
+    settings = _settings_of(path, str(arrays["settings"]))
     voters, cls, bias, classes = (arrays[a] for a in _ARRAYS[:4])
     v = voters.shape[0] if voters.ndim == 2 else -1
-    if v < 1 or voters.dtype.kind != "f" or cls.shape != (v,) or bias.shape != (v,) or classes.ndim != 1:
-        raise DataError(f"model {path}: inconsistent arrays (voters {voters.shape}, classes {cls.shape})")
+    if v < 1 or voters.shape[1] < 1 or cls.shape != (v,) or bias.shape != (v,) or classes.ndim != 1:
+        raise DataError(
+            f"model {path}: inconsistent arrays (voters {voters.shape}, voter_classes {cls.shape}, voter_bias "
+            f"{bias.shape}, classes {classes.shape})"
+        )
+    if cls.dtype.kind not in "iu" or classes.dtype.kind not in "iu" or bias.dtype.kind != "f":
+        raise DataError(
+            f"model {path}: voter_classes and classes must be integers and voter_bias floating point, got "
+            f"{cls.dtype}, {classes.dtype}, {bias.dtype}"
+        )
+    if len(classes) and (classes.dtype.kind == "u" and classes.max() > np.iinfo(np.int64).max):
+        raise DataError(f"model {path}: classes do not fit int64")
+    if len(classes) and classes.min() < 0:
+        raise DataError(f"model {path}: classes must be label values >= 0 (-1 marks an unlabeled row)")
+    if len(np.unique(classes)) != len(classes):
+        raise DataError(f"model {path}: classes repeat a label")
     if cls.min() < 0 or cls.max() >= len(classes):
         raise DataError(f"model {path}: voter classes outside [0, {len(classes)})")
+    if voters.dtype not in (np.float32, np.float64) or bias.dtype not in (np.float32, np.float64):
+        raise DataError(
+            f"model {path}: voters and voter_bias must be float32 or float64, got {voters.dtype}, {bias.dtype}"
+        )
+    if not np.isfinite(bias).all():
+        raise DataError(f"model {path}: voter_bias holds a value that is not finite")
+    if not all(np.isfinite(voters[a : a + 65536]).all() for a in range(0, v, 65536)):
+        raise DataError(f"model {path}: voters hold a value that is not finite")
     return Model(
         voters=torch.from_numpy(voters).to(device or "cpu"),
         voter_classes=cls.astype(np.int64),
         bias=bias,
-        classes=classes,
-        k=int(settings["k"]),
+        classes=classes.astype(np.int64),
+        k=settings["k"],
         tau=float(settings["tau"]),
-        normalize=bool(settings["normalize"]),
-        min_confidence=settings.get("min_confidence"),
+        normalize=settings["normalize"],
+        min_confidence=None if settings.get("min_confidence") is None else float(settings["min_confidence"]),
     )
 
 

@@ -39,9 +39,11 @@ def check_distinct(outputs: dict[str, str | None], inputs: dict[str, str]) -> No
         seen[real] = name
 
 
-def write(files: dict[str, tuple[str, object]]) -> None:
+def write(files: dict[str, tuple[str, object]], also=None) -> None:
     """``files``: target path -> (kind, data): kind 'npy' with an array, or 'npz' with a dict of
-    arrays. All are written to temporary files first, then moved into place."""
+    arrays. All are written to temporary files first, then moved into place. ``also(stack)``, if
+    given, writes more files the same way (entering its own atomic writers on ``stack``) after
+    these: if it fails, none of them is moved into place."""
     with contextlib.ExitStack() as stack:
         for path, (kind, data) in files.items():
             f = stack.enter_context(atomic_open(path, suffix="." + kind))
@@ -49,3 +51,5 @@ def write(files: dict[str, tuple[str, object]]) -> None:
                 np.save(f, data, allow_pickle=False)
             else:
                 np.savez(f, **data)
+        if also is not None:
+            also(stack)

@@ -125,7 +125,10 @@ def choose(
     x = rows.take(labeled).to(device)
     xq = x[torch.from_numpy(queries).to(device)]
     sims = _densities(rows, x, lab, settings, comm, device) if settings.density else None
-    ks = sorted({min(k, m - 1) for k in (K_GRID if auto_k else (k0,))} | {min(k0, m - 1)})
+    # The candidates keep their K; a row has only m - 1 others to leave one out among, so a K above
+    # that is scored as m - 1 (the run itself is given the candidate's K).
+    cands = sorted(set(K_GRID if auto_k else ()) | {k0})
+    ks = sorted({min(k, m - 1) for k in cands})
     taus = TAU_GRID if auto_tau else (tau0,)
     y_t = torch.from_numpy(y).to(device)
     own = torch.from_numpy(queries).to(device)
@@ -133,9 +136,10 @@ def choose(
     for tau in taus:
         log_rho = None if sims is None else log_sum_exp(sims.double() / tau).to(x.dtype)
         top = neighbours(xq, x, log_rho, k=max(ks) + 1, tau=tau)
-        for k, c in _correct(top.values, top.indices, own, y_t, y_t[own], ks, len(classes)).items():
-            correct[(k, tau)] = c
-    chosen = pick(correct, (min(k0, m - 1), tau0))
+        scored = _correct(top.values, top.indices, own, y_t, y_t[own], ks, len(classes))
+        for k in cands:
+            correct[(k, tau)] = scored[min(k, m - 1)]
+    chosen = pick(correct, (k0, tau0))
     accuracy = {key: float(c.mean()) for key, c in correct.items()}
     return Choice(int(chosen[0]), float(chosen[1]), accuracy, len(queries))
 
