@@ -166,8 +166,15 @@ class WithHeads(nn.Module):
         was_training = backbone.training
         backbone.eval()
         with torch.no_grad():
-            probe = self._pooled(backbone(torch.zeros(2, in_channels, image_size, image_size)))
+            out = backbone(torch.zeros(2, in_channels, image_size, image_size))
+            probe = self._pooled(out)
         backbone.train(was_training)
+        if probe.shape[0] != 2 or probe.shape[1] < 1 or not probe.is_floating_point():
+            raise ValueError(
+                "the network must return features (B, F) or a feature map (B, F, h, w): one row of F >= 1 "
+                f"floating-point features per image; for a batch of 2 it returned {out.dtype} of shape "
+                f"{tuple(out.shape)}"
+            )
         self.feature_dim = int(probe.shape[1])
         self.fc = nn.Linear(self.feature_dim, num_classes)
         self.embed = nn.Linear(self.feature_dim, emb_dim)

@@ -163,6 +163,62 @@ def test_own_network_through_python_and_the_cli_resumes_exactly(tmp_path, factor
     assert json.load(open(os.path.join(cut, "config.json")))["arch"] == "mynets:small_cnn"
 
 
+def test_fit_refuses_what_a_new_run_or_a_resume_would_lose(tmp_path, factory_module):
+    import pathlib
+
+    from llp_fast.errors import ConfigError
+    from llp_fast.nn import import_factory
+    from llp_fast.train.defaults import new_run_dir
+
+    small_cnn = import_factory("mynets:small_cnn")
+    settings = dataclasses.asdict(tiny_config(tmp_path, "py", epochs=1))
+    data, run_dir = settings.pop("data"), settings["run_dir"]
+    fit(small_cnn(1), data, **settings)
+    before = open(os.path.join(run_dir, CHECKPOINT), "rb").read()
+    with pytest.raises(ConfigError, match="already holds a run"):  # it used to overwrite the run
+        fit(small_cnn(1), data, **settings)
+    with pytest.raises(ConfigError, match="give run_dir"):
+        fit(small_cnn(1), data, resume=True, epochs=2)
+    with pytest.raises(ConfigError, match=r"lr=5.0 \(saved: "):  # a resume used to ignore it
+        fit(small_cnn(1), data, resume=True, run_dir=run_dir, lr=5.0, epochs=2)
+
+    class Other(torch.nn.Sequential):
+        pass
+
+    with pytest.raises(ConfigError, match="same kind of network"):
+        fit(Other(*small_cnn(1)), data, resume=True, run_dir=run_dir, epochs=2)
+    assert open(os.path.join(run_dir, CHECKPOINT), "rb").read() == before
+    again = fit(small_cnn(1), data, resume=True, **{**settings, "epochs": 2})  # the same settings: fine
+    assert again.metrics["epoch"] == 2
+    with pytest.raises(ConfigError, match="supervised_only must be True or False"):  # "False" read as on
+        fit(small_cnn(1), data, **{**settings, "run_dir": str(tmp_path / "s"), "supervised_only": "False"})
+    with pytest.raises(TypeError, match="run_dir"):
+        fit(small_cnn(1), data, **{**settings, "run_dir": 5})
+    out = fit(small_cnn(1), data, **{**settings, "run_dir": pathlib.Path(tmp_path / "as_path")})
+    assert out.config.run_dir == str(tmp_path / "as_path")
+
+    class OneRow(torch.nn.Module):  # mixes the batch: one row for all images
+        def __init__(self):
+            super().__init__()
+            self.net = small_cnn(1)
+
+        def forward(self, x):
+            return self.net(x).mean(0, keepdim=True)
+
+    with pytest.raises(ConfigError, match="one row of F >= 1"):
+        fit(OneRow(), data, **{**settings, "run_dir": str(tmp_path / "onerow")})
+    # runs started in the same second get directories of their own
+    made = [new_run_dir(str(tmp_path / "runs")) for _ in range(3)]
+    assert len(set(made)) == 3 and all(os.path.isdir(d) for d in made)
+
+
+def test_a_diverging_run_is_one_line(tmp_path, capsys):
+    for extra in (["--tau", "1e-30"], ["--lr", "1e30"]):  # the bank's input check came first
+        argv = ["--run-dir", str(tmp_path / extra[0][2:]), *TINY_ARGS, "--baseline", "off", "--quiet", *extra]
+        rc = train_main(argv)
+        one_error_line(capsys, rc, "lower --lr")
+
+
 @pytest.mark.parametrize(
     "arch, match",
     [

@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import time
 
 from .. import _files, distributed
 from ..errors import BaselineFailed, Interrupted, is_user_error, one_line
@@ -31,7 +30,9 @@ launched = distributed.launched
 
 
 def _new_run_dir() -> str:
-    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    from ..train.defaults import new_run_dir
+
+    return new_run_dir()
 
 
 def relaunch(args, argv: list[str], prog: str) -> int:
@@ -83,7 +84,7 @@ def distributed_setup(args) -> int:
     _continue_after_restart(args)
     rank, _ = distributed.init()
     if not args.resume and not args.run_dir:
-        box = [_new_run_dir()]
+        box = [_new_run_dir() if rank == 0 else None]
         torch.distributed.broadcast_object_list(box, src=0)
         args.run_dir = box[0]
     if args.baseline != "off" and rank == 0 and not args.quiet:

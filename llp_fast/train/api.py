@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..nn import GIVEN
 from . import checkpoint, report
-from .config import RESUMABLE, TrainConfig
+from .config import RESUMABLE, TrainConfig, check_value, fields
 from .loop import Trainer
 
 
@@ -40,19 +41,64 @@ class Fitted:
     config: TrainConfig
 
 
-def fit(model: torch.nn.Module | None = None, data: str = "digits", *, resume: bool = False, **settings) -> Fitted:
+def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume: bool = False, **settings) -> Fitted:
     """Trains ``model`` (a backbone; ``None``: ``settings["arch"]``, a ResNet-18 by default) with LLP
-    on ``data`` (``digits``, ``mnist5k``, ``npz:PATH``, ``folder:PATH``); ``settings`` are
-    :class:`TrainConfig` fields. ``resume=True`` continues the run in ``settings["run_dir"]``
-    exactly (pass the same kind of backbone again). Bad settings raise
+    on ``data`` (``digits``, the default, ``mnist5k``, ``npz:PATH``, ``folder:PATH``); ``settings``
+    are :class:`TrainConfig` fields. A ``run_dir`` that holds a run is refused unless ``resume=True``,
+    which continues that run exactly (pass the same kind of backbone again; settings given must be
+    the saved ones, but for ``epochs``, ``quiet``, ``threads`` and ``workers``). Without
+    ``run_dir`` a new ``runs/<time>`` is made. Bad settings raise
     :class:`~llp_fast.errors.ConfigError` naming the flag."""
     if not isinstance(model, (torch.nn.Module, type(None))):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-    cfg = TrainConfig(data=data, **settings)
-    trainer = prepare(cfg, resume=resume, model=model)
+    run_dir = settings.get("run_dir")
+    if run_dir is not None:
+        if not isinstance(run_dir, (str, os.PathLike)):
+            raise TypeError(f"run_dir must be a path (str or os.PathLike), got {type(run_dir).__name__}")
+        settings["run_dir"] = run_dir = os.fspath(run_dir)
+    cfg = TrainConfig(data="digits" if data is None else data, **settings)
+    ckpt = None
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume=True continues the run in run_dir: give run_dir")
+        saved, ckpt = checkpoint.open_run(run_dir)
+        changed = _changed(saved, {"data": data, **settings})
+        if changed:
+            raise ConfigError(
+                f"resume=True continues the run in {run_dir} with its saved settings; {', '.join(changed)} "
+                f"differ from them (only {', '.join(RESUMABLE)} can change)"
+            )
+        given_arch = saved.arch if model is None else GIVEN + type(model).__qualname__
+        if model is not None and given_arch != saved.arch:
+            raise ConfigError(
+                f"resume=True: the run in {run_dir} trained {saved.arch.removeprefix(GIVEN)}, not "
+                f"{type(model).__qualname__}: pass the same kind of network"
+            )
+        keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps") if name in settings}
+        cfg = dataclasses.replace(saved, **{k: v for k, v in keep.items() if v is not None})
+    elif run_dir is not None and os.path.exists(os.path.join(run_dir, checkpoint.CHECKPOINT)):
+        raise ConfigError(
+            f"run_dir {run_dir} already holds a run: continue it with resume=True, or give another run_dir"
+        )
+    trainer = prepare(cfg, resume=resume, ckpt=ckpt, model=model)
     metrics = trainer.fit()
     avg = trainer.average.model if trainer.average is not None else None
     return Fitted(model=trainer.model, average=avg, metrics=metrics, config=trainer.cfg)
+
+
+def _changed(saved: TrainConfig, given: dict) -> list[str]:
+    """The settings in ``given`` (TrainConfig fields) that a resume would ignore: those other than
+    ``config.RESUMABLE`` whose value (after its check) differs from the saved run's. ``None`` (chosen
+    from the data) matches anything."""
+    known = {f.name: f for f in fields()}
+    out = []
+    for name, value in given.items():
+        # the network (arch) is checked apart: a backbone given in Python stands for it
+        if name in (*RESUMABLE, "run_dir", "stop_after_steps", "arch") or value is None or name not in known:
+            continue
+        if check_value(known[name], value) != getattr(saved, name):
+            out.append(f"{name}={value!r} (saved: {getattr(saved, name)!r})")
+    return out
 
 
 def prepare(

@@ -46,6 +46,10 @@ def data_spec(v):
 
 
 def arch_spec(v):
+    # "given:" + the class's __qualname__ of a backbone passed in Python (a class defined in a
+    # function has "<locals>" in it)
+    if isinstance(v, str) and v.startswith("given:") and len(v) > len("given:"):
+        return v
     if not isinstance(v, str) or not (v in ARCHS or _FACTORY.match(v)):
         raise bad("resnet18, resnet50 or package.module:factory", v)
     return v
@@ -307,6 +311,12 @@ def flag_of(f: dataclasses.Field) -> str:
 def check_value(f: dataclasses.Field, value):
     """``value`` for field ``f`` after its range check; ``ConfigError`` naming the flag."""
     choices, check = f.metadata.get("choices"), f.metadata.get("check")
+    if f.type in ("bool", "bool | None"):  # an on/off setting: "False" (a string) would read as on
+        if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # NumPy's
+            value = bool(value)
+        if not isinstance(value, bool) and not (value is None and f.type == "bool | None"):
+            raise ConfigError(f"{flag_of(f)}: {f.name} must be True or False, got {value!r}")
+        return value
     if choices is not None and value not in choices and not (value is None and f.default is None):
         raise ConfigError(f"{flag_of(f)} must be one of {', '.join(choices)}, got {value!r}")
     if check is not None:

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import time
 
+from ..errors import ConfigError
 from .config import DEFAULT_MAX_VOTERS, TrainConfig, validate
 
 # Fewer training examples than this is "small data": many short steps at a high rate, a few epochs
@@ -67,6 +68,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def new_run_dir(parent: str = "runs") -> str:
+    """A new run directory ``parent/<time>`` (``-2``, ``-3``, ... when that second's is taken),
+    created here, so that two runs started in the same second never share one."""
+    os.makedirs(parent, exist_ok=True)
+    base = os.path.join(parent, time.strftime("%Y%m%d-%H%M%S"))
+    for n in range(1, 10_000):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"no free run directory under {parent}: give --run-dir")
+
+
 def resolve_run(cfg: TrainConfig) -> TrainConfig:
     """The settings that do not depend on the data: the device (CUDA when there is one), the
     ResNets' width (16 on CPU, 64 on CUDA), the run directory (``runs/<time>``), and the
@@ -77,7 +93,7 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
         cfg,
         device=device,
         width=cfg.width or (16 if device == "cpu" else 64),
-        run_dir=cfg.run_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")),
+        run_dir=cfg.run_dir or new_run_dir(),
         extra_unlabeled=extra,
     )
 

@@ -56,6 +56,11 @@ class Trainer:
         if model is not None:
             cfg.arch = GIVEN + type(model).__qualname__
         self.rank, self.world = distributed.init() if distributed.launched() else (0, 1)
+        if cfg.run_dir is None:  # a new directory, claimed by rank 0 (two runs never share one)
+            box = [defaults.new_run_dir() if self.rank == 0 else None]
+            if self.world > 1:
+                torch.distributed.broadcast_object_list(box, src=0)
+            cfg = dataclasses.replace(cfg, run_dir=box[0])
         cfg = defaults.resolve_run(cfg)
         device = cfg.device
         if self.world > 1 and device == "cuda":
@@ -167,6 +172,10 @@ class Trainer:
             term, share = consistency_loss(logits[b:], target, mask)
             loss = loss + cfg.consistency * term
         self.net.step(loss, lr)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # before the bank takes the step's (then NaN) embeddings
+            where = f"epoch {self.epoch + 1} step {self.step_in_epoch}"
+            raise TrainingDiverged(f"loss became {value} at {where}; lower --lr")
         if bank is not None:
             v = emb[:b].detach()
             if warmup or self.epoch < cfg.propagation_start or not cfg.local_propagation:
@@ -175,7 +184,7 @@ class Trainer:
                 bank.step(
                     idx, v, k=self.k, tau=cfg.tau, momentum=cfg.bank_momentum, density_weighting=cfg.density_weighting
                 )
-        return float(loss.detach()), share
+        return value, share
 
     # -- warm starts and evaluation --------------------------------------------------------
     def start(self) -> None:
@@ -345,8 +354,6 @@ class Trainer:
         with self.progress.bar(steps, f"epoch {e + 1}/{cfg.epochs}", "step", initial=self.step_in_epoch) as bar:
             for batch in batches:
                 loss, share = self.train_step(batch, lr_at(cfg, e + self.step_in_epoch / steps), warmup)
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"loss became {loss} at epoch {e + 1} step {self.step_in_epoch}; lower --lr")
                 self.step_in_epoch += 1
                 self.global_step += 1
                 st["loss_sum"] += loss
