@@ -252,3 +252,26 @@ def test_init_weights_loads_the_trunk_and_refuses_a_misfit(tmp_path, capsys):
     one_error_line(capsys, rc, "does not fit the network")
     rc = train_main(["--run-dir", str(tmp_path / "r2"), *TINY_ARGS, "--init-weights", str(tmp_path / "none.pt")])
     one_error_line(capsys, rc, "no such file")
+
+
+def test_a_resume_needs_neither_the_first_directory_nor_the_init_weights_file(tmp_path, monkeypatch):
+    """The data's path is saved absolute, and --init-weights is read when the run starts only (the
+    checkpoint holds the weights after that)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    labels = np.where(np.arange(len(y)) % 10 == 0, y, -1)
+    np.savez(data / "d.npz", x=(x * 15).astype(np.uint8).reshape(-1, 8, 8)[:600], y=labels[:600])
+    donor = Trainer(tiny_config(tmp_path, "donor", seed=3))
+    torch.save({k: v for k, v in donor.model.state_dict().items() if not k.startswith("fc.")}, data / "w.pt")
+    run = str(tmp_path / "run")
+    monkeypatch.chdir(data)
+    argv = ["--data", "npz:d.npz", *TINY_ARGS, "--baseline", "off", "--quiet", "--run-dir", run]
+    assert train_main([*argv, "--init-weights", "w.pt", "--epochs", "2", "--stop-after-steps", "3"]) == 130
+    os.rename(data / "w.pt", data / "moved.pt")
+    monkeypatch.chdir(tmp_path)
+    assert train_main(["--resume", run, "--quiet"]) == 0
+    saved = json.load(open(os.path.join(run, "config.json")))
+    assert saved["data"] == f"npz:{data / 'd.npz'}" and saved["init_weights"] == "w.pt"

@@ -54,6 +54,8 @@ def _npz(path: str):
             raise DataError(f"{path}: {xk!r} must be uint8 NxHxW or NxHxWxC, got {x.dtype} {x.shape}")
         if x.ndim == 4 and x.shape[3] not in (1, 3):
             raise DataError(f"{path}: {xk!r} must have 1 or 3 channels last, got shape {x.shape}")
+        if x.shape[1] < 1 or x.shape[2] < 1:
+            raise DataError(f"{path}: {xk!r} holds images of no pixels (H x W = {x.shape[1]} x {x.shape[2]})")
         if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
             raise DataError(
                 f"{path}: {yk!r} must be a 1-D integer array with one label per image, got {y.dtype} {y.shape}"

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..nn import GIVEN
 from . import checkpoint, report
 from .config import RESUMABLE, TrainConfig, check_value, fields
+from .defaults import absolute_data
 from .loop import Trainer
 
 
@@ -96,7 +97,10 @@ def _changed(saved: TrainConfig, given: dict) -> list[str]:
         # the network (arch) is checked apart: a backbone given in Python stands for it
         if name in (*RESUMABLE, "run_dir", "stop_after_steps", "arch") or value is None or name not in known:
             continue
-        if check_value(known[name], value) != getattr(saved, name):
+        value = check_value(known[name], value)
+        if name == "data":  # saved with its path made absolute
+            value = absolute_data(value)
+        if value != getattr(saved, name):
             out.append(f"{name}={value!r} (saved: {getattr(saved, name)!r})")
     return out
 
@@ -118,9 +122,11 @@ def prepare(
         cfg = dataclasses.replace(saved_cfg, **keep)
     if ckpt is not None and cfg.epochs < ckpt["epoch"]:
         raise ConfigError(f"--epochs {cfg.epochs}: the run in {cfg.run_dir} has completed {ckpt['epoch']} epochs")
-    trainer = Trainer(cfg, model=model)
+    # the checkpoint holds the weights: --init-weights is read when a run starts, not when it resumes
+    trainer = Trainer(cfg if ckpt is None else dataclasses.replace(cfg, init_weights=None), model=model)
     if ckpt is not None:
         trainer.restore(ckpt)
+        trainer.cfg.init_weights = cfg.init_weights
     if trainer.rank == 0:
         os.makedirs(trainer.cfg.run_dir, exist_ok=True)
         checkpoint.sweep(trainer.cfg.run_dir, ckpt)  # what killed writers left (checkpoint.py)

@@ -83,14 +83,24 @@ def new_run_dir(parent: str = "runs") -> str:
     raise ConfigError(f"no free run directory under {parent}: give --run-dir")
 
 
+def absolute_data(spec: str) -> str:
+    """``npz:PATH`` and ``folder:PATH`` with PATH made absolute (a resume may start in another
+    directory); the named sets as they are."""
+    for kind in ("npz:", "folder:"):
+        if spec.startswith(kind):
+            return kind + os.path.abspath(spec[len(kind) :])
+    return spec
+
+
 def resolve_run(cfg: TrainConfig) -> TrainConfig:
     """The settings that do not depend on the data: the device (CUDA when there is one), the
-    ResNets' width (16 on CPU, 64 on CUDA), the run directory (``runs/<time>``), and the
-    ``--extra-unlabeled`` path made absolute (a resume may start elsewhere)."""
+    ResNets' width (16 on CPU, 64 on CUDA), the run directory (``runs/<time>``), and the data's and
+    ``--extra-unlabeled``'s paths made absolute (a resume may start elsewhere)."""
     device = cfg.device or default_device()
     extra = os.path.abspath(cfg.extra_unlabeled) if cfg.extra_unlabeled else cfg.extra_unlabeled
     return dataclasses.replace(
         cfg,
+        data=absolute_data(cfg.data),
         device=device,
         width=cfg.width or (16 if device == "cpu" else 64),
         run_dir=cfg.run_dir or new_run_dir(),
