@@ -129,6 +129,10 @@ def not_a_module():
 
 def broken():
     raise RuntimeError("no weights here")
+
+def bn_features(in_channels):
+    return nn.Sequential(nn.Conv2d(in_channels, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.BatchNorm1d(6))
 """
 
 
@@ -210,6 +214,17 @@ def test_fit_refuses_what_a_new_run_or_a_resume_would_lose(tmp_path, factory_mod
     # runs started in the same second get directories of their own
     made = [new_run_dir(str(tmp_path / "runs")) for _ in range(3)]
     assert len(set(made)) == 3 and all(os.path.isdir(d) for d in made)
+
+
+def test_a_last_batch_of_one_image_under_batch_norm_is_one_line(tmp_path, factory_module, capsys):
+    rng = np.random.default_rng(0)
+    y = np.where(np.arange(129) < 20, np.arange(129) % 4, -1)  # 129 = 2 x 64 + 1
+    x = rng.integers(0, 255, (149, 8, 8)).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", x=x[:129], y=y, x_test=x[129:], y_test=np.arange(20) % 4)
+    argv = ["--data", f"npz:{tmp_path / 'd.npz'}", "--arch", "mynets:bn_features", "--method", "paper"]
+    argv += ["--batch-size", "64", "--epochs", "1", "--k", "3", "--t", "5", "--device", "cpu", "--baseline", "off"]
+    rc = train_main([*argv, "--quiet", "--run-dir", str(tmp_path / "r")])
+    one_error_line(capsys, rc, "--batch-size 64: a batch of one image")
 
 
 def test_a_diverging_run_is_one_line(tmp_path, capsys):

@@ -152,8 +152,16 @@ class Trainer:
         cfg, bank = self.cfg, self.bank
         x, strong, idx = batch if len(batch) == 3 else (batch[0], None, batch[1])
         self.model.train()
-        with self.net.autocast():
-            logits, emb = self.net.forward(x if strong is None else torch.cat([x, strong]))
+        try:
+            with self.net.autocast():
+                logits, emb = self.net.forward(x if strong is None else torch.cat([x, strong]))
+        except ValueError as e:  # torch's batch norm on a (1, C) batch: a last batch of one image
+            if x.shape[0] == 1 and "more than 1 value per channel" in str(e):
+                raise ConfigError(
+                    f"--batch-size {cfg.batch_size}: a batch of one image (the last of an epoch), which the "
+                    "network's batch norm cannot train on; pick a batch size that leaves no single image over"
+                ) from None
+            raise
         b = x.shape[0]
         known = self.targets[idx]
         labels = conf = None
