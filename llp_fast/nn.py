@@ -249,20 +249,28 @@ def load_weights(model: nn.Module, path: str) -> None:
     heads = () if isinstance(model, WithHeads) else ("fc.", "embed.")
     state = {k: v for k, v in state.items() if not k.startswith(heads)}
     want = {k: v for k, v in trunk.state_dict().items() if not k.startswith(heads)}
+    differs = misfit(state, want)
+    if differs:
+        raise ConfigError(f"--init-weights {path} does not fit the network: {differs}")
+    trunk.load_state_dict(state, strict=False)
+
+
+def misfit(state: dict, want: dict) -> str | None:
+    """How the state dict ``state`` fails to fit a network whose own is ``want``: the first entry
+    missing, unexpected or of another shape, and how many differ; None when it fits."""
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))
-    shape = [k for k in want if k in state and state[k].shape != want[k].shape]
-    if missing or extra or shape:
-        what = (
-            f"missing {missing[0]!r}"
-            if missing
-            else f"unexpected {extra[0]!r}"
-            if extra
-            else f"{shape[0]!r} has shape {tuple(state[shape[0]].shape)}, the network {tuple(want[shape[0]].shape)}"
-        )
-        n = len(missing) + len(extra) + len(shape)
-        raise ConfigError(f"--init-weights {path} does not fit the network: {what} ({n} entries differ)")
-    trunk.load_state_dict(state, strict=False)
+    shape = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    if not (missing or extra or shape):
+        return None
+    what = (
+        f"missing {missing[0]!r}"
+        if missing
+        else f"unexpected {extra[0]!r}"
+        if extra
+        else f"{shape[0]!r} has shape {tuple(state[shape[0]].shape)}, the network {tuple(want[shape[0]].shape)}"
+    )
+    return f"{what} ({len(missing) + len(extra) + len(shape)} entries differ)"
 
 
 GIVEN = "given:"  # the arch of a run whose backbone was passed in Python, e.g. "given:MyNet"

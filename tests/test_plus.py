@@ -191,6 +191,10 @@ def test_fit_refuses_what_a_new_run_or_a_resume_would_lose(tmp_path, factory_mod
 
     with pytest.raises(ConfigError, match="same kind of network"):
         fit(Other(*small_cnn(1)), data, resume=True, run_dir=run_dir, epochs=2)
+    from llp_fast.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not fit this network: '.*' has shape"):  # named no key
+        fit(small_cnn(1, width=8), data, resume=True, run_dir=run_dir, epochs=2)
     assert open(os.path.join(run_dir, CHECKPOINT), "rb").read() == before
     again = fit(small_cnn(1), data, resume=True, **{**settings, "epochs": 2})  # the same settings: fine
     assert again.metrics["epoch"] == 2

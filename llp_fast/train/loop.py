@@ -34,7 +34,7 @@ from .. import distributed
 from .._progress import Progress, reporter
 from ..data.extra import add_extra_unlabeled
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
-from ..nn import GIVEN
+from ..nn import GIVEN, misfit
 from . import checkpoint, defaults, order, relabel, report, warmstart
 from .build import check_against_data, configure_source, load_source
 from .config import TrainConfig, lr_at, validate
@@ -256,6 +256,9 @@ class Trainer:
                 self.drop_extra_rows()
             if not torch.equal(ckpt["targets"], self.targets.cpu()):
                 raise CheckpointError(f"checkpoint {path} was saved for a different data split")
+            differs = misfit(ckpt["model"], self.model.state_dict()) if isinstance(ckpt.get("model"), dict) else None
+            if differs:
+                raise CheckpointError(f"checkpoint {path} does not fit this network: {differs}")
             self.net.load_state_dict(ckpt)
             if self.bank is not None:
                 pieces = checkpoint.bank_pieces(ckpt["bank"], self.cfg.run_dir, *self.bank.index_range)
