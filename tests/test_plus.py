@@ -294,3 +294,12 @@ def test_a_resume_needs_neither_the_first_directory_nor_the_init_weights_file(tm
     assert train_main(["--resume", run, "--quiet"]) == 0
     saved = json.load(open(os.path.join(run, "config.json")))
     assert saved["data"] == f"npz:{data / 'd.npz'}" and saved["init_weights"] == "w.pt"
+
+
+def test_a_run_that_fails_to_start_leaves_no_run_directory(tmp_path):
+    import subprocess
+
+    cmd = [sys.executable, "-m", "llp_fast.cli", "--data", "npz:none.npz", "--epochs", "1", "--quiet"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no such file" in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()  # the claimed runs/<time> is removed at exit when empty

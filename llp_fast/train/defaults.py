@@ -10,6 +10,8 @@ Why each rule is what it is: docs/method.md §8.4, with the runs behind it in do
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import os
 import time
@@ -70,16 +72,20 @@ def default_device() -> str:
 
 def new_run_dir(parent: str = "runs") -> str:
     """A new run directory ``parent/<time>`` (``-2``, ``-3``, ... when that second's is taken),
-    created here, so that two runs started in the same second never share one."""
-    os.makedirs(parent, exist_ok=True)
+    created here, so that two runs started in the same second never share one. Removed when the
+    process exits if nothing was written to it (a run that failed to start)."""
+    if not os.path.isdir(parent):
+        os.makedirs(parent, exist_ok=True)
+        atexit.register(_remove_if_empty, parent)  # runs after the run directory's (last in, first out)
     base = os.path.join(parent, time.strftime("%Y%m%d-%H%M%S"))
     for n in range(1, 10_000):
         path = base if n == 1 else f"{base}-{n}"
         try:
             os.mkdir(path)
-            return path
         except FileExistsError:
             continue
+        atexit.register(_remove_if_empty, path)
+        return path
     raise ConfigError(f"no free run directory under {parent}: give --run-dir")
 
 
@@ -90,6 +96,11 @@ def absolute_data(spec: str) -> str:
         if spec.startswith(kind):
             return kind + os.path.abspath(spec[len(kind) :])
     return spec
+
+
+def _remove_if_empty(path: str) -> None:
+    with contextlib.suppress(OSError):  # not empty, or gone
+        os.rmdir(path)
 
 
 def resolve_run(cfg: TrainConfig) -> TrainConfig:
