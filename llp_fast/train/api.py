@@ -97,10 +97,10 @@ def _changed(saved: TrainConfig, given: dict) -> list[str]:
         # the network (arch) is checked apart: a backbone given in Python stands for it
         if name in (*RESUMABLE, "run_dir", "stop_after_steps", "arch") or value is None or name not in known:
             continue
-        value = check_value(known[name], value)
-        if name == "data":  # saved with its path made absolute
-            value = absolute_data(value)
-        if value != getattr(saved, name):
+        value, was = check_value(known[name], value), getattr(saved, name)
+        if name == "data":  # saved absolute (by this version; earlier ones kept the path as given)
+            value, was = absolute_data(value), absolute_data(was)
+        if value != was:
             out.append(f"{name}={value!r} (saved: {getattr(saved, name)!r})")
     return out
 
