@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -263,8 +265,27 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
     runs = [read_run(run_dir)] + ([read_run(compare)] if compare else [])
     if len(runs) == 2 and runs[0]["name"] == runs[1]["name"]:
         runs[1]["name"] += " (compare)"
-    out = Path(out) if out else Path(run_dir) / "analysis"
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out) if out else Path(run_dir) / "analysis"
+    if not final.parent.is_dir():
+        raise AnalyzeError(f"--out {final}: directory {final.parent} does not exist")
+    if final.exists() and not final.is_dir():
+        raise AnalyzeError(f"--out {final}: exists and is not a directory")
+    # Everything is drawn into a temporary folder beside the output and moved into it at the end: an
+    # error or an interrupt leaves the output as it was (the CLI says "nothing was written").
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        figures, index = _draw(runs, out, method, n_classes)
+        final.mkdir(exist_ok=True)
+        names = [f for f, _ in figures] + [index.name]
+        for name in names:
+            os.replace(out / name, final / name)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return [final / name for name in names]
+
+
+def _draw(runs, out: Path, method: str, n_classes: int):
+    """The figures (file, caption) drawn into ``out`` and the index page's path."""
     figures = []
     plot_curves(runs, out / "curves.png")
     figures.append(("curves.png", "learning curves"))
@@ -288,5 +309,4 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
     if any(r.get("aggregation_per_class") for run in runs for r in run["metrics"]):
         plot_aggregation_hist(runs, out / "aggregation_hist.png")
         figures.append(("aggregation_hist.png", "per-class aggregation (Fig. 2c)"))
-    index = write_index(out, figures, runs)
-    return [out / f for f, _ in figures] + [index]
+    return figures, write_index(out, figures, runs)

@@ -97,6 +97,7 @@ def select(model, source, pool, *, top_classes: int = 10, per_class: int = 500, 
     if top_classes < 1 or per_class < 1 or batch_size < 1:
         raise ConfigError("--top-classes, --per-class and --batch-size must be positive")
     fmt = native_format(source)
+    per_class = min(per_class, max(1, len(pool)))  # a class cannot keep more images than the pool holds
     best = PerClassTopK(source.num_classes, per_class, top_classes)
     model.eval()
     done = 0

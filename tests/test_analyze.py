@@ -98,6 +98,7 @@ def test_density_and_counts_from_bank(tmp_path):
         (lambda p: None, "does not exist"),
         (lambda p: p.mkdir(), "metrics.jsonl not found"),
         (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("{bad")), "is not valid JSON"),
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("[1, 2]\n")), "is not a JSON object"),
         (
             lambda p: (
                 p.mkdir(),
@@ -125,6 +126,25 @@ def test_bad_flags_and_unwritable_out_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "run"), "--out", str(blocker / "analysis")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("llp-fast-analyze: error: ") and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_interrupted_or_failed_analysis_leaves_its_folder_as_it_was(tmp_path, capsys, monkeypatch):
+    import llp_fast.analyze as A
+
+    _make_run(tmp_path / "run", epochs=1)
+    out = tmp_path / "out"
+    one = tmp_path / "missing" / "out"
+    assert main([str(tmp_path / "run"), "--out", str(one)]) == 2  # a missing parent: refused, not made
+    assert "does not exist" in capsys.readouterr().err and not one.parent.exists()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(A, "plot_embedding_map", interrupted)  # after the first pictures are drawn
+    assert main([str(tmp_path / "run"), "--out", str(out)]) == 130
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    monkeypatch.undo()
+    assert main([str(tmp_path / "run"), "--out", str(out)]) == 0 and (out / "index.html").exists()
 
 
 def test_metrics_values_are_escaped_in_the_index(tmp_path):

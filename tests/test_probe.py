@@ -99,6 +99,14 @@ def test_errors_are_one_line(ckpt, tmp_path, capsys):
     one_error_line(capsys, main([ckpt, "--data", f"npz:{tmp_path}/none.npz"]), "no such file")
     one_error_line(capsys, main([ckpt, "--data", f"folder:{tmp_path}/none"]), "no such directory")
     one_error_line(capsys, main([ckpt, "--data", "digits", "--out", f"{tmp_path}/no/x.json"]), "not exist")
+    import os
+
+    target = os.path.join(ckpt, "checkpoint.pt")  # it used to be replaced by the results' JSON
+    before = open(target, "rb").read()
+    one_error_line(capsys, main([ckpt, "--data", "digits", "--out", target]), "the checkpoint")
+    assert open(target, "rb").read() == before
+    np.savez(tmp_path / "p.npz", x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20) % 2)
+    one_error_line(capsys, main([ckpt, "--data", f"npz:{tmp_path}/p.npz", "--out", str(tmp_path / "p.npz")]), "--data")
 
 
 def test_pixels_control_and_repeats(ckpt, tmp_path):

@@ -171,6 +171,19 @@ def test_errors_are_one_line(ckpt, pool, tmp_path, capsys):
         main([ckpt, "--source", f"npz:{pool}", "--out", out, "--per-class", "0"])
     assert "--per-class" in capsys.readouterr().err
     assert not os.path.exists(out)
+    # an output over an input: the pool's file, the checkpoint, the run's config (they used to be replaced)
+    for target, what in ((pool, "--source"), (os.path.join(ckpt, "checkpoint.pt"), "the checkpoint")):
+        before = open(target, "rb").read()
+        one_error_line(capsys, main([ckpt, "--source", f"npz:{pool}", "--out", target]), what)
+        assert open(target, "rb").read() == before
+    config = os.path.join(ckpt, "config.json")
+    one_error_line(capsys, main([ckpt, "--source", f"npz:{pool}", "--out", config]), "the run's config.json")
+    # labels that are not integers are left out (a diagnostic), and K above the pool is the pool
+    x = np.load(pool)["x"]
+    np.savez(tmp_path / "strs.npz", x=x[:10], y=np.array(["a"] * 10))
+    assert main([ckpt, "--source", f"npz:{tmp_path}/strs.npz", "--out", out, "--per-class", "10000000000"]) == 0
+    got = read_selection(out)
+    assert "label_agreement" not in got["meta"] and len(np.unique(got["index"])) <= 10
 
 
 # -- llp-fast-train --extra-unlabeled -------------------------------------------------------------

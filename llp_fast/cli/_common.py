@@ -57,6 +57,22 @@ MOMENTUM = checked(float, C.below_one, "a number")
 DEVICE = checked(str, C.device_name, "a device")
 
 
+def not_an_input(out: str, checkpoint: str, data: str | None, *, data_flag: str) -> None:
+    """``--out`` of a tool that reads a run (a checkpoint or its directory) and a data spec: not the
+    checkpoint, not a file of the run's directory that the run keeps (its config and metrics), not
+    the data's file. ``ConfigError`` naming both (it used to write over them)."""
+    ckpt = os.path.join(checkpoint, "checkpoint.pt") if os.path.isdir(checkpoint) else checkpoint
+    run = os.path.dirname(os.path.abspath(ckpt))
+    inputs = {"the checkpoint": ckpt}
+    inputs.update({f"the run's {n}": os.path.join(run, n) for n in ("config.json", "metrics.jsonl")})
+    if data is not None and data.startswith("npz:"):
+        inputs[data_flag] = data[len("npz:") :]
+    real = os.path.realpath(out)
+    for what, path in inputs.items():
+        if os.path.realpath(path) == real:
+            raise ConfigError(f"--out {out} is {what} ({path}): give the output its own file")
+
+
 def cuda_checked(device: str) -> str:
     """``device``, or :class:`ConfigError` when it names CUDA on a machine without a GPU."""
     if device.startswith("cuda"):

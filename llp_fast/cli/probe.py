@@ -77,6 +77,7 @@ def _main(args) -> int:
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
             raise ConfigError(f"--out {args.out}: directory {out_dir} does not exist")
+        _common.not_an_input(args.out, args.checkpoint, args.data, data_flag="--data")
     device = _common.cuda_checked(args.device or default_device())
     torch.manual_seed(args.seed)
     model, cfg, net_source = load_network(args.checkpoint, device, random_init=args.random_init)

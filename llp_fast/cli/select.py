@@ -50,6 +50,7 @@ def _main(args) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     progress = Progress(enabled=not args.quiet, prog=PROG)
+    _common.not_an_input(args.out, args.checkpoint, args.source, data_flag="--source")
     pool = open_pool(args.source, workers=args.workers)
     model, cfg, source = load_network(args.checkpoint, _common.cuda_checked(args.device or default_device()))
     with progress.bar(len(pool), "scoring the pool", "img") as bar:

@@ -125,7 +125,8 @@ class NpzPool:
             raise DataError(f"{path}: 'x' must be uint8 NxHxW or NxHxWxC (C = 1 or 3), got {dtype} {shape}")
         if fortran:
             raise DataError(f"{path}: 'x' is stored in Fortran order; save it C-contiguous")
-        if self.truth is not None and (self.truth.ndim != 1 or self.truth.shape[0] != shape[0]):
+        fits = self.truth is not None and self.truth.ndim == 1 and self.truth.shape[0] == shape[0]
+        if not fits or self.truth.dtype.kind not in "iu":
             self.truth = None  # a label array that does not fit is ignored, it is only a diagnostic
         self.shape = tuple(int(s) for s in shape)
         self.paths = None

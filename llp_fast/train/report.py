@@ -57,9 +57,12 @@ def read_metrics(path: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 raise DataError(f"{path}:{n} is not valid JSON (a torn line?)") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n} is not a JSON object (one epoch's metrics)")
+            rows.append(row)
     return rows
 
 
