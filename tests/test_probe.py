@@ -107,6 +107,14 @@ def test_errors_are_one_line(ckpt, tmp_path, capsys):
     assert open(target, "rb").read() == before
     np.savez(tmp_path / "p.npz", x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20) % 2)
     one_error_line(capsys, main([ckpt, "--data", f"npz:{tmp_path}/p.npz", "--out", str(tmp_path / "p.npz")]), "--data")
+    for extra, flag in (
+        (["--lr", "1e300"], "--lr"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--pixels", "--random-init"], "--random-init"),
+    ):
+        with pytest.raises(SystemExit) as e:  # torch's and NumPy's tracebacks before
+            main([ckpt, "--data", "digits", *extra])
+        assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
 
 
 def test_pixels_control_and_repeats(ckpt, tmp_path):

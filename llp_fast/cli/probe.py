@@ -27,6 +27,22 @@ PROG = "llp-fast-linear-probe"
 _VAL_FRACTION = _common.checked(float, C.below_one, "a number")
 
 
+def _lr(text: str) -> float:
+    """``--lr``: a number > 0 that the readout's float32 state can hold (below 1e30)."""
+    value = _common.POSITIVE_FLOAT(text)
+    if value >= 1e30:
+        raise argparse.ArgumentTypeError(f"expected a number below 1e30, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """``--seed``: a whole number that torch and NumPy take (0 to 2^63 - 1)."""
+    value = _common.COUNT(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"expected a whole number below 2^63, got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=PROG,
@@ -36,9 +52,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
     ap.add_argument("--data", required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH")
     ap.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
-    ap.add_argument(
-        "--lr", type=_common.POSITIVE_FLOAT, default=0.01, help="initial learning rate (default 0.01, paper)"
-    )
+    ap.add_argument("--lr", type=_lr, default=0.01, help="initial learning rate (default 0.01, paper)")
     ap.add_argument("--momentum", type=_common.MOMENTUM, default=0.9)
     ap.add_argument("--weight-decay", type=_common.NONNEG_FLOAT, default=0.0)
     ap.add_argument("--batch-size", type=_common.POSITIVE_INT, default=128)
@@ -55,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--pixels", action="store_true", help="control: the readout on the network's input pixels, no network"
     )
-    ap.add_argument("--seed", type=_common.COUNT, default=0)
+    ap.add_argument("--seed", type=_seed, default=0)
     ap.add_argument(
         "--repeats",
         type=_common.POSITIVE_INT,
@@ -151,7 +165,11 @@ def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    return _common.run(PROG, _main, parser().parse_args(argv))
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.pixels and args.random_init:
+        ap.error("argument --random-init: not with --pixels (the pixels control uses no network)")
+    return _common.run(PROG, _main, args)
 
 
 if __name__ == "__main__":
