@@ -60,6 +60,10 @@ def probe_features(
     data = load_data(spec, device="cpu", labeled_fraction=1.0, seed=seed, workers=workers)
     lab = torch.nonzero(data.targets >= 0).flatten()
     ytr, yte = data.targets[lab], data.y_test.cpu()
+    if len(yte) == 0:
+        raise DataError(f"{spec}: the held-out part has no image to measure the readout on")
+    if data.num_classes < 2:
+        raise DataError(f"{spec}: one class only; a readout needs at least 2 to tell apart")
     bar = (progress or Progress(enabled=False)).bar(len(lab) + len(yte), "extracting features", "img")
     if hasattr(data, "files"):  # folder: decode the files themselves, in the network's format
         fmt = native_format(net_source)

@@ -115,6 +115,12 @@ def test_errors_are_one_line(ckpt, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:  # torch's and NumPy's tracebacks before
             main([ckpt, "--data", "digits", *extra])
         assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    # no held-out image (it printed nan%), one class (it "succeeded" at 100%)
+    z = np.zeros((30, 8, 8), np.uint8)
+    np.savez(tmp_path / "e.npz", x=z, y=np.arange(30) % 3, x_test=z[:0], y_test=np.zeros(0, np.int64))
+    np.savez(tmp_path / "one.npz", x=z, y=np.zeros(30, np.int64))
+    one_error_line(capsys, main([ckpt, "--data", f"npz:{tmp_path}/e.npz"]), "no image to measure")
+    one_error_line(capsys, main([ckpt, "--data", f"npz:{tmp_path}/one.npz"]), "one class only")
 
 
 def test_pixels_control_and_repeats(ckpt, tmp_path):

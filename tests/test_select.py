@@ -184,6 +184,11 @@ def test_errors_are_one_line(ckpt, pool, tmp_path, capsys):
     assert main([ckpt, "--source", f"npz:{tmp_path}/strs.npz", "--out", out, "--per-class", "10000000000"]) == 0
     got = read_selection(out)
     assert "label_agreement" not in got["meta"] and len(np.unique(got["index"])) <= 10
+    np.savez(tmp_path / "empty.npz", x=x[:0])  # it wrote an empty selection
+    one_error_line(
+        capsys, main([ckpt, "--source", f"npz:{tmp_path}/empty.npz", "--out", str(tmp_path / "e.npz")]), "no image"
+    )
+    assert not os.path.exists(tmp_path / "e.npz")
 
 
 # -- llp-fast-train --extra-unlabeled -------------------------------------------------------------

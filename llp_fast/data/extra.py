@@ -125,6 +125,8 @@ class NpzPool:
             raise DataError(f"{path}: 'x' must be uint8 NxHxW or NxHxWxC (C = 1 or 3), got {dtype} {shape}")
         if fortran:
             raise DataError(f"{path}: 'x' is stored in Fortran order; save it C-contiguous")
+        if shape[0] == 0:
+            raise DataError(f"{path}: 'x' holds no image")
         fits = self.truth is not None and self.truth.ndim == 1 and self.truth.shape[0] == shape[0]
         if not fits or self.truth.dtype.kind not in "iu":
             self.truth = None  # a label array that does not fit is ignored, it is only a diagnostic
