@@ -67,7 +67,7 @@ def _label(args) -> int:
     auto_k, auto_tau = getattr(args, "k", None) == "auto", getattr(args, "tau", None) == "auto"
     if auto_k or auto_tau:
         choice = tune.choose(rows, labels, settings.checked(), auto_k=auto_k, auto_tau=auto_tau, comm=comm)
-        settings = settings.replace(k=choice.k if auto_k else settings.k, tau=choice.tau if auto_tau else settings.tau)
+        settings = settings.replace(k=choice.k, tau=choice.tau)  # what is not chosen, choose keeps
         if rank == 0:
             print(f"{PROG}: {choice.line(auto_k, auto_tau)}", flush=True)
     _cost_note(progress, n, m, settings)

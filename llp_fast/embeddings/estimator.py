@@ -21,7 +21,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ..errors import ConfigError
 from . import tune
 from .engine import Engine
 from .model import Model
@@ -62,7 +61,7 @@ def _auto_or(value, name: str):
     return value
 
 
-# Settings' field -> the estimator's parameter, for the messages of Settings.checked()
+# Settings' field -> the estimator's parameter, named in the messages of Settings.checked()
 _PARAMS = {
     "k": "n_neighbors",
     "t": "n_density_neighbors",
@@ -147,7 +146,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         """The engine's settings; an "auto" K or tau stands at the default until it is chosen."""
         k = _auto_or(self.n_neighbors, "n_neighbors") if k is None else k
         tau = _auto_or(self.tau, "tau") if tau is None else tau
-        settings = Settings(
+        return Settings(
             k=_DEFAULT.k if k is None else k,
             t=self.n_density_neighbors,
             tau=_DEFAULT.tau if tau is None else tau,
@@ -158,15 +157,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             max_voters=self.max_voters,
             chunk=self.chunk_size,
             device=self.device,
-        )
-        try:
-            return settings.checked()
-        except ConfigError as e:  # "k: expected ..." -> "n_neighbors: expected ..."
-            msg = str(e)
-            field = msg.split(":")[0].split(" ")[0]
-            if field in _PARAMS:
-                raise ValueError(_PARAMS[field] + msg[len(field) :]) from None
-            raise
+        ).checked(names=_PARAMS)
 
     def _min_confidence(self):
         c = self.min_confidence

@@ -66,32 +66,38 @@ class Settings:
     chunk: int = 65536
     device: str | None = None
 
-    def checked(self) -> Settings:
-        """The same settings, each value checked (ConfigError naming the field)."""
+    def checked(self, names: dict[str, str] | None = None) -> Settings:
+        """The same settings, each value checked (ConfigError naming the field, or ``names[field]``:
+        the estimator's parameter names)."""
+        names = names or {}
+
+        def n(field: str) -> str:
+            return names.get(field, field)
+
         if isinstance(self.k, (tuple, list)):
             if not self.k:
-                raise ConfigError("k must hold at least one number of neighbours")
+                raise ConfigError(f"{n('k')} must hold at least one number of neighbours")
             for k in self.k:
-                _int("k", k)
+                _int(n("k"), k)
         else:
-            _int("k", self.k)
-        _int("t", self.t)
-        _positive("tau", self.tau)
-        _int("rounds", self.rounds)
-        _int("chunk", self.chunk)
+            _int(n("k"), self.k)
+        _int(n("t"), self.t)
+        _positive(n("tau"), self.tau)
+        _int(n("rounds"), self.rounds)
+        _int(n("chunk"), self.chunk)
         if not isinstance(self.density, bool):
-            raise ConfigError(f"density must be True or False, got {self.density!r}")
+            raise ConfigError(f"{n('density')} must be True or False, got {self.density!r}")
         if self.density_pool not in POOLS:
-            raise ConfigError(f"density_pool must be one of {', '.join(POOLS)}, got {self.density_pool!r}")
+            raise ConfigError(f"{n('density_pool')} must be one of {', '.join(POOLS)}, got {self.density_pool!r}")
         if self.labeled_weight is not None:
-            _positive("labeled_weight", self.labeled_weight)
+            _positive(n("labeled_weight"), self.labeled_weight)
         if self.max_voters is not None and self.max_voters != "auto":
-            _int("max_voters", self.max_voters, low=0)
+            _int(n("max_voters"), self.max_voters, low=0)
         if self.device is None:
             return self
         device = str(self.device)
         if device != "cpu" and not device.startswith("cuda"):
-            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+            raise ConfigError(f"{n('device')} must be cpu, cuda or cuda:N, got {self.device!r}")
         if device.startswith("cuda"):
             import torch
 
