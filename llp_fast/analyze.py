@@ -31,7 +31,7 @@ import torch
 from . import _optional
 from ._files import atomic_open, write_text
 from .bank import MemoryBank
-from .errors import AnalyzeError
+from .errors import AnalyzeError, UserError
 from .ops import local_density
 from .train import checkpoint
 from .train.checkpoint import CHECKPOINT, METRICS
@@ -262,7 +262,12 @@ def write_index(out: Path, figures: list[tuple[str, str]], runs) -> Path:
 
 def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: int = 4) -> list[Path]:
     """Writes the pictures and index.html; returns the written paths."""
-    runs = [read_run(run_dir)] + ([read_run(compare)] if compare else [])
+    runs = [read_run(run_dir)]
+    if compare:
+        try:
+            runs.append(read_run(compare))
+        except UserError as e:  # which of the two runs it is (the message names only its path)
+            raise type(e)(f"--compare: {e}") from None
     if len(runs) == 2 and runs[0]["name"] == runs[1]["name"]:
         runs[1]["name"] += " (compare)"
     final = Path(out) if out else Path(run_dir) / "analysis"

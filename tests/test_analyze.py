@@ -116,6 +116,16 @@ def test_bad_run_dir_is_one_line(tmp_path, capsys, setup, msg):
     assert msg in err and len(err.splitlines()) == 1
 
 
+def test_a_bad_compare_run_is_named_as_such(tmp_path, capsys):
+    _make_run(tmp_path / "run", epochs=1)
+    (tmp_path / "empty").mkdir()
+    for other, msg in (("missing", "does not exist"), ("empty", "metrics.jsonl not found")):
+        assert main([str(tmp_path / "run"), "--compare", str(tmp_path / other)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("llp-fast-analyze: error: --compare: ") and msg in err, err
+        assert len(err.splitlines()) == 1
+
+
 def test_bad_flags_and_unwritable_out_are_one_line(tmp_path, capsys):
     _make_run(tmp_path / "run", epochs=1)
     with pytest.raises(SystemExit):  # --classes 0 is refused where it is parsed
