@@ -28,6 +28,18 @@ def count(v):
     return int(v)
 
 
+# More threads than this is never useful, and far more (tens of thousands) crashes OpenMP or the
+# BLAS inside torch when they start them (a segmentation fault, not an error).
+MAX_THREADS = 1024
+
+
+def threads(v):
+    """A CPU thread count for torch: 0 (torch's choice) to :data:`MAX_THREADS`."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v <= MAX_THREADS:
+        raise bad(f"a whole number from 0 to {MAX_THREADS}", v)
+    return int(v)
+
+
 def positive_float(v):
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
         raise bad("a finite number > 0", v)

@@ -8,7 +8,8 @@ lr 0.01, dropped x0.1 whenever the validation top-1 has not improved for ``--pat
 (Appendix C: "dropped by a factor of 10 whenever validation performance saturates", two
 drops). The validation split is carved from the probe set's training part (stratified,
 seeded); the reported numbers are top-1 and top-5 on its held-out test split, with the
-readout of the best validation epoch.
+readout of the best validation epoch. With ``--val-fraction 0`` there is no validation split:
+the training loss of each epoch's last batch stands in for the validation top-1.
 
 Features are standardised with the training part's mean and standard deviation (an affine
 map, so the readout stays linear in the network's features); this makes one learning rate fit
@@ -83,13 +84,13 @@ def probe_features(
 
 def _split_val(y: torch.Tensor, fraction: float, seed: int):
     """Stratified (fit, val) positions: ``round(fraction * n_c)`` of each class to val, at
-    least one where the class has two or more examples."""
+    least one where the class has two or more examples; none at all for a fraction of 0."""
     rng = np.random.default_rng(seed)
     y = y.numpy()
     val = []
     for c in np.unique(y):
         members = np.flatnonzero(y == c)
-        n = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+        n = min(len(members) - 1, max(1, int(round(fraction * len(members))))) if fraction > 0 else 0
         if n > 0:
             val.append(rng.choice(members, n, replace=False))
     val = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)

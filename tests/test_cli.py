@@ -166,6 +166,7 @@ def test_bad_flag_values(tmp_path, capsys):
         ("--image-size", "0"),
         ("--width", "0"),
         ("--threads", "-1"),
+        ("--threads", "100000"),  # a segmentation fault in OpenMP when torch started them
         ("--epochs", "0"),
         ("--scale-min", "5"),
         ("--weight-decay", "-1"),

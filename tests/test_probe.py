@@ -80,6 +80,8 @@ def test_readout_on_separable_features_and_lr_drops():
     res = train_readout(x[:300], y[:300], x[300:], y[300:], 4, epochs=100, patience=2)
     assert res["test_top1"] > 0.95 and res["test_top5"] == 1.0
     assert res["lr_drops"] <= 3 and res["epochs_run"] <= 100
+    res = train_readout(x[:300], y[:300], x[300:], y[300:], 4, epochs=30, patience=2, val_fraction=0.0)
+    assert res["test_top1"] > 0.95 and res["val_top1"] is None
 
 
 def test_split_val_is_stratified():
@@ -87,6 +89,8 @@ def test_split_val_is_stratified():
     fit, val = _split_val(y, 0.1, 0)
     assert sorted(torch.cat([fit, val]).tolist()) == list(range(31))
     assert torch.bincount(y[val], minlength=3).tolist() == [2, 1, 0]  # a single example stays in fit
+    fit, val = _split_val(y, 0.0, 0)  # --val-fraction 0: none (it kept one of each class)
+    assert fit.tolist() == list(range(31)) and val.numel() == 0
 
 
 one_error_line = functools.partial(one_error_line, prog="llp-fast-linear-probe")
@@ -111,6 +115,7 @@ def test_errors_are_one_line(ckpt, tmp_path, capsys):
         (["--lr", "1e300"], "--lr"),
         (["--seed", str(2**70)], "--seed"),
         (["--pixels", "--random-init"], "--random-init"),
+        (["--threads", "100000"], "--threads"),  # a segmentation fault in OpenMP
     ):
         with pytest.raises(SystemExit) as e:  # torch's and NumPy's tracebacks before
             main([ckpt, "--data", "digits", *extra])

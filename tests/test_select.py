@@ -170,6 +170,9 @@ def test_errors_are_one_line(ckpt, pool, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse's usage error, where the flag is parsed
         main([ckpt, "--source", f"npz:{pool}", "--out", out, "--per-class", "0"])
     assert "--per-class" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # torch starting 100,000 threads was a segmentation fault
+        main([ckpt, "--source", f"npz:{pool}", "--out", out, "--threads", "100000"])
+    assert "argument --threads: expected a whole number from 0 to 1024" in capsys.readouterr().err
     assert not os.path.exists(out)
     # an output over an input: the pool's file, the checkpoint, the run's config (they used to be replaced)
     for target, what in ((pool, "--source"), (os.path.join(ckpt, "checkpoint.pt"), "the checkpoint")):

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 
+from .. import _checks
 from ..distributed.collectives import PEER_LOST, lost_line, peer_lost
 from ..errors import ConfigError, Interrupted, Terminated, is_user_error, one_line
 from ..train import config as C
@@ -49,6 +50,7 @@ def epochs(text: str) -> list[int]:
 
 POSITIVE_INT = checked(int, C.positive_int, "a whole number")
 COUNT = checked(int, C.count, "a whole number")
+THREADS = checked(int, _checks.threads, "a whole number")
 POSITIVE_FLOAT = checked(float, C.positive_float, "a number")
 NONNEG_FLOAT = checked(float, C.nonneg_float, "a number")
 FRACTION = checked(float, C.fraction, "a number")

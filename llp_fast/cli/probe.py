@@ -63,7 +63,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--drops", type=_common.COUNT, default=2, help="learning-rate drops before stopping (default 2, paper)"
     )
-    ap.add_argument("--val-fraction", type=_VAL_FRACTION, default=0.1, help="of the probe training part (default 0.1)")
+    ap.add_argument(
+        "--val-fraction",
+        type=_VAL_FRACTION,
+        default=0.1,
+        help="of the probe training part (default 0.1; 0: none, the training loss decides)",
+    )
     ap.add_argument("--no-standardize", action="store_true", help="feed the raw features to the readout")
     ap.add_argument("--random-init", action="store_true", help="control: the same network, untrained")
     ap.add_argument(
@@ -77,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
         help="readouts on the same features (seeds SEED.. SEED+R-1); mean and std",
     )
     ap.add_argument("--device", type=_common.DEVICE, default=None, help="cpu or cuda for the feature extraction")
-    ap.add_argument("--threads", type=_common.COUNT, default=0)
+    ap.add_argument("--threads", type=_common.THREADS, default=0)
     ap.add_argument("--workers", type=_common.COUNT, default=0, help="DataLoader workers for folder data")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     return ap

@@ -40,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--workers", type=_common.COUNT, default=2, help="DataLoader workers decoding a folder pool")
     ap.add_argument("--device", type=_common.DEVICE, default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--threads", type=_common.COUNT, default=0, help="CPU threads for torch (default: torch's choice)")
+    ap.add_argument(
+        "--threads", type=_common.THREADS, default=0, help="CPU threads for torch (default: torch's choice)"
+    )
     ap.add_argument("--quiet", action="store_true")
     return ap
 

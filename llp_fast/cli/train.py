@@ -30,6 +30,7 @@ PROG = "llp-fast-train"
 _TYPES = {
     "positive_int": _common.POSITIVE_INT,
     "count": _common.COUNT,
+    "threads": _common.THREADS,
     "positive_float": _common.POSITIVE_FLOAT,
     "nonneg_float": _common.NONNEG_FLOAT,
     "fraction": _common.FRACTION,

@@ -30,6 +30,9 @@ from .._checks import (
     positive_int,
     unit_interval,
 )
+from .._checks import (
+    threads as thread_count,
+)
 from ..errors import ConfigError
 
 METHODS = ("plus", "paper", "fixmatch")
@@ -126,7 +129,7 @@ class TrainConfig:
     device: str | None = _opt(
         None, "cpu, cuda, cuda:1 (default: cuda when available)", group="run", check=optional(device_name)
     )
-    threads: int = _opt(0, "CPU threads for torch (0: torch's choice)", group="run", check=count)
+    threads: int = _opt(0, "CPU threads for torch (0: torch's choice)", group="run", check=thread_count)
     quiet: bool = _opt(False, "no progress output", group="run")
     bank_layout: str = _opt(
         "sharded",
