@@ -262,6 +262,34 @@ def test_extra_unlabeled_from_a_folder_pool_and_cli_flag(ckpt, tmp_path):
     assert config_from_args(args, "r").extra_unlabeled == os.path.abspath("rel/sel.npz")
 
 
+@pytest.mark.parametrize("strong", [False, True])
+def test_extra_unlabeled_on_folder_training_data(tmp_path, strong):
+    """Folder training data: every dataset over the training files sees the extras (the plain one,
+    which fills the bank, kept the old list: an IndexError; the rebuilt training set lost its
+    strong views)."""
+    from llp_fast.data import load
+    from llp_fast.data.extra import add_extra_unlabeled
+    from llp_fast.data.selection import write_selection
+
+    for c in range(2):
+        _png_tree(tmp_path / "train" / f"c{c}", n=6)
+    pool = _png_tree(tmp_path / "pool", n=4)
+    paths = sorted(str(p) for p in pool.rglob("*.png"))
+    sel = str(tmp_path / "sel.npz")
+    write_selection(
+        sel, np.arange(4), np.zeros(4, np.int64), np.ones(4, np.float32), {"source": f"folder:{pool}"}, paths=paths
+    )
+    src = load(f"folder:{tmp_path / 'train'}", device="cpu", labeled_fraction=0.5, workers=0, loader="pil")
+    src.configure(image_size=8, strong=strong)
+    n0 = src.num_train
+    assert add_extra_unlabeled(src, sel) == 4 and src.num_train == n0 + 4
+    everything = torch.arange(src.num_train)
+    batch = next(src.train_batches(everything, src.num_train))
+    assert len(batch) == (3 if strong else 2) and sorted(batch[-1].tolist()) == everything.tolist()
+    seen = torch.cat([idx for _, idx in src.index_batches(everything, 5)])
+    assert seen.tolist() == everything.tolist()
+
+
 def test_extra_unlabeled_bad_selection_is_one_line(tmp_path, capsys):
     from llp_fast.cli.train import main as train_main
 

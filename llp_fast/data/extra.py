@@ -273,12 +273,7 @@ def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> i
         missing = next((p for p in paths if not os.path.isfile(p)), None)
         if missing is not None:
             raise DataError(f"--extra-unlabeled {selection_path}: selected image {missing} no longer exists")
-        source.files = list(source.files) + paths
-        source._train_set = _Images(source.files, source.image_size, source.scale_min, source.flip)
-        if getattr(source, "dali", None) is not None:
-            from .dali import DaliFolder
-
-            source.dali = DaliFolder(source)
+        source.add_files(paths)
         truth = np.full(len(paths), -1, dtype=np.int64)
     else:
         if sel.get("path") is not None:

@@ -241,6 +241,15 @@ class FolderSource:
                 "--loader dali does not make the strong views of the consistency term: use --loader pil, "
                 "or --consistency 0"
             )
+        self._datasets()
+
+    def add_files(self, paths: list[str]) -> None:
+        """Appends training images (``--extra-unlabeled``): every dataset over the training files is
+        made again, so that all of them (plain, strong views, DALI's) see the same list."""
+        self.files = list(self.files) + list(paths)
+        self._datasets()
+
+    def _datasets(self) -> None:
         self._train_set = _Images(self.files, self.image_size, self.scale_min, self.flip, self.strong)
         self._test_set = _Images(self.test_files, self.image_size, self.scale_min, False)
         self._plain_set = _Images(self.files, self.image_size, self.scale_min, self.flip)
