@@ -32,7 +32,7 @@ import torch
 from llp_fast import _optional
 from llp_fast.cli.train import main as train_main
 from llp_fast.data import load
-from llp_fast.data.transforms import MEAN, STD
+from llp_fast.data.transforms import MEAN, STD, open_image
 from llp_fast.errors import MARKER, ConfigError, DataError
 
 # DALI is native code: a crash fails these tests, not the run (tests/_isolate.py)
@@ -282,6 +282,28 @@ def test_loader_flag_errors(tmp_path, capsys, monkeypatch):
 
 
 @needs_dali
+@needs_dali
+def test_sixteen_bit_grey_pngs_read_alike(tmp_path):
+    """PIL's conversion clipped 16-bit grey to 255 (every image white); both loaders now read
+    round(v / 257). Floating-point pixels are one line naming the file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "d" / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            v = rng.integers(0, 65536, (12, 12)).astype(np.uint16)
+            Image.fromarray(v).save(tmp_path / "d" / f"c{c}" / f"{i}.png")
+    dali, pil = both(tmp_path / "d", labeled_fraction=1.0, image_size=12)
+    (a, ya), (b, yb) = next(dali.test_batches(8)), next(pil.test_batches(8))
+    assert torch.equal(ya, yb) and levels(a, b).max() == 0
+    grey = (b[:, 0] * STD[0] + MEAN[0]) * 255  # a 16-bit value v reads round(v / 257)
+    assert 50 < float(grey.mean()) < 200 and float(grey.std()) > 30
+    Image.fromarray(np.ones((12, 12), np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DataError, match=r"f\.tif: floating-point pixels"):
+        open_image(str(tmp_path / "f.tif"))
+
+
 def test_gif_under_dali_names_the_file(tmp_path):
     from PIL import Image
 

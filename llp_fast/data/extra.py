@@ -30,9 +30,10 @@ import torch.nn.functional as F
 
 from .. import _optional
 from .._npy import read_header
-from . import MARKER, DataError
+from . import DataError
 from .folder import IMAGE_EXTENSIONS, _Images
 from .selection import read_selection
+from .transforms import open_image
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
 
@@ -184,12 +185,7 @@ class _Decoded(torch.utils.data.Dataset):
         from PIL import Image
 
         _, c, side = self.fmt
-        path = self.files[i]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if c == 1 else "RGB")
-        except Exception as e:
-            raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
+        im = open_image(self.files[i], "L" if c == 1 else "RGB")
         w, h = im.size
         s = min(w, h)
         left, top = (w - s) // 2, (h - s) // 2

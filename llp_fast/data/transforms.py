@@ -1,7 +1,7 @@
 """What a ``folder:`` sample is, whichever loader decodes it (:mod:`llp_fast.data.folder`'s PIL
 DataLoader or :mod:`llp_fast.data.dali`): its geometry (the training crop and flip, the evaluation
 resize and centre crop), its augmentation seed, and the normalisation statistics. Nothing here
-decodes pixels but :func:`open_rgb`.
+decodes pixels but :func:`open_image`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,38 @@ STD = (0.229, 0.224, 0.225)
 
 def open_rgb(path: str):
     """The image at ``path`` as an RGB ``PIL.Image``, decoded; :class:`DataError` naming the file."""
+    return open_image(path, "RGB")
+
+
+def open_image(path: str, mode: str = "RGB"):
+    """The image at ``path`` as a decoded ``PIL.Image`` of ``mode`` (8 bits a channel);
+    :class:`DataError` naming the file. 16-bit grey pixels (PNG's 16-bit grey opens as ``I;16`` or
+    ``I``) are scaled to 8 bits, ``round(v / 257)``, as DALI's decoder scales them (PIL's own
+    conversion clips them, which made such images white); pixels of 32 bits or floating point have
+    no agreed 8-bit reading and are refused."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return _eight_bit(im, path).convert(mode)
+    except DataError:
+        raise
     except Exception as e:  # PIL raises many types for truncated or foreign files
         raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
+
+
+def _eight_bit(im, path: str):
+    if im.mode == "F":
+        raise DataError(f"{MARKER}cannot read image {path}: floating-point pixels (save it with 8 or 16 bits)")
+    if not (im.mode == "I" or im.mode.startswith("I;16")):
+        return im
+    import numpy as np
+    from PIL import Image
+
+    v = np.asarray(im).astype(np.int64)
+    if v.size and (v.min() < 0 or v.max() > 65535):
+        raise DataError(f"{MARKER}cannot read image {path}: 32-bit pixels (save it with 8 or 16 bits)")
+    return Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
 def eval_geometry(w: int, h: int, s: int) -> tuple[int, int, int, int]:
