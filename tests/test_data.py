@@ -129,6 +129,16 @@ def test_npz_gray_without_test_holds_out_20_percent(tmp_path):
         ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.zeros(3, int)}, "one label per image"),
         ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.array([0, 1, -2, 0])}, "below -1"),
         ({"x": np.zeros((4, 0, 0), np.uint8), "y": np.array([0, 1, 1, 0])}, "no pixels"),
+        # crops, the input side and the pools assume square images (a traceback with --extra-unlabeled)
+        ({"x": np.zeros((4, 6, 10), np.uint8), "y": np.array([0, 1, 1, 0])}, "must be square"),
+        # an empty test split trained an epoch and then failed in the evaluation
+        (
+            {"x": np.zeros((4, 5, 5), np.uint8), "y": np.array([0, 1, 1, 0])}
+            | {"x_test": np.zeros((0, 5, 5), np.uint8), "y_test": np.zeros(0, int)},
+            "'x_test' holds no image",
+        ),
+        # 2**63 wrapped to a negative id: the row became unlabeled
+        ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.array([0, 1, 2**63, 0], np.uint64)}, "above 2"),
     ],
 )
 def test_npz_bad_arrays(tmp_path, arrays, match):
@@ -136,6 +146,29 @@ def test_npz_bad_arrays(tmp_path, arrays, match):
     np.savez(p, **arrays)
     with pytest.raises(DataError, match=match):
         load(f"npz:{p}", device="cpu", labeled_fraction=0.5)
+
+
+def test_npz_reads_the_rows_in_chunks_as_one_copy(tmp_path):
+    """The training tensor, its test split and the normalisation statistics are what the whole
+    arrays give, whatever the chunk (they were made with full copies: about 5x the data at the peak)."""
+    from llp_fast.data.arrays import _channel_stats, _to_nchw
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (37, 5, 5, 3), dtype=np.uint8)
+    rows = rng.permutation(37)[:23]
+    want = torch.from_numpy(x[rows]).permute(0, 3, 1, 2)
+    for chunk in (1, 75, 7 * 75, 1 << 24):
+        assert torch.equal(_to_nchw(x, rows, chunk_elements=chunk), want)
+        assert torch.equal(_to_nchw(x[..., 0], rows, chunk_elements=chunk), want[:, :1])
+        mean, std = _channel_stats(want, chunk_elements=chunk)
+        f = want.double() / 255
+        torch.testing.assert_close(mean, f.mean((0, 2, 3)).float())
+        torch.testing.assert_close(std, f.std(dim=(0, 2, 3)).float())
+    p = tmp_path / "extra.npz"  # arrays the loader does not use are not read
+    np.savez(p, x=x[:, :, :, 0], y=np.arange(37) % 3, big=np.zeros(10, np.float64))
+    src = load(f"npz:{p}", device="cpu", labeled_fraction=0.5)
+    assert torch.equal(src.x, torch.from_numpy(x[src.split.train, :, :, :1]).permute(0, 3, 1, 2))
+    assert torch.equal(src.x_test, torch.from_numpy(x[src.split.test, :, :, :1]).permute(0, 3, 1, 2))
 
 
 def test_npz_missing_and_garbage(tmp_path):

@@ -38,13 +38,14 @@ def _npz(path: str):
     if not os.path.isfile(path):
         raise DataError(f"no such file: {path}")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        with np.load(path, allow_pickle=False) as f:  # only the arrays used (an archive may hold more)
+            arrays = {k: f[k] for k in f.files if k in ("x", "y", "x_test", "y_test")}
+            found = sorted(f.files)
     except Exception as e:  # a zip that is not one, a truncated file, a pickled array
         raise DataError(f"cannot read {path} as an .npz archive ({type(e).__name__}: {e})") from None
     for key in ("x", "y"):
         if key not in arrays:
-            raise DataError(f"{path} has no array {key!r} (found {sorted(arrays)})")
+            raise DataError(f"{path} has no array {key!r} (found {found})")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise DataError(f"{path}: x_test and y_test must be given together")
 
@@ -56,12 +57,18 @@ def _npz(path: str):
             raise DataError(f"{path}: {xk!r} must have 1 or 3 channels last, got shape {x.shape}")
         if x.shape[1] < 1 or x.shape[2] < 1:
             raise DataError(f"{path}: {xk!r} holds images of no pixels (H x W = {x.shape[1]} x {x.shape[2]})")
+        if x.shape[1] != x.shape[2]:  # crops, the network's input side and the pools' view assume it
+            raise DataError(f"{path}: {xk!r} images must be square, got H x W = {x.shape[1]} x {x.shape[2]}")
+        if x.shape[0] == 0 and xk == "x_test":
+            raise DataError(f"{path}: 'x_test' holds no image (leave x_test and y_test out to hold out x's)")
         if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
             raise DataError(
                 f"{path}: {yk!r} must be a 1-D integer array with one label per image, got {y.dtype} {y.shape}"
             )
         if (y < -1).any():
             raise DataError(f"{path}: {yk!r} holds values below -1 (-1 marks unlabeled)")
+        if y.size and y.dtype.kind == "u" and y.max() > np.iinfo(np.int64).max:  # they would wrap to < 0
+            raise DataError(f"{path}: {yk!r} holds values above 2**63 - 1")
         return x, y.astype(np.int64)
 
     x, y = check("x", "y")
@@ -75,9 +82,34 @@ def _npz(path: str):
     return x, y, None, None
 
 
-def _to_nchw(x: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    return t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2).contiguous()
+def _to_nchw(x: np.ndarray, rows: np.ndarray | None = None, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """``x[rows]`` (all rows by default) as a contiguous uint8 NCHW tensor, gathered and laid out a
+    chunk of rows at a time (one copy of the rows at the peak, not three)."""
+    rows = np.arange(x.shape[0]) if rows is None else rows
+    shape = (len(rows), 1, *x.shape[1:3]) if x.ndim == 3 else (len(rows), x.shape[3], *x.shape[1:3])
+    out = torch.empty(shape, dtype=torch.uint8)
+    chunk = max(1, chunk_elements // max(1, int(np.prod(x.shape[1:]))))
+    for s in range(0, len(rows), chunk):
+        part = torch.from_numpy(np.ascontiguousarray(x[rows[s : s + chunk]]))
+        out[s : s + chunk] = part.unsqueeze(1) if x.ndim == 3 else part.permute(0, 3, 1, 2)
+    return out
+
+
+def _channel_stats(x: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation (n - 1) of uint8 NCHW images in [0, 1], float32,
+    summed in float64 a chunk of images at a time (a float copy of the whole set cost 4 bytes an
+    element at the peak)."""
+    c = x.shape[1]
+    total, squares = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+    chunk = max(1, chunk_elements // max(1, x[0].numel()))
+    for s in range(0, x.shape[0], chunk):
+        part = x[s : s + chunk].to(torch.float64).transpose(0, 1).reshape(c, -1)
+        total += part.sum(1)
+        squares += part.square().sum(1)
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / n
+    var = (squares - n * mean.square()).clamp_min(0) / max(n - 1, 1)
+    return (mean / 255).float(), (var.sqrt() / 255).float()
 
 
 class ArraySource:
@@ -134,19 +166,22 @@ class ArraySource:
                     f"{name}: the held-out split is empty (it takes 20% of each class's labeled examples, "
                     "which rounds to none here): give x_test and y_test, or label more examples"
                 )
-            x_test, y_test = x[self.split.test], y[self.split.test]
         self.device = torch.device(device)
-        xs = _to_nchw(x[self.split.train])
+        if x_test is None:
+            x_test, y_test = _to_nchw(x, self.split.test), y[self.split.test]
+        else:
+            x_test = _to_nchw(x_test)
+        xs = _to_nchw(x, self.split.train)
         self.x = xs.to(self.device)
-        self.x_test = _to_nchw(x_test).to(self.device)
+        self.x_test = x_test.to(self.device)
         self.y_test = torch.from_numpy(y_test).to(self.device)
         self.targets = torch.from_numpy(self.split.targets)
         self.truth = torch.from_numpy(self.split.truth)
         self.in_channels = xs.shape[1]
         self.src_size = xs.shape[-1]
-        xf = xs.float().div_(255)
-        self.mean = xf.mean(dim=(0, 2, 3)).to(self.device).view(1, -1, 1, 1)
-        self.std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).to(self.device).view(1, -1, 1, 1)
+        mean, std = _channel_stats(xs)
+        self.mean = mean.to(self.device).view(1, -1, 1, 1)
+        self.std = std.clamp_min(1e-3).to(self.device).view(1, -1, 1, 1)
         self.num_train = xs.shape[0]
         self.num_test = self.x_test.shape[0]
         self.ratio = (3 / 4, 4 / 3)  # crop aspect-ratio range
