@@ -40,6 +40,13 @@ def threads(v):
     return int(v)
 
 
+def seed(v):
+    """A random seed that torch and NumPy both take: 0 to 2**63 - 1."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2**63:
+        raise bad("a whole number from 0 to 2**63 - 1", v)
+    return int(v)
+
+
 def positive_float(v):
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
         raise bad("a finite number > 0", v)

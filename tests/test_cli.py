@@ -183,6 +183,7 @@ def test_bad_flag_values(tmp_path, capsys):
         ("--device", "gpu"),
         ("--data", "cifar"),
         ("--seed", "-3"),
+        ("--seed", str(2**63)),  # torch's and NumPy's overflow traceback
     ],
 )
 def test_every_flag_is_checked_where_it_is_parsed(tmp_path, capsys, flag, value):
@@ -244,6 +245,15 @@ def test_an_empty_held_out_split_is_refused_before_training(tmp_path, capsys):
     np.savez(p, x=np.zeros((40, 6, 6), np.uint8), y=y)
     rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), *TINY])
     one_error_line(capsys, rc, "held-out split is empty")
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_example_labeled_is_refused_naming_the_fraction(tmp_path, capsys):
+    """It blamed --t (the density pool of 0 examples), a flag the user had not given."""
+    p = tmp_path / "d.npz"
+    np.savez(p, x=np.zeros((40, 6, 6), np.uint8), y=np.arange(40) % 2)
+    rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), *TINY, "--labeled-fraction", "1"])
+    one_error_line(capsys, rc, "no unlabeled training example is left (all 32 are labeled; --labeled-fraction 1.0)")
     assert not (tmp_path / "r").exists()
 
 

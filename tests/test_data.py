@@ -238,6 +238,26 @@ def test_folder_errors(tmp_path):
     (root / "labeled.txt").write_text("class0/0.png\nclass1/0.png\n")  # class2 has none
     with pytest.raises(DataError, match="'class2' has no labeled"):
         load(f"folder:{root}", device="cpu", workers=0, loader="pil")
+    (root / "labeled.txt").unlink()
+    (root / "class3").mkdir()  # it blamed --labeled-fraction, even at 1
+    with pytest.raises(DataError, match=r"class folder .*class3 holds no image"):
+        load(f"folder:{root}", device="cpu", workers=0, loader="pil", labeled_fraction=1.0)
+
+
+def test_folder_hidden_entries_are_not_images(tmp_path):
+    """A class folder's hidden folders (thumbnails) and files (macOS's ._name) trained as the class;
+    the pool scanner already skipped hidden folders."""
+    import shutil
+
+    from llp_fast.data.extra import scan_images
+
+    root = make_folder(tmp_path / "imgs", per_class=4)
+    (root / "class0" / ".thumbnails").mkdir()
+    shutil.copy(root / "class0" / "0.png", root / "class0" / ".thumbnails" / "t.png")
+    (root / "class1" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    src = load(f"folder:{root}", device="cpu", workers=0, loader="pil", labeled_fraction=0.5)
+    assert src.num_train + src.num_test == 12
+    assert len(scan_images(str(root))) == 12
 
 
 def test_folder_unreadable_image(tmp_path):

@@ -116,6 +116,7 @@ def test_errors_are_one_line(ckpt, tmp_path, capsys):
         (["--seed", str(2**70)], "--seed"),
         (["--pixels", "--random-init"], "--random-init"),
         (["--threads", "100000"], "--threads"),  # a segmentation fault in OpenMP
+        (["--seed", str(2**63 - 1), "--repeats", "2"], "--seed"),
     ):
         with pytest.raises(SystemExit) as e:  # torch's and NumPy's tracebacks before
             main([ckpt, "--data", "digits", *extra])
@@ -124,7 +125,7 @@ def test_errors_are_one_line(ckpt, tmp_path, capsys):
     z = np.zeros((30, 8, 8), np.uint8)
     np.savez(tmp_path / "e.npz", x=z, y=np.arange(30) % 3, x_test=z[:0], y_test=np.zeros(0, np.int64))
     np.savez(tmp_path / "one.npz", x=z, y=np.zeros(30, np.int64))
-    one_error_line(capsys, main([ckpt, "--data", f"npz:{tmp_path}/e.npz"]), "no image to measure")
+    one_error_line(capsys, main([ckpt, "--data", f"npz:{tmp_path}/e.npz"]), "'x_test' holds no image")
     one_error_line(capsys, main([ckpt, "--data", f"npz:{tmp_path}/one.npz"]), "one class only")
 
 

@@ -35,14 +35,6 @@ def _lr(text: str) -> float:
     return value
 
 
-def _seed(text: str) -> int:
-    """``--seed``: a whole number that torch and NumPy take (0 to 2^63 - 1)."""
-    value = _common.COUNT(text)
-    if value >= 2**63:
-        raise argparse.ArgumentTypeError(f"expected a whole number below 2^63, got {text!r}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=PROG,
@@ -74,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--pixels", action="store_true", help="control: the readout on the network's input pixels, no network"
     )
-    ap.add_argument("--seed", type=_seed, default=0)
+    ap.add_argument("--seed", type=_common.SEED, default=0)
     ap.add_argument(
         "--repeats",
         type=_common.POSITIVE_INT,
@@ -174,6 +166,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.pixels and args.random_init:
         ap.error("argument --random-init: not with --pixels (the pixels control uses no network)")
+    if args.seed + args.repeats > 2**63:  # readout r is seeded SEED + r
+        ap.error(f"argument --seed: SEED + REPEATS - 1 must stay below 2**63, got {args.seed} + {args.repeats - 1}")
     return _common.run(PROG, _main, args)
 
 

@@ -31,6 +31,7 @@ _TYPES = {
     "positive_int": _common.POSITIVE_INT,
     "count": _common.COUNT,
     "threads": _common.THREADS,
+    "seed": _common.SEED,
     "positive_float": _common.POSITIVE_FLOAT,
     "nonneg_float": _common.NONNEG_FLOAT,
     "fraction": _common.FRACTION,

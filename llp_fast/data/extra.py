@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import _optional
 from .._npy import read_header
 from . import DataError
-from .folder import IMAGE_EXTENSIONS, _Images
+from .folder import _Images, image_files
 from .selection import read_selection
 from .transforms import open_image
 
@@ -222,11 +222,7 @@ class FilesPool:
 
 def scan_images(root: str) -> list[str]:
     """Every image file under ``root`` (recursively, hidden entries skipped), sorted."""
-    out = []
-    for dirpath, dirnames, names in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
-    return out
+    return image_files(root)
 
 
 def open_pool(spec: str, workers: int = 2):

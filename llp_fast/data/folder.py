@@ -32,16 +32,27 @@ from .transforms import MEAN, STD, crop_box, eval_geometry, open_rgb, sample_see
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+def image_files(root: str) -> list[str]:
+    """Every image file under ``root``, recursively, sorted; hidden folders and files (``.thumbnails/``,
+    macOS's ``._name.jpg``) skipped."""
+    out = []
+    for dirpath, dirnames, names in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(
+            os.path.join(dirpath, n)
+            for n in sorted(names)
+            if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    return out
+
+
 def _scan(root: str):
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     files, labels = [], []
     for c, name in enumerate(classes):
-        for dirpath, dirnames, names in os.walk(os.path.join(root, name)):
-            dirnames.sort()
-            for fn in sorted(names):
-                if fn.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(dirpath, fn))
-                    labels.append(c)
+        found = image_files(os.path.join(root, name))
+        files += found
+        labels += [c] * len(found)
     return classes, files, np.asarray(labels, dtype=np.int64)
 
 
@@ -167,6 +178,9 @@ class FolderSource:
         classes, files, y = _scan(train_root)
         if not files:
             raise DataError(f"folder:{root}: no images found (expected one subfolder of images per class)")
+        empty = [c for i, c in enumerate(classes) if not (y == i).any()]
+        if empty:
+            raise DataError(f"folder:{root}: class folder {os.path.join(train_root, empty[0])} holds no image")
         self.class_names = classes
         self.num_classes = len(classes)
         mask = None

@@ -23,6 +23,11 @@ def check_against_data(cfg: TrainConfig, source, k: int) -> None:
     if k > m:
         raise DataError(f"--k {k} exceeds the {m} labeled training examples")
     pool = source.num_train - m if cfg.density_pool == "unlabeled" else source.num_train
+    if pool == 0:  # every training example labeled: nothing to propagate to, no density pool
+        raise DataError(
+            f"no unlabeled training example is left (all {m} are labeled; --labeled-fraction "
+            f"{cfg.labeled_fraction}): LLP needs some; lower --labeled-fraction, or --supervised-only"
+        )
     if cfg.t > pool:
         raise DataError(f"--t {cfg.t} exceeds the density pool of {pool} examples")
 

@@ -31,6 +31,9 @@ from .._checks import (
     unit_interval,
 )
 from .._checks import (
+    seed as seed_value,
+)
+from .._checks import (
     threads as thread_count,
 )
 from ..errors import ConfigError
@@ -125,7 +128,7 @@ class TrainConfig:
     # run
     run_dir: str | None = _opt(None, "where checkpoints and metrics.jsonl go (default runs/<time>)", group="run")
     epochs: int | None = _opt(None, "epochs (default: from the data's size)", group="run", check=optional(positive_int))
-    seed: int = _opt(0, "seed of the split, the initialisation and the data order", group="run", check=count)
+    seed: int = _opt(0, "seed of the split, the initialisation and the data order", group="run", check=seed_value)
     device: str | None = _opt(
         None, "cpu, cuda, cuda:1 (default: cuda when available)", group="run", check=optional(device_name)
     )
