@@ -34,9 +34,17 @@ def tensor(x, name: str) -> torch.Tensor:
     return x
 
 
+def on_a_real_device(x: torch.Tensor, name: str) -> None:
+    """Not a ``meta`` tensor: it has no values for an op to read (every op's checks and kernels
+    read them; it was torch's ``item()`` error)."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values: pass a cpu or cuda tensor")
+
+
 def embeddings(x, name: str, *, allow_empty: bool = True) -> torch.Tensor:
     """A (rows, D) floating-point matrix."""
     tensor(x, name)
+    on_a_real_device(x, name)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, D), got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -150,6 +158,8 @@ def scores_fit(tau: float, a: torch.Tensor, a_name: str, b: torch.Tensor, b_name
     they were not read). ``|a_i . b_j| <= D * size_a * size_b`` bounds the scores."""
     dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     limit = torch.finfo(dtype).max / 4
+    if not 1.0 / tau <= torch.finfo(dtype).max:  # every path multiplies by 1/tau in that dtype
+        raise ValueError(f"tau={tau:.3g}: 1/tau overflows {dtype} (raise tau, or pass float64 inputs)")
     for name, size in bias.items():
         if not size <= limit:
             raise ValueError(f"{name} holds values up to {size:.3g} in magnitude, beyond the {dtype} scores")
@@ -186,6 +196,7 @@ def same_space(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, *, dt
 def vector(x, name: str, length: int, *, device: torch.device, kind: str) -> torch.Tensor:
     """A 1-D tensor of ``length`` entries on ``device``; ``kind`` is 'int', 'float' or 'bool'."""
     tensor(x, name)
+    on_a_real_device(x, name)
     if x.dim() != 1 or x.shape[0] != length:
         raise ValueError(f"{name} must have shape ({length},), got {tuple(x.shape)}")
     if x.device != device:
@@ -196,7 +207,11 @@ def vector(x, name: str, length: int, *, device: torch.device, kind: str) -> tor
         "bool": x.dtype == torch.bool,
     }[kind]
     if not ok:
-        want = {"int": "an integer dtype", "float": "a floating dtype", "bool": "torch.bool"}[kind]
+        want = {
+            "int": "an integer dtype (int64, int32, int16, int8 or uint8; cast wider unsigned ones to int64)",
+            "float": "a floating dtype",
+            "bool": "torch.bool",
+        }[kind]
         raise TypeError(f"{name} must have {want}, got {x.dtype}")
     return x
 
@@ -219,13 +234,22 @@ def positive_int(x, name: str, *, low: int = 1, high: int | None = None, high_wh
         raise ValueError(f"{name} must be >= {low}, got {x}")
     if high is not None and x > high:
         raise ValueError(f"{name}={x} exceeds {high_what} ({high})")
+    if x >= 2**63:  # torch's int64 arguments (it was torch's type error)
+        raise ValueError(f"{name} must be below 2**63, got {x}")
     return x
+
+
+def _as_float(x, name: str) -> float:
+    try:
+        return float(x)
+    except OverflowError:  # an int beyond float's range (10**400)
+        raise ValueError(f"{name} is beyond a float's range, got an int of {len(str(abs(x)))} digits") from None
 
 
 def temperature(tau, name: str = "tau") -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(tau).__name__}")
-    tau = float(tau)
+    tau = _as_float(tau, name)
     if not (tau > 0 and math.isfinite(tau) and math.isfinite(1.0 / tau)):  # 1/1e-320 is inf
         raise ValueError(f"{name} must be a finite number > 0 with a finite inverse, got {tau}")
     return tau
@@ -235,7 +259,7 @@ def unit_interval(x, name: str) -> float:
     """In [0, 1] (the meaning of :func:`llp_fast._checks.unit_interval`)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(x).__name__}")
-    x = float(x)
+    x = _as_float(x, name)
     if not 0.0 <= x <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got {x}")
     return x

@@ -55,14 +55,16 @@ def tile_shape(n_rows: int, n_cols: int, *, row_width: int = 0) -> tuple[int, in
 
 def _key_scores(q, keys, c0: int, c1: int, inv_tau: float, bias, key_mask):
     """One score tile: ``q @ keys[c0:c1].T * inv_tau + bias[c0:c1]`` (``q`` already in the
-    compute dtype), -inf where ``key_mask`` is False."""
+    compute dtype), -inf where ``key_mask`` is False and where the score is NaN: a NaN score is
+    never a candidate (the kernels' compares are false for it; reachable only without the
+    finiteness checks, ``check_finite=False``)."""
     s = q @ keys[c0:c1].to(q.dtype).T
     s.mul_(inv_tau)
     if bias is not None:
         s.add_(bias[c0:c1].to(q.dtype))
     if key_mask is not None:
         s.masked_fill_(~key_mask[c0:c1], -math.inf)
-    return s
+    return s.masked_fill_(s.isnan(), -math.inf)
 
 
 def _tile_topk(s: torch.Tensor, k: int, offset: int):

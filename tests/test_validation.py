@@ -48,6 +48,15 @@ PROPAGATE_CASES = [
     (dict(log_rho=torch.ones(4)), ValueError, "log_rho must have shape (5,)"),
     (dict(log_rho=torch.tensor([0.0, 1, float("inf"), 0, 0])), ValueError, "log_rho contains NaN or Inf"),
     (dict(num_classes=0), ValueError, "num_classes must be >= 1"),
+    # torch's int64 type error, a Python OverflowError, torch's item() error on meta tensors
+    (dict(num_classes=2**63), ValueError, "num_classes must be below 2"),
+    (dict(tau=10**400), ValueError, "tau is beyond a float's range"),
+    (dict(queries=Q.to("meta")), ValueError, "queries is on the meta device"),
+    (dict(labeled_classes=CLS.to("meta")), ValueError, "labeled_classes is on the meta device"),
+    # 1/tau is inf in float32: inf scores and NaN confidences (float64 inputs take it)
+    (dict(tau=1e-40), ValueError, "tau=1e-40: 1/tau overflows torch.float32"),
+    (dict(labeled_classes=CLS.to(torch.uint16)), TypeError, "cast wider unsigned ones to int64"),
+    (dict(k=b"\x02\x03"), TypeError, "k must be an int, got bytes"),
 ]
 if torch.cuda.is_available():
     PROPAGATE_CASES.append((dict(queries=Q.cuda()), ValueError, "queries is on cuda"))
@@ -109,6 +118,7 @@ UPDATE_CASES = [
     (dict(values=torch.tensor([[0.0] * 6, [float("inf")] * 6])), ValueError, "values contains NaN or Inf"),
     (dict(values=unit(2, 3)), ValueError, "values has D=3"),
     (dict(momentum=1.5), ValueError, "momentum must lie in \\[0, 1\\]"),
+    (dict(momentum=10**400), ValueError, "momentum is beyond a float's range"),
     (dict(bank=L.T.contiguous().T), ValueError, "bank must be contiguous"),
 ]
 
@@ -121,6 +131,27 @@ def test_bank_update_rejects_and_writes_nothing(change, exc, msg):
     with pytest.raises(exc, match=msg):
         llp_fast.bank_update_(**args)
     assert torch.equal(args["bank"], before)
+
+
+def test_a_meta_bank_is_refused_naming_it():
+    with pytest.raises(ValueError, match="bank is on the meta device"):  # torch's item() error
+        llp_fast.bank_update_(L.to("meta"), torch.tensor([0, 3]), unit(2, 6), momentum=0.5)
+
+
+def test_nan_scores_are_never_selected_by_either_path():
+    """Reachable only without the finiteness checks: the kernels' compares never pick a NaN
+    score, and the reference (torch.topk, which ranks NaN first) now agrees."""
+    from llp_fast.reference import topk_scores_ref
+
+    q = torch.tensor([[1.0, 0.0], [float("nan"), 0.0]])
+    keys = torch.tensor([[0.5, 0.0], [float("nan"), 0.0], [0.9, 0.0]])
+    want_v = torch.tensor([[0.9, 0.5, -float("inf")], [-float("inf")] * 3])
+    want_i = torch.tensor([[2, 0, -1], [-1, -1, -1]])
+    got = llp_fast.topk_scores(q, keys, k=3, tau=1.0, check_finite=False)
+    ref = topk_scores_ref(q, keys, 3, 1.0)
+    for v, i in (got, ref):
+        torch.testing.assert_close(v, want_v)
+        assert torch.equal(i, want_i)
 
 
 def test_numpy_arguments_are_validated_too():

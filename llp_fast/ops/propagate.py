@@ -150,7 +150,7 @@ def propagate(
     check.same_space(labeled, "labeled", queries, "queries")
     m = labeled.shape[0]
     num_classes = check.positive_int(num_classes, "num_classes")
-    several = isinstance(k, Sequence) and not isinstance(k, str)
+    several = isinstance(k, Sequence) and not isinstance(k, (str, bytes, bytearray))
     if several:
         if len(k) == 0:
             raise ValueError("k must hold at least one number of neighbours")

@@ -145,10 +145,10 @@ def _topk_scores(queries, keys, k, tau, bias, key_mask, init, index_offset, chec
     n = keys.shape[0]
     k = check.positive_int(k, "k")
     tau = check.temperature(tau)
-    index_offset = check.positive_int(index_offset, "index_offset", low=0)
     limit = _INDEX_END - max(n, 1)  # the last key's global index, index_offset + N - 1, is an int64
-    if index_offset > limit:
-        raise ValueError(f"index_offset must be at most 2**63 - max(N, 1) = {limit} (N = {n}), got {index_offset}")
+    index_offset = check.positive_int(
+        index_offset, "index_offset", low=0, high=limit, high_what=f"2**63 - max(N, 1) (N = {n}), the most it may be"
+    )
     if bias is not None:
         check.vector(bias, "bias", n, device=keys.device, kind="float")
     big_bias = check.finite(bias, "bias") if bias is not None else 0.0
