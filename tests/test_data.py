@@ -137,6 +137,8 @@ def test_npz_gray_without_test_holds_out_20_percent(tmp_path):
             | {"x_test": np.zeros((0, 5, 5), np.uint8), "y_test": np.zeros(0, int)},
             "'x_test' holds no image",
         ),
+        # it trained and reported 100%
+        ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.zeros(4, int)}, "one class only"),
         # 2**63 wrapped to a negative id: the row became unlabeled
         ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.array([0, 1, 2**63, 0], np.uint64)}, "above 2"),
     ],
@@ -242,6 +244,9 @@ def test_folder_errors(tmp_path):
     (root / "class3").mkdir()  # it blamed --labeled-fraction, even at 1
     with pytest.raises(DataError, match=r"class folder .*class3 holds no image"):
         load(f"folder:{root}", device="cpu", workers=0, loader="pil", labeled_fraction=1.0)
+    one = make_folder(tmp_path / "one", classes=1)
+    with pytest.raises(DataError, match=r"one class folder only \(class0\)"):
+        load(f"folder:{one}", device="cpu", workers=0, loader="pil")
 
 
 def test_folder_hidden_entries_are_not_images(tmp_path):

@@ -150,6 +150,8 @@ class ArraySource:
                 f"{name}: class ids must be 0..S-1 with an example of each, but the labels hold "
                 f"{int(present[-1])} and no {missing} ({present.size} distinct classes)"
             )
+        if present.size < 2:  # nothing to tell apart: it trained and reported 100%
+            raise DataError(f"{name}: the labels hold one class only ({int(present[0])}); at least two are needed")
         self.num_classes = int(present.size)
         self.class_names = [str(c) for c in range(self.num_classes)]
         self.split: Split = make_split(

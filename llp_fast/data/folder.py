@@ -182,6 +182,8 @@ class FolderSource:
         if empty:
             raise DataError(f"folder:{root}: class folder {os.path.join(train_root, empty[0])} holds no image")
         self.class_names = classes
+        if len(classes) < 2:  # nothing to tell apart: it trained and reported 100%
+            raise DataError(f"folder:{root}: one class folder only ({classes[0]}); at least two are needed")
         self.num_classes = len(classes)
         mask = None
         label_file = next(
