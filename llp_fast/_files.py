@@ -164,6 +164,10 @@ def atomic_open(path: str, mode: str = "wb", *, suffix: str = "", what: str = ""
     name keeps."""
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open writes new files, mode 'wb' or 'w', got {mode!r}")
+    if os.path.exists(path) and not os.path.isfile(path):  # the rename would replace a device or a pipe
+        raise WriteError(
+            path, OSError("it is not a regular file (a device, a pipe or a folder): give a file"), what=what
+        )
     sweep(os.path.dirname(os.path.abspath(path)), only=os.path.basename(path))
     tmp = temp_path(path, suffix)
     try:

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -282,6 +283,26 @@ def test_a_programming_error_inside_a_write_keeps_its_traceback(tmp_path):
         with _files.atomic_open(str(tmp_path / "x.json"), "w") as f:
             json.dump({"a": object()}, f)
     assert os.listdir(tmp_path) == []
+
+
+def test_an_output_over_a_pipe_or_a_folder_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """The rename replaced a FIFO or a device (as root: /dev/full itself) with a regular file and
+    said it had written it."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "folder").mkdir()
+    for target in (fifo, tmp_path / "folder"):
+        with pytest.raises(_files.WriteError, match=f"cannot write {target}: it is not a regular file"):
+            with _files.atomic_open(str(target)) as f:
+                f.write(b"x")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "e.npy", rng.standard_normal((40, 4)).astype(np.float32))
+    np.save(tmp_path / "l.npy", np.where(np.arange(40) < 6, np.arange(40) % 3, -1))
+    rc = propagate_main([str(tmp_path / "e.npy"), str(tmp_path / "l.npy"), "--out", str(fifo), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.endswith("it is not a regular file (a device, a pipe or a folder): give a file"), err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and (tmp_path / "folder").is_dir()
+    assert sorted(os.listdir(tmp_path)) == ["e.npy", "fifo", "folder", "l.npy"]
 
 
 def test_the_directory_is_fsynced_after_each_rename(tmp_path, monkeypatch):
