@@ -54,6 +54,14 @@ class Interrupted(Exception):
         self.run_dir = run_dir
 
 
+class InterruptedTwice(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM while training: the run gives up at once, without the checkpoint the
+    first one asked for (the last complete one is kept)."""
+
+    def __init__(self):
+        super().__init__("interrupted twice; the last complete checkpoint is kept")
+
+
 class Terminated(BaseException):
     """Raised by a tool's SIGINT and SIGTERM handler; the tool ends with 130, nothing half-written.
     Not a KeyboardInterrupt: one of those now and then ended the process by SIGINT (exit -2) after

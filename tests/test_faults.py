@@ -199,6 +199,40 @@ def test_a_full_disk_under_the_other_training_outputs_is_one_line(
     assert not os.path.exists(os.path.join(run, "config.json")) or part != "config.json"
 
 
+def test_one_ctrl_c_before_training_and_a_second_one_inside_it_say_which(data, tmp_path, monkeypatch, capsys):
+    """One Ctrl-C while the data loaded said "interrupted twice; the last complete checkpoint is
+    kept": one signal, no checkpoint. A second one inside training still says so."""
+    import llp_fast.train.api as api
+    from llp_fast.train.loop import Trainer
+
+    real = api.prepare
+
+    def prepare(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the data loads
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "prepare", prepare)
+    run = tmp_path / "run"
+    assert train_main(train_args(data, run)) == 130
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == "llp-fast-train: interrupted outside training (loading, or after the last checkpoint); "
+        "nothing is half-written"
+    ), err
+    assert not (run / "checkpoint.pt").exists()
+    monkeypatch.setattr(api, "prepare", real)
+    step = Trainer.train_step
+
+    def twice(self, *a, **k):  # the second signal arrives before the first one's checkpoint
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", twice)
+    assert train_main(train_args(data, tmp_path / "run2")) == 130
+    assert capsys.readouterr().err.strip() == "llp-fast-train: interrupted twice; the last complete checkpoint is kept"
+
+
 def _embeddings(tmp_path, n=300, d=8):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "emb.npy", rng.standard_normal((n, d)).astype(np.float32))

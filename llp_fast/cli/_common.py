@@ -19,7 +19,7 @@ import sys
 
 from .. import _checks
 from ..distributed.collectives import PEER_LOST, lost_line, peer_lost
-from ..errors import ConfigError, Interrupted, Terminated, is_user_error, one_line
+from ..errors import ConfigError, Interrupted, InterruptedTwice, Terminated, is_user_error, one_line
 from ..train import config as C
 
 
@@ -98,9 +98,9 @@ def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was wri
         if lead:
             print(f"{prog}: {e}; continue with: {resume_command(e.run_dir)}", file=sys.stderr)
         return 130
-    except (KeyboardInterrupt, Terminated):
+    except (KeyboardInterrupt, Terminated) as e:
         if lead:
-            print(f"{prog}: {interrupted}", file=sys.stderr)
+            print(f"{prog}: {e if isinstance(e, InterruptedTwice) else interrupted}", file=sys.stderr)
         return 130
     except Exception as e:
         if peer_lost(e):

@@ -240,7 +240,14 @@ def main(argv=None) -> int:
         ap.error("--max-restarts restarts the processes of --nproc P (P > 1)")
     if args.nproc > 1 and not launch.launched():
         return _common.run(PROG, launch.relaunch, args, raw, PROG)
-    rc = _common.run(PROG, _train, args, interrupted="interrupted twice; the last complete checkpoint is kept")
+    # Inside training a Ctrl-C checkpoints (Interrupted) and a second one gives up (InterruptedTwice);
+    # this is one before training starts (loading, building) or after it ends.
+    rc = _common.run(
+        PROG,
+        _train,
+        args,
+        interrupted="interrupted outside training (loading, or after the last checkpoint); nothing is half-written",
+    )
     return distributed.finish(rc)
 
 

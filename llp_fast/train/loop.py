@@ -33,7 +33,7 @@ import torch
 from .. import distributed
 from .._progress import Progress, reporter
 from ..data.extra import add_extra_unlabeled
-from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, Interrupted, InterruptedTwice, TrainingDiverged
 from ..nn import GIVEN, misfit
 from . import checkpoint, defaults, order, relabel, report, warmstart
 from .build import check_against_data, configure_source, load_source
@@ -291,7 +291,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
         if self.stop_signal is not None:  # second signal: give up at once
-            raise KeyboardInterrupt
+            raise InterruptedTwice
         self.stop_signal = signum
 
     def fit(self, after_epoch=None) -> dict:
