@@ -142,6 +142,85 @@ def test_the_launcher_names_the_lost_rank_and_how_it_ended(ended, killed, want):
     assert workers._verdict(ended, killed, 20.0) == want
 
 
+def test_a_rank_ended_by_the_signal_handed_on_to_it_was_interrupted_not_lost():
+    """A Ctrl-C or SIGTERM handed on while a rank was still starting (before its handler) ended it
+    by that signal: it read "rank 0 was lost (killed by SIGINT)"."""
+    assert workers._verdict({0: -2, 1: -2}, [], 20.0, [signal.SIGINT]) == (130, None)
+    assert workers._verdict({0: -15, 1: 130}, [], 20.0, [signal.SIGTERM]) == (130, None)
+    assert workers._verdict({0: -9, 1: -2}, [], 20.0, [signal.SIGINT]) == (1, "rank 0 was lost (killed by SIGKILL)")
+    assert workers._verdict({0: -2, 1: 0}, [], 20.0) == (1, "rank 0 was lost (killed by SIGINT)")  # not handed on
+
+
+def test_the_ranks_error_lines_are_printed_once_each_in_rank_order(tmp_path, capsys):
+    """Every rank printed the same missing file: P identical lines under --nproc P."""
+    for rank, text in ((0, "tool: error: no such file: x\n"), (1, "tool: error: no such file: x\n"), (2, "b\na\n")):
+        (tmp_path / str(rank)).write_text(text)
+    assert workers._print_lines(str(tmp_path), 4)  # rank 3 wrote nothing
+    assert capsys.readouterr().err == "tool: error: no such file: x\nb\na\n"
+    assert os.listdir(tmp_path) == [] and not workers._print_lines(str(tmp_path), 4)
+
+
+def _launch(argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-m", "llp_fast.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+
+
+def test_an_error_every_rank_meets_is_one_line(tmp_path):
+    proc = _launch(
+        ["--data", f"npz:{tmp_path}/missing.npz", "--run-dir", str(tmp_path / "r"), "--nproc", "2", "--quiet"]
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err == f"llp-fast-train: error: no such file: {tmp_path}/missing.npz\n", err
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5])
+def test_a_ctrl_c_while_the_ranks_start_is_an_interrupt_in_one_line(data, tmp_path, delay):
+    """It was a KeyboardInterrupt traceback from each starting rank (or "Fatal Python error:
+    init_import_site") and "rank 0 was lost (killed by SIGINT)"."""
+    run = tmp_path / "run"
+    proc = _launch([*train_args(data, run, epochs=50), "--nproc", "2"])
+    deadline = time.monotonic() + 60
+    while len(_ranks(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("llp-fast-train: interrupted"), err
+
+
+def test_ranks_stop_when_their_launcher_is_killed(data, tmp_path):
+    """SIGKILL of the launcher (the OOM killer): its ranks trained on to the last epoch unwatched."""
+    run = tmp_path / "run"
+    proc = _launch([*train_args(data, run, epochs=200), "--nproc", "2"])
+    deadline = time.monotonic() + 120
+    while not os.path.exists(run / "checkpoint.pt") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ranks = _ranks(proc.pid)
+    assert len(ranks) == 2, ranks
+    proc.kill()
+    proc.communicate()
+    deadline = time.monotonic() + 60
+    alive = set(ranks.values())
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                os.kill(pid, 0)
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        alive.discard(pid)
+            except (ProcessLookupError, FileNotFoundError):
+                alive.discard(pid)
+        time.sleep(0.1)
+    assert not alive, f"ranks {alive} still run after their launcher was killed"
+
+
 def _raised_from(filename: str, text: str) -> RuntimeError:
     """A RuntimeError whose traceback passes through a frame of ``filename``, as one raised by
     torch.distributed's own code would."""
@@ -204,3 +283,42 @@ def test_dist_timeout_is_a_flag_of_both_tools_and_the_variable_its_default(monke
             train_main(bad)
         assert e.value.code == 2
         assert bad[0] in capsys.readouterr().err
+
+
+def test_a_process_started_with_sigint_ignored_and_one_that_dies_with_its_parent():
+    """The baseline beside an LLP run: started deaf to the terminal's Ctrl-C (one that reached it
+    while it started printed multiprocessing's traceback), and ended by the kernel's SIGTERM when
+    the LLP process dies (it trained on unattended)."""
+    from llp_fast.cli import _common
+
+    with _common.sigint_ignored():
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with open(f"/proc/{child.pid}/status") as f:
+            ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+        assert ignored & (1 << (signal.SIGINT - 1))
+        assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # restored here
+    finally:
+        child.kill()
+        child.wait()
+    middle = (
+        "import subprocess, sys\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import os, time; from llp_fast.cli import _common; "
+        "_common.die_with_parent(os.getppid()); print(flush=True); time.sleep(60)'], stdout=subprocess.PIPE)\n"
+        "c.stdout.readline(); print(c.pid, flush=True)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", middle], capture_output=True, text=True, env=env, timeout=120)
+    pid = int(out.stdout)  # the middle process has exited: its child must follow
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the child outlived its parent")

@@ -14,11 +14,13 @@ alone reports an interrupt.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 
 from .. import _checks
-from ..distributed.collectives import PEER_LOST, lost_line, peer_lost
+from ..distributed.collectives import ERROR_LINES_ENV, INTERRUPTED_UNSAVED, PEER_LOST, QUIET_ENV, lost_line, peer_lost
 from ..errors import ConfigError, Interrupted, InterruptedTwice, Terminated, is_user_error, one_line
 from ..train import config as C
 
@@ -86,6 +88,49 @@ def cuda_checked(device: str) -> str:
     return device
 
 
+def die_with_parent(parent: int) -> None:
+    """Asks the kernel for SIGTERM when the parent process (pid ``parent``) dies (Linux's
+    ``PR_SET_PDEATHSIG``; a child whose parent is killed would otherwise go on unattended); a
+    parent already gone ends this process at once. Elsewhere nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        sys.exit(130)
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """SIGINT ignored while the block runs (in the main thread; elsewhere nothing): a process
+    started inside it inherits the ignored SIGINT."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def error_line(line: str) -> None:
+    """Prints a tool's error (or interrupt) line, or under the ``--nproc`` launcher hands it to the launcher
+    (appended to its folder's file for this rank; printed here if that fails)."""
+    folder = os.environ.get(ERROR_LINES_ENV)
+    if folder:
+        try:
+            with open(os.path.join(folder, os.environ.get("RANK", "0")), "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+            return
+        except OSError:
+            pass
+    print(line, file=sys.stderr)
+
+
 def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was written") -> int:
     """``body(*args)`` with the tools' error contract; returns the exit status. ``interrupted``:
     the line for Ctrl-C (a run that checkpointed raises :class:`Interrupted` instead)."""
@@ -96,12 +141,14 @@ def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was wri
         from ..train.checkpoint import resume_command
 
         if lead:
-            print(f"{prog}: {e}; continue with: {resume_command(e.run_dir)}", file=sys.stderr)
+            error_line(f"{prog}: {e}; continue with: {resume_command(e.run_dir)}")
         return 130
     except (KeyboardInterrupt, Terminated) as e:
         if lead:
-            print(f"{prog}: {e if isinstance(e, InterruptedTwice) else interrupted}", file=sys.stderr)
-        return 130
+            error_line(f"{prog}: {e if isinstance(e, InterruptedTwice) else interrupted}")
+        # under the --nproc launcher: the others may wait for this rank where no signal reaches them
+        unsaved = os.environ.get(QUIET_ENV) == "1" and not isinstance(e, InterruptedTwice)
+        return INTERRUPTED_UNSAVED if unsaved else 130
     except Exception as e:
         if peer_lost(e):
             line = lost_line(prog, e)
@@ -110,7 +157,7 @@ def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was wri
             return PEER_LOST
         if not is_user_error(e):
             raise
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        error_line(f"{prog}: error: {one_line(e)}")
         return 2
 
 

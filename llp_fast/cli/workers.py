@@ -22,19 +22,30 @@ nodes. What differs is what happens when a rank is lost:
   says which rank was lost and where the work continues.
 
 The processes run in their own session, so a Ctrl-C at the terminal reaches this process alone,
-which hands it (and SIGTERM) on to each of them once: a training run checkpoints at its next step.
+which hands it (and SIGTERM; SIGHUP, a closed terminal, as SIGTERM) on to each of them once: a
+training run checkpoints at its next step. A rank that the handed-on signal ends before it could
+catch it (still starting) counts as interrupted, not lost; a Ctrl-C while a rank imports ends it
+with 130 and no traceback (:data:`BOOTSTRAP`). Should this process die without a word (SIGKILL,
+the OOM killer), each rank gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``) and stops as if
+interrupted, instead of training on unwatched.
+
+An error line that several ranks print alike (the same missing file, the same refused flag) is
+printed once: the ranks write their lines to files that this process prints, each distinct line
+once, in rank order, when they have ended.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from .. import distributed
-from ..distributed.collectives import PEER_LOST, QUIET_ENV
+from ..distributed.collectives import ERROR_LINES_ENV, INTERRUPTED_UNSAVED, PEER_LOST, QUIET_ENV
 
 GRACE = 5.0  # seconds the other ranks get to notice a lost rank and end by themselves
 EXPLAINED = (2, 130)  # a rank that printed its own error line, or was interrupted
@@ -58,25 +69,55 @@ def _stopped(pid: int) -> bool:
         return False
 
 
-def _spawn(nproc: int, module: str, argv: list[str], attempt: int, max_restarts: int, port: int) -> list:
+# What each rank runs before the command's module: the kernel's SIGTERM should this launcher die
+# (Linux; a launcher already gone ends the rank at once), and a KeyboardInterrupt while the module's
+# imports run (a Ctrl-C handed on at start-up) ends it with 130 rather than a traceback. The ranks
+# start with SIGINT and SIGTERM blocked (the launcher blocks them while it starts them, and a mask
+# is inherited): one handed on while the interpreter itself starts waits until here (it was
+# "Fatal Python error: init_import_site" and exit status 1, a lost rank).
+BOOTSTRAP = """
+import os, signal, sys
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(os.environ["LLP_FAST_LAUNCHER"]):
+    sys.exit(121)  # INTERRUPTED_UNSAVED
+try:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    import runpy
+    runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+except KeyboardInterrupt:
+    sys.exit(121)  # INTERRUPTED_UNSAVED
+"""
+_HANDED_ON = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _spawn(nproc: int, module: str, argv: list[str], attempt: int, max_restarts: int, port: int, lines: str) -> list:
     env = dict(os.environ, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", GROUP_WORLD_SIZE="1")
     env.update(ROLE_NAME="default", ROLE_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env.update(TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT=str(attempt))
     env.update(TORCHELASTIC_MAX_RESTARTS=str(max_restarts), TORCHELASTIC_RUN_ID=f"llp-fast-{os.getpid()}")
     env[QUIET_ENV] = "1"
+    env[ERROR_LINES_ENV] = lines
+    env["LLP_FAST_LAUNCHER"] = str(os.getpid())
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: P processes share the cores
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's socket warnings when a peer is gone: the line says it
     procs = []
     for rank in range(nproc):
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
-        cmd = [sys.executable, "-m", module, *argv]
+        cmd = [sys.executable, "-c", BOOTSTRAP, module, *argv]
         procs.append(subprocess.Popen(cmd, env=dict(env), start_new_session=True))
     return procs
 
 
-def _watch(procs: list, timeout: float) -> tuple[dict[int, int], list[int]]:
+def _watch(procs: list, timeout: float, handed=()) -> tuple[dict[int, int], list[int]]:
     """Waits until every rank has ended, or the others have had their chance to after one failed;
-    kills what is left. Returns ({rank: exit status} of the ranks that ended, ranks killed here)."""
+    kills what is left. Returns ({rank: exit status} of the ranks that ended, ranks killed here).
+    ``handed``: the signals handed on so far (read as it grows); after a rank they ended before
+    its handler, or one interrupted with nothing to save (:data:`INTERRUPTED_UNSAVED`), the others
+    get :data:`GRACE`: they may wait for it where no signal reaches them."""
     ended: dict[int, int] = {}
     since = None
     while len(ended) < len(procs):
@@ -89,7 +130,8 @@ def _watch(procs: list, timeout: float) -> tuple[dict[int, int], list[int]]:
             left = [p for r, p in enumerate(procs) if r not in ended]
             # An orderly stop (an interrupt, an explained error) may still be writing a checkpoint:
             # the others end within the collective timeout. A stopped process never ends.
-            wait = timeout + GRACE if all(c in EXPLAINED for c in failed) else GRACE
+            unstarted = any(c == INTERRUPTED_UNSAVED or (c < 0 and -c in handed) for c in failed)
+            wait = timeout + GRACE if all(c in EXPLAINED for c in failed) and not unstarted else GRACE
             if all(_stopped(p.pid) for p in left) or time.monotonic() - since > wait:
                 break
         time.sleep(0.05)
@@ -100,8 +142,15 @@ def _watch(procs: list, timeout: float) -> tuple[dict[int, int], list[int]]:
     return ended, killed
 
 
-def _verdict(ended: dict[int, int], killed: list[int], timeout: float) -> tuple[int, str | None]:
-    """(exit status of the command, the line about the lost rank(s), None when none was lost)."""
+def _verdict(ended: dict[int, int], killed: list[int], timeout: float, handed=()) -> tuple[int, str | None]:
+    """(exit status of the command, the line about the lost rank(s), None when none was lost).
+    ``handed``: the signals handed on to the ranks; a rank they ended, or one interrupted while it
+    had nothing to save (:data:`INTERRUPTED_UNSAVED`), was interrupted (130), and so were the ranks killed here then
+    (waiting for one of those in the rendezvous)."""
+    ended = {r: 130 if c == INTERRUPTED_UNSAVED or (c < 0 and -c in handed) else c for r, c in ended.items()}
+    if handed:
+        ended.update({r: 130 for r in killed})
+        killed = []
     lost = {r: c for r, c in ended.items() if c not in (0, PEER_LOST, *EXPLAINED)}
     if lost:
         return 1, ", ".join(f"rank {r} was lost ({_how(c)})" for r, c in sorted(lost.items()))
@@ -126,22 +175,32 @@ def run(nproc: int, module: str, argv: list[str], *, prog: str, max_restarts: in
     timeout = distributed.timeout_seconds()
     procs: list = []
     interrupted = []
+    lines = tempfile.mkdtemp(prefix="llp-fast-lines-")
 
     def forward(signum, frame):
+        signum = signal.SIGTERM if signum == signal.SIGHUP else signum  # the ranks stop as on SIGTERM
         interrupted.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, forward) for sig in _HANDED_ON}
     try:
         for attempt in range(max_restarts + 1):
             store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-            procs[:] = _spawn(nproc, module, argv, attempt, max_restarts, store.port)
-            ended, killed = _watch(procs, timeout)
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDED_ON)  # until procs holds them all
+            try:
+                procs[:] = _spawn(nproc, module, argv, attempt, max_restarts, store.port, lines)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            ended, killed = _watch(procs, timeout, interrupted)
             del store
-            rc, lost = _verdict(ended, killed, timeout)
+            said = _print_lines(lines, nproc)
+            rc, lost = _verdict(ended, killed, timeout, interrupted)
             if lost is None:
+                if rc == 130 and interrupted and not said:  # ended while starting, before a word
+                    note = kept() if kept else "nothing was written"
+                    print(f"{prog}: interrupted; {note}", file=sys.stderr, flush=True)
                 return rc
             if attempt < max_restarts and not interrupted:
                 where = resuming() if resuming else "starting again"
@@ -158,3 +217,23 @@ def run(nproc: int, module: str, argv: list[str], *, prog: str, max_restarts: in
                 p.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(lines, ignore_errors=True)
+
+
+def _print_lines(folder: str, nproc: int) -> bool:
+    """The ranks' error and interrupt lines (``folder/<rank>``), each distinct one once, in rank
+    order; the files are removed (a restart's ranks write their own). Whether there was any."""
+    seen = set()
+    for rank in range(nproc):
+        path = os.path.join(folder, str(rank))
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            os.remove(path)
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line and line not in seen:
+                seen.add(line)
+                print(line, file=sys.stderr, flush=True)
+    return bool(seen)

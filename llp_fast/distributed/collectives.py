@@ -27,7 +27,15 @@ DEFAULT_TIMEOUT = 600.0
 # answer within the timeout): EX_TEMPFAIL. The launcher of ``--nproc P`` reads it as "a survivor"
 # and names the rank that was lost instead (llp_fast/cli/workers.py).
 PEER_LOST = 75
+# The exit status, under that launcher, of a rank interrupted with nothing to save (while it started
+# or loaded, before training, or outside it): the others may be waiting for it inside a collective
+# or the rendezvous, where no signal reaches them, so the launcher gives them a few seconds only.
+# It reads as 130.
+INTERRUPTED_UNSAVED = 121
 QUIET_ENV = "LLP_FAST_WORKER"  # set by that launcher: a survivor exits without a word
+# Set by that launcher too: a folder where each rank writes its error line (llp_fast.cli._common),
+# which the launcher prints once however many ranks wrote it.
+ERROR_LINES_ENV = "LLP_FAST_ERROR_LINES"
 
 
 def timeout_seconds() -> float:
