@@ -312,6 +312,35 @@ def test_a_failed_bank_file_says_which_checkpoint_is_kept(reference, tmp_path, f
     assert not temporaries(run) and not os.path.exists(os.path.join(run, "bank-9-r0.pt"))
 
 
+def test_a_checkpoint_that_fails_removes_the_bank_files_of_its_step(data, tmp_path, monkeypatch):
+    """A sharded bank's files (every rank's, written before the checkpoint) stayed behind when the
+    checkpoint itself failed: P x the bank on a disk already full."""
+    from llp_fast.cli.train import config_from_args, parser
+    from llp_fast.train.api import prepare
+
+    run = tmp_path / "run"
+    trainer = prepare(config_from_args(parser().parse_args(train_args(data, run)), str(run)))
+
+    def save_bank(bank, run_dir, tag, rank, world):
+        files = []
+        for r in range(2):
+            name = f"bank-{tag}-r{r}.pt"
+            (run / name).write_bytes(b"rows")
+            files.append({"file": name, "start": 0, "end": 1, "sha256": ""})
+        return {"files": files}
+
+    def full(state, path):
+        raise _files.WriteError(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), what="checkpoint")
+
+    monkeypatch.setattr(checkpoint, "save_bank", save_bank)
+    monkeypatch.setattr(checkpoint, "save", full)
+    (run / "bank-0-r0.pt").write_bytes(b"an earlier checkpoint's")  # not this step's: kept
+    trainer.global_step = 7
+    with pytest.raises(_files.WriteError, match="No space left"):
+        trainer.save()
+    assert sorted(p.name for p in run.glob("bank-*")) == ["bank-0-r0.pt"]
+
+
 def test_a_programming_error_inside_a_write_keeps_its_traceback(tmp_path):
     with pytest.raises(TypeError, match="not JSON serializable"):
         with _files.atomic_open(str(tmp_path / "x.json"), "w") as f:

@@ -287,6 +287,13 @@ def remove_stale_bank_files(run_dir: str, entry: dict | None) -> list[str]:
     return removed
 
 
+def remove_bank_files(run_dir: str, entry: dict | None) -> None:
+    """Deletes the bank files ``entry`` lists (a checkpoint that failed to write)."""
+    for e in (entry or {}).get("files", []):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, e["file"]))
+
+
 def sweep(run_dir: str, ckpt: dict | None) -> list[str]:
     """Before a run starts (``ckpt`` None) or resumes from ``ckpt`` in ``run_dir``: removes the
     temporary files of writers that no longer run (a process killed while it wrote a checkpoint

@@ -243,7 +243,11 @@ class Trainer:
             state["bank"] = checkpoint.save_bank(self.bank, run_dir, self.global_step, self.rank, self.world)
         if self.rank == 0:
             os.makedirs(run_dir, exist_ok=True)
-            checkpoint.save(state, os.path.join(run_dir, checkpoint.CHECKPOINT))
+            try:
+                checkpoint.save(state, os.path.join(run_dir, checkpoint.CHECKPOINT))
+            except BaseException:  # this step's bank files (every rank's, written) belong to no checkpoint:
+                checkpoint.remove_bank_files(run_dir, state["bank"])  # on a full disk, P x the bank left
+                raise
             checkpoint.remove_stale_bank_files(run_dir, state["bank"])
         if self.world > 1:
             torch.distributed.barrier()
