@@ -121,8 +121,14 @@ def _aggregation_bwd_kernel(
             w += tl.where(same, cp[:, None] * tl.exp(s - lp[:, None]), 0.0)
         w = tl.where(row_ok[:, None] & col_ok[None, :], w, 0.0)
         # Second product on the tensor cores in the bank's dtype (as flash-attention does
-        # with P); its rounding is measured against float64 in the tests.
-        acc = dot(w.to(kt.dtype), tl.trans(kt), acc, INPUT_PRECISION)
+        # with P); its rounding is measured against float64 in the tests. Not in fp16: a weight
+        # is about coef / N (a softmax over the bank), below fp16's normal range (6.1e-5) for
+        # small coefficients or large banks, where it lost its digits or flushed to zero; there
+        # the weights stay fp32 and the keys are widened (tf32: fp16's mantissa, fp32's range).
+        if kt.dtype == tl.float16:
+            acc = dot(w, tl.trans(kt.to(tl.float32)), acc, "tf32")
+        else:
+            acc = dot(w.to(kt.dtype), tl.trans(kt), acc, INPUT_PRECISION)
     offs_d = tl.arange(0, BLOCK_D)
     out = (tl.program_id(1).to(tl.int64) * B + rows.to(tl.int64))[:, None] * D + offs_d[None, :]
     tl.store(grad_ptr + out, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))

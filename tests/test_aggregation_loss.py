@@ -373,6 +373,19 @@ class TestTriton:
         grad_ref = aggregation_loss_backward_ref(v, bank, bank_labels, targets, lse_all, lse_pos, ca, cp, TAU)
         assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
 
+    @pytest.mark.parametrize("scale", [1e-2, 1e-4])
+    def test_backward_float16_with_small_weights(self, scale):
+        """Each weight coef * softmax is about coef / N: cast to fp16 below its normal range it lost
+        its digits (1.75e-2 relative error at coef 1e-4 against the reference's 4e-4)."""
+        v64, bank64, bank_labels, targets, ca, cp = make_inputs(8, 600, 64, seed=11)
+        v, bank = v64.half(), bank64.half()
+        _, lse_all, lse_pos = kernels.aggregation_loss_triton(v, bank, bank_labels, targets, TAU)
+        ca, cp = ca * scale, cp * scale
+        grad = kernels.aggregation_loss_backward_triton(v, bank, bank_labels, targets, lse_all, lse_pos, ca, cp, TAU)
+        _, truth = float64_truth(v64, bank64, bank_labels, targets, ca, cp)
+        grad_ref = aggregation_loss_backward_ref(v, bank, bank_labels, targets, lse_all, lse_pos, ca, cp, TAU)
+        assert rel_err(grad, truth) <= 2 * rel_err(grad_ref, truth) + 1e-6
+
     def test_declines_float64_and_wide_rows(self):
         v, bank, bank_labels, targets, _, _ = make_inputs(4, 10, 8)
         assert kernels.aggregation_loss_triton(v, bank, bank_labels, targets, TAU) is NotImplemented
