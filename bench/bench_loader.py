@@ -18,7 +18,8 @@ hits both alike; medians over ``--reps`` rounds.
 Correctness first: every provider's pass yields each index once in the order asked, batches of
 (B, 3, S, S) float32 within the normalised range of 0..255; and DALI's images are compared with
 PIL's (same crops and flips): the largest difference off the border rows and columns and the
-mean difference over all pixels, in grey levels (tests/test_dali.py's bound: 1 and 0.5).
+mean difference over all pixels, in grey levels, held to tests/test_dali.py's bound (1 and 0.5): past it
+the run stops with an error before anything is timed.
 One JSON row per provider and pass goes to ``bench/results/loader-<host>.json`` (or ``--out``).
 """
 
@@ -47,6 +48,7 @@ from llp_fast.data import load  # noqa: E402
 from llp_fast.data.transforms import MEAN, STD  # noqa: E402
 
 PROVIDERS = {"pil": "pil", "dali-cpu": "dali"}
+INNER_LEVELS, MEAN_LEVELS = 1, 0.5  # DALI against PIL, grey levels of 255 (tests/test_dali.py's docstring)
 
 
 def synthetic_jpegs(root: Path, *, images: int, classes: int, size: int, seed: int = 0) -> Path:
@@ -157,6 +159,12 @@ def main(argv=None) -> list:
                     "vs_pil_mean_levels": round(float(d.mean()), 4),
                 }
                 print(f"{kind}: DALI vs PIL, grey levels: {agreement[kind]}", file=sys.stderr)
+                inner, mean = float(d[:, :, 1:-1, 1:-1].max()), float(d.mean())
+                if inner > INNER_LEVELS + 1e-3 or mean > MEAN_LEVELS:
+                    raise SystemExit(
+                        f"{kind}: DALI differs from PIL by {inner:.3f} grey levels off the border (bound "
+                        f"{INNER_LEVELS}) and {mean:.4f} on average (bound {MEAN_LEVELS}): not timing"
+                    )
         times = {(n, kind): [] for n in names for kind in ("train", "eval")}
         load_before = os.getloadavg()
         for _ in range(args.reps):
