@@ -13,9 +13,13 @@ n_neighbors=10``). ``scale``: synthetic clusters (100 classes, D = 128) written 
 method runs in a child process whose peak resident memory (its own, ``child``) and wall time are recorded,
 scikit-learn and the multi-round default skipped past a 10-minute limit. ``bar``: ``llp-fast-propagate
 --rounds 1`` on the file against ``local_density`` + ``propagate`` on the same rows in memory: time
-ratio, peak memory of each process, labels identical. ``default``: ``llp-fast-propagate`` with its
+ratio, peak memory of each process, labels identical (compared after each repeat: labels that
+differ stop the run). ``default``: ``llp-fast-propagate`` with its
 defaults (10 rounds, the voter cap that keeps them linear in N) against ``--rounds 1`` on the same file:
-time ratio, peak memory, unlabeled rows labeled right by each. Results go to bench/results/.
+time ratio, peak memory, unlabeled rows labeled right by each. ``bar`` and ``default``: a child run
+that fails (an error, past ``--limit``) is reported and left out of the medians, the others are
+written, and the exit status is 1. ``--seeds``: N, A-B or a comma list of those. Results go to
+bench/results/.
 """
 
 from __future__ import annotations
@@ -184,16 +188,40 @@ ABLATION_METHODS = {
 ROWS = [("digits", 0.05), ("digits", 0.10), ("mnist5k", 0.01), ("mnist5k", 0.05), ("mnist5k", 0.10)]
 
 
+def parse_seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds``: "N", "A-B" (A to B inclusive) or a comma list of those ("0,3,5-7")."""
+    seeds = []
+    for part in text.split(","):
+        a, dash, b = part.strip().partition("-")
+        try:
+            first = int(a)
+            last = int(b) if dash else first
+        except ValueError:
+            raise ValueError(f"seeds {text!r}: expected N, A-B or a comma list of those") from None
+        if first < 0 or last < first:
+            raise ValueError(f"seeds {text!r}: {part.strip()!r} is not N or A-B with 0 <= A <= B")
+        seeds += range(first, last + 1)
+    return seeds
+
+
+def seeds_arg(text: str) -> str:
+    """argparse ``type`` of ``--seeds``: the text itself (results are named by it), once it parses."""
+    try:
+        parse_seeds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def table(args, methods=TABLE_METHODS) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    a, b = (int(v) for v in args.seeds.split("-"))
     out = {}
     for name, frac in ROWS:
         x, y = load(name)
         row = out.setdefault(f"{name} {int(frac * 100)}%", {})
-        for seed in range(a, b + 1):
+        for seed in parse_seeds(args.seeds):
             lab = split(y, frac, seed)
             labels = np.where(lab, y, -1)
             for method, fn in methods.items():
@@ -326,30 +354,71 @@ def scale(args) -> dict:
     return {"threads": args.threads, "rows": rows}
 
 
+def _run_child(method: str, data: str, out: str, args) -> tuple[dict, np.ndarray | None]:
+    """One child run of ``method`` (its labels to ``out``): (its record, its labels, or None when it
+    was not ok). A file left by an earlier run is removed first, so that the labels are this run's."""
+    if os.path.exists(out):
+        os.remove(out)
+    r = child(command(method, data, out, args.threads), args.limit)
+    if r["status"] == "ok" and "seconds" not in r:  # exit 0 without the work's time: not a usable run
+        r["status"] = "no time printed"
+    print(method, json.dumps(r), flush=True)
+    return r, (np.load(out) if r["status"] == "ok" else None)
+
+
+def _ok(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if r["status"] == "ok"]
+
+
+def _medians(runs: dict, key: str) -> dict:
+    """{method: median of ``key`` over its ok runs, or None if it has none}."""
+    return {m: float(np.median([r[key] for r in _ok(v)])) if _ok(v) else None for m, v in runs.items()}
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _failed(runs: dict) -> list[str]:
+    """'method run i: status' for every run that was not ok (left out of the medians)."""
+    return [f"{m} run {i}: {r['status']}" for m, v in runs.items() for i, r in enumerate(v) if r["status"] != "ok"]
+
+
 def bar(args) -> dict:
     """1M x 128 at 1% labels, --rounds 1: CLI peak RSS <= 1 GB, time within 1.3x of the in-memory ops,
-    labels identical. Interleaved repeats; the ratio of medians."""
+    labels identical. Interleaved repeats; the ratio of medians. Each repeat's labels of the two are
+    compared as soon as both ran: labels that differ stop the run (SystemExit) before more timing."""
     data = os.path.join(args.workdir, f"n{args.n}-l{args.labeled}")
     synthetic(data, int(args.n), args.labeled)
     runs = {"cli1": [], "ops": []}
-    for _ in range(args.repeats):
+    compared = 0
+    for i in range(args.repeats):
+        labels = {}
         for method in runs:
-            out = os.path.join(data, f"bar-{method}.npy")
-            runs[method].append(child(command(method, data, out, args.threads), args.limit))
-            print(method, json.dumps(runs[method][-1]), flush=True)
-    same = bool(np.array_equal(np.load(os.path.join(data, "bar-cli1.npy")), np.load(os.path.join(data, "bar-ops.npy"))))
-    med = {m: float(np.median([r["seconds"] for r in v])) for m, v in runs.items()}
-    wall = {m: float(np.median([r["wall"] for r in v])) for m, v in runs.items()}
-    rss = {m: max(r["peak_rss_mb"] for r in v) for m, v in runs.items()}
+            r, labels[method] = _run_child(method, data, os.path.join(data, f"bar-{method}.npy"), args)
+            runs[method].append(r)
+        a, b = labels["cli1"], labels["ops"]
+        if a is not None and b is not None:
+            if a.shape != b.shape or not np.array_equal(a, b):
+                differ = f"{int((a != b).sum())} of {len(a)} rows" if a.shape == b.shape else f"{a.shape} vs {b.shape}"
+                raise SystemExit(
+                    f"bar: repeat {i}: the CLI's labels differ from the in-memory ops' ({differ}): "
+                    "not timing further, nothing written"
+                )
+            compared += 1
+    med, wall = _medians(runs, "seconds"), _medians(runs, "wall")
+    rss = {m: max((r["peak_rss_mb"] for r in _ok(v)), default=None) for m, v in runs.items()}
     summary = {
         "n": args.n,
         "labeled": args.labeled,
         "median_s": med,
-        "ratio": med["cli1"] / med["ops"],
+        "ratio": _ratio(med["cli1"], med["ops"]),
         "median_wall_s": wall,
-        "wall_ratio": wall["cli1"] / wall["ops"],
+        "wall_ratio": _ratio(wall["cli1"], wall["ops"]),
         "peak_rss_mb": rss,
-        "labels_identical": same,
+        "labels_identical": True if compared else None,  # None: no repeat where both ran
+        "repeats_compared": compared,
+        "failed": _failed(runs),
         "runs": runs,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
@@ -367,22 +436,21 @@ def default_bar(args) -> dict:
     runs = {"cli1": [], "cli": []}
     for _ in range(args.repeats):
         for method in runs:
-            out = os.path.join(data, f"default-{method}.npy")
-            r = child(command(method, data, out, args.threads), args.limit)
-            if r["status"] == "ok":
-                r["right"] = int((np.load(out)[unl] == truth[unl]).sum())
+            r, pred = _run_child(method, data, os.path.join(data, f"default-{method}.npy"), args)
+            if pred is not None:
+                r["right"] = int((pred[unl] == truth[unl]).sum())
             runs[method].append(r)
-            print(method, json.dumps(r), flush=True)
-    med = {m: float(np.median([r["seconds"] for r in v])) for m, v in runs.items()}
+    med = _medians(runs, "seconds")
     summary = {
         "n": args.n,
         "labeled": args.labeled,
         "threads": args.threads,
         "median_s": med,
-        "ratio": med["cli"] / med["cli1"],
-        "peak_rss_mb": {m: max(r["peak_rss_mb"] for r in v) for m, v in runs.items()},
-        "unlabeled_right": {m: v[-1]["right"] for m, v in runs.items()},
+        "ratio": _ratio(med["cli"], med["cli1"]),
+        "peak_rss_mb": {m: max((r["peak_rss_mb"] for r in _ok(v)), default=None) for m, v in runs.items()},
+        "unlabeled_right": {m: _ok(v)[-1]["right"] if _ok(v) else None for m, v in runs.items()},
         "unlabeled": int(unl.sum()),
+        "failed": _failed(runs),
         "runs": runs,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}), flush=True)
@@ -393,7 +461,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=("table", "ablation", "scale", "bar", "default", "_run"))
     ap.add_argument("rest", nargs="*")
-    ap.add_argument("--seeds", default="0-4")
+    ap.add_argument("--seeds", type=seeds_arg, default="0-4", help="N, A-B or a comma list of those")
     ap.add_argument("--n", default="5000,50000,200000,1000000")
     ap.add_argument("--labeled", type=float, default=0.01)
     ap.add_argument("--methods", default="cli1,cli,ops,faiss,LabelSpreading,LabelPropagation")
@@ -410,6 +478,8 @@ def main(argv=None) -> None:
     modes = {"table": table, "ablation": ablation, "scale": scale, "bar": bar, "default": default_bar}
     result = modes[args.mode](args)
     write_result(result, f"embeddings_{args.mode}-{args.tag}.json", load_key="uptime")
+    if result.get("failed"):
+        sys.exit(f"{args.mode}: {len(result['failed'])} run(s) failed, left out of the results: {result['failed']}")
 
 
 if __name__ == "__main__":
