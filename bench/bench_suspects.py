@@ -19,9 +19,10 @@ each of its two parts alone after the default run.
 flipped (where the default is no longer the best). ``model``: ``llp-fast-propagate --save-model`` on
 ``--train`` synthetic rows (1% labeled), then ``--model`` on ``--n`` new rows in a child process
 (wall time, peak resident memory) and ``LocalLabelPropagation.predict`` on the same fit: labels
-compared. ``cost``: on ``--n`` synthetic rows (``--labeled`` of them labeled, 10% of those flipped),
-the default run, the suspect score after it, and the spreading margin alone (its graph and solve,
-again on the same voters), wall seconds; precision among the first n suspects for the record.
+compared (labels that differ, or a failed child run, stop with an error and write nothing).
+``cost``: on ``--n`` synthetic rows (``--labeled`` of them labeled, 10% of those flipped), the
+default run, the suspect score after it, and the spreading margin alone (its graph and solve, again
+on the same voters), wall seconds; precision among the first n suspects for the record.
 ``ceiling``: how far the suspect score is from what the same data could give. Per split, after the
 default run: the score's precision; where its misses and false alarms rank (places after / before
 the n-th); the run's accuracy on the unlabeled rows (with the flipped labels in); and the precision
@@ -45,7 +46,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_embeddings import ROWS, child, load, split, synthetic, write_result  # noqa: E402
+from bench_embeddings import ROWS, child, load, parse_seeds, seeds_arg, split, synthetic, write_result  # noqa: E402
 
 SUSPECT_ROWS = [("digits", 0.10), ("mnist5k", 0.10), ("mnist5k", 0.30)]
 
@@ -78,10 +79,10 @@ def plain_vote_ranking(x: np.ndarray, noisy: np.ndarray, k: int = 10, tau: float
 
 
 def flipped_splits(y: np.ndarray, frac: float, seeds: str, how: str):
-    """For each seed of ``seeds`` ("A-B"): (labels with -1 unlabeled and 10% of the labeled rows
-    flipped, the flipped rows), the labeled rows drawn per class (``how="balanced"``) or each row
-    with probability ``frac`` (``"random"``)."""
-    for seed in _seeds(seeds):
+    """For each seed of ``seeds`` ("N", "A-B" or a comma list of those): (labels with -1 unlabeled
+    and 10% of the labeled rows flipped, the flipped rows), the labeled rows drawn per class
+    (``how="balanced"``) or each row with probability ``frac`` (``"random"``)."""
+    for seed in parse_seeds(seeds):
         labeled = split(y, frac, seed) if how == "balanced" else random_split(y, frac, seed)
         yield flip(y, labeled, seed)
 
@@ -93,11 +94,6 @@ def ranked(lab: np.ndarray, score: np.ndarray) -> np.ndarray:
 
 def precision(ranking: np.ndarray, flipped: np.ndarray) -> float:
     return float(np.isin(ranking[: len(flipped)], flipped).mean())
-
-
-def _seeds(text: str) -> range:
-    a, b = (int(v) for v in text.split("-"))
-    return range(a, b + 1)
 
 
 def suspects(args) -> dict:
@@ -198,7 +194,7 @@ def auto(args) -> dict:
     for name, frac in ROWS:
         x, y = load(name)
         row = out.setdefault(f"{name} {int(frac * 100)}%", {})
-        for seed in _seeds(args.seeds):
+        for seed in parse_seeds(args.seeds):
             lab = split(y, frac, seed)
             labels = flip(y, lab, seed, args.noise)[0] if args.noise else np.where(lab, y, -1)
             runs = {f"K={k}": Settings(k=k) for k in (5, 10, 20, 50)}
@@ -238,7 +234,8 @@ def _apply_command(model_dir: str, new: str, out: str, threads: int) -> list[str
 
 def model(args) -> dict:
     """--save-model on ``--train`` synthetic rows, then --model on ``--n`` new ones (a child
-    process: wall time and peak RSS), compared with LocalLabelPropagation.predict."""
+    process: wall time and peak RSS), compared with LocalLabelPropagation.predict: a failed child
+    run or labels that differ stop the run (SystemExit, nothing written)."""
     import subprocess
 
     import torch
@@ -257,8 +254,12 @@ def model(args) -> dict:
     subprocess.run([*fit_cmd, "--save-model", model_dir, "--threads", str(args.threads), "--quiet"], check=True)
     fit_s = time.perf_counter() - t0
     out = os.path.join(new_dir, "pred-model.npy")
+    if os.path.exists(out):  # an earlier run's labels must not stand in for this one's
+        os.remove(out)
     run = child(_apply_command(model_dir, os.path.join(new_dir, "emb.npy"), out, args.threads), args.limit)
     print("--model", json.dumps(run), flush=True)
+    if run["status"] != "ok":
+        raise SystemExit(f"model: the --model run failed ({run['status']}): nothing to compare, nothing written")
     x, labels = np.load(emb), np.load(lab)
     clf = LocalLabelPropagation().fit(x, labels)
     new = np.load(os.path.join(new_dir, "emb.npy"), mmap_mode="r")
@@ -278,6 +279,11 @@ def model(args) -> dict:
         "accuracy": float((got == truth).mean() * 100),
     }
     print(json.dumps(summary), flush=True)
+    if not summary["labels_equal_predict"]:
+        differ = f"{int((got != want).sum())} of {len(want)} rows" if got.shape == want.shape else "different shapes"
+        raise SystemExit(
+            f"model: --model's labels differ from LocalLabelPropagation.predict ({differ}): nothing written"
+        )
     return summary
 
 
@@ -360,7 +366,7 @@ def ceiling(args) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=("suspects", "false-alarms", "auto", "model", "cost", "ceiling"))
-    ap.add_argument("--seeds", default="0-4")
+    ap.add_argument("--seeds", type=seeds_arg, default="0-4", help="N, A-B or a comma list of those")
     ap.add_argument("--split", choices=("balanced", "random"), default="balanced")
     ap.add_argument("--noise", type=float, default=0.0, help="auto: flip this fraction of the labels first")
     ap.add_argument("--tau", type=float, default=0.07, help="suspects: the runs' temperature")
