@@ -150,7 +150,7 @@ def check_shape() -> Shape:
     return Shape("check", 256 if gpu else 64, 100_000 if gpu else 3_000)
 
 
-def compare(out, ref, dtype) -> str:
+def compare(out, ref, dtype, inputs=None) -> str:
     """Loss (relative to 1 + |loss|) and gradient (relative norm) against the reference."""
     (loss, grad), (ref_loss, ref_grad) = out, ref
     tol = 1e-4 if dtype == torch.float32 else 2e-2

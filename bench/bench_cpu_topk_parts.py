@@ -1,8 +1,10 @@
 """Where the CPU top-K's time goes beyond the tile's GEMM (README "Performance", the K/T sweep), on
 the K-sweep shape (Q = 20,000, M = 5,000, D = 128, one thread), each check of correctness first:
 
-- ``vote``: ``_topk.vote`` at K = 10 and 200 with the CPU's chunk of rows (262,144 entries) and with
-  the old 4M-entry chunks (the same labels and confidences);
+- ``vote``: at K = 10 and 200, the PyTorch body ``_topk.vote_torch`` with the CPU's chunk of rows
+  (262,144 entries) and with the old 4M-entry chunks, and the compiled kernel (``_topk.vote``,
+  which on a CPU with few classes runs ``llp_fast::vote`` and reads no chunk size); all three
+  give the same labels and confidences, checked first;
 - ``floor``: ``topk_scores`` at K = 10 plain, and handed each row's exact k-th best as its floor
   (``init=`` the answer itself, as other keys): the time a perfect threshold warm-up would leave
   (each value then twice, the key's own and its copy's);
@@ -59,17 +61,25 @@ def main(argv=None) -> None:
     for k in (10, 200):  # vote
         q, m, cls, log_rho = inputs[k]
         values, indices = llp_fast.topk_scores(q, m, k=k, tau=TAU, bias=-log_rho)
-        run = functools.partial(_topk.vote, values, indices, 10, table=cls)
+        body = functools.partial(_topk.vote_torch, values, indices, 10, table=cls)
+        kernel = functools.partial(_topk.vote, values, indices, 10, table=cls)
         chunked = _topk._TABLE
-        want = run()
+        body(), kernel()  # ATen's exp can round a process's first call differently: warm both up
+        want = body()
+        got = kernel()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "the kernel's vote differs"
         _topk._TABLE = {"cpu": 1 << 22}
         try:
-            got = run()
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-            old = cpu_times(run, args.reps)
+            got = body()
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), "4M-entry chunks differ"
+            old = cpu_times(body, args.reps)
         finally:
             _topk._TABLE = chunked
-        print(f"vote K={k}: 4M-entry chunks {old}; CPU chunks {cpu_times(run, args.reps)}", flush=True)
+        print(
+            f"vote K={k}: PyTorch body, 4M-entry chunks {old}; CPU chunks {cpu_times(body, args.reps)}; "
+            f"kernel {cpu_times(kernel, args.reps)}",
+            flush=True,
+        )
 
     q, m, _, log_rho = inputs[10]  # floor
     bias = -log_rho
@@ -88,8 +98,9 @@ def main(argv=None) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         qd, md = q.to(dtype), m.to(dtype)
         got = llp_fast.topk_scores(qd, md, k=10, tau=TAU, bias=bias)
-        ref = topk_scores_ref(qd[:500], md, 10, TAU, bias)
-        torch.testing.assert_close(got.values[:500], ref[0], rtol=0, atol=1e-4)
+        ref = topk_scores_ref(qd[:1024], md, 10, TAU, bias)  # 1,024 rows: the path the full call takes
+        torch.testing.assert_close(llp_fast.topk_scores(qd[:1024], md, k=10, tau=TAU, bias=bias).values, ref[0])
+        torch.testing.assert_close(got.values[:1024], ref[0], rtol=0, atol=1e-4)
         run = functools.partial(llp_fast.topk_scores, qd, md, k=10, tau=TAU, bias=bias, check_finite=False)
         out.append(f"{dtype} {cpu_times(run, args.reps)}")
     bf16 = os.environ.get("LLP_FAST_CPU_BF16_GEMM", "unset")

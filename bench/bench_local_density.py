@@ -136,10 +136,10 @@ PROVIDERS = {
 
 def check_shape() -> Shape:
     gpu = torch.cuda.is_available()
-    return Shape("check", 2048 if gpu else 200, 50_000 if gpu else 900, 128, 25)
+    return Shape("check", 2048 if gpu else 1024, 50_000 if gpu else 6500, 128, 25)
 
 
-def compare(out, ref, dtype) -> str:
+def compare(out, ref, dtype, inputs=None) -> str:
     """log_rho is a log-sum-exp of the top T: continuous in the scores, so ties at the T-th
     place cannot move it; it must agree to 1e-3."""
     err = (out.float() - ref.float()).abs().max().item()

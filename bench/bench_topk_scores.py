@@ -158,14 +158,36 @@ PROVIDERS = {
 
 def check_shape() -> Shape:
     gpu = torch.cuda.is_available()
-    return Shape("check", 2048 if gpu else 300, 20_000 if gpu else 700, 128, 10)
+    return Shape("check", 2048 if gpu else 1024, 20_000 if gpu else 6500, 128, 10)
 
 
-def compare(out, ref, dtype) -> str:
-    """The selected values (not the indices, which near-ties may reorder) to 1e-3."""
+def compare(out, ref, dtype, inputs=None) -> str:
+    """The selected values to 1e-3, and the indices through the values: each returned index's
+    score recomputed from the inputs (float64) must be its value, to 1e-3 (near-ties may
+    reorder indices, so they are not compared to the reference's one by one); padding is -1
+    with -inf."""
     err = (out[0].float() - ref[0].float()).abs().max().item()
     msg = f"max |value error| {err:.1e}"
     assert err <= 1e-3, msg
+    if inputs is not None:
+        queries, keys, bias, mask = inputs
+        values, idx = out[0].double().cpu(), out[1].cpu()
+        pad = idx < 0
+        assert torch.equal(pad, torch.isinf(values) & (values < 0)), f"{msg}; padding and -inf disagree"
+        safe = idx.clamp_min(0)
+        q, kk, b = queries.double().cpu(), keys.double().cpu(), bias.double().cpu()
+        score = (
+            torch.cat(
+                [torch.einsum("rd,rkd->rk", q[r : r + 64], kk[safe[r : r + 64]]) for r in range(0, q.shape[0], 64)]
+            )
+            / TAU
+            + b[safe]
+        )
+        assert bool(mask.cpu()[safe][~pad].all()), f"{msg}; a masked key was returned"
+        ierr = (score - values)[~pad].abs().max().item() if (~pad).any() else 0.0
+        assert ierr <= 1e-3, f"{msg}; an index's own score differs by {ierr:.1e}"
+        assert all(len(set(r[r >= 0].tolist())) == int((r >= 0).sum()) for r in idx), f"{msg}; an index repeats"
+        msg += f", indices' own scores to {ierr:.1e}"
     return msg
 
 

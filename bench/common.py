@@ -386,6 +386,7 @@ def benchmark_provider(benchmark, bench, provider: str, *, gpu_shape: int = 0):
         pytest.skip(f"{provider} is not available on {dev.type}")
     shape = bench.shapes("small")[0] if dev.type == "cpu" else bench.shapes("step")[gpu_shape]
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    check(bench, dtype, [provider], ks=[shape.k])  # correctness first, as the script mode
     inputs = bench.make_inputs(shape, dtype)
     fn = bench.PROVIDERS[provider]
 
@@ -423,8 +424,27 @@ def parse_args(argv=None, *, description: str = ""):
     p.add_argument("--providers", default="all", help="comma list of providers to time")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--max-seconds", type=float, default=20.0, help="time cap per (provider, shape)")
-    p.add_argument("--out", default=None, help="folder for the JSON results (default bench/results)")
+    p.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or None,
+        help="folder for the JSON results (default $OUT if set, else bench/results)",
+    )
     return p.parse_args(argv)
+
+
+def providers_from(bench, arg: str) -> list[str]:
+    """``--providers``: "all" (those available here), or names each of which must exist and be
+    available (a misspelt or unavailable one wrote an empty results file over the last one)."""
+    if arg == "all":
+        return [n for n in bench.PROVIDERS if bench.available(n)]
+    names = arg.split(",")
+    unknown = [n for n in names if n not in bench.PROVIDERS]
+    if unknown:
+        raise SystemExit(f"--providers: unknown {', '.join(unknown)} (this benchmark has {', '.join(bench.PROVIDERS)})")
+    missing = [n for n in names if not bench.available(n)]
+    if missing:
+        raise SystemExit(f"--providers: {', '.join(missing)} not available on this machine")
+    return names
 
 
 def dtypes_from(arg: str) -> list[torch.dtype]:
@@ -437,11 +457,18 @@ def dtypes_from(arg: str) -> list[torch.dtype]:
 UNCHECKED = ("mm_only", "gemm_tile", "bank_read", "reference")
 
 
-def check(bench, dtype: torch.dtype, names) -> None:
-    """Every provider in ``names`` against the reference provider on ``bench.check_shape()``;
-    ``bench.compare(out, ref, dtype)`` raises AssertionError with the numbers when they differ,
-    else returns them as a line. Nothing is timed after a failure."""
-    shape = bench.check_shape()
+def check(bench, dtype: torch.dtype, names, ks=()) -> None:
+    """Every provider in ``names`` against the reference provider on ``bench.check_shape()``, once
+    at its own K (or T) and once at each K in ``ks`` (the timed shapes' K: above 32 or 64 other
+    selection schemes run, and a check at K = 10 alone never ran them); ``bench.compare(out,
+    ref, dtype, inputs)`` raises AssertionError with the numbers when they differ, else returns
+    them as a line. Nothing is timed after a failure."""
+    base = bench.check_shape()
+    for k in dict.fromkeys([base.k, *ks]):
+        _check_at(bench, dtype, names, dataclasses.replace(base, k=min(k, base.m)))
+
+
+def _check_at(bench, dtype: torch.dtype, names, shape: Shape) -> None:
     inputs = bench.make_inputs(shape, dtype, seed=123)
     ref = bench.PROVIDERS["reference"](inputs, shape)
     for name in names:
@@ -453,10 +480,10 @@ def check(bench, dtype: torch.dtype, names) -> None:
             print(f"check {bench.OP}/naive {str(dtype)[6:]}: scores rounded to {str(dtype)[6:]}, not compared")
             continue
         try:
-            summary = bench.compare(bench.PROVIDERS[name](inputs, shape), ref, dtype)
+            summary = bench.compare(bench.PROVIDERS[name](inputs, shape), ref, dtype, inputs)
         except AssertionError as e:
-            raise AssertionError(f"{bench.OP}/{name} {str(dtype)[6:]}: {e}; not timing") from None
-        print(f"check {bench.OP}/{name} {str(dtype)[6:]}: {summary}", flush=True)
+            raise AssertionError(f"{bench.OP}/{name} {str(dtype)[6:]} at {shape}: {e}; not timing") from None
+        print(f"check {bench.OP}/{name} {str(dtype)[6:]} at {shape}: {summary}", flush=True)
 
 
 def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
@@ -470,13 +497,13 @@ def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
     memory of a call. On CPU the providers of a shape are timed in interleaved rounds and each
     row also holds the median process CPU time."""
     args = parse_args(argv, description=bench.__doc__)
-    names = list(bench.PROVIDERS) if args.providers == "all" else args.providers.split(",")
-    names = [n for n in names if n in bench.PROVIDERS and bench.available(n)]
+    names = providers_from(bench, args.providers)
     cuda = torch.cuda.is_available()
     rows = []
+    shapes = bench.shapes(args.shapes)
     for dtype in dtypes_from(args.dtypes):
-        check(bench, dtype, names)
-        for shape in bench.shapes(args.shapes):
+        check(bench, dtype, names, ks=[s.k for s in shapes])
+        for shape in shapes:
             inputs = bench.make_inputs(shape, dtype)
             synchronize()
             fns = {n: functools.partial(bench.PROVIDERS[n], inputs, shape) for n in names if not bench.skip(n, shape)}

@@ -16,5 +16,7 @@ for p in (_HERE, _HERE.parent):
 
 def pytest_collect_file(parent, file_path):
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        if parent.session.isinitpath(file_path):
+            return None  # named on the command line: pytest's own collector takes it (twice otherwise)
         return pytest.Module.from_parent(parent, path=file_path)
     return None
