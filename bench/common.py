@@ -210,12 +210,15 @@ def row(op: str, provider: str, shape: Shape, dtype: torch.dtype, ms: float, rep
     )
 
 
-def write_results(name: str, rows: list[Row], out_dir: Path | None = None, dev: str | None = None) -> Path:
-    """Writes ``rows`` to ``<out_dir or bench/results>/<name>-<device>.json`` (``dev``: "cuda"
-    or "cpu", default the GPU when there is one)."""
+def write_results(
+    name: str, rows: list[Row], out_dir: Path | None = None, dev: str | None = None, tag: str | None = None
+) -> Path:
+    """Writes ``rows`` to ``<out_dir or bench/results>/<name>-<device>[-<tag>].json`` (``dev``:
+    "cuda" or "cpu", default the GPU when there is one; ``tag``: keeps a run beside the others of
+    its op and device instead of replacing the last one)."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}-{device_slug(dev)}.json"
+    path = out_dir / f"{name}-{device_slug(dev)}{'-' + tag if tag else ''}.json"
     path.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
     return path
 
@@ -422,6 +425,7 @@ def parse_args(argv=None, *, description: str = ""):
                    "comma list of small, cpu, step, imagenet, sweep, ksweep (K or T from 10 to 1000)")  # fmt: skip
     p.add_argument("--dtypes", default="auto", help="comma list: float32,bfloat16 (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--providers", default="all", help="comma list of providers to time")
+    p.add_argument("--tag", default=None, help="added to the results file's name (a run kept beside the others)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--max-seconds", type=float, default=20.0, help="time cap per (provider, shape)")
     p.add_argument(
@@ -529,5 +533,5 @@ def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
             print(line)
     if not cuda and hasattr(os, "getloadavg"):
         print(f"load average after the run: {os.getloadavg()[0]:.1f} ({device_name()})")
-    print("wrote", write_results(bench.OP, rows, args.out))
+    print("wrote", write_results(bench.OP, rows, args.out, tag=args.tag))
     return rows
