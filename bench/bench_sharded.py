@@ -6,7 +6,8 @@ process with P threads, on the same bank.
     python bench/bench_sharded.py --n 50000 --m 5000 --reps 3
 
 Correctness first: the sharded density and the step's labels and confidences are checked against the
-single bank's (the same rows: both start from the same seed) before anything is timed. Then the
+single bank's (the same rows: both start from the same seed) before anything is timed; a failed
+check (or a worker that dies) ends the workers and exits with status 1. Then the
 phases alternate, one process and the sharded group in turn, ``--reps`` times; the medians and
 their ratios are printed and written to bench/results/sharded-<cpu>.json.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,14 +79,77 @@ def _worker(rank: int, world: int, init: str, args, queue) -> None:
         dist.barrier()
         if rank == 0:
             queue.put(("round", r, out[-1]))
-        _wait(init + f".go{r}")
+        if not _wait(init + f".go{r}", init + ".stop"):
+            break  # the parent stopped the run (a failed check): no more rounds
     dist.destroy_process_group()
 
 
-def _wait(path: str) -> None:
-    path = path.removeprefix("file://")
+def _wait(path: str, stop: str) -> bool:
+    """Waits for the file ``path``: True when it appears, False when ``stop`` does (or the parent is gone)."""
+    path, stop = path.removeprefix("file://"), stop.removeprefix("file://")
+    parent = os.getppid()
     while not os.path.exists(path):
+        if os.path.exists(stop) or os.getppid() != parent:
+            return False
         time.sleep(0.01)
+    return True
+
+
+def _get(queue, procs, timeout: float = 1.0):
+    """The next item the workers put, or SystemExit when one of them ended without putting it."""
+    import queue as queue_module
+
+    while True:
+        try:
+            return queue.get(timeout=timeout)
+        except queue_module.Empty:
+            dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode is not None]
+            if dead:
+                raise SystemExit(f"worker(s) ended before the round was done (rank, exit code): {dead}") from None
+
+
+def _end(procs, stop: str, grace: float = 10.0) -> None:
+    """Tells the workers to stop (the file ``stop``), then terminates any still running after ``grace`` s."""
+    open(stop, "w").close()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _rounds(args, queue, procs, tmp: str, targets, idx, emb, MemoryBank):
+    """The parent's side of every round: the correctness check (round 0), then the timed rounds;
+    ({phase: one-process seconds}, {phase: sharded seconds})."""
+    single = {"density": [], "step": []}
+    sharded = {"density": [], "step": []}
+    for r in range(args.reps + 1):
+        _, _, got = _get(queue, procs)
+        bank = MemoryBank(targets, args.classes, dim=args.d, seed=3)
+        density, step, log_rho, labels, conf = _phases(bank, args, idx, emb)
+        if r == 0:  # correctness before any timing
+            lab_idx, rho = got["log_rho"]
+            want = log_rho[bank.row_of[lab_idx]]
+            err = (rho - want).abs().max().item()
+            same = torch.equal(got["labels"], labels)
+            cerr = (got["conf"] - conf).abs().max().item()
+            print(f"check: density max error {err:.2e}, step labels identical {same}, confidence error {cerr:.2e}")
+            if not (err < 1e-4 and same and cerr < 1e-5):
+                raise SystemExit("the sharded bank differs from one process: not timing")
+        else:
+            single["density"].append(density)
+            single["step"].append(step)
+            sharded["density"].append(got["density"])
+            sharded["step"].append(got["step"])
+            print(f"round {r}: one process {density:.2f} s + {step:.3f} s; sharded {got['density']:.2f} s + "
+                  f"{got['step']:.3f} s", flush=True)  # fmt: skip
+        open(f"{tmp}/rendezvous.go{r}", "w").close()
+    return single, sharded
 
 
 def main(argv=None) -> None:
@@ -114,34 +179,21 @@ def main(argv=None) -> None:
     tmp = tempfile.mkdtemp()
     init = f"file://{tmp}/rendezvous"
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, args.world, init, args, queue)) for r in range(args.world)]
     for p in procs:
         p.start()
-    single = {"density": [], "step": []}
-    sharded = {"density": [], "step": []}
-    for r in range(args.reps + 1):
-        _, _, got = queue.get()
-        bank = MemoryBank(targets, args.classes, dim=args.d, seed=3)
-        density, step, log_rho, labels, conf = _phases(bank, args, idx, emb)
-        if r == 0:  # correctness before any timing
-            lab_idx, rho = got["log_rho"]
-            want = log_rho[bank.row_of[lab_idx]]
-            err = (rho - want).abs().max().item()
-            same = torch.equal(got["labels"], labels)
-            cerr = (got["conf"] - conf).abs().max().item()
-            print(f"check: density max error {err:.2e}, step labels identical {same}, confidence error {cerr:.2e}")
-            assert err < 1e-4 and same and cerr < 1e-5, "the sharded bank differs from one process: not timing"
-        else:
-            single["density"].append(density)
-            single["step"].append(step)
-            sharded["density"].append(got["density"])
-            sharded["step"].append(got["step"])
-            print(f"round {r}: one process {density:.2f} s + {step:.3f} s; sharded {got['density']:.2f} s + "
-                  f"{got['step']:.3f} s", flush=True)  # fmt: skip
-        open(f"{tmp}/rendezvous.go{r}", "w").close()
-    for p in procs:
-        p.join()
+    try:
+        single, sharded = _rounds(args, queue, procs, tmp, targets, idx, emb, MemoryBank)
+        for p in procs:
+            p.join()
+    except BaseException:
+        _end(procs, f"{tmp}/rendezvous.stop")  # the workers would wait for the next round forever
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if any(p.exitcode for p in procs):
+        raise SystemExit(f"worker exit codes {[p.exitcode for p in procs]}: nothing written")
     med = lambda xs: statistics.median(xs)  # noqa: E731
     summary = {
         "shape": {k: getattr(args, k) for k in ("n", "m", "d", "b", "k", "t", "world")},
