@@ -27,7 +27,9 @@ must equal ``llp_fast.reference.propagate_ref`` on the step's own embeddings and
 rows as they were before it (near-ties aside), with the same confidences; every bank row of
 the batch must have moved and be unit-norm, and both losses must be finite. docs/method.md §4 bar:
 llp / supervised <= 1.10 (ResNet-18, 224 px, batch 128, AMP, on a GPU).
-A JSON row per provider goes to ``bench/results/step_overhead-<device>.json`` (or ``--out``).
+A JSON row per provider goes to ``<out>/step_overhead-<device>.json``, ``--profile``'s traces beside it:
+``--out``, by default ``$OUT`` when that is set (a GPU session's results come back from there), else
+bench/results.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def time_interleaved(fns: dict, reps: int, warmup: int, cuda: bool) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def profile_steps(name: str, fn, steps: int, cuda: bool, out) -> None:
+def profile_steps(name: str, fn, steps: int, cuda: bool, out: Path) -> None:
     """Where a step's time goes: ``steps`` steps under torch.profiler, the ops sorted by their
     device (or CPU) time, printed and written as a Chrome trace beside the results."""
     from torch.profiler import ProfilerActivity, profile
@@ -161,7 +163,7 @@ def profile_steps(name: str, fn, steps: int, cuda: bool, out) -> None:
     key = "cuda_time_total" if cuda else "cpu_time_total"
     print(f"\n# {steps} {name} steps under torch.profiler, by {key}")
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
-    trace = os.path.join(out or common.RESULTS, f"step_profile-{name}.json")
+    trace = os.path.join(out, f"step_profile-{name}.json")
     prof.export_chrome_trace(trace)
     print("trace:", trace)
 
@@ -183,7 +185,11 @@ def main(argv=None) -> list:
     p.add_argument("--reps", type=int, default=None, help="timed steps per provider (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--folder", default=None, help="where to write (or reuse) the synthetic images")
-    p.add_argument("--out", default=None)
+    p.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or None,
+        help="results folder (default: $OUT when set, else bench/results)",
+    )
     p.add_argument(
         "--profile",
         type=int,
@@ -192,6 +198,8 @@ def main(argv=None) -> list:
         help="after timing, profile STEPS LLP steps (torch.profiler) and print the ops by device time",
     )
     args = p.parse_args(argv)
+    out = Path(args.out) if args.out else common.RESULTS
+    out.mkdir(parents=True, exist_ok=True)  # before the run: --profile writes its traces there
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if cuda and not cuda_here:
@@ -261,7 +269,7 @@ def main(argv=None) -> list:
         if args.profile:
             for name, trainer in (("supervised", sup), ("llp", llp)):
                 step = lambda t=trainer: t.train_step((x, idx), lr, warmup=False)  # noqa: E731
-                profile_steps(name, step, args.profile, cuda, args.out)
+                profile_steps(name, step, args.profile, cuda, out)
 
     steps_per_epoch = -(-len(bank) // args.batch_size)
     per_step = density_ms / steps_per_epoch
@@ -277,7 +285,7 @@ def main(argv=None) -> list:
         common.row("refresh_density", "llp", shape, torch.float32, density_ms, 3, per_step_ms=round(per_step, 4))
     )
     rows = [dataclasses.replace(r, device=common.device_name(dev.type)) for r in rows]
-    path = common.write_results("step_overhead", rows, args.out, dev=dev.type)
+    path = common.write_results("step_overhead", rows, out, dev=dev.type)
     print(f"\n# LLP step overhead on {common.device_name(dev.type)}")
     print(f"torch {torch.__version__}, commit {common.git_commit()}; {args.arch} width {width}, "
           f"{args.image_size}px, batch {args.batch_size}, autocast {amp}, bank {len(bank):,} rows of {args.bank_dtype} "
