@@ -21,6 +21,9 @@ than one 10-minute device call; split it:
     python bench/run_gpu.py --skip-tests --ops aggregation_loss
     python bench/run_gpu.py --skip-tests --ops topk_scores
 
+Every argument (``--ops``, the shapes each op resolves, ``--dtypes``) is checked before the tests
+start: a bad one is an argparse error (exit 2), not a "FAILED" line after minutes of tests.
+
 The training-step overhead (docs/method.md §4's last bar) is its own call:
 ``python bench/bench_step_overhead.py`` (ResNet-18, 224 px, batch 128, AMP, an ImageNet-size bank).
 """
@@ -84,6 +87,39 @@ def _ratio_line(op, shape, dtype, kernel: str, p: dict) -> str:
     return f"| {op} | {shape} | {dtype} | {kernel} {t:.3f} | {vs('naive')} | {vs('mm_only')} | {'; '.join(notes)} |"
 
 
+def _validate(p, args):
+    """(ops, shapes argument, {op: its bench module}) once every argument checks out, else ``p.error``
+    (exit 2): all of it before anything runs, so that a typo costs no GPU time."""
+    import torch
+
+    ops = args.ops.split(",")
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        p.error(f"--ops: unknown {', '.join(map(repr, unknown))} (a comma list of {', '.join(OPS)})")
+    if len(set(ops)) != len(ops):
+        p.error(f"--ops {args.ops!r}: an op named twice")
+    if args.dtypes != "auto":
+        dtype = lambda n: getattr(torch, n, None)  # noqa: E731
+        bad = [
+            n for n in args.dtypes.split(",") if not (isinstance(dtype(n), torch.dtype) and dtype(n).is_floating_point)
+        ]
+        if bad:
+            p.error(f"--dtypes: not a floating torch dtype: {', '.join(map(repr, bad))} (e.g. bfloat16,float32)")
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    if not args.max_seconds > 0:
+        p.error("--max-seconds must be positive")
+    modules = {name: importlib.import_module(f"bench_{name}") for name in ops}
+    shapes = "step" if args.quick else "step,sweep,imagenet"
+    for name, module in modules.items():
+        try:
+            if not module.shapes(shapes):
+                raise KeyError(shapes)
+        except KeyError as exc:
+            p.error(f"bench_{name}.py has no shapes {exc} (asked: {shapes})")
+    return ops, shapes, modules
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="per-step shapes only")
@@ -97,6 +133,7 @@ def main(argv=None) -> int:
     if args.autotune:
         # Read when llp_fast.kernels is first imported, which happens at the first kernel call.
         os.environ["LLP_FAST_AUTOTUNE"] = "1"
+    ops, shapes, modules = _validate(p, args)
 
     import torch
 
@@ -109,10 +146,8 @@ def main(argv=None) -> int:
     status = 0 if args.skip_tests else run_tests(timeout=240)
     print(f"tests: exit {status} ({time.time() - t0:.0f} s)", flush=True)
 
-    modules = {name: importlib.import_module(f"bench_{name}") for name in OPS}
-    shapes = "step" if args.quick else "step,sweep,imagenet"
     rows = []
-    for name in args.ops.split(","):
+    for name in ops:
         t1 = time.time()
         argv_b = ["--shapes", shapes, "--reps", str(args.reps), "--max-seconds", str(args.max_seconds),
                   "--dtypes", args.dtypes, "--out", str(out)]  # fmt: skip
@@ -132,7 +167,7 @@ def main(argv=None) -> int:
     text = "\n".join(head + ratios(rows) + ["", common.table(rows)]) + "\n"
     # One summary per invocation, so that runs split over several calls do not overwrite
     # each other: summary-<ops>[-quick].md.
-    path = out / f"summary-{'-'.join(args.ops.split(','))}{'-quick' if args.quick else ''}.md"
+    path = out / f"summary-{'-'.join(ops)}{'-quick' if args.quick else ''}.md"
     path.write_text(text)
     print(text)
     print(f"wrote {path} ({time.time() - t0:.0f} s in all)")
