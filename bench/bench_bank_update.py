@@ -12,13 +12,16 @@ Providers, on the same bank and batch (with repeated indices, so every path does
 
 Correctness is checked before timing; medians of interleaved runs (CUDA events on the GPU).
 docs/method.md §4 bar on a GPU: one kernel launch, >= 5x faster than the naive chain. JSON rows go to
-bench/results/bank_update-<device>.json.
+``<out>/bank_update-<device>.json``, one file per device the rows were measured on (the CPU's, and the
+GPU's when there is one; ``common.device_slug``); ``--out``: by default ``$OUT`` when set, else
+bench/results.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -118,7 +121,12 @@ def main(argv=None):
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--repeats", type=int, default=8, help="entries that repeat an earlier index")
     p.add_argument("--reps", type=int, default=200)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT") or ROOT / "bench" / "results"),
+        help="results folder (default: $OUT when set, else bench/results)",
+    )
     args = p.parse_args(argv)
     if _ext.load() is None:
         sys.exit("the C++ extension could not be built or loaded: nothing to benchmark")
@@ -126,15 +134,15 @@ def main(argv=None):
     devices = ["cpu"] + (["cuda"] if _ext.has_kernel("bank_update_", "cuda") and torch.cuda.is_available() else [])
     print(f"bank_update_: N={args.n} B={args.b} D={args.d}, {args.repeats} repeated indices; devices {devices}")
     print(f"{'dev':<6}{'dtype':<10}{'provider':<11}{'median us':>11}{'naive/x':>10}{'p10 us':>10}{'naive/x':>10}")
-    rows = []
+    by_device = {dev: [] for dev in devices}
     for dev in devices:
         for dtype in (torch.float32, torch.bfloat16):
-            rows += run(dev, dtype, args)
+            by_device[dev] += run(dev, dtype, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in rows[-1]["device"].lower()).strip("-")
-    path = args.out / f"bank_update-{slug}.json"
-    path.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"wrote {path}")
+    for dev, rows in by_device.items():  # each device's rows under its own name (a GPU's held CPU rows)
+        path = args.out / f"bank_update-{common.device_slug(dev)}.json"
+        path.write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
