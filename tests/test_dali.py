@@ -282,7 +282,6 @@ def test_loader_flag_errors(tmp_path, capsys, monkeypatch):
 
 
 @needs_dali
-@needs_dali
 def test_sixteen_bit_grey_pngs_read_alike(tmp_path):
     """PIL's conversion clipped 16-bit grey to 255 (every image white); both loaders now read
     round(v / 257). Floating-point pixels are one line naming the file."""
@@ -304,6 +303,7 @@ def test_sixteen_bit_grey_pngs_read_alike(tmp_path):
         open_image(str(tmp_path / "f.tif"))
 
 
+@needs_dali
 def test_gif_under_dali_names_the_file(tmp_path):
     from PIL import Image
 

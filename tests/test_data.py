@@ -129,8 +129,6 @@ def test_npz_gray_without_test_holds_out_20_percent(tmp_path):
         ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.zeros(3, int)}, "one label per image"),
         ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.array([0, 1, -2, 0])}, "below -1"),
         ({"x": np.zeros((4, 0, 0), np.uint8), "y": np.array([0, 1, 1, 0])}, "no pixels"),
-        # crops, the input side and the pools assume square images (a traceback with --extra-unlabeled)
-        ({"x": np.zeros((4, 6, 10), np.uint8), "y": np.array([0, 1, 1, 0])}, "must be square"),
         # an empty test split trained an epoch and then failed in the evaluation
         (
             {"x": np.zeros((4, 5, 5), np.uint8), "y": np.array([0, 1, 1, 0])}
@@ -171,6 +169,19 @@ def test_npz_reads_the_rows_in_chunks_as_one_copy(tmp_path):
     src = load(f"npz:{p}", device="cpu", labeled_fraction=0.5)
     assert torch.equal(src.x, torch.from_numpy(x[src.split.train, :, :, :1]).permute(0, 3, 1, 2))
     assert torch.equal(src.x_test, torch.from_numpy(x[src.split.test, :, :, :1]).permute(0, 3, 1, 2))
+
+
+def test_non_square_npz_images_train_but_are_not_shown_as_pool_images(tmp_path):
+    """Training squashes a non-square image to the input side; the pool side (select, probe,
+    --extra-unlabeled) crops a square and would show other pixels (a traceback with extras)."""
+    from llp_fast.data.extra import native_format
+
+    p = tmp_path / "wide.npz"
+    np.savez(p, x=np.zeros((40, 6, 10), np.uint8), y=np.arange(40) % 2)
+    src = load(f"npz:{p}", device="cpu", labeled_fraction=0.5)
+    assert src.x.shape[1:] == (1, 6, 10)
+    with pytest.raises(DataError, match="images are 6 x 10 pixels"):
+        native_format(src)
 
 
 def test_npz_missing_and_garbage(tmp_path):
@@ -247,6 +258,23 @@ def test_folder_errors(tmp_path):
     one = make_folder(tmp_path / "one", classes=1)
     with pytest.raises(DataError, match=r"one class folder only \(class0\)"):
         load(f"folder:{one}", device="cpu", workers=0, loader="pil")
+
+
+def test_wide_grey_pixels_read_as_dali_reads_them_or_are_refused(tmp_path):
+    """PIL's own conversion clipped 16-bit grey to 255 (white images); 16-bit PNG grey reads
+    round(v / 257), 32-bit integer and floating-point pixels are one line naming the file."""
+    from PIL import Image
+
+    from llp_fast.data.transforms import open_image
+
+    v = np.array([[0, 257, 64 * 257, 65535]], np.uint16)
+    Image.fromarray(v).save(tmp_path / "g16.png")
+    assert np.asarray(open_image(str(tmp_path / "g16.png"), "L")).tolist() == [[0, 1, 64, 255]]
+    Image.fromarray(np.array([[0, 64, 252]], np.int32)).save(tmp_path / "i32.tif")
+    Image.fromarray(np.ones((2, 2), np.float32)).save(tmp_path / "f.tif")
+    for name, why in (("i32.tif", "32-bit pixels"), ("f.tif", "floating-point pixels")):
+        with pytest.raises(DataError, match=f"{name}: {why}"):
+            open_image(str(tmp_path / name))
 
 
 def test_folder_hidden_entries_are_not_images(tmp_path):

@@ -57,8 +57,6 @@ def _npz(path: str):
             raise DataError(f"{path}: {xk!r} must have 1 or 3 channels last, got shape {x.shape}")
         if x.shape[1] < 1 or x.shape[2] < 1:
             raise DataError(f"{path}: {xk!r} holds images of no pixels (H x W = {x.shape[1]} x {x.shape[2]})")
-        if x.shape[1] != x.shape[2]:  # crops, the network's input side and the pools' view assume it
-            raise DataError(f"{path}: {xk!r} images must be square, got H x W = {x.shape[1]} x {x.shape[2]}")
         if x.shape[0] == 0 and xk == "x_test":
             raise DataError(f"{path}: 'x_test' holds no image (leave x_test and y_test out to hold out x's)")
         if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
@@ -181,6 +179,7 @@ class ArraySource:
         self.truth = torch.from_numpy(self.split.truth)
         self.in_channels = xs.shape[1]
         self.src_size = xs.shape[-1]
+        self.src_hw = tuple(xs.shape[-2:])  # training squashes a non-square image to the input side
         mean, std = _channel_stats(xs)
         self.mean = mean.to(self.device).view(1, -1, 1, 1)
         self.std = std.clamp_min(1e-3).to(self.device).view(1, -1, 1, 1)

@@ -44,6 +44,12 @@ def native_format(source) -> tuple[str, int, int]:
     ``("array", C, src_side)`` or ``("folder", 3, input_side)``."""
     if hasattr(source, "files"):
         return "folder", 3, int(source.image_size)
+    h, w = getattr(source, "src_hw", (source.src_size, source.src_size))
+    if h != w:  # the pools' images are centre-cropped to a square; training squashes its own
+        raise DataError(
+            f"the training data's images are {h} x {w} pixels; selecting, probing and --extra-unlabeled "
+            "show pool images as training did only for square ones (crop or pad the data set square)"
+        )
     return "array", int(source.in_channels), int(source.src_size)
 
 

@@ -41,6 +41,8 @@ def _eight_bit(im, path: str):
         raise DataError(f"{MARKER}cannot read image {path}: floating-point pixels (save it with 8 or 16 bits)")
     if not (im.mode == "I" or im.mode.startswith("I;16")):
         return im
+    if im.mode == "I" and im.format != "PNG":  # a PNG's 16-bit grey; elsewhere (TIFF) 32-bit integers
+        raise DataError(f"{MARKER}cannot read image {path}: 32-bit pixels (save it with 8 or 16 bits)")
     import numpy as np
     from PIL import Image
 
