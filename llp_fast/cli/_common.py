@@ -103,25 +103,29 @@ def die_with_parent(parent: int) -> None:
 
 
 @contextlib.contextmanager
-def sigint_ignored():
-    """SIGINT ignored while the block runs (in the main thread; elsewhere nothing): a process
-    started inside it inherits the ignored SIGINT."""
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        yield
-        return
+def sigint_blocked():
+    """SIGINT blocked in this thread while the block runs: a process started inside it inherits
+    the blocked mask, and a Ctrl-C meanwhile is delivered here when the block ends (not lost)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def discard_blocked_sigint() -> None:
+    """In a process started inside :func:`sigint_blocked`: SIGINT unblocked, one that waited
+    meanwhile (meant for the terminal's group it has left) discarded, then Python's handler."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a pending signal set to be ignored is dropped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def error_line(line: str) -> None:
     """Prints a tool's error (or interrupt) line, or under the ``--nproc`` launcher hands it to the launcher
     (appended to its folder's file for this rank; printed here if that fails)."""
     folder = os.environ.get(ERROR_LINES_ENV)
-    if folder:
+    if folder and str(os.getppid()) == os.environ.get("LLP_FAST_LAUNCHER"):  # a launcher gone reads nothing
         try:
             with open(os.path.join(folder, os.environ.get("RANK", "0")), "a", encoding="utf-8") as f:
                 f.write(line + "\n")

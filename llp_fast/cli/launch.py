@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
-import signal
 import sys
 
 from .. import _files, distributed
@@ -101,17 +100,17 @@ def _baseline_child(cfg, report) -> None:
     a file could not be written on the full disk that may have caused the error).
 
     Only the LLP process stops it, by one SIGTERM (:meth:`Baseline._stop`), after which it
-    checkpoints. It leaves the terminal's process group (it started with SIGINT ignored, until
-    here), so a Ctrl-C does not reach it too: one reaching it while it started printed
-    multiprocessing's traceback, and one that it was handling made the SIGTERM a second signal,
-    which gives up without the checkpoint. Should the LLP process die without a word, the kernel
-    sends it SIGTERM (``PR_SET_PDEATHSIG``)."""
+    checkpoints. It leaves the terminal's process group (it started with SIGINT blocked, until
+    here, and drops one that waited), so a Ctrl-C does not reach it too: one reaching it while it
+    started printed multiprocessing's traceback, and one that it was handling made the SIGTERM a
+    second signal, which gives up without the checkpoint. Should the LLP process die without a
+    word, the kernel sends it SIGTERM (``PR_SET_PDEATHSIG``)."""
     from ..train.api import train
 
     with contextlib.suppress(OSError):
         os.setsid()
     _common.die_with_parent(multiprocessing.parent_process().pid)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _common.discard_blocked_sigint()
     resume = os.path.exists(os.path.join(cfg.run_dir, "checkpoint.pt"))
     try:
         train(cfg, resume=resume)
@@ -151,8 +150,12 @@ class Baseline:
             ctx = multiprocessing.get_context("spawn")
             self.report, child_end = ctx.Pipe(duplex=False)
             self.proc = ctx.Process(target=_baseline_child, args=(bcfg, child_end))
-            with _common.sigint_ignored():  # inherited: the child starts deaf to the terminal's Ctrl-C
-                self.proc.start()
+            try:
+                with _common.sigint_blocked():  # inherited: the child starts deaf to the terminal's Ctrl-C
+                    self.proc.start()  # (one meanwhile reaches this process when the block ends)
+            except BaseException:
+                self._stop()
+                raise
             child_end.close()
             self._say(f"supervised-only baseline (same split, network and schedule) runs beside it, in {self.dir}")
         try:

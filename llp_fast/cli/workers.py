@@ -85,7 +85,7 @@ except (OSError, AttributeError):
 if os.getppid() != int(os.environ["LLP_FAST_LAUNCHER"]):
     sys.exit(121)  # INTERRUPTED_UNSAVED
 try:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     import runpy
     runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
 except KeyboardInterrupt:
@@ -100,7 +100,10 @@ def _spawn(nproc: int, module: str, argv: list[str], attempt: int, max_restarts:
     env.update(TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT=str(attempt))
     env.update(TORCHELASTIC_MAX_RESTARTS=str(max_restarts), TORCHELASTIC_RUN_ID=f"llp-fast-{os.getpid()}")
     env[QUIET_ENV] = "1"
-    env[ERROR_LINES_ENV] = lines
+    if lines:
+        env[ERROR_LINES_ENV] = lines
+    else:
+        env.pop(ERROR_LINES_ENV, None)
     env["LLP_FAST_LAUNCHER"] = str(os.getpid())
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: P processes share the cores
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's socket warnings when a peer is gone: the line says it
@@ -112,18 +115,22 @@ def _spawn(nproc: int, module: str, argv: list[str], attempt: int, max_restarts:
     return procs
 
 
-def _watch(procs: list, timeout: float, handed=()) -> tuple[dict[int, int], list[int]]:
+def _watch(procs: list, timeout: float, handed=(), lines=None) -> tuple[dict[int, int], list[int], bool]:
     """Waits until every rank has ended, or the others have had their chance to after one failed;
-    kills what is left. Returns ({rank: exit status} of the ranks that ended, ranks killed here).
-    ``handed``: the signals handed on so far (read as it grows); after a rank they ended before
-    its handler, or one interrupted with nothing to save (:data:`INTERRUPTED_UNSAVED`), the others
-    get :data:`GRACE`: they may wait for it where no signal reaches them."""
+    kills what is left. Returns ({rank: exit status} of the ranks that ended, ranks killed here,
+    whether they were killed after :data:`GRACE` because of an interrupted rank with nothing to
+    save). ``handed``: the signals handed on so far (read as it grows); after a rank they ended
+    before its handler, or one interrupted with nothing to save (:data:`INTERRUPTED_UNSAVED`), the
+    others get :data:`GRACE`: they may wait for it where no signal reaches them. ``lines``: a
+    :class:`_Lines` whose ranks' lines are printed as each ends."""
     ended: dict[int, int] = {}
-    since = None
+    since, unstarted = None, False
     while len(ended) < len(procs):
         for rank, p in enumerate(procs):
             if rank not in ended and p.poll() is not None:
                 ended[rank] = p.returncode
+                if lines is not None:
+                    lines.flush([rank])
         failed = [c for c in ended.values() if c != 0]
         if failed and len(ended) < len(procs):
             since = since or time.monotonic()
@@ -139,16 +146,19 @@ def _watch(procs: list, timeout: float, handed=()) -> tuple[dict[int, int], list
     for r in killed:
         procs[r].kill()  # SIGKILL ends a stopped process too
         procs[r].wait()
-    return ended, killed
+    return ended, killed, bool(killed) and unstarted
 
 
-def _verdict(ended: dict[int, int], killed: list[int], timeout: float, handed=()) -> tuple[int, str | None]:
+def _verdict(
+    ended: dict[int, int], killed: list[int], timeout: float, handed=(), *, cut: bool = False
+) -> tuple[int, str | None]:
     """(exit status of the command, the line about the lost rank(s), None when none was lost).
-    ``handed``: the signals handed on to the ranks; a rank they ended, or one interrupted while it
-    had nothing to save (:data:`INTERRUPTED_UNSAVED`), was interrupted (130), and so were the ranks killed here then
-    (waiting for one of those in the rendezvous)."""
+    ``handed``: the signals handed on to the ranks; a rank they ended, or one interrupted with
+    nothing to save (:data:`INTERRUPTED_UNSAVED`), was interrupted (130). ``cut``: the ranks
+    killed here were cut short after such a rank (waiting for it where no signal reaches them):
+    interrupted too; otherwise a killed rank stopped answering and is lost."""
     ended = {r: 130 if c == INTERRUPTED_UNSAVED or (c < 0 and -c in handed) else c for r, c in ended.items()}
-    if handed:
+    if cut:
         ended.update({r: 130 for r in killed})
         killed = []
     lost = {r: c for r, c in ended.items() if c not in (0, PEER_LOST, *EXPLAINED)}
@@ -175,7 +185,10 @@ def run(nproc: int, module: str, argv: list[str], *, prog: str, max_restarts: in
     timeout = distributed.timeout_seconds()
     procs: list = []
     interrupted = []
-    lines = tempfile.mkdtemp(prefix="llp-fast-lines-")
+    try:
+        lines = _Lines(tempfile.mkdtemp(prefix="llp-fast-lines-"))
+    except OSError:  # no room for the folder (a full /tmp): the ranks print their own lines
+        lines = _Lines(None)
 
     def forward(signum, frame):
         signum = signal.SIGTERM if signum == signal.SIGHUP else signum  # the ranks stop as on SIGTERM
@@ -187,18 +200,20 @@ def run(nproc: int, module: str, argv: list[str], *, prog: str, max_restarts: in
     previous = {sig: signal.signal(sig, forward) for sig in _HANDED_ON}
     try:
         for attempt in range(max_restarts + 1):
-            store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDED_ON)  # until procs holds them all
+            # Blocked until procs holds every rank, and before the store starts its thread (which
+            # inherits the mask): a signal delivered there, or before procs was set, reached no rank.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDED_ON)
             try:
-                procs[:] = _spawn(nproc, module, argv, attempt, max_restarts, store.port, lines)
+                store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+                procs[:] = _spawn(nproc, module, argv, attempt, max_restarts, store.port, lines.folder)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            ended, killed = _watch(procs, timeout, interrupted)
+            ended, killed, cut = _watch(procs, timeout, interrupted, lines)
             del store
-            said = _print_lines(lines, nproc)
-            rc, lost = _verdict(ended, killed, timeout, interrupted)
+            lines.flush(range(nproc))
+            rc, lost = _verdict(ended, killed, timeout, interrupted, cut=cut)
             if lost is None:
-                if rc == 130 and interrupted and not said:  # ended while starting, before a word
+                if rc == 130 and interrupted and not lines.seen:  # ended while starting, before a word
                     note = kept() if kept else "nothing was written"
                     print(f"{prog}: interrupted; {note}", file=sys.stderr, flush=True)
                 return rc
@@ -217,23 +232,30 @@ def run(nproc: int, module: str, argv: list[str], *, prog: str, max_restarts: in
                 p.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        shutil.rmtree(lines, ignore_errors=True)
+        if lines.folder:
+            shutil.rmtree(lines.folder, ignore_errors=True)
 
 
-def _print_lines(folder: str, nproc: int) -> bool:
-    """The ranks' error and interrupt lines (``folder/<rank>``), each distinct one once, in rank
-    order; the files are removed (a restart's ranks write their own). Whether there was any."""
-    seen = set()
-    for rank in range(nproc):
-        path = os.path.join(folder, str(rank))
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-            os.remove(path)
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line and line not in seen:
-                seen.add(line)
-                print(line, file=sys.stderr, flush=True)
-    return bool(seen)
+class _Lines:
+    """The ranks' error and interrupt lines (``folder/<rank>``, None: the ranks print their own),
+    each distinct one printed once, in the order the ranks end (then rank order): a rank's lines as
+    soon as it ends, not when the last one does (which can be the collective timeout later)."""
+
+    def __init__(self, folder: str | None):
+        self.folder, self.seen = folder, set()
+
+    def flush(self, ranks) -> None:
+        if not self.folder:
+            return
+        for rank in ranks:
+            path = os.path.join(self.folder, str(rank))
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+                os.remove(path)  # a restart's ranks write their own
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line and line not in self.seen:
+                    self.seen.add(line)
+                    print(line, file=sys.stderr, flush=True)
