@@ -94,7 +94,9 @@ except KeyboardInterrupt:
 _HANDED_ON = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
-def _spawn(nproc: int, module: str, argv: list[str], attempt: int, max_restarts: int, port: int, lines: str) -> list:
+def _spawn(
+    nproc: int, module: str, argv: list[str], attempt: int, max_restarts: int, port: int, lines: str | None
+) -> list:
     env = dict(os.environ, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", GROUP_WORLD_SIZE="1")
     env.update(ROLE_NAME="default", ROLE_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env.update(TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT=str(attempt))
