@@ -186,6 +186,46 @@ def test_distributed_equals_single_process(world, layout, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), layout), nprocs=world, join=True)
 
 
+def _bad_input_worker(rank, world, init_file):
+    """Bad input that every rank passes alike is refused on every rank, before any collective,
+    with the single bank's message (it was accepted: inf/NaN rows and confidences, a silent inf
+    loss, misaligned losses; or refused by the owning rank alone, the others left waiting)."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    targets = _targets()
+    bad = targets.clone()
+    bad[-1] = S + 3  # a class id out of range, in the last rank's shard only
+    with pytest.raises(ValueError, match=f"targets holds {S + 3}, outside"):
+        ShardedMemoryBank(bad, S, dim=D, seed=3)
+    bank = ShardedMemoryBank(targets, S, dim=D, seed=3, dtype=torch.float16)
+    idx = torch.tensor([rank, N - 1 - rank])
+    huge = torch.full((2, D), 8e4)
+    with pytest.raises(ValueError, match="a torch.float16 bank of D=8 takes at most"):
+        bank.step(idx, huge, k=2)
+    with pytest.raises(ValueError, match="a torch.float16 bank of D=8 takes at most"):
+        bank.update(idx, huge)
+    emb = torch.nn.functional.normalize(torch.randn(2, D), dim=1) * 8e3
+    with pytest.raises(ValueError, match="scores embeddings . bank / tau may reach"):
+        bank.step(idx, emb, k=2, tau=1e-36)
+    v = torch.nn.functional.normalize(torch.randn(2, D), dim=1)
+    with pytest.raises(ValueError, match=f"indices holds {N + 5}, outside"):
+        bank.instance_loss(v, torch.tensor([0, N + 5]))
+    with pytest.raises(ValueError, match="v has 2 rows but indices has 3"):
+        bank.loss(v, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="v has D=5 but bank has D=8"):
+        bank.instance_loss(v[:, :5], idx)
+    assert torch.isfinite(bank.local.embeddings.float()).all()  # nothing was written
+    loss = bank.instance_loss(v, idx)  # and the bank still works, collectively
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    dist.barrier()
+    os._exit(0)
+
+
+def test_sharded_bad_input_is_refused_on_every_rank(tmp_path):
+    mp.spawn(_bad_input_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
 DYING = textwrap.dedent(
     """
     import os, torch, torch.distributed as dist

@@ -70,11 +70,13 @@ def _stopped(pid: int) -> bool:
 
 
 # What each rank runs before the command's module: the kernel's SIGTERM should this launcher die
-# (Linux; a launcher already gone ends the rank at once), and a KeyboardInterrupt while the module's
-# imports run (a Ctrl-C handed on at start-up) ends it with 130 rather than a traceback. The ranks
-# start with SIGINT and SIGTERM blocked (the launcher blocks them while it starts them, and a mask
-# is inherited): one handed on while the interpreter itself starts waits until here (it was
-# "Fatal Python error: init_import_site" and exit status 1, a lost rank).
+# (Linux; a launcher already gone ends the rank at once), and until the command installs handlers
+# of its own (training: its checkpointing one; propagate: at once) a handed-on signal ends the rank
+# at once with INTERRUPTED_UNSAVED: as a KeyboardInterrupt it could land in imports or in C++
+# (pybind11's "terminate called ... KeyboardInterrupt", SIGABRT) and print tracebacks. The ranks
+# start with the signals blocked (the launcher blocks them while it starts them, and a mask is
+# inherited): one handed on while the interpreter itself starts waits until here (it was "Fatal
+# Python error: init_import_site" and exit status 1, a lost rank).
 BOOTSTRAP = """
 import os, signal, sys
 try:
@@ -84,12 +86,13 @@ except (OSError, AttributeError):
     pass
 if os.getppid() != int(os.environ["LLP_FAST_LAUNCHER"]):
     sys.exit(121)  # INTERRUPTED_UNSAVED
-try:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-    import runpy
-    runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
-except KeyboardInterrupt:
-    sys.exit(121)  # INTERRUPTED_UNSAVED
+def _unsaved(signum, frame):
+    os._exit(121)  # INTERRUPTED_UNSAVED
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, _unsaved)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+import runpy
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
 """
 _HANDED_ON = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 

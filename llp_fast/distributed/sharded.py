@@ -17,7 +17,8 @@ from .collectives import all_gather_cat, lse_combine, merged_topk, offset_of_ran
 
 
 class _ShardedAggregationLoss(torch.autograd.Function):
-    """L_A for the local batch against a bank sharded over ranks; exact value and gradient."""
+    """L_A for the local batch against a bank sharded over ranks: the value and, on a float32 bank,
+    the gradient exact (a bf16/fp16 bank rounds each rank's share of the gradient, see backward)."""
 
     @staticmethod
     def forward(ctx, v, shard, shard_labels, targets, tau, group):
@@ -36,6 +37,9 @@ class _ShardedAggregationLoss(torch.autograd.Function):
     def backward(ctx, grad):
         v_all, shard, shard_labels, t_all, lse_all, lse_pos = ctx.saved_tensors
         g_all = all_gather_cat(grad.contiguous().float(), ctx.group)
+        # Each rank's share comes back in the bank's dtype and is rounded before the sum: on a bf16
+        # or fp16 bank its error is the share's rounding (1.4-1.8x one process's on typical rows,
+        # more where the shares cancel). A float32 share would need the shard widened each step.
         part = torch.ops.llp_fast.aggregation_loss_backward(
             v_all, shard, shard_labels, t_all, lse_all, lse_pos, g_all, -g_all, ctx.tau
         ).float()
@@ -61,6 +65,12 @@ class ShardedMemoryBank:
         targets = as_tensor(targets, "targets").long().cpu()
         if not bool((targets >= 0).any()):
             raise ValueError("targets holds no labeled example (no entry >= 0): the labeled set is empty")
+        # The whole vector, on every rank alike (each shard's own check raised on its rank alone,
+        # and the others then waited in the first collective)
+        num_classes = check.positive_int(num_classes, "num_classes")
+        check.in_range(
+            targets[targets >= 0], "targets", 0, num_classes, "labeled class ids must lie in [0, num_classes)"
+        )
         self.group = group
         self._targets = targets
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
@@ -100,19 +110,35 @@ class ShardedMemoryBank:
         check.in_range(indices, "indices", 0, self.n, "dataset indices")
         return indices
 
-    def _gather_batch(self, indices, embeddings=None):
+    def _gather_batch(self, indices, embeddings=None, tau: float | None = None):
+        """The batch of every rank, checked as :meth:`MemoryBank._check_batch` checks one: finite,
+        within the bank's dtype, and with ``tau`` scores that fit."""
         indices = self._checked_indices(indices)
         if embeddings is None:
             return all_gather_cat(indices.long(), self.group), None
         check.embeddings(embeddings, "embeddings")
         if embeddings.shape != (indices.shape[0], self.local.embeddings.shape[1]):
             raise ValueError(f"embeddings must have shape ({indices.shape[0]}, {self.local.embeddings.shape[1]})")
-        check.finite(embeddings, "embeddings")
+        size = check.finite(embeddings, "embeddings")
+        check.blend_fits(self.local.embeddings, size, "embeddings")
+        if tau is not None:
+            check.scores_fit(tau, embeddings, "embeddings", self.local.embeddings, "bank", size, 1.0)
         # One gather for both: each row's index rides along as the bits of two float32 columns.
         d = embeddings.shape[1]
         bits = indices.long().contiguous().view(torch.float32).view(-1, 2)
         both = all_gather_cat(torch.cat([embeddings.detach().float(), bits], dim=1), self.group)
         return both[:, d:].contiguous().view(torch.int64).view(-1), both[:, :d].contiguous()
+
+    def _check_v(self, v, indices) -> torch.Tensor:
+        """A loss's batch: ``v`` in the bank's space with one row per index in range (a width or
+        length that differed on one rank went into the gather: misaligned losses, or gloo's
+        abort of another rank)."""
+        check.embeddings(v, "v")
+        check.same_space(self.local.embeddings, "bank", v, "v", dtype=False)
+        indices = self._checked_indices(indices)
+        if v.shape[0] != indices.shape[0]:
+            raise ValueError(f"v has {v.shape[0]} rows but indices has {indices.shape[0]}")
+        return indices
 
     # -- docs/method.md §1 steps, collective ---------------------------------------------------------
     def stored(self, indices):
@@ -167,9 +193,11 @@ class ShardedMemoryBank:
         ``targets``: the batch's stored labels if already fetched with :meth:`stored` (which
         costs a gather and two all-reduces)."""
         tau = check.temperature(tau)
-        check.embeddings(v, "v")
+        self._check_v(v, indices)
         if targets is None:
             targets, _ = self.stored(indices)
+        targets = as_tensor(targets, "targets", device=self.device)
+        check.vector(targets, "targets", v.shape[0], device=self.device, kind="int")
         return _ShardedAggregationLoss.apply(
             v.to(self.local.embeddings.dtype), self.local.embeddings, self.local.labels, targets, tau, self.group
         )
@@ -177,8 +205,7 @@ class ShardedMemoryBank:
     def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
         """Instance discrimination against the whole sharded bank (the warm-up); (B,)."""
         tau = check.temperature(tau)
-        check.embeddings(v, "v")
-        indices = as_tensor(indices, "indices", device=self.device).long()
+        indices = self._check_v(v, indices).long()
         ids = -1 - (self.local.index_of + self.start)
         return _ShardedAggregationLoss.apply(
             v.to(self.local.embeddings.dtype), self.local.embeddings, ids, -1 - indices, tau, self.group
@@ -275,7 +302,7 @@ class ShardedMemoryBank:
         check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
         tau = check.temperature(tau)
         momentum = check.unit_interval(momentum, "momentum")
-        idx_all, emb_all = self._gather_batch(indices, embeddings)
+        idx_all, emb_all = self._gather_batch(indices, embeddings, tau)
         labels, conf, sel = self._propagate(idx_all, emb_all, k, tau, density_weighting)
         own = self._owned(idx_all)
         store = sel & own
