@@ -20,7 +20,15 @@ import signal
 import sys
 
 from .. import _checks
-from ..distributed.collectives import ERROR_LINES_ENV, INTERRUPTED_UNSAVED, PEER_LOST, QUIET_ENV, lost_line, peer_lost
+from ..distributed.collectives import (
+    ERROR_LINES_ENV,
+    INTERRUPTED_UNSAVED,
+    LAUNCHER_ENV,
+    PEER_LOST,
+    QUIET_ENV,
+    lost_line,
+    peer_lost,
+)
 from ..errors import ConfigError, Interrupted, InterruptedTwice, Terminated, is_user_error, one_line
 from ..train import config as C
 
@@ -125,7 +133,7 @@ def error_line(line: str) -> None:
     """Prints a tool's error (or interrupt) line, or under the ``--nproc`` launcher hands it to the launcher
     (appended to its folder's file for this rank; printed here if that fails)."""
     folder = os.environ.get(ERROR_LINES_ENV)
-    if folder and str(os.getppid()) == os.environ.get("LLP_FAST_LAUNCHER"):  # a launcher gone reads nothing
+    if folder and str(os.getppid()) == os.environ.get(LAUNCHER_ENV):  # a launcher gone reads nothing
         try:
             with open(os.path.join(folder, os.environ.get("RANK", "0")), "a", encoding="utf-8") as f:
                 f.write(line + "\n")

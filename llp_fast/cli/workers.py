@@ -23,15 +23,16 @@ nodes. What differs is what happens when a rank is lost:
 
 The processes run in their own session, so a Ctrl-C at the terminal reaches this process alone,
 which hands it (and SIGTERM; SIGHUP, a closed terminal, as SIGTERM) on to each of them once: a
-training run checkpoints at its next step. A rank that the handed-on signal ends before it could
-catch it (still starting) counts as interrupted, not lost; a Ctrl-C while a rank imports ends it
-with 130 and no traceback (:data:`BOOTSTRAP`). Should this process die without a word (SIGKILL,
+training run checkpoints at its next step. Until the command installs handlers of its own, a rank
+that gets the signal ends at once, without a word, with :data:`INTERRUPTED_UNSAVED`
+(:data:`BOOTSTRAP`); it counts as interrupted, not lost, and the others get :data:`GRACE` (they
+may wait for it where no signal reaches them). Should this process die without a word (SIGKILL,
 the OOM killer), each rank gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``) and stops as if
 interrupted, instead of training on unwatched.
 
 An error line that several ranks print alike (the same missing file, the same refused flag) is
-printed once: the ranks write their lines to files that this process prints, each distinct line
-once, in rank order, when they have ended.
+printed once: the ranks write their lines to files that this process prints as each rank ends,
+each distinct line once.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import tempfile
 import time
 
 from .. import distributed
-from ..distributed.collectives import ERROR_LINES_ENV, INTERRUPTED_UNSAVED, PEER_LOST, QUIET_ENV
+from ..distributed.collectives import ERROR_LINES_ENV, INTERRUPTED_UNSAVED, LAUNCHER_ENV, PEER_LOST, QUIET_ENV
 
 GRACE = 5.0  # seconds the other ranks get to notice a lost rank and end by themselves
 EXPLAINED = (2, 130)  # a rank that printed its own error line, or was interrupted
@@ -77,21 +78,16 @@ def _stopped(pid: int) -> bool:
 # start with the signals blocked (the launcher blocks them while it starts them, and a mask is
 # inherited): one handed on while the interpreter itself starts waits until here (it was "Fatal
 # Python error: init_import_site" and exit status 1, a lost rank).
-BOOTSTRAP = """
-import os, signal, sys
-try:
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
-    pass
-if os.getppid() != int(os.environ["LLP_FAST_LAUNCHER"]):
-    sys.exit(121)  # INTERRUPTED_UNSAVED
+BOOTSTRAP = f"""
+import os, runpy, signal, sys
+from llp_fast.cli._common import die_with_parent
+die_with_parent(int(os.environ["{LAUNCHER_ENV}"]))
 def _unsaved(signum, frame):
-    os._exit(121)  # INTERRUPTED_UNSAVED
-for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    os._exit({INTERRUPTED_UNSAVED})
+handed = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+for s in handed:
     signal.signal(s, _unsaved)
-signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-import runpy
+signal.pthread_sigmask(signal.SIG_UNBLOCK, handed)
 runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
 """
 _HANDED_ON = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -109,7 +105,7 @@ def _spawn(
         env[ERROR_LINES_ENV] = lines
     else:
         env.pop(ERROR_LINES_ENV, None)
-    env["LLP_FAST_LAUNCHER"] = str(os.getpid())
+    env[LAUNCHER_ENV] = str(os.getpid())
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: P processes share the cores
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's socket warnings when a peer is gone: the line says it
     procs = []

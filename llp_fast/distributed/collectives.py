@@ -36,6 +36,7 @@ QUIET_ENV = "LLP_FAST_WORKER"  # set by that launcher: a survivor exits without 
 # Set by that launcher too: a folder where each rank writes its error line (llp_fast.cli._common),
 # which the launcher prints once however many ranks wrote it.
 ERROR_LINES_ENV = "LLP_FAST_ERROR_LINES"
+LAUNCHER_ENV = "LLP_FAST_LAUNCHER"  # and the launcher's pid: a rank whose parent is another is alone
 
 
 def timeout_seconds() -> float:
