@@ -226,11 +226,6 @@ class FilesPool:
             yield x, i.long()
 
 
-def scan_images(root: str) -> list[str]:
-    """Every image file under ``root`` (recursively, hidden entries skipped), sorted."""
-    return image_files(root)
-
-
 def open_pool(spec: str, workers: int = 2):
     """An unlabeled pool: ``npz:PATH`` (or a .npy) or ``folder:PATH`` (any tree of images)."""
     if spec.startswith("npz:"):
@@ -239,7 +234,7 @@ def open_pool(spec: str, workers: int = 2):
         root = spec[len("folder:") :]
         if not os.path.isdir(root):
             raise DataError(f"folder:{root}: no such directory")
-        paths = scan_images(root)
+        paths = image_files(root)  # any tree of images, hidden entries skipped
         if not paths:
             raise DataError(f"folder:{root}: no images found")
         return FilesPool([os.path.abspath(p) for p in paths], f"folder:{os.path.abspath(root)}", workers=workers)
