@@ -40,7 +40,7 @@ TORCH_LIBRARY_IMPL(llp_fast, CPU, m) {
 TORCH_LIBRARY_IMPL(llp_fast, CUDA, m) { m.impl("bank_update_", &llp_fast::bank_update_cuda); }
 #endif
 
-// A plain CPython module (no pybind11: nothing is called through it, and it keeps the build
+// A plain CPython module (no pybind11: only cpu_paths is called through it, and it keeps the build
 // short), so that the object is importable as llp_fast._C or, when JIT-built, under its own name.
 #ifndef TORCH_EXTENSION_NAME
 #define TORCH_EXTENSION_NAME _C
@@ -50,10 +50,27 @@ TORCH_LIBRARY_IMPL(llp_fast, CUDA, m) { m.impl("bank_update_", &llp_fast::bank_u
 #define LLP_FAST_STR2(a) #a
 #define LLP_FAST_STR(a) LLP_FAST_STR2(a)
 
+// cpu_paths() -> str: llp_fast::cpu_paths (csrc/llp_fast.h); a setting that names nothing raises
+// ValueError with the kernels' message.
+static PyObject* cpu_paths(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(llp_fast::cpu_paths().c_str());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+static PyMethodDef methods[] = {
+    {"cpu_paths", cpu_paths, METH_NOARGS, "Which CPU paths the kernels take here, in one line."},
+    {nullptr, nullptr, 0, nullptr}};
+
 extern "C" PyMODINIT_FUNC LLP_FAST_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, LLP_FAST_STR(TORCH_EXTENSION_NAME),
                                    "llp_fast compiled kernels (registered with torch.library on import)",
-                                   -1, nullptr};
+                                   -1, methods};
   PyObject* module = PyModule_Create(&def);
   if (module == nullptr) return nullptr;
   if (PyModule_AddStringConstant(module, "torch_version", TORCH_VERSION) < 0 ||

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace llp_fast {
@@ -44,5 +45,12 @@ at::Tensor aggregation_loss_backward_cpu(const at::Tensor& v, const at::Tensor& 
 // density-weighted vote of the top-K (docs/method.md §1.2) where it sums in a (rows, classes) table.
 std::tuple<at::Tensor, at::Tensor> vote_cpu(const at::Tensor& values, const at::Tensor& classes,
                                             const std::optional<at::Tensor>& table, int64_t num_classes);
+
+// Which CPU paths the kernels take on this machine, in one line for a run's log and bug reports
+// (llp_fast._C.cpu_paths(), shown by llp_fast.backends() and `python -m llp_fast`): the scan's
+// instruction set, the fused float32 tile's width, whether bf16 blocks go to a bf16 GEMM, and whether
+// float32 selections at small k start from a bf16 pass (csrc/cpu/topk.h, approx_topk). Reads the same
+// settings the kernels read (LLP_FAST_CPU_*); a setting that names nothing throws, as the kernels do.
+std::string cpu_paths();
 
 }  // namespace llp_fast

@@ -257,6 +257,17 @@ def describe() -> str:
     return f"{name} loaded" if name == "llp_fast._C" else f"{name} (JIT-built) loaded"
 
 
+def cpu_paths() -> str | None:
+    """Which CPU paths the extension's kernels take on this machine (``llp_fast._C.cpu_paths``:
+    the scan's instruction set, the fused float32 tile, bf16 tiles, the bf16 first pass; README
+    "Performance"), or None where it is not loaded. A ``LLP_FAST_CPU_*`` setting that names nothing
+    raises ValueError, as the first op call would."""
+    module = load()
+    if module is None or not hasattr(module, "cpu_paths"):
+        return None
+    return module.cpu_paths()
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the extension (loaded now if need be) registers a kernel for ``llp_fast::op`` on
     ``device_type`` ("cpu" or "cuda"): the op table's ``extension`` column, once the extension loads."""

@@ -205,6 +205,7 @@ def test_every_config_field_has_exactly_one_flag():
             assert config.flag_of(f) in flags[f.name], f.name
     cli_only = {
         "help",
+        "version",
         "resume",
         "baseline",
         "baseline_mode",

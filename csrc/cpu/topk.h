@@ -1059,17 +1059,25 @@ constexpr int64_t kApproxMaxK = 32;  // the largest k it serves
 inline int64_t approx_k(int64_t k) { return k <= 12 ? 16 : 48; }
 constexpr int64_t kApproxMaxKept = 96;  // 2 * approx_k(kApproxMaxK)
 
+// LLP_FAST_CPU_APPROX: 0 (off), 1 (the default: calls large enough) or 2 (calls of any size, for tests).
+inline int approx_mode() {
+  const char* s = std::getenv("LLP_FAST_CPU_APPROX");
+  if (s == nullptr) return 1;
+  TORCH_CHECK(std::strcmp(s, "0") == 0 || std::strcmp(s, "1") == 0 || std::strcmp(s, "2") == 0,
+              "LLP_FAST_CPU_APPROX must be 0, 1 or 2, got '", s, "'");
+  return s[0] - '0';
+}
+
+// Whether this CPU and these settings give approx_topk its bf16 pass at all (the call's own gates aside).
+inline bool approx_available() { return approx_mode() != 0 && rescore_available() && bf16_gemm(); }
+
 template <typename Finish>
 bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float* bias, int64_t k, double tau,
                  const Finish& finish) {
   const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
-  bool any_size = false;  // LLP_FAST_CPU_APPROX=2 (tests): calls of any size
-  if (const char* s = std::getenv("LLP_FAST_CPU_APPROX")) {
-    TORCH_CHECK(std::strcmp(s, "0") == 0 || std::strcmp(s, "1") == 0 || std::strcmp(s, "2") == 0,
-                "LLP_FAST_CPU_APPROX must be 0, 1 or 2, got '", s, "'");
-    if (s[0] == '0') return false;
-    any_size = s[0] == '2';
-  }
+  const int mode = approx_mode();
+  if (mode == 0) return false;
+  const bool any_size = mode == 2;  // LLP_FAST_CPU_APPROX=2 (tests): calls of any size
   if (k > kApproxMaxK || dim == 0 || dim > 65536 || queries.scalar_type() != at::kFloat ||
       keys.scalar_type() != at::kFloat)
     return false;

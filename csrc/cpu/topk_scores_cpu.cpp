@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../llp_fast.h"
@@ -135,6 +136,17 @@ std::tuple<at::Tensor, at::Tensor> topk_scores_cpu(const at::Tensor& queries, co
         has_init ? floor.const_data_ptr<scalar_t>() : nullptr);
   });
   return {values, indices};
+}
+
+std::string cpu_paths() {
+  std::string out = std::string("scan ") + topk::scan_f32_isa();
+  out += topk::rescore_available() ? "; fused float32 tile avx512"
+         : topk::fused_tile()        ? "; fused float32 tile avx2"
+                                     : "; float32 tile from BLAS";
+  out += topk::bf16_gemm() ? "; bf16 tiles from a bf16 GEMM" : "; bf16 converted to float32";
+  if (topk::approx_available())
+    out += "; float32 k <= " + std::to_string(topk::kApproxMaxK) + " from a bf16 pass, refined exactly";
+  return out;
 }
 
 }  // namespace llp_fast

@@ -33,6 +33,27 @@ from ..errors import ConfigError, Interrupted, InterruptedTwice, Terminated, is_
 from ..train import config as C
 
 
+def add_version(ap: argparse.ArgumentParser) -> None:
+    """``--version``: one line, the command, the package's version and torch's and Python's, for a
+    bug report (``python -m llp_fast`` says the rest: the kernels, the machine, the extras)."""
+
+    class Version(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            import platform
+
+            import torch
+
+            from .. import __version__
+
+            print(
+                f"{parser.prog} {__version__} (torch {torch.__version__}, Python {platform.python_version()}); "
+                "python -m llp_fast says more"
+            )
+            parser.exit()
+
+    ap.add_argument("--version", action=Version, nargs=0, help="print the version and exit")
+
+
 def checked(parse, check, what: str | None = None):
     """An argparse ``type``: ``check(parse(text))``, the error text as argparse's message."""
 

@@ -13,6 +13,7 @@ PROG = "llp-fast-analyze"
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description="Pictures of a llp-fast-train run.")
+    _common.add_version(ap)
     ap.add_argument("run_dir")
     ap.add_argument("--compare", help="a second run (e.g. --no-density-weighting) shown beside the first")
     ap.add_argument("--out", help="output folder (default RUN_DIR/analysis)")

@@ -41,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
         description="Freeze a trained network and fit a linear readout on its pooled features of another labeled "
         "data set (paper §4, Appendix C); report held-out top-1 and top-5.",
     )
+    _common.add_version(ap)
     ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
     ap.add_argument("--data", required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH")
     ap.add_argument("--out", default=None, help="JSON file for the results (default: print only)")

@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
         description="Select extra unlabeled images from a large pool with a trained checkpoint (paper §4, "
         "Appendix B): keep each image's P most confident classes, then each class's K most confident images.",
     )
+    _common.add_version(ap)
     ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
     ap.add_argument("--source", required=True, help="the pool: npz:PATH (uint8 'x', optional 'y') or folder:PATH")
     ap.add_argument("--out", required=True, help="SELECTION.npz or SELECTION.json (written atomically)")

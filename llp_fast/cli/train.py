@@ -76,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
         description="Train a pre-activation ResNet with Local Label Propagation (Zhuang et al.) and compare it "
         "with the same network trained on the labeled examples alone.",
     )
+    _common.add_version(ap)
     groups = {key: ap.add_argument_group(title) for key, title in _GROUPS.items()}
     for f in C.fields():
         if f.metadata.get("cli"):

@@ -70,7 +70,8 @@ def backends(*, last: bool = False) -> dict[str, dict[str, tuple[str, str]]]:
 def describe_backends() -> str:
     """One line for a run's log: per device, which implementation serves which ops and why,
     e.g. ``llp_fast backends: cpu: extension (llp_fast._C loaded) for topk_scores, ... |
-    cuda: none (no CUDA GPU) for all ops``."""
+    cuda: none (no CUDA GPU) for all ops``, and where the extension serves the CPU, the paths its
+    kernels take there (``| cpu kernels: scan avx512; fused float32 tile avx512; ...``)."""
     table = backends()
     parts = []
     for device in DEVICES:
@@ -82,4 +83,8 @@ def describe_backends() -> str:
             for (impl, why), ops in groups.items()
         ]
         parts.append(f"{device}: " + "; ".join(said))
+    if any(table[op]["cpu"][0] == "extension" for op in OPS):
+        paths = _ext.cpu_paths()
+        if paths is not None:
+            parts.append(f"cpu kernels: {paths}")
     return "llp_fast backends: " + " | ".join(parts)
