@@ -27,8 +27,11 @@ def rounds_reference(x, labels, *, rounds, k=10, t=25, tau=0.07, density=True, p
     is_voter = lab.copy()
     new = np.flatnonzero(lab)
     for r in range(1, rounds + 1):
-        if len(new) == 0:
-            break
+        if len(new) == 0:  # the same voters: the same votes (the quotas still grow, below)
+            if r == rounds:
+                break
+            new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, is_voter, lab)
+            continue
         mask = None if pool == "all" else torch.from_numpy(~lab)
         bias = torch.zeros(len(new), dtype=x.dtype)
         if density:
@@ -56,14 +59,21 @@ def rounds_reference(x, labels, *, rounds, k=10, t=25, tau=0.07, density=True, p
         out_label[q], out_conf[q] = lq.numpy(), cq.float().numpy()
         if r == rounds:
             break
-        added = []
-        for c in range(num_classes):
-            n_add = int(round(r / rounds * cap * prior[c])) - int((out_label[is_voter & ~lab] == c).sum())
-            if n_add <= 0:
-                continue
-            idx = q[out_label[q] == c]
-            idx = idx[np.lexsort((idx, -out_conf[idx]))][:n_add]
-            added.append(idx)
-        new = np.sort(np.concatenate(added)) if added else np.zeros(0, np.int64)
-        is_voter[new] = True
+        new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, is_voter, lab)
     return out_label, out_conf
+
+
+def _join(r, rounds, cap, prior, num_classes, out_label, out_conf, is_voter, lab):
+    """§7.1 step 3 after round r: the rows that join (marked in is_voter), sorted."""
+    q = np.flatnonzero(~is_voter)
+    added = []
+    for c in range(num_classes):
+        n_add = int(round(r / rounds * cap * prior[c])) - int((out_label[is_voter & ~lab] == c).sum())
+        if n_add <= 0:
+            continue
+        idx = q[out_label[q] == c]
+        idx = idx[np.lexsort((idx, -out_conf[idx]))][:n_add]
+        added.append(idx)
+    new = np.sort(np.concatenate(added)) if added else np.zeros(0, np.int64)
+    is_voter[new] = True
+    return new

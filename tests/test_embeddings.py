@@ -111,6 +111,39 @@ def test_round_options_equal_the_reference(options):
         assert len(res.voter_rows) - (labels >= 0).sum() <= 100
 
 
+def test_a_class_whose_quota_is_met_takes_no_voter():
+    """A class whose quota did not grow this round adds no voter (it took all but its least
+    confident candidates), and a round that no row joins is passed over while the quotas go on
+    growing (the rounds stopped there). Many classes against a small cap, and a rare class."""
+    from llp_fast.embeddings.engine import _most_confident
+
+    conf = np.array([0.9, 0.8, 0.7, 0.6, 0.5], np.float32)
+    assert _most_confident(np.arange(5), conf, 0).size == 0
+    assert _most_confident(np.arange(5), conf, -2).size == 0
+    assert np.array_equal(_most_confident(np.arange(5), conf, 2), [0, 1])
+    cases = [
+        (_problem(500, 8, 40, 0.3, seed=21), dict(max_voters=60)),  # quotas grow by 0-1 a round
+        (_problem(600, 8, 5, 0.05, seed=22), dict(max_voters=5)),  # round 1 adds none: the first join later
+    ]
+    x, labels = _problem(900, 8, 4, 0.2, seed=23)
+    labels[labels == 0] = -1
+    labels[np.flatnonzero(labels == -1)[0]] = 0  # one labeled row of class 0 among about 180
+    cases.append(((x, labels), dict()))
+    for i, ((x, labels), options) in enumerate(cases):
+        res = label_embeddings(x.numpy(), labels, rounds=10, chunk=256, normalize=False, **options)
+        want_l, want_c = rounds_reference(x, labels.copy(), rounds=10, cap=options.get("max_voters"))
+        assert np.array_equal(res.labels, want_l) and np.array_equal(res.confidence, want_c), options
+        # every class within its final quota round(9/10 * cap * prior_c)
+        lab = labels >= 0
+        cap = options.get("max_voters", int((~lab).sum()))
+        prior = np.bincount(labels[lab]) / lab.sum()
+        joined = res.voter_classes[lab.sum() :]
+        quota = np.array([round(0.9 * cap * p) for p in prior])
+        assert (np.bincount(joined, minlength=len(prior)) <= quota).all(), options
+        if i == 1:  # quotas of about round(r / 10) per class: round 1 adds none, later rounds do
+            assert res.rounds_run > 1 and np.array_equal(np.bincount(joined, minlength=5), quota)
+
+
 def test_float64_matches_the_brute_force():
     x, labels = _problem(83, 5, 3, 0.15, seed=3, dtype=torch.float64)
     res = label_embeddings(x.numpy(), labels, rounds=1, k=4, t=6, chunk=17, normalize=False)

@@ -48,8 +48,9 @@ class Result:
     ``voter_rows``, ``voter_classes`` (indices into ``classes``) and ``voter_bias`` (``b_i`` of
     docs/method.md §7.1, subtracted from a voter's scores; None without density weighting and
     weight) describe the final voter set (in the order the voters joined) for voting on new points;
-    ``k`` the K of this result; ``rounds_run`` how many rounds ran (fewer than asked when no row was
-    left to join)."""
+    ``k`` the K of this result; ``rounds_run`` the last round whose vote ran (fewer than asked when
+    no row was left to vote on, or no row joined the voters in the last rounds: such a round would
+    give the same votes, so it is not run)."""
 
     labels: np.ndarray
     confidence: np.ndarray
@@ -91,7 +92,10 @@ def _compact(labels: np.ndarray):
 
 
 def _most_confident(rows: np.ndarray, conf: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` rows (sorted ascending) of highest ``conf``, ties to the lower row: O(len(rows))."""
+    """The ``n`` rows (sorted ascending) of highest ``conf``, ties to the lower row: O(len(rows)).
+    None for ``n <= 0`` (a class whose quota is already met)."""
+    if n <= 0:
+        return rows[:0]
     if n >= len(rows):
         return rows
     c = -conf[rows]
@@ -189,12 +193,14 @@ class Engine:
         run = self.start(ks, top_classes, voter_ids)
         new = np.flatnonzero(self.lab)
         for r in range(1, self.s.rounds + 1):
-            if len(new) == 0:
-                break
-            run.rounds_run = r
-            voters = self.add_voters(run, new, r)
-            self.vote_pass(run, voters, r)
-            if r == self.s.rounds:
+            # A round that no row joins leaves the voters, and so every vote, as they were: it is
+            # passed over, but the quotas go on growing (a small class may gain its next voter only
+            # rounds later).
+            if len(new):
+                run.rounds_run = r
+                voters = self.add_voters(run, new, r)
+                self.vote_pass(run, voters, r)
+            if r == self.s.rounds or run.is_voter.all():  # the last round, or no row left to vote on
                 break
             new = self.next_voters(run, r)
         results = self.results(run, top_classes, voter_ids)
