@@ -143,6 +143,31 @@ def test_shard_directory_equals_the_file(tmp_path, capsys):
         outs.append(np.load(o))
     assert np.array_equal(outs[0], outs[1])
     capsys.readouterr()
+    # An output among the shards would be read as one by the next run: refused, for any output
+    # and either input folder; a subfolder, or a file that is not .npy, is not a shard.
+    lab_dir = tmp_path / "lab_shards"
+    lab_dir.mkdir()
+    np.save(lab_dir / "a.npy", labels)
+    for argv in (
+        [str(shards), str(tmp_path / "lab.npy"), "--out", str(shards / "p.npy")],
+        [
+            str(shards),
+            str(tmp_path / "lab.npy"),
+            "--out",
+            str(tmp_path / "p.npy"),
+            "--confidence-out",
+            str(shards / "c.npy"),
+        ],
+        [str(tmp_path / "half.npy"), str(lab_dir), "--out", str(lab_dir / "p.npy")],
+    ):
+        with pytest.raises(SystemExit) as e:
+            propagate_main([*argv, "--rounds", "1", "--quiet"])
+        assert e.value.code == 2
+        assert "folder of shards, whose .npy files are all read as" in capsys.readouterr().err
+    (shards / "sub").mkdir()
+    ok = [str(shards), str(tmp_path / "lab.npy"), "--out", str(shards / "sub" / "p.npy"), "--rounds", "1", "--quiet"]
+    assert propagate_main([*ok, "--probs-out", str(shards / "probs.npz")]) == 0
+    assert sorted(os.listdir(shards)) == ["000.npy", "001.npy", "002.npy", "probs.npz", "sub"]
 
 
 def test_nan_in_a_late_block_leaves_nothing(tmp_path, capsys):

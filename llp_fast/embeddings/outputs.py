@@ -26,8 +26,10 @@ def check_path(path: str, what: str) -> str:
 
 
 def check_distinct(outputs: dict[str, str | None], inputs: dict[str, str]) -> None:
-    """No two outputs name the same file, and no output is an input."""
+    """No two outputs name the same file, no output is an input, and no output is a shard of an
+    input folder (a ``.npy`` file in it, which the next run would read as one of its shards)."""
     seen: dict[str, str] = {os.path.realpath(p): name for name, p in inputs.items()}
+    folders = {os.path.realpath(p): name for name, p in inputs.items() if os.path.isdir(p)}
     for name, path in outputs.items():
         if path is None:
             continue
@@ -36,6 +38,13 @@ def check_distinct(outputs: dict[str, str | None], inputs: dict[str, str]) -> No
             other = seen[real]
             kind = "the input" if other in inputs else "also"
             raise ConfigError(f"{name} {path} is {kind} {other}: give each output its own file")
+        base = os.path.basename(real)
+        if os.path.dirname(real) in folders and base.endswith(".npy") and not base.startswith("."):
+            other = folders[os.path.dirname(real)]
+            raise ConfigError(
+                f"{name} {path} is in {other}'s folder of shards, whose .npy files are all read as "
+                f"{other}: write it elsewhere"
+            )
         seen[real] = name
 
 
