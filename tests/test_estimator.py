@@ -126,6 +126,26 @@ def test_string_classes_and_float64():
     assert clf.predict(x[:3]).dtype == object and clf.predict_proba(x[:3]).dtype == np.float64
 
 
+def test_the_text_minus_one_is_refused_and_float16_runs_as_the_command_line():
+    """'-1' as a string label would be a class (every row labeled): refused, naming y; float16 X is
+    computed in float32 (as llp-fast-propagate computes a float16 file), not float64."""
+    x, _, partial = _digits()
+    names = np.array([f"d{i}" for i in range(10)])
+    for y in (
+        np.where(partial >= 0, names[np.maximum(partial, 0)], "-1"),
+        np.where(partial >= 0, names[np.maximum(partial, 0)], " -1").astype(object),
+    ):
+        with pytest.raises(ValueError, match="y holds the text '-1': the unlabeled mark is the number -1"):
+            LocalLabelPropagation(rounds=2).fit(x, y)
+    half = LocalLabelPropagation(rounds=2).fit(x.astype(np.float16), partial)
+    single = LocalLabelPropagation(rounds=2).fit(x.astype(np.float16).astype(np.float32), partial)
+    assert half.voters_.dtype == np.float32
+    assert np.array_equal(half.transduction_, single.transduction_)
+    assert np.array_equal(half.label_distributions_, single.label_distributions_)
+    q = x[:50].astype(np.float16)
+    assert np.array_equal(half.predict_proba(q), single.predict_proba(q.astype(np.float32)))
+
+
 def test_bad_parameters_and_no_labels():
     x, _, partial = _digits()
     for params in (dict(n_neighbors=0), dict(tau=-1.0), dict(rounds=0), dict(density_pool="x"), dict(device="tpu")):

@@ -32,12 +32,27 @@ _DEFAULT = Settings()
 
 
 def _unlabeled(y: np.ndarray) -> np.ndarray:
-    """Where ``y`` is -1 (the unlabeled mark), for numeric, string and object label arrays."""
+    """Where ``y`` is -1 (the unlabeled mark), for numeric, string and object label arrays. The
+    mark is the number -1 (scikit-learn's semi-supervised convention); a label that is the text
+    "-1" is refused: it would be a class of its own, every row labeled."""
     if y.dtype.kind in "iuf":
         return y == -1
+    if y.dtype.kind in "OUS":
+        text = [v.strip() for v in y if isinstance(v, (str, bytes))]
+        if any(t in ("-1", b"-1") for t in text):
+            raise ValueError(
+                "y holds the text '-1': the unlabeled mark is the number -1 (an object array such as "
+                "np.array(['cat', -1, 'dog'], dtype=object)), and '-1' as a class name would label every row"
+            )
     if y.dtype.kind == "O":
         return np.array([isinstance(v, numbers.Number) and not isinstance(v, bool) and v == -1 for v in y], bool)
     return np.zeros(y.shape[0], bool)
+
+
+def _float_types(X) -> list:
+    """validate_data's dtypes for X: float16 is computed in float32, as the command line computes a
+    float16 .npy file (the first listed type is what other types become)."""
+    return [np.float32, np.float64] if getattr(X, "dtype", None) == np.float16 else [np.float64, np.float32]
 
 
 def with_abstention(classes: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -180,7 +195,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self._refuse_sparse(X)
         settings = self._settings()
         threshold = self._min_confidence()
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], y_numeric=False)
+        X, y = validate_data(self, X, y, dtype=_float_types(X), y_numeric=False)
         unlabeled = _unlabeled(y)
         check_classification_targets(y[~unlabeled] if unlabeled.any() and not unlabeled.all() else y)
         if unlabeled.all():
@@ -232,7 +247,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
 
     def _queries(self, X) -> Rows:
         self._refuse_sparse(X)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        X = validate_data(self, X, reset=False, dtype=_float_types(X))
         return Rows(X, normalize=self.normalize, what="X")
 
     def predict(self, X):
