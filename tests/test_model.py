@@ -126,6 +126,14 @@ def test_saving_is_atomic(tmp_path, monkeypatch, capsys):
     # the model and the other outputs move into place together: a failed model keeps the old labels
     assert (tmp_path / "p.npy").read_bytes() == labels_before
     assert sorted(os.listdir(tmp_path)) == ["emb.npy", "lab.npy", "m", "new.npy", "p.npy"]
+    # a folder the failed save made is removed with its file (one that was there stays, above)
+    assert main([*argv, "--rounds", "1", "--save-model", str(tmp_path / "fresh")]) == 130
+    assert sorted(os.listdir(tmp_path)) == ["emb.npy", "lab.npy", "m", "new.npy", "p.npy"]
+    # DIR/model.npz that is a folder: refused where the flag is read, before the run
+    (tmp_path / "odd" / "model.npz").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--save-model", str(tmp_path / "odd")])
+    assert e.value.code == 2 and "model.npz exists and is not a file" in capsys.readouterr().err
 
 
 def test_a_model_saved_under_an_npz_name_loads_by_it(tmp_path, capsys):

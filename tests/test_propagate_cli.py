@@ -423,6 +423,39 @@ def test_tau_auto_takes_one_k_and_keeps_the_k_given(tmp_path, capsys):
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
 
 
+def test_drop_suspects_says_what_it_dropped(tmp_path, capsys):
+    """The summary counts the labels left; a fraction that rounds to no row drops nothing and runs
+    once (it ran the labelling again for nothing); a class whose every label was dropped is named."""
+    x, y, labels = _digits_embeddings(tmp_path)
+    out = str(tmp_path / "o.npy")
+    base = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--rounds", "2", "--quiet"]
+    m = int((labels >= 0).sum())
+    conf = str(tmp_path / "c.npy")
+    assert propagate_main([*base, "--out", out, "--confidence-out", conf, "--drop-suspects", "0.1"]) == 0
+    n_drop = round(0.1 * m)
+    said = capsys.readouterr().out
+    assert f"from {m - n_drop} labeled, 2 rounds ({n_drop} suspect labels dropped and labeled again)" in said, said
+    assert said.rstrip().endswith(f"-> {out}, {conf}"), said  # every file written, not --out alone
+    # --tau auto with a K given: the line names what the candidates had to beat (K given, tau default)
+    assert propagate_main([*base, "--out", out, "--k", "20", "--tau", "auto"]) == 0
+    assert "K = 20, tau = 0.07 stay unless clearly beaten)" in capsys.readouterr().out
+    assert propagate_main([*base, "--out", str(tmp_path / "plain.npy")]) == 0
+    assert propagate_main([*base, "--out", out, "--drop-suspects", f"{0.4 / m}"]) == 0
+    said = capsys.readouterr().out
+    assert f"of {m} labeled rows rounds to none: nothing dropped)" in said and f"from {m} labeled" in said, said
+    np.testing.assert_array_equal(np.load(out), np.load(tmp_path / "plain.npy"))
+    # class 0 with a single labeled row far from the others: the worst suspect, dropped, and named
+    few = labels.copy()
+    few[few == 0] = -1
+    few[np.flatnonzero(y == 3)[-1]] = 0
+    np.save(tmp_path / "few.npy", few)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "few.npy"), "--rounds", "2", "--quiet", "--out", out]
+    assert propagate_main([*argv, "--drop-suspects", "0.05"]) == 0
+    said = capsys.readouterr().out
+    assert "no labeled row left of class 0)" in said, said
+    assert (np.load(out) != 0).all()
+
+
 def test_drop_suspects_that_would_drop_every_label_is_one_line(tmp_path, capsys):
     _digits_embeddings(tmp_path)
     argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")]

@@ -80,8 +80,16 @@ def _label(args) -> int:
             ranked[k] = suspects.suspects_of(rows, labels, result, settings, comm=comm, progress=progress)
     if args.drop_suspects:
         used, dropped = suspects.drop_worst(labels, ranked[None], args.drop_suspects)
-        results = {None: Engine(rows, used, settings, comm=comm, progress=progress).run(**extras)}
-        note = f" ({len(dropped)} suspect labels dropped and labeled again)"
+        if len(dropped):
+            results = {None: Engine(rows, used, settings, comm=comm, progress=progress).run(**extras)}
+            note = f" ({len(dropped)} suspect labels dropped and labeled again"
+            gone = np.setdiff1d(np.unique(labels[labels >= 0]), used[used >= 0])
+            if len(gone):  # their every labeled row was a suspect: no vote can give them now
+                note += f"; no labeled row left of class{'es' if len(gone) > 1 else ''} {', '.join(map(str, gone))}"
+            note += ")"
+        else:  # round(F * M) = 0: nothing to drop, the first run stands
+            note = f" (--drop-suspects {args.drop_suspects:g} of {m} labeled rows rounds to none: nothing dropped)"
+        m = int((used >= 0).sum())
     if rank == 0:
         files, written = {}, []
         for k, result in results.items():
@@ -93,7 +101,6 @@ def _label(args) -> int:
             if args.min_confidence is not None:
                 out[(result.confidence < args.min_confidence) & (used < 0)] = -1
             files[name(args.out)] = ("npy", out)
-            written.append(name(args.out))
             if args.confidence_out:
                 files[name(args.confidence_out)] = ("npy", result.confidence)
             if args.probs_out:
@@ -105,6 +112,7 @@ def _label(args) -> int:
             if args.quality_out:
                 files[name(args.quality_out)] = ("npy", ranked[k].per_row(n))
         result = next(iter(results.values()))
+        written.extend(files)
 
         def save_model(stack):  # with the outputs: all of them move into place, or none
             written.append(

@@ -40,6 +40,9 @@ def _model_dir(text: str) -> str:
     """``--save-model``: a directory that exists or can be made (its parent exists)."""
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
+    inside = os.path.join(text, FILE)
+    if os.path.lexists(inside) and not os.path.isfile(inside):
+        raise argparse.ArgumentTypeError(f"{inside} exists and is not a file: the model could not replace it")
     parent = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(parent):
         raise argparse.ArgumentTypeError(f"{text}: directory {parent} does not exist")

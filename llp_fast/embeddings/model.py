@@ -118,6 +118,7 @@ def save(
     the file's path. With ``stack`` (a :class:`contextlib.ExitStack`: :func:`.outputs.write`'s
     ``also``) the file moves into place only as that stack closes without an error, with the
     other outputs."""
+    made = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, FILE)
     v_rows = np.asarray(result.voter_rows, dtype=np.int64)
@@ -136,8 +137,16 @@ def save(
     bias = np.zeros(len(v_rows), dtype) if result.voter_bias is None else np.asarray(result.voter_bias, dtype)
     meta = Model(torch.empty(0), result.voter_classes, None, result.classes, k, tau, normalize, min_confidence)
     own = contextlib.ExitStack() if stack is None else contextlib.nullcontext(stack)
+
+    def unmake(exc_type, exc, tb):  # a failed write leaves no folder it made (it runs last: pushed first)
+        if exc_type is not None and made:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        return False
+
     with (
         own as st,
+        contextlib.nullcontext(st.push(unmake)),
         zipfile.ZipFile(
             st.enter_context(atomic_path(path, suffix=".npz")), "w", zipfile.ZIP_STORED, allowZip64=True
         ) as zf,

@@ -40,12 +40,14 @@ Z = 3.0
 @dataclass
 class Choice:
     """The chosen ``k`` and ``tau``, the leave-one-out ``accuracy`` of every candidate
-    ``{(k, tau): accuracy}``, and how many labeled rows were voted on (``rows``)."""
+    ``{(k, tau): accuracy}``, how many labeled rows were voted on (``rows``), and the setting the
+    candidates had to beat clearly (``start``: the default's K and tau, or the one given)."""
 
     k: int
     tau: float
     accuracy: dict
     rows: int
+    start: tuple = (Settings().k, Settings().tau)
 
     def line(self, auto_k: bool, auto_tau: bool) -> str:
         """One line for the user: the choice, its accuracy, and the grid's best."""
@@ -56,7 +58,8 @@ class Choice:
         return (
             f"{what} from the data: K = {self.k}, tau = {self.tau:g}, leave-one-out accuracy "
             f"{100 * self.accuracy[(self.k, self.tau)]:.1f}% on {self.rows:,} labeled rows (the grid's best: "
-            f"{100 * best:.1f}% at K = {bk}, tau = {bt:g}; the default stays unless clearly beaten)"
+            f"{100 * best:.1f}% at K = {bk}, tau = {bt:g}; K = {self.start[0]}, tau = {self.start[1]:g} "
+            "stay unless clearly beaten)"
         )
 
 
@@ -113,7 +116,7 @@ def choose(
     labeled = np.flatnonzero(lab)
     m = len(labeled)
     if m < 2:  # nothing to leave one out of
-        return Choice(k0, tau0, {}, 0)
+        return Choice(k0, tau0, {}, 0, (k0, tau0))
     classes, y = np.unique(labels[labeled], return_inverse=True)
     queries = np.arange(m)
     if m > MAX_QUERIES:
@@ -141,7 +144,7 @@ def choose(
             correct[(k, tau)] = scored[min(k, m - 1)]
     chosen = pick(correct, (k0, tau0))
     accuracy = {key: float(c.mean()) for key, c in correct.items()}
-    return Choice(int(chosen[0]), float(chosen[1]), accuracy, len(queries))
+    return Choice(int(chosen[0]), float(chosen[1]), accuracy, len(queries), (k0, tau0))
 
 
 def pick(correct: dict, anchor: tuple, z: float | None = None) -> tuple:
