@@ -317,3 +317,20 @@ def test_extra_unlabeled_bad_selection_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr()[1]
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "cannot read selection" in err
+
+
+def test_a_pool_without_its_kind_says_which_to_give(tmp_path):
+    """A bare path names the prefix that reads it; a .npy pool behind npz: is memory-mapped."""
+    from llp_fast.errors import DataError
+
+    np.save(tmp_path / "pool.npy", np.zeros((3, 8, 8), np.uint8))
+    (tmp_path / "imgs").mkdir()
+    for spec, hint in (
+        (str(tmp_path / "pool.npy"), f"(this file: npz:{tmp_path / 'pool.npy'})"),
+        (str(tmp_path / "imgs"), f"(this folder: folder:{tmp_path / 'imgs'})"),
+        ("nothing", ""),
+    ):
+        with pytest.raises(DataError) as e:
+            open_pool(spec)
+        assert str(e.value) == f"unknown pool {spec!r}: expected npz:PATH or folder:PATH" + (" " + hint if hint else "")
+    assert len(open_pool(f"npz:{tmp_path / 'pool.npy'}")) == 3

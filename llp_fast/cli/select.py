@@ -28,7 +28,11 @@ def parser() -> argparse.ArgumentParser:
     )
     _common.add_version(ap)
     ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
-    ap.add_argument("--source", required=True, help="the pool: npz:PATH (uint8 'x', optional 'y') or folder:PATH")
+    ap.add_argument(
+        "--source",
+        required=True,
+        help="the pool: npz:PATH.npz (uint8 'x', optional 'y'), npz:PATH.npy (uint8 images, memory-mapped) or folder:PATH",
+    )
     ap.add_argument("--out", required=True, help="SELECTION.npz or SELECTION.json (written atomically)")
     ap.add_argument(
         "--top-classes", type=_common.POSITIVE_INT, default=10, help="P: classes kept per image (default 10)"

@@ -238,7 +238,12 @@ def open_pool(spec: str, workers: int = 2):
         if not paths:
             raise DataError(f"folder:{root}: no images found")
         return FilesPool([os.path.abspath(p) for p in paths], f"folder:{os.path.abspath(root)}", workers=workers)
-    raise DataError(f"unknown pool {spec!r}: expected npz:PATH or folder:PATH")
+    hint = ""
+    if spec.endswith((".npz", ".npy")):
+        hint = f" (this file: npz:{spec})"
+    elif os.path.isdir(spec):
+        hint = f" (this folder: folder:{spec})"
+    raise DataError(f"unknown pool {spec!r}: expected npz:PATH or folder:PATH{hint}")
 
 
 # -- llp-fast-train --extra-unlabeled ------------------------------------------------------------
