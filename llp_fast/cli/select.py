@@ -31,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--source",
         required=True,
-        help="the pool: npz:PATH.npz (uint8 'x', optional 'y'), npz:PATH.npy (uint8 images, memory-mapped) or folder:PATH",
+        help="the pool: npz:PATH.npz (uint8 'x', optional 'y'), npz:PATH.npy (uint8 images, memory-mapped) "
+        "or folder:PATH",
     )
     ap.add_argument("--out", required=True, help="SELECTION.npz or SELECTION.json (written atomically)")
     ap.add_argument(
