@@ -12,9 +12,10 @@
 //      cache (always the full tile: the last blocks are padded, so a score never depends on how the
 //      caller chunked the keys);
 //   2. one pass over each row of the tile asks, 64 columns at a time, whether any score can beat the
-//      row's threshold (from the block's largest product, scaled, plus its largest bias); only a block
-//      that has one scales, adds the bias and appends its candidates to the row's buffer (float32: a
-//      vector left-pack of the passing lanes, no per-column branch). Once a row has seen a few
+//      row's threshold (from the block's largest product, scaled, plus its largest bias; with AVX-512,
+//      of every 16 scores, scaled and biased); only a block (16 scores) that has one appends its
+//      candidates to the row's buffer (float32: a vector left-pack of the passing lanes, no
+//      per-column branch). Once a row has seen a few
 //      hundred keys the threshold rejects almost every block. This pass is compiled for AVX-512, AVX2
 //      and baseline x86-64 and chosen once by the CPU's features (csrc/cpu/scan_f32.cpp; never
 //      -march=native).
@@ -161,8 +162,9 @@ bool bf16_gemm();
 // returns where it stopped: n, or a block boundary once fewer than kRoom slots remain before cap (the
 // caller then shrinks the buffer). The multiply and the add round separately (-ffp-contract=off), as the
 // reference's mul_ and add_. Blocks are 64 columns from s[0] (j starts at a block boundary); bmax[b] is
-// the largest bias of block b, and a whole block whose largest s, scaled, plus bmax[b] does not beat
-// thr is passed over (rounding is monotone and inv_tau > 0: none of its scores can beat it).
+// the largest bias of block b, and (AVX2 and baseline variants) a whole block whose largest s, scaled,
+// plus bmax[b] does not beat thr is passed over (rounding is monotone and inv_tau > 0: none of its
+// scores can beat it); the AVX-512 variant compares every score instead, 16 at a time.
 using ScanF32 = int64_t (*)(const float* s, const float* bias, const float* bmax, int64_t j, int64_t n,
                             float inv_tau, float thr, uint32_t base, float* vals, uint32_t* idx, int64_t* count,
                             int64_t cap);
