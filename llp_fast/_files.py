@@ -211,7 +211,8 @@ def write_text(path: str, text: str, *, what: str = "") -> None:
         f.write(text.encode("utf-8"))
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (this one, or another user's: it cannot be signalled)."""
     if pid == os.getpid():
         return True
     try:
@@ -255,7 +256,7 @@ def sweep(directory: str, *, only: str | None = None) -> list[str]:
     removed = []
     for name in names:
         m = _TEMP.match(name)
-        if m is None or (only is not None and m["name"] != only) or _alive(int(m["pid"])):
+        if m is None or (only is not None and m["name"] != only) or alive(int(m["pid"])):
             continue
         path = os.path.join(directory, name)
         if _unlocked_remove(path):

@@ -292,6 +292,28 @@ def test_dist_timeout_is_a_flag_of_both_tools_and_the_variable_its_default(monke
         assert bad[0] in capsys.readouterr().err
 
 
+def test_a_killed_launchers_lines_folder_is_swept_by_the_next(tmp_path):
+    """A launcher killed by SIGKILL leaves its lines folder in $TMPDIR; the next launcher's start
+    removes the folders of launchers that no longer run, and only those."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    p = workers.LINES_PREFIX
+    names = {
+        f"{p}{dead.pid}-abc": False,  # its launcher is gone: swept, with what it holds
+        f"{p}{os.getpid()}-def": True,  # a running launcher's
+        f"{p}{os.getppid()}-ghi": True,
+        f"{p}x{dead.pid}-jkl": True,  # not a pid
+        "other-folder": True,
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0").write_text("a line\n")
+    (tmp_path / f"{p}{dead.pid}-file").write_text("a file, not a folder of ours")
+    removed = workers.sweep_lines(str(tmp_path))
+    assert [os.path.basename(r) for r in removed] == [f"{p}{dead.pid}-abc"]
+    assert sorted(os.listdir(tmp_path)) == sorted([n for n, keep in names.items() if keep] + [f"{p}{dead.pid}-file"])
+
+
 def test_a_process_started_with_sigint_blocked_and_one_that_dies_with_its_parent():
     """The baseline beside an LLP run: started deaf to the terminal's Ctrl-C (one that reached it
     while it started printed multiprocessing's traceback), and ended by the kernel's SIGTERM when

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 
-from .. import distributed
+from .. import _files, distributed
 from ..distributed.collectives import ERROR_LINES_ENV, INTERRUPTED_UNSAVED, LAUNCHER_ENV, PEER_LOST, QUIET_ENV
 
 GRACE = 5.0  # seconds the other ranks get to notice a lost rank and end by themselves
@@ -186,8 +186,9 @@ def run(nproc: int, module: str, argv: list[str], *, prog: str, max_restarts: in
     timeout = distributed.timeout_seconds()
     procs: list = []
     interrupted = []
+    sweep_lines()
     try:
-        lines = _Lines(tempfile.mkdtemp(prefix="llp-fast-lines-"))
+        lines = _Lines(tempfile.mkdtemp(prefix=f"{LINES_PREFIX}{os.getpid()}-"))
     except OSError:  # no room for the folder (a full /tmp): the ranks print their own lines
         lines = _Lines(None)
 
@@ -235,6 +236,35 @@ def run(nproc: int, module: str, argv: list[str], *, prog: str, max_restarts: in
             signal.signal(sig, handler)
         if lines.folder:
             shutil.rmtree(lines.folder, ignore_errors=True)
+
+
+LINES_PREFIX = "llp-fast-lines-"  # the lines folder: $TMPDIR/llp-fast-lines-<launcher pid>-<random>
+
+
+def sweep_lines(directory: str | None = None) -> list[str]:
+    """Removes the lines folders (``LINES_PREFIX<pid>-...``, this user's) of launchers that no longer
+    run: a launcher killed (SIGKILL, a lost machine) leaves its folder, which each launcher's start
+    then removes. Returns what it removed; never raises."""
+    directory = directory or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(LINES_PREFIX) :].split("-", 1)[0]
+        if not name.startswith(LINES_PREFIX) or not pid.isdigit() or _files.alive(int(pid)):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if not os.path.isdir(path) or os.path.islink(path) or os.stat(path).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
 
 
 class _Lines:
