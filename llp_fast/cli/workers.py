@@ -24,7 +24,7 @@ nodes. What differs is what happens when a rank is lost:
 The processes run in their own session, so a Ctrl-C at the terminal reaches this process alone,
 which hands it (and SIGTERM; SIGHUP, a closed terminal, as SIGTERM) on to each of them once: a
 training run checkpoints at its next step. Until the command installs handlers of its own, a rank
-that gets the signal ends at once, without a word, with :data:`INTERRUPTED_UNSAVED`
+that gets the signal ends at once, without a word, by the signal's default action
 (:data:`BOOTSTRAP`); it counts as interrupted, not lost, and the others get :data:`GRACE` (they
 may wait for it where no signal reaches them). Should this process die without a word (SIGKILL,
 the OOM killer), each rank gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``) and stops as if
@@ -73,20 +73,20 @@ def _stopped(pid: int) -> bool:
 # What each rank runs before the command's module: the kernel's SIGTERM should this launcher die
 # (Linux; a launcher already gone ends the rank at once), and until the command installs handlers
 # of its own (training: its checkpointing one; propagate: at once) a handed-on signal ends the rank
-# at once with INTERRUPTED_UNSAVED: as a KeyboardInterrupt it could land in imports or in C++
-# (pybind11's "terminate called ... KeyboardInterrupt", SIGABRT) and print tracebacks. The ranks
-# start with the signals blocked (the launcher blocks them while it starts them, and a mask is
+# at once by its default action, which _verdict reads as an interrupt: as a KeyboardInterrupt it
+# could land in imports or in C++ (pybind11's "terminate called ... KeyboardInterrupt", SIGABRT)
+# and print tracebacks, and a Python handler (os._exit) waits while the rank is inside C++ (gloo's
+# rendezvous: the other rank gone first, gloo printed "connectFullMesh failed" before it ran). The
+# ranks start with the signals blocked (the launcher blocks them while it starts them, and a mask is
 # inherited): one handed on while the interpreter itself starts waits until here (it was "Fatal
 # Python error: init_import_site" and exit status 1, a lost rank).
 BOOTSTRAP = f"""
 import os, runpy, signal, sys
 from llp_fast.cli._common import die_with_parent
 die_with_parent(int(os.environ["{LAUNCHER_ENV}"]))
-def _unsaved(signum, frame):
-    os._exit({INTERRUPTED_UNSAVED})
 handed = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 for s in handed:
-    signal.signal(s, _unsaved)
+    signal.signal(s, signal.SIG_DFL)
 signal.pthread_sigmask(signal.SIG_UNBLOCK, handed)
 runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
 """
