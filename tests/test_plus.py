@@ -124,6 +124,10 @@ def small_cnn(in_channels, width=6):
     return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
                          nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
+def drop_cnn(in_channels):  # draws from torch's global generator at every training step
+    return nn.Sequential(nn.Conv2d(in_channels, 6, 3, padding=1), nn.ReLU(), nn.Dropout(0.3),
+                         nn.Conv2d(6, 6, 3, padding=1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
 def not_a_module():
     return 3
 
@@ -165,6 +169,27 @@ def test_own_network_through_python_and_the_cli_resumes_exactly(tmp_path, factor
     a, b = (read_metrics(os.path.join(d, METRICS)) for d in (full, cut))
     assert untimed(a) == untimed(b) and len(a) == 2
     assert json.load(open(os.path.join(cut, "config.json")))["arch"] == "mynets:small_cnn"
+
+
+def test_folder_data_and_a_network_drawing_random_numbers_resume_exactly(tmp_path, factory_module):
+    """folder: images go through a DataLoader, whose every iterator drew its base seed from torch's
+    global generator: a run resumed mid-epoch makes one iterator more, and the network's dropout
+    then drew other numbers (the weights differed by up to 3e-3)."""
+    from llp_fast.train.checkpoint import load
+    from test_data import make_folder
+
+    root = make_folder(tmp_path / "imgs", classes=3, per_class=12, size=(10, 10))
+    flags = ["--data", f"folder:{root}", "--arch", "mynets:drop_cnn", "--epochs", "2", "--batch-size", "8"]
+    flags += ["--labeled-fraction", "0.3", "--baseline", "off", "--quiet", "--threads", "1", "--workers", "0"]
+    flags += ["--image-size", "8", "--k", "3", "--t", "5", "--propagation-start", "1"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    assert train_main([*flags, "--run-dir", full]) == 0
+    assert train_main([*flags, "--run-dir", cut, "--stop-after-steps", "3"]) == 130
+    assert train_main(["--resume", cut, "--quiet"]) == 0
+    a, b = (read_metrics(os.path.join(d, METRICS)) for d in (full, cut))
+    assert untimed(a) == untimed(b) and len(a) == 2
+    wa, wb = (load(os.path.join(d, CHECKPOINT))["model"] for d in (full, cut))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_fit_refuses_what_a_new_run_or_a_resume_would_lose(tmp_path, factory_module):

@@ -221,7 +221,9 @@ class FilesPool:
         else:
             dataset, keys = _Decoded(self.paths, fmt), ids
         batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.workers)
+        loader = torch.utils.data.DataLoader(  # its own generator: torch's global one stays untouched
+            dataset, batch_sampler=batches, num_workers=self.workers, generator=torch.Generator()
+        )
         for x, i in loader:
             yield x, i.long()
 

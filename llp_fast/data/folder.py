@@ -283,12 +283,17 @@ class FolderSource:
 
     def _loader(self, dataset, keys, batch_size):
         batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
+        # Its own generator: each iterator draws a base seed (for its workers) from the loader's
+        # generator, by default torch's global one, which the network's own draws (dropout) share:
+        # a run resumed mid-epoch makes one iterator more than the uninterrupted run, and every later
+        # draw shifted. The samples' randomness is their own seed (sample_seed), not this.
         return torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batches,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_batches(self, order: torch.Tensor, batch_size: int, gen=None, *, start: int = 0, epoch: int = 0):
