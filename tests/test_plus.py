@@ -175,8 +175,9 @@ def test_folder_data_and_a_network_drawing_random_numbers_resume_exactly(tmp_pat
     """folder: images go through a DataLoader, whose every iterator drew its base seed from torch's
     global generator: a run resumed mid-epoch makes one iterator more, and the network's dropout
     then drew other numbers (the weights differed by up to 3e-3)."""
-    from llp_fast.train.checkpoint import load
     from test_data import make_folder
+
+    from llp_fast.train.checkpoint import load
 
     root = make_folder(tmp_path / "imgs", classes=3, per_class=12, size=(10, 10))
     flags = ["--data", f"folder:{root}", "--arch", "mynets:drop_cnn", "--epochs", "2", "--batch-size", "8"]
