@@ -41,6 +41,10 @@ def test_large_colour_data_in_files_gets_the_papers_settings():
     assert (cfg.image_size, cfg.flip, cfg.scale_min, cfg.translate) == (224, True, 0.35, 0.0)
     assert cfg.label_init == "instance"  # no pixel vote over files
     assert resolved(kind="arrays", side=96, channels=3).label_init == "instance"  # nor over large images
+    # small colour images too: flips, wide crops, no shift (it was 1 px at 8 px or less, said "none")
+    cfg, said = defaults.resolve(TrainConfig(device="cpu", run_dir="r"), facts(side=8, channels=3))
+    assert (cfg.flip, cfg.scale_min, cfg.translate) == (True, 0.35, 0.0)
+    assert "--translate 0.0 (colour images: crops, no shift)" in " ".join(said), said
 
 
 def test_given_settings_win_and_methods_set_their_parts():

@@ -72,6 +72,32 @@ def test_whole_bank_vote_stores_the_engines_labels(tmp_path):
     assert torch.equal(bank.labels[:m], bank.labeled_classes) and bool((bank.confidence[:m] == 1).all())
 
 
+def test_whole_bank_vote_takes_the_cap_and_pool_given(tmp_path):
+    """--max-voters 0 is a cap of 0 pseudo-labeled voters (it meant no cap: O(N^2)), and one round
+    takes --density-pool (it took the unlabeled rows whatever was given), as llp-fast-propagate does."""
+    tr = Trainer(tiny_config(tmp_path, **PLUS))
+    bank = tr.bank
+    gen = torch.Generator().manual_seed(1)
+    bank.embeddings.copy_(torch.nn.functional.normalize(torch.randn(bank.embeddings.shape, generator=gen), dim=1))
+    m = bank.num_labeled
+    labels = np.full(len(bank), -1)
+    labels[:m] = bank.labeled_classes.numpy()
+    common = dict(k=tr.k, t=tr.cfg.t, tau=tr.cfg.tau, normalize=False)
+    for change, want_kw in (
+        (dict(max_voters=0), dict(rounds=3, max_voters=0)),
+        (dict(refresh_rounds=1, density_pool="all"), dict(rounds=1, density_pool="all")),
+    ):
+        cfg = dataclasses.replace(tr.cfg, **change)
+        want = label_embeddings(bank.embeddings, labels, **common, **want_kw)
+        relabel(bank, cfg, k=tr.k)
+        assert np.array_equal(bank.labels[m:].numpy(), want.labels[m:]), change
+        np.testing.assert_array_equal(bank.confidence[m:].numpy(), want.confidence[m:])
+    cap0 = label_embeddings(bank.embeddings, labels, **common, rounds=3, max_voters=0)
+    assert len(cap0.voter_rows) == m  # the labeled rows alone vote
+    uncapped = label_embeddings(bank.embeddings, labels, **common, rounds=3, max_voters=None)
+    assert not np.array_equal(cap0.labels, uncapped.labels)
+
+
 def test_weight_average_follows_the_formula():
     net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     avg = WeightAverage(net, 0.9)

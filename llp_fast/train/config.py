@@ -102,7 +102,7 @@ class TrainConfig:
     )
     translate: float | None = _opt(
         None,
-        "translation jitter in source pixels (default: 1 for images of 8 px or less, 2 for other grayscale, 0)",
+        "translation jitter in source pixels (default: grayscale 1 for images of 8 px or less, else 2; colour 0)",
         group="data",
         check=optional(nonneg_float),
     )

@@ -53,13 +53,18 @@ class _ShardRows:
 
 
 def _settings(cfg, k: int, device) -> Settings:
+    """The engine's settings for the whole-bank vote: ``--max-voters`` as given (0 is a cap of 0, as
+    for ``llp-fast-propagate``; it was read as no cap), and with one round the run's
+    ``--density-pool``, as the one-round start vote and the density refreshes take it (more rounds:
+    every row, docs/method.md §7.2)."""
     return Settings(
         k=k,
         t=cfg.t,
         tau=cfg.tau,
         density=cfg.density_weighting,
+        density_pool=cfg.density_pool if cfg.refresh_rounds == 1 else "auto",
         rounds=cfg.refresh_rounds,
-        max_voters=cfg.max_voters or None,
+        max_voters=cfg.max_voters,
         device=str(device),
     )
 
