@@ -308,3 +308,58 @@ def test_config_roundtrip_in_checkpoint(tmp_path):
     train(cfg)
     saved = json.load(open(os.path.join(cfg.run_dir, "config.json")))
     assert saved["k"] == 3 and saved["data"] == "digits"
+
+
+@pytest.mark.parametrize(
+    "n, batch, labeled_batch, supervised_only, begun, world",
+    [
+        (101, 16, 0, False, 2, 1),  # --nproc 2 interrupted, resumed in one process
+        (101, 16, 0, False, 1, 2),
+        (100, 12, 0, False, 3, 2),
+        (77, 10, 4, False, 2, 1),  # a labeled stream beside the drawn batches
+        (77, 10, 4, False, 1, 2),
+        (53, 8, 0, True, 2, 1),  # the supervised-only baseline's epochs
+    ],
+)
+def test_an_epoch_begun_by_other_processes_is_finished_in_its_own_order(
+    n, batch, labeled_batch, supervised_only, begun, world
+):
+    """Resumed inside an epoch that another number of processes began, each of its global steps
+    takes the examples that step had (shared out among the new ranks): the epoch still visits its
+    one permutation (it was redrawn at the new world size, 363 of 1,438 examples seen twice)."""
+    labeled = torch.arange(0, n, 3)
+    base = order.Schedule(n=n, labeled=labeled, batch_size=batch, labeled_batch=labeled_batch, seed=5)
+    began = dataclasses.replace(base, world=begun, supervised_only=supervised_only)
+    now = dataclasses.replace(began, world=world)
+    start = torch.Generator().manual_seed(9).get_state()
+    steps = began.steps_per_epoch()
+
+    def batches(o, size):
+        return [o[i * size : (i + 1) * size] for i in range(steps)]
+
+    old = []
+    for r in range(begun):
+        gen = torch.Generator()
+        gen.set_state(start)
+        old.append(batches(order.epoch_order(began, gen, rank=r, epoch=3), began.loader_batch_size()))
+    assert order.check_regroup(now, begun, world) is None
+    new = []
+    for r in range(world):
+        gen = torch.Generator()
+        gen.set_state(start)
+        o, size, k = order.for_rank(now, gen, begun, r, 3)
+        assert k == steps and len(o) == sum(len(b) for b in batches(o, size))
+        new.append(batches(o, size))
+    for i in range(steps):
+        had = torch.cat([old[r][i] for r in range(begun)])
+        got = torch.cat([new[r][i] for r in range(world)])
+        assert len({len(new[r][i]) for r in range(world)}) == 1  # every rank the same share of a step
+        pad = len(got) - len(had)
+        assert 0 <= pad < world and sorted(got.tolist()) == sorted(had.tolist() + had[:pad].tolist()), i
+
+
+def test_an_epoch_that_cannot_be_shared_out_is_refused_in_one_line(tmp_path):
+    s = order.Schedule(n=50, labeled=torch.arange(5), batch_size=7)
+    assert order.check_regroup(dataclasses.replace(s, world=2), 1, 2) == (
+        "its steps of 7 examples cannot be shared by 2 processes"
+    )

@@ -112,6 +112,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.order_state = self.gen_order.get_state()  # generator state at the current epoch's start
+        self.epoch_world = self.world  # how many processes began the current epoch (its order's)
         self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0, "masked": 0.0}
         self.history: list[dict] = []  # one metrics row per completed epoch
         self.stop_signal = None
@@ -229,6 +230,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "order_state": self.order_state,
+            "epoch_world": self.epoch_world,
             "epoch_stats": dict(self.epoch_stats),
             **self.net.state_dict(),
             "targets": self.targets.cpu(),
@@ -276,6 +278,13 @@ class Trainer:
         self.step_in_epoch = ckpt["step_in_epoch"]
         self.global_step = ckpt["global_step"]
         self.order_state = ckpt["order_state"]
+        self.epoch_world = ckpt.get("epoch_world", self.world) if self.step_in_epoch else self.world
+        why = order.check_regroup(self.schedule(), self.epoch_world, self.world)  # None: any world finishes it
+        if why:
+            raise CheckpointError(
+                f"{path} was saved inside epoch {self.epoch + 1}, begun by {self.epoch_world} processes: {why}; "
+                f"resume with --nproc {self.epoch_world}"
+            )
         self.epoch_stats = dict(ckpt["epoch_stats"])
         self.history = list(ckpt["history"])
 
@@ -353,17 +362,14 @@ class Trainer:
             self.drop_extra_rows()  # fine-tuning on the original data only (paper App. B)
         warmup = e < cfg.warmup_epochs
         if self.step_in_epoch == 0:
-            self.order_state = self.gen_order.get_state()
+            self.order_state, self.epoch_world = self.gen_order.get_state(), self.world
             self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0, "masked": 0.0}
             self.epoch_stats.update(self._epoch_start(e, warmup))
         else:  # resumed inside an epoch: replay its permutation from the saved state
             self.gen_order.set_state(self.order_state)
-        plan = self.schedule()
-        steps = plan.steps_per_epoch()
-        epoch_order = order.epoch_order(plan, self.gen_order, rank=self.rank, epoch=e)
-        batches = self.source.train_batches(
-            epoch_order, plan.loader_batch_size(), self.gen_aug, start=self.step_in_epoch, epoch=e
-        )
+        # (resumed inside an epoch that another number of processes began: its order, shared out)
+        epoch_order, size, steps = order.for_rank(self.schedule(), self.gen_order, self.epoch_world, self.rank, e)
+        batches = self.source.train_batches(epoch_order, size, self.gen_aug, start=self.step_in_epoch, epoch=e)
         st, t0 = self.epoch_stats, time.perf_counter()
         base_seconds = st["seconds"]
         with self.progress.bar(steps, f"epoch {e + 1}/{cfg.epochs}", "step", initial=self.step_in_epoch) as bar:

@@ -15,6 +15,7 @@ start is saved, so a resumed epoch draws the same order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -98,3 +99,50 @@ def _rank_order(s: Schedule, rank: int, epoch: int) -> torch.Tensor:
     )
     sampler.set_epoch(epoch)
     return base[torch.tensor(list(sampler), dtype=torch.long)]
+
+
+def for_rank(s: Schedule, gen: torch.Generator, begun: int, rank: int, epoch: int) -> tuple[torch.Tensor, int, int]:
+    """This rank's dataset indices for the epoch, its batch size and the epoch's steps: the epoch's
+    own order (:func:`epoch_order`) where ``begun`` (the processes that began the epoch) is
+    ``s.world``, else that epoch's order shared out among ``s.world`` (:func:`regrouped`)."""
+    if begun == s.world:
+        return epoch_order(s, gen, rank=rank, epoch=epoch), s.loader_batch_size(), s.steps_per_epoch()
+    began = dataclasses.replace(s, world=begun)
+    order, size = regrouped(began, gen, world=s.world, rank=rank, epoch=epoch)
+    return order, size, began.steps_per_epoch()
+
+
+def check_regroup(s: Schedule, begun: int, world: int) -> str | None:
+    """Why an epoch of ``s`` begun by ``begun`` processes cannot be finished by ``world`` (None: it
+    can, :func:`regrouped`): its global steps' examples must share out evenly."""
+    began = dataclasses.replace(s, world=begun)
+    full = begun * began.loader_batch_size()
+    return None if full % world == 0 else f"its steps of {full} examples cannot be shared by {world} processes"
+
+
+def regrouped(s: Schedule, gen: torch.Generator, *, world: int, rank: int, epoch: int) -> tuple[torch.Tensor, int]:
+    """The epoch of ``s`` (begun by ``s.world`` processes) finished by ``world`` processes: each of its
+    global steps (the ``s.world`` ranks' batches of that step, together) is shared out among the new
+    ranks, so that the epoch still visits the examples of its one permutation once each, however
+    many processes resume it. Returns this ``rank``'s dataset indices and its batch size (the
+    last step's share may be shorter). ``gen``: at the epoch's start (every rank of ``s`` drew from
+    that state). Raises ValueError when a global step cannot be shared out evenly."""
+    steps, start = s.steps_per_epoch(), gen.get_state()
+    per_rank = []
+    for r in range(s.world):
+        gen.set_state(start)
+        o = epoch_order(s, gen, rank=r, epoch=epoch)
+        b = s.loader_batch_size()
+        per_rank.append([o[i * b : (i + 1) * b] for i in range(steps)])
+    why = check_regroup(s, s.world, world)
+    if why:
+        raise ValueError(why)
+    share = sum(len(per_rank[r][0]) for r in range(s.world)) // world
+    mine = []
+    for i in range(steps):
+        step = torch.cat([per_rank[r][i] for r in range(s.world)])
+        if len(step) % world:  # a shorter last step: padded with its first examples, as DistributedSampler pads
+            step = torch.cat([step, step[: world - len(step) % world]])
+        part = len(step) // world  # every rank the same share of every step (share, or less in the last)
+        mine.append(step[rank * part : (rank + 1) * part])
+    return torch.cat(mine), share
