@@ -56,14 +56,18 @@ def test_plus_resumes_mid_epoch_exactly(tmp_path):
     assert torch.equal(ma["bank"]["pieces"][0]["labels"], mb["bank"]["pieces"][0]["labels"])
 
 
-def test_whole_bank_vote_stores_the_engines_labels(tmp_path):
+def _random_bank(tmp_path, seed):
+    """A plus trainer whose bank holds random unit rows; the bank's labels as the engine reads them."""
     tr = Trainer(tiny_config(tmp_path, **PLUS))
-    bank = tr.bank
-    gen = torch.Generator().manual_seed(0)
-    bank.embeddings.copy_(torch.nn.functional.normalize(torch.randn(bank.embeddings.shape, generator=gen), dim=1))
-    m = bank.num_labeled
-    labels = np.full(len(bank), -1)
-    labels[:m] = bank.labeled_classes.numpy()
+    gen = torch.Generator().manual_seed(seed)
+    tr.bank.embeddings.copy_(torch.nn.functional.normalize(torch.randn(tr.bank.embeddings.shape, generator=gen), dim=1))
+    labels = np.full(len(tr.bank), -1)
+    labels[: tr.bank.num_labeled] = tr.bank.labeled_classes.numpy()
+    return tr, tr.bank, tr.bank.num_labeled, labels
+
+
+def test_whole_bank_vote_stores_the_engines_labels(tmp_path):
+    tr, bank, m, labels = _random_bank(tmp_path, 0)
     want = label_embeddings(bank.embeddings, labels, rounds=3, k=tr.k, t=tr.cfg.t, tau=tr.cfg.tau, normalize=False)
     stats = relabel(bank, tr.cfg, k=tr.k)
     assert np.array_equal(bank.labels[m:].numpy(), want.labels[m:])
@@ -75,13 +79,7 @@ def test_whole_bank_vote_stores_the_engines_labels(tmp_path):
 def test_whole_bank_vote_takes_the_cap_and_pool_given(tmp_path):
     """--max-voters 0 is a cap of 0 pseudo-labeled voters (it meant no cap: O(N^2)), and one round
     takes --density-pool (it took the unlabeled rows whatever was given), as llp-fast-propagate does."""
-    tr = Trainer(tiny_config(tmp_path, **PLUS))
-    bank = tr.bank
-    gen = torch.Generator().manual_seed(1)
-    bank.embeddings.copy_(torch.nn.functional.normalize(torch.randn(bank.embeddings.shape, generator=gen), dim=1))
-    m = bank.num_labeled
-    labels = np.full(len(bank), -1)
-    labels[:m] = bank.labeled_classes.numpy()
+    tr, bank, m, labels = _random_bank(tmp_path, 1)
     common = dict(k=tr.k, t=tr.cfg.t, tau=tr.cfg.tau, normalize=False)
     for change, want_kw in (
         (dict(max_voters=0), dict(rounds=3, max_voters=0)),
