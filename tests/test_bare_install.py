@@ -108,6 +108,13 @@ def test_each_command_works_or_names_the_extra(bare):
     rc, out, err = _run(bare, "llp-fast-linear-probe", "r", "--data", "npz:small.npz", "--epochs", "2")
     assert rc == 0, err
     _one_line(_run(bare, "llp-fast-analyze", "r"), "llp-fast-analyze", "analyze")
+    # the report for a bug report: every extra missing, each with its pip line; and --version
+    rc, out, err = _run(bare, py, "-m", "llp_fast")
+    assert rc == 0 and "extension: not loaded (LLP_FAST_DISABLE_EXT=1)" in out, err
+    assert "extra data: missing scikit-learn, mlxtend, pillow (pip install 'llp_fast[data]')" in out, out
+    assert "extra dali: missing nvidia-dali-cuda120 (pip install 'llp_fast[dali]')" in out, out
+    rc, out, err = _run(bare, "llp-fast-propagate", "--version")
+    assert rc == 0 and out.startswith("llp-fast-propagate 0.") and not err, err
 
     # the estimator: one clear ImportError naming the extra
     code = "import llp_fast\ntry:\n    llp_fast.LocalLabelPropagation\nexcept ImportError as e:\n    print(e)\n"
