@@ -13,8 +13,12 @@ From ``RUN_DIR/metrics.jsonl`` (one JSON object per epoch) and ``RUN_DIR/checkpo
   embeddings of a few classes, labeled points marked; ``aggregation_hist.png`` — Fig. 2c,
   the histogram of the per-class aggregation (norm of the class-mean embedding).
 
-D_i is recomputed from the bank with :func:`llp_fast.local_density` (the unlabeled pool,
-the run's T and tau), so it is comparable between an LLP and a NoDW run.
+D_i in ``density.png`` is recomputed from the final bank with :func:`llp_fast.local_density`
+(the unlabeled pool, the run's T and tau; the mean density, not its log), so it is comparable
+between an LLP and a NoDW run, which stores no densities. ``corr.png`` plots the run's own
+``corr_density_count`` (metrics.jsonl): the mean of each class's stored log-densities, those the
+epoch's votes used (the run's pool), against Q_i. The two are different measures of the same
+relation and their r differ (-0.39 against +0.37 on one short run); both figures say which is shown.
 """
 
 from __future__ import annotations
@@ -143,7 +147,7 @@ def plot_density(runs, dq, path_scatter, path_hist):
         ok = np.isfinite(d)
         r = np.corrcoef(d[ok], q[ok])[0, 1] if ok.sum() > 2 and d[ok].std() > 0 and q[ok].std() > 0 else float("nan")
         ax.scatter(d[ok], q[ok], s=18, alpha=0.8)
-        ax.set_xlabel("D_i: mean density of labeled points of class i")
+        ax.set_xlabel("D_i: mean density of class i's labeled points (final bank, unlabeled pool)")
         ax.set_ylabel("Q_i: unlabeled examples pseudo-labeled i")
         ax.set_title(f"{run['name']}  (Pearson r = {r:.2f})", fontsize=10)
         ax.grid(alpha=0.3)
@@ -171,8 +175,8 @@ def plot_corr(runs, path):
         ax.plot(xs, ys, marker="o", ms=3, label=run["name"])
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("corr(D_i, Q_i)")
-    ax.set_title("density / pseudo-label count correlation", fontsize=10)
+    ax.set_ylabel("corr(mean log-density, Q_i)")
+    ax.set_title("each epoch's own densities (metrics.jsonl) against Q_i", fontsize=10)
     if ax.has_data():
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

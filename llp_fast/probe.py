@@ -136,8 +136,7 @@ def train_readout(
         torch.manual_seed(seed)
         head = torch.nn.Linear(xtr.shape[1], num_classes)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=patience)
-    best, best_state, best_epoch, n_drops, cur_lr, stale = -float("inf"), None, 0, 0, lr, 0
+    best, best_state, best_epoch, n_drops, stale = -float("inf"), None, 0, 0, 0
     xf, yf = xtr[fit], ytr[fit]
     epoch = 0
     for epoch in range(1, epochs + 1):
@@ -155,13 +154,15 @@ def train_readout(
             best_state = {k: t.clone() for k, t in head.state_dict().items()}
         else:
             stale += 1
-        sched.step(v1)
-        new_lr = opt.param_groups[0]["lr"]
-        if new_lr < cur_lr:
-            n_drops, cur_lr = n_drops + 1, new_lr
-        # after the last drop, stop once validation saturates again
-        if n_drops > drops or (n_drops == drops and stale > patience):
-            break
+        # `patience` epochs without a better validation top-1 (since the last drop): x0.1, and after
+        # the last drop, once validation saturates again at that rate, stop (it stopped at the last
+        # drop itself, never training at the last rate, ReduceLROnPlateau's count one epoch late)
+        if stale >= patience:
+            if n_drops == drops:
+                break
+            n_drops, stale = n_drops + 1, 0
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
     head.load_state_dict(best_state)
     with torch.no_grad():
         top1, top5 = _topk(head(xte), yte)

@@ -84,6 +84,34 @@ def test_readout_on_separable_features_and_lr_drops():
     assert res["test_top1"] > 0.95 and res["val_top1"] is None
 
 
+def test_the_readout_trains_at_each_rate_until_validation_saturates():
+    """x0.1 after `patience` epochs without a better validation top-1, twice; then `patience` epochs
+    at the last rate and stop (it stopped at the second drop itself, and dropped one epoch late).
+    Features far apart: validation reaches 100% and cannot improve after its best epoch."""
+    import llp_fast.probe as probe
+
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 8, generator=gen) * 50
+    y = torch.arange(300) % 3
+    x = centres[y] + torch.randn(300, 8, generator=gen)
+    rates = []
+    real_sgd = torch.optim.SGD
+
+    class Recording(real_sgd):
+        def step(self, closure=None):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    probe.torch.optim.SGD = Recording
+    try:
+        res = train_readout(x[:240], y[:240], x[240:], y[240:], 3, epochs=100, patience=3, batch_size=1000)
+    finally:
+        probe.torch.optim.SGD = real_sgd
+    best = res["best_epoch"]
+    assert res["val_top1"] == 1.0 and (res["epochs_run"], res["lr_drops"]) == (best + 3 * 3, 2)
+    assert rates == pytest.approx([0.01] * (best + 3) + [0.001] * 3 + [0.0001] * 3)  # one step an epoch
+
+
 def test_split_val_is_stratified():
     y = torch.tensor([0] * 20 + [1] * 10 + [2] * 1)
     fit, val = _split_val(y, 0.1, 0)
@@ -135,4 +163,8 @@ def test_pixels_control_and_repeats(ckpt, tmp_path):
     res = json.loads(out.read_text())
     assert res["pixels"] is True and res["feature_dim"] == 8 * 8 and len(res["repeats"]) == 2
     assert res["test_top1"] == pytest.approx(np.mean([r["test_top1"] for r in res["repeats"]]))
+    # every readout's own numbers in repeats; at the top only means and what they share
+    assert res["val_top1"] == pytest.approx(np.mean([r["val_top1"] for r in res["repeats"]]))
+    assert all({"best_epoch", "epochs_run", "lr_drops", "fit_top1"} <= set(r) for r in res["repeats"])
+    assert not {"best_epoch", "epochs_run", "lr_drops"} & set(res)
     assert res["test_top1_std"] >= 0.0

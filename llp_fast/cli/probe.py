@@ -125,12 +125,16 @@ def _main(args) -> int:
     ]
     # repeats share the features and the test split; they redraw the validation split,
     # the readout's initialisation and the mini-batch order
-    res = dict(runs[0])
-    for key in ("test_top1", "test_top5"):
-        vals = np.array([r[key] for r in runs])
-        res[key] = float(vals.mean())
-        res[key + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-    res["repeats"] = [{k: r[k] for k in ("test_top1", "test_top5", "val_top1", "best_epoch")} for r in runs]
+    # at the top: what every readout shares, and the means (and the test scores' std) of what each
+    # measures; each readout's own numbers in "repeats" (its epochs and drops were readout 0's)
+    own = ("test_top1", "test_top5", "val_top1", "fit_top1", "best_epoch", "epochs_run", "lr_drops")
+    res = dict(runs[0]) if len(runs) == 1 else {k: v for k, v in runs[0].items() if k not in own}
+    for key in ("test_top1", "test_top5", "val_top1", "fit_top1"):
+        vals = [r[key] for r in runs]
+        res[key] = None if None in vals else float(np.mean(vals))
+        if key.startswith("test"):
+            res[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    res["repeats"] = [{k: r[k] for k in own} for r in runs]
     fmt = native_format(net_source)
     res = {
         "checkpoint": os.path.abspath(args.checkpoint),

@@ -178,8 +178,9 @@ class NpzPool:
 
 
 class _Decoded(torch.utils.data.Dataset):
-    """(uint8 image in native format, position) for an array network: grey or RGB, centred
-    square, resized with PIL's antialiasing filter."""
+    """(uint8 image in native format, position) for an array network: decoded as RGB, then
+    :func:`adapt`, as an ``npz:`` pool's arrays are (PIL's own resize works in 8-bit fixed point:
+    the same images as files and as arrays selected differently)."""
 
     def __init__(self, files, fmt):
         self.files, self.fmt = files, fmt
@@ -188,17 +189,8 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-
-        _, c, side = self.fmt
-        im = open_image(self.files[i], "L" if c == 1 else "RGB")
-        w, h = im.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        im = im.resize((side, side), Image.BILINEAR, box=(left, top, left + s, top + s))
-        arr = np.asarray(im, dtype=np.uint8)
-        t = torch.from_numpy(arr.copy())
-        return (t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)), i
+        arr = np.asarray(open_image(self.files[i], "RGB"), dtype=np.uint8)
+        return adapt(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None], self.fmt)[0], i
 
 
 class FilesPool:
