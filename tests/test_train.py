@@ -303,6 +303,35 @@ def test_lr_schedule_milestones_and_rate_jump():
     assert [lr_at(cfg, e) for e in (30, 40, 50)] == pytest.approx([0.01, 0.001, 0.0001])
 
 
+def test_the_default_schedule_around_a_rate_jump(tmp_path):
+    """With --rate-jump the default milestones fall before it (2/3 and 8/9 of the epochs before the
+    jump) and two drops follow it (2/3 and 8/9 of the rest): the jump raises the rate. They were at
+    2/3 and 8/9 of the whole run, the jump changed nothing and the drop after it was ignored;
+    without --jump-milestones none followed."""
+    from llp_fast.errors import ConfigError
+    from llp_fast.train.api import prepare
+    from llp_fast.train.config import check_new_schedule, validate
+    from llp_fast.train.defaults import resolve
+    from test_defaults import facts
+
+    cfg = resolve(TrainConfig(device="cpu", run_dir="r", epochs=40, rate_jump=30), facts())[0]
+    assert (cfg.milestones, cfg.jump_milestones) == ([20, 27], [37, 39])
+    rates = [lr_at(cfg, e) for e in (0, 20, 27, 29, 30, 37, 39)]
+    assert rates == pytest.approx([0.1, 0.01, 0.001, 0.001, 0.01, 0.001, 0.0001])
+    given = resolve(TrainConfig(device="cpu", run_dir="r", epochs=40, rate_jump=30, jump_milestones=[35, 38]), facts())
+    assert (given[0].milestones, given[0].jump_milestones) == ([20, 27], [35, 38])  # README's command
+    assert resolve(TrainConfig(device="cpu", run_dir="r", epochs=40), facts())[0].milestones == [27, 36]
+    with pytest.raises(ConfigError, match="--jump-milestones 5,6: each must come after --rate-jump 30"):
+        validate(TrainConfig(epochs=40, rate_jump=30, jump_milestones=[5, 6]))
+    with pytest.raises(ConfigError, match="--jump-milestones: the drops after a rate jump need --rate-jump"):
+        validate(TrainConfig(epochs=40, jump_milestones=[35]))
+    with pytest.raises(ConfigError, match="--milestones 27,36: at or after --rate-jump 30"):
+        check_new_schedule(TrainConfig(epochs=40, milestones=[27, 36], rate_jump=30))
+    with pytest.raises(ConfigError, match="--milestones 27,36: at or after --rate-jump 30"):
+        prepare(tiny(tmp_path, epochs=40, milestones=[27, 36], rate_jump=30))  # a new run, before any data
+    check_new_schedule(TrainConfig(epochs=40, milestones=[20, 27], rate_jump=30))
+
+
 def test_config_roundtrip_in_checkpoint(tmp_path):
     cfg = tiny(tmp_path, epochs=1, k=3)
     train(cfg)

@@ -25,7 +25,7 @@ import torch
 from ..errors import ConfigError
 from ..nn import GIVEN
 from . import checkpoint, report
-from .config import RESUMABLE, TrainConfig, check_value, fields
+from .config import RESUMABLE, TrainConfig, check_new_schedule, check_value, fields
 from .defaults import absolute_data
 from .loop import Trainer
 
@@ -120,6 +120,8 @@ def prepare(
         keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps")}
         keep = {k: v for k, v in keep.items() if v is not None}
         cfg = dataclasses.replace(saved_cfg, **keep)
+    if ckpt is None:
+        check_new_schedule(cfg)
     if ckpt is not None and cfg.epochs < ckpt["epoch"]:
         raise ConfigError(f"--epochs {cfg.epochs}: the run in {cfg.run_dir} has completed {ckpt['epoch']} epochs")
     # the checkpoint holds the weights: --init-weights is read when a run starts, not when it resumes

@@ -189,10 +189,18 @@ class TrainConfig:
         check=optional(epoch_list),
     )
     rate_jump: int | None = _opt(
-        None, "epoch where the lr jumps back to 0.1 x initial", group="model", check=optional(count)
+        None,
+        "epoch where the lr jumps back to 0.1 x initial (the default milestones then fall at 2/3 and 8/9 of the "
+        "epochs before it)",
+        group="model",
+        check=optional(count),
     )
     jump_milestones: list[int] = _opt(
-        None, "two more x0.1 drops after the jump", group="model", check=epoch_list, factory=list
+        None,
+        "two more x0.1 drops after the jump (default: at 2/3 and 8/9 of the epochs after it)",
+        group="model",
+        check=epoch_list,
+        factory=list,
     )
     amp: str = _opt(
         "auto",
@@ -340,7 +348,28 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         setattr(cfg, f.name, check_value(f, getattr(cfg, f.name)))
     if cfg.rate_jump is not None and cfg.epochs is not None and cfg.rate_jump >= cfg.epochs:
         raise ConfigError(f"--rate-jump {cfg.rate_jump} must come before the last epoch ({cfg.epochs})")
+    jump = cfg.rate_jump
+    if cfg.jump_milestones and jump is None:
+        raise ConfigError("--jump-milestones: the drops after a rate jump need --rate-jump")
+    if jump is not None and any(m <= jump for m in cfg.jump_milestones):
+        raise ConfigError(f"--jump-milestones {_epochs(cfg.jump_milestones)}: each must come after --rate-jump {jump}")
     return cfg
+
+
+def check_new_schedule(cfg: TrainConfig) -> None:
+    """A new run's ``--milestones`` all before its ``--rate-jump`` (``lr_at`` uses none after it:
+    they were dropped without a word). Not for a resume: runs saved before this check took default
+    milestones past their jump, and keep them."""
+    jump = cfg.rate_jump
+    if jump is not None and any(m >= jump for m in cfg.milestones or ()):
+        raise ConfigError(
+            f"--milestones {_epochs(cfg.milestones)}: at or after --rate-jump {jump} (the drops after the jump "
+            "are --jump-milestones)"
+        )
+
+
+def _epochs(ms) -> str:
+    return ",".join(str(m) for m in ms)
 
 
 def from_dict(saved: dict) -> TrainConfig:

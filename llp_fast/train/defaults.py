@@ -182,8 +182,12 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     if cfg.max_voters is None:
         chosen["max_voters"] = DEFAULT_MAX_VOTERS
     cfg = dataclasses.replace(cfg, **chosen)
-    if cfg.milestones is None:
-        cfg.milestones = [round(cfg.epochs * 2 / 3), round(cfg.epochs * 8 / 9)]
+    if cfg.milestones is None:  # a new run (a resume reads its own): 2/3 and 8/9 of the phase
+        main = cfg.rate_jump if cfg.rate_jump is not None else cfg.epochs  # before the jump, if any
+        cfg.milestones = [round(main * 2 / 3), round(main * 8 / 9)]
+        if cfg.rate_jump is not None and not cfg.jump_milestones:  # the two drops after the jump
+            rest = cfg.epochs - cfg.rate_jump
+            cfg.jump_milestones = [cfg.rate_jump + max(1, round(rest * f)) for f in (2 / 3, 8 / 9)]
     lines = []
     if reasons:
         lines.append(
