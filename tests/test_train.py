@@ -308,11 +308,12 @@ def test_the_default_schedule_around_a_rate_jump(tmp_path):
     jump) and two drops follow it (2/3 and 8/9 of the rest): the jump raises the rate. They were at
     2/3 and 8/9 of the whole run, the jump changed nothing and the drop after it was ignored;
     without --jump-milestones none followed."""
+    from test_defaults import facts
+
     from llp_fast.errors import ConfigError
     from llp_fast.train.api import prepare
     from llp_fast.train.config import check_new_schedule, validate
     from llp_fast.train.defaults import resolve
-    from test_defaults import facts
 
     cfg = resolve(TrainConfig(device="cpu", run_dir="r", epochs=40, rate_jump=30), facts())[0]
     assert (cfg.milestones, cfg.jump_milestones) == ([20, 27], [37, 39])
