@@ -11,7 +11,9 @@ from llp_fast.cli.train import config_from_args
 from llp_fast.cli.train import parser as train_parser
 from llp_fast.data import DataFacts, strong
 from llp_fast.data import load as load_data
+from llp_fast.errors import DataError
 from llp_fast.train import defaults
+from llp_fast.train.build import check_against_data
 from llp_fast.train.config import METHODS, TrainConfig, validate
 
 
@@ -124,6 +126,26 @@ def test_folder_facts_read_the_image_side(tmp_path):
             Image.new("RGB", (48, 40), (30 * i, 10, 200)).save(tmp_path / f"c{c}" / f"{i}.png")
     f = load_data(f"folder:{tmp_path}", labeled_fraction=0.5, loader="pil").facts()
     assert (f.kind, f.side, f.channels, f.num_classes) == ("folder", 40, 3, 2)
+
+
+def test_grayscale_folder_images_get_the_grayscale_defaults(tmp_path):
+    """Digits stored as grey PNGs in a folder were given the colour defaults (flips, 35% crops) and a
+    --translate the folder loader ignored; one colour image among them keeps the colour defaults."""
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(6):
+            Image.new("L", (16, 16), 40 * i).save(tmp_path / f"c{c}" / f"{i}.png")
+    src = load_data(f"folder:{tmp_path}", labeled_fraction=0.5, loader="pil", workers=0)
+    assert src.facts().channels == 1 and src.in_channels == 3  # still decoded as RGB for the network
+    cfg, said = defaults.resolve(TrainConfig(device="cpu", run_dir="r"), src.facts())
+    assert (cfg.flip, cfg.scale_min, cfg.translate) == (False, 0.85, 0.0)
+    assert "--translate 0.0 (folder: images: random crops place them, no shift)" in " ".join(said)
+    with pytest.raises(DataError, match="--translate 2: folder:.* images are not shifted"):
+        check_against_data(dataclasses.replace(cfg, translate=2.0, data=f"folder:{tmp_path}"), src, 3)
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "c0" / "9.png")
+    assert load_data(f"folder:{tmp_path}", labeled_fraction=0.5, loader="pil", workers=0).facts().channels == 3
 
 
 # -- strong views -----------------------------------------------------------------------------------

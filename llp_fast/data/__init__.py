@@ -136,7 +136,7 @@ class DataFacts:
     channels: int
 
     @classmethod
-    def of(cls, source, *, kind: str, side: int) -> DataFacts:
+    def of(cls, source, *, kind: str, side: int, channels: int | None = None) -> DataFacts:
         targets = source.targets
         labeled = targets[targets >= 0]
         per_class = torch.bincount(labeled, minlength=source.num_classes)
@@ -147,7 +147,7 @@ class DataFacts:
             num_classes=int(source.num_classes),
             min_labeled_per_class=int(per_class.min()) if per_class.numel() else 0,
             side=int(side),
-            channels=int(source.in_channels),
+            channels=int(source.in_channels if channels is None else channels),
         )
 
 

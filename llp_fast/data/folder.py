@@ -145,6 +145,9 @@ def _random_resized_crop(im, size, scale_min, flip, rng):
     return im
 
 
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}  # PIL's modes of one grey channel
+
+
 class FolderSource:
     """An image-folder data set, split; batches as :class:`llp_fast.data.arrays.ArraySource`."""
 
@@ -229,18 +232,22 @@ class FolderSource:
 
     def facts(self) -> DataFacts:
         """What the data is (:mod:`llp_fast.train.defaults`); the side is the median short side of
-        up to 32 training images, read from their headers."""
+        up to 32 training images, read from their headers, and the images are grayscale (channels
+        1: the grayscale defaults, no flips) where every one of them is stored grey. They are still
+        decoded as RGB, three equal channels, for the network."""
         from PIL import Image
 
         picks = np.linspace(0, len(self.files) - 1, min(32, len(self.files))).round().astype(int)
-        sides = []
+        sides, modes = [], set()
         for i in picks:
             try:
                 with Image.open(self.files[i]) as im:
                     sides.append(min(im.size))
+                    modes.add(im.mode)
             except Exception:  # an unreadable file is reported when it is decoded
                 continue
-        return DataFacts.of(self, kind="folder", side=int(np.median(sides)) if sides else 32)
+        gray = bool(modes) and modes <= _GREY_MODES
+        return DataFacts.of(self, kind="folder", side=int(np.median(sides)) if sides else 32, channels=1 if gray else 3)
 
     def configure(self, *, image_size=None, scale_min=None, flip=None, strong=False, **_) -> None:
         """The network's input side and the training augmentation (unset: 32 px, a crop of at

@@ -151,8 +151,12 @@ def data_defaults(facts, method: str = "plus") -> dict:
         "flip": (not gray, "grayscale images: digits and letters change meaning mirrored" if gray else "colour images"),
         "scale_min": (0.85 if gray else 0.35, "grayscale: crops keep most of the glyph" if gray else "colour images"),
         "translate": (
-            (1.0 if facts.side <= 8 else 2.0) if gray else 0.0,
-            "grayscale: small shifts" if gray else "colour images: crops, no shift",
+            (1.0 if facts.side <= 8 else 2.0) if gray and facts.kind != "folder" else 0.0,
+            "folder: images: random crops place them, no shift"
+            if facts.kind == "folder"
+            else "grayscale: small shifts"
+            if gray
+            else "colour images: crops, no shift",
         ),
     }
     pixels = facts.kind == "arrays" and facts.side <= PIXEL_VOTE_SIDE
