@@ -4,8 +4,8 @@ cutout, the same list for array batches (batched on the training device) and for
 
 Each sample gets ``OPS_PER_SAMPLE`` operations drawn uniformly from :data:`OPS`, each with its own
 magnitude ``m`` uniform in [0, 1] (FixMatch's "RandAugment with random magnitude", Sohn et al. 2020),
-then a grey square of side up to half the image (cutout). No operation flips or inverts: the list
-must keep a digit a digit. Every draw comes from the caller's generator in a fixed order, so a resumed
+then a grey square of side up to half the image (cutout). No operation flips (the list must keep a
+digit a digit); solarize inverts the pixels above 1 - m, at the largest magnitudes nearly all. Every draw comes from the caller's generator in a fixed order, so a resumed
 run replays the same views.
 
 Geometric operations (rotate, shear, translate) are returned as an affine map that the array path
@@ -80,7 +80,8 @@ def geometry(choice: dict) -> torch.Tensor:
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
-    """PIL's SMOOTH kernel (centre 5, the rest 1, over 13), per channel, edges kept."""
+    """PIL's SMOOTH kernel (centre 5, the rest 1, over 13), per channel, the border replicated
+    (PIL keeps border pixels as they are: the two differ there)."""
     c = x.shape[1]
     k = torch.ones(3, 3, device=x.device, dtype=x.dtype)
     k[1, 1] = 5.0
@@ -135,7 +136,9 @@ def photometric(x: torch.Tensor, choice: dict) -> torch.Tensor:
 
 def strong_pil(im, rng):
     """A strong view of the PIL image ``im`` (RGB, already cropped to the network's size), drawn from
-    the numpy ``rng``: the same operations and ranges as the array path, then cutout."""
+    the numpy ``rng``: the same operations and ranges as the array path (not bit for bit: equalize's
+    formula, shear about the top-left corner, blur at the border, the order drawn, black outside;
+    docs/method.md §8.2), then cutout."""
     from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
     w, h = im.size
