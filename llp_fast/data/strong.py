@@ -5,8 +5,9 @@ cutout, the same list for array batches (batched on the training device) and for
 Each sample gets ``OPS_PER_SAMPLE`` operations drawn uniformly from :data:`OPS`, each with its own
 magnitude ``m`` uniform in [0, 1] (FixMatch's "RandAugment with random magnitude", Sohn et al. 2020),
 then a grey square of side up to half the image (cutout). No operation flips (the list must keep a
-digit a digit); solarize inverts the pixels above 1 - m, at the largest magnitudes nearly all. Every draw comes from the caller's generator in a fixed order, so a resumed
-run replays the same views.
+digit a digit); solarize inverts the pixels above 1 - m, at the largest magnitudes nearly all.
+Every draw comes from the caller's generator in a fixed order, so a resumed run replays the same
+views.
 
 Geometric operations (rotate, shear, translate) are returned as an affine map that the array path
 composes with the weak view's crop, so a strong view is one resampling of the stored image.
