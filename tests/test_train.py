@@ -323,9 +323,10 @@ def test_the_default_schedule_around_a_rate_jump(tmp_path):
     assert (given[0].milestones, given[0].jump_milestones) == ([20, 27], [35, 38])  # README's command
     assert resolve(TrainConfig(device="cpu", run_dir="r", epochs=40), facts())[0].milestones == [27, 36]
     with pytest.raises(ConfigError, match="--jump-milestones 5,6: each must come after --rate-jump 30"):
-        validate(TrainConfig(epochs=40, rate_jump=30, jump_milestones=[5, 6]))
+        check_new_schedule(TrainConfig(epochs=40, rate_jump=30, jump_milestones=[5, 6]))
     with pytest.raises(ConfigError, match="--jump-milestones: the drops after a rate jump need --rate-jump"):
-        validate(TrainConfig(epochs=40, jump_milestones=[35]))
+        check_new_schedule(TrainConfig(epochs=40, jump_milestones=[35]))
+    validate(TrainConfig(epochs=40, milestones=[27, 36], rate_jump=30))  # a saved run's, resumed: kept
     with pytest.raises(ConfigError, match="--milestones 27,36: at or after --rate-jump 30"):
         check_new_schedule(TrainConfig(epochs=40, milestones=[27, 36], rate_jump=30))
     with pytest.raises(ConfigError, match="--milestones 27,36: at or after --rate-jump 30"):

@@ -348,19 +348,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         setattr(cfg, f.name, check_value(f, getattr(cfg, f.name)))
     if cfg.rate_jump is not None and cfg.epochs is not None and cfg.rate_jump >= cfg.epochs:
         raise ConfigError(f"--rate-jump {cfg.rate_jump} must come before the last epoch ({cfg.epochs})")
-    jump = cfg.rate_jump
-    if cfg.jump_milestones and jump is None:
-        raise ConfigError("--jump-milestones: the drops after a rate jump need --rate-jump")
-    if jump is not None and any(m <= jump for m in cfg.jump_milestones):
-        raise ConfigError(f"--jump-milestones {_epochs(cfg.jump_milestones)}: each must come after --rate-jump {jump}")
     return cfg
 
 
 def check_new_schedule(cfg: TrainConfig) -> None:
     """A new run's ``--milestones`` all before its ``--rate-jump`` (``lr_at`` uses none after it:
-    they were dropped without a word). Not for a resume: runs saved before this check took default
-    milestones past their jump, and keep them."""
+    they were dropped without a word) and its ``--jump-milestones`` after it (with no jump, they were
+    ignored). Not for a resume: runs saved before these checks took default milestones past their
+    jump, and keep them."""
     jump = cfg.rate_jump
+    if cfg.jump_milestones and jump is None:
+        raise ConfigError("--jump-milestones: the drops after a rate jump need --rate-jump")
+    if jump is not None and any(m <= jump for m in cfg.jump_milestones):
+        raise ConfigError(f"--jump-milestones {_epochs(cfg.jump_milestones)}: each must come after --rate-jump {jump}")
     if jump is not None and any(m >= jump for m in cfg.milestones or ()):
         raise ConfigError(
             f"--milestones {_epochs(cfg.milestones)}: at or after --rate-jump {jump} (the drops after the jump "
