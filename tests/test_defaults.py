@@ -11,10 +11,9 @@ from llp_fast.cli.train import config_from_args
 from llp_fast.cli.train import parser as train_parser
 from llp_fast.data import DataFacts, strong
 from llp_fast.data import load as load_data
-from llp_fast.errors import DataError
+from llp_fast.errors import ConfigError
 from llp_fast.train import defaults
-from llp_fast.train.build import check_against_data
-from llp_fast.train.config import METHODS, TrainConfig, validate
+from llp_fast.train.config import METHODS, TrainConfig, check_new_run, validate
 
 
 def facts(**kw):
@@ -142,8 +141,9 @@ def test_grayscale_folder_images_get_the_grayscale_defaults(tmp_path):
     cfg, said = defaults.resolve(TrainConfig(device="cpu", run_dir="r"), src.facts())
     assert (cfg.flip, cfg.scale_min, cfg.translate) == (False, 0.85, 0.0)
     assert "--translate 0.0 (folder: images: random crops place them, no shift)" in " ".join(said)
-    with pytest.raises(DataError, match="--translate 2: folder:.* images are not shifted"):
-        check_against_data(dataclasses.replace(cfg, translate=2.0, data=f"folder:{tmp_path}"), src, 3)
+    with pytest.raises(ConfigError, match="--translate 2: folder: images are not shifted"):
+        check_new_run(dataclasses.replace(cfg, translate=2.0, data=f"folder:{tmp_path}"))
+    check_new_run(dataclasses.replace(cfg, data=f"folder:{tmp_path}"))  # the default, 0
     Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "c0" / "9.png")
     assert load_data(f"folder:{tmp_path}", labeled_fraction=0.5, loader="pil", workers=0).facts().channels == 3
 

@@ -144,6 +144,9 @@ def test_the_text_minus_one_is_refused_and_float16_runs_as_the_command_line():
     assert np.array_equal(half.label_distributions_, single.label_distributions_)
     q = x[:50].astype(np.float16)
     assert np.array_equal(half.predict_proba(q), single.predict_proba(q.astype(np.float32)))
+    pd = pytest.importorskip("pandas")  # a DataFrame of float16 columns too
+    frame = LocalLabelPropagation(rounds=2).fit(pd.DataFrame(x.astype(np.float16)), partial)
+    assert frame.voters_.dtype == np.float32 and np.array_equal(frame.transduction_, half.transduction_)
 
 
 def test_bad_parameters_and_no_labels():

@@ -305,33 +305,43 @@ def test_lr_schedule_milestones_and_rate_jump():
 
 def test_the_default_schedule_around_a_rate_jump(tmp_path):
     """With --rate-jump the default milestones fall before it (2/3 and 8/9 of the epochs before the
-    jump) and two drops follow it (2/3 and 8/9 of the rest): the jump raises the rate. They were at
-    2/3 and 8/9 of the whole run, the jump changed nothing and the drop after it was ignored;
-    without --jump-milestones none followed."""
+    jump) and two drops follow it (2/3 and 8/9 of the rest, milestones given or not): the jump raises
+    the rate. They were at 2/3 and 8/9 of the whole run, the jump changed nothing and the drop after
+    it was ignored; without --jump-milestones none followed. A new run's schedule is checked (the
+    command line and fit), a resumed run's and the baseline twin's are not."""
     from test_defaults import facts
 
     from llp_fast.errors import ConfigError
-    from llp_fast.train.api import prepare
-    from llp_fast.train.config import check_new_schedule, validate
+    from llp_fast.train.api import fit
+    from llp_fast.train.config import check_new_run, validate
     from llp_fast.train.defaults import resolve
+
+    def sched(**kw):
+        cfg = resolve(TrainConfig(device="cpu", run_dir="r", **kw), facts())[0]
+        check_new_run(cfg)  # the defaults never break the rules a new run is held to
+        return cfg.milestones, cfg.jump_milestones
 
     cfg = resolve(TrainConfig(device="cpu", run_dir="r", epochs=40, rate_jump=30), facts())[0]
     assert (cfg.milestones, cfg.jump_milestones) == ([20, 27], [37, 39])
     rates = [lr_at(cfg, e) for e in (0, 20, 27, 29, 30, 37, 39)]
     assert rates == pytest.approx([0.1, 0.01, 0.001, 0.001, 0.01, 0.001, 0.0001])
-    given = resolve(TrainConfig(device="cpu", run_dir="r", epochs=40, rate_jump=30, jump_milestones=[35, 38]), facts())
-    assert (given[0].milestones, given[0].jump_milestones) == ([20, 27], [35, 38])  # README's command
-    assert resolve(TrainConfig(device="cpu", run_dir="r", epochs=40), facts())[0].milestones == [27, 36]
+    assert sched(epochs=40, rate_jump=30, jump_milestones=[35, 38]) == ([20, 27], [35, 38])  # README's command
+    assert sched(epochs=40, rate_jump=30, milestones=[10, 15]) == ([10, 15], [37, 39])
+    assert sched(epochs=40) == ([27, 36], [])
+    for jump in range(1, 40):  # short phases: fewer drops, never one at or past the jump, none past the run
+        ms, jms = sched(epochs=40, rate_jump=jump)
+        assert all(m < jump for m in ms) and all(jump < m < 40 for m in jms), (jump, ms, jms)
+    assert sched(epochs=40, rate_jump=39)[1] == [] and sched(epochs=40, rate_jump=2)[0] == [1, 2][:1]
     with pytest.raises(ConfigError, match="--jump-milestones 5,6: each must come after --rate-jump 30"):
-        check_new_schedule(TrainConfig(epochs=40, rate_jump=30, jump_milestones=[5, 6]))
+        check_new_run(TrainConfig(epochs=40, rate_jump=30, jump_milestones=[5, 6]))
     with pytest.raises(ConfigError, match="--jump-milestones: the drops after a rate jump need --rate-jump"):
-        check_new_schedule(TrainConfig(epochs=40, jump_milestones=[35]))
+        check_new_run(TrainConfig(epochs=40, jump_milestones=[35]))
     validate(TrainConfig(epochs=40, milestones=[27, 36], rate_jump=30))  # a saved run's, resumed: kept
     with pytest.raises(ConfigError, match="--milestones 27,36: at or after --rate-jump 30"):
-        check_new_schedule(TrainConfig(epochs=40, milestones=[27, 36], rate_jump=30))
+        check_new_run(TrainConfig(epochs=40, milestones=[27, 36], rate_jump=30))
     with pytest.raises(ConfigError, match="--milestones 27,36: at or after --rate-jump 30"):
-        prepare(tiny(tmp_path, epochs=40, milestones=[27, 36], rate_jump=30))  # a new run, before any data
-    check_new_schedule(TrainConfig(epochs=40, milestones=[20, 27], rate_jump=30))
+        fit(None, "digits", run_dir=str(tmp_path / "f"), epochs=40, milestones=[27, 36], rate_jump=30)
+    check_new_run(TrainConfig(epochs=40, milestones=[20, 27], rate_jump=30))
 
 
 def test_config_roundtrip_in_checkpoint(tmp_path):
@@ -350,6 +360,10 @@ def test_config_roundtrip_in_checkpoint(tmp_path):
         (77, 10, 4, False, 2, 1),  # a labeled stream beside the drawn batches
         (77, 10, 4, False, 1, 2),
         (53, 8, 0, True, 2, 1),  # the supervised-only baseline's epochs
+        (9, 8, 0, False, 1, 4),  # a last step of one example over 4 ranks (it went to none)
+        (1027, 64, 0, False, 1, 8),
+        (10, 16, 0, False, 2, 4),  # one short step: one batch a rank, not two
+        (37, 12, 4, False, 2, 8),
     ],
 )
 def test_an_epoch_begun_by_other_processes_is_finished_in_its_own_order(
@@ -379,14 +393,13 @@ def test_an_epoch_begun_by_other_processes_is_finished_in_its_own_order(
         gen = torch.Generator()
         gen.set_state(start)
         o, size, k = order.for_rank(now, gen, begun, r, 3)
-        assert k == steps and len(o) == sum(len(b) for b in batches(o, size))
+        assert k == steps and len(o) == sum(len(b) for b in batches(o, size))  # one batch a step
         new.append(batches(o, size))
     for i in range(steps):
         had = torch.cat([old[r][i] for r in range(begun)])
         got = torch.cat([new[r][i] for r in range(world)])
-        assert len({len(new[r][i]) for r in range(world)}) == 1  # every rank the same share of a step
-        pad = len(got) - len(had)
-        assert 0 <= pad < world and sorted(got.tolist()) == sorted(had.tolist() + had[:pad].tolist()), i
+        assert len({len(new[r][i]) for r in range(world)}) == 1 and len(new[0][i]) > 0  # the same share, each
+        assert set(got.tolist()) == set(had.tolist()) and len(got) - len(had) < world, i  # padding by repeats
 
 
 def test_an_epoch_that_cannot_be_shared_out_is_refused_in_one_line(tmp_path):

@@ -131,6 +131,7 @@ def config_from_args(args, run_dir: str | None = None) -> C.TrainConfig:
     if run_dir is not None:
         values["run_dir"] = run_dir
     cfg = C.validate(C.TrainConfig(**values))
+    C.check_new_run(cfg)
     run = resolve_run(cfg)
     return dataclasses.replace(cfg, run_dir=run.run_dir, extra_unlabeled=run.extra_unlabeled)
 
@@ -152,6 +153,7 @@ def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.Trai
         notes.append(
             f"--epochs {values['epochs']} replaces the saved {saved.epochs}; the lr milestones stay at "
             f"{saved.milestones}"
+            + (f" and the jump's at {saved.jump_milestones}" if saved.rate_jump is not None else "")
         )
     values["quiet"] = bool(args.quiet)  # this invocation's output, not the saved run's
     cfg = dataclasses.replace(saved, **values, stop_after_steps=args.stop_after_steps)

@@ -93,7 +93,7 @@ def _compact(labels: np.ndarray):
 
 def _most_confident(rows: np.ndarray, conf: np.ndarray, n: int) -> np.ndarray:
     """The ``n`` rows (sorted ascending) of highest ``conf``, ties to the lower row: O(len(rows)).
-    None for ``n <= 0`` (a class whose quota is already met)."""
+    None of them (an empty array) for ``n <= 0``: a class whose quota is already met."""
     if n <= 0:
         return rows[:0]
     if n >= len(rows):

@@ -52,7 +52,9 @@ def _unlabeled(y: np.ndarray) -> np.ndarray:
 def _float_types(X) -> list:
     """validate_data's dtypes for X: float16 is computed in float32, as the command line computes a
     float16 .npy file (the first listed type is what other types become)."""
-    return [np.float32, np.float64] if getattr(X, "dtype", None) == np.float16 else [np.float64, np.float32]
+    dtypes = getattr(X, "dtypes", None)  # a DataFrame's columns
+    kinds = set(dtypes) if dtypes is not None and not isinstance(dtypes, np.dtype) else {getattr(X, "dtype", None)}
+    return [np.float32, np.float64] if kinds == {np.dtype(np.float16)} else [np.float64, np.float32]
 
 
 def with_abstention(classes: np.ndarray, codes: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 from ..errors import ConfigError
 from ..nn import GIVEN
 from . import checkpoint, report
-from .config import RESUMABLE, TrainConfig, check_new_schedule, check_value, fields
+from .config import RESUMABLE, TrainConfig, check_new_run, check_value, fields
 from .defaults import absolute_data
 from .loop import Trainer
 
@@ -81,6 +81,8 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
         raise ConfigError(
             f"run_dir {run_dir} already holds a run: continue it with resume=True, or give another run_dir"
         )
+    else:
+        check_new_run(cfg)
     trainer = prepare(cfg, resume=resume, ckpt=ckpt, model=model)
     metrics = trainer.fit()
     avg = trainer.average.model if trainer.average is not None else None
@@ -120,8 +122,6 @@ def prepare(
         keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps")}
         keep = {k: v for k, v in keep.items() if v is not None}
         cfg = dataclasses.replace(saved_cfg, **keep)
-    if ckpt is None:
-        check_new_schedule(cfg)
     if ckpt is not None and cfg.epochs < ckpt["epoch"]:
         raise ConfigError(f"--epochs {cfg.epochs}: the run in {cfg.run_dir} has completed {ckpt['epoch']} epochs")
     # the checkpoint holds the weights: --init-weights is read when a run starts, not when it resumes

@@ -20,11 +20,6 @@ def check_against_data(cfg: TrainConfig, source, k: int) -> None:
             f"--label-init inputs needs array data (digits, mnist5k, npz:PATH); {cfg.data} has no input "
             "vectors to propagate in (use --label-init instance)"
         )
-    if cfg.translate and not hasattr(source, "input_features"):  # folder: data; the loader had ignored it
-        raise DataError(
-            f"--translate {cfg.translate:g}: {cfg.data} images are not shifted (random crops place them: "
-            "--scale-min); give --translate 0"
-        )
     if k > m:
         raise DataError(f"--k {k} exceeds the {m} labeled training examples")
     pool = source.num_train - m if cfg.density_pool == "unlabeled" else source.num_train

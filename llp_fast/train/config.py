@@ -195,12 +195,11 @@ class TrainConfig:
         group="model",
         check=optional(count),
     )
-    jump_milestones: list[int] = _opt(
+    jump_milestones: list[int] | None = _opt(
         None,
         "two more x0.1 drops after the jump (default: at 2/3 and 8/9 of the epochs after it)",
         group="model",
-        check=epoch_list,
-        factory=list,
+        check=optional(epoch_list),
     )
     amp: str = _opt(
         "auto",
@@ -351,20 +350,28 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def check_new_schedule(cfg: TrainConfig) -> None:
-    """A new run's ``--milestones`` all before its ``--rate-jump`` (``lr_at`` uses none after it:
-    they were dropped without a word) and its ``--jump-milestones`` after it (with no jump, they were
-    ignored). Not for a resume: runs saved before these checks took default milestones past their
-    jump, and keep them."""
+def check_new_run(cfg: TrainConfig) -> None:
+    """What a new run's settings must satisfy beyond each flag's own range (a resume keeps what it
+    saved: runs saved before these checks took default milestones past their jump, and a
+    ``--translate`` on folder data): ``--milestones`` all before ``--rate-jump`` (``lr_at`` uses none
+    after it: they were dropped without a word), ``--jump-milestones`` after it (with no jump they
+    were ignored), and no ``--translate`` on ``folder:`` data (its loader does not shift images: the
+    value was ignored). The supervised-only baseline beside a run is that run's twin: not checked
+    again."""
     jump = cfg.rate_jump
-    if cfg.jump_milestones and jump is None:
-        raise ConfigError("--jump-milestones: the drops after a rate jump need --rate-jump")
-    if jump is not None and any(m <= jump for m in cfg.jump_milestones):
-        raise ConfigError(f"--jump-milestones {_epochs(cfg.jump_milestones)}: each must come after --rate-jump {jump}")
     if jump is not None and any(m >= jump for m in cfg.milestones or ()):
         raise ConfigError(
             f"--milestones {_epochs(cfg.milestones)}: at or after --rate-jump {jump} (the drops after the jump "
             "are --jump-milestones)"
+        )
+    if cfg.jump_milestones and jump is None:
+        raise ConfigError("--jump-milestones: the drops after a rate jump need --rate-jump")
+    if jump is not None and any(m <= jump for m in cfg.jump_milestones or ()):
+        raise ConfigError(f"--jump-milestones {_epochs(cfg.jump_milestones)}: each must come after --rate-jump {jump}")
+    if cfg.translate and str(cfg.data).startswith("folder:"):
+        raise ConfigError(
+            f"--translate {cfg.translate:g}: folder: images are not shifted (random crops place them: --scale-min); "
+            "leave --translate out"
         )
 
 
@@ -384,7 +391,7 @@ def lr_at(cfg: TrainConfig, epoch: float) -> float:
     at 0.1 x base and drops x0.1 at each jump milestone."""
     if cfg.rate_jump is not None and epoch >= cfg.rate_jump:
         lr = 0.1 * cfg.lr
-        return lr * 0.1 ** sum(epoch >= m for m in cfg.jump_milestones)
+        return lr * 0.1 ** sum(epoch >= m for m in cfg.jump_milestones or ())
     return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
 
 

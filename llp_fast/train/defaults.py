@@ -186,12 +186,14 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     if cfg.max_voters is None:
         chosen["max_voters"] = DEFAULT_MAX_VOTERS
     cfg = dataclasses.replace(cfg, **chosen)
-    if cfg.milestones is None:  # a new run (a resume reads its own): 2/3 and 8/9 of the phase
-        main = cfg.rate_jump if cfg.rate_jump is not None else cfg.epochs  # before the jump, if any
-        cfg.milestones = [round(main * 2 / 3), round(main * 8 / 9)]
-        if cfg.rate_jump is not None and not cfg.jump_milestones:  # the two drops after the jump
-            rest = cfg.epochs - cfg.rate_jump
-            cfg.jump_milestones = [cfg.rate_jump + max(1, round(rest * f)) for f in (2 / 3, 8 / 9)]
+    jump = cfg.rate_jump
+    if cfg.milestones is None:  # at 2/3 and 8/9 of the epochs before the jump (of the run, without one)
+        main = jump if jump is not None else cfg.epochs
+        cfg.milestones = [m for m in (round(main * 2 / 3), round(main * 8 / 9)) if jump is None or m < jump]
+    if cfg.jump_milestones is None:  # at 2/3 and 8/9 of the epochs after the jump, within the run
+        rest = cfg.epochs - jump if jump is not None else 0
+        drops = (min(jump + max(1, round(rest * f)), cfg.epochs - 1) for f in (2 / 3, 8 / 9)) if rest else ()
+        cfg.jump_milestones = [m for m in drops if m > jump]
     lines = []
     if reasons:
         lines.append(

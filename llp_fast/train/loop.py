@@ -279,8 +279,8 @@ class Trainer:
         self.global_step = ckpt["global_step"]
         self.order_state = ckpt["order_state"]
         self.epoch_world = ckpt.get("epoch_world", self.world) if self.step_in_epoch else self.world
-        why = order.check_regroup(self.schedule(), self.epoch_world, self.world)  # None: any world finishes it
-        if why:
+        why = order.check_regroup(self.schedule(), self.epoch_world, self.world, self.step_in_epoch)
+        if why:  # (None: this world finishes the epoch, order.regrouped)
             raise CheckpointError(
                 f"{path} was saved inside epoch {self.epoch + 1}, begun by {self.epoch_world} processes: {why}; "
                 f"resume with --nproc {self.epoch_world}"

@@ -112,12 +112,15 @@ def for_rank(s: Schedule, gen: torch.Generator, begun: int, rank: int, epoch: in
     return order, size, began.steps_per_epoch()
 
 
-def check_regroup(s: Schedule, begun: int, world: int) -> str | None:
-    """Why an epoch of ``s`` begun by ``begun`` processes cannot be finished by ``world`` (None: it
-    can, :func:`regrouped`): its global steps' examples must share out evenly."""
+def check_regroup(s: Schedule, begun: int, world: int, done: int = 0) -> str | None:
+    """Why an epoch of ``s`` begun by ``begun`` processes, ``done`` of its steps taken, cannot be
+    finished by ``world`` (None: it can, :func:`regrouped`, or nothing is left of it): its global
+    steps' examples must share out evenly."""
     began = dataclasses.replace(s, world=begun)
     full = begun * began.loader_batch_size()
-    return None if full % world == 0 else f"its steps of {full} examples cannot be shared by {world} processes"
+    if begun == world or full % world == 0 or done >= began.steps_per_epoch():
+        return None
+    return f"its steps of {full} examples cannot be shared by {world} processes"
 
 
 def regrouped(s: Schedule, gen: torch.Generator, *, world: int, rank: int, epoch: int) -> tuple[torch.Tensor, int]:
@@ -137,12 +140,13 @@ def regrouped(s: Schedule, gen: torch.Generator, *, world: int, rank: int, epoch
     why = check_regroup(s, s.world, world)
     if why:
         raise ValueError(why)
-    share = sum(len(per_rank[r][0]) for r in range(s.world)) // world
+    share = s.world * s.loader_batch_size() // world  # a full step's share (a short step: less)
     mine = []
     for i in range(steps):
         step = torch.cat([per_rank[r][i] for r in range(s.world)])
-        if len(step) % world:  # a shorter last step: padded with its first examples, as DistributedSampler pads
-            step = torch.cat([step, step[: world - len(step) % world]])
+        # a shorter last step: repeated to a multiple of the ranks, as DistributedSampler pads (one or
+        # two examples over eight ranks too: every rank gets at least one)
+        step = step.repeat(-(-world // len(step)) + 1)[: -(-len(step) // world) * world]
         part = len(step) // world  # every rank the same share of every step (share, or less in the last)
         mine.append(step[rank * part : (rank + 1) * part])
     return torch.cat(mine), share
