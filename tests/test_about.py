@@ -123,3 +123,21 @@ def test_cpu_paths_name_the_path_taken(env):
         assert "float32 tile from BLAS" in paths
     if env.get("LLP_FAST_CPU_BF16_GEMM") == "0":
         assert "bf16 converted to float32" in paths
+
+
+@pytest.mark.skipif(_ext.load() is None, reason="the extension is not built here")
+def test_a_cpu_setting_that_names_nothing_is_one_line_at_a_commands_start(tmp_path, monkeypatch, capsys):
+    """LLP_FAST_CPU_APPROX=7 was a RuntimeError traceback from the first op; the start's backends
+    line now reads the settings and says it in one line."""
+    from conftest import TINY_ARGS
+
+    from llp_fast.errors import ConfigError
+    from llp_fast.ops import describe_backends
+
+    monkeypatch.setenv("LLP_FAST_CPU_APPROX", "7")
+    with pytest.raises(ConfigError, match="LLP_FAST_CPU_APPROX must be 0, 1 or 2, got '7'"):
+        describe_backends()
+    rc = train.main([*TINY_ARGS, "--run-dir", str(tmp_path / "r"), "--baseline", "off", "--threads", "1"])
+    err = capsys.readouterr().err  # the run's first lines, then the error: before any step
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == "llp-fast-train: error: LLP_FAST_CPU_APPROX must be 0, 1 or 2, got '7'"

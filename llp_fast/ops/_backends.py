@@ -12,6 +12,7 @@ import torch
 
 from .. import _ext, _optional
 from .._op_table import DEVICES, OPS
+from ..errors import ConfigError
 from . import _common
 
 __all__ = ["OPS", "DEVICES", "backends", "describe_backends"]
@@ -84,7 +85,10 @@ def describe_backends() -> str:
         ]
         parts.append(f"{device}: " + "; ".join(said))
     if any(table[op]["cpu"][0] == "extension" for op in OPS):
-        paths = _ext.cpu_paths()
+        try:
+            paths = _ext.cpu_paths()
+        except ValueError as e:  # a LLP_FAST_CPU_* setting that names nothing: one line at a command's start
+            raise ConfigError(str(e)) from None
         if paths is not None:
             parts.append(f"cpu kernels: {paths}")
     return "llp_fast backends: " + " | ".join(parts)
