@@ -13,7 +13,8 @@ from llp_fast.data import DataFacts, strong
 from llp_fast.data import load as load_data
 from llp_fast.errors import ConfigError
 from llp_fast.train import defaults
-from llp_fast.train.config import METHODS, TrainConfig, check_new_run, validate
+from llp_fast.train.config import METHODS, TrainConfig, validate
+from llp_fast.train.defaults import check_new_run
 
 
 def facts(**kw):

@@ -22,7 +22,7 @@ from .. import distributed
 from ..errors import ConfigError
 from ..ops import describe_backends
 from ..train import config as C
-from ..train.defaults import SMALL_DATA, baseline_by_default, resolve_run
+from ..train.defaults import SMALL_DATA, baseline_by_default, check_new_run, resolve_run
 from . import _common, launch
 
 PROG = "llp-fast-train"
@@ -131,7 +131,7 @@ def config_from_args(args, run_dir: str | None = None) -> C.TrainConfig:
     if run_dir is not None:
         values["run_dir"] = run_dir
     cfg = C.validate(C.TrainConfig(**values))
-    C.check_new_run(cfg)
+    check_new_run(cfg)
     run = resolve_run(cfg)
     return dataclasses.replace(cfg, run_dir=run.run_dir, extra_unlabeled=run.extra_unlabeled)
 

@@ -25,8 +25,8 @@ import torch
 from ..errors import ConfigError
 from ..nn import GIVEN
 from . import checkpoint, report
-from .config import RESUMABLE, TrainConfig, check_new_run, check_value, fields
-from .defaults import absolute_data
+from .config import RESUMABLE, TrainConfig, check_value, fields
+from .defaults import absolute_data, check_new_run
 from .loop import Trainer
 
 

@@ -350,35 +350,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def check_new_run(cfg: TrainConfig) -> None:
-    """What a new run's settings must satisfy beyond each flag's own range (a resume keeps what it
-    saved: runs saved before these checks took default milestones past their jump, and a
-    ``--translate`` on folder data): ``--milestones`` all before ``--rate-jump`` (``lr_at`` uses none
-    after it: they were dropped without a word), ``--jump-milestones`` after it (with no jump they
-    were ignored), and no ``--translate`` on ``folder:`` data (its loader does not shift images: the
-    value was ignored). The supervised-only baseline beside a run is that run's twin: not checked
-    again."""
-    jump = cfg.rate_jump
-    if jump is not None and any(m >= jump for m in cfg.milestones or ()):
-        raise ConfigError(
-            f"--milestones {_epochs(cfg.milestones)}: at or after --rate-jump {jump} (the drops after the jump "
-            "are --jump-milestones)"
-        )
-    if cfg.jump_milestones and jump is None:
-        raise ConfigError("--jump-milestones: the drops after a rate jump need --rate-jump")
-    if jump is not None and any(m <= jump for m in cfg.jump_milestones or ()):
-        raise ConfigError(f"--jump-milestones {_epochs(cfg.jump_milestones)}: each must come after --rate-jump {jump}")
-    if cfg.translate and str(cfg.data).startswith("folder:"):
-        raise ConfigError(
-            f"--translate {cfg.translate:g}: folder: images are not shifted (random crops place them: --scale-min); "
-            "leave --translate out"
-        )
-
-
-def _epochs(ms) -> str:
-    return ",".join(str(m) for m in ms)
-
-
 def from_dict(saved: dict) -> TrainConfig:
     """A :class:`TrainConfig` from its ``dataclasses.asdict`` form (fields this version does not
     know are dropped; missing ones take their defaults)."""
