@@ -1077,15 +1077,13 @@ template <typename Finish>
 bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float* bias, int64_t k, double tau,
                  const Finish& finish) {
   const int64_t nq = queries.size(0), nk = keys.size(0), dim = queries.size(1);
-  const int mode = approx_mode();
-  if (mode == 0) return false;
-  const bool any_size = mode == 2;  // LLP_FAST_CPU_APPROX=2 (tests): calls of any size
+  if (!approx_available()) return false;  // LLP_FAST_CPU_APPROX=0, or this CPU lacks what the pass needs
+  const bool any_size = approx_mode() == 2;  // LLP_FAST_CPU_APPROX=2 (tests): calls of any size
   if (k > kApproxMaxK || dim == 0 || dim > 65536 || queries.scalar_type() != at::kFloat ||
       keys.scalar_type() != at::kFloat)
     return false;
   if ((dim > 1 && (queries.stride(1) != 1 || keys.stride(1) != 1)) || nk * dim * 2 > (int64_t(64) << 20))
     return false;
-  if (!rescore_available() || !bf16_gemm()) return false;
   // Each call rounds every key to bf16 (about what 256 query rows save on them: 100,000 keys, one thread,
   // K = 10, 64 rows 19 -> 22 ms, 256 rows 45 -> 46 ms, 1,024 rows 174 -> 104 ms), so it takes 512 rows
   // (checked before the pass over the biases: small calls, a training step's, leave at once).

@@ -47,7 +47,7 @@ class Choice:
     tau: float
     accuracy: dict
     rows: int
-    start: tuple = (Settings().k, Settings().tau)
+    start: tuple
 
     def line(self, auto_k: bool, auto_tau: bool) -> str:
         """One line for the user: the choice, its accuracy, and the grid's best."""

@@ -137,6 +137,12 @@ def data_defaults(facts, method: str = "plus") -> dict:
     size = "fewer" if tiny else "at least"
     why_size = f"{size} than {SMALL_DATA:,} training examples"
     side = min(max(facts.side, MIN_SIDE), MAX_SIDE)
+    if facts.kind == "folder":  # its loader does not shift images (check_new_run)
+        shift = (0.0, "folder: images: random crops place them, no shift")
+    elif gray:
+        shift = (1.0 if facts.side <= 8 else 2.0, "grayscale: small shifts")
+    else:
+        shift = (0.0, "colour images: crops, no shift")
     out = {
         "epochs": ((80 if method == "paper" else 40) if tiny else 100, why_size),
         "batch_size": (64 if tiny else 128, why_size),
@@ -150,14 +156,7 @@ def data_defaults(facts, method: str = "plus") -> dict:
         ),
         "flip": (not gray, "grayscale images: digits and letters change meaning mirrored" if gray else "colour images"),
         "scale_min": (0.85 if gray else 0.35, "grayscale: crops keep most of the glyph" if gray else "colour images"),
-        "translate": (
-            (1.0 if facts.side <= 8 else 2.0) if gray and facts.kind != "folder" else 0.0,
-            "folder: images: random crops place them, no shift"
-            if facts.kind == "folder"
-            else "grayscale: small shifts"
-            if gray
-            else "colour images: crops, no shift",
-        ),
+        "translate": shift,
     }
     pixels = facts.kind == "arrays" and facts.side <= PIXEL_VOTE_SIDE
     out["label_init"] = (
