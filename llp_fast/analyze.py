@@ -18,7 +18,7 @@ D_i in ``density.png`` is recomputed from the final bank with :func:`llp_fast.lo
 between an LLP and a NoDW run, which stores no densities. ``corr.png`` plots the run's own
 ``corr_density_count`` (metrics.jsonl): the mean of each class's stored log-densities, those the
 epoch's votes used (the run's pool), against Q_i. The two are different measures of the same
-relation and their r differ (-0.39 against +0.37 on one short run); both figures say which is shown.
+relation and their r can differ, in sign too; both figures say which is shown.
 """
 
 from __future__ import annotations
