@@ -311,8 +311,8 @@ def test_every_scan_variant_and_the_mm_out_tile(env):
     """Each scan variant this CPU can run, the tile from at::mm_out instead of the BLAS symbol, the
     fused tile (csrc/cpu/tile_f32.cpp) at each width the CPU has (AVX2: 6 x 16 blocks; AVX-512:
     12 x 32) on tiles whose rows and keys do not fill its panels, and bf16
-    blocks multiplied by the bf16 GEMM (on any CPU here; by default only where AMX-BF16 or
-    AVX512-BF16 make it fast), in a child process (each choice is made once per process): fp32 and
+    blocks multiplied by the bf16 GEMM (on any CPU here; by default only where AMX-BF16 makes it
+    fast), in a child process (each choice is made once per process): fp32 and
     bf16 inputs against the reference, and keys in two chunks equal to one call; a masked key with NaN
     scores next to a query's best key does not hide it."""
     child_env = {**os.environ, "LLP_FAST_CPU_TILE": "8,64", "OMP_NUM_THREADS": "1", **env}
@@ -379,6 +379,65 @@ def test_fused_widths_give_the_same_bits(seed, tmp_path):
             assert torch.equal(v2, v5) and torch.equal(i2, i5)
             torch.testing.assert_close(v5, vb, rtol=0, atol=1e-5)
             assert torch.equal(i5 < 0, ib < 0)
+
+
+FLOAT64 = """
+import sys
+import torch
+from llp_fast import _ext
+assert _ext.load() is not None
+g = torch.Generator().manual_seed(int(sys.argv[2]))
+op = torch.ops.llp_fast.topk_scores.default
+out = []
+for q, n, d, k in [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]:
+    queries = torch.randn(q, d, generator=g, dtype=torch.float64)
+    keys = torch.randn(n, d, generator=g, dtype=torch.float64)
+    bias = torch.rand(n, generator=g, dtype=torch.float64)
+    v, i = op(queries, keys, k, 0.07, bias, None, None, None, 0)
+    # every key moved by s places (wrapping): each key's score the same bits wherever it falls
+    for s in (1, 3, 8, 501):
+        v2, i2 = op(queries, keys.roll(s, 0), k, 0.07, bias.roll(s, 0), None, None, None, 0)
+        assert torch.equal(v2.sort(dim=1).values, v.sort(dim=1).values), (q, n, d, k, s)
+    out.append((v, i))
+torch.save(out, sys.argv[1])
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_float64_scores_do_not_depend_on_the_key_position(seed, tmp_path):
+    """float64 tiles come from our own loop (each score summed in order of d, a multiply and an add),
+    not the BLAS, whose dgemm (MKL on an AMD EPYC, Zen 4) rounded a key's products differently by
+    its column in the tile, so that chunked calls did not merge exactly: on fresh random inputs with
+    odd shapes, keys moved by 1, 3, 8 and 501 places give the same values bit for bit, every loop
+    width this CPU runs (AVX-512, AVX2, baseline) gives the same bits, and those equal a float64 brute
+    force within its rounding."""
+    outs = {}
+    for width in (*_fused_widths(), "0"):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "LLP_FAST_CPU_FUSED": width, "LLP_FAST_CPU_TILE": "7,50"}
+        path = tmp_path / f"{width}.pt"
+        proc = subprocess.run(
+            [sys.executable, "-c", FLOAT64, str(path), str(seed)], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+        outs[width] = torch.load(path)
+    first = outs.pop("0")
+    for other in outs.values():
+        for (v0, i0), (v1, i1) in zip(first, other):
+            assert torch.equal(v0, v1) and torch.equal(i0, i1)
+    g = torch.Generator().manual_seed(seed)  # the child's inputs again, for the brute force
+    for (q, n, d, k), (v, i) in zip(
+        [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)], first
+    ):
+        queries, keys = (
+            torch.randn(q, d, generator=g, dtype=torch.float64),
+            torch.randn(n, d, generator=g, dtype=torch.float64),
+        )
+        bias = torch.rand(n, generator=g, dtype=torch.float64)
+        full = (queries[:, None, :] * keys[None, :, :]).sum(-1) * (1 / 0.07) + bias
+        ref = full.topk(min(k, n), dim=1).values
+        torch.testing.assert_close(v, ref, rtol=0, atol=1e-10)
+        assert torch.allclose(full.gather(1, i), v, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("value", ["yes", "avx1024"])

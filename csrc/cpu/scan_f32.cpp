@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "left_pack.h"  // LLP_FAST_X86, the AVX2 append
 #include "topk.h"
@@ -19,7 +20,7 @@ namespace llp_fast {
 namespace topk {
 
 // ---------------------------------------------------------------------------------------------
-// Step 1. sgemm_/dgemm_ (Fortran BLAS: MKL in torch's x86 wheels, OpenBLAS elsewhere), looked up in
+// Step 1. sgemm_ (Fortran BLAS: MKL in torch's x86 wheels, OpenBLAS elsewhere), looked up in
 // the library that holds at::mm_out, so that the tile comes from the same BLAS as torch.mm, without
 // the dispatcher and a tensor per tile. Not found (a torch without a Fortran-style BLAS): false, and
 // the caller uses at::mm_out.
@@ -27,8 +28,6 @@ namespace {
 
 using sgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
-using dgemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-                         const int*, const double*, const int*, const double*, double*, const int*);
 // MKL's bf16 x bf16 -> fp32 GEMM (Fortran interface, LP64): products of bf16 values are exact in fp32
 // and it sums in fp32, so its scores are the fp32 product of the same values up to summation order.
 using gemm_bf16_t = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
@@ -37,7 +36,6 @@ using gemm_bf16_t = void (*)(const char*, const char*, const int*, const int*, c
 
 struct Blas {
   sgemm_t sgemm = nullptr;
-  dgemm_t dgemm = nullptr;
   gemm_bf16_t gemm_bf16 = nullptr;
   Blas() {
     if (std::getenv("LLP_FAST_CPU_NO_BLAS") != nullptr) return;  // tests: the at::mm_out path
@@ -48,7 +46,6 @@ struct Blas {
     void* lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);
     if (lib == nullptr) return;
     sgemm = reinterpret_cast<sgemm_t>(dlsym(lib, "sgemm_"));
-    dgemm = reinterpret_cast<dgemm_t>(dlsym(lib, "dgemm_"));
     gemm_bf16 = reinterpret_cast<gemm_bf16_t>(dlsym(lib, "gemm_bf16bf16f32_"));
     // the handle stays open: torch's library is never unloaded while we run
   }
@@ -72,14 +69,14 @@ bool gemm(F f, const T* a, int64_t lda, const T* b, int64_t ldb, C* c, int64_t r
   return true;
 }
 
-// Whether bf16 blocks go to the bf16 GEMM: on CPUs with bf16 matrix or dot-product instructions
-// (AMX-BF16, AVX512-BF16), where MKL's bf16 GEMM outruns converting to fp32; elsewhere it is
-// emulated and slower. LLP_FAST_CPU_BF16_GEMM=1 / =0 forces it (tests run it on any CPU).
+// Whether bf16 blocks go to the bf16 GEMM: on CPUs with bf16 matrix units (AMX-BF16), where MKL's bf16
+// GEMM outruns converting to fp32 (about 750 GFLOP/s a core against 195 for fp32, Intel Xeon). Not on
+// AVX512-BF16 alone: on an AMD EPYC (Zen 4) MKL's bf16 GEMM ran at 94 GFLOP/s against its sgemm's 99 (it
+// does not use AMD's bf16 dot products), and a bf16 propagate at K = 10 took 340 ms against 273 ms
+// converted (docs/method.md §3). LLP_FAST_CPU_BF16_GEMM=1 / =0 forces it (tests run it on any CPU).
 bool bf16_gemm_wanted() {
   if (const char* s = std::getenv("LLP_FAST_CPU_BF16_GEMM")) return std::strcmp(s, "0") != 0;
 #ifdef LLP_FAST_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512bf16")) return true;
   // AMX: the kernel's own flag, as /proc/cpuinfo reports it (GCC 12 has no name for it).
   if (FILE* f = std::fopen("/proc/cpuinfo", "r")) {
     char line[8192];
@@ -100,9 +97,106 @@ bool blas_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
   return gemm(blas().sgemm, a, lda, b, ldb, c, rows, cols, dim);
 }
 
-bool blas_gemm(const double* a, int64_t lda, const double* b, int64_t ldb, double* c, int64_t rows, int64_t cols,
-               int64_t dim) {
-  return gemm(blas().dgemm, a, lda, b, ldb, c, rows, cols, dim);
+// float64: 8 keys at a time, transposed into kt (dim x 8), each row's 8 sums accumulated in order of d, a
+// multiply and an add each (-ffp-contract=off; the same bits at any vector width).
+namespace {
+constexpr int64_t kOrderedKeys = 8;
+
+constexpr int64_t kOrderedRows = 4;  // rows a pass: each load of kt serves four of them
+
+template <int64_t R>
+__attribute__((always_inline)) inline void ordered_block(const double* a, int64_t lda, const double* kt, double* c,
+                                                         int64_t ldc, int64_t w, int64_t dim) {
+  double acc[R][kOrderedKeys] = {};
+  for (int64_t d = 0; d < dim; ++d)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t l = 0; l < kOrderedKeys; ++l) acc[r][l] += a[r * lda + d] * kt[d * kOrderedKeys + l];
+  for (int64_t r = 0; r < R; ++r) std::copy(acc[r], acc[r] + w, c + r * ldc);
+}
+
+__attribute__((always_inline)) inline void ordered_rows(const double* a, int64_t lda, const double* kt, double* c,
+                                                        int64_t ldc, int64_t rows, int64_t w, int64_t dim) {
+  int64_t i = 0;
+  for (; i + kOrderedRows <= rows; i += kOrderedRows)
+    ordered_block<kOrderedRows>(a + i * lda, lda, kt, c + i * ldc, ldc, w, dim);
+  for (; i < rows; ++i) ordered_block<1>(a + i * lda, lda, kt, c + i * ldc, ldc, w, dim);
+}
+
+#ifdef LLP_FAST_X86
+// R rows x 8 keys in registers (the same multiply and add per lane as ordered_block).
+template <int R>
+__attribute__((target("avx512f"), always_inline)) inline void block512(const double* a, int64_t lda, const double* kt,
+                                                                       double* c, int64_t ldc, int64_t w, int64_t dim) {
+  __m512d acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_pd();
+  for (int64_t d = 0; d < dim; ++d) {
+    const __m512d k = _mm512_loadu_pd(kt + d * kOrderedKeys);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_add_pd(acc[r], _mm512_mul_pd(_mm512_set1_pd(a[r * lda + d]), k));
+  }
+  const __mmask8 m = static_cast<__mmask8>((1u << w) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_pd(c + r * ldc, m, acc[r]);
+}
+
+__attribute__((target("avx512f"))) void ordered_rows_avx512(const double* a, int64_t lda, const double* kt, double* c,
+                                                            int64_t ldc, int64_t rows, int64_t w, int64_t dim) {
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) block512<8>(a + i * lda, lda, kt, c + i * ldc, ldc, w, dim);
+  for (; i < rows; ++i) block512<1>(a + i * lda, lda, kt, c + i * ldc, ldc, w, dim);
+}
+
+template <int R>
+__attribute__((target("avx2"), always_inline)) inline void block256(const double* a, int64_t lda, const double* kt,
+                                                                     double* c, int64_t ldc, int64_t w, int64_t dim) {
+  __m256d acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_pd();
+  for (int64_t d = 0; d < dim; ++d) {
+    const __m256d k0 = _mm256_loadu_pd(kt + d * kOrderedKeys), k1 = _mm256_loadu_pd(kt + d * kOrderedKeys + 4);
+    for (int r = 0; r < R; ++r) {
+      const __m256d x = _mm256_set1_pd(a[r * lda + d]);
+      acc[r][0] = _mm256_add_pd(acc[r][0], _mm256_mul_pd(x, k0));
+      acc[r][1] = _mm256_add_pd(acc[r][1], _mm256_mul_pd(x, k1));
+    }
+  }
+  alignas(32) double out[kOrderedKeys];
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_pd(out, acc[r][0]);
+    _mm256_store_pd(out + 4, acc[r][1]);
+    std::copy(out, out + w, c + r * ldc);
+  }
+}
+
+__attribute__((target("avx2"))) void ordered_rows_avx2(const double* a, int64_t lda, const double* kt, double* c,
+                                                       int64_t ldc, int64_t rows, int64_t w, int64_t dim) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) block256<4>(a + i * lda, lda, kt, c + i * ldc, ldc, w, dim);
+  for (; i < rows; ++i) block256<1>(a + i * lda, lda, kt, c + i * ldc, ldc, w, dim);
+}
+#endif
+
+void ordered_rows_base(const double* a, int64_t lda, const double* kt, double* c, int64_t ldc, int64_t rows,
+                       int64_t w, int64_t dim) {
+  ordered_rows(a, lda, kt, c, ldc, rows, w, dim);
+}
+}  // namespace
+
+void ordered_gemm(const double* a, int64_t lda, const double* b, int64_t ldb, double* c, int64_t rows, int64_t cols,
+                  int64_t dim) {
+#ifdef LLP_FAST_X86
+  // The fused tile's width (LLP_FAST_CPU_FUSED chooses it; tests compare the three loops' bits).
+  static const auto run = fused_bits() == 512   ? ordered_rows_avx512
+                          : fused_bits() == 256 ? ordered_rows_avx2
+                                                : ordered_rows_base;
+#else
+  const auto run = ordered_rows_base;
+#endif
+  std::vector<double> kt(static_cast<size_t>(dim * kOrderedKeys));
+  for (int64_t j0 = 0; j0 < cols; j0 += kOrderedKeys) {
+    const int64_t w = std::min(kOrderedKeys, cols - j0);
+    std::fill(kt.begin(), kt.end(), 0.0);
+    for (int64_t l = 0; l < w; ++l)
+      for (int64_t d = 0; d < dim; ++d) kt[d * kOrderedKeys + l] = b[(j0 + l) * ldb + d];
+    run(a, lda, kt.data(), c + j0, cols, rows, w, dim);
+  }
 }
 
 bool blas_gemm_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t rows,

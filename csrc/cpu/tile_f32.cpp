@@ -78,6 +78,8 @@ int width() {
 
 bool fused_tile() { return width() != 0; }
 
+int fused_bits() { return width(); }
+
 namespace {
 
 // How tile_select's AVX-512 loop passes over a row's block of 32 scores that holds no candidate. At

@@ -6,10 +6,10 @@
 //     s_ij = (q_i . key_j) * (1 / tau) + bias_j
 // over the key rows j (bias -inf: a masked key, never chosen) without the Q x N score matrix and
 // without sorting a row of N scores:
-//   1. a (ROWS x COLS) score tile comes from one BLAS call (sgemm_/dgemm_ of the BLAS torch links,
-//      called directly: no dispatcher, no tensor per tile; bf16 queries and keys on a CPU with AMX-BF16
-//      or AVX512-BF16: MKL's gemm_bf16bf16f32_, fp32 scores) into a per-thread buffer that stays in
-//      cache (always the full tile: the last blocks are padded, so a score never depends on how the
+//   1. a (ROWS x COLS) score tile comes from one BLAS call (sgemm_ of the BLAS torch links, called
+//      directly: no dispatcher, no tensor per tile; bf16 queries and keys on a CPU with AMX-BF16: MKL's
+//      gemm_bf16bf16f32_, fp32 scores; float64: our own loop, ordered_gemm) into a per-thread buffer
+//      that stays in cache (always the full tile: the last blocks are padded, so a score never depends on how the
 //      caller chunked the keys);
 //   2. one pass over each row of the tile asks, 64 columns at a time, whether any score can beat the
 //      row's threshold (from the block's largest product, scaled, plus its largest bias; with AVX-512,
@@ -147,12 +147,15 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // at::mm_out when there is none).
 bool blas_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t rows, int64_t cols,
                int64_t dim);
-bool blas_gemm(const double* a, int64_t lda, const double* b, int64_t ldb, double* c, int64_t rows, int64_t cols,
-               int64_t dim);
+// float64: not the BLAS, whose dgemm (MKL on an AMD EPYC, Zen 4) rounds a key's products differently by
+// its column in the tile, so that chunked calls would not merge exactly. Our own loop: each score the
+// products summed in order of d from zero, a multiply and an add each, wherever the key falls.
+void ordered_gemm(const double* a, int64_t lda, const double* b, int64_t ldb, double* c, int64_t rows, int64_t cols,
+                  int64_t dim);
 // bf16 A and B (their bits), fp32 S: MKL's bf16 GEMM, the same products summed in fp32.
 bool blas_gemm_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t rows,
                     int64_t cols, int64_t dim);
-// Whether bf16 blocks are multiplied as bf16 (a CPU with AMX-BF16 or AVX512-BF16 and a BLAS that has
+// Whether bf16 blocks are multiplied as bf16 (a CPU with AMX-BF16 and a BLAS that has
 // the bf16 GEMM; LLP_FAST_CPU_BF16_GEMM=1/0 forces it) rather than converted to fp32 first.
 bool bf16_gemm();
 
@@ -202,6 +205,8 @@ constexpr int64_t kPanelKeys = 16;
 inline int64_t panel_rows(int64_t n) { return (n + 2 * kPanelRows - 1) / (2 * kPanelRows) * (2 * kPanelRows); }
 inline int64_t panel_keys(int64_t n) { return (n + kPanelKeys - 1) / kPanelKeys * kPanelKeys; }
 bool fused_tile();
+// Its vector width: 0 (off), 256 (AVX2) or 512 (AVX-512); ordered_gemm's loop follows it.
+int fused_bits();
 // n rows of a (row stride lda) into panels of 6 rows, [panel][d][6], zero rows after the last (out:
 // panel_rows(n) x dim floats); n keys of b into panels of 16 keys, [panel][d][16], likewise.
 void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* out);
@@ -893,7 +898,12 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
         return blas_gemm_bf16(static_cast<const uint16_t*>(a), lda, static_cast<const uint16_t*>(b), ldb, out, rows,
                               cols, dim);
     }
-    return blas_gemm(static_cast<const acc_t*>(a), lda, static_cast<const acc_t*>(b), ldb, out, rows, cols, dim);
+    if constexpr (std::is_same<acc_t, double>::value) {
+      ordered_gemm(static_cast<const double*>(a), lda, static_cast<const double*>(b), ldb, out, rows, cols, dim);
+      return true;
+    } else {
+      return blas_gemm(static_cast<const acc_t*>(a), lda, static_cast<const acc_t*>(b), ldb, out, rows, cols, dim);
+    }
   };
   const int64_t blocks = (nq + rows - 1) / rows;
   // Large k against many keys: each row's threshold is first estimated from the first key tile
@@ -1030,8 +1040,8 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   });
 }
 
-// float32 queries and keys, small k, on a CPU whose bf16 GEMM runs on matrix units (bf16_gemm(): AMX-BF16
-// or AVX512-BF16) and whose fused tile runs AVX-512: the same answer, bit for bit, from a bf16 pass and an
+// float32 queries and keys, small k, on a CPU whose bf16 GEMM runs on matrix units (bf16_gemm(): AMX-BF16)
+// and whose fused tile runs AVX-512: the same answer, bit for bit, from a bf16 pass and an
 // exact refinement, at about the bf16 GEMM's cost instead of the float32 one (docs/method.md §3).
 //   1. Every score is first computed from the queries and keys rounded to bf16 (the bf16 path of
 //      fused_topk), and each row keeps its best k' = approx_k(k) of those approximate scores s~.
