@@ -305,12 +305,19 @@ def _fused_widths() -> list[str]:
         {"LLP_FAST_CPU_NO_BOUND": "1", "LLP_FAST_CPU_NO_ESTIMATE": "1"},
         {"LLP_FAST_CPU_BF16_GEMM": "1"},
         {"LLP_FAST_CPU_BF16_GEMM": "1", "LLP_FAST_CPU_NO_BLAS": "1", "LLP_FAST_CPU_FUSED": "0"},
+        *(
+            {"LLP_FAST_CPU_BF16_GEMM": "avx512bf16", "LLP_FAST_CPU_TILE": tile}
+            for tile in ("8,64", "7,50", "1,17", "13,33", "256,512")
+            if " avx512_bf16" in _flags()
+        ),
+        *([{"LLP_FAST_CPU_BF16_GEMM": "avx512bf16", "LLP_FAST_CPU_FUSED": "0"}] if " avx512_bf16" in _flags() else []),
     ],
 )
 def test_every_scan_variant_and_the_mm_out_tile(env):
     """Each scan variant this CPU can run, the tile from at::mm_out instead of the BLAS symbol, the
     fused tile (csrc/cpu/tile_f32.cpp) at each width the CPU has (AVX2: 6 x 16 blocks; AVX-512:
-    12 x 32) on tiles whose rows and keys do not fill its panels, and bf16
+    12 x 32) on tiles whose rows and keys do not fill its panels, bf16 tiles from the CPU's bf16 dot
+    products (csrc/cpu/tile_bf16.cpp, where it has AVX512-BF16; odd D, partial panels), and bf16
     blocks multiplied by the bf16 GEMM (on any CPU here; by default only where AMX-BF16 makes it
     fast), in a child process (each choice is made once per process): fp32 and
     bf16 inputs against the reference, and keys in two chunks equal to one call; a masked key with NaN
@@ -440,6 +447,64 @@ def test_float64_scores_do_not_depend_on_the_key_position(seed, tmp_path):
         assert torch.allclose(full.gather(1, i), v, rtol=0, atol=1e-10)
 
 
+DOT = """
+import sys
+import torch
+from llp_fast import _ext
+assert _ext.load() is not None
+g = torch.Generator().manual_seed(int(sys.argv[2]))
+op = torch.ops.llp_fast.topk_scores.default
+out = []
+for q, n, d, k in [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]:
+    queries = torch.randn(q, d, generator=g).bfloat16()
+    keys = torch.randn(n, d, generator=g).bfloat16()
+    bias, mask = torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.8
+    v, i = op(queries, keys, k, 0.07, bias, mask, None, None, 0)
+    for s in (1, 7, 501):  # each key's score the same bits wherever it falls
+        v2, _ = op(queries, keys.roll(s, 0), k, 0.07, bias.roll(s, 0), mask.roll(s, 0), None, None, 0)
+        assert torch.equal(v2, v), (q, n, d, k, s)
+    out.append((v, i))
+torch.save(out, sys.argv[1])
+print("ok")
+"""
+
+
+@pytest.mark.skipif(" avx512_bf16" not in _flags() or " avx512bw" not in _flags(), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("seed", [1, 2])
+def test_bf16_dot_products_fused_and_stored_give_the_same_bits(seed, tmp_path):
+    """bf16 queries and keys on a CPU with AVX512-BF16 (csrc/cpu/tile_f32.cpp's loop with the bf16 dot
+    product, csrc/cpu/tile_bf16.cpp's stored tile): on fresh random inputs with odd D, partial panels
+    and a mask, the fused tile (compared in registers) and the stored tile (LLP_FAST_CPU_FUSED=0: the
+    tile written, then scanned) give the same values and indices bit for bit, a key's score does not
+    depend on where it falls, and the scores equal a float64 brute force over the same bf16 values
+    within float32 summation."""
+    outs = {}
+    for fused in ("1", "0"):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "LLP_FAST_CPU_BF16_GEMM": "avx512bf16",
+            "LLP_FAST_CPU_FUSED": fused,
+        }
+        path = tmp_path / f"{fused}.pt"
+        proc = subprocess.run(
+            [sys.executable, "-c", DOT, str(path), str(seed)], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+        outs[fused] = torch.load(path)
+    g = torch.Generator().manual_seed(seed)  # the child's inputs again, for the brute force
+    shapes = [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]
+    for (q, n, d, k), (v, i), (vs, is_) in zip(shapes, outs["1"], outs["0"]):
+        assert torch.equal(v, vs) and torch.equal(i, is_)
+        queries = torch.randn(q, d, generator=g).bfloat16().double()
+        keys = torch.randn(n, d, generator=g).bfloat16().double()
+        bias, mask = torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.8
+        full = (queries @ keys.T) * float(torch.tensor(1 / 0.07, dtype=torch.float32)) + bias.double()
+        full[:, ~mask] = -float("inf")
+        ref = full.topk(min(k, n), dim=1).values
+        torch.testing.assert_close(v.double(), ref, rtol=2e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("value", ["yes", "avx1024"])
 def test_fused_setting_names_a_width(value):
     """LLP_FAST_CPU_FUSED set to something that names no width is an error naming the variable, not
@@ -549,10 +614,14 @@ print("ok")
 
 
 @pytest.mark.skipif(" avx512f" not in _flags() or " fma" not in _flags(), reason="needs a CPU with AVX-512")
+@pytest.mark.parametrize(
+    "source", ["1", *(["avx512bf16"] if " avx512_bf16" in _flags() else [])], ids=lambda s: f"bf16-{s}"
+)
 @pytest.mark.parametrize("seed", [1, 2])
-def test_the_bf16_pass_gives_the_exact_paths_bits(seed):
-    """float32 inputs at k <= 32 where a bf16 GEMM runs (here forced with LLP_FAST_CPU_BF16_GEMM=1;
-    LLP_FAST_CPU_APPROX=2 takes calls of any size) are selected from bf16 scores and refined exactly
+def test_the_bf16_pass_gives_the_exact_paths_bits(seed, source):
+    """float32 inputs at k <= 32 where a bf16 GEMM runs (here forced with LLP_FAST_CPU_BF16_GEMM=1:
+    MKL's, and =avx512bf16 where the CPU has it: the fused tile's bf16 dot products; LLP_FAST_CPU_APPROX=2
+    takes calls of any size) are selected from bf16 scores and refined exactly
     (csrc/cpu/topk.h approx_topk): on fresh random inputs of odd shapes, with equal scores, extreme
     and far-apart norms, products below the normal range, rows that are not finite, masked keys
     that are NaN, values that round to bf16 infinity or to bf16 denormals, norms whose squares
@@ -563,7 +632,7 @@ def test_the_bf16_pass_gives_the_exact_paths_bits(seed):
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "2",
-        "LLP_FAST_CPU_BF16_GEMM": "1",
+        "LLP_FAST_CPU_BF16_GEMM": source,
         "LLP_FAST_CPU_FUSED": "avx512",
         "LLP_FAST_CPU_APPROX_REPORT": "1",
     }

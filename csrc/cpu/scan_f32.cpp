@@ -69,13 +69,22 @@ bool gemm(F f, const T* a, int64_t lda, const T* b, int64_t ldb, C* c, int64_t r
   return true;
 }
 
-// Whether bf16 blocks go to the bf16 GEMM: on CPUs with bf16 matrix units (AMX-BF16), where MKL's bf16
-// GEMM outruns converting to fp32 (about 750 GFLOP/s a core against 195 for fp32, Intel Xeon). Not on
-// AVX512-BF16 alone: on an AMD EPYC (Zen 4) MKL's bf16 GEMM ran at 94 GFLOP/s against its sgemm's 99 (it
-// does not use AMD's bf16 dot products), and a bf16 propagate at K = 10 took 340 ms against 273 ms
-// converted (docs/method.md §3). LLP_FAST_CPU_BF16_GEMM=1 / =0 forces it (tests run it on any CPU).
-bool bf16_gemm_wanted() {
-  if (const char* s = std::getenv("LLP_FAST_CPU_BF16_GEMM")) return std::strcmp(s, "0") != 0;
+// Where bf16 blocks are multiplied as bf16 (bf16_source): MKL's bf16 GEMM on CPUs with bf16 matrix units
+// (AMX-BF16; about 750 GFLOP/s a core against 195 for fp32, Intel Xeon); our own tile from the bf16
+// dot-product instruction on CPUs with AVX512-BF16 and no AMX (dot_bf16_tile: on an AMD EPYC, Zen 4,
+// MKL's bf16 GEMM ran at 94 GFLOP/s against its sgemm's 99, not using that instruction, and a bf16
+// propagate at K = 10 took 340 ms through it against 273 ms converted; docs/method.md §4); elsewhere
+// the blocks are converted to fp32. LLP_FAST_CPU_BF16_GEMM=0 / =1 / =avx512bf16 forces one (=1: MKL's,
+// on any CPU, where it is emulated; tests).
+int bf16_source_wanted() {
+  if (const char* s = std::getenv("LLP_FAST_CPU_BF16_GEMM")) {
+    if (std::strcmp(s, "0") == 0) return kBf16Convert;
+    if (std::strcmp(s, "1") == 0) return kBf16Mkl;
+    TORCH_CHECK(std::strcmp(s, "avx512bf16") == 0, "LLP_FAST_CPU_BF16_GEMM must be 0, 1 or avx512bf16, got '", s,
+                "'");
+    TORCH_CHECK(dot_bf16_cpu(), "LLP_FAST_CPU_BF16_GEMM=avx512bf16: this CPU has no AVX512-BF16");
+    return kBf16Dot;
+  }
 #ifdef LLP_FAST_X86
   // AMX: the kernel's own flag, as /proc/cpuinfo reports it (GCC 12 has no name for it).
   if (FILE* f = std::fopen("/proc/cpuinfo", "r")) {
@@ -84,10 +93,10 @@ bool bf16_gemm_wanted() {
     while (!amx && std::fgets(line, sizeof line, f) != nullptr)
       amx = std::strncmp(line, "flags", 5) == 0 && std::strstr(line, " amx_bf16") != nullptr;
     std::fclose(f);
-    return amx;
+    if (amx) return kBf16Mkl;
   }
 #endif
-  return false;
+  return dot_bf16_cpu() ? kBf16Dot : kBf16Convert;
 }
 
 }  // namespace
@@ -201,13 +210,22 @@ void ordered_gemm(const double* a, int64_t lda, const double* b, int64_t ldb, do
 
 bool blas_gemm_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t rows,
                     int64_t cols, int64_t dim) {
+  if (bf16_source() == kBf16Dot) {
+    dot_bf16_tile(a, lda, b, ldb, c, rows, cols, dim);
+    return true;
+  }
   return gemm(blas().gemm_bf16, a, lda, b, ldb, c, rows, cols, dim);
 }
 
-bool bf16_gemm() {
-  static const bool on = blas().gemm_bf16 != nullptr && bf16_gemm_wanted();
-  return on;
+int bf16_source() {
+  static const int source = [] {
+    const int s = bf16_source_wanted();
+    return s == kBf16Mkl && blas().gemm_bf16 == nullptr ? kBf16Convert : s;  // no MKL bf16 GEMM in this torch
+  }();
+  return source;
 }
+
+bool bf16_gemm() { return bf16_source() != kBf16Convert; }
 
 // ---------------------------------------------------------------------------------------------
 // Step 2. Every variant appends the same candidates in the same order (ScanF32 in topk.h).

@@ -15,6 +15,10 @@
 // merges chunked calls exactly), and both widths give the same bits. The scale and the bias are then
 // applied as the scan applies them (a multiply and an add, each rounded).
 //
+// bf16 queries and keys on a CPU with AVX512-BF16 (fused_dot()) run the AVX-512 loop too, packed a pair of
+// components to a 32-bit word (pack_*_bf16) and each FMA replaced by the bf16 dot product of a pair
+// (kDot): the same epilogue, the same compares.
+//
 // Only functions with a target attribute use AVX2/FMA or AVX-512, and fused_tile() says whether the
 // kernel runs the fused tile at all. The default: AVX-512 where the CPU has it (its GEMM loop then
 // runs on the 512-bit units, as the BLAS does), AVX2 where that is the widest unit. LLP_FAST_CPU_FUSED=0
@@ -45,7 +49,11 @@ int fused_width() {
   __builtin_cpu_init();
   const bool avx2 =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
-  const int widest = !avx2 ? 0 : __builtin_cpu_supports("avx512f") ? 512 : 256;
+  // AVX-512 with its byte and word instructions (AVX512BW): the loop is compiled with AVX512-BF16 for
+  // its bf16 instantiation, which lets the compiler use them (every AVX-512 CPU since Skylake-SP has it).
+  const int widest = !avx2                                                                        ? 0
+                     : __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 512
+                                                                                                 : 256;
   if (const char* s = std::getenv("LLP_FAST_CPU_FUSED")) {
     if (std::strcmp(s, "0") == 0) return 0;
     if (std::strcmp(s, "1") == 0) return widest;
@@ -77,6 +85,8 @@ int width() {
 }  // namespace
 
 bool fused_tile() { return width() != 0; }
+
+bool fused_dot() { return width() == 512 && bf16_source() == kBf16Dot; }
 
 int fused_bits() { return width(); }
 
@@ -125,7 +135,36 @@ void pack(const float* src, int64_t ld, int64_t n, int64_t dim, int64_t width, i
   }
 }
 
+// pack()'s layout for bf16 rows, a pair of components a word ([panel][pair][width], each word the
+// components 2p (low half) and 2p + 1 (high; zero past an odd dim), in float-sized slots).
+void pack_pairs(const uint16_t* src, int64_t ld, int64_t n, int64_t dim, int64_t width, int64_t panels, float* out,
+                const int64_t* src_rows = nullptr) {
+  const int64_t pairs = bf16_pairs(dim), whole = dim / 2;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* o = out + p * width * pairs;
+    const int64_t live = std::max<int64_t>(0, std::min(width, n - p * width));
+    if (live < width) std::fill(o, o + width * pairs, 0.0f);  // zero bits: bf16 zeros
+    for (int64_t l = 0; l < live; ++l) {
+      const int64_t at = p * width + l;
+      const uint16_t* row = src + (src_rows != nullptr ? src_rows[at] : at) * ld;
+      for (int64_t q = 0; q < whole; ++q) std::memcpy(o + q * width + l, row + 2 * q, sizeof(float));
+      if (whole < pairs) {
+        const uint32_t last = row[dim - 1];
+        std::memcpy(o + whole * width + l, &last, sizeof(float));
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void pack_queries_bf16(const uint16_t* a, int64_t lda, int64_t n, int64_t dim, float* out) {
+  pack_pairs(a, lda, n, dim, kPanelRows, panel_rows(n) / kPanelRows, out);
+}
+
+void pack_keys_bf16(const uint16_t* b, int64_t ldb, int64_t n, int64_t dim, float* out, const int64_t* rows) {
+  pack_pairs(b, ldb, n, dim, kPanelKeys, panel_keys(n) / kPanelKeys, out, rows);
+}
 
 void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* out) {
   pack(a, lda, n, dim, kPanelRows, panel_rows(n) / kPanelRows, out);
@@ -224,9 +263,12 @@ __attribute__((target("avx2,fma,popcnt"))) void blocks_avx2(const float* ap, int
 // adjacent key panels (16 * dim floats apart), into acc[KP * row + panel]; each lane the same FMA
 // sequence as micro()'s. The caller's epilogue is unrolled over the rows too, so that acc stays in
 // registers (no copy through the stack).
-template <int QP, int KP>
-__attribute__((target("avx512f"), always_inline)) inline void micro512(const float* a, const float* b, int64_t dim,
-                                                                        __m512 (&acc)[kPanelRows * QP * KP]) {
+// kDot: a and b hold bf16 pairs (pack_*_bf16: one 32-bit word a pair, dim = the pairs), each step the
+// CPU's bf16 dot product of a pair (VDPBF16PS) in the place of the FMA.
+template <int QP, int KP, bool kDot>
+__attribute__((target("avx512f,avx512bf16"), always_inline)) inline void micro512(const float* a, const float* b,
+                                                                                   int64_t dim,
+                                                                                   __m512 (&acc)[kPanelRows * QP * KP]) {
 #pragma GCC unroll 24
   for (int i = 0; i < kPanelRows * QP * KP; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < dim; ++d) {  // QP = KP = 2: 24 accumulators, 2 key vectors, a query lane
@@ -237,20 +279,25 @@ __attribute__((target("avx512f"), always_inline)) inline void micro512(const flo
     for (int i = 0; i < kPanelRows * QP; ++i) {
       const __m512 x = _mm512_set1_ps(a[(i / kPanelRows) * kPanelRows * dim + kPanelRows * d + i % kPanelRows]);
 #pragma GCC unroll 4
-      for (int p = 0; p < KP; ++p) acc[KP * i + p] = _mm512_fmadd_ps(x, bv[p], acc[KP * i + p]);
+      for (int p = 0; p < KP; ++p) {
+        if constexpr (kDot)
+          acc[KP * i + p] = _mm512_dpbf16_ps(acc[KP * i + p], (__m512bh)x, (__m512bh)bv[p]);
+        else
+          acc[KP * i + p] = _mm512_fmadd_ps(x, bv[p], acc[KP * i + p]);
+      }
     }
   }
 }
 
 // One group of KP key panels (keys j0 .. j0 + w) against the query rows [r0, r0 + h), h <= 6 * QP:
 // blocks_avx2's work for them.
-template <int QP, int KP, bool kStore, int kFilter>
-__attribute__((target("avx512f,avx2,popcnt"), always_inline)) inline void block512(
+template <int QP, int KP, bool kStore, int kFilter, bool kDot>
+__attribute__((target("avx512f,avx512bf16,avx2,popcnt"), always_inline)) inline void block512(
     const float* ap, int64_t r0, int64_t h, const float* b, int64_t j0, int64_t w, int64_t dim, float* s,
     int64_t lds, const __m512 (&bv)[KP], __m512 vt, uint32_t base, const TileRows* rows) {
   constexpr int64_t kKeys = kPanelKeys * KP;
   __m512 c[kPanelRows * QP * KP];
-  micro512<QP, KP>(ap + r0 * dim, b, dim, c);
+  micro512<QP, KP, kDot>(ap + r0 * dim, b, dim, c);
 #pragma GCC unroll 12
   for (int i = 0; i < kPanelRows * QP; ++i) {
     if (i >= h) break;
@@ -318,8 +365,8 @@ __attribute__((target("avx512f,avx2,popcnt"), always_inline)) inline void block5
 }
 
 // Keys j0 .. j0 + w (KP panels) against every query row, two query panels at a time.
-template <int KP, bool kStore, int kFilter>
-__attribute__((target("avx512f,avx2,popcnt"))) void group512(const float* ap, int64_t nr, const float* b,
+template <int KP, bool kStore, int kFilter, bool kDot>
+__attribute__((target("avx512f,avx512bf16,avx2,popcnt"))) void group512(const float* ap, int64_t nr, const float* b,
                                                             int64_t j0, int64_t w, int64_t dim, float* s,
                                                             int64_t lds, const float* bias, float inv_tau,
                                                             uint32_t base, const TileRows* rows) {
@@ -337,10 +384,10 @@ __attribute__((target("avx512f,avx2,popcnt"))) void group512(const float* ap, in
   }
   const __m512 vt = _mm512_set1_ps(inv_tau);
   for (int64_t r0 = 0; r0 < nr; r0 += 2 * kPanelRows)  // pairs of panels (panel_rows: zero rows pad the last)
-    block512<2, KP, kStore, kFilter>(ap, r0, std::min(2 * kPanelRows, nr - r0), b, j0, w, dim, s, lds, bv, vt, base, rows);
+    block512<2, KP, kStore, kFilter, kDot>(ap, r0, std::min(2 * kPanelRows, nr - r0), b, j0, w, dim, s, lds, bv, vt, base, rows);
 }
 
-template <bool kStore, int kFilter>
+template <bool kStore, int kFilter, bool kDot>
 void blocks_avx512(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds,
                    const float* bias, float inv_tau, uint32_t base, const TileRows* rows) {
   constexpr int64_t kGroup = 2 * kPanelKeys;
@@ -349,52 +396,68 @@ void blocks_avx512(const float* ap, int64_t nr, const float* bp, int64_t nc, int
     const int64_t w = std::min(kGroup, nc - j0);
     const float* b = bp + j0 * dim;
     if (w > kPanelKeys)
-      group512<2, kStore, kFilter>(ap, nr, b, j0, w, dim, s, lds, bias, inv_tau, base, rows);
+      group512<2, kStore, kFilter, kDot>(ap, nr, b, j0, w, dim, s, lds, bias, inv_tau, base, rows);
     else
-      group512<1, kStore, kFilter>(ap, nr, b, j0, w, dim, s, lds, bias, inv_tau, base, rows);
+      group512<1, kStore, kFilter, kDot>(ap, nr, b, j0, w, dim, s, lds, bias, inv_tau, base, rows);
   }
 }
 
 }  // namespace
 #endif  // LLP_FAST_X86
 
-void tile_store(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds) {
+#ifdef LLP_FAST_X86
+namespace {
+template <bool kDot>
+void select512(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, const float* bias,
+               float inv_tau, uint32_t base, const TileRows& rows) {
+  float bmax = -kInf, bmin = kInf;  // over the keys that can score (a masked key's bias is -inf)
+  for (int64_t j = 0; j < nc; ++j) {  // no branch on the mask (random masks mispredicted it)
+    bmax = std::max(bmax, bias[j]);
+    bmin = std::min(bmin, bias[j] > -kInf ? bias[j] : kInf);
+  }
+  if (bmax == -kInf || (rows.k <= kFilterK && bmin == bmax)) {
+    // Every key masked (no row passes: at any k), or one bias for every key that can score.
+    for (int64_t r = 0; r < nr; ++r) rows.pre[r] = raw_threshold(rows.thr[r], bmax, inv_tau);
+    blocks_avx512<false, kRawFilter, kDot>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+  } else if (rows.k <= kFilterK) {
+    blocks_avx512<false, kScoreFilter, kDot>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+  } else {
+    blocks_avx512<false, kNoFilter, kDot>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
+  }
+}
+}  // namespace
+#endif
+
+void tile_store(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds,
+                bool dot) {
 #ifdef LLP_FAST_X86
   TORCH_CHECK(fused_tile(), "tile_store: this CPU has no AVX2 and FMA");
-  if (width() == 512)
-    blocks_avx512<true, kNoFilter>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
+  TORCH_CHECK(!dot || fused_dot(), "tile_store: bf16 pairs need the AVX-512 tile and AVX512-BF16");
+  if (dot)
+    blocks_avx512<true, kNoFilter, true>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
+  else if (width() == 512)
+    blocks_avx512<true, kNoFilter, false>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
   else
     blocks_avx2<true>(ap, nr, bp, nc, dim, s, lds, nullptr, 1.0f, 0, nullptr);
 #else
-  (void)ap, (void)nr, (void)bp, (void)nc, (void)dim, (void)s, (void)lds;
+  (void)ap, (void)nr, (void)bp, (void)nc, (void)dim, (void)s, (void)lds, (void)dot;
   TORCH_CHECK(false, "tile_store: not an x86-64 build");
 #endif
 }
 
 void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, const float* bias,
-                 float inv_tau, uint32_t base, const TileRows& rows) {
+                 float inv_tau, uint32_t base, const TileRows& rows, bool dot) {
 #ifdef LLP_FAST_X86
   TORCH_CHECK(fused_tile(), "tile_select: this CPU has no AVX2 and FMA");
-  if (width() == 512) {
-    float bmax = -kInf, bmin = kInf;  // over the keys that can score (a masked key's bias is -inf)
-    for (int64_t j = 0; j < nc; ++j) {  // no branch on the mask (random masks mispredicted it)
-      bmax = std::max(bmax, bias[j]);
-      bmin = std::min(bmin, bias[j] > -kInf ? bias[j] : kInf);
-    }
-    if (bmax == -kInf || (rows.k <= kFilterK && bmin == bmax)) {
-      // Every key masked (no row passes: at any k), or one bias for every key that can score.
-      for (int64_t r = 0; r < nr; ++r) rows.pre[r] = raw_threshold(rows.thr[r], bmax, inv_tau);
-      blocks_avx512<false, kRawFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
-    } else if (rows.k <= kFilterK) {
-      blocks_avx512<false, kScoreFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
-    } else {
-      blocks_avx512<false, kNoFilter>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
-    }
-  }
+  TORCH_CHECK(!dot || fused_dot(), "tile_select: bf16 pairs need the AVX-512 tile and AVX512-BF16");
+  if (dot)
+    select512<true>(ap, nr, bp, nc, dim, bias, inv_tau, base, rows);
+  else if (width() == 512)
+    select512<false>(ap, nr, bp, nc, dim, bias, inv_tau, base, rows);
   else
     blocks_avx2<false>(ap, nr, bp, nc, dim, nullptr, 0, bias, inv_tau, base, &rows);
 #else
-  (void)ap, (void)nr, (void)bp, (void)nc, (void)dim, (void)bias, (void)inv_tau, (void)base, (void)rows;
+  (void)ap, (void)nr, (void)bp, (void)nc, (void)dim, (void)bias, (void)inv_tau, (void)base, (void)rows, (void)dot;
   TORCH_CHECK(false, "tile_select: not an x86-64 build");
 #endif
 }

@@ -152,12 +152,21 @@ bool blas_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
 // products summed in order of d from zero, a multiply and an add each, wherever the key falls.
 void ordered_gemm(const double* a, int64_t lda, const double* b, int64_t ldb, double* c, int64_t rows, int64_t cols,
                   int64_t dim);
-// bf16 A and B (their bits), fp32 S: MKL's bf16 GEMM, the same products summed in fp32.
+// bf16 A and B (their bits), fp32 S: the same products summed in fp32, from MKL's bf16 GEMM or
+// dot_bf16_tile (bf16_source).
 bool blas_gemm_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t rows,
                     int64_t cols, int64_t dim);
-// Whether bf16 blocks are multiplied as bf16 (a CPU with AMX-BF16 and a BLAS that has
-// the bf16 GEMM; LLP_FAST_CPU_BF16_GEMM=1/0 forces it) rather than converted to fp32 first.
+// How bf16 blocks are multiplied (csrc/cpu/scan_f32.cpp): converted to fp32 first, by MKL's bf16 GEMM
+// (a CPU with AMX-BF16), or by dot_bf16_tile (AVX512-BF16 without AMX); LLP_FAST_CPU_BF16_GEMM=0 / 1 /
+// avx512bf16 forces one. bf16_gemm(): not converted.
+constexpr int kBf16Convert = 0, kBf16Mkl = 1, kBf16Dot = 2;
+int bf16_source();
 bool bf16_gemm();
+// The bf16 tile from the CPU's bf16 dot products (csrc/cpu/tile_bf16.cpp): S (rows x cols, row stride
+// cols) = A . B^T, each score summed over pairs of components in order; dot_bf16_cpu(): AVX512-BF16.
+bool dot_bf16_cpu();
+void dot_bf16_tile(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t rows,
+                   int64_t cols, int64_t dim);
 
 // ---------------------------------------------------------------------------------------------
 // Step 2 for one row, float32 (csrc/cpu/scan_f32.cpp): appends every j in [j, n) with
@@ -212,10 +221,20 @@ int fused_bits();
 void pack_queries(const float* a, int64_t lda, int64_t n, int64_t dim, float* out);
 // (rows: the keys are b's rows rows[0, n), in that order; b's first n rows where it is null.)
 void pack_keys(const float* b, int64_t ldb, int64_t n, int64_t dim, float* out, const int64_t* rows = nullptr);
+// bf16 rows (their bits) packed the same way, a pair of components (2p, 2p + 1; zero past an odd dim)
+// a 32-bit word in each float slot: panel_rows(n) x bf16_pairs(dim) slots. The fused tile runs them with
+// dot = true and dim = bf16_pairs(dim), each step the CPU's bf16 dot product of a pair (AVX512-BF16)
+// in the place of the FMA; fused_dot(): where it does (the AVX-512 tile, bf16_source() == kBf16Dot).
+inline int64_t bf16_pairs(int64_t dim) { return (dim + 1) / 2; }
+void pack_queries_bf16(const uint16_t* a, int64_t lda, int64_t n, int64_t dim, float* out);
+void pack_keys_bf16(const uint16_t* b, int64_t ldb, int64_t n, int64_t dim, float* out,
+                    const int64_t* rows = nullptr);
+bool fused_dot();
 // The raw products of the nr packed queries and nc packed keys into s[0, nr) x [0, nc) (row stride lds),
 // in the place of the BLAS tile (each the same FMA sequence over d wherever the key falls: the same
 // values tile_select compares).
-void tile_store(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds);
+void tile_store(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, float* s, int64_t lds,
+                bool dot = false);
 // The rows' candidate buffers as tile_select appends to them (RowsF32's, row r at r * cap); make_room
 // cuts row r's buffer (raising thr[r]) when fewer than kRoom slots are left.
 struct TileRows {
@@ -233,7 +252,7 @@ struct TileRows {
 // Appends, for each of the nr rows r and nc keys j, x = (q_r . key_j) * inv_tau + bias[j] when
 // x > thr[r], as the scan does (index base + j, key order); `bias` has nc entries.
 void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, const float* bias,
-                 float inv_tau, uint32_t base, const TileRows& rows);
+                 float inv_tau, uint32_t base, const TileRows& rows, bool dot = false);
 // The score tile_select gives query q (dim floats) against each of the n <= kPanelKeys keys
 // b + rows[l] * ldb: the same FMA sequence over d from zero, scaled, then biased by bias[rows[l]], each
 // rounded, into out[l] (bit for bit tile_select's value). rescore_available(): where the fused tile runs
@@ -816,7 +835,11 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   // pass when the bound or the estimate reads its scores, and every tile of a pass run again, are
   // stored (tile_store: the raw products, rows x nc) and scanned; every other tile is compared in
   // registers (tile_select).
-  const bool fused = std::is_same<acc_t, float>::value && !bf16 && dim > 0 && fused_tile();
+  // bf16 blocks where the CPU's bf16 dot products run (fused_dot(): AVX512-BF16 and the AVX-512 tile):
+  // packed a pair of components a word and compared in registers the same way (dot).
+  const bool dot = bf16 && dim > 0 && fused_dot();
+  const bool fused = std::is_same<acc_t, float>::value && (!bf16 || dot) && dim > 0 && fused_tile();
+  const int64_t plen = dot ? bf16_pairs(dim) : dim;  // a packed row's slots
   const Tile tile = tile_for(nq, k, fused);
   // Masked keys (bias -inf: never above a threshold, never chosen) cost nothing: the keys that can
   // score are taken one after another in key order (live[j], int64: the row in `keys` of the j-th of
@@ -916,19 +939,25 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   const bool bounded = std::is_same<acc_t, float>::value && !no_bound && !sampled && n_run > cols && 2 * k <= kGroups;
   // The fused kernel's key tiles packed once for all query blocks when they take at most 32 MB (else
   // each task packs a tile when it needs it, once per query block).
-  const int64_t per_tile = fused ? panel_keys(cols) * dim : 0;
+  const int64_t per_tile = fused ? panel_keys(cols) * plen : 0;
   const int64_t key_tiles = (n_run + cols - 1) / cols;
   // Key tile [c0, c0 + nc) of the keys the selection runs over, packed into out (buf: its staging).
+  auto pack_rows = [&](const void* src, int64_t ld, int64_t n, float* out, const int64_t* rows_of) {
+    if (dot)
+      pack_keys_bf16(static_cast<const uint16_t*>(src), ld, n, dim, out, rows_of);
+    else
+      pack_keys(static_cast<const float*>(src), ld, n, dim, out, rows_of);
+  };
   auto pack_key_tile = [&](at::Tensor& buf, int64_t c0, int64_t nc, float* out) {
     if (live_rows == nullptr) {
       const auto [ka, ldb] = stage(k_det, k_direct, buf, c0, nc, cols);
-      pack_keys(static_cast<const float*>(ka), ldb, nc, dim, out);
+      pack_rows(ka, ldb, nc, out, nullptr);
     } else if (k_direct) {
-      pack_keys(static_cast<const float*>(k_det.const_data_ptr()), k_det.stride(0), nc, dim, out, live_rows + c0);
+      pack_rows(k_det.const_data_ptr(), k_det.stride(0), nc, out, live_rows + c0);
     } else {  // keys in another dtype or layout: the tile's rows gathered and converted first
       buf.narrow(0, 0, nc).copy_(k_det.index_select(0, live.narrow(0, c0, nc)));
       buf.narrow(0, nc, cols - nc).zero_();
-      pack_keys(static_cast<const float*>(buf.const_data_ptr()), dim, nc, dim, out);
+      pack_rows(buf.const_data_ptr(), dim, nc, out, nullptr);
     }
   };
   std::vector<float> keys_packed;
@@ -953,14 +982,17 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
     std::vector<acc_t> bmax(static_cast<size_t>((cols + kBlock - 1) / kBlock));
     std::vector<int64_t> redo;
     // The fused kernel's packed query block and key tile.
-    std::vector<float> q_pack(fused ? static_cast<size_t>(panel_rows(rows) * dim) : 0);
-    std::vector<float> k_pack(fused && keys_packed.empty() ? static_cast<size_t>(panel_keys(cols) * dim) : 0);
+    std::vector<float> q_pack(fused ? static_cast<size_t>(panel_rows(rows) * plen) : 0);
+    std::vector<float> k_pack(fused && keys_packed.empty() ? static_cast<size_t>(panel_keys(cols) * plen) : 0);
 
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * rows;
       const int64_t nr = std::min(rows, nq - r0);
       const auto [qa, lda] = stage(q_det, q_direct, q_buf, r0, nr, rows);
-      if (fused) pack_queries(static_cast<const float*>(qa), lda, nr, dim, q_pack.data());
+      if (fused && dot)
+        pack_queries_bf16(static_cast<const uint16_t*>(qa), lda, nr, dim, q_pack.data());
+      else if (fused)
+        pack_queries(static_cast<const float*>(qa), lda, nr, dim, q_pack.data());
       // One pass over the keys for the rows [0, nr) (all) or the rows in `redo`.
       auto pass = [&](bool all) {
         const int64_t n_rows = all ? nr : static_cast<int64_t>(redo.size());
@@ -982,10 +1014,10 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
               }
               in_registers = all && (c0 > 0 || (!sampled && !bounded));
               if (in_registers)
-                tile_select(q_pack.data(), nr, kp, nc, dim, bias_run + c0, inv_tau, static_cast<uint32_t>(c0),
-                            top.tile_rows());
+                tile_select(q_pack.data(), nr, kp, nc, plen, bias_run + c0, inv_tau, static_cast<uint32_t>(c0),
+                            top.tile_rows(), dot);
               else
-                tile_store(q_pack.data(), nr, kp, nc, dim, s, cols);
+                tile_store(q_pack.data(), nr, kp, nc, plen, s, cols, dot);
             }
           }
           if (!fused) {
@@ -1040,8 +1072,8 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
   });
 }
 
-// float32 queries and keys, small k, on a CPU whose bf16 GEMM runs on matrix units (bf16_gemm(): AMX-BF16)
-// and whose fused tile runs AVX-512: the same answer, bit for bit, from a bf16 pass and an
+// float32 queries and keys, small k, on a CPU whose bf16 scores come fast (bf16_gemm(): MKL's bf16 GEMM on
+// AMX-BF16, or the fused tile's AVX512-BF16 dot products) and whose fused tile runs AVX-512: the same answer, bit for bit, from a bf16 pass and an
 // exact refinement, at about the bf16 GEMM's cost instead of the float32 one (docs/method.md §3).
 //   1. Every score is first computed from the queries and keys rounded to bf16 (the bf16 path of
 //      fused_topk), and each row keeps its best k' = approx_k(k) of those approximate scores s~.

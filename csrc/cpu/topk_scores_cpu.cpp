@@ -143,7 +143,10 @@ std::string cpu_paths() {
   out += topk::rescore_available() ? "; fused float32 tile avx512"
          : topk::fused_tile()        ? "; fused float32 tile avx2"
                                      : "; float32 tile from BLAS";
-  out += topk::bf16_gemm() ? "; bf16 tiles from a bf16 GEMM" : "; bf16 converted to float32";
+  const int bf16 = topk::bf16_source();
+  out += bf16 == topk::kBf16Mkl   ? "; bf16 tiles from a bf16 GEMM"
+         : bf16 == topk::kBf16Dot ? "; bf16 tiles from avx512bf16 dot products"
+                                  : "; bf16 converted to float32";
   if (topk::approx_available())
     out += "; float32 k <= " + std::to_string(topk::kApproxMaxK) + " from a bf16 pass, refined exactly";
   return out;
