@@ -288,7 +288,7 @@ def _fused_widths() -> list[str]:
     flags = _flags()
     if " avx2" not in flags or " fma" not in flags:
         return []
-    return ["avx2"] + (["avx512"] if " avx512f" in flags else [])
+    return ["avx2"] + (["avx512"] if " avx512f" in flags and " avx512bw" in flags else [])
 
 
 @pytest.mark.parametrize(
