@@ -62,7 +62,7 @@ int fused_width() {
       return 256;
     }
     if (std::strcmp(s, "avx512") == 0) {
-      TORCH_CHECK(widest == 512, "LLP_FAST_CPU_FUSED=avx512: this CPU has no AVX-512");
+      TORCH_CHECK(widest == 512, "LLP_FAST_CPU_FUSED=avx512: this CPU has no AVX-512 with AVX512BW");
       return 512;
     }
     TORCH_CHECK(false, "LLP_FAST_CPU_FUSED must be 0, 1, avx2 or avx512, got '", s, "'");
