@@ -35,7 +35,6 @@ CPU_SOURCES = (
     "cpu/aggregation_loss_cpu.cpp",
     "cpu/bank_update_cpu.cpp",
     "cpu/scan_f32.cpp",
-    "cpu/tile_bf16.cpp",
     "cpu/tile_f32.cpp",
     "cpu/topk_scores_cpu.cpp",
     "cpu/vote_cpu.cpp",

@@ -17,7 +17,10 @@
 //
 // bf16 queries and keys on a CPU with AVX512-BF16 (fused_dot()) run the AVX-512 loop too, packed a pair of
 // components to a 32-bit word (pack_*_bf16) and each FMA replaced by the bf16 dot product of a pair
-// (kDot): the same epilogue, the same compares.
+// (kDot, VDPBF16PS: each lane adds the products of one pair of bf16 values a step, exact products,
+// sums rounded to nearest, bf16 denormals read as zero and denormal results flushed, as AMX does):
+// the same epilogue, the same compares. Where the kernel stores the tile and scans it instead
+// (LLP_FAST_CPU_FUSED=0), dot_bf16_tile runs the same loop's store: the same bits.
 //
 // Only functions with a target attribute use AVX2/FMA or AVX-512, and fused_tile() says whether the
 // kernel runs the fused tile at all. The default: AVX-512 where the CPU has it (its GEMM loop then
@@ -32,6 +35,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "left_pack.h"  // LLP_FAST_X86, the AVX2 append
 #include "topk.h"
@@ -459,6 +463,34 @@ void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64
 #else
   (void)ap, (void)nr, (void)bp, (void)nc, (void)dim, (void)bias, (void)inv_tau, (void)base, (void)rows, (void)dot;
   TORCH_CHECK(false, "tile_select: not an x86-64 build");
+#endif
+}
+
+bool dot_bf16_cpu() {
+#ifdef LLP_FAST_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+void dot_bf16_tile(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t rows,
+                   int64_t cols, int64_t dim) {
+#ifdef LLP_FAST_X86
+  TORCH_CHECK(dot_bf16_cpu(), "dot_bf16_tile: this CPU has no AVX512-BF16");
+  // The fused loop's own store (kDot), on both blocks packed here: the same bits as the fused tile's.
+  const int64_t pairs = bf16_pairs(dim);
+  thread_local std::vector<float> ap, bp;
+  ap.resize(static_cast<size_t>(panel_rows(rows) * pairs));
+  bp.resize(static_cast<size_t>(panel_keys(cols) * pairs));
+  pack_queries_bf16(a, lda, rows, dim, ap.data());
+  pack_keys_bf16(b, ldb, cols, dim, bp.data());
+  blocks_avx512<true, kNoFilter, true>(ap.data(), rows, bp.data(), cols, pairs, c, cols, nullptr, 1.0f, 0, nullptr);
+#else
+  (void)a, (void)lda, (void)b, (void)ldb, (void)c, (void)rows, (void)cols, (void)dim;
+  TORCH_CHECK(false, "dot_bf16_tile: not an x86-64 build");
 #endif
 }
 

@@ -162,7 +162,7 @@ bool blas_gemm_bf16(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t l
 constexpr int kBf16Convert = 0, kBf16Mkl = 1, kBf16Dot = 2;
 int bf16_source();
 bool bf16_gemm();
-// The bf16 tile from the CPU's bf16 dot products (csrc/cpu/tile_bf16.cpp): S (rows x cols, row stride
+// The bf16 tile from the CPU's bf16 dot products (csrc/cpu/tile_f32.cpp's loop): S (rows x cols, row stride
 // cols) = A . B^T, each score summed over pairs of components in order; dot_bf16_cpu(): AVX512-BF16.
 bool dot_bf16_cpu();
 void dot_bf16_tile(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t rows,
