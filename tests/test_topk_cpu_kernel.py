@@ -8,6 +8,7 @@ LLP_FAST_CPU_NO_BOUND, LLP_FAST_CPU_NO_ESTIMATE), so those run in child processe
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -291,6 +292,21 @@ def _fused_widths() -> list[str]:
     return ["avx2"] + (["avx512"] if " avx512f" in flags and " avx512bw" in flags else [])
 
 
+# (queries, keys, D, K) of the children below: odd D, partial panels, K above the keys
+ODD_SHAPES = [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]
+
+
+def _child(script: str, path: Path, seed: int, env: dict) -> list:
+    """``script`` run in a child process (each kernel choice is made once per process) with ``env``
+    over the inherited environment and one thread, given ``path``, ``seed`` and ODD_SHAPES (JSON);
+    what it saved at ``path``."""
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    args = [sys.executable, "-c", script, str(path), str(seed), json.dumps(ODD_SHAPES)]
+    proc = subprocess.run(args, cwd=ROOT, env=full, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    return torch.load(path)
+
+
 @pytest.mark.parametrize(
     "env",
     [
@@ -317,7 +333,7 @@ def test_every_scan_variant_and_the_mm_out_tile(env):
     """Each scan variant this CPU can run, the tile from at::mm_out instead of the BLAS symbol, the
     fused tile (csrc/cpu/tile_f32.cpp) at each width the CPU has (AVX2: 6 x 16 blocks; AVX-512:
     12 x 32) on tiles whose rows and keys do not fill its panels, bf16 tiles from the CPU's bf16 dot
-    products (csrc/cpu/tile_bf16.cpp, where it has AVX512-BF16; odd D, partial panels), and bf16
+    products (dot_bf16_tile, where it has AVX512-BF16; odd D, partial panels), and bf16
     blocks multiplied by the bf16 GEMM (on any CPU here; by default only where AMX-BF16 makes it
     fast), in a child process (each choice is made once per process): fp32 and
     bf16 inputs against the reference, and keys in two chunks equal to one call; a masked key with NaN
@@ -328,6 +344,7 @@ def test_every_scan_variant_and_the_mm_out_tile(env):
 
 
 WIDTHS = """
+import json
 import sys
 import torch
 from llp_fast import _ext
@@ -336,7 +353,7 @@ g = torch.Generator().manual_seed(int(sys.argv[2]))
 unit = lambda n, d: torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
 op = torch.ops.llp_fast.topk_scores.default
 out = []
-for q, n, d, k in [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]:
+for q, n, d, k in json.loads(sys.argv[3]):
     args = (unit(q, d), unit(n, d), k, 0.07, torch.rand(n, generator=g) * 2 - 1, torch.rand(n, generator=g) < 0.8)
     out.append(op(*args, None, None, 0))
 # Small K with one bias for every key that can score (AVX-512 then skips a row's block of keys on its
@@ -374,13 +391,8 @@ def test_fused_widths_give_the_same_bits(seed, tmp_path):
     outs = {}
     for width in ("avx2", "avx512", "0"):
         for tile in ("7,50", "256,512"):
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "LLP_FAST_CPU_FUSED": width, "LLP_FAST_CPU_TILE": tile}
-            path = tmp_path / f"{width}-{tile}.pt"
-            proc = subprocess.run(
-                [sys.executable, "-c", WIDTHS, str(path), str(seed)], cwd=ROOT, env=env, capture_output=True, text=True
-            )
-            assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-            outs[width, tile] = torch.load(path)
+            env = {"LLP_FAST_CPU_FUSED": width, "LLP_FAST_CPU_TILE": tile}
+            outs[width, tile] = _child(WIDTHS, tmp_path / f"{width}-{tile}.pt", seed, env)
     for tile in ("7,50", "256,512"):
         for (v2, i2), (v5, i5), (vb, ib) in zip(outs["avx2", tile], outs["avx512", tile], outs["0", tile]):
             assert torch.equal(v2, v5) and torch.equal(i2, i5)
@@ -389,6 +401,7 @@ def test_fused_widths_give_the_same_bits(seed, tmp_path):
 
 
 FLOAT64 = """
+import json
 import sys
 import torch
 from llp_fast import _ext
@@ -396,7 +409,7 @@ assert _ext.load() is not None
 g = torch.Generator().manual_seed(int(sys.argv[2]))
 op = torch.ops.llp_fast.topk_scores.default
 out = []
-for q, n, d, k in [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]:
+for q, n, d, k in json.loads(sys.argv[3]):
     queries = torch.randn(q, d, generator=g, dtype=torch.float64)
     keys = torch.randn(n, d, generator=g, dtype=torch.float64)
     bias = torch.rand(n, generator=g, dtype=torch.float64)
@@ -421,21 +434,14 @@ def test_float64_scores_do_not_depend_on_the_key_position(seed, tmp_path):
     force within its rounding."""
     outs = {}
     for width in (*_fused_widths(), "0"):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "LLP_FAST_CPU_FUSED": width, "LLP_FAST_CPU_TILE": "7,50"}
-        path = tmp_path / f"{width}.pt"
-        proc = subprocess.run(
-            [sys.executable, "-c", FLOAT64, str(path), str(seed)], cwd=ROOT, env=env, capture_output=True, text=True
-        )
-        assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-        outs[width] = torch.load(path)
+        env = {"LLP_FAST_CPU_FUSED": width, "LLP_FAST_CPU_TILE": "7,50"}
+        outs[width] = _child(FLOAT64, tmp_path / f"{width}.pt", seed, env)
     first = outs.pop("0")
     for other in outs.values():
         for (v0, i0), (v1, i1) in zip(first, other):
             assert torch.equal(v0, v1) and torch.equal(i0, i1)
     g = torch.Generator().manual_seed(seed)  # the child's inputs again, for the brute force
-    for (q, n, d, k), (v, i) in zip(
-        [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)], first
-    ):
+    for (q, n, d, k), (v, i) in zip(ODD_SHAPES, first):
         queries, keys = (
             torch.randn(q, d, generator=g, dtype=torch.float64),
             torch.randn(n, d, generator=g, dtype=torch.float64),
@@ -448,6 +454,7 @@ def test_float64_scores_do_not_depend_on_the_key_position(seed, tmp_path):
 
 
 DOT = """
+import json
 import sys
 import torch
 from llp_fast import _ext
@@ -455,7 +462,7 @@ assert _ext.load() is not None
 g = torch.Generator().manual_seed(int(sys.argv[2]))
 op = torch.ops.llp_fast.topk_scores.default
 out = []
-for q, n, d, k in [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]:
+for q, n, d, k in json.loads(sys.argv[3]):
     queries = torch.randn(q, d, generator=g).bfloat16()
     keys = torch.randn(n, d, generator=g).bfloat16()
     bias, mask = torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.8
@@ -473,28 +480,17 @@ print("ok")
 @pytest.mark.parametrize("seed", [1, 2])
 def test_bf16_dot_products_fused_and_stored_give_the_same_bits(seed, tmp_path):
     """bf16 queries and keys on a CPU with AVX512-BF16 (csrc/cpu/tile_f32.cpp's loop with the bf16 dot
-    product, csrc/cpu/tile_bf16.cpp's stored tile): on fresh random inputs with odd D, partial panels
+    product, and dot_bf16_tile's stored tile): on fresh random inputs with odd D, partial panels
     and a mask, the fused tile (compared in registers) and the stored tile (LLP_FAST_CPU_FUSED=0: the
     tile written, then scanned) give the same values and indices bit for bit, a key's score does not
     depend on where it falls, and the scores equal a float64 brute force over the same bf16 values
     within float32 summation."""
     outs = {}
     for fused in ("1", "0"):
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "LLP_FAST_CPU_BF16_GEMM": "avx512bf16",
-            "LLP_FAST_CPU_FUSED": fused,
-        }
-        path = tmp_path / f"{fused}.pt"
-        proc = subprocess.run(
-            [sys.executable, "-c", DOT, str(path), str(seed)], cwd=ROOT, env=env, capture_output=True, text=True
-        )
-        assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-        outs[fused] = torch.load(path)
+        env = {"LLP_FAST_CPU_BF16_GEMM": "avx512bf16", "LLP_FAST_CPU_FUSED": fused}
+        outs[fused] = _child(DOT, tmp_path / f"{fused}.pt", seed, env)
     g = torch.Generator().manual_seed(seed)  # the child's inputs again, for the brute force
-    shapes = [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]
-    for (q, n, d, k), (v, i), (vs, is_) in zip(shapes, outs["1"], outs["0"]):
+    for (q, n, d, k), (v, i), (vs, is_) in zip(ODD_SHAPES, outs["1"], outs["0"]):
         assert torch.equal(v, vs) and torch.equal(i, is_)
         queries = torch.randn(q, d, generator=g).bfloat16().double()
         keys = torch.randn(n, d, generator=g).bfloat16().double()
