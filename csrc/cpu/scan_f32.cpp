@@ -348,8 +348,11 @@ __attribute__((target("avx512f,popcnt"))) int64_t scan_avx512(const float* s, co
       const __mmask16 bits = _mm512_cmp_ps_mask(x[v], vthr, _CMP_GT_OQ);
       if (bits == 0) continue;
       const __m512i id = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base + j + 16 * v)), iota);
-      _mm512_mask_compressstoreu_ps(vals + c, bits, x[v]);
-      _mm512_mask_compressstoreu_epi32(idx + c, bits, id);
+      // Packed in a register and written whole (16 slots; kRoom covers the overhang): a compress
+      // straight to memory is microcoded on AMD Zen 4, and this scan took twice as long with it
+      // (bf16 topk_scores K = 200 24 -> 4 ms of the scan; K = 10 about 8% faster in all).
+      _mm512_storeu_ps(vals + c, _mm512_maskz_compress_ps(bits, x[v]));
+      _mm512_storeu_si512(idx + c, _mm512_maskz_compress_epi32(bits, id));
       c += __builtin_popcount(static_cast<unsigned>(bits));
     }
   }
@@ -457,8 +460,10 @@ struct Cut {
     }
     int64_t w = 0;
     for (int q = 0; q < NQ; ++q) {  // in place: the write position never passes the vector read
-      _mm512_mask_compressstoreu_ps(v + w, keep[q], x[q]);
-      _mm512_mask_compressstoreu_epi32(ix + w, keep[q], id[q]);
+      // (written whole from a register, as scan_avx512 writes: the 16 slots from w lie within the
+      // 16 * NQ <= kSmallCut already read, and a row's buffer holds more than kSmallCut)
+      _mm512_storeu_ps(v + w, _mm512_maskz_compress_ps(keep[q], x[q]));
+      _mm512_storeu_si512(ix + w, _mm512_maskz_compress_epi32(keep[q], id[q]));
       w += __builtin_popcount(static_cast<unsigned>(keep[q]));
     }
     *kth = t;
