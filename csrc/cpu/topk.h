@@ -196,6 +196,13 @@ KthF32 kth_f32();
 // at the front, in key order, and sets *kth to the k-th best's value; false where it did nothing.
 using CutF32 = bool (*)(float* v, uint32_t* ix, int64_t n, int64_t k, float* kth);
 CutF32 cut_f32();
+// RowsF32::estimate's threshold where the scan runs AVX-512 (nullptr elsewhere): of x_j = s[j] * inv_tau +
+// bias[j], j < n, the ones above `floor` (c of them); where c >= m and they are not all equal, a
+// value t with at least m of them above it and within (largest - smallest) / 256 of the m-th best,
+// by bisection on their count above it; else -inf (nothing said). x: scratch of n + 16 floats.
+using EstimateF32 = float (*)(const float* s, const float* bias, int64_t n, float inv_tau, float floor, int64_t m,
+                              float* x);
+EstimateF32 estimate_f32();
 // RowsF32::finish for n <= kSmallCut candidates (v, ix) in key order: all n written to (out_v, out_i)
 // in the op's order (score descending, equal scores in key order), where the scan runs AVX-512;
 // nullptr elsewhere.
@@ -416,6 +423,7 @@ struct RowsF32 {
   KthF32 kth_small = kth_f32();
   CutF32 cut_small = cut_f32();
   RankF32 rank_small = rank_f32();
+  EstimateF32 estimate_fast = estimate_f32();
 
   std::vector<char> soft;  // the row's threshold is an estimate (see estimate), checked at the end
   int64_t limit = cap - kRoom;
@@ -438,7 +446,7 @@ struct RowsF32 {
         out_i(cap),
         words(cap),
         words_tmp(cap),
-        sample(cols),
+        sample(cols + 16),
         pre(rows),
         soft(rows) {
     // Small k where the CPU cuts in registers (cut_small, at most kSmallCut candidates): the rows
@@ -466,6 +474,14 @@ struct RowsF32 {
   void estimate(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau, int64_t total) {
     const int64_t m = estimate_rank(k, n, total);
     float* x = sample.data();
+    if (estimate_fast != nullptr) {  // AVX-512: the m-th best by bisection (no histogram, no scalar pass)
+      const float t = estimate_fast(s, bias, n, inv_tau, thr[r], m, x);
+      if (t > thr[r]) {
+        thr[r] = t;
+        soft[r] = 1;
+      }
+      return;
+    }
     int64_t c = 0;
     for (int64_t j = 0; j < n; ++j) {
       x[c] = s[j] * inv_tau + bias[j];
