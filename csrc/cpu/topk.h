@@ -468,13 +468,15 @@ struct RowsF32 {
   // that the row keeps only about m * total / n candidates instead of learning its threshold from the
   // first 2k keys. The sample's scores go over about 4m value buckets and the threshold is the lower
   // edge of the bucket where the count from the top reaches m (a bucket's width below the m-th best:
-  // one counting pass, where an exact m-th best cost a radix select per row). An estimate, not a
+  // one counting pass, where an exact m-th best cost a radix select per row); where the scan runs
+  // AVX-512, a bisection on the count above a value, 16 compares at a time, lands as close
+  // (estimate_f32, csrc/cpu/scan_f32.cpp). An estimate, not a
   // bound: finish() is exact only if at least k scores beat it, which failed() checks; a row that
   // fails is run again without one (fused_topk).
   void estimate(int64_t r, const float* s, const float* bias, int64_t n, float inv_tau, int64_t total) {
     const int64_t m = estimate_rank(k, n, total);
     float* x = sample.data();
-    if (estimate_fast != nullptr) {  // AVX-512: the m-th best by bisection (no histogram, no scalar pass)
+    if (estimate_fast != nullptr) {
       const float t = estimate_fast(s, bias, n, inv_tau, thr[r], m, x);
       if (t > thr[r]) {
         thr[r] = t;
