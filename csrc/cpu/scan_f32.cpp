@@ -540,6 +540,9 @@ __attribute__((target("avx512f,popcnt"))) float estimate_avx512(const float* s, 
   float b = _mm512_reduce_max_ps(hi);
   if (!(b > a)) return -kInf;  // all equal
   a = std::nextafter(a, -kInf);  // every one of the c is above a; none above b
+  // (A denormal reads as 0 where denormals are flushed, torch.set_flush_denormal: a smallest score of
+  // 0 would then not be above it. -FLT_MIN is below every one of them either way, as in bound().)
+  if (std::fabs(a) < std::numeric_limits<float>::min()) a = -std::numeric_limits<float>::min();
   if (!std::isfinite(a) || !std::isfinite(b)) return -kInf;
   const __m512i one = _mm512_set1_epi32(1);
   for (int it = 0; it < 8; ++it) {
