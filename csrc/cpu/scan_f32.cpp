@@ -516,10 +516,10 @@ void rank_avx512(const float* v, const uint32_t* ix, int64_t n, float* out_v, in
 
 // RowsF32::estimate's threshold (topk.h EstimateF32): one pass scales and biases the scores, stores them
 // (those at or below the floor as -inf) and finds the smallest and largest above the floor; then eight
-// halvings of [smallest, largest] by the count above the midpoint, each 16 compares at a time (the
-// histogram's 4m buckets: about 170 at K = 200). The
-// histogram it replaces (4m buckets, scalar) took about 0.8 us a row at 512 sample keys (a fifteenth of
-// local_density's time at T = 25 through the bf16 pass, AMD EPYC Zen 4).
+// halvings of [smallest, largest] by the count above the midpoint, each 16 compares at a time (256
+// steps, as fine as the scalar histogram's 4m buckets: about 170 at K = 200). That histogram took
+// about 0.8 us a row at 512 sample keys (a fifteenth of local_density's time at T = 25 through the bf16
+// pass, AMD EPYC Zen 4).
 __attribute__((target("avx512f,popcnt"))) float estimate_avx512(const float* s, const float* bias, int64_t n,
                                                                 float inv_tau, float floor, int64_t m, float* x) {
   const __m512 vt = _mm512_set1_ps(inv_tau), vf = _mm512_set1_ps(floor), none = _mm512_set1_ps(-kInf);

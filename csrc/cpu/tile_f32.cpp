@@ -124,19 +124,28 @@ float raw_threshold(float thr, float bmax, float inv_tau) {
 }
 
 // n rows of src (row stride ld; the rows src_rows[0, n) of it where src_rows is given) into `panels`
-// panels of `width` rows, [panel][d][width], zero rows after the last.
-void pack(const float* src, int64_t ld, int64_t n, int64_t dim, int64_t width, int64_t panels, float* out,
-          const int64_t* src_rows = nullptr) {
+// panels of `width` rows, [panel][slot][width] with `slots` float slots a row, zero rows after the
+// last; put(row, o) writes one row's slots to o[0], o[width], o[2 * width], ...
+template <typename T, typename Put>
+void pack_panels(const T* src, int64_t ld, int64_t n, int64_t slots, int64_t width, int64_t panels, float* out,
+                 const int64_t* src_rows, const Put& put) {
   for (int64_t p = 0; p < panels; ++p) {
-    float* o = out + p * width * dim;
+    float* o = out + p * width * slots;
     const int64_t live = std::max<int64_t>(0, std::min(width, n - p * width));
-    if (live < width) std::fill(o, o + width * dim, 0.0f);
+    if (live < width) std::fill(o, o + width * slots, 0.0f);  // zero bits: float and bf16 zeros
     for (int64_t l = 0; l < live; ++l) {  // a row at a time: each read sequential, the writes in L1
       const int64_t at = p * width + l;
-      const float* row = src + (src_rows != nullptr ? src_rows[at] : at) * ld;
-      for (int64_t d = 0; d < dim; ++d) o[d * width + l] = row[d];
+      put(src + (src_rows != nullptr ? src_rows[at] : at) * ld, o + l);
     }
   }
+}
+
+// float rows, a component a slot ([panel][d][width]).
+void pack(const float* src, int64_t ld, int64_t n, int64_t dim, int64_t width, int64_t panels, float* out,
+          const int64_t* src_rows = nullptr) {
+  pack_panels(src, ld, n, dim, width, panels, out, src_rows, [&](const float* row, float* o) {
+    for (int64_t d = 0; d < dim; ++d) o[d * width] = row[d];
+  });
 }
 
 // pack()'s layout for bf16 rows, a pair of components a word ([panel][pair][width], each word the
@@ -144,20 +153,13 @@ void pack(const float* src, int64_t ld, int64_t n, int64_t dim, int64_t width, i
 void pack_pairs(const uint16_t* src, int64_t ld, int64_t n, int64_t dim, int64_t width, int64_t panels, float* out,
                 const int64_t* src_rows = nullptr) {
   const int64_t pairs = bf16_pairs(dim), whole = dim / 2;
-  for (int64_t p = 0; p < panels; ++p) {
-    float* o = out + p * width * pairs;
-    const int64_t live = std::max<int64_t>(0, std::min(width, n - p * width));
-    if (live < width) std::fill(o, o + width * pairs, 0.0f);  // zero bits: bf16 zeros
-    for (int64_t l = 0; l < live; ++l) {
-      const int64_t at = p * width + l;
-      const uint16_t* row = src + (src_rows != nullptr ? src_rows[at] : at) * ld;
-      for (int64_t q = 0; q < whole; ++q) std::memcpy(o + q * width + l, row + 2 * q, sizeof(float));
-      if (whole < pairs) {
-        const uint32_t last = row[dim - 1];
-        std::memcpy(o + whole * width + l, &last, sizeof(float));
-      }
+  pack_panels(src, ld, n, pairs, width, panels, out, src_rows, [&](const uint16_t* row, float* o) {
+    for (int64_t q = 0; q < whole; ++q) std::memcpy(o + q * width, row + 2 * q, sizeof(float));
+    if (whole < pairs) {
+      const uint32_t last = row[dim - 1];
+      std::memcpy(o + whole * width, &last, sizeof(float));
     }
-  }
+  });
 }
 
 }  // namespace
