@@ -296,6 +296,25 @@ def _fused_widths() -> list[str]:
 ODD_SHAPES = [(1, 1, 1, 1), (13, 33, 5, 3), (37, 1000, 17, 10), (29, 2100, 128, 64), (50, 1500, 31, 300)]
 
 
+# The start of every script _child runs: argv is (path, seed, ODD_SHAPES as JSON), ``g`` draws from
+# the seed, ``op`` is the compiled topk_scores and ``out`` gathers what the script returns ...
+CHILD_HEAD = """
+import json
+import sys
+import torch
+from llp_fast import _ext
+assert _ext.load() is not None
+g = torch.Generator().manual_seed(int(sys.argv[2]))
+op = torch.ops.llp_fast.topk_scores.default
+out = []
+"""
+# ... and its end: what it gathered in ``out`` saved at the path.
+CHILD_TAIL = """
+torch.save(out, sys.argv[1])
+print("ok")
+"""
+
+
 def _child(script: str, path: Path, seed: int, env: dict) -> list:
     """``script`` run in a child process (each kernel choice is made once per process) with ``env``
     over the inherited environment and one thread, given ``path``, ``seed`` and ODD_SHAPES (JSON);
@@ -343,16 +362,9 @@ def test_every_scan_variant_and_the_mm_out_tile(env):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-WIDTHS = """
-import json
-import sys
-import torch
-from llp_fast import _ext
-assert _ext.load() is not None
-g = torch.Generator().manual_seed(int(sys.argv[2]))
-unit = lambda n, d: torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
-op = torch.ops.llp_fast.topk_scores.default
-out = []
+WIDTHS = (
+    CHILD_HEAD
+    + """unit = lambda n, d: torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
 for q, n, d, k in json.loads(sys.argv[3]):
     args = (unit(q, d), unit(n, d), k, 0.07, torch.rand(n, generator=g) * 2 - 1, torch.rand(n, generator=g) < 0.8)
     out.append(op(*args, None, None, 0))
@@ -375,9 +387,9 @@ ramp = torch.linspace(0, 1, 3000)[:, None]
 keys = torch.nn.functional.normalize(ramp * e + (1 - ramp) * unit(3000, 16) * 0.3, dim=1)
 for k in (10, 150, 1000):
     out.append(op(unit(23, 16) * 0.2 + e, keys, k, 0.07, None, None, None, None, 0))
-torch.save(out, sys.argv[1])
-print("ok")
 """
+    + CHILD_TAIL
+)
 
 
 @pytest.mark.skipif(len(_fused_widths()) < 2, reason="needs a CPU with both AVX2 and AVX-512")
@@ -400,16 +412,9 @@ def test_fused_widths_give_the_same_bits(seed, tmp_path):
             assert torch.equal(i5 < 0, ib < 0)
 
 
-FLOAT64 = """
-import json
-import sys
-import torch
-from llp_fast import _ext
-assert _ext.load() is not None
-g = torch.Generator().manual_seed(int(sys.argv[2]))
-op = torch.ops.llp_fast.topk_scores.default
-out = []
-for q, n, d, k in json.loads(sys.argv[3]):
+FLOAT64 = (
+    CHILD_HEAD
+    + """for q, n, d, k in json.loads(sys.argv[3]):
     queries = torch.randn(q, d, generator=g, dtype=torch.float64)
     keys = torch.randn(n, d, generator=g, dtype=torch.float64)
     bias = torch.rand(n, generator=g, dtype=torch.float64)
@@ -419,9 +424,9 @@ for q, n, d, k in json.loads(sys.argv[3]):
         v2, i2 = op(queries, keys.roll(s, 0), k, 0.07, bias.roll(s, 0), None, None, None, 0)
         assert torch.equal(v2.sort(dim=1).values, v.sort(dim=1).values), (q, n, d, k, s)
     out.append((v, i))
-torch.save(out, sys.argv[1])
-print("ok")
 """
+    + CHILD_TAIL
+)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -453,16 +458,9 @@ def test_float64_scores_do_not_depend_on_the_key_position(seed, tmp_path):
         assert torch.allclose(full.gather(1, i), v, rtol=0, atol=1e-10)
 
 
-DOT = """
-import json
-import sys
-import torch
-from llp_fast import _ext
-assert _ext.load() is not None
-g = torch.Generator().manual_seed(int(sys.argv[2]))
-op = torch.ops.llp_fast.topk_scores.default
-out = []
-for q, n, d, k in json.loads(sys.argv[3]):
+DOT = (
+    CHILD_HEAD
+    + """for q, n, d, k in json.loads(sys.argv[3]):
     queries = torch.randn(q, d, generator=g).bfloat16()
     keys = torch.randn(n, d, generator=g).bfloat16()
     bias, mask = torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.8
@@ -471,9 +469,9 @@ for q, n, d, k in json.loads(sys.argv[3]):
         v2, _ = op(queries, keys.roll(s, 0), k, 0.07, bias.roll(s, 0), mask.roll(s, 0), None, None, 0)
         assert torch.equal(v2, v), (q, n, d, k, s)
     out.append((v, i))
-torch.save(out, sys.argv[1])
-print("ok")
 """
+    + CHILD_TAIL
+)
 
 
 @pytest.mark.skipif(" avx512_bf16" not in _flags() or " avx512bw" not in _flags(), reason="needs AVX512-BF16")
