@@ -174,13 +174,16 @@ def test_chunks_with_init_equal_one_call(k):
 
 
 @pytest.mark.parametrize(
-    "distinct,k", [(7, 1), (7, 5), (7, 16), (7, 25), (7, 48), (7, 64), (7, 700), (400, 40), (400, 70), (400, 150)]
+    "distinct,k",
+    [(7, 1), (7, 5), (7, 16), (7, 25), (7, 48), (7, 64), (7, 700), (400, 40), (400, 70), (400, 150)]
+    + [(80, 300), (80, 700), (150, 500)],
 )
 def test_equal_scores_keep_the_lower_indices(distinct, k, monkeypatch):
     """Keys drawn from a few distinct rows (7: long runs of equal scores at a shrink's cut, at the
     first tile's lower bound for K <= 16 and at the k-th place; 400: two or three keys per score, so
-    that the final sort's value buckets hold equal scores): the kernel keeps the lower indices, as
-    the reference does."""
+    that the final sort's value buckets hold equal scores; 80 and 150: about 19 and 10 a score, a
+    bucket more than one 16-word run of the AVX-512 sort can take, and one it can): the kernel keeps
+    the lower indices, as the reference does."""
     monkeypatch.setenv("LLP_FAST_CPU_TILE", "8,64")
     g = torch.Generator().manual_seed(k)
     rows = _unit(distinct, 10, g)
@@ -200,6 +203,25 @@ def test_final_sort_with_clustered_scores():
     bias = torch.zeros(900)
     bias[17] = 1e4
     _same((q, keys, k, TAU, bias, None, None, None, 0))
+
+
+def test_scores_of_minus_zero_keep_their_sign():
+    """Scores of -0 (a product that underflows to -0 at tau = 100, plus a bias of -0) beside +0 ones
+    and others, at K = 1000 (the final sort over value buckets, whose AVX-512 form reads each score
+    back from its sort key, where -0 and +0 are one key): the reference's values, sign bits included,
+    and indices."""
+    g = torch.Generator().manual_seed(0)
+    m, k = 3000, 1000
+    q = torch.full((5, 1), 1e-30)
+    keys = torch.where(torch.rand(m, 1, generator=g) < 0.5, -1e-15, 1e-15)
+    bias = torch.rand(m, generator=g) * 1.2 - 1  # a sixth above 0: the zeros fall within the best k
+    zero = torch.rand(m, generator=g) < 0.005  # few: one value bucket holds them all
+    bias[zero] = torch.where(torch.rand(int(zero.sum()), generator=g) < 0.5, -0.0, 0.0)
+    values, indices = OP(q, keys, k, 100.0, bias, None, None, None, 0)
+    ref_v, ref_i = topk_scores_ref(q, keys, k, 100.0, bias)
+    assert int((torch.signbit(ref_v) & (ref_v == 0)).sum()) > 0  # the case is there
+    assert torch.equal(values, ref_v) and torch.equal(indices, ref_i)
+    assert torch.equal(torch.signbit(values), torch.signbit(ref_v))
 
 
 FLUSHED = """

@@ -514,6 +514,196 @@ void rank_avx512(const float* v, const uint32_t* ix, int64_t n, float* out_v, in
   small_regs<Rank>(n, v, ix, out_v, out_i);
 }
 
+// RowsF32::finish_by_buckets' sort (topk.h SortRunsF32). A compare-exchange of each lane with its
+// partner in the permuted vector: the lanes in `hi` keep the larger word, the others the smaller.
+__attribute__((target("avx512f"), always_inline)) inline __m512i exchange(__m512i z, __m512i partner, __mmask8 hi) {
+  const __m512i p = _mm512_permutexvar_epi64(partner, z);
+  return _mm512_mask_mov_epi64(_mm512_min_epu64(z, p), hi, _mm512_max_epu64(z, p));
+}
+
+// The bitonic network: 8 words in a register sorted ascending (sort8); a register whose lanes rise then
+// fall (or fall then rise) sorted (merge8).
+struct Network {
+  __m512i x1, x2, x4, rev;  // lane i's partner: i ^ 1, i ^ 2, i ^ 4, 7 - i
+  __attribute__((target("avx512f"), always_inline)) Network()
+      : x1(_mm512_set_epi64(6, 7, 4, 5, 2, 3, 0, 1)),
+        x2(_mm512_set_epi64(5, 4, 7, 6, 1, 0, 3, 2)),
+        x4(_mm512_set_epi64(3, 2, 1, 0, 7, 6, 5, 4)),
+        rev(_mm512_set_epi64(0, 1, 2, 3, 4, 5, 6, 7)) {}
+  __attribute__((target("avx512f"), always_inline)) __m512i merge8(__m512i z) const {
+    z = exchange(z, x4, 0xF0);
+    z = exchange(z, x2, 0xCC);
+    return exchange(z, x1, 0xAA);
+  }
+  __attribute__((target("avx512f"), always_inline)) __m512i sort8(__m512i z) const {
+    z = exchange(z, x1, 0xAA);  // sorted pairs
+    z = exchange(z, _mm512_set_epi64(4, 5, 6, 7, 0, 1, 2, 3), 0xCC);  // pairs merged: sorted fours
+    z = exchange(z, x1, 0xAA);
+    z = exchange(z, rev, 0xF0);  // fours merged
+    z = exchange(z, x2, 0xCC);
+    return exchange(z, x1, 0xAA);
+  }
+};
+
+// w[0, n), n <= 16, sorted ascending in registers (absent lanes read as the largest word, never stored).
+__attribute__((target("avx512f"), always_inline)) inline void sort16(const Network& net, uint64_t* w, int64_t n) {
+  const __m512i top = _mm512_set1_epi64(-1);
+  if (n <= 8) {
+    const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
+    _mm512_mask_storeu_epi64(w, m, net.sort8(_mm512_mask_loadu_epi64(top, m, w)));
+    return;
+  }
+  const __mmask8 m = static_cast<__mmask8>((1u << (n - 8)) - 1u);
+  const __m512i a = net.sort8(_mm512_loadu_si512(w));
+  // the second sorted, then reversed: a rising then falling 16 whose halves' min and max split it
+  const __m512i b = _mm512_permutexvar_epi64(net.rev, net.sort8(_mm512_mask_loadu_epi64(top, m, w + 8)));
+  _mm512_storeu_si512(w, net.merge8(_mm512_min_epu64(a, b)));
+  _mm512_mask_storeu_epi64(w + 8, m, net.merge8(_mm512_max_epu64(a, b)));
+}
+
+// Consecutive buckets gathered into runs of at most 16 words, each run sorted by the network; a bucket
+// of more than 16 (RowsF32 takes at most 32) by insertion. No word crosses a bucket's boundary, so no
+// word crosses a run's.
+__attribute__((target("avx512f"))) void sort_runs_avx512(uint64_t* w, const int32_t* ends, int64_t nb) {
+  const Network net;
+  int64_t start = 0, end = 0;  // the open run [start, end): whole buckets
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t e = ends[b];
+    if (e - start > 16) {  // bucket b does not fit the open run: the run is sorted, b opens the next
+      if (end - start > 1) sort16(net, w + start, end - start);
+      start = end;
+      if (e - start > 16) {  // a bucket too large for one run
+        for (int64_t t = start + 1; t < e; ++t) {
+          const uint64_t x = w[t];
+          int64_t u = t;
+          for (; u > start && w[u - 1] > x; --u) w[u] = w[u - 1];
+          w[u] = x;
+        }
+        start = e;
+      }
+    }
+    end = e;
+  }
+  if (end - start > 1) sort16(net, w + start, end - start);
+}
+
+// RowsF32::finish_by_buckets (topk.h FinishBucketsF32), 16 lanes at a time where the scalar loops go
+// one by one: the value buckets as Buckets::fit spreads them (the smallest and largest score, each
+// score's bucket; the counts scalar, each a counter's increment); the prefix sums of the counts (a scan
+// in registers, stopping at the 16 that reach k); the words of the candidates in those buckets,
+// ~key_of(score) << 32 | key index (the buffer is in key order, so the index orders equal scores as
+// the position does), compressed in key order with their buckets; placed bucket by bucket (scalar);
+// the runs sorted (sort_runs_avx512); and the best k read out of the words themselves, the score from
+// its key (value_of), the index from the low half. key_of reads -0 as +0, so a row holding a score of
+// -0 has its zeros' values read from the buffer again, found by index (rare: a bias of -0 on a product
+// of -0).
+__attribute__((target("avx512f,popcnt"))) int64_t finish_buckets_avx512(const float* v, const uint32_t* ix,
+                                                                       int64_t n, int64_t k, int32_t* b, int32_t* h,
+                                                                       int32_t* bl, uint64_t* wl, uint64_t* w,
+                                                                       float* out_v, int64_t* out_i) {
+  // Buckets::fit(v, n, n) and RowsF32::bucket
+  __m512 vlo = _mm512_set1_ps(kInf), vhi = _mm512_set1_ps(-kInf);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 live = static_cast<__mmask16>(n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1u);
+    const __m512 x = _mm512_maskz_loadu_ps(live, v + t);
+    vlo = _mm512_mask_min_ps(vlo, live, vlo, x);
+    vhi = _mm512_mask_max_ps(vhi, live, vhi, x);
+  }
+  const float lo = _mm512_reduce_min_ps(vlo), xmax = _mm512_reduce_max_ps(vhi);
+  int64_t nb = 16;
+  while (nb < n && nb < 4096) nb *= 2;
+  const float scale = static_cast<float>(nb - 1) / (xmax - lo);
+  if (!(xmax > lo && std::isfinite(scale) && scale > 0)) return -1;  // the scores do not spread
+  const __m512 vmax = _mm512_set1_ps(xmax), vscale = _mm512_set1_ps(scale),
+               vtop = _mm512_set1_ps(static_cast<float>(nb - 1));
+  for (int64_t t = 0; t < n; t += 16) {  // b: n + 16 slots
+    const __mmask16 live = static_cast<__mmask16>(n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1u);
+    const __m512 x = _mm512_maskz_loadu_ps(live, v + t);
+    _mm512_storeu_si512(b + t, _mm512_cvttps_epi32(_mm512_min_ps(vtop, _mm512_mul_ps(_mm512_sub_ps(vmax, x), vscale))));
+  }
+  std::fill(h, h + nb, 0);
+  for (int64_t t = 0; t < n; ++t) ++h[b[t]];
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i most = zero;  // the fullest bucket so far, per lane
+  int64_t kept = 0, last = nb;
+  for (int64_t j = 0; j < nb; j += 16) {  // nb: a multiple of 16 (Buckets::fit)
+    const __m512i c = _mm512_loadu_si512(h + j);
+    __m512i x = _mm512_add_epi32(c, _mm512_alignr_epi32(c, zero, 15));  // inclusive sums within the 16
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 14));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 12));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 8));
+    const __m512i base = _mm512_set1_epi32(static_cast<int>(kept));
+    const __m512i upto = _mm512_add_epi32(x, base);  // the count of buckets 0 .. j + i
+    _mm512_storeu_si512(h + j, _mm512_sub_epi32(upto, c));  // exclusive: bucket j + i's first slot
+    const __mmask16 reach = _mm512_cmpge_epi32_mask(upto, _mm512_set1_epi32(static_cast<int>(k)));
+    if (reach != 0) {
+      const int l = __builtin_ctz(static_cast<unsigned>(reach));
+      most = _mm512_mask_max_epi32(most, static_cast<__mmask16>((2u << l) - 1u), most, c);
+      alignas(64) int32_t u[16];
+      _mm512_store_si512(u, upto);
+      kept = u[l];
+      last = j + l;
+      break;
+    }
+    most = _mm512_max_epi32(most, c);
+    kept += _mm512_cvtsi512_si32(_mm512_permutexvar_epi32(_mm512_set1_epi32(15), x));
+  }
+  if (_mm512_reduce_max_epi32(most) > 32) return -1;  // a bucket too full for the runs' sort
+  const int64_t nbu = std::min<int64_t>(last + 1, nb);
+  // The candidates of buckets [0, last] in key order: words in wl, buckets in bl (n + 16 slots each: 16
+  // written at each step).
+  const __m512i lim = _mm512_set1_epi32(static_cast<int>(std::min<int64_t>(last, nb - 1)));
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  __mmask16 negzero = 0;
+  int64_t c = 0;
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 live = static_cast<__mmask16>(n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1u);
+    const __m512i bt = _mm512_maskz_loadu_epi32(live, b + t);
+    const __mmask16 in = _mm512_mask_cmple_epi32_mask(live, bt, lim);
+    const __m512 x = _mm512_maskz_loadu_ps(live, v + t);
+    negzero |= _mm512_mask_cmpeq_epi32_mask(in, _mm512_castps_si512(x), sign);
+    // ~key_of(x): key_of's bits (x + 0 turns -0 into +0), inverted
+    const __m512i u = _mm512_castps_si512(_mm512_add_ps(x, _mm512_setzero_ps()));
+    const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
+    const __m512i hi = _mm512_ternarylogic_epi32(key, key, key, 0x55);  // ~key
+    const __m512i id = _mm512_maskz_loadu_epi32(live, ix + t);
+    const __m512i w0 = _mm512_or_si512(_mm512_slli_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(hi)), 32),
+                                       _mm512_cvtepu32_epi64(_mm512_castsi512_si256(id)));
+    const __m512i w1 = _mm512_or_si512(_mm512_slli_epi64(_mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(hi, 1)), 32),
+                                       _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(id, 1)));
+    const __mmask8 in0 = static_cast<__mmask8>(in & 0xFF), in1 = static_cast<__mmask8>(in >> 8);
+    _mm512_storeu_si512(bl + c, _mm512_maskz_compress_epi32(in, bt));
+    _mm512_storeu_si512(wl + c, _mm512_maskz_compress_epi64(in0, w0));
+    const int64_t c0 = __builtin_popcount(static_cast<unsigned>(in0));
+    _mm512_storeu_si512(wl + c + c0, _mm512_maskz_compress_epi64(in1, w1));
+    c += c0 + __builtin_popcount(static_cast<unsigned>(in1));
+  }
+  for (int64_t q = 0; q < c; ++q) w[h[bl[q]]++] = wl[q];
+  sort_runs_avx512(w, h, nbu);  // h[i]: bucket i's end now
+  const int64_t m = std::min(kept, k);
+  const __m512i low = _mm512_set1_epi64(0xFFFFFFFFll), ones = _mm512_set1_epi32(0x7FFFFFFF);
+  for (int64_t t = 0; t < m; t += 16) {
+    const int64_t left = m - t;
+    const __mmask8 lo = static_cast<__mmask8>(left >= 8 ? 0xFF : (1u << left) - 1u);
+    const __mmask8 hi = static_cast<__mmask8>(left >= 16 ? 0xFF : left <= 8 ? 0 : (1u << (left - 8)) - 1u);
+    const __m512i x0 = _mm512_maskz_loadu_epi64(lo, w + t), x1 = _mm512_maskz_loadu_epi64(hi, w + t + 8);
+    _mm512_mask_storeu_epi64(out_i + t, lo, _mm512_and_si512(x0, low));
+    _mm512_mask_storeu_epi64(out_i + t + 8, hi, _mm512_and_si512(x1, low));
+    // value_of(~top) for each word's top half: a key with its top bit set (top's clear) is a score >= 0,
+    // whose bits are the key less that bit; else a negative score, whose bits are ~key = top
+    const __m512i top = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(_mm512_srli_epi64(x0, 32))),
+                                           _mm512_cvtepi64_epi32(_mm512_srli_epi64(x1, 32)), 1);
+    const __mmask16 up = _mm512_cmpge_epi32_mask(top, _mm512_setzero_si512());
+    const __m512i bits = _mm512_mask_blend_epi32(up, top, _mm512_andnot_si512(top, ones));
+    _mm512_mask_storeu_ps(out_v + t, static_cast<__mmask16>(lo | (static_cast<unsigned>(hi) << 8)),
+                          _mm512_castsi512_ps(bits));
+  }
+  if (negzero != 0)  // the zeros' own bits, by index in the key-ordered buffer
+    for (int64_t t = 0; t < m; ++t)
+      if (out_v[t] == 0.0f) out_v[t] = v[std::lower_bound(ix, ix + n, static_cast<uint32_t>(out_i[t])) - ix];
+  return m;
+}
+
 // RowsF32::estimate's threshold (topk.h EstimateF32): one pass scales and biases the scores, stores them
 // (those at or below the floor as -inf) and finds the smallest and largest above the floor; then eight
 // halvings of [smallest, largest] by the count above the midpoint, each 16 compares at a time (256
@@ -569,6 +759,7 @@ struct Choice {
   CutF32 cut = nullptr;
   RankF32 rank = nullptr;
   EstimateF32 estimate = nullptr;
+  FinishBucketsF32 finish_buckets = nullptr;
   const char* isa = "baseline";
   Choice() {
     const char* want = std::getenv("LLP_FAST_CPU_ISA");  // tests: force a variant this CPU has
@@ -583,6 +774,7 @@ struct Choice {
       cut = cut_avx512;
       rank = rank_avx512;
       estimate = estimate_avx512;
+      finish_buckets = finish_buckets_avx512;
     } else if (allowed("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) {
       fn = scan_avx2;
       groups = groups_avx2;
@@ -607,6 +799,7 @@ KthF32 kth_f32() { return choice().kth; }
 CutF32 cut_f32() { return choice().cut; }
 RankF32 rank_f32() { return choice().rank; }
 EstimateF32 estimate_f32() { return choice().estimate; }
+FinishBucketsF32 finish_buckets_f32() { return choice().finish_buckets; }
 const char* scan_f32_isa() { return choice().isa; }
 
 }  // namespace topk

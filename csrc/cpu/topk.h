@@ -39,7 +39,8 @@
 //      first key tile (RowsF32::estimate), checked at the end: a row that kept fewer than k
 //      candidates above it runs again without one;
 //   4. at the end the buffer's best k are sorted (float32: a large buffer over about as many value
-//      buckets, each bucket's few candidates ordered by insertion; a small one, or one whose scores
+//      buckets, each bucket's few candidates ordered by insertion, or where the scan runs AVX-512
+//      consecutive buckets by a sorting network 16 words at a time; a small one, or one whose scores
 //      cluster, by a stable radix sort on the scores' bits, or where the scan runs AVX-512 and it
 //      holds at most 128, each candidate placed by the count of those that beat it; equal scores
 //      keep key order every way) and handed to the caller's finish.
@@ -203,6 +204,13 @@ CutF32 cut_f32();
 using EstimateF32 = float (*)(const float* s, const float* bias, int64_t n, float inv_tau, float floor, int64_t m,
                               float* x);
 EstimateF32 estimate_f32();
+// RowsF32::finish_by_buckets where the scan runs AVX-512 (nullptr elsewhere): the same buckets, steps,
+// return and output for the row's n candidates (v, ix; ix ascending, as a row's buffer is), with b, bl and
+// wl (n + 16 slots each), h (4096 counts) and w (n words) as scratch.
+using FinishBucketsF32 = int64_t (*)(const float* v, const uint32_t* ix, int64_t n, int64_t k, int32_t* b,
+                                     int32_t* h, int32_t* bl, uint64_t* wl, uint64_t* w, float* out_v,
+                                     int64_t* out_i);
+FinishBucketsF32 finish_buckets_f32();
 // RowsF32::finish for n <= kSmallCut candidates (v, ix) in key order: all n written to (out_v, out_i)
 // in the op's order (score descending, equal scores in key order), where the scan runs AVX-512;
 // nullptr elsewhere.
@@ -424,6 +432,7 @@ struct RowsF32 {
   CutF32 cut_small = cut_f32();
   RankF32 rank_small = rank_f32();
   EstimateF32 estimate_fast = estimate_f32();
+  FinishBucketsF32 finish_fast = finish_buckets_f32();
 
   std::vector<char> soft;  // the row's threshold is an estimate (see estimate), checked at the end
   int64_t limit = cap - kRoom;
@@ -439,13 +448,13 @@ struct RowsF32 {
         floor(rows),
         thr(rows),
         keys(cap),
-        tmp(cap),
-        bid(cap),
+        tmp(cap + 16),
+        bid(cap + 16),
         hist(4096),
         out_v(cap),
         out_i(cap),
         words(cap),
-        words_tmp(cap),
+        words_tmp(cap + 16),
         sample(cols + 16),
         pre(rows),
         soft(rows) {
@@ -656,11 +665,17 @@ struct RowsF32 {
   // k-th best's placed bucket by bucket, then an insertion sort that only has to order each bucket's
   // few candidates (no candidate crosses a bucket boundary). Returns how many it wrote,
   // or -1 (nothing written) when the scores do not spread: all equal, or a bucket too full for an
-  // insertion sort, which the radix sort then handles.
+  // insertion sort, which the radix sort then handles. Where the scan runs AVX-512, the same steps
+  // 16 lanes at a time and the buckets' words sorted in runs of 16 by a network (finish_fast,
+  // csrc/cpu/scan_f32.cpp): at K = 1000 the finish took about a third of topk_scores' time, the
+  // insertion sort's branches and the counts' prefix sums most of it.
   int64_t finish_by_buckets(int64_t r) {
     const int64_t n = count[r];
     const float* v = vals.data() + r * cap;
     const uint32_t* ix = idx.data() + r * cap;
+    if (finish_fast != nullptr)
+      return finish_fast(v, ix, n, k, bid.data(), hist.data(), reinterpret_cast<int32_t*>(tmp.data()),
+                         words_tmp.data(), words.data(), out_v.data(), out_i.data());
     Buckets bk;
     if (!bucket(r, bk)) return -1;
     int32_t* h = hist.data();
