@@ -138,7 +138,7 @@ def timed_call(fn: Callable[[], object], cuda: bool) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure_interleaved(fns: dict[str, Callable[[], object]], *, reps: int = 10, max_seconds: float = 20.0):
+def measure_interleaved(fns: dict[object, Callable[[], object]], *, reps: int = 10, max_seconds: float = 20.0):
     """{name: (median wall ms, runs, median process-CPU ms)} of CPU providers timed in rounds,
     each round running every provider once in turn after one warm-up call each.
 
@@ -498,8 +498,10 @@ def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
     ``bench.PROVIDERS[name](inputs, shape)`` runs one call; ``bench.flops(shape)`` gives the
     useful work (reported as TFLOP/s); ``bench.skip(name, shape)`` leaves a provider out of a
     shape (a baseline that would take minutes); ``memory`` also records the peak extra CUDA
-    memory of a call. On CPU the providers of a shape are timed in interleaved rounds and each
-    row also holds the median process CPU time."""
+    memory of a call. On CPU every provider on every shape of a dtype is timed in interleaved
+    rounds (so that a change of load hits the shapes of a sweep alike, and the ratios between them,
+    the K sweeps' bars, hold on a shared machine too) and each row also holds the median process
+    CPU time."""
     args = parse_args(argv, description=bench.__doc__)
     names = providers_from(bench, args.providers)
     cuda = torch.cuda.is_available()
@@ -507,16 +509,28 @@ def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
     shapes = bench.shapes(args.shapes)
     for dtype in dtypes_from(args.dtypes):
         check(bench, dtype, names, ks=[s.k for s in shapes])
-        for shape in shapes:
-            inputs = bench.make_inputs(shape, dtype)
-            synchronize()
-            fns = {n: functools.partial(bench.PROVIDERS[n], inputs, shape) for n in names if not bench.skip(n, shape)}
+        if not cuda:  # one set of rounds over every shape and provider
+            inputs = [bench.make_inputs(shape, dtype) for shape in shapes]
+            fns = {
+                (i, n): functools.partial(bench.PROVIDERS[n], inputs[i], shape)
+                for i, shape in enumerate(shapes)
+                for n in names
+                if not bench.skip(n, shape)
+            }
+            timed = measure_interleaved(fns, reps=args.reps, max_seconds=args.max_seconds * len(shapes))
+            del inputs, fns
+        for i, shape in enumerate(shapes):
             if cuda:
+                inputs = bench.make_inputs(shape, dtype)
+                synchronize()
+                fns = {
+                    n: functools.partial(bench.PROVIDERS[n], inputs, shape) for n in names if not bench.skip(n, shape)
+                }
                 timings = {
                     n: (*measure(fn, reps=args.reps, max_seconds=args.max_seconds), None) for n, fn in fns.items()
                 }
             else:
-                timings = measure_interleaved(fns, reps=args.reps, max_seconds=args.max_seconds)
+                timings = {n: timed[(j, n)] for (j, n) in timed if j == i}
             for name, (ms, reps, cpu_ms) in timings.items():
                 extra = {"tflops": float(f"{bench.flops(shape) / (ms * 1e-3) / 1e12:.3g}")}
                 if cpu_ms is not None:
@@ -525,7 +539,8 @@ def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
                     extra["extra_mb"] = round(peak_extra_mb(fns[name]), 2)
                 rows.append(row(bench.OP, name, shape, dtype, ms, reps, **extra))
                 print(f"{shape} {str(dtype)[6:]} {name}: {ms:.3f} ms ({reps} runs)", flush=True)
-            del inputs, fns
+            if cuda:
+                del inputs, fns
     print(table(rows))
     for name in ("extension", "triton", "op"):
         line = sweep_ratios(rows, name)
