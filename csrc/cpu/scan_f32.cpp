@@ -514,7 +514,7 @@ void rank_avx512(const float* v, const uint32_t* ix, int64_t n, float* out_v, in
   small_regs<Rank>(n, v, ix, out_v, out_i);
 }
 
-// RowsF32::finish_by_buckets' sort (topk.h SortRunsF32). A compare-exchange of each lane with its
+// finish_buckets_avx512's sort (below). A compare-exchange of each lane with its
 // partner in the permuted vector: the lanes in `hi` keep the larger word, the others the smaller.
 __attribute__((target("avx512f"), always_inline)) inline __m512i exchange(__m512i z, __m512i partner, __mmask8 hi) {
   const __m512i p = _mm512_permutexvar_epi64(partner, z);
@@ -594,9 +594,9 @@ __attribute__((target("avx512f"))) void sort_runs_avx512(uint64_t* w, const int3
 // ~key_of(score) << 32 | key index (the buffer is in key order, so the index orders equal scores as
 // the position does), compressed in key order with their buckets; placed bucket by bucket (scalar);
 // the runs sorted (sort_runs_avx512); and the best k read out of the words themselves, the score from
-// its key (value_of), the index from the low half. key_of reads -0 as +0, so a row holding a score of
-// -0 has its zeros' values read from the buffer again, found by index (rare: a bias of -0 on a product
-// of -0).
+// its key (value_of), the index from the low half. key_of reads -0 as +0 (and a denormal as 0 where
+// denormals read as zero), so a row holding a score whose key does not give back its bits has its
+// zeros' values read from the buffer again, found by index (rare: a bias of -0 on a product of -0).
 __attribute__((target("avx512f,popcnt"))) int64_t finish_buckets_avx512(const float* v, const uint32_t* ix,
                                                                        int64_t n, int64_t k, int32_t* b, int32_t* h,
                                                                        int32_t* bl, uint64_t* wl, uint64_t* w,
@@ -619,7 +619,8 @@ __attribute__((target("avx512f,popcnt"))) int64_t finish_buckets_avx512(const fl
   for (int64_t t = 0; t < n; t += 16) {  // b: n + 16 slots
     const __mmask16 live = static_cast<__mmask16>(n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1u);
     const __m512 x = _mm512_maskz_loadu_ps(live, v + t);
-    _mm512_storeu_si512(b + t, _mm512_cvttps_epi32(_mm512_min_ps(vtop, _mm512_mul_ps(_mm512_sub_ps(vmax, x), vscale))));
+    // (min(product, top): a NaN product gives the top bucket, as the scalar std::min does)
+    _mm512_storeu_si512(b + t, _mm512_cvttps_epi32(_mm512_min_ps(_mm512_mul_ps(_mm512_sub_ps(vmax, x), vscale), vtop)));
   }
   std::fill(h, h + nb, 0);
   for (int64_t t = 0; t < n; ++t) ++h[b[t]];
@@ -654,16 +655,16 @@ __attribute__((target("avx512f,popcnt"))) int64_t finish_buckets_avx512(const fl
   // written at each step).
   const __m512i lim = _mm512_set1_epi32(static_cast<int>(std::min<int64_t>(last, nb - 1)));
   const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  __mmask16 negzero = 0;
+  __mmask16 reread = 0;  // kept scores whose key does not give back their bits
   int64_t c = 0;
   for (int64_t t = 0; t < n; t += 16) {
     const __mmask16 live = static_cast<__mmask16>(n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1u);
     const __m512i bt = _mm512_maskz_loadu_epi32(live, b + t);
     const __mmask16 in = _mm512_mask_cmple_epi32_mask(live, bt, lim);
     const __m512 x = _mm512_maskz_loadu_ps(live, v + t);
-    negzero |= _mm512_mask_cmpeq_epi32_mask(in, _mm512_castps_si512(x), sign);
     // ~key_of(x): key_of's bits (x + 0 turns -0 into +0), inverted
     const __m512i u = _mm512_castps_si512(_mm512_add_ps(x, _mm512_setzero_ps()));
+    reread |= _mm512_mask_cmpneq_epi32_mask(in, _mm512_castps_si512(x), u);
     const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
     const __m512i hi = _mm512_ternarylogic_epi32(key, key, key, 0x55);  // ~key
     const __m512i id = _mm512_maskz_loadu_epi32(live, ix + t);
@@ -698,9 +699,12 @@ __attribute__((target("avx512f,popcnt"))) int64_t finish_buckets_avx512(const fl
     _mm512_mask_storeu_ps(out_v + t, static_cast<__mmask16>(lo | (static_cast<unsigned>(hi) << 8)),
                           _mm512_castsi512_ps(bits));
   }
-  if (negzero != 0)  // the zeros' own bits, by index in the key-ordered buffer
+  if (reread != 0)  // the zeros' own bits, by index in the key-ordered buffer
     for (int64_t t = 0; t < m; ++t)
-      if (out_v[t] == 0.0f) out_v[t] = v[std::lower_bound(ix, ix + n, static_cast<uint32_t>(out_i[t])) - ix];
+      if (out_v[t] == 0.0f) {
+        const uint32_t* at = std::lower_bound(ix, ix + n, static_cast<uint32_t>(out_i[t]));
+        if (at != ix + n && *at == static_cast<uint32_t>(out_i[t])) out_v[t] = v[at - ix];
+      }
   return m;
 }
 
