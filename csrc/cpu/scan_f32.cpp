@@ -573,12 +573,7 @@ __attribute__((target("avx512f"))) void sort_runs_avx512(uint64_t* w, const int3
       if (end - start > 1) sort16(net, w + start, end - start);
       start = end;
       if (e - start > 16) {  // a bucket too large for one run
-        for (int64_t t = start + 1; t < e; ++t) {
-          const uint64_t x = w[t];
-          int64_t u = t;
-          for (; u > start && w[u - 1] > x; --u) w[u] = w[u - 1];
-          w[u] = x;
-        }
+        insertion_sort(w + start, e - start);
         start = e;
       }
     }
@@ -609,12 +604,10 @@ __attribute__((target("avx512f,popcnt"))) int64_t finish_buckets_avx512(const fl
     vlo = _mm512_mask_min_ps(vlo, live, vlo, x);
     vhi = _mm512_mask_max_ps(vhi, live, vhi, x);
   }
-  const float lo = _mm512_reduce_min_ps(vlo), xmax = _mm512_reduce_max_ps(vhi);
-  int64_t nb = 16;
-  while (nb < n && nb < 4096) nb *= 2;
-  const float scale = static_cast<float>(nb - 1) / (xmax - lo);
-  if (!(xmax > lo && std::isfinite(scale) && scale > 0)) return -1;  // the scores do not spread
-  const __m512 vmax = _mm512_set1_ps(xmax), vscale = _mm512_set1_ps(scale),
+  Buckets bk;
+  if (!bk.span(_mm512_reduce_min_ps(vlo), _mm512_reduce_max_ps(vhi), n)) return -1;  // the scores do not spread
+  const int64_t nb = bk.nb;
+  const __m512 vmax = _mm512_set1_ps(bk.xmax), vscale = _mm512_set1_ps(bk.scale),
                vtop = _mm512_set1_ps(static_cast<float>(nb - 1));
   for (int64_t t = 0; t < n; t += 16) {  // b: n + 16 slots
     const __mmask16 live = static_cast<__mmask16>(n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1u);

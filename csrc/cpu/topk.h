@@ -367,6 +367,17 @@ inline void min_max(const float* v, int64_t n, float* lo, float* hi) {
   }
 }
 
+// w[0, n) sorted ascending by insertion: words that are nearly in order (each value bucket's few, placed
+// bucket by bucket) move little.
+inline void insertion_sort(uint64_t* w, int64_t n) {
+  for (int64_t t = 1; t < n; ++t) {
+    const uint64_t x = w[t];
+    int64_t u = t;
+    for (; u > 0 && w[u - 1] > x; --u) w[u] = w[u - 1];
+    w[u] = x;
+  }
+}
+
 // Buckets of float scores for selection and sorting: bucket(x) = (xmax - x) * scale, which never
 // increases with x (a larger score never lands in a later bucket), so every score of an earlier bucket
 // beats every score of a later one. Scores are spread over the buckets by value, not by their bits.
@@ -377,6 +388,10 @@ struct Buckets {
   bool fit(const float* v, int64_t n, int64_t want) {
     float hi, lo;
     min_max(v, n, &lo, &hi);
+    return span(lo, hi, want);
+  }
+  // fit() for scores whose smallest and largest are known (finish_buckets_avx512 finds them 16 at a time).
+  bool span(float lo, float hi, int64_t want) {
     nb = 16;
     while (nb < want && nb < 4096) nb *= 2;
     xmax = hi;
@@ -703,15 +718,7 @@ struct RowsF32 {
       const uint32_t t = list[q];
       w[h[b[t]]++] = static_cast<uint64_t>(~key_of(v[t])) << 32 | t;
     }
-    for (int64_t t = 1; t < kept; ++t) {  // each bucket's few words in order
-      const uint64_t x = w[t];
-      int64_t u = t;
-      while (u > 0 && w[u - 1] > x) {
-        w[u] = w[u - 1];
-        --u;
-      }
-      w[u] = x;
-    }
+    insertion_sort(w, kept);  // each bucket's few words in order
     const int64_t m = std::min(kept, k);
     for (int64_t t = 0; t < m; ++t) {
       const uint32_t at = static_cast<uint32_t>(w[t]);
