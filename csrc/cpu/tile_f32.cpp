@@ -528,31 +528,54 @@ __attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512
 __attribute__((target("avx512f"))) void rescore512(const float* q, const float* b, int64_t ldb, const int64_t* rows,
                                                    int64_t n, int64_t dim, const float* bias, float inv_tau,
                                                    float* out) {
-  // Lane l is key l (zero lanes after the last): 16 dims of the n keys at a time, transposed in
-  // registers, then one FMA per d, in order of d: each lane the fused tile's sequence for its key.
-  const float* src[kPanelKeys];
-  for (int64_t l = 0; l < kPanelKeys; ++l) src[l] = l < n ? b + rows[l] * ldb : nullptr;
-  __m512 acc = _mm512_setzero_ps();
+  // Lane l of panel p is key 16 p + l (zero lanes after the last): 16 dims of a panel's keys at a time,
+  // transposed in registers and kept in t, then one FMA per d, in order of d: each lane the fused tile's
+  // sequence for its key. The panels' chains are independent, so up to four FMAs wait on each other's
+  // latency at once instead of one.
+  constexpr int kP = kRescoreKeys / kPanelKeys;
+  const int np = static_cast<int>((n + kPanelKeys - 1) / kPanelKeys);
+  alignas(64) float t[kP][16][16];
+  __m512 acc[kP];
+#pragma GCC unroll 4
+  for (int p = 0; p < kP; ++p) acc[p] = _mm512_setzero_ps();
   for (int64_t d0 = 0; d0 < dim; d0 += 16) {
     const int64_t w = std::min<int64_t>(16, dim - d0);
     const __mmask16 m = static_cast<__mmask16>(w == 16 ? 0xFFFF : (1u << w) - 1);
-    __m512 r[16];
+    for (int p = 0; p < np; ++p) {
+      __m512 r[16];
 #pragma GCC unroll 16
-    for (int l = 0; l < 16; ++l)
-      r[l] = src[l] != nullptr ? _mm512_maskz_loadu_ps(m, src[l] + d0) : _mm512_setzero_ps();
-    transpose16(r);
+      for (int l = 0; l < 16; ++l) {
+        const int64_t key = 16 * p + l;
+        r[l] = key < n ? _mm512_maskz_loadu_ps(m, b + rows[key] * ldb + d0) : _mm512_setzero_ps();
+      }
+      transpose16(r);
 #pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) {
-      if (i >= w) break;
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(q[d0 + i]), r[i], acc);
+      for (int i = 0; i < 16; ++i) _mm512_store_ps(t[p][i], r[i]);
+    }
+    const float* qd = q + d0;
+    if (np == kP && w == 16) {
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        const __m512 x = _mm512_set1_ps(qd[i]);
+#pragma GCC unroll 4
+        for (int p = 0; p < kP; ++p) acc[p] = _mm512_fmadd_ps(x, _mm512_load_ps(t[p][i]), acc[p]);
+      }
+    } else {
+      for (int i = 0; i < w; ++i) {
+        const __m512 x = _mm512_set1_ps(qd[i]);
+        for (int p = 0; p < np; ++p) acc[p] = _mm512_fmadd_ps(x, _mm512_load_ps(t[p][i]), acc[p]);
+      }
     }
   }
-  alignas(64) float bl[kPanelKeys] = {};
-  for (int64_t l = 0; l < n; ++l) bl[l] = bias[rows[l]];
-  const __m512 x = _mm512_add_ps(_mm512_mul_ps(acc, _mm512_set1_ps(inv_tau)), _mm512_load_ps(bl));
-  alignas(64) float o[kPanelKeys];
-  _mm512_store_ps(o, x);
-  std::copy(o, o + n, out);
+  for (int p = 0; p < np; ++p) {
+    const int64_t c = std::min<int64_t>(kPanelKeys, n - 16 * p);
+    alignas(64) float bl[kPanelKeys] = {};
+    for (int64_t l = 0; l < c; ++l) bl[l] = bias[rows[16 * p + l]];
+    const __m512 x = _mm512_add_ps(_mm512_mul_ps(acc[p], _mm512_set1_ps(inv_tau)), _mm512_load_ps(bl));
+    alignas(64) float o[kPanelKeys];
+    _mm512_store_ps(o, x);
+    std::copy(o, o + c, out + 16 * p);
+  }
 }
 
 // One row of bf16_split.
@@ -603,7 +626,7 @@ __attribute__((target("avx512f"))) bool split_row512(const float* x, int64_t dim
 
 void rescore(const float* q, const float* b, int64_t ldb, const int64_t* rows, int64_t n, int64_t dim,
              const float* bias, float inv_tau, float* out) {
-  TORCH_CHECK(n >= 0 && n <= kPanelKeys, "rescore: at most ", kPanelKeys, " keys");
+  TORCH_CHECK(n >= 0 && n <= kRescoreKeys, "rescore: at most ", kRescoreKeys, " keys");
 #ifdef LLP_FAST_X86
   TORCH_CHECK(rescore_available(), "rescore: the fused tile does not run AVX-512 here");
   rescore512(q, b, ldb, rows, n, dim, bias, inv_tau, out);

@@ -268,10 +268,11 @@ struct TileRows {
 // x > thr[r], as the scan does (index base + j, key order); `bias` has nc entries.
 void tile_select(const float* ap, int64_t nr, const float* bp, int64_t nc, int64_t dim, const float* bias,
                  float inv_tau, uint32_t base, const TileRows& rows, bool dot = false);
-// The score tile_select gives query q (dim floats) against each of the n <= kPanelKeys keys
+// The score tile_select gives query q (dim floats) against each of the n <= kRescoreKeys keys
 // b + rows[l] * ldb: the same FMA sequence over d from zero, scaled, then biased by bias[rows[l]], each
 // rounded, into out[l] (bit for bit tile_select's value). rescore_available(): where the fused tile runs
 // AVX-512 (approx_topk's refinement; elsewhere it is not used).
+constexpr int64_t kRescoreKeys = 4 * kPanelKeys;
 bool rescore_available();
 void rescore(const float* q, const float* b, int64_t ldb, const int64_t* rows, int64_t n, int64_t dim,
              const float* bias, float inv_tau, float* out);
@@ -1124,24 +1125,31 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
 //      own float32 rounding.
 //   3. Every key whose exact score ties or beats the row's exact k-th best has s~ >= s~_k - 2 e_r (the k
 //      keys of the approximate top k have s >= s~_k - e_r). So when the row's k'-th kept s~ is
-//      below s~_k - 2 e_r, every key that can be in the exact top k was kept: their exact scores
-//      (rescore: the fused tile's own FMA sequence, so the same bits) are ranked in the op's order and
-//      the best k are the answer. A row where that does not hold (its scores crowd within 2 e_r) gets a
-//      second bf16 pass keeping 2k' (at k = 10 about a tenth of the rows on unit rows in 128-d at
-//      tau = 0.07; run again exactly, that tenth cost a fifth of the whole), and a row that one does not
-//      settle either (keys that repeat), or whose query is not finite, runs the exact path.
-// Not taken (false): k > kApproxMaxK, a bias of NaN or +inf, a query or key that is not finite, keys whose
-// bf16 copy would take over 64 MB, fewer than approx_k(k) + 1 keys that can score, under 512 query rows or 2^22 products,
-// non-unit column strides, or LLP_FAST_CPU_APPROX=0 (=2: calls of any size, for tests;
-// LLP_FAST_CPU_APPROX_REPORT prints each call's rows and how many ran the exact path).
+//      below s~_k - 2 e_r, every key that can be in the exact top k was kept, and of those only the
+//      band s~ >= s~_k - 2 e_r can be: the band's exact scores (rescore: the fused tile's own FMA
+//      sequence, so the same bits) are ranked in the op's order and the best k are the answer. A row
+//      where that does not hold (its scores crowd within 2 e_r) gets a second bf16 pass keeping 2k' (at
+//      k = 10 about a tenth of the rows on unit rows in 128-d at tau = 0.07; run again exactly, that
+//      tenth cost a fifth of the whole), and a row that one does not settle either (keys that repeat),
+//      or whose query is not finite, runs the exact path.
+// Not taken (false): k > kApproxMaxK, k > 32 with fewer than 36 k keys that can score, a bias of NaN or
+// +inf, a query or key that is not finite, keys whose bf16 copy would take over 64 MB, fewer than
+// approx_k(k) + 1 keys that can score, under 512 query rows or 2^22 products, non-unit column strides,
+// or LLP_FAST_CPU_APPROX=0 (=2: calls of any size, for tests; LLP_FAST_CPU_APPROX_REPORT prints each
+// call's rows, how many ran the exact path and how many took the second pass).
 // The bf16 passes' k for the op's k: the first keeps 16 (the largest k with the first-tile bound, 2k <=
-// kGroups) for k <= 12, else 48; the second, for the rows the first did not settle, twice that. At
-// larger k the refinement (k exact scores a row at least, each key's row read and transposed) costs
-// about what the bf16 pass saves (measured at k = 100 and 200: bf16 passes of 133 and 150 ms against
-// exact paths of 194 and 222 ms, before 3.2M and 5.1M keys rescored).
-constexpr int64_t kApproxMaxK = 32;  // the largest k it serves
-inline int64_t approx_k(int64_t k) { return k <= 12 ? 16 : 48; }
-constexpr int64_t kApproxMaxKept = 96;  // 2 * approx_k(kApproxMaxK)
+// kGroups) for k <= 12, 48 for k <= 32, else k + max(32, k / 2) (on unit rows in 128-d at k = 50-128 and
+// tau = 0.07 the band then holds about k + 12 to k + 24 keys, and under 0.2% of the rows need the
+// second pass; k + k / 4 sent 8-27% there); the second, for the rows the first did not settle, twice
+// that. Above k = 32 the refinement (each band key's 512-byte row read from L3 and transposed, about
+// 20-40 ns a key at D = 128 with its ranking) grows with k while what the pass saves grows with the
+// keys that can score, so it is taken where k <= n_live / 36 and k <= 200 (=2 leaves the first out).
+// Measured (Q x M rows, one thread, Zen 4, the pass's time over the exact path's, medians of 5):
+// M = 5,000, k = 50 / 100 / 128 / 150 / 200: 0.73 / 0.80 / 0.87 / 0.96 / about 1.1; 3,333 keys that
+// can score, k = 50 / 64 / 80 / 100 / 128: 0.77 / 0.81 / 0.88 / 0.98 / 1.11; 20,000, k = 100 / 200 /
+// 256: 0.83 / 0.86 / 1.05.
+constexpr int64_t kApproxMaxK = 200;  // the largest k it serves
+inline int64_t approx_k(int64_t k) { return k <= 12 ? 16 : k <= 32 ? 48 : k + std::max<int64_t>(32, k / 2); }
 
 // LLP_FAST_CPU_APPROX: 0 (off), 1 (the default: calls large enough) or 2 (calls of any size, for tests).
 inline int approx_mode() {
@@ -1178,7 +1186,7 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
     ++n_live;
     babs = std::max(babs, std::fabs(static_cast<double>(bias[j])));
   }
-  if (n_live <= approx_k(k) ||
+  if (n_live <= approx_k(k) || (!any_size && k > 32 && n_live < 36 * k) ||
       (!any_size && static_cast<double>(nq) * static_cast<double>(n_live) < double(int64_t(1) << 22)))
     return false;
   const at::Tensor q = queries.detach(), kd = keys.detach();
@@ -1210,7 +1218,9 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
   const double gamma = 1.01 * static_cast<double>(dim) * u;  // a float32 sum of dim products, any order
 
   // Query blocks, so that the bf16 copy and the candidates take O(block), not O(Q).
-  constexpr int64_t kApproxRows = 16384;
+  // (at most 2^21 kept candidates, 24 MB of scores and indices, at large k)
+  const int64_t kApproxRows = std::clamp<int64_t>((int64_t(1) << 21) / approx_k(k), 1024, 16384);
+  int64_t n_again = 0;  // rows of the second bf16 pass (the report)
   std::vector<int64_t> redo;  // rows for the exact path: not finite, or scores crowded within the bound
   at::Tensor q16 = at::empty({std::min(nq, kApproxRows), dim}, q.options().dtype(at::kBFloat16));
   std::vector<double> qsq;
@@ -1231,15 +1241,12 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
       cn[i] = n;
     });
     at::parallel_for(0, n_rows, 64, [&](int64_t i0, int64_t i1) {
-      float x[kApproxMaxKept];
-      int64_t order[kApproxMaxKept];
-      float out_v[kApproxMaxKept];
-      int64_t out_i[kApproxMaxKept];
+      std::vector<float> x(static_cast<size_t>(kp));
+      std::vector<int64_t> jx(static_cast<size_t>(kp));
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = rows[i];
         const int64_t n = cn[i];
         const float* v = cv.data() + i * kp;
-        const int64_t* ix = ci.data() + i * kp;
         const double qn = std::sqrt(qsq[3 * r]) * grow;      // |q|
         const double dq = std::sqrt(qsq[3 * r + 1]) * grow;  // |q - q~|
         const double qt = std::sqrt(qsq[3 * r + 2]) * grow;  // |q~|
@@ -1262,19 +1269,31 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
           failed[r] = 1;
           continue;
         }
-        const float* qr = qp + (b0 + r) * ldq;
-        for (int64_t l0 = 0; l0 < n; l0 += kPanelKeys)
-          rescore(qr, kp_keys, ldk, ix + l0, std::min(kPanelKeys, n - l0), dim, bias, inv_tau, x + l0);
-        for (int64_t l = 0; l < n; ++l) order[l] = l;
-        std::sort(order, order + n, [&](int64_t a, int64_t c) {
-          return x[a] > x[c] || (x[a] == x[c] && ix[a] < ix[c]);
-        });
+        // Only the band, the keys within 2e of the k-th bf16 score, can be in the exact top k (step 3
+        // above): their exact scores (up to kRescoreKeys keys a call), ranked in the op's order (score
+        // down, index up). They come in the bf16 scores' order, which only pairs within 2e of each
+        // other can break, so an insertion sort moves few of them.
         const int64_t m = std::min(k, n);
-        for (int64_t l = 0; l < m; ++l) {
-          out_v[l] = x[order[l]];
-          out_i[l] = ix[order[l]];
+        const double cut = static_cast<double>(v[m - 1]) - 2.0 * e;
+        int64_t n_in = m;
+        while (n_in < n && static_cast<double>(v[n_in]) >= cut) ++n_in;
+        const int64_t* ix = ci.data() + i * kp;
+        const float* qr = qp + (b0 + r) * ldq;
+        for (int64_t l0 = 0; l0 < n_in; l0 += kRescoreKeys)
+          rescore(qr, kp_keys, ldk, ix + l0, std::min(kRescoreKeys, n_in - l0), dim, bias, inv_tau,
+                  x.data() + l0);
+        for (int64_t t = 0; t < n_in; ++t) {
+          const float xv = x[t];
+          const int64_t xi = ix[t];
+          int64_t s = t;
+          for (; s > 0 && (x[s - 1] < xv || (x[s - 1] == xv && jx[s - 1] > xi)); --s) {
+            x[s] = x[s - 1];
+            jx[s] = jx[s - 1];
+          }
+          x[s] = xv;
+          jx[s] = xi;
         }
-        finish(b0 + r, out_v, out_i, m);
+        finish(b0 + r, x.data(), jx.data(), m);
       }
     });
     left.clear();
@@ -1306,6 +1325,7 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
     if (next.empty()) continue;
     std::swap(open, next);
     for (int64_t r : open) failed[r] = 0;
+    n_again += static_cast<int64_t>(open.size());
     const at::Tensor again = at::from_blob(open.data(), {static_cast<int64_t>(open.size())}, at::kLong);
     stage(b0, block.index_select(0, again), open, 2 * approx_k(k), next);
     for (int64_t r : next) redo.push_back(b0 + r);
@@ -1318,8 +1338,8 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
                       [&](int64_t r, const float* v, const int64_t* i, int64_t c) { finish(redo[a + r], v, i, c); });
   }
   if (std::getenv("LLP_FAST_CPU_APPROX_REPORT") != nullptr)  // tests: which path each row took
-    std::fprintf(stderr, "llp_fast approx_topk: %lld rows, %lld exact\n", static_cast<long long>(nq),
-                 static_cast<long long>(redo.size()));
+    std::fprintf(stderr, "llp_fast approx_topk: %lld rows, %lld exact, %lld again\n", static_cast<long long>(nq),
+                 static_cast<long long>(redo.size()), static_cast<long long>(n_again));
   return true;
 }
 
