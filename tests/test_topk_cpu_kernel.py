@@ -599,6 +599,28 @@ pairs.append(both(torch.full((1, 32), 2.0**-130), m, 1, 1.0, b, None, None, None
 m = torch.zeros(32, 1)
 m[:15], m[15], m[20] = 2.0**-58, 1.25 * 2.0**-58, 1.5 * 2.0**-58
 pairs.append(both(torch.tensor([[(1 + 2.0**-10) * 2.0**10]]), m, 1, 2.0**100, None, None, None, None, 0))
+# A product sum that overflows while the scaled score would not (tau = 2^100): the bound assumes none
+# does, so such a row runs the exact path (a review's case: the band then kept only the keys whose bf16
+# score was +inf, one of them -inf exactly).
+a = 2.0**66
+for first in ([-a, a], [a, -a]):
+    m = torch.ones(40, 2)
+    m[0], m[1] = torch.tensor(first), torch.tensor([2.0**60, 2.0**60])
+    pairs.append(both(torch.tensor([[a, a]]), m, 1, 2.0**100, None, None, None, None, 0))
+# A key that wins exactly but whose bf16 score sits about 1.4 e below the k-th bf16 score (x against
+# y; k - 1 keys along q above both, shorter than x so that the bound stays as tight; zeros below): the
+# band must reach that far (with e in place of 2 e it did not), and the pass decides it (the report
+# after each BAND line: no row ran the exact path).
+hi, lo = 1 + 2.0**-8 - 2.0**-20, 1 + 2.0**-7 + 2.0**-8 + 2.0**-20
+q = torch.tensor([[hi] * 16 + [lo] * 16])
+x, y = torch.tensor([0.50390625] * 16 + [0.0] * 16), torch.tensor([0.0] * 16 + [0.5] * 16)
+for k in (1, 41, 151):
+    m = torch.zeros(400, 32)
+    m[: k - 1] = torch.nn.functional.normalize(q, dim=1) * 1.8
+    m[k - 1], m[k] = x, y
+    print("BAND", k, file=sys.stderr, flush=True)
+    pairs.append(both(q, m, k, 1.0, None, None, None, None, 0))
+    assert pairs[-1][0][1][0, k - 1].item() == k - 1, pairs[-1][0][1][0, k - 1]
 # Keys in chunks merged with init= (the earlier chunks' running top k): equal to one call, both ways.
 q, m = torch.randn(120, 24, generator=g), torch.randn(900, 24, generator=g)
 bias = torch.randn(900, generator=g)
@@ -636,16 +658,16 @@ print("ok")
 )
 @pytest.mark.parametrize("seed", [1, 2])
 def test_the_bf16_pass_gives_the_exact_paths_bits(seed, source):
-    """float32 inputs at k <= 32 where a bf16 GEMM runs (here forced with LLP_FAST_CPU_BF16_GEMM=1:
+    """float32 inputs at k <= 215 where a bf16 GEMM runs (here forced with LLP_FAST_CPU_BF16_GEMM=1:
     MKL's, and =avx512bf16 where the CPU has it: the fused tile's bf16 dot products; LLP_FAST_CPU_APPROX=2
     takes calls of any size) are selected from bf16 scores and refined exactly
     (csrc/cpu/topk.h approx_topk): on fresh random inputs of odd shapes, with equal scores, extreme
     and far-apart norms, products below the normal range, rows that are not finite, masked keys
     that are NaN, values that round to bf16 infinity or to bf16 denormals, norms whose squares
-    leave float32's range, a scale that underflows, strided queries, flushed denormals and through
-    propagate's op, the values and indices equal the exact path's bit for bit; both ways of
-    finishing a row (refined, and run again exactly where its scores crowd within the bound) are
-    taken."""
+    leave float32's range, a scale that underflows, product sums that overflow, a winner far down
+    the bf16 order, strided queries, flushed denormals and through propagate's op, the values and
+    indices equal the exact path's bit for bit; both ways of finishing a row (refined, and run
+    again exactly where its scores crowd within the bound) are taken."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "2",
@@ -657,10 +679,51 @@ def test_the_bf16_pass_gives_the_exact_paths_bits(seed, source):
         [sys.executable, "-c", APPROX, str(seed), "120"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
-    reports = [line.split() for line in proc.stderr.splitlines() if line.startswith("llp_fast approx_topk:")]
+    lines = proc.stderr.splitlines()
+    band = [lines[i + 1] for i, line in enumerate(lines) if line.startswith("BAND")]
+    assert len(band) == 3 and all(b.startswith("llp_fast approx_topk: 1 rows, 0 exact") for b in band), band
+    reports = [line.split() for line in lines if line.startswith("llp_fast approx_topk:")]
     rows = sum(int(r[2]) for r in reports)
     exact = sum(int(r[4]) for r in reports)
     assert len(reports) >= 100 and 0 < exact < rows, (len(reports), rows, exact)
+
+
+@pytest.mark.skipif(" avx512f" not in _flags() or " fma" not in _flags(), reason="needs a CPU with AVX-512")
+def test_the_bf16_pass_above_k_32_needs_36_k_keys():
+    """With the default setting the pass serves k > 32 only against at least 36 k keys that can score
+    (below that the refinement costs what the pass saves; csrc/cpu/topk.h approx_topk): k = 50 over
+    1,800 keys takes it, over 1,799 (or 1,800 with one masked) does not, and the answers are the exact
+    path's all the same."""
+    code = """
+import os, sys, torch
+from llp_fast import _ext
+assert _ext.load() is not None
+op = torch.ops.llp_fast.topk_scores.default
+g = torch.Generator().manual_seed(5)
+q = torch.randn(2400, 16, generator=g)
+m = torch.randn(1800, 16, generator=g)
+mask = torch.ones(1800, dtype=torch.bool)
+mask[7] = False
+for keys, km in ((m, None), (m[:1799], None), (m, mask)):
+    print("CALL", keys.shape[0], km is not None, file=sys.stderr, flush=True)
+    got = op(q, keys, 50, 0.07, None, km, None, None, 0)
+    os.environ["LLP_FAST_CPU_APPROX"] = "0"
+    want = op(q, keys, 50, 0.07, None, km, None, None, 0)
+    del os.environ["LLP_FAST_CPU_APPROX"]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLP_FAST_")}
+    env.update(OMP_NUM_THREADS="1", LLP_FAST_CPU_BF16_GEMM="1", LLP_FAST_CPU_APPROX_REPORT="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    took = [
+        lines[i + 1].startswith("llp_fast approx_topk: 2400 rows") if i + 1 < len(lines) else False
+        for i, line in enumerate(lines)
+        if line.startswith("CALL")
+    ]
+    assert took == [True, False, False], proc.stderr[-3000:]
 
 
 def test_approx_setting_is_checked():

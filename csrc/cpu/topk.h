@@ -1260,9 +1260,11 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
                           1.01 * tiny * std::sqrt(static_cast<double>(dim)) * (qn + kmax);
         const double c_max = 1.01 * (qn * kmax + qt * (kmax + dkmax));
         const double e = 1.01 * (vt * dc + 2.01 * u * vt * c_max + 2.0 * u * babs + 8.0 * tiny);
-        // No score may overflow, and a row has kept either k' keys, the k'-th below its k-th by 2e, or
-        // every key that can score (a key whose bf16 score is NaN or -inf is never kept).
-        const bool settled = c_max * vt < 1e30 &&
+        // No product sum nor score may overflow (c_max bounds every partial sum of both chains; with a
+        // large tau the sum can overflow while the scaled score would not), and a row has kept either
+        // k' keys, the k'-th below its k-th by 2e, or every key that can score (a key whose bf16 score
+        // is NaN or -inf is never kept).
+        const bool settled = c_max < 1e30 && c_max * vt < 1e30 &&
                              (n == kp ? static_cast<double>(v[kp - 1]) < static_cast<double>(v[k - 1]) - 2.0 * e
                                       : n == n_live);
         if (!settled) {
