@@ -1148,8 +1148,12 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
 // M = 5,000, k = 50 / 100 / 128 / 150 / 200: 0.73 / 0.80 / 0.87 / 0.96 / about 1.1; 3,333 keys that
 // can score, k = 50 / 64 / 80 / 100 / 128: 0.77 / 0.81 / 0.88 / 0.98 / 1.11; 20,000, k = 100 / 200 /
 // 256: 0.83 / 0.86 / 1.05.
-constexpr int64_t kApproxMaxK = 200;  // the largest k it serves
-inline int64_t approx_k(int64_t k) { return k <= 12 ? 16 : k <= 32 ? 48 : k + std::max<int64_t>(32, k / 2); }
+constexpr int64_t kApproxMaxK = 200;       // the largest k it serves
+constexpr int64_t kApproxSmallK = 32;      // up to here any number of keys will do
+constexpr int64_t kApproxKeysPerK = 36;    // above it, at least this many keys that can score per k
+inline int64_t approx_k(int64_t k) {
+  return k <= 12 ? 16 : k <= kApproxSmallK ? 48 : k + std::max<int64_t>(32, k / 2);
+}
 
 // LLP_FAST_CPU_APPROX: 0 (off), 1 (the default: calls large enough) or 2 (calls of any size, for tests).
 inline int approx_mode() {
@@ -1186,7 +1190,7 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
     ++n_live;
     babs = std::max(babs, std::fabs(static_cast<double>(bias[j])));
   }
-  if (n_live <= approx_k(k) || (!any_size && k > 32 && n_live < 36 * k) ||
+  if (n_live <= approx_k(k) || (!any_size && k > kApproxSmallK && n_live < kApproxKeysPerK * k) ||
       (!any_size && static_cast<double>(nq) * static_cast<double>(n_live) < double(int64_t(1) << 22)))
     return false;
   const at::Tensor q = queries.detach(), kd = keys.detach();
@@ -1219,10 +1223,10 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
 
   // Query blocks, so that the bf16 copy and the candidates take O(block), not O(Q).
   // (at most 2^21 kept candidates, 24 MB of scores and indices, at large k)
-  const int64_t kApproxRows = std::clamp<int64_t>((int64_t(1) << 21) / approx_k(k), 1024, 16384);
+  const int64_t approx_rows = std::clamp<int64_t>((int64_t(1) << 21) / approx_k(k), 1024, 16384);
   int64_t n_again = 0;  // rows of the second bf16 pass (the report)
   std::vector<int64_t> redo;  // rows for the exact path: not finite, or scores crowded within the bound
-  at::Tensor q16 = at::empty({std::min(nq, kApproxRows), dim}, q.options().dtype(at::kBFloat16));
+  at::Tensor q16 = at::empty({std::min(nq, approx_rows), dim}, q.options().dtype(at::kBFloat16));
   std::vector<double> qsq;
   std::vector<float> cv;
   std::vector<int64_t> ci, cn, open, next;
@@ -1302,8 +1306,8 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
     for (int64_t i = 0; i < n_rows; ++i)
       if (failed[rows[i]]) left.push_back(rows[i]);
   };
-  for (int64_t b0 = 0; b0 < nq; b0 += kApproxRows) {
-    const int64_t nb = std::min(kApproxRows, nq - b0);
+  for (int64_t b0 = 0; b0 < nq; b0 += approx_rows) {
+    const int64_t nb = std::min(approx_rows, nq - b0);
     uint16_t* q16p = reinterpret_cast<uint16_t*>(q16.data_ptr<at::BFloat16>());
     qsq.assign(static_cast<size_t>(3 * nb), 0.0);
     failed.assign(static_cast<size_t>(nb), 0);
@@ -1333,8 +1337,8 @@ bool approx_topk(const at::Tensor& queries, const at::Tensor& keys, const float*
     for (int64_t r : next) redo.push_back(b0 + r);
   }
   std::sort(redo.begin(), redo.end());
-  for (size_t a = 0; a < redo.size(); a += static_cast<size_t>(kApproxRows)) {
-    const int64_t n = std::min<int64_t>(kApproxRows, static_cast<int64_t>(redo.size() - a));
+  for (size_t a = 0; a < redo.size(); a += static_cast<size_t>(approx_rows)) {
+    const int64_t n = std::min<int64_t>(approx_rows, static_cast<int64_t>(redo.size() - a));
     const at::Tensor rows = at::from_blob(redo.data() + a, {n}, at::kLong);
     exact_topk<float>(q.index_select(0, rows), kd, bias, k, tau,
                       [&](int64_t r, const float* v, const int64_t* i, int64_t c) { finish(redo[a + r], v, i, c); });

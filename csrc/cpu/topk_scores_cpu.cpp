@@ -148,8 +148,8 @@ std::string cpu_paths() {
          : bf16 == topk::kBf16Dot ? "; bf16 tiles from avx512bf16 dot products"
                                   : "; bf16 converted to float32";
   if (topk::approx_available())
-    out += "; float32 k <= 32 (<= " + std::to_string(topk::kApproxMaxK) +
-           " against 36 k keys) from a bf16 pass, refined exactly";
+    out += "; float32 k <= " + std::to_string(topk::kApproxSmallK) + " (<= " + std::to_string(topk::kApproxMaxK) +
+           " against " + std::to_string(topk::kApproxKeysPerK) + " k keys) from a bf16 pass, refined exactly";
   return out;
 }
 
