@@ -1141,9 +1141,9 @@ void exact_topk(const at::Tensor& queries, const at::Tensor& keys, const acc_t* 
 // kGroups) for k <= 12, 48 for k <= 32, else k + max(32, k / 2) (on unit rows in 128-d at k = 50-128 and
 // tau = 0.07 the band then holds about k + 12 to k + 24 keys, and under 0.2% of the rows need the
 // second pass; k + k / 4 sent 8-27% there); the second, for the rows the first did not settle, twice
-// that. Above k = 32 the refinement (each band key's 512-byte row read and transposed: 22 and 41 ms a
-// call at k = 100 and 200 for Q = 20,000, M = 5,000, D = 128, one thread, timed by rescoring every band
-// twice, README) grows with k while what the pass saves grows with the keys that can score, so it is
+// that. Above k = 32 the refinement (each band key's 512-byte row read and transposed: about 120 ms a
+// call at k = 200 for Q = 20,000, M = 5,000, D = 128, one thread, of which 41 ms with the rows already
+// in cache, README) grows with k while what the pass saves grows with the keys that can score, so it is
 // taken where k <= n_live / 36 and k <= 200 (=2 leaves the first out).
 // Measured (Q x M rows, one thread, Zen 4, the pass's time over the exact path's, medians of 5):
 // M = 5,000, k = 50 / 100 / 128 / 150 / 200: 0.73 / 0.80 / 0.87 / 0.96 / about 1.1; 3,333 keys that
