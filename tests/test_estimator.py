@@ -216,6 +216,17 @@ def test_min_confidence_abstains_on_unlabeled_rows_only():
     for bad in (-0.1, 1.5, "high"):
         with pytest.raises(ValueError, match="min_confidence"):
             LocalLabelPropagation(min_confidence=bad).fit(x, partial)
+    # predict uses the threshold fitted with (it read the parameter at each call: a later set_params
+    # changed a fitted model's predictions but not its transduction_)
+    assert clf.min_confidence_ == 0.7
+    clf.set_params(min_confidence=None, normalize=False)
+    assert np.array_equal(clf.predict(new), p)
+
+
+def test_normalize_must_be_a_bool():
+    x, _, partial = _digits(0.05, seed=1)
+    with pytest.raises(ValueError, match="normalize must be True or False, got 'no'"):
+        LocalLabelPropagation(normalize="no").fit(x, partial)
 
 
 def test_abstention_with_string_and_unsigned_classes():

@@ -55,7 +55,8 @@ def test_the_model_labels_new_rows_as_predict_does(tmp_path, capsys, rounds, dty
     assert settings == {"format": 1, "k": 10, "tau": 0.07, "normalize": True, "min_confidence": None}
     out, conf = str(tmp_path / "pn.npy"), str(tmp_path / "cn.npy")
     rc = main(["--model", d, str(tmp_path / "new.npy"), "--out", out, "--confidence-out", conf, "--chunk", "37"])
-    assert rc == 0 and "labelled 400 rows" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert rc == 0 and "labelled 400 rows" in said and said.rstrip().endswith(f"-> {out}, {conf}"), said
     np.testing.assert_array_equal(np.load(out), clf.predict(new))
     np.testing.assert_allclose(np.load(conf), clf.predict_proba(new).max(axis=1), rtol=1e-5)
     # abstention: the model's own threshold, or the flag's
@@ -88,7 +89,8 @@ def test_bad_models_and_flags_are_one_line(tmp_path, capsys):
     _one_line(capsys, main(["--model", str(tmp_path / "none"), new, "--out", out]), "no model.npz there")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "model.npz").write_bytes(b"not a zip file")
-    _one_line(capsys, main(["--model", str(tmp_path / "bad"), new, "--out", out]), "unreadable")
+    _one_line(capsys, main(["--model", str(tmp_path / "bad"), new, "--out", out]), "not a .npz file")
+    _one_line(capsys, main(["--model", str(tmp_path / "none.npz"), new, "--out", out]), "none.npz: no such file")
     np.savez(tmp_path / "bad" / "model.npz", voters=np.zeros((2, 3)))
     _one_line(capsys, main(["--model", str(tmp_path / "bad"), new, "--out", out]), "not a saved model")
     d = str(tmp_path / "m")
@@ -98,8 +100,10 @@ def test_bad_models_and_flags_are_one_line(tmp_path, capsys):
     _one_line(capsys, main(["--model", d, str(tmp_path / "wide.npy"), "--out", out]), "D = 65")
     for extra, flag in (
         ([str(tmp_path / "lab.npy")], "LABELS"),
-        (["--rounds", "2"], "--rounds"),
+        (["--rounds", "2"], "--rounds: not with --model (the model's settings are used)"),
         (["--k", "5"], "--k"),
+        (["--suspects-out", out + "s"], "--suspects-out: not with --model (a labelling run's option"),
+        (["--nproc", "2"], "--nproc: not with --model (it labels new rows in one process"),
     ):
         with pytest.raises(SystemExit) as e:
             main(["--model", d, new, "--out", out, *extra])
@@ -107,6 +111,45 @@ def test_bad_models_and_flags_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([new, "--out", out])  # no labels and no model
     assert "required: labels" in capsys.readouterr().err
+
+
+def test_a_damaged_model_file_is_one_line_not_other_voters(tmp_path, capsys):
+    """np.load reads a member only as far as its header says: a damaged header length shifted the
+    voters silently (other labels, exit 0), and a damaged header or compression field was a
+    TokenError / NotImplementedError traceback. Every member's checksum is checked first."""
+    _data(tmp_path)
+    d, new, out = tmp_path / "m", str(tmp_path / "new.npy"), str(tmp_path / "o.npy")
+    assert main([str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", out, "--save-model", str(d)]) == 0
+    good = (d / "model.npz").read_bytes()
+    at = good.index(b"\x93NUMPY")  # the voters' .npy header: its length (offset 8) and its text (12)
+    for offset, bit in ((8, 0x20), (12, 0x04), (300, 0x01)):  # and a byte of the voters themselves
+        b = bytearray(good)
+        b[at + offset] ^= bit
+        (d / "model.npz").write_bytes(bytes(b))
+        capsys.readouterr()
+        _one_line(capsys, main(["--model", str(d), new, "--out", out]), "damaged")
+    b = bytearray(good)
+    b[b.index(b"PK\x01\x02") + 10] ^= 0x80  # the central directory's compression method
+    (d / "model.npz").write_bytes(bytes(b))
+    _one_line(capsys, main(["--model", str(d), new, "--out", out]), "unreadable (NotImplementedError")
+    assert not os.path.exists(out) or os.path.getsize(out) > 0
+
+
+def test_a_model_folder_that_cannot_be_made_is_named(tmp_path, capsys, monkeypatch):
+    """The folder used to be made inside --out's write, which then took the blame for it."""
+    import errno
+
+    _data(tmp_path)
+    out = str(tmp_path / "o.npy")
+
+    def refuse(path, exist_ok=False):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(model.os, "makedirs", refuse)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", out, "--rounds", "1"]
+    rc = main([*argv, "--save-model", str(tmp_path / "m")])
+    _one_line(capsys, rc, f"cannot write model folder {tmp_path / 'm'}:")
+    assert sorted(os.listdir(tmp_path)) == ["emb.npy", "lab.npy", "new.npy"]
 
 
 def test_saving_is_atomic(tmp_path, monkeypatch, capsys):

@@ -346,6 +346,12 @@ def test_several_k_write_one_output_per_k(tmp_path, capsys):
         assert np.array_equal(np.load(tmp_path / f"p.k{k}.npy"), np.load(tmp_path / "one.npy"))
         assert os.path.exists(tmp_path / f"c.k{k}.npy")
     assert not out.exists()
+    capsys.readouterr()
+    rc = propagate_main([*base, "--k", "10,20", "--out", str(tmp_path / "a.npy"), "--min-confidence", "0.9"])
+    said = capsys.readouterr()[0]
+    left = [int((np.load(tmp_path / f"a.k{k}.npy") == -1).sum()) for k in (10, 20)]
+    assert rc == 0 and left[0] != left[1], left
+    assert f"left -1, confidence below 0.9 ({left[0]} at K = 10, {left[1]} at K = 20)" in said, said
 
 
 def test_nproc_relaunch_drops_only_the_nproc_flag():
@@ -374,11 +380,16 @@ def test_suspects_auto_and_abstention(tmp_path, capsys):
     x, y, labels = _digits_embeddings(tmp_path)
     f = {n: str(tmp_path / n) for n in ("p.npy", "c.npy", "s.npy", "q.npy")}
     base = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--rounds", "2", "--quiet"]
+    capsys.readouterr()
     rc = propagate_main([*base, "--out", f["p.npy"], "--confidence-out", f["c.npy"]] + ["--min-confidence", "0.8"])
     assert rc == 0
     clf = LocalLabelPropagation(rounds=2, min_confidence=0.8).fit(x, labels)
     p, conf = np.load(f["p.npy"]), np.load(f["c.npy"])
     assert np.array_equal(p, clf.transduction_) and np.array_equal(p == -1, (labels < 0) & (conf < 0.8))
+    # the summary counts the rows left -1 apart (it said all the unlabeled rows were labelled)
+    a, m = int((p == -1).sum()), int((labels >= 0).sum())
+    said = capsys.readouterr()[0]
+    assert f"labelled {len(p) - m - a} of {len(p)} rows ({a} left -1, confidence below 0.8)" in said, said
     assert (p == -1).any() and np.array_equal(p[labels >= 0], labels[labels >= 0])
     rc = propagate_main([*base, "--out", f["p.npy"], "--suspects-out", f["s.npy"], "--quality-out", f["q.npy"]])
     assert rc == 0
@@ -403,7 +414,7 @@ def test_suspects_auto_and_abstention(tmp_path, capsys):
     assert np.array_equal(np.load(f["p.npy"]), want.labels)
     with pytest.raises(SystemExit):
         propagate_main([*base, "--out", f["p.npy"], "--k", "10,20", "--drop-suspects", "0.1"])
-    assert "needs one K" in capsys.readouterr().err
+    assert "argument --drop-suspects: needs one K, not --k 10,20" in capsys.readouterr().err
 
 
 def test_tau_auto_takes_one_k_and_keeps_the_k_given(tmp_path, capsys):

@@ -56,7 +56,8 @@ PROPAGATE_CASES = [
     # 1/tau is inf in float32: inf scores and NaN confidences (float64 inputs take it)
     (dict(tau=1e-40), ValueError, "tau=1e-40: 1/tau overflows torch.float32"),
     (dict(labeled_classes=CLS.to(torch.uint16)), TypeError, "cast wider unsigned ones to int64"),
-    (dict(k=b"\x02\x03"), TypeError, "k must be an int, got bytes"),
+    (dict(k=b"\x02\x03"), TypeError, "k must be an int or a sequence of ints"),
+    (dict(k=np.array([2, 3])), TypeError, "k must be an int or a sequence of ints (a tuple or a list), got ndarray"),
 ]
 if torch.cuda.is_available():
     PROPAGATE_CASES.append((dict(queries=Q.cuda()), ValueError, "queries is on cuda"))

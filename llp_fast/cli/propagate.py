@@ -91,7 +91,7 @@ def _label(args) -> int:
             note = f" (--drop-suspects {args.drop_suspects:g} of {m} labeled rows rounds to none: nothing dropped)"
         m = int((used >= 0).sum())
     if rank == 0:
-        files, written = {}, []
+        files, written, abstained = {}, [], {}
         for k, result in results.items():
 
             def name(path, k=k):
@@ -99,7 +99,9 @@ def _label(args) -> int:
 
             out = result.labels.astype(labels.dtype)
             if args.min_confidence is not None:
-                out[(result.confidence < args.min_confidence) & (used < 0)] = -1
+                low = (result.confidence < args.min_confidence) & (used < 0)
+                out[low] = -1
+                abstained[k] = int(low.sum())
             files[name(args.out)] = ("npy", out)
             if args.confidence_out:
                 files[name(args.confidence_out)] = ("npy", result.confidence)
@@ -132,9 +134,17 @@ def _label(args) -> int:
         rounds = f", {result.rounds_run} round{'s' if result.rounds_run != 1 else ''}"
         if None not in results:
             rounds += ", K = " + ", ".join(str(k) for k in results)
+        head = f"labelled {n - m} of {n} rows"
+        if abstained:  # --min-confidence: those rows are -1, not labelled
+            c = f"confidence below {args.min_confidence:g}"
+            if len(set(abstained.values())) == 1:
+                a = next(iter(abstained.values()))
+                head = f"labelled {n - m - a} of {n} rows ({a} left -1, {c})"
+            else:
+                each = ", ".join(f"{a} at K = {k}" for k, a in abstained.items())
+                head += f" less those left -1, {c} ({each})"
         print(
-            f"{PROG}: labelled {n - m} of {n} rows from {m} labeled{rounds}{note} "
-            f"in {time.perf_counter() - t0:.2f} s -> {', '.join(written)}"
+            f"{PROG}: {head} from {m} labeled{rounds}{note} in {time.perf_counter() - t0:.2f} s -> {', '.join(written)}"
         )
     return 0
 
@@ -162,7 +172,7 @@ def _apply(args) -> int:
     outputs.write(files)
     print(
         f"{PROG}: labelled {len(labels)} rows by the {saved.voters.shape[0]} voters of {args.model} "
-        f"in {time.perf_counter() - t0:.2f} s -> {args.out}"
+        f"in {time.perf_counter() - t0:.2f} s -> {', '.join(files)}"
     )
     return 0
 

@@ -130,7 +130,8 @@ def parser() -> argparse.ArgumentParser:
         type=_common.UNIT,
         default=None,
         metavar="C",
-        help="write -1 for rows whose confidence is below C (labeled rows keep theirs)",
+        help="write -1 for rows whose confidence is below C (labeled rows keep theirs); saved with --save-model, "
+        "where --model applies it unless given again",
     )
     ap.add_argument("--save-model", type=_model_dir, default=None, metavar="DIR", help="write DIR/model.npz")
     ap.add_argument("--model", default=None, metavar="DIR", help="label EMBEDDINGS (new rows) by a saved model")
@@ -197,11 +198,14 @@ def _check_model_form(ap, args) -> None:
     """``--model DIR NEW --out P``: one input, and none of a labelling run's knobs."""
     if args.labels is not None:
         ap.error(f"--model labels {args.embeddings} by the saved model: give no LABELS ({args.labels})")
-    given = [f for f in SETTINGS_FLAGS if f != "chunk" and hasattr(args, f)]
-    given += [f for f in RUN_ONLY[1:] if getattr(args, f)]
-    given += ["normalize"] * (not args.normalize) + ["nproc"] * (args.nproc > 1)
+    why = "the model's settings are used"
+    given = [(f, why) for f in SETTINGS_FLAGS if f != "chunk" and hasattr(args, f)]
+    only = "a labelling run's option: --model writes --out and --confidence-out only"
+    given += [(f, only) for f in RUN_ONLY[1:] if getattr(args, f)]
+    given += [("normalize", why)] * (not args.normalize)
+    given += [("nproc", "it labels new rows in one process, streamed")] * (args.nproc > 1)
     if given:
-        ap.error(f"argument {_flag(given[0])}: not with --model (the model's settings are used)")
+        ap.error(f"argument {_flag(given[0][0])}: not with --model ({given[0][1]})")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -213,7 +217,10 @@ def parse(argv=None) -> argparse.Namespace:
         ap.error("the following arguments are required: labels (or --model DIR to label new rows)")
     ks = getattr(args, "k", DEFAULT.k)
     if isinstance(ks, tuple) and (args.drop_suspects or args.save_model):
-        ap.error(f"argument {'--drop-suspects' if args.drop_suspects else '--save-model'}: needs one K, not --k {ks}")
+        ap.error(
+            f"argument {'--drop-suspects' if args.drop_suspects else '--save-model'}: needs one K, not "
+            f"--k {','.join(map(str, ks))}"
+        )
     if isinstance(ks, tuple) and getattr(args, "tau", None) == "auto":
         ap.error(f"argument --tau: auto chooses tau for one K, not for --k {','.join(map(str, ks))}")
     outs = {}

@@ -127,7 +127,8 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
     to its nearest voter), 1 when its nearest voters carry its label and the labels spread from the
     other labeled rows favour it (NaN on unlabeled rows;
     docs/embeddings.md, "Suspect labels"), ``n_neighbors_`` and ``tau_`` (the K and temperature
-    used), ``loo_accuracy_`` (``{(K, tau): accuracy}`` of the candidates when one was "auto"),
+    used), ``min_confidence_`` (the threshold ``predict`` uses: the one fitted with, whatever
+    ``set_params`` says later), ``loo_accuracy_`` (``{(K, tau): accuracy}`` of the candidates when one was "auto"),
     ``n_features_in_``, ``rounds_run_``.
     """
 
@@ -184,6 +185,12 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             raise ValueError(f"min_confidence must be None or a number in [0, 1], got {c!r}")
         return float(c)
 
+    def _normalize(self) -> bool:
+        n = self.normalize
+        if not isinstance(n, (bool, np.bool_)):
+            raise ValueError(f"normalize must be True or False, got {n!r}")
+        return bool(n)
+
     @staticmethod
     def _refuse_sparse(X) -> None:
         if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
@@ -197,6 +204,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self._refuse_sparse(X)
         settings = self._settings()
         threshold = self._min_confidence()
+        normalize = self._normalize()
         X, y = validate_data(self, X, y, dtype=_float_types(X), y_numeric=False)
         unlabeled = _unlabeled(y)
         check_classification_targets(y[~unlabeled] if unlabeled.any() and not unlabeled.all() else y)
@@ -205,7 +213,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self.classes_ = np.unique(y[~unlabeled])
         codes = np.full(y.shape[0], -1, np.int64)
         codes[~unlabeled] = np.searchsorted(self.classes_, y[~unlabeled])
-        rows = Rows(X, normalize=self.normalize, what="X")
+        rows = Rows(X, normalize=normalize, what="X")
         auto_k, auto_tau = self.n_neighbors == "auto", self.tau == "auto"
         self.loo_accuracy_ = {}
         if auto_k or auto_tau:
@@ -213,6 +221,8 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             settings = self._settings(k=choice.k, tau=choice.tau)
             self.loo_accuracy_ = choice.accuracy
         self.n_neighbors_, self.tau_ = int(settings.ks[0]), float(settings.tau)
+        # what predict uses, as fitted (a later set_params does not change a fitted model)
+        self.min_confidence_, self._fit_normalize = threshold, normalize
         result = Engine(rows, codes, settings).run(top_classes=len(self.classes_))
         label = result.labels.copy()
         if threshold is not None:
@@ -243,14 +253,14 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             classes=np.arange(len(self.classes_)),
             k=self.n_neighbors_,
             tau=self.tau_,
-            normalize=self.normalize,
-            min_confidence=self._min_confidence(),
+            normalize=self._fit_normalize,
+            min_confidence=self.min_confidence_,
         )
 
     def _queries(self, X) -> Rows:
         self._refuse_sparse(X)
         X = validate_data(self, X, reset=False, dtype=_float_types(X))
-        return Rows(X, normalize=self.normalize, what="X")
+        return Rows(X, normalize=self._fit_normalize, what="X")
 
     def predict(self, X):
         """The vote of the final voters for each row of X (ties to the first class of ``classes_``;

@@ -23,13 +23,15 @@ import contextlib
 import json
 import math
 import os
+import tokenize
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .._files import atomic_path
+from .._files import WriteError, atomic_path
 from .._topk import vote
 from ..errors import DataError
 from ..ops import neighbours
@@ -119,7 +121,10 @@ def save(
     ``also``) the file moves into place only as that stack closes without an error, with the
     other outputs."""
     made = not os.path.isdir(directory)
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:  # named itself: inside another output's write, that one would take the blame
+        raise WriteError(directory, e, what="model folder") from e
     path = os.path.join(directory, FILE)
     v_rows = np.asarray(result.voter_rows, dtype=np.int64)
     step = 65536
@@ -200,16 +205,39 @@ def load(directory: str, *, device=None) -> Model:
     naming what is wrong."""
     path = model_file(directory)
     if not os.path.isfile(path):
+        if path == directory:  # a .npz file named, not a folder
+            raise DataError(f"model {directory}: no such file (write one with --save-model)")
         raise DataError(f"model {directory}: no {FILE} there (write one with --save-model)")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"model {path}: not a .npz file (a zip archive); write one with --save-model")
     try:
+        # Every member's checksum first: np.load reads a member only as far as its header says, so
+        # a damaged header could otherwise shift the voters silently.
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+        if bad is not None:
+            raise DataError(f"model {path}: damaged (member {bad} fails its checksum)")
         with np.load(path, allow_pickle=False) as z:
             missing = [a for a in _ARRAYS if a not in z.files]
             if missing:
                 raise DataError(f"model {path}: not a saved model (no {', '.join(missing)})")
             arrays = {a: z[a] for a in _ARRAYS}
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError, AttributeError, TypeError) as e:
-        if isinstance(e, DataError):
-            raise
+    except DataError:
+        raise
+    except (
+        zipfile.BadZipFile,
+        ValueError,
+        EOFError,
+        OSError,
+        KeyError,
+        AttributeError,
+        TypeError,
+        SyntaxError,  # np.load parses the .npy header as a Python literal: a damaged one
+        tokenize.TokenError,
+        NotImplementedError,  # zipfile: a damaged compression method
+        zlib.error,
+        RuntimeError,  # zipfile: an encrypted member
+    ) as e:
         raise DataError(f"model {path}: unreadable ({type(e).__name__}: {e})") from None
     if arrays["settings"].dtype.kind not in "US" or arrays["settings"].ndim != 0:
         raise DataError(f"model {path}: settings must be one JSON string")

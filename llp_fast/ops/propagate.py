@@ -4,6 +4,7 @@ Several K in one call select once, for the largest."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -155,6 +156,8 @@ def propagate(
         if len(k) == 0:
             raise ValueError("k must hold at least one number of neighbours")
         ks = tuple(check.positive_int(x, "k", high=m, high_what="the number of labeled points M") for x in k)
+    elif isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int or a sequence of ints (a tuple or a list), got {type(k).__name__}")
     else:
         k = check.positive_int(k, "k", high=m, high_what="the number of labeled points M")
     tau = check.temperature(tau)
