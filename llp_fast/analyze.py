@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import _optional
-from ._files import atomic_open, write_text
+from ._files import WriteError, atomic_open, write_text
 from .bank import MemoryBank
 from .errors import AnalyzeError, UserError
 from .ops import local_density
@@ -46,6 +46,8 @@ from .train.report import read_metrics
 def read_run(run_dir: str | os.PathLike) -> dict:
     """{'name', 'metrics': [dict per epoch], 'bank': state dict or None, 'config': dict}."""
     run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise AnalyzeError(f"{run} is a file: give the run directory that holds it")
     if not run.is_dir():
         raise AnalyzeError(f"run directory {run} does not exist")
     metrics_path = run / METRICS
@@ -54,6 +56,9 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     rows = read_metrics(str(metrics_path))
     if not rows:
         raise AnalyzeError(f"{metrics_path} holds no epoch yet")
+    for n, row in enumerate(rows, 1):  # (a row without its epoch was a KeyError traceback)
+        if isinstance(row.get("epoch"), bool) or not isinstance(row.get("epoch"), int):
+            raise AnalyzeError(f"{metrics_path}: row {n} has no whole-number 'epoch' (not a run's metrics)")
     bank, config = None, {}
     ckpt_path = run / CHECKPOINT
     if ckpt_path.exists():
@@ -281,13 +286,26 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
         raise AnalyzeError(f"--out {final}: exists and is not a directory")
     # Everything is drawn into a temporary folder beside the output and moved into it at the end: an
     # error or an interrupt leaves the output as it was (the CLI says "nothing was written").
-    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    # A failure names the output the user asked for, never the temporary folder.
     try:
-        figures, index = _draw(runs, out, method, n_classes)
-        final.mkdir(exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as e:
+        raise WriteError(str(final), e) from e
+    try:
+        try:
+            figures, index = _draw(runs, out, method, n_classes)
+        except WriteError as e:  # a picture of the temporary folder: the same name in --out
+            raise WriteError(str(final / Path(e.filename).name), OSError(e.errno, e.strerror), what=e.what) from e
         names = [f for f, _ in figures] + [index.name]
+        try:
+            final.mkdir(exist_ok=True)
+        except OSError as e:
+            raise WriteError(str(final), e) from e
         for name in names:
-            os.replace(out / name, final / name)
+            try:
+                os.replace(out / name, final / name)
+            except OSError as e:
+                raise WriteError(str(final / name), e) from e
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return [final / name for name in names]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ._progress import Progress
 from .data import load as load_data
 from .data.extra import FilesPool, adapt, native_format, to_input
-from .errors import DataError
+from .errors import DataError, TrainingDiverged
 
 
 @torch.no_grad()
@@ -163,6 +163,10 @@ def train_readout(
             n_drops, stale = n_drops + 1, 0
             for group in opt.param_groups:
                 group["lr"] *= 0.1
+    if best_state is None:  # --val-fraction 0: the loss (the score compared) was never a number
+        raise TrainingDiverged(
+            f"the readout's loss was never finite (last {float(loss.detach())}): lower --lr or --weight-decay"
+        )
     head.load_state_dict(best_state)
     with torch.no_grad():
         top1, top5 = _topk(head(xte), yte)

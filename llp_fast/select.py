@@ -25,11 +25,14 @@ carries labels (``y``), also the fraction of selected rows whose label is their 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from .data.extra import native_format, to_input
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
+from .nn import misfit
 from .train import checkpoint
 from .train.build import model_for, source_for
 
@@ -47,10 +50,18 @@ def load_network(path: str, device="cpu", *, random_init: bool = False):
         source = source_for(cfg, device, workers=0)
     except DataError as e:
         raise DataError(f"the checkpoint's training data ({cfg.data}) fixes its preprocessing: {e}") from None
-    model = model_for(cfg, source)
+    # the checkpoint's weights replace --init-weights (read when the run started: that file may be
+    # gone, or relative to another directory), and --random-init means the network's own init
+    model = model_for(dataclasses.replace(cfg, init_weights=None), source)
     if not random_init:
+        weights = checkpoint.evaluated_weights(ckpt)
+        differs = misfit(weights, model.state_dict()) if isinstance(weights, dict) else None
+        if differs:  # a sound checkpoint, but its data now builds another network (channels, classes)
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the network its run's data ({cfg.data}) builds now: {differs}"
+            )
         try:
-            model.load_state_dict(checkpoint.evaluated_weights(ckpt))
+            model.load_state_dict(weights)
         except Exception as e:
             raise checkpoint.corrupt(path, e) from None
     model = model.to(device).eval()

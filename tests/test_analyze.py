@@ -1,6 +1,8 @@
 """llp-fast-analyze writes valid, non-blank PNGs and an index from a run directory."""
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -99,6 +101,9 @@ def test_density_and_counts_from_bank(tmp_path):
         (lambda p: p.mkdir(), "metrics.jsonl not found"),
         (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("{bad")), "is not valid JSON"),
         (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("[1, 2]\n")), "is not a JSON object"),
+        # a row without its epoch was a KeyError traceback; a file named as the run, "does not exist"
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text('{"test_top1": 0.5}\n')), "row 1 has no whole-number"),
+        (lambda p: p.write_text("x"), "is a file: give the run directory"),
         (
             lambda p: (
                 p.mkdir(),
@@ -164,3 +169,50 @@ def test_metrics_values_are_escaped_in_the_index(tmp_path):
     page = write_index(tmp_path, [("curves.png", 'caption "<q>"')], runs).read_text()
     assert "<script>" not in page and "<i>" not in page and "<b>run" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_a_failed_write_names_the_output_not_the_temporary_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import llp_fast.analyze as A
+    from llp_fast._files import WriteError
+
+    _make_run(tmp_path / "run", epochs=1)
+    out = tmp_path / "out"
+
+    def full(path, *a, **k):
+        raise WriteError(str(path), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    monkeypatch.setattr(A, "plot_curves", lambda runs, path: full(path))
+    assert main([str(tmp_path / "run"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"llp-fast-analyze: error: cannot write {out / 'curves.png'}: No space left on device", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    monkeypatch.undo()
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(A.tempfile, "mkdtemp", refuse)
+    assert main([str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"llp-fast-analyze: error: cannot write {out}: Read-only file system"
+
+
+def test_sigterm_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """SIGTERM ended -select, -linear-probe and -analyze silently (exit 143), leaving -analyze's
+    temporary folder."""
+    import signal
+
+    import llp_fast.analyze as A
+
+    _make_run(tmp_path / "run", epochs=1)
+
+    def killed(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr(A, "plot_embedding_map", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip() == "llp-fast-analyze: interrupted; nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and signal.getsignal(signal.SIGTERM) == before

@@ -286,3 +286,27 @@ def test_merge_of_rank_lists_is_the_one_merge(in_order):
     assert _ranks_in_index_order(torch.tensor([[0, 1, 5, -1]]), 2, 2)
     assert not _ranks_in_index_order(torch.tensor([[5, 6, 0, 1]]), 2, 2)
     assert not _ranks_in_index_order(torch.tensor([[3, -1, -1, -1, 1, 2]]), 2, 3)  # an empty rank between
+
+
+def test_a_signal_at_the_final_barrier_waits_for_it(monkeypatch):
+    """After a clean run the outputs are in place: a Ctrl-C at the ranks' last barrier was a
+    traceback from inside it, and the launcher then said "nothing was written" beside the files.
+    The barrier runs with SIGINT and SIGTERM ignored (not masked: another thread would take them)."""
+    import signal
+
+    from llp_fast.distributed import collectives
+
+    seen = []
+
+    def barrier():
+        os.kill(os.getpid(), signal.SIGINT)  # as the launcher passes a Ctrl-C on
+        time.sleep(0.2)
+        seen.append(signal.getsignal(signal.SIGINT))
+
+    monkeypatch.setattr(collectives.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(collectives.dist, "barrier", barrier)
+    monkeypatch.setattr(collectives.dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(collectives, "launched", lambda: False)
+    before = signal.getsignal(signal.SIGINT)
+    assert collectives.finish(0) == 0  # no KeyboardInterrupt
+    assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) == before

@@ -353,3 +353,60 @@ def test_a_run_that_fails_to_start_leaves_no_run_directory(tmp_path):
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "no such file" in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()  # the claimed runs/<time> is removed at exit when empty
+
+
+def test_a_run_directory_is_claimed_while_it_trains(tmp_path, factory_module, capsys):
+    """Two runs in one run directory at once mixed their files (six metrics rows for three epochs,
+    one's config with the other's checkpoint): the directory is claimed while a run trains."""
+    from llp_fast.errors import ConfigError
+    from llp_fast.nn import import_factory
+    from llp_fast.train import checkpoint as ck
+
+    small_cnn = import_factory("mynets:small_cnn")
+    settings = dataclasses.asdict(tiny_config(tmp_path, "py", epochs=1))
+    data, run_dir = settings.pop("data"), settings["run_dir"]
+    os.makedirs(run_dir)
+    held = ck.claim_run_dir(run_dir)  # as another process training there holds it
+    try:
+        with pytest.raises(ConfigError, match="another process is training in this run directory"):
+            fit(small_cnn(1), data, **settings)
+        rc = train_main(["--data", "digits", "--run-dir", run_dir, *TINY_ARGS, "--baseline", "off", "--quiet"])
+        one_error_line(capsys, rc, "another process is training in this run directory")
+        assert os.listdir(run_dir) == []  # refused before anything was written there
+    finally:
+        ck.release_run_dir(held)
+    fit(small_cnn(1), data, **settings)  # free again: it trains, and gives its claim back at the end
+    assert fit(small_cnn(1), data, resume=True, **{**settings, "epochs": 2}).metrics["epoch"] == 2
+
+
+def test_resume_refusals_and_a_network_that_starts_at_nan(tmp_path, factory_module, capsys):
+    from llp_fast.errors import ConfigError
+    from llp_fast.nn import import_factory
+
+    small_cnn = import_factory("mynets:small_cnn")
+    cut = tiny_config(tmp_path, "cut", epochs=2, stop_after_steps=13)  # inside epoch 2
+    with pytest.raises(Interrupted):
+        train(cut)
+    # --epochs 1 on a run partway into epoch 2 reported epoch 1's accuracy and trained nothing
+    with pytest.raises(ConfigError, match="stopped partway into epoch 2; give --epochs 2 or more"):
+        train(dataclasses.replace(cut, stop_after_steps=None, epochs=1), resume=True)
+    with pytest.raises(ConfigError, match="already holds a run"):  # train() overwrote it
+        train(dataclasses.replace(cut, stop_after_steps=None))
+    # --baseline on a resume was accepted and ignored
+    rc = train_main(["--resume", cut.run_dir, "--epochs", "2", "--baseline", "on", "--quiet"])
+    one_error_line(capsys, rc, f"--baseline on: the run in {cut.run_dir} began without the supervised-only baseline")
+    assert train_main(["--resume", cut.run_dir, "--epochs", "2", "--baseline", "off", "--quiet"]) == 0
+
+    class Broken(torch.nn.Sequential):  # NaN from the start: a ValueError traceback from the bank's update
+        def forward(self, x):
+            return super().forward(x) * float("nan")
+
+    settings = dataclasses.asdict(tiny_config(tmp_path, "nan", epochs=1))
+    with pytest.raises(ConfigError, match="the network gives NaN or Inf embeddings before any training step"):
+        fit(Broken(*small_cnn(1)), settings.pop("data"), **settings)
+
+
+def test_an_unlabeled_fraction_that_keeps_none_is_named(tmp_path, capsys):
+    argv = ["--data", "digits", "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--width", "4", "--quiet"]
+    rc = train_main([*argv, "--image-size", "8", "--unlabeled-fraction", "0.0001", "--baseline", "off"])
+    one_error_line(capsys, rc, "--unlabeled-fraction 0.0001 keeps none of the 1295 unlabeled training examples")

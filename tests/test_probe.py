@@ -124,6 +124,12 @@ def test_split_val_is_stratified():
 one_error_line = functools.partial(one_error_line, prog="llp-fast-linear-probe")
 
 
+def test_a_readout_whose_loss_is_never_finite_is_one_line(ckpt, tmp_path, capsys):
+    # --val-fraction 0 compares -loss: NaN never counted as better, no readout was kept (a traceback)
+    rc = main([ckpt, "--data", "digits", "--val-fraction", "0", "--weight-decay", "1e30", "--epochs", "2", "--quiet"])
+    one_error_line(capsys, rc, "the readout's loss was never finite (last nan)", prog="llp-fast-linear-probe")
+
+
 def test_errors_are_one_line(ckpt, tmp_path, capsys):
     one_error_line(capsys, main([str(tmp_path / "none"), "--data", "digits"]), "no checkpoint")
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")

@@ -358,3 +358,42 @@ def test_the_same_images_as_files_and_as_arrays_are_the_same_pool(tmp_path, fmt)
         )
         assert a.dtype == b.dtype == torch.uint8 and a.shape == b.shape == (len(x), fmt[1], fmt[2], fmt[2])
         assert torch.equal(ia.long(), ib.long()) and torch.equal(a, b), (name, int((a != b).sum()))
+
+
+def test_a_damaged_compressed_pool_is_one_line(ckpt, pool, tmp_path, capsys):
+    """A damaged deflate stream was a zlib.error traceback (select, and train --extra-unlabeled)."""
+    x = np.load(pool)["x"]
+    np.savez_compressed(tmp_path / "c.npz", x=x)
+    data = bytearray((tmp_path / "c.npz").read_bytes())
+    at = data.index(b"x.npy") + 200  # inside the compressed array
+    data[at : at + 16] = bytes(16)
+    (tmp_path / "c.npz").write_bytes(bytes(data))
+    out = str(tmp_path / "sel.npz")
+    rc = main([ckpt, "--source", f"npz:{tmp_path / 'c.npz'}", "--out", out, "--quiet"])
+    one_error_line(capsys, rc, f"cannot read {tmp_path / 'c.npz'}")
+    assert not os.path.exists(out)
+
+
+def test_a_run_is_read_from_its_checkpoint_alone(tmp_path, pool, capsys):
+    """-select and -linear-probe built the network with --init-weights again (a file read when
+    the run started, relative to its directory then); a run whose data now builds another network
+    was a "corrupt checkpoint" naming no entry."""
+    first = Trainer(tiny(tmp_path, "a"))
+    torch.save(first.model.state_dict(), tmp_path / "init.pt")
+    run = Trainer(tiny(tmp_path, "b", init_weights=str(tmp_path / "init.pt")))
+    run.save()
+    os.remove(tmp_path / "init.pt")
+    out = str(tmp_path / "sel.npz")
+    assert main([run.cfg.run_dir, "--source", f"npz:{pool}", "--out", out, "--quiet"]) == 0
+    assert load_network(run.cfg.run_dir, random_init=True)[0] is not None  # the network's own init
+    d = load_digits()
+    x = np.clip(np.rint(d.images * 255 / 16), 0, 255).astype(np.uint8)
+    y = np.where(np.arange(len(d.target)) % 10 == 0, d.target, -1)
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    grey = Trainer(tiny(tmp_path, "npz", data=f"npz:{tmp_path / 'train.npz'}"))
+    grey.save()
+    np.savez(tmp_path / "train.npz", x=np.repeat(x[..., None], 3, -1), y=y)  # now RGB: 3 input channels
+    capsys.readouterr()
+    rc = main([grey.cfg.run_dir, "--source", f"npz:{pool}", "--out", out, "--quiet"])
+    line = one_error_line(capsys, rc, "does not fit the network its run's data")
+    assert "'stem.weight' has shape (4, 1, 3, 3), the network (4, 3, 3, 3)" in line, line

@@ -332,6 +332,13 @@ def test_the_default_schedule_around_a_rate_jump(tmp_path):
         ms, jms = sched(epochs=40, rate_jump=jump)
         assert all(m < jump for m in ms) and all(jump < m < 40 for m in jms), (jump, ms, jms)
     assert sched(epochs=40, rate_jump=39)[1] == [] and sched(epochs=40, rate_jump=2)[0] == [1, 2][:1]
+    for epochs in range(1, 40):  # no two default drops on one epoch (that cut the lr 100x at once)
+        for jump in (None, *range(1, epochs)):
+            ms, jms = sched(epochs=epochs, rate_jump=jump)
+            assert len(set(ms)) == len(ms) and len(set(jms)) == len(jms), (epochs, jump, ms, jms)
+    assert sched(epochs=10, rate_jump=7)[1] == [9]  # was [9, 9]
+    with pytest.raises(ValueError, match="--rate-jump: expected a whole number >= 1, got 0"):  # never the start lr
+        validate(TrainConfig(epochs=10, rate_jump=0))
     with pytest.raises(ConfigError, match="--jump-milestones 5,6: each must come after --rate-jump 30"):
         check_new_run(TrainConfig(epochs=40, rate_jump=30, jump_milestones=[5, 6]))
     with pytest.raises(ConfigError, match="--jump-milestones: the drops after a rate jump need --rate-jump"):

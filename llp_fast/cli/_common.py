@@ -164,6 +164,25 @@ def error_line(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM ends the command as Ctrl-C does (its one line, exit 130, temporary files removed)
+    instead of silently, exit 143, leaving what it was writing (main thread only)."""
+
+    def _terminate(signum, frame):
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was written") -> int:
     """``body(*args)`` with the tools' error contract; returns the exit status. ``interrupted``:
     the line for Ctrl-C (a run that checkpointed raises :class:`Interrupted` instead)."""

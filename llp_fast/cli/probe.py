@@ -173,7 +173,8 @@ def main(argv=None) -> int:
         ap.error("argument --random-init: not with --pixels (the pixels control uses no network)")
     if args.seed + args.repeats > 2**63:  # readout r is seeded SEED + r
         ap.error(f"argument --seed: SEED + REPEATS - 1 must stay below 2**63, got {args.seed} + {args.repeats - 1}")
-    return _common.run(PROG, _main, args)
+    with _common.sigterm_as_interrupt():
+        return _common.run(PROG, _main, args)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def _main(args) -> int:
 
 
 def main(argv=None) -> int:
-    return _common.run(PROG, _main, parser().parse_args(argv))
+    with _common.sigterm_as_interrupt():
+        return _common.run(PROG, _main, parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -178,6 +178,12 @@ def _train(args) -> int:
             raise ConfigError(f"--resume {run_dir}: no such run directory")
         saved, ckpt = checkpoint.open_run(run_dir)
         cfg, notes = resumed_config(args, saved, ckpt["epoch"])
+        had = os.path.exists(os.path.join(run_dir, launch.BASELINE_MARK))
+        if args.baseline in ("on", "off") and (args.baseline == "on") != had:
+            raise ConfigError(
+                f"--baseline {args.baseline}: the run in {run_dir} began {'with' if had else 'without'} the "
+                "supervised-only baseline, and a resume keeps it so (leave --baseline out, or give it as at the start)"
+            )
     else:
         cfg, ckpt, notes = config_from_args(args, args.run_dir), None, []
         run_dir = cfg.run_dir

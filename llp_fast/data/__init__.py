@@ -104,7 +104,13 @@ def make_split(
         labeled = _stratified_pick(y, train, labeled_fraction, rng, at_least_one=True)
     unlabeled = np.setdiff1d(train, labeled)
     if unlabeled_fraction < 1 and len(unlabeled):
-        keep = rng.choice(len(unlabeled), int(round(unlabeled_fraction * len(unlabeled))), replace=False)
+        n_keep = int(round(unlabeled_fraction * len(unlabeled)))
+        if n_keep == 0:  # (it was refused later naming --labeled-fraction, which may not even apply)
+            raise DataError(
+                f"--unlabeled-fraction {unlabeled_fraction:g} keeps none of the {len(unlabeled)} unlabeled training "
+                "examples: raise it"
+            )
+        keep = rng.choice(len(unlabeled), n_keep, replace=False)
         unlabeled = np.sort(unlabeled[keep])
     train = np.sort(np.concatenate([labeled, unlabeled]))
     is_labeled = np.isin(train, labeled)

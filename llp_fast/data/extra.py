@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -173,7 +174,7 @@ class NpzPool:
                     if len(buf) != b * row:
                         raise DataError(f"{self.path}: 'x' is truncated at row {s}")
                     yield s, np.frombuffer(buf, dtype=np.uint8).reshape((b,) + self.shape[1:]).copy()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:  # zlib: damaged
             raise DataError(f"cannot read {self.path} ({type(e).__name__}: {e})") from None
 
 

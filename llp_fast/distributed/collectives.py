@@ -5,9 +5,11 @@ selection whose keys are sharded (each rank's ``topk_scores`` over its own keys,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
+import signal
 import sys
 
 import torch
@@ -129,15 +131,27 @@ def finish(rc: int) -> int:
     which torchrun reports as a failed run. Every file a command writes is closed before this.
     A peer lost at the final barrier is :data:`PEER_LOST`, quietly."""
     if dist.is_initialized():
-        if rc == 0:
-            try:
-                dist.barrier()
-            except RuntimeError as e:
-                if not peer_lost(e):
-                    raise
-                rc = PEER_LOST
-        if rc != PEER_LOST:  # a group whose peer is gone is not torn down: the process ends now
-            dist.destroy_process_group()
+        # After a clean run the outputs are in place: a Ctrl-C or SIGTERM now (the launcher passes it
+        # on) waits until the ranks have met, instead of a traceback from inside the barrier and a
+        # launcher's "nothing was written" beside the files it wrote. (The process ends right after.)
+        # (ignored, not masked: a signal masked in this thread is taken by one of gloo's or OpenMP's)
+        held = {}
+        for sig in (signal.SIGINT, signal.SIGTERM) if rc == 0 else ():
+            with contextlib.suppress(ValueError):  # not the main thread
+                held[sig] = signal.signal(sig, signal.SIG_IGN)
+        try:
+            if rc == 0:
+                try:
+                    dist.barrier()
+                except RuntimeError as e:
+                    if not peer_lost(e):
+                        raise
+                    rc = PEER_LOST
+            if rc != PEER_LOST:  # a group whose peer is gone is not torn down: the process ends now
+                dist.destroy_process_group()
+        finally:
+            for sig, handler in held.items() if not launched() else ():  # launched: it ends below
+                signal.signal(sig, handler)
     if launched():
         sys.stdout.flush()
         sys.stderr.flush()

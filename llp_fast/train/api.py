@@ -124,6 +124,12 @@ def prepare(
         cfg = dataclasses.replace(saved_cfg, **keep)
     if ckpt is not None and cfg.epochs < ckpt["epoch"]:
         raise ConfigError(f"--epochs {cfg.epochs}: the run in {cfg.run_dir} has completed {ckpt['epoch']} epochs")
+    if ckpt is not None and ckpt.get("step_in_epoch", 0) and cfg.epochs <= ckpt["epoch"]:
+        # (it reported epoch N's metrics for weights trained into epoch N + 1, and trained nothing)
+        raise ConfigError(
+            f"--epochs {cfg.epochs}: the run in {cfg.run_dir} stopped partway into epoch {ckpt['epoch'] + 1}; "
+            f"give --epochs {ckpt['epoch'] + 1} or more to finish it"
+        )
     # the checkpoint holds the weights: --init-weights is read when a run starts, not when it resumes
     trainer = Trainer(cfg if ckpt is None else dataclasses.replace(cfg, init_weights=None), model=model)
     if ckpt is not None:
@@ -131,11 +137,17 @@ def prepare(
         trainer.cfg.init_weights = cfg.init_weights
     if trainer.rank == 0:
         os.makedirs(trainer.cfg.run_dir, exist_ok=True)
+        trainer.claim(checkpoint.claim_run_dir(trainer.cfg.run_dir))  # before anything is written there
         checkpoint.sweep(trainer.cfg.run_dir, ckpt)  # what killed writers left (checkpoint.py)
         report.write_config(trainer.cfg.run_dir, dataclasses.asdict(trainer.cfg))
     return trainer
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | None = None) -> dict:
-    """Trains (or resumes) the run in ``cfg.run_dir``; returns the last epoch's metrics."""
+    """Trains (or resumes) the run in ``cfg.run_dir``; returns the last epoch's metrics. A
+    ``run_dir`` that holds a run is refused unless ``resume=True`` (as :func:`fit` does)."""
+    if not resume and cfg.run_dir is not None and os.path.exists(os.path.join(cfg.run_dir, checkpoint.CHECKPOINT)):
+        raise ConfigError(
+            f"run_dir {cfg.run_dir} already holds a run: continue it with resume=True, or give another run_dir"
+        )
     return prepare(cfg, resume=resume, model=model).fit()

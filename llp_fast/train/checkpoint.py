@@ -30,7 +30,7 @@ import torch
 
 from .. import _files
 from .._files import WriteError, atomic_open
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .config import TrainConfig, from_dict
 
 CHECKPOINT = "checkpoint.pt"
@@ -178,7 +178,7 @@ def load(path: str, map_location="cpu", *, need=None) -> dict:
         )
     for key in need if need is not None else _ENTRIES:
         kind = _ENTRIES[key]
-        if not isinstance(ckpt.get(key), kind) or (kind is int and isinstance(ckpt.get(key), bool)):
+        if key not in ckpt or not isinstance(ckpt[key], kind) or (kind is int and isinstance(ckpt[key], bool)):
             raise CheckpointError(f"corrupt checkpoint {path} (entry {key!r} missing or malformed)")
     stored = ckpt.pop("sha256", None)
     if digest(ckpt) != stored:
@@ -303,6 +303,38 @@ def sweep(run_dir: str, ckpt: dict | None) -> list[str]:
         return []
     removed = _files.sweep(run_dir)
     return removed + remove_stale_bank_files(run_dir, None if ckpt is None else ckpt.get("bank"))
+
+
+def claim_run_dir(run_dir: str) -> int | None:
+    """An exclusive claim on ``run_dir`` for one process's run (a ``flock`` on the directory
+    itself, so nothing is left in it): a second run started in it, or a resume of it, while the
+    first still trains is refused instead of mixing their files. Returns the descriptor to pass to
+    :func:`release_run_dir` (None where the file system has no locks)."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+        return None  # not made yet or unreadable: whatever writes there next reports it
+    if _files.fcntl is None:
+        os.close(fd)
+        return None
+    try:
+        _files.fcntl.flock(fd, _files.fcntl.LOCK_EX | _files.fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"{run_dir}: another process is training in this run directory; wait for it to end (or stop it), "
+            "or give another run directory"
+        ) from None
+    except OSError:  # no locks on this file system
+        os.close(fd)
+        return None
+    return fd
+
+
+def release_run_dir(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 # -- random generators -------------------------------------------------------------------------

@@ -193,7 +193,7 @@ class TrainConfig:
         "epoch where the lr jumps back to 0.1 x initial (the default milestones then fall at 2/3 and 8/9 of the "
         "epochs before it)",
         group="model",
-        check=optional(count),
+        check=optional(positive_int),  # (0: the run would never train at the starting lr)
     )
     jump_milestones: list[int] | None = _opt(
         None,

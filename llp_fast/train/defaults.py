@@ -188,11 +188,12 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     jump = cfg.rate_jump
     if cfg.milestones is None:  # at 2/3 and 8/9 of the epochs before the jump (of the run, without one)
         main = jump if jump is not None else cfg.epochs
-        cfg.milestones = [m for m in (round(main * 2 / 3), round(main * 8 / 9)) if jump is None or m < jump]
+        # (one drop where both round to the same epoch: two there would cut the lr 100x at once)
+        cfg.milestones = sorted({m for m in (round(main * 2 / 3), round(main * 8 / 9)) if jump is None or m < jump})
     if cfg.jump_milestones is None:  # at 2/3 and 8/9 of the epochs after the jump, within the run
         rest = cfg.epochs - jump if jump is not None else 0
         drops = (min(jump + max(1, round(rest * f)), cfg.epochs - 1) for f in (2 / 3, 8 / 9)) if rest else ()
-        cfg.jump_milestones = [m for m in drops if m > jump]
+        cfg.jump_milestones = sorted({m for m in drops if m > jump})
     lines = []
     if reasons:
         lines.append(

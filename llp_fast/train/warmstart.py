@@ -28,6 +28,7 @@ import torch
 
 from .._progress import fmt_time
 from ..embeddings import label_embeddings
+from ..errors import ConfigError
 from ..ops import local_density, propagate
 
 _QUERY_BLOCK = 1 << 16
@@ -42,7 +43,15 @@ def fill_bank(bank, source, embed, *, n: int, batch_size: int, rank: int = 0, wo
     share = torch.arange(rank, math.ceil(n / world) * world, world) % n
     with progress.bar(len(share), "filling the bank", "img") as bar:
         for x, idx in source.index_batches(share, batch_size):
-            bank.update(idx, embed(x), momentum=0.0)
+            v = embed(x)
+            bad = ~torch.isfinite(v).all(dim=1)
+            if bad.any():  # before any step: the network itself, not the learning rate
+                first = int(idx[torch.nonzero(bad)[0, 0]].item())
+                raise ConfigError(
+                    f"the network gives NaN or Inf embeddings before any training step (training example {first}): "
+                    "check its initial weights (--init-weights) and its forward pass"
+                )
+            bank.update(idx, v, momentum=0.0)
             bar.update(int(idx.shape[0]))
     progress.line(f"bank filled by one forward pass over {n:,} examples ({fmt_time(time.perf_counter() - t0)})")
 
