@@ -137,7 +137,7 @@ def prepare(
         trainer.cfg.init_weights = cfg.init_weights
     if trainer.rank == 0:
         os.makedirs(trainer.cfg.run_dir, exist_ok=True)
-        trainer.claim(checkpoint.claim_run_dir(trainer.cfg.run_dir))  # before anything is written there
+        trainer.claim = checkpoint.RunClaim(trainer.cfg.run_dir)  # before anything is written there
         checkpoint.sweep(trainer.cfg.run_dir, ckpt)  # what killed writers left (checkpoint.py)
         report.write_config(trainer.cfg.run_dir, dataclasses.asdict(trainer.cfg))
     return trainer

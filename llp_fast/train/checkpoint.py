@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import shlex
+import weakref
 
 import torch
 
@@ -303,6 +304,19 @@ def sweep(run_dir: str, ckpt: dict | None) -> list[str]:
         return []
     removed = _files.sweep(run_dir)
     return removed + remove_stale_bank_files(run_dir, None if ckpt is None else ckpt.get("bank"))
+
+
+class RunClaim:
+    """A run directory, made if missing and claimed (:func:`claim_run_dir`) until :meth:`release`
+    or until the claim is dropped: ``prepare`` takes it before it writes there, ``Trainer.fit``
+    gives it back."""
+
+    def __init__(self, run_dir: str):
+        os.makedirs(run_dir, exist_ok=True)
+        self._release = weakref.finalize(self, release_run_dir, claim_run_dir(run_dir))
+
+    def release(self) -> None:
+        self._release()  # once: a finalizer runs at most once
 
 
 def claim_run_dir(run_dir: str) -> int | None:

@@ -27,7 +27,6 @@ import math
 import os
 import signal
 import time
-import weakref
 
 import torch
 
@@ -308,27 +307,13 @@ class Trainer:
             raise InterruptedTwice
         self.stop_signal = signum
 
-    def claim(self, fd: int | None) -> None:
-        """Holds the run directory's claim (:func:`.checkpoint.claim_run_dir`, taken by
-        ``prepare`` before it writes there) until :meth:`fit` ends or the trainer is dropped."""
-        self.release()
-        self._claim = weakref.finalize(self, checkpoint.release_run_dir, fd)
-
-    def release(self) -> None:
-        claim = getattr(self, "_claim", None)
-        if claim is not None:
-            claim()  # once: a finalizer runs at most once
-            self._claim = None
-
     def fit(self, after_epoch=None) -> dict:
         """Trains to ``cfg.epochs``; returns the last epoch's metrics row. ``after_epoch``: called with
         no argument after each epoch is saved (the CLI hands a finished baseline's core back)."""
         cfg = self.cfg
         tb = None
         if self.rank == 0:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            if getattr(self, "_claim", None) is None:  # fit called again: claim the directory again
-                self.claim(checkpoint.claim_run_dir(cfg.run_dir))
+            self.claim = getattr(self, "claim", None) or checkpoint.RunClaim(cfg.run_dir)  # (prepare's, or again)
             report.write_history(cfg.run_dir, self.history)  # the checkpoint's rows are the record
             tb = report.TensorBoard(cfg.run_dir, self.epoch)
             if tb.missing:
@@ -358,7 +343,7 @@ class Trainer:
                 signal.signal(sig, h)
             if tb is not None:
                 tb.close()
-            self.release()
+            self.claim = getattr(self, "claim", None) and self.claim.release()  # given back: None
         return self.history[-1] if self.history else {}
 
     def _epoch_start(self, e: int, warmup: bool) -> dict:
