@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _validate as check
 from .errors import ConfigError
 
 ARCHS = ("resnet18", "resnet50")
@@ -129,10 +130,17 @@ class PreActResNet(nn.Module):
         return logits, emb
 
 
+def _check_sizes(**sizes) -> None:
+    """Each a whole number >= 1 (0 built (B, 0) logits or empty layers; -1 was torch's error)."""
+    for name, value in sizes.items():
+        check.positive_int(value, name)
+
+
 def build_model(
     arch: str, *, num_classes: int, in_channels: int, image_size: int, width: int = 64, emb_dim: int = 128
 ) -> PreActResNet:
     """``arch`` is 'resnet18' or 'resnet50'; the small stem is used for ``image_size <= 64``."""
+    _check_sizes(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width, emb_dim=emb_dim)
     if arch == "resnet18":
         block, layers = PreActBlock, (2, 2, 2, 2)
     elif arch == "resnet50":
@@ -291,6 +299,13 @@ def build(
     ``package.module:factory`` returns (called with whichever of ``num_classes``, ``in_channels`` and
     ``image_size`` it takes); or ``backbone``, a module passed in Python (``arch`` is then
     ``given:<its class>``). The last two get LLP's heads (:class:`WithHeads`). Then ``init_weights``."""
+    if not isinstance(arch, str):
+        raise TypeError(
+            f"arch must be a string (resnet18, resnet50 or package.module:factory), got {type(arch).__name__}"
+        )
+    _check_sizes(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width, emb_dim=emb_dim)
+    if backbone is not None and arch in ARCHS:  # (it was ignored without a word)
+        raise ValueError(f"backbone: a module given in Python takes arch='given:...', not the built-in {arch}")
     if arch in ARCHS:
         net = build_model(
             arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width, emb_dim=emb_dim

@@ -173,3 +173,98 @@ def test_constructor_rejects_bad_targets():
         MemoryBank(torch.tensor([0, 5, -1]), num_classes=3)
     with pytest.raises(TypeError, match="dtype must be"):
         MemoryBank(torch.tensor([0, 1]), num_classes=2, dtype=torch.int32)
+
+
+def _snapshot(bank):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in bank.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "key, change, match",
+    [
+        ("row_of", lambda v: v.index_fill(0, torch.tensor([3]), 99), "different labeled split"),  # half-written
+        ("row_of", lambda v: torch.cat([v[:1], v[:-1]]), "different labeled split"),  # a duplicate
+        ("labels", lambda v: v.float(), "must be integer"),
+        ("labels", lambda v: v.index_fill(0, torch.tensor([0]), 0), "labeled rows' classes differ"),
+        ("labels", lambda v: v.index_fill(0, torch.tensor([7]), 17), "neither a class"),
+        ("labels", lambda v: v.to("meta"), "meta device"),
+        ("confidence", lambda v: v.index_fill(0, torch.tensor([6]), float("nan")), "'confidence' contains NaN"),
+        ("confidence", lambda v: v.index_fill(0, torch.tensor([6]), 5.0), "must lie in"),
+        ("log_rho", lambda v: v.index_fill(0, torch.tensor([1]), float("nan")), "'log_rho' contains NaN"),
+        ("num_labeled", lambda v: "5", "whole number"),
+        ("num_labeled", lambda v: 5.7, "whole number"),
+    ],
+)
+def test_load_state_dict_checks_every_entry_before_writing(key, change, match):
+    """It checked shapes only: a bad row_of raised after most entries were copied (the bank broken),
+    and float labels, a foreign label, NaN confidences or another labeled split loaded silently."""
+    a = _bank(seed=1)
+    a.refresh_density(t=2)
+    a.step(torch.tensor([0, 2]), torch.randn(2, 8), k=2)
+    c = _bank(seed=3)
+    before = _snapshot(c)
+    state = _snapshot(a)
+    state[key] = change(state[key])
+    with pytest.raises(ValueError, match=match):
+        c.load_state_dict(state)
+    after = c.state_dict()
+    assert all(torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k] for k, v in before.items())
+    other = MemoryBank(torch.tensor([2, -1, -1, 0, -1, -1, 1, -1, 2, -1, -1, 0]), num_classes=3, dim=8)
+    with pytest.raises(ValueError, match="different labeled split"):  # same N, M and S, other examples
+        c.load_state_dict(other.state_dict())
+
+
+def test_load_rows_checks_values_and_pieces():
+    a = _bank(seed=1)
+    a.refresh_density(t=2)
+    piece = a.rows_state()
+    c = _bank(seed=3)
+    before = c.embeddings.clone()
+    for key, at, value, match in (
+        ("confidence", 4, float("nan"), "'confidence' contain NaN"),
+        ("confidence", 4, 7.0, "must lie in"),
+        ("log_rho", 1, float("nan"), "'log_rho' contain NaN"),
+        ("labels", 0, 5, "neither a class"),  # an unlabeled row's label beyond num_classes
+    ):
+        bad = dict(piece, **{key: piece[key].clone().index_fill(0, torch.tensor([at]), value)})
+        with pytest.raises(ValueError, match=match):
+            c.load_rows([bad])
+    with pytest.raises(ValueError, match="must be integer"):
+        c.load_rows([dict(piece, labels=piece["labels"].float())])
+    with pytest.raises(ValueError, match="missing"):
+        c.load_rows([{k: v for k, v in piece.items() if k != "log_rho"}])
+    with pytest.raises(ValueError, match="must be a dict"):
+        c.load_rows([3])
+    assert torch.equal(c.embeddings, before)
+    c.load_rows([piece])
+    assert torch.equal(c.embeddings, a.embeddings)
+
+
+def test_truncate_keeps_every_labeled_example():
+    b = MemoryBank(torch.tensor([0, 1, 2, -1, -1, -1, -1, -1]), 3, dim=4)
+    b.refresh_density(t=2)
+    for n in (0, 2):  # they dropped labeled examples and left log_rho's rows: the bank broke
+        with pytest.raises(ValueError, match="must be unlabeled"):
+            b.truncate(n)
+    with pytest.raises(ValueError, match="n must be a whole number >= 0"):
+        b.truncate(-1)
+    assert len(b) == 8
+    b.truncate(5)
+    assert len(b) == 5 and b.num_labeled == 3
+    b.refresh_density(t=2)
+    assert b.vote(torch.nn.functional.normalize(torch.randn(2, 4), dim=1), k=2)[0].shape == (2,)
+
+
+def test_vote_and_losses_take_tensors_and_vote_refuses_nan():
+    import numpy as np
+
+    b = _bank()
+    b.refresh_density(t=2)
+    with pytest.raises(TypeError, match="queries must be a torch.Tensor here"):
+        b.vote(np.zeros((1, 8), np.float32), k=1)
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        b.loss([[1.0] * 8], torch.tensor([1]))
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        b.instance_loss([[1.0] * 8], torch.tensor([1]))
+    with pytest.raises(ValueError, match="queries contains NaN or Inf"):  # it returned NaN confidences
+        b.vote(torch.full((2, 8), float("nan")), k=2)

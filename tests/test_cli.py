@@ -182,6 +182,8 @@ def test_bad_flag_values(tmp_path, capsys):
         ("--milestones", "3,-1"),
         ("--device", "gpu"),
         ("--data", "cifar"),
+        ("--data", "npz:"),  # read the current directory as the file
+        ("--rate-jump", "0"),  # the run never trained at its starting lr
         ("--seed", "-3"),
         ("--seed", str(2**63)),  # torch's and NumPy's overflow traceback
     ],
@@ -316,3 +318,19 @@ def test_a_finished_baseline_hands_its_threads_back(capsys):
             assert ("the baseline has finished" in capsys.readouterr().err) == (threads == 0 and not alive)
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_empty_run_dir_is_refused(capsys):
+    """--run-dir "" (and fit(run_dir="")) silently trained in runs/<time>."""
+    with pytest.raises(SystemExit) as e:
+        train_main(["--run-dir", ""])
+    assert e.value.code == 2 and "argument --run-dir: expected a directory path" in capsys.readouterr().err
+
+
+def test_fixmatch_without_its_consistency_term_is_refused(tmp_path, capsys):
+    rc = train_main(["--run-dir", str(tmp_path / "r"), "--method", "fixmatch", "--consistency", "0"])
+    assert rc == 2 and "--method fixmatch without its consistency term" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit) as e:  # was "f: File exists", after the data had loaded
+        train_main(["--run-dir", str(tmp_path / "f")])
+    assert e.value.code == 2 and "argument --run-dir: " in capsys.readouterr().err

@@ -218,6 +218,18 @@ def _bad_input_worker(rank, world, init_file):
     assert torch.isfinite(bank.local.embeddings.float()).all()  # nothing was written
     loss = bank.instance_loss(v, idx)  # and the bank still works, collectively
     assert loss.shape == (2,) and torch.isfinite(loss).all()
+    # float targets and indices were cast (-0.7 -> 0: an unlabeled example labeled class 0; 1.7 -> 1)
+    with pytest.raises(TypeError, match="targets"):
+        ShardedMemoryBank(targets.float() + 0.3, S, dim=D, seed=3)
+    with pytest.raises(TypeError, match="indices"):
+        bank.stored(torch.tensor([1.7, 3.2]))
+    with pytest.raises(ValueError, match="queries contains NaN or Inf"):  # NaN confidences, no error
+        bank.vote(torch.full((2, D), float("nan")), k=2)
+    from llp_fast.distributed import ReplicatedMemoryBank
+
+    rep = ReplicatedMemoryBank(targets, S, dim=D, seed=3)
+    with pytest.raises(NotImplementedError, match="use step"):  # it changed this rank's copy alone
+        rep.propagate(idx, v, k=2)
     dist.barrier()
     os._exit(0)
 

@@ -58,3 +58,21 @@ def test_backward_reaches_every_parameter():
     logits, emb = net(torch.randn(4, 1, 8, 8))
     (logits.sum() + emb.sum()).backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def test_build_checks_its_sizes_and_arch():
+    """num_classes=0 built (B, 0) logits, width=0 empty layers, -1 was torch's error, an int arch an
+    AttributeError, and a backbone beside a built-in arch was ignored."""
+    from llp_fast.nn import build
+
+    sizes = dict(num_classes=3, in_channels=1, image_size=8, width=4)
+    for name in ("num_classes", "in_channels", "image_size", "width", "emb_dim"):
+        for bad in (0, -1):
+            with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+                build("resnet18", **{**sizes, name: bad})
+        with pytest.raises(TypeError, match=name):
+            build_model("resnet18", **{**sizes, name: 2.5})
+    with pytest.raises(TypeError, match="arch must be a string"):
+        build(18, **sizes)
+    with pytest.raises(ValueError, match="backbone: a module given in Python"):
+        build("resnet18", **sizes, backbone=torch.nn.Flatten())

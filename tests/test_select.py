@@ -167,6 +167,8 @@ def test_errors_are_one_line(ckpt, pool, tmp_path, capsys):
     (tmp_path / "trunc.npz").write_bytes(b"PK\x03\x04 not really")
     one_error_line(capsys, main([ckpt, "--source", f"npz:{tmp_path}/trunc.npz", "--out", out]), "cannot read")
     one_error_line(capsys, main([ckpt, "--source", f"npz:{pool}", "--out", f"{tmp_path}/no/dir.npz"]), "not exist")
+    (tmp_path / "d.npz").mkdir()  # refused before the scoring, not at the write after it
+    one_error_line(capsys, main([ckpt, "--source", f"npz:{pool}", "--out", str(tmp_path / "d.npz")]), "is a directory")
     with pytest.raises(SystemExit):  # argparse's usage error, where the flag is parsed
         main([ckpt, "--source", f"npz:{pool}", "--out", out, "--per-class", "0"])
     assert "--per-class" in capsys.readouterr().err

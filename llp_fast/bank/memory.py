@@ -178,6 +178,7 @@ class MemoryBank(BankState):
         """Aggregation loss (docs/method.md §1.3) of the batch embeddings ``v`` against the bank, with
         each example's stored label as the target (``targets``: those labels when the caller
         already fetched them with :meth:`stored`). (B,) float32."""
+        check.tensor(v, "v")
         if targets is None:
             targets = self.labels[self.rows(indices)]
         return aggregation_loss(
@@ -187,6 +188,7 @@ class MemoryBank(BankState):
     def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
         """Instance discrimination (the warm-up): the aggregation loss with every row its own
         group, i.e. softmax cross-entropy of ``v`` against its own bank row. (B,) float32."""
+        check.tensor(v, "v")
         rows = self.rows(indices)
         ids = -1 - self.index_of
         return aggregation_loss(
@@ -220,7 +222,7 @@ class MemoryBank(BankState):
         unl = rows >= self.num_labeled
         last = is_last_occurrence(rows)
         sel = unl & last
-        labels, conf = self.vote(emb[sel], k=k, tau=tau, density_weighting=density_weighting)
+        labels, conf = self._vote(emb[sel], k=k, tau=tau, density_weighting=density_weighting)  # checked
         self.labels[rows[sel]] = labels
         self.confidence[rows[sel]] = conf.float()
         return labels, conf
@@ -274,6 +276,11 @@ class MemoryBank(BankState):
     def vote(self, queries: torch.Tensor, *, k: int = 10, tau: float = 0.07, density_weighting: bool = True):
         """docs/method.md §1.2 for ``queries`` (Q, D) against the labeled rows, storing nothing:
         (labels, confidence). With ``density_weighting=False`` a plain weighted kNN vote."""
+        check.tensor(queries, "queries")
+        check.finite(queries, "queries")  # (the bank's own rows are kept finite by every update)
+        return self._vote(queries, k=k, tau=tau, density_weighting=density_weighting)
+
+    def _vote(self, queries: torch.Tensor, *, k: int, tau: float, density_weighting: bool):
         return propagate(
             queries.to(self.embeddings.dtype),
             self.labeled_embeddings,
@@ -322,10 +329,15 @@ class MemoryBank(BankState):
         """Forgets dataset indices >= ``n``, which must be unlabeled and so the bank's last rows
         (the extra examples of ``--extra-unlabeled``, dropped for fine-tuning). Copies, so that
         the dropped rows' memory is freed."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a whole number >= 0, got {n!r}")
         if n >= len(self):
             return
-        if not bool((self.row_of[:n] < n).all()):
-            raise ValueError("the examples to drop are not the bank's last rows (a labeled one among them?)")
+        # (row_of[:n] < n alone let labeled examples go: their log_rho rows stayed, the bank broke)
+        if not bool((self.row_of[n:] >= self.num_labeled).all()) or not bool((self.row_of[:n] < n).all()):
+            raise ValueError(
+                f"truncate({n}): the examples to drop (dataset indices >= {n}) must be unlabeled, the bank's last rows"
+            )
         self.embeddings = self.embeddings[:n].clone()
         self.labels = self.labels[:n].clone()
         self.confidence = self.confidence[:n].clone()

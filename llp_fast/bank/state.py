@@ -6,6 +6,8 @@ its persistence read separately.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 _STATE_KEYS = ("embeddings", "labels", "confidence", "log_rho", "row_of", "num_labeled", "num_classes")
@@ -42,6 +44,11 @@ class BankState:
         conf, log_rho = torch.empty(n), torch.empty(n)
         covered = torch.zeros(n, dtype=torch.bool)
         for p in pieces:
+            if not isinstance(p, dict):
+                raise ValueError(f"bank rows: each piece must be a dict (rows_state()), got {type(p).__name__}")
+            missing = [k for k in ("start", "end", "embeddings", "labels", "confidence", "log_rho") if k not in p]
+            if missing:
+                raise ValueError(f"bank rows: a piece is missing {missing}")
             a, b = max(lo, int(p["start"])), min(hi, int(p["end"]))
             if a >= b:
                 continue
@@ -51,6 +58,10 @@ class BankState:
                     raise ValueError(f"bank rows {p['start']}..{p['end']}: {key!r} has shape {tuple(p[key].shape)}")
             if tuple(p["log_rho"].shape) != (rows,):
                 raise ValueError(f"bank rows {p['start']}..{p['end']}: 'log_rho' has shape {tuple(p['log_rho'].shape)}")
+            if p["labels"].is_floating_point() or p["labels"].dtype == torch.bool:
+                raise ValueError(
+                    f"bank rows {p['start']}..{p['end']}: 'labels' must be integer, got {p['labels'].dtype}"
+                )
             src = slice(a - int(p["start"]), b - int(p["start"]))
             emb[a - lo : b - lo] = p["embeddings"][src]
             labels[a - lo : b - lo] = p["labels"][src]
@@ -60,12 +71,23 @@ class BankState:
         if not bool(covered.all()):
             first = int(torch.nonzero(~covered)[0]) + lo
             raise ValueError(f"the bank's rows do not cover dataset index {first}")
-        if not bool(torch.isfinite(emb.float()).all()):
-            raise ValueError("bank rows 'embeddings' contain NaN or Inf")
+        for key, values in (("embeddings", emb), ("confidence", conf), ("log_rho", log_rho)):
+            if not bool(torch.isfinite(values.float()).all()):
+                raise ValueError(f"bank rows {key!r} contain NaN or Inf")
+        if not bool(((conf >= 0) & (conf <= 1)).all()):
+            raise ValueError("bank rows 'confidence' must lie in [0, 1]")
         rows = self.row_of.cpu()  # dataset order -> bank rows
         labeled = rows < self.num_labeled
         if not torch.equal(labels[labeled], self.labels.cpu()[rows[labeled]]):
             raise ValueError("bank rows were saved for a different labeled split")
+        # an unlabeled row holds a class or, before its first vote, its own instance id (negative)
+        own = -1 - torch.arange(lo, hi)
+        ok = ((labels >= 0) & (labels < self.num_classes)) | (labels == own)
+        if not bool(ok[~labeled].all()):
+            raise ValueError(
+                f"bank rows 'labels' hold a value that is neither a class in [0, {self.num_classes}) nor the row's "
+                "own instance id"
+            )
         dev = self.device
         self.embeddings[rows.to(dev)] = emb.to(dev)
         self.labels[rows.to(dev)] = labels.to(dev)
@@ -100,6 +122,9 @@ class BankState:
         if missing:
             raise ValueError(f"bank state is missing {missing}")
         n, d = self.embeddings.shape
+        for key in ("num_labeled", "num_classes"):
+            if isinstance(state[key], bool) or not isinstance(state[key], numbers.Integral):
+                raise ValueError(f"bank state {key!r} must be a whole number, got {state[key]!r}")
         m = int(state["num_labeled"])
         expect = {
             "embeddings": (n, d),
@@ -113,10 +138,35 @@ class BankState:
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"bank state {key!r} has shape {got}, expected {shape}")
+            if value.device.type == "meta":
+                raise ValueError(f"bank state {key!r} is on the meta device (it holds no values)")
+            integral = key in ("labels", "row_of")
+            if value.dtype == torch.bool or value.is_floating_point() == integral or value.is_complex():
+                raise ValueError(
+                    f"bank state {key!r} must be {'integer' if integral else 'floating point'}, got {value.dtype}"
+                )
         if m != self.num_labeled or int(state["num_classes"]) != self.num_classes:
             raise ValueError("bank state was saved for a different labeled split or class count")
-        if not bool(torch.isfinite(state["embeddings"].float()).all()):
-            raise ValueError("bank state 'embeddings' contains NaN or Inf")
+        # row_of follows from the labeled split (labeled examples first, each part in dataset order)
+        if not torch.equal(state["row_of"].long().cpu(), self.row_of.cpu()):
+            raise ValueError("bank state was saved for a different labeled split ('row_of' differs)")
+        for key in ("embeddings", "confidence", "log_rho"):
+            if not bool(torch.isfinite(state[key].float()).all()):
+                raise ValueError(f"bank state {key!r} contains NaN or Inf")
+        conf = state["confidence"]
+        if not bool(((conf >= 0) & (conf <= 1)).all()):
+            raise ValueError("bank state 'confidence' must lie in [0, 1]")
+        labels, mine = state["labels"].long().cpu(), self.labels.cpu()
+        if not torch.equal(labels[:m], mine[:m]):
+            raise ValueError("bank state was saved for a different labeled split (its labeled rows' classes differ)")
+        # an unlabeled row holds a class or, before its first vote, its own instance id (negative)
+        own = -1 - self.index_offset - self.index_of.cpu()[m:]
+        rest = labels[m:]
+        if not bool((((rest >= 0) & (rest < self.num_classes)) | (rest == own)).all()):
+            raise ValueError(
+                f"bank state 'labels' holds a value that is neither a class in [0, {self.num_classes}) nor the "
+                "row's own instance id"
+            )
         row_of = state["row_of"].long().to(self.device)
         self.embeddings.copy_(state["embeddings"])
         self.labels.copy_(state["labels"])

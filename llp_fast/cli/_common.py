@@ -105,6 +105,8 @@ def not_an_input(out: str, checkpoint: str, data: str | None, *, data_flag: str)
     for what, path in inputs.items():
         if os.path.realpath(path) == real:
             raise ConfigError(f"--out {out} is {what} ({path}): give the output its own file")
+    if os.path.isdir(out):  # (refused only when the work was done, at the write)
+        raise ConfigError(f"--out {out} is a directory: give the output a file name")
 
 
 def cuda_checked(device: str) -> str:

@@ -31,6 +31,14 @@ class ReplicatedMemoryBank(MemoryBank):
     def update(self, indices, embeddings, **kwargs):
         return super().update(*self._gathered(indices, embeddings), **kwargs)
 
+    def propagate(self, indices, embeddings, **kwargs):
+        """Refused: it would relabel this rank's copy alone, and the copies would part (use
+        :meth:`step`, which votes on every rank's batch and stores it on every rank)."""
+        raise NotImplementedError(
+            "ReplicatedMemoryBank.propagate would change this rank's copy alone: use step(), which votes on every "
+            "rank's batch on every rank"
+        )
+
     def gather(self) -> MemoryBank:
         """Every rank already holds the whole bank."""
         return self

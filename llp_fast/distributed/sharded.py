@@ -62,7 +62,11 @@ class ShardedMemoryBank:
     """
 
     def __init__(self, targets, num_classes, *, dim=128, dtype=torch.float32, device="cpu", seed=0, group=None):
-        targets = as_tensor(targets, "targets").long().cpu()
+        targets = as_tensor(targets, "targets")
+        check.vector(  # before .long(): a float -0.7 (unlabeled) became 0, a labeled class 0
+            targets, "targets", targets.shape[0] if targets.dim() == 1 else -1, device=targets.device, kind="int"
+        )
+        targets = targets.long().cpu()
         if not bool((targets >= 0).any()):
             raise ValueError("targets holds no labeled example (no entry >= 0): the labeled set is empty")
         # The whole vector, on every rank alike (each shard's own check raised on its rank alone,
@@ -143,7 +147,9 @@ class ShardedMemoryBank:
     # -- docs/method.md §1 steps, collective ---------------------------------------------------------
     def stored(self, indices):
         """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners."""
-        indices = as_tensor(indices, "indices", device=self.device).long()
+        indices = as_tensor(indices, "indices", device=self.device)
+        check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=self.device, kind="int")
+        indices = indices.long()  # (a float 1.7 was truncated to 1, a bool mask read as 1 and 0)
         idx_all, _ = self._gather_batch(indices)
         own = self._owned(idx_all)
         labels = torch.zeros(idx_all.shape[0], dtype=torch.int64, device=self.device)
@@ -345,6 +351,8 @@ class ShardedMemoryBank:
         """:meth:`MemoryBank.vote` over every shard (collective; every rank passes the same
         ``queries`` and gets the same labels)."""
         check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
+        check.tensor(queries, "queries")
+        check.finite(queries, "queries")
         return self._merged_vote(queries, k, check.temperature(tau), density_weighting)
 
     @torch.no_grad()

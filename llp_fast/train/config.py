@@ -14,6 +14,7 @@ holds those rules and says which it applied. Never from the data set's name.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -48,6 +49,16 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # package.module:fa
 def data_spec(v):
     if not isinstance(v, str) or not (v in ("digits", "mnist5k") or v.startswith(("npz:", "folder:"))):
         raise bad("digits, mnist5k, npz:PATH or folder:PATH", v)
+    if v in ("npz:", "folder:"):  # (the current directory was read as the file: "no such file: /cwd")
+        raise bad(f"{v}PATH with a PATH", v)
+    return v
+
+
+def run_dir_path(v):
+    if isinstance(v, str) and not v.strip():  # (an empty one silently became runs/<time>)
+        raise bad("a directory path (leave it out for runs/<time>)", v)
+    if isinstance(v, (str, os.PathLike)) and os.path.exists(v) and not os.path.isdir(v):  # ("File exists")
+        raise ValueError(f"{os.fspath(v)} is a file, not a run directory")
     return v
 
 
@@ -126,7 +137,9 @@ class TrainConfig:
         metavar="SELECTION",
     )
     # run
-    run_dir: str | None = _opt(None, "where checkpoints and metrics.jsonl go (default runs/<time>)", group="run")
+    run_dir: str | None = _opt(
+        None, "where checkpoints and metrics.jsonl go (default runs/<time>)", group="run", check=optional(run_dir_path)
+    )
     epochs: int | None = _opt(None, "epochs (default: from the data's size)", group="run", check=optional(positive_int))
     seed: int = _opt(0, "seed of the split, the initialisation and the data order", group="run", check=seed_value)
     device: str | None = _opt(

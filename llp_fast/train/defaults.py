@@ -236,6 +236,11 @@ def check_new_run(cfg: TrainConfig) -> None:
         raise ConfigError("--jump-milestones: the drops after a rate jump need --rate-jump")
     if jump is not None and any(m <= jump for m in cfg.jump_milestones or ()):
         raise ConfigError(f"--jump-milestones {_epochs(cfg.jump_milestones)}: each must come after --rate-jump {jump}")
+    if cfg.method == "fixmatch" and cfg.consistency == 0 and not cfg.supervised_only:  # (reported as FixMatch)
+        raise ConfigError(
+            "--consistency 0: --method fixmatch without its consistency term trains on the labeled examples "
+            "alone; that is --supervised-only"
+        )
     if cfg.translate and str(cfg.data).startswith("folder:"):
         raise ConfigError(
             f"--translate {cfg.translate:g}: folder: images are not shifted (random crops place them: --scale-min); "
