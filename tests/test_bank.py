@@ -268,3 +268,10 @@ def test_vote_and_losses_take_tensors_and_vote_refuses_nan():
         b.instance_loss([[1.0] * 8], torch.tensor([1]))
     with pytest.raises(ValueError, match="queries contains NaN or Inf"):  # it returned NaN confidences
         b.vote(torch.full((2, 8), float("nan")), k=2)
+
+
+def test_seed_and_index_offset_are_checked():
+    with pytest.raises(TypeError, match="seed"):  # torch's RuntimeError
+        _bank(seed=0.5)
+    with pytest.raises(ValueError, match="index_offset must be >= 0"):  # instance ids met class ids
+        _bank(index_offset=-3)

@@ -91,6 +91,8 @@ class MemoryBank(BankState):
         )
         num_classes = check.positive_int(num_classes, "num_classes")
         dim = check.positive_int(dim, "dim")
+        seed = check.positive_int(seed, "seed", low=0)  # (0.5 was torch's error)
+        index_offset = check.positive_int(index_offset, "index_offset", low=0)  # (< 0: ids met class ids)
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         targets = targets.long().cpu()

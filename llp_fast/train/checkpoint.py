@@ -170,7 +170,8 @@ def load(path: str, map_location="cpu", *, need=None) -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a torn zip, a truncated pickle, bytes that decode to nonsense
-        raise CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__}); delete it to start over") from None
+        # (it said "delete it to start over", which -select, -linear-probe and -analyze also printed)
+        raise CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"corrupt checkpoint {path} (not a checkpoint)")
     if ckpt.get("version") != VERSION:
