@@ -24,6 +24,10 @@ from llp_fast.train.loop import Trainer
 from llp_fast.train.relabel import relabel
 from llp_fast.train.report import read_metrics
 
+OWN_NET_ARGS = [
+    a for i, a in enumerate(TINY_ARGS) if "--width" not in TINY_ARGS[max(0, i - 1) : i + 1]
+]  # its own width
+
 # tiny networks on one thread, DataLoader and gloo-free but native: isolated (_isolate.py)
 pytestmark = pytest.mark.isolated
 torch.set_num_threads(1)
@@ -185,7 +189,7 @@ def test_own_network_through_python_and_the_cli_resumes_exactly(tmp_path, factor
     rc = train_main(["--resume", str(tmp_path / "py")])
     one_error_line(capsys, rc, "was given in Python")
 
-    flags = [*TINY_ARGS, "--quiet", "--baseline", "off", "--method", "paper", "--arch", "mynets:small_cnn"]
+    flags = [*OWN_NET_ARGS, "--quiet", "--baseline", "off", "--method", "paper", "--arch", "mynets:small_cnn"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     assert train_main([*flags, "--run-dir", full, "--epochs", "2"]) == 0
     assert train_main([*flags, "--run-dir", cut, "--epochs", "2", "--stop-after-steps", "5"]) == 130
@@ -299,7 +303,7 @@ def test_a_diverging_run_is_one_line(tmp_path, capsys):
     ],
 )
 def test_a_bad_factory_is_one_line(tmp_path, factory_module, capsys, arch, match):
-    argv = ["--run-dir", str(tmp_path / "r"), *TINY_ARGS, "--arch", arch]
+    argv = ["--run-dir", str(tmp_path / "r"), *OWN_NET_ARGS, "--arch", arch]
     if arch == "not a spec":  # refused where it is parsed, naming the flag (argparse's usage error)
         with pytest.raises(SystemExit) as e:
             train_main(argv)
@@ -410,3 +414,10 @@ def test_an_unlabeled_fraction_that_keeps_none_is_named(tmp_path, capsys):
     argv = ["--data", "digits", "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--width", "4", "--quiet"]
     rc = train_main([*argv, "--image-size", "8", "--unlabeled-fraction", "0.0001", "--baseline", "off"])
     one_error_line(capsys, rc, "--unlabeled-fraction 0.0001 keeps none of the 1295 unlabeled training examples")
+
+
+def test_width_with_a_network_of_ones_own_is_refused(tmp_path, factory_module, capsys):
+    """--width sized the built-in ResNets only: with a factory --arch it was ignored without a word."""
+    rc = train_main(["--run-dir", str(tmp_path / "r"), *TINY_ARGS, "--arch", "mynets:small_cnn"])
+    one_error_line(capsys, rc, "--width 4: the width of resnet18 and resnet50 only; --arch mynets:small_cnn builds")
+    assert not (tmp_path / "r").exists()

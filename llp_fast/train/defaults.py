@@ -17,7 +17,7 @@ import os
 import time
 
 from ..errors import ConfigError
-from .config import DEFAULT_MAX_VOTERS, TrainConfig, validate
+from .config import ARCHS, DEFAULT_MAX_VOTERS, TrainConfig, validate
 
 # Fewer training examples than this is "small data": many short steps at a high rate, a few epochs
 # on the start labels before propagating, and the supervised-only baseline beside the run.
@@ -236,6 +236,10 @@ def check_new_run(cfg: TrainConfig) -> None:
         raise ConfigError("--jump-milestones: the drops after a rate jump need --rate-jump")
     if jump is not None and any(m <= jump for m in cfg.jump_milestones or ()):
         raise ConfigError(f"--jump-milestones {_epochs(cfg.jump_milestones)}: each must come after --rate-jump {jump}")
+    if cfg.width is not None and cfg.arch not in ARCHS:  # (it was ignored without a word)
+        raise ConfigError(
+            f"--width {cfg.width}: the width of {' and '.join(ARCHS)} only; --arch {cfg.arch} builds its own network"
+        )
     if cfg.method == "fixmatch" and cfg.consistency == 0 and not cfg.supervised_only:  # (reported as FixMatch)
         raise ConfigError(
             "--consistency 0: --method fixmatch without its consistency term trains on the labeled examples "
