@@ -267,6 +267,8 @@ def test_loader_flag_errors(tmp_path, capsys, monkeypatch):
     root = make_jpegs(tmp_path / "d", per_class=3)
     with pytest.raises(ConfigError, match="--loader dali decodes folder: images"):
         load("digits", loader="dali")
+    with pytest.raises(ConfigError, match="--loader pil decodes folder: images"):  # it was accepted, meaning nothing
+        load("digits", loader="pil")
     with pytest.raises(ConfigError, match="--loader must be one of auto, dali, pil"):
         validate(TrainConfig(loader="opencv"))
     monkeypatch.setattr(_optional, "dali", lambda: None)  # as if DALI were not installed

@@ -194,8 +194,10 @@ def load(spec: str, *, loader: str = "auto", **kwargs) -> Source:
 
     if spec.startswith("folder:"):
         return load_folder(spec[len("folder:") :], loader=loader, **kwargs)
-    if loader == "dali":
-        raise ConfigError(f"--loader dali decodes folder: images; {spec} is array data, held and augmented in memory")
+    if loader in ("dali", "pil"):  # (pil was accepted and meant nothing here)
+        raise ConfigError(
+            f"--loader {loader} decodes folder: images; {spec} is array data, held and augmented in memory"
+        )
     return load_arrays(spec, **kwargs)
 
 
