@@ -13,6 +13,14 @@ import torch
 _STATE_KEYS = ("embeddings", "labels", "confidence", "log_rho", "row_of", "num_labeled", "num_classes")
 
 
+def _check_unlabeled_labels(labels: torch.Tensor, own: torch.Tensor, num_classes: int, what: str) -> None:
+    """An unlabeled row holds a class or, before its first vote, its own instance id ``own`` (negative)."""
+    if not bool((((labels >= 0) & (labels < num_classes)) | (labels == own)).all()):
+        raise ValueError(
+            f"{what} 'labels' hold a value that is neither a class in [0, {num_classes}) nor the row's own instance id"
+        )
+
+
 class BankState:
     @torch.no_grad()
     def rows_state(self) -> dict:
@@ -80,14 +88,7 @@ class BankState:
         labeled = rows < self.num_labeled
         if not torch.equal(labels[labeled], self.labels.cpu()[rows[labeled]]):
             raise ValueError("bank rows were saved for a different labeled split")
-        # an unlabeled row holds a class or, before its first vote, its own instance id (negative)
-        own = -1 - torch.arange(lo, hi)
-        ok = ((labels >= 0) & (labels < self.num_classes)) | (labels == own)
-        if not bool(ok[~labeled].all()):
-            raise ValueError(
-                f"bank rows 'labels' hold a value that is neither a class in [0, {self.num_classes}) nor the row's "
-                "own instance id"
-            )
+        _check_unlabeled_labels(labels[~labeled], -1 - torch.arange(lo, hi)[~labeled], self.num_classes, "bank rows")
         dev = self.device
         self.embeddings[rows.to(dev)] = emb.to(dev)
         self.labels[rows.to(dev)] = labels.to(dev)
@@ -159,14 +160,8 @@ class BankState:
         labels, mine = state["labels"].long().cpu(), self.labels.cpu()
         if not torch.equal(labels[:m], mine[:m]):
             raise ValueError("bank state was saved for a different labeled split (its labeled rows' classes differ)")
-        # an unlabeled row holds a class or, before its first vote, its own instance id (negative)
         own = -1 - self.index_offset - self.index_of.cpu()[m:]
-        rest = labels[m:]
-        if not bool((((rest >= 0) & (rest < self.num_classes)) | (rest == own)).all()):
-            raise ValueError(
-                f"bank state 'labels' holds a value that is neither a class in [0, {self.num_classes}) nor the "
-                "row's own instance id"
-            )
+        _check_unlabeled_labels(labels[m:], own, self.num_classes, "bank state")
         row_of = state["row_of"].long().to(self.device)
         self.embeddings.copy_(state["embeddings"])
         self.labels.copy_(state["labels"])
