@@ -167,22 +167,27 @@ def error_line(line: str) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM ends the command as Ctrl-C does (its one line, exit 130, temporary files removed)
-    instead of silently, exit 143, leaving what it was writing (main thread only)."""
+def sigterm_as_interrupt(*, sigint: bool = False):
+    """SIGTERM (and SIGINT where ``sigint``) raises :class:`Terminated`: the command ends as Ctrl-C
+    does (its one line, exit 130, temporary files removed) instead of silently, exit 143, leaving what
+    it was writing (main thread only; elsewhere nothing changes). ``sigint``: a KeyboardInterrupt that
+    lands inside code run by a C extension can leave CPython's "unhandled Ctrl-C" mark set, and the
+    process then ends by SIGINT (-2) after printing its line instead of returning 130."""
 
     def _terminate(signum, frame):
         raise Terminated
 
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread
-        yield
-        return
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,):
+        try:
+            previous[sig] = signal.signal(sig, _terminate)
+        except ValueError:  # not the main thread
+            break
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was written") -> int:

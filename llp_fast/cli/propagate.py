@@ -12,12 +12,11 @@ saved model. The labelling knobs and their defaults are :class:`~llp_fast.embedd
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from .. import distributed
 from ..embeddings import outputs
-from ..errors import ConfigError, Terminated
+from ..errors import ConfigError
 from . import _common
 from .propagate_args import DEFAULT, PROG, output_name, parse, settings_of
 
@@ -185,10 +184,6 @@ def _run(args) -> int:
     return _apply(args) if args.model is not None else _label(args)
 
 
-def _terminate(signum, frame):
-    raise Terminated
-
-
 def _relaunch(args, argv) -> int:
     """``--nproc P``: the same command as P local processes; a lost rank is one line (nothing is
     written: rank 0 writes the outputs at the end, atomically)."""
@@ -202,20 +197,9 @@ def main(argv=None) -> int:
     _common.set_dist_timeout(args.dist_timeout)
     if args.nproc > 1 and not distributed.launched():
         return _common.run(PROG, _relaunch, args, argv)
-    # SIGINT and SIGTERM raise Terminated (main thread only): a KeyboardInterrupt that lands inside
-    # code run by a C extension can leave CPython's "unhandled Ctrl-C" mark set, and the process then
-    # ends by SIGINT (-2) after printing its line, instead of returning 130
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, _terminate)
-        except ValueError:
-            pass
-    try:
+    # SIGINT raises Terminated too, not KeyboardInterrupt (see sigterm_as_interrupt)
+    with _common.sigterm_as_interrupt(sigint=True):
         return distributed.finish(_common.run(PROG, _run, args))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
