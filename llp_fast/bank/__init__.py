@@ -6,7 +6,7 @@
   are in :mod:`llp_fast.distributed`).
 """
 
-from .memory import MemoryBank, check_new_labels, initial_rows
+from .memory import MemoryBank, check_indices, check_new_labels, initial_rows
 from .protocol import Bank
 
-__all__ = ["Bank", "MemoryBank", "check_new_labels", "initial_rows"]
+__all__ = ["Bank", "MemoryBank", "check_indices", "check_new_labels", "initial_rows"]

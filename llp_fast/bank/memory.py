@@ -37,6 +37,16 @@ def initial_rows(start: int, end: int, dim: int, seed: int) -> torch.Tensor:
     return torch.nn.functional.normalize(out, dim=1)
 
 
+def check_indices(indices, n: int, device) -> torch.Tensor:
+    """A batch's dataset ``indices`` (array-like or tensor) as an int64 tensor on ``device``: one
+    integer per row, each in [0, n) (a float 1.7 would be truncated to 1, a bool mask read as 1
+    and 0)."""
+    indices = as_tensor(indices, "indices", device=device)
+    check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=device, kind="int")
+    check.in_range(indices, "indices", 0, n, "dataset indices")
+    return indices.long()
+
+
 def check_new_labels(labels, confidence, n: int, num_classes: int, device, labeled: torch.Tensor) -> None:
     """The checks of :meth:`MemoryBank.set_labels`: ``n`` class ids and confidences in [0, 1]
     on ``device``, for examples none of which is labeled (``labeled``: bool per entry)."""
@@ -140,10 +150,7 @@ class MemoryBank(BankState):
 
     def rows(self, indices) -> torch.Tensor:
         """Bank rows of dataset ``indices`` (validated)."""
-        indices = as_tensor(indices, "indices", device=self.device)
-        check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=self.device, kind="int")
-        check.in_range(indices, "indices", 0, len(self), "dataset indices")
-        return self.row_of[indices.long()]
+        return self.row_of[check_indices(indices, len(self), self.device)]
 
     def is_labeled(self, indices) -> torch.Tensor:
         return self.rows(indices) < self.num_labeled

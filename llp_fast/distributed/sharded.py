@@ -10,7 +10,7 @@ import torch.distributed as dist
 from .. import _validate as check
 from .._interop import as_tensor
 from .._topk import log_sum_exp, vote
-from ..bank import MemoryBank, check_new_labels
+from ..bank import MemoryBank, check_indices, check_new_labels
 from ..ops import bank_update_, neighbours, topk_scores
 from ..reference import is_last_occurrence
 from .collectives import all_gather_cat, lse_combine, merged_topk, offset_of_rank, shard_range
@@ -108,18 +108,12 @@ class ShardedMemoryBank:
     def _owned(self, indices: torch.Tensor) -> torch.Tensor:
         return (indices >= self.start) & (indices < self.end)
 
-    def _checked_indices(self, indices) -> torch.Tensor:
-        indices = as_tensor(indices, "indices", device=self.device)
-        check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=self.device, kind="int")
-        check.in_range(indices, "indices", 0, self.n, "dataset indices")
-        return indices
-
     def _gather_batch(self, indices, embeddings=None, tau: float | None = None):
         """The batch of every rank, checked as :meth:`MemoryBank._check_batch` checks one: finite,
         within the bank's dtype, and with ``tau`` scores that fit."""
-        indices = self._checked_indices(indices)
+        indices = check_indices(indices, self.n, self.device)
         if embeddings is None:
-            return all_gather_cat(indices.long(), self.group), None
+            return all_gather_cat(indices, self.group), None
         check.embeddings(embeddings, "embeddings")
         if embeddings.shape != (indices.shape[0], self.local.embeddings.shape[1]):
             raise ValueError(f"embeddings must have shape ({indices.shape[0]}, {self.local.embeddings.shape[1]})")
@@ -129,7 +123,7 @@ class ShardedMemoryBank:
             check.scores_fit(tau, embeddings, "embeddings", self.local.embeddings, "bank", size, 1.0)
         # One gather for both: each row's index rides along as the bits of two float32 columns.
         d = embeddings.shape[1]
-        bits = indices.long().contiguous().view(torch.float32).view(-1, 2)
+        bits = indices.contiguous().view(torch.float32).view(-1, 2)
         both = all_gather_cat(torch.cat([embeddings.detach().float(), bits], dim=1), self.group)
         return both[:, d:].contiguous().view(torch.int64).view(-1), both[:, :d].contiguous()
 
@@ -139,7 +133,7 @@ class ShardedMemoryBank:
         abort of another rank)."""
         check.embeddings(v, "v")
         check.same_space(self.local.embeddings, "bank", v, "v", dtype=False)
-        indices = self._checked_indices(indices)
+        indices = check_indices(indices, self.n, self.device)
         if v.shape[0] != indices.shape[0]:
             raise ValueError(f"v has {v.shape[0]} rows but indices has {indices.shape[0]}")
         return indices
@@ -147,9 +141,7 @@ class ShardedMemoryBank:
     # -- docs/method.md §1 steps, collective ---------------------------------------------------------
     def stored(self, indices):
         """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners."""
-        indices = as_tensor(indices, "indices", device=self.device)
-        check.vector(indices, "indices", indices.shape[0] if indices.dim() == 1 else -1, device=self.device, kind="int")
-        indices = indices.long()  # (a float 1.7 was truncated to 1, a bool mask read as 1 and 0)
+        indices = check_indices(indices, self.n, self.device)
         idx_all, _ = self._gather_batch(indices)
         own = self._owned(idx_all)
         labels = torch.zeros(idx_all.shape[0], dtype=torch.int64, device=self.device)
@@ -222,8 +214,8 @@ class ShardedMemoryBank:
         """:meth:`MemoryBank.set_labels` with the same global vectors on every rank (not
         collective): the whole batch is checked on every rank, then each rank stores the
         rows it owns."""
-        indices = self._checked_indices(indices)
-        labeled = self._labeled_mask[indices.long()]
+        indices = check_indices(indices, self.n, self.device)
+        labeled = self._labeled_mask[indices]
         check_new_labels(labels, confidence, indices.shape[0], self.num_classes, self.device, labeled)
         own = self._owned(indices)
         self.local.set_labels(indices[own] - self.start, labels[own], confidence[own])
