@@ -1,4 +1,4 @@
-"""Where the CPU top-K's time goes beyond the tile's GEMM (README "Performance", the K/T sweep), on
+"""Where the CPU top-K's time goes beyond the tile's GEMM (docs/performance.md, the K/T sweeps), on
 the K-sweep shape (Q = 20,000, M = 5,000, D = 128, one thread), each check of correctness first:
 
 - ``vote``: at K = 10 and 200, the PyTorch body ``_topk.vote_torch`` with the CPU's chunk of rows

@@ -2,7 +2,7 @@
 
 Prints the package's, Python's and torch's versions, the machine (CPU model and cores, GPU), which
 implementation serves each op on each device and why (``llp_fast.backends()``), the paths the CPU
-kernels take here (README "Performance"), and which optional extras are installed (README "Two
+kernels take here (docs/method.md §4), and which optional extras are installed (README "Two
 commands"). Reading it loads the compiled extension, as the first op call would; it trains nothing
 and writes nothing. ``--help`` says this; any other argument is an error.
 """

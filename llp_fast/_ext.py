@@ -259,8 +259,8 @@ def describe() -> str:
 
 def cpu_paths() -> str | None:
     """Which CPU paths the extension's kernels take on this machine (``llp_fast._C.cpu_paths``:
-    the scan's instruction set, the fused float32 tile, bf16 tiles, the bf16 first pass; README
-    "Performance"), or None where it is not loaded. A ``LLP_FAST_CPU_*`` setting that names nothing
+    the scan's instruction set, the fused float32 tile, bf16 tiles, the bf16 first pass; docs/method.md
+    §4), or None where it is not loaded. A ``LLP_FAST_CPU_*`` setting that names nothing
     raises ValueError, as the first op call would."""
     module = load()
     if module is None or not hasattr(module, "cpu_paths"):
