@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +315,48 @@ def test_gif_under_dali_names_the_file(tmp_path):
     with pytest.raises(DataError, match=r"x\.gif: DALI does not decode GIF images \(use --loader pil\)"):
         load(f"folder:{root}", device="cpu", labeled_fraction=0.5, loader="dali", workers=0)
     assert load(f"folder:{root}", device="cpu", labeled_fraction=0.5, loader="pil", workers=0).loader == "pil"
+
+
+@needs_dali
+def test_a_gif_named_like_a_jpeg_is_named_by_its_content(tmp_path):
+    """A GIF saved as ``.jpg`` (scraped data): DALI's failure named a good file of the batch."""
+    from PIL import Image
+
+    root = make_jpegs(tmp_path / "d", per_class=3)
+    Image.new("P", (20, 20)).save(root / "c1" / "fake.jpg", format="GIF")
+    dali, _ = both(root, labeled_fraction=1.0)
+    with pytest.raises(DataError, match=r"fake\.jpg: DALI does not decode GIF images \(use --loader pil\)"):
+        list(dali.index_batches(torch.arange(dali.num_train), 4))
+
+
+@needs_dali
+def test_dali_native_log_lines_stay_out_of_the_output(tmp_path, capfd):
+    """DALI's decoders log to file descriptor 2 from their threads: a CMYK TIFF (decoded anyway)
+    printed a coloured "[ERROR] [libtiff_decoder]" line per decode, a truncated JPEG an "[ERROR]
+    [libjpeg_turbo_decoder]" line before the one error line. (libjpeg's own unprefixed messages,
+    such as "Input file read error", still pass: nothing tells them from other output.)"""
+    from PIL import Image
+
+    root = make_jpegs(tmp_path / "d", per_class=4)
+    for c in range(3):
+        Image.new("RGB", (24, 20), (80 * c, 40, 200)).convert("CMYK").save(root / f"c{c}" / "k.tif")
+    args = ["--data", f"folder:{root}", "--loader", "dali", *_TINY, "--quiet"]
+    assert train_main([*args, "--run-dir", str(tmp_path / "r1")]) == 0
+    out, err = capfd.readouterr()
+    assert err == "" and "[ERROR]" not in out, (out, err)
+    dali, _ = both(root, labeled_fraction=1.0)  # what the process itself writes meanwhile passes, in order
+    batches = -(-dali.num_train // 4)
+    for n, _ in enumerate(dali.index_batches(torch.arange(dali.num_train), 4)):
+        print(f"batch {n}", file=sys.stderr, end="\n" if n % 2 else "\r")
+    assert batches >= 3 and capfd.readouterr().err == "".join(
+        f"batch {n}" + ("\n" if n % 2 else "\r") for n in range(batches)
+    )
+    _truncate(root / "c1" / "2.jpg")
+    assert train_main([*args, "--run-dir", str(tmp_path / "r2")]) == 2
+    _, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("llp-fast-train: error: cannot read image "), err
+    assert not [line for line in lines if re.search(r"\[(ERROR|WARNING|INFO)\] ", line)], err
 
 
 _TINY = ["--width", "4", "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--k", "3", "--t", "5"]

@@ -18,14 +18,25 @@ The work is split so that DALI yields the PIL loader's samples (:mod:`llp_fast.d
 An ``external_source`` feeds the pipeline *our* sample order, one batch at a time: there is no
 file reader, so none of its padding; the last batch is simply short. Every batch's dataset
 indices travel through the pipeline and are checked against the ones fed, so a sample can
-neither repeat nor go missing. A file DALI cannot decode becomes a :class:`DataError` naming it.
+neither repeat nor go missing. A file DALI cannot decode becomes a :class:`DataError` naming it:
+by its header where it holds a format DALI does not read (a GIF saved as ``.jpg``), else the first
+file of the failed batch that PIL cannot read either. DALI's decoders also log to the process's
+stderr from their own threads, in colour ("[ERROR] [libtiff_decoder] ..." for a CMYK TIFF that they
+then decode anyway; libjpeg's "Premature end of JPEG data" before the error raised here), also
+while the pipeline prefetches, after ``run`` has returned a batch, and no setting of DALI 2.4 turns
+them off. So while a pass runs, file descriptor 2 is a pipe, and a thread hands on to the real
+stderr everything written there but those lines (:class:`_NativeLogFilter`): the run's output
+(progress bars included, as they are written) stays its own.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import os
 import re
+import sys
+import threading
 
 import numpy as np
 import torch
@@ -36,8 +47,55 @@ from . import MARKER, DataError
 from .transforms import crop_box, eval_geometry, open_rgb, sample_seed
 
 # What fn.decoders.image reads (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000); of the folder
-# loader's extensions only GIF is missing.
+# loader's extensions only GIF is missing. By content, as PIL names the formats:
 UNDECODABLE = (".gif",)
+DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000")
+
+
+class _NativeLogFilter:
+    """While the block runs: file descriptor 2 is a pipe, and a thread writes what arrives to the
+    real stderr without DALI's log lines (``[ERROR] [libtiff_decoder] ...``, coloured or not).
+    Nested blocks share the outermost one's pipe."""
+
+    LINE = re.compile(
+        rb"(?:\x1b\[[0-9;]*m)?\[(?:FATAL|ERROR|WARNING|WARN|INFO|DEBUG|TRACE)\] (?:\x1b\[0m)?\[[^]\n]*\][^\n]*\n"
+    )
+    depth = 0
+
+    def __enter__(self):
+        type(self).depth += 1
+        self.outer = type(self).depth == 1
+        if self.outer:
+            sys.stderr.flush()
+            self.saved = os.dup(2)
+            read, write = os.pipe()
+            os.dup2(write, 2)
+            os.close(write)
+            self.thread = threading.Thread(target=self._forward, args=(read,), daemon=True)
+            self.thread.start()
+        return self
+
+    def _forward(self, read: int) -> None:
+        held = b""  # the start of a line that may be one of DALI's, until its end arrives
+        while chunk := os.read(read, 65536):
+            data = held + chunk
+            cut = data.rfind(b"\n") + 1
+            tail = data[cut:]
+            held = tail if tail.startswith((b"\x1b[", b"[")) and len(tail) < 4096 else b""
+            out = self.LINE.sub(b"", data[: len(data) - len(held)])
+            if out:
+                os.write(self.saved, out)
+        if held:
+            os.write(self.saved, held)
+        os.close(read)
+
+    def __exit__(self, *exc):
+        type(self).depth -= 1
+        if self.outer:
+            sys.stderr.flush()
+            os.dup2(self.saved, 2)  # the pipe's last writer gone: the thread drains it and ends
+            self.thread.join()
+            os.close(self.saved)
 
 
 class DaliFolder:
@@ -96,9 +154,11 @@ class DaliFolder:
             with open(path, "rb") as f:
                 raw = f.read()
             with Image.open(io.BytesIO(raw)) as im:  # reads the header only
-                w, h = im.size
+                w, h, kind = *im.size, im.format
         except Exception as e:  # PIL raises many types for truncated or foreign files
             raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
+        if kind not in DECODABLE_FORMATS:  # (DALI's error named another file of the batch)
+            raise DataError(f"{MARKER}{path}: DALI does not decode {kind} images (use --loader pil)")
         src, s = self.source, self.source.image_size
         if seed < 0:
             big_w, big_h, left, top = eval_geometry(w, h, s)
@@ -130,7 +190,10 @@ class DaliFolder:
                 [np.array(i, dtype=np.int64) for i, _ in batch],
             )
 
-        pipe = self._pipeline(feed, batch_size)
+        with _NativeLogFilter():
+            yield from self._batches_of(self._pipeline(feed, batch_size), in_flight, files)
+
+    def _batches_of(self, pipe, in_flight, files):
         while True:
             try:
                 images, idx = pipe.run()
