@@ -214,6 +214,10 @@ def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was wri
             if line:
                 print(line, file=sys.stderr)
             return PEER_LOST
+        if isinstance(e, RuntimeError):  # (torch's, for a dead DataLoader worker: raised anywhere)
+            from ..data.loading import worker_lost
+
+            e = worker_lost(e) or e
         if not is_user_error(e):
             raise
         error_line(f"{prog}: error: {one_line(e)}")

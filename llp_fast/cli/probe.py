@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--device", type=_common.DEVICE, default=None, help="cpu or cuda for the feature extraction")
     ap.add_argument("--threads", type=_common.THREADS, default=0)
-    ap.add_argument("--workers", type=_common.COUNT, default=0, help="DataLoader workers for folder data")
+    ap.add_argument("--workers", type=_common.THREADS, default=0, help="DataLoader workers for folder data")
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
 

@@ -19,6 +19,7 @@ import sys
 import time
 
 from .. import distributed
+from ..data.loading import WorkerLost, worker_lost
 from ..errors import ConfigError
 from ..ops import describe_backends
 from ..train import config as C
@@ -203,7 +204,15 @@ def _train(args) -> int:
     if not cfg.quiet:
         _say_what_runs(cfg, notes + trainer.notes)
     baseline = launch.Baseline(cfg, args, want_baseline, resumed=bool(args.resume), rank=rank, prog=PROG)
-    llp, base = baseline.run_beside(trainer.fit)
+    try:
+        llp, base = baseline.run_beside(trainer.fit)
+    except (RuntimeError, WorkerLost) as e:  # a DataLoader worker died (torch raises wherever the run was)
+        lost = worker_lost(e)
+        if lost is None:
+            raise
+        raise WorkerLost(
+            f"{lost}; {checkpoint.last_checkpoint(run_dir, trainer.world if trainer.world > 1 else None)}"
+        ) from None
     if rank != 0:
         return 0
     label = "supervised-only" if cfg.supervised_only else "LLP" if cfg.method != "fixmatch" else "FixMatch-style"

@@ -33,6 +33,7 @@ from .. import _optional
 from .._npy import read_header
 from . import DataError
 from .folder import _Images, image_files
+from .loading import load_batches
 from .selection import read_selection
 from .transforms import open_image
 
@@ -214,10 +215,8 @@ class FilesPool:
         else:
             dataset, keys = _Decoded(self.paths, fmt), ids
         batches = [keys[s : s + batch_size] for s in range(0, len(keys), batch_size)]
-        loader = torch.utils.data.DataLoader(  # its own generator: torch's global one stays untouched
-            dataset, batch_sampler=batches, num_workers=self.workers, generator=torch.Generator()
-        )
-        for x, i in loader:
+        # its own generator: torch's global one stays untouched
+        for x, i in load_batches(dataset, batches, self.workers, generator=torch.Generator()):
             yield x, i.long()
 
 

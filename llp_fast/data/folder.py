@@ -26,6 +26,7 @@ from .. import _optional
 from .._device import memory_format
 from ..errors import ConfigError
 from . import DataError, DataFacts, Split, make_split
+from .loading import load_batches
 from .strong import strong_pil
 from .transforms import MEAN, STD, crop_box, eval_geometry, open_rgb, sample_seed
 
@@ -33,16 +34,21 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def image_files(root: str) -> list[str]:
-    """Every image file under ``root``, recursively, sorted; hidden folders and files (``.thumbnails/``,
-    macOS's ``._name.jpg``) skipped."""
+    """Every image file under ``root``, recursively, sorted (a folder's files, then its subfolders
+    in turn); hidden folders and files (``.thumbnails/``, macOS's ``._name.jpg``) skipped, and so
+    is anything named like an image that is not a file (a FIFO, a socket: opening one waited
+    forever). A link that leads nowhere is kept, so that reading it names it."""
     out = []
-    for dirpath, dirnames, names in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(
-            os.path.join(dirpath, n)
-            for n in sorted(names)
-            if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
-        )
+    with os.scandir(root) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False) or not e.name.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        if e.is_file() or not os.path.exists(e.path):  # (is_file: the entry's type, no stat for plain files)
+            out.append(e.path)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            out += image_files(e.path)
     return out
 
 
@@ -294,14 +300,8 @@ class FolderSource:
         # generator, by default torch's global one, which the network's own draws (dropout) share:
         # a run resumed mid-epoch makes one iterator more than the uninterrupted run, and every later
         # draw shifted. The samples' randomness is their own seed (sample_seed), not this.
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        generator = torch.Generator().manual_seed(self.seed)
+        return load_batches(dataset, batches, self.workers, generator=generator, pin_memory=self.device.type == "cuda")
 
     def train_batches(self, order: torch.Tensor, batch_size: int, gen=None, *, start: int = 0, epoch: int = 0):
         """Augmented ``(images, indices)`` over dataset indices ``order`` from batch ``start``.

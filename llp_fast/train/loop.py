@@ -17,7 +17,8 @@ network with the same schedule on the labeled examples alone (the baseline); ``-
 has no bank: labeled cross-entropy plus the consistency term on the weak view's predictions.
 
 A checkpoint (:mod:`.checkpoint`) is written after every epoch and, on SIGINT or SIGTERM, at the
-next step boundary; a resumed run replays exactly what the uninterrupted one would have done.
+next step boundary (:mod:`.stopping`: a pass between steps stops at once); a resumed run replays
+exactly what the uninterrupted one would have done.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from .. import distributed
 from .._progress import Progress, reporter
 from ..data.extra import add_extra_unlabeled
-from ..errors import CheckpointError, ConfigError, Interrupted, InterruptedTwice, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from ..nn import GIVEN, misfit
 from . import checkpoint, defaults, order, relabel, report, warmstart
 from .build import check_against_data, configure_source, load_source
@@ -41,6 +42,7 @@ from .config import TrainConfig, lr_at, validate
 from .evaluate import evaluate
 from .losses import consistency_loss, llp_loss, strong_targets, supervised_loss
 from .network import Network
+from .stopping import Stopping
 
 EMBED_DIM = 128  # D of docs/method.md §1.8
 
@@ -115,7 +117,7 @@ class Trainer:
         self.epoch_world = self.world  # how many processes began the current epoch (its order's)
         self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0, "masked": 0.0}
         self.history: list[dict] = []  # one metrics row per completed epoch
-        self.stop_signal = None
+        self.stopping = Stopping(self.world)
         self.progress = Progress(enabled=not cfg.quiet and self.rank == 0)
         self.notes = notes
 
@@ -133,18 +135,6 @@ class Trainer:
 
     def steps_per_epoch(self) -> int:
         return self.schedule().steps_per_epoch()
-
-    def _stop_requested(self) -> bool:
-        """A signal seen by any rank stops every rank at the same step (no rank is left waiting in
-        a collective for one that already left)."""
-        flag = self.stop_signal is not None
-        if self.world == 1:
-            return flag
-        t = torch.tensor([self.stop_signal or 0], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        if int(t) and self.stop_signal is None:
-            self.stop_signal = int(t)
-        return bool(int(t))
 
     # -- one step ------------------------------------------------------------------------
     def train_step(self, batch, lr: float, warmup: bool) -> tuple[float, float]:
@@ -302,11 +292,6 @@ class Trainer:
         self.truth = self.truth[:n0]
 
     # -- the loop ------------------------------------------------------------------------
-    def _on_signal(self, signum, frame):
-        if self.stop_signal is not None:  # second signal: give up at once
-            raise InterruptedTwice
-        self.stop_signal = signum
-
     def fit(self, after_epoch=None) -> dict:
         """Trains to ``cfg.epochs``; returns the last epoch's metrics row. ``after_epoch``: called with
         no argument after each epoch is saved (the CLI hands a finished baseline's core back)."""
@@ -318,29 +303,23 @@ class Trainer:
             tb = report.TensorBoard(cfg.run_dir, self.epoch)
             if tb.missing:
                 self.progress.line(tb.missing)
-        handlers = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                handlers[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
         try:
-            if self.global_step == 0 and self.bank is not None:
-                self.start()
-            while self.epoch < cfg.epochs:
-                row = self._train_epoch()
-                if self.rank == 0:
-                    report.append_row(cfg.run_dir, row)
-                    tb.add(row)
-                self.save()
-                self.progress.line(report.epoch_line(row, cfg.epochs, cfg.supervised_only))
-                if after_epoch is not None:
-                    after_epoch()
-                if self.stop_signal is not None:
-                    raise Interrupted(self.stop_signal, cfg.run_dir)
+            with self.stopping.handlers():
+                if self.global_step == 0 and self.bank is not None:
+                    with self.stopping.at_once(cfg.run_dir, checkpointed=False):
+                        self.start()
+                while self.epoch < cfg.epochs:
+                    row = self._train_epoch()
+                    if self.rank == 0:
+                        report.append_row(cfg.run_dir, row)
+                        tb.add(row)
+                    self.save()
+                    self.progress.line(report.epoch_line(row, cfg.epochs, cfg.supervised_only))
+                    if after_epoch is not None:
+                        after_epoch()
+                    if self.stopping.signal is not None:
+                        raise Interrupted(self.stopping.signal, cfg.run_dir)
         finally:
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
             if tb is not None:
                 tb.close()
             self.claim = getattr(self, "claim", None) and self.claim.release()  # given back: None
@@ -365,7 +344,8 @@ class Trainer:
         if self.step_in_epoch == 0:
             self.order_state, self.epoch_world = self.gen_order.get_state(), self.world
             self.epoch_stats = {"loss_sum": 0.0, "loss_n": 0, "images": 0, "seconds": 0.0, "masked": 0.0}
-            self.epoch_stats.update(self._epoch_start(e, warmup))
+            with self.stopping.at_once(cfg.run_dir, checkpointed=self.global_step > 0):  # (the epoch's checkpoint)
+                self.epoch_stats.update(self._epoch_start(e, warmup))
         else:  # resumed inside an epoch: replay its permutation from the saved state
             self.gen_order.set_state(self.order_state)
         # (resumed inside an epoch that another number of processes began: its order, shared out)
@@ -389,10 +369,10 @@ class Trainer:
                     refresh=False,
                 )
                 if cfg.stop_after_steps is not None and self.global_step >= cfg.stop_after_steps:
-                    self.stop_signal = signal.SIGINT
-                if self._stop_requested():
+                    self.stopping.signal = signal.SIGINT
+                if self.stopping.requested(self.device):
                     self.save()
-                    raise Interrupted(self.stop_signal, cfg.run_dir)
+                    raise Interrupted(self.stopping.signal, cfg.run_dir)
         row = report.epoch_row(e + 1, self.evaluate(), st, lr_at(cfg, e), consistency=bool(cfg.consistency))
         self.epoch += 1
         self.step_in_epoch = 0

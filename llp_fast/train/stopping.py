@@ -1,0 +1,88 @@
+"""How a run stops on SIGINT or SIGTERM (README "When things fail").
+
+During the steps a signal is noted and the run stops at the next step boundary, after writing a
+checkpoint there (:class:`Interrupted`); a second signal gives up at once (:class:`InterruptedTwice`,
+the last complete checkpoint kept). Under torchrun every rank stops at the same step: the ranks
+agree on it by a collective (:meth:`Stopping.requested`).
+
+Some passes come between steps and can be long: the bank's warm start before the first step (a
+forward pass over every training image), an epoch's density refresh and whole-bank relabelling.
+Nothing they compute is kept until a step, so the last checkpoint (or none, before the first step)
+is exactly where the run stands: in one process a signal stops them at once
+(:meth:`Stopping.at_once`) instead of after the pass, which on a large data set took minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import torch
+
+from ..errors import Interrupted, InterruptedTwice, Terminated
+
+
+class Stopping:
+    """The signal a run was asked to stop by (``signal``: None until one comes), for ``world``
+    processes."""
+
+    def __init__(self, world: int):
+        self.signal: int | None = None
+        self.world = world
+        self._now = None  # during an at_once pass: what a signal raises
+
+    @contextlib.contextmanager
+    def handlers(self):
+        """SIGINT and SIGTERM handled while the block runs (main thread only), then as before."""
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame):
+        if self.signal is not None:  # second signal: give up at once
+            raise InterruptedTwice
+        self.signal = signum
+        if self._now is not None:
+            raise self._now(signum)
+
+    def requested(self, device) -> bool:
+        """Whether to stop at this step: a signal seen by any rank stops every rank at the same step
+        (no rank is left waiting in a collective for one that already left)."""
+        if self.world == 1:
+            return self.signal is not None
+        t = torch.tensor([self.signal or 0], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        if int(t) and self.signal is None:
+            self.signal = int(t)
+        return bool(int(t))
+
+    @contextlib.contextmanager
+    def at_once(self, run_dir: str, *, checkpointed: bool):
+        """A pass that a signal stops at once (one process; under torchrun the ranks stop together
+        at the next step). ``checkpointed``: the run's last checkpoint is where it stands, and the
+        signal raises :class:`Interrupted` naming it; else nothing has been written yet, and it
+        raises KeyboardInterrupt (SIGINT) or :class:`Terminated` (SIGTERM)."""
+        if self.world > 1:
+            yield
+            return
+
+        def stop(signum: int) -> BaseException:
+            if checkpointed:
+                return Interrupted(signum, run_dir)
+            return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+        if self.signal is not None:  # (one came before the pass began)
+            raise stop(self.signal)
+        self._now = stop
+        try:
+            yield
+        finally:
+            self._now = None
