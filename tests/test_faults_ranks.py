@@ -124,6 +124,43 @@ def test_a_stopped_rank_ends_the_run_in_one_line_within_the_timeout(data, tmp_pa
     assert not temporaries(run)
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_ends_the_command_while_a_rank_hangs(data, tmp_path):
+    """Rank 1 SIGSTOPped (hung) after the first checkpoint, then Ctrl-C twice: rank 0 waits in a
+    collective where no signal reaches it, and the command waited out the collective timeout (600
+    s). Now the second signal gives up on the ranks after the launcher's grace: exit 130, one line
+    naming the checkpoint, no process left."""
+    run = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = [*train_args(data, run, epochs=40), "--nproc", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llp_fast.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    deadline = time.monotonic() + 300
+    while not _checkpointed(run)() or len(_ranks(proc.pid)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1].decode()[-2000:]
+        time.sleep(0.02)
+    ranks = _ranks(proc.pid)
+    os.kill(ranks[1], signal.SIGSTOP)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=workers.GRACE + 60)
+    assert time.monotonic() - sent < workers.GRACE + 30
+    err = err.decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert len(err.splitlines()) == 1 and re.fullmatch(
+        rf"llp-fast-train: interrupted; the last complete checkpoint \(epoch \d+\) is intact; continue with: "
+        rf"llp-fast-train --resume {re.escape(run)} --nproc 2\n",
+        err,
+    ), err
+    for pid in ranks.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 # -- the launcher's verdicts and the survivors' reading of errors, directly ------------------------
 @pytest.mark.parametrize(
     "ended,killed,want",

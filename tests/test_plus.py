@@ -380,6 +380,12 @@ def test_a_run_directory_is_claimed_while_it_trains(tmp_path, factory_module, ca
     finally:
         ck.release_run_dir(held)
     fit(small_cnn(1), data, **settings)  # free again: it trains, and gives its claim back at the end
+    held = ck.claim_run_dir(run_dir)  # a resume while it trains read pieces it was replacing: "corrupt"
+    try:
+        rc = train_main(["--resume", run_dir, "--epochs", "2", "--quiet"])
+        one_error_line(capsys, rc, "another process is training in this run directory")
+    finally:
+        ck.release_run_dir(held)
     assert fit(small_cnn(1), data, resume=True, **{**settings, "epochs": 2}).metrics["epoch"] == 2
 
 

@@ -123,9 +123,11 @@ def _watch(procs: list, timeout: float, handed=(), lines=None) -> tuple[dict[int
     save). ``handed``: the signals handed on so far (read as it grows); after a rank they ended
     before its handler, or one interrupted with nothing to save (:data:`INTERRUPTED_UNSAVED`), the
     others get :data:`GRACE`: they may wait for it where no signal reaches them. ``lines``: a
-    :class:`_Lines` whose ranks' lines are printed as each ends."""
+    :class:`_Lines` whose ranks' lines are printed as each ends. A second signal handed on gives
+    up on the ranks after :data:`GRACE` (one may hang in a collective, where no signal reaches it:
+    the command waited out the collective timeout)."""
     ended: dict[int, int] = {}
-    since, unstarted = None, False
+    since, unstarted, twice = None, False, None
     while len(ended) < len(procs):
         for rank, p in enumerate(procs):
             if rank not in ended and p.poll() is not None:
@@ -141,6 +143,11 @@ def _watch(procs: list, timeout: float, handed=(), lines=None) -> tuple[dict[int
             unstarted = any(c == INTERRUPTED_UNSAVED or (c < 0 and -c in handed) for c in failed)
             wait = timeout + GRACE if all(c in EXPLAINED for c in failed) and not unstarted else GRACE
             if all(_stopped(p.pid) for p in left) or time.monotonic() - since > wait:
+                break
+        if len(handed) > 1:
+            twice = twice or time.monotonic()
+            if time.monotonic() - twice > GRACE:
+                unstarted = True  # (the ranks killed here were cut short: interrupted, not lost)
                 break
         time.sleep(0.05)
     killed = [r for r in range(len(procs)) if r not in ended]

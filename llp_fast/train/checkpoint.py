@@ -200,6 +200,7 @@ def open_run(run_dir: str) -> tuple[TrainConfig, dict]:
     """``(config, checkpoint)`` of the run in ``run_dir``, loaded once, verified; the config's
     ``run_dir`` is ``run_dir`` (the directory may have moved since it was written)."""
     path = os.path.join(run_dir, CHECKPOINT)
+    not_claimed(run_dir)  # (a run training there replaces its pieces: they read as corrupt)
     ckpt = load(path)
     cfg = config_of(ckpt, path)
     cfg.run_dir = run_dir
@@ -320,6 +321,29 @@ class RunClaim:
         self._release()  # once: a finalizer runs at most once
 
 
+_BUSY = (
+    "another process is training in this run directory; wait for it to end (or stop it), or give another run directory"
+)
+
+
+def not_claimed(run_dir: str) -> None:
+    """:class:`ConfigError` where a run holds its claim on ``run_dir`` (a shared lock, released at
+    once: the ranks of one resume each check, and none conflicts with another)."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if _files.fcntl is not None:
+            _files.fcntl.flock(fd, _files.fcntl.LOCK_SH | _files.fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(f"{run_dir}: {_BUSY}") from None
+    except OSError:  # no locks on this file system
+        pass
+    finally:
+        os.close(fd)
+
+
 def claim_run_dir(run_dir: str) -> int | None:
     """An exclusive claim on ``run_dir`` for one process's run (a ``flock`` on the directory
     itself, so nothing is left in it): a second run started in it, or a resume of it, while the
@@ -336,10 +360,7 @@ def claim_run_dir(run_dir: str) -> int | None:
         _files.fcntl.flock(fd, _files.fcntl.LOCK_EX | _files.fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(
-            f"{run_dir}: another process is training in this run directory; wait for it to end (or stop it), "
-            "or give another run directory"
-        ) from None
+        raise ConfigError(f"{run_dir}: {_BUSY}") from None
     except OSError:  # no locks on this file system
         os.close(fd)
         return None
