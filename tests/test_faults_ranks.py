@@ -161,6 +161,23 @@ def test_a_second_ctrl_c_ends_the_command_while_a_rank_hangs(data, tmp_path):
             os.kill(pid, 0)
 
 
+@pytest.mark.slow
+def test_a_run_with_its_baseline_resumes_under_nproc_without_it(data, tmp_path):
+    """A one-process run with the baseline beside it, resumed with ``--nproc 2``: it was refused
+    naming ``--baseline off``, a flag the user never gave (the launcher had set it). Now it resumes,
+    saying once that the baseline stays where it was; and an error under ``--nproc`` is its one
+    line (the baseline note came before it on every start)."""
+    run = str(tmp_path / "run")
+    res, _, _ = _train(["on" if a == "off" else a for a in train_args(data, run, epochs=1)])  # --baseline on
+    assert res.returncode == 0 and os.path.isdir(os.path.join(run, "baseline")), res.stderr[-3000:]
+    res, _, _ = _train(["--resume", run, "--epochs", "2", "--nproc", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("no supervised-only baseline under torch.distributed: baseline/ stays as it is") == 1
+    assert checkpoint.peek(run)["epoch"] == 2
+    res, _, _ = _train(["--data", f"npz:{tmp_path / 'missing.npz'}", "--run-dir", str(tmp_path / "m"), "--nproc", "2"])
+    assert res.returncode == 2 and res.stderr == f"llp-fast-train: error: no such file: {tmp_path / 'missing.npz'}\n"
+
+
 # -- the launcher's verdicts and the survivors' reading of errors, directly ------------------------
 @pytest.mark.parametrize(
     "ended,killed,want",

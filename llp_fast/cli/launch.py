@@ -87,9 +87,9 @@ def distributed_setup(args) -> int:
         box = [_new_run_dir() if rank == 0 else None]
         torch.distributed.broadcast_object_list(box, src=0)
         args.run_dir = box[0]
-    if args.baseline != "off" and rank == 0 and not args.quiet:
+    if args.baseline == "on" and rank == 0 and not args.quiet:  # (asked for: said; auto: it was said to all)
         print("llp-fast-train: no supervised-only baseline under torch.distributed", file=sys.stderr)
-    args.baseline = "off"
+    args.baseline_given, args.baseline = args.baseline, "off"
     if rank != 0:
         args.quiet = True
     return rank

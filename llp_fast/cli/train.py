@@ -181,9 +181,10 @@ def _train(args) -> int:
         saved, ckpt = checkpoint.open_run(run_dir)
         cfg, notes = resumed_config(args, saved, ckpt["epoch"])
         had = os.path.exists(os.path.join(run_dir, launch.BASELINE_MARK))
-        if args.baseline in ("on", "off") and (args.baseline == "on") != had:
+        given = getattr(args, "baseline_given", args.baseline)  # (under torch.distributed: "off" is forced)
+        if given in ("on", "off") and (given == "on") != had:
             raise ConfigError(
-                f"--baseline {args.baseline}: the run in {run_dir} began {'with' if had else 'without'} the "
+                f"--baseline {given}: the run in {run_dir} began {'with' if had else 'without'} the "
                 "supervised-only baseline, and a resume keeps it so (leave --baseline out, or give it as at the start)"
             )
     else:
@@ -196,7 +197,12 @@ def _train(args) -> int:
     trainer = prepare(cfg, resume=bool(args.resume), ckpt=ckpt)  # checks config and data, makes the run dir
     cfg = trainer.cfg
     if args.resume:
-        want_baseline = os.path.exists(os.path.join(run_dir, launch.BASELINE_MARK))
+        want_baseline = had and args.baseline != "off"  # (off: forced under torch.distributed)
+        if had and not want_baseline:
+            notes = [
+                *notes,
+                f"no supervised-only baseline under torch.distributed: {launch.BASELINE_DIR}/ stays as it is",
+            ]
     else:
         want_baseline = not cfg.supervised_only and (
             args.baseline == "on" or (args.baseline == "auto" and baseline_by_default(trainer.facts))
