@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from test_faults import temporaries, tiny_npz, train_args, untimed
 
@@ -176,6 +177,33 @@ def test_a_run_with_its_baseline_resumes_under_nproc_without_it(data, tmp_path):
     assert checkpoint.peek(run)["epoch"] == 2
     res, _, _ = _train(["--data", f"npz:{tmp_path / 'missing.npz'}", "--run-dir", str(tmp_path / "m"), "--nproc", "2"])
     assert res.returncode == 2 and res.stderr == f"llp-fast-train: error: no such file: {tmp_path / 'missing.npz'}\n"
+
+
+@pytest.mark.slow
+def test_a_propagate_rank_signalled_alone_is_one_interrupt_line(tmp_path):
+    """SIGTERM to one rank of ``llp-fast-propagate --nproc 2`` (not to the command): it ended with
+    exit 130 and no word at all (only rank 0 prints, and only a signal to the launcher was said)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 32))
+    y = rng.integers(0, 5, 60000)
+    np.save(tmp_path / "emb.npy", (centres[y] + 0.5 * rng.normal(size=(60000, 32))).astype(np.float32))
+    labels = np.full(60000, -1)
+    labels[:600] = y[:600]
+    np.save(tmp_path / "lab.npy", labels)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "llp_fast.cli.propagate", str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy")]
+    cmd += ["--out", str(tmp_path / "p.npy"), "--nproc", "2", "--threads", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 120
+    while len(ranks := _ranks(proc.pid)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1].decode()[-2000:]
+        time.sleep(0.02)
+    time.sleep(1.5)  # its work begun
+    assert proc.poll() is None, "the run ended before the signal"
+    os.kill(ranks[1], signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.decode() == "llp-fast-propagate: interrupted; nothing was written\n", err
+    assert sorted(os.listdir(tmp_path)) == ["emb.npy", "lab.npy"]
 
 
 # -- the launcher's verdicts and the survivors' reading of errors, directly ------------------------

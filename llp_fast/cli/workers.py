@@ -222,7 +222,7 @@ def run(nproc: int, module: str, argv: list[str], *, prog: str, max_restarts: in
             lines.flush(range(nproc))
             rc, lost = _verdict(ended, killed, timeout, interrupted, cut=cut)
             if lost is None:
-                if rc == 130 and interrupted and not lines.seen:  # ended while starting, before a word
+                if rc == 130 and not lines.seen:  # ended before a word: while starting, or a rank signalled alone
                     note = kept() if kept else "nothing was written"
                     print(f"{prog}: interrupted; {note}", file=sys.stderr, flush=True)
                 return rc
