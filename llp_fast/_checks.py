@@ -53,6 +53,18 @@ def positive_float(v):
     return float(v)
 
 
+# A week: longer waits are no use, and far longer ones (1e10 s) overflowed or wrapped inside the
+# collectives' timers (a false "no answer", or a hang that nothing ended).
+MAX_DIST_TIMEOUT = 7 * 86400.0
+
+
+def dist_timeout(v):
+    """A collective timeout in seconds: above 0, at most :data:`MAX_DIST_TIMEOUT`."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and 0 < v <= MAX_DIST_TIMEOUT):
+        raise bad(f"a number of seconds above 0 and at most {MAX_DIST_TIMEOUT:g} (a week)", v)
+    return float(v)
+
+
 def nonneg_float(v):
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
         raise bad("a finite number >= 0", v)

@@ -367,7 +367,15 @@ def test_dist_timeout_is_a_flag_of_both_tools_and_the_variable_its_default(monke
     monkeypatch.setenv(comm.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match="LLP_FAST_DIST_TIMEOUT='soon'"):
         comm.timeout_seconds()
-    for bad in (["--dist-timeout", "0"], ["--max-restarts", "1"]):  # --max-restarts needs --nproc P
+    # 1e10 s: a false "no answer in 1e+10 s" at once; 1e11: a hang nothing ended; 1e15: an OverflowError a rank
+    monkeypatch.setenv(comm.TIMEOUT_ENV, "1e11")
+    with pytest.raises(
+        ValueError, match=r"LLP_FAST_DIST_TIMEOUT='1e11': expected a number of seconds above 0 and at most"
+    ):
+        comm.timeout_seconds()
+    monkeypatch.setenv(comm.TIMEOUT_ENV, "604800")
+    assert comm.timeout_seconds() == 604800
+    for bad in (["--dist-timeout", "0"], ["--dist-timeout", "1e10"], ["--max-restarts", "1"]):  # (needs --nproc P)
         with pytest.raises(SystemExit) as e:
             train_main(bad)
         assert e.value.code == 2

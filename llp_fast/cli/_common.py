@@ -82,6 +82,7 @@ def epochs(text: str) -> list[int]:
 POSITIVE_INT = checked(int, C.positive_int, "a whole number")
 COUNT = checked(int, C.count, "a whole number")
 THREADS = checked(int, _checks.threads, "a whole number")
+DIST_TIMEOUT = checked(float, _checks.dist_timeout, "a number of seconds")
 SEED = checked(int, _checks.seed, "a whole number")
 POSITIVE_FLOAT = checked(float, C.positive_float, "a number")
 NONNEG_FLOAT = checked(float, C.nonneg_float, "a number")

@@ -114,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
         "checkpoint (torchrun's --max-restarts; default 0)",
     )
     run.add_argument(
-        "--dist-timeout", type=_common.POSITIVE_FLOAT, default=None, metavar="SECONDS", help=_common.DIST_TIMEOUT_HELP
+        "--dist-timeout", type=_common.DIST_TIMEOUT, default=None, metavar="SECONDS", help=_common.DIST_TIMEOUT_HELP
     )
     run.add_argument("--stop-after-steps", type=_common.COUNT, default=None, help=argparse.SUPPRESS)
     return ap

@@ -15,6 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .._checks import dist_timeout
 from .._topk import merge_topk
 
 
@@ -48,14 +49,12 @@ def timeout_seconds() -> float:
     if not text.strip():
         return DEFAULT_TIMEOUT
     try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
+        return dist_timeout(float(text))
+    except ValueError as e:
         from ..errors import ConfigError
 
-        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: expected a number of seconds > 0")
-    return value
+        why = str(e).split(", got")[0] if "expected" in str(e) else "expected a number of seconds"
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: {why}") from None
 
 
 def init(backend: str | None = None) -> tuple[int, int]:
