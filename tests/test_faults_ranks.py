@@ -443,3 +443,27 @@ def test_a_process_started_with_sigint_blocked_and_one_that_dies_with_its_parent
     else:
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("the child outlived its parent")
+
+
+def test_a_batch_that_the_processes_do_not_split_evenly_is_said():
+    """``--batch-size 32 --nproc 3`` trained on 30 a step while the first line said batch 32; a
+    batch of 4 over 13 processes on 13."""
+    from types import SimpleNamespace
+
+    from llp_fast.train.api import _say_split_batches
+
+    def notes(world, batch, labeled=0):
+        trainer = SimpleNamespace(world=world, cfg=SimpleNamespace(batch_size=batch, labeled_batch=labeled), notes=[])
+        _say_split_batches(trainer)
+        return trainer.notes
+
+    assert notes(1, 33) == notes(2, 32) == notes(4, 32, 8) == []
+    assert notes(3, 32) == [
+        "--batch-size 32 does not split evenly over 3 processes: 10 examples each, 30 a step in all "
+        "(a multiple of 3 keeps the step at --batch-size)"
+    ]
+    assert notes(13, 4) == [
+        "--batch-size 4 does not split evenly over 13 processes: 1 example each, 13 a step in all "
+        "(a multiple of 13 keeps the step at --batch-size)"
+    ]
+    assert [n.split(":")[0] for n in notes(3, 30, 8)] == ["--labeled-batch 8 does not split evenly over 3 processes"]

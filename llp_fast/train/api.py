@@ -107,6 +107,22 @@ def _changed(saved: TrainConfig, given: dict) -> list[str]:
     return out
 
 
+def _say_split_batches(trainer: Trainer) -> None:
+    """Under torchrun each of the P processes trains on ``batch // P`` examples a step (at least
+    one): where P does not divide the batch, a step takes another number in all, which the run's
+    first lines now say (it said "batch 32" and trained on 30 a step, or on 13 for a batch of 4
+    over 13 processes)."""
+    world, cfg = trainer.world, trainer.cfg
+    for flag, size in (("--batch-size", cfg.batch_size), ("--labeled-batch", cfg.labeled_batch)):
+        if world > 1 and size and size % world:
+            each = max(1, size // world)
+            examples = "example" if each == 1 else "examples"
+            trainer.notes.append(
+                f"{flag} {size} does not split evenly over {world} processes: {each} {examples} each, "
+                f"{each * world} a step in all (a multiple of {world} keeps the step at {flag})"
+            )
+
+
 def prepare(
     cfg: TrainConfig, *, resume: bool = False, ckpt: dict | None = None, model: torch.nn.Module | None = None
 ) -> Trainer:
@@ -132,6 +148,7 @@ def prepare(
         )
     # the checkpoint holds the weights: --init-weights is read when a run starts, not when it resumes
     trainer = Trainer(cfg if ckpt is None else dataclasses.replace(cfg, init_weights=None), model=model)
+    _say_split_batches(trainer)
     if ckpt is not None:
         trainer.restore(ckpt)
         trainer.cfg.init_weights = cfg.init_weights
