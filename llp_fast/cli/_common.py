@@ -20,6 +20,7 @@ import signal
 import sys
 
 from .. import _checks
+from .._signals import handled
 from ..distributed.collectives import (
     ERROR_LINES_ENV,
     INTERRUPTED_UNSAVED,
@@ -178,17 +179,8 @@ def sigterm_as_interrupt(*, sigint: bool = False):
     def _terminate(signum, frame):
         raise Terminated
 
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,):
-        try:
-            previous[sig] = signal.signal(sig, _terminate)
-        except ValueError:  # not the main thread
-            break
-    try:
+    with handled((signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,), _terminate):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was written") -> int:

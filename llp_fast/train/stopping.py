@@ -19,6 +19,7 @@ import signal
 
 import torch
 
+from .._signals import handled
 from ..errors import Interrupted, InterruptedTwice, Terminated
 
 
@@ -31,20 +32,9 @@ class Stopping:
         self.world = world
         self._now = None  # during an at_once pass: what a signal raises
 
-    @contextlib.contextmanager
     def handlers(self):
         """SIGINT and SIGTERM handled while the block runs (main thread only), then as before."""
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        return handled((signal.SIGINT, signal.SIGTERM), self._on_signal)
 
     def _on_signal(self, signum, frame):
         if self.signal is not None:  # second signal: give up at once
