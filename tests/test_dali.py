@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -357,6 +359,43 @@ def test_dali_native_log_lines_stay_out_of_the_output(tmp_path, capfd):
     lines = err.strip().splitlines()
     assert lines[-1].startswith("llp-fast-train: error: cannot read image "), err
     assert not [line for line in lines if re.search(r"\[(ERROR|WARNING|INFO)\] ", line)], err
+
+
+def test_the_log_filter_drops_whole_dali_lines_only(capfd):
+    """Only whole lines in DALI's format go (a ``[WARNING] [x]`` inside a line cut it and merged it
+    with the next); a partial line that cannot begin one is handed on at once, one that can is held
+    to its end."""
+    from llp_fast.data.dali import _NativeLogFilter
+
+    dali_line = b"\x1b[0;31m[ERROR] \x1b[0m[libtiff_decoder] Unsupported photometric interpretation: 5\n"
+    with _NativeLogFilter():
+        os.write(2, b"step 3: saw [WARNING] [x] odd value\nnext line\n" + dali_line)
+        os.write(2, b"[WARN")
+        os.write(2, b"ING] [nvimgcodec] split across writes\n\r 50%|## | bar")
+        with _NativeLogFilter():  # nested: the same pipe
+            os.write(2, b"\r100%|####| bar\n[llp] epoch 1\n")
+    assert (
+        capfd.readouterr().err
+        == "step 3: saw [WARNING] [x] odd value\nnext line\n\r 50%|## | bar\r100%|####| bar\n[llp] epoch 1\n"
+    )
+
+
+def test_the_log_filter_never_blocks_its_writers_when_stderr_fails(tmp_path):
+    """Its thread died on the first failed write (stderr a pipe whose reader is gone), and 64 KB
+    later every writer to fd 2, DALI's threads included, blocked for good."""
+    script = (
+        "import os\nfrom llp_fast.data.dali import _NativeLogFilter\n"
+        "with _NativeLogFilter():\n    for i in range(3000): os.write(2, b'x' * 99 + b'\\n')\nprint('pass ended')\n"
+    )
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script], stderr=write, capture_output=False, stdout=subprocess.PIPE, timeout=60
+        )
+    finally:
+        os.close(write)
+    assert b"pass ended" in proc.stdout
 
 
 _TINY = ["--width", "4", "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--k", "3", "--t", "5"]

@@ -33,7 +33,7 @@ def test_class_without_labeled_example_is_an_error():
     y = np.array([0] * 10 + [-1] * 10)  # class 1 (of 2) is never labeled
     with pytest.raises(DataError, match="class 1 has no labeled"):
         make_split(y, num_classes=2, labeled_fraction=None, has_test=True)
-    with pytest.raises(DataError, match="class 3 has no labeled"):
+    with pytest.raises(DataError, match="class 3 has no training example at all"):
         make_split(np.repeat(np.arange(3), 4), num_classes=4, labeled_fraction=0.5)
 
 

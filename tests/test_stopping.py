@@ -254,8 +254,10 @@ def test_a_class_left_unlabeled_names_what_labels_it():
     own = np.array([0, -1, 1, -1, -1, -1])
     with pytest.raises(DataError, match=r"class 2 has no labeled training example \(the data marks its own labeled"):
         make_split(own, num_classes=3, labeled_fraction=0.5, has_test=True)
-    with pytest.raises(DataError, match=r"raise --labeled-fraction"):
+    with pytest.raises(DataError, match=r"^class 3 has no training example at all$"):  # no fraction helps
         make_split(np.repeat([0, 1, 2], 10), num_classes=4, labeled_fraction=0.5, has_test=True)
+    with pytest.raises(DataError, match=r"^class 3 has no training example at all$"):  # nor does y = -1
+        make_split(np.repeat([0, 1, 2], 10), num_classes=4, labeled_fraction=None, has_test=True)
 
 
 def test_workers_beyond_a_thousand_are_refused_by_name(capsys):

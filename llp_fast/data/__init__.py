@@ -116,15 +116,17 @@ def make_split(
     is_labeled = np.isin(train, labeled)
     targets = np.where(is_labeled, y[train], -1)
     counts = np.bincount(targets[targets >= 0], minlength=num_classes)
-    if labeled_mask is not None:  # (--labeled-fraction does not apply: it said to raise it)
-        fix = "list at least one of its training images in labeled.txt"
-    elif labeled_fraction is None or own_labels:
-        fix = "the data marks its own labeled examples (y = -1 elsewhere): label at least one example of it"
-    else:
-        fix = "raise --labeled-fraction or label at least one example of it"
     for c in range(num_classes):
         if counts[c] == 0:
             name = class_names[c] if class_names is not None else c
+            if not own_labels and not (y[train] == c).any():  # (no fraction can help)
+                raise DataError(f"class {name!r} has no training example at all")
+            if labeled_mask is not None:  # (--labeled-fraction does not apply: it said to raise it)
+                fix = "list at least one of its training images in labeled.txt"
+            elif own_labels:
+                fix = "the data marks its own labeled examples (y = -1 elsewhere): label at least one example of it"
+            else:
+                fix = "raise --labeled-fraction or label at least one example of it"
             raise DataError(f"class {name!r} has no labeled training example ({fix})")
     return Split(train=train, targets=targets, truth=y[train].copy(), test=test)
 

@@ -37,6 +37,7 @@ import os
 import re
 import sys
 import threading
+import time
 
 import numpy as np
 import torch
@@ -54,12 +55,15 @@ DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG20
 
 class _NativeLogFilter:
     """While the block runs: file descriptor 2 is a pipe, and a thread writes what arrives to the
-    real stderr without DALI's log lines (``[ERROR] [libtiff_decoder] ...``, coloured or not).
-    Nested blocks share the outermost one's pipe."""
+    real stderr without DALI's log lines (whole lines ``[ERROR] [libtiff_decoder] ...``, coloured
+    or not). Nested blocks share the outermost one's pipe. Should the real stderr fail (a reader
+    gone), what follows is dropped and the pipe still drained: its writers never block on it."""
 
     LINE = re.compile(
-        rb"(?:\x1b\[[0-9;]*m)?\[(?:FATAL|ERROR|WARNING|WARN|INFO|DEBUG|TRACE)\] (?:\x1b\[0m)?\[[^]\n]*\][^\n]*\n"
+        rb"(?m)^(?:\x1b\[[0-9;]*m)?\[(?:FATAL|ERROR|WARNING|WARN|INFO|DEBUG|TRACE)\] (?:\x1b\[0m)?\[[^]\n]*\][^\n]*\n"
     )
+    COLOUR = re.compile(rb"^\x1b\[[0-9;]*m?")
+    TAGS = tuple(b"[%s]" % level for level in (b"FATAL", b"ERROR", b"WARNING", b"WARN", b"INFO", b"DEBUG", b"TRACE"))
     depth = 0
 
     def __enter__(self):
@@ -76,18 +80,31 @@ class _NativeLogFilter:
         return self
 
     def _forward(self, read: int) -> None:
-        held = b""  # the start of a line that may be one of DALI's, until its end arrives
+        held, failed = b"", False  # held: the start of a line that may be one of DALI's
         while chunk := os.read(read, 65536):
             data = held + chunk
-            cut = data.rfind(b"\n") + 1
-            tail = data[cut:]
-            held = tail if tail.startswith((b"\x1b[", b"[")) and len(tail) < 4096 else b""
+            tail = data[data.rfind(b"\n") + 1 :]
+            held = tail if len(tail) < 4096 and self._may_start_a_line(tail) else b""
             out = self.LINE.sub(b"", data[: len(data) - len(held)])
-            if out:
-                os.write(self.saved, out)
-        if held:
-            os.write(self.saved, held)
+            failed = failed or not self._write(out)
+        failed or self._write(held)
         os.close(read)
+
+    def _may_start_a_line(self, tail: bytes) -> bool:
+        """Whether ``tail`` (no newline) can be the beginning of one of DALI's log lines."""
+        rest = self.COLOUR.sub(b"", tail)
+        return bool(tail) and (not rest or any(rest.startswith(t) or t.startswith(rest) for t in self.TAGS))
+
+    def _write(self, data: bytes) -> bool:
+        """All of ``data`` to the real stderr; False where it failed."""
+        while data:
+            try:
+                data = data[os.write(self.saved, data) :]
+            except BlockingIOError:  # a non-blocking stderr, full for now
+                time.sleep(0.01)
+            except OSError:
+                return False
+        return True
 
     def __exit__(self, *exc):
         type(self).depth -= 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 import torch
@@ -36,6 +37,11 @@ def _obey_parent_only(parent: int) -> None:
 
 
 HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+# Workers forked, as torch's DataLoader does by default on Linux before Python 3.14: they start
+# with this thread's blocked signals and have this process as their parent, which the protection
+# above reads. (A forkserver's or spawn's worker starts with neither: a SIGTERM from outside in its
+# first seconds, while it imports, killed it.) Elsewhere the platform's default.
+FORK = "fork" if sys.platform.startswith("linux") else None
 
 
 def _worker_signals(_worker_id: int) -> None:
@@ -62,6 +68,7 @@ def load_batches(dataset, batches: list, workers: int, *, generator: torch.Gener
         persistent_workers=False,
         generator=generator,
         worker_init_fn=_worker_signals if workers else None,
+        multiprocessing_context=FORK if workers else None,
     )
     # the workers start (fork) with HELD blocked; here those signals wait the few milliseconds
     blocked = workers > 0 and threading.current_thread() is threading.main_thread()
