@@ -152,9 +152,11 @@ def test_a_second_ctrl_c_ends_the_command_while_a_rank_hangs(data, tmp_path):
     assert time.monotonic() - sent < workers.GRACE + 30
     err = err.decode()
     assert proc.returncode == 130, err[-3000:]
+    # (rank 0 says it itself where the second signal found it between collectives, as it can)
     assert len(err.splitlines()) == 1 and re.fullmatch(
         rf"llp-fast-train: interrupted; the last complete checkpoint \(epoch \d+\) is intact; continue with: "
-        rf"llp-fast-train --resume {re.escape(run)} --nproc 2\n",
+        rf"llp-fast-train --resume {re.escape(run)} --nproc 2\n"
+        r"|llp-fast-train: interrupted twice; the last complete checkpoint is kept\n",
         err,
     ), err
     for pid in ranks.values():

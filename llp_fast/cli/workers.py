@@ -147,14 +147,14 @@ def _watch(procs: list, timeout: float, handed=(), lines=None) -> tuple[dict[int
         if len(handed) > 1:
             twice = twice or time.monotonic()
             if time.monotonic() - twice > GRACE:
-                unstarted = True  # (the ranks killed here were cut short: interrupted, not lost)
                 break
         time.sleep(0.05)
     killed = [r for r in range(len(procs)) if r not in ended]
     for r in killed:
         procs[r].kill()  # SIGKILL ends a stopped process too
         procs[r].wait()
-    return ended, killed, bool(killed) and unstarted
+    # after a second signal the ranks killed here were cut short too: interrupted, not lost
+    return ended, killed, bool(killed) and (unstarted or len(handed) > 1)
 
 
 def _verdict(
