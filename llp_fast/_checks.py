@@ -58,10 +58,13 @@ def positive_float(v):
 MAX_DIST_TIMEOUT = 7 * 86400.0
 
 
+DIST_TIMEOUT_RANGE = f"a number of seconds above 0 and at most {MAX_DIST_TIMEOUT:g} (a week)"
+
+
 def dist_timeout(v):
     """A collective timeout in seconds: above 0, at most :data:`MAX_DIST_TIMEOUT`."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and 0 < v <= MAX_DIST_TIMEOUT):
-        raise bad(f"a number of seconds above 0 and at most {MAX_DIST_TIMEOUT:g} (a week)", v)
+        raise bad(DIST_TIMEOUT_RANGE, v)
     return float(v)
 
 

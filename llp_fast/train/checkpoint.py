@@ -327,28 +327,17 @@ _BUSY = (
 
 
 def not_claimed(run_dir: str) -> None:
-    """:class:`ConfigError` where a run holds its claim on ``run_dir`` (a shared lock, released at
-    once: the ranks of one resume each check, and none conflicts with another)."""
-    try:
-        fd = os.open(run_dir, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        if _files.fcntl is not None:
-            _files.fcntl.flock(fd, _files.fcntl.LOCK_SH | _files.fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ConfigError(f"{run_dir}: {_BUSY}") from None
-    except OSError:  # no locks on this file system
-        pass
-    finally:
-        os.close(fd)
+    """:class:`ConfigError` where a run holds its claim on ``run_dir``: a shared claim, given back
+    at once (the ranks of one resume each check, and none conflicts with another)."""
+    release_run_dir(claim_run_dir(run_dir, shared=True))
 
 
-def claim_run_dir(run_dir: str) -> int | None:
+def claim_run_dir(run_dir: str, *, shared: bool = False) -> int | None:
     """An exclusive claim on ``run_dir`` for one process's run (a ``flock`` on the directory
     itself, so nothing is left in it): a second run started in it, or a resume of it, while the
-    first still trains is refused instead of mixing their files. Returns the descriptor to pass to
-    :func:`release_run_dir` (None where the file system has no locks)."""
+    first still trains is refused instead of mixing their files. ``shared``: a claim that only
+    another run's exclusive one refuses. Returns the descriptor to pass to :func:`release_run_dir`
+    (None where the file system has no locks)."""
     try:
         fd = os.open(run_dir, os.O_RDONLY)
     except OSError:
@@ -357,7 +346,7 @@ def claim_run_dir(run_dir: str) -> int | None:
         os.close(fd)
         return None
     try:
-        _files.fcntl.flock(fd, _files.fcntl.LOCK_EX | _files.fcntl.LOCK_NB)
+        _files.fcntl.flock(fd, (_files.fcntl.LOCK_SH if shared else _files.fcntl.LOCK_EX) | _files.fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise ConfigError(f"{run_dir}: {_BUSY}") from None

@@ -120,9 +120,8 @@ class TrainConfig:
     flip: bool | None = _opt(
         None, "random horizontal flips (default: on for colour images, off for grayscale)", group="data"
     )
-    workers: int = _opt(
-        2, "DataLoader workers for folder data", group="data", check=thread_count
-    )  # (100,000 DALI threads: an abort)
+    # (at most MAX_THREADS: 100,000 DALI threads were an abort)
+    workers: int = _opt(2, "DataLoader workers for folder data", group="data", check=thread_count)
     loader: str = _opt(
         "auto",
         "decoder of folder: images: NVIDIA DALI (CPU threads, --workers of them; the GPU when training on CUDA), "
