@@ -10,6 +10,10 @@ not import scikit-learn).
 
 __version__ = "0.1.0"
 
+from ._signals import quiet_start as _quiet_start  # noqa: E402
+
+_quiet_start()  # a command's Ctrl-C while torch imports: one line (llp_fast/_signals.py)
+
 from .bank import MemoryBank  # noqa: E402
 from .ops import aggregation_loss, backends, bank_update_, local_density, propagate, topk_scores  # noqa: E402
 

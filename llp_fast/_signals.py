@@ -1,10 +1,44 @@
 """Signal handlers for the length of a block: the commands' (``cli/_common.py``) and the training
-run's (``train/stopping.py``)."""
+run's (``train/stopping.py``); and a command's Ctrl-C while it starts (:func:`quiet_start`)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
+
+_PREVIOUS_HOOK = "_llp_fast_previous"
+
+
+def quiet_start() -> None:
+    """In one of the package's commands (``llp-fast-*``, by the program's name): a Ctrl-C before the
+    command's own handling begins (``import llp_fast`` imports torch, a second or two) ends it with one
+    line instead of the interpreter's traceback (still by SIGINT, exit 130: the interpreter's own exit
+    for an uncaught Ctrl-C). :func:`started` takes the hook back. Elsewhere (a user's script, a rank
+    started with ``python -m``) nothing changes."""
+    argv = getattr(sys, "argv", None) or [""]
+    prog = os.path.basename(str(argv[0])).removesuffix(".exe")
+    if not prog.startswith("llp-fast-") or hasattr(sys.excepthook, _PREVIOUS_HOOK):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print(f"{prog}: interrupted while starting; nothing was written", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    setattr(hook, _PREVIOUS_HOOK, previous)
+    sys.excepthook = hook
+
+
+def started() -> None:
+    """The command's own handling has begun (``cli/_common.run``): uncaught exceptions print as
+    before :func:`quiet_start`."""
+    previous = getattr(sys.excepthook, _PREVIOUS_HOOK, None)
+    if previous is not None:
+        sys.excepthook = previous
 
 
 @contextlib.contextmanager

@@ -334,3 +334,51 @@ def test_fixmatch_without_its_consistency_term_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # was "f: File exists", after the data had loaded
         train_main(["--run-dir", str(tmp_path / "f")])
     assert e.value.code == 2 and "argument --run-dir: " in capsys.readouterr().err
+
+
+_START = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job starts with it ignored)
+sys.argv[0] = {prog!r}
+import llp_fast
+{then}
+os.kill(os.getpid(), signal.SIGINT)
+import time
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("prog", ["/opt/venv/bin/llp-fast-train", "llp-fast-propagate.exe", "my_script.py"])
+def test_ctrl_c_while_a_command_starts_is_one_line(prog):
+    """A Ctrl-C before the command's own handling begins (the import of torch) is one line for the
+    package's commands, by the SIGINT exit; any other program keeps Python's traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _START.format(prog=prog, then="")], capture_output=True, text=True)
+    assert p.returncode == -signal.SIGINT
+    if "llp-fast" in prog:
+        name = os.path.basename(prog).removesuffix(".exe")
+        assert p.stderr == f"{name}: interrupted while starting; nothing was written\n"
+    else:
+        assert "Traceback" in p.stderr and p.stderr.rstrip().endswith("KeyboardInterrupt")
+
+
+def test_a_commands_own_handling_takes_the_start_hook_back():
+    """Once ``_common.run`` begins, its contract prints a Ctrl-C; an uncaught one after it is Python's."""
+    import signal
+    import subprocess
+    import sys
+
+    then = (
+        "from llp_fast.cli import _common\n"
+        "assert sys.excepthook is not sys.__excepthook__\n"
+        "assert _common.run('llp-fast-x', lambda: 0) == 0\n"
+        "assert sys.excepthook is sys.__excepthook__"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", _START.format(prog="llp-fast-x", then=then)], capture_output=True, text=True
+    )
+    assert p.returncode == -signal.SIGINT
+    assert "Traceback" in p.stderr and "interrupted while starting" not in p.stderr

@@ -20,7 +20,7 @@ import signal
 import sys
 
 from .. import _checks
-from .._signals import handled
+from .._signals import handled, started
 from ..distributed.collectives import (
     ERROR_LINES_ENV,
     INTERRUPTED_UNSAVED,
@@ -186,6 +186,7 @@ def sigterm_as_interrupt(*, sigint: bool = False):
 def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was written") -> int:
     """``body(*args)`` with the tools' error contract; returns the exit status. ``interrupted``:
     the line for Ctrl-C (a run that checkpointed raises :class:`Interrupted` instead)."""
+    started()  # from here this contract says what a Ctrl-C prints (not _signals.quiet_start's line)
     lead = os.environ.get("RANK", "0") == "0"
     try:
         return body(*args)
