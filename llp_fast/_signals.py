@@ -41,12 +41,22 @@ def started() -> None:
         sys.excepthook = previous
 
 
+def ignored(sig) -> bool:
+    """Whether ``sig`` is ignored here: as whoever started this process asked (``nohup``'s SIGHUP;
+    the SIGINT of a job a script starts with ``&``, which a Ctrl-C meant for the script must not
+    stop), or this process's own code. Our handlers leave such a signal ignored."""
+    return signal.getsignal(sig) == signal.SIG_IGN
+
+
 @contextlib.contextmanager
 def handled(signals, handler):
-    """``handler`` for each of ``signals`` while the block runs, then what was there before. Off
-    the main thread, where Python sets no handler, nothing changes."""
+    """``handler`` for each of ``signals`` while the block runs, then what was there before. A
+    signal that is ignored stays ignored (:func:`ignored`). Off the main thread, where Python sets
+    no handler, nothing changes."""
     previous = {}
     for sig in signals:
+        if ignored(sig):
+            continue
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread

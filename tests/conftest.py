@@ -1,5 +1,15 @@
 import os
 import random
+import signal
+
+# The code under test leaves a signal that is ignored ignored (llp_fast/_signals.py: nohup's SIGHUP, a
+# script's background job's SIGINT). Where this suite itself was started so, its tests' Ctrl-C and
+# SIGTERM (to this process and the commands it starts) would reach nothing: they get their usual
+# handling back here, before anything installs a handler.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 import _isolate  # noqa: E402  (tests/ is on sys.path, as for brute.py)
 import numpy as np

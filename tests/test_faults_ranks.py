@@ -165,6 +165,42 @@ def test_a_second_ctrl_c_ends_the_command_while_a_rank_hangs(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_under_nohup_the_launcher_leaves_sighup_ignored(data, tmp_path):
+    """``nohup llp-fast-train --nproc 2 ... &``: the launcher handed SIGHUP (the terminal closing) on
+    to the ranks as SIGTERM over nohup's SIG_IGN, and the run stopped. Now it trains on; SIGTERM
+    still stops it (llp_fast/_signals.py)."""
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    nohup = (
+        "import os, signal, sys\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\nos.execv(sys.executable, sys.argv[1:])"
+    )
+    argv = [*train_args(data, str(run), epochs=200), "--nproc", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", nohup, sys.executable, "-m", "llp_fast.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    metrics = run / "metrics.jsonl"
+
+    def epochs_done(n):  # (whole lines of rank 0's metrics file)
+        deadline = time.monotonic() + 300
+        while not metrics.exists() or metrics.read_text().count("\n") < n:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1].decode()[-2000:]
+            time.sleep(0.05)
+        return metrics.read_text().count("\n")
+
+    done = epochs_done(1)
+    proc.send_signal(signal.SIGHUP)
+    epochs_done(done + 2)  # two more epochs: it trained on
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert "checkpoint saved in" in err and "--resume" in err, err[-3000:]
+
+
+@pytest.mark.slow
 def test_a_run_with_its_baseline_resumes_under_nproc_without_it(data, tmp_path):
     """A one-process run with the baseline beside it, resumed with ``--nproc 2``: it was refused
     naming ``--baseline off``, a flag the user never gave (the launcher had set it). Now it resumes,

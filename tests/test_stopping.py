@@ -266,3 +266,56 @@ def test_workers_beyond_a_thousand_are_refused_by_name(capsys):
         train_main(["--data", "digits", "--workers", "5000"])
     assert e.value.code == 2
     assert "argument --workers: expected a whole number from 0 to 1024, got 5000" in capsys.readouterr().err
+
+
+# -- signals the run was started with ignored ------------------------------------------------------
+def test_a_handler_leaves_an_ignored_signal_ignored():
+    from llp_fast._signals import handled
+
+    def handler(signum, frame):
+        raise AssertionError("not this one")
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (nohup's)
+    try:
+        with handled((signal.SIGHUP, signal.SIGUSR1), handler):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGUSR1) is handler
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored, as asked
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+_IGNORING = (
+    "import os, signal, sys\nfor s in (signal.SIGINT, signal.SIGHUP): signal.signal(s, signal.SIG_IGN)\n"
+    "os.execv(sys.executable, sys.argv[1:])"
+)
+
+
+def test_a_run_started_with_sigint_and_sighup_ignored_keeps_them_ignored(data, tmp_path):
+    """``llp-fast-train ... &`` in a script starts with SIGINT ignored (a Ctrl-C meant for the script),
+    ``nohup`` with SIGHUP ignored (the terminal closing): the run trains on through both (it had
+    installed its own SIGINT handler over the ignored one and stopped). SIGTERM still stops it."""
+    run = tmp_path / "run"
+    args = train_args(data, run, epochs=200)
+    cmd = [sys.executable, "-c", _IGNORING, sys.executable, "-m", "llp_fast.cli", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def epochs_done(n):  # (whole lines of the metrics file)
+        deadline, metrics = time.monotonic() + 240, run / "metrics.jsonl"
+        while not metrics.exists() or metrics.read_text().count("\n") < n:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        return metrics.read_text().count("\n")
+
+    done = epochs_done(1)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGHUP)
+    epochs_done(done + 2)  # two more epochs: it trained on
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip() == f"llp-fast-train: interrupted by signal 15; checkpoint saved in {run}; continue with: " + (
+        f"llp-fast-train --resume {run}"
+    )

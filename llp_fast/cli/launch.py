@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
+import signal
 import sys
 
 from .. import _files, distributed
@@ -111,6 +112,9 @@ def _baseline_child(cfg, report) -> None:
         os.setsid()
     _common.die_with_parent(multiprocessing.parent_process().pid)
     _common.discard_blocked_sigint()
+    # SIGTERM is how the LLP process stops it (its own session: nothing else sends it one), so not
+    # ignored here even where the command was started with SIGTERM ignored (llp_fast/_signals.py)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     resume = os.path.exists(os.path.join(cfg.run_dir, "checkpoint.pt"))
     try:
         train(cfg, resume=resume)

@@ -46,6 +46,7 @@ import tempfile
 import time
 
 from .. import _files, distributed
+from .._signals import ignored
 from ..distributed.collectives import ERROR_LINES_ENV, INTERRUPTED_UNSAVED, LAUNCHER_ENV, PEER_LOST, QUIET_ENV
 
 GRACE = 5.0  # seconds the other ranks get to notice a lost rank and end by themselves
@@ -206,7 +207,8 @@ def run(nproc: int, module: str, argv: list[str], *, prog: str, max_restarts: in
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in _HANDED_ON}
+    # (one this command was started with ignored, nohup's SIGHUP say, stays ignored: _signals.ignored)
+    previous = {sig: signal.signal(sig, forward) for sig in _HANDED_ON if not ignored(sig)}
     try:
         for attempt in range(max_restarts + 1):
             # Blocked until procs holds every rank, and before the store starts its thread (which
