@@ -335,13 +335,20 @@ def test_a_gif_named_like_a_jpeg_is_named_by_its_content(tmp_path):
 def test_dali_native_log_lines_stay_out_of_the_output(tmp_path, capfd):
     """DALI's decoders log to file descriptor 2 from their threads: a CMYK TIFF (decoded anyway)
     printed a coloured "[ERROR] [libtiff_decoder]" line per decode, a truncated JPEG an "[ERROR]
-    [libjpeg_turbo_decoder]" line before the one error line. (libjpeg's own unprefixed messages,
-    such as "Input file read error", still pass: nothing tells them from other output.)"""
+    [libjpeg_turbo_decoder]" line before the one error line; libjpeg's own warning, unprefixed,
+    "Corrupt JPEG data: 3 extraneous bytes before marker 0xd9" on every decode of a JPEG with bytes
+    before its end marker, which it (and PIL) decodes anyway. (libjpeg's fatal messages, such as
+    "Input file read error", pass: the run's error line names the file after them.)"""
     from PIL import Image
 
     root = make_jpegs(tmp_path / "d", per_class=4)
     for c in range(3):
         Image.new("RGB", (24, 20), (80 * c, 40, 200)).convert("CMYK").save(root / f"c{c}" / "k.tif")
+    noise = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "c2" / "x.jpg", quality=90)
+    data = (root / "c2" / "x.jpg").read_bytes()
+    assert data.endswith(b"\xff\xd9")
+    (root / "c2" / "x.jpg").write_bytes(data[:-2] + bytes(range(1, 65)) + b"\xff\xd9")  # extraneous bytes
     args = ["--data", f"folder:{root}", "--loader", "dali", *_TINY, "--quiet"]
     assert train_main([*args, "--run-dir", str(tmp_path / "r1")]) == 0
     out, err = capfd.readouterr()
@@ -368,15 +375,18 @@ def test_the_log_filter_drops_whole_dali_lines_only(capfd):
     from llp_fast.data.dali import _NativeLogFilter
 
     dali_line = b"\x1b[0;31m[ERROR] \x1b[0m[libtiff_decoder] Unsupported photometric interpretation: 5\n"
+    jpeg_lines = b"Corrupt JPEG data: 3 extraneous bytes before marker 0xd9\nPremature end of JPEG file\n"
     with _NativeLogFilter():
-        os.write(2, b"step 3: saw [WARNING] [x] odd value\nnext line\n" + dali_line)
+        os.write(2, b"step 3: saw [WARNING] [x] odd value\nnext line\n" + dali_line + jpeg_lines)
+        os.write(2, b"Corrupt JPEG da")  # a start held to its end
+        os.write(2, b"ta: bad Huffman code\nsaw Corrupt JPEG data: x\nPremature end of JPEG file, said nobody\n")
         os.write(2, b"[WARN")
         os.write(2, b"ING] [nvimgcodec] split across writes\n\r 50%|## | bar")
         with _NativeLogFilter():  # nested: the same pipe
             os.write(2, b"\r100%|####| bar\n[llp] epoch 1\n")
     assert (
-        capfd.readouterr().err
-        == "step 3: saw [WARNING] [x] odd value\nnext line\n\r 50%|## | bar\r100%|####| bar\n[llp] epoch 1\n"
+        capfd.readouterr().err == "step 3: saw [WARNING] [x] odd value\nnext line\nsaw Corrupt JPEG data: x\n"
+        "Premature end of JPEG file, said nobody\n\r 50%|## | bar\r100%|####| bar\n[llp] epoch 1\n"
     )
 
 

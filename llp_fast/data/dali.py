@@ -22,7 +22,9 @@ neither repeat nor go missing. A file DALI cannot decode becomes a :class:`DataE
 by its header where it holds a format DALI does not read (a GIF saved as ``.jpg``), else the first
 file of the failed batch that PIL cannot read either. DALI's decoders also log to the process's
 stderr from their own threads, in colour ("[ERROR] [libtiff_decoder] ..." for a CMYK TIFF that they
-then decode anyway; libjpeg's "Premature end of JPEG data" before the error raised here), also
+then decode anyway; libjpeg's "Premature end of JPEG data" before the error raised here), and
+libjpeg itself prints a warning on every decode of a JPEG it decodes anyway ("Corrupt JPEG data: 3
+extraneous bytes before marker 0xd9"), also
 while the pipeline prefetches, after ``run`` has returned a batch, and no setting of DALI 2.4 turns
 them off. So while a pass runs, file descriptor 2 is a pipe, and a thread hands on to the real
 stderr everything written there but those lines (:class:`_NativeLogFilter`): the run's output
@@ -56,14 +58,30 @@ DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG20
 class _NativeLogFilter:
     """While the block runs: file descriptor 2 is a pipe, and a thread writes what arrives to the
     real stderr without DALI's log lines (whole lines ``[ERROR] [libtiff_decoder] ...``, coloured
-    or not). Nested blocks share the outermost one's pipe. Should the real stderr fail (a reader
-    gone), what follows is dropped and the pipe still drained: its writers never block on it."""
+    or not) and libjpeg's warnings (:attr:`JPEG_WARNINGS`). Nested blocks share the outermost one's
+    pipe. Should the real stderr fail (a reader gone), what follows is dropped and the pipe still
+    drained: its writers never block on it."""
 
+    # libjpeg's warnings (its jerror.h, JWRN_*), printed unprefixed on every decode of a JPEG that it
+    # then decodes anyway ("Corrupt JPEG data: 3 extraneous bytes before marker 0xd9", a few files in
+    # ImageNet): the PIL path reads those files without a word. (Its fatal errors pass: the run's
+    # error line, naming the file, follows them.)
+    JPEG_WARNINGS = (
+        rb"Corrupt JPEG data: [^\n]*",
+        rb"Premature end of JPEG file",
+        rb"Invalid SOS parameters for sequential JPEG",
+        rb"Inconsistent progression sequence for component \d+ coefficient \d+",
+        rb"Warning: unknown JFIF revision number \d+\.\d+",
+        rb"Unknown Adobe color transform code [-\d]\d*",
+        rb"Application transferred too many scanlines",
+    )
     LINE = re.compile(
-        rb"(?m)^(?:\x1b\[[0-9;]*m)?\[(?:FATAL|ERROR|WARNING|WARN|INFO|DEBUG|TRACE)\] (?:\x1b\[0m)?\[[^]\n]*\][^\n]*\n"
+        rb"(?m)^(?:(?:\x1b\[[0-9;]*m)?\[(?:FATAL|ERROR|WARNING|WARN|INFO|DEBUG|TRACE)\] (?:\x1b\[0m)?\[[^]\n]*\][^\n]*"
+        rb"|" + rb"|".join(JPEG_WARNINGS) + rb")\n"
     )
     COLOUR = re.compile(rb"^\x1b\[[0-9;]*m?")
     TAGS = tuple(b"[%s]" % level for level in (b"FATAL", b"ERROR", b"WARNING", b"WARN", b"INFO", b"DEBUG", b"TRACE"))
+    STARTS = TAGS + tuple(re.split(rb"[\\\[]", w, maxsplit=1)[0] for w in JPEG_WARNINGS)  # (up to the first pattern)
     depth = 0
 
     def __enter__(self):
@@ -91,9 +109,9 @@ class _NativeLogFilter:
         os.close(read)
 
     def _may_start_a_line(self, tail: bytes) -> bool:
-        """Whether ``tail`` (no newline) can be the beginning of one of DALI's log lines."""
+        """Whether ``tail`` (no newline) can be the beginning of one of DALI's log lines (or libjpeg's)."""
         rest = self.COLOUR.sub(b"", tail)
-        return bool(tail) and (not rest or any(rest.startswith(t) or t.startswith(rest) for t in self.TAGS))
+        return bool(tail) and (not rest or any(rest.startswith(t) or t.startswith(rest) for t in self.STARTS))
 
     def _write(self, data: bytes) -> bool:
         """All of ``data`` to the real stderr; False where it failed."""
