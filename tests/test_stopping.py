@@ -84,6 +84,38 @@ def test_a_signal_during_an_epochs_density_refresh_stops_at_the_last_checkpoint(
     assert untimed(read_metrics(run / "metrics.jsonl")) == untimed(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
 
 
+def test_a_signal_during_an_epochs_evaluation_stops_it_and_saves_its_last_step(data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the first epoch is evaluated (after its last step; a test set of 50,000 images
+    took minutes to go through): the evaluation stops there, the checkpoint of that step is written
+    (the last one was an epoch behind), and the resumed run, which evaluates the epoch again, ends as
+    an uninterrupted one."""
+    from llp_fast.train.loop import Trainer
+
+    assert train_main(train_args(data, tmp_path / "whole")) == 0
+    real, calls = Trainer.evaluate, []
+
+    def evaluate(self):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        calls.append("the evaluation went on")
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert train_main(train_args(data, run)) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"llp-fast-train: interrupted by signal 2; checkpoint saved in {run}; "
+        f"continue with: llp-fast-train --resume {run}"
+    )
+    assert calls == [1]
+    steps = checkpoint.peek(str(run))
+    assert steps["epoch"] == 0 and steps["step_in_epoch"] > 0 and not (run / "metrics.jsonl").exists()
+    monkeypatch.setattr(Trainer, "evaluate", real)
+    assert train_main(["--resume", str(run), "--quiet"]) == 0
+    assert untimed(read_metrics(run / "metrics.jsonl")) == untimed(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+
+
 def test_the_trainer_api_raises_keyboardinterrupt_in_the_warm_start(data, tmp_path, monkeypatch):
     """From Python (``Trainer.fit``), a Ctrl-C in the warm start is a KeyboardInterrupt."""
     from llp_fast.train import warmstart

@@ -373,7 +373,9 @@ class Trainer:
                 if self.stopping.requested(self.device):
                     self.save()
                     raise Interrupted(self.stopping.signal, cfg.run_dir)
-        row = report.epoch_row(e + 1, self.evaluate(), st, lr_at(cfg, e), consistency=bool(cfg.consistency))
+        with self.stopping.at_once(cfg.run_dir, checkpointed=True, save=self.save):  # (after the last step)
+            metrics = self.evaluate()
+        row = report.epoch_row(e + 1, metrics, st, lr_at(cfg, e), consistency=bool(cfg.consistency))
         self.epoch += 1
         self.step_in_epoch = 0
         self.history.append(row)

@@ -9,7 +9,9 @@ Some passes come between steps and can be long: the bank's warm start before the
 forward pass over every training image), an epoch's density refresh and whole-bank relabelling.
 Nothing they compute is kept until a step, so the last checkpoint (or none, before the first step)
 is exactly where the run stands: in one process a signal stops them at once
-(:meth:`Stopping.at_once`) instead of after the pass, which on a large data set took minutes.
+(:meth:`Stopping.at_once`) instead of after the pass, which on a large data set took minutes. The
+epoch's evaluation comes after its last step, which no checkpoint holds yet: a signal there stops
+it and writes the checkpoint of that step (resumed, the run evaluates the epoch again).
 """
 
 from __future__ import annotations
@@ -55,24 +57,41 @@ class Stopping:
         return bool(int(t))
 
     @contextlib.contextmanager
-    def at_once(self, run_dir: str, *, checkpointed: bool):
+    def at_once(self, run_dir: str, *, checkpointed: bool, save=None):
         """A pass that a signal stops at once (one process; under torchrun the ranks stop together
         at the next step). ``checkpointed``: the run's last checkpoint is where it stands, and the
         signal raises :class:`Interrupted` naming it; else nothing has been written yet, and it
-        raises KeyboardInterrupt (SIGINT) or :class:`Terminated` (SIGTERM)."""
+        raises KeyboardInterrupt (SIGINT) or :class:`Terminated` (SIGTERM). ``save``: the run stands
+        at a step the last checkpoint is behind; once the pass has stopped, ``save()`` writes it
+        there, then :class:`Interrupted`."""
         if self.world > 1:
             yield
             return
 
         def stop(signum: int) -> BaseException:
+            if save is not None:
+                return _Stop(signum)
             if checkpointed:
                 return Interrupted(signum, run_dir)
             return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
-        if self.signal is not None:  # (one came before the pass began)
-            raise stop(self.signal)
         self._now = stop
         try:
+            if self.signal is not None:  # (one came before the pass began)
+                raise stop(self.signal)
             yield
+        except _Stop as e:
+            self._now = None
+            save()  # (outside the pass: what it was doing is unwound; a second signal gives up here)
+            raise Interrupted(e.signum, run_dir) from None
         finally:
             self._now = None
+
+
+class _Stop(BaseException):
+    """A signal during an :meth:`Stopping.at_once` pass with a checkpoint still to write (not an
+    Exception: the pass's own handlers let it through)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
