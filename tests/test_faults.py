@@ -35,7 +35,7 @@ pytestmark = pytest.mark.isolated
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = {"images_per_s", "epoch_seconds"}
+TIMING = {"images_per_s", "epoch_seconds", "relabel_seconds"}
 
 
 def tiny_npz(path, n=256, n_test=64, classes=4, side=8, seed=0):

@@ -351,3 +351,45 @@ def test_a_run_started_with_sigint_and_sighup_ignored_keeps_them_ignored(data, t
     assert err.strip() == f"llp-fast-train: interrupted by signal 15; checkpoint saved in {run}; continue with: " + (
         f"llp-fast-train --resume {run}"
     )
+
+
+# -- output that goes away -------------------------------------------------------------------------
+def test_a_run_whose_log_reader_goes_away_checkpoints_and_stops(data, tmp_path):
+    """``llp-fast-train ... 2>&1 | tee log`` with the reader gone: the next line printed raised
+    BrokenPipeError and the run died, exit 1, without the checkpoint of its last steps. Now it stops
+    as on SIGTERM (exit 130, a checkpoint), and resumed it ends as an uninterrupted run."""
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    assert train_main(train_args(data, whole, epochs=6)) == 0
+    args = [a for a in train_args(data, run, epochs=6) if a != "--quiet"]
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "llp_fast.cli", *args], stdout=write, stderr=write)
+    os.close(write)
+    with os.fdopen(read, "rb") as log:
+        for line in log:
+            if line.startswith(b"[llp] epoch   1/6"):
+                break
+    assert proc.wait(timeout=240) == 130
+    assert 1 <= checkpoint.peek(str(run))["epoch"] < 6
+    assert train_main(["--resume", str(run), "--quiet"]) == 0
+    assert untimed(read_metrics(run / "metrics.jsonl")) == untimed(read_metrics(whole / "metrics.jsonl"))
+
+
+def test_a_lost_stream_goes_to_dev_null_and_asks_for_one_stop():
+    script = """
+import os, signal, sys
+from llp_fast.cli import _output
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+read, write = os.pipe()
+os.dup2(write, 2)
+os.close(write)
+os.close(read)  # the reader gone
+with _output.guarded():
+    for n in range(3):
+        print("line", n, file=sys.stderr, flush=True)  # (no BrokenPipeError)
+    os.write(2, b"a native write\\n")  # (fd 2 is /dev/null now: no EPIPE)
+    sys.stdout.write("stdout still here\\n")
+print(got == [signal.SIGTERM], os.path.samefile("/proc/self/fd/2", os.devnull), sys.stderr is sys.__stderr__)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout == "stdout still here\nTrue True True\n", (p.stdout, p.stderr)

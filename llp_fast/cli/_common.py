@@ -32,6 +32,7 @@ from ..distributed.collectives import (
 )
 from ..errors import ConfigError, Interrupted, InterruptedTwice, Terminated, is_user_error, one_line
 from ..train import config as C
+from ._output import guarded
 
 
 def add_version(ap: argparse.ArgumentParser) -> None:
@@ -187,6 +188,11 @@ def run(prog: str, body, *args, interrupted: str = "interrupted; nothing was wri
     """``body(*args)`` with the tools' error contract; returns the exit status. ``interrupted``:
     the line for Ctrl-C (a run that checkpointed raises :class:`Interrupted` instead)."""
     started()  # from here this contract says what a Ctrl-C prints (not _signals.quiet_start's line)
+    with guarded():  # (output that goes away stops the command as SIGTERM does)
+        return _run(prog, body, args, interrupted)
+
+
+def _run(prog: str, body, args, interrupted: str) -> int:
     lead = os.environ.get("RANK", "0") == "0"
     try:
         return body(*args)

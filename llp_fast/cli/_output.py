@@ -1,0 +1,73 @@
+"""A command whose output goes away: the reader of its pipe gone (``llp-fast-train ... | tee log``
+with ``tee`` killed, a pager quit), a terminal hung up, the disk of a redirected log full.
+
+Python reports such a write as an ``OSError`` (``BrokenPipeError``: it ignores SIGPIPE) from
+whatever line printed, and a training run died there with a traceback nobody saw and without the
+checkpoint of its last steps. While a command runs (:func:`guarded`), ``sys.stdout`` and
+``sys.stderr`` hand their writes on, and the first that fails makes that file descriptor
+``/dev/null`` (everything written after it, native libraries' writes included, goes nowhere instead
+of failing again) and asks the process to stop as SIGTERM does: a run checkpoints at its next step
+and exits 130, a tool removes what it had half-written (README "When things fail"). The run cannot
+be watched any more, and is resumed as after any interrupt. A command started with SIGTERM ignored
+trains on (llp_fast/_signals.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+
+_asked: list[bool] = []  # the stop was asked for (once a process: a second SIGTERM gives up at once)
+
+
+class _Guarded:
+    """``stream``'s interface; a write or flush that fails is dropped, with everything after it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (BlockingIOError, InterruptedError):  # (not a lost stream: a full non-blocking one)
+            raise
+        except OSError:
+            self._lost()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except (BlockingIOError, InterruptedError):
+            raise
+        except OSError:
+            self._lost()
+
+    def _lost(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()  # what its buffer held goes to /dev/null with the rest
+        if not _asked:
+            _asked.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def guarded():
+    """``sys.stdout`` and ``sys.stderr`` as :class:`_Guarded` while the block runs, then as before."""
+    saved = sys.stdout, sys.stderr
+    if not isinstance(sys.stderr, _Guarded):
+        _asked.clear()  # (a command run again in this process: tests)
+    sys.stdout, sys.stderr = (s if s is None or isinstance(s, _Guarded) else _Guarded(s) for s in saved)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
