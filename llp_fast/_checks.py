@@ -53,6 +53,19 @@ def positive_float(v):
     return float(v)
 
 
+# The smallest temperature: unit rows score up to 1/tau, and the ops keep their float32 scores
+# (and the difference of two) 4x inside float32's range (llp_fast/_validate.scores_fit). A tau
+# below it failed deep inside an op, with a traceback.
+MIN_TAU = 4.0 / 3.4028234663852886e38
+
+
+def temperature(v):
+    """A temperature tau: a finite number, at least :data:`MIN_TAU` (about 1.2e-38)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= MIN_TAU):
+        raise bad(f"a finite number >= {MIN_TAU:.3g} (1/tau must fit float32 scores)", v)
+    return float(v)
+
+
 # A week: longer waits are no use, and far longer ones (1e10 s) overflowed or wrapped inside the
 # collectives' timers (a false "no answer", or a hang that nothing ended).
 MAX_DIST_TIMEOUT = 7 * 86400.0

@@ -2,6 +2,7 @@
 and nothing half-written after an error or an interrupt."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -472,3 +473,75 @@ def test_drop_suspects_that_would_drop_every_label_is_one_line(tmp_path, capsys)
     argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")]
     one_error_line(capsys, propagate_main([*argv, "--drop-suspects", "0.999"]), "--drop-suspects 0.999")
     assert leftovers(tmp_path) == []
+
+
+# -- found by review (2026-12-06): values that passed the checks and failed deep inside a run ----------
+def _clusters(tmp_path, n=600, d=16, scale=1.0):
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, n)
+    x = (rng.normal(size=(3, d))[y] * 4 + rng.normal(size=(n, d))).astype(np.float32) * np.float32(scale)
+    labels = np.where(rng.random(n) < 0.1, y, -1)
+    labels[:3] = [0, 1, 2]
+    np.save(tmp_path / "emb.npy", x)
+    np.save(tmp_path / "lab.npy", labels)
+    return x, labels
+
+
+@pytest.mark.parametrize("extra", [["--rounds", "1"], ["--rounds", "1", "--no-density-weighting"], [], ["--k", "auto"]])
+def test_rows_too_large_for_the_scores_are_one_line(tmp_path, capsys, extra):
+    """--no-normalize with rows of norm 1e19: NaN confidences written with exit 0, or a traceback
+    ('bias contains NaN or Inf'). Now the first such row read is named, exit 2, nothing written."""
+    _clusters(tmp_path, scale=1e18)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "p.npy")]
+    rc = propagate_main([*argv, "--no-normalize", "--threads", "1", *extra])
+    err = one_error_line(capsys, rc, "emb.npy: row ")
+    assert re.search(r"emb\.npy: row \d+ has norm .* beyond float32: scale the rows down, raise tau", err), err
+    assert leftovers(tmp_path) == []
+
+
+def test_the_estimator_names_rows_too_large_for_the_scores():
+    from llp_fast import LocalLabelPropagation
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    y = np.where(rng.random(200) < 0.2, rng.integers(0, 2, 200), -1)
+    y[:2] = [0, 1]
+    with pytest.raises(ValueError, match=r"^X: row \d+ has norm .*scale the rows down, raise tau, or let them be"):
+        LocalLabelPropagation(normalize=False).fit(x * np.float32(1e19), y)
+    clf = LocalLabelPropagation(normalize=False).fit(x, y)
+    with pytest.raises(ValueError, match=r"^X: row 5 has norm"):
+        clf.predict(np.where(np.arange(200)[:, None] == 5, x * np.float32(1e19), x))
+    assert LocalLabelPropagation().fit(x * np.float32(1e19), y).predict(x).shape == (200,)  # normalised: fine
+
+
+@pytest.mark.parametrize("tau", ["1e-40", "3e-39", "1e-310"])
+def test_a_tau_whose_scores_overflow_is_a_usage_error(tmp_path, capsys, tau):
+    _clusters(tmp_path)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "p.npy")]
+    flag_error(capsys, [*argv, "--tau", tau], "--tau", "1/tau must fit float32 scores")
+    from llp_fast import LocalLabelPropagation
+    from llp_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^tau: expected a finite number >= 1.18e-38"):
+        LocalLabelPropagation(tau=float(tau)).fit(np.load(tmp_path / "emb.npy"), np.load(tmp_path / "lab.npy"))
+
+
+def test_k_above_the_rows_is_clamped_in_every_round(tmp_path):
+    """More than one round kept an (N, K) running top-K: K = 10**9 asked for terabytes (a traceback
+    from the allocator), where no row can have more than N voters. Now K >= N gives K = N's labels."""
+    from llp_fast.embeddings import label_embeddings
+
+    x, labels = _clusters(tmp_path, n=300)
+    want = label_embeddings(x, labels, k=300, rounds=3)
+    got = label_embeddings(x, labels, k=10**9, rounds=3)
+    assert np.array_equal(got.labels, want.labels) and np.array_equal(got.confidence, want.confidence)
+
+
+def test_k_auto_without_a_labeled_row_says_only_that(tmp_path, capsys):
+    _clusters(tmp_path)
+    np.save(tmp_path / "lab.npy", np.full(600, -1))
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "p.npy"), "--k", "auto"]
+    rc = propagate_main(argv)
+    out = capsys.readouterr()
+    assert rc == 2 and out.out == "", out
+    assert out.err == "llp-fast-propagate: error: labels holds no labeled row (no entry >= 0)\n", out.err

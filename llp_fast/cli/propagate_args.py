@@ -62,7 +62,7 @@ def _ks(text: str):
 
 
 def _tau(text: str):
-    return "auto" if text == "auto" else _common.POSITIVE_FLOAT(text)
+    return "auto" if text == "auto" else _common.TEMPERATURE(text)
 
 
 def _drop(text: str) -> float:

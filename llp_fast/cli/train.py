@@ -34,6 +34,7 @@ _TYPES = {
     "threads": _common.THREADS,
     "seed": _common.SEED,
     "positive_float": _common.POSITIVE_FLOAT,
+    "temperature": _common.TEMPERATURE,
     "nonneg_float": _common.NONNEG_FLOAT,
     "fraction": _common.FRACTION,
     "unit_interval": _common.UNIT,

@@ -167,6 +167,7 @@ class Engine:
 
     def __init__(self, rows: Rows, labels, settings: Settings, *, comm=None, progress=None):
         self.rows, self.s = rows, settings.checked()
+        rows.expect_tau(self.s.tau)
         self.comm = comm or Local()
         self.progress = progress
         self.device = torch.device(self.s.device or rows.device)
@@ -222,10 +223,11 @@ class Engine:
             is_voter=self.lab.copy(),
         )
         own = self.hi - self.lo
-        if self.s.rounds > 1:  # every earlier voter's part of each owned row's top-K
+        if self.s.rounds > 1:  # every earlier voter's part of each owned row's top-K (no row has more than N)
+            width = min(max(ks), self.n)
             run.state = (
-                torch.full((own, max(ks)), -math.inf, dtype=self.rows.dtype, device=self.device),
-                torch.full((own, max(ks)), -1, dtype=torch.int32, device=self.device),
+                torch.full((own, width), -math.inf, dtype=self.rows.dtype, device=self.device),
+                torch.full((own, width), -1, dtype=torch.int32, device=self.device),
             )
         if top_classes:
             own_lab = np.flatnonzero(self.lab[self.lo : self.hi])
@@ -294,7 +296,7 @@ class Engine:
         if run.state is not None:
             at = torch.from_numpy(sel - self.lo).to(self.device)
             init = (run.state[0][at], run.state[1][at])
-        width = max(run.ks) if run.state is not None else min(max(run.ks), n_voters)
+        width = run.state[0].shape[1] if run.state is not None else min(max(run.ks), n_voters)
         top = neighbours(xq, voters.x, voters.bias, k=width, tau=self.s.tau, init=init, index_offset=voters.offset)
         if run.state is not None:
             run.state[0][at], run.state[1][at] = top.values, top.indices.to(torch.int32)

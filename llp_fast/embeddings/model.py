@@ -61,6 +61,7 @@ class Model:
         """For each block [a, b) of ``rows``: ``(a, b, values, classes)``, the scores of each row's K
         best voters (sorted descending) and their class indices."""
         device = torch.device(device or self.voters.device)
+        rows.expect_tau(self.tau)
         dtype = torch.float64 if torch.float64 in (self.voters.dtype, rows.dtype) else torch.float32
         voters = self.voters.to(device, dtype)
         bias = None if self.bias is None else torch.from_numpy(self.bias).to(device, dtype)

@@ -82,7 +82,7 @@ class Settings:
         else:
             _int(n("k"), self.k)
         _int(n("t"), self.t)
-        _positive(n("tau"), self.tau)
+        _checked(n("tau"), _checks.temperature, self.tau)
         _int(n("rounds"), self.rounds)
         _int(n("chunk"), self.chunk)
         if not isinstance(self.density, bool):

@@ -128,6 +128,17 @@ class Rows:
         if self.dim == 0:
             raise DataError(f"{self._name()}: rows have no columns (D = 0)")
         self.dtype = torch.float64 if wide else torch.float32
+        self.max_norm: float | None = None  # (expect_tau)
+        self.tau: float | None = None
+
+    def expect_tau(self, tau: float) -> None:
+        """Scores ``x . m / tau`` will be computed between these rows: unnormalised, each row read
+        from now on must keep them inside the compute dtype (``|x . m| <= |x| |m|``, with the ops'
+        room of 4x), else a :class:`DataError` names it. (The ops' own check is skipped on the
+        streamed blocks; huge rows gave NaN confidences or a traceback from deep inside a run.)"""
+        limit = math.sqrt(torch.finfo(self.dtype).max / 4 * tau)
+        if self.max_norm is None or limit < self.max_norm:
+            self.max_norm, self.tau = limit, tau
 
     def _name(self) -> str:
         return self.what if self.source is None else f"{self.what} {self.source}"
@@ -164,18 +175,28 @@ class Rows:
         # One reduction serves the NaN/Inf check and the normalisation (F.normalize's arithmetic): a
         # row with NaN or Inf has a non-finite norm (and sum); only then is the block checked entry by
         # entry, so that a huge but finite row is not mistaken for a bad one.
-        norm = t.norm(2, dim=1, keepdim=True) if self.normalize else t.sum(dim=1, keepdim=True)
+        sized = self.normalize or self.max_norm is not None
+        norm = t.norm(2, dim=1, keepdim=True) if sized else t.sum(dim=1, keepdim=True)
         if not bool(torch.isfinite(norm).all()):
             bad = ~torch.isfinite(t).all(dim=1)
             if bool(bad.any()):
                 row = int(rows[int(torch.nonzero(bad)[0, 0])])
                 raise DataError(f"{self._file_of(row)}: row {row} contains NaN or Inf")
-            if self.normalize:  # finite rows whose norm overflows: scale them by their largest entry first
-                over = ~torch.isfinite(norm[:, 0])
-                big = t[over].abs().amax(dim=1, keepdim=True)
-                norm[over] = big * (t[over] / big).norm(2, dim=1, keepdim=True)
+            # finite rows whose norm overflows: scale them by their largest entry first
+            over = ~torch.isfinite(norm[:, 0])
+            big = t[over].abs().amax(dim=1, keepdim=True)
+            norm[over] = big * (t[over] / big).norm(2, dim=1, keepdim=True)
         if self.normalize:
-            t = t / norm.clamp_min(1e-12).expand_as(t)
+            return t / norm.clamp_min(1e-12).expand_as(t)
+        if self.max_norm is not None and not bool((norm <= self.max_norm).all()):
+            i = int(torch.nonzero(~(norm[:, 0] <= self.max_norm))[0, 0])
+            row, size = int(rows[i]), float(t[i].double().norm())
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise DataError(
+                f"{self._file_of(row)}: row {row} has norm {size:.3g}, so scores x . m / tau may reach "
+                f"{size * size / self.tau:.3g} (tau = {self.tau:.3g}), beyond {dtype}: scale the rows down, "
+                "raise tau, or let them be normalised"
+            )
         return t
 
     def read(self, a: int, b: int) -> torch.Tensor:

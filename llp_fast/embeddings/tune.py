@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .._topk import log_sum_exp, vote
+from ..errors import DataError
 from ..ops import neighbours, topk_scores
 from .ranks import Local
 from .settings import Settings
@@ -112,9 +113,12 @@ def choose(
     default = Settings()
     k0 = default.k if auto_k else int(settings.ks[0])
     tau0 = default.tau if auto_tau else float(settings.tau)
+    rows.expect_tau(min(TAU_GRID) if auto_tau else tau0)
     lab = labels >= 0
     labeled = np.flatnonzero(lab)
     m = len(labeled)
+    if m == 0:
+        raise DataError("labels holds no labeled row (no entry >= 0)")
     if m < 2:  # nothing to leave one out of
         return Choice(k0, tau0, {}, 0, (k0, tau0))
     classes, y = np.unique(labels[labeled], return_inverse=True)

@@ -29,6 +29,7 @@ from .._checks import (
     optional,
     positive_float,
     positive_int,
+    temperature,
     unit_interval,
 )
 from .._checks import (
@@ -311,7 +312,7 @@ class TrainConfig:
     )
     k: int = _opt(10, "propagation neighbours K (0: min(10, the smallest labeled class))", group="llp", check=count)
     t: int = _opt(25, "density neighbours T", group="llp", check=positive_int)
-    tau: float = _opt(0.07, "temperature", group="llp", check=positive_float)
+    tau: float = _opt(0.07, "temperature", group="llp", check=temperature)
     bank_momentum: float = _opt(0.5, "memory bank blend mu (docs/method.md §1.6)", group="llp", check=unit_interval)
     density_pool: str = _opt(
         "unlabeled", "density pool (docs/method.md §1.1)", group="llp", choices=("unlabeled", "all")

@@ -35,6 +35,9 @@ class _ShardRows:
         self.dtype = torch.float32
         self.own = loc.embeddings[torch.argsort(loc.index_of)].float()  # owned rows, dataset order
 
+    def expect_tau(self, tau: float) -> None:
+        """(The bank's rows are unit vectors, kept so by every update: no check to make.)"""
+
     def blocks(self, chunk: int, lo: int = 0, hi: int | None = None):
         hi = self.n if hi is None else hi
         for a in range(lo, hi, chunk):
