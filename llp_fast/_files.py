@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import re
@@ -170,17 +171,58 @@ def atomic_open(path: str, mode: str = "wb", *, suffix: str = "", what: str = ""
         )
     sweep(os.path.dirname(os.path.abspath(path)), only=os.path.basename(path))
     tmp = temp_path(path, suffix)
+    group, deferred = _GROUP.get(), False
     try:
         with _writing(path, tmp, mode, what=what, encoding=encoding) as f:
             _lock(f)
             yield f
             f.fsync()
             f.close()  # some file systems (NFS) report a failed write only here
+            if group is not None:  # moved into place with the group's other files (atomic_group)
+                group.append((tmp, path, what))
+                deferred = True
+                return
             os.replace(tmp, path)
             fsync_dir(os.path.dirname(os.path.abspath(path)))
     finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if not deferred:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+_GROUP: contextvars.ContextVar[list | None] = contextvars.ContextVar("llp_fast_atomic_group", default=None)
+
+
+@contextlib.contextmanager
+def atomic_group():
+    """Several outputs that move into place together: every :func:`atomic_open` inside the block
+    writes, fsyncs and closes its temporary file as usual but leaves the rename to the end of the
+    block, which renames them all once every one is complete (then fsyncs their folders). A failure
+    at any file's write, fsync or close (NFS reports some only there), or an interrupt, before
+    that: every temporary file is removed and no target changes. (A rename itself fails only where
+    the folder is gone or read-only since: the files renamed before it stay.)"""
+    if _GROUP.get() is not None:  # nested: the outer group moves them
+        yield
+        return
+    pending: list = []
+    token = _GROUP.set(pending)
+    try:
+        yield
+        _GROUP.reset(token)
+        token = None
+        for tmp, path, what in pending:
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise WriteError(path, e, what=what) from e
+        for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for _, p, _ in pending):
+            fsync_dir(folder)
+    finally:
+        if token is not None:
+            _GROUP.reset(token)
+        for tmp, _, _ in pending:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)  # (a file renamed into place is no longer there)
 
 
 @contextlib.contextmanager

@@ -524,3 +524,29 @@ def test_a_real_small_tmpfs_fills_and_the_run_resumes_after_it_grows(data, refer
     rc, err = out["propagate"]
     assert rc == 2 and err == f"llp-fast-propagate: error: cannot write {mnt}/p.npy: No space left on device\n"
     assert out["after"] == ["run"]  # no output, no temporary file
+
+
+def test_outputs_move_into_place_together_or_not_at_all(tmp_path, monkeypatch):
+    """A failure at one output's close (NFS reports a full disk only there) had left the outputs
+    closed after it already renamed into place (each atomic writer renamed as it exited, in reverse
+    order): a run that said "error" had replaced some of its files. Now none is renamed until all
+    are complete."""
+    from llp_fast.embeddings import outputs
+
+    paths = [tmp_path / f"{n}.npy" for n in "abc"]
+    for p in paths:
+        np.save(p, np.zeros(1))  # the previous outputs
+    real = _files._Watched.close
+
+    def close(self):
+        if os.path.basename(self._f.name).startswith(".b.npy.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self)
+
+    monkeypatch.setattr(_files._Watched, "close", close)
+    with pytest.raises(_files.WriteError, match=r"cannot write .*b\.npy: No space left on device"):
+        outputs.write({str(p): ("npy", np.ones(3)) for p in paths})
+    assert [np.load(p).tolist() for p in paths] == [[0.0]] * 3 and temporaries(tmp_path) == []
+    monkeypatch.setattr(_files._Watched, "close", real)
+    outputs.write({str(p): ("npy", np.ones(3)) for p in paths})
+    assert [np.load(p).tolist() for p in paths] == [[1.0] * 3] * 3 and temporaries(tmp_path) == []

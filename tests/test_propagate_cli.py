@@ -545,3 +545,14 @@ def test_k_auto_without_a_labeled_row_says_only_that(tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 2 and out.out == "", out
     assert out.err == "llp-fast-propagate: error: labels holds no labeled row (no entry >= 0)\n", out.err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--confidence-out", "--suspects-out", "--quality-out", "--save-model"])
+def test_an_empty_output_path_is_refused_naming_its_flag(tmp_path, capsys, flag):
+    """An unset shell variable (``--save-model "$DIR"``): the model and the extra outputs were
+    silently not written (exit 0), ``--out ''`` failed only after the whole run."""
+    _clusters(tmp_path)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy")]
+    argv += ["--out", ""] if flag == "--out" else ["--out", str(tmp_path / "p.npy"), flag, ""]
+    flag_error(capsys, argv, flag, "empty")
+    assert leftovers(tmp_path) == []

@@ -38,6 +38,8 @@ def _out(text: str) -> str:
 
 def _model_dir(text: str) -> str:
     """``--save-model``: a directory that exists or can be made (its parent exists)."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty; give a directory")
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
     inside = os.path.join(text, FILE)

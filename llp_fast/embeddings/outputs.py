@@ -1,5 +1,6 @@
 """Atomic ``.npy``/``.npz`` outputs: every file is written to a temporary name beside its target and
-moved into place only when all of them are complete; on any error or interrupt the temporary files
+moved into place only when all of them are complete, fsynced and closed
+(:func:`llp_fast._files.atomic_group`); on any error or interrupt the temporary files
 are removed, so a reader sees the previous files or the new ones, never a torn one. A failed write
 (a full disk, ...) is one :class:`~llp_fast._files.WriteError` naming the file: NumPy writes
 through the writer's file object, which keeps the system's error (:mod:`llp_fast._files`)."""
@@ -11,12 +12,15 @@ import os
 
 import numpy as np
 
-from .._files import atomic_open
+from .._files import atomic_group, atomic_open
 from ..errors import ConfigError
 
 
 def check_path(path: str, what: str) -> str:
-    """``path`` can take a new file: not a directory, in a directory that exists."""
+    """``path`` can take a new file: not empty (an unset shell variable), not a directory, in a
+    directory that exists."""
+    if not path:
+        raise ConfigError(f"{what} path is empty; give a file name")
     if os.path.isdir(path):
         raise ConfigError(f"{what} {path}: is a directory; expected a file name")
     parent = os.path.dirname(os.path.abspath(path))
@@ -53,7 +57,7 @@ def write(files: dict[str, tuple[str, object]], also=None) -> None:
     arrays. All are written to temporary files first, then moved into place. ``also(stack)``, if
     given, writes more files the same way (entering its own atomic writers on ``stack``) after
     these: if it fails, none of them is moved into place."""
-    with contextlib.ExitStack() as stack:
+    with atomic_group(), contextlib.ExitStack() as stack:  # (renamed together, once all are complete)
         for path, (kind, data) in files.items():
             f = stack.enter_context(atomic_open(path, suffix="." + kind))
             if kind == "npy":
