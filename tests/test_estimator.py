@@ -238,3 +238,51 @@ def test_abstention_with_string_and_unsigned_classes():
     assert out.dtype == np.int64 and out.tolist() == [3, -1, 7]
     assert with_abstention(np.array([0.5, 2.0]), codes).tolist() == [0.5, -1.0, 2.0]
     assert with_abstention(np.array(["a", "b"]), np.array([1, 0])).dtype.kind == "U"  # no abstention: as before
+
+
+# -- found by review (2026-12-06) ----------------------------------------------------------------
+def _small():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    y = np.where(rng.random(200) < 0.2, rng.integers(0, 3, 200), -1)
+    y[:3] = [0, 1, 2]
+    return x, y
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(chunk_size=-5), r"^chunk_size: expected a whole number >= 1"),
+        (dict(chunk_size=0), r"^chunk_size: expected a whole number >= 1"),
+        (dict(device="gpu"), r"^device must be cpu, cuda or cuda:N, got 'gpu'"),
+    ],
+)
+def test_predict_checks_how_it_runs(params, match):
+    """chunk_size and device set after fit were used unchecked: rows of zeros from predict_proba,
+    all -1 (an uninitialised array) or an IndexError from predict, a raw torch error."""
+    x, y = _small()
+    clf = LocalLabelPropagation(min_confidence=0.5).fit(x, y).set_params(**params)
+    for method in (clf.predict, clf.predict_proba):
+        with pytest.raises(ValueError, match=match):
+            method(x)
+    want = LocalLabelPropagation(min_confidence=0.5).fit(x, y).predict(x)
+    assert np.array_equal(clf.set_params(chunk_size=7, device="cpu").predict(x), want)  # another chunk: same
+
+
+@pytest.mark.parametrize("param", ["n_neighbors", "tau"])
+def test_none_is_not_a_k_or_a_tau(param):
+    with pytest.raises(ValueError, match=rf"^{param} must be 'auto' or a number, got None"):
+        LocalLabelPropagation(**{param: None}).fit(*_small())
+
+
+def test_labels_of_several_types_are_named():
+    x, _ = _small()
+    y = np.array([-1, "a", 5, "b"] * 50, dtype=object)
+    with pytest.raises(ValueError, match=r"^y mixes labels of types int, str: give every label the same type"):
+        LocalLabelPropagation().fit(x, y)
+
+
+def test_no_new_row_is_an_empty_answer_as_on_the_command_line():
+    x, y = _small()
+    clf = LocalLabelPropagation().fit(x, y)
+    assert clf.predict(x[:0]).shape == (0,) and clf.predict_proba(x[:0]).shape == (0, 3)

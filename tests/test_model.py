@@ -209,8 +209,10 @@ def _mutated(z: dict, **change) -> dict:
         (dict(s_k=0), "k must be"),
         (dict(s_k="ten"), "k must be"),
         (dict(s_k=2.7), "k must be"),
-        (dict(s_tau=0), "tau must be"),
-        (dict(s_tau=float("nan")), "tau must be"),
+        (dict(s_tau=0), "settings' tau: expected a finite number >= 1.18e-38"),
+        (dict(s_tau=float("nan")), "settings' tau: expected a finite number"),
+        (dict(s_tau=1e-40), "settings' tau: expected a finite number"),  # (it passed, then a traceback)
+        (dict(s_tau=1e-310), "settings' tau: expected a finite number"),
         (dict(s_normalize=None), "normalize"),
         (dict(s_min_confidence=2), "min_confidence"),
         (dict(s_min_confidence="high"), "min_confidence"),
@@ -248,3 +250,17 @@ def test_each_malformed_model_field_is_one_line(tmp_path, capsys, change, match)
     np.savez(d / "model.npz", **_mutated(z, **change))
     capsys.readouterr()
     _one_line(capsys, main(["--model", str(d), str(tmp_path / "new.npy"), "--out", out]), match)
+
+
+def test_the_models_summary_counts_the_rows_it_left_unlabelled(tmp_path, capsys):
+    """A model saved with --min-confidence: its summary said "labelled 400 rows" where 109 were -1."""
+    _data(tmp_path)
+    d, out = tmp_path / "m", str(tmp_path / "o.npy")
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", out, "--save-model", str(d)]
+    assert main([*argv, "--min-confidence", "0.99"]) == 0
+    capsys.readouterr()
+    assert main(["--model", str(d), str(tmp_path / "new.npy"), "--out", out]) == 0
+    labels, line = np.load(out), capsys.readouterr().out
+    left = int((labels == -1).sum())
+    assert 0 < left < len(labels), left
+    assert f"labelled {len(labels) - left} of {len(labels)} rows ({left} left -1, confidence below 0.99) by " in line

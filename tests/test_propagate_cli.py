@@ -537,14 +537,17 @@ def test_k_above_the_rows_is_clamped_in_every_round(tmp_path):
     assert np.array_equal(got.labels, want.labels) and np.array_equal(got.confidence, want.confidence)
 
 
-def test_k_auto_without_a_labeled_row_says_only_that(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [["--k", "auto"], ["--drop-suspects", "0.5"]])
+def test_without_a_labeled_row_the_command_says_only_that(tmp_path, capsys, extra):
+    """--k auto printed its choice ("too few labeled rows") before the error, --drop-suspects 0.5
+    "would drop all 0 labeled rows; give a smaller fraction", which no fraction helps."""
     _clusters(tmp_path)
     np.save(tmp_path / "lab.npy", np.full(600, -1))
-    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "p.npy"), "--k", "auto"]
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "p.npy"), *extra]
     rc = propagate_main(argv)
     out = capsys.readouterr()
     assert rc == 2 and out.out == "", out
-    assert out.err == "llp-fast-propagate: error: labels holds no labeled row (no entry >= 0)\n", out.err
+    assert out.err == f"llp-fast-propagate: error: labels {tmp_path / 'lab.npy'} hold no labeled row (no entry >= 0)\n"
 
 
 @pytest.mark.parametrize("flag", ["--out", "--confidence-out", "--suspects-out", "--quality-out", "--save-model"])

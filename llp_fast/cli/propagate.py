@@ -16,7 +16,7 @@ import sys
 
 from .. import distributed
 from ..embeddings import outputs
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from . import _common
 from .propagate_args import DEFAULT, PROG, output_name, parse, settings_of
 
@@ -58,6 +58,8 @@ def _label(args) -> int:
     rows = Rows(args.embeddings, normalize=args.normalize)
     labels = read_labels(args.labels, rows.n)
     n, m = rows.n, int((labels >= 0).sum())
+    if m == 0:  # (before anything that would say something else first)
+        raise DataError(f"labels {args.labels} hold no labeled row (no entry >= 0)")
     if args.drop_suspects and round(args.drop_suspects * m) >= m:
         raise ConfigError(
             f"--drop-suspects {args.drop_suspects:g}: would drop all {m} labeled rows of {args.labels}; give a "
@@ -169,8 +171,13 @@ def _apply(args) -> int:
     if args.confidence_out:
         files[args.confidence_out] = ("npy", conf)
     outputs.write(files)
+    head = f"labelled {len(labels)} rows"
+    abstained = int((labels == -1).sum())
+    if abstained:  # (as the labelling run's line: those rows are -1, not labelled)
+        c = saved.min_confidence if threshold == "model" else threshold
+        head = f"labelled {len(labels) - abstained} of {len(labels)} rows ({abstained} left -1, confidence below {c:g})"
     print(
-        f"{PROG}: labelled {len(labels)} rows by the {saved.voters.shape[0]} voters of {args.model} "
+        f"{PROG}: {head} by the {saved.voters.shape[0]} voters of {args.model} "
         f"in {time.perf_counter() - t0:.2f} s -> {', '.join(files)}"
     )
     return 0

@@ -73,7 +73,7 @@ def _auto_or(value, name: str):
     """None for "auto" (chosen at fit), else the value (checked by Settings)."""
     if isinstance(value, str) and value == "auto":
         return None
-    if isinstance(value, (str, tuple, list)):
+    if value is None or isinstance(value, (str, tuple, list)):
         raise ValueError(f"{name} must be 'auto' or a number, got {value!r}")
     return value
 
@@ -207,10 +207,15 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         normalize = self._normalize()
         X, y = validate_data(self, X, y, dtype=_float_types(X), y_numeric=False)
         unlabeled = _unlabeled(y)
+        try:
+            classes = np.unique(y[~unlabeled])
+        except TypeError:  # labels of several types that do not compare (3 and "a")
+            kinds = sorted({type(v).__name__ for v in y[~unlabeled]})
+            raise ValueError(f"y mixes labels of types {', '.join(kinds)}: give every label the same type") from None
         check_classification_targets(y[~unlabeled] if unlabeled.any() and not unlabeled.all() else y)
         if unlabeled.all():
             raise ValueError("y has no labeled sample: mark unlabeled samples with -1 and give at least one label")
-        self.classes_ = np.unique(y[~unlabeled])
+        self.classes_ = classes
         codes = np.full(y.shape[0], -1, np.int64)
         codes[~unlabeled] = np.searchsorted(self.classes_, y[~unlabeled])
         rows = Rows(X, normalize=normalize, what="X")
@@ -259,24 +264,29 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
 
     def _queries(self, X) -> Rows:
         self._refuse_sparse(X)
-        X = validate_data(self, X, reset=False, dtype=_float_types(X))
+        # (no row is an empty answer, as for llp-fast-propagate --model)
+        X = validate_data(self, X, reset=False, dtype=_float_types(X), ensure_min_samples=0)
         return Rows(X, normalize=self._fit_normalize, what="X")
+
+    def _streaming(self) -> Settings:
+        """``chunk_size`` and ``device`` as they are now (how to run, not what was fitted), checked."""
+        return Settings(chunk=self.chunk_size, device=self.device).checked(names=_PARAMS)
 
     def predict(self, X):
         """The vote of the final voters for each row of X (ties to the first class of ``classes_``;
         -1 below ``min_confidence``)."""
         check_is_fitted(self)
-        queries = self._queries(X)
-        codes, _ = self.model().label(queries, chunk=self.chunk_size, device=self.device)
+        queries, run = self._queries(X), self._streaming()
+        codes, _ = self.model().label(queries, chunk=run.chunk, device=run.device)
         return with_abstention(self.classes_, codes)
 
     def predict_proba(self, X):
         """Each row's class shares in the vote of the final voters, (n_samples, n_classes)."""
         check_is_fitted(self)
-        queries = self._queries(X)
+        queries, run = self._queries(X), self._streaming()
         n_classes = len(self.classes_)
         out = np.zeros((queries.n, n_classes))
-        for a, b, v, c in self.model().votes(queries, chunk=self.chunk_size, device=self.device):
+        for a, b, v, c in self.model().votes(queries, chunk=run.chunk, device=run.device):
             w = torch.exp(v.double() - v[:, :1].double())
             votes = torch.zeros(v.shape[0], n_classes, dtype=torch.float64, device=v.device)
             votes.scatter_add_(1, c.long(), w)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tokenize
 import zipfile
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import _checks
 from .._files import WriteError, atomic_path
 from .._topk import vote
 from ..errors import DataError
@@ -192,8 +192,10 @@ def _settings_of(path: str, text: str) -> dict:
     real = (int, float)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise DataError(f"model {path}: settings' k must be a whole number >= 1, got {k!r}")
-    if isinstance(tau, bool) or not isinstance(tau, real) or not (math.isfinite(tau) and tau > 0):
-        raise DataError(f"model {path}: settings' tau must be a finite number > 0, got {tau!r}")
+    try:
+        _checks.temperature(tau)
+    except ValueError as e:
+        raise DataError(f"model {path}: settings' tau: {e}") from None
     if not isinstance(normalize, bool):
         raise DataError(f"model {path}: settings' normalize must be true or false, got {normalize!r}")
     if c is not None and (isinstance(c, bool) or not isinstance(c, real) or not 0 <= c <= 1):
