@@ -377,3 +377,13 @@ def test_a_bad_row_names_its_shard_and_global_row(tmp_path):
     rows = Rows(str(tmp_path / "s"))
     with pytest.raises(DataError, match=r"1\.npy: row 4 contains NaN or Inf"):
         rows.read(0, 5)
+
+
+def test_each_k_once():
+    """k=(10, 10) silently gave one result (a dict by K), where the command line refuses it."""
+    from llp_fast.errors import ConfigError
+
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    labels = np.r_[[0, 1], np.full(48, -1)]
+    with pytest.raises(ConfigError, match=r"^k: each K once, got \(10, 10\)"):
+        label_embeddings(x, labels, k=(10, 10), rounds=1)

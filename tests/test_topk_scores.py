@@ -5,6 +5,8 @@ propagate, the C++ extension's kernel (``TestExtension``) and the Triton kernel
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -346,3 +348,23 @@ def test_index_offset_must_keep_every_global_index_in_int64():
     for offset in (2**63 - 2, 2**63, 2**70):
         with pytest.raises(ValueError, match=r"index_offset=\d+ exceeds 2\*\*63 - max\(N, 1\)"):
             llp_fast.topk_scores(q, keys, k=3, index_offset=offset)
+
+
+def test_k_far_above_the_keys_asks_the_kernels_for_the_keys_only(monkeypatch):
+    """k = 10**6 over 10 keys: the kernels sized their per-row buffers by k (9.9 GB for Q = 300);
+    now they are asked for N and the answer padded, equal to the k = N answer."""
+    import importlib
+
+    mod = importlib.import_module("llp_fast.ops.topk_scores")
+    asked = []
+    real = mod.topk_scores_op
+    monkeypatch.setattr(mod, "topk_scores_op", lambda *a: asked.append(a[2]) or real(*a))
+    q, keys = torch.randn(7, 5), torch.randn(10, 5)
+    mask = torch.arange(10) % 3 != 0
+    got = llp_fast.topk_scores(q, keys, k=1000, key_mask=mask)
+    want = llp_fast.topk_scores(q, keys, k=10, key_mask=mask)
+    assert asked == [10, 10] and got.values.shape == (7, 1000)
+    assert torch.equal(got.values[:, :10], want.values) and torch.equal(got.indices[:, :10], want.indices)
+    assert bool((got.values[:, 10:] == -math.inf).all()) and bool((got.indices[:, 10:] == -1).all())
+    init = llp_fast.topk_scores(q, keys, k=1000)  # with an init the state keeps its width
+    assert llp_fast.topk_scores(q, keys, k=1000, init=init, index_offset=10).values.shape == (7, 1000)

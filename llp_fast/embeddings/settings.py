@@ -79,6 +79,8 @@ class Settings:
                 raise ConfigError(f"{n('k')} must hold at least one number of neighbours")
             for k in self.k:
                 _int(n("k"), k)
+            if len(set(self.k)) != len(self.k):  # (one result per K: a dict by K)
+                raise ConfigError(f"{n('k')}: each K once, got {tuple(self.k)}")
         else:
             _int(n("k"), self.k)
         _int(n("t"), self.t)
