@@ -157,8 +157,9 @@ def parser() -> argparse.ArgumentParser:
         "--max-voters",
         type=_voters,
         default=hide,
-        help=f"cap on pseudo-labeled voters: auto (default: max({AUTO_VOTERS:,}, {AUTO_VOTERS_PER_LABELED} x the "
-        "labeled rows), so the cost stays linear in N), none (O(N^2) at large N) or a count",
+        help=f"cap on pseudo-labeled voters, the total the rounds grow toward (the last round votes with "
+        f"(R-1)/R of it): auto (default: max({AUTO_VOTERS:,}, {AUTO_VOTERS_PER_LABELED} x the labeled rows), so the "
+        "cost stays linear in N), none (the unlabeled rows: O(N^2) at large N) or a count",
     )
     ap.add_argument(
         "--density-pool", choices=POOLS, default=hide, help="auto (default): unlabeled rows for one round, all for more"

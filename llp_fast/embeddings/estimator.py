@@ -110,7 +110,8 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             most confident rows join the voters (default 10: the most accurate setting measured).
         density_pool: 'auto' (unlabeled rows for one round, all rows for more), 'unlabeled' or 'all'.
         labeled_weight: weight of the labeled voters (None: 1 for one round, 3 for more).
-        max_voters: cap on pseudo-labeled voters ("auto": keeps the cost linear in N, see
+        max_voters: cap on pseudo-labeled voters, the total the rounds grow toward (the last round
+            votes with (rounds - 1) / rounds of it; "auto": keeps the cost linear in N, see
             llp_fast.embeddings.settings; None: no cap).
         min_confidence: abstain below this confidence: ``transduction_`` and ``predict`` give -1 for
             an unlabeled row whose vote's winning share is below it (labeled rows keep theirs;

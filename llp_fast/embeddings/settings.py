@@ -9,10 +9,12 @@ labeled points and the pseudo-labeled voters would be measured against different
 original labeled voters count 3 times. ``density_pool="auto"`` and ``labeled_weight=None`` pick these.
 
 The pseudo-labeled voters are capped (``max_voters="auto"``) so that the default's cost stays linear
-in N: at most ``max(AUTO_VOTERS, AUTO_VOTERS_PER_LABELED * M)`` of them (M the labeled rows), which
-is every voter the schedule would add up to about N = 22,000 rows (the accuracy table of
-docs/embeddings.md is unchanged) and bounds the work at ``O(N (M + max(20,000, 2M)))``: about 3
-times ``rounds=1`` once M >= 10,000 (docs/embeddings.md, "Cost of the default").
+in N: at most ``max(AUTO_VOTERS, AUTO_VOTERS_PER_LABELED * M)`` of them (M the labeled rows). The cap
+is the schedule's total in place of the unlabeled rows (docs/method.md §7.4): the voters grow toward
+it and the last round votes with (R - 1) / R of it. So the default is the uncapped scheme exactly
+up to 20,000 unlabeled rows (the accuracy table of docs/embeddings.md is unchanged) and bounds the
+work at ``O(N (M + max(20,000, 2M)))``: about 3 times ``rounds=1`` once M >= 10,000
+(docs/embeddings.md, "Cost of the default").
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class Settings:
     neighbours, temperature, density weighting (False: the NoDW ablation), the density pool, the
     weight of the original labeled voters, the rounds of the multi-round scheme, the cap on
     pseudo-labeled voters ("auto": see the module; None: none, they grow to (R-1)/R of the unlabeled
-    rows, O(N^2) work; an int: that many), rows per streamed block, and the torch device (None: where
-    the embeddings are; cpu for files and arrays)."""
+    rows, O(N^2) work; an int: the total they grow toward, (R-1)/R of it in the last round), rows per
+    streamed block, and the torch device (None: where the embeddings are; cpu for files and arrays)."""
 
     k: int | tuple[int, ...] = 10
     t: int = 25
@@ -113,8 +115,8 @@ class Settings:
         return tuple(int(k) for k in self.k) if isinstance(self.k, (tuple, list)) else (int(self.k),)
 
     def voter_cap(self, m: int, n_unlabeled: int) -> int:
-        """How many pseudo-labeled voters the rounds grow to, for ``m`` labeled and ``n_unlabeled``
-        unlabeled rows."""
+        """The total of pseudo-labeled voters the rounds grow toward, for ``m`` labeled and
+        ``n_unlabeled`` unlabeled rows (the last round votes with (R - 1) / R of it)."""
         if self.max_voters is None:
             return n_unlabeled
         if self.max_voters == "auto":
