@@ -53,16 +53,18 @@ def positive_float(v):
     return float(v)
 
 
-# The smallest temperature: unit rows score up to 1/tau, and the ops keep their float32 scores
-# (and the difference of two) 4x inside float32's range (llp_fast/_validate.scores_fit). A tau
-# below it failed deep inside an op, with a traceback.
-MIN_TAU = 4.0 / 3.4028234663852886e38
+# The smallest temperature. The ops keep their float32 scores (and the difference of two) 4x inside
+# float32's range, bounding a score by D * max|a| * max|b| / tau (llp_fast/_validate.scores_fit): for
+# unit rows D / tau, so the smallest tau that every op takes grows with D (4 D / 3.4e38). 1e-30 covers
+# every D up to 8.5e7; a tau below it failed deep inside an op, with a traceback. (Temperatures in use
+# are 0.01 to 1.)
+MIN_TAU = 1e-30
 
 
 def temperature(v):
-    """A temperature tau: a finite number, at least :data:`MIN_TAU` (about 1.2e-38)."""
+    """A temperature tau: a finite number, at least :data:`MIN_TAU`."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= MIN_TAU):
-        raise bad(f"a finite number >= {MIN_TAU:.3g} (1/tau must fit float32 scores)", v)
+        raise bad(f"a finite number >= {MIN_TAU:g} (the scores x . m / tau must fit float32)", v)
     return float(v)
 
 

@@ -66,3 +66,37 @@ def handled(signals, handler):
     finally:
         for sig, before in previous.items():
             signal.signal(sig, before)
+
+
+# -- output that goes away (cli/_output.py) ------------------------------------------------------
+# What a lost stdout or stderr asks for: a stop where something can stop cleanly (a training run
+# registers one while its handlers are in place: train/stopping.py), else nothing (the command
+# goes on, its output dropped). ``_lost`` remembers a loss before any stop was registered.
+_stoppers: list = []
+_lost: list[bool] = []
+
+
+def output_lost() -> None:
+    """The process's stdout or stderr is gone: the innermost registered stop is asked for once."""
+    first = not _lost
+    _lost.append(True)
+    if first and _stoppers:
+        _stoppers[-1]()
+
+
+@contextlib.contextmanager
+def stop_on_lost_output(stop):
+    """``stop()`` is called if the output goes away while the block runs (at once if it went
+    before)."""
+    _stoppers.append(stop)
+    try:
+        if _lost:
+            stop()
+        yield
+    finally:
+        _stoppers.remove(stop)
+
+
+def reset_lost_output() -> None:
+    """(A command starting again in this process: tests.)"""
+    _lost.clear()

@@ -167,6 +167,7 @@ def test_bad_flag_values(tmp_path, capsys):
         ("--width", "0"),
         ("--threads", "-1"),
         ("--threads", "100000"),  # a segmentation fault in OpenMP when torch started them
+        ("--tau", "1e-37"),  # (a traceback from inside an op: D / tau overflowed float32)
         ("--epochs", "0"),
         ("--scale-min", "5"),
         ("--weight-decay", "-1"),
@@ -382,3 +383,20 @@ def test_a_commands_own_handling_takes_the_start_hook_back():
     )
     assert p.returncode == -signal.SIGINT
     assert "Traceback" in p.stderr and "interrupted while starting" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["llp_fast.cli.probe", "--data", "digits", "--out", "", "RUN"],
+        ["llp_fast.cli.analyze", "RUN", "--out", ""],
+        ["llp_fast.cli.select", "RUN", "--out", ""],
+    ],
+)
+def test_an_empty_out_is_refused_by_every_tool(argv):
+    """An unset shell variable: -linear-probe wrote no JSON, exit 0; -analyze wrote into RUN/analysis."""
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(argv[0]).main(argv[1:])
+    assert e.value.code == 2

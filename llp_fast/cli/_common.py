@@ -81,6 +81,14 @@ def epochs(text: str) -> list[int]:
     return C.epoch_list(values)
 
 
+def path(text: str) -> str:
+    """An output path flag's value: not empty (an unset shell variable, ``--out "$DIR"``, made the
+    output silently go missing, or somewhere else)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty; give one")
+    return text
+
+
 POSITIVE_INT = checked(int, C.positive_int, "a whole number")
 COUNT = checked(int, C.count, "a whole number")
 THREADS = checked(int, _checks.threads, "a whole number")

@@ -3,23 +3,22 @@ with ``tee`` killed, a pager quit), a terminal hung up, the disk of a redirected
 
 Python reports such a write as an ``OSError`` (``BrokenPipeError``: it ignores SIGPIPE) from
 whatever line printed, and a training run died there with a traceback nobody saw and without the
-checkpoint of its last steps. While a command runs (:func:`guarded`), ``sys.stdout`` and
-``sys.stderr`` hand their writes on, and the first that fails makes that file descriptor
-``/dev/null`` (everything written after it, native libraries' writes included, goes nowhere instead
-of failing again) and asks the process to stop as SIGTERM does: a run checkpoints at its next step
-and exits 130, a tool removes what it had half-written (README "When things fail"). The run cannot
-be watched any more, and is resumed as after any interrupt. A command started with SIGTERM ignored
-trains on (llp_fast/_signals.py).
+checkpoint of its last steps; a buffered stdout failed again at exit ("Exception ignored ...",
+status 120). While a command runs (:func:`guarded`), ``sys.stdout`` and ``sys.stderr`` hand their
+writes on, and the first that fails makes that file descriptor ``/dev/null`` (everything written
+after it, native libraries' writes included, goes nowhere instead of failing again). A training run
+then stops as on SIGTERM, at its next step, with a checkpoint (exit 130), where its handlers are in
+place (``llp_fast._signals.stop_on_lost_output``); everything else goes on and ends as it would
+have (a labelling writes its outputs, exit 0), its lines unread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 
-_asked: list[bool] = []  # the stop was asked for (once a process: a second SIGTERM gives up at once)
+from .._signals import output_lost, reset_lost_output
 
 
 class _Guarded:
@@ -52,9 +51,7 @@ class _Guarded:
             os.close(null)
         with contextlib.suppress(OSError, ValueError):
             self._stream.flush()  # what its buffer held goes to /dev/null with the rest
-        if not _asked:
-            _asked.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
+        output_lost()
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
@@ -62,12 +59,16 @@ class _Guarded:
 
 @contextlib.contextmanager
 def guarded():
-    """``sys.stdout`` and ``sys.stderr`` as :class:`_Guarded` while the block runs, then as before."""
+    """``sys.stdout`` and ``sys.stderr`` as :class:`_Guarded` while the block runs, then flushed
+    through them (a block-buffered stdout's last line fails only then) and as before."""
     saved = sys.stdout, sys.stderr
     if not isinstance(sys.stderr, _Guarded):
-        _asked.clear()  # (a command run again in this process: tests)
+        reset_lost_output()  # (a command run again in this process: tests)
     sys.stdout, sys.stderr = (s if s is None or isinstance(s, _Guarded) else _Guarded(s) for s in saved)
     try:
         yield
     finally:
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, _Guarded):
+                stream.flush()
         sys.stdout, sys.stderr = saved

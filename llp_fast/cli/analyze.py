@@ -16,7 +16,7 @@ def parser() -> argparse.ArgumentParser:
     _common.add_version(ap)
     ap.add_argument("run_dir")
     ap.add_argument("--compare", help="a second run (e.g. --no-density-weighting) shown beside the first")
-    ap.add_argument("--out", help="output folder (default RUN_DIR/analysis)")
+    ap.add_argument("--out", type=_common.path, help="output folder (default RUN_DIR/analysis)")
     ap.add_argument("--map", choices=("pca", "mds"), default="pca", help="2-D embedding map method")
     ap.add_argument("--classes", type=_common.POSITIVE_INT, default=4, help="classes in the embedding map")
     return ap

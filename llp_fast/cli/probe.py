@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     _common.add_version(ap)
     ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
     ap.add_argument("--data", required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH")
-    ap.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
+    ap.add_argument("--out", type=_common.path, default=None, help="JSON file for the results (default: print only)")
     ap.add_argument("--lr", type=_lr, default=0.01, help="initial learning rate (default 0.01, paper)")
     ap.add_argument("--momentum", type=_common.MOMENTUM, default=0.9)
     ap.add_argument("--weight-decay", type=_common.NONNEG_FLOAT, default=0.0)

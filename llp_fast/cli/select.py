@@ -34,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
         help="the pool: npz:PATH.npz (uint8 'x', optional 'y'), npz:PATH.npy (uint8 images, memory-mapped) "
         "or folder:PATH",
     )
-    ap.add_argument("--out", required=True, help="SELECTION.npz or SELECTION.json (written atomically)")
+    ap.add_argument(
+        "--out", type=_common.path, required=True, help="SELECTION.npz or SELECTION.json (written atomically)"
+    )
     ap.add_argument(
         "--top-classes", type=_common.POSITIVE_INT, default=10, help="P: classes kept per image (default 10)"
     )

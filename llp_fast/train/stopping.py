@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 
 import torch
 
-from .._signals import handled
+from .._signals import handled, ignored, stop_on_lost_output
 from ..errors import Interrupted, InterruptedTwice, Terminated
 
 
@@ -34,9 +35,26 @@ class Stopping:
         self.world = world
         self._now = None  # during an at_once pass: what a signal raises
 
+    @contextlib.contextmanager
     def handlers(self):
-        """SIGINT and SIGTERM handled while the block runs (main thread only), then as before."""
-        return handled((signal.SIGINT, signal.SIGTERM), self._on_signal)
+        """SIGINT and SIGTERM handled while the block runs (main thread only), then as before; and
+        the output going away (``cli/_output.py``) asks for a stop as SIGTERM does, unless SIGTERM
+        is ignored (the run was started so: it trains on, llp_fast/_signals.py)."""
+        with contextlib.ExitStack() as stack:
+            if not ignored(signal.SIGTERM):
+                stack.enter_context(stop_on_lost_output(self._output_lost))
+            stack.enter_context(handled((signal.SIGINT, signal.SIGTERM), self._on_signal))
+            yield
+
+    def _output_lost(self) -> None:
+        """As a SIGTERM, but never a second signal: one that came before is already stopping the run
+        (a Ctrl-C that also ended ``| tee``), and a second would give up its checkpoint."""
+        if self.signal is not None:
+            return
+        if threading.current_thread() is threading.main_thread():
+            self._on_signal(signal.SIGTERM, None)  # (in a pass that stops at once, it raises here)
+        else:
+            self.signal = signal.SIGTERM
 
     def _on_signal(self, signum, frame):
         if self.signal is not None:  # second signal: give up at once
