@@ -149,6 +149,10 @@ def train_readout(
             opt.step()
         with torch.no_grad():
             v1 = _topk(head(xtr[val]), ytr[val])[0] if val.numel() else -float(loss)
+            # (diverged weights give NaN logits, whose argmax still scores on the validation split:
+            # such an epoch was kept as the best, a chance-level readout reported as a result)
+            if not all(bool(torch.isfinite(p).all()) for p in head.parameters()):
+                v1 = -float("inf")
         if v1 > best:
             best, best_epoch, stale = v1, epoch, 0
             best_state = {k: t.clone() for k, t in head.state_dict().items()}
@@ -163,7 +167,7 @@ def train_readout(
             n_drops, stale = n_drops + 1, 0
             for group in opt.param_groups:
                 group["lr"] *= 0.1
-    if best_state is None:  # --val-fraction 0: the loss (the score compared) was never a number
+    if best_state is None:  # the weights (or, --val-fraction 0, the loss compared) never finite
         raise TrainingDiverged(
             f"the readout's loss was never finite (last {float(loss.detach())}): lower --lr or --weight-decay"
         )

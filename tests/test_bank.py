@@ -275,3 +275,49 @@ def test_seed_and_index_offset_are_checked():
         _bank(seed=0.5)
     with pytest.raises(ValueError, match="index_offset must be >= 0"):  # instance ids met class ids
         _bank(index_offset=-3)
+
+
+# -- found by review (2026-12-06) ----------------------------------------------------------------
+def test_any_accepted_seed_draws_the_rows():
+    """Seeds from about 9.2e12 on overflowed manual_seed (llp-fast-train --seed 2e13: a traceback)."""
+    import numpy as np
+
+    labels = torch.tensor([0, 1, -1, -1])
+    for seed in (2**45, 2**63 - 1):
+        bank = MemoryBank(labels, 2, dim=4, seed=seed)
+        assert torch.allclose(bank.embeddings.norm(dim=1), torch.ones(4))
+    assert torch.equal(MemoryBank(labels, 2, dim=4, seed=7).embeddings, MemoryBank(labels, 2, dim=4, seed=7).embeddings)
+    bank = MemoryBank(labels, 2, dim=4)
+    bank.truncate(np.int64(4))  # (a NumPy integer, as num_classes takes)
+
+
+def test_a_state_with_rows_that_are_not_unit_vectors_is_refused_unchanged():
+    labels = torch.tensor([0, 1, -1, -1])
+    state = dict(MemoryBank(labels, 2, dim=4, seed=1).state_dict())
+    state["embeddings"] = state["embeddings"] * 3e38
+    bank = MemoryBank(labels, 2, dim=4, seed=2)
+    before = bank.embeddings.clone()
+    with pytest.raises(ValueError, match=r"^bank state 'embeddings' row 0 has norm inf; bank rows are unit vectors"):
+        bank.load_state_dict(state)
+    assert torch.equal(bank.embeddings, before)
+
+
+def test_a_float16_bank_refuses_queries_its_dtype_cannot_hold():
+    """vote and loss returned NaN for finite queries above 65,504, where step refused them."""
+    bank = MemoryBank(torch.tensor([0, 1, -1, -1]), 2, dim=4, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"^queries holds entries up to 1e\+05 in magnitude; a torch.float16 bank"):
+        bank.vote(torch.full((1, 4), 1e5), k=1)
+    with pytest.raises(ValueError, match=r"^v holds entries up to 1e\+05 in magnitude; a torch.float16 bank"):
+        bank.loss(torch.full((2, 4), 1e5), torch.tensor([0, 2]))
+    assert bool(torch.isfinite(bank.loss(torch.full((2, 4), 0.5), torch.tensor([0, 2]))).all())
+
+
+def test_class_statistics_checks_truth():
+    bank = MemoryBank(torch.tensor([0, 1, -1, -1]), 2, dim=4)
+    with pytest.raises(ValueError, match=r"^truth must have shape \(4,\), got \(2,\)"):
+        bank.class_statistics(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^truth holds a class outside -1\.\.1"):
+        bank.class_statistics(torch.tensor([0, 1, 3, -1]))
+    import numpy as np
+
+    assert bank.class_statistics(np.array([0, 1, -1, 1]))["pseudo_known"] == 1

@@ -174,3 +174,10 @@ def test_pixels_control_and_repeats(ckpt, tmp_path):
     assert all({"best_epoch", "epochs_run", "lr_drops", "fit_top1"} <= set(r) for r in res["repeats"])
     assert not {"best_epoch", "epochs_run", "lr_drops"} & set(res)
     assert res["test_top1_std"] >= 0.0
+
+
+def test_a_diverged_readout_with_a_validation_split_is_refused_too(ckpt, capsys):
+    """With a validation split, NaN weights' argmax still scored on it: epoch 1 was kept as the best
+    and a chance-level readout reported as a result, exit 0."""
+    rc = main([ckpt, "--data", "digits", "--lr", "1e29", "--weight-decay", "1e9", "--epochs", "3", "--quiet"])
+    one_error_line(capsys, rc, "the readout's loss was never finite", prog="llp-fast-linear-probe")

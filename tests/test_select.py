@@ -399,3 +399,13 @@ def test_a_run_is_read_from_its_checkpoint_alone(tmp_path, pool, capsys):
     rc = main([grey.cfg.run_dir, "--source", f"npz:{pool}", "--out", out, "--quiet"])
     line = one_error_line(capsys, rc, "does not fit the network its run's data")
     assert "'stem.weight' has shape (4, 1, 3, 3), the network (4, 3, 3, 3)" in line, line
+
+
+@pytest.mark.parametrize("name", ["no/such/dir/sel.npz", "sel.NPZ"])
+def test_an_out_that_cannot_be_written_is_refused_before_scoring(ckpt, pool, tmp_path, capsys, monkeypatch, name):
+    """(Scoring a large pool takes hours: --out was checked only at the write.)"""
+    import llp_fast.cli.select as cli
+
+    monkeypatch.setattr(cli, "select", lambda *a, **k: pytest.fail("the pool was scored"))
+    rc = main([ckpt, "--source", f"npz:{pool}", "--out", str(tmp_path / name), "--quiet"])
+    one_error_line(capsys, rc, "--out ")

@@ -8,6 +8,8 @@ indices*; ``row_of`` maps them to bank rows.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .. import _validate as check
@@ -30,7 +32,8 @@ def initial_rows(start: int, end: int, dim: int, seed: int) -> torch.Tensor:
     out = torch.empty(max(0, end - start), dim)
     for block in range(start // _INIT_BLOCK, (end + _INIT_BLOCK - 1) // _INIT_BLOCK):
         b0 = block * _INIT_BLOCK
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        # (modulo 2**63: a seed from about 9.2e12 on overflowed manual_seed, a traceback)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + block) % 2**63)
         rows = torch.randn(_INIT_BLOCK, dim, generator=gen)
         lo, hi = max(start, b0), min(end, b0 + _INIT_BLOCK)
         out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
@@ -188,16 +191,24 @@ class MemoryBank(BankState):
         each example's stored label as the target (``targets``: those labels when the caller
         already fetched them with :meth:`stored`). (B,) float32."""
         check.tensor(v, "v")
+        self._check_cast(v, "v")
         if targets is None:
             targets = self.labels[self.rows(indices)]
         return aggregation_loss(
             v.to(self.embeddings.dtype), self.embeddings, self.labels, targets, tau=tau, check_finite=False
         )
 
+    def _check_cast(self, v: torch.Tensor, name: str) -> None:
+        """On a float16 bank, ``v`` cast to it must stay finite (65,504 at most: the loss was NaN);
+        other banks take any float32 value (bfloat16 has float32's range)."""
+        if self.embeddings.dtype == torch.float16 and v.dtype != torch.float16:
+            check.blend_fits(self.embeddings, check.finite(v, name), name)
+
     def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
         """Instance discrimination (the warm-up): the aggregation loss with every row its own
         group, i.e. softmax cross-entropy of ``v`` against its own bank row. (B,) float32."""
         check.tensor(v, "v")
+        self._check_cast(v, "v")
         rows = self.rows(indices)
         ids = -1 - self.index_of
         return aggregation_loss(
@@ -286,7 +297,9 @@ class MemoryBank(BankState):
         """docs/method.md §1.2 for ``queries`` (Q, D) against the labeled rows, storing nothing:
         (labels, confidence). With ``density_weighting=False`` a plain weighted kNN vote."""
         check.tensor(queries, "queries")
-        check.finite(queries, "queries")  # (the bank's own rows are kept finite by every update)
+        size = check.finite(queries, "queries")  # (the bank's own rows are kept finite by every update)
+        if self.embeddings.dtype == torch.float16:  # (the cast to the bank's dtype must not overflow)
+            check.blend_fits(self.embeddings, size, "queries")
         return self._vote(queries, k=k, tau=tau, density_weighting=density_weighting)
 
     def _vote(self, queries: torch.Tensor, *, k: int, tau: float, density_weighting: bool):
@@ -312,7 +325,14 @@ class MemoryBank(BankState):
         the bank rows per true class, ``density_sums`` (S,) of log_rho and ``labeled_sizes`` (S,)
         per labeled class. Sums, so that shards of a bank add theirs up."""
         s, m = self.num_classes, self.num_labeled
-        truth = truth.to(self.device)[self.index_of]  # bank order
+        truth = as_tensor(truth, "truth", device=self.device)
+        check.tensor(truth, "truth")
+        truth = truth.to(self.device)
+        check.vector(truth, "truth", len(self), device=self.device, kind="int")
+        truth = truth.long()
+        if truth.numel() and not bool(((truth >= -1) & (truth < s)).all()):
+            raise ValueError(f"truth holds a class outside -1..{s - 1} (-1: unknown)")
+        truth = truth[self.index_of]  # bank order
         unl = torch.arange(len(self), device=self.device) >= m
         has = unl & (truth >= 0)
         stored = self.labels[unl]
@@ -338,8 +358,9 @@ class MemoryBank(BankState):
         """Forgets dataset indices >= ``n``, which must be unlabeled and so the bank's last rows
         (the extra examples of ``--extra-unlabeled``, dropped for fine-tuning). Copies, so that
         the dropped rows' memory is freed."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise ValueError(f"n must be a whole number >= 0, got {n!r}")
+        n = int(n)
         if n >= len(self):
             return
         # (row_of[:n] < n alone let labeled examples go: their log_rho rows stayed, the bank broke)

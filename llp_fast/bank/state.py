@@ -13,6 +13,18 @@ import torch
 _STATE_KEYS = ("embeddings", "labels", "confidence", "log_rho", "row_of", "num_labeled", "num_classes")
 
 
+UNIT_SLACK = 1.01  # a bank row is a unit vector (normalised at every write), rounded to its dtype
+
+
+def _check_unit_rows(embeddings: torch.Tensor, what: str) -> None:
+    """Bank rows of norm at most :data:`UNIT_SLACK` (finite rows of 3e38 loaded as they were, and
+    the next density was -inf/+inf, the next loss NaN)."""
+    norms = embeddings.float().norm(dim=1) if embeddings.numel() else embeddings.new_zeros(0).float()
+    if not bool((norms <= UNIT_SLACK).all()):
+        i = int(torch.nonzero(~(norms <= UNIT_SLACK))[0, 0])
+        raise ValueError(f"{what} 'embeddings' row {i} has norm {float(norms[i]):.3g}; bank rows are unit vectors")
+
+
 def _check_unlabeled_labels(labels: torch.Tensor, own: torch.Tensor, num_classes: int, what: str) -> None:
     """An unlabeled row holds a class or, before its first vote, its own instance id ``own`` (negative)."""
     if not bool((((labels >= 0) & (labels < num_classes)) | (labels == own)).all()):
@@ -82,6 +94,7 @@ class BankState:
         for key, values in (("embeddings", emb), ("confidence", conf), ("log_rho", log_rho)):
             if not bool(torch.isfinite(values.float()).all()):
                 raise ValueError(f"bank rows {key!r} contain NaN or Inf")
+        _check_unit_rows(emb, "bank rows")
         if not bool(((conf >= 0) & (conf <= 1)).all()):
             raise ValueError("bank rows 'confidence' must lie in [0, 1]")
         rows = self.row_of.cpu()  # dataset order -> bank rows
@@ -154,6 +167,7 @@ class BankState:
         for key in ("embeddings", "confidence", "log_rho"):
             if not bool(torch.isfinite(state[key].float()).all()):
                 raise ValueError(f"bank state {key!r} contains NaN or Inf")
+        _check_unit_rows(state["embeddings"], "bank state")
         conf = state["confidence"]
         if not bool(((conf >= 0) & (conf <= 1)).all()):
             raise ValueError("bank state 'confidence' must lie in [0, 1]")

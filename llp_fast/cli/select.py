@@ -12,7 +12,7 @@ import torch
 
 from .._progress import Progress, reporter
 from ..data.extra import open_pool
-from ..data.selection import write_selection
+from ..data.selection import check_selection_path, write_selection
 from ..select import load_network, select
 from ..train.defaults import default_device
 from . import _common
@@ -61,6 +61,7 @@ def _main(args) -> int:
         torch.set_num_threads(args.threads)
     progress = Progress(enabled=not args.quiet, prog=PROG)
     _common.not_an_input(args.out, args.checkpoint, args.source, data_flag="--source")
+    check_selection_path(args.out)
     pool = open_pool(args.source, workers=args.workers)
     model, cfg, source = load_network(args.checkpoint, _common.cuda_checked(args.device or default_device()))
     with progress.bar(len(pool), "scoring the pool", "img") as bar:

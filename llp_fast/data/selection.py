@@ -21,13 +21,19 @@ from .._files import atomic_open
 from ..errors import DataError
 
 
-def write_selection(path: str, index, cls, score, meta: dict, paths=None) -> None:
-    """Writes a selection atomically (``.npz`` or ``.json`` by extension)."""
+def check_selection_path(path: str) -> None:
+    """A selection can be written at ``path``: a ``.npz`` or ``.json`` name in a directory that
+    exists (checked before the pool is scored, which takes hours on a large pool, and at the write)."""
     out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
         raise DataError(f"--out {path}: directory {out_dir} does not exist")
     if not path.endswith((".npz", ".json")):
         raise DataError(f"--out {path}: expected a .npz or .json file name")
+
+
+def write_selection(path: str, index, cls, score, meta: dict, paths=None) -> None:
+    """Writes a selection atomically (``.npz`` or ``.json`` by extension)."""
+    check_selection_path(path)
     sel_paths = None if paths is None else [paths[i] for i in index.tolist()]
     with atomic_open(path) as f:
         if path.endswith(".json"):
