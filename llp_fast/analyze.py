@@ -306,9 +306,21 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
                 os.replace(out / name, final / name)
             except OSError as e:
                 raise WriteError(str(final / name), e) from e
+        for name in set(FIGURES) - set(names):  # an earlier analysis's picture this one does not draw
+            try:
+                os.remove(final / name)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise WriteError(str(final / name), e) from e
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return [final / name for name in names]
+
+
+# Every picture an analysis may draw (the index page links those of this run): in an --out that
+# already held another run's analysis, the ones not drawn again are removed.
+FIGURES = ("curves.png", "corr.png", "density.png", "q_hist.png", "embedding_map.png", "aggregation_hist.png")
 
 
 def _draw(runs, out: Path, method: str, n_classes: int):

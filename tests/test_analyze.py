@@ -216,3 +216,17 @@ def test_sigterm_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err.strip() == "llp-fast-analyze: interrupted; nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_analysis_into_another_runs_folder_leaves_only_its_own_pictures(tmp_path, capsys):
+    """A run without a bank into a folder holding a full analysis: the earlier run's density and map
+    stayed beside the new curves, unlinked from the new index."""
+    _make_run(tmp_path / "llp")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "llp"), "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")  # not the analysis's: kept
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": 0.5}) + "\n")
+    assert main([str(bare), "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["curves.png", "index.html", "notes.txt"]
