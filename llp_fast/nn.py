@@ -195,7 +195,13 @@ class WithHeads(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1) if h.dim() == 4 else h
 
     def features(self, x):
-        return self._pooled(self.backbone(x))
+        h = self._pooled(self.backbone(x))
+        # Any floating-point features: float64 or float16 ones (a backbone kept in that dtype) met the
+        # heads' float32 weights at the first step (a dtype error). Autocast casts float32 itself.
+        want = self.fc.weight.dtype
+        if h.dtype == torch.float64 or (h.dtype != want and not torch.is_autocast_enabled(h.device.type)):
+            h = h.to(want)
+        return h
 
     def forward(self, x):
         h = self.features(x)

@@ -168,6 +168,7 @@ def test_bad_flag_values(tmp_path, capsys):
         ("--threads", "-1"),
         ("--threads", "100000"),  # a segmentation fault in OpenMP when torch started them
         ("--tau", "1e-37"),  # (a traceback from inside an op: D / tau overflowed float32)
+        ("--resume", ""),  # (an unset shell variable: a new run started, with every default)
         ("--epochs", "0"),
         ("--scale-min", "5"),
         ("--weight-decay", "-1"),

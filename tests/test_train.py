@@ -414,3 +414,66 @@ def test_an_epoch_that_cannot_be_shared_out_is_refused_in_one_line(tmp_path):
     assert order.check_regroup(dataclasses.replace(s, world=2), 1, 2) == (
         "its steps of 7 examples cannot be shared by 2 processes"
     )
+
+
+# -- found by review (2026-12-06) ----------------------------------------------------------------
+def test_train_makes_the_new_run_checks_that_fit_and_the_cli_make(tmp_path):
+    from llp_fast.errors import ConfigError
+
+    cfg = tiny_config(tmp_path, jump_milestones=[2])
+    with pytest.raises(ConfigError, match="--jump-milestones"):
+        train(cfg)
+    assert not os.path.exists(cfg.run_dir)
+
+
+def test_a_backbone_with_float64_features_trains(tmp_path):
+    """A backbone kept in float64 met the heads' float32 weights at the first step (a traceback)."""
+    import dataclasses as dc
+
+    from llp_fast.train.api import fit
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).double()
+    settings = dc.asdict(tiny_config(tmp_path, epochs=1))
+    settings.pop("arch"), settings.pop("width")
+
+    class Double(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x.double())
+
+    out = fit(Double(), settings.pop("data"), **settings)
+    assert 0 <= out.metrics["test_top1"] <= 1
+
+
+def test_a_sigterm_while_the_baseline_finishes_is_an_interrupt():
+    """SIGTERM while the LLP run waited for its baseline ended the command by the signal (143, no
+    line): it is an interrupt now, the baseline asked to checkpoint."""
+    import signal
+    import time
+    import types
+
+    from llp_fast.cli.launch import Baseline
+
+    class Proc:
+        exitcode, calls = None, []
+
+        def join(self):
+            self.calls.append("join")
+            if len(self.calls) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+
+        def is_alive(self):
+            return True
+
+        def terminate(self):
+            self.calls.append("terminate")
+
+    b = Baseline.__new__(Baseline)
+    b.proc, b.cfg = Proc(), types.SimpleNamespace(run_dir="RUN")
+    with pytest.raises(Interrupted) as e:
+        b._join()
+    assert e.value.signum == 15 and Proc.calls == ["join", "terminate", "join"]

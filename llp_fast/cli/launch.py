@@ -21,7 +21,7 @@ import signal
 import sys
 
 from .. import _files, distributed
-from ..errors import BaselineFailed, Interrupted, is_user_error, one_line
+from ..errors import BaselineFailed, Interrupted, Terminated, is_user_error, one_line
 from ..train import checkpoint
 from ..train import config as C
 from ..train.checkpoint import BASELINE_DIR, BASELINE_MARK
@@ -207,10 +207,11 @@ class Baseline:
         from ..train.report import read_metrics
 
         try:
-            self.proc.join()
-        except KeyboardInterrupt:  # Ctrl-C reached the baseline too: let it checkpoint
+            with _common.sigterm_as_interrupt():  # (SIGTERM here ended the command by it: 143, no line)
+                self.proc.join()
+        except (KeyboardInterrupt, Terminated) as e:  # Ctrl-C reached the baseline too: let it checkpoint
             self._stop()
-            raise Interrupted(2, self.cfg.run_dir) from None
+            raise Interrupted(15 if isinstance(e, Terminated) else 2, self.cfg.run_dir) from None
         if self.proc.exitcode in (130, -15):
             raise Interrupted(15, self.cfg.run_dir)
         if self.proc.exitcode != 0:

@@ -85,7 +85,9 @@ def parser() -> argparse.ArgumentParser:
         if f.metadata.get("cli"):
             _add_field(groups[f.metadata["group"]], f)
     run = groups["run"]
-    run.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue the run in RUN_DIR exactly")
+    run.add_argument(  # (an empty one, an unset shell variable, started a new run)
+        "--resume", metavar="RUN_DIR", type=_common.path, default=None, help="continue the run in RUN_DIR exactly"
+    )
     run.add_argument(
         "--baseline",
         choices=("auto", "on", "off"),

@@ -52,6 +52,8 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
     :class:`~llp_fast.errors.ConfigError` naming the flag."""
     if not isinstance(model, (torch.nn.Module, type(None))):
         raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    if isinstance(settings.get("init_weights"), os.PathLike):
+        settings["init_weights"] = os.fspath(settings["init_weights"])
     run_dir = settings.get("run_dir")
     if run_dir is not None:
         if not isinstance(run_dir, (str, os.PathLike)):
@@ -167,4 +169,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
         raise ConfigError(
             f"run_dir {cfg.run_dir} already holds a run: continue it with resume=True, or give another run_dir"
         )
+    if not resume:  # (the refusals the CLI and fit() make: a jump_milestones without rate_jump, ...)
+        check_new_run(cfg)
     return prepare(cfg, resume=resume, model=model).fit()
