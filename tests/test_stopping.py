@@ -33,6 +33,22 @@ def data(tmp_path_factory):
 
 
 # -- a signal during a pass between steps ---------------------------------------------------------
+def _stops_with_its_checkpoint(data, run, capsys, signum) -> None:
+    """The run in ``run`` stops on ``signum`` with the interrupt line naming its checkpoint."""
+    capsys.readouterr()
+    assert train_main(train_args(data, run)) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"llp-fast-train: interrupted by signal {signum}; checkpoint saved in {run}; "
+        f"continue with: llp-fast-train --resume {run}"
+    )
+
+
+def _resumes_to(run, whole) -> None:
+    """Resumed, the run in ``run`` ends with the metrics of the uninterrupted run in ``whole``."""
+    assert train_main(["--resume", str(run), "--quiet"]) == 0
+    assert untimed(read_metrics(run / "metrics.jsonl")) == untimed(read_metrics(whole / "metrics.jsonl"))
+
+
 def test_a_signal_during_the_bank_warm_start_stops_it_at_once(data, tmp_path, monkeypatch, capsys):
     """The warm start (a forward pass over every image) ran to its end before the run noticed a
     Ctrl-C: minutes on a large folder. Now the pass stops there, and no checkpoint exists."""
@@ -72,16 +88,10 @@ def test_a_signal_during_an_epochs_density_refresh_stops_at_the_last_checkpoint(
 
     monkeypatch.setattr(MemoryBank, "refresh_density", refresh)
     run = tmp_path / "run"
-    capsys.readouterr()
-    assert train_main(train_args(data, run)) == 130
-    assert capsys.readouterr().err.strip() == (
-        f"llp-fast-train: interrupted by signal 15; checkpoint saved in {run}; "
-        f"continue with: llp-fast-train --resume {run}"
-    )
+    _stops_with_its_checkpoint(data, run, capsys, 15)
     assert calls == [1, 1] and checkpoint.peek(str(run)) == {"epoch": 1, "step_in_epoch": 0}
     monkeypatch.setattr(MemoryBank, "refresh_density", real)
-    assert train_main(["--resume", str(run), "--quiet"]) == 0
-    assert untimed(read_metrics(run / "metrics.jsonl")) == untimed(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+    _resumes_to(run, tmp_path / "whole")
 
 
 def test_a_signal_during_an_epochs_evaluation_stops_it_and_saves_its_last_step(data, tmp_path, monkeypatch, capsys):
@@ -102,18 +112,12 @@ def test_a_signal_during_an_epochs_evaluation_stops_it_and_saves_its_last_step(d
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     run = tmp_path / "run"
-    capsys.readouterr()
-    assert train_main(train_args(data, run)) == 130
-    assert capsys.readouterr().err.strip() == (
-        f"llp-fast-train: interrupted by signal 2; checkpoint saved in {run}; "
-        f"continue with: llp-fast-train --resume {run}"
-    )
+    _stops_with_its_checkpoint(data, run, capsys, 2)
     assert calls == [1]
     steps = checkpoint.peek(str(run))
     assert steps["epoch"] == 0 and steps["step_in_epoch"] > 0 and not (run / "metrics.jsonl").exists()
     monkeypatch.setattr(Trainer, "evaluate", real)
-    assert train_main(["--resume", str(run), "--quiet"]) == 0
-    assert untimed(read_metrics(run / "metrics.jsonl")) == untimed(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+    _resumes_to(run, tmp_path / "whole")
 
 
 def test_the_trainer_api_raises_keyboardinterrupt_in_the_warm_start(data, tmp_path, monkeypatch):
@@ -370,8 +374,7 @@ def test_a_run_whose_log_reader_goes_away_checkpoints_and_stops(data, tmp_path):
                 break
     assert proc.wait(timeout=240) == 130
     assert 1 <= checkpoint.peek(str(run))["epoch"] < 30  # (30 epochs: slack for a slow reader)
-    assert train_main(["--resume", str(run), "--quiet"]) == 0
-    assert untimed(read_metrics(run / "metrics.jsonl")) == untimed(read_metrics(whole / "metrics.jsonl"))
+    _resumes_to(run, whole)
 
 
 def _gone():

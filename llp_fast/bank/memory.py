@@ -198,11 +198,12 @@ class MemoryBank(BankState):
             v.to(self.embeddings.dtype), self.embeddings, self.labels, targets, tau=tau, check_finite=False
         )
 
-    def _check_cast(self, v: torch.Tensor, name: str) -> None:
+    def _check_cast(self, v: torch.Tensor, name: str, size: float | None = None) -> None:
         """On a float16 bank, ``v`` cast to it must stay finite (65,504 at most: the loss was NaN);
-        other banks take any float32 value (bfloat16 has float32's range)."""
+        other banks take any float32 value (bfloat16 has float32's range). ``size``: ``v``'s largest
+        magnitude where the caller has read it already."""
         if self.embeddings.dtype == torch.float16 and v.dtype != torch.float16:
-            check.blend_fits(self.embeddings, check.finite(v, name), name)
+            check.blend_fits(self.embeddings, check.finite(v, name) if size is None else size, name)
 
     def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
         """Instance discrimination (the warm-up): the aggregation loss with every row its own
@@ -298,8 +299,7 @@ class MemoryBank(BankState):
         (labels, confidence). With ``density_weighting=False`` a plain weighted kNN vote."""
         check.tensor(queries, "queries")
         size = check.finite(queries, "queries")  # (the bank's own rows are kept finite by every update)
-        if self.embeddings.dtype == torch.float16:  # (the cast to the bank's dtype must not overflow)
-            check.blend_fits(self.embeddings, size, "queries")
+        self._check_cast(queries, "queries", size)
         return self._vote(queries, k=k, tau=tau, density_weighting=density_weighting)
 
     def _vote(self, queries: torch.Tensor, *, k: int, tau: float, density_weighting: bool):
@@ -326,13 +326,9 @@ class MemoryBank(BankState):
         per labeled class. Sums, so that shards of a bank add theirs up."""
         s, m = self.num_classes, self.num_labeled
         truth = as_tensor(truth, "truth", device=self.device)
-        check.tensor(truth, "truth")
-        truth = truth.to(self.device)
         check.vector(truth, "truth", len(self), device=self.device, kind="int")
-        truth = truth.long()
-        if truth.numel() and not bool(((truth >= -1) & (truth < s)).all()):
-            raise ValueError(f"truth holds a class outside -1..{s - 1} (-1: unknown)")
-        truth = truth[self.index_of]  # bank order
+        check.in_range(truth, "truth", -1, s, "class ids; -1: unknown")
+        truth = truth.long()[self.index_of]  # bank order
         unl = torch.arange(len(self), device=self.device) >= m
         has = unl & (truth >= 0)
         stored = self.labels[unl]

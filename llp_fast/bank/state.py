@@ -19,7 +19,7 @@ UNIT_SLACK = 1.01  # a bank row is a unit vector (normalised at every write), ro
 def _check_unit_rows(embeddings: torch.Tensor, what: str) -> None:
     """Bank rows of norm at most :data:`UNIT_SLACK` (finite rows of 3e38 loaded as they were, and
     the next density was -inf/+inf, the next loss NaN)."""
-    norms = embeddings.float().norm(dim=1) if embeddings.numel() else embeddings.new_zeros(0).float()
+    norms = embeddings.float().norm(dim=1)
     if not bool((norms <= UNIT_SLACK).all()):
         i = int(torch.nonzero(~(norms <= UNIT_SLACK))[0, 0])
         raise ValueError(f"{what} 'embeddings' row {i} has norm {float(norms[i]):.3g}; bank rows are unit vectors")

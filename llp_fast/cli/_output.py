@@ -28,21 +28,20 @@ class _Guarded:
         self._stream = stream
 
     def write(self, text):
+        return self._or_lost(self._stream.write, text, lost=len(text))
+
+    def flush(self):
+        self._or_lost(self._stream.flush)
+
+    def _or_lost(self, call, *args, lost=None):
+        """``call(*args)``; where the stream is gone, ``lost`` (the failure dropped)."""
         try:
-            return self._stream.write(text)
+            return call(*args)
         except (BlockingIOError, InterruptedError):  # (not a lost stream: a full non-blocking one)
             raise
         except OSError:
             self._lost()
-            return len(text)
-
-    def flush(self):
-        try:
-            self._stream.flush()
-        except (BlockingIOError, InterruptedError):
-            raise
-        except OSError:
-            self._lost()
+            return lost
 
     def _lost(self) -> None:
         with contextlib.suppress(OSError, ValueError, AttributeError):

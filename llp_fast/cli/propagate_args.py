@@ -30,6 +30,7 @@ def _device(text: str) -> str:
 
 
 def _out(text: str) -> str:
+    _common.path(text)
     try:
         return outputs.check_path(text, "file")
     except ConfigError as e:
@@ -38,8 +39,7 @@ def _out(text: str) -> str:
 
 def _model_dir(text: str) -> str:
     """``--save-model``: a directory that exists or can be made (its parent exists)."""
-    if not text:
-        raise argparse.ArgumentTypeError("the path is empty; give a directory")
+    _common.path(text)
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
     inside = os.path.join(text, FILE)

@@ -17,10 +17,7 @@ from ..errors import ConfigError
 
 
 def check_path(path: str, what: str) -> str:
-    """``path`` can take a new file: not empty (an unset shell variable), not a directory, in a
-    directory that exists."""
-    if not path:
-        raise ConfigError(f"{what} path is empty; give a file name")
+    """``path`` can take a new file: not a directory, in a directory that exists."""
     if os.path.isdir(path):
         raise ConfigError(f"{what} {path}: is a directory; expected a file name")
     parent = os.path.dirname(os.path.abspath(path))

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from .._topk import log_sum_exp, vote
-from ..errors import DataError
 from ..ops import neighbours, topk_scores
 from .ranks import Local
 from .settings import Settings
@@ -117,8 +116,6 @@ def choose(
     lab = labels >= 0
     labeled = np.flatnonzero(lab)
     m = len(labeled)
-    if m == 0:
-        raise DataError("labels holds no labeled row (no entry >= 0)")
     if m < 2:  # nothing to leave one out of
         return Choice(k0, tau0, {}, 0, (k0, tau0))
     classes, y = np.unique(labels[labeled], return_inverse=True)
