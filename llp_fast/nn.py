@@ -245,9 +245,11 @@ def _from_factory(spec: str, *, num_classes: int, in_channels: int, image_size: 
 
 def load_weights(model: nn.Module, path: str) -> None:
     """``--init-weights PATH``: a state dict saved with ``torch.save`` (or a dict holding one under
-    ``state_dict`` or ``model``) loaded into the network's trunk: the backbone of a
-    :class:`WithHeads`, every layer but the two heads of a ResNet. Every trunk tensor must be
-    there with its shape; :class:`ConfigError` naming the flag otherwise."""
+    ``state_dict`` or ``model``, as a run's checkpoint does) loaded into the network's trunk: the
+    backbone of a :class:`WithHeads` (given the backbone's own state dict, or a whole
+    :class:`WithHeads`'s), every layer but the two heads of a ResNet. Every trunk tensor must be
+    there with its shape (BatchNorm's ``num_batches_tracked`` may be missing, as ``load_state_dict``
+    allows); :class:`ConfigError` naming the flag otherwise."""
     if not os.path.isfile(path):
         raise ConfigError(f"--init-weights {path}: no such file")
     try:
@@ -261,8 +263,13 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise ConfigError(f"--init-weights {path}: expected a state dict of tensors")
     trunk = model.backbone if isinstance(model, WithHeads) else model
     heads = () if isinstance(model, WithHeads) else ("fc.", "embed.")
+    if isinstance(model, WithHeads) and state and all(k.startswith(("backbone.", "fc.", "embed.")) for k in state):
+        # a whole WithHeads (a run's checkpoint, fit(...).model's state dict): its backbone
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     state = {k: v for k, v in state.items() if not k.startswith(heads)}
     want = {k: v for k, v in trunk.state_dict().items() if not k.startswith(heads)}
+    for k in [k for k in want if k.endswith(".num_batches_tracked") and k not in state]:
+        del want[k]  # weights saved before PyTorch 0.4.1 lack it; load_state_dict fills it in, so may we
     differs = misfit(state, want)
     if differs:
         raise ConfigError(f"--init-weights {path} does not fit the network: {differs}")
@@ -319,8 +326,8 @@ def build(
     else:
         if backbone is None and arch.startswith(GIVEN):
             raise ConfigError(
-                f"this run's network ({arch[len(GIVEN) :]}) was given in Python: pass it again, "
-                "llp_fast.train.fit(model, ..., resume=True)"
+                f"this run's network ({arch[len(GIVEN) :]}) was given in Python and cannot be built from the "
+                "run directory: pass the module again (llp_fast.train.fit(model, ..., resume=True) continues the run)"
             )
         if backbone is None:
             backbone = _from_factory(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)

@@ -115,6 +115,16 @@ def tiny_config(tmp_path, name="run", **kw):
     return TrainConfig(**base)
 
 
+def own_network_settings(tmp_path, name="run", **kw):
+    """tiny_config's fields as fit() keywords beside a network given in Python: ``data`` first,
+    then the rest without ``width`` and ``arch`` (the module is the network: fit refuses them)."""
+    import dataclasses
+
+    settings = dataclasses.asdict(tiny_config(tmp_path, name, **kw))
+    del settings["width"], settings["arch"]
+    return settings.pop("data"), settings
+
+
 # The command-line twin of tiny_config: llp-fast-train flags for a run that takes seconds.
 TINY_ARGS = ["--epochs", "1", "--width", "4", "--image-size", "8", "--unlabeled-fraction", "0.2"]
 TINY_ARGS += ["--batch-size", "64", "--k", "5", "--t", "10", "--device", "cpu"]

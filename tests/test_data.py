@@ -126,7 +126,7 @@ def test_npz_gray_without_test_holds_out_20_percent(tmp_path):
     [
         ({"x": np.zeros((4, 5, 5), np.float32), "y": np.zeros(4, int)}, "uint8"),
         ({"x": np.zeros((4, 5, 5), np.uint8)}, "no array 'y'"),
-        ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.zeros(3, int)}, "one label per image"),
+        ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.zeros(3, int)}, r"image of .x. \(4\), got int64 \(3,\)"),
         ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.array([0, 1, -2, 0])}, "below -1"),
         ({"x": np.zeros((4, 0, 0), np.uint8), "y": np.array([0, 1, 1, 0])}, "no pixels"),
         # an empty test split trained an epoch and then failed in the evaluation

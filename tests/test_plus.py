@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS, one_error_line, tiny_config
+from conftest import TINY_ARGS, one_error_line, own_network_settings, tiny_config
 
 from llp_fast.cli.train import main as train_main
 from llp_fast.embeddings import label_embeddings
@@ -180,8 +180,8 @@ def test_own_network_through_python_and_the_cli_resumes_exactly(tmp_path, factor
     from llp_fast.nn import import_factory
 
     small_cnn = import_factory("mynets:small_cnn")  # found in the current directory
-    settings = dataclasses.asdict(tiny_config(tmp_path, "py", epochs=1))
-    out = fit(small_cnn(1), settings.pop("data"), **settings)
+    data, settings = own_network_settings(tmp_path, "py", epochs=1)
+    out = fit(small_cnn(1), data, **settings)
     assert out.model.feature_dim == 6 and out.config.arch == "given:Sequential"
     assert 0 <= out.metrics["test_top1"] <= 1
     again = fit(small_cnn(1), "digits", resume=True, run_dir=str(tmp_path / "py"), epochs=2, quiet=True)
@@ -197,6 +197,90 @@ def test_own_network_through_python_and_the_cli_resumes_exactly(tmp_path, factor
     a, b = (read_metrics(os.path.join(d, METRICS)) for d in (full, cut))
     assert untimed(a) == untimed(b) and len(a) == 2
     assert json.load(open(os.path.join(cut, "config.json")))["arch"] == "mynets:small_cnn"
+
+
+def test_an_own_network_on_the_command_line_trains_its_baseline_and_loads_its_own_checkpoint(
+    tmp_path, factory_module, capsys
+):
+    """The baseline twin of a --arch module:factory run carried the ResNets' resolved width, which
+    the new-run checks refused ("the supervised-only baseline failed: --width 16"), on every small
+    data set and again at each resume; and such a run's checkpoint (a WithHeads: backbone.*, fc.*,
+    embed.*) or weights without BatchNorm's num_batches_tracked were refused by --init-weights."""
+    flags = [*OWN_NET_ARGS, "--quiet", "--method", "paper", "--arch", "mynets:small_cnn", "--epochs", "1"]
+    run = str(tmp_path / "r")
+    assert train_main([*flags, "--run-dir", run, "--baseline", "on", "--baseline-mode", "sequential"]) == 0
+    assert len(read_metrics(os.path.join(run, "baseline", METRICS))) == 1
+    saved = json.load(open(os.path.join(run, "config.json")))
+    assert saved["arch"] == "mynets:small_cnn" and saved["width"] is None
+    capsys.readouterr()
+
+    ckpt = os.path.join(run, CHECKPOINT)
+    assert train_main([*flags, "--run-dir", str(tmp_path / "w"), "--baseline", "off", "--init-weights", ckpt]) == 0
+    from llp_fast.nn import import_factory
+
+    net = import_factory("mynets:small_cnn")(1)
+    torch.save({k: v for k, v in net.state_dict().items() if "num_batches_tracked" not in k}, tmp_path / "old.pt")
+    old = str(tmp_path / "old.pt")
+    assert train_main([*flags, "--run-dir", str(tmp_path / "o"), "--baseline", "off", "--init-weights", old]) == 0
+    torch.save({"0.weight": net.state_dict()["0.weight"]}, tmp_path / "part.pt")  # the rest still counts
+    part = str(tmp_path / "part.pt")
+    rc = train_main([*flags, "--run-dir", str(tmp_path / "p"), "--baseline", "off", "--init-weights", part])
+    one_error_line(capsys, rc, "does not fit the network: missing '0.bias'")
+    rc = train_main([*flags, "--run-dir", str(tmp_path / "g"), "--arch", "given:Sequential"])  # Python's mark
+    one_error_line(capsys, rc, "--arch given:Sequential: the mark of a network passed in Python")
+    assert not os.path.exists(tmp_path / "g")
+
+
+def test_library_calls_refuse_what_they_would_ignore(tmp_path, factory_module):
+    """fit(model, width=8) and fit(model, arch=...) were ignored without a word, as were a resume's
+    arch in fit and every changed setting (and another network class) in train(cfg, resume=True);
+    train() with a path object wrote half a run and a JSON TypeError; prepare() started over in a
+    run directory holding a run; resume="no" resumed."""
+    import pathlib
+
+    from llp_fast.errors import ConfigError
+    from llp_fast.nn import import_factory
+    from llp_fast.train.api import prepare
+
+    small_cnn = import_factory("mynets:small_cnn")
+    data, settings = own_network_settings(tmp_path, "own", epochs=1)
+    for bad, match in (
+        ({"width": 8}, "--width 8: the network is the module given"),
+        ({"arch": "resnet50"}, "--arch resnet50"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            fit(small_cnn(1), data, **{**settings, **bad})
+    assert not os.path.exists(settings["run_dir"])
+    with pytest.raises(ConfigError, match="--arch given:Foo: the mark of a network passed in Python"):
+        fit(None, data, **{**settings, "arch": "given:Foo"})
+    with pytest.raises(TypeError, match="resume must be True or False, got 'no'"):
+        fit(small_cnn(1), data, resume="no", **settings)
+
+    cfg = tiny_config(tmp_path, "resnet", epochs=1)
+    train(dataclasses.replace(cfg, run_dir=pathlib.Path(cfg.run_dir)))  # a path object
+    assert json.load(open(os.path.join(cfg.run_dir, "config.json")))["run_dir"] == cfg.run_dir
+    with pytest.raises(ConfigError, match=r"arch='resnet50' \(saved: 'resnet18'\)"):
+        fit(None, resume=True, run_dir=cfg.run_dir, arch="resnet50", epochs=2)
+    with pytest.raises(ConfigError, match=r"lr=0.5 \(saved: "):
+        train(dataclasses.replace(cfg, lr=0.5, epochs=2), resume=True)
+    with pytest.raises(ConfigError, match="give run_dir"):
+        train(dataclasses.replace(cfg, run_dir=None), resume=True)
+    with pytest.raises(TypeError, match="cfg must be a TrainConfig, got dict"):
+        train(dataclasses.asdict(cfg))
+    before = open(os.path.join(cfg.run_dir, "config.json")).read()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        prepare(dataclasses.replace(cfg, seed=42))
+    assert open(os.path.join(cfg.run_dir, "config.json")).read() == before
+    assert train(dataclasses.replace(cfg, epochs=2), resume=True)["epoch"] == 2  # the same settings: fine
+
+    out = fit(small_cnn(1), data, **settings)
+
+    class Other(torch.nn.Sequential):
+        pass
+
+    with pytest.raises(ConfigError, match="same kind of network"):
+        train(dataclasses.replace(out.config, epochs=2), resume=True, model=Other(*small_cnn(1)))
+    assert train(dataclasses.replace(out.config, epochs=2), resume=True, model=small_cnn(1))["epoch"] == 2
 
 
 def test_folder_data_and_a_network_drawing_random_numbers_resume_exactly(tmp_path, factory_module):
@@ -229,8 +313,8 @@ def test_fit_refuses_what_a_new_run_or_a_resume_would_lose(tmp_path, factory_mod
     from llp_fast.train.defaults import new_run_dir
 
     small_cnn = import_factory("mynets:small_cnn")
-    settings = dataclasses.asdict(tiny_config(tmp_path, "py", epochs=1))
-    data, run_dir = settings.pop("data"), settings["run_dir"]
+    data, settings = own_network_settings(tmp_path, "py", epochs=1)
+    run_dir = settings["run_dir"]
     fit(small_cnn(1), data, **settings)
     before = open(os.path.join(run_dir, CHECKPOINT), "rb").read()
     with pytest.raises(ConfigError, match="already holds a run"):  # it used to overwrite the run
@@ -367,8 +451,8 @@ def test_a_run_directory_is_claimed_while_it_trains(tmp_path, factory_module, ca
     from llp_fast.train import checkpoint as ck
 
     small_cnn = import_factory("mynets:small_cnn")
-    settings = dataclasses.asdict(tiny_config(tmp_path, "py", epochs=1))
-    data, run_dir = settings.pop("data"), settings["run_dir"]
+    data, settings = own_network_settings(tmp_path, "py", epochs=1)
+    run_dir = settings["run_dir"]
     os.makedirs(run_dir)
     held = ck.claim_run_dir(run_dir)  # as another process training there holds it
     try:
@@ -411,9 +495,9 @@ def test_resume_refusals_and_a_network_that_starts_at_nan(tmp_path, factory_modu
         def forward(self, x):
             return super().forward(x) * float("nan")
 
-    settings = dataclasses.asdict(tiny_config(tmp_path, "nan", epochs=1))
+    data, settings = own_network_settings(tmp_path, "nan", epochs=1)
     with pytest.raises(ConfigError, match="the network gives NaN or Inf embeddings before any training step"):
-        fit(Broken(*small_cnn(1)), settings.pop("data"), **settings)
+        fit(Broken(*small_cnn(1)), data, **settings)
 
 
 def test_an_unlabeled_fraction_that_keeps_none_is_named(tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch
 from brute import f64
 from brute import local_density as brute_density
 from brute import propagate as brute_propagate
-from conftest import tiny_config
+from conftest import own_network_settings, tiny_config
 
 from llp_fast.errors import CheckpointError, Interrupted
 from llp_fast.train import losses, order, warmstart
@@ -428,13 +428,11 @@ def test_train_makes_the_new_run_checks_that_fit_and_the_cli_make(tmp_path):
 
 def test_a_backbone_with_float64_features_trains(tmp_path):
     """A backbone kept in float64 met the heads' float32 weights at the first step (a traceback)."""
-    import dataclasses as dc
 
     from llp_fast.train.api import fit
 
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).double()
-    settings = dc.asdict(tiny_config(tmp_path, epochs=1))
-    settings.pop("arch"), settings.pop("width")
+    data, settings = own_network_settings(tmp_path, epochs=1)
 
     class Double(torch.nn.Module):
         def __init__(self):
@@ -444,7 +442,7 @@ def test_a_backbone_with_float64_features_trains(tmp_path):
         def forward(self, x):
             return self.net(x.double())
 
-    out = fit(Double(), settings.pop("data"), **settings)
+    out = fit(Double(), data, **settings)
     assert 0 <= out.metrics["test_top1"] <= 1
 
 

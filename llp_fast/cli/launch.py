@@ -106,7 +106,7 @@ def _baseline_child(cfg, report) -> None:
     started printed multiprocessing's traceback, and one that it was handling made the SIGTERM a
     second signal, which gives up without the checkpoint. Should the LLP process die without a
     word, the kernel sends it SIGTERM (``PR_SET_PDEATHSIG``)."""
-    from ..train.api import train
+    from ..train.api import train_checked
 
     with contextlib.suppress(OSError):
         os.setsid()
@@ -117,7 +117,7 @@ def _baseline_child(cfg, report) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     resume = os.path.exists(os.path.join(cfg.run_dir, "checkpoint.pt"))
     try:
-        train(cfg, resume=resume)
+        train_checked(cfg, resume=resume)
     except (Interrupted, KeyboardInterrupt):
         sys.exit(130)
     except Exception as e:
@@ -176,10 +176,10 @@ class Baseline:
             return llp, self._join()
         if self.bcfg is None:
             return llp, None
-        from ..train.api import train
+        from ..train.api import train_checked
 
         self._say("supervised-only baseline (same split, network and schedule)")
-        return llp, train(self.bcfg, resume=os.path.exists(os.path.join(self.dir, "checkpoint.pt")))
+        return llp, train_checked(self.bcfg, resume=os.path.exists(os.path.join(self.dir, "checkpoint.pt")))
 
     def _reclaim(self) -> None:
         """Once the baseline beside has finished (it trains the cheaper step), LLP takes its threads

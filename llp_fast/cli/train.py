@@ -44,6 +44,7 @@ _TYPES = {
     "data_spec": _common.checked(str, C.data_spec, "a data set"),
     "arch_spec": _common.checked(str, C.arch_spec, "a network"),
     "run_dir_path": _common.checked(str, C.run_dir_path, "a directory path"),
+    "file_path": _common.path,
 }
 _GROUPS = {"data": "data", "run": "run", "model": "model and optimiser", "llp": "LLP"}
 

@@ -61,7 +61,8 @@ def _npz(path: str):
             raise DataError(f"{path}: 'x_test' holds no image (leave x_test and y_test out to hold out x's)")
         if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
             raise DataError(
-                f"{path}: {yk!r} must be a 1-D integer array with one label per image, got {y.dtype} {y.shape}"
+                f"{path}: {yk!r} must be a 1-D integer array with one label per image of {xk!r} ({x.shape[0]}), "
+                f"got {y.dtype} {y.shape}"
             )
         if (y < -1).any():
             raise DataError(f"{path}: {yk!r} holds values below -1 (-1 marks unlabeled)")

@@ -45,13 +45,13 @@ class Fitted:
 def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume: bool = False, **settings) -> Fitted:
     """Trains ``model`` (a backbone; ``None``: ``settings["arch"]``, a ResNet-18 by default) with LLP
     on ``data`` (``digits``, the default, ``mnist5k``, ``npz:PATH``, ``folder:PATH``); ``settings``
-    are :class:`TrainConfig` fields. A ``run_dir`` that holds a run is refused unless ``resume=True``,
+    are :class:`TrainConfig` fields (with a backbone given, ``width`` and ``arch`` are its own and
+    refused). A ``run_dir`` that holds a run is refused unless ``resume=True``,
     which continues that run exactly (pass the same kind of backbone again; settings given must be
     the saved ones, but for ``epochs``, ``quiet``, ``threads`` and ``workers``). Without
     ``run_dir`` a new ``runs/<time>`` is made. Bad settings raise
     :class:`~llp_fast.errors.ConfigError` naming the flag."""
-    if not isinstance(model, (torch.nn.Module, type(None))):
-        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    _check_call(model, resume)
     if isinstance(settings.get("init_weights"), os.PathLike):
         settings["init_weights"] = os.fspath(settings["init_weights"])
     run_dir = settings.get("run_dir")
@@ -62,44 +62,54 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
     cfg = TrainConfig(data="digits" if data is None else data, **settings)
     ckpt = None
     if resume:
-        if run_dir is None:
-            raise ConfigError("resume=True continues the run in run_dir: give run_dir")
-        saved, ckpt = checkpoint.open_run(run_dir)
-        changed = _changed(saved, {"data": data, **settings})
-        if changed:
-            raise ConfigError(
-                f"resume=True continues the run in {run_dir} with its saved settings; {', '.join(changed)} "
-                f"differ from them (only {', '.join(RESUMABLE)} can change)"
-            )
-        given_arch = saved.arch if model is None else GIVEN + type(model).__qualname__
-        if model is not None and given_arch != saved.arch:
-            raise ConfigError(
-                f"resume=True: the run in {run_dir} trained {saved.arch.removeprefix(GIVEN)}, not "
-                f"{type(model).__qualname__}: pass the same kind of network"
-            )
         keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps") if name in settings}
-        cfg = dataclasses.replace(saved, **{k: v for k, v in keep.items() if v is not None})
-    elif run_dir is not None and os.path.exists(os.path.join(run_dir, checkpoint.CHECKPOINT)):
-        raise ConfigError(
-            f"run_dir {run_dir} already holds a run: continue it with resume=True, or give another run_dir"
-        )
+        cfg, ckpt = _resumed(run_dir, {"data": data, **settings}, keep, model)
     else:
-        check_new_run(cfg)
+        check_new_run(cfg, model_given=model is not None)
     trainer = prepare(cfg, resume=resume, ckpt=ckpt, model=model)
     metrics = trainer.fit()
     avg = trainer.average.model if trainer.average is not None else None
     return Fitted(model=trainer.model, average=avg, metrics=metrics, config=trainer.cfg)
 
 
-def _changed(saved: TrainConfig, given: dict) -> list[str]:
+def _check_call(model, resume) -> None:
+    if not isinstance(model, (torch.nn.Module, type(None))):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    if not isinstance(resume, bool):  # ("no" was true, and resumed the run)
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+
+
+def _resumed(run_dir, given: dict, keep: dict, model) -> tuple[TrainConfig, dict]:
+    """The saved config of the run in ``run_dir`` with ``keep`` (fields of ``config.RESUMABLE``)
+    applied, and its checkpoint; :class:`ConfigError` where a setting in ``given`` differs from the
+    saved one, or ``model`` is another kind of network than the run trained."""
+    if run_dir is None:
+        raise ConfigError("resume=True continues the run in run_dir: give run_dir")
+    saved, ckpt = checkpoint.open_run(run_dir)
+    changed = _changed(saved, given, model_given=model is not None)
+    if changed:
+        raise ConfigError(
+            f"resume=True continues the run in {run_dir} with its saved settings; {', '.join(changed)} "
+            f"differ from them (only {', '.join(RESUMABLE)} can change)"
+        )
+    if model is not None and GIVEN + type(model).__qualname__ != saved.arch:
+        raise ConfigError(
+            f"resume=True: the run in {run_dir} trained {saved.arch.removeprefix(GIVEN)}, not "
+            f"{type(model).__qualname__}: pass the same kind of network"
+        )
+    return dataclasses.replace(saved, **{k: v for k, v in keep.items() if v is not None}), ckpt
+
+
+def _changed(saved: TrainConfig, given: dict, *, model_given: bool) -> list[str]:
     """The settings in ``given`` (TrainConfig fields) that a resume would ignore: those other than
     ``config.RESUMABLE`` whose value (after its check) differs from the saved run's. ``None`` (chosen
-    from the data) matches anything."""
+    from the data) matches anything. With a backbone given in Python its class stands for ``arch``
+    (checked apart)."""
     known = {f.name: f for f in fields()}
     out = []
     for name, value in given.items():
-        # the network (arch) is checked apart: a backbone given in Python stands for it
-        if name in (*RESUMABLE, "run_dir", "stop_after_steps", "arch") or value is None or name not in known:
+        skip = name in (*RESUMABLE, "run_dir", "stop_after_steps") or (name == "arch" and model_given)
+        if skip or value is None or name not in known:
             continue
         value, was = check_value(known[name], value), getattr(saved, name)
         if name == "data":  # saved absolute (by this version; earlier ones kept the path as given)
@@ -135,6 +145,10 @@ def prepare(
     has loaded it already, with ``cfg`` its config). Without ``ckpt`` the checkpoint is loaded here
     and its saved config is used, except for the fields of ``config.RESUMABLE`` (epochs, quiet,
     threads, workers), which are taken from ``cfg``."""
+    if not resume and cfg.run_dir is not None and os.path.exists(os.path.join(cfg.run_dir, checkpoint.CHECKPOINT)):
+        raise ConfigError(  # (prepare() started over in it: config.json, then metrics and checkpoint replaced)
+            f"run_dir {cfg.run_dir} already holds a run: continue it with resume=True, or give another run_dir"
+        )
     if resume and ckpt is None:
         saved_cfg, ckpt = checkpoint.open_run(cfg.run_dir)
         keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps")}
@@ -164,11 +178,28 @@ def prepare(
 
 def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | None = None) -> dict:
     """Trains (or resumes) the run in ``cfg.run_dir``; returns the last epoch's metrics. A
-    ``run_dir`` that holds a run is refused unless ``resume=True`` (as :func:`fit` does)."""
-    if not resume and cfg.run_dir is not None and os.path.exists(os.path.join(cfg.run_dir, checkpoint.CHECKPOINT)):
-        raise ConfigError(
-            f"run_dir {cfg.run_dir} already holds a run: continue it with resume=True, or give another run_dir"
-        )
+    ``run_dir`` that holds a run is refused unless ``resume=True``, which continues it with its saved
+    settings: ``cfg``'s ``epochs``, ``quiet``, ``threads`` and ``workers`` apply, and any other field
+    set away from its default must equal the saved one (as :func:`fit` does)."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    _check_call(model, resume)
     if not resume:  # (the refusals the CLI and fit() make: a jump_milestones without rate_jump, ...)
-        check_new_run(cfg)
-    return prepare(cfg, resume=resume, model=model).fit()
+        check_new_run(cfg, model_given=model is not None)
+        return prepare(cfg, model=model).fit()
+    given = {f.name: getattr(cfg, f.name) for f in fields() if getattr(cfg, f.name) != _default(f)}
+    keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps")}
+    cfg, ckpt = _resumed(cfg.run_dir, given, keep, model)
+    return prepare(cfg, resume=True, ckpt=ckpt, model=model).fit()
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def train_checked(cfg: TrainConfig, *, resume: bool) -> dict:
+    """:func:`train` for a config the command line has checked already: a new run's, or a resumed
+    one's (its saved settings with the flags a resume may change), and the supervised-only baseline
+    beside it, that run's twin (a run saved before a check was added still resumes, and its
+    baseline still starts)."""
+    return prepare(cfg, resume=resume).fit()

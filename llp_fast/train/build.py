@@ -8,7 +8,7 @@ here without importing the training loop.
 from __future__ import annotations
 
 from ..errors import DataError
-from .config import TrainConfig
+from .config import ARCHS, TrainConfig
 
 
 def check_against_data(cfg: TrainConfig, source, k: int) -> None:
@@ -75,12 +75,13 @@ def model_for(cfg: TrainConfig, source, *, backbone=None):
     CPU, with ``--init-weights`` loaded into it; ``backbone``: a module given in Python for the trunk."""
     from ..nn import build
 
+    width = {"width": cfg.width} if cfg.arch in ARCHS else {}  # (None: another network has its own)
     return build(
         cfg.arch,
         num_classes=source.num_classes,
         in_channels=source.in_channels,
         image_size=source.image_size,
-        width=cfg.width,
         init_weights=cfg.init_weights,
         backbone=backbone,
+        **width,
     )

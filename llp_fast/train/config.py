@@ -60,6 +60,15 @@ def run_dir_path(v):
         raise bad("a directory path (leave it out for runs/<time>)", v)
     if isinstance(v, (str, os.PathLike)) and os.path.exists(v) and not os.path.isdir(v):  # ("File exists")
         raise ValueError(f"{os.fspath(v)} is a file, not a run directory")
+    return file_path(v)
+
+
+def file_path(v):
+    """A path as a string (a path object kept its type into config.json: a JSON TypeError)."""
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
+    if not isinstance(v, str) or not v:
+        raise bad("a path", v)
     return v
 
 
@@ -172,7 +181,11 @@ class TrainConfig:
         check=arch_spec,
     )
     init_weights: str | None = _opt(
-        None, "a state dict (torch.save) loaded into the network before training", group="model", metavar="PATH"
+        None,
+        "a state dict (torch.save) loaded into the network before training",
+        group="model",
+        metavar="PATH",
+        check=optional(file_path),
     )
     width: int | None = _opt(
         None,

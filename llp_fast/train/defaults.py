@@ -17,6 +17,7 @@ import os
 import time
 
 from ..errors import ConfigError
+from ..nn import GIVEN
 from .config import ARCHS, DEFAULT_MAX_VOTERS, TrainConfig, validate
 
 # Fewer training examples than this is "small data": many short steps at a high rate, a few epochs
@@ -105,15 +106,17 @@ def _remove_if_empty(path: str) -> None:
 
 def resolve_run(cfg: TrainConfig) -> TrainConfig:
     """The settings that do not depend on the data: the device (CUDA when there is one), the
-    ResNets' width (16 on CPU, 64 on CUDA), the run directory (``runs/<time>``), and the data's and
-    ``--extra-unlabeled``'s paths made absolute (a resume may start elsewhere)."""
+    ResNets' width (16 on CPU, 64 on CUDA; None for any other network, which sets its own: a
+    baseline twin of such a run was refused for the width it had been given), the run directory
+    (``runs/<time>``), and the data's and ``--extra-unlabeled``'s paths made absolute (a resume may
+    start elsewhere)."""
     device = cfg.device or default_device()
     extra = os.path.abspath(cfg.extra_unlabeled) if cfg.extra_unlabeled else cfg.extra_unlabeled
     return dataclasses.replace(
         cfg,
         data=absolute_data(cfg.data),
         device=device,
-        width=cfg.width or (16 if device == "cpu" else 64),
+        width=(cfg.width or (16 if device == "cpu" else 64)) if cfg.arch in ARCHS else cfg.width,
         run_dir=cfg.run_dir or new_run_dir(),
         extra_unlabeled=extra,
     )
@@ -218,14 +221,25 @@ def _show(value) -> str:
     return str(value)
 
 
-def check_new_run(cfg: TrainConfig) -> None:
+def check_new_run(cfg: TrainConfig, *, model_given: bool = False) -> None:
     """What a new run's settings must satisfy beyond each flag's own range (a resume keeps what it
     saved: runs saved before these checks took default milestones past their jump, and a
     ``--translate`` on folder data): ``--milestones`` all before ``--rate-jump`` (``lr_at`` uses none
     after it: they were dropped without a word), ``--jump-milestones`` after it (with no jump they
     were ignored), and no ``--translate`` on ``folder:`` data (its loader does not shift images: the
     value was ignored). The supervised-only baseline beside a run is that run's twin: not checked
-    again."""
+    again. ``model_given``: the network is a module passed in Python (``fit(model, ...)``), so
+    ``width`` and any ``arch`` but the default and ``given:...`` are refused (they were ignored
+    without a word); without one, ``arch`` cannot be ``given:...`` (a module only Python can pass)."""
+    if str(cfg.arch).startswith(GIVEN) and not model_given:
+        raise ConfigError(
+            f"--arch {cfg.arch}: the mark of a network passed in Python (llp_fast.train.fit(model, ...)); "
+            f"expected {', '.join(ARCHS)} or package.module:factory"
+        )
+    if model_given and cfg.width is not None:
+        raise ConfigError(f"--width {cfg.width}: the network is the module given in Python, which has its own width")
+    if model_given and cfg.arch != ARCHS[0] and not str(cfg.arch).startswith(GIVEN):
+        raise ConfigError(f"--arch {cfg.arch}: the network is the module given in Python; leave arch out")
     jump = cfg.rate_jump
     if jump is not None and any(m >= jump for m in cfg.milestones or ()):
         raise ConfigError(
