@@ -19,6 +19,10 @@ def read_header(f, name: str) -> tuple[tuple, bool, np.dtype]:
     """(shape, fortran_order, dtype) from the ``.npy`` header at ``f``'s position (an open binary
     file), leaving ``f`` at the first data byte. ``name`` (the file, or archive member) heads the
     ``DataError`` for a file that is not a ``.npy`` array."""
+    start = f.tell()
+    if f.read(4) == b"PK\x03\x04":  # a zip: an .npz archive (the magic string's error said only "PK\x03\x04")
+        raise DataError(f"{name}: an .npz archive, not a .npy array (save the array with np.save)")
+    f.seek(start)
     try:
         version = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0

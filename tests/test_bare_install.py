@@ -47,7 +47,10 @@ def bare(tmp_path_factory):
     # no JIT build of the extension either (no compiler toolchain in a bare install is assumed)
     env = dict(os.environ, LLP_FAST_DISABLE_EXT="1", PYTHONPATH="", OMP_NUM_THREADS="1")
     yield py, venv / "bin", env, tmp
-    shutil.rmtree(venv, ignore_errors=True)  # about 1.5 GB; pytest keeps its last three temp dirs
+    # about 1.5 GB (pytest keeps its last three temp dirs), removed by a process of its own: the
+    # suite's teardown took 10 to 90 s over it
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.Popen(["rm", "-rf", str(venv)], start_new_session=True, **quiet)
 
 
 def _run(bare, *argv, cwd=None):

@@ -148,6 +148,14 @@ def test_npz_bad_arrays(tmp_path, arrays, match):
         load(f"npz:{p}", device="cpu", labeled_fraction=0.5)
 
 
+def test_an_npy_array_given_as_npz_data_says_what_it_is(tmp_path):
+    """numpy's words were "TypeError: 'numpy.ndarray' object does not support the context manager
+    protocol"."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 5, 5), np.uint8))
+    with pytest.raises(DataError, match=r"x.npy is one .npy array, not an .npz archive of x and y"):
+        load(f"npz:{tmp_path / 'x.npy'}", device="cpu", labeled_fraction=0.5)
+
+
 def test_npz_reads_the_rows_in_chunks_as_one_copy(tmp_path):
     """The training tensor, its test split and the normalisation statistics are what the whole
     arrays give, whatever the chunk (they were made with full copies: about 5x the data at the peak)."""

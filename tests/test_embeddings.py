@@ -14,6 +14,7 @@ import llp_fast
 from llp_fast._topk import log_sum_exp, vote
 from llp_fast.embeddings import Rows, Settings, label_embeddings, select_voters
 from llp_fast.embeddings.settings import AUTO_VOTERS
+from llp_fast.embeddings.sources import shard_order
 from llp_fast.errors import ConfigError, DataError
 
 # drives the C++ extension at odd shapes and block sizes: a native crash fails these tests, not the run
@@ -179,6 +180,17 @@ def test_rows_reads_blocks_across_shards(tmp_path):
     assert torch.equal(rows.take(pick), torch.from_numpy(x[pick]))
     unit = Rows(x).read(0, 50)
     torch.testing.assert_close(unit.norm(dim=1), torch.ones(50))
+
+
+def test_shards_numbered_without_padding_are_read_in_number_order(tmp_path):
+    """part10 and part11 came before part2 (plain name order): rows no longer matched their labels,
+    and the labelling was wrong without a word."""
+    x = np.random.default_rng(1).standard_normal((24, 3)).astype(np.float32)
+    for i in range(12):
+        np.save(tmp_path / f"part{i}.npy", x[2 * i : 2 * i + 2])
+    assert torch.equal(Rows(str(tmp_path), normalize=False).read(0, 24), torch.from_numpy(x))
+    names = ["b.npy", "a10.npy", "a2.npy", "a02.npy", "a1x3.npy", "a1x20.npy"]
+    assert sorted(names, key=shard_order) == ["a1x3.npy", "a1x20.npy", "a02.npy", "a2.npy", "a10.npy", "b.npy"]
 
 
 def test_extras_are_the_vote():

@@ -105,6 +105,9 @@ def test_propagate_cli_errors(tmp_path, capsys):
     np.save(tmp_path / "none.npy", np.full(1797, -1))
     rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "none.npy"), "--out", str(tmp_path / "o.npy")])
     one_error_line(capsys, rc, "no labeled row")
+    np.savez(tmp_path / "emb.npz", emb=np.load(tmp_path / "emb.npy"))  # (it was numpy's magic-string error)
+    rc = propagate_main([str(tmp_path / "emb.npz"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")])
+    one_error_line(capsys, rc, "emb.npz: an .npz archive, not a .npy array (save the array with np.save)")
     assert not (tmp_path / "o.npy").exists()
 
 

@@ -15,7 +15,7 @@ from llp_fast.cli.train import config_from_args
 from llp_fast.cli.train import parser as train_parser
 from llp_fast.data.extra import native_format, open_pool, to_input
 from llp_fast.data.selection import read_selection
-from llp_fast.errors import Interrupted
+from llp_fast.errors import DataError, Interrupted
 from llp_fast.select import PerClassTopK, load_network, select
 from llp_fast.train import TrainConfig, Trainer, prepare
 
@@ -319,6 +319,13 @@ def test_extra_unlabeled_bad_selection_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr()[1]
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "cannot read selection" in err
+    # an archive or an array that is not a selection: said so (it was numpy's "KeyError: 'index is
+    # not a file in the archive'", or its context-manager TypeError)
+    np.savez(tmp_path / "data.npz", x=np.zeros((3, 8, 8), np.uint8), y=np.zeros(3, int))
+    np.save(tmp_path / "arr.npy", np.zeros(3))
+    for name in ("data.npz", "arr.npy"):
+        with pytest.raises(DataError, match=f"{name} is not a selection"):
+            read_selection(str(tmp_path / name))
 
 
 def test_a_pool_without_its_kind_says_which_to_give(tmp_path):

@@ -101,7 +101,10 @@ def parser() -> argparse.ArgumentParser:
         "rows by a saved model (llp-fast-propagate --model DIR NEW.npy --out P.npy).",
     )
     _common.add_version(ap)
-    ap.add_argument("embeddings", help="EMB.npy (N, D) float16/32/64, or a directory of .npy shards (name order)")
+    ap.add_argument(
+        "embeddings",
+        help="EMB.npy (N, D) float16/32/64, or a directory of .npy shards (in name order, part2 before part10)",
+    )
     ap.add_argument("labels", nargs="?", default=None, help="LABELS.npy (N,) int, -1 = unlabeled (or shards)")
     ap.add_argument("--out", type=_out, required=True, help="PSEUDO.npy: (N,) int64 labels (labeled rows keep theirs)")
     ap.add_argument("--confidence-out", type=_out, default=None, help="(N,) float32 confidences (1 on labeled rows)")

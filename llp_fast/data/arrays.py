@@ -38,10 +38,16 @@ def _npz(path: str):
     if not os.path.isfile(path):
         raise DataError(f"no such file: {path}")
     try:
-        with np.load(path, allow_pickle=False) as f:  # only the arrays used (an archive may hold more)
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:  # a zip that is not one, a truncated file, a pickled array
+        raise DataError(f"cannot read {path} as an .npz archive ({type(e).__name__}: {e})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):  # (numpy's own words for it: "does not support the context manager")
+        raise DataError(f"{path} is one .npy array, not an .npz archive of x and y (np.savez(PATH, x=..., y=...))")
+    try:
+        with f:  # only the arrays used (an archive may hold more)
             arrays = {k: f[k] for k in f.files if k in ("x", "y", "x_test", "y_test")}
             found = sorted(f.files)
-    except Exception as e:  # a zip that is not one, a truncated file, a pickled array
+    except Exception as e:  # a truncated member, a pickled array
         raise DataError(f"cannot read {path} as an .npz archive ({type(e).__name__}: {e})") from None
     for key in ("x", "y"):
         if key not in arrays:

@@ -73,7 +73,12 @@ def read_selection(path: str) -> dict:
                 "path": np.array([r["path"] for r in rows], dtype=str) if rows and "path" in rows[0] else None,
             }
         else:
-            with np.load(path, allow_pickle=False) as f:
+            f = np.load(path, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile) or not {"index", "class", "score", "meta"} <= set(f.files):
+                if isinstance(f, np.lib.npyio.NpzFile):
+                    f.close()  # (a KeyError named the first missing array, not what the file is)
+                raise DataError(f"{path} is not a selection (the .npz or .json of llp-fast-select --out)")
+            with f:
                 out = {k: f[k] for k in ("index", "class", "score")}
                 out["path"] = f["path"] if "path" in f.files else None
                 meta = json.loads(str(f["meta"]))

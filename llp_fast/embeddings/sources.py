@@ -1,5 +1,5 @@
 """Where the embeddings and labels come from: an array in memory, one ``.npy`` file, or a directory
-of ``.npy`` shards taken in name order.
+of ``.npy`` shards taken in name order, numbers by value (``part2`` before ``part10``).
 
 A file is read block by block through a memory map that is opened for the block and dropped after
 it, so the pages of a file larger than memory never pile up in the process's resident set: what a
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -65,9 +66,16 @@ class _File:
             del mm
 
 
+def shard_order(name: str) -> tuple:
+    """A shard's place: its name with each run of digits read as a number, so that ``part2`` comes
+    before ``part10`` (plain name order put ``part10`` and ``part11`` first, and the rows then no
+    longer matched the labels: wrong labels, exit 0); zero-padded names keep their name order."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)], name
+
+
 def _paths(path: str, what: str) -> list[str]:
     if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if n.endswith(".npy") and not n.startswith("."))
+        names = sorted((n for n in os.listdir(path) if n.endswith(".npy") and not n.startswith(".")), key=shard_order)
         if not names:
             raise DataError(f"{what} {path}: a directory without .npy shards")
         return [os.path.join(path, n) for n in names]
@@ -79,7 +87,8 @@ class Rows:
 
     Args:
         data: a NumPy array or torch tensor (N, D), a .npy path, or a directory of .npy shards
-            (taken in name order, concatenated along the rows). A tensor is read where it is (a
+            (taken in name order, numbers by value: ``part2`` before ``part10``; concatenated along
+            the rows). A tensor is read where it is (a
             CUDA tensor's blocks stay on its GPU): no copy of the whole matrix is made.
         normalize: L2-normalise every row as it is read.
     """
