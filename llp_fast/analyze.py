@@ -212,7 +212,9 @@ def embedding_map(bank: dict, classes, *, method: str = "pca", per_class: int = 
     return xy, labels[rows].numpy(), (rows < m).numpy()
 
 
-def plot_embedding_map(bank, path, *, n_classes: int = 4, method: str = "pca"):
+def plot_embedding_map(bank, path, *, n_classes: int = 4, method: str = "pca") -> int:
+    """The 2-D map of the bank's ``n_classes`` most populous classes (fewer where the run has fewer);
+    returns how many it drew."""
     plt = _plt()
     labels = bank["labels"].long()
     present = torch.bincount(labels[labels >= 0])
@@ -230,6 +232,7 @@ def plot_embedding_map(bank, path, *, n_classes: int = 4, method: str = "pca"):
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+    return len(classes)
 
 
 def plot_aggregation_hist(runs, path):
@@ -343,8 +346,9 @@ def _draw(runs, out: Path, method: str, n_classes: int):
             ("density.png", "D_i against Q_i per class (Fig. 3a/b)"),
             ("q_hist.png", "histogram of Q_i (Fig. 3c)"),
         ]
-        plot_embedding_map(with_bank[0]["bank"], out / "embedding_map.png", n_classes=n_classes, method=method)
-        figures.append(("embedding_map.png", f"embedding map of {n_classes} classes (Fig. 2a)"))
+        drawn = plot_embedding_map(with_bank[0]["bank"], out / "embedding_map.png", n_classes=n_classes, method=method)
+        what = f"the {drawn} most populous classes" if drawn > 1 else "the most populous class"
+        figures.append(("embedding_map.png", f"embedding map of {what} (Fig. 2a)"))
     if any(r.get("aggregation_per_class") for run in runs for r in run["metrics"]):
         plot_aggregation_hist(runs, out / "aggregation_hist.png")
         figures.append(("aggregation_hist.png", "per-class aggregation (Fig. 2c)"))

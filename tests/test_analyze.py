@@ -81,6 +81,10 @@ def test_mds_map_and_default_out(tmp_path):
     _make_run(tmp_path / "run", epochs=1)
     assert main([str(tmp_path / "run"), "--map", "mds", "--classes", "3"]) == 0
     _assert_png(tmp_path / "run" / "analysis" / "embedding_map.png")
+    assert "embedding map of the 3 most populous classes" in (tmp_path / "run" / "analysis" / "index.html").read_text()
+    # more than the run has: the page says what was drawn (it said "of 50 classes" on 5)
+    assert main([str(tmp_path / "run"), "--classes", "50", "--out", str(tmp_path / "all")]) == 0
+    assert "embedding map of the 5 most populous classes" in (tmp_path / "all" / "index.html").read_text()
 
 
 def test_density_and_counts_from_bank(tmp_path):

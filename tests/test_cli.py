@@ -253,6 +253,22 @@ def test_an_empty_held_out_split_is_refused_before_training(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_labeled_fraction_the_data_overrides_is_said(tmp_path, capsys):
+    """An npz with its own -1 entries trains with its own labels; --labeled-fraction was dropped
+    without a word."""
+    rng = np.random.default_rng(0)
+    y = np.where(rng.random(120) < 0.3, np.arange(120) % 3, -1)
+    y[:3] = [0, 1, 2]
+    p = tmp_path / "own.npz"
+    np.savez(p, x=rng.integers(0, 255, (120, 6, 6), dtype=np.uint8), y=y)
+    args = ["--data", f"npz:{p}", *TINY_ARGS, "--baseline", "off", "--labeled-fraction", "0.5"]
+    assert train_main([*args, "--run-dir", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert "--labeled-fraction 0.5 is not used: the data marks its own labeled set (" in err
+    assert train_main([*args[:-2], "--run-dir", str(tmp_path / "s")]) == 0  # not given: not said
+    assert "--labeled-fraction" not in capsys.readouterr().err
+
+
 def test_every_example_labeled_is_refused_naming_the_fraction(tmp_path, capsys):
     """It blamed --t (the density pool of 0 examples), a flag the user had not given."""
     p = tmp_path / "d.npz"

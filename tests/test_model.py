@@ -113,6 +113,30 @@ def test_bad_models_and_flags_are_one_line(tmp_path, capsys):
     assert "required: labels" in capsys.readouterr().err
 
 
+def test_save_model_to_an_npz_path_writes_that_file(tmp_path, capsys):
+    """--model reads M.npz itself; --save-model M.npz made a folder M.npz/ holding model.npz, and
+    refused M.npz once it existed as a file."""
+    _data(tmp_path)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy"), "--quiet"]
+    file, folder = tmp_path / "m.npz", tmp_path / "d"
+    for _ in range(2):  # the second time over the file the first one wrote
+        assert main([*argv, "--save-model", str(file)]) == 0
+        assert file.is_file() and not (tmp_path / "m.npz" / "model.npz").exists()
+    assert main([*argv, "--save-model", str(folder)]) == 0
+    with np.load(file) as a, np.load(folder / "model.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in b.files)
+    new = str(tmp_path / "new.npy")
+    for saved in (file, folder):
+        assert main(["--model", str(saved), new, "--out", str(tmp_path / f"p-{saved.name}.npy")]) == 0
+    assert np.array_equal(np.load(tmp_path / "p-m.npz.npy"), np.load(tmp_path / "p-d.npy"))
+    with pytest.raises(SystemExit):
+        main([*argv, "--save-model", str(tmp_path / "no" / "m.npz")])
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an output over the model it reads
+        main(["--model", str(file), new, "--out", str(file)])
+    assert "is the input --model" in capsys.readouterr().err
+
+
 def test_a_damaged_model_file_is_one_line_not_other_voters(tmp_path, capsys):
     """np.load reads a member only as far as its header says: a damaged header length shifted the
     voters silently (other labels, exit 0), and a damaged header or compression field was a
@@ -180,8 +204,11 @@ def test_saving_is_atomic(tmp_path, monkeypatch, capsys):
 
 
 def test_a_model_saved_under_an_npz_name_loads_by_it(tmp_path, capsys):
+    """A folder named like a .npz file (made by --save-model before it wrote M.npz as a file) keeps
+    holding model.npz."""
     _data(tmp_path)
     d, out = str(tmp_path / "out.npz"), str(tmp_path / "p.npy")
+    os.mkdir(d)
     assert main([str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", out, "--save-model", d]) == 0
     assert os.listdir(d) == ["model.npz"]
     assert main(["--model", d, str(tmp_path / "new.npy"), "--out", str(tmp_path / "q.npy")]) == 0

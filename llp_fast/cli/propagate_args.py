@@ -8,7 +8,7 @@ import math
 import os
 
 from ..embeddings import outputs
-from ..embeddings.model import FILE, model_file
+from ..embeddings.model import model_file
 from ..embeddings.settings import AUTO_VOTERS, AUTO_VOTERS_PER_LABELED, POOLS, Settings
 from ..errors import ConfigError
 from . import _common
@@ -38,13 +38,21 @@ def _out(text: str) -> str:
 
 
 def _model_dir(text: str) -> str:
-    """``--save-model``: a directory that exists or can be made (its parent exists)."""
+    """``--save-model``: a directory that exists or can be made (its parent exists), or a ``.npz``
+    file's path in an existing directory (:func:`model_file`)."""
     _common.path(text)
+    file = model_file(text)
+    if file == text:  # M.npz: the file itself
+        if os.path.lexists(file) and not os.path.isfile(file):
+            raise argparse.ArgumentTypeError(f"{file} exists and is not a file: the model could not replace it")
+        parent = os.path.dirname(os.path.abspath(file))
+        if not os.path.isdir(parent):
+            raise argparse.ArgumentTypeError(f"{text}: directory {parent} does not exist")
+        return text
     if os.path.exists(text) and not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
-    inside = os.path.join(text, FILE)
-    if os.path.lexists(inside) and not os.path.isfile(inside):
-        raise argparse.ArgumentTypeError(f"{inside} exists and is not a file: the model could not replace it")
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory (a .npz path is written as a file)")
+    if os.path.lexists(file) and not os.path.isfile(file):
+        raise argparse.ArgumentTypeError(f"{file} exists and is not a file: the model could not replace it")
     parent = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(parent):
         raise argparse.ArgumentTypeError(f"{text}: directory {parent} does not exist")
@@ -138,7 +146,13 @@ def parser() -> argparse.ArgumentParser:
         help="write -1 for rows whose confidence is below C (labeled rows keep theirs); saved with --save-model, "
         "where --model applies it unless given again",
     )
-    ap.add_argument("--save-model", type=_model_dir, default=None, metavar="DIR", help="write DIR/model.npz")
+    ap.add_argument(
+        "--save-model",
+        type=_model_dir,
+        default=None,
+        metavar="DIR",
+        help="write DIR/model.npz (or the file itself, where DIR ends in .npz), for --model",
+    )
     ap.add_argument("--model", default=None, metavar="DIR", help="label EMBEDDINGS (new rows) by a saved model")
     ap.add_argument(
         "--k",
@@ -237,7 +251,8 @@ def parse(argv=None) -> argparse.Namespace:
             outs[flag] = path if path is None or k is None else output_name(path, k)
     if args.save_model:  # the model's directory and file are outputs too
         outs["--save-model"] = args.save_model
-        outs["--save-model's file"] = os.path.join(args.save_model, FILE)
+        if model_file(args.save_model) != args.save_model:
+            outs["--save-model's file"] = model_file(args.save_model)
     inputs = {"EMBEDDINGS": args.embeddings, **({"LABELS": args.labels} if args.labels else {})}
     if args.model is not None:
         inputs["--model"] = model_file(args.model)

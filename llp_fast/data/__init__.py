@@ -38,13 +38,16 @@ class Split:
     ``train`` (N,) example ids used for training, in training (dataset-index) order;
     ``targets`` (N,) the class of each labeled training example, -1 for unlabeled;
     ``truth`` (N,) the true class where known (-1 where not) for diagnostics;
-    ``test`` example ids of the held-out split (unused when the data brings its own).
+    ``test`` example ids of the held-out split (unused when the data brings its own);
+    ``own_labels`` whether the data marked its labeled set itself (``y = -1`` entries,
+    ``labeled.txt``), so that no labeled fraction was drawn.
     """
 
     train: np.ndarray
     targets: np.ndarray
     truth: np.ndarray
     test: np.ndarray
+    own_labels: bool = False
 
 
 def _stratified_pick(
@@ -128,7 +131,8 @@ def make_split(
             else:
                 fix = "raise --labeled-fraction or label at least one example of it"
             raise DataError(f"class {name!r} has no labeled training example ({fix})")
-    return Split(train=train, targets=targets, truth=y[train].copy(), test=test)
+    own = labeled_mask is not None or own_labels
+    return Split(train=train, targets=targets, truth=y[train].copy(), test=test, own_labels=own)
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ class DataFacts:
     """What a training set is, as the defaults of a run see it (:mod:`llp_fast.train.defaults`):
     ``kind`` ("arrays": held in memory; "folder": image files), training examples, labeled ones,
     classes, the fewest labeled examples of any class, the images' side in pixels (the typical
-    short side for files) and channels."""
+    short side for files), channels, and whether the data marked its own labeled set."""
 
     kind: str
     num_train: int
@@ -145,6 +149,7 @@ class DataFacts:
     min_labeled_per_class: int
     side: int
     channels: int
+    own_labels: bool = False  # the data marked its labeled set (Split.own_labels)
 
     @classmethod
     def of(cls, source, *, kind: str, side: int, channels: int | None = None) -> DataFacts:
@@ -159,6 +164,7 @@ class DataFacts:
             min_labeled_per_class=int(per_class.min()) if per_class.numel() else 0,
             side=int(side),
             channels=int(source.in_channels if channels is None else channels),
+            own_labels=bool(getattr(getattr(source, "split", None), "own_labels", False)),
         )
 
 

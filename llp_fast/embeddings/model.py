@@ -116,17 +116,19 @@ def _write_array(zf: zipfile.ZipFile, name: str, blocks, shape: tuple, dtype) ->
 def save(
     directory: str, rows: Rows, result, *, k: int, tau: float, normalize: bool, min_confidence=None, stack=None
 ) -> str:
-    """Writes ``directory/model.npz`` from an engine ``Result`` (its voters read back from ``rows``,
-    block by block) and the vote's settings. Creates ``directory`` if its parent exists. Returns
-    the file's path. With ``stack`` (a :class:`contextlib.ExitStack`: :func:`.outputs.write`'s
-    ``also``) the file moves into place only as that stack closes without an error, with the
-    other outputs."""
+    """Writes ``directory/model.npz`` (or ``directory`` itself where it names a ``.npz`` file:
+    :func:`model_file`, as ``--model`` reads it) from an engine ``Result`` (its voters read back
+    from ``rows``, block by block) and the vote's settings. Creates the folder if its parent
+    exists. Returns the file's path. With ``stack`` (a :class:`contextlib.ExitStack`:
+    :func:`.outputs.write`'s ``also``) the file moves into place only as that stack closes without
+    an error, with the other outputs."""
+    path = model_file(directory)
+    directory = os.path.dirname(path) or "."
     made = not os.path.isdir(directory)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:  # named itself: inside another output's write, that one would take the blame
         raise WriteError(directory, e, what="model folder") from e
-    path = os.path.join(directory, FILE)
     v_rows = np.asarray(result.voter_rows, dtype=np.int64)
     step = 65536
 
@@ -171,7 +173,8 @@ def save(
 
 def model_file(path: str) -> str:
     """The model file ``--save-model path`` writes and ``--model path`` reads: ``path/model.npz``,
-    or ``path`` itself where it names a ``.npz`` file rather than a directory."""
+    or ``path`` itself where it names a ``.npz`` file rather than a directory (``--save-model
+    M.npz`` made a folder ``M.npz/``)."""
     if path.endswith(".npz") and not os.path.isdir(path):
         return path
     return os.path.join(path, FILE)

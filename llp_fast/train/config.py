@@ -330,8 +330,18 @@ class TrainConfig:
     density_pool: str = _opt(
         "unlabeled", "density pool (docs/method.md §1.1)", group="llp", choices=("unlabeled", "all")
     )
-    density_weighting: bool = _opt(True, "NoDW ablation when off", group="llp", flag="--no-density-weighting")
-    confidence: bool = _opt(True, "NoC ablation when off", group="llp", flag="--no-confidence")
+    density_weighting: bool = _opt(
+        True,
+        "the NoDW ablation: voters not weighed by their local density (a plain weighted kNN vote)",
+        group="llp",
+        flag="--no-density-weighting",
+    )
+    confidence: bool = _opt(
+        True,
+        "the NoC ablation: every pseudo-label's loss weighs 1, not its confidence",
+        group="llp",
+        flag="--no-confidence",
+    )
     # a testing aid, not a user setting: act as if SIGINT arrived after this many steps
     stop_after_steps: int | None = _opt(None, "", group="run", check=optional(count), cli=False)
 
