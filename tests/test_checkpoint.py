@@ -103,7 +103,11 @@ def test_resume_names_the_flags_it_will_not_take(finished_run, tmp_path, capsys)
     rc = train_main(["--resume", run, "--epochs", "14", "--lr", "5", "--data", "mnist5k"])
     out, err = capsys.readouterr()
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "--lr" in err and "--data" in err and "cannot change" in err and "--epochs" in err.split("only")[1]
+    assert "--lr (saved: " in err and "--data (saved: " in err and "cannot change" in err
+    assert "--epochs" in err.split("only")[1]
+    saved = json.load(open(os.path.join(run, "config.json")))  # the saved values themselves pass
+    rc = train_main(["--resume", run, "--lr", str(saved["lr"]), "--data", saved["data"], "--quiet"])
+    assert rc == 0, capsys.readouterr().err
     with pytest.raises(SystemExit):  # checked where parsed, resume or not
         train_main(["--resume", run, "--epochs", "0"])
     assert "--epochs" in capsys.readouterr().err

@@ -253,6 +253,13 @@ def test_an_empty_held_out_split_is_refused_before_training(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_bare_data_path_names_the_prefix_that_reads_it(tmp_path, capsys):
+    for value, hint in ((str(tmp_path / "my.npz"), "npz:"), (str(tmp_path), "folder:")):
+        with pytest.raises(SystemExit):
+            train_main(["--data", value])
+        assert f"(this {'file' if hint == 'npz:' else 'folder'}: {hint}{value})" in capsys.readouterr().err
+
+
 def test_a_labeled_fraction_the_data_overrides_is_said(tmp_path, capsys):
     """An npz with its own -1 entries trains with its own labels; --labeled-fraction was dropped
     without a word."""

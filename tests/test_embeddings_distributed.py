@@ -90,7 +90,7 @@ def test_cli_nproc_equals_one_process(tmp_path):
         cmd += ["--out", str(out), "--rounds", "3", "--chunk", "100", "--nproc", str(nproc), "--threads", "1"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.count("labelled") == 1  # rank 0 reports, once
+        assert proc.stdout.count("llp-fast-propagate: labeled") == 1  # rank 0 reports, once
         outs[nproc] = np.load(out)
     assert np.array_equal(outs[1], outs[2])
     assert sorted(os.listdir(tmp_path)) == ["emb.npy", "lab.npy", "p1.npy", "p2.npy"]

@@ -56,7 +56,7 @@ def test_the_model_labels_new_rows_as_predict_does(tmp_path, capsys, rounds, dty
     out, conf = str(tmp_path / "pn.npy"), str(tmp_path / "cn.npy")
     rc = main(["--model", d, str(tmp_path / "new.npy"), "--out", out, "--confidence-out", conf, "--chunk", "37"])
     said = capsys.readouterr().out
-    assert rc == 0 and "labelled 400 rows" in said and said.rstrip().endswith(f"-> {out}, {conf}"), said
+    assert rc == 0 and "labeled 400 rows" in said and said.rstrip().endswith(f"-> {out}, {conf}"), said
     np.testing.assert_array_equal(np.load(out), clf.predict(new))
     np.testing.assert_allclose(np.load(conf), clf.predict_proba(new).max(axis=1), rtol=1e-5)
     # abstention: the model's own threshold, or the flag's
@@ -280,7 +280,7 @@ def test_each_malformed_model_field_is_one_line(tmp_path, capsys, change, match)
 
 
 def test_the_models_summary_counts_the_rows_it_left_unlabelled(tmp_path, capsys):
-    """A model saved with --min-confidence: its summary said "labelled 400 rows" where 109 were -1."""
+    """A model saved with --min-confidence: its summary said "labeled 400 rows" where 109 were -1."""
     _data(tmp_path)
     d, out = tmp_path / "m", str(tmp_path / "o.npy")
     argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", out, "--save-model", str(d)]
@@ -290,4 +290,4 @@ def test_the_models_summary_counts_the_rows_it_left_unlabelled(tmp_path, capsys)
     labels, line = np.load(out), capsys.readouterr().out
     left = int((labels == -1).sum())
     assert 0 < left < len(labels), left
-    assert f"labelled {len(labels) - left} of {len(labels)} rows ({left} left -1, confidence below 0.99) by " in line
+    assert f"labeled {len(labels) - left} of {len(labels)} rows ({left} left -1, confidence below 0.99) by " in line

@@ -72,7 +72,7 @@ def test_propagate_cli_matches_the_ops(tmp_path, capsys, extra):
             *extra,
         ]
     )
-    assert rc == 0 and "labelled" in capsys.readouterr()[0]
+    assert rc == 0 and "labeled" in capsys.readouterr()[0]
     pseudo, conf = np.load(out), np.load(conf_out)
     emb = torch.nn.functional.normalize(torch.from_numpy(x), dim=1)
     lab = torch.from_numpy(labels >= 0)
@@ -108,6 +108,9 @@ def test_propagate_cli_errors(tmp_path, capsys):
     np.savez(tmp_path / "emb.npz", emb=np.load(tmp_path / "emb.npy"))  # (it was numpy's magic-string error)
     rc = propagate_main([str(tmp_path / "emb.npz"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")])
     one_error_line(capsys, rc, "emb.npz: an .npz archive, not a .npy array (save the array with np.save)")
+    np.save(tmp_path / "flab.npy", np.load(tmp_path / "lab.npy").astype(np.float64))
+    rc = propagate_main([str(tmp_path / "emb.npy"), str(tmp_path / "flab.npy"), "--out", str(tmp_path / "o.npy")])
+    one_error_line(capsys, rc, "got float64 (1797,) (save whole-number labels as integers")
     assert not (tmp_path / "o.npy").exists()
 
 
@@ -279,6 +282,7 @@ def test_an_output_may_not_be_given_twice_or_be_an_input(tmp_path, capsys):
         ("--labeled-weight", "0"),
         ("--chunk", "0"),
         ("--top", "0"),
+        ("--top", "5"),  # without --probs-out: it was ignored
         ("--threads", "-1"),
         ("--threads", "100000"),
         ("--nproc", "0"),
@@ -393,7 +397,7 @@ def test_suspects_auto_and_abstention(tmp_path, capsys):
     # the summary counts the rows left -1 apart (it said all the unlabeled rows were labelled)
     a, m = int((p == -1).sum()), int((labels >= 0).sum())
     said = capsys.readouterr()[0]
-    assert f"labelled {len(p) - m - a} of {len(p)} rows ({a} left -1, confidence below 0.8)" in said, said
+    assert f"labeled {len(p) - m - a} of {len(p)} rows ({a} left -1, confidence below 0.8)" in said, said
     assert (p == -1).any() and np.array_equal(p[labels >= 0], labels[labels >= 0])
     rc = propagate_main([*base, "--out", f["p.npy"], "--suspects-out", f["s.npy"], "--quality-out", f["q.npy"]])
     assert rc == 0
@@ -449,7 +453,7 @@ def test_drop_suspects_says_what_it_dropped(tmp_path, capsys):
     assert propagate_main([*base, "--out", out, "--confidence-out", conf, "--drop-suspects", "0.1"]) == 0
     n_drop = round(0.1 * m)
     said = capsys.readouterr().out
-    assert f"from {m - n_drop} labeled, 2 rounds ({n_drop} suspect labels dropped and labeled again)" in said, said
+    assert f"from {m - n_drop} labeled rows, 2 rounds ({n_drop} suspect labels dropped and labeled again)" in said, said
     assert said.rstrip().endswith(f"-> {out}, {conf}"), said  # every file written, not --out alone
     # --tau auto with a K given: the line names what the candidates had to beat (K given, tau default)
     assert propagate_main([*base, "--out", out, "--k", "20", "--tau", "auto"]) == 0

@@ -46,12 +46,15 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH")
     ap.add_argument("--out", type=_common.path, default=None, help="JSON file for the results (default: print only)")
     ap.add_argument("--lr", type=_lr, default=0.01, help="initial learning rate (default 0.01, paper)")
-    ap.add_argument("--momentum", type=_common.MOMENTUM, default=0.9)
-    ap.add_argument("--weight-decay", type=_common.NONNEG_FLOAT, default=0.0)
-    ap.add_argument("--batch-size", type=_common.POSITIVE_INT, default=128)
+    ap.add_argument("--momentum", type=_common.MOMENTUM, default=0.9, help="SGD momentum (default 0.9)")
+    ap.add_argument("--weight-decay", type=_common.NONNEG_FLOAT, default=0.0, help="SGD weight decay (default 0)")
+    ap.add_argument("--batch-size", type=_common.POSITIVE_INT, default=128, help="readout batch size (default 128)")
     ap.add_argument("--epochs", type=_common.POSITIVE_INT, default=200, help="most readout epochs (default 200)")
     ap.add_argument(
-        "--patience", type=_common.POSITIVE_INT, default=5, help="epochs without a better validation top-1 before x0.1"
+        "--patience",
+        type=_common.POSITIVE_INT,
+        default=5,
+        help="epochs without a better validation top-1 before x0.1 (default 5)",
     )
     ap.add_argument(
         "--drops", type=_common.COUNT, default=2, help="learning-rate drops before stopping (default 2, paper)"
@@ -72,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
         "--repeats",
         type=_common.POSITIVE_INT,
         default=1,
-        help="readouts on the same features (seeds SEED.. SEED+R-1); mean and std",
+        help="readouts on the same features (seeds SEED.. SEED+R-1); mean and std (default 1)",
     )
     ap.add_argument("--device", type=_common.DEVICE, default=None, help="cpu or cuda for the feature extraction")
     ap.add_argument("--threads", type=_common.THREADS, default=0)

@@ -72,7 +72,7 @@ def _label(args) -> int:
         if rank == 0:
             print(f"{PROG}: {choice.line(auto_k, auto_tau)}", flush=True)
     _cost_note(progress, n, m, settings)
-    extras = {"top_classes": args.top if args.probs_out else 0, "voter_ids": bool(args.voters_out)}
+    extras = {"top_classes": (args.top or 3) if args.probs_out else 0, "voter_ids": bool(args.voters_out)}
     results = Engine(rows, labels, settings, comm=comm, progress=progress).run(**extras)
     results = results if isinstance(results, dict) else {None: results}
     ranked, used, note = {}, labels, ""
@@ -135,18 +135,17 @@ def _label(args) -> int:
         rounds = f", {result.rounds_run} round{'s' if result.rounds_run != 1 else ''}"
         if None not in results:
             rounds += ", K = " + ", ".join(str(k) for k in results)
-        head = f"labelled {n - m} of {n} rows"
+        head = f"labeled {n - m} of {n} rows"
         if abstained:  # --min-confidence: those rows are -1, not labelled
             c = f"confidence below {args.min_confidence:g}"
             if len(set(abstained.values())) == 1:
                 a = next(iter(abstained.values()))
-                head = f"labelled {n - m - a} of {n} rows ({a} left -1, {c})"
+                head = f"labeled {n - m - a} of {n} rows ({a} left -1, {c})"
             else:
                 each = ", ".join(f"{a} at K = {k}" for k, a in abstained.items())
                 head += f" less those left -1, {c} ({each})"
-        print(
-            f"{PROG}: {head} from {m} labeled{rounds}{note} in {time.perf_counter() - t0:.2f} s -> {', '.join(written)}"
-        )
+        took = f"in {time.perf_counter() - t0:.2f} s"
+        print(f"{PROG}: {head} from {m} labeled rows{rounds}{note} {took} -> {', '.join(written)}")
     return 0
 
 
@@ -171,11 +170,11 @@ def _apply(args) -> int:
     if args.confidence_out:
         files[args.confidence_out] = ("npy", conf)
     outputs.write(files)
-    head = f"labelled {len(labels)} rows"
+    head = f"labeled {len(labels)} rows"
     abstained = int((labels == -1).sum())
     if abstained:  # (as the labelling run's line: those rows are -1, not labelled)
         c = saved.min_confidence if threshold == "model" else threshold
-        head = f"labelled {len(labels) - abstained} of {len(labels)} rows ({abstained} left -1, confidence below {c:g})"
+        head = f"labeled {len(labels) - abstained} of {len(labels)} rows ({abstained} left -1, confidence below {c:g})"
     print(
         f"{PROG}: {head} by the {saved.voters.shape[0]} voters of {args.model} "
         f"in {time.perf_counter() - t0:.2f} s -> {', '.join(files)}"

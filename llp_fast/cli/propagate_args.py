@@ -62,17 +62,25 @@ def _model_dir(text: str) -> str:
 def _ks(text: str):
     """``--k``: auto (chosen by leave-one-out accuracy), one number of voters, or several separated
     by commas (one output per K)."""
-    if text == "auto":
+    if text.strip().lower() == "auto":
         return "auto"
     parts = [p.strip() for p in text.split(",")]
-    ks = tuple(_common.POSITIVE_INT(p) for p in parts)
+    try:
+        ks = tuple(_common.POSITIVE_INT(p) for p in parts)
+    except argparse.ArgumentTypeError as e:  # (it named only numbers)
+        raise argparse.ArgumentTypeError(f"{e}; or auto") from None
     if len(set(ks)) != len(ks):
         raise argparse.ArgumentTypeError(f"{text}: each K once")
     return ks[0] if len(ks) == 1 else ks
 
 
 def _tau(text: str):
-    return "auto" if text == "auto" else _common.TEMPERATURE(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _common.TEMPERATURE(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or auto") from None
 
 
 def _drop(text: str) -> float:
@@ -88,9 +96,13 @@ def _drop(text: str) -> float:
 
 def _voters(text: str):
     """``--max-voters``: auto (the default: linear in N), none (no cap: O(N^2)) or a count."""
-    if text in ("auto", "none"):
-        return None if text == "none" else "auto"
-    return _common.COUNT(text)
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    try:
+        return _common.COUNT(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or auto, or none") from None
 
 
 def output_name(path: str, k: int) -> str:
@@ -122,7 +134,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="PROBS.npz: 'classes' (N, P) int64 and 'probs' (N, P) float32, each row's --top most likely classes",
     )
-    ap.add_argument("--top", type=_common.POSITIVE_INT, default=3, help="P for --probs-out (default 3)")
+    ap.add_argument(
+        "--top",
+        type=_common.POSITIVE_INT,
+        default=None,
+        help="P for --probs-out (default 3; beyond the classes there are, class -1 with probability 0)",
+    )
     ap.add_argument("--voters-out", type=_out, default=None, help="(N, K) int64 rows that voted (-1: none)")
     ap.add_argument(
         "--suspects-out",
@@ -198,7 +215,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-normalize", dest="normalize", action="store_false", help="embeddings are already unit rows")
     ap.add_argument("--chunk", type=_common.POSITIVE_INT, default=hide, help=f"rows per block (default {d.chunk})")
     ap.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N (Triton kernels)")
-    ap.add_argument("--threads", type=_common.THREADS, default=None, help="CPU threads (default, or 0: torch's)")
+    ap.add_argument("--threads", type=_common.THREADS, default=None, help="CPU threads (default or 0: torch's choice)")
     ap.add_argument("--nproc", type=_common.POSITIVE_INT, default=1, help="run as P local processes (gloo/NCCL)")
     ap.add_argument("--dist-timeout", type=_common.DIST_TIMEOUT, metavar="SECONDS", help=_common.DIST_TIMEOUT_HELP)
     ap.add_argument("--quiet", action="store_true", help="no progress display")
@@ -235,6 +252,8 @@ def parse(argv=None) -> argparse.Namespace:
         _check_model_form(ap, args)
     elif args.labels is None:
         ap.error("the following arguments are required: labels (or --model DIR to label new rows)")
+    if args.top is not None and not args.probs_out:  # (it was ignored without a word)
+        ap.error("argument --top: the number of classes --probs-out writes; give --probs-out too")
     ks = getattr(args, "k", DEFAULT.k)
     if isinstance(ks, tuple) and (args.drop_suspects or args.save_model):
         ap.error(

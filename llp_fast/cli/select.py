@@ -46,12 +46,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--batch-size", type=_common.POSITIVE_INT, default=256, help="pool images scored at once (default 256)"
     )
-    ap.add_argument("--workers", type=_common.THREADS, default=2, help="DataLoader workers decoding a folder pool")
+    ap.add_argument(
+        "--workers", type=_common.THREADS, default=2, help="DataLoader workers decoding a folder pool (default 2)"
+    )
     ap.add_argument("--device", type=_common.DEVICE, default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument(
         "--threads", type=_common.THREADS, default=0, help="CPU threads for torch (default: torch's choice)"
     )
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress display")
     return ap
 
 

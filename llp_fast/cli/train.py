@@ -23,7 +23,7 @@ from ..data.loading import WorkerLost, worker_lost
 from ..errors import ConfigError
 from ..ops import describe_backends
 from ..train import config as C
-from ..train.defaults import SMALL_DATA, baseline_by_default, check_new_run, resolve_run
+from ..train.defaults import SMALL_DATA, absolute_data, baseline_by_default, check_new_run, resolve_run
 from . import _common, launch
 
 PROG = "llp-fast-train"
@@ -144,10 +144,19 @@ def config_from_args(args, run_dir: str | None = None) -> C.TrainConfig:
 
 def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.TrainConfig, list[str]]:
     """The saved config with the flags a resume may change (``config.RESUMABLE``) applied;
-    :class:`ConfigError` naming every other flag that was given. Also returns notes to print."""
+    :class:`ConfigError` naming every other flag given with another value than the saved one (the
+    saved value itself passes: it was refused as a change). Also returns notes to print."""
     values = given(args)
     values.pop("stop_after_steps", None)
-    refused = [C.flag_of(f) for f in C.fields() if f.name in values and f.name not in C.RESUMABLE]
+    refused = []
+    for f in C.fields():
+        if f.name not in values or f.name in C.RESUMABLE:
+            continue
+        value, was = values.pop(f.name), getattr(saved, f.name)
+        if f.name == "data":  # saved absolute
+            value, was = absolute_data(value), absolute_data(was)
+        if value != was:
+            refused.append(f"{C.flag_of(f)} (saved: {_show(was)})")
     if refused:
         allowed = ", ".join("--" + n for n in C.RESUMABLE)
         raise ConfigError(
@@ -166,6 +175,12 @@ def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.Trai
     if cfg.epochs < epochs_done:  # checked before anything is printed (prepare() checks it too)
         raise ConfigError(f"--epochs {cfg.epochs}: the run has completed {epochs_done} epochs already")
     return C.validate(cfg), notes
+
+
+def _show(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return "none" if v is None else str(v)
 
 
 def _pct(v) -> str:
@@ -255,8 +270,9 @@ def _say_what_runs(cfg, notes) -> None:
 
         loader = f", loader {loader_label(cfg.loader, cfg.device, needs_strong_views(cfg))}"
     arch = f"{cfg.arch} width {cfg.width}" if cfg.arch in C.ARCHS else cfg.arch
+    epochs = "epoch" if cfg.epochs == 1 else "epochs"
     print(
-        f"{PROG}: {what} on {cfg.data}, {arch}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
+        f"{PROG}: {what} on {cfg.data}, {arch}, {cfg.epochs} {epochs}, batch {cfg.batch_size}, lr {cfg.lr}, "
         f"device {cfg.device}{loader}, run dir {cfg.run_dir}",
         file=sys.stderr,
     )

@@ -241,7 +241,9 @@ def read_labels(data, n: int | None = None) -> np.ndarray:
         files = [_File(p, "labels") for p in _paths(os.fspath(data), "labels")]
         for f in files:
             if len(f.shape) != 1 or f.dtype.kind not in "iu":
-                raise DataError(f"labels {f.path}: expected a 1-D integer array (N,), got {f.dtype} {f.shape}")
+                hint = " (save whole-number labels as integers: np.save(PATH, y.astype(np.int64)))"
+                hint = hint if len(f.shape) == 1 and f.dtype.kind == "f" else ""
+                raise DataError(f"labels {f.path}: expected a 1-D integer array (N,), got {f.dtype} {f.shape}{hint}")
         # Each shard to int64 on its own: concatenating int64 with uint64 would go through float64.
         parts = [_int64_labels(f.read(0, f.shape[0]), f"labels {f.path}") for f in files]
         labels = np.concatenate(parts) if parts else np.empty(0, np.int64)

@@ -49,7 +49,12 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # package.module:fa
 
 def data_spec(v):
     if not isinstance(v, str) or not (v in ("digits", "mnist5k") or v.startswith(("npz:", "folder:"))):
-        raise bad("digits, mnist5k, npz:PATH or folder:PATH", v)
+        hint = ""  # (as llp-fast-select's pools say: a bare path was "expected ..., got 'my.npz'")
+        if isinstance(v, str) and v.endswith(".npz"):
+            hint = f" (this file: npz:{v})"
+        elif isinstance(v, str) and v and os.path.isdir(v):
+            hint = f" (this folder: folder:{v})"
+        raise ValueError(f"expected digits, mnist5k, npz:PATH or folder:PATH, got {v!r}{hint}")
     if v in ("npz:", "folder:"):  # (the current directory was read as the file: "no such file: /cwd")
         raise bad(f"{v}PATH with a PATH", v)
     return v
