@@ -206,6 +206,20 @@ def selection(ckpt, pool, tmp_path_factory):
     return out
 
 
+def test_extra_unlabeled_from_a_pool_that_moved_names_the_selection(tmp_path, selection):
+    """It said "no such file: POOL", a file the user had not named (it is in the selection)."""
+    import json
+
+    with np.load(selection) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["source"] = f"npz:{tmp_path / 'moved.npz'}"
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "sel.npz", **arrays)
+    with pytest.raises(DataError, match=r"sel.npz: the pool it was selected from: no such file: .*moved.npz"):
+        Trainer(tiny(tmp_path, extra_unlabeled=str(tmp_path / "sel.npz")))
+
+
 def test_extra_unlabeled_grows_the_bank_then_fine_tunes_on_original_only(tmp_path, selection, pool):
     n0 = Trainer(tiny(tmp_path, "plain")).n
     cfg = tiny(tmp_path, epochs=3, milestones=[1], rate_jump=2, extra_unlabeled=selection)
@@ -213,6 +227,8 @@ def test_extra_unlabeled_grows_the_bank_then_fine_tunes_on_original_only(tmp_pat
     sel = read_selection(selection)
     e = len(np.unique(sel["index"]))
     assert tr.n_original == n0 and tr.n == n0 + e and len(tr.bank) == n0 + e
+    said = f"--extra-unlabeled: {e:,} selected images join the {n0:,} training images as unlabeled ones"
+    assert any(note.startswith(said) and note.endswith("until the rate jump") for note in tr.notes), tr.notes
     assert bool((tr.targets[n0:] == -1).all())
     # the extras' truth comes from the pool's y (pseudo-label diagnostics)
     y = np.load(pool)["y"]

@@ -276,7 +276,10 @@ def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> i
             pool = FilesPool([where[int(i)] for i in keep], pool_spec, workers=0)
             chunks = [x for x, _ in pool.batches(batch_size, fmt)]
         else:
-            pool = open_pool(pool_spec)
+            try:
+                pool = open_pool(pool_spec)
+            except DataError as e:  # (it said "no such file: POOL", a file the user had not named)
+                raise DataError(f"--extra-unlabeled {selection_path}: the pool it was selected from: {e}") from None
             if int(keep[-1]) >= len(pool):
                 raise DataError(f"--extra-unlabeled {selection_path}: index {int(keep[-1])} is outside {pool_spec}")
             chunks = [x for x, _ in pool.batches(batch_size, fmt, indices=keep)]

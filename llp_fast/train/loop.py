@@ -85,7 +85,13 @@ class Trainer:
         if cfg.extra_unlabeled:
             if self.world > 1:
                 raise ConfigError("--extra-unlabeled runs in a single process for now (drop --nproc)")
-            add_extra_unlabeled(src, cfg.extra_unlabeled)
+            extra = add_extra_unlabeled(src, cfg.extra_unlabeled)
+            self.notes = notes = [  # (the run's first lines counted the original images only)
+                *notes,
+                f"--extra-unlabeled: {extra:,} selected images join the {self.n_original:,} training images as "
+                f"unlabeled ones ({src.num_train:,} in all) "
+                + ("until the rate jump" if cfg.rate_jump is not None else "for the whole run"),
+            ]
         self.num_classes = src.num_classes
         self.targets = src.targets.to(self.device)  # (N,) -1 = unlabeled
         self.truth = src.truth.to(self.device)
