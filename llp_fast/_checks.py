@@ -111,9 +111,14 @@ def below_one(v):
 
 
 def epoch_list(v):
+    """Epochs of an lr drop: each once, increasing, from 1 (a drop at 0 came before any training,
+    and one given twice dropped the lr 100x at once)."""
     if not isinstance(v, (list, tuple)):
         raise bad("a list of epochs", v)
-    return [count(e) for e in v]
+    epochs = [count(e) for e in v]
+    if any(e < 1 for e in epochs) or any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise bad("increasing epochs from 1, each once", ",".join(map(str, epochs)))
+    return epochs
 
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")

@@ -182,6 +182,9 @@ def test_bad_flag_values(tmp_path, capsys):
         ("--translate", "-2"),
         ("--workers", "-1"),
         ("--milestones", "3,-1"),
+        ("--milestones", "3,3"),  # a double drop (the lr cut 100x at once)
+        ("--milestones", "0"),  # a drop before any training
+        ("--jump-milestones", "9,7"),
         ("--device", "gpu"),
         ("--data", "cifar"),
         ("--data", "npz:"),  # read the current directory as the file

@@ -111,7 +111,8 @@ def test_digits_and_the_same_images_as_an_npz_are_the_same_data(tmp_path):
         y_test=src.y_test.numpy(),
     )
     other = load_data(f"npz:{path}", labeled_fraction=0.1, seed=5)  # the file's own split wins
-    assert other.facts() == src.facts()
+    assert other.facts().own_labels and not src.facts().own_labels  # the file marked them; the rest is equal
+    assert other.facts() == dataclasses.replace(src.facts(), own_labels=True)
     assert torch.equal(other.targets, src.targets) and torch.equal(other.x, src.x)
     cfg = TrainConfig(device="cpu", run_dir="r")
     assert defaults.resolve(cfg, other.facts())[0] == defaults.resolve(cfg, src.facts())[0]

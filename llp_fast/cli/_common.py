@@ -78,7 +78,10 @@ def epochs(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
-    return C.epoch_list(values)
+    try:
+        return C.epoch_list(values)
+    except ValueError as e:  # (argparse said only "invalid epochs value")
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def path(text: str) -> str:
