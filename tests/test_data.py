@@ -246,6 +246,38 @@ def test_folder_train_test_dirs_and_fraction(tmp_path):
     assert np.bincount(src.targets[src.targets >= 0].numpy()).tolist() == [2, 2, 2]
 
 
+def test_folder_split_names_in_any_case_and_a_class_named_train(tmp_path):
+    """Train/ beside Test/ (as many downloaded sets have them) trained "Test" against "Train" as two
+    classes; a vehicles set whose classes are bus, car and train lost bus and car ("no images")."""
+    kw = dict(device="cpu", labeled_fraction=0.34, image_size=8, workers=0, loader="pil")
+    make_folder(tmp_path / "k" / "Train", per_class=6)
+    make_folder(tmp_path / "k" / "Validation", per_class=2)
+    src = load(f"folder:{tmp_path / 'k'}", **kw)
+    assert src.class_names == ["class0", "class1", "class2"] and (src.num_train, src.num_test) == (18, 6)
+    veh = tmp_path / "veh"
+    make_folder(veh, per_class=6)
+    (veh / "class2").rename(veh / "train")
+    src = load(f"folder:{veh}", **kw)
+    assert src.class_names == ["class0", "class1", "train"] and src.num_train + src.num_test == 18
+    make_folder(tmp_path / "both" / "train", per_class=6)
+    make_folder(tmp_path / "both" / "test", per_class=2)
+    make_folder(tmp_path / "both" / "extra", per_class=2)
+    with pytest.raises(DataError, match=r"train/ and test/ beside other folders \(extra\)"):
+        load(f"folder:{tmp_path / 'both'}", **kw)
+
+
+def test_label_file_with_a_byte_order_mark_and_a_hash_in_a_name(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "class1" / "0.png").rename(root / "class1" / "photo #1.png")
+    text = "# labeled\nclass0/0.png  # the first\nclass1/photo #1.png\nclass2/3.png\n"
+    (root / "labeled.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())  # Notepad's UTF-8
+    src = load(f"folder:{root}", device="cpu", labeled_fraction=0.5, image_size=8, workers=0, loader="pil")
+    assert int((src.targets >= 0).sum()) == 3
+    (root / "labeled.txt").write_text(text, encoding="utf-16")
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        load(f"folder:{root}", device="cpu", workers=0, loader="pil")
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match="no such directory"):
         load(f"folder:{tmp_path}/missing", device="cpu")

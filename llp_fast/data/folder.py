@@ -1,10 +1,11 @@
 """``folder:PATH`` -- an ImageFolder tree of the user's own images.
 
 Layout: ``PATH/<class>/<image>`` (one subfolder per class), or ``PATH/train/<class>/...``
-with ``PATH/test/<class>/...`` (or ``val/``) as the held-out split. An optional
-``PATH/labeled.txt`` lists the files (relative to the class folders' parent, one per line,
-``#`` comments allowed) whose label the learner may use; without it a class-balanced
-``--labeled-fraction`` keeps its label. The folder names give the truth of every image, used
+with ``PATH/test/<class>/...`` (or ``val/``; any case, and ``training``, ``testing``, ``valid``,
+``validation``: :func:`split_layout`) as the held-out split. An optional ``PATH/labeled.txt``
+lists the files (relative to the class folders' parent, one per line, UTF-8, ``#`` starting a
+comment unless the whole line names an image) whose label the learner may use; without it a
+class-balanced ``--labeled-fraction`` keeps its label. The folder names give the truth of every image, used
 only for the held-out split and the pseudo-label diagnostics.
 
 Two loaders (``--loader``), the same samples: a PIL-based torch DataLoader (``pil``), or NVIDIA
@@ -52,6 +53,31 @@ def image_files(root: str) -> list[str]:
     return out
 
 
+TRAIN_NAMES = ("train", "training")
+HELD_OUT_NAMES = ("test", "testing", "val", "valid", "validation")  # in this order of preference
+
+
+def split_layout(root: str) -> tuple[str, str | None]:
+    """(training root, held-out root or None) of a folder tree. ``PATH/train/`` (any case, or
+    ``training``) is the split layout where every other top-level folder is a held-out one
+    (``test``, ``val``, ... any case), the first of those by preference the held-out split;
+    otherwise the top-level folders are the classes (a vehicles set's ``bus``, ``car`` and
+    ``train`` are three classes). A ``Train/`` beside ``Test/`` had trained "Test" against
+    "Train" as two classes; a tree with both and other folders besides is refused, naming them."""
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    train = [f for f in folders if f.lower() in TRAIN_NAMES]
+    held = sorted((f for f in folders if f.lower() in HELD_OUT_NAMES), key=lambda f: HELD_OUT_NAMES.index(f.lower()))
+    others = [f for f in folders if f not in train and f not in held]
+    if len(train) == 1 and not others:
+        return os.path.join(root, train[0]), os.path.join(root, held[0]) if held else None
+    if train and held and others:
+        raise DataError(
+            f"folder:{root}: {train[0]}/ and {held[0]}/ beside other folders ({', '.join(others[:3])}): either "
+            f"one folder per class, or {train[0]}/ and {held[0]}/ alone, each holding the class folders"
+        )
+    return root, None
+
+
 def _scan(root: str):
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     files, labels = [], []
@@ -67,12 +93,16 @@ def _read_labeled(path: str, root: str, files: list[str]) -> np.ndarray:
     where = {os.path.normpath(os.path.relpath(f, root)): i for i, f in enumerate(files)}
     mask = np.zeros(len(files), dtype=bool)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark made line 1 "not an image")
             lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise DataError(f"cannot read label file {path}: not UTF-8 text (save it as UTF-8)") from None
+    except OSError as e:
         raise DataError(f"cannot read label file {path} ({type(e).__name__})") from None
     for n, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
+        # "#" starts a comment, unless the whole line names an image ("photo #1.png" was cut at "#")
+        whole = line.strip()
+        line = whole if os.path.normpath(whole or ".") in where else line.split("#", 1)[0].strip()
         if not line:
             continue
         key = os.path.normpath(line)
@@ -177,13 +207,7 @@ class FolderSource:
         self.loader = resolve_loader(loader)
         if not os.path.isdir(root):
             raise DataError(f"folder:{root}: no such directory")
-        train_root, test_root = root, None
-        if os.path.isdir(os.path.join(root, "train")):
-            train_root = os.path.join(root, "train")
-            for name in ("test", "val"):
-                if os.path.isdir(os.path.join(root, name)):
-                    test_root = os.path.join(root, name)
-                    break
+        train_root, test_root = split_layout(root)
         classes, files, y = _scan(train_root)
         if not files:
             raise DataError(f"folder:{root}: no images found (expected one subfolder of images per class)")
