@@ -256,6 +256,29 @@ def test_an_empty_held_out_split_is_refused_before_training(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_bad_held_out_image_keeps_the_epoch_it_ends(tmp_path, capsys):
+    """Held-out files are first read by the epoch's evaluation: a corrupt one ended the run after
+    the whole epoch had trained, with no checkpoint (hours on a large data set)."""
+    from test_data import make_folder
+
+    from llp_fast.train.checkpoint import peek
+
+    root = tmp_path / "d"
+    make_folder(root / "train", per_class=10)
+    make_folder(root / "test", per_class=2)
+    (root / "test" / "class0" / "9.png").write_bytes(b"not a png")
+    args = ["--data", f"folder:{root}", "--loader", "pil", "--workers", "0", "--epochs", "1", "--width", "4"]
+    args += ["--image-size", "8", "--k", "3", "--t", "5", "--labeled-fraction", "0.3", "--baseline", "off", "--quiet"]
+    run = str(tmp_path / "r")
+    rc = train_main([*args, "--run-dir", run])
+    line = one_error_line(capsys, rc, "cannot read image")
+    assert "9.png" in line and "(epoch 0 and " in line and f"continue with: llp-fast-train --resume {run}" in line
+    assert peek(run)["step_in_epoch"] > 0
+    (root / "test" / "class0" / "9.png").unlink()
+    assert train_main(["--resume", run, "--quiet"]) == 0
+    assert peek(run)["epoch"] == 1
+
+
 def test_a_bare_data_path_names_the_prefix_that_reads_it(tmp_path, capsys):
     for value, hint in ((str(tmp_path / "my.npz"), "npz:"), (str(tmp_path), "folder:")):
         with pytest.raises(SystemExit):

@@ -247,6 +247,11 @@ def test_a_failure_pil_does_not_share_names_the_batch(tmp_path):
         f"DALI cannot decode an image of {dali.files[0]} and 2 more in the same batches (nvImageCodec failure: "
         "'#3'; PIL reads them all: try --loader pil)"
     )
+    # the decoder names the sample by its place in the failed batch (the oldest in flight): that file
+    err = RuntimeError(str(err).replace("nvImageCodec failure: '#3'", "Failed to decode sample #1 :"))
+    e = dali.dali._decode_error(dali.files, collections.deque([[(0, 5), (1, 6)], [(2, 7)]]), err)
+    want = f"DALI cannot decode an image of {dali.files[1]} (Failed to decode sample #1 :; PIL reads it: try"
+    assert str(e) == want + " --loader pil)"
 
 
 @needs_dali
@@ -320,6 +325,19 @@ def test_gif_under_dali_names_the_file(tmp_path):
 
 
 @needs_dali
+def test_a_floating_point_tiff_is_refused_by_both_loaders(tmp_path):
+    """PIL refused it (no agreed 8-bit reading); DALI read it and trained."""
+    from PIL import Image
+
+    root = make_jpegs(tmp_path / "d", per_class=3)
+    Image.fromarray(np.random.default_rng(0).random((16, 16)).astype(np.float32)).save(root / "c1" / "f.tif")
+    for loader in ("dali", "pil"):
+        with pytest.raises(DataError, match=r"f\.tif: floating-point pixels"):
+            src = load(f"folder:{root}", device="cpu", labeled_fraction=0.5, loader=loader, workers=0, image_size=8)
+            list(src.test_batches(64)), list(src.train_batches(torch.arange(src.num_train), 64, None, epoch=0))
+
+
+@needs_dali
 def test_a_gif_named_like_a_jpeg_is_named_by_its_content(tmp_path):
     """A GIF saved as ``.jpg`` (scraped data): DALI's failure named a good file of the batch."""
     from PIL import Image
@@ -380,6 +398,10 @@ def test_the_log_filter_drops_whole_dali_lines_only(capfd):
         os.write(2, b"step 3: saw [WARNING] [x] odd value\nnext line\n" + dali_line + jpeg_lines)
         os.write(2, b"Corrupt JPEG da")  # a start held to its end
         os.write(2, b"ta: bad Huffman code\nsaw Corrupt JPEG data: x\nPremature end of JPEG file, said nobody\n")
+        # the decoders' libraries (a truncated BMP, a PNG's bad CRC) went through
+        os.write(2, b"[ERROR:0@0.013] global loadsave.cpp:1409 imdecode_ Unexpected end of input stream\n")
+        os.write(2, b"[ERR")
+        os.write(2, b"OR:0@1.5] global x\nlibpng error: IDAT: CRC error\n")
         os.write(2, b"[WARN")
         os.write(2, b"ING] [nvimgcodec] split across writes\n\r 50%|## | bar")
         with _NativeLogFilter():  # nested: the same pipe

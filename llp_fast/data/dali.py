@@ -47,7 +47,7 @@ import torch
 from .. import _optional
 from .._device import memory_format
 from . import MARKER, DataError
-from .transforms import crop_box, eval_geometry, open_rgb, sample_seed
+from .transforms import check_depth, crop_box, eval_geometry, open_rgb, sample_seed
 
 # What fn.decoders.image reads (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000); of the folder
 # loader's extensions only GIF is missing. By content, as PIL names the formats:
@@ -75,13 +75,17 @@ class _NativeLogFilter:
         rb"Unknown Adobe color transform code [-\d]\d*",
         rb"Application transferred too many scanlines",
     )
+    # the decoders' own libraries: OpenCV's log ("[ERROR:0@0.013] global loadsave.cpp:1409 imdecode_ ...",
+    # a truncated BMP) and libpng's ("libpng error: IDAT: CRC error"); the run's line names the file
+    LIBRARIES = (rb"\[(?:FATAL|ERROR|WARN|INFO|DEBUG|VERBOSE):\d+@[\d.]+\][^\n]*", rb"libpng (?:error|warning): [^\n]*")
     LINE = re.compile(
         rb"(?m)^(?:(?:\x1b\[[0-9;]*m)?\[(?:FATAL|ERROR|WARNING|WARN|INFO|DEBUG|TRACE)\] (?:\x1b\[0m)?\[[^]\n]*\][^\n]*"
-        rb"|" + rb"|".join(JPEG_WARNINGS) + rb")\n"
+        rb"|" + rb"|".join(JPEG_WARNINGS + LIBRARIES) + rb")\n"
     )
     COLOUR = re.compile(rb"^\x1b\[[0-9;]*m?")
     TAGS = tuple(b"[%s]" % level for level in (b"FATAL", b"ERROR", b"WARNING", b"WARN", b"INFO", b"DEBUG", b"TRACE"))
     STARTS = TAGS + tuple(re.split(rb"[\\\[]", w, maxsplit=1)[0] for w in JPEG_WARNINGS)  # (up to the first pattern)
+    STARTS += (b"[FATAL:", b"[ERROR:", b"[WARN:", b"[INFO:", b"[DEBUG:", b"[VERBOSE:", b"libpng ")
     depth = 0
 
     def __enter__(self):
@@ -190,6 +194,9 @@ class DaliFolder:
                 raw = f.read()
             with Image.open(io.BytesIO(raw)) as im:  # reads the header only
                 w, h, kind = *im.size, im.format
+                check_depth(im, path)
+        except DataError:
+            raise
         except Exception as e:  # PIL raises many types for truncated or foreign files
             raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
         if kind not in DECODABLE_FORMATS:  # (DALI's error named another file of the batch)
@@ -260,10 +267,17 @@ class DaliFolder:
                 return bad
         skip = r"Current pipeline|Error in|Critical error|which was|encountered|\s*File"
         why = re.findall(rf"^(?!{skip})(\S.*)$", str(e), re.M)
+        # The batch that failed is the oldest in flight (DALI returns them in order); its decoder names
+        # the sample by position ("sample #5"): that file, where the number fits (the line
+        # named the batch's first file "and 42 more", a good file, where PIL reads the bad one)
+        at = [int(n) for n in re.findall(r"[Ss]ample #(\d+)", str(e))]  # ("'#17'" alone is a status code)
+        first = [files[i] for i, _ in in_flight[0]] if in_flight else []
+        if at and at[-1] < len(first):
+            paths = [first[at[-1]]]
         where = f"{paths[0]}" + (f" and {len(paths) - 1} more in the same batches" if len(paths) > 1 else "")
         return DataError(
             f"DALI cannot decode an image of {where} ({why[-1].strip() if why else 'RuntimeError'}; "
-            "PIL reads them all: try --loader pil)"
+            f"PIL reads {'it' if len(paths) == 1 else 'them all'}: try --loader pil)"
         )
 
     # -- the FolderSource interface ----------------------------------------------------------

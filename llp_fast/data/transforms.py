@@ -36,13 +36,19 @@ def open_image(path: str, mode: str = "RGB"):
         raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
 
 
-def _eight_bit(im, path: str):
+def check_depth(im, path: str) -> None:
+    """From the header: :class:`DataError` for pixels of floating point or of 32 bits (both
+    loaders refuse them; DALI read a floating-point TIFF where PIL refused it)."""
     if im.mode == "F":
         raise DataError(f"{MARKER}cannot read image {path}: floating-point pixels (save it with 8 or 16 bits)")
-    if not (im.mode == "I" or im.mode.startswith("I;16")):
-        return im
     if im.mode == "I" and im.format != "PNG":  # a PNG's 16-bit grey; elsewhere (TIFF) 32-bit integers
         raise DataError(f"{MARKER}cannot read image {path}: 32-bit pixels (save it with 8 or 16 bits)")
+
+
+def _eight_bit(im, path: str):
+    check_depth(im, path)
+    if not (im.mode == "I" or im.mode.startswith("I;16")):
+        return im
     import numpy as np
     from PIL import Image
 

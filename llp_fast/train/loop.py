@@ -34,7 +34,7 @@ import torch
 from .. import distributed
 from .._progress import Progress, reporter
 from ..data.extra import add_extra_unlabeled
-from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingDiverged
 from ..nn import GIVEN, misfit
 from . import checkpoint, defaults, order, relabel, report, warmstart
 from .build import check_against_data, configure_source, load_source
@@ -380,7 +380,13 @@ class Trainer:
                     self.save()
                     raise Interrupted(self.stopping.signal, cfg.run_dir)
         with self.stopping.at_once(cfg.run_dir, checkpointed=True, save=self.save):  # (after the last step)
-            metrics = self.evaluate()
+            try:
+                metrics = self.evaluate()
+            except DataError as err:  # a held-out file first read here: the epoch's steps are kept
+                if self.world > 1:  # (the save is collective; a rank alone with the error would wait)
+                    raise
+                self.save()
+                raise DataError(f"{err}; {checkpoint.last_checkpoint(cfg.run_dir)} (fix the file first)") from None
         row = report.epoch_row(e + 1, metrics, st, lr_at(cfg, e), consistency=bool(cfg.consistency))
         self.epoch += 1
         self.step_in_epoch = 0
