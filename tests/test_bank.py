@@ -320,4 +320,7 @@ def test_class_statistics_checks_truth():
         bank.class_statistics(torch.tensor([0, 1, 3, -1]))
     import numpy as np
 
-    assert bank.class_statistics(np.array([0, 1, -1, 1]))["pseudo_known"] == 1
+    assert bank.class_statistics(np.array([0, 1, -1, 1]))["pseudo_known"] == 0  # no row labeled yet (it read 0%)
+    bank.labels[2:] = torch.tensor([1, 0])
+    st = bank.class_statistics(np.array([0, 1, -1, 1]))
+    assert (st["pseudo_known"], st["pseudo_hits"]) == (1, 0)

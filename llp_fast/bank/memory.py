@@ -319,8 +319,9 @@ class MemoryBank(BankState):
         """Per-class sums behind the diagnostics of docs/method.md §1.9, for ``truth`` (N,), the
         true class of each dataset index or -1 where unknown:
 
-        ``pseudo_hits`` / ``pseudo_known`` (unlabeled rows whose stored label equals their known
-        truth / that have one), ``pseudo_counts`` (S,) unlabeled rows per stored class,
+        ``pseudo_hits`` / ``pseudo_known`` (unlabeled rows with a stored label: those whose label
+        equals their known truth / that have one; rows not yet labeled, -1 before propagation
+        starts, read 0% before), ``pseudo_counts`` (S,) unlabeled rows per stored class,
         ``pseudo_conf_sum`` and ``unlabeled``, ``class_sums`` (S, D) and ``class_sizes`` (S,) of
         the bank rows per true class, ``density_sums`` (S,) of log_rho and ``labeled_sizes`` (S,)
         per labeled class. Sums, so that shards of a bank add theirs up."""
@@ -330,7 +331,7 @@ class MemoryBank(BankState):
         check.in_range(truth, "truth", -1, s, "class ids; -1: unknown")
         truth = truth.long()[self.index_of]  # bank order
         unl = torch.arange(len(self), device=self.device) >= m
-        has = unl & (truth >= 0)
+        has = unl & (truth >= 0) & (self.labels >= 0)
         stored = self.labels[unl]
         known = truth >= 0
         return {

@@ -21,7 +21,9 @@ def check_against_data(cfg: TrainConfig, source, k: int) -> None:
             "vectors to propagate in (use --label-init instance)"
         )
     if k > m:
-        raise DataError(f"--k {k} exceeds the {m} labeled training examples")
+        raise DataError(  # (the default K = 10 meets it on a small folder: say what to give)
+            f"--k {k} exceeds the {m} labeled training examples: give --k {m} or less, or label more examples"
+        )
     pool = source.num_train - m if cfg.density_pool == "unlabeled" else source.num_train
     if pool == 0:  # every training example labeled: nothing to propagate to, no density pool
         raise DataError(
@@ -29,7 +31,7 @@ def check_against_data(cfg: TrainConfig, source, k: int) -> None:
             f"{cfg.labeled_fraction}): LLP needs some; lower --labeled-fraction, or --supervised-only"
         )
     if cfg.t > pool:
-        raise DataError(f"--t {cfg.t} exceeds the density pool of {pool} examples")
+        raise DataError(f"--t {cfg.t} exceeds the density pool of {pool} examples: give --t {pool} or less")
 
 
 def needs_strong_views(cfg: TrainConfig) -> bool:
