@@ -266,6 +266,23 @@ def test_folder_split_names_in_any_case_and_a_class_named_train(tmp_path):
         load(f"folder:{tmp_path / 'both'}", **kw)
 
 
+def test_pil_warnings_stay_out_of_the_output(tmp_path, monkeypatch):
+    """PIL's warnings (here a large image's DecompressionBombWarning) printed two lines naming no
+    file, once per worker and pass, every epoch."""
+    import warnings
+
+    from PIL import Image
+
+    from llp_fast.data.transforms import open_rgb
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert open_rgb(str(tmp_path / "big.png")).size == (40, 40)
+    assert seen == []
+
+
 def test_label_file_with_a_byte_order_mark_and_a_hash_in_a_name(tmp_path):
     root = make_folder(tmp_path / "imgs")
     (root / "class1" / "0.png").rename(root / "class1" / "photo #1.png")

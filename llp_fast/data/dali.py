@@ -47,7 +47,7 @@ import torch
 from .. import _optional
 from .._device import memory_format
 from . import MARKER, DataError
-from .transforms import check_depth, crop_box, eval_geometry, open_rgb, sample_seed
+from .transforms import check_depth, crop_box, eval_geometry, open_rgb, quiet_pil, sample_seed
 
 # What fn.decoders.image reads (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000); of the folder
 # loader's extensions only GIF is missing. By content, as PIL names the formats:
@@ -192,7 +192,7 @@ class DaliFolder:
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-            with Image.open(io.BytesIO(raw)) as im:  # reads the header only
+            with quiet_pil(), Image.open(io.BytesIO(raw)) as im:  # reads the header only
                 w, h, kind = *im.size, im.format
                 check_depth(im, path)
         except DataError:

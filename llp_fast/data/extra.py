@@ -245,7 +245,9 @@ def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> i
     """Appends the images of a selection (``llp-fast-select``'s output) to ``source`` as unlabeled
     training examples, after the original ones: dataset indices ``[num_train, num_train + E)``.
     An image selected for several classes is added once. Their truth is the pool's ``y`` where
-    the pool has one (pseudo-label diagnostics), else unknown. Returns E."""
+    the pool has one (pseudo-label diagnostics), else unknown. Returns E. Folder data: a selected
+    held-out image is refused, and selected training images are left out (``source.extra_skipped``
+    counts them)."""
     sel = read_selection(selection_path)
     fmt = native_format(source)
     keep = np.unique(sel["index"])
@@ -265,6 +267,19 @@ def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> i
         missing = next((p for p in paths if not os.path.isfile(p)), None)
         if missing is not None:
             raise DataError(f"--extra-unlabeled {selection_path}: selected image {missing} no longer exists")
+        # A pool at or above the data's folder holds its images: a held-out one trained on leaks the
+        # test (refused), a training one would train twice (left out); both were taken without a word.
+        real = os.path.realpath
+        held_out = {real(p) for p in getattr(source, "test_files", ())}
+        leak = next((p for p in paths if real(p) in held_out), None)
+        if leak is not None:
+            raise DataError(
+                f"--extra-unlabeled {selection_path}: selected image {leak} is a held-out image of the run's data "
+                "(training on it would leak the test): select from a pool without the data's test images"
+            )
+        training = {real(p) for p in getattr(source, "files", ())}
+        fresh = [p for p in paths if real(p) not in training]
+        source.extra_skipped, paths = len(paths) - len(fresh), fresh
         source.add_files(paths)
         truth = np.full(len(paths), -1, dtype=np.int64)
     else:
@@ -290,7 +305,7 @@ def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> i
         if pool_truth is not None:
             t = np.asarray(pool_truth, dtype=np.int64)[keep]
             truth = np.where((t >= 0) & (t < source.num_classes), t, -1)
-    e = int(keep.size)
+    e = len(truth)
     source.targets = torch.cat([source.targets, torch.full((e,), -1, dtype=source.targets.dtype)])
     source.truth = torch.cat([source.truth, torch.from_numpy(truth).to(source.truth.dtype)])
     source.num_train += e

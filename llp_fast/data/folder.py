@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from . import DataError, DataFacts, Split, make_split
 from .loading import load_batches
 from .strong import strong_pil
-from .transforms import MEAN, STD, crop_box, eval_geometry, open_rgb, sample_seed
+from .transforms import MEAN, STD, crop_box, eval_geometry, open_rgb, quiet_pil, sample_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -271,7 +271,7 @@ class FolderSource:
         sides, modes = [], set()
         for i in picks:
             try:
-                with Image.open(self.files[i]) as im:
+                with quiet_pil(), Image.open(self.files[i]) as im:
                     sides.append(min(im.size))
                     modes.add(im.mode)
             except Exception:  # an unreadable file is reported when it is decoded

@@ -6,7 +6,9 @@ decodes pixels but :func:`open_image`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 from . import MARKER, DataError
 
@@ -28,12 +30,26 @@ def open_image(path: str, mode: str = "RGB"):
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with quiet_pil(), Image.open(path) as im:
             return _eight_bit(im, path).convert(mode)
     except DataError:
         raise
     except Exception as e:  # PIL raises many types for truncated or foreign files
         raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
+
+
+@contextlib.contextmanager
+def quiet_pil():
+    """PIL's warnings left out while an image is read ("Corrupt EXIF data", a palette's
+    transparency, a large image's DecompressionBombWarning): each printed two lines naming no file,
+    once per worker and pass, every epoch, where the image reads fine. (An image too large to read
+    at all still raises, and is named.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+        from PIL import Image
+
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def check_depth(im, path: str) -> None:

@@ -86,11 +86,13 @@ class Trainer:
             if self.world > 1:
                 raise ConfigError("--extra-unlabeled runs in a single process for now (drop --nproc)")
             extra = add_extra_unlabeled(src, cfg.extra_unlabeled)
+            skipped = getattr(src, "extra_skipped", 0)
             self.notes = notes = [  # (the run's first lines counted the original images only)
                 *notes,
                 f"--extra-unlabeled: {extra:,} selected images join the {self.n_original:,} training images as "
                 f"unlabeled ones ({src.num_train:,} in all) "
-                + ("until the rate jump" if cfg.rate_jump is not None else "for the whole run"),
+                + ("until the rate jump" if cfg.rate_jump is not None else "for the whole run")
+                + (f"; {skipped:,} selected images are training images already, left out" if skipped else ""),
             ]
         self.num_classes = src.num_classes
         self.targets = src.targets.to(self.device)  # (N,) -1 = unlabeled
