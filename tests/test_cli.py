@@ -277,6 +277,12 @@ def test_a_bad_held_out_image_keeps_the_epoch_it_ends(tmp_path, capsys):
     (root / "test" / "class0" / "9.png").unlink()
     assert train_main(["--resume", run, "--quiet"]) == 0
     assert peek(run)["epoch"] == 1
+    # a resume over other files (one renamed in place) trained other images at the saved rows
+    (root / "train" / "class1" / "3.png").rename(root / "train" / "class1" / "3b.png")
+    rc = train_main(["--resume", run, "--epochs", "2", "--quiet"])
+    one_error_line(capsys, rc, "are not those the run began with (a training image renamed, added or removed)")
+    (root / "train" / "class1" / "3b.png").rename(root / "train" / "class1" / "3.png")
+    assert train_main(["--resume", run, "--epochs", "2", "--quiet"]) == 0
 
 
 def test_a_bare_data_path_names_the_prefix_that_reads_it(tmp_path, capsys):

@@ -82,6 +82,7 @@ class Trainer:
         self.cfg, self.notes = cfg, notes = defaults.resolve(cfg, self.facts)
         configure_source(cfg, src)
         self.n_original = src.num_train  # examples before --extra-unlabeled's: dataset indices [0, n_original)
+        self.data_files = getattr(src, "fingerprint", None)  # before the extras join
         if cfg.extra_unlabeled:
             if self.world > 1:
                 raise ConfigError("--extra-unlabeled runs in a single process for now (drop --nproc)")
@@ -232,6 +233,7 @@ class Trainer:
             "epoch_stats": dict(self.epoch_stats),
             **self.net.state_dict(),
             "targets": self.targets.cpu(),
+            "data_files": self.data_files,  # folder data: its files' digest (None for arrays)
             "rng": checkpoint.rng_state(self.gens),
             "history": list(self.history),
         }
@@ -260,6 +262,11 @@ class Trainer:
                 self.drop_extra_rows()
             if not torch.equal(ckpt["targets"], self.targets.cpu()):
                 raise CheckpointError(f"checkpoint {path} was saved for a different data split")
+            if ckpt.get("data_files") and self.data_files and ckpt["data_files"] != self.data_files:
+                raise CheckpointError(  # (checkpoints before it have none: not checked)
+                    f"checkpoint {path}: the image files of {self.cfg.data} are not those the run began with "
+                    "(a training image renamed, added or removed): put them back as they were, or start a new run"
+                )
             differs = misfit(ckpt["model"], self.model.state_dict()) if isinstance(ckpt.get("model"), dict) else None
             if differs:
                 raise CheckpointError(f"checkpoint {path} does not fit this network: {differs}")
