@@ -150,10 +150,12 @@ def check_shape() -> Shape:
     return Shape("check", 256 if gpu else 64, 100_000 if gpu else 3_000)
 
 
-def compare(out, ref, dtype, inputs=None) -> str:
-    """Loss (relative to 1 + |loss|) and gradient (relative norm) against the reference."""
+def compare(out, ref, dtype, inputs=None, *, shape=None, rounded=False) -> str:
+    """Loss (relative to 1 + |loss|) and gradient (relative norm) against the reference: to 1e-4 in
+    every dtype (the fused paths multiply bf16 inputs exactly and add in float32, as the reference
+    does); 2e-2 for a provider whose logits are rounded to a bf16 or fp16 output (``rounded``)."""
     (loss, grad), (ref_loss, ref_grad) = out, ref
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    tol = 2e-2 if rounded else 1e-4
     loss_err = ((loss - ref_loss).abs() / (1 + ref_loss.abs())).max().item()
     grad_err = ((grad.float() - ref_grad.float()).norm() / ref_grad.float().norm()).item()
     msg = f"loss error {loss_err:.1e}, relative gradient error {grad_err:.1e}"

@@ -389,7 +389,7 @@ def benchmark_provider(benchmark, bench, provider: str, *, gpu_shape: int = 0):
         pytest.skip(f"{provider} is not available on {dev.type}")
     shape = bench.shapes("small")[0] if dev.type == "cpu" else bench.shapes("step")[gpu_shape]
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    check(bench, dtype, [provider], ks=[shape.k])  # correctness first, as the script mode
+    check(bench, dtype, [provider], [shape])  # correctness first, as the script mode
     inputs = bench.make_inputs(shape, dtype)
     fn = bench.PROVIDERS[provider]
 
@@ -459,17 +459,37 @@ def dtypes_from(arg: str) -> list[torch.dtype]:
 
 # Providers that produce no output to compare (timing floors) and the yardstick itself.
 UNCHECKED = ("mm_only", "gemm_tile", "bank_read", "reference")
+# Providers whose scores are rounded to the inputs' dtype (a GEMM with a bf16 or fp16 output) before
+# the float32 work: checked against the reference with a tolerance sized for that rounding
+# (:func:`score_ulp`), every other provider with its op's own.
+ROUNDED = ("naive",)
+REDUCED = (torch.bfloat16, torch.float16)
 
 
-def check(bench, dtype: torch.dtype, names, ks=()) -> None:
+def score_ulp(dots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at each ``|dot|`` (as float32): twice the worst error of a
+    dot product rounded to ``dtype`` (round to nearest), the rounding of a GEMM whose output is ``dtype``.
+    Divide by tau for the error of a score ``dot / tau``."""
+    a = dots.detach().abs().float().clamp_min(torch.finfo(dtype).tiny)
+    return torch.exp2(torch.floor(torch.log2(a))) * torch.finfo(dtype).eps
+
+
+def check(bench, dtype: torch.dtype, names, shapes=()) -> None:
     """Every provider in ``names`` against the reference provider on ``bench.check_shape()``, once
-    at its own K (or T) and once at each K in ``ks`` (the timed shapes' K: above 32 or 64 other
-    selection schemes run, and a check at K = 10 alone never ran them); ``bench.compare(out,
-    ref, dtype, inputs)`` raises AssertionError with the numbers when they differ, else returns
-    them as a line. Nothing is timed after a failure."""
+    at its own K (or T) and class count and once at each K and class count of ``shapes`` (the timed
+    shapes: above 32 or 64 other selection schemes run, and the vote has a dense and a sparse path
+    chosen by K and the class count, so a check at K = 10 and 50 classes alone never ran the others;
+    the class count only where the op votes, ``bench.VOTES``); ``bench.compare(out, ref, dtype,
+    inputs, shape=, rounded=)`` raises AssertionError with the numbers when they differ, else returns
+    them as a line (``rounded``: the provider rounds its scores to a bf16 or fp16 output, ROUNDED).
+    Nothing is timed after a failure."""
     base = bench.check_shape()
-    for k in dict.fromkeys([base.k, *ks]):
-        _check_at(bench, dtype, names, dataclasses.replace(base, k=min(k, base.m)))
+    votes = getattr(bench, "VOTES", False)
+    variants = dict.fromkeys(
+        [(base.k, base.num_classes), *((s.k, s.num_classes if votes else base.num_classes) for s in shapes)]
+    )
+    for k, c in variants:
+        _check_at(bench, dtype, names, dataclasses.replace(base, k=min(k, base.m), num_classes=c))
 
 
 def _check_at(bench, dtype: torch.dtype, names, shape: Shape) -> None:
@@ -478,16 +498,16 @@ def _check_at(bench, dtype: torch.dtype, names, shape: Shape) -> None:
     for name in names:
         if name in UNCHECKED:
             continue
-        if name == "naive" and dtype in (torch.bfloat16, torch.float16) and inputs[0].is_cuda:
-            # the naive baseline multiplies in the inputs' dtype, whose output rounds every score
-            # to 8 (bf16) or 11 (fp16) bits: a baseline of the work, not of the answer
-            print(f"check {bench.OP}/naive {str(dtype)[6:]}: scores rounded to {str(dtype)[6:]}, not compared")
-            continue
+        rounded = name in ROUNDED and dtype in REDUCED
+        what = f"{bench.OP}/{name} {str(dtype)[6:]}{' (scores rounded to it)' if rounded else ''} at {shape}"
+        what += f", {shape.num_classes} classes" if getattr(bench, "VOTES", False) else ""
         try:
-            summary = bench.compare(bench.PROVIDERS[name](inputs, shape), ref, dtype, inputs)
+            summary = bench.compare(
+                bench.PROVIDERS[name](inputs, shape), ref, dtype, inputs, shape=shape, rounded=rounded
+            )
         except AssertionError as e:
-            raise AssertionError(f"{bench.OP}/{name} {str(dtype)[6:]} at {shape}: {e}; not timing") from None
-        print(f"check {bench.OP}/{name} {str(dtype)[6:]} at {shape}: {summary}", flush=True)
+            raise AssertionError(f"{what}: {e}; not timing") from None
+        print(f"check {what}: {summary}", flush=True)
 
 
 def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
@@ -508,7 +528,7 @@ def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
     rows = []
     shapes = bench.shapes(args.shapes)
     for dtype in dtypes_from(args.dtypes):
-        check(bench, dtype, names, ks=[s.k for s in shapes])
+        check(bench, dtype, names, shapes)
         if not cuda:  # one set of rounds over every shape and provider
             inputs = [bench.make_inputs(shape, dtype) for shape in shapes]
             fns = {
