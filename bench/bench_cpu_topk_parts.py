@@ -7,7 +7,7 @@ the K-sweep shape (Q = 20,000, M = 5,000, D = 128, one thread), each check of co
   give the same labels and confidences, checked first;
 - ``floor``: ``topk_scores`` at K = 10 plain, and handed each row's exact k-th best as its floor
   (``init=`` the answer itself, as other keys): the time a perfect threshold warm-up would leave
-  (each value then twice, the key's own and its copy's);
+  (each value then twice, the key's own and its copy's); both against the reference first;
 - ``dtype``: ``topk_scores`` at K = 10 on float32 and on bfloat16 queries and keys (run it with
   ``LLP_FAST_CPU_BF16_GEMM=1`` or ``=0`` to choose how bf16 tiles are multiplied; bf16 against the
   reference first).
@@ -85,6 +85,16 @@ def main(argv=None) -> None:
     bias = -log_rho
     top = llp_fast.topk_scores(q, m, k=10, tau=TAU, bias=bias, check_finite=False)
     given = llp_fast.topk_scores(q, m, k=10, tau=TAU, bias=bias, init=top, index_offset=m.shape[0])
+    # both timed calls against the reference first, on their first 1,024 rows (the path the full call takes)
+    ref = topk_scores_ref(q[:1024], m, 10, TAU, bias)
+    torch.testing.assert_close(top.values[:1024], ref[0], rtol=0, atol=1e-4)
+    assert torch.equal(top.indices[:1024], ref[1]), "plain topk_scores: indices differ from the reference's"
+    ref_given = topk_scores_ref(q[:1024], m, 10, TAU, bias, None, ref[0], ref[1], m.shape[0])
+    torch.testing.assert_close(given.values[:1024], ref_given[0], rtol=0, atol=1e-4)
+    # a key and its copy in init tie exactly, in either order: the same key, index modulo M
+    mod = m.shape[0]
+    assert torch.equal(given.indices[:1024] % mod, ref_given[1] % mod), "topk_scores given its k-th best: keys differ"
+    assert torch.equal(given.indices[:1024].sort(1).values, ref_given[1].sort(1).values), "the pairs differ"
     assert torch.equal(given.values[:, ::2], top.values[:, :5])  # every value twice: the keys and their copy in init
     plain = cpu_times(lambda: llp_fast.topk_scores(q, m, k=10, tau=TAU, bias=bias, check_finite=False), args.reps)
     floor = cpu_times(
