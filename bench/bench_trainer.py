@@ -54,7 +54,9 @@ VARIANTS = {
 
 def _as_npz(setting: str, seed: int, work: str) -> list:
     """``--data npz:FILE`` for the setting's split at ``seed``, written as a user would (images, labels
-    with -1 for the unlabeled, the held-out set): the run must equal the built-in one."""
+    with -1 for the unlabeled, the held-out set): the run must equal the built-in one (``plus``, the same
+    setting, seed and tag, in ``--work``): its metrics rows are compared, timing fields apart, and a
+    difference is the row's error and exit status 1."""
     from llp_fast.data import load
 
     name, frac = SETTINGS[setting][1], float(SETTINGS[setting][3])
@@ -81,8 +83,37 @@ def _done(path: str) -> set:
     return {json.loads(line)["key"] for line in open(path) if line.strip()}
 
 
-def _finish(proc, key, run_dir, t0, extra, results) -> None:
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))] if proc.returncode == 0 else []
+TIMING = ("seconds", "_per_s", "_ms")  # metrics fields that hold times (they differ run to run)
+# Metrics of the unlabeled training rows' true labels, which the npz (written as a user would, -1 for the
+# unlabeled) does not hold: the built-in data set knows them, so only the built-in run has them.
+TRUTH = ("pseudo_acc", "aggregation", "aggregation_per_class")
+
+
+def _metrics(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+
+
+def same_as_builtin(run_dir: str, builtin_dir: str) -> str | None:
+    """None when the as-npz run's metrics rows equal the built-in run's, field by field apart from the
+    timing fields (``TIMING``) and those of the unlabeled rows' truth (``TRUTH``), else where they first
+    differ; 'no built-in run' when it has none."""
+    if not os.path.exists(os.path.join(builtin_dir, "metrics.jsonl")):
+        return f"no built-in run to compare with ({builtin_dir})"
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith(TIMING) and k not in TRUTH} for r in rows]  # noqa: E731
+    mine, theirs = strip(_metrics(run_dir)), strip(_metrics(builtin_dir))
+    if len(mine) != len(theirs):
+        return f"{len(mine)} epochs against the built-in run's {len(theirs)}"
+    for a, b in zip(mine, theirs):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return f"epoch {a.get('epoch')}: {k} {a.get(k)!r} against the built-in run's {b.get(k)!r}"
+    return None
+
+
+def _finish(proc, key, run_dir, t0, extra, results, builtin_dir=None) -> bool:
+    """Appends the run's row; with ``builtin_dir`` (an as-npz run) it is compared with the built-in run's
+    metrics first. False when the run failed or differs."""
+    rows = _metrics(run_dir) if proc.returncode == 0 else []
     last = rows[-1] if rows else {}
     row = {
         "key": key,
@@ -98,9 +129,15 @@ def _finish(proc, key, run_dir, t0, extra, results) -> None:
     }
     if proc.returncode != 0:
         row["error"] = open(run_dir + ".log", errors="replace").read()[-600:]
+    elif builtin_dir is not None:
+        differs = same_as_builtin(run_dir, builtin_dir)
+        row["equals_builtin"] = differs is None
+        if differs is not None:
+            row["error"] = f"as-npz differs from the built-in run: {differs}"
     with open(results, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
+    return "error" not in row
 
 
 def runs(args) -> None:
@@ -115,7 +152,7 @@ def runs(args) -> None:
                 argv = [*data, *VARIANTS[v], "--seed", seed, *args.extra.split()]
                 extra = dict(setting=s, variant=v, seed=int(seed), tag=args.tag, flags=" ".join(argv))
                 queue.append((key, argv, extra))
-    running = []
+    running, held, ok = [], [], True
     while queue or running:
         while queue and len(running) < args.parallel:
             key, argv, extra = queue.pop(0)
@@ -137,8 +174,17 @@ def runs(args) -> None:
         for item in list(running):
             if item[0].poll() is not None:
                 running.remove(item)
-                _finish(*item)
-        time.sleep(2)
+                if item[4]["variant"] == "as-npz":  # compared with the built-in run once that has finished too
+                    held.append(item)
+                else:
+                    ok &= _finish(*item)
+        if queue or running:
+            time.sleep(2)
+    for item in held:
+        builtin = item[1].replace("/as-npz/", "/plus/")
+        ok &= _finish(*item, builtin_dir=os.path.join(args.work, builtin.replace("/", "-")))
+    if not ok:
+        sys.exit("runs: a run failed, or an as-npz run differs from the built-in one (see its row's error)")
 
 
 def pixels(args) -> None:
