@@ -22,7 +22,9 @@ flipped (where the default is no longer the best). ``model``: ``llp-fast-propaga
 compared (labels that differ, or a failed child run, stop with an error and write nothing).
 ``cost``: on ``--n`` synthetic rows (``--labeled`` of them labeled, 10% of those flipped), the
 default run, the suspect score after it, and the spreading margin alone (its graph and solve, again
-on the same voters), wall seconds; precision among the first n suspects for the record.
+on the same voters), wall seconds; precision among the first n suspects for the record. Checked: first
+the default run against the in-memory multi-round reference (tests/rounds_ref.py) on 5,000 of the rows,
+voters capped; after the timing, the timed answers' invariants (``check_cost_invariants``).
 ``ceiling``: how far the suspect score is from what the same data could give. Per split, after the
 default run: the score's precision; where its misses and false alarms rank (places after / before
 the n-th); the run's accuracy on the unlabeled rows (with the flipped labels in); and the precision
@@ -287,6 +289,74 @@ def model(args) -> dict:
     return summary
 
 
+CHECK_ROWS = 5_000  # cost: the reference run's rows
+
+
+def check_cost_reference(x: np.ndarray, noisy: np.ndarray, rows: int = CHECK_ROWS) -> str:
+    """The timed default run against the multi-round scheme written on the in-memory ops
+    (tests/rounds_ref.py), on the first ``rows`` rows, with the voters capped below the unlabeled rows as
+    the default caps them at the timed N: labels and confidences identical. AssertionError otherwise."""
+    import torch
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    from rounds_ref import rounds_reference
+
+    from llp_fast.embeddings import Settings, label_embeddings
+
+    xs = torch.nn.functional.normalize(torch.from_numpy(np.array(x[:rows], dtype=np.float32)), dim=1)
+    ys = noisy[:rows].copy()
+    lab = ys >= 0
+    ys[lab] = np.unique(ys[lab], return_inverse=True)[1]  # compact class ids, as the reference takes them
+    cap = int((~lab).sum()) // 5
+    s = Settings(max_voters=cap)
+    got = label_embeddings(xs.numpy(), ys, s, normalize=False)
+    want_l, want_c = rounds_reference(xs, ys.copy(), rounds=s.rounds, cap=cap)
+    same_l, same_c = np.array_equal(got.labels, want_l), np.array_equal(got.confidence, want_c)
+    msg = f"{rows} rows, {int(lab.sum())} labeled, {cap} voters at most: labels {'identical' if same_l else 'differ'}"
+    msg += f", confidences {'identical' if same_c else 'differ'}"
+    assert same_l and same_c, f"cost: label_embeddings against the in-memory reference ({msg}): not timing"
+    return msg
+
+
+def check_cost_invariants(noisy: np.ndarray, truth: np.ndarray, result, found, flipped: np.ndarray) -> str:
+    """What the timed calls' answers must satisfy (AssertionError otherwise): the run keeps every given
+    label, labels every unlabeled row with a given class at a confidence in [0, 1] and gets most of them
+    right (synthetic clusters: well above the 1% of a guess); the suspects rank every labeled row once,
+    most suspect first (scores ascending, quality = exp(score) in [0, 1], gaps <= 0), and their first
+    n hold the n flipped rows at least twice as often as the 10% of a random ranking."""
+    lab = noisy >= 0
+    unl = ~lab
+    bad = []
+    if not np.array_equal(result.labels[lab], noisy[lab]):
+        bad.append("a given label was changed")
+    if not np.isin(result.labels[unl], result.classes).all():
+        bad.append("an unlabeled row got no given class")
+    conf = np.asarray(result.confidence, dtype=np.float64)
+    if not (np.isfinite(conf).all() and conf.min() >= 0 and conf.max() <= 1 + 1e-6):
+        bad.append(f"confidences outside [0, 1] ({conf.min():.3g} to {conf.max():.3g})")
+    acc = float((result.labels[unl] == truth[unl]).mean())
+    if acc < 0.3:
+        bad.append(f"accuracy on the unlabeled rows {acc:.1%}")
+    labeled = np.flatnonzero(lab)
+    if not np.array_equal(found.labeled, labeled):
+        bad.append("the suspects' labeled rows are not the labeled rows")
+    if not np.array_equal(np.sort(found.rows), labeled):
+        bad.append("the suspect ranking is not every labeled row once")
+    score = found.score[np.searchsorted(found.labeled, found.rows)]
+    if not (np.diff(score) >= 0).all():
+        bad.append("the ranking is not by score ascending")
+    if not np.allclose(found.quality, np.exp(found.score)) or not ((found.quality >= 0) & (found.quality <= 1)).all():
+        bad.append("quality is not exp(score) in [0, 1]")
+    if not (found.gap <= 0).all():
+        bad.append("a gap above 0")
+    prec = precision(found.rows, flipped)
+    if prec < 0.2:
+        bad.append(f"precision among the first {len(flipped)} suspects {prec:.1%}")
+    msg = f"accuracy {acc:.1%}, suspects' precision {prec:.1%}"
+    assert not bad, f"cost: the timed answers are wrong: {'; '.join(bad)} ({msg})"
+    return msg
+
+
 def cost(args) -> dict:
     import torch
 
@@ -301,6 +371,7 @@ def cost(args) -> dict:
     truth = np.load(os.path.join(path, "truth.npy"))
     labeled = np.load(os.path.join(path, "lab.npy")) >= 0
     noisy, flipped = flip(truth, labeled, 0)
+    print("check:", check_cost_reference(x, noisy), flush=True)
     s = Settings()
     t0 = time.perf_counter()
     result = label_embeddings(x, noisy, s)
@@ -314,6 +385,7 @@ def cost(args) -> dict:
         rows.take(nodes), nodes, found.labeled, y, result.voter_rows, result.voter_classes, len(result.classes)
     )
     t3 = time.perf_counter()
+    print("check:", check_cost_invariants(noisy, truth, result, found, flipped), flush=True)
     out = {
         "n": args.n, "labeled": int(labeled.sum()), "voters": int(len(result.voter_rows)), "threads": args.threads,
         "run_s": t1 - t0, "suspects_s": t2 - t1, "spread_s": t3 - t2, "precision": precision(found.rows, flipped),
