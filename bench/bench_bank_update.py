@@ -119,7 +119,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=100_000, help="bank rows")
     p.add_argument("--b", type=int, default=256, help="batch")
     p.add_argument("--d", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=8, help="entries that repeat an earlier index")
+    p.add_argument("--repeats", type=int, default=8, help="entries that repeat an earlier index (1 to b / 2)")
     p.add_argument("--reps", type=int, default=200)
     p.add_argument(
         "--out",
@@ -128,6 +128,8 @@ def main(argv=None):
         help="results folder (default: $OUT when set, else bench/results)",
     )
     args = p.parse_args(argv)
+    if not 1 <= args.repeats <= args.b // 2:  # indices[-r:] = indices[:r]: 0 copied the whole batch over itself
+        p.error(f"argument --repeats: from 1 to half the batch --b ({args.b // 2}), got {args.repeats}")
     if _ext.load() is None:
         sys.exit("the C++ extension could not be built or loaded: nothing to benchmark")
 

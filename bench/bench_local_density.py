@@ -58,7 +58,7 @@ def shapes(which: str) -> list[Shape]:
     table = {"small": small, "cpu": cpu_spec, "step": step, "imagenet": imagenet, "sweep": sweep, "ksweep": ksweep}
     if which == "auto":
         return step + sweep + imagenet if gpu else small + sweep
-    return [s for name in which.split(",") for s in table[name]]
+    return common.pick_shapes(table, which)
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, dev=None, seed: int = 0):

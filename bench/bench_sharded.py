@@ -9,7 +9,8 @@ Correctness first: the sharded density and the step's labels and confidences are
 single bank's (the same rows: both start from the same seed) before anything is timed; a failed
 check (or a worker that dies) ends the workers and exits with status 1. Then the
 phases alternate, one process and the sharded group in turn, ``--reps`` times; the medians and
-their ratios are printed and written to bench/results/sharded-<cpu>.json.
+their ratios are printed and written to bench/results/sharded-<cpu>.json (``--out``: by default ``$OUT``
+when set, as the other benchmarks).
 """
 
 from __future__ import annotations
@@ -163,7 +164,11 @@ def main(argv=None) -> None:
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"),
+        help="results folder (default: $OUT when set, else bench/results)",
+    )
     args = ap.parse_args(argv)
 
     import torch.multiprocessing as mp

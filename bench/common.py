@@ -11,6 +11,7 @@ library versions and git commit written to ``bench/results/<op>-<device>.json``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import importlib.util
@@ -432,23 +433,62 @@ def entry_points(bench, *, gpu_shape: int = 0, memory: bool = False):
     return main, test
 
 
-def parse_args(argv=None, *, description: str = ""):
-    import argparse
+class UnknownShapes(ValueError):
+    """``--shapes`` names a set the benchmark does not have (its message names the known ones)."""
 
+
+def pick_shapes(table: dict[str, list[Shape]], which: str) -> list[Shape]:
+    """The shapes of the comma list ``which`` of ``table``'s sets; :class:`UnknownShapes` for a name
+    not in it (a bare KeyError before)."""
+    names = which.split(",")
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise UnknownShapes(f"unknown {', '.join(map(repr, unknown))} (this benchmark has auto, {', '.join(table)})")
+    return [s for name in names for s in table[name]]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def dtypes_arg(text: str) -> str:
+    if text != "auto":
+        bad = [n for n in text.split(",") if n not in ("float32", "bfloat16", "float16")]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, bad))} (auto, or a comma list of float32, bfloat16, float16)"
+            )
+    return text
+
+
+def parse_args(argv=None, *, description: str = ""):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="auto", help="auto (GPU: step, sweep, imagenet; CPU: small, sweep), or a "
                    "comma list of small, cpu, step, imagenet, sweep, ksweep (K or T from 10 to 1000)")  # fmt: skip
-    p.add_argument("--dtypes", default="auto", help="comma list: float32,bfloat16 (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--dtypes",
+        type=dtypes_arg,
+        default="auto",
+        help="comma list: float32,bfloat16 (auto: bf16 on GPU, fp32 on CPU)",
+    )
     p.add_argument("--providers", default="all", help="comma list of providers to time")
     p.add_argument("--tag", default=None, help="added to the results file's name (a run kept beside the others)")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=positive_int, default=10)
     p.add_argument("--max-seconds", type=float, default=20.0, help="time cap per (provider, shape)")
     p.add_argument(
         "--out",
         default=os.environ.get("OUT") or None,
         help="folder for the JSON results (default $OUT if set, else bench/results)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.parser = p  # run() names a bad --shapes through it
+    return args
 
 
 def providers_from(bench, arg: str) -> list[str]:
@@ -541,7 +581,10 @@ def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
     names = providers_from(bench, args.providers)
     cuda = torch.cuda.is_available()
     rows = []
-    shapes = bench.shapes(args.shapes)
+    try:
+        shapes = bench.shapes(args.shapes)
+    except UnknownShapes as e:
+        args.parser.error(f"argument --shapes: {e}")
     for dtype in dtypes_from(args.dtypes):
         check(bench, dtype, names, shapes)
         if not cuda:  # one set of rounds over every shape and provider
