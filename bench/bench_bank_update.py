@@ -106,6 +106,7 @@ def run(dev: str, dtype: torch.dtype, args) -> list[dict]:
                 kernel_launches=launches if name == "extension" else None,
                 reps=args.reps,
                 device=common.device_name(dev),
+                cpu=common.cpu_info() if dev == "cpu" else None,
                 torch=torch.__version__,
                 python=platform.python_version(),
                 commit=common.git_commit(),

@@ -94,10 +94,28 @@ def synthetic(path: str, n: int, labeled: float, *, d: int = 128, classes: int =
 
 
 # -- methods (each returns a label for every row) -----------------------------------------------------
+def cpu_info() -> dict:
+    """The CPU's model name, ISA flags and the extension's CPU paths (common.cpu_info)."""
+    sys.path.insert(0, HERE)
+    import common
+
+    return {"name": common.cpu_name(), **common.cpu_info()}
+
+
+def default_tag() -> str:
+    """The results files' default tag: the host name and the CPU's widest instruction set (common.cpu_kind;
+    one host name, "vm", covers machines of different CPU kinds)."""
+    sys.path.insert(0, HERE)
+    import common
+
+    return "-".join(p for p in (platform.node() or "host", common.cpu_kind()) if p)
+
+
 def write_result(result: dict, name: str, *, load_key: str = "loadavg") -> str:
     """Writes ``result`` with the load average after the run (under ``load_key``) to
     ``bench/results/<name>`` and prints the path: the ending of every labeller benchmark."""
     result[load_key] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
+    result.setdefault("cpu", cpu_info())
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name)
     with open(path, "w") as f:
@@ -542,8 +560,9 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=float, default=600.0, help="seconds before a child is stopped")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/llp_fast_bench_embeddings")
-    ap.add_argument("--tag", default=platform.node() or "host")
+    ap.add_argument("--tag", default=None, help="the results file's tag (default: the host name and CPU kind)")
     args = ap.parse_args(argv)
+    args.tag = args.tag or default_tag()
     if args.mode == "_run":
         run_method(*args.rest, threads=args.threads)
         return

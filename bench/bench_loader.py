@@ -184,6 +184,7 @@ def main(argv=None) -> list:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "host": common.cpu_name(),
+        "cpu": common.cpu_info(),
         "cpus": os.cpu_count(),
         "loadavg_1min": [round(load_before[0], 2), round(load_after[0], 2)],
         "commit": common.git_commit(),

@@ -209,6 +209,7 @@ def main(argv=None) -> None:
         },
         "ratio": {k: med(sharded[k]) / med(single[k]) for k in single},
         "device": common.device_name("cpu"),
+        "cpu": common.cpu_info(),
         "commit": common.git_commit(),
         "load": os.getloadavg()[0],
         "runs": {"one_process": single, "sharded": sharded},

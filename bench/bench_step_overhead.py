@@ -284,7 +284,8 @@ def main(argv=None) -> list:
     rows.append(
         common.row("refresh_density", "llp", shape, torch.float32, density_ms, 3, per_step_ms=round(per_step, 4))
     )
-    rows = [dataclasses.replace(r, device=common.device_name(dev.type)) for r in rows]
+    cpu = common.cpu_info() if dev.type == "cpu" else None
+    rows = [dataclasses.replace(r, device=common.device_name(dev.type), cpu=cpu) for r in rows]
     path = common.write_results("step_overhead", rows, out, dev=dev.type)
     print(f"\n# LLP step overhead on {common.device_name(dev.type)}")
     print(f"torch {torch.__version__}, commit {common.git_commit()}; {args.arch} width {width}, "

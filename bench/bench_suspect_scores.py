@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -31,7 +30,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_embeddings import load, write_result  # noqa: E402
+from bench_embeddings import default_tag, load, write_result  # noqa: E402
 from bench_suspects import SUSPECT_ROWS, flipped_splits, plain_vote_ranking, precision, ranked  # noqa: E402
 
 
@@ -105,8 +104,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0-4")
     ap.add_argument("--split", choices=("balanced", "random"), default="balanced")
     ap.add_argument("--folds", type=int, default=0)
-    ap.add_argument("--tag", default=platform.node() or "host")
+    ap.add_argument("--tag", default=None, help="the results file's tag (default: the host name and CPU kind)")
     args = ap.parse_args(argv)
+    args.tag = args.tag or default_tag()
     torch.set_num_threads(1)
     rows = {}
     t0 = time.perf_counter()

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -48,7 +47,17 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_embeddings import ROWS, child, load, parse_seeds, seeds_arg, split, synthetic, write_result  # noqa: E402
+from bench_embeddings import (  # noqa: E402
+    ROWS,
+    child,
+    default_tag,
+    load,
+    parse_seeds,
+    seeds_arg,
+    split,
+    synthetic,
+    write_result,
+)
 
 SUSPECT_ROWS = [("digits", 0.10), ("mnist5k", 0.10), ("mnist5k", 0.30)]
 
@@ -448,8 +457,9 @@ def main(argv=None) -> None:
     ap.add_argument("--labeled", type=float, default=0.01, help="cost: the fraction of labeled rows")
     ap.add_argument("--limit", type=float, default=1800.0)
     ap.add_argument("--workdir", default="/tmp/llp_fast_bench_embeddings")
-    ap.add_argument("--tag", default=platform.node() or "host")
+    ap.add_argument("--tag", default=None, help="the results file's tag (default: the host name and CPU kind)")
     args = ap.parse_args(argv)
+    args.tag = args.tag or default_tag()
     modes = {
         "suspects": suspects, "false-alarms": false_alarms, "auto": auto, "model": model, "cost": cost,
         "ceiling": ceiling,

@@ -6,7 +6,8 @@ that :func:`run` drives: correctness of every provider against ``llp_fast.refere
 then the median of several runs of each (CUDA events on the GPU; on CPU, interleaved rounds
 timed by ``perf_counter`` and process CPU time, so that a change of load on a shared machine
 hits every provider alike), and rows with op, provider, shape, dtype, median, device name,
-library versions and git commit written to ``bench/results/<op>-<device>.json``.
+library versions, git commit and (CPU) the ISA flags and the extension's CPU paths written to
+``bench/results/<op>-<device>.json`` (a CPU's device: model name, widest instruction set, threads).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class Row:
     commit: str
     reps: int
     extra: dict = dataclasses.field(default_factory=dict)
+    cpu: dict | None = None  # CPU rows: cpu_info(), the ISA flags and the extension's CPU paths
 
 
 def device() -> torch.device:
@@ -85,12 +87,53 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# /proc/cpuinfo flags that decide the CPU kernels' paths, and the widest of them (first found) that names
+# the CPU kind: one model name ("AMD EPYC") covers AVX2-only and AVX-512 (Zen 4) machines alike.
+ISA_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512bw", "avx512f", "avx2", "fma")
+WIDEST_ISA = (("amx_bf16", "amx"), ("avx512_bf16", "avx512bf16"), ("avx512f", "avx512"), ("avx2", "avx2"))
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The ``ISA_FLAGS`` this CPU has (from /proc/cpuinfo; empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return tuple(f for f in ISA_FLAGS if f in have)
+    except OSError:
+        pass
+    return ()
+
+
+def cpu_kind() -> str:
+    """The widest instruction set of ``WIDEST_ISA`` this CPU has ("amx", "avx512bf16", "avx512", "avx2"),
+    or "" where none is known: part of the CPU's device name and results file names."""
+    return next((tag for flag, tag in WIDEST_ISA if flag in cpu_flags()), "")
+
+
+@functools.cache
+def cpu_info() -> dict:
+    """What a CPU row records of the machine: its ISA flags and the extension's CPU paths
+    (``llp_fast._ext.cpu_paths()``: the scan, the fused tile, bf16 tiles; None without the extension)."""
+    try:
+        from llp_fast import _ext
+
+        paths = _ext.cpu_paths()
+    except Exception as e:  # an LLP_FAST_CPU_* setting that names nothing: recorded, as the op would say
+        paths = f"error: {e}"
+    return {"isa": list(cpu_flags()), "cpu_paths": paths}
+
+
 @functools.cache
 def device_name(dev: str | None = None) -> str:
+    """The GPU's name, or the CPU's model name, its widest instruction set (``cpu_kind``) and threads
+    (rows and files written before the instruction set was added lack it)."""
     dev = dev or device().type
     if dev == "cuda":
         return torch.cuda.get_device_name()
-    return f"{cpu_name()} x{torch.get_num_threads()} threads"
+    kind = cpu_kind()
+    return f"{cpu_name()}{' ' + kind if kind else ''} x{torch.get_num_threads()} threads"
 
 
 def device_slug(dev: str | None = None) -> str:
@@ -209,6 +252,7 @@ def row(op: str, provider: str, shape: Shape, dtype: torch.dtype, ms: float, rep
         commit=git_commit(),
         reps=reps,
         extra=extra,
+        cpu=cpu_info() if device().type == "cpu" else None,
     )
 
 
