@@ -477,8 +477,12 @@ def entry_points(bench, *, gpu_shape: int = 0, memory: bool = False):
     return main, test
 
 
-class UnknownShapes(ValueError):
-    """``--shapes`` names a set the benchmark does not have (its message names the known ones)."""
+class UnknownShapes(KeyError):
+    """``--shapes`` names a set the benchmark does not have (its message names the known ones; a KeyError,
+    as run_gpu.py catches for a missing set)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def pick_shapes(table: dict[str, list[Shape]], which: str) -> list[Shape]:
@@ -503,10 +507,10 @@ def positive_int(text: str) -> int:
 
 def dtypes_arg(text: str) -> str:
     if text != "auto":
-        bad = [n for n in text.split(",") if n not in ("float32", "bfloat16", "float16")]
+        bad = [n for n in text.split(",") if n not in ("float32", "bfloat16", "float16", "float64")]
         if bad:
             raise argparse.ArgumentTypeError(
-                f"unknown {', '.join(map(repr, bad))} (auto, or a comma list of float32, bfloat16, float16)"
+                f"unknown {', '.join(map(repr, bad))} (auto, or a comma list of float32, bfloat16, float16, float64)"
             )
     return text
 
