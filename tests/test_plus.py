@@ -231,6 +231,17 @@ def test_an_own_network_on_the_command_line_trains_its_baseline_and_loads_its_ow
     assert not os.path.exists(tmp_path / "g")
 
 
+def test_a_fit_that_fails_to_start_leaves_no_run_directory(tmp_path, monkeypatch):
+    """Each failed fit() without run_dir left an empty runs/<time> until the interpreter exited."""
+    from llp_fast.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        with pytest.raises(DataError, match="no such file"):
+            fit(None, f"npz:{tmp_path / 'missing.npz'}", epochs=1, quiet=True)
+    assert os.listdir(tmp_path / "runs") == []
+
+
 def test_library_calls_refuse_what_they_would_ignore(tmp_path, factory_module):
     """fit(model, width=8) and fit(model, arch=...) were ignored without a word, as were a resume's
     arch in fit and every changed setting (and another network class) in train(cfg, resume=True);

@@ -77,7 +77,7 @@ def new_run_dir(parent: str = "runs") -> str:
     process exits if nothing was written to it (a run that failed to start)."""
     if not os.path.isdir(parent):
         os.makedirs(parent, exist_ok=True)
-        atexit.register(_remove_if_empty, parent)  # runs after the run directory's (last in, first out)
+        atexit.register(remove_if_empty, parent)  # runs after the run directory's (last in, first out)
     base = os.path.join(parent, time.strftime("%Y%m%d-%H%M%S"))
     for n in range(1, 10_000):
         path = base if n == 1 else f"{base}-{n}"
@@ -85,7 +85,7 @@ def new_run_dir(parent: str = "runs") -> str:
             os.mkdir(path)
         except FileExistsError:
             continue
-        atexit.register(_remove_if_empty, path)
+        atexit.register(remove_if_empty, path)
         return path
     raise ConfigError(f"no free run directory under {parent}: give --run-dir")
 
@@ -99,7 +99,7 @@ def absolute_data(spec: str) -> str:
     return spec
 
 
-def _remove_if_empty(path: str) -> None:
+def remove_if_empty(path: str) -> None:
     with contextlib.suppress(OSError):  # not empty, or gone
         os.rmdir(path)
 

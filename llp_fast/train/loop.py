@@ -54,12 +54,22 @@ class Trainer:
     (WORLD_SIZE > 1) one process per GPU or CPU worker, NCCL or gloo."""
 
     def __init__(self, cfg: TrainConfig, *, model: torch.nn.Module | None = None):
+        self._made_dir = None
+        try:
+            self._build(cfg, model)
+        except BaseException:  # a run that failed to start leaves no empty runs/<time> of its own (in a
+            if self._made_dir is not None:  # notebook they piled up until the interpreter exited)
+                defaults.remove_if_empty(self._made_dir)
+            raise
+
+    def _build(self, cfg: TrainConfig, model: torch.nn.Module | None) -> None:
         cfg = validate(dataclasses.replace(cfg))
         if model is not None:
             cfg.arch = GIVEN + type(model).__qualname__
         self.rank, self.world = distributed.init() if distributed.launched() else (0, 1)
         if cfg.run_dir is None:  # a new directory, claimed by rank 0 (two runs never share one)
             box = [defaults.new_run_dir() if self.rank == 0 else None]
+            self._made_dir = box[0]
             if self.world > 1:
                 torch.distributed.broadcast_object_list(box, src=0)
             cfg = dataclasses.replace(cfg, run_dir=box[0])
