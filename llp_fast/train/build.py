@@ -7,7 +7,9 @@ here without importing the training loop.
 
 from __future__ import annotations
 
-from ..errors import DataError
+import os
+
+from ..errors import ConfigError, DataError
 from .config import ARCHS, TrainConfig
 
 
@@ -86,4 +88,41 @@ def model_for(cfg: TrainConfig, source, *, backbone=None):
         init_weights=cfg.init_weights,
         backbone=backbone,
         **width,
+    )
+
+
+def run_device(cfg: TrainConfig, world: int):
+    """The torch device a (resolved) ``cfg`` trains on: under torchrun, CUDA ranks take their
+    ``LOCAL_RANK``'s GPU; ``cuda`` is named by its index and made current."""
+    import torch
+
+    device = cfg.device
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if device.type == "cuda":
+        if device.index is None:  # "cuda": the current device, named by its index
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
+def add_extras(cfg: TrainConfig, source, world: int) -> str:
+    """``--extra-unlabeled``: the selection's images joined to ``source`` as unlabeled training
+    examples (:func:`llp_fast.data.extra.add_extra_unlabeled`); returns the line that says so (the
+    run's first lines counted the original images only)."""
+    from ..data.extra import add_extra_unlabeled
+
+    if world > 1:
+        raise ConfigError("--extra-unlabeled runs in a single process for now (drop --nproc)")
+    n0 = source.num_train
+    extra = add_extra_unlabeled(source, cfg.extra_unlabeled)
+    skipped = getattr(source, "extra_skipped", 0)
+    return (
+        f"--extra-unlabeled: {extra:,} selected images join the {n0:,} training images as unlabeled ones "
+        f"({source.num_train:,} in all) "
+        + ("until the rate jump" if cfg.rate_jump is not None else "for the whole run")
+        + (f"; {skipped:,} selected images are training images already, left out" if skipped else "")
     )

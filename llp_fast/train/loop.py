@@ -33,11 +33,10 @@ import torch
 
 from .. import distributed
 from .._progress import Progress, reporter
-from ..data.extra import add_extra_unlabeled
 from ..errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingDiverged
 from ..nn import GIVEN, misfit
 from . import checkpoint, defaults, order, relabel, report, warmstart
-from .build import check_against_data, configure_source, load_source
+from .build import add_extras, check_against_data, configure_source, load_source, run_device
 from .config import TrainConfig, lr_at, validate
 from .evaluate import evaluate
 from .losses import consistency_loss, llp_loss, strong_targets, supervised_loss
@@ -74,16 +73,7 @@ class Trainer:
                 torch.distributed.broadcast_object_list(box, src=0)
             cfg = dataclasses.replace(cfg, run_dir=box[0])
         cfg = defaults.resolve_run(cfg)
-        device = cfg.device
-        if self.world > 1 and device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
-        if self.device.type == "cuda":
-            if self.device.index is None:  # "cuda": the current device, named by its index
-                self.device = torch.device("cuda", torch.cuda.current_device())
-            torch.cuda.set_device(self.device)
+        self.device = run_device(cfg, self.world)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -94,17 +84,7 @@ class Trainer:
         self.n_original = src.num_train  # examples before --extra-unlabeled's: dataset indices [0, n_original)
         self.data_files = getattr(src, "fingerprint", None)  # before the extras join
         if cfg.extra_unlabeled:
-            if self.world > 1:
-                raise ConfigError("--extra-unlabeled runs in a single process for now (drop --nproc)")
-            extra = add_extra_unlabeled(src, cfg.extra_unlabeled)
-            skipped = getattr(src, "extra_skipped", 0)
-            self.notes = notes = [  # (the run's first lines counted the original images only)
-                *notes,
-                f"--extra-unlabeled: {extra:,} selected images join the {self.n_original:,} training images as "
-                f"unlabeled ones ({src.num_train:,} in all) "
-                + ("until the rate jump" if cfg.rate_jump is not None else "for the whole run")
-                + (f"; {skipped:,} selected images are training images already, left out" if skipped else ""),
-            ]
+            self.notes = notes = [*notes, add_extras(cfg, src, self.world)]
         self.num_classes = src.num_classes
         self.targets = src.targets.to(self.device)  # (N,) -1 = unlabeled
         self.truth = src.truth.to(self.device)
