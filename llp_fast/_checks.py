@@ -111,14 +111,17 @@ def below_one(v):
 
 
 def epoch_list(v):
-    """Epochs of an lr drop: each once, increasing, from 1 (a drop at 0 came before any training,
-    and one given twice dropped the lr 100x at once)."""
     if not isinstance(v, (list, tuple)):
         raise bad("a list of epochs", v)
-    epochs = [count(e) for e in v]
-    if any(e < 1 for e in epochs) or any(b <= a for a, b in zip(epochs, epochs[1:])):
+    return [count(e) for e in v]
+
+
+def increasing_epochs(epochs) -> None:
+    """A new run's lr drops: each once, increasing, from 1 (a drop at 0 came before any training,
+    and one given twice dropped the lr 100x at once). Not a field check: runs saved before it (their
+    default milestones could repeat: [1, 1] at one epoch) still resume."""
+    if epochs and (any(e < 1 for e in epochs) or any(b <= a for a, b in zip(epochs, epochs[1:]))):
         raise bad("increasing epochs from 1, each once", ",".join(map(str, epochs)))
-    return epochs
 
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")

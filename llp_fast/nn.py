@@ -263,14 +263,20 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise ConfigError(f"--init-weights {path}: expected a state dict of tensors")
     trunk = model.backbone if isinstance(model, WithHeads) else model
     heads = () if isinstance(model, WithHeads) else ("fc.", "embed.")
-    if isinstance(model, WithHeads) and state and all(k.startswith(("backbone.", "fc.", "embed.")) for k in state):
-        # a whole WithHeads (a run's checkpoint, fit(...).model's state dict): its backbone
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     state = {k: v for k, v in state.items() if not k.startswith(heads)}
-    want = {k: v for k, v in trunk.state_dict().items() if not k.startswith(heads)}
-    for k in [k for k in want if k.endswith(".num_batches_tracked") and k not in state]:
-        del want[k]  # weights saved before PyTorch 0.4.1 lack it; load_state_dict fills it in, so may we
-    differs = misfit(state, want)
+    own = {k: v for k, v in trunk.state_dict().items() if not k.startswith(heads)}
+
+    def misfit_of(state: dict) -> str | None:
+        # weights saved before PyTorch 0.4.1 lack num_batches_tracked; load_state_dict fills it in
+        return misfit(state, {k: v for k, v in own.items() if k in state or not k.endswith(".num_batches_tracked")})
+
+    differs = misfit_of(state)
+    if differs and isinstance(model, WithHeads) and any(k.startswith("backbone.") for k in state):
+        # a whole WithHeads (a run's checkpoint, fit(...).model's state dict): its backbone, where the
+        # state as it is does not fit (a backbone whose own keys start with "backbone." does)
+        inner = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        if misfit_of(inner) is None:
+            state, differs = inner, None
     if differs:
         raise ConfigError(f"--init-weights {path} does not fit the network: {differs}")
     trunk.load_state_dict(state, strict=False)

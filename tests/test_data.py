@@ -1,5 +1,8 @@
 """Data sources: splits, array augmentation, npz and image-folder loading."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -259,28 +262,37 @@ def test_folder_split_names_in_any_case_and_a_class_named_train(tmp_path):
     (veh / "class2").rename(veh / "train")
     src = load(f"folder:{veh}", **kw)
     assert src.class_names == ["class0", "class1", "train"] and src.num_train + src.num_test == 18
+    # train/ of class folders beside other folders: the split layout, the others not read (as before)
     make_folder(tmp_path / "both" / "train", per_class=6)
     make_folder(tmp_path / "both" / "test", per_class=2)
-    make_folder(tmp_path / "both" / "extra", per_class=2)
-    with pytest.raises(DataError, match=r"train/ and test/ beside other folders \(extra\)"):
-        load(f"folder:{tmp_path / 'both'}", **kw)
+    make_folder(tmp_path / "both" / "pool", per_class=2)
+    (tmp_path / "both" / "__MACOSX").mkdir()
+    src = load(f"folder:{tmp_path / 'both'}", **kw)
+    assert src.class_names == ["class0", "class1", "class2"] and (src.num_train, src.num_test) == (18, 6)
+    make_folder(tmp_path / "nt" / "train", per_class=6)
+    make_folder(tmp_path / "nt" / "unlabeled" / "x", per_class=2)
+    assert load(f"folder:{tmp_path / 'nt'}", **kw).class_names == ["class0", "class1", "class2"]
 
 
-def test_pil_warnings_stay_out_of_the_output(tmp_path, monkeypatch):
+def test_pil_warnings_stay_out_of_the_loaders_workers(tmp_path):
     """PIL's warnings (here a large image's DecompressionBombWarning) printed two lines naming no
-    file, once per worker and pass, every epoch."""
-    import warnings
-
-    from PIL import Image
-
-    from llp_fast.data.transforms import open_rgb
-
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        assert open_rgb(str(tmp_path / "big.png")).size == (40, 40)
-    assert seen == []
+    file from every worker process, every pass: a worker leaves them out; the main process keeps
+    Python's default (once per place)."""
+    code = f"""
+import warnings, numpy as np
+from PIL import Image
+Image.MAX_IMAGE_PIXELS = 1000
+Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save({str(tmp_path / "big.png")!r})
+from llp_fast.data.loading import _worker_signals
+from llp_fast.data.transforms import open_rgb
+open_rgb({str(tmp_path / "big.png")!r})  # as the main process: shown
+_worker_signals(0)
+for _ in range(3):
+    open_rgb({str(tmp_path / "big.png")!r})  # as a worker: not
+"""
+    p = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("DecompressionBombWarning") == 1, p.stderr
 
 
 def test_label_file_with_a_byte_order_mark_and_a_hash_in_a_name(tmp_path):

@@ -244,3 +244,20 @@ def test_folder_strong_views_come_from_the_pil_loader_and_dali_refuses(tmp_path)
     dali = load_data(f"folder:{tmp_path}", labeled_fraction=0.5, loader="dali", workers=0)
     with pytest.raises(ConfigError, match="--loader dali does not make the strong views"):
         dali.configure(image_size=16, strong=True)
+
+
+def test_a_resume_compares_paths_as_saved_and_keeps_old_milestones(tmp_path, monkeypatch):
+    """--extra-unlabeled saved absolute: the same file given relative was "a change"; milestones that
+    repeat (saved by default before: [1, 1] at one epoch) are refused for new runs only."""
+    from llp_fast.errors import ConfigError
+    from llp_fast.train.api import _changed
+    from llp_fast.train.defaults import check_new_run
+
+    monkeypatch.chdir(tmp_path)
+    saved = TrainConfig(data=f"npz:{tmp_path / 'd.npz'}", extra_unlabeled=str(tmp_path / "sel.npz"))
+    assert _changed(saved, {"data": "npz:d.npz", "extra_unlabeled": "sel.npz"}, model_given=False) == []
+    assert _changed(saved, {"extra_unlabeled": "other.npz"}, model_given=False) != []
+    old = validate(TrainConfig(milestones=[1, 1], jump_milestones=[4, 4], rate_jump=3, epochs=5))
+    assert old.milestones == [1, 1]  # a saved config still validates (its resume goes on)
+    with pytest.raises(ConfigError, match=r"--milestones: expected increasing epochs from 1, each once, got '1,1'"):
+        check_new_run(old)

@@ -191,6 +191,7 @@ def test_shards_numbered_without_padding_are_read_in_number_order(tmp_path):
     assert torch.equal(Rows(str(tmp_path), normalize=False).read(0, 24), torch.from_numpy(x))
     names = ["b.npy", "a10.npy", "a2.npy", "a02.npy", "a1x3.npy", "a1x20.npy"]
     assert sorted(names, key=shard_order) == ["a1x3.npy", "a1x20.npy", "a02.npy", "a2.npy", "a10.npy", "b.npy"]
+    assert sorted(["emb1.npy", "emb.npy", "emb².npy"], key=shard_order) == ["emb.npy", "emb1.npy", "emb².npy"]
 
 
 def test_extras_are_the_vote():

@@ -162,6 +162,18 @@ def not_a_module():
 def broken():
     raise RuntimeError("no weights here")
 
+class Wrapped(nn.Module):  # a network whose own keys start with "backbone."
+    def __init__(self, in_channels):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(in_channels, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
+
+    def forward(self, x):
+        return self.backbone(x)
+
+def wrapped(in_channels):
+    return Wrapped(in_channels)
+
 def bn_features(in_channels):
     return nn.Sequential(nn.Conv2d(in_channels, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.BatchNorm1d(6))
@@ -226,6 +238,17 @@ def test_an_own_network_on_the_command_line_trains_its_baseline_and_loads_its_ow
     part = str(tmp_path / "part.pt")
     rc = train_main([*flags, "--run-dir", str(tmp_path / "p"), "--baseline", "off", "--init-weights", part])
     one_error_line(capsys, rc, "does not fit the network: missing '0.bias'")
+    # a network whose own keys start with "backbone.": its state dict as it is, and its run's checkpoint
+    wflags = [*OWN_NET_ARGS, "--quiet", "--method", "paper", "--arch", "mynets:wrapped", "--epochs", "1"]
+    torch.save(import_factory("mynets:wrapped")(1).state_dict(), tmp_path / "w.pt")
+    assert (
+        train_main(
+            [*wflags, "--run-dir", str(tmp_path / "w1"), "--baseline", "off", "--init-weights", str(tmp_path / "w.pt")]
+        )
+        == 0
+    )
+    wck = str(tmp_path / "w1" / CHECKPOINT)
+    assert train_main([*wflags, "--run-dir", str(tmp_path / "w2"), "--baseline", "off", "--init-weights", wck]) == 0
     rc = train_main([*flags, "--run-dir", str(tmp_path / "g"), "--arch", "given:Sequential"])  # Python's mark
     one_error_line(capsys, rc, "--arch given:Sequential: the mark of a network passed in Python")
     assert not os.path.exists(tmp_path / "g")

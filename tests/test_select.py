@@ -307,13 +307,13 @@ def test_extra_unlabeled_on_folder_training_data(tmp_path, strong):
     seen = torch.cat([idx for _, idx in src.index_batches(everything, 5)])
     assert seen.tolist() == everything.tolist()
 
-    # a selection from a pool holding the data's own images: training ones are left out (they trained
-    # twice), a held-out one is refused (it leaked the test); both were taken without a word
+    # a selection from a pool holding the data's own images: training ones are counted (they train twice;
+    # kept, so that runs saved before resume), a held-out one is refused (it leaked the test)
     src = load(f"folder:{tmp_path / 'train'}", device="cpu", labeled_fraction=0.5, workers=0, loader="pil")
     own = sorted(src.files)[:2] + paths[:1]
     write_selection(sel, np.arange(3), np.zeros(3, np.int64), np.ones(3, np.float32), {"source": "folder:x"}, paths=own)
     n0 = src.num_train
-    assert add_extra_unlabeled(src, sel) == 1 and src.extra_skipped == 2 and src.num_train == n0 + 1
+    assert add_extra_unlabeled(src, sel) == 3 and src.extra_twice == 2 and src.num_train == n0 + 3
     src = load(f"folder:{tmp_path / 'train'}", device="cpu", labeled_fraction=0.5, workers=0, loader="pil")
     held = [src.test_files[0], paths[1]]
     write_selection(

@@ -79,6 +79,7 @@ def epochs(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
     try:
+        _checks.increasing_epochs(values)  # (a flag sets a new run's: refused where it is parsed)
         return C.epoch_list(values)
     except ValueError as e:  # (argparse said only "invalid epochs value")
         raise argparse.ArgumentTypeError(str(e)) from None

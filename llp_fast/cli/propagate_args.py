@@ -18,7 +18,7 @@ DEFAULT = Settings()
 # flags that set a Settings field (dest = the field); absent from the namespace unless given
 SETTINGS_FLAGS = ("k", "t", "tau", "density", "density_pool", "labeled_weight", "rounds", "max_voters", "chunk")
 # what only a labelling run takes (never --model)
-RUN_ONLY = ("labels", "probs_out", "voters_out", "suspects_out", "quality_out", "drop_suspects", "save_model")
+RUN_ONLY = ("labels", "probs_out", "top", "voters_out", "suspects_out", "quality_out", "drop_suspects", "save_model")
 
 
 def _device(text: str) -> str:

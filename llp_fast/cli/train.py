@@ -23,7 +23,7 @@ from ..data.loading import WorkerLost, worker_lost
 from ..errors import ConfigError
 from ..ops import describe_backends
 from ..train import config as C
-from ..train.defaults import SMALL_DATA, absolute_data, baseline_by_default, check_new_run, resolve_run
+from ..train.defaults import SMALL_DATA, as_saved, baseline_by_default, check_new_run, resolve_run
 from . import _common, launch
 
 PROG = "llp-fast-train"
@@ -153,9 +153,7 @@ def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.Trai
         if f.name not in values or f.name in C.RESUMABLE:
             continue
         value, was = values.pop(f.name), getattr(saved, f.name)
-        if f.name == "data":  # saved absolute
-            value, was = absolute_data(value), absolute_data(was)
-        if value != was:
+        if as_saved(f.name, value) != as_saved(f.name, was):  # (paths saved absolute)
             refused.append(f"{C.flag_of(f)} (saved: {_show(was)})")
     if refused:
         allowed = ", ".join("--" + n for n in C.RESUMABLE)

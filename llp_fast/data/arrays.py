@@ -38,7 +38,7 @@ def _npz(path: str):
     if not os.path.isfile(path):
         raise DataError(f"no such file: {path}")
     try:
-        f = np.load(path, allow_pickle=False)
+        f = np.load(path, mmap_mode="r", allow_pickle=False)  # (an .npy is mapped, not read, to refuse it)
     except Exception as e:  # a zip that is not one, a truncated file, a pickled array
         raise DataError(f"cannot read {path} as an .npz archive ({type(e).__name__}: {e})") from None
     if not isinstance(f, np.lib.npyio.NpzFile):  # (numpy's own words for it: "does not support the context manager")

@@ -47,7 +47,7 @@ import torch
 from .. import _optional
 from .._device import memory_format
 from . import MARKER, DataError
-from .transforms import check_depth, crop_box, eval_geometry, open_rgb, quiet_pil, sample_seed
+from .transforms import check_depth, crop_box, eval_geometry, open_rgb, sample_seed
 
 # What fn.decoders.image reads (JPEG, PNG, BMP, TIFF, WebP, PNM, JPEG 2000); of the folder
 # loader's extensions only GIF is missing. By content, as PIL names the formats:
@@ -77,7 +77,10 @@ class _NativeLogFilter:
     )
     # the decoders' own libraries: OpenCV's log ("[ERROR:0@0.013] global loadsave.cpp:1409 imdecode_ ...",
     # a truncated BMP) and libpng's ("libpng error: IDAT: CRC error"); the run's line names the file
-    LIBRARIES = (rb"\[(?:FATAL|ERROR|WARN|INFO|DEBUG|VERBOSE):\d+@[\d.]+\][^\n]*", rb"libpng (?:error|warning): [^\n]*")
+    LIBRARIES = (
+        rb"\[ ?(?:FATAL|ERROR|WARN|INFO|DEBUG|VERBOSE):\d+@[\d.]+\][^\n]*",
+        rb"libpng (?:error|warning): [^\n]*",
+    )
     LINE = re.compile(
         rb"(?m)^(?:(?:\x1b\[[0-9;]*m)?\[(?:FATAL|ERROR|WARNING|WARN|INFO|DEBUG|TRACE)\] (?:\x1b\[0m)?\[[^]\n]*\][^\n]*"
         rb"|" + rb"|".join(JPEG_WARNINGS + LIBRARIES) + rb")\n"
@@ -85,7 +88,17 @@ class _NativeLogFilter:
     COLOUR = re.compile(rb"^\x1b\[[0-9;]*m?")
     TAGS = tuple(b"[%s]" % level for level in (b"FATAL", b"ERROR", b"WARNING", b"WARN", b"INFO", b"DEBUG", b"TRACE"))
     STARTS = TAGS + tuple(re.split(rb"[\\\[]", w, maxsplit=1)[0] for w in JPEG_WARNINGS)  # (up to the first pattern)
-    STARTS += (b"[FATAL:", b"[ERROR:", b"[WARN:", b"[INFO:", b"[DEBUG:", b"[VERBOSE:", b"libpng ")
+    STARTS += (
+        b"[FATAL:",
+        b"[ERROR:",
+        b"[WARN:",
+        b"[ WARN:",
+        b"[INFO:",
+        b"[ INFO:",
+        b"[DEBUG:",
+        b"[VERBOSE:",
+        b"libpng ",
+    )
     depth = 0
 
     def __enter__(self):
@@ -192,7 +205,7 @@ class DaliFolder:
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-            with quiet_pil(), Image.open(io.BytesIO(raw)) as im:  # reads the header only
+            with Image.open(io.BytesIO(raw)) as im:  # reads the header only
                 w, h, kind = *im.size, im.format
                 check_depth(im, path)
         except DataError:

@@ -13,6 +13,7 @@ signals that are the main process's to act on, and a lost worker said in one lin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ import threading
 import torch
 
 from ..errors import DataError
+from .transforms import quiet_pil
 
 
 class WorkerLost(DataError):
@@ -50,6 +52,8 @@ def _worker_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (one that waited meanwhile is dropped)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGHUP})
+    with contextlib.suppress(ImportError):  # (a dataset of arrays needs no PIL)
+        quiet_pil()
     if not hasattr(signal, "sigwaitinfo"):  # (not Linux: SIGTERM keeps its default)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         return

@@ -73,7 +73,7 @@ def read_selection(path: str) -> dict:
                 "path": np.array([r["path"] for r in rows], dtype=str) if rows and "path" in rows[0] else None,
             }
         else:
-            f = np.load(path, allow_pickle=False)
+            f = np.load(path, mmap_mode="r", allow_pickle=False)  # (an .npy is mapped, not read, to refuse it)
             if not isinstance(f, np.lib.npyio.NpzFile) or not {"index", "class", "score", "meta"} <= set(f.files):
                 if isinstance(f, np.lib.npyio.NpzFile):
                     f.close()  # (a KeyError named the first missing array, not what the file is)

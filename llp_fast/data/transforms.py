@@ -6,7 +6,6 @@ decodes pixels but :func:`open_image`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -30,7 +29,7 @@ def open_image(path: str, mode: str = "RGB"):
     from PIL import Image
 
     try:
-        with quiet_pil(), Image.open(path) as im:
+        with Image.open(path) as im:
             return _eight_bit(im, path).convert(mode)
     except DataError:
         raise
@@ -38,18 +37,16 @@ def open_image(path: str, mode: str = "RGB"):
         raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
 
 
-@contextlib.contextmanager
-def quiet_pil():
-    """PIL's warnings left out while an image is read ("Corrupt EXIF data", a palette's
-    transparency, a large image's DecompressionBombWarning): each printed two lines naming no file,
-    once per worker and pass, every epoch, where the image reads fine. (An image too large to read
-    at all still raises, and is named.)"""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
-        from PIL import Image
+def quiet_pil() -> None:
+    """Leaves PIL's warnings out of this process ("Corrupt EXIF data", a palette's transparency, a
+    large image's DecompressionBombWarning): called in the loaders' worker processes, where each
+    printed two lines naming no file, once per worker and pass, every epoch, of images that read
+    fine. (A process's own warnings show once per place by Python's default; an image too large to
+    read at all still raises, and is named.)"""
+    from PIL import Image
 
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        yield
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 def check_depth(im, path: str) -> None:

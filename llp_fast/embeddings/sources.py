@@ -70,7 +70,8 @@ def shard_order(name: str) -> tuple:
     """A shard's place: its name with each run of digits read as a number, so that ``part2`` comes
     before ``part10`` (plain name order put ``part10`` and ``part11`` first, and the rows then no
     longer matched the labels: wrong labels, exit 0); zero-padded names keep their name order."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)], name
+    stem = name[: -len(".npy")] if name.endswith(".npy") else name  # ("emb.npy" before "emb1.npy", as ls -v)
+    return [int(t) if t.isascii() and t.isdigit() else t for t in re.split(r"([0-9]+)", stem)], name
 
 
 def _paths(path: str, what: str) -> list[str]:

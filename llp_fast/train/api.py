@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..nn import GIVEN
 from . import checkpoint, report
 from .config import RESUMABLE, TrainConfig, check_value, fields
-from .defaults import absolute_data, check_new_run
+from .defaults import as_saved, check_new_run
 from .loop import Trainer
 
 
@@ -112,8 +112,7 @@ def _changed(saved: TrainConfig, given: dict, *, model_given: bool) -> list[str]
         if skip or value is None or name not in known:
             continue
         value, was = check_value(known[name], value), getattr(saved, name)
-        if name == "data":  # saved absolute (by this version; earlier ones kept the path as given)
-            value, was = absolute_data(value), absolute_data(was)
+        value, was = as_saved(name, value), as_saved(name, was)  # (earlier versions kept paths as given)
         if value != was:
             out.append(f"{name}={value!r} (saved: {getattr(saved, name)!r})")
     return out

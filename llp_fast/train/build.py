@@ -119,10 +119,10 @@ def add_extras(cfg: TrainConfig, source, world: int) -> str:
         raise ConfigError("--extra-unlabeled runs in a single process for now (drop --nproc)")
     n0 = source.num_train
     extra = add_extra_unlabeled(source, cfg.extra_unlabeled)
-    skipped = getattr(source, "extra_skipped", 0)
+    twice = getattr(source, "extra_twice", 0)
     return (
         f"--extra-unlabeled: {extra:,} selected images join the {n0:,} training images as unlabeled ones "
         f"({source.num_train:,} in all) "
         + ("until the rate jump" if cfg.rate_jump is not None else "for the whole run")
-        + (f"; {skipped:,} selected images are training images already, left out" if skipped else "")
+        + (f"; {twice:,} of them are training images already (seen twice an epoch)" if twice else "")
     )

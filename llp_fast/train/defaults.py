@@ -16,6 +16,7 @@ import dataclasses
 import os
 import time
 
+from .._checks import increasing_epochs
 from ..errors import ConfigError
 from ..nn import GIVEN
 from .config import ARCHS, DEFAULT_MAX_VOTERS, TrainConfig, validate
@@ -88,6 +89,16 @@ def new_run_dir(parent: str = "runs") -> str:
         atexit.register(remove_if_empty, path)
         return path
     raise ConfigError(f"no free run directory under {parent}: give --run-dir")
+
+
+def as_saved(name: str, value):
+    """A setting as a run saves it, for comparing a resume's value with the saved one: the data's
+    and ``--extra-unlabeled``'s paths absolute (a relative one was "a change" of the same file)."""
+    if name == "data" and isinstance(value, str):
+        return absolute_data(value)
+    if name == "extra_unlabeled" and isinstance(value, (str, os.PathLike)):
+        return os.path.abspath(value)
+    return value
 
 
 def absolute_data(spec: str) -> str:
@@ -240,6 +251,11 @@ def check_new_run(cfg: TrainConfig, *, model_given: bool = False) -> None:
         raise ConfigError(f"--width {cfg.width}: the network is the module given in Python, which has its own width")
     if model_given and cfg.arch != ARCHS[0] and not str(cfg.arch).startswith(GIVEN):
         raise ConfigError(f"--arch {cfg.arch}: the network is the module given in Python; leave arch out")
+    for name in ("milestones", "jump_milestones"):
+        try:
+            increasing_epochs(getattr(cfg, name))
+        except ValueError as e:
+            raise ConfigError(f"--{name.replace('_', '-')}: {e}") from None
     jump = cfg.rate_jump
     if jump is not None and any(m >= jump for m in cfg.milestones or ()):
         raise ConfigError(

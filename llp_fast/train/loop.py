@@ -385,7 +385,9 @@ class Trainer:
                 if self.world > 1:  # (the save is collective; a rank alone with the error would wait)
                     raise
                 self.save()
-                raise DataError(f"{err}; {checkpoint.last_checkpoint(cfg.run_dir)} (fix the file first)") from None
+                raise DataError(
+                    f"{err}; {checkpoint.last_checkpoint(cfg.run_dir)} (replace the file with a readable one first)"
+                ) from None
         row = report.epoch_row(e + 1, metrics, st, lr_at(cfg, e), consistency=bool(cfg.consistency))
         self.epoch += 1
         self.step_in_epoch = 0
