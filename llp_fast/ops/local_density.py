@@ -42,8 +42,9 @@ def local_density(labeled, bank, *, t: int = 25, tau: float = 0.07, pool_mask=No
         bank: (N, D) memory bank, same dtype and device.
         t: density neighbours, 1 <= t <= pool size.
         tau: temperature > 0.
-        pool_mask: optional (N,) bool selecting the pool rows without copying the bank
-            (the paper's pool is the unlabeled rows); None means every bank row.
+        pool_mask: optional (N,) bool selecting the pool rows without copying the bank. None
+            means every bank row, a labeled point's own row included; the paper's density
+            (§1.1) is over the unlabeled rows: pass ``pool_mask=~is_labeled`` (as the bank does).
         check_finite: reject NaN/Inf embeddings.
 
     Returns:
