@@ -215,7 +215,12 @@ def import_factory(spec: str):
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as e:  # the user's module: a missing file or an error while it runs
+    except ModuleNotFoundError as e:  # (a run's tools, started elsewhere, named only the flag)
+        raise ConfigError(
+            f"--arch {spec}: cannot import {module_name} ({e}); it is looked for in the current directory "
+            "and on PYTHONPATH: run from the directory holding it, or add that directory to PYTHONPATH"
+        ) from None
+    except Exception as e:  # the user's module: an error while it runs
         raise ConfigError(f"--arch {spec}: cannot import {module_name} ({type(e).__name__}: {e})") from None
     finally:
         sys.path.remove(os.getcwd())
@@ -333,7 +338,8 @@ def build(
         if backbone is None and arch.startswith(GIVEN):
             raise ConfigError(
                 f"this run's network ({arch[len(GIVEN) :]}) was given in Python and cannot be built from the "
-                "run directory: pass the module again (llp_fast.train.fit(model, ..., resume=True) continues the run)"
+                "run directory: only llp_fast.train.fit(model, ..., resume=True) continues such a run; the tools "
+                "need a run of --arch resnet18, resnet50 or package.module:factory"
             )
         if backbone is None:
             backbone = _from_factory(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)

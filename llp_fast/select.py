@@ -50,6 +50,7 @@ def load_network(path: str, device="cpu", *, random_init: bool = False):
         source = source_for(cfg, device, workers=0)
     except DataError as e:
         raise DataError(f"the checkpoint's training data ({cfg.data}) fixes its preprocessing: {e}") from None
+    _same_data(ckpt, source, cfg, path)
     # the checkpoint's weights replace --init-weights (read when the run started: that file may be
     # gone, or relative to another directory), and --random-init means the network's own init
     model = model_for(dataclasses.replace(cfg, init_weights=None), source)
@@ -66,6 +67,23 @@ def load_network(path: str, device="cpu", *, random_init: bool = False):
             raise checkpoint.corrupt(path, e) from None
     model = model.to(device).eval()
     return model, cfg, source
+
+
+def _same_data(ckpt: dict, source, cfg, path: str) -> None:
+    """:class:`CheckpointError` where the run's data no longer is what it trained on (its split's
+    labels, or on folder: data the training files' names, as a resume checks): the preprocessing
+    (normalisation statistics, sizes) is read from it, and changed data scored with other ones
+    without a word."""
+    saved, mine = ckpt.get("data_files"), getattr(source, "fingerprint", None)
+    targets, n = ckpt.get("targets"), int(source.targets.shape[0])
+    labels_differ = isinstance(targets, torch.Tensor) and (
+        targets.shape[0] < n or not torch.equal(targets[:n].cpu(), source.targets.cpu())
+    )
+    if labels_differ or (saved and mine and saved != mine):
+        raise CheckpointError(
+            f"checkpoint {path}: its run's training data ({cfg.data}) is not what it trained on (another split, "
+            "or files renamed, added or removed): the network's preprocessing comes from it; restore the data"
+        )
 
 
 # -- the selection rule ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import errno
 import functools
 import os
+import re
 
 import numpy as np
 import pytest
@@ -194,6 +195,61 @@ def test_errors_are_one_line(ckpt, pool, tmp_path, capsys):
         capsys, main([ckpt, "--source", f"npz:{tmp_path}/empty.npz", "--out", str(tmp_path / "e.npz")]), "no image"
     )
     assert not os.path.exists(tmp_path / "e.npz")
+
+
+def test_an_output_over_a_file_the_run_depends_on_is_refused(tmp_path):
+    """select's and the probe's --out replaced the run's training npz, its --extra-unlabeled
+    selection, a bank file, the baseline's checkpoint, an image of a folder given as data: the next
+    resume or tool failed."""
+    import json
+
+    from llp_fast.cli._common import not_an_input
+    from llp_fast.errors import ConfigError
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    (run / "baseline").mkdir(parents=True)
+    (data / "c0").mkdir(parents=True)
+    for f in (run / "checkpoint.pt", run / "bank-46-r0.pt", run / "baseline" / "checkpoint.pt", data / "c0" / "0.png"):
+        f.write_bytes(b"x")
+    saved = {"data": f"npz:{tmp_path / 'train.npz'}", "extra_unlabeled": str(tmp_path / "sel.npz")}
+    (run / "config.json").write_text(json.dumps(saved))
+    for out, what in (
+        (tmp_path / "train.npz", "the run's training data"),
+        (tmp_path / "sel.npz", "the run's --extra-unlabeled"),
+        (run / "bank-46-r0.pt", "one of the run's bank files"),
+        (run / "baseline" / "checkpoint.pt", "inside the run's baseline/"),
+        (run / "baseline.json", "the run's baseline.json"),
+        (data / "c0" / "0.png", "inside --data"),
+    ):
+        with pytest.raises(ConfigError, match=f"^--out {out} is .*{re.escape(what)}"):
+            not_an_input(str(out), str(run), f"folder:{data}", data_flag="--data")
+    not_an_input(str(data / "c0" / "new.json"), str(run), f"folder:{data}", data_flag="--data")  # a new file: fine
+    not_an_input(str(run / "probe.json"), str(run), None, data_flag="--data")
+
+
+def test_a_run_whose_data_changed_is_refused_by_the_tools(tmp_path, capsys, pool):
+    """select and the probe rebuild the run's preprocessing from its data: changed data (here other
+    labels in the run's npz) was used without a word, where a resume refuses it."""
+    from llp_fast.errors import CheckpointError
+    from llp_fast.select import load_network
+
+    d = load_digits()
+    x = np.clip(np.rint(d.images * 255 / 16), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=d.target)
+    tr = Trainer(tiny(tmp_path, data=f"npz:{tmp_path / 'd.npz'}", label_init="instance"))
+    tr.save()
+    load_network(tr.cfg.run_dir)  # as trained: fine
+    y = d.target.copy()
+    y[:40] = (y[:40] + 1) % 10
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(CheckpointError, match="is not what it trained on"):
+        load_network(tr.cfg.run_dir)
+    # pool labels beyond the network's classes are unknown, not disagreements (it said "agree on 0.0%")
+    out = str(tmp_path / "s.npz")
+    np.savez(tmp_path / "p99.npz", x=np.load(pool)["x"][:20], y=np.full(20, 99))
+    np.savez(tmp_path / "d.npz", x=x, y=d.target)
+    assert main([tr.cfg.run_dir, "--source", f"npz:{tmp_path / 'p99.npz'}", "--out", out, "--quiet"]) == 0
+    assert "label_agreement" not in read_selection(out)["meta"]
 
 
 # -- llp-fast-train --extra-unlabeled -------------------------------------------------------------

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import signal
 import sys
 
@@ -109,18 +111,43 @@ DEVICE = checked(str, C.device_name, "a device")
 
 def not_an_input(out: str, checkpoint: str, data: str | None, *, data_flag: str) -> None:
     """``--out`` of a tool that reads a run (a checkpoint or its directory) and a data spec: not the
-    checkpoint, not a file of the run's directory that the run keeps (its config and metrics), not
-    the data's file. ``ConfigError`` naming both (it used to write over them)."""
+    checkpoint, not a file the run keeps (its config, metrics, baseline mark, bank files, a file under
+    its baseline/ and tb/), not the run's training data or its --extra-unlabeled selection (as its
+    config.json names them), not the data given here, nor a file inside those data folders.
+    ``ConfigError`` naming both (it used to write over them: the next resume or tool then failed)."""
     ckpt = os.path.join(checkpoint, "checkpoint.pt") if os.path.isdir(checkpoint) else checkpoint
     run = os.path.dirname(os.path.abspath(ckpt))
     inputs = {"the checkpoint": ckpt}
-    inputs.update({f"the run's {n}": os.path.join(run, n) for n in ("config.json", "metrics.jsonl")})
-    if data is not None and data.startswith("npz:"):
-        inputs[data_flag] = data[len("npz:") :]
+    inputs.update({f"the run's {n}": os.path.join(run, n) for n in ("config.json", "metrics.jsonl", "baseline.json")})
+    folders = {f"inside the run's {d}/": os.path.join(run, d) for d in ("baseline", "tb")}
+    try:
+        with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = {}
+    specs = [(data_flag, data)] if data is not None else []
+    specs += [
+        ("the run's training data", saved.get("data")),
+        ("the run's --extra-unlabeled", saved.get("extra_unlabeled")),
+    ]
+    for what, spec in specs:
+        if not isinstance(spec, str):
+            continue
+        if spec.startswith("npz:"):
+            inputs[what] = spec[len("npz:") :]
+        elif spec.startswith("folder:"):
+            folders[f"inside {what}"] = spec[len("folder:") :]
+        elif what.endswith("--extra-unlabeled"):
+            inputs[what] = spec
     real = os.path.realpath(out)
     for what, path in inputs.items():
         if os.path.realpath(path) == real:
             raise ConfigError(f"--out {out} is {what} ({path}): give the output its own file")
+    if os.path.dirname(real) == os.path.realpath(run) and re.fullmatch(r"bank-.*\.pt", os.path.basename(real)):
+        raise ConfigError(f"--out {out} is one of the run's bank files: give the output its own file")
+    for what, folder in folders.items():  # (a new file there harms nothing; one there is an input)
+        if os.path.lexists(out) and real.startswith(os.path.join(os.path.realpath(folder), "")):
+            raise ConfigError(f"--out {out} is a file {what} ({folder}): give the output its own file")
     if os.path.isdir(out):  # (refused only when the work was done, at the write)
         raise ConfigError(f"--out {out} is a directory: give the output a file name")
 

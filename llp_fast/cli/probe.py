@@ -143,6 +143,7 @@ def _main(args) -> int:
         "checkpoint": os.path.abspath(args.checkpoint),
         "network_trained_on": cfg.data,
         "supervised_only": bool(cfg.supervised_only),
+        "method": cfg.method,
         "random_init": bool(args.random_init),
         "pixels": bool(args.pixels),
         "probe_data": args.data,
@@ -154,7 +155,8 @@ def _main(args) -> int:
     if args.out:
         with atomic_open(args.out, "w") as f:
             json.dump(res, f, indent=1)
-    net = "random-init" if args.random_init else ("supervised-only" if cfg.supervised_only else "LLP")
+    trained = "FixMatch-style" if cfg.method == "fixmatch" else "LLP"  # (a FixMatch run was called "LLP")
+    net = "random-init" if args.random_init else ("supervised-only" if cfg.supervised_only else trained)
     net = f"raw pixels (input format of the {net}" if args.pixels else net
     pm1 = pm5 = ""
     if args.repeats > 1:

@@ -90,7 +90,8 @@ def _main(args) -> int:
     }
     if pool.truth is not None and index.size:
         t = np.asarray(pool.truth, dtype=np.int64)[index]
-        known = t >= 0
+        known = (t >= 0) & (t < source.num_classes)  # (labels beyond the network's classes are unknown, as
+        # --extra-unlabeled reads them; they counted as disagreeing)
         if known.any():
             meta["label_agreement"] = float((t[known] == cls[known]).mean())
     write_selection(args.out, index, cls, score, meta, paths=pool.paths)
