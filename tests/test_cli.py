@@ -314,6 +314,14 @@ def test_every_example_labeled_is_refused_naming_the_fraction(tmp_path, capsys):
     np.savez(p, x=np.zeros((40, 6, 6), np.uint8), y=np.arange(40) % 2)
     rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), *TINY, "--labeled-fraction", "1"])
     one_error_line(capsys, rc, "no unlabeled training example is left (all 32 are labeled; --labeled-fraction 1.0)")
+    # one training example a class: each stays labeled whatever the fraction (it said to lower it)
+    p = tmp_path / "one.npz"
+    x = np.zeros((2, 6, 6), np.uint8)
+    np.savez(p, x=x, y=np.array([0, 1]), x_test=x, y_test=np.array([0, 1]))
+    rc = train_main(
+        ["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r1"), *TINY, "--labeled-fraction", "0.01", "--k", "2"]
+    )
+    one_error_line(capsys, rc, "every class keeps at least one labeled example: add unlabeled images")
     assert not (tmp_path / "r").exists()
 
 

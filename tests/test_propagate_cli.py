@@ -283,6 +283,7 @@ def test_an_output_may_not_be_given_twice_or_be_an_input(tmp_path, capsys):
         ("--chunk", "0"),
         ("--top", "0"),
         ("--top", "5"),  # without --probs-out: it was ignored
+        ("--probs-out", "probs.npy"),  # an .npz archive under an .npy name
         ("--threads", "-1"),
         ("--threads", "100000"),
         ("--nproc", "0"),

@@ -252,6 +252,8 @@ def parse(argv=None) -> argparse.Namespace:
         _check_model_form(ap, args)
     elif args.labels is None:
         ap.error("the following arguments are required: labels (or --model DIR to label new rows)")
+    if args.probs_out and not args.probs_out.endswith(".npz"):  # (an .npz archive was written under any name)
+        ap.error(f"argument --probs-out: an .npz archive (classes and probs); name it .npz, got {args.probs_out}")
     if args.top is not None and not args.probs_out:  # (it was ignored without a word)
         ap.error("argument --top: the number of classes --probs-out writes; give --probs-out too")
     ks = getattr(args, "k", DEFAULT.k)

@@ -28,9 +28,14 @@ def check_against_data(cfg: TrainConfig, source, k: int) -> None:
         )
     pool = source.num_train - m if cfg.density_pool == "unlabeled" else source.num_train
     if pool == 0:  # every training example labeled: nothing to propagate to, no density pool
+        fix = (  # (each class keeps one labeled example whatever the fraction: lowering it cannot help)
+            "every class keeps at least one labeled example: add unlabeled images"
+            if m <= source.num_classes
+            else "lower --labeled-fraction"
+        )
         raise DataError(
             f"no unlabeled training example is left (all {m} are labeled; --labeled-fraction "
-            f"{cfg.labeled_fraction}): LLP needs some; lower --labeled-fraction, or --supervised-only"
+            f"{cfg.labeled_fraction}): LLP needs some; {fix}, or --supervised-only"
         )
     if cfg.t > pool:
         raise DataError(f"--t {cfg.t} exceeds the density pool of {pool} examples: give --t {pool} or less")
