@@ -261,3 +261,12 @@ def test_a_resume_compares_paths_as_saved_and_keeps_old_milestones(tmp_path, mon
     assert old.milestones == [1, 1]  # a saved config still validates (its resume goes on)
     with pytest.raises(ConfigError, match=r"--milestones: expected increasing epochs from 1, each once, got '1,1'"):
         check_new_run(old)
+
+
+def test_a_data_path_under_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    """A shell leaves "folder:~/x" as it is: it was read as ./~/x ("no such directory")."""
+    from llp_fast.train.defaults import absolute_data
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert absolute_data("folder:~/imgs") == f"folder:{tmp_path / 'imgs'}"
+    assert absolute_data("npz:~/d.npz") == f"npz:{tmp_path / 'd.npz'}" and absolute_data("digits") == "digits"

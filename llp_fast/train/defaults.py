@@ -103,10 +103,11 @@ def as_saved(name: str, value):
 
 def absolute_data(spec: str) -> str:
     """``npz:PATH`` and ``folder:PATH`` with PATH made absolute (a resume may start in another
-    directory); the named sets as they are."""
+    directory), ``~`` expanded (a shell leaves ``folder:~/x`` as it is: it was read as ./~/x);
+    the named sets as they are."""
     for kind in ("npz:", "folder:"):
         if spec.startswith(kind):
-            return kind + os.path.abspath(spec[len(kind) :])
+            return kind + os.path.abspath(os.path.expanduser(spec[len(kind) :]))
     return spec
 
 
