@@ -42,14 +42,7 @@ def _model_dir(text: str) -> str:
     file's path in an existing directory (:func:`model_file`)."""
     _common.path(text)
     file = model_file(text)
-    if file == text:  # M.npz: the file itself
-        if os.path.lexists(file) and not os.path.isfile(file):
-            raise argparse.ArgumentTypeError(f"{file} exists and is not a file: the model could not replace it")
-        parent = os.path.dirname(os.path.abspath(file))
-        if not os.path.isdir(parent):
-            raise argparse.ArgumentTypeError(f"{text}: directory {parent} does not exist")
-        return text
-    if os.path.exists(text) and not os.path.isdir(text):
+    if file != text and os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory (a .npz path is written as a file)")
     if os.path.lexists(file) and not os.path.isfile(file):
         raise argparse.ArgumentTypeError(f"{file} exists and is not a file: the model could not replace it")
