@@ -74,12 +74,11 @@ def _same_data(ckpt: dict, source, cfg, path: str) -> None:
     labels, or on folder: data the training files' names, as a resume checks): the preprocessing
     (normalisation statistics, sizes) is read from it, and changed data scored with other ones
     without a word."""
-    saved, mine = ckpt.get("data_files"), getattr(source, "fingerprint", None)
     targets, n = ckpt.get("targets"), int(source.targets.shape[0])
     labels_differ = isinstance(targets, torch.Tensor) and (
         targets.shape[0] < n or not torch.equal(targets[:n].cpu(), source.targets.cpu())
     )
-    if labels_differ or (saved and mine and saved != mine):
+    if labels_differ or checkpoint.files_differ(ckpt, getattr(source, "fingerprint", None)):
         raise CheckpointError(
             f"checkpoint {path}: its run's training data ({cfg.data}) is not what it trained on (another split, "
             "or files renamed, added or removed): the network's preprocessing comes from it; restore the data"

@@ -23,7 +23,7 @@ from ..data.loading import WorkerLost, worker_lost
 from ..errors import ConfigError
 from ..ops import describe_backends
 from ..train import config as C
-from ..train.defaults import SMALL_DATA, as_saved, baseline_by_default, check_new_run, resolve_run
+from ..train.defaults import SMALL_DATA, as_saved, baseline_by_default, check_new_run, resolve_run, show
 from . import _common, launch
 
 PROG = "llp-fast-train"
@@ -154,7 +154,7 @@ def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.Trai
             continue
         value, was = values.pop(f.name), getattr(saved, f.name)
         if as_saved(f.name, value) != as_saved(f.name, was):  # (paths saved absolute)
-            refused.append(f"{C.flag_of(f)} (saved: {_show(was)})")
+            refused.append(f"{C.flag_of(f)} (saved: {show(was)})")
     if refused:
         allowed = ", ".join("--" + n for n in C.RESUMABLE)
         raise ConfigError(
@@ -173,12 +173,6 @@ def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.Trai
     if cfg.epochs < epochs_done:  # checked before anything is printed (prepare() checks it too)
         raise ConfigError(f"--epochs {cfg.epochs}: the run has completed {epochs_done} epochs already")
     return C.validate(cfg), notes
-
-
-def _show(v) -> str:
-    if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v)
-    return "none" if v is None else str(v)
 
 
 def _pct(v) -> str:

@@ -135,6 +135,13 @@ def peek(path: str) -> dict | None:
         return None
 
 
+def files_differ(ckpt: dict, fingerprint: str | None) -> bool:
+    """Whether a checkpoint's training files (folder data's ``data_files`` digest) are not those of
+    ``fingerprint`` (its source's now); checkpoints without one, and array data, are not compared."""
+    saved = ckpt.get("data_files")
+    return bool(saved and fingerprint and saved != fingerprint)
+
+
 def describe(info: dict) -> str:
     """ "epoch 3", or "epoch 3 and 14 steps of epoch 4" for a checkpoint written on a signal."""
     text = f"epoch {info['epoch']}"

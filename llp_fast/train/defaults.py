@@ -97,7 +97,7 @@ def as_saved(name: str, value):
     if name == "data" and isinstance(value, str):
         return absolute_data(value)
     if name == "extra_unlabeled" and isinstance(value, (str, os.PathLike)):
-        return os.path.abspath(value)
+        return os.path.abspath(os.path.expanduser(value))
     return value
 
 
@@ -123,14 +123,15 @@ def resolve_run(cfg: TrainConfig) -> TrainConfig:
     (``runs/<time>``), and the data's and ``--extra-unlabeled``'s paths made absolute (a resume may
     start elsewhere)."""
     device = cfg.device or default_device()
-    extra = os.path.abspath(cfg.extra_unlabeled) if cfg.extra_unlabeled else cfg.extra_unlabeled
     return dataclasses.replace(
         cfg,
-        data=absolute_data(cfg.data),
+        data=as_saved("data", cfg.data),
         device=device,
         width=(cfg.width or (16 if device == "cpu" else 64)) if cfg.arch in ARCHS else cfg.width,
         run_dir=cfg.run_dir or new_run_dir(),
-        extra_unlabeled=extra,
+        extra_unlabeled=as_saved("extra_unlabeled", cfg.extra_unlabeled)
+        if cfg.extra_unlabeled
+        else cfg.extra_unlabeled,
     )
 
 
@@ -193,7 +194,7 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     for name, (value, why) in data_defaults(facts, cfg.method).items():
         if getattr(cfg, name) is None:
             chosen[name] = value
-            reasons.setdefault(why, []).append(f"{_flag(name)} {_show(value)}")
+            reasons.setdefault(why, []).append(f"{_flag(name)} {show(value)}")
     for name, value in METHOD_PARTS[cfg.method].items():
         if getattr(cfg, name) is None:
             chosen[name] = value
@@ -219,7 +220,7 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
         lines.append("defaults from it: " + "; ".join(f"{', '.join(v)} ({why})" for why, v in reasons.items()))
     parts = [n for n in METHOD_PARTS[cfg.method] if n in chosen]
     if parts:
-        lines.append(f"--method {cfg.method}: " + ", ".join(f"{_flag(n)} {_show(chosen[n])}" for n in parts))
+        lines.append(f"--method {cfg.method}: " + ", ".join(f"{_flag(n)} {show(chosen[n])}" for n in parts))
     return validate(cfg), lines
 
 
@@ -227,10 +228,13 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _show(value) -> str:
+def show(value) -> str:
+    """A setting's value as its flag takes it: on/off, epochs comma-separated, none."""
     if isinstance(value, bool):
         return "on" if value else "off"
-    return str(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "none" if value is None else str(value)
 
 
 def check_new_run(cfg: TrainConfig, *, model_given: bool = False) -> None:
@@ -260,13 +264,13 @@ def check_new_run(cfg: TrainConfig, *, model_given: bool = False) -> None:
     jump = cfg.rate_jump
     if jump is not None and any(m >= jump for m in cfg.milestones or ()):
         raise ConfigError(
-            f"--milestones {_epochs(cfg.milestones)}: at or after --rate-jump {jump} (the drops after the jump "
+            f"--milestones {show(cfg.milestones)}: at or after --rate-jump {jump} (the drops after the jump "
             "are --jump-milestones)"
         )
     if cfg.jump_milestones and jump is None:
         raise ConfigError("--jump-milestones: the drops after a rate jump need --rate-jump")
     if jump is not None and any(m <= jump for m in cfg.jump_milestones or ()):
-        raise ConfigError(f"--jump-milestones {_epochs(cfg.jump_milestones)}: each must come after --rate-jump {jump}")
+        raise ConfigError(f"--jump-milestones {show(cfg.jump_milestones)}: each must come after --rate-jump {jump}")
     if cfg.width is not None and cfg.arch not in ARCHS:  # (it was ignored without a word)
         raise ConfigError(
             f"--width {cfg.width}: the width of {' and '.join(ARCHS)} only; --arch {cfg.arch} builds its own network"
@@ -281,7 +285,3 @@ def check_new_run(cfg: TrainConfig, *, model_given: bool = False) -> None:
             f"--translate {cfg.translate:g}: folder: images are not shifted (random crops place them: --scale-min); "
             "leave --translate out"
         )
-
-
-def _epochs(ms) -> str:
-    return ",".join(str(m) for m in ms)

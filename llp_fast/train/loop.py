@@ -252,7 +252,7 @@ class Trainer:
                 self.drop_extra_rows()
             if not torch.equal(ckpt["targets"], self.targets.cpu()):
                 raise CheckpointError(f"checkpoint {path} was saved for a different data split")
-            if ckpt.get("data_files") and self.data_files and ckpt["data_files"] != self.data_files:
+            if checkpoint.files_differ(ckpt, self.data_files):
                 raise CheckpointError(  # (checkpoints before it have none: not checked)
                     f"checkpoint {path}: the image files of {self.cfg.data} are not those the run began with "
                     "(a training image renamed, added or removed): put them back as they were, or start a new run"
