@@ -105,6 +105,16 @@ def test_unreadable_image(tmp_path, capsys, workers):
     one_error_line(capsys, rc, "cannot read image")
 
 
+def test_files_not_read_as_images_are_said_in_the_first_lines(tmp_path, capsys):
+    root = _folder(tmp_path / "imgs", per_class=6)
+    (root / "c0" / "x.heic").write_bytes(b"not read")
+    args = ["--data", f"folder:{root}", "--run-dir", str(tmp_path / "r"), "--labeled-fraction", "0.5"]
+    args += ["--workers", "0", "--epochs", "1", "--width", "4", "--image-size", "8", "--k", "1", "--t", "1"]
+    assert train_main([*args, "--batch-size", "4", "--device", "cpu", "--baseline", "off"]) == 0
+    err = capsys.readouterr().err
+    assert f"llp-fast-train: folder:{root}: 1 file is not read as images (1 .heic)" in err, err
+
+
 def test_class_without_labeled_example(tmp_path, capsys):
     root = _folder(tmp_path / "imgs")
     (root / "labeled.txt").write_text("c0/0.png\n")

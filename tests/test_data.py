@@ -362,6 +362,33 @@ def test_folder_hidden_entries_are_not_images(tmp_path):
     assert len(open_pool(f"folder:{root}", workers=0)) == 12  # the pool side skips them too
 
 
+def test_files_not_read_as_images_are_counted_and_said(tmp_path):
+    """Photos in a format the loaders do not read (.heic) were dropped without a word: a class lost
+    most of its images, or a folder of them was "no images found"."""
+    root = make_folder(tmp_path / "imgs", per_class=4)
+    for i in range(3):
+        (root / "class0" / f"p{i}.HEIC").write_bytes(b"not read")
+    (root / "class1" / "notes").write_text("x")
+    (root / "class1" / ".DS_Store").write_bytes(b"hidden: not counted")
+    src = load(f"folder:{root}", device="cpu", workers=0, loader="pil", labeled_fraction=0.5)
+    assert src.num_train + src.num_test == 12
+    assert len(src.notes) == 1
+    assert "4 files are not read as images (3 .heic, 1 (no extension))" in src.notes[0], src.notes
+    clean = load(f"folder:{make_folder(tmp_path / 'clean', per_class=4)}", device="cpu", workers=0, loader="pil")
+    assert clean.notes == []
+    heic = tmp_path / "heic"
+    for c in ("a", "b"):
+        (heic / c).mkdir(parents=True)
+        (heic / c / "1.heic").write_bytes(b"not read")
+    with pytest.raises(DataError, match=r"no images found .*2 files are not read as images \(2 \.heic\)"):
+        load(f"folder:{heic}", device="cpu", workers=0, loader="pil")
+    (root / "class2" / "only.heic").write_bytes(b"x")
+    for f in (root / "class2").glob("*.png"):
+        f.unlink()
+    with pytest.raises(DataError, match=r"class2 holds no image; 5 files are not read as images \(4 \.heic"):
+        load(f"folder:{root}", device="cpu", workers=0, loader="pil")
+
+
 def test_folder_unreadable_image(tmp_path):
     root = make_folder(tmp_path / "imgs", per_class=4)
     (root / "class1" / "0.png").write_bytes(b"garbage, not a png")

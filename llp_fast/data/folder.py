@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 
 import numpy as np
 import torch
@@ -35,23 +36,42 @@ from .transforms import MEAN, STD, crop_box, eval_geometry, open_rgb, sample_see
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def image_files(root: str) -> list[str]:
+def image_files(root: str, skipped: Counter | None = None) -> list[str]:
     """Every image file under ``root``, recursively, sorted (a folder's files, then its subfolders
     in turn); hidden folders and files (``.thumbnails/``, macOS's ``._name.jpg``) skipped, and so
     is anything named like an image that is not a file (a FIFO, a socket: opening one waited
-    forever). A link that leads nowhere is kept, so that reading it names it."""
+    forever). A link that leads nowhere is kept, so that reading it names it. ``skipped`` counts
+    the other files passed over, by lower-case extension (``.heic`` photos were dropped without a
+    word: :func:`skipped_note`)."""
     out = []
     with os.scandir(root) as it:
         entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
     for e in entries:
-        if e.is_dir(follow_symlinks=False) or not e.name.lower().endswith(IMAGE_EXTENSIONS):
+        if e.is_dir(follow_symlinks=False):
+            continue
+        if not e.name.lower().endswith(IMAGE_EXTENSIONS):
+            if skipped is not None and e.is_file():
+                skipped[os.path.splitext(e.name)[1].lower() or "(no extension)"] += 1
             continue
         if e.is_file() or not os.path.exists(e.path):  # (is_file: the entry's type, no stat for plain files)
             out.append(e.path)
     for e in entries:
         if e.is_dir(follow_symlinks=False):
-            out += image_files(e.path)
+            out += image_files(e.path, skipped)
     return out
+
+
+def skipped_note(skipped: Counter) -> str | None:
+    """What to say of the files that are not read as images (None when there are none): how many,
+    by extension, most first, and which extensions are read."""
+    if not skipped:
+        return None
+    kinds = ", ".join(f"{n:,} {ext}" for ext, n in sorted(skipped.items(), key=lambda t: (-t[1], t[0]))[:5])
+    more, n = ", ..." if len(skipped) > 5 else "", sum(skipped.values())
+    return (
+        f"{n:,} {'file is' if n == 1 else 'files are'} not read as images ({kinds}{more}); "
+        f"the images read end in {', '.join(IMAGE_EXTENSIONS)} (convert the others to one of them)"
+    )
 
 
 TRAIN_NAMES = ("train", "training")
@@ -90,11 +110,11 @@ def files_fingerprint(root: str, train: list[str]) -> str:
     return h.hexdigest()
 
 
-def _scan(root: str):
+def _scan(root: str, skipped: Counter | None = None):
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     files, labels = [], []
     for c, name in enumerate(classes):
-        found = image_files(os.path.join(root, name))
+        found = image_files(os.path.join(root, name), skipped)
         files += found
         labels += [c] * len(found)
     return classes, files, np.asarray(labels, dtype=np.int64)
@@ -220,12 +240,14 @@ class FolderSource:
         if not os.path.isdir(root):
             raise DataError(f"folder:{root}: no such directory")
         train_root, test_root = split_layout(root)
-        classes, files, y = _scan(train_root)
+        skipped = Counter()
+        classes, files, y = _scan(train_root, skipped)
+        other = f"; {skipped_note(skipped)}" if skipped else ""
         if not files:
-            raise DataError(f"folder:{root}: no images found (expected one subfolder of images per class)")
+            raise DataError(f"folder:{root}: no images found (expected one subfolder of images per class){other}")
         empty = [c for i, c in enumerate(classes) if not (y == i).any()]
         if empty:
-            raise DataError(f"folder:{root}: class folder {os.path.join(train_root, empty[0])} holds no image")
+            raise DataError(f"folder:{root}: class folder {os.path.join(train_root, empty[0])} holds no image{other}")
         self.class_names = classes
         if len(classes) < 2:  # nothing to tell apart: it trained and reported 100%
             raise DataError(f"folder:{root}: one class folder only ({classes[0]}); at least two are needed")
@@ -252,7 +274,7 @@ class FolderSource:
             labeled_mask=mask,
         )
         if test_root is not None:
-            tclasses, tfiles, ty = _scan(test_root)
+            tclasses, tfiles, ty = _scan(test_root, skipped)
             if tclasses != classes:
                 raise DataError(f"{test_root} has classes {tclasses}, but {train_root} has {classes}")
         else:
@@ -262,6 +284,9 @@ class FolderSource:
         self.files = [files[i] for i in self.split.train]
         self.test_files, self.y_test = tfiles, torch.from_numpy(ty)
         self.fingerprint = files_fingerprint(root, self.files)
+        self.notes = (
+            [f"folder:{root}: {skipped_note(skipped)}"] if skipped else []
+        )  # (the run's first lines print them)
         self.targets = torch.from_numpy(self.split.targets)
         self.truth = torch.from_numpy(self.split.truth)
         self.device = torch.device(device)

@@ -79,7 +79,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.source = src = load_source(cfg, self.device)
         self.facts = src.facts()
-        self.cfg, self.notes = cfg, notes = defaults.resolve(cfg, self.facts)
+        cfg, notes = defaults.resolve(cfg, self.facts)
+        notes = [*getattr(src, "notes", []), *notes]  # (the data's own: the files it does not read)
+        self.cfg, self.notes = cfg, notes
         configure_source(cfg, src)
         self.n_original = src.num_train  # examples before --extra-unlabeled's: dataset indices [0, n_original)
         self.data_files = getattr(src, "fingerprint", None)  # before the extras join
