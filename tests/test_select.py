@@ -109,6 +109,10 @@ def test_cli_npz_and_json_agree(ckpt, pool, tmp_path, capsys):
     assert sa["meta"]["source"] == f"npz:{os.path.abspath(pool)}" and sa["meta"]["pool_size"] == 70
     assert sa["path"] is None and len(sa["index"]) <= 10 * 5
     assert sorted(os.listdir(tmp_path)) == ["sel.json", "sel.npz"]  # no temporary left behind
+    c = str(tmp_path / "all.npz")  # more classes asked for than there are: what ran is recorded (99 was)
+    assert main([*args[:3], "--top-classes", "99", *args[5:], "--out", c]) == 0
+    n = sa["meta"]["num_classes"]
+    assert read_selection(c)["meta"]["top_classes"] == n and f"(P={n}, K=5)" in capsys.readouterr()[0]
 
 
 def test_output_is_atomic(ckpt, pool, tmp_path, monkeypatch, capsys):

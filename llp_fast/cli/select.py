@@ -80,7 +80,7 @@ def _main(args) -> int:
         "source": pool.spec,
         "checkpoint": os.path.abspath(args.checkpoint),
         "trained_on": cfg.data,
-        "top_classes": args.top_classes,
+        "top_classes": min(args.top_classes, source.num_classes),  # (what ran: select() caps it; 50 was recorded)
         "per_class": args.per_class,
         "num_classes": source.num_classes,
         "pool_size": len(pool),
@@ -97,7 +97,7 @@ def _main(args) -> int:
     write_selection(args.out, index, cls, score, meta, paths=pool.paths)
     line = (
         f"{PROG}: {meta['selected_rows']} rows ({meta['selected_images']} distinct images) of {meta['pool_size']} "
-        f"in {meta['num_classes']} classes (P={args.top_classes}, K={args.per_class})"
+        f"in {meta['num_classes']} classes (P={meta['top_classes']}, K={args.per_class})"
     )
     if "label_agreement" in meta:
         line += f", pool labels agree with the class on {100 * meta['label_agreement']:.1f}%"
