@@ -383,6 +383,36 @@ def test_extra_unlabeled_on_folder_training_data(tmp_path, strong):
         add_extra_unlabeled(src, sel)
 
 
+def test_extra_unlabeled_from_the_datas_own_npz_rows(tmp_path):
+    """Array data: a pool whose rows are the data's held-out images leaked the test, and its
+    training images trained twice, without a word (the folder check compares files; this one the
+    images' bytes)."""
+    from llp_fast.data import load
+    from llp_fast.data.extra import add_extra_unlabeled
+    from llp_fast.data.selection import write_selection
+
+    rng = np.random.default_rng(3)
+    x, xt = rng.integers(0, 256, (20, 8, 8), dtype=np.uint8), rng.integers(0, 256, (6, 8, 8), dtype=np.uint8)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x, y=np.arange(20) % 2, x_test=xt, y_test=np.arange(6) % 2)
+    np.savez(tmp_path / "pool.npz", x=np.concatenate([x[:2], xt[4:5], rng.integers(0, 256, (1, 8, 8), np.uint8)]))
+    sel = str(tmp_path / "sel.npz")
+
+    def pick(rows):
+        n = len(rows)
+        meta = {"source": f"npz:{tmp_path / 'pool.npz'}"}
+        write_selection(sel, np.asarray(rows), np.zeros(n, np.int64), np.ones(n, np.float32), meta)
+        return load(f"npz:{data}", device="cpu", labeled_fraction=0.5)
+
+    src = pick([0, 1, 3])
+    n0 = src.num_train
+    assert add_extra_unlabeled(src, sel) == 3 and src.extra_twice == 2 and src.num_train == n0 + 3
+    src = pick([3, 2])
+    with pytest.raises(DataError, match="selected row 2 of npz:.*pool.npz is a held-out image of the run's data"):
+        add_extra_unlabeled(src, sel)
+    assert src.num_train == n0 and src.x.shape[0] == n0  # nothing joined
+
+
 def test_extra_unlabeled_bad_selection_is_one_line(tmp_path, capsys):
     from llp_fast.cli.train import main as train_main
 

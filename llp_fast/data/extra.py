@@ -20,6 +20,7 @@ sorted) in a torch DataLoader.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import zipfile
@@ -255,12 +256,23 @@ def _real_paths():
     return real
 
 
+def _row_digests(x: torch.Tensor, chunk: int = 4096) -> list[bytes]:
+    """A digest of each image's bytes (rows of uint8 ``x``, on any device, copied to the host a
+    chunk at a time): equal images, equal digests."""
+    out = []
+    for s in range(0, x.shape[0], chunk):
+        block = x[s : s + chunk].cpu().contiguous().numpy().reshape(min(chunk, x.shape[0] - s), -1)
+        out += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in block]
+    return out
+
+
 def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> int:
     """Appends the images of a selection (``llp-fast-select``'s output) to ``source`` as unlabeled
     training examples, after the original ones: dataset indices ``[num_train, num_train + E)``.
     An image selected for several classes is added once. Their truth is the pool's ``y`` where
-    the pool has one (pseudo-label diagnostics), else unknown. Returns E. Folder data: a selected
-    held-out image is refused, and ``source.extra_twice`` counts the selected training images."""
+    the pool has one (pseudo-label diagnostics), else unknown. Returns E. A selected held-out
+    image of the data is refused, and ``source.extra_twice`` counts the selected training images
+    (folder data: by file; array data: by the images' bytes)."""
     sel = read_selection(selection_path)
     fmt = native_format(source)
     keep = np.unique(sel["index"])
@@ -312,6 +324,17 @@ def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> i
                 raise DataError(f"--extra-unlabeled {selection_path}: index {int(keep[-1])} is outside {pool_spec}")
             chunks = [x for x, _ in pool.batches(batch_size, fmt, indices=keep)]
         x = torch.cat(chunks).to(source.device)
+        # As for folders: a pool whose rows are the data's held-out images leaks the test (refused);
+        # its training images train twice an epoch (counted). Both were taken without a word.
+        held_out, extra = set(_row_digests(source.x_test)), _row_digests(x)
+        leak = next((int(i) for i, d in zip(keep, extra) if d in held_out), None)
+        if leak is not None:
+            raise DataError(
+                f"--extra-unlabeled {selection_path}: selected row {leak} of {pool_spec} is a held-out image of the "
+                "run's data (training on it would leak the test): select from a pool without the data's test images"
+            )
+        training = set(_row_digests(source.x))
+        source.extra_twice = sum(d in training for d in extra)
         source.x = torch.cat([source.x, x])
         truth = np.full(len(keep), -1, dtype=np.int64)
         pool_truth = getattr(pool, "truth", None)
