@@ -186,7 +186,8 @@ def parser() -> argparse.ArgumentParser:
         default=hide,
         help=f"cap on pseudo-labeled voters, the total the rounds grow toward (the last round votes with "
         f"(R-1)/R of it): auto (default: max({AUTO_VOTERS:,}, {AUTO_VOTERS_PER_LABELED} x the labeled rows), so the "
-        "cost stays linear in N), none (the unlabeled rows: O(N^2) at large N) or a count",
+        "cost stays linear in N), none (the unlabeled rows: O(N^2) at large N) or a count (each class's share "
+        "of it is rounded, so the voters may exceed it by up to half a voter a class)",
     )
     ap.add_argument(
         "--density-pool", choices=POOLS, default=hide, help="auto (default): unlabeled rows for one round, all for more"

@@ -112,7 +112,8 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         labeled_weight: weight of the labeled voters (None: 1 for one round, 3 for more).
         max_voters: cap on pseudo-labeled voters, the total the rounds grow toward (the last round
             votes with (rounds - 1) / rounds of it; "auto": keeps the cost linear in N, see
-            llp_fast.embeddings.settings; None: no cap).
+            llp_fast.embeddings.settings; None: no cap). Each class's share of it is rounded
+            (docs/method.md §7), so the voters may exceed it by up to half a voter a class.
         min_confidence: abstain below this confidence: ``transduction_`` and ``predict`` give -1 for
             an unlabeled row whose vote's winning share is below it (labeled rows keep theirs;
             ``classes_`` and the distributions are unchanged). None: never.
