@@ -105,6 +105,24 @@ def test_unreadable_image(tmp_path, capsys, workers):
     one_error_line(capsys, rc, "cannot read image")
 
 
+def test_unreadable_image_with_worker_processes_is_one_line_to_the_end(tmp_path):
+    """With --workers 2 the error line was followed, at the process's exit, by tracebacks of
+    multiprocessing's queue threads (the loader was torn down after the interpreter began to)."""
+    import subprocess
+    import sys
+
+    root = _folder(tmp_path / "imgs", per_class=12)
+    (root / "c1" / "2.png").write_bytes(b"\x89PNG but truncated")
+    args = ["--data", f"folder:{root}", "--run-dir", str(tmp_path / "r"), "--labeled-fraction", "0.5"]
+    args += ["--workers", "2", "--epochs", "1", "--width", "4", "--image-size", "8", "--k", "1", "--t", "1"]
+    args += ["--batch-size", "4", "--quiet", "--device", "cpu", "--baseline", "off"]
+    code = "import sys; from llp_fast.cli.train import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"llp-fast-train: error: cannot read image {root / 'c1' / '2.png'} (UnidentifiedImageError)"
+    ], p.stderr
+
+
 def test_files_not_read_as_images_are_said_in_the_first_lines(tmp_path, capsys):
     root = _folder(tmp_path / "imgs", per_class=6)
     (root / "c0" / "x.heic").write_bytes(b"not read")

@@ -96,6 +96,11 @@ def load_batches(dataset, batches: list, workers: int, *, generator: torch.Gener
             for w in getattr(batches_of, "_workers", ()):
                 if w.is_alive():
                     w.terminate()
+        # and the loader is torn down now: left to the interpreter's exit (the iterator held by the
+        # error's traceback), multiprocessing's queue threads printed tracebacks after the error line
+        shutdown = getattr(batches_of, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def worker_lost(e: BaseException) -> WorkerLost | None:
