@@ -356,7 +356,8 @@ def test_topk_scores(data):
         args["init"] = Arg(None)
     else:
         low = n + (offset if not args["index_offset"].bad else 0)  # an earlier call's keys: other ids
-        args["init"] = _init(data, q_rows, k, low, broken=bad == "init")
+        mine = low - 1 if n and not args["index_offset"].bad else None  # this call's last key
+        args["init"] = _init(data, q_rows, k, low, broken=bad == "init", mine=mine)
     queries = args["queries"].value
     if isinstance(queries, torch.Tensor) and queries.dtype in FLOATS and data.draw(st.booleans(), label="grad"):
         args["queries"].value = queries.detach().clone().requires_grad_()
@@ -418,11 +419,12 @@ def _key_mask(data, n: int, *, broken: bool) -> Arg:
     return placed(data, "key_mask", mask, READ_LAYOUTS_1D)
 
 
-def _init(data, q_rows: int, k: int, low: int, *, broken: bool) -> Arg:
+def _init(data, q_rows: int, k: int, low: int, *, broken: bool, mine: int | None = None) -> Arg:
     """None, or ``(values, indices)`` (Q, k) as an earlier call over other keys gives them: per
     row distinct ids from ``low`` on, values with exact ties among them, and -inf/-1 padding at
     drawn places, each in a drawn dtype and container, as a tuple or a list. Broken: not a pair,
-    a wrong shape or kind, NaN/+Inf values, an index < -1, padding that does not match."""
+    a wrong shape or kind, NaN/+Inf values, an index < -1, padding that does not match, an index
+    twice in a row, an index of this call's keys (``mine``)."""
     if not broken and not data.draw(st.booleans(), label="init given"):
         return Arg(None, None)
     g = generator(data, "init")
@@ -441,6 +443,7 @@ def _init(data, q_rows: int, k: int, low: int, *, broken: bool) -> Arg:
     if broken:
         forms = ["not_pair", "triple", "values_shape", "indices_shape", "values_kind", "indices_kind", "object"]
         forms += ["nonfinite", "below", "unpadded", "padded"] * (q_rows * k > 0)
+        forms += ["repeat"] * (q_rows > 0 and k > 1) + ["overlap"] * (q_rows * k > 0 and mine is not None)
         how = data.draw(st.sampled_from(forms), label="init broken as")
     at = (data.draw(st.integers(0, max(q_rows - 1, 0))), data.draw(st.integers(0, k - 1)))
     if how == "not_pair":
@@ -461,9 +464,13 @@ def _init(data, q_rows: int, k: int, low: int, *, broken: bool) -> Arg:
         values, ids = values.clone(), ids.clone()
         values[at] = data.draw(st.sampled_from([math.nan, math.inf]), label="init nonfinite")
         ids[at] = 0
-    elif how in ("below", "unpadded", "padded"):
+    elif how in ("below", "unpadded", "padded", "repeat", "overlap"):
         values, ids = values.to(torch.float32), ids.to(torch.int64)
-        if how == "below":
+        if how == "repeat":
+            values[at[0], :2], ids[at[0], :2] = 1.0, low + k + 5
+        elif how == "overlap":
+            values[at], ids[at] = 1.0, mine
+        elif how == "below":
             values[at], ids[at] = 1.0, data.draw(st.sampled_from([-2, -(2**40)]), label="init index")
         elif how == "unpadded":  # -inf with a real index
             values[at], ids[at] = -math.inf, low

@@ -229,6 +229,15 @@ def test_propagate_is_the_vote_over_topk_scores(tiles):
         (dict(k=2, init=(torch.zeros(4, 2), torch.zeros(4, 2))), TypeError, "init indices has dtype"),
         (dict(k=2, init=(torch.zeros(4, 2), torch.full((4, 2), -1))), ValueError, "init indices must be >= 0, or -1"),
         (dict(k=2, init=(torch.full((4, 2), float("nan")), torch.zeros(4, 2, dtype=torch.long))), ValueError, "NaN"),
+        # garbage that gave one key twice in the answer: a repeated index, an index of this call's
+        # keys (an answer fed back over the same keys)
+        (dict(k=2, init=(torch.tensor([[2.0, 1.0]] * 4), torch.tensor([[20, 20]] * 4))), ValueError, "repeat"),
+        (dict(k=2, init=(torch.tensor([[2.0, 1.0]] * 4), torch.tensor([[3, 20]] * 4))), ValueError, "0 to 8"),
+        (
+            dict(k=2, index_offset=30, init=(torch.tensor([[2.0, 1.0]] * 4), torch.tensor([[38, 20]] * 4))),
+            ValueError,
+            "init holds indices of this call's keys",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, error, match):

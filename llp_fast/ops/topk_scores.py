@@ -50,9 +50,11 @@ register_cuda(topk_scores_op, "topk_scores", _topk_scores_default)
 _INDEX_END = 2**63  # global key indices are int64: at most 2**63 - 1
 
 
-def _check_init(init, n_q: int, k: int, device: torch.device):
-    """``init`` = (values (Q, k) float, indices (Q, k) int) from an earlier call: padding is
-    value -inf with index -1, every other value finite with an index >= 0."""
+def _check_init(init, n_q: int, k: int, device: torch.device, offset: int = 0, n_keys: int = 0):
+    """``init`` = (values (Q, k) float, indices (Q, k) int) from an earlier call over other keys
+    (a row's candidates in any order): padding is value -inf with index -1, every other value
+    finite with an index >= 0, no index twice in a row and none in this call's range ``[offset,
+    offset + n_keys)`` (either gave the same key twice in the answer)."""
     if not isinstance(init, (tuple, list)) or len(init) != 2:
         raise TypeError(
             f"init must be a (values, indices) pair from an earlier topk_scores call, got {type(init).__name__}"
@@ -76,6 +78,15 @@ def _check_init(init, n_q: int, k: int, device: torch.device):
         wide = indices.to(torch.int64)  # an unsigned dtype would read -1 as its maximum
         if bool((wide < -1).any()) or not torch.equal(wide == -1, values == -math.inf):
             raise ValueError("init indices must be >= 0, or -1 exactly where the init value is -inf (padding)")
+        if n_keys and bool(((wide >= offset) & (wide < offset + n_keys)).any()):
+            raise ValueError(
+                f"init holds indices of this call's keys ({offset} to {offset + n_keys - 1} with index_offset "
+                f"{offset}): init must come from a call over other keys"
+            )
+        if k > 1:
+            ordered = wide.sort(dim=1).values
+            if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+                raise ValueError("init indices repeat within a row: init must come from an earlier call's answer")
     return values, indices
 
 
@@ -122,12 +133,13 @@ def topk_scores(
         sorted descending, and indices (Q, k) int64; equal values are ordered by the lower
         index. A row with fewer than
         ``k`` candidates is padded with value -inf and index -1. NumPy in, NumPy out; CuPy
-        in, CuPy out. On the CPU in float32 (and float16, bfloat16) a key's score does not
-        depend on the chunking, so chunked calls give exactly the one call's values (the
+        in, CuPy out. On the CPU with the C++ extension a key's score does not depend on the
+        chunking, in any dtype, so chunked calls give exactly the one call's values (the
         extension computes scores in whole tiles of 512 keys, so chunks much smaller than a
-        tile pay for the whole tile); in float64 the matrix product may sum a narrower tile
-        in another order, so chunked values agree to float64 rounding. Backends sum the dot
-        products in different orders, so across backends compare values, not indices.
+        tile pay for the whole tile); without it (``LLP_FAST_DISABLE_EXT=1``, a failed build)
+        the reference's matrix product may sum a chunk in another order than the whole, so
+        chunked values agree to rounding only. Backends sum the dot products in different
+        orders, so across backends compare values, not indices.
 
     Scores are ``(q . key) * (1 / tau) + bias`` in float32 (float64 for float64 inputs), as in
     the other ops, so ``local_density(labeled, pool, t=t)`` is
@@ -156,7 +168,7 @@ def _topk_scores(queries, keys, k, tau, bias, key_mask, init, index_offset, chec
         check.vector(key_mask, "key_mask", n, device=keys.device, kind="bool")
     init_values = init_indices = None
     if init is not None:
-        init_values, init_indices = _check_init(init, queries.shape[0], k, queries.device)
+        init_values, init_indices = _check_init(init, queries.shape[0], k, queries.device, index_offset, n)
     sizes = (check.finite(queries, "queries"), check.finite(keys, "keys")) if check_finite else (1.0, 1.0)
     check.scores_fit(tau, queries, "queries", keys, "keys", *sizes, bias=big_bias)
     # No autograd formula: the outputs never require grad.
