@@ -83,7 +83,8 @@ class TrainConfig:
     )
     translate: float | None = _opt(
         None,
-        "translation jitter in source pixels (default: grayscale 1 for images of 8 px or less, else 2; colour 0)",
+        "translation jitter in source pixels (default: grayscale 1 for images of 8 px or less, else 2; colour 0; "
+        "folder: data 0, its random crops place the images)",
         group="data",
         check=optional(nonneg_float),
     )
