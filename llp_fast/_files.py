@@ -43,7 +43,8 @@ class WriteError(UserError, OSError):
     one line a tool prints."""
 
     def __init__(self, path: str, err: OSError, note: str = "", *, what: str = ""):
-        text = (err.strerror or os.strerror(err.errno)) if err.errno else str(err)
+        # (strerror first: a WriteError noted again is its own err, and str() of it is the whole line)
+        text = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
         super().__init__(err.errno, text, path)
         self.what, self.note = what, note
         self.message = f"cannot write {what + ' ' if what else ''}{path}: {text}{'; ' + note if note else ''}"

@@ -355,9 +355,11 @@ def test_an_output_over_a_pipe_or_a_folder_is_refused_and_left_as_it_was(tmp_pat
     os.mkfifo(fifo)
     (tmp_path / "folder").mkdir()
     for target in (fifo, tmp_path / "folder"):
-        with pytest.raises(_files.WriteError, match=f"cannot write {target}: it is not a regular file"):
+        with pytest.raises(_files.WriteError, match=f"cannot write {target}: it is not a regular file") as e:
             with _files.atomic_open(str(target)) as f:
                 f.write(b"x")
+        noted = str(e.value.noted("what next"))  # (the trainer's note: "cannot write PATH:" came twice)
+        assert noted.count("cannot write") == 1 and noted.endswith("give a file; what next"), noted
     rng = np.random.default_rng(0)
     np.save(tmp_path / "e.npy", rng.standard_normal((40, 4)).astype(np.float32))
     np.save(tmp_path / "l.npy", np.where(np.arange(40) < 6, np.arange(40) % 3, -1))
