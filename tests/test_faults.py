@@ -289,27 +289,58 @@ def test_a_full_disk_under_the_other_tools_outputs_is_one_line(
     assert not os.path.exists(os.path.join(tmp_path, part)) and not temporaries(tmp_path)
 
 
-def test_a_failed_bank_file_says_which_checkpoint_is_kept(reference, tmp_path, full_disk):
-    """A sharded bank writes one file per rank (checkpoint.save_bank): its failure says the same."""
+class _Shard:
+    """Rows [2 r, 2 r + 2) of a 4-row sharded bank, as rank r holds them."""
 
-    class Shard:
-        def rows_state(self):
-            return {"start": 0, "end": 2, "embeddings": torch.zeros(2, 4)}
+    def __init__(self, rank):
+        self.rank = rank
 
-        def __len__(self):
-            return 4
+    def rows_state(self):
+        return {"start": 2 * self.rank, "end": 2 * self.rank + 2, "embeddings": torch.zeros(2, 4)}
+
+    def __len__(self):
+        return 4
+
+
+def _bank_file_worker(rank, world, init_file, run, failing):
+    """Rank ``failing``'s bank file meets a full disk; every rank must end with that file's line."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    real = checkpoint.atomic_open
+
+    def full(path, **kw):
+        if os.path.basename(path) == f"bank-9-r{failing}.pt":
+            raise _files.WriteError(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), what="checkpoint")
+        return real(path, **kw)
+
+    checkpoint.atomic_open = full
+    with pytest.raises(_files.WriteError) as e:
+        checkpoint.save_bank(_Shard(rank), run, 9, rank, world)
+    assert str(e.value) == (
+        f"cannot write checkpoint {run}/bank-9-r{failing}.pt: No space left on device; the previous checkpoint "
+        f"(epoch 2) is intact; continue with: llp-fast-train --resume {run} --nproc 2"
+    ), str(e.value)
+    assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
+    dist.barrier()  # (every rank has removed its own file)
+    assert not temporaries(run) and not [n for n in os.listdir(run) if n.startswith("bank-9-")], os.listdir(run)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failed_bank_file_says_which_checkpoint_is_kept_on_every_rank(reference, tmp_path, failing):
+    """A sharded bank writes one file per rank (checkpoint.save_bank): its failure says which
+    checkpoint is kept, and the other ranks' files of that step go too (the rank that failed ended
+    alone, and a whole shard, listed by no checkpoint, stayed on the full disk)."""
+    import torch.multiprocessing as mp
 
     run = str(tmp_path / "run")
     shutil.copytree(reference, run)
-    full_disk("bank-9-r0.pt")
-    with pytest.raises(_files.WriteError) as e:
-        checkpoint.save_bank(Shard(), run, 9, 0, 2)
-    assert str(e.value) == (
-        f"cannot write checkpoint {run}/bank-9-r0.pt: No space left on device; the previous checkpoint "
-        f"(epoch 2) is intact; continue with: llp-fast-train --resume {run}"
-    )
-    assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
-    assert not temporaries(run) and not os.path.exists(os.path.join(run, "bank-9-r0.pt"))
+    mp.spawn(_bank_file_worker, args=(2, str(tmp_path / "init"), run, failing), nprocs=2, join=True)
 
 
 def test_a_checkpoint_that_fails_removes_the_bank_files_of_its_step(data, tmp_path, monkeypatch):

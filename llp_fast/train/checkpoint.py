@@ -253,11 +253,24 @@ def save_bank(bank, run_dir: str, tag: int, rank: int, world: int) -> dict:
     piece_digest = digest(piece)
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, name)
-    with _saving(run_dir, path), atomic_open(path, what="checkpoint") as f:
-        torch.save(dict(piece, sha256=piece_digest), f)
+    failed = None
+    try:
+        with _saving(run_dir, path), atomic_open(path, what="checkpoint") as f:
+            torch.save(dict(piece, sha256=piece_digest), f)
+    except WriteError as e:  # (the others learn of it below, not by a lost peer)
+        failed = e
     mine = {"file": name, "start": piece["start"], "end": piece["end"], "sha256": piece_digest}
     entries = [None] * world
-    torch.distributed.all_gather_object(entries, mine)
+    torch.distributed.all_gather_object(entries, mine if failed is None else {"error": failed})
+    # A rank whose file failed (a full disk) ended alone, and the files the others had written stayed,
+    # listed by no checkpoint: each rank removes its own; a rank that failed ends with its own line,
+    # the others with the first failure's (the same line, said once).
+    first = next((e["error"] for e in entries if "error" in e), None)
+    if first is not None:
+        if failed is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        raise failed if failed is not None and str(failed) == str(first) else first
     return {"files": entries}
 
 
