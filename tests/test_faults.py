@@ -372,6 +372,15 @@ def test_a_checkpoint_that_fails_removes_the_bank_files_of_its_step(data, tmp_pa
     assert sorted(p.name for p in run.glob("bank-*")) == ["bank-0-r0.pt"]
 
 
+def test_a_file_where_the_tensorboard_folder_goes_is_one_cannot_write_line(data, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tb").write_text("not a folder")
+    line = one_line(capsys, train_main(train_args(data, run)))
+    assert f"cannot write TensorBoard folder {run / 'tb'}: File exists; " in line, line
+
+
 def test_a_programming_error_inside_a_write_keeps_its_traceback(tmp_path):
     with pytest.raises(TypeError, match="not JSON serializable"):
         with _files.atomic_open(str(tmp_path / "x.json"), "w") as f:

@@ -118,7 +118,10 @@ class TensorBoard:
             return
         self._event, self._scalar, self._crc = Event, scalar, masked_crc32c
         directory = os.path.join(run_dir, "tb")
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:  # (a file named tb: "error: RUN/tb: File exists")
+            raise _files.WriteError(directory, e, what="TensorBoard folder") from None
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILES)}"
         self.path = os.path.join(directory, name)
         source = SourceMetadata(writer="llp_fast")
