@@ -58,8 +58,8 @@ class InterruptedTwice(KeyboardInterrupt):
     """A second SIGINT/SIGTERM while training: the run gives up at once, without the checkpoint the
     first one asked for (the last complete one is kept)."""
 
-    def __init__(self):
-        super().__init__("interrupted twice; the last complete checkpoint is kept")
+    def __init__(self, kept: str = "the last complete checkpoint is kept"):
+        super().__init__(f"interrupted twice; {kept}")
 
 
 class Terminated(BaseException):

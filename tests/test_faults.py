@@ -230,7 +230,26 @@ def test_one_ctrl_c_before_training_and_a_second_one_inside_it_say_which(data, t
 
     monkeypatch.setattr(Trainer, "train_step", twice)
     assert train_main(train_args(data, tmp_path / "run2")) == 130
-    assert capsys.readouterr().err.strip() == "llp-fast-train: interrupted twice; the last complete checkpoint is kept"
+    assert capsys.readouterr().err.strip() == (  # (it said "the last complete checkpoint is kept": none was)
+        f"llp-fast-train: interrupted twice; {tmp_path / 'run2'} holds no checkpoint yet: the same command starts "
+        "the run again"
+    )
+    calls = [0]
+
+    def later(self, *a, **k):  # after the first epoch's checkpoint
+        calls[0] += 1
+        if calls[0] == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "train_step", later)
+    run3 = tmp_path / "run3"
+    assert train_main(train_args(data, run3, epochs=4)) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"llp-fast-train: interrupted twice; the last complete checkpoint (epoch 2) is intact; continue with: "
+        f"llp-fast-train --resume {run3}"
+    )
 
 
 def _embeddings(tmp_path, n=300, d=8):

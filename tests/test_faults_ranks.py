@@ -156,7 +156,8 @@ def test_a_second_ctrl_c_ends_the_command_while_a_rank_hangs(data, tmp_path):
     assert len(err.splitlines()) == 1 and re.fullmatch(
         rf"llp-fast-train: interrupted; the last complete checkpoint \(epoch \d+\) is intact; continue with: "
         rf"llp-fast-train --resume {re.escape(run)} --nproc 2\n"
-        r"|llp-fast-train: interrupted twice; the last complete checkpoint is kept\n",
+        rf"|llp-fast-train: interrupted twice; the last complete checkpoint \(epoch \d+\) is intact; continue with: "
+        rf"llp-fast-train --resume {re.escape(run)} --nproc 2\n",
         err,
     ), err
     for pid in ranks.values():

@@ -20,7 +20,7 @@ import time
 
 from .. import distributed
 from ..data.loading import WorkerLost, worker_lost
-from ..errors import ConfigError
+from ..errors import ConfigError, InterruptedTwice
 from ..ops import describe_backends
 from ..train import config as C
 from ..train.defaults import SMALL_DATA, as_saved, baseline_by_default, check_new_run, resolve_run, show
@@ -229,6 +229,10 @@ def _train(args) -> int:
     baseline = launch.Baseline(cfg, args, want_baseline, resumed=bool(args.resume), rank=rank, prog=PROG)
     try:
         llp, base = baseline.run_beside(trainer.fit)
+    except InterruptedTwice:  # (which checkpoint is kept, and the command that continues from it)
+        raise InterruptedTwice(
+            checkpoint.last_checkpoint(run_dir, trainer.world if trainer.world > 1 else None)
+        ) from None
     except (RuntimeError, WorkerLost) as e:  # a DataLoader worker died (torch raises wherever the run was)
         lost = worker_lost(e)
         if lost is None:
