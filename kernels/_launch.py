@@ -6,6 +6,7 @@ over a few configurations instead (see each kernel module).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -163,10 +164,15 @@ def maybe_autotune(kernel, key: list[str]):
 def launch(kernel, n_rows: int, n_splits: int, args, consts: dict, tiles: tuple[int, int, int, int]):
     """Launches a kernel made by :func:`maybe_autotune` on a (row blocks, splits) grid,
     passing the heuristic ``tiles`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) only when
-    they are not being tuned."""
-    if isinstance(kernel, triton.runtime.Autotuner):
-        kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), n_splits)](*args, **consts)
-    else:
-        bm, bn, warps, stages = tiles
-        grid = (triton.cdiv(n_rows, bm), n_splits)
-        kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    they are not being tuned. It runs on the GPU of its tensors, whichever is current: Triton
+    launches on the current device's current stream, and tensors on ``cuda:1`` while ``cuda:0``
+    is current (``--device cuda:1``, a torchrun rank >= 1 of the labeller) were read from the wrong
+    GPU."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        if isinstance(kernel, triton.runtime.Autotuner):
+            kernel[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]), n_splits)](*args, **consts)
+        else:
+            bm, bn, warps, stages = tiles
+            grid = (triton.cdiv(n_rows, bm), n_splits)
+            kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)

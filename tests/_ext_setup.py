@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from llp_fast import _ext
 
+REQUIRE_ENV = "LLP_FAST_REQUIRE_EXT"  # set (bench/run_gpu.py does): a missing kernel fails, not skips
+
 
 def require_ext(*ops: str, device: str = "cpu"):
     """The loaded extension, or skip (with the reason) when it cannot be built or loaded here or
-    registers no ``device`` kernel for one of ``ops``."""
+    registers no ``device`` kernel for one of ``ops``; with ``LLP_FAST_REQUIRE_EXT=1`` those fail
+    (on a GPU machine a CUDA build that failed fell back to the CPU one with a warning, and its
+    tests skipped: a green run that had never launched the kernel)."""
+    give_up = pytest.fail if os.environ.get(REQUIRE_ENV) == "1" else pytest.skip
     if _ext.disabled():
-        pytest.skip("LLP_FAST_DISABLE_EXT=1")
+        give_up("LLP_FAST_DISABLE_EXT=1")
     module = _ext.load()
     if module is None:
-        pytest.skip("the C++ extension could not be built or loaded (see the RuntimeWarning)")
+        give_up("the C++ extension could not be built or loaded (see the RuntimeWarning)")
     key = {"cpu": "CPU", "cuda": "CUDA"}[device]
     for op in ops:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"llp_fast::{op}", key):
-            pytest.skip(f"the extension registers no {key} kernel for llp_fast::{op} (built without it)")
+            give_up(f"the extension registers no {key} kernel for llp_fast::{op} (built without it)")
     return module
 
 

@@ -377,3 +377,21 @@ def test_k_far_above_the_keys_asks_the_kernels_for_the_keys_only(monkeypatch):
     assert bool((got.values[:, 10:] == -math.inf).all()) and bool((got.indices[:, 10:] == -1).all())
     init = llp_fast.topk_scores(q, keys, k=1000)  # with an init the state keeps its width
     assert llp_fast.topk_scores(q, keys, k=1000, init=init, index_offset=10).values.shape == (7, 1000)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_the_kernels_run_on_the_gpu_of_their_tensors_not_the_current_one():
+    """Triton launches on the current device: tensors on cuda:1 while cuda:0 is current (the
+    labeller's --device cuda:1, its torchrun ranks >= 1) were read from the wrong GPU."""
+    torch.manual_seed(0)
+    q, keys = unit(300, 64), unit(2000, 64)
+    want = llp_fast.topk_scores(q.double(), keys.double(), k=20)
+    with torch.cuda.device(0):
+        got = llp_fast.topk_scores(q.to("cuda:1"), keys.to("cuda:1"), k=20)
+        classes = torch.arange(2000, device="cuda:1") % 7
+        labels, _ = llp_fast.propagate(q.to("cuda:1"), keys.to("cuda:1"), classes, k=10, num_classes=7)
+    assert got.values.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.values.cpu().double(), want.values, atol=1e-4, rtol=0)
+    ref, _ = llp_fast.propagate(q, keys, torch.arange(2000) % 7, k=10, num_classes=7)
+    assert (labels.cpu() == ref).float().mean() > 0.99

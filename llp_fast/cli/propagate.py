@@ -49,8 +49,11 @@ def _label(args) -> int:
     comm, rank = Local(), 0
     settings = settings_of(args)
     if distributed.launched():
-        rank, _ = distributed.init("nccl" if args.device.startswith("cuda") else "gloo")
-        if args.device.startswith("cuda"):
+        cuda = args.device.startswith("cuda")
+        if cuda and torch.cuda.is_available():  # (each rank its own GPU: NCCL and Triton take the current one)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        rank, _ = distributed.init("nccl" if cuda else "gloo")
+        if cuda:
             settings = settings.replace(device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         comm = Ranks(torch.device(settings.device))
     progress = Progress(enabled=not args.quiet and rank == 0, prog=PROG)
