@@ -174,6 +174,26 @@ def test_label_init_inputs_needs_array_data(tmp_path, capsys):
     one_error_line(capsys, rc, "--label-init inputs needs array data")
 
 
+def test_users_own_small_npz_is_told_what_to_change_in_one_go(tmp_path, capsys):
+    """A user's own small npz: --k and --t too large for it came one refusal after the other; y
+    saved as uint8 (-1 wrapped to 255) read as a fifth class; the errors named "npz", not the file."""
+    p = tmp_path / "s20.npz"
+    np.savez(p, x=np.zeros((20, 10, 10), np.uint8), y=np.array([0, 1] * 5 + [-1] * 10))
+    rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--quiet"])
+    one_error_line(capsys, rc, "--k 10 exceeds the 8 labeled training examples: give --k 8 or less; --t 25 exceeds")
+    y = np.arange(200) % 4
+    y[40:] = -1
+    np.savez(p, x=np.zeros((200, 10, 10), np.uint8), y=y.astype(np.uint8))
+    rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--quiet"])
+    one_error_line(capsys, rc, f"{p}: 'y' is uint8, which cannot hold -1 (unlabeled)")
+    np.savez(p, x=np.zeros((8, 10, 10), np.uint8), y=np.array([0, 1, 2, 5, 0, 1, 2, 5]))
+    rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--quiet"])
+    one_error_line(capsys, rc, f"npz:{p}: class ids must be 0..S-1")
+    np.savez(p, x=np.zeros((0, 10, 10), np.uint8), y=np.zeros(0, int))
+    rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--quiet"])
+    one_error_line(capsys, rc, f"{p}: 'x' holds no image")
+
+
 def test_bad_flag_values(tmp_path, capsys):
     rc = train_main(["--run-dir", str(tmp_path / "r"), *TINY, "--k", "100000"])
     one_error_line(capsys, rc, "--k")

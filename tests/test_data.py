@@ -124,6 +124,39 @@ def test_npz_gray_without_test_holds_out_20_percent(tmp_path):
     assert src.num_test == 10 and src.num_train == 40 and src.in_channels == 1
 
 
+def test_a_class_with_no_held_out_example_is_said(tmp_path):
+    """Without x_test the held-out split takes 20% of each class's labeled examples: a class of one
+    or two kept none, and the held-out accuracy (100% on random pixels) left it out unsaid."""
+    rng = np.random.default_rng(4)
+    y = -np.ones(1005, int)
+    y[:300], y[1000:1002] = 0, 1
+    p = tmp_path / "imb.npz"
+    np.savez(p, x=rng.integers(0, 256, (1005, 8, 8), dtype=np.uint8), y=y)
+    src = load(f"npz:{p}", device="cpu")
+    assert src.notes == [
+        "the held-out split holds no example of class '1': the held-out accuracy leaves it out (label more of its "
+        "examples, or give x_test and y_test)"
+    ]
+    np.savez(p, x=np.zeros((30, 8, 8), np.uint8), y=np.arange(30) % 3, x_test=np.zeros((4, 8, 8), np.uint8),
+             y_test=np.array([0, 0, 1, 1]))  # fmt: skip
+    assert load(f"npz:{p}", device="cpu").notes == [
+        "the held-out split holds no example of class '2': the held-out accuracy leaves it out (its y_test has none)"
+    ]
+    np.savez(p, x=np.zeros((30, 8, 8), np.uint8), y=np.arange(30) % 3)
+    assert load(f"npz:{p}", device="cpu").notes == []
+
+
+def test_non_square_arrays_get_the_same_defaults_whichever_way_round(tmp_path):
+    """The side was the width: 16 x 40 images were "40 px" and 40 x 16 ones "16 px" (other input
+    sides, shifts and start labels)."""
+    y = np.where(np.arange(200) % 3 == 0, np.arange(200) % 4, -1)
+    sides = []
+    for shape in ((16, 40), (40, 16)):
+        np.savez(tmp_path / "a.npz", x=np.zeros((200, *shape), np.uint8), y=y)
+        sides.append(load(f"npz:{tmp_path / 'a.npz'}", device="cpu").facts().side)
+    assert sides == [40, 40]
+
+
 @pytest.mark.parametrize(
     "arrays, match",
     [

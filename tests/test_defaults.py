@@ -71,6 +71,14 @@ def test_the_run_says_what_it_chose_and_why():
     assert "grayscale" in text and "--method plus" in text
     _, again = defaults.resolve(resolved(), facts())
     assert again == []  # a resolved config (a resume) has nothing left to choose
+    # a run without LLP's votes chooses those settings (the config holds every field) but says none
+    # of them: a supervised-only run listed its propagation start, pixel vote and method's parts
+    for cfg in (TrainConfig(device="cpu", run_dir="r", supervised_only=True), TrainConfig(method="fixmatch")):
+        chosen, lines = defaults.resolve(dataclasses.replace(cfg, device="cpu", run_dir="r"), facts())
+        text = "\n".join(lines)
+        assert chosen.propagation_start == 3 and chosen.label_init == "inputs"
+        assert "--propagation-start" not in text and "--label-init" not in text and "--image-size 16" in text
+        assert ("--method" in text) == (not cfg.supervised_only), text
 
 
 def test_cli_python_and_fit_build_the_same_config(monkeypatch):

@@ -135,6 +135,18 @@ def make_split(
     return Split(train=train, targets=targets, truth=y[train].copy(), test=test, own_labels=own)
 
 
+def untested_note(y_test: np.ndarray, class_names: list[str], fix: str) -> str | None:
+    """A line for the classes the held-out split holds no example of (None when it holds every
+    one): the held-out accuracy leaves them out, and a class of one or two labeled examples kept
+    them all for training (it read 100% on random pixels, the other class alone tested)."""
+    missing = np.setdiff1d(np.arange(len(class_names)), np.asarray(y_test))
+    if missing.size == 0:
+        return None
+    names = ", ".join(repr(class_names[c]) for c in missing[:5]) + (", ..." if missing.size > 5 else "")
+    what = "class" if missing.size == 1 else f"{missing.size} classes"
+    return f"the held-out split holds no example of {what} {names}: the held-out accuracy leaves it out ({fix})"
+
+
 @dataclass(frozen=True)
 class DataFacts:
     """What a training set is, as the defaults of a run see it (:mod:`llp_fast.train.defaults`):

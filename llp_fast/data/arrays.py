@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import _optional
 from .._device import memory_format
-from . import DataError, DataFacts, Split, make_split
+from . import DataError, DataFacts, Split, make_split, untested_note
 from . import strong as strong_views
 
 
@@ -65,6 +65,8 @@ def _npz(path: str):
             raise DataError(f"{path}: {xk!r} holds images of no pixels (H x W = {x.shape[1]} x {x.shape[2]})")
         if x.shape[0] == 0 and xk == "x_test":
             raise DataError(f"{path}: 'x_test' holds no image (leave x_test and y_test out to hold out x's)")
+        if x.shape[0] == 0:  # (it said "no labeled example at all")
+            raise DataError(f"{path}: 'x' holds no image")
         if y.ndim != 1 or y.shape[0] != x.shape[0] or not np.issubdtype(y.dtype, np.integer):
             raise DataError(
                 f"{path}: {yk!r} must be a 1-D integer array with one label per image of {xk!r} ({x.shape[0]}), "
@@ -74,6 +76,12 @@ def _npz(path: str):
             raise DataError(f"{path}: {yk!r} holds values below -1 (-1 marks unlabeled)")
         if y.size and y.dtype.kind == "u" and y.max() > np.iinfo(np.int64).max:  # they would wrap to < 0
             raise DataError(f"{path}: {yk!r} holds values above 2**63 - 1")
+        if y.size and y.dtype.kind == "u" and y.max() == np.iinfo(y.dtype).max and yk == "y":
+            # (255 read as a fifth class: "class ids must be 0..S-1 ... the labels hold 255")
+            raise DataError(
+                f"{path}: 'y' is {y.dtype}, which cannot hold -1 (unlabeled): its {y.max()} entries are most likely "
+                "-1s that wrapped round; save y as a signed integer (y.astype(np.int64) before the cast)"
+            )
         return x, y.astype(np.int64)
 
     x, y = check("x", "y")
@@ -182,6 +190,8 @@ class ArraySource:
         self.x = xs.to(self.device)
         self.x_test = x_test.to(self.device)
         self.y_test = torch.from_numpy(y_test).to(self.device)
+        fix = "label more of its examples, or give x_test and y_test" if self.split.test.size else "its y_test has none"
+        self.notes = [n for n in (untested_note(y_test, self.class_names, fix),) if n]
         self.targets = torch.from_numpy(self.split.targets)
         self.truth = torch.from_numpy(self.split.truth)
         self.in_channels = xs.shape[1]
@@ -196,8 +206,11 @@ class ArraySource:
         self.configure(image_size=image_size, scale_min=scale_min, translate=translate, flip=flip)
 
     def facts(self) -> DataFacts:
-        """What the data is (the training defaults follow it, :mod:`llp_fast.train.defaults`)."""
-        return DataFacts.of(self, kind="arrays", side=self.src_size)
+        """What the data is (the training defaults follow it, :mod:`llp_fast.train.defaults`); the
+        side of non-square images is their long side, since training squashes the whole image to a
+        square of the input side and that keeps the detail of both axes (it was the width: 16 x 40
+        and 40 x 16 images got other defaults)."""
+        return DataFacts.of(self, kind="arrays", side=max(self.src_hw))
 
     def configure(self, *, image_size=None, scale_min=None, translate=None, flip=None, strong=False) -> None:
         """The network's input side and the training augmentation. Unset: the native side and no
@@ -230,9 +243,9 @@ class ArraySource:
         r = torch.exp(log_r)
         w = torch.sqrt(area * r).clamp(max=1.0)  # crop side as a fraction of the image side
         h = torch.sqrt(area / r).clamp(max=1.0)
-        jitter = 2 * self.translate / self.src_size  # pixels -> normalised [-1, 1] units
-        tx = (1 - w) * (2 * u[:, 2] - 1) + jitter * (2 * u[:, 4] - 1)
-        ty = (1 - h) * (2 * u[:, 3] - 1) + jitter * (2 * u[:, 5] - 1)
+        src_h, src_w = self.src_hw  # pixels -> normalised [-1, 1] units, per axis (a square: the same)
+        tx = (1 - w) * (2 * u[:, 2] - 1) + 2 * self.translate / src_w * (2 * u[:, 4] - 1)
+        ty = (1 - h) * (2 * u[:, 3] - 1) + 2 * self.translate / src_h * (2 * u[:, 5] - 1)
         sx = w
         if self.flip:
             sign = torch.where(torch.rand(b, generator=gen, device=dev) < 0.5, -1.0, 1.0)
@@ -325,7 +338,7 @@ def load_arrays(
     elif spec == "mnist5k":
         arrays, name = _mnist5k(), "mnist5k"
     elif spec.startswith("npz:"):
-        arrays, name = _npz(spec[4:]), "npz"
+        arrays, name = _npz(spec[4:]), spec  # (errors name the file: "npz: ..." named nothing)
     else:
         raise DataError(f"unknown --data {spec!r}: expected digits, mnist5k, npz:PATH or folder:PATH")
     return ArraySource(

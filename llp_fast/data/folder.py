@@ -28,7 +28,7 @@ import torch
 from .. import _optional
 from .._device import memory_format
 from ..errors import ConfigError
-from . import DataError, DataFacts, Split, make_split
+from . import DataError, DataFacts, Split, make_split, untested_note
 from .loading import load_batches
 from .strong import strong_pil
 from .transforms import MEAN, STD, crop_box, eval_geometry, open_rgb, sample_seed
@@ -284,9 +284,10 @@ class FolderSource:
         self.files = [files[i] for i in self.split.train]
         self.test_files, self.y_test = tfiles, torch.from_numpy(ty)
         self.fingerprint = files_fingerprint(root, self.files)
-        self.notes = (
-            [f"folder:{root}: {skipped_note(skipped)}"] if skipped else []
-        )  # (the run's first lines print them)
+        # what the run's first lines say of the data: files not read, classes not tested
+        self.notes = [f"folder:{root}: {skipped_note(skipped)}"] if skipped else []
+        fix = f"add its images to {test_root}" if test_root is not None else "add images of it, or a test/ folder"
+        self.notes += [n for n in (untested_note(ty, classes, fix),) if n]
         self.targets = torch.from_numpy(self.split.targets)
         self.truth = torch.from_numpy(self.split.truth)
         self.device = torch.device(device)

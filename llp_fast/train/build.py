@@ -22,11 +22,14 @@ def check_against_data(cfg: TrainConfig, source, k: int) -> None:
             f"--label-init inputs needs array data (digits, mnist5k, npz:PATH); {cfg.data} has no input "
             "vectors to propagate in (use --label-init instance)"
         )
-    if k > m:
-        raise DataError(  # (the default K = 10 meets it on a small folder: say what to give)
-            f"--k {k} exceeds the {m} labeled training examples: give --k {m} or less, or label more examples"
-        )
+    # (the default K = 10 and T = 25 meet these on a small data set: say what to give, both at once,
+    # where a user fixing --k met --t next)
+    problems = [f"--k {k} exceeds the {m} labeled training examples: give --k {m} or less"] if k > m else []
     pool = source.num_train - m if cfg.density_pool == "unlabeled" else source.num_train
+    if pool and cfg.t > pool:
+        problems.append(f"--t {cfg.t} exceeds the density pool of {pool} examples: give --t {pool} or less")
+    if problems:
+        raise DataError("; ".join(problems) + (" (or label more examples)" if k > m else ""))
     if pool == 0:  # every training example labeled: nothing to propagate to, no density pool
         fix = (  # (each class keeps one labeled example whatever the fraction: lowering it cannot help)
             "every class keeps at least one labeled example: add unlabeled images"
@@ -37,8 +40,6 @@ def check_against_data(cfg: TrainConfig, source, k: int) -> None:
             f"no unlabeled training example is left (all {m} are labeled; --labeled-fraction "
             f"{cfg.labeled_fraction}): LLP needs some; {fix}, or --supervised-only"
         )
-    if cfg.t > pool:
-        raise DataError(f"--t {cfg.t} exceeds the density pool of {pool} examples: give --t {pool} or less")
 
 
 def needs_strong_views(cfg: TrainConfig) -> bool:

@@ -32,6 +32,8 @@ MAX_SIDE = 224  # ImageNet's crop: larger images are resampled to it
 PIXEL_VOTE_SIDE = 32
 
 # What each --method sets (docs/method.md §8): the parts of LLP+ and their switches.
+LLP_ONLY = ("propagation_start", "label_init")  # data defaults of LLP's votes alone
+
 METHOD_PARTS = {
     "plus": dict(
         start_rounds=10,
@@ -191,10 +193,14 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     cfg = resolve_run(cfg)
     chosen: dict = {}
     reasons: dict[str, list[str]] = {}
+    # settings a run without LLP's votes does not use are chosen (the config holds every field) but
+    # not said: a supervised-only run listed its propagation start and its method's parts
+    unused = set(LLP_ONLY) if cfg.supervised_only or cfg.method == "fixmatch" else set()
     for name, (value, why) in data_defaults(facts, cfg.method).items():
         if getattr(cfg, name) is None:
             chosen[name] = value
-            reasons.setdefault(why, []).append(f"{_flag(name)} {show(value)}")
+            if name not in unused:
+                reasons.setdefault(why, []).append(f"{_flag(name)} {show(value)}")
     for name, value in METHOD_PARTS[cfg.method].items():
         if getattr(cfg, name) is None:
             chosen[name] = value
@@ -218,7 +224,7 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
             f"{facts.min_labeled_per_class} per class), {facts.num_classes} classes"
         )
         lines.append("defaults from it: " + "; ".join(f"{', '.join(v)} ({why})" for why, v in reasons.items()))
-    parts = [n for n in METHOD_PARTS[cfg.method] if n in chosen]
+    parts = [n for n in METHOD_PARTS[cfg.method] if n in chosen and not cfg.supervised_only]
     if parts:
         lines.append(f"--method {cfg.method}: " + ", ".join(f"{_flag(n)} {show(chosen[n])}" for n in parts))
     return validate(cfg), lines
