@@ -164,6 +164,7 @@ def test_bad_parameters_and_no_labels():
         (dict(density_weighting=3), "density_weighting"),
         (dict(n_neighbors=(10, 20)), "n_neighbors"),
         (dict(n_neighbors=[10]), "n_neighbors"),
+        (dict(max_voters="none"), "max_voters must be 'auto', None"),  # (the command line's word)
     ):
         with pytest.raises(ValueError, match=f"^{name}"):
             LocalLabelPropagation(**params).fit(x, partial)
@@ -172,6 +173,10 @@ def test_bad_parameters_and_no_labels():
     b = LocalLabelPropagation(n_neighbors=7, rounds=2).fit(x, partial)
     assert a.n_neighbors_ == 7 and np.array_equal(a.transduction_, b.transduction_)
     assert label_embeddings(x, partial, k=np.int64(7), rounds=1).labels.shape == (len(x),)
+    # and a NumPy bool a bool (density_weighting over np.array([True, False]) was refused; normalize took it)
+    a = LocalLabelPropagation(density_weighting=np.bool_(False), rounds=1).fit(x, partial)
+    b = LocalLabelPropagation(density_weighting=False, rounds=1).fit(x, partial)
+    assert np.array_equal(a.transduction_, b.transduction_)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             LocalLabelPropagation(device="cuda").fit(x, partial)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import _checks
 from ..errors import ConfigError
 
@@ -76,6 +78,9 @@ class Settings:
         def n(field: str) -> str:
             return names.get(field, field)
 
+        if isinstance(self.density, np.bool_):  # a NumPy bool (a GridSearchCV grid given as an array)
+            return dataclasses.replace(self, density=bool(self.density)).checked(names)
+
         if isinstance(self.k, (tuple, list)):
             if not self.k:
                 raise ConfigError(f"{n('k')} must hold at least one number of neighbours")
@@ -95,6 +100,10 @@ class Settings:
             raise ConfigError(f"{n('density_pool')} must be one of {', '.join(POOLS)}, got {self.density_pool!r}")
         if self.labeled_weight is not None:
             _positive(n("labeled_weight"), self.labeled_weight)
+        if isinstance(self.max_voters, str) and self.max_voters != "auto":  # (the command line's "none" is None)
+            raise ConfigError(
+                f"{n('max_voters')} must be 'auto', None (no cap) or a whole number >= 0, got {self.max_voters!r}"
+            )
         if self.max_voters is not None and self.max_voters != "auto":
             _int(n("max_voters"), self.max_voters, low=0)
         if self.device is None:

@@ -260,6 +260,12 @@ def read_labels(data, n: int | None = None) -> np.ndarray:
 
 
 def _int64_labels(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) == np.iinfo(arr.dtype).max:
+        # (-1 saved as uint8 is 255: every row read as labeled with a class 255, "labeled 0 of N rows")
+        raise DataError(
+            f"{name}: {arr.dtype} cannot hold -1 (unlabeled), and its {arr.max()} entries are most likely -1s that "
+            f"wrapped round: save the labels as a signed integer (if {arr.max()} is a class, as a wider type)"
+        )
     if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
         raise DataError(f"{name}: holds values beyond int64")
     labels = arr.astype(np.int64)
