@@ -476,6 +476,31 @@ def test_drop_suspects_says_what_it_dropped(tmp_path, capsys):
     assert (np.load(out) != 0).all()
 
 
+def test_drop_suspects_keeps_the_labels_that_show_no_sign_of_being_wrong(tmp_path, capsys):
+    """Rows of quality 1 (score 0) tie: a fraction beyond the flagged rows dropped clean labels by
+    row index (a whole class of them once)."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.eye(8)[c] + 0.05 * rng.standard_normal((60, 8)) for c in range(3)]).astype(np.float32)
+    y = np.full(180, -1)
+    for c in range(3):
+        y[c * 60 : c * 60 + 10] = c
+    np.save(tmp_path / "emb.npy", x)
+    np.save(tmp_path / "clean.npy", y)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "clean.npy"), "--rounds", "2", "--quiet"]
+    assert propagate_main([*argv, "--out", str(tmp_path / "a.npy"), "--drop-suspects", "0.2"]) == 0
+    said = capsys.readouterr().out
+    assert "(--drop-suspects 0.2: no labeled row shows a sign of a wrong label, none dropped)" in said, said
+    y[5] = 1  # one flipped label: it and the rows it casts doubt on are flagged, the rest tie at 0
+    np.save(tmp_path / "flip.npy", y)
+    argv[1] = str(tmp_path / "flip.npy")
+    q = str(tmp_path / "q.npy")
+    assert propagate_main([*argv, "--out", str(tmp_path / "b.npy"), "--quality-out", q, "--drop-suspects", "0.5"]) == 0
+    flagged = int((np.load(q)[y >= 0] < 1).sum())
+    assert 1 <= flagged < 15
+    said = capsys.readouterr().out
+    assert f"({flagged} suspect labels dropped and labeled again; the other {15 - flagged} of the 15 asked" in said
+
+
 def test_drop_suspects_that_would_drop_every_label_is_one_line(tmp_path, capsys):
     _digits_embeddings(tmp_path)
     argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")]

@@ -84,13 +84,21 @@ def _label(args) -> int:
             ranked[k] = suspects.suspects_of(rows, labels, result, settings, comm=comm, progress=progress)
     if args.drop_suspects:
         used, dropped = suspects.drop_worst(labels, ranked[None], args.drop_suspects)
+        asked = int(round(args.drop_suspects * m))
+        clean = f"; the other {asked - len(dropped)} of the {asked} asked show no sign of a wrong label: kept"
         if len(dropped):
             results = {None: Engine(rows, used, settings, comm=comm, progress=progress).run(**extras)}
-            note = f" ({len(dropped)} suspect labels dropped and labeled again"
+            note = f" ({len(dropped)} suspect labels dropped and labeled again" + (
+                clean if len(dropped) < asked else ""
+            )
             gone = np.setdiff1d(np.unique(labels[labels >= 0]), used[used >= 0])
             if len(gone):  # their every labeled row was a suspect: no vote can give them now
                 note += f"; no labeled row left of class{'es' if len(gone) > 1 else ''} {', '.join(map(str, gone))}"
             note += ")"
+        elif asked:  # no labeled row is flagged: the first run stands
+            note = (
+                f" (--drop-suspects {args.drop_suspects:g}: no labeled row shows a sign of a wrong label, none dropped)"
+            )
         else:  # round(F * M) = 0: nothing to drop, the first run stands
             note = f" (--drop-suspects {args.drop_suspects:g} of {m} labeled rows rounds to none: nothing dropped)"
         m = int((used >= 0).sum())

@@ -146,7 +146,8 @@ def parser() -> argparse.ArgumentParser:
         type=_drop,
         default=None,
         metavar="F",
-        help="label again without the most suspect fraction F of the labeled rows (they are labeled by the vote)",
+        help="label again without the most suspect fraction F of the labeled rows (they are labeled by the vote; "
+        "rows that show no sign of a wrong label, quality 1, are kept)",
     )
     ap.add_argument(
         "--min-confidence",

@@ -246,8 +246,10 @@ def suspects_of(rows: Rows, labels: np.ndarray, result, settings, *, comm=None, 
 
 def drop_worst(labels: np.ndarray, suspects: Suspects, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """``labels`` with the most suspect ``round(fraction * M)`` labeled rows made unlabeled (-1), and
-    those rows."""
-    n_drop = int(round(fraction * len(suspects.rows)))
+    those rows; only rows with some sign of a wrong label (score < 0, quality < 1) go: the rows
+    of score 0 tie, and a fraction beyond the flagged ones dropped clean labels by row index (a
+    whole class of them once)."""
+    n_drop = min(int(round(fraction * len(suspects.rows))), int((suspects.score < 0).sum()))
     dropped = np.sort(suspects.rows[:n_drop])
     out = labels.copy()
     out[dropped] = -1
