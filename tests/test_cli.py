@@ -156,7 +156,9 @@ def test_corrupt_checkpoint(tmp_path, capsys):
     assert train_main(["--run-dir", str(rd), "--baseline", "off", *TINY]) == 0
     capsys.readouterr()
     (rd / "checkpoint.pt").write_bytes(b"PK\x03\x04 torn")
-    one_error_line(capsys, train_main(["--resume", str(rd)]), "corrupt checkpoint")
+    line = one_error_line(capsys, train_main(["--resume", str(rd)]), "corrupt checkpoint")
+    # the way on: a new run there is refused as "already holds a run", the resume as corrupt
+    assert line.endswith("this run cannot be resumed; restore the file, or start over with another --run-dir"), line
     one_error_line(capsys, train_main(["--resume", str(tmp_path / "nope")]), "no such run directory")
     os.makedirs(tmp_path / "empty")
     one_error_line(capsys, train_main(["--resume", str(tmp_path / "empty")]), "no checkpoint")

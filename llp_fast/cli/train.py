@@ -20,7 +20,7 @@ import time
 
 from .. import distributed
 from ..data.loading import WorkerLost, worker_lost
-from ..errors import ConfigError, InterruptedTwice
+from ..errors import CheckpointError, ConfigError, InterruptedTwice
 from ..ops import describe_backends
 from ..train import config as C
 from ..train.defaults import SMALL_DATA, as_saved, baseline_by_default, check_new_run, resolve_run, show
@@ -175,6 +175,14 @@ def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.Trai
     return C.validate(cfg), notes
 
 
+def _no_way_on(e: CheckpointError) -> CheckpointError:
+    """A resume's corrupt checkpoint, with the way on (a new run in that directory is refused as
+    "already holds a run", and the resume as corrupt: the messages led nowhere)."""
+    if "corrupt checkpoint" not in str(e):
+        return e
+    return CheckpointError(f"{e}: this run cannot be resumed; restore the file, or start over with another --run-dir")
+
+
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
@@ -189,7 +197,10 @@ def _train(args) -> int:
         run_dir = args.resume
         if not os.path.isdir(run_dir):
             raise ConfigError(f"--resume {run_dir}: no such run directory")
-        saved, ckpt = checkpoint.open_run(run_dir)
+        try:
+            saved, ckpt = checkpoint.open_run(run_dir)
+        except CheckpointError as e:
+            raise _no_way_on(e) from None
         cfg, notes = resumed_config(args, saved, ckpt["epoch"])
         had = os.path.exists(os.path.join(run_dir, launch.BASELINE_MARK))
         given = getattr(args, "baseline_given", args.baseline)  # (under torch.distributed: "off" is forced)
@@ -205,7 +216,10 @@ def _train(args) -> int:
             raise ConfigError(
                 f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"
             )
-    trainer = prepare(cfg, resume=bool(args.resume), ckpt=ckpt)  # checks config and data, makes the run dir
+    try:
+        trainer = prepare(cfg, resume=bool(args.resume), ckpt=ckpt)  # checks config and data, makes the run dir
+    except CheckpointError as e:
+        raise _no_way_on(e) if args.resume else e from None
     cfg = trainer.cfg
     if args.resume:
         want_baseline = had and args.baseline != "off"  # (off: forced under torch.distributed)
