@@ -79,6 +79,12 @@ def test_the_run_says_what_it_chose_and_why():
         assert chosen.propagation_start == 3 and chosen.label_init == "inputs"
         assert "--propagation-start" not in text and "--label-init" not in text and "--image-size 16" in text
         assert ("--method" in text) == (not cfg.supervised_only), text
+        assert "ends before label propagation" not in text
+    _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", epochs=2), facts())
+    assert lines[-1] == (
+        "--epochs 2 ends before label propagation starts (after --propagation-start 3 epochs): this run trains on "
+        "its start labels alone"
+    )
 
 
 def test_cli_python_and_fit_build_the_same_config(monkeypatch):

@@ -227,6 +227,11 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     parts = [n for n in METHOD_PARTS[cfg.method] if n in chosen and not cfg.supervised_only]
     if parts:
         lines.append(f"--method {cfg.method}: " + ", ".join(f"{_flag(n)} {show(chosen[n])}" for n in parts))
+    if not unused and cfg.epochs <= cfg.propagation_start:  # (a short trial run never propagated, unsaid)
+        lines.append(
+            f"--epochs {cfg.epochs} ends before label propagation starts (after --propagation-start "
+            f"{cfg.propagation_start} epochs): this run trains on its start labels alone"
+        )
     return validate(cfg), lines
 
 
