@@ -182,7 +182,9 @@ def test_users_own_small_npz_is_told_what_to_change_in_one_go(tmp_path, capsys):
     p = tmp_path / "s20.npz"
     np.savez(p, x=np.zeros((20, 10, 10), np.uint8), y=np.array([0, 1] * 5 + [-1] * 10))
     rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--quiet"])
-    one_error_line(capsys, rc, "--k 10 exceeds the 8 labeled training examples: give --k 8 or less; --t 25 exceeds")
+    one_error_line(
+        capsys, rc, "--k 10 exceeds the 8 labeled training examples: give --k 8 or less, or label more; --t 25 exceeds"
+    )
     y = np.arange(200) % 4
     y[40:] = -1
     np.savez(p, x=np.zeros((200, 10, 10), np.uint8), y=y.astype(np.uint8))

@@ -134,16 +134,22 @@ def test_a_class_with_no_held_out_example_is_said(tmp_path):
     np.savez(p, x=rng.integers(0, 256, (1005, 8, 8), dtype=np.uint8), y=y)
     src = load(f"npz:{p}", device="cpu")
     assert src.notes == [
-        "the held-out split holds no example of class '1': the held-out accuracy leaves it out (label more of its "
+        "the held-out split holds no example of class '1': the held-out accuracy leaves it out (label more "
         "examples, or give x_test and y_test)"
     ]
     np.savez(p, x=np.zeros((30, 8, 8), np.uint8), y=np.arange(30) % 3, x_test=np.zeros((4, 8, 8), np.uint8),
              y_test=np.array([0, 0, 1, 1]))  # fmt: skip
     assert load(f"npz:{p}", device="cpu").notes == [
-        "the held-out split holds no example of class '2': the held-out accuracy leaves it out (its y_test has none)"
+        "the held-out split holds no example of class '2': the held-out accuracy leaves it out (add examples to "
+        "x_test and y_test)"
     ]
     np.savez(p, x=np.zeros((30, 8, 8), np.uint8), y=np.arange(30) % 3)
     assert load(f"npz:{p}", device="cpu").notes == []
+    from llp_fast.data import untested_note
+
+    assert "of 2 classes 'b', 'c': the held-out accuracy leaves them out (x)" in untested_note(
+        np.array([0]), ["a", "b", "c"], "x"
+    )
 
 
 def test_non_square_arrays_get_the_same_defaults_whichever_way_round(tmp_path):

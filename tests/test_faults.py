@@ -321,8 +321,10 @@ class _Shard:
         return 4
 
 
-def _bank_file_worker(rank, world, init_file, run, failing):
-    """Rank ``failing``'s bank file meets a full disk; every rank must end with that file's line."""
+def _bank_file_worker(rank, world, init_file, run, failing, again):
+    """Rank ``failing``'s bank file meets a full disk; every rank must end with that file's line.
+    ``again``: the step's files were written by an earlier save (a run resumed at an epoch's last
+    step saves again at its end): they are the kept checkpoint's, and must stay as they were."""
     import datetime
 
     import torch.distributed as dist
@@ -331,9 +333,16 @@ def _bank_file_worker(rank, world, init_file, run, failing):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     real = checkpoint.atomic_open
+    kept = {}
+    if again:
+        checkpoint.save_bank(_Shard(rank), run, 9, rank, world)
+        dist.barrier()
+        kept = {n: open(os.path.join(run, n), "rb").read() for n in os.listdir(run) if n.startswith("bank-9")}
+        assert sorted(kept) == ["bank-9-r0.pt", "bank-9-r1.pt"]
+    target = f"bank-9.1-r{failing}.pt" if again else f"bank-9-r{failing}.pt"
 
     def full(path, **kw):
-        if os.path.basename(path) == f"bank-9-r{failing}.pt":
+        if os.path.basename(path) == target:
             raise _files.WriteError(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), what="checkpoint")
         return real(path, **kw)
 
@@ -341,17 +350,18 @@ def _bank_file_worker(rank, world, init_file, run, failing):
     with pytest.raises(_files.WriteError) as e:
         checkpoint.save_bank(_Shard(rank), run, 9, rank, world)
     assert str(e.value) == (
-        f"cannot write checkpoint {run}/bank-9-r{failing}.pt: No space left on device; the previous checkpoint "
+        f"cannot write checkpoint {run}/{target}: No space left on device; the previous checkpoint "
         f"(epoch 2) is intact; continue with: llp-fast-train --resume {run} --nproc 2"
     ), str(e.value)
     assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
     dist.barrier()  # (every rank has removed its own file)
-    assert not temporaries(run) and not [n for n in os.listdir(run) if n.startswith("bank-9-")], os.listdir(run)
+    left = {n: open(os.path.join(run, n), "rb").read() for n in os.listdir(run) if n.startswith("bank-9")}
+    assert not temporaries(run) and left == kept, sorted(left)  # the kept checkpoint's files, untouched
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("failing", [0, 1])
-def test_a_failed_bank_file_says_which_checkpoint_is_kept_on_every_rank(reference, tmp_path, failing):
+@pytest.mark.parametrize("failing,again", [(0, False), (1, False), (1, True)])
+def test_a_failed_bank_file_says_which_checkpoint_is_kept_on_every_rank(reference, tmp_path, failing, again):
     """A sharded bank writes one file per rank (checkpoint.save_bank): its failure says which
     checkpoint is kept, and the other ranks' files of that step go too (the rank that failed ended
     alone, and a whole shard, listed by no checkpoint, stayed on the full disk)."""
@@ -359,7 +369,7 @@ def test_a_failed_bank_file_says_which_checkpoint_is_kept_on_every_rank(referenc
 
     run = str(tmp_path / "run")
     shutil.copytree(reference, run)
-    mp.spawn(_bank_file_worker, args=(2, str(tmp_path / "init"), run, failing), nprocs=2, join=True)
+    mp.spawn(_bank_file_worker, args=(2, str(tmp_path / "init"), run, failing, again), nprocs=2, join=True)
 
 
 def test_a_checkpoint_that_fails_removes_the_bank_files_of_its_step(data, tmp_path, monkeypatch):
@@ -397,7 +407,9 @@ def test_a_file_where_the_tensorboard_folder_goes_is_one_cannot_write_line(data,
     run.mkdir()
     (run / "tb").write_text("not a folder")
     line = one_line(capsys, train_main(train_args(data, run)))
-    assert f"cannot write TensorBoard folder {run / 'tb'}: File exists; " in line, line
+    assert (
+        f"cannot write TensorBoard folder {run / 'tb'}: File exists: a file of that name is in the way (remove" in line
+    )
 
 
 def test_a_programming_error_inside_a_write_keeps_its_traceback(tmp_path):

@@ -143,8 +143,8 @@ def untested_note(y_test: np.ndarray, class_names: list[str], fix: str) -> str |
     if missing.size == 0:
         return None
     names = ", ".join(repr(class_names[c]) for c in missing[:5]) + (", ..." if missing.size > 5 else "")
-    what = "class" if missing.size == 1 else f"{missing.size} classes"
-    return f"the held-out split holds no example of {what} {names}: the held-out accuracy leaves it out ({fix})"
+    what, it = ("class", "it") if missing.size == 1 else (f"{missing.size} classes", "them")
+    return f"the held-out split holds no example of {what} {names}: the held-out accuracy leaves {it} out ({fix})"
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ def _npz(path: str):
             # (255 read as a fifth class: "class ids must be 0..S-1 ... the labels hold 255")
             raise DataError(
                 f"{path}: 'y' is {y.dtype}, which cannot hold -1 (unlabeled): its {y.max()} entries are most likely "
-                "-1s that wrapped round; save y as a signed integer (y.astype(np.int64) before the cast)"
+                "-1s that wrapped round; save y as a signed integer (y.astype(np.int64) before the cast; if "
+                f"{y.max()} is a class, as a wider type)"
             )
         return x, y.astype(np.int64)
 
@@ -190,7 +191,8 @@ class ArraySource:
         self.x = xs.to(self.device)
         self.x_test = x_test.to(self.device)
         self.y_test = torch.from_numpy(y_test).to(self.device)
-        fix = "label more of its examples, or give x_test and y_test" if self.split.test.size else "its y_test has none"
+        given = self.split.test.size == 0  # (the data's own x_test: nothing was held out of x)
+        fix = "add examples to x_test and y_test" if given else "label more examples, or give x_test and y_test"
         self.notes = [n for n in (untested_note(y_test, self.class_names, fix),) if n]
         self.targets = torch.from_numpy(self.split.targets)
         self.truth = torch.from_numpy(self.split.truth)

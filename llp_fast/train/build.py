@@ -24,12 +24,14 @@ def check_against_data(cfg: TrainConfig, source, k: int) -> None:
         )
     # (the default K = 10 and T = 25 meet these on a small data set: say what to give, both at once,
     # where a user fixing --k met --t next)
-    problems = [f"--k {k} exceeds the {m} labeled training examples: give --k {m} or less"] if k > m else []
+    problems = (
+        [f"--k {k} exceeds the {m} labeled training examples: give --k {m} or less, or label more"] if k > m else []
+    )
     pool = source.num_train - m if cfg.density_pool == "unlabeled" else source.num_train
     if pool and cfg.t > pool:
         problems.append(f"--t {cfg.t} exceeds the density pool of {pool} examples: give --t {pool} or less")
     if problems:
-        raise DataError("; ".join(problems) + (" (or label more examples)" if k > m else ""))
+        raise DataError("; ".join(problems))
     if pool == 0:  # every training example labeled: nothing to propagate to, no density pool
         fix = (  # (each class keeps one labeled example whatever the fraction: lowering it cannot help)
             "every class keeps at least one labeled example: add unlabeled images"

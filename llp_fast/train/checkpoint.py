@@ -239,9 +239,22 @@ def checkpoint_path(path: str) -> str:
 # bank is stored as one file per rank, RUN_DIR/bank-<step>-r<rank>.pt, each with the rows that rank
 # owns and their digest; the checkpoint lists the files and digests, so no rank ever gathers the
 # whole bank, and pieces written at one world size load at any other. Files carry the step in their
-# name, so the previous checkpoint's files survive until the new checkpoint.pt has replaced it.
+# name, so the previous checkpoint's files survive until the new checkpoint.pt has replaced it; a
+# second save at the same step (a run resumed at an epoch's last step saves again at its end) takes
+# the next free name, bank-<step>.<n>-r<rank>.pt: rewritten in place, the kept checkpoint's file
+# changed under it, and a failed save then removed it.
 
-_BANK_FILE = re.compile(r"^bank-\d+-r\d+\.pt$")
+_BANK_FILE = re.compile(r"^bank-\d+(\.\d+)?-r\d+\.pt$")
+
+
+def _new_bank_name(run_dir: str, tag: int, rank: int) -> str:
+    """A name no file in ``run_dir`` has: ``bank-<tag>-r<rank>.pt``, or with ``.1``, ``.2``, ...
+    after the tag where a file (the kept checkpoint's) has it."""
+    name, n = f"bank-{tag}-r{rank}.pt", 0
+    while os.path.lexists(os.path.join(run_dir, name)):
+        n += 1
+        name = f"bank-{tag}.{n}-r{rank}.pt"
+    return name
 
 
 def save_bank(bank, run_dir: str, tag: int, rank: int, world: int) -> dict:
@@ -249,9 +262,9 @@ def save_bank(bank, run_dir: str, tag: int, rank: int, world: int) -> dict:
     piece = bank.rows_state()
     if piece["start"] == 0 and piece["end"] == len(bank):
         return {"pieces": [piece]}
-    name = f"bank-{tag}-r{rank}.pt"
     piece_digest = digest(piece)
     os.makedirs(run_dir, exist_ok=True)
+    name = _new_bank_name(run_dir, tag, rank)
     path = os.path.join(run_dir, name)
     failed = None
     try:

@@ -121,6 +121,8 @@ class TensorBoard:
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:  # (a file named tb: "error: RUN/tb: File exists")
+            if os.path.lexists(directory) and not os.path.isdir(directory):  # (the same command met it again)
+                e = OSError(e.errno, f"{e.strerror or e}: a file of that name is in the way (remove or rename it)")
             raise _files.WriteError(directory, e, what="TensorBoard folder") from None
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILES)}"
         self.path = os.path.join(directory, name)
