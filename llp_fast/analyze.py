@@ -35,7 +35,7 @@ import torch
 from . import _optional
 from ._files import WriteError, atomic_open, write_text
 from .bank import MemoryBank
-from .errors import AnalyzeError, UserError
+from .errors import AnalyzeError, ConfigError, UserError
 from .ops import local_density
 from .train import checkpoint
 from .train.checkpoint import CHECKPOINT, METRICS
@@ -66,7 +66,8 @@ def read_run(run_dir: str | os.PathLike) -> dict:
         config = ckpt["config"]
         if ckpt["bank"] is not None:
             bank = _bank_state(ckpt, str(run))
-    return {"name": run.name, "metrics": rows, "bank": bank, "config": config}
+    # (the folder's own name: "." and ".." named the run "" and "..")
+    return {"name": run.resolve().name or str(run), "metrics": rows, "bank": bank, "config": config}
 
 
 def _bank_state(ckpt: dict, run_dir: str) -> dict:
@@ -114,6 +115,14 @@ def _save(fig, path) -> None:
         fig.savefig(f, format="png", dpi=110)
 
 
+def _shown(name: str) -> str:
+    """A run's name as matplotlib draws it: ``$`` kept literal (``a$x$`` was math notation, and
+    ``a$\\alpha_$`` a parse error's traceback) and a leading ``_`` shown (matplotlib leaves such a
+    label out of the legend)."""
+    name = name.replace("$", r"\$")
+    return " " + name if name.startswith("_") else name
+
+
 def _plt():
     matplotlib = _optional.need("matplotlib", "analyze", "llp-fast-analyze's pictures")
     matplotlib.use("Agg")
@@ -131,7 +140,12 @@ def plot_curves(runs, path):
                 xs, ys = _series(run["metrics"], key)
                 if xs:
                     ax.plot(
-                        xs, ys, marker="o", ms=3, label=f"{run['name']}: {key}", ls="-" if key != "knn_top1" else "--"
+                        xs,
+                        ys,
+                        marker="o",
+                        ms=3,
+                        label=f"{_shown(run['name'])}: {key}",
+                        ls="-" if key != "knn_top1" else "--",
                     )
     for ax, title in zip(axes, ("held-out top-1 (classifier) and kNN top-1", "pseudo-label accuracy", "aggregation")):
         ax.set_title(title, fontsize=10)
@@ -152,9 +166,9 @@ def plot_density(runs, dq, path_scatter, path_hist):
         ok = np.isfinite(d)
         r = np.corrcoef(d[ok], q[ok])[0, 1] if ok.sum() > 2 and d[ok].std() > 0 and q[ok].std() > 0 else float("nan")
         ax.scatter(d[ok], q[ok], s=18, alpha=0.8)
-        ax.set_xlabel("D_i: mean density of class i's labeled points (final bank, unlabeled pool)")
+        ax.set_xlabel("D_i: mean density of class i's labeled points\n(the final bank, over the unlabeled pool)")
         ax.set_ylabel("Q_i: unlabeled examples pseudo-labeled i")
-        ax.set_title(f"{run['name']}  (Pearson r = {r:.2f})", fontsize=10)
+        ax.set_title(f"{_shown(run['name'])}  (Pearson r = {r:.2f})", fontsize=10)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path_scatter)
@@ -163,7 +177,7 @@ def plot_density(runs, dq, path_scatter, path_hist):
     top = max(int(dq[run["name"]][1].max()) for run in runs) + 1
     bins = np.linspace(0, top, 16)
     for run in runs:
-        ax.hist(dq[run["name"]][1], bins=bins, alpha=0.55, label=run["name"])
+        ax.hist(dq[run["name"]][1], bins=bins, alpha=0.55, label=_shown(run["name"]))
     ax.set_xlabel("Q_i (pseudo-labeled examples per class)")
     ax.set_ylabel("classes")
     ax.legend(fontsize=8)
@@ -177,7 +191,7 @@ def plot_corr(runs, path):
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for run in runs:
         xs, ys = _series(run["metrics"], "corr_density_count")
-        ax.plot(xs, ys, marker="o", ms=3, label=run["name"])
+        ax.plot(xs, ys, marker="o", ms=3, label=_shown(run["name"]))
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xlabel("epoch")
     ax.set_ylabel("corr(mean log-density, Q_i)")
@@ -221,12 +235,12 @@ def plot_embedding_map(bank, path, *, n_classes: int = 4, method: str = "pca") -
     classes = torch.argsort(present, descending=True)[:n_classes].tolist()
     xy, lab, is_lab = embedding_map(bank, classes, method=method)
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    colors = plt.get_cmap("tab10")
+    colors = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")  # (MAX_MAP_CLASSES: one colour a class)
     for n, c in enumerate(classes):
         sel = (lab == c) & ~is_lab
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=8, alpha=0.5, color=colors(n % 10), label=f"class {c}")
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=8, alpha=0.5, color=colors(n), label=f"class {c}")
         sel = (lab == c) & is_lab
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=70, marker="*", color=colors(n % 10), edgecolors="black", linewidths=0.6)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=70, marker="*", color=colors(n), edgecolors="black", linewidths=0.6)
     ax.set_title(f"bank embeddings ({method.upper()}); stars: labeled points", fontsize=10)
     ax.legend(fontsize=8, markerscale=2)
     fig.tight_layout()
@@ -241,7 +255,7 @@ def plot_aggregation_hist(runs, path):
     for run in runs:
         per_class = [r.get("aggregation_per_class") for r in run["metrics"] if r.get("aggregation_per_class")]
         if per_class:
-            ax.hist(per_class[-1], bins=12, alpha=0.55, label=run["name"])
+            ax.hist(per_class[-1], bins=12, alpha=0.55, label=_shown(run["name"]))
     ax.set_xlabel("aggregation: norm of the class-mean embedding")
     ax.set_ylabel("classes")
     if ax.has_data():
@@ -262,7 +276,7 @@ def write_index(out: Path, figures: list[tuple[str, str]], runs) -> Path:
         for r in runs
     )
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>llp_fast run analysis</title>"
+        f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR}<title>llp_fast run analysis</title>"
         "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}figure{display:inline-block;"
         "margin:8px}img{max-width:660px}</style></head><body>"
         f"<h1>llp_fast run analysis</h1><ul>{last}</ul>{items}</body></html>"
@@ -282,11 +296,22 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
             raise type(e)(f"--compare: {e}") from None
     if len(runs) == 2 and runs[0]["name"] == runs[1]["name"]:
         runs[1]["name"] += " (compare)"
+    if not 1 <= n_classes <= MAX_MAP_CLASSES:  # (200 drew ten colours over 200 classes, a legend cut at 25)
+        raise ConfigError(f"--classes must lie in 1..{MAX_MAP_CLASSES} (one colour a class), got {n_classes}")
     final = Path(out) if out else Path(run_dir) / "analysis"
     if not final.parent.is_dir():
         raise AnalyzeError(f"--out {final}: directory {final.parent} does not exist")
     if final.exists() and not final.is_dir():
         raise AnalyzeError(f"--out {final}: exists and is not a directory")
+    # A folder of the user's: its pictures of these names were overwritten, and those this run does
+    # not draw removed, without a word. Only an earlier analysis (its page says so) is replaced.
+    earlier = _is_analysis(final)
+    taken = [n for n in ("index.html", *FIGURES) if (final / n).exists()] if not earlier else []
+    if taken:
+        raise AnalyzeError(
+            f"--out {final}: it holds {taken[0]}, which is not from an earlier llp-fast-analyze page; give another "
+            "folder (nothing was written)"
+        )
     # Everything is drawn into a temporary folder beside the output and moved into it at the end: an
     # error or an interrupt leaves the output as it was (the CLI says "nothing was written").
     # A failure names the output the user asked for, never the temporary folder.
@@ -309,7 +334,7 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
                 os.replace(out / name, final / name)
             except OSError as e:
                 raise WriteError(str(final / name), e) from e
-        for name in set(FIGURES) - set(names):  # an earlier analysis's picture this one does not draw
+        for name in set(FIGURES) - set(names) if earlier else ():  # an earlier analysis's, not drawn again
             try:
                 os.remove(final / name)
             except FileNotFoundError:
@@ -324,6 +349,19 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
 # Every picture an analysis may draw (the index page links those of this run): in an --out that
 # already held another run's analysis, the ones not drawn again are removed.
 FIGURES = ("curves.png", "corr.png", "density.png", "q_hist.png", "embedding_map.png", "aggregation_hist.png")
+MAX_MAP_CLASSES = 20  # the embedding map's classes: one colour each (tab20)
+GENERATOR = "<meta name='generator' content='llp-fast-analyze'>"  # what marks a page as ours
+
+
+def _is_analysis(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier analysis (its index.html carries :data:`GENERATOR`, or
+    the title pages of earlier versions had)."""
+    try:
+        with open(folder / "index.html", encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return GENERATOR in head or "<title>llp_fast run analysis</title>" in head
 
 
 def _draw(runs, out: Path, method: str, n_classes: int):

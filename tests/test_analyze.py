@@ -82,8 +82,8 @@ def test_mds_map_and_default_out(tmp_path):
     assert main([str(tmp_path / "run"), "--map", "mds", "--classes", "3"]) == 0
     _assert_png(tmp_path / "run" / "analysis" / "embedding_map.png")
     assert "embedding map of the 3 most populous classes" in (tmp_path / "run" / "analysis" / "index.html").read_text()
-    # more than the run has: the page says what was drawn (it said "of 50 classes" on 5)
-    assert main([str(tmp_path / "run"), "--classes", "50", "--out", str(tmp_path / "all")]) == 0
+    # more than the run has: the page says what was drawn (it said "of 20 classes" on 5)
+    assert main([str(tmp_path / "run"), "--classes", "20", "--out", str(tmp_path / "all")]) == 0
     assert "embedding map of the 5 most populous classes" in (tmp_path / "all" / "index.html").read_text()
 
 
@@ -234,3 +234,59 @@ def test_an_analysis_into_another_runs_folder_leaves_only_its_own_pictures(tmp_p
     (bare / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": 0.5}) + "\n")
     assert main([str(bare), "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["curves.png", "index.html", "notes.txt"]
+
+
+def test_a_users_folder_is_not_overwritten_nor_swept(tmp_path, capsys):
+    """--out on a folder of the user's: its density.png and corr.png were removed (not drawn for a
+    run without a bank) and a curves.png of the same name overwritten, exit 0."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": 0.5}) + "\n")
+    mine = tmp_path / "mypics"
+    mine.mkdir()
+    (mine / "density.png").write_bytes(b"my picture")
+    (mine / "notes.txt").write_text("mine")
+    assert main([str(bare), "--out", str(mine)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == (
+        f"llp-fast-analyze: error: --out {mine}: it holds density.png, which is not from an earlier "
+        "llp-fast-analyze page; give another folder (nothing was written)"
+    ), line
+    assert (
+        sorted(os.listdir(mine)) == ["density.png", "notes.txt"]
+        and (mine / "density.png").read_bytes() == b"my picture"
+    )
+    (mine / "density.png").unlink()
+    assert main([str(bare), "--out", str(mine)]) == 0  # other files of the user's are left alone
+    assert sorted(os.listdir(mine)) == ["curves.png", "index.html", "notes.txt"]
+
+
+@pytest.mark.parametrize("name", ["a$\\alpha_$", "cost$5$", "_scratch", "."])
+def test_any_run_folder_name_is_drawn_as_it_is(tmp_path, capsys, name, monkeypatch):
+    """A run named a$\\alpha_$ was a matplotlib traceback, cost$5$ drew "cost5", and _scratch or "."
+    lost its legend (with matplotlib's warnings on stderr)."""
+    import warnings
+
+    run = tmp_path / "runs" / "my run" if name == "." else tmp_path / name
+    run.parent.mkdir(parents=True, exist_ok=True)
+    _make_run(run)
+    if name == ".":
+        monkeypatch.chdir(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ("No artists with labels found to put in legend")
+        assert main([name if name == "." else str(run), "--out", str(tmp_path / "out")]) == 0
+    index = (tmp_path / "out" / "index.html").read_text()
+    shown = "my run" if name == "." else name
+    assert f"<li>{shown}: epoch 3" in index, index
+    assert capsys.readouterr().err == ""
+
+
+def test_the_class_map_takes_at_most_twenty_classes(tmp_path, capsys):
+    _make_run(tmp_path / "llp")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "llp"), "--classes", "21"])
+    assert "--classes: at most 20 (one colour a class), got 21" in capsys.readouterr().err
+    from llp_fast.analyze import analyze
+
+    with pytest.raises(ValueError, match=r"--classes must lie in 1..20"):
+        analyze(str(tmp_path / "llp"), n_classes=200)

@@ -482,7 +482,7 @@ def test_a_run_directory_is_claimed_while_it_trains(tmp_path, factory_module, ca
     one's config with the other's checkpoint): the directory is claimed while a run trains."""
     from llp_fast.errors import ConfigError
     from llp_fast.nn import import_factory
-    from llp_fast.train import checkpoint as ck
+    from llp_fast.train import claim as ck
 
     small_cnn = import_factory("mynets:small_cnn")
     data, settings = own_network_settings(tmp_path, "py", epochs=1)

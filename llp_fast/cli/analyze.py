@@ -5,8 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..analyze import analyze
+from ..analyze import MAX_MAP_CLASSES, analyze
 from . import _common
+
+
+def _at_most_map_classes(v: int) -> int:
+    if v > MAX_MAP_CLASSES:
+        raise ValueError(f"at most {MAX_MAP_CLASSES} (one colour a class), got {v}")
+    return v
+
+
+_classes = _common.checked(int, lambda v: _at_most_map_classes(_common.C.positive_int(v)), "a whole number")
 
 PROG = "llp-fast-analyze"
 
@@ -20,9 +29,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--map", choices=("pca", "mds"), default="pca", help="2-D embedding map method (default pca)")
     ap.add_argument(
         "--classes",
-        type=_common.POSITIVE_INT,
+        type=_classes,
         default=4,
-        help="how many classes the embedding map shows, the most populous first (default 4)",
+        help=f"how many classes the embedding map shows, most populous first (default 4, at most {MAX_MAP_CLASSES})",
     )
     return ap
 

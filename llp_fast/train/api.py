@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..nn import GIVEN
-from . import checkpoint, report
+from . import checkpoint, claim, report
 from .config import RESUMABLE, TrainConfig, check_value, fields
 from .defaults import as_saved, check_new_run
 from .loop import Trainer
@@ -169,7 +169,7 @@ def prepare(
         trainer.cfg.init_weights = cfg.init_weights
     if trainer.rank == 0:
         os.makedirs(trainer.cfg.run_dir, exist_ok=True)
-        trainer.claim = checkpoint.RunClaim(trainer.cfg.run_dir)  # before anything is written there
+        trainer.claim = claim.RunClaim(trainer.cfg.run_dir)  # before anything is written there
         checkpoint.sweep(trainer.cfg.run_dir, ckpt)  # what killed writers left (checkpoint.py)
         report.write_config(trainer.cfg.run_dir, dataclasses.asdict(trainer.cfg))
     return trainer

@@ -25,13 +25,13 @@ import hashlib
 import os
 import re
 import shlex
-import weakref
 
 import torch
 
 from .. import _files
 from .._files import WriteError, atomic_open
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
+from .claim import not_claimed
 from .config import TrainConfig, from_dict
 
 CHECKPOINT = "checkpoint.pt"
@@ -339,60 +339,6 @@ def sweep(run_dir: str, ckpt: dict | None) -> list[str]:
         return []
     removed = _files.sweep(run_dir)
     return removed + remove_stale_bank_files(run_dir, None if ckpt is None else ckpt.get("bank"))
-
-
-class RunClaim:
-    """A run directory, made if missing and claimed (:func:`claim_run_dir`) until :meth:`release`
-    or until the claim is dropped: ``prepare`` takes it before it writes there, ``Trainer.fit``
-    gives it back."""
-
-    def __init__(self, run_dir: str):
-        os.makedirs(run_dir, exist_ok=True)
-        self._release = weakref.finalize(self, release_run_dir, claim_run_dir(run_dir))
-
-    def release(self) -> None:
-        self._release()  # once: a finalizer runs at most once
-
-
-_BUSY = (
-    "another process is training in this run directory; wait for it to end (or stop it), or give another run directory"
-)
-
-
-def not_claimed(run_dir: str) -> None:
-    """:class:`ConfigError` where a run holds its claim on ``run_dir``: a shared claim, given back
-    at once (the ranks of one resume each check, and none conflicts with another)."""
-    release_run_dir(claim_run_dir(run_dir, shared=True))
-
-
-def claim_run_dir(run_dir: str, *, shared: bool = False) -> int | None:
-    """An exclusive claim on ``run_dir`` for one process's run (a ``flock`` on the directory
-    itself, so nothing is left in it): a second run started in it, or a resume of it, while the
-    first still trains is refused instead of mixing their files. ``shared``: a claim that only
-    another run's exclusive one refuses. Returns the descriptor to pass to :func:`release_run_dir`
-    (None where the file system has no locks)."""
-    try:
-        fd = os.open(run_dir, os.O_RDONLY)
-    except OSError:
-        return None  # not made yet or unreadable: whatever writes there next reports it
-    if _files.fcntl is None:
-        os.close(fd)
-        return None
-    try:
-        _files.fcntl.flock(fd, (_files.fcntl.LOCK_SH if shared else _files.fcntl.LOCK_EX) | _files.fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ConfigError(f"{run_dir}: {_BUSY}") from None
-    except OSError:  # no locks on this file system
-        os.close(fd)
-        return None
-    return fd
-
-
-def release_run_dir(fd: int | None) -> None:
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 # -- random generators -------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from .. import distributed
 from .._progress import Progress, reporter
 from ..errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingDiverged
 from ..nn import GIVEN, misfit
-from . import checkpoint, defaults, order, relabel, report, warmstart
+from . import checkpoint, claim, defaults, order, relabel, report, warmstart
 from .build import add_extras, check_against_data, configure_source, load_source, run_device
 from .config import TrainConfig, lr_at, validate
 from .evaluate import evaluate
@@ -305,7 +305,7 @@ class Trainer:
         cfg = self.cfg
         tb = None
         if self.rank == 0:
-            self.claim = getattr(self, "claim", None) or checkpoint.RunClaim(cfg.run_dir)  # (prepare's, or again)
+            self.claim = getattr(self, "claim", None) or claim.RunClaim(cfg.run_dir)  # (prepare's, or again)
             report.write_history(cfg.run_dir, self.history)  # the checkpoint's rows are the record
             tb = report.TensorBoard(cfg.run_dir, self.epoch)
             if tb.missing:
