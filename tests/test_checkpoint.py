@@ -68,6 +68,18 @@ def test_flipped_bytes_are_refused_by_every_tool(finished_run, tmp_path, capsys)
     )
     line = one_error_line(capsys, probe_main([run, "--data", "digits"]), "corrupt checkpoint", "llp-fast-linear-probe")
     assert "resumed" not in line  # (the way on is the trainer's)
+    # a data or metrics file given in the checkpoint's place is not "corrupt": it is not one
+    metrics = os.path.join(run, "metrics.jsonl")
+    line = one_error_line(
+        capsys, probe_main([metrics, "--data", "digits"]), "is not a checkpoint", "llp-fast-linear-probe"
+    )
+    assert line.endswith(f"{metrics} is not a checkpoint (a .jsonl file): give a run directory or its checkpoint.pt")
+    one_error_line(
+        capsys,
+        select_main([f"{tmp_path}/pool.npz", "--source", f"npz:{tmp_path}/pool.npz", "--out", out]),
+        "pool.npz is not a checkpoint (a .npz file)",
+        "llp-fast-select",
+    )
     one_error_line(capsys, analyze_main([run]), "corrupt checkpoint", "llp-fast-analyze")
 
 

@@ -168,6 +168,9 @@ def _saving(run_dir: str, path: str):
         raise e.noted(last_checkpoint(run_dir, previous=True)) from e.__cause__
 
 
+_NOT_CHECKPOINTS = (".npz", ".npy", ".json", ".jsonl", ".txt", ".csv", ".png", ".jpg", ".html")
+
+
 def load(path: str, map_location="cpu", *, need=None) -> dict:
     """The checkpoint at ``path``, verified: the digest equal to the contents, and the entries a
     resume reads (or only those named in ``need``, for a tool that reads a few) present with
@@ -178,6 +181,11 @@ def load(path: str, map_location="cpu", *, need=None) -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a torn zip, a truncated pickle, bytes that decode to nonsense
         # (it said "delete it to start over", which -select, -linear-probe and -analyze also printed)
+        ext = os.path.splitext(path)[1].lower()
+        if ext in _NOT_CHECKPOINTS:  # (a pool or metrics file given in its place read as "corrupt")
+            raise CheckpointError(
+                f"{path} is not a checkpoint (a {ext} file): give a run directory or its checkpoint.pt"
+            ) from None
         raise CheckpointError(f"corrupt checkpoint {path} ({type(e).__name__})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"corrupt checkpoint {path} (not a checkpoint)")
