@@ -272,7 +272,9 @@ def write_index(out: Path, figures: list[tuple[str, str]], runs) -> Path:
     )
     last = "".join(
         f"<li>{html.escape(r['name'])}: epoch {html.escape(str(r['metrics'][-1].get('epoch')))}, held-out top-1 "
-        f"{html.escape(str(r['metrics'][-1].get('test_top1')))}</li>"
+        f"{html.escape(str(r['metrics'][-1].get('test_top1')))}"
+        + (" (no bank in a checkpoint: its curves only, no densities or map)" if r.get("bank") is None else "")
+        + "</li>"
         for r in runs
     )
     page = (
@@ -386,7 +388,7 @@ def _draw(runs, out: Path, method: str, n_classes: int):
         ]
         drawn = plot_embedding_map(with_bank[0]["bank"], out / "embedding_map.png", n_classes=n_classes, method=method)
         what = f"the {drawn} most populous classes" if drawn > 1 else "the most populous class"
-        figures.append(("embedding_map.png", f"embedding map of {what} (Fig. 2a)"))
+        figures.append(("embedding_map.png", f"embedding map of {what}, {with_bank[0]['name']}'s bank (Fig. 2a)"))
     if any(r.get("aggregation_per_class") for run in runs for r in run["metrics"]):
         plot_aggregation_hist(runs, out / "aggregation_hist.png")
         figures.append(("aggregation_hist.png", "per-class aggregation (Fig. 2c)"))

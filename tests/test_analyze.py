@@ -81,7 +81,8 @@ def test_mds_map_and_default_out(tmp_path):
     _make_run(tmp_path / "run", epochs=1)
     assert main([str(tmp_path / "run"), "--map", "mds", "--classes", "3"]) == 0
     _assert_png(tmp_path / "run" / "analysis" / "embedding_map.png")
-    assert "embedding map of the 3 most populous classes" in (tmp_path / "run" / "analysis" / "index.html").read_text()
+    page = (tmp_path / "run" / "analysis" / "index.html").read_text()
+    assert "embedding map of the 3 most populous classes, run&#x27;s bank" in page, page
     # more than the run has: the page says what was drawn (it said "of 20 classes" on 5)
     assert main([str(tmp_path / "run"), "--classes", "20", "--out", str(tmp_path / "all")]) == 0
     assert "embedding map of the 5 most populous classes" in (tmp_path / "all" / "index.html").read_text()
@@ -234,6 +235,7 @@ def test_an_analysis_into_another_runs_folder_leaves_only_its_own_pictures(tmp_p
     (bare / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_top1": 0.5}) + "\n")
     assert main([str(bare), "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["curves.png", "index.html", "notes.txt"]
+    assert "(no bank in a checkpoint: its curves only, no densities or map)" in (out / "index.html").read_text()
 
 
 def test_a_users_folder_is_not_overwritten_nor_swept(tmp_path, capsys):
