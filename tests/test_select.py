@@ -254,6 +254,14 @@ def test_a_run_whose_data_changed_is_refused_by_the_tools(tmp_path, capsys, pool
     np.savez(tmp_path / "d.npz", x=x, y=d.target)
     assert main([tr.cfg.run_dir, "--source", f"npz:{tmp_path / 'p99.npz'}", "--out", out, "--quiet"]) == 0
     assert "label_agreement" not in read_selection(out)["meta"]
+    y20 = np.where(np.arange(20) < 8, np.load(pool)["y"][:20], 99)
+    np.savez(tmp_path / "p99.npz", x=np.load(pool)["x"][:20], y=y20)  # some labels the network knows
+    capsys.readouterr()
+    assert main([tr.cfg.run_dir, "--source", f"npz:{tmp_path / 'p99.npz'}", "--out", out, "--quiet"]) == 0
+    meta, said = read_selection(out)["meta"], capsys.readouterr().out
+    known = int(np.isin(read_selection(out)["index"], np.arange(8)).sum())
+    assert meta["label_agreement_rows"] == known < meta["selected_rows"], meta
+    assert f"of the {known} rows whose pool label is one of the network's 10 classes" in said, said
 
 
 # -- llp-fast-train --extra-unlabeled -------------------------------------------------------------

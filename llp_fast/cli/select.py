@@ -94,6 +94,7 @@ def _main(args) -> int:
         # --extra-unlabeled reads them; they counted as disagreeing)
         if known.any():
             meta["label_agreement"] = float((t[known] == cls[known]).mean())
+            meta["label_agreement_rows"] = int(known.sum())  # (rows whose pool label is a class of the network)
     write_selection(args.out, index, cls, score, meta, paths=pool.paths)
     line = (
         f"{PROG}: {meta['selected_rows']} rows ({meta['selected_images']} distinct images) of {meta['pool_size']} "
@@ -101,6 +102,11 @@ def _main(args) -> int:
     )
     if "label_agreement" in meta:
         line += f", pool labels agree with the class on {100 * meta['label_agreement']:.1f}%"
+        if meta["label_agreement_rows"] < meta["selected_rows"]:  # (the others' labels were left out unsaid)
+            line += (
+                f" of the {meta['label_agreement_rows']} rows whose pool label is one of the network's "
+                f"{source.num_classes} classes"
+            )
     print(line + f", {meta['seconds']:.1f} s -> {args.out}")
     return 0
 
