@@ -277,6 +277,12 @@ def write_index(out: Path, figures: list[tuple[str, str]], runs) -> Path:
         + "</li>"
         for r in runs
     )
+    data = [r.get("config", {}).get("data") for r in runs]
+    if len(runs) == 2 and all(data) and data[0] != data[1]:  # (overlaid without a word)
+        last += (
+            f"<li>note: the two runs trained on different data ({html.escape(str(data[0]))} and "
+            f"{html.escape(str(data[1]))}): their curves and counts are not of one data set</li>"
+        )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR}<title>llp_fast run analysis</title>"
         "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}figure{display:inline-block;"

@@ -292,3 +292,15 @@ def test_the_class_map_takes_at_most_twenty_classes(tmp_path, capsys):
 
     with pytest.raises(ValueError, match=r"--classes must lie in 1..20"):
         analyze(str(tmp_path / "llp"), n_classes=200)
+
+
+def test_a_comparison_of_runs_on_different_data_says_so(tmp_path):
+    from llp_fast.analyze import write_index
+
+    def run(name, data):
+        return {"name": name, "metrics": [{"epoch": 1, "test_top1": 0.5}], "bank": None, "config": {"data": data}}
+
+    page = write_index(tmp_path, [], [run("a", "digits"), run("b", "folder:/x<y>")]).read_text()
+    assert "note: the two runs trained on different data (digits and folder:/x&lt;y&gt;)" in page, page
+    page = write_index(tmp_path, [], [run("a", "digits"), run("b", "digits")]).read_text()
+    assert "different data" not in page
