@@ -59,15 +59,16 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     for n, row in enumerate(rows, 1):  # (a row without its epoch was a KeyError traceback)
         if isinstance(row.get("epoch"), bool) or not isinstance(row.get("epoch"), int):
             raise AnalyzeError(f"{metrics_path}: row {n} has no whole-number 'epoch' (not a run's metrics)")
-    bank, config = None, {}
+    bank, config, saved = None, {}, None
     ckpt_path = run / CHECKPOINT
     if ckpt_path.exists():
         ckpt = checkpoint.load(str(ckpt_path), need=("config", "bank", "targets"))  # verified
         config = ckpt["config"]
+        saved = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None
         if ckpt["bank"] is not None:
             bank = _bank_state(ckpt, str(run))
     # (the folder's own name: "." and ".." named the run "" and "..")
-    return {"name": run.resolve().name or str(run), "metrics": rows, "bank": bank, "config": config}
+    return {"name": run.resolve().name or str(run), "metrics": rows, "bank": bank, "config": config, "saved": saved}
 
 
 def _bank_state(ckpt: dict, run_dir: str) -> dict:
@@ -274,6 +275,14 @@ def write_index(out: Path, figures: list[tuple[str, str]], runs) -> Path:
         f"<li>{html.escape(r['name'])}: epoch {html.escape(str(r['metrics'][-1].get('epoch')))}, held-out top-1 "
         f"{html.escape(str(r['metrics'][-1].get('test_top1')))}"
         + (" (no bank in a checkpoint: its curves only, no densities or map)" if r.get("bank") is None else "")
+        + (
+            f" (its bank is the checkpoint's, after epoch {r['saved']}: the run stopped before epoch "
+            f"{r['metrics'][-1].get('epoch')}'s checkpoint, and a resume trains that epoch again)"
+            if r.get("bank") is not None
+            and r.get("saved") is not None
+            and r["saved"] < r["metrics"][-1].get("epoch", 0)
+            else ""
+        )
         + "</li>"
         for r in runs
     )

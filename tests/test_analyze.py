@@ -304,3 +304,19 @@ def test_a_comparison_of_runs_on_different_data_says_so(tmp_path):
     assert "note: the two runs trained on different data (digits and folder:/x&lt;y&gt;)" in page, page
     page = write_index(tmp_path, [], [run("a", "digits"), run("b", "digits")]).read_text()
     assert "different data" not in page
+
+
+def test_a_bank_older_than_the_metrics_is_said(tmp_path):
+    """Stopped between an epoch's metrics row and its checkpoint (a SIGKILL), the page drew three
+    epochs of curves beside the epoch-2 bank without a word."""
+    bank = _make_run(tmp_path / "run")  # metrics for 3 epochs
+    targets = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"), need=("targets",))["targets"]
+    state = {"bank": {"pieces": [bank.rows_state()]}, "targets": targets, "config": {"t": 5, "tau": 0.1}, "epoch": 2}
+    checkpoint.save(state, str(tmp_path / "run" / "checkpoint.pt"))
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "(its bank is the checkpoint's, after epoch 2: the run stopped before epoch 3's checkpoint" in page
+    state["epoch"] = 3
+    checkpoint.save(state, str(tmp_path / "run" / "checkpoint.pt"))
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert "the run stopped before" not in (tmp_path / "out" / "index.html").read_text()
