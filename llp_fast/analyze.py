@@ -117,9 +117,8 @@ def _save(fig, path) -> None:
 
 
 def _shown(name: str) -> str:
-    """A run's name as matplotlib draws it: ``$`` kept literal (``a$x$`` was math notation, and
-    ``a$\\alpha_$`` a parse error's traceback) and a leading ``_`` shown (matplotlib leaves such a
-    label out of the legend)."""
+    """A run's name as matplotlib draws it: ``$`` literal (it was math notation, or a traceback) and
+    a leading ``_`` shown (matplotlib leaves such a label out of the legend)."""
     name = name.replace("$", r"\$")
     return " " + name if name.startswith("_") else name
 
@@ -266,32 +265,29 @@ def plot_aggregation_hist(runs, path):
     plt.close(fig)
 
 
+def _run_line(r: dict) -> str:
+    """A run's item on the page: its last epoch's accuracy, and what its pictures lack."""
+    last, notes = r["metrics"][-1], []
+    if r.get("bank") is None:
+        notes.append("no bank in a checkpoint: its curves only, no densities or map")
+    elif r.get("saved") is not None and r["saved"] < last.get("epoch", 0):
+        notes.append(
+            f"its bank is the checkpoint's, after epoch {r['saved']}: the run stopped before epoch "
+            f"{last.get('epoch')}'s checkpoint, and a resume trains that epoch again"
+        )
+    text = f"{r['name']}: epoch {last.get('epoch')}, held-out top-1 {last.get('test_top1')}"
+    return f"<li>{html.escape(text + ''.join(f' ({n})' for n in notes), quote=False)}</li>"
+
+
 def write_index(out: Path, figures: list[tuple[str, str]], runs) -> Path:
     items = "\n".join(
         f'<figure><img src="{html.escape(f)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
         for f, c in figures
     )
-    last = "".join(
-        f"<li>{html.escape(r['name'])}: epoch {html.escape(str(r['metrics'][-1].get('epoch')))}, held-out top-1 "
-        f"{html.escape(str(r['metrics'][-1].get('test_top1')))}"
-        + (" (no bank in a checkpoint: its curves only, no densities or map)" if r.get("bank") is None else "")
-        + (
-            f" (its bank is the checkpoint's, after epoch {r['saved']}: the run stopped before epoch "
-            f"{r['metrics'][-1].get('epoch')}'s checkpoint, and a resume trains that epoch again)"
-            if r.get("bank") is not None
-            and r.get("saved") is not None
-            and r["saved"] < r["metrics"][-1].get("epoch", 0)
-            else ""
-        )
-        + "</li>"
-        for r in runs
-    )
-    data = [r.get("config", {}).get("data") for r in runs]
+    last = "".join(_run_line(r) for r in runs)
+    data = [str(r.get("config", {}).get("data") or "") for r in runs]
     if len(runs) == 2 and all(data) and data[0] != data[1]:  # (overlaid without a word)
-        last += (
-            f"<li>note: the two runs trained on different data ({html.escape(str(data[0]))} and "
-            f"{html.escape(str(data[1]))}): their curves and counts are not of one data set</li>"
-        )
+        last += f"<li>{html.escape(f'note: the two runs trained on different data ({data[0]} and {data[1]})')}</li>"
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR}<title>llp_fast run analysis</title>"
         "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}figure{display:inline-block;"
@@ -311,8 +307,7 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
             runs.append(read_run(compare))
         except UserError as e:  # which of the two runs it is (the message names only its path)
             raise type(e)(f"--compare: {e}") from None
-    if len(runs) == 2 and runs[0]["name"] == runs[1]["name"]:
-        runs[1]["name"] += " (compare)"
+    runs[1:] = [dict(r, name=r["name"] + " (compare)") if r["name"] == runs[0]["name"] else r for r in runs[1:]]
     if not 1 <= n_classes <= MAX_MAP_CLASSES:  # (200 drew ten colours over 200 classes, a legend cut at 25)
         raise ConfigError(f"--classes must lie in 1..{MAX_MAP_CLASSES} (one colour a class), got {n_classes}")
     final = Path(out) if out else Path(run_dir) / "analysis"
@@ -323,12 +318,10 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
     # A folder of the user's: its pictures of these names were overwritten, and those this run does
     # not draw removed, without a word. Only an earlier analysis (its page says so) is replaced.
     earlier = _is_analysis(final)
-    taken = [n for n in ("index.html", *FIGURES) if (final / n).exists()] if not earlier else []
+    taken = [n for n in ("index.html", *FIGURES) if (final / n).exists() and not earlier]
     if taken:
-        raise AnalyzeError(
-            f"--out {final}: it holds {taken[0]}, which is not from an earlier llp-fast-analyze page; give another "
-            "folder (nothing was written)"
-        )
+        name = f"{taken[0]}, which is not from an earlier llp-fast-analyze page"
+        raise AnalyzeError(f"--out {final}: it holds {name}; give another folder (nothing was written)")
     # Everything is drawn into a temporary folder beside the output and moved into it at the end: an
     # error or an interrupt leaves the output as it was (the CLI says "nothing was written").
     # A failure names the output the user asked for, never the temporary folder.
@@ -371,13 +364,9 @@ GENERATOR = "<meta name='generator' content='llp-fast-analyze'>"  # what marks a
 
 
 def _is_analysis(folder: Path) -> bool:
-    """Whether ``folder`` holds an earlier analysis (its index.html carries :data:`GENERATOR`, or
-    the title pages of earlier versions had)."""
-    try:
-        with open(folder / "index.html", encoding="utf-8", errors="replace") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
+    """Whether ``folder`` holds an earlier analysis (by its page's :data:`GENERATOR`, or title)."""
+    page = folder / "index.html"
+    head = page.read_text(encoding="utf-8", errors="replace")[:4096] if page.is_file() else ""
     return GENERATOR in head or "<title>llp_fast run analysis</title>" in head
 
 
