@@ -198,7 +198,10 @@ def test_under_nohup_the_launcher_leaves_sighup_ignored(data, tmp_path):
     _, err = proc.communicate(timeout=120)
     err = err.decode()
     assert proc.returncode == 130, err[-3000:]
-    assert "checkpoint saved in" in err and "--resume" in err, err[-3000:]
+    # (sent as an epoch's metrics line appears, the signal may find the ranks in the pass after it,
+    # where they stand at their last checkpoint and stop at once, saying so: both lines resume)
+    said = "checkpoint saved in" in err or "the last complete checkpoint (epoch" in err
+    assert said and "--resume" in err, err[-3000:]
 
 
 @pytest.mark.slow
