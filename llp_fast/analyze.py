@@ -307,7 +307,8 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
             runs.append(read_run(compare))
         except UserError as e:  # which of the two runs it is (the message names only its path)
             raise type(e)(f"--compare: {e}") from None
-    runs[1:] = [dict(r, name=r["name"] + " (compare)") if r["name"] == runs[0]["name"] else r for r in runs[1:]]
+    if len(runs) == 2 and runs[0]["name"] == runs[1]["name"]:
+        runs[1]["name"] += " (compare)"
     if not 1 <= n_classes <= MAX_MAP_CLASSES:  # (200 drew ten colours over 200 classes, a legend cut at 25)
         raise ConfigError(f"--classes must lie in 1..{MAX_MAP_CLASSES} (one colour a class), got {n_classes}")
     final = Path(out) if out else Path(run_dir) / "analysis"
@@ -318,7 +319,7 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
     # A folder of the user's: its pictures of these names were overwritten, and those this run does
     # not draw removed, without a word. Only an earlier analysis (its page says so) is replaced.
     earlier = _is_analysis(final)
-    taken = [n for n in ("index.html", *FIGURES) if (final / n).exists() and not earlier]
+    taken = [n for n in ("index.html", *FIGURES) if (final / n).exists()] if not earlier else []
     if taken:
         name = f"{taken[0]}, which is not from an earlier llp-fast-analyze page"
         raise AnalyzeError(f"--out {final}: it holds {name}; give another folder (nothing was written)")
