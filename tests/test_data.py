@@ -180,7 +180,7 @@ def test_non_square_arrays_get_the_same_defaults_whichever_way_round(tmp_path):
         # it trained and reported 100%
         ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.zeros(4, int)}, "one class only"),
         # 2**63 wrapped to a negative id: the row became unlabeled
-        ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.array([0, 1, 2**63, 0], np.uint64)}, "above 2"),
+        ({"x": np.zeros((4, 5, 5), np.uint8), "y": np.array([0, 1, 2**63, 0], np.uint64)}, "beyond int64"),
     ],
 )
 def test_npz_bad_arrays(tmp_path, arrays, match):

@@ -379,11 +379,11 @@ def test_label_shards_of_int64_and_uint64_keep_their_values(tmp_path):
     np.save(tmp_path / "l" / "b.npy", np.array([1], np.uint64))
     assert read_labels(str(tmp_path / "l")).tolist() == [2**60 + 1, 0, 1]  # not 2**60 via float64
     np.save(tmp_path / "l" / "b.npy", np.array([2**63], np.uint64))
-    with pytest.raises(DataError, match=r"b\.npy: holds values beyond int64"):
+    with pytest.raises(DataError, match=r"b\.npy holds values beyond int64"):
         read_labels(str(tmp_path / "l"))
     # -1 saved as uint8 is 255: every row read as labeled, class 255 ("labeled 0 of N rows", exit 0)
     np.save(tmp_path / "u8.npy", np.array([0, 1, 255, 255], np.uint8))
-    with pytest.raises(DataError, match=r"u8\.npy: uint8 cannot hold -1 \(unlabeled\), and its 255 entries"):
+    with pytest.raises(DataError, match=r"u8\.npy is uint8, which cannot hold -1 \(unlabeled\): its 255 entries"):
         read_labels(str(tmp_path / "u8.npy"))
     np.save(tmp_path / "u8.npy", np.array([0, 1, 254], np.uint8))
     assert read_labels(str(tmp_path / "u8.npy")).tolist() == [0, 1, 254]

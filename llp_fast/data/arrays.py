@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import _optional
 from .._device import memory_format
+from .._labels import int64_labels
 from . import DataError, DataFacts, Split, make_split, untested_note
 from . import strong as strong_views
 
@@ -72,18 +73,7 @@ def _npz(path: str):
                 f"{path}: {yk!r} must be a 1-D integer array with one label per image of {xk!r} ({x.shape[0]}), "
                 f"got {y.dtype} {y.shape}"
             )
-        if (y < -1).any():
-            raise DataError(f"{path}: {yk!r} holds values below -1 (-1 marks unlabeled)")
-        if y.size and y.dtype.kind == "u" and y.max() > np.iinfo(np.int64).max:  # they would wrap to < 0
-            raise DataError(f"{path}: {yk!r} holds values above 2**63 - 1")
-        if y.size and y.dtype.kind == "u" and y.max() == np.iinfo(y.dtype).max and yk == "y":
-            # (255 read as a fifth class: "class ids must be 0..S-1 ... the labels hold 255")
-            raise DataError(
-                f"{path}: 'y' is {y.dtype}, which cannot hold -1 (unlabeled): its {y.max()} entries are most likely "
-                "-1s that wrapped round; save y as a signed integer (y.astype(np.int64) before the cast; if "
-                f"{y.max()} is a class, as a wider type)"
-            )
-        return x, y.astype(np.int64)
+        return x, int64_labels(y, f"{path}: {yk!r}", unlabeled=yk == "y")
 
     x, y = check("x", "y")
     if "x_test" in arrays:

@@ -17,6 +17,7 @@ import re
 import numpy as np
 import torch
 
+from .._labels import int64_labels
 from .._npy import read_header
 from ..errors import DataError
 
@@ -246,29 +247,14 @@ def read_labels(data, n: int | None = None) -> np.ndarray:
                 hint = hint if len(f.shape) == 1 and f.dtype.kind == "f" else ""
                 raise DataError(f"labels {f.path}: expected a 1-D integer array (N,), got {f.dtype} {f.shape}{hint}")
         # Each shard to int64 on its own: concatenating int64 with uint64 would go through float64.
-        parts = [_int64_labels(f.read(0, f.shape[0]), f"labels {f.path}") for f in files]
+        parts = [int64_labels(f.read(0, f.shape[0]), f"labels {f.path}") for f in files]
         labels = np.concatenate(parts) if parts else np.empty(0, np.int64)
         name = f"labels {os.fspath(data)}"
     else:
         arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise DataError(f"labels: expected a 1-D integer array (N,), got {arr.dtype} {arr.shape}")
-        labels, name = _int64_labels(arr, "labels"), "labels"
+        labels, name = int64_labels(arr, "labels"), "labels"
     if n is not None and labels.shape[0] != n:
         raise DataError(f"{name}: expected {n} entries (one per embedding), got {labels.shape[0]}")
-    return labels
-
-
-def _int64_labels(arr: np.ndarray, name: str) -> np.ndarray:
-    if arr.dtype.kind == "u" and arr.size and int(arr.max()) == np.iinfo(arr.dtype).max:
-        # (-1 saved as uint8 is 255: every row read as labeled with a class 255, "labeled 0 of N rows")
-        raise DataError(
-            f"{name}: {arr.dtype} cannot hold -1 (unlabeled), and its {arr.max()} entries are most likely -1s that "
-            f"wrapped round: save the labels as a signed integer (if {arr.max()} is a class, as a wider type)"
-        )
-    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-        raise DataError(f"{name}: holds values beyond int64")
-    labels = arr.astype(np.int64)
-    if labels.size and int(labels.min()) < -1:
-        raise DataError(f"{name}: holds values below -1 (-1 marks unlabeled)")
     return labels
