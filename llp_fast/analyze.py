@@ -18,12 +18,12 @@ D_i in ``density.png`` is recomputed from the final bank with :func:`llp_fast.lo
 between an LLP and a NoDW run, which stores no densities. ``corr.png`` plots the run's own
 ``corr_density_count`` (metrics.jsonl): the mean of each class's stored log-densities, those the
 epoch's votes used (the run's pool), against Q_i. The two are different measures of the same
-relation and their r can differ, in sign too; both figures say which is shown.
+relation and their r can differ, in sign too; both figures say which is shown. The page that
+links the pictures is :mod:`llp_fast.analysis_page`.
 """
 
 from __future__ import annotations
 
-import html
 import os
 import shutil
 import tempfile
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from . import _optional
-from ._files import WriteError, atomic_open, write_text
+from ._files import WriteError, atomic_open
+from .analysis_page import is_analysis, write_index
 from .bank import MemoryBank
 from .errors import AnalyzeError, ConfigError, UserError
 from .ops import local_density
@@ -265,40 +266,6 @@ def plot_aggregation_hist(runs, path):
     plt.close(fig)
 
 
-def _run_line(r: dict) -> str:
-    """A run's item on the page: its last epoch's accuracy, and what its pictures lack."""
-    last, notes = r["metrics"][-1], []
-    if r.get("bank") is None:
-        notes.append("no bank in a checkpoint: its curves only, no densities or map")
-    elif r.get("saved") is not None and r["saved"] < last.get("epoch", 0):
-        notes.append(
-            f"its bank is the checkpoint's, after epoch {r['saved']}: the run stopped before epoch "
-            f"{last.get('epoch')}'s checkpoint, and a resume trains that epoch again"
-        )
-    text = f"{r['name']}: epoch {last.get('epoch')}, held-out top-1 {last.get('test_top1')}"
-    return f"<li>{html.escape(text + ''.join(f' ({n})' for n in notes), quote=False)}</li>"
-
-
-def write_index(out: Path, figures: list[tuple[str, str]], runs) -> Path:
-    items = "\n".join(
-        f'<figure><img src="{html.escape(f)}" alt="{html.escape(c)}"><figcaption>{html.escape(c)}</figcaption></figure>'
-        for f, c in figures
-    )
-    last = "".join(_run_line(r) for r in runs)
-    data = [str(r.get("config", {}).get("data") or "") for r in runs]
-    if len(runs) == 2 and all(data) and data[0] != data[1]:  # (overlaid without a word)
-        last += f"<li>{html.escape(f'note: the two runs trained on different data ({data[0]} and {data[1]})')}</li>"
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR}<title>llp_fast run analysis</title>"
-        "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}figure{display:inline-block;"
-        "margin:8px}img{max-width:660px}</style></head><body>"
-        f"<h1>llp_fast run analysis</h1><ul>{last}</ul>{items}</body></html>"
-    )
-    path = out / "index.html"
-    write_text(str(path), page)
-    return path
-
-
 def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: int = 4) -> list[Path]:
     """Writes the pictures and index.html; returns the written paths."""
     runs = [read_run(run_dir)]
@@ -318,7 +285,7 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
         raise AnalyzeError(f"--out {final}: exists and is not a directory")
     # A folder of the user's: its pictures of these names were overwritten, and those this run does
     # not draw removed, without a word. Only an earlier analysis (its page says so) is replaced.
-    earlier = _is_analysis(final)
+    earlier = is_analysis(final)
     taken = [n for n in ("index.html", *FIGURES) if (final / n).exists()] if not earlier else []
     if taken:
         name = f"{taken[0]}, which is not from an earlier llp-fast-analyze page"
@@ -361,14 +328,6 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
 # already held another run's analysis, the ones not drawn again are removed.
 FIGURES = ("curves.png", "corr.png", "density.png", "q_hist.png", "embedding_map.png", "aggregation_hist.png")
 MAX_MAP_CLASSES = 20  # the embedding map's classes: one colour each (tab20)
-GENERATOR = "<meta name='generator' content='llp-fast-analyze'>"  # what marks a page as ours
-
-
-def _is_analysis(folder: Path) -> bool:
-    """Whether ``folder`` holds an earlier analysis (by its page's :data:`GENERATOR`, or title)."""
-    page = folder / "index.html"
-    head = page.read_text(encoding="utf-8", errors="replace")[:4096] if page.is_file() else ""
-    return GENERATOR in head or "<title>llp_fast run analysis</title>" in head
 
 
 def _draw(runs, out: Path, method: str, n_classes: int):

@@ -168,7 +168,7 @@ def test_an_interrupted_or_failed_analysis_leaves_its_folder_as_it_was(tmp_path,
 
 
 def test_metrics_values_are_escaped_in_the_index(tmp_path):
-    from llp_fast.analyze import write_index
+    from llp_fast.analysis_page import write_index
 
     runs = [{"name": "<b>run</b>", "metrics": [{"epoch": "<script>alert(1)</script>", "test_top1": "<i>x</i>"}]}]
     page = write_index(tmp_path, [("curves.png", 'caption "<q>"')], runs).read_text()
@@ -295,7 +295,7 @@ def test_the_class_map_takes_at_most_twenty_classes(tmp_path, capsys):
 
 
 def test_a_comparison_of_runs_on_different_data_says_so(tmp_path):
-    from llp_fast.analyze import write_index
+    from llp_fast.analysis_page import write_index
 
     def run(name, data):
         return {"name": name, "metrics": [{"epoch": 1, "test_top1": 0.5}], "bank": None, "config": {"data": data}}

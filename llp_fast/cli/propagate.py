@@ -63,7 +63,7 @@ def _label(args) -> int:
     n, m = rows.n, int((labels >= 0).sum())
     if m == 0:  # (before anything that would say something else first)
         raise DataError(f"labels {args.labels} hold no labeled row (no entry >= 0)")
-    if args.drop_suspects and round(args.drop_suspects * m) >= m:
+    if args.drop_suspects and suspects.drops_asked(args.drop_suspects, m) >= m:
         raise ConfigError(
             f"--drop-suspects {args.drop_suspects:g}: would drop all {m} labeled rows of {args.labels}; give a "
             "smaller fraction"
@@ -84,7 +84,7 @@ def _label(args) -> int:
             ranked[k] = suspects.suspects_of(rows, labels, result, settings, comm=comm, progress=progress)
     if args.drop_suspects:
         used, dropped = suspects.drop_worst(labels, ranked[None], args.drop_suspects)
-        asked = int(round(args.drop_suspects * m))
+        asked = suspects.drops_asked(args.drop_suspects, m)
         clean = f"; the other {asked - len(dropped)} of the {asked} asked show no sign of a wrong label: kept"
         if len(dropped):
             results = {None: Engine(rows, used, settings, comm=comm, progress=progress).run(**extras)}

@@ -244,12 +244,18 @@ def suspects_of(rows: Rows, labels: np.ndarray, result, settings, *, comm=None, 
     )
 
 
+def drops_asked(fraction: float, m: int) -> int:
+    """How many of ``m`` labeled rows ``--drop-suspects fraction`` asks to drop: ``round(fraction * m)``
+    (Python's rounding, half to even), the count :func:`drop_worst` drops at most."""
+    return int(round(fraction * m))
+
+
 def drop_worst(labels: np.ndarray, suspects: Suspects, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """``labels`` with the most suspect ``round(fraction * M)`` labeled rows made unlabeled (-1), and
     those rows; only rows with some sign of a wrong label (score < 0, quality < 1) go: the rows
     of score 0 tie, and a fraction beyond the flagged ones dropped clean labels by row index (a
     whole class of them once)."""
-    n_drop = min(int(round(fraction * len(suspects.rows))), int((suspects.score < 0).sum()))
+    n_drop = min(drops_asked(fraction, len(suspects.rows)), int((suspects.score < 0).sum()))
     dropped = np.sort(suspects.rows[:n_drop])
     out = labels.copy()
     out[dropped] = -1
