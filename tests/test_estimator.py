@@ -287,6 +287,18 @@ def test_labels_of_several_types_are_named():
         LocalLabelPropagation().fit(x, y)
 
 
+def test_a_wrapped_unlabeled_mark_is_refused_as_on_the_command_line():
+    """-1 cast to uint8 is 255: it was fitted as a class 255, every row labeled, where the command
+    line refuses the same labels saved to a file."""
+    x, y = _small()
+    y = y.copy()
+    y[::3] = -1
+    with pytest.raises(ValueError, match=r"^y is uint8, which cannot hold -1 \(unlabeled\): its 255 entries"):
+        LocalLabelPropagation().fit(x, y.astype(np.uint8))
+    kept = LocalLabelPropagation().fit(x, np.where(y < 0, 254, y).astype(np.uint8))  # 254: a class
+    assert 254 in kept.classes_ and kept.classes_.dtype == np.uint8
+
+
 def test_no_new_row_is_an_empty_answer_as_on_the_command_line():
     x, y = _small()
     clf = LocalLabelPropagation().fit(x, y)

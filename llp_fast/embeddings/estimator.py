@@ -34,7 +34,16 @@ _DEFAULT = Settings()
 def _unlabeled(y: np.ndarray) -> np.ndarray:
     """Where ``y`` is -1 (the unlabeled mark), for numeric, string and object label arrays. The
     mark is the number -1 (scikit-learn's semi-supervised convention); a label that is the text
-    "-1" is refused: it would be a class of its own, every row labeled."""
+    "-1" is refused: it would be a class of its own, every row labeled; so is an unsigned ``y`` that
+    holds its dtype's largest value (-1 cast to uint8 is 255: a class of its own, every row labeled;
+    the command line refuses the same files)."""
+    if y.dtype.kind == "u" and y.size and int(y.max()) == np.iinfo(y.dtype).max:
+        top = int(y.max())
+        raise ValueError(
+            f"y is {y.dtype}, which cannot hold -1 (unlabeled): its {top} entries are most likely -1s that wrapped "
+            f"round; give y as a signed integer (.astype(np.int64) before any cast to {y.dtype}; if {top} is a "
+            "class, as a wider type)"
+        )
     if y.dtype.kind in "iuf":
         return y == -1
     if y.dtype.kind in "OUS":
