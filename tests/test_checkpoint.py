@@ -203,3 +203,26 @@ def test_history_travels_in_the_checkpoint(finished_run):
     ckpt = checkpoint.load(os.path.join(finished_run, CHECKPOINT))
     rows = read_metrics(os.path.join(finished_run, METRICS))
     assert json.loads(json.dumps(ckpt["history"])) == rows
+
+
+def test_a_stale_bank_file_that_cannot_go_names_the_run_directory(tmp_path, monkeypatch, capsys):
+    """A run directory that became read-only: removing an earlier checkpoint's bank file read
+    "RUN/bank-3-r0.pt: Permission denied", with no word of what was being done."""
+    import errno
+
+    (tmp_path / "bank-3-r0.pt").write_bytes(b"x")
+    real = os.remove
+
+    def refuse(path, *a, **k):
+        if os.path.basename(path).startswith("bank-"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "remove", refuse)
+    with pytest.raises(OSError) as info:
+        checkpoint.sweep(str(tmp_path), None)
+    assert str(info.value) == (
+        f"cannot write {tmp_path}: Permission denied; removing bank-3-r0.pt, a bank file no checkpoint lists"
+    )
+    monkeypatch.setattr(os, "remove", real)
+    assert checkpoint.sweep(str(tmp_path), None) == [str(tmp_path / "bank-3-r0.pt")]

@@ -325,9 +325,13 @@ def remove_stale_bank_files(run_dir: str, entry: dict | None) -> list[str]:
     removed = []
     for name in os.listdir(run_dir):
         if _BANK_FILE.match(name) and name not in keep:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.remove(os.path.join(run_dir, name))
-                removed.append(os.path.join(run_dir, name))
+            except FileNotFoundError:
+                continue
+            except OSError as e:  # (it read "RUN/bank-3-r0.pt: Permission denied", no word of what was done)
+                raise WriteError(run_dir, e, f"removing {name}, a bank file no checkpoint lists") from e
+            removed.append(os.path.join(run_dir, name))
     return removed
 
 
