@@ -34,7 +34,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "LocalLabelPropagation",
     "MemoryBank",
     "aggregation_loss",
     "backends",
@@ -44,3 +43,11 @@ __all__ = [
     "topk_scores",
     "__version__",
 ]
+# The estimator joins ``from llp_fast import *`` only where scikit-learn is installed (without it
+# the star import failed on its one-line "needs sklearn"); ``dir()`` lists both lazy names.
+if __import__("importlib.util").util.find_spec("sklearn") is not None:
+    __all__.insert(0, "LocalLabelPropagation")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"LocalLabelPropagation", "train"})

@@ -117,9 +117,11 @@ def _back(t, kind: str):
 
 def accepts_arrays(*names: str):
     """Decorator: converts the named arguments from NumPy/CuPy to torch, and converts the
-    result back to the kind of the first named argument that was given as an array. A result
-    that carries a gradient (``aggregation_loss`` of a torch ``v`` that requires grad, with
-    NumPy labels) stays a torch tensor: an array would drop the gradient without a word."""
+    result back to the kind of the first named argument that was given as an array, where no
+    named argument is a torch tensor: a call with any torch tensor returns torch (embeddings kept
+    in torch with labels from NumPy got NumPy back, and ``aggregation_loss`` then returned torch
+    while its ``v`` required grad and NumPy under ``torch.no_grad``: one call, two types). A
+    result that carries a gradient stays a torch tensor whatever came in."""
 
     def wrap(fn):
         sig = inspect.signature(fn)
@@ -127,16 +129,17 @@ def accepts_arrays(*names: str):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             bound = sig.bind(*args, **kwargs)
-            out_kind = None
+            out_kind, any_torch = None, False
             for name in names:
                 if name in bound.arguments and bound.arguments[name] is not None:
                     value = bound.arguments[name]
+                    any_torch = any_torch or isinstance(value, torch.Tensor)
                     kind = array_kind(value)
                     if out_kind is None and kind in ("numpy", "cupy"):
                         out_kind = kind
                     bound.arguments[name] = to_torch(value, name)
             result = fn(*bound.args, **bound.kwargs)
-            return result if out_kind is None else _back(result, out_kind)
+            return result if out_kind is None or any_torch else _back(result, out_kind)
 
         return inner
 

@@ -12,6 +12,7 @@ import math
 import numbers
 import weakref
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -27,10 +28,14 @@ def tensor(x, name: str) -> torch.Tensor:
     an array that arrives here was passed where only torch is taken (``MemoryBank``'s methods)."""
     if not isinstance(x, torch.Tensor):
         lib = type(x).__module__.split(".")[0]
+        if isinstance(x, np.generic):  # (np.float32(1.0) read "got a numpy array (convert it with torch.from_numpy)")
+            raise TypeError(f"{name} must be an array or tensor, got the NumPy scalar {x!r}")
         if lib in ("numpy", "cupy"):
             how = "torch.from_numpy" if lib == "numpy" else "torch.from_dlpack"
             raise TypeError(f"{name} must be a torch.Tensor here, got a {lib} array (convert it with {how})")
         raise TypeError(f"{name} must be a torch.Tensor, numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
+    if x.layout != torch.strided:  # (torch's own "Could not run 'aten::aminmax' ... 'SparseCPU' backend")
+        raise TypeError(f"{name} is a {x.layout} tensor: pass a dense one ({name}.to_dense())")
     return x
 
 

@@ -123,3 +123,9 @@ def test_each_command_works_or_names_the_extra(bare):
     code = "import llp_fast\ntry:\n    llp_fast.LocalLabelPropagation\nexcept ImportError as e:\n    print(e)\n"
     rc, out, err = _run(bare, py, "-c", code)
     assert rc == 0 and out.strip() == "llp_fast.LocalLabelPropagation needs sklearn: pip install 'llp_fast[sklearn]'"
+    # the star import takes what is there (it failed on the estimator's ImportError); dir() lists it
+    code = (
+        "import llp_fast\nfrom llp_fast import *\nprint(propagate.__name__, 'LocalLabelPropagation' in dir(llp_fast))"
+    )
+    rc, out, err = _run(bare, py, "-c", code)
+    assert rc == 0 and out.strip() == "propagate True", err

@@ -30,11 +30,19 @@ def test_numpy_round_trip():
     assert isinstance(loss, np.ndarray) and loss.shape == (9,)
 
 
-def test_mixed_numpy_and_torch_follow_the_first_array():
+def test_a_call_with_any_torch_tensor_returns_torch():
+    """Embeddings in torch with labels from NumPy got NumPy back, and aggregation_loss returned torch
+    while v required grad and NumPy under no_grad: the same call, two types."""
     q, lab = unit(3, 4), unit(6, 4).numpy()
-    cls = torch.tensor([0, 1, 0, 1, 0, 1])
-    labels, _ = llp_fast.propagate(q, lab, cls, k=2, num_classes=2)
-    assert isinstance(labels, np.ndarray)
+    cls = np.array([0, 1, 0, 1, 0, 1])
+    labels, conf = llp_fast.propagate(q, lab, cls, k=2, num_classes=2)
+    assert isinstance(labels, torch.Tensor) and isinstance(conf, torch.Tensor)
+    v = unit(2, 4).requires_grad_()
+    bank = unit(6, 4)
+    assert isinstance(llp_fast.aggregation_loss(v, bank, cls, cls[:2]), torch.Tensor)
+    with torch.no_grad():
+        assert isinstance(llp_fast.aggregation_loss(v, bank, cls, cls[:2]), torch.Tensor)
+    assert isinstance(llp_fast.local_density(unit(3, 4).numpy(), lab, t=2), np.ndarray)  # arrays only: arrays
 
 
 def _cupy():

@@ -58,6 +58,12 @@ PROPAGATE_CASES = [
     (dict(labeled_classes=CLS.to(torch.uint16)), TypeError, "cast wider unsigned ones to int64"),
     (dict(k=b"\x02\x03"), TypeError, "k must be an int or a sequence of ints"),
     (dict(k=np.array([2, 3])), TypeError, "k must be an int or a sequence of ints (a tuple or a list), got ndarray"),
+    # torch's "Could not run 'aten::as_strided' with arguments from the 'SparseCPU' backend"
+    (dict(queries=Q.to_sparse()), TypeError, "queries is a torch.sparse_coo tensor: pass a dense one"),
+    (dict(labeled_classes=CLS.to_sparse()), TypeError, "labeled_classes is a torch.sparse_coo tensor"),
+    (dict(labeled=L.to_sparse_csr()), TypeError, "labeled is a torch.sparse_csr tensor"),
+    # it said "got a numpy array (convert it with torch.from_numpy)", which the op takes
+    (dict(queries=np.float32(1.0)), TypeError, "queries must be an array or tensor, got the NumPy scalar"),
 ]
 if torch.cuda.is_available():
     PROPAGATE_CASES.append((dict(queries=Q.cuda()), ValueError, "queries is on cuda"))
@@ -350,7 +356,8 @@ def test_a_loss_with_a_gradient_stays_torch_with_numpy_labels():
     loss.sum().backward()
     assert v.grad is not None and bool(torch.isfinite(v.grad).all())
     plain = llp_fast.aggregation_loss(Q, L, CLS.numpy(), CLS[:4].numpy())
-    assert isinstance(plain, np.ndarray)
+    assert isinstance(plain, torch.Tensor)  # torch in, torch out, with a gradient or without
+    assert isinstance(llp_fast.aggregation_loss(Q.numpy(), L.numpy(), CLS.numpy(), CLS[:4].numpy()), np.ndarray)
 
 
 SCORE_CASES = [
