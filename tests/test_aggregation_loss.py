@@ -101,6 +101,25 @@ def test_gradcheck_float64(tiles):
     assert torch.autograd.gradcheck(f, (v,))
 
 
+def test_forward_mode_and_torch_func_are_refused_in_one_line():
+    """A JVP came out as zeros (torch.func.jvp), or with no tangent (forward_ad), without a word (the
+    op registers a backward only); torch.func.grad and vjp ended in torch's setup_context error."""
+    from torch.autograd import forward_ad
+
+    v, bank, bank_labels, targets = _inputs(3, 11, 4, 2, torch.float64)
+    f = lambda x: llp_fast.aggregation_loss(x, bank, bank_labels, targets, tau=0.3).sum()
+    ones = torch.ones_like(v)
+    for transform in (
+        lambda: torch.func.jvp(f, (v,), (ones,)),
+        lambda: torch.func.grad(f)(v),
+        lambda: torch.func.vjp(f, v),
+    ):
+        with pytest.raises(NotImplementedError, match="take its gradient with backward"):
+            transform()
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"), forward_ad.dual_level():
+        f(forward_ad.make_dual(v, ones))
+
+
 def test_bank_gets_no_gradient():
     v, bank, bank_labels, targets = _inputs(4, 10, 3, 2, torch.float32)
     bank.requires_grad_()

@@ -17,6 +17,7 @@ Triton kernel serves it; its reference body takes two passes).
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from .. import _validate as check
 from .._interop import accepts_arrays
@@ -144,6 +145,12 @@ aggregation_loss_fused_op.register_autograd(_fused_backward, setup_context=_fuse
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _transformed(v: torch.Tensor) -> bool:
+    """Whether ``v`` is a torch.func transform's wrapper (vmap, grad, jvp, vjp)."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(wrapped(v)) if wrapped is not None else False
+
+
 @accepts_arrays("v", "bank", "bank_labels", "targets")
 def aggregation_loss(v, bank, bank_labels, targets, *, tau: float = 0.07, check_finite: bool = True):
     """``L_A(v) = -logsumexp_{j: l_j = target}(v . m_j / tau) + logsumexp_j(v . m_j / tau)``.
@@ -166,6 +173,14 @@ def aggregation_loss(v, bank, bank_labels, targets, *, tau: float = 0.07, check_
         not read the bank again.
     """
     check.embeddings(v, "v")
+    if not check.tracing() and (forward_ad.unpack_dual(v).tangent is not None or _transformed(v)):
+        # (the op registers a backward only: a JVP came out as zeros, or with no tangent, without a
+        # word; torch.func's grad and vjp ended in torch's "must override the setup_context")
+        raise NotImplementedError(
+            "aggregation_loss has no forward-mode derivative and does not run under torch.func transforms "
+            "(jvp, jacfwd, vmap, grad, vjp; torch.autograd.forward_ad): take its gradient with backward() or "
+            "torch.autograd.grad"
+        )
     check.embeddings(bank, "bank", allow_empty=False)
     check.same_space(bank, "bank", v, "v")
     tau = check.temperature(tau)
