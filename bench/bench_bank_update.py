@@ -129,6 +129,11 @@ def main(argv=None):
         help="results folder (default: $OUT when set, else bench/results)",
     )
     args = p.parse_args(argv)
+    for flag in ("n", "b", "d", "reps"):  # (--reps 0: "no median for empty data" after the warm-up)
+        if getattr(args, flag) < 1:
+            p.error(f"argument --{flag}: must be at least 1, got {getattr(args, flag)}")
+    if args.b > args.n:  # (the op's own error, a traceback)
+        p.error(f"argument --b: a batch of {args.b} rows needs a bank of at least as many (--n {args.n})")
     if not 1 <= args.repeats <= args.b // 2:  # indices[-r:] = indices[:r]: 0 copied the whole batch over itself
         p.error(f"argument --repeats: from 1 to half the batch --b ({args.b // 2}), got {args.repeats}")
     if _ext.load() is None:

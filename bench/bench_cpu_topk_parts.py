@@ -52,6 +52,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args(argv)
+    if args.reps < 1:  # (an IndexError once the inputs were built)
+        ap.error(f"argument --reps: must be at least 1, got {args.reps}")
     torch.set_num_threads(1)
     inputs = {}
     for k in (10, 200):

@@ -562,6 +562,12 @@ def main(argv=None) -> None:
     ap.add_argument("--workdir", default="/tmp/llp_fast_bench_embeddings")
     ap.add_argument("--tag", default=None, help="the results file's tag (default: the host name and CPU kind)")
     args = ap.parse_args(argv)
+    known = ("ops", "faiss", "LabelSpreading", "LabelPropagation")
+    unknown = [m for m in args.methods.split(",") if m not in known and not re.fullmatch(r"cli\d*", m)]
+    if unknown:  # (each ran scikit-learn's LabelPropagation under the misspelt name)
+        ap.error(f"--methods: unknown {', '.join(map(repr, unknown))} (cli1, cli<rounds>, cli, {', '.join(known)})")
+    if args.repeats < 1:  # (medians of no run, written as None, exit 0)
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     args.tag = args.tag or default_tag()
     if args.mode == "_run":
         run_method(*args.rest, threads=args.threads)

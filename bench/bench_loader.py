@@ -136,6 +136,14 @@ def main(argv=None) -> list:
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.workers))
     names = [n for n in args.providers.split(",") if n]
+    unknown = [n for n in names if n not in PROVIDERS]
+    if unknown or not names:  # (a KeyError traceback)
+        p.error(
+            f"argument --providers: unknown {', '.join(map(repr, unknown)) or 'none given'} ({', '.join(PROVIDERS)})"
+        )
+    for flag in ("images", "classes", "batch_size", "reps"):
+        if getattr(args, flag, 1) < 1:
+            p.error(f"argument --{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
     if "dali-cpu" in names and _optional.dali() is None:
         raise SystemExit("dali-cpu: NVIDIA DALI is not installed (pip install 'llp_fast[dali]')")
     with tempfile.TemporaryDirectory() as tmp:

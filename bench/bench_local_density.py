@@ -34,6 +34,7 @@ from llp_fast._topk import log_sum_exp
 from llp_fast.reference import local_density_ref
 
 OP = "local_density"
+SELECTS = True  # common.check: each timed shape's keys too (the CPU kernel's scheme depends on them)
 TAU = 0.07
 Shape = common.Shape
 

@@ -36,6 +36,7 @@ from llp_fast._topk import vote
 from llp_fast.reference import propagate_ref
 
 OP = "propagate"
+SELECTS = True  # common.check: each timed shape's keys too (the CPU kernel's scheme depends on them)
 TAU = 0.07
 Shape = common.Shape
 

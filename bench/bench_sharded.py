@@ -170,6 +170,19 @@ def main(argv=None) -> None:
         help="results folder (default: $OUT when set, else bench/results)",
     )
     args = ap.parse_args(argv)
+    for flag in (
+        "n",
+        "m",
+        "d",
+        "b",
+        "k",
+        "t",
+        "classes",
+        "world",
+        "reps",
+    ):  # (--world 0: torch's set_num_threads error)
+        if getattr(args, flag) < 1:
+            ap.error(f"argument --{flag}: must be at least 1, got {getattr(args, flag)}")
 
     import torch.multiprocessing as mp
 

@@ -30,7 +30,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_embeddings import default_tag, load, write_result  # noqa: E402
+from bench_embeddings import default_tag, load, seeds_arg, write_result  # noqa: E402
 from bench_suspects import SUSPECT_ROWS, flipped_splits, plain_vote_ranking, precision, ranked  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0-4")
+    ap.add_argument("--seeds", type=seeds_arg, default="0-4", help="N, A-B or a comma list of those")
     ap.add_argument("--split", choices=("balanced", "random"), default="balanced")
     ap.add_argument("--folds", type=int, default=0)
     ap.add_argument("--tag", default=None, help="the results file's tag (default: the host name and CPU kind)")

@@ -34,6 +34,7 @@ import llp_fast
 from llp_fast.reference import topk_scores_ref
 
 OP = "topk_scores"
+SELECTS = True  # common.check: each timed shape's keys too (the CPU kernel's scheme depends on them)
 TAU = 0.07
 CHUNKS = 8
 Shape = common.Shape

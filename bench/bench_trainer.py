@@ -78,9 +78,11 @@ def _plan(args) -> list[tuple[str, str]]:
 
 
 def _done(path: str) -> set:
+    """The keys of the runs that finished; a failed run's row (rc != 0, an error) is run again."""
     if not os.path.exists(path):
         return set()
-    return {json.loads(line)["key"] for line in open(path) if line.strip()}
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return {r["key"] for r in rows if r.get("rc", 0) == 0 and "error" not in r}
 
 
 TIMING = ("seconds", "_per_s", "_ms")  # metrics fields that hold times (they differ run to run)
@@ -257,7 +259,7 @@ def main(argv=None) -> None:
     r.add_argument("--settings", default="d2,d10,m2")
     r.add_argument("--variants", default="plus")
     r.add_argument("--seeds", default="0,1,2")
-    r.add_argument("--parallel", type=int, default=2)
+    r.add_argument("--parallel", type=_at_least_one, default=2)
     r.add_argument("--extra", default="", help="more llp-fast-train flags for every run")
     r.add_argument("--plan", default="", help='(setting, variant) pairs in order: "d2:plus,paper;m2:plus"')
     r.add_argument("--tag", default="", help="names the hardware or flags of these runs (part of each key)")
@@ -269,7 +271,28 @@ def main(argv=None) -> None:
     t = sub.add_parser("table")
     t.add_argument("more", nargs="*", help="more JSON-lines files of runs (e.g. a GPU session's)")
     args = ap.parse_args(argv)
+    for flag, names, known in (
+        ("settings", getattr(args, "settings", ""), SETTINGS),
+        ("variants", getattr(args, "variants", ""), VARIANTS),
+    ):
+        unknown = [n for n in names.split(",") if n and n not in known]
+        if unknown:  # (a KeyError traceback)
+            ap.error(f"--{flag}: unknown {', '.join(map(repr, unknown))} (known: {', '.join(known)})")
+    for s, v in _plan(args) if args.cmd == "runs" and args.plan else ():
+        if s not in SETTINGS or v not in VARIANTS:
+            ap.error(f"--plan: unknown setting {s!r} or variant {v!r}")
     {"runs": runs, "pixels": pixels, "table": table}[args.cmd](args)
+
+
+def _at_least_one(text: str) -> int:
+    """``--parallel``: 0 started no run and waited for ever."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 if __name__ == "__main__":

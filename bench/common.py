@@ -585,21 +585,29 @@ def check(bench, dtype: torch.dtype, names, shapes=()) -> None:
     the class count only where the op votes, ``bench.VOTES``); ``bench.compare(out, ref, dtype,
     inputs, shape=, rounded=)`` raises AssertionError with the numbers when they differ, else returns
     them as a line (``rounded``: the provider rounds its scores to a bf16 or fp16 output, ROUNDED).
-    Nothing is timed after a failure."""
+    On CPU, where the op selects (``bench.SELECTS``), each timed shape is also checked with its own
+    keys and a slice of its queries (at least 2^23 query-key products, as the timed call has): the CPU
+    kernel chooses its scheme by how many keys can score too (its bf16 pass above K = 32 needs 36 K of
+    them, and 2^22 products), so a check on the check shape's keys alone ran another path than the
+    timed one at some K. Nothing is timed after a failure."""
     base = bench.check_shape()
     votes = getattr(bench, "VOTES", False)
     variants = dict.fromkeys(
         [(base.k, base.num_classes), *((s.k, s.num_classes if votes else base.num_classes) for s in shapes)]
     )
-    for k, c in variants:
-        _check_at(bench, dtype, names, dataclasses.replace(base, k=min(k, base.m), num_classes=c))
+    checks = [dataclasses.replace(base, k=min(k, base.m), num_classes=c) for k, c in variants]
+    if getattr(bench, "SELECTS", False) and not torch.cuda.is_available():
+        timed = (dataclasses.replace(s, label="check", q=min(s.q, max(base.q, -(-(1 << 23) // s.m)))) for s in shapes)
+        checks += [s for s in dict.fromkeys(timed) if s not in checks]
+    for shape in checks:
+        _check_at(bench, dtype, names, shape)
 
 
 def _check_at(bench, dtype: torch.dtype, names, shape: Shape) -> None:
     inputs = bench.make_inputs(shape, dtype, seed=123)
     ref = bench.PROVIDERS["reference"](inputs, shape)
     for name in names:
-        if name in UNCHECKED:
+        if name in UNCHECKED or bench.skip(name, shape):
             continue
         rounded = name in ROUNDED and dtype in REDUCED
         what = f"{bench.OP}/{name} {str(dtype)[6:]}{' (scores rounded to it)' if rounded else ''} at {shape}"
@@ -634,7 +642,10 @@ def run(bench, argv=None, *, memory: bool = False) -> list[Row]:
     except UnknownShapes as e:
         args.parser.error(f"argument --shapes: {e}")
     for dtype in dtypes_from(args.dtypes):
-        check(bench, dtype, names, shapes)
+        try:
+            check(bench, dtype, names, shapes)
+        except AssertionError as e:  # one line with the numbers (it was a traceback, the message last)
+            raise SystemExit(f"{bench.OP}: correctness check failed: {e}") from None
         if not cuda:  # one set of rounds over every shape and provider
             inputs = [bench.make_inputs(shape, dtype) for shape in shapes]
             fns = {
