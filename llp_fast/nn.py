@@ -158,6 +158,13 @@ def build_model(
     )
 
 
+class NetworkOutputError(ConfigError):
+    """A backbone's output that is not features (B, F) or a feature map (B, F, h, w): one line (a
+    network that returns a tuple only in training mode meets it at the first step; :func:`build`
+    names the network). Any other error raised inside the user's network keeps its traceback (it is
+    the user's code)."""
+
+
 class WithHeads(nn.Module):
     """A backbone of the user's (any module mapping images (B, C, H, W) to features (B, F), or to a
     feature map (B, F, h, w), which is average-pooled) with LLP's two heads on its features: a
@@ -178,7 +185,7 @@ class WithHeads(nn.Module):
             probe = self._pooled(out)
         backbone.train(was_training)
         if probe.shape[0] != 2 or probe.shape[1] < 1 or not probe.is_floating_point():
-            raise ValueError(
+            raise NetworkOutputError(
                 "the network must return features (B, F) or a feature map (B, F, h, w): one row of F >= 1 "
                 f"floating-point features per image; for a batch of 2 it returned {out.dtype} of shape "
                 f"{tuple(out.shape)}"
@@ -191,7 +198,9 @@ class WithHeads(nn.Module):
     def _pooled(h) -> torch.Tensor:
         if not isinstance(h, torch.Tensor) or h.dim() not in (2, 4):
             what = f"shape {tuple(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
-            raise ValueError(f"the network must return features (B, F) or a feature map (B, F, h, w), got {what}")
+            raise NetworkOutputError(
+                f"the network must return features (B, F) or a feature map (B, F, h, w), got {what}"
+            )
         return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1) if h.dim() == 4 else h
 
     def features(self, x):
@@ -347,16 +356,23 @@ def build(
             net = WithHeads(
                 backbone, num_classes=num_classes, in_channels=in_channels, image_size=image_size, emb_dim=emb_dim
             )
-        except ValueError as e:
-            raise ConfigError(f"--arch {arch}: {e}") from None
-        except RuntimeError as e:  # the backbone cannot take these images (channels, size)
+        except NetworkOutputError as e:
+            raise ConfigError(f"{_named(arch)}: {e}") from None
+        except RuntimeError as e:  # torch's: the backbone cannot take these images (channels, size)
+            # (chained: the one line at the command line, the user's own frames under it in Python; a
+            # ValueError, TypeError or IndexError of the user's code is not turned into a setting's error)
             why = str(e).splitlines()[0][:200]
             raise ConfigError(
-                f"--arch {arch}: the network fails on a ({in_channels}, {image_size}, {image_size}) image: {why}"
-            ) from None
+                f"{_named(arch)}: the network fails on a ({in_channels}, {image_size}, {image_size}) image: {why}"
+            ) from e
     if init_weights is not None:
         load_weights(net, init_weights)
     return net
+
+
+def _named(arch: str) -> str:
+    """The network in an error: the flag that named it, or the module given in Python (no flag)."""
+    return f"the network given ({arch[len(GIVEN) :]})" if arch.startswith(GIVEN) else f"--arch {arch}"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -281,6 +281,7 @@ def test_library_calls_refuse_what_they_would_ignore(tmp_path, factory_module):
     for bad, match in (
         ({"width": 8}, "--width 8: the network is the module given"),
         ({"arch": "resnet50"}, "--arch resnet50"),
+        ({"arch": "resnet18"}, "--arch resnet18: the network is the module given in Python"),  # the default's value
     ):
         with pytest.raises(ConfigError, match=match):
             fit(small_cnn(1), data, **{**settings, **bad})
@@ -315,6 +316,58 @@ def test_library_calls_refuse_what_they_would_ignore(tmp_path, factory_module):
     with pytest.raises(ConfigError, match="same kind of network"):
         train(dataclasses.replace(out.config, epochs=2), resume=True, model=Other(*small_cnn(1)))
     assert train(dataclasses.replace(out.config, epochs=2), resume=True, model=small_cnn(1))["epoch"] == 2
+
+
+def test_a_bug_in_ones_own_network_keeps_its_traceback_and_bad_settings_are_named(tmp_path, factory_module):
+    """A ValueError in the user's forward read "ConfigError: --arch given:Buggy: too many values to
+    unpack", its frames gone, in Python where no flag was used; a setting of the wrong type
+    (milestones="5,1") was a bare TypeError from a comparison; train(cfg) with run_dir=5 os.path's."""
+    import traceback
+
+    from llp_fast.errors import ConfigError
+    from llp_fast.nn import import_factory
+    from llp_fast.train.api import prepare
+
+    class Buggy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            b, c = x.shape[:3]  # the user's bug
+            return self.conv(x).mean((2, 3))
+
+    data, settings = own_network_settings(tmp_path, "own", epochs=1)
+    with pytest.raises(ValueError, match="too many values to unpack") as info:
+        fit(Buggy(), data, **settings)
+    assert not isinstance(info.value, ConfigError)
+    assert "b, c = x.shape[:3]" in "".join(traceback.format_exception(info.value))
+    three = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ConfigError, match=r"^the network given \(Sequential\): the network fails on a \(1, ") as info:
+        fit(three, data, **settings)  # torch's own error on these images: one line, the cause chained
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    class Aux(torch.nn.Sequential):  # Inception-style: a second output in training mode only
+        def forward(self, x):
+            out = super().forward(x)
+            return (out, out) if self.training else out
+
+    aux = Aux(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ConfigError, match=r"must return features \(B, F\) or a feature map \(B, F, h, w\), got tuple"):
+        fit(aux, data, **settings)  # met at the first step (a traceback), not when the network is built
+    small_cnn = import_factory("mynets:small_cnn")
+    for bad, match in (
+        ({"milestones": "5,1"}, "--milestones: expected a list of epochs, got '5,1'"),
+        ({"milestones": 5}, "--milestones: expected a list of epochs, got 5"),
+        ({"rate_jump": "x", "milestones": [1]}, "--rate-jump: expected a whole number >= 1, got 'x'"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            fit(small_cnn(1), data, **{**settings, **bad})
+    cfg = tiny_config(tmp_path, "cfg", epochs=1)
+    with pytest.raises(ConfigError, match="--milestones: expected a list of epochs, got 'abc'"):
+        train(dataclasses.replace(cfg, milestones="abc"))
+    with pytest.raises(TypeError, match="run_dir must be a path"):
+        prepare(dataclasses.replace(cfg, run_dir=5))
 
 
 def test_folder_data_and_a_network_drawing_random_numbers_resume_exactly(tmp_path, factory_module):

@@ -65,6 +65,10 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
         keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps") if name in settings}
         cfg, ckpt = _resumed(run_dir, {"data": data, **settings}, keep, model)
     else:
+        arch = settings.get("arch")
+        if model is not None and arch is not None and not str(arch).startswith(GIVEN):
+            # (arch="resnet18", the default's value, passed on purpose was taken without a word)
+            raise ConfigError(f"--arch {arch}: the network is the module given in Python; leave arch out")
         check_new_run(cfg, model_given=model is not None)
     trainer = prepare(cfg, resume=resume, ckpt=ckpt, model=model)
     metrics = trainer.fit()
@@ -144,6 +148,8 @@ def prepare(
     has loaded it already, with ``cfg`` its config). Without ``ckpt`` the checkpoint is loaded here
     and its saved config is used, except for the fields of ``config.RESUMABLE`` (epochs, quiet,
     threads, workers), which are taken from ``cfg``."""
+    if cfg.run_dir is not None and not isinstance(cfg.run_dir, (str, os.PathLike)):  # (os.path's TypeError)
+        raise TypeError(f"run_dir must be a path (str or os.PathLike), got {type(cfg.run_dir).__name__}")
     if not resume and cfg.run_dir is not None and os.path.exists(os.path.join(cfg.run_dir, checkpoint.CHECKPOINT)):
         raise ConfigError(  # (prepare() started over in it: config.json, then metrics and checkpoint replaced)
             f"run_dir {cfg.run_dir} already holds a run: continue it with resume=True, or give another run_dir"

@@ -263,6 +263,9 @@ def check_new_run(cfg: TrainConfig, *, model_given: bool = False) -> None:
             f"--arch {cfg.arch}: the mark of a network passed in Python (llp_fast.train.fit(model, ...)); "
             f"expected {', '.join(ARCHS)} or package.module:factory"
         )
+    # Each field's own check first (a copy): milestones="5,1" or 5 met the comparisons below as a bare
+    # TypeError naming no setting ("'<' not supported between instances of 'str' and 'int'").
+    cfg = validate(dataclasses.replace(cfg, arch=ARCHS[0] if str(cfg.arch).startswith(GIVEN) else cfg.arch))
     if model_given and cfg.width is not None:
         raise ConfigError(f"--width {cfg.width}: the network is the module given in Python, which has its own width")
     if model_given and cfg.arch != ARCHS[0] and not str(cfg.arch).startswith(GIVEN):
