@@ -133,10 +133,11 @@ def test_a_class_with_no_held_out_example_is_said(tmp_path):
     p = tmp_path / "imb.npz"
     np.savez(p, x=rng.integers(0, 256, (1005, 8, 8), dtype=np.uint8), y=y)
     src = load(f"npz:{p}", device="cpu")
-    assert src.notes == [
+    assert src.notes[0] == (
         "the held-out split holds no example of class '1': the held-out accuracy leaves it out (label more "
         "examples, or give x_test and y_test)"
-    ]
+    )
+    assert len(src.notes) == 2 and "no x_test: 60 of its 302 labeled images" in src.notes[1]
     np.savez(p, x=np.zeros((30, 8, 8), np.uint8), y=np.arange(30) % 3, x_test=np.zeros((4, 8, 8), np.uint8),
              y_test=np.array([0, 0, 1, 1]))  # fmt: skip
     assert load(f"npz:{p}", device="cpu").notes == [
@@ -258,6 +259,52 @@ def make_folder(root, classes=3, per_class=8, size=(12, 14)):
             a[..., c % 3] += 150
             Image.fromarray(a).save(root / f"class{c}" / f"{i}.png")
     return root
+
+
+def test_holding_out_a_fifth_of_the_users_own_labels_is_said(tmp_path):
+    """An npz that marks its own 30 labels and has no x_test trained on 24 and measured on 6 of them
+    (an accuracy of 6 images), and no line said so."""
+    y = np.full(200, -1)
+    y[:30] = np.arange(30) % 3
+    np.savez(tmp_path / "own.npz", x=np.zeros((200, 8, 8), np.uint8), y=y)
+    src = load(f"npz:{tmp_path / 'own.npz'}", device="cpu")
+    assert int((src.targets >= 0).sum()) == 24 and src.num_test == 6
+    assert f"npz:{tmp_path / 'own.npz'}: no x_test: 6 of its 30 labeled images" in " ".join(src.notes)
+    assert "give x_test and y_test to train on all 30" in " ".join(src.notes)
+    y[30:] = np.arange(170) % 3  # every image labeled: the fraction picks the labeled ones, nothing to say
+    np.savez(tmp_path / "all.npz", x=np.zeros((200, 8, 8), np.uint8), y=y)
+    assert not any("no x_test" in n for n in load(f"npz:{tmp_path / 'all.npz'}", device="cpu").notes)
+
+
+def test_grey_images_saved_with_three_equal_channels_get_the_grayscale_defaults(tmp_path):
+    """Digits saved as RGB (an npz of three equal channels, PNGs or JPEGs converted to RGB) took the
+    colour defaults, mirrored digits among them: about 5 points lost at 2% labels (digits, three
+    seeds, 15 epochs: 91.7% against 96.9% without flips)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 255, (40, 10, 10), dtype=np.uint8)
+    y = np.arange(40) % 2
+    np.savez(tmp_path / "g.npz", x=np.repeat(grey[..., None], 3, axis=3), y=y)
+    src = load(f"npz:{tmp_path / 'g.npz'}", device="cpu")
+    assert src.in_channels == 3 and src.facts().channels == 1  # the network takes three; the defaults grey
+    assert any(n.startswith("x's three channels are equal") for n in src.notes)
+    colour = np.repeat(grey[..., None], 3, axis=3)
+    colour[:, 3, 3, 0] ^= 1  # one pixel of one channel in every image
+    np.savez(tmp_path / "c.npz", x=colour, y=y)
+    assert load(f"npz:{tmp_path / 'c.npz'}", device="cpu").facts().channels == 3
+    for ext, kind in ((".png", "RGB"), (".jpg", "RGB"), (".png", "colour")):
+        root = tmp_path / f"f{ext}{kind}"
+        for c in range(2):
+            (root / f"c{c}").mkdir(parents=True)
+            for i in range(6):
+                a = np.repeat(rng.integers(0, 255, (16, 16, 1), dtype=np.uint8), 3, axis=2)
+                if kind == "colour":
+                    a[..., 0] //= 2
+                Image.fromarray(a).save(root / f"c{c}" / f"{i}{ext}")
+        src = load(f"folder:{root}", device="cpu", workers=0, loader="pil")
+        assert src.facts().channels == (3 if kind == "colour" else 1), (ext, kind)
+        assert any("colour channels are equal" in n for n in src.notes) == (kind != "colour")
 
 
 def test_folder_loader_with_label_file(tmp_path):

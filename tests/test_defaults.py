@@ -67,7 +67,7 @@ def test_given_settings_win_and_methods_set_their_parts():
 def test_the_run_says_what_it_chose_and_why():
     _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r"), facts())
     text = "\n".join(lines)
-    assert "1,400 training images of 8 px" in text and "--image-size 16" in text and "--flip off" in text
+    assert "1,400 training images of 8 px" in text and "--image-size 16" in text and "--no-flip (grayscale" in text
     assert "grayscale" in text and "--method plus" in text
     _, again = defaults.resolve(resolved(), facts())
     assert again == []  # a resolved config (a resume) has nothing left to choose

@@ -18,7 +18,7 @@ from test_faults import tiny_npz, train_args, untimed
 
 from llp_fast.cli.train import main as train_main
 from llp_fast.data import make_split
-from llp_fast.data.folder import image_files
+from llp_fast.data.files import image_files
 from llp_fast.data.loading import WorkerLost, load_batches, worker_lost
 from llp_fast.errors import DataError
 from llp_fast.train import checkpoint

@@ -86,6 +86,9 @@ def _npz(path: str):
     return x, y, None, None
 
 
+_EQUAL = "x's three channels are equal in every training image"
+
+
 def _to_nchw(x: np.ndarray, rows: np.ndarray | None = None, chunk_elements: int = 1 << 24) -> torch.Tensor:
     """``x[rows]`` (all rows by default) as a contiguous uint8 NCHW tensor, gathered and laid out a
     chunk of rows at a time (one copy of the rows at the peak, not three)."""
@@ -184,6 +187,12 @@ class ArraySource:
         given = self.split.test.size == 0  # (the data's own x_test: nothing was held out of x)
         fix = "add examples to x_test and y_test" if given else "label more examples, or give x_test and y_test"
         self.notes = [n for n in (untested_note(y_test, self.class_names, fix),) if n]
+        if not given and self.split.own_labels:  # (a fifth of the user's own labels went unsaid)
+            m = int((y >= 0).sum())
+            self.notes.append(
+                f"{name}: no x_test: {self.split.test.size:,} of its {m:,} labeled images (a fifth of each class's) "
+                f"are held out to measure accuracy, not trained on; give x_test and y_test to train on all {m:,}"
+            )
         self.targets = torch.from_numpy(self.split.targets)
         self.truth = torch.from_numpy(self.split.truth)
         self.in_channels = xs.shape[1]
@@ -201,8 +210,14 @@ class ArraySource:
         """What the data is (the training defaults follow it, :mod:`llp_fast.train.defaults`); the
         side of non-square images is their long side, since training squashes the whole image to a
         square of the input side and that keeps the detail of both axes (it was the width: 16 x 40
-        and 40 x 16 images got other defaults)."""
-        return DataFacts.of(self, kind="arrays", side=max(self.src_hw))
+        and 40 x 16 images got other defaults). Three channels equal in every training image are
+        grayscale images (channels 1 for the defaults, as a folder's grey files are), said in
+        ``notes``."""
+        gray = self.in_channels == 1 or bool((self.x[:, 1:] == self.x[:, :1]).all())
+        if gray and self.in_channels > 1 and not any(n.startswith(_EQUAL) for n in self.notes):
+            # (three equal channels, grey images saved as RGB, took the colour defaults: mirrored digits)
+            self.notes.append(f"{_EQUAL}: grayscale images, given the grayscale defaults (the network takes all three)")
+        return DataFacts.of(self, kind="arrays", side=max(self.src_hw), channels=1 if gray else self.in_channels)
 
     def configure(self, *, image_size=None, scale_min=None, translate=None, flip=None, strong=False) -> None:
         """The network's input side and the training augmentation. Unset: the native side and no

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from .. import _optional
 from .._npy import read_header
 from . import DataError
-from .folder import _Images, image_files
+from .files import image_files
+from .folder import _Images
 from .loading import load_batches
 from .selection import read_selection
 from .transforms import open_image

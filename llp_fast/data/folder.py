@@ -18,7 +18,6 @@ the same crops; for evaluation the short side resized, then a centre crop. Both 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 
@@ -29,122 +28,18 @@ from .. import _optional
 from .._device import memory_format
 from ..errors import ConfigError
 from . import DataError, DataFacts, Split, make_split, untested_note
+from .files import (
+    GREY_MODES,
+    equal_channels,
+    files_fingerprint,
+    read_labeled,
+    scan,
+    skipped_note,
+    split_layout,
+)
 from .loading import load_batches
 from .strong import strong_pil
 from .transforms import MEAN, STD, crop_box, eval_geometry, open_rgb, sample_seed
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-def image_files(root: str, skipped: Counter | None = None) -> list[str]:
-    """Every image file under ``root``, recursively, sorted (a folder's files, then its subfolders
-    in turn); hidden folders and files (``.thumbnails/``, macOS's ``._name.jpg``) skipped, and so
-    is anything named like an image that is not a file (a FIFO, a socket: opening one waited
-    forever). A link that leads nowhere is kept, so that reading it names it. ``skipped`` counts
-    the other files passed over, by lower-case extension (``.heic`` photos were dropped without a
-    word: :func:`skipped_note`)."""
-    out = []
-    with os.scandir(root) as it:
-        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            continue
-        if not e.name.lower().endswith(IMAGE_EXTENSIONS):
-            if skipped is not None and e.is_file():
-                skipped[os.path.splitext(e.name)[1].lower() or "(no extension)"] += 1
-            continue
-        if e.is_file() or not os.path.exists(e.path):  # (is_file: the entry's type, no stat for plain files)
-            out.append(e.path)
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            out += image_files(e.path, skipped)
-    return out
-
-
-def skipped_note(skipped: Counter) -> str | None:
-    """What to say of the files that are not read as images (None when there are none): how many,
-    by extension, most first, and which extensions are read."""
-    if not skipped:
-        return None
-    kinds = ", ".join(f"{n:,} {ext}" for ext, n in sorted(skipped.items(), key=lambda t: (-t[1], t[0]))[:5])
-    more, n = ", ..." if len(skipped) > 5 else "", sum(skipped.values())
-    return (
-        f"{n:,} {'file is' if n == 1 else 'files are'} not read as images ({kinds}{more}); "
-        f"the images read end in {', '.join(IMAGE_EXTENSIONS)} (convert the others to one of them)"
-    )
-
-
-TRAIN_NAMES = ("train", "training")
-HELD_OUT_NAMES = ("test", "testing", "val", "valid", "validation")  # in this order of preference
-
-
-def split_layout(root: str) -> tuple[str, str | None]:
-    """(training root, held-out root or None) of a folder tree. ``PATH/train/`` (any case, or
-    ``training``) holding class folders is the split layout, with the first held-out folder
-    beside it (``test``, ``val``, ... any case, in that order of preference) as the held-out split;
-    other folders beside them are not read, as before. Otherwise the top-level folders are the
-    classes: a ``train/`` of images (a vehicles set's ``bus``, ``car`` and ``train``) is one class
-    among them. (``Train/`` beside ``Test/`` had trained "Test" against "Train" as two classes,
-    and the vehicles set had lost ``bus`` and ``car``.)"""
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    train = [f for f in folders if f.lower() in TRAIN_NAMES]
-    held = sorted((f for f in folders if f.lower() in HELD_OUT_NAMES), key=lambda f: HELD_OUT_NAMES.index(f.lower()))
-    if len(train) == 1:
-        path = os.path.join(root, train[0])
-        with os.scandir(path) as it:
-            has_classes = any(e.is_dir() and not e.name.startswith(".") for e in it)
-        if has_classes:
-            return path, os.path.join(root, held[0]) if held else None
-    return root, None
-
-
-def files_fingerprint(root: str, train: list[str]) -> str:
-    """A digest of the training files' paths under ``root`` (a checkpoint keeps it: a resume over
-    renamed, added or removed training images trained other images under the saved rows, without a
-    word). Names only: no file is read or stat'ed. The held-out files of a ``test/`` folder are not
-    in it: a corrupt one taken out leaves the training state as it was."""
-    h, prefix = hashlib.sha256(), os.path.join(root, "")
-    for path in train:  # (the files are joined under root: relpath on each took ~9 s per 1.28M)
-        name = path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)
-        h.update(name.encode("utf-8", "surrogateescape") + b"\0")
-    return h.hexdigest()
-
-
-def _scan(root: str, skipped: Counter | None = None):
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        found = image_files(os.path.join(root, name), skipped)
-        files += found
-        labels += [c] * len(found)
-    return classes, files, np.asarray(labels, dtype=np.int64)
-
-
-def _read_labeled(path: str, root: str, files: list[str]) -> np.ndarray:
-    """The labeled mask from ``labeled.txt``; :class:`DataError` on any bad line."""
-    where = {os.path.normpath(os.path.relpath(f, root)): i for i, f in enumerate(files)}
-    mask = np.zeros(len(files), dtype=bool)
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark made line 1 "not an image")
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"cannot read label file {path}: not UTF-8 text (save it as UTF-8)") from None
-    except OSError as e:
-        raise DataError(f"cannot read label file {path} ({type(e).__name__})") from None
-    for n, line in enumerate(lines, 1):
-        # "#" starts a comment, unless the whole line names an image ("photo #1.png" was cut at "#")
-        whole = line.strip()
-        line = whole if os.path.normpath(whole or ".") in where else line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        key = os.path.normpath(line)
-        if key not in where:
-            raise DataError(f"bad label file {path}, line {n}: {line!r} is not an image under {root}")
-        mask[where[key]] = True
-    if not mask.any():
-        raise DataError(f"bad label file {path}: it lists no image")
-    return mask
-
 
 LOADERS = ("auto", "dali", "pil")
 
@@ -213,9 +108,6 @@ def _random_resized_crop(im, size, scale_min, flip, rng):
     return im
 
 
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"}  # PIL's modes of one grey channel
-
-
 class FolderSource:
     """An image-folder data set, split; batches as :class:`llp_fast.data.arrays.ArraySource`."""
 
@@ -239,9 +131,10 @@ class FolderSource:
         self.loader = resolve_loader(loader)
         if not os.path.isdir(root):
             raise DataError(f"folder:{root}: no such directory")
+        self.root = root
         train_root, test_root = split_layout(root)
         skipped = Counter()
-        classes, files, y = _scan(train_root, skipped)
+        classes, files, y = scan(train_root, skipped)
         other = f"; {skipped_note(skipped)}" if skipped else ""
         if not files:
             raise DataError(f"folder:{root}: no images found (expected one subfolder of images per class){other}")
@@ -262,7 +155,7 @@ class FolderSource:
             None,
         )
         if label_file is not None:
-            mask = _read_labeled(label_file, train_root, files)
+            mask = read_labeled(label_file, train_root, files)
         self.split: Split = make_split(
             y,
             num_classes=self.num_classes,
@@ -274,7 +167,7 @@ class FolderSource:
             labeled_mask=mask,
         )
         if test_root is not None:
-            tclasses, tfiles, ty = _scan(test_root, skipped)
+            tclasses, tfiles, ty = scan(test_root, skipped)
             if tclasses != classes:
                 raise DataError(f"{test_root} has classes {tclasses}, but {train_root} has {classes}")
         else:
@@ -302,20 +195,27 @@ class FolderSource:
     def facts(self) -> DataFacts:
         """What the data is (:mod:`llp_fast.train.defaults`); the side is the median short side of
         up to 32 training images, read from their headers, and the images are grayscale (channels
-        1: the grayscale defaults, no flips) where every one of them is stored grey. They are still
-        decoded as RGB, three equal channels, for the network."""
+        1: the grayscale defaults, no flips) where every one of them is stored grey or holds equal
+        colour channels (said in ``notes``). They are still decoded as RGB, three equal channels,
+        for the network."""
         from PIL import Image
 
         picks = np.linspace(0, len(self.files) - 1, min(32, len(self.files))).round().astype(int)
-        sides, modes = [], set()
+        sides, modes, grey = [], set(), []
         for i in picks:
             try:
                 with Image.open(self.files[i]) as im:
                     sides.append(min(im.size))
                     modes.add(im.mode)
+                    grey.append(im.mode in GREY_MODES or equal_channels(im))
             except Exception:  # an unreadable file is reported when it is decoded
                 continue
-        gray = bool(modes) and modes <= _GREY_MODES
+        gray = bool(grey) and all(grey)
+        if gray and not modes <= GREY_MODES:  # (grey images saved as RGB took the colour defaults)
+            self.notes.append(
+                f"folder:{self.root}: the sampled images' colour channels are equal: grayscale images, given the "
+                "grayscale defaults"
+            )
         return DataFacts.of(self, kind="folder", side=int(np.median(sides)) if sides else 32, channels=1 if gray else 3)
 
     def configure(self, *, image_size=None, scale_min=None, flip=None, strong=False, **_) -> None:

@@ -200,7 +200,7 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
         if getattr(cfg, name) is None:
             chosen[name] = value
             if name not in unused:
-                reasons.setdefault(why, []).append(f"{_flag(name)} {show(value)}")
+                reasons.setdefault(why, []).append(_setting(name, value))
     for name, value in METHOD_PARTS[cfg.method].items():
         if getattr(cfg, name) is None:
             chosen[name] = value
@@ -226,7 +226,7 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
         lines.append("defaults from it: " + "; ".join(f"{', '.join(v)} ({why})" for why, v in reasons.items()))
     parts = [n for n in METHOD_PARTS[cfg.method] if n in chosen and not cfg.supervised_only]
     if parts:
-        lines.append(f"--method {cfg.method}: " + ", ".join(f"{_flag(n)} {show(chosen[n])}" for n in parts))
+        lines.append(f"--method {cfg.method}: " + ", ".join(_setting(n, chosen[n]) for n in parts))
     if not unused and cfg.epochs <= cfg.propagation_start:  # (a short trial run never propagated, unsaid)
         lines.append(
             f"--epochs {cfg.epochs} ends before label propagation starts (after --propagation-start "
@@ -237,6 +237,15 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _setting(name: str, value) -> str:
+    """A chosen setting as the command line takes it back: ``--no-flip`` / ``--local-propagation``
+    for an on/off one (it printed "--flip off", which the command line refuses), else the flag and
+    its value."""
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+    return f"{_flag(name)} {show(value)}"
 
 
 def show(value) -> str:
