@@ -307,6 +307,28 @@ def test_grey_images_saved_with_three_equal_channels_get_the_grayscale_defaults(
         assert any("colour channels are equal" in n for n in src.notes) == (kind != "colour")
 
 
+def test_linked_folders_are_read_once_and_labeled_txt_matches_either_unicode_form(tmp_path):
+    """A linked folder inside a class was dropped without a word (a linked class folder was read);
+    a class folder named in the decomposed form (macOS) did not match labeled.txt's composed name."""
+    import os
+    import unicodedata
+
+    root = make_folder(tmp_path / "imgs", per_class=4)
+    extra = make_folder(tmp_path / "elsewhere", classes=1, per_class=3) / "class0"
+    os.symlink(extra, root / "class1" / "more")
+    os.symlink(root / "class1", root / "class1" / "loop")  # a link back up: read once, no endless walk
+    from llp_fast.data.files import image_files
+
+    found = image_files(str(root / "class1"))
+    assert len(found) == 7 and sum("/more/" in f for f in found) == 3
+    cafe = unicodedata.normalize("NFD", "café")
+    os.rename(root / "class2", root / cafe)
+    (root / "labeled.txt").write_text("class0/0.png\nclass1/more/1.png\ncafé/2.png\n", encoding="utf-8")
+    src = load(f"folder:{root}", device="cpu", workers=0, loader="pil")
+    assert src.class_names == [cafe, "class0", "class1"]
+    assert int((src.targets >= 0).sum()) == 3 and src.num_train + src.num_test == 15
+
+
 def test_folder_loader_with_label_file(tmp_path):
     root = make_folder(tmp_path / "imgs")
     (root / "labeled.txt").write_text("# labeled\nclass0/0.png\nclass1/0.png\n\nclass2/3.png\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from collections import Counter
 
 import numpy as np
@@ -16,18 +17,22 @@ from . import DataError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def image_files(root: str, skipped: Counter | None = None) -> list[str]:
+def image_files(root: str, skipped: Counter | None = None, _seen: set | None = None) -> list[str]:
     """Every image file under ``root``, recursively, sorted (a folder's files, then its subfolders
-    in turn); hidden folders and files (``.thumbnails/``, macOS's ``._name.jpg``) skipped, and so
-    is anything named like an image that is not a file (a FIFO, a socket: opening one waited
-    forever). A link that leads nowhere is kept, so that reading it names it. ``skipped`` counts
-    the other files passed over, by lower-case extension (``.heic`` photos were dropped without a
-    word: :func:`skipped_note`)."""
+    in turn, linked folders too: they were dropped without a word; each real folder once, so a link
+    that leads back up cannot loop); hidden folders and files (``.thumbnails/``, macOS's
+    ``._name.jpg``) skipped, and so is anything named like an image that is not a file (a FIFO, a
+    socket: opening one waited forever). A link that leads nowhere is kept, so that reading it names
+    it. ``skipped`` counts the other files passed over, by lower-case extension (``.heic`` photos
+    were dropped without a word: :func:`skipped_note`)."""
+    seen = set() if _seen is None else _seen
+    seen.add(os.path.realpath(root))
     out = []
     with os.scandir(root) as it:
         entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    folders = [e for e in entries if e.is_dir()]  # (follows links: a linked folder is a folder)
     for e in entries:
-        if e.is_dir(follow_symlinks=False):
+        if e in folders:
             continue
         if not e.name.lower().endswith(IMAGE_EXTENSIONS):
             if skipped is not None and e.is_file():
@@ -35,9 +40,9 @@ def image_files(root: str, skipped: Counter | None = None) -> list[str]:
             continue
         if e.is_file() or not os.path.exists(e.path):  # (is_file: the entry's type, no stat for plain files)
             out.append(e.path)
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            out += image_files(e.path, skipped)
+    for e in folders:
+        if os.path.realpath(e.path) not in seen:
+            out += image_files(e.path, skipped, seen)
     return out
 
 
@@ -102,7 +107,9 @@ def scan(root: str, skipped: Counter | None = None):
 
 def read_labeled(path: str, root: str, files: list[str]) -> np.ndarray:
     """The labeled mask from ``labeled.txt``; :class:`DataError` on any bad line."""
-    where = {os.path.normpath(os.path.relpath(f, root)): i for i, f in enumerate(files)}
+    # Names compared in Unicode's composed form (NFC): macOS stores "café" decomposed, an editor
+    # types it composed, and the two, alike on screen, were "not an image".
+    where = {_nfc(os.path.normpath(os.path.relpath(f, root))): i for i, f in enumerate(files)}
     mask = np.zeros(len(files), dtype=bool)
     try:
         with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark made line 1 "not an image")
@@ -114,10 +121,10 @@ def read_labeled(path: str, root: str, files: list[str]) -> np.ndarray:
     for n, line in enumerate(lines, 1):
         # "#" starts a comment, unless the whole line names an image ("photo #1.png" was cut at "#")
         whole = line.strip()
-        line = whole if os.path.normpath(whole or ".") in where else line.split("#", 1)[0].strip()
+        line = whole if _nfc(os.path.normpath(whole or ".")) in where else line.split("#", 1)[0].strip()
         if not line:
             continue
-        key = os.path.normpath(line)
+        key = _nfc(os.path.normpath(line))
         if key not in where:
             raise DataError(f"bad label file {path}, line {n}: {line!r} is not an image under {root}")
         mask[where[key]] = True
@@ -139,3 +146,7 @@ def equal_channels(im) -> bool:
     small.thumbnail((64, 64))
     a = np.asarray(small, dtype=np.int16)
     return int(np.abs(a[..., 1:] - a[..., :1]).max()) <= 2
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
