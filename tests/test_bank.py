@@ -156,6 +156,20 @@ def test_state_dict_round_trip_and_corrupt_state():
     assert torch.equal(c.embeddings, before)
 
 
+def test_the_losses_refuse_nan_or_inf_embeddings_unless_told_not_to_check():
+    """MemoryBank.loss and instance_loss gave NaN losses for a NaN or Inf row of v without a word,
+    where vote, step and update refuse it."""
+    bank = _bank()
+    idx = torch.arange(4)
+    for bad in (float("nan"), float("inf")):
+        v = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+        v[2, 0] = bad
+        for fn in (bank.loss, bank.instance_loss):
+            with pytest.raises(ValueError, match="^v contains NaN or Inf"):
+                fn(v, idx)
+            assert not torch.isfinite(fn(v, idx, check_finite=False)).all()  # the trainer checks the loss
+
+
 def test_bfloat16_bank():
     bank = _bank(dtype=torch.bfloat16)
     bank.refresh_density(t=3)

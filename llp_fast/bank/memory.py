@@ -186,12 +186,14 @@ class MemoryBank(BankState):
         self.log_rho = log_rho
         return self.log_rho
 
-    def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, targets=None) -> torch.Tensor:
+    def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, targets=None, check_finite=True) -> torch.Tensor:
         """Aggregation loss (docs/method.md §1.3) of the batch embeddings ``v`` against the bank, with
         each example's stored label as the target (``targets``: those labels when the caller
-        already fetched them with :meth:`stored`). (B,) float32."""
+        already fetched them with :meth:`stored`). (B,) float32. ``check_finite``: refuse NaN or Inf
+        in ``v`` (one read of it; it gave NaN losses without a word); the trainer, which stops on a
+        loss that is not finite, turns it off."""
         check.tensor(v, "v")
-        self._check_cast(v, "v")
+        self._check_cast(v, "v", check.finite(v, "v") if check_finite else None)
         if targets is None:
             targets = self.labels[self.rows(indices)]
         return aggregation_loss(
@@ -205,11 +207,12 @@ class MemoryBank(BankState):
         if self.embeddings.dtype == torch.float16 and v.dtype != torch.float16:
             check.blend_fits(self.embeddings, check.finite(v, name) if size is None else size, name)
 
-    def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
+    def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, check_finite=True) -> torch.Tensor:
         """Instance discrimination (the warm-up): the aggregation loss with every row its own
-        group, i.e. softmax cross-entropy of ``v`` against its own bank row. (B,) float32."""
+        group, i.e. softmax cross-entropy of ``v`` against its own bank row. (B,) float32.
+        ``check_finite`` as for :meth:`loss`."""
         check.tensor(v, "v")
-        self._check_cast(v, "v")
+        self._check_cast(v, "v", check.finite(v, "v") if check_finite else None)
         rows = self.rows(indices)
         ids = -1 - self.index_of
         return aggregation_loss(

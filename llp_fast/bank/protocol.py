@@ -27,10 +27,11 @@ class Bank(Protocol):
     def refresh_density(self, *, t: int, tau: float, pool: str) -> torch.Tensor:
         """docs/method.md §1.1 for the labeled rows; returns this process's ``log_rho``."""
 
-    def loss(self, v: torch.Tensor, indices, *, tau: float, targets=None) -> torch.Tensor:
-        """The aggregation loss (docs/method.md §1.3) of batch embeddings ``v``; (B,)."""
+    def loss(self, v: torch.Tensor, indices, *, tau: float, targets=None, check_finite=True) -> torch.Tensor:
+        """The aggregation loss (docs/method.md §1.3) of batch embeddings ``v``; (B,). ``check_finite``:
+        refuse NaN or Inf in ``v`` (a caller that checks the loss itself turns it off)."""
 
-    def instance_loss(self, v: torch.Tensor, indices, *, tau: float) -> torch.Tensor:
+    def instance_loss(self, v: torch.Tensor, indices, *, tau: float, check_finite=True) -> torch.Tensor:
         """Instance discrimination against the bank (the warm-up); (B,)."""
 
     def update(self, indices, embeddings, *, momentum: float) -> None:

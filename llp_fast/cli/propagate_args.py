@@ -173,7 +173,12 @@ def parser() -> argparse.ArgumentParser:
         "accuracy of the labeled rows; several, --k 10,20,100: one output per K (OUT.k10.npy, ...), from one "
         "selection of the largest K with --rounds 1",
     )
-    ap.add_argument("--t", type=_common.POSITIVE_INT, default=hide, help=f"density neighbours (default {d.t})")
+    ap.add_argument(
+        "--t",
+        type=_common.POSITIVE_INT,
+        default=hide,
+        help=f"density neighbours (default {d.t}; at most the density pool's rows)",
+    )
     ap.add_argument("--tau", type=_tau, default=hide, help=f"temperature (default {d.tau}); auto: as --k auto")
     ap.add_argument(
         "--rounds",

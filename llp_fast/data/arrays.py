@@ -89,6 +89,14 @@ def _npz(path: str):
 _EQUAL = "x's three channels are equal in every training image"
 
 
+def _equal_channels(x: torch.Tensor, chunk_elements: int = 1 << 24) -> bool:
+    """Whether every image of ``x`` (N, C, H, W) has equal channels: a chunk of images at a time (the
+    whole set at once took a temporary of two thirds its size, on its device), stopping at the first
+    chunk that differs (colour data: at once)."""
+    rows = max(1, chunk_elements // max(1, x[0].numel()))
+    return all(bool((b[:, 1:] == b[:, :1]).all()) for b in x.split(rows))
+
+
 def _to_nchw(x: np.ndarray, rows: np.ndarray | None = None, chunk_elements: int = 1 << 24) -> torch.Tensor:
     """``x[rows]`` (all rows by default) as a contiguous uint8 NCHW tensor, gathered and laid out a
     chunk of rows at a time (one copy of the rows at the peak, not three)."""
@@ -213,7 +221,7 @@ class ArraySource:
         and 40 x 16 images got other defaults). Three channels equal in every training image are
         grayscale images (channels 1 for the defaults, as a folder's grey files are), said in
         ``notes``."""
-        gray = self.in_channels == 1 or bool((self.x[:, 1:] == self.x[:, :1]).all())
+        gray = self.in_channels == 1 or _equal_channels(self.x)
         if gray and self.in_channels > 1 and not any(n.startswith(_EQUAL) for n in self.notes):
             # (three equal channels, grey images saved as RGB, took the colour defaults: mirrored digits)
             self.notes.append(f"{_EQUAL}: grayscale images, given the grayscale defaults (the network takes all three)")

@@ -17,22 +17,23 @@ from . import DataError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def image_files(root: str, skipped: Counter | None = None, _seen: set | None = None) -> list[str]:
+def image_files(root: str, skipped: Counter | None = None) -> list[str]:
     """Every image file under ``root``, recursively, sorted (a folder's files, then its subfolders
-    in turn, linked folders too: they were dropped without a word; each real folder once, so a link
-    that leads back up cannot loop); hidden folders and files (``.thumbnails/``, macOS's
-    ``._name.jpg``) skipped, and so is anything named like an image that is not a file (a FIFO, a
-    socket: opening one waited forever). A link that leads nowhere is kept, so that reading it names
-    it. ``skipped`` counts the other files passed over, by lower-case extension (``.heic`` photos
-    were dropped without a word: :func:`skipped_note`)."""
-    seen = set() if _seen is None else _seen
-    seen.add(os.path.realpath(root))
+    in turn); hidden folders and files (``.thumbnails/``, macOS's ``._name.jpg``) skipped, and so
+    is anything named like an image that is not a file (a FIFO, a socket: opening one waited
+    forever). A link that leads nowhere is kept, so that reading it names it. A linked folder is not
+    followed (it could read the same images twice, or another class's into this one), but counted.
+    ``skipped`` counts the other files passed over, by lower-case extension (``.heic`` photos were
+    dropped without a word), and the linked folders under :data:`LINKED` (:func:`skipped_note`)."""
     out = []
     with os.scandir(root) as it:
         entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-    folders = [e for e in entries if e.is_dir()]  # (follows links: a linked folder is a folder)
     for e in entries:
-        if e in folders:
+        if e.is_dir(follow_symlinks=False):
+            continue
+        if e.is_symlink() and e.is_dir():  # (dropped without a word)
+            if skipped is not None:
+                skipped[LINKED] += 1
             continue
         if not e.name.lower().endswith(IMAGE_EXTENSIONS):
             if skipped is not None and e.is_file():
@@ -40,23 +41,35 @@ def image_files(root: str, skipped: Counter | None = None, _seen: set | None = N
             continue
         if e.is_file() or not os.path.exists(e.path):  # (is_file: the entry's type, no stat for plain files)
             out.append(e.path)
-    for e in folders:
-        if os.path.realpath(e.path) not in seen:
-            out += image_files(e.path, skipped, seen)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            out += image_files(e.path, skipped)
     return out
+
+
+LINKED = "(linked folder)"  # skipped's key for the linked folders not followed
 
 
 def skipped_note(skipped: Counter) -> str | None:
     """What to say of the files that are not read as images (None when there are none): how many,
-    by extension, most first, and which extensions are read."""
-    if not skipped:
-        return None
-    kinds = ", ".join(f"{n:,} {ext}" for ext, n in sorted(skipped.items(), key=lambda t: (-t[1], t[0]))[:5])
-    more, n = ", ..." if len(skipped) > 5 else "", sum(skipped.values())
-    return (
-        f"{n:,} {'file is' if n == 1 else 'files are'} not read as images ({kinds}{more}); "
-        f"the images read end in {', '.join(IMAGE_EXTENSIONS)} (convert the others to one of them)"
-    )
+    by extension, most first, and which extensions are read; and how many linked folders were not
+    followed."""
+    links = skipped.get(LINKED, 0)
+    files = {ext: n for ext, n in skipped.items() if ext != LINKED and n}
+    parts = []
+    if files:
+        kinds = ", ".join(f"{n:,} {ext}" for ext, n in sorted(files.items(), key=lambda t: (-t[1], t[0]))[:5])
+        more, n = ", ..." if len(files) > 5 else "", sum(files.values())
+        parts.append(
+            f"{n:,} {'file is' if n == 1 else 'files are'} not read as images ({kinds}{more}); "
+            f"the images read end in {', '.join(IMAGE_EXTENSIONS)} (convert the others to one of them)"
+        )
+    if links:
+        parts.append(
+            f"{links:,} linked folder{' is' if links == 1 else 's are'} not followed (a link could read images "
+            "twice, or another class's): move or copy the images into the class folder"
+        )
+    return "; ".join(parts) or None
 
 
 TRAIN_NAMES = ("train", "training")

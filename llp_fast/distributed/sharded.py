@@ -127,11 +127,13 @@ class ShardedMemoryBank:
         both = all_gather_cat(torch.cat([embeddings.detach().float(), bits], dim=1), self.group)
         return both[:, d:].contiguous().view(torch.int64).view(-1), both[:, :d].contiguous()
 
-    def _check_v(self, v, indices) -> torch.Tensor:
-        """A loss's batch: ``v`` in the bank's space with one row per index in range (a width or
-        length that differed on one rank went into the gather: misaligned losses, or gloo's
-        abort of another rank)."""
+    def _check_v(self, v, indices, finite: bool = False) -> torch.Tensor:
+        """A loss's batch: ``v`` in the bank's space (finite, with ``finite``) with one row per index
+        in range (a width or length that differed on one rank went into the gather: misaligned
+        losses, or gloo's abort of another rank)."""
         check.embeddings(v, "v")
+        if finite:
+            check.finite(v, "v")
         check.same_space(self.local.embeddings, "bank", v, "v", dtype=False)
         indices = check_indices(indices, self.n, self.device)
         if v.shape[0] != indices.shape[0]:
@@ -186,12 +188,12 @@ class ShardedMemoryBank:
         self.local.log_rho = log_rho
         return self.local.log_rho
 
-    def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, targets=None) -> torch.Tensor:
+    def loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, targets=None, check_finite=True) -> torch.Tensor:
         """Aggregation loss of this rank's batch against the whole sharded bank; (B,).
         ``targets``: the batch's stored labels if already fetched with :meth:`stored` (which
-        costs a gather and two all-reduces)."""
+        costs a gather and two all-reduces); ``check_finite`` as :meth:`MemoryBank.loss`'s."""
         tau = check.temperature(tau)
-        self._check_v(v, indices)
+        self._check_v(v, indices, check_finite)
         if targets is None:
             targets, _ = self.stored(indices)
         targets = as_tensor(targets, "targets", device=self.device)
@@ -200,10 +202,10 @@ class ShardedMemoryBank:
             v.to(self.local.embeddings.dtype), self.local.embeddings, self.local.labels, targets, tau, self.group
         )
 
-    def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07) -> torch.Tensor:
+    def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, check_finite=True) -> torch.Tensor:
         """Instance discrimination against the whole sharded bank (the warm-up); (B,)."""
         tau = check.temperature(tau)
-        indices = self._check_v(v, indices).long()
+        indices = self._check_v(v, indices, check_finite).long()
         ids = -1 - (self.local.index_of + self.start)
         return _ShardedAggregationLoss.apply(
             v.to(self.local.embeddings.dtype), self.local.embeddings, ids, -1 - indices, tau, self.group

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 def llp_loss(logits, emb, idx, bank, *, tau: float, confidence: bool, warmup: bool = False):
     """docs/method.md §1.5 for a batch; returns ``(loss, stored labels, stored confidences)``."""
     if warmup:
-        return bank.instance_loss(emb, idx, tau=tau).mean(), None, None
+        return bank.instance_loss(emb, idx, tau=tau, check_finite=False).mean(), None, None
     labels, conf = bank.stored(idx)
-    la = bank.loss(emb, idx, tau=tau, targets=labels)
+    la = bank.loss(emb, idx, tau=tau, targets=labels, check_finite=False)
     ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none") * (labels >= 0)
     c = conf if confidence else torch.ones_like(conf)
     return (c * (ce + la)).mean(), labels, conf
