@@ -138,6 +138,11 @@ def accepts_arrays(*names: str):
                     if out_kind is None and kind in ("numpy", "cupy"):
                         out_kind = kind
                     bound.arguments[name] = to_torch(value, name)
+            # (topk_scores' init, a pair not among the converted names: a torch pair counts too)
+            any_torch = any_torch or any(
+                isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v)
+                for v in bound.arguments.values()
+            )
             result = fn(*bound.args, **bound.kwargs)
             return result if out_kind is None or any_torch else _back(result, out_kind)
 

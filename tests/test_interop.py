@@ -43,6 +43,9 @@ def test_a_call_with_any_torch_tensor_returns_torch():
     with torch.no_grad():
         assert isinstance(llp_fast.aggregation_loss(v, bank, cls, cls[:2]), torch.Tensor)
     assert isinstance(llp_fast.local_density(unit(3, 4).numpy(), lab, t=2), np.ndarray)  # arrays only: arrays
+    first = llp_fast.topk_scores(unit(3, 4), unit(6, 4), k=2)  # a torch pair as init: torch
+    more = llp_fast.topk_scores(unit(3, 4).numpy(), unit(5, 4).numpy(), k=2, init=first, index_offset=6)
+    assert isinstance(more[0], torch.Tensor) and isinstance(more[1], torch.Tensor)
 
 
 def _cupy():
