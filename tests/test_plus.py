@@ -560,6 +560,39 @@ def test_a_run_directory_is_claimed_while_it_trains(tmp_path, factory_module, ca
     assert fit(small_cnn(1), data, resume=True, **{**settings, "epochs": 2}).metrics["epoch"] == 2
 
 
+def test_a_killed_trainers_forked_workers_do_not_hold_its_claim(tmp_path):
+    """After a kill -9 of a folder: run with --workers 2, its forked loader workers lived on for
+    seconds holding the run directory's claim, and a resume at once was refused as "another process
+    is training in this run directory"."""
+    import signal
+    import subprocess
+
+    from llp_fast.train import claim as ck
+
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    code = (
+        "import os, sys, time\n"
+        "from llp_fast.train import claim\n"
+        f"fd = claim.claim_run_dir({run_dir!r})\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.close(1)\n"  # (else the pipe keeps subprocess.run waiting for it)
+        "    os.close(2)\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "os._exit(0)\n"  # the trainer dies at once; its worker lives on
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    worker = int(out.stdout.strip())
+    try:
+        os.kill(worker, 0)  # alive
+        ck.release_run_dir(ck.claim_run_dir(run_dir))  # claimable at once: no ConfigError
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 def test_resume_refusals_and_a_network_that_starts_at_nan(tmp_path, factory_module, capsys):
     from llp_fast.errors import ConfigError
     from llp_fast.nn import import_factory

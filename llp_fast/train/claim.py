@@ -25,6 +25,24 @@ class RunClaim:
         self._release()  # once: a finalizer runs at most once
 
 
+# The claims this process holds. A forked child (a DataLoader worker) closes its copies at once:
+# after a kill -9 of the trainer its workers lived on for seconds holding the claim, and a resume
+# at once was refused as "another process is training". (A lock goes with the last descriptor of
+# its open file: the child's close leaves the parent's claim in place. Exec'd children never get
+# them: Python's descriptors are not inherited across exec.)
+_HELD: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
 _BUSY = (
     "another process is training in this run directory; wait for it to end (or stop it), or give another run directory"
 )
@@ -57,10 +75,12 @@ def claim_run_dir(run_dir: str, *, shared: bool = False) -> int | None:
     except OSError:  # no locks on this file system
         os.close(fd)
         return None
+    _HELD.add(fd)
     return fd
 
 
 def release_run_dir(fd: int | None) -> None:
-    if fd is not None:
+    if fd is not None and fd in _HELD:
+        _HELD.discard(fd)
         with contextlib.suppress(OSError):
             os.close(fd)
