@@ -333,6 +333,11 @@ def test_linked_folders_are_counted_and_labeled_txt_matches_either_unicode_form(
     assert src.class_names == [cafe, "class0", "class1"]
     assert int((src.targets >= 0).sum()) == 3 and src.num_train + src.num_test == 12  # no image twice
     assert any("3 linked folders are not followed" in n for n in src.notes), src.notes
+    import shutil
+
+    shutil.copy(root / "class0" / "0.png", root / "stray.png")  # in no class folder
+    src = load(f"folder:{root}", device="cpu", workers=0, loader="pil")
+    assert any("1 image lies beside the class folders, in none of them: not read" in n for n in src.notes)
 
 
 def test_folder_loader_with_label_file(tmp_path):

@@ -48,15 +48,21 @@ def image_files(root: str, skipped: Counter | None = None) -> list[str]:
 
 
 LINKED = "(linked folder)"  # skipped's key for the linked folders not followed
+LOOSE = "(beside the class folders)"  # and for images in no class folder
 
 
 def skipped_note(skipped: Counter) -> str | None:
     """What to say of the files that are not read as images (None when there are none): how many,
     by extension, most first, and which extensions are read; and how many linked folders were not
     followed."""
-    links = skipped.get(LINKED, 0)
-    files = {ext: n for ext, n in skipped.items() if ext != LINKED and n}
+    links, loose = skipped.get(LINKED, 0), skipped.get(LOOSE, 0)
+    files = {ext: n for ext, n in skipped.items() if ext not in (LINKED, LOOSE) and n}
     parts = []
+    if loose:
+        parts.append(
+            f"{loose:,} image{' lies' if loose == 1 else 's lie'} beside the class folders, in none of them: not read "
+            "(each class is a subfolder)"
+        )
     if files:
         kinds = ", ".join(f"{n:,} {ext}" for ext, n in sorted(files.items(), key=lambda t: (-t[1], t[0]))[:5])
         more, n = ", ..." if len(files) > 5 else "", sum(files.values())
@@ -109,7 +115,15 @@ def files_fingerprint(root: str, train: list[str]) -> str:
 
 
 def scan(root: str, skipped: Counter | None = None):
+    """(class names, their image files, each file's class) of a tree of class folders; images lying
+    beside the class folders belong to none and are counted in ``skipped`` (:data:`LOOSE`)."""
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if skipped is not None:  # (they were passed over without a word)
+        with os.scandir(root) as it:
+            names = [e.name for e in it if not e.name.startswith(".") and e.is_file()]
+        loose = sum(1 for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+        if loose:
+            skipped[LOOSE] += loose
     files, labels = [], []
     for c, name in enumerate(classes):
         found = image_files(os.path.join(root, name), skipped)
