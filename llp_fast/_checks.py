@@ -40,6 +40,51 @@ def threads(v):
     return int(v)
 
 
+# Upper bounds of sizes a mistyped flag made into an allocation of terabytes, a hang or a swarm of
+# processes (a traceback, or the out-of-memory killer, after the run directory was written).
+MAX_SIDE = 8192  # a network input side, pixels
+MAX_WIDTH = 4096  # a ResNet's first-stage channels
+MAX_ROUNDS = 1000  # rounds of a vote
+MAX_BATCH = 1 << 20  # examples in a batch
+MAX_PROCESSES = 1024  # --nproc
+
+
+def _whole(v, lo: int, hi: int):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not lo <= v <= hi:
+        raise bad(f"a whole number from {lo} to {hi:,}", v)
+    return int(v)
+
+
+def image_side(v):
+    return _whole(v, 1, MAX_SIDE)
+
+
+def net_width(v):
+    return _whole(v, 1, MAX_WIDTH)
+
+
+def rounds(v):
+    return _whole(v, 1, MAX_ROUNDS)
+
+
+def rounds_or_none(v):
+    """0 (none) to :data:`MAX_ROUNDS`."""
+    return _whole(v, 0, MAX_ROUNDS)
+
+
+def batch(v):
+    return _whole(v, 1, MAX_BATCH)
+
+
+def extra_batch(v):
+    """0 (none) to :data:`MAX_BATCH`."""
+    return _whole(v, 0, MAX_BATCH)
+
+
+def processes(v):
+    return _whole(v, 1, MAX_PROCESSES)
+
+
 def seed(v):
     """A random seed that torch and NumPy both take: 0 to 2**63 - 1."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2**63:

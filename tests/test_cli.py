@@ -243,6 +243,15 @@ def test_bad_flag_values(tmp_path, capsys):
         ("--rate-jump", "0"),  # the run never trained at its starting lr
         ("--seed", "-3"),
         ("--seed", str(2**63)),  # torch's and NumPy's overflow traceback
+        # a mistyped size: a traceback after the run directory was written, the out-of-memory killer, a
+        # hang, or thousands of processes started
+        ("--image-size", "100000"),
+        ("--width", str(10**22)),
+        ("--labeled-batch", str(10**22)),
+        ("--start-rounds", str(10**22)),
+        ("--refresh-rounds", "5000"),
+        ("--batch-size", str(10**9)),
+        ("--nproc", str(10**22)),
     ],
 )
 def test_every_flag_is_checked_where_it_is_parsed(tmp_path, capsys, flag, value):
@@ -435,6 +444,35 @@ def test_a_finished_baseline_hands_its_threads_back(capsys):
             assert ("the baseline has finished" in capsys.readouterr().err) == (threads == 0 and not alive)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_run_directory_inside_the_folder_data_is_refused(tmp_path, capsys, monkeypatch):
+    """Its files read as a class of no images: the default ./runs/<time> made in the data's folder
+    failed every run there, and a run that wrote its tb/ into the data broke every later run on it,
+    its own resume included. A split layout reads train/ and test/ alone: a run beside them is fine."""
+    from test_data import make_folder
+
+    root = make_folder(tmp_path / "imgs")
+    monkeypatch.chdir(root)
+    one_error_line(capsys, train_main(["--data", "folder:."]), "the default run directory (./runs/<time>) lies inside")
+    assert sorted(os.listdir(root)) == ["class0", "class1", "class2"]  # no runs/ left there
+    for run in (root, root / "class0" / "r"):
+        one_error_line(capsys, train_main(["--data", f"folder:{root}", "--run-dir", str(run)]), f"--run-dir {run} lies")
+    split = tmp_path / "split"
+    make_folder(split / "train", per_class=8)
+    make_folder(split / "test", per_class=2)
+    one_error_line(
+        capsys, train_main(["--data", f"folder:{split}", "--run-dir", str(split / "test" / "r")]), "lies inside"
+    )
+    argv = ["--data", f"folder:{split}", "--run-dir", str(split / "runs" / "r"), *TINY_ARGS, "--k", "2", "--t", "3"]
+    assert train_main([*argv, "--baseline", "off", "--quiet", "--workers", "0"]) == 0
+
+
+def test_warm_up_that_takes_the_whole_run_is_refused(tmp_path, capsys):
+    """--epochs 1 --warmup-epochs 5 trained instance discrimination alone and reported 7.2%."""
+    rc = train_main(["--run-dir", str(tmp_path / "r"), *TINY_ARGS, "--warmup-epochs", "5"])
+    one_error_line(capsys, rc, "--warmup-epochs 5: the whole run of --epochs 1 would be warm-up")
+    assert not (tmp_path / "r").exists()
 
 
 def test_an_empty_run_dir_is_refused(capsys):

@@ -216,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk", type=_common.POSITIVE_INT, default=hide, help=f"rows per block (default {d.chunk})")
     ap.add_argument("--device", type=_device, default="cpu", help="cpu (default), cuda or cuda:N (Triton kernels)")
     ap.add_argument("--threads", type=_common.THREADS, default=None, help="CPU threads (default or 0: torch's choice)")
-    ap.add_argument("--nproc", type=_common.POSITIVE_INT, default=1, help="run as P local processes (gloo/NCCL)")
+    ap.add_argument("--nproc", type=_common.PROCESSES, default=1, help="run as P local processes (gloo/NCCL)")
     ap.add_argument("--dist-timeout", type=_common.DIST_TIMEOUT, metavar="SECONDS", help=_common.DIST_TIMEOUT_HELP)
     ap.add_argument("--quiet", action="store_true", help="no progress display")
     return ap

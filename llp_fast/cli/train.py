@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from .. import distributed
+from .. import _checks, distributed
 from ..data.loading import WorkerLost, worker_lost
 from ..errors import CheckpointError, ConfigError, InterruptedTwice
 from ..ops import describe_backends
@@ -30,6 +30,12 @@ PROG = "llp-fast-train"
 
 _TYPES = {
     "positive_int": _common.POSITIVE_INT,
+    "image_side": _common.checked(int, _checks.image_side, "a whole number"),
+    "net_width": _common.checked(int, _checks.net_width, "a whole number"),
+    "batch": _common.checked(int, _checks.batch, "a whole number"),
+    "extra_batch": _common.checked(int, _checks.extra_batch, "a whole number"),
+    "rounds": _common.checked(int, _checks.rounds, "a whole number"),
+    "rounds_or_none": _common.checked(int, _checks.rounds_or_none, "a whole number"),
     "count": _common.COUNT,
     "threads": _common.THREADS,
     "seed": _common.SEED,
@@ -104,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--nproc",
-        type=_common.POSITIVE_INT,
+        type=_common.PROCESSES,
         default=1,
         help="processes on this machine (GPUs, or CPU workers with gloo): relaunches itself as P local processes; "
         "for several nodes call torchrun yourself: torchrun --nnodes ... -m llp_fast.cli ...",

@@ -17,15 +17,21 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .._checks import (
+    batch,
     below_one,
     count,
     device_name,
     epoch_list,
+    extra_batch,
     fraction,
+    image_side,
+    net_width,
     nonneg_float,
     optional,
     positive_float,
     positive_int,
+    rounds,
+    rounds_or_none,
     temperature,
     unit_interval,
 )
@@ -73,7 +79,7 @@ class TrainConfig:
         1.0, "fraction q of the unlabeled examples to train on", group="data", check=fraction
     )
     image_size: int | None = _opt(
-        None, "network input side (default: from the images' side)", group="data", check=optional(positive_int)
+        None, "network input side (default: from the images' side)", group="data", check=optional(image_side)
     )
     scale_min: float | None = _opt(
         None,
@@ -152,17 +158,17 @@ class TrainConfig:
         None,
         "first-stage channels of the ResNets (paper 64; default 16 on CPU, 64 on CUDA)",
         group="model",
-        check=optional(positive_int),
+        check=optional(net_width),
     )
     batch_size: int | None = _opt(
-        None, "global batch size (default: from the data's size)", group="model", check=optional(positive_int)
+        None, "global batch size (default: from the data's size)", group="model", check=optional(batch)
     )
     labeled_batch: int | None = _opt(
         None,
         "labeled examples added to every batch from their own stream, beside the batch drawn from all examples "
         "(default: by --method)",
         group="model",
-        check=optional(count),
+        check=optional(extra_batch),
     )
     lr: float | None = _opt(
         None, "initial learning rate (default: from the data's size)", group="model", check=optional(positive_float)
@@ -197,7 +203,7 @@ class TrainConfig:
         choices=("auto", "bf16", "fp16", "off"),
     )
     compile: bool = _opt(False, "torch.compile the network", group="model")
-    eval_batch_size: int = _opt(512, "batch size of evaluation and inference passes", group="model", check=positive_int)
+    eval_batch_size: int = _opt(512, "batch size of evaluation and inference passes", group="model", check=batch)
     # the method (docs/method.md §1 and §8)
     method: str = _opt(
         "plus",
@@ -236,14 +242,14 @@ class TrainConfig:
         None,
         "rounds of the vote on the inputs (docs/method.md §7; 1 = the paper's one-shot vote; default by --method)",
         group="llp",
-        check=optional(positive_int),
+        check=optional(rounds),
     )
     refresh_rounds: int | None = _opt(
         None,
         "rounds of the vote over the whole bank at each density refresh, relabeling every unlabeled example "
         "(docs/method.md §8.1; 0 = none, the paper; default by --method)",
         group="llp",
-        check=optional(count),
+        check=optional(rounds_or_none),
     )
     max_voters: int | None = _opt(
         None,

@@ -308,3 +308,29 @@ def check_new_run(cfg: TrainConfig, *, model_given: bool = False) -> None:
             f"--translate {cfg.translate:g}: folder: images are not shifted (random crops place them: --scale-min); "
             "leave --translate out"
         )
+    _run_dir_outside_data(cfg)
+    if cfg.epochs is not None and cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs and not cfg.supervised_only:
+        # (the whole run was warm-up: "held-out top-1 LLP 7.2%", below chance, without a word)
+        raise ConfigError(
+            f"--warmup-epochs {cfg.warmup_epochs}: the whole run of --epochs {cfg.epochs} would be warm-up (instance "
+            "discrimination, no label used); give fewer warm-up epochs or more epochs"
+        )
+
+
+def _run_dir_outside_data(cfg: TrainConfig) -> None:
+    """A run directory inside a ``folder:`` data set (the default ``runs/<time>`` when the current
+    folder is the data's) read as a class of no images: that run failed, and a run that had written
+    its ``tb/`` there broke every later run on the data, its own resume included."""
+    path = str(cfg.data)[len("folder:") :]
+    if not str(cfg.data).startswith("folder:") or not os.path.isdir(path):
+        return
+    from ..data.files import split_layout
+
+    read = [os.path.realpath(p) for p in split_layout(path) if p is not None]  # (train/ and test/ alone, if split)
+    where = os.path.realpath(cfg.run_dir if cfg.run_dir is not None else "runs")
+    if any(where == root or where.startswith(os.path.join(root, "")) for root in read):
+        what = f"--run-dir {cfg.run_dir}" if cfg.run_dir is not None else "the default run directory (./runs/<time>)"
+        raise ConfigError(
+            f"{what} lies inside --data {cfg.data}, where its files would read as a class of images: give the run a "
+            "directory outside the data (--run-dir)"
+        )
