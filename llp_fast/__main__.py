@@ -4,7 +4,8 @@ Prints the package's, Python's and torch's versions, the machine (CPU model and 
 implementation serves each op on each device and why (``llp_fast.backends()``), the paths the CPU
 kernels take here (docs/method.md §4), and which optional extras are installed (README "Two
 commands"). Reading it loads the compiled extension, as the first op call would; it trains nothing
-and writes nothing. ``--help`` says this; any other argument is an error.
+and writes nothing. ``--help`` says this, ``--version`` gives the version alone; any other argument
+is an error.
 """
 
 from __future__ import annotations
@@ -87,9 +88,20 @@ def report() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    from .cli._output import guarded
+
+    with guarded():  # (`python -m llp_fast -h | head -1`: a BrokenPipeError traceback)
+        return _main(sys.argv[1:] if argv is None else argv)
+
+
+def _main(args: list[str]) -> int:
     if args in (["-h"], ["--help"]):
         print(__doc__.strip())
+        return 0
+    if args == ["--version"]:  # (every tool's --version points here)
+        from . import __version__
+
+        print(f"llp_fast {__version__}")
         return 0
     if args:
         print(

@@ -81,6 +81,19 @@ def test_report_refuses_what_it_cannot_use():
     assert out.stderr.strip() == "python -m llp_fast: error: no arguments expected, got '--bogus' (--help says why)"
     out = _report(None, "--help")
     assert out.returncode == 0 and "for a bug report" in out.stdout
+    out = _report(None, "--version")  # (every tool's --version points here; it was "no arguments expected")
+    assert out.returncode == 0 and out.stdout == f"llp_fast {llp_fast.__version__}\n"
+    import subprocess
+    import sys
+
+    # `python -m llp_fast -h | head -1` ended in a BrokenPipeError traceback
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "llp_fast", "-h"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    p.stdout.close()  # before it writes (it imports torch first): its write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) in (0, 1) and "Traceback" not in err, err
     if _ext.load() is not None:  # a setting the kernels would refuse: one line, as the first call says it
         out = _report({"LLP_FAST_CPU_APPROX": "7"})
         assert out.returncode == 2, out.stderr

@@ -539,6 +539,27 @@ def test_a_commands_own_handling_takes_the_start_hook_back():
     assert "Traceback" in p.stderr and "interrupted while starting" not in p.stderr
 
 
+def test_an_empty_input_path_is_refused_by_every_tool(capsys):
+    """An unset shell variable as an input: --extra-unlabeled '' trained without the selection (and
+    saved ''), --model '' read ./model.npz, -analyze '' read the current folder, --compare '' was
+    dropped."""
+    import importlib
+
+    for module, argv in (
+        ("llp_fast.cli.train", ["--extra-unlabeled", ""]),
+        ("llp_fast.cli.propagate", ["e.npy", "--model", "", "--out", "p.npy"]),
+        ("llp_fast.cli.propagate", ["", "l.npy", "--out", "p.npy"]),
+        ("llp_fast.cli.analyze", [""]),
+        ("llp_fast.cli.analyze", ["RUN", "--compare", ""]),
+        ("llp_fast.cli.select", ["", "--source", "digits", "--out", "s.npz"]),
+        ("llp_fast.cli.probe", ["", "--data", "digits"]),
+    ):
+        with pytest.raises(SystemExit) as e:
+            importlib.import_module(module).main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "the path is empty; give one" in err.splitlines()[-1], (module, argv, err)
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -23,8 +23,10 @@ PROG = "llp-fast-analyze"
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description="Pictures of a llp-fast-train run.")
     _common.add_version(ap)
-    ap.add_argument("run_dir", help="a llp-fast-train run directory")
-    ap.add_argument("--compare", help="a second run (e.g. --no-density-weighting) shown beside the first")
+    ap.add_argument("run_dir", type=_common.path, help="a llp-fast-train run directory")
+    ap.add_argument(
+        "--compare", type=_common.path, help="a second run (e.g. --no-density-weighting) shown beside the first"
+    )
     ap.add_argument("--out", type=_common.path, help="output folder (default RUN_DIR/analysis)")
     ap.add_argument("--map", choices=("pca", "mds"), default="pca", help="2-D embedding map method (default pca)")
     ap.add_argument(

@@ -42,7 +42,9 @@ def parser() -> argparse.ArgumentParser:
         "data set (paper §4, Appendix C); report held-out top-1 and top-5.",
     )
     _common.add_version(ap)
-    ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
+    ap.add_argument(
+        "checkpoint", type=_common.path, metavar="CHECKPOINT_OR_RUN_DIR", help="a run's checkpoint.pt, or its directory"
+    )
     ap.add_argument("--data", required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH")
     ap.add_argument("--out", type=_common.path, default=None, help="JSON file for the results (default: print only)")
     ap.add_argument("--lr", type=_lr, default=0.01, help="initial learning rate (default 0.01, paper)")

@@ -116,9 +116,12 @@ def parser() -> argparse.ArgumentParser:
     _common.add_version(ap)
     ap.add_argument(
         "embeddings",
+        type=_common.path,
         help="EMB.npy (N, D) float16/32/64, or a directory of .npy shards (in name order, part2 before part10)",
     )
-    ap.add_argument("labels", nargs="?", default=None, help="LABELS.npy (N,) int, -1 = unlabeled (or shards)")
+    ap.add_argument(
+        "labels", nargs="?", type=_common.path, default=None, help="LABELS.npy (N,) int, -1 = unlabeled (or shards)"
+    )
     ap.add_argument("--out", type=_out, required=True, help="PSEUDO.npy: (N,) int64 labels (labeled rows keep theirs)")
     ap.add_argument("--confidence-out", type=_out, default=None, help="(N,) float32 confidences (1 on labeled rows)")
     ap.add_argument(
@@ -164,7 +167,9 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write DIR/model.npz (or the file itself, where DIR ends in .npz), for --model",
     )
-    ap.add_argument("--model", default=None, metavar="DIR", help="label EMBEDDINGS (new rows) by a saved model")
+    ap.add_argument(
+        "--model", type=_common.path, default=None, metavar="DIR", help="label EMBEDDINGS (new rows) by a saved model"
+    )
     ap.add_argument(
         "--k",
         type=_ks,

@@ -27,7 +27,9 @@ def parser() -> argparse.ArgumentParser:
         "Appendix B): keep each image's P most confident classes, then each class's K most confident images.",
     )
     _common.add_version(ap)
-    ap.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR")
+    ap.add_argument(
+        "checkpoint", type=_common.path, metavar="CHECKPOINT_OR_RUN_DIR", help="a run's checkpoint.pt, or its directory"
+    )
     ap.add_argument(
         "--source",
         required=True,

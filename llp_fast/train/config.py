@@ -113,6 +113,7 @@ class TrainConfig:
         "rate-jump (fine-tuning) phase trains on the original data only",
         group="data",
         metavar="SELECTION",
+        check=optional(file_path),  # ('' trained without the selection and saved it, an unset shell variable)
     )
     # run
     run_dir: str | None = _opt(
