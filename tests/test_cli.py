@@ -468,6 +468,15 @@ def test_a_run_directory_inside_the_folder_data_is_refused(tmp_path, capsys, mon
     assert train_main([*argv, "--baseline", "off", "--quiet", "--workers", "0"]) == 0
 
 
+def test_llp_settings_given_to_a_supervised_only_run_are_named(tmp_path, capsys):
+    """--supervised-only --method fixmatch --k 3 --consistency 2 dropped all three without a word."""
+    argv = ["--run-dir", str(tmp_path / "r"), *TINY_ARGS, "--supervised-only", "--method", "fixmatch"]
+    assert train_main([*argv, "--consistency", "2", "--epochs", "1"]) == 0
+    out = "".join(capsys.readouterr())
+    line = next(x for x in out.splitlines() if "--supervised-only trains on the labeled examples alone" in x)
+    assert line.endswith(": --method, --consistency, --k, --t not used"), line  # (TINY_ARGS gives --k and --t)
+
+
 def test_warm_up_that_takes_the_whole_run_is_refused(tmp_path, capsys):
     """--epochs 1 --warmup-epochs 5 trained instance discrimination alone and reported 7.2%."""
     rc = train_main(["--run-dir", str(tmp_path / "r"), *TINY_ARGS, "--warmup-epochs", "5"])

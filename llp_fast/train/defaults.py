@@ -189,7 +189,9 @@ def data_defaults(facts, method: str = "plus") -> dict:
 def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     """``cfg`` with every field left ``None`` chosen (:func:`resolve_run`, ``--method``'s parts, the
     data's rules), validated; and the lines that say what was chosen and why (empty when nothing
-    was left to choose, as on a resume)."""
+    was left to choose, as on a resume), and which settings given a supervised-only run does not use
+    (they were dropped without a word)."""
+    ignored = _unused_by_supervised(cfg)
     cfg = resolve_run(cfg)
     chosen: dict = {}
     reasons: dict[str, list[str]] = {}
@@ -227,12 +229,24 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     parts = [n for n in METHOD_PARTS[cfg.method] if n in chosen and not cfg.supervised_only]
     if parts:
         lines.append(f"--method {cfg.method}: " + ", ".join(_setting(n, chosen[n]) for n in parts))
+    if ignored:
+        lines.append(f"--supervised-only trains on the labeled examples alone: {', '.join(ignored)} not used")
     if not unused and cfg.epochs <= cfg.propagation_start:  # (a short trial run never propagated, unsaid)
         lines.append(
             f"--epochs {cfg.epochs} ends before label propagation starts (after --propagation-start "
             f"{cfg.propagation_start} epochs): this run trains on its start labels alone"
         )
     return validate(cfg), lines
+
+
+def _unused_by_supervised(cfg: TrainConfig) -> list[str]:
+    """The LLP settings (the ``llp`` group: ``--method``, the votes, the bank, the weight average) a
+    supervised-only run was given away from their defaults: it uses none of them."""
+    if not cfg.supervised_only:
+        return []
+    given = [f for f in dataclasses.fields(cfg) if f.metadata.get("group") == "llp" and f.name != "supervised_only"]
+    default = TrainConfig()
+    return [_flag(f.name) for f in given if getattr(cfg, f.name) != getattr(default, f.name)]
 
 
 def _flag(name: str) -> str:
