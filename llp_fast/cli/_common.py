@@ -97,6 +97,7 @@ def path(text: str) -> str:
 
 POSITIVE_INT = checked(int, C.positive_int, "a whole number")
 PROCESSES = checked(int, _checks.processes, "a whole number")  # --nproc
+DATA = checked(str, C.data_spec, "a data set")  # --data of the tools that take one (as llp-fast-train's)
 COUNT = checked(int, C.count, "a whole number")
 THREADS = checked(int, _checks.threads, "a whole number")
 DIST_TIMEOUT = checked(float, _checks.dist_timeout, "a number of seconds")

@@ -45,7 +45,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "checkpoint", type=_common.path, metavar="CHECKPOINT_OR_RUN_DIR", help="a run's checkpoint.pt, or its directory"
     )
-    ap.add_argument("--data", required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH")
+    ap.add_argument(
+        "--data", type=_common.DATA, required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH"
+    )
     ap.add_argument("--out", type=_common.path, default=None, help="JSON file for the results (default: print only)")
     ap.add_argument("--lr", type=_lr, default=0.01, help="initial learning rate (default 0.01, paper)")
     ap.add_argument("--momentum", type=_common.MOMENTUM, default=0.9, help="SGD momentum (default 0.9)")
@@ -72,16 +74,33 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--pixels", action="store_true", help="control: the readout on the network's input pixels, no network"
     )
-    ap.add_argument("--seed", type=_common.SEED, default=0)
+    ap.add_argument(
+        "--seed",
+        type=_common.SEED,
+        default=0,
+        help="seed of the data's split, the validation split and the readout's start (default 0)",
+    )
     ap.add_argument(
         "--repeats",
         type=_common.POSITIVE_INT,
         default=1,
         help="readouts on the same features (seeds SEED.. SEED+R-1); mean and std (default 1)",
     )
-    ap.add_argument("--device", type=_common.DEVICE, default=None, help="cpu or cuda for the feature extraction")
-    ap.add_argument("--threads", type=_common.THREADS, default=0)
-    ap.add_argument("--workers", type=_common.THREADS, default=0, help="DataLoader workers for folder data")
+    ap.add_argument(
+        "--device",
+        type=_common.DEVICE,
+        default=None,
+        help="cpu or cuda for the feature extraction (default: cuda when available)",
+    )
+    ap.add_argument(
+        "--threads", type=_common.THREADS, default=0, help="CPU threads for torch (default: torch's choice)"
+    )
+    ap.add_argument(
+        "--workers",
+        type=_common.THREADS,
+        default=0,
+        help="DataLoader workers for folder data (default 0: in this process)",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress output")
     return ap
 

@@ -20,6 +20,19 @@ from . import _common
 PROG = "llp-fast-select"
 
 
+def _pool(text: str) -> str:
+    """``--source``, checked where parsed (it said "unknown pool ''", naming no flag, and an empty
+    ``npz:`` path only once the network was loaded)."""
+    if not text.startswith(("npz:", "folder:")) or text in ("npz:", "folder:"):
+        hint = ""
+        if text.endswith((".npz", ".npy")):
+            hint = f" (this file: npz:{text})"
+        elif text and os.path.isdir(text):
+            hint = f" (this folder: folder:{text})"
+        raise argparse.ArgumentTypeError(f"expected npz:PATH or folder:PATH, got {text!r}{hint}")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=PROG,
@@ -32,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--source",
+        type=_pool,
         required=True,
         help="the pool: npz:PATH.npz (uint8 'x', optional 'y'), npz:PATH.npy (uint8 images, memory-mapped) "
         "or folder:PATH",

@@ -47,7 +47,7 @@ _TYPES = {
     "below_one": _common.MOMENTUM,
     "epoch_list": _common.epochs,
     "device_name": _common.DEVICE,
-    "data_spec": _common.checked(str, C.data_spec, "a data set"),
+    "data_spec": _common.DATA,
     "arch_spec": _common.checked(str, C.arch_spec, "a network"),
     "run_dir_path": _common.checked(str, C.run_dir_path, "a directory path"),
     "file_path": _common.path,
