@@ -433,3 +433,31 @@ print(asked, os.path.samefile("/proc/self/fd/2", os.devnull), sys.stderr is sys.
 """
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout == "stdout still here\n[1, 2] True True\n", (p.stdout, p.stderr)
+
+
+def test_the_parent_death_signal_repeated_per_launcher_thread_is_one_stop(monkeypatch):
+    """The kernel sends a rank its parent-death SIGTERM once per launcher *thread* that exits (the
+    TCPStore's, then the main one): a launcher killed with SIGKILL made the ranks read two or three
+    SIGTERMs as "interrupted twice" and give up the step's checkpoint. While the launcher lives, a
+    second signal still gives up at once."""
+    from llp_fast.distributed.collectives import LAUNCHER_ENV
+    from llp_fast.errors import InterruptedTwice
+    from llp_fast.train.stopping import Stopping
+
+    monkeypatch.setenv(LAUNCHER_ENV, str(os.getppid() + 1))  # not our parent: the launcher is gone
+    stop = Stopping(world=2)
+    stop._on_signal(signal.SIGTERM, None)
+    stop._on_signal(signal.SIGTERM, None)  # the second delivery: the same stop
+    assert stop.signal == signal.SIGTERM
+    with pytest.raises(InterruptedTwice):  # a Ctrl-C after it is the user's second signal
+        stop._on_signal(signal.SIGINT, None)
+    monkeypatch.setenv(LAUNCHER_ENV, str(os.getppid()))  # the launcher lives: two SIGTERMs are two
+    stop = Stopping(world=2)
+    stop._on_signal(signal.SIGTERM, None)
+    with pytest.raises(InterruptedTwice):
+        stop._on_signal(signal.SIGTERM, None)
+    monkeypatch.delenv(LAUNCHER_ENV)  # one process, no launcher
+    stop = Stopping(world=1)
+    stop._on_signal(signal.SIGTERM, None)
+    with pytest.raises(InterruptedTwice):
+        stop._on_signal(signal.SIGTERM, None)

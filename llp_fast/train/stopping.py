@@ -17,13 +17,21 @@ it and writes the checkpoint of that step (resumed, the run evaluates the epoch 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
 import torch
 
 from .._signals import handled, ignored, stop_on_lost_output
+from ..distributed.collectives import LAUNCHER_ENV
 from ..errors import Interrupted, InterruptedTwice, Terminated
+
+
+def _launcher_gone() -> bool:
+    """Whether this rank was started by ``--nproc``'s launcher and its parent is no longer it."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    return launcher is not None and str(os.getppid()) != launcher
 
 
 class Stopping:
@@ -57,6 +65,11 @@ class Stopping:
             self.signal = signal.SIGTERM
 
     def _on_signal(self, signum, frame):
+        if self.signal == signal.SIGTERM and signum == signal.SIGTERM and _launcher_gone():
+            # The kernel's parent-death SIGTERM comes once per parent *thread* that exits (the
+            # launcher's TCPStore thread, then its main one): a launcher killed with SIGKILL sent each
+            # rank two or three, read as "interrupted twice", and the step's checkpoint was lost.
+            return
         if self.signal is not None:  # second signal: give up at once
             raise InterruptedTwice
         self.signal = signum
