@@ -592,3 +592,22 @@ def test_an_empty_output_path_is_refused_naming_its_flag(tmp_path, capsys, flag)
     argv += ["--out", ""] if flag == "--out" else ["--out", str(tmp_path / "p.npy"), flag, ""]
     flag_error(capsys, argv, flag, "empty")
     assert leftovers(tmp_path) == []
+
+
+def test_a_rank_lost_after_the_outputs_are_in_place_does_not_say_nothing_was_written(tmp_path, monkeypatch):
+    """A rank killed at the last meeting of --nproc 2, once rank 0 had replaced the outputs: the
+    launcher said "nothing was written" beside the new files."""
+    from llp_fast.cli import _common
+    from llp_fast.cli import propagate as cli
+
+    seen = {}
+    monkeypatch.setattr(_common, "torchrun", lambda *a, kept, **k: seen.setdefault("kept", kept) and 1)
+    out, conf = tmp_path / "p.npy", tmp_path / "c.npy"
+    np.save(out, np.zeros(3))  # an earlier run's
+    os.utime(out, (1, 1))
+    args = cli.parse(["e.npy", "l.npy", "--out", str(out), "--confidence-out", str(conf), "--nproc", "2"])
+    cli._relaunch(args, [])
+    assert seen["kept"]() == "nothing was written"
+    np.save(out, np.zeros(5))
+    np.save(conf, np.zeros(5))
+    assert seen["kept"]() == f"the outputs were written before it ({out}, {conf})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from .. import distributed
 from ..embeddings import outputs
@@ -203,8 +204,19 @@ def _run(args) -> int:
 
 def _relaunch(args, argv) -> int:
     """``--nproc P``: the same command as P local processes; a lost rank is one line (nothing is
-    written: rank 0 writes the outputs at the end, atomically)."""
-    return _common.torchrun(args.nproc, "llp_fast.cli.propagate", argv, prog=PROG, kept=lambda: "nothing was written")
+    written: rank 0 writes the outputs at the end, atomically; a rank lost at the last meeting, once
+    they are in place, is said so: "nothing was written" stood beside outputs it had replaced)."""
+    start = time.time()
+    ks = args.k if isinstance(getattr(args, "k", None), tuple) else (None,)
+    asked = [getattr(args, a, None) for a in ("out", "confidence_out", "probs_out", "voters_out", "suspects_out")]
+    asked += [getattr(args, "quality_out", None)]
+    paths = [p if k is None else output_name(p, k) for p in asked if p for k in ks]
+
+    def kept() -> str:
+        new = [p for p in paths if os.path.isfile(p) and os.path.getmtime(p) >= start - 1]
+        return f"the outputs were written before it ({', '.join(new)})" if new else "nothing was written"
+
+    return _common.torchrun(args.nproc, "llp_fast.cli.propagate", argv, prog=PROG, kept=kept)
 
 
 def main(argv=None) -> int:
