@@ -475,6 +475,9 @@ def test_llp_settings_given_to_a_supervised_only_run_are_named(tmp_path, capsys)
     out = "".join(capsys.readouterr())
     line = next(x for x in out.splitlines() if "--supervised-only trains on the labeled examples alone" in x)
     assert line.endswith(": --method, --consistency, --k, --t not used"), line  # (TINY_ARGS gives --k and --t)
+    # a resume: its saved config holds what the run chose, not what was given (it listed ten flags)
+    assert train_main(["--resume", str(tmp_path / "r"), "--epochs", "2"]) == 0
+    assert "not used" not in "".join(capsys.readouterr())
 
 
 def test_warm_up_that_takes_the_whole_run_is_refused(tmp_path, capsys):
@@ -482,6 +485,8 @@ def test_warm_up_that_takes_the_whole_run_is_refused(tmp_path, capsys):
     rc = train_main(["--run-dir", str(tmp_path / "r"), *TINY_ARGS, "--warmup-epochs", "5"])
     one_error_line(capsys, rc, "--warmup-epochs 5: the whole run of --epochs 1 would be warm-up")
     assert not (tmp_path / "r").exists()
+    rc = train_main(["--run-dir", str(tmp_path / "d"), "--warmup-epochs", "1000", "--quiet"])  # the default epochs
+    one_error_line(capsys, rc, "--warmup-epochs 1000: the whole run of --epochs 40 would be warm-up")
 
 
 def test_an_empty_run_dir_is_refused(capsys):

@@ -211,6 +211,8 @@ def _relaunch(args, argv) -> int:
     asked = [getattr(args, a, None) for a in ("out", "confidence_out", "probs_out", "voters_out", "suspects_out")]
     asked += [getattr(args, "quality_out", None)]
     paths = [p if k is None else output_name(p, k) for p in asked if p for k in ks]
+    if getattr(args, "save_model", None):
+        paths.append(os.path.join(args.save_model, "model.npz"))
 
     def kept() -> str:
         new = [p for p in paths if os.path.isfile(p) and os.path.getmtime(p) >= start - 1]

@@ -191,7 +191,9 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     data's rules), validated; and the lines that say what was chosen and why (empty when nothing
     was left to choose, as on a resume), and which settings given a supervised-only run does not use
     (they were dropped without a word)."""
-    ignored = _unused_by_supervised(cfg)
+    # (a new run's only: a resume's saved config holds what the run chose, read as given)
+    new = any(getattr(cfg, n) is None for n in METHOD_PARTS.get(cfg.method, {}))
+    ignored = _unused_by_supervised(cfg) if new else []
     cfg = resolve_run(cfg)
     chosen: dict = {}
     reasons: dict[str, list[str]] = {}
@@ -209,6 +211,7 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     if cfg.max_voters is None:
         chosen["max_voters"] = DEFAULT_MAX_VOTERS
     cfg = dataclasses.replace(cfg, **chosen)
+    _warmup_within(cfg)  # (again with the epochs chosen, and on a resume's --epochs)
     jump = cfg.rate_jump
     if cfg.milestones is None:  # at 2/3 and 8/9 of the epochs before the jump (of the run, without one)
         main = jump if jump is not None else cfg.epochs
@@ -323,8 +326,14 @@ def check_new_run(cfg: TrainConfig, *, model_given: bool = False) -> None:
             "leave --translate out"
         )
     _run_dir_outside_data(cfg)
-    if cfg.epochs is not None and cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs and not cfg.supervised_only:
-        # (the whole run was warm-up: "held-out top-1 LLP 7.2%", below chance, without a word)
+    if cfg.epochs is not None:  # (given: refused before anything is written; else once chosen, in resolve)
+        _warmup_within(cfg)
+
+
+def _warmup_within(cfg: TrainConfig) -> None:
+    """Warm-up shorter than the run (the whole run as warm-up, instance discrimination with no label
+    used, reported "held-out top-1 LLP 7.2%", below chance, without a word)."""
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs and not cfg.supervised_only:
         raise ConfigError(
             f"--warmup-epochs {cfg.warmup_epochs}: the whole run of --epochs {cfg.epochs} would be warm-up (instance "
             "discrimination, no label used); give fewer warm-up epochs or more epochs"
