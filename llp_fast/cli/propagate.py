@@ -212,7 +212,9 @@ def _relaunch(args, argv) -> int:
     asked += [getattr(args, "quality_out", None)]
     paths = [p if k is None else output_name(p, k) for p in asked if p for k in ks]
     if getattr(args, "save_model", None):
-        paths.append(os.path.join(args.save_model, "model.npz"))
+        from ..embeddings.model import model_file
+
+        paths.append(model_file(args.save_model))
 
     def kept() -> str:
         new = [p for p in paths if os.path.isfile(p) and os.path.getmtime(p) >= start - 1]
