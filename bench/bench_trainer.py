@@ -24,6 +24,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (the benchmarks' flag types)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 RUNS = os.path.join(RESULTS, "trainer-runs.jsonl")
@@ -259,7 +262,7 @@ def main(argv=None) -> None:
     r.add_argument("--settings", default="d2,d10,m2")
     r.add_argument("--variants", default="plus")
     r.add_argument("--seeds", default="0,1,2")
-    r.add_argument("--parallel", type=_at_least_one, default=2)
+    r.add_argument("--parallel", type=common.positive_int, default=2)
     r.add_argument("--extra", default="", help="more llp-fast-train flags for every run")
     r.add_argument("--plan", default="", help='(setting, variant) pairs in order: "d2:plus,paper;m2:plus"')
     r.add_argument("--tag", default="", help="names the hardware or flags of these runs (part of each key)")
@@ -282,17 +285,6 @@ def main(argv=None) -> None:
         if s not in SETTINGS or v not in VARIANTS:
             ap.error(f"--plan: unknown setting {s!r} or variant {v!r}")
     {"runs": runs, "pixels": pixels, "table": table}[args.cmd](args)
-
-
-def _at_least_one(text: str) -> int:
-    """``--parallel``: 0 started no run and waited for ever."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ not import scikit-learn).
 
 __version__ = "0.1.0"
 
+from importlib.util import find_spec as _find_spec  # noqa: E402
+
 from ._signals import quiet_start as _quiet_start  # noqa: E402
 
 _quiet_start()  # a command's Ctrl-C while torch imports: one line (llp_fast/_signals.py)
@@ -45,7 +47,7 @@ __all__ = [
 ]
 # The estimator joins ``from llp_fast import *`` only where scikit-learn is installed (without it
 # the star import failed on its one-line "needs sklearn"); ``dir()`` lists both lazy names.
-if __import__("importlib.util").util.find_spec("sklearn") is not None:
+if _find_spec("sklearn") is not None:
     __all__.insert(0, "LocalLabelPropagation")
 
 

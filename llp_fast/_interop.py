@@ -129,20 +129,20 @@ def accepts_arrays(*names: str):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             bound = sig.bind(*args, **kwargs)
-            out_kind, any_torch = None, False
+            # (any argument, as given: topk_scores' init, a pair not among the converted names, too)
+            any_torch = any(
+                isinstance(v, torch.Tensor)
+                or (isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v))
+                for v in bound.arguments.values()
+            )
+            out_kind = None
             for name in names:
                 if name in bound.arguments and bound.arguments[name] is not None:
                     value = bound.arguments[name]
-                    any_torch = any_torch or isinstance(value, torch.Tensor)
                     kind = array_kind(value)
                     if out_kind is None and kind in ("numpy", "cupy"):
                         out_kind = kind
                     bound.arguments[name] = to_torch(value, name)
-            # (topk_scores' init, a pair not among the converted names: a torch pair counts too)
-            any_torch = any_torch or any(
-                isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v)
-                for v in bound.arguments.values()
-            )
             result = fn(*bound.args, **bound.kwargs)
             return result if out_kind is None or any_torch else _back(result, out_kind)
 

@@ -13,8 +13,11 @@ GENERATOR = "<meta name='generator' content='llp-fast-analyze'>"  # what marks a
 
 def is_analysis(folder: Path) -> bool:
     """Whether ``folder`` holds an earlier analysis (by its page's :data:`GENERATOR`, or title)."""
-    page = folder / "index.html"
-    head = page.read_text(encoding="utf-8", errors="replace")[:4096] if page.is_file() else ""
+    try:  # (its head only: the whole page was read, and an unreadable one was a traceback)
+        with open(folder / "index.html", encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
     return GENERATOR in head or "<title>llp_fast run analysis</title>" in head
 
 

@@ -208,8 +208,8 @@ def _relaunch(args, argv) -> int:
     they are in place, is said so: "nothing was written" stood beside outputs it had replaced)."""
     start = time.time()
     ks = args.k if isinstance(getattr(args, "k", None), tuple) else (None,)
-    asked = [getattr(args, a, None) for a in ("out", "confidence_out", "probs_out", "voters_out", "suspects_out")]
-    asked += [getattr(args, "quality_out", None)]
+    names = ("out", "confidence_out", "probs_out", "voters_out", "suspects_out", "quality_out")
+    asked = [getattr(args, a, None) for a in names]
     paths = [p if k is None else output_name(p, k) for p in asked if p for k in ks]
     if getattr(args, "save_model", None):
         from ..embeddings.model import model_file

@@ -117,13 +117,12 @@ def files_fingerprint(root: str, train: list[str]) -> str:
 def scan(root: str, skipped: Counter | None = None):
     """(class names, their image files, each file's class) of a tree of class folders; images lying
     beside the class folders belong to none and are counted in ``skipped`` (:data:`LOOSE`)."""
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    if skipped is not None:  # (they were passed over without a word)
-        with os.scandir(root) as it:
-            names = [e.name for e in it if not e.name.startswith(".") and e.is_file()]
-        loose = sum(1 for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
-        if loose:
-            skipped[LOOSE] += loose
+    with os.scandir(root) as it:
+        entries = [e for e in it if not e.name.startswith(".")]
+    classes = sorted(e.name for e in entries if e.is_dir())
+    loose = sum(1 for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+    if skipped is not None and loose:  # (they were passed over without a word)
+        skipped[LOOSE] += loose
     files, labels = [], []
     for c, name in enumerate(classes):
         found = image_files(os.path.join(root, name), skipped)

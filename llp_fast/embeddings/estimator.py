@@ -21,6 +21,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .._labels import refuse_wrapped_unlabeled
 from . import tune
 from .engine import Engine
 from .model import Model
@@ -37,13 +38,7 @@ def _unlabeled(y: np.ndarray) -> np.ndarray:
     "-1" is refused: it would be a class of its own, every row labeled; so is an unsigned ``y`` that
     holds its dtype's largest value (-1 cast to uint8 is 255: a class of its own, every row labeled;
     the command line refuses the same files)."""
-    if y.dtype.kind == "u" and y.size and int(y.max()) == np.iinfo(y.dtype).max:
-        top = int(y.max())
-        raise ValueError(
-            f"y is {y.dtype}, which cannot hold -1 (unlabeled): its {top} entries are most likely -1s that wrapped "
-            f"round; give y as a signed integer (.astype(np.int64) before any cast to {y.dtype}; if {top} is a "
-            "class, as a wider type)"
-        )
+    refuse_wrapped_unlabeled(y, "y")
     if y.dtype.kind in "iuf":
         return y == -1
     if y.dtype.kind in "OUS":
