@@ -46,10 +46,13 @@ __all__ = [
     "__version__",
 ]
 # The estimator joins ``from llp_fast import *`` only where scikit-learn is installed (without it
-# the star import failed on its one-line "needs sklearn"); ``dir()`` lists both lazy names.
-if _find_spec("sklearn") is not None:
+# the star import failed on its one-line "needs sklearn"), and ``dir()`` lists it there too: a name
+# that ``dir()`` lists but whose access raises broke ``help(llp_fast)`` and ``inspect.getmembers``.
+# Asked for by name without scikit-learn, it is the one-line "needs sklearn" (an ImportError).
+_LAZY = {"train"} | ({"LocalLabelPropagation"} if _find_spec("sklearn") is not None else set())
+if "LocalLabelPropagation" in _LAZY:
     __all__.insert(0, "LocalLabelPropagation")
 
 
 def __dir__():
-    return sorted(set(globals()) | {"LocalLabelPropagation", "train"})
+    return sorted(set(globals()) | _LAZY)

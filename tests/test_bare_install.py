@@ -123,9 +123,12 @@ def test_each_command_works_or_names_the_extra(bare):
     code = "import llp_fast\ntry:\n    llp_fast.LocalLabelPropagation\nexcept ImportError as e:\n    print(e)\n"
     rc, out, err = _run(bare, py, "-c", code)
     assert rc == 0 and out.strip() == "llp_fast.LocalLabelPropagation needs sklearn: pip install 'llp_fast[sklearn]'"
-    # the star import takes what is there (it failed on the estimator's ImportError); dir() lists it
+    # the star import takes what is there (it failed on the estimator's ImportError); dir() lists what
+    # can be had (it listed the estimator, and help(llp_fast) / inspect.getmembers failed on it)
     code = (
-        "import llp_fast\nfrom llp_fast import *\nprint(propagate.__name__, 'LocalLabelPropagation' in dir(llp_fast))"
+        "import inspect, pydoc, llp_fast\nfrom llp_fast import *\nprint(propagate.__name__, 'LocalLabelPropagation' "
+        "in dir(llp_fast), 'train' in dir(llp_fast), len(inspect.getmembers(llp_fast)) > 9, "
+        "'propagate' in pydoc.render_doc(llp_fast))"
     )
     rc, out, err = _run(bare, py, "-c", code)
-    assert rc == 0 and out.strip() == "propagate True", err
+    assert rc == 0 and out.strip() == "propagate False True True True", err

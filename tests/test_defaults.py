@@ -87,6 +87,20 @@ def test_the_run_says_what_it_chose_and_why():
     )
 
 
+def test_a_drop_after_the_run_is_said():
+    # (--milestones 30 with --epochs 20 kept the lr at its start for the whole run without a word)
+    _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", epochs=20, milestones=[5, 20, 30]), facts())
+    assert (
+        "--milestones 20,30: at or after the run's end (--epochs 20, the last epoch 19): the lr never drops there"
+        in lines
+    )
+    cfg = TrainConfig(device="cpu", run_dir="r", epochs=20, rate_jump=10, jump_milestones=[12, 25])
+    assert any(line.startswith("--jump-milestones 25: at or after") for line in defaults.resolve(cfg, facts())[1])
+    for quiet in (TrainConfig(device="cpu", run_dir="r", epochs=20, milestones=[5, 19]), TrainConfig(epochs=1)):
+        text = "\n".join(defaults.resolve(dataclasses.replace(quiet, device="cpu", run_dir="r"), facts())[1])
+        assert "never drops" not in text  # (drops within the run, and the default ones, say nothing)
+
+
 def test_cli_python_and_fit_build_the_same_config(monkeypatch):
     import llp_fast.train.api as api
 

@@ -194,6 +194,7 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
     # (a new run's only: a resume's saved config holds what the run chose, read as given)
     new = any(getattr(cfg, n) is None for n in METHOD_PARTS.get(cfg.method, {}))
     ignored = _unused_by_supervised(cfg) if new else []
+    given = {n: getattr(cfg, n) for n in ("milestones", "jump_milestones")} if new else {}
     cfg = resolve_run(cfg)
     chosen: dict = {}
     reasons: dict[str, list[str]] = {}
@@ -234,6 +235,13 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
         lines.append(f"--method {cfg.method}: " + ", ".join(_setting(n, chosen[n]) for n in parts))
     if ignored:
         lines.append(f"--supervised-only trains on the labeled examples alone: {', '.join(ignored)} not used")
+    for name, drops in given.items():  # (a drop at or after the last epoch never came, unsaid)
+        late = [m for m in drops or () if m >= cfg.epochs]
+        if late:
+            lines.append(
+                f"{_flag(name)} {show(late)}: at or after the run's end (--epochs {cfg.epochs}, the last epoch "
+                f"{cfg.epochs - 1}): the lr never drops there"
+            )
     if not unused and cfg.epochs <= cfg.propagation_start:  # (a short trial run never propagated, unsaid)
         lines.append(
             f"--epochs {cfg.epochs} ends before label propagation starts (after --propagation-start "
