@@ -1,12 +1,13 @@
 """``llp-fast-train``: runs, summaries and one-line errors (``llp-fast-propagate``: tests/test_propagate_cli.py)."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS, one_error_line
+from conftest import TINY_ARGS, one_error_line, tiny_config
 
 from llp_fast.cli.train import config_from_args
 from llp_fast.cli.train import main as train_main
@@ -367,6 +368,13 @@ def test_a_labeled_fraction_the_data_overrides_is_said(tmp_path, capsys):
     assert "--labeled-fraction 0.5 is not used: the data marks its own labeled set (" in err
     assert train_main([*args[:-2], "--run-dir", str(tmp_path / "s")]) == 0  # not given: not said
     assert "--labeled-fraction" not in capsys.readouterr().err
+    # fit() in Python: the same notes, printed and returned (it printed none of them)
+    from llp_fast.train.api import fit
+
+    settings = dataclasses.asdict(tiny_config(tmp_path, "py", data=f"npz:{p}", quiet=False, labeled_fraction=0.5))
+    out = fit(None, settings.pop("data"), **settings)
+    note = next(n for n in out.notes if n.startswith("--labeled-fraction 0.5 is not used"))
+    assert f"llp_fast.train.fit: {note}" in capsys.readouterr().err
 
 
 def test_every_example_labeled_is_refused_naming_the_fraction(tmp_path, capsys):
@@ -471,10 +479,11 @@ def test_a_run_directory_inside_the_folder_data_is_refused(tmp_path, capsys, mon
 def test_llp_settings_given_to_a_supervised_only_run_are_named(tmp_path, capsys):
     """--supervised-only --method fixmatch --k 3 --consistency 2 dropped all three without a word."""
     argv = ["--run-dir", str(tmp_path / "r"), *TINY_ARGS, "--supervised-only", "--method", "fixmatch"]
-    assert train_main([*argv, "--consistency", "2", "--epochs", "1"]) == 0
+    assert train_main([*argv, "--consistency", "2", "--epochs", "1", "--no-confidence"]) == 0
     out = "".join(capsys.readouterr())
     line = next(x for x in out.splitlines() if "--supervised-only trains on the labeled examples alone" in x)
-    assert line.endswith(": --method, --consistency, --k, --t not used"), line  # (TINY_ARGS gives --k and --t)
+    # (TINY_ARGS gives --k and --t; an on/off setting is named by the flag given: it said "--confidence")
+    assert line.endswith(": --method, --consistency, --k, --t, --no-confidence not used"), line
     # a resume: its saved config holds what the run chose, not what was given (it listed ten flags)
     assert train_main(["--resume", str(tmp_path / "r"), "--epochs", "2"]) == 0
     assert "not used" not in "".join(capsys.readouterr())

@@ -96,6 +96,12 @@ def test_a_drop_after_the_run_is_said():
     )
     cfg = TrainConfig(device="cpu", run_dir="r", epochs=20, rate_jump=10, jump_milestones=[12, 25])
     assert any(line.startswith("--jump-milestones 25: at or after") for line in defaults.resolve(cfg, facts())[1])
+    # every part of --method given (a whole command copied out of a run's config.json): still said;
+    # a resume (new=False) says nothing of what its saved config holds
+    parts = {**defaults.METHOD_PARTS["plus"], "device": "cpu", "run_dir": "r", "epochs": 20}
+    late = TrainConfig(**parts, milestones=[30])
+    assert any("--milestones 30: at or after" in line for line in defaults.resolve(late, facts())[1])
+    assert not any("never drops" in line for line in defaults.resolve(late, facts(), new=False)[1])
     for quiet in (TrainConfig(device="cpu", run_dir="r", epochs=20, milestones=[5, 19]), TrainConfig(epochs=1)):
         text = "\n".join(defaults.resolve(dataclasses.replace(quiet, device="cpu", run_dir="r"), facts())[1])
         assert "never drops" not in text  # (drops within the run, and the default ones, say nothing)

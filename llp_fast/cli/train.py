@@ -238,12 +238,6 @@ def _train(args) -> int:
         want_baseline = not cfg.supervised_only and (
             args.baseline == "on" or (args.baseline == "auto" and baseline_by_default(trainer.facts))
         )
-    if not args.resume and args.labeled_fraction is not None and trainer.facts.own_labels:
-        notes = [  # (the flag was dropped without a word)
-            *notes,
-            f"--labeled-fraction {args.labeled_fraction:g} is not used: the data marks its own labeled set "
-            f"({trainer.facts.num_labeled:,} labeled training images)",
-        ]
     if not cfg.quiet:
         _say_what_runs(cfg, notes + trainer.notes)
     baseline = launch.Baseline(cfg, args, want_baseline, resumed=bool(args.resume), rank=rank, prog=PROG)

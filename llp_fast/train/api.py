@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,15 @@ from .loop import Trainer
 class Fitted:
     """What :func:`fit` returns: the trained network (the backbone with its heads: ``model(x)`` gives
     ``(logits, embeddings)``), the weight average when the run keeps one, the last epoch's metrics
-    row, and the resolved settings (``config.run_dir`` holds the checkpoint and ``metrics.jsonl``)."""
+    row, the resolved settings (``config.run_dir`` holds the checkpoint and ``metrics.jsonl``), and
+    the run's notes: what it chose from the data and why, and what it was given but does not use
+    (the lines ``llp-fast-train`` prints first; ``fit`` prints them too unless ``quiet``)."""
 
     model: torch.nn.Module
     average: torch.nn.Module | None
     metrics: dict
     config: TrainConfig
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume: bool = False, **settings) -> Fitted:
@@ -71,9 +75,12 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
             raise ConfigError(f"--arch {arch}: the network is the module given in Python; leave arch out")
         check_new_run(cfg, model_given=model is not None)
     trainer = prepare(cfg, resume=resume, ckpt=ckpt, model=model)
+    if not trainer.cfg.quiet and trainer.rank == 0:  # (a Python run said none of them)
+        for note in trainer.notes:
+            print(f"llp_fast.train.fit: {note}", file=sys.stderr)
     metrics = trainer.fit()
     avg = trainer.average.model if trainer.average is not None else None
-    return Fitted(model=trainer.model, average=avg, metrics=metrics, config=trainer.cfg)
+    return Fitted(model=trainer.model, average=avg, metrics=metrics, config=trainer.cfg, notes=list(trainer.notes))
 
 
 def _check_call(model, resume) -> None:
@@ -168,7 +175,9 @@ def prepare(
             f"give --epochs {ckpt['epoch'] + 1} or more to finish it"
         )
     # the checkpoint holds the weights: --init-weights is read when a run starts, not when it resumes
-    trainer = Trainer(cfg if ckpt is None else dataclasses.replace(cfg, init_weights=None), model=model)
+    trainer = Trainer(
+        cfg if ckpt is None else dataclasses.replace(cfg, init_weights=None), model=model, resuming=ckpt is not None
+    )
     _say_split_batches(trainer)
     if ckpt is not None:
         trainer.restore(ckpt)

@@ -323,8 +323,18 @@ def fields():
     return dataclasses.fields(TrainConfig)
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
 def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a field: its own (``--bank``, ``--no-confidence``) or its name's."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def flag(name: str) -> str:
+    """The flag of the field called ``name`` (:func:`flag_of`): every message naming a setting asks
+    here (the supervised-only note printed "--confidence", a flag the command line refuses)."""
+    return flag_of(_FIELDS[name])
 
 
 def check_value(f: dataclasses.Field, value):

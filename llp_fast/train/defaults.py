@@ -19,7 +19,7 @@ import time
 from .._checks import increasing_epochs
 from ..errors import ConfigError
 from ..nn import GIVEN
-from .config import ARCHS, DEFAULT_MAX_VOTERS, TrainConfig, validate
+from .config import ARCHS, DEFAULT_MAX_VOTERS, TrainConfig, flag, validate
 
 # Fewer training examples than this is "small data": many short steps at a high rate, a few epochs
 # on the start labels before propagating, and the supervised-only baseline beside the run.
@@ -186,13 +186,12 @@ def data_defaults(facts, method: str = "plus") -> dict:
     return out
 
 
-def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
+def resolve(cfg: TrainConfig, facts, *, new: bool = True) -> tuple[TrainConfig, list[str]]:
     """``cfg`` with every field left ``None`` chosen (:func:`resolve_run`, ``--method``'s parts, the
     data's rules), validated; and the lines that say what was chosen and why (empty when nothing
-    was left to choose, as on a resume), and which settings given a supervised-only run does not use
-    (they were dropped without a word)."""
-    # (a new run's only: a resume's saved config holds what the run chose, read as given)
-    new = any(getattr(cfg, n) is None for n in METHOD_PARTS.get(cfg.method, {}))
+    was left to choose, as on a resume), and, for a ``new`` run, which settings given a
+    supervised-only run does not use and which lr drops fall after the run (both were unsaid). A
+    resume (``new=False``) says neither: its saved config holds what the run chose, read as given."""
     ignored = _unused_by_supervised(cfg) if new else []
     given = {n: getattr(cfg, n) for n in ("milestones", "jump_milestones")} if new else {}
     cfg = resolve_run(cfg)
@@ -235,11 +234,17 @@ def resolve(cfg: TrainConfig, facts) -> tuple[TrainConfig, list[str]]:
         lines.append(f"--method {cfg.method}: " + ", ".join(_setting(n, chosen[n]) for n in parts))
     if ignored:
         lines.append(f"--supervised-only trains on the labeled examples alone: {', '.join(ignored)} not used")
+    # (a fraction given away from its default was dropped without a word)
+    if new and cfg.labeled_fraction not in (None, TrainConfig.labeled_fraction) and facts.own_labels:
+        lines.append(
+            f"--labeled-fraction {cfg.labeled_fraction:g} is not used: the data marks its own labeled set "
+            f"({facts.num_labeled:,} labeled training images)"
+        )
     for name, drops in given.items():  # (a drop at or after the last epoch never came, unsaid)
         late = [m for m in drops or () if m >= cfg.epochs]
         if late:
             lines.append(
-                f"{_flag(name)} {show(late)}: at or after the run's end (--epochs {cfg.epochs}, the last epoch "
+                f"{flag(name)} {show(late)}: at or after the run's end (--epochs {cfg.epochs}, the last epoch "
                 f"{cfg.epochs - 1}): the lr never drops there"
             )
     if not unused and cfg.epochs <= cfg.propagation_start:  # (a short trial run never propagated, unsaid)
@@ -257,20 +262,22 @@ def _unused_by_supervised(cfg: TrainConfig) -> list[str]:
         return []
     given = [f for f in dataclasses.fields(cfg) if f.metadata.get("group") == "llp" and f.name != "supervised_only"]
     default = TrainConfig()
-    return [_flag(f.name) for f in given if getattr(cfg, f.name) != getattr(default, f.name)]
+    return [_given(f.name, getattr(cfg, f.name)) for f in given if getattr(cfg, f.name) != getattr(default, f.name)]
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _given(name: str, value) -> str:
+    """The flag that gives ``value``: an on/off setting's ``--X`` or ``--no-X`` (``--no-confidence``
+    is the flag; "--confidence" is refused), else the setting's flag."""
+    if not isinstance(value, bool):
+        return flag(name)
+    return f"--{'' if value else 'no-'}{flag(name).removeprefix('--').removeprefix('no-')}"
 
 
 def _setting(name: str, value) -> str:
     """A chosen setting as the command line takes it back: ``--no-flip`` / ``--local-propagation``
     for an on/off one (it printed "--flip off", which the command line refuses), else the flag and
     its value."""
-    if isinstance(value, bool):
-        return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
-    return f"{_flag(name)} {show(value)}"
+    return _given(name, value) if isinstance(value, bool) else f"{flag(name)} {show(value)}"
 
 
 def show(value) -> str:
@@ -308,7 +315,7 @@ def check_new_run(cfg: TrainConfig, *, model_given: bool = False) -> None:
         try:
             increasing_epochs(getattr(cfg, name))
         except ValueError as e:
-            raise ConfigError(f"--{name.replace('_', '-')}: {e}") from None
+            raise ConfigError(f"{flag(name)}: {e}") from None
     jump = cfg.rate_jump
     if jump is not None and any(m >= jump for m in cfg.milestones or ()):
         raise ConfigError(
