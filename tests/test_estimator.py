@@ -260,6 +260,8 @@ def _small():
         (dict(chunk_size=-5), r"^chunk_size: expected a whole number >= 1"),
         (dict(chunk_size=0), r"^chunk_size: expected a whole number >= 1"),
         (dict(device="gpu"), r"^device must be cpu, cuda or cuda:N, got 'gpu'"),
+        (dict(device="cudaX"), r"^device must be cpu, cuda or cuda:N, got 'cudaX'"),  # (read as "no CUDA")
+        (dict(device="cuda:x"), r"^device must be cpu, cuda or cuda:N, got 'cuda:x'"),
     ],
 )
 def test_predict_checks_how_it_runs(params, match):

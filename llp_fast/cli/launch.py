@@ -1,8 +1,9 @@
 """How ``llp-fast-train`` runs its processes: the baseline beside LLP, and torch.distributed.
 
 - The supervised-only baseline (same split, network and schedule) trains in ``RUN_DIR/baseline``.
-  On a CPU with 2+ cores it runs in a spawned process beside LLP, one thread each, which halves the
-  wall time of two tiny-network runs; its outcome comes back through its ``metrics.jsonl``, or its
+  Where this process may use 2+ cores (:func:`usable_cores`) it runs in a spawned process beside
+  LLP, each with half of them (or ``--threads`` each), which halves the wall time of two
+  tiny-network runs; its outcome comes back through its ``metrics.jsonl``, or its
   one-line error through a pipe. Elsewhere it trains after LLP.
 - ``--nproc P`` relaunches the same command as P local processes (:mod:`.workers`, torchrun's
   environment) with one run directory for all of them; under torch.distributed there is no
@@ -28,6 +29,20 @@ from ..train.checkpoint import BASELINE_DIR, BASELINE_MARK
 from . import _common
 
 launched = distributed.launched
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity (a container's or ``taskset``'s share, not
+    the machine's count: on 2 of 64 cores the two runs took 32 threads each), and no more than
+    ``OMP_NUM_THREADS`` where that is set (the thread count torch takes by itself)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (macOS, Windows)
+        cores = os.cpu_count() or 1
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        cores = min(cores, int(omp))
+    return max(1, cores)
 
 
 def _new_run_dir() -> str:
@@ -140,7 +155,7 @@ class Baseline:
             if not resumed and rank == 0:
                 _files.write_text(os.path.join(cfg.run_dir, BASELINE_MARK), f'{{"run_dir": "{BASELINE_DIR}"}}\n')
         self.parallel = wanted and args.baseline_mode != "sequential" and cfg.device == "cpu"
-        self.parallel = self.parallel and (os.cpu_count() or 1) >= 2
+        self.parallel = self.parallel and usable_cores() >= 2
 
     def run_beside(self, fit):
         """Runs ``fit()`` (LLP) with the baseline beside it or after it; returns both final metrics
@@ -148,7 +163,7 @@ class Baseline:
         if self.parallel:
             import torch
 
-            threads = self.cfg.threads or max(1, (os.cpu_count() or 2) // 2)
+            threads = self.cfg.threads or max(1, usable_cores() // 2)
             torch.set_num_threads(threads)
             bcfg = dataclasses.replace(self.bcfg, threads=threads, quiet=True)
             ctx = multiprocessing.get_context("spawn")
@@ -189,7 +204,7 @@ class Baseline:
         import torch
 
         self.reclaimed = True
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cores())
         self._say(f"the baseline has finished: LLP goes on with {torch.get_num_threads()} threads")
 
     def _say(self, text: str) -> None:

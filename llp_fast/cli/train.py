@@ -106,7 +106,8 @@ def parser() -> argparse.ArgumentParser:
         "--baseline-mode",
         choices=("auto", "sequential"),
         default="auto",
-        help="auto: on a CPU with 2+ cores the baseline trains beside LLP, one thread each",
+        help="auto: where 2+ cores are usable (the process's CPU affinity, at most OMP_NUM_THREADS) the baseline "
+        "trains beside LLP, half of them each (or --threads each); LLP takes them all once the baseline ends",
     )
     run.add_argument(
         "--nproc",

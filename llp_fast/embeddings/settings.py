@@ -108,9 +108,11 @@ class Settings:
             _int(n("max_voters"), self.max_voters, low=0)
         if self.device is None:
             return self
-        device = str(self.device)
-        if device != "cpu" and not device.startswith("cuda"):
-            raise ConfigError(f"{n('device')} must be cpu, cuda or cuda:N, got {self.device!r}")
+        device = str(self.device)  # (the trainer's rule: "cudaX" read as CUDA and "cuda:x" reached torch)
+        try:
+            _checks.device_name(device)
+        except ValueError:
+            raise ConfigError(f"{n('device')} must be cpu, cuda or cuda:N, got {self.device!r}") from None
         if device.startswith("cuda"):
             import torch
 

@@ -119,7 +119,12 @@ class TrainConfig:
     run_dir: str | None = _opt(
         None, "where checkpoints and metrics.jsonl go (default runs/<time>)", group="run", check=optional(run_dir_path)
     )
-    epochs: int | None = _opt(None, "epochs (default: from the data's size)", group="run", check=optional(positive_int))
+    epochs: int | None = _opt(
+        None,
+        "epochs (default: from the data's size and --method; the run's first lines say which)",
+        group="run",
+        check=optional(positive_int),
+    )
     seed: int = _opt(0, "seed of the split, the initialisation and the data order", group="run", check=seed_value)
     device: str | None = _opt(
         None, "cpu, cuda, cuda:1 (default: cuda when available)", group="run", check=optional(device_name)
