@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 
@@ -117,13 +116,16 @@ def not_an_input(out: str, checkpoint: str, data: str | None, *, data_flag: str)
     its baseline/ and tb/), not the run's training data or its --extra-unlabeled selection (as its
     config.json names them), not the data given here, nor a file inside those data folders.
     ``ConfigError`` naming both (it used to write over them: the next resume or tool then failed)."""
-    ckpt = os.path.join(checkpoint, "checkpoint.pt") if os.path.isdir(checkpoint) else checkpoint
+    from ..train import checkpoint as run_files
+
+    ckpt = run_files.checkpoint_path(checkpoint)
     run = os.path.dirname(os.path.abspath(ckpt))
     inputs = {"the checkpoint": ckpt}
-    inputs.update({f"the run's {n}": os.path.join(run, n) for n in ("config.json", "metrics.jsonl", "baseline.json")})
-    folders = {f"inside the run's {d}/": os.path.join(run, d) for d in ("baseline", "tb")}
+    kept = (run_files.CONFIG, run_files.METRICS, run_files.BASELINE_MARK)
+    inputs.update({f"the run's {n}": os.path.join(run, n) for n in kept})
+    folders = {f"inside the run's {d}/": os.path.join(run, d) for d in (run_files.BASELINE_DIR, run_files.TENSORBOARD)}
     try:
-        with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+        with open(os.path.join(run, run_files.CONFIG), encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError):
         saved = {}
@@ -145,7 +147,7 @@ def not_an_input(out: str, checkpoint: str, data: str | None, *, data_flag: str)
     for what, path in inputs.items():
         if os.path.realpath(path) == real:
             raise ConfigError(f"--out {out} is {what} ({path}): give the output its own file")
-    if os.path.dirname(real) == os.path.realpath(run) and re.fullmatch(r"bank-.*\.pt", os.path.basename(real)):
+    if os.path.dirname(real) == os.path.realpath(run) and run_files.is_bank_file(os.path.basename(real)):
         raise ConfigError(f"--out {out} is one of the run's bank files: give the output its own file")
     for what, folder in folders.items():  # (a new file there harms nothing; one there is an input)
         if os.path.lexists(out) and real.startswith(os.path.join(os.path.realpath(folder), "")):

@@ -130,7 +130,7 @@ def _baseline_child(cfg, report) -> None:
     # SIGTERM is how the LLP process stops it (its own session: nothing else sends it one), so not
     # ignored here even where the command was started with SIGTERM ignored (llp_fast/_signals.py)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    resume = os.path.exists(os.path.join(cfg.run_dir, "checkpoint.pt"))
+    resume = os.path.exists(os.path.join(cfg.run_dir, checkpoint.CHECKPOINT))
     try:
         train_checked(cfg, resume=resume)
     except (Interrupted, KeyboardInterrupt):
@@ -194,7 +194,7 @@ class Baseline:
         from ..train.api import train_checked
 
         self._say("supervised-only baseline (same split, network and schedule)")
-        return llp, train_checked(self.bcfg, resume=os.path.exists(os.path.join(self.dir, "checkpoint.pt")))
+        return llp, train_checked(self.bcfg, resume=os.path.exists(os.path.join(self.dir, checkpoint.CHECKPOINT)))
 
     def _reclaim(self) -> None:
         """Once the baseline beside has finished (it trains the cheaper step), LLP takes its threads
@@ -232,4 +232,4 @@ class Baseline:
         if self.proc.exitcode != 0:
             why = self.report.recv() if self.report.poll() else f"exit code {self.proc.exitcode}"
             raise BaselineFailed(f"the supervised-only baseline failed: {why}")
-        return read_metrics(os.path.join(self.dir, "metrics.jsonl"))[-1]
+        return read_metrics(os.path.join(self.dir, checkpoint.METRICS))[-1]

@@ -34,8 +34,11 @@ from ..errors import CheckpointError
 from .claim import not_claimed
 from .config import TrainConfig, from_dict
 
+# What a run directory holds, named here alone (the tools' --out checks which files a run keeps).
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+CONFIG = "config.json"  # the resolved settings (report.write_config)
+TENSORBOARD = "tb"  # TensorBoard's event files (report.TensorBoard)
 VERSION = 2
 # An LLP run's supervised-only baseline trains in RUN_DIR/baseline; RUN_DIR/baseline.json marks
 # it (a resume of the run resumes the baseline too).
@@ -253,6 +256,12 @@ def checkpoint_path(path: str) -> str:
 # changed under it, and a failed save then removed it.
 
 _BANK_FILE = re.compile(r"^bank-\d+(\.\d+)?-r\d+\.pt$")
+
+
+def is_bank_file(name: str) -> bool:
+    """Whether a file name in a run directory is one of its bank pieces (a kept checkpoint's, or a
+    stale one a killed writer left)."""
+    return _BANK_FILE.match(name) is not None
 
 
 def _new_bank_name(run_dir: str, tag: int, rank: int) -> str:

@@ -26,7 +26,7 @@ import time
 
 from .. import _files
 from ..errors import DataError
-from .checkpoint import METRICS
+from .checkpoint import CONFIG, METRICS, TENSORBOARD
 
 KEYS_FIRST = ("epoch", "test_top1", "test_top5", "knn_top1", "pseudo_acc")
 
@@ -84,7 +84,7 @@ def append_row(run_dir: str, row: dict) -> None:
 
 def write_config(run_dir: str, config: dict) -> None:
     """``RUN_DIR/config.json``, written atomically."""
-    _files.write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=1))
+    _files.write_text(os.path.join(run_dir, CONFIG), json.dumps(config, indent=1))
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -117,7 +117,7 @@ class TensorBoard:
             self.missing = "no TensorBoard scalars (metrics.jsonl has them): pip install 'llp_fast[tb]' for them"
             return
         self._event, self._scalar, self._crc = Event, scalar, masked_crc32c
-        directory = os.path.join(run_dir, "tb")
+        directory = os.path.join(run_dir, TENSORBOARD)
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:  # (a file named tb: "error: RUN/tb: File exists")
