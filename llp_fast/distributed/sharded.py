@@ -235,8 +235,9 @@ class ShardedMemoryBank:
     @torch.no_grad()
     def gather(self) -> MemoryBank:
         """The whole bank as one single-process :class:`MemoryBank` on every rank (collective;
-        N x D memory): for diagnostics over all rows, and for checkpoints that any world size
-        can resume from."""
+        N x D memory on each): to export or inspect all rows where they fit. The trainer never
+        calls it: its checkpoints store each rank's rows (one file a rank) and its diagnostics
+        merge per-shard results."""
         loc = self.local
         order = torch.argsort(loc.index_of)  # local rows in dataset order
         emb = all_gather_cat(loc.embeddings[order].contiguous(), self.group)

@@ -320,7 +320,7 @@ class TrainConfig:
 
 
 # What a resumed run may change: how long it trains and how it runs, nothing that shapes the result
-# so far (docs/method.md §6: a resume replays the uninterrupted run).
+# so far (README, "Errors, checkpoints and resuming": a resume replays the uninterrupted run).
 RESUMABLE = ("epochs", "quiet", "threads", "workers")
 
 
