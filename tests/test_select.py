@@ -17,8 +17,9 @@ from llp_fast.cli.train import parser as train_parser
 from llp_fast.data.extra import native_format, open_pool, to_input
 from llp_fast.data.selection import read_selection
 from llp_fast.errors import DataError, Interrupted
-from llp_fast.select import PerClassTopK, load_network, select
+from llp_fast.select import PerClassTopK, select
 from llp_fast.train import TrainConfig, Trainer, prepare
+from llp_fast.train.trained import load_network
 
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
 pytestmark = pytest.mark.isolated
@@ -235,7 +236,7 @@ def test_a_run_whose_data_changed_is_refused_by_the_tools(tmp_path, capsys, pool
     """select and the probe rebuild the run's preprocessing from its data: changed data (here other
     labels in the run's npz) was used without a word, where a resume refuses it."""
     from llp_fast.errors import CheckpointError
-    from llp_fast.select import load_network
+    from llp_fast.train.trained import load_network
 
     d = load_digits()
     x = np.clip(np.rint(d.images * 255 / 16), 0, 255).astype(np.uint8)

@@ -17,8 +17,8 @@ from .._progress import Progress
 from ..data.extra import native_format
 from ..errors import ConfigError
 from ..probe import probe_features, train_readout
-from ..select import load_network
 from ..train.defaults import default_device
+from ..train.trained import load_network
 from . import _common
 
 PROG = "llp-fast-linear-probe"

@@ -13,8 +13,9 @@ import torch
 from .._progress import Progress, reporter
 from ..data.extra import open_pool
 from ..data.selection import check_selection_path, write_selection
-from ..select import load_network, select
+from ..select import select
 from ..train.defaults import default_device
+from ..train.trained import load_network
 from . import _common
 
 PROG = "llp-fast-select"
