@@ -30,8 +30,8 @@ def brute_gaps(x, labels, voter_rows, voter_classes, voter_bias, classes, k, tau
         z = [(float(x[i] @ x[j]) / tau - b, cj) for j, cj, b in zip(voter_rows, voter_classes, bias) if j != i]
         own = sorted((s for s, cj in z if cj == c), reverse=True)
         n = min(k, len(own))
-        if n == 0:
-            out[i] = -math.inf
+        if n == 0:  # no other voter of its class: no evidence either way
+            out[i] = 0.0
             continue
         every = sorted((s for s, _ in z), reverse=True)
         out[i] = min(0.0, np.mean(own[:n]) - np.mean(every[:n]))
@@ -237,7 +237,7 @@ def _problem(rng, n, d, m, classes, pseudo):
         (60, 8, 20, [0, 1, 2], 15, 5, 7),  # blocks of 7 rows
         (33, 5, 9, [3, 7, 11, 12], 0, 10, 64),  # k beyond a class's voters; sparse class values
         (40, 3, 12, [0, 1], 25, 1, 13),  # K = 1
-        (25, 4, 6, [0, 1, 2, 3, 4, 5], 4, 3, 5),  # classes with a single voter: gap -inf
+        (25, 4, 6, [0, 1, 2, 3, 4, 5], 4, 3, 5),  # classes with a single voter: gap 0
     ],
 )
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -354,3 +354,23 @@ def test_neighbourhood_scale_edge_cases():
     dup = 1 - np.array([0.0, 1e-7, 5e-7, 2e-6, 0.02, 0.3])
     np.testing.assert_array_equal(neighbourhood_scale(dup), np.ones(6))
     assert neighbourhood_scale(np.zeros(0)).shape == (0,)
+
+
+def test_a_class_with_one_labeled_row_is_not_suspect_for_it():
+    """With --rounds 1 a class's single labeled row has no other voter of its class: its gap was
+    -inf, it ranked first (quality 0) and --drop-suspects removed the whole class (no row was then
+    labeled 3). No other voter is no evidence either way, as the margin already said."""
+    from llp_fast import LocalLabelPropagation
+
+    x, y, noisy, flipped = _flipped_digits(seed=0)
+    threes = np.flatnonzero((noisy == 3) & (y == 3))
+    noisy[noisy == 3] = -1
+    noisy[threes[0]] = 3  # one correct labeled 3, the class's only one
+    flipped = flipped[noisy[flipped] >= 0]
+    clf = LocalLabelPropagation(rounds=1).fit(x, noisy)
+    q = clf.label_quality_
+    assert q[threes[0]] > q[flipped].min()  # not below every flip
+    assert clf.label_suspects_[0] != threes[0] and np.isfinite(np.log(q[threes[0]]))
+    found = suspects_of(Rows(x), noisy, label_embeddings(x, noisy, rounds=1), Settings(rounds=1))
+    cleaned, dropped = drop_worst(noisy, found, 0.03)
+    assert threes[0] not in dropped and (cleaned == 3).sum() == 1

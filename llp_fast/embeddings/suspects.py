@@ -15,7 +15,9 @@ labeled with (n = K, or fewer when that class has fewer other voters):
     gap_i = mean_{n best voters of class y_i} z_ij  -  mean_{n best voters} z_ij   (<= 0)
 
 0 when the row's nearest voters carry its label; more negative the further away its label's
-nearest support lies; -inf when no other voter has its class. Unlike the share of a leave-one-out
+nearest support lies; 0 also when no other voter has its class (no evidence either way, as the
+margin below says for a class with no other labeled row: with ``--rounds 1`` a class's single
+labeled row scored -inf, ranked first, and ``--drop-suspects`` removed the class). Unlike the share of a leave-one-out
 vote it does not saturate: a flipped label (a random other class) usually lies much further from
 its row than the label of a row that merely resembles another class.
 
@@ -213,7 +215,7 @@ def label_gaps(
         n_c = torch.full((len(group),), min(k, int(count[c]) - 1), dtype=torch.int64, device=device)
         best_c = _mean_best(vc, ic, own[g], n_c)
         best = _mean_best(values[g], indices[g], own[g], n_c)
-        gap[g] = torch.where(n_c > 0, (best_c - best).clamp_max(0.0), best_c)
+        gap[g] = torch.where(n_c > 0, (best_c - best).clamp_max(0.0), 0.0)  # (no other voter: no evidence)
     gap = gap.cpu().numpy()
     spread, nearest = voter_margins(
         x_nodes, nodes, labeled, y, voter_rows, voter_classes, len(classes), chunk=chunk, progress=progress
