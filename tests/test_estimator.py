@@ -305,3 +305,63 @@ def test_no_new_row_is_an_empty_answer_as_on_the_command_line():
     x, y = _small()
     clf = LocalLabelPropagation().fit(x, y)
     assert clf.predict(x[:0]).shape == (0,) and clf.predict_proba(x[:0]).shape == (0, 3)
+
+
+def test_a_failed_fit_leaves_the_estimator_as_it_was():
+    """A refit that raised halfway (a DataError, a Ctrl-C) left the new classes_ beside the old
+    voters: predict gave classes the fitted model never had; after a failed first fit predict
+    raised AttributeError, not NotFittedError."""
+    from sklearn.exceptions import NotFittedError
+
+    import llp_fast.embeddings.estimator as est
+
+    x, y = _small()
+    clf = LocalLabelPropagation().fit(x, y)
+    before = clf.predict(x[:20])
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(est, "suspects_of", interrupted)  # the last step of a fit
+        with pytest.raises(KeyboardInterrupt):
+            clf.fit(x[:, :5], np.where(y >= 0, y + 100, -1))
+        assert list(clf.classes_) == [0, 1, 2] and clf.n_features_in_ == 8
+        np.testing.assert_array_equal(clf.predict(x[:20]), before)
+        fresh = LocalLabelPropagation()
+        with pytest.raises(KeyboardInterrupt):
+            fresh.fit(x, y)
+    with pytest.raises(NotFittedError):
+        fresh.predict(x[:2])
+
+
+def test_score_takes_names_beside_abstentions():
+    """predict's names beside the int -1 of an abstention: scikit-learn's accuracy sorted them
+    (TypeError), and cross_val_score scored NaN without an error. One label a class (few-shot
+    labelling) warned of a regression problem."""
+    import warnings
+
+    from sklearn.model_selection import cross_val_score
+
+    x, y = _small()
+    names = np.array(["cat", "dog", "eel"], dtype=object)
+    ys = np.where(y >= 0, names[np.clip(y, 0, 2)], -1).astype(object)
+    truth = names[np.argmax(x[:, :3], axis=1)]
+    clf = LocalLabelPropagation(min_confidence=0.9).fit(x, ys)
+    pred = clf.predict(x)
+    assert (pred == -1).any()  # some abstain
+    want = np.mean([p == t for p, t in zip(pred, truth)])
+    assert clf.score(x, truth) == pytest.approx(want)
+    w = np.linspace(0, 1, len(x))
+    assert clf.score(x, truth, sample_weight=w) == pytest.approx(
+        np.average([p == t for p, t in zip(pred, truth)], weights=w)
+    )
+    scores = cross_val_score(LocalLabelPropagation(min_confidence=0.9), x, truth, cv=3)  # (every row labeled)
+    assert np.isfinite(scores).all()
+    with pytest.raises(ValueError, match="one label per row"):
+        clf.score(x, truth[:5])
+    few = np.full(30, -1)
+    few[:10] = np.arange(10)  # one label for each of 10 classes, 30 rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LocalLabelPropagation(n_neighbors=1).fit(np.random.default_rng(1).normal(size=(30, 4)), few)

@@ -14,6 +14,7 @@ abstention (``min_confidence``).
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -206,7 +207,18 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             )
 
     def fit(self, X, y):
-        """Labels every row of X from the labeled ones (``y != -1``)."""
+        """Labels every row of X from the labeled ones (``y != -1``). A fit that fails or is
+        interrupted leaves the estimator as it was (a refit that failed halfway left the new
+        ``classes_`` beside the old voters: ``predict`` then gave classes the old fit never had)."""
+        before = dict(self.__dict__)
+        try:
+            return self._fit(X, y)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    def _fit(self, X, y):
         self._refuse_sparse(X)
         settings = self._settings()
         threshold = self._min_confidence()
@@ -218,7 +230,9 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         except TypeError:  # labels of several types that do not compare (3 and "a")
             kinds = sorted({type(v).__name__ for v in y[~unlabeled]})
             raise ValueError(f"y mixes labels of types {', '.join(kinds)}: give every label the same type") from None
-        check_classification_targets(y[~unlabeled] if unlabeled.any() and not unlabeled.all() else y)
+        with warnings.catch_warnings():  # (one label a class is few-shot labelling, not a regression)
+            warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+            check_classification_targets(y[~unlabeled] if unlabeled.any() and not unlabeled.all() else y)
         if unlabeled.all():
             raise ValueError("y has no labeled sample: mark unlabeled samples with -1 and give at least one label")
         self.classes_ = classes
@@ -285,6 +299,18 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         queries, run = self._queries(X), self._streaming()
         codes, _ = self.model().label(queries, chunk=run.chunk, device=run.device)
         return with_abstention(self.classes_, codes)
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """The share of the rows of X whose prediction is their label in ``y`` (weighted by
+        ``sample_weight``); a row left at -1 below ``min_confidence`` counts as wrong. Labels of any
+        kind: scikit-learn's accuracy sorted the predictions, which failed on names beside the
+        int -1 of an abstention (and ``cross_val_score`` scored NaN)."""
+        pred = self.predict(X)
+        truth = np.asarray(y)
+        if truth.ndim != 1 or truth.shape[0] != pred.shape[0]:
+            raise ValueError(f"y must be one label per row of X ({pred.shape[0]}), got shape {truth.shape}")
+        right = (pred.astype(object) == truth.astype(object)).astype(np.float64)
+        return float(np.average(right, weights=sample_weight))
 
     def predict_proba(self, X):
         """Each row's class shares in the vote of the final voters, (n_samples, n_classes)."""
