@@ -226,3 +226,23 @@ def test_a_stale_bank_file_that_cannot_go_names_the_run_directory(tmp_path, monk
     )
     monkeypatch.setattr(os, "remove", real)
     assert checkpoint.sweep(str(tmp_path), None) == [str(tmp_path / "bank-3-r0.pt")]
+
+
+def test_the_epochs_a_resume_may_give():
+    """One rule for the command line and fit(): a shorter run than done, a stop partway into an
+    epoch, and a run that keeps its --rate-jump (resumed with --epochs at or below it, the error was
+    "--rate-jump 30 must come before the last epoch", a flag a resume refuses)."""
+    from llp_fast.errors import ConfigError
+    from llp_fast.train import TrainConfig
+    from llp_fast.train.checkpoint import check_resume_epochs
+
+    cfg = TrainConfig(run_dir="r", epochs=40, rate_jump=30, jump_milestones=[35])
+    check_resume_epochs(31, {"epoch": 1, "step_in_epoch": 5}, cfg)  # fine
+    for epochs, ckpt, words in (
+        (30, {"epoch": 1, "step_in_epoch": 5}, "keeps its --rate-jump 30 on a resume; give --epochs 31 or more"),
+        (0, {"epoch": 1, "step_in_epoch": 0}, "has completed 1 epochs already"),
+        (1, {"epoch": 1, "step_in_epoch": 5}, "stopped partway into epoch 2; give --epochs 2 or more"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            check_resume_epochs(epochs, ckpt, cfg)
+    check_resume_epochs(1, {"epoch": 1}, TrainConfig(run_dir="r"))  # (no jump; done, not partway)

@@ -149,7 +149,7 @@ def config_from_args(args, run_dir: str | None = None) -> C.TrainConfig:
     return dataclasses.replace(cfg, run_dir=run.run_dir, extra_unlabeled=run.extra_unlabeled)
 
 
-def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.TrainConfig, list[str]]:
+def resumed_config(args, saved: C.TrainConfig, ckpt: dict) -> tuple[C.TrainConfig, list[str]]:
     """The saved config with the flags a resume may change (``config.RESUMABLE``) applied;
     :class:`ConfigError` naming every other flag given with another value than the saved one (the
     saved value itself passes: it was refused as a change). Also returns notes to print."""
@@ -177,8 +177,9 @@ def resumed_config(args, saved: C.TrainConfig, epochs_done: int) -> tuple[C.Trai
         )
     values["quiet"] = bool(args.quiet)  # this invocation's output, not the saved run's
     cfg = dataclasses.replace(saved, **values, stop_after_steps=args.stop_after_steps)
-    if cfg.epochs < epochs_done:  # checked before anything is printed (prepare() checks it too)
-        raise ConfigError(f"--epochs {cfg.epochs}: the run has completed {epochs_done} epochs already")
+    from ..train import checkpoint
+
+    checkpoint.check_resume_epochs(cfg.epochs, ckpt, cfg)  # before anything is printed (prepare() checks too)
     return C.validate(cfg), notes
 
 
@@ -208,7 +209,7 @@ def _train(args) -> int:
             saved, ckpt = checkpoint.open_run(run_dir)
         except CheckpointError as e:
             raise _no_way_on(e) from None
-        cfg, notes = resumed_config(args, saved, ckpt["epoch"])
+        cfg, notes = resumed_config(args, saved, ckpt)
         had = os.path.exists(os.path.join(run_dir, launch.BASELINE_MARK))
         given = getattr(args, "baseline_given", args.baseline)  # (under torch.distributed: "off" is forced)
         if given in ("on", "off") and (given == "on") != had:

@@ -166,14 +166,8 @@ def prepare(
         keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps")}
         keep = {k: v for k, v in keep.items() if v is not None}
         cfg = dataclasses.replace(saved_cfg, **keep)
-    if ckpt is not None and cfg.epochs < ckpt["epoch"]:
-        raise ConfigError(f"--epochs {cfg.epochs}: the run in {cfg.run_dir} has completed {ckpt['epoch']} epochs")
-    if ckpt is not None and ckpt.get("step_in_epoch", 0) and cfg.epochs <= ckpt["epoch"]:
-        # (it reported epoch N's metrics for weights trained into epoch N + 1, and trained nothing)
-        raise ConfigError(
-            f"--epochs {cfg.epochs}: the run in {cfg.run_dir} stopped partway into epoch {ckpt['epoch'] + 1}; "
-            f"give --epochs {ckpt['epoch'] + 1} or more to finish it"
-        )
+    if ckpt is not None:
+        checkpoint.check_resume_epochs(cfg.epochs, ckpt, cfg)
     # the checkpoint holds the weights: --init-weights is read when a run starts, not when it resumes
     trainer = Trainer(
         cfg if ckpt is None else dataclasses.replace(cfg, init_weights=None), model=model, resuming=ckpt is not None
