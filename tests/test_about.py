@@ -39,6 +39,20 @@ def test_version(module, prog, capsys):
     ), out
 
 
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_version_and_help_into_a_closed_pipe(flag, unbuffered):
+    """`llp-fast-select --version | head -n 0`: a BrokenPipeError traceback (unbuffered), or
+    "Exception ignored" and status 120: argparse printed before the commands guarded their output."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(PYTHONPATH=str(ROOT), **({"PYTHONUNBUFFERED": "1"} if unbuffered else {}))
+    code = "import sys; from llp_fast.cli.select import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.Popen([sys.executable, "-c", code, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # before it writes (it imports torch first)
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and not err, err
+
+
 def _report(env: dict[str, str] | None = None, *args: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("LLP_FAST_")}
     full.update(env or {}, PYTHONPATH=str(ROOT))

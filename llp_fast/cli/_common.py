@@ -36,6 +36,14 @@ from ..train import config as C
 from ._output import guarded
 
 
+def parse(read, argv):
+    """``read(argv)`` (a parser's ``parse_args``) with the output guarded (:func:`guarded`):
+    ``--help`` or ``--version`` into a reader that has gone (``| head -n 0``) was a
+    BrokenPipeError traceback, or "Exception ignored" and status 120."""
+    with guarded():
+        return read(argv)
+
+
 def add_version(ap: argparse.ArgumentParser) -> None:
     """``--version``: one line, the command, the package's version and torch's and Python's, for a
     bug report (``python -m llp_fast`` says the rest: the kernels, the machine, the extras)."""

@@ -194,7 +194,7 @@ def _main(args) -> int:
 
 def main(argv=None) -> int:
     ap = parser()
-    args = ap.parse_args(argv)
+    args = _common.parse(ap.parse_args, argv)
     if args.pixels and args.random_init:
         ap.error("argument --random-init: not with --pixels (the pixels control uses no network)")
     if args.seed + args.repeats > 2**63:  # readout r is seeded SEED + r

@@ -226,7 +226,7 @@ def _relaunch(args, argv) -> int:
 def main(argv=None) -> int:
     """``llp-fast-propagate EMB.npy LABELS.npy --out PSEUDO.npy`` or ``--model DIR NEW.npy --out P.npy``."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse(argv)
+    args = _common.parse(parse, argv)
     _common.set_dist_timeout(args.dist_timeout)
     if args.nproc > 1 and not distributed.launched():
         return _common.run(PROG, _relaunch, args, argv)

@@ -130,7 +130,7 @@ def _main(args) -> int:
 
 def main(argv=None) -> int:
     with _common.sigterm_as_interrupt():
-        return _common.run(PROG, _main, parser().parse_args(argv))
+        return _common.run(PROG, _main, _common.parse(parser().parse_args, argv))
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     """``llp-fast-train``: train LLP (and the supervised-only baseline) and print both."""
     raw = list(sys.argv[1:] if argv is None else argv)
     ap = parser()
-    args = ap.parse_args(raw)
+    args = _common.parse(ap.parse_args, raw)
     _common.set_dist_timeout(args.dist_timeout)
     if args.max_restarts and args.nproc == 1 and not launch.launched():
         ap.error("--max-restarts restarts the processes of --nproc P (P > 1)")
