@@ -114,6 +114,9 @@ def test_cli_npz_and_json_agree(ckpt, pool, tmp_path, capsys):
     assert main([*args[:3], "--top-classes", "99", *args[5:], "--out", c]) == 0
     n = sa["meta"]["num_classes"]
     assert read_selection(c)["meta"]["top_classes"] == n and f"(P={n}, K=5)" in capsys.readouterr()[0]
+    more = [*args[:5], "--per-class", "100000", *args[7:], "--out", c]  # K beyond the pool's 70: 70 ran
+    assert main(more) == 0
+    assert read_selection(c)["meta"]["per_class"] == 70 and "(P=2, K=70)" in capsys.readouterr()[0]
 
 
 def test_output_is_atomic(ckpt, pool, tmp_path, monkeypatch, capsys):

@@ -30,8 +30,8 @@ def brute_gaps(x, labels, voter_rows, voter_classes, voter_bias, classes, k, tau
         z = [(float(x[i] @ x[j]) / tau - b, cj) for j, cj, b in zip(voter_rows, voter_classes, bias) if j != i]
         own = sorted((s for s, cj in z if cj == c), reverse=True)
         n = min(k, len(own))
-        if n == 0:  # no other voter of its class: no evidence either way
-            out[i] = 0.0
+        if n == 0:  # no other voter of its class: its label spread nowhere, or (no pseudo-labeled voter) no evidence
+            out[i] = -math.inf if len(voter_rows) > (labels >= 0).sum() else 0.0
             continue
         every = sorted((s for s, _ in z), reverse=True)
         out[i] = min(0.0, np.mean(own[:n]) - np.mean(every[:n]))
@@ -237,7 +237,8 @@ def _problem(rng, n, d, m, classes, pseudo):
         (60, 8, 20, [0, 1, 2], 15, 5, 7),  # blocks of 7 rows
         (33, 5, 9, [3, 7, 11, 12], 0, 10, 64),  # k beyond a class's voters; sparse class values
         (40, 3, 12, [0, 1], 25, 1, 13),  # K = 1
-        (25, 4, 6, [0, 1, 2, 3, 4, 5], 4, 3, 5),  # classes with a single voter: gap 0
+        (25, 4, 6, [0, 1, 2, 3, 4, 5], 4, 3, 5),  # classes with a single voter: gap -inf
+        (25, 4, 6, [0, 1, 2, 3, 4, 5], 0, 3, 5),  # ... and no pseudo-labeled voter: gap 0
     ],
 )
 @pytest.mark.parametrize("with_bias", [True, False])

@@ -118,3 +118,17 @@ def test_a_k_not_chosen_is_kept_and_a_chosen_k_is_the_candidates():
     # K = 10 and 20 and 50 are all scored as M - 1 = 9 here: the same votes, and the default stays
     assert both.accuracy[(10, 0.07)] == both.accuracy[(20, 0.07)] == both.accuracy[(50, 0.07)]
     assert both.k == 10
+
+
+def test_the_choice_line_says_whether_the_start_was_kept():
+    """It said the start "stays unless clearly beaten" beside a choice that had beaten it."""
+    from llp_fast.embeddings.tune import Choice
+
+    acc = {(10, 0.07): 0.90, (10, 0.2): 0.95, (20, 0.07): 0.91}
+    moved = Choice(k=10, tau=0.2, accuracy=acc, rows=100, start=(10, 0.07)).line(False, True)
+    assert moved.startswith("tau from the data: K = 10, tau = 0.2, leave-one-out accuracy 95.0% on 100 labeled")
+    assert moved.endswith(
+        "(the grid's best: 95.0% at K = 10, tau = 0.2; chosen over K = 10, tau = 0.07, which it beat clearly)"
+    )
+    kept = Choice(k=10, tau=0.07, accuracy=acc, rows=100, start=(10, 0.07)).line(True, True)
+    assert kept.endswith("K = 10, tau = 0.07 kept: no candidate beat it clearly)"), kept

@@ -98,7 +98,7 @@ def _main(args) -> int:
         "checkpoint": os.path.abspath(args.checkpoint),
         "trained_on": cfg.data,
         "top_classes": min(args.top_classes, source.num_classes),  # (what ran: select() caps it; 50 was recorded)
-        "per_class": args.per_class,
+        "per_class": min(args.per_class, max(1, len(pool))),  # (what ran, as for P: the pool caps K)
         "num_classes": source.num_classes,
         "pool_size": len(pool),
         "selected_rows": int(index.shape[0]),
@@ -115,7 +115,7 @@ def _main(args) -> int:
     write_selection(args.out, index, cls, score, meta, paths=pool.paths)
     line = (
         f"{PROG}: {meta['selected_rows']} rows ({meta['selected_images']} distinct images) of {meta['pool_size']} "
-        f"in {meta['num_classes']} classes (P={meta['top_classes']}, K={args.per_class})"
+        f"in {meta['num_classes']} classes (P={meta['top_classes']}, K={meta['per_class']})"
     )
     if "label_agreement" in meta:
         line += f", pool labels agree with the class on {100 * meta['label_agreement']:.1f}%"

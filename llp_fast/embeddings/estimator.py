@@ -294,7 +294,8 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         """The vote of the final voters for each row of X (ties to the first class of ``classes_``;
-        -1 below ``min_confidence``)."""
+        -1 below ``min_confidence``). On the training rows it may differ from ``transduction_``,
+        the last round's vote: a row that became a voter is among its own nearest voters here."""
         check_is_fitted(self)
         queries, run = self._queries(X), self._streaming()
         codes, _ = self.model().label(queries, chunk=run.chunk, device=run.device)

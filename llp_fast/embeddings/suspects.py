@@ -15,9 +15,10 @@ labeled with (n = K, or fewer when that class has fewer other voters):
     gap_i = mean_{n best voters of class y_i} z_ij  -  mean_{n best voters} z_ij   (<= 0)
 
 0 when the row's nearest voters carry its label; more negative the further away its label's
-nearest support lies; 0 also when no other voter has its class (no evidence either way, as the
-margin below says for a class with no other labeled row: with ``--rounds 1`` a class's single
-labeled row scored -inf, ranked first, and ``--drop-suspects`` removed the class). Unlike the share of a leave-one-out
+nearest support lies. When no other voter has its class: -inf where the rounds added
+pseudo-labeled voters (the label won no row: it spread nowhere), 0 where they added none
+(``--rounds 1``: a class's single labeled row has no evidence either way, as the margin below says;
+it scored -inf, ranked first, and ``--drop-suspects`` removed the class). Unlike the share of a leave-one-out
 vote it does not saturate: a flipped label (a random other class) usually lies much further from
 its row than the label of a row that merely resembles another class.
 
@@ -205,6 +206,7 @@ def label_gaps(
     indices = to_row[indices]  # -1 stays -1 (the appended entry)
     own = torch.from_numpy(labeled).to(device)
     gap = torch.empty(len(labeled), dtype=torch.float64, device=device)
+    spread_any = len(voter_rows) > len(labeled)  # the rounds added pseudo-labeled voters
     for c, group in enumerate(groups):
         if not len(group):
             continue
@@ -215,7 +217,8 @@ def label_gaps(
         n_c = torch.full((len(group),), min(k, int(count[c]) - 1), dtype=torch.int64, device=device)
         best_c = _mean_best(vc, ic, own[g], n_c)
         best = _mean_best(values[g], indices[g], own[g], n_c)
-        gap[g] = torch.where(n_c > 0, (best_c - best).clamp_max(0.0), 0.0)  # (no other voter: no evidence)
+        alone = best_c if spread_any else torch.zeros_like(best_c)  # (no pseudo-labeled voter: no evidence)
+        gap[g] = torch.where(n_c > 0, (best_c - best).clamp_max(0.0), alone)
     gap = gap.cpu().numpy()
     spread, nearest = voter_margins(
         x_nodes, nodes, labeled, y, voter_rows, voter_classes, len(classes), chunk=chunk, progress=progress

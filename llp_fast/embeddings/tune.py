@@ -55,11 +55,14 @@ class Choice:
         if not self.accuracy:
             return f"{what}: K = {self.k}, tau = {self.tau:g} (too few labeled rows to leave one out)"
         (bk, bt), best = max(self.accuracy.items(), key=lambda kv: kv[1])
+        start = f"K = {self.start[0]}, tau = {self.start[1]:g}"
+        # (it said the start "stays unless clearly beaten" beside a choice that had beaten it)
+        kept = (self.k, self.tau) == tuple(self.start)
+        why = f"{start} kept: no candidate beat it clearly" if kept else f"chosen over {start}, which it beat clearly"
         return (
             f"{what} from the data: K = {self.k}, tau = {self.tau:g}, leave-one-out accuracy "
             f"{100 * self.accuracy[(self.k, self.tau)]:.1f}% on {self.rows:,} labeled rows (the grid's best: "
-            f"{100 * best:.1f}% at K = {bk}, tau = {bt:g}; K = {self.start[0]}, tau = {self.start[1]:g} "
-            "stay unless clearly beaten)"
+            f"{100 * best:.1f}% at K = {bk}, tau = {bt:g}; {why})"
         )
 
 
