@@ -546,6 +546,15 @@ def default_bar(args) -> dict:
     return summary
 
 
+def _what(args) -> str:
+    """What a run measured, in its file's name: the splits (``s0-4``) or the rows and labels
+    (``n200000-l0.01``). Two documented commands wrote one name, and the second replaced the first."""
+    if args.mode in ("table", "ablation"):
+        return f"s{args.seeds}"
+    n = args.n if isinstance(args.n, int) else ",".join(map(str, args.n or SCALE_N))
+    return f"n{n}-l{args.labeled:g}"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=("table", "ablation", "scale", "bar", "default", "_run"))
@@ -575,7 +584,8 @@ def main(argv=None) -> None:
     ablation = lambda a: table(a, ABLATION_METHODS)  # noqa: E731
     modes = {"table": table, "ablation": ablation, "scale": scale, "bar": bar, "default": default_bar}
     result = modes[args.mode](args)
-    write_result(result, f"embeddings_{args.mode}-{args.tag}.json", load_key="uptime")
+    result["command"] = " ".join(["python bench/bench_embeddings.py", *(sys.argv[1:] if argv is None else argv)])
+    write_result(result, f"embeddings_{args.mode}-{_what(args)}-{args.tag}.json", load_key="uptime")
     if result.get("failed"):
         sys.exit(f"{args.mode}: {len(result['failed'])} run(s) failed, left out of the results: {result['failed']}")
 

@@ -68,3 +68,29 @@ def test_the_check_covers_each_timed_shapes_keys(common):
     bench.seen.clear()
     common.check(bench, torch.float32, ["extension"], timed)
     assert {s.m for s in bench.seen} == {100}
+
+
+def test_each_labeller_benchmark_command_writes_its_own_file():
+    """bench_embeddings.py named its file by mode and tag alone: `table --seeds 0-4` and `--seeds
+    100-104` (both documented) wrote one file, and the second replaced the first."""
+    import argparse
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_embeddings as b
+    finally:
+        sys.path.remove(str(BENCH))
+    runs = [
+        ("table", "0-4", None, 0.01),
+        ("table", "100-104", None, 0.01),
+        ("ablation", "0-4", None, 0.01),
+        ("scale", "0-4", [5000, 50000], 0.01),
+        ("scale", "0-4", [200000], 0.01),
+        ("scale", "0-4", None, 0.01),
+        ("bar", "0-4", 200000, 0.01),
+        ("bar", "0-4", 1000000, 0.01),
+        ("default", "0-4", 1000000, 0.1),
+    ]
+    names = [b._what(argparse.Namespace(mode=m, seeds=s, n=n, labeled=lab)) for m, s, n, lab in runs]
+    assert len({(r[0], w) for r, w in zip(runs, names)}) == len(runs), names
+    assert names[0] == "s0-4" and names[6] == "n200000-l0.01" and names[5].startswith("n5000,")
