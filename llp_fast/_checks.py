@@ -9,7 +9,19 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
+
+
+def spec_hint(v, files: tuple[str, ...] = (".npz",)) -> str:
+    """What a bare path given for a data spec was meant as: `` (this file: npz:V)`` for a name
+    ending in one of ``files``, `` (this folder: folder:V)`` for a directory, else nothing (the
+    training data's, the pools' and the selection's refusals say it the same way)."""
+    if isinstance(v, str) and v.endswith(files):
+        return f" (this file: npz:{v})"
+    if isinstance(v, str) and v and os.path.isdir(v):
+        return f" (this folder: folder:{v})"
+    return ""
 
 
 def bad(what: str, value) -> ValueError:

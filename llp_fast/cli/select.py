@@ -10,6 +10,7 @@ import time
 import numpy as np
 import torch
 
+from .. import _checks
 from .._progress import Progress, reporter
 from ..data.extra import open_pool
 from ..data.selection import check_selection_path, write_selection
@@ -25,11 +26,7 @@ def _pool(text: str) -> str:
     """``--source``, checked where parsed (it said "unknown pool ''", naming no flag, and an empty
     ``npz:`` path only once the network was loaded)."""
     if not text.startswith(("npz:", "folder:")) or text in ("npz:", "folder:"):
-        hint = ""
-        if text.endswith((".npz", ".npy")):
-            hint = f" (this file: npz:{text})"
-        elif text and os.path.isdir(text):
-            hint = f" (this folder: folder:{text})"
+        hint = _checks.spec_hint(text, (".npz", ".npy"))  # (a pool may be a .npy)
         raise argparse.ArgumentTypeError(f"expected npz:PATH or folder:PATH, got {text!r}{hint}")
     return text
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _optional
+from .._checks import spec_hint
 from .._npy import read_header
 from . import DataError
 from .files import image_files
@@ -234,12 +235,7 @@ def open_pool(spec: str, workers: int = 2):
         if not paths:
             raise DataError(f"folder:{root}: no images found")
         return FilesPool([os.path.abspath(p) for p in paths], f"folder:{os.path.abspath(root)}", workers=workers)
-    hint = ""
-    if spec.endswith((".npz", ".npy")):
-        hint = f" (this file: npz:{spec})"
-    elif os.path.isdir(spec):
-        hint = f" (this folder: folder:{spec})"
-    raise DataError(f"unknown pool {spec!r}: expected npz:PATH or folder:PATH{hint}")
+    raise DataError(f"unknown pool {spec!r}: expected npz:PATH or folder:PATH{spec_hint(spec, ('.npz', '.npy'))}")
 
 
 # -- llp-fast-train --extra-unlabeled ------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 
-from .._checks import bad
+from .._checks import bad, spec_hint
 
 ARCHS = ("resnet18", "resnet50")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # package.module:factory, given:ClassName
@@ -15,12 +15,8 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # package.module:fa
 
 def data_spec(v):
     if not isinstance(v, str) or not (v in ("digits", "mnist5k") or v.startswith(("npz:", "folder:"))):
-        hint = ""  # (as llp-fast-select's pools say: a bare path was "expected ..., got 'my.npz'")
-        if isinstance(v, str) and v.endswith(".npz"):
-            hint = f" (this file: npz:{v})"
-        elif isinstance(v, str) and v and os.path.isdir(v):
-            hint = f" (this folder: folder:{v})"
-        raise ValueError(f"expected digits, mnist5k, npz:PATH or folder:PATH, got {v!r}{hint}")
+        # (a bare path was "expected ..., got 'my.npz'")
+        raise ValueError(f"expected digits, mnist5k, npz:PATH or folder:PATH, got {v!r}{spec_hint(v)}")
     if v in ("npz:", "folder:"):  # (the current directory was read as the file: "no such file: /cwd")
         raise bad(f"{v}PATH with a PATH", v)
     return v
