@@ -58,7 +58,9 @@ def probe_features(
     """``(train_x, train_y, test_x, test_y, num_classes)`` for the labeled data set ``spec``:
     every labeled training example and the held-out split (the data's own, or 20% stratified).
     ``progress``: a :class:`llp_fast._progress.Progress` for the extraction's bar."""
-    data = load_data(spec, device="cpu", labeled_fraction=1.0, seed=seed, workers=workers)
+    # (a folder is decoded below by PIL, FilesPool: DALI's loader, built for nothing, refused a GIF)
+    loader = "pil" if spec.startswith("folder:") else "auto"
+    data = load_data(spec, device="cpu", labeled_fraction=1.0, seed=seed, workers=workers, loader=loader)
     lab = torch.nonzero(data.targets >= 0).flatten()
     ytr, yte = data.targets[lab], data.y_test.cpu()
     if len(yte) == 0:

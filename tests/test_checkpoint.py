@@ -117,7 +117,7 @@ def test_resume_names_the_flags_it_will_not_take(finished_run, tmp_path, capsys)
     out, err = capsys.readouterr()
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "--lr (saved: " in err and "--data (saved: " in err and "cannot change" in err
-    assert "--epochs" in err.split("only")[1]
+    assert "--epochs" in err.split("only")[1] and "--loader" in err.split("only")[1]
     saved = json.load(open(os.path.join(run, "config.json")))  # the saved values themselves pass
     rc = train_main(["--resume", run, "--lr", str(saved["lr"]), "--data", saved["data"], "--quiet"])
     assert rc == 0, capsys.readouterr().err

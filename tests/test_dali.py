@@ -325,6 +325,54 @@ def test_gif_under_dali_names_the_file(tmp_path):
 
 
 @needs_dali
+def test_auto_decodes_a_folder_with_gifs_by_pil_and_says_so(tmp_path):
+    """--loader auto (DALI installed) stopped on a GIF the user never asked DALI to read, as did
+    llp-fast-linear-probe on a folder (it decodes with PIL; its error named a --loader it lacks)."""
+    from PIL import Image
+
+    from llp_fast.probe import probe_features
+
+    root = make_jpegs(tmp_path / "d", per_class=4)
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(root / "c0" / "x.gif")
+    src = load(f"folder:{root}", device="cpu", labeled_fraction=0.5, loader="auto", workers=0)
+    assert src.loader == "pil" and src.dali is None
+    assert "--loader auto: pil, for the 1 GIF image(s) among the files (DALI decodes none)" in src.notes
+    assert list(src.test_batches(64))
+    plain = load(f"folder:{make_jpegs(tmp_path / 'e', per_class=5)}", device="cpu", labeled_fraction=0.5, workers=0)
+    assert plain.loader == "dali" and not any("GIF" in n for n in plain.notes)  # (no GIF: DALI, unsaid)
+    net = load("digits", device="cpu", labeled_fraction=0.5, image_size=8)
+    _, tr_y, _, te_y, classes = probe_features(torch.nn.Identity(), net, f"folder:{root}", batch_size=8, pixels=True)
+    assert classes == 3 and len(tr_y) + len(te_y) == 13
+
+
+@needs_dali
+def test_what_dali_decodes_wrongly_is_refused_and_pil_reads_it(tmp_path):
+    """A TIFF of grey and alpha: DALI put the alpha in the green channel (up to 243 levels off,
+    no error). A 16-bit PGM: PIL's reading was refused as "32-bit pixels"; DALI does not rescale
+    one whose maximum is below 65535."""
+    from PIL import Image
+
+    la = Image.fromarray(np.full((16, 16), 78, np.uint8), "L").convert("LA")
+    la.putalpha(100)
+    v = np.arange(24 * 24).reshape(24, 24) * 7  # 0..4025 of a 12-bit maximum
+    pgm = b"P5\n24 24\n4095\n" + v.astype(">u2").tobytes()
+    for name, what in (("la.tif", "a TIFF of grey and alpha"), ("g12.pgm", "a 16-bit PGM/PPM")):
+        root = make_jpegs(tmp_path / name, per_class=3)
+        if name == "la.tif":
+            la.save(root / "c0" / name)
+        else:
+            (root / "c0" / name).write_bytes(pgm)
+        dali, _ = both(root, labeled_fraction=1.0)
+        with pytest.raises(DataError, match=rf"{re.escape(name)}: DALI decodes {what} wrongly \(use --loader pil"):
+            list(dali.index_batches(torch.arange(dali.num_train), 64))
+            list(dali.test_batches(64))
+    root = tmp_path / "la.tif"
+    assert np.asarray(open_image(str(root / "c0" / "la.tif"))).tolist()[3][3] == [78, 78, 78]
+    grey = np.asarray(open_image(str(tmp_path / "g12.pgm" / "c0" / "g12.pgm")))[..., 0].astype(np.int64)
+    assert np.abs(grey - np.round(v * 255 / 4095)).max() <= 1  # PIL scales to 65535, then round(v / 257)
+
+
+@needs_dali
 def test_a_floating_point_tiff_is_refused_by_both_loaders(tmp_path):
     """PIL refused it (no agreed 8-bit reading); DALI read it and trained."""
     from PIL import Image
@@ -503,3 +551,18 @@ def test_trainer_resumes_mid_epoch_through_dali_exactly(tmp_path, capsys):
     for piece_a, piece_b in zip(a["bank"]["pieces"], b["bank"]["pieces"]):
         assert torch.equal(piece_a["embeddings"], piece_b["embeddings"])
         assert torch.equal(piece_a["labels"], piece_b["labels"])
+
+
+@needs_dali
+def test_a_resume_may_change_the_loader(tmp_path, capsys):
+    """A file DALI refuses stopped the run with "use --loader pil", which a resume refused as a
+    change ("--loader (saved: dali) cannot change"): the loader is how the run reads, not what."""
+    from llp_fast.train.checkpoint import CHECKPOINT
+
+    root = make_jpegs(tmp_path / "d", per_class=10)
+    args = ["--data", f"folder:{root}", "--loader", "dali", *_TINY, "--epochs", "2", "--quiet"]
+    cut = tmp_path / "cut"
+    assert train_main([*args, "--run-dir", str(cut), "--stop-after-steps", "2"]) == 130
+    assert train_main(["--resume", str(cut), "--loader", "pil", "--quiet"]) == 0, capsys.readouterr().err
+    assert torch.load(cut / CHECKPOINT, weights_only=True)["epoch"] == 2
+    assert json.load(open(cut / "config.json"))["loader"] == "pil"

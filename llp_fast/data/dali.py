@@ -150,6 +150,17 @@ class _NativeLogFilter:
             os.close(self.saved)
 
 
+def _misdecoded(kind: str, bands: int, mode: str) -> str | None:
+    """What DALI's CPU decoder reads wrongly, from the header: a TIFF of grey and alpha (two
+    samples a pixel: the alpha came out as the green channel, up to 243 levels off), a 16-bit
+    PGM/PPM (not rescaled from its maximum as PIL does: a 12-bit one read as 0-15)."""
+    if kind == "TIFF" and bands == 2:
+        return "a TIFF of grey and alpha"
+    if kind == "PPM" and mode == "I":
+        return "a 16-bit PGM/PPM"
+    return None
+
+
 class DaliFolder:
     """Batches of a :class:`~llp_fast.data.folder.FolderSource` decoded by DALI: the source's
     ``train_batches`` / ``test_batches`` / ``index_batches`` with the same samples."""
@@ -206,7 +217,7 @@ class DaliFolder:
             with open(path, "rb") as f:
                 raw = f.read()
             with Image.open(io.BytesIO(raw)) as im:  # reads the header only
-                w, h, kind = *im.size, im.format
+                w, h, kind, mode, bands = *im.size, im.format, im.mode, len(im.getbands())
                 check_depth(im, path)
         except DataError:
             raise
@@ -214,6 +225,9 @@ class DaliFolder:
             raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
         if kind not in DECODABLE_FORMATS:  # (DALI's error named another file of the batch)
             raise DataError(f"{MARKER}{path}: DALI does not decode {kind} images (use --loader pil)")
+        wrong = _misdecoded(kind, bands, mode)
+        if wrong:  # (decoded without an error, and wrong: an alpha channel read as green)
+            raise DataError(f"{MARKER}{path}: DALI decodes {wrong} wrongly (use --loader pil, or save it as PNG)")
         src, s = self.source, self.source.image_size
         if seed < 0:
             big_w, big_h, left, top = eval_geometry(w, h, s)

@@ -28,6 +28,7 @@ from .. import _optional
 from .._device import memory_format
 from ..errors import ConfigError
 from . import DataError, DataFacts, Split, make_split, untested_note
+from .dali import UNDECODABLE
 from .files import (
     GREY_MODES,
     equal_channels,
@@ -188,6 +189,13 @@ class FolderSource:
         self.workers = int(workers)
         self.seed = seed
         self.num_train, self.num_test = len(self.files), len(tfiles)
+        if self.loader == "dali" and loader == "auto":  # (a GIF stopped a run that asked for no loader)
+            gifs = sum(p.lower().endswith(UNDECODABLE) for p in [*self.files, *self.test_files])
+            if gifs:
+                self.loader = "pil"
+                self.notes.append(
+                    f"--loader auto: pil, for the {gifs:,} GIF image(s) among the files (DALI decodes none)"
+                )
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
         self.configure(image_size=image_size, scale_min=scale_min, flip=flip)

@@ -54,7 +54,8 @@ def check_depth(im, path: str) -> None:
     loaders refuse them; DALI read a floating-point TIFF where PIL refused it)."""
     if im.mode == "F":
         raise DataError(f"{MARKER}cannot read image {path}: floating-point pixels (save it with 8 or 16 bits)")
-    if im.mode == "I" and im.format != "PNG":  # a PNG's 16-bit grey; elsewhere (TIFF) 32-bit integers
+    # a PNG's or PGM's 16-bit grey (PIL scales a PGM's to 0-65535); elsewhere (TIFF) 32-bit integers
+    if im.mode == "I" and im.format not in ("PNG", "PPM"):
         raise DataError(f"{MARKER}cannot read image {path}: 32-bit pixels (save it with 8 or 16 bits)")
 
 

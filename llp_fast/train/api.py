@@ -52,7 +52,7 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
     are :class:`TrainConfig` fields (with a backbone given, ``width`` and ``arch`` are its own and
     refused). A ``run_dir`` that holds a run is refused unless ``resume=True``,
     which continues that run exactly (pass the same kind of backbone again; settings given must be
-    the saved ones, but for ``epochs``, ``quiet``, ``threads`` and ``workers``). Without
+    the saved ones, but for ``config.RESUMABLE``: ``epochs``, ``quiet``, ``threads``, ``workers``, ``loader``). Without
     ``run_dir`` a new ``runs/<time>`` is made. Bad settings raise
     :class:`~llp_fast.errors.ConfigError` naming the flag."""
     _check_call(model, resume)
@@ -154,7 +154,7 @@ def prepare(
     ``resume``: continue the run in ``cfg.run_dir`` from its checkpoint (``ckpt``, when the caller
     has loaded it already, with ``cfg`` its config). Without ``ckpt`` the checkpoint is loaded here
     and its saved config is used, except for the fields of ``config.RESUMABLE`` (epochs, quiet,
-    threads, workers), which are taken from ``cfg``."""
+    threads, workers, loader), which are taken from ``cfg``."""
     if cfg.run_dir is not None and not isinstance(cfg.run_dir, (str, os.PathLike)):  # (os.path's TypeError)
         raise TypeError(f"run_dir must be a path (str or os.PathLike), got {type(cfg.run_dir).__name__}")
     if not resume and cfg.run_dir is not None and os.path.exists(os.path.join(cfg.run_dir, checkpoint.CHECKPOINT)):
@@ -187,7 +187,7 @@ def prepare(
 def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | None = None) -> dict:
     """Trains (or resumes) the run in ``cfg.run_dir``; returns the last epoch's metrics. A
     ``run_dir`` that holds a run is refused unless ``resume=True``, which continues it with its saved
-    settings: ``cfg``'s ``epochs``, ``quiet``, ``threads`` and ``workers`` apply, and any other field
+    settings: those of ``cfg`` given away from their defaults among ``config.RESUMABLE`` apply, and any other field
     set away from its default must equal the saved one (as :func:`fit` does)."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -196,7 +196,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
         check_new_run(cfg, model_given=model is not None)
         return prepare(cfg, model=model).fit()
     given = {f.name: getattr(cfg, f.name) for f in fields() if getattr(cfg, f.name) != _default(f)}
-    keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps")}
+    # (the settings given: a default loader, "auto", replaced a run's saved "pil")
+    keep = {name: given[name] for name in (*RESUMABLE, "stop_after_steps") if name in given}
     cfg, ckpt = _resumed(cfg.run_dir, given, keep, model)
     return prepare(cfg, resume=True, ckpt=ckpt, model=model).fit()
 

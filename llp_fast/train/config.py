@@ -321,7 +321,9 @@ class TrainConfig:
 
 # What a resumed run may change: how long it trains and how it runs, nothing that shapes the result
 # so far (README, "Errors, checkpoints and resuming": a resume replays the uninterrupted run).
-RESUMABLE = ("epochs", "quiet", "threads", "workers")
+# (--loader too: DALI refuses a few files PIL reads, and "use --loader pil" could not be followed on a
+# resume; the two loaders' images agree within a grey level, not bit for bit)
+RESUMABLE = ("epochs", "quiet", "threads", "workers", "loader")
 
 
 def fields():
