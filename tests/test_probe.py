@@ -181,3 +181,39 @@ def test_a_diverged_readout_with_a_validation_split_is_refused_too(ckpt, capsys)
     and a chance-level readout reported as a result, exit 0."""
     rc = main([ckpt, "--data", "digits", "--lr", "1e29", "--weight-decay", "1e9", "--epochs", "3", "--quiet"])
     one_error_line(capsys, rc, "the readout's loss was never finite", prog="llp-fast-linear-probe")
+
+
+def test_the_lbfgs_readout_is_scikit_learns_logistic_regression():
+    """--solver lbfgs: mean cross-entropy + l2 / 2 |W|^2 to convergence is scikit-learn's
+    multinomial LogisticRegression with C = 1 / (n l2) (its bias unpenalised too): the same
+    probabilities, an independent solver."""
+    from sklearn.linear_model import LogisticRegression
+
+    from llp_fast.probe import _lbfgs_fit
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(300, 7)) + np.repeat(rng.normal(size=(3, 7)) * 1.5, 100, axis=0))
+    y = torch.arange(3).repeat_interleave(100)
+    for l2 in (1e-1, 1e-3):
+        head = _lbfgs_fit(x.float(), y, 3, l2)
+        got = torch.softmax(head(x), dim=1).detach().numpy()
+        sk = LogisticRegression(C=1 / (len(y) * l2), tol=1e-10, max_iter=10_000).fit(x.numpy(), y.numpy())
+        np.testing.assert_allclose(got, sk.predict_proba(x.numpy()), atol=1e-4)
+
+
+def test_the_lbfgs_solver_reads_out_what_the_sgd_schedule_leaves(ckpt, tmp_path, capsys):
+    """The paper's SGD schedule stops once a small validation split saturates, before the readout
+    converges: --solver lbfgs fits to convergence and chooses its L2 on that split."""
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.from_numpy(x).float(), torch.from_numpy(y)
+    got = train_readout(x[:1200], y[:1200], x[1200:], y[1200:], 10, solver="lbfgs")
+    sgd = train_readout(x[:1200], y[:1200], x[1200:], y[1200:], 10)
+    assert got["solver"] == "lbfgs" and got["l2"] in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5) and got["epochs_run"] is None
+    assert got["test_top1"] >= sgd["test_top1"] - 0.01 and got["test_top1"] > 0.9
+    assert train_readout(x[:300], y[:300], x[300:400], y[300:400], 10, solver="lbfgs", val_fraction=0)["l2"] == 1e-3
+    out = tmp_path / "p.json"
+    assert main([ckpt, "--data", "digits", "--solver", "lbfgs", "--quiet", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["solver"] == "lbfgs"
+    with pytest.raises(SystemExit):  # an SGD flag with lbfgs would be ignored
+        main([ckpt, "--data", "digits", "--solver", "lbfgs", "--patience", "9"])
+    assert "argument --patience: the sgd solver's" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from ..train.trained import load_network
 from . import _common
 
 PROG = "llp-fast-linear-probe"
+SGD_FLAGS = ("lr", "momentum", "weight_decay", "batch_size", "epochs", "patience", "drops")
 
 
 _VAL_FRACTION = _common.checked(float, C.below_one, "a number")
@@ -49,6 +50,13 @@ def parser() -> argparse.ArgumentParser:
         "--data", type=_common.DATA, required=True, help="the probe data: digits, mnist5k, npz:PATH or folder:PATH"
     )
     ap.add_argument("--out", type=_common.path, default=None, help="JSON file for the results (default: print only)")
+    ap.add_argument(
+        "--solver",
+        choices=("sgd", "lbfgs"),
+        default="sgd",
+        help="sgd (default): the paper's schedule (the flags below to --drops); lbfgs: logistic regression to "
+        "convergence, its L2 strength chosen on the validation split",
+    )
     ap.add_argument("--lr", type=_lr, default=0.01, help="initial learning rate (default 0.01, paper)")
     ap.add_argument("--momentum", type=_common.MOMENTUM, default=0.9, help="SGD momentum (default 0.9)")
     ap.add_argument("--weight-decay", type=_common.NONNEG_FLOAT, default=0.0, help="SGD weight decay (default 0)")
@@ -144,6 +152,7 @@ def _main(args) -> int:
             val_fraction=args.val_fraction,
             standardize=not args.no_standardize,
             seed=args.seed + r,
+            solver=args.solver,
         )
         for r in range(args.repeats)
     ]
@@ -197,6 +206,9 @@ def main(argv=None) -> int:
     args = _common.parse(ap.parse_args, argv)
     if args.pixels and args.random_init:
         ap.error("argument --random-init: not with --pixels (the pixels control uses no network)")
+    sgd = [f"--{n.replace('_', '-')}" for n in SGD_FLAGS if getattr(args, n) != ap.get_default(n)]
+    if args.solver == "lbfgs" and sgd:  # (they would be ignored)
+        ap.error(f"argument {sgd[0]}: the sgd solver's; --solver lbfgs fits to convergence and chooses its L2")
     if args.seed + args.repeats > 2**63:  # readout r is seeded SEED + r
         ap.error(f"argument --seed: SEED + REPEATS - 1 must stay below 2**63, got {args.seed} + {args.repeats - 1}")
     with _common.sigterm_as_interrupt():
