@@ -631,3 +631,24 @@ def test_width_with_a_network_of_ones_own_is_refused(tmp_path, factory_module, c
     rc = train_main(["--run-dir", str(tmp_path / "r"), *TINY_ARGS, "--arch", "mynets:small_cnn"])
     one_error_line(capsys, rc, "--width 4: the width of resnet18 and resnet50 only; --arch mynets:small_cnn builds")
     assert not (tmp_path / "r").exists()
+
+
+def test_the_start_vote_takes_the_runs_voter_cap():
+    """--start-rounds above 1 votes over the whole bank as a refresh does; it took the labeller's own
+    cap (max(20,000, 2 M)) whatever --max-voters said."""
+    from types import SimpleNamespace
+
+    from llp_fast.embeddings import label_embeddings
+    from llp_fast.train.warmstart import vote_on_inputs
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(300, 6, generator=g), dim=1)
+    targets = torch.full((300,), -1)
+    targets[:12] = torch.arange(12) % 3
+    cfg = SimpleNamespace(start_rounds=3, t=5, tau=0.1, density_weighting=True, max_voters=20, density_pool="auto")
+    unl, labels, conf = vote_on_inputs(feats, targets, cfg, k=3, num_classes=3)
+    want = label_embeddings(feats, targets.numpy(), rounds=3, k=3, t=5, tau=0.1, max_voters=20, normalize=False)
+    assert torch.equal(labels, torch.from_numpy(want.labels[unl.numpy()]))
+    assert len(want.voter_rows) <= 12 + 20 + 3  # (each class's share rounded)
+    free = label_embeddings(feats, targets.numpy(), rounds=3, k=3, t=5, tau=0.1, normalize=False)
+    assert len(free.voter_rows) > len(want.voter_rows)  # (the cap mattered here)

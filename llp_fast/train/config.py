@@ -259,7 +259,8 @@ class TrainConfig:
     )
     max_voters: int | None = _opt(
         None,
-        "cap on the pseudo-labeled voters of a whole-bank vote, so that it costs O(N (M + cap)) "
+        "cap on the pseudo-labeled voters of a whole-bank vote (each refresh's, and the start's of "
+        "--start-rounds above 1), so that it costs O(N (M + cap)) "
         f"(default {DEFAULT_MAX_VOTERS:,})",
         group="llp",
         check=optional(count),

@@ -74,6 +74,7 @@ def vote_on_inputs(feats: torch.Tensor, targets: torch.Tensor, cfg, *, k: int, n
             t=cfg.t,
             tau=cfg.tau,
             density=cfg.density_weighting,
+            max_voters=cfg.max_voters,  # (the refresh vote's cap: it took the labeller's own, unsaid)
             normalize=False,
             device=str(dev),
         )
