@@ -23,7 +23,7 @@ from ..data.loading import WorkerLost, worker_lost
 from ..errors import CheckpointError, ConfigError, InterruptedTwice
 from ..ops import describe_backends
 from ..train import config as C
-from ..train.defaults import SMALL_DATA, as_saved, baseline_by_default, check_new_run, resolve_run, show
+from ..train.defaults import SMALL_DATA, baseline_by_default, check_new_run, resolve_run, resume_changes, show
 from . import _common, launch
 
 PROG = "llp-fast-train"
@@ -155,13 +155,8 @@ def resumed_config(args, saved: C.TrainConfig, ckpt: dict) -> tuple[C.TrainConfi
     saved value itself passes: it was refused as a change). Also returns notes to print."""
     values = given(args)
     values.pop("stop_after_steps", None)
-    refused = []
-    for f in C.fields():
-        if f.name not in values or f.name in C.RESUMABLE:
-            continue
-        value, was = values.pop(f.name), getattr(saved, f.name)
-        if as_saved(f.name, value) != as_saved(f.name, was):  # (paths saved absolute)
-            refused.append(f"{C.flag_of(f)} (saved: {show(was)})")
+    refused = [f"{C.flag_of(f)} (saved: {show(getattr(saved, f.name))})" for f, _ in resume_changes(saved, values)]
+    values = {name: value for name, value in values.items() if name in C.RESUMABLE}  # (the saved value passes)
     if refused:
         allowed = ", ".join("--" + n for n in C.RESUMABLE)
         raise ConfigError(

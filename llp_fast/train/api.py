@@ -26,8 +26,8 @@ import torch
 from ..errors import ConfigError
 from ..nn import GIVEN
 from . import checkpoint, claim, report
-from .config import RESUMABLE, TrainConfig, check_value, fields
-from .defaults import as_saved, check_new_run
+from .config import RESUMABLE, TrainConfig, fields
+from .defaults import check_new_run, resume_changes
 from .loop import Trainer
 
 
@@ -112,21 +112,13 @@ def _resumed(run_dir, given: dict, keep: dict, model) -> tuple[TrainConfig, dict
 
 
 def _changed(saved: TrainConfig, given: dict, *, model_given: bool) -> list[str]:
-    """The settings in ``given`` (TrainConfig fields) that a resume would ignore: those other than
-    ``config.RESUMABLE`` whose value (after its check) differs from the saved run's. ``None`` (chosen
-    from the data) matches anything. With a backbone given in Python its class stands for ``arch``
-    (checked apart)."""
-    known = {f.name: f for f in fields()}
-    out = []
-    for name, value in given.items():
-        skip = name in (*RESUMABLE, "run_dir", "stop_after_steps") or (name == "arch" and model_given)
-        if skip or value is None or name not in known:
-            continue
-        value, was = check_value(known[name], value), getattr(saved, name)
-        value, was = as_saved(name, value), as_saved(name, was)  # (earlier versions kept paths as given)
-        if value != was:
-            out.append(f"{name}={value!r} (saved: {getattr(saved, name)!r})")
-    return out
+    """The settings in ``given`` (TrainConfig fields) a resume would ignore (:func:`resume_changes`),
+    named as fields. With a backbone given in Python its class stands for ``arch`` (checked apart)."""
+    skip = ("run_dir", "stop_after_steps", *(("arch",) if model_given else ()))
+    return [
+        f"{f.name}={value!r} (saved: {getattr(saved, f.name)!r})"
+        for f, value in resume_changes(saved, given, skip=skip)
+    ]
 
 
 def _say_split_batches(trainer: Trainer) -> None:

@@ -103,6 +103,24 @@ def as_saved(name: str, value):
     return value
 
 
+def resume_changes(saved: TrainConfig, given: dict, *, skip=()) -> list[tuple[dataclasses.Field, object]]:
+    """What a resume cannot take of ``given`` (field name -> value): the fields other than
+    ``config.RESUMABLE`` (and ``skip``) whose value, after its check, differs from the saved one as
+    a run saves it (:func:`as_saved`), with the value given. ``None`` (chosen from the data) matches
+    anything. The command line and ``fit``/``train`` each name them their way (flags, fields)."""
+    from .config import RESUMABLE, check_value, fields
+
+    known = {f.name: f for f in fields()}
+    out = []
+    for name, value in given.items():
+        if name in (*RESUMABLE, *skip) or value is None or name not in known:
+            continue
+        value = check_value(known[name], value)
+        if as_saved(name, value) != as_saved(name, getattr(saved, name)):  # (earlier versions kept paths as given)
+            out.append((known[name], value))
+    return out
+
+
 def absolute_data(spec: str) -> str:
     """``npz:PATH`` and ``folder:PATH`` with PATH made absolute (a resume may start in another
     directory), ``~`` expanded (a shell leaves ``folder:~/x`` as it is: it was read as ./~/x);
