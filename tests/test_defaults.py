@@ -87,6 +87,13 @@ def test_the_run_says_what_it_chose_and_why():
     )
 
 
+def test_workers_given_to_array_data_are_said_unused():
+    _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", workers=8), facts())
+    assert "--workers 8 is not used: array data is held in memory, read without workers" in lines
+    _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", workers=8), facts(kind="folder"))
+    assert not any("--workers" in line for line in lines)
+
+
 def test_a_drop_after_the_run_is_said():
     # (--milestones 30 with --epochs 20 kept the lr at its start for the whole run without a word)
     _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", epochs=20, milestones=[5, 20, 30]), facts())

@@ -258,6 +258,8 @@ def resolve(cfg: TrainConfig, facts, *, new: bool = True) -> tuple[TrainConfig, 
             f"--labeled-fraction {cfg.labeled_fraction:g} is not used: the data marks its own labeled set "
             f"({facts.num_labeled:,} labeled training images)"
         )
+    if new and facts.kind != "folder" and cfg.workers != TrainConfig.workers:  # (ignored without a word)
+        lines.append(f"--workers {cfg.workers} is not used: array data is held in memory, read without workers")
     for name, drops in given.items():  # (a drop at or after the last epoch never came, unsaid)
         late = [m for m in drops or () if m >= cfg.epochs]
         if late:
