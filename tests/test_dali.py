@@ -356,16 +356,26 @@ def test_what_dali_decodes_wrongly_is_refused_and_pil_reads_it(tmp_path):
     la.putalpha(100)
     v = np.arange(24 * 24).reshape(24, 24) * 7  # 0..4025 of a 12-bit maximum
     pgm = b"P5\n24 24\n4095\n" + v.astype(">u2").tobytes()
-    for name, what in (("la.tif", "a TIFF of grey and alpha"), ("g12.pgm", "a 16-bit PGM/PPM")):
+    rgb = b"P6\n# a comment\n24 24\n100\n" + (np.arange(24 * 24 * 3) % 101).astype(np.uint8).tobytes()
+    cases = (
+        ("la.tif", re.escape("a TIFF of two channels (grey or palette, and alpha)")),
+        ("g12.pgm", re.escape("a PGM/PPM of maximum 4095 (DALI reads 255 only)")),
+        ("rgb100.ppm", re.escape("a PGM/PPM of maximum 100 (DALI reads 255 only)")),
+    )
+    for name, what in cases:
         root = make_jpegs(tmp_path / name, per_class=3)
         if name == "la.tif":
             la.save(root / "c0" / name)
         else:
-            (root / "c0" / name).write_bytes(pgm)
+            (root / "c0" / name).write_bytes(pgm if name == "g12.pgm" else rgb)
         dali, _ = both(root, labeled_fraction=1.0)
         with pytest.raises(DataError, match=rf"{re.escape(name)}: DALI decodes {what} wrongly \(use --loader pil"):
             list(dali.index_batches(torch.arange(dali.num_train), 64))
             list(dali.test_batches(64))
+    from llp_fast.data.dali import _misdecoded
+
+    for ordinary in (b"P5 2 2 255\n" + bytes(4), b"P6\n#x 1\n2 2\n255\n" + bytes(12), b"P4\n8 1\n\x00"):
+        assert _misdecoded("PPM", 1, ordinary) is None  # (maximum 255, or a bitmap: decoded alike)
     root = tmp_path / "la.tif"
     assert np.asarray(open_image(str(root / "c0" / "la.tif"))).tolist()[3][3] == [78, 78, 78]
     grey = np.asarray(open_image(str(tmp_path / "g12.pgm" / "c0" / "g12.pgm")))[..., 0].astype(np.int64)
@@ -566,3 +576,16 @@ def test_a_resume_may_change_the_loader(tmp_path, capsys):
     assert train_main(["--resume", str(cut), "--loader", "pil", "--quiet"]) == 0, capsys.readouterr().err
     assert torch.load(cut / CHECKPOINT, weights_only=True)["epoch"] == 2
     assert json.load(open(cut / "config.json"))["loader"] == "pil"
+
+
+@needs_dali
+def test_the_runs_first_line_names_the_loader_the_data_took(tmp_path, capsys):
+    """--loader auto with a GIF among the files: the data said PIL and the run's first line DALI."""
+    from PIL import Image
+
+    root = make_jpegs(tmp_path / "d", per_class=6)
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(root / "c1" / "g.gif")
+    args = ["--data", f"folder:{root}", *_TINY, "--baseline", "off", "--run-dir", str(tmp_path / "r")]
+    assert train_main(args) == 0
+    err = capsys.readouterr().err
+    assert ", loader pil, run dir" in err and "--loader auto: pil, for the 1 GIF image(s)" in err, err

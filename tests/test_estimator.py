@@ -360,6 +360,13 @@ def test_score_takes_names_beside_abstentions():
     assert np.isfinite(scores).all()
     with pytest.raises(ValueError, match="one label per row"):
         clf.score(x, truth[:5])
+    with pytest.raises(ValueError, match="sample_weight must be one weight per row of X"):
+        clf.score(x, truth, sample_weight=np.ones(5))
+    # an abstention is never right, not even against a -1 (the unlabeled mark) in y: a grid search
+    # over min_confidence on semi-supervised y chose the threshold that abstained most
+    semi = np.where(pred == -1, -1, truth).astype(object)
+    assert clf.score(x, semi) == pytest.approx(np.mean([p == t and p != -1 for p, t in zip(pred, semi)]))
+    assert clf.score(x, semi) < np.mean([p == t for p, t in zip(pred, semi)])
     few = np.full(30, -1)
     few[:10] = np.arange(10)  # one label for each of 10 classes, 30 rows
     with warnings.catch_warnings():

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.isolated
 torch.set_num_threads(1)
 
 
-def brute_gaps(x, labels, voter_rows, voter_classes, voter_bias, classes, k, tau):
+def brute_gaps(x, labels, voter_rows, voter_classes, voter_bias, classes, k, tau, won=None):
     """docs/embeddings.md's label gap, row by row in float64 with plain sorting."""
     x = x.astype(np.float64)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -30,8 +30,8 @@ def brute_gaps(x, labels, voter_rows, voter_classes, voter_bias, classes, k, tau
         z = [(float(x[i] @ x[j]) / tau - b, cj) for j, cj, b in zip(voter_rows, voter_classes, bias) if j != i]
         own = sorted((s for s, cj in z if cj == c), reverse=True)
         n = min(k, len(own))
-        if n == 0:  # no other voter of its class: its label spread nowhere, or (no pseudo-labeled voter) no evidence
-            out[i] = -math.inf if len(voter_rows) > (labels >= 0).sum() else 0.0
+        if n == 0:  # no other voter of its class: its label spread nowhere (won no row), or no evidence
+            out[i] = -math.inf if won is not None and not won[c] else 0.0
             continue
         every = sorted((s for s, _ in z), reverse=True)
         out[i] = min(0.0, np.mean(own[:n]) - np.mean(every[:n]))
@@ -237,8 +237,7 @@ def _problem(rng, n, d, m, classes, pseudo):
         (60, 8, 20, [0, 1, 2], 15, 5, 7),  # blocks of 7 rows
         (33, 5, 9, [3, 7, 11, 12], 0, 10, 64),  # k beyond a class's voters; sparse class values
         (40, 3, 12, [0, 1], 25, 1, 13),  # K = 1
-        (25, 4, 6, [0, 1, 2, 3, 4, 5], 4, 3, 5),  # classes with a single voter: gap -inf
-        (25, 4, 6, [0, 1, 2, 3, 4, 5], 0, 3, 5),  # ... and no pseudo-labeled voter: gap 0
+        (25, 4, 6, [0, 1, 2, 3, 4, 5], 4, 3, 5),  # classes with a single voter: gap -inf where it won no row
     ],
 )
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -247,8 +246,9 @@ def test_label_gaps_equal_the_brute_force(n, d, m, classes, pseudo, k, chunk, wi
     x, labels, v_rows, v_cls, bias, cls = _problem(rng, n, d, m, classes, pseudo)
     bias = bias if with_bias else None
     monkeypatch.setattr(spread_mod, "SOLVE_DTYPE", torch.float64)  # the margins to 1e-8 (float32: its own test)
-    got = label_gaps(Rows(x), labels, v_rows, v_cls, bias, cls, k=k, tau=0.1, chunk=chunk)
-    want = brute_gaps(x, labels, v_rows, v_cls, bias, cls, k, 0.1)
+    won = np.arange(len(cls)) % 2 == 0  # (the even classes won an unlabeled row)
+    got = label_gaps(Rows(x), labels, v_rows, v_cls, bias, cls, k=k, tau=0.1, chunk=chunk, won=won)
+    want = brute_gaps(x, labels, v_rows, v_cls, bias, cls, k, 0.1, won)
     labeled = np.flatnonzero(labels >= 0)
     assert np.array_equal(got.labeled, labeled)
     ref = np.array([want[i] for i in labeled])
@@ -375,3 +375,24 @@ def test_a_class_with_one_labeled_row_is_not_suspect_for_it():
     found = suspects_of(Rows(x), noisy, label_embeddings(x, noisy, rounds=1), Settings(rounds=1))
     cleaned, dropped = drop_worst(noisy, found, 0.03)
     assert threes[0] not in dropped and (cleaned == 3).sum() == 1
+
+
+def test_a_one_label_class_whose_voter_quota_rounds_to_none_is_not_suspect():
+    """A class's pseudo-labeled voters are its share of the labels times the cap, rounded: one label
+    beside 500 got none, though it won all 50 rows of its cluster, and its row scored -inf (ranked
+    first, dropped by --drop-suspects with its class)."""
+    from llp_fast import LocalLabelPropagation
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 4
+    x = np.concatenate([centres[c] + rng.normal(size=(n, 16)) for c, n in ((0, 50), (1, 300), (2, 300))])
+    y = np.full(650, -1)
+    y[0] = 0
+    y[50:300] = 1
+    y[350:600] = 2
+    clf = LocalLabelPropagation().fit(x.astype(np.float32), y)
+    assert (clf.transduction_[:50] == 0).all()  # it won its cluster
+    assert clf.label_quality_[0] == 1.0  # (score 0: no evidence; it ties with the clean rows)
+    found = suspects_of(Rows(x.astype(np.float32)), y, label_embeddings(x.astype(np.float32), y), Settings())
+    cleaned, dropped = drop_worst(y, found, 0.01)
+    assert 0 not in dropped and (cleaned == 0).sum() == 1

@@ -236,7 +236,7 @@ def _train(args) -> int:
             args.baseline == "on" or (args.baseline == "auto" and baseline_by_default(trainer.facts))
         )
     if not cfg.quiet:
-        _say_what_runs(cfg, notes + trainer.notes)
+        _say_what_runs(cfg, notes + trainer.notes, trainer.source)
     baseline = launch.Baseline(cfg, args, want_baseline, resumed=bool(args.resume), rank=rank, prog=PROG)
     try:
         llp, base = baseline.run_beside(trainer.fit)
@@ -268,14 +268,15 @@ def _train(args) -> int:
 METHOD_NAMES = {"plus": "LLP+", "paper": "LLP (the paper's method)", "fixmatch": "FixMatch-style (no LLP)"}
 
 
-def _say_what_runs(cfg, notes) -> None:
+def _say_what_runs(cfg, notes, source) -> None:
     what = "supervised-only" if cfg.supervised_only else METHOD_NAMES[cfg.method]
     loader = ""
     if cfg.data.startswith("folder:"):
         from ..data.folder import loader_label
-        from ..train.build import needs_strong_views
 
-        loader = f", loader {loader_label(cfg.loader, cfg.device, needs_strong_views(cfg))}"
+        # the loader the source took (--loader auto: PIL for strong views, or GIFs among the files;
+        # the line said DALI where the data's note said PIL)
+        loader = f", loader {loader_label(source.loader, cfg.device)}"
     arch = f"{cfg.arch} width {cfg.width}" if cfg.arch in C.ARCHS else cfg.arch
     epochs = "epoch" if cfg.epochs == 1 else "epochs"
     print(

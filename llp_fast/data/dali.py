@@ -150,14 +150,30 @@ class _NativeLogFilter:
             os.close(self.saved)
 
 
-def _misdecoded(kind: str, bands: int, mode: str) -> str | None:
-    """What DALI's CPU decoder reads wrongly, from the header: a TIFF of grey and alpha (two
-    samples a pixel: the alpha came out as the green channel, up to 243 levels off), a 16-bit
-    PGM/PPM (not rescaled from its maximum as PIL does: a 12-bit one read as 0-15)."""
+def _misdecoded(kind: str, bands: int, raw: bytes) -> str | None:
+    """What DALI's CPU decoder reads wrongly, from the header: a TIFF of two samples a pixel (grey
+    or palette, and alpha: the alpha came out as the green channel, up to 243 levels off), a PGM/PPM
+    whose maximum is not 255 (DALI does not rescale it as PIL does: a 12-bit one read as 0-15, one
+    of maximum 100 up to 155 levels off)."""
     if kind == "TIFF" and bands == 2:
-        return "a TIFF of grey and alpha"
-    if kind == "PPM" and mode == "I":
-        return "a 16-bit PGM/PPM"
+        return "a TIFF of two channels (grey or palette, and alpha)"
+    if kind == "PPM":
+        top = _pnm_maximum(raw)
+        if top is not None and top != 255:
+            return f"a PGM/PPM of maximum {top} (DALI reads 255 only)"
+    return None
+
+
+def _pnm_maximum(raw: bytes) -> int | None:
+    """The maximum value in a binary or text PGM/PPM header (P2, P3, P5, P6); None for a bitmap
+    (P1, P4) or a header it cannot read."""
+    if raw[:2] not in (b"P2", b"P3", b"P5", b"P6"):
+        return None
+    fields = []
+    for line in raw[2:1024].splitlines():
+        fields += line.split(b"#", 1)[0].split()
+        if len(fields) >= 3:
+            return int(fields[2]) if fields[2].isdigit() else None
     return None
 
 
@@ -217,7 +233,7 @@ class DaliFolder:
             with open(path, "rb") as f:
                 raw = f.read()
             with Image.open(io.BytesIO(raw)) as im:  # reads the header only
-                w, h, kind, mode, bands = *im.size, im.format, im.mode, len(im.getbands())
+                w, h, kind, bands = *im.size, im.format, len(im.getbands())
                 check_depth(im, path)
         except DataError:
             raise
@@ -225,7 +241,7 @@ class DaliFolder:
             raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
         if kind not in DECODABLE_FORMATS:  # (DALI's error named another file of the batch)
             raise DataError(f"{MARKER}{path}: DALI does not decode {kind} images (use --loader pil)")
-        wrong = _misdecoded(kind, bands, mode)
+        wrong = _misdecoded(kind, bands, raw)
         if wrong:  # (decoded without an error, and wrong: an alpha channel read as green)
             raise DataError(f"{MARKER}{path}: DALI decodes {wrong} wrongly (use --loader pil, or save it as PNG)")
         src, s = self.source, self.source.image_size

@@ -310,8 +310,13 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         truth = np.asarray(y)
         if truth.ndim != 1 or truth.shape[0] != pred.shape[0]:
             raise ValueError(f"y must be one label per row of X ({pred.shape[0]}), got shape {truth.shape}")
-        right = (pred.astype(object) == truth.astype(object)).astype(np.float64)
-        return float(np.average(right, weights=sample_weight))
+        if sample_weight is not None and np.shape(sample_weight) != truth.shape:
+            raise ValueError(f"sample_weight must be one weight per row of X ({pred.shape[0]}), got shape "
+                             f"{np.shape(sample_weight)}")  # fmt: skip
+        # (an abstention matched a -1 in y, an unlabeled row's mark: a grid search over min_confidence
+        # then chose the one that abstained most)
+        right = (pred.astype(object) == truth.astype(object)) & ~_unlabeled(pred)
+        return float(np.average(right.astype(np.float64), weights=sample_weight))
 
     def predict_proba(self, X):
         """Each row's class shares in the vote of the final voters, (n_samples, n_classes)."""

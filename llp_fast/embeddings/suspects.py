@@ -15,10 +15,11 @@ labeled with (n = K, or fewer when that class has fewer other voters):
     gap_i = mean_{n best voters of class y_i} z_ij  -  mean_{n best voters} z_ij   (<= 0)
 
 0 when the row's nearest voters carry its label; more negative the further away its label's
-nearest support lies. When no other voter has its class: -inf where the rounds added
-pseudo-labeled voters (the label won no row: it spread nowhere), 0 where they added none
-(``--rounds 1``: a class's single labeled row has no evidence either way, as the margin below says;
-it scored -inf, ranked first, and ``--drop-suspects`` removed the class). Unlike the share of a leave-one-out
+nearest support lies. When no other voter has its class: -inf where its class won no unlabeled
+row in the run's vote (the label spread nowhere), else 0, no evidence either way (as the margin
+below says for a class with no other labeled row: a class's single, correct labeled row scored
+-inf under ``--rounds 1``, or where its voter quota rounded to none, ranked first, and
+``--drop-suspects`` removed the class). Unlike the share of a leave-one-out
 vote it does not saturate: a flipped label (a random other class) usually lies much further from
 its row than the label of a row that merely resembles another class.
 
@@ -145,11 +146,14 @@ def label_gaps(
     device=None,
     comm=None,
     progress=None,
+    won: np.ndarray | None = None,
 ) -> Suspects:
     """The suspect score of every labeled row (``labels`` (N,) values, -1 unlabeled): its label gap
     against the final voters of a run (``Result.voter_rows``, ``voter_classes`` as indices into
     ``classes``, ``voter_bias``), with the run's K and temperature, plus its spreading margin over
-    the voters' graph (:func:`voter_margins`), the sum scaled by :func:`neighbourhood_scale`. The gap
+    the voters' graph (:func:`voter_margins`), the sum scaled by :func:`neighbourhood_scale`;
+    ``won`` (per class of ``classes``): whether the class won an unlabeled row (a row whose class has
+    no other voter: -inf where it did not, else 0; ``None``: 0). The gap
     streams the voters (in row order) ``chunk`` at a time; under ``comm`` each rank scores its share
     of them and the selections are merged exactly; the margin and the scale are computed whole on
     every rank (the same on each)."""
@@ -206,7 +210,6 @@ def label_gaps(
     indices = to_row[indices]  # -1 stays -1 (the appended entry)
     own = torch.from_numpy(labeled).to(device)
     gap = torch.empty(len(labeled), dtype=torch.float64, device=device)
-    spread_any = len(voter_rows) > len(labeled)  # the rounds added pseudo-labeled voters
     for c, group in enumerate(groups):
         if not len(group):
             continue
@@ -217,7 +220,8 @@ def label_gaps(
         n_c = torch.full((len(group),), min(k, int(count[c]) - 1), dtype=torch.int64, device=device)
         best_c = _mean_best(vc, ic, own[g], n_c)
         best = _mean_best(values[g], indices[g], own[g], n_c)
-        alone = best_c if spread_any else torch.zeros_like(best_c)  # (no pseudo-labeled voter: no evidence)
+        lost = won is not None and not won[c]  # (its label spread nowhere; else no evidence)
+        alone = best_c if lost else torch.zeros_like(best_c)
         gap[g] = torch.where(n_c > 0, (best_c - best).clamp_max(0.0), alone)
     gap = gap.cpu().numpy()
     spread, nearest = voter_margins(
@@ -232,7 +236,10 @@ def label_gaps(
 
 
 def suspects_of(rows: Rows, labels: np.ndarray, result, settings, *, comm=None, progress=None) -> Suspects:
-    """:func:`label_gaps` for an engine ``Result`` and the ``Settings`` it ran with."""
+    """:func:`label_gaps` for an engine ``Result`` and the ``Settings`` it ran with (every rank holds
+    the result's labels: which classes won a row is the same on each)."""
+    unlabeled = labels < 0
+    won = np.isin(result.classes, result.labels[unlabeled]) if unlabeled.any() else None
     return label_gaps(
         rows,
         labels,
@@ -246,6 +253,7 @@ def suspects_of(rows: Rows, labels: np.ndarray, result, settings, *, comm=None, 
         device=settings.device,
         comm=comm,
         progress=progress,
+        won=won,
     )
 
 
