@@ -230,19 +230,61 @@ def test_a_stale_bank_file_that_cannot_go_names_the_run_directory(tmp_path, monk
 
 def test_the_epochs_a_resume_may_give():
     """One rule for the command line and fit(): a shorter run than done, a stop partway into an
-    epoch, and a run that keeps its --rate-jump (resumed with --epochs at or below it, the error was
-    "--rate-jump 30 must come before the last epoch", a flag a resume refuses)."""
+    epoch, and a run that keeps its --rate-jump or whole-run --warmup-epochs (resumed with --epochs
+    at or below it, the error named a flag a resume refuses); the fewest epochs named once (each
+    bound was refused alone, and one's advice met the next)."""
     from llp_fast.errors import ConfigError
     from llp_fast.train import TrainConfig
-    from llp_fast.train.checkpoint import check_resume_epochs
+    from llp_fast.train.resume import check_resume_epochs
 
     cfg = TrainConfig(run_dir="r", epochs=40, rate_jump=30, jump_milestones=[35])
     check_resume_epochs(31, {"epoch": 1, "step_in_epoch": 5}, cfg)  # fine
-    for epochs, ckpt, words in (
-        (30, {"epoch": 1, "step_in_epoch": 5}, "keeps its --rate-jump 30 on a resume; give --epochs 31 or more"),
-        (0, {"epoch": 1, "step_in_epoch": 0}, "has completed 1 epochs already"),
-        (1, {"epoch": 1, "step_in_epoch": 5}, "stopped partway into epoch 2; give --epochs 2 or more"),
+    warm = TrainConfig(run_dir="r", epochs=4, warmup_epochs=2)
+    for epochs, ckpt, c, words in (
+        (1, {"epoch": 1, "step_in_epoch": 5}, cfg, r"\(it keeps its --rate-jump 30\); give --epochs 31 or more"),
+        (0, {"epoch": 1, "step_in_epoch": 0}, warm, r"\(it keeps its --warmup-epochs 2\); give --epochs 3 or more"),
+        (
+            0,
+            {"epoch": 1, "step_in_epoch": 0},
+            TrainConfig(run_dir="r"),
+            r"\(it has completed 1 epochs\); give --epochs 1",
+        ),
+        (
+            1,
+            {"epoch": 1, "step_in_epoch": 5},
+            TrainConfig(run_dir="r"),
+            r"partway into epoch 2\); give --epochs 2 or more",
+        ),
     ):
         with pytest.raises(ConfigError, match=words):
-            check_resume_epochs(epochs, ckpt, cfg)
+            check_resume_epochs(epochs, ckpt, c)
     check_resume_epochs(1, {"epoch": 1}, TrainConfig(run_dir="r"))  # (no jump; done, not partway)
+    check_resume_epochs(2, {"epoch": 1}, TrainConfig(run_dir="r", warmup_epochs=2, supervised_only=True))
+
+
+def test_a_resume_cannot_end_before_its_baseline(tmp_path, capsys):
+    """The baseline beside a run may be further along (its step is cheaper): a resume with --epochs
+    below the baseline's trained LLP, then failed on the baseline, and every later resume the same."""
+    from conftest import TINY_ARGS
+
+    run = str(tmp_path / "r")
+    flags = [*TINY_ARGS, "--baseline", "on", "--baseline-mode", "sequential", "--quiet", "--run-dir", run]
+    assert train_main([*flags[:1], "2", *flags[2:]]) == 0  # (TINY_ARGS starts with --epochs 1)
+    assert train_main(["--resume", os.path.join(run, "baseline"), "--epochs", "4", "--quiet"]) == 0
+    capsys.readouterr()
+    rc = train_main(["--resume", run, "--epochs", "3", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "baseline cannot end there (it has completed 4 epochs); give --epochs 4 or more" in err, err
+    assert len(read_metrics(os.path.join(run, METRICS))) == 2  # refused before LLP trained
+    assert train_main(["--resume", run, "--epochs", "4", "--quiet"]) == 0
+
+
+def test_train_resumed_takes_this_calls_quiet_threads_and_workers(tmp_path):
+    """train(cfg, resume=True) kept only the resumable settings set away from their defaults (for the
+    loader: "auto" replaced a saved "pil"), which lost quiet=False, threads=0 and workers=2 given to
+    undo a run's quiet=True, threads=1, workers=4."""
+    cfg = tiny_config(tmp_path, "q", epochs=1, quiet=True, threads=1, workers=4)
+    train(cfg)
+    train(dataclasses.replace(cfg, epochs=2, quiet=False, threads=0, workers=2), resume=True)
+    saved = json.load(open(os.path.join(cfg.run_dir, "config.json")))
+    assert (saved["quiet"], saved["threads"], saved["workers"], saved["epochs"]) == (False, 0, 2, 2)

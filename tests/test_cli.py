@@ -368,6 +368,8 @@ def test_a_labeled_fraction_the_data_overrides_is_said(tmp_path, capsys):
     assert "--labeled-fraction 0.5 is not used: the data marks its own labeled set (" in err
     assert train_main([*args[:-2], "--run-dir", str(tmp_path / "s")]) == 0  # not given: not said
     assert "--labeled-fraction" not in capsys.readouterr().err
+    assert train_main([*args[:-1], "0.1", "--run-dir", str(tmp_path / "t")]) == 0  # the default's value, given
+    assert "--labeled-fraction 0.1 is not used" in capsys.readouterr().err
     # fit() in Python: the same notes, printed and returned (it printed none of them)
     from llp_fast.train.api import fit
 

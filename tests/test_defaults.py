@@ -92,26 +92,33 @@ def test_workers_given_to_array_data_are_said_unused():
     assert "--workers 8 is not used: array data is held in memory, read without workers" in lines
     _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", workers=8), facts(kind="folder"))
     assert not any("--workers" in line for line in lines)
+    # given by name (the command line, fit): the default's value given counts, a value not given not
+    _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r"), facts(), given={"workers"})
+    assert "--workers 2 is not used: array data is held in memory, read without workers" in lines
+    _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", workers=8), facts(), given=set())
+    assert not any("--workers" in line for line in lines)
 
 
 def test_a_drop_after_the_run_is_said():
     # (--milestones 30 with --epochs 20 kept the lr at its start for the whole run without a word)
     _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", epochs=20, milestones=[5, 20, 30]), facts())
     assert (
-        "--milestones 20,30: at or after the run's end (--epochs 20, the last epoch 19): the lr never drops there"
-        in lines
+        "--milestones 20,30: the run ends first (a drop at M applies after M epochs; with --epochs 20 only drops "
+        "below 20 apply)" in lines
     )
     cfg = TrainConfig(device="cpu", run_dir="r", epochs=20, rate_jump=10, jump_milestones=[12, 25])
-    assert any(line.startswith("--jump-milestones 25: at or after") for line in defaults.resolve(cfg, facts())[1])
+    assert any(
+        line.startswith("--jump-milestones 25: the run ends first") for line in defaults.resolve(cfg, facts())[1]
+    )
     # every part of --method given (a whole command copied out of a run's config.json): still said;
     # a resume (new=False) says nothing of what its saved config holds
     parts = {**defaults.METHOD_PARTS["plus"], "device": "cpu", "run_dir": "r", "epochs": 20}
     late = TrainConfig(**parts, milestones=[30])
-    assert any("--milestones 30: at or after" in line for line in defaults.resolve(late, facts())[1])
-    assert not any("never drops" in line for line in defaults.resolve(late, facts(), new=False)[1])
+    assert any("--milestones 30: the run ends first" in line for line in defaults.resolve(late, facts())[1])
+    assert not any("ends first" in line for line in defaults.resolve(late, facts(), new=False)[1])
     for quiet in (TrainConfig(device="cpu", run_dir="r", epochs=20, milestones=[5, 19]), TrainConfig(epochs=1)):
         text = "\n".join(defaults.resolve(dataclasses.replace(quiet, device="cpu", run_dir="r"), facts())[1])
-        assert "never drops" not in text  # (drops within the run, and the default ones, say nothing)
+        assert "ends first" not in text  # (drops within the run, and the default ones, say nothing)
 
 
 def test_cli_python_and_fit_build_the_same_config(monkeypatch):

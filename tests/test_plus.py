@@ -602,7 +602,7 @@ def test_resume_refusals_and_a_network_that_starts_at_nan(tmp_path, factory_modu
     with pytest.raises(Interrupted):
         train(cut)
     # --epochs 1 on a run partway into epoch 2 reported epoch 1's accuracy and trained nothing
-    with pytest.raises(ConfigError, match="stopped partway into epoch 2; give --epochs 2 or more"):
+    with pytest.raises(ConfigError, match=r"stopped partway into epoch 2\); give --epochs 2 or more"):
         train(dataclasses.replace(cut, stop_after_steps=None, epochs=1), resume=True)
     with pytest.raises(ConfigError, match="already holds a run"):  # train() overwrote it
         train(dataclasses.replace(cut, stop_after_steps=None))

@@ -23,7 +23,8 @@ from ..data.loading import WorkerLost, worker_lost
 from ..errors import CheckpointError, ConfigError, InterruptedTwice
 from ..ops import describe_backends
 from ..train import config as C
-from ..train.defaults import SMALL_DATA, baseline_by_default, check_new_run, resolve_run, resume_changes, show
+from ..train.defaults import SMALL_DATA, baseline_by_default, check_new_run, resolve_run, show
+from ..train.resume import check_resume_epochs, resume_changes
 from . import _common, launch
 
 PROG = "llp-fast-train"
@@ -106,8 +107,9 @@ def parser() -> argparse.ArgumentParser:
         "--baseline-mode",
         choices=("auto", "sequential"),
         default="auto",
-        help="auto: where 2+ cores are usable (the process's CPU affinity, at most OMP_NUM_THREADS) the baseline "
-        "trains beside LLP, half of them each (or --threads each); LLP takes them all once the baseline ends",
+        help="auto: on a CPU where 2+ cores are usable (the process's CPU affinity, at most OMP_NUM_THREADS) the "
+        "baseline trains beside LLP, half of them each (or --threads each; without --threads LLP takes them all once "
+        "the baseline ends)",
     )
     run.add_argument(
         "--nproc",
@@ -172,10 +174,24 @@ def resumed_config(args, saved: C.TrainConfig, ckpt: dict) -> tuple[C.TrainConfi
         )
     values["quiet"] = bool(args.quiet)  # this invocation's output, not the saved run's
     cfg = dataclasses.replace(saved, **values, stop_after_steps=args.stop_after_steps)
+    check_resume_epochs(cfg.epochs, ckpt, cfg)  # before anything is printed (prepare() checks too)
+    return C.validate(cfg), notes
+
+
+def _baseline_can_end(run_dir: str, cfg: C.TrainConfig, resumes: bool) -> None:
+    """A resume's ``--epochs`` checked against the baseline beside the run too, before anything
+    trains (a baseline further along than the new end failed once LLP had trained, and every later
+    resume the same way). A baseline checkpoint that does not read is left to its own resume."""
     from ..train import checkpoint
 
-    checkpoint.check_resume_epochs(cfg.epochs, ckpt, cfg)  # before anything is printed (prepare() checks too)
-    return C.validate(cfg), notes
+    where = os.path.join(run_dir, launch.BASELINE_DIR)
+    if not resumes or not os.path.exists(os.path.join(where, checkpoint.CHECKPOINT)):
+        return
+    try:
+        saved, ckpt = checkpoint.open_run(where)
+    except CheckpointError:
+        return
+    check_resume_epochs(cfg.epochs, ckpt, saved)
 
 
 def _no_way_on(e: CheckpointError) -> CheckpointError:
@@ -206,12 +222,13 @@ def _train(args) -> int:
             raise _no_way_on(e) from None
         cfg, notes = resumed_config(args, saved, ckpt)
         had = os.path.exists(os.path.join(run_dir, launch.BASELINE_MARK))
-        given = getattr(args, "baseline_given", args.baseline)  # (under torch.distributed: "off" is forced)
-        if given in ("on", "off") and (given == "on") != had:
+        asked = getattr(args, "baseline_given", args.baseline)  # (under torch.distributed: "off" is forced)
+        if asked in ("on", "off") and (asked == "on") != had:
             raise ConfigError(
-                f"--baseline {given}: the run in {run_dir} began {'with' if had else 'without'} the "
+                f"--baseline {asked}: the run in {run_dir} began {'with' if had else 'without'} the "
                 "supervised-only baseline, and a resume keeps it so (leave --baseline out, or give it as at the start)"
             )
+        _baseline_can_end(run_dir, cfg, had and args.baseline != "off")
     else:
         cfg, ckpt, notes = config_from_args(args, args.run_dir), None, []
         run_dir = cfg.run_dir
@@ -220,7 +237,8 @@ def _train(args) -> int:
                 f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"
             )
     try:
-        trainer = prepare(cfg, resume=bool(args.resume), ckpt=ckpt)  # checks config and data, makes the run dir
+        # checks config and data, makes the run dir
+        trainer = prepare(cfg, resume=bool(args.resume), ckpt=ckpt, given=set(given(args)))
     except CheckpointError as e:
         raise _no_way_on(e) if args.resume else e from None
     cfg = trainer.cfg

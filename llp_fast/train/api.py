@@ -27,8 +27,9 @@ from ..errors import ConfigError
 from ..nn import GIVEN
 from . import checkpoint, claim, report
 from .config import RESUMABLE, TrainConfig, fields
-from .defaults import check_new_run, resume_changes
+from .defaults import check_new_run
 from .loop import Trainer
+from .resume import check_resume_epochs, resume_changes
 
 
 @dataclass
@@ -74,7 +75,7 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
             # (arch="resnet18", the default's value, passed on purpose was taken without a word)
             raise ConfigError(f"--arch {arch}: the network is the module given in Python; leave arch out")
         check_new_run(cfg, model_given=model is not None)
-    trainer = prepare(cfg, resume=resume, ckpt=ckpt, model=model)
+    trainer = prepare(cfg, resume=resume, ckpt=ckpt, model=model, given={"data", *settings})
     if not trainer.cfg.quiet and trainer.rank == 0:  # (a Python run said none of them)
         for note in trainer.notes:
             print(f"llp_fast.train.fit: {note}", file=sys.stderr)
@@ -138,7 +139,12 @@ def _say_split_batches(trainer: Trainer) -> None:
 
 
 def prepare(
-    cfg: TrainConfig, *, resume: bool = False, ckpt: dict | None = None, model: torch.nn.Module | None = None
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    ckpt: dict | None = None,
+    model: torch.nn.Module | None = None,
+    given=None,
 ) -> Trainer:
     """The :class:`Trainer` for ``cfg``: data loaded and checked, model built; nothing trained yet.
     Writes ``RUN_DIR/config.json`` (the resolved settings).
@@ -146,7 +152,8 @@ def prepare(
     ``resume``: continue the run in ``cfg.run_dir`` from its checkpoint (``ckpt``, when the caller
     has loaded it already, with ``cfg`` its config). Without ``ckpt`` the checkpoint is loaded here
     and its saved config is used, except for the fields of ``config.RESUMABLE`` (epochs, quiet,
-    threads, workers, loader), which are taken from ``cfg``."""
+    threads, workers, loader), which are taken from ``cfg``. ``given``: the names of the settings the
+    caller set, for the run's notes (else those away from their defaults)."""
     if cfg.run_dir is not None and not isinstance(cfg.run_dir, (str, os.PathLike)):  # (os.path's TypeError)
         raise TypeError(f"run_dir must be a path (str or os.PathLike), got {type(cfg.run_dir).__name__}")
     if not resume and cfg.run_dir is not None and os.path.exists(os.path.join(cfg.run_dir, checkpoint.CHECKPOINT)):
@@ -159,10 +166,13 @@ def prepare(
         keep = {k: v for k, v in keep.items() if v is not None}
         cfg = dataclasses.replace(saved_cfg, **keep)
     if ckpt is not None:
-        checkpoint.check_resume_epochs(cfg.epochs, ckpt, cfg)
+        check_resume_epochs(cfg.epochs, ckpt, cfg)
     # the checkpoint holds the weights: --init-weights is read when a run starts, not when it resumes
     trainer = Trainer(
-        cfg if ckpt is None else dataclasses.replace(cfg, init_weights=None), model=model, resuming=ckpt is not None
+        cfg if ckpt is None else dataclasses.replace(cfg, init_weights=None),
+        model=model,
+        resuming=ckpt is not None,
+        given=given,
     )
     _say_split_batches(trainer)
     if ckpt is not None:
@@ -179,8 +189,9 @@ def prepare(
 def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | None = None) -> dict:
     """Trains (or resumes) the run in ``cfg.run_dir``; returns the last epoch's metrics. A
     ``run_dir`` that holds a run is refused unless ``resume=True``, which continues it with its saved
-    settings: those of ``cfg`` given away from their defaults among ``config.RESUMABLE`` apply, and any other field
-    set away from its default must equal the saved one (as :func:`fit` does)."""
+    settings: ``cfg``'s ``epochs``, ``quiet``, ``threads`` and ``workers`` apply, and its ``loader``
+    where set away from the default; any other field set away from its default must equal the
+    saved one (as :func:`fit` does)."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     _check_call(model, resume)
@@ -188,8 +199,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, model: torch.nn.Module | No
         check_new_run(cfg, model_given=model is not None)
         return prepare(cfg, model=model).fit()
     given = {f.name: getattr(cfg, f.name) for f in fields() if getattr(cfg, f.name) != _default(f)}
-    # (the settings given: a default loader, "auto", replaced a run's saved "pil")
-    keep = {name: given[name] for name in (*RESUMABLE, "stop_after_steps") if name in given}
+    # (the loader given only: the default, "auto", replaced a run's saved "pil"; quiet, threads and
+    # workers are this call's, as on the command line)
+    keep = {n: getattr(cfg, n) for n in (*RESUMABLE, "stop_after_steps") if n != "loader" or n in given}
     cfg, ckpt = _resumed(cfg.run_dir, given, keep, model)
     return prepare(cfg, resume=True, ckpt=ckpt, model=model).fit()
 

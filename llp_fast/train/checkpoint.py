@@ -30,7 +30,7 @@ import torch
 
 from .. import _files
 from .._files import WriteError, atomic_open
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from .claim import not_claimed
 from .config import TrainConfig, from_dict
 
@@ -143,27 +143,6 @@ def files_differ(ckpt: dict, fingerprint: str | None) -> bool:
     ``fingerprint`` (its source's now); checkpoints without one, and array data, are not compared."""
     saved = ckpt.get("data_files")
     return bool(saved and fingerprint and saved != fingerprint)
-
-
-def check_resume_epochs(epochs: int, ckpt: dict, cfg: TrainConfig) -> None:
-    """The ``--epochs`` a resume may give the run of ``cfg`` saved in ``ckpt`` (the command line and
-    ``fit``/``train`` ask here): not fewer than it has done, one more where it stopped partway into
-    an epoch (it reported epoch N's metrics for weights trained into N + 1), and past the run's
-    ``--rate-jump``, which a resume keeps (a bare "--rate-jump 30 must come before the last epoch"
-    named a flag a resume refuses)."""
-    done, partway = ckpt["epoch"], bool(ckpt.get("step_in_epoch", 0))
-    if epochs < done:
-        raise ConfigError(f"--epochs {epochs}: the run in {cfg.run_dir} has completed {done} epochs already")
-    if partway and epochs <= done:
-        raise ConfigError(
-            f"--epochs {epochs}: the run in {cfg.run_dir} stopped partway into epoch {done + 1}; "
-            f"give --epochs {done + 1} or more to finish it"
-        )
-    if cfg.rate_jump is not None and epochs <= cfg.rate_jump:
-        raise ConfigError(
-            f"--epochs {epochs}: the run in {cfg.run_dir} keeps its --rate-jump {cfg.rate_jump} on a resume; "
-            f"give --epochs {cfg.rate_jump + 1} or more"
-        )
 
 
 def describe(info: dict) -> str:

@@ -322,8 +322,6 @@ class TrainConfig:
 
 # What a resumed run may change: how long it trains and how it runs, nothing that shapes the result
 # so far (README, "Errors, checkpoints and resuming": a resume replays the uninterrupted run).
-# (--loader too: DALI refuses a few files PIL reads, and "use --loader pil" could not be followed on a
-# resume; the two loaders' images agree within a grey level, not bit for bit)
 RESUMABLE = ("epochs", "quiet", "threads", "workers", "loader")
 
 
@@ -340,8 +338,7 @@ def flag_of(f: dataclasses.Field) -> str:
 
 
 def flag(name: str) -> str:
-    """The flag of the field called ``name`` (:func:`flag_of`): every message naming a setting asks
-    here (the supervised-only note printed "--confidence", a flag the command line refuses)."""
+    """The flag of the field ``name`` (:func:`flag_of`), for every message naming a setting."""
     return flag_of(_FIELDS[name])
 
 

@@ -103,24 +103,6 @@ def as_saved(name: str, value):
     return value
 
 
-def resume_changes(saved: TrainConfig, given: dict, *, skip=()) -> list[tuple[dataclasses.Field, object]]:
-    """What a resume cannot take of ``given`` (field name -> value): the fields other than
-    ``config.RESUMABLE`` (and ``skip``) whose value, after its check, differs from the saved one as
-    a run saves it (:func:`as_saved`), with the value given. ``None`` (chosen from the data) matches
-    anything. The command line and ``fit``/``train`` each name them their way (flags, fields)."""
-    from .config import RESUMABLE, check_value, fields
-
-    known = {f.name: f for f in fields()}
-    out = []
-    for name, value in given.items():
-        if name in (*RESUMABLE, *skip) or value is None or name not in known:
-            continue
-        value = check_value(known[name], value)
-        if as_saved(name, value) != as_saved(name, getattr(saved, name)):  # (earlier versions kept paths as given)
-            out.append((known[name], value))
-    return out
-
-
 def absolute_data(spec: str) -> str:
     """``npz:PATH`` and ``folder:PATH`` with PATH made absolute (a resume may start in another
     directory), ``~`` expanded (a shell leaves ``folder:~/x`` as it is: it was read as ./~/x);
@@ -204,14 +186,19 @@ def data_defaults(facts, method: str = "plus") -> dict:
     return out
 
 
-def resolve(cfg: TrainConfig, facts, *, new: bool = True) -> tuple[TrainConfig, list[str]]:
+def resolve(cfg: TrainConfig, facts, *, new: bool = True, given=None) -> tuple[TrainConfig, list[str]]:
     """``cfg`` with every field left ``None`` chosen (:func:`resolve_run`, ``--method``'s parts, the
     data's rules), validated; and the lines that say what was chosen and why (empty when nothing
     was left to choose, as on a resume), and, for a ``new`` run, which settings given a
     supervised-only run does not use and which lr drops fall after the run (both were unsaid). A
-    resume (``new=False``) says neither: its saved config holds what the run chose, read as given."""
+    resume (``new=False``) says neither: its saved config holds what the run chose, read as given.
+    ``given``: the names of the settings the caller set (else those away from their defaults)."""
+
+    def set_(name: str) -> bool:  # (an explicit --labeled-fraction 0.1, the default's value, counts)
+        return name in given if given is not None else getattr(cfg, name) != getattr(TrainConfig, name)
+
     ignored = _unused_by_supervised(cfg) if new else []
-    given = {n: getattr(cfg, n) for n in ("milestones", "jump_milestones")} if new else {}
+    asked = {n: getattr(cfg, n) for n in ("milestones", "jump_milestones")} if new else {}
     cfg = resolve_run(cfg)
     chosen: dict = {}
     reasons: dict[str, list[str]] = {}
@@ -252,20 +239,20 @@ def resolve(cfg: TrainConfig, facts, *, new: bool = True) -> tuple[TrainConfig, 
         lines.append(f"--method {cfg.method}: " + ", ".join(_setting(n, chosen[n]) for n in parts))
     if ignored:
         lines.append(f"--supervised-only trains on the labeled examples alone: {', '.join(ignored)} not used")
-    # (a fraction given away from its default was dropped without a word)
-    if new and cfg.labeled_fraction not in (None, TrainConfig.labeled_fraction) and facts.own_labels:
+    # (a fraction given was dropped without a word)
+    if new and set_("labeled_fraction") and cfg.labeled_fraction is not None and facts.own_labels:
         lines.append(
             f"--labeled-fraction {cfg.labeled_fraction:g} is not used: the data marks its own labeled set "
             f"({facts.num_labeled:,} labeled training images)"
         )
-    if new and facts.kind != "folder" and cfg.workers != TrainConfig.workers:  # (ignored without a word)
+    if new and facts.kind != "folder" and set_("workers"):  # (ignored without a word)
         lines.append(f"--workers {cfg.workers} is not used: array data is held in memory, read without workers")
-    for name, drops in given.items():  # (a drop at or after the last epoch never came, unsaid)
+    for name, drops in asked.items():  # (a drop at or after the last epoch never came, unsaid)
         late = [m for m in drops or () if m >= cfg.epochs]
         if late:
             lines.append(
-                f"{flag(name)} {show(late)}: at or after the run's end (--epochs {cfg.epochs}, the last epoch "
-                f"{cfg.epochs - 1}): the lr never drops there"
+                f"{flag(name)} {show(late)}: the run ends first (a drop at M applies after M epochs; with --epochs "
+                f"{cfg.epochs} only drops below {cfg.epochs} apply)"
             )
     if not unused and cfg.epochs <= cfg.propagation_start:  # (a short trial run never propagated, unsaid)
         lines.append(

@@ -50,19 +50,20 @@ class Trainer:
     """A run of ``cfg``: data loaded, the settings left to choose chosen (:mod:`.defaults`; the lines
     saying which are in ``notes``), network, optimizer and bank built; :meth:`fit` trains.
     ``model``: a backbone of the user's (images -> features) in place of ``cfg.arch``; ``resuming``:
-    ``cfg`` is a saved run's (no notes on what it was given). Under torchrun (WORLD_SIZE > 1) one
+    ``cfg`` is a saved run's (no notes on what it was given); ``given``: the names of the settings
+    set by the caller (:func:`.defaults.resolve`). Under torchrun (WORLD_SIZE > 1) one
     process per GPU or CPU worker, NCCL or gloo."""
 
-    def __init__(self, cfg: TrainConfig, *, model: torch.nn.Module | None = None, resuming: bool = False):
+    def __init__(self, cfg: TrainConfig, *, model: torch.nn.Module | None = None, resuming: bool = False, given=None):
         self._made_dir = None
         try:
-            self._build(cfg, model, resuming)
+            self._build(cfg, model, resuming, given)
         except BaseException:  # a run that failed to start leaves no empty runs/<time> of its own (in a
             if self._made_dir is not None:  # notebook they piled up until the interpreter exited)
                 defaults.remove_if_empty(self._made_dir)
             raise
 
-    def _build(self, cfg: TrainConfig, model: torch.nn.Module | None, resuming: bool) -> None:
+    def _build(self, cfg: TrainConfig, model: torch.nn.Module | None, resuming: bool, given) -> None:
         cfg = validate(dataclasses.replace(cfg))
         if model is not None:
             cfg.arch = GIVEN + type(model).__qualname__
@@ -80,7 +81,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.source = src = load_source(cfg, self.device)
         self.facts = src.facts()
-        cfg, notes = defaults.resolve(cfg, self.facts, new=not resuming)
+        cfg, notes = defaults.resolve(cfg, self.facts, new=not resuming, given=given)
         notes = [*getattr(src, "notes", []), *notes]  # (the data's own: the files it does not read)
         self.cfg, self.notes = cfg, notes
         configure_source(cfg, src)
