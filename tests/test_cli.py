@@ -439,11 +439,11 @@ def test_a_finished_baseline_hands_its_threads_back(capsys):
 
     import torch
 
-    from llp_fast.cli.launch import Baseline, usable_cores
+    from llp_fast.cli.launch import Baseline, threads_for, usable_cores
 
     before = torch.get_num_threads()
     try:
-        for threads, alive, want in [(0, True, 1), (0, False, usable_cores()), (1, False, 1)]:
+        for threads, alive, want in [(0, True, 1), (0, False, threads_for(usable_cores())), (1, False, 1)]:
             torch.set_num_threads(1)
             cfg = types.SimpleNamespace(threads=threads, quiet=False, run_dir="r")
             args = types.SimpleNamespace(baseline_mode="parallel")
@@ -456,18 +456,17 @@ def test_a_finished_baseline_hands_its_threads_back(capsys):
         torch.set_num_threads(before)
 
 
-def test_usable_cores_are_the_affinity_and_omp_num_threads(monkeypatch):
+def test_usable_cores_are_the_affinity_and_threads_at_most_omp_num_threads(monkeypatch):
     """The baseline beside LLP split os.cpu_count(): in a container given 2 of 64 cores, 32 threads
-    each; and OMP_NUM_THREADS=1 was overridden."""
+    each; and OMP_NUM_THREADS (a process's thread count) was overridden."""
     from llp_fast.cli import launch
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(launch.os, "cpu_count", lambda: 64)
-    assert launch.usable_cores() == 2
+    assert launch.usable_cores() == 4
     for value, want in (("1", 1), ("8", 2), ("", 2), ("x", 2), ("0", 2)):
         monkeypatch.setenv("OMP_NUM_THREADS", value)
-        assert launch.usable_cores() == want, value
+        assert launch.usable_cores() == 4 and launch.threads_for(2) == want, value
 
 
 def test_a_run_directory_inside_the_folder_data_is_refused(tmp_path, capsys, monkeypatch):

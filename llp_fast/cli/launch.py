@@ -32,17 +32,20 @@ launched = distributed.launched
 
 
 def usable_cores() -> int:
-    """The cores this process may use: its CPU affinity (a container's or ``taskset``'s share, not
-    the machine's count: on 2 of 64 cores the two runs took 32 threads each), and no more than
-    ``OMP_NUM_THREADS`` where that is set (the thread count torch takes by itself)."""
+    """The cores this process may run on: its CPU affinity (a container's or ``taskset``'s share,
+    not the machine's count: on 2 of 64 cores the two runs took 32 threads each)."""
     try:
-        cores = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # (macOS, Windows)
-        cores = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def threads_for(share: int) -> int:
+    """Threads for a process given ``share`` cores, at most ``OMP_NUM_THREADS`` where that is set
+    (a process's own thread count, which torch takes by itself; it was overridden)."""
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if omp.isdigit() and int(omp) > 0:
-        cores = min(cores, int(omp))
-    return max(1, cores)
+    cap = int(omp) if omp.isdigit() and int(omp) > 0 else share
+    return max(1, min(share, cap))
 
 
 def _new_run_dir() -> str:
@@ -163,7 +166,7 @@ class Baseline:
         if self.parallel:
             import torch
 
-            threads = self.cfg.threads or max(1, usable_cores() // 2)
+            threads = self.cfg.threads or threads_for(usable_cores() // 2)
             torch.set_num_threads(threads)
             bcfg = dataclasses.replace(self.bcfg, threads=threads, quiet=True)
             ctx = multiprocessing.get_context("spawn")
@@ -204,7 +207,7 @@ class Baseline:
         import torch
 
         self.reclaimed = True
-        torch.set_num_threads(usable_cores())
+        torch.set_num_threads(threads_for(usable_cores()))
         self._say(f"the baseline has finished: LLP goes on with {torch.get_num_threads()} threads")
 
     def _say(self, text: str) -> None:

@@ -107,9 +107,9 @@ def parser() -> argparse.ArgumentParser:
         "--baseline-mode",
         choices=("auto", "sequential"),
         default="auto",
-        help="auto: on a CPU where 2+ cores are usable (the process's CPU affinity, at most OMP_NUM_THREADS) the "
-        "baseline trains beside LLP, half of them each (or --threads each; without --threads LLP takes them all once "
-        "the baseline ends)",
+        help="auto: on a CPU where 2+ cores are usable (the process's CPU affinity) the baseline trains beside "
+        "LLP, half of them each (at most OMP_NUM_THREADS; or --threads each; without --threads LLP takes them all "
+        "once the baseline ends)",
     )
     run.add_argument(
         "--nproc",
