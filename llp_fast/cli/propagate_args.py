@@ -150,7 +150,8 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         metavar="F",
         help="label again without the most suspect fraction F of the labeled rows (they are labeled by the vote; "
-        "rows that show no sign of a wrong label, quality 1, are kept)",
+        "rows that show no sign of a wrong label, quality 1, are kept); --suspects-out and --quality-out then hold "
+        "the first labelling's ranking, the one the drop was chosen by, and the other outputs the second's",
     )
     ap.add_argument(
         "--min-confidence",

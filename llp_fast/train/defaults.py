@@ -229,8 +229,9 @@ def resolve(cfg: TrainConfig, facts, *, new: bool = True, given=None) -> tuple[T
     lines = []
     if reasons:
         lines.append(
-            f"the data: {facts.num_train:,} training images of {facts.side} px, {facts.channels} channel"
-            f"{'s' if facts.channels > 1 else ''}, {facts.num_labeled:,} labeled (at least "
+            # (grey stored as three equal channels read "1 channel" beside "the network takes all three")
+            f"the data: {facts.num_train:,} training images of {facts.side} px, "
+            f"{'colour' if facts.channels > 1 else 'grayscale'}, {facts.num_labeled:,} labeled (at least "
             f"{facts.min_labeled_per_class} per class), {facts.num_classes} classes"
         )
         lines.append("defaults from it: " + "; ".join(f"{', '.join(v)} ({why})" for why, v in reasons.items()))
