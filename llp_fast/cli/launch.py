@@ -26,6 +26,7 @@ from ..errors import BaselineFailed, Interrupted, Terminated, is_user_error, one
 from ..train import checkpoint
 from ..train import config as C
 from ..train.checkpoint import BASELINE_DIR, BASELINE_MARK
+from ..train.resume import RESUMABLE
 from . import _common
 
 launched = distributed.launched
@@ -89,7 +90,7 @@ def _continue_after_restart(args) -> None:
         return
     args.resume = args.run_dir
     for f in C.fields():
-        if f.metadata.get("cli") and f.name not in C.RESUMABLE:
+        if f.metadata.get("cli") and f.name not in RESUMABLE:
             setattr(args, f.name, None)
 
 

@@ -24,7 +24,7 @@ from ..errors import CheckpointError, ConfigError, InterruptedTwice
 from ..ops import describe_backends
 from ..train import config as C
 from ..train.defaults import SMALL_DATA, baseline_by_default, check_new_run, resolve_run, show
-from ..train.resume import check_resume_epochs, resume_changes
+from ..train.resume import RESUMABLE, check_resume_epochs, resume_changes
 from . import _common, launch
 
 PROG = "llp-fast-train"
@@ -152,15 +152,15 @@ def config_from_args(args, run_dir: str | None = None) -> C.TrainConfig:
 
 
 def resumed_config(args, saved: C.TrainConfig, ckpt: dict) -> tuple[C.TrainConfig, list[str]]:
-    """The saved config with the flags a resume may change (``config.RESUMABLE``) applied;
+    """The saved config with the flags a resume may change (``resume.RESUMABLE``) applied;
     :class:`ConfigError` naming every other flag given with another value than the saved one (the
     saved value itself passes: it was refused as a change). Also returns notes to print."""
     values = given(args)
     values.pop("stop_after_steps", None)
     refused = [f"{C.flag_of(f)} (saved: {show(getattr(saved, f.name))})" for f, _ in resume_changes(saved, values)]
-    values = {name: value for name, value in values.items() if name in C.RESUMABLE}  # (the saved value passes)
+    values = {name: value for name, value in values.items() if name in RESUMABLE}  # (the saved value passes)
     if refused:
-        allowed = ", ".join("--" + n for n in C.RESUMABLE)
+        allowed = ", ".join("--" + n for n in RESUMABLE)
         raise ConfigError(
             f"--resume continues the run with its saved settings; {', '.join(refused)} cannot change "
             f"(only {allowed} can)"

@@ -26,10 +26,10 @@ import torch
 from ..errors import ConfigError
 from ..nn import GIVEN
 from . import checkpoint, claim, report
-from .config import RESUMABLE, TrainConfig, fields
+from .config import TrainConfig, fields
 from .defaults import check_new_run
 from .loop import Trainer
-from .resume import check_resume_epochs, resume_changes
+from .resume import RESUMABLE, check_resume_epochs, resume_changes
 
 
 @dataclass
@@ -53,7 +53,7 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
     are :class:`TrainConfig` fields (with a backbone given, ``width`` and ``arch`` are its own and
     refused). A ``run_dir`` that holds a run is refused unless ``resume=True``,
     which continues that run exactly (pass the same kind of backbone again; settings given must be
-    the saved ones, but for ``config.RESUMABLE``: ``epochs``, ``quiet``, ``threads``, ``workers``, ``loader``). Without
+    the saved ones, but for ``resume.RESUMABLE``: ``epochs``, ``quiet``, ``threads``, ``workers``, ``loader``). Without
     ``run_dir`` a new ``runs/<time>`` is made. Bad settings raise
     :class:`~llp_fast.errors.ConfigError` naming the flag."""
     _check_call(model, resume)
@@ -92,7 +92,7 @@ def _check_call(model, resume) -> None:
 
 
 def _resumed(run_dir, given: dict, keep: dict, model) -> tuple[TrainConfig, dict]:
-    """The saved config of the run in ``run_dir`` with ``keep`` (fields of ``config.RESUMABLE``)
+    """The saved config of the run in ``run_dir`` with ``keep`` (fields of ``resume.RESUMABLE``)
     applied, and its checkpoint; :class:`ConfigError` where a setting in ``given`` differs from the
     saved one, or ``model`` is another kind of network than the run trained."""
     if run_dir is None:
@@ -151,7 +151,7 @@ def prepare(
 
     ``resume``: continue the run in ``cfg.run_dir`` from its checkpoint (``ckpt``, when the caller
     has loaded it already, with ``cfg`` its config). Without ``ckpt`` the checkpoint is loaded here
-    and its saved config is used, except for the fields of ``config.RESUMABLE`` (epochs, quiet,
+    and its saved config is used, except for the fields of ``resume.RESUMABLE`` (epochs, quiet,
     threads, workers, loader), which are taken from ``cfg``. ``given``: the names of the settings the
     caller set, for the run's notes (else those away from their defaults)."""
     if cfg.run_dir is not None and not isinstance(cfg.run_dir, (str, os.PathLike)):  # (os.path's TypeError)

@@ -320,11 +320,6 @@ class TrainConfig:
     stop_after_steps: int | None = _opt(None, "", group="run", check=optional(count), cli=False)
 
 
-# What a resumed run may change: how long it trains and how it runs, nothing that shapes the result
-# so far (README, "Errors, checkpoints and resuming": a resume replays the uninterrupted run).
-RESUMABLE = ("epochs", "quiet", "threads", "workers", "loader")
-
-
 def fields():
     return dataclasses.fields(TrainConfig)
 

@@ -49,10 +49,9 @@ EMBED_DIM = 128  # D of docs/method.md §1.8
 class Trainer:
     """A run of ``cfg``: data loaded, the settings left to choose chosen (:mod:`.defaults`; the lines
     saying which are in ``notes``), network, optimizer and bank built; :meth:`fit` trains.
-    ``model``: a backbone of the user's (images -> features) in place of ``cfg.arch``; ``resuming``:
-    ``cfg`` is a saved run's (no notes on what it was given); ``given``: the names of the settings
-    set by the caller (:func:`.defaults.resolve`). Under torchrun (WORLD_SIZE > 1) one
-    process per GPU or CPU worker, NCCL or gloo."""
+    ``model``: a backbone of the user's (images -> features) in place of ``cfg.arch``; ``resuming``
+    (:func:`.defaults.resolve`'s ``new``, inverted) and ``given`` as it takes them. Under torchrun
+    (WORLD_SIZE > 1) one process per GPU or CPU worker, NCCL or gloo."""
 
     def __init__(self, cfg: TrainConfig, *, model: torch.nn.Module | None = None, resuming: bool = False, given=None):
         self._made_dir = None

@@ -1,7 +1,7 @@
 """What a resumed run may change and what it may not (README, "Errors, checkpoints and resuming":
 a resume replays the uninterrupted run), one rule for the command line and ``fit``/``train``.
 
-``config.RESUMABLE`` (how long and how the run trains: ``--epochs``, ``--quiet``, ``--threads``,
+:data:`RESUMABLE` (how long and how the run trains: ``--epochs``, ``--quiet``, ``--threads``,
 ``--workers``, ``--loader``; the loader too since DALI refuses a few files PIL reads, and its "use
 --loader pil" could not be followed on a resume: the two loaders' images agree within a grey
 level, not bit for bit) may change; every other setting must be the saved one; and ``--epochs``
@@ -13,8 +13,12 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ConfigError
-from .config import RESUMABLE, TrainConfig, check_value, fields
+from .config import TrainConfig, check_value, fields
 from .defaults import as_saved
+
+# What a resumed run may change: how long it trains and how it runs, nothing that shapes the result
+# so far.
+RESUMABLE = ("epochs", "quiet", "threads", "workers", "loader")
 
 
 def resume_changes(saved: TrainConfig, given: dict, *, skip=()) -> list[tuple[dataclasses.Field, object]]:
