@@ -39,7 +39,7 @@ from .bank import MemoryBank
 from .errors import AnalyzeError, ConfigError, UserError
 from .ops import local_density
 from .train import checkpoint
-from .train.checkpoint import CHECKPOINT, METRICS
+from .train.checkpoint import CHECKPOINT, CONFIG, METRICS
 from .train.report import read_metrics
 
 
@@ -52,6 +52,8 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     if not run.is_dir():
         raise AnalyzeError(f"run directory {run} does not exist")
     metrics_path = run / METRICS
+    if not metrics_path.exists() and (run / CONFIG).exists():  # (a run that has not finished an epoch yet)
+        raise AnalyzeError(f"{run}: the run has not finished an epoch yet (no {METRICS}): analyse it after its first")
     if not metrics_path.exists():
         raise AnalyzeError(f"{metrics_path} not found: is {run} a llp-fast-train run directory?")
     rows = read_metrics(str(metrics_path))

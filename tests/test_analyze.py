@@ -104,6 +104,8 @@ def test_density_and_counts_from_bank(tmp_path):
     [
         (lambda p: None, "does not exist"),
         (lambda p: p.mkdir(), "metrics.jsonl not found"),
+        # a run that has not finished an epoch: it was asked whether it is a run directory at all
+        (lambda p: (p.mkdir(), (p / "config.json").write_text("{}")), "the run has not finished an epoch yet"),
         (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("{bad")), "is not valid JSON"),
         (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("[1, 2]\n")), "is not a JSON object"),
         # a row without its epoch was a KeyError traceback; a file named as the run, "does not exist"
