@@ -114,6 +114,13 @@ def test_cli_npz_and_json_agree(ckpt, pool, tmp_path, capsys):
     assert main([*args[:3], "--top-classes", "99", *args[5:], "--out", c]) == 0
     n = sa["meta"]["num_classes"]
     assert read_selection(c)["meta"]["top_classes"] == n and f"(P={n}, K=5)" in capsys.readouterr()[0]
+    # a pool 'y' that does not fit (one label short) was dropped without a word
+    with np.load(pool) as f:
+        short = str(tmp_path / "short.npz")
+        np.savez(short, x=f["x"], y=f["y"][:-1])
+    assert main([ckpt, "--source", f"npz:{short}", "--per-class", "5", "--out", c]) == 0
+    assert "pool labels not compared ('y' of int64 (69,) is not one integer label per image)" in capsys.readouterr()[0]
+    assert "is not one integer label" in read_selection(c)["meta"]["pool_labels_ignored"]
     more = [*args[:5], "--per-class", "100000", *args[7:], "--out", c]  # K beyond the pool's 70: 70 ran
     assert main(more) == 0
     assert read_selection(c)["meta"]["per_class"] == 70 and "(P=2, K=70)" in capsys.readouterr()[0]

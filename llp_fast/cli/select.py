@@ -109,6 +109,8 @@ def _main(args) -> int:
         if known.any():
             meta["label_agreement"] = float((t[known] == cls[known]).mean())
             meta["label_agreement_rows"] = int(known.sum())  # (rows whose pool label is a class of the network)
+    if getattr(pool, "truth_ignored", None):  # (the agreement line was left out without a word)
+        meta["pool_labels_ignored"] = pool.truth_ignored
     write_selection(args.out, index, cls, score, meta, paths=pool.paths)
     line = (
         f"{PROG}: {meta['selected_rows']} rows ({meta['selected_images']} distinct images) of {meta['pool_size']} "
@@ -121,6 +123,8 @@ def _main(args) -> int:
                 f" of the {meta['label_agreement_rows']} rows whose pool label is one of the network's "
                 f"{source.num_classes} classes"
             )
+    if "pool_labels_ignored" in meta:
+        line += f", pool labels not compared ({meta['pool_labels_ignored']})"
     print(line + f", {meta['seconds']:.1f} s -> {args.out}")
     return 0
 

@@ -114,6 +114,7 @@ class NpzPool:
         self.path = os.path.abspath(path)
         self.spec = f"npz:{self.path}"
         self.truth = None
+        self.truth_ignored = None  # why the pool's own 'y' is not compared, where it has one that does not fit
         try:
             if path.endswith(".npy"):
                 self._mmap = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -140,8 +141,10 @@ class NpzPool:
         if shape[0] == 0:
             raise DataError(f"{path}: 'x' holds no image")
         fits = self.truth is not None and self.truth.ndim == 1 and self.truth.shape[0] == shape[0]
-        if not fits or self.truth.dtype.kind not in "iu":
-            self.truth = None  # a label array that does not fit is ignored, it is only a diagnostic
+        if self.truth is not None and (not fits or self.truth.dtype.kind not in "iu"):
+            # a label array that does not fit is ignored (it is only a diagnostic), and said so
+            self.truth_ignored = f"'y' of {self.truth.dtype} {self.truth.shape} is not one integer label per image"
+            self.truth = None
         self.shape = tuple(int(s) for s in shape)
         self.paths = None
 
