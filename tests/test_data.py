@@ -538,3 +538,24 @@ def test_npz_whose_held_out_split_would_be_empty_is_refused_up_front(tmp_path):
     p = _write_npz(tmp_path / "d.npz", y=y, test=False)
     with pytest.raises(DataError, match="held-out split is empty"):
         load(f"npz:{p}", device="cpu", labeled_fraction=None)
+
+
+def test_the_evaluation_crop_resamples_its_region_alone(tmp_path):
+    """The PIL loader resized the whole image and cropped: a 3000 x 2 image at 224 px became
+    383,040 x 255 (0.6 s and 300 MB a sample). Resampling the crop's region alone uses the same
+    positions and filter: within a grey level's rounding of resize-then-crop, on odd sizes."""
+    from PIL import Image
+
+    from llp_fast.data.folder import _Images
+    from llp_fast.data.transforms import eval_geometry
+
+    rng = np.random.default_rng(0)
+    for w, h, s in ((3000, 2, 224), (2, 900, 32), (40, 31, 16), (97, 61, 80), (300, 200, 8)):
+        path = tmp_path / f"{w}x{h}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        got, _ = _Images([str(path)], s, 0.35, False)[(0, -1)]
+        bw, bh, left, top = eval_geometry(w, h, s)
+        with Image.open(path) as im:
+            whole = im.convert("RGB").resize((bw, bh), Image.BILINEAR).crop((left, top, left + s, top + s))
+        want = torch.from_numpy(np.asarray(whole).copy()).permute(2, 0, 1)
+        assert got.shape == (3, s, s) and (got.int() - want.int()).abs().max() <= 1, (w, h, s)

@@ -85,8 +85,14 @@ class _Images(torch.utils.data.Dataset):
         if seed < 0:  # evaluation: resize the short side, centre crop
             from PIL import Image
 
-            big_w, big_h, left, top = eval_geometry(*im.size, s)
-            im = im.resize((big_w, big_h), Image.BILINEAR).crop((left, top, left + s, top + s))
+            w, h = im.size
+            big_w, big_h, left, top = eval_geometry(w, h, s)
+            # the crop's region resampled alone (as DALI does), the same sampling positions and filter
+            # as resizing the whole image and cropping, within a grey level's rounding: that resized a
+            # 3000 x 2 image to 383,040 x 255 at 224 px, 0.6 s and 300 MB a sample
+            sx, sy = w / big_w, h / big_h
+            box = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+            im = im.resize((s, s), Image.BILINEAR, box=box)
         else:
             rng = np.random.default_rng(seed)
             im = _random_resized_crop(im, s, self.scale_min, self.flip, rng)
