@@ -288,3 +288,23 @@ def test_train_resumed_takes_this_calls_quiet_threads_and_workers(tmp_path):
     train(dataclasses.replace(cfg, epochs=2, quiet=False, threads=0, workers=2), resume=True)
     saved = json.load(open(os.path.join(cfg.run_dir, "config.json")))
     assert (saved["quiet"], saved["threads"], saved["workers"], saved["epochs"]) == (False, 0, 2, 2)
+
+
+def test_prepare_and_fit_resumed_keep_a_saved_loader_and_take_this_calls_quiet(tmp_path):
+    """prepare(cfg, resume=True) replaced a saved --loader pil with the default "auto" (DALI where it
+    is installed: the loader the run had been told to avoid); fit(resume=True) kept a saved
+    quiet=True (a run begun quiet resumed silent)."""
+    from test_data import make_folder
+
+    from llp_fast.train import TrainConfig
+    from llp_fast.train.api import fit, prepare
+
+    root = make_folder(tmp_path / "imgs", per_class=6)
+    small = dict(width=4, image_size=8, threads=1, labeled_fraction=0.5, k=2, t=5, method="paper", batch_size=16)
+    run = str(tmp_path / "r")
+    fit(None, f"folder:{root}", run_dir=run, epochs=1, quiet=True, loader="pil", workers=0, **small)
+    again = prepare(TrainConfig(data=f"folder:{root}", run_dir=run, epochs=2), resume=True)
+    assert again.cfg.loader == "pil"
+    again.claim.release()  # (prepare claims the run directory; nothing trained)
+    fit(None, f"folder:{root}", run_dir=run, resume=True, epochs=2)
+    assert json.load(open(os.path.join(run, "config.json")))["quiet"] is False

@@ -99,6 +99,13 @@ def test_workers_given_to_array_data_are_said_unused():
     assert not any("--workers" in line for line in lines)
 
 
+def test_a_supervised_only_run_names_the_llp_settings_given_at_their_defaults_too():
+    """--supervised-only --method plus (plus is the default) was unsaid, --method paper said."""
+    cfg = TrainConfig(device="cpu", run_dir="r", supervised_only=True, method="plus")
+    _, lines = defaults.resolve(cfg, facts(), given={"supervised_only", "method"})
+    assert "--supervised-only trains on the labeled examples alone: --method not used" in lines
+
+
 def test_a_drop_after_the_run_is_said():
     # (--milestones 30 with --epochs 20 kept the lr at its start for the whole run without a word)
     _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", epochs=20, milestones=[5, 20, 30]), facts())

@@ -208,8 +208,10 @@ class Baseline:
         import torch
 
         self.reclaimed = True
+        before = torch.get_num_threads()
         torch.set_num_threads(threads_for(usable_cores()))
-        self._say(f"the baseline has finished: LLP goes on with {torch.get_num_threads()} threads")
+        if torch.get_num_threads() > before:  # (it said "goes on with 1 threads" where nothing changed)
+            self._say(f"the baseline has finished: LLP goes on with {torch.get_num_threads()} threads")
 
     def _say(self, text: str) -> None:
         if not self.cfg.quiet:

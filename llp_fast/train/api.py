@@ -67,7 +67,8 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
     cfg = TrainConfig(data="digits" if data is None else data, **settings)
     ckpt = None
     if resume:
-        keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps") if name in settings}
+        # (this call's quiet, as on the command line: a run begun quiet resumed silent)
+        keep = {n: getattr(cfg, n) for n in (*RESUMABLE, "stop_after_steps") if n in settings or n == "quiet"}
         cfg, ckpt = _resumed(run_dir, {"data": data, **settings}, keep, model)
     else:
         arch = settings.get("arch")
@@ -163,7 +164,7 @@ def prepare(
     if resume and ckpt is None:
         saved_cfg, ckpt = checkpoint.open_run(cfg.run_dir)
         keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps")}
-        keep = {k: v for k, v in keep.items() if v is not None}
+        keep = {k: v for k, v in keep.items() if v is not None and (k != "loader" or v != "auto")}  # (as train())
         cfg = dataclasses.replace(saved_cfg, **keep)
     if ckpt is not None:
         check_resume_epochs(cfg.epochs, ckpt, cfg)

@@ -197,7 +197,7 @@ def resolve(cfg: TrainConfig, facts, *, new: bool = True, given=None) -> tuple[T
     def set_(name: str) -> bool:  # (an explicit --labeled-fraction 0.1, the default's value, counts)
         return name in given if given is not None else getattr(cfg, name) != getattr(TrainConfig, name)
 
-    ignored = _unused_by_supervised(cfg) if new else []
+    ignored = _unused_by_supervised(cfg, given) if new else []
     asked = {n: getattr(cfg, n) for n in ("milestones", "jump_milestones")} if new else {}
     cfg = resolve_run(cfg)
     chosen: dict = {}
@@ -263,14 +263,20 @@ def resolve(cfg: TrainConfig, facts, *, new: bool = True, given=None) -> tuple[T
     return validate(cfg), lines
 
 
-def _unused_by_supervised(cfg: TrainConfig) -> list[str]:
+def _unused_by_supervised(cfg: TrainConfig, given=None) -> list[str]:
     """The LLP settings (the ``llp`` group: ``--method``, the votes, the bank, the weight average) a
-    supervised-only run was given away from their defaults: it uses none of them."""
+    supervised-only run was given (``given``: the names set; else those away from their defaults):
+    it uses none of them."""
     if not cfg.supervised_only:
         return []
-    given = [f for f in dataclasses.fields(cfg) if f.metadata.get("group") == "llp" and f.name != "supervised_only"]
+    llp = [f for f in dataclasses.fields(cfg) if f.metadata.get("group") == "llp" and f.name != "supervised_only"]
     default = TrainConfig()
-    return [_given(f.name, getattr(cfg, f.name)) for f in given if getattr(cfg, f.name) != getattr(default, f.name)]
+    set_ = (
+        (lambda f: f.name in given)
+        if given is not None
+        else (lambda f: getattr(cfg, f.name) != getattr(default, f.name))
+    )
+    return [_given(f.name, getattr(cfg, f.name)) for f in llp if set_(f)]
 
 
 def _given(name: str, value) -> str:
