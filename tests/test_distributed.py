@@ -225,6 +225,20 @@ def _bad_input_worker(rank, world, init_file):
         bank.stored(torch.tensor([1.7, 3.2]))
     with pytest.raises(ValueError, match="queries contains NaN or Inf"):  # NaN confidences, no error
         bank.vote(torch.full((2, D), float("nan")), k=2)
+    # a float16 bank and values beyond its range: NaN losses and votes where MemoryBank refuses
+    for call in (lambda: bank.loss(torch.full((2, D), 1e5), idx), lambda: bank.vote(torch.full((2, D), 1e5), k=2)):
+        with pytest.raises(ValueError, match="a torch.float16 bank of D=8 takes at most"):
+            call()
+    # truth checked whole on every rank (a longer one passed, a shorter one failed on one rank alone)
+    for length in (N + 5, N - 3):
+        with pytest.raises(ValueError, match=rf"truth must have shape \({N},\)"):
+            bank.class_statistics(torch.zeros(length, dtype=torch.int64))
+    # make_bank sees a group made without torchrun's WORLD_SIZE (each rank built a bank of its own)
+    from llp_fast.distributed import make_bank
+
+    assert type(make_bank(targets, S, dim=D, seed=3)) is ShardedMemoryBank
+    with pytest.raises(ValueError, match="layout must be"):
+        make_bank(targets, S, dim=D, layout="shardd")
     from llp_fast.distributed import ReplicatedMemoryBank
 
     rep = ReplicatedMemoryBank(targets, S, dim=D, seed=3)
@@ -236,6 +250,27 @@ def _bad_input_worker(rank, world, init_file):
 
 def test_sharded_bad_input_is_refused_on_every_rank(tmp_path):
     mp.spawn(_bad_input_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def test_make_bank_and_the_refresh_round_size_are_checked(monkeypatch):
+    """Launched as one of several processes before a group exists: each rank built a bank of its
+    own; LLP_FAST_DIST_CHUNK=-1 left the densities unwritten (garbage), 0 or text were a traceback."""
+    from llp_fast.distributed import collectives, make_bank
+    from llp_fast.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"no process group exists: call llp_fast.distributed.init\(\) first"):
+        make_bank(_targets(), S, dim=D)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert type(make_bank(_targets(), S, dim=D)) is llp_fast.MemoryBank
+    for bad in ("-1", "0", "abc", "1.5"):
+        monkeypatch.setenv("LLP_FAST_DIST_CHUNK", bad)
+        with pytest.raises(ConfigError, match=f"LLP_FAST_DIST_CHUNK='{bad}': expected a whole number >= 1"):
+            collectives.dist_chunk()
+    monkeypatch.setenv("LLP_FAST_DIST_CHUNK", " 7 ")
+    assert collectives.dist_chunk() == 7
+    monkeypatch.delenv("LLP_FAST_DIST_CHUNK")
+    assert collectives.dist_chunk() == 16_384
 
 
 DYING = textwrap.dedent(

@@ -2,8 +2,9 @@
 
 Two layouts of the memory bank:
 
-* :class:`ShardedMemoryBank` — rank r owns the contiguous dataset indices
-  ``[r*N/P, (r+1)*N/P)`` (N/P rows, its own labeled and unlabeled ones). Per step the ranks
+* :class:`ShardedMemoryBank` — rank r owns a contiguous range of dataset indices
+  (:func:`shard_range`: N/P rows, the first N mod P ranks one more; its own labeled and
+  unlabeled ones). Per step the ranks
   all-gather the batch embeddings, indices and targets; each computes partial results over
   its shard and the partials are combined exactly:
 
@@ -37,15 +38,25 @@ from .sharded import ShardedMemoryBank
 
 
 def make_bank(targets, num_classes: int, *, layout: str = "sharded", **kwargs):
-    """The bank for this process: a :class:`~llp_fast.MemoryBank` alone, else a sharded or
-    replicated one over the process group (``kwargs``: MemoryBank's dim, dtype, device, seed)."""
-    if not launched() or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return MemoryBank(targets, num_classes, **kwargs)
-    if layout == "replicated":
-        return ReplicatedMemoryBank(targets, num_classes, **kwargs)
-    if layout != "sharded":
+    """The bank for this process: a sharded or replicated one over the default process group where
+    it has more than one rank, else a :class:`~llp_fast.MemoryBank` alone (``kwargs``: MemoryBank's
+    dim, dtype, device, seed). Launched as one of several processes (``WORLD_SIZE`` > 1) before the
+    group exists: :class:`ConfigError` (each rank built a bank of its own, unshared, unsaid; and a
+    group made by ``mp.spawn`` without ``WORLD_SIZE`` was not seen)."""
+    if layout not in ("sharded", "replicated"):  # (one process took any name)
         raise ValueError(f"layout must be 'sharded' or 'replicated', got {layout!r}")
-    return ShardedMemoryBank(targets, num_classes, **kwargs)
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not grouped and launched():
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            "make_bank: this process is one of several (WORLD_SIZE > 1) but no process group exists: call "
+            "llp_fast.distributed.init() first"
+        )
+    if not grouped or torch.distributed.get_world_size() == 1:
+        return MemoryBank(targets, num_classes, **kwargs)
+    cls = ReplicatedMemoryBank if layout == "replicated" else ShardedMemoryBank
+    return cls(targets, num_classes, **kwargs)
 
 
 __all__ = [

@@ -56,6 +56,23 @@ def timeout_seconds() -> float:
         raise ConfigError(f"{TIMEOUT_ENV}={text!r}: expected {DIST_TIMEOUT_RANGE}") from None
 
 
+CHUNK_ENV = "LLP_FAST_DIST_CHUNK"
+
+
+def dist_chunk() -> int:
+    """Labeled rows a rank sends per round of the sharded density refresh: ``LLP_FAST_DIST_CHUNK``,
+    16,384 when unset; one line for a value that is not a whole number >= 1 (-1 left the densities
+    unwritten, garbage, and 0 or text were a traceback)."""
+    text = os.environ.get(CHUNK_ENV, "").strip()
+    if not text:
+        return 16_384
+    if not text.isdigit() or int(text) < 1:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{CHUNK_ENV}={text!r}: expected a whole number >= 1 (rows a round)")
+    return int(text)
+
+
 def init(backend: str | None = None) -> tuple[int, int]:
     """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE,
     MASTER_ADDR, ...) if it is not yet; returns (rank, world_size). Every collective, and the

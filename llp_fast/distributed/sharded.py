@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -13,7 +11,7 @@ from .._topk import log_sum_exp, vote
 from ..bank import MemoryBank, check_indices, check_new_labels
 from ..ops import bank_update_, neighbours, topk_scores
 from ..reference import is_last_occurrence
-from .collectives import all_gather_cat, lse_combine, merged_topk, offset_of_rank, shard_range
+from .collectives import all_gather_cat, dist_chunk, lse_combine, merged_topk, offset_of_rank, shard_range
 
 
 class _ShardedAggregationLoss(torch.autograd.Function):
@@ -132,9 +130,9 @@ class ShardedMemoryBank:
         in range (a width or length that differed on one rank went into the gather: misaligned
         losses, or gloo's abort of another rank)."""
         check.embeddings(v, "v")
-        if finite:
-            check.finite(v, "v")
+        size = check.finite(v, "v") if finite else None
         check.same_space(self.local.embeddings, "bank", v, "v", dtype=False)
+        self.local._check_cast(v, "v", size)  # (a float16 bank: NaN losses where MemoryBank refuses)
         indices = check_indices(indices, self.n, self.device)
         if v.shape[0] != indices.shape[0]:
             raise ValueError(f"v has {v.shape[0]} rows but indices has {indices.shape[0]}")
@@ -170,7 +168,7 @@ class ShardedMemoryBank:
         keys = self.local.embeddings[m_local:] if pool == "unlabeled" else self.local.embeddings
         # Rounds of at most `chunk` labeled rows per rank keep the gathered rows (P*chunk*D)
         # and candidates (P*P*chunk*T) bounded whatever M is; all ranks run the same rounds.
-        chunk = int(os.environ.get("LLP_FAST_DIST_CHUNK", "16384"))
+        chunk = dist_chunk()
         rounds = torch.tensor([(m_local + chunk - 1) // chunk], device=self.device)
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=self.group)
         log_rho = torch.empty(m_local, device=self.device)
@@ -347,13 +345,17 @@ class ShardedMemoryBank:
         ``queries`` and gets the same labels)."""
         check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
         check.tensor(queries, "queries")
-        check.finite(queries, "queries")
+        self.local._check_cast(queries, "queries", check.finite(queries, "queries"))  # (as MemoryBank.vote)
         return self._merged_vote(queries, k, check.temperature(tau), density_weighting)
 
     @torch.no_grad()
     def class_statistics(self, truth: torch.Tensor) -> dict:
         """:meth:`MemoryBank.class_statistics` of the whole bank: each shard's sums, all-reduced
         (collective; no rank holds more than its own rows)."""
+        # the whole vector on every rank (a slice's check let a longer one through, and a shorter one
+        # failed on one rank alone while the others waited out the timeout)
+        truth = as_tensor(truth, "truth", device=self.device)
+        check.vector(truth, "truth", self.n, device=self.device, kind="int")
         local = self.local.class_statistics(truth[self.start : self.end])
         out = {}
         for key, value in local.items():
