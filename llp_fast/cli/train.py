@@ -94,7 +94,11 @@ def parser() -> argparse.ArgumentParser:
             _add_field(groups[f.metadata["group"]], f)
     run = groups["run"]
     run.add_argument(  # (an empty one, an unset shell variable, started a new run)
-        "--resume", metavar="RUN_DIR", type=_common.path, default=None, help="continue the run in RUN_DIR exactly"
+        "--resume",
+        metavar="RUN_DIR",
+        type=_common.path,
+        default=None,
+        help="continue the run in RUN_DIR exactly (bit for bit, unless another --loader is given)",
     )
     run.add_argument(
         "--baseline",

@@ -102,8 +102,8 @@ class TrainConfig:
     loader: str = _opt(
         "auto",
         "decoder of folder: images: NVIDIA DALI (CPU threads, --workers of them; the GPU when training on CUDA), "
-        "a PIL DataLoader, or auto = DALI when it is installed and no strong view is needed; both give the "
-        "same crops",
+        "a PIL DataLoader, or auto = DALI when it is installed, no strong view is needed and no GIF is among the "
+        "files; both give the same crops",
         group="data",
         choices=("auto", "dali", "pil"),
     )
