@@ -24,6 +24,8 @@ from .config import ARCHS, DEFAULT_MAX_VOTERS, TrainConfig, flag, validate
 # Fewer training examples than this is "small data": many short steps at a high rate, a few epochs
 # on the start labels before propagating, and the supervised-only baseline beside the run.
 SMALL_DATA = 20_000
+_DEFAULT = TrainConfig()  # what a setting not given holds (:func:`_was_set`)
+
 # Input side of images this small or smaller is raised to it (the small stem keeps the side, and the
 # last stage of a ResNet-18 would see a 1-pixel map below it).
 MIN_SIDE = 16
@@ -193,10 +195,6 @@ def resolve(cfg: TrainConfig, facts, *, new: bool = True, given=None) -> tuple[T
     supervised-only run does not use and which lr drops fall after the run (both were unsaid). A
     resume (``new=False``) says neither: its saved config holds what the run chose, read as given.
     ``given``: the names of the settings the caller set (else those away from their defaults)."""
-
-    def set_(name: str) -> bool:  # (an explicit --labeled-fraction 0.1, the default's value, counts)
-        return name in given if given is not None else getattr(cfg, name) != getattr(TrainConfig, name)
-
     ignored = _unused_by_supervised(cfg, given) if new else []
     asked = {n: getattr(cfg, n) for n in ("milestones", "jump_milestones")} if new else {}
     cfg = resolve_run(cfg)
@@ -241,12 +239,12 @@ def resolve(cfg: TrainConfig, facts, *, new: bool = True, given=None) -> tuple[T
     if ignored:
         lines.append(f"--supervised-only trains on the labeled examples alone: {', '.join(ignored)} not used")
     # (a fraction given was dropped without a word)
-    if new and set_("labeled_fraction") and cfg.labeled_fraction is not None and facts.own_labels:
+    if new and _was_set(cfg, "labeled_fraction", given) and cfg.labeled_fraction is not None and facts.own_labels:
         lines.append(
             f"--labeled-fraction {cfg.labeled_fraction:g} is not used: the data marks its own labeled set "
             f"({facts.num_labeled:,} labeled training images)"
         )
-    if new and facts.kind != "folder" and set_("workers"):  # (ignored without a word)
+    if new and facts.kind != "folder" and _was_set(cfg, "workers", given):  # (ignored without a word)
         lines.append(f"--workers {cfg.workers} is not used: array data is held in memory, read without workers")
     for name, drops in asked.items():  # (a drop at or after the last epoch never came, unsaid)
         late = [m for m in drops or () if m >= cfg.epochs]
@@ -270,13 +268,13 @@ def _unused_by_supervised(cfg: TrainConfig, given=None) -> list[str]:
     if not cfg.supervised_only:
         return []
     llp = [f for f in dataclasses.fields(cfg) if f.metadata.get("group") == "llp" and f.name != "supervised_only"]
-    default = TrainConfig()
-    set_ = (
-        (lambda f: f.name in given)
-        if given is not None
-        else (lambda f: getattr(cfg, f.name) != getattr(default, f.name))
-    )
-    return [_given(f.name, getattr(cfg, f.name)) for f in llp if set_(f)]
+    return [_given(f.name, getattr(cfg, f.name)) for f in llp if _was_set(cfg, f.name, given)]
+
+
+def _was_set(cfg: TrainConfig, name: str, given) -> bool:
+    """Whether the caller set the setting ``name``: among ``given`` (the names set; an explicit
+    ``--labeled-fraction 0.1``, the default's value, counts), else where away from its default."""
+    return name in given if given is not None else getattr(cfg, name) != getattr(_DEFAULT, name)
 
 
 def _given(name: str, value) -> str:

@@ -28,7 +28,6 @@ import math
 import os
 import signal
 import time
-from functools import partial
 
 import torch
 
@@ -103,10 +102,10 @@ class Trainer:
         if not cfg.supervised_only and cfg.method != "fixmatch":
             check_against_data(cfg, src, self.k)
             kw = dict(dim=EMBED_DIM, dtype=getattr(torch, cfg.bank_dtype), device=self.device, seed=cfg.seed)
-            # one process of its own (a group a user made without torchrun's WORLD_SIZE is not the run's)
-            many = self.world > 1
-            make = partial(distributed.make_bank, layout=cfg.bank_layout) if many else MemoryBank
-            self.bank = make(src.targets, src.num_classes, **kw)
+            if self.world > 1:
+                self.bank = distributed.make_bank(src.targets, src.num_classes, layout=cfg.bank_layout, **kw)
+            else:  # (one process of its own: a group a user made without torchrun's WORLD_SIZE is not the run's)
+                self.bank = MemoryBank(src.targets, src.num_classes, **kw)
         self.gen_order = torch.Generator().manual_seed(cfg.seed + 1)
         self.gen_aug = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
         self.gens = {"order": self.gen_order, "aug": self.gen_aug}
