@@ -123,7 +123,8 @@ def _lbfgs_fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float) ->
     """The readout minimising mean cross-entropy + ``l2`` / 2 |W|^2 on ``(x, y)`` (convex: one
     optimum, from zeros), by full-batch L-BFGS in float64 to a gradient of 1e-7."""
     head = torch.nn.Linear(x.shape[1], num_classes).double()
-    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
     x = x.double()
     opt = torch.optim.LBFGS(
         head.parameters(), lr=1, max_iter=2000, tolerance_grad=1e-7, tolerance_change=1e-12,

@@ -177,6 +177,12 @@ def _pnm_maximum(raw: bytes) -> int | None:
     return None
 
 
+def undecodable(source) -> list[str]:
+    """The training and held-out files of a folder source that DALI does not decode, by name
+    (``--loader dali`` refuses them; ``--loader auto`` takes PIL for them)."""
+    return [p for p in [*source.files, *source.test_files] if p.lower().endswith(UNDECODABLE)]
+
+
 class DaliFolder:
     """Batches of a :class:`~llp_fast.data.folder.FolderSource` decoded by DALI: the source's
     ``train_batches`` / ``test_batches`` / ``index_batches`` with the same samples."""
@@ -184,9 +190,9 @@ class DaliFolder:
     def __init__(self, source):
         self.source = source
         self.on_gpu = source.device.type == "cuda"
-        for path in [*source.files, *source.test_files]:
-            if path.lower().endswith(UNDECODABLE):
-                raise DataError(f"{path}: DALI does not decode GIF images (use --loader pil)")
+        gifs = undecodable(source)
+        if gifs:
+            raise DataError(f"{gifs[0]}: DALI does not decode GIF images (use --loader pil)")
 
     def _pipeline(self, feed, batch_size: int):
         dali = _optional.dali()
@@ -354,4 +360,4 @@ def version() -> str:
     return getattr(dali, "__version__", "unknown") if dali is not None else "absent"
 
 
-__all__ = ["DaliFolder", "UNDECODABLE", "version"]
+__all__ = ["DaliFolder", "UNDECODABLE", "undecodable", "version"]

@@ -28,7 +28,7 @@ from .. import _optional
 from .._device import memory_format
 from ..errors import ConfigError
 from . import DataError, DataFacts, Split, make_split, untested_note
-from .dali import UNDECODABLE
+from .dali import undecodable
 from .files import (
     GREY_MODES,
     equal_channels,
@@ -196,7 +196,7 @@ class FolderSource:
         self.seed = seed
         self.num_train, self.num_test = len(self.files), len(tfiles)
         if self.loader == "dali" and loader == "auto":  # (a GIF stopped a run that asked for no loader)
-            gifs = sum(p.lower().endswith(UNDECODABLE) for p in [*self.files, *self.test_files])
+            gifs = len(undecodable(self))
             if gifs:
                 self.loader = "pil"
                 self.notes.append(
