@@ -252,6 +252,87 @@ def test_sharded_bad_input_is_refused_on_every_rank(tmp_path):
     mp.spawn(_bad_input_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
 
 
+def _mismatch_worker(rank, world, init_file):
+    """Ranks passing different settings to one collective call all raise the same ValueError at
+    the same point (they ended in gloo's abort where shapes differed, and in silently mixed results
+    where they did not: each rank's top-k of another k merged, replicated copies parted)."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    targets = _targets()
+    other = targets.clone()
+    other[-1] = -1 if int(targets[-1]) >= 0 else 0  # one label differs, on one rank only
+    for cls in (ShardedMemoryBank, ReplicatedMemoryBank):
+        with pytest.raises(ValueError, match=f"{cls.__name__}: the ranks passed different targets"):
+            cls(other if rank == 1 else targets, S, dim=D, seed=3)
+        with pytest.raises(ValueError, match="different seed .rank 0 3, rank 1 4"):
+            cls(targets, S, dim=D, seed=3 + rank)
+    bank = ShardedMemoryBank(targets, S, dim=D, seed=3)
+    rep = ReplicatedMemoryBank(targets, S, dim=D, seed=3)
+    idx = torch.tensor([rank, N - 1 - rank])
+    emb = torch.nn.functional.normalize(torch.randn(2, D), dim=1)
+    before = (bank.local.embeddings.clone(), rep.embeddings.clone(), rep.labels.clone())
+    bank.refresh_density(t=3)
+    rep.refresh_density(t=3)
+    calls = {
+        "ShardedMemoryBank.step: the ranks passed different k .rank 0 2, rank 1 3.": lambda: bank.step(
+            idx, emb, k=2 + rank
+        ),
+        "ShardedMemoryBank.step: the ranks passed different tau .rank 0 0.07, rank 1 0.1.": lambda: bank.step(
+            idx, emb, k=2, tau=(0.07, 0.1)[rank]
+        ),
+        "different density_weighting .rank 0 True, rank 1 False.": lambda: bank.step(
+            idx, emb, k=2, density_weighting=rank == 0
+        ),
+        "ShardedMemoryBank.update: the ranks passed different momentum": lambda: bank.update(
+            idx, emb, momentum=0.5 + rank / 4
+        ),
+        "ShardedMemoryBank.loss: the ranks passed different tau": lambda: bank.loss(emb, idx, tau=0.07 + rank),
+        "ShardedMemoryBank.instance_loss: the ranks passed different tau": lambda: bank.instance_loss(
+            emb, idx, tau=0.07 + rank
+        ),
+        "ShardedMemoryBank.refresh_density: the ranks passed different t .rank 0 3, rank 1 4.": lambda: (
+            bank.refresh_density(t=3 + rank)
+        ),
+        "ShardedMemoryBank.refresh_density: the ranks passed different pool .rank 0 its own, rank 1 its own.": (
+            lambda: bank.refresh_density(t=3, pool=("unlabeled", "all")[rank])
+        ),
+        "ShardedMemoryBank.vote: the ranks passed different queries' rows .rank 0 2, rank 1 3.": lambda: bank.vote(
+            torch.cat([emb, emb])[: 2 + rank], k=2
+        ),
+        "ShardedMemoryBank.class_statistics: the ranks passed different truth .rank 0 its own, rank 1 its own.": (
+            lambda: bank.class_statistics(torch.full((N,), rank))
+        ),
+        "ReplicatedMemoryBank.step: the ranks passed different k .rank 0 2, rank 1 3.": lambda: rep.step(
+            idx, emb, k=2 + rank
+        ),
+        # a setting left at its default on one rank and given on the other: the same value, no error
+        "ReplicatedMemoryBank.update: the ranks passed different momentum .rank 0 0.5, rank 1 0.9.": lambda: (
+            rep.update(idx, emb) if rank == 0 else rep.update(idx, emb, momentum=0.9)
+        ),
+    }
+    for message, call in calls.items():
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kk'"):
+        rep.step(idx, emb, kk=2)  # before any collective, as MemoryBank.step's own
+    with pytest.raises(RuntimeError, match="different collective calls at one point .this rank: ShardedMemoryBank"):
+        bank.step(idx, emb, k=2) if rank == 0 else bank.update(idx, emb)
+    # nothing was written, and the banks work on: defaults given or not are the same settings
+    assert torch.equal(bank.local.embeddings, before[0])
+    assert torch.equal(rep.embeddings, before[1]) and torch.equal(rep.labels, before[2])
+    labels, _ = bank.step(idx, emb, k=2) if rank == 0 else bank.step(idx, emb, k=2, tau=0.07, momentum=0.5)
+    rep.update(idx, emb) if rank == 0 else rep.update(idx, emb, momentum=0.5)
+    gathered = all_gather_cat(labels[None], None)
+    assert torch.equal(gathered[0], gathered[1])
+    dist.barrier()
+    os._exit(0)
+
+
+def test_ranks_passing_different_settings_are_refused_on_every_rank(tmp_path):
+    mp.spawn(_mismatch_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
 def test_make_bank_and_the_refresh_round_size_are_checked(monkeypatch):
     """Launched as one of several processes before a group exists: each rank built a bank of its
     own; LLP_FAST_DIST_CHUNK=-1 left the densities unwritten (garbage), 0 or text were a traceback."""

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from .._checks import DIST_TIMEOUT_RANGE, dist_timeout
 from .._topk import merge_topk
+from .agree import gather_agreed
 
 
 def launched() -> bool:
@@ -181,16 +182,15 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenation over ranks (rank order) of tensors whose first dimension may differ."""
-    world = dist.get_world_size(group)
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(s) for s in sizes]
+def all_gather_cat(x: torch.Tensor, group=None, agree: tuple[str, dict] | None = None) -> torch.Tensor:
+    """Concatenation over ranks (rank order) of tensors whose first dimension may differ.
+    ``agree``: (call, settings) that every rank must pass alike, checked with the sizes
+    (:func:`llp_fast.distributed.agree.gather_agreed`, no collective more)."""
+    call, settings = agree if agree is not None else ("all_gather_cat", {})
+    sizes = gather_agreed(x.shape[0], call, settings, group, x.device)
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
+    parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 

@@ -11,39 +11,9 @@ from .._topk import log_sum_exp, vote
 from ..bank import MemoryBank, check_indices, check_new_labels
 from ..ops import bank_update_, neighbours, topk_scores
 from ..reference import is_last_occurrence
-from .collectives import all_gather_cat, dist_chunk, lse_combine, merged_topk, offset_of_rank, shard_range
-
-
-class _ShardedAggregationLoss(torch.autograd.Function):
-    """L_A for the local batch against a bank sharded over ranks: the value and, on a float32 bank,
-    the gradient exact (a bf16/fp16 bank rounds each rank's share of the gradient, see backward)."""
-
-    @staticmethod
-    def forward(ctx, v, shard, shard_labels, targets, tau, group):
-        v_all = all_gather_cat(v.detach(), group)
-        t_all = all_gather_cat(targets, group)
-        _, lse_all, lse_pos = torch.ops.llp_fast.aggregation_loss(v_all, shard, shard_labels, t_all, tau)
-        lse_all = lse_combine(lse_all.float(), group)
-        lse_pos = lse_combine(lse_pos.float(), group)
-        rank_start = offset_of_rank(v.shape[0], group, v.device)
-        ctx.save_for_backward(v_all, shard, shard_labels, t_all, lse_all, lse_pos)
-        ctx.tau, ctx.group, ctx.rows = tau, group, (rank_start, rank_start + v.shape[0])
-        ctx.v_dtype = v.dtype
-        return (lse_all - lse_pos)[rank_start : rank_start + v.shape[0]]
-
-    @staticmethod
-    def backward(ctx, grad):
-        v_all, shard, shard_labels, t_all, lse_all, lse_pos = ctx.saved_tensors
-        g_all = all_gather_cat(grad.contiguous().float(), ctx.group)
-        # Each rank's share comes back in the bank's dtype and is rounded before the sum: on a bf16
-        # or fp16 bank its error is the share's rounding (1.4-1.8x one process's on typical rows,
-        # more where the shares cancel). A float32 share would need the shard widened each step.
-        part = torch.ops.llp_fast.aggregation_loss_backward(
-            v_all, shard, shard_labels, t_all, lse_all, lse_pos, g_all, -g_all, ctx.tau
-        ).float()
-        dist.all_reduce(part, group=ctx.group)
-        lo, hi = ctx.rows
-        return part[lo:hi].to(ctx.v_dtype), None, None, None, None, None
+from .aggregation import ShardedAggregationLoss
+from .agree import gather_agreed, targets_checksum
+from .collectives import all_gather_cat, dist_chunk, merged_topk, offset_of_rank, shard_range
 
 
 class ShardedMemoryBank:
@@ -98,6 +68,9 @@ class ShardedMemoryBank:
         self.labeled_classes_all = targets[targets >= 0].to(self.device)
         self.num_labeled_total = int((targets >= 0).sum())
         self.num_unlabeled_total = self.n - self.num_labeled_total
+        # Every rank builds its shard from the same targets and settings (one all-gather says so)
+        settings = dict(num_classes=num_classes, dim=dim, dtype=dtype, seed=seed, targets=targets_checksum(targets))
+        gather_agreed(0, "ShardedMemoryBank", settings, group, self.device)
 
     def __len__(self) -> int:
         return self.n
@@ -106,12 +79,13 @@ class ShardedMemoryBank:
     def _owned(self, indices: torch.Tensor) -> torch.Tensor:
         return (indices >= self.start) & (indices < self.end)
 
-    def _gather_batch(self, indices, embeddings=None, tau: float | None = None):
+    def _gather_batch(self, indices, agree, embeddings=None, tau: float | None = None):
         """The batch of every rank, checked as :meth:`MemoryBank._check_batch` checks one: finite,
-        within the bank's dtype, and with ``tau`` scores that fit."""
+        within the bank's dtype, and with ``tau`` scores that fit; ``agree``: the call and the
+        settings every rank must pass alike (:mod:`llp_fast.distributed.agree`)."""
         indices = check_indices(indices, self.n, self.device)
         if embeddings is None:
-            return all_gather_cat(indices, self.group), None
+            return all_gather_cat(indices, self.group, agree), None
         check.embeddings(embeddings, "embeddings")
         if embeddings.shape != (indices.shape[0], self.local.embeddings.shape[1]):
             raise ValueError(f"embeddings must have shape ({indices.shape[0]}, {self.local.embeddings.shape[1]})")
@@ -122,7 +96,7 @@ class ShardedMemoryBank:
         # One gather for both: each row's index rides along as the bits of two float32 columns.
         d = embeddings.shape[1]
         bits = indices.contiguous().view(torch.float32).view(-1, 2)
-        both = all_gather_cat(torch.cat([embeddings.detach().float(), bits], dim=1), self.group)
+        both = all_gather_cat(torch.cat([embeddings.detach().float(), bits], dim=1), self.group, agree)
         return both[:, d:].contiguous().view(torch.int64).view(-1), both[:, :d].contiguous()
 
     def _check_v(self, v, indices, finite: bool = False) -> torch.Tensor:
@@ -142,7 +116,7 @@ class ShardedMemoryBank:
     def stored(self, indices):
         """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners."""
         indices = check_indices(indices, self.n, self.device)
-        idx_all, _ = self._gather_batch(indices)
+        idx_all, _ = self._gather_batch(indices, ("ShardedMemoryBank.stored", {}))
         own = self._owned(idx_all)
         labels = torch.zeros(idx_all.shape[0], dtype=torch.int64, device=self.device)
         conf = torch.zeros(idx_all.shape[0], device=self.device)
@@ -169,10 +143,12 @@ class ShardedMemoryBank:
         # Rounds of at most `chunk` labeled rows per rank keep the gathered rows (P*chunk*D)
         # and candidates (P*P*chunk*T) bounded whatever M is; all ranks run the same rounds.
         chunk = dist_chunk()
-        rounds = torch.tensor([(m_local + chunk - 1) // chunk], device=self.device)
-        dist.all_reduce(rounds, op=dist.ReduceOp.MAX, group=self.group)
+        settings = dict(t=t, tau=tau, pool=pool)
+        rounds = max(
+            gather_agreed(-(-m_local // chunk), "ShardedMemoryBank.refresh_density", settings, self.group, self.device)
+        )
         log_rho = torch.empty(m_local, device=self.device)
-        for r in range(int(rounds)):
+        for r in range(rounds):
             mine = self.local.labeled_embeddings[r * chunk : (r + 1) * chunk]
             gathered = all_gather_cat(mine, self.group)
             # This shard's top-T of every gathered labeled row (keys numbered by bank row + start:
@@ -196,8 +172,14 @@ class ShardedMemoryBank:
             targets, _ = self.stored(indices)
         targets = as_tensor(targets, "targets", device=self.device)
         check.vector(targets, "targets", v.shape[0], device=self.device, kind="int")
-        return _ShardedAggregationLoss.apply(
-            v.to(self.local.embeddings.dtype), self.local.embeddings, self.local.labels, targets, tau, self.group
+        return ShardedAggregationLoss.apply(
+            v.to(self.local.embeddings.dtype),
+            self.local.embeddings,
+            self.local.labels,
+            targets,
+            tau,
+            self.group,
+            "ShardedMemoryBank.loss",
         )
 
     def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, check_finite=True) -> torch.Tensor:
@@ -205,8 +187,14 @@ class ShardedMemoryBank:
         tau = check.temperature(tau)
         indices = self._check_v(v, indices, check_finite).long()
         ids = -1 - (self.local.index_of + self.start)
-        return _ShardedAggregationLoss.apply(
-            v.to(self.local.embeddings.dtype), self.local.embeddings, ids, -1 - indices, tau, self.group
+        return ShardedAggregationLoss.apply(
+            v.to(self.local.embeddings.dtype),
+            self.local.embeddings,
+            ids,
+            -1 - indices,
+            tau,
+            self.group,
+            "ShardedMemoryBank.instance_loss",
         )
 
     @torch.no_grad()
@@ -224,7 +212,7 @@ class ShardedMemoryBank:
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
         """docs/method.md §1.6's blend for the global batch; every rank writes the rows it owns."""
         momentum = check.unit_interval(momentum, "momentum")
-        idx_all, emb_all = self._gather_batch(indices, embeddings)
+        idx_all, emb_all = self._gather_batch(indices, ("ShardedMemoryBank.update", {"momentum": momentum}), embeddings)
         own = self._owned(idx_all)
         if bool(own.any()):
             rows = self.local.row_of[idx_all[own] - self.start]
@@ -238,7 +226,7 @@ class ShardedMemoryBank:
         merge per-shard results."""
         loc = self.local
         order = torch.argsort(loc.index_of)  # local rows in dataset order
-        emb = all_gather_cat(loc.embeddings[order].contiguous(), self.group)
+        emb = all_gather_cat(loc.embeddings[order].contiguous(), self.group, ("ShardedMemoryBank.gather", {}))
         labels = all_gather_cat(loc.labels[order].contiguous(), self.group)
         conf = all_gather_cat(loc.confidence[order].contiguous(), self.group)
         log_rho_by_index = torch.zeros(self.n, device=self.device)
@@ -298,10 +286,11 @@ class ShardedMemoryBank:
         """docs/method.md §1.6 for the global batch: propagate its unlabeled examples (merging every
         shard's top-K), store label and confidence at the owners, then blend the owned rows
         in gathered order. Returns (labels, confidence) of the gathered unlabeled examples."""
-        check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
+        k = check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
         tau = check.temperature(tau)
         momentum = check.unit_interval(momentum, "momentum")
-        idx_all, emb_all = self._gather_batch(indices, embeddings, tau)
+        settings = dict(k=k, tau=tau, momentum=momentum, density_weighting=bool(density_weighting))
+        idx_all, emb_all = self._gather_batch(indices, ("ShardedMemoryBank.step", settings), embeddings, tau)
         labels, conf, sel = self._propagate(idx_all, emb_all, k, tau, density_weighting)
         own = self._owned(idx_all)
         store = sel & own
@@ -343,10 +332,13 @@ class ShardedMemoryBank:
     def vote(self, queries: torch.Tensor, *, k: int = 10, tau: float = 0.07, density_weighting: bool = True):
         """:meth:`MemoryBank.vote` over every shard (collective; every rank passes the same
         ``queries`` and gets the same labels)."""
-        check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
+        k = check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
         check.tensor(queries, "queries")
         self.local._check_cast(queries, "queries", check.finite(queries, "queries"))  # (as MemoryBank.vote)
-        return self._merged_vote(queries, k, check.temperature(tau), density_weighting)
+        tau = check.temperature(tau)
+        settings = {"queries' rows": queries.shape[0], "k": k, "tau": tau, "density_weighting": bool(density_weighting)}
+        gather_agreed(0, "ShardedMemoryBank.vote", settings, self.group, self.device)
+        return self._merged_vote(queries, k, tau, density_weighting)
 
     @torch.no_grad()
     def class_statistics(self, truth: torch.Tensor) -> dict:
@@ -357,6 +349,8 @@ class ShardedMemoryBank:
         truth = as_tensor(truth, "truth", device=self.device)
         check.vector(truth, "truth", self.n, device=self.device, kind="int")
         local = self.local.class_statistics(truth[self.start : self.end])
+        agree = {"truth": targets_checksum(truth)}
+        gather_agreed(0, "ShardedMemoryBank.class_statistics", agree, self.group, self.device)
         out = {}
         for key, value in local.items():
             scalar = not isinstance(value, torch.Tensor)
