@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import os
 import sys
 
@@ -180,8 +181,10 @@ class WithHeads(nn.Module):
         self.backbone = backbone
         was_training = backbone.training
         backbone.eval()
+        # probed where it lives (a backbone already on a GPU failed on a CPU image)
+        where = next(itertools.chain(backbone.parameters(), backbone.buffers()), torch.zeros(0)).device
         with torch.no_grad():
-            out = backbone(torch.zeros(2, in_channels, image_size, image_size))
+            out = backbone(torch.zeros(2, in_channels, image_size, image_size, device=where))
             probe = self._pooled(out)
         backbone.train(was_training)
         if probe.shape[0] != 2 or probe.shape[1] < 1 or not probe.is_floating_point():
@@ -191,8 +194,8 @@ class WithHeads(nn.Module):
                 f"{tuple(out.shape)}"
             )
         self.feature_dim = int(probe.shape[1])
-        self.fc = nn.Linear(self.feature_dim, num_classes)
-        self.embed = nn.Linear(self.feature_dim, emb_dim)
+        self.fc = nn.Linear(self.feature_dim, num_classes, device=where)
+        self.embed = nn.Linear(self.feature_dim, emb_dim, device=where)
 
     @staticmethod
     def _pooled(h) -> torch.Tensor:

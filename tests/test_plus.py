@@ -15,7 +15,7 @@ from conftest import TINY_ARGS, one_error_line, own_network_settings, tiny_confi
 
 from llp_fast.cli.train import main as train_main
 from llp_fast.embeddings import label_embeddings
-from llp_fast.errors import Interrupted
+from llp_fast.errors import ConfigError, Interrupted
 from llp_fast.train import order
 from llp_fast.train.api import fit, train
 from llp_fast.train.checkpoint import CHECKPOINT, METRICS
@@ -652,3 +652,79 @@ def test_the_start_vote_takes_the_runs_voter_cap():
     assert len(want.voter_rows) <= 12 + 20 + 3  # (each class's share rounded)
     free = label_embeddings(feats, targets.numpy(), rounds=3, k=3, t=5, tau=0.1, normalize=False)
     assert len(free.voter_rows) > len(want.voter_rows)  # (the cap mattered here)
+
+
+class _FailsToTrain(torch.nn.Module):
+    """Features in eval mode (the heads' probe), an error at the first training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("my network's own bug")
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def test_a_fit_failing_at_its_first_step_leaves_no_run_directory(tmp_path, monkeypatch):
+    """A fit() without run_dir whose network failed at its first training step left runs/<time>
+    (config.json, tb/) on every try; one that checkpointed keeps its directory."""
+    monkeypatch.chdir(tmp_path)
+    data, settings = own_network_settings(tmp_path, epochs=1)
+    del settings["run_dir"]
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="my network's own bug"):
+            fit(_FailsToTrain(), data, **settings)
+    assert os.listdir(tmp_path / "runs") == []
+    out = fit(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten()), data, **settings)
+    assert os.listdir(tmp_path / "runs") == [os.path.basename(out.config.run_dir)]
+
+
+def test_a_run_directory_with_metrics_and_no_checkpoint_is_not_taken_over(tmp_path, capsys):
+    """A run whose checkpoint was deleted (to save space) lost its metrics.jsonl and config.json
+    to the next run started there, even one that never trained a step."""
+    cfg = tiny_config(tmp_path, epochs=1)
+    train(cfg)
+    run = tmp_path / "run"
+    os.remove(run / CHECKPOINT)
+    record = {name: (run / name).read_bytes() for name in (METRICS, "config.json")}
+    with pytest.raises(ConfigError, match=f"holds the metrics of a run whose {CHECKPOINT} is gone"):
+        train(dataclasses.replace(cfg, lr=0.05))
+    rc = train_main(["--run-dir", str(run), "--quiet", "--baseline", "off", *TINY_ARGS])
+    one_error_line(capsys, rc, "pick another --run-dir")
+    assert {name: (run / name).read_bytes() for name in record} == record
+    # an empty metrics file (a run that failed before its first epoch) is no record
+    (run / METRICS).write_text("")
+    train(dataclasses.replace(cfg, lr=0.05))
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.05
+
+
+def test_library_calls_check_what_they_are_given(tmp_path):
+    """A TorchScript backbone under the weight average (deepcopy under grad mode: non-leaf
+    parameters); a resume's epochs of the wrong type (a bare TypeError); prepare() resuming with
+    another class of network (it trained it and saved it as the run's); load_network's arguments
+    (torch's RuntimeError, a TypeError from os.path, "yes" taken as random weights)."""
+    from llp_fast.train.api import prepare
+    from llp_fast.train.trained import load_network
+
+    data, settings = own_network_settings(tmp_path, method="plus", epochs=1)
+    net = lambda: torch.nn.Sequential(  # noqa: E731
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
+    out = fit(torch.jit.script(net()), data, **settings)
+    assert out.average is not None and all(p.is_leaf for p in out.average.parameters())
+    run_dir = settings["run_dir"]
+    with pytest.raises(ConfigError, match="--arch resnet18: the network is the module given in Python"):
+        fit(torch.jit.script(net()), run_dir=run_dir, resume=True, arch="resnet18")  # (a resume took it)
+    for epochs in ("3", [3], 2.5):
+        with pytest.raises(ConfigError, match="--epochs: expected a whole number >= 1"):
+            fit(torch.jit.script(net()), run_dir=run_dir, resume=True, epochs=epochs)
+    with pytest.raises(ConfigError, match="trained RecursiveScriptModule, not Sequential"):
+        prepare(tiny_config(tmp_path, epochs=2), resume=True, model=net())
+    with pytest.raises(TypeError, match="path must be a checkpoint file or run directory"):
+        load_network(123)
+    with pytest.raises(ValueError, match="device: expected cpu, cuda or cuda:N, got 'gpu'"):
+        load_network(run_dir, device="gpu")
+    with pytest.raises(TypeError, match="random_init must be True or False"):
+        load_network(run_dir, random_init="yes")

@@ -236,10 +236,9 @@ def _train(args) -> int:
     else:
         cfg, ckpt, notes = config_from_args(args, args.run_dir), None, []
         run_dir = cfg.run_dir
-        if os.path.exists(os.path.join(run_dir, checkpoint.CHECKPOINT)):
-            raise ConfigError(
-                f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"
-            )
+        held = checkpoint.held_by(run_dir, f"--resume {run_dir}")
+        if held:
+            raise ConfigError(f"{held}, or pick another --run-dir")
     try:
         # checks config and data, makes the run dir
         trainer = prepare(cfg, resume=bool(args.resume), ckpt=ckpt, given=set(given(args)))

@@ -65,16 +65,16 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
             raise TypeError(f"run_dir must be a path (str or os.PathLike), got {type(run_dir).__name__}")
         settings["run_dir"] = run_dir = os.fspath(run_dir)
     cfg = TrainConfig(data="digits" if data is None else data, **settings)
+    arch = settings.get("arch")
+    if model is not None and arch is not None and not str(arch).startswith(GIVEN):
+        # (arch="resnet18", the default's value, passed on purpose was taken without a word; on a resume too)
+        raise ConfigError(f"--arch {arch}: the network is the module given in Python; leave arch out")
     ckpt = None
     if resume:
         # (this call's quiet, as on the command line: a run begun quiet resumed silent)
         keep = {n: getattr(cfg, n) for n in (*RESUMABLE, "stop_after_steps") if n in settings or n == "quiet"}
         cfg, ckpt = _resumed(run_dir, {"data": data, **settings}, keep, model)
     else:
-        arch = settings.get("arch")
-        if model is not None and arch is not None and not str(arch).startswith(GIVEN):
-            # (arch="resnet18", the default's value, passed on purpose was taken without a word)
-            raise ConfigError(f"--arch {arch}: the network is the module given in Python; leave arch out")
         check_new_run(cfg, model_given=model is not None)
     trainer = prepare(cfg, resume=resume, ckpt=ckpt, model=model, given={"data", *settings})
     if not trainer.cfg.quiet and trainer.rank == 0:  # (a Python run said none of them)
@@ -105,12 +105,17 @@ def _resumed(run_dir, given: dict, keep: dict, model) -> tuple[TrainConfig, dict
             f"resume=True continues the run in {run_dir} with its saved settings; {', '.join(changed)} "
             f"differ from them (only {', '.join(RESUMABLE)} can change)"
         )
+    _same_network(run_dir, saved, model)
+    return dataclasses.replace(saved, **{k: v for k, v in keep.items() if v is not None}), ckpt
+
+
+def _same_network(run_dir, saved: TrainConfig, model) -> None:
+    """:class:`ConfigError` where ``model`` (given) is another kind of network than the run trained."""
     if model is not None and GIVEN + type(model).__qualname__ != saved.arch:
         raise ConfigError(
             f"resume=True: the run in {run_dir} trained {saved.arch.removeprefix(GIVEN)}, not "
             f"{type(model).__qualname__}: pass the same kind of network"
         )
-    return dataclasses.replace(saved, **{k: v for k, v in keep.items() if v is not None}), ckpt
 
 
 def _changed(saved: TrainConfig, given: dict, *, model_given: bool) -> list[str]:
@@ -157,12 +162,12 @@ def prepare(
     caller set, for the run's notes (else those away from their defaults)."""
     if cfg.run_dir is not None and not isinstance(cfg.run_dir, (str, os.PathLike)):  # (os.path's TypeError)
         raise TypeError(f"run_dir must be a path (str or os.PathLike), got {type(cfg.run_dir).__name__}")
-    if not resume and cfg.run_dir is not None and os.path.exists(os.path.join(cfg.run_dir, checkpoint.CHECKPOINT)):
-        raise ConfigError(  # (prepare() started over in it: config.json, then metrics and checkpoint replaced)
-            f"run_dir {cfg.run_dir} already holds a run: continue it with resume=True, or give another run_dir"
-        )
+    held = None if resume or cfg.run_dir is None else checkpoint.held_by(cfg.run_dir, "resume=True")
+    if held:  # (prepare() started over in it: config.json, then metrics and checkpoint replaced)
+        raise ConfigError(f"run_dir {held}, or give another run_dir")
     if resume and ckpt is None:
         saved_cfg, ckpt = checkpoint.open_run(cfg.run_dir)
+        _same_network(cfg.run_dir, saved_cfg, model)  # (prepare took another class and saved it)
         keep = {name: getattr(cfg, name) for name in (*RESUMABLE, "stop_after_steps")}
         keep = {k: v for k, v in keep.items() if v is not None and (k != "loader" or v != "auto")}  # (as train())
         cfg = dataclasses.replace(saved_cfg, **keep)

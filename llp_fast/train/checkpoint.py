@@ -214,6 +214,18 @@ def config_of(ckpt: dict, path: str) -> TrainConfig:
         raise CheckpointError(f"corrupt checkpoint {path} (bad config: {e})") from None
 
 
+def held_by(run_dir: str, resume: str) -> str | None:
+    """Why a new run must not start over in ``run_dir`` (``resume``: how to continue a run), or
+    None: it holds a run's checkpoint, or the metrics of an epoch a run finished (a run whose
+    checkpoint was deleted to save space lost its record to the next run there)."""
+    if os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+        return f"{run_dir} already holds a run: continue it with {resume}"
+    metrics = os.path.join(run_dir, METRICS)
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        return f"{run_dir} holds the metrics of a run whose {CHECKPOINT} is gone (a new run would replace them)"
+    return None
+
+
 def open_run(run_dir: str) -> tuple[TrainConfig, dict]:
     """``(config, checkpoint)`` of the run in ``run_dir``, loaded once, verified; the config's
     ``run_dir`` is ``run_dir`` (the directory may have moved since it was written)."""

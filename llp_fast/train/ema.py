@@ -23,7 +23,8 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = float(decay)
         self.steps = 0
-        self.model = copy.deepcopy(model)
+        with torch.no_grad():  # (a TorchScript module's copy under grad mode: non-leaf parameters)
+            self.model = copy.deepcopy(model)
         self.model.requires_grad_(False)
         self.model.eval()
 

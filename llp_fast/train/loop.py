@@ -308,6 +308,7 @@ class Trainer:
             tb = report.TensorBoard(cfg.run_dir, self.epoch)
             if tb.missing:
                 self.progress.line(tb.missing)
+        ended = False
         try:
             with self.stopping.handlers():
                 if self.global_step == 0 and self.bank is not None:
@@ -324,10 +325,13 @@ class Trainer:
                         after_epoch()
                     if self.stopping.signal is not None:
                         raise Interrupted(self.stopping.signal, cfg.run_dir)
+            ended = True
         finally:
             if tb is not None:
                 tb.close()
             self.claim = getattr(self, "claim", None) and self.claim.release()  # given back: None
+            if not ended and self._made_dir is not None:  # (failed before its first checkpoint)
+                report.remove_unstarted(self._made_dir)
         return self.history[-1] if self.history else {}
 
     def _epoch_start(self, e: int, warmup: bool) -> dict:

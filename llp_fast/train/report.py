@@ -16,17 +16,19 @@ only at the next call.)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import os
+import shutil
 import socket
 import struct
 import time
 
 from .. import _files
 from ..errors import DataError
-from .checkpoint import CONFIG, METRICS, TENSORBOARD
+from .checkpoint import CHECKPOINT, CONFIG, METRICS, TENSORBOARD
 
 KEYS_FIRST = ("epoch", "test_top1", "test_top5", "knn_top1", "pseudo_acc")
 
@@ -75,6 +77,23 @@ def write_history(run_dir: str, history: list[dict]) -> None:
     with _files.atomic_open(path, "w") as f:
         for row in history:
             f.write(json.dumps(row) + "\n")
+
+
+def remove_unstarted(run_dir: str) -> None:
+    """Takes out a run directory made for a run that failed before its first checkpoint: what
+    that run wrote (its settings, an empty metrics file, TensorBoard's folder), then the directory
+    where nothing else is in it (a ``fit`` whose network failed at its first step left a
+    ``runs/<time>`` behind on every try)."""
+    if os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+        return
+    with contextlib.suppress(OSError):
+        metrics = os.path.join(run_dir, METRICS)
+        if os.path.isfile(metrics) and not os.path.getsize(metrics):
+            os.remove(metrics)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, CONFIG))
+        shutil.rmtree(os.path.join(run_dir, TENSORBOARD), ignore_errors=True)
+        os.rmdir(run_dir)
 
 
 def append_row(run_dir: str, row: dict) -> None:

@@ -11,6 +11,7 @@ must leave the run somewhere to go (:func:`check_resume_epochs`).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 from ..errors import ConfigError
 from .config import TrainConfig, check_value, fields
@@ -55,7 +56,10 @@ def least_epochs(ckpt: dict, cfg: TrainConfig) -> tuple[int, str]:
 
 
 def check_resume_epochs(epochs: int, ckpt: dict, cfg: TrainConfig) -> None:
-    """:class:`ConfigError` where ``epochs`` is below :func:`least_epochs`, naming the fewest."""
+    """:class:`ConfigError` where ``epochs`` is below :func:`least_epochs`, naming the fewest (or is
+    not a whole number >= 1: ``"3"`` was a bare TypeError here)."""
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral):  # (below 1: the bound's line)
+        check_value(next(f for f in fields() if f.name == "epochs"), epochs)
     least, why = least_epochs(ckpt, cfg)
     if epochs < least:
         raise ConfigError(

@@ -6,9 +6,11 @@ must show their images with. Never the training loop (the tools do not import it
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
+from .. import _checks
 from ..errors import CheckpointError, DataError
 from ..nn import misfit
 from . import checkpoint
@@ -20,7 +22,17 @@ def load_network(path: str, device="cpu", *, random_init: bool = False):
     with its weights, the run's :class:`TrainConfig`, and its training data source rebuilt from
     the config (it holds the preprocessing: channels, sizes, normalisation statistics).
     ``random_init`` keeps the freshly initialised weights (a control for the linear probe)."""
-    path = checkpoint.checkpoint_path(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"path must be a checkpoint file or run directory (str or os.PathLike), got {type(path).__name__}"
+        )
+    if not isinstance(random_init, bool):  # ("yes" was true: random weights, unsaid)
+        raise TypeError(f"random_init must be True or False, got {random_init!r}")
+    try:
+        device = _checks.device_name(str(device) if isinstance(device, torch.device) else device)
+    except ValueError as e:  # (torch's own RuntimeError listing every device type)
+        raise ValueError(f"device: {e}") from None
+    path = checkpoint.checkpoint_path(os.fspath(path))
     ckpt = checkpoint.load(path, map_location="cpu")
     cfg = checkpoint.config_of(ckpt, path)
     try:
