@@ -131,6 +131,30 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str, *, what: str = "") -> None:
+    """``os.makedirs(path, exist_ok=True)``; a failure is one :class:`WriteError` naming ``path``
+    ("/proc/rr: No such file or directory" said neither what nor that it was being made)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise WriteError(path, e, what=what) from e
+
+
+def parent_problem(path) -> str | None:
+    """Why no file can be made at ``path`` for want of its directory, as an error's tail (the
+    directory missing, or a file in its place: "/etc/hostname/x" read "directory /etc/hostname does
+    not exist"), or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(parent):
+        return None
+    up = parent
+    while up and not os.path.lexists(up) and os.path.dirname(up) != up:
+        up = os.path.dirname(up)
+    if os.path.lexists(up) and not os.path.isdir(up):
+        return f"{up} is a file, not a directory"
+    return f"directory {parent} does not exist"
+
+
 def temp_path(path: str, suffix: str = "") -> str:
     """The temporary file of this process for ``path``."""
     directory, base = os.path.split(os.path.abspath(path))

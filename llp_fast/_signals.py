@@ -11,12 +11,17 @@ import sys
 _PREVIOUS_HOOK = "_llp_fast_previous"
 
 
+def _sigterm_while_starting(signum, frame):
+    raise KeyboardInterrupt
+
+
 def quiet_start() -> None:
-    """In one of the package's commands (``llp-fast-*``, by the program's name): a Ctrl-C before the
-    command's own handling begins (``import llp_fast`` imports torch, a second or two) ends it with one
-    line instead of the interpreter's traceback (still by SIGINT, exit 130: the interpreter's own exit
-    for an uncaught Ctrl-C). :func:`started` takes the hook back. Elsewhere (a user's script, a rank
-    started with ``python -m``) nothing changes."""
+    """In one of the package's commands (``llp-fast-*``, by the program's name): a Ctrl-C or SIGTERM
+    before the command's own handling begins (``import llp_fast`` imports torch, a second or two) ends
+    it with one line instead of the interpreter's traceback or a silent exit 143 (by SIGINT, exit 130:
+    the interpreter's own exit for an uncaught Ctrl-C). :func:`started` takes the hook and handler
+    back. Elsewhere (a user's script, a rank started with ``python -c``, the baseline's spawned
+    process, which the run stops by SIGTERM) nothing changes."""
     argv = getattr(sys, "argv", None) or [""]
     prog = os.path.basename(str(argv[0])).removesuffix(".exe")
     if not prog.startswith("llp-fast-") or hasattr(sys.excepthook, _PREVIOUS_HOOK):
@@ -31,6 +36,11 @@ def quiet_start() -> None:
 
     setattr(hook, _PREVIOUS_HOOK, previous)
     sys.excepthook = hook
+    from multiprocessing import parent_process
+
+    if parent_process() is None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        with contextlib.suppress(ValueError):  # (not the main thread)
+            signal.signal(signal.SIGTERM, _sigterm_while_starting)
 
 
 def started() -> None:
@@ -39,6 +49,9 @@ def started() -> None:
     previous = getattr(sys.excepthook, _PREVIOUS_HOOK, None)
     if previous is not None:
         sys.excepthook = previous
+    if signal.getsignal(signal.SIGTERM) is _sigterm_while_starting:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def ignored(sig) -> bool:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _optional
+from . import _files, _optional
 from ._files import WriteError, atomic_open
 from .analysis_page import is_analysis, write_index
 from .bank import MemoryBank
@@ -281,8 +281,8 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
     if not 1 <= n_classes <= MAX_MAP_CLASSES:  # (200 drew ten colours over 200 classes, a legend cut at 25)
         raise ConfigError(f"--classes must lie in 1..{MAX_MAP_CLASSES} (one colour a class), got {n_classes}")
     final = Path(out) if out else Path(run_dir) / "analysis"
-    if not final.parent.is_dir():
-        raise AnalyzeError(f"--out {final}: directory {final.parent} does not exist")
+    if _files.parent_problem(final):
+        raise AnalyzeError(f"--out {final}: {_files.parent_problem(final)}")
     if final.exists() and not final.is_dir():
         raise AnalyzeError(f"--out {final}: exists and is not a directory")
     # A folder of the user's: its pictures of these names were overwritten, and those this run does

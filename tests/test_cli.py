@@ -184,7 +184,10 @@ def test_users_own_small_npz_is_told_what_to_change_in_one_go(tmp_path, capsys):
     np.savez(p, x=np.zeros((20, 10, 10), np.uint8), y=np.array([0, 1] * 5 + [-1] * 10))
     rc = train_main(["--data", f"npz:{p}", "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--quiet"])
     one_error_line(
-        capsys, rc, "--k 10 exceeds the 8 labeled training examples: give --k 8 or less, or label more; --t 25 exceeds"
+        capsys,
+        rc,
+        "--k 10 exceeds the 8 labeled training examples: give --k 8 or less (--k 0: from the labels), or label "
+        "more; --t 25 exceeds",
     )
     y = np.arange(200) % 4
     y[40:] = -1
@@ -433,17 +436,21 @@ def test_every_tool_keeps_a_bugs_traceback_and_makes_user_errors_one_line(
     one_error_line(capsys, module.main(argv(tmp_path)), "not a .npy file", prog=module.PROG)
 
 
-def test_a_finished_baseline_hands_its_threads_back(capsys):
+def test_a_finished_baseline_hands_its_threads_back(capsys, monkeypatch):
     """LLP trains on with every core once the baseline beside it has ended, unless --threads was given."""
     import types
 
     import torch
 
-    from llp_fast.cli.launch import Baseline, threads_for, usable_cores
+    from llp_fast.cli import launch
+    from llp_fast.cli.launch import Baseline, threads_for
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # (=1, as in a one-thread session: nothing to hand back)
+    monkeypatch.setattr(launch, "usable_cores", lambda: 2)
 
     before = torch.get_num_threads()
     try:
-        for threads, alive, want in [(0, True, 1), (0, False, threads_for(usable_cores())), (1, False, 1)]:
+        for threads, alive, want in [(0, True, 1), (0, False, threads_for(2)), (1, False, 1)]:
             torch.set_num_threads(1)
             cfg = types.SimpleNamespace(threads=threads, quiet=False, run_dir="r")
             args = types.SimpleNamespace(baseline_mode="parallel")
@@ -535,27 +542,33 @@ signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job st
 sys.argv[0] = {prog!r}
 import llp_fast
 {then}
-os.kill(os.getpid(), signal.SIGINT)
+os.kill(os.getpid(), signal.{sig})
 import time
 time.sleep(30)
 """
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("prog", ["/opt/venv/bin/llp-fast-train", "llp-fast-propagate.exe", "my_script.py"])
-def test_ctrl_c_while_a_command_starts_is_one_line(prog):
-    """A Ctrl-C before the command's own handling begins (the import of torch) is one line for the
-    package's commands, by the SIGINT exit; any other program keeps Python's traceback."""
+def test_ctrl_c_while_a_command_starts_is_one_line(prog, sig):
+    """A Ctrl-C or SIGTERM before the command's own handling begins (the import of torch) is one line
+    for the package's commands, by the SIGINT exit (a SIGTERM ended them silently, 143); any other
+    program keeps Python's traceback, and SIGTERM's own exit."""
     import signal
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-c", _START.format(prog=prog, then="")], capture_output=True, text=True)
-    assert p.returncode == -signal.SIGINT
+    code = _START.format(prog=prog, then="", sig=sig)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if "llp-fast" in prog:
         name = os.path.basename(prog).removesuffix(".exe")
+        assert p.returncode == -signal.SIGINT
         assert p.stderr == f"{name}: interrupted while starting; nothing was written\n"
-    else:
+    elif sig == "SIGINT":
+        assert p.returncode == -signal.SIGINT
         assert "Traceback" in p.stderr and p.stderr.rstrip().endswith("KeyboardInterrupt")
+    else:
+        assert p.returncode == -signal.SIGTERM and p.stderr == ""
 
 
 def test_a_commands_own_handling_takes_the_start_hook_back():
@@ -567,11 +580,15 @@ def test_a_commands_own_handling_takes_the_start_hook_back():
     then = (
         "from llp_fast.cli import _common\n"
         "assert sys.excepthook is not sys.__excepthook__\n"
+        "assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL\n"
         "assert _common.run('llp-fast-x', lambda: 0) == 0\n"
-        "assert sys.excepthook is sys.__excepthook__"
+        "assert sys.excepthook is sys.__excepthook__\n"
+        "assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL"
     )
     p = subprocess.run(
-        [sys.executable, "-c", _START.format(prog="llp-fast-x", then=then)], capture_output=True, text=True
+        [sys.executable, "-c", _START.format(prog="llp-fast-x", then=then, sig="SIGINT")],
+        capture_output=True,
+        text=True,
     )
     assert p.returncode == -signal.SIGINT
     assert "Traceback" in p.stderr and "interrupted while starting" not in p.stderr

@@ -169,6 +169,23 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_finis
     assert untimed(read_metrics(os.path.join(run, "metrics.jsonl"))) == want
 
 
+def test_a_full_disk_in_a_resume_to_more_epochs_names_them(data, reference, tmp_path, full_disk, monkeypatch, capsys):
+    """A resume to more epochs that failed before its first checkpoint said "continue with:
+    llp-fast-train --resume RUN", which resumed to the old count and ended there, unsaid."""
+    run = str(tmp_path / "run")
+    assert train_main(train_args(data, run, epochs=1)) == 0
+    full_disk("checkpoint.pt", at=5000, nth=1)
+    line = one_line(capsys, train_main(["--resume", run, "--quiet", "--epochs", "2"]))
+    assert line.endswith(
+        f"the previous checkpoint (epoch 1) is intact; continue with: llp-fast-train --resume {run} --epochs 2"
+    ), line
+    monkeypatch.undo()
+    assert train_main(["--resume", run, "--quiet", "--epochs", "2"]) == 0  # as the line says: the whole run
+    want = untimed(read_metrics(os.path.join(reference, "metrics.jsonl")))
+    assert untimed(read_metrics(os.path.join(run, "metrics.jsonl"))) == want
+    assert checkpoint.resume_command(run) == f"llp-fast-train --resume {run}"  # (done: no --epochs)
+
+
 @pytest.mark.parametrize(
     "part,nth,at,kept",
     [
@@ -623,3 +640,29 @@ def test_outputs_move_into_place_together_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(_files._Watched, "close", real)
     outputs.write({str(p): ("npy", np.ones(3)) for p in paths})
     assert [np.load(p).tolist() for p in paths] == [[1.0] * 3] * 3 and temporaries(tmp_path) == []
+
+
+def test_an_output_under_a_file_says_so_in_every_tool(data, tmp_path, capsys):
+    """An output path under a file (``/etc/hostname/x``) read "directory /etc/hostname does not
+    exist" in every tool; a missing directory still says that."""
+    from llp_fast._files import parent_problem
+
+    (tmp_path / "f").write_text("")
+    assert parent_problem(tmp_path / "f" / "x.npy") == f"{tmp_path / 'f'} is a file, not a directory"
+    assert parent_problem(tmp_path / "f" / "a" / "x.npy") == f"{tmp_path / 'f'} is a file, not a directory"
+    assert parent_problem(tmp_path / "no" / "x.npy") == f"directory {tmp_path / 'no'} does not exist"
+    assert parent_problem(tmp_path / "x.npy") is None
+    emb, labels = tmp_path / "e.npy", tmp_path / "l.npy"
+    np.save(emb, np.eye(4, dtype=np.float32))
+    np.save(labels, np.array([0, 1, -1, -1]))
+    under = f"{tmp_path / 'f'} is a file, not a directory"
+    for flag in ("--out", "--save-model", "--suspects-out"):
+        argv = [str(emb), str(labels), "--out", str(tmp_path / "p.npy"), flag, str(tmp_path / "f" / "x.npy")]
+        with pytest.raises(SystemExit) as e:  # (argparse's exit: the flag's type check)
+            propagate_main([*argv, "--quiet"])
+        err = capsys.readouterr().err  # (argparse's usage, then its line)
+        assert e.value.code == 2 and err.rstrip().endswith(under) and "Traceback" not in err, err
+    # a run directory that cannot be made: "PATH: Not a directory", without a word of what was made
+    assert train_main(train_args(data, tmp_path / "f" / "run")) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == f"llp-fast-train: error: cannot write run directory {tmp_path / 'f' / 'run'}: Not a directory"

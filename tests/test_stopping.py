@@ -89,7 +89,7 @@ def test_a_signal_during_an_epochs_density_refresh_stops_at_the_last_checkpoint(
     monkeypatch.setattr(MemoryBank, "refresh_density", refresh)
     run = tmp_path / "run"
     _stops_with_its_checkpoint(data, run, capsys, 15)
-    assert calls == [1, 1] and checkpoint.peek(str(run)) == {"epoch": 1, "step_in_epoch": 0}
+    assert calls == [1, 1] and checkpoint.peek(str(run)) == {"epoch": 1, "step_in_epoch": 0, "epochs": 2}
     monkeypatch.setattr(MemoryBank, "refresh_density", real)
     _resumes_to(run, tmp_path / "whole")
 

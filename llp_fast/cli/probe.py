@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import _checks as C
+from .. import _files
 from .._files import atomic_open
 from .._progress import Progress
 from ..data.extra import native_format
@@ -118,9 +119,8 @@ def _main(args) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.out:
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(out_dir):
-            raise ConfigError(f"--out {args.out}: directory {out_dir} does not exist")
+        if _files.parent_problem(args.out):
+            raise ConfigError(f"--out {args.out}: {_files.parent_problem(args.out)}")
         _common.not_an_input(args.out, args.checkpoint, args.data, data_flag="--data")
     device = _common.cuda_checked(args.device or default_device())
     torch.manual_seed(args.seed)

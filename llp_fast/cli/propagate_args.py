@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 
+from .. import _files
 from ..embeddings import outputs
 from ..embeddings.model import model_file
 from ..embeddings.settings import AUTO_VOTERS, AUTO_VOTERS_PER_LABELED, POOLS, Settings
@@ -46,9 +47,8 @@ def _model_dir(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory (a .npz path is written as a file)")
     if os.path.lexists(file) and not os.path.isfile(file):
         raise argparse.ArgumentTypeError(f"{file} exists and is not a file: the model could not replace it")
-    parent = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(parent):
-        raise argparse.ArgumentTypeError(f"{text}: directory {parent} does not exist")
+    if _files.parent_problem(text):
+        raise argparse.ArgumentTypeError(f"{text}: {_files.parent_problem(text)}")
     return text
 
 
@@ -134,7 +134,8 @@ def parser() -> argparse.ArgumentParser:
         "--top",
         type=_common.POSITIVE_INT,
         default=None,
-        help="P for --probs-out (default 3; beyond the classes there are, class -1 with probability 0)",
+        help="P for --probs-out (default 3); a row's classes that got no share of its vote, and any beyond the "
+        "classes there are, read class -1 with probability 0",
     )
     ap.add_argument("--voters-out", type=_out, default=None, help="(N, K) int64 rows that voted (-1: none)")
     ap.add_argument(

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from .. import _files
 from .._files import atomic_open
 from ..errors import DataError
 
@@ -24,9 +25,8 @@ from ..errors import DataError
 def check_selection_path(path: str) -> None:
     """A selection can be written at ``path``: a ``.npz`` or ``.json`` name in a directory that
     exists (checked before the pool is scored, which takes hours on a large pool, and at the write)."""
-    out_dir = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(out_dir):
-        raise DataError(f"--out {path}: directory {out_dir} does not exist")
+    if _files.parent_problem(path):
+        raise DataError(f"--out {path}: {_files.parent_problem(path)}")
     if not path.endswith((".npz", ".json")):
         raise DataError(f"--out {path}: expected a .npz or .json file name")
 

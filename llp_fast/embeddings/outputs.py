@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from .. import _files
 from .._files import atomic_group, atomic_open
 from ..errors import ConfigError
 
@@ -20,9 +21,8 @@ def check_path(path: str, what: str) -> str:
     """``path`` can take a new file: not a directory, in a directory that exists."""
     if os.path.isdir(path):
         raise ConfigError(f"{what} {path}: is a directory; expected a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ConfigError(f"{what} {path}: directory {parent} does not exist")
+    if _files.parent_problem(path):
+        raise ConfigError(f"{what} {path}: {_files.parent_problem(path)}")
     return path
 
 

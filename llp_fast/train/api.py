@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _files
 from ..errors import ConfigError
 from ..nn import GIVEN
 from . import checkpoint, claim, report
@@ -185,7 +186,7 @@ def prepare(
         trainer.restore(ckpt)
         trainer.cfg.init_weights = cfg.init_weights
     if trainer.rank == 0:
-        os.makedirs(trainer.cfg.run_dir, exist_ok=True)
+        _files.make_dirs(trainer.cfg.run_dir, what="run directory")
         trainer.claim = claim.RunClaim(trainer.cfg.run_dir)  # before anything is written there
         checkpoint.sweep(trainer.cfg.run_dir, ckpt)  # what killed writers left (checkpoint.py)
         report.write_config(trainer.cfg.run_dir, dataclasses.asdict(trainer.cfg))

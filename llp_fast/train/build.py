@@ -24,9 +24,12 @@ def check_against_data(cfg: TrainConfig, source, k: int) -> None:
         )
     # (the default K = 10 and T = 25 meet these on a small data set: say what to give, both at once,
     # where a user fixing --k met --t next)
-    problems = (
-        [f"--k {k} exceeds the {m} labeled training examples: give --k {m} or less, or label more"] if k > m else []
-    )
+    problems = []
+    if k > m:
+        problems.append(
+            f"--k {k} exceeds the {m} labeled training examples: give --k {m} or less (--k 0: from the labels), "
+            "or label more"
+        )
     pool = source.num_train - m if cfg.density_pool == "unlabeled" else source.num_train
     if pool and cfg.t > pool:
         problems.append(f"--t {cfg.t} exceeds the density pool of {pool} examples: give --t {pool} or less")

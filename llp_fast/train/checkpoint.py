@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -118,22 +119,38 @@ def world_size() -> int:
 
 def resume_command(run_dir: str, nproc: int | None = None) -> str:
     """The command that continues the run in ``run_dir`` (the LLP run when ``run_dir`` is its
-    baseline's directory), with ``--nproc`` when it ran as several processes."""
+    baseline's directory), with ``--nproc`` when it ran as several processes, and ``--epochs``
+    where the run was resumed with more epochs than its last checkpoint holds (a fault before that
+    resume's first checkpoint: the command without it ended the run at the old count, unsaid)."""
     run_dir = os.path.normpath(run_dir)
     parent = os.path.dirname(run_dir)
     if os.path.basename(run_dir) == BASELINE_DIR and os.path.exists(os.path.join(parent, BASELINE_MARK)):
         run_dir = parent
     nproc = world_size() if nproc is None else nproc
-    return f"llp-fast-train --resume {shlex.quote(run_dir)}" + (f" --nproc {nproc}" if nproc > 1 else "")
+    command = f"llp-fast-train --resume {shlex.quote(run_dir)}" + (f" --nproc {nproc}" if nproc > 1 else "")
+    saved, running = (peek(run_dir) or {}).get("epochs"), _running_epochs(run_dir)
+    return command + (f" --epochs {running}" if saved is not None and running not in (None, saved) else "")
+
+
+def _running_epochs(run_dir: str) -> int | None:
+    """The ``epochs`` of ``RUN_DIR/config.json``: the settings of the run last started there (a
+    resume writes them before its first checkpoint); None where it cannot be read."""
+    try:
+        with open(os.path.join(run_dir, CONFIG), encoding="utf-8") as f:
+            epochs = json.load(f).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
 
 
 def peek(path: str) -> dict | None:
-    """``{"epoch", "step_in_epoch"}`` of the checkpoint at ``path`` (a run directory or a
-    file), its tensors left on disk (memory-mapped, never read); None when there is none or it
-    cannot be read."""
+    """``{"epoch", "step_in_epoch", "epochs"}`` of the checkpoint at ``path`` (a run directory or a
+    file; ``epochs``: its config's), its tensors left on disk (memory-mapped, never read); None when
+    there is none or it cannot be read."""
     try:
         ckpt = torch.load(checkpoint_path(path), map_location="cpu", weights_only=True, mmap=True)
-        return {"epoch": int(ckpt["epoch"]), "step_in_epoch": int(ckpt["step_in_epoch"])}
+        epochs = ckpt.get("config", {}).get("epochs")
+        return {"epoch": int(ckpt["epoch"]), "step_in_epoch": int(ckpt["step_in_epoch"]), "epochs": epochs}
     except Exception:
         return None
 
@@ -372,23 +389,3 @@ def sweep(run_dir: str, ckpt: dict | None) -> list[str]:
         return []
     removed = _files.sweep(run_dir)
     return removed + remove_stale_bank_files(run_dir, None if ckpt is None else ckpt.get("bank"))
-
-
-# -- random generators -------------------------------------------------------------------------
-
-
-def rng_state(gens: dict) -> dict:
-    """The state of the named generators ``gens`` and of torch's global CPU and CUDA generators."""
-    state = {name: g.get_state() for name, g in gens.items()}
-    state["torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(gens: dict, state: dict) -> None:
-    for name, g in gens.items():
-        g.set_state(state[name])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -18,7 +18,7 @@ class RunClaim:
     gives it back."""
 
     def __init__(self, run_dir: str):
-        os.makedirs(run_dir, exist_ok=True)
+        _files.make_dirs(run_dir, what="run directory")
         self._release = weakref.finalize(self, release_run_dir, claim_run_dir(run_dir))
 
     def release(self) -> None:

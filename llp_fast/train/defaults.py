@@ -16,6 +16,7 @@ import dataclasses
 import os
 import time
 
+from .. import _files
 from .._checks import increasing_epochs
 from ..errors import ConfigError
 from ..nn import GIVEN
@@ -81,7 +82,7 @@ def new_run_dir(parent: str = "runs") -> str:
     created here, so that two runs started in the same second never share one. Removed when the
     process exits if nothing was written to it (a run that failed to start)."""
     if not os.path.isdir(parent):
-        os.makedirs(parent, exist_ok=True)
+        _files.make_dirs(parent, what="run directory")
         atexit.register(remove_if_empty, parent)  # runs after the run directory's (last in, first out)
     base = os.path.join(parent, time.strftime("%Y%m%d-%H%M%S"))
     for n in range(1, 10_000):

@@ -36,7 +36,7 @@ from .._progress import Progress, reporter
 from ..bank import MemoryBank
 from ..errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingDiverged
 from ..nn import GIVEN, misfit
-from . import checkpoint, claim, defaults, order, relabel, report, warmstart
+from . import checkpoint, claim, defaults, order, relabel, report, rng, warmstart
 from .build import add_extras, check_against_data, configure_source, load_source, run_device
 from .config import TrainConfig, lr_at, validate
 from .evaluate import evaluate
@@ -224,7 +224,7 @@ class Trainer:
             **self.net.state_dict(),
             "targets": self.targets.cpu(),
             "data_files": self.data_files,  # folder data: its files' digest (None for arrays)
-            "rng": checkpoint.rng_state(self.gens),
+            "rng": rng.rng_state(self.gens),
             "history": list(self.history),
         }
 
@@ -264,7 +264,7 @@ class Trainer:
             if self.bank is not None:
                 pieces = checkpoint.bank_pieces(ckpt["bank"], self.cfg.run_dir, *self.bank.index_range)
                 self.bank.load_rows(pieces)
-            checkpoint.set_rng_state(self.gens, ckpt["rng"])
+            rng.set_rng_state(self.gens, ckpt["rng"])
         except CheckpointError:
             raise
         except Exception as e:
