@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_propagate  # noqa: E402
+import bench_topk_scores  # noqa: E402
+import common  # noqa: E402
 
 import llp_fast  # noqa: E402
 from llp_fast import _topk  # noqa: E402
@@ -87,16 +89,18 @@ def main(argv=None) -> None:
     bias = -log_rho
     top = llp_fast.topk_scores(q, m, k=10, tau=TAU, bias=bias, check_finite=False)
     given = llp_fast.topk_scores(q, m, k=10, tau=TAU, bias=bias, init=top, index_offset=m.shape[0])
-    # both timed calls against the reference first, on their first 1,024 rows (the path the full call takes)
-    ref = topk_scores_ref(q[:1024], m, 10, TAU, bias)
-    torch.testing.assert_close(top.values[:1024], ref[0], rtol=0, atol=1e-4)
-    assert torch.equal(top.indices[:1024], ref[1]), "plain topk_scores: indices differ from the reference's"
-    ref_given = topk_scores_ref(q[:1024], m, 10, TAU, bias, None, ref[0], ref[1], m.shape[0])
-    torch.testing.assert_close(given.values[:1024], ref_given[0], rtol=0, atol=1e-4)
+    # both timed calls against the reference first, every row (a check of the first 1,024 let a
+    # wrong answer in the rest be timed): values, and each index through its own score in float64
+    ref = topk_scores_ref(q, m, 10, TAU, bias)
+    every = torch.ones(m.shape[0], dtype=torch.bool)
+    bench_topk_scores.compare(top, ref, torch.float32, (q, m, bias, every))
+    assert torch.equal(top.indices, ref[1]), "plain topk_scores: indices differ from the reference's"
+    ref_given = topk_scores_ref(q, m, 10, TAU, bias, None, ref[0], ref[1], m.shape[0])
+    torch.testing.assert_close(given.values, ref_given[0], rtol=0, atol=common.slack())
     # a key and its copy in init tie exactly, in either order: the same key, index modulo M
     mod = m.shape[0]
-    assert torch.equal(given.indices[:1024] % mod, ref_given[1] % mod), "topk_scores given its k-th best: keys differ"
-    assert torch.equal(given.indices[:1024].sort(1).values, ref_given[1].sort(1).values), "the pairs differ"
+    assert torch.equal(given.indices % mod, ref_given[1] % mod), "topk_scores given its k-th best: keys differ"
+    assert torch.equal(given.indices.sort(1).values, ref_given[1].sort(1).values), "the pairs differ"
     assert torch.equal(given.values[:, ::2], top.values[:, :5])  # every value twice: the keys and their copy in init
     plain = cpu_times(lambda: llp_fast.topk_scores(q, m, k=10, tau=TAU, bias=bias, check_finite=False), args.reps)
     floor = cpu_times(
@@ -109,10 +113,8 @@ def main(argv=None) -> None:
     out = []  # dtype
     for dtype in (torch.float32, torch.bfloat16):
         qd, md = q.to(dtype), m.to(dtype)
-        got = llp_fast.topk_scores(qd, md, k=10, tau=TAU, bias=bias)
-        ref = topk_scores_ref(qd[:1024], md, 10, TAU, bias)  # 1,024 rows: the path the full call takes
-        torch.testing.assert_close(llp_fast.topk_scores(qd[:1024], md, k=10, tau=TAU, bias=bias).values, ref[0])
-        torch.testing.assert_close(got.values[:1024], ref[0], rtol=0, atol=1e-4)
+        got = llp_fast.topk_scores(qd, md, k=10, tau=TAU, bias=bias)  # every row, indices through their scores
+        bench_topk_scores.compare(got, topk_scores_ref(qd, md, 10, TAU, bias), dtype, (qd, md, bias, every))
         run = functools.partial(llp_fast.topk_scores, qd, md, k=10, tau=TAU, bias=bias, check_finite=False)
         out.append(f"{dtype} {cpu_times(run, args.reps)}")
     bf16 = os.environ.get("LLP_FAST_CPU_BF16_GEMM", "unset")

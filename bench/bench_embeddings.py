@@ -112,12 +112,20 @@ def default_tag() -> str:
 
 
 def write_result(result: dict, name: str, *, load_key: str = "loadavg") -> str:
-    """Writes ``result`` with the load average after the run (under ``load_key``) to
-    ``bench/results/<name>`` and prints the path: the ending of every labeller benchmark."""
+    """Writes ``result`` with the load average after the run (under ``load_key``), the CPU, the
+    commit and the command that ran to ``<name>`` in ``$OUT`` when set (a GPU session's results come
+    back from there), else in ``bench/results``, and prints the path: the ending of every labeller
+    benchmark."""
+    sys.path.insert(0, HERE)
+    import common
+
     result[load_key] = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
     result.setdefault("cpu", cpu_info())
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, name)
+    result.setdefault("commit", common.git_commit())
+    result.setdefault("command", common.command_line())
+    folder = os.environ.get("OUT") or RESULTS
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print("->", path)

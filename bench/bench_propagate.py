@@ -148,21 +148,22 @@ def check_shape() -> Shape:
 VOTES = True  # common.check: also at each timed shape's class count (the vote's dense or sparse path)
 
 
-def compare(out, ref, dtype, inputs=None, *, shape=None, rounded=False) -> str:
+def compare(out, ref, dtype, inputs=None, *, shape=None, rounded=False, tau: float = TAU) -> str:
     """Labels and confidences against the reference. A label may differ only on a genuine near-tie,
     found by recomputing that row in float64: its K-th and K+1-th scores within 2 delta and the
     label a class of a key scored within 2 delta of the K-th (the selection can go either way), or
     the label's vote within a factor exp(4 delta) of the best class's (the two best classes tie).
-    delta, the error a score may carry: 1e-3; for a provider whose scores are rounded to a bf16 or
-    fp16 output (``rounded``), one unit in the last place of the row's largest |similarity|, over
-    tau. Confidences of the rows that agree: to 1e-3 (rounded: exp(4 delta) - 1)."""
+    delta, the error a score may carry: :func:`common.slack`; for a provider whose scores are
+    rounded to a bf16 or fp16 output (``rounded``), 1e-3 plus one unit in the last place of the
+    row's largest |similarity|, over tau. Confidences of the rows that agree: to delta (rounded:
+    exp(4 delta) - 1)."""
     (labels, conf), (ref_labels, ref_conf) = out, ref
     labels, conf, ref_labels, ref_conf = labels.cpu(), conf.float().cpu(), ref_labels.cpu(), ref_conf.float().cpu()
     queries, labeled, classes, log_rho = inputs
-    delta = torch.full((labels.shape[0],), 1e-3, dtype=torch.float64)
+    delta = torch.full((labels.shape[0],), 1e-3 if rounded else common.slack(), dtype=torch.float64)
     if rounded:
         sims = (queries.float() @ labeled.float().T).abs().amax(dim=1)
-        delta += (common.score_ulp(sims, dtype) / TAU).double().cpu()
+        delta += (common.score_ulp(sims, dtype) / tau).double().cpu()
     same = labels == ref_labels
     agree = same.float().mean().item()
     cerr = (conf - ref_conf).abs()[same]
@@ -175,7 +176,7 @@ def compare(out, ref, dtype, inputs=None, *, shape=None, rounded=False) -> str:
     if rows.numel():
         k = shape.k
         q, m = queries.double().cpu()[rows], labeled.double().cpu()
-        scores = q @ m.T / TAU - log_rho.double().cpu()
+        scores = q @ m.T / tau - log_rho.double().cpu()
         top = scores.topk(min(k + 1, m.shape[0]), dim=1)
         cls = classes.cpu()
         for j, r in enumerate(rows.tolist()):

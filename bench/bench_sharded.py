@@ -224,6 +224,7 @@ def main(argv=None) -> None:
         "device": common.device_name("cpu"),
         "cpu": common.cpu_info(),
         "commit": common.git_commit(),
+        "command": common.command_line(),
         "load": os.getloadavg()[0],
         "runs": {"one_process": single, "sharded": sharded},
     }

@@ -24,7 +24,8 @@ at the size asked for. Both trainers start from the same weights.
 
 Correctness first: after one LLP step, the labels stored for the batch's unlabeled examples
 must equal ``llp_fast.reference.propagate_ref`` on the step's own embeddings and the labeled
-rows as they were before it (near-ties aside), with the same confidences; every bank row of
+rows as they were before it, every differing row a near-tie in float64 and the other rows'
+confidences to ``common.slack()`` (``bench_propagate.compare``); every bank row of
 the batch must have moved and be unit-norm, and both losses must be finite. docs/method.md §4 bar:
 llp / supervised <= 1.10 (ResNet-18, 224 px, batch 128, AMP, on a GPU).
 A JSON row per provider goes to ``<out>/step_overhead-<device>.json``, ``--profile``'s traces beside it:
@@ -41,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
+import bench_propagate  # noqa: E402
 import common  # noqa: E402
 
 from llp_fast import MemoryBank  # noqa: E402
@@ -116,20 +119,18 @@ def check_step(trainer: Trainer, x, idx, lr: float) -> dict:
         bank.step = step
     assert np.isfinite(loss), f"LLP loss {loss}"
     unl = rows >= bank.num_labeled
-    want, want_conf = propagate_ref(
-        seen["emb"][unl].to(bank.embeddings.dtype),
-        seen["labeled"],
-        bank.labeled_classes,
-        seen["log_rho"] if seen["density_weighting"] else None,
-        trainer.k,
-        trainer.cfg.tau,
-        trainer.num_classes,
-    )
-    got, got_conf = bank.labels[rows[unl]], bank.confidence[rows[unl]]
-    same = got == want  # a batch from one epoch's permutation holds no repeated index
-    agree = float(same.float().mean()) if int(unl.sum()) else 1.0
-    assert agree >= 0.97, f"stored labels agree with propagate_ref on {agree:.1%} of the batch"
-    torch.testing.assert_close(got_conf[same], want_conf[same].float(), atol=1e-2, rtol=0)
+    log_rho = seen["log_rho"] if seen["density_weighting"] else torch.zeros_like(seen["log_rho"])
+    inputs = (seen["emb"][unl].to(bank.embeddings.dtype), seen["labeled"], bank.labeled_classes, log_rho)
+    want = propagate_ref(*inputs, trainer.k, trainer.cfg.tau, trainer.num_classes)
+    got = bank.labels[rows[unl]], bank.confidence[rows[unl]]  # (one epoch's permutation: no repeated index)
+    agree = float((got[0] == want[0]).float().mean()) if int(unl.sum()) else 1.0
+    # every differing label a float64 near-tie, the confidences of the rest to common.slack() (a check
+    # of 97% agreement and confidences to 1e-2 let 3% wrong labels through)
+    shape = types.SimpleNamespace(k=trainer.k, num_classes=trainer.num_classes)
+    try:
+        bench_propagate.compare(got, want, bank.embeddings.dtype, inputs, shape=shape, tau=trainer.cfg.tau)
+    except AssertionError as e:
+        raise AssertionError(f"the labels stored by the step against propagate_ref: {e}") from None
     after = bank.embeddings[rows].float()
     assert bool(((after - before).abs().amax(dim=1) > 0).all()), "a bank row of the batch did not move"
     torch.testing.assert_close(after.norm(dim=1), torch.ones(len(rows), device=after.device), atol=1e-2, rtol=0)

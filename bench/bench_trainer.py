@@ -80,12 +80,12 @@ def _plan(args) -> list[tuple[str, str]]:
     return [(s, v) for s in args.settings.split(",") for v in args.variants.split(",")]
 
 
-def _done(path: str) -> set:
-    """The keys of the runs that finished; a failed run's row (rc != 0, an error) is run again."""
+def _done(path: str) -> dict:
+    """The rows of the runs that finished, by key; a failed run's row (rc != 0, an error) is run again."""
     if not os.path.exists(path):
-        return set()
+        return {}
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    return {r["key"] for r in rows if r.get("rc", 0) == 0 and "error" not in r}
+    return {r["key"]: r for r in rows if r.get("rc", 0) == 0 and "error" not in r}
 
 
 TIMING = ("seconds", "_per_s", "_ms")  # metrics fields that hold times (they differ run to run)
@@ -148,15 +148,27 @@ def _finish(proc, key, run_dir, t0, extra, results, builtin_dir=None) -> bool:
 def runs(args) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
-    done, queue = _done(args.results), []
+    done, queue, skipped = _done(args.results), [], 0
     for s, v in _plan(args):
         for seed in args.seeds.split(","):
             key = f"{s}/{v}/s{seed}" + (f"/{args.tag}" if args.tag else "")
-            if key not in done:
-                data = _as_npz(s, int(seed), args.work) if v == "as-npz" else SETTINGS[s]
-                argv = [*data, *VARIANTS[v], "--seed", seed, *args.extra.split()]
-                extra = dict(setting=s, variant=v, seed=int(seed), tag=args.tag, flags=" ".join(argv))
-                queue.append((key, argv, extra))
+            if key in done:
+                # (a run with other --extra flags was skipped without a word, its old row read as the new one's)
+                before = done[key].get("extra", args.extra)
+                if before != args.extra:
+                    raise SystemExit(
+                        f"{key} is in {args.results} with --extra {before!r}, not {args.extra!r}: give another "
+                        "--tag or --results"
+                    )
+                skipped += 1
+                continue
+            data = _as_npz(s, int(seed), args.work) if v == "as-npz" else SETTINGS[s]
+            argv = [*data, *VARIANTS[v], "--seed", seed, *args.extra.split()]
+            extra = dict(setting=s, variant=v, seed=int(seed), tag=args.tag, flags=" ".join(argv), extra=args.extra)
+            extra["commit"] = common.git_commit()
+            queue.append((key, argv, extra))
+    if skipped:
+        print(f"{skipped} of the planned runs are in {args.results} already: not run again", flush=True)
     running, held, ok = [], [], True
     while queue or running:
         while queue and len(running) < args.parallel:
@@ -224,6 +236,8 @@ def pixels(args) -> None:
                 "seed": seed,
                 "vote": float((vote.predict(unit(xt)) == yt).mean()),
                 "label_spreading": float((spread.predict(unit(xt)) == yt).mean()),
+                "commit": common.git_commit(),
+                "command": common.command_line(),
             }
             with open(PIXELS, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -71,6 +71,14 @@ class Row:
     reps: int
     extra: dict = dataclasses.field(default_factory=dict)
     cpu: dict | None = None  # CPU rows: cpu_info(), the ISA flags and the extension's CPU paths
+    command: str = dataclasses.field(default_factory=lambda: command_line())  # what ran, flags and all
+
+
+def command_line() -> str:
+    """The command this process runs, as typed from the repository's root (``python bench/x.py
+    --flags``): every results file records it beside its numbers."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT) if sys.argv and sys.argv[0] else "?"
+    return " ".join(["python", script, *sys.argv[1:]])
 
 
 def device() -> torch.device:
@@ -567,6 +575,16 @@ UNCHECKED = ("mm_only", "gemm_tile", "bank_read", "reference")
 # (:func:`score_ulp`), every other provider with its op's own.
 ROUNDED = ("naive",)
 REDUCED = (torch.bfloat16, torch.float16)
+
+
+def slack() -> float:
+    """How far a provider that computes float32 products may be from the reference in the checks (a
+    score, a log-density, a confidence): 2e-5 on CPU, where every provider here was measured within
+    4.3e-6 of it (FAISS's values; 1e-6 for confidences and log-densities; K and T from 10 to 1000,
+    float32 and bf16 inputs), so that a provider selecting K - 1 or K + 1 neighbours, or the T+1-th
+    in place of the T-th, fails (each passed under the 1e-3 this was); 1e-3 on a GPU, where a Triton
+    kernel's products may run in TF32 (not measured yet)."""
+    return 1e-3 if torch.cuda.is_available() else 2e-5
 
 
 def score_ulp(dots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -94,3 +94,22 @@ def test_each_labeller_benchmark_command_writes_its_own_file():
     names = [b._what(argparse.Namespace(mode=m, seeds=s, n=n, labeled=lab)) for m, s, n, lab in runs]
     assert len({(r[0], w) for r, w in zip(runs, names)}) == len(runs), names
     assert names[0] == "s0-4" and names[6] == "n200000-l0.01" and names[5].startswith("n5000,")
+
+
+def test_a_trainer_run_with_other_flags_is_not_skipped_unsaid(tmp_path, capsys):
+    """bench_trainer.py keyed its runs without --extra: the same run with other flags was skipped
+    without a word, and its old row read as the new one's."""
+    import json
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_trainer
+    finally:
+        sys.path.remove(str(BENCH))
+    results = tmp_path / "runs.jsonl"
+    results.write_text(json.dumps({"key": "d2/supervised/s0", "rc": 0, "extra": "--epochs 1"}) + "\n")
+    argv = ["runs", "--plan", "d2:supervised", "--seeds", "0", "--results", str(results), "--work", str(tmp_path)]
+    with pytest.raises(SystemExit, match="d2/supervised/s0 is in .* with --extra '--epochs 1', not '--epochs 2'"):
+        bench_trainer.main([*argv, "--extra", "--epochs 2"])
+    bench_trainer.main([*argv, "--extra", "--epochs 1"])  # the same flags: done already, and said
+    assert "1 of the planned runs are in" in capsys.readouterr().out

@@ -42,3 +42,35 @@ def test_step_overhead_bench_checks_then_times(tmp_path, capsys, monkeypatch):
     }
     assert len(saved) == 3 and "q=16,m=3000" in saved[0]["shape"]
     assert len(list((tmp_path / "img").rglob("*.png"))) == 10 * 5  # 3 x 16 / 10 classes, rounded up
+
+
+@pytest.mark.parametrize("fault", ["labels", "confidence"])
+def test_step_overhead_bench_refuses_a_wrong_step(tmp_path, monkeypatch, fault):
+    """A step storing a wrong class for a few of its unlabeled rows, or confidences 0.009 off, was
+    timed (the check took 97% agreement and confidences to 1e-2)."""
+    from llp_fast import MemoryBank
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_step_overhead
+    finally:
+        sys.path.remove(str(BENCH))
+    real = MemoryBank.step
+
+    def wrong(self, indices, embeddings, **kw):
+        out = real(self, indices, embeddings, **kw)
+        rows = self.rows(indices)
+        rows = rows[rows >= self.num_labeled][:2]
+        if fault == "labels":
+            self.labels[rows] = (self.labels[rows] + 1) % self.num_classes
+        else:
+            self.confidence[rows] += 0.009
+        return out
+
+    monkeypatch.setattr(MemoryBank, "step", wrong)
+    torch.set_num_threads(1)
+    with pytest.raises(AssertionError, match="the labels stored by the step against propagate_ref"):
+        bench_step_overhead.main(
+            ["--device", "cpu", "--image-size", "16", "--width", "4", "--batch-size", "16", "--bank-rows", "3000",
+             "--reps", "1", "--warmup", "0", "--folder", str(tmp_path / "img"), "--out", str(tmp_path / "out")]
+        )  # fmt: skip
