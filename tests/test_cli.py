@@ -321,9 +321,11 @@ def test_an_empty_held_out_split_is_refused_before_training(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_a_bad_held_out_image_keeps_the_epoch_it_ends(tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_bad_held_out_image_keeps_the_epoch_it_ends(tmp_path, capsys, workers):
     """Held-out files are first read by the epoch's evaluation: a corrupt one ended the run after
-    the whole epoch had trained, with no checkpoint (hours on a large data set)."""
+    the whole epoch had trained, with no checkpoint (hours on a large data set). Read by DataLoader
+    workers, the line lost what was kept and how to go on (the worker's error holds its traceback)."""
     from test_data import make_folder
 
     from llp_fast.train.checkpoint import peek
@@ -332,7 +334,7 @@ def test_a_bad_held_out_image_keeps_the_epoch_it_ends(tmp_path, capsys):
     make_folder(root / "train", per_class=10)
     make_folder(root / "test", per_class=2)
     (root / "test" / "class0" / "9.png").write_bytes(b"not a png")
-    args = ["--data", f"folder:{root}", "--loader", "pil", "--workers", "0", "--epochs", "1", "--width", "4"]
+    args = ["--data", f"folder:{root}", "--loader", "pil", "--workers", workers, "--epochs", "1", "--width", "4"]
     args += ["--image-size", "8", "--k", "3", "--t", "5", "--labeled-fraction", "0.3", "--baseline", "off", "--quiet"]
     run = str(tmp_path / "r")
     rc = train_main([*args, "--run-dir", run])

@@ -34,7 +34,7 @@ import torch
 from .. import distributed
 from .._progress import Progress, reporter
 from ..bank import MemoryBank
-from ..errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingDiverged, one_line
 from ..nn import GIVEN, misfit
 from . import checkpoint, claim, defaults, order, relabel, report, rng, warmstart
 from .build import add_extras, check_against_data, configure_source, load_source, run_device
@@ -389,9 +389,8 @@ class Trainer:
                 if self.world > 1:  # (the save is collective; a rank alone with the error would wait)
                     raise
                 self.save()
-                raise DataError(
-                    f"{err}; {checkpoint.last_checkpoint(cfg.run_dir)} (replace the file with a readable one first)"
-                ) from None
+                kept = checkpoint.last_checkpoint(cfg.run_dir)  # (one_line: a worker's error holds its traceback)
+                raise DataError(f"{one_line(err)}; {kept} (replace the file with a readable one first)") from None
         row = report.epoch_row(e + 1, metrics, st, lr_at(cfg, e), consistency=bool(cfg.consistency))
         self.epoch += 1
         self.step_in_epoch = 0
