@@ -46,7 +46,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import common  # noqa: E402
 
 from llp_fast import _optional  # noqa: E402
-from llp_fast.data import load  # noqa: E402
+from llp_fast.data import DataError, load  # noqa: E402
 from llp_fast.data.transforms import MEAN, STD  # noqa: E402
 
 PROVIDERS = {"pil": "pil", "dali-cpu": "dali"}
@@ -156,7 +156,10 @@ def main(argv=None) -> list:
         kw = dict(device="cpu", labeled_fraction=1.0, image_size=args.image_size, workers=args.workers, seed=0)
         # PIL's source always, as the reference DALI is checked against (with --providers dali-cpu
         # alone DALI was timed unchecked); timed only where asked for
-        sources = {n: load(f"folder:{root}", loader=PROVIDERS[n], **kw) for n in dict.fromkeys(["pil", *names])}
+        try:
+            sources = {n: load(f"folder:{root}", loader=PROVIDERS[n], **kw) for n in dict.fromkeys(["pil", *names])}
+        except DataError as e:  # (too few images a class for the held-out split: a traceback)
+            p.error(f"--images {args.images} over --classes {args.classes}: {e}")
         n_img = next(iter(sources.values())).num_train
         # correctness first (also the warm-up pass of every provider)
         agreement = {}
