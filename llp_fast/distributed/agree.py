@@ -14,9 +14,11 @@ waiting. Floats travel as their bits, so "the same" is exact.
 
 from __future__ import annotations
 
+import numbers
 import struct
 import zlib
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,23 +31,23 @@ class Digest(int):
 
 def _code(value) -> int:
     """One setting as an int64: exact for bools, ints and floats; a checksum for anything else."""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return int(value)
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):  # (NumPy's too: one rank's np.int64(10) is another's 10)
         return (int(value) + 2**63) % 2**64 - 2**63  # (wrapped into int64: a checksum, or a huge seed)
-    if isinstance(value, float):
-        return struct.unpack("<q", struct.pack("<d", value))[0]
+    if isinstance(value, numbers.Real):
+        return struct.unpack("<q", struct.pack("<d", float(value)))[0]
     return zlib.crc32(str(value).encode())
 
 
 def _each(column: list[int], like) -> str:
     """Every rank's value of one setting, the same line on every rank: numbers decoded as this
     rank's value is typed, anything else (a checksum, a name) as which ranks agree."""
-    if isinstance(like, bool):
+    if isinstance(like, (bool, np.bool_)):
         shown = [str(bool(c)) for c in column]
-    elif isinstance(like, int) and not isinstance(like, Digest):
+    elif isinstance(like, numbers.Integral) and not isinstance(like, Digest):
         shown = [str(c) for c in column]
-    elif isinstance(like, float):
+    elif isinstance(like, numbers.Real):
         shown = [repr(struct.unpack("<d", struct.pack("<q", c))[0]) for c in column]
     else:
         shown = [f"as rank {column.index(c)}'s" if column.index(c) < r else "its own" for r, c in enumerate(column)]
