@@ -43,14 +43,14 @@ def _code(value) -> int:
 def _each(column: list[int], like) -> str:
     """Every rank's value of one setting, the same line on every rank: numbers decoded as this
     rank's value is typed, anything else (a checksum, a name) as which ranks agree."""
-    if isinstance(like, (bool, np.bool_)):
-        shown = [str(bool(c)) for c in column]
-    elif isinstance(like, numbers.Integral) and not isinstance(like, Digest):
-        shown = [str(c) for c in column]
-    elif isinstance(like, numbers.Real):
-        shown = [repr(struct.unpack("<d", struct.pack("<q", c))[0]) for c in column]
-    else:
+    if isinstance(like, Digest) or not isinstance(like, (numbers.Real, np.bool_)):
         shown = [f"as rank {column.index(c)}'s" if column.index(c) < r else "its own" for r, c in enumerate(column)]
+    elif isinstance(like, (bool, np.bool_)):
+        shown = [str(bool(c)) for c in column]
+    elif isinstance(like, numbers.Integral):
+        shown = [str(c) for c in column]
+    else:
+        shown = [repr(struct.unpack("<d", struct.pack("<q", c))[0]) for c in column]
     return ", ".join(f"rank {r} {v}" for r, v in enumerate(shown))
 
 
