@@ -150,6 +150,8 @@ def parent_problem(path) -> str | None:
     up = parent
     while up and not os.path.lexists(up) and os.path.dirname(up) != up:
         up = os.path.dirname(up)
+    if os.path.islink(up) and not os.path.exists(up):  # (a link to an unmounted volume, say)
+        return f"{up} is a broken symbolic link (to {os.readlink(up)})"
     if os.path.lexists(up) and not os.path.isdir(up):
         return f"{up} is a file, not a directory"
     return f"directory {parent} does not exist"

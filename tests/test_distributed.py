@@ -8,6 +8,7 @@ import textwrap
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -267,6 +268,9 @@ def _mismatch_worker(rank, world, init_file):
             cls(other if rank == 1 else targets, S, dim=D, seed=3)
         with pytest.raises(ValueError, match="different seed .rank 0 3, rank 1 4"):
             cls(targets, S, dim=D, seed=3 + rank)
+        # a value one rank refuses itself: the shared line, not that rank's alone (the others waited)
+        with pytest.raises(ValueError, match="different dim .rank 0 8, rank 1 0"):
+            cls(targets, S, dim=(D, 0)[rank], seed=3)
     bank = ShardedMemoryBank(targets, S, dim=D, seed=3)
     rep = ReplicatedMemoryBank(targets, S, dim=D, seed=3)
     idx = torch.tensor([rank, N - 1 - rank])
@@ -277,6 +281,20 @@ def _mismatch_worker(rank, world, init_file):
     calls = {
         "ShardedMemoryBank.step: the ranks passed different k .rank 0 2, rank 1 3.": lambda: bank.step(
             idx, emb, k=2 + rank
+        ),
+        "ShardedMemoryBank.step: the ranks passed different k .rank 0 2, rank 1 1000000.": lambda: bank.step(
+            idx,
+            emb,
+            k=(2, 10**6)[rank],  # (rank 1's own check refuses it)
+        ),
+        "ShardedMemoryBank.loss: the ranks passed different tau .rank 0 0.07, rank 1 0.": lambda: bank.loss(
+            emb, idx, tau=(0.07, 0.0)[rank]
+        ),
+        "ShardedMemoryBank.loss: the ranks passed different targets given .rank 0 False, rank 1 True.": (
+            lambda: bank.loss(emb, idx, targets=None if rank == 0 else torch.zeros(2, dtype=torch.int64))
+        ),
+        "ShardedMemoryBank.refresh_density: the ranks passed different pool": lambda: bank.refresh_density(
+            t=3, pool=("unlabeled", "bogus")[rank]
         ),
         "ShardedMemoryBank.step: the ranks passed different tau .rank 0 0.07, rank 1 0.1.": lambda: bank.step(
             idx, emb, k=2, tau=(0.07, 0.1)[rank]
@@ -310,18 +328,28 @@ def _mismatch_worker(rank, world, init_file):
         "ReplicatedMemoryBank.update: the ranks passed different momentum .rank 0 0.5, rank 1 0.9.": lambda: (
             rep.update(idx, emb) if rank == 0 else rep.update(idx, emb, momentum=0.9)
         ),
+        "ReplicatedMemoryBank.update: the ranks passed different momentum .rank 0 1, rank 1 0.5.": lambda: rep.update(
+            idx, emb, momentum=(1, 0.5)[rank]
+        ),
     }
     for message, call in calls.items():
         with pytest.raises(ValueError, match=message):
             call()
     with pytest.raises(TypeError, match="unexpected keyword argument 'kk'"):
-        rep.step(idx, emb, kk=2)  # before any collective, as MemoryBank.step's own
-    with pytest.raises(RuntimeError, match="different collective calls at one point .this rank: ShardedMemoryBank"):
+        rep.step(idx, emb, kk=2)  # MemoryBank.step's own error, on every rank
+    with pytest.raises((TypeError, RuntimeError), match="unexpected keyword argument 'kk'|name different settings"):
+        rep.step(idx, emb, k=2) if rank == 0 else rep.step(idx, emb, k=2, kk=1)  # (one rank alone: it waited)
+    with pytest.raises(
+        RuntimeError,
+        match="different collective calls at one point, or name different settings .this rank: ShardedMemoryBank",
+    ):
         bank.step(idx, emb, k=2) if rank == 0 else bank.update(idx, emb)
     # nothing was written, and the banks work on: defaults given or not are the same settings
     assert torch.equal(bank.local.embeddings, before[0])
     assert torch.equal(rep.embeddings, before[1]) and torch.equal(rep.labels, before[2])
-    labels, _ = bank.step(idx, emb, k=2) if rank == 0 else bank.step(idx, emb, k=2, tau=0.07, momentum=0.5)
+    # the same values of other types agree (one rank's np.int64(2) is another's 2, 1.0 another's 1)
+    labels, _ = bank.step(idx, emb, k=2) if rank == 0 else bank.step(idx, emb, k=np.int64(2), tau=0.07, momentum=0.5)
+    rep.step(idx, emb, k=2, momentum=(1, 1.0)[rank], density_weighting=(True, np.bool_(True))[rank])
     rep.update(idx, emb) if rank == 0 else rep.update(idx, emb, momentum=0.5)
     gathered = all_gather_cat(labels[None], None)
     assert torch.equal(gathered[0], gathered[1])

@@ -169,6 +169,22 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_resume_finis
     assert untimed(read_metrics(os.path.join(run, "metrics.jsonl"))) == want
 
 
+def test_a_full_disk_at_the_first_checkpoint_lets_the_same_command_start_again(
+    data, reference, tmp_path, full_disk, monkeypatch, capsys
+):
+    """The line said "the same command starts the run again", and the same command was refused: the
+    epoch's metrics row, written before the checkpoint that failed, read as a finished run's."""
+    run = str(tmp_path / "run")
+    full_disk("checkpoint.pt", at=5000, nth=1)
+    line = one_line(capsys, train_main(train_args(data, run)))
+    assert line.endswith(f"{run} holds no checkpoint yet: the same command starts the run again"), line
+    assert not os.path.exists(os.path.join(run, "metrics.jsonl"))  # (rows of no checkpoint)
+    monkeypatch.undo()
+    assert train_main(train_args(data, run)) == 0
+    want = untimed(read_metrics(os.path.join(reference, "metrics.jsonl")))
+    assert untimed(read_metrics(os.path.join(run, "metrics.jsonl"))) == want
+
+
 def test_a_full_disk_in_a_resume_to_more_epochs_names_them(data, reference, tmp_path, full_disk, monkeypatch, capsys):
     """A resume to more epochs that failed before its first checkpoint said "continue with:
     llp-fast-train --resume RUN", which resumed to the old count and ended there, unsaid."""
@@ -652,6 +668,11 @@ def test_an_output_under_a_file_says_so_in_every_tool(data, tmp_path, capsys):
     assert parent_problem(tmp_path / "f" / "a" / "x.npy") == f"{tmp_path / 'f'} is a file, not a directory"
     assert parent_problem(tmp_path / "no" / "x.npy") == f"directory {tmp_path / 'no'} does not exist"
     assert parent_problem(tmp_path / "x.npy") is None
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    assert (
+        parent_problem(tmp_path / "link" / "x.npy")
+        == f"{tmp_path / 'link'} is a broken symbolic link (to {tmp_path / 'gone'})"
+    )
     emb, labels = tmp_path / "e.npy", tmp_path / "l.npy"
     np.save(emb, np.eye(4, dtype=np.float32))
     np.save(labels, np.array([0, 1, -1, -1]))

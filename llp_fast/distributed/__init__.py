@@ -21,9 +21,10 @@ Two layouts of the memory bank:
 * :class:`ReplicatedMemoryBank` — every rank holds the full bank and applies the gathered
   batch to it, so all copies stay identical; simpler, for when N fits on one device.
 
-Every method of both is collective, and every rank passes it the same settings; each call's
-first collective carries them (:mod:`llp_fast.distributed.agree`), so ranks that differ all raise
-one ``ValueError`` naming the setting instead of aborting in gloo or mixing their results.
+Their collective methods (all but ``set_labels``, ``rows_state``, ``load_rows`` and the state
+dicts) take the same settings on every rank; each call's first collective carries them
+(:mod:`llp_fast.distributed.agree`), so ranks that differ all raise one ``ValueError`` naming the
+setting instead of aborting in gloo, waiting out the timeout or mixing their results.
 
 Every collective runs under the process group's timeout (set it in
 ``init_process_group``; :func:`init` uses 10 minutes, ``LLP_FAST_DIST_TIMEOUT`` seconds or the

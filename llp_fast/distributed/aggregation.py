@@ -14,8 +14,8 @@ class ShardedAggregationLoss(torch.autograd.Function):
     the gradient exact (a bf16/fp16 bank rounds each rank's share of the gradient, see backward)."""
 
     @staticmethod
-    def forward(ctx, v, shard, shard_labels, targets, tau, group, call):
-        v_all = all_gather_cat(v.detach(), group, agree=(call, {"tau": tau}))
+    def forward(ctx, v, shard, shard_labels, targets, tau, group, agree):
+        v_all = all_gather_cat(v.detach(), group, agree)  # (agree: the call and its settings)
         t_all = all_gather_cat(targets, group)
         _, lse_all, lse_pos = torch.ops.llp_fast.aggregation_loss(v_all, shard, shard_labels, t_all, tau)
         lse_all = lse_combine(lse_all.float(), group)

@@ -14,6 +14,7 @@ waiting. Floats travel as their bits, so "the same" is exact.
 
 from __future__ import annotations
 
+import math
 import numbers
 import struct
 import zlib
@@ -29,29 +30,57 @@ class Digest(int):
     """A setting carried as a checksum (a label vector's): shown as which ranks agree."""
 
 
+_EXACT = 2**53  # whole numbers below it are exact as float64
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (numbers.Real, np.bool_)) and not isinstance(value, Digest)
+
+
 def _code(value) -> int:
-    """One setting as an int64: exact for bools, ints and floats; a checksum for anything else."""
-    if isinstance(value, (bool, np.bool_)):
-        return int(value)
-    if isinstance(value, numbers.Integral):  # (NumPy's too: one rank's np.int64(10) is another's 10)
-        return (int(value) + 2**63) % 2**64 - 2**63  # (wrapped into int64: a checksum, or a huge seed)
-    if isinstance(value, numbers.Real):
+    """One setting as an int64. A number as its float64's bits, whatever its type (one rank's 1
+    and another's 1.0, np.int64(10) and 10, True and 1 are the same setting; a whole number beyond
+    2^53, a huge seed, as itself); a checksum (:class:`Digest`) as itself; anything else as a CRC of
+    its ``str``."""
+    if _is_number(value) and not (isinstance(value, numbers.Integral) and abs(int(value)) >= _EXACT):
         return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+    if isinstance(value, numbers.Integral):
+        return (int(value) + 2**63) % 2**64 - 2**63  # (wrapped into int64)
     return zlib.crc32(str(value).encode())
 
 
+def _shown(code: int, like) -> str:
+    """A number's code as it reads (10, 0.07; a whole number beyond 2^53, as this rank's ``like``
+    is, as itself)."""
+    if isinstance(like, numbers.Integral) and abs(int(like)) >= _EXACT:
+        return str(code)
+    x = struct.unpack("<d", struct.pack("<q", code))[0]
+    if isinstance(like, (bool, np.bool_)) and x in (0, 1):
+        return str(bool(x))
+    return str(int(x)) if math.isfinite(x) and x.is_integer() and abs(x) < _EXACT else repr(x)
+
+
 def _each(column: list[int], like) -> str:
-    """Every rank's value of one setting, the same line on every rank: numbers decoded as this
-    rank's value is typed, anything else (a checksum, a name) as which ranks agree."""
-    if isinstance(like, Digest) or not isinstance(like, (numbers.Real, np.bool_)):
-        shown = [f"as rank {column.index(c)}'s" if column.index(c) < r else "its own" for r, c in enumerate(column)]
-    elif isinstance(like, (bool, np.bool_)):
-        shown = [str(bool(c)) for c in column]
-    elif isinstance(like, numbers.Integral):
-        shown = [str(c) for c in column]
+    """Every rank's value of one setting, the same line on every rank: numbers as they read, anything
+    else (a checksum, a name) as which ranks agree."""
+    if _is_number(like):
+        shown = [_shown(c, like) for c in column]
     else:
-        shown = [repr(struct.unpack("<d", struct.pack("<q", c))[0]) for c in column]
+        shown = [f"as rank {column.index(c)}'s" if column.index(c) < r else "its own" for r, c in enumerate(column)]
     return ", ".join(f"rank {r} {v}" for r, v in enumerate(shown))
+
+
+def checked(check, call: str, raw: dict, group, device):
+    """``check()``, this rank's validation of the settings ``raw`` it was given, before the call's
+    first collective (which carries them): where it fails, this rank still takes part in that
+    collective with ``raw`` and raises what it found there. Ranks whose settings differ then all
+    raise the shared ``ValueError`` (a rank alone refusing its own value left the others waiting
+    out the timeout); ranks that all passed the same bad value each raise its own error."""
+    try:
+        return check()
+    except (TypeError, ValueError):
+        gather_agreed(0, call, raw, group, device)
+        raise
 
 
 def gather_agreed(carried: int, call: str, settings: dict, group, device) -> list[int]:
@@ -61,21 +90,42 @@ def gather_agreed(carried: int, call: str, settings: dict, group, device) -> lis
     differ."""
     if len(settings) > WIDTH - 2:
         raise ValueError(f"at most {WIDTH - 2} settings are carried, got {len(settings)}")
-    row = [int(carried), _code(call)] + [_code(v) for v in settings.values()]
+    # the call with the settings' names: a rank naming another setting (a misspelt keyword) differs here
+    what = f"{call}({', '.join(settings)})"
+    row = [int(carried), _code(what)] + [_code(v) for v in settings.values()]
     mine = torch.tensor(row + [0] * (WIDTH - len(row)), dtype=torch.int64, device=device)
     rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(rows, mine, group=group)
     table = [r.tolist() for r in rows]
     if any(r[1] != row[1] for r in table):  # (a programming error: its traceback is kept)
         raise RuntimeError(
-            f"the ranks are in different collective calls at one point (this rank: {call}; "
-            f"{_each([t[1] for t in table], call)}): every rank calls a distributed bank's methods in the same order"
+            f"the ranks are in different collective calls at one point, or name different settings (this rank: "
+            f"{what}; {_each([t[1] for t in table], what)}): every rank calls a distributed bank's methods in the "
+            "same order, with the same settings"
         )
     for j, (name, value) in enumerate(settings.items(), start=2):
         if any(r[j] != row[j] for r in table):
             each = _each([t[j] for t in table], value)
             raise ValueError(f"{call}: the ranks passed different {name} ({each}); every rank passes the same")
     return [r[0] for r in table]
+
+
+def raw_digest(targets) -> Digest:
+    """:func:`targets_checksum` of a label vector as a caller gave it, before any check (a list, an
+    array, a tensor); a fixed value where it is no vector at all (its own check then says why)."""
+    try:
+        return targets_checksum(torch.as_tensor(np.asarray(targets)) if not torch.is_tensor(targets) else targets)
+    except Exception:  # (anything: the caller's validation names it)
+        return Digest(-1)
+
+
+def where(device) -> torch.device:
+    """The device of a bank given ``device``, for a collective before the bank exists: CPU where it
+    names none."""
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError, ValueError):
+        return torch.device("cpu")
 
 
 def targets_checksum(targets: torch.Tensor) -> Digest:

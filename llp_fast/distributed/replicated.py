@@ -8,7 +8,7 @@ import torch
 
 from .._interop import as_tensor
 from ..bank import MemoryBank
-from .agree import gather_agreed, targets_checksum
+from .agree import checked, gather_agreed, raw_digest, where
 from .collectives import all_gather_cat
 
 
@@ -18,23 +18,27 @@ class ReplicatedMemoryBank(MemoryBank):
     local. For when N x D fits on one device."""
 
     def __init__(self, targets, num_classes, *, group=None, **kwargs):
-        super().__init__(targets, num_classes, **kwargs)
-        self.group = group
         # The copies start alike only from the same targets and settings (one all-gather says so)
-        settings = dict(num_classes=self.num_classes, dim=self.embeddings.shape[1], dtype=self.embeddings.dtype)
-        settings.update(seed=kwargs.get("seed", 0), targets=targets_checksum(as_tensor(targets, "targets")))
-        gather_agreed(0, "ReplicatedMemoryBank", settings, group, self.device)
+        settings = _settings(MemoryBank, kwargs, ("dim", "dtype", "seed"))
+        agree = ("ReplicatedMemoryBank", dict(settings, num_classes=num_classes, targets=raw_digest(targets)))
+        build = lambda: MemoryBank.__init__(self, targets, num_classes, **kwargs)  # noqa: E731
+        checked(build, *agree, group, where(kwargs.get("device", "cpu")))
+        self.group = group
+        gather_agreed(0, *agree, group, self.device)
 
     def _gathered(self, indices, embeddings, call, kwargs):
         """Every rank's batch, in rank order, after checking that every rank passed the same
         settings to ``call`` (those it left out at their defaults): the copies part otherwise."""
         indices = as_tensor(indices, "indices", device=self.device)
         _, emb = self._check_batch(indices, embeddings)
-        signature = inspect.signature(getattr(MemoryBank, call))
-        signature.bind(self, indices, embeddings, **kwargs)  # (an unknown setting: TypeError, before any collective)
-        keyword = [p for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
-        settings = {p.name: kwargs.get(p.name, p.default) for p in keyword}
+        method = getattr(MemoryBank, call)
+        settings = _settings(method, kwargs)
+        settings.update({name: kwargs[name] for name in kwargs if name not in settings})  # (a misspelt one too)
         agree = (f"ReplicatedMemoryBank.{call}", settings)
+        # (an unknown setting: the method's TypeError, on every rank where the ranks differ)
+        checked(
+            lambda: inspect.signature(method).bind(self, indices, embeddings, **kwargs), *agree, self.group, self.device
+        )
         return all_gather_cat(indices.long(), self.group, agree), all_gather_cat(emb.float(), self.group)
 
     @torch.no_grad()
@@ -59,3 +63,10 @@ class ReplicatedMemoryBank(MemoryBank):
 
     def load_full(self, full_state: dict) -> None:
         self.load_state_dict(full_state)
+
+
+def _settings(function, kwargs: dict, names=None) -> dict:
+    """The keyword-only settings of ``function`` (``names`` of them) as a call with ``kwargs`` takes
+    them: given, or left at their defaults (a default left out and the same value given agree)."""
+    keyword = [p for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return {p.name: kwargs.get(p.name, p.default) for p in keyword if names is None or p.name in names}

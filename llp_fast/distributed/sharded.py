@@ -12,7 +12,7 @@ from ..bank import MemoryBank, check_indices, check_new_labels
 from ..ops import bank_update_, neighbours, topk_scores
 from ..reference import is_last_occurrence
 from .aggregation import ShardedAggregationLoss
-from .agree import gather_agreed, targets_checksum
+from .agree import checked, gather_agreed, raw_digest, where
 from .collectives import all_gather_cat, dist_chunk, merged_topk, offset_of_rank, shard_range
 
 
@@ -30,6 +30,14 @@ class ShardedMemoryBank:
     """
 
     def __init__(self, targets, num_classes, *, dim=128, dtype=torch.float32, device="cpu", seed=0, group=None):
+        # Every rank builds its shard from the same targets and settings (one all-gather says so)
+        agree = ("ShardedMemoryBank", dict(num_classes=num_classes, dim=dim, dtype=dtype, seed=seed))
+        agree[1]["targets"] = raw_digest(targets)
+        build = lambda: self._build(targets, num_classes, dim, dtype, device, seed, group)  # noqa: E731
+        checked(build, *agree, group, where(device))
+        gather_agreed(0, *agree, group, self.device)
+
+    def _build(self, targets, num_classes, dim, dtype, device, seed, group) -> None:
         targets = as_tensor(targets, "targets")
         check.vector(  # before .long(): a float -0.7 (unlabeled) became 0, a labeled class 0
             targets, "targets", targets.shape[0] if targets.dim() == 1 else -1, device=targets.device, kind="int"
@@ -68,9 +76,6 @@ class ShardedMemoryBank:
         self.labeled_classes_all = targets[targets >= 0].to(self.device)
         self.num_labeled_total = int((targets >= 0).sum())
         self.num_unlabeled_total = self.n - self.num_labeled_total
-        # Every rank builds its shard from the same targets and settings (one all-gather says so)
-        settings = dict(num_classes=num_classes, dim=dim, dtype=dtype, seed=seed, targets=targets_checksum(targets))
-        gather_agreed(0, "ShardedMemoryBank", settings, group, self.device)
 
     def __len__(self) -> int:
         return self.n
@@ -112,11 +117,32 @@ class ShardedMemoryBank:
             raise ValueError(f"v has {v.shape[0]} rows but indices has {indices.shape[0]}")
         return indices
 
+    def _k(self, k) -> int:
+        return check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
+
+    def _density_settings(self, t, tau, pool) -> tuple[int, float]:
+        if pool not in ("unlabeled", "all"):
+            raise ValueError(f"pool must be 'unlabeled' or 'all', got {pool!r}")
+        pool_size = self.num_unlabeled_total if pool == "unlabeled" else self.n
+        return check.positive_int(t, "t", high=pool_size, high_what="the density pool size"), check.temperature(tau)
+
+    def _vote_settings(self, queries, k, tau) -> tuple[int, float]:
+        k = self._k(k)
+        check.tensor(queries, "queries")
+        self.local._check_cast(queries, "queries", check.finite(queries, "queries"))  # (as MemoryBank.vote)
+        return k, check.temperature(tau)
+
+    def _truth(self, truth) -> torch.Tensor:
+        truth = as_tensor(truth, "truth", device=self.device)
+        check.vector(truth, "truth", self.n, device=self.device, kind="int")
+        return truth
+
     # -- docs/method.md §1 steps, collective ---------------------------------------------------------
-    def stored(self, indices):
-        """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners."""
+    def stored(self, indices, agree=("ShardedMemoryBank.stored", {})):
+        """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners.
+        (``agree``: the call and settings its gather carries, :meth:`loss`'s where it calls it.)"""
         indices = check_indices(indices, self.n, self.device)
-        idx_all, _ = self._gather_batch(indices, ("ShardedMemoryBank.stored", {}))
+        idx_all, _ = self._gather_batch(indices, agree)
         own = self._owned(idx_all)
         labels = torch.zeros(idx_all.shape[0], dtype=torch.int64, device=self.device)
         conf = torch.zeros(idx_all.shape[0], device=self.device)
@@ -133,20 +159,14 @@ class ShardedMemoryBank:
     ) -> torch.Tensor:
         """docs/method.md §1.1 over the whole sharded pool; returns this shard's labeled ``log_rho``.
         ``progress(done, total)``: after each round, in this rank's labeled rows."""
-        if pool not in ("unlabeled", "all"):
-            raise ValueError(f"pool must be 'unlabeled' or 'all', got {pool!r}")
-        pool_size = self.num_unlabeled_total if pool == "unlabeled" else self.n
-        t = check.positive_int(t, "t", high=pool_size, high_what="the density pool size")
-        tau = check.temperature(tau)
+        agree = ("ShardedMemoryBank.refresh_density", dict(t=t, tau=tau, pool=pool))
+        t, tau = checked(lambda: self._density_settings(t, tau, pool), *agree, self.group, self.device)
         m_local = self.local.num_labeled
         keys = self.local.embeddings[m_local:] if pool == "unlabeled" else self.local.embeddings
         # Rounds of at most `chunk` labeled rows per rank keep the gathered rows (P*chunk*D)
         # and candidates (P*P*chunk*T) bounded whatever M is; all ranks run the same rounds.
         chunk = dist_chunk()
-        settings = dict(t=t, tau=tau, pool=pool)
-        rounds = max(
-            gather_agreed(-(-m_local // chunk), "ShardedMemoryBank.refresh_density", settings, self.group, self.device)
-        )
+        rounds = max(gather_agreed(-(-m_local // chunk), *agree, self.group, self.device))
         log_rho = torch.empty(m_local, device=self.device)
         for r in range(rounds):
             mine = self.local.labeled_embeddings[r * chunk : (r + 1) * chunk]
@@ -166,10 +186,11 @@ class ShardedMemoryBank:
         """Aggregation loss of this rank's batch against the whole sharded bank; (B,).
         ``targets``: the batch's stored labels if already fetched with :meth:`stored` (which
         costs a gather and two all-reduces); ``check_finite`` as :meth:`MemoryBank.loss`'s."""
-        tau = check.temperature(tau)
+        agree = ("ShardedMemoryBank.loss", {"tau": tau, "targets given": targets is not None})
+        tau = checked(lambda: check.temperature(tau), *agree, self.group, self.device)
         self._check_v(v, indices, check_finite)
         if targets is None:
-            targets, _ = self.stored(indices)
+            targets, _ = self.stored(indices, agree)
         targets = as_tensor(targets, "targets", device=self.device)
         check.vector(targets, "targets", v.shape[0], device=self.device, kind="int")
         return ShardedAggregationLoss.apply(
@@ -179,12 +200,13 @@ class ShardedMemoryBank:
             targets,
             tau,
             self.group,
-            "ShardedMemoryBank.loss",
+            agree,
         )
 
     def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, check_finite=True) -> torch.Tensor:
         """Instance discrimination against the whole sharded bank (the warm-up); (B,)."""
-        tau = check.temperature(tau)
+        agree = ("ShardedMemoryBank.instance_loss", {"tau": tau})
+        tau = checked(lambda: check.temperature(tau), *agree, self.group, self.device)
         indices = self._check_v(v, indices, check_finite).long()
         ids = -1 - (self.local.index_of + self.start)
         return ShardedAggregationLoss.apply(
@@ -194,7 +216,7 @@ class ShardedMemoryBank:
             -1 - indices,
             tau,
             self.group,
-            "ShardedMemoryBank.instance_loss",
+            agree,
         )
 
     @torch.no_grad()
@@ -211,8 +233,9 @@ class ShardedMemoryBank:
     @torch.no_grad()
     def update(self, indices, embeddings, *, momentum: float = 0.5) -> None:
         """docs/method.md §1.6's blend for the global batch; every rank writes the rows it owns."""
-        momentum = check.unit_interval(momentum, "momentum")
-        idx_all, emb_all = self._gather_batch(indices, ("ShardedMemoryBank.update", {"momentum": momentum}), embeddings)
+        agree = ("ShardedMemoryBank.update", {"momentum": momentum})
+        momentum = checked(lambda: check.unit_interval(momentum, "momentum"), *agree, self.group, self.device)
+        idx_all, emb_all = self._gather_batch(indices, agree, embeddings)
         own = self._owned(idx_all)
         if bool(own.any()):
             rows = self.local.row_of[idx_all[own] - self.start]
@@ -286,11 +309,10 @@ class ShardedMemoryBank:
         """docs/method.md §1.6 for the global batch: propagate its unlabeled examples (merging every
         shard's top-K), store label and confidence at the owners, then blend the owned rows
         in gathered order. Returns (labels, confidence) of the gathered unlabeled examples."""
-        k = check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
-        tau = check.temperature(tau)
-        momentum = check.unit_interval(momentum, "momentum")
-        settings = dict(k=k, tau=tau, momentum=momentum, density_weighting=bool(density_weighting))
-        idx_all, emb_all = self._gather_batch(indices, ("ShardedMemoryBank.step", settings), embeddings, tau)
+        agree = ("ShardedMemoryBank.step", dict(k=k, tau=tau, momentum=momentum, density_weighting=density_weighting))
+        valid = lambda: (self._k(k), check.temperature(tau), check.unit_interval(momentum, "momentum"))  # noqa: E731
+        k, tau, momentum = checked(valid, *agree, self.group, self.device)
+        idx_all, emb_all = self._gather_batch(indices, agree, embeddings, tau)
         labels, conf, sel = self._propagate(idx_all, emb_all, k, tau, density_weighting)
         own = self._owned(idx_all)
         store = sel & own
@@ -332,12 +354,11 @@ class ShardedMemoryBank:
     def vote(self, queries: torch.Tensor, *, k: int = 10, tau: float = 0.07, density_weighting: bool = True):
         """:meth:`MemoryBank.vote` over every shard (collective; every rank passes the same
         ``queries`` and gets the same labels)."""
-        k = check.positive_int(k, "k", high=self.num_labeled_total, high_what="the number of labeled points M")
-        check.tensor(queries, "queries")
-        self.local._check_cast(queries, "queries", check.finite(queries, "queries"))  # (as MemoryBank.vote)
-        tau = check.temperature(tau)
-        settings = {"queries' rows": queries.shape[0], "k": k, "tau": tau, "density_weighting": bool(density_weighting)}
-        gather_agreed(0, "ShardedMemoryBank.vote", settings, self.group, self.device)
+        rows = queries.shape[0] if isinstance(queries, torch.Tensor) and queries.dim() else -1
+        settings = {"queries' rows": rows, "k": k, "tau": tau, "density_weighting": density_weighting}
+        agree = ("ShardedMemoryBank.vote", settings)
+        k, tau = checked(lambda: self._vote_settings(queries, k, tau), *agree, self.group, self.device)
+        gather_agreed(0, *agree, self.group, self.device)
         return self._merged_vote(queries, k, tau, density_weighting)
 
     @torch.no_grad()
@@ -346,11 +367,10 @@ class ShardedMemoryBank:
         (collective; no rank holds more than its own rows)."""
         # the whole vector on every rank (a slice's check let a longer one through, and a shorter one
         # failed on one rank alone while the others waited out the timeout)
-        truth = as_tensor(truth, "truth", device=self.device)
-        check.vector(truth, "truth", self.n, device=self.device, kind="int")
+        agree = ("ShardedMemoryBank.class_statistics", {"truth": raw_digest(truth)})
+        truth = checked(lambda: self._truth(truth), *agree, self.group, self.device)
         local = self.local.class_statistics(truth[self.start : self.end])
-        agree = {"truth": targets_checksum(truth)}
-        gather_agreed(0, "ShardedMemoryBank.class_statistics", agree, self.group, self.device)
+        gather_agreed(0, *agree, self.group, self.device)
         out = {}
         for key, value in local.items():
             scalar = not isinstance(value, torch.Tensor)

@@ -330,8 +330,8 @@ class Trainer:
             if tb is not None:
                 tb.close()
             self.claim = getattr(self, "claim", None) and self.claim.release()  # given back: None
-            if not ended and self._made_dir is not None:  # (failed before its first checkpoint)
-                report.remove_unstarted(self._made_dir)
+            if not ended and self.rank == 0:  # (what a run that never checkpointed wrote)
+                report.forget_unsaved(cfg.run_dir, made=self._made_dir is not None)
         return self.history[-1] if self.history else {}
 
     def _epoch_start(self, e: int, warmup: bool) -> dict:

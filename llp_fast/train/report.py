@@ -79,17 +79,20 @@ def write_history(run_dir: str, history: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def remove_unstarted(run_dir: str) -> None:
-    """Takes out a run directory made for a run that failed before its first checkpoint: what
-    that run wrote (its settings, an empty metrics file, TensorBoard's folder), then the directory
-    where nothing else is in it (a ``fit`` whose network failed at its first step left a
-    ``runs/<time>`` behind on every try)."""
+def forget_unsaved(run_dir: str, *, made: bool) -> None:
+    """After a run stopped before its first checkpoint was written: its metrics rows belong to no
+    checkpoint, and go (a new run there was refused as "the metrics of a run whose checkpoint is
+    gone", where the error had said the same command starts the run again); and where the run made
+    ``run_dir`` itself (``runs/<time>``), what else it wrote there (its settings, TensorBoard's
+    folder), then the directory where nothing else is in it (a ``fit`` whose network failed at its
+    first step left one behind on every try)."""
     if os.path.exists(os.path.join(run_dir, CHECKPOINT)):
         return
     with contextlib.suppress(OSError):
-        metrics = os.path.join(run_dir, METRICS)
-        if os.path.isfile(metrics) and not os.path.getsize(metrics):
-            os.remove(metrics)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run_dir, METRICS))
+        if not made:
+            return
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(run_dir, CONFIG))
         shutil.rmtree(os.path.join(run_dir, TENSORBOARD), ignore_errors=True)
