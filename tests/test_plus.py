@@ -542,6 +542,7 @@ def test_a_run_directory_is_claimed_while_it_trains(tmp_path, factory_module, ca
     run_dir = settings["run_dir"]
     os.makedirs(run_dir)
     held = ck.claim_run_dir(run_dir)  # as another process training there holds it
+    ck._HELD.discard(held)  # (not this process's own claim: that one is said apart)
     try:
         with pytest.raises(ConfigError, match="another process is training in this run directory"):
             fit(small_cnn(1), data, **settings)
@@ -549,14 +550,15 @@ def test_a_run_directory_is_claimed_while_it_trains(tmp_path, factory_module, ca
         one_error_line(capsys, rc, "another process is training in this run directory")
         assert os.listdir(run_dir) == []  # refused before anything was written there
     finally:
-        ck.release_run_dir(held)
+        os.close(held)
     fit(small_cnn(1), data, **settings)  # free again: it trains, and gives its claim back at the end
     held = ck.claim_run_dir(run_dir)  # a resume while it trains read pieces it was replacing: "corrupt"
+    ck._HELD.discard(held)
     try:
         rc = train_main(["--resume", run_dir, "--epochs", "2", "--quiet"])
         one_error_line(capsys, rc, "another process is training in this run directory")
     finally:
-        ck.release_run_dir(held)
+        os.close(held)
     assert fit(small_cnn(1), data, resume=True, **{**settings, "epochs": 2}).metrics["epoch"] == 2
 
 
@@ -728,3 +730,19 @@ def test_library_calls_check_what_they_are_given(tmp_path):
         load_network(run_dir, device="gpu")
     with pytest.raises(TypeError, match="random_init must be True or False"):
         load_network(run_dir, random_init="yes")
+
+
+def test_a_run_directory_this_process_holds_is_not_another_processs(tmp_path):
+    """prepare() then train() on one directory in one process was refused as "another process is
+    training in this run directory", which sent users looking for a process that was their own."""
+    import gc
+
+    from llp_fast.train.api import prepare
+
+    cfg = tiny_config(tmp_path, epochs=1)
+    held = prepare(cfg)
+    with pytest.raises(ConfigError, match="this process already trains in it, or holds it for a Trainer not yet"):
+        train(cfg)
+    del held
+    gc.collect()  # (the claim goes with the Trainer)
+    train(cfg)

@@ -48,6 +48,15 @@ _BUSY = (
 )
 
 
+def _held_here(fd: int) -> bool:
+    """Whether one of this process's own claims is on the directory open as ``fd``."""
+    try:
+        st = os.fstat(fd)
+        return any((s.st_dev, s.st_ino) == (st.st_dev, st.st_ino) for s in map(os.fstat, list(_HELD)))
+    except OSError:
+        return False
+
+
 def not_claimed(run_dir: str) -> None:
     """:class:`ConfigError` where a run holds its claim on ``run_dir``: a shared claim, given back
     at once (the ranks of one resume each check, and none conflicts with another)."""
@@ -70,7 +79,13 @@ def claim_run_dir(run_dir: str, *, shared: bool = False) -> int | None:
     try:
         _files.fcntl.flock(fd, (_files.fcntl.LOCK_SH if shared else _files.fcntl.LOCK_EX) | _files.fcntl.LOCK_NB)
     except BlockingIOError:
+        mine = _held_here(fd)
         os.close(fd)
+        if mine:  # (a Trainer from prepare() not yet fitted: "another process" sent users looking for one)
+            raise ConfigError(
+                f"{run_dir}: this process already trains in it, or holds it for a Trainer not yet fitted (one from "
+                "prepare() keeps it until its fit() ends: fit that one, or drop it first)"
+            ) from None
         raise ConfigError(f"{run_dir}: {_BUSY}") from None
     except OSError:  # no locks on this file system
         os.close(fd)
