@@ -406,3 +406,30 @@ def test_each_k_once():
     labels = np.r_[[0, 1], np.full(48, -1)]
     with pytest.raises(ConfigError, match=r"^k: each K once, got \(10, 10\)"):
         label_embeddings(x, labels, k=(10, 10), rounds=1)
+
+
+@pytest.mark.parametrize("scale, dtype", [(1e-13, torch.float64), (1e-150, torch.float64), (1e-18, torch.float32)])
+def test_rows_of_tiny_norm_are_made_unit_length(scale, dtype):
+    """Rows under a norm of 1e-12 (F.normalize's floor), or whose norm underflows, kept a length
+    below 1: their scores shrank and the density swamped them (84% accuracy at 1e-13, 41% at
+    1e-150, where the same rows at their own scale label 99%). A zero row stays zero."""
+    x, labels = _problem(600, 8, 3, 0.1, seed=4, dtype=torch.float64)
+    want = label_embeddings(x.to(dtype), labels, rounds=2).labels
+    tiny = (x * scale).to(dtype)
+    norms = Rows(tiny).read(0, 600).double().norm(dim=1)
+    assert torch.allclose(norms, torch.ones(600, dtype=torch.float64), atol=1e-6), norms.min()
+    got = label_embeddings(tiny, labels, rounds=2).labels
+    assert np.array_equal(got, want)
+    zero = x.to(dtype).clone()
+    zero[5] = 0
+    assert np.isfinite(label_embeddings(zero, labels, rounds=1).confidence).all()
+
+
+def test_meta_tensors_are_refused_by_name():
+    """label_embeddings on a meta tensor was torch's RuntimeError (Tensor.item()) for the rows and a
+    NotImplementedError for the labels."""
+    x, labels = _problem(40, 4, 2, 0.3, seed=1)
+    with pytest.raises(ValueError, match="embeddings is on the meta device"):
+        label_embeddings(torch.empty(40, 4, device="meta"), labels)
+    with pytest.raises(ValueError, match="labels is on the meta device"):
+        label_embeddings(x, torch.zeros(40, dtype=torch.long, device="meta"))

@@ -94,3 +94,23 @@ def test_cli_nproc_equals_one_process(tmp_path):
         outs[nproc] = np.load(out)
     assert np.array_equal(outs[1], outs[2])
     assert sorted(os.listdir(tmp_path)) == ["emb.npy", "lab.npy", "p1.npy", "p2.npy"]
+
+
+def test_cli_nproc_keeps_float64_scores(tmp_path):
+    """A float64 run over two ranks merged its candidates' scores as float32: a near-tie one
+    process told apart (3e-9) went the other way, and every density moved by about 1e-6."""
+    th, ph, e = 0.5, 0.45, 3e-9
+    a = np.array([-th] + [0.0] * 4 + [-ph, ph - e, th])
+    np.save(tmp_path / "x.npy", np.stack([np.cos(a), np.sin(a)], 1))
+    np.save(tmp_path / "y.npy", np.array([1, -1, -1, -1, -1, -1, -1, 0]))
+    outs = {}
+    for nproc in (1, 2):
+        cmd = [sys.executable, "-m", "llp_fast.cli.propagate", str(tmp_path / "x.npy"), str(tmp_path / "y.npy")]
+        cmd += ["--out", str(tmp_path / f"p{nproc}.npy"), "--rounds", "1", "--k", "1", "--t", "1"]
+        proc = subprocess.run(
+            [*cmd, "--nproc", str(nproc), "--threads", "1"], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[nproc] = np.load(tmp_path / f"p{nproc}.npy")
+    assert outs[1].tolist() == [1, 0, 0, 0, 0, 1, 0, 0]  # (the float64 reference's)
+    assert np.array_equal(outs[1], outs[2])

@@ -372,3 +372,13 @@ def test_score_takes_names_beside_abstentions():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LocalLabelPropagation(n_neighbors=1).fit(np.random.default_rng(1).normal(size=(30, 4)), few)
+
+
+def test_unsigned_classes_beyond_int64_keep_their_values_beside_abstentions():
+    """uint64 classes of 2**63 and more, next to an abstention's -1, wrapped to negative numbers."""
+    from llp_fast.embeddings.estimator import with_abstention
+
+    classes = np.array([7, 2**63 + 5, 2**64 - 10], np.uint64)
+    out = with_abstention(classes, np.array([1, 2, -1, 0]))
+    assert out.tolist() == [2**63 + 5, 2**64 - 10, -1, 7]
+    assert with_abstention(np.array([1, 5], np.uint8), np.array([0, -1])).tolist() == [1, -1]

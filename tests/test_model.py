@@ -247,6 +247,7 @@ def _mutated(z: dict, **change) -> dict:
         (dict(settings=np.array("null")), "JSON object"),
         (dict(settings=np.array(3)), "one JSON string"),
         (dict(voter_bias="nan"), "not finite"),
+        (dict(voter_bias="huge"), "voter_bias holds 1e+38, beyond float32 scores"),  # (a traceback)
         (dict(voters="nan"), "not finite"),
         (dict(voters="int"), "float32 or float64"),
         (dict(voter_classes="str"), "must be integers"),
@@ -272,6 +273,7 @@ def test_each_malformed_model_field_is_one_line(tmp_path, capsys, change, match)
         "dup": lambda a: np.zeros_like(a),
         "u64": lambda a: a.astype(np.uint64) + np.uint64(2**63),
         "2d": lambda a: a[:, None],
+        "huge": lambda a: (a + 1e38).astype(a.dtype),
     }
     change = {k: forms[v](z[k]) if isinstance(v, str) and v in forms else v for k, v in change.items()}
     np.savez(d / "model.npz", **_mutated(z, **change))

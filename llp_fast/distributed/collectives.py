@@ -196,7 +196,7 @@ def all_gather_cat(x: torch.Tensor, group=None, agree: tuple[str, dict] | None =
 
 
 def merged_topk(values: torch.Tensor, indices: torch.Tensor, k: int, group=None):
-    """The top-k over every rank's keys, from each rank's top-k (``values`` float32, ``indices`` (Q,
+    """The top-k over every rank's keys, from each rank's top-k (``values`` float32 or float64, ``indices`` (Q,
     k), the same queries on every rank, indices global and distinct across ranks): all-gathered (one
     collective: the values' bits and the indices in one int64 tensor) and merged, equal values by the
     lower index, as one process holding every key selects them.
@@ -205,10 +205,11 @@ def merged_topk(values: torch.Tensor, indices: torch.Tensor, k: int, group=None)
     each list is in ``topk_scores``' order, the lists side by side in rank order already hold equal
     values by ascending index, and one stable sort by value gives the one merge's result
     (:func:`llp_fast._topk.merge_topk`, two sorts, for anything else)."""
-    width = values.shape[1]
-    both = torch.cat([values.float().contiguous().view(torch.int32).long(), indices.long()], dim=1)
-    parts = all_gather_same(both, group)
-    return merge_rank_lists([p[:, :width].int().view(torch.float32) for p in parts], [p[:, width:] for p in parts], k)
+    width, wide = values.shape[1], values.dtype == torch.float64  # (float64 kept: a labeller's float64 run)
+    bits = values.contiguous().view(torch.int64) if wide else values.float().contiguous().view(torch.int32).long()
+    parts = all_gather_same(torch.cat([bits, indices.long()], dim=1), group)
+    back = (lambda p: p.contiguous().view(torch.float64)) if wide else (lambda p: p.int().view(torch.float32))  # noqa: E731
+    return merge_rank_lists([back(p[:, :width]) for p in parts], [p[:, width:] for p in parts], k)
 
 
 def merge_rank_lists(values: list[torch.Tensor], indices: list[torch.Tensor], k: int):

@@ -64,11 +64,13 @@ def _float_types(X) -> list:
 
 def with_abstention(classes: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """``classes[codes]``, with -1 where ``codes`` is -1 (an abstention). Numbers keep their dtype
-    (unsigned classes become int64); other label types (strings) become an object array."""
+    (unsigned classes become int64, or objects where one is beyond int64: they wrapped to negative
+    numbers); other label types (strings) become an object array."""
     if (codes >= 0).all():
         return classes[codes]
     kind = classes.dtype.kind
-    dtype = np.int64 if kind == "u" else classes.dtype if kind in "if" else object
+    wide = kind == "u" and classes.size and int(classes.max()) > np.iinfo(np.int64).max
+    dtype = object if wide else np.int64 if kind == "u" else classes.dtype if kind in "if" else object
     out = classes.astype(dtype)[np.maximum(codes, 0)]
     out[codes < 0] = -1
     return out

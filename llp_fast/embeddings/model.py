@@ -274,6 +274,9 @@ def load(directory: str, *, device=None) -> Model:
         )
     if not np.isfinite(bias).all():
         raise DataError(f"model {path}: voter_bias holds a value that is not finite")
+    limit = float(np.finfo(voters.dtype).max) / 4  # (the scores' range: labelling computes in at least this dtype)
+    if bias.size and float(np.abs(bias).max()) > limit:  # (it was a traceback from the op's own check)
+        raise DataError(f"model {path}: voter_bias holds {float(np.abs(bias).max()):.3g}, beyond {voters.dtype} scores")
     if not all(np.isfinite(voters[a : a + 65536]).all() for a in range(0, v, 65536)):
         raise DataError(f"model {path}: voters hold a value that is not finite")
     return Model(

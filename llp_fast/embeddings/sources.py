@@ -17,6 +17,7 @@ import re
 import numpy as np
 import torch
 
+from .. import _validate as check
 from .._labels import int64_labels
 from .._npy import read_header
 from ..errors import DataError
@@ -119,6 +120,7 @@ class Rows:
             self.n = int(self.starts[-1])
             wide = any(f.dtype.type is np.float64 for f in self.files)  # either byte order
         elif isinstance(data, torch.Tensor):
+            check.on_a_real_device(data, what)  # (Tensor.item()'s RuntimeError)
             if data.dim() != 2 or not data.is_floating_point():
                 raise DataError(
                     f"{what}: expected a 2-D floating-point tensor (N, D), got {data.dtype} {tuple(data.shape)}"
@@ -198,7 +200,13 @@ class Rows:
             big = t[over].abs().amax(dim=1, keepdim=True)
             norm[over] = big * (t[over] / big).norm(2, dim=1, keepdim=True)
         if self.normalize:
-            return t / norm.clamp_min(1e-12).expand_as(t)
+            # rows whose norm is tiny or underflows: by their largest entry first too (F.normalize's
+            # floor of 1e-12 left them shorter than 1, and the density term swamped their scores)
+            small = (norm[:, 0] < 1e-12) & (t != 0).any(dim=1)
+            if bool(small.any()):
+                big = t[small].abs().amax(dim=1, keepdim=True)
+                norm[small] = big * (t[small] / big).norm(2, dim=1, keepdim=True)
+            return t / torch.where(norm > 0, norm, torch.ones_like(norm)).expand_as(t)  # (a zero row stays 0)
         if self.max_norm is not None and not bool((norm <= self.max_norm).all()):
             i = int(torch.nonzero(~(norm[:, 0] <= self.max_norm))[0, 0])
             row, size = int(rows[i]), float(t[i].double().norm())
@@ -251,6 +259,8 @@ def read_labels(data, n: int | None = None) -> np.ndarray:
         labels = np.concatenate(parts) if parts else np.empty(0, np.int64)
         name = f"labels {os.fspath(data)}"
     else:
+        if isinstance(data, torch.Tensor):
+            check.on_a_real_device(data, "labels")  # (a copy's NotImplementedError)
         arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise DataError(f"labels: expected a 1-D integer array (N,), got {arr.dtype} {arr.shape}")
