@@ -168,11 +168,14 @@ def scores_fit(tau: float, a: torch.Tensor, a_name: str, b: torch.Tensor, b_name
     for name, size in bias.items():
         if not size <= limit:
             raise ValueError(f"{name} holds values up to {size:.3g} in magnitude, beyond the {dtype} scores")
-    bound = a.shape[-1] * size_a * size_b / tau
+    # (with tau > 1 the dot product itself, formed before the 1/tau, overflowed where the score fit)
+    bound = a.shape[-1] * size_a * size_b * max(1.0, 1.0 / tau)
     if not bound <= limit:
+        what = f"scores {a_name} . {b_name} / tau" if tau <= 1 else f"dot products {a_name} . {b_name} (before / tau)"
         raise ValueError(
-            f"scores {a_name} . {b_name} / tau may reach {bound:.3g} (D={a.shape[-1]}, |{a_name}| <= {size_a:.3g}, "
-            f"|{b_name}| <= {size_b:.3g}, tau={tau:.3g}), beyond {dtype}: scale the embeddings down or raise tau"
+            f"{what} may reach {bound:.3g} (D={a.shape[-1]}, |{a_name}| <= {size_a:.3g}, "
+            f"|{b_name}| <= {size_b:.3g}, tau={tau:.3g}), beyond {dtype}: scale the embeddings down"
+            + (" or raise tau" if tau <= 1 else "")
         )
 
 

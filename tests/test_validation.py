@@ -436,3 +436,32 @@ def test_an_array_where_only_torch_is_taken_is_named_as_such():
     bank = llp_fast.MemoryBank(torch.tensor([0, -1, 1, -1]), 2, dim=3)
     with pytest.raises(TypeError, match=r"labels must be a torch.Tensor here, got a numpy array \(convert it with"):
         bank.set_labels(torch.tensor([1]), np.array([0]), torch.tensor([0.5]))
+
+
+def test_dot_products_that_overflow_before_the_division_by_tau_are_refused():
+    """With tau > 1 the check bounded the score (dot / tau) alone, and the dot product, formed
+    first, overflowed: inf values, keys dropped as padding, NaN confidences and losses, no error."""
+    q = torch.tensor([[1e20], [-1e20]])
+    k = torch.tensor([[1e19], [5e18], [-1e19]])
+    calls = [
+        lambda: llp_fast.topk_scores(q, k, k=2, tau=100.0),
+        lambda: llp_fast.local_density(q, k, t=2, tau=100.0),
+        lambda: llp_fast.propagate(q, k, torch.tensor([0, 1, 1]), None, k=2, tau=100.0, num_classes=2),
+        lambda: llp_fast.aggregation_loss(q, k, torch.tensor([0, 1, 1]), torch.tensor([0, 1]), tau=100.0),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"dot products .* \(before / tau\) may reach 1e\+39"):
+            call()
+    top = llp_fast.topk_scores(q / 1e10, k / 1e10, k=2, tau=100.0)  # within range: finite, nothing dropped
+    assert bool(torch.isfinite(top.values).all()) and bool((top.indices >= 0).all())
+
+
+def test_a_second_derivative_through_the_aggregation_loss_is_named():
+    """A gradient penalty through aggregation_loss was torch's "no autograd formula was registered"
+    for llp_fast.aggregation_loss_backward, an op the user never called."""
+    v = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    bank = torch.nn.functional.normalize(torch.randn(10, 4, dtype=torch.float64), dim=1)
+    loss = llp_fast.aggregation_loss(v, bank, torch.arange(10) % 3, torch.tensor([0, 1, 2]), tau=0.5).sum()
+    (g,) = torch.autograd.grad(loss, v, create_graph=True)
+    with pytest.raises(NotImplementedError, match="aggregation_loss has no second derivative"):
+        g.sum().backward()

@@ -96,6 +96,17 @@ def _backward(ctx, g_loss, g_all, g_pos):
 aggregation_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_second_derivative(ctx, *grads):
+    raise NotImplementedError(
+        "llp_fast.aggregation_loss has no second derivative (its gradient is a kernel of its own): a loss "
+        "differentiated twice through it (a gradient penalty) is not supported"
+    )
+
+
+# (without it, a second backward was torch's "no autograd formula was registered" for an op the user never called)
+aggregation_loss_backward_op.register_autograd(_no_second_derivative, setup_context=lambda ctx, inputs, output: None)
+
+
 @compiled_first("aggregation_loss_fused")
 def _fused_default(v, bank, bank_labels, targets, tau):
     dt = out_float_dtype(v, bank)
