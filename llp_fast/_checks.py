@@ -185,6 +185,8 @@ _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 def device_name(v):
+    if type(v).__name__ == "device" and type(v).__module__ == "torch":  # (torch.device("cpu"), as Python passes it)
+        v = str(v)
     if not isinstance(v, str) or not _DEVICE.match(v):
         raise bad("cpu, cuda or cuda:N", v)
     return v

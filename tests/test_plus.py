@@ -730,6 +730,12 @@ def test_library_calls_check_what_they_are_given(tmp_path):
         load_network(run_dir, device="gpu")
     with pytest.raises(TypeError, match="random_init must be True or False"):
         load_network(run_dir, random_init="yes")
+    with pytest.raises(ConfigError, match="was given in Python"):  # (its device taken: the next check speaks)
+        load_network(run_dir, device=torch.device("cpu"))
+    # a torch.device where the settings take a device's name (it was refused: "expected cpu, cuda or cuda:N")
+    from llp_fast.train.config import TrainConfig, validate
+
+    assert validate(TrainConfig(device=torch.device("cpu"))).device == "cpu"
 
 
 def test_a_run_directory_this_process_holds_is_not_another_processs(tmp_path):

@@ -60,6 +60,8 @@ def fit(model: torch.nn.Module | None = None, data: str | None = None, *, resume
     _check_call(model, resume)
     if isinstance(settings.get("init_weights"), os.PathLike):
         settings["init_weights"] = os.fspath(settings["init_weights"])
+    if isinstance(settings.get("device"), torch.device):  # (as the command line names it: saved, compared)
+        settings["device"] = str(settings["device"])
     run_dir = settings.get("run_dir")
     if run_dir is not None:
         if not isinstance(run_dir, (str, os.PathLike)):
