@@ -281,8 +281,8 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
     if not 1 <= n_classes <= MAX_MAP_CLASSES:  # (200 drew ten colours over 200 classes, a legend cut at 25)
         raise ConfigError(f"--classes must lie in 1..{MAX_MAP_CLASSES} (one colour a class), got {n_classes}")
     final = Path(out) if out else Path(run_dir) / "analysis"
-    if _files.parent_problem(final):
-        raise AnalyzeError(f"--out {final}: {_files.parent_problem(final)}")
+    if why := _files.parent_problem(final):
+        raise AnalyzeError(f"--out {final}: {why}")
     if final.exists() and not final.is_dir():
         raise AnalyzeError(f"--out {final}: exists and is not a directory")
     # A folder of the user's: its pictures of these names were overwritten, and those this run does

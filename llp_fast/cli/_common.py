@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -132,11 +131,7 @@ def not_an_input(out: str, checkpoint: str, data: str | None, *, data_flag: str)
     kept = (run_files.CONFIG, run_files.METRICS, run_files.BASELINE_MARK)
     inputs.update({f"the run's {n}": os.path.join(run, n) for n in kept})
     folders = {f"inside the run's {d}/": os.path.join(run, d) for d in (run_files.BASELINE_DIR, run_files.TENSORBOARD)}
-    try:
-        with open(os.path.join(run, run_files.CONFIG), encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        saved = {}
+    saved = run_files.read_settings(run)
     specs = [(data_flag, data)] if data is not None else []
     specs += [
         ("the run's training data", saved.get("data")),

@@ -119,8 +119,8 @@ def _main(args) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.out:
-        if _files.parent_problem(args.out):
-            raise ConfigError(f"--out {args.out}: {_files.parent_problem(args.out)}")
+        if why := _files.parent_problem(args.out):
+            raise ConfigError(f"--out {args.out}: {why}")
         _common.not_an_input(args.out, args.checkpoint, args.data, data_flag="--data")
     device = _common.cuda_checked(args.device or default_device())
     torch.manual_seed(args.seed)

@@ -47,8 +47,8 @@ def _model_dir(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory (a .npz path is written as a file)")
     if os.path.lexists(file) and not os.path.isfile(file):
         raise argparse.ArgumentTypeError(f"{file} exists and is not a file: the model could not replace it")
-    if _files.parent_problem(text):
-        raise argparse.ArgumentTypeError(f"{text}: {_files.parent_problem(text)}")
+    if why := _files.parent_problem(text):
+        raise argparse.ArgumentTypeError(f"{text}: {why}")
     return text
 
 

@@ -25,8 +25,8 @@ from ..errors import DataError
 def check_selection_path(path: str) -> None:
     """A selection can be written at ``path``: a ``.npz`` or ``.json`` name in a directory that
     exists (checked before the pool is scored, which takes hours on a large pool, and at the write)."""
-    if _files.parent_problem(path):
-        raise DataError(f"--out {path}: {_files.parent_problem(path)}")
+    if why := _files.parent_problem(path):
+        raise DataError(f"--out {path}: {why}")
     if not path.endswith((".npz", ".json")):
         raise DataError(f"--out {path}: expected a .npz or .json file name")
 

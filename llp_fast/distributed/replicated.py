@@ -19,7 +19,7 @@ class ReplicatedMemoryBank(MemoryBank):
 
     def __init__(self, targets, num_classes, *, group=None, **kwargs):
         # The copies start alike only from the same targets and settings (one all-gather says so)
-        settings = _settings(MemoryBank, kwargs, ("dim", "dtype", "seed"))
+        settings = _settings(_SIGNATURES["__init__"], kwargs, ("dim", "dtype", "seed"))
         agree = ("ReplicatedMemoryBank", dict(settings, num_classes=num_classes, targets=raw_digest(targets)))
         build = lambda: MemoryBank.__init__(self, targets, num_classes, **kwargs)  # noqa: E731
         checked(build, *agree, group, where(kwargs.get("device", "cpu")))
@@ -31,14 +31,12 @@ class ReplicatedMemoryBank(MemoryBank):
         settings to ``call`` (those it left out at their defaults): the copies part otherwise."""
         indices = as_tensor(indices, "indices", device=self.device)
         _, emb = self._check_batch(indices, embeddings)
-        method = getattr(MemoryBank, call)
-        settings = _settings(method, kwargs)
+        signature = _SIGNATURES[call]
+        settings = _settings(signature, kwargs)
         settings.update({name: kwargs[name] for name in kwargs if name not in settings})  # (a misspelt one too)
         agree = (f"ReplicatedMemoryBank.{call}", settings)
         # (an unknown setting: the method's TypeError, on every rank where the ranks differ)
-        checked(
-            lambda: inspect.signature(method).bind(self, indices, embeddings, **kwargs), *agree, self.group, self.device
-        )
+        checked(lambda: signature.bind(self, indices, embeddings, **kwargs), *agree, self.group, self.device)
         return all_gather_cat(indices.long(), self.group, agree), all_gather_cat(emb.float(), self.group)
 
     @torch.no_grad()
@@ -65,8 +63,12 @@ class ReplicatedMemoryBank(MemoryBank):
         self.load_state_dict(full_state)
 
 
-def _settings(function, kwargs: dict, names=None) -> dict:
-    """The keyword-only settings of ``function`` (``names`` of them) as a call with ``kwargs`` takes
+# MemoryBank's signatures, read once (not at every step)
+_SIGNATURES = {name: inspect.signature(getattr(MemoryBank, name)) for name in ("__init__", "step", "update")}
+
+
+def _settings(signature: inspect.Signature, kwargs: dict, names=None) -> dict:
+    """The keyword-only settings of ``signature`` (``names`` of them) as a call with ``kwargs`` takes
     them: given, or left at their defaults (a default left out and the same value given agree)."""
-    keyword = [p for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    keyword = [p for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
     return {p.name: kwargs.get(p.name, p.default) for p in keyword if names is None or p.name in names}

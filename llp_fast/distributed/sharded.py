@@ -31,8 +31,8 @@ class ShardedMemoryBank:
 
     def __init__(self, targets, num_classes, *, dim=128, dtype=torch.float32, device="cpu", seed=0, group=None):
         # Every rank builds its shard from the same targets and settings (one all-gather says so)
-        agree = ("ShardedMemoryBank", dict(num_classes=num_classes, dim=dim, dtype=dtype, seed=seed))
-        agree[1]["targets"] = raw_digest(targets)
+        settings = dict(num_classes=num_classes, dim=dim, dtype=dtype, seed=seed, targets=raw_digest(targets))
+        agree = ("ShardedMemoryBank", settings)
         build = lambda: self._build(targets, num_classes, dim, dtype, device, seed, group)  # noqa: E731
         checked(build, *agree, group, where(device))
         gather_agreed(0, *agree, group, self.device)

@@ -21,8 +21,8 @@ def check_path(path: str, what: str) -> str:
     """``path`` can take a new file: not a directory, in a directory that exists."""
     if os.path.isdir(path):
         raise ConfigError(f"{what} {path}: is a directory; expected a file name")
-    if _files.parent_problem(path):
-        raise ConfigError(f"{what} {path}: {_files.parent_problem(path)}")
+    if why := _files.parent_problem(path):
+        raise ConfigError(f"{what} {path}: {why}")
     return path
 
 

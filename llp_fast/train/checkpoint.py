@@ -128,19 +128,22 @@ def resume_command(run_dir: str, nproc: int | None = None) -> str:
         run_dir = parent
     nproc = world_size() if nproc is None else nproc
     command = f"llp-fast-train --resume {shlex.quote(run_dir)}" + (f" --nproc {nproc}" if nproc > 1 else "")
-    saved, running = (peek(run_dir) or {}).get("epochs"), _running_epochs(run_dir)
+    # config.json holds the settings of the run last started there (a resume writes them before its
+    # first checkpoint)
+    saved, running = (peek(run_dir) or {}).get("epochs"), read_settings(run_dir).get("epochs")
+    running = running if isinstance(running, int) and not isinstance(running, bool) else None
     return command + (f" --epochs {running}" if saved is not None and running not in (None, saved) else "")
 
 
-def _running_epochs(run_dir: str) -> int | None:
-    """The ``epochs`` of ``RUN_DIR/config.json``: the settings of the run last started there (a
-    resume writes them before its first checkpoint); None where it cannot be read."""
+def read_settings(run_dir: str) -> dict:
+    """``RUN_DIR/config.json`` as a dict, or ``{}`` where it is missing or unreadable (for what a
+    message or a check may read from it; a run's own settings come from its checkpoint)."""
     try:
         with open(os.path.join(run_dir, CONFIG), encoding="utf-8") as f:
-            epochs = json.load(f).get("epochs")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def peek(path: str) -> dict | None:
