@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -125,7 +124,7 @@ def main(argv=None):
     p.add_argument(
         "--out",
         type=Path,
-        default=Path(os.environ.get("OUT") or ROOT / "bench" / "results"),
+        default=common.results_dir(),
         help="results folder (default: $OUT when set, else bench/results)",
     )
     args = p.parse_args(argv)

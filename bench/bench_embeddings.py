@@ -123,7 +123,7 @@ def write_result(result: dict, name: str, *, load_key: str = "loadavg") -> str:
     result.setdefault("cpu", cpu_info())
     result.setdefault("commit", common.git_commit())
     result.setdefault("command", common.command_line())
-    folder = os.environ.get("OUT") or RESULTS
+    folder = common.results_dir()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)
     with open(path, "w") as f:

@@ -227,7 +227,7 @@ def main(argv=None) -> list:
         line = ", ".join(f"{r['provider']} {r['median_images_per_s']:.0f} img/s" for r in rows if r["pass"] == kind)
         print(f"{kind} ({n_img} images, {args.source_size} -> {args.image_size} px, {args.workers} workers): {line}")
     name = f"loader-{common.device_slug('cpu')}.json"
-    out = Path(args.out) if args.out else Path(os.environ.get("OUT") or common.RESULTS) / name
+    out = Path(args.out) if args.out else common.results_dir() / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"rows in {out}")

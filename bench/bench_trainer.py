@@ -148,7 +148,7 @@ def _finish(proc, key, run_dir, t0, extra, results, builtin_dir=None) -> bool:
 def runs(args) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
-    done, queue, skipped = _done(args.results), [], 0
+    done, queue, skipped, commit = _done(args.results), [], 0, common.git_commit()
     for s, v in _plan(args):
         for seed in args.seeds.split(","):
             key = f"{s}/{v}/s{seed}" + (f"/{args.tag}" if args.tag else "")
@@ -165,7 +165,7 @@ def runs(args) -> None:
             data = _as_npz(s, int(seed), args.work) if v == "as-npz" else SETTINGS[s]
             argv = [*data, *VARIANTS[v], "--seed", seed, *args.extra.split()]
             extra = dict(setting=s, variant=v, seed=int(seed), tag=args.tag, flags=" ".join(argv), extra=args.extra)
-            extra["commit"] = common.git_commit()
+            extra["commit"] = commit
             queue.append((key, argv, extra))
     if skipped:
         print(f"{skipped} of the planned runs are in {args.results} already: not run again", flush=True)
@@ -211,6 +211,7 @@ def pixels(args) -> None:
     from llp_fast.data import load
 
     os.makedirs(RESULTS, exist_ok=True)
+    stamp = {"commit": common.git_commit(), "command": common.command_line()}
     done = _done(PIXELS)
     for s in args.settings.split(","):
         name, frac = SETTINGS[s][1], float(SETTINGS[s][3])
@@ -236,8 +237,7 @@ def pixels(args) -> None:
                 "seed": seed,
                 "vote": float((vote.predict(unit(xt)) == yt).mean()),
                 "label_spreading": float((spread.predict(unit(xt)) == yt).mean()),
-                "commit": common.git_commit(),
-                "command": common.command_line(),
+                **stamp,
             }
             with open(PIXELS, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -32,6 +32,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir() -> Path:
+    """Where results files go by default: ``$OUT`` when set (a GPU session's results come back from
+    there), else bench/results."""
+    return Path(os.environ.get("OUT") or RESULTS)
+
+
 if str(ROOT) not in sys.path:  # run as `python bench/bench_x.py` from a source checkout
     sys.path.insert(0, str(ROOT))
 

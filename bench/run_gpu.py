@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     import llp_fast
 
     print(llp_fast.describe_backends(), flush=True)  # which implementation serves each op here
-    out = Path(os.environ.get("OUT") or common.RESULTS)
+    out = common.results_dir()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     status = 0 if args.skip_tests else run_tests(timeout=args.test_timeout)
