@@ -138,9 +138,12 @@ class ShardedMemoryBank:
         return truth
 
     # -- docs/method.md §1 steps, collective ---------------------------------------------------------
-    def stored(self, indices, agree=("ShardedMemoryBank.stored", {})):
-        """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners.
-        (``agree``: the call and settings its gather carries, :meth:`loss`'s where it calls it.)"""
+    def stored(self, indices):
+        """(labels, confidence) of dataset ``indices`` (this rank's batch), from their owners."""
+        return self._stored(indices, ("ShardedMemoryBank.stored", {}))
+
+    def _stored(self, indices, agree):
+        """:meth:`stored`, its gather carrying ``agree`` (:meth:`loss`'s call and settings there)."""
         indices = check_indices(indices, self.n, self.device)
         idx_all, _ = self._gather_batch(indices, agree)
         own = self._owned(idx_all)
@@ -190,7 +193,7 @@ class ShardedMemoryBank:
         tau = checked(lambda: check.temperature(tau), *agree, self.group, self.device)
         self._check_v(v, indices, check_finite)
         if targets is None:
-            targets, _ = self.stored(indices, agree)
+            targets, _ = self._stored(indices, agree)
         targets = as_tensor(targets, "targets", device=self.device)
         check.vector(targets, "targets", v.shape[0], device=self.device, kind="int")
         return ShardedAggregationLoss.apply(
