@@ -5,6 +5,7 @@ the consistency term, the weight average, the labeled stream, --method fixmatch,
 import dataclasses
 import json
 import os
+import pathlib
 import sys
 import textwrap
 
@@ -19,6 +20,7 @@ from llp_fast.errors import ConfigError, Interrupted
 from llp_fast.train import order
 from llp_fast.train.api import fit, train
 from llp_fast.train.checkpoint import CHECKPOINT, METRICS
+from llp_fast.train.config import TrainConfig
 from llp_fast.train.ema import WeightAverage
 from llp_fast.train.loop import Trainer
 from llp_fast.train.relabel import relabel
@@ -681,6 +683,34 @@ def test_a_fit_failing_at_its_first_step_leaves_no_run_directory(tmp_path, monke
     assert os.listdir(tmp_path / "runs") == []
     out = fit(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten()), data, **settings)
     assert os.listdir(tmp_path / "runs") == [os.path.basename(out.config.run_dir)]
+
+
+class _FailsOnce(_FailsToTrain):
+    def forward(self, x):
+        if self.training and not getattr(self, "failed", False):
+            self.failed = True
+            raise RuntimeError("my network's own bug")
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def test_a_second_fit_after_a_failed_first_writes_its_settings(tmp_path, monkeypatch):
+    """prepare() without run_dir, a fit() failing at its first step (its runs/<time> and settings
+    removed), then fit() again: that run trained and checkpointed with no config.json, which the
+    tools and the resume read."""
+    from llp_fast.train.api import prepare
+
+    monkeypatch.chdir(tmp_path)
+    data, settings = own_network_settings(tmp_path, epochs=1)
+    del settings["run_dir"]
+    trainer = prepare(TrainConfig(data=data, **settings), model=_FailsOnce())
+    written = (pathlib.Path(trainer.cfg.run_dir) / "config.json").read_text()
+    with pytest.raises(RuntimeError, match="my network's own bug"):
+        trainer.fit()
+    assert not os.path.exists(trainer.cfg.run_dir)
+    trainer.fit()
+    run = pathlib.Path(trainer.cfg.run_dir)
+    assert sorted(os.listdir(run)) == sorted([CHECKPOINT, METRICS, "config.json", "tb"])
+    assert json.loads((run / "config.json").read_text()) == json.loads(written)
 
 
 def test_a_run_directory_with_metrics_and_no_checkpoint_is_not_taken_over(tmp_path, capsys):

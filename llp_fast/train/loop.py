@@ -304,8 +304,7 @@ class Trainer:
         tb = None
         if self.rank == 0:
             self.claim = getattr(self, "claim", None) or claim.RunClaim(cfg.run_dir)  # (prepare's, or again)
-            report.write_history(cfg.run_dir, self.history)  # the checkpoint's rows are the record
-            tb = report.TensorBoard(cfg.run_dir, self.epoch)
+            tb = report.reopen(cfg.run_dir, self.history, self.epoch, dataclasses.asdict(cfg))
             if tb.missing:
                 self.progress.line(tb.missing)
         ended = False

@@ -79,6 +79,17 @@ def write_history(run_dir: str, history: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def reopen(run_dir: str, history: list[dict], epoch: int, config: dict) -> TensorBoard:
+    """What a fit writes before its first step: the checkpoint's metrics rows (the record), the
+    settings where they are missing (a second fit of a Trainer whose first stopped before its first
+    checkpoint: :func:`forget_unsaved` took them, and the run trained on without a ``config.json``),
+    and TensorBoard's writer from ``epoch``."""
+    write_history(run_dir, history)
+    if not os.path.exists(os.path.join(run_dir, CONFIG)):
+        write_config(run_dir, config)
+    return TensorBoard(run_dir, epoch)
+
+
 def forget_unsaved(run_dir: str, *, made: bool) -> None:
     """After a run stopped before its first checkpoint was written: its metrics rows belong to no
     checkpoint, and go (a new run there was refused as "the metrics of a run whose checkpoint is
