@@ -166,8 +166,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument(
         "--out",
-        default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"),
-        help="results folder (default: $OUT when set, else bench/results)",
+        default=None,
+        help="results folder (default: $OUT when set, else bench/results: common.results_dir)",
     )
     args = ap.parse_args(argv)
     for flag in (
@@ -191,6 +191,7 @@ def main(argv=None) -> None:
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import common
 
+    args.out = args.out or str(common.results_dir())
     torch.set_num_threads(args.world)
     targets = _targets(args.n, args.m, args.classes)
     idx, emb = _batch(args.n, args.b, args.d)
