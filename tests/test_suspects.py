@@ -38,11 +38,14 @@ def brute_gaps(x, labels, voter_rows, voter_classes, voter_bias, classes, k, tau
     return out
 
 
-def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8, floor=1e-8, masses=False):
+def brute_spread(
+    x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8, floor=1e-8, masses=False, reach_cut=30.0
+):
     """docs/embeddings.md's spreading margin with dense float64 matrices: the k-NN graph by cosine
     similarity and a full sort of each row's, W = max(W, W^T), S = D^-1/2 W D^-1/2, G = (I - alpha
     S)^-1 by an explicit inverse, each labeled row's mean mass per class over the other labeled
-    rows, both masses floored at ``floor`` times the largest, 0 for a class with no other seed.
+    rows, both masses floored at ``floor`` times the largest, 0 for a class with no other seed and
+    for a row whose largest mass is below the median row's over ``reach_cut`` (None: no cut).
     With ``masses``: also the smaller of the two masses the margin compares (own, best other)."""
     x = x.astype(np.float64)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -61,7 +64,7 @@ def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8,
     d = w.sum(1)
     d[d == 0] = 1.0
     g = np.linalg.inv(np.eye(v) - alpha * w / np.sqrt(np.outer(d, d)))
-    out, least = np.zeros(len(labeled_at)), np.zeros(len(labeled_at))
+    out, least, reach = np.zeros(len(labeled_at)), np.zeros(len(labeled_at)), np.zeros(len(labeled_at))
     if num_classes < 2:
         return (out, least) if masses else out
     for a, i in enumerate(labeled_at):
@@ -71,12 +74,15 @@ def brute_spread(x, labeled_at, nodes, y, num_classes, k=10, tau=0.1, alpha=0.8,
                 mass[y[b]] += g[j, i]
                 seeds[y[b]] += 1
         mass /= np.maximum(seeds, 1)  # a mean per class
+        reach[a] = mass.max()
         low = max(floor * mass.max(), 1e-300)
         own = mass[y[a]]
         mass[y[a]] = -np.inf
         least[a] = min(own, mass.max())
         if seeds[y[a]] > 0:
             out[a] = np.log(max(own, low)) - np.log(max(mass.max(), low))
+    if reach_cut is not None:
+        out[reach < np.median(reach) / reach_cut] = 0.0
     return (out, least) if masses else out
 
 
@@ -181,6 +187,25 @@ def test_spread_margins_single_seed_ties_and_far_rows(monkeypatch):
         sure = least > 1e-3
         assert sure.sum() >= 5
         np.testing.assert_allclose(got[sure], want[sure], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spread_margin_is_zero_where_the_other_seeds_hardly_reach(dtype, monkeypatch):
+    """A labeled row at the far end of a chain, its class's other seeds at the near end beyond another
+    class's: both masses at it are about 1/5,000 of the median row's, and their ratio (margin -1.6,
+    the most suspect of the seven) says only which seeds lie nearer, not that its label is wrong.
+    Below the median's 1/30 (spread.REACH_CUT) the margin is 0, as where nothing reaches."""
+    n = 60
+    t = np.linspace(0, 1.5, n)
+    x = np.stack([np.cos(t), np.sin(t), np.zeros(n)], 1)
+    x = (x + 1e-4 * np.random.default_rng(0).standard_normal(x.shape)).astype(np.float32)
+    at, y = np.array([0, 1, 2, 12, 13, 14, n - 1]), np.array([0, 0, 0, 1, 1, 1, 0])
+    monkeypatch.setattr(spread_mod, "SOLVE_DTYPE", dtype)
+    got = spread_margins(torch.from_numpy(x), at, y, 2, chunk=16).margin
+    uncut = brute_spread(x, at, np.arange(n), y, 2, reach_cut=None)
+    assert uncut[-1] == uncut.min() < -1.5 and (uncut[:-1] > 0.5).all()
+    np.testing.assert_allclose(got, brute_spread(x, at, np.arange(n), y, 2), rtol=1e-5, atol=1e-5)
+    assert got[-1] == 0.0 and (got[:-1] > 0.5).all()
 
 
 def test_suspects_from_shards_and_unit_free(tmp_path):

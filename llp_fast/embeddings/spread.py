@@ -24,6 +24,10 @@ from ..ops import topk_scores
 SPREAD_K = 10  # the spreading graph's neighbours per row
 SPREAD_TAU = 0.1  # its temperature: edge weight exp(x_i . x_j / 0.1)
 SPREAD_ALPHA = 0.8  # label spreading's alpha: how far labels travel (chosen on digits/MNIST-5k, docs)
+# A row the other seeds hardly reach (the largest class mass at it, its own class's included, below
+# the median row's over REACH_CUT) gets margin 0: both masses are then tiny and their ratio noise
+# (docs/embeddings.md, "Suspect labels": 1/10 to 1/100 did the same on digits' splits).
+REACH_CUT = 30.0
 SOLVE_ENTRIES = 1 << 22  # entries of one (V, b) block of the solve (five such arrays live)
 SOLVE_DTYPE = torch.float32
 
@@ -183,8 +187,9 @@ def spread_margins(
     ``log F_i[y_i] - log max_{c != y_i} F_i[c]`` (float64), with both masses floored
     at the solve's tolerance times the column's largest class mass: below that the solve does not
     resolve a mass (CG's answer after n steps is 0 beyond n hops), so the margin stays within
-    +-log(1 / tolerance) (11.5 in float32). It is 0 where it has no evidence: a single class, or a
-    row whose class has no other labeled row. The class sums run on the CPU in float64 (the same on
+    +-log(1 / tolerance) (11.5 in float32). It is 0 where it has no evidence: a single class, a
+    row whose class has no other labeled row, or a row the other seeds hardly reach (its largest
+    class mass, its own class's included, below the median labeled row's over ``REACH_CUT``). The class sums run on the CPU in float64 (the same on
     every rank). Cost: the graph (V^2 D) and about 15 sparse products of the graph (about 1.5 V k
     nonzeros) with a (V, M) block in all."""
     m = len(labeled_at)
@@ -198,7 +203,7 @@ def spread_margins(
     yt = torch.from_numpy(np.asarray(y, np.int64))
     count = torch.bincount(yt, minlength=num_classes).double()
     width = max(1, min(m, SOLVE_ENTRIES // max(v, 1)))  # columns per solve
-    out = np.empty(m)
+    out, reach = np.empty(m), np.empty(m)
     bar = progress.bar(m, "suspect labels: spread", unit="rows") if progress is not None else None
     for a in range(0, m, width):
         b = min(a + width, m)
@@ -211,7 +216,8 @@ def spread_margins(
         seeds = count[:, None].repeat(1, b - a)
         seeds[yt[a:b], cols] -= 1  # the row itself is not among its class's seeds
         mass /= seeds.clamp_min(1)
-        floor = (tol * mass.max(0).values).clamp_min(1e-300)
+        reach[a:b] = mass.max(0).values.numpy()
+        floor = torch.from_numpy(tol * reach[a:b]).clamp_min(1e-300)
         own = torch.maximum(mass[yt[a:b], cols], floor)
         mass[yt[a:b], cols] = -math.inf
         other = torch.maximum(mass.max(0).values, floor)
@@ -221,4 +227,5 @@ def spread_margins(
             bar.update(b - a)
     if bar is not None:
         bar.close()
+    out[reach < np.median(reach) / REACH_CUT] = 0.0  # (a median of 0 cuts nothing)
     return Spread(out, nearest[np.asarray(labeled_at, np.int64)])
