@@ -190,8 +190,8 @@ def spread_margins(
     +-log(1 / tolerance) (11.5 in float32). It is 0 where it has no evidence: a single class, a
     row whose class has no other labeled row, or a row the other seeds hardly reach (its largest
     class mass, its own class's included, below the median labeled row's over ``REACH_CUT``). The
-    class sums run on the CPU in float64 (the same on every rank). Cost: the graph (V^2 D) and about 15 sparse products of the graph (about 1.5 V k
-    nonzeros) with a (V, M) block in all."""
+    class sums run on the CPU in float64 (the same on every rank). Cost: the graph (V^2 D) and
+    about 15 sparse products of the graph (about 1.5 V k nonzeros) with a (V, M) block in all."""
     m = len(labeled_at)
     if m < 2 or num_classes < 2:  # no other seed, or no other class: no evidence
         return Spread(np.zeros(m), np.full(m, np.nan))
