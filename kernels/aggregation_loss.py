@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llp_fast.reference import check_aggregation_rows
+
 from ._aggregation_tiles import PARTIAL_BYTES, bank_tile, batch_block, online_lse, prepare
 from ._blocks import dot
 from ._launch import decline_reason, launch, maybe_autotune
@@ -168,6 +170,7 @@ def aggregation_loss_triton(
     Returns:
         (loss, lse_all, lse_pos), each (B,) float32; NotImplemented for float64 or D > 256.
     """
+    check_aggregation_rows(v, bank, bank_labels, targets)
     if decline_reason(v, bank):
         return NotImplemented
     n_b, dev = v.shape[0], v.device
@@ -204,6 +207,7 @@ def aggregation_loss_backward_triton(
 ):
     """Launcher for ``llp_fast::aggregation_loss_backward``: same arguments as its default
     body. Returns grad_v (B, D) in ``v.dtype``, or NotImplemented for float64 or D > 256."""
+    check_aggregation_rows(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos)
     if decline_reason(v, bank):
         return NotImplemented
     n_b, d, dev = v.shape[0], v.shape[1], v.device

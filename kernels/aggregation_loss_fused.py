@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llp_fast.reference import check_aggregation_rows
+
 from ._aggregation_tiles import PARTIAL_BYTES, bank_tile, batch_block, prepare
 from ._blocks import dot
 from ._launch import decline_reason, launch, maybe_autotune
@@ -140,6 +142,7 @@ def aggregation_loss_fused_triton(
         (loss, lse_all, lse_pos, mean_all, mean_pos) float32, or NotImplemented as
         :func:`aggregation_loss_triton`.
     """
+    check_aggregation_rows(v, bank, bank_labels, targets)
     if decline_reason(v, bank):
         return NotImplemented
     n_b, d, dev = v.shape[0], v.shape[1], v.device

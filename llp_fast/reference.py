@@ -167,10 +167,23 @@ def _aggregation_tiles(v, bank, bank_labels, targets, tau):
             yield r0, c0, m, s, bank_labels[None, c0 : c0 + cc] == tgt
 
 
+def check_aggregation_rows(v, bank, bank_labels, targets, *per_row) -> None:
+    """The raw aggregation ops' row counts (the public ``aggregation_loss`` checks its own
+    arguments): ``bank_labels`` one per bank row, ``targets`` and each of ``per_row`` (the backward's
+    normalisers and coefficients) one per row of ``v``. The kernels read that many (a (1,)
+    ``coef_pos`` was read past its end); here it would have been broadcast."""
+    if bank_labels.numel() != bank.shape[0]:
+        raise ValueError(f"bank_labels must hold one class per bank row ({bank.shape[0]}), got {bank_labels.numel()}")
+    for name, t in zip(("targets", "lse_all", "lse_pos", "coef_all", "coef_pos"), (targets, *per_row)):
+        if t.numel() != v.shape[0]:
+            raise ValueError(f"{name} must hold one value per row of v ({v.shape[0]}), got {t.numel()}")
+
+
 def aggregation_loss_ref(v, bank, bank_labels, targets, tau):
     """docs/method.md §1.3: ``loss_b = lse_all_b - lse_pos_b`` with ``lse_all = logsumexp_j(v.m_j/tau)``
     and ``lse_pos`` the same over rows with ``bank_labels == targets_b``. Two online
     log-sum-exps over bank tiles. Returns (loss, lse_all, lse_pos), each (B,)."""
+    check_aggregation_rows(v, bank, bank_labels, targets)
     cdt = compute_dtype(v, bank)
     n = v.shape[0]
     lse_all = torch.full((n,), -math.inf, dtype=cdt, device=v.device)
@@ -187,6 +200,7 @@ def aggregation_loss_backward_ref(v, bank, bank_labels, targets, lse_all, lse_po
     """Gradient of ``sum_b coef_all_b * lse_all_b + coef_pos_b * lse_pos_b`` w.r.t. ``v``:
     ``(1/tau) * sum_j (coef_all_b p_bj + coef_pos_b q_bj) m_j``, with p the softmax over all
     rows and q over the same-label rows. Scores are recomputed tile by tile (no B x N)."""
+    check_aggregation_rows(v, bank, bank_labels, targets, lse_all, lse_pos, coef_all, coef_pos)
     cdt = compute_dtype(v, bank)
     grad = torch.zeros(v.shape, dtype=cdt, device=v.device)
     a = coef_all.to(cdt)[:, None]

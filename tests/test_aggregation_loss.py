@@ -120,6 +120,39 @@ def test_forward_mode_and_torch_func_are_refused_in_one_line():
         f(forward_ad.make_dual(v, ones))
 
 
+@pytest.mark.parametrize("impl", ["extension", "reference"])
+def test_raw_ops_refuse_per_row_inputs_of_another_length(impl):
+    """The registered ops called directly (the public function checks its own arguments): a (1,)
+    lse_pos or coef_pos was read past its end by the CPU kernel (AddressSanitizer; a non-finite
+    gradient in a normal build) and broadcast by the reference."""
+    if impl == "extension":
+        require_ext()
+    b, n, d = 64, 600, 8
+    v, bank = torch.randn(b, d), torch.randn(n, d)
+    labels, targets = torch.zeros(n, dtype=torch.long), torch.zeros(b, dtype=torch.long)
+    if impl == "extension":
+        forward, backward = torch.ops.llp_fast.aggregation_loss, torch.ops.llp_fast.aggregation_loss_backward
+        error = RuntimeError
+    else:
+        forward, backward, error = aggregation_loss_ref, aggregation_loss_backward_ref, ValueError
+    _, la, lp = forward(v, bank, labels, targets, 0.1)
+    ones = torch.ones(b)
+    for args, name in (
+        ((la, lp[:1], ones, ones), "lse_pos"),
+        ((la, lp, ones, ones[:1]), "coef_pos"),
+        ((la[:-1], lp, ones, ones), "lse_all"),
+        ((la, lp, torch.ones(b + 1), ones), "coef_all"),
+    ):
+        with pytest.raises(error, match=name if impl == "reference" else "one value per row of v"):
+            backward(v, bank, labels, targets, *args, 0.1)
+    if impl == "reference":
+        with pytest.raises(ValueError, match=r"bank_labels must hold one class per bank row \(600\), got 599"):
+            forward(v, bank, labels[1:], targets, 0.1)
+        with pytest.raises(ValueError, match=r"targets must hold one value per row of v \(64\), got 1"):
+            forward(v, bank, labels, targets[:1], 0.1)
+    assert torch.isfinite(backward(v, bank, labels, targets, la, lp, ones, -ones, 0.1)).all()
+
+
 def test_bank_gets_no_gradient():
     v, bank, bank_labels, targets = _inputs(4, 10, 3, 2, torch.float32)
     bank.requires_grad_()
@@ -295,6 +328,19 @@ class TestTriton:
     # The interpreter evaluates log(0) for a row without positives (the loss is then +inf, as in
     # the reference); NumPy warns about it.
     pytestmark = [*triton_tests, pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")]
+
+    def test_launchers_refuse_per_row_inputs_of_another_length(self):
+        """The launchers read B targets, normalisers and coefficients and N bank labels: fewer
+        are refused before anything is launched (a GPU would read past their ends)."""
+        v64, bank64, bank_labels, targets, ca, cp = make_inputs(9, 30, 8, seed=3)
+        v, bank = v64.float(), bank64.float()
+        _, la, lp = aggregation_loss_ref(v, bank, bank_labels, targets, TAU)
+        with pytest.raises(ValueError, match="coef_pos must hold one value per row of v"):
+            kernels.aggregation_loss_backward_triton(v, bank, bank_labels, targets, la, lp, ca, cp[:1], TAU)
+        with pytest.raises(ValueError, match="bank_labels must hold one class per bank row"):
+            kernels.aggregation_loss_triton(v, bank, bank_labels[:-1], targets, TAU)
+        with pytest.raises(ValueError, match="targets must hold one value per row of v"):
+            kernels.aggregation_loss_fused_triton(v, bank, bank_labels, targets[:3], TAU)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @pytest.mark.parametrize(

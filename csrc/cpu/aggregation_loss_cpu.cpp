@@ -196,6 +196,10 @@ at::Tensor aggregation_loss_backward_cpu(const at::Tensor& v, const at::Tensor& 
   TORCH_CHECK(tau > 0, "aggregation_loss_backward_cpu: tau must be > 0");
   const at::ScalarType cdt = compute_type(v, bank);
   const int64_t nb = v.size(0), d = v.size(1);
+  // one value per row of v each: the tiles read nb of them (a (1,) coef_pos was read past its end)
+  TORCH_CHECK(lse_all.numel() == nb && lse_pos.numel() == nb && coef_all.numel() == nb && coef_pos.numel() == nb,
+              "aggregation_loss_backward_cpu: lse_all, lse_pos, coef_all and coef_pos must each hold one value per "
+              "row of v (", nb, ")");
   const at::Tensor labels = bank_labels.to(at::kLong).contiguous();
   const at::Tensor tgt = targets.to(at::kLong).contiguous();
   const at::Tensor la = lse_all.detach().to(cdt).contiguous().view({nb, 1});
