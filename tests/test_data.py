@@ -32,22 +32,6 @@ def test_unlabeled_fraction_drops_unlabeled_only():
     assert len(s.train) - n_lab == round(0.5 * (160 - n_lab))
 
 
-def test_unlabeled_fraction_keeps_the_same_rows_of_the_same_data_as_an_npz(tmp_path):
-    """The built-in digits split written to an npz (labels with -1, its held-out set) and loaded with
-    the same --unlabeled-fraction and seed: the same images train (the subsample drew from the
-    stream the built-in split had used for its held-out and labeled picks: 59 of 259 in common)."""
-    built = load("digits", device="cpu", labeled_fraction=0.1, seed=0)
-    path = tmp_path / "d.npz"
-    np.savez(
-        path, x=built.x[:, 0].numpy(), y=built.targets.numpy(), x_test=built.x_test[:, 0].numpy(),
-        y_test=built.y_test.numpy(),
-    )  # fmt: skip
-    a = load("digits", device="cpu", labeled_fraction=0.1, unlabeled_fraction=0.2, seed=0)
-    b = load(f"npz:{path}", device="cpu", labeled_fraction=0.1, unlabeled_fraction=0.2, seed=0)
-    assert len(a.x) < len(built.x) // 2
-    assert torch.equal(a.x, b.x) and torch.equal(a.targets, b.targets)
-
-
 def test_class_without_labeled_example_is_an_error():
     y = np.array([0] * 10 + [-1] * 10)  # class 1 (of 2) is never labeled
     with pytest.raises(DataError, match="class 1 has no labeled"):

@@ -113,9 +113,7 @@ def make_split(
                 f"--unlabeled-fraction {unlabeled_fraction:g} keeps none of the {len(unlabeled)} unlabeled training "
                 "examples: raise it"
             )
-        # its own stream: the same data as an npz (its labeled and held-out rows given, so neither
-        # is drawn) keeps the same unlabeled rows as the built-in split it was written from
-        keep = np.random.default_rng((seed, 1)).choice(len(unlabeled), n_keep, replace=False)
+        keep = rng.choice(len(unlabeled), n_keep, replace=False)
         unlabeled = np.sort(unlabeled[keep])
     train = np.sort(np.concatenate([labeled, unlabeled]))
     is_labeled = np.isin(train, labeled)
