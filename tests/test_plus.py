@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import sys
 import textwrap
 
@@ -711,6 +712,13 @@ def test_a_second_fit_after_a_failed_first_writes_its_settings(tmp_path, monkeyp
     run = pathlib.Path(trainer.cfg.run_dir)
     assert sorted(os.listdir(run)) == sorted([CHECKPOINT, METRICS, "config.json", "tb"])
     assert json.loads((run / "config.json").read_text()) == json.loads(written)
+    # a prepared run whose directory went before its first fit (a relative runs/<time> after a
+    # chdir, or removed): the fit makes it again (reopen's write of the settings failed there)
+    trainer = prepare(TrainConfig(data=data, **settings), model=_FailsOnce())
+    trainer.model.backbone.failed = True
+    shutil.rmtree(trainer.cfg.run_dir)
+    trainer.fit()
+    assert sorted(os.listdir(trainer.cfg.run_dir)) == sorted([CHECKPOINT, METRICS, "config.json", "tb"])
 
 
 def test_a_run_directory_with_metrics_and_no_checkpoint_is_not_taken_over(tmp_path, capsys):

@@ -84,6 +84,7 @@ def reopen(run_dir: str, history: list[dict], epoch: int, config: dict) -> Tenso
     settings where they are missing (a second fit of a Trainer whose first stopped before its first
     checkpoint: :func:`forget_unsaved` took them, and the run trained on without a ``config.json``),
     and TensorBoard's writer from ``epoch``."""
+    _files.make_dirs(run_dir, what="run directory")  # (removed with the settings, or not made here)
     write_history(run_dir, history)
     if not os.path.exists(os.path.join(run_dir, CONFIG)):
         write_config(run_dir, config)
