@@ -172,11 +172,13 @@ def check_aggregation_rows(v, bank, bank_labels, targets, *per_row) -> None:
     arguments): ``bank_labels`` one per bank row, ``targets`` and each of ``per_row`` (the backward's
     normalisers and coefficients) one per row of ``v``. The kernels read that many (a (1,)
     ``coef_pos`` was read past its end); here it would have been broadcast."""
-    if bank_labels.numel() != bank.shape[0]:
-        raise ValueError(f"bank_labels must hold one class per bank row ({bank.shape[0]}), got {bank_labels.numel()}")
+    if bank_labels.shape != bank.shape[:1]:
+        raise ValueError(
+            f"bank_labels must hold one class per bank row ({bank.shape[0]},), got {tuple(bank_labels.shape)}"
+        )
     for name, t in zip(("targets", "lse_all", "lse_pos", "coef_all", "coef_pos"), (targets, *per_row)):
-        if t.numel() != v.shape[0]:
-            raise ValueError(f"{name} must hold one value per row of v ({v.shape[0]}), got {t.numel()}")
+        if t.shape != v.shape[:1]:
+            raise ValueError(f"{name} must hold one value per row of v ({v.shape[0]},), got {tuple(t.shape)}")
 
 
 def aggregation_loss_ref(v, bank, bank_labels, targets, tau):

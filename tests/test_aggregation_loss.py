@@ -146,10 +146,12 @@ def test_raw_ops_refuse_per_row_inputs_of_another_length(impl):
         with pytest.raises(error, match=name if impl == "reference" else "one value per row of v"):
             backward(v, bank, labels, targets, *args, 0.1)
     if impl == "reference":
-        with pytest.raises(ValueError, match=r"bank_labels must hold one class per bank row \(600\), got 599"):
+        with pytest.raises(ValueError, match=r"bank_labels must hold one class per bank row \(600,\), got \(599,\)"):
             forward(v, bank, labels[1:], targets, 0.1)
-        with pytest.raises(ValueError, match=r"targets must hold one value per row of v \(64\), got 1"):
+        with pytest.raises(ValueError, match=r"targets must hold one value per row of v \(64,\), got \(1,\)"):
             forward(v, bank, labels, targets[:1], 0.1)
+        with pytest.raises(ValueError, match=r"targets must hold one value per row of v \(64,\), got \(1, 64\)"):
+            forward(v, bank, labels, targets[None], 0.1)
     assert torch.isfinite(backward(v, bank, labels, targets, la, lp, ones, -ones, 0.1)).all()
 
 
