@@ -37,21 +37,24 @@ def _rows_per_chunk(values: torch.Tensor, width: int) -> int:
     return max(1, _TABLE.get(values.device.type, _TABLE_OTHER) // max(width, 1))
 
 
-def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int):
+def merge_topk(values: torch.Tensor, indices: torch.Tensor, k: int, *, index_ordered: bool = False):
     """The ``k`` best of each row of candidates ``values`` / ``indices`` (r, c), ordered as
     ``topk_scores`` orders them: by value descending, equal values by the lower index. ``-inf``
     values are padding: they come last, with index -1 (rows with fewer than ``k`` finite
     candidates, or ``c < k``). Returns (values (r, k), indices (r, k) int64).
 
     Two stable sorts of the (r, c) candidates: for the few candidates of a merge, never for a
-    score tile."""
+    score tile. ``index_ordered``: the caller knows that each row's equal values already stand in
+    ascending index order (lists in this order side by side, each list's keys numbered above the
+    lists before it: the distributed banks' shards), so one sort by value gives the same result."""
     r, c = values.shape
     indices = indices.long()
     if c < k:
         values = torch.cat([values, values.new_full((r, k - c), -math.inf)], dim=1)
         indices = torch.cat([indices, indices.new_full((r, k - c), -1)], dim=1)
-    order = indices.argsort(dim=1, stable=True)
-    values, indices = values.gather(1, order), indices.gather(1, order)
+    if not index_ordered:
+        order = indices.argsort(dim=1, stable=True)
+        values, indices = values.gather(1, order), indices.gather(1, order)
     order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
     values, indices = values.gather(1, order), indices.gather(1, order)
     return values, indices.masked_fill_(values == -math.inf, -1)

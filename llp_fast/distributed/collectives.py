@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import math
 import os
 import signal
 import sys
@@ -213,16 +212,13 @@ def merged_topk(values: torch.Tensor, indices: torch.Tensor, k: int, group=None)
 
 
 def merge_rank_lists(values: list[torch.Tensor], indices: list[torch.Tensor], k: int):
-    """:func:`merged_topk`'s merge of the ranks' lists (each (Q, w), in rank order): one stable sort
-    where every rank's keys lie above every lower rank's, else :func:`llp_fast._topk.merge_topk`."""
+    """:func:`merged_topk`'s merge of the ranks' lists (each (Q, w), in rank order) by
+    :func:`llp_fast._topk.merge_topk`: one stable sort where every rank's keys lie above every lower
+    rank's (``index_ordered``), two for anything else."""
     vals, idx = torch.cat(values, dim=1), torch.cat(indices, dim=1)
     world, width = len(values), values[0].shape[1]
-    # (fewer candidates than k, or nothing to sort: the merge, which pads)
-    if world > 1 and vals.shape[0] > 0 and world * width >= k and _ranks_in_index_order(idx, width, world):
-        order = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
-        top_v = vals.gather(1, order)
-        return top_v, idx.gather(1, order).masked_fill_(top_v == -math.inf, -1)
-    return merge_topk(vals, idx, k)
+    ordered = world > 1 and vals.shape[0] > 0 and _ranks_in_index_order(idx, width, world)
+    return merge_topk(vals, idx, k, index_ordered=ordered)
 
 
 def _ranks_in_index_order(idx: torch.Tensor, width: int, world: int) -> bool:
