@@ -29,7 +29,7 @@ def load_network(path: str, device="cpu", *, random_init: bool = False):
     if not isinstance(random_init, bool):  # ("yes" was true: random weights, unsaid)
         raise TypeError(f"random_init must be True or False, got {random_init!r}")
     try:
-        device = _checks.device_name(str(device) if isinstance(device, torch.device) else device)
+        device = _checks.device_name(device)  # (a torch.device too: its name)
     except ValueError as e:  # (torch's own RuntimeError listing every device type)
         raise ValueError(f"device: {e}") from None
     path = checkpoint.checkpoint_path(os.fspath(path))
