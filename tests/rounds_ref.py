@@ -22,6 +22,7 @@ def rounds_reference(x, labels, *, rounds, k=10, t=25, tau=0.07, density=True, p
     prior = np.bincount(labels[lab], minlength=num_classes) / lab.sum()
     out_label = labels.copy()
     out_conf = np.where(lab, 1.0, 0.0).astype(np.float32)
+    out_key = np.zeros(n)  # each row's best voter score (v . m_i / tau - b_i): the joining tie-break
     voters = []  # in the order they joined: labeled rows, then each round's additions by row
     vclass, vbias = [], []
     is_voter = lab.copy()
@@ -30,7 +31,7 @@ def rounds_reference(x, labels, *, rounds, k=10, t=25, tau=0.07, density=True, p
         if len(new) == 0:  # the same voters: the same votes (the quotas still grow, below)
             if r == rounds:
                 break
-            new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, is_voter, lab)
+            new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_voter, lab)
             continue
         mask = None if pool == "all" else torch.from_numpy(~lab)
         bias = torch.zeros(len(new), dtype=x.dtype)
@@ -57,13 +58,15 @@ def rounds_reference(x, labels, *, rounds, k=10, t=25, tau=0.07, density=True, p
             num_classes=num_classes,
         )
         out_label[q], out_conf[q] = lq.numpy(), cq.float().numpy()
+        best = llp_fast.topk_scores(x[q], x[v], k=1, tau=tau, bias=None if use_bias is None else -use_bias)
+        out_key[q] = best.values[:, 0].double().numpy()
         if r == rounds:
             break
-        new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, is_voter, lab)
+        new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_voter, lab)
     return out_label, out_conf
 
 
-def _join(r, rounds, cap, prior, num_classes, out_label, out_conf, is_voter, lab):
+def _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_voter, lab):
     """§7.1 step 3 after round r: the rows that join (marked in is_voter), sorted."""
     q = np.flatnonzero(~is_voter)
     added = []
@@ -72,7 +75,7 @@ def _join(r, rounds, cap, prior, num_classes, out_label, out_conf, is_voter, lab
         if n_add <= 0:
             continue
         idx = q[out_label[q] == c]
-        idx = idx[np.lexsort((idx, -out_conf[idx]))][:n_add]
+        idx = idx[np.lexsort((idx, -out_key[idx], -out_conf[idx]))][:n_add]
         added.append(idx)
     new = np.sort(np.concatenate(added)) if added else np.zeros(0, np.int64)
     is_voter[new] = True

@@ -119,9 +119,10 @@ def test_a_class_whose_quota_is_met_takes_no_voter():
     from llp_fast.embeddings.engine import _most_confident
 
     conf = np.array([0.9, 0.8, 0.7, 0.6, 0.5], np.float32)
-    assert _most_confident(np.arange(5), conf, 0).size == 0
-    assert _most_confident(np.arange(5), conf, -2).size == 0
-    assert np.array_equal(_most_confident(np.arange(5), conf, 2), [0, 1])
+    key = np.zeros(5)
+    assert _most_confident(np.arange(5), conf, key, 0).size == 0
+    assert _most_confident(np.arange(5), conf, key, -2).size == 0
+    assert np.array_equal(_most_confident(np.arange(5), conf, key, 2), [0, 1])
     cases = [
         (_problem(500, 8, 40, 0.3, seed=21), dict(max_voters=60)),  # quotas grow by 0-1 a round
         (_problem(600, 8, 5, 0.05, seed=22), dict(max_voters=5)),  # round 1 adds none: the first join later
@@ -246,6 +247,33 @@ def test_select_voters_quotas():
     # round 2 of 2 would want 4 per class: class 0 has one candidate left (7), class 1 two more (9, 8)
     new = select_voters(label, conf, is_voter, lab, 2, 2, 8, prior)
     assert new.tolist() == [7, 8, 9]
+    # with each row's best voter score as the key: class 1's tie at 0.9 goes to the higher key
+    # (6, then 3 and 2 tied again at 5.0: the lower row); class 0 has no tie at its cut
+    key = np.array([0, 0, 5.0, 5.0, 0, 0, 7.5, 0, 0, 0])
+    is_voter = lab.copy()
+    assert select_voters(label, conf, is_voter, lab, 1, 2, 8, prior, key=key).tolist() == [1, 3, 5, 6]
+    key[6] = 4.0
+    assert select_voters(label, conf, is_voter, lab, 1, 2, 8, prior, key=key).tolist() == [1, 3, 5, 6]
+    is_voter[2] = False  # row 2 a candidate too (its label 1, conf 0.9, key 5.0): 2 and 3 beat 6
+    assert select_voters(label, conf, is_voter, lab, 1, 2, 9, prior, key=key).tolist() == [1, 2, 3, 5]
+
+
+def test_the_labels_do_not_depend_on_the_rows_order():
+    """docs/method.md §7.1: rows of equal confidence join by their best voter's score, not by their
+    place in the file, so the labels of a permutation of the rows are the permutation of the labels
+    (clusters where most rows' K voters agree: confidence 1 ties by the hundred)."""
+    g = torch.Generator().manual_seed(31)
+    y = torch.randint(0, 6, (1200,), generator=g)
+    x = torch.nn.functional.normalize(
+        torch.randn(6, 10, generator=g)[y] + 0.5 * torch.randn(1200, 10, generator=g), dim=1
+    )
+    labels = np.where(np.random.default_rng(31).random(1200) < 0.05, y.numpy(), -1)
+    base = label_embeddings(x.numpy(), labels, rounds=5, chunk=300, normalize=False)
+    assert (base.confidence[labels < 0] == 1).sum() > 200
+    for seed in range(3):
+        p = np.random.default_rng(seed).permutation(len(labels))
+        res = label_embeddings(x.numpy()[p], labels[p], rounds=5, chunk=300, normalize=False)
+        assert np.array_equal(res.labels, base.labels[p]) and np.array_equal(res.confidence, base.confidence[p])
 
 
 def test_finishers_are_the_ops_bit_for_bit():

@@ -91,9 +91,10 @@ def _compact(labels: np.ndarray):
     return lab, classes, compact
 
 
-def _most_confident(rows: np.ndarray, conf: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` rows (sorted ascending) of highest ``conf``, ties to the lower row: O(len(rows)).
-    None of them (an empty array) for ``n <= 0``: a class whose quota is already met."""
+def _most_confident(rows: np.ndarray, conf: np.ndarray, key: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` rows of highest ``conf`` (``rows`` ascending); among rows of equal confidence at the
+    cut, the highest ``key`` first, then the lower row: O(len(rows)) plus a sort of the rows tied at
+    the cut. None of them (an empty array) for ``n <= 0``: a class whose quota is already met."""
     if n <= 0:
         return rows[:0]
     if n >= len(rows):
@@ -101,21 +102,30 @@ def _most_confident(rows: np.ndarray, conf: np.ndarray, n: int) -> np.ndarray:
     c = -conf[rows]
     cut = np.partition(c, n - 1)[n - 1]  # minus the n-th highest confidence
     above = rows[c < cut]
-    return np.concatenate([above, rows[c == cut][: n - len(above)]])
+    tied = rows[c == cut]  # ascending
+    tied = tied[np.argsort(-key[tied], kind="stable")[: n - len(above)]]
+    return np.concatenate([above, tied])
 
 
-def select_voters(label, conf, is_voter, lab, r: int, rounds: int, cap: int, prior: np.ndarray) -> np.ndarray:
+def select_voters(
+    label, conf, is_voter, lab, r: int, rounds: int, cap: int, prior: np.ndarray, key: np.ndarray | None = None
+) -> np.ndarray:
     """docs/method.md §7's quotas after round ``r``: for each class c, the rows still voted on whose
-    label is c join, most confident first (ties: the lower row), until the pseudo-labeled voters of
-    class c number ``round(r / rounds * cap * prior_c)``; a class short of candidates takes what it
-    has. Returns the joining rows, sorted. O(N log N) in all (one sort by class)."""
+    label is c join, most confident first (ties: the higher ``key``, each row's best voter's score,
+    then the lower row; without ``key``, the lower row), until the pseudo-labeled voters of class c
+    number ``round(r / rounds * cap * prior_c)``; a class short of candidates takes what it has.
+    Returns the joining rows, sorted. O(N log N) in all (one sort by class)."""
+    if key is None:
+        key = np.zeros(len(label))
     num_classes = prior.shape[0]
     have = np.bincount(label[is_voter & ~lab], minlength=num_classes)
     want = np.array([round(r / rounds * cap * float(p)) for p in prior], dtype=np.int64)
     q = np.flatnonzero(~is_voter)
     q = q[np.argsort(label[q], kind="stable")]  # by class, rows ascending within a class
     starts = np.searchsorted(label[q], np.arange(num_classes + 1))
-    take = [_most_confident(q[starts[c] : starts[c + 1]], conf, max(0, want[c] - have[c])) for c in range(num_classes)]
+    take = [
+        _most_confident(q[starts[c] : starts[c + 1]], conf, key, max(0, want[c] - have[c])) for c in range(num_classes)
+    ]
     return np.sort(np.concatenate(take)) if take else np.zeros(0, np.int64)
 
 
@@ -141,6 +151,7 @@ class _Run:
     label: np.ndarray
     conf: np.ndarray
     is_voter: np.ndarray
+    key: np.ndarray
     book_rows: list = field(default_factory=list)
     book_class: list = field(default_factory=list)
     book_bias: list = field(default_factory=list)
@@ -221,6 +232,7 @@ class Engine:
             label=np.tile(self.y, (len(ks), 1)),
             conf=np.tile(np.where(self.lab, 1.0, 0.0).astype(np.float32), (len(ks), 1)),
             is_voter=self.lab.copy(),
+            key=np.zeros(self.n, np.float64),
         )
         own = self.hi - self.lo
         if self.s.rounds > 1:  # every earlier voter's part of each owned row's top-K (no row has more than N)
@@ -305,6 +317,8 @@ class Engine:
             vals, ids = top.values[:, :k], top.indices[:, :k]
             lq, cq = vote(vals, ids, self.num_classes, table=classes)
             run.label[j, sel], run.conf[j, sel] = lq.cpu().numpy(), cq.float().cpu().numpy()
+            if j == 0 and self.s.rounds > 1:  # the joining order's tie-break: the best voter's score
+                run.key[sel] = vals[:, 0].double().cpu().numpy()
             own = sel - self.lo
             if ("top_classes", run.ks[j]) in run.extras:
                 width = run.extras[("top_classes", run.ks[j])].shape[1]
@@ -319,7 +333,10 @@ class Engine:
         rows that join (they keep this round's label and confidence for good)."""
         run.label[0] = self.comm.gather(run.label[0, self.lo : self.hi])
         run.conf[0] = self.comm.gather(run.conf[0, self.lo : self.hi])
-        new = select_voters(run.label[0], run.conf[0], run.is_voter, self.lab, r, self.s.rounds, self.cap, self.prior)
+        run.key = self.comm.gather(run.key[self.lo : self.hi])
+        new = select_voters(
+            run.label[0], run.conf[0], run.is_voter, self.lab, r, self.s.rounds, self.cap, self.prior, key=run.key
+        )
         run.is_voter[new] = True
         return new
 
