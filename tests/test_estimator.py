@@ -124,6 +124,13 @@ def test_string_classes_and_float64():
     num = LocalLabelPropagation(rounds=2).fit(x, partial)
     assert np.array_equal(clf.transduction_, names[num.transduction_])
     assert clf.predict(x[:3]).dtype == object and clf.predict_proba(x[:3]).dtype == np.float64
+    # a plain list (or tuple) of names and the number -1 is the same labels (NumPy alone would turn
+    # -1 into the text '-1'); the text '-1' in a list is still refused
+    for as_given in (list, tuple):
+        listed = LocalLabelPropagation(rounds=2).fit(x, as_given(y_str.tolist()))
+        assert np.array_equal(listed.transduction_, clf.transduction_)
+    with pytest.raises(ValueError, match="y holds the text '-1'"):
+        LocalLabelPropagation(rounds=2).fit(x, [str(v) for v in y_str])
 
 
 def test_the_text_minus_one_is_refused_and_float16_runs_as_the_command_line():

@@ -54,6 +54,14 @@ def _unlabeled(y: np.ndarray) -> np.ndarray:
     return np.zeros(y.shape[0], bool)
 
 
+def _mixed_labels(y):
+    """A list or tuple of labels that holds text (``["cat", -1, "dog"]``) as an object array, so the
+    number -1 stays the unlabeled mark: NumPy would make every entry text, -1 the class "-1"."""
+    if isinstance(y, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in y):
+        return np.asarray(y, dtype=object)
+    return y
+
+
 def _float_types(X) -> list:
     """validate_data's dtypes for X: float16 is computed in float32, as the command line computes a
     float16 .npy file (the first listed type is what other types become)."""
@@ -225,7 +233,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         settings = self._settings()
         threshold = self._min_confidence()
         normalize = self._normalize()
-        X, y = validate_data(self, X, y, dtype=_float_types(X), y_numeric=False)
+        X, y = validate_data(self, X, _mixed_labels(y), dtype=_float_types(X), y_numeric=False)
         unlabeled = _unlabeled(y)
         try:
             classes = np.unique(y[~unlabeled])
