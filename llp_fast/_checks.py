@@ -24,6 +24,15 @@ def spec_hint(v, files: tuple[str, ...] = (".npz",)) -> str:
     return ""
 
 
+def expand_spec(spec: str) -> str:
+    """``npz:PATH`` / ``folder:PATH`` with ``~`` in PATH expanded: a shell leaves ``npz:~/x`` as it
+    is (it was read as ./~/x by the tools, while llp-fast-train expanded it); anything else as given."""
+    for kind in ("npz:", "folder:"):
+        if spec.startswith(kind):
+            return kind + os.path.expanduser(spec[len(kind) :])
+    return spec
+
+
 def bad(what: str, value) -> ValueError:
     return ValueError(f"expected {what}, got {value!r}")
 

@@ -161,6 +161,10 @@ def test_corrupt_checkpoint(tmp_path, capsys):
     # the way on: a new run there is refused as "already holds a run", the resume as corrupt
     assert line.endswith("this run cannot be resumed; restore the file, or start over with another --run-dir"), line
     one_error_line(capsys, train_main(["--resume", str(tmp_path / "nope")]), "no such run directory")
+    line = one_error_line(capsys, train_main(["--resume", str(rd / "checkpoint.pt")]), "--resume")
+    assert line.endswith("checkpoint.pt: a file; give the run directory that holds it"), (
+        line
+    )  # (was "no such run directory")
     os.makedirs(tmp_path / "empty")
     one_error_line(capsys, train_main(["--resume", str(tmp_path / "empty")]), "no checkpoint")
 

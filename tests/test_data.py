@@ -235,9 +235,14 @@ def test_non_square_npz_images_train_but_are_not_shown_as_pool_images(tmp_path):
         native_format(src)
 
 
-def test_npz_missing_and_garbage(tmp_path):
+def test_npz_missing_and_garbage(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no such file"):
         load(f"npz:{tmp_path}/nope.npz", device="cpu")
+    with pytest.raises(DataError, match=f"^{tmp_path}: a directory, not an .npz archive$"):
+        load(f"npz:{tmp_path}", device="cpu")  # (it was "no such file")
+    monkeypatch.setenv("HOME", str(tmp_path))  # npz:~/... read under $HOME by every caller (a shell leaves it)
+    np.savez(tmp_path / "home.npz", x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20) % 2)
+    assert load("npz:~/home.npz", device="cpu", labeled_fraction=0.5).x.shape[0] > 0
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip")
     with pytest.raises(DataError, match="cannot read"):

@@ -19,6 +19,7 @@ from llp_fast.data.selection import read_selection
 from llp_fast.errors import DataError, Interrupted
 from llp_fast.select import PerClassTopK, select
 from llp_fast.train import TrainConfig, Trainer, prepare
+from llp_fast.train.report import read_metrics
 from llp_fast.train.trained import load_network
 
 # native code at odd settings (tiny networks, one thread, gloo): a crash fails these tests, not the run (_isolate.py)
@@ -326,6 +327,25 @@ def test_extra_unlabeled_grows_the_bank_then_fine_tunes_on_original_only(tmp_pat
         assert sorted(drawn[ep].tolist()) == list(range(n0 + e))
     assert sorted(drawn[2].tolist()) == list(range(n0))  # the rate-jump phase: original only
     assert tr.n == n0 and len(tr.bank) == n0 and tr.bank.embeddings.shape[0] == n0
+    # the pseudo-label accuracy's base: every unlabeled example holds a label and this pool's y is
+    # known for all (a smaller base: the next test)
+    rows = read_metrics(os.path.join(cfg.run_dir, "metrics.jsonl"))
+    assert [(r["pseudo_known"], r["unlabeled"]) for r in rows[:2]] == [
+        (rows[0]["unlabeled"], n0 + e - tr.bank.num_labeled)
+    ] * 2
+
+
+def test_a_pseudo_label_accuracy_over_few_known_says_its_base():
+    """With --extra-unlabeled the selected images' truth is mostly unknown: the accuracy was printed
+    as if over every unlabeled example ("pseudo 33.3%", 1 of 3 known among 509)."""
+    from llp_fast.train.report import epoch_line, known_base
+
+    m = dict(epoch=1, train_loss=1.0, test_top1=0.5, test_top5=0.9, knn_top1=0.5, images_per_s=10.0, epoch_seconds=1.0)
+    line = epoch_line(dict(m, pseudo_acc=1 / 3, pseudo_known=3, unlabeled=509), 3, False)
+    assert "pseudo  33.3% (of 3 known) (" in line, line
+    assert "known" not in epoch_line(dict(m, pseudo_acc=0.9, pseudo_known=509, unlabeled=509), 3, False)
+    assert known_base(dict(pseudo_acc=None, pseudo_known=0, unlabeled=509)) == ""  # n/a: nothing to qualify
+    assert known_base(dict(m, pseudo_acc=0.5)) == ""  # metrics rows written before the keys existed
 
 
 def test_extra_unlabeled_resume_inside_fine_tuning_is_exact(tmp_path, selection):
@@ -483,6 +503,28 @@ def test_a_pool_without_its_kind_says_which_to_give(tmp_path):
             open_pool(spec)
         assert str(e.value) == f"unknown pool {spec!r}: expected npz:PATH or folder:PATH" + (" " + hint if hint else "")
     assert len(open_pool(f"npz:{tmp_path / 'pool.npy'}")) == 3
+
+
+def test_a_pool_under_home_and_a_folder_given_as_a_file(tmp_path, monkeypatch):
+    """``npz:~/...`` and ``folder:~/...`` read under $HOME, as llp-fast-train reads them (a shell
+    leaves the ~ after npz: as it is: it was "no such file: ~/pool.npy"), in the library and at
+    --source's parse; a directory behind npz: is said to be one (it was "no such file")."""
+    from PIL import Image
+
+    from llp_fast.cli.select import _pool
+    from llp_fast.errors import DataError
+    from llp_fast.train.specs import data_spec
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    np.save(tmp_path / "pool.npy", np.zeros((3, 8, 8), np.uint8))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(imgs / "a.png")
+    assert len(open_pool("npz:~/pool.npy")) == 3 and len(open_pool("folder:~/imgs", workers=0)) == 1
+    assert _pool("npz:~/pool.npy") == f"npz:{tmp_path}/pool.npy" and _pool("folder:~/imgs") == f"folder:{imgs}"
+    assert data_spec("npz:~/d.npz") == f"npz:{tmp_path}/d.npz" and data_spec("digits") == "digits"
+    with pytest.raises(DataError, match=f"^{imgs}: a directory, not an .npz archive or .npy file$"):
+        open_pool(f"npz:{imgs}")
 
 
 @pytest.mark.parametrize("fmt", [("arrays", 1, 8), ("arrays", 3, 8), ("arrays", 3, 16)])

@@ -28,7 +28,7 @@ def _pool(text: str) -> str:
     if not text.startswith(("npz:", "folder:")) or text in ("npz:", "folder:"):
         hint = _checks.spec_hint(text, (".npz", ".npy"))  # (a pool may be a .npy)
         raise argparse.ArgumentTypeError(f"expected npz:PATH or folder:PATH, got {text!r}{hint}")
-    return text
+    return _checks.expand_spec(text)
 
 
 def parser() -> argparse.ArgumentParser:

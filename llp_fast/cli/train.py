@@ -218,6 +218,8 @@ def _train(args) -> int:
     rank = launch.distributed_setup(args)
     if args.resume:
         run_dir = args.resume
+        if os.path.isfile(run_dir):
+            raise ConfigError(f"--resume {run_dir}: a file; give the run directory that holds it")
         if not os.path.isdir(run_dir):
             raise ConfigError(f"--resume {run_dir}: no such run directory")
         try:
@@ -281,7 +283,9 @@ def _train(args) -> int:
     if not cfg.supervised_only:
         line += f" | kNN {_pct(llp.get('knn_top1'))}"
         if llp.get("pseudo_acc") is not None:
-            line += f" | pseudo-labels {_pct(llp.get('pseudo_acc'))}"
+            from ..train.report import known_base
+
+            line += f" | pseudo-labels {_pct(llp.get('pseudo_acc'))}{known_base(llp)}"
     print(line + f" | {time.perf_counter() - t0:.0f} s | {run_dir}")
     return 0
 

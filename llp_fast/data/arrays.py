@@ -36,6 +36,9 @@ def _mnist5k():
 
 
 def _npz(path: str):
+    path = os.path.expanduser(path)  # (a shell leaves npz:~/x as it is)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a directory, not an .npz archive")
     if not os.path.isfile(path):
         raise DataError(f"no such file: {path}")
     try:

@@ -109,6 +109,9 @@ class NpzPool:
     of rows at a time. ``y`` (optional, -1 = unknown) is the truth, for diagnostics only."""
 
     def __init__(self, path: str):
+        path = os.path.expanduser(path)  # (a shell leaves npz:~/x as it is)
+        if os.path.isdir(path):
+            raise DataError(f"{path}: a directory, not an .npz archive or .npy file")
         if not os.path.isfile(path):
             raise DataError(f"no such file: {path}")
         self.path = os.path.abspath(path)
@@ -231,7 +234,7 @@ def open_pool(spec: str, workers: int = 2):
     if spec.startswith("npz:"):
         return NpzPool(spec[4:])
     if spec.startswith("folder:"):
-        root = spec[len("folder:") :]
+        root = os.path.expanduser(spec[len("folder:") :])
         if not os.path.isdir(root):
             raise DataError(f"folder:{root}: no such directory")
         paths = image_files(root)  # any tree of images, hidden entries skipped

@@ -17,7 +17,7 @@ import os
 import time
 
 from .. import _files
-from .._checks import increasing_epochs
+from .._checks import expand_spec, increasing_epochs
 from ..errors import ConfigError
 from ..nn import GIVEN
 from .config import ARCHS, DEFAULT_MAX_VOTERS, TrainConfig, flag, validate
@@ -112,7 +112,7 @@ def absolute_data(spec: str) -> str:
     the named sets as they are."""
     for kind in ("npz:", "folder:"):
         if spec.startswith(kind):
-            return kind + os.path.abspath(os.path.expanduser(spec[len(kind) :]))
+            return kind + os.path.abspath(expand_spec(spec)[len(kind) :])
     return spec
 
 

@@ -8,6 +8,8 @@
   embeddings of the labeled examples;
 - ``pseudo_acc``, ``pseudo_counts``, ``pseudo_conf``: the stored labels of the unlabeled training
   examples (accuracy where their truth is known, per-class counts Q_i, mean confidence);
+  ``pseudo_known`` of the ``unlabeled`` examples hold a label whose truth is known (the base of
+  ``pseudo_acc``: with ``--extra-unlabeled`` the selected images' truth is mostly unknown);
 - ``aggregation``, ``aggregation_per_class``: the norm of each true class's mean bank embedding
   (the paper's Fig. 2b);
 - ``corr_density_count``: Pearson correlation of D_i (mean labeled log-density of class i) with
@@ -25,7 +27,16 @@ import torch
 
 from ..ops import propagate
 
-_NO_BANK = ("pseudo_acc", "pseudo_counts", "pseudo_conf", "aggregation", "aggregation_per_class", "corr_density_count")
+_NO_BANK = (
+    "pseudo_acc",
+    "pseudo_known",
+    "unlabeled",
+    "pseudo_counts",
+    "pseudo_conf",
+    "aggregation",
+    "aggregation_per_class",
+    "corr_density_count",
+)
 
 
 def _top(logits, y, s):
@@ -74,6 +85,7 @@ def evaluate(
         return out
     st = bank.class_statistics(truth)
     out["pseudo_acc"] = st["pseudo_hits"] / st["pseudo_known"] if st["pseudo_known"] else None
+    out["pseudo_known"], out["unlabeled"] = st["pseudo_known"], st["unlabeled"]
     counts = st["pseudo_counts"]
     out["pseudo_counts"] = counts.tolist()
     out["pseudo_conf"] = st["pseudo_conf_sum"] / st["unlabeled"] if st["unlabeled"] else None

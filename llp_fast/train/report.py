@@ -193,10 +193,21 @@ def _pct(v) -> str:
     return "   n/a" if v is None else f"{100 * v:5.1f}%"  # ("n/a%" where the data has no truth)
 
 
+def known_base(m: dict) -> str:
+    """`` (of N known)`` after a pseudo-label accuracy measured on fewer than all the unlabeled
+    examples (with ``--extra-unlabeled`` only the examples whose truth is known count); else ``""``."""
+    known, unl = m.get("pseudo_known"), m.get("unlabeled")
+    return (
+        f" (of {known:,} known)"
+        if m.get("pseudo_acc") is not None and known is not None and unl and known < unl
+        else ""
+    )
+
+
 def epoch_line(m: dict, epochs: int, supervised_only: bool) -> str:
     tag = "sup" if supervised_only else "llp"
     return (
         f"[{tag}] epoch {m['epoch']:3d}/{epochs} loss {m['train_loss']:.3f} test top-1 {_pct(m['test_top1'])} "
-        f"top-5 {_pct(m['test_top5'])} kNN {_pct(m['knn_top1'])} pseudo {_pct(m['pseudo_acc'])} "
+        f"top-5 {_pct(m['test_top5'])} kNN {_pct(m['knn_top1'])} pseudo {_pct(m['pseudo_acc'])}{known_base(m)} "
         f"({m['images_per_s']:,.0f} img/s, {m['epoch_seconds']:.1f} s)"
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 
-from .._checks import bad, spec_hint
+from .._checks import bad, expand_spec, spec_hint
 
 ARCHS = ("resnet18", "resnet50")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # package.module:factory, given:ClassName
@@ -19,7 +19,7 @@ def data_spec(v):
         raise ValueError(f"expected digits, mnist5k, npz:PATH or folder:PATH, got {v!r}{spec_hint(v)}")
     if v in ("npz:", "folder:"):  # (the current directory was read as the file: "no such file: /cwd")
         raise bad(f"{v}PATH with a PATH", v)
-    return v
+    return expand_spec(v)
 
 
 def run_dir_path(v):
