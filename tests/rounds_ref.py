@@ -12,8 +12,11 @@ import torch
 import llp_fast
 
 
-def rounds_reference(x, labels, *, rounds, k=10, t=25, tau=0.07, density=True, pool="all", weight=3.0, cap=None):
-    """x (N, D) unit rows (torch), labels (N,) compact class ids, -1 unlabeled. Returns (label, conf)."""
+def rounds_reference(
+    x, labels, *, rounds, k=10, t=25, tau=0.07, density=True, pool="all", weight=3.0, cap=None, ties="score"
+):
+    """x (N, D) unit rows (torch), labels (N,) compact class ids, -1 unlabeled. Returns (label, conf).
+    ``ties="row"``: rows of equal confidence join by row alone (no best-voter score)."""
     n = x.shape[0]
     lab = labels >= 0
     n_u = int((~lab).sum())
@@ -59,7 +62,7 @@ def rounds_reference(x, labels, *, rounds, k=10, t=25, tau=0.07, density=True, p
         )
         out_label[q], out_conf[q] = lq.numpy(), cq.float().numpy()
         best = llp_fast.topk_scores(x[q], x[v], k=1, tau=tau, bias=None if use_bias is None else -use_bias)
-        out_key[q] = best.values[:, 0].double().numpy()
+        out_key[q] = best.values[:, 0].double().numpy() if ties == "score" else 0.0
         if r == rounds:
             break
         new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_voter, lab)

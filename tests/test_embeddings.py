@@ -92,6 +92,7 @@ def test_rounds_equal_the_in_memory_reference(rounds, n, d, chunk, frac):
         dict(density_pool="unlabeled"),
         dict(max_voters=100),
         dict(k=3, t=4, tau=0.2),
+        dict(ties="row"),
     ],
 )
 def test_round_options_equal_the_reference(options):
@@ -105,6 +106,7 @@ def test_round_options_equal_the_reference(options):
         pool=options.get("density_pool", "all"),
         weight=options.get("labeled_weight", 3.0),
         cap=options.get("max_voters"),
+        ties=options.get("ties", "score"),
     )
     want_l, want_c = rounds_reference(x, labels.copy(), rounds=4, **ref)
     assert np.array_equal(res.labels, want_l) and np.array_equal(res.confidence, want_c)
@@ -274,6 +276,13 @@ def test_the_labels_do_not_depend_on_the_rows_order():
         p = np.random.default_rng(seed).permutation(len(labels))
         res = label_embeddings(x.numpy()[p], labels[p], rounds=5, chunk=300, normalize=False)
         assert np.array_equal(res.labels, base.labels[p]) and np.array_equal(res.confidence, base.confidence[p])
+    # the trainer's votes keep the row order's ties (docs/method.md §8), which a permutation moves
+    row = label_embeddings(x.numpy(), labels, rounds=5, chunk=300, normalize=False, ties="row")
+    p = np.random.default_rng(0).permutation(len(labels))
+    moved = label_embeddings(x.numpy()[p], labels[p], rounds=5, chunk=300, normalize=False, ties="row")
+    assert not np.array_equal(moved.labels, row.labels[p])
+    with pytest.raises(ConfigError, match="ties must be one of score, row, got 'index'"):
+        label_embeddings(x.numpy(), labels, rounds=5, ties="index")
 
 
 def test_finishers_are_the_ops_bit_for_bit():

@@ -317,7 +317,7 @@ class Engine:
             vals, ids = top.values[:, :k], top.indices[:, :k]
             lq, cq = vote(vals, ids, self.num_classes, table=classes)
             run.label[j, sel], run.conf[j, sel] = lq.cpu().numpy(), cq.float().cpu().numpy()
-            if j == 0 and self.s.rounds > 1:  # the joining order's tie-break: the best voter's score
+            if j == 0 and self.s.rounds > 1 and self.s.ties == "score":  # equal confidences: the best voter's score
                 run.key[sel] = vals[:, 0].double().cpu().numpy()
             own = sel - self.lo
             if ("top_classes", run.ks[j]) in run.extras:

@@ -32,6 +32,7 @@ AUTO_VOTERS = 20_000  # the default cap on pseudo-labeled voters ...
 AUTO_VOTERS_PER_LABELED = 2  # ... or twice the labeled rows, whichever is larger
 MULTI_ROUND_LABELED_WEIGHT = 3.0
 POOLS = ("auto", "unlabeled", "all")
+TIES = ("score", "row")  # how rows of equal confidence join (docs/method.md §7.1)
 
 
 def _checked(name: str, check, v):
@@ -57,7 +58,10 @@ class Settings:
     weight of the original labeled voters, the rounds of the multi-round scheme, the cap on
     pseudo-labeled voters ("auto": see the module; None: none, they grow to (R-1)/R of the unlabeled
     rows, O(N^2) work; an int: the total they grow toward, (R-1)/R of it in the last round), rows per
-    streamed block, and the torch device (None: where the embeddings are; cpu for files and arrays)."""
+    streamed block, the torch device (None: where the embeddings are; cpu for files and arrays), and
+    which rows of equal confidence join first in the rounds: "score" (the row whose best voter scores
+    highest, then the lower row: the labels do not depend on the rows' order) or "row" (the lower
+    row; the trainer's votes, whose measured results were run with it: docs/method.md §7.1)."""
 
     k: int | tuple[int, ...] = 10
     t: int = 25
@@ -69,6 +73,7 @@ class Settings:
     max_voters: int | str | None = "auto"
     chunk: int = 65536
     device: str | None = None
+    ties: str = "score"
 
     def checked(self, names: dict[str, str] | None = None) -> Settings:
         """The same settings, each value checked (ConfigError naming the field, or ``names[field]``:
@@ -100,6 +105,8 @@ class Settings:
             raise ConfigError(f"{n('density_pool')} must be one of {', '.join(POOLS)}, got {self.density_pool!r}")
         if self.labeled_weight is not None:
             _positive(n("labeled_weight"), self.labeled_weight)
+        if self.ties not in TIES:
+            raise ConfigError(f"{n('ties')} must be one of {', '.join(TIES)}, got {self.ties!r}")
         if isinstance(self.max_voters, str) and self.max_voters != "auto":  # (the command line's "none" is None)
             raise ConfigError(
                 f"{n('max_voters')} must be 'auto', None (no cap) or a whole number >= 0, got {self.max_voters!r}"

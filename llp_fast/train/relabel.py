@@ -69,6 +69,7 @@ def _settings(cfg, k: int, device) -> Settings:
         rounds=cfg.refresh_rounds,
         max_voters=cfg.max_voters,
         device=str(device),
+        ties="row",  # (docs/method.md §8: the trainer's results were measured with it)
     )
 
 

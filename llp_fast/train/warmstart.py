@@ -75,6 +75,7 @@ def vote_on_inputs(feats: torch.Tensor, targets: torch.Tensor, cfg, *, k: int, n
             tau=cfg.tau,
             density=cfg.density_weighting,
             max_voters=cfg.max_voters,  # (the refresh vote's cap: it took the labeller's own, unsaid)
+            ties="row",  # (docs/method.md §8: the trainer's results were measured with it)
             normalize=False,
             device=str(dev),
         )
@@ -112,6 +113,8 @@ def init_labels(bank, source, cfg, *, targets, truth, k: int, num_classes: int, 
     truth = truth[unl]
     known = truth >= 0
     acc = f", {float((labels[known] == truth[known]).float().mean()):.1%} right" if bool(known.any()) else ""
+    if acc and not bool(known.all()):  # (--extra-unlabeled: the selected images' truth is mostly unknown)
+        acc += f" of the {int(known.sum()):,} whose label is known"
     took = fmt_time(time.perf_counter() - t0)
     how = f"a {cfg.start_rounds}-round vote" if cfg.start_rounds > 1 else "LLP's vote"
     progress.line(f"{len(unl):,} unlabeled examples labeled by {how} on their inputs{acc} ({took})")
