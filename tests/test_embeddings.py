@@ -185,6 +185,26 @@ def test_rows_reads_blocks_across_shards(tmp_path):
     torch.testing.assert_close(unit.norm(dim=1), torch.ones(50))
 
 
+def test_rows_taken_from_a_file_a_few_maps_at_a_time(tmp_path, monkeypatch):
+    """_File.take maps TAKE_ROWS rows at a time (one map over rows scattered through a large file
+    kept much of it resident): the rows are those of one take, across the maps' edges, from a C- or
+    a Fortran-order file and across shards."""
+    from llp_fast.embeddings import sources
+
+    monkeypatch.setattr(sources, "TAKE_ROWS", 7)
+    x = np.random.default_rng(1).standard_normal((300, 5)).astype(np.float32)
+    np.save(tmp_path / "c.npy", x)
+    np.save(tmp_path / "f.npy", np.asfortranarray(x))
+    (tmp_path / "parts").mkdir()
+    np.save(tmp_path / "parts" / "0.npy", x[:123])
+    np.save(tmp_path / "parts" / "1.npy", x[123:])
+    pick = np.sort(np.random.default_rng(2).choice(300, 61, replace=False))
+    for source in ("c.npy", "f.npy", "parts"):
+        rows = Rows(str(tmp_path / source), normalize=False)
+        for p in (pick, pick[:7], pick[:8], pick[:0], np.arange(300)):
+            assert torch.equal(rows.take(p), torch.from_numpy(x[p])), (source, len(p))
+
+
 def test_shards_numbered_without_padding_are_read_in_number_order(tmp_path):
     """part10 and part11 came before part2 (plain name order): rows no longer matched their labels,
     and the labelling was wrong without a word."""

@@ -23,6 +23,7 @@ from .._npy import read_header
 from ..errors import DataError
 
 FLOAT_KINDS = (np.float16, np.float32, np.float64)
+TAKE_ROWS = 1024  # rows read through one short-lived map (_File.take)
 
 
 def _header(path: str):
@@ -61,11 +62,19 @@ class _File:
             del mm
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
-        try:
-            return np.array(mm[rows])
-        finally:
-            del mm
+        """The rows at ``rows`` (sorted, distinct), mapped ``TAKE_ROWS`` of them at a time: each
+        page the copy touches brings its neighbours into the map too (the kernel's fault-around, up
+        to 64 KB a fault), so one map over rows scattered through a large file held a large part of
+        it resident at once (about 220 MB more peak memory at 1,000,000 x 128 float32, 10 rounds)."""
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        order = "F" if self.fortran else "C"
+        for a in range(0, len(rows), TAKE_ROWS):
+            mm = np.memmap(self.path, self.dtype, "r", offset=self.offset, shape=self.shape, order=order)
+            try:
+                out[a : a + TAKE_ROWS] = mm[rows[a : a + TAKE_ROWS]]
+            finally:
+                del mm
+        return out
 
 
 def shard_order(name: str) -> tuple:
