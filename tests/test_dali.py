@@ -281,6 +281,8 @@ def test_loader_flag_errors(tmp_path, capsys, monkeypatch):
         validate(TrainConfig(loader="opencv"))
     monkeypatch.setattr(_optional, "dali", lambda: None)  # as if DALI were not installed
     assert load(f"folder:{root}", device="cpu", labeled_fraction=0.5, loader="auto", workers=0).loader == "pil"
+    monkeypatch.setenv("HOME", str(tmp_path))  # folder:~/... under $HOME, as npz:~/... (a shell leaves the ~)
+    assert len(load("folder:~/d", device="cpu", labeled_fraction=0.5, loader="pil", workers=0).targets) > 0
     rc = train_main(["--data", f"folder:{root}", "--loader", "dali", "--run-dir", str(tmp_path / "r"), *_TINY])
     _, err = capsys.readouterr()
     lines = err.strip().splitlines()

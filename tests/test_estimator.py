@@ -131,6 +131,12 @@ def test_string_classes_and_float64():
         assert np.array_equal(listed.transduction_, clf.transduction_)
     with pytest.raises(ValueError, match="y holds the text '-1'"):
         LocalLabelPropagation(rounds=2).fit(x, [str(v) for v in y_str])
+    # text alone keeps NumPy's string dtype, as an array of the same labels does (not object)
+    words = names[y % 10].astype(str)
+    as_list = LocalLabelPropagation(rounds=2).fit(x, words.tolist())
+    as_array = LocalLabelPropagation(rounds=2).fit(x, words)
+    assert as_list.classes_.dtype == as_array.classes_.dtype == words.dtype
+    assert as_list.transduction_.dtype == words.dtype and as_list.predict(x[:3]).dtype == words.dtype
 
 
 def test_the_text_minus_one_is_refused_and_float16_runs_as_the_command_line():

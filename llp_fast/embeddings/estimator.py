@@ -55,10 +55,13 @@ def _unlabeled(y: np.ndarray) -> np.ndarray:
 
 
 def _mixed_labels(y):
-    """A list or tuple of labels that holds text (``["cat", -1, "dog"]``) as an object array, so the
-    number -1 stays the unlabeled mark: NumPy would make every entry text, -1 the class "-1"."""
-    if isinstance(y, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in y):
-        return np.asarray(y, dtype=object)
+    """A list or tuple that mixes text with numbers (``["cat", -1, "dog"]``) as an object array, so
+    the number -1 stays the unlabeled mark: NumPy would make every entry text, -1 the class "-1".
+    Text alone stays as NumPy reads it (a string array, as from an array of the same labels)."""
+    if isinstance(y, (list, tuple)):
+        text = [isinstance(v, (str, bytes)) for v in y]
+        if any(text) and not all(text):
+            return np.asarray(y, dtype=object)
     return y
 
 
