@@ -563,6 +563,11 @@ def test_a_run_directory_is_claimed_while_it_trains(tmp_path, factory_module, ca
     try:
         rc = train_main(["--resume", run_dir, "--epochs", "2", "--quiet"])
         one_error_line(capsys, rc, "another process is training in this run directory")
+        # a new run there while it trains: said so (it said "continue it with --resume", refused too)
+        rc = train_main(["--data", "digits", "--run-dir", run_dir, *TINY_ARGS, "--baseline", "off", "--quiet"])
+        one_error_line(capsys, rc, "another process is training in this run directory")
+        with pytest.raises(ConfigError, match="another process is training in this run directory"):
+            fit(small_cnn(1), data, **settings)
     finally:
         os.close(held)
     assert fit(small_cnn(1), data, resume=True, **{**settings, "epochs": 2}).metrics["epoch"] == 2

@@ -240,6 +240,9 @@ def _train(args) -> int:
         run_dir = cfg.run_dir
         held = checkpoint.held_by(run_dir, f"--resume {run_dir}")
         if held:
+            from ..train.claim import not_claimed
+
+            not_claimed(run_dir)  # (a run training there now: "continue it with --resume" was refused too)
             raise ConfigError(f"{held}, or pick another --run-dir")
     try:
         # checks config and data, makes the run dir

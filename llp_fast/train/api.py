@@ -167,6 +167,7 @@ def prepare(
         raise TypeError(f"run_dir must be a path (str or os.PathLike), got {type(cfg.run_dir).__name__}")
     held = None if resume or cfg.run_dir is None else checkpoint.held_by(cfg.run_dir, "resume=True")
     if held:  # (prepare() started over in it: config.json, then metrics and checkpoint replaced)
+        claim.not_claimed(cfg.run_dir)  # (a run training there now: "continue it with resume=True" was refused too)
         raise ConfigError(f"run_dir {held}, or give another run_dir")
     if resume and ckpt is None:
         saved_cfg, ckpt = checkpoint.open_run(cfg.run_dir)
