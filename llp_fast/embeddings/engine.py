@@ -91,10 +91,11 @@ def _compact(labels: np.ndarray):
     return lab, classes, compact
 
 
-def _most_confident(rows: np.ndarray, conf: np.ndarray, key: np.ndarray, n: int) -> np.ndarray:
+def _most_confident(rows: np.ndarray, conf: np.ndarray, key: np.ndarray | None, n: int) -> np.ndarray:
     """The ``n`` rows of highest ``conf`` (``rows`` ascending); among rows of equal confidence at the
-    cut, the highest ``key`` first, then the lower row: O(len(rows)) plus a sort of the rows tied at
-    the cut. None of them (an empty array) for ``n <= 0``: a class whose quota is already met."""
+    cut, the highest ``key`` first (without one: none), then the lower row: O(len(rows)) plus a sort
+    of the rows tied at the cut. None of them (an empty array) for ``n <= 0``: a class whose quota
+    is already met."""
     if n <= 0:
         return rows[:0]
     if n >= len(rows):
@@ -103,8 +104,9 @@ def _most_confident(rows: np.ndarray, conf: np.ndarray, key: np.ndarray, n: int)
     cut = np.partition(c, n - 1)[n - 1]  # minus the n-th highest confidence
     above = rows[c < cut]
     tied = rows[c == cut]  # ascending
-    tied = tied[np.argsort(-key[tied], kind="stable")[: n - len(above)]]
-    return np.concatenate([above, tied])
+    if key is not None:
+        tied = tied[np.argsort(-key[tied], kind="stable")]
+    return np.concatenate([above, tied[: n - len(above)]])
 
 
 def select_voters(
@@ -115,8 +117,6 @@ def select_voters(
     then the lower row; without ``key``, the lower row), until the pseudo-labeled voters of class c
     number ``round(r / rounds * cap * prior_c)``; a class short of candidates takes what it has.
     Returns the joining rows, sorted. O(N log N) in all (one sort by class)."""
-    if key is None:
-        key = np.zeros(len(label))
     num_classes = prior.shape[0]
     have = np.bincount(label[is_voter & ~lab], minlength=num_classes)
     want = np.array([round(r / rounds * cap * float(p)) for p in prior], dtype=np.int64)
@@ -151,7 +151,7 @@ class _Run:
     label: np.ndarray
     conf: np.ndarray
     is_voter: np.ndarray
-    key: np.ndarray
+    key: np.ndarray | None  # each row's best voter score, where ties go by it (Settings.ties "score")
     book_rows: list = field(default_factory=list)
     book_class: list = field(default_factory=list)
     book_bias: list = field(default_factory=list)
@@ -232,7 +232,7 @@ class Engine:
             label=np.tile(self.y, (len(ks), 1)),
             conf=np.tile(np.where(self.lab, 1.0, 0.0).astype(np.float32), (len(ks), 1)),
             is_voter=self.lab.copy(),
-            key=np.zeros(self.n, np.float64),
+            key=np.zeros(self.n, np.float64) if self.s.rounds > 1 and self.s.ties == "score" else None,
         )
         own = self.hi - self.lo
         if self.s.rounds > 1:  # every earlier voter's part of each owned row's top-K (no row has more than N)
@@ -317,7 +317,7 @@ class Engine:
             vals, ids = top.values[:, :k], top.indices[:, :k]
             lq, cq = vote(vals, ids, self.num_classes, table=classes)
             run.label[j, sel], run.conf[j, sel] = lq.cpu().numpy(), cq.float().cpu().numpy()
-            if j == 0 and self.s.rounds > 1 and self.s.ties == "score":  # equal confidences: the best voter's score
+            if j == 0 and run.key is not None:  # equal confidences join by the best voter's score
                 run.key[sel] = vals[:, 0].double().cpu().numpy()
             own = sel - self.lo
             if ("top_classes", run.ks[j]) in run.extras:
@@ -333,7 +333,8 @@ class Engine:
         rows that join (they keep this round's label and confidence for good)."""
         run.label[0] = self.comm.gather(run.label[0, self.lo : self.hi])
         run.conf[0] = self.comm.gather(run.conf[0, self.lo : self.hi])
-        run.key = self.comm.gather(run.key[self.lo : self.hi])
+        if run.key is not None:
+            run.key = self.comm.gather(run.key[self.lo : self.hi])
         new = select_voters(
             run.label[0], run.conf[0], run.is_voter, self.lab, r, self.s.rounds, self.cap, self.prior, key=run.key
         )

@@ -65,7 +65,7 @@ class _File:
         """The rows at ``rows`` (sorted, distinct), mapped ``TAKE_ROWS`` of them at a time: each
         page the copy touches brings its neighbours into the map too (the kernel's fault-around, up
         to 64 KB a fault), so one map over rows scattered through a large file held a large part of
-        it resident at once (about 220 MB more peak memory at 1,000,000 x 128 float32, 10 rounds)."""
+        it resident at once (docs/embeddings.md, "Cost of the default")."""
         out = np.empty((len(rows), *self.shape[1:]), self.dtype)
         order = "F" if self.fortran else "C"
         for a in range(0, len(rows), TAKE_ROWS):
