@@ -22,13 +22,13 @@ fraction ``q`` of the unlabeled remainder is kept (the paper's q).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from .._checks import expand_spec
 from ..errors import MARKER, ConfigError, DataError
 
 
@@ -216,8 +216,9 @@ def load(spec: str, *, loader: str = "auto", **kwargs) -> Source:
     from .arrays import load_arrays
     from .folder import load_folder
 
-    if spec.startswith("folder:"):  # (~ expanded: a shell leaves folder:~/x as it is)
-        return load_folder(os.path.expanduser(spec[len("folder:") :]), loader=loader, **kwargs)
+    spec = expand_spec(spec)  # (a shell leaves npz:~/x and folder:~/x as they are)
+    if spec.startswith("folder:"):
+        return load_folder(spec[len("folder:") :], loader=loader, **kwargs)
     if loader in ("dali", "pil"):  # (pil was accepted and meant nothing here)
         raise ConfigError(
             f"--loader {loader} decodes folder: images; {spec} is array data, held and augmented in memory"

@@ -36,7 +36,6 @@ def _mnist5k():
 
 
 def _npz(path: str):
-    path = os.path.expanduser(path)  # (a shell leaves npz:~/x as it is)
     if os.path.isdir(path):
         raise DataError(f"{path}: a directory, not an .npz archive")
     if not os.path.isfile(path):

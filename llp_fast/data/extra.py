@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _optional
-from .._checks import spec_hint
+from .._checks import expand_spec, spec_hint
 from .._npy import read_header
 from . import DataError
 from .files import image_files
@@ -109,7 +109,6 @@ class NpzPool:
     of rows at a time. ``y`` (optional, -1 = unknown) is the truth, for diagnostics only."""
 
     def __init__(self, path: str):
-        path = os.path.expanduser(path)  # (a shell leaves npz:~/x as it is)
         if os.path.isdir(path):
             raise DataError(f"{path}: a directory, not an .npz archive or .npy file")
         if not os.path.isfile(path):
@@ -231,10 +230,11 @@ class FilesPool:
 
 def open_pool(spec: str, workers: int = 2):
     """An unlabeled pool: ``npz:PATH`` (or a .npy) or ``folder:PATH`` (any tree of images)."""
+    spec = expand_spec(spec)  # (a shell leaves npz:~/x and folder:~/x as they are)
     if spec.startswith("npz:"):
         return NpzPool(spec[4:])
     if spec.startswith("folder:"):
-        root = os.path.expanduser(spec[len("folder:") :])
+        root = spec[len("folder:") :]
         if not os.path.isdir(root):
             raise DataError(f"folder:{root}: no such directory")
         paths = image_files(root)  # any tree of images, hidden entries skipped
