@@ -16,7 +16,9 @@ def rounds_reference(
     x, labels, *, rounds, k=10, t=25, tau=0.07, density=True, pool="all", weight=3.0, cap=None, ties="score"
 ):
     """x (N, D) unit rows (torch), labels (N,) compact class ids, -1 unlabeled. Returns (label, conf).
-    ``ties="row"``: rows of equal confidence join by row alone (no best-voter score)."""
+    ``ties="score"``: every confidence of at least 0.93 joins as equal, then the higher best-voter
+    score, then the lower row; ``ties="row"``: exact confidences, then the row."""
+    sure = 0.93 if ties == "score" else 1.0
     n = x.shape[0]
     lab = labels >= 0
     n_u = int((~lab).sum())
@@ -34,7 +36,7 @@ def rounds_reference(
         if len(new) == 0:  # the same voters: the same votes (the quotas still grow, below)
             if r == rounds:
                 break
-            new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_voter, lab)
+            new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_voter, lab, sure)
             continue
         mask = None if pool == "all" else torch.from_numpy(~lab)
         bias = torch.zeros(len(new), dtype=x.dtype)
@@ -65,11 +67,11 @@ def rounds_reference(
         out_key[q] = best.values[:, 0].double().numpy() if ties == "score" else 0.0
         if r == rounds:
             break
-        new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_voter, lab)
+        new = _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_voter, lab, sure)
     return out_label, out_conf
 
 
-def _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_voter, lab):
+def _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_voter, lab, sure):
     """§7.1 step 3 after round r: the rows that join (marked in is_voter), sorted."""
     q = np.flatnonzero(~is_voter)
     added = []
@@ -78,7 +80,7 @@ def _join(r, rounds, cap, prior, num_classes, out_label, out_conf, out_key, is_v
         if n_add <= 0:
             continue
         idx = q[out_label[q] == c]
-        idx = idx[np.lexsort((idx, -out_key[idx], -out_conf[idx]))][:n_add]
+        idx = idx[np.lexsort((idx, -out_key[idx], -np.minimum(out_conf[idx], np.float32(sure))))][:n_add]
         added.append(idx)
     new = np.sort(np.concatenate(added)) if added else np.zeros(0, np.int64)
     is_voter[new] = True

@@ -280,6 +280,24 @@ def test_select_voters_quotas():
     assert select_voters(label, conf, is_voter, lab, 1, 2, 9, prior, key=key).tolist() == [1, 2, 3, 5]
 
 
+def test_sure_rows_join_nearest_first():
+    """docs/method.md §7.1: with the best voter's score as the key, every confidence of at least
+    SURE counts as equal (the nearest sure rows join first); below it, confidence decides; without a
+    key (the trainer's ``ties="row"``), exact confidences and the row."""
+    from llp_fast.embeddings.settings import SURE
+
+    label = np.zeros(6, np.int64)
+    conf = np.array([1.0, SURE, 0.99, np.nextafter(np.float32(SURE), 0), 1.0, 0.5], np.float32)
+    key = np.array([1.0, 3.0, 2.0, 9.0, 0.5, 8.0])
+    lab = np.zeros(6, bool)
+    for n, want in ((1, [1]), (2, [1, 2]), (3, [0, 1, 2]), (4, [0, 1, 2, 4]), (5, [0, 1, 2, 3, 4])):
+        got = select_voters(label, conf, lab.copy(), lab, 1, 1, n, np.ones(1), key=key)
+        assert got.tolist() == want, (n, got)
+    # without the key: 1.0, 1.0 (rows 0, 4), then 0.99, then SURE
+    got = select_voters(label, conf, lab.copy(), lab, 1, 1, 3, np.ones(1))
+    assert got.tolist() == [0, 2, 4]
+
+
 def test_the_labels_do_not_depend_on_the_rows_order():
     """docs/method.md §7.1: rows of equal confidence join by their best voter's score, not by their
     place in the file, so the labels of a permutation of the rows are the permutation of the labels

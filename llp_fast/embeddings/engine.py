@@ -35,7 +35,7 @@ from .._topk import class_shares, log_sum_exp, vote
 from ..errors import DataError
 from ..ops import neighbours, topk_scores
 from .ranks import Local
-from .settings import Settings
+from .settings import SURE, Settings
 from .sources import Rows, read_labels
 
 
@@ -94,13 +94,16 @@ def _compact(labels: np.ndarray):
 def _most_confident(rows: np.ndarray, conf: np.ndarray, key: np.ndarray | None, n: int) -> np.ndarray:
     """The ``n`` rows of highest ``conf`` (``rows`` ascending); among rows of equal confidence at the
     cut, the highest ``key`` first (without one: none), then the lower row: O(len(rows)) plus a sort
-    of the rows tied at the cut. None of them (an empty array) for ``n <= 0``: a class whose quota
-    is already met."""
+    of the rows tied at the cut. With a ``key``, every confidence of at least :data:`SURE` counts as
+    equal (docs/method.md §7.1: the sure rows join nearest their voters first). None of them (an
+    empty array) for ``n <= 0``: a class whose quota is already met."""
     if n <= 0:
         return rows[:0]
     if n >= len(rows):
         return rows
     c = -conf[rows]
+    if key is not None:
+        c = np.maximum(c, -np.float32(SURE))
     cut = np.partition(c, n - 1)[n - 1]  # minus the n-th highest confidence
     above = rows[c < cut]
     tied = rows[c == cut]  # ascending
@@ -114,7 +117,8 @@ def select_voters(
 ) -> np.ndarray:
     """docs/method.md §7's quotas after round ``r``: for each class c, the rows still voted on whose
     label is c join, most confident first (ties: the higher ``key``, each row's best voter's score,
-    then the lower row; without ``key``, the lower row), until the pseudo-labeled voters of class c
+    among which every confidence of at least :data:`SURE` is equal, then the lower row; without
+    ``key``, exact confidences and the lower row), until the pseudo-labeled voters of class c
     number ``round(r / rounds * cap * prior_c)``; a class short of candidates takes what it has.
     Returns the joining rows, sorted. O(N log N) in all (one sort by class)."""
     num_classes = prior.shape[0]

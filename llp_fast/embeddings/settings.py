@@ -33,6 +33,7 @@ AUTO_VOTERS_PER_LABELED = 2  # ... or twice the labeled rows, whichever is large
 MULTI_ROUND_LABELED_WEIGHT = 3.0
 POOLS = ("auto", "unlabeled", "all")
 TIES = ("score", "row")  # how rows of equal confidence join (docs/method.md §7.1)
+SURE = 0.93  # with ties="score", a confidence at or above this joins as equally sure (docs/method.md §7.1)
 
 
 def _checked(name: str, check, v):
@@ -59,9 +60,10 @@ class Settings:
     pseudo-labeled voters ("auto": see the module; None: none, they grow to (R-1)/R of the unlabeled
     rows, O(N^2) work; an int: the total they grow toward, (R-1)/R of it in the last round), rows per
     streamed block, the torch device (None: where the embeddings are; cpu for files and arrays), and
-    which rows of equal confidence join first in the rounds: "score" (the row whose best voter scores
-    highest, then the lower row: the labels do not depend on the rows' order) or "row" (the lower
-    row; the trainer's votes, whose measured results were run with it: docs/method.md §7.1)."""
+    which rows of equal confidence join first in the rounds: "score" (every confidence of at least
+    :data:`SURE` counts as equal; the row whose best voter scores highest, then the lower row: the
+    labels do not depend on the rows' order) or "row" (exact confidences, then the lower row; the
+    trainer's votes, whose measured results were run with it: docs/method.md §7.1)."""
 
     k: int | tuple[int, ...] = 10
     t: int = 25
