@@ -208,6 +208,7 @@ def _rounds(r):
 ABLATION_METHODS = {
     **{f"R={r}": _rounds(r) for r in (1, 2, 3, 5)},
     "R=10": lambda x, lab: llp(x, lab),
+    "R=20": _rounds(20),
     "R=10 weight 1": lambda x, lab: llp(x, lab, labeled_weight=1.0),
     "R=10 NoDW": lambda x, lab: llp(x, lab, density=False),
     "R=10 cap 1/2": _cap(0.5),
