@@ -37,6 +37,19 @@ def test_small_grayscale_arrays_get_the_small_data_rules():
     assert (cfg.image_size, cfg.translate) == (28, 2.0)
 
 
+def test_the_size_said_is_the_images_own():
+    """A non-square array image is named by both sides, and squashing it to a square is said (it
+    read "images of 40 px" for 28 x 40 images); square ones keep one number."""
+    cfg, said = defaults.resolve(TrainConfig(device="cpu", run_dir="r"), facts(side=40, hw=(28, 40)))
+    text = " ".join(said)
+    assert cfg.image_size == 40
+    assert "training images of 28 x 40 px" in text and "(images of 28 x 40 px are squashed to a square)" in text
+    _, said = defaults.resolve(TrainConfig(device="cpu", run_dir="r"), facts(side=8, hw=(6, 8)))
+    assert "images of 6 x 8 px are squashed to a square and raised to 16 px" in " ".join(said)
+    _, said = defaults.resolve(TrainConfig(device="cpu", run_dir="r"), facts(side=28, hw=(28, 28)))
+    assert "training images of 28 px" in " ".join(said) and "(images of 28 px)" in " ".join(said)
+
+
 def test_large_colour_data_in_files_gets_the_papers_settings():
     cfg = resolved(kind="folder", num_train=1_281_167, side=400, channels=3)
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.propagation_start) == (100, 128, 0.03, 0)

@@ -163,9 +163,10 @@ class DataFacts:
     side: int
     channels: int
     own_labels: bool = False  # the data marked its labeled set (Split.own_labels)
+    hw: tuple[int, int] | None = None  # arrays: (height, width), which may differ (side: the larger)
 
     @classmethod
-    def of(cls, source, *, kind: str, side: int, channels: int | None = None) -> DataFacts:
+    def of(cls, source, *, kind: str, side: int, channels: int | None = None, hw=None) -> DataFacts:
         targets = source.targets
         labeled = targets[targets >= 0]
         per_class = torch.bincount(labeled, minlength=source.num_classes)
@@ -178,6 +179,7 @@ class DataFacts:
             side=int(side),
             channels=int(source.in_channels if channels is None else channels),
             own_labels=bool(getattr(getattr(source, "split", None), "own_labels", False)),
+            hw=None if hw is None else (int(hw[0]), int(hw[1])),
         )
 
 

@@ -227,7 +227,9 @@ class ArraySource:
         if gray and self.in_channels > 1 and not any(n.startswith(_EQUAL) for n in self.notes):
             # (three equal channels, grey images saved as RGB, took the colour defaults: mirrored digits)
             self.notes.append(f"{_EQUAL}: grayscale images, given the grayscale defaults (the network takes all three)")
-        return DataFacts.of(self, kind="arrays", side=max(self.src_hw), channels=1 if gray else self.in_channels)
+        return DataFacts.of(
+            self, kind="arrays", side=max(self.src_hw), channels=1 if gray else self.in_channels, hw=self.src_hw
+        )
 
     def configure(self, *, image_size=None, scale_min=None, translate=None, flip=None, strong=False) -> None:
         """The network's input side and the training augmentation. Unset: the native side and no

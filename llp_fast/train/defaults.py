@@ -169,12 +169,7 @@ def data_defaults(facts, method: str = "plus") -> dict:
         "batch_size": (64 if tiny else 128, why_size),
         "lr": (0.1 if tiny else 0.03, why_size),
         "propagation_start": (3 if tiny else 0, why_size),
-        "image_size": (
-            side,
-            f"images of {facts.side} px"
-            + (f" are raised to {MIN_SIDE} px" if facts.side < MIN_SIDE else "")
-            + (f" are resampled to {MAX_SIDE} px" if facts.side > MAX_SIDE else ""),
-        ),
+        "image_size": (side, _size_why(facts)),
         "flip": (not gray, "grayscale images: digits and letters change meaning mirrored" if gray else "colour images"),
         "scale_min": (0.85 if gray else 0.35, "grayscale: crops keep most of the glyph" if gray else "colour images"),
         "translate": shift,
@@ -187,6 +182,22 @@ def data_defaults(facts, method: str = "plus") -> dict:
         else "no pixel vote for large images or files",
     )
     return out
+
+
+def _px(facts) -> str:
+    """The images' size as the user knows it: "28 px" (square), "28 x 40 px" (arrays of another shape)."""
+    h, w = facts.hw or (facts.side, facts.side)
+    return f"{facts.side} px" if h == w else f"{h} x {w} px"
+
+
+def _size_why(facts) -> str:
+    """Why the input side: the images' size, and what training does to it (squashes a non-square
+    array image to a square, raises a small side, resamples a large one)."""
+    h, w = facts.hw or (facts.side, facts.side)
+    done = ["squashed to a square"] if h != w else []
+    done += [f"raised to {MIN_SIDE} px"] if facts.side < MIN_SIDE else []
+    done += [f"resampled to {MAX_SIDE} px"] if facts.side > MAX_SIDE else []
+    return f"images of {_px(facts)}" + (" are " + " and ".join(done) if done else "")
 
 
 def resolve(cfg: TrainConfig, facts, *, new: bool = True, given=None) -> tuple[TrainConfig, list[str]]:
@@ -229,7 +240,7 @@ def resolve(cfg: TrainConfig, facts, *, new: bool = True, given=None) -> tuple[T
     if reasons:
         lines.append(
             # (grey stored as three equal channels read "1 channel" beside "the network takes all three")
-            f"the data: {facts.num_train:,} training images of {facts.side} px, "
+            f"the data: {facts.num_train:,} training images of {_px(facts)}, "
             f"{'colour' if facts.channels > 1 else 'grayscale'}, {facts.num_labeled:,} labeled (at least "
             f"{facts.min_labeled_per_class} per class), {facts.num_classes} classes"
         )
