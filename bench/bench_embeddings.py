@@ -189,7 +189,7 @@ def ops_in_memory(x, labels):
 
 TABLE_METHODS = {
     "llp_fast R=1": lambda x, lab: llp(x, lab, rounds=1),
-    "llp_fast default (R=10)": lambda x, lab: llp(x, lab),
+    "llp_fast default": lambda x, lab: llp(x, lab),
     "NoDW R=1": lambda x, lab: llp(x, lab, rounds=1, density=False),
     "LabelSpreading": lambda x, lab: sklearn_method(x, lab, "LabelSpreading"),
     "LabelPropagation": lambda x, lab: sklearn_method(x, lab, "LabelPropagation"),
@@ -205,15 +205,14 @@ def _rounds(r):
     return lambda x, lab: llp(x, lab, rounds=r, density_pool="all", labeled_weight=3.0)
 
 
-ABLATION_METHODS = {
-    **{f"R={r}": _rounds(r) for r in (1, 2, 3, 5)},
-    "R=10": lambda x, lab: llp(x, lab),
-    "R=20": _rounds(20),
-    "R=10 weight 1": lambda x, lab: llp(x, lab, labeled_weight=1.0),
-    "R=10 NoDW": lambda x, lab: llp(x, lab, density=False),
-    "R=10 cap 1/2": _cap(0.5),
-    "R=10 cap 1/4": _cap(0.25),
-    "R=10 cap 1/10": _cap(0.1),
+ABLATION_METHODS = {  # (the default's rounds, "auto": 20 here, 10 where a cap binds)
+    **{f"R={r}": _rounds(r) for r in (1, 2, 3, 5, 10, 20, 30)},
+    "default": lambda x, lab: llp(x, lab),
+    "default weight 1": lambda x, lab: llp(x, lab, labeled_weight=1.0),
+    "default NoDW": lambda x, lab: llp(x, lab, density=False),
+    "cap 1/2 (R=10)": _cap(0.5),
+    "cap 1/4 (R=10)": _cap(0.25),
+    "cap 1/10 (R=10)": _cap(0.1),
 }
 ROWS = [("digits", 0.05), ("digits", 0.10), ("mnist5k", 0.01), ("mnist5k", 0.05), ("mnist5k", 0.10)]
 

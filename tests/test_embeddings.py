@@ -69,7 +69,31 @@ def test_one_round_defaults_are_the_paper():
     assert (s.pool, s.weight) == ("unlabeled", 1.0)
     s = Settings(rounds=4)
     assert (s.pool, s.weight) == ("all", 3.0)
-    assert Settings().rounds == 10
+    s = Settings()
+    assert s.rounds == "auto" and (s.pool, s.weight) == ("all", 3.0)
+
+
+def test_auto_rounds_are_20_below_the_voter_cap_and_10_where_it_binds():
+    """docs/embeddings.md: rounds="auto" takes 20 rounds while every unlabeled row may join the
+    voters (the cap does not bind) and 10 where it does; a number given is kept."""
+    s = Settings()
+    assert s.rounds_for(10, 20_000) == 20 and s.rounds_for(10, 20_001) == 10
+    assert s.rounds_for(15_000, 30_000) == 20  # the cap is 2M = 30,000 here
+    assert Settings(max_voters=None).rounds_for(10, 10**6) == 20
+    assert Settings(max_voters=5).rounds_for(10, 6) == 10 and Settings(max_voters=6).rounds_for(10, 6) == 20
+    assert Settings(rounds=3).rounds_for(10, 100) == 3
+    x, labels = _problem(600, 8, 4, 0.05, seed=5)
+    auto = label_embeddings(x.numpy(), labels, normalize=False)
+    assert auto.rounds_run == 20
+    assert np.array_equal(auto.labels, label_embeddings(x.numpy(), labels, rounds=20, normalize=False).labels)
+    capped = label_embeddings(x.numpy(), labels, max_voters=100, normalize=False)
+    assert capped.rounds_run == 10
+    assert np.array_equal(
+        capped.labels, label_embeddings(x.numpy(), labels, rounds=10, max_voters=100, normalize=False).labels
+    )
+    for bad in ("many", "", 0, 2.5):
+        with pytest.raises(ConfigError, match="rounds"):
+            Settings(rounds=bad).checked()
 
 
 @pytest.mark.parametrize(

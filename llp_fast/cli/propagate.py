@@ -25,13 +25,14 @@ from .propagate_args import DEFAULT, PROG, output_name, parse, settings_of
 def _cost_note(progress, n: int, m: int, settings) -> None:
     """One line when more than one round will cost far more than the one-shot vote: without a cap
     (--max-voters none) the voters grow toward N and the work is quadratic in N (docs/embeddings.md)."""
-    if settings.rounds < 2 or n < 100_000:
+    rounds = settings.rounds_for(m, n - m)
+    if rounds < 2 or n < 100_000:
         return
-    voters = m + settings.voter_cap(m, n - m) * (settings.rounds - 1) // settings.rounds
+    voters = m + settings.voter_cap(m, n - m) * (rounds - 1) // rounds
     ratio = voters / max(m, 1)
     if ratio >= 20:
         progress.line(
-            f"{settings.rounds} rounds on {n:,} rows: about {ratio:,.0f}x the work of --rounds 1 (the voters grow to "
+            f"{rounds} rounds on {n:,} rows: about {ratio:,.0f}x the work of --rounds 1 (the voters grow to "
             f"{voters:,}); --rounds 1 or --max-voters auto bound it"
         )
 

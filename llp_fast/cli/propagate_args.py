@@ -76,6 +76,16 @@ def _tau(text: str):
         raise argparse.ArgumentTypeError(f"{e}; or auto") from None
 
 
+def _rounds(text: str):
+    """``--rounds``: auto (the default) or a whole number >= 1."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _common.POSITIVE_INT(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or auto") from None
+
+
 def _drop(text: str) -> float:
     """``--drop-suspects``: a fraction in (0, 1) of the labeled rows."""
     try:
@@ -189,9 +199,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tau", type=_tau, default=hide, help=f"temperature (default {d.tau}); auto: as --k auto")
     ap.add_argument(
         "--rounds",
-        type=_common.POSITIVE_INT,
+        type=_rounds,
         default=hide,
-        help=f"rounds of the vote (default {d.rounds}; 1 = the paper's one-shot vote)",
+        help="rounds of the vote (default auto: 20 while every unlabeled row can become a voter, 10 where "
+        "--max-voters caps them; 1 = the paper's one-shot vote)",
     )
     ap.add_argument(
         "--max-voters",

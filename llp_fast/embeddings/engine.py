@@ -192,6 +192,7 @@ class Engine:
             raise DataError(f"labels must be a 1-D integer array of {self.n} entries, got {labels.shape[0]}")
         self.lab, self.classes, self.y = _compact(labels)
         self.m = int(self.lab.sum())
+        self.s = self.s.replace(rounds=self.s.rounds_for(self.m, self.n - self.m))  # "auto" resolved
         self.num_classes = len(self.classes)
         self.pool = self.s.pool if self.m < self.n else "all"
         self.lo, self.hi = self.comm.span(self.n)

@@ -26,7 +26,7 @@ from .._labels import refuse_wrapped_unlabeled
 from . import tune
 from .engine import Engine
 from .model import Model
-from .settings import DEFAULT_ROUNDS, Settings
+from .settings import Settings
 from .sources import Rows
 from .suspects import suspects_of
 
@@ -125,7 +125,8 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             (0.03, 0.05, 0.07, 0.1, 0.2).
         density_weighting: weigh the vote by the voters' local density (False: the NoDW ablation).
         rounds: rounds of the vote; 1 is the paper's one-shot vote from the labeled rows, more let the
-            most confident rows join the voters (default 10: the most accurate setting measured).
+            most confident rows join the voters ("auto", the default: 20 while every unlabeled row
+            may become a voter, 10 where ``max_voters`` caps them; docs/embeddings.md).
         density_pool: 'auto' (unlabeled rows for one round, all rows for more), 'unlabeled' or 'all'.
         labeled_weight: weight of the labeled voters (None: 1 for one round, 3 for more).
         max_voters: cap on pseudo-labeled voters, the total the rounds grow toward (the last round
@@ -158,7 +159,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         n_density_neighbors=_DEFAULT.t,
         tau=_DEFAULT.tau,
         density_weighting=_DEFAULT.density,
-        rounds=DEFAULT_ROUNDS,
+        rounds="auto",
         density_pool=_DEFAULT.density_pool,
         labeled_weight=_DEFAULT.labeled_weight,
         max_voters=_DEFAULT.max_voters,

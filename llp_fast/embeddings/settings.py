@@ -27,7 +27,8 @@ import numpy as np
 from .. import _checks
 from ..errors import ConfigError
 
-DEFAULT_ROUNDS = 10
+DEFAULT_ROUNDS = 10  # rounds="auto" where the voter cap binds ...
+UNCAPPED_ROUNDS = 20  # ... and while every unlabeled row may join the voters (docs/embeddings.md)
 AUTO_VOTERS = 20_000  # the default cap on pseudo-labeled voters ...
 AUTO_VOTERS_PER_LABELED = 2  # ... or twice the labeled rows, whichever is larger
 MULTI_ROUND_LABELED_WEIGHT = 3.0
@@ -56,7 +57,8 @@ def _positive(name, v):
 class Settings:
     """How to label: K voters (or several, ``k=(10, 20, 100)``: one result per K), T density
     neighbours, temperature, density weighting (False: the NoDW ablation), the density pool, the
-    weight of the original labeled voters, the rounds of the multi-round scheme, the cap on
+    weight of the original labeled voters, the rounds of the multi-round scheme ("auto": see
+    :meth:`rounds_for`), the cap on
     pseudo-labeled voters ("auto": see the module; None: none, they grow to (R-1)/R of the unlabeled
     rows, O(N^2) work; an int: the total they grow toward, (R-1)/R of it in the last round), rows per
     streamed block, the torch device (None: where the embeddings are; cpu for files and arrays), and
@@ -71,7 +73,7 @@ class Settings:
     density: bool = True
     density_pool: str = "auto"
     labeled_weight: float | None = None
-    rounds: int = DEFAULT_ROUNDS
+    rounds: int | str = "auto"
     max_voters: int | str | None = "auto"
     chunk: int = 65536
     device: str | None = None
@@ -99,7 +101,10 @@ class Settings:
             _int(n("k"), self.k)
         _int(n("t"), self.t)
         _checked(n("tau"), _checks.temperature, self.tau)
-        _int(n("rounds"), self.rounds)
+        if not (isinstance(self.rounds, str) and self.rounds == "auto"):
+            if isinstance(self.rounds, str):
+                raise ConfigError(f"{n('rounds')} must be 'auto' or a whole number >= 1, got {self.rounds!r}")
+            _int(n("rounds"), self.rounds)
         _int(n("chunk"), self.chunk)
         if not isinstance(self.density, bool):
             raise ConfigError(f"{n('density')} must be True or False, got {self.density!r}")
@@ -142,6 +147,15 @@ class Settings:
         if self.max_voters == "auto":
             return min(n_unlabeled, max(AUTO_VOTERS, AUTO_VOTERS_PER_LABELED * m))
         return min(n_unlabeled, int(self.max_voters))
+
+    def rounds_for(self, m: int, n_unlabeled: int) -> int:
+        """The rounds a run takes: those given, or for "auto" :data:`UNCAPPED_ROUNDS` while the
+        voter cap does not bind (every unlabeled row may join; more rounds then cost little, each
+        scoring only its new voters) and :data:`DEFAULT_ROUNDS` where it does (each round streams
+        every row once more)."""
+        if not (isinstance(self.rounds, str) and self.rounds == "auto"):
+            return int(self.rounds)
+        return UNCAPPED_ROUNDS if self.voter_cap(m, n_unlabeled) >= n_unlabeled else DEFAULT_ROUNDS
 
     @property
     def pool(self) -> str:
