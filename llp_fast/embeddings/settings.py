@@ -14,7 +14,9 @@ is the schedule's total in place of the unlabeled rows (docs/method.md §7.4): t
 it and the last round votes with (R - 1) / R of it. So the default is the uncapped scheme exactly
 up to 20,000 unlabeled rows (the accuracy table of docs/embeddings.md is unchanged) and bounds the
 work at ``O(N (M + max(20,000, 2M)))``: about 3 times ``rounds=1`` once M >= 10,000
-(docs/embeddings.md, "Cost of the default").
+(docs/embeddings.md, "Cost of the default"). ``rounds="auto"`` (the default) takes 20 rounds below
+the cap, where a round scores only its new voters, and 10 where the cap binds, where each round
+streams every row again (:meth:`Settings.rounds_for`).
 """
 
 from __future__ import annotations
