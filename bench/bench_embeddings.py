@@ -371,8 +371,9 @@ def run_method(method: str, data: str, out: str, threads: int) -> None:
 
 
 def cli_args(method: str, data: str, out: str, threads: int) -> list[str]:
-    """``llp-fast-propagate``'s arguments for ``cli1`` (--rounds 1) and ``cli`` (its default, 10 rounds)."""
-    rounds = method.removeprefix("cli") or "10"
+    """``llp-fast-propagate``'s arguments for ``cli1`` (--rounds 1) and ``cli`` (its default rounds,
+    "auto": 20 below the voter cap, 10 where it binds, as at 1,000,000 rows)."""
+    rounds = method.removeprefix("cli") or "auto"
     emb, lab = os.path.join(data, "emb.npy"), os.path.join(data, "lab.npy")
     return [emb, lab, "--out", out, "--rounds", rounds, "--threads", str(threads), "--quiet"]
 

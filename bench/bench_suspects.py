@@ -319,7 +319,8 @@ def check_cost_reference(x: np.ndarray, noisy: np.ndarray, rows: int = CHECK_ROW
     cap = int((~lab).sum()) // 5
     s = Settings(max_voters=cap)
     got = label_embeddings(xs.numpy(), ys, s, normalize=False)
-    want_l, want_c = rounds_reference(xs, ys.copy(), rounds=s.rounds, cap=cap)
+    rounds = s.rounds_for(int(lab.sum()), int((~lab).sum()))  # (the default's "auto": 10 under this cap)
+    want_l, want_c = rounds_reference(xs, ys.copy(), rounds=rounds, cap=cap)
     same_l, same_c = np.array_equal(got.labels, want_l), np.array_equal(got.confidence, want_c)
     msg = f"{rows} rows, {int(lab.sum())} labeled, {cap} voters at most: labels {'identical' if same_l else 'differ'}"
     msg += f", confidences {'identical' if same_c else 'differ'}"
