@@ -67,23 +67,22 @@ def _ks(text: str):
     return ks[0] if len(ks) == 1 else ks
 
 
-def _tau(text: str):
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return _common.TEMPERATURE(text)
-    except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(f"{e}; or auto") from None
+def _auto_or(read):
+    """A flag's type: the word auto, or what ``read`` makes of the text (its error, with "; or auto")."""
+
+    def parse(text: str):
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            return read(text)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e}; or auto") from None
+
+    return parse
 
 
-def _rounds(text: str):
-    """``--rounds``: auto (the default) or a whole number >= 1."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return _common.POSITIVE_INT(text)
-    except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(f"{e}; or auto") from None
+_tau = _auto_or(_common.TEMPERATURE)  # --tau
+_rounds = _auto_or(_common.POSITIVE_INT)  # --rounds (auto, the default: docs/embeddings.md)
 
 
 def _drop(text: str) -> float:
