@@ -159,7 +159,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         n_density_neighbors=_DEFAULT.t,
         tau=_DEFAULT.tau,
         density_weighting=_DEFAULT.density,
-        rounds="auto",
+        rounds=_DEFAULT.rounds,
         density_pool=_DEFAULT.density_pool,
         labeled_weight=_DEFAULT.labeled_weight,
         max_voters=_DEFAULT.max_voters,

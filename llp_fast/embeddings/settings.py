@@ -103,9 +103,9 @@ class Settings:
             _int(n("k"), self.k)
         _int(n("t"), self.t)
         _checked(n("tau"), _checks.temperature, self.tau)
-        if not (isinstance(self.rounds, str) and self.rounds == "auto"):
-            if isinstance(self.rounds, str):
-                raise ConfigError(f"{n('rounds')} must be 'auto' or a whole number >= 1, got {self.rounds!r}")
+        if isinstance(self.rounds, str) and self.rounds != "auto":
+            raise ConfigError(f"{n('rounds')} must be 'auto' or a whole number >= 1, got {self.rounds!r}")
+        if self.rounds != "auto":
             _int(n("rounds"), self.rounds)
         _int(n("chunk"), self.chunk)
         if not isinstance(self.density, bool):
@@ -155,7 +155,7 @@ class Settings:
         voter cap does not bind (every unlabeled row may join; more rounds then cost little, each
         scoring only its new voters) and :data:`DEFAULT_ROUNDS` where it does (each round streams
         every row once more)."""
-        if not (isinstance(self.rounds, str) and self.rounds == "auto"):
+        if self.rounds != "auto":
             return int(self.rounds)
         return UNCAPPED_ROUNDS if self.voter_cap(m, n_unlabeled) >= n_unlabeled else DEFAULT_ROUNDS
 
