@@ -4,6 +4,7 @@ and a saved model labelling new rows.
     python bench/bench_suspects.py suspects [--seeds 0-4] [--split balanced|random] [--tau 0.07]
     python bench/bench_suspects.py false-alarms [--seeds 0-39]  # digits: which rows, and does an SVM agree
     python bench/bench_suspects.py auto [--seeds 0-4] [--noise 0.2]  # the README's accuracy rows
+    python bench/bench_suspects.py drop [--seeds 0-4] [--split random] [--noise 0.2]  # --drop-suspects
     python bench/bench_suspects.py model [--n 1000000] [--train 200000]
     python bench/bench_suspects.py cost [--n 200000] [--labeled 0.01] [--threads 2]
     python bench/bench_suspects.py ceiling [--seeds 0-39] [--split random]  # what better pseudo-labels would find
@@ -16,7 +17,10 @@ nearest-voter distance, after the default run and after ``--rounds 1``), with it
 each of its two parts alone after the default run.
 ``auto``: transductive accuracy of the default run with K in {5, 10, 20, 50} and with
 ``n_neighbors="auto"`` (and ``tau="auto"``), optionally with a fraction ``--noise`` of the labels
-flipped (where the default is no longer the best). ``model``: ``llp-fast-propagate --save-model`` on
+flipped (where the default is no longer the best). ``drop``: on the same rows (labeled rows drawn
+per class or at random, ``--noise`` of them flipped), transductive accuracy of the default run and of
+``--drop-suspects auto`` and ``0.1`` (the run again without the dropped labels), with how many were
+dropped and how many of those were flipped. ``model``: ``llp-fast-propagate --save-model`` on
 ``--train`` synthetic rows (1% labeled), then ``--model`` on ``--n`` new rows in a child process
 (wall time, peak resident memory) and ``LocalLabelPropagation.predict`` on the same fit: labels
 compared (labels that differ, or a failed child run, stop with an error and write nothing).
@@ -236,6 +240,39 @@ def auto(args) -> dict:
     return {"seeds": args.seeds, "noise": args.noise, "rows": out}
 
 
+def drop(args) -> dict:
+    import torch
+
+    from llp_fast.embeddings import Rows, Settings, label_embeddings
+    from llp_fast.embeddings.suspects import drop_worst, suspects_of
+
+    torch.set_num_threads(1)
+    out, s = {}, Settings()
+    for name, frac in ROWS:
+        x, y = load(name)
+        row = out.setdefault(f"{name} {int(frac * 100)}%", {})
+        for seed in parse_seeds(args.seeds):
+            lab = split(y, frac, seed) if args.split == "balanced" else random_split(y, frac, seed)
+            labels, flipped = flip(y, lab, seed, args.noise) if args.noise else (np.where(lab, y, -1), [])
+            first = label_embeddings(x, labels, s, normalize=False)
+            row.setdefault("default", []).append(float((first.labels[~lab] == y[~lab]).mean() * 100))
+            found = suspects_of(Rows(x, normalize=False), labels, first, s)
+            for how in ("auto", 0.1):
+                used, dropped = drop_worst(labels, found, how)
+                again = label_embeddings(x, used, s, normalize=False) if len(dropped) else first
+                row.setdefault(f"drop {how}", []).append(float((again.labels[~lab] == y[~lab]).mean() * 100))
+                row.setdefault(f"drop {how} (dropped, flipped)", []).append(
+                    [len(dropped), int(np.isin(dropped, flipped).sum())]
+                )
+        print(
+            f"{name} {int(frac * 100)}%: "
+            + ", ".join(f"{m} {np.mean(v):.2f}" for m, v in row.items() if "dropped" not in m)
+            + "".join(f"; {m} {np.sum(v, axis=0).tolist()}" for m, v in row.items() if "dropped" in m),
+            flush=True,
+        )
+    return {"seeds": args.seeds, "split": args.split, "noise": args.noise, "rows": out}
+
+
 def _apply_command(model_dir: str, new: str, out: str, threads: int) -> list[str]:
     return [
         sys.executable, "-m", "llp_fast.cli.propagate", "--model", model_dir, new, "--out", out,
@@ -447,10 +484,10 @@ def ceiling(args) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("suspects", "false-alarms", "auto", "model", "cost", "ceiling"))
+    ap.add_argument("mode", choices=("suspects", "false-alarms", "auto", "drop", "model", "cost", "ceiling"))
     ap.add_argument("--seeds", type=seeds_arg, default="0-4", help="N, A-B or a comma list of those")
     ap.add_argument("--split", choices=("balanced", "random"), default="balanced")
-    ap.add_argument("--noise", type=float, default=0.0, help="auto: flip this fraction of the labels first")
+    ap.add_argument("--noise", type=float, default=0.0, help="auto, drop: flip this fraction of the labels first")
     ap.add_argument("--tau", type=float, default=0.07, help="suspects: the runs' temperature")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--train", type=int, default=200_000)
@@ -462,8 +499,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     args.tag = args.tag or default_tag()
     modes = {
-        "suspects": suspects, "false-alarms": false_alarms, "auto": auto, "model": model, "cost": cost,
-        "ceiling": ceiling,
+        "suspects": suspects, "false-alarms": false_alarms, "auto": auto, "drop": drop, "model": model,
+        "cost": cost, "ceiling": ceiling,
     }  # fmt: skip
     result = modes[args.mode](args)
     if args.mode == "model":  # no seeds: named by its sizes
@@ -472,6 +509,8 @@ def main(argv=None) -> None:
         name = f"suspects_cost-n{args.n}-l{args.labeled:g}-t{args.threads}-{args.tag}.json"
     else:
         what = f"noise{args.noise:g}-" if args.noise else ""
+        if args.mode == "drop":
+            what = f"{args.split}-noise{args.noise:g}-"
         if args.mode in ("suspects", "ceiling"):
             what = args.split + (f"-tau{args.tau:g}-" if args.tau != 0.07 else "")
         name = f"suspects_{args.mode}-{what}{args.seeds}-{args.tag}.json"

@@ -17,7 +17,11 @@ pytestmark = pytest.mark.isolated
 
 
 @parametrize_with_checks(
-    [LocalLabelPropagation(), LocalLabelPropagation(n_neighbors="auto", tau="auto")],
+    [
+        LocalLabelPropagation(),
+        LocalLabelPropagation(n_neighbors="auto", tau="auto"),
+        LocalLabelPropagation(drop_suspects="auto", rounds=2),
+    ],
     expected_failed_checks=expected_failed_checks,
 )
 def test_sklearn_estimator_checks(estimator, check):
@@ -178,6 +182,11 @@ def test_bad_parameters_and_no_labels():
         (dict(n_neighbors=(10, 20)), "n_neighbors"),
         (dict(n_neighbors=[10]), "n_neighbors"),
         (dict(max_voters="none"), "max_voters must be 'auto', None"),  # (the command line's word)
+        (dict(drop_suspects=0), "drop_suspects must be None, 'auto' or a fraction"),
+        (dict(drop_suspects=1.0), "drop_suspects must be None, 'auto' or a fraction"),
+        (dict(drop_suspects=True), "drop_suspects must be None, 'auto' or a fraction"),
+        (dict(drop_suspects="Auto"), "drop_suspects must be None, 'auto' or a fraction"),
+        (dict(drop_suspects=0.9999), "drop_suspects=0.9999 would drop all"),
     ):
         with pytest.raises(ValueError, match=f"^{name}"):
             LocalLabelPropagation(**params).fit(x, partial)
@@ -196,7 +205,9 @@ def test_bad_parameters_and_no_labels():
 
 
 # -- issue "what no kNN labeller offers": pickling, cloning, abstention -------------------------------
-@pytest.mark.parametrize("params", [dict(), dict(n_neighbors="auto", tau="auto", min_confidence=0.8, rounds=2)])
+@pytest.mark.parametrize(
+    "params", [dict(), dict(n_neighbors="auto", tau="auto", min_confidence=0.8, rounds=2, drop_suspects="auto")]
+)
 def test_pickles_and_clones_cleanly(params):
     import pickle
 
@@ -209,6 +220,7 @@ def test_pickles_and_clones_cleanly(params):
     again = pickle.loads(pickle.dumps(clf))
     for name in ("transduction_", "label_suspects_", "label_quality_", "voters_", "label_distributions_"):
         np.testing.assert_array_equal(getattr(again, name), getattr(clf, name))
+    np.testing.assert_array_equal(again.labels_dropped_, clf.labels_dropped_)
     np.testing.assert_array_equal(again.predict(x[:100]), clf.predict(x[:100]))
     fresh = clone(clf)
     assert fresh.get_params() == clf.get_params() and not hasattr(fresh, "transduction_")

@@ -504,6 +504,41 @@ def test_drop_suspects_keeps_the_labels_that_show_no_sign_of_being_wrong(tmp_pat
     assert f"({flagged} suspect labels dropped and labeled again; the other {15 - flagged} of the 15 asked" in said
 
 
+def test_drop_suspects_auto_drops_the_labels_of_low_quality(tmp_path, capsys):
+    """``--drop-suspects auto`` drops the labels of quality below DROP_QUALITY (as the estimator's
+    ``drop_suspects="auto"``) and says how many; clean, well separated labels: none, and one run."""
+    from llp_fast import LocalLabelPropagation
+    from llp_fast.embeddings.settings import DROP_QUALITY
+
+    x, y, labels = _digits_embeddings(tmp_path)
+    flip = np.flatnonzero(labels >= 0)[::8]
+    labels[flip] = (labels[flip] + 3) % 10
+    np.save(tmp_path / "noisy.npy", labels)
+    out, q = str(tmp_path / "o.npy"), str(tmp_path / "q.npy")
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "noisy.npy"), "--quiet", "--out", out, "--quality-out", q]
+    assert propagate_main([*argv, "--drop-suspects", "auto"]) == 0
+    said = capsys.readouterr().out
+    low = int((np.load(q)[labels >= 0] < DROP_QUALITY).sum())
+    assert low >= 5, low
+    assert f"({low} suspect labels, quality below {DROP_QUALITY:g}, dropped and labeled again)" in said, said
+    clf = LocalLabelPropagation(drop_suspects="auto").fit(x, labels)
+    np.testing.assert_array_equal(np.load(out), clf.transduction_)
+    assert len(clf.labels_dropped_) == low
+    rng = np.random.default_rng(0)
+    blobs = np.concatenate([np.eye(8)[c] + 0.05 * rng.standard_normal((60, 8)) for c in range(3)]).astype(np.float32)
+    clean = np.full(180, -1)
+    for c in range(3):
+        clean[c * 60 : c * 60 + 10] = c
+    np.save(tmp_path / "blobs.npy", blobs)
+    np.save(tmp_path / "clean.npy", clean)
+    argv = [str(tmp_path / "blobs.npy"), str(tmp_path / "clean.npy"), "--quiet", "--out", out]
+    assert propagate_main([*argv, "--drop-suspects", "auto"]) == 0
+    said = capsys.readouterr().out
+    assert f"(--drop-suspects auto: no label's quality is below {DROP_QUALITY:g}, none dropped)" in said, said
+    for bad in ("Auto", "0", "1", "x"):
+        flag_error(capsys, [*argv, "--drop-suspects", bad], "--drop-suspects", "expected auto or a fraction in (0, 1)")
+
+
 def test_drop_suspects_that_would_drop_every_label_is_one_line(tmp_path, capsys):
     _digits_embeddings(tmp_path)
     argv = [str(tmp_path / "emb.npy"), str(tmp_path / "lab.npy"), "--out", str(tmp_path / "o.npy")]

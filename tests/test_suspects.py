@@ -2,6 +2,7 @@
 float64 brute forces, streamed in blocks, at odd shapes; the ranking finds flipped labels better than the plain
 leave-one-out vote; what the estimator and ``--drop-suspects`` do with it."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -363,6 +364,38 @@ def test_estimator_attributes_and_drop_worst():
     fixed = label_embeddings(x, cleaned, rounds=3).labels
     back = np.intersect1d(dropped, flipped)
     assert (fixed[back] == y[back]).mean() >= 0.8
+
+
+def test_drop_suspects_auto_drops_the_labels_below_the_quality_cut_and_relabels_them():
+    """``drop_worst(..., "auto")`` drops exactly the rows of quality below DROP_QUALITY; with a fifth
+    of digits' labels flipped those are mostly the flips, the run without them labels the unlabeled
+    rows better, and it gives most dropped rows their true class back (docs/embeddings.md, "Dropping
+    suspects"). The estimator's ``drop_suspects="auto"`` is that second run."""
+    from llp_fast import LocalLabelPropagation
+    from llp_fast.embeddings.settings import DROP_QUALITY
+
+    x, y, noisy, flipped = _flipped_digits(frac=0.1, rate=0.2, seed=0)
+    settings = Settings()
+    first = label_embeddings(x, noisy, settings)
+    found = suspects_of(Rows(x), noisy, first, settings)
+    cleaned, dropped = drop_worst(noisy, found, "auto")
+    assert np.array_equal(dropped, np.sort(found.labeled[found.quality < DROP_QUALITY])) and len(dropped) > 10
+    assert (cleaned[dropped] == -1).all() and np.array_equal(np.delete(cleaned, dropped), np.delete(noisy, dropped))
+    assert np.isin(dropped, flipped).mean() >= 0.85
+    second = label_embeddings(x, cleaned, settings)
+    unlabeled = noisy < 0
+    assert (second.labels[unlabeled] == y[unlabeled]).mean() > (first.labels[unlabeled] == y[unlabeled]).mean() + 0.02
+    assert (second.labels[dropped] == y[dropped]).mean() >= 0.85
+    clf = LocalLabelPropagation(drop_suspects="auto").fit(x, noisy)
+    assert np.array_equal(clf.labels_dropped_, dropped) and clf.labels_dropped_.dtype == np.int64
+    assert np.array_equal(clf.transduction_, second.labels) and np.array_equal(clf.label_suspects_, found.rows)
+    # a fraction drops the first round(F * M) of the ranking, as --drop-suspects F
+    frac = LocalLabelPropagation(drop_suspects=0.1).fit(x, noisy)
+    assert np.array_equal(frac.labels_dropped_, drop_worst(noisy, found, 0.1)[1])
+    # where every label is below the cut none is dropped: no label would be left to vote
+    low = dataclasses.replace(found, quality=np.zeros_like(found.quality), score=np.full_like(found.score, -9.0))
+    kept, none = drop_worst(noisy, low, "auto")
+    assert len(none) == 0 and np.array_equal(kept, noisy)
 
 
 def test_neighbourhood_scale_edge_cases():

@@ -37,6 +37,38 @@ def _cost_note(progress, n: int, m: int, settings) -> None:
         )
 
 
+def _drop_note(asked, m: int, labels, used, dropped, ranked) -> str:
+    """What ``--drop-suspects`` did, for the summary line."""
+    import numpy as np
+
+    from ..embeddings import suspects
+    from ..embeddings.settings import DROP_QUALITY
+
+    if asked == "auto":
+        flagged = int((ranked.quality < DROP_QUALITY).sum())
+        if not flagged:  # the first run stands
+            return f" (--drop-suspects auto: no label's quality is below {DROP_QUALITY:g}, none dropped)"
+        if not len(dropped):
+            return (
+                f" (--drop-suspects auto: every label's quality is below {DROP_QUALITY:g}; none dropped, since no "
+                "label would be left to vote)"
+            )
+        note = f" ({len(dropped)} suspect labels, quality below {DROP_QUALITY:g}, dropped and labeled again"
+    else:
+        n = suspects.drops_asked(asked, m)
+        if not n:  # round(F * M) = 0: nothing to drop, the first run stands
+            return f" (--drop-suspects {asked:g} of {m} labeled rows rounds to none: nothing dropped)"
+        if not len(dropped):  # no labeled row is flagged: the first run stands
+            return f" (--drop-suspects {asked:g}: no labeled row shows a sign of a wrong label, none dropped)"
+        note = f" ({len(dropped)} suspect labels dropped and labeled again"
+        if len(dropped) < n:
+            note += f"; the other {n - len(dropped)} of the {n} asked show no sign of a wrong label: kept"
+    gone = np.setdiff1d(np.unique(labels[labels >= 0]), used[used >= 0])
+    if len(gone):  # their every labeled row was a suspect: no vote can give them now
+        note += f"; no labeled row left of class{'es' if len(gone) > 1 else ''} {', '.join(map(str, gone))}"
+    return note + ")"
+
+
 def _label(args) -> int:
     """The labelling run: EMB LABELS -> labels (and the optional outputs)."""
     import time
@@ -65,7 +97,7 @@ def _label(args) -> int:
     n, m = rows.n, int((labels >= 0).sum())
     if m == 0:  # (before anything that would say something else first)
         raise DataError(f"labels {args.labels} hold no labeled row (no entry >= 0)")
-    if args.drop_suspects and suspects.drops_asked(args.drop_suspects, m) >= m:
+    if args.drop_suspects not in (None, "auto") and suspects.drops_asked(args.drop_suspects, m) >= m:
         raise ConfigError(
             f"--drop-suspects {args.drop_suspects:g}: would drop all {m} labeled rows of {args.labels}; give a "
             "smaller fraction"
@@ -86,23 +118,9 @@ def _label(args) -> int:
             ranked[k] = suspects.suspects_of(rows, labels, result, settings, comm=comm, progress=progress)
     if args.drop_suspects:
         used, dropped = suspects.drop_worst(labels, ranked[None], args.drop_suspects)
-        asked = suspects.drops_asked(args.drop_suspects, m)
-        clean = f"; the other {asked - len(dropped)} of the {asked} asked show no sign of a wrong label: kept"
         if len(dropped):
             results = {None: Engine(rows, used, settings, comm=comm, progress=progress).run(**extras)}
-            note = f" ({len(dropped)} suspect labels dropped and labeled again" + (
-                clean if len(dropped) < asked else ""
-            )
-            gone = np.setdiff1d(np.unique(labels[labels >= 0]), used[used >= 0])
-            if len(gone):  # their every labeled row was a suspect: no vote can give them now
-                note += f"; no labeled row left of class{'es' if len(gone) > 1 else ''} {', '.join(map(str, gone))}"
-            note += ")"
-        elif asked:  # no labeled row is flagged: the first run stands
-            note = (
-                f" (--drop-suspects {args.drop_suspects:g}: no labeled row shows a sign of a wrong label, none dropped)"
-            )
-        else:  # round(F * M) = 0: nothing to drop, the first run stands
-            note = f" (--drop-suspects {args.drop_suspects:g} of {m} labeled rows rounds to none: nothing dropped)"
+        note = _drop_note(args.drop_suspects, m, labels, used, dropped, ranked[None])
         m = int((used >= 0).sum())
     if rank == 0:
         files, written, abstained = {}, [], {}

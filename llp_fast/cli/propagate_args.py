@@ -10,7 +10,7 @@ import os
 from .. import _files
 from ..embeddings import outputs
 from ..embeddings.model import model_file
-from ..embeddings.settings import AUTO_VOTERS, AUTO_VOTERS_PER_LABELED, POOLS, Settings
+from ..embeddings.settings import AUTO_VOTERS, AUTO_VOTERS_PER_LABELED, DROP_QUALITY, POOLS, Settings
 from ..errors import ConfigError
 from . import _common
 
@@ -85,14 +85,17 @@ _tau = _auto_or(_common.TEMPERATURE)  # --tau
 _rounds = _auto_or(_common.POSITIVE_INT)  # --rounds (auto, the default: docs/embeddings.md)
 
 
-def _drop(text: str) -> float:
-    """``--drop-suspects``: a fraction in (0, 1) of the labeled rows."""
+def _drop(text: str):
+    """``--drop-suspects``: auto (the labels of quality below ``DROP_QUALITY``) or a fraction in (0, 1)
+    of the labeled rows."""
+    if text == "auto":
+        return text
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) of the labeled rows, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected auto or a fraction in (0, 1) of the labeled rows, got {text!r}")
     return value
 
 
@@ -158,10 +161,12 @@ def parser() -> argparse.ArgumentParser:
         "--drop-suspects",
         type=_drop,
         default=None,
-        metavar="F",
-        help="label again without the most suspect fraction F of the labeled rows (they are labeled by the vote; "
-        "rows that show no sign of a wrong label, quality 1, are kept); --suspects-out and --quality-out then hold "
-        "the first labelling's ranking, the one the drop was chosen by, and the other outputs the second's",
+        metavar="auto|F",
+        help="label again without the most suspect labels (they are labeled by the vote): auto, those of quality "
+        f"below {DROP_QUALITY:g}, or the most suspect fraction F of the labeled rows (rows that show no sign of a "
+        "wrong label, quality 1, are kept); --suspects-out and --quality-out then hold the first labelling's "
+        "ranking, the one the drop was chosen by, and the other outputs the second's (docs/embeddings.md, "
+        "'Dropping suspects')",
     )
     ap.add_argument(
         "--min-confidence",

@@ -28,7 +28,7 @@ from .engine import Engine
 from .model import Model
 from .settings import Settings
 from .sources import Rows
-from .suspects import suspects_of
+from .suspects import drop_worst, drops_asked, suspects_of
 
 _DEFAULT = Settings()
 
@@ -133,6 +133,12 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             votes with (rounds - 1) / rounds of it; "auto": keeps the cost linear in N, see
             llp_fast.embeddings.settings; None: no cap). Each class's share of it is rounded
             (docs/method.md §7), so the voters may exceed it by up to half a voter a class.
+        drop_suspects: None (the default), "auto" or a fraction in (0, 1): label again with the most
+            suspect labels made unlabeled ("auto": those of ``label_quality_`` below 0.05; a fraction
+            F: the most suspect ``round(F * M)`` of the M labeled rows that show some sign of a wrong
+            label), as ``llp-fast-propagate --drop-suspects``; the fitted labels, voters and
+            distributions are the second run's (a dropped row gets the vote's label), the suspects
+            the first's (docs/embeddings.md, "Dropping suspects").
         min_confidence: abstain below this confidence: ``transduction_`` and ``predict`` give -1 for
             an unlabeled row whose vote's winning share is below it (labeled rows keep theirs;
             ``classes_`` and the distributions are unchanged). None: never.
@@ -150,7 +156,8 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
     docs/embeddings.md, "Suspect labels"), ``n_neighbors_`` and ``tau_`` (the K and temperature
     used), ``min_confidence_`` (the threshold ``predict`` uses: the one fitted with, whatever
     ``set_params`` says later), ``loo_accuracy_`` (``{(K, tau): accuracy}`` of the candidates when one was "auto"),
-    ``n_features_in_``, ``rounds_run_``.
+    ``labels_dropped_`` (the rows whose labels ``drop_suspects`` dropped, int64, ascending; empty
+    without it), ``n_features_in_``, ``rounds_run_``.
     """
 
     def __init__(
@@ -163,6 +170,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         density_pool=_DEFAULT.density_pool,
         labeled_weight=_DEFAULT.labeled_weight,
         max_voters=_DEFAULT.max_voters,
+        drop_suspects=None,
         min_confidence=None,
         normalize=True,
         device="cpu",
@@ -176,6 +184,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self.density_pool = density_pool
         self.labeled_weight = labeled_weight
         self.max_voters = max_voters
+        self.drop_suspects = drop_suspects
         self.min_confidence = min_confidence
         self.normalize = normalize
         self.device = device
@@ -205,6 +214,14 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         if isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 <= c <= 1:
             raise ValueError(f"min_confidence must be None or a number in [0, 1], got {c!r}")
         return float(c)
+
+    def _drop_suspects(self):
+        d = self.drop_suspects
+        if d is None or (isinstance(d, str) and d == "auto"):
+            return d
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0 < d < 1:
+            raise ValueError(f"drop_suspects must be None, 'auto' or a fraction in (0, 1), got {d!r}")
+        return float(d)
 
     def _normalize(self) -> bool:
         n = self.normalize
@@ -236,6 +253,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self._refuse_sparse(X)
         settings = self._settings()
         threshold = self._min_confidence()
+        drop = self._drop_suspects()
         normalize = self._normalize()
         X, y = validate_data(self, X, _mixed_labels(y), dtype=_float_types(X), y_numeric=False)
         unlabeled = _unlabeled(y)
@@ -262,10 +280,20 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self.n_neighbors_, self.tau_ = int(settings.ks[0]), float(settings.tau)
         # what predict uses, as fitted (a later set_params does not change a fitted model)
         self.min_confidence_, self._fit_normalize = threshold, normalize
+        if drop is not None and drop != "auto" and drops_asked(drop, int((~unlabeled).sum())) >= (~unlabeled).sum():
+            raise ValueError(
+                f"drop_suspects={drop!r} would drop all {int((~unlabeled).sum())} labeled rows; give a smaller fraction"
+            )
         result = Engine(rows, codes, settings).run(top_classes=len(self.classes_))
+        suspects = suspects_of(rows, codes, result, settings)
+        used, self.labels_dropped_ = codes, np.zeros(0, np.int64)
+        if drop is not None:
+            used, self.labels_dropped_ = drop_worst(codes, suspects, drop)
+            if len(self.labels_dropped_):
+                result = Engine(rows, used, settings).run(top_classes=len(self.classes_))
         label = result.labels.copy()
         if threshold is not None:
-            label[(result.confidence < threshold) & unlabeled] = -1
+            label[(result.confidence < threshold) & (used < 0)] = -1
         self.transduction_ = with_abstention(self.classes_, label)
         dist = np.zeros((X.shape[0], len(self.classes_)), np.float64)
         have = result.top_classes >= 0
@@ -276,7 +304,6 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self.voters_ = rows.take(result.voter_rows).cpu().numpy()
         self.voter_classes_ = result.voter_classes
         self.voter_bias_ = result.voter_bias
-        suspects = suspects_of(rows, codes, result, settings)
         self.label_suspects_ = suspects.rows
         self.label_quality_ = suspects.per_row(X.shape[0])
         return self
