@@ -535,6 +535,16 @@ def test_drop_suspects_auto_drops_the_labels_of_low_quality(tmp_path, capsys):
     assert propagate_main([*argv, "--drop-suspects", "auto"]) == 0
     said = capsys.readouterr().out
     assert f"(--drop-suspects auto: no label's quality is below {DROP_QUALITY:g}, none dropped)" in said, said
+    # a wrong label in a class of three: flagged, but a class keeps three of its labeled rows
+    few = clean.copy()
+    few[122:130] = -1  # class 2 keeps rows 120 and 121
+    few[[120, 121, 10]] = 2  # row 10 lies in class 0's blob
+    np.save(tmp_path / "few.npy", few)
+    argv[1] = str(tmp_path / "few.npy")
+    assert propagate_main([*argv, "--drop-suspects", "auto", "--quality-out", q]) == 0
+    said = capsys.readouterr().out
+    assert np.load(q)[10] < DROP_QUALITY and (np.load(q)[few >= 0] < DROP_QUALITY).sum() == 1
+    assert "(--drop-suspects auto: 1 label of quality below 0.05, none dropped: a class keeps at least 3" in said, said
     for bad in ("Auto", "0", "1", "x"):
         flag_error(capsys, [*argv, "--drop-suspects", bad], "--drop-suspects", "expected auto or a fraction in (0, 1)")
 

@@ -367,12 +367,13 @@ def test_estimator_attributes_and_drop_worst():
 
 
 def test_drop_suspects_auto_drops_the_labels_below_the_quality_cut_and_relabels_them():
-    """``drop_worst(..., "auto")`` drops exactly the rows of quality below DROP_QUALITY; with a fifth
+    """``drop_worst(..., "auto")`` drops the rows of quality below DROP_QUALITY (here every one: no class
+    falls to DROP_KEEPS labeled rows); with a fifth
     of digits' labels flipped those are mostly the flips, the run without them labels the unlabeled
     rows better, and it gives most dropped rows their true class back (docs/embeddings.md, "Dropping
     suspects"). The estimator's ``drop_suspects="auto"`` is that second run."""
     from llp_fast import LocalLabelPropagation
-    from llp_fast.embeddings.settings import DROP_QUALITY
+    from llp_fast.embeddings.settings import DROP_KEEPS, DROP_QUALITY
 
     x, y, noisy, flipped = _flipped_digits(frac=0.1, rate=0.2, seed=0)
     settings = Settings()
@@ -392,10 +393,14 @@ def test_drop_suspects_auto_drops_the_labels_below_the_quality_cut_and_relabels_
     # a fraction drops the first round(F * M) of the ranking, as --drop-suspects F
     frac = LocalLabelPropagation(drop_suspects=0.1).fit(x, noisy)
     assert np.array_equal(frac.labels_dropped_, drop_worst(noisy, found, 0.1)[1])
-    # where every label is below the cut none is dropped: no label would be left to vote
+    # every label below the cut: each class keeps its DROP_KEEPS least suspect labeled rows
     low = dataclasses.replace(found, quality=np.zeros_like(found.quality), score=np.full_like(found.score, -9.0))
-    kept, none = drop_worst(noisy, low, "auto")
-    assert len(none) == 0 and np.array_equal(kept, noisy)
+    kept, most = drop_worst(noisy, low, "auto")
+    assert (np.bincount(kept[kept >= 0], minlength=10) == DROP_KEEPS).all() and len(most) == len(found.rows) - 30
+    rank = {r: i for i, r in enumerate(found.rows)}
+    for c in range(10):  # the ones kept are the last of their class in the ranking
+        mine = [r for r in found.rows if noisy[r] == c]
+        assert sorted(np.flatnonzero(kept == c), key=rank.get) == mine[-DROP_KEEPS:]
 
 
 def test_neighbourhood_scale_edge_cases():

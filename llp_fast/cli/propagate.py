@@ -42,18 +42,19 @@ def _drop_note(asked, m: int, labels, used, dropped, ranked) -> str:
     import numpy as np
 
     from ..embeddings import suspects
-    from ..embeddings.settings import DROP_QUALITY
+    from ..embeddings.settings import DROP_KEEPS, DROP_QUALITY
 
     if asked == "auto":
         flagged = int((ranked.quality < DROP_QUALITY).sum())
+        keeps = f"a class keeps at least {DROP_KEEPS} of its labeled rows"
         if not flagged:  # the first run stands
             return f" (--drop-suspects auto: no label's quality is below {DROP_QUALITY:g}, none dropped)"
         if not len(dropped):
-            return (
-                f" (--drop-suspects auto: every label's quality is below {DROP_QUALITY:g}; none dropped, since no "
-                "label would be left to vote)"
-            )
+            some = f"{flagged} label{'s' if flagged > 1 else ''} of quality below {DROP_QUALITY:g}"
+            return f" (--drop-suspects auto: {some}, none dropped: {keeps})"
         note = f" ({len(dropped)} suspect labels, quality below {DROP_QUALITY:g}, dropped and labeled again"
+        if flagged > len(dropped):
+            note += f"; {flagged - len(dropped)} more below it kept: {keeps}"
     else:
         n = suspects.drops_asked(asked, m)
         if not n:  # round(F * M) = 0: nothing to drop, the first run stands
