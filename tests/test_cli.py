@@ -351,8 +351,37 @@ def test_a_bad_held_out_image_keeps_the_epoch_it_ends(tmp_path, capsys, workers)
     # a resume over other files (one renamed in place) trained other images at the saved rows
     (root / "train" / "class1" / "3.png").rename(root / "train" / "class1" / "3b.png")
     rc = train_main(["--resume", run, "--epochs", "2", "--quiet"])
-    one_error_line(capsys, rc, "are not those the run began with (a training image renamed, added or removed)")
+    one_error_line(capsys, rc, "are not those the run began with (a training image renamed, added or removed")
     (root / "train" / "class1" / "3b.png").rename(root / "train" / "class1" / "3.png")
+    assert train_main(["--resume", run, "--epochs", "2", "--quiet"]) == 0
+
+
+def test_a_resume_over_other_pixels_in_the_same_npz_is_refused(tmp_path, capsys):
+    """Array data kept only its split's labels: a resume over an npz rewritten with other images
+    (the same labels) trained them under the saved rows without a word. Its pixels' digest is now
+    checked, as a folder's file names are; the same file restored resumes."""
+    from llp_fast.errors import CheckpointError
+    from llp_fast.train.trained import load_network
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (300, 8, 8), dtype=np.uint8)
+    y = np.arange(300) % 3
+    p = tmp_path / "own.npz"
+    np.savez(p, x=x, y=y)
+    run = str(tmp_path / "r")
+    assert train_main(["--data", f"npz:{p}", "--run-dir", run, *TINY, "--labeled-fraction", "0.2"]) == 0
+    other = x.copy()
+    other[:, 3, 3] ^= 1  # one grey level of one pixel of each image
+    np.savez(p, x=other, y=y)
+    rc = train_main(["--resume", run, "--epochs", "2", "--quiet"])
+    one_error_line(
+        capsys,
+        rc,
+        "are not those the run began with (a training image renamed, added or removed, or an array's pixels changed)",
+    )
+    with pytest.raises(CheckpointError, match="is not what it trained on"):
+        load_network(run)
+    np.savez(p, x=x, y=y)
     assert train_main(["--resume", run, "--epochs", "2", "--quiet"]) == 0
 
 

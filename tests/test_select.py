@@ -565,7 +565,7 @@ def test_a_damaged_compressed_pool_is_one_line(ckpt, pool, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
-def test_a_run_is_read_from_its_checkpoint_alone(tmp_path, pool, capsys):
+def test_a_run_is_read_from_its_checkpoint_alone(tmp_path, pool, capsys, monkeypatch):
     """-select and -linear-probe built the network with --init-weights again (a file read when
     the run started, relative to its directory then); a run whose data now builds another network
     was a "corrupt checkpoint" naming no entry."""
@@ -585,6 +585,13 @@ def test_a_run_is_read_from_its_checkpoint_alone(tmp_path, pool, capsys):
     grey.save()
     np.savez(tmp_path / "train.npz", x=np.repeat(x[..., None], 3, -1), y=y)  # now RGB: 3 input channels
     capsys.readouterr()
+    rc = main([grey.cfg.run_dir, "--source", f"npz:{pool}", "--out", out, "--quiet"])
+    one_error_line(capsys, rc, "is not what it trained on (another split, or other training images)")
+    # a checkpoint with no digest of its images (written before it was kept) is read, and the
+    # network its data builds now is named where it does not fit
+    import llp_fast.train.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "files_differ", lambda ckpt, fingerprint: False)
     rc = main([grey.cfg.run_dir, "--source", f"npz:{pool}", "--out", out, "--quiet"])
     line = one_error_line(capsys, rc, "does not fit the network its run's data")
     assert "'stem.weight' has shape (4, 1, 3, 3), the network (4, 3, 3, 3)" in line, line

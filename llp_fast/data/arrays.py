@@ -9,6 +9,7 @@ input size. No per-sample Python.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 
@@ -112,6 +113,17 @@ def _to_nchw(x: np.ndarray, rows: np.ndarray | None = None, chunk_elements: int 
     return out
 
 
+def images_fingerprint(x: torch.Tensor) -> str:
+    """A digest of the training images (contiguous uint8 NCHW, their shape included): a checkpoint
+    keeps it, as folder data keeps its files' names, so a resume over another array of the same
+    split (other pixels, same labels) is refused rather than training other images under the saved
+    rows. It reads each byte once (about 0.1 s for MNIST's 47 MB)."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(repr(tuple(x.shape)).encode())
+    h.update(memoryview(x.contiguous().numpy()).cast("B"))
+    return "images:" + h.hexdigest()
+
+
 def _channel_stats(x: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and standard deviation (n - 1) of uint8 NCHW images in [0, 1], float32,
     summed in float64 a chunk of images at a time (a float copy of the whole set cost 4 bytes an
@@ -208,6 +220,7 @@ class ArraySource:
         self.in_channels = xs.shape[1]
         self.src_size = xs.shape[-1]
         self.src_hw = tuple(xs.shape[-2:])  # training squashes a non-square image to the input side
+        self.fingerprint = images_fingerprint(xs)  # (a checkpoint keeps it: docs/outward.md)
         mean, std = _channel_stats(xs)
         self.mean = mean.to(self.device).view(1, -1, 1, 1)
         self.std = std.clamp_min(1e-3).to(self.device).view(1, -1, 1, 1)

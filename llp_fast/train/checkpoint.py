@@ -159,8 +159,9 @@ def peek(path: str) -> dict | None:
 
 
 def files_differ(ckpt: dict, fingerprint: str | None) -> bool:
-    """Whether a checkpoint's training files (folder data's ``data_files`` digest) are not those of
-    ``fingerprint`` (its source's now); checkpoints without one, and array data, are not compared."""
+    """Whether a checkpoint's training images (``data_files``: folder data's digest of its files'
+    names, array data's of its pixels) are not those of ``fingerprint`` (its source's now);
+    checkpoints without one (written before it was kept) are not compared."""
     saved = ckpt.get("data_files")
     return bool(saved and fingerprint and saved != fingerprint)
 

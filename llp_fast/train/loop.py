@@ -223,7 +223,7 @@ class Trainer:
             "epoch_stats": dict(self.epoch_stats),
             **self.net.state_dict(),
             "targets": self.targets.cpu(),
-            "data_files": self.data_files,  # folder data: its files' digest (None for arrays)
+            "data_files": self.data_files,  # a digest of the training images (folder: names; arrays: pixels)
             "rng": rng.rng_state(self.gens),
             "history": list(self.history),
         }
@@ -254,8 +254,9 @@ class Trainer:
                 raise CheckpointError(f"checkpoint {path} was saved for a different data split")
             if checkpoint.files_differ(ckpt, self.data_files):
                 raise CheckpointError(  # (checkpoints before it have none: not checked)
-                    f"checkpoint {path}: the image files of {self.cfg.data} are not those the run began with "
-                    "(a training image renamed, added or removed): put them back as they were, or start a new run"
+                    f"checkpoint {path}: the training images of {self.cfg.data} are not those the run began with "
+                    "(a training image renamed, added or removed, or an array's pixels changed): put them back as "
+                    "they were, or start a new run"
                 )
             differs = misfit(ckpt["model"], self.model.state_dict()) if isinstance(ckpt.get("model"), dict) else None
             if differs:

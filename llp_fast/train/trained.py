@@ -60,7 +60,8 @@ def load_network(path: str, device="cpu", *, random_init: bool = False):
 
 def _same_data(ckpt: dict, source, cfg, path: str) -> None:
     """:class:`CheckpointError` where the run's data no longer is what it trained on (its split's
-    labels, or on folder: data the training files' names, as a resume checks): the preprocessing
+    labels, and its training images: folder data's file names, array data's pixels, as a resume
+    checks): the preprocessing
     (normalisation statistics, sizes) is read from it, and changed data scored with other ones
     without a word."""
     targets, n = ckpt.get("targets"), int(source.targets.shape[0])
@@ -70,5 +71,5 @@ def _same_data(ckpt: dict, source, cfg, path: str) -> None:
     if labels_differ or checkpoint.files_differ(ckpt, getattr(source, "fingerprint", None)):
         raise CheckpointError(
             f"checkpoint {path}: its run's training data ({cfg.data}) is not what it trained on (another split, "
-            "or files renamed, added or removed): the network's preprocessing comes from it; restore the data"
+            "or other training images): the network's preprocessing comes from it; restore the data"
         )
