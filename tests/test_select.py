@@ -505,6 +505,29 @@ def test_a_pool_without_its_kind_says_which_to_give(tmp_path):
     assert len(open_pool(f"npz:{tmp_path / 'pool.npy'}")) == 3
 
 
+@pytest.mark.parametrize("kind", ["npz", "npz_compressed", "npy"])
+def test_a_fortran_order_pool_gives_the_same_images(ckpt, pool, tmp_path, capsys, kind):
+    """An archive's 'x' saved in Fortran order (a transposed array, MATLAB's layout) was refused
+    ("save it C-contiguous") while a .npy in that order was read: both are read now, the archive
+    whole (its rows are not stored in one piece), and select the same images as the C-order pool."""
+    with np.load(pool) as f:
+        x, y = f["x"], f["y"]
+    path = tmp_path / f"f.{'npy' if kind == 'npy' else 'npz'}"
+    if kind == "npy":
+        np.save(path, np.asfortranarray(x))
+    else:
+        (np.savez_compressed if kind == "npz_compressed" else np.savez)(path, x=np.asfortranarray(x), y=y)
+    got = [(b.clone(), i.clone()) for b, i in open_pool(f"npz:{path}").batches(16, ("arrays", 3, 12))]
+    want = list(open_pool(f"npz:{pool}").batches(16, ("arrays", 3, 12)))
+    assert len(got) == len(want) == 5
+    for (gb, gi), (wb, wi) in zip(got, want):
+        assert torch.equal(gb, wb) and torch.equal(gi, wi)
+    a, b = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+    assert main([ckpt, "--source", f"npz:{pool}", "--out", a, "--quiet"]) == 0
+    assert main([ckpt, "--source", f"npz:{path}", "--out", b, "--quiet"]) == 0
+    assert np.array_equal(read_selection(a)["index"], read_selection(b)["index"])
+
+
 def test_a_pool_under_home_and_a_folder_given_as_a_file(tmp_path, monkeypatch):
     """``npz:~/...`` and ``folder:~/...`` read under $HOME, as llp-fast-train reads them (a shell
     leaves the ~ after npz: as it is: it was "no such file: ~/pool.npy"), in the library and at

@@ -13,7 +13,8 @@ uint8 tensors its own ``plain`` / ``_normalise`` turn into network input:
   evaluation crop (resize the short side, centre crop) at the network's input size S.
 
 Pools (:func:`open_pool`) are read a batch at a time, never whole: ``npz:PATH`` streams the
-``x`` member of the archive (compressed or not) row block by row block, a ``.npy`` file is
+``x`` member of the archive (compressed or not) row block by row block (one saved in Fortran
+order is read whole: no row lies in one piece of it), a ``.npy`` file is
 memory-mapped, and ``folder:PATH`` decodes the files (every image under PATH, recursively,
 sorted) in a torch DataLoader.
 """
@@ -106,7 +107,8 @@ def _to_nchw(x: np.ndarray) -> torch.Tensor:
 # -- pools ------------------------------------------------------------------------------------
 class NpzPool:
     """The ``x`` array (uint8 NxHxW or NxHxWxC) of an .npz archive, or a .npy file, read a block
-    of rows at a time. ``y`` (optional, -1 = unknown) is the truth, for diagnostics only."""
+    of rows at a time (an archive's ``x`` saved in Fortran order is read whole: its rows are not
+    stored in one piece). ``y`` (optional, -1 = unknown) is the truth, for diagnostics only."""
 
     def __init__(self, path: str):
         if os.path.isdir(path):
@@ -138,10 +140,14 @@ class NpzPool:
             raise DataError(f"cannot read {path} as an .npz archive or .npy array ({type(e).__name__})") from None
         if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] not in (1, 3)):
             raise DataError(f"{path}: 'x' must be uint8 NxHxW or NxHxWxC (C = 1 or 3), got {dtype} {shape}")
-        if fortran:
-            raise DataError(f"{path}: 'x' is stored in Fortran order; save it C-contiguous")
         if shape[0] == 0:
             raise DataError(f"{path}: 'x' holds no image")
+        if fortran:  # (column-major: no row lies in one piece of the archive, so it cannot be streamed)
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    self._mmap = np.ascontiguousarray(f["x"])  # read whole, as the trainer's npz: reads it
+            except Exception as e:  # a damaged member
+                raise DataError(f"cannot read {path}: 'x' ({type(e).__name__}: {e})") from None
         fits = self.truth is not None and self.truth.ndim == 1 and self.truth.shape[0] == shape[0]
         if self.truth is not None and (not fits or self.truth.dtype.kind not in "iu"):
             # a label array that does not fit is ignored (it is only a diagnostic), and said so
