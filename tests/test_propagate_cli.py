@@ -524,6 +524,10 @@ def test_drop_suspects_auto_drops_the_labels_of_low_quality(tmp_path, capsys):
     clf = LocalLabelPropagation(drop_suspects="auto").fit(x, labels)
     np.testing.assert_array_equal(np.load(out), clf.transduction_)
     assert len(clf.labels_dropped_) == low
+    # the suspects asked for alone: the line says how many auto would drop
+    assert propagate_main(argv) == 0
+    said = capsys.readouterr().out
+    assert f"({low} labels of quality below {DROP_QUALITY:g}: --drop-suspects auto drops them)" in said, said
     rng = np.random.default_rng(0)
     blobs = np.concatenate([np.eye(8)[c] + 0.05 * rng.standard_normal((60, 8)) for c in range(3)]).astype(np.float32)
     clean = np.full(180, -1)

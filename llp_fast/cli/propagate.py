@@ -70,6 +70,17 @@ def _drop_note(asked, m: int, labels, used, dropped, ranked) -> str:
     return note + ")"
 
 
+def _low_note(ranked) -> str:
+    """How many labels are below ``--drop-suspects auto``'s cut, where the suspects were asked for
+    without it (about as many as were wrong where labels were flipped: docs/embeddings.md)."""
+    from ..embeddings.settings import DROP_QUALITY
+
+    low = int((ranked.quality < DROP_QUALITY).sum())
+    if not low:
+        return ""
+    return f" ({low} label{'s' if low > 1 else ''} of quality below {DROP_QUALITY:g}: --drop-suspects auto drops them)"
+
+
 def _label(args) -> int:
     """The labelling run: EMB LABELS -> labels (and the optional outputs)."""
     import time
@@ -123,6 +134,8 @@ def _label(args) -> int:
             results = {None: Engine(rows, used, settings, comm=comm, progress=progress).run(**extras)}
         note = _drop_note(args.drop_suspects, m, labels, used, dropped, ranked[None])
         m = int((used >= 0).sum())
+    elif None in ranked:  # the suspects asked for alone: how many labels the data contradict outright
+        note = _low_note(ranked[None])
     if rank == 0:
         files, written, abstained = {}, [], {}
         for k, result in results.items():
