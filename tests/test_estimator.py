@@ -227,6 +227,26 @@ def test_pickles_and_clones_cleanly(params):
     np.testing.assert_array_equal(fresh.fit(x, partial).transduction_, clf.transduction_)
 
 
+def test_a_drop_that_empties_a_class_keeps_predict_on_classes_():
+    """A fraction of drop_suspects may drop every label of a class: the second run then has fewer
+    classes, and its voter classes (indices into its own) were kept as indices into ``classes_``:
+    ``predict`` named the wrong class for a third of the rows."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 3
+    truth = np.repeat([0, 1, 2], 300)
+    x = (centres[truth] + rng.normal(size=(900, 16))).astype(np.float32)
+    y = np.full(900, -1)
+    y[rng.choice(300, 20, replace=False)] = 0
+    y[600 + rng.choice(300, 20, replace=False)] = 2
+    y[rng.choice(np.flatnonzero(y < 0)[:300], 3, replace=False)] = 1  # class 1's only labels, among the 0s
+    clf = LocalLabelPropagation(drop_suspects=0.1).fit(x, y)
+    assert (y[clf.labels_dropped_] == 1).sum() == 3 and list(clf.classes_) == [0, 1, 2]
+    assert set(clf.voter_classes_.tolist()) == {0, 2}
+    unlabeled = y < 0
+    assert (clf.predict(x)[unlabeled] == clf.transduction_[unlabeled]).mean() > 0.95
+    assert (clf.classes_[clf.predict_proba(x).argmax(1)] == clf.predict(x)).all()
+
+
 def test_min_confidence_abstains_on_unlabeled_rows_only():
     x, _, partial = _digits(0.05, seed=1)
     full = LocalLabelPropagation(rounds=1).fit(x, partial)

@@ -403,6 +403,35 @@ def test_drop_suspects_auto_drops_the_labels_below_the_quality_cut_and_relabels_
         assert sorted(np.flatnonzero(kept == c), key=rank.get) == mine[-DROP_KEEPS:]
 
 
+def test_drop_auto_is_the_greedy_rule_for_any_class_ids():
+    """``drop_worst(..., "auto")`` equals walking the ranking most suspect first and dropping each
+    label below the cut while its class keeps DROP_KEEPS, on random rankings and class ids with gaps
+    and of any size (ids of 10**12 sized a count array by the largest id: 7 TiB)."""
+    import types
+
+    from llp_fast.embeddings.settings import DROP_KEEPS, DROP_QUALITY
+
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        n = int(rng.integers(1, 60))
+        ids = rng.choice([0, 1, 5, 7, 10**12, 2**62], size=int(rng.integers(1, 6)), replace=False)
+        labels = np.full(n, -1, np.int64)
+        lab = rng.choice(n, int(rng.integers(1, n + 1)), replace=False)
+        labels[lab] = rng.choice(ids, len(lab))
+        quality = rng.choice([0.0, 0.01, 0.04, 0.2, 1.0], len(lab))
+        rows = lab[np.lexsort((lab, quality))]
+        found = types.SimpleNamespace(rows=rows, quality=quality, score=np.log(np.maximum(quality, 1e-300)))
+        left = {c: int((labels == c).sum()) for c in ids}
+        want = []
+        for r in rows[: int((quality < DROP_QUALITY).sum())]:
+            if left[labels[r]] > DROP_KEEPS:
+                left[labels[r]] -= 1
+                want.append(r)
+        out, dropped = drop_worst(labels, found, "auto")
+        assert np.array_equal(dropped, np.sort(np.array(want, np.int64)))
+        assert (out[dropped] == -1).all() and np.array_equal(np.delete(out, dropped), np.delete(labels, dropped))
+
+
 def test_neighbourhood_scale_edge_cases():
     """The median's row gets 1, a row twice as far 1/2, a duplicate (distance 0) the floor's 10; NaN
     (no graph) 1; most rows duplicates (median distance 0): no scaling at all."""

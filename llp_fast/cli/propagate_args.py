@@ -10,7 +10,7 @@ import os
 from .. import _files
 from ..embeddings import outputs
 from ..embeddings.model import model_file
-from ..embeddings.settings import AUTO_VOTERS, AUTO_VOTERS_PER_LABELED, DROP_QUALITY, POOLS, Settings
+from ..embeddings.settings import AUTO_VOTERS, AUTO_VOTERS_PER_LABELED, DROP_KEEPS, DROP_QUALITY, POOLS, Settings
 from ..errors import ConfigError
 from . import _common
 
@@ -86,8 +86,8 @@ _rounds = _auto_or(_common.POSITIVE_INT)  # --rounds (auto, the default: docs/em
 
 
 def _drop(text: str):
-    """``--drop-suspects``: auto (the labels of quality below ``DROP_QUALITY``) or a fraction in (0, 1)
-    of the labeled rows."""
+    """``--drop-suspects``: auto (the labels of quality below ``DROP_QUALITY``, while their class keeps
+    ``DROP_KEEPS``) or a fraction in (0, 1) of the labeled rows."""
     if text == "auto":
         return text
     try:
@@ -163,10 +163,10 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         metavar="auto|F",
         help="label again without the most suspect labels (they are labeled by the vote): auto, those of quality "
-        f"below {DROP_QUALITY:g}, or the most suspect fraction F of the labeled rows (rows that show no sign of a "
-        "wrong label, quality 1, are kept); --suspects-out and --quality-out then hold the first labelling's "
-        "ranking, the one the drop was chosen by, and the other outputs the second's (docs/embeddings.md, "
-        "'Dropping suspects')",
+        f"below {DROP_QUALITY:g} while their class keeps at least {DROP_KEEPS} labeled rows, or the most suspect "
+        "fraction F of the labeled rows (rows that show no sign of a wrong label, quality 1, are kept); "
+        "--suspects-out and --quality-out then hold the first labelling's ranking, the one the drop was chosen "
+        "by, and the other outputs the second's (docs/embeddings.md, 'Dropping suspects')",
     )
     ap.add_argument(
         "--min-confidence",

@@ -134,9 +134,10 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             llp_fast.embeddings.settings; None: no cap). Each class's share of it is rounded
             (docs/method.md §7), so the voters may exceed it by up to half a voter a class.
         drop_suspects: None (the default), "auto" or a fraction in (0, 1): label again with the most
-            suspect labels made unlabeled ("auto": those of ``label_quality_`` below 0.05; a fraction
-            F: the most suspect ``round(F * M)`` of the M labeled rows that show some sign of a wrong
-            label), as ``llp-fast-propagate --drop-suspects``; the fitted labels, voters and
+            suspect labels made unlabeled ("auto": those of ``label_quality_`` below 0.05, while their
+            class keeps at least 3 labeled rows; a fraction F: the most suspect ``round(F * M)`` of the
+            M labeled rows that show some sign of a wrong label), as ``llp-fast-propagate
+            --drop-suspects``; the fitted labels, voters and
             distributions are the second run's (a dropped row gets the vote's label), the suspects
             the first's (docs/embeddings.md, "Dropping suspects").
         min_confidence: abstain below this confidence: ``transduction_`` and ``predict`` give -1 for
@@ -302,7 +303,9 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self.label_distributions_ = dist / dist.sum(axis=1, keepdims=True)
         self.rounds_run_ = result.rounds_run
         self.voters_ = rows.take(result.voter_rows).cpu().numpy()
-        self.voter_classes_ = result.voter_classes
+        # (indices into the run's classes, those with a label: after a drop that emptied a class,
+        # fewer than classes_; the codes are indices into classes_)
+        self.voter_classes_ = np.asarray(result.classes, np.int64)[result.voter_classes]
         self.voter_bias_ = result.voter_bias
         self.label_suspects_ = suspects.rows
         self.label_quality_ = suspects.per_row(X.shape[0])

@@ -279,13 +279,13 @@ def drop_worst(labels: np.ndarray, suspects: Suspects, fraction) -> tuple[np.nda
     if fraction == "auto":
         flagged = suspects.rows[: int((suspects.quality < DROP_QUALITY).sum())]  # (ranked: lowest quality first)
         classes = labels[flagged]
-        counts = np.bincount(labels[labels >= 0], minlength=int(classes.max(initial=-1)) + 1)
+        values, counts = np.unique(labels[labels >= 0], return_counts=True)  # (any int64 ids, not 0..C-1)
         # each flagged row's place among its class's flagged rows, most suspect first
         order = np.argsort(classes, kind="stable")
         place = np.empty(len(flagged), np.int64)
         starts = np.searchsorted(classes[order], classes[order], side="left")
         place[order] = np.arange(len(flagged)) - starts
-        dropped = np.sort(flagged[place < counts[classes] - DROP_KEEPS])
+        dropped = np.sort(flagged[place < counts[np.searchsorted(values, classes)] - DROP_KEEPS])
     else:
         n_drop = min(drops_asked(fraction, len(suspects.rows)), int((suspects.score < 0).sum()))
         dropped = np.sort(suspects.rows[:n_drop])
