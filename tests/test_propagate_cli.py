@@ -479,9 +479,9 @@ def test_drop_suspects_says_what_it_dropped(tmp_path, capsys):
     assert (np.load(out) != 0).all()
 
 
-def test_drop_suspects_keeps_the_labels_that_show_no_sign_of_being_wrong(tmp_path, capsys):
-    """Rows of quality 1 (score 0) tie: a fraction beyond the flagged rows dropped clean labels by
-    row index (a whole class of them once)."""
+def _blobs(tmp_path) -> np.ndarray:
+    """Three tight, well separated blobs of 60 rows (emb.npy), the first 10 of each labeled with
+    its blob (clean.npy, returned)."""
     rng = np.random.default_rng(0)
     x = np.concatenate([np.eye(8)[c] + 0.05 * rng.standard_normal((60, 8)) for c in range(3)]).astype(np.float32)
     y = np.full(180, -1)
@@ -489,6 +489,13 @@ def test_drop_suspects_keeps_the_labels_that_show_no_sign_of_being_wrong(tmp_pat
         y[c * 60 : c * 60 + 10] = c
     np.save(tmp_path / "emb.npy", x)
     np.save(tmp_path / "clean.npy", y)
+    return y
+
+
+def test_drop_suspects_keeps_the_labels_that_show_no_sign_of_being_wrong(tmp_path, capsys):
+    """Rows of quality 1 (score 0) tie: a fraction beyond the flagged rows dropped clean labels by
+    row index (a whole class of them once)."""
+    y = _blobs(tmp_path)
     argv = [str(tmp_path / "emb.npy"), str(tmp_path / "clean.npy"), "--rounds", "2", "--quiet"]
     assert propagate_main([*argv, "--out", str(tmp_path / "a.npy"), "--drop-suspects", "0.2"]) == 0
     said = capsys.readouterr().out
@@ -528,14 +535,8 @@ def test_drop_suspects_auto_drops_the_labels_of_low_quality(tmp_path, capsys):
     assert propagate_main(argv) == 0
     said = capsys.readouterr().out
     assert f"({low} labels of quality below {DROP_QUALITY:g}: --drop-suspects auto drops them)" in said, said
-    rng = np.random.default_rng(0)
-    blobs = np.concatenate([np.eye(8)[c] + 0.05 * rng.standard_normal((60, 8)) for c in range(3)]).astype(np.float32)
-    clean = np.full(180, -1)
-    for c in range(3):
-        clean[c * 60 : c * 60 + 10] = c
-    np.save(tmp_path / "blobs.npy", blobs)
-    np.save(tmp_path / "clean.npy", clean)
-    argv = [str(tmp_path / "blobs.npy"), str(tmp_path / "clean.npy"), "--quiet", "--out", out]
+    clean = _blobs(tmp_path)
+    argv = [str(tmp_path / "emb.npy"), str(tmp_path / "clean.npy"), "--quiet", "--out", out]
     assert propagate_main([*argv, "--drop-suspects", "auto"]) == 0
     said = capsys.readouterr().out
     assert f"(--drop-suspects auto: no label's quality is below {DROP_QUALITY:g}, none dropped)" in said, said
