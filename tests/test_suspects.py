@@ -407,9 +407,8 @@ def test_drop_auto_is_the_greedy_rule_for_any_class_ids():
     """``drop_worst(..., "auto")`` equals walking the ranking most suspect first and dropping each
     label below the cut while its class keeps DROP_KEEPS, on random rankings and class ids with gaps
     and of any size (ids of 10**12 sized a count array by the largest id: 7 TiB)."""
-    import types
-
     from llp_fast.embeddings.settings import DROP_KEEPS, DROP_QUALITY
+    from llp_fast.embeddings.suspects import Suspects
 
     rng = np.random.default_rng(1)
     for _ in range(500):
@@ -420,7 +419,9 @@ def test_drop_auto_is_the_greedy_rule_for_any_class_ids():
         labels[lab] = rng.choice(ids, len(lab))
         quality = rng.choice([0.0, 0.01, 0.04, 0.2, 1.0], len(lab))
         rows = lab[np.lexsort((lab, quality))]
-        found = types.SimpleNamespace(rows=rows, quality=quality, score=np.log(np.maximum(quality, 1e-300)))
+        score = np.log(np.maximum(quality, 1e-300))
+        zero = np.zeros(len(lab))
+        found = Suspects(rows, np.sort(lab), zero, zero, zero + 1, score, quality)  # (only rows and quality read)
         left = {c: int((labels == c).sum()) for c in ids}
         want = []
         for r in rows[: int((quality < DROP_QUALITY).sum())]:

@@ -45,13 +45,12 @@ def _drop_note(asked, m: int, labels, used, dropped, ranked) -> str:
     from ..embeddings.settings import DROP_KEEPS, DROP_QUALITY
 
     if asked == "auto":
-        flagged = int((ranked.quality < DROP_QUALITY).sum())
+        flagged = ranked.below_cut()
         keeps = f"a class keeps at least {DROP_KEEPS} of its labeled rows"
         if not flagged:  # the first run stands
             return f" (--drop-suspects auto: no label's quality is below {DROP_QUALITY:g}, none dropped)"
         if not len(dropped):
-            some = f"{flagged} label{'s' if flagged > 1 else ''} of quality below {DROP_QUALITY:g}"
-            return f" (--drop-suspects auto: {some}, none dropped: {keeps})"
+            return f" (--drop-suspects auto: {_below_cut(flagged)}, none dropped: {keeps})"
         note = f" ({len(dropped)} suspect labels, quality below {DROP_QUALITY:g}, dropped and labeled again"
         if flagged > len(dropped):
             note += f"; {flagged - len(dropped)} more below it kept: {keeps}"
@@ -70,15 +69,17 @@ def _drop_note(asked, m: int, labels, used, dropped, ranked) -> str:
     return note + ")"
 
 
+def _below_cut(n: int) -> str:
+    from ..embeddings.settings import DROP_QUALITY
+
+    return f"{n} label{'s' if n > 1 else ''} of quality below {DROP_QUALITY:g}"
+
+
 def _low_note(ranked) -> str:
     """How many labels are below ``--drop-suspects auto``'s cut, where the suspects were asked for
     without it (about as many as were wrong where labels were flipped: docs/embeddings.md)."""
-    from ..embeddings.settings import DROP_QUALITY
-
-    low = int((ranked.quality < DROP_QUALITY).sum())
-    if not low:
-        return ""
-    return f" ({low} label{'s' if low > 1 else ''} of quality below {DROP_QUALITY:g}: --drop-suspects auto drops them)"
+    low = ranked.below_cut()
+    return f" ({_below_cut(low)}: --drop-suspects auto drops them)" if low else ""
 
 
 def _label(args) -> int:

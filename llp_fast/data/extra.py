@@ -121,10 +121,10 @@ class NpzPool:
         self.truth_ignored = None  # why the pool's own 'y' is not compared, where it has one that does not fit
         try:
             if path.endswith(".npy"):
-                self._mmap = np.load(path, mmap_mode="r", allow_pickle=False)
-                shape, dtype, fortran = self._mmap.shape, self._mmap.dtype, False
+                self._rows = np.load(path, mmap_mode="r", allow_pickle=False)  # (rows sliced: mapped or in memory)
+                shape, dtype, fortran = self._rows.shape, self._rows.dtype, False
             else:
-                self._mmap = None
+                self._rows = None  # (an archive's x: streamed by _blocks)
                 with zipfile.ZipFile(path) as zf:
                     names = zf.namelist()
                     if "x.npy" not in names:
@@ -145,7 +145,7 @@ class NpzPool:
         if fortran:  # (column-major: no row lies in one piece of the archive, so it cannot be streamed)
             try:
                 with np.load(path, allow_pickle=False) as f:
-                    self._mmap = np.ascontiguousarray(f["x"])  # read whole, as the trainer's npz: reads it
+                    self._rows = np.ascontiguousarray(f["x"])  # read whole, as the trainer's npz: reads it
             except Exception as e:  # a damaged member
                 raise DataError(f"cannot read {path}: 'x' ({type(e).__name__}: {e})") from None
         fits = self.truth is not None and self.truth.ndim == 1 and self.truth.shape[0] == shape[0]
@@ -175,9 +175,9 @@ class NpzPool:
 
     def _blocks(self, batch_size: int):
         n = self.shape[0]
-        if self._mmap is not None:
+        if self._rows is not None:
             for s in range(0, n, batch_size):
-                yield s, np.array(self._mmap[s : s + batch_size])
+                yield s, np.array(self._rows[s : s + batch_size])
             return
         row = math.prod(self.shape[1:])
         try:

@@ -281,10 +281,9 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
         self.n_neighbors_, self.tau_ = int(settings.ks[0]), float(settings.tau)
         # what predict uses, as fitted (a later set_params does not change a fitted model)
         self.min_confidence_, self._fit_normalize = threshold, normalize
-        if drop is not None and drop != "auto" and drops_asked(drop, int((~unlabeled).sum())) >= (~unlabeled).sum():
-            raise ValueError(
-                f"drop_suspects={drop!r} would drop all {int((~unlabeled).sum())} labeled rows; give a smaller fraction"
-            )
+        m = int((~unlabeled).sum())
+        if drop not in (None, "auto") and drops_asked(drop, m) >= m:  # (as --drop-suspects refuses it)
+            raise ValueError(f"drop_suspects={drop!r} would drop all {m} labeled rows; give a smaller fraction")
         result = Engine(rows, codes, settings).run(top_classes=len(self.classes_))
         suspects = suspects_of(rows, codes, result, settings)
         used, self.labels_dropped_ = codes, np.zeros(0, np.int64)

@@ -37,7 +37,7 @@ MULTI_ROUND_LABELED_WEIGHT = 3.0
 POOLS = ("auto", "unlabeled", "all")
 TIES = ("score", "row")  # how rows of equal confidence join (docs/method.md §7.1)
 SURE = 0.93  # with ties="score", a confidence at or above this joins as equally sure (docs/method.md §7.1)
-DROP_QUALITY = 0.05  # drop_suspects="auto": the labels of quality below this (docs/embeddings.md, "Dropping suspects"),
+DROP_QUALITY = 0.05  # drop_suspects="auto": the labels of quality below this (docs/embeddings.md, "Dropping suspects")
 DROP_KEEPS = 3  # ... while their class keeps at least this many labeled rows
 
 

@@ -95,6 +95,11 @@ class Suspects:
     score: np.ndarray
     quality: np.ndarray
 
+    def below_cut(self) -> int:
+        """How many labels are below ``drop_suspects="auto"``'s cut (quality < :data:`DROP_QUALITY`):
+        the first so many of ``rows``."""
+        return int((self.quality < DROP_QUALITY).sum())
+
     def per_row(self, n: int) -> np.ndarray:
         """``quality`` as an (n,) array over all rows: NaN on the unlabeled ones."""
         out = np.full(n, np.nan)
@@ -277,7 +282,7 @@ def drop_worst(labels: np.ndarray, suspects: Suspects, fraction) -> tuple[np.nda
     suspects"): it gained on every noisy row there, where a fixed fraction gains only near the true
     share of wrong labels, and cost little on clean labels."""
     if fraction == "auto":
-        flagged = suspects.rows[: int((suspects.quality < DROP_QUALITY).sum())]  # (ranked: lowest quality first)
+        flagged = suspects.rows[: suspects.below_cut()]
         classes = labels[flagged]
         values, counts = np.unique(labels[labels >= 0], return_counts=True)  # (any int64 ids, not 0..C-1)
         # each flagged row's place among its class's flagged rows, most suspect first
