@@ -537,7 +537,7 @@ def test_drop_suspects_auto_drops_the_labels_of_low_quality(tmp_path, capsys):
     assert f"({low} labels of quality below {DROP_QUALITY:g}: --drop-suspects auto drops them)" in said, said
     clean = _blobs(tmp_path)
     argv = [str(tmp_path / "emb.npy"), str(tmp_path / "clean.npy"), "--quiet", "--out", out]
-    assert propagate_main([*argv, "--drop-suspects", "auto"]) == 0
+    assert propagate_main([*argv, "--drop-suspects", "Auto"]) == 0  # the word in any case, as --k auto
     said = capsys.readouterr().out
     assert f"(--drop-suspects auto: no label's quality is below {DROP_QUALITY:g}, none dropped)" in said, said
     # a wrong label in a class of three: flagged, but a class keeps three of its labeled rows
@@ -550,8 +550,9 @@ def test_drop_suspects_auto_drops_the_labels_of_low_quality(tmp_path, capsys):
     said = capsys.readouterr().out
     assert np.load(q)[10] < DROP_QUALITY and (np.load(q)[few >= 0] < DROP_QUALITY).sum() == 1
     assert "(--drop-suspects auto: 1 label of quality below 0.05, none dropped: a class keeps at least 3" in said, said
-    for bad in ("Auto", "0", "1", "x"):
-        flag_error(capsys, [*argv, "--drop-suspects", bad], "--drop-suspects", "expected auto or a fraction in (0, 1)")
+    for bad in ("0", "1", "x", "autos"):
+        said = f"expected a fraction in (0, 1) of the labeled rows, got {bad!r}; or auto"
+        flag_error(capsys, [*argv, "--drop-suspects", bad], "--drop-suspects", said)
 
 
 def test_drop_suspects_that_would_drop_every_label_is_one_line(tmp_path, capsys):

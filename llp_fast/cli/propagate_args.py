@@ -85,18 +85,19 @@ _tau = _auto_or(_common.TEMPERATURE)  # --tau
 _rounds = _auto_or(_common.POSITIVE_INT)  # --rounds (auto, the default: docs/embeddings.md)
 
 
-def _drop(text: str):
-    """``--drop-suspects``: auto (the labels of quality below ``DROP_QUALITY``, while their class keeps
-    ``DROP_KEEPS``) or a fraction in (0, 1) of the labeled rows."""
-    if text == "auto":
-        return text
+def _fraction(text: str) -> float:
+    """A fraction in (0, 1) of the labeled rows (``--drop-suspects F``)."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected auto or a fraction in (0, 1) of the labeled rows, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) of the labeled rows, got {text!r}")
     return value
+
+
+# --drop-suspects: auto (the labels of quality below DROP_QUALITY, while their class keeps DROP_KEEPS) or F
+_drop = _auto_or(_fraction)
 
 
 def _voters(text: str):
