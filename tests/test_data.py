@@ -73,6 +73,20 @@ def test_augmentation_batched_seeded_and_label_preserving():
     torch.testing.assert_close(still.augment(still.x[:32], g1), still.plain(still.x[:32]), atol=1e-5, rtol=0)
 
 
+def test_plain_refuses_a_batch_it_would_scale_or_read_wrongly():
+    """``plain`` is public (the README: a trained network's input); a float batch was scaled a second
+    time, a channels-last one read as channels, both without a word (found by review, 2026-12-08)."""
+    src = _source()
+    x = src.x[:4]
+    for bad, what in ((x.float() / 255, "torch.float32"), (x.bool(), "torch.bool"), (x.numpy(), "ndarray")):
+        with pytest.raises(TypeError, match=f"x must be a uint8 torch.Tensor.*got {what}"):
+            src.plain(bad)
+    for bad in (x.permute(0, 2, 3, 1), x[:, 0], x.expand(4, 3, 8, 8)):
+        with pytest.raises(ValueError, match=r"x must be \(B, 1, H, W\)"):
+            src.plain(bad)
+    torch.testing.assert_close(src.plain(x), src.plain(x.contiguous()))
+
+
 def test_flip_mirrors_npz_images(tmp_path):
     p = tmp_path / "f.npz"
     x = np.random.default_rng(0).integers(0, 255, (40, 6, 6), dtype=np.uint8)

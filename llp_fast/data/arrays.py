@@ -303,7 +303,13 @@ class ArraySource:
         return weak, self._resample(x_u8, theta_s, lambda x: strong_views.photometric(x, choice))
 
     def plain(self, x_u8: torch.Tensor) -> torch.Tensor:
-        """The un-augmented, resized, normalised batch (evaluation)."""
+        """The un-augmented, resized, normalised batch (evaluation) of a uint8 (B, C, H, W) batch
+        (another dtype would be scaled wrongly, channels last read as channels: refused)."""
+        if not isinstance(x_u8, torch.Tensor) or x_u8.dtype != torch.uint8:
+            what = x_u8.dtype if isinstance(x_u8, torch.Tensor) else type(x_u8).__name__
+            raise TypeError(f"x must be a uint8 torch.Tensor of images (B, C, H, W), 0-255, got {what}")
+        if x_u8.ndim != 4 or x_u8.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (B, {self.in_channels}, H, W) (channels first), got {tuple(x_u8.shape)}")
         theta = torch.eye(2, 3, device=x_u8.device).expand(x_u8.shape[0], 2, 3)
         return self._resample(x_u8, theta)
 
