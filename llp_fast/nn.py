@@ -26,6 +26,7 @@ from . import _validate as check
 from .errors import ConfigError
 
 ARCHS = ("resnet18", "resnet50")
+_EXTRA_STATE = "_extra_state"  # a state dict's key for a module's get_extra_state(): any object
 
 
 class PreActBlock(nn.Module):
@@ -276,7 +277,9 @@ def load_weights(model: nn.Module, path: str) -> None:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(
+        isinstance(v, torch.Tensor) or str(k).endswith(_EXTRA_STATE) for k, v in state.items()
+    ):
         raise ConfigError(f"--init-weights {path}: expected a state dict of tensors")
     trunk = model.backbone if isinstance(model, WithHeads) else model
     heads = () if isinstance(model, WithHeads) else ("fc.", "embed.")
@@ -304,7 +307,7 @@ def misfit(state: dict, want: dict) -> str | None:
     missing, unexpected or of another shape, and how many differ; None when it fits."""
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))
-    shape = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    shape = [k for k in want if k in state and _form(state[k]) != _form(want[k])]
     if not (missing or extra or shape):
         return None
     what = (
@@ -312,9 +315,14 @@ def misfit(state: dict, want: dict) -> str | None:
         if missing
         else f"unexpected {extra[0]!r}"
         if extra
-        else f"{shape[0]!r} has shape {tuple(state[shape[0]].shape)}, the network {tuple(want[shape[0]].shape)}"
+        else f"{shape[0]!r} has {_form(state[shape[0]])}, the network {_form(want[shape[0]])}"
     )
     return f"{what} ({len(missing) + len(extra) + len(shape)} entries differ)"
+
+
+def _form(v) -> str:
+    """What :func:`misfit` compares: a tensor's shape; any other entry (``get_extra_state()``) fits."""
+    return f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else "an entry not a tensor"
 
 
 GIVEN = "given:"  # the arch of a run whose backbone was passed in Python, e.g. "given:MyNet"

@@ -476,3 +476,41 @@ def test_a_sigterm_while_the_baseline_finishes_is_an_interrupt():
     with pytest.raises(Interrupted) as e:
         b._join()
     assert e.value.signum == 15 and Proc.calls == ["join", "terminate", "join"]
+
+
+def test_a_backbone_with_extra_state_resumes_and_one_that_cannot_be_saved_is_refused_first(tmp_path):
+    """A module's ``get_extra_state()`` (any object): a run with a dict of it was called corrupt on
+    resume (the fit check read every entry's shape), and one with a NumPy array failed at its first
+    checkpoint, after an epoch of training (found by review, 2026-12-08)."""
+    from llp_fast.errors import ConfigError
+    from llp_fast.train.api import fit
+
+    class Extra(torch.nn.Module):
+        def __init__(self, extra):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+            self.extra = extra
+
+        def forward(self, x):
+            return self.net(x)
+
+        def get_extra_state(self):
+            return self.extra
+
+        def set_extra_state(self, state):
+            self.extra = state
+
+    data, settings = own_network_settings(tmp_path, epochs=2)
+    with pytest.raises(Interrupted):
+        fit(Extra({"a": 1, "b": [2.0, "c"]}), data, **dict(settings, stop_after_steps=3))
+    net = Extra(None)
+    out = fit(net, data, **settings, resume=True)
+    assert net.extra == {"a": 1, "b": [2.0, "c"]} and out.metrics["epoch"] == 2  # the saved state came back
+    torch.save(out.model.state_dict(), tmp_path / "w.pt")  # --init-weights refused it: "not a state dict"
+    data, settings = own_network_settings(tmp_path, "init", epochs=1, init_weights=str(tmp_path / "w.pt"))
+    fit(again := Extra(None), data, **settings)
+    assert again.extra == {"a": 1, "b": [2.0, "c"]}
+    data, settings = own_network_settings(tmp_path, "np", epochs=1)
+    with pytest.raises(ConfigError, match=r"the network's state dict\['backbone._extra_state'\] is a ndarray"):
+        fit(Extra(np.zeros(3)), data, **settings)
+    assert not os.path.exists(os.path.join(settings["run_dir"], CHECKPOINT))

@@ -67,15 +67,16 @@ _ENTRIES = {
 }
 
 
-def digest(obj) -> str:
+def digest(obj, name: str = "checkpoint") -> str:
     """SHA-256 of ``obj`` (nested dicts, lists, tuples, tensors, numbers, strings, bytes, None),
-    walked in a canonical order: equal contents give equal digests wherever they were loaded."""
+    walked in a canonical order: equal contents give equal digests wherever they were loaded.
+    Anything else is a TypeError naming its place, ``name['model']['w']``."""
     h = hashlib.sha256()
-    _feed(h, obj)
+    _feed(h, obj, name)
     return h.hexdigest()
 
 
-def _feed(h, obj) -> None:
+def _feed(h, obj, where: str) -> None:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
@@ -85,18 +86,18 @@ def _feed(h, obj) -> None:
         h.update(f"D{len(obj)};".encode())
         for key in sorted(obj, key=repr):
             h.update(f"{key!r}:".encode())
-            _feed(h, obj[key])
+            _feed(h, obj[key], f"{where}[{key!r}]")
     elif isinstance(obj, (list, tuple)):
         h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)};".encode())
-        for item in obj:
-            _feed(h, item)
+        for i, item in enumerate(obj):
+            _feed(h, item, f"{where}[{i}]")
     elif isinstance(obj, bytes):
         h.update(f"B{len(obj)};".encode())
         h.update(obj)
     elif obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device)):
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
     else:
-        raise TypeError(f"checkpoint entries must be tensors, containers or scalars, got {type(obj).__name__}")
+        raise TypeError(f"{where} is a {type(obj).__name__}: a checkpoint holds tensors, containers and scalars")
 
 
 def save(state: dict, path: str) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from .._device import memory_format
+from ..errors import ConfigError
 from ..nn import param_groups
 from .build import model_for
+from .checkpoint import digest
 from .config import TrainConfig, amp_dtype
 from .ema import WeightAverage
 
@@ -22,6 +24,7 @@ class Network:
     def __init__(self, cfg: TrainConfig, source, device: torch.device, *, world: int = 1, backbone=None):
         self.device = device
         self.model = model_for(cfg, source, backbone=backbone).to(device, memory_format=memory_format(device))
+        _checkpointable(self.model)
         train_module = self.model
         if world > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -85,3 +88,13 @@ class Network:
             self.average.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+
+
+def _checkpointable(model: torch.nn.Module) -> None:
+    """A :class:`ConfigError` before training where the network's state holds what a checkpoint
+    cannot (a ``get_extra_state()`` returning a NumPy array failed the first checkpoint's write)."""
+    other = {k: v for k, v in model.state_dict().items() if not isinstance(v, torch.Tensor)}
+    try:
+        digest(other, "the network's state dict")
+    except TypeError as e:
+        raise ConfigError(f"{e} (a module's get_extra_state() must return one of those)") from None
