@@ -199,6 +199,25 @@ def test_tensorboard_holds_the_metrics_scalars_one_writer_per_run(tmp_path):
             assert got[key][step] == pytest.approx(value, rel=1e-6, abs=1e-6), (key, step)
 
 
+def test_a_start_over_an_attempt_without_a_checkpoint_purges_its_tensorboard_epochs(tmp_path):
+    """A run whose first attempt failed before its first checkpoint (a full disk) starts again in
+    the same directory, and TensorBoard showed both attempts' epoch 1 (found by review, 2026-12-08)."""
+    pytest.importorskip("tensorboard", reason="the tb extra (pip install -e .[tb]) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from llp_fast.train.report import TensorBoard
+
+    run = str(tmp_path)
+    for attempt, epochs in ((1, 2), (2, 1)):  # the second attempt dies after epoch 1 ...
+        tb = TensorBoard(run, 0)
+        for epoch in range(1, epochs + 1):
+            tb.add({"epoch": epoch, "test_top1": attempt + epoch / 10})
+    TensorBoard(run, 1).add({"epoch": 2, "test_top1": 9.0})  # ... and is resumed from its checkpoint
+    acc = EventAccumulator(os.path.join(run, "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("test_top1")] == [(1, pytest.approx(2.1)), (2, 9.0)]
+
+
 def test_history_travels_in_the_checkpoint(finished_run):
     ckpt = checkpoint.load(os.path.join(finished_run, CHECKPOINT))
     rows = read_metrics(os.path.join(finished_run, METRICS))

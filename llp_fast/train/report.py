@@ -158,14 +158,16 @@ class TensorBoard:
             if os.path.lexists(directory) and not os.path.isdir(directory):  # (the same command met it again)
                 e = OSError(e.errno, f"{e.strerror or e}: a file of that name is in the way (remove or rename it)")
             raise _files.WriteError(directory, e, what="TensorBoard folder") from None
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILES)}"
+        name = (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_EVENT_FILES):06d}"
+        )
         self.path = os.path.join(directory, name)
         source = SourceMetadata(writer="llp_fast")
         first = [Event(wall_time=time.time(), file_version="brain.Event:2", source_metadata=source)]
-        if epochs_done:
-            purge = epochs_done + 1
-            first.append(Event(step=purge, file_version="brain.Event:2"))
-            first.append(Event(step=purge, session_log=SessionLog(status=SessionLog.START)))
+        # (a fresh start too: an attempt that failed before its first checkpoint left its epochs here)
+        purge = epochs_done + 1
+        first.append(Event(step=purge, file_version="brain.Event:2"))
+        first.append(Event(step=purge, session_log=SessionLog(status=SessionLog.START)))
         self._write(first)
 
     def _write(self, events) -> None:
