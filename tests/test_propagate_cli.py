@@ -550,6 +550,9 @@ def test_drop_suspects_auto_drops_the_labels_of_low_quality(tmp_path, capsys):
     said = capsys.readouterr().out
     assert np.load(q)[10] < DROP_QUALITY and (np.load(q)[few >= 0] < DROP_QUALITY).sum() == 1
     assert "(--drop-suspects auto: 1 label of quality below 0.05, none dropped: a class keeps at least 3" in said, said
+    assert propagate_main([*argv, "--quality-out", q]) == 0  # asked for alone: it said auto drops it
+    said = capsys.readouterr().out
+    assert "(1 label of quality below 0.05: --drop-suspects auto drops none, as a class keeps at least 3 of" in said
     for bad in ("0", "1", "x", "autos"):
         said = f"expected a fraction in (0, 1) of the labeled rows, got {bad!r}; or auto"
         flag_error(capsys, [*argv, "--drop-suspects", bad], "--drop-suspects", said)

@@ -75,11 +75,23 @@ def _below_cut(n: int) -> str:
     return f"{n} label{'s' if n > 1 else ''} of quality below {DROP_QUALITY:g}"
 
 
-def _low_note(ranked) -> str:
+def _low_note(labels, ranked) -> str:
     """How many labels are below ``--drop-suspects auto``'s cut, where the suspects were asked for
-    without it (about as many as were wrong where labels were flipped: docs/embeddings.md)."""
+    without it (about as many as were wrong where labels were flipped: docs/embeddings.md), and how
+    many of them it would drop (a class keeps ``DROP_KEEPS`` of its labeled rows)."""
+    from ..embeddings import suspects
+    from ..embeddings.settings import DROP_KEEPS
+
     low = ranked.below_cut()
-    return f" ({_below_cut(low)}: --drop-suspects auto drops them)" if low else ""
+    if not low:
+        return ""
+    would = len(suspects.drop_worst(labels, ranked, "auto")[1])
+    if would == low:
+        return f" ({_below_cut(low)}: --drop-suspects auto drops {'it' if low == 1 else 'them'})"
+    return (
+        f" ({_below_cut(low)}: --drop-suspects auto drops {f'{would} of them' if would else 'none'}, "
+        f"as a class keeps at least {DROP_KEEPS} of its labeled rows)"
+    )
 
 
 def _label(args) -> int:
@@ -136,7 +148,7 @@ def _label(args) -> int:
         note = _drop_note(args.drop_suspects, m, labels, used, dropped, ranked[None])
         m = int((used >= 0).sum())
     elif None in ranked:  # the suspects asked for alone: how many labels the data contradict outright
-        note = _low_note(ranked[None])
+        note = _low_note(labels, ranked[None])
     if rank == 0:
         files, written, abstained = {}, [], {}
         for k, result in results.items():
