@@ -279,6 +279,26 @@ def test_normalize_must_be_a_bool():
         LocalLabelPropagation(normalize="no").fit(x, partial)
 
 
+def test_object_labels_of_numbers_and_bools_beside_minus_one():
+    """Numbers in an object array (a pandas object column), and bool labels, which only an object
+    array or a list can hold beside the number -1: scikit-learn's target check called them "unknown"
+    (a regression target) and a list of bools and -1 became the classes 0 and 1 (found by review,
+    2026-12-08)."""
+    x, _, partial = _digits()
+    num = LocalLabelPropagation(rounds=2).fit(x, partial)
+    as_object = LocalLabelPropagation(rounds=2).fit(x, partial.astype(object))
+    assert np.array_equal(as_object.transduction_, num.transduction_)
+    assert list(as_object.classes_) == list(num.classes_)
+    odd = np.array([bool(v % 2) if v >= 0 else -1 for v in partial], dtype=object)  # True, False or -1
+    want = LocalLabelPropagation(rounds=2).fit(x, np.where(partial >= 0, partial % 2, -1)).transduction_
+    for given in (odd, odd.tolist()):
+        clf = LocalLabelPropagation(rounds=2).fit(x, given)
+        assert list(clf.classes_) == [False, True] and all(type(c) is bool for c in clf.classes_)
+        assert np.array_equal(clf.transduction_.astype(int), want)
+    with pytest.raises(ValueError, match="Unknown label type: continuous"):  # (numbers, but not classes)
+        LocalLabelPropagation(rounds=2).fit(x, np.where(partial >= 0, partial + 0.5, -1).astype(object))
+
+
 def test_abstention_with_string_and_unsigned_classes():
     from llp_fast.embeddings.estimator import with_abstention
 

@@ -55,13 +55,24 @@ def _unlabeled(y: np.ndarray) -> np.ndarray:
 
 
 def _mixed_labels(y):
-    """A list or tuple that mixes text with numbers (``["cat", -1, "dog"]``) as an object array, so
-    the number -1 stays the unlabeled mark: NumPy would make every entry text, -1 the class "-1".
-    Text alone stays as NumPy reads it (a string array, as from an array of the same labels)."""
+    """A list or tuple that mixes text (or bools) with numbers (``["cat", -1, "dog"]``) as an object
+    array, so the number -1 stays the unlabeled mark: NumPy would make every entry text, -1 the class
+    "-1" (bools the numbers 0 and 1). Text alone stays as NumPy reads it (a string array, as from an
+    array of the same labels)."""
     if isinstance(y, (list, tuple)):
-        text = [isinstance(v, (str, bytes)) for v in y]
-        if any(text) and not all(text):
-            return np.asarray(y, dtype=object)
+        for kind in ((str, bytes), bool):
+            of_kind = [isinstance(v, kind) for v in y]
+            if any(of_kind) and not all(of_kind):
+                return np.asarray(y, dtype=object)
+    return y
+
+
+def _as_numbers(y: np.ndarray) -> np.ndarray:
+    """An object array of numbers (bool or int labels beside the number -1, which a bool array
+    cannot hold) as the numeric array scikit-learn's target check reads: it calls any object array
+    that is not text "unknown", a regression target."""
+    if y.dtype == object and all(isinstance(v, numbers.Number) for v in y):
+        return np.array(y.tolist())
     return y
 
 
@@ -265,7 +276,7 @@ class LocalLabelPropagation(ClassifierMixin, BaseEstimator):
             raise ValueError(f"y mixes labels of types {', '.join(kinds)}: give every label the same type") from None
         with warnings.catch_warnings():  # (one label a class is few-shot labelling, not a regression)
             warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
-            check_classification_targets(y[~unlabeled] if unlabeled.any() and not unlabeled.all() else y)
+            check_classification_targets(_as_numbers(y[~unlabeled] if unlabeled.any() and not unlabeled.all() else y))
         if unlabeled.all():
             raise ValueError("y has no labeled sample: mark unlabeled samples with -1 and give at least one label")
         self.classes_ = classes
