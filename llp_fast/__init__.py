@@ -12,12 +12,13 @@ __version__ = "0.1.0"
 
 from importlib.util import find_spec as _find_spec  # noqa: E402
 
+from ._signals import held as _held  # noqa: E402
 from ._signals import quiet_start as _quiet_start  # noqa: E402
 
-_quiet_start()  # a command's Ctrl-C while torch imports: one line (llp_fast/_signals.py)
-
-from .bank import MemoryBank  # noqa: E402
-from .ops import aggregation_loss, backends, bank_update_, local_density, propagate, topk_scores  # noqa: E402
+# a command's Ctrl-C while torch imports: one line, once torch and NumPy are whole (llp_fast/_signals.py)
+with _held(_quiet_start()):
+    from .bank import MemoryBank
+    from .ops import aggregation_loss, backends, bank_update_, local_density, propagate, topk_scores
 
 
 def __getattr__(name: str):

@@ -15,17 +15,18 @@ def _sigterm_while_starting(signum, frame):
     raise KeyboardInterrupt
 
 
-def quiet_start() -> None:
+def quiet_start() -> bool:
     """In one of the package's commands (``llp-fast-*``, by the program's name): a Ctrl-C or SIGTERM
     before the command's own handling begins (``import llp_fast`` imports torch, a second or two) ends
     it with one line instead of the interpreter's traceback or a silent exit 143 (by SIGINT, exit 130:
     the interpreter's own exit for an uncaught Ctrl-C). :func:`started` takes the hook and handler
     back. Elsewhere (a user's script, a rank started with ``python -c``, the baseline's spawned
-    process, which the run stops by SIGTERM) nothing changes."""
+    process, which the run stops by SIGTERM) nothing changes. Returns whether this is such a command
+    (:func:`held`)."""
     argv = getattr(sys, "argv", None) or [""]
     prog = os.path.basename(str(argv[0])).removesuffix(".exe")
     if not prog.startswith("llp-fast-") or hasattr(sys.excepthook, _PREVIOUS_HOOK):
-        return
+        return False
     previous = sys.excepthook
 
     def hook(kind, value, tb):
@@ -41,6 +42,23 @@ def quiet_start() -> None:
     if parent_process() is None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         with contextlib.suppress(ValueError):  # (not the main thread)
             signal.signal(signal.SIGTERM, _sigterm_while_starting)
+    return True
+
+
+@contextlib.contextmanager
+def held(command: bool):
+    """In a command (``command``: :func:`quiet_start` said so), SIGINT and SIGTERM wait while the
+    block imports torch and NumPy, then arrive. One that arrived inside those imports could be
+    swallowed by their C code: NumPy stayed half imported (``numpy has no attribute 'matrix'`` much
+    later) or the command ran to its end. Elsewhere nothing changes."""
+    if not command or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # (a signal that waited arrives here)
 
 
 def started() -> None:
