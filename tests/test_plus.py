@@ -742,7 +742,7 @@ def test_a_run_directory_with_metrics_and_no_checkpoint_is_not_taken_over(tmp_pa
     with pytest.raises(ConfigError, match=f"holds the metrics of a run whose {CHECKPOINT} is gone"):
         train(dataclasses.replace(cfg, lr=0.05))
     rc = train_main(["--run-dir", str(run), "--quiet", "--baseline", "off", *TINY_ARGS])
-    one_error_line(capsys, rc, "pick another --run-dir")
+    one_error_line(capsys, rc, f"remove {run / METRICS} to start over there, or pick another --run-dir")
     assert {name: (run / name).read_bytes() for name in record} == record
     # an empty metrics file (a run that failed before its first epoch) is no record
     (run / METRICS).write_text("")

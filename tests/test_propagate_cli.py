@@ -553,6 +553,10 @@ def test_drop_suspects_auto_drops_the_labels_of_low_quality(tmp_path, capsys):
     assert propagate_main([*argv, "--quality-out", q]) == 0  # asked for alone: it said auto drops it
     said = capsys.readouterr().out
     assert "(1 label of quality below 0.05: --drop-suspects auto drops none, as a class keeps at least 3 of" in said
+    few[122] = 2  # a fourth labeled row of class 2: auto drops the wrong one, and says it in the singular
+    np.save(tmp_path / "few.npy", few)
+    assert propagate_main([*argv, "--drop-suspects", "auto"]) == 0
+    assert "(1 suspect label, quality below 0.05, dropped and labeled again)" in capsys.readouterr().out
     for bad in ("0", "1", "x", "autos"):
         said = f"expected a fraction in (0, 1) of the labeled rows, got {bad!r}; or auto"
         flag_error(capsys, [*argv, "--drop-suspects", bad], "--drop-suspects", said)

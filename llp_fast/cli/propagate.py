@@ -51,7 +51,7 @@ def _drop_note(asked, m: int, labels, used, dropped, ranked) -> str:
             return f" (--drop-suspects auto: no label's quality is below {DROP_QUALITY:g}, none dropped)"
         if not len(dropped):
             return f" (--drop-suspects auto: {_below_cut(flagged)}, none dropped: {keeps})"
-        note = f" ({len(dropped)} suspect labels, quality below {DROP_QUALITY:g}, dropped and labeled again"
+        note = f" ({_labels(len(dropped))}, quality below {DROP_QUALITY:g}, dropped and labeled again"
         if flagged > len(dropped):
             note += f"; {flagged - len(dropped)} more below it kept: {keeps}"
     else:
@@ -60,13 +60,17 @@ def _drop_note(asked, m: int, labels, used, dropped, ranked) -> str:
             return f" (--drop-suspects {asked:g} of {m} labeled rows rounds to none: nothing dropped)"
         if not len(dropped):  # no labeled row is flagged: the first run stands
             return f" (--drop-suspects {asked:g}: no labeled row shows a sign of a wrong label, none dropped)"
-        note = f" ({len(dropped)} suspect labels dropped and labeled again"
+        note = f" ({_labels(len(dropped))} dropped and labeled again"
         if len(dropped) < n:
             note += f"; the other {n - len(dropped)} of the {n} asked show no sign of a wrong label: kept"
     gone = np.setdiff1d(np.unique(labels[labels >= 0]), used[used >= 0])
     if len(gone):  # their every labeled row was a suspect: no vote can give them now
         note += f"; no labeled row left of class{'es' if len(gone) > 1 else ''} {', '.join(map(str, gone))}"
     return note + ")"
+
+
+def _labels(n: int) -> str:
+    return f"{n} suspect label{'s' if n > 1 else ''}"
 
 
 def _below_cut(n: int) -> str:

@@ -244,7 +244,10 @@ def held_by(run_dir: str, resume: str) -> str | None:
         return f"{run_dir} already holds a run: continue it with {resume}"
     metrics = os.path.join(run_dir, METRICS)
     if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
-        return f"{run_dir} holds the metrics of a run whose {CHECKPOINT} is gone (a new run would replace them)"
+        return (
+            f"{run_dir} holds the metrics of a run whose {CHECKPOINT} is gone (a new run would replace them): "
+            f"remove {metrics} to start over there"
+        )
     return None
 
 
