@@ -93,6 +93,12 @@ def test_the_run_says_what_it_chose_and_why():
         assert "--propagation-start" not in text and "--label-init" not in text and "--image-size 16" in text
         assert ("--method" in text) == (not cfg.supervised_only), text
         assert "ends before label propagation" not in text
+    # --start-rounds is the vote on the inputs': said with it, not with instance ids (folder data's)
+    for init, said in (("inputs", True), ("instance", False)):
+        cfg, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", label_init=init), facts())
+        assert cfg.start_rounds == 10 and ("--start-rounds 10" in "\n".join(lines)) == said, lines
+    _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r"), facts(kind="folder", side=224, channels=3))
+    assert "--label-init instance" in "\n".join(lines) and "--start-rounds" not in "\n".join(lines), lines
     _, lines = defaults.resolve(TrainConfig(device="cpu", run_dir="r", epochs=2), facts())
     assert lines[-1] == (
         "--epochs 2 ends before label propagation starts (after --propagation-start 3 epochs): this run trains on "

@@ -245,7 +245,9 @@ def resolve(cfg: TrainConfig, facts, *, new: bool = True, given=None) -> tuple[T
             f"{facts.min_labeled_per_class} per class), {facts.num_classes} classes"
         )
         lines.append("defaults from it: " + "; ".join(f"{', '.join(v)} ({why})" for why, v in reasons.items()))
+    # (--start-rounds is the vote on the inputs': with --label-init instance it was said and unused)
     parts = [n for n in METHOD_PARTS[cfg.method] if n in chosen and not cfg.supervised_only]
+    parts = [n for n in parts if n != "start_rounds" or cfg.label_init == "inputs"]
     if parts:
         lines.append(f"--method {cfg.method}: " + ", ".join(_setting(n, chosen[n]) for n in parts))
     if ignored:
