@@ -14,7 +14,7 @@ from llp_fast.data import load as load_data
 from llp_fast.errors import ConfigError
 from llp_fast.train import defaults
 from llp_fast.train.config import METHODS, TrainConfig, validate
-from llp_fast.train.defaults import check_new_run
+from llp_fast.train.newrun import check_new_run
 
 
 def facts(**kw):
@@ -325,7 +325,7 @@ def test_a_resume_compares_paths_as_saved_and_keeps_old_milestones(tmp_path, mon
     repeat (saved by default before: [1, 1] at one epoch) are refused for new runs only."""
     from llp_fast.errors import ConfigError
     from llp_fast.train.api import _changed
-    from llp_fast.train.defaults import check_new_run
+    from llp_fast.train.newrun import check_new_run
 
     monkeypatch.chdir(tmp_path)
     saved = TrainConfig(data=f"npz:{tmp_path / 'd.npz'}", extra_unlabeled=str(tmp_path / "sel.npz"))

@@ -315,7 +315,8 @@ def test_the_default_schedule_around_a_rate_jump(tmp_path):
     from llp_fast.errors import ConfigError
     from llp_fast.train.api import fit
     from llp_fast.train.config import validate
-    from llp_fast.train.defaults import check_new_run, resolve
+    from llp_fast.train.defaults import resolve
+    from llp_fast.train.newrun import check_new_run
 
     def sched(**kw):
         cfg = resolve(TrainConfig(device="cpu", run_dir="r", **kw), facts())[0]

@@ -23,7 +23,8 @@ from ..data.loading import WorkerLost, worker_lost
 from ..errors import CheckpointError, ConfigError, InterruptedTwice
 from ..ops import describe_backends
 from ..train import config as C
-from ..train.defaults import SMALL_DATA, baseline_by_default, check_new_run, resolve_run, show
+from ..train.defaults import SMALL_DATA, baseline_by_default, resolve_run, show
+from ..train.newrun import check_new_run
 from ..train.resume import RESUMABLE, check_resume_epochs, resume_changes
 from . import _common, launch
 

@@ -28,8 +28,8 @@ from ..errors import ConfigError
 from ..nn import GIVEN
 from . import checkpoint, claim, report
 from .config import TrainConfig, fields
-from .defaults import check_new_run
 from .loop import Trainer
+from .newrun import check_new_run
 from .resume import RESUMABLE, check_resume_epochs, resume_changes
 
 
