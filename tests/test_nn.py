@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llp_fast._device import memory_format
-from llp_fast.nn import PreActBlock, PreActBottleneck, build_model, param_groups
+from llp_fast.nn import param_groups
+from llp_fast.resnet import PreActBlock, PreActBottleneck, build_model
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
