@@ -107,7 +107,8 @@ def vote_torch(values: torch.Tensor, classes: torch.Tensor, num_classes: int, *,
         v, c = values[r0 : r0 + step], classes[r0 : r0 + step]
         # Padding (-inf, position -1) sorts last: a CPU chunk whose last column has no -inf has none
         # (on a GPU the clamp is cheap and the test would wait for the device).
-        padded = v.device.type != "cpu" or (v.shape[1] > 0 and bool(torch.isinf(v[:, -1]).any()))
+        # (a compiled graph cannot branch on a value: clamp there too)
+        padded = v.device.type != "cpu" or torch.compiler.is_compiling() or bool(torch.isinf(v[:, -1:]).any())
         c = _classes_of(c, table, padded=padded)
         w = (v - v[:, :1]).exp_()
         if dense:

@@ -225,8 +225,12 @@ def vector(x, name: str, length: int, *, device: torch.device, kind: str) -> tor
 
 
 def in_range(x: torch.Tensor, name: str, low: int, high: int, what: str) -> None:
-    """All entries in [low, high)."""
-    if tracing() or x.numel() == 0:
+    """All entries in [low, high); in a compiled graph, which cannot raise on a value, a runtime
+    assert (a RuntimeError, where a compiled many-class propagate voted for an id beyond the classes)."""
+    if x.numel() == 0:
+        return
+    if tracing():
+        torch._assert_async((x.min() >= low) & (x.max() < high), f"{name}: an entry outside [{low}, {high}) ({what})")
         return
     lo, hi = int(x.min()), int(x.max())
     if lo < low or hi >= high:
@@ -258,7 +262,8 @@ def temperature(tau, name: str = "tau") -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(tau).__name__}")
     tau = _as_float(tau, name)
-    if not (tau > 0 and math.isfinite(tau) and math.isfinite(1.0 / tau)):  # 1/1e-320 is inf
+    # (compares, not math.isfinite: a compiled caller's changing tau is a symbolic float; 1/1e-320 is inf)
+    if not (tau > 0 and tau < math.inf and 1.0 / tau < math.inf):
         raise ValueError(f"{name} must be a finite number > 0 with a finite inverse, got {tau}")
     return tau
 

@@ -326,6 +326,26 @@ def test_a_float16_bank_refuses_queries_its_dtype_cannot_hold():
     assert bool(torch.isfinite(bank.loss(torch.full((2, 4), 0.5), torch.tensor([0, 2]))).all())
 
 
+def test_loss_and_vote_refuse_queries_whose_scores_overflow_as_the_ops_do():
+    """Found by review (2026-12-08): loss, instance_loss and vote returned -inf or NaN for finite
+    queries whose scores overflow (and a float64 one beyond float32, cast to the bank), where the ops
+    given the same inputs refuse them."""
+    bank = MemoryBank(torch.tensor([0, 1, 2, 0, -1, -1]), 3, dim=4)
+    idx = torch.tensor([4, 5])
+    for v in (torch.full((2, 4), 3e37), torch.full((2, 4), 1e39, dtype=torch.float64)):
+        for call, args, kw in (
+            (bank.loss, (v, idx), {}),
+            (bank.instance_loss, (v, idx), {}),
+            (bank.vote, (v,), {"k": 3}),
+        ):
+            with pytest.raises(ValueError, match=r"^scores (v|queries) \. bank / tau may reach"):
+                call(*args, **kw)
+    with pytest.raises(ValueError, match=r"^scores v \. bank / tau may reach"):  # the op's own message
+        llp_fast.aggregation_loss(torch.full((2, 4), 3e37), bank.embeddings, bank.labels, bank.labels[idx])
+    fine = torch.nn.functional.normalize(torch.randn(2, 4), dim=1)
+    assert bool(torch.isfinite(bank.loss(fine, idx)).all()) and bool(torch.isfinite(bank.vote(fine, k=3)[1]).all())
+
+
 def test_class_statistics_checks_truth():
     bank = MemoryBank(torch.tensor([0, 1, -1, -1]), 2, dim=4)
     with pytest.raises(ValueError, match=r"^truth must have shape \(4,\), got \(2,\)"):

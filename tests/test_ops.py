@@ -59,3 +59,41 @@ def test_compile_fullgraph():
     upd(b1, idx, q[:3])
     llp_fast.bank_update_(b2, idx, q[:3], momentum=0.3)
     torch.testing.assert_close(b1, b2)
+
+
+def test_compile_fullgraph_many_classes_several_k_and_a_changing_tau():
+    """Found by review (2026-12-08): under torch.compile a many-class vote (the sorted vote, S > 4 K +
+    64) returned class ids beyond num_classes without a word, several K at many classes did not
+    compile (a branch on a value), and a tau that changed between calls (a schedule, a sweep) did not
+    either (math.isfinite on a symbolic float)."""
+    torch._dynamo.reset()
+    q, lab = unit(5, 8), unit(50, 8)
+    cls = torch.randint(0, 1000, (50,))
+    several = torch.compile(
+        lambda a, b, c, tau: llp_fast.propagate(a, b, c, k=(10, 3), tau=tau, num_classes=1000), fullgraph=True
+    )
+    ops = torch.compile(
+        lambda a, b, c, tau: (
+            llp_fast.local_density(b, a, t=3, tau=tau),
+            llp_fast.topk_scores(a, b, k=4, tau=tau),
+            llp_fast.aggregation_loss(a, b, c, c[:5], tau=tau),
+        ),
+        fullgraph=True,
+    )
+    for tau in (0.07, 0.1, 0.2):
+        want = llp_fast.propagate(q, lab, cls, k=(10, 3), tau=tau, num_classes=1000)
+        torch.testing.assert_close(several(q, lab, cls, tau), want)
+        want = (
+            llp_fast.local_density(lab, q, t=3, tau=tau),
+            llp_fast.topk_scores(q, lab, k=4, tau=tau),
+            llp_fast.aggregation_loss(q, lab, cls, cls[:5], tau=tau),
+        )
+        torch.testing.assert_close(ops(q, lab, cls, tau), want)
+    one = torch.compile(lambda a, b, c, s: llp_fast.propagate(a, b, c, k=10, num_classes=s), fullgraph=True)
+    for bad, classes in ((1000, 1000), (-3, 200)):
+        wrong = cls.clone()
+        wrong[7] = bad
+        with pytest.raises(RuntimeError, match=r"labeled_classes: an entry outside \[0, "):
+            one(q, lab, wrong, classes)
+        with pytest.raises(RuntimeError, match=r"labeled_classes: an entry outside \[0, "):
+            several(q, lab, wrong if classes == 1000 else wrong.clamp_max(999), 0.07)

@@ -193,26 +193,31 @@ class MemoryBank(BankState):
         in ``v`` (one read of it; it gave NaN losses without a word); the trainer, which stops on a
         loss that is not finite, turns it off."""
         check.tensor(v, "v")
-        self._check_cast(v, "v", check.finite(v, "v") if check_finite else None)
+        self._check_cast(v, "v", check.finite(v, "v") if check_finite else None, check.temperature(tau))
         if targets is None:
             targets = self.labels[self.rows(indices)]
         return aggregation_loss(
             v.to(self.embeddings.dtype), self.embeddings, self.labels, targets, tau=tau, check_finite=False
         )
 
-    def _check_cast(self, v: torch.Tensor, name: str, size: float | None = None) -> None:
-        """On a float16 bank, ``v`` cast to it must stay finite (65,504 at most: the loss was NaN);
-        other banks take any float32 value (bfloat16 has float32's range). ``size``: ``v``'s largest
-        magnitude where the caller has read it already."""
+    def _check_cast(self, v: torch.Tensor, name: str, size: float | None = None, tau: float | None = None) -> None:
+        """On a float16 bank, ``v`` cast to it must stay finite (65,504 at most: the loss was NaN).
+        ``size``: ``v``'s largest magnitude where the caller has read it (None: read for a float16
+        bank alone); with it and ``tau``, ``v``'s scores against the bank's unit rows must fit the
+        bank's compute dtype, the cast included (the loss and the vote were -inf or NaN where the
+        ops refuse such inputs: docs/method.md §6)."""
         if self.embeddings.dtype == torch.float16 and v.dtype != torch.float16:
-            check.blend_fits(self.embeddings, check.finite(v, name) if size is None else size, name)
+            size = check.finite(v, name) if size is None else size
+            check.blend_fits(self.embeddings, size, name)
+        if size is not None and tau is not None:  # (the bank's dtype: v is cast to it)
+            check.scores_fit(tau, self.embeddings[:0], name, self.embeddings, "bank", size, 1.0)
 
     def instance_loss(self, v: torch.Tensor, indices, *, tau: float = 0.07, check_finite=True) -> torch.Tensor:
         """Instance discrimination (the warm-up): the aggregation loss with every row its own
         group, i.e. softmax cross-entropy of ``v`` against its own bank row. (B,) float32.
         ``check_finite`` as for :meth:`loss`."""
         check.tensor(v, "v")
-        self._check_cast(v, "v", check.finite(v, "v") if check_finite else None)
+        self._check_cast(v, "v", check.finite(v, "v") if check_finite else None, check.temperature(tau))
         rows = self.rows(indices)
         ids = -1 - self.index_of
         return aggregation_loss(
@@ -302,7 +307,7 @@ class MemoryBank(BankState):
         (labels, confidence). With ``density_weighting=False`` a plain weighted kNN vote."""
         check.tensor(queries, "queries")
         size = check.finite(queries, "queries")  # (the bank's own rows are kept finite by every update)
-        self._check_cast(queries, "queries", size)
+        self._check_cast(queries, "queries", size, check.temperature(tau))
         return self._vote(queries, k=k, tau=tau, density_weighting=density_weighting)
 
     def _vote(self, queries: torch.Tensor, *, k: int, tau: float, density_weighting: bool):

@@ -104,14 +104,14 @@ class ShardedMemoryBank:
         both = all_gather_cat(torch.cat([embeddings.detach().float(), bits], dim=1), self.group, agree)
         return both[:, d:].contiguous().view(torch.int64).view(-1), both[:, :d].contiguous()
 
-    def _check_v(self, v, indices, finite: bool = False) -> torch.Tensor:
+    def _check_v(self, v, indices, finite: bool, tau: float) -> torch.Tensor:
         """A loss's batch: ``v`` in the bank's space (finite, with ``finite``) with one row per index
         in range (a width or length that differed on one rank went into the gather: misaligned
         losses, or gloo's abort of another rank)."""
         check.embeddings(v, "v")
         size = check.finite(v, "v") if finite else None
         check.same_space(self.local.embeddings, "bank", v, "v", dtype=False)
-        self.local._check_cast(v, "v", size)  # (a float16 bank: NaN losses where MemoryBank refuses)
+        self.local._check_cast(v, "v", size, tau)  # (a float16 bank, overflowing scores: as MemoryBank's)
         indices = check_indices(indices, self.n, self.device)
         if v.shape[0] != indices.shape[0]:
             raise ValueError(f"v has {v.shape[0]} rows but indices has {indices.shape[0]}")
@@ -127,10 +127,10 @@ class ShardedMemoryBank:
         return check.positive_int(t, "t", high=pool_size, high_what="the density pool size"), check.temperature(tau)
 
     def _vote_settings(self, queries, k, tau) -> tuple[int, float]:
-        k = self._k(k)
+        k, tau = self._k(k), check.temperature(tau)
         check.tensor(queries, "queries")
-        self.local._check_cast(queries, "queries", check.finite(queries, "queries"))  # (as MemoryBank.vote)
-        return k, check.temperature(tau)
+        self.local._check_cast(queries, "queries", check.finite(queries, "queries"), tau)  # (as MemoryBank.vote)
+        return k, tau
 
     def _truth(self, truth) -> torch.Tensor:
         truth = as_tensor(truth, "truth", device=self.device)
@@ -191,7 +191,7 @@ class ShardedMemoryBank:
         costs a gather and two all-reduces); ``check_finite`` as :meth:`MemoryBank.loss`'s."""
         agree = ("ShardedMemoryBank.loss", {"tau": tau, "targets given": targets is not None})
         tau = checked(lambda: check.temperature(tau), *agree, self.group, self.device)
-        self._check_v(v, indices, check_finite)
+        self._check_v(v, indices, check_finite, tau)
         if targets is None:
             targets, _ = self._stored(indices, agree)
         targets = as_tensor(targets, "targets", device=self.device)
@@ -210,7 +210,7 @@ class ShardedMemoryBank:
         """Instance discrimination against the whole sharded bank (the warm-up); (B,)."""
         agree = ("ShardedMemoryBank.instance_loss", {"tau": tau})
         tau = checked(lambda: check.temperature(tau), *agree, self.group, self.device)
-        indices = self._check_v(v, indices, check_finite).long()
+        indices = self._check_v(v, indices, check_finite, tau).long()
         ids = -1 - (self.local.index_of + self.start)
         return ShardedAggregationLoss.apply(
             v.to(self.local.embeddings.dtype),
