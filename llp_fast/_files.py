@@ -13,10 +13,10 @@
   says ``unexpected pos 704 vs 598``, NumPy ``400000 requested and 131056 written``): the
   writers are handed a file object of ours that remembers the first error it saw. Any other
   exception is a programming error and passes through unchanged.
-* :func:`sweep` removes the temporary files of writers that no longer run (a process killed
-  while writing leaves its temporary file behind), never one whose writer is alive: each writer
-  holds an exclusive ``flock`` on its temporary file for as long as it writes, and its process
-  id is in the name.
+* :func:`sweep` removes the temporary files (and :func:`temp_folder`'s folders) of writers that no
+  longer run (a process killed while writing leaves its temporary file behind), never one whose
+  writer is alive: each writer holds an exclusive ``flock`` on its temporary file for as long as it
+  writes, and its process id is in the name.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import contextvars
 import errno
 import os
 import re
+import shutil
 
 from .errors import UserError
 
@@ -253,6 +254,31 @@ def atomic_group():
 
 
 @contextlib.contextmanager
+def temp_folder(path: str, *, what: str = ""):
+    """A temporary folder beside ``path`` for files that move into it at the end (``llp-fast-analyze``'s
+    pictures), ``.NAME.tmp.PID`` as a temporary file's, locked while the block runs and removed after
+    it: a killed writer's is removed by the next :func:`sweep` of its directory (a run's start or
+    resume there, or the next such writer). Its creation's failure names ``path``."""
+    sweep(os.path.dirname(os.path.abspath(path)), only=os.path.basename(path))
+    tmp = temp_path(path)
+    fd = None
+    try:
+        try:
+            os.mkdir(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            if fcntl is not None:
+                with contextlib.suppress(OSError):  # (no locks on this file system: the process id decides)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise WriteError(path, e, what=what) from e
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str, *, suffix: str = "", what: str = ""):
     """A temporary path for a writer that insists on opening the file itself (prefer
     :func:`atomic_open`, whose failures name their cause whatever the writer makes of them)."""
@@ -307,7 +333,10 @@ def _unlocked_remove(path: str) -> bool:
                 return False
             except OSError:
                 pass  # no locks on this file system: the process id decided
-        os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):  # (a temp_folder)
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
         return True
     except OSError:
         return False

@@ -25,8 +25,6 @@ links the pictures is :mod:`llp_fast.analysis_page`.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +66,9 @@ def read_run(run_dir: str | os.PathLike) -> dict:
         ckpt = checkpoint.load(str(ckpt_path), need=("config", "bank", "targets"))  # verified
         config = ckpt["config"]
         saved = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None
+        steps = ckpt.get("step_in_epoch")
+        if saved is not None and isinstance(steps, int) and steps > 0:  # (a stop on a signal, mid-epoch)
+            saved = (saved, steps)
         if ckpt["bank"] is not None:
             bank = _bank_state(ckpt, str(run))
     # (the folder's own name: "." and ".." named the run "" and "..")
@@ -295,11 +296,8 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
     # Everything is drawn into a temporary folder beside the output and moved into it at the end: an
     # error or an interrupt leaves the output as it was (the CLI says "nothing was written").
     # A failure names the output the user asked for, never the temporary folder.
-    try:
-        out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    except OSError as e:
-        raise WriteError(str(final), e) from e
-    try:
+    with _files.temp_folder(str(final)) as tmp:  # (a killed run's is swept: _files.temp_folder)
+        out = Path(tmp)
         try:
             figures, index = _draw(runs, out, method, n_classes)
         except WriteError as e:  # a picture of the temporary folder: the same name in --out
@@ -321,8 +319,6 @@ def analyze(run_dir, *, compare=None, out=None, method: str = "pca", n_classes: 
                 pass
             except OSError as e:
                 raise WriteError(str(final / name), e) from e
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
     return [final / name for name in names]
 
 

@@ -200,7 +200,7 @@ def test_a_failed_write_names_the_output_not_the_temporary_folder(tmp_path, caps
     def refuse(*a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(A.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(A._files.os, "mkdir", refuse)
     assert main([str(tmp_path / "run"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == f"llp-fast-analyze: error: cannot write {out}: Read-only file system"
 
@@ -223,6 +223,34 @@ def test_sigterm_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err.strip() == "llp-fast-analyze: interrupted; nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_killed_analysis_folder_is_swept_by_the_next_analysis_and_by_the_run(tmp_path):
+    """A SIGKILLed -analyze left its hidden temporary folder (a random name) that nothing removed,
+    where the README's fault table says a killed writer leaves only ``.NAME.tmp.PID``, which the next
+    writer or a run starting there removes (found by review, 2026-12-08)."""
+    import subprocess
+    import sys
+
+    from llp_fast.train import checkpoint
+
+    _make_run(tmp_path / "run", epochs=1)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    for _ in range(2):
+        left = run / f".analysis.tmp.{dead.pid}"
+        left.mkdir()
+        (left / "curves.png").write_bytes(b"half")
+        live = run / f".analysis.tmp.{os.getpid()}x"  # (not a temporary name: kept)
+        live.mkdir(exist_ok=True)
+        if not (run / "analysis").exists():
+            assert main([str(run)]) == 0  # into RUN/analysis, beside the dead writer's folder
+            assert (run / "analysis" / "index.html").exists()
+        else:
+            assert checkpoint.sweep(str(run), None) == [str(left)]  # a run starting or resuming there
+        assert not left.exists() and live.exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".analysis.tmp.") and p.name != live.name]
 
 
 def test_an_analysis_into_another_runs_folder_leaves_only_its_own_pictures(tmp_path, capsys):
@@ -321,4 +349,11 @@ def test_a_bank_older_than_the_metrics_is_said(tmp_path):
     state["epoch"] = 3
     checkpoint.save(state, str(tmp_path / "run" / "checkpoint.pt"))
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
-    assert "the run stopped before" not in (tmp_path / "out" / "index.html").read_text()
+    assert "the run stopped" not in (tmp_path / "out" / "index.html").read_text()
+    # a Ctrl-C's checkpoint, 4 steps into epoch 4: its bank is past the last metrics row (found by
+    # review, 2026-12-08: the page said nothing)
+    state["step_in_epoch"] = 4
+    checkpoint.save(state, str(tmp_path / "run" / "checkpoint.pt"))
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "out2")]) == 0
+    said = "(its bank is the checkpoint's, after 4 steps of epoch 4: the run stopped inside that epoch, after the "
+    assert said + "last metrics row (epoch 3))" in (tmp_path / "out2" / "index.html").read_text()

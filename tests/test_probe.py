@@ -214,6 +214,11 @@ def test_the_lbfgs_solver_reads_out_what_the_sgd_schedule_leaves(ckpt, tmp_path,
     out = tmp_path / "p.json"
     assert main([ckpt, "--data", "digits", "--solver", "lbfgs", "--quiet", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["solver"] == "lbfgs"
+    # each readout of --repeats chooses its own L2 on its own validation split: each one's in
+    # repeats, none at the top (readout 0's stood there for all: found by review, 2026-12-08)
+    assert main([ckpt, "--data", "digits", "--solver", "lbfgs", "--repeats", "2", "--quiet", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "l2" not in res and all(r["l2"] in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5) for r in res["repeats"])
     with pytest.raises(SystemExit):  # an SGD flag with lbfgs would be ignored
         main([ckpt, "--data", "digits", "--solver", "lbfgs", "--patience", "9"])
     assert "argument --patience: the sgd solver's" in capsys.readouterr().err

@@ -161,6 +161,7 @@ def _main(args) -> int:
     # at the top: what every readout shares, and the means (and the test scores' std) of what each
     # measures; each readout's own numbers in "repeats" (its epochs and drops were readout 0's)
     own = ("test_top1", "test_top5", "val_top1", "fit_top1", "best_epoch", "epochs_run", "lr_drops")
+    own += ("l2",) if "l2" in runs[0] else ()  # (lbfgs: each readout's own choice, on its validation split)
     res = dict(runs[0]) if len(runs) == 1 else {k: v for k, v in runs[0].items() if k not in own}
     for key in ("test_top1", "test_top5", "val_top1", "fit_top1"):
         vals = [r[key] for r in runs]
