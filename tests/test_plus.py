@@ -778,6 +778,9 @@ def test_library_calls_check_what_they_are_given(tmp_path):
         load_network(run_dir, device="gpu")
     with pytest.raises(TypeError, match="random_init must be True or False"):
         load_network(run_dir, random_init="yes")
+    if not torch.cuda.is_available():  # (torch's AssertionError "Torch not compiled with CUDA enabled")
+        with pytest.raises(ValueError, match="device cuda:0: CUDA is not available on this machine"):
+            load_network(run_dir, device="cuda:0")
     with pytest.raises(ConfigError, match="was given in Python"):  # (its device taken: the next check speaks)
         load_network(run_dir, device=torch.device("cpu"))
     # a torch.device where the settings take a device's name (it was refused: "expected cpu, cuda or cuda:N")

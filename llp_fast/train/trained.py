@@ -32,6 +32,8 @@ def load_network(path: str, device="cpu", *, random_init: bool = False):
         device = _checks.device_name(device)  # (a torch.device too: its name)
     except ValueError as e:  # (torch's own RuntimeError listing every device type)
         raise ValueError(f"device: {e}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():  # (torch's AssertionError, later)
+        raise ValueError(f"device {device}: CUDA is not available on this machine")
     path = checkpoint.checkpoint_path(os.fspath(path))
     ckpt = checkpoint.load(path, map_location="cpu")
     cfg = checkpoint.config_of(ckpt, path)
