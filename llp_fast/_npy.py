@@ -1,6 +1,7 @@
 """The one ``.npy`` header reader: the shape, order and dtype of a ``.npy`` array from its header
 alone, for the readers that stream a file block by block (``embeddings/sources.py``) or read one
-out of an ``.npz`` archive (``data/extra.py``). A garbled header is one ``DataError``."""
+out of an ``.npz`` archive (``data/extra.py``). A garbled header is one ``DataError``. And
+:func:`refuse_other`: a file that is neither (NumPy read it as a pickle, and said so)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,16 @@ def read_header(f, name: str) -> tuple[tuple, bool, np.dtype]:
         return read(f)
     except _GARBLED as e:
         raise DataError(f"{name}: not a .npy file ({type(e).__name__}: {e})") from None
+
+
+def refuse_other(path: str, what: str) -> None:
+    """A ``DataError`` where ``path`` is neither an .npz archive (a zip) nor a .npy array by its first
+    bytes: ``np.load`` reads anything else as a pickle, and a text file read "This file contains
+    pickled (object) data" (``what``: the kinds the caller reads, for the message)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return  # (the caller's own read says why)
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+        raise DataError(f"{path} is not {what} (its first bytes are {head!r})")

@@ -177,7 +177,7 @@ def misfit(state: dict, want: dict) -> str | None:
         if missing
         else f"unexpected {extra[0]!r}"
         if extra
-        else f"{shape[0]!r} has {_form(state[shape[0]])}, the network {_form(want[shape[0]])}"
+        else f"{shape[0]!r} has {_form(state[shape[0]])}, the network {_form(want[shape[0]]).removeprefix('shape ')}"
     )
     return f"{what} ({len(missing) + len(extra) + len(shape)} entries differ)"
 

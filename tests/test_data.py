@@ -258,8 +258,11 @@ def test_npz_missing_and_garbage(tmp_path, monkeypatch):
     np.savez(tmp_path / "home.npz", x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20) % 2)
     assert load("npz:~/home.npz", device="cpu", labeled_fraction=0.5).x.shape[0] > 0
     junk = tmp_path / "junk.npz"
-    junk.write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="cannot read"):
+    junk.write_bytes(b"not a zip")  # (NumPy read it as a pickle: "This file contains pickled (object) data")
+    with pytest.raises(DataError, match=r"junk.npz is not an .npz archive .* \(its first bytes are b'not a '\)$"):
+        load(f"npz:{junk}", device="cpu")
+    junk.write_bytes(b"PK\x03\x04 a torn zip")
+    with pytest.raises(DataError, match="cannot read .*junk.npz as an .npz archive"):
         load(f"npz:{junk}", device="cpu")
     with pytest.raises(DataError, match="unknown --data"):
         load("cifar", device="cpu")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .. import _optional
 from .._device import memory_format
 from .._labels import int64_labels
+from .._npy import refuse_other
 from . import DataError, DataFacts, Split, make_split, untested_note
 from . import strong as strong_views
 
@@ -41,6 +42,7 @@ def _npz(path: str):
         raise DataError(f"{path}: a directory, not an .npz archive")
     if not os.path.isfile(path):
         raise DataError(f"no such file: {path}")
+    refuse_other(path, "an .npz archive (np.savez(PATH, x=..., y=...))")
     try:
         f = np.load(path, mmap_mode="r", allow_pickle=False)  # (an .npy is mapped, not read, to refuse it)
     except Exception as e:  # a zip that is not one, a truncated file, a pickled array

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .. import _optional
 from .._checks import expand_spec, spec_hint
-from .._npy import read_header
+from .._npy import read_header, refuse_other
 from . import DataError
 from .files import image_files
 from .folder import _Images
@@ -119,6 +119,7 @@ class NpzPool:
         self.spec = f"npz:{self.path}"
         self.truth = None
         self.truth_ignored = None  # why the pool's own 'y' is not compared, where it has one that does not fit
+        refuse_other(path, "an .npz archive or .npy array")
         try:
             if path.endswith(".npy"):
                 self._rows = np.load(path, mmap_mode="r", allow_pickle=False)  # (rows sliced: mapped or in memory)
