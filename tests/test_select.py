@@ -420,6 +420,21 @@ def test_extra_unlabeled_on_folder_training_data(tmp_path, strong):
     )
     with pytest.raises(DataError, match="is a held-out image of the run's data"):
         add_extra_unlabeled(src, sel)
+    # the same images through file links (a split made of links, a pool of them): found by review,
+    # 2026-12-08, the held-out one trained and the training ones were not counted
+    links = tmp_path / "links"
+    links.mkdir()
+    linked = []
+    for n, p in enumerate([*sorted(src.files)[:2], src.test_files[0]]):
+        os.symlink(p, links / f"l{n}{os.path.splitext(p)[1]}")
+        linked.append(str(links / f"l{n}{os.path.splitext(p)[1]}"))
+    write_selection(sel, np.arange(2), np.zeros(2, np.int64), np.ones(2, np.float32), {"source": "x"}, paths=linked[:2])
+    src = load(f"folder:{tmp_path / 'train'}", device="cpu", labeled_fraction=0.5, workers=0, loader="pil")
+    assert add_extra_unlabeled(src, sel) == 2 and src.extra_twice == 2
+    write_selection(sel, np.arange(3), np.zeros(3, np.int64), np.ones(3, np.float32), {"source": "x"}, paths=linked)
+    src = load(f"folder:{tmp_path / 'train'}", device="cpu", labeled_fraction=0.5, workers=0, loader="pil")
+    with pytest.raises(DataError, match="l2.png is a held-out image of the run's data"):
+        add_extra_unlabeled(src, sel)
 
 
 def test_extra_unlabeled_from_the_datas_own_npz_rows(tmp_path):

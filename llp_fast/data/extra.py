@@ -254,14 +254,16 @@ def open_pool(spec: str, workers: int = 2):
 # -- llp-fast-train --extra-unlabeled ------------------------------------------------------------
 def _real_paths():
     """``realpath`` of files by resolving each folder once (a realpath of each of 1.28M files took
-    about 38 s at every start; the folders are a few thousand)."""
+    about 38 s at every start; the folders are a few thousand), and a file that is itself a link
+    (one ``lstat`` a file: a split made of links into one folder let held-out images train)."""
     folders: dict[str, str] = {}
 
     def real(path: str) -> str:
         head, tail = os.path.split(path)
         if head not in folders:
             folders[head] = os.path.realpath(head)
-        return os.path.join(folders[head], tail)
+        full = os.path.join(folders[head], tail)
+        return os.path.realpath(full) if os.path.islink(full) else full
 
     return real
 
@@ -315,7 +317,7 @@ def add_extra_unlabeled(source, selection_path: str, batch_size: int = 256) -> i
             )
         training = {real(p) for p in getattr(source, "files", ())}
         source.extra_twice = sum(real(p) in training for p in paths)
-        source.add_files(paths)
+        source.extra_note = source.add_files(paths)
         truth = np.full(len(paths), -1, dtype=np.int64)
     else:
         if sel.get("path") is not None:
