@@ -348,6 +348,32 @@ def test_auto_decodes_a_folder_with_gifs_by_pil_and_says_so(tmp_path):
 
 
 @needs_dali
+def test_auto_takes_pil_for_gifs_among_the_extra_unlabeled_images(tmp_path):
+    """--loader auto checked the data's files for GIFs, not --extra-unlabeled's: a GIF selected from
+    a pool stopped the run with DALI's refusal (found by review, 2026-12-08)."""
+    from PIL import Image
+
+    from llp_fast.data.extra import add_extra_unlabeled
+    from llp_fast.data.selection import write_selection
+
+    root = make_jpegs(tmp_path / "d", per_class=4)
+    pool = make_jpegs(tmp_path / "pool", per_class=2)
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(pool / "c0" / "x.gif")
+    paths = sorted(str(p) for p in pool.rglob("*.*"))
+    sel = str(tmp_path / "sel.npz")
+    n = len(paths)
+    write_selection(sel, np.arange(n), np.zeros(n, np.int64), np.ones(n, np.float32), {"source": "x"}, paths=paths)
+    src = load(f"folder:{root}", device="cpu", labeled_fraction=0.5, loader="auto", workers=0, image_size=8)
+    assert src.loader == "dali"
+    assert add_extra_unlabeled(src, sel) == n and src.loader == "pil" and src.dali is None
+    assert src.extra_note == "--loader auto: pil, for the 1 GIF image(s) among them (DALI decodes none)"
+    assert len(list(src.index_batches(torch.arange(src.num_train), 64))) == 1
+    src = load(f"folder:{root}", device="cpu", labeled_fraction=0.5, loader="dali", workers=0, image_size=8)
+    with pytest.raises(DataError, match=r"x\.gif: DALI does not decode GIF images"):  # (asked for: refused)
+        add_extra_unlabeled(src, sel)
+
+
+@needs_dali
 def test_what_dali_decodes_wrongly_is_refused_and_pil_reads_it(tmp_path):
     """A TIFF of grey and alpha: DALI put the alpha in the green channel (up to 243 levels off,
     no error). A 16-bit PGM: PIL's reading was refused as "32-bit pixels"; DALI does not rescale
@@ -361,6 +387,7 @@ def test_what_dali_decodes_wrongly_is_refused_and_pil_reads_it(tmp_path):
     rgb = b"P6\n# a comment\n24 24\n100\n" + (np.arange(24 * 24 * 3) % 101).astype(np.uint8).tobytes()
     cases = (
         ("la.tif", re.escape("a TIFF of two channels (grey or palette, and alpha)")),
+        ("lab.tif", re.escape("a CIE-Lab TIFF")),  # (read as if RGB, up to 75 levels off: review, 2026-12-08)
         ("g12.pgm", re.escape("a PGM/PPM of maximum 4095 (DALI reads 255 only)")),
         ("rgb100.ppm", re.escape("a PGM/PPM of maximum 100 (DALI reads 255 only)")),
     )
@@ -368,6 +395,10 @@ def test_what_dali_decodes_wrongly_is_refused_and_pil_reads_it(tmp_path):
         root = make_jpegs(tmp_path / name, per_class=3)
         if name == "la.tif":
             la.save(root / "c0" / name)
+        elif name == "lab.tif":
+            Image.fromarray(np.tile(np.arange(24, dtype=np.uint8)[:, None] * 10, (1, 24, 3))).convert("LAB").save(
+                root / "c0" / name
+            )
         else:
             (root / "c0" / name).write_bytes(pgm if name == "g12.pgm" else rgb)
         dali, _ = both(root, labeled_fraction=1.0)

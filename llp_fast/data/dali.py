@@ -150,13 +150,15 @@ class _NativeLogFilter:
             os.close(self.saved)
 
 
-def _misdecoded(kind: str, bands: int, raw: bytes) -> str | None:
+def _misdecoded(kind: str, bands: int, raw: bytes, mode: str = "") -> str | None:
     """What DALI's CPU decoder reads wrongly, from the header: a TIFF of two samples a pixel (grey
-    or palette, and alpha: the alpha came out as the green channel, up to 243 levels off), a PGM/PPM
-    whose maximum is not 255 (DALI does not rescale it as PIL does: a 12-bit one read as 0-15, one
-    of maximum 100 up to 155 levels off)."""
+    or palette, and alpha: the alpha came out as the green channel, up to 243 levels off), a CIE-Lab
+    TIFF (read as if RGB: up to 75 levels off), a PGM/PPM whose maximum is not 255 (DALI does not
+    rescale it as PIL does: a 12-bit one read as 0-15, one of maximum 100 up to 155 levels off)."""
     if kind == "TIFF" and bands == 2:
         return "a TIFF of two channels (grey or palette, and alpha)"
+    if kind == "TIFF" and mode == "LAB":
+        return "a CIE-Lab TIFF"
     if kind == "PPM":
         top = _pnm_maximum(raw)
         if top is not None and top != 255:
@@ -239,7 +241,7 @@ class DaliFolder:
             with open(path, "rb") as f:
                 raw = f.read()
             with Image.open(io.BytesIO(raw)) as im:  # reads the header only
-                w, h, kind, bands = *im.size, im.format, len(im.getbands())
+                w, h, kind, bands, mode = *im.size, im.format, len(im.getbands()), im.mode
                 check_depth(im, path)
         except DataError:
             raise
@@ -247,7 +249,7 @@ class DaliFolder:
             raise DataError(f"{MARKER}cannot read image {path} ({type(e).__name__})") from None
         if kind not in DECODABLE_FORMATS:  # (DALI's error named another file of the batch)
             raise DataError(f"{MARKER}{path}: DALI does not decode {kind} images (use --loader pil)")
-        wrong = _misdecoded(kind, bands, raw)
+        wrong = _misdecoded(kind, bands, raw, mode)
         if wrong:  # (decoded without an error, and wrong: an alpha channel read as green)
             raise DataError(f"{MARKER}{path}: DALI decodes {wrong} wrongly (use --loader pil, or save it as PNG)")
         src, s = self.source, self.source.image_size

@@ -28,7 +28,7 @@ from .. import _optional
 from .._device import memory_format
 from ..errors import ConfigError
 from . import DataError, DataFacts, Split, make_split, untested_note
-from .dali import undecodable
+from .dali import UNDECODABLE, undecodable
 from .files import (
     GREY_MODES,
     equal_channels,
@@ -250,11 +250,17 @@ class FolderSource:
             )
         self._datasets()
 
-    def add_files(self, paths: list[str]) -> None:
+    def add_files(self, paths: list[str]) -> str:
         """Appends training images (``--extra-unlabeled``): every dataset over the training files is
-        made again, so that all of them (plain, strong views, DALI's) see the same list."""
+        made again, so that all of them (plain, strong views, DALI's) see the same list. Returns a
+        note where ``--loader auto`` then takes PIL (GIFs among them: DALI stopped the run), else ""."""
         self.files = list(self.files) + list(paths)
+        auto = self.loader == "dali" and self.requested_loader == "auto"
+        gifs = sum(p.lower().endswith(UNDECODABLE) for p in paths) if auto else 0
+        if gifs:
+            self.loader = "pil"
         self._datasets()
+        return f"--loader auto: pil, for the {gifs:,} GIF image(s) among them (DALI decodes none)" if gifs else ""
 
     def _datasets(self) -> None:
         self._train_set = _Images(self.files, self.image_size, self.scale_min, self.flip, self.strong)

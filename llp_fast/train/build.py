@@ -136,4 +136,5 @@ def add_extras(cfg: TrainConfig, source, world: int) -> str:
         f"({source.num_train:,} in all) "
         + ("until the rate jump" if cfg.rate_jump is not None else "for the whole run")
         + (f"; {twice:,} of them are training images already (seen twice an epoch)" if twice else "")
+        + (f"; {source.extra_note}" if getattr(source, "extra_note", "") else "")
     )
