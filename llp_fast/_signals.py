@@ -25,6 +25,8 @@ def quiet_start() -> bool:
     (:func:`held`)."""
     argv = getattr(sys, "argv", None) or [""]
     prog = os.path.basename(str(argv[0])).removesuffix(".exe")
+    if argv[0] == "-m" and _module_run() in ("llp_fast.cli", "llp_fast.cli.__main__"):
+        prog = "llp-fast-train"  # (python -m llp_fast.cli: argv[0] is "-m" while its packages import)
     if not prog.startswith("llp-fast-") or hasattr(sys.excepthook, _PREVIOUS_HOOK):
         return False
     previous = sys.excepthook
@@ -43,6 +45,21 @@ def quiet_start() -> bool:
         with contextlib.suppress(ValueError):  # (not the main thread)
             signal.signal(signal.SIGTERM, _sigterm_while_starting)
     return True
+
+
+def _module_run() -> str | None:
+    """The module of ``python -m MODULE`` (from ``sys.orig_argv``), else None."""
+    orig, i = list(getattr(sys, "orig_argv", ())), 1
+    while i < len(orig) - 1:
+        arg = orig[i]
+        if arg == "-m":
+            return orig[i + 1]
+        if arg.startswith("-m"):  # (python -mllp_fast.cli)
+            return arg[2:]
+        if arg == "-c" or not arg.startswith("-"):  # (a script or -c came first)
+            return None
+        i += 2 if arg in ("-X", "-W") else 1  # (the options that take a value)
+    return None
 
 
 @contextlib.contextmanager

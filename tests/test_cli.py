@@ -631,6 +631,44 @@ except KeyboardInterrupt:
 """
 
 
+_SEND_AT_TORCH = """
+import os, signal, sys
+
+
+class Send:  # a Ctrl-C when torch is first looked for, inside the command's imports
+    done = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not self.done:
+            self.done = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.meta_path.insert(0, Send())
+"""
+
+
+@pytest.mark.parametrize("how", [["-m", "llp_fast.cli"], ["-X", "utf8", "-mllp_fast.cli"], ["-m", "llp_fast"]])
+def test_python_m_llp_fast_cli_is_the_command_while_it_starts(tmp_path, how):
+    """python -m llp_fast.cli (README: the same as llp-fast-train) printed a traceback for a Ctrl-C
+    while it started: its argv[0] is "-m" while its packages import (found by review, 2026-12-08).
+    python -m llp_fast (versions and backends) is not a command: Python's own traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(_SEND_AT_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    p = subprocess.run([sys.executable, *how, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == -signal.SIGINT, (p.returncode, p.stderr[-2000:])
+    if how[-1].endswith("llp_fast.cli"):
+        assert p.stderr == "llp-fast-train: interrupted while starting; nothing was written\n", p.stderr
+    else:
+        assert "Traceback" in p.stderr and p.stderr.rstrip().endswith("KeyboardInterrupt"), p.stderr
+
+
 @pytest.mark.parametrize("prog", ["llp-fast-train", "my_script.py"])
 def test_a_signal_while_torch_imports_waits_for_the_imports(prog):
     """A Ctrl-C inside torch's import of NumPy was swallowed by their C code (6 of 40 tries at 0.15-0.6 s):
