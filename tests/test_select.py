@@ -165,6 +165,18 @@ def test_folder_pool_records_paths(ckpt, tmp_path, capsys):
     assert [files[i] for i in sel["index"]] == sel["path"].tolist()
     assert main([*args[:-2], "--workers", "0", "--batch-size", "100", "--quiet", "--out", out + ".2.npz"]) == 0
     np.testing.assert_array_equal(read_selection(out + ".2.npz")["index"], sel["index"])
+    # files passed over are said, as the trainer says them (they were not: found by review, 2026-12-08)
+    assert "not read as images" not in capsys.readouterr().out
+    (root / "notes.txt").write_text("x")
+    (root / "part0" / "photo.heic").write_bytes(b"x")
+    assert main([*args, "--quiet", "--out", out + ".3.npz"]) == 0
+    said = capsys.readouterr().out
+    assert f"llp-fast-select: folder:{root}: 2 files are not read as images (1 .heic, 1 .txt); the images read " in said
+    np.testing.assert_array_equal(read_selection(out + ".3.npz")["index"], sel["index"])
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match=r"folder:.*text: no images found \(1 file is not read as images \(1 .txt\)"):
+        open_pool(f"folder:{tmp_path / 'text'}")
 
 
 one_error_line = functools.partial(one_error_line, prog="llp-fast-select")

@@ -125,6 +125,8 @@ def _main(args) -> int:
             )
     if "pool_labels_ignored" in meta:
         line += f", pool labels not compared ({meta['pool_labels_ignored']})"
+    if getattr(pool, "skipped", None):  # (as the trainer says its data's)
+        print(f"{PROG}: {pool.spec}: {pool.skipped}")
     print(line + f", {meta['seconds']:.1f} s -> {args.out}")
     return 0
 

@@ -26,6 +26,7 @@ import math
 import os
 import zipfile
 import zlib
+from collections import Counter
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from .. import _optional
 from .._checks import expand_spec, spec_hint
 from .._npy import read_header, refuse_other
 from . import DataError
-from .files import image_files
+from .files import image_files, skipped_note
 from .folder import _Images
 from .loading import load_batches
 from .selection import read_selection
@@ -244,10 +245,14 @@ def open_pool(spec: str, workers: int = 2):
         root = spec[len("folder:") :]
         if not os.path.isdir(root):
             raise DataError(f"folder:{root}: no such directory")
-        paths = image_files(root)  # any tree of images, hidden entries skipped
+        skipped: Counter = Counter()
+        paths = image_files(root, skipped)  # any tree of images, hidden entries skipped
+        note = skipped_note(skipped)  # (files passed over were not said: a .heic pool scored its .jpg alone)
         if not paths:
-            raise DataError(f"folder:{root}: no images found")
-        return FilesPool([os.path.abspath(p) for p in paths], f"folder:{os.path.abspath(root)}", workers=workers)
+            raise DataError(f"folder:{root}: no images found" + (f" ({note})" if note else ""))
+        pool = FilesPool([os.path.abspath(p) for p in paths], f"folder:{os.path.abspath(root)}", workers=workers)
+        pool.skipped = note
+        return pool
     raise DataError(f"unknown pool {spec!r}: expected npz:PATH or folder:PATH{spec_hint(spec, ('.npz', '.npy'))}")
 
 
