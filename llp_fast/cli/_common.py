@@ -20,6 +20,7 @@ import signal
 import sys
 
 from .. import _checks
+from .._device import cuda_checked as cuda_checked  # (the commands call it as _common's)
 from .._signals import handled, started
 from ..distributed.collectives import (
     ERROR_LINES_ENV,
@@ -157,16 +158,6 @@ def not_an_input(out: str, checkpoint: str, data: str | None, *, data_flag: str)
             raise ConfigError(f"--out {out} is a file {what} ({folder}): give the output its own file")
     if os.path.isdir(out):  # (refused only when the work was done, at the write)
         raise ConfigError(f"--out {out} is a directory: give the output a file name")
-
-
-def cuda_checked(device: str) -> str:
-    """``device``, or :class:`ConfigError` when it names CUDA on a machine without a GPU."""
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    return device
 
 
 def die_with_parent(parent: int) -> None:

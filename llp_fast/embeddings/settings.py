@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _checks
+from .._device import cuda_checked
 from ..errors import ConfigError
 
 DEFAULT_ROUNDS = 10  # rounds="auto" where the voter cap binds ...
@@ -131,11 +132,7 @@ class Settings:
             _checks.device_name(device)
         except ValueError:
             raise ConfigError(f"{n('device')} must be cpu, cuda or cuda:N, got {self.device!r}") from None
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device {device}: CUDA is not available on this machine")
+        cuda_checked(device, "device")
         return self
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from .._device import cuda_checked
 from ..errors import ConfigError, DataError
 from .config import ARCHS, TrainConfig
 
@@ -107,12 +108,10 @@ def run_device(cfg: TrainConfig, world: int):
     ``LOCAL_RANK``'s GPU; ``cuda`` is named by its index and made current."""
     import torch
 
-    device = cfg.device
+    device = cuda_checked(cfg.device)
     if world > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine")
     if device.type == "cuda":
         if device.index is None:  # "cuda": the current device, named by its index
             device = torch.device("cuda", torch.cuda.current_device())

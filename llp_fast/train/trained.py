@@ -11,6 +11,7 @@ import os
 import torch
 
 from .. import _checks
+from .._device import cuda_checked
 from ..errors import CheckpointError, DataError
 from ..nn import misfit
 from . import checkpoint
@@ -32,8 +33,7 @@ def load_network(path: str, device="cpu", *, random_init: bool = False):
         device = _checks.device_name(device)  # (a torch.device too: its name)
     except ValueError as e:  # (torch's own RuntimeError listing every device type)
         raise ValueError(f"device: {e}") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():  # (torch's AssertionError, later)
-        raise ValueError(f"device {device}: CUDA is not available on this machine")
+    cuda_checked(device, "device")  # (torch's AssertionError, later)
     path = checkpoint.checkpoint_path(os.fspath(path))
     ckpt = checkpoint.load(path, map_location="cpu")
     cfg = checkpoint.config_of(ckpt, path)
