@@ -28,7 +28,7 @@ from .. import _optional
 from .._device import memory_format
 from ..errors import ConfigError
 from . import DataError, DataFacts, Split, make_split, untested_note
-from .dali import UNDECODABLE, undecodable
+from .dali import undecodable
 from .files import (
     GREY_MODES,
     equal_channels,
@@ -195,13 +195,7 @@ class FolderSource:
         self.workers = int(workers)
         self.seed = seed
         self.num_train, self.num_test = len(self.files), len(tfiles)
-        if self.loader == "dali" and loader == "auto":  # (a GIF stopped a run that asked for no loader)
-            gifs = len(undecodable(self))
-            if gifs:
-                self.loader = "pil"
-                self.notes.append(
-                    f"--loader auto: pil, for the {gifs:,} GIF image(s) among the files (DALI decodes none)"
-                )
+        self.notes += [n for n in (self._pil_for_gifs("the files"),) if n]
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
         self.configure(image_size=image_size, scale_min=scale_min, flip=flip)
@@ -255,12 +249,19 @@ class FolderSource:
         made again, so that all of them (plain, strong views, DALI's) see the same list. Returns a
         note where ``--loader auto`` then takes PIL (GIFs among them: DALI stopped the run), else ""."""
         self.files = list(self.files) + list(paths)
-        auto = self.loader == "dali" and self.requested_loader == "auto"
-        gifs = sum(p.lower().endswith(UNDECODABLE) for p in paths) if auto else 0
+        note = self._pil_for_gifs("them")
+        self._datasets()
+        return note
+
+    def _pil_for_gifs(self, among: str) -> str:
+        """``--loader auto`` where DALI would meet a GIF among the files (:func:`undecodable`): PIL,
+        and the line that says so, else "" (a GIF stopped a run that asked for no loader)."""
+        if self.loader != "dali" or self.requested_loader != "auto":
+            return ""
+        gifs = len(undecodable(self))  # (auto took PIL for any before: the ones just added)
         if gifs:
             self.loader = "pil"
-        self._datasets()
-        return f"--loader auto: pil, for the {gifs:,} GIF image(s) among them (DALI decodes none)" if gifs else ""
+        return f"--loader auto: pil, for the {gifs:,} GIF image(s) among {among} (DALI decodes none)" if gifs else ""
 
     def _datasets(self) -> None:
         self._train_set = _Images(self.files, self.image_size, self.scale_min, self.flip, self.strong)
