@@ -26,8 +26,8 @@ def run_line(r: dict) -> str:
     last, notes = r["metrics"][-1], []
     if r.get("bank") is None:
         notes.append("no bank in a checkpoint: its curves only, no densities or map")
-    elif isinstance(r.get("saved"), tuple):  # (epoch, steps): a checkpoint written on a signal
-        epoch, steps = r["saved"]
+    elif r.get("saved") is not None and r.get("steps", 0) > 0:  # a checkpoint written on a signal
+        epoch, steps = r["saved"], r["steps"]
         notes.append(
             f"its bank is the checkpoint's, after {steps} step{'s' if steps != 1 else ''} of epoch {epoch + 1}: "
             f"the run stopped inside that epoch, after the last metrics row (epoch {last.get('epoch')})"

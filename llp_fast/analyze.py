@@ -60,19 +60,24 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     for n, row in enumerate(rows, 1):  # (a row without its epoch was a KeyError traceback)
         if isinstance(row.get("epoch"), bool) or not isinstance(row.get("epoch"), int):
             raise AnalyzeError(f"{metrics_path}: row {n} has no whole-number 'epoch' (not a run's metrics)")
-    bank, config, saved = None, {}, None
+    bank, config, saved, steps = None, {}, None, 0
     ckpt_path = run / CHECKPOINT
     if ckpt_path.exists():
         ckpt = checkpoint.load(str(ckpt_path), need=("config", "bank", "targets"))  # verified
         config = ckpt["config"]
         saved = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None
-        steps = ckpt.get("step_in_epoch")
-        if saved is not None and isinstance(steps, int) and steps > 0:  # (a stop on a signal, mid-epoch)
-            saved = (saved, steps)
+        steps = ckpt.get("step_in_epoch") if isinstance(ckpt.get("step_in_epoch"), int) else 0  # (a signal's)
         if ckpt["bank"] is not None:
             bank = _bank_state(ckpt, str(run))
     # (the folder's own name: "." and ".." named the run "" and "..")
-    return {"name": run.resolve().name or str(run), "metrics": rows, "bank": bank, "config": config, "saved": saved}
+    return {
+        "name": run.resolve().name or str(run),
+        "metrics": rows,
+        "bank": bank,
+        "config": config,
+        "saved": saved,
+        "steps": steps,
+    }
 
 
 def _bank_state(ckpt: dict, run_dir: str) -> dict:
